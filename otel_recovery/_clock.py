@@ -1,0 +1,82 @@
+"""The only place in otel_recovery that reads time or sleeps.
+
+Every policy takes a ``Clock``. Production code gets :data:`SYSTEM_CLOCK` (monotonic time,
+``time.sleep`` and ``asyncio.sleep``); tests pass :class:`otel_recovery.testing.FakeClock`,
+whose sleeps advance virtual time, so no test ever waits for real.
+
+Monotonic time drives every decision (deadlines, windows, open-circuit timers) because the
+wall clock jumps. The wall clock is read only to interpret HTTP dates (``Retry-After``) and
+to timestamp telemetry, through :meth:`Clock.wall`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from datetime import timedelta
+from typing import Protocol, runtime_checkable
+
+__all__ = ["SYSTEM_CLOCK", "Clock", "Duration", "MonotonicClock", "to_seconds"]
+
+Duration = float | int | timedelta
+"""Every time parameter accepts float seconds or a :class:`datetime.timedelta`."""
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Time source and sleeper used by every policy."""
+
+    def now(self) -> float:
+        """Monotonic seconds; only differences are meaningful."""
+
+    def wall(self) -> float:
+        """Seconds since the epoch, for HTTP dates and telemetry timestamps."""
+
+    def sleep(self, seconds: float) -> None:
+        """Block the calling thread for ``seconds``."""
+
+    async def asleep(self, seconds: float) -> None:
+        """Suspend the calling task for ``seconds``."""
+
+
+class MonotonicClock:
+    """The real clock: ``time.monotonic``, ``time.time``, ``time.sleep``, ``asyncio.sleep``."""
+
+    __slots__ = ()
+
+    now = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
+    sleep = staticmethod(time.sleep)
+
+    async def asleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def __repr__(self) -> str:
+        return "MonotonicClock()"
+
+
+SYSTEM_CLOCK: Clock = MonotonicClock()
+
+
+def to_seconds(value: Duration | None, name: str, *, allow_none: bool = False) -> float:
+    """Normalise a duration parameter to float seconds, rejecting nonsense early.
+
+    Raises ``TypeError``/``ValueError`` naming the parameter, so configuration mistakes
+    surface at construction time rather than at the first failure in production.
+    """
+    if value is None:
+        if allow_none:
+            return float("inf")
+        raise TypeError(f"{name} must be a number of seconds or a timedelta, not None")
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number of seconds or a timedelta, got {type(value).__name__}"
+        )
+    else:
+        seconds = float(value)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    return seconds

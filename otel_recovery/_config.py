@@ -1,0 +1,112 @@
+"""Process-wide switches: recovery on/off and testing mode (stamina's ``set_testing`` idea).
+
+Drivers read :data:`SWITCHES` once per call; it is a plain slotted object so that read is a
+couple of attribute loads on the happy path. Changes go through the functions here, which
+return context managers that restore the previous state, so a test can never leak a switch
+into the next one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+__all__ = [
+    "SWITCHES",
+    "Switches",
+    "env_flag",
+    "is_active",
+    "is_testing",
+    "set_active",
+    "set_testing",
+]
+
+
+class Switches:
+    """The global switches. ``max_attempts`` is only meaningful while ``testing`` is on."""
+
+    __slots__ = ("active", "max_attempts", "testing")
+
+    def __init__(self) -> None:
+        self.active = env_flag("OTEL_RECOVERY_ENABLED", default=True)
+        self.testing = False
+        self.max_attempts = 1
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def env_flag(name: str, *, default: bool) -> bool:
+    """Read a boolean environment setting; an unknown value fails start-up with the fix."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(
+        f"{name}={raw!r} is not a boolean; use one of: true, false, 1, 0, yes, no, on, off"
+    )
+
+
+SWITCHES = Switches()
+_lock = threading.Lock()
+
+
+def is_active() -> bool:
+    """Whether recovery runs at all; when off, wrapped callables are called exactly once."""
+    return SWITCHES.active
+
+
+def is_testing() -> bool:
+    return SWITCHES.testing
+
+
+def set_active(active: bool) -> _RestoringContext:
+    """Turn recovery on or off for the whole process.
+
+    Usable as a plain call or as ``with set_active(False): ...``, which restores the
+    previous value on exit.
+    """
+    if not isinstance(active, bool):
+        raise TypeError(f"set_active() takes True or False, got {active!r}")
+    with _lock:
+        previous = (SWITCHES.active, SWITCHES.testing, SWITCHES.max_attempts)
+        SWITCHES.active = active
+    return _RestoringContext(previous)
+
+
+def set_testing(testing: bool, *, attempts: int = 1) -> _RestoringContext:
+    """Testing mode: no backoff sleeps, and at most ``attempts`` attempts per call.
+
+    Tests of code that uses ``@recover`` then run instantly and deterministically while
+    still exercising the retry path (``attempts=2`` proves a retry happens).
+    """
+    if not isinstance(testing, bool):
+        raise TypeError(f"set_testing() takes True or False, got {testing!r}")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(f"attempts must be an int >= 1, got {attempts!r}")
+    with _lock:
+        previous = (SWITCHES.active, SWITCHES.testing, SWITCHES.max_attempts)
+        SWITCHES.testing = testing
+        SWITCHES.max_attempts = attempts
+    return _RestoringContext(previous)
+
+
+class _RestoringContext:
+    """Returned by the setters: ignorable, or a ``with`` block that restores the old state."""
+
+    __slots__ = ("_previous",)
+
+    def __init__(self, previous: tuple[bool, bool, int]) -> None:
+        self._previous = previous
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        with _lock:
+            SWITCHES.active, SWITCHES.testing, SWITCHES.max_attempts = self._previous

@@ -1,0 +1,174 @@
+"""The asyncio driver: the sync driver's twin, with awaiting, cancellation and timeouts.
+
+Each attempt calls the function afresh, because a coroutine can be awaited only once; the
+function may be a coroutine function, a plain function, or a lambda returning an awaitable
+(the seed API's ``retry_func``). Attempt time limits cancel the attempt for real here.
+``CancelledError`` is never a failure: it releases the breaker permit and propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+from otel_recovery._config import SWITCHES
+from otel_recovery._engine import Action, Decision
+from otel_recovery._policy_core import PolicyCore
+from otel_recovery.classify import ErrorInfo
+from otel_recovery.policies.bulkhead import BulkheadFullError
+from otel_recovery.policies.timeout import reset_deadline, set_deadline
+from otel_recovery.telemetry import CallTrace
+
+__all__ = ["AsyncDriver", "resolve"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def resolve(value: Any) -> Any:
+    """Await ``value`` if it is awaitable; plain values pass through."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class AsyncDriver(PolicyCore):
+    __slots__ = ()
+
+    async def acall(
+        self, fn: Callable[P, Awaitable[T] | T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run ``fn`` under this policy in the running event loop."""
+        if not SWITCHES.active:
+            plain: T = await resolve(fn(*args, **kwargs))
+            return plain
+        now = self.clock.now
+        started = now()
+        breaker = self.breaker
+        if breaker is not None and not breaker.can_execute():
+            rejected: T = await self._areject(self._rejection(), started, release=False)
+            return rejected
+        bulkhead = self.bulkhead
+        if bulkhead is not None:
+            try:
+                await bulkhead.aacquire()
+            except BulkheadFullError as full:
+                rejected = await self._areject(full, started, release=True)
+                return rejected
+        try:
+            if self.budget is not None:
+                self.budget.record_call(started)
+            try:
+                result: T = await self._attempt(fn, args, kwargs, started)
+            except Exception as error:
+                recovered: T = await self._arecover(
+                    fn, args, kwargs, error, started, now() - started
+                )
+                return recovered
+            except BaseException:
+                if breaker is not None:
+                    breaker.release()
+                raise
+            if breaker is not None:
+                if self._needs_duration:
+                    breaker.record_success(now() - started)
+                else:
+                    breaker.record_success()
+            if self.fallback is not None:
+                self._remember(result, started)
+            return result
+        finally:
+            if bulkhead is not None:
+                bulkhead.release()
+
+    async def _attempt(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], start: float
+    ) -> Any:
+        limit = self._attempt_limit
+        if limit is None:
+            return await resolve(fn(*args, **kwargs))
+        token = set_deadline(start + limit)
+        try:
+            return await asyncio.wait_for(resolve(fn(*args, **kwargs)), limit)
+        except asyncio.TimeoutError as timed_out:
+            if timed_out.args:  # the callee's own timeout, not ours
+                raise
+            raise TimeoutError(f"attempt exceeded its {limit:g}s time limit") from timed_out
+        finally:
+            reset_deadline(token)
+
+    async def _arecover(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        error: BaseException,
+        started: float,
+        took: float,
+    ) -> Any:
+        clock = self.clock
+        trace = self._trace(started)
+        if trace is not None:
+            trace.activate()
+        attempt, delay, info = 1, 0.0, self._classify(error)
+        while True:
+            if trace is not None:
+                trace.attempt_failed(attempt, info, took)
+            decision = self._decide(error, info, attempt, delay, started)
+            if decision.action is not Action.RETRY:
+                self._stopped(decision, error, info, attempt, started, trace)
+                return await self._agive_up(decision, error, info, attempt, trace)
+            delay = decision.delay
+            if trace is not None:
+                trace.retrying(attempt + 1, delay, info)
+            if delay > 0:
+                await clock.asleep(delay)
+            attempt += 1
+            attempt_start = clock.now()
+            try:
+                result = await self._attempt(fn, args, kwargs, attempt_start)
+            except Exception as exc:
+                error, took, info = exc, clock.now() - attempt_start, self._classify(exc)
+                continue
+            except BaseException:
+                if self.breaker is not None:
+                    self.breaker.release()
+                if trace is not None:
+                    trace.end("cancelled", attempt, info)
+                raise
+            self._record_outcome(None, None, clock.now() - attempt_start)
+            self._remember(result, clock.now())
+            if trace is not None:
+                trace.end("success", attempt, info)
+            return result
+
+    async def _areject(self, error: BaseException, started: float, *, release: bool) -> Any:
+        decision = self._rejected(error, started, release=release)
+        info, trace = self._open_rejection_trace(error, started)
+        return await self._agive_up(decision, error, info, 0, trace)
+
+    async def _agive_up(
+        self,
+        decision: Decision,
+        error: BaseException,
+        info: ErrorInfo,
+        attempts: int,
+        trace: CallTrace | None,
+    ) -> Any:
+        if decision.action is Action.FALLBACK:
+            kind, plan = self._fallback_plan(error)
+            if kind == "function":
+                try:
+                    value = await resolve(plan(error))
+                except BaseException as fallback_error:
+                    self._failed(trace, attempts, info, fallback_error)
+                    if fallback_error.__context__ is None:
+                        fallback_error.__context__ = error
+                    raise
+                return self._fallback_done(trace, kind, error, info, attempts, value)
+            if kind != "none":
+                return self._fallback_done(trace, kind, error, info, attempts, plan)
+        self._failed(trace, attempts, info, error)
+        raise error

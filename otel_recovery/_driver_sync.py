@@ -1,0 +1,165 @@
+"""The synchronous driver: runs a callable in the calling thread under a policy.
+
+``call`` is the happy path and is kept lean: a switch read, a clock read, the breaker's
+permit and success record. The first exception hands over to ``_recover``, which loops on
+the engine's decisions; nothing there runs for a call that succeeds first time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from otel_recovery._config import SWITCHES
+from otel_recovery._engine import Action, Decision
+from otel_recovery._policy_core import PolicyCore
+from otel_recovery.classify import ErrorInfo
+from otel_recovery.policies.bulkhead import BulkheadFullError
+from otel_recovery.policies.timeout import reset_deadline, set_deadline
+from otel_recovery.telemetry import CallTrace
+
+__all__ = ["SyncDriver"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class SyncDriver(PolicyCore):
+    __slots__ = ()
+
+    def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` under this policy, in the calling thread."""
+        if not SWITCHES.active:
+            return fn(*args, **kwargs)
+        now = self.clock.now
+        started = now()
+        breaker = self.breaker
+        if breaker is not None and not breaker.can_execute():
+            rejected: T = self._reject(self._rejection(), started, release=False)
+            return rejected
+        bulkhead = self.bulkhead
+        if bulkhead is not None:
+            try:
+                bulkhead.acquire()
+            except BulkheadFullError as full:
+                rejected = self._reject(full, started, release=True)
+                return rejected
+        try:
+            if self.budget is not None:
+                self.budget.record_call(started)
+            token = None
+            if self._attempt_limit is not None:
+                token = set_deadline(started + self._attempt_limit)
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as error:
+                recovered: T = self._recover(fn, args, kwargs, error, started, now() - started)
+                return recovered
+            except BaseException:
+                if breaker is not None:
+                    breaker.release()
+                raise
+            finally:
+                if token is not None:
+                    reset_deadline(token)
+            if breaker is not None:
+                if self._needs_duration:
+                    breaker.record_success(now() - started)
+                else:
+                    breaker.record_success()
+            if self.fallback is not None:
+                self._remember(result, started)
+            return result
+        finally:
+            if bulkhead is not None:
+                bulkhead.release()
+
+    def _recover(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        error: BaseException,
+        started: float,
+        took: float,
+    ) -> Any:
+        clock = self.clock
+        trace = self._trace(started)
+        if trace is not None:
+            trace.activate()
+        attempt, delay, info = 1, 0.0, self._classify(error)
+        while True:
+            if trace is not None:
+                trace.attempt_failed(attempt, info, took)
+            decision = self._decide(error, info, attempt, delay, started)
+            if decision.action is not Action.RETRY:
+                self._stopped(decision, error, info, attempt, started, trace)
+                return self._give_up(decision, error, info, attempt, trace)
+            delay = decision.delay
+            if trace is not None:
+                trace.retrying(attempt + 1, delay, info)
+            if delay > 0:
+                clock.sleep(delay)
+            attempt += 1
+            attempt_start = clock.now()
+            token = None
+            if self._attempt_limit is not None:
+                token = set_deadline(attempt_start + self._attempt_limit)
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:
+                error, took, info = exc, clock.now() - attempt_start, self._classify(exc)
+                continue
+            except BaseException:
+                if self.breaker is not None:
+                    self.breaker.release()
+                if trace is not None:
+                    trace.end("cancelled", attempt, info)
+                raise
+            finally:
+                if token is not None:
+                    reset_deadline(token)
+            self._record_outcome(None, None, clock.now() - attempt_start)
+            self._remember(result, clock.now())
+            if trace is not None:
+                trace.end("success", attempt, info)
+            return result
+
+    def _reject(self, error: BaseException, started: float, *, release: bool) -> Any:
+        decision = self._rejected(error, started, release=release)
+        info, trace = self._open_rejection_trace(error, started)
+        return self._give_up(decision, error, info, 0, trace)
+
+    def _give_up(
+        self,
+        decision: Decision,
+        error: BaseException,
+        info: ErrorInfo,
+        attempts: int,
+        trace: CallTrace | None,
+    ) -> Any:
+        """Answer from the fallback if it applies, else re-raise the final error unchanged."""
+        if decision.action is Action.FALLBACK:
+            kind, plan = self._fallback_plan(error)
+            if kind == "function":
+                try:
+                    value = plan(error)
+                    if inspect.isawaitable(value):
+                        close = getattr(value, "close", None)
+                        if callable(close):
+                            close()
+                        raise TypeError(
+                            f"fallback function {plan!r} returned an awaitable in a sync call; "
+                            "use acall() or an async-decorated function, or a sync fallback"
+                        )
+                except BaseException as fallback_error:
+                    self._failed(trace, attempts, info, fallback_error)
+                    if fallback_error.__context__ is None:
+                        fallback_error.__context__ = error
+                    raise
+                return self._fallback_done(trace, kind, error, info, attempts, value)
+            if kind != "none":
+                return self._fallback_done(trace, kind, error, info, attempts, plan)
+        self._failed(trace, attempts, info, error)
+        raise error

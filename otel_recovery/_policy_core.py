@@ -1,0 +1,242 @@
+"""The state and shared steps behind every driver of a :class:`~otel_recovery.RecoveryPolicy`.
+
+The sync and async drivers differ only in how they call, sleep and await; everything they
+share (validation, classification, asking the engine, counting outcomes on the breaker,
+choosing the fallback, opening the trace) lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._engine import Decision, after_failure, after_rejection
+from otel_recovery.classify import Classifier, ErrorCategory, ErrorInfo, get_default_classifier
+from otel_recovery.policies.budget import RetryBudget
+from otel_recovery.policies.bulkhead import Bulkhead, BulkheadFullError
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError, CircuitState
+from otel_recovery.policies.fallback import Fallback
+from otel_recovery.policies.retry import Retry
+from otel_recovery.policies.timeout import Timeout
+from otel_recovery.telemetry import CallTrace, Telemetry, get_telemetry, watch_breaker_globally
+
+__all__ = ["PolicyCore"]
+
+_OPEN_STATES = (CircuitState.OPEN, CircuitState.FORCED_OPEN)
+
+
+class PolicyCore:
+    """Configuration and the steps both drivers share; see ``RecoveryPolicy`` for the API."""
+
+    __slots__ = (
+        "_attempt_limit",
+        "_last_good",
+        "_needs_duration",
+        "_telemetry",
+        "breaker",
+        "budget",
+        "bulkhead",
+        "classifier",
+        "clock",
+        "context",
+        "fallback",
+        "name",
+        "retry",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        retry: Retry | None = None,
+        breaker: CircuitBreaker | None = None,
+        budget: RetryBudget | None = None,
+        timeout: Timeout | Duration | None = None,
+        fallback: Fallback | None = None,
+        bulkhead: Bulkhead | None = None,
+        classifier: Classifier | None = None,
+        name: str | None = None,
+        context: Mapping[str, Any] | None = None,
+        clock: Clock | None = None,
+        telemetry: Telemetry | bool = True,
+    ) -> None:
+        _check_type("retry", retry, Retry, "Retry(attempts=3)")
+        _check_type("breaker", breaker, CircuitBreaker, "CircuitBreaker(failure_threshold=5)")
+        _check_type("budget", budget, RetryBudget, "RetryBudget(ratio=0.2)")
+        _check_type("fallback", fallback, Fallback, "Fallback(value) or Fallback(func=...)")
+        _check_type("bulkhead", bulkhead, Bulkhead, "Bulkhead(max_concurrent=10)")
+        if budget is not None and retry is None:
+            raise ValueError("a retry budget needs a retry policy: pass retry=Retry(...) as well")
+        if timeout is not None and not isinstance(timeout, Timeout):
+            timeout = Timeout(timeout)
+        self.retry = retry
+        self.breaker = breaker
+        self.budget = budget
+        self.timeout = timeout
+        self.fallback = fallback
+        self.bulkhead = bulkhead
+        self.classifier = classifier
+        self.context = dict(context) if context else None
+        self.clock = clock if clock is not None else SYSTEM_CLOCK
+        self.name = name or (breaker.name if breaker is not None else "default")
+        limits = [
+            t
+            for t in (
+                timeout.seconds if timeout else None,
+                retry.attempt_timeout if retry else None,
+            )
+            if t is not None
+        ]
+        self._attempt_limit: float | None = min(limits) if limits else None
+        self._needs_duration = breaker is not None and breaker.slow_call_duration is not None
+        self._last_good: tuple[Any, float] | None = None
+        # True follows the process-wide telemetry (resolved at each recovery, so a test
+        # kit or a late provider set-up is honoured); a Telemetry pins it; False disables.
+        self._telemetry: Telemetry | bool = telemetry
+        if breaker is not None:
+            if isinstance(telemetry, Telemetry):
+                telemetry.watch_breaker(breaker)
+            elif telemetry:
+                watch_breaker_globally(breaker)
+
+    # -- shared steps ----------------------------------------------------------------------
+
+    def _classify(self, error: BaseException) -> ErrorInfo:
+        classifier = self.classifier or get_default_classifier()
+        return classifier.classify(error, self.context)
+
+    def _trace(self, started: float) -> CallTrace | None:
+        """Open the recovery trace; a telemetry failure never breaks the call."""
+        telemetry = self._telemetry
+        if telemetry is False:
+            return None
+        try:
+            if telemetry is True:
+                telemetry = get_telemetry()
+            assert isinstance(telemetry, Telemetry)
+            return telemetry.start_call(self.name, started, self.clock)
+        except Exception:
+            return None
+
+    def _decide(
+        self, error: BaseException, info: ErrorInfo, attempt: int, delay: float, started: float
+    ) -> Decision:
+        breaker = self.breaker
+        if breaker is not None and breaker.state in _OPEN_STATES:
+            # Another caller opened the circuit while we were failing: stop hammering.
+            return after_rejection(self.fallback, error)
+        return after_failure(
+            retry=self.retry,
+            budget=self.budget,
+            fallback=self.fallback,
+            error=error,
+            info=info,
+            attempt=attempt,
+            previous_delay=delay,
+            started=started,
+            now=self.clock.now(),
+        )
+
+    def _record_outcome(
+        self, error: BaseException | None, info: ErrorInfo | None, took: float
+    ) -> None:
+        """Tell the breaker how the logical call ended (once per call, never per attempt)."""
+        breaker = self.breaker
+        if breaker is None:
+            return
+        duration = took if self._needs_duration else None
+        if error is None or (info is not None and info.category is ErrorCategory.INVALID_REQUEST):
+            # A caller's mistake says nothing about the dependency's health.
+            breaker.record_success(duration)
+        else:
+            breaker.record_failure(duration)
+
+    def _remember(self, result: Any, now: float) -> None:
+        fallback = self.fallback
+        if fallback is not None and fallback.last_known_good:
+            self._last_good = (result, now)
+
+    def _fallback_plan(self, error: BaseException) -> tuple[str, Any]:
+        """Which fallback answers: a function, a value, the last known good result, or none."""
+        fallback = self.fallback
+        assert fallback is not None
+        if fallback.func is not None:
+            return "function", fallback.func
+        if fallback.last_known_good:
+            remembered = self._last_good
+            if remembered is None:
+                return "none", None
+            value, at = remembered
+            if fallback.max_age is not None and self.clock.now() - at > fallback.max_age:
+                return "none", None
+            return "last_known_good", value
+        return "value", fallback.value
+
+    def _rejection(self) -> CircuitOpenError:
+        breaker = self.breaker
+        assert breaker is not None
+        return CircuitOpenError(breaker.name, breaker.retry_after())
+
+    def _rejected(self, error: BaseException, started: float, *, release: bool) -> Decision:
+        """Bookkeeping for a call the breaker or bulkhead refused before any attempt."""
+        if release and self.breaker is not None:
+            self.breaker.release()
+        return after_rejection(self.fallback, error)
+
+    def _open_rejection_trace(
+        self, error: BaseException, started: float
+    ) -> tuple[ErrorInfo, CallTrace | None]:
+        info = self._classify(error)
+        trace = self._trace(started)
+        if trace is not None:
+            trace.rejected("rejected", _component(error), getattr(error, "retry_after", None))
+        return info, trace
+
+    def _stopped(
+        self,
+        decision: Decision,
+        error: BaseException,
+        info: ErrorInfo,
+        attempts: int,
+        started: float,
+        trace: CallTrace | None,
+    ) -> None:
+        """Retrying is over without success: count it on the breaker and in the trace."""
+        self._record_outcome(error, info, self.clock.now() - started)
+        if trace is not None:
+            trace.stopped(decision.reason, info, self.budget.name if self.budget else None)
+
+    @staticmethod
+    def _fallback_done(
+        trace: CallTrace | None,
+        kind: str,
+        error: BaseException,
+        info: ErrorInfo | None,
+        attempts: int,
+        value: Any,
+    ) -> Any:
+        if trace is not None:
+            trace.fallback(kind, error, info)
+            trace.end("fallback", attempts, info)
+        return value
+
+    @staticmethod
+    def _failed(
+        trace: CallTrace | None, attempts: int, info: ErrorInfo | None, error: BaseException
+    ) -> None:
+        if trace is not None:
+            trace.end("failure" if attempts else "rejected", attempts, info, error)
+
+
+def _component(error: BaseException) -> str:
+    if isinstance(error, CircuitOpenError):
+        return "circuit_breaker"
+    if isinstance(error, BulkheadFullError):
+        return "bulkhead"
+    return type(error).__name__
+
+
+def _check_type(name: str, value: object, expected: type, example: str) -> None:
+    if value is not None and not isinstance(value, expected):
+        raise TypeError(f"{name} must be a {expected.__name__} such as {example}, got {value!r}")

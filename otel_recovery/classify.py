@@ -1,0 +1,449 @@
+"""Error classification: what failed, how badly, and whether trying again can help.
+
+Every recovery decision starts here. :func:`classify` turns an exception into an
+:class:`ErrorInfo` using, in order: user :class:`Rule` s (first match wins), the built-in
+knowledge of common libraries (``_known_errors``; matched by class name, never imported), the
+exception chain (a failure *caused by* a dependency failure is CASCADING), the caller's
+``criticality`` and how often the same fingerprint was seen recently.
+
+Nothing here retries blindly: ``retryable`` is True only for conditions known to be transient,
+so a policy that trusts the classifier never repeats a request that was rejected as invalid.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import re
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._fingerprint import fingerprint
+from otel_recovery._known_errors import (
+    ErrorCategory,
+    ErrorKind,
+    Severity,
+    TypeProfile,
+    Verdict,
+    header,
+    parse_retry_after,
+    profile_of,
+    resolve,
+    retry_after_of,
+    safe_str,
+    status_verdict,
+)
+from otel_recovery._redact import redact
+
+__all__ = [
+    "Classifier",
+    "ErrorCategory",
+    "ErrorInfo",
+    "ErrorKind",
+    "Rule",
+    "Severity",
+    "classify",
+    "classify_status",
+    "get_default_classifier",
+    "set_default_classifier",
+]
+
+_log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 512
+_MAX_CHAIN = 16
+_CRITICALITY = {"low": -1, "normal": 0, "high": 1, "critical": 2}
+_DEPENDENCY_CATEGORIES = frozenset(
+    {ErrorCategory.TRANSIENT, ErrorCategory.RATE_LIMITED, ErrorCategory.EXTERNAL_SERVICE}
+    | {ErrorCategory.CASCADING}
+)
+_UNKNOWN = Verdict(ErrorCategory.UNKNOWN, Severity.MEDIUM, False, ErrorKind.OTHER)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """The classification of one failure; immutable so it can be shared and cached."""
+
+    category: ErrorCategory
+    severity: Severity
+    retryable: bool
+    retry_after: float | None
+    error_type: str
+    fingerprint: str
+    kind: ErrorKind = ErrorKind.OTHER
+    message: str = ""
+    code: str | None = None
+    status_code: int | None = None
+
+    def to_attributes(self) -> dict[str, str | bool | float]:
+        """Span/event attributes; ``error.type`` follows the OTel semantic conventions."""
+        attributes: dict[str, str | bool | float] = {
+            "otel_recovery.error.category": self.category.value,
+            "otel_recovery.error.severity": self.severity.value,
+            "otel_recovery.error.fingerprint": self.fingerprint,
+            "otel_recovery.error.retryable": self.retryable,
+            "otel_recovery.error.kind": self.kind.value,
+            "error.type": self.error_type,
+        }
+        if self.retry_after is not None:
+            attributes["otel_recovery.error.retry_after"] = self.retry_after
+        if self.code is not None:
+            attributes["otel_recovery.error.code"] = self.code
+        return attributes
+
+
+def _enum_field(cls: type[Any], name: str, value: object) -> Any:
+    if value is None or isinstance(value, cls):
+        return value
+    try:
+        return cls(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(
+            f"Rule({name}=...) must be a {cls.__name__} or one of {accepted}, got {value!r}"
+        ) from None
+
+
+def _collection(
+    name: str, value: object, item: type, check: Callable[[Any], bool]
+) -> frozenset[Any]:
+    items = (value,) if isinstance(value, item) else value
+    if (isinstance(value, (str, bytes)) and item is not str) or not isinstance(items, Collection):
+        raise TypeError(f"Rule({name}=...) must be a {item.__name__} or a collection of them")
+    for one in items:
+        if not isinstance(one, item) or isinstance(one, bool) or not check(one):
+            raise ValueError(f"Rule({name}=...) holds an invalid value {one!r}")
+    if not items:
+        raise ValueError(f"Rule({name}=...) is empty; give at least one value or leave it None")
+    return frozenset(one.upper() if isinstance(one, str) else one for one in items)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A user override: when every given matcher matches, the given outcome fields win.
+
+    Outcome fields left None keep the built-in answer, so ``Rule(on=MyError, retryable=False)``
+    only stops retries and leaves category and severity to the built-in knowledge.
+    """
+
+    on: type[BaseException] | tuple[type[BaseException], ...] | None = None
+    when: Callable[[BaseException], bool] | None = None
+    message: str | re.Pattern[str] | None = None
+    status: int | Collection[int] | None = None
+    code: str | Collection[str] | None = None
+    category: ErrorCategory | None = None
+    severity: Severity | None = None
+    retryable: bool | None = None
+    kind: ErrorKind | None = None
+    _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _statuses: frozenset[int] | None = field(default=None, init=False, repr=False, compare=False)
+    _codes: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if all(m is None for m in (self.on, self.when, self.message, self.status, self.code)):
+            raise ValueError(
+                "Rule needs at least one matcher: on=, when=, message=, status= or code="
+            )
+        if all(o is None for o in (self.category, self.severity, self.retryable, self.kind)):
+            raise ValueError("Rule sets no outcome: give category=, severity=, retryable= or kind=")
+        on = self.on if isinstance(self.on, tuple) else (self.on,) if self.on is not None else ()
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
+            raise TypeError(
+                f"Rule(on=...) must be an exception class or a tuple of them, got {self.on!r}"
+            )
+        if self.when is not None and not callable(self.when):
+            raise TypeError("Rule(when=...) must be a callable taking the exception")
+        if self.retryable is not None and not isinstance(self.retryable, bool):
+            raise TypeError(
+                f"Rule(retryable=...) must be True, False or None, not {self.retryable!r}"
+            )
+        if self.message is not None:
+            if not isinstance(self.message, (str, re.Pattern)):
+                raise TypeError("Rule(message=...) must be a regex string or a compiled pattern")
+            try:
+                pattern = (
+                    re.compile(self.message) if isinstance(self.message, str) else self.message
+                )
+            except re.error as exc:
+                raise ValueError(f"Rule(message=...) is not a valid regex: {exc}") from None
+            object.__setattr__(self, "_pattern", pattern)
+        if self.status is not None:
+            statuses = _collection("status", self.status, int, lambda s: 100 <= s <= 599)
+            object.__setattr__(self, "_statuses", statuses)
+        if self.code is not None:
+            object.__setattr__(self, "_codes", _collection("code", self.code, str, bool))
+        for name, cls in (("category", ErrorCategory), ("severity", Severity), ("kind", ErrorKind)):
+            object.__setattr__(self, name, _enum_field(cls, name, getattr(self, name)))
+
+    def matches(self, exc: BaseException | None, verdict: Verdict, message: str) -> bool:
+        """All given matchers must hold; ``exc`` is None for status-only classification."""
+        if self.on is not None and not isinstance(exc, self.on):
+            return False
+        if self._statuses is not None and verdict.status not in self._statuses:
+            return False
+        if self._codes is not None and (verdict.code or "").upper() not in self._codes:
+            return False
+        if self._pattern is not None and not self._pattern.search(message):
+            return False
+        return self.when is None or (exc is not None and bool(self.when(exc)))
+
+    def apply(self, verdict: Verdict) -> Verdict:
+        category = self.category or verdict.category
+        return replace(
+            verdict,
+            category=category,
+            severity=self.severity or verdict.severity,
+            retryable=verdict.retryable if self.retryable is None else self.retryable,
+            kind=self.kind or verdict.kind,
+            dependency=(
+                category in _DEPENDENCY_CATEGORIES if self.category else verdict.dependency
+            ),
+        )
+
+
+def _criticality_shift(context: Mapping[str, Any] | None) -> int:
+    if not context:
+        return 0
+    value = context.get("criticality", "normal")
+    shift = _CRITICALITY.get(value.lower()) if isinstance(value, str) else None
+    if shift is None:
+        raise ValueError(
+            f"context['criticality'] must be one of 'low', 'normal', 'high', 'critical', "
+            f"got {value!r}"
+        )
+    return shift
+
+
+class Classifier:
+    """Classifies failures; holds user rules and the recent-repeat memory.
+
+    One instance is shared by every policy of a process (see :func:`get_default_classifier`),
+    so repeat counting sees all call sites. Thread-safe: rules are an immutable tuple swapped
+    under a lock, and the repeat memory is only touched under the lock.
+    """
+
+    def __init__(
+        self,
+        rules: Iterable[Rule] = (),
+        *,
+        clock: Clock | None = None,
+        repeat_window: Duration = 60.0,
+        repeat_threshold: int = 10,
+        max_tracked_fingerprints: int = 10_000,
+    ) -> None:
+        if clock is not None and not isinstance(clock, Clock):
+            raise TypeError(f"clock must implement otel_recovery Clock, got {clock!r}")
+        self._window = to_seconds(repeat_window, "repeat_window")
+        if self._window <= 0:
+            raise ValueError("repeat_window must be > 0 seconds")
+        for name, value in (
+            ("repeat_threshold", repeat_threshold),
+            ("max_tracked_fingerprints", max_tracked_fingerprints),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self._clock: Clock = clock or SYSTEM_CLOCK
+        self._threshold = repeat_threshold
+        self._max_tracked = max_tracked_fingerprints
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
+        self._rules: tuple[Rule, ...] = ()
+        self._broken_rules: set[int] = set()
+        for rule in rules:
+            self.add_rule(rule)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self._rules
+
+    def add_rule(self, rule: Rule, *, first: bool = False) -> None:
+        """Append ``rule`` (or put it before all others with ``first=True``)."""
+        if not isinstance(rule, Rule):
+            raise TypeError(f"add_rule() takes a Rule, got {type(rule).__name__}")
+        with self._lock:
+            self._rules = (rule, *self._rules) if first else (*self._rules, rule)
+
+    def reset(self) -> None:
+        """Forget recent repeats (severity goes back to each error's base level)."""
+        with self._lock:
+            self._seen.clear()
+
+    def classify(self, exc: BaseException, context: Mapping[str, Any] | None = None) -> ErrorInfo:
+        """Classify ``exc``; ``context["criticality"]`` (low..critical) shifts the severity."""
+        if not isinstance(exc, BaseException):
+            raise TypeError(f"classify() takes an exception, got {type(exc).__name__}")
+        shift = _criticality_shift(context)
+        raw = safe_str(exc)
+        profile, verdict = self._evaluate(exc, raw, 0)
+        if profile.static is not None and profile.static.kind is ErrorKind.CANCELLED:
+            verdict = replace(verdict, retryable=False)  # cancellation is never retried
+        message = redact(raw[:4096])[:MAX_MESSAGE]
+        return self._finish(verdict, profile.error_type, message, shift)
+
+    def classify_status(
+        self,
+        status: int,
+        headers: Mapping[str, str] | None = None,
+        *,
+        clock: Clock | None = None,
+    ) -> ErrorInfo:
+        """Classify an HTTP response that is not an exception (result-based retry)."""
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise TypeError(f"status must be an int HTTP status, got {status!r}")
+        if not 100 <= status <= 599:
+            raise ValueError(f"status must be an HTTP status in 100..599, got {status}")
+        verdict = status_verdict(status)
+        wall = (clock or self._clock).wall
+        retry_after = parse_retry_after(header(headers, "Retry-After"), wall)
+        verdict = replace(verdict, retry_after=retry_after)
+        rule = self._match(None, verdict, "")
+        if rule is not None:
+            verdict = rule.apply(verdict)
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        return self._finish(verdict, str(status), phrase, 0)
+
+    def _finish(self, verdict: Verdict, error_type: str, message: str, shift: int) -> ErrorInfo:
+        fp = fingerprint(error_type, verdict.code, message)
+        severity = verdict.severity.raised(shift + self._repeat_steps(fp))
+        return ErrorInfo(
+            verdict.category,
+            severity,
+            verdict.retryable,
+            verdict.retry_after,
+            error_type,
+            fp,
+            verdict.kind,
+            message,
+            verdict.code,
+            verdict.status,
+        )
+
+    def _repeat_steps(self, fp: str) -> int:
+        """Record an occurrence; 1 step up at ``threshold`` repeats in the window, 2 at 10x."""
+        now = self._clock.now()
+        horizon = now - self._window
+        with self._lock:
+            times = self._seen.get(fp)
+            if times is None:
+                times = self._seen[fp] = deque(maxlen=10 * self._threshold)
+                if len(self._seen) > self._max_tracked:
+                    self._seen.popitem(last=False)
+            else:
+                self._seen.move_to_end(fp)
+            while times and times[0] <= horizon:
+                times.popleft()
+            times.append(now)
+            count = len(times)
+        return 2 if count >= 10 * self._threshold else 1 if count >= self._threshold else 0
+
+    def _match(self, exc: BaseException | None, verdict: Verdict, message: str) -> Rule | None:
+        for rule in self._rules:
+            try:
+                if rule.matches(exc, verdict, message):
+                    return rule
+            except Exception:  # a broken user predicate must not break the failing call
+                if id(rule) not in self._broken_rules:
+                    self._broken_rules.add(id(rule))
+                    _log.warning(
+                        "otel_recovery: rule %r raised; treated as no match", rule, exc_info=True
+                    )
+        return None
+
+    def _direct(
+        self, exc: BaseException, raw: str, depth: int
+    ) -> tuple[TypeProfile, Verdict, Rule | None]:
+        """Built-in verdict plus Retry-After for ``exc`` alone, and the user rule matching it."""
+        try:
+            profile, verdict = resolve(exc, raw)
+            if profile.group:
+                verdict = self._group(exc, depth)
+            retry_after = retry_after_of(exc, profile, self._clock.wall)
+        except Exception:  # knowledge-base bug: degrade to UNKNOWN, never raise
+            _log.debug("otel_recovery: built-in classification failed", exc_info=True)
+            profile, verdict, retry_after = profile_of(type(exc)), _UNKNOWN, None
+        if retry_after is not None:
+            verdict = replace(verdict, retry_after=retry_after)
+        return profile, verdict, self._match(exc, verdict, raw)
+
+    def _evaluate(self, exc: BaseException, raw: str, depth: int) -> tuple[TypeProfile, Verdict]:
+        profile, verdict, rule = self._direct(exc, raw, depth)
+        if (
+            not verdict.dependency
+            and verdict.kind is not ErrorKind.CANCELLED
+            and (rule is None or rule.category is None)
+        ):
+            cause = self._dependency_cause(exc, depth)
+            if cause is not None:
+                verdict = replace(
+                    cause,
+                    category=ErrorCategory.CASCADING,
+                    severity=max(cause.severity, Severity.MEDIUM),
+                )
+        return profile, verdict if rule is None else rule.apply(verdict)
+
+    def _dependency_cause(self, exc: BaseException, depth: int) -> Verdict | None:
+        """First dependency failure in the ``__cause__``/``__context__`` chain (cycle-safe)."""
+        seen = {id(exc)}
+        current = exc
+        for _ in range(_MAX_CHAIN):
+            nxt = current.__cause__ if current.__cause__ is not None else current.__context__
+            if nxt is None or id(nxt) in seen:
+                return None
+            seen.add(id(nxt))
+            _, verdict, rule = self._direct(nxt, safe_str(nxt), depth + 1)
+            if rule is not None:
+                verdict = rule.apply(verdict)
+            if verdict.dependency:
+                return verdict
+            current = nxt
+        return None
+
+    def _group(self, group: BaseException, depth: int) -> Verdict:
+        """An exception group is as bad as its first dependency failure."""
+        subs = getattr(group, "exceptions", ())
+        if depth < 8 and isinstance(subs, tuple):
+            for sub in subs:
+                if isinstance(sub, BaseException):
+                    verdict = self._evaluate(sub, safe_str(sub), depth + 1)[1]
+                    if verdict.dependency:
+                        return verdict
+        return _UNKNOWN
+
+
+_default = Classifier()
+
+
+def get_default_classifier() -> Classifier:
+    """The process-wide classifier used by :func:`classify` and by policies without their own."""
+    return _default
+
+
+def set_default_classifier(classifier: Classifier) -> None:
+    """Replace the process-wide classifier (for instance to add rules or a test clock)."""
+    global _default
+    if not isinstance(classifier, Classifier):
+        raise TypeError(f"expected a Classifier, got {type(classifier).__name__}")
+    _default = classifier
+
+
+def classify(exc: BaseException, context: Mapping[str, Any] | None = None) -> ErrorInfo:
+    """Classify ``exc`` with the default classifier."""
+    return _default.classify(exc, context)
+
+
+def classify_status(
+    status: int, headers: Mapping[str, str] | None = None, *, clock: Clock | None = None
+) -> ErrorInfo:
+    """Classify an HTTP status (and its Retry-After header) with the default classifier."""
+    return _default.classify_status(status, headers, clock=clock)

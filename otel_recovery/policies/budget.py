@@ -1,0 +1,161 @@
+"""``RetryBudget``: retries limited to a share of recent calls (Finagle / tower style).
+
+Per-request attempt caps do not stop retry storms: at 100 % failure three attempts triple the
+load on a dependency that is already down. A budget caps *retries across all calls*:
+
+    retries in the last ``ttl`` seconds <= ratio * calls in that window + min_per_second * ttl
+
+The floor lets a quiet client still retry a little; the ratio bounds amplification to about
+``1 + ratio`` under total failure (research/adaptive.md 1.2). Each call deposits, each retry
+withdraws; entries expire after ``ttl``. Time is split into ``ttl / 10`` buckets so updates
+are O(1) and memory is constant.
+
+A refusal is an outcome of its own (``otel_recovery.retry_budget.exhausted`` span event,
+``refused`` counter), never silent.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+
+__all__ = ["BudgetSnapshot", "RetryBudget"]
+
+_BUCKETS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSnapshot:
+    """Counters for telemetry and tests; ``available`` is the retries allowed right now."""
+
+    name: str
+    available: float
+    calls_in_window: int
+    retries_in_window: int
+    total_calls: int
+    total_retries: int
+    total_refused: int
+
+
+class RetryBudget:
+    """A shared allowance of retries, typically one per dependency."""
+
+    __slots__ = (
+        "_calls",
+        "_current",
+        "_lock",
+        "_retries",
+        "_sum_calls",
+        "_sum_retries",
+        "_width",
+        "clock",
+        "min_per_second",
+        "name",
+        "ratio",
+        "total_calls",
+        "total_refused",
+        "total_retries",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        min_per_second: float = 10.0,
+        ttl: Duration = 10.0,
+        *,
+        name: str = "default",
+        clock: Clock | None = None,
+    ) -> None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            hint = f"; did you mean {ratio / 100}?" if isinstance(ratio, (int, float)) else ""
+            raise ValueError(f"ratio must be in [0, 1], got {ratio!r}{hint}")
+        if (
+            isinstance(min_per_second, bool)
+            or not isinstance(min_per_second, (int, float))
+            or min_per_second < 0
+        ):
+            raise ValueError(f"min_per_second must be a number >= 0, got {min_per_second!r}")
+        self.ttl = to_seconds(ttl, "ttl")
+        if not 1.0 <= self.ttl <= 3600.0:
+            raise ValueError(f"ttl must be between 1 and 3600 seconds, got {self.ttl}")
+        self.ratio = float(ratio)
+        self.min_per_second = float(min_per_second)
+        self.name = name
+        self.clock = clock if clock is not None else SYSTEM_CLOCK
+        self._width = self.ttl / _BUCKETS
+        self._calls = [0] * _BUCKETS
+        self._retries = [0] * _BUCKETS
+        self._sum_calls = 0
+        self._sum_retries = 0
+        self._current = math.floor(self.clock.now() / self._width)
+        self._lock = threading.Lock()
+        self.total_calls = 0
+        self.total_retries = 0
+        self.total_refused = 0
+
+    def _rotate(self, now: float) -> int:
+        """Expire buckets older than ``ttl``; returns the index of the current bucket."""
+        bucket = math.floor(now / self._width)
+        current = self._current
+        if bucket > current:
+            stale = min(bucket - current, _BUCKETS)
+            for step in range(1, stale + 1):
+                index = (current + step) % _BUCKETS
+                self._sum_calls -= self._calls[index]
+                self._sum_retries -= self._retries[index]
+                self._calls[index] = 0
+                self._retries[index] = 0
+            self._current = bucket
+        return self._current % _BUCKETS
+
+    def _allowance(self) -> float:
+        return self.ratio * self._sum_calls + self.min_per_second * self.ttl - self._sum_retries
+
+    def record_call(self, now: float | None = None) -> None:
+        """Deposit: one logical call started (first attempts only, never retries)."""
+        if now is None:
+            now = self.clock.now()
+        with self._lock:
+            index = self._rotate(now)
+            self._calls[index] += 1
+            self._sum_calls += 1
+            self.total_calls += 1
+
+    def try_spend(self, now: float | None = None) -> bool:
+        """Withdraw one retry if the budget allows it; a refusal is counted."""
+        if now is None:
+            now = self.clock.now()
+        with self._lock:
+            index = self._rotate(now)
+            if self._allowance() >= 1.0:
+                self._retries[index] += 1
+                self._sum_retries += 1
+                self.total_retries += 1
+                return True
+            self.total_refused += 1
+            return False
+
+    def snapshot(self, now: float | None = None) -> BudgetSnapshot:
+        if now is None:
+            now = self.clock.now()
+        with self._lock:
+            self._rotate(now)
+            return BudgetSnapshot(
+                name=self.name,
+                available=max(0.0, self._allowance()),
+                calls_in_window=self._sum_calls,
+                retries_in_window=self._sum_retries,
+                total_calls=self.total_calls,
+                total_retries=self.total_retries,
+                total_refused=self.total_refused,
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"RetryBudget(ratio={self.ratio}, min_per_second={self.min_per_second}, "
+            f"ttl={self.ttl}, name={self.name!r})"
+        )

@@ -1,0 +1,136 @@
+"""``Bulkhead``: at most N calls in flight to one dependency, shared by threads and tasks.
+
+A slow dependency otherwise absorbs every worker thread or connection and takes unrelated
+endpoints down with it. Callers beyond the limit wait up to ``max_wait`` seconds for a slot
+and are then rejected with :class:`BulkheadFullError` (a fallback may catch it).
+
+One object serves sync and async callers: slots are a counter under a ``threading.Lock``;
+threads wait on a ``threading.Condition``; tasks wait on futures that a releasing caller
+resolves through their loop's ``call_soon_threadsafe``. Slots are handed over directly to
+a waiting task, so a task cannot be starved by threads that keep arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+
+from otel_recovery._clock import Duration, to_seconds
+
+__all__ = ["Bulkhead", "BulkheadFullError"]
+
+
+class BulkheadFullError(Exception):
+    """The bulkhead had no free slot within ``max_wait``."""
+
+    def __init__(self, name: str, max_concurrent: int) -> None:
+        super().__init__(f"bulkhead {name!r} is full ({max_concurrent} calls in flight)")
+        self.name = name
+        self.max_concurrent = max_concurrent
+
+
+class Bulkhead:
+    """Concurrency limit with an optional bounded wait."""
+
+    __slots__ = (
+        "_cond",
+        "_in_use",
+        "_lock",
+        "_task_waiters",
+        "max_concurrent",
+        "max_wait",
+        "name",
+        "rejected",
+    )
+
+    def __init__(self, max_concurrent: int, *, max_wait: Duration = 0.0, name: str = "default"):
+        if (
+            isinstance(max_concurrent, bool)
+            or not isinstance(max_concurrent, int)
+            or max_concurrent < 1
+        ):
+            raise ValueError(f"max_concurrent must be an int >= 1, got {max_concurrent!r}")
+        self.max_concurrent = max_concurrent
+        self.max_wait = to_seconds(max_wait, "max_wait")
+        self.name = name
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._in_use = 0
+        self._task_waiters: collections.deque[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
+        ] = collections.deque()
+        self.rejected = 0
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    def acquire(self) -> None:
+        """Take a slot for a thread, waiting up to ``max_wait``; raise if none frees up."""
+        with self._cond:
+            if self._in_use < self.max_concurrent:
+                self._in_use += 1
+                return
+            if self.max_wait > 0 and self._cond.wait_for(
+                lambda: self._in_use < self.max_concurrent, timeout=self.max_wait
+            ):
+                self._in_use += 1
+                return
+            self.rejected += 1
+        raise BulkheadFullError(self.name, self.max_concurrent)
+
+    async def aacquire(self) -> None:
+        """Take a slot for a task, waiting up to ``max_wait``; raise if none frees up."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._in_use < self.max_concurrent:
+                self._in_use += 1
+                return
+            if self.max_wait <= 0:
+                self.rejected += 1
+                raise BulkheadFullError(self.name, self.max_concurrent)
+            future: asyncio.Future[None] = loop.create_future()
+            waiter = (loop, future)
+            self._task_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.max_wait)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            with self._lock:
+                if waiter in self._task_waiters:
+                    self._task_waiters.remove(waiter)
+                    handed_over = False
+                else:
+                    handed_over = True
+                if not handed_over:
+                    self.rejected += 1
+            if handed_over:
+                # The slot arrived just as we gave up: pass it on instead of leaking it.
+                self.release()
+            raise BulkheadFullError(self.name, self.max_concurrent) from None
+
+    def release(self) -> None:
+        """Give a slot back, handing it straight to a waiting task if there is one."""
+        with self._cond:
+            while self._task_waiters:
+                loop, future = self._task_waiters.popleft()
+                if loop.is_closed():
+                    continue
+                # The slot stays counted as in use: ownership moves to the waiting task.
+                loop.call_soon_threadsafe(_resolve, future)
+                return
+            if self._in_use <= 0:
+                raise RuntimeError(f"bulkhead {self.name!r} released more often than acquired")
+            self._in_use -= 1
+            self._cond.notify()
+
+    def __repr__(self) -> str:
+        return (
+            f"Bulkhead(max_concurrent={self.max_concurrent}, max_wait={self.max_wait}, "
+            f"name={self.name!r})"
+        )
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,190 @@
+"""``RecoveryPolicy`` and the ``@recover`` decorator: the library's front door.
+
+Policies nest in one documented order, outermost first::
+
+    fallback( breaker( bulkhead( retry-with-budget( timeout( call ) ) ) ) )
+
+- the fallback sees every way the call can end badly, including rejections;
+- the breaker counts one outcome per *logical* call, so three failed attempts are one
+  failure, and a rejected call never reaches the bulkhead;
+- the bulkhead slot is held across retries (a retry must not jump the queue);
+- the budget is charged per retry, the timeout applies per attempt.
+
+The happy path is a few attribute reads: no span, no metric write, no classification.
+Everything else happens after a failure, in the drivers' slow paths
+(:mod:`otel_recovery._driver_sync`, :mod:`otel_recovery._driver_async`), which follow the
+decisions of the pure engine (:mod:`otel_recovery._engine`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, cast, overload
+
+from otel_recovery._clock import Duration
+from otel_recovery._driver_async import AsyncDriver
+from otel_recovery._driver_sync import SyncDriver
+from otel_recovery.policies.budget import RetryBudget
+from otel_recovery.policies.bulkhead import Bulkhead
+from otel_recovery.policies.circuit_breaker import CircuitBreaker
+from otel_recovery.policies.fallback import Fallback
+from otel_recovery.policies.retry import Retry, RetryOn
+from otel_recovery.policies.timeout import Timeout
+
+__all__ = ["RecoveryPolicy", "recover"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class RecoveryPolicy(SyncDriver, AsyncDriver):
+    """A reusable combination of policies with sync (``call``) and async (``acall``) drivers.
+
+    Keyword arguments: ``retry``, ``breaker``, ``budget``, ``timeout`` (a :class:`Timeout` or
+    seconds), ``fallback``, ``bulkhead``, ``classifier``, ``name`` (labels the recovery span
+    and metrics; defaults to the breaker's name or ``"default"``), ``context`` (passed to the
+    classifier, e.g. ``{"criticality": "high"}``), ``clock`` and ``telemetry`` (``True``
+    follows the process-wide telemetry, a :class:`~otel_recovery.telemetry.Telemetry` pins
+    one, ``False`` switches tracing and metrics off for this policy).
+    """
+
+    __slots__ = ()
+
+    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]:
+        """Use the policy itself as a decorator: ``@policy``."""
+        return _decorate(self, fn)
+
+    def __repr__(self) -> str:
+        parts = [
+            f"{key}={value!r}"
+            for key, value in (
+                ("retry", self.retry),
+                ("breaker", self.breaker),
+                ("budget", self.budget),
+                ("timeout", self.timeout),
+                ("fallback", self.fallback),
+                ("bulkhead", self.bulkhead),
+            )
+            if value is not None
+        ]
+        return f"RecoveryPolicy(name={self.name!r}, {', '.join(parts)})"
+
+
+def _decorate(policy: RecoveryPolicy, fn: Callable[P, T]) -> Callable[P, T]:
+    if inspect.iscoroutinefunction(fn):
+        acall = policy.acall
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return await acall(fn, *args, **kwargs)
+
+        async_wrapper.recovery_policy = policy  # type: ignore[attr-defined]
+        return cast(Callable[P, T], async_wrapper)
+    if not callable(fn):
+        raise TypeError(f"@recover decorates functions, got {fn!r}")
+    call = policy.call
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        return call(fn, *args, **kwargs)
+
+    wrapper.recovery_policy = policy  # type: ignore[attr-defined]
+    return wrapper
+
+
+@overload
+def recover(fn: Callable[P, T], /) -> Callable[P, T]: ...
+
+
+@overload
+def recover(
+    fn: None = None,
+    /,
+    *,
+    attempts: int | None = None,
+    on: RetryOn | None = None,
+    retry: Retry | None = None,
+    breaker: CircuitBreaker | None = None,
+    budget: RetryBudget | None = None,
+    timeout: Timeout | Duration | None = None,
+    fallback: Fallback | None = None,
+    bulkhead: Bulkhead | None = None,
+    policy: RecoveryPolicy | None = None,
+    name: str | None = None,
+    **options: Any,
+) -> Callable[[Callable[P, T]], Callable[P, T]]: ...
+
+
+def recover(
+    fn: Callable[P, T] | None = None,
+    /,
+    *,
+    attempts: int | None = None,
+    on: RetryOn | None = None,
+    retry: Retry | None = None,
+    breaker: CircuitBreaker | None = None,
+    budget: RetryBudget | None = None,
+    timeout: Timeout | Duration | None = None,
+    fallback: Fallback | None = None,
+    bulkhead: Bulkhead | None = None,
+    policy: RecoveryPolicy | None = None,
+    name: str | None = None,
+    **options: Any,
+) -> Callable[P, T] | Callable[[Callable[P, T]], Callable[P, T]]:
+    """Decorate a sync or async callable with recovery, keeping its signature.
+
+    ``@recover`` alone retries what the classifier calls retryable, 3 attempts with jittered
+    exponential backoff. ``attempts=`` / ``on=`` are shorthands for ``retry=Retry(...)``;
+    ``policy=`` reuses a :class:`RecoveryPolicy` (and excludes the other arguments).
+    Remaining keyword arguments (``classifier``, ``context``, ``clock``, ``telemetry``) go to
+    :class:`RecoveryPolicy`.
+    """
+    if policy is not None:
+        given = [
+            k
+            for k, v in (
+                ("attempts", attempts),
+                ("on", on),
+                ("retry", retry),
+                ("breaker", breaker),
+                ("budget", budget),
+                ("timeout", timeout),
+                ("fallback", fallback),
+                ("bulkhead", bulkhead),
+                ("name", name),
+            )
+            if v is not None
+        ]
+        if given or options:
+            raise TypeError(
+                "recover(policy=...) takes no other settings, got "
+                + ", ".join(given + list(options))
+            )
+        chosen = policy
+    else:
+        if retry is not None and (attempts is not None or on is not None):
+            raise TypeError("give either retry=Retry(...) or attempts=/on=, not both")
+        if retry is None:
+            retry = Retry(attempts if attempts is not None else 3, on=on)
+        chosen = RecoveryPolicy(
+            retry=retry,
+            breaker=breaker,
+            budget=budget,
+            timeout=timeout,
+            fallback=fallback,
+            bulkhead=bulkhead,
+            name=name,
+            **options,
+        )
+
+    def decorator(func: Callable[P, T]) -> Callable[P, T]:
+        local = chosen
+        if local.name == "default" and name is None and policy is None:
+            local.name = getattr(func, "__qualname__", "default")
+        return _decorate(local, func)
+
+    if fn is not None:
+        return decorator(fn)
+    return decorator

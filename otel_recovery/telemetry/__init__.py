@@ -1,0 +1,132 @@
+"""OpenTelemetry side of otel_recovery: one :class:`Telemetry` per pair of providers.
+
+The engine and the policies know nothing of OpenTelemetry; drivers ask the telemetry for a
+:class:`CallTrace` only when a call needs recovery. By default the global tracer and meter
+providers are used (through the API's proxies, so providers installed later still receive
+our data); pass explicit providers to :class:`Telemetry` or :func:`set_telemetry` to route
+elsewhere (tests use in-memory exporters this way).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
+
+from otel_recovery import __about__
+from otel_recovery._clock import Clock
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, StateTransition
+from otel_recovery.telemetry import attributes
+from otel_recovery.telemetry._metrics import RecoveryMetrics
+from otel_recovery.telemetry._tracing import CallTrace
+
+__all__ = [
+    "CallTrace",
+    "Telemetry",
+    "attributes",
+    "get_telemetry",
+    "set_telemetry",
+    "watch_breaker_globally",
+]
+
+
+class Telemetry:
+    """A tracer and the metric instruments, created once and shared by every policy."""
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+    ) -> None:
+        self.tracer = trace.get_tracer("otel_recovery", __about__.VERSION, tracer_provider)
+        self.metrics = RecoveryMetrics(meter_provider)
+        self._watched: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+        self._watch_lock = threading.Lock()
+
+    def start_call(
+        self,
+        policy_name: str,
+        started: float,
+        clock: Clock,
+        extra: dict[str, Any] | None = None,
+    ) -> CallTrace:
+        return CallTrace(self.tracer, self.metrics, policy_name, started, clock, extra)
+
+    def watch_breaker(self, breaker: CircuitBreaker) -> None:
+        """Count the breaker's transitions, mark them on the current span, report its state.
+
+        Idempotent: a breaker shared by several policies is watched once.
+        """
+        with self._watch_lock:
+            if breaker in self._watched:
+                return
+            self._watched.add(breaker)
+        self.metrics.track(breaker)
+        breaker.add_listener(self._on_transition)
+
+    def _on_transition(self, transition: StateTransition) -> None:
+        attrs = {
+            attributes.BREAKER_NAME: transition.name,
+            attributes.BREAKER_FROM: transition.from_state.value,
+            attributes.BREAKER_TO: transition.to_state.value,
+        }
+        self.metrics.breaker_transitions.add(1, attrs)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(
+                attributes.EVENT_BREAKER_STATE_CHANGE,
+                {**attrs, attributes.BREAKER_REASON: transition.reason},
+            )
+
+
+_default: Telemetry | None = None
+_lock = threading.Lock()
+_global_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+
+
+def get_telemetry() -> Telemetry:
+    """The process-wide telemetry, built on first use from the global providers."""
+    global _default
+    current = _default
+    if current is None:
+        with _lock:
+            if _default is None:
+                _default = Telemetry()
+                for breaker in list(_global_breakers):
+                    _default.metrics.track(breaker)
+            current = _default
+    return current
+
+
+def set_telemetry(telemetry: Telemetry | None) -> None:
+    """Replace the process-wide telemetry (``None`` rebuilds it from the globals on next use).
+
+    Policies created with the default ``telemetry=True`` follow the change immediately;
+    their breakers are reported by the new telemetry too.
+    """
+    global _default
+    with _lock:
+        _default = telemetry
+        if telemetry is not None:
+            for breaker in list(_global_breakers):
+                telemetry.metrics.track(breaker)
+
+
+def watch_breaker_globally(breaker: CircuitBreaker) -> None:
+    """Report a breaker through whatever the process-wide telemetry is now or later becomes."""
+    with _lock:
+        if breaker in _global_breakers:
+            return
+        _global_breakers.add(breaker)
+        current = _default
+    if current is not None:
+        current.metrics.track(breaker)
+    breaker.add_listener(_forward_transition)
+
+
+def _forward_transition(transition: StateTransition) -> None:
+    get_telemetry()._on_transition(transition)

@@ -1,0 +1,99 @@
+"""Metric instruments, created once per meter provider.
+
+Happy-path calls write no metric at all: breaker call counts are plain integers inside the
+breaker, read by observable instruments at collection time. Instruments that are written
+(durations, retries, fallbacks, transitions) are written only when a call needed recovery.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation, get_meter
+
+from otel_recovery import __about__
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
+from otel_recovery.telemetry import attributes as names
+
+__all__ = ["RecoveryMetrics"]
+
+_STATES: tuple[CircuitState, ...] = tuple(CircuitState)
+
+
+class RecoveryMetrics:
+    """The instruments of section 4.4 of research/otel-conventions.md."""
+
+    def __init__(self, meter_provider: MeterProvider | None = None) -> None:
+        meter = get_meter("otel_recovery", __about__.VERSION, meter_provider)
+        self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self.call_duration = meter.create_histogram(
+            names.METRIC_CALL_DURATION,
+            unit="s",
+            description="Duration of calls that needed recovery, all attempts and waits included.",
+            explicit_bucket_boundaries_advisory=list(names.CALL_DURATION_BUCKETS),
+        )
+        self.retry_attempts = meter.create_counter(
+            names.METRIC_RETRY_ATTEMPTS,
+            unit="{attempt}",
+            description="Retries started (first attempts are not counted).",
+        )
+        self.budget_refusals = meter.create_counter(
+            names.METRIC_BUDGET_REFUSALS,
+            unit="{retry}",
+            description="Retries a retry budget refused.",
+        )
+        self.fallback_invocations = meter.create_counter(
+            names.METRIC_FALLBACK_INVOCATIONS,
+            unit="{invocation}",
+            description="Calls answered by a fallback.",
+        )
+        self.breaker_transitions = meter.create_counter(
+            names.METRIC_BREAKER_TRANSITIONS,
+            unit="{transition}",
+            description="Circuit breaker state transitions.",
+        )
+        meter.create_observable_up_down_counter(
+            names.METRIC_BREAKER_STATE,
+            callbacks=[self._observe_states],
+            unit="{state}",
+            description="1 for the current state of each circuit breaker, 0 for the others.",
+        )
+        meter.create_observable_counter(
+            names.METRIC_BREAKER_CALLS,
+            callbacks=[self._observe_calls],
+            unit="{call}",
+            description="Calls seen by each circuit breaker, by outcome.",
+        )
+
+    def track(self, breaker: CircuitBreaker) -> None:
+        """Report this breaker's state and call counts (held weakly)."""
+        with self._lock:
+            self._breakers.add(breaker)
+
+    def _tracked(self) -> list[CircuitBreaker]:
+        with self._lock:
+            return list(self._breakers)
+
+    def _observe_states(self, options: CallbackOptions) -> Iterable[Observation]:
+        for breaker in self._tracked():
+            current = breaker.snapshot().state
+            for state in _STATES:
+                yield Observation(
+                    1 if state is current else 0,
+                    {names.BREAKER_NAME: breaker.name, names.BREAKER_STATE: state.value},
+                )
+
+    def _observe_calls(self, options: CallbackOptions) -> Iterable[Observation]:
+        for breaker in self._tracked():
+            snap = breaker.snapshot()
+            for outcome, value in (
+                ("successful", snap.successful_calls),
+                ("failed", snap.failed_calls),
+                ("not_permitted", snap.not_permitted_calls),
+            ):
+                yield Observation(
+                    value, {names.BREAKER_NAME: breaker.name, names.BREAKER_OUTCOME: outcome}
+                )

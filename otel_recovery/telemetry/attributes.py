@@ -1,0 +1,95 @@
+"""Every telemetry name otel_recovery emits, in one place.
+
+There is no OpenTelemetry semantic convention for retries or circuit breakers yet
+(semantic-conventions#2355), so these live in our own ``otel_recovery.*`` namespace, never in
+``http.*``/``db.*`` and never in the reserved ``otel.*``. ``error.type`` and
+``http.request.resend_count`` are the standard attributes and are reused as-is. The README's
+telemetry reference is generated from the same list; change both together.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Standard attributes reused as-is.
+ERROR_TYPE: Final = "error.type"
+HTTP_REQUEST_RESEND_COUNT: Final = "http.request.resend_count"
+
+# Span
+RECOVERY_SPAN_PREFIX: Final = "recover"
+"""A call that needs recovery gets an INTERNAL span named ``recover <policy name>``."""
+
+# Span and metric attributes.
+POLICY_NAME: Final = "otel_recovery.policy.name"
+OUTCOME: Final = "otel_recovery.outcome"
+"""``success`` (recovered by a retry), ``failure``, ``fallback`` or ``rejected``."""
+ATTEMPTS: Final = "otel_recovery.retry.attempts"
+"""Attempts made by the call, on the recovery span."""
+ATTEMPT: Final = "otel_recovery.retry.attempt"
+"""1-based number of the attempt an event refers to."""
+MAX_ATTEMPTS: Final = "otel_recovery.retry.max_attempts"
+BACKOFF: Final = "otel_recovery.retry.backoff"
+"""Seconds slept before the next attempt."""
+STOP_REASON: Final = "otel_recovery.retry.stop_reason"
+"""Why retrying stopped: not_retryable, attempts_exhausted, deadline, budget_exhausted,
+retry_after_too_long, rejected."""
+ATTEMPT_DURATION: Final = "otel_recovery.attempt.duration"
+ERROR_CATEGORY: Final = "otel_recovery.error.category"
+ERROR_SEVERITY: Final = "otel_recovery.error.severity"
+ERROR_FINGERPRINT: Final = "otel_recovery.error.fingerprint"
+ERROR_RETRYABLE: Final = "otel_recovery.error.retryable"
+ERROR_KIND: Final = "otel_recovery.error.kind"
+ERROR_CODE: Final = "otel_recovery.error.code"
+ERROR_RETRY_AFTER: Final = "otel_recovery.error.retry_after"
+ERROR_MESSAGE: Final = "otel_recovery.error.message"
+BREAKER_NAME: Final = "otel_recovery.circuit_breaker.name"
+BREAKER_STATE: Final = "otel_recovery.circuit_breaker.state"
+BREAKER_FROM: Final = "otel_recovery.circuit_breaker.from"
+BREAKER_TO: Final = "otel_recovery.circuit_breaker.to"
+BREAKER_REASON: Final = "otel_recovery.circuit_breaker.reason"
+BREAKER_OUTCOME: Final = "otel_recovery.circuit_breaker.outcome"
+BREAKER_RETRY_AFTER: Final = "otel_recovery.circuit_breaker.retry_after"
+BUDGET_NAME: Final = "otel_recovery.retry_budget.name"
+BULKHEAD_NAME: Final = "otel_recovery.bulkhead.name"
+FALLBACK_KIND: Final = "otel_recovery.fallback.kind"
+"""``value``, ``function`` or ``last_known_good``."""
+
+# Span events.
+EVENT_ATTEMPT_FAILED: Final = "otel_recovery.attempt.failed"
+EVENT_RETRY: Final = "otel_recovery.retry"
+"""A backoff sleep is about to start; carries the delay and the next attempt number."""
+EVENT_GIVE_UP: Final = "otel_recovery.give_up"
+EVENT_BUDGET_EXHAUSTED: Final = "otel_recovery.retry_budget.exhausted"
+EVENT_REJECTED: Final = "otel_recovery.rejected"
+EVENT_FALLBACK: Final = "otel_recovery.fallback"
+EVENT_BREAKER_STATE_CHANGE: Final = "otel_recovery.circuit_breaker.state_change"
+
+# Metrics (research/otel-conventions.md section 4.4).
+METRIC_CALL_DURATION: Final = "otel_recovery.call.duration"
+METRIC_RETRY_ATTEMPTS: Final = "otel_recovery.retry.attempts"
+METRIC_BUDGET_REFUSALS: Final = "otel_recovery.retry_budget.refusals"
+METRIC_BREAKER_STATE: Final = "otel_recovery.circuit_breaker.state"
+METRIC_BREAKER_TRANSITIONS: Final = "otel_recovery.circuit_breaker.transitions"
+METRIC_BREAKER_CALLS: Final = "otel_recovery.circuit_breaker.calls"
+METRIC_FALLBACK_INVOCATIONS: Final = "otel_recovery.fallback.invocations"
+METRIC_ANOMALIES: Final = "otel_recovery.anomalies"
+
+CALL_DURATION_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    30.0,
+    60.0,
+)
+"""The HTTP duration bucket advice, extended to a minute because recoveries wait."""

@@ -1,0 +1,150 @@
+"""The public test kit: virtual time, testing mode, an off switch and in-memory telemetry.
+
+- :class:`FakeClock`: pass ``clock=FakeClock()`` to any policy; sleeps advance virtual time
+  and are recorded in ``clock.sleeps``.
+- :func:`testing_mode`: no backoff waits and at most ``attempts`` attempts per call, for
+  every policy in the process; restores the previous state on exit.
+- :func:`recovery_disabled`: wrapped callables run exactly once, as if undecorated.
+- :func:`capture_telemetry`: routes otel_recovery's spans and metrics to in-memory
+  exporters (needs ``opentelemetry-sdk``, the ``sdk`` extra) and restores the previous
+  routing on exit.
+
+pytest users get the same as fixtures with ``pytest_plugins = ["otel_recovery.testing"]``:
+``fake_clock``, ``recovery_telemetry`` and ``recovery_testing_mode``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from otel_recovery import telemetry as _telemetry
+from otel_recovery._config import set_active, set_testing
+from otel_recovery._fake_clock import FakeClock
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+__all__ = [
+    "CapturedTelemetry",
+    "FakeClock",
+    "capture_telemetry",
+    "recovery_disabled",
+    "testing_mode",
+]
+
+
+@contextmanager
+def testing_mode(attempts: int = 1) -> Iterator[None]:
+    """No backoff sleeps and at most ``attempts`` attempts per call, inside the block."""
+    with set_testing(True, attempts=attempts):
+        yield
+
+
+@contextmanager
+def recovery_disabled() -> Iterator[None]:
+    """Inside the block every recovered callable is called exactly once, untouched."""
+    with set_active(False):
+        yield
+
+
+class CapturedTelemetry:
+    """Spans and metric points otel_recovery produced while capturing."""
+
+    def __init__(
+        self,
+        exporter: InMemorySpanExporter,
+        reader: InMemoryMetricReader,
+        tracer_provider: TracerProvider,
+        telemetry: _telemetry.Telemetry,
+    ) -> None:
+        self.exporter = exporter
+        self.reader = reader
+        self.tracer_provider = tracer_provider
+        self.telemetry = telemetry
+
+    def spans(self) -> list[ReadableSpan]:
+        """Finished spans, oldest first."""
+        return list(self.exporter.get_finished_spans())
+
+    def span(self, name: str) -> ReadableSpan:
+        """The single finished span called ``name``; fails loudly if there are 0 or 2+."""
+        found = [span for span in self.spans() if span.name == name]
+        if len(found) != 1:
+            names = [span.name for span in self.spans()]
+            raise AssertionError(f"expected one span named {name!r}, found {len(found)}: {names}")
+        return found[0]
+
+    def metric_points(self, name: str) -> list[tuple[dict[str, Any], Any]]:
+        """``(attributes, value)`` of every point of metric ``name`` (sum, gauge or histogram).
+
+        For histograms the value is the data point itself (``.count``, ``.sum``...).
+        """
+        data = self.reader.get_metrics_data()
+        points: list[tuple[dict[str, Any], Any]] = []
+        if data is None:
+            return points
+        for resource_metrics in data.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if metric.name != name:
+                        continue
+                    for point in metric.data.data_points:
+                        value = getattr(point, "value", point)
+                        points.append((dict(point.attributes or {}), value))
+        return points
+
+    def clear(self) -> None:
+        self.exporter.clear()
+
+
+@contextmanager
+def capture_telemetry() -> Iterator[CapturedTelemetry]:
+    """Send otel_recovery's telemetry to in-memory exporters for the duration of the block."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    telemetry = _telemetry.Telemetry(tracer_provider, meter_provider)
+    previous = _telemetry._default
+    _telemetry.set_telemetry(telemetry)
+    try:
+        yield CapturedTelemetry(exporter, reader, tracer_provider, telemetry)
+    finally:
+        _telemetry.set_telemetry(previous)
+        meter_provider.shutdown()
+        tracer_provider.shutdown()
+
+
+try:  # pytest fixtures, for ``pytest_plugins = ["otel_recovery.testing"]``
+    import pytest
+except ImportError:  # pragma: no cover - pytest is optional
+    pass
+else:
+
+    @pytest.fixture
+    def fake_clock() -> FakeClock:
+        """A fresh :class:`FakeClock` per test."""
+        return FakeClock()
+
+    @pytest.fixture
+    def recovery_telemetry() -> Iterator[CapturedTelemetry]:
+        """otel_recovery's spans and metrics of this test, in memory."""
+        with capture_telemetry() as captured:
+            yield captured
+
+    @pytest.fixture
+    def recovery_testing_mode() -> Iterator[None]:
+        """Testing mode (no waits, one attempt) for this test."""
+        with testing_mode():
+            yield

@@ -1,0 +1,334 @@
+"""The drivers: RecoveryPolicy.call / acall and @recover, sync and async, under a FakeClock."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+
+import pytest
+
+from otel_recovery import testing
+from otel_recovery.policies import (
+    Bulkhead,
+    BulkheadFullError,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    ExponentialBackoff,
+    Fallback,
+    FixedBackoff,
+    Retry,
+    Timeout,
+    remaining_time,
+)
+from otel_recovery.recover import RecoveryPolicy, recover
+
+
+class Flaky:
+    """Fails with the given errors in order, then returns 'ok'; counts calls."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return ("ok", args, kwargs)
+
+
+class AsyncFlaky(Flaky):
+    async def __call__(self, *args, **kwargs):  # type: ignore[override]
+        await asyncio.sleep(0)
+        return super().__call__(*args, **kwargs)
+
+
+def policy(clock, **kwargs) -> RecoveryPolicy:
+    kwargs.setdefault("telemetry", False)
+    return RecoveryPolicy(clock=clock, **kwargs)
+
+
+def test_transient_failures_are_retried_with_the_exact_backoff_schedule(fake_clock):
+    flaky = Flaky(ConnectionError("refused"), TimeoutError("slow"))
+    p = policy(fake_clock, retry=Retry(3, backoff=ExponentialBackoff(0.1, 2, 5, jitter="none")))
+    assert p.call(flaky, 1, key="v") == ("ok", (1,), {"key": "v"})
+    assert flaky.calls == 3
+    assert fake_clock.sleeps == pytest.approx([0.1, 0.2])
+
+
+def test_the_original_exception_is_reraised_after_the_last_attempt(fake_clock):
+    errors = [ConnectionError(f"refused {i}") for i in range(3)]
+    flaky = Flaky(*errors)
+    with pytest.raises(ConnectionError) as caught:
+        policy(fake_clock, retry=Retry(3)).call(flaky)
+    assert caught.value is errors[-1]
+    assert flaky.calls == 3
+
+
+def test_non_retryable_errors_are_attempted_exactly_once(fake_clock):
+    flaky = Flaky(ValueError("bad request"))
+    with pytest.raises(ValueError):
+        policy(fake_clock, retry=Retry(5)).call(flaky)
+    assert flaky.calls == 1 and fake_clock.sleeps == []
+
+
+def test_deadline_covers_attempts_and_sleeps(fake_clock):
+    flaky = Flaky(*[ConnectionError()] * 10)
+    p = policy(fake_clock, retry=Retry(10, deadline=2.5, backoff=FixedBackoff(1.0)))
+    with pytest.raises(ConnectionError):
+        p.call(flaky)
+    assert flaky.calls == 3 and fake_clock.sleeps == [1.0, 1.0]
+
+
+def test_decorator_keeps_name_signature_and_docstring(fake_clock):
+    def fetch(user_id: int, *, verbose: bool = False) -> str:
+        """Fetch a user."""
+        return f"user {user_id}"
+
+    original = inspect.signature(fetch)
+    fetch = recover(attempts=2, on=ConnectionError, clock=fake_clock, telemetry=False)(fetch)
+    assert fetch.__name__ == "fetch" and fetch.__doc__ == "Fetch a user."
+    assert inspect.signature(fetch) == original
+    assert list(original.parameters) == ["user_id", "verbose"]
+    assert fetch(7) == "user 7"
+    assert fetch.recovery_policy.name.endswith("fetch")
+
+
+def test_bare_decorator_uses_the_classifier(fake_clock):
+    calls = []
+
+    @recover
+    def once() -> None:
+        calls.append(1)
+        raise KeyError("missing")
+
+    with testing.testing_mode(attempts=3), pytest.raises(KeyError):
+        once()
+    assert calls == [1]  # KeyError is not retryable
+
+
+async def test_async_decorator_retries_and_keeps_coroutine_nature(fake_clock):
+    flaky = AsyncFlaky(ConnectionError(), ConnectionError())
+
+    @recover(attempts=3, clock=fake_clock, telemetry=False)
+    async def call() -> object:
+        return await flaky()
+
+    assert inspect.iscoroutinefunction(call)
+    assert (await call())[0] == "ok"
+    assert flaky.calls == 3 and len(fake_clock.sleeps) == 2
+
+
+async def test_acall_accepts_sync_functions_and_lambdas_returning_awaitables(fake_clock):
+    p = policy(fake_clock, retry=Retry(2))
+    flaky = AsyncFlaky(ConnectionError())
+    assert (await p.acall(lambda: flaky()))[0] == "ok"
+    assert flaky.calls == 2
+    assert (await p.acall(Flaky(ConnectionError())))[0] == "ok"
+
+
+async def test_async_attempt_timeout_cancels_and_retries(fake_clock):
+    state = {"n": 0}
+
+    async def slow_then_fast() -> str:
+        state["n"] += 1
+        if state["n"] == 1:
+            await asyncio.sleep(10)
+        return "fast"
+
+    p = policy(fake_clock, retry=Retry(2, backoff=FixedBackoff(0)), timeout=0.01)
+    assert await p.acall(slow_then_fast) == "fast"
+    assert state["n"] == 2
+
+
+def test_sync_attempts_see_their_deadline(fake_clock):
+    seen = []
+
+    def work() -> None:
+        seen.append(remaining_time(fake_clock))
+        fake_clock.advance(0.3)
+        if len(seen) == 1:
+            raise ConnectionError()
+
+    policy(fake_clock, retry=Retry(2, backoff=FixedBackoff(0)), timeout=Timeout(2.0)).call(work)
+    assert seen == [2.0, 2.0]
+    assert remaining_time(fake_clock) is None
+
+
+def test_breaker_counts_one_failure_per_logical_call_and_rejects_when_open(fake_clock):
+    breaker = CircuitBreaker(failure_threshold=2, timeout=30, clock=fake_clock)
+    p = policy(fake_clock, retry=Retry(3, backoff=FixedBackoff(0)), breaker=breaker)
+    flaky = Flaky(*[ConnectionError()] * 6)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            p.call(flaky)
+    assert flaky.calls == 6 and breaker.state is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError) as rejected:
+        p.call(flaky)
+    assert flaky.calls == 6
+    assert rejected.value.retry_after == pytest.approx(30)
+
+
+def test_invalid_requests_do_not_trip_the_breaker(fake_clock):
+    breaker = CircuitBreaker(failure_threshold=1, timeout=30, clock=fake_clock)
+    with pytest.raises(ValueError):
+        policy(fake_clock, retry=Retry(2), breaker=breaker).call(Flaky(ValueError()))
+    assert breaker.state is CircuitState.CLOSED
+
+
+def test_retrying_stops_when_another_caller_opens_the_breaker(fake_clock):
+    breaker = CircuitBreaker(failure_threshold=1, timeout=30, clock=fake_clock)
+    p = policy(fake_clock, retry=Retry(5, backoff=FixedBackoff(0)), breaker=breaker)
+
+    def fails_and_meanwhile_circuit_opens() -> None:
+        breaker.force_open()
+        raise ConnectionError()
+
+    flaky_calls = []
+
+    def wrapped() -> None:
+        flaky_calls.append(1)
+        fails_and_meanwhile_circuit_opens()
+
+    with pytest.raises(ConnectionError):
+        p.call(wrapped)
+    assert flaky_calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("fallback", "expected"),
+    [
+        (Fallback("cached"), "cached"),
+        (Fallback(func=lambda exc: f"handled {type(exc).__name__}"), "handled ConnectionError"),
+    ],
+)
+def test_fallback_answers_after_giving_up(fake_clock, fallback, expected):
+    p = policy(fake_clock, retry=Retry(2, backoff=FixedBackoff(0)), fallback=fallback)
+    assert p.call(Flaky(*[ConnectionError()] * 2)) == expected
+
+
+def test_fallback_answers_rejected_calls_with_the_circuit_error(fake_clock):
+    breaker = CircuitBreaker(failure_threshold=1, timeout=30, clock=fake_clock)
+    breaker.force_open()
+    seen = []
+    p = policy(
+        fake_clock, breaker=breaker, fallback=Fallback(func=lambda e: seen.append(e) or "fb")
+    )
+    assert p.call(Flaky()) == "fb"
+    assert isinstance(seen[0], CircuitOpenError)
+
+
+def test_last_known_good_serves_the_latest_success_within_max_age(fake_clock):
+    values = iter([1, 2])
+
+    def source() -> int:
+        value = next(values, None)
+        if value is None:
+            raise ConnectionError()
+        return value
+
+    p = policy(fake_clock, retry=Retry(1), fallback=Fallback(last_known_good=True, max_age=60))
+    assert [p.call(source), p.call(source), p.call(source)] == [1, 2, 2]
+    fake_clock.advance(61)
+    with pytest.raises(ConnectionError):
+        p.call(source)
+
+
+def test_last_known_good_with_nothing_remembered_reraises(fake_clock):
+    p = policy(fake_clock, retry=Retry(1), fallback=Fallback(last_known_good=True))
+    with pytest.raises(ConnectionError):
+        p.call(Flaky(ConnectionError()))
+
+
+def test_fallback_that_fails_raises_its_own_error_with_context(fake_clock):
+    def broken(exc: BaseException) -> None:
+        raise RuntimeError("fallback broke")
+
+    p = policy(fake_clock, retry=Retry(1), fallback=Fallback(func=broken))
+    with pytest.raises(RuntimeError, match="fallback broke") as caught:
+        p.call(Flaky(ConnectionError("down")))
+    assert isinstance(caught.value.__context__, ConnectionError)
+
+
+async def test_async_fallback_function_is_awaited(fake_clock):
+    async def handler(exc: BaseException) -> str:
+        return "async fallback"
+
+    p = policy(fake_clock, retry=Retry(1), fallback=Fallback(func=handler))
+    assert await p.acall(AsyncFlaky(ConnectionError())) == "async fallback"
+
+
+def test_bulkhead_rejects_beyond_its_limit_and_frees_slots(fake_clock):
+    bulkhead = Bulkhead(1)
+    p = policy(fake_clock, bulkhead=bulkhead)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def hold() -> str:
+        inside.set()
+        release.wait(5)
+        return "held"
+
+    worker = threading.Thread(target=p.call, args=(hold,))
+    worker.start()
+    assert inside.wait(5)
+    with pytest.raises(BulkheadFullError):
+        p.call(lambda: "second")
+    release.set()
+    worker.join()
+    assert p.call(lambda: "third") == "third" and bulkhead.in_use == 0
+
+
+async def test_async_bulkhead_waits_for_a_slot_and_hands_it_over():
+    bulkhead = Bulkhead(2, max_wait=5)
+    p = RecoveryPolicy(bulkhead=bulkhead, telemetry=False)
+    running = 0
+    peak = 0
+
+    async def job() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.001)
+        running -= 1
+
+    await asyncio.gather(*(p.acall(job) for _ in range(20)))
+    assert peak == 2 and bulkhead.in_use == 0
+
+
+def test_cancellation_is_not_a_failure_and_releases_the_probe(fake_clock):
+    breaker = CircuitBreaker(failure_threshold=1, timeout=1, clock=fake_clock)
+    breaker.force_open()
+    breaker.reset()
+    p = policy(fake_clock, retry=Retry(3), breaker=breaker)
+    with pytest.raises(KeyboardInterrupt):
+        p.call(Flaky(KeyboardInterrupt()))
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.snapshot().failed_calls == 0
+
+
+def test_testing_mode_and_disabled_switch(fake_clock):
+    p = policy(fake_clock, retry=Retry(5, backoff=FixedBackoff(10)))
+    flaky = Flaky(*[ConnectionError()] * 5)
+    with testing.testing_mode(attempts=2), pytest.raises(ConnectionError):
+        p.call(flaky)
+    assert flaky.calls == 2 and fake_clock.sleeps == []
+    flaky = Flaky(ConnectionError())
+    with testing.recovery_disabled(), pytest.raises(ConnectionError):
+        p.call(flaky)
+    assert flaky.calls == 1
+
+
+def test_configuration_errors_name_the_setting():
+    with pytest.raises(TypeError, match="retry must be a Retry"):
+        RecoveryPolicy(retry=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="retry budget needs a retry policy"):
+        from otel_recovery.policies import RetryBudget
+
+        RecoveryPolicy(budget=RetryBudget())
+    with pytest.raises(TypeError, match="either retry=Retry"):
+        recover(retry=Retry(2), attempts=3)
+    with pytest.raises(TypeError, match="takes no other settings"):
+        recover(policy=RecoveryPolicy(), attempts=3)

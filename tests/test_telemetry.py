@@ -1,0 +1,194 @@
+"""What a recovery looks like in OpenTelemetry (issue 2 section 5)."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+
+from otel_recovery.policies import (
+    CircuitBreaker,
+    Fallback,
+    FixedBackoff,
+    Retry,
+    RetryBudget,
+)
+from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.telemetry import attributes as names
+
+
+def failing(*errors):
+    errors = list(errors)
+
+    def fn():
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    return fn
+
+
+def events(span):
+    return [event.name for event in span.events]
+
+
+def test_happy_path_creates_no_span_and_writes_no_metric(recovery_telemetry, fake_clock):
+    policy = RecoveryPolicy(
+        retry=Retry(3), breaker=CircuitBreaker(name="svc", clock=fake_clock), clock=fake_clock
+    )
+    for _ in range(100):
+        assert policy.call(lambda: 1) == 1
+    assert recovery_telemetry.spans() == []
+    for metric in (
+        names.METRIC_CALL_DURATION,
+        names.METRIC_RETRY_ATTEMPTS,
+        names.METRIC_FALLBACK_INVOCATIONS,
+        names.METRIC_BREAKER_TRANSITIONS,
+    ):
+        assert recovery_telemetry.metric_points(metric) == []
+    # The plain counters are read at collection time, not written per call.
+    calls = dict(
+        (attrs[names.BREAKER_OUTCOME], value)
+        for attrs, value in recovery_telemetry.metric_points(names.METRIC_BREAKER_CALLS)
+        if attrs[names.BREAKER_NAME] == "svc"
+    )
+    assert calls["successful"] == 100 and calls["failed"] == 0
+
+
+def test_recovered_call_is_visible_and_not_an_error(recovery_telemetry, fake_clock):
+    tracer = recovery_telemetry.tracer_provider.get_tracer("app")
+    policy = RecoveryPolicy(
+        retry=Retry(3, backoff=FixedBackoff(0.25)), name="inventory", clock=fake_clock
+    )
+    attempt_spans = []
+
+    def fetch():
+        with tracer.start_as_current_span("GET /items") as span:
+            attempt_spans.append(span)
+            if len(attempt_spans) < 3:
+                raise ConnectionError("connection refused to 10.0.0.7:8080")
+            return "items"
+
+    with tracer.start_as_current_span("handler") as parent:
+        start = fake_clock.wall()
+        assert policy.call(fetch) == "items"
+
+    span = recovery_telemetry.span("recover inventory")
+    assert span.kind is SpanKind.INTERNAL
+    assert span.parent.span_id == parent.get_span_context().span_id
+    assert span.status.status_code is StatusCode.UNSET
+    assert span.attributes[names.OUTCOME] == "success"
+    assert span.attributes[names.ATTEMPTS] == 3
+    assert span.attributes[names.ERROR_CATEGORY] == "transient"
+    assert len(span.attributes[names.ERROR_FINGERPRINT]) == 16
+    assert names.ERROR_TYPE not in span.attributes
+    assert events(span) == [
+        names.EVENT_ATTEMPT_FAILED,
+        names.EVENT_RETRY,
+        names.EVENT_ATTEMPT_FAILED,
+        names.EVENT_RETRY,
+    ]
+    retry_event = span.events[1]
+    assert retry_event.attributes[names.BACKOFF] == 0.25
+    assert retry_event.attributes[names.ATTEMPT] == 2
+    failed = span.events[0].attributes
+    assert failed[names.ERROR_TYPE] == "ConnectionError"
+    assert failed[names.ERROR_SEVERITY] in ("low", "medium", "high", "critical")
+    # The span starts when the call started, before the first attempt.
+    assert span.start_time == pytest.approx(start * 1e9, abs=1e3)
+    assert span.end_time - span.start_time == pytest.approx(0.5e9, rel=1e-6)
+    # Attempts after the first run inside the recovery span.
+    first, second, third = (s.get_span_context().span_id for s in attempt_spans)
+    by_id = {s.context.span_id: s for s in recovery_telemetry.spans()}
+    assert by_id[first].parent.span_id == parent.get_span_context().span_id
+    assert by_id[second].parent.span_id == span.context.span_id
+    assert by_id[third].parent.span_id == span.context.span_id
+
+    retries = recovery_telemetry.metric_points(names.METRIC_RETRY_ATTEMPTS)
+    assert [(a[names.POLICY_NAME], a[names.ERROR_TYPE], v) for a, v in retries] == [
+        ("inventory", "ConnectionError", 2)
+    ]
+    ((attrs, point),) = recovery_telemetry.metric_points(names.METRIC_CALL_DURATION)
+    assert attrs == {names.POLICY_NAME: "inventory", names.OUTCOME: "success"}
+    assert point.count == 1 and point.sum == pytest.approx(0.5)
+
+
+def test_final_failure_is_an_error_with_error_type(recovery_telemetry, fake_clock):
+    policy = RecoveryPolicy(retry=Retry(2, backoff=FixedBackoff(0)), name="db", clock=fake_clock)
+    with pytest.raises(TimeoutError):
+        policy.call(failing(TimeoutError("t1"), TimeoutError("t2")))
+    span = recovery_telemetry.span("recover db")
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes[names.ERROR_TYPE] == "TimeoutError"
+    assert span.attributes[names.OUTCOME] == "failure"
+    assert span.attributes[names.STOP_REASON] == "attempts_exhausted"
+    assert events(span)[-1] == names.EVENT_GIVE_UP
+    ((attrs, _),) = recovery_telemetry.metric_points(names.METRIC_CALL_DURATION)
+    assert attrs[names.ERROR_TYPE] == "TimeoutError"
+
+
+def test_budget_refusal_is_its_own_event_and_metric(recovery_telemetry, fake_clock):
+    budget = RetryBudget(ratio=0.0, min_per_second=0.0, ttl=10, name="payments", clock=fake_clock)
+    policy = RecoveryPolicy(retry=Retry(3), budget=budget, name="pay", clock=fake_clock)
+    with pytest.raises(ConnectionError):
+        policy.call(failing(ConnectionError()))
+    span = recovery_telemetry.span("recover pay")
+    assert names.EVENT_BUDGET_EXHAUSTED in events(span)
+    assert span.attributes[names.STOP_REASON] == "budget_exhausted"
+    refusals = recovery_telemetry.metric_points(names.METRIC_BUDGET_REFUSALS)
+    assert [(a[names.BUDGET_NAME], v) for a, v in refusals] == [("payments", 1)]
+
+
+def test_breaker_transition_and_fallback_are_visible(recovery_telemetry, fake_clock):
+    breaker = CircuitBreaker(failure_threshold=1, timeout=30, name="search", clock=fake_clock)
+    policy = RecoveryPolicy(
+        retry=Retry(1), breaker=breaker, fallback=Fallback("stale"), clock=fake_clock
+    )
+    assert policy.call(failing(ConnectionError())) == "stale"
+    assert policy.call(failing()) == "stale"  # rejected while open
+
+    first, second = recovery_telemetry.spans()
+    assert names.EVENT_BREAKER_STATE_CHANGE in events(first)
+    change = next(e for e in first.events if e.name == names.EVENT_BREAKER_STATE_CHANGE)
+    assert (change.attributes[names.BREAKER_FROM], change.attributes[names.BREAKER_TO]) == (
+        "closed",
+        "open",
+    )
+    assert first.attributes[names.OUTCOME] == "fallback"
+    assert first.status.status_code is StatusCode.UNSET
+    assert events(second) == [names.EVENT_REJECTED, names.EVENT_FALLBACK]
+    assert second.events[0].attributes[names.BREAKER_RETRY_AFTER] == pytest.approx(30)
+
+    states = {
+        a[names.BREAKER_STATE]: v
+        for a, v in recovery_telemetry.metric_points(names.METRIC_BREAKER_STATE)
+        if a[names.BREAKER_NAME] == "search"
+    }
+    assert states["open"] == 1 and states["closed"] == 0
+    transitions = recovery_telemetry.metric_points(names.METRIC_BREAKER_TRANSITIONS)
+    assert [(a[names.BREAKER_FROM], a[names.BREAKER_TO], v) for a, v in transitions] == [
+        ("closed", "open", 1)
+    ]
+    fallbacks = recovery_telemetry.metric_points(names.METRIC_FALLBACK_INVOCATIONS)
+    assert sum(v for _, v in fallbacks) == 2
+
+
+def test_secrets_never_reach_span_events(recovery_telemetry, fake_clock):
+    policy = RecoveryPolicy(retry=Retry(1), name="pg", clock=fake_clock)
+    with pytest.raises(ConnectionError):
+        policy.call(failing(ConnectionError("could not connect to postgresql://app:hunter2@db/x")))
+    span = recovery_telemetry.span("recover pg")
+    text = repr(span.to_json())
+    assert "hunter2" not in text
+
+
+def test_a_broken_tracer_never_breaks_the_call(fake_clock, monkeypatch):
+    from otel_recovery import telemetry
+
+    class Broken(telemetry.Telemetry):
+        def start_call(self, *args, **kwargs):
+            raise RuntimeError("exporter exploded")
+
+    policy = RecoveryPolicy(
+        retry=Retry(2, backoff=FixedBackoff(0)), telemetry=Broken(), clock=fake_clock
+    )
+    assert policy.call(failing(ConnectionError())) == "ok"
