@@ -83,6 +83,58 @@ class AsyncDriver(PolicyCore):
             if bulkhead is not None:
                 bulkhead.release()
 
+    def awrap(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        """The async twin of ``SyncDriver.wrap``, for coroutine functions."""
+        if not self._happy_path_is_minimal():
+            acall = self.acall
+
+            async def general(*args: P.args, **kwargs: P.kwargs) -> T:
+                return await acall(fn, *args, **kwargs)
+
+            return general
+        switches = SWITCHES
+        now = self.clock.now
+        arecover = self._arecover
+        breaker = self.breaker
+        if breaker is None:
+
+            async def unguarded(*args: P.args, **kwargs: P.kwargs) -> T:
+                if not switches.active:
+                    return await fn(*args, **kwargs)
+                started = now()
+                try:
+                    return await fn(*args, **kwargs)
+                except Exception as error:
+                    recovered: T = await arecover(fn, args, kwargs, error, started, now() - started)
+                    return recovered
+
+            return unguarded
+        can_execute = breaker.can_execute
+        record_success = breaker.record_success
+        release = breaker.release
+        areject = self._areject
+        rejection = self._rejection
+
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            if not switches.active:
+                return await fn(*args, **kwargs)
+            started = now()
+            if not can_execute():
+                rejected: T = await areject(rejection(), started, release=False)
+                return rejected
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as error:
+                recovered: T = await arecover(fn, args, kwargs, error, started, now() - started)
+                return recovered
+            except BaseException:
+                release()
+                raise
+            record_success()
+            return result
+
+        return guarded
+
     async def _attempt(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], start: float
     ) -> Any:

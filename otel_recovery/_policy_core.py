@@ -100,6 +100,17 @@ class PolicyCore:
             elif telemetry:
                 watch_breaker_globally(breaker)
 
+    def _happy_path_is_minimal(self) -> bool:
+        """True when only the breaker acts on a first-time success (see ``wrap``)."""
+        fallback = self.fallback
+        return (
+            self.bulkhead is None
+            and self.budget is None
+            and self._attempt_limit is None
+            and not self._needs_duration
+            and (fallback is None or not fallback.last_known_good)
+        )
+
     # -- shared steps ----------------------------------------------------------------------
 
     def _classify(self, error: BaseException) -> ErrorInfo:

@@ -74,22 +74,12 @@ class RecoveryPolicy(SyncDriver, AsyncDriver):
 
 def _decorate(policy: RecoveryPolicy, fn: Callable[P, T]) -> Callable[P, T]:
     if inspect.iscoroutinefunction(fn):
-        acall = policy.acall
-
-        @functools.wraps(fn)
-        async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return await acall(fn, *args, **kwargs)
-
+        async_wrapper = functools.wraps(fn)(policy.awrap(fn))
         async_wrapper.recovery_policy = policy  # type: ignore[attr-defined]
         return cast(Callable[P, T], async_wrapper)
     if not callable(fn):
         raise TypeError(f"@recover decorates functions, got {fn!r}")
-    call = policy.call
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        return call(fn, *args, **kwargs)
-
+    wrapper = functools.wraps(fn)(policy.wrap(fn))
     wrapper.recovery_policy = policy  # type: ignore[attr-defined]
     return wrapper
 

@@ -48,6 +48,7 @@ released, one at a time and in transition order, even when several threads trip 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -200,6 +201,7 @@ class CircuitBreaker:
         "_failed_calls",
         "_failure_threshold",
         "_fast_record",
+        "_fast_successes",
         "_half_open_max",
         "_in_flight",
         "_listeners",
@@ -309,6 +311,9 @@ class CircuitBreaker:
         self._fast_record = self._window is None  # CLOSED in consecutive mode
         self._consecutive_failures = 0
         self._successful_calls = 0
+        # Successes on the closed consecutive-mode fast path are counted without the lock:
+        # next() on an itertools.count is a single atomic step under the GIL.
+        self._fast_successes = itertools.count()
         self._failed_calls = 0
         self._not_permitted = 0
         self._in_flight = 0
@@ -398,7 +403,7 @@ class CircuitBreaker:
                 slow_call_rate=slow_rate,
                 buffered_calls=buffered,
                 consecutive_failures=self._consecutive_failures,
-                successful_calls=self._successful_calls,
+                successful_calls=self._successful_calls + _peek(self._fast_successes),
                 failed_calls=self._failed_calls,
                 not_permitted_calls=self._not_permitted,
                 open_until=self._open_until if self._state is _OPEN else None,
@@ -440,15 +445,19 @@ class CircuitBreaker:
 
     def record_success(self, duration: float | None = None) -> None:
         """Record a successful call; ``duration`` (seconds) feeds the slow-call rate."""
-        # acquire/release rather than ``with``: this is the hot path, and the context-manager
+        if self._fast_record:
+            # Closed, consecutive mode: no lock. The count is atomic (see __init__); the reset
+            # may race with a concurrent failure, which is then ordered just after this
+            # success -- concurrent calls have no order to preserve.
+            next(self._fast_successes)
+            if self._consecutive_failures:
+                self._consecutive_failures = 0
+            return
+        # acquire/release rather than ``with``: this is a hot path, and the context-manager
         # protocol costs about as much again as the lock itself on CPython 3.11.
         lock = self._lock
         lock.acquire()
         try:
-            if self._fast_record:
-                self._successful_calls += 1
-                self._consecutive_failures = 0
-                return
             self._record(False, duration)
         finally:
             lock.release()
@@ -627,3 +636,8 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker(name={self.name!r}, state={self._state.value})"
+
+
+def _peek(counter: itertools.count[int]) -> int:
+    """The next value of an ``itertools.count`` without advancing it (its repr is stable)."""
+    return int(repr(counter)[6:-1])
