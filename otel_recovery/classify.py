@@ -29,15 +29,13 @@ from otel_recovery._known_errors import (
     Severity,
     TypeProfile,
     Verdict,
-    header,
-    parse_retry_after,
     profile_of,
     resolve,
-    retry_after_of,
     safe_str,
     status_verdict,
 )
 from otel_recovery._redact import redact
+from otel_recovery._retry_after import header, parse_retry_after, retry_after_of
 
 __all__ = [
     "Classifier",
@@ -151,6 +149,8 @@ class Rule:
         if all(o is None for o in (self.category, self.severity, self.retryable, self.kind)):
             raise ValueError("Rule sets no outcome: give category=, severity=, retryable= or kind=")
         on = self.on if isinstance(self.on, tuple) else (self.on,) if self.on is not None else ()
+        if not on and self.on is not None:
+            raise ValueError("Rule(on=()) matches nothing; give exception classes or leave it None")
         if not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
             raise TypeError(
                 f"Rule(on=...) must be an exception class or a tuple of them, got {self.on!r}"
