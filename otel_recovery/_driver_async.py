@@ -85,7 +85,7 @@ class AsyncDriver(PolicyCore):
 
     def awrap(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """The async twin of ``SyncDriver.wrap``, for coroutine functions."""
-        if not self._happy_path_is_minimal():
+        if not self._happy_path_inlinable():
             acall = self.acall
 
             async def general(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -95,8 +95,8 @@ class AsyncDriver(PolicyCore):
         switches = SWITCHES
         now = self.clock.now
         arecover = self._arecover
-        breaker = self.breaker
-        if breaker is None:
+        can_execute, record_success, release, record_call, remember = self._happy_path_hooks()
+        if can_execute is None and record_call is None and remember is None:
 
             async def unguarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if not switches.active:
@@ -109,9 +109,6 @@ class AsyncDriver(PolicyCore):
                     return recovered
 
             return unguarded
-        can_execute = breaker.can_execute
-        record_success = breaker.record_success
-        release = breaker.release
         areject = self._areject
         rejection = self._rejection
 
@@ -119,18 +116,24 @@ class AsyncDriver(PolicyCore):
             if not switches.active:
                 return await fn(*args, **kwargs)
             started = now()
-            if not can_execute():
+            if can_execute is not None and not can_execute():
                 rejected: T = await areject(rejection(), started, release=False)
                 return rejected
+            if record_call is not None:
+                record_call(started)
             try:
                 result = await fn(*args, **kwargs)
             except Exception as error:
                 recovered: T = await arecover(fn, args, kwargs, error, started, now() - started)
                 return recovered
             except BaseException:
-                release()
+                if release is not None:
+                    release()
                 raise
-            record_success()
+            if record_success is not None:
+                record_success()
+            if remember is not None:
+                remember(result, started)
             return result
 
         return guarded

@@ -76,15 +76,14 @@ class SyncDriver(PolicyCore):
                 bulkhead.release()
 
     def wrap(self, fn: Callable[P, T]) -> Callable[P, T]:
-        """A wrapper running ``fn`` under this policy, specialised for the common case.
+        """A wrapper running ``fn`` under this policy, with ``call``'s happy path inlined.
 
-        When nothing but a breaker needs the happy path (no bulkhead, budget, attempt time
-        limit, slow-call timing or last-known-good), the wrapper inlines ``call``'s happy
-        path with everything bound to locals: one frame instead of two, no attribute chains.
-        Behaviour is identical to ``call``; the policy's components must not be swapped
-        after decorating (they are configuration, not state).
+        Unless a bulkhead, an attempt time limit or slow-call timing is configured, the
+        wrapper does the happy path itself with everything bound to locals: one frame instead
+        of two and no attribute chains. Behaviour is identical to ``call``. A policy's
+        components are configuration: don't swap them after decorating.
         """
-        if not self._happy_path_is_minimal():
+        if not self._happy_path_inlinable():
             call = self.call
 
             def general(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -94,8 +93,8 @@ class SyncDriver(PolicyCore):
         switches = SWITCHES
         now = self.clock.now
         recover = self._recover
-        breaker = self.breaker
-        if breaker is None:
+        can_execute, record_success, release, record_call, remember = self._happy_path_hooks()
+        if can_execute is None and record_call is None and remember is None:
 
             def unguarded(*args: P.args, **kwargs: P.kwargs) -> T:
                 if not switches.active:
@@ -108,9 +107,6 @@ class SyncDriver(PolicyCore):
                     return recovered
 
             return unguarded
-        can_execute = breaker.can_execute
-        record_success = breaker.record_success
-        release = breaker.release
         reject = self._reject
         rejection = self._rejection
 
@@ -118,18 +114,24 @@ class SyncDriver(PolicyCore):
             if not switches.active:
                 return fn(*args, **kwargs)
             started = now()
-            if not can_execute():
+            if can_execute is not None and not can_execute():
                 rejected: T = reject(rejection(), started, release=False)
                 return rejected
+            if record_call is not None:
+                record_call(started)
             try:
                 result = fn(*args, **kwargs)
             except Exception as error:
                 recovered: T = recover(fn, args, kwargs, error, started, now() - started)
                 return recovered
             except BaseException:
-                release()
+                if release is not None:
+                    release()
                 raise
-            record_success()
+            if record_success is not None:
+                record_success()
+            if remember is not None:
+                remember(result, started)
             return result
 
         return guarded

@@ -7,7 +7,7 @@ choosing the fallback, opening the trace) lives here once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
@@ -100,15 +100,28 @@ class PolicyCore:
             elif telemetry:
                 watch_breaker_globally(breaker)
 
-    def _happy_path_is_minimal(self) -> bool:
-        """True when only the breaker acts on a first-time success (see ``wrap``)."""
-        fallback = self.fallback
+    def _happy_path_inlinable(self) -> bool:
+        """True when the happy path needs no slot, deadline or timing (see ``wrap``)."""
+        return self.bulkhead is None and self._attempt_limit is None and not self._needs_duration
+
+    def _happy_path_hooks(
+        self,
+    ) -> tuple[
+        Callable[[], bool] | None,
+        Callable[..., None] | None,
+        Callable[[], None] | None,
+        Callable[[float], None] | None,
+        Callable[[Any, float], None] | None,
+    ]:
+        """Bound methods the inlined happy path calls, or None where a policy is absent:
+        (can_execute, record_success, release, record_call, remember)."""
+        breaker, budget, fallback = self.breaker, self.budget, self.fallback
         return (
-            self.bulkhead is None
-            and self.budget is None
-            and self._attempt_limit is None
-            and not self._needs_duration
-            and (fallback is None or not fallback.last_known_good)
+            breaker.can_execute if breaker is not None else None,
+            breaker.record_success if breaker is not None else None,
+            breaker.release if breaker is not None else None,
+            budget.record_call if budget is not None else None,
+            self._remember if fallback is not None and fallback.last_known_good else None,
         )
 
     # -- shared steps ----------------------------------------------------------------------

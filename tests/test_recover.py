@@ -332,3 +332,41 @@ def test_configuration_errors_name_the_setting():
         recover(retry=Retry(2), attempts=3)
     with pytest.raises(TypeError, match="takes no other settings"):
         recover(policy=RecoveryPolicy(), attempts=3)
+
+
+def test_fallback_on_accepts_a_predicate(fake_clock):
+    fallback = Fallback("cached", on=lambda e: not isinstance(e, ValueError))
+    p = policy(fake_clock, retry=Retry(1), fallback=fallback)
+    assert p.call(Flaky(ConnectionError())) == "cached"
+    with pytest.raises(ValueError):
+        p.call(Flaky(ValueError()))
+
+
+@pytest.mark.parametrize("style", ["call", "decorated"])
+def test_inlined_wrapper_matches_call_with_budget_breaker_and_last_known_good(fake_clock, style):
+    from otel_recovery.policies import RetryBudget
+
+    budget = RetryBudget(ratio=0.0, min_per_second=0.1, ttl=10, clock=fake_clock)  # 1 retry
+    breaker = CircuitBreaker(failure_threshold=10, timeout=30, clock=fake_clock)
+    p = policy(
+        fake_clock,
+        retry=Retry(3, backoff=FixedBackoff(0)),
+        budget=budget,
+        breaker=breaker,
+        fallback=Fallback(last_known_good=True),
+    )
+    outcomes = iter(["v1", ConnectionError(), ConnectionError(), ConnectionError()])
+
+    def source() -> str:
+        item = next(outcomes)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    run = p.call if style == "call" else (lambda f: p(f)())
+    assert run(source) == "v1"
+    assert run(source) == "v1"  # 2 attempts (budget allows one retry), then last known good
+    snap = budget.snapshot()
+    assert (snap.total_calls, snap.total_retries, snap.total_refused) == (2, 1, 1)
+    assert breaker.snapshot().successful_calls == 1
+    assert breaker.snapshot().failed_calls == 1

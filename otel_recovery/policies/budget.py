@@ -10,17 +10,24 @@ The floor lets a quiet client still retry a little; the ratio bounds amplificati
 withdraws; entries expire after ``ttl``. Time is split into ``ttl / 10`` buckets so updates
 are O(1) and memory is constant.
 
+Deposits are on every call's happy path, so they take no lock: an atomic
+``itertools.count`` counts calls, and each bucket remembers the count at which it began
+(calls in the window = count now - count when the oldest live bucket began). Buckets turn
+over under the lock, at most ten times per ``ttl``. Retries are rare and take the lock.
+
 A refusal is an outcome of its own (``otel_recovery.retry_budget.exhausted`` span event,
 ``refused`` counter), never silent.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from dataclasses import dataclass
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery.policies._counting import peek
 
 __all__ = ["BudgetSnapshot", "RetryBudget"]
 
@@ -44,18 +51,18 @@ class RetryBudget:
     """A shared allowance of retries, typically one per dependency."""
 
     __slots__ = (
-        "_calls",
+        "_bucket_end",
+        "_call_count",
         "_current",
         "_lock",
+        "_marks",
         "_retries",
-        "_sum_calls",
         "_sum_retries",
         "_width",
         "clock",
         "min_per_second",
         "name",
         "ratio",
-        "total_calls",
         "total_refused",
         "total_retries",
         "ttl",
@@ -87,43 +94,52 @@ class RetryBudget:
         self.name = name
         self.clock = clock if clock is not None else SYSTEM_CLOCK
         self._width = self.ttl / _BUCKETS
-        self._calls = [0] * _BUCKETS
+        self._call_count = itertools.count()
+        self._marks = [0] * _BUCKETS  # call count when each live bucket began
         self._retries = [0] * _BUCKETS
-        self._sum_calls = 0
         self._sum_retries = 0
         self._current = math.floor(self.clock.now() / self._width)
+        self._bucket_end = (self._current + 1) * self._width
         self._lock = threading.Lock()
-        self.total_calls = 0
         self.total_retries = 0
         self.total_refused = 0
 
     def _rotate(self, now: float) -> int:
-        """Expire buckets older than ``ttl``; returns the index of the current bucket."""
+        """Expire buckets older than ``ttl`` (under the lock); returns the current bucket's slot."""
         bucket = math.floor(now / self._width)
         current = self._current
         if bucket > current:
+            count = peek(self._call_count)
             stale = min(bucket - current, _BUCKETS)
             for step in range(1, stale + 1):
                 index = (current + step) % _BUCKETS
-                self._sum_calls -= self._calls[index]
                 self._sum_retries -= self._retries[index]
-                self._calls[index] = 0
                 self._retries[index] = 0
+                self._marks[index] = count
             self._current = bucket
+            self._bucket_end = (bucket + 1) * self._width
         return self._current % _BUCKETS
 
+    def _calls_in_window(self) -> int:
+        oldest = (self._current + 1) % _BUCKETS
+        return peek(self._call_count) - self._marks[oldest]
+
     def _allowance(self) -> float:
-        return self.ratio * self._sum_calls + self.min_per_second * self.ttl - self._sum_retries
+        calls = self._calls_in_window()
+        return self.ratio * calls + self.min_per_second * self.ttl - self._sum_retries
+
+    @property
+    def total_calls(self) -> int:
+        return peek(self._call_count)
 
     def record_call(self, now: float | None = None) -> None:
         """Deposit: one logical call started (first attempts only, never retries)."""
         if now is None:
             now = self.clock.now()
-        with self._lock:
-            index = self._rotate(now)
-            self._calls[index] += 1
-            self._sum_calls += 1
-            self.total_calls += 1
+        if now >= self._bucket_end:
+            with self._lock:
+                self._rotate(now)
+        next(self._call_count)
 
     def try_spend(self, now: float | None = None) -> bool:
         """Withdraw one retry if the budget allows it; a refusal is counted."""
@@ -147,9 +163,9 @@ class RetryBudget:
             return BudgetSnapshot(
                 name=self.name,
                 available=max(0.0, self._allowance()),
-                calls_in_window=self._sum_calls,
+                calls_in_window=self._calls_in_window(),
                 retries_in_window=self._sum_retries,
-                total_calls=self.total_calls,
+                total_calls=peek(self._call_count),
                 total_retries=self.total_retries,
                 total_refused=self.total_refused,
             )

@@ -59,6 +59,7 @@ from enum import Enum
 from typing import Literal
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery.policies._counting import peek
 from otel_recovery.policies._windows import CountWindow, OutcomeWindow, TimeWindow
 
 __all__ = [
@@ -403,7 +404,7 @@ class CircuitBreaker:
                 slow_call_rate=slow_rate,
                 buffered_calls=buffered,
                 consecutive_failures=self._consecutive_failures,
-                successful_calls=self._successful_calls + _peek(self._fast_successes),
+                successful_calls=self._successful_calls + peek(self._fast_successes),
                 failed_calls=self._failed_calls,
                 not_permitted_calls=self._not_permitted,
                 open_until=self._open_until if self._state is _OPEN else None,
@@ -636,8 +637,3 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker(name={self.name!r}, state={self._state.value})"
-
-
-def _peek(counter: itertools.count[int]) -> int:
-    """The next value of an ``itertools.count`` without advancing it (its repr is stable)."""
-    return int(repr(counter)[6:-1])

@@ -2,8 +2,8 @@
 
 Three sources, in the order users reach for them: a fixed value, a function of the error
 (sync or async), or the last known good result of the same policy. A fallback applies only
-to the failures it handles (``on=``, default every ``Exception``), so a programming error
-can still surface; ``CancelledError`` and ``KeyboardInterrupt`` are never swallowed.
+to the failures it handles (``on=``: exception types or a predicate; default every
+``Exception``), so a programming error can still surface; ``CancelledError`` and ``KeyboardInterrupt`` are never swallowed.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class Fallback:
         func: Callable[[BaseException], Any] | None = None,
         last_known_good: bool = False,
         max_age: Duration | None = None,
-        on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        on: type[BaseException]
+        | tuple[type[BaseException], ...]
+        | Callable[[BaseException], bool] = Exception,
     ) -> None:
         given = sum((value is not _MISSING, func is not None, bool(last_known_good)))
         if given != 1:
@@ -59,10 +61,18 @@ class Fallback:
         self.func = func
         self.last_known_good = bool(last_known_good)
         self.max_age = None if max_age is None else to_seconds(max_age, "max_age")
+        if not (isinstance(on, (type, tuple)) or callable(on)):
+            raise TypeError(f"Fallback on= must be exception types or a predicate, got {on!r}")
         self.on = on
 
     def handles(self, error: BaseException) -> bool:
-        return isinstance(error, Exception) and isinstance(error, self.on)
+        """Whether this fallback may answer for ``error`` (never for cancellation)."""
+        if not isinstance(error, Exception):
+            return False
+        on = self.on
+        if isinstance(on, (type, tuple)):
+            return isinstance(error, on)
+        return bool(on(error))
 
     @property
     def has_value(self) -> bool:
