@@ -3,7 +3,8 @@
 Three sources, in the order users reach for them: a fixed value, a function of the error
 (sync or async), or the last known good result of the same policy. A fallback applies only
 to the failures it handles (``on=``: exception types or a predicate; default every
-``Exception``), so a programming error can still surface; ``CancelledError`` and ``KeyboardInterrupt`` are never swallowed.
+``Exception``), so a programming error can still surface; ``CancelledError`` and
+``KeyboardInterrupt`` are never swallowed.
 """
 
 from __future__ import annotations

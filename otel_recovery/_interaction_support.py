@@ -1,0 +1,390 @@
+"""Pieces shared by the seed API (:mod:`otel_recovery.interaction`) and the orchestrator.
+
+Kept apart so both modules stay readable: one recovery's state (:class:`Run`) and how it
+becomes the result dict and the finished span; span plumbing that honours the ``telemetry=``
+switch; how a context dict becomes bounded, redacted span attributes; how user callables of
+unknown shape (sync, async, lambdas returning awaitables) are called; compensations for
+TRANSACTION_ROLLBACK; and the backoff shift that makes the original failure attempt zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+
+from otel_recovery._clock import Clock
+from otel_recovery._redact import redact
+from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
+from otel_recovery.classify import ErrorInfo
+from otel_recovery.policies import Backoff, CircuitBreaker, CircuitState
+from otel_recovery.telemetry import Telemetry, get_telemetry
+from otel_recovery.telemetry import attributes as names
+
+__all__ = [
+    "EVENT_COMPENSATION",
+    "Outcome",
+    "Run",
+    "Shifted",
+    "accepts_keyword",
+    "accepts_one_positional",
+    "activated",
+    "as_strategy",
+    "circuit_is_open",
+    "classification_context",
+    "context_attributes",
+    "describe",
+    "fallback_hook",
+    "finish",
+    "give_up",
+    "optional_callable",
+    "reason_for",
+    "resolve",
+    "rollback",
+    "run_compensations",
+    "start_span",
+    "tracer_of",
+    "type_name",
+]
+
+EVENT_COMPENSATION = "otel_recovery.compensation"
+COMPENSATION_NAME = "otel_recovery.compensation.name"
+COMPENSATION_OUTCOME = "otel_recovery.compensation.outcome"
+
+MAX_VALUE = 256
+_MAX_EXTRA_ATTRIBUTES = 32
+_NAMED = {
+    "endpoint": "otel_recovery.endpoint",
+    "operation": "otel_recovery.operation",
+    "criticality": "otel_recovery.criticality",
+    "checkpoint_id": "otel_recovery.checkpoint.id",
+}
+_CONSUMED = frozenset(
+    {"service_id", "retry_func", "fallback_func", "strategy", "reconnect", "compensations"}
+    | {"retry_on"}
+)
+_CLASSIFIER_KEYS = ("criticality", "service_id", "endpoint", "operation")
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_.-]")
+_OPEN = (CircuitState.OPEN, CircuitState.FORCED_OPEN)
+
+
+def tracer_of(telemetry: Telemetry | bool) -> Tracer | None:
+    """The tracer to use, or None when telemetry is off (or cannot be set up)."""
+    if telemetry is False:
+        return None
+    try:
+        return (telemetry if isinstance(telemetry, Telemetry) else get_telemetry()).tracer
+    except Exception:  # telemetry must never break recovery
+        return None
+
+
+def start_span(
+    tracer: Tracer | None, name: str, attributes: Mapping[str, Any], clock: Clock
+) -> Span:
+    """An INTERNAL span timed by ``clock`` (like the engine's), or a no-op span."""
+    if tracer is None:
+        return trace.INVALID_SPAN
+    return tracer.start_span(
+        name,
+        kind=SpanKind.INTERNAL,
+        attributes=dict(attributes),
+        start_time=int(clock.wall() * 1e9),
+    )
+
+
+@contextlib.contextmanager
+def activated(span: Span, tracer: Tracer | None) -> Iterator[None]:
+    """Make ``span`` current; with telemetry off, leave the caller's span current instead."""
+    if tracer is None:
+        yield
+        return
+    with trace.use_span(
+        span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+    ):
+        yield
+
+
+def classification_context(ctx: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: ctx[key] for key in _CLASSIFIER_KEYS if ctx.get(key) is not None}
+
+
+def bounded(value: object) -> str:
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except Exception:
+        text = f"<unprintable {type(value).__name__}>"
+    return redact(text[: MAX_VALUE * 4])[:MAX_VALUE]
+
+
+def context_attributes(ctx: Mapping[str, Any]) -> dict[str, str]:
+    """Context keys as span attributes: stringified, redacted, at most 256 chars, 32 extras."""
+    attributes: dict[str, str] = {}
+    extras = 0
+    for key, value in ctx.items():
+        if key in _NAMED:
+            if value is not None:
+                attributes[_NAMED[key]] = bounded(value)
+        elif key in _CONSUMED or callable(value) or value is None:
+            continue
+        elif extras < _MAX_EXTRA_ATTRIBUTES:
+            safe = _UNSAFE_KEY.sub("_", str(key))[:64]
+            attributes[f"otel_recovery.context.{safe}"] = bounded(value)
+            extras += 1
+    return attributes
+
+
+def as_strategy(value: object) -> RecoveryStrategy | None:
+    if value is None or isinstance(value, RecoveryStrategy):
+        return value
+    if isinstance(value, (RecoveryAction, str)):
+        return RecoveryStrategy(action=value)  # type: ignore[arg-type]
+    raise TypeError(
+        f"context['strategy'] must be a RecoveryStrategy or RecoveryAction, got {value!r}"
+    )
+
+
+def optional_callable(ctx: Mapping[str, Any], key: str) -> Callable[..., Any] | None:
+    value = ctx.get(key)
+    if value is None or callable(value):
+        return value
+    raise TypeError(f"context[{key!r}] must be callable (sync, async or a lambda), got {value!r}")
+
+
+def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def accepts_one_positional(func: Callable[..., Any]) -> bool:
+    """Whether ``func(x)`` binds (``lambda state: ...`` yes, ``lambda: ...`` no)."""
+    signature = _signature(func)
+    if signature is None:
+        return False
+    try:
+        signature.bind(None)
+    except TypeError:
+        return False
+    return True
+
+
+def accepts_keyword(func: Callable[..., Any], name: str) -> bool:
+    """Whether ``func`` names a ``name`` parameter (``**kwargs`` alone does not count)."""
+    signature = _signature(func)
+    if signature is None:
+        return False
+    parameter = signature.parameters.get(name)
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+async def resolve(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def type_name(error: BaseException) -> str:
+    kind = type(error)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def describe(error: BaseException) -> str:
+    """``"Type: message"``, redacted and bounded, for results and span statuses."""
+    text = bounded(error) if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def circuit_is_open(breaker: CircuitBreaker) -> bool:
+    """Open and still within its open time (an elapsed OPEN breaker would allow a probe)."""
+    state = breaker.state
+    if state is CircuitState.FORCED_OPEN:
+        return True
+    return state in _OPEN and (breaker.retry_after() or 0.0) > 0.0
+
+
+def callable_name(func: object) -> str:
+    return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func))
+
+
+async def run_compensations(
+    compensations: Sequence[Callable[[], Any]], span: Span
+) -> list[tuple[str, Exception]]:
+    """Run undo steps newest first; every one runs even if an earlier one failed.
+
+    Returns ``(name, error)`` of each failure. Each step is a span event
+    ``otel_recovery.compensation`` with its name and outcome.
+    """
+    failures: list[tuple[str, Exception]] = []
+    for compensation in reversed(list(compensations)):
+        name = callable_name(compensation)
+        attributes: dict[str, str] = {COMPENSATION_NAME: name[:MAX_VALUE]}
+        try:
+            if not callable(compensation):
+                raise TypeError(f"compensation {compensation!r} is not callable")
+            await resolve(compensation())
+        except Exception as exc:
+            failures.append((name, exc))
+            attributes[COMPENSATION_OUTCOME] = "failed"
+            attributes[names.ERROR_TYPE] = type_name(exc)
+        else:
+            attributes[COMPENSATION_OUTCOME] = "success"
+        span.add_event(EVENT_COMPENSATION, attributes)
+    return failures
+
+
+async def rollback(
+    compensations: object, span: Span
+) -> tuple[str, str | None, Exception | None, int]:
+    """TRANSACTION_ROLLBACK: ``(status, reason, last undo error, steps that ran cleanly)``."""
+    if not compensations:
+        reason = "TRANSACTION_ROLLBACK needs context['compensations']: the undo callables, in "
+        return "failed", reason + "the order their steps ran", None, 0
+    if isinstance(compensations, (str, bytes)) or not isinstance(compensations, Sequence):
+        return "failed", "context['compensations'] must be a list of callables", None, 0
+    failures = await run_compensations(compensations, span)
+    ran = len(compensations) - len(failures)
+    if not failures:
+        return "success", None, None, ran
+    listed = "; ".join(f"{name}: {describe(exc)}" for name, exc in failures)
+    reason = f"{len(failures)} of {len(compensations)} compensations failed: {listed}"
+    return "failed", reason, failures[-1][1], ran
+
+
+class Shifted:
+    """The engine numbers its retries from 1, but its first attempt is already our retry 1:
+    the original failure was attempt zero, so every delay moves one step along."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Backoff) -> None:
+        self.inner = inner
+
+    def delay(self, retry_number: int, previous_delay: float, rng: random.Random) -> float:
+        return self.inner.delay(retry_number + 1, previous_delay, rng)
+
+    def __repr__(self) -> str:
+        return f"Shifted({self.inner!r})"
+
+
+# -- one recovery's state and result (used by interaction.py) ---------------------------
+
+RECOVERY_REASON = "otel_recovery.recovery.reason"
+
+
+@dataclass(slots=True)
+class Run:
+    """Everything one recovery knows; mutated only by the task running it."""
+
+    service_id: str
+    error: BaseException
+    info: ErrorInfo
+    context: dict[str, Any]
+    strategy: RecoveryStrategy | None
+    retry_func: Callable[..., Any] | None
+    fallback: Callable[..., Any] | None
+    breaker: CircuitBreaker
+    span: Span
+    calls: int = 0
+    fallback_used: bool = False
+    fallback_error: BaseException | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: str
+    result: Any = None
+    reason: str | None = None
+    error: BaseException | None = None
+
+
+def finish(
+    run: Run, action: RecoveryAction, outcome: Outcome, elapsed: float, clock: Clock
+) -> dict[str, Any]:
+    """The result dict of the seed API; also completes and ends the recovery span."""
+    info, span = run.info, run.span
+    context = span.get_span_context()
+    result: dict[str, Any] = {
+        "recovery_status": outcome.status,
+        "strategy": action.value,
+        "attempts": run.calls,
+        "result": outcome.result,
+        "recovery_time": elapsed,
+        "error_type": info.error_type,
+        "category": info.category.value,
+        "severity": info.severity.value,
+        "fingerprint": info.fingerprint,
+        "retryable": info.retryable,
+        "service_id": run.service_id,
+        "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
+    }
+    result.update(run.extra)
+    span.set_attribute(names.OUTCOME, outcome.status)
+    span.set_attribute(names.ATTEMPTS, run.calls)
+    if outcome.status != "success":
+        result["reason"] = outcome.reason or outcome.status
+        span.set_attribute(RECOVERY_REASON, redact(result["reason"])[:MAX_VALUE])
+    if outcome.status == "circuit_open":
+        result["retry_after"] = run.breaker.retry_after()
+    if outcome.status in ("failed", "circuit_open"):
+        final = outcome.error or run.error
+        result["error"] = describe(final)
+        span.set_attribute(names.ERROR_TYPE, type_name(final))
+        span.set_status(Status(StatusCode.ERROR, result["error"]))
+    span.end(end_time=int(clock.wall() * 1e9))
+    return result
+
+
+def fallback_hook(run: Run) -> Callable[[BaseException], Any]:
+    """``fallback_func`` adapted to the engine: takes the error only if it accepts one
+    argument, and records that it ran (or how it failed) on the run."""
+    func = run.fallback
+    assert func is not None
+    takes_error = accepts_one_positional(func)
+
+    async def hook(error: BaseException) -> Any:
+        run.fallback_used = True
+        try:
+            return await resolve(func(error) if takes_error else func())
+        except Exception as exc:
+            run.fallback_error = exc
+            raise
+
+    return hook
+
+
+async def give_up(run: Run, reason: str) -> Outcome:
+    """No (more) calls: answer with the fallback if there is one, else fail."""
+    if run.fallback is None:
+        return Outcome("failed", reason=reason, error=run.error)
+    try:
+        value = await fallback_hook(run)(run.error)
+    except Exception as exc:
+        return Outcome("failed", reason=f"{reason}; fallback_func failed", error=exc)
+    event = {names.FALLBACK_KIND: "function", names.ERROR_TYPE: run.info.error_type}
+    run.span.add_event(names.EVENT_FALLBACK, event)
+    return Outcome("fallback", value, reason=reason)
+
+
+def reason_for(why: str, run: Run) -> str:
+    """A readable reason from the selection's short one."""
+    if why == "circuit_open":
+        return f"circuit breaker for service {run.service_id!r} is open"
+    if why == "not_retryable":
+        return f"{run.info.error_type} is not retryable"
+    if why == "explicit":
+        return "fallback requested"
+    return f"{why} errors are not retried"

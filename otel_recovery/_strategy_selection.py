@@ -1,0 +1,135 @@
+"""Recovery strategies and the rule that picks one for an error.
+
+Public through :mod:`otel_recovery.interaction`, whose docstring has the selection table; the
+rule lives here, as a pure function over the classification and a few facts about the call, so
+that it can be tested (and later replaced by the strategy learner) without running a recovery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+from otel_recovery._clock import Duration, to_seconds
+from otel_recovery.classify import ErrorCategory, ErrorInfo, ErrorKind
+from otel_recovery.policies.backoff import Backoff
+
+__all__ = ["RecoveryAction", "RecoveryStrategy", "Selection", "select_action"]
+
+
+class RecoveryAction(str, Enum):
+    """What to do about a failure. Values are the strings reported in results and spans."""
+
+    RETRY = "retry"
+    EXPONENTIAL_BACKOFF = "exponential_backoff"
+    CIRCUIT_BREAK = "circuit_break"
+    FALLBACK = "fallback"
+    CHECKPOINT_RESTORE = "checkpoint_restore"
+    TRANSACTION_ROLLBACK = "transaction_rollback"
+    SELF_HEAL = "self_heal"
+    FAIL_FAST = "fail_fast"
+    """Not in the seed: give up at once (answering with the fallback if there is one)."""
+
+
+@dataclass(frozen=True)
+class RecoveryStrategy:
+    """An explicit choice of action, overriding automatic selection.
+
+    - ``max_attempts``: calls of ``retry_func`` (the original failure is not counted).
+    - ``backoff``: delays between them; RETRY defaults to a fixed 0.1 s, the other retrying
+      actions to the interaction's backoff (full-jitter exponential unless configured).
+    - ``timeout``: seconds (or a timedelta) allowed for each call of ``retry_func``.
+    - ``fallback``: used instead of ``context["fallback_func"]``.
+    - ``params``: extra context for the action, overriding same-named context keys
+      (``checkpoint_id``, ``checkpoint_version``, ``compensations``, ``retry_on``...).
+    """
+
+    action: RecoveryAction
+    max_attempts: int = 3
+    backoff: Backoff | None = None
+    timeout: Duration | None = None
+    fallback: Callable[..., Any] | None = None
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        action = self.action
+        if not isinstance(action, RecoveryAction):
+            try:
+                action = RecoveryAction(str(action).lower())
+            except ValueError:
+                accepted = ", ".join(a.name for a in RecoveryAction)
+                raise ValueError(
+                    f"action must be a RecoveryAction ({accepted}), got {self.action!r}"
+                ) from None
+            object.__setattr__(self, "action", action)
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"max_attempts must be an int >= 1, got {attempts!r}")
+        if self.backoff is not None and not isinstance(self.backoff, Backoff):
+            raise TypeError(
+                f"backoff must be a Backoff such as ExponentialBackoff(), got {self.backoff!r}"
+            )
+        if self.timeout is not None:
+            seconds = to_seconds(self.timeout, "timeout")
+            if seconds <= 0:
+                raise ValueError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+            object.__setattr__(self, "timeout", seconds)
+        if self.fallback is not None and not callable(self.fallback):
+            raise TypeError(f"fallback must be callable, got {self.fallback!r}")
+        if not isinstance(self.params, Mapping):
+            raise TypeError(f"params must be a mapping, got {type(self.params).__name__}")
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    def __repr__(self) -> str:
+        parts = [f"action=RecoveryAction.{self.action.name}", f"max_attempts={self.max_attempts}"]
+        for name in ("backoff", "timeout", "fallback"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name}={value!r}")
+        if self.params:
+            parts.append(f"params={dict(self.params)!r}")
+        return f"RecoveryStrategy({', '.join(parts)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The chosen action and a short, stable reason (recorded on the span)."""
+
+    action: RecoveryAction
+    reason: str
+
+
+_FAIL_FAST_CATEGORIES = frozenset({ErrorCategory.CONFIGURATION, ErrorCategory.INVALID_REQUEST})
+_HEAL_EVEN_IF_NOT_RETRYABLE = frozenset({ErrorKind.MEMORY})
+
+
+def select_action(
+    info: ErrorInfo,
+    *,
+    explicit: RecoveryStrategy | None,
+    has_checkpoint: bool,
+    circuit_open: bool,
+    has_fallback: bool,
+    heals: Callable[[ErrorKind], bool],
+) -> Selection:
+    """Pick the action for one failure (the table in :mod:`otel_recovery.interaction`)."""
+    give_up = RecoveryAction.FALLBACK if has_fallback else RecoveryAction.FAIL_FAST
+    if explicit is not None:
+        return Selection(explicit.action, "explicit")
+    if has_checkpoint:
+        return Selection(RecoveryAction.CHECKPOINT_RESTORE, "checkpoint_id")
+    if circuit_open:
+        action = RecoveryAction.FALLBACK if has_fallback else RecoveryAction.CIRCUIT_BREAK
+        return Selection(action, "circuit_open")
+    if info.category in _FAIL_FAST_CATEGORIES:
+        return Selection(give_up, info.category.value)
+    if heals(info.kind) and (info.retryable or info.kind in _HEAL_EVEN_IF_NOT_RETRYABLE):
+        return Selection(RecoveryAction.SELF_HEAL, f"kind_{info.kind.value}")
+    if not info.retryable:
+        return Selection(give_up, "not_retryable")
+    if info.category is ErrorCategory.RATE_LIMITED:
+        return Selection(RecoveryAction.EXPONENTIAL_BACKOFF, "rate_limited")
+    return Selection(RecoveryAction.EXPONENTIAL_BACKOFF, "retryable")

@@ -1,0 +1,393 @@
+"""The seed API: ``ErrorRecoveryInteraction.recover_from_error(error, context)``.
+
+The caller has already seen ``error`` (that failure is attempt zero); this chooses what to do
+next, does it through the ordinary engine (:class:`~otel_recovery.recover.RecoveryPolicy`,
+so there is one retry loop in the library, not two) and returns a dict describing the outcome.
+Every recovery is an INTERNAL span ``recover_from_error <service_id>``; the engine's
+``recover <service_id>`` span nests inside it when retries fail.
+
+Strategy selection, first match wins:
+
+=====================================================  ==========================================
+situation                                              action
+=====================================================  ==========================================
+``context["strategy"]`` given                          that strategy (its ``params`` override
+                                                       context keys)
+``context["checkpoint_id"]`` given                     CHECKPOINT_RESTORE: restore the state,
+                                                       hand it to ``retry_func`` if that takes
+                                                       one positional argument (a fresh copy
+                                                       per call), else just call it; without
+                                                       ``retry_func`` the restored state is the
+                                                       result
+the service's circuit breaker is open                  FALLBACK with ``fallback_func``, else
+                                                       CIRCUIT_BREAK: ``"circuit_open"``, no call
+category CONFIGURATION or INVALID_REQUEST              FALLBACK / FAIL_FAST: no call
+kind has healing actions (CONNECTION, TIMEOUT when     SELF_HEAL: run the healing actions
+retryable; MEMORY always, as freeing memory is what    (:mod:`otel_recovery.healing`), then
+makes a retry worth it)                                retry
+not retryable                                          FALLBACK / FAIL_FAST: no call
+category RATE_LIMITED                                  EXPONENTIAL_BACKOFF; the wait is exactly
+                                                       the error's ``retry_after`` when it has one
+any other retryable error                              EXPONENTIAL_BACKOFF
+=====================================================  ==========================================
+
+A retrying action without ``retry_func`` cannot recover: ``"failed"`` with reason
+``"no retry_func in context"`` (or the fallback). ``retry_func`` is called up to
+``max_attempts`` times, after a first backoff wait (the original failure counts as the first
+try). An explicit CIRCUIT_BREAK force-opens the breaker until :meth:`reset_circuit`.
+TRANSACTION_ROLLBACK runs ``context["compensations"]`` in reverse order. Sync ``retry_func``
+run on the event loop thread: offload blocking work yourself (``asyncio.to_thread``).
+
+Context keys beyond the seed's: ``strategy``, ``criticality`` (raises severity),
+``checkpoint_version``, ``reconnect`` and ``timeout`` (for healing), ``compensations``,
+``retry_on`` (exception types or a predicate; by default the classifier decides). Other keys
+become span attributes ``otel_recovery.context.<key>``: stringified, redacted, 256 chars.
+
+One :class:`CircuitBreaker` per ``service_id`` (default ``failure_threshold=5, timeout=60``)
+counts the outcome of each recovery that calls ``retry_func``; recoveries that make no call
+leave it alone, as they say nothing new about the dependency.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._config import SWITCHES
+from otel_recovery._interaction_support import (
+    Outcome,
+    Run,
+    Shifted,
+    accepts_keyword,
+    accepts_one_positional,
+    activated,
+    as_strategy,
+    circuit_is_open,
+    classification_context,
+    context_attributes,
+    fallback_hook,
+    finish,
+    give_up,
+    optional_callable,
+    reason_for,
+    rollback,
+    start_span,
+    tracer_of,
+)
+from otel_recovery._recovery_stats import RecoveryStats
+from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy, select_action
+from otel_recovery.checkpoint import Checkpoints, CheckpointStore
+from otel_recovery.classify import Classifier, get_default_classifier
+from otel_recovery.healing import HealingRegistry
+from otel_recovery.policies import (
+    Backoff,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    ExponentialBackoff,
+    Fallback,
+    FixedBackoff,
+    Retry,
+)
+from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.telemetry import Telemetry
+from otel_recovery.telemetry import attributes as names
+
+__all__ = ["ErrorRecoveryInteraction", "RecoveryAction", "RecoveryStrategy"]
+
+SPAN_NAME = "recover_from_error"
+STRATEGY = "otel_recovery.strategy"
+STRATEGY_REASON = "otel_recovery.strategy.reason"
+SERVICE_ID = "otel_recovery.service.id"
+EVENT_CHECKPOINT_RESTORED = "otel_recovery.checkpoint.restored"
+CHECKPOINT_ID = "otel_recovery.checkpoint.id"
+CHECKPOINT_VERSION = "otel_recovery.checkpoint.version"
+
+
+class ErrorRecoveryInteraction:
+    """Recover from errors the caller caught, with checkpoints and statistics (the seed API)."""
+
+    def __init__(
+        self,
+        *,
+        classifier: Classifier | None = None,
+        clock: Clock | None = None,
+        telemetry: Telemetry | bool = True,
+        store: CheckpointStore | None = None,
+        healing: HealingRegistry | None = None,
+        breaker_factory: Callable[[str], CircuitBreaker] | None = None,
+        max_attempts: int = 3,
+        backoff: Backoff | None = None,
+    ) -> None:
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        if backoff is not None and not isinstance(backoff, Backoff):
+            raise TypeError(
+                f"backoff must be a Backoff such as ExponentialBackoff(), got {backoff!r}"
+            )
+        if breaker_factory is not None and not callable(breaker_factory):
+            raise TypeError(
+                f"breaker_factory must be callable(service_id), got {breaker_factory!r}"
+            )
+        if not isinstance(telemetry, (bool, Telemetry)):
+            raise TypeError(f"telemetry must be True, False or a Telemetry, got {telemetry!r}")
+        self._classifier = classifier
+        self.clock: Clock = clock or SYSTEM_CLOCK
+        self.telemetry: Telemetry | bool = telemetry
+        self.checkpoints = Checkpoints(store, clock=self.clock)
+        self.healing = healing if healing is not None else HealingRegistry()
+        self.max_attempts = max_attempts
+        self.backoff: Backoff = backoff if backoff is not None else ExponentialBackoff()
+        self._breaker_factory = breaker_factory
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._lock = threading.Lock()
+        self._stats = RecoveryStats()
+
+    @property
+    def classifier(self) -> Classifier:
+        return self._classifier or get_default_classifier()
+
+    # -- circuit breakers ---------------------------------------------------------------------
+
+    def get_circuit_breaker(self, service_id: str) -> CircuitBreaker:
+        """The breaker of ``service_id``, created on first use."""
+        with self._lock:
+            breaker = self._breakers.get(service_id)
+            if breaker is None:
+                if self._breaker_factory is not None:
+                    breaker = self._breaker_factory(service_id)
+                    if not isinstance(breaker, CircuitBreaker):
+                        raise TypeError(
+                            f"breaker_factory returned {breaker!r}, not a CircuitBreaker"
+                        )
+                else:
+                    breaker = CircuitBreaker(5, 60.0, name=service_id, clock=self.clock)
+                self._breakers[service_id] = breaker
+            return breaker
+
+    @property
+    def circuit_breakers(self) -> dict[str, CircuitBreaker]:
+        with self._lock:
+            return dict(self._breakers)
+
+    def reset_circuit(self, service_id: str) -> None:
+        """Close the service's breaker (also ends a CIRCUIT_BREAK isolation)."""
+        self.get_circuit_breaker(service_id).reset()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def create_checkpoint(self, process_id: str, state: Any, ttl: Duration | None = None) -> int:
+        """Save a JSON copy of ``state``; returns its version (see :mod:`.checkpoint`)."""
+        return self.checkpoints.save(process_id, state, ttl)
+
+    async def restore_checkpoint(
+        self, process_id: str, version: int | None = None
+    ) -> dict[str, Any]:
+        """``{"recovery_status": "success", "state", "version", "checkpoint_id"}`` or a failure."""
+        try:
+            found = self.checkpoints.load(process_id, version)
+        except LookupError as missing:
+            return {
+                "recovery_status": "failed",
+                "reason": str(missing),
+                "checkpoint_id": process_id,
+            }
+        return {
+            "recovery_status": "success",
+            "state": found.state,
+            "version": found.version,
+            "checkpoint_id": process_id,
+        }
+
+    _restore_checkpoint = restore_checkpoint
+
+    def list_checkpoints(self, prefix: str = "") -> list[dict[str, Any]]:
+        return [
+            {"checkpoint_id": r.key, "version": r.version, "created_at": r.created_at,
+             "expires_at": r.expires_at}
+            for r in self.checkpoints.list(prefix)
+        ]  # fmt: skip
+
+    def delete_checkpoint(self, process_id: str) -> int:
+        return self.checkpoints.delete(process_id)
+
+    # -- statistics -----------------------------------------------------------------------------
+
+    def get_recovery_stats(self) -> dict[str, Any]:
+        stats = self._stats.snapshot()
+        states = {name: b.state.value for name, b in self.circuit_breakers.items()}
+        stats["active_circuit_breakers"] = sum(
+            s != CircuitState.CLOSED.value for s in states.values()
+        )
+        stats["circuit_breakers"] = states
+        return stats
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    async def recover_from_error(
+        self, error: BaseException, context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Recover from ``error`` as the context allows; see the module docstring."""
+        if not isinstance(error, BaseException):
+            raise TypeError(f"recover_from_error() takes the exception, got {error!r}")
+        started = self.clock.now()
+        ctx = dict(context) if context else {}
+        strategy = as_strategy(ctx.get("strategy"))
+        if strategy is not None:
+            ctx.update(strategy.params)
+        service_id = str(ctx.get("service_id") or "default")
+        retry_func = optional_callable(ctx, "retry_func")
+        fallback = (strategy.fallback if strategy else None) or optional_callable(
+            ctx, "fallback_func"
+        )
+        info = self.classifier.classify(error, classification_context(ctx))
+        breaker = self.get_circuit_breaker(service_id)
+        selection = select_action(
+            info,
+            explicit=strategy,
+            has_checkpoint=ctx.get("checkpoint_id") is not None,
+            circuit_open=circuit_is_open(breaker),
+            has_fallback=fallback is not None,
+            heals=self.healing.heals,
+        )
+        action = selection.action
+        attributes: dict[str, Any] = {
+            SERVICE_ID: service_id,
+            STRATEGY: action.value,
+            STRATEGY_REASON: selection.reason,
+            **{k: v for k, v in info.to_attributes().items() if k != names.ERROR_TYPE},
+            **context_attributes(ctx),
+        }
+        tracer = tracer_of(self.telemetry)
+        span = start_span(tracer, f"{SPAN_NAME} {service_id}", attributes, self.clock)
+        run = Run(service_id, error, info, ctx, strategy, retry_func, fallback, breaker, span)
+        try:
+            with activated(span, tracer):
+                outcome = await self._execute(action, selection.reason, run)
+        except BaseException:
+            span.set_attribute(names.OUTCOME, "cancelled")
+            span.end(end_time=int(self.clock.wall() * 1e9))
+            raise
+        elapsed = max(0.0, self.clock.now() - started)
+        self._stats.record(
+            status=outcome.status, strategy=action.value, category=info.category.value,
+            recovery_time=elapsed,
+        )  # fmt: skip
+        return finish(run, action, outcome, elapsed, self.clock)
+
+    async def _execute(self, action: RecoveryAction, why: str, run: Run) -> Outcome:
+        if action is RecoveryAction.FAIL_FAST or action is RecoveryAction.FALLBACK:
+            if action is RecoveryAction.FALLBACK and run.fallback is None:
+                needs = "FALLBACK needs context['fallback_func'] or RecoveryStrategy(fallback=...)"
+                return Outcome("failed", reason=needs)
+            return await give_up(run, reason_for(why, run))
+        if action is RecoveryAction.CIRCUIT_BREAK:
+            if not circuit_is_open(run.breaker):
+                run.breaker.force_open()
+            reason = f"circuit breaker for service {run.service_id!r} is open"
+            if run.fallback is not None:
+                return await give_up(run, reason)
+            rejection = CircuitOpenError(run.breaker.name, run.breaker.retry_after())
+            return Outcome("circuit_open", reason=reason, error=rejection)
+        if action is RecoveryAction.TRANSACTION_ROLLBACK:
+            status, why_not, error, ran = await rollback(run.context.get("compensations"), run.span)
+            run.extra["compensations_run"] = ran
+            return Outcome(status, reason=why_not, error=error)
+        func = run.retry_func
+        invoke: Callable[[], Any] | None = func
+        if action is RecoveryAction.CHECKPOINT_RESTORE:
+            checkpoint_id = run.context.get("checkpoint_id")
+            version = run.context.get("checkpoint_version")
+            try:
+                found = self.checkpoints.load(checkpoint_id, version)  # type: ignore[arg-type]
+            except (LookupError, TypeError) as problem:
+                return await give_up(run, str(problem))
+            cid, number = found.checkpoint_id, found.version
+            run.span.add_event(
+                EVENT_CHECKPOINT_RESTORED, {CHECKPOINT_ID: cid, CHECKPOINT_VERSION: number}
+            )
+            run.extra.update(checkpoint_id=cid, checkpoint_version=number)
+            if func is None:
+                return Outcome("success", found.state)  # restoring was the whole recovery
+            if accepts_one_positional(func):
+                # A fresh copy per attempt: an attempt that mutated the state and failed
+                # must not hand its half-done changes to the next one.
+
+                def invoke() -> Any:
+                    return func(self.checkpoints.load(cid, number).state)
+
+        if func is None or invoke is None:
+            return await give_up(run, "no retry_func in context")
+        if action is RecoveryAction.SELF_HEAL:
+            report = await self.healing.heal(
+                run.error, run.info, service_id=run.service_id, context=run.context
+            )
+            run.extra["healing"] = [r.to_dict() for r in report.results]
+            timeout = report.context.get("timeout")
+            if timeout is not None and accepts_keyword(func, "timeout"):
+
+                def invoke() -> Any:
+                    return func(timeout=timeout)
+
+        return await self._retry(run, action, invoke)
+
+    async def _retry(self, run: Run, action: RecoveryAction, invoke: Callable[[], Any]) -> Outcome:
+        strategy = run.strategy
+        backoff = strategy.backoff if strategy and strategy.backoff else None
+        if backoff is None:
+            backoff = FixedBackoff(0.1) if action is RecoveryAction.RETRY else self.backoff
+        retry = Retry(
+            strategy.max_attempts if strategy else self.max_attempts,
+            backoff=Shifted(backoff),
+            attempt_timeout=strategy.timeout if strategy else None,
+            on=run.context.get("retry_on"),
+            retry_after_jitter=0.0,
+        )
+        delay = retry.delay_for(0, 0.0, run.info)
+        if delay is None:
+            return await give_up(run, f"asked to wait {run.info.retry_after:g}s, over the cap")
+        if SWITCHES.active and not SWITCHES.testing and delay > 0:
+            run.span.add_event(names.EVENT_RETRY, {names.ATTEMPT: 1, names.BACKOFF: delay})
+            await self.clock.asleep(delay)
+        policy = RecoveryPolicy(
+            retry=retry,
+            breaker=run.breaker,
+            fallback=Fallback(func=fallback_hook(run)) if run.fallback else None,
+            classifier=self._classifier,
+            name=run.service_id,
+            context=classification_context(run.context) or None,
+            clock=self.clock,
+            telemetry=self.telemetry,
+        )
+
+        def attempt() -> Any:
+            run.calls += 1
+            return invoke()
+
+        try:
+            value = await policy.acall(attempt)
+        except CircuitOpenError as rejected:
+            if run.calls:
+                return Outcome(
+                    "failed", reason=f"retry_func failed {run.calls} time(s)", error=rejected
+                )
+            return Outcome("circuit_open", reason=str(rejected), error=rejected)
+        except Exception as final:
+            if final is run.fallback_error:
+                return Outcome("failed", reason="fallback_func failed", error=final)
+            return Outcome("failed", reason=f"retry_func failed {run.calls} time(s)", error=final)
+        if run.fallback_used:
+            reason = f"retry_func failed {run.calls} time(s)" if run.calls else "circuit open"
+            return Outcome("fallback", value, reason=f"{reason}; answered by fallback_func")
+        return Outcome("success", value)
+
+    def __repr__(self) -> str:
+        return (
+            f"ErrorRecoveryInteraction(max_attempts={self.max_attempts}, backoff={self.backoff!r}, "
+            f"services={sorted(self.circuit_breakers)})"
+        )

@@ -1,0 +1,432 @@
+"""Recovering several services at once, in dependency order, without causing a cascade.
+
+``RecoveryOrchestrator.dependencies`` maps each service to the services it needs. When
+several services fail together, :meth:`RecoveryOrchestrator.orchestrate_recovery` recovers
+prerequisites first (``graphlib.TopologicalSorter`` over the failed services; a failed service
+depends on another failed one directly or through healthy services in between), and runs the
+independent services of one layer concurrently. A cycle among them is a ``ValueError`` naming
+the cycle: there is no correct order to recover it in.
+
+What each action does for a service (its callables come from :meth:`register_service`; the
+strategy's ``fallback`` wins over the registered one):
+
+=========================  =============================================================
+action                     effect and status
+=========================  =============================================================
+RETRY, EXPONENTIAL_BACKOFF run ``recover`` through a RecoveryPolicy (the service's circuit
+SELF_HEAL                  breaker, ``max_attempts``, backoff, timeout); then the
+                           ``health_check``, if any, must pass: ``success`` / ``failed`` /
+                           ``fallback`` / ``circuit_open``. For SELF_HEAL the registered
+                           ``recover`` is the remediation
+CIRCUIT_BREAK              force-open the service's breaker: ``isolated``
+FALLBACK                   run the fallback: ``fallback``
+CHECKPOINT_RESTORE         restore ``params["checkpoint_id"]`` (default: the service name)
+                           and hand the state to ``recover`` if it takes an argument
+TRANSACTION_ROLLBACK       run ``params["compensations"]`` newest first
+FAIL_FAST                  nothing: ``failed``
+=========================  =============================================================
+
+Cascading-failure prevention: a service whose dependency did not recover (status other than
+``success`` or ``fallback``) is not attempted (``skipped``, naming the dependency), except for
+CIRCUIT_BREAK and FALLBACK, which are what one does about a dead dependency. A service with no
+callable for its action ends ``failed`` with a reason saying how to register one. Which
+failures of ``recover`` are retried is the classifier's call unless ``params["retry_on"]``
+names exception types or a predicate. Each
+orchestration is one span ``orchestrate_recovery`` with an event per service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import graphlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from otel_recovery._clock import Clock
+from otel_recovery._interaction_support import (
+    accepts_one_positional,
+    activated,
+    bounded,
+    describe,
+    resolve,
+    rollback,
+    start_span,
+    tracer_of,
+)
+from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
+from otel_recovery.interaction import ErrorRecoveryInteraction
+from otel_recovery.policies import CircuitOpenError, Fallback, FixedBackoff, Retry
+from otel_recovery.recover import RecoveryPolicy
+
+__all__ = ["Correlation", "RecoveryOrchestrator", "ServiceRegistration"]
+
+SPAN_NAME = "orchestrate_recovery"
+EVENT_SERVICE = "otel_recovery.orchestration.service"
+SERVICES = "otel_recovery.orchestration.services"
+SERVICE_ID = "otel_recovery.service.id"
+STATUS = "otel_recovery.outcome"
+STRATEGY = "otel_recovery.strategy"
+REASON = "otel_recovery.recovery.reason"
+
+_RECOVERED = frozenset({"success", "fallback"})
+_ISOLATION = frozenset({RecoveryAction.CIRCUIT_BREAK, RecoveryAction.FALLBACK})
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRegistration:
+    """The callables of one service (each sync or async, taking no arguments)."""
+
+    name: str
+    recover: Callable[..., Any] | None = None
+    health_check: Callable[[], Any] | None = None
+    fallback: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """Errors grouped by fingerprint, and the failed service the others depend on."""
+
+    groups: dict[str, list[str]]
+    root_cause: str | None
+    dependents: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+class RecoveryOrchestrator:
+    """Dependency-aware recovery of many services; shares breakers with its interaction."""
+
+    def __init__(
+        self, interaction: ErrorRecoveryInteraction | None = None, clock: Clock | None = None
+    ) -> None:
+        self.interaction = interaction or ErrorRecoveryInteraction(clock=clock)
+        self.clock: Clock = clock or self.interaction.clock
+        self._dependencies: dict[str, list[str]] = {}
+        self._services: dict[str, ServiceRegistration] = {}
+
+    @property
+    def dependencies(self) -> dict[str, list[str]]:
+        """Service -> the services it needs. Assign a new mapping to replace the graph."""
+        return self._dependencies
+
+    @dependencies.setter
+    def dependencies(self, graph: Mapping[str, Iterable[str]]) -> None:
+        if not isinstance(graph, Mapping):
+            raise TypeError(f"dependencies must map service -> [services], got {graph!r}")
+        checked: dict[str, list[str]] = {}
+        for service, needs in graph.items():
+            if isinstance(needs, str) or not isinstance(needs, Iterable):
+                raise TypeError(f"dependencies[{service!r}] must be a list of service names")
+            checked[_name(service)] = [_name(n) for n in needs]
+        self._dependencies = checked
+
+    def register_service(
+        self,
+        name: str,
+        *,
+        recover: Callable[..., Any] | None = None,
+        health_check: Callable[[], Any] | None = None,
+        fallback: Callable[[], Any] | None = None,
+    ) -> None:
+        for label, value in (
+            ("recover", recover),
+            ("health_check", health_check),
+            ("fallback", fallback),
+        ):
+            if value is not None and not callable(value):
+                raise TypeError(f"{label} for {name!r} must be callable, got {value!r}")
+        self._services[_name(name)] = ServiceRegistration(name, recover, health_check, fallback)
+
+    @property
+    def services(self) -> dict[str, ServiceRegistration]:
+        return dict(self._services)
+
+    # -- ordering -------------------------------------------------------------------------------
+
+    def _needs(self, service: str, failed: set[str] | None = None) -> set[str]:
+        """What ``service`` needs, transitively; with ``failed``, only the failed services it
+        reaches directly or through healthy ones (their own needs are ordered through them)."""
+        found: set[str] = set()
+        seen = {service}  # a loop back to the service itself orders nothing
+        stack = list(self._dependencies.get(service, ()))
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if failed is None or current in failed:
+                found.add(current)
+                if failed is not None:
+                    continue
+            stack.extend(self._dependencies.get(current, ()))
+        return found
+
+    def _failed_dependencies(self, failed: Sequence[str]) -> dict[str, set[str]]:
+        members = set(failed)
+        return {service: self._needs(service, members) for service in failed}
+
+    def recovery_order(self, failed_services: Iterable[str]) -> list[list[str]]:
+        """The layers recovery runs in: each layer only needs services of earlier layers."""
+        failed = _unique(failed_services)
+        position = {name: index for index, name in enumerate(failed)}
+        sorter = graphlib.TopologicalSorter(self._failed_dependencies(failed))
+        try:
+            sorter.prepare()
+        except graphlib.CycleError as cycle:
+            path = " -> ".join(cycle.args[1]) if len(cycle.args) > 1 else "?"
+            raise ValueError(
+                f"dependency cycle among the failed services: {path}; "
+                "no recovery order exists, break the cycle in .dependencies"
+            ) from None
+        layers: list[list[str]] = []
+        while sorter.is_active():
+            ready = sorted(sorter.get_ready(), key=position.__getitem__)
+            layers.append(ready)
+            sorter.done(*ready)
+        return layers
+
+    # -- orchestration --------------------------------------------------------------------------
+
+    async def orchestrate_recovery(
+        self,
+        failed_services: Iterable[str],
+        recovery_plan: Mapping[str, RecoveryStrategy | RecoveryAction] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Recover every failed service; services missing from the plan get
+        EXPONENTIAL_BACKOFF. Returns one result dict per service, in input order."""
+        failed = _unique(failed_services)
+        plan = {name: _strategy(name, value) for name, value in (recovery_plan or {}).items()}
+        layers = self.recovery_order(failed)
+        needs = self._failed_dependencies(failed)
+        tracer = tracer_of(self.interaction.telemetry)
+        span = start_span(tracer, SPAN_NAME, {SERVICES: failed}, self.clock)
+        results: dict[str, dict[str, Any]] = {}
+        default = RecoveryStrategy(RecoveryAction.EXPONENTIAL_BACKOFF)
+        try:
+            with activated(span, tracer):
+                for layer in layers:
+                    done = await asyncio.gather(
+                        *(
+                            self._recover_service(
+                                name, plan.get(name, default), needs[name], results
+                            )
+                            for name in layer
+                        )
+                    )
+                    for name, result in zip(layer, done, strict=True):
+                        results[name] = result
+                        event = {
+                            SERVICE_ID: name,
+                            STATUS: result["status"],
+                            STRATEGY: result["strategy"],
+                        }
+                        if "reason" in result:
+                            event[REASON] = bounded(result["reason"])
+                        span.add_event(EVENT_SERVICE, event)
+        finally:
+            failures = sorted(n for n, r in results.items() if r["status"] == "failed")
+            if failures:
+                span.set_status(Status(StatusCode.ERROR, f"not recovered: {', '.join(failures)}"))
+            span.end(end_time=int(self.clock.wall() * 1e9))
+        return {name: results[name] for name in failed}
+
+    async def _recover_service(
+        self,
+        name: str,
+        strategy: RecoveryStrategy,
+        needs: set[str],
+        results: Mapping[str, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        started = self.clock.now()
+        action = strategy.action
+        outcome: dict[str, Any] = {"service": name, "strategy": action.value, "attempts": 0}
+        outcome["result"] = None
+        blocked = sorted(d for d in needs if results[d]["status"] not in _RECOVERED)
+        if blocked and action not in _ISOLATION:
+            listed = ", ".join(f"{d!r} ({results[d]['status']})" for d in blocked)
+            outcome.update(status="skipped", reason=f"dependency {listed} did not recover")
+        else:
+            outcome.update(await self._apply(name, strategy))
+        outcome["recovery_time"] = max(0.0, self.clock.now() - started)
+        return outcome
+
+    async def _apply(self, name: str, strategy: RecoveryStrategy) -> dict[str, Any]:
+        action = strategy.action
+        registered = self._services.get(name) or ServiceRegistration(name)
+        interaction = self.interaction
+        if action is RecoveryAction.CIRCUIT_BREAK:
+            interaction.get_circuit_breaker(name).force_open()
+            return {
+                "status": "isolated",
+                "reason": f"circuit forced open until reset_circuit({name!r})",
+            }
+        if action is RecoveryAction.FALLBACK:
+            fallback = strategy.fallback or registered.fallback
+            if fallback is None:
+                return _missing(name, "fallback")
+            try:
+                return {"status": "fallback", "result": await resolve(fallback())}
+            except Exception as exc:
+                return {"status": "failed", "reason": "fallback failed", "error": describe(exc)}
+        if action is RecoveryAction.TRANSACTION_ROLLBACK:
+            status, reason, error, _ = await rollback(
+                strategy.params.get("compensations"), trace.get_current_span()
+            )
+            result: dict[str, Any] = {"status": status}
+            if reason:
+                result["reason"] = reason
+            if error is not None:
+                result["error"] = describe(error)
+            return result
+        if action is RecoveryAction.FAIL_FAST:
+            return {"status": "failed", "reason": "FAIL_FAST: no recovery attempted"}
+        recover = registered.recover
+        if action is RecoveryAction.CHECKPOINT_RESTORE:
+            checkpoint_id = str(strategy.params.get("checkpoint_id", name))
+            restored = await interaction.restore_checkpoint(checkpoint_id)
+            if restored["recovery_status"] != "success":
+                return {"status": "failed", "reason": restored["reason"]}
+            if recover is None:
+                return {"status": "success", "result": restored["state"]}
+            if accepts_one_positional(recover):
+                func, state = recover, restored["state"]
+
+                def recover() -> Any:
+                    return func(state)
+
+        elif recover is None:
+            return _missing(name, "recover")
+        return await self._retry(name, strategy, recover, registered)
+
+    async def _retry(
+        self,
+        name: str,
+        strategy: RecoveryStrategy,
+        recover: Callable[[], Any],
+        registered: ServiceRegistration,
+    ) -> dict[str, Any]:
+        backoff = strategy.backoff or (
+            FixedBackoff(0.1)
+            if strategy.action is RecoveryAction.RETRY
+            else self.interaction.backoff
+        )
+        fallback = strategy.fallback or registered.fallback
+        used: list[bool] = []
+
+        async def answer(_: BaseException) -> Any:
+            used.append(True)
+            return await resolve(fallback() if fallback else None)
+
+        policy = RecoveryPolicy(
+            retry=Retry(
+                strategy.max_attempts,
+                backoff=backoff,
+                attempt_timeout=strategy.timeout,
+                on=strategy.params.get("retry_on"),
+            ),
+            breaker=self.interaction.get_circuit_breaker(name),
+            fallback=Fallback(func=answer) if fallback else None,
+            classifier=self.interaction.classifier,
+            name=name,
+            clock=self.clock,
+            telemetry=self.interaction.telemetry,
+        )
+        calls = 0
+
+        def attempt() -> Any:
+            nonlocal calls
+            calls += 1
+            return recover()
+
+        try:
+            value = await policy.acall(attempt)
+        except CircuitOpenError as rejected:
+            status = "circuit_open" if calls == 0 else "failed"
+            return {
+                "status": status,
+                "attempts": calls,
+                "reason": str(rejected),
+                "error": describe(rejected),
+            }
+        except Exception as exc:
+            reason = f"recover failed {calls} time(s)"
+            return {"status": "failed", "attempts": calls, "reason": reason, "error": describe(exc)}
+        if used:
+            reason = f"recover failed {calls} time(s); answered by the fallback"
+            return {"status": "fallback", "attempts": calls, "result": value, "reason": reason}
+        if registered.health_check is not None and not await _healthy(registered.health_check):
+            reason = "recovered, but the health check still fails"
+            return {"status": "failed", "attempts": calls, "result": value, "reason": reason}
+        return {"status": "success", "attempts": calls, "result": value}
+
+    # -- health and correlation -----------------------------------------------------------------
+
+    async def check_health(self) -> dict[str, bool]:
+        """Run every registered health check concurrently; a raising check counts as False."""
+        checks = {n: r.health_check for n, r in self._services.items() if r.health_check}
+        verdicts = await asyncio.gather(*(_healthy(check) for check in checks.values()))
+        return dict(zip(checks, verdicts, strict=True))
+
+    def correlate(self, errors: Iterable[tuple[str, BaseException]]) -> Correlation:
+        """Group failures by fingerprint and name the probable root cause: the failed service
+        the most other failed services depend on, that itself needs no other failed one."""
+        classifier = self.interaction.classifier
+        groups: dict[str, list[str]] = {}
+        order: list[str] = []
+        for service, error in errors:
+            if not isinstance(error, BaseException):
+                raise TypeError(f"correlate() takes (service, exception) pairs, got {error!r}")
+            fingerprint = classifier.classify(error, {"service_id": service}).fingerprint
+            members = groups.setdefault(fingerprint, [])
+            if service not in members:
+                members.append(service)
+            if service not in order:
+                order.append(service)
+        failed = set(order)
+        reach = {s: self._needs(s) & failed for s in order}
+        dependents = {c: [s for s in order if c in reach[s]] for c in order}
+        roots = [c for c in order if not reach[c] and dependents[c]]
+        if roots:
+            root = max(roots, key=lambda c: len(dependents[c]))
+            why = f"{len(dependents[root])} failed service(s) depend on {root!r}"
+            return Correlation(groups, root, dependents[root], why)
+        if len(order) == 1:
+            return Correlation(groups, order[0], [], "the only failed service")
+        return Correlation(groups, None, [], "no failed service is a dependency of another")
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"service names are non-empty strings, got {value!r}")
+    return value
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    if isinstance(names, str):
+        raise TypeError("failed_services must be a list of names, not a single string")
+    return list(dict.fromkeys(_name(n) for n in names))
+
+
+def _strategy(name: str, value: object) -> RecoveryStrategy:
+    if isinstance(value, RecoveryStrategy):
+        return value
+    if isinstance(value, RecoveryAction):
+        return RecoveryStrategy(value)
+    raise TypeError(f"recovery_plan[{name!r}] must be a RecoveryStrategy, got {value!r}")
+
+
+def _missing(name: str, what: str) -> dict[str, Any]:
+    how = f"register_service({name!r}, {what}=...)"
+    if what == "fallback":
+        how += " or RecoveryStrategy(action=RecoveryAction.FALLBACK, fallback=...)"
+    return {"status": "failed", "reason": f"no {what} callable for {name!r}: {how}"}
+
+
+async def _healthy(check: Callable[[], Any]) -> bool:
+    try:
+        return bool(await resolve(check()))
+    except Exception:
+        return False

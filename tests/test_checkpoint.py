@@ -1,0 +1,246 @@
+"""Checkpoints: JSON-only deep copies, per-id versions, TTL, and the store protocol."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+
+from otel_recovery.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointRecord,
+    Checkpoints,
+    CheckpointStore,
+    MemoryCheckpointStore,
+)
+from otel_recovery.interaction import ErrorRecoveryInteraction
+
+
+@pytest.fixture
+def checkpoints(fake_clock) -> Checkpoints:
+    return Checkpoints(clock=fake_clock)
+
+
+def test_restored_state_is_a_deep_copy(checkpoints):
+    state = {"step": 3, "items": [1, 2, {"nested": True}], "name": "job"}
+    checkpoints.save("p1", state)
+    state["items"][2]["nested"] = False  # the caller keeps mutating its objects
+    restored = checkpoints.load("p1").state
+    assert restored == {"step": 3, "items": [1, 2, {"nested": True}], "name": "job"}
+    restored["items"].append(99)
+    assert checkpoints.load("p1").state["items"] == [1, 2, {"nested": True}]
+
+
+def test_versions_increase_per_id_and_old_versions_stay_readable(checkpoints):
+    assert checkpoints.save("a", {"n": 1}) == 1
+    assert checkpoints.save("a", {"n": 2}) == 2
+    assert checkpoints.save("b", {"n": 1}) == 1
+    assert checkpoints.load("a").state == {"n": 2}
+    assert checkpoints.load("a").version == 2
+    assert checkpoints.load("a", version=1).state == {"n": 1}
+
+
+def test_versions_keep_increasing_after_a_delete(checkpoints):
+    checkpoints.save("a", 1)
+    checkpoints.save("a", 2)
+    assert checkpoints.delete("a") == 2
+    assert checkpoints.save("a", 3) == 3
+
+
+def test_tuples_become_lists_and_scalars_survive(checkpoints):
+    checkpoints.save("s", {"t": (1, "x"), "f": 1.5, "b": False, "n": None, "u": "żółw"})
+    assert checkpoints.load("s").state == {
+        "t": [1, "x"],
+        "f": 1.5,
+        "b": False,
+        "n": None,
+        "u": "żółw",
+    }
+
+
+class Connection:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("state", "path", "offending"),
+    [
+        ({"conn": Connection()}, "state['conn']", f"{__name__}.Connection"),
+        ({"ids": {1, 2}}, "state['ids']", "set"),
+        ([1, 2, b"raw"], "state[2]", "bytes"),
+        ({"rate": float("nan")}, "state['rate']", "float"),
+        ({1: "one"}, "state[1]", "int"),
+    ],
+)
+def test_unserialisable_state_names_the_checkpoint_path_and_type(
+    checkpoints, state, path, offending
+):
+    with pytest.raises(CheckpointError) as caught:
+        checkpoints.save("job-7", state)
+    message = str(caught.value)
+    assert "'job-7'" in message and path in message
+    assert caught.value.checkpoint_id == "job-7"
+    assert caught.value.offending_type == offending
+    with pytest.raises(CheckpointNotFoundError):
+        checkpoints.load("job-7")  # nothing half-written
+
+
+def test_cycles_are_reported_not_recursed_forever(checkpoints):
+    state: dict = {}
+    state["self"] = state
+    with pytest.raises(CheckpointError, match="cycle"):
+        checkpoints.save("loop", state)
+
+
+def test_shared_but_acyclic_objects_are_fine(checkpoints):
+    shared = [1, 2]
+    checkpoints.save("dag", {"a": shared, "b": shared})
+    assert checkpoints.load("dag").state == {"a": [1, 2], "b": [1, 2]}
+
+
+def test_ttl_expires_on_the_injected_clock(checkpoints, fake_clock):
+    checkpoints.save("short", {"v": 1}, ttl=10)
+    checkpoints.save("forever", {"v": 2})
+    fake_clock.advance(9.9)
+    assert checkpoints.load("short").state == {"v": 1}
+    fake_clock.advance(0.1)
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint named 'short'"):
+        checkpoints.load("short")
+    assert [r.key for r in checkpoints.list()] == ["forever"]
+
+
+def test_an_expired_latest_version_falls_back_to_the_latest_live_one(checkpoints, fake_clock):
+    checkpoints.save("p", {"v": 1})
+    checkpoints.save("p", {"v": 2}, ttl=timedelta(seconds=5))
+    fake_clock.advance(6)
+    found = checkpoints.load("p")
+    assert (found.version, found.state) == (1, {"v": 1})
+
+
+def test_ttl_must_be_positive(checkpoints):
+    with pytest.raises(ValueError, match="ttl"):
+        checkpoints.save("p", {}, ttl=0)
+    with pytest.raises(ValueError, match="ttl"):
+        checkpoints.save("p", {}, ttl=-1)
+
+
+def test_list_filters_by_prefix_and_reports_latest_versions(checkpoints):
+    checkpoints.save("order:1", {})
+    checkpoints.save("order:1", {})
+    checkpoints.save("order:2", {})
+    checkpoints.save("user:1", {})
+    assert [(r.key, r.version) for r in checkpoints.list("order:")] == [
+        ("order:1", 2),
+        ("order:2", 1),
+    ]
+
+
+def test_missing_and_unknown_versions(checkpoints):
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint named 'nope'"):
+        checkpoints.load("nope")
+    checkpoints.save("p", 1)
+    with pytest.raises(CheckpointNotFoundError, match="version 7"):
+        checkpoints.load("p", version=7)
+    assert checkpoints.delete("nope") == 0
+
+
+def test_bad_ids_are_rejected(checkpoints):
+    with pytest.raises(TypeError):
+        checkpoints.save("", {})
+    with pytest.raises(TypeError):
+        checkpoints.save(3, {})  # type: ignore[arg-type]
+
+
+def test_memory_store_keeps_a_bounded_history(fake_clock):
+    store = MemoryCheckpointStore(max_versions=2, clock=fake_clock)
+    checkpoints = Checkpoints(store, clock=fake_clock)
+    for n in range(5):
+        checkpoints.save("p", n)
+    assert checkpoints.load("p").state == 4
+    assert checkpoints.load("p", version=4).state == 3
+    with pytest.raises(CheckpointNotFoundError):
+        checkpoints.load("p", version=3)
+
+
+def test_memory_store_satisfies_the_protocol_and_custom_stores_slot_in(fake_clock):
+    assert isinstance(MemoryCheckpointStore(), CheckpointStore)
+
+    class DictStore:
+        """A minimal third-party store: what a SQLite or Redis store will look like."""
+
+        def __init__(self) -> None:
+            self.rows: dict[str, list[CheckpointRecord]] = {}
+
+        def put(self, key, record):
+            self.rows.setdefault(key, []).append(record)
+
+        def get(self, key, version=None):
+            rows = self.rows.get(key, [])
+            if version is not None:
+                rows = [r for r in rows if r.version == version]
+            return rows[-1] if rows else None
+
+        def list(self, prefix=""):
+            return [v[-1] for k, v in sorted(self.rows.items()) if k.startswith(prefix)]
+
+        def delete(self, key):
+            return len(self.rows.pop(key, []))
+
+    store = DictStore()
+    checkpoints = Checkpoints(store, clock=fake_clock)
+    checkpoints.save("p", {"a": 1})
+    assert store.rows["p"][0].data == '{"a":1}'  # JSON text is what stores hold
+    assert checkpoints.load("p").state == {"a": 1}
+    with pytest.raises(TypeError, match="CheckpointStore"):
+        Checkpoints(object())  # type: ignore[arg-type]
+
+
+def test_concurrent_saves_get_distinct_versions(fake_clock):
+    checkpoints = Checkpoints(clock=fake_clock)
+    versions: list[int] = []
+    lock = threading.Lock()
+
+    def save() -> None:
+        for _ in range(50):
+            v = checkpoints.save("shared", {"x": 1})
+            with lock:
+                versions.append(v)
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(versions) == list(range(1, 201))
+
+
+# -- the seed API's checkpoint methods -----------------------------------------------------------
+
+
+async def test_interaction_create_restore_list_delete(fake_clock):
+    recovery = ErrorRecoveryInteraction(clock=fake_clock, telemetry=False)
+    assert recovery.create_checkpoint("process_1", {"cursor": 10}) == 1
+    assert recovery.create_checkpoint("process_1", {"cursor": 20}, ttl=30) == 2
+    restored = await recovery.restore_checkpoint("process_1")
+    assert restored == {
+        "recovery_status": "success",
+        "state": {"cursor": 20},
+        "version": 2,
+        "checkpoint_id": "process_1",
+    }
+    assert (await recovery._restore_checkpoint("process_1", version=1))["state"] == {"cursor": 10}
+    listed = recovery.list_checkpoints()
+    assert [(c["checkpoint_id"], c["version"]) for c in listed] == [("process_1", 2)]
+    assert listed[0]["expires_at"] == pytest.approx(listed[0]["created_at"] + 30)
+    assert recovery.delete_checkpoint("process_1") == 2
+    missing = await recovery.restore_checkpoint("process_1")
+    assert missing["recovery_status"] == "failed"
+    assert missing["reason"] == "no checkpoint named 'process_1'"
+
+
+async def test_interaction_refuses_unserialisable_state(fake_clock):
+    recovery = ErrorRecoveryInteraction(clock=fake_clock, telemetry=False)
+    with pytest.raises(CheckpointError, match="'p'.*lock"):
+        recovery.create_checkpoint("p", {"lock": threading.Lock()})
