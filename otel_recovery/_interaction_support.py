@@ -26,7 +26,14 @@ from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies import Backoff, CircuitBreaker, CircuitState
 from otel_recovery.telemetry import Telemetry, get_telemetry
+from otel_recovery.telemetry import attributes as _names
 from otel_recovery.telemetry import attributes as names
+from otel_recovery.telemetry.attributes import (
+    COMPENSATION_NAME,
+    COMPENSATION_OUTCOME,
+    EVENT_COMPENSATION,
+    RECOVERY_REASON,
+)
 
 __all__ = [
     "EVENT_COMPENSATION",
@@ -54,17 +61,14 @@ __all__ = [
     "type_name",
 ]
 
-EVENT_COMPENSATION = "otel_recovery.compensation"
-COMPENSATION_NAME = "otel_recovery.compensation.name"
-COMPENSATION_OUTCOME = "otel_recovery.compensation.outcome"
 
 MAX_VALUE = 256
 _MAX_EXTRA_ATTRIBUTES = 32
 _NAMED = {
-    "endpoint": "otel_recovery.endpoint",
-    "operation": "otel_recovery.operation",
-    "criticality": "otel_recovery.criticality",
-    "checkpoint_id": "otel_recovery.checkpoint.id",
+    "endpoint": _names.ENDPOINT,
+    "operation": _names.OPERATION,
+    "criticality": _names.CRITICALITY,
+    "checkpoint_id": _names.CHECKPOINT_ID,
 }
 _CONSUMED = frozenset(
     {"service_id", "retry_func", "fallback_func", "strategy", "reconnect", "compensations"}
@@ -135,7 +139,7 @@ def context_attributes(ctx: Mapping[str, Any]) -> dict[str, str]:
             continue
         elif extras < _MAX_EXTRA_ATTRIBUTES:
             safe = _UNSAFE_KEY.sub("_", str(key))[:64]
-            attributes[f"otel_recovery.context.{safe}"] = bounded(value)
+            attributes[_names.CONTEXT_PREFIX + safe] = bounded(value)
             extras += 1
     return attributes
 
@@ -280,8 +284,6 @@ class Shifted:
 
 
 # -- one recovery's state and result (used by interaction.py) ---------------------------
-
-RECOVERY_REASON = "otel_recovery.recovery.reason"
 
 
 @dataclass(slots=True)

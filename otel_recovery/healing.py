@@ -47,6 +47,13 @@ from opentelemetry import trace
 from otel_recovery._clock import Duration, to_seconds
 from otel_recovery._redact import redact
 from otel_recovery.classify import ErrorInfo, ErrorKind
+from otel_recovery.telemetry.attributes import (
+    EVENT_SELF_HEAL,
+    HEAL_ACTION,
+    HEAL_DETAIL,
+    HEAL_OUTCOME,
+    SERVICE_ID,
+)
 
 __all__ = [
     "EVENT_SELF_HEAL",
@@ -60,11 +67,6 @@ __all__ = [
 
 _log = logging.getLogger("otel_recovery")
 
-EVENT_SELF_HEAL = "otel_recovery.self_heal"
-HEAL_ACTION = "otel_recovery.heal.action"
-HEAL_OUTCOME = "otel_recovery.heal.outcome"
-HEAL_DETAIL = "otel_recovery.heal.detail"
-SERVICE_ID = "otel_recovery.service.id"
 _MAX_DETAIL = 256
 
 HealOutcome = Literal["success", "skipped", "failed"]

@@ -94,16 +94,19 @@ from otel_recovery.policies import (
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.telemetry import Telemetry
 from otel_recovery.telemetry import attributes as names
+from otel_recovery.telemetry.attributes import (
+    CHECKPOINT_ID,
+    CHECKPOINT_VERSION,
+    EVENT_CHECKPOINT_RESTORED,
+    SERVICE_ID,
+    STRATEGY,
+    STRATEGY_REASON,
+)
+from otel_recovery.telemetry.attributes import (
+    RECOVER_FROM_ERROR_SPAN as SPAN_NAME,
+)
 
 __all__ = ["ErrorRecoveryInteraction", "RecoveryAction", "RecoveryStrategy"]
-
-SPAN_NAME = "recover_from_error"
-STRATEGY = "otel_recovery.strategy"
-STRATEGY_REASON = "otel_recovery.strategy.reason"
-SERVICE_ID = "otel_recovery.service.id"
-EVENT_CHECKPOINT_RESTORED = "otel_recovery.checkpoint.restored"
-CHECKPOINT_ID = "otel_recovery.checkpoint.id"
-CHECKPOINT_VERSION = "otel_recovery.checkpoint.version"
 
 
 class ErrorRecoveryInteraction:

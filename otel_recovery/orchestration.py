@@ -61,16 +61,28 @@ from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.interaction import ErrorRecoveryInteraction
 from otel_recovery.policies import CircuitOpenError, Fallback, FixedBackoff, Retry
 from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.telemetry.attributes import (
+    EVENT_ORCHESTRATION_SERVICE as EVENT_SERVICE,
+)
+from otel_recovery.telemetry.attributes import (
+    ORCHESTRATION_SERVICES as SERVICES,
+)
+from otel_recovery.telemetry.attributes import (
+    ORCHESTRATION_SPAN as SPAN_NAME,
+)
+from otel_recovery.telemetry.attributes import (
+    OUTCOME as STATUS,
+)
+from otel_recovery.telemetry.attributes import (
+    RECOVERY_REASON as REASON,
+)
+from otel_recovery.telemetry.attributes import (
+    SERVICE_ID,
+    STRATEGY,
+)
 
 __all__ = ["Correlation", "RecoveryOrchestrator", "ServiceRegistration"]
 
-SPAN_NAME = "orchestrate_recovery"
-EVENT_SERVICE = "otel_recovery.orchestration.service"
-SERVICES = "otel_recovery.orchestration.services"
-SERVICE_ID = "otel_recovery.service.id"
-STATUS = "otel_recovery.outcome"
-STRATEGY = "otel_recovery.strategy"
-REASON = "otel_recovery.recovery.reason"
 
 _RECOVERED = frozenset({"success", "fallback"})
 _ISOLATION = frozenset({RecoveryAction.CIRCUIT_BREAK, RecoveryAction.FALLBACK})

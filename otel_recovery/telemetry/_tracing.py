@@ -104,7 +104,7 @@ class CallTrace:
     def rejected(self, reason: str, component: str, retry_after: float | None) -> None:
         attributes: dict[str, Any] = {
             names.STOP_REASON: reason,
-            "otel_recovery.rejected_by": component,
+            names.REJECTED_BY: component,
         }
         if retry_after is not None:
             attributes[names.BREAKER_RETRY_AFTER] = retry_after
