@@ -1,0 +1,74 @@
+"""What anomaly detection tells the rest of the library, and how it is delivered.
+
+The detector side (``learning/anomaly.py``, statsmodels) publishes :class:`AnomalyEvent` s on an
+:class:`AnomalyBus`; subscribers (adaptive thresholds, the metric and log writers, users) react.
+This module imports nothing heavy, so subscribers never pull statsmodels in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["AnomalyBus", "AnomalyEvent", "SeriesKey"]
+
+_log = logging.getLogger("otel_recovery")
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesKey:
+    """One dependency as seen from one service: the unit a baseline is learned for."""
+
+    service: str
+    server_address: str
+    operation: str
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyEvent:
+    """A change of anomaly state of one signal of one series.
+
+    ``active`` is True when the signal becomes (or stays) anomalous and False when it is back
+    to normal, so subscribers can tighten and later relax. ``signal`` is ``"error_rate"``,
+    ``"latency"`` or ``"calls"``; ``value`` is what was observed and ``expected`` the
+    baseline's prediction for the same bucket; ``score`` is in [0, 1]; ``at`` is epoch seconds.
+    """
+
+    key: SeriesKey
+    signal: str
+    score: float
+    value: float
+    expected: float
+    at: float
+    active: bool
+
+
+class AnomalyBus:
+    """Fan-out of anomaly events; a failing subscriber is logged and never stops the others."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[[AnomalyEvent], None]] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, callback: Callable[[AnomalyEvent], None]) -> Callable[[], None]:
+        """Call ``callback`` for every event; returns a function that unsubscribes it."""
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def publish(self, event: AnomalyEvent) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:
+                _log.exception("anomaly subscriber %r failed", callback)
