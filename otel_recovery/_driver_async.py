@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
+from otel_recovery._attempt import ATTEMPT
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import PolicyCore
@@ -182,6 +183,7 @@ class AsyncDriver(PolicyCore):
                 await clock.asleep(delay)
             attempt += 1
             attempt_start = clock.now()
+            attempt_token = ATTEMPT.set(attempt)
             try:
                 result = await self._attempt(fn, args, kwargs, attempt_start)
             except Exception as exc:
@@ -193,6 +195,8 @@ class AsyncDriver(PolicyCore):
                 if trace is not None:
                     trace.end("cancelled", attempt, info)
                 raise
+            finally:
+                ATTEMPT.reset(attempt_token)
             self._record_outcome(None, None, clock.now() - attempt_start)
             self._remember(result, clock.now())
             if trace is not None:

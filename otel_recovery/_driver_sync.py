@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
+from otel_recovery._attempt import ATTEMPT
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import PolicyCore
@@ -167,6 +168,7 @@ class SyncDriver(PolicyCore):
             token = None
             if self._attempt_limit is not None:
                 token = set_deadline(attempt_start + self._attempt_limit)
+            attempt_token = ATTEMPT.set(attempt)
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:
@@ -179,6 +181,7 @@ class SyncDriver(PolicyCore):
                     trace.end("cancelled", attempt, info)
                 raise
             finally:
+                ATTEMPT.reset(attempt_token)
                 if token is not None:
                     reset_deadline(token)
             self._record_outcome(None, None, clock.now() - attempt_start)

@@ -7,12 +7,19 @@ choosing the fallback, opening the trace) lives here once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._engine import Decision, after_failure, after_rejection
-from otel_recovery.classify import Classifier, ErrorCategory, ErrorInfo, get_default_classifier
+from otel_recovery.classify import (
+    Classifier,
+    ErrorCategory,
+    ErrorInfo,
+    Severity,
+    get_default_classifier,
+)
 from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.bulkhead import Bulkhead, BulkheadFullError
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError, CircuitState
@@ -23,6 +30,7 @@ from otel_recovery.telemetry import CallTrace, Telemetry, get_telemetry, watch_b
 
 __all__ = ["PolicyCore"]
 
+_log = logging.getLogger("otel_recovery")
 _OPEN_STATES = (CircuitState.OPEN, CircuitState.FORCED_OPEN)
 
 
@@ -33,6 +41,7 @@ class PolicyCore:
         "_attempt_limit",
         "_last_good",
         "_needs_duration",
+        "_own_span",
         "_telemetry",
         "breaker",
         "budget",
@@ -60,6 +69,7 @@ class PolicyCore:
         context: Mapping[str, Any] | None = None,
         clock: Clock | None = None,
         telemetry: Telemetry | bool = True,
+        span: Literal["own", "current"] = "own",
     ) -> None:
         _check_type("retry", retry, Retry, "Retry(attempts=3)")
         _check_type("breaker", breaker, CircuitBreaker, "CircuitBreaker(failure_threshold=5)")
@@ -70,6 +80,9 @@ class PolicyCore:
             raise ValueError("a retry budget needs a retry policy: pass retry=Retry(...) as well")
         if timeout is not None and not isinstance(timeout, Timeout):
             timeout = Timeout(timeout)
+        if span not in ("own", "current"):
+            raise ValueError(f"span must be 'own' or 'current', got {span!r}")
+        self._own_span = span == "own"
         self.retry = retry
         self.breaker = breaker
         self.budget = budget
@@ -127,8 +140,20 @@ class PolicyCore:
     # -- shared steps ----------------------------------------------------------------------
 
     def _classify(self, error: BaseException) -> ErrorInfo:
+        """Classify; a classifier bug must not replace the caller's error with ours."""
         classifier = self.classifier or get_default_classifier()
-        return classifier.classify(error, self.context)
+        try:
+            return classifier.classify(error, self.context)
+        except Exception:
+            _log.exception("otel_recovery: classifying %s failed; not retrying it", type(error))
+            return ErrorInfo(
+                category=ErrorCategory.UNKNOWN,
+                severity=Severity.MEDIUM,
+                retryable=False,
+                retry_after=None,
+                error_type=type(error).__qualname__,
+                fingerprint="0" * 16,
+            )
 
     def _trace(self, started: float) -> CallTrace | None:
         """Open the recovery trace; a telemetry failure never breaks the call."""
@@ -139,7 +164,7 @@ class PolicyCore:
             if telemetry is True:
                 telemetry = get_telemetry()
             assert isinstance(telemetry, Telemetry)
-            return telemetry.start_call(self.name, started, self.clock)
+            return telemetry.start_call(self.name, started, self.clock, own_span=self._own_span)
         except Exception:
             return None
 

@@ -53,8 +53,12 @@ class Telemetry:
         started: float,
         clock: Clock,
         extra: dict[str, Any] | None = None,
+        *,
+        own_span: bool = True,
     ) -> CallTrace:
-        return CallTrace(self.tracer, self.metrics, policy_name, started, clock, extra)
+        return CallTrace(
+            self.tracer, self.metrics, policy_name, started, clock, extra, own_span=own_span
+        )
 
     def watch_breaker(self, breaker: CircuitBreaker) -> None:
         """Count the breaker's transitions, mark them on the current span, report its state.

@@ -6,6 +6,14 @@ call is rejected), the driver opens a :class:`CallTrace`: an INTERNAL span named
 caller's current span. Later attempts run inside it, so the client spans of each attempt
 nest under the recovery that caused them. Each decision is an event on it.
 
+With ``own_span=False`` (the DB and Redis instrumentors, whose contrib span already covers the
+whole logical operation, as the database conventions ask) no span is created: the events and
+attributes go on the current span, whose status and end belong to its owner. Without a
+recording current span it falls back to a span of its own.
+
+Every method swallows its own failures (logged once): telemetry must never change what the
+call returns or raises.
+
 Status follows the recording-errors convention: a call recovered by a retry or answered by a
 fallback ends with status unset; only a final failure sets ``ERROR`` and ``error.type``.
 Handled intermediate exceptions are events of our own, not ``exception`` events.
@@ -14,7 +22,10 @@ Handled intermediate exceptions are events of our own, not ``exception`` events.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -27,11 +38,42 @@ from otel_recovery.telemetry._metrics import RecoveryMetrics
 
 __all__ = ["CallTrace"]
 
+_log = logging.getLogger("otel_recovery")
+_failed_sites: set[str] = set()
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _never_raises(method: Callable[P, None]) -> Callable[P, None]:
+    """Run a telemetry step; on an internal error, log once per step and carry on."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:
+            if method.__name__ not in _failed_sites:
+                _failed_sites.add(method.__name__)
+                _log.exception(
+                    "otel_recovery telemetry failed in %s (logged once)", method.__name__
+                )
+
+    return guarded
+
 
 class CallTrace:
     """Span, events and metrics for one recovering call; created lazily by the drivers."""
 
-    __slots__ = ("_attributes", "_clock", "_metrics", "_policy", "_span", "_started", "_token")
+    __slots__ = (
+        "_attributes",
+        "_clock",
+        "_metrics",
+        "_owns_span",
+        "_policy",
+        "_span",
+        "_started",
+        "_token",
+    )
 
     def __init__(
         self,
@@ -41,6 +83,8 @@ class CallTrace:
         started: float,
         clock: Clock,
         attributes: dict[str, Any] | None = None,
+        *,
+        own_span: bool = True,
     ) -> None:
         self._policy = policy_name
         self._started = started
@@ -49,15 +93,21 @@ class CallTrace:
         self._attributes: dict[str, Any] = {names.POLICY_NAME: policy_name}
         if attributes:
             self._attributes.update(attributes)
+        self._token: object | None = None
+        current = trace.get_current_span()
+        self._owns_span = own_span or not current.is_recording()
+        if not self._owns_span:
+            self._span: Span = current
+            current.set_attributes(self._attributes)
+            return
         now = clock.now()
         start_ns = int((clock.wall() - (now - started)) * 1e9)
-        self._span: Span = tracer.start_span(
+        self._span = tracer.start_span(
             f"{names.RECOVERY_SPAN_PREFIX} {policy_name}",
             kind=SpanKind.INTERNAL,
             attributes=self._attributes,
             start_time=start_ns,
         )
-        self._token: object | None = None
 
     @property
     def span(self) -> Span:
@@ -65,7 +115,7 @@ class CallTrace:
 
     def activate(self) -> None:
         """Make the recovery span current, so later attempts' spans become its children."""
-        if self._token is None:
+        if self._token is None and self._owns_span:
             self._token = otel_context.attach(trace.set_span_in_context(self._span))
 
     def _deactivate(self) -> None:
@@ -76,6 +126,7 @@ class CallTrace:
             with contextlib.suppress(Exception):
                 otel_context.detach(token)  # type: ignore[arg-type]
 
+    @_never_raises
     def attempt_failed(self, attempt: int, info: ErrorInfo, duration: float) -> None:
         attributes: dict[str, Any] = {names.ATTEMPT: attempt, names.ATTEMPT_DURATION: duration}
         attributes.update(info.to_attributes())
@@ -83,12 +134,14 @@ class CallTrace:
             attributes[names.ERROR_MESSAGE] = info.message
         self._span.add_event(names.EVENT_ATTEMPT_FAILED, attributes)
 
+    @_never_raises
     def retrying(self, next_attempt: int, delay: float, info: ErrorInfo) -> None:
         self._span.add_event(names.EVENT_RETRY, {names.ATTEMPT: next_attempt, names.BACKOFF: delay})
         self._metrics.retry_attempts.add(
             1, {names.POLICY_NAME: self._policy, names.ERROR_TYPE: info.error_type}
         )
 
+    @_never_raises
     def stopped(self, reason: str, info: ErrorInfo | None, budget_name: str | None) -> None:
         """Retrying ended without success; a budget refusal gets an event of its own."""
         if reason == "budget_exhausted":
@@ -101,6 +154,7 @@ class CallTrace:
         self._span.add_event(names.EVENT_GIVE_UP, {names.STOP_REASON: reason})
         self._span.set_attribute(names.STOP_REASON, reason)
 
+    @_never_raises
     def rejected(self, reason: str, component: str, retry_after: float | None) -> None:
         attributes: dict[str, Any] = {
             names.STOP_REASON: reason,
@@ -110,6 +164,7 @@ class CallTrace:
             attributes[names.BREAKER_RETRY_AFTER] = retry_after
         self._span.add_event(names.EVENT_REJECTED, attributes)
 
+    @_never_raises
     def fallback(self, kind: str, error: BaseException, info: ErrorInfo | None) -> None:
         error_type = info.error_type if info is not None else type(error).__qualname__
         self._span.add_event(
@@ -119,6 +174,7 @@ class CallTrace:
             1, {names.POLICY_NAME: self._policy, names.ERROR_TYPE: error_type}
         )
 
+    @_never_raises
     def end(
         self,
         outcome: str,
@@ -141,10 +197,14 @@ class CallTrace:
             span.set_attribute(names.ERROR_FINGERPRINT, info.fingerprint)
         if error is not None and outcome in ("failure", "rejected"):
             error_type = info.error_type if info is not None else type(error).__qualname__
-            span.set_attribute(names.ERROR_TYPE, error_type)
-            description = info.message if info is not None else ""
-            span.set_status(Status(StatusCode.ERROR, description or None))
             metric_attributes[names.ERROR_TYPE] = error_type
+            existing = getattr(span, "attributes", None) or {}
+            if self._owns_span or names.ERROR_TYPE not in existing:
+                span.set_attribute(names.ERROR_TYPE, error_type)
+            if self._owns_span:
+                description = info.message if info is not None else ""
+                span.set_status(Status(StatusCode.ERROR, description or None))
         duration = max(0.0, self._clock.now() - self._started)
         self._metrics.call_duration.record(duration, metric_attributes)
-        span.end(end_time=int(self._clock.wall() * 1e9))
+        if self._owns_span:
+            span.end(end_time=int(self._clock.wall() * 1e9))

@@ -1,0 +1,17 @@
+"""OpenTelemetry instrumentors that make client calls recover inline.
+
+One module per client library, each importing its library at the top (so a missing library
+makes the ``opentelemetry-instrument`` loader skip only that instrumentor), registered under
+the ``opentelemetry_instrumentor`` entry-point group (module: class -> entry point):
+
+- ``requests``: ``RequestsRecoveryInstrumentor`` -> ``otel_recovery_requests``
+- ``httpx``: ``HTTPXRecoveryInstrumentor`` -> ``otel_recovery_httpx``
+- ``aiohttp_client``: ``AioHttpClientRecoveryInstrumentor`` -> ``otel_recovery_aiohttp_client``
+- ``redis``: ``RedisRecoveryInstrumentor`` -> ``otel_recovery_redis``
+- ``psycopg``: ``PsycopgRecoveryInstrumentor`` -> ``otel_recovery_psycopg``
+- ``asyncpg``: ``AsyncPGRecoveryInstrumentor`` -> ``otel_recovery_asyncpg``
+
+This package itself imports none of the libraries.
+"""
+
+__all__: list[str] = []

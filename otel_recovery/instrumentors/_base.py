@@ -1,0 +1,88 @@
+"""``RecoveryInstrumentor``: the lifecycle every client-library instrumentor shares.
+
+Each instrumentor is an OpenTelemetry ``BaseInstrumentor`` registered under the
+``opentelemetry_instrumentor`` entry-point group, so installing otel-recovery next to a
+service run by ``opentelemetry-instrument`` switches recovery on. That is why the defaults are
+conservative (see :mod:`._settings`) and why ``instrument()`` can be turned off three ways:
+``OTEL_RECOVERY_ENABLED=false``, ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_recovery_<lib>``
+(handled by the loader), or not calling it.
+
+Subclasses name their library and version range and implement :meth:`_install`, which wraps
+the library's methods through a :class:`PatchSet` using the per-target policies of a
+:class:`TargetPolicies`. Uninstrumenting removes exactly our wrappers.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Collection
+from typing import Any, ClassVar, Literal
+
+from opentelemetry.instrumentation.dependencies import (
+    DependencyConflictError,
+    get_dependency_conflicts,
+)
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+
+from otel_recovery._config import SWITCHES
+from otel_recovery.instrumentors._settings import RecoverySettings, load_settings
+from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._wrapping import PatchSet
+
+__all__ = ["RecoveryInstrumentor"]
+
+_OWN_KWARGS = ("tracer_provider", "meter_provider", "clock")
+
+
+class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Base of the six instrumentors; see the module docstring."""
+
+    library: ClassVar[str] = ""
+    """Short name used in breaker names and settings, e.g. ``"redis"``."""
+    instruments: ClassVar[tuple[str, ...]] = ()
+    """Requirement strings of the supported library versions, e.g. ``("redis >= 4.2",)``."""
+    span_mode: ClassVar[Literal["own", "current"]] = "own"
+    """``"own"``: a ``recover`` span around the attempts (HTTP: per-attempt client spans
+    nest inside it). ``"current"``: annotate the logical operation's span (DB, Redis)."""
+
+    settings: RecoverySettings | None = None
+    targets: TargetPolicies | None = None
+    _patches: PatchSet | None = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return self.instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        # Auto-instrumentation skips the dependency check (skip_dep_check=True); do our own.
+        conflict = get_dependency_conflicts(self.instruments)
+        if conflict is not None:
+            raise DependencyConflictError(conflict)
+        options = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
+        settings = load_settings(options)
+        self.settings = settings
+        if not settings.enabled or not SWITCHES.active:
+            return
+        self.targets = TargetPolicies(
+            self.library, settings, span=self.span_mode, clock=kwargs.get("clock")
+        )
+        patches = PatchSet(self.library)
+        self._install(patches, self.targets, kwargs)
+        patches.enabled = True
+        self._patches = patches
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        patches = self._patches
+        if patches is not None:
+            patches.remove_all()
+        self._patches = None
+        self.targets = None
+
+    def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def library_version(distribution: str) -> str | None:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None

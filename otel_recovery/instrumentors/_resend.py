@@ -1,0 +1,54 @@
+"""``http.request.resend_count`` on the client span of every HTTP resend.
+
+The HTTP conventions want one CLIENT span per attempt (contrib's) and, on resends, the stable
+attribute ``http.request.resend_count``. Contrib creates those spans inside our retry loop,
+out of our reach, so a span processor stamps them at start from the attempt number the
+driver publishes (:func:`otel_recovery._attempt.current_attempt`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import SpanKind
+
+from otel_recovery._attempt import current_attempt
+from otel_recovery.telemetry.attributes import HTTP_REQUEST_RESEND_COUNT
+
+__all__ = ["ResendCountSpanProcessor", "install_resend_processor"]
+
+_HTTP_METHOD_KEYS = ("http.request.method", "http.method")
+_installed: weakref.WeakSet[Any] = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+class ResendCountSpanProcessor(SpanProcessor):
+    """Sets ``http.request.resend_count = attempt - 1`` on HTTP CLIENT spans of resends."""
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        attempt = current_attempt()
+        if attempt <= 1 or span.kind is not SpanKind.CLIENT:
+            return
+        attributes = span.attributes or {}
+        if any(key in attributes for key in _HTTP_METHOD_KEYS):
+            span.set_attribute(HTTP_REQUEST_RESEND_COUNT, attempt - 1)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        return None
+
+
+def install_resend_processor(tracer_provider: Any) -> bool:
+    """Add the processor to an SDK tracer provider once; False if it cannot take processors."""
+    add = getattr(tracer_provider, "add_span_processor", None)
+    if add is None:
+        return False
+    with _lock:
+        if tracer_provider in _installed:
+            return True
+        _installed.add(tracer_provider)
+    add(ResendCountSpanProcessor())
+    return True

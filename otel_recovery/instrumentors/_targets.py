@@ -1,0 +1,129 @@
+"""One circuit breaker and one retry budget per target server, built from the settings.
+
+resilience4j's golden rule: one breaker per backend. A failing ``payments:443`` must not open
+the circuit for ``search:443``, and retries against one must not spend another's budget. The
+number of targets is bounded (least recently used are forgotten) so a client that talks to
+unboundedly many hosts cannot grow memory without limit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Literal
+
+from otel_recovery._clock import Clock
+from otel_recovery.instrumentors._settings import RecoverySettings
+from otel_recovery.policies import (
+    CircuitBreaker,
+    ExponentialBackoff,
+    Fallback,
+    Retry,
+    RetryBudget,
+)
+from otel_recovery.recover import RecoveryPolicy
+
+__all__ = ["TargetPolicies"]
+
+
+class _Target:
+    __slots__ = ("breaker", "budget", "policies")
+
+    def __init__(self, breaker: CircuitBreaker, budget: RetryBudget) -> None:
+        self.breaker = breaker
+        self.budget = budget
+        self.policies: dict[tuple[str | None, bool], RecoveryPolicy] = {}
+
+
+class TargetPolicies:
+    """``policy_for(host, port, operation, retry_allowed)`` -> the policy to run a call under.
+
+    A call that may not be repeated (a POST, an INCR, a statement that may have run) gets a
+    policy with the same breaker but a single attempt: its failure is still classified,
+    recorded and counted against the target, and re-raised unchanged.
+    """
+
+    def __init__(
+        self,
+        library: str,
+        settings: RecoverySettings,
+        *,
+        span: Literal["own", "current"] = "own",
+        clock: Clock | None = None,
+        max_targets: int = 1024,
+    ) -> None:
+        self.library = library
+        self.settings = settings
+        self._span: Literal["own", "current"] = span
+        self._clock = clock
+        self._max = max_targets
+        self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _target(self, host: str, port: int | None) -> _Target:
+        key = (host, port)
+        with self._lock:
+            target = self._targets.get(key)
+            if target is not None:
+                self._targets.move_to_end(key)
+                return target
+            s = self.settings.for_target(host, port, None)
+            name = f"{self.library} {host}:{port}" if port is not None else f"{self.library} {host}"
+            breaker = CircuitBreaker(
+                name=name,
+                timeout=s.breaker_open_seconds,
+                failure_rate_threshold=s.breaker_failure_rate,
+                window="count",
+                window_size=s.breaker_window,
+                minimum_calls=min(s.breaker_minimum_calls, s.breaker_window),
+                half_open_max_calls=s.breaker_half_open_calls,
+                clock=self._clock,
+            )
+            budget = RetryBudget(
+                ratio=s.budget_ratio,
+                min_per_second=s.budget_min_per_second,
+                name=name,
+                clock=self._clock,
+            )
+            target = _Target(breaker, budget)
+            self._targets[key] = target
+            while len(self._targets) > self._max:
+                self._targets.popitem(last=False)
+            return target
+
+    def policy_for(
+        self, host: str, port: int | None, operation: str | None, *, retry_allowed: bool
+    ) -> RecoveryPolicy:
+        target = self._target(host, port)
+        s = self.settings.for_target(host, port, operation)
+        specific = operation if s != self.settings.for_target(host, port, None) else None
+        key = (specific, retry_allowed)
+        policy = target.policies.get(key)
+        if policy is not None:
+            return policy
+        retry = Retry(
+            s.max_attempts if retry_allowed else 1,
+            deadline=s.deadline,
+            attempt_timeout=s.attempt_timeout,
+            backoff=ExponentialBackoff(
+                initial=s.backoff_initial,
+                maximum=max(s.backoff_max, s.backoff_initial),
+                jitter="full",
+            ),
+            retry_after_cap=s.retry_after_cap,
+        )
+        policy = RecoveryPolicy(
+            retry=retry,
+            breaker=target.breaker,
+            budget=target.budget if retry_allowed else None,
+            fallback=Fallback(s.fallback_value) if s.has_fallback else None,
+            name=target.breaker.name,
+            clock=self._clock,
+            span=self._span,
+        )
+        with self._lock:
+            return target.policies.setdefault(key, policy)
+
+    def breakers(self) -> list[CircuitBreaker]:
+        with self._lock:
+            return [target.breaker for target in self._targets.values()]

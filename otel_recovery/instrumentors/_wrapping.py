@@ -1,0 +1,145 @@
+"""Installing and removing our wrapt wrappers without disturbing anybody else's.
+
+Three facts from research/otel-conventions.md (sections 1.9 and 2) shape this module:
+
+- contrib's ``unwrap`` removes whatever wrapper is on top, ours included; so we remove our
+  own layer *by identity*, splicing it out of the chain when someone wrapped on top of it;
+- where our wrapper cannot be removed (a non-wrapt closure captured it), it must become a
+  no-op: every wrapper checks its :class:`PatchSet`'s ``enabled`` flag first;
+- for DB and Redis our wrapper must sit *beneath* contrib's, so contrib's single span covers
+  all our retries; when contrib is already installed we splice beneath its lowest layer.
+
+It also owns the promise that the instrumentation never breaks the host application:
+:func:`report_internal_error` logs an internal failure once per site, and wrappers then call
+the original function as if uninstrumented.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import wrapt
+
+__all__ = ["PatchSet", "Wrapper", "report_internal_error"]
+
+_log = logging.getLogger("otel_recovery.instrumentors")
+
+Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
+"""The wrapt wrapper signature: ``(wrapped, instance, args, kwargs) -> result``."""
+
+_CONTRIB_PREFIX = "opentelemetry.instrumentation."
+_reported: set[str] = set()
+_reported_lock = threading.Lock()
+
+
+def report_internal_error(site: str, error: BaseException) -> None:
+    """Log an internal otel_recovery failure once per ``site``; never raises."""
+    try:
+        with _reported_lock:
+            if site in _reported:
+                return
+            _reported.add(site)
+        _log.error(
+            "otel_recovery internal error in %s; the call proceeds uninstrumented "
+            "(reported once per site)",
+            site,
+            exc_info=(type(error), error, error.__traceback__),
+        )
+    except Exception:  # logging itself failed: nothing more we can do safely
+        return
+
+
+@dataclass
+class _Installed:
+    owner: Any
+    attribute: str
+    proxy: Any  # the wrapt.FunctionWrapper we installed
+
+
+def _is_proxy(value: object) -> bool:
+    return isinstance(value, wrapt.ObjectProxy) or hasattr(value, "__wrapped__")
+
+
+def _wrapper_module(proxy: object) -> str:
+    """Module of the function inside a wrapt proxy (contrib's may be a functools.partial)."""
+    inner = getattr(proxy, "_self_wrapper", None)
+    inner = getattr(inner, "func", inner)
+    return str(getattr(inner, "__module__", "") or "")
+
+
+class PatchSet:
+    """The wrappers one instrumentor installed; ``remove_all`` takes out exactly those."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.enabled = False
+        self._installed: list[_Installed] = []
+
+    def wrap(
+        self, owner: Any, attribute: str, wrapper: Wrapper, *, beneath_contrib: bool = False
+    ) -> None:
+        """Wrap ``owner.attribute`` (a class or module attribute) with ``wrapper``.
+
+        ``beneath_contrib`` splices the wrapper under an OpenTelemetry contrib wrapper that is
+        already there; if contrib instruments later, it lands on top by itself.
+        """
+        patchset = self
+
+        def gated(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+            if not patchset.enabled:
+                return wrapped(*args, **kwargs)
+            return wrapper(wrapped, instance, args, kwargs)
+
+        current = vars(owner).get(attribute) if hasattr(owner, "__dict__") else None
+        if current is None:
+            current = getattr(owner, attribute)
+        if beneath_contrib:
+            lowest = None
+            node = current
+            while isinstance(node, wrapt.ObjectProxy) and _wrapper_module(node).startswith(
+                _CONTRIB_PREFIX
+            ):
+                lowest = node
+                node = node.__wrapped__
+            if lowest is not None:
+                proxy = wrapt.FunctionWrapper(lowest.__wrapped__, gated)
+                lowest.__wrapped__ = proxy
+                self._installed.append(_Installed(owner, attribute, proxy))
+                return
+        proxy = wrapt.FunctionWrapper(current, gated)
+        setattr(owner, attribute, proxy)
+        self._installed.append(_Installed(owner, attribute, proxy))
+
+    def remove_all(self) -> None:
+        """Take our wrappers out; one that cannot be reached stays as a disabled pass-through."""
+        self.enabled = False
+        for item in reversed(self._installed):
+            try:
+                self._remove(item)
+            except Exception as error:
+                report_internal_error(f"uninstrument {self.name}", error)
+        self._installed.clear()
+
+    @staticmethod
+    def _remove(item: _Installed) -> None:
+        owner, attribute, ours = item.owner, item.attribute, item.proxy
+        top = vars(owner).get(attribute) if hasattr(owner, "__dict__") else None
+        if top is None:
+            top = getattr(owner, attribute)
+        if top is ours:
+            setattr(owner, attribute, ours.__wrapped__)
+            return
+        node = top
+        while _is_proxy(node):
+            below = node.__wrapped__
+            if below is ours:
+                if isinstance(node, wrapt.ObjectProxy):
+                    node.__wrapped__ = ours.__wrapped__
+                # else: a plain closure captured our proxy; it stays, disabled.
+                return
+            node = below
+        # Not found: someone replaced the attribute wholesale; nothing of ours is reachable.
