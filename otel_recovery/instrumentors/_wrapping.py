@@ -32,6 +32,8 @@ Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], A
 """The wrapt wrapper signature: ``(wrapped, instance, args, kwargs) -> result``."""
 
 _CONTRIB_PREFIX = "opentelemetry.instrumentation."
+# wrapt 2 renamed the proxy base (FunctionWrapper no longer subclasses wrapt.ObjectProxy).
+_Proxy: Any = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
 _reported: set[str] = set()
 _reported_lock = threading.Lock()
 
@@ -61,7 +63,7 @@ class _Installed:
 
 
 def _is_proxy(value: object) -> bool:
-    return isinstance(value, wrapt.ObjectProxy) or hasattr(value, "__wrapped__")
+    return isinstance(value, _Proxy) or hasattr(value, "__wrapped__")
 
 
 def _wrapper_module(proxy: object) -> str:
@@ -100,9 +102,7 @@ class PatchSet:
         if beneath_contrib:
             lowest = None
             node = current
-            while isinstance(node, wrapt.ObjectProxy) and _wrapper_module(node).startswith(
-                _CONTRIB_PREFIX
-            ):
+            while isinstance(node, _Proxy) and _wrapper_module(node).startswith(_CONTRIB_PREFIX):
                 lowest = node
                 node = node.__wrapped__
             if lowest is not None:
@@ -137,7 +137,7 @@ class PatchSet:
         while _is_proxy(node):
             below = node.__wrapped__
             if below is ours:
-                if isinstance(node, wrapt.ObjectProxy):
+                if isinstance(node, _Proxy):
                     node.__wrapped__ = ours.__wrapped__
                 # else: a plain closure captured our proxy; it stays, disabled.
                 return

@@ -1,0 +1,227 @@
+"""The instrumentor base: settings, layer-aware wrapping, per-target policies, resend count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import wrapt
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from otel_recovery._attempt import ATTEMPT, current_attempt
+from otel_recovery.instrumentors._resend import install_resend_processor
+from otel_recovery.instrumentors._settings import RecoverySettings, SettingsError, load_settings
+from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+from otel_recovery.policies import FixedBackoff, Retry
+from otel_recovery.recover import RecoveryPolicy
+
+# -- settings ------------------------------------------------------------------------------
+
+
+def test_defaults_are_conservative():
+    s = load_settings(environ={})
+    assert s.max_attempts == 3 and s.budget_ratio == 0.1
+    assert s.http_retry_methods == {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"}
+    assert "POST" not in s.http_retry_methods and s.sql_retry == "connect"
+
+
+def test_environment_then_file_then_kwargs(tmp_path):
+    config = tmp_path / "policy.toml"
+    config.write_text(
+        'max_attempts = 4\nbudget_ratio = 0.2\n[targets."api.local"]\nmax_attempts = 6\n'
+        '[targets."api.local".operations."GET /prices"]\nfallback_value = []\n'
+    )
+    env = {
+        "OTEL_RECOVERY_MAX_ATTEMPTS": "2",
+        "OTEL_RECOVERY_BACKOFF_INITIAL": "0.2",
+        "OTEL_RECOVERY_HTTP_RETRY_METHODS": "get, head",
+        "OTEL_RECOVERY_CONFIG": str(config),
+    }
+    s = load_settings({"budget_ratio": 0.05}, environ=env)
+    assert s.max_attempts == 4  # file beats env
+    assert s.backoff_initial == 0.2  # env where the file is silent
+    assert s.budget_ratio == 0.05  # kwargs beat both
+    assert s.http_retry_methods == {"GET", "HEAD"}
+    assert s.for_target("api.local", 443, None).max_attempts == 6
+    priced = s.for_target("api.local", 443, "GET /prices")
+    assert priced.has_fallback and priced.fallback_value == []
+    assert not s.for_target("other.local", 443, "GET /prices").has_fallback
+
+
+def test_json_policy_file(tmp_path):
+    config = tmp_path / "policy.json"
+    config.write_text(json.dumps({"max_attempts": 5, "targets": {"db:5432": {"max_attempts": 1}}}))
+    s = load_settings(environ={"OTEL_RECOVERY_CONFIG": str(config)})
+    assert s.max_attempts == 5 and s.for_target("db", 5432, None).max_attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"OTEL_RECOVERY_MAX_ATTEMPTS": "lots"}, r"OTEL_RECOVERY_MAX_ATTEMPTS='lots' is not valid"),
+        ({"OTEL_RECOVERY_MAX_ATTEMPTS": "0"}, r"expected an integer from 1 to 20"),
+        ({"OTEL_RECOVERY_BUDGET_RATIO": "10"}, r"a ratio from 0 to 1"),
+        ({"OTEL_RECOVERY_SQL_RETRY": "always"}, r"'connect' or 'never'"),
+        ({"OTEL_RECOVERY_ENABLED": "maybe"}, r"expected true or false"),
+        ({"OTEL_RECOVERY_CONFIG": "/nonexistent/policy.toml"}, r"cannot be read"),
+    ],
+)
+def test_bad_settings_fail_with_the_setting_named(env, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(environ=env)
+
+
+def test_unknown_keys_in_a_file_are_rejected_with_the_known_list(tmp_path):
+    config = tmp_path / "p.toml"
+    config.write_text("max_atempts = 3\n")
+    with pytest.raises(
+        SettingsError, match=r"unknown setting 'max_atempts'.*known settings: .*max_attempts"
+    ):
+        load_settings(environ={"OTEL_RECOVERY_CONFIG": str(config)})
+
+
+def test_bad_values_in_target_sections_fail_at_load_time(tmp_path):
+    config = tmp_path / "p.toml"
+    config.write_text('[targets."x"]\nbudget_ratio = 3\n')
+    with pytest.raises(SettingsError, match=r"budget_ratio \(from targets.x\)"):
+        load_settings(environ={"OTEL_RECOVERY_CONFIG": str(config)})
+
+
+# -- wrapping ------------------------------------------------------------------------------
+
+
+class Client:
+    def call(self, value):
+        return ("original", value)
+
+
+def contrib_like_wrapper(wrapped, instance, args, kwargs):
+    return ("contrib", wrapped(*args, **kwargs))
+
+
+contrib_like_wrapper.__module__ = "opentelemetry.instrumentation.fake"
+
+
+def ours(wrapped, instance, args, kwargs):
+    return ("ours", wrapped(*args, **kwargs))
+
+
+@pytest.fixture
+def client_class():
+    original = Client.__dict__["call"]
+    yield Client
+    Client.call = original
+
+
+def test_wrap_and_remove_restores_the_original_identity(client_class):
+    original = client_class.__dict__["call"]
+    patches = PatchSet("test")
+    patches.wrap(client_class, "call", ours)
+    patches.enabled = True
+    assert client_class().call(1) == ("ours", ("original", 1))
+    patches.remove_all()
+    assert client_class.__dict__["call"] is original
+
+
+def test_disabled_patchset_passes_straight_through(client_class):
+    patches = PatchSet("test")
+    patches.wrap(client_class, "call", ours)
+    assert client_class().call(1) == ("original", 1)  # not enabled yet
+
+
+def test_beneath_contrib_splices_under_an_existing_contrib_wrapper(client_class):
+    wrapt.wrap_function_wrapper(client_class, "call", contrib_like_wrapper)
+    patches = PatchSet("test")
+    patches.wrap(client_class, "call", ours, beneath_contrib=True)
+    patches.enabled = True
+    assert client_class().call(1) == ("contrib", ("ours", ("original", 1)))
+    patches.remove_all()
+    assert client_class().call(1) == ("contrib", ("original", 1))
+
+
+def test_removing_ours_when_someone_wrapped_on_top_keeps_their_layer(client_class):
+    original = client_class.__dict__["call"]
+    patches = PatchSet("test")
+    patches.wrap(client_class, "call", ours)
+    patches.enabled = True
+    wrapt.wrap_function_wrapper(client_class, "call", contrib_like_wrapper)  # contrib loads later
+    patches.remove_all()
+    top = client_class.__dict__["call"]
+    assert client_class().call(1) == ("contrib", ("original", 1))
+    assert top.__wrapped__ is original
+
+
+def test_internal_errors_are_reported_once(caplog):
+    for _ in range(3):
+        report_internal_error("unit-test-site", RuntimeError("boom"))
+    assert sum("unit-test-site" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- targets -------------------------------------------------------------------------------
+
+
+def test_one_breaker_and_budget_per_target_and_single_attempt_twins(fake_clock):
+    targets = TargetPolicies("http", RecoverySettings(), clock=fake_clock)
+    a = targets.policy_for("a.local", 443, "GET /", retry_allowed=True)
+    a_post = targets.policy_for("a.local", 443, "POST /", retry_allowed=False)
+    b = targets.policy_for("b.local", 443, "GET /", retry_allowed=True)
+    assert a.breaker is a_post.breaker and a.breaker is not b.breaker
+    assert a.retry.attempts == 3 and a_post.retry.attempts == 1
+    assert a_post.budget is None and a.budget is not None
+    assert targets.policy_for("a.local", 443, "GET /x", retry_allowed=True) is a
+    assert a.breaker.name == "http a.local:443"
+
+
+def test_target_count_is_bounded(fake_clock):
+    targets = TargetPolicies("http", RecoverySettings(), clock=fake_clock, max_targets=3)
+    for i in range(10):
+        targets.policy_for(f"h{i}", 80, None, retry_allowed=True)
+    assert len(targets.breakers()) == 3
+
+
+def test_per_operation_settings_get_their_own_policy(tmp_path, fake_clock):
+    config = tmp_path / "p.toml"
+    config.write_text('[targets."api"]\n[targets."api".operations."GET /slow"]\nmax_attempts = 5\n')
+    s = load_settings(environ={"OTEL_RECOVERY_CONFIG": str(config)})
+    targets = TargetPolicies("http", s, clock=fake_clock)
+    slow = targets.policy_for("api", 80, "GET /slow", retry_allowed=True)
+    other = targets.policy_for("api", 80, "GET /fast", retry_allowed=True)
+    assert slow.retry.attempts == 5 and other.retry.attempts == 3
+    assert slow.breaker is other.breaker
+
+
+# -- resend count --------------------------------------------------------------------------
+
+
+def test_resend_count_is_stamped_on_http_client_spans_of_retries(fake_clock):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert install_resend_processor(provider) is True
+    assert install_resend_processor(provider) is True  # idempotent
+    tracer = provider.get_tracer("contrib-like")
+
+    def send():
+        with tracer.start_as_current_span(
+            "GET", kind=SpanKind.CLIENT, attributes={"http.request.method": "GET"}
+        ):
+            assert current_attempt() >= 1
+            if current_attempt() < 3:
+                raise ConnectionError("reset")
+        with tracer.start_as_current_span("db", kind=SpanKind.CLIENT):
+            pass  # not HTTP: never stamped
+
+    policy = RecoveryPolicy(
+        retry=Retry(3, backoff=FixedBackoff(0)), clock=fake_clock, telemetry=False
+    )
+    policy.call(send)
+    http = [s for s in exporter.get_finished_spans() if s.name == "GET"]
+    assert [s.attributes.get("http.request.resend_count") for s in http] == [None, 1, 2]
+    db = [s for s in exporter.get_finished_spans() if s.name == "db"]
+    assert "http.request.resend_count" not in db[0].attributes
+    assert ATTEMPT.get() == 1
+    assert install_resend_processor(object()) is False
