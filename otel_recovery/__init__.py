@@ -7,6 +7,7 @@ statsmodels); instrumentors, middleware, stores and learning live in their own m
 """
 
 from otel_recovery.__about__ import VERSION as __version__  # noqa: N811
+from otel_recovery._attempt import current_attempt
 from otel_recovery._config import is_active, is_testing, set_active, set_testing
 from otel_recovery.classify import (
     Classifier,
@@ -72,6 +73,7 @@ __all__ = [
     "__version__",
     "classify",
     "classify_status",
+    "current_attempt",
     "is_active",
     "is_testing",
     "recover",
