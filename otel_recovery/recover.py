@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
+from otel_recovery._attempts import Attempt, aiterate, iterate
 from otel_recovery._clock import Duration
 from otel_recovery._driver_async import AsyncDriver
 from otel_recovery._driver_sync import SyncDriver
@@ -51,6 +52,18 @@ class RecoveryPolicy(SyncDriver, AsyncDriver):
     """
 
     __slots__ = ()
+
+    def attempts(self) -> Iterator[Attempt]:
+        """Retry a block: ``for attempt in policy.attempts(): with attempt: ...``.
+
+        The block's exception is suppressed when the engine decides to retry and propagates
+        unchanged when it gives up. Fallbacks do not apply (a block returns nothing).
+        """
+        return iterate(self)
+
+    def aattempts(self) -> AsyncIterator[Attempt]:
+        """The async twin: ``async for attempt in policy.aattempts(): with attempt: ...``."""
+        return aiterate(self)
 
     def __call__(self, fn: Callable[P, T]) -> Callable[P, T]:
         """Use the policy itself as a decorator: ``@policy``."""

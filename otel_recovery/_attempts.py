@@ -1,0 +1,161 @@
+"""Retrying a block of code: ``for attempt in policy.attempts(): with attempt: ...``.
+
+Some work is not a single callable (several statements, a ``with`` block of its own, code
+that assigns to local variables). tenacity's answer, kept here: an iterator of attempts,
+each a context manager. A failing block is classified; if the engine says retry, the
+exception is suppressed, the loop sleeps and yields the next attempt; otherwise the exception
+propagates unchanged. The breaker is asked once before the first attempt and told the
+outcome once, as for ``call``; budget, deadline, telemetry and testing mode behave the same.
+A fallback cannot answer for a block (a block has no return value), so it is not consulted.
+
+Async code uses ``async for attempt in policy.aattempts(): with attempt: ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from otel_recovery._attempt import ATTEMPT
+from otel_recovery._config import SWITCHES
+from otel_recovery._engine import Action
+from otel_recovery.classify import ErrorInfo
+from otel_recovery.telemetry import CallTrace
+
+if TYPE_CHECKING:
+    from otel_recovery._policy_core import PolicyCore
+
+__all__ = ["Attempt", "AttemptLoop"]
+
+
+class AttemptLoop:
+    """The state of one retried block; drives :class:`Attempt` s."""
+
+    def __init__(self, policy: PolicyCore) -> None:
+        self.policy = policy
+        self.started = policy.clock.now()
+        self.number = 0
+        self.delay = 0.0
+        self.done = False
+        self.trace: CallTrace | None = None
+        self.info: ErrorInfo | None = None
+        self._permit = False
+
+    def begin(self) -> None:
+        """Ask the breaker once for the whole block; a rejection raises ``CircuitOpenError``."""
+        policy = self.policy
+        breaker = policy.breaker
+        if SWITCHES.active and breaker is not None:
+            if not breaker.can_execute():
+                error = policy._rejection()
+                info, trace = policy._open_rejection_trace(error, self.started)
+                policy._failed(trace, 0, info, error)
+                raise error
+            self._permit = True
+        if SWITCHES.active and policy.budget is not None:
+            policy.budget.record_call(self.started)
+
+    def next_attempt(self) -> Attempt:
+        self.number += 1
+        return Attempt(self, self.number)
+
+    def succeeded(self) -> None:
+        self.done = True
+        self.policy._record_outcome(None, None, self.policy.clock.now() - self.started)
+        if self.trace is not None:
+            self.trace.end("success", self.number, self.info)
+
+    def cancelled(self) -> None:
+        self.done = True
+        if self._permit and self.policy.breaker is not None:
+            self.policy.breaker.release()
+        if self.trace is not None:
+            self.trace.end("cancelled", self.number, self.info)
+
+    def failed(self, error: BaseException, took: float) -> bool:
+        """Decide after a failed attempt; True means "suppress and retry"."""
+        policy = self.policy
+        if not SWITCHES.active:
+            self.done = True
+            return False
+        info = policy._classify(error)
+        self.info = info
+        if self.trace is None:
+            self.trace = policy._trace(self.started)
+        trace = self.trace
+        if trace is not None:
+            trace.attempt_failed(self.number, info, took)
+        decision = policy._decide(error, info, self.number, self.delay, self.started)
+        if decision.action is Action.RETRY:
+            self.delay = decision.delay
+            if trace is not None:
+                trace.retrying(self.number + 1, self.delay, info)
+            return True
+        self.done = True
+        policy._stopped(decision, error, info, self.number, self.started, trace)
+        policy._failed(trace, self.number, info, error)
+        return False
+
+
+class Attempt:
+    """One try of the block; use it as ``with attempt:``."""
+
+    __slots__ = ("_loop", "_start", "_token", "finished", "number")
+
+    def __init__(self, loop: AttemptLoop, number: int) -> None:
+        self._loop = loop
+        self.number = number
+        self._start = 0.0
+        self._token: object | None = None
+        self.finished = False
+
+    def __enter__(self) -> Attempt:
+        self._start = self._loop.policy.clock.now()
+        self._token = ATTEMPT.set(self.number)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if self._token is not None:
+            ATTEMPT.reset(self._token)  # type: ignore[arg-type]
+        self.finished = True
+        loop = self._loop
+        if error is None:
+            loop.succeeded()
+            return False
+        if not isinstance(error, Exception):
+            loop.cancelled()
+            return False
+        return loop.failed(error, loop.policy.clock.now() - self._start)
+
+
+_NOT_ENTERED = "each attempt must be used as `with attempt:`; the loop cannot tell otherwise"
+
+
+def iterate(policy: PolicyCore) -> Iterator[Attempt]:
+    loop = AttemptLoop(policy)
+    loop.begin()
+    while not loop.done:
+        attempt = loop.next_attempt()
+        yield attempt
+        if not attempt.finished:
+            raise RuntimeError(_NOT_ENTERED)
+        if not loop.done and loop.delay > 0:
+            policy.clock.sleep(loop.delay)
+
+
+async def aiterate(policy: PolicyCore) -> AsyncIterator[Attempt]:
+    loop = AttemptLoop(policy)
+    loop.begin()
+    while not loop.done:
+        attempt = loop.next_attempt()
+        yield attempt
+        if not attempt.finished:
+            raise RuntimeError(_NOT_ENTERED)
+        if not loop.done and loop.delay > 0:
+            await policy.clock.asleep(loop.delay)
