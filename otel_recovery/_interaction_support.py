@@ -24,13 +24,12 @@ from otel_recovery._clock import Clock
 from otel_recovery._redact import redact
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.classify import ErrorInfo
+from otel_recovery.compensation import Compensations
 from otel_recovery.policies import Backoff, CircuitBreaker, CircuitState
 from otel_recovery.telemetry import Telemetry, get_telemetry
 from otel_recovery.telemetry import attributes as _names
 from otel_recovery.telemetry import attributes as names
 from otel_recovery.telemetry.attributes import (
-    COMPENSATION_NAME,
-    COMPENSATION_OUTCOME,
     EVENT_COMPENSATION,
     RECOVERY_REASON,
 )
@@ -55,7 +54,6 @@ __all__ = [
     "reason_for",
     "resolve",
     "rollback",
-    "run_compensations",
     "start_span",
     "tracer_of",
     "type_name",
@@ -223,32 +221,6 @@ def callable_name(func: object) -> str:
     return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func))
 
 
-async def run_compensations(
-    compensations: Sequence[Callable[[], Any]], span: Span
-) -> list[tuple[str, Exception]]:
-    """Run undo steps newest first; every one runs even if an earlier one failed.
-
-    Returns ``(name, error)`` of each failure. Each step is a span event
-    ``otel_recovery.compensation`` with its name and outcome.
-    """
-    failures: list[tuple[str, Exception]] = []
-    for compensation in reversed(list(compensations)):
-        name = callable_name(compensation)
-        attributes: dict[str, str] = {COMPENSATION_NAME: name[:MAX_VALUE]}
-        try:
-            if not callable(compensation):
-                raise TypeError(f"compensation {compensation!r} is not callable")
-            await resolve(compensation())
-        except Exception as exc:
-            failures.append((name, exc))
-            attributes[COMPENSATION_OUTCOME] = "failed"
-            attributes[names.ERROR_TYPE] = type_name(exc)
-        else:
-            attributes[COMPENSATION_OUTCOME] = "success"
-        span.add_event(EVENT_COMPENSATION, attributes)
-    return failures
-
-
 async def rollback(
     compensations: object, span: Span
 ) -> tuple[str, str | None, Exception | None, int]:
@@ -256,15 +228,27 @@ async def rollback(
     if not compensations:
         reason = "TRANSACTION_ROLLBACK needs context['compensations']: the undo callables, in "
         return "failed", reason + "the order their steps ran", None, 0
-    if isinstance(compensations, (str, bytes)) or not isinstance(compensations, Sequence):
-        return "failed", "context['compensations'] must be a list of callables", None, 0
-    failures = await run_compensations(compensations, span)
-    ran = len(compensations) - len(failures)
+    if isinstance(compensations, Compensations):
+        saga = compensations
+    elif isinstance(compensations, (str, bytes)) or not isinstance(compensations, Sequence):
+        reason = "context['compensations'] must be a Compensations stack or a list of callables"
+        return "failed", reason, None, 0
+    else:
+        saga = Compensations()
+        for undo in compensations:
+            if not callable(undo):
+                return "failed", f"compensation {undo!r} is not callable", None, 0
+            saga.add(undo, name=callable_name(undo))
+    total = len(saga)
+    with trace.use_span(span, end_on_exit=False):
+        failures = await saga.acompensate()
+    ran = total - len(failures)
     if not failures:
         return "success", None, None, ran
     listed = "; ".join(f"{name}: {describe(exc)}" for name, exc in failures)
-    reason = f"{len(failures)} of {len(compensations)} compensations failed: {listed}"
-    return "failed", reason, failures[-1][1], ran
+    reason = f"{len(failures)} of {total} compensations failed: {listed}"
+    last = failures[-1][1]
+    return "failed", reason, last if isinstance(last, Exception) else None, ran
 
 
 class Shifted:

@@ -1,0 +1,280 @@
+"""Transaction rollback: compensation stacks (sagas) and whole-transaction retry.
+
+Two ways to undo, for two kinds of work:
+
+- Work spread over systems that share no transaction (charge a card, reserve stock, send a
+  mail) is undone by **compensations**: each step registers its undo as it succeeds; if a
+  later step fails, the undos run in reverse order. Each undo is a span event
+  ``otel_recovery.compensation``. An undo that fails is never swallowed: the caller gets a
+  :class:`CompensationError` carrying the original error and every failed undo.
+- Work inside one database is undone by the database: :func:`run_transaction` /
+  :func:`arun_transaction` run a function in a transaction and, on a serialization failure
+  (SQLSTATE 40001) or a deadlock (40P01), roll back and run the *whole* transaction again
+  with backoff. That is the safe way to retry database writes: retrying a single statement
+  after such a failure is wrong (the transaction is already aborted), and retrying after a
+  lost connection may apply a write twice. Any other error rolls back and propagates.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+from opentelemetry import trace
+
+from otel_recovery._driver_async import resolve
+from otel_recovery._redact import redact
+from otel_recovery.policies import ExponentialBackoff, Retry
+from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.telemetry.attributes import (
+    COMPENSATION_NAME,
+    COMPENSATION_OUTCOME,
+    ERROR_TYPE,
+    EVENT_COMPENSATION,
+)
+
+__all__ = [
+    "CompensationError",
+    "Compensations",
+    "arun_transaction",
+    "run_transaction",
+    "transaction_retry",
+]
+
+T = TypeVar("T")
+_log = logging.getLogger("otel_recovery")
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+class CompensationError(Exception):
+    """Undoing failed: ``original`` is what went wrong first, ``failures`` the undos that failed."""
+
+    def __init__(self, original: BaseException, failures: list[tuple[str, BaseException]]):
+        names = ", ".join(
+            f"{name!r} ({type(exc).__name__}: {redact(str(exc))})" for name, exc in failures
+        )
+        super().__init__(
+            f"{len(failures)} compensation(s) failed after {type(original).__name__}: {names}"
+        )
+        self.original = original
+        self.failures = failures
+
+
+Undo = Callable[[], Any]
+
+
+class Compensations:
+    """A stack of undos, usable as ``with`` or ``async with``.
+
+    ::
+
+        with Compensations() as saga:
+            order = orders.create(...)
+            saga.add(lambda: orders.cancel(order.id), name="cancel order")
+            payments.charge(order)            # raises: the order is cancelled, error re-raised
+
+    ``add`` takes sync callables in a ``with`` block and sync or async ones in ``async with``.
+    Leaving the block normally discards the undos (the work stands). :meth:`compensate` /
+    :meth:`acompensate` run them on demand, e.g. from ``TRANSACTION_ROLLBACK``.
+    """
+
+    def __init__(self) -> None:
+        self._undos: list[tuple[str, Undo]] = []
+
+    def add(self, undo: Undo, *, name: str | None = None) -> None:
+        if not callable(undo):
+            raise TypeError(f"an undo must be callable, got {undo!r}")
+        label = name or str(getattr(undo, "__qualname__", None) or repr(undo))
+        self._undos.append((label, undo))
+
+    def __len__(self) -> int:
+        return len(self._undos)
+
+    def _pop_all(self) -> list[tuple[str, Undo]]:
+        undos, self._undos = self._undos[::-1], []
+        return undos
+
+    def compensate(self) -> list[tuple[str, BaseException]]:
+        """Run every undo, newest first; returns the ones that failed (never raises them)."""
+        failures: list[tuple[str, BaseException]] = []
+        for name, undo in self._pop_all():
+            try:
+                result = undo()
+                if inspect.isawaitable(result):
+                    _close(result)
+                    raise TypeError(f"undo {name!r} is async; use `async with Compensations()`")
+            except Exception as error:
+                failures.append((name, error))
+                _record(name, error)
+            else:
+                _record(name, None)
+        return failures
+
+    async def acompensate(self) -> list[tuple[str, BaseException]]:
+        failures: list[tuple[str, BaseException]] = []
+        for name, undo in self._pop_all():
+            try:
+                await resolve(undo())
+            except Exception as error:
+                failures.append((name, error))
+                _record(name, error)
+            else:
+                _record(name, None)
+        return failures
+
+    def __enter__(self) -> Compensations:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if error is None:
+            self._undos.clear()
+            return
+        failures = self.compensate()
+        if failures:
+            raise CompensationError(error, failures) from error
+
+    async def __aenter__(self) -> Compensations:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if error is None:
+            self._undos.clear()
+            return
+        failures = await self.acompensate()
+        if failures:
+            raise CompensationError(error, failures) from error
+
+
+def _record(name: str, error: BaseException | None) -> None:
+    span = trace.get_current_span()
+    if not span.is_recording():
+        if error is not None:
+            _log.error("compensation %r failed: %s", name, redact(str(error)))
+        return
+    attributes: dict[str, Any] = {
+        COMPENSATION_NAME: name,
+        COMPENSATION_OUTCOME: "failed" if error else "success",
+    }
+    if error is not None:
+        attributes[ERROR_TYPE] = type(error).__qualname__
+    span.add_event(EVENT_COMPENSATION, attributes)
+
+
+def _close(value: object) -> None:
+    close = getattr(value, "close", None)
+    if callable(close):
+        close()
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    for name in ("sqlstate", "pgcode"):
+        value = getattr(error, name, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def transaction_retry(attempts: int = 5) -> Retry:
+    """The default retry of :func:`run_transaction`: only 40001 and 40P01, jittered backoff."""
+    return Retry(
+        attempts,
+        on=lambda error: _sqlstate(error) in _RETRYABLE_SQLSTATES,
+        backoff=ExponentialBackoff(initial=0.01, maximum=1.0, jitter="full"),
+    )
+
+
+def _policy(retry: Retry | None, name: str, **options: Any) -> RecoveryPolicy:
+    return RecoveryPolicy(retry=retry or transaction_retry(), name=name, **options)
+
+
+def _check_idle_psycopg(conn: Any) -> None:
+    status = getattr(getattr(conn, "info", None), "transaction_status", None)
+    if status is not None and int(status) != 0:  # psycopg.pq.TransactionStatus.IDLE == 0
+        raise ValueError(
+            "run_transaction needs a connection outside any transaction (it found one "
+            "already open): a retried statement inside an aborted transaction cannot succeed. "
+            "Commit or roll back first, or pass a fresh connection."
+        )
+
+
+def run_transaction(
+    conn: Any,
+    fn: Callable[[Any], T],
+    *,
+    retry: Retry | None = None,
+    name: str = "transaction",
+    **options: Any,
+) -> T:
+    """Run ``fn(conn)`` in a psycopg transaction; on 40001/40P01 roll back and run it again.
+
+    ``fn`` must be safe to run again from the start: everything it does in the database is
+    rolled back between attempts, but side effects outside it (e-mails, HTTP calls) are
+    not. ``retry`` defaults to :func:`transaction_retry`; ``options`` go to
+    :class:`RecoveryPolicy` (``clock``, ``telemetry``...).
+    """
+    _check_idle_psycopg(conn)
+
+    def once() -> T:
+        with conn.transaction():
+            return fn(conn)
+
+    return _policy(retry, name, **options).call(once)
+
+
+async def arun_transaction(
+    conn: Any,
+    fn: Callable[[Any], Awaitable[T]],
+    *,
+    retry: Retry | None = None,
+    name: str = "transaction",
+    **options: Any,
+) -> T:
+    """The async form, for a psycopg ``AsyncConnection``, an asyncpg ``Connection`` or ``Pool``.
+
+    With an asyncpg pool each attempt acquires a connection of its own, so an attempt that
+    lost its connection does not doom the next one.
+    """
+    module = type(conn).__module__
+
+    is_pool = hasattr(conn, "acquire") and not hasattr(conn, "is_in_transaction")
+    if module.startswith("asyncpg") and is_pool:
+
+        async def on_pool() -> T:
+            async with conn.acquire() as connection, connection.transaction():
+                return await fn(connection)
+
+        return await _policy(retry, name, **options).acall(on_pool)
+
+    if module.startswith("asyncpg"):
+        if conn.is_in_transaction():
+            raise ValueError(
+                "arun_transaction needs an asyncpg connection outside any transaction; "
+                "commit or roll back first, or pass the pool"
+            )
+
+        async def on_connection() -> T:
+            async with conn.transaction():
+                return await fn(conn)
+
+        return await _policy(retry, name, **options).acall(on_connection)
+
+    _check_idle_psycopg(conn)
+
+    async def on_psycopg() -> T:
+        async with conn.transaction():
+            return await fn(conn)
+
+    return await _policy(retry, name, **options).acall(on_psycopg)
