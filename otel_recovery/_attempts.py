@@ -5,8 +5,10 @@ that assigns to local variables). tenacity's answer, kept here: an iterator of a
 each a context manager. A failing block is classified; if the engine says retry, the
 exception is suppressed, the loop sleeps and yields the next attempt; otherwise the exception
 propagates unchanged. The breaker is asked once before the first attempt and told the
-outcome once, as for ``call``; budget, deadline, telemetry and testing mode behave the same.
-A fallback cannot answer for a block (a block has no return value), so it is not consulted.
+outcome once, as for ``call``; the bulkhead slot is held for the whole loop; budget,
+deadlines (published to :func:`remaining_time`, cooperative for blocks), telemetry and testing
+mode behave the same. A fallback cannot answer for a block (a block has no return value), so
+it is not consulted.
 
 Async code uses ``async for attempt in policy.aattempts(): with attempt: ...``.
 """
@@ -21,6 +23,7 @@ from otel_recovery._attempt import ATTEMPT
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action
 from otel_recovery.classify import ErrorInfo
+from otel_recovery.policies.timeout import reset_deadline, set_deadline
 from otel_recovery.telemetry import CallTrace
 
 if TYPE_CHECKING:
@@ -55,6 +58,15 @@ class AttemptLoop:
             self._permit = True
         if SWITCHES.active and policy.budget is not None:
             policy.budget.record_call(self.started)
+
+    def reject_full(self, full: BaseException) -> None:
+        """The bulkhead refused the block: give the breaker permit back and say so."""
+        policy = self.policy
+        if self._permit and policy.breaker is not None:
+            policy.breaker.release()
+        self.done = True
+        info, trace = policy._open_rejection_trace(full, self.started)
+        policy._failed(trace, 0, info, full)
 
     def next_attempt(self) -> Attempt:
         self.number += 1
@@ -101,18 +113,23 @@ class AttemptLoop:
 class Attempt:
     """One try of the block; use it as ``with attempt:``."""
 
-    __slots__ = ("_loop", "_start", "_token", "finished", "number")
+    __slots__ = ("_deadline_token", "_loop", "_start", "_token", "finished", "number")
 
     def __init__(self, loop: AttemptLoop, number: int) -> None:
         self._loop = loop
         self.number = number
         self._start = 0.0
         self._token: object | None = None
+        self._deadline_token: object | None = None
         self.finished = False
 
     def __enter__(self) -> Attempt:
-        self._start = self._loop.policy.clock.now()
+        policy = self._loop.policy
+        self._start = policy.clock.now()
         self._token = ATTEMPT.set(self.number)
+        end = policy._attempt_end(self._start, self._loop.started)
+        if end is not None:
+            self._deadline_token = set_deadline(end)
         return self
 
     def __exit__(
@@ -123,6 +140,8 @@ class Attempt:
     ) -> bool:
         if self._token is not None:
             ATTEMPT.reset(self._token)  # type: ignore[arg-type]
+        if self._deadline_token is not None:
+            reset_deadline(self._deadline_token)  # type: ignore[arg-type]
         self.finished = True
         loop = self._loop
         if error is None:
@@ -140,22 +159,48 @@ _NOT_ENTERED = "each attempt must be used as `with attempt:`; the loop cannot te
 def iterate(policy: PolicyCore) -> Iterator[Attempt]:
     loop = AttemptLoop(policy)
     loop.begin()
-    while not loop.done:
-        attempt = loop.next_attempt()
-        yield attempt
-        if not attempt.finished:
-            raise RuntimeError(_NOT_ENTERED)
-        if not loop.done and loop.delay > 0:
-            policy.clock.sleep(loop.delay)
+    bulkhead = policy.bulkhead if SWITCHES.active else None
+    if bulkhead is not None:
+        try:
+            bulkhead.acquire()
+        except BaseException as full:
+            loop.reject_full(full)
+            raise
+    try:
+        while not loop.done:
+            attempt = loop.next_attempt()
+            yield attempt
+            if not attempt.finished:
+                raise RuntimeError(_NOT_ENTERED)
+            if not loop.done and loop.delay > 0:
+                policy.clock.sleep(loop.delay)
+    finally:
+        if not loop.done:
+            loop.cancelled()  # left early (break, an exception from the loop body)
+        if bulkhead is not None:
+            bulkhead.release()
 
 
 async def aiterate(policy: PolicyCore) -> AsyncIterator[Attempt]:
     loop = AttemptLoop(policy)
     loop.begin()
-    while not loop.done:
-        attempt = loop.next_attempt()
-        yield attempt
-        if not attempt.finished:
-            raise RuntimeError(_NOT_ENTERED)
-        if not loop.done and loop.delay > 0:
-            await policy.clock.asleep(loop.delay)
+    bulkhead = policy.bulkhead if SWITCHES.active else None
+    if bulkhead is not None:
+        try:
+            await bulkhead.aacquire()
+        except BaseException as full:
+            loop.reject_full(full)
+            raise
+    try:
+        while not loop.done:
+            attempt = loop.next_attempt()
+            yield attempt
+            if not attempt.finished:
+                raise RuntimeError(_NOT_ENTERED)
+            if not loop.done and loop.delay > 0:
+                await policy.clock.asleep(loop.delay)
+    finally:
+        if not loop.done:
+            loop.cancelled()
+        if bulkhead is not None:
+            bulkhead.release()

@@ -2,8 +2,9 @@
 
 Each attempt calls the function afresh, because a coroutine can be awaited only once; the
 function may be a coroutine function, a plain function, or a lambda returning an awaitable
-(the seed API's ``retry_func``). Attempt time limits cancel the attempt for real here.
-``CancelledError`` is never a failure: it releases the breaker permit and propagates.
+(the seed API's ``retry_func``). Time limits cancel the attempt for real here: the attempt's
+own limit or what is left of the retry deadline, whichever is sooner. ``CancelledError`` is
+never a failure: it releases the breaker permit, ends the trace and propagates.
 """
 
 from __future__ import annotations
@@ -49,20 +50,26 @@ class AsyncDriver(PolicyCore):
         started = now()
         breaker = self.breaker
         if breaker is not None and not breaker.can_execute():
-            rejected: T = await self._areject(self._rejection(), started, release=False)
+            rejected: T = await self._areject(
+                self._rejection(), started, args, kwargs, release=False
+            )
             return rejected
         bulkhead = self.bulkhead
         if bulkhead is not None:
             try:
                 await bulkhead.aacquire()
             except BulkheadFullError as full:
-                rejected = await self._areject(full, started, release=True)
+                rejected = await self._areject(full, started, args, kwargs, release=True)
                 return rejected
+            except BaseException:
+                if breaker is not None:
+                    breaker.release()
+                raise
         try:
             if self.budget is not None:
                 self.budget.record_call(started)
             try:
-                result: T = await self._attempt(fn, args, kwargs, started)
+                result: T = await self._attempt(fn, args, kwargs, started, started)
             except Exception as error:
                 recovered: T = await self._arecover(
                     fn, args, kwargs, error, started, now() - started
@@ -78,7 +85,7 @@ class AsyncDriver(PolicyCore):
                 else:
                     breaker.record_success()
             if self.fallback is not None:
-                self._remember(result, started)
+                self._remember(args, kwargs, result, started)
             return result
         finally:
             if bulkhead is not None:
@@ -118,7 +125,7 @@ class AsyncDriver(PolicyCore):
                 return await fn(*args, **kwargs)
             started = now()
             if can_execute is not None and not can_execute():
-                rejected: T = await areject(rejection(), started, release=False)
+                rejected: T = await areject(rejection(), started, args, kwargs, release=False)
                 return rejected
             if record_call is not None:
                 record_call(started)
@@ -134,18 +141,24 @@ class AsyncDriver(PolicyCore):
             if record_success is not None:
                 record_success()
             if remember is not None:
-                remember(result, started)
+                remember(args, kwargs, result, started)
             return result
 
         return guarded
 
     async def _attempt(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], start: float
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        attempt_start: float,
+        started: float,
     ) -> Any:
-        limit = self._attempt_limit
-        if limit is None:
+        end = self._attempt_end(attempt_start, started)
+        if end is None:
             return await resolve(fn(*args, **kwargs))
-        token = set_deadline(start + limit)
+        limit = max(0.0, end - self.clock.now())
+        token = set_deadline(end)
         try:
             return await asyncio.wait_for(resolve(fn(*args, **kwargs)), limit)
         except asyncio.TimeoutError as timed_out:
@@ -169,44 +182,53 @@ class AsyncDriver(PolicyCore):
         if trace is not None:
             trace.activate()
         attempt, delay, info = 1, 0.0, self._classify(error)
-        while True:
-            if trace is not None:
-                trace.attempt_failed(attempt, info, took)
-            decision = self._decide(error, info, attempt, delay, started)
-            if decision.action is not Action.RETRY:
-                self._stopped(decision, error, info, attempt, started, trace)
-                return await self._agive_up(decision, error, info, attempt, trace)
-            delay = decision.delay
-            if trace is not None:
-                trace.retrying(attempt + 1, delay, info)
-            if delay > 0:
-                await clock.asleep(delay)
-            attempt += 1
-            attempt_start = clock.now()
-            attempt_token = ATTEMPT.set(attempt)
-            try:
-                result = await self._attempt(fn, args, kwargs, attempt_start)
-            except Exception as exc:
-                error, took, info = exc, clock.now() - attempt_start, self._classify(exc)
-                continue
-            except BaseException:
-                if self.breaker is not None:
-                    self.breaker.release()
+        settled = False  # has the breaker been told how this call ended?
+        try:
+            while True:
                 if trace is not None:
-                    trace.end("cancelled", attempt, info)
-                raise
-            finally:
-                ATTEMPT.reset(attempt_token)
-            self._record_outcome(None, None, clock.now() - attempt_start)
-            self._remember(result, clock.now())
-            if trace is not None:
-                trace.end("success", attempt, info)
-            return result
+                    trace.attempt_failed(attempt, info, took)
+                decision = self._decide(error, info, attempt, delay, started)
+                if decision.action is not Action.RETRY:
+                    self._stopped(decision, error, info, attempt, started, trace)
+                    settled = True
+                    return await self._agive_up(decision, error, info, attempt, trace, args, kwargs)
+                delay = decision.delay
+                if trace is not None:
+                    trace.retrying(attempt + 1, delay, info)
+                if delay > 0:
+                    await clock.asleep(delay)
+                attempt += 1
+                attempt_start = clock.now()
+                attempt_token = ATTEMPT.set(attempt)
+                try:
+                    result = await self._attempt(fn, args, kwargs, attempt_start, started)
+                except Exception as exc:
+                    error, took, info = exc, clock.now() - attempt_start, self._classify(exc)
+                    continue
+                finally:
+                    ATTEMPT.reset(attempt_token)
+                self._record_outcome(None, None, clock.now() - attempt_start)
+                settled = True
+                self._remember(args, kwargs, result, clock.now())
+                if trace is not None:
+                    trace.end("success", attempt, info)
+                return result
+        except BaseException as escaped:
+            self._abandon(settled, trace, attempt, info, escaped)
+            raise
 
-    async def _areject(self, error: BaseException, started: float, *, release: bool) -> Any:
+    async def _areject(
+        self,
+        error: BaseException,
+        started: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        release: bool,
+    ) -> Any:
         decision = self._rejected(error, started, release=release)
         info, trace = self._open_rejection_trace(error, started)
-        return await self._agive_up(decision, error, info, 0, trace)
+        return await self._agive_up(decision, error, info, 0, trace, args, kwargs)
 
     async def _agive_up(
         self,
@@ -215,14 +237,16 @@ class AsyncDriver(PolicyCore):
         info: ErrorInfo,
         attempts: int,
         trace: CallTrace | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         if decision.action is Action.FALLBACK:
-            kind, plan = self._fallback_plan(error)
+            kind, plan = self._fallback_plan(error, args, kwargs)
             if kind == "function":
                 try:
                     value = await resolve(plan(error))
                 except BaseException as fallback_error:
-                    self._failed(trace, attempts, info, fallback_error)
+                    self._failed(trace, attempts, None, fallback_error)
                     if fallback_error.__context__ is None:
                         fallback_error.__context__ = error
                     raise

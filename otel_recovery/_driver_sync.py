@@ -3,6 +3,10 @@
 ``call`` is the happy path and is kept lean: a switch read, a clock read, the breaker's
 permit and success record. The first exception hands over to ``_recover``, which loops on
 the engine's decisions; nothing there runs for a call that succeeds first time.
+
+Whatever escapes the loop (``KeyboardInterrupt`` during a backoff sleep, a bug in a user
+predicate) still settles the call: the breaker's permit is given back if no outcome was
+recorded, and the recovery trace is ended and detached.
 """
 
 from __future__ import annotations
@@ -37,21 +41,24 @@ class SyncDriver(PolicyCore):
         started = now()
         breaker = self.breaker
         if breaker is not None and not breaker.can_execute():
-            rejected: T = self._reject(self._rejection(), started, release=False)
+            rejected: T = self._reject(self._rejection(), started, args, kwargs, release=False)
             return rejected
         bulkhead = self.bulkhead
         if bulkhead is not None:
             try:
                 bulkhead.acquire()
             except BulkheadFullError as full:
-                rejected = self._reject(full, started, release=True)
+                rejected = self._reject(full, started, args, kwargs, release=True)
                 return rejected
+            except BaseException:
+                if breaker is not None:
+                    breaker.release()
+                raise
         try:
             if self.budget is not None:
                 self.budget.record_call(started)
-            token = None
-            if self._attempt_limit is not None:
-                token = set_deadline(started + self._attempt_limit)
+            end = self._attempt_end(started, started)
+            token = set_deadline(end) if end is not None else None
             try:
                 result = fn(*args, **kwargs)
             except Exception as error:
@@ -70,7 +77,7 @@ class SyncDriver(PolicyCore):
                 else:
                     breaker.record_success()
             if self.fallback is not None:
-                self._remember(result, started)
+                self._remember(args, kwargs, result, started)
             return result
         finally:
             if bulkhead is not None:
@@ -79,10 +86,10 @@ class SyncDriver(PolicyCore):
     def wrap(self, fn: Callable[P, T]) -> Callable[P, T]:
         """A wrapper running ``fn`` under this policy, with ``call``'s happy path inlined.
 
-        Unless a bulkhead, an attempt time limit or slow-call timing is configured, the
-        wrapper does the happy path itself with everything bound to locals: one frame instead
-        of two and no attribute chains. Behaviour is identical to ``call``. A policy's
-        components are configuration: don't swap them after decorating.
+        Unless a bulkhead, a time limit or slow-call timing is configured, the wrapper does
+        the happy path itself with everything bound to locals: one frame instead of two and
+        no attribute chains. Behaviour is identical to ``call``. A policy's components are
+        configuration: don't swap them after decorating.
         """
         if not self._happy_path_inlinable():
             call = self.call
@@ -116,7 +123,7 @@ class SyncDriver(PolicyCore):
                 return fn(*args, **kwargs)
             started = now()
             if can_execute is not None and not can_execute():
-                rejected: T = reject(rejection(), started, release=False)
+                rejected: T = reject(rejection(), started, args, kwargs, release=False)
                 return rejected
             if record_call is not None:
                 record_call(started)
@@ -132,7 +139,7 @@ class SyncDriver(PolicyCore):
             if record_success is not None:
                 record_success()
             if remember is not None:
-                remember(result, started)
+                remember(args, kwargs, result, started)
             return result
 
         return guarded
@@ -151,49 +158,57 @@ class SyncDriver(PolicyCore):
         if trace is not None:
             trace.activate()
         attempt, delay, info = 1, 0.0, self._classify(error)
-        while True:
-            if trace is not None:
-                trace.attempt_failed(attempt, info, took)
-            decision = self._decide(error, info, attempt, delay, started)
-            if decision.action is not Action.RETRY:
-                self._stopped(decision, error, info, attempt, started, trace)
-                return self._give_up(decision, error, info, attempt, trace)
-            delay = decision.delay
-            if trace is not None:
-                trace.retrying(attempt + 1, delay, info)
-            if delay > 0:
-                clock.sleep(delay)
-            attempt += 1
-            attempt_start = clock.now()
-            token = None
-            if self._attempt_limit is not None:
-                token = set_deadline(attempt_start + self._attempt_limit)
-            attempt_token = ATTEMPT.set(attempt)
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as exc:
-                error, took, info = exc, clock.now() - attempt_start, self._classify(exc)
-                continue
-            except BaseException:
-                if self.breaker is not None:
-                    self.breaker.release()
+        settled = False  # has the breaker been told how this call ended?
+        try:
+            while True:
                 if trace is not None:
-                    trace.end("cancelled", attempt, info)
-                raise
-            finally:
-                ATTEMPT.reset(attempt_token)
-                if token is not None:
-                    reset_deadline(token)
-            self._record_outcome(None, None, clock.now() - attempt_start)
-            self._remember(result, clock.now())
-            if trace is not None:
-                trace.end("success", attempt, info)
-            return result
+                    trace.attempt_failed(attempt, info, took)
+                decision = self._decide(error, info, attempt, delay, started)
+                if decision.action is not Action.RETRY:
+                    self._stopped(decision, error, info, attempt, started, trace)
+                    settled = True
+                    return self._give_up(decision, error, info, attempt, trace, args, kwargs)
+                delay = decision.delay
+                if trace is not None:
+                    trace.retrying(attempt + 1, delay, info)
+                if delay > 0:
+                    clock.sleep(delay)
+                attempt += 1
+                attempt_start = clock.now()
+                end = self._attempt_end(attempt_start, started)
+                token = set_deadline(end) if end is not None else None
+                attempt_token = ATTEMPT.set(attempt)
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as exc:
+                    error, took, info = exc, clock.now() - attempt_start, self._classify(exc)
+                    continue
+                finally:
+                    ATTEMPT.reset(attempt_token)
+                    if token is not None:
+                        reset_deadline(token)
+                self._record_outcome(None, None, clock.now() - attempt_start)
+                settled = True
+                self._remember(args, kwargs, result, clock.now())
+                if trace is not None:
+                    trace.end("success", attempt, info)
+                return result
+        except BaseException as escaped:
+            self._abandon(settled, trace, attempt, info, escaped)
+            raise
 
-    def _reject(self, error: BaseException, started: float, *, release: bool) -> Any:
+    def _reject(
+        self,
+        error: BaseException,
+        started: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        release: bool,
+    ) -> Any:
         decision = self._rejected(error, started, release=release)
         info, trace = self._open_rejection_trace(error, started)
-        return self._give_up(decision, error, info, 0, trace)
+        return self._give_up(decision, error, info, 0, trace, args, kwargs)
 
     def _give_up(
         self,
@@ -202,10 +217,12 @@ class SyncDriver(PolicyCore):
         info: ErrorInfo,
         attempts: int,
         trace: CallTrace | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         """Answer from the fallback if it applies, else re-raise the final error unchanged."""
         if decision.action is Action.FALLBACK:
-            kind, plan = self._fallback_plan(error)
+            kind, plan = self._fallback_plan(error, args, kwargs)
             if kind == "function":
                 try:
                     value = plan(error)
@@ -218,7 +235,7 @@ class SyncDriver(PolicyCore):
                             "use acall() or an async-decorated function, or a sync fallback"
                         )
                 except BaseException as fallback_error:
-                    self._failed(trace, attempts, info, fallback_error)
+                    self._failed(trace, attempts, None, fallback_error)
                     if fallback_error.__context__ is None:
                         fallback_error.__context__ = error
                     raise

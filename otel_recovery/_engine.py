@@ -21,6 +21,7 @@ so that a refusal is only counted for a retry that would otherwise have happened
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 
 from otel_recovery._config import SWITCHES
@@ -30,6 +31,8 @@ from otel_recovery.policies.fallback import Fallback
 from otel_recovery.policies.retry import Retry
 
 __all__ = ["Action", "Decision", "after_failure", "after_rejection"]
+
+_log = logging.getLogger("otel_recovery")
 
 
 class Action(enum.Enum):
@@ -74,7 +77,11 @@ def after_failure(
         limit = min(limit, SWITCHES.max_attempts)
     if attempt >= limit:
         return _stop(fallback, error, "attempts_exhausted")
-    delay = retry.delay_for(attempt, previous_delay, info)
+    try:
+        delay = retry.delay_for(attempt, previous_delay, info)
+    except Exception:
+        _log.exception("backoff %r failed; not retrying", retry.backoff)
+        return _stop(fallback, error, "backoff_failed")
     if delay is None:
         return _stop(fallback, error, "retry_after_too_long")
     if testing:

@@ -8,12 +8,15 @@ choosing the fallback, opening the trace) lives here once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Literal
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._engine import Decision, after_failure, after_rejection
 from otel_recovery.classify import (
+    CRITICALITY_LEVELS,
     Classifier,
     ErrorCategory,
     ErrorInfo,
@@ -39,6 +42,8 @@ class PolicyCore:
 
     __slots__ = (
         "_attempt_limit",
+        "_deadline",
+        "_good_lock",
         "_last_good",
         "_needs_duration",
         "_own_span",
@@ -102,8 +107,23 @@ class PolicyCore:
             if t is not None
         ]
         self._attempt_limit: float | None = min(limits) if limits else None
+        self._deadline: float | None = retry.deadline if retry is not None else None
         self._needs_duration = breaker is not None and breaker.slow_call_duration is not None
-        self._last_good: tuple[Any, float] | None = None
+        self._last_good: OrderedDict[Hashable, tuple[Any, float]] = OrderedDict()
+        self._good_lock = threading.Lock()
+        for component, label in ((breaker, "breaker"), (budget, "budget")):
+            own = getattr(component, "clock", None) or getattr(component, "_clock", None)
+            if component is not None and own is not self.clock:
+                raise ValueError(
+                    f"the {label} and the policy read different clocks ({own!r} vs "
+                    f"{self.clock!r}); pass the same clock= to both"
+                )
+        criticality = (self.context or {}).get("criticality")
+        if criticality is not None and str(criticality).lower() not in CRITICALITY_LEVELS:
+            raise ValueError(
+                f"context['criticality'] must be one of {', '.join(CRITICALITY_LEVELS)}, "
+                f"got {criticality!r}"
+            )
         # True follows the process-wide telemetry (resolved at each recovery, so a test
         # kit or a late provider set-up is honoured); a Telemetry pins it; False disables.
         self._telemetry: Telemetry | bool = telemetry
@@ -115,7 +135,20 @@ class PolicyCore:
 
     def _happy_path_inlinable(self) -> bool:
         """True when the happy path needs no slot, deadline or timing (see ``wrap``)."""
-        return self.bulkhead is None and self._attempt_limit is None and not self._needs_duration
+        return (
+            self.bulkhead is None
+            and self._attempt_limit is None
+            and self._deadline is None
+            and not self._needs_duration
+        )
+
+    def _attempt_end(self, attempt_start: float, started: float) -> float | None:
+        """When the current attempt must end: its own limit or the total deadline, sooner."""
+        end = None if self._attempt_limit is None else attempt_start + self._attempt_limit
+        if self._deadline is not None:
+            total = started + self._deadline
+            end = total if end is None else min(end, total)
+        return end
 
     def _happy_path_hooks(
         self,
@@ -123,8 +156,8 @@ class PolicyCore:
         Callable[[], bool] | None,
         Callable[..., None] | None,
         Callable[[], None] | None,
-        Callable[[float], None] | None,
-        Callable[[Any, float], None] | None,
+        Callable[..., None] | None,
+        Callable[..., None] | None,
     ]:
         """Bound methods the inlined happy path calls, or None where a policy is absent:
         (can_execute, record_success, release, record_call, remember)."""
@@ -201,19 +234,34 @@ class PolicyCore:
         else:
             breaker.record_failure(duration)
 
-    def _remember(self, result: Any, now: float) -> None:
+    def _remember(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any, now: float
+    ) -> None:
+        """Keep a success for last-known-good, per call arguments (never across them)."""
         fallback = self.fallback
-        if fallback is not None and fallback.last_known_good:
-            self._last_good = (result, now)
+        if fallback is None or not fallback.last_known_good:
+            return
+        key = fallback.key_for(args, kwargs)
+        if key is None:
+            return
+        with self._good_lock:
+            self._last_good[key] = (result, now)
+            self._last_good.move_to_end(key)
+            while len(self._last_good) > fallback.max_entries:
+                self._last_good.popitem(last=False)
 
-    def _fallback_plan(self, error: BaseException) -> tuple[str, Any]:
+    def _fallback_plan(
+        self, error: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[str, Any]:
         """Which fallback answers: a function, a value, the last known good result, or none."""
         fallback = self.fallback
         assert fallback is not None
         if fallback.func is not None:
             return "function", fallback.func
         if fallback.last_known_good:
-            remembered = self._last_good
+            key = fallback.key_for(args, kwargs)
+            with self._good_lock:
+                remembered = self._last_good.get(key) if key is not None else None
             if remembered is None:
                 return "none", None
             value, at = remembered
@@ -269,6 +317,27 @@ class PolicyCore:
             trace.fallback(kind, error, info)
             trace.end("fallback", attempts, info)
         return value
+
+    def _abandon(
+        self,
+        settled: bool,
+        trace: CallTrace | None,
+        attempts: int,
+        info: ErrorInfo | None,
+        escaped: BaseException,
+    ) -> None:
+        """Settle a call whose recovery was left by an exception (cancellation, a bug).
+
+        The breaker gets its half-open permit back unless the outcome was already recorded,
+        and the trace is ended (a no-op if the normal path already ended it).
+        """
+        if not settled and self.breaker is not None:
+            self.breaker.release()
+        if trace is not None:
+            if isinstance(escaped, Exception):
+                trace.end("failure", attempts, None, escaped)
+            else:
+                trace.end("cancelled", attempts, info)
 
     @staticmethod
     def _failed(

@@ -38,6 +38,7 @@ from otel_recovery._redact import redact
 from otel_recovery._retry_after import header, parse_retry_after, retry_after_of
 
 __all__ = [
+    "CRITICALITY_LEVELS",
     "Classifier",
     "ErrorCategory",
     "ErrorInfo",
@@ -54,7 +55,9 @@ _log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 512
 _MAX_CHAIN = 16
-_CRITICALITY = {"low": -1, "normal": 0, "high": 1, "critical": 2}
+_CRITICALITY = {"low": -1, "normal": 0, "medium": 0, "high": 1, "critical": 2}
+CRITICALITY_LEVELS: tuple[str, ...] = tuple(_CRITICALITY)
+"""Accepted ``context["criticality"]`` values ("medium" is the same as "normal")."""
 _DEPENDENCY_CATEGORIES = frozenset(
     {ErrorCategory.TRANSIENT, ErrorCategory.RATE_LIMITED, ErrorCategory.EXTERNAL_SERVICE}
     | {ErrorCategory.CASCADING}

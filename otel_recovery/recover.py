@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from otel_recovery._attempts import Attempt, aiterate, iterate
@@ -85,10 +85,23 @@ class RecoveryPolicy(SyncDriver, AsyncDriver):
         return f"RecoveryPolicy(name={self.name!r}, {', '.join(parts)})"
 
 
-def _decorate(policy: RecoveryPolicy, fn: Callable[P, T]) -> Callable[P, T]:
+def _is_async(fn: object) -> bool:
+    """Coroutine functions, and objects whose ``__call__`` is one."""
     if inspect.iscoroutinefunction(fn):
-        async_wrapper = functools.wraps(fn)(policy.awrap(fn))
-        async_wrapper.recovery_policy = policy  # type: ignore[attr-defined]
+        return True
+    if inspect.isroutine(fn):
+        return False
+    for klass in type(fn).__mro__:
+        if "__call__" in klass.__dict__:
+            return inspect.iscoroutinefunction(klass.__dict__["__call__"])
+    return False
+
+
+def _decorate(policy: RecoveryPolicy, fn: Callable[P, T]) -> Callable[P, T]:
+    if _is_async(fn):
+        coroutine_fn = cast(Callable[P, Awaitable[Any]], fn)
+        async_wrapper: Any = functools.wraps(fn)(policy.awrap(coroutine_fn))
+        async_wrapper.recovery_policy = policy
         return cast(Callable[P, T], async_wrapper)
     if not callable(fn):
         raise TypeError(f"@recover decorates functions, got {fn!r}")

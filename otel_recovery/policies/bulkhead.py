@@ -95,18 +95,19 @@ class Bulkhead:
             self._task_waiters.append(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(future), self.max_wait)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except BaseException as stopped:
+            # Timed out, or the waiting task was cancelled.
             with self._lock:
-                if waiter in self._task_waiters:
-                    self._task_waiters.remove(waiter)
-                    handed_over = False
-                else:
-                    handed_over = True
+                handed_over = waiter not in self._task_waiters
                 if not handed_over:
-                    self.rejected += 1
+                    self._task_waiters.remove(waiter)
             if handed_over:
-                # The slot arrived just as we gave up: pass it on instead of leaking it.
+                # The slot arrived just as we stopped waiting: pass it on, never leak it.
                 self.release()
+            if not isinstance(stopped, asyncio.TimeoutError):
+                raise  # cancellation stays cancellation (asyncio.timeout, TaskGroup rely on it)
+            with self._lock:
+                self.rejected += 1
             raise BulkheadFullError(self.name, self.max_concurrent) from None
 
     def release(self) -> None:

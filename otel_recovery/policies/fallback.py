@@ -9,12 +9,15 @@ to the failures it handles (``on=``: exception types or a predicate; default eve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from otel_recovery._clock import Duration, to_seconds
 
 __all__ = ["Fallback"]
+
+_log = logging.getLogger("otel_recovery")
 
 
 class _Missing:
@@ -30,12 +33,14 @@ _MISSING: Any = _Missing()
 class Fallback:
     """Exactly one of ``value``, ``func`` or ``last_known_good=True``.
 
+    ``last_known_good`` remembers successes per call arguments (``key=`` customises the
+    key; at most ``max_entries`` are kept, least recently used first out).
     ``func`` receives the exception that ended recovery (a :class:`CircuitOpenError` when the
     breaker rejected the call) and may be a coroutine function when used with ``acall``.
     ``max_age`` bounds how stale a last-known-good result may be, in seconds.
     """
 
-    __slots__ = ("func", "last_known_good", "max_age", "on", "value")
+    __slots__ = ("func", "key", "last_known_good", "max_age", "max_entries", "on", "value")
 
     def __init__(
         self,
@@ -44,6 +49,8 @@ class Fallback:
         func: Callable[[BaseException], Any] | None = None,
         last_known_good: bool = False,
         max_age: Duration | None = None,
+        key: Callable[..., Hashable] | None = None,
+        max_entries: int = 1024,
         on: type[BaseException]
         | tuple[type[BaseException], ...]
         | Callable[[BaseException], bool] = Exception,
@@ -56,24 +63,53 @@ class Fallback:
             )
         if func is not None and not callable(func):
             raise TypeError(f"Fallback func must be callable, got {func!r}")
-        if max_age is not None and not last_known_good:
-            raise ValueError("max_age only applies with last_known_good=True")
+        if (max_age is not None or key is not None) and not last_known_good:
+            raise ValueError("max_age and key only apply with last_known_good=True")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of the call's arguments, got {key!r}")
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be an int >= 1, got {max_entries!r}")
         self.value = value
         self.func = func
         self.last_known_good = bool(last_known_good)
         self.max_age = None if max_age is None else to_seconds(max_age, "max_age")
+        self.key = key
+        self.max_entries = max_entries
         if not (isinstance(on, (type, tuple)) or callable(on)):
             raise TypeError(f"Fallback on= must be exception types or a predicate, got {on!r}")
         self.on = on
 
     def handles(self, error: BaseException) -> bool:
-        """Whether this fallback may answer for ``error`` (never for cancellation)."""
+        """Whether this fallback may answer for ``error`` (never for cancellation).
+
+        A predicate that raises is a bug in it: logged, and the fallback does not apply.
+        """
         if not isinstance(error, Exception):
             return False
         on = self.on
         if isinstance(on, (type, tuple)):
             return isinstance(error, on)
-        return bool(on(error))
+        try:
+            return bool(on(error))
+        except Exception:
+            _log.exception("Fallback on= predicate %r raised; not falling back", on)
+            return False
+
+    def key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | None:
+        """The last-known-good key of a call: its arguments (or ``key(*args, **kwargs)``).
+
+        Results are remembered per key, so one caller never receives another caller's data;
+        a call whose arguments cannot be hashed is not remembered (None).
+        """
+        try:
+            if self.key is not None:
+                key: Hashable = self.key(*args, **kwargs)
+            else:
+                key = (args, tuple(sorted(kwargs.items()))) if kwargs else args
+            hash(key)
+        except Exception:
+            return None
+        return key
 
     @property
     def has_value(self) -> bool:

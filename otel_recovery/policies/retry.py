@@ -11,6 +11,7 @@ and a retry is abandoned when *t* exceeds ``retry_after_cap`` rather than hammer
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from typing import TypeAlias
@@ -20,6 +21,8 @@ from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.backoff import Backoff, CustomBackoff, ExponentialBackoff
 
 __all__ = ["Retry", "RetryOn"]
+
+_log = logging.getLogger("otel_recovery")
 
 RetryOn: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -101,7 +104,12 @@ class Retry:
             return info.retryable
         if isinstance(on, (type, tuple)):
             return isinstance(error, on)
-        return bool(on(error))
+        try:
+            return bool(on(error))
+        except Exception:
+            # A broken predicate must not replace the caller's error with its own.
+            _log.exception("Retry on= predicate %r raised; not retrying", on)
+            return False
 
     def delay_for(self, retry_number: int, previous_delay: float, info: ErrorInfo) -> float | None:
         """Seconds to wait before retry ``retry_number``; None if the server asks for too long."""

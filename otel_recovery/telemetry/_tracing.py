@@ -67,6 +67,7 @@ class CallTrace:
     __slots__ = (
         "_attributes",
         "_clock",
+        "_ended",
         "_metrics",
         "_owns_span",
         "_policy",
@@ -94,6 +95,7 @@ class CallTrace:
         if attributes:
             self._attributes.update(attributes)
         self._token: object | None = None
+        self._ended = False
         current = trace.get_current_span()
         self._owns_span = own_span or not current.is_recording()
         if not self._owns_span:
@@ -182,7 +184,13 @@ class CallTrace:
         info: ErrorInfo | None,
         error: BaseException | None = None,
     ) -> None:
-        """Close the span; only a failure or an unanswered rejection is an error."""
+        """Close the span; only a failure or an unanswered rejection is an error.
+
+        Idempotent: the first outcome wins, later calls (from cleanup paths) do nothing.
+        """
+        if self._ended:
+            return
+        self._ended = True
         self._deactivate()
         span = self._span
         span.set_attribute(names.OUTCOME, outcome)

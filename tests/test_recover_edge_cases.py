@@ -1,0 +1,244 @@
+"""Regression tests from the foundation review: cleanup, cancellation, deadlines, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from opentelemetry import trace
+
+from otel_recovery.policies import (
+    Bulkhead,
+    BulkheadFullError,
+    CircuitBreaker,
+    CircuitState,
+    Fallback,
+    FixedBackoff,
+    Retry,
+    RetryBudget,
+    remaining_time,
+)
+from otel_recovery.recover import RecoveryPolicy, recover
+from otel_recovery.telemetry import attributes as names
+from otel_recovery.testing import FakeClock
+
+
+def half_open_breaker(clock):
+    breaker = CircuitBreaker(failure_threshold=1, timeout=1, clock=clock)
+    breaker.record_failure()
+    clock.advance(2)
+    return breaker
+
+
+async def test_cancellation_during_backoff_gives_back_the_probe_and_ends_the_span(
+    recovery_telemetry,
+):
+    """Real time here: the caller's wait_for cancels the task while it sleeps between attempts."""
+    breaker = CircuitBreaker(failure_threshold=1, timeout=0.01)
+    breaker.record_failure()
+    await asyncio.sleep(0.02)
+    policy = RecoveryPolicy(retry=Retry(3, backoff=FixedBackoff(10)), breaker=breaker, name="slow")
+
+    async def failing():
+        raise ConnectionError("down")
+
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(policy.acall(failing), 0.05)
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.can_execute() is True  # the probe permit came back
+    span = recovery_telemetry.span("recover slow")
+    assert span.attributes[names.OUTCOME] == "cancelled"
+    assert not trace.get_current_span().is_recording()  # context detached
+
+
+def test_a_raising_retry_predicate_keeps_the_callers_error(fake_clock, recovery_telemetry):
+    breaker = half_open_breaker(fake_clock)
+    policy = RecoveryPolicy(
+        retry=Retry(3, on=lambda e: e.response.status_code == 503),  # AttributeError on others
+        breaker=breaker,
+        clock=fake_clock,
+        name="pred",
+    )
+
+    def failing():
+        raise ConnectionError("refused")
+
+    with pytest.raises(ConnectionError):
+        policy.call(failing)
+    assert breaker.state is CircuitState.OPEN  # the probe failure was recorded, not leaked
+    assert recovery_telemetry.span("recover pred").attributes[names.OUTCOME] == "failure"
+    assert not trace.get_current_span().is_recording()
+
+
+def test_keyboard_interrupt_during_backoff_releases_the_probe(fake_clock):
+    breaker = half_open_breaker(fake_clock)
+
+    class InterruptingClock(FakeClock):
+        def sleep(self, seconds):
+            raise KeyboardInterrupt
+
+    clock = InterruptingClock()
+    breaker = CircuitBreaker(failure_threshold=1, timeout=1, clock=clock)
+    breaker.record_failure()
+    clock.advance(2)
+    policy = RecoveryPolicy(
+        retry=Retry(3, backoff=FixedBackoff(1)), breaker=breaker, clock=clock, telemetry=False
+    )
+    with pytest.raises(KeyboardInterrupt):
+        policy.call(lambda: (_ for _ in ()).throw(ConnectionError()))
+    assert breaker.can_execute() is True
+
+
+async def test_cancelling_a_task_waiting_for_a_bulkhead_slot_stays_a_cancellation():
+    bulkhead = Bulkhead(1, max_wait=5)
+    policy = RecoveryPolicy(bulkhead=bulkhead, fallback=Fallback("cached"), telemetry=False)
+    release = asyncio.Event()
+
+    async def hold():
+        await release.wait()
+        return "held"
+
+    holder = asyncio.create_task(policy.acall(hold))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(policy.acall(hold))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    release.set()
+    assert await holder == "held"
+    assert bulkhead.in_use == 0
+
+
+async def test_bulkhead_timeout_is_still_a_rejection():
+    bulkhead = Bulkhead(1, max_wait=0.01)
+    policy = RecoveryPolicy(bulkhead=bulkhead, telemetry=False)
+    gate = asyncio.Event()
+    holder = asyncio.create_task(policy.acall(gate.wait))
+    await asyncio.sleep(0)
+    with pytest.raises(BulkheadFullError):
+        await policy.acall(gate.wait)
+    gate.set()
+    await holder
+
+
+@pytest.mark.parametrize("style", ["call", "decorated"])
+def test_last_known_good_never_crosses_call_arguments(fake_clock, style):
+    data = {"alice": {"name": "Alice"}}
+    fallback = Fallback(last_known_good=True)
+    policy = RecoveryPolicy(retry=Retry(1), fallback=fallback, clock=fake_clock, telemetry=False)
+
+    def profile(user):
+        if user not in data:
+            raise ConnectionError("down")
+        return data[user]
+
+    run = policy.call if style == "call" else (lambda f, *a: policy(f)(*a))
+    assert run(profile, "alice") == {"name": "Alice"}
+    with pytest.raises(ConnectionError):
+        run(profile, "bob")  # bob never succeeded: nothing to fall back on
+    del data["alice"]
+    assert run(profile, "alice") == {"name": "Alice"}  # alice's own last good value
+
+
+def test_last_known_good_key_function_and_bound(fake_clock):
+    fallback = Fallback(last_known_good=True, key=lambda user, **_: user, max_entries=2)
+    policy = RecoveryPolicy(retry=Retry(1), fallback=fallback, clock=fake_clock, telemetry=False)
+    for user in ("a", "b", "c"):
+        policy.call(lambda u, verbose=False: u.upper(), user, verbose=True)
+    assert (
+        policy.call(
+            lambda u, verbose=False: (_ for _ in ()).throw(ConnectionError()), "c", verbose=False
+        )
+        == "C"
+    )
+    with pytest.raises(ConnectionError):  # "a" was evicted (max_entries=2)
+        policy.call(lambda u: (_ for _ in ()).throw(ConnectionError()), "a")
+
+
+async def test_retry_deadline_bounds_a_hanging_attempt():
+    policy = RecoveryPolicy(retry=Retry(3, deadline=0.2, backoff=FixedBackoff(0)), telemetry=False)
+    calls = 0
+
+    async def first_fails_then_hangs():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError()
+        await asyncio.sleep(30)
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(TimeoutError):
+        await policy.acall(first_fails_then_hangs)
+    assert loop.time() - start < 2.0
+    assert calls == 2
+
+
+def test_attempts_see_what_is_left_of_the_deadline(fake_clock):
+    seen = []
+    policy = RecoveryPolicy(
+        retry=Retry(3, deadline=6.5, backoff=FixedBackoff(1)), clock=fake_clock, telemetry=False
+    )
+
+    def work():
+        seen.append(remaining_time(fake_clock))
+        fake_clock.advance(1.5)
+        if len(seen) < 3:
+            raise ConnectionError()
+
+    policy.call(work)
+    assert seen == [6.5, 4.0, 1.5]
+
+
+async def test_async_callable_objects_are_decorated_as_async(fake_clock):
+    class Client:
+        def __init__(self):
+            self.calls = 0
+
+        async def __call__(self):
+            self.calls += 1
+            if self.calls < 3:
+                raise ConnectionError()
+            return "ok"
+
+    client = Client()
+    wrapped = recover(attempts=3, clock=fake_clock, telemetry=False)(client)
+    assert await wrapped() == "ok" and client.calls == 3
+
+
+def test_attempt_blocks_publish_the_deadline_and_hold_a_bulkhead_slot(fake_clock):
+    bulkhead = Bulkhead(1)
+    policy = RecoveryPolicy(
+        retry=Retry(2), timeout=2.0, bulkhead=bulkhead, clock=fake_clock, telemetry=False
+    )
+    for attempt in policy.attempts():
+        with attempt:
+            assert remaining_time(fake_clock) == 2.0
+            assert bulkhead.in_use == 1
+    assert bulkhead.in_use == 0
+
+
+def test_criticality_is_validated_when_the_policy_is_built():
+    RecoveryPolicy(retry=Retry(2), context={"criticality": "medium"})
+    with pytest.raises(
+        ValueError, match="criticality'. must be one of low, normal, medium, high, critical"
+    ):
+        RecoveryPolicy(retry=Retry(2), context={"criticality": "urgent"})
+
+
+def test_mismatched_clocks_are_refused():
+    with pytest.raises(ValueError, match="budget and the policy read different clocks"):
+        RecoveryPolicy(retry=Retry(2), budget=RetryBudget(), clock=FakeClock())
+
+
+def test_a_failing_fallback_reports_its_own_error_type(fake_clock, recovery_telemetry):
+    def broken(error):
+        raise ValueError("fallback broke")
+
+    policy = RecoveryPolicy(
+        retry=Retry(1), fallback=Fallback(func=broken), clock=fake_clock, name="fb"
+    )
+    with pytest.raises(ValueError):
+        policy.call(lambda: (_ for _ in ()).throw(ConnectionError()))
+    assert recovery_telemetry.span("recover fb").attributes[names.ERROR_TYPE] == "ValueError"
