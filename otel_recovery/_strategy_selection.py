@@ -2,7 +2,9 @@
 
 Public through :mod:`otel_recovery.interaction`, whose docstring has the selection table; the
 rule lives here, as a pure function over the classification and a few facts about the call, so
-that it can be tested (and later replaced by the strategy learner) without running a recovery.
+that it can be tested without running a recovery. With a strategy learner, :func:`learned`
+lets it choose wherever the rule made an automatic retrying choice; the rule still decides
+every forced case (explicit strategy, checkpoint, open circuit, non-retryable errors).
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ from typing import Any
 
 from otel_recovery._clock import Duration, to_seconds
 from otel_recovery.classify import ErrorCategory, ErrorInfo, ErrorKind
-from otel_recovery.policies.backoff import Backoff
+from otel_recovery.learning._decisions import DecisionKey, Recommendation
+from otel_recovery.learning.strategy import StrategyLearner
+from otel_recovery.policies.backoff import Backoff, ExponentialBackoff
 
-__all__ = ["RecoveryAction", "RecoveryStrategy", "Selection", "select_action"]
+__all__ = [
+    "RecoveryAction",
+    "RecoveryStrategy",
+    "Selection",
+    "feed_back",
+    "learned",
+    "select_action",
+]
 
 
 class RecoveryAction(str, Enum):
@@ -133,3 +144,78 @@ def select_action(
     if info.category is ErrorCategory.RATE_LIMITED:
         return Selection(RecoveryAction.EXPONENTIAL_BACKOFF, "rate_limited")
     return Selection(RecoveryAction.EXPONENTIAL_BACKOFF, "retryable")
+
+
+_LEARNABLE = frozenset({RecoveryAction.EXPONENTIAL_BACKOFF, RecoveryAction.SELF_HEAL})
+
+
+def learned(
+    learner: StrategyLearner | None,
+    static: Selection,
+    info: ErrorInfo,
+    *,
+    service_id: str,
+    has_fallback: bool,
+    has_retry_func: bool,
+    idempotent: bool,
+    max_attempts: int,
+    backoff: Backoff,
+) -> tuple[Selection, Recommendation | None, RecoveryStrategy | None]:
+    """Let the learner choose where the rule made an automatic retrying choice.
+
+    Arms are giving up (FALLBACK or FAIL_FAST), RETRY and EXPONENTIAL_BACKOFF (only for a
+    retryable error of an idempotent call: ``context["idempotent"] is False`` removes them)
+    and SELF_HEAL when the rule picked it. Returns the selection, the recommendation to
+    report back with the outcome, and a strategy carrying the learner's retry cap and learned
+    backoff (None in shadow mode, where the rule's choice runs unchanged).
+    """
+    if (
+        learner is None
+        or not has_retry_func
+        or static.reason == "explicit"
+        or static.action not in _LEARNABLE
+    ):
+        return static, None, None
+    give_up = RecoveryAction.FALLBACK if has_fallback else RecoveryAction.FAIL_FAST
+    arms = {give_up.value: 0}
+    if info.retryable and idempotent:
+        arms[RecoveryAction.EXPONENTIAL_BACKOFF.value] = max_attempts
+        arms[RecoveryAction.RETRY.value] = max_attempts
+    if static.action is RecoveryAction.SELF_HEAL and idempotent:
+        arms[RecoveryAction.SELF_HEAL.value] = max_attempts
+    if len(arms) == 1:
+        return Selection(give_up, "not_idempotent"), None, None
+    default = static.action.value if static.action.value in arms else give_up.value
+    rec = learner.choose(DecisionKey.of(service_id, info), arms, default=default)
+    action = RecoveryAction(rec.action)
+    if rec.shadow:
+        return static, rec, None
+    if action is give_up:
+        return Selection(action, "learned"), rec, None
+    strategy = RecoveryStrategy(
+        action=action,
+        max_attempts=max(1, rec.max_retries),
+        backoff=(
+            learner.backoff(service_id, backoff)
+            if action is not RecoveryAction.RETRY and isinstance(backoff, ExponentialBackoff)
+            else None
+        ),
+    )
+    return Selection(action, "learned"), rec, strategy
+
+
+def feed_back(
+    learner: StrategyLearner, rec: Recommendation, status: str, calls: int, elapsed: float
+) -> dict[str, str]:
+    """Report a learned recovery's outcome; a successful retrying one also times the
+    dependency (its learned backoff). Returns the keys added to the result dict."""
+    learner.record(
+        rec,
+        success=status == "success",
+        retries=calls,
+        recovery_time=elapsed,
+        fallback=status == "fallback",
+    )
+    if status == "success" and calls:
+        learner.observe_recovery(rec.key.service, elapsed)
+    return {"learned_action": rec.learned, "learner_mode": "shadow" if rec.shadow else "active"}

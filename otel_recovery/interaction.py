@@ -43,6 +43,13 @@ Context keys beyond the seed's: ``strategy``, ``criticality`` (raises severity),
 ``retry_on`` (exception types or a predicate; by default the classifier decides). Other keys
 become span attributes ``otel_recovery.context.<key>``: stringified, redacted, 256 chars.
 
+With ``learner=StrategyLearner(...)``, wherever the table picks EXPONENTIAL_BACKOFF or
+SELF_HEAL automatically, the learner chooses instead among giving up, RETRY,
+EXPONENTIAL_BACKOFF and that SELF_HEAL (retrying only what is retryable and not marked
+``context["idempotent"] = False``), with its learned backoff and retry cap, and learns from
+the outcome; results then carry ``learned_action`` and ``learner_mode``. A shadow-mode
+learner learns and reports but the table's choice runs.
+
 One :class:`CircuitBreaker` per ``service_id`` (default ``failure_threshold=5, timeout=60``)
 counts the outcome of each recovery that calls ``retry_func``; recoveries that make no call
 leave it alone, as they say nothing new about the dependency.
@@ -77,10 +84,17 @@ from otel_recovery._interaction_support import (
     tracer_of,
 )
 from otel_recovery._recovery_stats import RecoveryStats
-from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy, select_action
+from otel_recovery._strategy_selection import (
+    RecoveryAction,
+    RecoveryStrategy,
+    feed_back,
+    learned,
+    select_action,
+)
 from otel_recovery.checkpoint import Checkpoints, CheckpointStore
 from otel_recovery.classify import Classifier, get_default_classifier
 from otel_recovery.healing import HealingRegistry
+from otel_recovery.learning.strategy import StrategyLearner
 from otel_recovery.policies import (
     Backoff,
     CircuitBreaker,
@@ -123,6 +137,7 @@ class ErrorRecoveryInteraction:
         breaker_factory: Callable[[str], CircuitBreaker] | None = None,
         max_attempts: int = 3,
         backoff: Backoff | None = None,
+        learner: StrategyLearner | None = None,
     ) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
@@ -143,6 +158,9 @@ class ErrorRecoveryInteraction:
         self.healing = healing if healing is not None else HealingRegistry()
         self.max_attempts = max_attempts
         self.backoff: Backoff = backoff if backoff is not None else ExponentialBackoff()
+        if learner is not None and not isinstance(learner, StrategyLearner):
+            raise TypeError(f"learner must be a StrategyLearner, got {learner!r}")
+        self.learner = learner
         self._breaker_factory = breaker_factory
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
@@ -258,6 +276,13 @@ class ErrorRecoveryInteraction:
             has_fallback=fallback is not None,
             heals=self.healing.heals,
         )
+        selection, rec, learned_strategy = learned(
+            self.learner, selection, info, service_id=service_id,
+            has_fallback=fallback is not None, has_retry_func=retry_func is not None,
+            idempotent=ctx.get("idempotent") is not False, max_attempts=self.max_attempts,
+            backoff=self.backoff,
+        )  # fmt: skip
+        strategy = strategy or learned_strategy
         action = selection.action
         attributes: dict[str, Any] = {
             SERVICE_ID: service_id,
@@ -277,6 +302,8 @@ class ErrorRecoveryInteraction:
             span.end(end_time=int(self.clock.wall() * 1e9))
             raise
         elapsed = max(0.0, self.clock.now() - started)
+        if rec is not None and self.learner is not None:
+            run.extra.update(feed_back(self.learner, rec, outcome.status, run.calls, elapsed))
         self._stats.record(
             status=outcome.status, strategy=action.value, category=info.category.value,
             recovery_time=elapsed,
@@ -288,7 +315,8 @@ class ErrorRecoveryInteraction:
             if action is RecoveryAction.FALLBACK and run.fallback is None:
                 needs = "FALLBACK needs context['fallback_func'] or RecoveryStrategy(fallback=...)"
                 return Outcome("failed", reason=needs)
-            return await give_up(run, reason_for(why, run))
+            learned_why = "the strategy learner chose to give up" if why == "learned" else None
+            return await give_up(run, learned_why or reason_for(why, run))
         if action is RecoveryAction.CIRCUIT_BREAK:
             if not circuit_is_open(run.breaker):
                 run.breaker.force_open()

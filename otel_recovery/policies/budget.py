@@ -53,6 +53,7 @@ class RetryBudget:
     __slots__ = (
         "_bucket_end",
         "_call_count",
+        "_configured",
         "_current",
         "_lock",
         "_marks",
@@ -77,15 +78,8 @@ class RetryBudget:
         name: str = "default",
         clock: Clock | None = None,
     ) -> None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-            hint = f"; did you mean {ratio / 100}?" if isinstance(ratio, (int, float)) else ""
-            raise ValueError(f"ratio must be in [0, 1], got {ratio!r}{hint}")
-        if (
-            isinstance(min_per_second, bool)
-            or not isinstance(min_per_second, (int, float))
-            or min_per_second < 0
-        ):
-            raise ValueError(f"min_per_second must be a number >= 0, got {min_per_second!r}")
+        _check_ratio(ratio)
+        _check_floor(min_per_second)
         self.ttl = to_seconds(ttl, "ttl")
         if not 1.0 <= self.ttl <= 3600.0:
             raise ValueError(f"ttl must be between 1 and 3600 seconds, got {self.ttl}")
@@ -103,6 +97,7 @@ class RetryBudget:
         self._lock = threading.Lock()
         self.total_retries = 0
         self.total_refused = 0
+        self._configured = (self.ratio, self.min_per_second)
 
     def _rotate(self, now: float) -> int:
         """Expire buckets older than ``ttl`` (under the lock); returns the current bucket's slot."""
@@ -155,6 +150,33 @@ class RetryBudget:
             self.total_refused += 1
             return False
 
+    def tune(self, *, ratio: float | None = None, min_per_second: float | None = None) -> None:
+        """Change the allowance while the budget runs; :meth:`restore` undoes it.
+
+        Adaptive thresholds shrink the budget of a dependency that behaves abnormally (retries
+        then mostly add load) and give it back afterwards. Deposits and withdrawals already in
+        the window are kept, so a tightened budget that is already overspent refuses at once.
+        """
+        if ratio is not None:
+            _check_ratio(ratio)
+        if min_per_second is not None:
+            _check_floor(min_per_second)
+        with self._lock:
+            if ratio is not None:
+                self.ratio = float(ratio)
+            if min_per_second is not None:
+                self.min_per_second = float(min_per_second)
+
+    def restore(self) -> None:
+        """Put back the ratio and floor given at construction."""
+        with self._lock:
+            self.ratio, self.min_per_second = self._configured
+
+    @property
+    def tuned(self) -> bool:
+        """Whether :meth:`tune` changed the allowance and :meth:`restore` has not put it back."""
+        return (self.ratio, self.min_per_second) != self._configured
+
     def snapshot(self, now: float | None = None) -> BudgetSnapshot:
         if now is None:
             now = self.clock.now()
@@ -175,3 +197,18 @@ class RetryBudget:
             f"RetryBudget(ratio={self.ratio}, min_per_second={self.min_per_second}, "
             f"ttl={self.ttl}, name={self.name!r})"
         )
+
+
+def _check_ratio(ratio: object) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        hint = f"; did you mean {ratio / 100}?" if isinstance(ratio, (int, float)) else ""
+        raise ValueError(f"ratio must be in [0, 1], got {ratio!r}{hint}")
+
+
+def _check_floor(min_per_second: object) -> None:
+    if (
+        isinstance(min_per_second, bool)
+        or not isinstance(min_per_second, (int, float))
+        or min_per_second < 0
+    ):
+        raise ValueError(f"min_per_second must be a number >= 0, got {min_per_second!r}")

@@ -196,6 +196,8 @@ class CircuitBreaker:
         "__weakref__",
         "_base_timeout",
         "_clock",
+        "_configured_rate",
+        "_configured_threshold",
         "_consecutive_failures",
         "_current_timeout",
         "_dispatch_lock",
@@ -321,6 +323,8 @@ class CircuitBreaker:
         self._probe_successes = 0
         self._current_timeout = self._base_timeout
         self._open_until = math.inf
+        self._configured_threshold = self._failure_threshold
+        self._configured_rate = self._rate_threshold
 
     def _make_window(self, window: str, window_size: int | Duration) -> OutcomeWindow:
         if window == "count":
@@ -354,6 +358,19 @@ class CircuitBreaker:
     @property
     def failure_threshold(self) -> int:
         return self._failure_threshold
+
+    @property
+    def failure_rate_threshold(self) -> float | None:
+        """The failure rate that trips a rate-mode breaker; None in consecutive mode."""
+        return None if self._window is None else self._rate_threshold
+
+    @property
+    def tuned(self) -> bool:
+        """Whether :meth:`tune` changed a threshold that :meth:`restore` has not put back."""
+        return (
+            self._failure_threshold != self._configured_threshold
+            or self._rate_threshold != self._configured_rate
+        )
 
     @property
     def timeout(self) -> float:
@@ -539,6 +556,48 @@ class CircuitBreaker:
             self._current_timeout * self._timeout_multiplier, self._max_timeout
         )
         self._trip(reason, now)
+
+    # -- run-time tuning (adaptive thresholds) -----------------------------------------------
+
+    def tune(
+        self,
+        *,
+        failure_threshold: int | None = None,
+        failure_rate_threshold: float | None = None,
+    ) -> None:
+        """Change the trip thresholds while the breaker runs; :meth:`restore` undoes it.
+
+        Anomaly detection tightens the breaker of a dependency that behaves abnormally and
+        relaxes it afterwards (:class:`otel_recovery.learning.AdaptiveThresholds`); tuning in
+        place keeps the state, windows, counters and listeners that replacing the breaker
+        would lose. The new values apply from the next recorded outcome: tuning never trips
+        or closes the breaker by itself, and the closed-state fast paths are untouched.
+        ``failure_rate_threshold`` exists only in rate mode.
+        """
+        threshold = (
+            None
+            if failure_threshold is None
+            else _positive_int(failure_threshold, "failure_threshold")
+        )
+        rate = None
+        if failure_rate_threshold is not None:
+            if self._window is None:
+                raise ValueError(
+                    "failure_rate_threshold can only be tuned in rate mode; this breaker counts "
+                    "consecutive failures (tune failure_threshold instead)"
+                )
+            rate = _ratio(failure_rate_threshold, "failure_rate_threshold")
+        with self._lock:
+            if threshold is not None:
+                self._failure_threshold = threshold
+            if rate is not None:
+                self._rate_threshold = rate
+
+    def restore(self) -> None:
+        """Put back the thresholds given at construction (the end of an anomaly)."""
+        with self._lock:
+            self._failure_threshold = self._configured_threshold
+            self._rate_threshold = self._configured_rate
 
     # -- manual control ---------------------------------------------------------------------
 

@@ -1,0 +1,422 @@
+"""``StrategyLearner``: which recovery works best for each kind of error, learned online.
+
+Why a bandit: after a failure we try one action and see one outcome; the other actions'
+outcomes stay unknown (a contextual-bandit setting, research/adaptive.md 2.1). Why Thompson
+sampling: it explores in proportion to the remaining doubt, needs no tuning of an
+exploration rate, and is at least as good as UCB in the published comparisons (Chapelle &
+Li 2011). Three changes make it fit recovery:
+
+- **Forgetting** (discounted Thompson sampling): a dependency's behaviour changes, so
+  evidence decays with a half-life in *time* and the weight per arm is capped; a switch of
+  the best action is tracked within a few half-lives (:mod:`._stats`).
+- **Back-off to coarser contexts**: a new fingerprint has no history, so its prior is the
+  posterior of ``(service, category)``, whose prior is that of ``(any service, category)``,
+  each worth ``prior_strength`` observations. Thin data borrows; enough data
+  dominates. This is empirical-Bayes shrinkage rather than a hard "fewer than N, use the
+  parent" switch, so decisions do not jump when a count crosses a threshold.
+- **Estimated reward variance**: the posterior of an arm's mean reward is normal with the
+  variance estimated from the rewards, not Beta-Bernoulli. Recovery rewards are often nearly
+  deterministic (every retry into a dead dependency fails), and a Bernoulli posterior would
+  keep sampling such an arm long after the answer is clear, sending retries into an outage.
+
+The learner only ever chooses among the arms the caller allows (the safety rules: never
+retry a non-retryable or non-idempotent call, Retry-After handled by the engine), and never
+past :class:`HardCaps`. In shadow mode it learns and says what it would do, but the caller's
+default is what happens. Rewards weigh success, retries spent and time
+(:class:`RewardWeights`). It also learns how long each dependency takes to recover, and
+offers that as a backoff delay (:meth:`backoff`, :func:`learned_retry`).
+
+Thread-safe (one lock, never held across user code). Time comes from the injected clock.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery.learning._backoff import LearnedBackoff
+from otel_recovery.learning._decisions import (
+    DecisionKey,
+    HardCaps,
+    Recommendation,
+    RewardWeights,
+    check_options,
+    validated_arms,
+)
+from otel_recovery.learning._explain import (
+    describe_context,
+    remember_decision,
+    restore_snapshot,
+    take_snapshot,
+)
+from otel_recovery.learning._stats import DecayedMoments, DecayedRatio, DelaySamples
+from otel_recovery.learning.store import LearnerStore
+from otel_recovery.policies.backoff import ExponentialBackoff
+
+__all__ = ["StrategyLearner"]
+
+Level = tuple[str, str]
+
+
+class StrategyLearner:
+    """Discounted, hierarchical Thompson sampling over recovery actions, under hard caps.
+
+    Use: ``rec = learner.choose(key, {"retry": 3, "fail_fast": 0})`` after a failure (arm
+    name -> retries it may spend; at least one arm must spend none, as giving up must always
+    be possible), do ``rec.action``, then ``learner.record(rec, success=..., retries=...,
+    recovery_time=...)``. Call ``record_call(service)`` for calls that succeed at once, so the
+    retry-ratio cap sees all traffic, and ``observe_recovery(service, seconds)`` with how long
+    a successful recovery took, to learn the service's backoff delay.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        store: LearnerStore | None = None,
+        caps: HardCaps | None = None,
+        reward: RewardWeights | None = None,
+        half_life: Duration = 600.0,
+        max_weight: float = 200.0,
+        prior_strength: float = 2.0,
+        shadow: bool = False,
+        rng: random.Random | None = None,
+        delay_quantile: float = 0.5,
+        delay_samples: int = 256,
+        min_delay_samples: int = 5,
+        delay_bounds: tuple[Duration, Duration] = (0.01, 30.0),
+        max_contexts: int = 10_000,
+        save_interval: Duration = 30.0,
+    ) -> None:
+        self.clock: Clock = clock if clock is not None else SYSTEM_CLOCK
+        self.caps = caps if caps is not None else HardCaps()
+        self.reward = reward if reward is not None else RewardWeights()
+        self._tau = to_seconds(self.caps.window, "caps.window")
+        self.half_life = to_seconds(half_life, "half_life")
+        if self.half_life <= 0:
+            raise ValueError(f"half_life must be > 0 seconds, got {half_life!r}")
+        check_options(
+            max_weight=max_weight,
+            prior_strength=prior_strength,
+            delay_quantile=delay_quantile,
+            counts={
+                "delay_samples": delay_samples,
+                "min_delay_samples": min_delay_samples,
+                "max_contexts": max_contexts,
+            },
+        )
+        low_delay = to_seconds(delay_bounds[0], "delay_bounds[0]")
+        high_delay = to_seconds(delay_bounds[1], "delay_bounds[1]")
+        if high_delay < low_delay:
+            raise ValueError(
+                f"delay_bounds must be (low, high) with low <= high, got {delay_bounds}"
+            )
+        self.max_weight = float(max_weight)
+        self.prior_strength = float(prior_strength)
+        self.shadow = bool(shadow)
+        self.delay_quantile = float(delay_quantile)
+        self.delay_bounds = (low_delay, high_delay)
+        self._delay_size = delay_samples
+        self._min_delay_samples = min_delay_samples
+        self._max_contexts = max_contexts
+        self._save_interval = to_seconds(save_interval, "save_interval")
+        self._rng = rng if rng is not None else random.Random()
+        self._store = store
+        self._lock = threading.Lock()
+        self._contexts: OrderedDict[Level, dict[str, DecayedMoments]] = OrderedDict()
+        self._delays: OrderedDict[str, DelaySamples] = OrderedDict()
+        self._ratios: dict[str, DecayedRatio] = {}
+        self._last: OrderedDict[DecisionKey, dict[str, Any]] = OrderedDict()
+        self._shadow_agreed = 0
+        self._shadow_decisions = 0
+        self._saved_at = self.clock.now()
+        if store is not None:
+            snapshot = store.load()
+            if snapshot is not None:
+                self.load_dict(snapshot)
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def choose(
+        self, key: DecisionKey, allowed: Mapping[str, int], *, default: str | None = None
+    ) -> Recommendation:
+        """Pick an arm among ``allowed`` (arm -> retries it may spend) for one failure.
+
+        ``default`` is what the caller would do without learning; shadow mode requires it
+        and returns it as ``action``. Each call counts as one call for the retry-ratio cap.
+        """
+        arms = validated_arms(allowed)
+        if isinstance(default, Enum):
+            default = default.value
+        if default is not None and default not in arms:
+            raise ValueError(f"default {default!r} is not among the allowed arms {sorted(arms)}")
+        if self.shadow and default is None:
+            raise ValueError("a shadow-mode learner needs default=: the action that will be taken")
+        caps = self.caps
+        tau = self._tau
+        with self._lock:
+            now = self.clock.now()
+            ratio = self._ratios.get(key.service)
+            if ratio is None:
+                ratio = self._ratios[key.service] = DecayedRatio(updated=now)
+            ratio.add(now, tau, calls=1.0)
+            eligible = dict(arms)
+            capped: tuple[str, ...] = ()
+            if caps.max_retries == 0 or not ratio.allows(
+                now, tau, caps.retry_ratio, caps.min_retries_per_second
+            ):
+                capped = tuple(a for a, n in arms.items() if n > 0)
+                eligible = {a: n for a, n in arms.items() if n == 0}
+            samples: dict[str, float] = {}
+            means: dict[str, float] = {}
+            for arm in eligible:
+                mean, spread, _ = self._posterior(key, arm, now)
+                means[arm] = mean
+                samples[arm] = self._rng.gauss(mean, spread)
+            learned = max(samples, key=samples.__getitem__)
+            action = default if self.shadow and default is not None else learned
+            reserved = False
+            if not self.shadow and arms[action] > 0:
+                ratio.add(now, tau, retries=1.0)
+                reserved = True
+            if self.shadow:
+                self._shadow_decisions += 1
+                self._shadow_agreed += learned == action
+            delay = self._learned_delay(key.service)
+            limit = arms[action] if self.shadow else min(arms[action], caps.max_retries)
+            recommendation = Recommendation(
+                key, action, learned, self.shadow, limit, samples, means, capped, delay, reserved
+            )
+            remember_decision(self._last, recommendation, now, self._max_contexts)
+        return recommendation
+
+    def _posterior(self, key: DecisionKey, arm: str, now: float) -> tuple[float, float, float]:
+        """``(mean, sd, variance)``: the posterior of ``arm``'s mean reward and its spread,
+        and the estimated variance of a single reward.
+
+        Built coarse to fine: the coarsest level starts from mean 0.5 and variance 0.25 (the
+        widest a reward in [0, 1] can have); every level's prior is its parent's mean and
+        variance worth ``prior_strength`` observations (a normal model with unknown
+        variance). The variance is *estimated* rather than assumed Bernoulli, because
+        recovery rewards are often nearly deterministic (a dead dependency fails every
+        retry), and Beta-Bernoulli sampling would keep exploring such arms long after the
+        answer is clear, each exploration being retries sent into an outage.
+        """
+        mean, variance = 0.5, 0.25
+        prior = self.prior_strength
+        count = prior
+        half_life = self.half_life
+        for level in reversed(key.levels()):
+            stats = self._contexts.get(level)
+            entry = stats.get(arm) if stats is not None else None
+            if entry is None:
+                count = prior
+                continue
+            weight, total, squares = entry.at(now, half_life)
+            count = prior + weight
+            if weight <= 0.0:
+                continue
+            own_mean = total / weight
+            within = max(0.0, squares - total * own_mean)
+            between = prior * weight / count * (own_mean - mean) ** 2
+            variance = (prior * variance + within + between) / count
+            mean = (prior * mean + total) / count
+        variance = max(variance, 1e-4)
+        return mean, math.sqrt(variance / count), variance
+
+    # -- learning ----------------------------------------------------------------------------
+
+    def record(
+        self,
+        recommendation: Recommendation,
+        *,
+        success: bool,
+        retries: int,
+        recovery_time: float,
+        fallback: bool = False,
+    ) -> float:
+        """Learn from how ``recommendation.action`` turned out; returns the reward in [0, 1].
+
+        ``retries`` counts the attempts the recovery made (not the original failure).
+        """
+        # choose() reserved one retry for a retrying arm; a recovery that never retried
+        # (the circuit opened, the budget refused) gets it back (extra = -1).
+        extra = retries - 1 if recommendation.reserved_retry else retries
+        return self._learn(
+            recommendation.key,
+            recommendation.action,
+            success=success,
+            fallback=fallback,
+            retries=retries,
+            recovery_time=recovery_time,
+            extra_retries=extra,
+        )
+
+    def observe(
+        self,
+        key: DecisionKey,
+        arm: str,
+        *,
+        success: bool,
+        retries: int,
+        recovery_time: float,
+        fallback: bool = False,
+    ) -> float:
+        """Learn from an outcome the learner did not choose (a forced strategy, a replay)."""
+        return self._learn(
+            key,
+            arm,
+            success=success,
+            fallback=fallback,
+            retries=retries,
+            recovery_time=recovery_time,
+            extra_retries=max(0, retries),
+        )
+
+    def _learn(
+        self,
+        key: DecisionKey,
+        arm: str,
+        *,
+        success: bool,
+        fallback: bool,
+        retries: int,
+        recovery_time: float,
+        extra_retries: int,
+    ) -> float:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        caps = self.caps
+        score = self.reward.score(
+            success=success,
+            fallback=fallback,
+            retries=retries,
+            recovery_time=recovery_time,
+            max_retries=caps.max_retries,
+        )
+        tau = self._tau
+        save = False
+        with self._lock:
+            now = self.clock.now()
+            for level in key.levels():
+                self._arm(level, arm, now).add(score, now, self.half_life, self.max_weight)
+            if extra_retries:
+                ratio = self._ratios.setdefault(key.service, DecayedRatio(updated=now))
+                ratio.add(now, tau, retries=float(extra_retries))
+            if self._store is not None and now - self._saved_at >= self._save_interval:
+                self._saved_at = now
+                save = True
+        if save:
+            self.flush()
+        return score
+
+    def _arm(self, level: Level, arm: str, now: float) -> DecayedMoments:
+        stats = self._contexts.get(level)
+        if stats is None:
+            stats = self._contexts[level] = {}
+            if len(self._contexts) > self._max_contexts:
+                self._contexts.popitem(last=False)
+        else:
+            self._contexts.move_to_end(level)
+        entry = stats.get(arm)
+        if entry is None:
+            entry = stats[arm] = DecayedMoments(updated=now)
+        return entry
+
+    def record_call(self, service: str, calls: int = 1) -> None:
+        """Count calls the learner did not see fail (for the retry-ratio cap)."""
+        tau = self._tau
+        with self._lock:
+            now = self.clock.now()
+            ratio = self._ratios.setdefault(service, DecayedRatio(updated=now))
+            ratio.add(now, tau, calls=float(calls))
+
+    # -- learned delays ----------------------------------------------------------------------
+
+    def observe_recovery(self, service: str, seconds: float) -> None:
+        """A recovery of ``service`` succeeded ``seconds`` after the first failure."""
+        if not seconds >= 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+        with self._lock:
+            samples = self._delays.get(service)
+            if samples is None:
+                samples = self._delays[service] = DelaySamples(self._delay_size)
+                if len(self._delays) > self._max_contexts:
+                    self._delays.popitem(last=False)
+            samples.add(float(seconds))
+
+    def learned_delay(self, service: str) -> float | None:
+        """The learned first backoff delay for ``service``, or None while data is thin.
+
+        It is the ``delay_quantile`` of recent recovery times, clamped to ``delay_bounds``.
+        The estimate corrects itself rather than ratcheting: if waits are longer than the
+        dependency needs, recoveries come in just after the (jittered) waits and the
+        quantile falls; if shorter, early retries fail and recoveries take longer.
+        """
+        with self._lock:
+            return self._learned_delay(service)
+
+    def _learned_delay(self, service: str) -> float | None:
+        samples = self._delays.get(service)
+        if samples is None or len(samples) < self._min_delay_samples:
+            return None
+        low, high = self.delay_bounds
+        return min(high, max(low, samples.quantile(self.delay_quantile)))
+
+    def backoff(self, service: str, base: ExponentialBackoff | None = None) -> LearnedBackoff:
+        """A :class:`~otel_recovery.policies.Backoff` starting at the learned delay of
+        ``service`` (``base``'s initial delay until something is learned)."""
+        return LearnedBackoff(self, service, base if base is not None else ExponentialBackoff())
+
+    # -- introspection and persistence ---------------------------------------------------------
+
+    def explain(self, key: DecisionKey | None = None) -> dict[str, Any]:
+        """What the learner believes and why, as a JSON-friendly dict.
+
+        With a key: the evidence at each of its three levels, the composed posterior per arm
+        (mean reward, its sd, the reward variance), the last decision (draws, chosen arm,
+        caps that applied), the learned delay and a one-line ``summary``. Without: every
+        context's best arm.
+        """
+        with self._lock:
+            now = self.clock.now()
+            return describe_context(self, key, now)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot of the learned statistics (caps and mode excluded)."""
+        with self._lock:
+            return take_snapshot(self, self.clock.now(), self.clock.wall())
+
+    def load_dict(self, snapshot: Mapping[str, Any]) -> None:
+        """Replace the learned statistics with those of ``snapshot`` (from :meth:`to_dict`).
+
+        Evidence keeps decaying across the time the snapshot spent on the shelf.
+        """
+        contexts, delays = restore_snapshot(
+            snapshot, self.clock.now(), self.clock.wall(), self._delay_size
+        )
+        with self._lock:
+            self._contexts = contexts
+            self._delays = delays
+
+    @classmethod
+    def from_dict(cls, snapshot: Mapping[str, Any], **options: Any) -> StrategyLearner:
+        """A new learner (``options`` as for the constructor) holding ``snapshot``."""
+        learner = cls(**options)
+        learner.load_dict(snapshot)
+        return learner
+
+    def flush(self) -> None:
+        """Save a snapshot to the store now (also done every ``save_interval`` seconds)."""
+        if self._store is not None:
+            self._store.save(self.to_dict())
+
+    def __repr__(self) -> str:
+        mode = "shadow" if self.shadow else "active"
+        return f"StrategyLearner({mode}, contexts={len(self._contexts)}, caps={self.caps!r})"
