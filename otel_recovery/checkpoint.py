@@ -1,47 +1,77 @@
 """Checkpoints: save a process's state before a risky step, restore it after a failure.
 
-State is stored as JSON text and restored by parsing it again, so a restored state is always a
-deep copy that shares nothing with the caller's objects, and nothing is ever unpickled from a
-store (a store that other hosts can write to must not be able to run code here). What JSON
-cannot hold is refused when the checkpoint is *created*, with a :class:`CheckpointError` naming
-the checkpoint, the path inside the state and the offending type: failing at save time is far
-better than discovering an unusable checkpoint during an outage. Tuples are stored as lists;
-dict keys must be strings (JSON would silently turn ``1`` into ``"1"``); NaN and infinities are
-refused because other stores (PostgreSQL's ``jsonb``) reject them.
+A checkpoint is a versioned record in a :class:`~otel_recovery.stores.Store`. Where it lives is
+one URL (``store=`` or ``OTEL_RECOVERY_STORE_URL``); by default the SQLite file at
+:func:`~otel_recovery.stores.default_sqlite_path`, because a checkpoint exists to outlive the
+failure it guards against, and a crash takes process memory with it. Use ``store="memory://"``
+for throwaway state and tests.
 
-Each checkpoint id keeps a short history: every save gets the next version number for that id
-(versions only increase within a process, even across a delete), and ``restore(id)`` returns
-the latest live version unless a version is asked for. A ``ttl`` makes a version expire; an
-expired version is never returned.
-
-Storage goes through the small :class:`CheckpointStore` protocol so that other back ends
-(SQLite, Redis, PostgreSQL) slot in without touching the callers; :class:`MemoryCheckpointStore`
-is the in-process default.
+- **Versions** increase per id, assigned atomically by the store (two processes saving the
+  same id never get the same number, even after a delete). ``load(id)`` returns the latest
+  live version, ``load(id, version=n)`` an older one; each id keeps the newest 16 by default.
+- **Compare-and-set**: ``save(id, state, expected_version=n)`` writes only if the latest live
+  version is still ``n`` (``0``: only if none exists), else :class:`CheckpointConflictError`,
+  so two concurrent writers can never lose an update silently.
+- **Serialisation** is strict JSON by default, or any :class:`Serializer` (``name``, ``dumps``,
+  ``loads``); its name is stored with the record. Nothing is ever unpickled: a store other hosts
+  can write to must not be able to run code here. A restored state is always a fresh copy.
+- **Errors name the checkpoint**: an unserialisable state (:class:`CheckpointError` with the
+  path and type), a state over ``max_size`` bytes (:class:`CheckpointTooLargeError`; 1 MiB by
+  default, ``OTEL_RECOVERY_CHECKPOINT_MAX_BYTES``), a stored record that cannot be read back
+  (:class:`CheckpointCorruptError`), a missing one (:class:`CheckpointNotFoundError`, which the
+  seed API turns into a ``"failed"`` result).
+- **Outages**: stores other than ``memory://`` are wrapped in a
+  :class:`~otel_recovery.stores.ResilientStore`: while the store is unreachable, saves are kept
+  locally and replayed when it is back, and restores answer from what this process last saw
+  (see that class for exactly what resync means). Only when there is no local copy does a
+  restore fail, with :class:`CheckpointUnavailableError`.
 """
 
 from __future__ import annotations
 
 import builtins
-import json
-import math
-import threading
-from collections import OrderedDict
+import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, TypeVar
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._checkpoint_json import JSON, Serializer, UnserialisableStateError
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery.stores import (
+    CorruptRecordError,
+    MemoryStore,
+    Record,
+    ResilientStore,
+    Store,
+    StoreConfigError,
+    StoreUnavailableError,
+    VersionConflictError,
+    resolve_store,
+)
+from otel_recovery.stores._base import ttl_seconds
 
 __all__ = [
     "Checkpoint",
+    "CheckpointConflictError",
+    "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointRecord",
     "CheckpointStore",
+    "CheckpointTooLargeError",
+    "CheckpointUnavailableError",
     "Checkpoints",
-    "MemoryCheckpointStore",
+    "Serializer",
 ]
 
-_JSON_SCALARS = (str, int, float, bool, type(None))
+ENV_MAX_SIZE = "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES"
+DEFAULT_MAX_SIZE = 1024 * 1024
+_T = TypeVar("_T")
+
+CheckpointRecord = Record
+"""What :meth:`Checkpoints.list` returns: key, version, data, created_at, expires_at."""
+CheckpointStore = Store
+"""The former name of :class:`~otel_recovery.stores.Store`, kept for existing imports."""
 
 
 class CheckpointError(Exception):
@@ -57,27 +87,45 @@ class CheckpointNotFoundError(CheckpointError, LookupError):
     """No live checkpoint (or no such version) exists under the given id."""
 
 
-@dataclass(frozen=True, slots=True)
-class CheckpointRecord:
-    """What a store keeps: already-serialised JSON ``data`` plus bookkeeping.
+class CheckpointUnavailableError(CheckpointError, LookupError):
+    """The store is unreachable and this process holds no local copy of the checkpoint."""
 
-    Times are wall-clock epoch seconds, because records may outlive the process (and the
-    monotonic clock) that wrote them.
-    """
 
-    key: str
-    version: int
-    data: str
-    created_at: float
-    expires_at: float | None = None
+class CheckpointConflictError(CheckpointError):
+    """A compare-and-set save found another latest version than the one it expected."""
 
-    def expired(self, wall_now: float) -> bool:
-        return self.expires_at is not None and self.expires_at <= wall_now
+    def __init__(self, checkpoint_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"checkpoint {checkpoint_id!r} was not saved: expected latest version {expected}, "
+            f"but the store holds version {actual} (another writer saved first); reload it, "
+            "merge, and save again with expected_version=" + str(actual),
+            checkpoint_id=checkpoint_id,
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class CheckpointTooLargeError(CheckpointError):
+    """The serialised state is over the configured size limit."""
+
+    def __init__(self, checkpoint_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"checkpoint {checkpoint_id!r} cannot be saved: its state is {size} bytes once "
+            f"serialised, over the {limit}-byte limit (Checkpoints(max_size=...) or "
+            f"{ENV_MAX_SIZE})",
+            checkpoint_id=checkpoint_id,
+        )
+        self.size = size
+        self.limit = limit
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A stored checkpoint cannot be read back; it is never half-interpreted."""
 
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """A restored checkpoint: ``state`` is a fresh deep copy."""
+    """A restored checkpoint: ``state`` is a fresh copy."""
 
     checkpoint_id: str
     version: int
@@ -86,205 +134,231 @@ class Checkpoint:
     expires_at: float | None
 
 
-@runtime_checkable
-class CheckpointStore(Protocol):
-    """Where checkpoint records live. Implementations must be safe to call from many threads.
-
-    A store never returns a record whose ``expires_at`` has passed (it may use native expiry,
-    as Redis does, or filter on read). ``get(key)`` returns the latest live version;
-    ``list(prefix)`` returns the latest live version of every key starting with ``prefix``,
-    sorted by key; ``delete(key)`` removes every version and returns how many there were.
-    """
-
-    def put(self, key: str, record: CheckpointRecord) -> None: ...
-
-    def get(self, key: str, version: int | None = None) -> CheckpointRecord | None: ...
-
-    def list(self, prefix: str = "") -> builtins.list[CheckpointRecord]: ...
-
-    def delete(self, key: str) -> int: ...
-
-
-class MemoryCheckpointStore:
-    """Checkpoints in a dict: fast, per process, gone on restart.
-
-    Keeps the newest ``max_versions`` versions per key (older ones are dropped on save) so a
-    loop that checkpoints every iteration cannot grow memory without bound.
-    """
-
-    def __init__(self, *, max_versions: int = 16, clock: Clock | None = None) -> None:
-        if isinstance(max_versions, bool) or not isinstance(max_versions, int) or max_versions < 1:
-            raise ValueError(f"max_versions must be an int >= 1, got {max_versions!r}")
-        self._max_versions = max_versions
-        self._clock = clock or SYSTEM_CLOCK
-        self._lock = threading.Lock()
-        self._data: dict[str, OrderedDict[int, CheckpointRecord]] = {}
-
-    def put(self, key: str, record: CheckpointRecord) -> None:
-        with self._lock:
-            versions = self._data.setdefault(key, OrderedDict())
-            versions[record.version] = record
-            while len(versions) > self._max_versions:
-                versions.popitem(last=False)
-
-    def get(self, key: str, version: int | None = None) -> CheckpointRecord | None:
-        now = self._clock.wall()
-        with self._lock:
-            versions = self._data.get(key)
-            if not versions:
-                return None
-            if version is not None:
-                record = versions.get(version)
-                return None if record is None or record.expired(now) else record
-            return next((r for r in reversed(versions.values()) if not r.expired(now)), None)
-
-    def list(self, prefix: str = "") -> builtins.list[CheckpointRecord]:
-        now = self._clock.wall()
-        with self._lock:
-            keys = sorted(k for k in self._data if k.startswith(prefix))
-            found = []
-            for key in keys:
-                live = [r for r in self._data[key].values() if not r.expired(now)]
-                if live:
-                    found.append(max(live, key=lambda r: r.version))
-            return found
-
-    def delete(self, key: str) -> int:
-        with self._lock:
-            versions = self._data.pop(key, None)
-            return len(versions) if versions else 0
-
-    def __repr__(self) -> str:
-        return f"MemoryCheckpointStore(keys={len(self._data)}, max_versions={self._max_versions})"
+def max_size_from_env() -> int:
+    raw = os.environ.get(ENV_MAX_SIZE, "").strip()
+    if not raw:
+        return DEFAULT_MAX_SIZE
+    if not raw.isdigit() or int(raw) < 1:
+        raise StoreConfigError(f"{ENV_MAX_SIZE} must be a positive number of bytes, got {raw!r}")
+    return int(raw)
 
 
 class Checkpoints:
-    """Versioned, JSON-only checkpoints over a :class:`CheckpointStore`."""
+    """Versioned checkpoints over a store; every operation has an ``a``-prefixed async form."""
 
-    def __init__(self, store: CheckpointStore | None = None, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        *,
+        clock: Clock | None = None,
+        serializer: Serializer | None = None,
+        max_size: int | None = None,
+        resilient: bool = True,
+        retry_interval: Duration = 5.0,
+    ) -> None:
         self.clock: Clock = clock or SYSTEM_CLOCK
-        if store is None:
-            store = MemoryCheckpointStore(clock=self.clock)
-        elif not isinstance(store, CheckpointStore):
-            raise TypeError(
-                f"store must implement CheckpointStore (put/get/list/delete), got {store!r}"
-            )
-        self.store = store
-        self._lock = threading.Lock()
-        self._last_version: dict[str, int] = {}
+        if serializer is not None and not isinstance(serializer, Serializer):
+            raise TypeError(f"serializer must have name, dumps and loads, got {serializer!r}")
+        self.serializer: Serializer = serializer or JSON
+        if max_size is not None and (
+            isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1
+        ):
+            raise ValueError(f"max_size must be a positive number of bytes, got {max_size!r}")
+        self.max_size = max_size if max_size is not None else max_size_from_env()
+        backend = resolve_store(store, clock=clock)
+        if resilient and not isinstance(backend, (MemoryStore, ResilientStore)):
+            backend = ResilientStore(backend, retry_interval=retry_interval, clock=clock)
+        self.store: Store = backend
 
-    def save(self, checkpoint_id: str, state: Any, ttl: Duration | None = None) -> int:
-        """Store ``state`` under ``checkpoint_id``; returns the new version number."""
-        _check_id(checkpoint_id)
-        seconds = None if ttl is None else to_seconds(ttl, "ttl")
-        if seconds is not None and seconds <= 0:
-            raise ValueError(f"ttl must be > 0 seconds when given, got {ttl!r}")
-        data = encode_state(checkpoint_id, state)
-        with self._lock:
-            latest = self.store.get(checkpoint_id)
-            version = max(self._last_version.get(checkpoint_id, 0), latest.version if latest else 0)
-            version += 1
-            self._last_version[checkpoint_id] = version
-            now = self.clock.wall()
-            expires = None if seconds is None else now + seconds
-            self.store.put(
-                checkpoint_id, CheckpointRecord(checkpoint_id, version, data, now, expires)
-            )
-        return version
+    # -- helpers shared by the sync and async forms ---------------------------------------------
 
-    def load(self, checkpoint_id: str, version: int | None = None) -> Checkpoint:
-        """The latest live version (or ``version``); raises :class:`CheckpointNotFoundError`."""
+    def _encode(self, checkpoint_id: str, state: Any) -> bytes:
         _check_id(checkpoint_id)
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise TypeError(f"version must be an int or None, got {version!r}")
-        record = self.store.get(checkpoint_id, version)
+        try:
+            data = self.serializer.dumps(state)
+        except UnserialisableStateError as problem:
+            raise CheckpointError(
+                f"checkpoint {checkpoint_id!r} cannot be saved: {problem}; checkpoints hold "
+                "JSON data only (dict with str keys, list, tuple, str, int, float, bool, None)",
+                checkpoint_id=checkpoint_id,
+                offending_type=problem.offending_type,
+            ) from problem
+        except (TypeError, ValueError, OverflowError, RecursionError) as problem:
+            raise CheckpointError(
+                f"checkpoint {checkpoint_id!r} cannot be saved with serializer "
+                f"{self.serializer.name!r}: {problem}",
+                checkpoint_id=checkpoint_id,
+            ) from problem
+        if not isinstance(data, bytes):
+            raise TypeError(f"serializer {self.serializer.name!r} returned {type(data)}, not bytes")
+        if len(data) > self.max_size:
+            raise CheckpointTooLargeError(checkpoint_id, len(data), self.max_size)
+        return data
+
+    def _saved(self, checkpoint_id: str, attempt: Callable[[], _T]) -> _T:
+        try:
+            return attempt()
+        except VersionConflictError as conflict:
+            raise CheckpointConflictError(
+                checkpoint_id, conflict.expected, conflict.actual
+            ) from conflict
+        except StoreUnavailableError as down:
+            raise CheckpointUnavailableError(
+                f"checkpoint {checkpoint_id!r} was not saved: {down}", checkpoint_id=checkpoint_id
+            ) from down
+
+    def _decode(self, checkpoint_id: str, version: int | None, record: Record | None) -> Checkpoint:
         if record is None or record.expired(self.clock.wall()):
             which = "" if version is None else f" with version {version}"
             raise CheckpointNotFoundError(
                 f"no checkpoint named {checkpoint_id!r}{which}", checkpoint_id=checkpoint_id
             )
-        try:
-            state = json.loads(record.data)
-        except ValueError as exc:
+        if record.encoding != self.serializer.name:
             raise CheckpointError(
-                f"checkpoint {checkpoint_id!r} version {record.version} holds invalid JSON: {exc}",
+                f"checkpoint {checkpoint_id!r} version {record.version} was written with "
+                f"serializer {record.encoding!r}; this Checkpoints reads "
+                f"{self.serializer.name!r}",
+                checkpoint_id=checkpoint_id,
+            )
+        try:
+            state = self.serializer.loads(record.data)
+        except Exception as exc:
+            raise CheckpointCorruptError(
+                f"checkpoint {checkpoint_id!r} version {record.version} is corrupt: its stored "
+                f"{record.encoding} data cannot be decoded ({type(exc).__name__}: {exc})",
                 checkpoint_id=checkpoint_id,
             ) from exc
         return Checkpoint(
             checkpoint_id, record.version, state, record.created_at, record.expires_at
         )
 
-    def list(self, prefix: str = "") -> builtins.list[CheckpointRecord]:
+    def _read(self, checkpoint_id: str, attempt: Callable[[], _T]) -> _T:
+        try:
+            return attempt()
+        except CorruptRecordError as corrupt:
+            raise CheckpointCorruptError(
+                f"checkpoint {checkpoint_id!r} is corrupt: {corrupt.detail}",
+                checkpoint_id=checkpoint_id,
+            ) from corrupt
+        except StoreUnavailableError as down:
+            raise CheckpointUnavailableError(
+                f"checkpoint {checkpoint_id!r} cannot be restored: {down}",
+                checkpoint_id=checkpoint_id,
+            ) from down
+
+    # -- sync -------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        checkpoint_id: str,
+        state: Any,
+        ttl: Duration | None = None,
+        *,
+        expected_version: int | None = None,
+    ) -> int:
+        """Store ``state``; returns its version. ``expected_version`` makes it compare-and-set."""
+        data = self._encode(checkpoint_id, state)
+        seconds = ttl_seconds(ttl)
+        record = self._saved(
+            checkpoint_id,
+            lambda: self.store.put(
+                checkpoint_id,
+                data,
+                expected_version=expected_version,
+                ttl=seconds,
+                encoding=self.serializer.name,
+            ),
+        )
+        return record.version
+
+    def load(self, checkpoint_id: str, version: int | None = None) -> Checkpoint:
+        """The latest live version (or ``version``); raises :class:`CheckpointNotFoundError`."""
+        _check_id(checkpoint_id)
+        _check_version(version)
+        record = self._read(checkpoint_id, lambda: self.store.get(checkpoint_id, version))
+        return self._decode(checkpoint_id, version, record)
+
+    def list(self, prefix: str = "") -> builtins.list[Record]:
         """Latest live version of every checkpoint whose id starts with ``prefix``."""
         now = self.clock.wall()
-        return [r for r in self.store.list(prefix) if not r.expired(now)]
+        return [
+            r for r in self._read(prefix, lambda: self.store.list(prefix)) if not r.expired(now)
+        ]
 
     def delete(self, checkpoint_id: str) -> int:
-        """Remove every version; returns how many were removed (0 if none existed)."""
+        """Remove every version; returns how many were live (0 if none existed)."""
         _check_id(checkpoint_id)
-        return self.store.delete(checkpoint_id)
+        return self._saved(checkpoint_id, lambda: self.store.delete(checkpoint_id))
+
+    # -- async ------------------------------------------------------------------------------------
+
+    async def asave(
+        self,
+        checkpoint_id: str,
+        state: Any,
+        ttl: Duration | None = None,
+        *,
+        expected_version: int | None = None,
+    ) -> int:
+        data = self._encode(checkpoint_id, state)
+        seconds = ttl_seconds(ttl)
+        put = self.store.aput(
+            checkpoint_id,
+            data,
+            expected_version=expected_version,
+            ttl=seconds,
+            encoding=self.serializer.name,
+        )
+        record = await _async_guard(self._saved, checkpoint_id, put)
+        return record.version
+
+    async def aload(self, checkpoint_id: str, version: int | None = None) -> Checkpoint:
+        _check_id(checkpoint_id)
+        _check_version(version)
+        found = self.store.aget(checkpoint_id, version)
+        record = await _async_guard(self._read, checkpoint_id, found)
+        return self._decode(checkpoint_id, version, record)
+
+    async def alist(self, prefix: str = "") -> builtins.list[Record]:
+        now = self.clock.wall()
+        found = await _async_guard(self._read, prefix, self.store.alist(prefix))
+        return [r for r in found if not r.expired(now)]
+
+    async def adelete(self, checkpoint_id: str) -> int:
+        _check_id(checkpoint_id)
+        return await _async_guard(self._saved, checkpoint_id, self.store.adelete(checkpoint_id))
+
+    def close(self) -> None:
+        self.store.close()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    def __repr__(self) -> str:
+        return f"Checkpoints({self.store!r}, serializer={self.serializer.name!r})"
+
+
+async def _async_guard(
+    guard: Callable[[str, Callable[[], _T]], _T], checkpoint_id: str, pending: Awaitable[_T]
+) -> _T:
+    """Apply a sync error-translating guard to an awaitable's outcome."""
+    try:
+        value = await pending
+    except Exception as exc:
+        failure = exc
+
+        def again() -> _T:
+            raise failure
+
+        return guard(checkpoint_id, again)
+    return value
 
 
 def _check_id(checkpoint_id: object) -> None:
-    if not isinstance(checkpoint_id, str) or not checkpoint_id:
+    if not isinstance(checkpoint_id, str) or not checkpoint_id or "\x00" in checkpoint_id:
         raise TypeError(f"checkpoint ids are non-empty strings, got {checkpoint_id!r}")
 
 
-def encode_state(checkpoint_id: str, state: Any) -> str:
-    """JSON text of ``state``, or a :class:`CheckpointError` naming what JSON cannot hold."""
-    problem = _find_problem(state, "state", set(), 0)
-    if problem is not None:
-        path, offending, why = problem
-        raise CheckpointError(
-            f"checkpoint {checkpoint_id!r} cannot be saved: {path} {why}; checkpoints hold "
-            "JSON data only (dict with str keys, list, tuple, str, int, float, bool, None)",
-            checkpoint_id=checkpoint_id,
-            offending_type=offending,
-        )
-    return json.dumps(state, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-
-
-_MAX_DEPTH = 200
-
-
-def _find_problem(
-    value: Any, path: str, parents: set[int], depth: int
-) -> tuple[str, str, str] | None:
-    """``(path, type name, why)`` of the first thing JSON cannot faithfully hold, or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path, "float", f"is {value!r}, which JSON cannot represent"
-    if isinstance(value, _JSON_SCALARS):
-        return None
-    if depth >= _MAX_DEPTH:
-        return path, type(value).__qualname__, f"is nested more than {_MAX_DEPTH} levels deep"
-    if isinstance(value, (dict, builtins.list, tuple)):
-        if id(value) in parents:
-            return path, type(value).__qualname__, "refers back to itself (a cycle)"
-        parents.add(id(value))
-        try:
-            if isinstance(value, dict):
-                for key, item in value.items():
-                    if not isinstance(key, str):
-                        return (
-                            f"{path}[{key!r}]",
-                            type(key).__qualname__,
-                            f"has a {type(key).__qualname__} key, but JSON keys are strings",
-                        )
-                    found = _find_problem(item, f"{path}[{key!r}]", parents, depth + 1)
-                    if found is not None:
-                        return found
-            else:
-                for index, item in enumerate(value):
-                    found = _find_problem(item, f"{path}[{index}]", parents, depth + 1)
-                    if found is not None:
-                        return found
-        finally:
-            parents.discard(id(value))
-        return None
-    kind = type(value)
-    name = (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
-    return path, name, f"is a {name}"
+def _check_version(version: object) -> None:
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise TypeError(f"version must be an int or None, got {version!r}")

@@ -91,7 +91,7 @@ from otel_recovery._strategy_selection import (
     learned,
     select_action,
 )
-from otel_recovery.checkpoint import Checkpoints, CheckpointStore
+from otel_recovery.checkpoint import CheckpointError, Checkpoints
 from otel_recovery.classify import Classifier, get_default_classifier
 from otel_recovery.healing import HealingRegistry
 from otel_recovery.learning.strategy import StrategyLearner
@@ -106,6 +106,7 @@ from otel_recovery.policies import (
     Retry,
 )
 from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.stores import Store
 from otel_recovery.telemetry import Telemetry
 from otel_recovery.telemetry import attributes as names
 from otel_recovery.telemetry.attributes import (
@@ -132,7 +133,7 @@ class ErrorRecoveryInteraction:
         classifier: Classifier | None = None,
         clock: Clock | None = None,
         telemetry: Telemetry | bool = True,
-        store: CheckpointStore | None = None,
+        store: Store | str | None = None,
         healing: HealingRegistry | None = None,
         breaker_factory: Callable[[str], CircuitBreaker] | None = None,
         max_attempts: int = 3,
@@ -199,16 +200,45 @@ class ErrorRecoveryInteraction:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def create_checkpoint(self, process_id: str, state: Any, ttl: Duration | None = None) -> int:
-        """Save a JSON copy of ``state``; returns its version (see :mod:`.checkpoint`)."""
-        return self.checkpoints.save(process_id, state, ttl)
+    def create_checkpoint(
+        self,
+        process_id: str,
+        state: Any,
+        ttl: Duration | None = None,
+        *,
+        expected_version: int | None = None,
+    ) -> int:
+        """Save a copy of ``state``; returns its version (see :mod:`.checkpoint`).
+
+        ``expected_version`` makes it compare-and-set: it raises
+        :class:`~otel_recovery.checkpoint.CheckpointConflictError` if another writer saved first.
+        """
+        return self.checkpoints.save(process_id, state, ttl, expected_version=expected_version)
+
+    async def acreate_checkpoint(
+        self,
+        process_id: str,
+        state: Any,
+        ttl: Duration | None = None,
+        *,
+        expected_version: int | None = None,
+    ) -> int:
+        """:meth:`create_checkpoint` without blocking the event loop on a network store."""
+        return await self.checkpoints.asave(
+            process_id, state, ttl, expected_version=expected_version
+        )
 
     async def restore_checkpoint(
         self, process_id: str, version: int | None = None
     ) -> dict[str, Any]:
-        """``{"recovery_status": "success", "state", "version", "checkpoint_id"}`` or a failure."""
+        """``{"recovery_status": "success", "state", "version", "checkpoint_id"}`` or a failure.
+
+        A missing checkpoint (or an unreachable store without a local copy) is a ``"failed"``
+        result with the reason; a corrupt one raises
+        :class:`~otel_recovery.checkpoint.CheckpointCorruptError`, naming it.
+        """
         try:
-            found = self.checkpoints.load(process_id, version)
+            found = await self.checkpoints.aload(process_id, version)
         except LookupError as missing:
             return {
                 "recovery_status": "failed",
@@ -225,14 +255,16 @@ class ErrorRecoveryInteraction:
     _restore_checkpoint = restore_checkpoint
 
     def list_checkpoints(self, prefix: str = "") -> list[dict[str, Any]]:
-        return [
-            {"checkpoint_id": r.key, "version": r.version, "created_at": r.created_at,
-             "expires_at": r.expires_at}
-            for r in self.checkpoints.list(prefix)
-        ]  # fmt: skip
+        return [_listed(r) for r in self.checkpoints.list(prefix)]
+
+    async def alist_checkpoints(self, prefix: str = "") -> list[dict[str, Any]]:
+        return [_listed(r) for r in await self.checkpoints.alist(prefix)]
 
     def delete_checkpoint(self, process_id: str) -> int:
         return self.checkpoints.delete(process_id)
+
+    async def adelete_checkpoint(self, process_id: str) -> int:
+        return await self.checkpoints.adelete(process_id)
 
     # -- statistics -----------------------------------------------------------------------------
 
@@ -335,8 +367,8 @@ class ErrorRecoveryInteraction:
             checkpoint_id = run.context.get("checkpoint_id")
             version = run.context.get("checkpoint_version")
             try:
-                found = self.checkpoints.load(checkpoint_id, version)  # type: ignore[arg-type]
-            except (LookupError, TypeError) as problem:
+                found = await self.checkpoints.aload(checkpoint_id, version)  # type: ignore[arg-type]
+            except (CheckpointError, TypeError) as problem:
                 return await give_up(run, str(problem))
             cid, number = found.checkpoint_id, found.version
             run.span.add_event(
@@ -422,3 +454,12 @@ class ErrorRecoveryInteraction:
             f"ErrorRecoveryInteraction(max_attempts={self.max_attempts}, backoff={self.backoff!r}, "
             f"services={sorted(self.circuit_breakers)})"
         )
+
+
+def _listed(record: Any) -> dict[str, Any]:
+    return {
+        "checkpoint_id": record.key,
+        "version": record.version,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,10 @@ import pytest
 from otel_recovery._config import SWITCHES
 
 pytest_plugins = ["otel_recovery.testing"]
+
+# Checkpoints default to a SQLite file under the user's state directory (they must outlive a
+# restart); tests that do not choose a store get a fresh in-memory one instead.
+os.environ.setdefault("OTEL_RECOVERY_STORE_URL", "memory://")
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,18 @@ import pytest
 from otel_recovery.checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
-    CheckpointRecord,
     Checkpoints,
-    CheckpointStore,
-    MemoryCheckpointStore,
+    CheckpointTooLargeError,
 )
 from otel_recovery.interaction import ErrorRecoveryInteraction
+from otel_recovery.stores import MemoryStore, Store
+
+
+@pytest.fixture(autouse=True)
+def _checkpoints_in_memory(monkeypatch):
+    # The default store is the SQLite file (checkpoints must outlive a restart); these tests
+    # want a fresh store each. tests/stores/ runs the same behaviour against every back end.
+    monkeypatch.setenv("OTEL_RECOVERY_STORE_URL", "memory://")
 
 
 @pytest.fixture
@@ -154,7 +160,7 @@ def test_bad_ids_are_rejected(checkpoints):
 
 
 def test_memory_store_keeps_a_bounded_history(fake_clock):
-    store = MemoryCheckpointStore(max_versions=2, clock=fake_clock)
+    store = MemoryStore(max_versions=2, clock=fake_clock)
     checkpoints = Checkpoints(store, clock=fake_clock)
     for n in range(5):
         checkpoints.save("p", n)
@@ -164,37 +170,51 @@ def test_memory_store_keeps_a_bounded_history(fake_clock):
         checkpoints.load("p", version=3)
 
 
-def test_memory_store_satisfies_the_protocol_and_custom_stores_slot_in(fake_clock):
-    assert isinstance(MemoryCheckpointStore(), CheckpointStore)
-
-    class DictStore:
-        """A minimal third-party store: what a SQLite or Redis store will look like."""
-
-        def __init__(self) -> None:
-            self.rows: dict[str, list[CheckpointRecord]] = {}
-
-        def put(self, key, record):
-            self.rows.setdefault(key, []).append(record)
-
-        def get(self, key, version=None):
-            rows = self.rows.get(key, [])
-            if version is not None:
-                rows = [r for r in rows if r.version == version]
-            return rows[-1] if rows else None
-
-        def list(self, prefix=""):
-            return [v[-1] for k, v in sorted(self.rows.items()) if k.startswith(prefix)]
-
-        def delete(self, key):
-            return len(self.rows.pop(key, []))
-
-    store = DictStore()
+def test_stores_hold_serialised_bytes_and_non_stores_are_refused(fake_clock):
+    store = MemoryStore(clock=fake_clock)
+    assert isinstance(store, Store)
     checkpoints = Checkpoints(store, clock=fake_clock)
     checkpoints.save("p", {"a": 1})
-    assert store.rows["p"][0].data == '{"a":1}'  # JSON text is what stores hold
+    assert store.get("p").data == b'{"a":1}'  # JSON bytes are what stores hold
+    assert store.get("p").encoding == "json"
     assert checkpoints.load("p").state == {"a": 1}
-    with pytest.raises(TypeError, match="CheckpointStore"):
+    with pytest.raises(TypeError, match="Store"):
         Checkpoints(object())  # type: ignore[arg-type]
+
+
+def test_a_pluggable_serializer_is_used_and_its_name_stored(fake_clock):
+    class Upper:
+        name = "upper-text"
+
+        def dumps(self, state):
+            return str(state).upper().encode()
+
+        def loads(self, data):
+            return data.decode().lower()
+
+    store = MemoryStore(clock=fake_clock)
+    checkpoints = Checkpoints(store, clock=fake_clock, serializer=Upper())
+    checkpoints.save("p", "hello")
+    assert (store.get("p").data, store.get("p").encoding) == (b"HELLO", "upper-text")
+    assert checkpoints.load("p").state == "hello"
+    with pytest.raises(CheckpointError, match="written with serializer 'upper-text'"):
+        Checkpoints(store, clock=fake_clock).load("p")
+
+
+def test_size_limit_names_the_checkpoint_and_the_setting(fake_clock, monkeypatch):
+    checkpoints = Checkpoints(clock=fake_clock, max_size=100)
+    checkpoints.save("small", "x" * 90)
+    with pytest.raises(CheckpointTooLargeError) as caught:
+        checkpoints.save("big", "x" * 200)
+    assert "'big'" in str(caught.value) and "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES" in str(
+        caught.value
+    )
+    assert (caught.value.size, caught.value.limit) == (202, 100)
+    monkeypatch.setenv("OTEL_RECOVERY_CHECKPOINT_MAX_BYTES", "50")
+    assert Checkpoints(clock=fake_clock).max_size == 50
+    monkeypatch.setenv("OTEL_RECOVERY_CHECKPOINT_MAX_BYTES", "lots")
+    with pytest.raises(ValueError, match="OTEL_RECOVERY_CHECKPOINT_MAX_BYTES"):
+        Checkpoints(clock=fake_clock)
 
 
 def test_concurrent_saves_get_distinct_versions(fake_clock):

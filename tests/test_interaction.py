@@ -45,6 +45,13 @@ def no_jitter(initial: float = 1.0) -> ExponentialBackoff:
     return ExponentialBackoff(initial, 2.0, 60.0, jitter="none")
 
 
+@pytest.fixture(autouse=True)
+def _checkpoints_in_memory(monkeypatch):
+    # Checkpoints default to the SQLite file (they must outlive a restart); each test here
+    # wants a fresh store.
+    monkeypatch.setenv("OTEL_RECOVERY_STORE_URL", "memory://")
+
+
 @pytest.fixture
 def recovery(fake_clock) -> ErrorRecoveryInteraction:
     # A private classifier: the default one is process-wide and counts repeats across tests.

@@ -1,0 +1,118 @@
+"""The default checkpoint serializer: strict JSON, checked before anything is written.
+
+What JSON cannot hold faithfully is refused up front with the path inside the state and the
+offending type, because failing when the checkpoint is *created* is far better than
+discovering an unusable checkpoint during an outage. Tuples become lists; dict keys must be
+strings (JSON would silently turn ``1`` into ``"1"``); NaN and infinities are refused because
+other stores (PostgreSQL's ``jsonb``) reject them.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["JSON", "JsonSerializer", "Serializer", "UnserialisableStateError"]
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+_MAX_DEPTH = 200
+_Problem = tuple[list[Any], str, str]
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """Turns states into bytes and back. ``name`` is stored with each record.
+
+    ``loads`` must never run code chosen by the data (so: no pickle), because other hosts can
+    write to a shared store.
+    """
+
+    name: str
+
+    def dumps(self, state: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...
+
+
+class UnserialisableStateError(ValueError):
+    """Part of a state cannot be stored; ``path`` says where, ``offending_type`` what."""
+
+    def __init__(self, path: str, offending_type: str, why: str) -> None:
+        super().__init__(f"{path} {why}")
+        self.path = path
+        self.offending_type = offending_type
+
+
+class JsonSerializer:
+    """Compact UTF-8 JSON of dicts (str keys), lists, tuples, str, int, finite float, bool, None."""
+
+    name = "json"
+
+    def dumps(self, state: Any) -> bytes:
+        problem = _find_problem(state, set(), 0)
+        if problem is not None:
+            segments, offending, why = problem
+            path = "state" + "".join(f"[{key!r}]" for key in reversed(segments))
+            raise UnserialisableStateError(path, offending, why)
+        text = json.dumps(state, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8")
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+    def __repr__(self) -> str:
+        return "JsonSerializer()"
+
+
+JSON = JsonSerializer()
+
+
+_FAST = frozenset({str, int, bool, type(None)})
+"""Exact types that need no further look (checked by identity: the hot path of the walk)."""
+
+
+def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:
+    """The first thing JSON cannot faithfully hold, or None.
+
+    Paths are built only when a problem is found (as reversed segments), so walking a large,
+    valid state allocates nothing per element; that keeps the check cheaper than encoding.
+    """
+    kind = type(value)
+    if kind in _FAST:
+        return None
+    if kind is float or isinstance(value, float):
+        return (
+            None
+            if math.isfinite(value)
+            else ([], "float", f"is {value!r}, which JSON cannot represent")
+        )
+    if isinstance(value, _JSON_SCALARS):
+        return None
+    if depth >= _MAX_DEPTH:
+        return [], type(value).__qualname__, f"is nested more than {_MAX_DEPTH} levels deep"
+    if isinstance(value, (dict, builtins.list, tuple)):
+        if id(value) in parents:
+            return [], type(value).__qualname__, "refers back to itself (a cycle)"
+        parents.add(id(value))
+        try:
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(value, dict) and type(key) is not str and not isinstance(key, str):
+                    name = type(key).__qualname__
+                    return [key], name, f"has a {name} key, but JSON keys are strings"
+                if type(item) in _FAST:
+                    continue
+                found = _find_problem(item, parents, depth + 1)
+                if found is not None:
+                    found[0].append(key)
+                    return found
+        finally:
+            parents.discard(id(value))
+        return None
+    cls = type(value)
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    return [], name, f"is a {name}"

@@ -1,0 +1,228 @@
+"""The SQL of the PostgreSQL store, written once as plans (generators of statements).
+
+A plan yields ``(statement, params)`` and is sent back the rows each statement returned, so the
+same logic runs on a sync connection and on an asyncio one (:mod:`.postgres` has both drivers).
+Table names are composed with :class:`psycopg.sql.Identifier`, never pasted into SQL.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Generator, Iterable
+from typing import Any
+
+from psycopg import sql
+
+from otel_recovery.stores._base import CorruptRecordError, Record, StoreError, VersionConflictError
+
+__all__ = ["SCHEMA_VERSION", "Plan", "Plans", "jsonb_compatible"]
+
+SCHEMA_VERSION = 1
+_BATCH_RETENTION = 7 * 86400.0
+_COLUMNS = "key, version, data::text, raw, created_at, expires_at, encoding"
+
+# A plan yields (statement, params) and is sent back the rows the statement returned.
+Plan = Generator[tuple[sql.Composed | sql.SQL, Any], builtins.list[tuple[Any, ...]], Any]
+
+_PUT_ONE_STATEMENT = (
+    "WITH h AS (INSERT INTO {heads} AS h (key, version) VALUES (%(k)s, 1) "
+    "  ON CONFLICT (key) DO UPDATE SET version = h.version + 1 RETURNING version), "
+    "ins AS (INSERT INTO {records} (key, version, created_at, expires_at, encoding, data, raw) "
+    "  SELECT %(k)s::text, h.version, %(c)s::float8, %(e)s::float8, %(enc)s::text, "
+    "  %(d)s::jsonb, %(r)s::bytea FROM h), "
+    "del AS (DELETE FROM {records} WHERE key = %(k)s::text AND "
+    "  (version <= (SELECT version FROM h) - %(m)s::bigint OR expires_at <= %(c)s::float8)) "
+    "SELECT version FROM h"
+)
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS {meta} (name text PRIMARY KEY, value text NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS {records} (
+        key text NOT NULL, version bigint NOT NULL, created_at double precision NOT NULL,
+        expires_at double precision, encoding text, data jsonb, raw bytea,
+        PRIMARY KEY (key, version))""",
+    """CREATE TABLE IF NOT EXISTS {heads} (key text PRIMARY KEY, version bigint NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS {counters} (namespace text NOT NULL, key text NOT NULL,
+        value double precision NOT NULL, PRIMARY KEY (namespace, key))""",
+    """CREATE TABLE IF NOT EXISTS {batches} (id text PRIMARY KEY,
+        applied_at double precision NOT NULL)""",
+)
+
+
+class Plans:
+    """The plans of one store; subclasses provide ``table``, ``url``, ``max_versions``."""
+
+    table: str
+    url: str
+    max_versions: int
+
+    def __init__(self, table: str) -> None:
+        self._names = {
+            part: sql.Identifier(f"{table}_{part}")
+            for part in ("meta", "records", "heads", "counters", "batches")
+        }
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(**self._names)
+
+    def _schema(self) -> Plan:
+        yield sql.SQL("SELECT pg_advisory_xact_lock(hashtext(%s))"), (self.table,)
+        for statement in _SCHEMA:
+            yield self._q(statement), None
+        rows = yield self._q("SELECT value FROM {meta} WHERE name = 'schema_version'"), None
+        found = int(rows[0][0]) if rows else 0
+        if found > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.url} table {self.table!r} has schema version {found}, written by a newer "
+                f"otel-recovery; this version understands up to {SCHEMA_VERSION}"
+            )
+        if found < SCHEMA_VERSION:
+            yield (
+                self._q(
+                    "INSERT INTO {meta} VALUES ('schema_version', %s) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                ),
+                (str(SCHEMA_VERSION),),
+            )
+
+    def _put(
+        self, key: str, data: bytes, expected: int | None, expires: float | None,
+        encoding: str, now: float, as_json: bool,
+    ) -> Plan:  # fmt: skip
+        text = data.decode("utf-8") if as_json else None
+        if expected is None:
+            # A plain put is one statement, atomic by itself (run without BEGIN/COMMIT): claim
+            # the next version, insert it, prune the oldest. The DELETE cannot see the new row.
+            rows = yield self._q(_PUT_ONE_STATEMENT), {
+                "k": key, "c": now, "e": expires, "enc": encoding, "d": text,
+                "r": None if as_json else data, "m": self.max_versions,
+            }  # fmt: skip
+            return Record(key, int(rows[0][0]), data, now, expires, encoding)
+        # Compare-and-set needs the head row locked *before* the check reads the records, which
+        # one statement (one snapshot) cannot do: separate statements in one transaction.
+        rows = yield (
+            self._q(
+                "INSERT INTO {heads} AS h (key, version) VALUES (%s, 1) "
+                "ON CONFLICT (key) DO UPDATE SET version = h.version + 1 RETURNING version"
+            ),
+            (key,),
+        )
+        version = int(rows[0][0])
+        if expected is not None:
+            rows = yield (
+                self._q(
+                    "SELECT coalesce(max(version), 0) FROM {records} WHERE key = %s "
+                    "AND (expires_at IS NULL OR expires_at > %s)"
+                ),
+                (key, now),
+            )
+            if int(rows[0][0]) != expected:
+                raise VersionConflictError(key, expected, int(rows[0][0]))
+        yield (
+            self._q(
+                "INSERT INTO {records} (key, version, created_at, expires_at, encoding, data, raw) "
+                "VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s)"
+            ),
+            (key, version, now, expires, encoding, text, None if as_json else data),
+        )
+        yield (
+            self._q("DELETE FROM {records} WHERE key = %s AND (version <= %s OR expires_at <= %s)"),
+            (key, version - self.max_versions, now),
+        )
+        return Record(key, version, data, now, expires, encoding)
+
+    def _get(self, key: str, version: int | None, now: float) -> Plan:
+        # Pick the version first and convert only that row's jsonb to text: sorting whole rows
+        # would render every kept version's payload just to throw all but one away.
+        live = "key = %s AND (expires_at IS NULL OR expires_at > %s)"
+        if version is None:
+            statement = (
+                f"SELECT {_COLUMNS} FROM {{records}} WHERE key = %s AND version = "
+                f"(SELECT version FROM {{records}} WHERE {live} ORDER BY version DESC LIMIT 1)"
+            )
+            rows = yield self._q(statement), (key, key, now)
+        else:
+            statement = f"SELECT {_COLUMNS} FROM {{records}} WHERE {live} AND version = %s"
+            rows = yield self._q(statement), (key, now, version)
+        return _record(rows[0]) if rows else None
+
+    def _list(self, prefix: str, now: float) -> Plan:
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = yield (
+            self._q(
+                f"SELECT {_COLUMNS} FROM {{records}} WHERE (key, version) IN ("
+                "  SELECT key, max(version) FROM {records} WHERE key LIKE %s"
+                "  AND (expires_at IS NULL OR expires_at > %s) GROUP BY key) ORDER BY key"
+            ),
+            (pattern, now),
+        )
+        return [_record(row) for row in rows]
+
+    def _delete(self, key: str, now: float) -> Plan:
+        rows = yield (
+            self._q(
+                "WITH gone AS (DELETE FROM {records} WHERE key = %s RETURNING expires_at) "
+                "SELECT count(*) FROM gone WHERE expires_at IS NULL OR expires_at > %s"
+            ),
+            (key, now),
+        )
+        return int(rows[0][0])
+
+    def _incr(
+        self, namespace: str, amounts: dict[str, float], batch: str | None, now: float
+    ) -> Plan:
+        if batch is not None:
+            rows = yield (
+                self._q(
+                    "INSERT INTO {batches} VALUES (%s, %s) ON CONFLICT (id) DO NOTHING RETURNING id"
+                ),
+                (batch, now),
+            )
+            if not rows:
+                return False
+            yield self._q("DELETE FROM {batches} WHERE applied_at < %s"), (now - _BATCH_RETENTION,)
+        keys, values = builtins.list(amounts), builtins.list(amounts.values())
+        yield (
+            self._q(
+                "INSERT INTO {counters} AS c (namespace, key, value) "
+                "SELECT %s, k, v FROM unnest(%s::text[], %s::float8[]) AS t(k, v) "
+                "ON CONFLICT (namespace, key) DO UPDATE SET value = c.value + excluded.value"
+            ),
+            (namespace, keys, values),
+        )
+        return True
+
+    def _counters(self, namespace: str, keys: Iterable[str] | None) -> Plan:
+        rows = yield self._q("SELECT key, value FROM {counters} WHERE namespace = %s"), (namespace,)
+        wanted = None if keys is None else set(keys)
+        return {k: float(v) for k, v in rows if wanted is None or k in wanted}
+
+
+def jsonb_compatible(data: bytes, encoding: str) -> bool:
+    if encoding != "json" or b"\\u0000" in data:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    key, version, text, raw, created, expires, encoding = row
+    if text is not None:
+        data = text.encode("utf-8")
+    elif isinstance(raw, (bytes, memoryview)):
+        data = bytes(raw)
+    else:
+        raise CorruptRecordError(key, "neither the data nor the raw column holds a value", version)
+    if not isinstance(encoding, str) or not encoding:
+        raise CorruptRecordError(key, "the encoding column is empty", version)
+    return Record(
+        key,
+        int(version),
+        data,
+        float(created),
+        None if expires is None else float(expires),
+        encoding,
+    )

@@ -1,0 +1,180 @@
+"""``memory://``: the store in a dict. Fast, per process, gone on restart.
+
+It is the reference implementation of :class:`~otel_recovery.stores.Store` (the behavioural
+test suite runs the same assertions against every back end), the local state that
+:class:`~otel_recovery.stores.ResilientStore` falls back to while a shared store is down, and
+the right choice for tests. One lock guards everything: the work under it is a few dict
+operations, far cheaper than any contention it could cause.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery.stores._base import (
+    Record,
+    VersionConflictError,
+    check_amounts,
+    check_key,
+    check_put,
+    check_version,
+)
+
+__all__ = ["MemoryStore"]
+
+_BATCH_MEMORY = 4096
+"""How many applied batch ids are remembered; replays happen soon after the outage ends."""
+
+
+class MemoryStore:
+    """Versioned records and counters in process memory."""
+
+    def __init__(self, *, max_versions: int = 16, clock: Clock | None = None) -> None:
+        if isinstance(max_versions, bool) or not isinstance(max_versions, int) or max_versions < 1:
+            raise ValueError(f"max_versions must be an int >= 1, got {max_versions!r}")
+        self.url = "memory://"
+        self.max_versions = max_versions
+        self.clock: Clock = clock or SYSTEM_CLOCK
+        self._lock = threading.Lock()
+        self._records: dict[str, OrderedDict[int, Record]] = {}
+        self._heads: dict[str, int] = {}
+        self._counters: dict[str, dict[str, float]] = {}
+        self._batches: OrderedDict[str, None] = OrderedDict()
+
+    # -- records ----------------------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        expected_version: int | None = None,
+        ttl: Duration | None = None,
+        encoding: str = "json",
+    ) -> Record:
+        check_key(key)
+        expected, seconds = check_put(expected_version, ttl, encoding)
+        now = self.clock.wall()
+        with self._lock:
+            versions = self._records.setdefault(key, OrderedDict())
+            if expected is not None:
+                latest = self._latest(versions, now)
+                actual = latest.version if latest else 0
+                if actual != expected:
+                    raise VersionConflictError(key, expected, actual)
+            version = self._heads.get(key, 0) + 1
+            self._heads[key] = version
+            expires = None if seconds is None else now + seconds
+            record = Record(key, version, bytes(data), now, expires, encoding)
+            versions[version] = record
+            while len(versions) > self.max_versions:
+                versions.popitem(last=False)
+            return record
+
+    def get(self, key: str, version: int | None = None) -> Record | None:
+        check_key(key)
+        check_version(version)
+        now = self.clock.wall()
+        with self._lock:
+            versions = self._records.get(key)
+            if not versions:
+                return None
+            if version is not None:
+                record = versions.get(version)
+                return None if record is None or record.expired(now) else record
+            return self._latest(versions, now)
+
+    def list(self, prefix: str = "") -> builtins.list[Record]:
+        now = self.clock.wall()
+        with self._lock:
+            found = []
+            for key in sorted(k for k in self._records if k.startswith(prefix)):
+                latest = self._latest(self._records[key], now)
+                if latest is not None:
+                    found.append(latest)
+            return found
+
+    def delete(self, key: str) -> int:
+        check_key(key)
+        now = self.clock.wall()
+        with self._lock:
+            versions = self._records.pop(key, None)
+            return sum(not r.expired(now) for r in versions.values()) if versions else 0
+
+    @staticmethod
+    def _latest(versions: Mapping[int, Record], now: float) -> Record | None:
+        for number in sorted(versions, reverse=True):
+            if not versions[number].expired(now):
+                return versions[number]
+        return None
+
+    # -- counters ---------------------------------------------------------------------------
+
+    def incr(
+        self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
+    ) -> bool:
+        checked = check_amounts(namespace, amounts)
+        with self._lock:
+            if batch_id is not None:
+                if batch_id in self._batches:
+                    return False
+                self._batches[batch_id] = None
+                while len(self._batches) > _BATCH_MEMORY:
+                    self._batches.popitem(last=False)
+            values = self._counters.setdefault(namespace, {})
+            for key, amount in checked.items():
+                values[key] = values.get(key, 0.0) + amount
+            return True
+
+    def counters(self, namespace: str, keys: Iterable[str] | None = None) -> dict[str, float]:
+        check_key(namespace, "namespace")
+        with self._lock:
+            values = self._counters.get(namespace, {})
+            if keys is None:
+                return dict(values)
+            return {k: values[k] for k in keys if k in values}
+
+    def close(self) -> None:
+        """Nothing to release; the data stays readable (closing a dict loses nothing)."""
+
+    # -- async forms: the work is a few dict operations, so no thread hop ---------------------
+
+    async def aput(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        expected_version: int | None = None,
+        ttl: Duration | None = None,
+        encoding: str = "json",
+    ) -> Record:
+        return self.put(key, data, expected_version=expected_version, ttl=ttl, encoding=encoding)
+
+    async def aget(self, key: str, version: int | None = None) -> Record | None:
+        return self.get(key, version)
+
+    async def alist(self, prefix: str = "") -> builtins.list[Record]:
+        return self.list(prefix)
+
+    async def adelete(self, key: str) -> int:
+        return self.delete(key)
+
+    async def aincr(
+        self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
+    ) -> bool:
+        return self.incr(namespace, amounts, batch_id=batch_id)
+
+    async def acounters(
+        self, namespace: str, keys: Iterable[str] | None = None
+    ) -> dict[str, float]:
+        return self.counters(namespace, keys)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(keys={len(self._records)}, max_versions={self.max_versions})"

@@ -1,0 +1,383 @@
+"""Keep working when the store is down: local state while it is unreachable, resync after.
+
+A store outage must never take the application down (DESIGN.md section 6), so
+:class:`ResilientStore` wraps any :class:`~otel_recovery.stores.Store`. The first call that
+meets :class:`StoreUnavailableError` switches it to *degraded* mode and says so once: one
+warning on the ``otel_recovery`` logger and one ``otel_recovery.store.degraded`` event on the
+current span. While degraded, the store is not called at all, except for one probe every
+``retry_interval`` seconds, so a dead Redis costs no timeout per operation.
+
+What degraded mode does:
+
+- **Writes** (``put``, ``delete``) are applied to a local overlay and appended to a journal.
+  A put gets a *provisional* version (one past the newest version this process knows); a
+  compare-and-set put is checked against what this process knows.
+- **Reads** answer from the overlay, then from the last record this process read or wrote for
+  that key (a bounded cache); a key known to neither raises :class:`StoreUnavailableError`.
+  Such answers may be stale: another process may have written since.
+- **Counters**: increments accumulate locally; a snapshot is the last snapshot read from the
+  store plus every increment not yet replayed.
+
+**Resync** happens on the first successful probe, before the call that probed, and means
+exactly this:
+
+1. Journal entries are replayed to the store in the order they were made. A plain put becomes
+   the next version in the store (so the store's number may differ from the provisional one;
+   later compare-and-set entries are translated accordingly). A compare-and-set put is replayed
+   as a compare-and-set: if another writer moved the key on meanwhile, the store keeps its
+   version, the local write is *not* applied, and it is reported (warning, the
+   ``otel_recovery.store.conflicts`` count and :attr:`conflicts`); nothing is overwritten
+   silently. Deletes are replayed as deletes; a put whose TTL ran out meanwhile is dropped.
+2. Counter increments are sent as batches, each with a batch id that the store applies at most
+   once, so a batch whose reply was lost is never counted twice when it is re-sent.
+3. Only when the journal and the counter batches are empty does the store count as healthy
+   again: one ``otel_recovery.store.resynced`` event and one info log line say how many
+   entries were replayed and how long the outage was.
+
+If the store fails again mid-resync, what was not replayed stays queued, in order. The
+journal is bounded (``journal_bytes``, 64 MiB); past it a write raises
+:class:`StoreUnavailableError` rather than silently dropping older writes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from opentelemetry import trace
+
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._redact import redact
+from otel_recovery.stores._base import (
+    Record,
+    Store,
+    StoreUnavailableError,
+    VersionConflictError,
+    check_amounts,
+    check_key,
+    check_put,
+    check_version,
+)
+from otel_recovery.stores._local_state import Call, LocalState, ResyncConflict, Work
+from otel_recovery.telemetry import attributes as names
+
+__all__ = ["ResilientStore", "ResyncConflict"]
+
+_log = logging.getLogger("otel_recovery")
+_T = TypeVar("_T")
+
+
+class ResilientStore:
+    """A :class:`Store` that degrades to local state and resynchronises; see the module doc."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        retry_interval: Duration = 5.0,
+        cache_bytes: int = 16 * 1024 * 1024,
+        journal_bytes: int = 64 * 1024 * 1024,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(store, Store):
+            raise TypeError(f"ResilientStore wraps a Store, got {store!r}")
+        self.store = store
+        self.url = redact(store.url)  # third-party stores may not redact their own URL
+        self.clock: Clock = clock or getattr(store, "clock", None) or SYSTEM_CLOCK
+        self.retry_interval = to_seconds(retry_interval, "retry_interval")
+        self.local = LocalState(self.url, self.clock, cache_bytes, journal_bytes)
+        self._mode = threading.Lock()
+        self._degraded_at: float | None = None
+        self._next_probe = 0.0
+        self._resyncing = False
+
+    @property
+    def degraded(self) -> bool:
+        """True while the store is unreachable and local state is in use."""
+        return self._degraded_at is not None
+
+    @property
+    def conflicts(self) -> builtins.list[ResyncConflict]:
+        """Compare-and-set writes made while degraded that the store refused on resync."""
+        return self.local.conflicts
+
+    # -- mode switching -------------------------------------------------------------------------
+
+    def _degrade(self, error: StoreUnavailableError) -> None:
+        with self._mode:
+            now = self.clock.now()
+            self._next_probe = now + self.retry_interval
+            self._resyncing = False
+            if self._degraded_at is not None:
+                return
+            self._degraded_at = now
+        _log.warning(
+            "otel_recovery: store %s is unreachable (%s); using local state until it is back, "
+            "then replaying local changes to it",
+            self.url,
+            redact(str(error)),
+        )
+        cause = type(error.__cause__ or error).__name__
+        trace.get_current_span().add_event(
+            names.EVENT_STORE_DEGRADED, {names.STORE_URL: self.url, names.ERROR_TYPE: cause}
+        )
+
+    def _probe_due(self) -> bool:
+        """Should this call go to the store? Claims the resync when one is due."""
+        with self._mode:
+            if self._degraded_at is None:
+                return True
+            if self._resyncing or self.clock.now() < self._next_probe:
+                return False
+            self._resyncing = True
+            return True
+
+    def _failed_resync(self, rest: builtins.list[Work], error: StoreUnavailableError) -> bool:
+        self.local.give_back(rest)
+        with self._mode:
+            self._resyncing = False
+            self._next_probe = self.clock.now() + self.retry_interval
+        _log.debug("otel_recovery: store %s still unreachable: %s", self.url, error)
+        return False
+
+    def _settled(self) -> bool:
+        replayed = self.local.settle()
+        if replayed is None:
+            return False  # more was queued while replaying: go round again
+        with self._mode:
+            started, self._degraded_at = self._degraded_at, None
+            self._resyncing = False
+        outage = 0.0 if started is None else max(0.0, self.clock.now() - started)
+        conflicts = len(self.local.conflicts)
+        _log.info(
+            "otel_recovery: store %s is reachable again after %.1fs; replayed %d local "
+            "change(s), %d conflict(s)",
+            self.url, outage, replayed, conflicts,
+        )  # fmt: skip
+        trace.get_current_span().add_event(
+            names.EVENT_STORE_RESYNCED,
+            {
+                names.STORE_URL: self.url,
+                names.STORE_REPLAYED: replayed,
+                names.STORE_CONFLICTS: conflicts,
+                names.STORE_OUTAGE: outage,
+            },
+        )
+        return True
+
+    def _resync(self) -> bool:
+        while True:
+            work = self.local.take()
+            for index, item in enumerate(work):
+                try:
+                    call = self.local.call_for(item)
+                    result = None if call is None else self._send(call)
+                except VersionConflictError as conflict:
+                    result = conflict
+                except StoreUnavailableError as error:
+                    return self._failed_resync(work[index:], error)
+                self.local.replayed_one(item, result)
+            if self._settled():
+                return True
+
+    async def _aresync(self) -> bool:
+        while True:
+            work = self.local.take()
+            for index, item in enumerate(work):
+                try:
+                    call = self.local.call_for(item)
+                    result = None if call is None else await self._asend(call)
+                except VersionConflictError as conflict:
+                    result = conflict
+                except StoreUnavailableError as error:
+                    return self._failed_resync(work[index:], error)
+                self.local.replayed_one(item, result)
+            if self._settled():
+                return True
+
+    def _send(self, call: Call) -> Any:
+        name, args, options = call
+        return getattr(self.store, name)(*args, **options)
+
+    async def _asend(self, call: Call) -> Any:
+        name, args, options = call
+        return await getattr(self.store, "a" + name)(*args, **options)
+
+    def _try(self, remote: Callable[[], _T]) -> tuple[bool, _T | None]:
+        """(True, result) from the store, or (False, None) when local state must answer."""
+        if not self._probe_due() or (self.degraded and not self._resync()):
+            return False, None
+        try:
+            return True, remote()
+        except StoreUnavailableError as error:
+            self._degrade(error)
+            return False, None
+
+    async def _atry(self, remote: Callable[[], Awaitable[_T]]) -> tuple[bool, _T | None]:
+        if not self._probe_due() or (self.degraded and not await self._aresync()):
+            return False, None
+        try:
+            return True, await remote()
+        except StoreUnavailableError as error:
+            self._degrade(error)
+            return False, None
+
+    # -- the Store interface ----------------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        expected_version: int | None = None,
+        ttl: Duration | None = None,
+        encoding: str = "json",
+    ) -> Record:
+        check_key(key)
+        expected, seconds = check_put(expected_version, ttl, encoding)
+        ok, record = self._try(
+            lambda: self.store.put(
+                key, data, expected_version=expected, ttl=seconds, encoding=encoding
+            )
+        )
+        if ok and record is not None:
+            self.local.remember(record)
+            return record
+        return self.local.put(key, data, expected, seconds, encoding)
+
+    async def aput(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        expected_version: int | None = None,
+        ttl: Duration | None = None,
+        encoding: str = "json",
+    ) -> Record:
+        check_key(key)
+        expected, seconds = check_put(expected_version, ttl, encoding)
+        ok, record = await self._atry(
+            lambda: self.store.aput(
+                key, data, expected_version=expected, ttl=seconds, encoding=encoding
+            )
+        )
+        if ok and record is not None:
+            self.local.remember(record)
+            return record
+        return self.local.put(key, data, expected, seconds, encoding)
+
+    def get(self, key: str, version: int | None = None) -> Record | None:
+        check_key(key)
+        check_version(version)
+        ok, record = self._try(lambda: self.store.get(key, version))
+        if not ok:
+            return self.local.get(key, version)
+        if version is None:
+            self.local.remember(record) if record is not None else self.local.forget(key)
+        return record
+
+    async def aget(self, key: str, version: int | None = None) -> Record | None:
+        check_key(key)
+        check_version(version)
+        ok, record = await self._atry(lambda: self.store.aget(key, version))
+        if not ok:
+            return self.local.get(key, version)
+        if version is None:
+            self.local.remember(record) if record is not None else self.local.forget(key)
+        return record
+
+    def list(self, prefix: str = "") -> builtins.list[Record]:
+        ok, found = self._try(lambda: self.store.list(prefix))
+        return found if ok and found is not None else self.local.list(prefix)
+
+    async def alist(self, prefix: str = "") -> builtins.list[Record]:
+        ok, found = await self._atry(lambda: self.store.alist(prefix))
+        return found if ok and found is not None else self.local.list(prefix)
+
+    def delete(self, key: str) -> int:
+        check_key(key)
+        ok, count = self._try(lambda: self.store.delete(key))
+        if ok and count is not None:
+            self.local.forget(key)
+            return count
+        return self.local.delete(key)
+
+    async def adelete(self, key: str) -> int:
+        check_key(key)
+        ok, count = await self._atry(lambda: self.store.adelete(key))
+        if ok and count is not None:
+            self.local.forget(key)
+            return count
+        return self.local.delete(key)
+
+    def incr(
+        self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
+    ) -> bool:
+        checked = check_amounts(namespace, amounts)
+        ok, applied = self._try(lambda: self.store.incr(namespace, checked, batch_id=batch_id))
+        if ok and applied is not None:
+            if applied:
+                self.local.added(namespace, checked)
+            return applied
+        return self.local.incr(namespace, checked, batch_id)
+
+    async def aincr(
+        self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
+    ) -> bool:
+        checked = check_amounts(namespace, amounts)
+        ok, applied = await self._atry(
+            lambda: self.store.aincr(namespace, checked, batch_id=batch_id)
+        )
+        if ok and applied is not None:
+            if applied:
+                self.local.added(namespace, checked)
+            return applied
+        return self.local.incr(namespace, checked, batch_id)
+
+    def counters(self, namespace: str, keys: Iterable[str] | None = None) -> dict[str, float]:
+        check_key(namespace, "namespace")
+        wanted = None if keys is None else builtins.list(keys)
+        ok, values = self._try(lambda: self.store.counters(namespace))
+        if ok and values is not None:
+            self.local.seen_counters(namespace, values)
+            return values if wanted is None else {k: values[k] for k in wanted if k in values}
+        return self.local.counters(namespace, wanted)
+
+    async def acounters(
+        self, namespace: str, keys: Iterable[str] | None = None
+    ) -> dict[str, float]:
+        check_key(namespace, "namespace")
+        wanted = None if keys is None else builtins.list(keys)
+        ok, values = await self._atry(lambda: self.store.acounters(namespace))
+        if ok and values is not None:
+            self.local.seen_counters(namespace, values)
+            return values if wanted is None else {k: values[k] for k in wanted if k in values}
+        return self.local.counters(namespace, wanted)
+
+    def resync(self) -> bool:
+        """Try to reach the store now (ignoring ``retry_interval``); True if healthy after."""
+        with self._mode:
+            self._next_probe = 0.0
+        return self._try(lambda: True)[0]
+
+    async def aresync(self) -> bool:
+        with self._mode:
+            self._next_probe = 0.0
+
+        async def healthy() -> bool:
+            return True
+
+        return (await self._atry(healthy))[0]
+
+    def close(self) -> None:
+        self.store.close()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    def __repr__(self) -> str:
+        mode = "degraded" if self.degraded else "healthy"
+        return f"ResilientStore({self.store!r}, {mode})"

@@ -1,0 +1,1 @@
+"""The store suite: the same behaviour against memory, SQLite, Redis and PostgreSQL."""

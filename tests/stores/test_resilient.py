@@ -1,0 +1,268 @@
+"""An unreachable store degrades to local state, says so once, and resynchronises exactly."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from otel_recovery.checkpoint import Checkpoints, CheckpointUnavailableError
+from otel_recovery.interaction import ErrorRecoveryInteraction
+from otel_recovery.stores import (
+    MemoryStore,
+    ResilientStore,
+    StoreUnavailableError,
+    open_store,
+)
+from otel_recovery.telemetry import attributes as names
+
+from .conftest import free_port
+
+
+class Flaky(MemoryStore):
+    """A MemoryStore that can be switched off, or made to lose the reply of its next write."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock=clock)
+        self.url = "flaky://user:hunter2@db"
+        self.down = False
+        self.lose_next_reply = False
+        self.calls = 0
+
+    def _gate(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise StoreUnavailableError("flaky store is down")
+
+    def _after_write(self) -> None:
+        if self.lose_next_reply:
+            self.lose_next_reply = False
+            self.down = True
+            raise StoreUnavailableError("connection lost after the write was applied")
+
+    def put(self, key, data, **options):
+        self._gate()
+        record = super().put(key, data, **options)
+        self._after_write()
+        return record
+
+    def get(self, key, version=None):
+        self._gate()
+        return super().get(key, version)
+
+    def list(self, prefix=""):
+        self._gate()
+        return super().list(prefix)
+
+    def delete(self, key):
+        self._gate()
+        return super().delete(key)
+
+    def incr(self, namespace, amounts, *, batch_id=None):
+        self._gate()
+        applied = super().incr(namespace, amounts, batch_id=batch_id)
+        self._after_write()
+        return applied
+
+    def counters(self, namespace, keys=None):
+        self._gate()
+        return super().counters(namespace, keys)
+
+
+@pytest.fixture
+def inner(fake_clock) -> Flaky:
+    return Flaky(fake_clock)
+
+
+@pytest.fixture
+def store(inner, fake_clock) -> ResilientStore:
+    return ResilientStore(inner, retry_interval=5, clock=fake_clock)
+
+
+@pytest.fixture
+def spans():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("test"), exporter
+
+
+def _events(exporter, name):
+    return [e for s in exporter.get_finished_spans() for e in s.events if e.name == name]
+
+
+def test_degrades_once_with_one_log_and_one_span_event(store, inner, caplog, spans):
+    tracer, exporter = spans
+    store.put("a", b"1")
+    inner.down = True
+    with (
+        caplog.at_level(logging.WARNING, logger="otel_recovery"),
+        tracer.start_as_current_span("op"),
+    ):
+        for n in range(5):
+            store.put("a", str(n).encode())
+            store.get("a")
+            store.incr("s", {"n": 1})
+    assert store.degraded
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
+    assert "hunter2" not in caplog.text  # the URL is quoted redacted
+    (event,) = _events(exporter, names.EVENT_STORE_DEGRADED)
+    assert event.attributes[names.STORE_URL] == "flaky://user:***@db"
+
+
+def test_while_degraded_the_store_is_probed_once_per_retry_interval(store, inner, fake_clock):
+    inner.down = True
+    store.put("a", b"1")
+    calls = inner.calls
+    for _ in range(10):
+        store.put("a", b"x")
+    assert inner.calls == calls  # no call at all before the interval is up
+    fake_clock.advance(5)
+    store.put("a", b"y")
+    assert inner.calls == calls + 1  # one probe, which failed
+    assert store.degraded
+
+
+def test_reads_while_degraded_answer_from_what_this_process_saw(store, inner):
+    store.put("seen", b"old")
+    inner.down = True
+    assert store.get("seen").data == b"old"
+    written = store.put("new", b"local")
+    assert (written.version, store.get("new").data) == (1, b"local")
+    assert [r.key for r in store.list()] == ["new", "seen"]
+    with pytest.raises(StoreUnavailableError, match="no local copy of 'never'"):
+        store.get("never")
+
+
+def test_resync_replays_in_order_and_renumbers_behind_other_writers(store, inner, fake_clock):
+    store.put("doc", b"v1")
+    inner.down = True
+    assert store.put("doc", b"mine-1").version == 2  # provisional
+    assert store.put("doc", b"mine-2").version == 3
+    store.put("gone", b"x")
+    assert store.delete("gone") == 1
+    inner.down = False
+    inner.put("doc", b"theirs")  # another process wrote while we were cut off: version 2
+    fake_clock.advance(5)
+    assert store.get("doc").data == b"mine-2"  # the probe resynced first
+    assert not store.degraded
+    assert [(n, inner.get("doc", n).data) for n in (2, 3, 4)] == [
+        (2, b"theirs"),
+        (3, b"mine-1"),
+        (4, b"mine-2"),
+    ]
+    assert inner.get("gone") is None and store.conflicts == []
+
+
+def test_a_compare_and_set_made_while_degraded_is_not_forced_over_a_newer_version(
+    store, inner, fake_clock, caplog
+):
+    store.put("doc", b"v1")
+    inner.down = True
+    assert store.put("doc", b"mine", expected_version=1).version == 2
+    assert store.put("doc", b"mine again", expected_version=2).version == 3  # chained on it
+    inner.down = False
+    inner.put("doc", b"theirs")  # version 2 in the store
+    fake_clock.advance(5)
+    with caplog.at_level(logging.WARNING, logger="otel_recovery"):
+        assert store.resync()
+    assert inner.get("doc").data == b"theirs"  # nothing overwritten silently
+    assert [(c.key, c.provisional_version, c.store_version) for c in store.conflicts] == [
+        ("doc", 2, 2),
+        ("doc", 3, 2),
+    ]
+    assert store.conflicts[0].data == b"mine"
+    assert "was not applied" in caplog.text
+
+
+def test_a_compare_and_set_replays_cleanly_when_nobody_else_wrote(store, inner, fake_clock):
+    store.put("doc", b"v1")
+    inner.down = True
+    store.put("doc", b"v2", expected_version=1)
+    store.put("doc", b"v3", expected_version=2)
+    inner.down = False
+    fake_clock.advance(5)
+    assert store.resync()
+    assert (inner.get("doc").version, inner.get("doc").data, store.conflicts) == (3, b"v3", [])
+
+
+def test_counter_increments_are_replayed_exactly_once_even_if_a_reply_is_lost(
+    store, inner, fake_clock
+):
+    store.incr("stats", {"ok": 1})
+    assert store.counters("stats") == {"ok": 1.0}
+    inner.down = True
+    store.incr("stats", {"ok": 2, "fail": 1})
+    store.incr("stats", {"ok": 3})
+    assert store.counters("stats") == {"ok": 6.0, "fail": 1.0}  # last snapshot + local
+    inner.down = False
+    inner.lose_next_reply = True  # the replayed batch is applied, but its reply never arrives
+    fake_clock.advance(5)
+    assert not store.resync()
+    assert store.degraded
+    inner.down = False
+    fake_clock.advance(5)
+    assert store.resync()
+    assert inner.counters("stats") == {"ok": 6.0, "fail": 1.0}  # not 11: the batch id held
+
+
+def test_a_put_whose_ttl_ran_out_during_the_outage_is_not_replayed(store, inner, fake_clock):
+    inner.down = True
+    store.put("short", b"x", ttl=3)
+    store.put("long", b"y", ttl=60)
+    inner.down = False
+    fake_clock.advance(5)
+    assert store.resync()
+    assert inner.get("short") is None and inner.get("long").data == b"y"
+
+
+def test_a_full_journal_refuses_the_write_instead_of_dropping_older_ones(inner, fake_clock):
+    store = ResilientStore(inner, clock=fake_clock, journal_bytes=1000)
+    inner.down = True
+    store.put("a", b"x" * 500)
+    with pytest.raises(StoreUnavailableError, match="journal is full"):
+        store.put("b", b"x" * 500)
+    checkpoints = Checkpoints(store, clock=fake_clock)
+    with pytest.raises(CheckpointUnavailableError, match="'c' was not saved"):
+        checkpoints.save("c", "x" * 500)
+
+
+async def test_the_async_path_degrades_and_resyncs_too(store, inner, fake_clock):
+    await store.aput("a", b"1")
+    inner.down = True
+    assert (await store.aput("a", b"2")).version == 2
+    assert (await store.aget("a")).data == b"2"
+    await store.aincr("s", {"n": 4})
+    assert await store.acounters("s") == {"n": 4.0}
+    inner.down = False
+    fake_clock.advance(5)
+    assert (await store.alist()) == inner.list()
+    assert not store.degraded and inner.get("a").data == b"2" and inner.counters("s") == {"n": 4.0}
+
+
+async def test_checkpoints_keep_working_on_an_unreachable_server(fake_clock, caplog):
+    # Nothing listens on this port: every connection attempt is refused at once.
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
+    recovery = ErrorRecoveryInteraction(store=url, clock=fake_clock, telemetry=False)
+    with caplog.at_level(logging.WARNING, logger="otel_recovery"):
+        assert recovery.create_checkpoint("job", {"step": 1}) == 1
+        assert (await recovery.restore_checkpoint("job"))["state"] == {"step": 1}
+        missing = await recovery.restore_checkpoint("elsewhere")
+    assert missing["recovery_status"] == "failed"
+    assert "unreachable" in missing["reason"] and "secret" not in missing["reason"]
+    assert "secret" not in caplog.text
+
+
+def test_an_unreachable_postgres_is_reported_without_its_password(fake_clock):
+    url = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/test"
+    raw = open_store(url, clock=fake_clock)
+    with pytest.raises(StoreUnavailableError) as caught:
+        raw.get("x")
+    assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+    checkpoints = Checkpoints(url, clock=fake_clock)
+    assert checkpoints.save("job", [1]) == 1  # degraded, kept locally
+    assert checkpoints.load("job").state == [1]
