@@ -24,10 +24,13 @@ from opentelemetry.instrumentation.dependencies import (
 )
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
+from otel_recovery._clock import Clock
 from otel_recovery._config import SWITCHES
+from otel_recovery.classify import Classifier
 from otel_recovery.instrumentors._settings import RecoverySettings, load_settings
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
+from otel_recovery.telemetry import Telemetry
 
 __all__ = ["RecoveryInstrumentor"]
 
@@ -44,6 +47,9 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     span_mode: ClassVar[Literal["own", "current"]] = "own"
     """``"own"``: a ``recover`` span around the attempts (HTTP: per-attempt client spans
     nest inside it). ``"current"``: annotate the logical operation's span (DB, Redis)."""
+    fallback_on: ClassVar[tuple[type[BaseException], ...]] = (Exception,)
+    """What a configured ``fallback_value`` answers for; narrow it to dependency failures so
+    a programming error (a malformed URL) still surfaces."""
 
     settings: RecoverySettings | None = None
     targets: TargetPolicies | None = None
@@ -62,8 +68,20 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self.settings = settings
         if not settings.enabled or not SWITCHES.active:
             return
+        clock = kwargs.get("clock")
+        tracer_provider = kwargs.get("tracer_provider")
+        meter_provider = kwargs.get("meter_provider")
+        telemetry: Telemetry | bool = True  # follow the global providers
+        if tracer_provider is not None or meter_provider is not None:
+            telemetry = Telemetry(tracer_provider, meter_provider)
         self.targets = TargetPolicies(
-            self.library, settings, span=self.span_mode, clock=kwargs.get("clock")
+            self.library,
+            settings,
+            span=self.span_mode,
+            clock=clock,
+            classifier=self._classifier(clock),
+            fallback_on=self.fallback_on,
+            telemetry=telemetry,
         )
         patches = PatchSet(self.library)
         self._install(patches, self.targets, kwargs)
@@ -79,6 +97,10 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def _classifier(self, clock: Clock | None) -> Classifier | None:
+        """A classifier for this library's policies; None uses the process-wide one."""
+        return None
 
     @staticmethod
     def library_version(distribution: str) -> str | None:

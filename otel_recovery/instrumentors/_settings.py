@@ -37,6 +37,12 @@ class SettingsError(ValueError):
     """A configuration value is invalid; the message names the setting and the fix."""
 
 
+def _statuses(value: Any) -> frozenset[int]:
+    """A comma-separated string or a list of HTTP status codes."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return frozenset(int(str(item).strip()) for item in items if str(item).strip())
+
+
 def _names(value: Any) -> frozenset[str]:
     """A comma-separated string or a list, upper-cased (HTTP methods, Redis commands)."""
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -69,6 +75,9 @@ class RecoverySettings:
         {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"}
     )
     http_retry_idempotency_key: bool = True
+    http_retry_statuses: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504})
+    """Responses with these statuses are failures: retried when the request may be repeated
+    (the final one is still returned to the application), counted by the breaker."""
     redis_retry_commands: frozenset[str] = frozenset()
     """Added to the built-in list of read and idempotent commands."""
     redis_no_retry_commands: frozenset[str] = frozenset()
@@ -96,6 +105,7 @@ class RecoverySettings:
 
 _COERCE: dict[str, Callable[[Any], Any]] = {
     "http_retry_methods": _names,
+    "http_retry_statuses": _statuses,
     "redis_retry_commands": _names,
     "redis_no_retry_commands": _names,
 }
@@ -114,6 +124,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "breaker_open_seconds": (lambda v: v > 0, "seconds > 0"),
     "breaker_half_open_calls": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "sql_retry": (lambda v: v in ("connect", "never"), "'connect' or 'never'"),
+    "http_retry_statuses": (
+        lambda v: all(100 <= status <= 599 for status in v),
+        "a comma-separated list of HTTP status codes (100-599)",
+    ),
 }
 _FIELDS = {f.name: f for f in fields(RecoverySettings)}
 _NOT_SETTABLE = {"has_fallback", "targets"}

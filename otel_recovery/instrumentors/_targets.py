@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeAlias
 
 from otel_recovery._clock import Clock
+from otel_recovery.classify import Classifier, ErrorInfo
 from otel_recovery.instrumentors._settings import RecoverySettings
 from otel_recovery.policies import (
     CircuitBreaker,
@@ -22,8 +24,25 @@ from otel_recovery.policies import (
     RetryBudget,
 )
 from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.telemetry import Telemetry
 
-__all__ = ["TargetPolicies"]
+__all__ = ["FallbackOn", "TargetPolicies"]
+
+FallbackOn: TypeAlias = (
+    type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+)
+
+
+class _LayeredRetry(Retry):
+    """A retry that leaves alone the failures a lower layer has already retried."""
+
+    __slots__ = ("not_retried",)
+    not_retried: tuple[type[BaseException], ...]
+
+    def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
+        if isinstance(error, self.not_retried):
+            return False
+        return super().is_retryable(error, info)
 
 
 class _Target:
@@ -32,7 +51,7 @@ class _Target:
     def __init__(self, breaker: CircuitBreaker, budget: RetryBudget) -> None:
         self.breaker = breaker
         self.budget = budget
-        self.policies: dict[tuple[str | None, bool], RecoveryPolicy] = {}
+        self.policies: dict[tuple[object, ...], RecoveryPolicy] = {}
 
 
 class TargetPolicies:
@@ -51,11 +70,21 @@ class TargetPolicies:
         span: Literal["own", "current"] = "own",
         clock: Clock | None = None,
         max_targets: int = 1024,
+        classifier: Classifier | None = None,
+        fallback_on: FallbackOn = Exception,
+        telemetry: Telemetry | bool = True,
     ) -> None:
+        """``classifier`` replaces the process-wide one for these policies (the HTTP
+        instrumentors classify retryable *responses* by status); ``fallback_on`` limits what
+        a configured fallback answers for (transport failures, not programming errors);
+        ``telemetry`` routes spans and metrics to the providers given to ``instrument()``."""
         self.library = library
         self.settings = settings
         self._span: Literal["own", "current"] = span
         self._clock = clock
+        self._classifier = classifier
+        self._fallback_on = fallback_on
+        self._telemetry = telemetry
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
         self._lock = threading.Lock()
@@ -92,16 +121,31 @@ class TargetPolicies:
             return target
 
     def policy_for(
-        self, host: str, port: int | None, operation: str | None, *, retry_allowed: bool
+        self,
+        host: str,
+        port: int | None,
+        operation: str | None,
+        *,
+        retry_allowed: bool,
+        span: Literal["own", "current"] | None = None,
+        not_retried: tuple[type[BaseException], ...] = (),
     ) -> RecoveryPolicy:
+        """The policy for one call to ``host:port``.
+
+        ``span`` overrides the span mode for this call (a DB instrumentor annotates contrib's
+        span when contrib is above it, and opens its own span when it is not).
+        ``not_retried`` lists failures a lower layer already retried (redis-py's connection
+        ``Retry``): repeating them here would multiply attempts, so they are only recorded.
+        """
         target = self._target(host, port)
         s = self.settings.for_target(host, port, operation)
         specific = operation if s != self.settings.for_target(host, port, None) else None
-        key = (specific, retry_allowed)
+        mode = span or self._span
+        key = (specific, retry_allowed, mode, not_retried)
         policy = target.policies.get(key)
         if policy is not None:
             return policy
-        retry = Retry(
+        retry = (_LayeredRetry if not_retried else Retry)(
             s.max_attempts if retry_allowed else 1,
             deadline=s.deadline,
             attempt_timeout=s.attempt_timeout,
@@ -112,14 +156,18 @@ class TargetPolicies:
             ),
             retry_after_cap=s.retry_after_cap,
         )
+        if isinstance(retry, _LayeredRetry):
+            retry.not_retried = not_retried
         policy = RecoveryPolicy(
             retry=retry,
             breaker=target.breaker,
             budget=target.budget if retry_allowed else None,
-            fallback=Fallback(s.fallback_value) if s.has_fallback else None,
+            fallback=Fallback(s.fallback_value, on=self._fallback_on) if s.has_fallback else None,
+            classifier=self._classifier,
             name=target.breaker.name,
             clock=self._clock,
-            span=self._span,
+            telemetry=self._telemetry,
+            span=mode,
         )
         with self._lock:
             return target.policies.setdefault(key, policy)

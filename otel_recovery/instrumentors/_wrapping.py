@@ -66,6 +66,16 @@ def _is_proxy(value: object) -> bool:
     return isinstance(value, _Proxy) or hasattr(value, "__wrapped__")
 
 
+def _is_layer(node: object, ours: object) -> bool:
+    """``node`` is our proxy, or a bound copy of it.
+
+    contrib's ``unwrap`` does ``setattr(cls, name, getattr(cls, name).__wrapped__)``; with
+    wrapt 2 the class lookup binds, so when contrib sat on top of us it leaves a
+    ``BoundFunctionWrapper`` of our proxy on the class (its ``_self_parent`` is ours).
+    """
+    return node is ours or getattr(node, "_self_parent", None) is ours
+
+
 def _wrapper_module(proxy: object) -> str:
     """Module of the function inside a wrapt proxy (contrib's may be a functools.partial)."""
     inner = getattr(proxy, "_self_wrapper", None)
@@ -83,11 +93,12 @@ class PatchSet:
 
     def wrap(
         self, owner: Any, attribute: str, wrapper: Wrapper, *, beneath_contrib: bool = False
-    ) -> None:
+    ) -> Any:
         """Wrap ``owner.attribute`` (a class or module attribute) with ``wrapper``.
 
         ``beneath_contrib`` splices the wrapper under an OpenTelemetry contrib wrapper that is
-        already there; if contrib instruments later, it lands on top by itself.
+        already there; if contrib instruments later, it lands on top by itself. Returns the
+        proxy installed, so a wrapper can tell whether someone is wrapped on top of it.
         """
         patchset = self
 
@@ -109,10 +120,11 @@ class PatchSet:
                 proxy = wrapt.FunctionWrapper(lowest.__wrapped__, gated)
                 lowest.__wrapped__ = proxy
                 self._installed.append(_Installed(owner, attribute, proxy))
-                return
+                return proxy
         proxy = wrapt.FunctionWrapper(current, gated)
         setattr(owner, attribute, proxy)
         self._installed.append(_Installed(owner, attribute, proxy))
+        return proxy
 
     def remove_all(self) -> None:
         """Take our wrappers out; one that cannot be reached stays as a disabled pass-through."""
@@ -130,13 +142,13 @@ class PatchSet:
         top = vars(owner).get(attribute) if hasattr(owner, "__dict__") else None
         if top is None:
             top = getattr(owner, attribute)
-        if top is ours:
+        if _is_layer(top, ours):
             setattr(owner, attribute, ours.__wrapped__)
             return
         node = top
         while _is_proxy(node):
             below = node.__wrapped__
-            if below is ours:
+            if _is_layer(below, ours):
                 if isinstance(node, _Proxy):
                     node.__wrapped__ = ours.__wrapped__
                 # else: a plain closure captured our proxy; it stays, disabled.

@@ -1,0 +1,272 @@
+"""What the Redis and PostgreSQL instrumentors share.
+
+The database conventions want *one* span per logical operation, covering its retries. So
+these instrumentors patch beneath contrib's wrappers and annotate contrib's span ("current"
+span mode). Without contrib there is no such span, and annotating whatever span happens to be
+current (an HTTP server span, say) would pin a Redis ``error.type`` on the request; so each
+patch site checks, per call, whether a contrib wrapper sits above it (:class:`Site`) and
+otherwise lets a failing call open its own ``recover ...`` span.
+
+Everything on the per-call path is kept to a few dictionary lookups: a cheaper equivalent of
+``is_instrumentation_enabled()``, one plan-cache lookup (:class:`PlanCache`), and an
+identity check of the patched attribute. Failures are the slow path and may do more, such as
+explaining on the span why a call was not retried (:func:`explain_no_retry`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import Any, Literal, NamedTuple, TypeVar
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+
+from otel_recovery.classify import (
+    Classifier,
+    ErrorCategory,
+    ErrorInfo,
+    ErrorKind,
+    Severity,
+    get_default_classifier,
+)
+from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._wrapping import _wrapper_module
+from otel_recovery.policies.circuit_breaker import CircuitOpenError
+from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.telemetry.attributes import REDIS_CLIENT_RETRIES, RETRY_DISALLOWED
+
+__all__ = [
+    "Plan",
+    "PlanCache",
+    "PostgresClassifier",
+    "Site",
+    "SpanMode",
+    "explain_no_retry",
+    "instrumentation_enabled",
+    "pg_default_target",
+    "run_async",
+    "run_sync",
+]
+
+SpanMode = Literal["own", "current"]
+T = TypeVar("T")
+
+_CONTRIB_PREFIX = "opentelemetry.instrumentation."
+try:  # the key the SDK exporters and suppress_instrumentation() set
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
+
+    _LEGACY_SUPPRESS_KEY = "suppress_instrumentation"
+
+    def instrumentation_enabled() -> bool:
+        """``is_instrumentation_enabled()`` with one context read instead of two."""
+        current = otel_context.get_current()
+        return not (current.get(_SUPPRESS_KEY) or current.get(_LEGACY_SUPPRESS_KEY))
+
+except ImportError:  # pragma: no cover - an API without the private key
+    instrumentation_enabled = is_instrumentation_enabled
+
+
+class Site:
+    """One patched attribute: knows whether a contrib wrapper currently sits above ours.
+
+    The answer is cached against the identity of the attribute's outermost value, so it
+    follows contrib instrumenting or uninstrumenting later at the cost of one identity check.
+    """
+
+    __slots__ = ("_namespace", "_seen", "attribute", "owner", "proxy")
+
+    def __init__(self, owner: Any, attribute: str) -> None:
+        self.owner = owner
+        self.attribute = attribute
+        self.proxy: Any = None
+        self._namespace = vars(owner)  # a live view of the class (or module) namespace
+        # (outermost value, answer) swapped as one reference, so threads never mix the two
+        self._seen: tuple[Any, SpanMode] = (None, "own")
+
+    def span_mode(self) -> SpanMode:
+        """``current`` when contrib's wrapper (and so contrib's span) is above ours."""
+        top = self._namespace.get(self.attribute)
+        seen = self._seen
+        if top is seen[0]:
+            return seen[1]
+        mode: SpanMode = "own"
+        node = top
+        for _ in range(32):  # wrapper chains are short; never loop forever on a cycle
+            if node is None or node is self.proxy:
+                break
+            if _wrapper_module(node).startswith(_CONTRIB_PREFIX):
+                mode = "current"
+                break
+            node = getattr(node, "__wrapped__", None)
+        self._seen = (top, mode)
+        return mode
+
+
+class Plan(NamedTuple):
+    """How to run one call: the policy, and what to say on the span if it fails unretried."""
+
+    policy: RecoveryPolicy
+    span: SpanMode
+    disallowed: str | None = None
+    """Why retrying is not allowed for this call (None: retrying is allowed)."""
+    client_retried: tuple[type[BaseException], ...] = ()
+    client_retries: int = 0
+
+
+class PlanCache:
+    """Plans by call shape, so the per-call cost is one dictionary lookup.
+
+    ``TargetPolicies.policy_for`` merges per-target settings on every call; its answer for a
+    given (target, operation, retry rule, span mode) never changes, so it is asked once.
+    The cache is bounded: past ``limit`` shapes it starts over.
+    """
+
+    __slots__ = ("_cache", "_limit", "_lock", "targets")
+
+    def __init__(self, targets: TargetPolicies, limit: int = 4096) -> None:
+        self.targets = targets
+        self._cache: dict[tuple[Any, ...], Plan] = {}
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def plan(
+        self,
+        host: str,
+        port: int | None,
+        operation: str | None,
+        span: SpanMode,
+        disallowed: str | None = None,
+        client_retried: tuple[type[BaseException], ...] = (),
+        client_retries: int = 0,
+    ) -> Plan:
+        """The plan for a call; ``disallowed`` (a reason) forbids retrying it."""
+        key = (host, port, operation, span, disallowed, client_retried, client_retries)
+        plan = self._cache.get(key)
+        if plan is None:
+            policy = self.targets.policy_for(
+                host,
+                port,
+                operation,
+                retry_allowed=disallowed is None,
+                span=span,
+                not_retried=client_retried if disallowed is None else (),
+            )
+            plan = Plan(policy, span, disallowed, client_retried, client_retries)
+            with self._lock:
+                if len(self._cache) >= self._limit:
+                    self._cache.clear()
+                self._cache[key] = plan
+        return plan
+
+
+def explain_no_retry(plan: Plan, error: BaseException) -> None:
+    """On contrib's span, say why a failed call was not (further) retried.
+
+    Only on the slow path, and only in ``current`` mode: our own span has already ended.
+    A rejection by an open breaker never ran, so there is nothing to explain.
+    """
+    try:
+        if plan.span != "current" or isinstance(error, CircuitOpenError):
+            return
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return
+        if plan.disallowed is not None:
+            span.set_attribute(RETRY_DISALLOWED, plan.disallowed)
+        elif plan.client_retried and isinstance(error, plan.client_retried):
+            span.set_attribute(RETRY_DISALLOWED, "client_retried")
+            span.set_attribute(REDIS_CLIENT_RETRIES, plan.client_retries)
+    except Exception:  # telemetry must never replace the caller's error
+        return
+
+
+def run_sync(plan: Plan, fn: Callable[..., T], args: Any, kwargs: Any) -> T:
+    """Run ``fn`` under the plan's policy; a failure is explained and re-raised unchanged."""
+    try:
+        return plan.policy.call(fn, *args, **kwargs)
+    except Exception as error:
+        explain_no_retry(plan, error)
+        raise
+
+
+async def run_async(plan: Plan, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any) -> T:
+    """The asyncio twin of :func:`run_sync`; every attempt awaits a fresh coroutine."""
+    try:
+        result: T = await plan.policy.acall(fn, *args, **kwargs)
+    except Exception as error:
+        explain_no_retry(plan, error)
+        raise
+    return result
+
+
+def pg_default_target(host: Any, port: Any) -> tuple[str, int | None]:
+    """``(host, port)`` of a PostgreSQL server as libpq would pick it.
+
+    Several hosts (``"a,b"``) name one logical server: the first one labels the breaker.
+    Defaults come from ``PGHOST``/``PGPORT``, then ``localhost:5432``.
+    """
+    text = str(host or os.environ.get("PGHOST") or "localhost").split(",")[0].strip()
+    raw_port = str(port or os.environ.get("PGPORT") or "5432").split(",")[0].strip()
+    try:
+        number: int | None = int(raw_port)
+    except ValueError:
+        number = None
+    return text or "localhost", number
+
+
+# libpq reports a server's refusal to open a session as an OperationalError without a
+# SQLSTATE, in a "FATAL:" message. Only these refusals are transient; a wrong role,
+# password or database name will not heal by retrying.
+_TRANSIENT_FATAL = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
+    "sorry, too many clients already",
+    "remaining connection slots are reserved",
+    "terminating connection due to administrator command",
+)
+
+
+class PostgresClassifier(Classifier):
+    """The process-wide classifier, plus two facts about PostgreSQL drivers it cannot know.
+
+    - psycopg's connection failures carry no SQLSTATE; a ``FATAL:`` refusal other than the
+      transient ones above is configuration (not retried), not a network blip.
+    - asyncpg raises ``InterfaceError("connection is closed")`` for a statement on a
+      connection the server terminated: a dependency failure for the breaker, not a caller's
+      programming error.
+
+    Delegates to :func:`get_default_classifier` at each call, so user rules still apply.
+    """
+
+    def classify(self, exc: BaseException, context: Mapping[str, Any] | None = None) -> ErrorInfo:
+        info = get_default_classifier().classify(exc, context)
+        try:
+            module = type(exc).__module__ or ""
+            message = str(exc)
+            refused = "FATAL:" in message and not any(p in message for p in _TRANSIENT_FATAL)
+            if module.startswith("psycopg") and refused and info.retryable:
+                return replace(
+                    info,
+                    category=ErrorCategory.CONFIGURATION,
+                    severity=Severity.HIGH,
+                    retryable=False,
+                    kind=ErrorKind.AUTH if "auth" in message.lower() else ErrorKind.OTHER,
+                )
+            if module.startswith("asyncpg") and message == "connection is closed":
+                return replace(
+                    info,
+                    category=ErrorCategory.TRANSIENT,
+                    severity=Severity.MEDIUM,
+                    retryable=True,
+                    kind=ErrorKind.CONNECTION,
+                )
+        except Exception:  # a refinement must never lose the base answer
+            return info
+        return info

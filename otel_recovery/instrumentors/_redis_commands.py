@@ -1,0 +1,162 @@
+"""Which Redis commands may be sent twice: the idempotency rules of the Redis instrumentor.
+
+A retry after an ambiguous failure (a timeout, a connection reset mid-reply) may repeat a
+command the server already executed. That is harmless for reads and for writes whose second
+application leaves the same state (``SET k v``, ``HSET``, ``SADD``, ``DEL``, ``EXPIRE``), and
+wrong for everything else: ``INCR``, ``LPUSH``, ``LPOP``, ``XADD``, ``EVAL`` would count, push,
+pop or run twice. So only commands on the built-in list below are retried, and a few of
+them only without the options that make their effect or reply depend on the state they find
+(``SET ... NX|XX|GET``, ``ZADD ... INCR``, ``EXPIRE ... NX|XX|GT|LT``). Writes on the list
+are idempotent in *state*; the reply of a repeated ``DEL``/``SADD``/``HSET`` may count 0
+where the first application, whose reply was lost, counted 1.
+
+``redis_retry_commands`` adds commands (taken as the user's word, options unchecked) and
+``redis_no_retry_commands`` removes them; both accept names such as ``"GET"`` or
+``"CONFIG GET"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from otel_recovery.instrumentors._settings import RecoverySettings
+
+__all__ = ["CommandRules", "READS", "IDEMPOTENT_WRITES", "command_name"]
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+READS = _words(
+    """
+    GET MGET GETRANGE SUBSTR STRLEN LCS EXISTS TYPE TTL PTTL EXPIRETIME PEXPIRETIME KEYS SCAN
+    RANDOMKEY DBSIZE DUMP TOUCH PING ECHO TIME LASTSAVE ROLE INFO
+    HGET HMGET HGETALL HKEYS HVALS HLEN HEXISTS HSTRLEN HSCAN HRANDFIELD HTTL HPTTL
+    HEXPIRETIME HPEXPIRETIME
+    LINDEX LLEN LRANGE LPOS
+    SCARD SISMEMBER SMISMEMBER SMEMBERS SRANDMEMBER SSCAN SINTER SUNION SDIFF SINTERCARD
+    ZCARD ZCOUNT ZLEXCOUNT ZRANGE ZRANGEBYSCORE ZRANGEBYLEX ZREVRANGE ZREVRANGEBYSCORE
+    ZREVRANGEBYLEX ZRANK ZREVRANK ZSCORE ZMSCORE ZSCAN ZRANDMEMBER ZINTER ZUNION ZDIFF
+    ZINTERCARD
+    XRANGE XREVRANGE XLEN XREAD XPENDING
+    BITCOUNT BITPOS GETBIT BITFIELD_RO PFCOUNT
+    GEODIST GEOHASH GEOPOS GEOSEARCH GEORADIUS_RO GEORADIUSBYMEMBER_RO
+    SORT_RO EVAL_RO EVALSHA_RO FCALL_RO
+    """
+) | frozenset(
+    {
+        "CONFIG GET",
+        "OBJECT ENCODING",
+        "OBJECT FREQ",
+        "OBJECT IDLETIME",
+        "OBJECT REFCOUNT",
+        "MEMORY USAGE",
+        "SCRIPT EXISTS",
+        "XINFO STREAM",
+        "XINFO GROUPS",
+        "XINFO CONSUMERS",
+        "CLUSTER INFO",
+        "CLUSTER NODES",
+        "CLUSTER SLOTS",
+        "CLUSTER SHARDS",
+        "CLUSTER KEYSLOT",
+        "CLIENT ID",
+        "CLIENT GETNAME",
+        "COMMAND COUNT",
+        "COMMAND INFO",
+        "PUBSUB CHANNELS",
+        "PUBSUB NUMSUB",
+        "PUBSUB NUMPAT",
+    }
+)
+"""Commands that change nothing."""
+
+IDEMPOTENT_WRITES = _words(
+    """
+    SET SETEX PSETEX MSET SETRANGE SETBIT DEL UNLINK PERSIST
+    EXPIRE PEXPIRE EXPIREAT PEXPIREAT
+    HSET HMSET HDEL SADD SREM ZADD ZREM PFADD GEOADD
+    """
+)
+"""Writes whose second application leaves the state the first one left."""
+
+# Options that make a listed command depend on the state it finds, and the argument index
+# where options may start. A false match (a member named "INCR") only forbids a retry.
+_UNSAFE_OPTIONS: dict[str, tuple[int, frozenset[str]]] = {
+    "SET": (3, frozenset({"NX", "XX", "GET", "IFEQ", "IFNE", "IFDEQ", "IFDNE"})),
+    "ZADD": (2, frozenset({"INCR"})),
+    **dict.fromkeys(
+        ("EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"), (3, frozenset({"NX", "XX", "GT", "LT"}))
+    ),
+}
+# Commands whose first argument is a subcommand: "CONFIG GET" is a read, "CONFIG SET" is not.
+_CONTAINERS = _words("CONFIG OBJECT MEMORY SCRIPT XINFO CLUSTER CLIENT COMMAND PUBSUB FUNCTION ACL")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def command_name(args: Sequence[Any]) -> str:
+    """The upper-case command name; container commands include their subcommand.
+
+    redis-py passes ``"CONFIG GET"`` as one argument, users may pass ``"CONFIG", "GET"``.
+    """
+    if not args:
+        return ""
+    name = _text(args[0]).upper()
+    if " " in name:
+        return " ".join(name.split()[:2])
+    if name in _CONTAINERS and len(args) > 1:
+        return f"{name} {_text(args[1]).upper()}"
+    return name
+
+
+class CommandRules:
+    """Decides, per command, whether a failed call may be sent again."""
+
+    __slots__ = ("_explicit", "_names", "retryable")
+
+    def __init__(self, settings: RecoverySettings) -> None:
+        builtin = READS | IDEMPOTENT_WRITES
+        added = settings.redis_retry_commands
+        self.retryable = (builtin | added) - settings.redis_no_retry_commands
+        self._explicit = added - settings.redis_no_retry_commands
+        self._names: dict[Any, str] = {}
+
+    def name(self, args: Sequence[Any]) -> str:
+        """``command_name`` with a per-spelling cache for the common single-word commands."""
+        first = args[0] if args else ""
+        cached = self._names.get(first)
+        if cached is not None:
+            return cached
+        name = command_name(args)
+        if name and " " not in name and name not in _CONTAINERS and len(self._names) < 1024:
+            self._names[first] = name
+        return name
+
+    def depends_on_arguments(self, args: Sequence[Any], name: str) -> bool:
+        """Whether the verdict for ``name`` can change with the arguments, so it may not be
+        remembered by the first argument's spelling alone."""
+        first = args[0] if args else ""
+        subcommand = " " in name and " " not in _text(first)
+        return subcommand or (name in _UNSAFE_OPTIONS and name not in self._explicit)
+
+    def allows(self, name: str, args: Sequence[Any]) -> bool:
+        """Whether ``args`` (a command named ``name``) is safe to repeat."""
+        if name not in self.retryable:
+            return False
+        unsafe = _UNSAFE_OPTIONS.get(name)
+        if unsafe is None or name in self._explicit:
+            return True
+        start, options = unsafe
+        return not any(_is_option(arg, options) for arg in args[start:])
+
+
+def _is_option(arg: Any, options: frozenset[str]) -> bool:
+    # Options are short words; values and members (possibly large) are never decoded.
+    return isinstance(arg, (str, bytes)) and len(arg) <= 5 and _text(arg).upper() in options

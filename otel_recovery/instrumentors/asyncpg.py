@@ -1,0 +1,182 @@
+"""``AsyncPGRecoveryInstrumentor``: asyncpg connections and pool acquisition recover inline;
+statements never run twice.
+
+The rule is psycopg's (see :mod:`.psycopg`): a statement that failed may have run, so it is
+classified, counted on the server's breaker, annotated and re-raised unchanged, never
+retried; use ``run_transaction`` to retry a whole transaction. What is retried, when
+``sql_retry = "connect"`` (the default), is getting a connection, where nothing can have run:
+``asyncpg.connect`` and ``Pool.acquire`` (refused, reset, ``57P03``, too many clients).
+
+Patch points: ``asyncpg.connect`` and ``asyncpg.connection.connect`` (the name pools call);
+``Pool._acquire``, the coroutine behind every form of ``pool.acquire()`` (``await``,
+``async with``, ``pool.fetch``...), so a pool created before instrumenting is covered too;
+and the statement methods contrib wraps (``Connection.execute/executemany/fetch/fetchval/
+fetchrow`` and ``PreparedStatement.*``), with our wrapper spliced beneath contrib's so our
+events land on its span. A pool opening a connection inside an acquire is retried once, at
+the acquire: the nested connect then passes straight through, so attempts do not multiply
+and the breaker counts one outcome per acquire.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg  # type: ignore[import-untyped]
+import asyncpg.connection  # type: ignore[import-untyped]
+import asyncpg.pool  # type: ignore[import-untyped]
+import asyncpg.prepared_stmt  # type: ignore[import-untyped]
+
+from otel_recovery._clock import Clock
+from otel_recovery.classify import Classifier
+from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._db import (
+    Plan,
+    PlanCache,
+    PostgresClassifier,
+    Site,
+    instrumentation_enabled,
+    pg_default_target,
+    run_async,
+)
+from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+
+__all__ = ["AsyncPGRecoveryInstrumentor"]
+
+_ACQUIRING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "otel_recovery_asyncpg_acquiring", default=False
+)
+_STATEMENTS = ("execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany")
+_PREPARED = ("fetch", "fetchval", "fetchrow", "executemany", "fetchmany")
+
+
+def dsn_target(dsn: Any, host: Any, port: Any) -> tuple[str, int | None]:
+    """The server a ``connect(dsn, host=, port=)`` call reaches; keywords win over the DSN.
+
+    Only host and port are read: the DSN's password never leaves this function.
+    """
+    if isinstance(dsn, str) and "://" in dsn and (host is None or port is None):
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+        first = parts.netloc.rpartition("@")[2].split(",")[0]  # several hosts: the first
+        try:
+            probe = urlsplit(f"//{first}")
+            dsn_host, dsn_port = probe.hostname, probe.port
+        except ValueError:
+            dsn_host, dsn_port = first, None
+        host = host or query.get("host", [""])[0] or dsn_host
+        port = port or query.get("port", [""])[0] or dsn_port
+    if isinstance(host, (list, tuple)):
+        host = host[0] if host else None
+    if isinstance(port, (list, tuple)):
+        port = port[0] if port else None
+    return pg_default_target(host, port)
+
+
+def _connection_target(connection: Any) -> tuple[str, int | None]:
+    address = getattr(connection, "_addr", None)
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return (str(address) if address else "localhost"), None
+
+
+class _Planner:
+    def __init__(self, targets: TargetPolicies) -> None:
+        self.plans = PlanCache(targets)
+        never = targets.settings.sql_retry == "never"
+        self.connect_rule: str | None = "sql_retry_never" if never else None
+        self._pools: dict[int, tuple[Any, tuple[str, int | None]]] = {}
+
+    def connect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
+        dsn = args[0] if args else kwargs.get("dsn")
+        host, port = dsn_target(dsn, kwargs.get("host"), kwargs.get("port"))
+        return self.plans.plan(host, port, "connect", "own", self.connect_rule)
+
+    def acquire(self, pool: Any) -> Plan:
+        # Pool has __slots__ without __weakref__: remember it by id, checked by identity.
+        known = self._pools.get(id(pool))
+        settings = pool._connect_kwargs
+        if known is None or known[0] is not settings:
+            args = pool._connect_args
+            target = dsn_target(
+                args[0] if args else None, settings.get("host"), settings.get("port")
+            )
+            if len(self._pools) > 1024:
+                self._pools.clear()
+            known = self._pools[id(pool)] = (settings, target)
+        host, port = known[1]
+        return self.plans.plan(host, port, "acquire", "own", self.connect_rule)
+
+    def statement(self, site: Site, connection: Any) -> Plan:
+        host, port = _connection_target(connection)
+        return self.plans.plan(host, port, None, site.span_mode(), "statement_may_have_run")
+
+
+Kind = Literal["connect", "acquire", "statement", "prepared"]
+
+
+def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
+    where = f"asyncpg {getattr(site.owner, '__name__', site.owner)}.{site.attribute}"
+
+    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if not instrumentation_enabled() or (kind == "connect" and _ACQUIRING.get()):
+            return await wrapped(*args, **kwargs)
+        try:
+            if kind == "connect":
+                plan = planner.connect(args, kwargs)
+            elif kind == "acquire":
+                plan = planner.acquire(instance)
+            else:
+                connection = instance._connection if kind == "prepared" else instance
+                plan = planner.statement(site, connection)
+        except Exception as error:
+            report_internal_error(where, error)
+            return await wrapped(*args, **kwargs)
+        if kind != "acquire":
+            return await run_async(plan, wrapped, args, kwargs)
+        token = _ACQUIRING.set(True)
+        try:
+            return await run_async(plan, wrapped, args, kwargs)
+        finally:
+            _ACQUIRING.reset(token)
+
+    return wrapper
+
+
+def _sites() -> list[tuple[Any, str, Kind]]:
+    sites: list[tuple[Any, str, Kind]] = [
+        (asyncpg, "connect", "connect"),
+        (asyncpg.connection, "connect", "connect"),
+        (asyncpg.pool.Pool, "_acquire", "acquire"),
+    ]
+    connection_class = asyncpg.connection.Connection
+    sites += [
+        (connection_class, m, "statement") for m in _STATEMENTS if m in vars(connection_class)
+    ]
+    prepared = asyncpg.prepared_stmt.PreparedStatement
+    sites += [(prepared, m, "prepared") for m in _PREPARED if m in vars(prepared)]
+    return sites
+
+
+class AsyncPGRecoveryInstrumentor(RecoveryInstrumentor):
+    """Inline recovery for asyncpg connections and pools; see the module docstring."""
+
+    library: ClassVar[str] = "asyncpg"
+    instruments: ClassVar[tuple[str, ...]] = ("asyncpg >= 0.27",)
+    span_mode: ClassVar[Literal["own", "current"]] = "current"
+    fallback_on: ClassVar[tuple[type[BaseException], ...]] = ()
+    """Never: no stand-in value can replace a connection or a statement's cursor."""
+
+    def _classifier(self, clock: Clock | None) -> Classifier | None:
+        return PostgresClassifier(clock=clock)
+
+    def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
+        planner = _Planner(targets)
+        for owner, attribute, kind in _sites():
+            site = Site(owner, attribute)
+            site.proxy = patches.wrap(
+                owner, attribute, _wrapper(planner, kind, site), beneath_contrib=True
+            )

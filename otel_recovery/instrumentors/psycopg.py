@@ -1,0 +1,159 @@
+"""``PsycopgRecoveryInstrumentor``: psycopg 3 connections recover inline; statements never
+run twice.
+
+A SQL statement that failed may still have run: the server may have committed an
+``INSERT`` and then lost the connection before the reply arrived. Repeating it could insert
+twice, so statements are *never* retried here. They are still classified, counted on the
+server's circuit breaker (an open breaker fails fast, before a statement is sent) and
+annotated on the span, and the error is re-raised unchanged. Opening a connection is
+different: nothing has run yet, so ``Connection.connect``/``AsyncConnection.connect`` are
+retried on transient failures (refused, reset, ``57P03`` starting up, too many clients) when
+``sql_retry = "connect"`` (the default; ``"never"`` turns that off too). A server refusing
+the session for good (wrong role, password or database: a ``FATAL`` without a SQLSTATE in
+psycopg) is not retried. To retry a whole transaction safely, use ``run_transaction``.
+
+Patch points (research/otel-conventions.md section 2.3): ``psycopg.connect`` and the two
+``connect`` classmethods, which contrib also wraps (ours is spliced beneath; contrib makes
+no span for connecting, so a connection that needed recovery gets a
+``recover psycopg <host>:<port>`` span); and the base classes' ``Cursor.execute``/
+``executemany`` and ``AsyncCursor.*``, which sit beneath contrib's traced cursor subclass by
+construction (it calls ``super().execute``), so our events land on contrib's span.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from otel_recovery._clock import Clock
+from otel_recovery.classify import Classifier
+from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._db import (
+    Plan,
+    PlanCache,
+    PostgresClassifier,
+    SpanMode,
+    instrumentation_enabled,
+    pg_default_target,
+    run_async,
+    run_sync,
+)
+from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+
+__all__ = ["PsycopgRecoveryInstrumentor"]
+
+_CONNECT_OPTIONS = frozenset(
+    {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
+)
+"""``connect()`` keyword arguments that are not libpq connection parameters."""
+_CONTRIB_PREFIX = "opentelemetry.instrumentation."
+
+
+def _connect_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int | None]:
+    conninfo = args[0] if args else kwargs.get("conninfo", "")
+    params = {k: v for k, v in kwargs.items() if k not in _CONNECT_OPTIONS and k != "conninfo"}
+    parsed = conninfo_to_dict(conninfo, **params)
+    return pg_default_target(parsed.get("host") or parsed.get("hostaddr"), parsed.get("port"))
+
+
+def _connection_target(connection: Any) -> tuple[str, int | None]:
+    """Host and port of an open connection, remembered on it (libpq is asked once)."""
+    target: tuple[str, int | None] | None = getattr(connection, "_otel_recovery_target", None)
+    if target is None:
+        info = connection.info
+        target = pg_default_target(info.host, info.port)
+        with contextlib.suppress(AttributeError):  # __slots__: ask again next time
+            connection._otel_recovery_target = target
+    return target
+
+
+class _Planner:
+    def __init__(self, targets: TargetPolicies) -> None:
+        self.plans = PlanCache(targets)
+        never = targets.settings.sql_retry == "never"
+        self.connect_rule: str | None = "sql_retry_never" if never else None
+        self._modes: dict[type, SpanMode] = {}
+
+    def connect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
+        host, port = _connect_target(args, kwargs)
+        return self.plans.plan(host, port, "connect", "own", self.connect_rule)
+
+    def statement(self, cursor: Any) -> Plan:
+        host, port = _connection_target(cursor.connection)
+        cls = type(cursor)
+        mode = self._modes.get(cls)
+        if mode is None:  # contrib's TracedCursor subclasses the cursor class it wraps
+            mode = "current" if cls.__module__.startswith(_CONTRIB_PREFIX) else "own"
+            self._modes[cls] = mode
+        return self.plans.plan(host, port, None, mode, "statement_may_have_run")
+
+
+Kind = Literal["connect", "statement"]
+
+
+def _sync_wrapper(planner: _Planner, kind: Kind, where: str) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if not instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        try:
+            plan = (
+                planner.connect(args, kwargs) if kind == "connect" else planner.statement(instance)
+            )
+        except Exception as error:
+            report_internal_error(where, error)
+            return wrapped(*args, **kwargs)
+        return run_sync(plan, wrapped, args, kwargs)
+
+    return wrapper
+
+
+def _async_wrapper(planner: _Planner, kind: Kind, where: str) -> Callable[..., Any]:
+    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if not instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        try:
+            plan = (
+                planner.connect(args, kwargs) if kind == "connect" else planner.statement(instance)
+            )
+        except Exception as error:
+            report_internal_error(where, error)
+            return await wrapped(*args, **kwargs)
+        return await run_async(plan, wrapped, args, kwargs)
+
+    return wrapper
+
+
+_SITES: tuple[tuple[Any, str, Kind, bool], ...] = (
+    (psycopg, "connect", "connect", False),
+    (psycopg.Connection, "connect", "connect", False),
+    (psycopg.AsyncConnection, "connect", "connect", True),
+    (psycopg.Cursor, "execute", "statement", False),
+    (psycopg.Cursor, "executemany", "statement", False),
+    (psycopg.AsyncCursor, "execute", "statement", True),
+    (psycopg.AsyncCursor, "executemany", "statement", True),
+)
+
+
+class PsycopgRecoveryInstrumentor(RecoveryInstrumentor):
+    """Inline recovery for psycopg 3, sync and async; see the module docstring."""
+
+    library: ClassVar[str] = "psycopg"
+    instruments: ClassVar[tuple[str, ...]] = ("psycopg >= 3.1",)
+    span_mode: ClassVar[Literal["own", "current"]] = "current"
+    fallback_on: ClassVar[tuple[type[BaseException], ...]] = ()
+    """Never: no stand-in value can replace a connection or a statement's cursor."""
+
+    def _classifier(self, clock: Clock | None) -> Classifier | None:
+        return PostgresClassifier(clock=clock)
+
+    def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
+        planner = _Planner(targets)
+        for owner, attribute, kind, is_async in _SITES:
+            where = f"psycopg {getattr(owner, '__name__', owner)}.{attribute}"
+            make = _async_wrapper if is_async else _sync_wrapper
+            patches.wrap(owner, attribute, make(planner, kind, where), beneath_contrib=True)

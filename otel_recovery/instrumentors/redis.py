@@ -1,0 +1,371 @@
+"""``RedisRecoveryInstrumentor``: redis-py commands and pipelines recover inline, safely.
+
+Patch points are the contrib instrumentor's own (research/otel-conventions.md section 2.3):
+``Redis.execute_command``, ``Pipeline.execute`` and ``Pipeline.immediate_execute_command``,
+``RedisCluster.execute_command`` and ``ClusterPipeline.execute``, each sync and asyncio. Our
+wrapper is spliced *beneath* contrib's whichever instruments first, so contrib's single
+``GET``/``SET`` CLIENT span covers every attempt and carries our events, as the database
+conventions ask. Without contrib, a call that needs recovery opens its own
+``recover redis <host>:<port>`` span.
+
+What is retried (:mod:`._redis_commands` has the list): read commands and idempotent writes;
+never ``INCR``/``LPUSH``/``EVAL``-like commands, never a transactional pipeline (MULTI/EXEC,
+redis-py's default ``pipeline()``), never a command issued while WATCHing, and never a
+non-transactional pipeline holding any command off the list. redis-py empties a pipeline when
+``execute()`` fails, so a retried pipeline is refilled with the same commands first. (A
+cluster pipeline re-sends its failed commands one by one through
+``RedisCluster.execute_command`` by itself; there the per-command rules apply.)
+
+redis-py retries too: each connection has a ``Retry`` (redis 8: 10 retries with jittered
+backoff by default) that reconnects and resends *any* command, ``INCR`` included, on
+``ConnectionError``/``TimeoutError``. Our retry is one level up, per logical command, and
+counts attempts as calls into redis-py. Stacking both would multiply attempts (3 x 11 sends),
+so a failure that redis-py's ``Retry`` already repeated is not repeated again: it is
+classified, counted on the breaker and marked ``otel_recovery.retry.disallowed=client_retried``
+with ``otel_recovery.redis.client_retries`` on the span. We still retry what redis-py's
+connection retry never does (``LOADING``, ``TRYAGAIN``, ``MASTERDOWN``, ``READONLY``...) and,
+on a client built with ``retry=Retry(NoBackoff(), 0)``, connection failures too. That client
+setting is the way to make otel-recovery the only retry layer, and the only one that never
+resends a non-idempotent command. Cluster clients are treated alike, with the cluster's own
+``retry`` and ``ERRORS_ALLOW_RETRY``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import redis.asyncio.client
+import redis.asyncio.cluster
+import redis.client
+import redis.cluster
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._db import (
+    Plan,
+    PlanCache,
+    Site,
+    instrumentation_enabled,
+    run_async,
+    run_sync,
+)
+from otel_recovery.instrumentors._redis_commands import CommandRules
+from otel_recovery.instrumentors._settings import RecoverySettings
+from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+from otel_recovery.policies.circuit_breaker import CircuitOpenError
+
+__all__ = ["RedisRecoveryInstrumentor"]
+
+Queued = list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+_REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
+"""What a redis-py ``Retry`` repeats when not told otherwise."""
+
+
+def _coverage(retry: Any, extra: list[Any]) -> tuple[tuple[type[BaseException], ...], int]:
+    """What a connection's ``Retry`` repeats by itself, by ``AbstractConnection``'s rules:
+    no ``retry`` and no ``retry_on_error`` means ``Retry(NoBackoff(), 0)``."""
+    if retry is None:
+        if not extra:
+            return (), 0
+        return tuple(dict.fromkeys(_REDIS_RETRIES + tuple(extra))), 1
+    retries = int(retry.get_retries())
+    if retries == 0:
+        return (), 0
+    supported = tuple(getattr(retry, "_supported_errors", _REDIS_RETRIES))
+    return tuple(dict.fromkeys(supported + tuple(extra))), retries
+
+
+class Target:
+    """The server a client talks to, what redis-py's own retry repeats for it (and how
+    often), and the plans already chosen for its commands."""
+
+    __slots__ = ("host", "owner", "plans", "port", "retried", "retries", "retry")
+
+    def __init__(
+        self,
+        host: str,
+        port: int | None,
+        retried: tuple[type[BaseException], ...],
+        retries: int,
+        retry: Any = None,
+    ) -> None:
+        self.host, self.port, self.retried, self.retries = host, port, retried, retries
+        self.retry = retry  # the redis-py Retry these facts were read from
+        self.owner: object = None  # the planner that filled ``plans``
+        self.plans: dict[tuple[Any, str], Plan] = {}
+
+
+def _standalone_target(instance: Any) -> Target:
+    """Target of a ``Redis``/``Pipeline``, cached on its pool (until its ``retry`` changes)."""
+    pool = instance.connection_pool
+    kwargs = pool.connection_kwargs
+    retry = kwargs.get("retry")
+    cached: Target | None = getattr(pool, "_otel_recovery_target", None)
+    if cached is not None and cached.retry is retry:
+        return cached
+    path = kwargs.get("path")
+    host: str
+    port: int | None
+    if path:
+        host, port = str(path), None
+    else:
+        host = str(kwargs.get("host") or getattr(pool, "service_name", None) or "localhost")
+        port = int(kwargs.get("port") or 6379)
+    extra = list(kwargs.get("retry_on_error") or ())
+    if kwargs.get("retry_on_timeout"):
+        extra.append(RedisTimeoutError)
+    errors, retries = _coverage(retry, extra)
+    target = Target(host, port, errors, retries, retry)
+    with contextlib.suppress(Exception):  # a pool with __slots__: recompute next time
+        pool._otel_recovery_target = target
+    return target
+
+
+def _cluster_target(instance: Any) -> Target:
+    """A cluster client routes inside the call, so its breaker is named after its default
+    node; the cluster's own retry repeats ``ERRORS_ALLOW_RETRY``."""
+    client = getattr(instance, "cluster_client", None) or instance
+    node = client.get_default_node()
+    host = str(getattr(node, "host", None) or "redis-cluster")
+    port = getattr(node, "port", None)
+    retry = getattr(instance, "retry", None) or getattr(client, "retry", None)
+    retries = int(retry.get_retries()) if retry is not None else 0
+    if retries == 0:
+        return Target(host, port, (), 0)
+    errors: Any = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
+    errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
+    return Target(host, port, tuple(errors), retries)
+
+
+def _transactional(pipe: Any) -> bool:
+    """MULTI/EXEC or WATCH: a retry would break the transaction's all-or-nothing promise."""
+    if getattr(pipe, "watching", False) or getattr(pipe, "explicit_transaction", False):
+        return True
+    strategy = getattr(pipe, "_execution_strategy", None)
+    if strategy is not None:  # cluster pipelines
+        return "Transaction" in type(strategy).__name__
+    flag = getattr(pipe, "is_transaction", None)  # asyncio; sync calls it ``transaction``
+    if flag is None:
+        flag = getattr(pipe, "transaction", None)
+    return flag if isinstance(flag, bool) else True  # unknown layout: assume the worst
+
+
+def _queued(pipe: Any) -> Queued | None:
+    """The pipeline's commands as ``(args, options)``; None for an unknown layout."""
+    strategy = getattr(pipe, "_execution_strategy", None)
+    if strategy is None:
+        stack = getattr(pipe, "command_stack", None)
+        return None if stack is None else [(tuple(a), dict(o)) for a, o in stack]
+    queue = getattr(strategy, "command_queue", None)
+    if queue is None:
+        queue = getattr(strategy, "_command_queue", None)
+    if queue is None:
+        return None
+    return [
+        (tuple(c.args), dict(getattr(c, "options", None) or getattr(c, "kwargs", None) or {}))
+        for c in queue
+    ]
+
+
+class _Replay:
+    """One pipeline attempt; from the second on, first puts back what ``execute`` cleared."""
+
+    __slots__ = ("_pipe", "_saved", "_started", "_wrapped")
+
+    def __init__(self, wrapped: Callable[..., Any], pipe: Any, saved: Queued) -> None:
+        self._wrapped = wrapped
+        self._pipe = pipe
+        self._saved = saved
+        self._started = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._started and not _queued(self._pipe):
+            pipe = self._pipe
+            if getattr(pipe, "_execution_strategy", None) is None:
+                pipe.command_stack.extend(self._saved)
+            else:
+                stage = getattr(pipe, "pipeline_execute_command", None) or pipe.execute_command
+                for command, options in self._saved:
+                    stage(*command, **options)
+        self._started = True
+        return self._wrapped(*args, **kwargs)
+
+
+class _Planner:
+    """Chooses the plan (policy, span mode, retry rule) for each call."""
+
+    def __init__(self, targets: TargetPolicies) -> None:
+        self.settings: RecoverySettings = targets.settings
+        self.plans = PlanCache(targets)
+        self.rules = CommandRules(self.settings)
+        self._per_target: dict[tuple[str, int | None], CommandRules] = {}
+
+    def rules_for(self, host: str, port: int | None) -> CommandRules:
+        if not self.settings.targets:
+            return self.rules
+        rules = self._per_target.get((host, port))
+        if rules is None:
+            rules = CommandRules(self.settings.for_target(host, port, None))
+            if len(self._per_target) < 1024:
+                self._per_target[host, port] = rules
+        return rules
+
+    def command(self, site: Site, target: Target, args: tuple[Any, ...]) -> Plan:
+        """The plan for one command; remembered per client, command spelling and span mode
+        unless the answer depends on the arguments (``SET ... NX``, ``CONFIG GET``)."""
+        mode = site.span_mode()
+        if target.owner is not self:  # filled by an earlier instrumentation: start over
+            target.owner, target.plans = self, {}
+        key = (args[0], mode)
+        plan = target.plans.get(key)
+        if plan is not None:
+            return plan
+        host, port = target.host, target.port
+        rules = self.rules_for(host, port)
+        name = rules.name(args)
+        if rules.allows(name, args):
+            plan = self.plans.plan(host, port, name, mode, None, target.retried, target.retries)
+        else:
+            plan = self.plans.plan(host, port, name, mode, "non_idempotent_command")
+        if rules.depends_on_arguments(args, name) or len(target.plans) >= 512:
+            return plan
+        target.plans[key] = plan
+        return plan
+
+    def immediate(self, site: Site, target: Target, args: tuple[Any, ...]) -> Plan:
+        host, port = target.host, target.port
+        name = self.rules_for(host, port).name(args)
+        return self.plans.plan(host, port, name, site.span_mode(), "transaction")
+
+    def pipeline(self, site: Site, target: Target, pipe: Any) -> tuple[Plan, Queued | None]:
+        host, port, retried, retries = target.host, target.port, target.retried, target.retries
+        mode = site.span_mode()
+        if _transactional(pipe):
+            return self.plans.plan(host, port, "MULTI", mode, "transaction"), None
+        queued = _queued(pipe)
+        rules = self.rules_for(host, port)
+        if queued is None or not all(rules.allows(rules.name(a), a) for a, _ in queued):
+            return self.plans.plan(host, port, "PIPELINE", mode, "non_idempotent_command"), None
+        return self.plans.plan(host, port, "PIPELINE", mode, None, retried, retries), queued
+
+
+Kind = Literal["command", "immediate", "pipeline"]
+
+
+def _sync_wrapper(
+    planner: _Planner, kind: Kind, site: Site, resolve: Callable[[Any], Target]
+) -> Callable[..., Any]:
+    where = f"redis {site.owner.__name__}.{site.attribute}"
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if not instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        try:
+            target = resolve(instance)
+            if kind == "pipeline":
+                plan, saved = planner.pipeline(site, target, instance)
+                fn = wrapped if saved is None else _Replay(wrapped, instance, saved)
+            else:
+                plan = (planner.immediate if kind == "immediate" else planner.command)(
+                    site, target, args
+                )
+                fn = wrapped
+        except Exception as error:
+            report_internal_error(where, error)
+            return wrapped(*args, **kwargs)
+        return run_sync(plan, fn, args, kwargs)
+
+    return wrapper
+
+
+def _async_wrapper(
+    planner: _Planner, kind: Kind, site: Site, resolve: Callable[[Any], Target]
+) -> Callable[..., Any]:
+    where = f"redis.asyncio {site.owner.__name__}.{site.attribute}"
+
+    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if not instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        try:
+            target = resolve(instance)
+            if kind == "pipeline":
+                plan, saved = planner.pipeline(site, target, instance)
+                fn = wrapped if saved is None else _Replay(wrapped, instance, saved)
+            else:
+                plan = (planner.immediate if kind == "immediate" else planner.command)(
+                    site, target, args
+                )
+                fn = wrapped
+        except Exception as error:
+            report_internal_error(where, error)
+            return await wrapped(*args, **kwargs)
+        return await run_async(plan, fn, args, kwargs)
+
+    return wrapper
+
+
+_SITES: tuple[tuple[Any, str, Kind, Callable[[Any], Target], bool], ...] = (
+    (redis.client.Redis, "execute_command", "command", _standalone_target, False),
+    (redis.client.Pipeline, "execute", "pipeline", _standalone_target, False),
+    (redis.client.Pipeline, "immediate_execute_command", "immediate", _standalone_target, False),
+    (redis.cluster.RedisCluster, "execute_command", "command", _cluster_target, False),
+    (redis.cluster.ClusterPipeline, "execute", "pipeline", _cluster_target, False),
+    (redis.asyncio.client.Redis, "execute_command", "command", _standalone_target, True),
+    (redis.asyncio.client.Pipeline, "execute", "pipeline", _standalone_target, True),
+    (
+        redis.asyncio.client.Pipeline,
+        "immediate_execute_command",
+        "immediate",
+        _standalone_target,
+        True,
+    ),
+    (redis.asyncio.cluster.RedisCluster, "execute_command", "command", _cluster_target, True),
+    (redis.asyncio.cluster.ClusterPipeline, "execute", "pipeline", _cluster_target, True),
+)
+
+
+class RedisRecoveryInstrumentor(RecoveryInstrumentor):
+    """Inline recovery for redis-py (sync and asyncio, standalone and cluster).
+
+    ``RedisRecoveryInstrumentor().instrument()`` (or ``opentelemetry-instrument``, entry
+    point ``otel_recovery_redis``) takes the usual settings; see the module docstring for
+    what is retried and how this composes with redis-py's own retry.
+    """
+
+    library: ClassVar[str] = "redis"
+    instruments: ClassVar[tuple[str, ...]] = ("redis >= 4.5",)
+    span_mode: ClassVar[Literal["own", "current"]] = "current"
+    fallback_on: ClassVar[tuple[type[BaseException], ...]] = (
+        RedisConnectionError,
+        RedisTimeoutError,
+        BusyLoadingError,
+        TryAgainError,
+        ClusterDownError,
+        MasterDownError,
+        ReadOnlyError,
+        CircuitOpenError,
+    )
+    """A configured ``fallback_value`` stands in when the server is unreachable, loading,
+    failing over or rejected by the breaker; never for a command error (``WRONGTYPE``)."""
+
+    def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
+        planner = _Planner(targets)
+        for owner, attribute, kind, resolve, is_async in _SITES:
+            site = Site(owner, attribute)
+            make = _async_wrapper if is_async else _sync_wrapper
+            site.proxy = patches.wrap(
+                owner, attribute, make(planner, kind, site, resolve), beneath_contrib=True
+            )

@@ -1,0 +1,248 @@
+"""A real HTTP server with scripted faults, for the HTTP instrumentor tests.
+
+An aiohttp server on 127.0.0.1:0 runs in a background thread with its own event loop, so the
+same server serves the sync clients (requests, httpx.Client) and the async ones (whose event
+loop is the test's). Each path answers a script of actions in order (then 200 "ok"):
+``status(503)``, ``retry_after(429, seconds=1)``, ``retry_after_date(503, seconds=2)``,
+``reset()`` (the connection is closed without a response), ``stall(seconds)`` (answers only
+after the client's timeout) and ``ok(body)``. Every request is recorded, so tests assert the
+exact number of attempts the server saw and what each carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import web
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+Action = Callable[[web.Request], Any]
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the server received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def status(code: int, headers: dict[str, str] | None = None, body: str = "") -> Action:
+    async def act(request: web.Request) -> web.Response:
+        return web.Response(status=code, headers=headers or {}, text=body or f"status {code}")
+
+    return act
+
+
+def retry_after(code: int, seconds: float) -> Action:
+    return status(code, {"Retry-After": f"{seconds:g}"})
+
+
+def retry_after_date(code: int, seconds: float) -> Action:
+    """Retry-After as an HTTP-date ``seconds`` from when the response is sent."""
+
+    async def act(request: web.Request) -> web.Response:
+        when = formatdate(time.time() + seconds, usegmt=True)
+        return web.Response(status=code, headers={"Retry-After": when}, text="later")
+
+    return act
+
+
+def reset() -> Action:
+    """Close the connection without answering: the client sees a dropped connection."""
+
+    async def act(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.transport.abort()
+        raise asyncio.CancelledError  # nothing more to send on a dead connection
+
+    return act
+
+
+def stall(seconds: float, then: int = 200) -> Action:
+    """Answer only after ``seconds``: beyond the client's timeout."""
+
+    async def act(request: web.Request) -> web.Response:
+        await asyncio.sleep(seconds)
+        return web.Response(status=then, text="late")
+
+    return act
+
+
+def ok(body: str = "ok") -> Action:
+    return status(200, body=body)
+
+
+@dataclass
+class FaultServer:
+    """The server; ``script(path, ...)`` then ``seen(path)`` / ``count(path)``."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    _scripts: dict[str, list[Action]] = field(default_factory=dict)
+    _seen: list[Seen] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+    _thread: threading.Thread | None = None
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def script(self, path: str, *actions: Action) -> str:
+        """Answer ``path`` with ``actions`` in order, then 200 "ok"; returns the URL."""
+        with self._lock:
+            self._scripts[path] = list(actions)
+        return self.url(path)
+
+    def seen(self, path: str | None = None) -> list[Seen]:
+        with self._lock:
+            return [s for s in self._seen if path is None or s.path == path]
+
+    def count(self, path: str | None = None) -> int:
+        return len(self.seen(path))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._scripts.clear()
+            self._seen.clear()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        with self._lock:
+            self._seen.append(Seen(request.method, request.path, dict(request.headers), body))
+            actions = self._scripts.get(request.path)
+            action = actions.pop(0) if actions else ok()
+        response: web.StreamResponse = await action(request)
+        return response
+
+    def start(self) -> FaultServer:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                app = web.Application()
+                app.router.add_route("*", "/{tail:.*}", self._handle)
+                runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None)
+                loop.run_until_complete(runner.setup())
+                site = web.TCPSite(runner, self.host, 0)
+                loop.run_until_complete(site.start())
+                server = site._server
+                assert server is not None
+                self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+                self._runner = runner
+            except BaseException as error:  # surface start-up failures in the test
+                failure.append(error)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fault-server", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        loop, runner = self._loop, self._runner
+        if loop is None or runner is None:
+            return
+
+        async def shutdown() -> None:
+            await runner.cleanup()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:  # stalled handlers still sleeping
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def serve() -> Iterator[FaultServer]:
+    """Generator for a module-scoped fixture: ``server = pytest.fixture(scope="module")(serve)``."""
+    server = FaultServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Telemetry:
+    """An SDK tracer provider (and meter provider) writing to memory, passed as
+    ``tracer_provider``/``meter_provider`` to both the contrib instrumentor and ours."""
+
+    tracer_provider: TracerProvider
+    exporter: InMemorySpanExporter
+    meter_provider: MeterProvider
+    reader: InMemoryMetricReader
+
+    def spans(self) -> list[ReadableSpan]:
+        return sorted(self.exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+
+    def clients(self) -> list[ReadableSpan]:
+        """Contrib's per-attempt HTTP CLIENT spans, in order."""
+        return [s for s in self.spans() if s.kind is SpanKind.CLIENT]
+
+    def recoveries(self) -> list[ReadableSpan]:
+        return [s for s in self.spans() if s.name.startswith("recover ")]
+
+    def recovery(self) -> ReadableSpan:
+        found = self.recoveries()
+        assert len(found) == 1, [s.name for s in self.spans()]
+        return found[0]
+
+    def metric(self, name: str) -> list[tuple[dict[str, Any], Any]]:
+        data = self.reader.get_metrics_data()
+        points: list[tuple[dict[str, Any], Any]] = []
+        for resource in data.resource_metrics if data else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        points += [
+                            (dict(p.attributes or {}), getattr(p, "value", p))
+                            for p in metric.data.data_points
+                        ]
+        return points
+
+
+def telemetry() -> Iterator[Telemetry]:
+    """Generator for a function-scoped fixture."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    try:
+        yield Telemetry(provider, exporter, meters, reader)
+    finally:
+        meters.shutdown()
+        provider.shutdown()
+
+
+def events(span: ReadableSpan, name: str) -> list[dict[str, Any]]:
+    """Attributes of the span's events called ``name``, in order."""
+    return [dict(e.attributes or {}) for e in span.events if e.name == name]

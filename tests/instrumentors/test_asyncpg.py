@@ -1,0 +1,344 @@
+"""AsyncPGRecoveryInstrumentor against the real PostgreSQL with real faults.
+
+Getting a connection is retried (``asyncpg.connect`` and ``pool.acquire`` against a refused
+port that starts listening, or a server answering 57P03); statements never are. ``calls``
+counts calls beneath our wrapper; PgFront counts TCP connections; tables count rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import asyncpg
+import asyncpg.connection
+import asyncpg.pool
+import pytest
+import wrapt
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+from opentelemetry.instrumentation.utils import (
+    is_instrumentation_enabled,
+    suppress_instrumentation,
+)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from servers import (
+    PG_URL,
+    PgFront,
+    free_port,
+    pg_admin,
+    quiet,
+    require_postgres,
+    terminate_when_running,
+    unique_table,
+)
+
+from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors import asyncpg as ours_module
+from otel_recovery.instrumentors.asyncpg import AsyncPGRecoveryInstrumentor, dsn_target
+from otel_recovery.testing import FakeClock
+
+Conn = asyncpg.connection.Connection
+SITES = [
+    (asyncpg, "connect"),
+    (asyncpg.connection, "connect"),
+    (asyncpg.pool.Pool, "_acquire"),
+    (Conn, "execute"),
+    (Conn, "fetchval"),
+]
+ALL_SITES = [(owner, attribute) for owner, attribute, _ in ours_module._sites()]
+ORIGINALS = {site: vars(site[0])[site[1]] for site in ALL_SITES}
+
+
+class Harness:
+    """Counting layer at the bottom, then contrib and ours in the chosen order."""
+
+    def __init__(self) -> None:
+        require_postgres()
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.calls: Counter[str] = Counter()
+        self.before_connect: Callable[[int], None] | None = None
+        self.contrib = False
+        self.ours = AsyncPGRecoveryInstrumentor()
+        self.fronts: list[PgFront] = []
+        self.tables: list[str] = []
+        for owner, attribute in SITES:
+            setattr(owner, attribute, wrapt.FunctionWrapper(vars(owner)[attribute], self._count))
+
+    def _count(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        if is_instrumentation_enabled():  # test plumbing runs quiet(): not counted
+            name = wrapped.__name__
+            self.calls[name] += 1
+            if name == "connect" and self.before_connect is not None:
+                self.before_connect(self.calls[name])
+        return wrapped(*args, **kwargs)
+
+    def instrument(self, order: str = "contrib_first", **settings: Any) -> Harness:
+        settings.setdefault("clock", FakeClock())
+        if order == "contrib_first":
+            AsyncPGInstrumentor().instrument(tracer_provider=self.provider)
+        self.ours.instrument(tracer_provider=self.provider, **settings)
+        if order == "ours_first":
+            AsyncPGInstrumentor().instrument(tracer_provider=self.provider)
+        self.contrib = order != "ours_only"
+        return self
+
+    def close(self) -> None:
+        self.ours.uninstrument()
+        if AsyncPGInstrumentor().is_instrumented_by_opentelemetry:
+            AsyncPGInstrumentor().uninstrument()
+        for owner, attribute in SITES:
+            top = vars(owner)[attribute]
+            assert _wrapping._wrapper_module(top) == __name__, (owner, attribute)
+            setattr(owner, attribute, top.__wrapped__)
+        for site, original in ORIGINALS.items():
+            assert vars(site[0])[site[1]] is original, site
+        for front in self.fronts:
+            front.close()
+        if self.tables:
+            with quiet(), pg_admin() as admin:
+                for table in self.tables:
+                    admin.execute(f"DROP TABLE IF EXISTS {table}")
+        self.provider.shutdown()
+
+    def table(self) -> str:
+        name = unique_table("asyncpg")
+        self.tables.append(name)
+        with quiet(), pg_admin() as admin:
+            admin.execute(f"CREATE TABLE {name} (v int)")
+        return name
+
+    def rows(self, table: str) -> int:
+        with quiet(), pg_admin() as admin:
+            count: int = admin.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            return count
+
+    def listen_on_second_attempt(self, port: int) -> None:
+        def before(attempt: int) -> None:
+            if attempt == 2:
+                self.fronts.append(PgFront(port))
+
+        self.before_connect = before
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.exporter.clear()
+
+    def spans(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.exporter.get_finished_spans() if s.name == name]
+
+    def statement_span(self, keyword: str) -> ReadableSpan:
+        name = keyword if self.contrib else "recover asyncpg 127.0.0.1:5432"
+        (span,) = self.spans(name)
+        assert span.kind is (SpanKind.CLIENT if self.contrib else SpanKind.INTERNAL)
+        return span
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def events(span: ReadableSpan, name: str) -> list[dict[str, Any]]:
+    return [dict(e.attributes or {}) for e in span.events if e.name == name]
+
+
+def url(port: int) -> str:
+    return f"postgresql://postgres@127.0.0.1:{port}/test?sslmode=disable"
+
+
+def recovered(h: Harness, port: int, attempts: int) -> dict[str, Any]:
+    (span,) = h.spans(f"recover asyncpg 127.0.0.1:{port}")
+    attrs = dict(span.attributes or {})
+    assert attrs["otel_recovery.outcome"] == "success"
+    assert attrs["otel_recovery.retry.attempts"] == attempts
+    assert span.status.status_code is StatusCode.UNSET
+    failed = events(span, "otel_recovery.attempt.failed")
+    assert len(failed) == attempts - 1
+    return failed[0]
+
+
+# -- getting a connection is retried ------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
+async def test_refused_connection_is_retried_until_the_server_listens(h: Harness, order: str):
+    h.instrument(order)
+    port = free_port()
+    h.listen_on_second_attempt(port)
+    conn = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database="test")
+    assert await conn.fetchval("SELECT 41 + 1") == 42
+    await conn.close()
+    assert h.calls["connect"] == 2 and h.fronts[0].accepted == 1
+    failed = recovered(h, port, attempts=2)
+    assert failed["error.type"] == "ConnectionRefusedError"
+    assert len(h.spans("SELECT")) == (1 if h.contrib else 0)
+
+
+async def test_a_server_starting_up_57p03_is_retried(h: Harness) -> None:
+    h.instrument()
+    front = PgFront(starting_up=2)
+    h.fronts.append(front)
+    conn = await asyncpg.connect(url(front.port))
+    await conn.close()
+    assert h.calls["connect"] == 3 and front.accepted == 3
+    failed = recovered(h, front.port, attempts=3)
+    assert failed["error.type"] == "asyncpg.exceptions.CannotConnectNowError"
+    assert failed["otel_recovery.error.code"] == "57P03"
+
+
+async def test_pool_acquire_is_retried_once_not_at_every_layer(h: Harness) -> None:
+    h.instrument()
+    front = PgFront(starting_up=1)
+    h.fronts.append(front)
+    pool = await asyncpg.create_pool(url(front.port), min_size=0, max_size=2)
+    h.reset()
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT 7") == 7
+    await pool.close()
+    assert h.calls["_acquire"] == 2 and h.calls["connect"] == 2 and front.accepted == 2
+    recovered(h, front.port, attempts=2)  # the only recovery span: the nested connect is quiet
+
+
+async def test_refused_port_fails_after_max_attempts_and_a_wrong_role_at_once(h: Harness):
+    h.instrument(max_attempts=3)
+    port = free_port()
+    with pytest.raises(OSError):
+        await asyncpg.connect(url(port))
+    assert h.calls["connect"] == 3
+    h.reset()
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await asyncpg.connect("postgresql://otelrec_no_such_role@127.0.0.1:5432/test")
+    assert h.calls["connect"] == 1
+
+
+async def test_sql_retry_never_does_not_retry_connecting(h: Harness) -> None:
+    h.instrument(sql_retry="never")
+    with pytest.raises(OSError):
+        await asyncpg.connect(url(free_port()))
+    assert h.calls["connect"] == 1
+
+
+# -- statements are never retried ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
+async def test_insert_committed_then_connection_lost_is_not_applied_twice(h: Harness, order):
+    h.instrument(order)
+    table = h.table()
+    conn = await asyncpg.connect(PG_URL)
+    h.reset()
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await conn.execute(
+            f"INSERT INTO {table} VALUES (1); COMMIT; SELECT pg_terminate_backend(pg_backend_pid())"
+        )
+    assert h.calls["execute"] == 1 and h.rows(table) == 1
+    span = h.statement_span("INSERT")
+    attrs = dict(span.attributes or {})
+    assert attrs["otel_recovery.outcome"] == "failure"
+    (failed,) = events(span, "otel_recovery.attempt.failed")
+    assert failed["error.type"] == "asyncpg.exceptions.ConnectionDoesNotExistError"
+    if h.contrib:
+        assert attrs["otel_recovery.retry.disallowed"] == "statement_may_have_run"
+    assert span.status.status_code is StatusCode.ERROR
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 1
+
+
+async def test_pg_terminate_backend_mid_statement_and_after_it(h: Harness) -> None:
+    h.instrument()
+    conn = await asyncpg.connect(PG_URL)
+    h.reset()
+    killer = terminate_when_running(conn.get_server_pid(), "otelrec_sleep_marker")
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await conn.fetchval("SELECT pg_sleep(5) /* otelrec_sleep_marker */")
+    killer.join()
+    with pytest.raises(asyncpg.InterfaceError, match="connection is closed"):
+        await conn.fetchval("SELECT 1")
+    assert h.calls["fetchval"] == 2
+    spans = h.spans("SELECT")
+    assert len(spans) == 2
+    categories = [events(s, "otel_recovery.attempt.failed")[0] for s in spans]
+    # a closed connection is the server's doing, so it counts against the breaker
+    assert [c["otel_recovery.error.kind"] for c in categories] == ["connection", "connection"]
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 2
+
+
+async def test_statement_timeout_in_a_transaction_is_not_retried(h: Harness) -> None:
+    h.instrument()
+    table = h.table()
+    conn = await asyncpg.connect(PG_URL)
+    await conn.execute("SET statement_timeout = 100")
+    h.reset()
+    with pytest.raises(asyncpg.QueryCanceledError):
+        async with conn.transaction():
+            await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            await conn.execute(f"INSERT INTO {table} SELECT 2 FROM pg_sleep(1)")
+    await conn.close()
+    assert h.calls["execute"] == 4 and h.rows(table) == 0  # BEGIN, INSERT, INSERT, ROLLBACK
+
+
+# -- lifecycle, suppression, never breaking the app -----------------------------------------
+
+
+@pytest.mark.parametrize("ours_first", [True, False])
+@pytest.mark.parametrize("ours_leave_first", [True, False])
+def test_uninstrument_restores_the_original_methods(ours_first: bool, ours_leave_first: bool):
+    provider = TracerProvider()
+    instrumentors = [AsyncPGRecoveryInstrumentor(), AsyncPGInstrumentor()]
+    for instrumentor in instrumentors if ours_first else instrumentors[::-1]:
+        instrumentor.instrument(tracer_provider=provider)
+    top = vars(Conn)["execute"]  # contrib's wrapper is on top whichever came first
+    assert _wrapping._wrapper_module(top).startswith("opentelemetry.instrumentation.")
+    assert _wrapping._wrapper_module(top.__wrapped__) == "otel_recovery.instrumentors._wrapping"
+    for instrumentor in instrumentors if ours_leave_first else instrumentors[::-1]:
+        instrumentor.uninstrument()
+    for site, original in ORIGINALS.items():
+        assert vars(site[0])[site[1]] is original, site
+
+
+async def test_suppressed_instrumentation_is_not_retried(h: Harness) -> None:
+    h.instrument()
+    front = PgFront(starting_up=5)
+    h.fronts.append(front)
+    with suppress_instrumentation(), pytest.raises(asyncpg.CannotConnectNowError):
+        await asyncpg.connect(url(front.port))
+    assert front.accepted == 1 and not h.exporter.get_finished_spans()
+
+
+async def test_a_wrapper_bug_does_not_break_the_call(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h.instrument()
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(ours_module._Planner, "statement", broken)
+    monkeypatch.setattr(ours_module._Planner, "connect", broken)
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
+        conn = await asyncpg.connect(PG_URL)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+    assert sum("otel_recovery internal error" in r.message for r in caplog.records) == 2
+
+
+def test_dsn_targets_never_need_the_password() -> None:
+    assert dsn_target("postgresql://u:secret@db.example:5433/d", None, None) == ("db.example", 5433)
+    assert dsn_target("postgres://u@h1:1,h2:2/d", None, None) == ("h1", 1)
+    assert dsn_target("postgres:///d?host=/run/pg&port=6000", None, None) == ("/run/pg", 6000)
+    assert dsn_target(None, "127.0.0.1", 6543) == ("127.0.0.1", 6543)

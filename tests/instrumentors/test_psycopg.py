@@ -1,0 +1,400 @@
+"""PsycopgRecoveryInstrumentor against the real PostgreSQL with real faults.
+
+Connecting is retried (a refused port that starts listening, a server answering 57P03);
+statements never are (pg_terminate_backend mid-statement, a backend that commits and then
+dies, statement_timeout). ``calls`` counts calls beneath our wrapper (a counting layer
+installed first); PgFront counts TCP connections; tables count rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import wrapt
+from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+from opentelemetry.instrumentation.utils import (
+    is_instrumentation_enabled,
+    suppress_instrumentation,
+)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from servers import (
+    PG_DSN,
+    PgFront,
+    free_port,
+    pg_admin,
+    quiet,
+    require_postgres,
+    terminate_when_running,
+    unique_table,
+)
+
+from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors import psycopg as ours_module
+from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
+from otel_recovery.testing import FakeClock
+
+SITES = [
+    (psycopg, "connect"),
+    (psycopg.Connection, "connect"),
+    (psycopg.AsyncConnection, "connect"),
+    (psycopg.Cursor, "execute"),
+    (psycopg.AsyncCursor, "execute"),
+]
+ORIGINALS = {site: vars(site[0])[site[1]] for site in SITES}
+ORIGINALS[psycopg.Cursor, "executemany"] = vars(psycopg.Cursor)["executemany"]
+ORIGINALS[psycopg.AsyncCursor, "executemany"] = vars(psycopg.AsyncCursor)["executemany"]
+
+
+class Harness:
+    """Counting layer at the bottom, then contrib and ours in the chosen order."""
+
+    def __init__(self) -> None:
+        require_postgres()
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.calls: Counter[str] = Counter()
+        self.before_connect: Callable[[int], None] | None = None
+        self.contrib = False
+        self.ours = PsycopgRecoveryInstrumentor()
+        self.fronts: list[PgFront] = []
+        self.tables: list[str] = []
+        for owner, attribute in SITES:
+            setattr(owner, attribute, wrapt.FunctionWrapper(vars(owner)[attribute], self._count))
+
+    def _count(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        if not is_instrumentation_enabled():  # test plumbing runs quiet(): not counted
+            return wrapped(*args, **kwargs)
+        name = wrapped.__name__
+        self.calls[name] += 1
+        if name == "connect" and self.before_connect is not None:
+            self.before_connect(self.calls[name])
+        return wrapped(*args, **kwargs)
+
+    def instrument(self, order: str = "contrib_first", **settings: Any) -> Harness:
+        settings.setdefault("clock", FakeClock())
+        if order == "contrib_first":
+            PsycopgInstrumentor().instrument(tracer_provider=self.provider)
+        self.ours.instrument(tracer_provider=self.provider, **settings)
+        if order == "ours_first":
+            PsycopgInstrumentor().instrument(tracer_provider=self.provider)
+        self.contrib = order != "ours_only"
+        return self
+
+    def close(self) -> None:
+        self.ours.uninstrument()
+        if PsycopgInstrumentor().is_instrumented_by_opentelemetry:
+            PsycopgInstrumentor().uninstrument()
+        # contrib's unwrap turns the connect classmethods into bound methods (its own bug):
+        # put the originals back whatever it left, after checking no layer of ours remains.
+        for (owner, attribute), original in ORIGINALS.items():
+            assert not _chain_has_ours(vars(owner)[attribute]), (owner, attribute)
+            setattr(owner, attribute, original)
+        for front in self.fronts:
+            front.close()
+        if self.tables:
+            with quiet(), pg_admin() as admin:
+                for table in self.tables:
+                    admin.execute(f"DROP TABLE IF EXISTS {table}")
+        self.provider.shutdown()
+
+    def table(self) -> str:
+        name = unique_table("psycopg")
+        self.tables.append(name)
+        with quiet(), pg_admin() as admin:
+            admin.execute(f"CREATE TABLE {name} (v int)")
+        return name
+
+    def rows(self, table: str) -> int:
+        with quiet(), pg_admin() as admin:
+            count: int = admin.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            return count
+
+    def listen_on_second_attempt(self, port: int) -> None:
+        """Nothing listens on ``port`` for attempt 1; a front to PostgreSQL does from 2 on."""
+
+        def before(attempt: int) -> None:
+            if attempt == 2:
+                self.fronts.append(PgFront(port))
+
+        self.before_connect = before
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.exporter.clear()
+
+    def spans(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.exporter.get_finished_spans() if s.name == name]
+
+    def statement_span(self, keyword: str) -> ReadableSpan:
+        """Contrib's span of the statement, or ours (only on failure) without contrib."""
+        name = keyword if self.contrib else "recover psycopg 127.0.0.1:5432"
+        (span,) = self.spans(name)
+        assert span.kind is (SpanKind.CLIENT if self.contrib else SpanKind.INTERNAL)
+        return span
+
+
+def _chain_has_ours(node: Any) -> bool:
+    for _ in range(16):
+        if _wrapping._wrapper_module(node) == "otel_recovery.instrumentors._wrapping":
+            return True
+        node = getattr(node, "__wrapped__", None)
+        if node is None:
+            return False
+    return False
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def events(span: ReadableSpan, name: str) -> list[dict[str, Any]]:
+    return [dict(e.attributes or {}) for e in span.events if e.name == name]
+
+
+def dsn(port: int, **extra: str) -> str:
+    return " ".join([f"host=127.0.0.1 port={port} user=postgres dbname=test", *extra.values()])
+
+
+def assert_connect_recovered(h: Harness, port: int, attempts: int) -> dict[str, Any]:
+    (span,) = h.spans(f"recover psycopg 127.0.0.1:{port}")
+    attrs = dict(span.attributes or {})
+    assert attrs["otel_recovery.outcome"] == "success"
+    assert attrs["otel_recovery.retry.attempts"] == attempts
+    assert span.status.status_code is StatusCode.UNSET
+    failed = events(span, "otel_recovery.attempt.failed")
+    assert len(failed) == attempts - 1
+    return failed[0]
+
+
+# -- connecting is retried ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
+def test_refused_connection_is_retried_until_the_server_listens(h: Harness, order: str) -> None:
+    h.instrument(order)
+    port = free_port()
+    h.listen_on_second_attempt(port)
+    with psycopg.connect(dsn(port), autocommit=True) as conn:
+        assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
+    assert h.calls["connect"] == 2 and h.fronts[0].accepted == 1
+    failed = assert_connect_recovered(h, port, attempts=2)
+    assert failed["error.type"] == "psycopg.OperationalError"
+    assert "Connection refused" in failed["otel_recovery.error.message"]
+    assert len(h.spans("SELECT")) == (1 if h.contrib else 0)  # contrib still traces it
+
+
+def test_a_server_starting_up_57p03_is_retried(h: Harness) -> None:
+    h.instrument()
+    front = PgFront(starting_up=2)
+    h.fronts.append(front)
+    conn = psycopg.Connection.connect(dsn(front.port), autocommit=True)
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    conn.close()
+    assert h.calls["connect"] == 3 and front.accepted == 3
+    failed = assert_connect_recovered(h, front.port, attempts=3)
+    assert "starting up" in failed["otel_recovery.error.message"]
+
+
+def test_a_refused_port_fails_after_exactly_max_attempts(h: Harness) -> None:
+    h.instrument(max_attempts=3)
+    port = free_port()
+    with pytest.raises(psycopg.OperationalError, match="refused"):
+        psycopg.connect(dsn(port))
+    assert h.calls["connect"] == 3
+    (span,) = h.spans(f"recover psycopg 127.0.0.1:{port}")
+    assert dict(span.attributes or {})["otel_recovery.outcome"] == "failure"
+    assert span.status.status_code is StatusCode.ERROR
+
+
+def test_sql_retry_never_and_a_wrong_role_are_not_retried(h: Harness) -> None:
+    h.instrument(sql_retry="never")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(dsn(free_port()))
+    assert h.calls["connect"] == 1
+    h.ours.uninstrument()
+    h.ours.instrument(clock=FakeClock(), tracer_provider=h.provider)
+    h.reset()
+    with pytest.raises(psycopg.OperationalError, match="does not exist"):
+        psycopg.connect(PG_DSN.replace("user=postgres", "user=otelrec_no_such_role"))
+    assert h.calls["connect"] == 1  # a FATAL refusal is configuration, not a blip
+    (span,) = h.spans("recover psycopg 127.0.0.1:5432")
+    failed = events(span, "otel_recovery.attempt.failed")[0]
+    assert failed["otel_recovery.error.category"] == "configuration"
+    assert failed["otel_recovery.error.retryable"] is False
+
+
+# -- statements are never retried ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
+def test_insert_committed_then_connection_lost_is_not_applied_twice(h: Harness, order: str):
+    h.instrument(order)
+    table = h.table()
+    conn = psycopg.connect(PG_DSN, autocommit=True)
+    h.reset()
+    with pytest.raises(psycopg.errors.AdminShutdown):
+        conn.execute(
+            f"INSERT INTO {table} VALUES (1); COMMIT; SELECT pg_terminate_backend(pg_backend_pid())"
+        )
+    assert h.calls["execute"] == 1 and h.rows(table) == 1
+    span = h.statement_span("INSERT")
+    attrs = dict(span.attributes or {})
+    assert attrs["otel_recovery.outcome"] == "failure"
+    assert attrs["otel_recovery.retry.attempts"] == 1
+    (failed,) = events(span, "otel_recovery.attempt.failed")
+    assert failed["error.type"] == "psycopg.errors.AdminShutdown"
+    assert failed["otel_recovery.error.code"] == "57P01"
+    if h.contrib:
+        assert attrs["otel_recovery.retry.disallowed"] == "statement_may_have_run"
+    assert span.status.status_code is StatusCode.ERROR
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 1
+
+
+def test_pg_terminate_backend_mid_statement_is_not_retried(h: Harness) -> None:
+    h.instrument()
+    conn = psycopg.connect(PG_DSN, autocommit=True)
+    h.reset()
+    killer = terminate_when_running(conn.info.backend_pid, "otelrec_sleep_marker")
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT pg_sleep(5) /* otelrec_sleep_marker */")
+    killer.join()
+    assert h.calls["execute"] == 1
+    (failed,) = events(h.statement_span("SELECT"), "otel_recovery.attempt.failed")
+    assert failed["otel_recovery.error.retryable"] is True  # transient, yet not repeated
+
+
+def test_statement_timeout_inside_a_transaction_is_not_retried(h: Harness) -> None:
+    h.instrument()
+    table = h.table()
+    conn = psycopg.connect(PG_DSN)
+    conn.execute("SET statement_timeout = 100")
+    h.reset()
+    with pytest.raises(psycopg.errors.QueryCanceled), conn.transaction():
+        conn.execute(f"INSERT INTO {table} VALUES (1)")
+        conn.execute(f"INSERT INTO {table} SELECT 2 FROM pg_sleep(1)")
+    conn.close()
+    assert h.calls["execute"] == 2 and h.rows(table) == 0
+    (span,) = [s for s in h.spans("INSERT") if s.events]
+    (failed,) = events(span, "otel_recovery.attempt.failed")
+    assert failed["otel_recovery.error.code"] == "57014"
+
+
+def test_an_open_breaker_fails_statements_fast_and_sql_has_no_fallback(h: Harness) -> None:
+    from otel_recovery.policies.circuit_breaker import CircuitOpenError
+
+    h.instrument(fallback_value=0)
+    with pytest.raises(psycopg.OperationalError):  # a fallback never stands in for SQL
+        psycopg.connect(dsn(free_port()), connect_timeout=1)
+    conn = psycopg.connect(PG_DSN, autocommit=True)
+    assert h.ours.targets is not None
+    breaker = next(b for b in h.ours.targets.breakers() if b.name.endswith(":5432"))
+    breaker.force_open()
+    h.reset()
+    with pytest.raises(CircuitOpenError):
+        conn.execute("SELECT 1")
+    assert h.calls["execute"] == 0  # never sent
+    conn.close()
+
+
+# -- lifecycle, suppression, never breaking the app -----------------------------------------
+
+
+@pytest.mark.parametrize("contrib_leaves_first", [True, False])
+def test_uninstrument_removes_exactly_our_layer(h: Harness, contrib_leaves_first: bool) -> None:
+    h.instrument("ours_first")  # contrib on top of us everywhere it wraps
+    counted = {site: vars(site[0])[site[1]] for site in SITES}
+    if contrib_leaves_first:
+        PsycopgInstrumentor().uninstrument()
+    h.ours.uninstrument()
+    for (owner, attribute), counter in counted.items():
+        top = vars(owner)[attribute]
+        assert not _chain_has_ours(top)
+        if contrib_leaves_first or (owner, attribute) not in SITES[:3]:
+            assert counter in (top, getattr(top, "_self_parent", None)), (owner, attribute)
+
+
+def test_suppressed_instrumentation_is_not_retried(h: Harness) -> None:
+    h.instrument()
+    front = PgFront(starting_up=5)
+    h.fronts.append(front)
+    with suppress_instrumentation(), pytest.raises(psycopg.OperationalError, match="starting"):
+        psycopg.connect(dsn(front.port))
+    assert front.accepted == 1 and not h.exporter.get_finished_spans()
+
+
+def test_a_wrapper_bug_does_not_break_the_call(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h.instrument()
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(ours_module._Planner, "statement", broken)
+    monkeypatch.setattr(ours_module._Planner, "connect", broken)
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
+        with psycopg.connect(PG_DSN) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert sum("otel_recovery internal error" in r.message for r in caplog.records) == 2
+
+
+# -- asyncio ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_only"])
+async def test_async_refused_then_listening_is_retried(h: Harness, order: str) -> None:
+    h.instrument(order)
+    port = free_port()
+    h.listen_on_second_attempt(port)
+    conn = await psycopg.AsyncConnection.connect(dsn(port), autocommit=True)
+    cur = await conn.execute("SELECT 42")
+    assert await cur.fetchone() == (42,)
+    await conn.close()
+    assert h.calls["connect"] == 2
+    assert_connect_recovered(h, port, attempts=2)
+
+
+async def test_async_57p03_then_statements_never_retried(h: Harness) -> None:
+    h.instrument()
+    table = h.table()
+    front = PgFront(starting_up=1)
+    h.fronts.append(front)
+    conn = await psycopg.AsyncConnection.connect(dsn(front.port), autocommit=True)
+    assert h.calls["connect"] == 2 and front.accepted == 2
+    h.reset()
+    with pytest.raises(psycopg.errors.AdminShutdown):
+        await conn.execute(
+            f"INSERT INTO {table} VALUES (1); COMMIT; SELECT pg_terminate_backend(pg_backend_pid())"
+        )
+    assert h.calls["execute"] == 1 and h.rows(table) == 1
+    attrs = dict(h.statement_span("INSERT").attributes or {})
+    assert attrs["otel_recovery.retry.disallowed"] == "statement_may_have_run"
+
+
+async def test_async_statement_timeout_is_not_retried(h: Harness) -> None:
+    h.instrument()
+    table = h.table()
+    conn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
+    await conn.execute("SET statement_timeout = 100")
+    h.reset()
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        await conn.execute(f"INSERT INTO {table} SELECT 1 FROM pg_sleep(1)")
+    await conn.close()
+    assert h.calls["execute"] == 1 and h.rows(table) == 0

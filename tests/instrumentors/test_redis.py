@@ -1,0 +1,681 @@
+"""RedisRecoveryInstrumentor against a private redis-server with real faults.
+
+Faults: CLIENT KILL of our own connection while its command is in flight (held there by
+CLIENT PAUSE WRITE), CLIENT PAUSE ALL, and a server that stops answering (SIGSTOP). Two
+independent counts keep the tests honest: ``attempts`` counts calls into redis-py beneath our
+wrapper (a counting wrapper installed first, so it sits under every layer), ``sent`` counts
+commands written to the socket by the client's connection class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+import wrapt
+from opentelemetry.instrumentation.redis import RedisInstrumentor
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from servers import PrivateRedis, private_redis, private_redis_cluster  # noqa: F401
+
+from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors import redis as ours_module
+from otel_recovery.instrumentors._redis_commands import CommandRules, command_name
+from otel_recovery.instrumentors._settings import load_settings
+from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+from otel_recovery.testing import FakeClock
+
+TIMEOUT = 0.4  # client socket timeout; faults last 0.6 s so attempt 1 fails, attempt 2 not
+COUNTED = [
+    (redis.client.Redis, "execute_command"),
+    (redis.client.Pipeline, "execute"),
+    (redis.asyncio.client.Redis, "execute_command"),
+    (redis.asyncio.client.Pipeline, "execute"),
+    (redis.cluster.RedisCluster, "execute_command"),
+    (redis.cluster.ClusterPipeline, "execute"),
+    (redis.asyncio.cluster.RedisCluster, "execute_command"),
+]
+ORIGINALS = {(o, a): o.__dict__[a] for o, a in COUNTED}
+
+
+def _owner(instance: Any) -> Any:
+    """What identifies the client a call belongs to (its pool, or its cluster's nodes)."""
+    for candidate in (instance, getattr(instance, "cluster_client", None)):
+        for attribute in ("connection_pool", "nodes_manager"):
+            found = getattr(candidate, attribute, None)
+            if found is not None:
+                return found
+    return None
+
+
+class Harness:
+    """Instruments in a chosen order with contrib; counts attempts and sends."""
+
+    def __init__(self, server: PrivateRedis) -> None:
+        self.server = server
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.attempts: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
+        self.contrib = False
+        self.ours = RedisRecoveryInstrumentor()
+        self._owners: set[int] = set()  # only our clients' calls are counted, not admin's
+        self._proxies: list[tuple[Any, str, Any]] = []
+        for owner, attribute in COUNTED:  # first, so every other layer lands above it
+            proxy = wrapt.FunctionWrapper(owner.__dict__[attribute], self._count(attribute))
+            setattr(owner, attribute, proxy)
+            self._proxies.append((owner, attribute, proxy))
+
+    def _count(self, name: str) -> Any:
+        def count(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            if id(_owner(instance)) in self._owners:
+                self.attempts[name] += 1
+            return wrapped(*args, **kwargs)
+
+        return count
+
+    def instrument(self, order: str = "contrib_first", **settings: Any) -> Harness:
+        settings.setdefault("clock", FakeClock())
+        if order == "contrib_first":
+            RedisInstrumentor().instrument(tracer_provider=self.provider)
+        self.ours.instrument(tracer_provider=self.provider, **settings)
+        if order == "ours_first":
+            RedisInstrumentor().instrument(tracer_provider=self.provider)
+        self.contrib = order != "ours_only"
+        return self
+
+    def close(self) -> None:
+        self.ours.uninstrument()
+        if RedisInstrumentor().is_instrumented_by_opentelemetry:
+            RedisInstrumentor().uninstrument()
+        for owner, attribute, proxy in self._proxies:
+            top = owner.__dict__[attribute]
+            # contrib's unwrap leaves a bound copy of whatever wrapt layer is below it
+            assert proxy in (top, getattr(top, "_self_parent", None)), f"left on {attribute}"
+            setattr(owner, attribute, proxy.__wrapped__)
+            assert owner.__dict__[attribute] is ORIGINALS[owner, attribute]
+        self.provider.shutdown()
+
+    def reset_counts(self) -> None:
+        self.attempts.clear()
+        self.sent.clear()
+        self.exporter.clear()
+
+    def _connection_class(self, base: type) -> type:
+        sent = self.sent
+
+        class Counting(base):  # type: ignore[misc, valid-type]
+            def send_command(self, *args: Any, **kwargs: Any) -> Any:
+                sent[str(args[0]).upper()] += 1
+                return super().send_command(*args, **kwargs)
+
+        return Counting
+
+    def client(self, redis_py_retry: Retry | None = None) -> redis.Redis:
+        pool = redis.ConnectionPool(
+            host="127.0.0.1",
+            port=self.server.port,
+            socket_timeout=TIMEOUT,
+            retry=redis_py_retry or Retry(NoBackoff(), 0),
+            connection_class=self._connection_class(redis.Connection),
+        )
+        self._owners.add(id(pool))
+        return redis.Redis(connection_pool=pool)
+
+    def aclient(self) -> redis.asyncio.Redis:
+        pool = redis.asyncio.ConnectionPool(
+            host="127.0.0.1",
+            port=self.server.port,
+            socket_timeout=TIMEOUT,
+            retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+            connection_class=self._connection_class(redis.asyncio.Connection),
+        )
+        self._owners.add(id(pool))
+        return redis.asyncio.Redis(connection_pool=pool)
+
+    def cluster_client(self) -> redis.cluster.RedisCluster:
+        client = redis.cluster.RedisCluster(
+            host="127.0.0.1",
+            port=self.server.port,
+            socket_timeout=TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._owners.add(id(client.nodes_manager))
+        return client
+
+    def acluster_client(self) -> redis.asyncio.cluster.RedisCluster:
+        client = redis.asyncio.cluster.RedisCluster(
+            host="127.0.0.1",
+            port=self.server.port,
+            socket_timeout=TIMEOUT,
+            retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+        )
+        self._owners.add(id(client.nodes_manager))
+        return client
+
+    def peek(self, method: str, *args: Any) -> Any:
+        """Read the server's data without instrumentation (no spans, no counts)."""
+        admin = self.server.admin()
+        try:
+            with suppress_instrumentation():
+                return getattr(admin, method)(*args)
+        finally:
+            admin.close()
+
+    def spans_named(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.exporter.get_finished_spans() if s.name == name]
+
+    def logical_span(self, name: str) -> ReadableSpan:
+        """The one span of the call: contrib's, or ours without contrib."""
+        if not self.contrib:
+            name = f"recover redis 127.0.0.1:{self.server.port}"
+        found = [s for s in self.exporter.get_finished_spans() if s.name == name]
+        assert len(found) == 1, [s.name for s in self.exporter.get_finished_spans()]
+        assert found[0].kind is (SpanKind.CLIENT if self.contrib else SpanKind.INTERNAL)
+        return found[0]
+
+
+@pytest.fixture
+def server(private_redis: PrivateRedis) -> Iterator[PrivateRedis]:  # noqa: F811
+    yield private_redis
+    private_redis.heal()
+
+
+@pytest.fixture
+def h(server: PrivateRedis) -> Iterator[Harness]:
+    harness = Harness(server)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def events(span: ReadableSpan, name: str) -> list[dict[str, Any]]:
+    return [dict(e.attributes or {}) for e in span.events if e.name == name]
+
+
+def kill_mid_write(server: PrivateRedis, client_id: int) -> threading.Thread:
+    """Hold writes with CLIENT PAUSE WRITE, kill our connection once its command waits."""
+    admin = server.admin()
+    with suppress_instrumentation():
+        admin.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+
+    def run() -> None:
+        with suppress_instrumentation():
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                info = admin.execute_command("CLIENT", "LIST", "ID", client_id).decode()
+                flags = next((f[6:] for f in info.split() if f.startswith("flags=")), "")
+                if "b" in flags:  # blocked: its command is held by the pause
+                    break
+                time.sleep(0.005)
+            admin.execute_command("CLIENT", "KILL", "ID", client_id)
+            admin.execute_command("CLIENT", "UNPAUSE")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def pause_all(server: PrivateRedis, ms: int = 600) -> None:
+    with suppress_instrumentation():
+        server.admin().execute_command("CLIENT", "PAUSE", str(ms), "ALL")
+
+
+def stop_for(server: PrivateRedis, seconds: float = 0.6) -> None:
+    server.stop_answering()
+    server.after(seconds, server.resume)
+
+
+def assert_recovered(h: Harness, name: str, attempts: int) -> ReadableSpan:
+    span = h.logical_span(name)
+    attrs = dict(span.attributes or {})
+    assert attrs["otel_recovery.outcome"] == "success"
+    assert attrs["otel_recovery.retry.attempts"] == attempts
+    assert len(events(span, "otel_recovery.attempt.failed")) == attempts - 1
+    assert [e["otel_recovery.retry.attempt"] for e in events(span, "otel_recovery.retry")] == list(
+        range(2, attempts + 1)
+    )
+    assert span.status.status_code is StatusCode.UNSET
+    return span
+
+
+# -- sync: recovery under real faults, in every load order --------------------------------
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
+def test_client_kill_mid_set_is_retried_once_under_one_span(h: Harness, order: str) -> None:
+    h.instrument(order)
+    c = h.client()
+    client_id = c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    assert c.set("k", "v") is True
+    killer.join()
+    assert h.attempts["execute_command"] == 2 and h.sent["SET"] == 2
+    assert h.peek("get", "k") == b"v"
+    span = assert_recovered(h, "SET", attempts=2)
+    failed = events(span, "otel_recovery.attempt.failed")[0]
+    assert failed["error.type"] == "redis.exceptions.ConnectionError"
+    assert failed["otel_recovery.error.retryable"] is True
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_only"])
+def test_client_pause_get_recovers_on_the_second_attempt(h: Harness, order: str) -> None:
+    h.instrument(order)
+    c = h.client()
+    c.set("k", "v")
+    h.reset_counts()
+    pause_all(h.server)
+    assert c.get("k") == b"v"
+    assert h.attempts["execute_command"] == 2 and h.sent["GET"] == 2
+    assert_recovered(h, "GET", attempts=2)
+
+
+def test_a_server_that_stops_answering_is_retried_until_it_answers(h: Harness) -> None:
+    h.instrument()
+    c = h.client()
+    c.set("k", "v")
+    h.reset_counts()
+    stop_for(h.server, 0.6)
+    assert c.get("k") == b"v"
+    assert h.attempts["execute_command"] == 2
+    failed = events(assert_recovered(h, "GET", 2), "otel_recovery.attempt.failed")[0]
+    assert failed["error.type"] == "redis.exceptions.TimeoutError"
+
+
+def test_a_server_that_never_answers_fails_after_exactly_max_attempts(h: Harness) -> None:
+    h.instrument(max_attempts=3)
+    c = h.client()
+    c.set("k", "v")
+    h.reset_counts()
+    stop_for(h.server, 5.0)  # heal() resumes it after the test
+    with pytest.raises(redis.exceptions.TimeoutError):
+        c.get("k")
+    assert h.attempts["execute_command"] == 3
+    span = h.logical_span("GET")
+    attrs = dict(span.attributes or {})
+    assert attrs["otel_recovery.outcome"] == "failure"
+    assert attrs["otel_recovery.retry.attempts"] == 3
+    assert attrs["otel_recovery.retry.stop_reason"] == "attempts_exhausted"
+    assert len(events(span, "otel_recovery.attempt.failed")) == 3
+    assert span.status.status_code is StatusCode.ERROR  # contrib's, for the final failure
+
+
+# -- sync: what is never retried ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["kill", "pause", "stop"])
+def test_incr_is_never_sent_twice(h: Harness, fault: str) -> None:
+    ours = h.instrument().ours
+    c = h.client()
+    client_id = c.client_id()
+    h.reset_counts()
+    expected: type[Exception] = redis.exceptions.ConnectionError
+    if fault == "kill":
+        killer = kill_mid_write(h.server, client_id)
+    elif fault == "pause":
+        pause_all(h.server)
+        expected = redis.exceptions.TimeoutError
+    else:
+        stop_for(h.server)
+        expected = redis.exceptions.TimeoutError
+    with pytest.raises(expected):
+        c.incr("counter")
+    if fault == "kill":
+        killer.join()
+    assert h.attempts["execute_command"] == 1 and h.sent["INCRBY"] + h.sent["INCR"] == 1
+    time.sleep(0.7)  # the fault is over: whatever the server did with it is visible now
+    assert int(h.peek("get", "counter") or 0) <= 1
+    span = h.logical_span("INCRBY" if h.sent["INCRBY"] else "INCR")
+    attrs = dict(span.attributes or {})
+    assert attrs["otel_recovery.retry.disallowed"] == "non_idempotent_command"
+    assert attrs["otel_recovery.outcome"] == "failure"
+    assert ours.targets is not None
+    (breaker,) = ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 1  # recorded against 127.0.0.1:<port>
+
+
+def test_transactional_pipeline_is_not_retried_and_not_applied_twice(h: Harness) -> None:
+    h.instrument()
+    c = h.client()
+    client_id = c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    pipe = c.pipeline()  # transaction=True, redis-py's default: MULTI/EXEC
+    pipe.incr("counter").set("k", "v")
+    with pytest.raises(redis.exceptions.ConnectionError):
+        pipe.execute()
+    killer.join()
+    assert h.attempts["execute"] == 1
+    assert h.peek("get", "counter") is None
+    attrs = dict(h.logical_span("INCRBY SET").attributes or {})
+    assert attrs["otel_recovery.retry.disallowed"] == "transaction"
+
+
+def test_idempotent_pipeline_is_refilled_and_retried(h: Harness) -> None:
+    h.instrument()
+    c = h.client()
+    client_id = c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    pipe = c.pipeline(transaction=False)
+    pipe.set("a", "1").set("b", "2").get("a")
+    assert pipe.execute() == [True, True, b"1"]
+    killer.join()
+    assert h.attempts["execute"] == 2
+    assert_recovered(h, "SET SET GET", attempts=2)
+
+
+def test_pipeline_with_a_non_idempotent_command_is_not_retried(h: Harness) -> None:
+    h.instrument()
+    c = h.client()
+    client_id = c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    pipe = c.pipeline(transaction=False)
+    pipe.set("a", "1").lpush("list", "x")
+    with pytest.raises(redis.exceptions.ConnectionError):
+        pipe.execute()
+    killer.join()
+    assert h.attempts["execute"] == 1
+    assert h.peek("llen", "list") == 0
+    attrs = dict(h.logical_span("SET LPUSH").attributes or {})
+    assert attrs["otel_recovery.retry.disallowed"] == "non_idempotent_command"
+
+
+# -- redis-py's own retry ----------------------------------------------------------------
+
+
+def test_redis_py_retry_absorbs_a_kill_inside_our_single_attempt(h: Harness) -> None:
+    h.instrument()
+    c = h.client(redis_py_retry=Retry(NoBackoff(), 3))
+    client_id = c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    assert c.set("k", "v") is True
+    killer.join()
+    assert h.attempts["execute_command"] == 1  # our attempts: one logical command
+    assert h.sent["SET"] == 2  # redis-py resent it on a new connection
+    assert not h.logical_span("SET").events
+
+
+def test_a_failure_redis_py_already_retried_is_not_retried_again(h: Harness) -> None:
+    h.instrument(max_attempts=3)
+    c = h.client(redis_py_retry=Retry(NoBackoff(), 1))
+    c.set("k", "v")
+    h.reset_counts()
+    stop_for(h.server, 5.0)
+    with pytest.raises(redis.exceptions.TimeoutError):
+        c.get("k")
+    assert h.attempts["execute_command"] == 1  # not 3 x 2
+    attrs = dict(h.logical_span("GET").attributes or {})
+    assert attrs["otel_recovery.retry.disallowed"] == "client_retried"
+    assert attrs["otel_recovery.redis.client_retries"] == 1
+
+
+# -- lifecycle, suppression, never breaking the app -----------------------------------------
+
+
+ALL_SITES = [(owner, attribute) for owner, attribute, *_ in ours_module._SITES]
+
+
+@pytest.mark.parametrize("ours_first", [True, False])
+@pytest.mark.parametrize("ours_leave_first", [True, False])
+def test_uninstrument_restores_the_original_methods(ours_first: bool, ours_leave_first: bool):
+    originals = {site: site[0].__dict__[site[1]] for site in ALL_SITES}
+    provider = TracerProvider()
+    first, second = RedisRecoveryInstrumentor(), RedisInstrumentor()
+    if not ours_first:
+        first, second = second, first
+    first.instrument(tracer_provider=provider)
+    second.instrument(tracer_provider=provider)
+    for owner, attribute in ALL_SITES:  # contrib's wrapper is on top, ours beneath it
+        top = owner.__dict__[attribute]
+        assert top.__module__ != "otel_recovery.instrumentors._wrapping"
+        assert _wrapping._wrapper_module(top).startswith("opentelemetry.instrumentation.")
+        assert _wrapping._wrapper_module(top.__wrapped__) == "otel_recovery.instrumentors._wrapping"
+    leaving = [RedisRecoveryInstrumentor(), RedisInstrumentor()]
+    if not ours_leave_first:
+        leaving.reverse()
+    for instrumentor in leaving:
+        instrumentor.uninstrument()
+    for site, original in originals.items():
+        assert site[0].__dict__[site[1]] is original, site
+
+
+def test_suppressed_instrumentation_is_not_retried(h: Harness) -> None:
+    h.instrument()
+    c = h.client()
+    client_id = c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    with suppress_instrumentation(), pytest.raises(redis.exceptions.ConnectionError):
+        c.set("k", "v")
+    killer.join()
+    assert h.attempts["execute_command"] == 1 and not h.exporter.get_finished_spans()
+
+
+def test_a_wrapper_bug_does_not_break_the_call(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h.instrument()
+    c = h.client()
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(ours_module._Planner, "command", broken)
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
+        assert c.set("k", "v") is True and c.get("k") == b"v"
+    assert [r.message for r in caplog.records].count(
+        "otel_recovery internal error in redis Redis.execute_command; the call proceeds "
+        "uninstrumented (reported once per site)"
+    ) == 1
+
+
+# -- the command rules -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "allowed"),
+    [
+        (("GET", "k"), True),
+        (("SET", "k", "v"), True),
+        (("SET", "k", "v", "EX", 10), True),
+        (("SET", "k", "v", "NX"), False),
+        ((b"set", b"k", b"v", b"get"), False),
+        (("ZADD", "z", "INCR", 1, "m"), False),
+        (("ZADD", "z", 1, "m"), True),
+        (("EXPIRE", "k", 10, "NX"), False),
+        (("INCR", "k"), False),
+        (("EVAL", "return 1", 0), False),
+        (("CONFIG GET", "maxmemory"), True),
+        (("CONFIG", "SET", "maxmemory", "1"), False),
+    ],
+)
+def test_command_rules(args: tuple[Any, ...], allowed: bool) -> None:
+    rules = CommandRules(load_settings(environ={}))
+    assert rules.allows(rules.name(args), args) is allowed
+
+
+def test_command_rules_follow_the_settings() -> None:
+    s = load_settings({"redis_retry_commands": "incr, set", "redis_no_retry_commands": "GET"})
+    rules = CommandRules(s)
+    assert rules.allows("INCR", ("INCR", "k"))
+    assert rules.allows("SET", ("SET", "k", "v", "NX"))  # the user's word, options unchecked
+    assert not rules.allows("GET", ("GET", "k"))
+    assert command_name(("config", "get", "x")) == "CONFIG GET"
+
+
+# -- asyncio ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
+async def test_async_client_kill_mid_set_is_retried(h: Harness, order: str) -> None:
+    h.instrument(order)
+    c = h.aclient()
+    client_id = await c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    assert await c.set("k", "v") is True
+    await asyncio.to_thread(killer.join)
+    assert h.attempts["execute_command"] == 2 and h.sent["SET"] == 2
+    assert_recovered(h, "SET", attempts=2)
+    await c.aclose()
+
+
+async def test_async_client_pause_and_stopped_server_recover(h: Harness) -> None:
+    h.instrument()
+    c = h.aclient()
+    await c.set("k", "v")
+    h.reset_counts()
+    pause_all(h.server)
+    assert await c.get("k") == b"v"
+    assert h.attempts["execute_command"] == 2
+    assert_recovered(h, "GET", attempts=2)
+    h.reset_counts()
+    stop_for(h.server, 0.6)
+    assert await c.get("k") == b"v"
+    assert h.attempts["execute_command"] == 2
+    assert_recovered(h, "GET", attempts=2)
+    await c.aclose()
+
+
+async def test_async_incr_and_transactions_are_never_retried(h: Harness) -> None:
+    h.instrument()
+    c = h.aclient()
+    client_id = await c.client_id()
+    h.reset_counts()
+    stop_for(h.server)
+    with pytest.raises(redis.exceptions.TimeoutError):
+        await c.incr("counter")
+    assert h.attempts["execute_command"] == 1
+    await asyncio.sleep(0.7)
+    client_id = await c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    pipe = c.pipeline()
+    pipe.incr("counter")
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await pipe.execute()
+    await asyncio.to_thread(killer.join)
+    assert h.attempts["execute"] == 1
+    assert int(h.peek("get", "counter") or 0) <= 1
+    await c.aclose()
+
+
+async def test_async_idempotent_pipeline_is_refilled_and_retried(h: Harness) -> None:
+    h.instrument()
+    c = h.aclient()
+    client_id = await c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    pipe = c.pipeline(transaction=False)
+    pipe.set("a", "1").get("a")
+    assert await pipe.execute() == [True, b"1"]
+    await asyncio.to_thread(killer.join)
+    assert h.attempts["execute"] == 2
+    assert_recovered(h, "SET GET", attempts=2)
+    await c.aclose()
+
+
+# -- cluster clients (a private one-node cluster) ------------------------------------------
+
+
+@pytest.fixture
+def hc(private_redis_cluster: PrivateRedis) -> Iterator[Harness]:  # noqa: F811
+    harness = Harness(private_redis_cluster)
+    try:
+        yield harness
+    finally:
+        harness.close()
+        private_redis_cluster.heal()
+
+
+def test_cluster_command_and_pipeline_recover_from_a_kill(hc: Harness) -> None:
+    hc.instrument()
+    c = hc.cluster_client()
+    client_id = c.execute_command("CLIENT", "ID")
+    hc.reset_counts()
+    killer = kill_mid_write(hc.server, client_id)
+    assert c.set("k", "v") is True
+    killer.join()
+    assert hc.attempts["execute_command"] == 2
+    assert_recovered(hc, "SET", attempts=2)
+    # A cluster pipeline re-sends failed commands one by one through
+    # RedisCluster.execute_command: there our per-command rules decide.
+    client_id = c.execute_command("CLIENT", "ID")
+    hc.reset_counts()
+    killer = kill_mid_write(hc.server, client_id)
+    pipe = c.pipeline()
+    pipe.set("a", "1").incr("n")
+    assert pipe.execute() == [True, 1]
+    killer.join()
+    assert hc.attempts["execute"] == 1 and hc.attempts["execute_command"] == 2
+    assert hc.peek("get", "n") == b"1"
+    c.close()
+
+
+async def test_async_cluster_command_recovers_and_incr_is_not_retried(hc: Harness) -> None:
+    hc.instrument()
+    c = hc.acluster_client()
+    await c.initialize()
+    node = c.get_default_node()
+    client_id = await c.execute_command("CLIENT", "ID", target_nodes=node)
+    hc.reset_counts()
+    killer = kill_mid_write(hc.server, client_id)
+    assert await c.set("k", "v") is True
+    await asyncio.to_thread(killer.join)
+    assert hc.attempts["execute_command"] == 2
+    assert_recovered(hc, "SET", attempts=2)
+    client_id = await c.execute_command("CLIENT", "ID", target_nodes=node)
+    hc.reset_counts()
+    killer = kill_mid_write(hc.server, client_id)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await c.incr("counter")
+    await asyncio.to_thread(killer.join)
+    assert hc.attempts["execute_command"] == 1
+    assert hc.peek("get", "counter") is None
+    await c.aclose()
+
+
+# -- fallbacks ----------------------------------------------------------------------------
+
+
+def test_a_per_operation_fallback_answers_only_dependency_failures(
+    h: Harness, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[targets."127.0.0.1:{h.server.port}"]\nmax_attempts = 1\n'
+        f'[targets."127.0.0.1:{h.server.port}".operations."GET"]\nfallback_value = "stale"\n'
+    )
+    monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(policy))
+    h.instrument()
+    c = h.client()
+    c.lpush("list", "x")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        c.get("list")  # a command error is the caller's, never papered over
+    h.reset_counts()
+    stop_for(h.server, 5.0)
+    assert c.get("k") == "stale"
+    with pytest.raises(redis.exceptions.TimeoutError):
+        c.ttl("k")  # no fallback configured for TTL
+    attrs = dict(h.spans_named("GET")[-1].attributes or {})
+    assert attrs["otel_recovery.outcome"] == "fallback"

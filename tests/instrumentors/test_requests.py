@@ -1,0 +1,407 @@
+"""RequestsRecoveryInstrumentor against a real local server with real faults.
+
+Every test counts the requests the server actually received: that is the only honest
+measure of "retried exactly N times" and "POST never sent twice".
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+import pytest
+import requests
+import wrapt
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.requests import RequestsInstrumentor
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import SpanKind, StatusCode
+
+from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors._settings import SettingsError
+from otel_recovery.instrumentors.requests import (
+    RequestsCircuitOpenError,
+    RequestsRecoveryInstrumentor,
+)
+from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.testing import FakeClock
+
+from . import http_faults as hf
+
+server = pytest.fixture(scope="module")(hf.serve)
+tel = pytest.fixture(hf.telemetry)
+
+ORIGINAL_REQUEST = requests.sessions.Session.__dict__["request"]
+ORIGINAL_SEND = requests.sessions.Session.__dict__["send"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh(server):
+    server.reset()
+    yield
+    assert requests.sessions.Session.__dict__["request"] is ORIGINAL_REQUEST
+    assert requests.sessions.Session.__dict__["send"] is ORIGINAL_SEND
+
+
+@pytest.fixture
+def clock():
+    return FakeClock(wall_start=time.time())
+
+
+@pytest.fixture
+def instrument(tel, clock):
+    """``instrument(order, contrib=True, **settings)``; uninstruments everything afterwards."""
+    used = []
+
+    def go(order="ours_first", *, contrib=True, **settings):
+        ours = RequestsRecoveryInstrumentor()
+        options = {"backoff_initial": 0.01, "backoff_max": 0.05, **settings}
+
+        def mine():
+            ours.instrument(
+                tracer_provider=tel.tracer_provider,
+                meter_provider=tel.meter_provider,
+                clock=clock,
+                **options,
+            )
+            used.append(ours)
+
+        def theirs():
+            RequestsInstrumentor().instrument(tracer_provider=tel.tracer_provider)
+            used.append(RequestsInstrumentor())
+
+        for step in (mine, theirs) if order == "ours_first" else (theirs, mine):
+            if step is mine or contrib:
+                step()
+        return ours
+
+    yield go
+    for instrumentor in reversed(used):
+        instrumentor.uninstrument()
+
+
+BOTH_ORDERS = pytest.mark.parametrize("order", ["ours_first", "contrib_first"])
+
+
+@BOTH_ORDERS
+def test_503_then_429_then_200_recovers_with_one_client_span_per_attempt(
+    server, tel, instrument, clock, order
+):
+    instrument(order)
+    url = server.script("/a", hf.status(503), hf.retry_after(429, 1), hf.ok("fresh"))
+    with tel.tracer_provider.get_tracer("app").start_as_current_span("app") as app:
+        response = requests.get(url, timeout=2)
+
+    assert (response.status_code, response.text) == (200, "fresh")
+    assert server.count("/a") == 3
+    assert clock.sleeps[1] >= 1.0  # Retry-After: 1 honoured (plus jitter)
+    clients = tel.clients()
+    assert [s.attributes.get("http.status_code") for s in clients] == [503, 429, 200]
+    assert [s.attributes.get("http.request.resend_count") for s in clients] == [None, 1, 2]
+    recovery = tel.recovery()
+    assert recovery.kind is SpanKind.INTERNAL
+    assert recovery.name == f"recover requests 127.0.0.1:{server.port}"
+    assert recovery.status.status_code is StatusCode.UNSET  # recovered: not an error
+    assert "error.type" not in recovery.attributes
+    assert recovery.attributes["otel_recovery.outcome"] == "success"
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 3
+    failed = hf.events(recovery, "otel_recovery.attempt.failed")
+    assert [e["error.type"] for e in failed] == ["503", "429"]
+    assert failed[1]["otel_recovery.error.retry_after"] == 1.0
+    assert len(hf.events(recovery, "otel_recovery.retry")) == 2
+    # The resends nest under the recovery; the first attempt and the recovery share a parent.
+    app_id = app.get_span_context().span_id
+    assert recovery.parent.span_id == clients[0].parent.span_id == app_id
+    assert [s.parent.span_id for s in clients[1:]] == [recovery.context.span_id] * 2
+
+
+def test_happy_path_adds_no_span_and_no_resend_count(server, tel, instrument):
+    instrument()
+    response = requests.get(server.script("/ok"), timeout=2)
+    assert response.status_code == 200 and server.count("/ok") == 1
+    assert [s.name for s in tel.spans()] == ["GET"]
+    assert "http.request.resend_count" not in tel.clients()[0].attributes
+
+
+def test_exhausted_retries_return_the_final_response_unchanged(server, tel, instrument):
+    instrument()
+    seen = []
+    url = server.script("/down", *[hf.status(503, body="busy")] * 3)
+    response = requests.get(
+        url, timeout=2, stream=True, hooks={"response": lambda r, **_: seen.append(r)}
+    )
+    assert response.status_code == 503 and response.text == "busy"
+    assert server.count("/down") == 3
+    assert seen[-1] is response and len(seen) == 3
+    assert all(r.raw.closed for r in seen[:2])  # retried responses were released
+    recovery = tel.recovery()
+    assert recovery.attributes["error.type"] == "503"
+    assert recovery.status.status_code is StatusCode.ERROR
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "attempts_exhausted"
+
+
+def test_reset_and_stall_are_retried(server, tel, instrument):
+    instrument()
+    url = server.script("/flaky", hf.reset(), hf.stall(1.0), hf.ok())
+    response = requests.get(url, timeout=0.25)
+    assert response.status_code == 200 and server.count("/flaky") == 3
+    failed = hf.events(tel.recovery(), "otel_recovery.attempt.failed")
+    assert [e["error.type"] for e in failed] == [
+        "requests.exceptions.ConnectionError",
+        "requests.exceptions.ReadTimeout",
+    ]
+
+
+def test_the_final_exception_reaches_the_app_unchanged(server, tel, instrument):
+    instrument()
+    url = server.script("/gone", hf.reset(), hf.reset(), hf.reset())
+    with pytest.raises(requests.exceptions.ConnectionError) as raised:
+        requests.get(url, timeout=2)
+    assert type(raised.value) is requests.exceptions.ConnectionError
+    assert server.count("/gone") == 3
+    assert tel.recovery().attributes["error.type"] == "requests.exceptions.ConnectionError"
+
+
+def test_post_is_never_sent_twice_but_is_recorded(server, tel, instrument):
+    ours = instrument()
+    url = server.script("/pay", hf.status(503), hf.ok())
+    assert requests.post(url, json={"amount": 5}, timeout=2).status_code == 503
+    url = server.script("/pay2", hf.reset(), hf.ok())
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.post(url, data=b"x", timeout=2)
+    assert server.count("/pay") == 1 and server.count("/pay2") == 1
+    recoveries = tel.recoveries()
+    assert [r.attributes["otel_recovery.retry.attempts"] for r in recoveries] == [1, 1]
+    assert [r.attributes["otel_recovery.retry.stop_reason"] for r in recoveries] == [
+        "attempts_exhausted",
+        "attempts_exhausted",
+    ]
+    (breaker,) = ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 2  # both counted against the target
+
+
+def test_post_with_an_idempotency_key_is_retried_with_the_same_key_and_body(server, instrument):
+    instrument()
+    url = server.script("/orders", hf.status(503), hf.ok())
+    response = requests.post(url, data=b"order-1", headers={"Idempotency-Key": "k-1"}, timeout=2)
+    assert response.status_code == 200
+    seen = server.seen("/orders")
+    assert len(seen) == 2
+    assert {s.headers["Idempotency-Key"] for s in seen} == {"k-1"}
+    assert {s.body for s in seen} == {b"order-1"}
+
+
+def test_idempotency_key_retries_can_be_switched_off(server, instrument):
+    instrument(http_retry_idempotency_key=False)
+    url = server.script("/k", hf.status(503), hf.ok())
+    requests.post(url, headers={"Idempotency-Key": "k"}, timeout=2)
+    assert server.count("/k") == 1
+
+
+def test_non_replayable_bodies_are_sent_once(server, instrument):
+    instrument()
+    generator_url = server.script("/gen", hf.status(503), hf.ok())
+    requests.put(generator_url, data=(chunk for chunk in [b"a", b"b"]), timeout=2)
+    file_url = server.script("/file", hf.status(503), hf.ok())
+    requests.put(file_url, files={"f": ("f.txt", io.BytesIO(b"data"))}, timeout=2)
+    bytes_url = server.script("/bytes", hf.status(503), hf.ok())
+    requests.put(bytes_url, data=b"data", timeout=2)
+    assert (server.count("/gen"), server.count("/file"), server.count("/bytes")) == (1, 1, 2)
+
+
+def test_retry_after_as_an_http_date_is_honoured(server, instrument, clock):
+    instrument()
+    url = server.script("/date", hf.retry_after_date(503, 3), hf.ok())
+    assert requests.get(url, timeout=2).status_code == 200
+    assert server.count("/date") == 2
+    assert 1.5 <= clock.sleeps[0] <= 4.1  # 3 s, less date rounding, plus jitter
+
+
+def test_retry_after_beyond_the_cap_returns_at_once(server, tel, instrument):
+    instrument(retry_after_cap=5)
+    url = server.script("/slow", hf.retry_after(429, 120), hf.ok())
+    response = requests.get(url, timeout=2)
+    assert response.status_code == 429 and server.count("/slow") == 1
+    stop = tel.recovery().attributes["otel_recovery.retry.stop_reason"]
+    assert stop == "retry_after_too_long"
+
+
+def test_retry_after_waits_for_real(server, tel):
+    """The only real sleep: the server's timing is the point."""
+    ours = RequestsRecoveryInstrumentor()
+    ours.instrument(tracer_provider=tel.tracer_provider, retry_after_cap=1.0)
+    try:
+        url = server.script("/wait", hf.retry_after(503, 1), hf.ok())
+        started = time.monotonic()
+        assert requests.get(url, timeout=2).status_code == 200
+        assert time.monotonic() - started >= 1.0
+        assert server.count("/wait") == 2
+    finally:
+        ours.uninstrument()
+
+
+def test_the_circuit_opens_per_target_and_rejects_as_a_requests_error(server, tel, instrument):
+    instrument(max_attempts=1, breaker_window=2, breaker_minimum_calls=2, breaker_failure_rate=0.5)
+    url = server.script("/x", *[hf.status(503)] * 2)
+    assert [requests.get(url, timeout=2).status_code for _ in range(2)] == [503, 503]
+    with pytest.raises(requests.exceptions.ConnectionError) as raised:
+        requests.get(url, timeout=2)
+    assert isinstance(raised.value, RequestsCircuitOpenError)
+    assert server.count("/x") == 2  # the third request never left the process
+    assert tel.recoveries()[-1].attributes["otel_recovery.outcome"] == "rejected"
+    # Another target (same server, another host name) has its own breaker.
+    other = server.url("/x").replace("127.0.0.1", "localhost")
+    assert requests.get(other, timeout=2).status_code == 200
+    states = {
+        (a["otel_recovery.circuit_breaker.name"], a["otel_recovery.circuit_breaker.state"]): v
+        for a, v in tel.metric("otel_recovery.circuit_breaker.state")
+    }
+    assert states[(f"requests 127.0.0.1:{server.port}", "open")] == 1
+
+
+def test_a_fallback_value_answers_as_a_response(server, tel, instrument, tmp_path, monkeypatch):
+    config = tmp_path / "policy.toml"
+    config.write_text(
+        '[targets."127.0.0.1"]\n[targets."127.0.0.1".operations."GET /prices"]\n'
+        'fallback_value = {"prices" = []}\n'
+    )
+    monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(config))
+    instrument(max_attempts=2)
+    prices = server.script("/prices", hf.status(503), hf.status(503))
+    response = requests.get(prices, timeout=2)
+    assert response.status_code == 200 and response.json() == {"prices": []}
+    assert response.headers["X-OTel-Recovery-Fallback"] == "value"
+    assert server.count("/prices") == 2
+    assert tel.recovery().attributes["otel_recovery.outcome"] == "fallback"
+    other = server.script("/other", hf.status(503), hf.status(503))
+    assert requests.get(other, timeout=2).status_code == 503  # no fallback configured there
+
+
+def test_suppressed_instrumentation_passes_straight_through(server, tel, instrument):
+    instrument()
+    url = server.script("/quiet", hf.status(503), hf.ok())
+    with suppress_instrumentation():
+        assert requests.get(url, timeout=2).status_code == 503
+    assert server.count("/quiet") == 1 and tel.spans() == []
+
+
+def test_the_otlp_exporters_own_requests_are_never_retried_or_traced(server, tel, instrument):
+    ours = instrument()
+    exporting = TracerProvider()
+    endpoint = server.script("/v1/traces")
+    exporting.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    exporting.get_tracer("app").start_span("exported").end()
+    exporting.shutdown()
+    assert server.count("/v1/traces") == 1  # the export really went out, through requests
+    assert ours.targets.breakers() == []  # ...but never reached our policies
+    assert tel.spans() == []  # nor contrib's spans
+
+
+def test_disabled_by_environment(server, instrument, monkeypatch):
+    monkeypatch.setenv("OTEL_RECOVERY_ENABLED", "false")
+    instrument(contrib=False)
+    assert requests.sessions.Session.__dict__["request"] is ORIGINAL_REQUEST
+    url = server.script("/off", hf.status(503), hf.ok())
+    assert requests.get(url, timeout=2).status_code == 503 and server.count("/off") == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "kwargs", "message"),
+    [
+        ({"OTEL_RECOVERY_MAX_ATTEMPTS": "lots"}, {}, "OTEL_RECOVERY_MAX_ATTEMPTS='lots'"),
+        ({}, {"http_retry_statuses": [503, 700]}, "http_retry_statuses .*HTTP status codes"),
+        ({"OTEL_RECOVERY_HTTP_RETRY_STATUSES": "503,x"}, {}, "OTEL_RECOVERY_HTTP_RETRY_STATUSES"),
+    ],
+)
+def test_bad_settings_fail_at_start_up_naming_the_setting(monkeypatch, env, kwargs, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ours = RequestsRecoveryInstrumentor()
+    with pytest.raises(SettingsError, match=message):
+        ours.instrument(**kwargs)
+    assert not ours.is_instrumented_by_opentelemetry
+    assert requests.sessions.Session.__dict__["request"] is ORIGINAL_REQUEST
+
+
+@pytest.mark.parametrize("first", ["ours", "contrib"])
+@BOTH_ORDERS
+def test_uninstrument_in_any_order_restores_the_originals(server, tel, order, first):
+    ours, contrib = RequestsRecoveryInstrumentor(), RequestsInstrumentor()
+    steps = [
+        lambda: ours.instrument(),
+        lambda: contrib.instrument(tracer_provider=tel.tracer_provider),
+    ]
+    for step in steps if order == "ours_first" else reversed(steps):
+        step()
+    for instrumentor in (ours, contrib) if first == "ours" else (contrib, ours):
+        instrumentor.uninstrument()
+    assert requests.sessions.Session.__dict__["request"] is ORIGINAL_REQUEST
+    assert requests.sessions.Session.__dict__["send"] is ORIGINAL_SEND
+
+
+def test_uninstrument_keeps_a_wrapper_someone_put_on_top_of_ours(server, instrument):
+    ours = instrument(contrib=False)
+    calls = []
+
+    def theirs(wrapped, instance, args, kwargs):
+        calls.append(kwargs["method"])
+        return wrapped(*args, **kwargs)
+
+    wrapt.wrap_function_wrapper(requests.sessions.Session, "request", theirs)
+    try:
+        ours.uninstrument()
+        top = requests.sessions.Session.__dict__["request"]
+        assert top.__wrapped__ is ORIGINAL_REQUEST  # our layer spliced out, theirs kept
+        url = server.script("/top", hf.status(503), hf.ok())
+        assert requests.get(url, timeout=2).status_code == 503 and calls == ["get"]
+    finally:
+        requests.sessions.Session.request = ORIGINAL_REQUEST
+
+
+def test_a_bug_in_planning_falls_back_to_the_plain_call(server, instrument, monkeypatch, caplog):
+    instrument()
+    monkeypatch.setattr(_wrapping, "_reported", set())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planning bug")
+
+    monkeypatch.setattr("otel_recovery.instrumentors.requests.plan_call", broken)
+    url = server.script("/bug", hf.ok("still fine"))
+    with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
+        assert requests.get(url, timeout=2).text == "still fine"
+        assert requests.get(url, timeout=2).text == "ok"
+    assert server.count("/bug") == 2
+    assert sum("requests: planning" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_bug_in_the_engine_before_sending_sends_exactly_once(server, instrument, monkeypatch):
+    instrument()
+    monkeypatch.setattr(_wrapping, "_reported", set())
+
+    def broken(self, fn, *args, **kwargs):
+        raise RuntimeError("engine bug")
+
+    monkeypatch.setattr(RecoveryPolicy, "call", broken)
+    url = server.script("/engine", hf.ok("sent once"))
+    assert requests.get(url, timeout=2).text == "sent once"
+    assert server.count("/engine") == 1
+
+
+def test_a_provider_set_up_after_instrument_still_gets_resend_counts(server, tel, monkeypatch):
+    """Manual set-ups often call ``instrument()`` before configuring the SDK provider."""
+    monkeypatch.setattr("otel_recovery.instrumentors._http._resend_pending", False)
+    ours, contrib = RequestsRecoveryInstrumentor(), RequestsInstrumentor()
+    ours.instrument(backoff_initial=0.0)  # the global provider is still the API's proxy here
+    contrib.instrument(tracer_provider=tel.tracer_provider)
+    try:
+        monkeypatch.setattr("opentelemetry.trace.get_tracer_provider", lambda: tel.tracer_provider)
+        url = server.script("/late", hf.status(503), hf.ok())
+        assert requests.get(url, timeout=2).status_code == 200
+        counts = [s.attributes.get("http.request.resend_count") for s in tel.clients()]
+        assert counts == [None, 1]
+    finally:
+        contrib.uninstrument()
+        ours.uninstrument()

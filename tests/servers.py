@@ -1,0 +1,328 @@
+"""Real servers for the instrumentor tests, and real ways to break them.
+
+- Availability: :func:`require_redis` / :func:`require_postgres` skip a test with the reason
+  when the shared server on this machine is unreachable, and fail it when ``CI=true`` (the CI
+  machine starts both servers, so unreachable there is a bug, not an environment quirk).
+- :class:`PrivateRedis` (fixtures ``private_redis``, ``private_redis_cluster``): a
+  redis-server of our own on a free port, optionally a one-node cluster.
+  Disruptive faults (CLIENT PAUSE, SIGSTOP) only ever hit it, never the shared 6379 that
+  other test sessions use.
+- PostgreSQL: :data:`PG_DSN`, :func:`pg_admin`, :func:`unique_table`, and
+  :func:`terminate_when_running`, which kills *our own* backend (by pid) mid-statement.
+- :class:`PgFront`: a TCP front for PostgreSQL on a free port that answers the first
+  connections like a server that is starting up (``FATAL 57P03``), then forwards to the
+  real server, counting every connection it accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+PG_HOST = "127.0.0.1"
+PG_PORT = 5432
+PG_DSN = f"host={PG_HOST} port={PG_PORT} user=postgres dbname=test"
+PG_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
+_RESTART_HINT = "see DESIGN.md section 8 for the restart commands"
+
+
+def unavailable(reason: str) -> None:
+    """Skip (locally) or fail (``CI=true``) a test whose server is missing."""
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"{reason} (CI=true: servers must be up; {_RESTART_HINT})")
+    pytest.skip(f"{reason}; {_RESTART_HINT}")
+
+
+def free_port(below: int = 65536) -> int:
+    """A free TCP port under ``below`` (a cluster node also needs port + 10000 free)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port < below:
+            return port
+
+
+def _redis_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def require_redis() -> None:
+    if not _redis_answers(REDIS_HOST, REDIS_PORT):
+        unavailable(f"Redis is not answering on {REDIS_HOST}:{REDIS_PORT}")
+
+
+def require_postgres() -> None:
+    import psycopg
+
+    try:
+        psycopg.connect(PG_DSN, connect_timeout=3).close()
+    except psycopg.Error as error:
+        unavailable(f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} ({error})")
+
+
+# -- Redis -------------------------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A redis-server of our own; ``stop_answering()`` freezes it with SIGSTOP."""
+
+    def __init__(self, *, cluster: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server is not installed, so no private server can be started")
+        self.port = free_port(below=55536 if cluster else 65536)
+        self._dir = tempfile.TemporaryDirectory(prefix="otelrec-redis-")
+        extra = ["--dir", self._dir.name]
+        if cluster:  # a one-node cluster: every slot on this server
+            extra += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        self._process = subprocess.Popen(
+            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.pid = self._process.pid
+        self._timers: list[threading.Timer] = []
+        deadline = time.monotonic() + 10
+        while not _redis_answers("127.0.0.1", self.port, timeout=0.2):
+            if time.monotonic() > deadline or self._process.poll() is not None:
+                self.close()
+                unavailable(f"a private redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+        if cluster:
+            admin = self.admin()
+            admin.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+            while b"cluster_state:ok" not in admin.execute_command("CLUSTER", "INFO"):
+                if time.monotonic() > deadline:
+                    self.close()
+                    unavailable("a private one-node redis cluster did not become ready")
+                time.sleep(0.02)
+            admin.close()
+
+    def admin(self) -> Any:
+        """A plain client for setting up and checking data (no retries of its own)."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return redis.Redis(port=self.port, retry=Retry(NoBackoff(), 0), socket_timeout=5)
+
+    def stop_answering(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def after(self, seconds: float, action: Callable[[], object]) -> None:
+        timer = threading.Timer(seconds, action)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def heal(self) -> None:
+        """Undo every fault: cancel timers, resume, unpause; between tests."""
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        self.resume()
+        with contextlib.suppress(Exception):
+            admin = self.admin()
+            admin.execute_command("CLIENT", "UNPAUSE")
+            admin.flushall()
+            admin.close()
+
+    def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        with contextlib.suppress(OSError):
+            self.resume()
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._dir.cleanup()
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def private_redis_cluster() -> Iterator[PrivateRedis]:
+    server = PrivateRedis(cluster=True)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# -- PostgreSQL --------------------------------------------------------------------------
+
+
+def pg_admin() -> Any:
+    """An autocommit connection for set-up, checks and killing our own backends.
+
+    Use it inside :func:`quiet` so instrumentation (ours and contrib's) ignores it.
+    """
+    import psycopg
+
+    with quiet():
+        return psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Suppress OpenTelemetry instrumentation: test plumbing makes no spans, no retries."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    with suppress_instrumentation():
+        yield
+
+
+def unique_table(purpose: str) -> str:
+    """A table name no other test session uses."""
+    return f"otelrec_{purpose}_{uuid.uuid4().hex[:10]}"
+
+
+def terminate_when_running(pid: int, marker: str, timeout: float = 10.0) -> threading.Thread:
+    """Kill backend ``pid`` (ours) once it is running a statement containing ``marker``."""
+
+    def run() -> None:
+        with quiet(), pg_admin() as admin:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                row = admin.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
+                    " AND query LIKE %s",
+                    (pid, f"%{marker}%"),
+                ).fetchone()
+                if row:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    return
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+_SSL_REQUEST = 80877103
+_GSSENC_REQUEST = 80877104
+
+
+def _error_response(code: str, message: str) -> bytes:
+    fields = b"".join(
+        key + value.encode() + b"\0"
+        for key, value in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", code), (b"M", message))
+    )
+    body = fields + b"\0"
+    return b"E" + struct.pack("!I", len(body) + 4) + body
+
+
+def _read_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("client went away")
+        data += chunk
+    return data
+
+
+class PgFront:
+    """A TCP front for PostgreSQL on ``port`` (free by default, or one that was refused).
+
+    The first ``starting_up`` connections get ``FATAL 57P03 the database system is starting
+    up`` after the startup packet, as a real server in recovery answers; the rest are
+    forwarded byte for byte to the real server. ``accepted`` counts connections.
+    """
+
+    def __init__(self, port: int | None = None, *, starting_up: int = 0) -> None:
+        self.port = port or free_port()
+        self.starting_up = starting_up
+        self.accepted = 0
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(16)
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._sockets.append(client)
+            handler = self._refuse if self.accepted <= self.starting_up else self._forward
+            threading.Thread(target=handler, args=(client,), daemon=True).start()
+
+    def _refuse(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError, ConnectionError), client:
+            while True:
+                length, code = struct.unpack("!II", _read_exact(client, 8))
+                if code in (_SSL_REQUEST, _GSSENC_REQUEST):
+                    client.sendall(b"N")
+                    continue
+                _read_exact(client, length - 8)
+                client.sendall(_error_response("57P03", "the database system is starting up"))
+                return
+
+    def _forward(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection((PG_HOST, PG_PORT), timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        self._sockets.append(upstream)
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while chunk := source.recv(65536):
+                    sink.sendall(chunk)
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
