@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from opentelemetry import trace
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import SpanKind, StatusCode
@@ -256,6 +257,9 @@ async def test_cancellation_during_backoff_releases_the_held_response(server, te
         with pytest.raises(asyncio.CancelledError):
             await task
         assert seen[0].is_closed and server.count("/later") == 1
+        (recovery,) = [s for s in tel.spans() if s.name.startswith("recover ")]
+        assert recovery.attributes["otel_recovery.outcome"] == "cancelled"
+        assert not trace.get_current_span().is_recording()
     finally:
         ours.uninstrument()
 
