@@ -24,12 +24,12 @@ def run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_lint_is_clean():
-    result = run("ruff", "check", "otel_recovery", "tests", "benchmarks")
+    result = run("ruff", "check", "otel_recovery", "tests", "benchmarks", "examples")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format_is_clean():
-    result = run("ruff", "format", "--check", "otel_recovery", "tests", "benchmarks")
+    result = run("ruff", "format", "--check", "otel_recovery", "tests", "benchmarks", "examples")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
