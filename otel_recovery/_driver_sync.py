@@ -57,8 +57,10 @@ class SyncDriver(PolicyCore):
         try:
             if self.budget is not None:
                 self.budget.record_call(started)
-            end = self._attempt_end(started, started)
-            token = set_deadline(end) if end is not None else None
+            token = None
+            if self._limits_attempts:
+                end = self._attempt_end(started, started)
+                token = set_deadline(end) if end is not None else None
             try:
                 result = fn(*args, **kwargs)
             except Exception as error:

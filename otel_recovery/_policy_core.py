@@ -45,6 +45,7 @@ class PolicyCore:
         "_deadline",
         "_good_lock",
         "_last_good",
+        "_limits_attempts",
         "_needs_duration",
         "_own_span",
         "_telemetry",
@@ -108,6 +109,7 @@ class PolicyCore:
         ]
         self._attempt_limit: float | None = min(limits) if limits else None
         self._deadline: float | None = retry.deadline if retry is not None else None
+        self._limits_attempts = self._attempt_limit is not None or self._deadline is not None
         self._needs_duration = breaker is not None and breaker.slow_call_duration is not None
         self._last_good: OrderedDict[Hashable, tuple[Any, float]] = OrderedDict()
         self._good_lock = threading.Lock()
