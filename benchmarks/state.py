@@ -22,6 +22,7 @@ It reports and never asserts.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -76,6 +77,53 @@ def cleanup(store: Store, kind: str, name: str) -> None:
             for part in ("meta", "records", "heads", "counters", "batches"):
                 conn.execute(f'DROP TABLE IF EXISTS "{name}_{part}"')
     store.close()
+
+
+def shared_breaker_costs(url: str, *, quick: bool) -> None:
+    """Per-call cost of a fleet-wide breaker (and budget) decision against a local one.
+
+    Happy path: ``can_execute()`` + ``record_success()`` on a closed breaker, which the shared
+    breaker answers from its local view (the link thread syncs every 0.1 s meanwhile, so its
+    cost is in the numbers). Failure path: ``record_failure()``, one Lua script per failure on
+    the shared breaker. Budget: ``try_spend()``, one script per retry. Interleaved rounds,
+    best round per row (the machine is shared and noisy).
+    """
+    import timeit
+
+    from otel_recovery import CircuitBreaker, RetryBudget
+
+    local, shared = CircuitBreaker(name="bench"), CircuitBreaker(name="bench", store=url)
+    never = {"failure_threshold": 10**9, "name": "bench-failures"}
+    local_f, shared_f = CircuitBreaker(**never), CircuitBreaker(**never, store=url)
+    local_b = RetryBudget(ratio=1.0, min_per_second=1e9, name="bench")
+    shared_b = RetryBudget(ratio=1.0, min_per_second=1e9, name="bench", store=url)
+    happy = "b.can_execute(); b.record_success()"
+    rows = {
+        "closed, happy path (can_execute + record_success)": (happy, local, shared, 200_000),
+        "failure (record_failure)": ("b.record_failure()", local_f, shared_f, 500),
+        "retry budget withdrawal (try_spend)": ("b.try_spend()", local_b, shared_b, 500),
+    }
+    rounds = 3 if quick else 7
+    best: dict[str, list[float]] = {row: [math.inf, math.inf] for row in rows}
+    for _ in range(rounds):
+        for row, (stmt, *pair, number) in rows.items():
+            n = number // 10 if quick else number
+            for side, component in enumerate(pair):
+                took = timeit.timeit(stmt, globals={"b": component}, number=n) / n
+                best[row][side] = min(best[row][side], took)
+    print("Shared (Redis, loopback) vs local decision, per call, best of interleaved rounds")
+    print()
+    print("| decision | local | shared | shared / local |")
+    print("|---|---:|---:|---:|")
+    for row, (loc, sha) in best.items():
+        print(f"| {row} | {_duration(loc)} | {_duration(sha)} | {sha / loc:.1f}x |")
+    shared_f.reset()
+    del shared, shared_f, shared_b  # no sync may recreate keys after the clean-up
+    time.sleep(0.3)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e9:.0f} ns" if seconds < 1e-6 else f"{seconds * 1e6:.1f} µs"
 
 
 def main() -> None:
@@ -142,7 +190,11 @@ def main() -> None:
         print(f"| {kind} | {w50:.0f} | {w99:.0f} | {r50:.0f} | {r99:.0f} | {ratio} |")
     for kind, why in skipped.items():
         print(f"| {kind} | skipped: server unreachable ({why}) | | | | |")
-    # Shared circuit breaker decision vs a local one: added with the fleet-wide breaker.
+    print()
+    if "redis" in stores:
+        shared_breaker_costs(candidates["redis"], quick=args.quick)
+    else:
+        print("Shared breaker decision: skipped, Redis unreachable")
     print()
     for kind, checkpoints in stores.items():
         store = getattr(checkpoints.store, "store", checkpoints.store)  # under ResilientStore

@@ -30,6 +30,19 @@ def test_import_loads_no_optional_library():
     assert json.loads(out) == []
 
 
+def test_importing_learning_loads_no_statsmodels():
+    """Subscribers (adaptive thresholds, the learner) must not pay for the anomaly extra."""
+    code = (
+        "import json, sys; import otel_recovery.learning; "
+        "print(json.dumps([m for m in ('statsmodels', 'scipy', 'opentelemetry.sdk') "
+        "if m in sys.modules]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out) == []
+
+
 def test_import_does_not_need_the_sdk():
     code = "import sys; import otel_recovery; print('opentelemetry.sdk' in sys.modules)"
     out = subprocess.run(

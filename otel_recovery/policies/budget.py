@@ -23,15 +23,21 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
 from otel_recovery.policies._counting import peek
 
+if TYPE_CHECKING:
+    from otel_recovery.stores._base import Store
+
 __all__ = ["BudgetSnapshot", "RetryBudget"]
 
 _BUCKETS = 10
+_ENV_STORE_URL = "OTEL_RECOVERY_STORE_URL"  # stores.ENV_STORE_URL, not imported: import cycle
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +54,22 @@ class BudgetSnapshot:
 
 
 class RetryBudget:
-    """A shared allowance of retries, typically one per dependency."""
+    """A shared allowance of retries, typically one per dependency.
+
+    ``store`` shares the allowance with every process using the same ``name``: a ``redis://``
+    URL or a Redis store builds a fleet-wide budget (deposits pushed every ``sync_interval``
+    seconds, withdrawals atomic; see :mod:`otel_recovery.stores._shared_budget`), and
+    ``memory://`` keeps it local. Without ``store``, a *named* budget is shared when
+    ``OTEL_RECOVERY_STORE_URL`` is a Redis URL, and local otherwise.
+    """
+
+    def __new__(cls, *args: Any, store: Store | str | None = None, **kwargs: Any) -> RetryBudget:
+        # The fleet-wide budget is a subclass chosen here: record_call() stays as it is.
+        if cls is RetryBudget and (store is not None or _ENV_STORE_URL in os.environ):
+            from otel_recovery.stores._sharing import budget_class
+
+            return super().__new__(budget_class(store, kwargs.get("name", "default")))
+        return super().__new__(cls)
 
     __slots__ = (
         "_bucket_end",
@@ -77,7 +98,11 @@ class RetryBudget:
         *,
         name: str = "default",
         clock: Clock | None = None,
+        store: Store | str | None = None,
+        sync_interval: Duration = 0.1,
     ) -> None:
+        if to_seconds(sync_interval, "sync_interval") <= 0:
+            raise ValueError(f"sync_interval must be > 0 seconds, got {sync_interval!r}")
         _check_ratio(ratio)
         _check_floor(min_per_second)
         self.ttl = to_seconds(ttl, "ttl")

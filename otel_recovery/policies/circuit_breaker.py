@@ -51,16 +51,20 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
 from otel_recovery.policies._counting import peek
 from otel_recovery.policies._windows import CountWindow, OutcomeWindow, TimeWindow
+
+if TYPE_CHECKING:
+    from otel_recovery.stores._base import Store
 
 __all__ = [
     "BreakerSnapshot",
@@ -71,6 +75,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("otel_recovery")
+_ENV_STORE_URL = "OTEL_RECOVERY_STORE_URL"  # stores.ENV_STORE_URL, not imported: import cycle
 
 
 class CircuitState(str, Enum):
@@ -97,7 +102,10 @@ class StateTransition:
 
     ``reason`` is one of ``failure_threshold``, ``failure_rate``, ``slow_call_rate``,
     ``timeout_elapsed``, ``probe_failed``, ``probe_slow``, ``probes_succeeded``, ``force_open``,
-    ``disable``, ``metrics_only``, ``reset``. ``at`` is the breaker clock's ``now()``.
+    ``disable``, ``metrics_only``, ``reset``, and for a fleet-wide breaker ``local_trip`` (a
+    process opened its breaker while the store was unreachable and pushed that on resync).
+    ``at`` is the breaker clock's ``now()``; a fleet-wide breaker reports when this process
+    observed the transition.
     """
 
     name: str
@@ -190,7 +198,23 @@ class CircuitBreaker:
     failure rate, or the slow-call rate, over a count or time window reaches its threshold,
     once the window holds ``minimum_calls`` calls (capped at ``window_size`` for a count
     window, which could never hold more).
+
+    ``store`` shares the state with every process using the same ``name``: a ``redis://`` URL
+    or a Redis store builds a fleet-wide breaker, synced every ``sync_interval`` seconds
+    (:mod:`otel_recovery.stores._shared_breaker` says what that costs and how stale it can
+    be); ``memory://`` keeps it local. Without ``store``, a *named* breaker is shared when
+    ``OTEL_RECOVERY_STORE_URL`` is a Redis URL, and local otherwise, so nothing is shared
+    unless someone asked for it. A local breaker never touches a store.
     """
+
+    def __new__(cls, *args: Any, store: Store | str | None = None, **kwargs: Any) -> CircuitBreaker:
+        # The fleet-wide breaker is a subclass, chosen here, so that the local breaker's hot
+        # paths stay exactly as they are: no flag is tested on them.
+        if cls is CircuitBreaker and (store is not None or _ENV_STORE_URL in os.environ):
+            from otel_recovery.stores._sharing import breaker_class
+
+            return super().__new__(breaker_class(store, kwargs.get("name", "default")))
+        return super().__new__(cls)
 
     __slots__ = (
         "__weakref__",
@@ -245,7 +269,11 @@ class CircuitBreaker:
         max_timeout: Duration | None = None,
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
+        store: Store | str | None = None,
+        sync_interval: Duration = 0.1,
     ) -> None:
+        if to_seconds(sync_interval, "sync_interval") <= 0:
+            raise ValueError(f"sync_interval must be > 0 seconds, got {sync_interval!r}")
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         if not name:

@@ -1,0 +1,333 @@
+"""The link between fleet-wide breakers/budgets and Redis: calls, sync thread, degradation.
+
+Which components share, and through which store, is decided in :mod:`._sharing`.
+
+**One link per Redis store per process.** It owns a connection pool of its own, built from
+the store's URL and options but with :data:`DECISION_TIMEOUT` socket timeouts: a breaker
+decision may wait for Redis on a failure or probe, and must never wait the store's 5 s for a
+server that stopped answering. Scripts run with OpenTelemetry instrumentation suppressed, so
+the sync traffic neither makes spans nor passes through our own Redis instrumentor.
+
+**One background thread per link** syncs every member: each pushes what it counted locally
+since its last contact and adopts the shared state (see the members' module docs for the
+cadence). Callers never wait for this thread, and it never runs user code except breaker
+listeners for transitions it observed.
+
+**Degradation.** Any member call that meets an unreachable or failing Redis (refused, timed
+out, or an error reply such as OOM or READONLY) degrades the whole link:
+every member switches to its plain local logic at once, one warning is logged and one
+``otel_recovery.store.degraded`` event is added (to the current span, or to a short
+``otel_recovery.store`` span when the thread noticed it). While degraded nobody calls Redis
+except the link thread, which PINGs every :data:`RECONNECT_INTERVAL` seconds with the bounded
+timeout. When Redis answers, each member *resyncs* (pushes what it did locally, then adopts the
+shared state; defined in each member's module), and one info line plus one
+``otel_recovery.store.resynced`` event close the outage. Store errors never reach callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from otel_recovery._clock import SYSTEM_CLOCK
+from otel_recovery._redact import redact
+from otel_recovery.stores._base import StoreUnavailableError
+from otel_recovery.telemetry import attributes as names
+
+if TYPE_CHECKING:
+    import redis
+
+    from otel_recovery.stores.redis import RedisStore
+
+__all__ = [
+    "DECISION_TIMEOUT",
+    "RECONNECT_INTERVAL",
+    "Link",
+    "Member",
+    "link_for",
+]
+
+_log = logging.getLogger("otel_recovery")
+
+DECISION_TIMEOUT = 0.25
+"""Connect and read timeout (s) of every shared-state call: the longest a caller can wait."""
+RECONNECT_INTERVAL = 1.0
+"""Seconds between reconnection attempts while degraded."""
+KEEP_MS = 7 * 86400 * 1000
+"""Shared state of a breaker or budget that nobody touched for 7 days expires."""
+_IDLE_EXIT = 30.0
+
+try:
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS
+except ImportError:  # pragma: no cover - an API without the key
+    _SUPPRESS = "suppress_instrumentation"
+
+
+class Member(Protocol):
+    """What a fleet-wide component offers its link (all called from the link thread but
+    ``go_local``, which may run in any thread)."""
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def sync_interval(self) -> float: ...
+
+    def sync_due(self, now: float) -> bool: ...
+
+    def sync_now(self) -> None: ...
+
+    def go_local(self) -> None: ...
+
+    def resync(self) -> None: ...
+
+
+# -- the link -------------------------------------------------------------------------------
+
+_links: dict[int, Link] = {}
+_links_lock = threading.Lock()
+
+
+def link_for(store: RedisStore) -> Link:
+    with _links_lock:
+        found = _links.get(id(store))
+        if found is None or found.store is not store:
+            found = _links[id(store)] = Link(store)
+        return found
+
+
+def _bounded_client(store: RedisStore) -> redis.Redis:
+    """A client on the store's server with :data:`DECISION_TIMEOUT` timeouts and no retries."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    options = {
+        **getattr(store, "_options", {}),
+        "socket_timeout": DECISION_TIMEOUT,
+        "socket_connect_timeout": DECISION_TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    target = getattr(store, "_target", None)
+    if target is None:  # pragma: no cover - a RedisStore without its URL: share its client
+        return store.client
+    return redis.Redis.from_url(target, **options)
+
+
+class Link:
+    """Calls, sync thread and outage bookkeeping for the fleet-wide members of one store."""
+
+    def __init__(self, store: RedisStore) -> None:
+        import redis
+
+        self.store = store
+        self.url = redact(store.url)
+        self.client = _bounded_client(store)
+        # Any Redis error, not only connection errors: an OOM or READONLY reply (or a bug in a
+        # script) must degrade the component, never reach the application.
+        self._errors = (redis.exceptions.RedisError, OSError)
+        self._scripts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._members: weakref.WeakSet[Member] = weakref.WeakSet()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._degraded_at: float | None = None
+        self._next_probe = 0.0
+        self._broken: set[str] = set()
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded_at is not None
+
+    def key(self, *parts: str) -> str:
+        return self.store.key(*parts)
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script; an unreachable server raises :class:`StoreUnavailableError`."""
+        token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+        try:
+            script = self._scripts.get(source)
+            if script is None:
+                script = self._scripts[source] = self.client.register_script(source)
+            return script(keys=list(keys), args=list(args))
+        except self._errors as exc:
+            detail = redact(str(exc)) or type(exc).__name__
+            raise StoreUnavailableError(f"Redis store {self.url} is unavailable: {detail}") from exc
+        finally:
+            otel_context.detach(token)
+
+    def _ping(self) -> bool:
+        token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+        try:
+            return bool(self.client.ping())
+        except Exception:  # any failure means: not back yet
+            return False
+        finally:
+            otel_context.detach(token)
+
+    # -- members and the sync thread ---------------------------------------------------------
+
+    def join(self, member: Member) -> None:
+        """Register a member; it is synced at once (its first view of the shared state)."""
+        with self._lock:
+            self._members.add(member)
+            degraded = self._degraded_at is not None
+        if degraded:
+            member.go_local()
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the thread run now (a new member, or one that wants a prompt sync)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="otel-recovery-shared-state", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        idle_since: float | None = None
+        while True:
+            members = list(self._members)
+            now = SYSTEM_CLOCK.now()
+            if not members:
+                idle_since = idle_since if idle_since is not None else now
+                if now - idle_since > _IDLE_EXIT:
+                    with self._lock:
+                        if not self._members:
+                            self._thread = None
+                            return
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            idle_since = None
+            wait = self._round(members, now)
+            del members  # hold no member while waiting: a dropped component must go away
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _round(self, members: list[Member], now: float) -> float:
+        """One pass: reconnect or sync whoever is due; returns how long to wait."""
+        if self._degraded_at is not None:
+            if now >= self._next_probe:
+                self._recover(members)
+            return max(0.01, min(self._next_probe - SYSTEM_CLOCK.now(), RECONNECT_INTERVAL))
+        for member in members:
+            if self._degraded_at is not None:
+                break
+            self._tick(member, now)
+        return min(member.sync_interval for member in members)
+
+    def _tick(self, member: Member, now: float) -> None:
+        try:
+            if member.sync_due(now):
+                member.sync_now()
+        except StoreUnavailableError as error:
+            self.degrade(error)
+        except Exception:  # a bug of ours: say so once per member kind, keep the others going
+            if member.description not in self._broken:
+                self._broken.add(member.description)
+                _log.exception("otel_recovery: syncing %s failed", member.description)
+
+    # -- outage -------------------------------------------------------------------------------
+
+    def degrade(self, error: StoreUnavailableError) -> None:
+        """Switch every member to local state; announce the outage once."""
+        with self._lock:
+            first = self._degraded_at is None
+            now = SYSTEM_CLOCK.now()
+            if first:
+                self._degraded_at = now
+            self._next_probe = now + RECONNECT_INTERVAL
+            members = list(self._members)
+        for member in members:
+            member.go_local()
+        if not first:
+            return
+        _log.warning(
+            "otel_recovery: store %s is unreachable (%s); circuit breakers and retry budgets "
+            "sharing state through it use local state until it is back, then resync",
+            self.url,
+            redact(str(error.__cause__ or error)),
+        )
+        attrs: dict[str, Any] = {
+            names.STORE_URL: self.url,
+            names.ERROR_TYPE: type(error.__cause__ or error).__name__,
+            names.STORE_COMPONENTS: sorted(m.description for m in members),
+        }
+        _announce(names.EVENT_STORE_DEGRADED, attrs)
+
+    def _recover(self, members: list[Member]) -> None:
+        if not self._ping():
+            with self._lock:
+                self._next_probe = SYSTEM_CLOCK.now() + RECONNECT_INTERVAL
+            return
+        try:
+            for member in members:
+                member.resync()
+        except StoreUnavailableError as error:
+            self.degrade(error)  # members that did resync go local again; no second warning
+            return
+        with self._lock:
+            started, self._degraded_at = self._degraded_at, None
+        outage = 0.0 if started is None else max(0.0, SYSTEM_CLOCK.now() - started)
+        _log.info(
+            "otel_recovery: store %s is reachable again after %.1fs; %d circuit breaker(s) and "
+            "retry budget(s) pushed their local outcomes and use shared state again",
+            self.url,
+            outage,
+            len(members),
+        )
+        _announce(
+            names.EVENT_STORE_RESYNCED,
+            {
+                names.STORE_URL: self.url,
+                names.STORE_OUTAGE: outage,
+                names.STORE_COMPONENTS: sorted(m.description for m in members),
+            },
+        )
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        if len(self._members):
+            self.wake()
+
+
+def _announce(event: str, attrs: dict[str, Any]) -> None:
+    """Add ``event`` to the current span, or to a short span of its own when there is none."""
+    try:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(event, attrs)
+            return
+        from otel_recovery.telemetry import get_telemetry
+
+        with get_telemetry().tracer.start_as_current_span(names.STORE_SPAN) as own:
+            own.add_event(event, attrs)
+    except Exception:  # telemetry must never turn an outage report into a failure
+        _log.debug("otel_recovery: could not record %s", event, exc_info=True)
+
+
+def _after_fork_in_child() -> None:
+    # The sync threads do not survive fork(); pools reconnect by themselves (redis-py checks
+    # the pid). Pre-forking servers (gunicorn --preload) thus keep sharing in every worker.
+    global _links_lock
+    _links_lock = threading.Lock()
+    for link in list(_links.values()):
+        link._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,287 @@
+"""The local view of a fleet-wide breaker: how it follows Redis, and survives without it.
+
+:class:`SharedBreakerView` holds everything a :class:`~._shared_breaker.SharedCircuitBreaker`
+knows about the shared state and the one way it talks to Redis: an exchange that pushes what
+this process counted since its last contact and adopts the state in the reply (a new
+generation number means a transition happened; the local breaker then transitions too, which
+fires its listeners). The decisions built on it live in :mod:`._shared_breaker`.
+
+**Ordering.** Successes are pushed in batches; a batch clears the consecutive failures the
+process had seen at its last contact, not failures that reached Redis since. Within one sync
+interval, a success here and a failure elsewhere may thus count in either order (a rate
+window is exact up to that lag as well; a count window holding fewer calls than a few sync
+intervals of fleet traffic is approximate: a batch straddling its edge is trimmed
+proportionally). Listeners fire in each process when it *observes* a new state, with the reason
+recorded in Redis; intermediate states it never saw (open, half-open, open again between two
+syncs) fire nothing. Every process must configure a given name identically: thresholds travel
+with each call, so tuning (:meth:`tune`) stays per process.
+
+**Time.** Open-until and permit leases are wall-clock times written by the callers
+(``clock.wall()``), which lets a FakeClock drive the shared state in tests. Hosts must agree
+to well within the open time (NTP gives milliseconds); a skew of *s* seconds moves a host's
+first probe by *s*, and probes stay limited fleet-wide regardless.
+
+**Degradation and resync** (outage handling in :mod:`._shared_link`): while Redis is
+unreachable the breaker is the local breaker, starting from the last shared view (held
+permits become local probes; a rate window starts empty). Resync pushes what happened locally
+before adopting the shared state again: the failures counted since the outage (the trailing
+consecutive run, or the local window), and, if this process opened its breaker meanwhile and
+it is still open, the open state itself with its remaining time (reason ``local_trip``) unless
+the shared breaker is already open; a manual mode set meanwhile is applied fleet-wide.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import uuid
+from typing import Any
+
+from otel_recovery._clock import SYSTEM_CLOCK, Duration, to_seconds
+from otel_recovery.policies._counting import peek
+from otel_recovery.policies._windows import TimeWindow
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
+from otel_recovery.stores import _shared_lua as lua
+from otel_recovery.stores._base import StoreUnavailableError
+from otel_recovery.stores._shared_link import KEEP_MS, Link, link_for
+from otel_recovery.stores._sharing import shared_store
+
+__all__ = ["SharedBreakerView"]
+
+_CLOSED = CircuitState.CLOSED
+_OPEN = CircuitState.OPEN
+_HALF_OPEN = CircuitState.HALF_OPEN
+_FORCED_OPEN = CircuitState.FORCED_OPEN
+_DISABLED = CircuitState.DISABLED
+_METRICS_ONLY = CircuitState.METRICS_ONLY
+_MANUAL_REASONS = {
+    _CLOSED: "reset",
+    _FORCED_OPEN: "force_open",
+    _DISABLED: "disable",
+    _METRICS_ONLY: "metrics_only",
+}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class SharedBreakerView(CircuitBreaker):
+    """The shared state as this process last saw it, and the exchanges that refresh it."""
+
+    __slots__ = (
+        "_ask",
+        "_cf_base",
+        "_gen",
+        "_id",
+        "_keys",
+        "_link",
+        "_next_ask",
+        "_next_sync",
+        "_ok_base",
+        "_ok_sent",
+        "_pending_manual",
+        "_permit_ids",
+        "_permits",
+        "_remote",
+        "_seen_fseq",
+        "_shared_window",
+        "_slow_oks",
+        "_slow_sent",
+        "_sync_every",
+        "_talk",
+    )
+
+    def __init__(
+        self, *args: Any, store: Any = None, sync_interval: Duration = 0.1, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, store=store, sync_interval=sync_interval, **kwargs)
+        found = shared_store(store, self.name)
+        if found is None:  # pragma: no cover - CircuitBreaker.__new__ checked this already
+            raise TypeError("SharedCircuitBreaker needs a Redis store")
+        self._link: Link = link_for(found)
+        self._keys = tuple(self._link.key(kind, self.name) for kind in ("cb", "cbw", "cbp"))
+        self._sync_every = to_seconds(sync_interval, "sync_interval")
+        self._talk = threading.Lock()  # one exchange with Redis at a time, replies in order
+        self._ask = threading.Lock()  # one permit request per process at a time
+        self._remote = True
+        self._gen: str | None = None
+        self._seen_fseq = 0
+        self._ok_sent = 0
+        self._slow_oks = itertools.count()
+        self._slow_sent = 0
+        self._permits: list[tuple[str, str | None]] = []
+        self._permit_ids = itertools.count()
+        self._id = uuid.uuid4().hex[:12] + ":"
+        self._next_ask = -math.inf
+        self._next_sync = 0.0
+        self._shared_window = (0, 0, 0)
+        self._pending_manual: CircuitState | None = None
+        self._cf_base = 0
+        self._ok_base = 0
+        self._link.join(self)
+
+    # -- what the link sees ---------------------------------------------------------------------
+
+    @property
+    def description(self) -> str:
+        return f"circuit_breaker {self.name}"
+
+    @property
+    def sync_interval(self) -> float:
+        return self._sync_every
+
+    @property
+    def shared(self) -> bool:
+        """True while decisions use the shared state; False while degraded to local state."""
+        return self._remote
+
+    def sync_due(self, now: float) -> bool:
+        # Idle breakers sync too: listeners and the state metric must follow the fleet even
+        # in a process that makes no calls, and it keeps the staleness bound unconditional.
+        return now >= self._next_sync
+
+    def sync_now(self) -> None:
+        self._contact(due_only=True)
+
+    def sync(self) -> bool:
+        """Exchange with Redis now (push counts, adopt the shared state); False if degraded."""
+        if not self._remote:
+            return False
+        try:
+            self._contact()
+        except StoreUnavailableError as error:
+            self._link.degrade(error)
+            return False
+        return True
+
+    # -- talking to Redis ----------------------------------------------------------------------
+
+    def _head(self) -> list[Any]:
+        return [repr(self._clock.wall()), repr(self._base_timeout), KEEP_MS]
+
+    def _record_args(
+        self, ok: int, fail: int, slow: int, open_for: float | None, reason: str
+    ) -> list[Any]:
+        window = self._window
+        rate: list[Any]
+        if window is None:
+            mode, rate = "c", ["", "", "", "", ""]
+        else:
+            kind = "time" if isinstance(window, TimeWindow) else "count"
+            rate = [
+                repr(self._rate_threshold),
+                repr(self._slow_rate_threshold),
+                self._minimum_calls,
+                kind,
+                window._size,
+            ]
+            mode = "r"
+        pushed = "" if open_for is None else repr(open_for)
+        return [
+            *self._head(), mode, self._failure_threshold, ok, self._seen_fseq, fail, slow,
+            *rate, pushed, reason,
+        ]  # fmt: skip
+
+    def _contact(
+        self, fail: int = 0, slow: int = 0, ok: int = 0, open_for: float | None = None,
+        reason: str = "", due_only: bool = False,
+    ) -> None:  # fmt: skip
+        """Push what was counted since the last contact (plus a failure), adopt the reply.
+
+        ``due_only``: the link thread's periodic sync, skipped if a caller's exchange made
+        it unnecessary while the thread waited for the lock.
+        """
+        with self._talk:
+            if due_only and SYSTEM_CLOCK.now() < self._next_sync:
+                return
+            ok_total, slow_total = peek(self._fast_successes), peek(self._slow_oks)
+            args = self._record_args(
+                ok + ok_total - self._ok_sent,
+                fail,
+                slow + slow_total - self._slow_sent,
+                open_for,
+                reason,
+            )
+            reply = self._link.run(lua.RECORD, self._keys, args)
+            self._ok_sent, self._slow_sent = ok_total, slow_total
+            self._adopt(reply)
+            self._next_sync = SYSTEM_CLOCK.now() + self._sync_every
+        if self._pending:
+            self._dispatch()
+
+    def _adopt(self, reply: Any) -> bool:
+        """Make the local view the shared state in ``reply``; True if a permit was granted."""
+        try:
+            granted = int(reply[0]) == 1
+            st, until, to, gen, why, cf, fseq, wc, wf, ws = (_text(v) for v in reply[1:11])
+            state = CircuitState(st)
+            timeout, counts = float(to), (int(float(wc)), int(float(wf)), int(float(ws)))
+            open_until = float(until) if until else None
+            failures, seen = int(float(cf)), int(float(fseq))
+        except (ValueError, TypeError, IndexError) as bad:
+            raise StoreUnavailableError(
+                f"Redis store {self._link.url}: shared state of breaker {self.name!r} is "
+                f"unreadable ({bad})"
+            ) from bad
+        with self._lock:
+            now = self._clock.now()
+            self._seen_fseq = seen
+            self._shared_window = counts
+            if gen != self._gen:
+                self._gen = gen
+                self._permits.clear()  # permits belong to a generation
+            # While shared, the local state only ever changes here; after an outage it may
+            # differ from Redis under an unchanged generation (or a restarted counter).
+            if state is not self._state:
+                self._transition(state, why or "sync", now)
+            self._current_timeout = timeout
+            if state is _OPEN and open_until is not None:
+                self._open_until = now + max(0.0, open_until - self._clock.wall())
+            if self._window is None and (state is _CLOSED or state is _METRICS_ONLY):
+                self._consecutive_failures = failures
+        return granted
+
+    # -- outage --------------------------------------------------------------------------------
+
+    def go_local(self) -> None:
+        with self._lock:
+            if not self._remote:
+                return
+            self._remote = False
+            self._in_flight = len(self._permits) if self._state is _HALF_OPEN else 0
+            self._permits.clear()
+            self._probe_successes = 0
+            if self._window is not None:
+                self._window.clear()
+            self._cf_base = self._consecutive_failures
+            self._ok_base = peek(self._fast_successes)
+            self._pending_manual = None
+
+    def resync(self) -> None:
+        """Push the outage's local outcomes, then adopt the shared state (see the module doc)."""
+        with self._lock:
+            if self._remote:
+                return
+            state, manual = self._state, self._pending_manual
+            ok = fail = slow = 0
+            window = self._window
+            if window is not None:
+                fail, slow, ok = window.failures, window.slows, window.calls - window.failures
+            elif state is _CLOSED:
+                quiet = peek(self._fast_successes) == self._ok_base
+                fail = self._consecutive_failures - (self._cf_base if quiet else 0)
+            open_for = None
+            if state is _OPEN and manual is None:
+                open_for = max(0.0, self._open_until - self._clock.now())
+        self._contact(fail=max(0, fail), slow=slow, ok=ok, open_for=open_for, reason="local_trip")
+        if manual is not None:
+            with self._talk:
+                args = [*self._head(), manual.value, _MANUAL_REASONS[manual]]
+                self._adopt(self._link.run(lua.MANUAL, self._keys, args))
+        with self._lock:
+            self._remote = True
+            self._pending_manual = None
+        if self._pending:
+            self._dispatch()

@@ -1,0 +1,350 @@
+"""Fleet-wide circuit breakers: one state per name, shared by processes through Redis.
+
+The fleet tests run 4 real processes (``_fleet_worker.py``) on the shared Redis under a
+unique key prefix; the others use two breakers in this process as two members of a fleet,
+on a FakeClock (shared times are the callers' clock, so virtual time drives Redis too). The
+outage test restarts a private ``redis-server`` without persistence, so resync has to rebuild
+the shared state from what the process did locally.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+import pytest
+import redis
+
+from otel_recovery import CircuitBreaker, CircuitState, RecoveryPolicy
+from otel_recovery.stores import MemoryStore, ResilientStore, StoreConfigError, open_store
+from otel_recovery.stores._shared_breaker import SharedCircuitBreaker
+from otel_recovery.stores._shared_link import DECISION_TIMEOUT
+from otel_recovery.telemetry import attributes as names
+from otel_recovery.telemetry import get_telemetry
+from otel_recovery.testing import FakeClock, capture_telemetry
+
+from ._fleet import Fleet
+from .conftest import PrivateRedis, cleanup, require, store_url, unique
+
+
+def _cleanup_after_sync(kind, name):
+    """Remove the test's keys, also those a last background sync of a dropped breaker wrote."""
+    gc.collect()
+    cleanup(kind, name)
+    time.sleep(0.2)
+    cleanup(kind, name)
+
+
+SYNC = 0.1
+SLACK = 0.4  # scheduling noise on a shared 2-core machine, on top of the documented bound
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """A private namespace on the shared Redis: (url, raw client, key of a name)."""
+    require("redis")
+    name = unique("otr_")
+    url = store_url("redis", tmp_path, name)
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    yield url, client, lambda *parts: f"otr-test:{name}:" + ":".join(parts)
+    client.close()
+    _cleanup_after_sync("redis", name)
+
+
+def _opened(results):
+    return {i: [t for t in r["transitions"] if t[0] == "open"] for i, r in results.items()}
+
+
+def test_four_processes_open_the_breaker_together_after_the_configured_total(shared):
+    url, client, key = shared
+    config = {"breaker": {"failure_threshold": 20, "timeout": 30.0, "sync_interval": SYNC}}
+    fleet = Fleet(url, "payments", config)
+    try:
+        # 4 x 4 + 3 = 19 failures, spread over every process: still closed everywhere.
+        assert all(r["permitted"] == 4 for r in fleet.all(op="fail", n=4).values())
+        for index in range(3):
+            assert fleet.send(index, op="fail", n=1)["state"] == "closed"
+        time.sleep(3 * SYNC)
+        assert {r["state"] for r in fleet.all(op="state").values()} == {"closed"}
+        # The 20th failure opens it; the process that made it knows at once ...
+        assert fleet.send(3, op="fail", n=1)["state"] == "open"
+        # ... and every other process within one sync interval (plus noise).
+        results = fleet.all(op="wait_state", state="open", within=5.0)
+        assert {r["state"] for r in results.values()} == {"open"}
+        opened = _opened(results)
+        assert all(len(seen) == 1 for seen in opened.values()), opened
+        tripped = opened[3][0][2]
+        lags = [seen[0][2] - tripped for seen in opened.values()]
+        assert max(lags) <= SYNC + SLACK, f"observed after {lags}"
+        assert {seen[0][1] for seen in opened.values()} == {"failure_threshold"}
+        # Nobody lets a call through any more.
+        assert all(r["permitted"] == 0 for r in fleet.all(op="fail", n=3).values())
+    finally:
+        fleet.close()
+    assert client.hget(key("cb", "payments"), "fseq") == b"20"
+
+
+def test_half_open_lets_at_most_the_configured_probes_through_fleet_wide(shared):
+    """Probe permits are fleet-wide, and a prober killed mid-probe lets go when its lease ends."""
+    url, client, key = shared
+    timeout = 2.0  # also the permit lease
+    config = {
+        "breaker": {
+            "failure_threshold": 4, "timeout": timeout, "half_open_max_calls": 2,
+            "success_threshold": 2, "sync_interval": SYNC,
+        }
+    }  # fmt: skip
+    fleet = Fleet(url, "inventory", config)
+    try:
+        fleet.all(op="fail", n=1)
+        assert {
+            r["state"] for r in fleet.all(op="wait_state", state="open", within=5).values()
+        } == {"open"}
+        time.sleep(timeout + 0.1)
+        # Every process hammers can_execute() at once: 2 probes in all, not 2 per process.
+        granted = {i: r["granted"] for i, r in fleet.all(op="probe", seconds=0.3).items()}
+        assert sum(granted.values()) == 2, granted
+        # The probers crash without a word: their permits are leased, not lost forever.
+        probers = [i for i, n in granted.items() if n]
+        for index in probers:
+            fleet.kill(index)
+        started = time.monotonic()
+        again = fleet.all(op="probe", seconds=0.3)
+        if time.monotonic() - started < timeout - 0.5:  # well within the lease
+            assert sum(r["granted"] for r in again.values()) == 0
+        time.sleep(max(0.0, timeout + 0.2 - (time.monotonic() - started)))
+        after = fleet.all(op="probe", seconds=0.3)
+        assert sum(r["granted"] for r in after.values()) == 2
+        # The survivors' probes succeed: closed for the whole fleet.
+        fleet.all(op="succeed_held")
+        results = fleet.all(op="wait_state", state="closed", within=5)
+        assert {r["state"] for r in results.values()} == {"closed"}
+    finally:
+        fleet.close()
+    assert client.hget(key("cb", "inventory"), "why") == b"probes_succeeded"
+
+
+def _pair(url, clock, **options):
+    """Two members of a fleet that sync only when the test says so (after a first sync)."""
+    options = {"sync_interval": 60.0, **options}
+    pair = [CircuitBreaker(name="dep", store=url, clock=clock, **options) for _ in range(2)]
+    assert all(breaker.sync() for breaker in pair)
+    return pair
+
+
+def test_successes_clear_only_the_failures_their_process_had_seen(shared):
+    url, _, _ = shared
+    a, b = _pair(url, FakeClock(), failure_threshold=3)
+    a.record_failure()
+    b.record_failure()  # after a's last contact
+    a.record_success()
+    assert a.sync() and a.failure_count == 1  # b's failure still counts
+    b.record_failure()
+    b.record_failure()
+    assert b.state is CircuitState.OPEN
+    assert a.sync() and a.state is CircuitState.OPEN
+
+
+def test_a_rate_window_counts_every_process_calls(shared):
+    url, _, _ = shared
+    clock = FakeClock()
+    a, b = _pair(
+        url, clock, failure_rate_threshold=0.5, window="time", window_size=10, minimum_calls=10
+    )
+    for _ in range(5):
+        a.record_success()
+    assert a.sync()
+    for _ in range(4):
+        b.record_failure()
+    assert b.state is CircuitState.CLOSED and b.snapshot().failure_rate is None  # 9 calls
+    clock.advance(11)  # the window moves past all of them
+    for _ in range(4):
+        b.record_failure()
+    assert b.snapshot().buffered_calls == 4
+    for _ in range(6):
+        a.record_success()
+    a.sync()
+    b.record_failure()  # 5 failures in 11 calls
+    assert b.state is CircuitState.CLOSED
+    b.record_failure()  # 6 of 12
+    assert b.state is CircuitState.OPEN
+    assert a.sync() and a.state is CircuitState.OPEN
+
+
+def test_a_count_window_trims_the_oldest_batch_to_the_window(shared):
+    url, _, _ = shared
+    a, b = _pair(url, FakeClock(), failure_rate_threshold=0.5, window_size=10, minimum_calls=10)
+    for _ in range(30):
+        a.record_success()
+    a.sync()
+    for _ in range(4):
+        b.record_failure()
+    snapshot = b.snapshot()
+    assert snapshot.buffered_calls == 10 and snapshot.failure_rate == pytest.approx(0.4)
+    b.record_failure()
+    assert b.state is CircuitState.OPEN
+
+
+def test_listeners_fire_in_every_process_that_observes_a_change(shared):
+    url, _, _ = shared
+    clock = FakeClock()
+    a, b = _pair(url, clock, failure_threshold=1, timeout=5.0)
+    seen = []
+    a.add_listener(seen.append)
+    b.record_failure()
+    assert seen == []  # a has not looked yet
+    a.sync()
+    assert [(t.to_state, t.reason) for t in seen] == [(CircuitState.OPEN, "failure_threshold")]
+    assert a.retry_after() == pytest.approx(5.0)
+    clock.advance(5)
+    assert b.can_execute() and not a.can_execute()  # one probe, and b has it
+    b.record_success()
+    a.sync()
+    assert [t.to_state for t in seen][-1] is CircuitState.CLOSED
+
+
+def test_a_prober_that_never_reports_holds_its_permit_only_for_the_lease(shared):
+    url, _, _ = shared
+    clock = FakeClock()
+    a, b = _pair(url, clock, failure_threshold=1, timeout=3.0)
+    a.record_failure()
+    clock.advance(3)
+    assert a.can_execute()  # ... and a's process dies here
+    assert b.sync() and b.state is CircuitState.HALF_OPEN
+    clock.advance(2.9)
+    assert not b.can_execute()
+    clock.advance(60.2)  # past the lease (the open time), and past b's back-off
+    assert b.can_execute()
+
+
+def test_manual_modes_apply_to_the_whole_fleet(shared):
+    url, _, _ = shared
+    a, b = _pair(url, FakeClock())
+    a.force_open()
+    assert b.sync() and b.state is CircuitState.FORCED_OPEN and not b.can_execute()
+    b.reset()
+    assert a.sync() and a.state is CircuitState.CLOSED and a.can_execute()
+
+
+def test_the_store_argument_and_the_environment_decide_what_is_shared(shared, monkeypatch):
+    url, _, _ = shared
+    monkeypatch.delenv("OTEL_RECOVERY_STORE_URL", raising=False)
+    assert type(CircuitBreaker(name="x")) is CircuitBreaker
+    assert type(CircuitBreaker(name="x", store="memory://")) is CircuitBreaker
+    assert type(CircuitBreaker(name="x", store=MemoryStore())) is CircuitBreaker
+    assert type(CircuitBreaker(name="x", store=url)) is SharedCircuitBreaker
+    resilient = ResilientStore(open_store(url))
+    assert type(CircuitBreaker(name="x", store=resilient)) is SharedCircuitBreaker
+    with pytest.raises(StoreConfigError, match="only through Redis"):
+        CircuitBreaker(name="x", store="sqlite:///x.db")
+    with pytest.raises(TypeError, match="store must be"):
+        CircuitBreaker(name="x", store=42)  # type: ignore[arg-type]
+    monkeypatch.setenv("OTEL_RECOVERY_STORE_URL", url)
+    assert type(CircuitBreaker(name="x")) is SharedCircuitBreaker
+    assert type(CircuitBreaker()) is CircuitBreaker  # unnamed breakers never merge fleet-wide
+    monkeypatch.setenv("OTEL_RECOVERY_STORE_URL", "sqlite:///checkpoints.db")
+    assert type(CircuitBreaker(name="x")) is CircuitBreaker
+    monkeypatch.setenv("OTEL_RECOVERY_STORE_URL", "mongodb://x")
+    with pytest.raises(StoreConfigError, match="OTEL_RECOVERY_STORE_URL"):
+        CircuitBreaker(name="x")
+
+
+def test_a_policy_drives_a_shared_breaker_like_a_local_one(shared):
+    url, _, _ = shared
+    clock = FakeClock()
+    a, b = _pair(url, clock, failure_threshold=2)
+    policy = RecoveryPolicy(breaker=a, clock=clock, telemetry=False)
+
+    def down():
+        raise ConnectionError("refused")
+
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            policy.call(down)
+    assert b.sync() and b.state is CircuitState.OPEN
+
+
+@pytest.fixture
+def volatile_redis(tmp_path):
+    server = PrivateRedis(tmp_path, persistent=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _events(captured, name):
+    return [e for s in captured.spans() for e in s.events if e.name == name]
+
+
+def test_a_redis_restart_degrades_to_local_state_and_resyncs(volatile_redis, caplog):
+    url = f"{volatile_redis.url}?prefix=fleet:"
+    with capture_telemetry() as captured, caplog.at_level(logging.INFO, logger="otel_recovery"):
+        breaker = CircuitBreaker(3, 30.0, name="db", store=url, sync_interval=0.05)
+        breaker.record_failure()
+        volatile_redis.stop()
+        with get_telemetry().tracer.start_as_current_span("request"):
+            for _ in range(2):  # never an exception: the local breaker takes over
+                breaker.record_failure()
+        assert not breaker.shared
+        assert breaker.state is CircuitState.OPEN  # 1 shared + 2 local failures
+        assert not breaker.can_execute()
+        volatile_redis.start()  # empty: no persistence
+        deadline = time.monotonic() + 10
+        while not breaker.shared and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert breaker.shared
+        assert breaker.state is CircuitState.OPEN
+        assert 20 < breaker.retry_after() <= 30  # the local trip's open time, continued
+    # The fresh Redis got the open state from the process that saw the outage.
+    other = CircuitBreaker(3, 30.0, name="db", store=open_store(url), sync_interval=60)
+    assert other.sync() and other.state is CircuitState.OPEN
+    degraded = [r for r in caplog.records if "is unreachable" in r.getMessage()]
+    resynced = [r for r in caplog.records if "is reachable again" in r.getMessage()]
+    assert len(degraded) == 1 and len(resynced) == 1
+    (event,) = _events(captured, names.EVENT_STORE_DEGRADED)
+    assert event.attributes[names.STORE_COMPONENTS] == ("circuit_breaker db",)
+    assert len(_events(captured, names.EVENT_STORE_RESYNCED)) == 1
+    raw = redis.Redis.from_url(volatile_redis.url)
+    assert raw.hget("fleet:cb:db", "why") == b"local_trip"
+    raw.close()
+
+
+def test_a_redis_that_stops_answering_costs_a_caller_one_bounded_wait(volatile_redis):
+    """CLIENT PAUSE: the server accepts and never replies. One caller waits the decision
+    timeout, everyone else goes on locally at once, and the breaker resyncs afterwards."""
+    url = f"{volatile_redis.url}?prefix=paused:"
+    breaker = CircuitBreaker(5, 30.0, name="slow", store=url, sync_interval=0.05)
+    assert breaker.sync()
+    pauser = redis.Redis.from_url(volatile_redis.url)
+    pauser.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    started = time.monotonic()
+    breaker.record_failure()
+    waited = time.monotonic() - started
+    assert waited < DECISION_TIMEOUT + 0.5 and not breaker.shared
+    started = time.monotonic()
+    for _ in range(10):
+        breaker.record_failure()  # local now: no waiting at all
+        breaker.can_execute()
+    assert time.monotonic() - started < 0.05
+    assert breaker.state is CircuitState.OPEN
+    deadline = time.monotonic() + 10
+    while not breaker.shared and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert breaker.shared and breaker.state is CircuitState.OPEN
+    pauser.close()
+
+
+async def test_the_async_driver_shares_the_breaker_too(shared):
+    url, _, _ = shared
+    clock = FakeClock()
+    a, b = _pair(url, clock, failure_threshold=2)
+    policy = RecoveryPolicy(breaker=a, clock=clock, telemetry=False)
+
+    async def down():
+        raise ConnectionError("refused")
+
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            await policy.acall(down)
+    assert b.sync() and b.state is CircuitState.OPEN
