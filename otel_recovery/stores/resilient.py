@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from opentelemetry import trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
 from otel_recovery._redact import redact
@@ -200,18 +201,22 @@ class ResilientStore:
 
     def _send(self, call: Call) -> Any:
         name, args, options = call
-        return getattr(self.store, name)(*args, **options)
+        with suppress_instrumentation():
+            return getattr(self.store, name)(*args, **options)
 
     async def _asend(self, call: Call) -> Any:
         name, args, options = call
-        return await getattr(self.store, "a" + name)(*args, **options)
+        with suppress_instrumentation():
+            return await getattr(self.store, "a" + name)(*args, **options)
 
     def _try(self, remote: Callable[[], _T]) -> tuple[bool, _T | None]:
         """(True, result) from the store, or (False, None) when local state must answer."""
         if not self._probe_due() or (self.degraded and not self._resync()):
             return False, None
         try:
-            return True, remote()
+            # Our own storage traffic is neither traced nor retried by our instrumentors.
+            with suppress_instrumentation():
+                return True, remote()
         except StoreUnavailableError as error:
             self._degrade(error)
             return False, None
@@ -220,7 +225,8 @@ class ResilientStore:
         if not self._probe_due() or (self.degraded and not await self._aresync()):
             return False, None
         try:
-            return True, await remote()
+            with suppress_instrumentation():
+                return True, await remote()
         except StoreUnavailableError as error:
             self._degrade(error)
             return False, None
