@@ -63,6 +63,16 @@ class CountWindow:
         pos += 1
         self._pos = 0 if pos == self._size else pos
 
+    def record_successes(self, count: int) -> None:
+        """Record ``count`` plain successes at once (the breaker's deferred successes)."""
+        if count >= self._size:
+            self._ring = bytearray([_FILLED]) * self._size
+            self._pos = 0
+            self.calls, self.failures, self.slows = self._size, 0, 0
+            return
+        for _ in range(count):
+            self.record(False, False, 0.0)
+
     def expire(self, now: float) -> None:
         """Nothing expires by time in a count window."""
 

@@ -231,6 +231,9 @@ class CircuitBreaker:
         "_fast_successes",
         "_half_open_max",
         "_in_flight",
+        "_lazy",
+        "_lazy_folded",
+        "_lazy_successes",
         "_listeners",
         "_lock",
         "_max_timeout",
@@ -345,6 +348,14 @@ class CircuitBreaker:
         # Successes on the closed consecutive-mode fast path are counted without the lock:
         # next() on an itertools.count is a single atomic step under the GIL.
         self._fast_successes = itertools.count()
+        # In rate mode with a count window and no slow-call judging, a closed breaker defers
+        # successes the same way and folds them into the window (under the lock) before the
+        # next failure is recorded or the window is read. Only successes that cannot trip the
+        # breaker are deferred (see record_success), so deciding later loses nothing, and a
+        # single thread's order is preserved exactly.
+        self._lazy = isinstance(self._window, CountWindow) and self._slow_after == math.inf
+        self._lazy_successes = itertools.count()
+        self._lazy_folded = 0
         self._failed_calls = 0
         self._not_permitted = 0
         self._in_flight = 0
@@ -417,6 +428,7 @@ class CircuitBreaker:
     def failure_count(self) -> int:
         """Consecutive failures (consecutive mode) or failures in the window (rate mode)."""
         with self._lock:
+            self._fold()
             window = self._window
             if window is None:
                 return self._consecutive_failures
@@ -433,6 +445,7 @@ class CircuitBreaker:
 
     def snapshot(self) -> BreakerSnapshot:
         with self._lock:
+            self._fold()
             failure_rate = slow_rate = None
             buffered = 0
             window = self._window
@@ -499,6 +512,13 @@ class CircuitBreaker:
             if self._consecutive_failures:
                 self._consecutive_failures = 0
             return
+        if self._lazy:
+            window = self._window
+            # Deferring is only exact when this success cannot trip the breaker: below
+            # minimum_calls, the success that completes the count can (4 failures + 1 success).
+            if window is not None and (not window.failures or window.calls >= self._minimum_calls):
+                next(self._lazy_successes)  # folded into the window later (see __init__)
+                return
         # acquire/release rather than ``with``: this is a hot path, and the context-manager
         # protocol costs about as much again as the lock itself on CPython 3.11.
         lock = self._lock
@@ -529,7 +549,20 @@ class CircuitBreaker:
             if self._state is _HALF_OPEN and self._in_flight:
                 self._in_flight -= 1
 
+    def _fold(self) -> None:
+        """Apply deferred successes (lock held): to the counters and the count window."""
+        count = peek(self._lazy_successes) - self._lazy_folded
+        if count <= 0:
+            return
+        self._lazy_folded += count
+        self._successful_calls += count
+        self._consecutive_failures = 0
+        window = self._window
+        if isinstance(window, CountWindow):
+            window.record_successes(count)
+
     def _record(self, failed: bool, duration: float | None) -> None:
+        self._fold()
         state = self._state
         if state is _DISABLED:
             return
@@ -662,7 +695,13 @@ class CircuitBreaker:
     # -- transitions and listeners ----------------------------------------------------------
 
     def _enter(self, to_state: CircuitState) -> None:
+        self._fold()  # deferred successes belong to the state being left
         self._state = to_state
+        self._lazy = (
+            to_state is _CLOSED
+            and isinstance(self._window, CountWindow)
+            and self._slow_after == math.inf
+        )
         self._permit_all = to_state in _PERMIT_ALL
         self._fast_record = to_state is _CLOSED and self._window is None
         self._in_flight = 0
