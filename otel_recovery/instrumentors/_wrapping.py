@@ -92,13 +92,21 @@ class PatchSet:
         self._installed: list[_Installed] = []
 
     def wrap(
-        self, owner: Any, attribute: str, wrapper: Wrapper, *, beneath_contrib: bool = False
+        self,
+        owner: Any,
+        attribute: str,
+        wrapper: Wrapper,
+        *,
+        beneath_contrib: bool = False,
+        checks_enabled: bool = False,
     ) -> Any:
         """Wrap ``owner.attribute`` (a class or module attribute) with ``wrapper``.
 
         ``beneath_contrib`` splices the wrapper under an OpenTelemetry contrib wrapper that is
         already there; if contrib instruments later, it lands on top by itself. Returns the
         proxy installed, so a wrapper can tell whether someone is wrapped on top of it.
+        ``checks_enabled`` says the wrapper tests ``self.enabled`` itself (one frame less on a
+        hot path); otherwise it is gated here.
         """
         patchset = self
 
@@ -106,6 +114,8 @@ class PatchSet:
             if not patchset.enabled:
                 return wrapped(*args, **kwargs)
             return wrapper(wrapped, instance, args, kwargs)
+
+        installed: Wrapper = wrapper if checks_enabled else gated
 
         current = vars(owner).get(attribute) if hasattr(owner, "__dict__") else None
         if current is None:
@@ -117,11 +127,11 @@ class PatchSet:
                 lowest = node
                 node = node.__wrapped__
             if lowest is not None:
-                proxy = wrapt.FunctionWrapper(lowest.__wrapped__, gated)
+                proxy = wrapt.FunctionWrapper(lowest.__wrapped__, installed)
                 lowest.__wrapped__ = proxy
                 self._installed.append(_Installed(owner, attribute, proxy))
                 return proxy
-        proxy = wrapt.FunctionWrapper(current, gated)
+        proxy = wrapt.FunctionWrapper(current, installed)
         setattr(owner, attribute, proxy)
         self._installed.append(_Installed(owner, attribute, proxy))
         return proxy

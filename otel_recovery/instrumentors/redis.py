@@ -56,9 +56,9 @@ from otel_recovery.instrumentors._db import (
     Plan,
     PlanCache,
     Site,
+    explain_no_retry,
     instrumentation_enabled,
     run_async,
-    run_sync,
 )
 from otel_recovery.instrumentors._redis_commands import CommandRules
 from otel_recovery.instrumentors._settings import RecoverySettings
@@ -266,12 +266,16 @@ Kind = Literal["command", "immediate", "pipeline"]
 
 
 def _sync_wrapper(
-    planner: _Planner, kind: Kind, site: Site, resolve: Callable[[Any], Target]
+    planner: _Planner,
+    kind: Kind,
+    site: Site,
+    resolve: Callable[[Any], Target],
+    patches: PatchSet,
 ) -> Callable[..., Any]:
     where = f"redis {site.owner.__name__}.{site.attribute}"
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not instrumentation_enabled():
+        if not patches.enabled or not instrumentation_enabled():
             return wrapped(*args, **kwargs)
         try:
             target = resolve(instance)
@@ -286,18 +290,26 @@ def _sync_wrapper(
         except Exception as error:
             report_internal_error(where, error)
             return wrapped(*args, **kwargs)
-        return run_sync(plan, fn, args, kwargs)
+        try:  # run_sync, inlined: this is the per-command hot path
+            return plan.policy.call(fn, *args, **kwargs)
+        except Exception as error:
+            explain_no_retry(plan, error)
+            raise
 
     return wrapper
 
 
 def _async_wrapper(
-    planner: _Planner, kind: Kind, site: Site, resolve: Callable[[Any], Target]
+    planner: _Planner,
+    kind: Kind,
+    site: Site,
+    resolve: Callable[[Any], Target],
+    patches: PatchSet,
 ) -> Callable[..., Any]:
     where = f"redis.asyncio {site.owner.__name__}.{site.attribute}"
 
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not instrumentation_enabled():
+        if not patches.enabled or not instrumentation_enabled():
             return await wrapped(*args, **kwargs)
         try:
             target = resolve(instance)
@@ -367,5 +379,9 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
             site = Site(owner, attribute)
             make = _async_wrapper if is_async else _sync_wrapper
             site.proxy = patches.wrap(
-                owner, attribute, make(planner, kind, site, resolve), beneath_contrib=True
+                owner,
+                attribute,
+                make(planner, kind, site, resolve, patches),
+                beneath_contrib=True,
+                checks_enabled=True,
             )
