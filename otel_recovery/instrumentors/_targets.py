@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from otel_recovery._clock import Clock
 from otel_recovery.classify import Classifier, ErrorInfo
@@ -88,6 +88,14 @@ class TargetPolicies:
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
         self._lock = threading.Lock()
+        # Resolved policies by call shape: the per-call cost is one dict lookup. Operations
+        # only become part of the key where the settings have a section for them, so paths
+        # with ids in them cannot grow this without bound.
+        self._resolved: dict[tuple[Any, ...], RecoveryPolicy] = {}
+        self._operation_sections = {
+            key: frozenset(section.get("operations", {}))
+            for key, section in settings.targets.items()
+        }
 
     def _target(self, host: str, port: int | None) -> _Target:
         key = (host, port)
@@ -137,6 +145,39 @@ class TargetPolicies:
         ``not_retried`` lists failures a lower layer already retried (redis-py's connection
         ``Retry``): repeating them here would multiply attempts, so they are only recorded.
         """
+        op_key = self._operation_key(host, port, operation)
+        fast_key = (host, port, op_key, retry_allowed, span, not_retried)
+        resolved = self._resolved.get(fast_key)
+        if resolved is not None and resolved.breaker is self._known_breaker(host, port):
+            return resolved
+        policy = self._build(host, port, op_key, retry_allowed, span, not_retried)
+        if len(self._resolved) >= 4 * self._max:
+            self._resolved.clear()
+        self._resolved[fast_key] = policy
+        return policy
+
+    def _operation_key(self, host: str, port: int | None, operation: str | None) -> str | None:
+        if operation is None or not self._operation_sections:
+            return None
+        for key in (host, f"{host}:{port}"):
+            if operation in self._operation_sections.get(key, ()):
+                return operation
+        return None
+
+    def _known_breaker(self, host: str, port: int | None) -> CircuitBreaker | None:
+        """The target's current breaker (a target forgotten by the LRU gets a new one)."""
+        target = self._targets.get((host, port))
+        return target.breaker if target is not None else None
+
+    def _build(
+        self,
+        host: str,
+        port: int | None,
+        operation: str | None,
+        retry_allowed: bool,
+        span: Literal["own", "current"] | None,
+        not_retried: tuple[type[BaseException], ...],
+    ) -> RecoveryPolicy:
         target = self._target(host, port)
         s = self.settings.for_target(host, port, operation)
         specific = operation if s != self.settings.for_target(host, port, None) else None
