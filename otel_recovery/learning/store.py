@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["LearnerStore", "MemoryLearnerStore"]
+__all__ = ["CheckpointLearnerStore", "LearnerStore", "MemoryLearnerStore"]
 
 
 @runtime_checkable
@@ -60,3 +60,37 @@ class MemoryLearnerStore:
     def __repr__(self) -> str:
         size = 0 if self._text is None else len(self._text)
         return f"MemoryLearnerStore({size} bytes)"
+
+
+class CheckpointLearnerStore:
+    """Keeps the snapshot as a versioned checkpoint in any :mod:`otel_recovery.stores` store.
+
+    ``CheckpointLearnerStore("redis://cache:6379/0")`` shares what a fleet learned and keeps it
+    across restarts; the default store (SQLite, or ``OTEL_RECOVERY_STORE_URL``) keeps it on
+    this host. Reads and writes go through the store's resilient layer, so an unreachable store
+    degrades to local state instead of failing the learner. ``name`` separates learners that
+    share a store. Only the latest few versions are kept (the store's ``max_versions``).
+    """
+
+    def __init__(self, store: Any = None, *, name: str = "default") -> None:
+        from otel_recovery.checkpoint import Checkpoints  # the stores load lazily
+
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self._checkpoints = Checkpoints(store)
+        self._id = f"otel_recovery.learner.{name}"
+
+    def load(self) -> Mapping[str, Any] | None:
+        from otel_recovery.checkpoint import CheckpointError
+
+        try:
+            state = self._checkpoints.load(self._id).state
+        except (CheckpointError, LookupError):
+            return None  # nothing learned yet, or unreadable: start from the priors
+        return state if isinstance(state, Mapping) else None
+
+    def save(self, snapshot: Mapping[str, Any]) -> None:
+        self._checkpoints.save(self._id, dict(snapshot))
+
+    def __repr__(self) -> str:
+        return f"CheckpointLearnerStore({self._checkpoints.store!r}, id={self._id!r})"
