@@ -1,0 +1,164 @@
+"""Anomalies in error rates, which are ratios of counts and must be judged as such.
+
+One failure in two calls is a 50 % error rate and no evidence of anything; fifty in a hundred
+is. A detector fed the bare ratio cannot tell them apart, so this one is fed both counts and asks
+how surprising ``errors`` failures in ``calls`` calls would be under the learned error
+probability:
+
+- the baseline is a Beta posterior over the error probability: prior pseudo-counts plus
+  exponentially forgotten observed errors and successes (``halflife`` observations);
+- the question is one-sided and tolerant: could this bucket come from a rate of at most
+  ``max(min_ratio * baseline, baseline + min_increase)``? Without the tolerance a busy endpoint
+  whose rate drifts from 1.0 % to 1.3 % over a million calls would be "significant" and useless;
+- the tail probability is beta-binomial, so a young baseline (few calls seen) is appropriately
+  unsure, and a mature one converges to the binomial;
+- the score is ``L / (L + significance)`` with ``L = -log10(tail probability)``: 0.5 at
+  p = 1e-6 by default;
+- while a bucket scores 0.5 or more it teaches the baseline only ``anomalous_weight`` of a
+  normal bucket, so an outage does not become the new normal within minutes, yet a permanent
+  change is still learned.
+
+No statsmodels here: the model is exact and cheap (microseconds, and nothing at all for the
+common bucket whose rate is at or below baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+__all__ = ["ErrorRateDetector", "ErrorRateEstimate", "log10_betabinom_sf"]
+
+_LN10 = math.log(10.0)
+_MAX_TERMS = 400
+
+
+class ErrorRateEstimate(NamedTuple):
+    expected: float
+    """Baseline error probability before this bucket."""
+    observed: float
+    score: float
+    significance: float
+    """-log10 of the tail probability of this bucket."""
+
+
+def log10_betabinom_sf(k: int, n: int, alpha: float, beta: float) -> float:
+    """log10 P(X >= k) for X ~ BetaBinomial(n, alpha, beta), accurate far into the tail.
+
+    Sums pmf terms upward from ``k`` in log space (they fall geometrically past the mode) and
+    closes the sum with a geometric bound, so it never underflows and costs O(1) in the tail.
+    """
+    if k <= 0:
+        return 0.0
+    if k > n:
+        return -math.inf
+    lgamma = math.lgamma
+    log_norm = lgamma(alpha + beta) - lgamma(alpha) - lgamma(beta)
+    log_term = (
+        lgamma(n + 1)
+        - lgamma(k + 1)
+        - lgamma(n - k + 1)
+        + lgamma(k + alpha)
+        + lgamma(n - k + beta)
+        - lgamma(n + alpha + beta)
+        + log_norm
+    )
+    total = 1.0  # terms relative to the first
+    term = 1.0
+    x = k
+    ratio = 0.0
+    for _ in range(_MAX_TERMS):
+        if x >= n:
+            break
+        ratio = (n - x) * (x + alpha) / ((x + 1) * (n - x - 1 + beta))
+        term *= ratio
+        total += term
+        x += 1
+        if term < 1e-17 * total:
+            break
+    else:
+        if x < n and ratio < 1.0:
+            total += term * ratio / (1.0 - ratio)  # geometric bound on the rest
+    return min(0.0, (log_term + math.log(total)) / _LN10)
+
+
+class ErrorRateDetector:
+    """Streaming error-rate anomaly score: ``update(errors, calls, timestamp=None) -> [0, 1]``.
+
+    Forgetting is per observed bucket: an idle dependency keeps its baseline. ``timestamp`` is
+    accepted for symmetry with :class:`AnomalyDetector` and recorded, never required.
+    """
+
+    __slots__ = (
+        "_errors",
+        "_keep",
+        "_successes",
+        "anomalous_weight",
+        "last",
+        "last_timestamp",
+        "min_increase",
+        "min_ratio",
+        "prior_errors",
+        "prior_successes",
+        "significance",
+    )
+
+    def __init__(
+        self,
+        *,
+        halflife: float = 360.0,
+        prior_rate: float = 0.01,
+        prior_calls: float = 20.0,
+        min_ratio: float = 2.0,
+        min_increase: float = 0.01,
+        significance: float = 6.0,
+        anomalous_weight: float = 0.1,
+    ) -> None:
+        if halflife <= 0 or not 0 < prior_rate < 1 or prior_calls <= 0 or significance <= 0:
+            raise ValueError(
+                "need halflife > 0, 0 < prior_rate < 1, prior_calls > 0, significance > 0"
+            )
+        if min_ratio < 1 or min_increase < 0 or not 0 <= anomalous_weight <= 1:
+            raise ValueError("need min_ratio >= 1, min_increase >= 0, 0 <= anomalous_weight <= 1")
+        self._keep = 0.5 ** (1.0 / halflife)
+        self.prior_errors = prior_rate * prior_calls
+        self.prior_successes = (1.0 - prior_rate) * prior_calls
+        self._errors = 0.0
+        self._successes = 0.0
+        self.min_ratio = min_ratio
+        self.min_increase = min_increase
+        self.significance = significance
+        self.anomalous_weight = anomalous_weight
+        self.last = ErrorRateEstimate(prior_rate, 0.0, 0.0, 0.0)
+        self.last_timestamp: object = None
+
+    @property
+    def baseline(self) -> float:
+        """Posterior mean error probability."""
+        a = self.prior_errors + self._errors
+        return a / (a + self.prior_successes + self._successes)
+
+    def update(self, errors: float, calls: float, timestamp: object = None) -> float:
+        """Score a bucket of ``calls`` calls of which ``errors`` failed, then learn from it."""
+        n = round(calls)
+        if n <= 0:
+            return 0.0  # no calls, no evidence
+        k = min(max(round(errors), 0), n)
+        a = self.prior_errors + self._errors
+        b = self.prior_successes + self._successes
+        expected = a / (a + b)
+        tolerated = min(max(expected * self.min_ratio, expected + self.min_increase), 0.999)
+        significance = 0.0
+        if k > tolerated * n:
+            strength = min(a + b, 1e7)
+            significance = -log10_betabinom_sf(
+                k, n, tolerated * strength, (1.0 - tolerated) * strength
+            )
+        score = significance / (significance + self.significance)
+        weight = self.anomalous_weight if score >= 0.5 else 1.0
+        keep = self._keep
+        self._errors = self._errors * keep + weight * k
+        self._successes = self._successes * keep + weight * (n - k)
+        self.last = ErrorRateEstimate(expected, k / n, score, significance)
+        self.last_timestamp = timestamp
+        return score

@@ -1,0 +1,424 @@
+"""``AnomalySpanProcessor``: per-dependency call, error and latency series from finished spans.
+
+Cost model. ``on_end`` runs on the application's thread for every span, so it does one thing:
+append the span to a lock-free deque (or count it as dropped when ``max_pending`` spans are
+already waiting). Everything else happens on one worker thread, every ``flush_interval``:
+grouping spans into series, closing buckets, updating detectors (and their amortised statsmodels
+refits), publishing events. ``on_end`` therefore never waits for a model fit, a lock held by the
+worker, or I/O.
+
+Series. Spans are grouped by ``SeriesKey(service, server address, operation group)``; which
+spans count and how they are grouped is in :mod:`._series`. A span is an error when its status
+is ERROR or it carries ``error.type``. At most ``max_series`` series are tracked: a new one
+evicts the least recently used series if that one has been idle ``idle_buckets`` buckets,
+otherwise its spans are counted in one overflow series without detectors (``overflow_spans``).
+
+Buckets. A span belongs to the bucket of its end time (``bucket`` seconds, default 10). A bucket
+closes once the clock has passed its end by ``grace`` seconds; a span for an already closed
+bucket is counted in the open one, so no call is lost or counted twice. A bucket with no calls is
+a gap, not a zero: "nobody called" is not evidence about the dependency.
+
+Anomalies. Each closed bucket updates three detectors: the error rate (errors out of calls,
+:class:`ErrorRateDetector`, upward only), the log of the mean latency (upward only: a faster
+dependency is not a problem) and the number of calls (both ways), the last two with
+:class:`AnomalyDetector`. A signal becomes anomalous after ``confirm`` consecutive buckets
+scoring at least ``threshold`` (error rates: one bucket, their score is already a calibrated
+significance) and normal again after ``recover`` buckets below ``release``. Each change is
+published on :attr:`AnomalySpanProcessor.bus` (``active`` True, then False; while it lasts,
+``active=True`` is published again every ``reconfirm`` seconds, bus only); an onset also adds
+1 to the ``otel_recovery.anomalies`` counter, writes one warning log line, and is added as an
+``otel_recovery.anomaly`` span event to the next span of that series that starts (matched on
+the attributes the span has at start).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.metrics import MeterProvider, get_meter
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import StatusCode
+
+from otel_recovery import __about__
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery.learning._detector import DetectorConfig, StreamingDetector
+from otel_recovery.learning._error_rate import ErrorRateDetector
+from otel_recovery.learning._events import AnomalyBus, AnomalyEvent, SeriesKey
+from otel_recovery.learning._series import (
+    OVERFLOW,
+    Series,
+    Signal,
+    default_include,
+    key_fields,
+    series_key,
+)
+from otel_recovery.telemetry import attributes as names
+
+__all__ = ["SERIES_DETECTOR_CONFIG", "AnomalySpanProcessor", "series_key"]
+
+_log = logging.getLogger("otel_recovery")
+
+SERIES_DETECTOR_CONFIG = DetectorConfig(
+    history=256,
+    refit_every=360,
+    season_bins=96,
+    season_history_days=3.0,
+    refractory=0.0,
+)
+"""Detector settings for span series: 10 s buckets, an hour between refits, 15-minute daily
+profile slots, and about 4 KB of history per signal."""
+
+
+class AnomalySpanProcessor(SpanProcessor):
+    """Feeds anomaly detectors from finished spans; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        service: str | None = None,
+        bucket: Duration = 10.0,
+        max_series: int = 1000,
+        idle_buckets: int = 360,
+        threshold: float = 0.6,
+        release: float = 0.4,
+        confirm: int = 2,
+        recover: int = 3,
+        grace: Duration = 2.0,
+        reconfirm: Duration = 300.0,
+        flush_interval: Duration = 1.0,
+        max_pending: int = 100_000,
+        clock: Clock = SYSTEM_CLOCK,
+        bus: AnomalyBus | None = None,
+        meter_provider: MeterProvider | None = None,
+        detector_factory: Callable[[], StreamingDetector] | None = None,
+        error_rate_factory: Callable[[], ErrorRateDetector] | None = None,
+        include: Callable[[ReadableSpan], bool] | None = None,
+        start_worker: bool = True,
+    ) -> None:
+        self._bucket = to_seconds(bucket, "bucket")
+        if self._bucket <= 0:
+            raise ValueError("bucket must be > 0 seconds")
+        if max_series < 1 or max_pending < 1 or confirm < 1 or recover < 1:
+            raise ValueError("max_series, max_pending, confirm and recover must be >= 1")
+        if not 0.0 <= release <= threshold <= 1.0:
+            raise ValueError("need 0 <= release <= threshold <= 1")
+        self._grace = to_seconds(grace, "grace")
+        self._reconfirm = to_seconds(reconfirm, "reconfirm")
+        self._interval = to_seconds(flush_interval, "flush_interval")
+        self._service = service
+        self._max_series = max_series
+        self._idle = idle_buckets
+        self.threshold = threshold
+        self.release = release
+        self._confirm = confirm
+        self._recover = recover
+        self._max_pending = max_pending
+        self._clock = clock
+        self.bus = bus if bus is not None else AnomalyBus()
+        if detector_factory is None:
+            from otel_recovery.learning.anomaly import AnomalyDetector
+
+            def detector_factory() -> StreamingDetector:
+                return AnomalyDetector(SERIES_DETECTOR_CONFIG)
+
+        self._detector_factory = detector_factory
+        self._error_factory = error_rate_factory or ErrorRateDetector
+        self._include = include or default_include
+        self._counter = get_meter(
+            "otel_recovery", __about__.VERSION, meter_provider
+        ).create_counter(
+            names.METRIC_ANOMALIES,
+            unit="{anomaly}",
+            description="Anomaly onsets detected in dependency call series.",
+        )
+        self._pending: deque[ReadableSpan] = deque()
+        self._series: OrderedDict[tuple[str, str, str], Series] = OrderedDict()
+        self._overflow: dict[str, Series] = {}
+        self._annotations: dict[SeriesKey, list[AnomalyEvent]] = {}
+        self._annotation_lock = threading.Lock()
+        self._process_lock = threading.Lock()
+        self._latest = 0  # newest bucket index seen
+        self._resource: object = None
+        self._resource_service = ""
+        self.dropped = 0
+        self.overflow_spans = 0
+        self._failed = False
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        if start_worker:
+            self._worker = threading.Thread(
+                target=self._run, name="otel_recovery-anomaly", daemon=True
+            )
+            self._worker.start()
+
+    # ------------------------------------------------------------ SpanProcessor
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        """Mark the next call of a series that just turned anomalous (free when none did)."""
+        if not self._annotations:
+            return
+        try:
+            key = series_key(span.name, span.attributes or {}, self._service_of(span))
+            with self._annotation_lock:
+                events = self._annotations.pop(key, None)
+            for event in events or ():
+                span.add_event(names.EVENT_ANOMALY, _event_attributes(event))
+        except Exception:  # never break the application's span
+            _log.debug("anomaly annotation failed", exc_info=True)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        """O(1) and lock-free: hand the span to the worker."""
+        pending = self._pending
+        if len(pending) < self._max_pending:
+            pending.append(span)
+        else:
+            self.dropped += 1
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=5.0)
+        self.process()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Aggregate every finished span now (buckets still close on the clock)."""
+        self.process()
+        return True
+
+    # ------------------------------------------------------------ worker side
+
+    def _run(self) -> None:
+        # The idle wait is an interruptible Event wait, not a time reading: every decision
+        # about buckets uses the injected clock.
+        while not self._stop.wait(self._interval):
+            try:
+                self.process()
+            except Exception:
+                _log.exception("otel_recovery anomaly worker failed; continuing")
+
+    def process(self) -> int:
+        """Drain finished spans into their series, then close every bucket that is due.
+
+        Called by the worker; tests (with ``start_worker=False``) call it directly. Returns the
+        number of spans taken from the queue.
+        """
+        with self._process_lock:
+            taken = self._drain()
+            self._close_due(self._clock.wall())
+            return taken
+
+    def _drain(self) -> int:
+        pending = self._pending
+        taken = 0
+        width = self._bucket
+        while True:
+            try:
+                span = pending.popleft()
+            except IndexError:
+                return taken
+            taken += 1
+            try:
+                if not self._include(span):
+                    continue
+                attrs = span.attributes or {}
+                end = span.end_time or 0
+                index = int(end / 1e9 // width)
+                self._latest = max(self._latest, index)  # before the lookup: idleness needs it
+                series = self._lookup(key_fields(span.name, attrs, self._service_of(span)))
+                if series.bucket < 0:
+                    series.bucket = index
+                elif index > series.bucket:
+                    self._close(series)
+                    series.bucket = index
+                # a span of an already closed bucket is counted in the open one
+                series.calls += 1
+                failed = span.status.status_code is StatusCode.ERROR or "error.type" in attrs
+                if failed:
+                    series.errors += 1
+                start = span.start_time or end
+                series.latency += max(0, end - start) / 1e9
+            except Exception:
+                _log.debug("span skipped by the anomaly processor", exc_info=True)
+
+    def _service_of(self, span: ReadableSpan) -> str:
+        if self._service is not None:
+            return self._service
+        resource = span.resource
+        if resource is self._resource:  # spans of one provider share one resource
+            return self._resource_service
+        name = resource.attributes.get("service.name") if resource is not None else None
+        service = str(name) if name else "unknown_service"
+        self._resource, self._resource_service = resource, service
+        return service
+
+    def _lookup(self, fields: tuple[str, str, str]) -> Series:
+        series = self._series.get(fields)
+        if series is not None:
+            self._series.move_to_end(fields)
+            return series
+        if len(self._series) >= self._max_series:
+            oldest_fields, oldest = next(iter(self._series.items()))
+            if self._latest - max(oldest.bucket, oldest.last_bucket) < self._idle:
+                self.overflow_spans += 1
+                spill = self._overflow.get(fields[0])
+                if spill is None:
+                    spill = Series(SeriesKey(fields[0], OVERFLOW, OVERFLOW), None, None)
+                    self._overflow[fields[0]] = spill
+                return spill
+            self._close(oldest)
+            del self._series[oldest_fields]
+        series = Series(SeriesKey(*fields), self._detector_factory, self._error_factory)
+        self._series[fields] = series
+        return series
+
+    def _close_due(self, now: float) -> None:
+        width = self._bucket
+        due = int((now - self._grace) // width)  # buckets with index < due are over
+        for series in list(self._series.values()) + list(self._overflow.values()):
+            if 0 <= series.bucket < due and series.calls:
+                self._close(series)
+
+    def _close(self, series: Series) -> None:
+        """Score the open bucket of ``series`` and reset it."""
+        calls, errors, latency = series.calls, series.errors, series.latency
+        at = (series.bucket + 1) * self._bucket
+        series.total_calls += calls
+        series.total_errors += errors
+        series.last_bucket = series.bucket
+        series.calls = series.errors = 0
+        series.latency = 0.0
+        if calls == 0 or series.error_detector is None:
+            return
+        try:
+            self._score(series, calls, errors, latency, at)
+        except Exception:  # a detector bug must not stop counting; say so once
+            if not self._failed:
+                self._failed = True
+                _log.exception("otel_recovery anomaly detector failed (logged once)")
+
+    def _score(self, series: Series, calls: int, errors: int, latency: float, at: float) -> None:
+        assert series.error_detector is not None
+        assert series.latency_detector is not None and series.calls_detector is not None
+        error_score = series.error_detector.update(errors, calls, at)
+        error_est = series.error_detector.last
+        mean_latency = latency / calls
+        log_latency = math.log(max(mean_latency, 1e-9))  # latency varies by factors, not terms
+        series.latency_detector.update(log_latency, at)
+        latency_est = series.latency_detector.last
+        # Only slower than expected is a problem for the callers; faster is good news.
+        latency_score = latency_est.raw_score if log_latency > latency_est.expected else 0.0
+        series.calls_detector.update(float(calls), at)
+        calls_est = series.calls_detector.last
+        readings = (
+            (error_score, errors / calls, error_est.expected, 1),
+            (latency_score, mean_latency, math.exp(latency_est.expected), self._confirm),
+            (calls_est.raw_score, float(calls), calls_est.expected, self._confirm),
+        )
+        for signal, (score, value, expected, confirm) in zip(series.signals, readings, strict=True):
+            self._step(series.key, signal, score, value, expected, confirm, at)
+
+    def _step(
+        self,
+        key: SeriesKey,
+        signal: Signal,
+        score: float,
+        value: float,
+        expected: float,
+        confirm: int,
+        at: float,
+    ) -> None:
+        if not signal.active:
+            signal.streak = signal.streak + 1 if score >= self.threshold else 0
+            if signal.streak >= confirm:
+                signal.active, signal.streak, signal.calm = True, 0, 0
+                self._emit(AnomalyEvent(key, signal.name, score, value, expected, at, True))
+                signal.published = at
+        else:
+            signal.calm = signal.calm + 1 if score < self.release else 0
+            if signal.calm >= self._recover:
+                signal.active, signal.streak, signal.calm = False, 0, 0
+                self._emit(AnomalyEvent(key, signal.name, score, value, expected, at, False))
+            elif at - signal.published >= self._reconfirm:
+                # Still anomalous: tell subscribers again (bus only), so a subscriber that
+                # expires stale tightenings keeps holding this one.
+                signal.published = at
+                self.bus.publish(AnomalyEvent(key, signal.name, score, value, expected, at, True))
+
+    def _emit(self, event: AnomalyEvent) -> None:
+        key = event.key
+        if event.active:
+            self._counter.add(
+                1,
+                {
+                    names.ANOMALY_SERVICE: key.service,
+                    names.SERVER_ADDRESS: key.server_address,
+                    names.ANOMALY_OPERATION: key.operation,
+                    names.ANOMALY_SIGNAL: event.signal,
+                },
+            )
+            _log.warning(
+                "anomaly: %s -> %s %s: %s %.4g, expected %.4g (score %.2f)",
+                key.service,
+                key.server_address or "-",
+                key.operation,
+                event.signal,
+                event.value,
+                event.expected,
+                event.score,
+            )
+        else:
+            _log.info(
+                "anomaly over: %s -> %s %s: %s back to normal",
+                key.service,
+                key.server_address or "-",
+                key.operation,
+                event.signal,
+            )
+        with self._annotation_lock:
+            self._annotations.setdefault(key, []).append(event)
+        self.bus.publish(event)
+
+    # ------------------------------------------------------------ inspection
+
+    def series(self) -> dict[SeriesKey, tuple[int, int]]:
+        """(calls, errors) counted so far per series, closed and open buckets included."""
+        with self._process_lock:
+            out = {
+                s.key: (s.total_calls + s.calls, s.total_errors + s.errors)
+                for s in self._series.values()
+            }
+            for spill in self._overflow.values():
+                out[spill.key] = (
+                    spill.total_calls + spill.calls,
+                    spill.total_errors + spill.errors,
+                )
+            return out
+
+    def active(self) -> list[tuple[SeriesKey, str]]:
+        """Signals currently anomalous."""
+        with self._process_lock:
+            return [
+                (s.key, signal.name)
+                for s in self._series.values()
+                for signal in s.signals
+                if signal.active
+            ]
+
+
+def _event_attributes(event: AnomalyEvent) -> dict[str, Any]:
+    return {
+        names.ANOMALY_SIGNAL: event.signal,
+        names.ANOMALY_ACTIVE: event.active,
+        names.ANOMALY_SCORE: round(event.score, 4),
+        names.ANOMALY_VALUE: event.value,
+        names.ANOMALY_EXPECTED: event.expected,
+        names.SERVER_ADDRESS: event.key.server_address,
+        names.ANOMALY_OPERATION: event.key.operation,
+    }
