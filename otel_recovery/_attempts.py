@@ -23,6 +23,7 @@ from otel_recovery._attempt import ATTEMPT
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action
 from otel_recovery.classify import ErrorInfo
+from otel_recovery.policies.retry import RetryAdvice
 from otel_recovery.policies.timeout import reset_deadline, set_deadline
 from otel_recovery.telemetry import CallTrace
 
@@ -44,6 +45,7 @@ class AttemptLoop:
         self.trace: CallTrace | None = None
         self.info: ErrorInfo | None = None
         self._permit = False
+        self.advice: RetryAdvice | None = None  # the advisor's answer for the running retry
 
     def begin(self) -> None:
         """Ask the breaker once for the whole block; a rejection raises ``CircuitOpenError``."""
@@ -74,6 +76,7 @@ class AttemptLoop:
 
     def succeeded(self) -> None:
         self.done = True
+        self.policy._learn(self.advice, success=True, seconds=0.0)
         self.policy._record_outcome(None, None, self.policy.clock.now() - self.started)
         if self.trace is not None:
             self.trace.end("success", self.number, self.info)
@@ -93,6 +96,8 @@ class AttemptLoop:
             return False
         info = policy._classify(error)
         self.info = info
+        policy._learn(self.advice, success=False, seconds=took)
+        self.advice = None
         if self.trace is None:
             self.trace = policy._trace(self.started)
         trace = self.trace
@@ -100,11 +105,12 @@ class AttemptLoop:
             trace.attempt_failed(self.number, info, took)
         decision = policy._decide(error, info, self.number, self.delay, self.started)
         if decision.action is Action.RETRY:
-            self.delay = decision.delay
+            self.delay, self.advice = decision.delay, decision.advice
             if trace is not None:
                 trace.retrying(self.number + 1, self.delay, info)
             return True
         self.done = True
+        policy._learn(decision.advice, success=False, seconds=0.0)
         policy._stopped(decision, error, info, self.number, self.started, trace)
         policy._failed(trace, self.number, info, error)
         return False

@@ -167,10 +167,11 @@ class SyncDriver(PolicyCore):
                     trace.attempt_failed(attempt, info, took)
                 decision = self._decide(error, info, attempt, delay, started)
                 if decision.action is not Action.RETRY:
+                    self._learn(decision.advice, success=False, seconds=0.0)
                     self._stopped(decision, error, info, attempt, started, trace)
                     settled = True
                     return self._give_up(decision, error, info, attempt, trace, args, kwargs)
-                delay = decision.delay
+                delay, advice = decision.delay, decision.advice
                 if trace is not None:
                     trace.retrying(attempt + 1, delay, info)
                 if delay > 0:
@@ -184,6 +185,7 @@ class SyncDriver(PolicyCore):
                     result = fn(*args, **kwargs)
                 except Exception as exc:
                     error, took, info = exc, clock.now() - attempt_start, self._classify(exc)
+                    self._learn(advice, success=False, seconds=took)
                     continue
                 finally:
                     ATTEMPT.reset(attempt_token)
@@ -191,6 +193,7 @@ class SyncDriver(PolicyCore):
                         reset_deadline(token)
                 self._record_outcome(None, None, clock.now() - attempt_start)
                 settled = True
+                self._learn(advice, success=True, seconds=clock.now() - attempt_start)
                 self._remember(args, kwargs, result, clock.now())
                 if trace is not None:
                     trace.end("success", attempt, info)

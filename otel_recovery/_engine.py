@@ -9,6 +9,7 @@ Decision order after attempt *n* failed, each step able to end recovery:
 
 1. ``retry`` missing or the failure is not retryable        -> give up ("not_retryable")
 2. *n* reached the attempt limit (or the testing cap)        -> give up ("attempts_exhausted")
+2b. the retry advisor (a learner), if any, says give up      -> give up ("advised")
 3. the server's Retry-After exceeds the cap                  -> give up ("retry_after_too_long")
 4. the sleep would end past the total deadline               -> give up ("deadline")
 5. the retry budget is spent                                 -> give up ("budget_exhausted")
@@ -28,7 +29,7 @@ from otel_recovery._config import SWITCHES
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.fallback import Fallback
-from otel_recovery.policies.retry import Retry
+from otel_recovery.policies.retry import Retry, RetryAdvice
 
 __all__ = ["Action", "Decision", "after_failure", "after_rejection"]
 
@@ -48,6 +49,8 @@ class Decision:
     action: Action
     delay: float = 0.0
     reason: str = ""
+    advice: RetryAdvice | None = None
+    """The retry advisor's answer, for the driver to report its outcome (``learn``)."""
 
 
 def _stop(fallback: Fallback | None, error: BaseException, reason: str) -> Decision:
@@ -77,6 +80,15 @@ def after_failure(
         limit = min(limit, SWITCHES.max_attempts)
     if attempt >= limit:
         return _stop(fallback, error, "attempts_exhausted")
+    advice = None
+    if retry.advisor is not None:
+        try:
+            advice = retry.advisor.advise(error, info, attempt)
+        except Exception:
+            _log.exception("retry advisor %r failed; the rules decide alone", retry.advisor)
+        if advice is not None and not advice.retry:
+            stop = _stop(fallback, error, "advised")
+            return Decision(stop.action, reason=stop.reason, advice=advice)
     try:
         delay = retry.delay_for(attempt, previous_delay, info)
     except Exception:
@@ -90,7 +102,7 @@ def after_failure(
         return _stop(fallback, error, "deadline")
     if budget is not None and not budget.try_spend(now):
         return _stop(fallback, error, "budget_exhausted")
-    return Decision(Action.RETRY, delay=delay)
+    return Decision(Action.RETRY, delay=delay, advice=advice)
 
 
 def after_rejection(fallback: Fallback | None, error: BaseException) -> Decision:

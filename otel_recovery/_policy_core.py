@@ -27,7 +27,7 @@ from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.bulkhead import Bulkhead, BulkheadFullError
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from otel_recovery.policies.fallback import Fallback
-from otel_recovery.policies.retry import Retry
+from otel_recovery.policies.retry import Retry, RetryAdvice
 from otel_recovery.policies.timeout import Timeout
 from otel_recovery.telemetry import CallTrace, Telemetry, get_telemetry, watch_breaker_globally
 
@@ -319,6 +319,16 @@ class PolicyCore:
             trace.fallback(kind, error, info)
             trace.end("fallback", attempts, info)
         return value
+
+    def _learn(self, advice: RetryAdvice | None, *, success: bool, seconds: float) -> None:
+        """Tell the retry advisor how its advice turned out (never raises)."""
+        retry = self.retry
+        if advice is None or retry is None or retry.advisor is None:
+            return
+        try:
+            retry.advisor.learn(advice, success=success, seconds=seconds)
+        except Exception:
+            _log.exception("retry advisor %r failed to learn", retry.advisor)
 
     def _abandon(
         self,

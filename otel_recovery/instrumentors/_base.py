@@ -15,6 +15,7 @@ the library's methods through a :class:`PatchSet` using the per-target policies 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
@@ -30,6 +31,8 @@ from otel_recovery.classify import Classifier
 from otel_recovery.instrumentors._settings import RecoverySettings, load_settings
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
+from otel_recovery.learning.store import CheckpointLearnerStore
+from otel_recovery.learning.strategy import StrategyLearner
 from otel_recovery.telemetry import Telemetry
 
 __all__ = ["RecoveryInstrumentor"]
@@ -82,11 +85,22 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             classifier=self._classifier(clock),
             fallback_on=self.fallback_on,
             telemetry=telemetry,
+            learner=self._learner(settings, clock),
         )
         patches = PatchSet(self.library)
         self._install(patches, self.targets, kwargs)
         patches.enabled = True
         self._patches = patches
+
+    def _learner(self, settings: RecoverySettings, clock: Any) -> StrategyLearner | None:
+        """One learner per instrumentor when learning is on; it persists through the store
+        named by ``OTEL_RECOVERY_STORE_URL`` when that is set (else it lives in memory)."""
+        if settings.learning == "off":
+            return None
+        store = None
+        if os.environ.get("OTEL_RECOVERY_STORE_URL"):
+            store = CheckpointLearnerStore(name=f"instrumentor.{self.library}")
+        return StrategyLearner(clock=clock, store=store, shadow=settings.learning == "shadow")
 
     def _uninstrument(self, **kwargs: Any) -> None:
         patches = self._patches

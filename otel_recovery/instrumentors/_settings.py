@@ -82,6 +82,9 @@ class RecoverySettings:
     """Added to the built-in list of read and idempotent commands."""
     redis_no_retry_commands: frozenset[str] = frozenset()
     """Removed from it."""
+    learning: str = "off"
+    """``off``; ``shadow``: a StrategyLearner learns from every retry decision but the rules
+    decide; ``on``: it also advises, per failure, whether one more retry is worth it."""
     sql_retry: str = "connect"
     """``connect``: retry only failures before the statement could have run; ``never``."""
     fallback_value: Any = None
@@ -124,6 +127,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "breaker_open_seconds": (lambda v: v > 0, "seconds > 0"),
     "breaker_half_open_calls": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "sql_retry": (lambda v: v in ("connect", "never"), "'connect' or 'never'"),
+    "learning": (lambda v: v in ("off", "shadow", "on"), "'off', 'shadow' or 'on'"),
     "http_retry_statuses": (
         lambda v: all(100 <= status <= 599 for status in v),
         "a comma-separated list of HTTP status codes (100-599)",

@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeAlias
 from otel_recovery._clock import Clock
 from otel_recovery.classify import Classifier, ErrorInfo
 from otel_recovery.instrumentors._settings import RecoverySettings
+from otel_recovery.learning.advisor import LearnedRetryAdvisor
+from otel_recovery.learning.strategy import StrategyLearner
 from otel_recovery.policies import (
     CircuitBreaker,
     ExponentialBackoff,
@@ -73,6 +75,7 @@ class TargetPolicies:
         classifier: Classifier | None = None,
         fallback_on: FallbackOn = Exception,
         telemetry: Telemetry | bool = True,
+        learner: StrategyLearner | None = None,
     ) -> None:
         """``classifier`` replaces the process-wide one for these policies (the HTTP
         instrumentors classify retryable *responses* by status); ``fallback_on`` limits what
@@ -85,6 +88,7 @@ class TargetPolicies:
         self._classifier = classifier
         self._fallback_on = fallback_on
         self._telemetry = telemetry
+        self.learner = learner
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
         self._lock = threading.Lock()
@@ -196,6 +200,11 @@ class TargetPolicies:
                 jitter="full",
             ),
             retry_after_cap=s.retry_after_cap,
+            advisor=(
+                LearnedRetryAdvisor(self.learner, service=target.breaker.name)
+                if self.learner is not None and retry_allowed
+                else None
+            ),
         )
         if isinstance(retry, _LayeredRetry):
             retry.not_retried = not_retried

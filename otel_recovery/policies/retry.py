@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import TypeAlias
+from typing import Protocol, TypeAlias, runtime_checkable
 
 from otel_recovery._clock import Duration, to_seconds
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.backoff import Backoff, CustomBackoff, ExponentialBackoff
 
-__all__ = ["Retry", "RetryOn"]
+__all__ = ["Retry", "RetryAdvice", "RetryAdvisor", "RetryOn"]
 
 _log = logging.getLogger("otel_recovery")
 
@@ -36,6 +36,26 @@ _NEVER_RETRIED: tuple[type[BaseException], ...] = (
 )
 
 
+class RetryAdvice(Protocol):
+    """An advisor's answer for one failure: ``retry`` says whether to try again."""
+
+    @property
+    def retry(self) -> bool: ...
+
+
+@runtime_checkable
+class RetryAdvisor(Protocol):
+    """A second opinion on retrying, consulted after the rules allow a retry (a learner).
+
+    ``advise`` is asked once per retryable failure; ``learn`` is told how the advice turned
+    out: for a retry, whether the next attempt succeeded; for giving up, at once.
+    """
+
+    def advise(self, error: BaseException, info: ErrorInfo, attempt: int) -> RetryAdvice: ...
+
+    def learn(self, advice: RetryAdvice, *, success: bool, seconds: float) -> None: ...
+
+
 class Retry:
     """Retry configuration.
 
@@ -49,6 +69,7 @@ class Retry:
     """
 
     __slots__ = (
+        "advisor",
         "attempt_timeout",
         "attempts",
         "backoff",
@@ -70,6 +91,7 @@ class Retry:
         retry_after_cap: Duration = 60.0,
         retry_after_jitter: Duration = 1.0,
         rng: random.Random | None = None,
+        advisor: RetryAdvisor | None = None,
     ) -> None:
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ValueError(f"attempts must be an int >= 1 (1 means no retry), got {attempts!r}")
@@ -94,6 +116,9 @@ class Retry:
         self.retry_after_cap = to_seconds(retry_after_cap, "retry_after_cap")
         self.retry_after_jitter = to_seconds(retry_after_jitter, "retry_after_jitter")
         self.rng = rng if rng is not None else random.Random()
+        if advisor is not None and not isinstance(advisor, RetryAdvisor):
+            raise TypeError(f"advisor must have advise() and learn(), got {advisor!r}")
+        self.advisor = advisor
 
     def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
         """Whether this failure may be repeated at all (ignoring attempts and budgets)."""
