@@ -16,7 +16,7 @@ from otel_recovery.policies.circuit_breaker import (
     StateTransition,
 )
 from otel_recovery.policies.fallback import Fallback
-from otel_recovery.policies.retry import Retry
+from otel_recovery.policies.retry import Retry, RetryAdvice, RetryAdvisor
 from otel_recovery.policies.timeout import Timeout, remaining_time
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "Fallback",
     "FixedBackoff",
     "Retry",
+    "RetryAdvice",
+    "RetryAdvisor",
     "RetryBudget",
     "StateTransition",
     "Timeout",
