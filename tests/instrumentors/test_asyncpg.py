@@ -8,39 +8,30 @@ counts calls beneath our wrapper; PgFront counts TCP connections; tables count r
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import asyncpg.connection
 import asyncpg.pool
 import pytest
-import wrapt
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.instrumentation.utils import (
-    is_instrumentation_enabled,
     suppress_instrumentation,
 )
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import StatusCode
+from pg_harness import PgHarness
 from servers import (
     PG_URL,
     PgFront,
     free_port,
-    pg_admin,
-    quiet,
-    require_postgres,
     terminate_when_running,
-    unique_table,
 )
 
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import asyncpg as ours_module
 from otel_recovery.instrumentors.asyncpg import AsyncPGRecoveryInstrumentor, dsn_target
-from otel_recovery.testing import FakeClock
 
 Conn = asyncpg.connection.Connection
 SITES = [
@@ -54,90 +45,20 @@ ALL_SITES = [(owner, attribute) for owner, attribute, _ in ours_module._sites()]
 ORIGINALS = {site: vars(site[0])[site[1]] for site in ALL_SITES}
 
 
-class Harness:
-    """Counting layer at the bottom, then contrib and ours in the chosen order."""
+class Harness(PgHarness):
+    library = "asyncpg"
+    sites = SITES
 
     def __init__(self) -> None:
-        require_postgres()
-        self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider()
-        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.calls: Counter[str] = Counter()
-        self.before_connect: Callable[[int], None] | None = None
-        self.contrib = False
-        self.ours = AsyncPGRecoveryInstrumentor()
-        self.fronts: list[PgFront] = []
-        self.tables: list[str] = []
-        for owner, attribute in SITES:
-            setattr(owner, attribute, wrapt.FunctionWrapper(vars(owner)[attribute], self._count))
+        super().__init__(AsyncPGRecoveryInstrumentor(), AsyncPGInstrumentor)
 
-    def _count(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        if is_instrumentation_enabled():  # test plumbing runs quiet(): not counted
-            name = wrapped.__name__
-            self.calls[name] += 1
-            if name == "connect" and self.before_connect is not None:
-                self.before_connect(self.calls[name])
-        return wrapped(*args, **kwargs)
-
-    def instrument(self, order: str = "contrib_first", **settings: Any) -> Harness:
-        settings.setdefault("clock", FakeClock())
-        if order == "contrib_first":
-            AsyncPGInstrumentor().instrument(tracer_provider=self.provider)
-        self.ours.instrument(tracer_provider=self.provider, **settings)
-        if order == "ours_first":
-            AsyncPGInstrumentor().instrument(tracer_provider=self.provider)
-        self.contrib = order != "ours_only"
-        return self
-
-    def close(self) -> None:
-        self.ours.uninstrument()
-        if AsyncPGInstrumentor().is_instrumented_by_opentelemetry:
-            AsyncPGInstrumentor().uninstrument()
+    def restore_sites(self) -> None:
         for owner, attribute in SITES:
             top = vars(owner)[attribute]
-            assert _wrapping._wrapper_module(top) == __name__, (owner, attribute)
+            assert _wrapping._wrapper_module(top) == PgHarness.__module__, (owner, attribute)
             setattr(owner, attribute, top.__wrapped__)
         for site, original in ORIGINALS.items():
             assert vars(site[0])[site[1]] is original, site
-        for front in self.fronts:
-            front.close()
-        if self.tables:
-            with quiet(), pg_admin() as admin:
-                for table in self.tables:
-                    admin.execute(f"DROP TABLE IF EXISTS {table}")
-        self.provider.shutdown()
-
-    def table(self) -> str:
-        name = unique_table("asyncpg")
-        self.tables.append(name)
-        with quiet(), pg_admin() as admin:
-            admin.execute(f"CREATE TABLE {name} (v int)")
-        return name
-
-    def rows(self, table: str) -> int:
-        with quiet(), pg_admin() as admin:
-            count: int = admin.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            return count
-
-    def listen_on_second_attempt(self, port: int) -> None:
-        def before(attempt: int) -> None:
-            if attempt == 2:
-                self.fronts.append(PgFront(port))
-
-        self.before_connect = before
-
-    def reset(self) -> None:
-        self.calls.clear()
-        self.exporter.clear()
-
-    def spans(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.exporter.get_finished_spans() if s.name == name]
-
-    def statement_span(self, keyword: str) -> ReadableSpan:
-        name = keyword if self.contrib else "recover asyncpg 127.0.0.1:5432"
-        (span,) = self.spans(name)
-        assert span.kind is (SpanKind.CLIENT if self.contrib else SpanKind.INTERNAL)
-        return span
 
 
 @pytest.fixture

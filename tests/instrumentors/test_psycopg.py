@@ -9,31 +9,23 @@ installed first); PgFront counts TCP connections; tables count rows.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-import wrapt
 from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 from opentelemetry.instrumentation.utils import (
-    is_instrumentation_enabled,
     suppress_instrumentation,
 )
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import StatusCode
+from pg_harness import PgHarness
 from servers import (
     PG_DSN,
     PgFront,
     free_port,
-    pg_admin,
-    quiet,
-    require_postgres,
     terminate_when_running,
-    unique_table,
 )
 
 from otel_recovery.instrumentors import _wrapping
@@ -53,93 +45,19 @@ ORIGINALS[psycopg.Cursor, "executemany"] = vars(psycopg.Cursor)["executemany"]
 ORIGINALS[psycopg.AsyncCursor, "executemany"] = vars(psycopg.AsyncCursor)["executemany"]
 
 
-class Harness:
-    """Counting layer at the bottom, then contrib and ours in the chosen order."""
+class Harness(PgHarness):
+    library = "psycopg"
+    sites = SITES
 
     def __init__(self) -> None:
-        require_postgres()
-        self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider()
-        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.calls: Counter[str] = Counter()
-        self.before_connect: Callable[[int], None] | None = None
-        self.contrib = False
-        self.ours = PsycopgRecoveryInstrumentor()
-        self.fronts: list[PgFront] = []
-        self.tables: list[str] = []
-        for owner, attribute in SITES:
-            setattr(owner, attribute, wrapt.FunctionWrapper(vars(owner)[attribute], self._count))
+        super().__init__(PsycopgRecoveryInstrumentor(), PsycopgInstrumentor)
 
-    def _count(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        if not is_instrumentation_enabled():  # test plumbing runs quiet(): not counted
-            return wrapped(*args, **kwargs)
-        name = wrapped.__name__
-        self.calls[name] += 1
-        if name == "connect" and self.before_connect is not None:
-            self.before_connect(self.calls[name])
-        return wrapped(*args, **kwargs)
-
-    def instrument(self, order: str = "contrib_first", **settings: Any) -> Harness:
-        settings.setdefault("clock", FakeClock())
-        if order == "contrib_first":
-            PsycopgInstrumentor().instrument(tracer_provider=self.provider)
-        self.ours.instrument(tracer_provider=self.provider, **settings)
-        if order == "ours_first":
-            PsycopgInstrumentor().instrument(tracer_provider=self.provider)
-        self.contrib = order != "ours_only"
-        return self
-
-    def close(self) -> None:
-        self.ours.uninstrument()
-        if PsycopgInstrumentor().is_instrumented_by_opentelemetry:
-            PsycopgInstrumentor().uninstrument()
+    def restore_sites(self) -> None:
         # contrib's unwrap turns the connect classmethods into bound methods (its own bug):
         # put the originals back whatever it left, after checking no layer of ours remains.
         for (owner, attribute), original in ORIGINALS.items():
             assert not _chain_has_ours(vars(owner)[attribute]), (owner, attribute)
             setattr(owner, attribute, original)
-        for front in self.fronts:
-            front.close()
-        if self.tables:
-            with quiet(), pg_admin() as admin:
-                for table in self.tables:
-                    admin.execute(f"DROP TABLE IF EXISTS {table}")
-        self.provider.shutdown()
-
-    def table(self) -> str:
-        name = unique_table("psycopg")
-        self.tables.append(name)
-        with quiet(), pg_admin() as admin:
-            admin.execute(f"CREATE TABLE {name} (v int)")
-        return name
-
-    def rows(self, table: str) -> int:
-        with quiet(), pg_admin() as admin:
-            count: int = admin.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            return count
-
-    def listen_on_second_attempt(self, port: int) -> None:
-        """Nothing listens on ``port`` for attempt 1; a front to PostgreSQL does from 2 on."""
-
-        def before(attempt: int) -> None:
-            if attempt == 2:
-                self.fronts.append(PgFront(port))
-
-        self.before_connect = before
-
-    def reset(self) -> None:
-        self.calls.clear()
-        self.exporter.clear()
-
-    def spans(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.exporter.get_finished_spans() if s.name == name]
-
-    def statement_span(self, keyword: str) -> ReadableSpan:
-        """Contrib's span of the statement, or ours (only on failure) without contrib."""
-        name = keyword if self.contrib else "recover psycopg 127.0.0.1:5432"
-        (span,) = self.spans(name)
-        assert span.kind is (SpanKind.CLIENT if self.contrib else SpanKind.INTERNAL)
-        return span
 
 
 def _chain_has_ours(node: Any) -> bool:
