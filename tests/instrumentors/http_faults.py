@@ -246,3 +246,38 @@ def telemetry() -> Iterator[Telemetry]:
 def events(span: ReadableSpan, name: str) -> list[dict[str, Any]]:
     """Attributes of the span's events called ``name``, in order."""
     return [dict(e.attributes or {}) for e in span.events if e.name == name]
+
+
+def instrumenting(
+    tel: Telemetry, clock: Any, ours_class: Any, contrib_class: Any
+) -> Iterator[Callable[..., Any]]:
+    """The body of each HTTP test file's ``instrument`` fixture.
+
+    Yields ``go(order="ours_first", *, contrib=True, **settings)``, which instruments ours and
+    (unless ``contrib=False``) contrib's in that order and returns ours; everything is
+    uninstrumented afterwards, last first.
+    """
+    used: list[Any] = []
+
+    def go(order: str = "ours_first", *, contrib: bool = True, **settings: Any) -> Any:
+        ours = ours_class()
+        options = {"backoff_initial": 0.01, "backoff_max": 0.05, "clock": clock, **settings}
+
+        def mine() -> None:
+            ours.instrument(
+                tracer_provider=tel.tracer_provider, meter_provider=tel.meter_provider, **options
+            )
+            used.append(ours)
+
+        def theirs() -> None:
+            contrib_class().instrument(tracer_provider=tel.tracer_provider)
+            used.append(contrib_class())
+
+        for step in (mine, theirs) if order == "ours_first" else (theirs, mine):
+            if step is mine or contrib:
+                step()
+        return ours
+
+    yield go
+    for instrumentor in reversed(used):
+        instrumentor.uninstrument()

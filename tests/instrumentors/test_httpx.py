@@ -59,30 +59,7 @@ def clock():
 @pytest.fixture
 def instrument(tel, clock):
     """``instrument(order, contrib=True, **settings)``; uninstruments everything afterwards."""
-    used = []
-
-    def go(order="ours_first", *, contrib=True, **settings):
-        ours = HTTPXRecoveryInstrumentor()
-        options = {"backoff_initial": 0.01, "backoff_max": 0.05, "clock": clock, **settings}
-
-        def mine():
-            ours.instrument(
-                tracer_provider=tel.tracer_provider, meter_provider=tel.meter_provider, **options
-            )
-            used.append(ours)
-
-        def theirs():
-            HTTPXClientInstrumentor().instrument(tracer_provider=tel.tracer_provider)
-            used.append(HTTPXClientInstrumentor())
-
-        for step in (mine, theirs) if order == "ours_first" else (theirs, mine):
-            if step is mine or contrib:
-                step()
-        return ours
-
-    yield go
-    for instrumentor in reversed(used):
-        instrumentor.uninstrument()
+    yield from hf.instrumenting(tel, clock, HTTPXRecoveryInstrumentor, HTTPXClientInstrumentor)
 
 
 async def send(mode, method, url, *, timeout=2.0, hooks=None, stream=False, **kwargs):

@@ -54,33 +54,7 @@ def clock():
 @pytest.fixture
 def instrument(tel, clock):
     """``instrument(order, contrib=True, **settings)``; uninstruments everything afterwards."""
-    used = []
-
-    def go(order="ours_first", *, contrib=True, **settings):
-        ours = RequestsRecoveryInstrumentor()
-        options = {"backoff_initial": 0.01, "backoff_max": 0.05, **settings}
-
-        def mine():
-            ours.instrument(
-                tracer_provider=tel.tracer_provider,
-                meter_provider=tel.meter_provider,
-                clock=clock,
-                **options,
-            )
-            used.append(ours)
-
-        def theirs():
-            RequestsInstrumentor().instrument(tracer_provider=tel.tracer_provider)
-            used.append(RequestsInstrumentor())
-
-        for step in (mine, theirs) if order == "ours_first" else (theirs, mine):
-            if step is mine or contrib:
-                step()
-        return ours
-
-    yield go
-    for instrumentor in reversed(used):
-        instrumentor.uninstrument()
+    yield from hf.instrumenting(tel, clock, RequestsRecoveryInstrumentor, RequestsInstrumentor)
 
 
 BOTH_ORDERS = pytest.mark.parametrize("order", ["ours_first", "contrib_first"])
