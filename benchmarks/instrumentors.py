@@ -149,11 +149,11 @@ class _CountingExporter:
 
 def _our_layers(value: object) -> int:
     """How many otel_recovery wrappers sit in the wrapt chain of a patched attribute."""
+    from otel_recovery.instrumentors._wrapping import _wrapper_module
+
     count, node, seen = 0, value, 0
     while node is not None and seen < 20:
-        wrapper = getattr(node, "_self_wrapper", None)
-        wrapper = getattr(wrapper, "func", wrapper)
-        if str(getattr(wrapper, "__module__", "")).startswith("otel_recovery"):
+        if _wrapper_module(node).startswith("otel_recovery"):  # a wrapt proxy or a layer
             count += 1
         node, seen = getattr(node, "__wrapped__", None), seen + 1
     return count

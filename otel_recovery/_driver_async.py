@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 from otel_recovery._attempt import ATTEMPT
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
-from otel_recovery._policy_core import PolicyCore
+from otel_recovery._policy_core import AsyncRunner, PolicyCore
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.bulkhead import BulkheadFullError
 from otel_recovery.policies.timeout import reset_deadline, set_deadline
@@ -93,53 +93,72 @@ class AsyncDriver(PolicyCore):
 
     def awrap(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """The async twin of ``SyncDriver.wrap``, for coroutine functions."""
+        run = self.arunner()
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            result: T = await run(fn, args, kwargs)
+            return result
+
+        return wrapper
+
+    def arunner(self) -> AsyncRunner:
+        """The async twin of ``SyncDriver.runner``: ``await run(fn, args, kwargs)`` behaves
+        exactly like ``await acall(fn, *args, **kwargs)`` for a coroutine function ``fn``."""
         if not self._happy_path_inlinable():
             acall = self.acall
 
-            async def general(*args: P.args, **kwargs: P.kwargs) -> T:
+            async def general(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
                 return await acall(fn, *args, **kwargs)
 
             return general
         switches = SWITCHES
         now = self.clock.now
         arecover = self._arecover
-        can_execute, record_success, release, record_call, remember = self._happy_path_hooks()
-        if can_execute is None and record_call is None and remember is None:
+        breaker, gate_unlocked, tallied, budget, deposit, remember = self._happy_path()
+        if breaker is None and budget is None and remember is None:
 
-            async def unguarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            async def unguarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
                 if not switches.active:
                     return await fn(*args, **kwargs)
                 started = now()
                 try:
                     return await fn(*args, **kwargs)
                 except Exception as error:
-                    recovered: T = await arecover(fn, args, kwargs, error, started, now() - started)
-                    return recovered
+                    return await arecover(fn, args, kwargs, error, started, now() - started)
 
             return unguarded
         areject = self._areject
         rejection = self._rejection
 
-        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        async def guarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
             if not switches.active:
                 return await fn(*args, **kwargs)
             started = now()
-            if can_execute is not None and not can_execute():
-                rejected: T = await areject(rejection(), started, args, kwargs, release=False)
-                return rejected
-            if record_call is not None:
-                record_call(started)
+            if (
+                breaker is not None
+                and not (gate_unlocked and breaker._permit_all)
+                and not breaker.can_execute()
+            ):
+                return await areject(rejection(), started, args, kwargs, release=False)
+            if budget is not None:
+                if deposit is not None and started < budget._bucket_end:
+                    deposit()
+                else:
+                    budget.record_call(started)
             try:
                 result = await fn(*args, **kwargs)
             except Exception as error:
-                recovered: T = await arecover(fn, args, kwargs, error, started, now() - started)
-                return recovered
+                return await arecover(fn, args, kwargs, error, started, now() - started)
             except BaseException:
-                if release is not None:
-                    release()
+                if breaker is not None:
+                    breaker.release()
                 raise
-            if record_success is not None:
-                record_success()
+            if breaker is not None:
+                tally = breaker._tally if tallied else None
+                if tally is not None:
+                    next(tally)
+                else:
+                    breaker.record_success()
             if remember is not None:
                 remember(args, kwargs, result, started)
             return result

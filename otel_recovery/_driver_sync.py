@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 from otel_recovery._attempt import ATTEMPT
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
-from otel_recovery._policy_core import PolicyCore
+from otel_recovery._policy_core import PolicyCore, Runner
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.bulkhead import BulkheadFullError
 from otel_recovery.policies.timeout import reset_deadline, set_deadline
@@ -86,60 +86,80 @@ class SyncDriver(PolicyCore):
                 bulkhead.release()
 
     def wrap(self, fn: Callable[P, T]) -> Callable[P, T]:
-        """A wrapper running ``fn`` under this policy, with ``call``'s happy path inlined.
+        """A wrapper running ``fn`` under this policy (what ``@recover`` installs)."""
+        run = self.runner()
 
-        Unless a bulkhead, a time limit or slow-call timing is configured, the wrapper does
-        the happy path itself with everything bound to locals: one frame instead of two and
-        no attribute chains. Behaviour is identical to ``call``. A policy's components are
-        configuration: don't swap them after decorating.
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            result: T = run(fn, args, kwargs)
+            return result
+
+        return wrapper
+
+    def runner(self) -> Runner:
+        """``run(fn, args, kwargs)``, behaving exactly like ``call(fn, *args, **kwargs)``.
+
+        For code that runs a policy on every call of something hot (the instrumentors, the
+        decorator): unless a bulkhead, a time limit or slow-call timing is configured, the
+        happy path is compiled into one closure with everything bound to locals, reading the
+        breaker's and budget's lock-free state instead of calling them (see
+        ``PolicyCore._happy_path``): one Python frame instead of five. A policy's components
+        are configuration: don't swap them after asking for a runner.
         """
         if not self._happy_path_inlinable():
             call = self.call
 
-            def general(*args: P.args, **kwargs: P.kwargs) -> T:
+            def general(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
                 return call(fn, *args, **kwargs)
 
             return general
         switches = SWITCHES
         now = self.clock.now
         recover = self._recover
-        can_execute, record_success, release, record_call, remember = self._happy_path_hooks()
-        if can_execute is None and record_call is None and remember is None:
+        breaker, gate_unlocked, tallied, budget, deposit, remember = self._happy_path()
+        if breaker is None and budget is None and remember is None:
 
-            def unguarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            def unguarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
                 if not switches.active:
                     return fn(*args, **kwargs)
                 started = now()
                 try:
                     return fn(*args, **kwargs)
                 except Exception as error:
-                    recovered: T = recover(fn, args, kwargs, error, started, now() - started)
-                    return recovered
+                    return recover(fn, args, kwargs, error, started, now() - started)
 
             return unguarded
         reject = self._reject
         rejection = self._rejection
 
-        def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        def guarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
             if not switches.active:
                 return fn(*args, **kwargs)
             started = now()
-            if can_execute is not None and not can_execute():
-                rejected: T = reject(rejection(), started, args, kwargs, release=False)
-                return rejected
-            if record_call is not None:
-                record_call(started)
+            if (
+                breaker is not None
+                and not (gate_unlocked and breaker._permit_all)
+                and not breaker.can_execute()
+            ):
+                return reject(rejection(), started, args, kwargs, release=False)
+            if budget is not None:
+                if deposit is not None and started < budget._bucket_end:
+                    deposit()
+                else:
+                    budget.record_call(started)
             try:
                 result = fn(*args, **kwargs)
             except Exception as error:
-                recovered: T = recover(fn, args, kwargs, error, started, now() - started)
-                return recovered
+                return recover(fn, args, kwargs, error, started, now() - started)
             except BaseException:
-                if release is not None:
-                    release()
+                if breaker is not None:
+                    breaker.release()
                 raise
-            if record_success is not None:
-                record_success()
+            if breaker is not None:
+                tally = breaker._tally if tallied else None
+                if tally is not None:
+                    next(tally)
+                else:
+                    breaker.record_success()
             if remember is not None:
                 remember(args, kwargs, result, started)
             return result

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Any, Literal, NamedTuple
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._engine import Decision, after_failure, after_rejection
@@ -31,10 +31,29 @@ from otel_recovery.policies.retry import Retry, RetryAdvice
 from otel_recovery.policies.timeout import Timeout
 from otel_recovery.telemetry import CallTrace, Telemetry, get_telemetry, watch_breaker_globally
 
-__all__ = ["PolicyCore"]
+__all__ = ["AsyncRunner", "HappyPath", "PolicyCore", "Runner"]
+
+Runner = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+"""``run(fn, args, kwargs)``: ``policy.call(fn, *args, **kwargs)`` compiled for a hot path."""
+AsyncRunner = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
+"""The async twin of :data:`Runner`."""
 
 _log = logging.getLogger("otel_recovery")
 _OPEN_STATES = (CircuitState.OPEN, CircuitState.FORCED_OPEN)
+
+
+class HappyPath(NamedTuple):
+    """The components a compiled happy path touches; see ``PolicyCore._happy_path``."""
+
+    breaker: CircuitBreaker | None
+    gate_unlocked: bool
+    """``breaker._permit_all`` may stand in for ``breaker.can_execute()`` while True."""
+    tallied: bool
+    """``next(breaker._tally)`` may stand in for ``breaker.record_success()`` while not None."""
+    budget: RetryBudget | None
+    deposit: Callable[[], object] | None
+    """The budget's deposit counter, or None: call ``budget.record_call`` instead."""
+    remember: Callable[..., None] | None
 
 
 class PolicyCore:
@@ -152,24 +171,37 @@ class PolicyCore:
             end = total if end is None else min(end, total)
         return end
 
-    def _happy_path_hooks(
-        self,
-    ) -> tuple[
-        Callable[[], bool] | None,
-        Callable[..., None] | None,
-        Callable[[], None] | None,
-        Callable[..., None] | None,
-        Callable[..., None] | None,
-    ]:
-        """Bound methods the inlined happy path calls, or None where a policy is absent:
-        (can_execute, record_success, release, record_call, remember)."""
+    def _happy_path(self) -> HappyPath:
+        """What the compiled happy paths (``SyncDriver.runner``/``AsyncDriver.arunner``) need.
+
+        A hot path pays per Python call, so where the breaker and the budget are the stock
+        classes it reads their lock-free state directly instead of calling their methods:
+        ``CircuitBreaker._permit_all`` (True while CLOSED, DISABLED or METRICS_ONLY: exactly
+        when ``can_execute()`` returns True without the lock), ``CircuitBreaker._tally``
+        (set while a success is recorded by one ``next()``: what ``record_success`` does
+        then) and ``RetryBudget._bucket_end`` with the deposit counter (what ``record_call``
+        does when no bucket rotates). A subclass that overrides those methods (the
+        fleet-wide Redis breaker) is always called.
+        """
         breaker, budget, fallback = self.breaker, self.budget, self.fallback
-        return (
-            breaker.can_execute if breaker is not None else None,
-            breaker.record_success if breaker is not None else None,
-            breaker.release if breaker is not None else None,
-            budget.record_call if budget is not None else None,
-            self._remember if fallback is not None and fallback.last_known_good else None,
+        return HappyPath(
+            breaker=breaker,
+            gate_unlocked=(
+                breaker is not None and type(breaker).can_execute is CircuitBreaker.can_execute
+            ),
+            tallied=(
+                breaker is not None
+                and type(breaker).record_success is CircuitBreaker.record_success
+            ),
+            budget=budget,
+            deposit=(
+                budget._call_count.__next__
+                if budget is not None and type(budget).record_call is RetryBudget.record_call
+                else None
+            ),
+            remember=(
+                self._remember if fallback is not None and fallback.last_known_good else None
+            ),
         )
 
     # -- shared steps ----------------------------------------------------------------------

@@ -23,8 +23,8 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
+from otel_recovery._policy_core import AsyncRunner, Runner
 from otel_recovery.classify import (
     Classifier,
     ErrorCategory,
@@ -40,6 +40,9 @@ from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.telemetry.attributes import REDIS_CLIENT_RETRIES, RETRY_DISALLOWED
 
 __all__ = [
+    "LEGACY_SUPPRESS_KEY",
+    "SUPPRESS_KEY",
+    "read_context",
     "Plan",
     "PlanCache",
     "PostgresClassifier",
@@ -57,28 +60,31 @@ T = TypeVar("T")
 
 _CONTRIB_PREFIX = "opentelemetry.instrumentation."
 try:  # the key the SDK exporters and suppress_instrumentation() set
-    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
-
-    _LEGACY_SUPPRESS_KEY = "suppress_instrumentation"
-
-    # The default runtime context keeps the current Context in one ContextVar; reading it
-    # directly saves two Python calls per instrumented call. Any other runtime context
-    # (a custom OTEL_PYTHON_CONTEXT) goes through the public API.
-    _context_var = getattr(
-        getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None
-    )
-    if _context_var is not None and hasattr(_context_var, "get"):
-        _read_context: Callable[[], Any] = _context_var.get
-    else:  # pragma: no cover - another runtime context implementation
-        _read_context = otel_context.get_current
-
-    def instrumentation_enabled() -> bool:
-        """``is_instrumentation_enabled()`` with one context read instead of three calls."""
-        current = _read_context()
-        return not (current.get(_SUPPRESS_KEY) or current.get(_LEGACY_SUPPRESS_KEY))
-
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as SUPPRESS_KEY
 except ImportError:  # pragma: no cover - an API without the private key
-    instrumentation_enabled = is_instrumentation_enabled
+    SUPPRESS_KEY = "suppress_instrumentation"
+LEGACY_SUPPRESS_KEY = "suppress_instrumentation"
+"""What ``is_instrumentation_enabled()`` also honours, for older instrumentations."""
+
+# The default runtime context keeps the current Context in one ContextVar; reading it
+# directly saves two Python calls per instrumented call. Any other runtime context
+# (a custom OTEL_PYTHON_CONTEXT) goes through the public API.
+_context_var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+if _context_var is not None and hasattr(_context_var, "get"):
+    read_context: Callable[[], Any] = _context_var.get
+else:  # pragma: no cover - another runtime context implementation
+    read_context = otel_context.get_current
+
+
+def instrumentation_enabled() -> bool:
+    """``is_instrumentation_enabled()`` with one context read instead of three calls.
+
+    A per-call hot path inlines the common case: when neither ``SUPPRESS_KEY`` nor
+    ``LEGACY_SUPPRESS_KEY`` is ``in read_context()`` (two slot lookups, no method call),
+    instrumentation is enabled; otherwise it asks this function.
+    """
+    context = read_context()
+    return not (context.get(SUPPRESS_KEY) or context.get(LEGACY_SUPPRESS_KEY))
 
 
 class Site:
@@ -86,24 +92,30 @@ class Site:
 
     The answer is cached against the identity of the attribute's outermost value, so it
     follows contrib instrumenting or uninstrumenting later at the cost of one identity check.
+    A hot path reads it inline: ``seen = site.seen``, and if ``site.namespace[attribute] is
+    not seen[0]``, ``seen = site.refresh()``; ``seen[1]`` is the span mode.
     """
 
-    __slots__ = ("_namespace", "_seen", "attribute", "owner", "proxy")
+    __slots__ = ("attribute", "namespace", "owner", "proxy", "seen")
 
     def __init__(self, owner: Any, attribute: str) -> None:
         self.owner = owner
         self.attribute = attribute
-        self.proxy: Any = None
-        self._namespace = vars(owner)  # a live view of the class (or module) namespace
+        self.proxy: Any = None  # our layer, once installed
+        self.namespace: Mapping[str, Any] = vars(owner)  # a live view of the namespace
         # (outermost value, answer) swapped as one reference, so threads never mix the two
-        self._seen: tuple[Any, SpanMode] = (None, "own")
+        self.seen: tuple[Any, SpanMode] = (None, "own")
 
     def span_mode(self) -> SpanMode:
         """``current`` when contrib's wrapper (and so contrib's span) is above ours."""
-        top = self._namespace.get(self.attribute)
-        seen = self._seen
-        if top is seen[0]:
-            return seen[1]
+        seen = self.seen
+        if self.namespace.get(self.attribute) is not seen[0]:
+            seen = self.refresh()
+        return seen[1]
+
+    def refresh(self) -> tuple[Any, SpanMode]:
+        """Walk the wrapper chain above our layer again; returns the new ``seen``."""
+        top = self.namespace.get(self.attribute)
         mode: SpanMode = "own"
         node = top
         for _ in range(32):  # wrapper chains are short; never loop forever on a cycle
@@ -113,8 +125,8 @@ class Site:
                 mode = "current"
                 break
             node = getattr(node, "__wrapped__", None)
-        self._seen = (top, mode)
-        return mode
+        self.seen = (top, mode)
+        return self.seen
 
 
 class Plan(NamedTuple):
@@ -122,6 +134,10 @@ class Plan(NamedTuple):
 
     policy: RecoveryPolicy
     span: SpanMode
+    run: Runner
+    """``policy.runner()``: the policy's compiled happy path, for sync calls."""
+    arun: AsyncRunner
+    """``policy.arunner()``, for coroutine functions."""
     disallowed: str | None = None
     """Why retrying is not allowed for this call (None: retrying is allowed)."""
     client_retried: tuple[type[BaseException], ...] = ()
@@ -166,7 +182,15 @@ class PlanCache:
                 span=span,
                 not_retried=client_retried if disallowed is None else (),
             )
-            plan = Plan(policy, span, disallowed, client_retried, client_retries)
+            plan = Plan(
+                policy,
+                span,
+                policy.runner(),
+                policy.arunner(),
+                disallowed,
+                client_retried,
+                client_retries,
+            )
             with self._lock:
                 if len(self._cache) >= self._limit:
                     self._cache.clear()

@@ -53,12 +53,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
+    LEGACY_SUPPRESS_KEY,
+    SUPPRESS_KEY,
     Plan,
     PlanCache,
     Site,
+    SpanMode,
     explain_no_retry,
     instrumentation_enabled,
-    run_async,
+    read_context,
 )
 from otel_recovery.instrumentors._redis_commands import CommandRules
 from otel_recovery.instrumentors._settings import RecoverySettings
@@ -70,6 +73,8 @@ __all__ = ["RedisRecoveryInstrumentor"]
 
 Queued = list[tuple[tuple[Any, ...], dict[str, Any]]]
 
+_TARGET = "_otel_recovery_target"
+"""Where a connection pool keeps its :class:`Target`."""
 _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
 """What a redis-py ``Retry`` repeats when not told otherwise."""
 
@@ -90,9 +95,9 @@ def _coverage(retry: Any, extra: list[Any]) -> tuple[tuple[type[BaseException], 
 
 class Target:
     """The server a client talks to, what redis-py's own retry repeats for it (and how
-    often), and the plans already chosen for its commands."""
+    often), and the plans already chosen for its commands, per span mode."""
 
-    __slots__ = ("host", "owner", "plans", "port", "retried", "retries", "retry")
+    __slots__ = ("current", "host", "kwargs", "own", "owner", "port", "retried", "retries", "retry")
 
     def __init__(
         self,
@@ -101,11 +106,16 @@ class Target:
         retried: tuple[type[BaseException], ...],
         retries: int,
         retry: Any = None,
+        kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.host, self.port, self.retried, self.retries = host, port, retried, retries
-        self.retry = retry  # the redis-py Retry these facts were read from
-        self.owner: object = None  # the planner that filled ``plans``
-        self.plans: dict[tuple[Any, str], Plan] = {}
+        self.retry = retry  # the redis-py Retry these facts were read from...
+        # ...and the pool's connection kwargs it was read from: ``set_retry`` updates this
+        # very dict, so one ``get`` tells whether the facts still hold.
+        self.kwargs: dict[str, Any] = kwargs if kwargs is not None else {"retry": retry}
+        self.owner: object = None  # the planner that filled the plans
+        self.own: dict[Any, Plan] = {}  # by the command's first argument, no contrib above
+        self.current: dict[Any, Plan] = {}  # the same, under contrib's span
 
 
 def _standalone_target(instance: Any) -> Target:
@@ -113,7 +123,7 @@ def _standalone_target(instance: Any) -> Target:
     pool = instance.connection_pool
     kwargs = pool.connection_kwargs
     retry = kwargs.get("retry")
-    cached: Target | None = getattr(pool, "_otel_recovery_target", None)
+    cached: Target | None = getattr(pool, _TARGET, None)
     if cached is not None and cached.retry is retry:
         return cached
     path = kwargs.get("path")
@@ -128,9 +138,9 @@ def _standalone_target(instance: Any) -> Target:
     if kwargs.get("retry_on_timeout"):
         extra.append(RedisTimeoutError)
     errors, retries = _coverage(retry, extra)
-    target = Target(host, port, errors, retries, retry)
+    target = Target(host, port, errors, retries, retry, kwargs)
     with contextlib.suppress(Exception):  # a pool with __slots__: recompute next time
-        pool._otel_recovery_target = target
+        setattr(pool, _TARGET, target)
     return target
 
 
@@ -183,6 +193,10 @@ def _queued(pipe: Any) -> Queued | None:
 class _Replay:
     """One pipeline attempt; from the second on, first puts back what ``execute`` cleared."""
 
+    @staticmethod
+    def wrapping(pipe: Any, saved: Queued) -> Callable[[Callable[..., Any]], _Replay]:
+        return lambda execute: _Replay(execute, pipe, saved)
+
     __slots__ = ("_pipe", "_saved", "_started", "_wrapped")
 
     def __init__(self, wrapped: Callable[..., Any], pipe: Any, saved: Queued) -> None:
@@ -223,14 +237,13 @@ class _Planner:
                 self._per_target[host, port] = rules
         return rules
 
-    def command(self, site: Site, target: Target, args: tuple[Any, ...]) -> Plan:
+    def command(self, mode: SpanMode, target: Target, args: tuple[Any, ...]) -> Plan:
         """The plan for one command; remembered per client, command spelling and span mode
         unless the answer depends on the arguments (``SET ... NX``, ``CONFIG GET``)."""
-        mode = site.span_mode()
         if target.owner is not self:  # filled by an earlier instrumentation: start over
-            target.owner, target.plans = self, {}
-        key = (args[0], mode)
-        plan = target.plans.get(key)
+            target.own, target.current, target.owner = {}, {}, self
+        plans = target.current if mode == "current" else target.own
+        plan = plans.get(args[0])
         if plan is not None:
             return plan
         host, port = target.host, target.port
@@ -240,19 +253,18 @@ class _Planner:
             plan = self.plans.plan(host, port, name, mode, None, target.retried, target.retries)
         else:
             plan = self.plans.plan(host, port, name, mode, "non_idempotent_command")
-        if rules.depends_on_arguments(args, name) or len(target.plans) >= 512:
+        if rules.depends_on_arguments(args, name) or len(plans) >= 512:
             return plan
-        target.plans[key] = plan
+        plans[args[0]] = plan
         return plan
 
-    def immediate(self, site: Site, target: Target, args: tuple[Any, ...]) -> Plan:
+    def immediate(self, mode: SpanMode, target: Target, args: tuple[Any, ...]) -> Plan:
         host, port = target.host, target.port
         name = self.rules_for(host, port).name(args)
-        return self.plans.plan(host, port, name, site.span_mode(), "transaction")
+        return self.plans.plan(host, port, name, mode, "transaction")
 
-    def pipeline(self, site: Site, target: Target, pipe: Any) -> tuple[Plan, Queued | None]:
+    def pipeline(self, mode: SpanMode, target: Target, pipe: Any) -> tuple[Plan, Queued | None]:
         host, port, retried, retries = target.host, target.port, target.retried, target.retries
-        mode = site.span_mode()
         if _transactional(pipe):
             return self.plans.plan(host, port, "MULTI", mode, "transaction"), None
         queued = _queued(pipe)
@@ -265,68 +277,101 @@ class _Planner:
 Kind = Literal["command", "immediate", "pipeline"]
 
 
-def _sync_wrapper(
-    planner: _Planner,
-    kind: Kind,
-    site: Site,
-    resolve: Callable[[Any], Target],
-    patches: PatchSet,
-) -> Callable[..., Any]:
-    where = f"redis {site.owner.__name__}.{site.attribute}"
+class _Sites:
+    """Builds the layers of one patch site: finding a call's plan is shared by the sync and
+    async layers, which differ only in how they call and await."""
 
-    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not patches.enabled or not instrumentation_enabled():
-            return wrapped(*args, **kwargs)
-        try:
-            target = resolve(instance)
-            if kind == "pipeline":
-                plan, saved = planner.pipeline(site, target, instance)
-                fn = wrapped if saved is None else _Replay(wrapped, instance, saved)
-            else:
-                plan = (planner.immediate if kind == "immediate" else planner.command)(
-                    site, target, args
-                )
-                fn = wrapped
-        except Exception as error:
-            report_internal_error(where, error)
-            return wrapped(*args, **kwargs)
-        try:  # run_sync, inlined: this is the per-command hot path
-            return plan.policy.call(fn, *args, **kwargs)
-        except Exception as error:
-            explain_no_retry(plan, error)
-            raise
+    def __init__(
+        self,
+        planner: _Planner,
+        kind: Kind,
+        site: Site,
+        resolve: Callable[[Any], Target],
+        patches: PatchSet,
+        where: str,
+    ) -> None:
+        self.planner, self.kind, self.site, self.resolve = planner, kind, site, resolve
+        self.patches, self.where = patches, where
 
-    return wrapper
+    def plan(self, args: tuple[Any, ...]) -> tuple[Plan, Callable[..., Any] | None]:
+        """The plan for a pipeline or immediate call (``args[0]`` is the client) and, for a
+        retried pipeline, what refills it; the general, slower path."""
+        planner, instance = self.planner, args[0]
+        target = self.resolve(instance)
+        mode = self.site.span_mode()
+        if self.kind == "pipeline":
+            plan, saved = planner.pipeline(mode, target, instance)
+            return plan, (None if saved is None else _Replay.wrapping(instance, saved))
+        if self.kind == "immediate":
+            return planner.immediate(mode, target, args[1:]), None
+        return planner.command(mode, target, args[1:]), None
 
+    def sync_layer(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        patches, planner, site, where = self.patches, self.planner, self.site, self.where
+        namespace, attribute = site.namespace, site.attribute
+        enabled = instrumentation_enabled
+        command = self.kind == "command"
+        standalone = self.resolve is _standalone_target
+        resolve, plan_slowly = self.resolve, self.plan
 
-def _async_wrapper(
-    planner: _Planner,
-    kind: Kind,
-    site: Site,
-    resolve: Callable[[Any], Target],
-    patches: PatchSet,
-) -> Callable[..., Any]:
-    where = f"redis.asyncio {site.owner.__name__}.{site.attribute}"
+        def layer(*args: Any, **options: Any) -> Any:
+            # The per-command hot path: every step is inlined (see _db's module docstring).
+            if not patches.enabled:
+                return original(*args, **options)
+            context = read_context()  # suppressed? (``in`` first: no method call)
+            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not enabled():
+                return original(*args, **options)
+            try:
+                fn = original
+                plan = None
+                if command:
+                    seen = site.seen
+                    if namespace[attribute] is not seen[0]:
+                        seen = site.refresh()
+                    target = getattr(args[0].connection_pool, _TARGET, None) if standalone else None
+                    if target is None or target.kwargs.get("retry") is not target.retry:
+                        target = resolve(args[0])
+                    if target.owner is planner:
+                        plans = target.current if seen[1] == "current" else target.own
+                        plan = plans.get(args[1])
+                    if plan is None:
+                        plan = planner.command(seen[1], target, args[1:])
+                else:
+                    plan, replay = plan_slowly(args)
+                    if replay is not None:
+                        fn = replay(original)
+            except Exception as error:
+                report_internal_error(where, error)
+                return original(*args, **options)
+            try:
+                return plan.run(fn, args, options)
+            except Exception as error:
+                explain_no_retry(plan, error)
+                raise
 
-    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not patches.enabled or not instrumentation_enabled():
-            return await wrapped(*args, **kwargs)
-        try:
-            target = resolve(instance)
-            if kind == "pipeline":
-                plan, saved = planner.pipeline(site, target, instance)
-                fn = wrapped if saved is None else _Replay(wrapped, instance, saved)
-            else:
-                plan = (planner.immediate if kind == "immediate" else planner.command)(
-                    site, target, args
-                )
-                fn = wrapped
-        except Exception as error:
-            report_internal_error(where, error)
-            return await wrapped(*args, **kwargs)
-        return await run_async(plan, fn, args, kwargs)
+        return layer
 
-    return wrapper
+    def async_layer(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        patches, where, plan_slowly = self.patches, self.where, self.plan
+
+        async def layer(*args: Any, **options: Any) -> Any:
+            if not patches.enabled:
+                return await original(*args, **options)
+            if not instrumentation_enabled():
+                return await original(*args, **options)
+            try:
+                plan, replay = plan_slowly(args)
+                fn = original if replay is None else replay(original)
+            except Exception as error:
+                report_internal_error(where, error)
+                return await original(*args, **options)
+            try:
+                return await plan.arun(fn, args, options)
+            except Exception as error:
+                explain_no_retry(plan, error)
+                raise
+
+        return layer
 
 
 _SITES: tuple[tuple[Any, str, Kind, Callable[[Any], Target], bool], ...] = (
@@ -377,11 +422,8 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
         planner = _Planner(targets)
         for owner, attribute, kind, resolve, is_async in _SITES:
             site = Site(owner, attribute)
-            make = _async_wrapper if is_async else _sync_wrapper
-            site.proxy = patches.wrap(
-                owner,
-                attribute,
-                make(planner, kind, site, resolve, patches),
-                beneath_contrib=True,
-                checks_enabled=True,
-            )
+            library = "redis.asyncio" if is_async else "redis"
+            where = f"{library} {owner.__name__}.{attribute}"
+            sites = _Sites(planner, kind, site, resolve, patches, where)
+            build = sites.async_layer if is_async else sites.sync_layer
+            site.proxy = patches.layer(owner, attribute, build, beneath_contrib=True)

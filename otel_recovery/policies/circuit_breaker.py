@@ -249,6 +249,7 @@ class CircuitBreaker:
         "_state",
         "_success_threshold",
         "_successful_calls",
+        "_tally",
         "_timeout_multiplier",
         "_window",
         "name",
@@ -364,6 +365,29 @@ class CircuitBreaker:
         self._open_until = math.inf
         self._configured_threshold = self._failure_threshold
         self._configured_rate = self._rate_threshold
+        self._tally: itertools.count[int] | None = None
+        self._refresh_tally()
+
+    def _refresh_tally(self) -> None:
+        """(Lock held, or not yet shared.) Decide whether a success may be recorded right
+        now by a single ``next(self._tally)``, the lock-free cases of :meth:`record_success`:
+        closed in consecutive mode with no failure to reset, or closed with a deferring count
+        window (see ``__init__``). Compiled happy paths read ``_tally`` instead of calling
+        ``record_success`` (``PolicyCore._happy_path``); None sends them to the method.
+
+        A success counted through a ``_tally`` read just before another thread recorded a
+        failure is ordered after that failure, as :meth:`record_success`'s own lock-free
+        paths already allow: concurrent calls have no order to preserve.
+        """
+        tally: itertools.count[int] | None = None
+        if self._fast_record:
+            if not self._consecutive_failures:
+                tally = self._fast_successes
+        elif self._lazy:
+            window = self._window
+            if window is not None and (not window.failures or window.calls >= self._minimum_calls):
+                tally = self._lazy_successes
+        self._tally = tally
 
     def _make_window(self, window: str, window_size: int | Duration) -> OutcomeWindow:
         if window == "count":
@@ -505,12 +529,15 @@ class CircuitBreaker:
     def record_success(self, duration: float | None = None) -> None:
         """Record a successful call; ``duration`` (seconds) feeds the slow-call rate."""
         if self._fast_record:
-            # Closed, consecutive mode: no lock. The count is atomic (see __init__); the reset
-            # may race with a concurrent failure, which is then ordered just after this
+            # Closed, consecutive mode: no lock unless failures must be reset. The count is
+            # atomic (see __init__); a failure recorded concurrently is ordered after this
             # success -- concurrent calls have no order to preserve.
             next(self._fast_successes)
             if self._consecutive_failures:
-                self._consecutive_failures = 0
+                with self._lock:
+                    if self._fast_record:
+                        self._consecutive_failures = 0
+                        self._refresh_tally()
             return
         if self._lazy:
             window = self._window
@@ -525,6 +552,7 @@ class CircuitBreaker:
         lock.acquire()
         try:
             self._record(False, duration)
+            self._refresh_tally()
         finally:
             lock.release()
         if self._pending:
@@ -536,6 +564,7 @@ class CircuitBreaker:
         lock.acquire()
         try:
             self._record(True, duration)
+            self._refresh_tally()
         finally:
             lock.release()
         if self._pending:
@@ -714,6 +743,7 @@ class CircuitBreaker:
                 self._window.clear()
         if to_state is _CLOSED:
             self._current_timeout = self._base_timeout
+        self._refresh_tally()
 
     def _transition(self, to_state: CircuitState, reason: str, now: float) -> None:
         from_state = self._state
