@@ -108,3 +108,25 @@ def test_budget_is_exact_under_threads():
 def test_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RetryBudget(**kwargs)
+
+
+def test_the_compiled_runner_deposits_exactly_like_record_call():
+    """``RecoveryPolicy.runner()`` deposits by reading the bucket's end and counting, without
+    calling ``record_call``; across bucket rotations both must agree call for call."""
+    clock = testing.FakeClock()
+    compiled = RetryBudget(ratio=0.5, min_per_second=1.0, ttl=2.0, clock=clock)
+    reference = RetryBudget(ratio=0.5, min_per_second=1.0, ttl=2.0, clock=clock)
+    policy = RecoveryPolicy(retry=Retry(2), budget=compiled, clock=clock, telemetry=False)
+    run = policy.runner()
+    for step in range(300):
+        assert run(lambda: step, (), {}) == step
+        reference.record_call(clock.now())
+        clock.advance(0.013 * (step % 17))  # sometimes within a bucket, sometimes past several
+        if step % 50 == 49:  # reading rotates too: read rarely, so deposits must rotate
+            ours, theirs = compiled.snapshot(), reference.snapshot()
+            assert (ours.calls_in_window, ours.total_calls, ours.available) == (
+                theirs.calls_in_window,
+                theirs.total_calls,
+                theirs.available,
+            )
+    assert compiled.snapshot().total_calls == 300

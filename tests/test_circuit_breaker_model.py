@@ -11,12 +11,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from otel_recovery._fake_clock import FakeClock
-from otel_recovery.policies.circuit_breaker import CircuitBreaker, StateTransition
+from otel_recovery.policies.circuit_breaker import (
+    CircuitBreaker,
+    CircuitOpenError,
+    StateTransition,
+)
+from otel_recovery.recover import RecoveryPolicy
 
 DURATIONS = st.sampled_from([None, 0.0, 0.5, 0.99, 1.0, 2.5])
 STEPS = st.one_of(
@@ -148,6 +154,14 @@ class Model:
                 self.go(target, op)
 
 
+def _succeed() -> str:
+    return "ok"
+
+
+def _fail() -> str:
+    raise ConnectionError("refused")  # transient: counted against the dependency
+
+
 class BreakerMachine(RuleBasedStateMachine):
     config: dict[str, Any] = {}
 
@@ -157,6 +171,8 @@ class BreakerMachine(RuleBasedStateMachine):
         self.seen: list[StateTransition] = []
         self.breaker = CircuitBreaker(clock=self.clock, listeners=[self.seen.append], **self.config)
         self.model = Model(self.config, self.clock)
+        policy = RecoveryPolicy(breaker=self.breaker, clock=self.clock, telemetry=False)
+        self.run = policy.runner()
 
     @rule()
     def can_execute(self) -> None:
@@ -169,6 +185,22 @@ class BreakerMachine(RuleBasedStateMachine):
         assert permitted == self.model.can_execute()
         if permitted:
             self.record(failed, duration)
+
+    @rule(failed=st.booleans())
+    def compiled_call(self, failed: bool) -> None:
+        """A call through ``RecoveryPolicy.runner()``, whose happy path reads the breaker's
+        lock-free ``_permit_all`` and ``_tally`` instead of calling it: same decisions."""
+        permitted = self.model.can_execute()
+        if not permitted:
+            with pytest.raises(CircuitOpenError):
+                self.run(_succeed, (), {})
+        elif failed:
+            with pytest.raises(ConnectionError):
+                self.run(_fail, (), {})
+        else:
+            assert self.run(_succeed, (), {}) == "ok"
+        if permitted:
+            self.model.record(failed, None)
 
     @rule(failed=st.booleans(), duration=DURATIONS)
     def record(self, failed: bool, duration: float | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+from typing import Any
 
 import pytest
 
@@ -370,3 +371,30 @@ def test_inlined_wrapper_matches_call_with_budget_breaker_and_last_known_good(fa
     assert (snap.total_calls, snap.total_retries, snap.total_refused) == (2, 1, 1)
     assert breaker.snapshot().successful_calls == 1
     assert breaker.snapshot().failed_calls == 1
+
+
+def test_the_compiled_runner_calls_a_breaker_subclass_that_overrides_the_hot_path():
+    """The runner reads the stock breaker's lock-free state; a subclass that overrides
+    ``can_execute``/``record_success`` (the fleet-wide breaker does) must be asked instead."""
+
+    class Audited(CircuitBreaker):
+        __slots__ = ("asked", "told")
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.asked = self.told = 0
+
+        def can_execute(self) -> bool:
+            self.asked += 1
+            return super().can_execute()
+
+        def record_success(self, duration: float | None = None) -> None:
+            self.told += 1
+            super().record_success(duration)
+
+    clock = testing.FakeClock()
+    breaker = Audited(clock=clock)
+    run = RecoveryPolicy(breaker=breaker, clock=clock, telemetry=False).runner()
+    for _ in range(3):
+        assert run(lambda: "ok", (), {}) == "ok"
+    assert (breaker.asked, breaker.told) == (3, 3)

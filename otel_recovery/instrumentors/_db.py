@@ -34,7 +34,7 @@ from otel_recovery.classify import (
     get_default_classifier,
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
-from otel_recovery.instrumentors._wrapping import _wrapper_module
+from otel_recovery.instrumentors._wrapping import PatchSet, _wrapper_module, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.telemetry.attributes import REDIS_CLIENT_RETRIES, RETRY_DISALLOWED
@@ -51,8 +51,10 @@ __all__ = [
     "explain_no_retry",
     "instrumentation_enabled",
     "pg_default_target",
+    "async_layer",
     "run_async",
     "run_sync",
+    "sync_layer",
 ]
 
 SpanMode = Literal["own", "current"]
@@ -217,6 +219,72 @@ def explain_no_retry(plan: Plan, error: BaseException) -> None:
             span.set_attribute(REDIS_CLIENT_RETRIES, plan.client_retries)
     except Exception:  # telemetry must never replace the caller's error
         return
+
+
+def sync_layer(
+    patches: PatchSet, where: str, locate: Callable[[tuple[Any, ...]], Plan]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A ``build`` for :meth:`PatchSet.layer`: a sync method that runs under the plan
+    ``locate(args)`` picks (``args[0]`` is the instance).
+
+    The per-call path is the layer, ``locate`` and the plan's compiled runner: suppression
+    is checked inline (see :func:`instrumentation_enabled`), a failure to plan calls the
+    original untouched, and a failure of the call is explained on the span and re-raised.
+    """
+
+    def build(original: Callable[..., Any]) -> Callable[..., Any]:
+        def layer(*args: Any, **kwargs: Any) -> Any:
+            if not patches.enabled:
+                return original(*args, **kwargs)
+            context = read_context()
+            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not (
+                instrumentation_enabled()
+            ):
+                return original(*args, **kwargs)
+            try:
+                plan = locate(args)
+            except Exception as error:
+                report_internal_error(where, error)
+                return original(*args, **kwargs)
+            try:
+                return plan.run(original, args, kwargs)
+            except Exception as error:
+                explain_no_retry(plan, error)
+                raise
+
+        return layer
+
+    return build
+
+
+def async_layer(
+    patches: PatchSet, where: str, locate: Callable[[tuple[Any, ...]], Plan]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The asyncio twin of :func:`sync_layer`, for coroutine methods."""
+
+    def build(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def layer(*args: Any, **kwargs: Any) -> Any:
+            if not patches.enabled:
+                return await original(*args, **kwargs)
+            context = read_context()
+            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not (
+                instrumentation_enabled()
+            ):
+                return await original(*args, **kwargs)
+            try:
+                plan = locate(args)
+            except Exception as error:
+                report_internal_error(where, error)
+                return await original(*args, **kwargs)
+            try:
+                return await plan.arun(original, args, kwargs)
+            except Exception as error:
+                explain_no_retry(plan, error)
+                raise
+
+        return layer
+
+    return build
 
 
 def run_sync(plan: Plan, fn: Callable[..., T], args: Any, kwargs: Any) -> T:

@@ -37,6 +37,7 @@ from otel_recovery.instrumentors._db import (
     PlanCache,
     PostgresClassifier,
     Site,
+    async_layer,
     instrumentation_enabled,
     pg_default_target,
     run_async,
@@ -114,24 +115,28 @@ class _Planner:
         host, port = _connection_target(connection)
         return self.plans.plan(host, port, None, site.span_mode(), "statement_may_have_run")
 
+    def statement_locator(self, site: Site, prepared: bool) -> Callable[[tuple[Any, ...]], Plan]:
+        """``locate(args)`` for a statement layer: ``args[0]`` is the connection, or a
+        prepared statement bound to one."""
+
+        def locate(args: tuple[Any, ...]) -> Plan:
+            return self.statement(site, args[0]._connection if prepared else args[0])
+
+        return locate
+
 
 Kind = Literal["connect", "acquire", "statement", "prepared"]
 
 
 def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
+    """Connecting and pool acquisition: a wrapt wrapper (the sites are not all methods)."""
     where = f"asyncpg {getattr(site.owner, '__name__', site.owner)}.{site.attribute}"
 
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if not instrumentation_enabled() or (kind == "connect" and _ACQUIRING.get()):
             return await wrapped(*args, **kwargs)
         try:
-            if kind == "connect":
-                plan = planner.connect(args, kwargs)
-            elif kind == "acquire":
-                plan = planner.acquire(instance)
-            else:
-                connection = instance._connection if kind == "prepared" else instance
-                plan = planner.statement(site, connection)
+            plan = planner.connect(args, kwargs) if kind == "connect" else planner.acquire(instance)
         except Exception as error:
             report_internal_error(where, error)
             return await wrapped(*args, **kwargs)
@@ -177,6 +182,11 @@ class AsyncPGRecoveryInstrumentor(RecoveryInstrumentor):
         planner = _Planner(targets)
         for owner, attribute, kind in _sites():
             site = Site(owner, attribute)
-            site.proxy = patches.wrap(
-                owner, attribute, _wrapper(planner, kind, site), beneath_contrib=True
-            )
+            if kind in ("connect", "acquire"):
+                wrapper = _wrapper(planner, kind, site)
+                site.proxy = patches.wrap(owner, attribute, wrapper, beneath_contrib=True)
+            else:  # per statement: a plain-function layer beneath contrib's span
+                where = f"asyncpg {owner.__name__}.{attribute}"
+                locate = planner.statement_locator(site, prepared=kind == "prepared")
+                build = async_layer(patches, where, locate)
+                site.proxy = patches.layer(owner, attribute, build, beneath_contrib=True)

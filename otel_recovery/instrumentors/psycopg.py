@@ -37,13 +37,15 @@ from otel_recovery.instrumentors._db import (
     PlanCache,
     PostgresClassifier,
     SpanMode,
+    async_layer,
     instrumentation_enabled,
     pg_default_target,
     run_async,
     run_sync,
+    sync_layer,
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
-from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
 
 __all__ = ["PsycopgRecoveryInstrumentor"]
 
@@ -52,6 +54,8 @@ _CONNECT_OPTIONS = frozenset(
 )
 """``connect()`` keyword arguments that are not libpq connection parameters."""
 _CONTRIB_PREFIX = "opentelemetry.instrumentation."
+_PLANS = "_otel_recovery_plans"
+"""Where a connection keeps ``(planner, {cursor class: plan})``."""
 
 
 def _connect_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int | None]:
@@ -77,55 +81,56 @@ class _Planner:
         self.plans = PlanCache(targets)
         never = targets.settings.sql_retry == "never"
         self.connect_rule: str | None = "sql_retry_never" if never else None
-        self._modes: dict[type, SpanMode] = {}
 
     def connect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
         host, port = _connect_target(args, kwargs)
         return self.plans.plan(host, port, "connect", "own", self.connect_rule)
 
-    def statement(self, cursor: Any) -> Plan:
-        host, port = _connection_target(cursor.connection)
-        cls = type(cursor)
-        mode = self._modes.get(cls)
-        if mode is None:  # contrib's TracedCursor subclasses the cursor class it wraps
-            mode = "current" if cls.__module__.startswith(_CONTRIB_PREFIX) else "own"
-            self._modes[cls] = mode
-        return self.plans.plan(host, port, None, mode, "statement_may_have_run")
+    def statement(self, args: tuple[Any, ...]) -> Plan:
+        """The plan for ``cursor.execute*(...)`` (``args[0]`` is the cursor): remembered on
+        its connection per cursor class, so the per-call cost is two lookups."""
+        cursor = args[0]
+        connection = cursor.connection
+        remembered: tuple[_Planner, dict[type, Plan]] | None = getattr(connection, _PLANS, None)
+        if remembered is not None and remembered[0] is self:
+            plan = remembered[1].get(type(cursor))
+            if plan is not None:
+                return plan
+        return self._statement(connection, type(cursor))
+
+    def _statement(self, connection: Any, cursor_class: type) -> Plan:
+        host, port = _connection_target(connection)
+        # contrib's TracedCursor subclasses the cursor class it wraps: its span is ours
+        contrib = cursor_class.__module__.startswith(_CONTRIB_PREFIX)
+        mode: SpanMode = "current" if contrib else "own"
+        plan = self.plans.plan(host, port, None, mode, "statement_may_have_run")
+        remembered: tuple[_Planner, dict[type, Plan]] | None = getattr(connection, _PLANS, None)
+        if remembered is None or remembered[0] is not self:
+            remembered = (self, {})
+            with contextlib.suppress(AttributeError):  # __slots__: plan again next time
+                setattr(connection, _PLANS, remembered)
+        if len(remembered[1]) < 16:
+            remembered[1][cursor_class] = plan
+        return plan
 
 
-Kind = Literal["connect", "statement"]
+def _connect_wrapper(planner: _Planner, where: str, is_async: bool) -> Wrapper:
+    """Connecting is rare: a wrapt wrapper (the sites are classmethods and a function)."""
 
-
-def _sync_wrapper(planner: _Planner, kind: Kind, where: str) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if not instrumentation_enabled():
             return wrapped(*args, **kwargs)
         try:
-            plan = (
-                planner.connect(args, kwargs) if kind == "connect" else planner.statement(instance)
-            )
+            plan = planner.connect(args, kwargs)
         except Exception as error:
             report_internal_error(where, error)
             return wrapped(*args, **kwargs)
-        return run_sync(plan, wrapped, args, kwargs)
+        return (run_async if is_async else run_sync)(plan, wrapped, args, kwargs)
 
     return wrapper
 
 
-def _async_wrapper(planner: _Planner, kind: Kind, where: str) -> Callable[..., Any]:
-    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not instrumentation_enabled():
-            return await wrapped(*args, **kwargs)
-        try:
-            plan = (
-                planner.connect(args, kwargs) if kind == "connect" else planner.statement(instance)
-            )
-        except Exception as error:
-            report_internal_error(where, error)
-            return await wrapped(*args, **kwargs)
-        return await run_async(plan, wrapped, args, kwargs)
-
-    return wrapper
+Kind = Literal["connect", "statement"]
 
 
 _SITES: tuple[tuple[Any, str, Kind, bool], ...] = (
@@ -155,5 +160,9 @@ class PsycopgRecoveryInstrumentor(RecoveryInstrumentor):
         planner = _Planner(targets)
         for owner, attribute, kind, is_async in _SITES:
             where = f"psycopg {getattr(owner, '__name__', owner)}.{attribute}"
-            make = _async_wrapper if is_async else _sync_wrapper
-            patches.wrap(owner, attribute, make(planner, kind, where), beneath_contrib=True)
+            if kind == "connect":
+                wrapper = _connect_wrapper(planner, where, is_async)
+                patches.wrap(owner, attribute, wrapper, beneath_contrib=True)
+            else:  # the per-statement hot path: a plain-function layer
+                build = (async_layer if is_async else sync_layer)(patches, where, planner.statement)
+                patches.layer(owner, attribute, build, beneath_contrib=True)

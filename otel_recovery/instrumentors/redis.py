@@ -277,9 +277,10 @@ class _Planner:
 Kind = Literal["command", "immediate", "pipeline"]
 
 
-class _Sites:
-    """Builds the layers of one patch site: finding a call's plan is shared by the sync and
-    async layers, which differ only in how they call and await."""
+class _SiteLayers:
+    """Builds the layer of one patch site. The sync and async layers share the general way
+    to find a call's plan (:meth:`plan`); a standalone client's command, the call that
+    matters most, finds it inline in the sync layer."""
 
     def __init__(
         self,
@@ -294,8 +295,8 @@ class _Sites:
         self.patches, self.where = patches, where
 
     def plan(self, args: tuple[Any, ...]) -> tuple[Plan, Callable[..., Any] | None]:
-        """The plan for a pipeline or immediate call (``args[0]`` is the client) and, for a
-        retried pipeline, what refills it; the general, slower path."""
+        """The plan for a call (``args[0]`` is the client or pipeline) and, for a retried
+        pipeline, what wraps ``execute`` to refill it."""
         planner, instance = self.planner, args[0]
         target = self.resolve(instance)
         mode = self.site.span_mode()
@@ -309,28 +310,28 @@ class _Sites:
     def sync_layer(self, original: Callable[..., Any]) -> Callable[..., Any]:
         patches, planner, site, where = self.patches, self.planner, self.site, self.where
         namespace, attribute = site.namespace, site.attribute
-        enabled = instrumentation_enabled
-        command = self.kind == "command"
-        standalone = self.resolve is _standalone_target
-        resolve, plan_slowly = self.resolve, self.plan
+        enabled, resolve, plan_slowly = instrumentation_enabled, self.resolve, self.plan
+        inline = self.kind == "command" and self.resolve is _standalone_target
 
         def layer(*args: Any, **options: Any) -> Any:
-            # The per-command hot path: every step is inlined (see _db's module docstring).
+            # Every Python call costs here (the issue's budget is 1 us per command), so the
+            # checks of instrumentation_enabled, Site.span_mode, _standalone_target and
+            # _Planner.command are written out inline for a standalone client's command.
             if not patches.enabled:
                 return original(*args, **options)
-            context = read_context()  # suppressed? (``in`` first: no method call)
+            context = read_context()
             if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not enabled():
                 return original(*args, **options)
+            fn = original
             try:
-                fn = original
-                plan = None
-                if command:
+                if inline:
                     seen = site.seen
                     if namespace[attribute] is not seen[0]:
                         seen = site.refresh()
-                    target = getattr(args[0].connection_pool, _TARGET, None) if standalone else None
+                    target = getattr(args[0].connection_pool, _TARGET, None)
                     if target is None or target.kwargs.get("retry") is not target.retry:
                         target = resolve(args[0])
+                    plan = None
                     if target.owner is planner:
                         plans = target.current if seen[1] == "current" else target.own
                         plan = plans.get(args[1])
@@ -424,6 +425,6 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
             site = Site(owner, attribute)
             library = "redis.asyncio" if is_async else "redis"
             where = f"{library} {owner.__name__}.{attribute}"
-            sites = _Sites(planner, kind, site, resolve, patches, where)
-            build = sites.async_layer if is_async else sites.sync_layer
+            layers = _SiteLayers(planner, kind, site, resolve, patches, where)
+            build = layers.async_layer if is_async else layers.sync_layer
             site.proxy = patches.layer(owner, attribute, build, beneath_contrib=True)
