@@ -7,10 +7,13 @@ current (an HTTP server span, say) would pin a Redis ``error.type`` on the reque
 patch site checks, per call, whether a contrib wrapper sits above it (:class:`Site`) and
 otherwise lets a failing call open its own ``recover ...`` span.
 
-Everything on the per-call path is kept to a few dictionary lookups: a cheaper equivalent of
-``is_instrumentation_enabled()``, one plan-cache lookup (:class:`PlanCache`), and an
-identity check of the patched attribute. Failures are the slow path and may do more, such as
-explaining on the span why a call was not retried (:func:`explain_no_retry`).
+Every statement and command pays for what runs on its path, so that path is a plain-function
+layer (:func:`sync_layer`/:func:`async_layer`, or the Redis command layer, which inlines even
+its lookups): an inline suppression check (two ``in`` tests on the current context), the
+plan found by one or two dictionary lookups (:class:`PlanCache`, plans remembered on the
+connection or pool), an identity check of the patched attribute (:class:`Site`), and the
+plan's compiled runner (``RecoveryPolicy.runner()``). Failures are the slow path and may do
+more, such as explaining on the span why a call was not retried (:func:`explain_no_retry`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Installing and removing our wrapt wrappers without disturbing anybody else's.
+"""Installing and removing our patches without disturbing anybody else's.
+
+Per-call sites get a plain-function layer (:meth:`PatchSet.layer`: wrapt's per-call binding
+costs more than our whole budget there); rarely called sites get a wrapt wrapper
+(:meth:`PatchSet.wrap`). Both carry ``__wrapped__`` and are handled alike below.
 
 Three facts from research/otel-conventions.md (sections 1.9 and 2) shape this module:
 
