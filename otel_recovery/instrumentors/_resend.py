@@ -16,12 +16,13 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import SpanKind
 
-from otel_recovery._attempt import current_attempt
+from otel_recovery._attempt import ATTEMPT
 from otel_recovery.telemetry.attributes import HTTP_REQUEST_RESEND_COUNT
 
 __all__ = ["ResendCountSpanProcessor", "install_resend_processor"]
 
 _HTTP_METHOD_KEYS = ("http.request.method", "http.method")
+_current_attempt = ATTEMPT.get  # what current_attempt() returns, one Python call less per span
 _installed: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.Lock()
 
@@ -30,7 +31,7 @@ class ResendCountSpanProcessor(SpanProcessor):
     """Sets ``http.request.resend_count = attempt - 1`` on HTTP CLIENT spans of resends."""
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        attempt = current_attempt()
+        attempt = _current_attempt()
         if attempt <= 1 or span.kind is not SpanKind.CLIENT:
             return
         attributes = span.attributes or {}

@@ -16,13 +16,11 @@ classifier reads like the response itself. The shared rules live in :mod:`._http
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp.helpers import TimerNoop
 from multidict import CIMultiDict, CIMultiDictProxy
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from yarl import URL
 
 from otel_recovery._clock import Clock
@@ -31,8 +29,6 @@ from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._http import (
     FALLBACK_HEADER,
     IDEMPOTENCY_KEY,
-    Adapter,
-    HttpCall,
     ResponseClassifier,
     RetryableStatusError,
     fallback_body,
@@ -40,16 +36,14 @@ from otel_recovery.instrumentors._http import (
     install_resend_count,
     plan_call,
     replayable_data,
-    run_async,
     target_of,
 )
+from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans, HttpSite, async_layer
 from otel_recovery.instrumentors._targets import TargetPolicies
-from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
 __all__ = ["AioHttpCircuitOpenError", "AioHttpClientRecoveryInstrumentor"]
-
-_SITE = "aiohttp"
 
 
 class AioHttpCircuitOpenError(CircuitOpenError, aiohttp.ClientConnectionError):
@@ -78,69 +72,98 @@ class AioHttpClientRecoveryInstrumentor(RecoveryInstrumentor):
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         install_resend_count(kwargs)
-        patches.wrap(aiohttp.ClientSession, "_request", _wrapper(targets))
+        plan_of = _Planner(HttpPlans(targets)).plan
+        patches.layer(aiohttp.ClientSession, "_request", async_layer(patches, _Site, plan_of))
 
 
-def _wrapper(targets: TargetPolicies) -> Callable[..., Any]:
-    async def request(
-        wrapped: Callable[..., Awaitable[aiohttp.ClientResponse]],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+class _Site(HttpSite[aiohttp.ClientResponse]):
+    site = "aiohttp"
+    status_attribute = "status"
+
+    def close(self, response: aiohttp.ClientResponse) -> object:
+        return response.release()  # a no-op awaitable in aiohttp 3.x; awaited by the caller
+
+    def rejected(
+        self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> BaseException:
+        return AioHttpCircuitOpenError(error.name, error.retry_after)
+
+    def fallback(
+        self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> aiohttp.ClientResponse:
-        if not is_instrumentation_enabled():
-            return await wrapped(*args, **kwargs)
-        planned = _safe_plan(targets, instance, args, kwargs)
-        if planned is None:
-            return await wrapped(*args, **kwargs)
-        call, method, url = planned
-        adapter = Adapter(
-            _SITE, "status", _release, _rejected, lambda v: _fallback_response(v, method, url)
-        )
-        return await run_async(call.policy, lambda: wrapped(*args, **kwargs), call, adapter)
-
-    return request
+        method, raw = _method_and_url(args, kwargs)
+        return _fallback_response(value, str(method).upper(), _absolute(args[0], raw))
 
 
-def _safe_plan(
-    targets: TargetPolicies, session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[HttpCall, str, URL] | None:
-    """The plan, or None to call the original untouched (also when planning itself fails)."""
-    try:
-        method = args[0] if args else kwargs.get("method")
-        raw = args[1] if len(args) > 1 else kwargs.get("str_or_url")
+class _Planner:
+    """Finds the plan of a ``ClientSession._request(method, str_or_url, **options)`` call.
+
+    Without a ``data=`` body to judge, the method, the URL as passed and the session's base
+    URL decide the plan unless an ``Idempotency-Key`` could matter, so that plan is
+    remembered under them and found again with one dictionary lookup.
+    """
+
+    def __init__(self, plans: HttpPlans) -> None:
+        self.plans = plans
+        self.shapes = plans.shapes
+
+    def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpPlan | None:
+        shape: Any = None
+        # session.get(url) and friends; session.post(url) passes data=None
+        if len(args) == 3 and ("data" not in kwargs or kwargs["data"] is None):
+            shape = (args[1], args[2], getattr(args[0], "_base_url", None))
+            try:
+                plan = self.shapes.get(shape)
+            except TypeError:  # an unhashable argument: aiohttp will judge it
+                plan, shape = None, None
+            if plan is not None:
+                return plan
+        return self._plan(args, kwargs, shape)
+
+    def _plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], shape: Any) -> HttpPlan | None:
+        """Plan afresh; remember the plan under ``shape`` unless that is None."""
+        session = args[0]
+        method, raw = _method_and_url(args, kwargs)
         if not isinstance(method, str) or raw is None:
             return None
-        url = raw if isinstance(raw, URL) else URL(str(raw))
-        base = getattr(session, "_base_url", None)
-        if not url.is_absolute() and isinstance(base, URL):
-            url = base.join(url)
+        url = _absolute(session, raw)
         target = target_of(url.scheme, url.host, url.port)
         if target is None:
             return None
-        key = has_header(kwargs.get("headers"), IDEMPOTENCY_KEY) or has_header(
-            getattr(session, "headers", None), IDEMPOTENCY_KEY
-        )
         call = plan_call(
-            targets,
+            self.plans.targets,
             method,
             *target,
             url.path,
-            idempotency_key=key,
+            has_key=lambda: _has_key(session, kwargs.get("headers")),
             replayable=replayable_data(kwargs.get("data")),
         )
-    except Exception as error:
-        report_internal_error(f"{_SITE}: planning", error)
-        return None
-    return call, method.upper(), url
+        plan = self.plans.compile(call)
+        if shape is not None:
+            self.plans.remember(shape, plan)
+        return plan
 
 
-def _release(response: aiohttp.ClientResponse) -> object:
-    return response.release()  # a no-op awaitable in aiohttp 3.x; awaited by the caller
+def _method_and_url(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """``_request(self, method, str_or_url, ...)``'s method and URL as given."""
+    method = args[1] if len(args) > 1 else kwargs.get("method")
+    return method, args[2] if len(args) > 2 else kwargs.get("str_or_url")
 
 
-def _rejected(error: CircuitOpenError) -> BaseException:
-    return AioHttpCircuitOpenError(error.name, error.retry_after)
+def _absolute(session: Any, raw: Any) -> URL:
+    """The URL a request goes to: ``raw`` joined to the session's ``base_url``, if any."""
+    url = raw if isinstance(raw, URL) else URL(str(raw))
+    base = getattr(session, "_base_url", None)
+    if not url.is_absolute() and isinstance(base, URL):
+        url = base.join(url)
+    return url
+
+
+def _has_key(session: Any, headers: object) -> bool:
+    """An ``Idempotency-Key`` on the request or on the session."""
+    return has_header(headers, IDEMPOTENCY_KEY) or has_header(
+        getattr(session, "headers", None), IDEMPOTENCY_KEY
+    )
 
 
 def _fallback_response(value: Any, method: str, url: URL) -> aiohttp.ClientResponse:

@@ -15,11 +15,9 @@ unchanged, is shared with the other HTTP instrumentors (:mod:`._http`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from otel_recovery._clock import Clock
 from otel_recovery.classify import Classifier
@@ -27,24 +25,25 @@ from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._http import (
     FALLBACK_HEADER,
     IDEMPOTENCY_KEY,
-    Adapter,
-    HttpCall,
     ResponseClassifier,
     RetryableStatusError,
     fallback_body,
     install_resend_count,
     plan_call,
-    run_async,
-    run_sync,
     target_of,
 )
+from otel_recovery.instrumentors._http_layer import (
+    HttpPlan,
+    HttpPlans,
+    HttpSite,
+    async_layer,
+    sync_layer,
+)
 from otel_recovery.instrumentors._targets import TargetPolicies
-from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
 __all__ = ["HTTPXCircuitOpenError", "HTTPXRecoveryInstrumentor"]
-
-_SITE = "httpx"
 
 
 class HTTPXCircuitOpenError(CircuitOpenError, httpx.ConnectError):
@@ -75,56 +74,65 @@ class HTTPXRecoveryInstrumentor(RecoveryInstrumentor):
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         install_resend_count(kwargs)
-        patches.wrap(httpx.Client, "send", _sync_wrapper(targets))
-        patches.wrap(httpx.AsyncClient, "send", _async_wrapper(targets))
+        plan_of = _Planner(HttpPlans(targets)).plan
+        patches.layer(httpx.Client, "send", sync_layer(patches, _Site, plan_of))
+        patches.layer(httpx.AsyncClient, "send", async_layer(patches, _AsyncSite, plan_of))
 
 
-def _sync_wrapper(targets: TargetPolicies) -> Callable[..., Any]:
-    def send(
-        wrapped: Callable[..., httpx.Response],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> httpx.Response:
-        if not is_instrumentation_enabled():
-            return wrapped(*args, **kwargs)
-        planned = _safe_plan(targets, args, kwargs)
-        if planned is None:
-            return wrapped(*args, **kwargs)
-        call, request = planned
-        return run_sync(
-            call.policy, lambda: wrapped(*args, **kwargs), call, _adapter(request, _close)
-        )
+class _Site(HttpSite[httpx.Response]):
+    site = "httpx"
+    status_attribute = "status_code"
 
-    return send
+    def close(self, response: httpx.Response) -> object:
+        response.close()
+        return None
 
+    def rejected(
+        self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> BaseException:
+        rejection = HTTPXCircuitOpenError(error.name, error.retry_after)
+        rejection.request = _request_of(args, kwargs)
+        return rejection
 
-def _async_wrapper(targets: TargetPolicies) -> Callable[..., Any]:
-    async def send(
-        wrapped: Callable[..., Awaitable[httpx.Response]],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> httpx.Response:
-        if not is_instrumentation_enabled():
-            return await wrapped(*args, **kwargs)
-        planned = _safe_plan(targets, args, kwargs)
-        if planned is None:
-            return await wrapped(*args, **kwargs)
-        call, request = planned
-        return await run_async(
-            call.policy, lambda: wrapped(*args, **kwargs), call, _adapter(request, _aclose)
-        )
-
-    return send
+    def fallback(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> httpx.Response:
+        return _fallback_response(value, _request_of(args, kwargs))
 
 
-def _safe_plan(
-    targets: TargetPolicies, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[HttpCall, httpx.Request] | None:
-    """The plan, or None to call the original untouched (also when planning itself fails)."""
-    try:
-        request = args[0] if args else kwargs.get("request")
+class _AsyncSite(_Site):
+    def close(self, response: httpx.Response) -> object:
+        return response.aclose()
+
+
+class _Planner:
+    """Finds the plan of a ``send(request)`` call, sync or async.
+
+    A request with its body in memory (``httpx.ByteStream``, also what a body-less request
+    has) is planned by its method and URL alone unless an ``Idempotency-Key`` could matter,
+    so that plan is remembered under them and found again with one dictionary lookup. The
+    URL's parsed form (``URL._uri_reference``, a tuple) is the key, as hashing the
+    ``httpx.URL`` itself formats it to a string first; an httpx without it is planned
+    afresh every time.
+    """
+
+    def __init__(self, plans: HttpPlans) -> None:
+        self.plans = plans
+        self.shapes = plans.shapes
+
+    def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpPlan | None:
+        request = _request_of(args, kwargs)
+        shape: Any = None
+        try:
+            if request.stream.__class__ is httpx.ByteStream:  # a body in memory, or none
+                shape = (request.method, request.url._uri_reference)
+                plan = self.shapes.get(shape)
+                if plan is not None:
+                    return plan
+        except AttributeError:  # not an httpx.Request, or another httpx: plan afresh
+            shape = None
+        return self._plan(request, shape)
+
+    def _plan(self, request: Any, shape: Any) -> HttpPlan | None:
+        """Plan afresh; remember the plan under ``shape`` unless that is None."""
         if not isinstance(request, httpx.Request):
             return None
         url = request.url
@@ -132,43 +140,22 @@ def _safe_plan(
         if target is None:
             return None
         call = plan_call(
-            targets,
+            self.plans.targets,
             request.method,
             *target,
             url.path,
-            idempotency_key=IDEMPOTENCY_KEY in request.headers,
+            has_key=lambda: IDEMPOTENCY_KEY in request.headers,
             replayable=isinstance(request.stream, httpx.ByteStream),
         )
-    except Exception as error:
-        report_internal_error(f"{_SITE}: planning", error)
-        return None
-    return call, request
+        plan = self.plans.compile(call)
+        if shape is not None:
+            self.plans.remember(shape, plan)
+        return plan
 
 
-def _adapter(
-    request: httpx.Request, close: Callable[[httpx.Response], object]
-) -> Adapter[httpx.Response]:
-    return Adapter(
-        _SITE,
-        "status_code",
-        close,
-        lambda error: _rejected(error, request),
-        lambda value: _fallback_response(value, request),
-    )
-
-
-def _close(response: httpx.Response) -> None:
-    response.close()
-
-
-def _aclose(response: httpx.Response) -> Awaitable[None]:
-    return response.aclose()
-
-
-def _rejected(error: CircuitOpenError, request: httpx.Request) -> BaseException:
-    rejection = HTTPXCircuitOpenError(error.name, error.retry_after)
-    rejection.request = request
-    return rejection
+def _request_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The request ``send(self, request, ...)`` was given."""
+    return args[1] if len(args) > 1 else kwargs.get("request")
 
 
 def _fallback_response(value: Any, request: httpx.Request) -> httpx.Response:

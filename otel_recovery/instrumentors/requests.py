@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from requests.structures import CaseInsensitiveDict
 
 from otel_recovery._clock import Clock
@@ -28,8 +27,6 @@ from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._http import (
     FALLBACK_HEADER,
     IDEMPOTENCY_KEY,
-    Adapter,
-    HttpCall,
     ResponseClassifier,
     RetryableStatusError,
     fallback_body,
@@ -37,18 +34,17 @@ from otel_recovery.instrumentors._http import (
     install_resend_count,
     plan_call,
     replayable_data,
-    run_sync,
     target_of,
 )
+from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans, HttpSite, sync_layer
 from otel_recovery.instrumentors._targets import TargetPolicies
-from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
 __all__ = ["RequestsCircuitOpenError", "RequestsRecoveryInstrumentor"]
 
-_SITE = "requests"
 _KEY = IDEMPOTENCY_KEY.lower()
-# Session.request's parameters in order, to read positional arguments.
+# Session.request's parameters in order (after self), to read positional arguments.
 _PARAMS = ("method", "url", "params", "data", "headers", "cookies", "files", "auth", "timeout")
 
 
@@ -78,51 +74,104 @@ class RequestsRecoveryInstrumentor(RecoveryInstrumentor):
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         install_resend_count(kwargs)
-        patches.wrap(requests.sessions.Session, "request", _wrapper(targets))
+        plan_of = _Planner(HttpPlans(targets)).plan
+        patches.layer(requests.sessions.Session, "request", sync_layer(patches, _Site, plan_of))
 
 
-def _wrapper(targets: TargetPolicies) -> Callable[..., Any]:
-    def request(
-        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if not is_instrumentation_enabled():  # the exporter's own traffic, or suppressed
-            return wrapped(*args, **kwargs)
-        try:
-            planned = _plan(targets, instance, args, kwargs)
-        except Exception as error:
-            report_internal_error(f"{_SITE}: planning", error)
-            planned = None
-        if planned is None:
-            return wrapped(*args, **kwargs)
-        call, method, url = planned
-        adapter = Adapter(
-            _SITE, "status_code", _close, _rejected, lambda v: _fallback_response(v, method, url)
+class _Site(HttpSite[requests.Response]):
+    site = "requests"
+    status_attribute = "status_code"
+
+    def close(self, response: requests.Response) -> None:
+        response.close()
+
+    def rejected(
+        self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> BaseException:
+        return RequestsCircuitOpenError(error.name, error.retry_after)
+
+    def fallback(
+        self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> requests.Response:
+        target = _method_and_url(_bind(args, kwargs))
+        if target is None:  # cannot happen: the request was planned
+            raise ValueError("no method and URL to answer for")
+        return _fallback_response(value, target[0].upper(), target[1])
+
+
+class _Planner:
+    """Finds the plan of a ``Session.request`` call.
+
+    ``session.get(url)`` and friends call ``request(self, "GET", url, **options)``, and
+    ``requests.get(url)`` calls ``session.request(method=..., url=...)``: without a body to
+    judge (no ``data``/``files``; ``json=`` is always replayable), the method and URL as
+    passed decide the plan unless an ``Idempotency-Key`` could matter, so it is remembered
+    under them and found again with one dictionary lookup. Anything else is planned afresh.
+    """
+
+    def __init__(self, plans: HttpPlans) -> None:
+        self.plans = plans
+        self.shapes = plans.shapes
+
+    def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpPlan | None:
+        shape: Any = None
+        if ("data" not in kwargs or kwargs["data"] is None) and (
+            "files" not in kwargs or kwargs["files"] is None
+        ):  # no body to judge (session.post passes data=None)
+            count = len(args)
+            if count == 3:  # session.get(url) and friends
+                shape = args[1:]
+            elif count == 1:  # requests.get(url)
+                shape = (kwargs.get("method"), kwargs.get("url"))
+            try:
+                plan = self.shapes.get(shape)
+            except TypeError:  # an unhashable argument: requests will judge it
+                plan, shape = None, None
+            if plan is not None:
+                return plan
+        return self._plan(args, kwargs, shape)
+
+    def _plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], shape: Any) -> HttpPlan | None:
+        """Plan afresh; remember the plan under ``shape`` unless that is None."""
+        bound = _bind(args, kwargs)
+        target = _method_and_url(bound)
+        where = None if target is None else _split(target[1])
+        if target is None or where is None:
+            return None  # let requests report its own error
+        host, port, path = where
+        session_headers = getattr(args[0], "headers", None) if args else None
+        call = plan_call(
+            self.plans.targets,
+            target[0],
+            host,
+            port,
+            path,
+            has_key=lambda: _has_key(bound.get("headers"), session_headers),
+            replayable=replayable_data(bound.get("data")) and _replayable_files(bound.get("files")),
         )
-        return run_sync(call.policy, lambda: wrapped(*args, **kwargs), call, adapter)
+        plan = self.plans.compile(call)
+        if shape is not None:
+            self.plans.remember(shape, plan)
+        return plan
 
-    return request
 
-
-def _plan(
-    targets: TargetPolicies, session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[HttpCall, str, str] | None:
-    bound = dict(zip(_PARAMS, args, strict=False))
+def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``Session.request``'s arguments by name (``args[0]`` is the session)."""
+    bound = dict(zip(_PARAMS, args[1:], strict=False))
     bound.update(kwargs)
+    return bound
+
+
+def _method_and_url(bound: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The method and URL as text (requests takes bytes too); None if either is neither."""
     method, url = bound.get("method"), bound.get("url")
     if isinstance(method, bytes):
         method = method.decode("ascii")
     if isinstance(url, bytes):
         url = url.decode("utf-8")
     if not isinstance(method, str) or not isinstance(url, str):
-        return None  # let requests report its own error
-    where = _split(url)
-    if where is None:
         return None
-    host, port, path = where
-    key = _has_key(bound.get("headers"), getattr(session, "headers", None))
-    replayable = replayable_data(bound.get("data")) and _replayable_files(bound.get("files"))
-    call = plan_call(targets, method, host, port, path, idempotency_key=key, replayable=replayable)
-    return call, method.upper(), url
+    return method, url
 
 
 @functools.lru_cache(maxsize=1024)
@@ -163,15 +212,7 @@ def _replayable_files(files: object) -> bool:
     return True
 
 
-def _close(response: Any) -> None:
-    response.close()
-
-
-def _rejected(error: CircuitOpenError) -> BaseException:
-    return RequestsCircuitOpenError(error.name, error.retry_after)
-
-
-def _fallback_response(value: Any, method: str, url: str) -> Any:
+def _fallback_response(value: Any, method: str, url: str) -> requests.Response:
     """A 200 response carrying the configured fallback value, marked with a header."""
     body, content_type = fallback_body(value)
     response = requests.models.Response()

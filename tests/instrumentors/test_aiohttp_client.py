@@ -250,10 +250,10 @@ async def test_a_bug_in_the_engine_before_sending_sends_exactly_once(
     instrument()
     monkeypatch.setattr(_wrapping, "_reported", set())
 
-    async def broken(self, fn, *args, **kwargs):
+    async def broken(fn, args, kwargs):
         raise RuntimeError("engine bug")
 
-    monkeypatch.setattr(RecoveryPolicy, "acall", broken)
+    monkeypatch.setattr(RecoveryPolicy, "arunner", lambda self: broken)
     url = server.script("/engine", hf.ok("sent once"))
     assert (await fetch("GET", url))[1] == "sent once"
     assert server.count("/engine") == 1

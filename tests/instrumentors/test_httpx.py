@@ -179,6 +179,33 @@ async def test_streaming_bodies_are_sent_once(server, instrument, mode):
 
 
 @MODES
+async def test_a_remembered_plan_only_answers_for_requests_of_its_shape(server, instrument, mode):
+    """Plans are remembered by method and URL; a body or a key still decides for itself."""
+    instrument()
+
+    def chunks():
+        yield b"x"
+
+    async def achunks():
+        yield b"x"
+
+    url = server.script(
+        "/same", hf.ok(), hf.status(503), hf.status(503), hf.ok(), hf.status(503), hf.status(503)
+    )
+    statuses = [
+        (await send(mode, "PUT", url)).status_code,  # planned, then remembered
+        (
+            await send(mode, "PUT", url, content=chunks() if mode == "sync" else achunks())
+        ).status_code,
+        (await send(mode, "PUT", url)).status_code,  # the remembered plan: retried
+        (await send(mode, "POST", url)).status_code,  # POST: once
+        (await send(mode, "POST", url, headers={"Idempotency-Key": "k"})).status_code,
+    ]
+    assert statuses == [200, 503, 200, 503, 200]
+    assert server.count("/same") == 7
+
+
+@MODES
 async def test_an_open_circuit_rejects_as_an_httpx_transport_error(server, tel, instrument, mode):
     instrument(max_attempts=1, breaker_window=2, breaker_minimum_calls=2)
     url = server.script("/x", *[hf.status(503)] * 2)
@@ -294,14 +321,14 @@ async def test_a_bug_in_the_engine_before_sending_sends_exactly_once(
     instrument()
     monkeypatch.setattr(_wrapping, "_reported", set())
 
-    def broken(self, fn, *args, **kwargs):
+    def broken(fn, args, kwargs):
         raise RuntimeError("engine bug")
 
-    async def abroken(self, fn, *args, **kwargs):
+    async def abroken(fn, args, kwargs):
         raise RuntimeError("engine bug")
 
-    monkeypatch.setattr(RecoveryPolicy, "call", broken)
-    monkeypatch.setattr(RecoveryPolicy, "acall", abroken)
+    monkeypatch.setattr(RecoveryPolicy, "runner", lambda self: broken)
+    monkeypatch.setattr(RecoveryPolicy, "arunner", lambda self: abroken)
     url = server.script("/engine", hf.ok("sent once"))
     assert (await send(mode, "GET", url)).text == "sent once"
     assert server.count("/engine") == 1

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors._resend import ResendCountSpanProcessor
 from otel_recovery.instrumentors._settings import SettingsError
 from otel_recovery.instrumentors.requests import (
     RequestsCircuitOpenError,
@@ -184,6 +185,38 @@ def test_non_replayable_bodies_are_sent_once(server, instrument):
     bytes_url = server.script("/bytes", hf.status(503), hf.ok())
     requests.put(bytes_url, data=b"data", timeout=2)
     assert (server.count("/gen"), server.count("/file"), server.count("/bytes")) == (1, 1, 2)
+
+
+def test_a_remembered_plan_only_answers_for_requests_of_its_shape(server, instrument):
+    """Plans are remembered by method and URL; a body or a key still decides for itself."""
+    instrument()
+    url = server.script(
+        "/same", hf.ok(), hf.status(503), hf.status(503), hf.ok(), hf.status(503), hf.status(503)
+    )
+    with requests.Session() as session:
+        statuses = [
+            session.put(url, timeout=2).status_code,  # planned, then remembered
+            session.put(url, data=(c for c in [b"x"]), timeout=2).status_code,  # a stream: once
+            session.put(url, timeout=2).status_code,  # the remembered plan: retried
+            session.post(url, timeout=2).status_code,  # POST: once
+            session.post(url, headers={"Idempotency-Key": "k"}, timeout=2).status_code,
+        ]
+    assert statuses == [200, 503, 200, 503, 200]
+    assert server.count("/same") == 7
+
+
+def test_the_resend_count_processor_joins_at_the_first_resend(server, tel, instrument):
+    """Until a request is resent, the processor would only cost every span three calls."""
+    instrument()
+
+    def installed() -> bool:
+        processors = tel.tracer_provider._active_span_processor._span_processors
+        return any(isinstance(p, ResendCountSpanProcessor) for p in processors)
+
+    assert requests.get(server.script("/first"), timeout=2).status_code == 200
+    assert not installed()
+    assert requests.get(server.script("/again", hf.status(503)), timeout=2).status_code == 200
+    assert installed()
 
 
 def test_retry_after_as_an_http_date_is_honoured(server, instrument, clock):
@@ -355,10 +388,10 @@ def test_a_bug_in_the_engine_before_sending_sends_exactly_once(server, instrumen
     instrument()
     monkeypatch.setattr(_wrapping, "_reported", set())
 
-    def broken(self, fn, *args, **kwargs):
+    def broken(fn, args, kwargs):
         raise RuntimeError("engine bug")
 
-    monkeypatch.setattr(RecoveryPolicy, "call", broken)
+    monkeypatch.setattr(RecoveryPolicy, "runner", lambda self: broken)
     url = server.script("/engine", hf.ok("sent once"))
     assert requests.get(url, timeout=2).text == "sent once"
     assert server.count("/engine") == 1
@@ -366,7 +399,7 @@ def test_a_bug_in_the_engine_before_sending_sends_exactly_once(server, instrumen
 
 def test_a_provider_set_up_after_instrument_still_gets_resend_counts(server, tel, monkeypatch):
     """Manual set-ups often call ``instrument()`` before configuring the SDK provider."""
-    monkeypatch.setattr("otel_recovery.instrumentors._http._resend_pending", False)
+    monkeypatch.setattr("otel_recovery.instrumentors._http._resend_waiting", [])
     ours, contrib = RequestsRecoveryInstrumentor(), RequestsInstrumentor()
     ours.instrument(backoff_initial=0.0)  # the global provider is still the API's proxy here
     contrib.instrument(tracer_provider=tel.tracer_provider)

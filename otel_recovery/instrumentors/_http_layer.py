@@ -1,0 +1,426 @@
+"""The per-request layer of the HTTP instrumentors: plans by request shape, attempts that
+retry on responses, and settling what the application gets back.
+
+The happy path (a request that succeeds first time) is what every service pays on every
+call, so it is kept to four Python frames and no object of ours: the layer (a plain
+function, see :meth:`PatchSet.layer`), the library's planner (one dictionary lookup of the
+plan by the request's shape, see :class:`HttpPlans`), the policy's compiled runner, and one
+attempt (:meth:`HttpSite.attempt`). The request's whole state is one list
+(:data:`Outcomes`). Everything else (retries, fallbacks, rejections, internal errors) is
+decided after the runner returns or raises, off the happy path. Which requests may be
+repeated, and why a retryable status becomes an exception, is in :mod:`._http`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
+
+from otel_recovery._policy_core import AsyncRunner, Runner
+from otel_recovery.instrumentors._db import (
+    LEGACY_SUPPRESS_KEY,
+    SUPPRESS_KEY,
+    instrumentation_enabled,
+    read_context,
+)
+from otel_recovery.instrumentors._http import (
+    HttpCall,
+    RetryableStatusError,
+    before_resend,
+    status_of,
+)
+from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+from otel_recovery.policies.circuit_breaker import CircuitOpenError
+
+__all__ = [
+    "HttpPlan",
+    "HttpPlans",
+    "HttpSite",
+    "Outcomes",
+    "PlanOf",
+    "async_layer",
+    "sync_layer",
+]
+
+R = TypeVar("R")
+
+
+class HttpPlan:
+    """An :class:`HttpCall` compiled for the per-request path: its policy's runners, built
+    once per policy (never per request)."""
+
+    __slots__ = ("arun", "call", "run", "statuses")
+
+    def __init__(self, call: HttpCall) -> None:
+        self.call = call
+        self.statuses = call.statuses
+        self.run: Runner = call.policy.runner()
+        self.arun: AsyncRunner = call.policy.arunner()
+
+
+class HttpPlans:
+    """One instrumentor's plans, by request shape, so a request like an earlier one costs
+    one dictionary lookup.
+
+    ``shapes`` maps a library's raw description of a request (for ``requests``, the method
+    and URL as the caller passed them) to its plan; the library's planner reads it inline
+    and fills it with :meth:`remember`. Only plans that hold for every request of that
+    shape are remembered: the body must be known replayable and the headers irrelevant.
+    Both dictionaries are bounded (a client calling URLs with ids in them must not grow
+    memory): past ``limit`` entries they start over.
+    """
+
+    def __init__(self, targets: TargetPolicies, limit: int = 1024) -> None:
+        self.targets = targets
+        self.shapes: dict[Any, HttpPlan] = {}
+        self._compiled: dict[HttpCall, HttpPlan] = {}
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def compile(self, call: HttpCall) -> HttpPlan:
+        """The plan running ``call``; one per distinct call, so runners are built once."""
+        plan = self._compiled.get(call)
+        if plan is None:
+            plan = HttpPlan(call)
+            with self._lock:
+                if len(self._compiled) >= self._limit:
+                    self._compiled.clear()
+                plan = self._compiled.setdefault(call, plan)
+        return plan
+
+    def remember(self, shape: Any, plan: HttpPlan) -> HttpPlan:
+        """Answer ``plan`` for every later request of ``shape`` (unless headers matter)."""
+        if not plan.call.header_dependent:
+            with self._lock:
+                if len(self.shapes) >= self._limit:
+                    self.shapes.clear()
+                self.shapes[shape] = plan
+        return plan
+
+
+PlanOf = Callable[[tuple[Any, ...], dict[str, Any]], HttpPlan | None]
+"""A library's planner: ``plan_of(args, kwargs)`` for the patched method's arguments (the
+client first); None to call the original untouched."""
+
+
+_NO_KWARGS: dict[str, Any] = {}
+"""The runner's keyword arguments for an attempt (it has none); never mutated."""
+
+Outcomes = list[Any]
+"""What each attempt of one request ended with, in order: the response it got, or the
+exception the original raised. The whole per-request state: a list costs a request far less
+than an object with an ``__init__`` (about 300 instructions against 2,000), and every other
+fact follows from it. Attempts were made if it is not empty; a response in it other than
+the last was failed and closed by the next attempt; the last one is what the app gets if
+the engine gives up on it."""
+
+
+class HttpSite(Generic[R]):
+    """One patched method that sends a request (``Session.request``, ``Client.send``...):
+    how its requests are attempted, and what the application gets back in the end.
+
+    The layer runs :meth:`attempt` (or :meth:`aattempt`) under the plan's compiled runner;
+    whatever else happened is settled by :meth:`after_error`/:meth:`after_result` and
+    :meth:`deliver`: every decision about what the application gets back is made here, once.
+    A library subclasses it to say how its responses are read (``status_attribute``),
+    released (:meth:`close`) and faked (:meth:`rejected`, :meth:`fallback`); those run only
+    on the slow paths and read the request from the patched method's ``args``/``kwargs``.
+    """
+
+    site: ClassVar[str] = "http"
+    """Names the library in internal error reports."""
+    status_attribute: ClassVar[str] = "status_code"
+
+    def __init__(self, original: Callable[..., Any]) -> None:
+        self.original = original
+
+    # -- what a library provides ----------------------------------------------------------
+
+    def close(self, response: R) -> object:
+        """Release a response that will not be returned (may return an awaitable)."""
+        raise NotImplementedError
+
+    def rejected(
+        self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> BaseException:
+        """The breaker's rejection as the library's own connection error, so an application's
+        existing ``except`` clauses catch it."""
+        raise NotImplementedError
+
+    def fallback(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        """A library response carrying a configured fallback value."""
+        raise NotImplementedError
+
+    # -- attempts -------------------------------------------------------------------------
+    # The two attempt methods are the per-request hot path (the first attempt runs on every
+    # request), so they differ only where async must await and inline the status check: a
+    # shared helper would cost every request one more Python call.
+
+    def attempt(
+        self,
+        outcomes: Outcomes,
+        statuses: frozenset[int],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R:
+        """Send once; return a good response, raise the signal for a retryable one."""
+        if outcomes:
+            self._close(self._held(outcomes))
+            before_resend()
+        try:
+            response: R = self.original(*args, **kwargs)
+        except BaseException as error:
+            outcomes.append(error)
+            raise
+        outcomes.append(response)
+        try:
+            failed = getattr(response, self.status_attribute, None) in statuses
+        except Exception as error:  # an unhashable status: the app's to judge
+            failed = self._unreadable(error)
+        if failed and (signal := self._signal(response)) is not None:
+            raise signal
+        return response
+
+    async def aattempt(
+        self,
+        outcomes: Outcomes,
+        statuses: frozenset[int],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R:
+        """The asyncio twin of :meth:`attempt`."""
+        if outcomes:
+            await self._aclose(self._held(outcomes))
+            before_resend()
+        try:
+            response: R = await self.original(*args, **kwargs)
+        except BaseException as error:
+            outcomes.append(error)
+            raise
+        outcomes.append(response)
+        try:
+            failed = getattr(response, self.status_attribute, None) in statuses
+        except Exception as error:
+            failed = self._unreadable(error)
+        if failed and (signal := self._signal(response)) is not None:
+            raise signal
+        return response
+
+    def _signal(self, response: R) -> RetryableStatusError | None:
+        """The signal for a failed response; None if it turns out not to be one (a status
+        that is not an int) or cannot be read."""
+        try:
+            status = status_of(response, self.status_attribute)
+            headers = getattr(response, "headers", None) if status is not None else None
+        except Exception as error:  # a response we cannot read is the app's to judge
+            self._unreadable(error)
+            return None
+        return None if status is None else RetryableStatusError(response, status, headers)
+
+    def _unreadable(self, error: Exception) -> bool:
+        report_internal_error(f"{self.site}: reading the response", error)
+        return False
+
+    @staticmethod
+    def _held(outcomes: Outcomes) -> R | None:
+        """The failed response the last attempt ended with, if any: still open."""
+        last = outcomes[-1] if outcomes else None
+        return None if isinstance(last, BaseException) else last
+
+    # -- settling -------------------------------------------------------------------------
+
+    def after_error(
+        self,
+        outcomes: Outcomes,
+        error: BaseException,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R | BaseException | None:
+        """The runner raised: the app gets the final response, the original's own exception
+        unchanged, or the library-typed rejection; if our machinery failed, the real
+        outcome so far. None: nothing was sent yet, call the original."""
+        site = self.site
+        if isinstance(error, RetryableStatusError):
+            response: R = error.response
+            return response
+        if (outcomes and error is outcomes[-1]) or not isinstance(error, Exception):
+            return error  # the original's own failure, or cancellation: never ours to eat
+        if isinstance(error, CircuitOpenError) and not outcomes:
+            try:
+                return self.rejected(error, args, kwargs)
+            except Exception as failure:
+                report_internal_error(f"{site}: rejection", failure)
+                return error
+        report_internal_error(f"{site}: recovery", error)
+        return self._real_outcome(outcomes)
+
+    def after_result(
+        self, outcomes: Outcomes, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> R | BaseException | None:
+        """The runner returned something other than an attempt's response: a fallback value
+        to wrap. If the fallback cannot be built, the real outcome stands; None: call the
+        original."""
+        try:
+            return self.fallback(result, args, kwargs)
+        except Exception as error:
+            report_internal_error(f"{self.site}: building the fallback response", error)
+        return self._real_outcome(outcomes)
+
+    @staticmethod
+    def _real_outcome(outcomes: Outcomes) -> R | BaseException | None:
+        """What the original did last, whatever our machinery made of it (None: nothing)."""
+        last: R | BaseException | None = outcomes[-1] if outcomes else None
+        return last
+
+    def deliver(
+        self,
+        outcomes: Outcomes,
+        outcome: R | BaseException | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R:
+        """Hand the outcome to the app: release the response it does not get, then return
+        or raise (outside any handler, so the original's own exception stays unchanged)."""
+        self._close(self._held(outcomes), keep=outcome)
+        if outcome is None:
+            result: R = self.original(*args, **kwargs)  # failed before sending
+            return result
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def adeliver(
+        self,
+        outcomes: Outcomes,
+        outcome: R | BaseException | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R:
+        """The asyncio twin of :meth:`deliver`."""
+        await self._aclose(self._held(outcomes), keep=outcome)
+        if outcome is None:
+            result: R = await self.original(*args, **kwargs)
+            return result
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _close(self, response: R | None, keep: object = None) -> None:
+        if response is None or response is keep:
+            return
+        try:
+            self.close(response)
+        except Exception as error:
+            report_internal_error(f"{self.site}: closing a retried response", error)
+
+    async def _aclose(self, response: R | None, keep: object = None) -> None:
+        if response is None or response is keep:
+            return
+        try:
+            result = self.close(response)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as error:
+            report_internal_error(f"{self.site}: closing a retried response", error)
+
+
+Build = Callable[[Callable[..., Any]], Callable[..., Any]]
+"""What :meth:`PatchSet.layer` takes: the original method in, our layer out."""
+
+
+def sync_layer(patches: PatchSet, library: type[HttpSite[Any]], plan_of: PlanOf) -> Build:
+    """The layer of a synchronous method that sends one request (``Session.request``,
+    ``Client.send``): finds the request's plan with ``plan_of`` and runs it."""
+    planning = f"{library.site}: planning"
+
+    def build(original: Callable[..., Any]) -> Callable[..., Any]:
+        site = library(original)
+        attempt, after_error, after_result, deliver = (
+            site.attempt,
+            site.after_error,
+            site.after_result,
+            site.deliver,
+        )
+
+        def layer(*args: Any, **kwargs: Any) -> Any:
+            # The per-request hot path, inlined (see the module docstring): the suppression
+            # test reads the context directly, the site's methods are bound once, and a
+            # successful first attempt returns straight from the runner's result.
+            if not patches.enabled:
+                return original(*args, **kwargs)
+            context = read_context()  # suppressed (the exporter's own traffic)?
+            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not (
+                instrumentation_enabled()
+            ):
+                return original(*args, **kwargs)
+            try:
+                plan = plan_of(args, kwargs)
+            except Exception as error:
+                report_internal_error(planning, error)
+                plan = None
+            if plan is None:
+                return original(*args, **kwargs)
+            outcomes: Outcomes = []
+            try:
+                result = plan.run(attempt, (outcomes, plan.statuses, args, kwargs), _NO_KWARGS)
+            except BaseException as error:
+                outcome = after_error(outcomes, error, args, kwargs)
+            else:
+                if outcomes and outcomes[-1] is result:
+                    return result
+                outcome = after_result(outcomes, result, args, kwargs)
+            return deliver(outcomes, outcome, args, kwargs)
+
+        return layer
+
+    return build
+
+
+def async_layer(patches: PatchSet, library: type[HttpSite[Any]], plan_of: PlanOf) -> Build:
+    """The asyncio twin of :func:`sync_layer` (``AsyncClient.send``, aiohttp's
+    ``ClientSession._request``)."""
+    planning = f"{library.site}: planning"
+
+    def build(original: Callable[..., Any]) -> Callable[..., Any]:
+        site = library(original)
+        attempt, after_error, after_result, deliver = (
+            site.aattempt,
+            site.after_error,
+            site.after_result,
+            site.adeliver,
+        )
+
+        async def layer(*args: Any, **kwargs: Any) -> Any:
+            if not patches.enabled:
+                return await original(*args, **kwargs)
+            context = read_context()
+            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not (
+                instrumentation_enabled()
+            ):
+                return await original(*args, **kwargs)
+            try:
+                plan = plan_of(args, kwargs)
+            except Exception as error:
+                report_internal_error(planning, error)
+                plan = None
+            if plan is None:
+                return await original(*args, **kwargs)
+            outcomes: Outcomes = []
+            try:
+                result = await plan.arun(
+                    attempt, (outcomes, plan.statuses, args, kwargs), _NO_KWARGS
+                )
+            except BaseException as error:  # includes cancellation during a backoff sleep
+                outcome = after_error(outcomes, error, args, kwargs)
+            else:
+                if outcomes and outcomes[-1] is result:
+                    return result
+                outcome = after_result(outcomes, result, args, kwargs)
+            return await deliver(outcomes, outcome, args, kwargs)
+
+        return layer
+
+    return build
