@@ -37,10 +37,8 @@ Method, and why (DESIGN.md section 9: the machine is shared and noisy):
 - CPU per call is ``time.process_time`` over a batch (including the flush of its spans by the
   batch span processor's thread, a cost the instrumentation really causes) divided by its
   calls.
-- Known bias, in otel-recovery's favour and tiny: the span processor that stamps
-  ``http.request.resend_count`` stays on the tracer provider once added (the SDK cannot remove
-  a processor), so ``contrib`` batches after the first toggle pay its ``on_start`` too (one
-  context-variable read per span).
+- The span processor that stamps ``http.request.resend_count`` joins the tracer provider only
+  at the first resend, which a happy-path benchmark never makes: no mode pays for it.
 - Verdicts against the targets say ``met`` or ``MISSED`` only when the A/A difference of the
   same run, taken as the margin of error, could not flip them; otherwise ``inconclusive``.
 - The HTTP server is a minimal asyncio responder in a process of its own, so the client side
@@ -53,6 +51,54 @@ Run from the repository root (Redis on 127.0.0.1:6379, PostgreSQL on 127.0.0.1:5
 
 A target whose server is unreachable is left out with a note. It reports and never asserts:
 the exit status is 0 whether or not the targets are met.
+
+Instruction counts (``--instructions``)
+---------------------------------------
+
+Why: the wall and CPU figures above have an A/A noise of about +-1 us per call on this shared
+2-core machine, which is the size of the targets themselves, so a run often cannot say ``met``.
+The number of instructions a deterministic program executes does not depend on the machine's
+load: counted by valgrind's callgrind as below, a figure repeats to within about 100
+instructions per call (otel-recovery adds some 5,000 to 13,000). It is not time (an
+instruction's cost varies), but it shows what our code adds, and whether a change made it
+cheaper, without the noise.
+
+Method (helpers in ``_callgrind.py``):
+
+- One child process per (target, mode, call count), run under
+  ``valgrind --tool=callgrind --callgrind-out-file=/dev/null``; the total comes from the
+  ``Collected : N`` line callgrind prints on exit. Each child is the instrumented ``Worker``
+  above (same SDK, same contrib instrumentations, same clients) with no thread but the main
+  one (``Worker(deterministic=True)``): a ``SimpleSpanProcessor`` in place of the
+  ``BatchSpanProcessor``, whose background thread wakes up at times that differ from run to
+  run and moves the count by thousands (spans are then exported in the calling
+  thread, still counted), and a fixed resource, since the SDK's resource detection starts
+  one or two pool threads depending on timing. The metric reader is unchanged.
+- Each mode runs twice, with 100 and with 1,100 measured calls, after 300 warm-up calls; the
+  figure is (total at 1,100 - total at 100) / 1,000 per call, so start-up, imports and the
+  warm-up cancel out.
+- Determinism: ``PYTHONHASHSEED=0`` in the child, and no automatic garbage collection (a
+  collection would land in one run and not the other); one ``gc.collect()`` before the
+  measured calls. Repeated runs of the same child, the code unchanged, agreed to within
+  80,000 instructions in total (most to within a few thousand): under 100 per call once
+  divided by 1,000.
+- Modes, each a fresh process: ``contrib`` (contrib only); ``recovery`` (plus otel-recovery);
+  ``idle layer`` (otel-recovery instrumented but every ``PatchSet`` disabled, so each of our
+  layers only tests its flag and calls through: the floor cost of being a Python layer in the
+  call path); ``wrapt idle layer`` (contrib only, plus a do-nothing ``wrapt.FunctionWrapper``
+  where our layer would sit: beneath contrib's wrapper on ``redis.client.Redis.execute_command``,
+  on ``psycopg.Cursor.execute``, on ``requests.sessions.Session.request``). ``recovery - idle
+  layer`` is what our recovery logic costs on the happy path; the wrapt column documents why
+  our per-call sites are plain functions rather than wrapt proxies (wrapt binds its proxy on
+  every attribute access).
+- Two children run at a time (one per core; the counts do not depend on it); the HTTP server
+  runs outside valgrind. A full run (4 modes x 2 sizes x 3 targets = 24 children of 15 to 70 s
+  each) takes about six minutes, a Redis-only run under two::
+
+    python benchmarks/instrumentors.py --instructions
+    python benchmarks/instrumentors.py --instructions --targets redis
+
+Without valgrind it prints a note and exits 0.
 """
 
 from __future__ import annotations
@@ -77,6 +123,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
+from _callgrind import Counted, count_many, valgrind_version
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("bare", "contrib", "control", "recovery")
 """``control`` is a second contrib-only process: contrib vs control is an A/A comparison whose
@@ -96,6 +145,21 @@ OURS = {
 BATCH_WARMUP = 20
 """Untimed calls before each batch: the new client's connection, and the mode's code paths."""
 HTTP_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+INSTRUCTION_MODES = ("contrib", "recovery", "idle", "wrapt")
+"""``--instructions`` modes (see the module docstring); ``idle`` is the idle layer, ``wrapt``
+the wrapt idle layer."""
+COUNT_CALLS = (100, 1100)
+"""Measured calls of the two runs per mode; the per-call figure is their difference / 1000."""
+COUNT_WARMUP = 300
+COUNT_JOBS = 2
+"""Callgrind children at a time: one per core of the 2-core machine this was made on."""
+WRAPT_SITES = {
+    "redis": ("redis.client", "Redis", "execute_command"),
+    "postgres": ("psycopg", "Cursor", "execute"),
+    "http": ("requests.sessions", "Session", "request"),
+}
+"""Where otel-recovery's per-call layer sits, for the ``wrapt`` mode's do-nothing wrapper."""
+CONTRIB_PREFIX = "opentelemetry.instrumentation."
 
 
 # -- the local HTTP server (its own process) -------------------------------------------------
@@ -165,10 +229,19 @@ class Worker:
     ``bare`` has no OpenTelemetry at all. ``instrumented`` has the SDK and the contrib
     instrumentations for good, and instruments otel-recovery for ``recovery`` batches only,
     uninstrumenting it for ``contrib`` and ``control`` batches (see the module docstring).
+    ``deterministic`` is for ``--instructions``, which needs a process whose instruction
+    count does not depend on when another thread runs: spans are exported in the calling
+    thread (a ``SimpleSpanProcessor``, not the batch processor's background thread), and the
+    providers get a fixed resource, because ``Resource.create`` runs its detectors on a
+    thread pool that starts one or two threads depending on timing (that alone moved the
+    count of the same 300 warm-up calls by some 400,000 instructions).
     """
 
-    def __init__(self, kind: str, targets: Sequence[str], http_port: int) -> None:
+    def __init__(
+        self, kind: str, targets: Sequence[str], http_port: int, *, deterministic: bool = False
+    ) -> None:
         self.kind = kind
+        self.deterministic = deterministic
         self.http_port = http_port
         self.notes: list[str] = []
         self.missing: list[str] = []
@@ -186,14 +259,23 @@ class Worker:
         from opentelemetry import metrics, trace
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
         self.exporter = _CountingExporter()
-        self.provider = TracerProvider()
-        self.provider.add_span_processor(BatchSpanProcessor(self.exporter))  # type: ignore[arg-type]
+        reader = InMemoryMetricReader()
+        if self.deterministic:
+            resource = Resource({"service.name": "otel-recovery-benchmark"})  # no detectors
+            self.provider = TracerProvider(resource=resource)
+            self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))  # type: ignore[arg-type]
+            meter_provider = MeterProvider(metric_readers=[reader], resource=resource)
+        else:
+            self.provider = TracerProvider()
+            self.provider.add_span_processor(BatchSpanProcessor(self.exporter))  # type: ignore[arg-type]
+            meter_provider = MeterProvider(metric_readers=[reader])
         trace.set_tracer_provider(self.provider)
-        metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+        metrics.set_meter_provider(meter_provider)
 
     def _instrument_contrib(self, targets: Sequence[str]) -> None:
         from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
@@ -241,6 +323,19 @@ class Worker:
             ]
             if left:
                 raise RuntimeError(f"uninstrument left otel_recovery wrappers on {left}")
+
+    def idle_recovery(self) -> None:
+        """Leave otel-recovery's layers in the call path but switch each of them off.
+
+        Every layer tests its ``PatchSet``'s ``enabled`` flag first and, when it is off,
+        calls straight through: what remains is the cost of being a layer at all.
+        """
+        if not self.ours_on:
+            raise RuntimeError("idle_recovery needs otel-recovery instrumented first")
+        for instrumentor in self.ours.values():
+            patches = getattr(instrumentor, "_patches", None)
+            if patches is not None:  # None: it did not instrument; the caller notes that
+                patches.enabled = False
 
     def client(self, target: str) -> tuple[Callable[[], object], Callable[[], object]]:
         """A fresh client (made after the mode switch, as instrumentation may bind at
@@ -293,6 +388,71 @@ class Worker:
         finally:
             close()
         return {"latencies": latencies, "cpu_ns": cpu, "spans": spans}
+
+
+def install_wrapt_idle_layer(target: str) -> None:
+    """Put a do-nothing ``wrapt.FunctionWrapper`` where otel-recovery's layer for ``target``
+    would sit (beneath contrib's wrapt proxies on the attribute, if any).
+
+    Only the ``wrapt`` mode of ``--instructions`` uses it, to show what a wrapt proxy costs
+    per call compared with the plain-function layers otel-recovery installs.
+    """
+    import wrapt
+
+    from otel_recovery.instrumentors._wrapping import _wrapper_module
+
+    def call_through(
+        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        return wrapped(*args, **kwargs)
+
+    module_name, class_name, attribute = WRAPT_SITES[target]
+    owner = getattr(importlib.import_module(module_name), class_name)
+    current = vars(owner).get(attribute)
+    if current is None:
+        current = getattr(owner, attribute)
+    lowest, node = None, current
+    while hasattr(node, "_self_wrapper") and _wrapper_module(node).startswith(CONTRIB_PREFIX):
+        lowest, node = node, node.__wrapped__
+    if lowest is None:
+        setattr(owner, attribute, wrapt.FunctionWrapper(current, call_through))
+    else:
+        lowest.__wrapped__ = wrapt.FunctionWrapper(lowest.__wrapped__, call_through)
+
+
+def run_counted(target: str, mode: str, http_port: int, calls: int, warmup: int) -> None:
+    """One child of ``--instructions`` (callgrind runs it): set up ``mode``, warm up, make
+    ``calls`` calls with the garbage collector off, and report the spans they made (and any
+    instrumentor that could not be measured) as a JSON line on stdout."""
+    gc.disable()  # no automatic collection anywhere: the two runs differ only by the calls
+    worker = Worker("instrumented", [target], http_port, deterministic=True)
+    if mode in ("recovery", "idle"):
+        worker.set_recovery(True)
+        for name, instrumentor in worker.ours.items():
+            if getattr(instrumentor, "_patches", None) is None:
+                worker.notes.append(f"otel-recovery did not instrument {name}")
+                worker.missing.append(name)
+        if mode == "idle":
+            worker.idle_recovery()
+    elif mode == "wrapt":
+        install_wrapt_idle_layer(target)
+    exporter, provider = worker.exporter, worker.provider
+    assert exporter is not None
+    call, close = worker.client(target)
+    try:
+        for _ in range(warmup):
+            call()
+        provider.force_flush()
+        spans_before = exporter.count
+        gc.collect()  # the same heap in both runs: start-up and warm-up garbage goes now
+        for _ in range(calls):
+            call()
+        provider.force_flush()
+        spans = exporter.count - spans_before
+    finally:
+        gc.enable()
+        close()
+    _send(sys.stdout, {"spans": spans, "notes": worker.notes, "missing": worker.missing})
 
 
 def run_worker(kind: str, targets: Sequence[str], http_port: int, warmup: int) -> None:
@@ -549,6 +709,145 @@ def report(
         print(f"Verdict: {verdict}")
 
 
+# -- --instructions: callgrind counts -------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """The two callgrind runs of one (target, mode): instructions and spans per call count."""
+
+    instructions: dict[int, int] = field(default_factory=dict)
+    spans: dict[int, int] = field(default_factory=dict)
+
+    def _per_call(self, totals: dict[int, int]) -> float:
+        small, large = COUNT_CALLS
+        return (totals[large] - totals[small]) / (large - small)
+
+    def per_call(self) -> float:
+        """Instructions per measured call: start-up and warm-up are in both totals."""
+        return self._per_call(self.instructions)
+
+    def spans_per_call(self) -> float:
+        return self._per_call(self.spans)
+
+
+def measure_instructions(
+    targets: Sequence[str],
+) -> tuple[dict[tuple[str, str], Counts], list[str], set[str]]:
+    """Run every (target, mode, call count) child under callgrind, ``COUNT_JOBS`` at a time."""
+    runs = [
+        (target, mode, calls)
+        for target in targets
+        for mode in INSTRUCTION_MODES
+        for calls in COUNT_CALLS
+    ]
+    counts = {(target, mode): Counts() for target in targets for mode in INSTRUCTION_MODES}
+    notes: list[str] = []
+    missing: set[str] = set()
+    env = {**child_environment(), "PYTHONHASHSEED": "0"}
+    started = time.monotonic()
+    done = 0
+
+    def progress(index: int, counted: Counted) -> None:
+        nonlocal done
+        done += 1
+        target, mode, calls = runs[index]
+        print(
+            f"callgrind {done}/{len(runs)}: {target} {mode} {calls} calls: "
+            f"{counted.instructions:,} instructions ({counted.seconds:.0f} s, "
+            f"{time.monotonic() - started:.0f} s so far)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with http_server() as http_port:
+        commands = [
+            [
+                sys.executable,
+                __file__,
+                *("--count-mode", mode, "--targets", target, "--http-port", str(http_port)),
+                *("--calls", str(calls), "--warmup", str(COUNT_WARMUP)),
+            ]
+            for target, mode, calls in runs
+        ]
+        results = count_many(commands, env, jobs=COUNT_JOBS, progress=progress)
+    for (target, mode, calls), counted in zip(runs, results, strict=True):
+        message = json.loads(counted.stdout.strip().splitlines()[-1])
+        counts[(target, mode)].instructions[calls] = counted.instructions
+        counts[(target, mode)].spans[calls] = message["spans"]
+        notes.extend(note for note in message["notes"] if note not in notes)
+        missing.update(message["missing"])
+    return counts, notes, missing
+
+
+def report_instructions(
+    counts: dict[tuple[str, str], Counts],
+    targets: Sequence[str],
+    notes: list[str],
+    missing: set[str],
+    command: str,
+    valgrind: str,
+) -> None:
+    print(f"# command: {command}")
+    small, large = COUNT_CALLS
+    print(
+        f"# python {platform.python_version()}, {platform.machine()}, {valgrind} (callgrind); "
+        f"per call = (total at {large:,} calls - total at {small:,}) / {large - small:,}, "
+        f"after {COUNT_WARMUP} warm-up calls; PYTHONHASHSEED=0, gc off, no thread but the main one"
+    )
+    print()
+    print(
+        "| target | contrib instr/call | otel-recovery added | idle layer (floor) "
+        "| recovery logic (added - floor) | wrapt idle layer |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for target in targets:
+        per_call = {mode: counts[(target, mode)].per_call() for mode in INSTRUCTION_MODES}
+        contrib = per_call["contrib"]
+        wrapt_added = f"{per_call['wrapt'] - contrib:+,.0f}"
+        if target in missing:
+            cells = "n/a | n/a | n/a"
+        else:
+            added = per_call["recovery"] - contrib
+            floor = per_call["idle"] - contrib
+            cells = f"{added:+,.0f} | {floor:+,.0f} | {added - floor:+,.0f}"
+        print(f"| {TARGET_LABELS[target]} | {contrib:,.0f} | {cells} | {wrapt_added} |")
+    print()
+    print(
+        "Instructions per call counted by callgrind (interpreter included); the columns after "
+        "the first are added over contrib only."
+    )
+    print(
+        "In time: this mode measures no CPU time, so it has no ns-per-instruction ratio to "
+        "convert with; the figures are instructions (the default mode gives CPU us/call)."
+    )
+    changed = [
+        TARGET_LABELS[target]
+        for target in targets
+        if target not in missing
+        and counts[(target, "recovery")].spans_per_call()
+        != counts[(target, "contrib")].spans_per_call()
+    ]
+    print(
+        "Spans on the happy path: otel-recovery adds none"
+        if not changed
+        else f"Spans on the happy path: otel-recovery changed the span count for {changed}"
+    )
+    for note in notes:
+        print(f"Note: {note}; its otel-recovery columns are n/a")
+
+
+def run_instructions(targets: Sequence[str], command: str) -> int:
+    """``--instructions``: count, report; a note and exit status 0 without valgrind."""
+    valgrind = valgrind_version()
+    if valgrind is None:
+        print("Note: valgrind is not installed; --instructions needs it. Nothing measured.")
+        return 0
+    counts, notes, missing = measure_instructions(targets)
+    report_instructions(counts, targets, notes, missing, command, valgrind)
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 short rounds")
@@ -556,6 +855,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=None, help="calls per batch (200; quick 50)")
     parser.add_argument("--targets", default=",".join(TARGETS), help="redis,postgres,http")
     parser.add_argument("--raw", type=Path, help="also write the per-round figures as JSON")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per call with callgrind instead (deterministic; minutes)",
+    )
+    parser.add_argument("--count-mode", choices=INSTRUCTION_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("bare", "instrumented"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-http", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--http-port", type=int, default=0, help=argparse.SUPPRESS)
@@ -576,6 +881,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         run_worker(args.worker, targets, args.http_port, args.warmup)
         return 0
+    if args.count_mode:
+        run_counted(targets[0], args.count_mode, args.http_port, args.calls, args.warmup)
+        return 0
     rounds = args.rounds or (3 if args.quick else 40)
     calls = args.calls or (50 if args.quick else 200)
     warmup = 50 if args.quick else 300
@@ -588,6 +896,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not targets:
         print("Nothing to measure.")
         return 0
+    if args.instructions:
+        command = "python benchmarks/instrumentors.py --instructions"
+        if args.targets != ",".join(TARGETS):
+            command += f" --targets {args.targets}"
+        return run_instructions(targets, command)
     series, notes, missing_ours = measure(targets, rounds, calls, warmup)
     command = "python benchmarks/instrumentors.py" + (" --quick" if args.quick else "")
     report(series, targets, rounds, calls, notes, missing_ours, command)
