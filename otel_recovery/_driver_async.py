@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar
 
 from otel_recovery._attempt import ATTEMPT
@@ -103,7 +104,8 @@ class AsyncDriver(PolicyCore):
 
     def arunner(self) -> AsyncRunner:
         """The async twin of ``SyncDriver.runner``: ``await run(fn, args, kwargs)`` behaves
-        exactly like ``await acall(fn, *args, **kwargs)`` for a coroutine function ``fn``."""
+        exactly like ``await acall(fn, *args, **kwargs)``; a coroutine back from ``fn`` is
+        awaited directly, any other awaitable or plain value goes through ``resolve``."""
         if not self._happy_path_inlinable():
             acall = self.acall
 
@@ -119,10 +121,11 @@ class AsyncDriver(PolicyCore):
 
             async def unguarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
                 if not switches.active:
-                    return await fn(*args, **kwargs)
+                    return await resolve(fn(*args, **kwargs))
                 started = now()
                 try:
-                    return await fn(*args, **kwargs)
+                    pending = fn(*args, **kwargs)  # acall also accepts a plain value back
+                    return await (pending if type(pending) is CoroutineType else resolve(pending))
                 except Exception as error:
                     return await arecover(fn, args, kwargs, error, started, now() - started)
 
@@ -132,7 +135,7 @@ class AsyncDriver(PolicyCore):
 
         async def guarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
             if not switches.active:
-                return await fn(*args, **kwargs)
+                return await resolve(fn(*args, **kwargs))
             started = now()
             if (
                 breaker is not None
@@ -146,7 +149,8 @@ class AsyncDriver(PolicyCore):
                 else:
                     budget.record_call(started)
             try:
-                result = await fn(*args, **kwargs)
+                pending = fn(*args, **kwargs)  # acall also accepts a plain value back
+                result = await (pending if type(pending) is CoroutineType else resolve(pending))
             except Exception as error:
                 return await arecover(fn, args, kwargs, error, started, now() - started)
             except BaseException:

@@ -180,23 +180,20 @@ class PolicyCore:
         when ``can_execute()`` returns True without the lock), ``CircuitBreaker._tally``
         (set while a success is recorded by one ``next()``: what ``record_success`` does
         then) and ``RetryBudget._bucket_end`` with the deposit counter (what ``record_call``
-        does when no bucket rotates). A subclass that overrides those methods (the
-        fleet-wide Redis breaker) is always called.
+        does when no bucket rotates). A subclass that overrides those methods, or the ones
+        that keep that state (the fleet-wide Redis breaker does), is always called.
         """
         breaker, budget, fallback = self.breaker, self.budget, self.fallback
         return HappyPath(
             breaker=breaker,
-            gate_unlocked=(
-                breaker is not None and type(breaker).can_execute is CircuitBreaker.can_execute
-            ),
-            tallied=(
-                breaker is not None
-                and type(breaker).record_success is CircuitBreaker.record_success
+            gate_unlocked=_stock(breaker, CircuitBreaker, "can_execute", "_enter"),
+            tallied=_stock(
+                breaker, CircuitBreaker, "record_success", "record_failure", "_record", "_enter"
             ),
             budget=budget,
             deposit=(
                 budget._call_count.__next__
-                if budget is not None and type(budget).record_call is RetryBudget.record_call
+                if budget is not None and _stock(budget, RetryBudget, "record_call", "_rotate")
                 else None
             ),
             remember=(
@@ -389,6 +386,15 @@ class PolicyCore:
     ) -> None:
         if trace is not None:
             trace.end("failure" if attempts else "rejected", attempts, info, error)
+
+
+def _stock(component: object, base: type, *methods: str) -> bool:
+    """Whether ``component`` runs ``base``'s own code for ``methods``: only then may a
+    compiled happy path read the state those methods keep instead of calling them."""
+    if component is None:
+        return False
+    kind = type(component)
+    return all(getattr(kind, name) is getattr(base, name) for name in methods)
 
 
 def _component(error: BaseException) -> str:

@@ -398,3 +398,49 @@ def test_the_compiled_runner_calls_a_breaker_subclass_that_overrides_the_hot_pat
     for _ in range(3):
         assert run(lambda: "ok", (), {}) == "ok"
     assert (breaker.asked, breaker.told) == (3, 3)
+
+
+def test_a_breaker_subclass_keeping_its_own_failure_books_is_never_read_lock_free():
+    """A subclass written before ``_tally`` existed records failures without refreshing it;
+    the runner must then ask ``record_success`` like ``call`` does, or successes would stop
+    resetting the consecutive count (fail, ok, fail, ok, fail must stay closed)."""
+
+    class OwnBooks(CircuitBreaker):
+        __slots__ = ()
+
+        def record_failure(self, duration: float | None = None) -> None:
+            with self._lock:
+                self._record(True, duration)  # no _refresh_tally(): the old contract
+
+    for use_runner in (False, True):
+        clock = testing.FakeClock()
+        breaker = OwnBooks(failure_threshold=3, clock=clock)
+        policy = RecoveryPolicy(breaker=breaker, clock=clock, telemetry=False)
+        run = policy.runner()
+        for step in range(6):
+            failing = step % 2 == 0
+
+            def attempt(failing: bool = failing) -> str:
+                if failing:
+                    raise ConnectionError("refused")
+                return "ok"
+
+            try:
+                run(attempt, (), {}) if use_runner else policy.call(attempt)
+            except ConnectionError:
+                pass
+        assert breaker.state is CircuitState.CLOSED, use_runner
+
+
+def test_the_async_runner_accepts_a_plain_value_like_acall():
+    calls: list[int] = []
+
+    def plain() -> str:
+        calls.append(1)
+        return "value"
+
+    policy = RecoveryPolicy(breaker=CircuitBreaker(), retry=Retry(3), telemetry=False)
+    run = policy.arunner()
+    assert asyncio.run(run(plain, (), {})) == "value"
+    assert asyncio.run(policy.acall(plain)) == "value"
+    assert calls == [1, 1]  # once each: never an error after the call, never a retry

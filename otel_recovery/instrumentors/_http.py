@@ -22,6 +22,7 @@ the original has been called, an internal error may only surface the original's 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -179,7 +180,8 @@ def fallback_body(value: Any) -> tuple[bytes, str]:
 
 _resend_waiting: list[Any] = []
 """Tracer providers to get the resend-count processor at the first resend (None: the
-global provider, whichever it is by then)."""
+global provider, whichever it is by then). Changed in place, under ``_resend_lock``."""
+_resend_lock = threading.Lock()
 
 
 def install_resend_count(kwargs: Mapping[str, Any]) -> None:
@@ -192,8 +194,9 @@ def install_resend_count(kwargs: Mapping[str, Any]) -> None:
     nothing to stamp.
     """
     provider = kwargs.get("tracer_provider")
-    if provider not in _resend_waiting:
-        _resend_waiting.append(provider)
+    with _resend_lock:
+        if provider not in _resend_waiting:
+            _resend_waiting.append(provider)
 
 
 def _install_resend(provider: Any = None) -> bool:
@@ -212,12 +215,14 @@ def before_resend() -> None:
     A provider given explicitly that cannot take processors never will; the global one may
     still be the API's proxy and is tried again at the next resend.
     """
-    global _resend_waiting
-    if _resend_waiting:
-        try:
-            _resend_waiting = [p for p in _resend_waiting if not _install_resend(p) and p is None]
-        except Exception as error:  # never worth failing a request over
-            report_internal_error("http: resend count", error)
+    if not _resend_waiting:
+        return
+    try:
+        with _resend_lock:  # an instrument() appending meanwhile must not be lost
+            waiting = _resend_waiting
+            waiting[:] = [p for p in waiting if not _install_resend(p) and p is None]
+    except Exception as error:  # never worth failing a request over
+        report_internal_error("http: resend count", error)
 
 
 def status_of(response: Any, attribute: str) -> int | None:

@@ -199,6 +199,12 @@ class PatchSet:
                 lowest = node
                 node = node.__wrapped__
         original = current if lowest is None else lowest.__wrapped__
+        if isinstance(original, (classmethod, staticmethod)):
+            raise TypeError(
+                f"{getattr(owner, '__name__', owner)}.{attribute} is a "
+                f"{type(original).__name__}: a layer replaces plain methods and functions; "
+                "install it with PatchSet.wrap() instead"
+            )
         function: Any = build(_as_function(original, owner))
         function.__wrapped__ = original
         function.__name__ = getattr(original, "__name__", attribute)

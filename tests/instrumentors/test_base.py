@@ -155,6 +155,54 @@ def test_removing_ours_when_someone_wrapped_on_top_keeps_their_layer(client_clas
     assert top.__wrapped__ is original
 
 
+def ours_layer(original):
+    def layer(*args, **kwargs):
+        return ("ours", original(*args, **kwargs))
+
+    return layer
+
+
+def test_a_layer_splices_under_contrib_and_leaves_by_identity(client_class):
+    original = client_class.__dict__["call"]
+    wrapt.wrap_function_wrapper(client_class, "call", contrib_like_wrapper)
+    patches = PatchSet("test")
+    patches.layer(client_class, "call", ours_layer, beneath_contrib=True)
+    assert client_class().call(1) == ("contrib", ("ours", ("original", 1)))
+    patches.remove_all()
+    top = client_class.__dict__["call"]
+    assert client_class().call(1) == ("contrib", ("original", 1))
+    assert top.__wrapped__ is original
+
+
+def test_a_layer_above_a_foreign_wrapt_proxy_passes_it_the_instance(client_class):
+    seen = []
+
+    def foreign(wrapped, instance, args, kwargs):
+        seen.append(instance)
+        return wrapped(*args, **kwargs)
+
+    wrapt.wrap_function_wrapper(client_class, "call", foreign)
+    foreign_proxy = client_class.__dict__["call"]
+    patches = PatchSet("test")
+    patches.layer(client_class, "call", ours_layer)
+    client = client_class()
+    assert client.call(1) == ("ours", ("original", 1))
+    assert seen == [client]  # bound as attribute access would, not instance=None
+    patches.remove_all()
+    assert client_class.__dict__["call"] is foreign_proxy
+
+
+def test_a_layer_refuses_a_classmethod_with_the_fix_named():
+    class Factory:
+        @classmethod
+        def make(cls):
+            return cls
+
+    with pytest.raises(TypeError, match=r"Factory.make is a classmethod.*PatchSet.wrap\(\)"):
+        PatchSet("test").layer(Factory, "make", ours_layer)
+    assert Factory.make() is Factory
+
+
 def test_internal_errors_are_reported_once(caplog):
     for _ in range(3):
         report_internal_error("unit-test-site", RuntimeError("boom"))
