@@ -135,7 +135,7 @@ class ClientPolicy(Protocol):
     def first_failure(self, call: Call, info: ErrorInfo) -> Retry | None: ...
     def finished(self, call: Call, info: ErrorInfo | None) -> None: ...
     def first_success(self) -> None: ...
-    def attempt_done(self, ok: bool, latency: float) -> None: ...
+    def attempt_done(self, latency: float, error: ErrorInfo | None) -> None: ...
     def tick(self, now: float) -> None: ...
 
 
@@ -259,8 +259,8 @@ class Simulation:
         if attempt.done:
             return  # the client gave up on it already: the server's work was wasted
         attempt.done = True
-        self.policy.attempt_done(error is None, self.clock.t - attempt.sent)
         if error is None:
+            self.policy.attempt_done(self.clock.t - attempt.sent, None)
             call = attempt.call
             if call.attempts == 1:
                 self.policy.first_success()
@@ -270,9 +270,9 @@ class Simulation:
 
     def _failed(self, attempt: Attempt, error: BaseException) -> None:
         now, call, policy = self.clock.t, attempt.call, self.policy
-        if isinstance(error, TimeoutError):
-            policy.attempt_done(False, now - attempt.sent)
         info = self._classify(error)
+        # Classified first, so a client can tell a 429 from a failing dependency.
+        policy.attempt_done(now - attempt.sent, info)
         call.was_unretryable = not info.retryable
         if info.retry_after is not None:
             call.not_before = now + info.retry_after

@@ -51,7 +51,7 @@ import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ try:
 except ImportError:  # running from a checkout without an install: use the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _fault_sim_core import Metrics, Profile, Simulation
+from _fault_sim_core import ClientPolicy, Metrics, Profile, Simulation
 from _fault_sim_policies import STATIC, Ours, OursConfig
 
 PROFILES = {
@@ -92,7 +92,9 @@ def run_one(task: tuple[str, str, int, OursConfig]) -> dict[str, Any]:
     profile = PROFILES[profile_name]
     if policy in ABLATIONS:
         config = replace(ABLATIONS[policy], **_tuned(config))
-    factory = STATIC[policy] if policy in STATIC else (lambda sim: Ours(sim, config))
+    factory: Callable[[Simulation], ClientPolicy] = (
+        STATIC[policy] if policy in STATIC else (lambda sim: Ours(sim, config))
+    )
     metrics = Simulation(profile, factory, seed).run()
     return {"profile": profile_name, "policy": policy, "seed": seed, **summarize(profile, metrics)}
 
@@ -269,6 +271,8 @@ def tune(jobs: int) -> None:
         replace(frozen, breaker_open=2.0),
         replace(frozen, breaker_minimum_calls=10),
         replace(frozen, half_life=300.0),
+        # 429s left out of the error rate: no anomaly in the quota storm, ratelimit429 -0.018
+        replace(frozen, alarm=replace(frozen.alarm, count_rate_limited=False)),
     ]
     static = run_all(list(PROFILES), list(STATIC), TUNE_SEEDS, OursConfig(), jobs)
     for config in grid:
@@ -312,8 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = verdicts(analysis)
     for met, line in lines:
         print(f"Verdict: {'PASS' if met else 'FAIL'} {line}")
-    met = sum(ok for ok, _ in lines)
-    print(f"\n{met}/{len(lines)} targets met in {time.perf_counter() - started:.1f} s")
+    total = sum(ok for ok, _ in lines)
+    print(f"\n{total}/{len(lines)} targets met in {time.perf_counter() - started:.1f} s")
     return 0
 
 
