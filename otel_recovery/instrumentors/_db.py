@@ -22,11 +22,12 @@ import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from otel_recovery._clock import Clock
 from otel_recovery._policy_core import AsyncRunner, Runner
 from otel_recovery.classify import (
     Classifier,
@@ -36,6 +37,7 @@ from otel_recovery.classify import (
     Severity,
     get_default_classifier,
 )
+from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, _wrapper_module, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
@@ -49,6 +51,7 @@ __all__ = [
     "Plan",
     "PlanCache",
     "PostgresClassifier",
+    "PostgresInstrumentor",
     "Site",
     "SpanMode",
     "explain_no_retry",
@@ -376,3 +379,16 @@ class PostgresClassifier(Classifier):
         except Exception:  # a refinement must never lose the base answer
             return info
         return info
+
+
+class PostgresInstrumentor(RecoveryInstrumentor):
+    """What the psycopg and asyncpg instrumentors have in common: contrib's span is the
+    statement's span, failures are classified by :class:`PostgresClassifier`, and no
+    fallback value ever stands in for SQL."""
+
+    span_mode: ClassVar[Literal["own", "current"]] = "current"
+    fallback_on: ClassVar[tuple[type[BaseException], ...]] = ()
+    """Never: no stand-in value can replace a connection or a statement's cursor."""
+
+    def _classifier(self, clock: Clock | None) -> Classifier | None:
+        return PostgresClassifier(clock=clock)

@@ -20,6 +20,7 @@ the original function as if uninstrumented.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import types
@@ -206,10 +207,11 @@ class PatchSet:
                 "install it with PatchSet.wrap() instead"
             )
         function: Any = build(_as_function(original, owner))
-        function.__wrapped__ = original
-        function.__name__ = getattr(original, "__name__", attribute)
-        function.__qualname__ = getattr(original, "__qualname__", attribute)
-        function.__doc__ = getattr(original, "__doc__", None)
+        # the original's name and docs, and __wrapped__; not its __module__ (ours marks the
+        # layer as ours, see _wrapper_module) nor its __dict__ (contrib's markers)
+        functools.update_wrapper(
+            function, original, assigned=("__name__", "__qualname__", "__doc__"), updated=()
+        )
         if lowest is None:
             setattr(owner, attribute, function)
         else:

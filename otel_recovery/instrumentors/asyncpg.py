@@ -29,13 +29,10 @@ import asyncpg.connection  # type: ignore[import-untyped]
 import asyncpg.pool  # type: ignore[import-untyped]
 import asyncpg.prepared_stmt  # type: ignore[import-untyped]
 
-from otel_recovery._clock import Clock
-from otel_recovery.classify import Classifier
-from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
     Plan,
     PlanCache,
-    PostgresClassifier,
+    PostgresInstrumentor,
     Site,
     async_layer,
     instrumentation_enabled,
@@ -166,17 +163,11 @@ def _sites() -> list[tuple[Any, str, Kind]]:
     return sites
 
 
-class AsyncPGRecoveryInstrumentor(RecoveryInstrumentor):
+class AsyncPGRecoveryInstrumentor(PostgresInstrumentor):
     """Inline recovery for asyncpg connections and pools; see the module docstring."""
 
     library: ClassVar[str] = "asyncpg"
     instruments: ClassVar[tuple[str, ...]] = ("asyncpg >= 0.27",)
-    span_mode: ClassVar[Literal["own", "current"]] = "current"
-    fallback_on: ClassVar[tuple[type[BaseException], ...]] = ()
-    """Never: no stand-in value can replace a connection or a statement's cursor."""
-
-    def _classifier(self, clock: Clock | None) -> Classifier | None:
-        return PostgresClassifier(clock=clock)
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         planner = _Planner(targets)

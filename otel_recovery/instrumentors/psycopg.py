@@ -29,13 +29,10 @@ from typing import Any, ClassVar, Literal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from otel_recovery._clock import Clock
-from otel_recovery.classify import Classifier
-from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
     Plan,
     PlanCache,
-    PostgresClassifier,
+    PostgresInstrumentor,
     SpanMode,
     async_layer,
     instrumentation_enabled,
@@ -144,17 +141,11 @@ _SITES: tuple[tuple[Any, str, Kind, bool], ...] = (
 )
 
 
-class PsycopgRecoveryInstrumentor(RecoveryInstrumentor):
+class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
     """Inline recovery for psycopg 3, sync and async; see the module docstring."""
 
     library: ClassVar[str] = "psycopg"
     instruments: ClassVar[tuple[str, ...]] = ("psycopg >= 3.1",)
-    span_mode: ClassVar[Literal["own", "current"]] = "current"
-    fallback_on: ClassVar[tuple[type[BaseException], ...]] = ()
-    """Never: no stand-in value can replace a connection or a statement's cursor."""
-
-    def _classifier(self, clock: Clock | None) -> Classifier | None:
-        return PostgresClassifier(clock=clock)
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         planner = _Planner(targets)

@@ -356,9 +356,7 @@ class _SiteLayers:
         patches, where, plan_slowly = self.patches, self.where, self.plan
 
         async def layer(*args: Any, **options: Any) -> Any:
-            if not patches.enabled:
-                return await original(*args, **options)
-            if not instrumentation_enabled():
+            if not patches.enabled or not instrumentation_enabled():
                 return await original(*args, **options)
             try:
                 plan, replay = plan_slowly(args)
