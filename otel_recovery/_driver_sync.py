@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from otel_recovery._attempt import ATTEMPT
+from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import PolicyCore, Runner
@@ -102,8 +103,9 @@ class SyncDriver(PolicyCore):
         decorator): unless a bulkhead, a time limit or slow-call timing is configured, the
         happy path is compiled into one closure with everything bound to locals, reading the
         breaker's and budget's lock-free state instead of calling them (see
-        ``PolicyCore._happy_path``): one Python frame instead of five. A policy's components
-        are configuration: don't swap them after asking for a runner.
+        ``PolicyCore._happy_path``): one Python frame instead of five. Where the C extension
+        is built (``otel_recovery._compiled``), the same closure runs compiled. A policy's
+        components are configuration: don't swap them after asking for a runner.
         """
         if not self._happy_path_inlinable():
             call = self.call
@@ -116,6 +118,12 @@ class SyncDriver(PolicyCore):
         now = self.clock.now
         recover = self._recover
         breaker, gate_unlocked, tallied, budget, deposit, remember = self._happy_path()
+        if SPEEDUPS is not None:  # the closures below, compiled (otel_recovery/_speedups.c)
+            compiled: Runner = SPEEDUPS.Runner(
+                switches, now, breaker, gate_unlocked, tallied, budget,
+                deposit, remember, recover, self._reject, self._rejection,
+            )  # fmt: skip
+            return compiled
         if breaker is None and budget is None and remember is None:
 
             def unguarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:

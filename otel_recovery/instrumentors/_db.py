@@ -18,6 +18,7 @@ more, such as explaining on the span why a call was not retried (:func:`explain_
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from otel_recovery._clock import Clock
+from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._policy_core import AsyncRunner, Runner
 from otel_recovery.classify import (
     Classifier,
@@ -45,6 +47,8 @@ from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.telemetry.attributes import REDIS_CLIENT_RETRIES, RETRY_DISALLOWED
 
 __all__ = [
+    "CONTEXT_VAR",
+    "compiled_layer",
     "LEGACY_SUPPRESS_KEY",
     "SUPPRESS_KEY",
     "read_context",
@@ -78,6 +82,11 @@ LEGACY_SUPPRESS_KEY = "suppress_instrumentation"
 # directly saves two Python calls per instrumented call. Any other runtime context
 # (a custom OTEL_PYTHON_CONTEXT) goes through the public API.
 _context_var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+CONTEXT_VAR: contextvars.ContextVar[Any] | None = (
+    _context_var if isinstance(_context_var, contextvars.ContextVar) else None
+)
+"""The ContextVar holding the current Context, when the default runtime context is in use;
+a compiled layer (``otel_recovery._speedups.Layer``) reads it directly."""
 if _context_var is not None and hasattr(_context_var, "get"):
     read_context: Callable[[], Any] = _context_var.get
 else:  # pragma: no cover - another runtime context implementation
@@ -225,6 +234,46 @@ def explain_no_retry(plan: Plan, error: BaseException) -> None:
             span.set_attribute(REDIS_CLIENT_RETRIES, plan.client_retries)
     except Exception:  # telemetry must never replace the caller's error
         return
+
+
+def compiled_layer(
+    slow: Callable[..., Any],
+    original: Callable[..., Any],
+    patches: PatchSet,
+    *,
+    site: Site | None,
+    token: object,
+    holder_attr: str,
+    table_attr: str,
+    key_index: int,
+) -> Callable[..., Any]:
+    """``slow`` (a sync layer) with its remembered happy path compiled (``_speedups.Layer``).
+
+    The compiled layer finds the plan at ``getattr(getattr(args[0], holder_attr),
+    table_attr).plans[key]`` (key: ``args[key_index]``, or the instance's type for 0), a
+    ``PlanTable`` that ``slow`` leaves there, valid while its token is ``site.seen`` (or
+    ``token`` without a site) and its guard holds. Every other case, and every call while
+    the extension is missing, runs ``slow``. Only for callers that checked
+    ``SPEEDUPS is not None and CONTEXT_VAR is not None``.
+    """
+    assert SPEEDUPS is not None and CONTEXT_VAR is not None
+    layer: Callable[..., Any] = SPEEDUPS.Layer(
+        slow=slow,
+        original=original,
+        patches=patches,
+        context_var=CONTEXT_VAR,
+        suppress_keys=(SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
+        site=site,
+        namespace=None if site is None else site.namespace,
+        attribute="" if site is None else site.attribute,
+        token=token,
+        holder_attr=holder_attr,
+        table_attr=table_attr,
+        key_index=key_index,
+        explain=explain_no_retry,
+    )
+    layer.__module__ = slow.__module__  # marks it as ours, as a plain layer's module does
+    return layer
 
 
 def sync_layer(

@@ -30,6 +30,8 @@ from typing import Any, cast
 
 import wrapt
 
+from otel_recovery._compiled import SPEEDUPS
+
 __all__ = ["PatchSet", "Wrapper", "report_internal_error"]
 
 _log = logging.getLogger("otel_recovery.instrumentors")
@@ -101,8 +103,10 @@ def _is_layer(node: object, ours: object) -> bool:
 def _wrapper_module(proxy: object) -> str:
     """Module of the function inside a wrapt proxy (contrib's may be a functools.partial),
     or of a plain-function layer such as ours; "" for anything else."""
-    if type(proxy) is types.FunctionType:
-        return proxy.__module__ if hasattr(proxy, "__wrapped__") else ""
+    if type(proxy) is types.FunctionType or (
+        SPEEDUPS is not None and type(proxy) is SPEEDUPS.Layer
+    ):
+        return str(proxy.__module__) if hasattr(proxy, "__wrapped__") else ""
     inner = getattr(proxy, "_self_wrapper", None)
     inner = getattr(inner, "func", inner)
     return str(getattr(inner, "__module__", "") or "")

@@ -51,14 +51,17 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
+    CONTEXT_VAR,
     LEGACY_SUPPRESS_KEY,
     SUPPRESS_KEY,
     Plan,
     PlanCache,
     Site,
     SpanMode,
+    compiled_layer,
     explain_no_retry,
     instrumentation_enabled,
     read_context,
@@ -75,6 +78,8 @@ Queued = list[tuple[tuple[Any, ...], dict[str, Any]]]
 
 _TARGET = "_otel_recovery_target"
 """Where a connection pool keeps its :class:`Target`."""
+_COMPILED_PLANS = "_otel_recovery_compiled_plans"
+"""Where a connection pool keeps the ``PlanTable`` the compiled command layer reads."""
 _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
 """What a redis-py ``Retry`` repeats when not told otherwise."""
 
@@ -188,6 +193,30 @@ def _queued(pipe: Any) -> Queued | None:
         (tuple(c.args), dict(getattr(c, "options", None) or getattr(c, "kwargs", None) or {}))
         for c in queue
     ]
+
+
+def _share_plans(pool: Any, planner: _Planner, target: Target, seen: tuple[Any, Any]) -> None:
+    """Leave the pool's remembered command plans where the compiled layer reads them.
+
+    The table holds the very dict the planner fills, so one table serves every command; it
+    is valid while the site's ``seen`` is the one it was made under (same wrapper chain,
+    same instrumentation) and the pool's ``retry`` is the one the target was read from.
+    """
+    if target.owner is not planner:
+        return
+    plans = target.current if seen[1] == "current" else target.own
+    table = getattr(pool, _COMPILED_PLANS, None)
+    if (
+        table is not None
+        and table.token is seen
+        and table.plans is plans
+        and table.guard_map is target.kwargs
+        and table.guard_value is target.retry
+    ):
+        return
+    table = SPEEDUPS.PlanTable(seen, plans, target.kwargs, "retry", target.retry)  # type: ignore[union-attr]
+    with contextlib.suppress(Exception):  # a pool with __slots__: the Python layer serves
+        setattr(pool, _COMPILED_PLANS, table)
 
 
 class _Replay:
@@ -312,6 +341,7 @@ class _SiteLayers:
         namespace, attribute = site.namespace, site.attribute
         enabled, resolve, plan_slowly = instrumentation_enabled, self.resolve, self.plan
         inline = self.kind == "command" and self.resolve is _standalone_target
+        compiled = inline and SPEEDUPS is not None and CONTEXT_VAR is not None
 
         def layer(*args: Any, **options: Any) -> Any:
             # Every Python call costs here (the issue's budget is 1 us per command), so the
@@ -337,6 +367,8 @@ class _SiteLayers:
                         plan = plans.get(args[1])
                     if plan is None:
                         plan = planner.command(seen[1], target, args[1:])
+                    if compiled:
+                        _share_plans(args[0].connection_pool, planner, target, seen)
                 else:
                     plan, replay = plan_slowly(args)
                     if replay is not None:
@@ -350,7 +382,20 @@ class _SiteLayers:
                 explain_no_retry(plan, error)
                 raise
 
-        return layer
+        if not compiled:
+            return layer
+        # The remembered happy path compiled: the C layer reads the plans _share_plans left
+        # on the pool and calls this layer for everything else (otel_recovery/_speedups.c).
+        return compiled_layer(
+            layer,
+            original,
+            patches,
+            site=site,
+            token=None,
+            holder_attr="connection_pool",
+            table_attr=_COMPILED_PLANS,
+            key_index=1,
+        )
 
     def async_layer(self, original: Callable[..., Any]) -> Callable[..., Any]:
         patches, where, plan_slowly = self.patches, self.where, self.plan

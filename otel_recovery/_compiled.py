@@ -1,0 +1,34 @@
+"""The optional compiled happy path (``otel_recovery/_speedups.c``), or None.
+
+Why optional: the package must install and work with nothing but Python, so the extension
+is built only where a C compiler is present (``pip install`` says so and goes on when it
+is not). Everything it does also exists in Python: ``RecoveryPolicy.runner()`` compiles a
+closure, and each per-call layer is a plain function. The compiled versions only make the
+remembered happy path cheaper; every other case calls the Python code.
+
+``OTEL_RECOVERY_NO_EXTENSIONS=true`` ignores a built extension (as ``AIOHTTP_NO_EXTENSIONS``
+does for aiohttp): to rule it out when chasing a problem, and for the test suite, which
+runs the instrumentor and policy tests both ways.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from otel_recovery._config import env_flag
+
+__all__ = ["SPEEDUPS"]
+
+
+def _load() -> ModuleType | None:
+    if env_flag("OTEL_RECOVERY_NO_EXTENSIONS", default=False):
+        return None
+    try:
+        from otel_recovery import _speedups
+    except ImportError:  # built without a C compiler: the Python paths do the same work
+        return None
+    return _speedups
+
+
+SPEEDUPS: ModuleType | None = _load()
+"""``otel_recovery._speedups``, or None when it is not built or switched off."""

@@ -1,0 +1,887 @@
+/* otel_recovery._speedups: the per-call happy path, compiled.
+ *
+ * Why this exists: the auto-instrumentors promise at most 1 us of CPU per client call, and in
+ * CPython every bytecode of a per-call layer costs tens of machine instructions. The Python
+ * layer and the Python runner (RecoveryPolicy.runner) spend about 5,800 instructions on a
+ * Redis GET; this module does the same work in a few hundred.
+ *
+ * It is an accelerator, never the source of truth:
+ *
+ * - Runner mirrors the closure RecoveryPolicy.runner() compiles in Python (_driver_sync.py,
+ *   "guarded"), line for line; every case but the happy path calls back into the policy's
+ *   Python methods (recover, reject, can_execute, record_call, record_success, release).
+ * - Layer handles only the remembered happy case of a per-call patch site: instrumentation
+ *   on, nothing suppressed, a plan already remembered for this call's route. Anything else
+ *   (the first call, a changed wrapper chain, a suppressed context, an internal surprise)
+ *   calls the site's Python layer, which decides, plans and remembers.
+ *
+ * Without a C compiler the package installs without this module and behaves the same,
+ * only slower (otel_recovery/_speedups_loader.py). Tests run both.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+static PyObject *str_active, *str_permit_all, *str_tally, *str_bucket_end, *str_can_execute,
+    *str_record_call, *str_record_success, *str_release, *str_enabled, *str_seen,
+    *kw_release_false;
+
+/* ------------------------------------------------------------------------------------ */
+/* Arguments as the caller gave them: a vector (from a Layer) or a tuple and a dict (from
+ * Python). The tuple and dict are built only when a slow path needs them. */
+
+typedef struct {
+    PyObject *const *argv;
+    Py_ssize_t nargs;
+    PyObject *kwnames;
+    PyObject *args;   /* tuple, or NULL until materialized */
+    PyObject *kwargs; /* dict, or NULL until materialized */
+    int owned;        /* args/kwargs were built here and must be released */
+} CallArgs;
+
+static PyObject *
+callargs_call(PyObject *fn, CallArgs *ca)
+{
+    if (ca->argv != NULL) {
+        return PyObject_Vectorcall(fn, ca->argv, (size_t)ca->nargs, ca->kwnames);
+    }
+    return PyObject_Call(fn, ca->args, PyDict_GET_SIZE(ca->kwargs) ? ca->kwargs : NULL);
+}
+
+static int
+callargs_materialize(CallArgs *ca)
+{
+    if (ca->args != NULL) {
+        return 0;
+    }
+    PyObject *args = PyTuple_New(ca->nargs);
+    if (args == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < ca->nargs; i++) {
+        Py_INCREF(ca->argv[i]);
+        PyTuple_SET_ITEM(args, i, ca->argv[i]);
+    }
+    PyObject *kwargs = PyDict_New();
+    if (kwargs == NULL) {
+        Py_DECREF(args);
+        return -1;
+    }
+    Py_ssize_t nkw = ca->kwnames == NULL ? 0 : PyTuple_GET_SIZE(ca->kwnames);
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(ca->kwnames, i), ca->argv[ca->nargs + i]) < 0) {
+            Py_DECREF(args);
+            Py_DECREF(kwargs);
+            return -1;
+        }
+    }
+    ca->args = args;
+    ca->kwargs = kwargs;
+    ca->owned = 1;
+    return 0;
+}
+
+static void
+callargs_release(CallArgs *ca)
+{
+    if (ca->owned) {
+        Py_CLEAR(ca->args);
+        Py_CLEAR(ca->kwargs);
+    }
+}
+
+/* getattr(obj, name) is true; -1 on error. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        return -1;
+    }
+    int truth = value == Py_True ? 1 : (value == Py_False ? 0 : PyObject_IsTrue(value));
+    Py_DECREF(value);
+    return truth;
+}
+
+/* Call method(), discarding its result; -1 on error. */
+static int
+call_method_discard(PyObject *obj, PyObject *name)
+{
+    PyObject *result = PyObject_CallMethodNoArgs(obj, name);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Runner */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *switches;
+    PyObject *now;
+    PyObject *breaker; /* Py_None: no breaker */
+    PyObject *budget;  /* Py_None: no budget */
+    PyObject *deposit; /* Py_None: call budget.record_call */
+    PyObject *remember;
+    PyObject *recover;
+    PyObject *reject;
+    PyObject *rejection;
+    int gate_unlocked;
+    int tallied;
+    vectorcallfunc vectorcall;
+} RunnerObject;
+
+static PyTypeObject RunnerType;
+
+/* The "except Exception as error: return recover(...)" branch: the error is the exception
+ * being handled while recover runs, so what recover raises chains to it as in Python. */
+static PyObject *
+runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, PyObject *started)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *result = NULL;
+    PyObject *saved_type, *saved_value, *saved_traceback;
+    PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
+    Py_XINCREF(type);
+    Py_XINCREF(value);
+    Py_XINCREF(traceback);
+    PyErr_SetExcInfo(type, value, traceback);
+    PyObject *ended = PyObject_CallNoArgs(self->now);
+    PyObject *took = ended == NULL ? NULL : PyNumber_Subtract(ended, started);
+    Py_XDECREF(ended);
+    if (took != NULL && callargs_materialize(ca) == 0) {
+        PyObject *call_args[6] = {fn, ca->args, ca->kwargs, value, started, took};
+        result = PyObject_Vectorcall(self->recover, call_args, 6, NULL);
+    }
+    Py_XDECREF(took);
+    PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return result;
+}
+
+/* "except BaseException: breaker.release(); raise". */
+static void
+runner_release(RunnerObject *self)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (call_method_discard(self->breaker, str_release) == 0) {
+        PyErr_Restore(type, value, traceback);
+        return;
+    }
+    /* release() failed: its error propagates, chained to the original, as in Python */
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *new_type, *new_value, *new_traceback;
+    PyErr_Fetch(&new_type, &new_value, &new_traceback);
+    PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
+    PyException_SetContext(new_value, value); /* steals value */
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    PyErr_Restore(new_type, new_value, new_traceback);
+}
+
+static PyObject *
+runner_reject(RunnerObject *self, CallArgs *ca, PyObject *started)
+{
+    if (callargs_materialize(ca) < 0) {
+        return NULL;
+    }
+    PyObject *error = PyObject_CallNoArgs(self->rejection);
+    if (error == NULL) {
+        return NULL;
+    }
+    PyObject *call_args[5] = {error, started, ca->args, ca->kwargs, Py_False};
+    PyObject *result = PyObject_Vectorcall(self->reject, call_args, 4, kw_release_false);
+    Py_DECREF(error);
+    return result;
+}
+
+/* started < budget._bucket_end; -1 on error. */
+static int
+before_bucket_end(PyObject *budget, PyObject *started)
+{
+    PyObject *end = PyObject_GetAttr(budget, str_bucket_end);
+    if (end == NULL) {
+        return -1;
+    }
+    int before;
+    if (PyFloat_CheckExact(end) && PyFloat_CheckExact(started)) {
+        before = PyFloat_AS_DOUBLE(started) < PyFloat_AS_DOUBLE(end);
+    }
+    else {
+        before = PyObject_RichCompareBool(started, end, Py_LT);
+    }
+    Py_DECREF(end);
+    return before;
+}
+
+static PyObject *
+runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
+{
+    int active = attr_true(self->switches, str_active);
+    if (active < 0) {
+        return NULL;
+    }
+    if (!active) {
+        return callargs_call(fn, ca);
+    }
+    PyObject *started = PyObject_CallNoArgs(self->now);
+    if (started == NULL) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    PyObject *breaker = self->breaker == Py_None ? NULL : self->breaker;
+    if (breaker != NULL) {
+        int permitted = self->gate_unlocked ? attr_true(breaker, str_permit_all) : 0;
+        if (permitted < 0) {
+            goto done;
+        }
+        if (!permitted) {
+            PyObject *answer = PyObject_CallMethodNoArgs(breaker, str_can_execute);
+            if (answer == NULL) {
+                goto done;
+            }
+            permitted = PyObject_IsTrue(answer);
+            Py_DECREF(answer);
+            if (permitted < 0) {
+                goto done;
+            }
+            if (!permitted) {
+                result = runner_reject(self, ca, started);
+                goto done;
+            }
+        }
+    }
+    if (self->budget != Py_None) {
+        int deposited = 0;
+        if (self->deposit != Py_None) {
+            int before = before_bucket_end(self->budget, started);
+            if (before < 0) {
+                goto done;
+            }
+            if (before) {
+                PyObject *ignored = PyObject_CallNoArgs(self->deposit);
+                if (ignored == NULL) {
+                    goto done;
+                }
+                Py_DECREF(ignored);
+                deposited = 1;
+            }
+        }
+        if (!deposited) {
+            PyObject *ignored = PyObject_CallMethodOneArg(self->budget, str_record_call, started);
+            if (ignored == NULL) {
+                goto done;
+            }
+            Py_DECREF(ignored);
+        }
+    }
+    result = callargs_call(fn, ca);
+    if (result == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            result = runner_recover(self, fn, ca, started);
+        }
+        else if (breaker != NULL) {
+            runner_release(self);
+        }
+        goto done;
+    }
+    if (breaker != NULL) {
+        PyObject *tally = NULL;
+        if (self->tallied) {
+            tally = PyObject_GetAttr(breaker, str_tally);
+            if (tally == NULL) {
+                Py_CLEAR(result);
+                goto done;
+            }
+        }
+        if (tally != NULL && tally != Py_None) {
+            PyObject *counted = PyIter_Next(tally);
+            Py_DECREF(tally);
+            if (counted == NULL) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetNone(PyExc_StopIteration);
+                }
+                Py_CLEAR(result);
+                goto done;
+            }
+            Py_DECREF(counted);
+        }
+        else {
+            Py_XDECREF(tally);
+            if (call_method_discard(breaker, str_record_success) < 0) {
+                Py_CLEAR(result);
+                goto done;
+            }
+        }
+    }
+    if (self->remember != Py_None) {
+        if (callargs_materialize(ca) < 0) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyObject *call_args[4] = {ca->args, ca->kwargs, result, started};
+        PyObject *ignored = PyObject_Vectorcall(self->remember, call_args, 4, NULL);
+        if (ignored == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        Py_DECREF(ignored);
+    }
+done:
+    Py_DECREF(started);
+    return result;
+}
+
+static PyObject *
+runner_vectorcall(RunnerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 3 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "a runner is called as run(fn, args, kwargs)");
+        return NULL;
+    }
+    if (!PyTuple_Check(argv[1]) || !PyDict_Check(argv[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "run(fn, args, kwargs) takes args as a tuple and kwargs as a dict");
+        return NULL;
+    }
+    CallArgs ca = {NULL, 0, NULL, argv[1], argv[2], 0};
+    return runner_run(self, argv[0], &ca);
+}
+
+static PyObject *
+runner_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"switches", "now", "breaker", "gate_unlocked", "tallied", "budget",
+                            "deposit", "remember", "recover", "reject", "rejection", NULL};
+    PyObject *switches, *now, *breaker, *budget, *deposit, *remember, *recover, *reject,
+        *rejection;
+    int gate_unlocked, tallied;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOppOOOOOO:Runner", names, &switches, &now,
+                                     &breaker, &gate_unlocked, &tallied, &budget, &deposit,
+                                     &remember, &recover, &reject, &rejection)) {
+        return NULL;
+    }
+    RunnerObject *self = PyObject_GC_New(RunnerObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->switches = Py_NewRef(switches);
+    self->now = Py_NewRef(now);
+    self->breaker = Py_NewRef(breaker);
+    self->budget = Py_NewRef(budget);
+    self->deposit = Py_NewRef(deposit);
+    self->remember = Py_NewRef(remember);
+    self->recover = Py_NewRef(recover);
+    self->reject = Py_NewRef(reject);
+    self->rejection = Py_NewRef(rejection);
+    self->gate_unlocked = gate_unlocked;
+    self->tallied = tallied;
+    self->vectorcall = (vectorcallfunc)runner_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+runner_traverse(RunnerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->switches);
+    Py_VISIT(self->now);
+    Py_VISIT(self->breaker);
+    Py_VISIT(self->budget);
+    Py_VISIT(self->deposit);
+    Py_VISIT(self->remember);
+    Py_VISIT(self->recover);
+    Py_VISIT(self->reject);
+    Py_VISIT(self->rejection);
+    return 0;
+}
+
+static int
+runner_clear(RunnerObject *self)
+{
+    Py_CLEAR(self->switches);
+    Py_CLEAR(self->now);
+    Py_CLEAR(self->breaker);
+    Py_CLEAR(self->budget);
+    Py_CLEAR(self->deposit);
+    Py_CLEAR(self->remember);
+    Py_CLEAR(self->recover);
+    Py_CLEAR(self->reject);
+    Py_CLEAR(self->rejection);
+    return 0;
+}
+
+static void
+runner_dealloc(RunnerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    runner_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject RunnerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_recovery._speedups.Runner",
+    .tp_doc = PyDoc_STR("run(fn, args, kwargs): RecoveryPolicy.runner()'s happy path, compiled."),
+    .tp_basicsize = sizeof(RunnerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = runner_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(RunnerObject, vectorcall),
+    .tp_traverse = (traverseproc)runner_traverse,
+    .tp_clear = (inquiry)runner_clear,
+    .tp_dealloc = (destructor)runner_dealloc,
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* PlanTable: the plans a Layer may use for one holder (a Redis pool, a psycopg connection),
+ * valid while its token is the layer's token and guard_map[guard_key] is guard_value. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *token;
+    PyObject *plans; /* dict: route key -> Plan */
+    PyObject *guard_map;
+    PyObject *guard_key;
+    PyObject *guard_value;
+} PlanTableObject;
+
+static PyTypeObject PlanTableType;
+
+static PyObject *
+plantable_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"token", "plans", "guard_map", "guard_key", "guard_value", NULL};
+    PyObject *token, *plans, *guard_map = Py_None, *guard_key = Py_None, *guard_value = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!|OOO:PlanTable", names, &token,
+                                     &PyDict_Type, &plans, &guard_map, &guard_key,
+                                     &guard_value)) {
+        return NULL;
+    }
+    if (guard_map != Py_None && !PyDict_Check(guard_map)) {
+        PyErr_SetString(PyExc_TypeError, "PlanTable guard_map must be a dict or None");
+        return NULL;
+    }
+    PlanTableObject *self = PyObject_GC_New(PlanTableObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->token = Py_NewRef(token);
+    self->plans = Py_NewRef(plans);
+    self->guard_map = Py_NewRef(guard_map);
+    self->guard_key = Py_NewRef(guard_key);
+    self->guard_value = Py_NewRef(guard_value);
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+plantable_traverse(PlanTableObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->token);
+    Py_VISIT(self->plans);
+    Py_VISIT(self->guard_map);
+    Py_VISIT(self->guard_key);
+    Py_VISIT(self->guard_value);
+    return 0;
+}
+
+static int
+plantable_clear(PlanTableObject *self)
+{
+    Py_CLEAR(self->token);
+    Py_CLEAR(self->plans);
+    Py_CLEAR(self->guard_map);
+    Py_CLEAR(self->guard_key);
+    Py_CLEAR(self->guard_value);
+    return 0;
+}
+
+static void
+plantable_dealloc(PlanTableObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    plantable_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyMemberDef plantable_members[] = {
+    {"token", T_OBJECT, offsetof(PlanTableObject, token), READONLY, NULL},
+    {"plans", T_OBJECT, offsetof(PlanTableObject, plans), READONLY, NULL},
+    {"guard_map", T_OBJECT, offsetof(PlanTableObject, guard_map), READONLY, NULL},
+    {"guard_key", T_OBJECT, offsetof(PlanTableObject, guard_key), READONLY, NULL},
+    {"guard_value", T_OBJECT, offsetof(PlanTableObject, guard_value), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject PlanTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_recovery._speedups.PlanTable",
+    .tp_doc = PyDoc_STR("PlanTable(token, plans, guard_map=None, guard_key=None, "
+                        "guard_value=None): plans a Layer may use for one holder."),
+    .tp_basicsize = sizeof(PlanTableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = plantable_new,
+    .tp_members = plantable_members,
+    .tp_traverse = (traverseproc)plantable_traverse,
+    .tp_clear = (inquiry)plantable_clear,
+    .tp_dealloc = (destructor)plantable_dealloc,
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* Layer: a method-like patch site whose remembered happy path runs here. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *dict; /* __dict__: __wrapped__, __name__, __qualname__, __doc__ */
+    PyObject *slow;
+    PyObject *original;
+    PyObject *patches;
+    PyObject *context_var;
+    PyObject *suppress_keys; /* tuple */
+    PyObject *site;          /* Py_None, or an object whose .seen is (top, mode) */
+    PyObject *namespace;     /* mapping holding the patched attribute (with site) */
+    PyObject *attribute;
+    PyObject *token; /* the table token when there is no site */
+    PyObject *holder_attr;
+    PyObject *table_attr;
+    Py_ssize_t key_index; /* >= 1: argument key_index; 0: the instance's type */
+    PyObject *explain;
+    vectorcallfunc vectorcall;
+} LayerObject;
+
+static PyTypeObject LayerType;
+
+/* The plan for this call from its holder's table, a new reference; NULL (no error set) when
+ * the Python layer has to decide. */
+static PyObject *
+layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs)
+{
+    PyObject *token, *seen = NULL, *holder = NULL, *table = NULL, *plan = NULL;
+    if (nargs < 1 || self->key_index >= nargs) {
+        return NULL;
+    }
+    if (self->site != Py_None) {
+        seen = PyObject_GetAttr(self->site, str_seen);
+        if (seen == NULL || !PyTuple_Check(seen) || PyTuple_GET_SIZE(seen) != 2) {
+            goto miss;
+        }
+        PyObject *top = PyObject_GetItem(self->namespace, self->attribute);
+        Py_XDECREF(top); /* only its identity is compared */
+        if (top == NULL || top != PyTuple_GET_ITEM(seen, 0)) {
+            goto miss;
+        }
+        token = seen;
+    }
+    else {
+        token = self->token;
+    }
+    holder = PyObject_GetAttr(argv[0], self->holder_attr);
+    if (holder == NULL) {
+        goto miss;
+    }
+    table = PyObject_GetAttr(holder, self->table_attr);
+    if (table == NULL || Py_TYPE(table) != &PlanTableType) {
+        goto miss;
+    }
+    PlanTableObject *plans = (PlanTableObject *)table;
+    if (plans->token != token) {
+        goto miss;
+    }
+    if (plans->guard_map != Py_None) {
+        PyObject *guard = PyDict_GetItemWithError(plans->guard_map, plans->guard_key);
+        if (guard != plans->guard_value) {
+            goto miss;
+        }
+    }
+    PyObject *key = self->key_index ? argv[self->key_index] : (PyObject *)Py_TYPE(argv[0]);
+    plan = PyDict_GetItemWithError(plans->plans, key); /* borrowed */
+    if (plan != NULL && PyTuple_Check(plan) && PyTuple_GET_SIZE(plan) > 2 &&
+        Py_TYPE(PyTuple_GET_ITEM(plan, 2)) == &RunnerType) {
+        Py_INCREF(plan);
+    }
+    else {
+        plan = NULL;
+    }
+miss:
+    if (PyErr_Occurred()) {
+        PyErr_Clear(); /* the Python layer meets the same surprise and reports it */
+    }
+    Py_XDECREF(seen);
+    Py_XDECREF(holder);
+    Py_XDECREF(table);
+    return plan;
+}
+
+/* Nothing in the context suppresses instrumentation: 1; something may: 0. */
+static int
+layer_unsuppressed(LayerObject *self)
+{
+    PyObject *context;
+    if (PyContextVar_Get(self->context_var, NULL, &context) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (context == NULL || !PyDict_Check(context)) {
+        Py_XDECREF(context);
+        return 0;
+    }
+    int clear = 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->suppress_keys); i++) {
+        int found = PyDict_Contains(context, PyTuple_GET_ITEM(self->suppress_keys, i));
+        if (found != 0) {
+            PyErr_Clear();
+            clear = 0;
+            break;
+        }
+    }
+    Py_DECREF(context);
+    return clear;
+}
+
+static PyObject *
+layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
+{
+    int enabled = attr_true(self->patches, str_enabled);
+    if (enabled == 0) {
+        return PyObject_Vectorcall(self->original, argv, nargsf, kwnames);
+    }
+    if (enabled < 0) {
+        PyErr_Clear();
+        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+    }
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *plan = layer_unsuppressed(self) ? layer_remembered_plan(self, argv, nargs) : NULL;
+    if (plan == NULL) {
+        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+    }
+    CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
+    RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 2);
+    PyObject *result = runner_run(runner, self->original, &ca);
+    callargs_release(&ca);
+    if (result == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+        /* "except Exception as error: explain_no_retry(plan, error); raise" */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyErr_NormalizeException(&type, &value, &traceback);
+        if (traceback != NULL) {
+            PyException_SetTraceback(value, traceback);
+        }
+        PyObject *call_args[2] = {plan, value};
+        PyObject *ignored = PyObject_Vectorcall(self->explain, call_args, 2, NULL);
+        if (ignored == NULL) {
+            PyErr_Clear(); /* telemetry must never replace the caller's error */
+        }
+        Py_XDECREF(ignored);
+        PyErr_Restore(type, value, traceback);
+    }
+    Py_DECREF(plan);
+    return result;
+}
+
+static PyObject *
+layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"slow",   "original",    "patches",    "context_var",
+                            "suppress_keys", "site", "namespace", "attribute",
+                            "token",  "holder_attr", "table_attr", "key_index",
+                            "explain", NULL};
+    PyObject *slow, *original, *patches, *context_var, *suppress_keys, *site, *namespace,
+        *attribute, *token, *holder_attr, *table_attr, *explain;
+    Py_ssize_t key_index;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!OOOOUUnO:Layer", names, &slow,
+                                     &original, &patches, &context_var, &PyTuple_Type,
+                                     &suppress_keys, &site, &namespace, &attribute, &token,
+                                     &holder_attr, &table_attr, &key_index, &explain)) {
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(context_var)) {
+        PyErr_SetString(PyExc_TypeError, "Layer context_var must be a contextvars.ContextVar");
+        return NULL;
+    }
+    if (key_index < 0) {
+        PyErr_SetString(PyExc_ValueError, "Layer key_index must be 0 (the type) or positive");
+        return NULL;
+    }
+    LayerObject *self = PyObject_GC_New(LayerObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->dict = NULL;
+    self->slow = Py_NewRef(slow);
+    self->original = Py_NewRef(original);
+    self->patches = Py_NewRef(patches);
+    self->context_var = Py_NewRef(context_var);
+    self->suppress_keys = Py_NewRef(suppress_keys);
+    self->site = Py_NewRef(site);
+    self->namespace = Py_NewRef(namespace);
+    self->attribute = Py_NewRef(attribute);
+    self->token = Py_NewRef(token);
+    self->holder_attr = Py_NewRef(holder_attr);
+    self->table_attr = Py_NewRef(table_attr);
+    self->key_index = key_index;
+    self->explain = Py_NewRef(explain);
+    self->vectorcall = (vectorcallfunc)layer_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+layer_traverse(LayerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->dict);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->original);
+    Py_VISIT(self->patches);
+    Py_VISIT(self->context_var);
+    Py_VISIT(self->suppress_keys);
+    Py_VISIT(self->site);
+    Py_VISIT(self->namespace);
+    Py_VISIT(self->attribute);
+    Py_VISIT(self->token);
+    Py_VISIT(self->holder_attr);
+    Py_VISIT(self->table_attr);
+    Py_VISIT(self->explain);
+    return 0;
+}
+
+static int
+layer_clear(LayerObject *self)
+{
+    Py_CLEAR(self->dict);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->original);
+    Py_CLEAR(self->patches);
+    Py_CLEAR(self->context_var);
+    Py_CLEAR(self->suppress_keys);
+    Py_CLEAR(self->site);
+    Py_CLEAR(self->namespace);
+    Py_CLEAR(self->attribute);
+    Py_CLEAR(self->token);
+    Py_CLEAR(self->holder_attr);
+    Py_CLEAR(self->table_attr);
+    Py_CLEAR(self->explain);
+    return 0;
+}
+
+static void
+layer_dealloc(LayerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    layer_clear(self);
+    PyObject_GC_Del(self);
+}
+
+/* Bound like a function: on an instance, a method; on the class, itself. */
+static PyObject *
+layer_descr_get(PyObject *self, PyObject *instance, PyObject *owner)
+{
+    if (instance == NULL || instance == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, instance);
+}
+
+static PyObject *
+layer_get_slow(LayerObject *self, void *closure)
+{
+    return Py_NewRef(self->slow);
+}
+
+static PyObject *
+layer_get_original(LayerObject *self, void *closure)
+{
+    return Py_NewRef(self->original);
+}
+
+static PyGetSetDef layer_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {"slow", (getter)layer_get_slow, NULL, "the Python layer: every case but the remembered",
+     NULL},
+    {"original", (getter)layer_get_original, NULL, "what the layer calls to go on", NULL},
+    {NULL},
+};
+
+static PyTypeObject LayerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_recovery._speedups.Layer",
+    .tp_doc = PyDoc_STR("A per-call patch site whose remembered happy path is compiled."),
+    .tp_basicsize = sizeof(LayerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = layer_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(LayerObject, vectorcall),
+    .tp_dictoffset = offsetof(LayerObject, dict),
+    .tp_descr_get = layer_descr_get,
+    .tp_getset = layer_getset,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_traverse = (traverseproc)layer_traverse,
+    .tp_clear = (inquiry)layer_clear,
+    .tp_dealloc = (destructor)layer_dealloc,
+};
+
+/* ------------------------------------------------------------------------------------ */
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "otel_recovery._speedups",
+    .m_doc = "The compiled happy path of otel_recovery's runners and per-call layers.",
+    .m_size = -1,
+};
+
+static int
+intern(PyObject **slot, const char *text)
+{
+    *slot = PyUnicode_InternFromString(text);
+    return *slot == NULL ? -1 : 0;
+}
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    if (intern(&str_active, "active") < 0 || intern(&str_permit_all, "_permit_all") < 0 ||
+        intern(&str_tally, "_tally") < 0 || intern(&str_bucket_end, "_bucket_end") < 0 ||
+        intern(&str_can_execute, "can_execute") < 0 ||
+        intern(&str_record_call, "record_call") < 0 ||
+        intern(&str_record_success, "record_success") < 0 ||
+        intern(&str_release, "release") < 0 || intern(&str_enabled, "enabled") < 0 ||
+        intern(&str_seen, "seen") < 0) {
+        return NULL;
+    }
+    kw_release_false = Py_BuildValue("(s)", "release");
+    if (kw_release_false == NULL) {
+        return NULL;
+    }
+    if (PyType_Ready(&RunnerType) < 0 || PyType_Ready(&PlanTableType) < 0 ||
+        PyType_Ready(&LayerType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&speedups_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "Runner", (PyObject *)&RunnerType) < 0 ||
+        PyModule_AddObjectRef(module, "PlanTable", (PyObject *)&PlanTableType) < 0 ||
+        PyModule_AddObjectRef(module, "Layer", (PyObject *)&LayerType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

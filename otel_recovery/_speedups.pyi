@@ -1,0 +1,68 @@
+"""Types of the compiled happy path; see ``_speedups.c`` for why and ``_compiled.py`` for when."""
+
+from collections.abc import Callable
+from typing import Any
+
+class Runner:
+    """``run(fn, args, kwargs)``: ``RecoveryPolicy.runner()``'s happy path, compiled."""
+
+    def __init__(
+        self,
+        switches: Any,
+        now: Callable[[], float],
+        breaker: Any,
+        gate_unlocked: bool,
+        tallied: bool,
+        budget: Any,
+        deposit: Callable[[], object] | None,
+        remember: Callable[..., object] | None,
+        recover: Callable[..., Any],
+        reject: Callable[..., Any],
+        rejection: Callable[[], BaseException],
+    ) -> None: ...
+    def __call__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], /
+    ) -> Any: ...
+
+class PlanTable:
+    """The plans a :class:`Layer` may use for one holder, valid while ``token`` is the
+    layer's token and ``guard_map[guard_key] is guard_value``."""
+
+    token: object
+    plans: dict[Any, Any]
+    guard_map: dict[Any, Any] | None
+    guard_key: object
+    guard_value: object
+    def __init__(
+        self,
+        token: object,
+        plans: dict[Any, Any],
+        guard_map: dict[Any, Any] | None = None,
+        guard_key: object = None,
+        guard_value: object = None,
+    ) -> None: ...
+
+class Layer:
+    """A per-call patch site whose remembered happy path is compiled; every other case
+    calls ``slow``."""
+
+    slow: Callable[..., Any]
+    original: Callable[..., Any]
+    def __init__(
+        self,
+        slow: Callable[..., Any],
+        original: Callable[..., Any],
+        patches: Any,
+        context_var: Any,
+        suppress_keys: tuple[object, ...],
+        site: Any,
+        namespace: Any,
+        attribute: str,
+        token: object,
+        holder_attr: str,
+        table_attr: str,
+        key_index: int,
+        explain: Callable[[Any, BaseException], None],
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, instance: object, owner: type | None = None) -> Any: ...
