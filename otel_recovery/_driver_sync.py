@@ -119,9 +119,10 @@ class SyncDriver(PolicyCore):
         recover = self._recover
         breaker, gate_unlocked, tallied, budget, deposit, remember = self._happy_path()
         if SPEEDUPS is not None:  # the closures below, compiled (otel_recovery/_speedups.c)
+            counter = None if deposit is None else budget._call_count  # type: ignore[union-attr]
             compiled: Runner = SPEEDUPS.Runner(
                 switches, now, breaker, gate_unlocked, tallied, budget,
-                deposit, remember, recover, self._reject, self._rejection,
+                counter, remember, recover, self._reject, self._rejection,
             )  # fmt: skip
             return compiled
         if breaker is None and budget is None and remember is None:

@@ -21,6 +21,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <time.h>
 
 static PyObject *str_active, *str_permit_all, *str_tally, *str_bucket_end, *str_can_execute,
     *str_record_call, *str_record_success, *str_release, *str_enabled, *str_seen,
@@ -90,11 +91,74 @@ callargs_release(CallArgs *ca)
     }
 }
 
-/* getattr(obj, name) is true; -1 on error. */
-static int
-attr_true(PyObject *obj, PyObject *name)
+/* ------------------------------------------------------------------------------------ */
+/* Reading an attribute kept in a __slots__ slot without the attribute protocol.
+ *
+ * Most of a generic getattr is finding out *where* the attribute lives; for the policy
+ * objects of a runner that answer never changes, so it is found once: when the object's
+ * class resolves the name to a __slots__ member, the value is read at the member's offset
+ * while the object's class is still that class. Anything else uses PyObject_GetAttr. */
+
+typedef struct {
+    PyTypeObject *type; /* borrowed: the object the reader was made for keeps it alive */
+    Py_ssize_t offset;  /* -1: use PyObject_GetAttr */
+    PyObject *name;
+} SlotReader;
+
+static void
+slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name)
 {
-    PyObject *value = PyObject_GetAttr(obj, name);
+    reader->type = NULL;
+    reader->offset = -1;
+    reader->name = name;
+    if (obj == NULL || obj == Py_None) {
+        return;
+    }
+    PyTypeObject *type = Py_TYPE(obj);
+    PyObject *mro = type->tp_mro;
+    if (mro == NULL || !PyTuple_Check(mro)) {
+        return;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyObject *base = PyTuple_GET_ITEM(mro, i);
+        PyObject *dict = PyType_Check(base) ? ((PyTypeObject *)base)->tp_dict : NULL;
+        PyObject *found = dict == NULL ? NULL : PyDict_GetItemWithError(dict, name);
+        if (found == NULL) {
+            if (PyErr_Occurred()) {
+                PyErr_Clear();
+                return;
+            }
+            continue;
+        }
+        if (Py_TYPE(found) == &PyMemberDescr_Type) {
+            PyMemberDef *member = ((PyMemberDescrObject *)found)->d_member;
+            if (member->type == T_OBJECT_EX && !(member->flags & READ_RESTRICTED)) {
+                reader->type = type;
+                reader->offset = member->offset;
+            }
+        }
+        return; /* the first definition on the MRO decides, as getattr's does */
+    }
+}
+
+/* A new reference to the attribute, or NULL with an error set. */
+static PyObject *
+slot_read(SlotReader *reader, PyObject *obj)
+{
+    if (reader->offset >= 0 && Py_TYPE(obj) == reader->type) {
+        PyObject *value = *(PyObject **)((char *)obj + reader->offset);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+    }
+    return PyObject_GetAttr(obj, reader->name);
+}
+
+/* The attribute is true; -1 on error. */
+static int
+slot_true(SlotReader *reader, PyObject *obj)
+{
+    PyObject *value = slot_read(reader, obj);
     if (value == NULL) {
         return -1;
     }
@@ -102,6 +166,32 @@ attr_true(PyObject *obj, PyObject *name)
     Py_DECREF(value);
     return truth;
 }
+
+/* time.monotonic(), read here when that is the runner's clock: the same clock and the same
+ * conversion as CPython's (Python/pytime.c) on Linux, so values mix with Python's. */
+static PyObject *time_monotonic;
+
+#if defined(__linux__) && defined(CLOCK_MONOTONIC)
+#define HAVE_DIRECT_MONOTONIC 1
+static int
+direct_monotonic(double *seconds)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) {
+        return -1;
+    }
+    long long ns = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+    if (ns % 1000000000LL == 0) {
+        *seconds = (double)(ns / 1000000000LL);
+    }
+    else {
+        *seconds = (double)ns / 1e9;
+    }
+    return 0;
+}
+#else
+#define HAVE_DIRECT_MONOTONIC 0
+#endif
 
 /* Call method(), discarding its result; -1 on error. */
 static int
@@ -124,22 +214,58 @@ typedef struct {
     PyObject *now;
     PyObject *breaker; /* Py_None: no breaker */
     PyObject *budget;  /* Py_None: no budget */
-    PyObject *deposit; /* Py_None: call budget.record_call */
+    PyObject *counter; /* Py_None: call budget.record_call; else one next() deposits */
     PyObject *remember;
     PyObject *recover;
     PyObject *reject;
     PyObject *rejection;
     int gate_unlocked;
     int tallied;
+    int monotonic; /* now is time.monotonic: read the clock here */
+    SlotReader active, permit_all, tally, bucket_end;
     vectorcallfunc vectorcall;
 } RunnerObject;
 
 static PyTypeObject RunnerType;
 
+/* When the call started: read at once as a double, made a float object only for the
+ * slow paths that take it. */
+typedef struct {
+    double seconds;
+    PyObject *value; /* NULL until needed */
+} Started;
+
+static int
+started_read(RunnerObject *self, Started *started)
+{
+#if HAVE_DIRECT_MONOTONIC
+    if (self->monotonic) {
+        started->value = NULL;
+        return direct_monotonic(&started->seconds) == 0 ? 0 : (PyErr_SetFromErrno(PyExc_OSError), -1);
+    }
+#endif
+    started->value = PyObject_CallNoArgs(self->now);
+    if (started->value == NULL) {
+        return -1;
+    }
+    started->seconds = PyFloat_CheckExact(started->value) ? PyFloat_AS_DOUBLE(started->value) : -1.0;
+    return 0;
+}
+
+/* A borrowed reference to the start time as an object; NULL with an error set. */
+static PyObject *
+started_object(Started *started)
+{
+    if (started->value == NULL) {
+        started->value = PyFloat_FromDouble(started->seconds);
+    }
+    return started->value;
+}
+
 /* The "except Exception as error: return recover(...)" branch: the error is the exception
  * being handled while recover runs, so what recover raises chains to it as in Python. */
 static PyObject *
-runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, PyObject *started)
+runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
 {
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
@@ -154,11 +280,12 @@ runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, PyObject *started
     Py_XINCREF(value);
     Py_XINCREF(traceback);
     PyErr_SetExcInfo(type, value, traceback);
-    PyObject *ended = PyObject_CallNoArgs(self->now);
-    PyObject *took = ended == NULL ? NULL : PyNumber_Subtract(ended, started);
+    PyObject *start = started_object(started);
+    PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(self->now);
+    PyObject *took = ended == NULL ? NULL : PyNumber_Subtract(ended, start);
     Py_XDECREF(ended);
     if (took != NULL && callargs_materialize(ca) == 0) {
-        PyObject *call_args[6] = {fn, ca->args, ca->kwargs, value, started, took};
+        PyObject *call_args[6] = {fn, ca->args, ca->kwargs, value, start, took};
         result = PyObject_Vectorcall(self->recover, call_args, 6, NULL);
     }
     Py_XDECREF(took);
@@ -194,16 +321,17 @@ runner_release(RunnerObject *self)
 }
 
 static PyObject *
-runner_reject(RunnerObject *self, CallArgs *ca, PyObject *started)
+runner_reject(RunnerObject *self, CallArgs *ca, Started *started)
 {
-    if (callargs_materialize(ca) < 0) {
+    PyObject *start = started_object(started);
+    if (start == NULL || callargs_materialize(ca) < 0) {
         return NULL;
     }
     PyObject *error = PyObject_CallNoArgs(self->rejection);
     if (error == NULL) {
         return NULL;
     }
-    PyObject *call_args[5] = {error, started, ca->args, ca->kwargs, Py_False};
+    PyObject *call_args[5] = {error, start, ca->args, ca->kwargs, Py_False};
     PyObject *result = PyObject_Vectorcall(self->reject, call_args, 4, kw_release_false);
     Py_DECREF(error);
     return result;
@@ -211,41 +339,76 @@ runner_reject(RunnerObject *self, CallArgs *ca, PyObject *started)
 
 /* started < budget._bucket_end; -1 on error. */
 static int
-before_bucket_end(PyObject *budget, PyObject *started)
+runner_before_bucket_end(RunnerObject *self, Started *started)
 {
-    PyObject *end = PyObject_GetAttr(budget, str_bucket_end);
+    PyObject *end = slot_read(&self->bucket_end, self->budget);
     if (end == NULL) {
         return -1;
     }
     int before;
-    if (PyFloat_CheckExact(end) && PyFloat_CheckExact(started)) {
-        before = PyFloat_AS_DOUBLE(started) < PyFloat_AS_DOUBLE(end);
+    if (PyFloat_CheckExact(end) && (started->value == NULL || PyFloat_CheckExact(started->value))) {
+        before = started->seconds < PyFloat_AS_DOUBLE(end);
     }
     else {
-        before = PyObject_RichCompareBool(started, end, Py_LT);
+        PyObject *start = started_object(started);
+        before = start == NULL ? -1 : PyObject_RichCompareBool(start, end, Py_LT);
     }
     Py_DECREF(end);
     return before;
 }
 
+/* next(iterator), discarding the value; -1 on error (StopIteration when exhausted). */
+static int
+advance(PyObject *iterator)
+{
+    PyObject *value = PyIter_Next(iterator);
+    if (value == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetNone(PyExc_StopIteration);
+        }
+        return -1;
+    }
+    Py_DECREF(value);
+    return 0;
+}
+
+/* Account the success: next(breaker._tally) when set, else breaker.record_success(). */
+static int
+runner_record_success(RunnerObject *self, PyObject *breaker)
+{
+    if (self->tallied) {
+        PyObject *tally = slot_read(&self->tally, breaker);
+        if (tally == NULL) {
+            return -1;
+        }
+        if (tally != Py_None) {
+            int counted = advance(tally);
+            Py_DECREF(tally);
+            return counted;
+        }
+        Py_DECREF(tally);
+    }
+    return call_method_discard(breaker, str_record_success);
+}
+
 static PyObject *
 runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
 {
-    int active = attr_true(self->switches, str_active);
+    int active = slot_true(&self->active, self->switches);
     if (active < 0) {
         return NULL;
     }
     if (!active) {
         return callargs_call(fn, ca);
     }
-    PyObject *started = PyObject_CallNoArgs(self->now);
-    if (started == NULL) {
+    Started started;
+    if (started_read(self, &started) < 0) {
         return NULL;
     }
     PyObject *result = NULL;
     PyObject *breaker = self->breaker == Py_None ? NULL : self->breaker;
     if (breaker != NULL) {
-        int permitted = self->gate_unlocked ? attr_true(breaker, str_permit_all) : 0;
+        int permitted = self->gate_unlocked ? slot_true(&self->permit_all, breaker) : 0;
         if (permitted < 0) {
             goto done;
         }
@@ -260,29 +423,30 @@ runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
                 goto done;
             }
             if (!permitted) {
-                result = runner_reject(self, ca, started);
+                result = runner_reject(self, ca, &started);
                 goto done;
             }
         }
     }
     if (self->budget != Py_None) {
         int deposited = 0;
-        if (self->deposit != Py_None) {
-            int before = before_bucket_end(self->budget, started);
+        if (self->counter != Py_None) {
+            int before = runner_before_bucket_end(self, &started);
             if (before < 0) {
                 goto done;
             }
             if (before) {
-                PyObject *ignored = PyObject_CallNoArgs(self->deposit);
-                if (ignored == NULL) {
+                if (advance(self->counter) < 0) {
                     goto done;
                 }
-                Py_DECREF(ignored);
                 deposited = 1;
             }
         }
         if (!deposited) {
-            PyObject *ignored = PyObject_CallMethodOneArg(self->budget, str_record_call, started);
+            PyObject *start = started_object(&started);
+            PyObject *ignored =
+                start == NULL ? NULL
+                              : PyObject_CallMethodOneArg(self->budget, str_record_call, start);
             if (ignored == NULL) {
                 goto done;
             }
@@ -292,48 +456,24 @@ runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
     result = callargs_call(fn, ca);
     if (result == NULL) {
         if (PyErr_ExceptionMatches(PyExc_Exception)) {
-            result = runner_recover(self, fn, ca, started);
+            result = runner_recover(self, fn, ca, &started);
         }
         else if (breaker != NULL) {
             runner_release(self);
         }
         goto done;
     }
-    if (breaker != NULL) {
-        PyObject *tally = NULL;
-        if (self->tallied) {
-            tally = PyObject_GetAttr(breaker, str_tally);
-            if (tally == NULL) {
-                Py_CLEAR(result);
-                goto done;
-            }
-        }
-        if (tally != NULL && tally != Py_None) {
-            PyObject *counted = PyIter_Next(tally);
-            Py_DECREF(tally);
-            if (counted == NULL) {
-                if (!PyErr_Occurred()) {
-                    PyErr_SetNone(PyExc_StopIteration);
-                }
-                Py_CLEAR(result);
-                goto done;
-            }
-            Py_DECREF(counted);
-        }
-        else {
-            Py_XDECREF(tally);
-            if (call_method_discard(breaker, str_record_success) < 0) {
-                Py_CLEAR(result);
-                goto done;
-            }
-        }
+    if (breaker != NULL && runner_record_success(self, breaker) < 0) {
+        Py_CLEAR(result);
+        goto done;
     }
     if (self->remember != Py_None) {
-        if (callargs_materialize(ca) < 0) {
+        PyObject *start = started_object(&started);
+        if (start == NULL || callargs_materialize(ca) < 0) {
             Py_CLEAR(result);
             goto done;
         }
-        PyObject *call_args[4] = {ca->args, ca->kwargs, result, started};
+        PyObject *call_args[4] = {ca->args, ca->kwargs, result, start};
         PyObject *ignored = PyObject_Vectorcall(self->remember, call_args, 4, NULL);
         if (ignored == NULL) {
             Py_CLEAR(result);
@@ -342,7 +482,7 @@ runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
         Py_DECREF(ignored);
     }
 done:
-    Py_DECREF(started);
+    Py_XDECREF(started.value);
     return result;
 }
 
@@ -367,13 +507,17 @@ static PyObject *
 runner_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"switches", "now", "breaker", "gate_unlocked", "tallied", "budget",
-                            "deposit", "remember", "recover", "reject", "rejection", NULL};
-    PyObject *switches, *now, *breaker, *budget, *deposit, *remember, *recover, *reject,
+                            "counter", "remember", "recover", "reject", "rejection", NULL};
+    PyObject *switches, *now, *breaker, *budget, *counter, *remember, *recover, *reject,
         *rejection;
     int gate_unlocked, tallied;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOppOOOOOO:Runner", names, &switches, &now,
-                                     &breaker, &gate_unlocked, &tallied, &budget, &deposit,
+                                     &breaker, &gate_unlocked, &tallied, &budget, &counter,
                                      &remember, &recover, &reject, &rejection)) {
+        return NULL;
+    }
+    if (counter != Py_None && !PyIter_Check(counter)) {
+        PyErr_SetString(PyExc_TypeError, "Runner counter must be an iterator or None");
         return NULL;
     }
     RunnerObject *self = PyObject_GC_New(RunnerObject, type);
@@ -384,13 +528,18 @@ runner_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->now = Py_NewRef(now);
     self->breaker = Py_NewRef(breaker);
     self->budget = Py_NewRef(budget);
-    self->deposit = Py_NewRef(deposit);
+    self->counter = Py_NewRef(counter);
     self->remember = Py_NewRef(remember);
     self->recover = Py_NewRef(recover);
     self->reject = Py_NewRef(reject);
     self->rejection = Py_NewRef(rejection);
     self->gate_unlocked = gate_unlocked;
     self->tallied = tallied;
+    self->monotonic = HAVE_DIRECT_MONOTONIC && now == time_monotonic;
+    slot_reader_init(&self->active, switches, str_active);
+    slot_reader_init(&self->permit_all, breaker, str_permit_all);
+    slot_reader_init(&self->tally, breaker, str_tally);
+    slot_reader_init(&self->bucket_end, budget, str_bucket_end);
     self->vectorcall = (vectorcallfunc)runner_vectorcall;
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -403,7 +552,7 @@ runner_traverse(RunnerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->now);
     Py_VISIT(self->breaker);
     Py_VISIT(self->budget);
-    Py_VISIT(self->deposit);
+    Py_VISIT(self->counter);
     Py_VISIT(self->remember);
     Py_VISIT(self->recover);
     Py_VISIT(self->reject);
@@ -418,7 +567,7 @@ runner_clear(RunnerObject *self)
     Py_CLEAR(self->now);
     Py_CLEAR(self->breaker);
     Py_CLEAR(self->budget);
-    Py_CLEAR(self->deposit);
+    Py_CLEAR(self->counter);
     Py_CLEAR(self->remember);
     Py_CLEAR(self->recover);
     Py_CLEAR(self->reject);
@@ -555,13 +704,14 @@ typedef struct {
     PyObject *context_var;
     PyObject *suppress_keys; /* tuple */
     PyObject *site;          /* Py_None, or an object whose .seen is (top, mode) */
-    PyObject *namespace;     /* mapping holding the patched attribute (with site) */
+    PyObject *owner;         /* the class holding the patched attribute (with site) */
     PyObject *attribute;
     PyObject *token; /* the table token when there is no site */
     PyObject *holder_attr;
     PyObject *table_attr;
     Py_ssize_t key_index; /* >= 1: argument key_index; 0: the instance's type */
     PyObject *explain;
+    SlotReader enabled, seen;
     vectorcallfunc vectorcall;
 } LayerObject;
 
@@ -577,12 +727,13 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
         return NULL;
     }
     if (self->site != Py_None) {
-        seen = PyObject_GetAttr(self->site, str_seen);
+        /* the wrapper chain above us is the one the site last saw */
+        seen = slot_read(&self->seen, self->site);
         if (seen == NULL || !PyTuple_Check(seen) || PyTuple_GET_SIZE(seen) != 2) {
             goto miss;
         }
-        PyObject *top = PyObject_GetItem(self->namespace, self->attribute);
-        Py_XDECREF(top); /* only its identity is compared */
+        PyObject *top = PyDict_GetItemWithError(((PyTypeObject *)self->owner)->tp_dict,
+                                                self->attribute); /* borrowed */
         if (top == NULL || top != PyTuple_GET_ITEM(seen, 0)) {
             goto miss;
         }
@@ -657,7 +808,7 @@ layer_unsuppressed(LayerObject *self)
 static PyObject *
 layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
 {
-    int enabled = attr_true(self->patches, str_enabled);
+    int enabled = slot_true(&self->enabled, self->patches);
     if (enabled == 0) {
         return PyObject_Vectorcall(self->original, argv, nargsf, kwnames);
     }
@@ -698,20 +849,26 @@ static PyObject *
 layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"slow",   "original",    "patches",    "context_var",
-                            "suppress_keys", "site", "namespace", "attribute",
+                            "suppress_keys", "site", "owner", "attribute",
                             "token",  "holder_attr", "table_attr", "key_index",
                             "explain", NULL};
-    PyObject *slow, *original, *patches, *context_var, *suppress_keys, *site, *namespace,
+    PyObject *slow, *original, *patches, *context_var, *suppress_keys, *site, *owner,
         *attribute, *token, *holder_attr, *table_attr, *explain;
     Py_ssize_t key_index;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!OOOOUUnO:Layer", names, &slow,
                                      &original, &patches, &context_var, &PyTuple_Type,
-                                     &suppress_keys, &site, &namespace, &attribute, &token,
+                                     &suppress_keys, &site, &owner, &attribute, &token,
                                      &holder_attr, &table_attr, &key_index, &explain)) {
         return NULL;
     }
     if (!PyContextVar_CheckExact(context_var)) {
         PyErr_SetString(PyExc_TypeError, "Layer context_var must be a contextvars.ContextVar");
+        return NULL;
+    }
+    if (site != Py_None && (!PyType_Check(owner) || ((PyTypeObject *)owner)->tp_dict == NULL ||
+                            !PyUnicode_Check(attribute))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Layer with a site needs owner (the class) and attribute (a str)");
         return NULL;
     }
     if (key_index < 0) {
@@ -729,13 +886,15 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->context_var = Py_NewRef(context_var);
     self->suppress_keys = Py_NewRef(suppress_keys);
     self->site = Py_NewRef(site);
-    self->namespace = Py_NewRef(namespace);
+    self->owner = Py_NewRef(owner);
     self->attribute = Py_NewRef(attribute);
     self->token = Py_NewRef(token);
     self->holder_attr = Py_NewRef(holder_attr);
     self->table_attr = Py_NewRef(table_attr);
     self->key_index = key_index;
     self->explain = Py_NewRef(explain);
+    slot_reader_init(&self->enabled, patches, str_enabled);
+    slot_reader_init(&self->seen, site, str_seen);
     self->vectorcall = (vectorcallfunc)layer_vectorcall;
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -751,7 +910,7 @@ layer_traverse(LayerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->context_var);
     Py_VISIT(self->suppress_keys);
     Py_VISIT(self->site);
-    Py_VISIT(self->namespace);
+    Py_VISIT(self->owner);
     Py_VISIT(self->attribute);
     Py_VISIT(self->token);
     Py_VISIT(self->holder_attr);
@@ -770,7 +929,7 @@ layer_clear(LayerObject *self)
     Py_CLEAR(self->context_var);
     Py_CLEAR(self->suppress_keys);
     Py_CLEAR(self->site);
-    Py_CLEAR(self->namespace);
+    Py_CLEAR(self->owner);
     Py_CLEAR(self->attribute);
     Py_CLEAR(self->token);
     Py_CLEAR(self->holder_attr);
@@ -863,6 +1022,15 @@ PyInit__speedups(void)
         intern(&str_record_success, "record_success") < 0 ||
         intern(&str_release, "release") < 0 || intern(&str_enabled, "enabled") < 0 ||
         intern(&str_seen, "seen") < 0) {
+        return NULL;
+    }
+    PyObject *time_module = PyImport_ImportModule("time");
+    if (time_module == NULL) {
+        return NULL;
+    }
+    time_monotonic = PyObject_GetAttrString(time_module, "monotonic");
+    Py_DECREF(time_module);
+    if (time_monotonic == NULL) {
         return NULL;
     }
     kw_release_false = Py_BuildValue("(s)", "release");

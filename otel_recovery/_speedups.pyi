@@ -1,6 +1,6 @@
 """Types of the compiled happy path; see ``_speedups.c`` for why and ``_compiled.py`` for when."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 class Runner:
@@ -14,7 +14,7 @@ class Runner:
         gate_unlocked: bool,
         tallied: bool,
         budget: Any,
-        deposit: Callable[[], object] | None,
+        counter: Iterator[object] | None,
         remember: Callable[..., object] | None,
         recover: Callable[..., Any],
         reject: Callable[..., Any],
@@ -56,7 +56,7 @@ class Layer:
         context_var: Any,
         suppress_keys: tuple[object, ...],
         site: Any,
-        namespace: Any,
+        owner: Any,
         attribute: str,
         token: object,
         holder_attr: str,

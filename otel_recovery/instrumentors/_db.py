@@ -264,7 +264,7 @@ def compiled_layer(
         context_var=CONTEXT_VAR,
         suppress_keys=(SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
         site=site,
-        namespace=None if site is None else site.namespace,
+        owner=None if site is None else site.owner,
         attribute="" if site is None else site.attribute,
         token=token,
         holder_attr=holder_attr,

@@ -115,6 +115,8 @@ def _wrapper_module(proxy: object) -> str:
 class PatchSet:
     """The wrappers one instrumentor installed; ``remove_all`` takes out exactly those."""
 
+    __slots__ = ("_installed", "enabled", "name")  # every layer reads ``enabled`` per call
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.enabled = False
