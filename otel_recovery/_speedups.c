@@ -24,8 +24,8 @@
 #include <time.h>
 
 static PyObject *str_active, *str_permit_all, *str_tally, *str_bucket_end, *str_can_execute,
-    *str_record_call, *str_record_success, *str_release, *str_enabled, *str_seen,
-    *kw_release_false;
+    *str_record_call, *str_record_success, *str_release, *str_enabled, *str_seen, *str_run,
+    *str_statuses, *str_method, *str_url, *kw_release_false;
 
 /* ------------------------------------------------------------------------------------ */
 /* Arguments as the caller gave them: a vector (from a Layer) or a tuple and a dict (from
@@ -106,15 +106,11 @@ typedef struct {
 } SlotReader;
 
 static void
-slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name)
+slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name)
 {
     reader->type = NULL;
     reader->offset = -1;
     reader->name = name;
-    if (obj == NULL || obj == Py_None) {
-        return;
-    }
-    PyTypeObject *type = Py_TYPE(obj);
     PyObject *mro = type->tp_mro;
     if (mro == NULL || !PyTuple_Check(mro)) {
         return;
@@ -139,6 +135,18 @@ slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name)
         }
         return; /* the first definition on the MRO decides, as getattr's does */
     }
+}
+
+static void
+slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name)
+{
+    if (obj == NULL || obj == Py_None) {
+        reader->type = NULL;
+        reader->offset = -1;
+        reader->name = name;
+        return;
+    }
+    slot_reader_for_type(reader, Py_TYPE(obj), name);
 }
 
 /* A new reference to the attribute, or NULL with an error set. */
@@ -781,10 +789,10 @@ miss:
 
 /* Nothing in the context suppresses instrumentation: 1; something may: 0. */
 static int
-layer_unsuppressed(LayerObject *self)
+unsuppressed(PyObject *context_var, PyObject *suppress_keys)
 {
     PyObject *context;
-    if (PyContextVar_Get(self->context_var, NULL, &context) < 0) {
+    if (PyContextVar_Get(context_var, NULL, &context) < 0) {
         PyErr_Clear();
         return 0;
     }
@@ -793,8 +801,8 @@ layer_unsuppressed(LayerObject *self)
         return 0;
     }
     int clear = 1;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->suppress_keys); i++) {
-        int found = PyDict_Contains(context, PyTuple_GET_ITEM(self->suppress_keys, i));
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(suppress_keys); i++) {
+        int found = PyDict_Contains(context, PyTuple_GET_ITEM(suppress_keys, i));
         if (found != 0) {
             PyErr_Clear();
             clear = 0;
@@ -817,7 +825,9 @@ layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObje
         return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
     }
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *plan = layer_unsuppressed(self) ? layer_remembered_plan(self, argv, nargs) : NULL;
+    PyObject *plan = unsuppressed(self->context_var, self->suppress_keys)
+                         ? layer_remembered_plan(self, argv, nargs)
+                         : NULL;
     if (plan == NULL) {
         return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
     }
@@ -997,6 +1007,425 @@ static PyTypeObject LayerType = {
 };
 
 /* ------------------------------------------------------------------------------------ */
+/* HttpLayer: Session.request-like sites, (self, method, url, **options) or (self, **options)
+ * with method= and url=. The remembered happy path is the first attempt of a request whose
+ * plan is remembered under (method, url), that
+ * the breaker and budget admit lock-free and that gets a response with a status not to
+ * retry on. A first attempt that fails hands its outcome to the site's Python `resume`,
+ * which goes on exactly as the Python layer would after that attempt; a request that does
+ * not qualify before anything happened runs the Python layer (`slow`) whole. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *dict;
+    PyObject *slow;
+    PyObject *original;
+    PyObject *patches;
+    PyObject *context_var;
+    PyObject *suppress_keys;
+    PyObject *shapes;           /* dict: (method, url) -> plan */
+    PyObject *plan_type;        /* the plans' class: run and statuses are read from slots */
+    PyObject *body_names;       /* tuple of str: options that send a body unless None */
+    PyObject *status_attribute; /* str */
+    PyObject *signal;           /* signal(response) -> the error to retry on, or None */
+    PyObject *unreadable;       /* unreadable(error): a status that cannot be judged */
+    PyObject *resume;           /* resume(plan, outcomes, error, started, took, args, kwargs) */
+    SlotReader enabled, run, statuses;
+    vectorcallfunc vectorcall;
+} HttpLayerObject;
+
+static PyTypeObject HttpLayerType;
+
+/* Call fn(*args) with `error` as the exception being handled, as inside `except`. */
+static PyObject *
+call_while_handling(PyObject *error, PyObject *fn, PyObject *const *args, size_t count)
+{
+    PyObject *saved_type, *saved_value, *saved_traceback;
+    PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
+    PyErr_SetExcInfo(Py_NewRef((PyObject *)Py_TYPE(error)), Py_NewRef(error),
+                     PyException_GetTraceback(error));
+    PyObject *result = PyObject_Vectorcall(fn, args, count, NULL);
+    PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
+    return result;
+}
+
+/* An option that sends a body is set: the plan depends on it, so Python decides. */
+static int
+http_sends_body(HttpLayerObject *self, PyObject *const *values, PyObject *kwnames)
+{
+    Py_ssize_t count = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (values[i] == Py_None) {
+            continue;
+        }
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(self->body_names); j++) {
+            PyObject *body = PyTuple_GET_ITEM(self->body_names, j);
+            if (name == body || PyUnicode_Compare(name, body) == 0) {
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* The value of keyword option `name`, borrowed; None when it is not given. */
+static PyObject *
+keyword(PyObject *const *values, PyObject *kwnames, PyObject *name)
+{
+    Py_ssize_t count = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *given = PyTuple_GET_ITEM(kwnames, i);
+        if (given == name || PyUnicode_Compare(given, name) == 0) {
+            return values[i];
+        }
+    }
+    return Py_None;
+}
+
+/* The plan remembered for the request's (method, url), a new reference; NULL (no error
+ * set) if none. session.get(url) passes them positionally, requests.get(url) by name. */
+static PyObject *
+http_remembered_plan(HttpLayerObject *self, PyObject *const *argv, Py_ssize_t nargs,
+                     PyObject *kwnames)
+{
+    PyObject *shape = nargs == 3 ? PyTuple_Pack(2, argv[1], argv[2])
+                                 : PyTuple_Pack(2, keyword(argv + 1, kwnames, str_method),
+                                                keyword(argv + 1, kwnames, str_url));
+    if (shape == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *plan = PyDict_GetItemWithError(self->shapes, shape); /* borrowed */
+    Py_DECREF(shape);
+    if (plan == NULL || (PyObject *)Py_TYPE(plan) != self->plan_type) {
+        PyErr_Clear(); /* an unhashable URL: Python reports it the same way */
+        return NULL;
+    }
+    return Py_NewRef(plan);
+}
+
+/* The response's status is one to retry on; a status that cannot be judged is reported
+ * and is not (as HttpSite.attempt does). -1 on error. */
+static int
+http_failed(HttpLayerObject *self, PyObject *response, PyObject *statuses)
+{
+    PyObject *status = PyObject_GetAttr(response, self->status_attribute);
+    if (status == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            goto unreadable;
+        }
+        PyErr_Clear();
+        status = Py_NewRef(Py_None);
+    }
+    int failed = PySet_Contains(statuses, status);
+    Py_DECREF(status);
+    if (failed >= 0) {
+        return failed;
+    }
+unreadable:
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return -1;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *reported = PyObject_CallOneArg(self->unreadable, value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    if (reported == NULL) {
+        return -1;
+    }
+    Py_DECREF(reported);
+    return 0;
+}
+
+/* The first attempt failed (`error`; `response` is the failed response, or NULL when the
+ * original raised): Python's resume goes on from there. Steals `error`. */
+static PyObject *
+http_resume(HttpLayerObject *self, RunnerObject *runner, PyObject *plan, PyObject *error,
+            PyObject *response, Started *started, CallArgs *ca)
+{
+    PyObject *result = NULL, *outcomes = NULL, *took = NULL;
+    PyObject *start = started_object(started);
+    PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(runner->now);
+    if (ended != NULL) {
+        took = PyNumber_Subtract(ended, start);
+        Py_DECREF(ended);
+    }
+    if (took == NULL || callargs_materialize(ca) < 0) {
+        goto done;
+    }
+    outcomes = PyList_New(1);
+    if (outcomes == NULL) {
+        goto done;
+    }
+    PyList_SET_ITEM(outcomes, 0, Py_NewRef(response != NULL ? response : error));
+    PyObject *call_args[7] = {plan, outcomes, error, start, took, ca->args, ca->kwargs};
+    result = call_while_handling(error, self->resume, call_args, 7);
+done:
+    Py_XDECREF(outcomes);
+    Py_XDECREF(took);
+    Py_DECREF(error);
+    return result;
+}
+
+/* The remembered first attempt. *taken is 0 when nothing happened and the Python layer
+ * must run the request instead. */
+static PyObject *
+http_first_attempt(HttpLayerObject *self, PyObject *plan, CallArgs *ca, int *taken)
+{
+    *taken = 0;
+    PyObject *result = NULL;
+    PyObject *run = slot_read(&self->run, plan);
+    PyObject *statuses = run == NULL ? NULL : slot_read(&self->statuses, plan);
+    if (statuses == NULL || Py_TYPE(run) != &RunnerType || !PyAnySet_Check(statuses)) {
+        goto not_taken;
+    }
+    RunnerObject *runner = (RunnerObject *)run;
+    PyObject *breaker = runner->breaker == Py_None ? NULL : runner->breaker;
+    /* admitted without a side effect, or Python decides */
+    if (runner->remember != Py_None || slot_true(&runner->active, runner->switches) != 1) {
+        goto not_taken;
+    }
+    if (breaker != NULL &&
+        !(runner->gate_unlocked && slot_true(&runner->permit_all, breaker) == 1)) {
+        goto not_taken;
+    }
+    Started started;
+    if (started_read(runner, &started) < 0) {
+        goto not_taken;
+    }
+    if (runner->budget != Py_None &&
+        (runner->counter == Py_None || runner_before_bucket_end(runner, &started) != 1)) {
+        Py_XDECREF(started.value);
+        goto not_taken;
+    }
+    *taken = 1;
+    if (runner->budget != Py_None && advance(runner->counter) < 0) {
+        goto done;
+    }
+    PyObject *response = callargs_call(self->original, ca);
+    if (response == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            if (breaker != NULL) {
+                runner_release(runner);
+            }
+            goto done;
+        }
+        PyObject *type, *error, *traceback;
+        PyErr_Fetch(&type, &error, &traceback);
+        PyErr_NormalizeException(&type, &error, &traceback);
+        if (traceback != NULL) {
+            PyException_SetTraceback(error, traceback);
+        }
+        Py_XDECREF(type);
+        Py_XDECREF(traceback);
+        result = http_resume(self, runner, plan, error, NULL, &started, ca);
+        goto done;
+    }
+    int failed = http_failed(self, response, statuses);
+    if (failed > 0) {
+        PyObject *signal = PyObject_CallOneArg(self->signal, response);
+        if (signal == NULL) {
+            failed = -1;
+        }
+        else if (signal != Py_None) {
+            result = http_resume(self, runner, plan, signal, response, &started, ca);
+            Py_DECREF(response);
+            goto done;
+        }
+        else {
+            Py_DECREF(signal);
+            failed = 0;
+        }
+    }
+    if (failed < 0 || (breaker != NULL && runner_record_success(runner, breaker) < 0)) {
+        Py_DECREF(response);
+        goto done;
+    }
+    result = response;
+done:
+    Py_XDECREF(started.value);
+not_taken:
+    if (!*taken) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(run);
+    Py_XDECREF(statuses);
+    return result;
+}
+
+static PyObject *
+http_vectorcall(HttpLayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
+{
+    int enabled = slot_true(&self->enabled, self->patches);
+    if (enabled == 0) {
+        return PyObject_Vectorcall(self->original, argv, nargsf, kwnames);
+    }
+    PyErr_Clear();
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (enabled < 0 || (nargs != 3 && nargs != 1) ||
+        !unsuppressed(self->context_var, self->suppress_keys) ||
+        http_sends_body(self, argv + nargs, kwnames)) {
+        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+    }
+    PyObject *plan = http_remembered_plan(self, argv, nargs, kwnames);
+    if (plan == NULL) {
+        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+    }
+    CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
+    int taken;
+    PyObject *result = http_first_attempt(self, plan, &ca, &taken);
+    callargs_release(&ca);
+    Py_DECREF(plan);
+    if (!taken) {
+        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+    }
+    return result;
+}
+
+static PyObject *
+http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"slow",       "original",   "patches",          "context_var",
+                            "suppress_keys", "shapes",  "plan_type",        "body_names",
+                            "status_attribute", "signal", "unreadable",     "resume",
+                            NULL};
+    PyObject *slow, *original, *patches, *context_var, *suppress_keys, *shapes, *plan_type,
+        *body_names, *status_attribute, *signal, *unreadable, *resume;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!O!O!O!UOOO:HttpLayer", names, &slow,
+                                     &original, &patches, &context_var, &PyTuple_Type,
+                                     &suppress_keys, &PyDict_Type, &shapes, &PyType_Type,
+                                     &plan_type, &PyTuple_Type, &body_names, &status_attribute,
+                                     &signal, &unreadable, &resume)) {
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(context_var)) {
+        PyErr_SetString(PyExc_TypeError, "HttpLayer context_var must be a contextvars.ContextVar");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(body_names); i++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(body_names, i))) {
+            PyErr_SetString(PyExc_TypeError, "HttpLayer body_names must be a tuple of str");
+            return NULL;
+        }
+    }
+    HttpLayerObject *self = PyObject_GC_New(HttpLayerObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->dict = NULL;
+    self->slow = Py_NewRef(slow);
+    self->original = Py_NewRef(original);
+    self->patches = Py_NewRef(patches);
+    self->context_var = Py_NewRef(context_var);
+    self->suppress_keys = Py_NewRef(suppress_keys);
+    self->shapes = Py_NewRef(shapes);
+    self->plan_type = Py_NewRef(plan_type);
+    self->body_names = Py_NewRef(body_names);
+    self->status_attribute = Py_NewRef(status_attribute);
+    self->signal = Py_NewRef(signal);
+    self->unreadable = Py_NewRef(unreadable);
+    self->resume = Py_NewRef(resume);
+    slot_reader_init(&self->enabled, patches, str_enabled);
+    slot_reader_for_type(&self->run, (PyTypeObject *)plan_type, str_run);
+    slot_reader_for_type(&self->statuses, (PyTypeObject *)plan_type, str_statuses);
+    self->vectorcall = (vectorcallfunc)http_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+http_layer_traverse(HttpLayerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->dict);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->original);
+    Py_VISIT(self->patches);
+    Py_VISIT(self->context_var);
+    Py_VISIT(self->suppress_keys);
+    Py_VISIT(self->shapes);
+    Py_VISIT(self->plan_type);
+    Py_VISIT(self->body_names);
+    Py_VISIT(self->status_attribute);
+    Py_VISIT(self->signal);
+    Py_VISIT(self->unreadable);
+    Py_VISIT(self->resume);
+    return 0;
+}
+
+static int
+http_layer_clear(HttpLayerObject *self)
+{
+    Py_CLEAR(self->dict);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->original);
+    Py_CLEAR(self->patches);
+    Py_CLEAR(self->context_var);
+    Py_CLEAR(self->suppress_keys);
+    Py_CLEAR(self->shapes);
+    Py_CLEAR(self->plan_type);
+    Py_CLEAR(self->body_names);
+    Py_CLEAR(self->status_attribute);
+    Py_CLEAR(self->signal);
+    Py_CLEAR(self->unreadable);
+    Py_CLEAR(self->resume);
+    return 0;
+}
+
+static void
+http_layer_dealloc(HttpLayerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    http_layer_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *
+http_layer_get_slow(HttpLayerObject *self, void *closure)
+{
+    return Py_NewRef(self->slow);
+}
+
+static PyObject *
+http_layer_get_original(HttpLayerObject *self, void *closure)
+{
+    return Py_NewRef(self->original);
+}
+
+static PyGetSetDef http_layer_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {"slow", (getter)http_layer_get_slow, NULL, "the Python layer", NULL},
+    {"original", (getter)http_layer_get_original, NULL, "what the layer calls to go on", NULL},
+    {NULL},
+};
+
+static PyTypeObject HttpLayerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_recovery._speedups.HttpLayer",
+    .tp_doc = PyDoc_STR("A request-sending patch site whose remembered first attempt is compiled."),
+    .tp_basicsize = sizeof(HttpLayerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = http_layer_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(HttpLayerObject, vectorcall),
+    .tp_dictoffset = offsetof(HttpLayerObject, dict),
+    .tp_descr_get = layer_descr_get,
+    .tp_getset = http_layer_getset,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_traverse = (traverseproc)http_layer_traverse,
+    .tp_clear = (inquiry)http_layer_clear,
+    .tp_dealloc = (destructor)http_layer_dealloc,
+};
+
+/* ------------------------------------------------------------------------------------ */
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
@@ -1021,7 +1450,9 @@ PyInit__speedups(void)
         intern(&str_record_call, "record_call") < 0 ||
         intern(&str_record_success, "record_success") < 0 ||
         intern(&str_release, "release") < 0 || intern(&str_enabled, "enabled") < 0 ||
-        intern(&str_seen, "seen") < 0) {
+        intern(&str_seen, "seen") < 0 || intern(&str_run, "run") < 0 ||
+        intern(&str_statuses, "statuses") < 0 || intern(&str_method, "method") < 0 ||
+        intern(&str_url, "url") < 0) {
         return NULL;
     }
     PyObject *time_module = PyImport_ImportModule("time");
@@ -1038,7 +1469,7 @@ PyInit__speedups(void)
         return NULL;
     }
     if (PyType_Ready(&RunnerType) < 0 || PyType_Ready(&PlanTableType) < 0 ||
-        PyType_Ready(&LayerType) < 0) {
+        PyType_Ready(&LayerType) < 0 || PyType_Ready(&HttpLayerType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
@@ -1047,7 +1478,8 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(module, "Runner", (PyObject *)&RunnerType) < 0 ||
         PyModule_AddObjectRef(module, "PlanTable", (PyObject *)&PlanTableType) < 0 ||
-        PyModule_AddObjectRef(module, "Layer", (PyObject *)&LayerType) < 0) {
+        PyModule_AddObjectRef(module, "Layer", (PyObject *)&LayerType) < 0 ||
+        PyModule_AddObjectRef(module, "HttpLayer", (PyObject *)&HttpLayerType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

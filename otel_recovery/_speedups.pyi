@@ -66,3 +66,27 @@ class Layer:
     ) -> None: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
     def __get__(self, instance: object, owner: type | None = None) -> Any: ...
+
+class HttpLayer:
+    """A request-sending patch site whose remembered first attempt is compiled; every
+    other request runs ``slow``, and a failed first attempt goes on in ``resume``."""
+
+    slow: Callable[..., Any]
+    original: Callable[..., Any]
+    def __init__(
+        self,
+        slow: Callable[..., Any],
+        original: Callable[..., Any],
+        patches: Any,
+        context_var: Any,
+        suppress_keys: tuple[object, ...],
+        shapes: dict[Any, Any],
+        plan_type: type,
+        body_names: tuple[str, ...],
+        status_attribute: str,
+        signal: Callable[[Any], BaseException | None],
+        unreadable: Callable[[Exception], object],
+        resume: Callable[..., Any],
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, instance: object, owner: type | None = None) -> Any: ...

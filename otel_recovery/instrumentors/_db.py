@@ -48,7 +48,9 @@ from otel_recovery.telemetry.attributes import REDIS_CLIENT_RETRIES, RETRY_DISAL
 
 __all__ = [
     "CONTEXT_VAR",
+    "Route",
     "compiled_layer",
+    "compiles",
     "LEGACY_SUPPRESS_KEY",
     "SUPPRESS_KEY",
     "read_context",
@@ -236,6 +238,12 @@ def explain_no_retry(plan: Plan, error: BaseException) -> None:
         return
 
 
+def compiles() -> bool:
+    """Whether per-call layers can run compiled here: the extension is built and enabled
+    and the current Context lives in the default runtime context's ContextVar."""
+    return SPEEDUPS is not None and CONTEXT_VAR is not None
+
+
 def compiled_layer(
     slow: Callable[..., Any],
     original: Callable[..., Any],
@@ -253,8 +261,7 @@ def compiled_layer(
     table_attr).plans[key]`` (key: ``args[key_index]``, or the instance's type for 0), a
     ``PlanTable`` that ``slow`` leaves there, valid while its token is ``site.seen`` (or
     ``token`` without a site) and its guard holds. Every other case, and every call while
-    the extension is missing, runs ``slow``. Only for callers that checked
-    ``SPEEDUPS is not None and CONTEXT_VAR is not None``.
+    the extension is missing, runs ``slow``. Only where :func:`compiles`.
     """
     assert SPEEDUPS is not None and CONTEXT_VAR is not None
     layer: Callable[..., Any] = SPEEDUPS.Layer(
@@ -276,8 +283,23 @@ def compiled_layer(
     return layer
 
 
+class Route(NamedTuple):
+    """Where a compiled layer finds a call's plan without calling Python: the ``PlanTable``
+    at ``getattr(getattr(args[0], holder_attr), table_attr)``, valid while its token is
+    ``token``, keyed by ``args[key_index]`` (0: the instance's type). ``locate`` leaves the
+    table there."""
+
+    holder_attr: str
+    table_attr: str
+    key_index: int
+    token: object
+
+
 def sync_layer(
-    patches: PatchSet, where: str, locate: Callable[[tuple[Any, ...]], Plan]
+    patches: PatchSet,
+    where: str,
+    locate: Callable[[tuple[Any, ...]], Plan],
+    route: Route | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A ``build`` for :meth:`PatchSet.layer`: a sync method that runs under the plan
     ``locate(args)`` picks (``args[0]`` is the instance).
@@ -285,6 +307,8 @@ def sync_layer(
     The per-call path is the layer, ``locate`` and the plan's compiled runner: suppression
     is checked inline (see :func:`instrumentation_enabled`), a failure to plan calls the
     original untouched, and a failure of the call is explained on the span and re-raised.
+    With a ``route`` and the extension built, the remembered happy path runs compiled and
+    this layer serves the rest (:func:`compiled_layer`).
     """
 
     def build(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -307,7 +331,9 @@ def sync_layer(
                 explain_no_retry(plan, error)
                 raise
 
-        return layer
+        if route is None or not compiles():
+            return layer
+        return compiled_layer(layer, original, patches, site=None, **route._asdict())
 
     return build
 

@@ -16,12 +16,15 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
+from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._policy_core import AsyncRunner, Runner
 from otel_recovery.instrumentors._db import (
+    CONTEXT_VAR,
     LEGACY_SUPPRESS_KEY,
     SUPPRESS_KEY,
+    compiles,
     instrumentation_enabled,
     read_context,
 )
@@ -36,6 +39,7 @@ from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_erro
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
 __all__ = [
+    "CompiledShapes",
     "HttpPlan",
     "HttpPlans",
     "HttpSite",
@@ -52,13 +56,16 @@ class HttpPlan:
     """An :class:`HttpCall` compiled for the per-request path: its policy's runners, built
     once per policy (never per request)."""
 
-    __slots__ = ("arun", "call", "run", "statuses")
+    __slots__ = ("arun", "call", "recover", "run", "statuses")
 
     def __init__(self, call: HttpCall) -> None:
         self.call = call
         self.statuses = call.statuses
         self.run: Runner = call.policy.runner()
         self.arun: AsyncRunner = call.policy.arunner()
+        # what ``run`` does after a first attempt fails; a compiled layer that made that
+        # attempt itself goes on from there (see ``sync_layer``)
+        self.recover: Callable[..., Any] = call.policy._recover
 
 
 class HttpPlans:
@@ -331,9 +338,29 @@ Build = Callable[[Callable[..., Any]], Callable[..., Any]]
 """What :meth:`PatchSet.layer` takes: the original method in, our layer out."""
 
 
-def sync_layer(patches: PatchSet, library: type[HttpSite[Any]], plan_of: PlanOf) -> Build:
+class CompiledShapes(NamedTuple):
+    """How a compiled layer finds the plan of a ``(self, method, url, **options)`` or
+    ``(self, method=..., url=..., **options)`` request: in ``shapes`` under
+    ``(method, url)`` (None for one not given), unless an option in ``body_names`` is set.
+    The library's planner must remember plans by the same rule."""
+
+    shapes: dict[Any, HttpPlan]
+    body_names: tuple[str, ...]
+
+
+def sync_layer(
+    patches: PatchSet,
+    library: type[HttpSite[Any]],
+    plan_of: PlanOf,
+    compiled: CompiledShapes | None = None,
+) -> Build:
     """The layer of a synchronous method that sends one request (``Session.request``,
-    ``Client.send``): finds the request's plan with ``plan_of`` and runs it."""
+    ``Client.send``): finds the request's plan with ``plan_of`` and runs it.
+
+    With ``compiled`` and the extension built, a request whose plan is remembered makes its
+    first attempt compiled (``_speedups.HttpLayer``); if that attempt fails, ``resume``
+    below goes on exactly as this layer would have after it.
+    """
     planning = f"{library.site}: planning"
 
     def build(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -374,7 +401,53 @@ def sync_layer(patches: PatchSet, library: type[HttpSite[Any]], plan_of: PlanOf)
                 outcome = after_result(outcomes, result, args, kwargs)
             return deliver(outcomes, outcome, args, kwargs)
 
-        return layer
+        if compiled is None or not compiles():
+            return layer
+
+        def resume(
+            plan: HttpPlan,
+            outcomes: Outcomes,
+            error: BaseException,
+            started: float,
+            took: float,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> Any:
+            """The rest of ``layer`` after a first attempt that ended in ``error`` (the
+            original's exception, or the signal for a response to retry on)."""
+            try:
+                result = plan.recover(
+                    attempt,
+                    (outcomes, plan.statuses, args, kwargs),
+                    _NO_KWARGS,
+                    error,
+                    started,
+                    took,
+                )
+            except BaseException as failure:
+                outcome = after_error(outcomes, failure, args, kwargs)
+            else:
+                if outcomes and outcomes[-1] is result:
+                    return result
+                outcome = after_result(outcomes, result, args, kwargs)
+            return deliver(outcomes, outcome, args, kwargs)
+
+        fast: Callable[..., Any] = SPEEDUPS.HttpLayer(  # type: ignore[union-attr]
+            slow=layer,
+            original=original,
+            patches=patches,
+            context_var=CONTEXT_VAR,
+            suppress_keys=(SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
+            shapes=compiled.shapes,
+            plan_type=HttpPlan,
+            body_names=compiled.body_names,
+            status_attribute=library.status_attribute,
+            signal=site._signal,
+            unreadable=site._unreadable,
+            resume=resume,
+        )
+        fast.__module__ = layer.__module__  # marks it as ours (see _wrapper_module)
+        return fast
 
     return build
 

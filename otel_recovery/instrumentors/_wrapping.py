@@ -104,7 +104,7 @@ def _wrapper_module(proxy: object) -> str:
     """Module of the function inside a wrapt proxy (contrib's may be a functools.partial),
     or of a plain-function layer such as ours; "" for anything else."""
     if type(proxy) is types.FunctionType or (
-        SPEEDUPS is not None and type(proxy) is SPEEDUPS.Layer
+        SPEEDUPS is not None and type(proxy) in (SPEEDUPS.Layer, SPEEDUPS.HttpLayer)
     ):
         return str(proxy.__module__) if hasattr(proxy, "__wrapped__") else ""
     inner = getattr(proxy, "_self_wrapper", None)

@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._db import (
     Plan,
     PlanCache,
     PostgresInstrumentor,
+    Route,
     SpanMode,
     async_layer,
+    compiles,
     instrumentation_enabled,
     pg_default_target,
     run_async,
@@ -73,6 +76,25 @@ def _connection_target(connection: Any) -> tuple[str, int | None]:
     return target
 
 
+class _Remembered(Protocol):
+    """A connection's statement plans: ``plans`` by cursor class, made by planner ``token``."""
+
+    @property
+    def token(self) -> object: ...
+    @property
+    def plans(self) -> dict[Any, Plan]: ...
+
+
+class _PlansOf(NamedTuple):
+    token: object
+    plans: dict[Any, Plan]
+
+
+def _remembered(planner: _Planner, plans: dict[Any, Plan]) -> _Remembered:
+    """A compiled layer reads a ``PlanTable``; without the extension a tuple does."""
+    return SPEEDUPS.PlanTable(planner, plans) if compiles() else _PlansOf(planner, plans)  # type: ignore[union-attr]
+
+
 class _Planner:
     def __init__(self, targets: TargetPolicies) -> None:
         self.plans = PlanCache(targets)
@@ -85,15 +107,20 @@ class _Planner:
 
     def statement(self, args: tuple[Any, ...]) -> Plan:
         """The plan for ``cursor.execute*(...)`` (``args[0]`` is the cursor): remembered on
-        its connection per cursor class, so the per-call cost is two lookups."""
+        its connection per cursor class, so the per-call cost is two lookups (none in
+        Python where the layer runs compiled: it reads the same table, see :meth:`route`)."""
         cursor = args[0]
         connection = cursor.connection
-        remembered: tuple[_Planner, dict[type, Plan]] | None = getattr(connection, _PLANS, None)
-        if remembered is not None and remembered[0] is self:
-            plan = remembered[1].get(type(cursor))
+        remembered: _Remembered | None = getattr(connection, _PLANS, None)
+        if remembered is not None and remembered.token is self:
+            plan = remembered.plans.get(type(cursor))
             if plan is not None:
                 return plan
         return self._statement(connection, type(cursor))
+
+    def route(self) -> Route:
+        """Where a compiled statement layer finds the plans :meth:`statement` remembers."""
+        return Route(holder_attr="connection", table_attr=_PLANS, key_index=0, token=self)
 
     def _statement(self, connection: Any, cursor_class: type) -> Plan:
         host, port = _connection_target(connection)
@@ -101,13 +128,13 @@ class _Planner:
         contrib = cursor_class.__module__.startswith(_CONTRIB_PREFIX)
         mode: SpanMode = "current" if contrib else "own"
         plan = self.plans.plan(host, port, None, mode, "statement_may_have_run")
-        remembered: tuple[_Planner, dict[type, Plan]] | None = getattr(connection, _PLANS, None)
-        if remembered is None or remembered[0] is not self:
-            remembered = (self, {})
+        remembered: _Remembered | None = getattr(connection, _PLANS, None)
+        if remembered is None or remembered.token is not self:
+            remembered = _remembered(self, {})
             with contextlib.suppress(AttributeError):  # __slots__: plan again next time
                 setattr(connection, _PLANS, remembered)
-        if len(remembered[1]) < 16:
-            remembered[1][cursor_class] = plan
+        if len(remembered.plans) < 16:
+            remembered.plans[cursor_class] = plan
         return plan
 
 
@@ -155,5 +182,8 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
                 wrapper = _connect_wrapper(planner, where, is_async)
                 patches.wrap(owner, attribute, wrapper, beneath_contrib=True)
             else:  # the per-statement hot path: a plain-function layer
-                build = (async_layer if is_async else sync_layer)(patches, where, planner.statement)
+                if is_async:
+                    build = async_layer(patches, where, planner.statement)
+                else:
+                    build = sync_layer(patches, where, planner.statement, planner.route())
                 patches.layer(owner, attribute, build, beneath_contrib=True)

@@ -54,7 +54,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
-    CONTEXT_VAR,
     LEGACY_SUPPRESS_KEY,
     SUPPRESS_KEY,
     Plan,
@@ -62,6 +61,7 @@ from otel_recovery.instrumentors._db import (
     Site,
     SpanMode,
     compiled_layer,
+    compiles,
     explain_no_retry,
     instrumentation_enabled,
     read_context,
@@ -341,7 +341,7 @@ class _SiteLayers:
         namespace, attribute = site.namespace, site.attribute
         enabled, resolve, plan_slowly = instrumentation_enabled, self.resolve, self.plan
         inline = self.kind == "command" and self.resolve is _standalone_target
-        compiled = inline and SPEEDUPS is not None and CONTEXT_VAR is not None
+        compiled = inline and compiles()
 
         def layer(*args: Any, **options: Any) -> Any:
             # Every Python call costs here (the budget is 1 us per command), so the

@@ -36,7 +36,13 @@ from otel_recovery.instrumentors._http import (
     replayable_data,
     target_of,
 )
-from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans, HttpSite, sync_layer
+from otel_recovery.instrumentors._http_layer import (
+    CompiledShapes,
+    HttpPlan,
+    HttpPlans,
+    HttpSite,
+    sync_layer,
+)
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
@@ -74,8 +80,12 @@ class RequestsRecoveryInstrumentor(RecoveryInstrumentor):
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         install_resend_count(kwargs)
-        plan_of = _Planner(HttpPlans(targets)).plan
-        patches.layer(requests.sessions.Session, "request", sync_layer(patches, _Site, plan_of))
+        plans = HttpPlans(targets)
+        plan_of = _Planner(plans).plan
+        # the planner's own rule: without data/files, (method, url) decides the plan
+        compiled = CompiledShapes(plans.shapes, body_names=("data", "files"))
+        build = sync_layer(patches, _Site, plan_of, compiled)
+        patches.layer(requests.sessions.Session, "request", build)
 
 
 class _Site(HttpSite[requests.Response]):

@@ -412,3 +412,185 @@ def test_a_provider_set_up_after_instrument_still_gets_resend_counts(server, tel
     finally:
         contrib.uninstrument()
         ours.uninstrument()
+
+
+# -- the compiled first attempt ------------------------------------------------------------
+# Where the extension is built, a request whose plan is remembered makes its first attempt in
+# C (otel_recovery._speedups.HttpLayer) and, if that attempt fails, hands over to Python
+# mid-request. The tests above mostly send one request per URL, which the Python layer
+# plans; these send one first, so the request under test runs the compiled attempt.
+
+
+def _python_frames_of(call):
+    """The otel_recovery Python functions that ran during ``call()``."""
+    import sys
+    import threading
+
+    ran: set[str] = set()
+    me = threading.get_ident()
+
+    def profile(frame, event, arg):
+        if event == "call" and threading.get_ident() == me:
+            if "otel_recovery" in frame.f_code.co_filename:
+                ran.add(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        result = call()
+    finally:
+        sys.setprofile(None)
+    return result, ran
+
+
+def _remembered(server, tel, path, *actions):
+    """Script ``path`` after one good request to it (so its plan is remembered), with the
+    server's and the exporter's records of that request cleared."""
+    url = server.script(path)
+    assert requests.get(url, timeout=2).status_code == 200
+    server.reset()
+    tel.exporter.clear()
+    return server.script(path, *actions)
+
+
+compiled_only = pytest.mark.skipif(
+    not _wrapping.SPEEDUPS, reason="otel_recovery._speedups is not built"
+)
+
+
+@compiled_only
+@pytest.mark.parametrize("form", ["requests.get", "session.get"])
+def test_a_remembered_request_runs_no_python_of_ours(server, tel, instrument, form):
+    instrument()
+    assert type(ORIGINAL_REQUEST) is not type(requests.sessions.Session.__dict__["request"])
+    url = _remembered(server, tel, "/warm")
+    session = requests.Session()
+    get = (
+        (lambda: requests.get(url, timeout=2))
+        if form == "requests.get"
+        else (lambda: session.get(url, timeout=2))
+    )
+    get()  # session.get spells the shape positionally: remembered on its first request
+    response, ran = _python_frames_of(get)
+    assert response.status_code == 200
+    assert ran <= {"now"}, ran  # nothing but the test's FakeClock, which is Python
+    assert [s.name for s in tel.spans()] == ["GET", "GET"]
+
+
+@compiled_only
+@BOTH_ORDERS
+def test_a_remembered_request_recovers_503_then_429_like_a_new_one(
+    server, tel, instrument, clock, order
+):
+    instrument(order)
+    url = _remembered(server, tel, "/a", hf.status(503), hf.retry_after(429, 1), hf.ok("fresh"))
+    response, ran = _python_frames_of(lambda: requests.get(url, timeout=2))
+    assert "resume" in ran and "layer" not in ran  # the compiled attempt handed over
+    assert (response.status_code, response.text) == (200, "fresh")
+    assert server.count("/a") == 3
+    assert clock.sleeps[-1] >= 1.0
+    clients = tel.clients()
+    assert [s.attributes.get("http.status_code") for s in clients] == [503, 429, 200]
+    assert [s.attributes.get("http.request.resend_count") for s in clients] == [None, 1, 2]
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.outcome"] == "success"
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 3
+    failed = hf.events(recovery, "otel_recovery.attempt.failed")
+    assert [e["error.type"] for e in failed] == ["503", "429"]
+
+
+@compiled_only
+def test_a_remembered_request_returns_the_final_response_and_releases_the_others(
+    server, tel, instrument
+):
+    instrument()
+    seen = []
+    url = _remembered(server, tel, "/down", *[hf.status(503, body="busy")] * 3)
+    response = requests.get(
+        url, timeout=2, stream=True, hooks={"response": lambda r, **_: seen.append(r)}
+    )
+    assert response.status_code == 503 and response.text == "busy"
+    assert server.count("/down") == 3
+    assert seen[-1] is response and all(r.raw.closed for r in seen[:2])
+    assert tel.recovery().attributes["otel_recovery.retry.stop_reason"] == "attempts_exhausted"
+
+
+@compiled_only
+def test_a_remembered_request_retries_resets_and_raises_the_last_one_unchanged(
+    server, tel, instrument
+):
+    instrument()
+    url = _remembered(server, tel, "/flaky", hf.reset(), hf.stall(1.0), hf.ok())
+    assert requests.get(url, timeout=0.25).status_code == 200
+    assert server.count("/flaky") == 3
+    url = _remembered(server, tel, "/gone", hf.reset(), hf.reset(), hf.reset())
+    with pytest.raises(requests.exceptions.ConnectionError) as raised:
+        requests.get(url, timeout=2)
+    assert type(raised.value) is requests.exceptions.ConnectionError
+    assert server.count("/gone") == 3
+
+
+@compiled_only
+def test_a_remembered_request_is_rejected_by_an_open_circuit(server, tel, instrument):
+    instrument(max_attempts=1, breaker_window=2, breaker_minimum_calls=2, breaker_failure_rate=0.5)
+    url = _remembered(server, tel, "/x", *[hf.status(503)] * 2)
+    # the window holds the good request that remembered the plan, and now one 503: 50 %
+    assert requests.get(url, timeout=2).status_code == 503
+    with pytest.raises(RequestsCircuitOpenError):
+        requests.get(url, timeout=2)
+    assert server.count("/x") == 1
+
+
+@compiled_only
+def test_a_remembered_request_falls_back(server, tel, instrument, tmp_path, monkeypatch):
+    config = tmp_path / "policy.toml"
+    config.write_text(
+        '[targets."127.0.0.1"]\n[targets."127.0.0.1".operations."GET /prices"]\n'
+        'fallback_value = {"prices" = []}\n'
+    )
+    monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(config))
+    instrument(max_attempts=2)
+    url = _remembered(server, tel, "/prices", hf.status(503), hf.status(503))
+    response = requests.get(url, timeout=2)
+    assert response.json() == {"prices": []} and server.count("/prices") == 2
+    assert tel.recovery().attributes["otel_recovery.outcome"] == "fallback"
+
+
+@compiled_only
+def test_a_remembered_request_with_a_body_or_suppressed_goes_through_python(
+    server, tel, instrument
+):
+    instrument()
+    url = _remembered(server, tel, "/quiet", hf.status(503), hf.ok())
+    with suppress_instrumentation():
+        assert requests.get(url, timeout=2).status_code == 503
+    assert server.count("/quiet") == 1 and tel.spans() == []
+    # a body makes the plan depend on it: never answered from the remembered shape
+    _, ran = _python_frames_of(lambda: requests.get(url, data=b"x", timeout=2))
+    assert "layer" in ran
+
+
+@compiled_only
+def test_an_interrupt_in_a_remembered_request_gives_the_breakers_permit_back(
+    server, tel, instrument, monkeypatch
+):
+    class Interrupted(BaseException):
+        pass
+
+    ours = instrument(contrib=False)
+    url = _remembered(server, tel, "/stop")
+
+    def interrupted(self, request, **kwargs):
+        raise Interrupted()
+
+    released = []
+    from otel_recovery.policies.circuit_breaker import CircuitBreaker
+
+    real_release = CircuitBreaker.release
+    monkeypatch.setattr(
+        CircuitBreaker, "release", lambda self: released.append(self) or real_release(self)
+    )
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", interrupted)
+    with pytest.raises(Interrupted):
+        requests.get(url, timeout=2)
+    assert len(released) == 1
+    assert ours is not None

@@ -1,0 +1,223 @@
+"""The compiled happy path (``otel_recovery._speedups``) against the Python code it mirrors.
+
+The rest of the suite runs with the extension wherever it is built (CI builds it); the tests
+here hold the two implementations side by side, check what only the compiled layer does
+(reading remembered plans, noticing when they go stale), that it leaks nothing, and that
+the package works without it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from otel_recovery import _driver_sync
+from otel_recovery._compiled import SPEEDUPS
+from otel_recovery._fake_clock import FakeClock
+from otel_recovery.policies.budget import RetryBudget
+from otel_recovery.policies.circuit_breaker import CircuitBreaker
+from otel_recovery.policies.fallback import Fallback
+from otel_recovery.policies.retry import Retry
+from otel_recovery.recover import RecoveryPolicy
+
+ROOT = Path(__file__).resolve().parent.parent
+compiled_only = pytest.mark.skipif(SPEEDUPS is None, reason="otel_recovery._speedups not built")
+
+
+class Interrupted(BaseException):
+    """Stands for KeyboardInterrupt: not an Exception, so never recovered."""
+
+
+STEPS = ("ok", "flaky", "down", "invalid", "interrupted", "wait", "long_wait")
+
+
+def _policy(kind: str, clock: FakeClock) -> RecoveryPolicy:
+    retry = Retry(3, rng=random.Random(7))
+    if kind == "guarded":
+        return RecoveryPolicy(
+            retry=retry,
+            breaker=CircuitBreaker(3, timeout=10.0, clock=clock),
+            budget=RetryBudget(ratio=0.5, min_per_second=1.0, ttl=2.0, clock=clock),
+            fallback=Fallback("fallback"),
+            clock=clock,
+            telemetry=False,
+        )
+    if kind == "rate":
+        return RecoveryPolicy(
+            retry=retry,
+            breaker=CircuitBreaker(
+                failure_rate_threshold=0.5, window_size=6, minimum_calls=4, clock=clock
+            ),
+            clock=clock,
+            telemetry=False,
+        )
+    if kind == "last_known_good":
+        return RecoveryPolicy(
+            retry=retry, fallback=Fallback(last_known_good=True), clock=clock, telemetry=False
+        )
+    return RecoveryPolicy(retry=retry, clock=clock, telemetry=False)  # "unguarded"
+
+
+def _play(run: Callable[..., Any], policy: RecoveryPolicy, clock: FakeClock, steps: list[str]):
+    """Everything observable about running ``steps`` through ``run``, step by step."""
+    seen: list[tuple[Any, ...]] = []
+    for number, step in enumerate(steps):
+        if step in ("wait", "long_wait"):
+            clock.advance(0.7 if step == "wait" else 12.0)
+            continue
+        calls = 0
+
+        def work(value: int, *, step: str = step) -> Any:
+            nonlocal calls
+            calls += 1
+            if step == "flaky" and calls == 1 or step == "down":
+                raise ConnectionError(f"refused {value}")
+            if step == "invalid":
+                raise ValueError(f"invalid {value}")
+            if step == "interrupted":
+                raise Interrupted()
+            return value * 2
+
+        try:
+            outcome: tuple[Any, ...] = ("returned", run(work, (number,), {"step": step}))
+        except BaseException as error:  # the comparison is the point
+            context = error.__context__
+            outcome = ("raised", type(error).__name__, str(error), type(context).__name__)
+        breaker = policy.breaker
+        budget = policy.budget
+        seen.append(
+            (
+                step,
+                outcome,
+                calls,
+                None if breaker is None else repr(breaker.snapshot()),
+                None if budget is None else repr(budget.snapshot()),
+                clock.now(),
+            )
+        )
+    return seen
+
+
+def _python_runner(policy: RecoveryPolicy, monkeypatch: pytest.MonkeyPatch) -> Any:
+    with monkeypatch.context() as patch:
+        patch.setattr(_driver_sync, "SPEEDUPS", None)
+        return policy.runner()
+
+
+@compiled_only
+@pytest.mark.parametrize("kind", ["guarded", "rate", "last_known_good", "unguarded"])
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.sampled_from(STEPS), max_size=40))
+def test_the_compiled_runner_behaves_exactly_like_the_python_one(kind, steps):
+    monkeypatch = pytest.MonkeyPatch()
+    compiled_clock, python_clock = FakeClock(), FakeClock()
+    compiled_policy, python_policy = _policy(kind, compiled_clock), _policy(kind, python_clock)
+    compiled_run = compiled_policy.runner()
+    python_run = _python_runner(python_policy, monkeypatch)
+    assert type(compiled_run) is SPEEDUPS.Runner
+    assert type(python_run) is not SPEEDUPS.Runner
+    assert _play(compiled_run, compiled_policy, compiled_clock, steps) == _play(
+        python_run, python_policy, python_clock, steps
+    )
+
+
+@compiled_only
+def test_an_error_from_recovery_chains_to_the_call_error_as_in_python():
+    """Inside ``recover`` the call's error is the one being handled, so a fallback that
+    fails raises an error whose ``__context__`` is the call's."""
+
+    def broken(error: BaseException) -> Any:
+        raise KeyError("fallback failed")
+
+    policy = RecoveryPolicy(retry=Retry(1), fallback=Fallback(func=broken), telemetry=False)
+    run = policy.runner()
+
+    def refuse() -> None:
+        raise ConnectionError("refused")
+
+    with pytest.raises(KeyError) as raised:
+        run(refuse, (), {})
+    assert isinstance(raised.value.__context__, ConnectionError)
+    assert sys.exc_info() == (None, None, None)  # nothing left marked as being handled
+
+
+@compiled_only
+def test_a_runner_refuses_what_is_not_a_tuple_and_a_dict():
+    run = RecoveryPolicy(retry=Retry(2), telemetry=False).runner()
+    with pytest.raises(TypeError, match="args as a tuple and kwargs as a dict"):
+        run(print, [1], {})
+    with pytest.raises(TypeError, match=r"run\(fn, args, kwargs\)"):
+        run(print, ())
+
+
+@compiled_only
+def test_the_compiled_paths_leak_nothing():
+    """Every branch that builds or drops references, many times: successes, recovered
+    failures, rejections by an open breaker, fallbacks and interrupts."""
+    clock = FakeClock()
+    policy = _policy("guarded", clock)
+    run = policy.runner()
+    steps = ["ok", "flaky", "down", "down", "down", "ok", "invalid", "interrupted", "long_wait"]
+
+    def cycle(rounds: int) -> None:
+        _play(run, policy, clock, steps * rounds)
+
+    cycle(50)  # warm caches, interned strings, the fake clock's list
+    clock.sleeps.clear()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(10):
+            cycle(50)
+            clock.sleeps.clear()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown < 64 * 1024, f"{grown} bytes kept after 4,500 calls"
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI promises a C compiler")
+def test_ci_builds_the_extension():
+    """The overhead figures in the README are measured with it; CI must not lose it silently."""
+    assert SPEEDUPS is not None
+
+
+@pytest.mark.slow
+def test_the_package_behaves_the_same_without_the_extension():
+    """The policy and instrumentor tests, again, with the extension switched off."""
+    env = dict(os.environ, OTEL_RECOVERY_NO_EXTENSIONS="true")
+    files = [
+        "tests/test_circuit_breaker_model.py",
+        "tests/test_budget.py",
+        "tests/test_recover.py",
+        "tests/test_recover_edge_cases.py",
+        "tests/instrumentors/test_base.py",
+        "tests/instrumentors/test_redis.py",
+        "tests/instrumentors/test_psycopg.py",
+        "tests/instrumentors/test_requests.py",
+    ]
+    check = "from otel_recovery._compiled import SPEEDUPS; assert SPEEDUPS is None"
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
