@@ -1049,6 +1049,20 @@ call_while_handling(PyObject *error, PyObject *fn, PyObject *const *args, size_t
     return result;
 }
 
+/* Two keyword names are the same str. Names in code are interned, so two interned names
+ * that are different objects differ, without comparing characters. */
+static int
+same_name(PyObject *given, PyObject *name)
+{
+    if (given == name) {
+        return 1;
+    }
+    if (PyUnicode_CHECK_INTERNED(given) && PyUnicode_CHECK_INTERNED(name)) {
+        return 0;
+    }
+    return PyUnicode_Compare(given, name) == 0;
+}
+
 /* An option that sends a body is set: the plan depends on it, so Python decides. */
 static int
 http_sends_body(HttpLayerObject *self, PyObject *const *values, PyObject *kwnames)
@@ -1061,7 +1075,7 @@ http_sends_body(HttpLayerObject *self, PyObject *const *values, PyObject *kwname
         PyObject *name = PyTuple_GET_ITEM(kwnames, i);
         for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(self->body_names); j++) {
             PyObject *body = PyTuple_GET_ITEM(self->body_names, j);
-            if (name == body || PyUnicode_Compare(name, body) == 0) {
+            if (same_name(name, body)) {
                 return 1;
             }
         }
@@ -1076,7 +1090,7 @@ keyword(PyObject *const *values, PyObject *kwnames, PyObject *name)
     Py_ssize_t count = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *given = PyTuple_GET_ITEM(kwnames, i);
-        if (given == name || PyUnicode_Compare(given, name) == 0) {
+        if (same_name(given, name)) {
             return values[i];
         }
     }
