@@ -46,7 +46,63 @@ callargs_call(PyObject *fn, CallArgs *ca)
     if (ca->argv != NULL) {
         return PyObject_Vectorcall(fn, ca->argv, (size_t)ca->nargs, ca->kwnames);
     }
-    return PyObject_Call(fn, ca->args, PyDict_GET_SIZE(ca->kwargs) ? ca->kwargs : NULL);
+    if (PyDict_GET_SIZE(ca->kwargs) == 0) {
+        return PyObject_Call(fn, ca->args, NULL);
+    }
+    if (PyVectorcall_Function(fn) != NULL) {
+        return PyObject_Call(fn, ca->args, ca->kwargs); /* unpacked: the callee gets a copy */
+    }
+    /* fn(*args, **kwargs) passes a fresh dict: a tp_call callee may mutate what it gets */
+    PyObject *copy = PyDict_Copy(ca->kwargs);
+    if (copy == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Call(fn, ca->args, copy);
+    Py_DECREF(copy);
+    return result;
+}
+
+/* The exception being handled at this level of the exception stack, as an except clause
+ * sets it (PUSH_EXC_INFO) and puts it back (POP_EXCEPT): only this level, never the
+ * topmost one PyErr_GetExcInfo reports from an outer frame of a generator's caller.
+ * (3.11 keeps only the value there; 3.10 the type, value and traceback.) */
+typedef struct {
+    PyObject *value;
+#if PY_VERSION_HEX < 0x030B0000
+    PyObject *type, *traceback;
+#endif
+} Handled;
+
+static Handled
+handled_push(PyObject *value)
+{
+    _PyErr_StackItem *item = PyThreadState_Get()->exc_info;
+    Handled previous;
+    previous.value = item->exc_value;
+    item->exc_value = Py_XNewRef(value);
+#if PY_VERSION_HEX < 0x030B0000
+    previous.type = item->exc_type;
+    previous.traceback = item->exc_traceback;
+    item->exc_type = value == NULL ? NULL : Py_NewRef((PyObject *)Py_TYPE(value));
+    item->exc_traceback = value == NULL ? NULL : PyException_GetTraceback(value);
+#endif
+    return previous;
+}
+
+static void
+handled_pop(Handled previous)
+{
+    _PyErr_StackItem *item = PyThreadState_Get()->exc_info;
+    PyObject *current = item->exc_value;
+    item->exc_value = previous.value;
+    Py_XDECREF(current);
+#if PY_VERSION_HEX < 0x030B0000
+    PyObject *type = item->exc_type, *traceback = item->exc_traceback;
+    item->exc_type = previous.type;
+    item->exc_traceback = previous.traceback;
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+#endif
 }
 
 static int
@@ -112,7 +168,7 @@ slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name)
     reader->offset = -1;
     reader->name = name;
     PyObject *mro = type->tp_mro;
-    if (mro == NULL || !PyTuple_Check(mro)) {
+    if (type->tp_getattro != PyObject_GenericGetAttr || mro == NULL || !PyTuple_Check(mro)) {
         return;
     }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
@@ -126,7 +182,8 @@ slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name)
             }
             continue;
         }
-        if (Py_TYPE(found) == &PyMemberDescr_Type) {
+        if (Py_TYPE(found) == &PyMemberDescr_Type &&
+            PyType_IsSubtype(type, PyDescr_TYPE(found))) {
             PyMemberDef *member = ((PyMemberDescrObject *)found)->d_member;
             if (member->type == T_OBJECT_EX && !(member->flags & READ_RESTRICTED)) {
                 reader->type = type;
@@ -282,12 +339,7 @@ runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
         PyException_SetTraceback(value, traceback);
     }
     PyObject *result = NULL;
-    PyObject *saved_type, *saved_value, *saved_traceback;
-    PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
-    Py_XINCREF(type);
-    Py_XINCREF(value);
-    Py_XINCREF(traceback);
-    PyErr_SetExcInfo(type, value, traceback);
+    Handled saved = handled_push(value);
     PyObject *start = started_object(started);
     PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(self->now);
     PyObject *took = ended == NULL ? NULL : PyNumber_Subtract(ended, start);
@@ -297,7 +349,7 @@ runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
         result = PyObject_Vectorcall(self->recover, call_args, 6, NULL);
     }
     Py_XDECREF(took);
-    PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
+    handled_pop(saved);
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(traceback);
@@ -322,7 +374,12 @@ runner_release(RunnerObject *self)
     PyObject *new_type, *new_value, *new_traceback;
     PyErr_Fetch(&new_type, &new_value, &new_traceback);
     PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
-    PyException_SetContext(new_value, value); /* steals value */
+    if (new_value != value) {
+        PyException_SetContext(new_value, value); /* steals value */
+    }
+    else {
+        Py_DECREF(value);
+    }
     Py_XDECREF(type);
     Py_XDECREF(traceback);
     PyErr_Restore(new_type, new_value, new_traceback);
@@ -369,6 +426,11 @@ runner_before_bucket_end(RunnerObject *self, Started *started)
 static int
 advance(PyObject *iterator)
 {
+    if (!PyIter_Check(iterator)) {
+        PyErr_Format(PyExc_TypeError, "'%.200s' object is not an iterator",
+                     Py_TYPE(iterator)->tp_name);
+        return -1;
+    }
     PyObject *value = PyIter_Next(iterator);
     if (value == NULL) {
         if (!PyErr_Occurred()) {
@@ -764,6 +826,9 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
     }
     if (plans->guard_map != Py_None) {
         PyObject *guard = PyDict_GetItemWithError(plans->guard_map, plans->guard_key);
+        if (guard == NULL && !PyErr_Occurred()) {
+            guard = Py_None; /* guard_map.get(guard_key), as the Python layer reads it */
+        }
         if (guard != plans->guard_value) {
             goto miss;
         }
@@ -845,6 +910,23 @@ layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObje
         }
         PyObject *call_args[2] = {plan, value};
         PyObject *ignored = PyObject_Vectorcall(self->explain, call_args, 2, NULL);
+        if (ignored == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            /* as in Python: a BaseException from explain replaces the error, chained to it */
+            PyObject *new_type, *new_value, *new_traceback;
+            PyErr_Fetch(&new_type, &new_value, &new_traceback);
+            PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
+            if (new_value != value) {
+                PyException_SetContext(new_value, value); /* steals value */
+            }
+            else {
+                Py_DECREF(value);
+            }
+            Py_XDECREF(type);
+            Py_XDECREF(traceback);
+            PyErr_Restore(new_type, new_value, new_traceback);
+            Py_DECREF(plan);
+            return NULL;
+        }
         if (ignored == NULL) {
             PyErr_Clear(); /* telemetry must never replace the caller's error */
         }
@@ -1030,24 +1112,12 @@ typedef struct {
     PyObject *signal;           /* signal(response) -> the error to retry on, or None */
     PyObject *unreadable;       /* unreadable(error): a status that cannot be judged */
     PyObject *resume;           /* resume(plan, outcomes, error, started, took, args, kwargs) */
+    PyObject *settle;           /* settle(outcomes, raised, value, args, kwargs) */
     SlotReader enabled, run, statuses;
     vectorcallfunc vectorcall;
 } HttpLayerObject;
 
 static PyTypeObject HttpLayerType;
-
-/* Call fn(*args) with `error` as the exception being handled, as inside `except`. */
-static PyObject *
-call_while_handling(PyObject *error, PyObject *fn, PyObject *const *args, size_t count)
-{
-    PyObject *saved_type, *saved_value, *saved_traceback;
-    PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
-    PyErr_SetExcInfo(Py_NewRef((PyObject *)Py_TYPE(error)), Py_NewRef(error),
-                     PyException_GetTraceback(error));
-    PyObject *result = PyObject_Vectorcall(fn, args, count, NULL);
-    PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
-    return result;
-}
 
 /* Two keyword names are the same str. Names in code are interned, so two interned names
  * that are different objects differ, without comparing characters. */
@@ -1158,38 +1228,94 @@ unreadable:
     return 0;
 }
 
+/* [outcome]: the list an attempt's outcomes go in, a new reference; NULL on error. */
+static PyObject *
+http_outcomes(PyObject *outcome)
+{
+    PyObject *outcomes = PyList_New(outcome == NULL ? 0 : 1);
+    if (outcomes != NULL && outcome != NULL) {
+        PyList_SET_ITEM(outcomes, 0, Py_NewRef(outcome));
+    }
+    return outcomes;
+}
+
+/* What the Python layer does once the runner returned `value` (raised == 0) or raised it:
+ * settle(outcomes, raised, value, args, kwargs), with the caller's exception state as it
+ * is (the layer's `deliver` runs outside any handler). Steals `outcomes` and `value`. */
+static PyObject *
+http_settle(HttpLayerObject *self, PyObject *outcomes, int raised, PyObject *value, CallArgs *ca)
+{
+    PyObject *result = NULL;
+    if (outcomes != NULL && value != NULL && callargs_materialize(ca) == 0) {
+        PyObject *call_args[5] = {outcomes, raised ? Py_True : Py_False, value, ca->args,
+                                  ca->kwargs};
+        result = PyObject_Vectorcall(self->settle, call_args, 5, NULL);
+    }
+    Py_XDECREF(outcomes);
+    Py_XDECREF(value);
+    return result;
+}
+
+/* The pending error, normalized with its traceback; a new reference. */
+static PyObject *
+fetch_error(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
+/* "The runner raised" at the point where the pending error arose: settle(raised=True). */
+static PyObject *
+http_settle_pending(HttpLayerObject *self, PyObject *outcome, CallArgs *ca)
+{
+    PyObject *error = fetch_error();
+    return http_settle(self, http_outcomes(outcome), 1, error, ca);
+}
+
 /* The first attempt failed (`error`; `response` is the failed response, or NULL when the
- * original raised): Python's resume goes on from there. Steals `error`. */
+ * original raised): as the runner's `except Exception`, resume(...) runs plan.recover with
+ * `error` being handled; then settle(...) runs the rest of the layer outside that handler.
+ * Steals `error`. */
 static PyObject *
 http_resume(HttpLayerObject *self, RunnerObject *runner, PyObject *plan, PyObject *error,
             PyObject *response, Started *started, CallArgs *ca)
 {
-    PyObject *result = NULL, *outcomes = NULL, *took = NULL;
+    PyObject *outcomes = http_outcomes(response != NULL ? response : error);
+    if (outcomes == NULL) {
+        Py_DECREF(error);
+        return NULL;
+    }
+    Handled saved = handled_push(error);
+    PyObject *result = NULL, *took = NULL;
     PyObject *start = started_object(started);
     PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(runner->now);
     if (ended != NULL) {
         took = PyNumber_Subtract(ended, start);
         Py_DECREF(ended);
     }
-    if (took == NULL || callargs_materialize(ca) < 0) {
-        goto done;
+    if (took != NULL && callargs_materialize(ca) == 0) {
+        PyObject *call_args[7] = {plan, outcomes, error, start, took, ca->args, ca->kwargs};
+        result = PyObject_Vectorcall(self->resume, call_args, 7, NULL);
     }
-    outcomes = PyList_New(1);
-    if (outcomes == NULL) {
-        goto done;
-    }
-    PyList_SET_ITEM(outcomes, 0, Py_NewRef(response != NULL ? response : error));
-    PyObject *call_args[7] = {plan, outcomes, error, start, took, ca->args, ca->kwargs};
-    result = call_while_handling(error, self->resume, call_args, 7);
-done:
-    Py_XDECREF(outcomes);
     Py_XDECREF(took);
+    handled_pop(saved);
     Py_DECREF(error);
-    return result;
+    if (result == NULL) {
+        return http_settle(self, outcomes, 1, fetch_error(), ca);
+    }
+    return http_settle(self, outcomes, 0, result, ca);
 }
 
 /* The remembered first attempt. *taken is 0 when nothing happened and the Python layer
- * must run the request instead. */
+ * must run the request instead. Once something happened, every outcome goes the way the
+ * Python layer's would: errors of our own steps included. */
 static PyObject *
 http_first_attempt(HttpLayerObject *self, PyObject *plan, CallArgs *ca, int *taken)
 {
@@ -1221,48 +1347,60 @@ http_first_attempt(HttpLayerObject *self, PyObject *plan, CallArgs *ca, int *tak
     }
     *taken = 1;
     if (runner->budget != Py_None && advance(runner->counter) < 0) {
+        result = http_settle_pending(self, NULL, ca); /* nothing sent: Python's deliver sends */
         goto done;
     }
     PyObject *response = callargs_call(self->original, ca);
     if (response == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-            if (breaker != NULL) {
-                runner_release(runner);
-            }
+        PyObject *error = fetch_error(); /* attempt: outcomes.append(error); raise */
+        if (PyObject_TypeCheck(error, (PyTypeObject *)PyExc_Exception)) {
+            result = http_resume(self, runner, plan, error, NULL, &started, ca);
             goto done;
         }
-        PyObject *type, *error, *traceback;
-        PyErr_Fetch(&type, &error, &traceback);
-        PyErr_NormalizeException(&type, &error, &traceback);
-        if (traceback != NULL) {
-            PyException_SetTraceback(error, traceback);
+        /* the runner: "except BaseException: breaker.release(); raise"; then the layer */
+        PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(error)), Py_NewRef(error),
+                      PyException_GetTraceback(error));
+        if (breaker != NULL) {
+            runner_release(runner);
         }
-        Py_XDECREF(type);
-        Py_XDECREF(traceback);
-        result = http_resume(self, runner, plan, error, NULL, &started, ca);
+        result = http_settle_pending(self, error, ca);
+        Py_DECREF(error);
         goto done;
     }
+    /* attempt: outcomes.append(response), then the status check */
+    PyObject *signal = NULL;
     int failed = http_failed(self, response, statuses);
     if (failed > 0) {
-        PyObject *signal = PyObject_CallOneArg(self->signal, response);
+        signal = PyObject_CallOneArg(self->signal, response);
         if (signal == NULL) {
             failed = -1;
         }
-        else if (signal != Py_None) {
-            result = http_resume(self, runner, plan, signal, response, &started, ca);
-            Py_DECREF(response);
-            goto done;
-        }
-        else {
-            Py_DECREF(signal);
+        else if (signal == Py_None) {
+            Py_CLEAR(signal);
             failed = 0;
         }
     }
-    if (failed < 0 || (breaker != NULL && runner_record_success(runner, breaker) < 0)) {
-        Py_DECREF(response);
-        goto done;
+    if (signal != NULL) { /* raise signal */
+        result = http_resume(self, runner, plan, signal, response, &started, ca);
     }
-    result = response;
+    else if (failed < 0) { /* raised in attempt after the response was appended */
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            result = http_resume(self, runner, plan, fetch_error(), response, &started, ca);
+        }
+        else {
+            if (breaker != NULL) {
+                runner_release(runner);
+            }
+            result = http_settle_pending(self, response, ca);
+        }
+    }
+    else if (breaker != NULL && runner_record_success(runner, breaker) < 0) {
+        result = http_settle_pending(self, response, ca); /* raised by the runner */
+    }
+    else {
+        result = Py_NewRef(response);
+    }
+    Py_DECREF(response);
 done:
     Py_XDECREF(started.value);
 not_taken:
@@ -1309,14 +1447,14 @@ http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     static char *names[] = {"slow",       "original",   "patches",          "context_var",
                             "suppress_keys", "shapes",  "plan_type",        "body_names",
                             "status_attribute", "signal", "unreadable",     "resume",
-                            NULL};
+                            "settle", NULL};
     PyObject *slow, *original, *patches, *context_var, *suppress_keys, *shapes, *plan_type,
-        *body_names, *status_attribute, *signal, *unreadable, *resume;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!O!O!O!UOOO:HttpLayer", names, &slow,
+        *body_names, *status_attribute, *signal, *unreadable, *resume, *settle;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!O!O!O!UOOOO:HttpLayer", names, &slow,
                                      &original, &patches, &context_var, &PyTuple_Type,
                                      &suppress_keys, &PyDict_Type, &shapes, &PyType_Type,
                                      &plan_type, &PyTuple_Type, &body_names, &status_attribute,
-                                     &signal, &unreadable, &resume)) {
+                                     &signal, &unreadable, &resume, &settle)) {
         return NULL;
     }
     if (!PyContextVar_CheckExact(context_var)) {
@@ -1346,6 +1484,7 @@ http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->signal = Py_NewRef(signal);
     self->unreadable = Py_NewRef(unreadable);
     self->resume = Py_NewRef(resume);
+    self->settle = Py_NewRef(settle);
     slot_reader_init(&self->enabled, patches, str_enabled);
     slot_reader_for_type(&self->run, (PyTypeObject *)plan_type, str_run);
     slot_reader_for_type(&self->statuses, (PyTypeObject *)plan_type, str_statuses);
@@ -1370,6 +1509,7 @@ http_layer_traverse(HttpLayerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->signal);
     Py_VISIT(self->unreadable);
     Py_VISIT(self->resume);
+    Py_VISIT(self->settle);
     return 0;
 }
 
@@ -1389,6 +1529,7 @@ http_layer_clear(HttpLayerObject *self)
     Py_CLEAR(self->signal);
     Py_CLEAR(self->unreadable);
     Py_CLEAR(self->resume);
+    Py_CLEAR(self->settle);
     return 0;
 }
 

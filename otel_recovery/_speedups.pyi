@@ -69,7 +69,8 @@ class Layer:
 
 class HttpLayer:
     """A request-sending patch site whose remembered first attempt is compiled; every
-    other request runs ``slow``, and a failed first attempt goes on in ``resume``."""
+    other request runs ``slow``; a failed first attempt goes on in ``resume`` (the runner's
+    recovery) and ``settle`` (what the app gets back)."""
 
     slow: Callable[..., Any]
     original: Callable[..., Any]
@@ -87,6 +88,7 @@ class HttpLayer:
         signal: Callable[[Any], BaseException | None],
         unreadable: Callable[[Exception], object],
         resume: Callable[..., Any],
+        settle: Callable[..., Any],
     ) -> None: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
     def __get__(self, instance: object, owner: type | None = None) -> Any: ...

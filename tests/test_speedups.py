@@ -221,3 +221,91 @@ def test_the_package_behaves_the_same_without_the_extension():
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_a_callee_that_pops_a_keyword_sees_every_attempt_whole():
+    """``fn(*args, **kwargs)`` hands every attempt a fresh dict; so must the compiled runner,
+    also to callees without vectorcall (a wrapt wrapper receives the dict itself)."""
+    import wrapt
+
+    seen: list[dict[str, Any]] = []
+    failures = iter([ConnectionError("refused")])
+
+    @wrapt.decorator
+    def popping(wrapped, instance, args, kwargs):
+        seen.append(dict(kwargs))
+        kwargs.pop("timeout", None)
+        return wrapped(*args, **kwargs)
+
+    @popping
+    def fetch(x: int, **options: Any) -> int:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return x
+
+    kwargs = {"timeout": 5, "x": 1}
+    run = RecoveryPolicy(retry=Retry(2, rng=random.Random(1)), telemetry=False).runner()
+    assert run(fetch, (), kwargs) == 1
+    assert kwargs == {"timeout": 5, "x": 1}
+    assert seen == [{"timeout": 5, "x": 1}] * 2
+
+
+def test_recovering_inside_a_generator_leaves_its_callers_exception_outside_it():
+    """Only the runner's own level of the exception stack holds the error it handles."""
+    run = RecoveryPolicy(retry=Retry(1), fallback=Fallback("fallback"), telemetry=False).runner()
+
+    def refuse() -> None:
+        raise ConnectionError("refused")
+
+    def steps():
+        yield run(refuse, (), {})
+        yield sys.exc_info()[1]
+
+    generator = steps()
+    try:
+        raise KeyError("the caller's own")
+    except KeyError:
+        assert next(generator) == "fallback"  # recovered while the caller handles KeyError
+    assert next(generator) is None  # resumed outside that handler: nothing is handled
+
+
+def test_a_breaker_tally_that_is_not_an_iterator_raises_instead_of_crashing():
+    breaker = CircuitBreaker(3)
+    run = RecoveryPolicy(retry=Retry(1), breaker=breaker, telemetry=False).runner()
+    breaker._tally = [0]  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="not an iterator"):
+        run(lambda: 1, (), {})
+
+
+@compiled_only
+@pytest.mark.server
+def test_a_client_made_from_a_url_runs_the_compiled_path():
+    """``Redis.from_url`` pools have no ``retry`` key: absent reads as None, as ``.get`` does."""
+    import redis
+    from servers import REDIS_HOST, REDIS_PORT, require_redis
+
+    from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+
+    require_redis()
+    redis_url = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+    instrumentor = RedisRecoveryInstrumentor()
+    instrumentor.instrument()
+    try:
+        client = redis.Redis.from_url(redis_url)
+        assert "retry" not in client.connection_pool.connection_kwargs
+        client.get("otel-recovery:compiled")
+        ran: list[str] = []
+
+        def profile(frame, event, arg):
+            if event == "call" and "otel_recovery" in frame.f_code.co_filename:
+                ran.append(frame.f_code.co_name)
+
+        sys.setprofile(profile)
+        try:
+            client.get("otel-recovery:compiled")
+        finally:
+            sys.setprofile(None)
+        assert ran == []
+    finally:
+        instrumentor.uninstrument()

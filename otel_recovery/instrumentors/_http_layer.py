@@ -413,23 +413,28 @@ def sync_layer(
             args: tuple[Any, ...],
             kwargs: dict[str, Any],
         ) -> Any:
-            """The rest of ``layer`` after a first attempt that ended in ``error`` (the
-            original's exception, or the signal for a response to retry on)."""
-            try:
-                result = plan.recover(
-                    attempt,
-                    (outcomes, plan.statuses, args, kwargs),
-                    _NO_KWARGS,
-                    error,
-                    started,
-                    took,
-                )
-            except BaseException as failure:
-                outcome = after_error(outcomes, failure, args, kwargs)
+            """What the runner does after a first attempt that ended in ``error`` (the
+            original's exception, or the signal for a response to retry on); the compiled
+            layer calls it with ``error`` being handled, as the runner's ``except`` does."""
+            return plan.recover(
+                attempt, (outcomes, plan.statuses, args, kwargs), _NO_KWARGS, error, started, took
+            )
+
+        def settle(
+            outcomes: Outcomes,
+            raised: bool,
+            value: Any,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> Any:
+            """The rest of ``layer`` once the runner returned ``value`` or raised it; the
+            compiled layer calls it outside any handler of its own, as ``layer`` runs it."""
+            if raised:
+                outcome = after_error(outcomes, value, args, kwargs)
             else:
-                if outcomes and outcomes[-1] is result:
-                    return result
-                outcome = after_result(outcomes, result, args, kwargs)
+                if outcomes and outcomes[-1] is value:
+                    return value
+                outcome = after_result(outcomes, value, args, kwargs)
             return deliver(outcomes, outcome, args, kwargs)
 
         fast: Callable[..., Any] = SPEEDUPS.HttpLayer(  # type: ignore[union-attr]
@@ -445,6 +450,7 @@ def sync_layer(
             signal=site._signal,
             unreadable=site._unreadable,
             resume=resume,
+            settle=settle,
         )
         fast.__module__ = layer.__module__  # marks it as ours (see _wrapper_module)
         return fast
