@@ -763,16 +763,104 @@ static PyTypeObject PlanTableType = {
 };
 
 /* ------------------------------------------------------------------------------------ */
+/* What every compiled layer starts with: where it sits in the wrapper chain (the Python layer
+ * it accelerates, the method it calls to go on) and what says whether it runs (its PatchSet's
+ * `enabled`, the suppression keys in the current OpenTelemetry Context). */
+
+#define LAYER_HEAD                                                                      \
+    PyObject_HEAD                                                                       \
+    PyObject *dict; /* __dict__: __wrapped__, __name__, __qualname__, __doc__ */        \
+    PyObject *slow;                                                                     \
+    PyObject *original;                                                                 \
+    PyObject *patches;                                                                  \
+    PyObject *context_var;                                                              \
+    PyObject *suppress_keys; /* tuple */                                                \
+    SlotReader enabled;
+
+typedef struct {
+    LAYER_HEAD
+} LayerHead;
+
+static int
+layer_head_init(LayerHead *head, PyObject *slow, PyObject *original, PyObject *patches,
+                PyObject *context_var, PyObject *suppress_keys)
+{
+    if (!PyContextVar_CheckExact(context_var)) {
+        PyErr_SetString(PyExc_TypeError, "a layer's context_var must be a contextvars.ContextVar");
+        return -1;
+    }
+    if (!PyTuple_Check(suppress_keys)) {
+        PyErr_SetString(PyExc_TypeError, "a layer's suppress_keys must be a tuple");
+        return -1;
+    }
+    head->dict = NULL;
+    head->slow = Py_NewRef(slow);
+    head->original = Py_NewRef(original);
+    head->patches = Py_NewRef(patches);
+    head->context_var = Py_NewRef(context_var);
+    head->suppress_keys = Py_NewRef(suppress_keys);
+    slot_reader_init(&head->enabled, patches, str_enabled);
+    return 0;
+}
+
+static int
+layer_head_traverse(LayerHead *head, visitproc visit, void *arg)
+{
+    Py_VISIT(head->dict);
+    Py_VISIT(head->slow);
+    Py_VISIT(head->original);
+    Py_VISIT(head->patches);
+    Py_VISIT(head->context_var);
+    Py_VISIT(head->suppress_keys);
+    return 0;
+}
+
+static void
+layer_head_clear(LayerHead *head)
+{
+    Py_CLEAR(head->dict);
+    Py_CLEAR(head->slow);
+    Py_CLEAR(head->original);
+    Py_CLEAR(head->patches);
+    Py_CLEAR(head->context_var);
+    Py_CLEAR(head->suppress_keys);
+}
+
+/* Bound like a function: on an instance, a method; on the class, itself. */
+static PyObject *
+layer_descr_get(PyObject *self, PyObject *instance, PyObject *owner)
+{
+    if (instance == NULL || instance == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, instance);
+}
+
+static PyObject *
+layer_get_slow(LayerHead *self, void *closure)
+{
+    return Py_NewRef(self->slow);
+}
+
+static PyObject *
+layer_get_original(LayerHead *self, void *closure)
+{
+    return Py_NewRef(self->original);
+}
+
+static PyGetSetDef layer_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {"slow", (getter)layer_get_slow, NULL, "the Python layer: every case but the remembered",
+     NULL},
+    {"original", (getter)layer_get_original, NULL, "what the layer calls to go on", NULL},
+    {NULL},
+};
+
+/* ------------------------------------------------------------------------------------ */
 /* Layer: a method-like patch site whose remembered happy path runs here. */
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *dict; /* __dict__: __wrapped__, __name__, __qualname__, __doc__ */
-    PyObject *slow;
-    PyObject *original;
-    PyObject *patches;
-    PyObject *context_var;
-    PyObject *suppress_keys; /* tuple */
+    LAYER_HEAD
     PyObject *site;          /* Py_None, or an object whose .seen is (top, mode) */
     PyObject *owner;         /* the class holding the patched attribute (with site) */
     PyObject *attribute;
@@ -781,7 +869,7 @@ typedef struct {
     PyObject *table_attr;
     Py_ssize_t key_index; /* >= 1: argument key_index; 0: the instance's type */
     PyObject *explain;
-    SlotReader enabled, seen;
+    SlotReader seen;
     vectorcallfunc vectorcall;
 } LayerObject;
 
@@ -953,10 +1041,6 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
                                      &holder_attr, &table_attr, &key_index, &explain)) {
         return NULL;
     }
-    if (!PyContextVar_CheckExact(context_var)) {
-        PyErr_SetString(PyExc_TypeError, "Layer context_var must be a contextvars.ContextVar");
-        return NULL;
-    }
     if (site != Py_None && (!PyType_Check(owner) || ((PyTypeObject *)owner)->tp_dict == NULL ||
                             !PyUnicode_Check(attribute))) {
         PyErr_SetString(PyExc_TypeError,
@@ -971,12 +1055,11 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self == NULL) {
         return NULL;
     }
-    self->dict = NULL;
-    self->slow = Py_NewRef(slow);
-    self->original = Py_NewRef(original);
-    self->patches = Py_NewRef(patches);
-    self->context_var = Py_NewRef(context_var);
-    self->suppress_keys = Py_NewRef(suppress_keys);
+    if (layer_head_init((LayerHead *)self, slow, original, patches, context_var,
+                        suppress_keys) < 0) {
+        PyObject_GC_Del(self);
+        return NULL;
+    }
     self->site = Py_NewRef(site);
     self->owner = Py_NewRef(owner);
     self->attribute = Py_NewRef(attribute);
@@ -985,7 +1068,6 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->table_attr = Py_NewRef(table_attr);
     self->key_index = key_index;
     self->explain = Py_NewRef(explain);
-    slot_reader_init(&self->enabled, patches, str_enabled);
     slot_reader_init(&self->seen, site, str_seen);
     self->vectorcall = (vectorcallfunc)layer_vectorcall;
     PyObject_GC_Track(self);
@@ -995,12 +1077,6 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static int
 layer_traverse(LayerObject *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->dict);
-    Py_VISIT(self->slow);
-    Py_VISIT(self->original);
-    Py_VISIT(self->patches);
-    Py_VISIT(self->context_var);
-    Py_VISIT(self->suppress_keys);
     Py_VISIT(self->site);
     Py_VISIT(self->owner);
     Py_VISIT(self->attribute);
@@ -1008,18 +1084,13 @@ layer_traverse(LayerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->holder_attr);
     Py_VISIT(self->table_attr);
     Py_VISIT(self->explain);
-    return 0;
+    return layer_head_traverse((LayerHead *)self, visit, arg);
 }
 
 static int
 layer_clear(LayerObject *self)
 {
-    Py_CLEAR(self->dict);
-    Py_CLEAR(self->slow);
-    Py_CLEAR(self->original);
-    Py_CLEAR(self->patches);
-    Py_CLEAR(self->context_var);
-    Py_CLEAR(self->suppress_keys);
+    layer_head_clear((LayerHead *)self);
     Py_CLEAR(self->site);
     Py_CLEAR(self->owner);
     Py_CLEAR(self->attribute);
@@ -1037,36 +1108,6 @@ layer_dealloc(LayerObject *self)
     layer_clear(self);
     PyObject_GC_Del(self);
 }
-
-/* Bound like a function: on an instance, a method; on the class, itself. */
-static PyObject *
-layer_descr_get(PyObject *self, PyObject *instance, PyObject *owner)
-{
-    if (instance == NULL || instance == Py_None) {
-        return Py_NewRef(self);
-    }
-    return PyMethod_New(self, instance);
-}
-
-static PyObject *
-layer_get_slow(LayerObject *self, void *closure)
-{
-    return Py_NewRef(self->slow);
-}
-
-static PyObject *
-layer_get_original(LayerObject *self, void *closure)
-{
-    return Py_NewRef(self->original);
-}
-
-static PyGetSetDef layer_getset[] = {
-    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
-    {"slow", (getter)layer_get_slow, NULL, "the Python layer: every case but the remembered",
-     NULL},
-    {"original", (getter)layer_get_original, NULL, "what the layer calls to go on", NULL},
-    {NULL},
-};
 
 static PyTypeObject LayerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -1098,13 +1139,7 @@ static PyTypeObject LayerType = {
  * not qualify before anything happened runs the Python layer (`slow`) whole. */
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *dict;
-    PyObject *slow;
-    PyObject *original;
-    PyObject *patches;
-    PyObject *context_var;
-    PyObject *suppress_keys;
+    LAYER_HEAD
     PyObject *shapes;           /* dict: (method, url) -> plan */
     PyObject *plan_type;        /* the plans' class: run and statuses are read from slots */
     PyObject *body_names;       /* tuple of str: options that send a body unless None */
@@ -1113,7 +1148,7 @@ typedef struct {
     PyObject *unreadable;       /* unreadable(error): a status that cannot be judged */
     PyObject *resume;           /* resume(plan, outcomes, error, started, took, args, kwargs) */
     PyObject *settle;           /* settle(outcomes, raised, value, args, kwargs) */
-    SlotReader enabled, run, statuses;
+    SlotReader run, statuses;
     vectorcallfunc vectorcall;
 } HttpLayerObject;
 
@@ -1457,10 +1492,6 @@ http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
                                      &signal, &unreadable, &resume, &settle)) {
         return NULL;
     }
-    if (!PyContextVar_CheckExact(context_var)) {
-        PyErr_SetString(PyExc_TypeError, "HttpLayer context_var must be a contextvars.ContextVar");
-        return NULL;
-    }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(body_names); i++) {
         if (!PyUnicode_Check(PyTuple_GET_ITEM(body_names, i))) {
             PyErr_SetString(PyExc_TypeError, "HttpLayer body_names must be a tuple of str");
@@ -1471,12 +1502,11 @@ http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self == NULL) {
         return NULL;
     }
-    self->dict = NULL;
-    self->slow = Py_NewRef(slow);
-    self->original = Py_NewRef(original);
-    self->patches = Py_NewRef(patches);
-    self->context_var = Py_NewRef(context_var);
-    self->suppress_keys = Py_NewRef(suppress_keys);
+    if (layer_head_init((LayerHead *)self, slow, original, patches, context_var,
+                        suppress_keys) < 0) {
+        PyObject_GC_Del(self);
+        return NULL;
+    }
     self->shapes = Py_NewRef(shapes);
     self->plan_type = Py_NewRef(plan_type);
     self->body_names = Py_NewRef(body_names);
@@ -1485,7 +1515,6 @@ http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->unreadable = Py_NewRef(unreadable);
     self->resume = Py_NewRef(resume);
     self->settle = Py_NewRef(settle);
-    slot_reader_init(&self->enabled, patches, str_enabled);
     slot_reader_for_type(&self->run, (PyTypeObject *)plan_type, str_run);
     slot_reader_for_type(&self->statuses, (PyTypeObject *)plan_type, str_statuses);
     self->vectorcall = (vectorcallfunc)http_vectorcall;
@@ -1496,12 +1525,6 @@ http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static int
 http_layer_traverse(HttpLayerObject *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->dict);
-    Py_VISIT(self->slow);
-    Py_VISIT(self->original);
-    Py_VISIT(self->patches);
-    Py_VISIT(self->context_var);
-    Py_VISIT(self->suppress_keys);
     Py_VISIT(self->shapes);
     Py_VISIT(self->plan_type);
     Py_VISIT(self->body_names);
@@ -1510,18 +1533,13 @@ http_layer_traverse(HttpLayerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->unreadable);
     Py_VISIT(self->resume);
     Py_VISIT(self->settle);
-    return 0;
+    return layer_head_traverse((LayerHead *)self, visit, arg);
 }
 
 static int
 http_layer_clear(HttpLayerObject *self)
 {
-    Py_CLEAR(self->dict);
-    Py_CLEAR(self->slow);
-    Py_CLEAR(self->original);
-    Py_CLEAR(self->patches);
-    Py_CLEAR(self->context_var);
-    Py_CLEAR(self->suppress_keys);
+    layer_head_clear((LayerHead *)self);
     Py_CLEAR(self->shapes);
     Py_CLEAR(self->plan_type);
     Py_CLEAR(self->body_names);
@@ -1541,25 +1559,6 @@ http_layer_dealloc(HttpLayerObject *self)
     PyObject_GC_Del(self);
 }
 
-static PyObject *
-http_layer_get_slow(HttpLayerObject *self, void *closure)
-{
-    return Py_NewRef(self->slow);
-}
-
-static PyObject *
-http_layer_get_original(HttpLayerObject *self, void *closure)
-{
-    return Py_NewRef(self->original);
-}
-
-static PyGetSetDef http_layer_getset[] = {
-    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
-    {"slow", (getter)http_layer_get_slow, NULL, "the Python layer", NULL},
-    {"original", (getter)http_layer_get_original, NULL, "what the layer calls to go on", NULL},
-    {NULL},
-};
-
 static PyTypeObject HttpLayerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "otel_recovery._speedups.HttpLayer",
@@ -1572,7 +1571,7 @@ static PyTypeObject HttpLayerType = {
     .tp_vectorcall_offset = offsetof(HttpLayerObject, vectorcall),
     .tp_dictoffset = offsetof(HttpLayerObject, dict),
     .tp_descr_get = layer_descr_get,
-    .tp_getset = http_layer_getset,
+    .tp_getset = layer_getset,
     .tp_getattro = PyObject_GenericGetAttr,
     .tp_setattro = PyObject_GenericSetAttr,
     .tp_traverse = (traverseproc)http_layer_traverse,
