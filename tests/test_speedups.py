@@ -309,3 +309,37 @@ def test_a_client_made_from_a_url_runs_the_compiled_path():
         assert ran == []
     finally:
         instrumentor.uninstrument()
+
+
+@compiled_only
+@pytest.mark.server
+def test_a_remembered_psycopg_statement_runs_no_python_of_ours():
+    """The compiled statement layer finds the plan on the connection (through the cursor's
+    ``_conn`` slot where psycopg has one) and runs it without calling back into Python."""
+    import psycopg
+    from servers import PG_DSN, require_postgres
+
+    from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
+
+    require_postgres()
+    instrumentor = PsycopgRecoveryInstrumentor()
+    instrumentor.instrument()
+    try:
+        with psycopg.connect(PG_DSN, autocommit=True) as connection:
+            cursor = connection.cursor()
+            cursor.execute("SELECT 1")
+            ran: list[str] = []
+
+            def profile(frame, event, arg):
+                if event == "call" and "otel_recovery" in frame.f_code.co_filename:
+                    ran.append(frame.f_code.co_name)
+
+            sys.setprofile(profile)
+            try:
+                cursor.execute("SELECT 2")
+            finally:
+                sys.setprofile(None)
+            assert cursor.fetchone() == (2,)
+            assert ran == []
+    finally:
+        instrumentor.uninstrument()

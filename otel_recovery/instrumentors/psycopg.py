@@ -23,6 +23,7 @@ construction (it calls ``super().execute``), so our events land on contrib's spa
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
@@ -76,6 +77,20 @@ def _connection_target(connection: Any) -> tuple[str, int | None]:
     return target
 
 
+def _connection_slot() -> str:
+    """The attribute a compiled layer reads a cursor's connection from.
+
+    ``Cursor.connection`` is a property returning the ``_conn`` slot; reading the slot
+    directly saves a Python call on every statement. Where a psycopg version has no such
+    slot, the public property is read instead.
+    """
+    slot = next((vars(c)["_conn"] for c in psycopg.Cursor.__mro__ if "_conn" in vars(c)), None)
+    return "_conn" if isinstance(slot, types.MemberDescriptorType) else "connection"
+
+
+_CONNECTION_SLOT = _connection_slot()
+
+
 class _Remembered(Protocol):
     """A connection's statement plans: ``plans`` by cursor class, made by planner ``token``."""
 
@@ -120,7 +135,7 @@ class _Planner:
 
     def route(self) -> Route:
         """Where a compiled statement layer finds the plans :meth:`statement` remembers."""
-        return Route(holder_attr="connection", table_attr=_PLANS, key_index=0, token=self)
+        return Route(holder_attr=_CONNECTION_SLOT, table_attr=_PLANS, key_index=0, token=self)
 
     def _statement(self, connection: Any, cursor_class: type) -> Plan:
         host, port = _connection_target(connection)
