@@ -343,3 +343,76 @@ def test_a_remembered_psycopg_statement_runs_no_python_of_ours():
             assert ran == []
     finally:
         instrumentor.uninstrument()
+
+
+@pytest.mark.parametrize("layer", ["compiled", "python"])
+def test_a_remembered_request_fails_like_a_new_one(layer, monkeypatch):
+    """What the app sees when a remembered request fails is the Python layer's answer: the
+    final error chains to the app's own handled exception (never to our first attempt's),
+    and an interrupt while reading a response's status closes it and gives the breaker's
+    permit back."""
+    import io
+
+    import requests
+    from requests.models import Response
+
+    from otel_recovery.instrumentors import _db
+    from otel_recovery.instrumentors.requests import RequestsRecoveryInstrumentor
+
+    if layer == "compiled" and SPEEDUPS is None:
+        pytest.skip("otel_recovery._speedups not built")
+    if layer == "python":
+        monkeypatch.setattr(_db, "SPEEDUPS", None)
+    closed: list[Response] = []
+    released: list[CircuitBreaker] = []
+    behaviour = {"kind": "ok"}
+
+    class Tracked(Response):
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    class Unreadable(Tracked):
+        @property  # type: ignore[override]
+        def status_code(self) -> int:
+            raise Interrupted()
+
+        @status_code.setter
+        def status_code(self, value: int) -> None:
+            pass
+
+    def send(self: requests.Session, request: Any, **options: Any) -> Response:
+        if behaviour["kind"] == "refused":
+            raise requests.exceptions.ConnectionError("refused")
+        response = Unreadable() if behaviour["kind"] == "unreadable" else Tracked()
+        response.status_code = 200
+        response.raw, response.url, response.request = io.BytesIO(b"ok"), request.url, request
+        return response
+
+    real_release = CircuitBreaker.release
+    monkeypatch.setattr(requests.Session, "send", send)
+    monkeypatch.setattr(
+        CircuitBreaker, "release", lambda self: released.append(self) or real_release(self)
+    )
+    instrumentor = RequestsRecoveryInstrumentor()
+    instrumentor.instrument(clock=FakeClock(), max_attempts=2, backoff_initial=0.01)
+    try:
+        compiled = type(requests.sessions.Session.__dict__["request"]).__name__ == "HttpLayer"
+        assert compiled is (layer == "compiled")
+        session = requests.Session()
+        url = "http://service.invalid/prices"
+        session.get(url)  # the plan is remembered from here on
+        behaviour["kind"] = "refused"
+        try:
+            raise KeyError("the app's own")
+        except KeyError:
+            with pytest.raises(requests.exceptions.ConnectionError) as raised:
+                session.get(url)
+        assert isinstance(raised.value.__context__, KeyError)
+        behaviour["kind"] = "unreadable"
+        closed.clear()
+        with pytest.raises(Interrupted):
+            session.get(url)
+        assert len(closed) == 1 and len(released) == 1
+    finally:
+        instrumentor.uninstrument()
