@@ -17,15 +17,19 @@ connection (``OTEL_RECOVERY_BENCH_PG``, default ``host=127.0.0.1 user=postgres d
 nothing is sent on it. Counts come from callgrind at two call counts, so start-up cancels
 out (``benchmarks/_callgrind.py``).
 
-    python benchmarks/layer_cost.py
+    python benchmarks/layer_cost.py           # instructions (callgrind)
+    python benchmarks/layer_cost.py --time    # the same calls timed in a warm loop
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
@@ -76,8 +80,9 @@ def _http() -> object:
     return lambda: session.get("http://service.local:8080/prices")
 
 
-def child(target: str, mode: str, calls: int) -> None:
-    """Run ``calls`` happy-path calls of ``target`` in ``mode`` (under callgrind)."""
+def child(target: str, mode: str, calls: int, timed: bool = False) -> None:
+    """Run ``calls`` happy-path calls of ``target`` in ``mode`` (under callgrind); ``timed``:
+    instead, print the best of 15 timed batches of ``calls`` in ns per call."""
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -105,18 +110,53 @@ def child(target: str, mode: str, calls: int) -> None:
     gc.disable()
     for _ in range(200):  # plans remembered, caches warm
         call()  # type: ignore[operator]
-    for _ in range(calls):
-        call()  # type: ignore[operator]
+    if not timed:
+        for _ in range(calls):
+            call()  # type: ignore[operator]
+        return
+    best = math.inf
+    for _ in range(15):
+        started = time.perf_counter()
+        for _ in range(calls):
+            call()  # type: ignore[operator]
+        best = min(best, (time.perf_counter() - started) / calls)
+    print(f"{best * 1e9:.0f}")
+
+
+def warm_loop(targets: list[str]) -> None:
+    """``--time``: the same calls timed in a warm loop, each mode in its own process. A
+    lower bound: against a real server the client's own work evicts the layer's objects
+    from the caches between calls (see the README's "What the instrumentors cost")."""
+    script = str(Path(__file__).resolve())
+    print("| target | bare ns/call | recovery, compiled | recovery, Python |")
+    print("|---|---:|---:|---:|")
+    for target in targets:
+        figures = []
+        for mode, extension in (("bare", True), ("recovery", True), ("recovery", False)):
+            env = {**os.environ}
+            if not extension:
+                env["OTEL_RECOVERY_NO_EXTENSIONS"] = "true"
+            command = [sys.executable, script, "--child", target, mode, "20000", "--timed"]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            figures.append(int(done.stdout.strip()))
+        bare, compiled, python = figures
+        print(f"| {LABELS[target]} | {bare:,} | {compiled - bare:+,} | {python - bare:+,} |")
+    print("\n# command: python benchmarks/layer_cost.py --time (best of 15 batches of 20,000)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--time", action="store_true", help="time a warm loop instead")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--timed", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
         target, mode, calls = options.child
-        child(target, mode, int(calls))
+        child(target, mode, int(calls), timed=options.timed)
+        return
+    if options.time:
+        warm_loop([t for t in options.targets.split(",") if t])
         return
     if valgrind_version() is None:
         raise SystemExit("valgrind is not installed: this benchmark counts with callgrind")
