@@ -1,4 +1,4 @@
-"""The optional compiled happy path (``otel_recovery/_speedups.c``), or None.
+"""The optional compiled happy path (``otel_recovery/_speedups_src/``), or None.
 
 Why optional: the package must install and work with nothing but Python, so the extension
 is built only where a C compiler is present (``pip install`` says so and goes on when it

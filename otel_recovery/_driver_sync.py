@@ -118,7 +118,7 @@ class SyncDriver(PolicyCore):
         now = self.clock.now
         recover = self._recover
         breaker, gate_unlocked, tallied, budget, deposit, remember = self._happy_path()
-        if SPEEDUPS is not None:  # the closures below, compiled (otel_recovery/_speedups.c)
+        if SPEEDUPS is not None:  # the closures below, compiled (otel_recovery/_speedups_src/)
             counter = None if deposit is None else budget._call_count  # type: ignore[union-attr]
             compiled: Runner = SPEEDUPS.Runner(
                 switches, now, breaker, gate_unlocked, tallied, budget,

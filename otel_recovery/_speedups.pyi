@@ -1,4 +1,5 @@
-"""Types of the compiled happy path; see ``_speedups.c`` for why and ``_compiled.py`` for when."""
+"""Types of the compiled happy path; see ``_speedups_src/module.c`` for why and
+``_compiled.py`` for when."""
 
 from collections.abc import Callable, Iterator
 from typing import Any

@@ -385,7 +385,7 @@ class _SiteLayers:
         if not compiled:
             return layer
         # The remembered happy path compiled: the C layer reads the plans _share_plans left
-        # on the pool and calls this layer for everything else (otel_recovery/_speedups.c).
+        # on the pool and calls this layer for everything else (otel_recovery/_speedups_src/).
         return compiled_layer(
             layer,
             original,

@@ -1,0 +1,340 @@
+/* PlanTable and Layer: the compiled redis-py command and psycopg statement sites. */
+#include "speedups.h"
+
+/* ------------------------------------------------------------------------------------ */
+/* PlanTable: the plans a Layer may use for one holder (a Redis pool, a psycopg connection),
+ * valid while its token is the layer's token and guard_map[guard_key] is guard_value. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *token;
+    PyObject *plans; /* dict: route key -> Plan */
+    PyObject *guard_map;
+    PyObject *guard_key;
+    PyObject *guard_value;
+} PlanTableObject;
+
+static PyObject *
+plantable_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"token", "plans", "guard_map", "guard_key", "guard_value", NULL};
+    PyObject *token, *plans, *guard_map = Py_None, *guard_key = Py_None, *guard_value = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!|OOO:PlanTable", names, &token,
+                                     &PyDict_Type, &plans, &guard_map, &guard_key,
+                                     &guard_value)) {
+        return NULL;
+    }
+    if (guard_map != Py_None && !PyDict_Check(guard_map)) {
+        PyErr_SetString(PyExc_TypeError, "PlanTable guard_map must be a dict or None");
+        return NULL;
+    }
+    PlanTableObject *self = PyObject_GC_New(PlanTableObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->token = Py_NewRef(token);
+    self->plans = Py_NewRef(plans);
+    self->guard_map = Py_NewRef(guard_map);
+    self->guard_key = Py_NewRef(guard_key);
+    self->guard_value = Py_NewRef(guard_value);
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+plantable_traverse(PlanTableObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->token);
+    Py_VISIT(self->plans);
+    Py_VISIT(self->guard_map);
+    Py_VISIT(self->guard_key);
+    Py_VISIT(self->guard_value);
+    return 0;
+}
+
+static int
+plantable_clear(PlanTableObject *self)
+{
+    Py_CLEAR(self->token);
+    Py_CLEAR(self->plans);
+    Py_CLEAR(self->guard_map);
+    Py_CLEAR(self->guard_key);
+    Py_CLEAR(self->guard_value);
+    return 0;
+}
+
+static void
+plantable_dealloc(PlanTableObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    plantable_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyMemberDef plantable_members[] = {
+    {"token", T_OBJECT, offsetof(PlanTableObject, token), READONLY, NULL},
+    {"plans", T_OBJECT, offsetof(PlanTableObject, plans), READONLY, NULL},
+    {"guard_map", T_OBJECT, offsetof(PlanTableObject, guard_map), READONLY, NULL},
+    {"guard_key", T_OBJECT, offsetof(PlanTableObject, guard_key), READONLY, NULL},
+    {"guard_value", T_OBJECT, offsetof(PlanTableObject, guard_value), READONLY, NULL},
+    {NULL},
+};
+
+PyTypeObject PlanTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_recovery._speedups.PlanTable",
+    .tp_doc = PyDoc_STR("PlanTable(token, plans, guard_map=None, guard_key=None, "
+                        "guard_value=None): plans a Layer may use for one holder."),
+    .tp_basicsize = sizeof(PlanTableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = plantable_new,
+    .tp_members = plantable_members,
+    .tp_traverse = (traverseproc)plantable_traverse,
+    .tp_clear = (inquiry)plantable_clear,
+    .tp_dealloc = (destructor)plantable_dealloc,
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* Layer: a method-like patch site whose remembered happy path runs here. */
+
+typedef struct {
+    LAYER_HEAD
+    PyObject *site;          /* Py_None, or an object whose .seen is (top, mode) */
+    PyObject *owner;         /* the class holding the patched attribute (with site) */
+    PyObject *attribute;
+    PyObject *token; /* the table token when there is no site */
+    PyObject *holder_attr;
+    PyObject *table_attr;
+    Py_ssize_t key_index; /* >= 1: argument key_index; 0: the instance's type */
+    PyObject *explain;
+    SlotReader seen;
+    vectorcallfunc vectorcall;
+} LayerObject;
+
+/* The plan for this call from its holder's table, a new reference; NULL (no error set) when
+ * the Python layer has to decide. */
+static PyObject *
+layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs)
+{
+    PyObject *token, *seen = NULL, *holder = NULL, *table = NULL, *plan = NULL;
+    if (nargs < 1 || self->key_index >= nargs) {
+        return NULL;
+    }
+    if (self->site != Py_None) {
+        /* the wrapper chain above us is the one the site last saw */
+        seen = slot_read(&self->seen, self->site);
+        if (seen == NULL || !PyTuple_Check(seen) || PyTuple_GET_SIZE(seen) != 2) {
+            goto miss;
+        }
+        PyObject *top = PyDict_GetItemWithError(((PyTypeObject *)self->owner)->tp_dict,
+                                                self->attribute); /* borrowed */
+        if (top == NULL || top != PyTuple_GET_ITEM(seen, 0)) {
+            goto miss;
+        }
+        token = seen;
+    }
+    else {
+        token = self->token;
+    }
+    holder = PyObject_GetAttr(argv[0], self->holder_attr);
+    if (holder == NULL) {
+        goto miss;
+    }
+    table = PyObject_GetAttr(holder, self->table_attr);
+    if (table == NULL || Py_TYPE(table) != &PlanTableType) {
+        goto miss;
+    }
+    PlanTableObject *plans = (PlanTableObject *)table;
+    if (plans->token != token) {
+        goto miss;
+    }
+    if (plans->guard_map != Py_None) {
+        PyObject *guard = PyDict_GetItemWithError(plans->guard_map, plans->guard_key);
+        if (guard == NULL && !PyErr_Occurred()) {
+            guard = Py_None; /* guard_map.get(guard_key), as the Python layer reads it */
+        }
+        if (guard != plans->guard_value) {
+            goto miss;
+        }
+    }
+    PyObject *key = self->key_index ? argv[self->key_index] : (PyObject *)Py_TYPE(argv[0]);
+    plan = PyDict_GetItemWithError(plans->plans, key); /* borrowed */
+    if (plan != NULL && PyTuple_Check(plan) && PyTuple_GET_SIZE(plan) > 2 &&
+        Py_TYPE(PyTuple_GET_ITEM(plan, 2)) == &RunnerType) {
+        Py_INCREF(plan);
+    }
+    else {
+        plan = NULL;
+    }
+miss:
+    if (PyErr_Occurred()) {
+        PyErr_Clear(); /* the Python layer meets the same surprise and reports it */
+    }
+    Py_XDECREF(seen);
+    Py_XDECREF(holder);
+    Py_XDECREF(table);
+    return plan;
+}
+
+static PyObject *
+layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
+{
+    int enabled = slot_true(&self->enabled, self->patches);
+    if (enabled == 0) {
+        return PyObject_Vectorcall(self->original, argv, nargsf, kwnames);
+    }
+    if (enabled < 0) {
+        PyErr_Clear();
+        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+    }
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *plan = unsuppressed(self->context_var, self->suppress_keys)
+                         ? layer_remembered_plan(self, argv, nargs)
+                         : NULL;
+    if (plan == NULL) {
+        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+    }
+    CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
+    RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 2);
+    PyObject *result = runner_run(runner, self->original, &ca);
+    callargs_release(&ca);
+    if (result == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+        /* "except Exception as error: explain_no_retry(plan, error); raise" */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyErr_NormalizeException(&type, &value, &traceback);
+        if (traceback != NULL) {
+            PyException_SetTraceback(value, traceback);
+        }
+        PyObject *call_args[2] = {plan, value};
+        PyObject *ignored = PyObject_Vectorcall(self->explain, call_args, 2, NULL);
+        if (ignored == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            /* as in Python: a BaseException from explain replaces the error, chained to it */
+            PyObject *new_type, *new_value, *new_traceback;
+            PyErr_Fetch(&new_type, &new_value, &new_traceback);
+            PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
+            if (new_value != value) {
+                PyException_SetContext(new_value, value); /* steals value */
+            }
+            else {
+                Py_DECREF(value);
+            }
+            Py_XDECREF(type);
+            Py_XDECREF(traceback);
+            PyErr_Restore(new_type, new_value, new_traceback);
+            Py_DECREF(plan);
+            return NULL;
+        }
+        if (ignored == NULL) {
+            PyErr_Clear(); /* telemetry must never replace the caller's error */
+        }
+        Py_XDECREF(ignored);
+        PyErr_Restore(type, value, traceback);
+    }
+    Py_DECREF(plan);
+    return result;
+}
+
+static PyObject *
+layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"slow",   "original",    "patches",    "context_var",
+                            "suppress_keys", "site", "owner", "attribute",
+                            "token",  "holder_attr", "table_attr", "key_index",
+                            "explain", NULL};
+    PyObject *slow, *original, *patches, *context_var, *suppress_keys, *site, *owner,
+        *attribute, *token, *holder_attr, *table_attr, *explain;
+    Py_ssize_t key_index;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!OOOOUUnO:Layer", names, &slow,
+                                     &original, &patches, &context_var, &PyTuple_Type,
+                                     &suppress_keys, &site, &owner, &attribute, &token,
+                                     &holder_attr, &table_attr, &key_index, &explain)) {
+        return NULL;
+    }
+    if (site != Py_None && (!PyType_Check(owner) || ((PyTypeObject *)owner)->tp_dict == NULL ||
+                            !PyUnicode_Check(attribute))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Layer with a site needs owner (the class) and attribute (a str)");
+        return NULL;
+    }
+    if (key_index < 0) {
+        PyErr_SetString(PyExc_ValueError, "Layer key_index must be 0 (the type) or positive");
+        return NULL;
+    }
+    LayerObject *self = PyObject_GC_New(LayerObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    if (layer_head_init((LayerHead *)self, slow, original, patches, context_var,
+                        suppress_keys) < 0) {
+        PyObject_GC_Del(self);
+        return NULL;
+    }
+    self->site = Py_NewRef(site);
+    self->owner = Py_NewRef(owner);
+    self->attribute = Py_NewRef(attribute);
+    self->token = Py_NewRef(token);
+    self->holder_attr = Py_NewRef(holder_attr);
+    self->table_attr = Py_NewRef(table_attr);
+    self->key_index = key_index;
+    self->explain = Py_NewRef(explain);
+    slot_reader_init(&self->seen, site, str_seen);
+    self->vectorcall = (vectorcallfunc)layer_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+layer_traverse(LayerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->site);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->attribute);
+    Py_VISIT(self->token);
+    Py_VISIT(self->holder_attr);
+    Py_VISIT(self->table_attr);
+    Py_VISIT(self->explain);
+    return layer_head_traverse((LayerHead *)self, visit, arg);
+}
+
+static int
+layer_clear(LayerObject *self)
+{
+    layer_head_clear((LayerHead *)self);
+    Py_CLEAR(self->site);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->attribute);
+    Py_CLEAR(self->token);
+    Py_CLEAR(self->holder_attr);
+    Py_CLEAR(self->table_attr);
+    Py_CLEAR(self->explain);
+    return 0;
+}
+
+static void
+layer_dealloc(LayerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    layer_clear(self);
+    PyObject_GC_Del(self);
+}
+
+PyTypeObject LayerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_recovery._speedups.Layer",
+    .tp_doc = PyDoc_STR("A per-call patch site whose remembered happy path is compiled."),
+    .tp_basicsize = sizeof(LayerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = layer_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(LayerObject, vectorcall),
+    .tp_dictoffset = offsetof(LayerObject, dict),
+    .tp_descr_get = layer_descr_get,
+    .tp_getset = layer_getset,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_traverse = (traverseproc)layer_traverse,
+    .tp_clear = (inquiry)layer_clear,
+    .tp_dealloc = (destructor)layer_dealloc,
+};

@@ -1,0 +1,369 @@
+/* Runner: RecoveryPolicy.runner()'s happy path, compiled. */
+#include "speedups.h"
+
+int
+started_read(RunnerObject *self, Started *started)
+{
+#if HAVE_DIRECT_MONOTONIC
+    if (self->monotonic) {
+        started->value = NULL;
+        return direct_monotonic(&started->seconds) == 0 ? 0 : (PyErr_SetFromErrno(PyExc_OSError), -1);
+    }
+#endif
+    started->value = PyObject_CallNoArgs(self->now);
+    if (started->value == NULL) {
+        return -1;
+    }
+    started->seconds = PyFloat_CheckExact(started->value) ? PyFloat_AS_DOUBLE(started->value) : -1.0;
+    return 0;
+}
+
+/* A borrowed reference to the start time as an object; NULL with an error set. */
+PyObject *
+started_object(Started *started)
+{
+    if (started->value == NULL) {
+        started->value = PyFloat_FromDouble(started->seconds);
+    }
+    return started->value;
+}
+
+/* The "except Exception as error: return recover(...)" branch: the error is the exception
+ * being handled while recover runs, so what recover raises chains to it as in Python. */
+static PyObject *
+runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *result = NULL;
+    Handled saved = handled_push(value);
+    PyObject *start = started_object(started);
+    PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(self->now);
+    PyObject *took = ended == NULL ? NULL : PyNumber_Subtract(ended, start);
+    Py_XDECREF(ended);
+    if (took != NULL && callargs_materialize(ca) == 0) {
+        PyObject *call_args[6] = {fn, ca->args, ca->kwargs, value, start, took};
+        result = PyObject_Vectorcall(self->recover, call_args, 6, NULL);
+    }
+    Py_XDECREF(took);
+    handled_pop(saved);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return result;
+}
+
+/* "except BaseException: breaker.release(); raise". */
+void
+runner_release(RunnerObject *self)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (call_method_discard(self->breaker, str_release) == 0) {
+        PyErr_Restore(type, value, traceback);
+        return;
+    }
+    /* release() failed: its error propagates, chained to the original, as in Python */
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *new_type, *new_value, *new_traceback;
+    PyErr_Fetch(&new_type, &new_value, &new_traceback);
+    PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
+    if (new_value != value) {
+        PyException_SetContext(new_value, value); /* steals value */
+    }
+    else {
+        Py_DECREF(value);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    PyErr_Restore(new_type, new_value, new_traceback);
+}
+
+static PyObject *
+runner_reject(RunnerObject *self, CallArgs *ca, Started *started)
+{
+    PyObject *start = started_object(started);
+    if (start == NULL || callargs_materialize(ca) < 0) {
+        return NULL;
+    }
+    PyObject *error = PyObject_CallNoArgs(self->rejection);
+    if (error == NULL) {
+        return NULL;
+    }
+    PyObject *call_args[5] = {error, start, ca->args, ca->kwargs, Py_False};
+    PyObject *result = PyObject_Vectorcall(self->reject, call_args, 4, kw_release_false);
+    Py_DECREF(error);
+    return result;
+}
+
+/* started < budget._bucket_end; -1 on error. */
+int
+runner_before_bucket_end(RunnerObject *self, Started *started)
+{
+    PyObject *end = slot_read(&self->bucket_end, self->budget);
+    if (end == NULL) {
+        return -1;
+    }
+    int before;
+    if (PyFloat_CheckExact(end) && (started->value == NULL || PyFloat_CheckExact(started->value))) {
+        before = started->seconds < PyFloat_AS_DOUBLE(end);
+    }
+    else {
+        PyObject *start = started_object(started);
+        before = start == NULL ? -1 : PyObject_RichCompareBool(start, end, Py_LT);
+    }
+    Py_DECREF(end);
+    return before;
+}
+
+/* next(iterator), discarding the value; -1 on error (StopIteration when exhausted). */
+int
+advance(PyObject *iterator)
+{
+    if (!PyIter_Check(iterator)) {
+        PyErr_Format(PyExc_TypeError, "'%.200s' object is not an iterator",
+                     Py_TYPE(iterator)->tp_name);
+        return -1;
+    }
+    PyObject *value = PyIter_Next(iterator);
+    if (value == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetNone(PyExc_StopIteration);
+        }
+        return -1;
+    }
+    Py_DECREF(value);
+    return 0;
+}
+
+/* Account the success: next(breaker._tally) when set, else breaker.record_success(). */
+int
+runner_record_success(RunnerObject *self, PyObject *breaker)
+{
+    if (self->tallied) {
+        PyObject *tally = slot_read(&self->tally, breaker);
+        if (tally == NULL) {
+            return -1;
+        }
+        if (tally != Py_None) {
+            int counted = advance(tally);
+            Py_DECREF(tally);
+            return counted;
+        }
+        Py_DECREF(tally);
+    }
+    return call_method_discard(breaker, str_record_success);
+}
+
+PyObject *
+runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
+{
+    int active = slot_true(&self->active, self->switches);
+    if (active < 0) {
+        return NULL;
+    }
+    if (!active) {
+        return callargs_call(fn, ca);
+    }
+    Started started;
+    if (started_read(self, &started) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    PyObject *breaker = self->breaker == Py_None ? NULL : self->breaker;
+    if (breaker != NULL) {
+        int permitted = self->gate_unlocked ? slot_true(&self->permit_all, breaker) : 0;
+        if (permitted < 0) {
+            goto done;
+        }
+        if (!permitted) {
+            PyObject *answer = PyObject_CallMethodNoArgs(breaker, str_can_execute);
+            if (answer == NULL) {
+                goto done;
+            }
+            permitted = PyObject_IsTrue(answer);
+            Py_DECREF(answer);
+            if (permitted < 0) {
+                goto done;
+            }
+            if (!permitted) {
+                result = runner_reject(self, ca, &started);
+                goto done;
+            }
+        }
+    }
+    if (self->budget != Py_None) {
+        int deposited = 0;
+        if (self->counter != Py_None) {
+            int before = runner_before_bucket_end(self, &started);
+            if (before < 0) {
+                goto done;
+            }
+            if (before) {
+                if (advance(self->counter) < 0) {
+                    goto done;
+                }
+                deposited = 1;
+            }
+        }
+        if (!deposited) {
+            PyObject *start = started_object(&started);
+            PyObject *ignored =
+                start == NULL ? NULL
+                              : PyObject_CallMethodOneArg(self->budget, str_record_call, start);
+            if (ignored == NULL) {
+                goto done;
+            }
+            Py_DECREF(ignored);
+        }
+    }
+    result = callargs_call(fn, ca);
+    if (result == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            result = runner_recover(self, fn, ca, &started);
+        }
+        else if (breaker != NULL) {
+            runner_release(self);
+        }
+        goto done;
+    }
+    if (breaker != NULL && runner_record_success(self, breaker) < 0) {
+        Py_CLEAR(result);
+        goto done;
+    }
+    if (self->remember != Py_None) {
+        PyObject *start = started_object(&started);
+        if (start == NULL || callargs_materialize(ca) < 0) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyObject *call_args[4] = {ca->args, ca->kwargs, result, start};
+        PyObject *ignored = PyObject_Vectorcall(self->remember, call_args, 4, NULL);
+        if (ignored == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        Py_DECREF(ignored);
+    }
+done:
+    Py_XDECREF(started.value);
+    return result;
+}
+
+static PyObject *
+runner_vectorcall(RunnerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 3 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "a runner is called as run(fn, args, kwargs)");
+        return NULL;
+    }
+    if (!PyTuple_Check(argv[1]) || !PyDict_Check(argv[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "run(fn, args, kwargs) takes args as a tuple and kwargs as a dict");
+        return NULL;
+    }
+    CallArgs ca = {NULL, 0, NULL, argv[1], argv[2], 0};
+    return runner_run(self, argv[0], &ca);
+}
+
+static PyObject *
+runner_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"switches", "now", "breaker", "gate_unlocked", "tallied", "budget",
+                            "counter", "remember", "recover", "reject", "rejection", NULL};
+    PyObject *switches, *now, *breaker, *budget, *counter, *remember, *recover, *reject,
+        *rejection;
+    int gate_unlocked, tallied;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOppOOOOOO:Runner", names, &switches, &now,
+                                     &breaker, &gate_unlocked, &tallied, &budget, &counter,
+                                     &remember, &recover, &reject, &rejection)) {
+        return NULL;
+    }
+    if (counter != Py_None && !PyIter_Check(counter)) {
+        PyErr_SetString(PyExc_TypeError, "Runner counter must be an iterator or None");
+        return NULL;
+    }
+    RunnerObject *self = PyObject_GC_New(RunnerObject, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->switches = Py_NewRef(switches);
+    self->now = Py_NewRef(now);
+    self->breaker = Py_NewRef(breaker);
+    self->budget = Py_NewRef(budget);
+    self->counter = Py_NewRef(counter);
+    self->remember = Py_NewRef(remember);
+    self->recover = Py_NewRef(recover);
+    self->reject = Py_NewRef(reject);
+    self->rejection = Py_NewRef(rejection);
+    self->gate_unlocked = gate_unlocked;
+    self->tallied = tallied;
+    self->monotonic = HAVE_DIRECT_MONOTONIC && now == time_monotonic;
+    slot_reader_init(&self->active, switches, str_active);
+    slot_reader_init(&self->permit_all, breaker, str_permit_all);
+    slot_reader_init(&self->tally, breaker, str_tally);
+    slot_reader_init(&self->bucket_end, budget, str_bucket_end);
+    self->vectorcall = (vectorcallfunc)runner_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+runner_traverse(RunnerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->switches);
+    Py_VISIT(self->now);
+    Py_VISIT(self->breaker);
+    Py_VISIT(self->budget);
+    Py_VISIT(self->counter);
+    Py_VISIT(self->remember);
+    Py_VISIT(self->recover);
+    Py_VISIT(self->reject);
+    Py_VISIT(self->rejection);
+    return 0;
+}
+
+static int
+runner_clear(RunnerObject *self)
+{
+    Py_CLEAR(self->switches);
+    Py_CLEAR(self->now);
+    Py_CLEAR(self->breaker);
+    Py_CLEAR(self->budget);
+    Py_CLEAR(self->counter);
+    Py_CLEAR(self->remember);
+    Py_CLEAR(self->recover);
+    Py_CLEAR(self->reject);
+    Py_CLEAR(self->rejection);
+    return 0;
+}
+
+static void
+runner_dealloc(RunnerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    runner_clear(self);
+    PyObject_GC_Del(self);
+}
+
+PyTypeObject RunnerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_recovery._speedups.Runner",
+    .tp_doc = PyDoc_STR("run(fn, args, kwargs): RecoveryPolicy.runner()'s happy path, compiled."),
+    .tp_basicsize = sizeof(RunnerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = runner_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(RunnerObject, vectorcall),
+    .tp_traverse = (traverseproc)runner_traverse,
+    .tp_clear = (inquiry)runner_clear,
+    .tp_dealloc = (destructor)runner_dealloc,
+};

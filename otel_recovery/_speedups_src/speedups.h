@@ -1,0 +1,134 @@
+/* Declarations shared by the sources of otel_recovery._speedups (see module.c for
+ * what the module is and why). Everything here is internal to the extension. */
+#ifndef OTEL_RECOVERY_SPEEDUPS_H
+#define OTEL_RECOVERY_SPEEDUPS_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <time.h>
+
+#if defined(__GNUC__)
+#define INTERNAL __attribute__((visibility("hidden")))
+#else
+#define INTERNAL
+#endif
+
+#if defined(__linux__) && defined(CLOCK_MONOTONIC)
+#define HAVE_DIRECT_MONOTONIC 1
+#else
+#define HAVE_DIRECT_MONOTONIC 0
+#endif
+
+/* Attribute names and the like, interned once by module.c. */
+extern INTERNAL PyObject *str_active, *str_permit_all, *str_tally, *str_bucket_end,
+    *str_can_execute, *str_record_call, *str_record_success, *str_release, *str_enabled,
+    *str_seen, *str_run, *str_statuses, *str_method, *str_url, *kw_release_false;
+extern INTERNAL PyObject *time_monotonic; /* time.monotonic, to recognise the stock clock */
+
+typedef struct {
+    PyObject *const *argv;
+    Py_ssize_t nargs;
+    PyObject *kwnames;
+    PyObject *args;   /* tuple, or NULL until materialized */
+    PyObject *kwargs; /* dict, or NULL until materialized */
+    int owned;        /* args/kwargs were built here and must be released */
+} CallArgs;
+
+/* The exception being handled at this level of the exception stack, as an except clause
+ * sets it (PUSH_EXC_INFO) and puts it back (POP_EXCEPT): only this level, never the
+ * topmost one PyErr_GetExcInfo reports from an outer frame of a generator's caller.
+ * (3.11 keeps only the value there; 3.10 the type, value and traceback.) */
+typedef struct {
+    PyObject *value;
+#if PY_VERSION_HEX < 0x030B0000
+    PyObject *type, *traceback;
+#endif
+} Handled;
+
+typedef struct {
+    PyTypeObject *type; /* borrowed: the object the reader was made for keeps it alive */
+    Py_ssize_t offset;  /* -1: use PyObject_GetAttr */
+    PyObject *name;
+} SlotReader;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *switches;
+    PyObject *now;
+    PyObject *breaker; /* Py_None: no breaker */
+    PyObject *budget;  /* Py_None: no budget */
+    PyObject *counter; /* Py_None: call budget.record_call; else one next() deposits */
+    PyObject *remember;
+    PyObject *recover;
+    PyObject *reject;
+    PyObject *rejection;
+    int gate_unlocked;
+    int tallied;
+    int monotonic; /* now is time.monotonic: read the clock here */
+    SlotReader active, permit_all, tally, bucket_end;
+    vectorcallfunc vectorcall;
+} RunnerObject;
+
+/* When the call started: read at once as a double, made a float object only for the
+ * slow paths that take it. */
+typedef struct {
+    double seconds;
+    PyObject *value; /* NULL until needed */
+} Started;
+
+/* What every compiled layer starts with: where it sits in the wrapper chain (the Python layer
+ * it accelerates, the method it calls to go on) and what says whether it runs (its PatchSet's
+ * `enabled`, the suppression keys in the current OpenTelemetry Context). */
+#define LAYER_HEAD                                                                      \
+    PyObject_HEAD                                                                       \
+    PyObject *dict; /* __dict__: __wrapped__, __name__, __qualname__, __doc__ */        \
+    PyObject *slow;                                                                     \
+    PyObject *original;                                                                 \
+    PyObject *patches;                                                                  \
+    PyObject *context_var;                                                              \
+    PyObject *suppress_keys; /* tuple */                                                \
+    SlotReader enabled;
+
+typedef struct {
+    LAYER_HEAD
+} LayerHead;
+
+/* support.c: arguments, the exception being handled, slot readers, the clock */
+INTERNAL PyObject *callargs_call(PyObject *fn, CallArgs *ca);
+INTERNAL int callargs_materialize(CallArgs *ca);
+INTERNAL void callargs_release(CallArgs *ca);
+INTERNAL Handled handled_push(PyObject *value);
+INTERNAL void handled_pop(Handled previous);
+INTERNAL void slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name);
+INTERNAL void slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name);
+INTERNAL PyObject *slot_read(SlotReader *reader, PyObject *obj);
+INTERNAL int slot_true(SlotReader *reader, PyObject *obj);
+#if HAVE_DIRECT_MONOTONIC
+INTERNAL int direct_monotonic(double *seconds);
+#endif
+INTERNAL int call_method_discard(PyObject *obj, PyObject *name);
+
+/* runner.c */
+INTERNAL int started_read(RunnerObject *self, Started *started);
+INTERNAL PyObject *started_object(Started *started);
+INTERNAL void runner_release(RunnerObject *self);
+INTERNAL int runner_before_bucket_end(RunnerObject *self, Started *started);
+INTERNAL int advance(PyObject *iterator);
+INTERNAL int runner_record_success(RunnerObject *self, PyObject *breaker);
+INTERNAL PyObject *runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca);
+
+/* layer_head.c */
+INTERNAL int layer_head_init(LayerHead *head, PyObject *slow, PyObject *original,
+                             PyObject *patches, PyObject *context_var,
+                             PyObject *suppress_keys);
+INTERNAL int layer_head_traverse(LayerHead *head, visitproc visit, void *arg);
+INTERNAL void layer_head_clear(LayerHead *head);
+INTERNAL PyObject *layer_descr_get(PyObject *self, PyObject *instance, PyObject *owner);
+INTERNAL int unsuppressed(PyObject *context_var, PyObject *suppress_keys);
+extern INTERNAL PyGetSetDef layer_getset[];
+
+/* the types, one file each; module.c adds them to the module */
+extern INTERNAL PyTypeObject RunnerType, PlanTableType, LayerType, HttpLayerType;
+
+#endif

@@ -1,0 +1,222 @@
+/* The small machinery the runner and the layers share: arguments as the caller gave them,
+ * the exception being handled, __slots__ members read at their offsets, the clock. */
+#include "speedups.h"
+
+/* Interned by module.c (declared in speedups.h). */
+PyObject *str_active, *str_permit_all, *str_tally, *str_bucket_end,
+    *str_can_execute, *str_record_call, *str_record_success, *str_release, *str_enabled,
+    *str_seen, *str_run, *str_statuses, *str_method, *str_url, *kw_release_false;
+PyObject *time_monotonic;
+
+/* ------------------------------------------------------------------------------------ */
+/* Arguments as the caller gave them: a vector (from a Layer) or a tuple and a dict (from
+ * Python). The tuple and dict are built only when a slow path needs them. */
+
+PyObject *
+callargs_call(PyObject *fn, CallArgs *ca)
+{
+    if (ca->argv != NULL) {
+        return PyObject_Vectorcall(fn, ca->argv, (size_t)ca->nargs, ca->kwnames);
+    }
+    if (PyDict_GET_SIZE(ca->kwargs) == 0) {
+        return PyObject_Call(fn, ca->args, NULL);
+    }
+    if (PyVectorcall_Function(fn) != NULL) {
+        return PyObject_Call(fn, ca->args, ca->kwargs); /* unpacked: the callee gets a copy */
+    }
+    /* fn(*args, **kwargs) passes a fresh dict: a tp_call callee may mutate what it gets */
+    PyObject *copy = PyDict_Copy(ca->kwargs);
+    if (copy == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Call(fn, ca->args, copy);
+    Py_DECREF(copy);
+    return result;
+}
+
+Handled
+handled_push(PyObject *value)
+{
+    _PyErr_StackItem *item = PyThreadState_Get()->exc_info;
+    Handled previous;
+    previous.value = item->exc_value;
+    item->exc_value = Py_XNewRef(value);
+#if PY_VERSION_HEX < 0x030B0000
+    previous.type = item->exc_type;
+    previous.traceback = item->exc_traceback;
+    item->exc_type = value == NULL ? NULL : Py_NewRef((PyObject *)Py_TYPE(value));
+    item->exc_traceback = value == NULL ? NULL : PyException_GetTraceback(value);
+#endif
+    return previous;
+}
+
+void
+handled_pop(Handled previous)
+{
+    _PyErr_StackItem *item = PyThreadState_Get()->exc_info;
+    PyObject *current = item->exc_value;
+    item->exc_value = previous.value;
+    Py_XDECREF(current);
+#if PY_VERSION_HEX < 0x030B0000
+    PyObject *type = item->exc_type, *traceback = item->exc_traceback;
+    item->exc_type = previous.type;
+    item->exc_traceback = previous.traceback;
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+#endif
+}
+
+int
+callargs_materialize(CallArgs *ca)
+{
+    if (ca->args != NULL) {
+        return 0;
+    }
+    PyObject *args = PyTuple_New(ca->nargs);
+    if (args == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < ca->nargs; i++) {
+        Py_INCREF(ca->argv[i]);
+        PyTuple_SET_ITEM(args, i, ca->argv[i]);
+    }
+    PyObject *kwargs = PyDict_New();
+    if (kwargs == NULL) {
+        Py_DECREF(args);
+        return -1;
+    }
+    Py_ssize_t nkw = ca->kwnames == NULL ? 0 : PyTuple_GET_SIZE(ca->kwnames);
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(ca->kwnames, i), ca->argv[ca->nargs + i]) < 0) {
+            Py_DECREF(args);
+            Py_DECREF(kwargs);
+            return -1;
+        }
+    }
+    ca->args = args;
+    ca->kwargs = kwargs;
+    ca->owned = 1;
+    return 0;
+}
+
+void
+callargs_release(CallArgs *ca)
+{
+    if (ca->owned) {
+        Py_CLEAR(ca->args);
+        Py_CLEAR(ca->kwargs);
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Reading an attribute kept in a __slots__ slot without the attribute protocol.
+ *
+ * Most of a generic getattr is finding out *where* the attribute lives; for the policy
+ * objects of a runner that answer never changes, so it is found once: when the object's
+ * class resolves the name to a __slots__ member, the value is read at the member's offset
+ * while the object's class is still that class. Anything else uses PyObject_GetAttr. */
+
+void
+slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name)
+{
+    reader->type = NULL;
+    reader->offset = -1;
+    reader->name = name;
+    PyObject *mro = type->tp_mro;
+    if (type->tp_getattro != PyObject_GenericGetAttr || mro == NULL || !PyTuple_Check(mro)) {
+        return;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyObject *base = PyTuple_GET_ITEM(mro, i);
+        PyObject *dict = PyType_Check(base) ? ((PyTypeObject *)base)->tp_dict : NULL;
+        PyObject *found = dict == NULL ? NULL : PyDict_GetItemWithError(dict, name);
+        if (found == NULL) {
+            if (PyErr_Occurred()) {
+                PyErr_Clear();
+                return;
+            }
+            continue;
+        }
+        if (Py_TYPE(found) == &PyMemberDescr_Type &&
+            PyType_IsSubtype(type, PyDescr_TYPE(found))) {
+            PyMemberDef *member = ((PyMemberDescrObject *)found)->d_member;
+            if (member->type == T_OBJECT_EX && !(member->flags & READ_RESTRICTED)) {
+                reader->type = type;
+                reader->offset = member->offset;
+            }
+        }
+        return; /* the first definition on the MRO decides, as getattr's does */
+    }
+}
+
+void
+slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name)
+{
+    if (obj == NULL || obj == Py_None) {
+        reader->type = NULL;
+        reader->offset = -1;
+        reader->name = name;
+        return;
+    }
+    slot_reader_for_type(reader, Py_TYPE(obj), name);
+}
+
+/* A new reference to the attribute, or NULL with an error set. */
+PyObject *
+slot_read(SlotReader *reader, PyObject *obj)
+{
+    if (reader->offset >= 0 && Py_TYPE(obj) == reader->type) {
+        PyObject *value = *(PyObject **)((char *)obj + reader->offset);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+    }
+    return PyObject_GetAttr(obj, reader->name);
+}
+
+/* The attribute is true; -1 on error. */
+int
+slot_true(SlotReader *reader, PyObject *obj)
+{
+    PyObject *value = slot_read(reader, obj);
+    if (value == NULL) {
+        return -1;
+    }
+    int truth = value == Py_True ? 1 : (value == Py_False ? 0 : PyObject_IsTrue(value));
+    Py_DECREF(value);
+    return truth;
+}
+
+/* time.monotonic(), read here when that is the runner's clock: the same clock and the same
+ * conversion as CPython's (Python/pytime.c) on Linux, so values mix with Python's. */
+
+#if HAVE_DIRECT_MONOTONIC
+int
+direct_monotonic(double *seconds)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) {
+        return -1;
+    }
+    long long ns = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+    if (ns % 1000000000LL == 0) {
+        *seconds = (double)(ns / 1000000000LL);
+    }
+    else {
+        *seconds = (double)ns / 1e9;
+    }
+    return 0;
+}
+#endif
+
+/* Call method(), discarding its result; -1 on error. */
+int
+call_method_discard(PyObject *obj, PyObject *name)
+{
+    PyObject *result = PyObject_CallMethodNoArgs(obj, name);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
