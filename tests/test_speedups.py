@@ -109,6 +109,22 @@ def _play(run: Callable[..., Any], policy: RecoveryPolicy, clock: FakeClock, ste
     return seen
 
 
+def _python_of_ours(call: Callable[[], object]) -> list[str]:
+    """The otel_recovery Python functions that ran during ``call()``, in order."""
+    ran: list[str] = []
+
+    def profile(frame: Any, event: str, arg: object) -> None:
+        if event == "call" and "otel_recovery" in frame.f_code.co_filename:
+            ran.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return ran
+
+
 def _python_runner(policy: RecoveryPolicy, monkeypatch: pytest.MonkeyPatch) -> Any:
     with monkeypatch.context() as patch:
         patch.setattr(_driver_sync, "SPEEDUPS", None)
@@ -295,18 +311,7 @@ def test_a_client_made_from_a_url_runs_the_compiled_path():
         client = redis.Redis.from_url(redis_url)
         assert "retry" not in client.connection_pool.connection_kwargs
         client.get("otel-recovery:compiled")
-        ran: list[str] = []
-
-        def profile(frame, event, arg):
-            if event == "call" and "otel_recovery" in frame.f_code.co_filename:
-                ran.append(frame.f_code.co_name)
-
-        sys.setprofile(profile)
-        try:
-            client.get("otel-recovery:compiled")
-        finally:
-            sys.setprofile(None)
-        assert ran == []
+        assert _python_of_ours(lambda: client.get("otel-recovery:compiled")) == []
     finally:
         instrumentor.uninstrument()
 
@@ -328,19 +333,8 @@ def test_a_remembered_psycopg_statement_runs_no_python_of_ours():
         with psycopg.connect(PG_DSN, autocommit=True) as connection:
             cursor = connection.cursor()
             cursor.execute("SELECT 1")
-            ran: list[str] = []
-
-            def profile(frame, event, arg):
-                if event == "call" and "otel_recovery" in frame.f_code.co_filename:
-                    ran.append(frame.f_code.co_name)
-
-            sys.setprofile(profile)
-            try:
-                cursor.execute("SELECT 2")
-            finally:
-                sys.setprofile(None)
+            assert _python_of_ours(lambda: cursor.execute("SELECT 2")) == []
             assert cursor.fetchone() == (2,)
-            assert ran == []
     finally:
         instrumentor.uninstrument()
 
