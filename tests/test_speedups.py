@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from frames import ours_that_ran
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,22 +108,6 @@ def _play(run: Callable[..., Any], policy: RecoveryPolicy, clock: FakeClock, ste
             )
         )
     return seen
-
-
-def _python_of_ours(call: Callable[[], object]) -> list[str]:
-    """The otel_recovery Python functions that ran during ``call()``, in order."""
-    ran: list[str] = []
-
-    def profile(frame: Any, event: str, arg: object) -> None:
-        if event == "call" and "otel_recovery" in frame.f_code.co_filename:
-            ran.append(frame.f_code.co_name)
-
-    sys.setprofile(profile)
-    try:
-        call()
-    finally:
-        sys.setprofile(None)
-    return ran
 
 
 def _python_runner(policy: RecoveryPolicy, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -311,7 +296,7 @@ def test_a_client_made_from_a_url_runs_the_compiled_path():
         client = redis.Redis.from_url(redis_url)
         assert "retry" not in client.connection_pool.connection_kwargs
         client.get("otel-recovery:compiled")
-        assert _python_of_ours(lambda: client.get("otel-recovery:compiled")) == []
+        assert ours_that_ran(lambda: client.get("otel-recovery:compiled"))[1] == set()
     finally:
         instrumentor.uninstrument()
 
@@ -333,7 +318,7 @@ def test_a_remembered_psycopg_statement_runs_no_python_of_ours():
         with psycopg.connect(PG_DSN, autocommit=True) as connection:
             cursor = connection.cursor()
             cursor.execute("SELECT 1")
-            assert _python_of_ours(lambda: cursor.execute("SELECT 2")) == []
+            assert ours_that_ran(lambda: cursor.execute("SELECT 2"))[1] == set()
             assert cursor.fetchone() == (2,)
     finally:
         instrumentor.uninstrument()

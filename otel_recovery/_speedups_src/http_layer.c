@@ -320,13 +320,13 @@ not_taken:
 static PyObject *
 http_vectorcall(HttpLayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
 {
-    int enabled = slot_true(&self->enabled, self->patches);
-    if (enabled == 0) {
-        return PyObject_Vectorcall(self->original, argv, nargsf, kwnames);
+    int go_on;
+    PyObject *routed = layer_head_gate((LayerHead *)self, argv, nargsf, kwnames, &go_on);
+    if (!go_on) {
+        return routed;
     }
-    PyErr_Clear();
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (enabled < 0 || (nargs != 3 && nargs != 1) ||
+    if ((nargs != 3 && nargs != 1) ||
         !unsuppressed(self->context_var, self->suppress_keys) ||
         http_sends_body(self, argv + nargs, kwnames)) {
         return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);

@@ -179,13 +179,10 @@ miss:
 static PyObject *
 layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
 {
-    int enabled = slot_true(&self->enabled, self->patches);
-    if (enabled == 0) {
-        return PyObject_Vectorcall(self->original, argv, nargsf, kwnames);
-    }
-    if (enabled < 0) {
-        PyErr_Clear();
-        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+    int go_on;
+    PyObject *routed = layer_head_gate((LayerHead *)self, argv, nargsf, kwnames, &go_on);
+    if (!go_on) {
+        return routed;
     }
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *plan = unsuppressed(self->context_var, self->suppress_keys)

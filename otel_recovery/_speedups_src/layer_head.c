@@ -13,7 +13,16 @@ layer_head_init(LayerHead *head, PyObject *slow, PyObject *original, PyObject *p
         PyErr_SetString(PyExc_TypeError, "a layer's suppress_keys must be a tuple");
         return -1;
     }
-    head->dict = NULL;
+    /* the Python layer's module marks the layer as ours (instrumentors/_wrapping.py) */
+    PyObject *dict = PyDict_New();
+    PyObject *module = dict == NULL ? NULL : PyObject_GetAttrString(slow, "__module__");
+    if (module == NULL || PyDict_SetItemString(dict, "__module__", module) < 0) {
+        Py_XDECREF(module);
+        Py_XDECREF(dict);
+        return -1;
+    }
+    Py_DECREF(module);
+    head->dict = dict;
     head->slow = Py_NewRef(slow);
     head->original = Py_NewRef(original);
     head->patches = Py_NewRef(patches);

@@ -3,7 +3,7 @@
  * Why this exists: in CPython every bytecode of a per-call layer costs tens of machine
  * instructions. The Python layers and runner spend 7,000 to 12,000 instructions on the happy
  * path of a Redis GET, a psycopg statement or a requests GET; compiled, the same work takes
- * 1,600 to 2,200 (benchmarks/layer_cost.py).
+ * 1,600 to 2,300 (benchmarks/layer_cost.py).
  *
  * Sources: support.c (arguments, the exception being handled, __slots__ readers, the clock),
  * runner.c (Runner), layer_head.c (what both layers share), layer.c (PlanTable, Layer),

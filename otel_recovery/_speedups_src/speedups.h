@@ -131,4 +131,23 @@ extern INTERNAL PyGetSetDef layer_getset[];
 /* the types, one file each; module.c adds them to the module */
 extern INTERNAL PyTypeObject RunnerType, PlanTableType, LayerType, HttpLayerType;
 
+/* Where a call through a compiled layer goes first: the original when its PatchSet is
+ * disabled, the Python layer when the flag cannot be read; *go_on = 1 (and NULL) otherwise. */
+static inline PyObject *
+layer_head_gate(LayerHead *head, PyObject *const *argv, size_t nargsf, PyObject *kwnames,
+                int *go_on)
+{
+    *go_on = 0;
+    int enabled = slot_true(&head->enabled, head->patches);
+    if (enabled == 0) { /* a disabled layer someone still reaches: straight through */
+        return PyObject_Vectorcall(head->original, argv, nargsf, kwnames);
+    }
+    if (enabled < 0) { /* the flag could not be read: the Python layer meets it too */
+        PyErr_Clear();
+        return PyObject_Vectorcall(head->slow, argv, nargsf, kwnames);
+    }
+    *go_on = 1;
+    return NULL;
+}
+
 #endif

@@ -279,7 +279,6 @@ def compiled_layer(
         key_index=key_index,
         explain=explain_no_retry,
     )
-    layer.__module__ = slow.__module__  # marks it as ours, as a plain layer's module does
     return layer
 
 

@@ -452,7 +452,6 @@ def sync_layer(
             resume=resume,
             settle=settle,
         )
-        fast.__module__ = layer.__module__  # marks it as ours (see _wrapper_module)
         return fast
 
     return build

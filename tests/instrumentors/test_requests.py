@@ -13,6 +13,7 @@ import time
 import pytest
 import requests
 import wrapt
+from frames import ours_that_ran
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -269,13 +270,18 @@ def test_the_circuit_opens_per_target_and_rejects_as_a_requests_error(server, te
     assert states[(f"requests 127.0.0.1:{server.port}", "open")] == 1
 
 
-def test_a_fallback_value_answers_as_a_response(server, tel, instrument, tmp_path, monkeypatch):
+def _prices_fall_back(tmp_path, monkeypatch):
+    """A policy file giving ``GET /prices`` on 127.0.0.1 a fallback value."""
     config = tmp_path / "policy.toml"
     config.write_text(
         '[targets."127.0.0.1"]\n[targets."127.0.0.1".operations."GET /prices"]\n'
         'fallback_value = {"prices" = []}\n'
     )
     monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(config))
+
+
+def test_a_fallback_value_answers_as_a_response(server, tel, instrument, tmp_path, monkeypatch):
+    _prices_fall_back(tmp_path, monkeypatch)
     instrument(max_attempts=2)
     prices = server.script("/prices", hf.status(503), hf.status(503))
     response = requests.get(prices, timeout=2)
@@ -421,27 +427,6 @@ def test_a_provider_set_up_after_instrument_still_gets_resend_counts(server, tel
 # plans; these send one first, so the request under test runs the compiled attempt.
 
 
-def _python_frames_of(call):
-    """The otel_recovery Python functions that ran during ``call()``."""
-    import sys
-    import threading
-
-    ran: set[str] = set()
-    me = threading.get_ident()
-
-    def profile(frame, event, arg):
-        if event == "call" and threading.get_ident() == me:
-            if "otel_recovery" in frame.f_code.co_filename:
-                ran.add(frame.f_code.co_name)
-
-    sys.setprofile(profile)
-    try:
-        result = call()
-    finally:
-        sys.setprofile(None)
-    return result, ran
-
-
 def _remembered(server, tel, path, *actions):
     """Script ``path`` after one good request to it (so its plan is remembered), with the
     server's and the exporter's records of that request cleared."""
@@ -470,7 +455,7 @@ def test_a_remembered_request_runs_no_python_of_ours(server, tel, instrument, fo
         else (lambda: session.get(url, timeout=2))
     )
     get()  # session.get spells the shape positionally: remembered on its first request
-    response, ran = _python_frames_of(get)
+    response, ran = ours_that_ran(get)
     assert response.status_code == 200
     assert ran <= {"now"}, ran  # nothing but the test's FakeClock, which is Python
     assert [s.name for s in tel.spans()] == ["GET", "GET"]
@@ -483,7 +468,7 @@ def test_a_remembered_request_recovers_503_then_429_like_a_new_one(
 ):
     instrument(order)
     url = _remembered(server, tel, "/a", hf.status(503), hf.retry_after(429, 1), hf.ok("fresh"))
-    response, ran = _python_frames_of(lambda: requests.get(url, timeout=2))
+    response, ran = ours_that_ran(lambda: requests.get(url, timeout=2))
     assert "resume" in ran and "layer" not in ran  # the compiled attempt handed over
     assert (response.status_code, response.text) == (200, "fresh")
     assert server.count("/a") == 3
@@ -542,12 +527,7 @@ def test_a_remembered_request_is_rejected_by_an_open_circuit(server, tel, instru
 
 @compiled_only
 def test_a_remembered_request_falls_back(server, tel, instrument, tmp_path, monkeypatch):
-    config = tmp_path / "policy.toml"
-    config.write_text(
-        '[targets."127.0.0.1"]\n[targets."127.0.0.1".operations."GET /prices"]\n'
-        'fallback_value = {"prices" = []}\n'
-    )
-    monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(config))
+    _prices_fall_back(tmp_path, monkeypatch)
     instrument(max_attempts=2)
     url = _remembered(server, tel, "/prices", hf.status(503), hf.status(503))
     response = requests.get(url, timeout=2)
@@ -565,7 +545,7 @@ def test_a_remembered_request_with_a_body_or_suppressed_goes_through_python(
         assert requests.get(url, timeout=2).status_code == 503
     assert server.count("/quiet") == 1 and tel.spans() == []
     # a body makes the plan depend on it: never answered from the remembered shape
-    _, ran = _python_frames_of(lambda: requests.get(url, data=b"x", timeout=2))
+    _, ran = ours_that_ran(lambda: requests.get(url, data=b"x", timeout=2))
     assert "layer" in ran
 
 
