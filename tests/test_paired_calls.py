@@ -1,0 +1,95 @@
+"""The call-by-call CPU comparison of ``benchmarks/instrumentors.py`` (``_paired_calls.py``):
+its switch really takes our layer out of the path and puts it back, and its interval is the
+order-statistic one it claims to be."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from _paired_calls import (  # noqa: E402
+    ORDERS,
+    PAIRED_MODES,
+    PerCallSwitch,
+    paired_difference,
+    run_blocks,
+)
+
+from otel_recovery.instrumentors._wrapping import PatchSet, _wrapper_module  # noqa: E402
+
+
+def _ours(node: object) -> bool:
+    return _wrapper_module(node).startswith("otel_recovery")
+
+
+class Client:
+    def send(self, value: int) -> int:
+        return value + 1
+
+
+def _install_layer(calls: list[str]) -> tuple[PatchSet, Any]:
+    patches = PatchSet("test")
+
+    def build(original: Any) -> Any:
+        def layer(instance: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append("enabled" if patches.enabled else "idle")
+            return original(instance, *args, **kwargs)
+
+        layer.__module__ = "otel_recovery.instrumentors.test"
+        return layer
+
+    original = Client.__dict__["send"]
+    patches.layer(Client, "send", build)
+    patches.enabled = True
+    return patches, original
+
+
+def test_switch_takes_our_layer_out_and_puts_it_back():
+    calls: list[str] = []
+    patches, original = _install_layer(calls)
+    try:
+        switch = PerCallSwitch([patches], _ours)
+        client = Client()
+        for mode in ("contrib", "recovery", "control", "idle", "recovery"):
+            switch.select(mode)
+            assert client.send(1) == 2
+        assert calls == ["enabled", "idle", "enabled"]
+        switch.select("contrib")
+        assert Client.__dict__["send"] is original
+    finally:
+        patches.remove_all()
+    assert Client.__dict__["send"] is original
+
+
+def test_run_blocks_times_every_mode_once_per_block_in_every_order():
+    calls: list[str] = []
+    patches, _ = _install_layer(calls)
+    try:
+        switch = PerCallSwitch([patches], _ours)
+        client = Client()
+        cpu = run_blocks(lambda: client.send(1), switch, len(ORDERS))
+    finally:
+        patches.remove_all()
+    assert set(cpu) == set(PAIRED_MODES)
+    assert all(len(column) == len(ORDERS) for column in cpu.values())
+    # the layer ran once per block as "recovery" and once as "idle", never for the others
+    assert calls.count("enabled") == len(ORDERS) and calls.count("idle") == len(ORDERS)
+    assert len(set(ORDERS)) == 24  # every order of the four modes, once
+
+
+def test_paired_difference_is_the_median_with_order_statistic_bounds():
+    base = [1000] * 100
+    other = [1000 + 10 * i for i in range(100)]  # differences 0.00, 0.01, ... 0.99 us
+    result = paired_difference(base, other)
+    assert result.median == (0.49 + 0.50) / 2
+    # n = 100: ranks 50 -+ 1.96 * sqrt(100) / 2 = 40.2 .. 59.8 -> indexes 40 and 60
+    assert (result.low, result.high) == (0.40, 0.60)
+
+
+def test_paired_difference_of_a_constant_shift_is_that_shift():
+    result = paired_difference([5000, 7000, 9000], [7000, 9000, 11000])
+    assert (result.median, result.low, result.high) == (2.0, 2.0, 2.0)
