@@ -6,7 +6,7 @@
  * 1,600 to 2,300 (benchmarks/layer_cost.py).
  *
  * Sources: support.c (arguments, the exception being handled, __slots__ readers, the clock),
- * runner.c (Runner), layer_head.c (what both layers share), layer.c (PlanTable, Layer),
+ * runner.c (Runner), counter.c (Counter), layer_head.c (what both layers share), layer.c (PlanTable, Layer),
  * http_layer.c (HttpLayer), speedups.h (their shared declarations), and this file.
  *
  * It is an accelerator, never the source of truth:
@@ -67,7 +67,8 @@ PyInit__speedups(void)
         return NULL;
     }
     if (PyType_Ready(&RunnerType) < 0 || PyType_Ready(&PlanTableType) < 0 ||
-        PyType_Ready(&LayerType) < 0 || PyType_Ready(&HttpLayerType) < 0) {
+        PyType_Ready(&LayerType) < 0 || PyType_Ready(&HttpLayerType) < 0 ||
+        PyType_Ready(&CounterType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
@@ -77,7 +78,8 @@ PyInit__speedups(void)
     if (PyModule_AddObjectRef(module, "Runner", (PyObject *)&RunnerType) < 0 ||
         PyModule_AddObjectRef(module, "PlanTable", (PyObject *)&PlanTableType) < 0 ||
         PyModule_AddObjectRef(module, "Layer", (PyObject *)&LayerType) < 0 ||
-        PyModule_AddObjectRef(module, "HttpLayer", (PyObject *)&HttpLayerType) < 0) {
+        PyModule_AddObjectRef(module, "HttpLayer", (PyObject *)&HttpLayerType) < 0 ||
+        PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -127,6 +127,9 @@ runner_before_bucket_end(RunnerObject *self, Started *started)
 int
 advance(PyObject *iterator)
 {
+    if (Py_TYPE(iterator) == &CounterType) {
+        return counter_advance((CounterObject *)iterator);
+    }
     if (!PyIter_Check(iterator)) {
         PyErr_Format(PyExc_TypeError, "'%.200s' object is not an iterator",
                      Py_TYPE(iterator)->tp_name);

@@ -94,6 +94,24 @@ typedef struct {
     LAYER_HEAD
 } LayerHead;
 
+/* counter.c: a count the runner advances without making an int object */
+typedef struct {
+    PyObject_HEAD
+    long long next;
+} CounterObject;
+
+/* Move the counter on by one; -1 with OverflowError at the end of its range. */
+static inline int
+counter_advance(CounterObject *counter)
+{
+    if (counter->next == LLONG_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "Counter reached its maximum");
+        return -1;
+    }
+    counter->next++;
+    return 0;
+}
+
 /* support.c: arguments, the exception being handled, slot readers, the clock */
 INTERNAL PyObject *callargs_call(PyObject *fn, CallArgs *ca);
 INTERNAL int callargs_materialize(CallArgs *ca);
@@ -129,7 +147,7 @@ INTERNAL int unsuppressed(PyObject *context_var, PyObject *suppress_keys);
 extern INTERNAL PyGetSetDef layer_getset[];
 
 /* the types, one file each; module.c adds them to the module */
-extern INTERNAL PyTypeObject RunnerType, PlanTableType, LayerType, HttpLayerType;
+extern INTERNAL PyTypeObject RunnerType, PlanTableType, LayerType, HttpLayerType, CounterType;
 
 /* Where a call through a compiled layer goes first: the original when its PatchSet is
  * disabled, the Python layer when the flag cannot be read; *go_on = 1 (and NULL) otherwise. */

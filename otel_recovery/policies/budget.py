@@ -10,10 +10,11 @@ The floor lets a quiet client still retry a little; the ratio bounds amplificati
 withdraws; entries expire after ``ttl``. Time is split into ``ttl / 10`` buckets so updates
 are O(1) and memory is constant.
 
-Deposits are on every call's happy path, so they take no lock: an atomic
-``itertools.count`` counts calls, and each bucket remembers the count at which it began
-(calls in the window = count now - count when the oldest live bucket began). Buckets turn
-over under the lock, at most ten times per ``ttl``. Retries are rare and take the lock.
+Deposits are on every call's happy path, so they take no lock: an atomic lock-free
+counter (``policies/_counting.py``) counts calls, and each bucket remembers the count at
+which it began (calls in the window = count now - count when the oldest live bucket
+began). Buckets turn over under the lock, at most ten times per ``ttl``. Retries are rare
+and take the lock.
 
 A refusal is an outcome of its own (``otel_recovery.retry_budget.exhausted`` span event,
 ``refused`` counter), never silent.
@@ -21,7 +22,6 @@ A refusal is an outcome of its own (``otel_recovery.retry_budget.exhausted`` spa
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import threading
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
-from otel_recovery.policies._counting import peek
+from otel_recovery.policies._counting import new_counter, peek
 
 if TYPE_CHECKING:
     from otel_recovery.stores._base import Store
@@ -113,7 +113,7 @@ class RetryBudget:
         self.name = name
         self.clock = clock if clock is not None else SYSTEM_CLOCK
         self._width = self.ttl / _BUCKETS
-        self._call_count = itertools.count()
+        self._call_count = new_counter()
         self._marks = [0] * _BUCKETS  # call count when each live bucket began
         self._retries = [0] * _BUCKETS
         self._sum_retries = 0

@@ -48,19 +48,18 @@ released, one at a time and in transition order, even when several threads trip 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
-from otel_recovery.policies._counting import peek
+from otel_recovery.policies._counting import new_counter, peek
 from otel_recovery.policies._windows import CountWindow, OutcomeWindow, TimeWindow
 
 if TYPE_CHECKING:
@@ -347,15 +346,15 @@ class CircuitBreaker:
         self._consecutive_failures = 0
         self._successful_calls = 0
         # Successes on the closed consecutive-mode fast path are counted without the lock:
-        # next() on an itertools.count is a single atomic step under the GIL.
-        self._fast_successes = itertools.count()
+        # next() on a lock-free counter (_counting.py) is a single atomic step under the GIL.
+        self._fast_successes = new_counter()
         # In rate mode with a count window and no slow-call judging, a closed breaker defers
         # successes the same way and folds them into the window (under the lock) before the
         # next failure is recorded or the window is read. Only successes that cannot trip the
         # breaker are deferred (see record_success), so deciding later loses nothing, and a
         # single thread's order is preserved exactly.
         self._lazy = isinstance(self._window, CountWindow) and self._slow_after == math.inf
-        self._lazy_successes = itertools.count()
+        self._lazy_successes = new_counter()
         self._lazy_folded = 0
         self._failed_calls = 0
         self._not_permitted = 0
@@ -365,7 +364,7 @@ class CircuitBreaker:
         self._open_until = math.inf
         self._configured_threshold = self._failure_threshold
         self._configured_rate = self._rate_threshold
-        self._tally: itertools.count[int] | None = None
+        self._tally: Iterator[int] | None = None
         self._refresh_tally()
 
     def _refresh_tally(self) -> None:
@@ -379,7 +378,7 @@ class CircuitBreaker:
         failure is ordered after that failure, as :meth:`record_success`'s own lock-free
         paths already allow: concurrent calls have no order to preserve.
         """
-        tally: itertools.count[int] | None = None
+        tally: Iterator[int] | None = None
         if self._fast_record:
             if not self._consecutive_failures:
                 tally = self._fast_successes
