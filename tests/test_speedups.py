@@ -303,6 +303,39 @@ def test_a_client_made_from_a_url_runs_the_compiled_path():
 
 @compiled_only
 @pytest.mark.server
+def test_a_class_patched_after_plans_were_remembered_sends_the_next_call_to_python():
+    """The compiled layer trusts its remembered plans only while the class attribute is the
+    one the site saw. It rereads the class dict whenever the class's version tag moved; a
+    patch on top of ours must send the next call to the Python layer, which sees the new
+    chain and remembers again."""
+    import redis
+    import redis.client
+    from servers import REDIS_HOST, REDIS_PORT, require_redis
+
+    from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+
+    require_redis()
+    instrumentor = RedisRecoveryInstrumentor()
+    instrumentor.instrument()
+    ours = redis.client.Redis.__dict__["execute_command"]
+    try:
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+        client.get("otel-recovery:patched")
+        assert ours_that_ran(lambda: client.get("otel-recovery:patched"))[1] == set()
+
+        def someone_elses_patch(self: Any, *args: Any, **options: Any) -> Any:
+            return ours(self, *args, **options)
+
+        redis.client.Redis.execute_command = someone_elses_patch  # type: ignore[method-assign]
+        assert "refresh" in ours_that_ran(lambda: client.get("otel-recovery:patched"))[1]
+        assert ours_that_ran(lambda: client.get("otel-recovery:patched"))[1] == set()
+    finally:
+        redis.client.Redis.execute_command = ours  # type: ignore[method-assign]
+        instrumentor.uninstrument()
+
+
+@compiled_only
+@pytest.mark.server
 def test_a_remembered_psycopg_statement_runs_no_python_of_ours():
     """The compiled statement layer finds the plan on the connection (through the cursor's
     ``_conn`` slot where psycopg has one) and runs it without calling back into Python."""

@@ -109,7 +109,22 @@ typedef struct {
     PyObject *explain;
     SlotReader seen;
     vectorcallfunc vectorcall;
+    unsigned int owner_tag;   /* owner's version tag when owner_top was read; 0: none */
+    const void *owner_top;    /* owner.__dict__[attribute] then: compared, never used */
 } LayerObject;
+
+/* The owner's version tag, if it is valid: CPython gives the class a new one (or none)
+ * whenever its attributes change, so an equal valid tag means the class dict is as read. */
+static unsigned int
+valid_version_tag(PyTypeObject *type)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    if (!(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
+        return 0;
+    }
+#endif
+    return type->tp_version_tag;
+}
 
 /* The plan for this call from its holder's table, a new reference; NULL (no error set) when
  * the Python layer has to decide. */
@@ -126,9 +141,18 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
         if (seen == NULL || !PyTuple_Check(seen) || PyTuple_GET_SIZE(seen) != 2) {
             goto miss;
         }
-        PyObject *top = PyDict_GetItemWithError(((PyTypeObject *)self->owner)->tp_dict,
-                                                self->attribute); /* borrowed */
-        if (top == NULL || top != PyTuple_GET_ITEM(seen, 0)) {
+        PyTypeObject *owner = (PyTypeObject *)self->owner;
+        unsigned int tag = valid_version_tag(owner);
+        const void *top = self->owner_top;
+        if (tag == 0 || tag != self->owner_tag) {
+            top = PyDict_GetItemWithError(owner->tp_dict, self->attribute); /* borrowed */
+            if (top == NULL) {
+                goto miss;
+            }
+            self->owner_tag = tag;
+            self->owner_top = top;
+        }
+        if (top != PyTuple_GET_ITEM(seen, 0)) {
             goto miss;
         }
         token = seen;
@@ -277,6 +301,8 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->explain = Py_NewRef(explain);
     slot_reader_init(&self->seen, site, str_seen);
     self->vectorcall = (vectorcallfunc)layer_vectorcall;
+    self->owner_tag = 0;
+    self->owner_top = NULL;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
