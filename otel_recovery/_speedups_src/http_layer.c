@@ -26,7 +26,7 @@ typedef struct {
 
 /* Two keyword names are the same str. Names in code are interned, so two interned names
  * that are different objects differ, without comparing characters. */
-static int
+HOT static int
 same_name(PyObject *given, PyObject *name)
 {
     if (given == name) {
@@ -39,7 +39,7 @@ same_name(PyObject *given, PyObject *name)
 }
 
 /* An option that sends a body is set: the plan depends on it, so Python decides. */
-static int
+HOT static int
 http_sends_body(HttpLayerObject *self, PyObject *const *values, PyObject *kwnames)
 {
     Py_ssize_t count = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
@@ -59,7 +59,7 @@ http_sends_body(HttpLayerObject *self, PyObject *const *values, PyObject *kwname
 }
 
 /* The value of keyword option `name`, borrowed; None when it is not given. */
-static PyObject *
+HOT static PyObject *
 keyword(PyObject *const *values, PyObject *kwnames, PyObject *name)
 {
     Py_ssize_t count = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
@@ -74,7 +74,7 @@ keyword(PyObject *const *values, PyObject *kwnames, PyObject *name)
 
 /* The plan remembered for the request's (method, url), a new reference; NULL (no error
  * set) if none. session.get(url) passes them positionally, requests.get(url) by name. */
-static PyObject *
+HOT static PyObject *
 http_remembered_plan(HttpLayerObject *self, PyObject *const *argv, Py_ssize_t nargs,
                      PyObject *kwnames)
 {
@@ -96,7 +96,7 @@ http_remembered_plan(HttpLayerObject *self, PyObject *const *argv, Py_ssize_t na
 
 /* The response's status is one to retry on; a status that cannot be judged is reported
  * and is not (as HttpSite.attempt does). -1 on error. */
-static int
+HOT static int
 http_failed(HttpLayerObject *self, PyObject *response, PyObject *statuses)
 {
     PyObject *status = PyObject_GetAttr(response, self->status_attribute);
@@ -147,7 +147,7 @@ http_outcomes(PyObject *outcome)
 /* What the Python layer does once the runner returned `value` (raised == 0) or raised it:
  * settle(outcomes, raised, value, args, kwargs), with the caller's exception state as it
  * is (the layer's `deliver` runs outside any handler). Steals `outcomes` and `value`. */
-static PyObject *
+COLD static PyObject *
 http_settle(HttpLayerObject *self, PyObject *outcomes, int raised, PyObject *value, CallArgs *ca)
 {
     PyObject *result = NULL;
@@ -162,7 +162,7 @@ http_settle(HttpLayerObject *self, PyObject *outcomes, int raised, PyObject *val
 }
 
 /* The pending error, normalized with its traceback; a new reference. */
-static PyObject *
+COLD static PyObject *
 fetch_error(void)
 {
     PyObject *type, *value, *traceback;
@@ -177,7 +177,7 @@ fetch_error(void)
 }
 
 /* "The runner raised" at the point where the pending error arose: settle(raised=True). */
-static PyObject *
+COLD static PyObject *
 http_settle_pending(HttpLayerObject *self, PyObject *outcome, CallArgs *ca)
 {
     PyObject *error = fetch_error();
@@ -188,7 +188,7 @@ http_settle_pending(HttpLayerObject *self, PyObject *outcome, CallArgs *ca)
  * original raised): as the runner's `except Exception`, resume(...) runs plan.recover with
  * `error` being handled; then settle(...) runs the rest of the layer outside that handler.
  * Steals `error`. */
-static PyObject *
+COLD static PyObject *
 http_resume(HttpLayerObject *self, RunnerObject *runner, PyObject *plan, PyObject *error,
             PyObject *response, Started *started, CallArgs *ca)
 {
@@ -221,7 +221,7 @@ http_resume(HttpLayerObject *self, RunnerObject *runner, PyObject *plan, PyObjec
 /* The remembered first attempt. *taken is 0 when nothing happened and the Python layer
  * must run the request instead. Once something happened, every outcome goes the way the
  * Python layer's would: errors of our own steps included. */
-static PyObject *
+HOT static PyObject *
 http_first_attempt(HttpLayerObject *self, PyObject *plan, CallArgs *ca, int *taken)
 {
     *taken = 0;
@@ -317,7 +317,7 @@ not_taken:
     return result;
 }
 
-static PyObject *
+HOT static PyObject *
 http_vectorcall(HttpLayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
 {
     int go_on;

@@ -115,7 +115,7 @@ typedef struct {
 
 /* The owner's version tag, if it is valid: CPython gives the class a new one (or none)
  * whenever its attributes change, so an equal valid tag means the class dict is as read. */
-static unsigned int
+HOT static unsigned int
 valid_version_tag(PyTypeObject *type)
 {
 #if PY_VERSION_HEX < 0x030C0000
@@ -128,7 +128,7 @@ valid_version_tag(PyTypeObject *type)
 
 /* The plan for this call from its holder's table, a new reference; NULL (no error set) when
  * the Python layer has to decide. */
-static PyObject *
+HOT static PyObject *
 layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs)
 {
     PyObject *token, *seen = NULL, *holder = NULL, *table = NULL, *plan = NULL;
@@ -200,7 +200,7 @@ miss:
     return plan;
 }
 
-static PyObject *
+HOT static PyObject *
 layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
 {
     int go_on;

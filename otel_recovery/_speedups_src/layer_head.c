@@ -56,7 +56,7 @@ layer_head_clear(LayerHead *head)
 }
 
 /* Bound like a function: on an instance, a method; on the class, itself. */
-PyObject *
+HOT PyObject *
 layer_descr_get(PyObject *self, PyObject *instance, PyObject *owner)
 {
     if (instance == NULL || instance == Py_None) {
@@ -86,7 +86,7 @@ PyGetSetDef layer_getset[] = {
 };
 
 /* Nothing in the context suppresses instrumentation: 1; something may: 0. */
-int
+HOT int
 unsuppressed(PyObject *context_var, PyObject *suppress_keys)
 {
     PyObject *context;

@@ -1,7 +1,7 @@
 /* Runner: RecoveryPolicy.runner()'s happy path, compiled. */
 #include "speedups.h"
 
-int
+HOT int
 started_read(RunnerObject *self, Started *started)
 {
 #if HAVE_DIRECT_MONOTONIC
@@ -19,7 +19,7 @@ started_read(RunnerObject *self, Started *started)
 }
 
 /* A borrowed reference to the start time as an object; NULL with an error set. */
-PyObject *
+COLD PyObject *
 started_object(Started *started)
 {
     if (started->value == NULL) {
@@ -30,7 +30,7 @@ started_object(Started *started)
 
 /* The "except Exception as error: return recover(...)" branch: the error is the exception
  * being handled while recover runs, so what recover raises chains to it as in Python. */
-static PyObject *
+COLD static PyObject *
 runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
 {
     PyObject *type, *value, *traceback;
@@ -58,7 +58,7 @@ runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
 }
 
 /* "except BaseException: breaker.release(); raise". */
-void
+COLD void
 runner_release(RunnerObject *self)
 {
     PyObject *type, *value, *traceback;
@@ -86,7 +86,7 @@ runner_release(RunnerObject *self)
     PyErr_Restore(new_type, new_value, new_traceback);
 }
 
-static PyObject *
+COLD static PyObject *
 runner_reject(RunnerObject *self, CallArgs *ca, Started *started)
 {
     PyObject *start = started_object(started);
@@ -104,7 +104,7 @@ runner_reject(RunnerObject *self, CallArgs *ca, Started *started)
 }
 
 /* started < budget._bucket_end; -1 on error. */
-int
+HOT int
 runner_before_bucket_end(RunnerObject *self, Started *started)
 {
     PyObject *end = slot_read(&self->bucket_end, self->budget);
@@ -124,7 +124,7 @@ runner_before_bucket_end(RunnerObject *self, Started *started)
 }
 
 /* next(iterator), discarding the value; -1 on error (StopIteration when exhausted). */
-int
+HOT int
 advance(PyObject *iterator)
 {
     if (Py_TYPE(iterator) == &CounterType) {
@@ -147,7 +147,7 @@ advance(PyObject *iterator)
 }
 
 /* Account the success: next(breaker._tally) when set, else breaker.record_success(). */
-int
+HOT int
 runner_record_success(RunnerObject *self, PyObject *breaker)
 {
     if (self->tallied) {
@@ -165,7 +165,7 @@ runner_record_success(RunnerObject *self, PyObject *breaker)
     return call_method_discard(breaker, str_record_success);
 }
 
-PyObject *
+HOT PyObject *
 runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
 {
     int active = slot_true(&self->active, self->switches);

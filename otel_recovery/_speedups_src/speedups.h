@@ -10,8 +10,15 @@
 
 #if defined(__GNUC__)
 #define INTERNAL __attribute__((visibility("hidden")))
+/* The per-call path is cold in the caches between two client calls (a Redis GET runs some
+ * 450,000 instructions of client and OpenTelemetry code): HOT gathers its functions in one
+ * place (.text.hot), COLD moves the failure paths out of it. */
+#define HOT __attribute__((hot))
+#define COLD __attribute__((cold))
 #else
 #define INTERNAL
+#define HOT
+#define COLD
 #endif
 
 #if defined(__linux__) && defined(CLOCK_MONOTONIC)

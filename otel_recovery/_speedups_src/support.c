@@ -12,7 +12,7 @@ PyObject *time_monotonic;
 /* Arguments as the caller gave them: a vector (from a Layer) or a tuple and a dict (from
  * Python). The tuple and dict are built only when a slow path needs them. */
 
-PyObject *
+HOT PyObject *
 callargs_call(PyObject *fn, CallArgs *ca)
 {
     if (ca->argv != NULL) {
@@ -34,7 +34,7 @@ callargs_call(PyObject *fn, CallArgs *ca)
     return result;
 }
 
-Handled
+COLD Handled
 handled_push(PyObject *value)
 {
     _PyErr_StackItem *item = PyThreadState_Get()->exc_info;
@@ -50,7 +50,7 @@ handled_push(PyObject *value)
     return previous;
 }
 
-void
+COLD void
 handled_pop(Handled previous)
 {
     _PyErr_StackItem *item = PyThreadState_Get()->exc_info;
@@ -66,7 +66,7 @@ handled_pop(Handled previous)
 #endif
 }
 
-int
+COLD int
 callargs_materialize(CallArgs *ca)
 {
     if (ca->args != NULL) {
@@ -99,7 +99,7 @@ callargs_materialize(CallArgs *ca)
     return 0;
 }
 
-void
+HOT void
 callargs_release(CallArgs *ca)
 {
     if (ca->owned) {
@@ -162,7 +162,7 @@ slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name)
 }
 
 /* A new reference to the attribute, or NULL with an error set. */
-PyObject *
+HOT PyObject *
 slot_read(SlotReader *reader, PyObject *obj)
 {
     if (reader->offset >= 0 && Py_TYPE(obj) == reader->type) {
@@ -175,7 +175,7 @@ slot_read(SlotReader *reader, PyObject *obj)
 }
 
 /* The attribute is true; -1 on error. */
-int
+HOT int
 slot_true(SlotReader *reader, PyObject *obj)
 {
     PyObject *value = slot_read(reader, obj);
@@ -191,7 +191,7 @@ slot_true(SlotReader *reader, PyObject *obj)
  * conversion as CPython's (Python/pytime.c) on Linux, so values mix with Python's. */
 
 #if HAVE_DIRECT_MONOTONIC
-int
+HOT int
 direct_monotonic(double *seconds)
 {
     struct timespec ts;
@@ -210,7 +210,7 @@ direct_monotonic(double *seconds)
 #endif
 
 /* Call method(), discarding its result; -1 on error. */
-int
+COLD int
 call_method_discard(PyObject *obj, PyObject *name)
 {
     PyObject *result = PyObject_CallMethodNoArgs(obj, name);
