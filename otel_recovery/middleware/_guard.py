@@ -1,0 +1,285 @@
+"""What the ASGI and WSGI middlewares share: per-route breakers, when a request may be
+retried, the responses they answer with, and what they mark on the server span.
+
+Why a server-side breaker: when a route keeps failing (its database is down, a dependency
+times out), every request still costs a worker, a connection and the client's patience. An
+open breaker answers at once with ``503`` and ``Retry-After``, which well-behaved clients
+(ours included) honour, and lets one probe through after ``timeout`` to find out whether the
+route has recovered. Envoy's outlier detection and resilience4j's server-side circuit do the
+same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from opentelemetry import trace
+
+from otel_recovery._clock import SYSTEM_CLOCK, Clock
+from otel_recovery.classify import classify
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
+from otel_recovery.policies.retry import Retry
+from otel_recovery.telemetry import attributes, watch_breaker_globally
+
+_log = logging.getLogger("otel_recovery.middleware")
+
+Response = tuple[int, Sequence[tuple[str, str]], bytes]
+"""``(status, headers, body)``: what a middleware answers with in place of the app."""
+
+Fallback = Response | Callable[[str, BaseException], Response]
+"""A fixed response, or ``(route, error) -> response``; ``error`` is a
+:class:`~otel_recovery.CircuitOpenError` when the route's breaker is open."""
+
+BreakerChoice = CircuitBreaker | Callable[[str], CircuitBreaker] | None
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+"""Methods a retry may repeat (RFC 9110 section 9.2.1), as DESIGN.md section 5 says; any
+other method only with an ``Idempotency-Key`` header."""
+
+DEFAULT_TIMEOUT = 30.0
+"""How long a route's default breaker stays open before it lets a probe through."""
+
+
+def default_breaker(route: str) -> CircuitBreaker:
+    """Five failures in a row open the route for 30 seconds."""
+    return CircuitBreaker(failure_threshold=5, timeout=DEFAULT_TIMEOUT, name=f"http.server {route}")
+
+
+def default_is_failure(status: int) -> bool:
+    """A 5xx is the server failing; a 4xx is the client's mistake and says nothing about
+    the route's health."""
+    return status >= 500
+
+
+class RouteBreakers:
+    """One breaker per route, made on first use; at most ``max_routes`` of them.
+
+    Routes are keys the middleware computes per request (by default ``"GET /path"``). Raw
+    paths with ids in them would make a breaker per id, so the count is capped: past the
+    cap, new routes pass through unguarded and a warning says to pass ``route=`` (for
+    instance the framework's path template).
+    """
+
+    def __init__(self, breaker: BreakerChoice, max_routes: int) -> None:
+        if isinstance(max_routes, bool) or not isinstance(max_routes, int) or max_routes < 1:
+            raise ValueError(f"max_routes must be an int >= 1, got {max_routes!r}")
+        if (
+            breaker is not None
+            and not isinstance(breaker, CircuitBreaker)
+            and not callable(breaker)
+        ):
+            raise TypeError(
+                "breaker must be a CircuitBreaker (one for every route), a function "
+                "route -> CircuitBreaker (one per route), or None for the default "
+                f"(5 failures open a route for {DEFAULT_TIMEOUT:g} s); got {breaker!r}"
+            )
+        self._shared = breaker if isinstance(breaker, CircuitBreaker) else None
+        self._factory: Callable[[str], CircuitBreaker] = default_breaker
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            self._factory = breaker
+        self._max_routes = max_routes
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._lock = threading.Lock()
+        self._warned = False
+        if self._shared is not None:
+            watch_breaker_globally(self._shared)
+
+    def get(self, route: str) -> CircuitBreaker | None:
+        if self._shared is not None:
+            return self._shared
+        breaker = self._breakers.get(route)
+        if breaker is not None:
+            return breaker
+        with self._lock:
+            breaker = self._breakers.get(route)
+            if breaker is None:
+                if len(self._breakers) >= self._max_routes:
+                    self._warn_full()
+                    return None
+                breaker = self._factory(route)
+                if not isinstance(breaker, CircuitBreaker):
+                    raise TypeError(
+                        f"the breaker function returned {breaker!r} for route {route!r}; "
+                        "it must return a CircuitBreaker"
+                    )
+                self._breakers[route] = breaker
+        watch_breaker_globally(breaker)
+        return breaker
+
+    def _warn_full(self) -> None:
+        if not self._warned:
+            self._warned = True
+            _log.warning(
+                "otel_recovery middleware: %d routes have breakers; new routes pass through "
+                "unguarded. Pass route= (for instance the path template) so that routes "
+                "do not multiply with path parameters, or raise max_routes.",
+                self._max_routes,
+            )
+
+    def __getitem__(self, route: str) -> CircuitBreaker:
+        """The breaker already made for ``route`` (for tests and dashboards)."""
+        if self._shared is not None:
+            return self._shared
+        return self._breakers[route]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The middlewares' options, checked once at construction."""
+
+    breakers: RouteBreakers
+    is_failure: Callable[[int], bool]
+    fallback: Fallback | None
+    retry: Retry | None
+    clock: Clock
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        breaker: BreakerChoice,
+        max_routes: int,
+        is_failure: Callable[[int], bool] | None,
+        fallback: Fallback | None,
+        retry: Retry | None,
+        clock: Clock | None,
+    ) -> Options:
+        if is_failure is not None and not callable(is_failure):
+            raise TypeError(f"is_failure must be a function status -> bool, got {is_failure!r}")
+        if fallback is not None and not callable(fallback):
+            _check_response(fallback, "fallback")
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(f"retry must be a Retry (for instance Retry(3)) or None, got {retry!r}")
+        return cls(
+            RouteBreakers(breaker, max_routes),
+            is_failure or default_is_failure,
+            fallback,
+            retry,
+            clock or SYSTEM_CLOCK,
+        )
+
+    def answer(self, route: str, error: BaseException) -> Response | None:
+        """The fallback's response for ``error``, or None without a fallback."""
+        fallback = self.fallback
+        if fallback is None:
+            return None
+        response = fallback(route, error) if callable(fallback) else fallback
+        _check_response(response, "the fallback's response")
+        mark(
+            attributes.EVENT_FALLBACK,
+            {attributes.FALLBACK_KIND: "response", attributes.ERROR_TYPE: type(error).__qualname__},
+        )
+        return response
+
+    def retry_delay(self, error: BaseException, retries_done: int, previous: float) -> float | None:
+        """Seconds to wait before retrying after ``error``, or None: give up."""
+        retry = self.retry
+        if retry is None or retries_done + 1 >= retry.attempts:
+            return None
+        info = classify(error)
+        if not retry.is_retryable(error, info):
+            return None
+        return retry.delay_for(retries_done + 1, previous, info)
+
+
+def shed(options: Options, route: str, breaker: CircuitBreaker) -> Response:
+    """The answer while ``route``'s breaker is open: the fallback's, or 503 + Retry-After."""
+    wait = breaker.retry_after()
+    error = CircuitOpenError(breaker.name, wait)
+    mark(
+        attributes.EVENT_REJECTED,
+        {
+            attributes.REJECTED_BY: "circuit_breaker",
+            attributes.BREAKER_NAME: breaker.name,
+            attributes.BREAKER_STATE: breaker.state.value,
+        },
+    )
+    response = options.answer(route, error)
+    if response is not None:
+        return response
+    seconds = max(1, math.ceil(wait if wait is not None else breaker.timeout))
+    headers = [("retry-after", str(seconds)), ("content-type", "text/plain; charset=utf-8")]
+    return 503, headers, b"Service Unavailable: this route's circuit breaker is open\n"
+
+
+def may_repeat(method: str, headers: Mapping[str, str]) -> bool:
+    """Whether the request's method lets a retry repeat it (the body is checked apart)."""
+    return method.upper() in SAFE_METHODS or "idempotency-key" in headers
+
+
+def mark(event: str, values: dict[str, str]) -> None:
+    """An event (and the breaker's state) on the current span: the server span of the
+    OpenTelemetry middleware this one sits inside."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        state = values.get(attributes.BREAKER_STATE)
+        if state is not None:
+            span.set_attribute(attributes.BREAKER_STATE, state)
+        span.add_event(event, values)
+
+
+def _check_response(response: object, what: str) -> None:
+    if not (
+        isinstance(response, tuple)
+        and len(response) == 3
+        and isinstance(response[0], int)
+        and 100 <= response[0] <= 599
+        and isinstance(response[2], bytes)
+        and all(
+            isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+            for pair in response[1]
+        )
+    ):
+        raise TypeError(
+            f"{what} must be (status, [(header, value), ...], body bytes), for instance "
+            f"(503, [('content-type', 'text/plain')], b'try later'); got {response!r}"
+        )
+
+
+class GuardedApp:
+    """What both middlewares are made of: the app, how a request maps to a route, and the
+    checked options. Subclasses say which protocol they speak (``protocol``) and how they
+    name a route by default (``default_route``)."""
+
+    protocol: ClassVar[str]
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        breaker: BreakerChoice = None,
+        route: Callable[[Any], str] | None = None,
+        is_failure: Callable[[int], bool] | None = None,
+        fallback: Fallback | None = None,
+        retry: Retry | None = None,
+        max_routes: int = 512,
+        clock: Clock | None = None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(f"app must be an {self.protocol} application (a callable), got {app!r}")
+        if route is not None and not callable(route):
+            raise TypeError(f"route must be a function (the request) -> str, got {route!r}")
+        self.app = app
+        self.route: Callable[[Any], str] = route or self.default_route
+        self._options = Options.build(
+            breaker=breaker,
+            max_routes=max_routes,
+            is_failure=is_failure,
+            fallback=fallback,
+            retry=retry,
+            clock=clock,
+        )
+
+    @staticmethod
+    def default_route(request: Any) -> str:
+        raise NotImplementedError
+
+    @property
+    def breakers(self) -> RouteBreakers:
+        """The breakers per route (``middleware.breakers["GET /orders"]``)."""
+        return self._options.breakers

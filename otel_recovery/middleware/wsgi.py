@@ -1,0 +1,175 @@
+"""WSGI middleware: the twin of :mod:`otel_recovery.middleware.asgi`, same options and names.
+
+    from otel_recovery.middleware.wsgi import RecoveryMiddleware
+
+    app.wsgi_app = RecoveryMiddleware(app.wsgi_app)     # Flask
+
+Wrap it inside OpenTelemetry's ``OpenTelemetryMiddleware`` so its decisions land on the
+server span. What differs from ASGI:
+
+- A request is retried only if it has no body at all (no ``Content-Length`` above 0, no
+  ``Transfer-Encoding``): WSGI gives no way to tell whether the app read ``wsgi.input``.
+- The outcome is counted when the server closes the response iterable (after the body was
+  sent), since a WSGI app may call ``start_response`` lazily while its body is iterated; an
+  error while iterating counts as a failure and propagates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
+from types import TracebackType
+from typing import Any
+
+from otel_recovery.instrumentors._wrapping import report_internal_error
+from otel_recovery.middleware._guard import (
+    GuardedApp,
+    Response,
+    may_repeat,
+    shed,
+)
+from otel_recovery.policies.circuit_breaker import CircuitBreaker
+
+__all__ = ["RecoveryMiddleware"]
+
+Environ = dict[str, Any]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+class RecoveryMiddleware(GuardedApp):
+    """Guards a WSGI app per route (see the module docstring and the ASGI twin's)."""
+
+    protocol = "WSGI"
+
+    @staticmethod
+    def default_route(environ: Environ) -> str:
+        """``"GET /orders/42"``: pass ``route=`` to group paths with ids in them."""
+        return f"{environ.get('REQUEST_METHOD', 'GET')} {environ.get('PATH_INFO', '') or '/'}"
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            route = self.route(environ)
+            breaker = self._options.breakers.get(route)
+            permitted = breaker is None or breaker.can_execute()
+            replayable = _without_body(environ) and may_repeat(
+                str(environ.get("REQUEST_METHOD", "GET")), _headers(environ)
+            )
+        except Exception as error:  # our bug or the user's route=: never the request's
+            report_internal_error("WSGI RecoveryMiddleware", error)
+            return self._call_app(environ, start_response)
+        if breaker is None:
+            return self._call_app(environ, start_response)
+        if not permitted:
+            return _respond(start_response, shed(self._options, route, breaker))
+        options, retries, previous = self._options, 0, 0.0
+        while True:
+            watch = _StartWatch(start_response)
+            try:
+                body = self._call_app(environ, watch)
+            except Exception as error:
+                if watch.status is None and replayable:
+                    wait = options.retry_delay(error, retries, previous)
+                    if wait is not None:
+                        retries, previous = retries + 1, wait
+                        options.clock.sleep(wait)
+                        continue
+                breaker.record_failure()
+                answer = None if watch.status is not None else options.answer(route, error)
+                if answer is None:
+                    raise
+                return _respond(start_response, answer)
+            except BaseException:
+                breaker.release()
+                raise
+            return _Outcome(body, watch, breaker, options.is_failure)
+
+    def _call_app(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        body: Iterable[bytes] = self.app(environ, start_response)
+        return body
+
+
+class _StartWatch:
+    """``start_response`` for the app: passes it on and remembers the status."""
+
+    def __init__(self, start_response: StartResponse) -> None:
+        self._start_response = start_response
+        self.status: int | None = None
+
+    def __call__(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        write = self._start_response(status, headers, exc_info)
+        self.status = int(status.split(" ", 1)[0])
+        return write
+
+
+class _Outcome:
+    """The app's body, passed through; counts the request when the server closes it."""
+
+    def __init__(
+        self,
+        body: Iterable[bytes],
+        watch: _StartWatch,
+        breaker: CircuitBreaker,
+        is_failure: Callable[[int], bool],
+    ) -> None:
+        self._body = body
+        self._watch = watch
+        self._breaker = breaker
+        self._is_failure = is_failure
+        self._failed = False
+        self._counted = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._body
+        except Exception:
+            self._failed = True
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._count()
+
+    def _count(self) -> None:
+        if self._counted:
+            return
+        self._counted = True
+        status = self._watch.status
+        if self._failed or status is None or self._is_failure(status):
+            self._breaker.record_failure()
+        else:
+            self._breaker.record_success()
+
+
+def _without_body(environ: Environ) -> bool:
+    length = str(environ.get("CONTENT_LENGTH") or "0").strip()
+    return length in ("", "0") and not environ.get("HTTP_TRANSFER_ENCODING")
+
+
+def _headers(environ: Environ) -> dict[str, str]:
+    return {
+        key[5:].replace("_", "-").lower(): str(value)
+        for key, value in environ.items()
+        if key.startswith("HTTP_")
+    }
+
+
+def _respond(start_response: StartResponse, response: Response) -> list[bytes]:
+    status, headers, body = response
+    names = {name.lower() for name, _ in headers}
+    pairs = list(headers)
+    if "content-length" not in names:
+        pairs.append(("Content-Length", str(len(body))))
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
+    start_response(f"{status} {reason}", pairs)
+    return [body]

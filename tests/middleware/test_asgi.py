@@ -1,0 +1,255 @@
+"""The ASGI RecoveryMiddleware, driven through httpx's ASGITransport: breakers per route,
+503 + Retry-After while open, fallbacks, retries only of what is safe to repeat."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace
+
+from otel_recovery import CircuitBreaker, CircuitOpenError, Retry
+from otel_recovery._fake_clock import FakeClock
+from otel_recovery.middleware import ASGIRecoveryMiddleware
+from otel_recovery.middleware.asgi import RecoveryMiddleware
+from otel_recovery.policies.backoff import FixedBackoff
+from otel_recovery.telemetry import attributes
+
+
+class App:
+    """A tiny ASGI app: /ok answers 200, /boom raises, /down answers 500; counts calls."""
+
+    def __init__(self, failures_before_ok: int = 0) -> None:
+        self.calls: dict[str, int] = {}
+        self.failures_before_ok = failures_before_ok
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope["path"]
+        self.calls[path] = self.calls.get(path, 0) + 1
+        message = await receive()
+        self.bodies.append(message.get("body", b""))
+        if path == "/flaky" and self.calls[path] <= self.failures_before_ok:
+            raise ConnectionError("the database went away")
+        if path == "/boom":
+            raise ConnectionError("the database went away")
+        if path == "/started-then-boom":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            raise ConnectionError("mid-body")
+        status = 500 if path == "/down" else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+
+def _breakers(clock: FakeClock) -> Any:
+    return lambda route: CircuitBreaker(2, timeout=10.0, name=route, clock=clock)
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=True),
+        base_url="http://test",
+    )
+
+
+async def test_a_failing_route_opens_sheds_with_retry_after_and_recovers_after_a_probe():
+    clock = FakeClock()
+    app = App()
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), clock=clock)
+    async with _client(middleware) as client:
+        for _ in range(2):
+            assert (await client.get("/down")).status_code == 500
+        shed = await client.get("/down")
+        assert shed.status_code == 503
+        assert shed.headers["retry-after"] == "10"
+        assert app.calls["/down"] == 2  # the open route was not called
+        assert (await client.get("/ok")).status_code == 200  # other routes are untouched
+        clock.advance(10.0)
+        app_down = app.calls["/down"]
+        assert (await client.get("/down")).status_code == 500  # the probe reaches the app
+        assert app.calls["/down"] == app_down + 1
+        assert (await client.get("/down")).status_code == 503  # and re-opened it
+    assert middleware.breakers["GET /down"].state.value == "open"
+    assert middleware.breakers["GET /ok"].state.value == "closed"
+
+
+async def test_an_app_error_counts_and_propagates_without_a_fallback():
+    clock = FakeClock()
+    app = App()
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), clock=clock)
+    async with _client(middleware) as client:
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await client.get("/boom")
+        assert (await client.get("/boom")).status_code == 503
+    assert app.calls["/boom"] == 2
+
+
+async def test_a_fallback_answers_errors_and_open_routes():
+    clock = FakeClock()
+    app = App()
+    seen: list[type[BaseException]] = []
+
+    def fallback(route: str, error: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
+        seen.append(type(error))
+        return 200, [("content-type", "application/json")], b'{"items": []}'
+
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), fallback=fallback, clock=clock)
+    async with _client(middleware) as client:
+        answers = [await client.get("/boom") for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert answers[2].json() == {"items": []}
+    assert seen == [ConnectionError, ConnectionError, CircuitOpenError]
+    assert app.calls["/boom"] == 2
+
+
+async def test_a_safe_request_is_retried_and_counts_once():
+    clock = FakeClock()
+    app = App(failures_before_ok=2)
+    middleware = RecoveryMiddleware(
+        app,
+        breaker=_breakers(clock),
+        retry=Retry(3, backoff=FixedBackoff(0.5)),
+        clock=clock,
+    )
+    async with _client(middleware) as client:
+        response = await client.get("/flaky")
+    assert response.status_code == 200
+    assert app.calls["/flaky"] == 3
+    assert clock.sleeps == [0.5, 0.5]
+    assert app.bodies == [b"", b"", b""]  # every attempt read the same (empty) request
+    snapshot = middleware.breakers["GET /flaky"].snapshot()
+    assert (snapshot.successful_calls, snapshot.failed_calls) == (1, 0)
+
+
+async def test_a_post_and_a_consumed_body_are_never_retried():
+    clock = FakeClock()
+    app = App(failures_before_ok=5)
+    retry = Retry(3, backoff=FixedBackoff(0.5))
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), retry=retry, clock=clock)
+    async with _client(middleware) as client:
+        with pytest.raises(ConnectionError):
+            await client.post("/flaky", content=b"order")
+        assert app.calls["/flaky"] == 1
+        with pytest.raises(ConnectionError):  # an Idempotency-Key, but the body was read
+            await client.post("/flaky", content=b"order", headers={"Idempotency-Key": "k1"})
+        assert app.calls["/flaky"] == 2
+    assert clock.sleeps == []
+
+
+async def test_an_idempotency_key_allows_a_bodiless_retry():
+    clock = FakeClock()
+    app = App(failures_before_ok=1)
+    middleware = RecoveryMiddleware(
+        app, breaker=_breakers(clock), retry=Retry(2, backoff=FixedBackoff(0.1)), clock=clock
+    )
+    async with _client(middleware) as client:
+        response = await client.delete("/flaky", headers={"Idempotency-Key": "k2"})
+    assert response.status_code == 200
+    assert app.calls["/flaky"] == 2
+
+
+async def test_an_error_after_the_response_started_is_not_retried_nor_replaced():
+    clock = FakeClock()
+    app = App()
+    middleware = RecoveryMiddleware(
+        app,
+        breaker=_breakers(clock),
+        retry=Retry(3),
+        fallback=(200, [], b"fallback"),
+        clock=clock,
+    )
+    async with _client(middleware) as client:
+        with pytest.raises(ConnectionError):
+            await client.get("/started-then-boom")
+    assert app.calls["/started-then-boom"] == 1
+    assert middleware.breakers["GET /started-then-boom"].snapshot().failed_calls == 1
+
+
+async def test_the_shed_request_is_marked_on_the_current_span(recovery_telemetry):
+    clock = FakeClock()
+    app = App()
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), clock=clock)
+    tracer = recovery_telemetry.tracer_provider.get_tracer("test")
+    async with _client(middleware) as client:
+        for _ in range(2):
+            await client.get("/down")
+        with tracer.start_as_current_span("GET /down", kind=trace.SpanKind.SERVER):
+            assert (await client.get("/down")).status_code == 503
+    span = recovery_telemetry.span("GET /down")
+    assert span.attributes[attributes.BREAKER_STATE] == "open"
+    event = next(e for e in span.events if e.name == attributes.EVENT_REJECTED)
+    assert event.attributes[attributes.REJECTED_BY] == "circuit_breaker"
+    assert event.attributes[attributes.BREAKER_NAME] == "GET /down"
+
+
+async def test_a_fallback_is_marked_with_the_error_it_answered(recovery_telemetry):
+    app = App()
+    middleware = RecoveryMiddleware(app, fallback=(200, [], b"cached"))
+    tracer = recovery_telemetry.tracer_provider.get_tracer("test")
+    async with _client(middleware) as client:
+        with tracer.start_as_current_span("GET /boom", kind=trace.SpanKind.SERVER):
+            assert (await client.get("/boom")).text == "cached"
+    event = next(
+        e
+        for e in recovery_telemetry.span("GET /boom").events
+        if e.name == attributes.EVENT_FALLBACK
+    )
+    assert event.attributes[attributes.ERROR_TYPE] == "ConnectionError"
+
+
+async def test_non_http_scopes_and_a_broken_route_function_pass_through(caplog):
+    app = App()
+    lifespan: list[str] = []
+
+    async def lifespan_app(scope: Any, receive: Any, send: Any) -> None:
+        lifespan.append(scope["type"])
+
+    middleware = RecoveryMiddleware(lifespan_app)
+    await middleware({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
+    assert lifespan == ["lifespan"]
+
+    def broken_route(scope: Any) -> str:
+        raise KeyError("no route")
+
+    middleware = RecoveryMiddleware(app, route=broken_route)
+    with caplog.at_level(logging.ERROR, logger="otel_recovery"):
+        async with _client(middleware) as client:
+            assert (await client.get("/ok")).status_code == 200
+            assert (await client.get("/ok")).status_code == 200
+    assert app.calls["/ok"] == 2
+    assert sum("ASGI RecoveryMiddleware" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_past_max_routes_new_routes_pass_through_with_one_warning(caplog):
+    app = App()
+    middleware = RecoveryMiddleware(app, max_routes=1)
+    with caplog.at_level(logging.WARNING, logger="otel_recovery.middleware"):
+        async with _client(middleware) as client:
+            for path in ("/ok", "/a", "/b"):
+                await client.get(path)
+    assert sum("Pass route=" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(KeyError):
+        middleware.breakers["GET /a"]
+
+
+def test_bad_options_fail_at_construction_naming_the_fix():
+    app = App()
+    with pytest.raises(TypeError, match="breaker must be a CircuitBreaker"):
+        RecoveryMiddleware(app, breaker="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_routes must be an int >= 1"):
+        RecoveryMiddleware(app, max_routes=0)
+    with pytest.raises(TypeError, match=r"fallback must be \(status"):
+        RecoveryMiddleware(app, fallback=(200, "nope"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="retry must be a Retry"):
+        RecoveryMiddleware(app, retry=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="route must be a function"):
+        RecoveryMiddleware(app, route="/orders")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="app must be an ASGI application"):
+        RecoveryMiddleware(None)
+
+
+def test_the_package_re_exports_the_asgi_middleware():
+    assert ASGIRecoveryMiddleware is RecoveryMiddleware

@@ -1,0 +1,142 @@
+"""The WSGI RecoveryMiddleware, driven through httpx's WSGITransport: the ASGI twin's
+behaviour, plus what WSGI makes different (bodies, lazily started responses)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from otel_recovery import CircuitBreaker, CircuitOpenError, Retry
+from otel_recovery._fake_clock import FakeClock
+from otel_recovery.middleware import WSGIRecoveryMiddleware
+from otel_recovery.middleware.wsgi import RecoveryMiddleware
+from otel_recovery.policies.backoff import FixedBackoff
+
+
+class App:
+    """/ok 200, /down 500, /boom raises, /flaky raises its first N times, /lazy starts its
+    response only when iterated and fails while doing so; counts calls and closes."""
+
+    def __init__(self, failures_before_ok: int = 0) -> None:
+        self.calls: dict[str, int] = {}
+        self.failures_before_ok = failures_before_ok
+        self.closed = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ["PATH_INFO"]
+        self.calls[path] = self.calls.get(path, 0) + 1
+        if path == "/boom" or (path == "/flaky" and self.calls[path] <= self.failures_before_ok):
+            raise ConnectionError("the database went away")
+        if path == "/lazy":
+            return self._lazy(start_response)
+        status = "500 Internal Server Error" if path == "/down" else "200 OK"
+        start_response(status, [("Content-Type", "text/plain")])
+        return _Closing(self, [b"done"])
+
+    def _lazy(self, start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"part"
+        raise ConnectionError("lost while streaming")
+
+
+class _Closing:
+    def __init__(self, app: App, chunks: list[bytes]) -> None:
+        self.app, self.chunks = app, chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.chunks)
+
+    def close(self) -> None:
+        self.app.closed += 1
+
+
+def _breakers(clock: FakeClock) -> Any:
+    return lambda route: CircuitBreaker(2, timeout=10.0, name=route, clock=clock)
+
+
+def _client(app: Any) -> httpx.Client:
+    return httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://test")
+
+
+def test_a_failing_route_opens_sheds_with_retry_after_and_recovers_after_a_probe():
+    clock = FakeClock()
+    app = App()
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), clock=clock)
+    with _client(middleware) as client:
+        assert [client.get("/down").status_code for _ in range(2)] == [500, 500]
+        shed = client.get("/down")
+        assert (shed.status_code, shed.headers["retry-after"]) == (503, "10")
+        assert app.calls["/down"] == 2
+        assert client.get("/ok").status_code == 200
+        clock.advance(10.0)
+        assert client.get("/down").status_code == 500  # the probe
+        assert app.calls["/down"] == 3
+    assert app.closed == 4  # every response the app made was closed through us
+    assert middleware.breakers["GET /ok"].snapshot().successful_calls == 1
+
+
+def test_a_fallback_answers_errors_and_open_routes():
+    clock = FakeClock()
+    app = App()
+    seen: list[type[BaseException]] = []
+
+    def fallback(route: str, error: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
+        seen.append(type(error))
+        return 200, [("Content-Type", "text/plain")], b"cached"
+
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), fallback=fallback, clock=clock)
+    with _client(middleware) as client:
+        answers = [client.get("/boom") for _ in range(3)]
+    assert [(r.status_code, r.text) for r in answers] == [(200, "cached")] * 3
+    assert seen == [ConnectionError, ConnectionError, CircuitOpenError]
+    assert app.calls["/boom"] == 2
+
+
+def test_a_bodiless_safe_request_is_retried_a_post_with_a_body_never():
+    clock = FakeClock()
+    app = App(failures_before_ok=1)
+    retry = Retry(3, backoff=FixedBackoff(0.25))
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), retry=retry, clock=clock)
+    with _client(middleware) as client:
+        assert client.get("/flaky").status_code == 200
+        assert app.calls["/flaky"] == 2
+        assert clock.sleeps == [0.25]
+        app.calls["/flaky"] = 0
+        with pytest.raises(ConnectionError):
+            client.post("/flaky", content=b"order", headers={"Idempotency-Key": "k1"})
+    assert app.calls["/flaky"] == 1
+    assert clock.sleeps == [0.25]
+
+
+def test_an_error_while_streaming_counts_as_a_failure_and_propagates():
+    clock = FakeClock()
+    app = App()
+    middleware = RecoveryMiddleware(
+        app, breaker=_breakers(clock), retry=Retry(3), fallback=(200, [], b"x"), clock=clock
+    )
+    with _client(middleware) as client, pytest.raises(ConnectionError):
+        client.get("/lazy")
+    assert app.calls["/lazy"] == 1
+    snapshot = middleware.breakers["GET /lazy"].snapshot()
+    assert (snapshot.successful_calls, snapshot.failed_calls) == (0, 1)
+
+
+def test_one_breaker_for_every_route_and_a_status_predicate():
+    clock = FakeClock()
+    shared = CircuitBreaker(1, timeout=5.0, name="api", clock=clock)
+    app = App()
+    middleware = RecoveryMiddleware(
+        app, breaker=shared, is_failure=lambda status: status >= 500 or status == 404
+    )
+    with _client(middleware) as client:
+        assert client.get("/missing-in-app").status_code == 200
+        assert client.get("/down").status_code == 500
+        assert client.get("/ok").status_code == 503  # the shared breaker opened
+    assert middleware.breakers["anything"] is shared
+
+
+def test_the_package_re_exports_the_wsgi_middleware():
+    assert WSGIRecoveryMiddleware is RecoveryMiddleware
