@@ -191,14 +191,14 @@ def shed(options: Options, route: str, breaker: CircuitBreaker) -> Response:
     """The answer while ``route``'s breaker is open: the fallback's, or 503 + Retry-After."""
     wait = breaker.retry_after()
     error = CircuitOpenError(breaker.name, wait)
-    mark(
-        attributes.EVENT_REJECTED,
-        {
-            attributes.REJECTED_BY: "circuit_breaker",
-            attributes.BREAKER_NAME: breaker.name,
-            attributes.BREAKER_STATE: breaker.state.value,
-        },
-    )
+    values: dict[str, str | float] = {
+        attributes.REJECTED_BY: "circuit_breaker",
+        attributes.BREAKER_NAME: breaker.name,
+        attributes.BREAKER_STATE: breaker.state.value,
+    }
+    if wait is not None:
+        values[attributes.BREAKER_RETRY_AFTER] = wait
+    mark(attributes.EVENT_REJECTED, values)
     response = options.answer(route, error)
     if response is not None:
         return response
@@ -212,13 +212,13 @@ def may_repeat(method: str, headers: Mapping[str, str]) -> bool:
     return method.upper() in SAFE_METHODS or "idempotency-key" in headers
 
 
-def mark(event: str, values: dict[str, str]) -> None:
+def mark(event: str, values: dict[str, str | float]) -> None:
     """An event (and the breaker's state) on the current span: the server span of the
     OpenTelemetry middleware this one sits inside."""
     span = trace.get_current_span()
     if span.is_recording():
         state = values.get(attributes.BREAKER_STATE)
-        if state is not None:
+        if isinstance(state, str):
             span.set_attribute(attributes.BREAKER_STATE, state)
         span.add_event(event, values)
 

@@ -183,6 +183,7 @@ async def test_the_shed_request_is_marked_on_the_current_span(recovery_telemetry
     event = next(e for e in span.events if e.name == attributes.EVENT_REJECTED)
     assert event.attributes[attributes.REJECTED_BY] == "circuit_breaker"
     assert event.attributes[attributes.BREAKER_NAME] == "GET /down"
+    assert event.attributes[attributes.BREAKER_RETRY_AFTER] == 10.0
 
 
 async def test_a_fallback_is_marked_with_the_error_it_answered(recovery_telemetry):
