@@ -42,7 +42,7 @@ Method, and why (DESIGN.md section 9: the machine is shared and noisy):
 - **CPU per call, call by call** (``_paired_calls.py``, its docstring says how): after the
   rounds, in the instrumented worker, the modes ``contrib``, ``control`` (A/A), ``idle``
   (our layers in the path, switched off) and ``recovery`` take turns call by call on one
-  client, 10,000 blocks of four calls per target; the figure is the median over blocks of
+  client, 10,008 blocks of four calls per target (a multiple of the 24 orders); the figure is the median over blocks of
   the calling thread's CPU difference, with a distribution-free 95 % interval. This is the
   CPU figure the verdicts use: ``met`` only if the whole interval is within the target.
 - The span processor that stamps ``http.request.resend_count`` joins the tracer provider only
@@ -134,6 +134,7 @@ from typing import IO, Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
 from _callgrind import Counted, count_many, valgrind_version
 from _paired_calls import (
+    ORDERS,
     PAIRED_MODES,
     Paired,
     PerCallSwitch,
@@ -964,7 +965,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 40; quick 3)")
     parser.add_argument("--calls", type=int, default=None, help="calls per batch (200; quick 50)")
     parser.add_argument(
-        "--blocks", type=int, default=None, help="call-by-call blocks (10,000; quick 300)"
+        "--blocks", type=int, default=None, help="call-by-call blocks (10,008; quick 288)"
     )
     parser.add_argument("--targets", default=",".join(TARGETS), help="redis,postgres,http")
     parser.add_argument("--raw", type=Path, help="also write the per-round figures as JSON")
@@ -1014,7 +1015,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.targets != ",".join(TARGETS):
             command += f" --targets {args.targets}"
         return run_instructions(targets, command)
-    blocks = args.blocks or (300 if args.quick else 10_000)
+    blocks = args.blocks or (288 if args.quick else 10_008)
+    blocks = -(-blocks // len(ORDERS)) * len(ORDERS)  # every order of the modes equally often
     series, paired_results, notes, missing_ours = measure(targets, rounds, calls, warmup, blocks)
     command = "python benchmarks/instrumentors.py" + (" --quick" if args.quick else "")
     report(series, paired_results, targets, rounds, calls, notes, missing_ours, command)

@@ -113,17 +113,24 @@ typedef struct {
     const void *owner_top;    /* owner.__dict__[attribute] then: compared, never used */
 } LayerObject;
 
-/* The owner's version tag, if it is valid: CPython gives the class a new one (or none)
- * whenever its attributes change, so an equal valid tag means the class dict is as read. */
+/* The owner's version tag, if it is valid: from 3.11 on CPython gives the class a new one
+ * (or none) whenever its attributes change and never reuses one, so an equal valid tag means
+ * the class dict is as read. 3.10 reuses tags (PyType_ClearCache starts them again from 0),
+ * so there the dict is always read. */
 HOT static unsigned int
 valid_version_tag(PyTypeObject *type)
 {
+#if PY_VERSION_HEX < 0x030B0000
+    (void)type;
+    return 0;
+#else
 #if PY_VERSION_HEX < 0x030C0000
     if (!(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
         return 0;
     }
 #endif
     return type->tp_version_tag;
+#endif
 }
 
 /* The plan for this call from its holder's table, a new reference; NULL (no error set) when

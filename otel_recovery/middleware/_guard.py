@@ -22,6 +22,7 @@ from opentelemetry import trace
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock
 from otel_recovery.classify import classify
+from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
 from otel_recovery.policies.retry import Retry
 from otel_recovery.telemetry import attributes, watch_breaker_globally
@@ -46,8 +47,18 @@ DEFAULT_TIMEOUT = 30.0
 
 
 def default_breaker(route: str) -> CircuitBreaker:
-    """Five failures in a row open the route for 30 seconds."""
-    return CircuitBreaker(failure_threshold=5, timeout=DEFAULT_TIMEOUT, name=f"http.server {route}")
+    """Five failures in a row open the route for 30 seconds, in this process only.
+
+    ``store="memory://"``: a named breaker would otherwise be shared through
+    ``OTEL_RECOVERY_STORE_URL`` when one is set, and every service's ``GET /health`` would
+    share one fleet-wide breaker. Pass ``breaker=`` to share route breakers on purpose.
+    """
+    return CircuitBreaker(
+        failure_threshold=5,
+        timeout=DEFAULT_TIMEOUT,
+        name=f"http.server {route}",
+        store="memory://",
+    )
 
 
 def default_is_failure(status: int) -> bool:
@@ -107,8 +118,8 @@ class RouteBreakers:
                         f"the breaker function returned {breaker!r} for route {route!r}; "
                         "it must return a CircuitBreaker"
                     )
+                watch_breaker_globally(breaker)  # before any request can use it
                 self._breakers[route] = breaker
-        watch_breaker_globally(breaker)
         return breaker
 
     def _warn_full(self) -> None:
@@ -155,6 +166,12 @@ class Options:
             _check_response(fallback, "fallback")
         if retry is not None and not isinstance(retry, Retry):
             raise TypeError(f"retry must be a Retry (for instance Retry(3)) or None, got {retry!r}")
+        if retry is not None and (retry.attempt_timeout is not None or retry.advisor is not None):
+            raise ValueError(
+                "the middleware cannot time out an app attempt or consult a retry advisor: "
+                "pass Retry(attempts, deadline=..., backoff=...) without attempt_timeout or "
+                "advisor (your server's own timeout bounds a request)"
+            )
         return cls(
             RouteBreakers(breaker, max_routes),
             is_failure or default_is_failure,
@@ -164,34 +181,64 @@ class Options:
         )
 
     def answer(self, route: str, error: BaseException) -> Response | None:
-        """The fallback's response for ``error``, or None without a fallback."""
+        """The fallback's response for ``error``, or None without a fallback (or when the
+        fallback itself fails: that is logged once, and the app's error stands)."""
         fallback = self.fallback
         if fallback is None:
             return None
-        response = fallback(route, error) if callable(fallback) else fallback
-        _check_response(response, "the fallback's response")
+        try:
+            response = fallback(route, error) if callable(fallback) else fallback
+            _check_response(response, "the fallback's response")
+        except Exception as failure:
+            report_internal_error("middleware fallback", failure)
+            return None
         mark(
             attributes.EVENT_FALLBACK,
             {attributes.FALLBACK_KIND: "response", attributes.ERROR_TYPE: type(error).__qualname__},
         )
         return response
 
-    def retry_delay(self, error: BaseException, retries_done: int, previous: float) -> float | None:
-        """Seconds to wait before retrying after ``error``, or None: give up."""
+    def retry_delay(
+        self, error: BaseException, retries_done: int, previous: float, started: float
+    ) -> float | None:
+        """Seconds to wait before retrying after ``error``, or None: give up (no attempt
+        left, not retryable, or the wait would end past ``Retry(deadline=...)``). A failure
+        in deciding (a broken ``Retry(on=...)``) is logged once and means no retry."""
         retry = self.retry
         if retry is None or retries_done + 1 >= retry.attempts:
             return None
-        info = classify(error)
-        if not retry.is_retryable(error, info):
+        try:
+            info = classify(error)
+            if not retry.is_retryable(error, info):
+                return None
+            wait = retry.delay_for(retries_done + 1, previous, info)
+        except Exception as failure:
+            report_internal_error("middleware retry decision", failure)
             return None
-        return retry.delay_for(retries_done + 1, previous, info)
+        if wait is None:
+            return None
+        if retry.deadline is not None and self.clock.now() + wait - started > retry.deadline:
+            return None
+        mark(
+            attributes.EVENT_RETRY, {attributes.ATTEMPT: retries_done + 2, attributes.BACKOFF: wait}
+        )
+        return wait
+
+    def failed(self, status: int) -> bool | None:
+        """``is_failure(status)``; None if the predicate raised (logged once): the
+        request's outcome is then unknown, and its permit is given back uncounted."""
+        try:
+            return bool(self.is_failure(status))
+        except Exception as failure:
+            report_internal_error("middleware is_failure", failure)
+            return None
 
 
 def shed(options: Options, route: str, breaker: CircuitBreaker) -> Response:
     """The answer while ``route``'s breaker is open: the fallback's, or 503 + Retry-After."""
     wait = breaker.retry_after()
     error = CircuitOpenError(breaker.name, wait)
-    values: dict[str, str | float] = {
+    values: dict[str, str | float | int] = {
         attributes.REJECTED_BY: "circuit_breaker",
         attributes.BREAKER_NAME: breaker.name,
         attributes.BREAKER_STATE: breaker.state.value,
@@ -212,7 +259,7 @@ def may_repeat(method: str, headers: Mapping[str, str]) -> bool:
     return method.upper() in SAFE_METHODS or "idempotency-key" in headers
 
 
-def mark(event: str, values: dict[str, str | float]) -> None:
+def mark(event: str, values: dict[str, str | float | int]) -> None:
     """An event (and the breaker's state) on the current span: the server span of the
     OpenTelemetry middleware this one sits inside."""
     span = trace.get_current_span()
@@ -223,20 +270,32 @@ def mark(event: str, values: dict[str, str | float]) -> None:
         span.add_event(event, values)
 
 
+def _header_ok(pair: object) -> bool:
+    if not (isinstance(pair, tuple) and len(pair) == 2):
+        return False
+    for text in pair:
+        if not isinstance(text, str) or "\r" in text or "\n" in text:
+            return False
+        try:
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
 def _check_response(response: object, what: str) -> None:
     if not (
         isinstance(response, tuple)
         and len(response) == 3
         and isinstance(response[0], int)
         and 100 <= response[0] <= 599
+        and isinstance(response[1], (list, tuple))
         and isinstance(response[2], bytes)
-        and all(
-            isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
-            for pair in response[1]
-        )
+        and all(_header_ok(pair) for pair in response[1])
     ):
         raise TypeError(
-            f"{what} must be (status, [(header, value), ...], body bytes), for instance "
+            f"{what} must be (status, [(header, value), ...], body bytes) with latin-1 "
+            "headers and no line breaks in them, for instance "
             f"(503, [('content-type', 'text/plain')], b'try later'); got {response!r}"
         )
 

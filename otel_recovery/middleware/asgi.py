@@ -7,25 +7,36 @@ that are safe to repeat.
     app = RecoveryMiddleware(app, retry=Retry(2),       # one retry of a safe request
                              route=lambda scope: scope["path"].rsplit("/", 1)[0])
 
-Put it inside OpenTelemetry's ASGI middleware (FastAPI's ``instrument_app`` does that for
-middlewares added with ``app.add_middleware``), so its decisions land on the server span:
+Put it inside OpenTelemetry's ASGI middleware, so its decisions land on the server span. With
+Starlette or FastAPI add it with ``app.add_middleware(RecoveryMiddleware, ...)``: that puts it
+inside both OpenTelemetry's middleware (``instrument_app``) and Starlette's
+``ServerErrorMiddleware``. Wrapped around the whole app instead, it only ever sees errors as
+500 responses that have already started: breakers still count them, but nothing can be
+retried or replaced.
 
 - **Per route**, a request that raises or answers with a 5xx counts as a failure on that
   route's breaker, anything else as a success. A route whose breaker is open is not called:
   the request gets ``fallback``'s response, or ``503`` with ``Retry-After`` (the seconds
   until the breaker lets a probe through), and the span an ``otel_recovery.rejected`` event.
+  A request whose client went away (``http.disconnect``) counts neither way.
 - **Fallback**: ``fallback`` also answers a request whose app raised before it started its
   response (one that started cannot be replaced; the error propagates).
 - **Retry** (off unless ``retry=`` is given): an app error before the response started is
   retried when the classifier (or ``Retry(on=...)``) calls it retryable, the method is safe
   (GET, HEAD, OPTIONS, TRACE) or the request has an ``Idempotency-Key``, and the app has not
-  read a non-empty body: a consumed body is never replayed. Each attempt sees the request
-  messages the first one read. A 5xx the app answered is passed on, not retried: it has
-  already gone to the client.
+  read a non-empty body: a consumed body is never replayed. Each attempt gets the scope as it
+  first came (routers rewrite it in place) and the request messages the first one read.
+  ``Retry(deadline=...)`` bounds the waits; a downstream ``Retry-After`` is honoured up to
+  ``Retry(retry_after_cap=...)`` (60 s by default: lower it for a server). A 5xx the app
+  answered is passed on, not retried: it has already gone to the client.
 - The breaker counts requests, not attempts: a request retried to success is one success.
+  Every permit ends in exactly one outcome, or is given back (cancelled, interrupted,
+  client gone, a broken ``is_failure``).
 - Anything but ``http`` (``websocket``, ``lifespan``) passes through untouched, and so does
   every request if working out its route fails (logged once): the middleware never breaks
   the app.
+- The default breakers (5 failures open a route for 30 s) stay in the process even when
+  ``OTEL_RECOVERY_STORE_URL`` is set; pass ``breaker=`` to share them across a fleet.
 """
 
 from __future__ import annotations
@@ -36,10 +47,12 @@ from typing import Any
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.middleware._guard import (
     GuardedApp,
+    Options,
     Response,
     may_repeat,
     shed,
 )
+from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
 __all__ = ["RecoveryMiddleware"]
 
@@ -64,9 +77,11 @@ class RecoveryMiddleware(GuardedApp):
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
+        options = self._options
         try:
             route = self.route(scope)
-            breaker = self._options.breakers.get(route)
+            breaker = options.breakers.get(route)
+            request = _Request(scope, receive, retries=options.retry is not None)
             permitted = breaker is None or breaker.can_execute()
         except Exception as error:  # our bug or the user's route=: never the request's
             report_internal_error("ASGI RecoveryMiddleware", error)
@@ -76,54 +91,72 @@ class RecoveryMiddleware(GuardedApp):
             await self.app(scope, receive, send)
             return
         if not permitted:
-            await _respond(send, shed(self._options, route, breaker))
+            await _respond(send, shed(options, route, breaker))
             return
-        request = _Request(scope, receive)
-        options, retries, previous = self._options, 0, 0.0
-        while True:
-            response = _ResponseWatch(send)
-            try:
-                await self.app(scope, request.receive, response.send)
-            except Exception as error:
-                if response.status is None:
-                    wait = (
-                        options.retry_delay(error, retries, previous)
-                        if request.replayable
-                        else None
-                    )
-                    if wait is not None:
-                        retries, previous = retries + 1, wait
-                        await options.clock.asleep(wait)
-                        request.rewind()
-                        continue
-                breaker.record_failure()
-                answer = None if response.status is not None else options.answer(route, error)
-                if answer is None:
-                    raise
-                await _respond(send, answer)
+        settled = False  # every permit ends in exactly one record_* or release()
+        try:
+            initial, attempt_scope = dict(scope), scope
+            retries, previous, started = 0, 0.0, options.clock.now()
+            while True:
+                response = _ResponseWatch(send)
+                try:
+                    await self.app(attempt_scope, request.receive, response.send)
+                except Exception as error:
+                    if response.status is None and request.replayable:
+                        wait = options.retry_delay(error, retries, previous, started)
+                        if wait is not None:
+                            retries, previous = retries + 1, wait
+                            await options.clock.asleep(wait)
+                            request.rewind()
+                            attempt_scope = dict(initial)  # routers rewrite the scope
+                            continue
+                    settled = True
+                    _count(breaker, options, None, request.disconnected, raised=True)
+                    answer = None if response.status is not None else options.answer(route, error)
+                    if answer is None:
+                        raise
+                    await _respond(send, answer)
+                    return
+                settled = True
+                _count(breaker, options, response.status, request.disconnected, raised=False)
                 return
-            except BaseException:  # cancelled, interrupted: no outcome to count
+        finally:
+            if not settled:  # cancelled or interrupted (even while waiting to retry)
                 breaker.release()
-                raise
-            if response.status is None or options.is_failure(response.status):
-                breaker.record_failure()
-            else:
-                breaker.record_success()
-            return
+
+
+def _count(
+    breaker: CircuitBreaker,
+    options: Options,
+    status: int | None,
+    disconnected: bool,
+    *,
+    raised: bool,
+) -> None:
+    """One request's outcome on its route's breaker. A client that went away says nothing
+    about the route: its request neither fails nor succeeds (the permit is given back)."""
+    if disconnected and (raised or status is None):
+        breaker.release()
+        return
+    failed = True if raised or status is None else options.failed(status)
+    if failed is None:
+        breaker.release()
+    elif failed:
+        breaker.record_failure()
+    else:
+        breaker.record_success()
 
 
 class _Request:
-    """The request's receive channel, replayable while no non-empty body was read."""
+    """The request's receive channel, replayable to a retry while no non-empty body and no
+    disconnect was read; it notes a disconnect either way."""
 
-    def __init__(self, scope: Scope, receive: Receive) -> None:
-        headers = {
-            bytes(name).decode("latin-1").lower(): bytes(value).decode("latin-1")
-            for name, value in scope.get("headers", ())
-        }
+    def __init__(self, scope: Scope, receive: Receive, *, retries: bool) -> None:
         self._receive = receive
         self._read: list[Message] = []
         self._position = 0
-        self.replayable = may_repeat(str(scope.get("method", "GET")), headers)
+        self.disconnected = False
+        self.replayable = retries and may_repeat(str(scope.get("method", "GET")), _headers(scope))
 
     async def receive(self) -> Message:
         if self._position < len(self._read):
@@ -131,15 +164,28 @@ class _Request:
             self._position += 1
             return message
         message = await self._receive()
-        if message.get("type") != "http.request" or message.get("body"):
+        kind = message.get("type")
+        if kind == "http.disconnect":
+            self.disconnected = True
+        if kind != "http.request" or message.get("body"):
             self.replayable = False  # a body (or a disconnect) cannot be read twice
-        else:
+        elif self.replayable:
             self._read.append(message)
             self._position += 1
         return message
 
     def rewind(self) -> None:
         self._position = 0
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    """Header names (lower case) and values; tolerates str where bytes belong."""
+    found: dict[str, str] = {}
+    for name, value in scope.get("headers", ()):
+        key = name.decode("latin-1") if isinstance(name, (bytes, bytearray)) else str(name)
+        text = value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
+        found[key.lower()] = text
+    return found
 
 
 class _ResponseWatch:

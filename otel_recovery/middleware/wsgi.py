@@ -24,6 +24,7 @@ from typing import Any
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.middleware._guard import (
     GuardedApp,
+    Options,
     Response,
     may_repeat,
     shed,
@@ -49,41 +50,53 @@ class RecoveryMiddleware(GuardedApp):
         return f"{environ.get('REQUEST_METHOD', 'GET')} {environ.get('PATH_INFO', '') or '/'}"
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        options = self._options
         try:
             route = self.route(environ)
-            breaker = self._options.breakers.get(route)
-            permitted = breaker is None or breaker.can_execute()
-            replayable = _without_body(environ) and may_repeat(
-                str(environ.get("REQUEST_METHOD", "GET")), _headers(environ)
+            breaker = options.breakers.get(route)
+            replayable = (
+                options.retry is not None
+                and _without_body(environ)
+                and may_repeat(str(environ.get("REQUEST_METHOD", "GET")), _headers(environ))
             )
+            permitted = breaker is None or breaker.can_execute()
         except Exception as error:  # our bug or the user's route=: never the request's
             report_internal_error("WSGI RecoveryMiddleware", error)
             return self._call_app(environ, start_response)
         if breaker is None:
             return self._call_app(environ, start_response)
         if not permitted:
-            return _respond(start_response, shed(self._options, route, breaker))
-        options, retries, previous = self._options, 0, 0.0
-        while True:
-            watch = _StartWatch(start_response)
-            try:
-                body = self._call_app(environ, watch)
-            except Exception as error:
-                if watch.status is None and replayable:
-                    wait = options.retry_delay(error, retries, previous)
-                    if wait is not None:
-                        retries, previous = retries + 1, wait
-                        options.clock.sleep(wait)
-                        continue
-                breaker.record_failure()
-                answer = None if watch.status is not None else options.answer(route, error)
-                if answer is None:
-                    raise
-                return _respond(start_response, answer)
-            except BaseException:
+            return _respond(start_response, shed(options, route, breaker))
+        settled = False  # every permit ends in exactly one record_* or release()
+        try:
+            initial, attempt_environ = dict(environ), environ
+            retries, previous, started = 0, 0.0, options.clock.now()
+            while True:
+                watch = _StartWatch(start_response)
+                try:
+                    body = self._call_app(attempt_environ, watch)
+                except Exception as error:
+                    if watch.status is None and replayable:
+                        wait = options.retry_delay(error, retries, previous, started)
+                        if wait is not None:
+                            retries, previous = retries + 1, wait
+                            options.clock.sleep(wait)
+                            attempt_environ = dict(initial)  # dispatchers rewrite PATH_INFO
+                            continue
+                    settled = True
+                    breaker.record_failure()
+                    answer = None if watch.status is not None else options.answer(route, error)
+                    if answer is None:
+                        raise
+                    return _respond(start_response, answer)
+                settled = True
+                if watch.status is not None and isinstance(body, (list, tuple)):
+                    _count_status(breaker, options, watch.status)  # already whole
+                    return body  # as it came: the server may take its len()
+                return _Outcome(body, watch, breaker, options)  # counts when closed
+        finally:
+            if not settled:  # interrupted (even while waiting to retry)
                 breaker.release()
-                raise
-            return _Outcome(body, watch, breaker, options.is_failure)
 
     def _call_app(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         body: Iterable[bytes] = self.app(environ, start_response)
@@ -106,25 +119,40 @@ class _StartWatch:
 
 
 class _Outcome:
-    """The app's body, passed through; counts the request when the server closes it."""
+    """The app's body, passed through; counts the request when the server closes it.
+
+    An iterator of its own (not a generator): a generator the server abandoned would close
+    the app's iterable a second time when it is collected.
+    """
 
     def __init__(
-        self,
-        body: Iterable[bytes],
-        watch: _StartWatch,
-        breaker: CircuitBreaker,
-        is_failure: Callable[[int], bool],
+        self, body: Iterable[bytes], watch: _StartWatch, breaker: CircuitBreaker, options: Options
     ) -> None:
         self._body = body
+        self._iterator: Iterator[bytes] | None = None
         self._watch = watch
         self._breaker = breaker
-        self._is_failure = is_failure
+        self._options = options
         self._failed = False
         self._counted = False
 
     def __iter__(self) -> Iterator[bytes]:
+        if self._iterator is None:
+            try:
+                self._iterator = iter(self._body)
+            except Exception:
+                self._failed = True
+                raise
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iterator is None:
+            iter(self)
+        assert self._iterator is not None
         try:
-            yield from self._body
+            return next(self._iterator)
+        except StopIteration:
+            raise
         except Exception:
             self._failed = True
             raise
@@ -142,10 +170,22 @@ class _Outcome:
             return
         self._counted = True
         status = self._watch.status
-        if self._failed or status is None or self._is_failure(status):
+        if self._failed:
             self._breaker.record_failure()
+        elif status is None:  # never started: closed unread, the route said nothing
+            self._breaker.release()
         else:
-            self._breaker.record_success()
+            _count_status(self._breaker, self._options, status)
+
+
+def _count_status(breaker: CircuitBreaker, options: Options, status: int) -> None:
+    failed = options.failed(status)
+    if failed is None:
+        breaker.release()  # the predicate broke: nothing known about the route
+    elif failed:
+        breaker.record_failure()
+    else:
+        breaker.record_success()
 
 
 def _without_body(environ: Environ) -> bool:
