@@ -20,13 +20,13 @@ How a mode changes between two calls, in one process, with one client and one co
 Only references are re-pointed (and the ``enabled`` flag set); breakers, budgets and
 remembered plans stay alive throughout, so every ``recovery`` call takes the remembered
 (compiled, where built) happy path, which ``uses_python_of_ours`` checks. Every switch is
-made before every call in every mode. Where the reference is a class attribute (requests'
-``Session.request``; Redis and psycopg switch a contrib proxy's ``__wrapped__`` instead),
-setting it resets that class's version tag and so CPython's method cache for it before
-every call. That falls on every mode, but not at the same price: a mode that looks up more
-on the class pays more, and the compiled layer's own version-tag check never hits. So the
-HTTP row is the pessimistic one. (On 3.13 a class that changes about 1,000 times keeps no
-version tag at all; this benchmark's figures are from 3.11.)
+made before every call in every mode. Where our layer is the class attribute itself
+(requests' ``Session.request``, psycopg's ``Cursor.execute``), the switch installs a
+trampoline there once, a plain function that calls whichever of the two is selected, and
+switches its target: setting the class attribute itself before every call would reset
+the class's version tag and method cache every time, which costs the modes unequally (and
+on 3.13 leaves the class without a tag). The trampoline costs every mode the same; our
+layer is then called through it, as it is through contrib's wrapper for Redis.
 
 Each block is four calls, one per mode, in an order that cycles through all 24 permutations,
 so no mode is favoured by its position. The CPU time of a call is the calling thread's
@@ -60,9 +60,28 @@ class _Link:
     name: str
     ours: Any
     beneath: Any  # what our layer wraps: the reference's value when we are out
+    target: list[Any] | None = None  # a class attribute's trampoline target (see below)
 
     def point(self, ours_in: bool) -> None:
-        setattr(self.holder, self.name, self.ours if ours_in else self.beneath)
+        value = self.ours if ours_in else self.beneath
+        if self.target is not None:
+            self.target[0] = value
+        else:
+            setattr(self.holder, self.name, value)
+
+    def restore(self) -> None:
+        """Put our layer back where the trampoline stood."""
+        if self.target is not None:
+            setattr(self.holder, self.name, self.ours)
+
+
+def _trampoline(target: list[Any]) -> Callable[..., Any]:
+    """A class attribute that calls ``target[0]``: switching it costs no class change."""
+
+    def through(instance: Any, *args: Any, **kwargs: Any) -> Any:
+        return target[0](instance, *args, **kwargs)
+
+    return through
 
 
 class PerCallSwitch:
@@ -87,6 +106,12 @@ class PerCallSwitch:
         for patches in self.patch_sets:
             patches.enabled = mode != "idle"
 
+    def restore(self) -> None:
+        """Our layers back in the path, enabled, trampolines gone."""
+        self.select("recovery")
+        for link in self.links:
+            link.restore()
+
 
 def _find_link(
     owner: Any, attribute: str, ours: Any, is_ours: Callable[[object], bool]
@@ -94,7 +119,9 @@ def _find_link(
     beneath = ours.__wrapped__
     top = vars(owner).get(attribute) if hasattr(owner, "__dict__") else None
     if top is ours:
-        return _Link(owner, attribute, ours, beneath)
+        target = [ours]
+        setattr(owner, attribute, _trampoline(target))
+        return _Link(owner, attribute, ours, beneath, target)
     node, depth = top, 0
     while node is not None and depth < 20 and not is_ours(node):
         below = getattr(node, "__wrapped__", None)

@@ -428,7 +428,7 @@ class Worker:
             gc.collect()
             cpu = run_blocks(call, switch, blocks)
         finally:
-            switch.select("recovery")
+            switch.restore()
             close()
         return {"cpu": cpu, "python": sorted(python)}
 

@@ -58,8 +58,11 @@ def test_switch_takes_our_layer_out_and_puts_it_back():
             switch.select(mode)
             assert client.send(1) == 2
         assert calls == ["enabled", "idle", "enabled"]
-        switch.select("contrib")
-        assert Client.__dict__["send"] is original
+        layer = switch.links[0].ours
+        assert Client.__dict__["send"] is not layer  # a trampoline switches, not the class
+        switch.restore()
+        assert Client.__dict__["send"] is layer
+        assert client.send(1) == 2 and calls[-1] == "enabled"
     finally:
         patches.remove_all()
     assert Client.__dict__["send"] is original
@@ -72,6 +75,7 @@ def test_run_blocks_times_every_mode_once_per_block_in_every_order():
         switch = PerCallSwitch([patches], _ours)
         client = Client()
         cpu = run_blocks(lambda: client.send(1), switch, len(ORDERS))
+        switch.restore()
     finally:
         patches.remove_all()
     assert set(cpu) == set(PAIRED_MODES)
