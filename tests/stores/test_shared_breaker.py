@@ -291,7 +291,10 @@ def test_a_redis_restart_degrades_to_local_state_and_resyncs(volatile_redis, cap
         assert not breaker.can_execute()
         volatile_redis.start()  # empty: no persistence
         deadline = time.monotonic() + 10
-        while not breaker.shared and time.monotonic() < deadline:
+        # the sync thread flips `shared` first, then logs and announces the resync
+        while time.monotonic() < deadline and not (
+            breaker.shared and _events(captured, names.EVENT_STORE_RESYNCED)
+        ):
             time.sleep(0.02)
         assert breaker.shared
         assert breaker.state is CircuitState.OPEN
