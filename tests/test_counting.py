@@ -4,7 +4,10 @@ count the same, peek the same, and lose no count between threads."""
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -47,6 +50,23 @@ def test_threads_lose_no_count(kind):
     for thread in threads:
         thread.join()
     assert peek(counter) == 80_000
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_copied_or_pickled_counter_goes_on_from_the_same_count(kind):
+    counter = KINDS[kind]()
+    next(counter)
+    next(counter)
+    for copy_of in (copy.copy(counter), copy.deepcopy(counter), _round_trip(counter)):
+        assert peek(copy_of) == 2 and next(copy_of) == 2
+    assert peek(counter) == 2  # the original did not move
+
+
+def _round_trip(counter: Iterator[int]) -> Iterator[int]:
+    if isinstance(counter, itertools.count) and sys.version_info >= (3, 14):
+        return copy.copy(counter)  # itertools objects no longer pickle from 3.14 on
+    copied: Iterator[int] = pickle.loads(pickle.dumps(counter))
+    return copied
 
 
 def test_new_counter_is_the_compiled_one_where_it_is_built():

@@ -49,6 +49,18 @@ counter_repr(CounterObject *self)
     return PyUnicode_FromFormat("Counter(%lld)", self->next);
 }
 
+/* Copies and pickles carry the count on, as itertools.count's did. */
+static PyObject *
+counter_reduce(CounterObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(O(L))", (PyObject *)Py_TYPE(self), self->next);
+}
+
+static PyMethodDef counter_methods[] = {
+    {"__reduce__", (PyCFunction)counter_reduce, METH_NOARGS, NULL},
+    {NULL},
+};
+
 static PyGetSetDef counter_getset[] = {
     {"value", (getter)counter_value, NULL, "the count next() returns next, without advancing",
      NULL},
@@ -66,4 +78,5 @@ PyTypeObject CounterType = {
     .tp_iternext = (iternextfunc)counter_iternext,
     .tp_repr = (reprfunc)counter_repr,
     .tp_getset = counter_getset,
+    .tp_methods = counter_methods,
 };
