@@ -79,20 +79,18 @@ class RouteBreakers:
     def __init__(self, breaker: BreakerChoice, max_routes: int) -> None:
         if isinstance(max_routes, bool) or not isinstance(max_routes, int) or max_routes < 1:
             raise ValueError(f"max_routes must be an int >= 1, got {max_routes!r}")
-        if (
-            breaker is not None
-            and not isinstance(breaker, CircuitBreaker)
-            and not callable(breaker)
-        ):
+        self._shared: CircuitBreaker | None = None
+        self._factory: Callable[[str], CircuitBreaker] = default_breaker
+        if isinstance(breaker, CircuitBreaker):
+            self._shared = breaker
+        elif callable(breaker):
+            self._factory = breaker
+        elif breaker is not None:
             raise TypeError(
                 "breaker must be a CircuitBreaker (one for every route), a function "
                 "route -> CircuitBreaker (one per route), or None for the default "
                 f"(5 failures open a route for {DEFAULT_TIMEOUT:g} s); got {breaker!r}"
             )
-        self._shared = breaker if isinstance(breaker, CircuitBreaker) else None
-        self._factory: Callable[[str], CircuitBreaker] = default_breaker
-        if breaker is not None and not isinstance(breaker, CircuitBreaker):
-            self._factory = breaker
         self._max_routes = max_routes
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
@@ -224,14 +222,20 @@ class Options:
         )
         return wait
 
-    def failed(self, status: int) -> bool | None:
-        """``is_failure(status)``; None if the predicate raised (logged once): the
-        request's outcome is then unknown, and its permit is given back uncounted."""
+    def count(self, breaker: CircuitBreaker, status: int) -> None:
+        """A response with ``status`` on its route's breaker, as ``is_failure`` judges it.
+        A predicate that raises is logged once; the outcome is then unknown, and the
+        permit is given back uncounted."""
         try:
-            return bool(self.is_failure(status))
+            failed = bool(self.is_failure(status))
         except Exception as failure:
             report_internal_error("middleware is_failure", failure)
-            return None
+            breaker.release()
+            return
+        if failed:
+            breaker.record_failure()
+        else:
+            breaker.record_success()
 
 
 def shed(options: Options, route: str, breaker: CircuitBreaker) -> Response:

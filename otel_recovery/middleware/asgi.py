@@ -60,7 +60,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class RecoveryMiddleware(GuardedApp):
@@ -95,8 +94,9 @@ class RecoveryMiddleware(GuardedApp):
             return
         settled = False  # every permit ends in exactly one record_* or release()
         try:
-            initial, attempt_scope = dict(scope), scope
-            retries, previous, started = 0, 0.0, options.clock.now()
+            attempt_scope = scope
+            retries, previous = 0, 0.0
+            started = options.clock.now() if request.replayable else 0.0  # for the deadline
             while True:
                 response = _ResponseWatch(send)
                 try:
@@ -107,8 +107,7 @@ class RecoveryMiddleware(GuardedApp):
                         if wait is not None:
                             retries, previous = retries + 1, wait
                             await options.clock.asleep(wait)
-                            request.rewind()
-                            attempt_scope = dict(initial)  # routers rewrite the scope
+                            attempt_scope = request.rewind()
                             continue
                     settled = True
                     _count(breaker, options, None, request.disconnected, raised=True)
@@ -135,21 +134,18 @@ def _count(
 ) -> None:
     """One request's outcome on its route's breaker. A client that went away says nothing
     about the route: its request neither fails nor succeeds (the permit is given back)."""
-    if disconnected and (raised or status is None):
-        breaker.release()
-        return
-    failed = True if raised or status is None else options.failed(status)
-    if failed is None:
-        breaker.release()
-    elif failed:
-        breaker.record_failure()
+    if raised or status is None:
+        if disconnected:
+            breaker.release()
+        else:
+            breaker.record_failure()
     else:
-        breaker.record_success()
+        options.count(breaker, status)
 
 
 class _Request:
     """The request's receive channel, replayable to a retry while no non-empty body and no
-    disconnect was read; it notes a disconnect either way."""
+    disconnect was read (with the scope as it first came); it notes a disconnect either way."""
 
     def __init__(self, scope: Scope, receive: Receive, *, retries: bool) -> None:
         self._receive = receive
@@ -157,6 +153,7 @@ class _Request:
         self._position = 0
         self.disconnected = False
         self.replayable = retries and may_repeat(str(scope.get("method", "GET")), _headers(scope))
+        self._scope = dict(scope) if self.replayable else {}  # routers rewrite it in place
 
     async def receive(self) -> Message:
         if self._position < len(self._read):
@@ -174,8 +171,10 @@ class _Request:
             self._position += 1
         return message
 
-    def rewind(self) -> None:
+    def rewind(self) -> Scope:
+        """Start the messages over; a fresh copy of the scope as it first came."""
         self._position = 0
+        return dict(self._scope)
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -36,7 +36,6 @@ __all__ = ["RecoveryMiddleware"]
 Environ = dict[str, Any]
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], object]]
-WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
 class RecoveryMiddleware(GuardedApp):
@@ -69,8 +68,10 @@ class RecoveryMiddleware(GuardedApp):
             return _respond(start_response, shed(options, route, breaker))
         settled = False  # every permit ends in exactly one record_* or release()
         try:
-            initial, attempt_environ = dict(environ), environ
-            retries, previous, started = 0, 0.0, options.clock.now()
+            initial = dict(environ) if replayable else environ  # dispatchers rewrite it
+            attempt_environ = environ
+            retries, previous = 0, 0.0
+            started = options.clock.now() if replayable else 0.0  # for the deadline
             while True:
                 watch = _StartWatch(start_response)
                 try:
@@ -81,7 +82,7 @@ class RecoveryMiddleware(GuardedApp):
                         if wait is not None:
                             retries, previous = retries + 1, wait
                             options.clock.sleep(wait)
-                            attempt_environ = dict(initial)  # dispatchers rewrite PATH_INFO
+                            attempt_environ = dict(initial)
                             continue
                     settled = True
                     breaker.record_failure()
@@ -91,7 +92,7 @@ class RecoveryMiddleware(GuardedApp):
                     return _respond(start_response, answer)
                 settled = True
                 if watch.status is not None and isinstance(body, (list, tuple)):
-                    _count_status(breaker, options, watch.status)  # already whole
+                    options.count(breaker, watch.status)  # already whole
                     return body  # as it came: the server may take its len()
                 return _Outcome(body, watch, breaker, options)  # counts when closed
         finally:
@@ -175,17 +176,7 @@ class _Outcome:
         elif status is None:  # never started: closed unread, the route said nothing
             self._breaker.release()
         else:
-            _count_status(self._breaker, self._options, status)
-
-
-def _count_status(breaker: CircuitBreaker, options: Options, status: int) -> None:
-    failed = options.failed(status)
-    if failed is None:
-        breaker.release()  # the predicate broke: nothing known about the route
-    elif failed:
-        breaker.record_failure()
-    else:
-        breaker.record_success()
+            self._options.count(self._breaker, status)
 
 
 def _without_body(environ: Environ) -> bool:
