@@ -27,13 +27,16 @@ class Runner:
 
 class PlanTable:
     """The plans a :class:`Layer` may use for one holder, valid while ``token`` is the
-    layer's token and ``guard_map[guard_key] is guard_value``."""
+    layer's token and ``guard_map[guard_key] is guard_value``, and until it is retired."""
 
     token: object
     plans: dict[Any, Any]
     guard_map: dict[Any, Any] | None
     guard_key: object
     guard_value: object
+    retired: bool
+    def retire(self) -> None:
+        """The holder has a new table: layers that remembered this one read it again."""
     def __init__(
         self,
         token: object,

@@ -12,6 +12,7 @@ typedef struct {
     PyObject *guard_map;
     PyObject *guard_key;
     PyObject *guard_value;
+    int retired; /* replaced on its holder: a layer's cached reference must not serve */
 } PlanTableObject;
 
 static PyObject *
@@ -37,9 +38,35 @@ plantable_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->guard_map = Py_NewRef(guard_map);
     self->guard_key = Py_NewRef(guard_key);
     self->guard_value = Py_NewRef(guard_value);
+    self->retired = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
+
+static PyObject *
+plantable_retire(PlanTableObject *self, PyObject *unused)
+{
+    self->retired = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+plantable_get_retired(PlanTableObject *self, void *closure)
+{
+    return PyBool_FromLong(self->retired);
+}
+
+static PyMethodDef plantable_methods[] = {
+    {"retire", (PyCFunction)plantable_retire, METH_NOARGS,
+     PyDoc_STR("retire(): the holder has a new table; layers that remembered this one "
+               "read the holder's again.")},
+    {NULL},
+};
+
+static PyGetSetDef plantable_getset[] = {
+    {"retired", (getter)plantable_get_retired, NULL, "retire() was called", NULL},
+    {NULL},
+};
 
 static int
 plantable_traverse(PlanTableObject *self, visitproc visit, void *arg)
@@ -89,6 +116,8 @@ PyTypeObject PlanTableType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = plantable_new,
     .tp_members = plantable_members,
+    .tp_methods = plantable_methods,
+    .tp_getset = plantable_getset,
     .tp_traverse = (traverseproc)plantable_traverse,
     .tp_clear = (inquiry)plantable_clear,
     .tp_dealloc = (destructor)plantable_dealloc,
@@ -111,6 +140,8 @@ typedef struct {
     vectorcallfunc vectorcall;
     unsigned int owner_tag;   /* owner's version tag when owner_top was read; 0: none */
     const void *owner_top;    /* owner.__dict__[attribute] then: compared, never used */
+    PyObject *holder_ref;     /* weak reference to the holder `table` was read from */
+    PyObject *table;          /* the PlanTable last read, or NULL (see layer_table) */
 } LayerObject;
 
 /* The owner's version tag, if it is valid: from 3.11 on CPython gives the class a new one
@@ -133,19 +164,98 @@ valid_version_tag(PyTypeObject *type)
 #endif
 }
 
+/* `ref` (a weak reference) refers to `obj`, which is alive. */
+HOT static inline int
+refers_to(PyObject *ref, PyObject *obj)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *referent;
+    if (PyWeakref_GetRef(ref, &referent) <= 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(referent);
+    return referent == obj;
+#else
+    return PyWeakref_GET_OBJECT(ref) == obj;
+#endif
+}
+
+/* The holder's PlanTable as its attribute holds it now, a new reference, remembered for the
+ * next call; NULL (an error may be set) when it has none. */
+COLD static PyObject *
+layer_read_table(LayerObject *self, PyObject *holder)
+{
+    Py_CLEAR(self->table);
+    Py_CLEAR(self->holder_ref);
+    PyObject *table = PyObject_GetAttr(holder, self->table_attr);
+    if (table == NULL || Py_TYPE(table) != &PlanTableType) {
+        Py_XDECREF(table);
+        return NULL;
+    }
+    PyObject *ref = PyWeakref_NewRef(holder, NULL);
+    if (ref == NULL) {
+        PyErr_Clear(); /* a holder without weak references: read every time */
+    }
+    else {
+        self->holder_ref = ref;
+        self->table = Py_NewRef(table);
+    }
+    return table;
+}
+
+/* The holder's PlanTable, a new reference; NULL (an error may be set) when it has none.
+ *
+ * Why remembered: reading the table is a second attribute lookup on every call, and its
+ * cache lines are cold between two client calls. The table a layer remembers is the one
+ * its holder still has: only _share_plans-style code replaces a holder's table, and it
+ * retires the one it replaces (PlanTable.retire); a holder that died fails the weak
+ * reference, so a new object at its address cannot inherit its table. A remembered table
+ * whose token or guard no longer matches is read again once (layer_remembered_plan). */
+HOT static PyObject *
+layer_table(LayerObject *self, PyObject *holder, int *remembered)
+{
+    PlanTableObject *table = (PlanTableObject *)self->table;
+    if (LIKELY(table != NULL && !table->retired && refers_to(self->holder_ref, holder))) {
+        *remembered = 1;
+        return Py_NewRef((PyObject *)table);
+    }
+    *remembered = 0;
+    return layer_read_table(self, holder);
+}
+
+/* The table serves this layer: made under its token, and its guard still holds. */
+HOT static inline int
+table_valid(PlanTableObject *table, PyObject *token)
+{
+    if (UNLIKELY(table->token != token)) {
+        return 0;
+    }
+    if (table->guard_map != Py_None) {
+        PyObject *guard = PyDict_GetItemWithError(table->guard_map, table->guard_key);
+        if (guard == NULL && !PyErr_Occurred()) {
+            guard = Py_None; /* guard_map.get(guard_key), as the Python layer reads it */
+        }
+        if (UNLIKELY(guard != table->guard_value)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* The plan for this call from its holder's table, a new reference; NULL (no error set) when
  * the Python layer has to decide. */
 HOT static PyObject *
 layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs)
 {
     PyObject *token, *seen = NULL, *holder = NULL, *table = NULL, *plan = NULL;
-    if (nargs < 1 || self->key_index >= nargs) {
+    if (UNLIKELY(nargs < 1 || self->key_index >= nargs)) {
         return NULL;
     }
     if (self->site != Py_None) {
         /* the wrapper chain above us is the one the site last saw */
         seen = slot_read(&self->seen, self->site);
-        if (seen == NULL || !PyTuple_Check(seen) || PyTuple_GET_SIZE(seen) != 2) {
+        if (UNLIKELY(seen == NULL || !PyTuple_Check(seen) || PyTuple_GET_SIZE(seen) != 2)) {
             goto miss;
         }
         PyTypeObject *owner = (PyTypeObject *)self->owner;
@@ -159,7 +269,7 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
             self->owner_tag = tag;
             self->owner_top = top;
         }
-        if (top != PyTuple_GET_ITEM(seen, 0)) {
+        if (UNLIKELY(top != PyTuple_GET_ITEM(seen, 0))) {
             goto miss;
         }
         token = seen;
@@ -168,37 +278,34 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
         token = self->token;
     }
     holder = PyObject_GetAttr(argv[0], self->holder_attr);
-    if (holder == NULL) {
+    if (UNLIKELY(holder == NULL)) {
         goto miss;
     }
-    table = PyObject_GetAttr(holder, self->table_attr);
-    if (table == NULL || Py_TYPE(table) != &PlanTableType) {
+    int remembered;
+    table = layer_table(self, holder, &remembered);
+    if (UNLIKELY(table == NULL)) {
         goto miss;
     }
-    PlanTableObject *plans = (PlanTableObject *)table;
-    if (plans->token != token) {
-        goto miss;
-    }
-    if (plans->guard_map != Py_None) {
-        PyObject *guard = PyDict_GetItemWithError(plans->guard_map, plans->guard_key);
-        if (guard == NULL && !PyErr_Occurred()) {
-            guard = Py_None; /* guard_map.get(guard_key), as the Python layer reads it */
+    if (UNLIKELY(!table_valid((PlanTableObject *)table, token))) {
+        if (!remembered || PyErr_Occurred()) {
+            goto miss;
         }
-        if (guard != plans->guard_value) {
+        Py_SETREF(table, layer_read_table(self, holder)); /* the holder may have a new one */
+        if (table == NULL || !table_valid((PlanTableObject *)table, token)) {
             goto miss;
         }
     }
     PyObject *key = self->key_index ? argv[self->key_index] : (PyObject *)Py_TYPE(argv[0]);
-    plan = PyDict_GetItemWithError(plans->plans, key); /* borrowed */
-    if (plan != NULL && PyTuple_Check(plan) && PyTuple_GET_SIZE(plan) > 2 &&
-        Py_TYPE(PyTuple_GET_ITEM(plan, 2)) == &RunnerType) {
+    plan = PyDict_GetItemWithError(((PlanTableObject *)table)->plans, key); /* borrowed */
+    if (LIKELY(plan != NULL && PyTuple_Check(plan) && PyTuple_GET_SIZE(plan) > 2 &&
+               Py_TYPE(PyTuple_GET_ITEM(plan, 2)) == &RunnerType)) {
         Py_INCREF(plan);
     }
     else {
         plan = NULL;
     }
 miss:
-    if (PyErr_Occurred()) {
+    if (UNLIKELY(PyErr_Occurred())) {
         PyErr_Clear(); /* the Python layer meets the same surprise and reports it */
     }
     Py_XDECREF(seen);
@@ -207,57 +314,65 @@ miss:
     return plan;
 }
 
+/* The remembered call raised `Exception`: "except Exception as error:
+ * explain_no_retry(plan, error); raise". NULL with the error (or explain's BaseException,
+ * chained to it) set. */
+COLD static PyObject *
+layer_explain(LayerObject *self, PyObject *plan)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *call_args[2] = {plan, value};
+    PyObject *ignored = PyObject_Vectorcall(self->explain, call_args, 2, NULL);
+    if (ignored == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+        /* as in Python: a BaseException from explain replaces the error, chained to it */
+        PyObject *new_type, *new_value, *new_traceback;
+        PyErr_Fetch(&new_type, &new_value, &new_traceback);
+        PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
+        if (new_value != value) {
+            PyException_SetContext(new_value, value); /* steals value */
+        }
+        else {
+            Py_DECREF(value);
+        }
+        Py_XDECREF(type);
+        Py_XDECREF(traceback);
+        PyErr_Restore(new_type, new_value, new_traceback);
+        return NULL;
+    }
+    if (ignored == NULL) {
+        PyErr_Clear(); /* telemetry must never replace the caller's error */
+    }
+    Py_XDECREF(ignored);
+    PyErr_Restore(type, value, traceback);
+    return NULL;
+}
+
 HOT static PyObject *
 layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
 {
     int go_on;
     PyObject *routed = layer_head_gate((LayerHead *)self, argv, nargsf, kwnames, &go_on);
-    if (!go_on) {
+    if (UNLIKELY(!go_on)) {
         return routed;
     }
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *plan = unsuppressed(self->context_var, self->suppress_keys)
+    PyObject *plan = LIKELY(unsuppressed(self->context_var, self->suppress_keys))
                          ? layer_remembered_plan(self, argv, nargs)
                          : NULL;
-    if (plan == NULL) {
+    if (UNLIKELY(plan == NULL)) {
         return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
     }
     CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
     RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 2);
     PyObject *result = runner_run(runner, self->original, &ca);
     callargs_release(&ca);
-    if (result == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
-        /* "except Exception as error: explain_no_retry(plan, error); raise" */
-        PyObject *type, *value, *traceback;
-        PyErr_Fetch(&type, &value, &traceback);
-        PyErr_NormalizeException(&type, &value, &traceback);
-        if (traceback != NULL) {
-            PyException_SetTraceback(value, traceback);
-        }
-        PyObject *call_args[2] = {plan, value};
-        PyObject *ignored = PyObject_Vectorcall(self->explain, call_args, 2, NULL);
-        if (ignored == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
-            /* as in Python: a BaseException from explain replaces the error, chained to it */
-            PyObject *new_type, *new_value, *new_traceback;
-            PyErr_Fetch(&new_type, &new_value, &new_traceback);
-            PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
-            if (new_value != value) {
-                PyException_SetContext(new_value, value); /* steals value */
-            }
-            else {
-                Py_DECREF(value);
-            }
-            Py_XDECREF(type);
-            Py_XDECREF(traceback);
-            PyErr_Restore(new_type, new_value, new_traceback);
-            Py_DECREF(plan);
-            return NULL;
-        }
-        if (ignored == NULL) {
-            PyErr_Clear(); /* telemetry must never replace the caller's error */
-        }
-        Py_XDECREF(ignored);
-        PyErr_Restore(type, value, traceback);
+    if (UNLIKELY(result == NULL) && PyErr_ExceptionMatches(PyExc_Exception)) {
+        result = layer_explain(self, plan);
     }
     Py_DECREF(plan);
     return result;
@@ -310,6 +425,8 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->vectorcall = (vectorcallfunc)layer_vectorcall;
     self->owner_tag = 0;
     self->owner_top = NULL;
+    self->holder_ref = NULL;
+    self->table = NULL;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -324,6 +441,8 @@ layer_traverse(LayerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->holder_attr);
     Py_VISIT(self->table_attr);
     Py_VISIT(self->explain);
+    Py_VISIT(self->holder_ref);
+    Py_VISIT(self->table);
     return layer_head_traverse((LayerHead *)self, visit, arg);
 }
 
@@ -338,6 +457,8 @@ layer_clear(LayerObject *self)
     Py_CLEAR(self->holder_attr);
     Py_CLEAR(self->table_attr);
     Py_CLEAR(self->explain);
+    Py_CLEAR(self->holder_ref);
+    Py_CLEAR(self->table);
     return 0;
 }
 

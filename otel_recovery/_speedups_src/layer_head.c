@@ -10,8 +10,14 @@ layer_head_init(LayerHead *head, PyObject *slow, PyObject *original, PyObject *p
         return -1;
     }
     if (!PyTuple_Check(suppress_keys)) {
-        PyErr_SetString(PyExc_TypeError, "a layer's suppress_keys must be a tuple");
+        PyErr_SetString(PyExc_TypeError, "a layer's suppress_keys must be a tuple of str");
         return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(suppress_keys); i++) {
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(suppress_keys, i))) {
+            PyErr_SetString(PyExc_TypeError, "a layer's suppress_keys must be a tuple of str");
+            return -1;
+        }
     }
     /* the Python layer's module marks the layer as ours (instrumentors/_wrapping.py) */
     PyObject *dict = PyDict_New();
@@ -85,26 +91,66 @@ PyGetSetDef layer_getset[] = {
     {NULL},
 };
 
-/* Nothing in the context suppresses instrumentation: 1; something may: 0. */
+/* unsuppressed's way for a context with a key that is not an exact str: dict lookups. */
+COLD static int
+unsuppressed_by_lookup(PyObject *context, PyObject *suppress_keys)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(suppress_keys); i++) {
+        if (PyDict_Contains(context, PyTuple_GET_ITEM(suppress_keys, i)) != 0) {
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* `key` (an exact str) is the suppression key `suppress` (an exact str). */
+HOT static inline int
+is_key(PyObject *key, PyObject *suppress)
+{
+    if (LIKELY(key != suppress)) {
+        if (PyUnicode_GET_LENGTH(key) != PyUnicode_GET_LENGTH(suppress) ||
+            (PyUnicode_CHECK_INTERNED(key) && PyUnicode_CHECK_INTERNED(suppress))) {
+            return 0;
+        }
+        return PyUnicode_Compare(key, suppress) == 0;
+    }
+    return 1;
+}
+
+/* Nothing in the context suppresses instrumentation: 1; something may: 0.
+ *
+ * Why a scan and not a lookup per key: the current Context holds one or two entries (the
+ * current span's key), and opentelemetry.context's keys are the very objects it made, so
+ * comparing the few keys by identity (by value only for an equal-length str that is
+ * another object) touches only the Context, which the caller just made, instead of two
+ * lookups' worth of cold code and data. Any key that is not an exact str makes it look
+ * the keys up, as dict membership would find them. */
 HOT int
 unsuppressed(PyObject *context_var, PyObject *suppress_keys)
 {
     PyObject *context;
-    if (PyContextVar_Get(context_var, NULL, &context) < 0) {
+    if (UNLIKELY(PyContextVar_Get(context_var, NULL, &context) < 0)) {
         PyErr_Clear();
         return 0;
     }
-    if (context == NULL || !PyDict_Check(context)) {
+    if (UNLIKELY(context == NULL || !PyDict_Check(context))) {
         Py_XDECREF(context);
         return 0;
     }
     int clear = 1;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(suppress_keys); i++) {
-        int found = PyDict_Contains(context, PyTuple_GET_ITEM(suppress_keys, i));
-        if (found != 0) {
-            PyErr_Clear();
-            clear = 0;
+    Py_ssize_t position = 0, count = PyTuple_GET_SIZE(suppress_keys);
+    PyObject *key, *value;
+    while (clear && PyDict_Next(context, &position, &key, &value)) {
+        if (UNLIKELY(!PyUnicode_CheckExact(key))) {
+            clear = unsuppressed_by_lookup(context, suppress_keys);
             break;
+        }
+        for (Py_ssize_t i = 0; i < count; i++) {
+            if (UNLIKELY(is_key(key, PyTuple_GET_ITEM(suppress_keys, i)))) {
+                clear = 0;
+                break;
+            }
         }
     }
     Py_DECREF(context);

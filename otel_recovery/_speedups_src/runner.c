@@ -1,15 +1,10 @@
 /* Runner: RecoveryPolicy.runner()'s happy path, compiled. */
 #include "speedups.h"
 
-HOT int
-started_read(RunnerObject *self, Started *started)
+/* started_read's way for a clock that is not time.monotonic (a fake clock, say). */
+COLD int
+started_read_generic(RunnerObject *self, Started *started)
 {
-#if HAVE_DIRECT_MONOTONIC
-    if (self->monotonic) {
-        started->value = NULL;
-        return direct_monotonic(&started->seconds) == 0 ? 0 : (PyErr_SetFromErrno(PyExc_OSError), -1);
-    }
-#endif
     started->value = PyObject_CallNoArgs(self->now);
     if (started->value == NULL) {
         return -1;
@@ -103,9 +98,9 @@ runner_reject(RunnerObject *self, CallArgs *ca, Started *started)
     return result;
 }
 
-/* started < budget._bucket_end; -1 on error. */
-HOT int
-runner_before_bucket_end(RunnerObject *self, Started *started)
+/* runner_before_bucket_end's way when the end or the start is not a plain float. */
+COLD int
+before_bucket_end_generic(RunnerObject *self, Started *started)
 {
     PyObject *end = slot_read(&self->bucket_end, self->budget);
     if (end == NULL) {
@@ -123,13 +118,10 @@ runner_before_bucket_end(RunnerObject *self, Started *started)
     return before;
 }
 
-/* next(iterator), discarding the value; -1 on error (StopIteration when exhausted). */
-HOT int
-advance(PyObject *iterator)
+/* advance's way for an iterator that is not a Counter. */
+COLD int
+advance_iterator(PyObject *iterator)
 {
-    if (Py_TYPE(iterator) == &CounterType) {
-        return counter_advance((CounterObject *)iterator);
-    }
     if (!PyIter_Check(iterator)) {
         PyErr_Format(PyExc_TypeError, "'%.200s' object is not an iterator",
                      Py_TYPE(iterator)->tp_name);
@@ -146,9 +138,9 @@ advance(PyObject *iterator)
     return 0;
 }
 
-/* Account the success: next(breaker._tally) when set, else breaker.record_success(). */
-HOT int
-runner_record_success(RunnerObject *self, PyObject *breaker)
+/* runner_record_success's way when the tally is not a Counter in its slot. */
+COLD int
+record_success_generic(RunnerObject *self, PyObject *breaker)
 {
     if (self->tallied) {
         PyObject *tally = slot_read(&self->tally, breaker);
@@ -165,95 +157,109 @@ runner_record_success(RunnerObject *self, PyObject *breaker)
     return call_method_discard(breaker, str_record_success);
 }
 
+/* breaker.can_execute() when the lock-free gate is shut; 1: go on, 0: rejected, -1: error. */
+COLD static int
+runner_gate(PyObject *breaker)
+{
+    PyObject *answer = PyObject_CallMethodNoArgs(breaker, str_can_execute);
+    if (answer == NULL) {
+        return -1;
+    }
+    int permitted = PyObject_IsTrue(answer);
+    Py_DECREF(answer);
+    return permitted;
+}
+
+/* budget.record_call(started) when the lock-free deposit does not apply. */
+COLD static int
+runner_record_call(RunnerObject *self, Started *started)
+{
+    PyObject *start = started_object(started);
+    PyObject *ignored =
+        start == NULL ? NULL : PyObject_CallMethodOneArg(self->budget, str_record_call, start);
+    if (ignored == NULL) {
+        return -1;
+    }
+    Py_DECREF(ignored);
+    return 0;
+}
+
+/* remember(args, kwargs, result, started); -1 on error. */
+COLD static int
+runner_remember(RunnerObject *self, CallArgs *ca, PyObject *result, Started *started)
+{
+    PyObject *start = started_object(started);
+    if (start == NULL || callargs_materialize(ca) < 0) {
+        return -1;
+    }
+    PyObject *call_args[4] = {ca->args, ca->kwargs, result, start};
+    PyObject *ignored = PyObject_Vectorcall(self->remember, call_args, 4, NULL);
+    if (ignored == NULL) {
+        return -1;
+    }
+    Py_DECREF(ignored);
+    return 0;
+}
+
+/* The call failed: recover from an Exception, release the permit on anything else. */
+COLD static PyObject *
+runner_failed(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
+{
+    if (PyErr_ExceptionMatches(PyExc_Exception)) {
+        return runner_recover(self, fn, ca, started);
+    }
+    if (self->breaker != Py_None) {
+        runner_release(self);
+    }
+    return NULL;
+}
+
 HOT PyObject *
 runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
 {
     int active = slot_true(&self->active, self->switches);
-    if (active < 0) {
-        return NULL;
-    }
-    if (!active) {
-        return callargs_call(fn, ca);
+    if (UNLIKELY(active <= 0)) {
+        return active < 0 ? NULL : callargs_call(fn, ca);
     }
     Started started;
-    if (started_read(self, &started) < 0) {
+    if (UNLIKELY(started_read(self, &started) < 0)) {
         return NULL;
     }
     PyObject *result = NULL;
     PyObject *breaker = self->breaker == Py_None ? NULL : self->breaker;
     if (breaker != NULL) {
         int permitted = self->gate_unlocked ? slot_true(&self->permit_all, breaker) : 0;
-        if (permitted < 0) {
-            goto done;
-        }
-        if (!permitted) {
-            PyObject *answer = PyObject_CallMethodNoArgs(breaker, str_can_execute);
-            if (answer == NULL) {
-                goto done;
-            }
-            permitted = PyObject_IsTrue(answer);
-            Py_DECREF(answer);
-            if (permitted < 0) {
-                goto done;
-            }
-            if (!permitted) {
-                result = runner_reject(self, ca, &started);
+        if (UNLIKELY(permitted != 1)) {
+            permitted = permitted < 0 ? -1 : runner_gate(breaker);
+            if (permitted <= 0) {
+                result = permitted < 0 ? NULL : runner_reject(self, ca, &started);
                 goto done;
             }
         }
     }
     if (self->budget != Py_None) {
-        int deposited = 0;
-        if (self->counter != Py_None) {
-            int before = runner_before_bucket_end(self, &started);
-            if (before < 0) {
+        int before = self->counter == Py_None ? 0 : runner_before_bucket_end(self, &started);
+        if (LIKELY(before == 1)) {
+            if (UNLIKELY(advance(self->counter) < 0)) {
                 goto done;
-            }
-            if (before) {
-                if (advance(self->counter) < 0) {
-                    goto done;
-                }
-                deposited = 1;
             }
         }
-        if (!deposited) {
-            PyObject *start = started_object(&started);
-            PyObject *ignored =
-                start == NULL ? NULL
-                              : PyObject_CallMethodOneArg(self->budget, str_record_call, start);
-            if (ignored == NULL) {
-                goto done;
-            }
-            Py_DECREF(ignored);
+        else if (before < 0 || runner_record_call(self, &started) < 0) {
+            goto done;
         }
     }
     result = callargs_call(fn, ca);
-    if (result == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_Exception)) {
-            result = runner_recover(self, fn, ca, &started);
-        }
-        else if (breaker != NULL) {
-            runner_release(self);
-        }
+    if (UNLIKELY(result == NULL)) {
+        result = runner_failed(self, fn, ca, &started);
         goto done;
     }
-    if (breaker != NULL && runner_record_success(self, breaker) < 0) {
+    if (breaker != NULL && UNLIKELY(runner_record_success(self, breaker) < 0)) {
         Py_CLEAR(result);
         goto done;
     }
-    if (self->remember != Py_None) {
-        PyObject *start = started_object(&started);
-        if (start == NULL || callargs_materialize(ca) < 0) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        PyObject *call_args[4] = {ca->args, ca->kwargs, result, start};
-        PyObject *ignored = PyObject_Vectorcall(self->remember, call_args, 4, NULL);
-        if (ignored == NULL) {
-            Py_CLEAR(result);
-            goto done;
-        }
-        Py_DECREF(ignored);
+    if (UNLIKELY(self->remember != Py_None) &&
+        runner_remember(self, ca, result, &started) < 0) {
+        Py_CLEAR(result);
     }
 done:
     Py_XDECREF(started.value);

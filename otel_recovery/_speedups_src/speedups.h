@@ -15,10 +15,15 @@
  * place (.text.hot), COLD moves the failure paths out of it. */
 #define HOT __attribute__((hot))
 #define COLD __attribute__((cold))
+/* The branch a remembered happy call takes: error paths go out of the hot code's way. */
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
 #define INTERNAL
 #define HOT
 #define COLD
+#define LIKELY(x) (x)
+#define UNLIKELY(x) (x)
 #endif
 
 #if defined(__linux__) && defined(CLOCK_MONOTONIC)
@@ -111,7 +116,7 @@ typedef struct {
 static inline int
 counter_advance(CounterObject *counter)
 {
-    if (counter->next == LLONG_MAX) {
+    if (UNLIKELY(counter->next == LLONG_MAX)) {
         PyErr_SetString(PyExc_OverflowError, "Counter reached its maximum");
         return -1;
     }
@@ -127,20 +132,71 @@ INTERNAL Handled handled_push(PyObject *value);
 INTERNAL void handled_pop(Handled previous);
 INTERNAL void slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name);
 INTERNAL void slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name);
-INTERNAL PyObject *slot_read(SlotReader *reader, PyObject *obj);
-INTERNAL int slot_true(SlotReader *reader, PyObject *obj);
-#if HAVE_DIRECT_MONOTONIC
-INTERNAL int direct_monotonic(double *seconds);
-#endif
+INTERNAL PyObject *slot_read_generic(SlotReader *reader, PyObject *obj);
+INTERNAL int truth_generic(PyObject *value);
 INTERNAL int call_method_discard(PyObject *obj, PyObject *name);
 
+/* The helpers every remembered call runs are inline: between two client calls the caches
+ * have forgotten this code, and each out-of-line helper is more code to fetch again. */
+
+/* A new reference to the attribute, or NULL with an error set: read at the slot's offset
+ * when the reader knows where it lives (support.c says why), else by getattr. */
+static inline PyObject *
+slot_read(SlotReader *reader, PyObject *obj)
+{
+    if (LIKELY(reader->offset >= 0 && Py_TYPE(obj) == reader->type)) {
+        PyObject *value = *(PyObject **)((char *)obj + reader->offset);
+        if (LIKELY(value != NULL)) {
+            return Py_NewRef(value);
+        }
+    }
+    return slot_read_generic(reader, obj);
+}
+
+/* The attribute is true; -1 on error. */
+static inline int
+slot_true(SlotReader *reader, PyObject *obj)
+{
+    if (LIKELY(reader->offset >= 0 && Py_TYPE(obj) == reader->type)) {
+        PyObject *value = *(PyObject **)((char *)obj + reader->offset);
+        if (LIKELY(value == Py_True)) {
+            return 1;
+        }
+        if (value == Py_False) {
+            return 0;
+        }
+    }
+    return truth_generic(slot_read_generic(reader, obj));
+}
+
+#if HAVE_DIRECT_MONOTONIC
+/* time.monotonic(), read here when that is the runner's clock: the same clock and the same
+ * conversion as CPython's (Python/pytime.c) on Linux, so values mix with Python's. */
+static inline int
+direct_monotonic(double *seconds)
+{
+    struct timespec ts;
+    if (UNLIKELY(clock_gettime(CLOCK_MONOTONIC, &ts) != 0)) {
+        return -1;
+    }
+    long long ns = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+    if (UNLIKELY(ns % 1000000000LL == 0)) {
+        *seconds = (double)(ns / 1000000000LL);
+    }
+    else {
+        *seconds = (double)ns / 1e9;
+    }
+    return 0;
+}
+#endif
+
 /* runner.c */
-INTERNAL int started_read(RunnerObject *self, Started *started);
+INTERNAL int started_read_generic(RunnerObject *self, Started *started);
 INTERNAL PyObject *started_object(Started *started);
 INTERNAL void runner_release(RunnerObject *self);
-INTERNAL int runner_before_bucket_end(RunnerObject *self, Started *started);
-INTERNAL int advance(PyObject *iterator);
-INTERNAL int runner_record_success(RunnerObject *self, PyObject *breaker);
+INTERNAL int before_bucket_end_generic(RunnerObject *self, Started *started);
+INTERNAL int advance_iterator(PyObject *iterator);
+INTERNAL int record_success_generic(RunnerObject *self, PyObject *breaker);
 INTERNAL PyObject *runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca);
 
 /* layer_head.c */
@@ -155,6 +211,17 @@ extern INTERNAL PyGetSetDef layer_getset[];
 
 /* the types, one file each; module.c adds them to the module */
 extern INTERNAL PyTypeObject RunnerType, PlanTableType, LayerType, HttpLayerType, CounterType;
+
+/* next(iterator), discarding the value; -1 on error (StopIteration when exhausted). A
+ * Counter moves on by one addition. */
+static inline int
+advance(PyObject *iterator)
+{
+    if (LIKELY(Py_TYPE(iterator) == &CounterType)) {
+        return counter_advance((CounterObject *)iterator);
+    }
+    return advance_iterator(iterator);
+}
 
 /* Where a call through a compiled layer goes first: the original when its PatchSet is
  * disabled, the Python layer when the flag cannot be read; *go_on = 1 (and NULL) otherwise. */
@@ -173,6 +240,64 @@ layer_head_gate(LayerHead *head, PyObject *const *argv, size_t nargsf, PyObject 
     }
     *go_on = 1;
     return NULL;
+}
+
+/* The runner's per-call steps, inline (see slot_read); each has a generic way in runner.c. */
+
+/* When the call started, read once. -1 on error. */
+static inline int
+started_read(RunnerObject *self, Started *started)
+{
+#if HAVE_DIRECT_MONOTONIC
+    if (LIKELY(self->monotonic)) {
+        started->value = NULL;
+        if (LIKELY(direct_monotonic(&started->seconds) == 0)) {
+            return 0;
+        }
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+#endif
+    return started_read_generic(self, started);
+}
+
+/* The Counter in a slot that `reader` reads at its offset, borrowed; NULL when it is not. */
+static inline CounterObject *
+slot_counter(SlotReader *reader, PyObject *obj)
+{
+    if (LIKELY(reader->offset >= 0 && Py_TYPE(obj) == reader->type)) {
+        PyObject *value = *(PyObject **)((char *)obj + reader->offset);
+        if (LIKELY(value != NULL && Py_TYPE(value) == &CounterType)) {
+            return (CounterObject *)value;
+        }
+    }
+    return NULL;
+}
+
+/* started < budget._bucket_end; -1 on error. */
+static inline int
+runner_before_bucket_end(RunnerObject *self, Started *started)
+{
+    SlotReader *reader = &self->bucket_end;
+    PyObject *budget = self->budget;
+    if (LIKELY(started->value == NULL && reader->offset >= 0 && Py_TYPE(budget) == reader->type)) {
+        PyObject *end = *(PyObject **)((char *)budget + reader->offset);
+        if (LIKELY(end != NULL && PyFloat_CheckExact(end))) {
+            return started->seconds < PyFloat_AS_DOUBLE(end);
+        }
+    }
+    return before_bucket_end_generic(self, started);
+}
+
+/* Account the success: next(breaker._tally) when set, else breaker.record_success(). */
+static inline int
+runner_record_success(RunnerObject *self, PyObject *breaker)
+{
+    CounterObject *tally = self->tallied ? slot_counter(&self->tally, breaker) : NULL;
+    if (LIKELY(tally != NULL)) {
+        return counter_advance(tally);
+    }
+    return record_success_generic(self, breaker);
 }
 
 #endif

@@ -161,53 +161,24 @@ slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name)
     slot_reader_for_type(reader, Py_TYPE(obj), name);
 }
 
-/* A new reference to the attribute, or NULL with an error set. */
-HOT PyObject *
-slot_read(SlotReader *reader, PyObject *obj)
+/* slot_read's way when the reader cannot read the slot: the attribute protocol. */
+COLD PyObject *
+slot_read_generic(SlotReader *reader, PyObject *obj)
 {
-    if (reader->offset >= 0 && Py_TYPE(obj) == reader->type) {
-        PyObject *value = *(PyObject **)((char *)obj + reader->offset);
-        if (value != NULL) {
-            return Py_NewRef(value);
-        }
-    }
     return PyObject_GetAttr(obj, reader->name);
 }
 
-/* The attribute is true; -1 on error. */
-HOT int
-slot_true(SlotReader *reader, PyObject *obj)
+/* The truth of a new reference (stolen), -1 for NULL (the error is set) or on error. */
+COLD int
+truth_generic(PyObject *value)
 {
-    PyObject *value = slot_read(reader, obj);
     if (value == NULL) {
         return -1;
     }
-    int truth = value == Py_True ? 1 : (value == Py_False ? 0 : PyObject_IsTrue(value));
+    int truth = PyObject_IsTrue(value);
     Py_DECREF(value);
     return truth;
 }
-
-/* time.monotonic(), read here when that is the runner's clock: the same clock and the same
- * conversion as CPython's (Python/pytime.c) on Linux, so values mix with Python's. */
-
-#if HAVE_DIRECT_MONOTONIC
-HOT int
-direct_monotonic(double *seconds)
-{
-    struct timespec ts;
-    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) {
-        return -1;
-    }
-    long long ns = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
-    if (ns % 1000000000LL == 0) {
-        *seconds = (double)(ns / 1000000000LL);
-    }
-    else {
-        *seconds = (double)ns / 1e9;
-    }
-    return 0;
-}
-#endif
 
 /* Call method(), discarding its result; -1 on error. */
 COLD int

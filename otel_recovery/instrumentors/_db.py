@@ -51,6 +51,7 @@ __all__ = [
     "Route",
     "compiled_layer",
     "compiles",
+    "retire_table",
     "LEGACY_SUPPRESS_KEY",
     "SUPPRESS_KEY",
     "read_context",
@@ -242,6 +243,13 @@ def compiles() -> bool:
     """Whether per-call layers can run compiled here: the extension is built and enabled
     and the current Context lives in the default runtime context's ContextVar."""
     return SPEEDUPS is not None and CONTEXT_VAR is not None
+
+
+def retire_table(replaced: object) -> None:
+    """Code that gives a holder a new ``PlanTable`` retires the one it replaced: a compiled
+    layer remembers the last table it read from a holder and serves from it until then."""
+    if SPEEDUPS is not None and isinstance(replaced, SPEEDUPS.PlanTable):
+        replaced.retire()
 
 
 def compiled_layer(

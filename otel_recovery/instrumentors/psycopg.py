@@ -41,6 +41,7 @@ from otel_recovery.instrumentors._db import (
     compiles,
     instrumentation_enabled,
     pg_default_target,
+    retire_table,
     run_async,
     run_sync,
     sync_layer,
@@ -145,9 +146,10 @@ class _Planner:
         plan = self.plans.plan(host, port, None, mode, "statement_may_have_run")
         remembered: _Remembered | None = getattr(connection, _PLANS, None)
         if remembered is None or remembered.token is not self:
-            remembered = _remembered(self, {})
+            replaced, remembered = remembered, _remembered(self, {})
             with contextlib.suppress(AttributeError):  # __slots__: plan again next time
                 setattr(connection, _PLANS, remembered)
+            retire_table(replaced)
         if len(remembered.plans) < 16:
             remembered.plans[cursor_class] = plan
         return plan

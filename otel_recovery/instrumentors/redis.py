@@ -65,6 +65,7 @@ from otel_recovery.instrumentors._db import (
     explain_no_retry,
     instrumentation_enabled,
     read_context,
+    retire_table,
 )
 from otel_recovery.instrumentors._redis_commands import CommandRules
 from otel_recovery.instrumentors._settings import RecoverySettings
@@ -200,7 +201,9 @@ def _share_plans(pool: Any, planner: _Planner, target: Target, seen: tuple[Any, 
 
     The table holds the very dict the planner fills, so one table serves every command; it
     is valid while the site's ``seen`` is the one it was made under (same wrapper chain,
-    same instrumentation) and the pool's ``retry`` is the one the target was read from.
+    same instrumentation) and the pool's ``retry`` is the one the target was read from. A
+    replaced table is retired: the compiled layer remembers the last table it read and
+    serves from it until then.
     """
     if target.owner is not planner:
         return
@@ -214,9 +217,11 @@ def _share_plans(pool: Any, planner: _Planner, target: Target, seen: tuple[Any, 
         and table.guard_value is target.retry
     ):
         return
+    replaced = table
     table = SPEEDUPS.PlanTable(seen, plans, target.kwargs, "retry", target.retry)  # type: ignore[union-attr]
     with contextlib.suppress(Exception):  # a pool with __slots__: the Python layer serves
         setattr(pool, _COMPILED_PLANS, table)
+    retire_table(replaced)
 
 
 class _Replay:

@@ -1,0 +1,299 @@
+"""What the compiled layer (``_speedups.Layer``) decides before it runs a remembered plan.
+
+It remembers the ``PlanTable`` it last read, and never serves from one its holder no longer
+has: a table replaced (and retired), a table whose token or guard went stale, a holder that
+died (its successor may reuse its address). It finds suppression keys in the current
+Context by scanning it, which must find every key a dict lookup would."""
+
+from __future__ import annotations
+
+import gc
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from opentelemetry import context as otel_context
+
+from otel_recovery._compiled import SPEEDUPS
+from otel_recovery._fake_clock import FakeClock
+from otel_recovery.instrumentors._db import CONTEXT_VAR, LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
+from otel_recovery.policies.circuit_breaker import CircuitBreaker
+from otel_recovery.recover import RecoveryPolicy
+
+pytestmark = pytest.mark.skipif(SPEEDUPS is None, reason="otel_recovery._speedups not built")
+
+TOKEN = object()
+
+
+class Pool:
+    """A holder: where a client's table hangs (a Redis connection pool, say)."""
+
+
+class Client:
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+
+class Plans:
+    """One plan per breaker, so a test can tell which table served a call."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+
+    def plan(self) -> tuple[Any, CircuitBreaker]:
+        breaker = CircuitBreaker(3, timeout=10.0, clock=self.clock, store="memory://")
+        policy = RecoveryPolicy(breaker=breaker, clock=self.clock, telemetry=False)
+        return (policy, "own", policy.runner()), breaker
+
+
+def _successes(breaker: CircuitBreaker) -> int:
+    return breaker.snapshot().successful_calls
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.slow_calls = 0
+
+        def original(client: Client, key: str) -> str:
+            return key
+
+        def slow(client: Client, key: str) -> str:
+            self.slow_calls += 1
+            return original(client, key)
+
+        self.layer = SPEEDUPS.Layer(  # type: ignore[union-attr]
+            slow=slow,
+            original=original,
+            patches=SimpleNamespace(enabled=True),
+            context_var=CONTEXT_VAR,
+            suppress_keys=(SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
+            site=None,
+            owner=None,
+            attribute="",
+            token=TOKEN,
+            holder_attr="pool",
+            table_attr="table",
+            key_index=1,
+            explain=lambda plan, error: None,
+        )
+
+    def call(self, client: Client) -> str:
+        result: str = self.layer(client, "GET")
+        return result
+
+
+def _table(plan: Any, token: object = TOKEN, **guard: Any) -> Any:
+    return SPEEDUPS.PlanTable(token, {"GET": plan}, **guard)  # type: ignore[union-attr]
+
+
+def test_a_retired_table_stops_serving_and_the_holders_new_one_does():
+    plans, harness = Plans(), Harness()
+    first, first_breaker = plans.plan()
+    second, second_breaker = plans.plan()
+    pool = Pool()
+    pool.table = _table(first)  # type: ignore[attr-defined]
+    client = Client(pool)
+    harness.call(client)
+    harness.call(client)
+    assert _successes(first_breaker) == 2
+
+    old = pool.table  # type: ignore[attr-defined]
+    pool.table = _table(second)  # type: ignore[attr-defined]
+    harness.call(client)  # not retired yet: the remembered table still serves
+    assert (_successes(first_breaker), _successes(second_breaker)) == (3, 0)
+    old.retire()
+    assert old.retired
+    harness.call(client)
+    harness.call(client)
+    assert (_successes(first_breaker), _successes(second_breaker)) == (3, 2)
+    assert harness.slow_calls == 0
+
+
+def test_a_remembered_table_whose_guard_went_stale_is_read_again():
+    """The holder may have been given a current table without the old one being retired:
+    a remembered table that no longer validates sends the layer back to the holder."""
+    plans, harness = Plans(), Harness()
+    first, first_breaker = plans.plan()
+    second, second_breaker = plans.plan()
+    first_retry, second_retry = object(), object()
+    first_kwargs: dict[str, Any] = {"retry": first_retry}
+    second_kwargs: dict[str, Any] = {"retry": second_retry}
+    pool = Pool()
+    pool.table = _table(  # type: ignore[attr-defined]
+        first, guard_map=first_kwargs, guard_key="retry", guard_value=first_retry
+    )
+    client = Client(pool)
+    harness.call(client)
+    pool.table = _table(  # type: ignore[attr-defined]
+        second, guard_map=second_kwargs, guard_key="retry", guard_value=second_retry
+    )
+    first_kwargs["retry"] = object()
+    harness.call(client)
+    harness.call(client)
+    assert (_successes(first_breaker), _successes(second_breaker)) == (1, 2)
+    assert harness.slow_calls == 0
+
+
+def test_a_table_made_under_another_token_never_serves():
+    plans, harness = Plans(), Harness()
+    plan, breaker = plans.plan()
+    pool = Pool()
+    pool.table = _table(plan, token=object())  # type: ignore[attr-defined]
+    client = Client(pool)
+    harness.call(client)
+    harness.call(client)
+    assert (_successes(breaker), harness.slow_calls) == (0, 2)
+
+
+def test_a_guard_that_no_longer_holds_sends_the_call_to_python():
+    plans, harness = Plans(), Harness()
+    plan, breaker = plans.plan()
+    retry = object()
+    kwargs: dict[str, Any] = {"retry": retry}
+    pool = Pool()
+    pool.table = _table(plan, guard_map=kwargs, guard_key="retry", guard_value=retry)  # type: ignore[attr-defined]
+    client = Client(pool)
+    harness.call(client)
+    kwargs["retry"] = object()  # the user gave the pool another retry
+    harness.call(client)
+    assert (_successes(breaker), harness.slow_calls) == (1, 1)
+
+
+def test_a_new_holder_does_not_inherit_the_table_of_a_dead_one():
+    """Same-size objects reuse freed addresses: the layer knows its holder by a weak
+    reference, never by address."""
+    plans, harness = Plans(), Harness()
+    for _ in range(20):
+        dead_plan, dead_breaker = plans.plan()
+        pool = Pool()
+        pool.table = _table(dead_plan)  # type: ignore[attr-defined]
+        harness.call(Client(pool))
+        del pool
+        gc.collect()
+        successor = Pool()
+        live_plan, live_breaker = plans.plan()
+        successor.table = _table(live_plan)  # type: ignore[attr-defined]
+        harness.call(Client(successor))
+        assert (_successes(dead_breaker), _successes(live_breaker)) == (1, 1)
+
+
+def test_a_holder_without_weak_references_is_read_on_every_call():
+    class SlottedPool:
+        __slots__ = ("table",)
+
+    plans, harness = Plans(), Harness()
+    first, first_breaker = plans.plan()
+    second, second_breaker = plans.plan()
+    pool = SlottedPool()
+    pool.table = _table(first)
+    client = Client(pool)  # type: ignore[arg-type]
+    harness.call(client)
+    pool.table = _table(second)  # not retired: only a fresh read can see it
+    harness.call(client)
+    assert (_successes(first_breaker), _successes(second_breaker), harness.slow_calls) == (
+        1,
+        1,
+        0,
+    )
+
+
+def test_the_remembered_table_is_not_kept_past_the_layer():
+    plans, harness = Plans(), Harness()
+    plan, _ = plans.plan()
+    pool = Pool()
+    pool.table = _table(plan)  # type: ignore[attr-defined]
+    harness.call(Client(pool))
+    table = pool.table  # type: ignore[attr-defined]
+    import sys
+
+    held = sys.getrefcount(table)
+    del harness
+    gc.collect()
+    assert sys.getrefcount(table) == held - 1
+
+
+def test_suppressed_instrumentation_goes_to_python_which_passes_it_through():
+    plans, harness = Plans(), Harness()
+    plan, breaker = plans.plan()
+    pool = Pool()
+    pool.table = _table(plan)  # type: ignore[attr-defined]
+    client = Client(pool)
+    for key in (SUPPRESS_KEY, LEGACY_SUPPRESS_KEY):
+        token = otel_context.attach(otel_context.set_value(key, True))
+        try:
+            harness.call(client)
+        finally:
+            otel_context.detach(token)
+    assert (_successes(breaker), harness.slow_calls) == (0, 2)
+    harness.call(client)
+    assert (_successes(breaker), harness.slow_calls) == (1, 2)
+
+
+class _OddKey:
+    """A key that is no str: the scan hands the context to dict lookups."""
+
+    def __hash__(self) -> int:
+        return 7
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _OddKey)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        pytest.param(lambda key: {"".join(list(key)): True}, id="an equal str, another object"),
+        pytest.param(lambda key: {_OddKey(): 1, key: True}, id="beside a key that is no str"),
+        pytest.param(
+            lambda key: {f"current-span-{n}": n for n in range(5)} | {key: True},
+            id="after other keys",
+        ),
+    ],
+)
+def test_every_suppression_key_a_lookup_would_find_is_found(entries):
+    plans, harness = Plans(), Harness()
+    plan, breaker = plans.plan()
+    pool = Pool()
+    pool.table = _table(plan)  # type: ignore[attr-defined]
+    client = Client(pool)
+    for key in (SUPPRESS_KEY, LEGACY_SUPPRESS_KEY):
+        token = otel_context.attach(otel_context.Context(entries(key)))
+        try:
+            harness.call(client)
+        finally:
+            otel_context.detach(token)
+    assert (_successes(breaker), harness.slow_calls) == (0, 2)
+
+
+def test_keys_like_a_suppression_key_do_not_suppress():
+    plans, harness = Plans(), Harness()
+    plan, breaker = plans.plan()
+    pool = Pool()
+    pool.table = _table(plan)  # type: ignore[attr-defined]
+    client = Client(pool)
+    near = {SUPPRESS_KEY[:-1] + "x": True, LEGACY_SUPPRESS_KEY.upper(): True, _OddKey(): 1}
+    token = otel_context.attach(otel_context.Context(near))
+    try:
+        harness.call(client)
+    finally:
+        otel_context.detach(token)
+    assert (_successes(breaker), harness.slow_calls) == (1, 0)
+
+
+def test_suppression_keys_must_be_str():
+    with pytest.raises(TypeError, match="suppress_keys must be a tuple of str"):
+        SPEEDUPS.Layer(  # type: ignore[union-attr]
+            slow=print,
+            original=print,
+            patches=SimpleNamespace(enabled=True),
+            context_var=CONTEXT_VAR,
+            suppress_keys=(SUPPRESS_KEY, 1),
+            site=None,
+            owner=None,
+            attribute="",
+            token=TOKEN,
+            holder_attr="pool",
+            table_attr="table",
+            key_index=1,
+            explain=print,
+        )
