@@ -24,20 +24,24 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Counted", "count_instructions", "count_many", "valgrind_version"]
 
-_COLLECTED = re.compile(r"^==\d+== Collected : (\d+)\s*$", re.MULTILINE)
+_COLLECTED = re.compile(r"^==\d+== Collected : ([\d ]+?)\s*$", re.MULTILINE)
+_EVENTS = re.compile(r"^==\d+== Events    : ([\w ]+?)\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
 class Counted:
-    """One run under callgrind: its instruction total, the child's stdout, the wall time."""
+    """One run under callgrind: its instruction total, the child's stdout, the wall time,
+    and every event callgrind counted (``Ir`` alone, or the cache and branch simulation's
+    too when the run asked for them)."""
 
     instructions: int
     stdout: str
     seconds: float
+    events: dict[str, int] = field(default_factory=dict)
 
 
 def valgrind_version() -> str | None:
@@ -55,15 +59,20 @@ def valgrind_version() -> str | None:
 
 
 def count_instructions(
-    command: Sequence[str], env: Mapping[str, str], timeout: float = 900.0
+    command: Sequence[str],
+    env: Mapping[str, str],
+    timeout: float = 900.0,
+    callgrind_args: Sequence[str] = (),
 ) -> Counted:
     """Run ``command`` under callgrind and return how many instructions it executed.
+
+    ``callgrind_args`` go to callgrind (``--cache-sim=yes``, ``--toggle-collect=...``).
 
     Raises ``RuntimeError`` when the child fails or callgrind reports no total: a figure from
     a run that did not complete would be silently wrong.
     """
     started = time.monotonic()
-    valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *callgrind_args]
     result = subprocess.run(
         [*valgrind, *command],
         capture_output=True,
@@ -78,7 +87,12 @@ def count_instructions(
         raise RuntimeError(
             f"callgrind run failed (exit {result.returncode}): {' '.join(command)}\n{tail}"
         )
-    return Counted(int(match.group(1)), result.stdout, seconds)
+    totals = [int(total) for total in match.group(1).split()]
+    names_match = _EVENTS.search(result.stderr)
+    names = names_match.group(1).split() if names_match else ["Ir"]
+    totals += [0] * (len(names) - len(totals))  # callgrind prints one 0 when nothing counted
+    events = dict(zip(names, totals, strict=False))
+    return Counted(events["Ir"], result.stdout, seconds, events)
 
 
 def count_many(
@@ -86,6 +100,7 @@ def count_many(
     env: Mapping[str, str],
     jobs: int = 2,
     progress: Callable[[int, Counted], None] | None = None,
+    callgrind_args: Sequence[str] = (),
 ) -> list[Counted]:
     """:func:`count_instructions` for every command, ``jobs`` at a time, in input order.
 
@@ -96,7 +111,7 @@ def count_many(
     results: list[Counted | None] = [None] * len(commands)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {
-            pool.submit(count_instructions, command, env): index
+            pool.submit(count_instructions, command, env, 900.0, callgrind_args): index
             for index, command in enumerate(commands)
         }
         try:

@@ -8,6 +8,7 @@ Context by scanning it, which must find every key a dict lookup would."""
 from __future__ import annotations
 
 import gc
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -159,22 +160,66 @@ def test_a_guard_that_no_longer_holds_sends_the_call_to_python():
     assert (_successes(breaker), harness.slow_calls) == (1, 1)
 
 
-def test_a_new_holder_does_not_inherit_the_table_of_a_dead_one():
+def test_a_new_holder_at_a_dead_ones_address_does_not_inherit_its_table():
     """Same-size objects reuse freed addresses: the layer knows its holder by a weak
-    reference, never by address."""
+    reference, never by address. (No gc.collect() between the two: a Pool has no cycles,
+    and a collection would keep the successor off the freed address.)"""
     plans, harness = Plans(), Harness()
+    reused = 0
     for _ in range(20):
         dead_plan, dead_breaker = plans.plan()
+        live_plan, live_breaker = plans.plan()
+        live_table = _table(live_plan)
         pool = Pool()
         pool.table = _table(dead_plan)  # type: ignore[attr-defined]
         harness.call(Client(pool))
+        address = id(pool)
         del pool
-        gc.collect()
         successor = Pool()
-        live_plan, live_breaker = plans.plan()
-        successor.table = _table(live_plan)  # type: ignore[attr-defined]
+        reused += id(successor) == address
+        successor.table = live_table  # type: ignore[attr-defined]
         harness.call(Client(successor))
         assert (_successes(dead_breaker), _successes(live_breaker)) == (1, 1)
+    assert reused > 0  # otherwise this test proves nothing
+
+
+def test_a_dead_holders_table_does_not_serve_a_client_whose_holder_is_none():
+    """A dead weak reference reads as None on 3.10 to 3.12: a holder that is None must not
+    match it."""
+    plans, harness = Plans(), Harness()
+    plan, breaker = plans.plan()
+    pool = Pool()
+    pool.table = _table(plan)  # type: ignore[attr-defined]
+    harness.call(Client(pool))
+    del pool
+    gc.collect()
+    harness.call(Client(None))  # type: ignore[arg-type]
+    assert (_successes(breaker), harness.slow_calls) == (1, 1)
+
+
+def test_a_table_read_that_reenters_the_layer_leaks_nothing():
+    """Reading a holder's table may run Python (a property) that calls the same layer,
+    which remembers its own table meanwhile."""
+    plans, harness = Plans(), Harness()
+    inner_plan, _ = plans.plan()
+    outer_plan, outer_breaker = plans.plan()
+    inner_pool = Pool()
+    inner_table = _table(inner_plan)
+    inner_pool.table = inner_table  # type: ignore[attr-defined]
+    outer_table = _table(outer_plan)
+
+    class ReentrantPool:
+        @property
+        def table(self) -> Any:
+            harness.call(Client(inner_pool))
+            return outer_table
+
+    before = sys.getrefcount(inner_table)
+    harness.call(Client(ReentrantPool()))  # type: ignore[arg-type]
+    assert _successes(outer_breaker) == 1
+    del harness.layer
+    gc.collect()
+    assert sys.getrefcount(inner_table) == before
 
 
 def test_a_holder_without_weak_references_is_read_on_every_call():
@@ -204,8 +249,6 @@ def test_the_remembered_table_is_not_kept_past_the_layer():
     pool.table = _table(plan)  # type: ignore[attr-defined]
     harness.call(Client(pool))
     table = pool.table  # type: ignore[attr-defined]
-    import sys
-
     held = sys.getrefcount(table)
     del harness
     gc.collect()
@@ -229,6 +272,10 @@ def test_suppressed_instrumentation_goes_to_python_which_passes_it_through():
     assert (_successes(breaker), harness.slow_calls) == (1, 2)
 
 
+class _Key(str):
+    """A str subclass: dict membership finds it under the str it equals."""
+
+
 class _OddKey:
     """A key that is no str: the scan hands the context to dict lookups."""
 
@@ -244,6 +291,7 @@ class _OddKey:
     [
         pytest.param(lambda key: {"".join(list(key)): True}, id="an equal str, another object"),
         pytest.param(lambda key: {_OddKey(): 1, key: True}, id="beside a key that is no str"),
+        pytest.param(lambda key: {_Key(key): True}, id="a str subclass equal to it"),
         pytest.param(
             lambda key: {f"current-span-{n}": n for n in range(5)} | {key: True},
             id="after other keys",

@@ -58,7 +58,10 @@ def test_instrumentors_benchmark_quick_prints_every_row_and_a_verdict():
         assert f"Verdict: {target}:" in out
     assert "otel-recovery over contrib, p50" in out
     assert "Spans on the happy path: otel-recovery adds none" in out
-    assert "| target | contrib CPU us/call | otel-recovery added | idle layer added | A/A |" in out
+    assert (
+        "| target | contrib CPU us/call | otel-recovery added | share of contrib's CPU "
+        "| idle layer added | recovery logic (over idle) | A/A |"
+    ) in out
     for target in ("Redis GET", "PostgreSQL SELECT 1", "HTTP GET"):
         assert f"Verdict: {target}: CPU " in out and "call by call" in out
     if SPEEDUPS is not None:  # every measured recovery call took the compiled path

@@ -329,11 +329,11 @@ http_vectorcall(HttpLayerObject *self, PyObject *const *argv, size_t nargsf, PyO
     if ((nargs != 3 && nargs != 1) ||
         !unsuppressed(self->context_var, self->suppress_keys) ||
         http_sends_body(self, argv + nargs, kwnames)) {
-        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+        return layer_call_slow((LayerHead *)self, argv, nargsf, kwnames);
     }
     PyObject *plan = http_remembered_plan(self, argv, nargs, kwnames);
     if (plan == NULL) {
-        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+        return layer_call_slow((LayerHead *)self, argv, nargsf, kwnames);
     }
     CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
     int taken;
@@ -341,7 +341,7 @@ http_vectorcall(HttpLayerObject *self, PyObject *const *argv, size_t nargsf, PyO
     callargs_release(&ca);
     Py_DECREF(plan);
     if (!taken) {
-        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+        return layer_call_slow((LayerHead *)self, argv, nargsf, kwnames);
     }
     return result;
 }

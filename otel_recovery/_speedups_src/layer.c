@@ -177,29 +177,37 @@ refers_to(PyObject *ref, PyObject *obj)
     Py_DECREF(referent);
     return referent == obj;
 #else
-    return PyWeakref_GET_OBJECT(ref) == obj;
+    PyObject *referent = PyWeakref_GET_OBJECT(ref); /* Py_None once the referent died */
+    return referent != Py_None && referent == obj;
 #endif
 }
 
 /* The holder's PlanTable as its attribute holds it now, a new reference, remembered for the
- * next call; NULL (an error may be set) when it has none. */
+ * next call; NULL (an error may be set) when it has none. The getattr may run Python (a
+ * property, another thread), even this layer again: the fields are set only at the end,
+ * releasing whatever they held then. */
 COLD static PyObject *
 layer_read_table(LayerObject *self, PyObject *holder)
 {
-    Py_CLEAR(self->table);
-    Py_CLEAR(self->holder_ref);
     PyObject *table = PyObject_GetAttr(holder, self->table_attr);
-    if (table == NULL || Py_TYPE(table) != &PlanTableType) {
-        Py_XDECREF(table);
-        return NULL;
+    PyObject *ref = NULL;
+    if (table != NULL && Py_TYPE(table) == &PlanTableType &&
+        PyType_SUPPORTS_WEAKREFS(Py_TYPE(holder))) {
+        ref = PyWeakref_NewRef(holder, NULL);
+        if (ref == NULL) {
+            PyErr_Clear(); /* read every time */
+        }
     }
-    PyObject *ref = PyWeakref_NewRef(holder, NULL);
-    if (ref == NULL) {
-        PyErr_Clear(); /* a holder without weak references: read every time */
+    if (ref != NULL) {
+        Py_XSETREF(self->holder_ref, ref);
+        Py_XSETREF(self->table, Py_NewRef(table));
     }
     else {
-        self->holder_ref = ref;
-        self->table = Py_NewRef(table);
+        Py_CLEAR(self->holder_ref);
+        Py_CLEAR(self->table);
+    }
+    if (table != NULL && Py_TYPE(table) != &PlanTableType) {
+        Py_CLEAR(table);
     }
     return table;
 }
@@ -365,7 +373,7 @@ layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObje
                          ? layer_remembered_plan(self, argv, nargs)
                          : NULL;
     if (UNLIKELY(plan == NULL)) {
-        return PyObject_Vectorcall(self->slow, argv, nargsf, kwnames);
+        return layer_call_slow((LayerHead *)self, argv, nargsf, kwnames);
     }
     CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
     RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 2);

@@ -61,6 +61,14 @@ layer_head_clear(LayerHead *head)
     Py_CLEAR(head->suppress_keys);
 }
 
+/* Every case but the remembered one: the Python layer. Its own cold function (never
+ * inlined) so benchmarks/layer_own_cost.py can leave it out of the compiled path's count. */
+COLD NOINLINE PyObject *
+layer_call_slow(LayerHead *head, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
+{
+    return PyObject_Vectorcall(head->slow, argv, nargsf, kwnames);
+}
+
 /* Bound like a function: on an instance, a method; on the class, itself. */
 HOT PyObject *
 layer_descr_get(PyObject *self, PyObject *instance, PyObject *owner)

@@ -15,6 +15,8 @@
  * place (.text.hot), COLD moves the failure paths out of it. */
 #define HOT __attribute__((hot))
 #define COLD __attribute__((cold))
+/* A function benchmarks/layer_own_cost.py names to callgrind must stay a function. */
+#define NOINLINE __attribute__((noinline))
 /* The branch a remembered happy call takes: error paths go out of the hot code's way. */
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -22,6 +24,7 @@
 #define INTERNAL
 #define HOT
 #define COLD
+#define NOINLINE
 #define LIKELY(x) (x)
 #define UNLIKELY(x) (x)
 #endif
@@ -125,7 +128,8 @@ counter_advance(CounterObject *counter)
 }
 
 /* support.c: arguments, the exception being handled, slot readers, the clock */
-INTERNAL PyObject *callargs_call(PyObject *fn, CallArgs *ca);
+INTERNAL PyObject *call_vector(PyObject *fn, CallArgs *ca);
+INTERNAL PyObject *call_with_tuple(PyObject *fn, CallArgs *ca);
 INTERNAL int callargs_materialize(CallArgs *ca);
 INTERNAL void callargs_release(CallArgs *ca);
 INTERNAL Handled handled_push(PyObject *value);
@@ -135,6 +139,14 @@ INTERNAL void slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name
 INTERNAL PyObject *slot_read_generic(SlotReader *reader, PyObject *obj);
 INTERNAL int truth_generic(PyObject *value);
 INTERNAL int call_method_discard(PyObject *obj, PyObject *name);
+
+/* Call `fn` with the arguments as the caller gave them: a vector (from a compiled layer) or
+ * a tuple and a dict (from Python). */
+static inline PyObject *
+callargs_call(PyObject *fn, CallArgs *ca)
+{
+    return ca->argv != NULL ? call_vector(fn, ca) : call_with_tuple(fn, ca);
+}
 
 /* The helpers every remembered call runs are inline: between two client calls the caches
  * have forgotten this code, and each out-of-line helper is more code to fetch again. */
@@ -207,6 +219,8 @@ INTERNAL int layer_head_traverse(LayerHead *head, visitproc visit, void *arg);
 INTERNAL void layer_head_clear(LayerHead *head);
 INTERNAL PyObject *layer_descr_get(PyObject *self, PyObject *instance, PyObject *owner);
 INTERNAL int unsuppressed(PyObject *context_var, PyObject *suppress_keys);
+INTERNAL PyObject *layer_call_slow(LayerHead *head, PyObject *const *argv, size_t nargsf,
+                                   PyObject *kwnames);
 extern INTERNAL PyGetSetDef layer_getset[];
 
 /* the types, one file each; module.c adds them to the module */
@@ -236,7 +250,7 @@ layer_head_gate(LayerHead *head, PyObject *const *argv, size_t nargsf, PyObject 
     }
     if (enabled < 0) { /* the flag could not be read: the Python layer meets it too */
         PyErr_Clear();
-        return PyObject_Vectorcall(head->slow, argv, nargsf, kwnames);
+        return layer_call_slow(head, argv, nargsf, kwnames);
     }
     *go_on = 1;
     return NULL;

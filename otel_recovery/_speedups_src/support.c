@@ -12,12 +12,18 @@ PyObject *time_monotonic;
 /* Arguments as the caller gave them: a vector (from a Layer) or a tuple and a dict (from
  * Python). The tuple and dict are built only when a slow path needs them. */
 
-HOT PyObject *
-callargs_call(PyObject *fn, CallArgs *ca)
+/* The call as a compiled layer received it: on to `fn` with the caller's vector. Its own
+ * function, never inlined, so benchmarks/layer_own_cost.py can leave it out of the count. */
+HOT NOINLINE PyObject *
+call_vector(PyObject *fn, CallArgs *ca)
 {
-    if (ca->argv != NULL) {
-        return PyObject_Vectorcall(fn, ca->argv, (size_t)ca->nargs, ca->kwnames);
-    }
+    return PyObject_Vectorcall(fn, ca->argv, (size_t)ca->nargs, ca->kwnames);
+}
+
+/* The call as Python gave it to a runner: fn(*args, **kwargs). */
+NOINLINE PyObject *
+call_with_tuple(PyObject *fn, CallArgs *ca)
+{
     if (PyDict_GET_SIZE(ca->kwargs) == 0) {
         return PyObject_Call(fn, ca->args, NULL);
     }

@@ -248,8 +248,9 @@ def compiles() -> bool:
 def retire_table(replaced: object) -> None:
     """Code that gives a holder a new ``PlanTable`` retires the one it replaced: a compiled
     layer remembers the last table it read from a holder and serves from it until then."""
-    if SPEEDUPS is not None and isinstance(replaced, SPEEDUPS.PlanTable):
-        replaced.retire()
+    retire = getattr(replaced, "retire", None)  # a PlanTable; the Python layers' tuples have none
+    if retire is not None:
+        retire()
 
 
 def compiled_layer(
