@@ -45,6 +45,10 @@ Method, and why (DESIGN.md section 9: the machine is shared and noisy):
   client, 10,008 blocks of four calls per target (a multiple of the 24 orders); the figure is the median over blocks of
   the calling thread's CPU difference, with a distribution-free 95 % interval. This is the
   CPU figure the verdicts use: ``met`` only if the whole interval is within the target.
+  Two columns put it in proportion: the added CPU as a share of the contrib-only call's
+  (it stays near 1 % where the absolute figure moves 2 to 3x from one machine to another),
+  and the recovery logic over the idle floor (``recovery - idle``, paired the same way).
+  ``layer_own_cost.py`` counts what the compiled layer does in the same calls, exactly.
 - The span processor that stamps ``http.request.resend_count`` joins the tracer provider only
   at the first resend, which a happy-path benchmark never makes: no mode pays for it.
 - Verdicts against the targets say ``met`` or ``MISSED`` only when the A/A difference of the

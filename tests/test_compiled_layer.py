@@ -47,8 +47,37 @@ class Plans:
         return (policy, "own", policy.runner()), breaker
 
 
+def _served() -> tuple[Harness, CircuitBreaker, Client]:
+    """A layer, and a client whose pool's table has one plan for ``GET`` (with ``breaker``)."""
+    plan, breaker = Plans().plan()
+    pool = Pool()
+    pool.table = _table(plan)  # type: ignore[attr-defined]
+    return Harness(), breaker, Client(pool)
+
+
 def _successes(breaker: CircuitBreaker) -> int:
     return breaker.snapshot().successful_calls
+
+
+def _layer(**given: Any) -> Any:
+    """A compiled Layer with no site: token TOKEN, holder ``args[0].pool``, table
+    ``holder.table``, key ``args[1]``."""
+    arguments: dict[str, Any] = {
+        "slow": print,
+        "original": print,
+        "patches": SimpleNamespace(enabled=True),
+        "context_var": CONTEXT_VAR,
+        "suppress_keys": (SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
+        "site": None,
+        "owner": None,
+        "attribute": "",
+        "token": TOKEN,
+        "holder_attr": "pool",
+        "table_attr": "table",
+        "key_index": 1,
+        "explain": lambda plan, error: None,
+    }
+    return SPEEDUPS.Layer(**(arguments | given))  # type: ignore[union-attr]
 
 
 class Harness:
@@ -62,21 +91,7 @@ class Harness:
             self.slow_calls += 1
             return original(client, key)
 
-        self.layer = SPEEDUPS.Layer(  # type: ignore[union-attr]
-            slow=slow,
-            original=original,
-            patches=SimpleNamespace(enabled=True),
-            context_var=CONTEXT_VAR,
-            suppress_keys=(SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
-            site=None,
-            owner=None,
-            attribute="",
-            token=TOKEN,
-            holder_attr="pool",
-            table_attr="table",
-            key_index=1,
-            explain=lambda plan, error: None,
-        )
+        self.layer = _layer(slow=slow, original=original)
 
     def call(self, client: Client) -> str:
         result: str = self.layer(client, "GET")
@@ -256,11 +271,7 @@ def test_the_remembered_table_is_not_kept_past_the_layer():
 
 
 def test_suppressed_instrumentation_goes_to_python_which_passes_it_through():
-    plans, harness = Plans(), Harness()
-    plan, breaker = plans.plan()
-    pool = Pool()
-    pool.table = _table(plan)  # type: ignore[attr-defined]
-    client = Client(pool)
+    harness, breaker, client = _served()
     for key in (SUPPRESS_KEY, LEGACY_SUPPRESS_KEY):
         token = otel_context.attach(otel_context.set_value(key, True))
         try:
@@ -299,11 +310,7 @@ class _OddKey:
     ],
 )
 def test_every_suppression_key_a_lookup_would_find_is_found(entries):
-    plans, harness = Plans(), Harness()
-    plan, breaker = plans.plan()
-    pool = Pool()
-    pool.table = _table(plan)  # type: ignore[attr-defined]
-    client = Client(pool)
+    harness, breaker, client = _served()
     for key in (SUPPRESS_KEY, LEGACY_SUPPRESS_KEY):
         token = otel_context.attach(otel_context.Context(entries(key)))
         try:
@@ -314,11 +321,7 @@ def test_every_suppression_key_a_lookup_would_find_is_found(entries):
 
 
 def test_keys_like_a_suppression_key_do_not_suppress():
-    plans, harness = Plans(), Harness()
-    plan, breaker = plans.plan()
-    pool = Pool()
-    pool.table = _table(plan)  # type: ignore[attr-defined]
-    client = Client(pool)
+    harness, breaker, client = _served()
     near = {SUPPRESS_KEY[:-1] + "x": True, LEGACY_SUPPRESS_KEY.upper(): True, _OddKey(): 1}
     token = otel_context.attach(otel_context.Context(near))
     try:
@@ -330,18 +333,45 @@ def test_keys_like_a_suppression_key_do_not_suppress():
 
 def test_suppression_keys_must_be_str():
     with pytest.raises(TypeError, match="suppress_keys must be a tuple of str"):
-        SPEEDUPS.Layer(  # type: ignore[union-attr]
-            slow=print,
-            original=print,
-            patches=SimpleNamespace(enabled=True),
-            context_var=CONTEXT_VAR,
-            suppress_keys=(SUPPRESS_KEY, 1),
-            site=None,
-            owner=None,
-            attribute="",
-            token=TOKEN,
-            holder_attr="pool",
-            table_attr="table",
-            key_index=1,
-            explain=print,
-        )
+        _layer(suppress_keys=(SUPPRESS_KEY, 1))
+
+
+class _Interrupted(BaseException):
+    """Not an Exception: the runner releases the breaker's permit and lets it through."""
+
+
+def test_a_base_exception_from_explain_replaces_the_error_chained_to_it():
+    plans = Plans()
+    plan, _ = plans.plan()
+    pool = Pool()
+    pool.table = _table(plan)  # type: ignore[attr-defined]
+
+    def failing(client: Client, key: str) -> str:
+        raise ValueError("the call failed")
+
+    def explain(plan: Any, error: BaseException) -> None:
+        raise _Interrupted("while explaining")
+
+    layer = _layer(original=failing, explain=explain)
+    with pytest.raises(_Interrupted) as raised:
+        layer(Client(pool), "GET")
+    assert isinstance(raised.value.__context__, ValueError)
+
+
+def test_a_release_that_fails_raises_chained_to_what_the_call_raised(monkeypatch):
+    plans = Plans()
+    plan, breaker = plans.plan()
+    pool = Pool()
+    pool.table = _table(plan)  # type: ignore[attr-defined]
+
+    def interrupted(client: Client, key: str) -> str:
+        raise _Interrupted("the call was interrupted")
+
+    def broken_release(self: CircuitBreaker) -> None:
+        raise RuntimeError("release failed")
+
+    monkeypatch.setattr(CircuitBreaker, "release", broken_release)
+    layer = _layer(original=interrupted)
+    with pytest.raises(RuntimeError, match="release failed") as raised:
+        layer(Client(pool), "GET")
+    assert isinstance(raised.value.__context__, _Interrupted)

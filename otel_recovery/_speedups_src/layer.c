@@ -338,18 +338,7 @@ layer_explain(LayerObject *self, PyObject *plan)
     PyObject *ignored = PyObject_Vectorcall(self->explain, call_args, 2, NULL);
     if (ignored == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
         /* as in Python: a BaseException from explain replaces the error, chained to it */
-        PyObject *new_type, *new_value, *new_traceback;
-        PyErr_Fetch(&new_type, &new_value, &new_traceback);
-        PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
-        if (new_value != value) {
-            PyException_SetContext(new_value, value); /* steals value */
-        }
-        else {
-            Py_DECREF(value);
-        }
-        Py_XDECREF(type);
-        Py_XDECREF(traceback);
-        PyErr_Restore(new_type, new_value, new_traceback);
+        chain_to_handled(type, value, traceback);
         return NULL;
     }
     if (ignored == NULL) {

@@ -67,18 +67,7 @@ runner_release(RunnerObject *self)
     if (traceback != NULL) {
         PyException_SetTraceback(value, traceback);
     }
-    PyObject *new_type, *new_value, *new_traceback;
-    PyErr_Fetch(&new_type, &new_value, &new_traceback);
-    PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
-    if (new_value != value) {
-        PyException_SetContext(new_value, value); /* steals value */
-    }
-    else {
-        Py_DECREF(value);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
-    PyErr_Restore(new_type, new_value, new_traceback);
+    chain_to_handled(type, value, traceback);
 }
 
 COLD static PyObject *

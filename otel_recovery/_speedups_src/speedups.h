@@ -134,6 +134,7 @@ INTERNAL int callargs_materialize(CallArgs *ca);
 INTERNAL void callargs_release(CallArgs *ca);
 INTERNAL Handled handled_push(PyObject *value);
 INTERNAL void handled_pop(Handled previous);
+INTERNAL void chain_to_handled(PyObject *type, PyObject *value, PyObject *traceback);
 INTERNAL void slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name);
 INTERNAL void slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name);
 INTERNAL PyObject *slot_read_generic(SlotReader *reader, PyObject *obj);

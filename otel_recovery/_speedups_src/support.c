@@ -72,6 +72,26 @@ handled_pop(Handled previous)
 #endif
 }
 
+/* A new error is set while (type, value, traceback), fetched and normalized, was being
+ * handled: the new one propagates with the old one as its __context__, as in Python.
+ * Steals the three references. */
+COLD void
+chain_to_handled(PyObject *type, PyObject *value, PyObject *traceback)
+{
+    PyObject *new_type, *new_value, *new_traceback;
+    PyErr_Fetch(&new_type, &new_value, &new_traceback);
+    PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
+    if (new_value != value) {
+        PyException_SetContext(new_value, value); /* steals value */
+    }
+    else {
+        Py_DECREF(value);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    PyErr_Restore(new_type, new_value, new_traceback);
+}
+
 COLD int
 callargs_materialize(CallArgs *ca)
 {
