@@ -111,7 +111,7 @@ def count_many(
     results: list[Counted | None] = [None] * len(commands)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {
-            pool.submit(count_instructions, command, env, 900.0, callgrind_args): index
+            pool.submit(count_instructions, command, env, callgrind_args=callgrind_args): index
             for index, command in enumerate(commands)
         }
         try:

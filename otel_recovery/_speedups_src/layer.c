@@ -190,9 +190,11 @@ COLD static PyObject *
 layer_read_table(LayerObject *self, PyObject *holder)
 {
     PyObject *table = PyObject_GetAttr(holder, self->table_attr);
+    if (table != NULL && Py_TYPE(table) != &PlanTableType) {
+        Py_CLEAR(table);
+    }
     PyObject *ref = NULL;
-    if (table != NULL && Py_TYPE(table) == &PlanTableType &&
-        PyType_SUPPORTS_WEAKREFS(Py_TYPE(holder))) {
+    if (table != NULL && PyType_SUPPORTS_WEAKREFS(Py_TYPE(holder))) {
         ref = PyWeakref_NewRef(holder, NULL);
         if (ref == NULL) {
             PyErr_Clear(); /* read every time */
@@ -205,9 +207,6 @@ layer_read_table(LayerObject *self, PyObject *holder)
     else {
         Py_CLEAR(self->holder_ref);
         Py_CLEAR(self->table);
-    }
-    if (table != NULL && Py_TYPE(table) != &PlanTableType) {
-        Py_CLEAR(table);
     }
     return table;
 }

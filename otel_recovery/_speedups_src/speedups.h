@@ -152,32 +152,35 @@ callargs_call(PyObject *fn, CallArgs *ca)
 /* The helpers every remembered call runs are inline: between two client calls the caches
  * have forgotten this code, and each out-of-line helper is more code to fetch again. */
 
-/* A new reference to the attribute, or NULL with an error set: read at the slot's offset
- * when the reader knows where it lives (support.c says why), else by getattr. */
+/* The attribute's value where the reader knows its slot (support.c says why), borrowed;
+ * NULL (no error set) when it does not, or the slot is empty: then only getattr can say. */
+static inline PyObject *
+slot_peek(SlotReader *reader, PyObject *obj)
+{
+    if (LIKELY(reader->offset >= 0 && Py_TYPE(obj) == reader->type)) {
+        return *(PyObject **)((char *)obj + reader->offset);
+    }
+    return NULL;
+}
+
+/* A new reference to the attribute, or NULL with an error set. */
 static inline PyObject *
 slot_read(SlotReader *reader, PyObject *obj)
 {
-    if (LIKELY(reader->offset >= 0 && Py_TYPE(obj) == reader->type)) {
-        PyObject *value = *(PyObject **)((char *)obj + reader->offset);
-        if (LIKELY(value != NULL)) {
-            return Py_NewRef(value);
-        }
-    }
-    return slot_read_generic(reader, obj);
+    PyObject *value = slot_peek(reader, obj);
+    return LIKELY(value != NULL) ? Py_NewRef(value) : slot_read_generic(reader, obj);
 }
 
 /* The attribute is true; -1 on error. */
 static inline int
 slot_true(SlotReader *reader, PyObject *obj)
 {
-    if (LIKELY(reader->offset >= 0 && Py_TYPE(obj) == reader->type)) {
-        PyObject *value = *(PyObject **)((char *)obj + reader->offset);
-        if (LIKELY(value == Py_True)) {
-            return 1;
-        }
-        if (value == Py_False) {
-            return 0;
-        }
+    PyObject *value = slot_peek(reader, obj);
+    if (LIKELY(value == Py_True)) {
+        return 1;
+    }
+    if (value == Py_False) {
+        return 0;
     }
     return truth_generic(slot_read_generic(reader, obj));
 }
@@ -276,30 +279,13 @@ started_read(RunnerObject *self, Started *started)
     return started_read_generic(self, started);
 }
 
-/* The Counter in a slot that `reader` reads at its offset, borrowed; NULL when it is not. */
-static inline CounterObject *
-slot_counter(SlotReader *reader, PyObject *obj)
-{
-    if (LIKELY(reader->offset >= 0 && Py_TYPE(obj) == reader->type)) {
-        PyObject *value = *(PyObject **)((char *)obj + reader->offset);
-        if (LIKELY(value != NULL && Py_TYPE(value) == &CounterType)) {
-            return (CounterObject *)value;
-        }
-    }
-    return NULL;
-}
-
 /* started < budget._bucket_end; -1 on error. */
 static inline int
 runner_before_bucket_end(RunnerObject *self, Started *started)
 {
-    SlotReader *reader = &self->bucket_end;
-    PyObject *budget = self->budget;
-    if (LIKELY(started->value == NULL && reader->offset >= 0 && Py_TYPE(budget) == reader->type)) {
-        PyObject *end = *(PyObject **)((char *)budget + reader->offset);
-        if (LIKELY(end != NULL && PyFloat_CheckExact(end))) {
-            return started->seconds < PyFloat_AS_DOUBLE(end);
-        }
+    PyObject *end = started->value == NULL ? slot_peek(&self->bucket_end, self->budget) : NULL;
+    if (LIKELY(end != NULL && PyFloat_CheckExact(end))) {
+        return started->seconds < PyFloat_AS_DOUBLE(end);
     }
     return before_bucket_end_generic(self, started);
 }
@@ -308,9 +294,9 @@ runner_before_bucket_end(RunnerObject *self, Started *started)
 static inline int
 runner_record_success(RunnerObject *self, PyObject *breaker)
 {
-    CounterObject *tally = self->tallied ? slot_counter(&self->tally, breaker) : NULL;
-    if (LIKELY(tally != NULL)) {
-        return counter_advance(tally);
+    PyObject *tally = self->tallied ? slot_peek(&self->tally, breaker) : NULL;
+    if (LIKELY(tally != NULL && Py_TYPE(tally) == &CounterType)) {
+        return counter_advance((CounterObject *)tally);
     }
     return record_success_generic(self, breaker);
 }
