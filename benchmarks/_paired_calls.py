@@ -32,9 +32,12 @@ Each block is four calls, one per mode, in an order that cycles through all 24 p
 so no mode is favoured by its position. The CPU time of a call is the calling thread's
 (``time.thread_time_ns``): spans are exported by the batch span processor's thread, and our
 layer adds no span and no attribute on the happy path (the rounds check the span count).
-The figure is the median over blocks of ``mode - contrib``, with a distribution-free 95 %
-confidence interval (order statistics of the binomial), because rare long calls (garbage
-collections, interrupts) make the mean's error several microseconds.
+A process's figure is the median over blocks of ``mode - contrib``, with a distribution-free
+95 % confidence interval (order statistics of the binomial), because rare long calls (garbage
+collections, interrupts) make the mean's error several microseconds. That interval covers the
+noise of one process only: its layout biases all its calls of a mode alike, so
+``instrumentors.py`` runs several processes and takes the median over them
+(``median_interval``).
 """
 
 from __future__ import annotations
@@ -176,6 +179,24 @@ class Paired:
 
     def __str__(self) -> str:
         return f"{self.median:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+
+def median_interval(values: Sequence[float]) -> Paired:
+    """Median of a few values (one per worker process) with its exact order-statistic
+    interval: the narrowest (x(k), x(n+1-k)) that covers the median with at least 95 %
+    probability under the binomial, whatever the distribution; (min, max) when even that
+    falls short (fewer than six values)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    k = 0  # 0-based index of the lower bound
+    while k + 1 < n - 1 - (k + 1):
+        outside = 2 * sum(math.comb(n, i) for i in range(k + 2)) / 2**n
+        if 1.0 - outside < 0.95:
+            break
+        k += 1
+    return Paired(statistics.median(ordered), ordered[k], ordered[n - 1 - k])
 
 
 def paired_difference(base: Sequence[int], other: Sequence[int]) -> Paired:
