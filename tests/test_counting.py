@@ -101,3 +101,26 @@ def test_remembered_calls_deposit_and_tally_through_the_counters():
         assert run(lambda: "ok", (), {}) == "ok"
     assert budget.total_calls == 250
     assert breaker.snapshot().successful_calls == 250
+
+
+@compiled_only
+def test_a_compiled_next_that_cannot_make_its_int_consumes_no_count():
+    """Nothing is lost: when making the int fails, the count stays where it was."""
+    testcapi = pytest.importorskip("_testcapi")
+    if not hasattr(testcapi, "set_nomemory"):
+        pytest.skip("this CPython's _testcapi cannot make allocations fail")
+    assert SPEEDUPS is not None
+    counter = SPEEDUPS.Counter(10_000)  # past the small ints CPython keeps made
+
+    def next_with_no_memory() -> object:
+        testcapi.set_nomemory(0, 1)  # the next allocation fails
+        try:
+            return next(counter)
+        except MemoryError as error:
+            return error
+        finally:
+            testcapi.remove_mem_hooks()
+
+    assert isinstance(next_with_no_memory(), MemoryError)
+    assert counter.value == 10_000
+    assert next(counter) == 10_000

@@ -28,13 +28,16 @@ counter_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     return (PyObject *)self;
 }
 
+/* The int is made before the count moves on: a next() that fails (MemoryError, or the end
+ * of the range) consumes no count, so nothing is lost (itertools.count moves on regardless). */
 static PyObject *
 counter_iternext(CounterObject *self)
 {
-    if (counter_advance(self) < 0) {
-        return NULL;
+    PyObject *count = PyLong_FromLongLong(self->next);
+    if (count != NULL && counter_advance(self) < 0) {
+        Py_CLEAR(count);
     }
-    return PyLong_FromLongLong(self->next - 1);
+    return count;
 }
 
 static PyObject *
