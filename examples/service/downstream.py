@@ -197,14 +197,19 @@ class FlakyDownstream:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (compose.yaml's ``downstream`` service passes one; the tests read it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, help="e.g. 'ok,503,429*2,reset'")
     parser.add_argument("--retry-after", type=int, default=1, help="seconds, on 429 responses")
     parser.add_argument("--verbose", action="store_true", help="log every request")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     server = FlakyDownstream(
         args.schedule,
         host=args.host,
