@@ -15,14 +15,20 @@ per-operation sections::
 
 Keyword arguments to ``instrument()`` win over both. A bad value fails at start-up with a
 message naming the setting, where it came from and the accepted values: a typo must not
-silently turn into "no recovery" (or "retry everything").
+silently turn into "no recovery" (or "retry everything"). So does an unknown key in the
+policy file. An ``OTEL_RECOVERY_*`` variable that nothing reads is logged as a warning, with
+the closest name that exists, and ignored: environments are shared by every process a
+deployment starts, and a variable meant for a newer otel-recovery must not stop an older one.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -135,6 +141,15 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 _FIELDS = {f.name: f for f in fields(RecoverySettings)}
 _NOT_SETTABLE = {"has_fallback", "targets"}
+_OTHER_VARIABLES = frozenset(
+    {"CONFIG", "NO_EXTENSIONS", "STORE_URL", "CHECKPOINT_MAX_BYTES", "BENCH_PG"}
+)
+"""``OTEL_RECOVERY_*`` variables read elsewhere: the policy file (here), the switch for the
+compiled extension (``_compiled``), the state store (``stores``), the checkpoint size limit
+(``checkpoint``), the database of ``benchmarks/layer_cost.py``."""
+_log = logging.getLogger("otel_recovery.instrumentors")
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 
 def _convert(name: str, raw: Any, source: str) -> Any:
@@ -236,11 +251,37 @@ def _toml_loads(text: str) -> dict[str, Any]:
     return loaded
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The ``OTEL_RECOVERY_*`` variables in ``environ`` that nothing reads, each with the
+    closest name that exists (None when none is close), sorted. Names are compared without
+    the shared prefix, which would make every name look close to every other."""
+    known = {name.upper() for name in _FIELDS if name not in _NOT_SETTABLE} | _OTHER_VARIABLES
+    unknown = []
+    for name in sorted(environ):
+        suffix = name[len(ENV_PREFIX) :]
+        if name.startswith(ENV_PREFIX) and suffix not in known:
+            close = difflib.get_close_matches(suffix, known, n=1)
+            unknown.append((name, ENV_PREFIX + close[0] if close else None))
+    return unknown
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    """Log each unknown variable once per process (every instrumentor loads the settings)."""
+    for name, close in unknown_variables(environ):
+        with _warned_lock:
+            if name in _warned:
+                continue
+            _warned.add(name)
+        hint = f"; did you mean {close}?" if close else ""
+        _log.warning("%s is not an otel-recovery setting and is ignored%s", name, hint)
+
+
 def load_settings(
     kwargs: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> RecoverySettings:
     """Settings from the environment, then the policy file, then keyword arguments."""
     env = os.environ if environ is None else environ
+    _warn_unknown(env)
     settings = RecoverySettings()
     from_env = {
         name: env[ENV_PREFIX + name.upper()]

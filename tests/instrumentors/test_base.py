@@ -84,6 +84,31 @@ def test_unknown_keys_in_a_file_are_rejected_with_the_known_list(tmp_path):
         load_settings(environ={"OTEL_RECOVERY_CONFIG": str(config)})
 
 
+def test_an_unknown_variable_is_named_once_with_the_closest_real_one_and_ignored(
+    caplog, monkeypatch
+):
+    monkeypatch.setattr("otel_recovery.instrumentors._settings._warned", set())
+    env = {
+        "OTEL_RECOVERY_MAX_ATEMPTS": "5",  # a typo
+        "OTEL_RECOVERY_SOMETHING_ELSE": "1",  # nothing close
+        "OTEL_RECOVERY_BUDGET_RATIO": "0.2",
+        # read elsewhere in the package: not unknown
+        "OTEL_RECOVERY_STORE_URL": "sqlite://",
+        "OTEL_RECOVERY_NO_EXTENSIONS": "false",
+        "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES": "1000",
+        "OTEL_SERVICE_NAME": "svc",  # not ours
+    }
+    with caplog.at_level("WARNING", logger="otel_recovery.instrumentors"):
+        settings = load_settings(environ=env)
+        load_settings(environ=env)  # every instrumentor loads them: still one warning each
+    assert settings.max_attempts == 3 and settings.budget_ratio == 0.2
+    assert [r.getMessage() for r in caplog.records] == [
+        "OTEL_RECOVERY_MAX_ATEMPTS is not an otel-recovery setting and is ignored; "
+        "did you mean OTEL_RECOVERY_MAX_ATTEMPTS?",
+        "OTEL_RECOVERY_SOMETHING_ELSE is not an otel-recovery setting and is ignored",
+    ]
+
+
 def test_bad_values_in_target_sections_fail_at_load_time(tmp_path):
     config = tmp_path / "p.toml"
     config.write_text('[targets."x"]\nbudget_ratio = 3\n')
