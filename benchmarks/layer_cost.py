@@ -12,7 +12,9 @@ is counted is the caller, our layer and that function. It runs each target three
 - ``recovery``: instrumented, a plan remembered, the happy path;
 
 with the compiled happy path (``otel_recovery._speedups``) and, for comparison, with
-``OTEL_RECOVERY_NO_EXTENSIONS=true`` (the Python layers). PostgreSQL's cursor needs a real
+``OTEL_RECOVERY_NO_EXTENSIONS=true`` (the Python layers). ``redis_async`` is
+``redis.asyncio``'s ``execute_command``, awaited in one event loop: coroutine methods have
+no compiled path, so both of its recovery columns are the Python async layer. PostgreSQL's cursor needs a real
 connection (``OTEL_RECOVERY_BENCH_PG``, default ``host=127.0.0.1 user=postgres dbname=test``);
 nothing is sent on it. Counts come from callgrind at two call counts, so start-up cancels
 out (``benchmarks/_callgrind.py``).
@@ -30,14 +32,23 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
 from _callgrind import count_many, valgrind_version
 
-TARGETS = ("redis", "postgres", "http")
+TARGETS = ("redis", "postgres", "http", "redis_async")
 MODES = ("bare", "idle", "recovery")
-LABELS = {"redis": "Redis GET", "postgres": "PostgreSQL execute", "http": "requests GET"}
+LABELS = {
+    "redis": "Redis GET",
+    "postgres": "PostgreSQL execute",
+    "http": "requests GET",
+    "redis_async": "redis.asyncio GET",
+}
+ASYNC_TARGETS = {"redis_async"}
+"""Coroutine methods: no compiled path (both recovery columns run the Python async layer)."""
 CALLS = (2_000, 6_000)
 
 
@@ -50,6 +61,38 @@ def _redis() -> object:
     redis.client.Redis.execute_command = execute_command  # type: ignore[method-assign]
     client = redis.Redis()
     return lambda: client.get("key")
+
+
+def _redis_async() -> object:
+    import redis.asyncio.client
+
+    async def execute_command(self: object, *args: object, **options: object) -> object:
+        return b"value"
+
+    redis.asyncio.client.Redis.execute_command = execute_command  # type: ignore[method-assign]
+    client = redis.asyncio.Redis()
+    return lambda: client.get("key")
+
+
+def _batches(target: str, call: Any) -> Callable[[int], None]:
+    """``run(n)`` makes ``n`` calls: a plain loop, or for a coroutine method one event loop
+    that awaits them (no call suspends: the original answers at once)."""
+    if target not in ASYNC_TARGETS:
+
+        def run(calls: int) -> None:
+            for _ in range(calls):
+                call()
+
+        return run
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+
+    async def many(calls: int) -> None:
+        for _ in range(calls):
+            await call()
+
+    return lambda calls: loop.run_until_complete(many(calls))
 
 
 def _postgres() -> object:
@@ -89,7 +132,8 @@ def child(target: str, mode: str, calls: int, timed: bool = False) -> None:
 
     # a fixed resource: resource detection's thread pool would make the counts wander
     trace.set_tracer_provider(TracerProvider(resource=Resource({"service.name": "bench"})))
-    call = {"redis": _redis, "postgres": _postgres, "http": _http}[target]()
+    factories = {"redis": _redis, "postgres": _postgres, "http": _http}
+    call = {**factories, "redis_async": _redis_async}[target]()
     if mode != "bare":
         from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
         from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
@@ -99,6 +143,7 @@ def child(target: str, mode: str, calls: int, timed: bool = False) -> None:
             "redis": RedisRecoveryInstrumentor,
             "postgres": PsycopgRecoveryInstrumentor,
             "http": RequestsRecoveryInstrumentor,
+            "redis_async": RedisRecoveryInstrumentor,
         }[target]
         instrumentor = kind()
         instrumentor.instrument()
@@ -107,18 +152,16 @@ def child(target: str, mode: str, calls: int, timed: bool = False) -> None:
             raise RuntimeError(f"{kind.__name__} did not instrument")
         if mode == "idle":
             patches.enabled = False
+    run = _batches(target, call)
     gc.disable()
-    for _ in range(200):  # plans remembered, caches warm
-        call()  # type: ignore[operator]
+    run(200)  # plans remembered, caches warm
     if not timed:
-        for _ in range(calls):
-            call()  # type: ignore[operator]
+        run(calls)
         return
     best = math.inf
     for _ in range(15):
         started = time.perf_counter()
-        for _ in range(calls):
-            call()  # type: ignore[operator]
+        run(calls)
         best = min(best, (time.perf_counter() - started) / calls)
     print(f"{best * 1e9:.0f}")
 

@@ -540,6 +540,40 @@ async def test_async_client_kill_mid_set_is_retried(h: Harness, order: str) -> N
     await c.aclose()
 
 
+async def test_async_suppressed_instrumentation_is_not_retried(h: Harness) -> None:
+    h.instrument()
+    c = h.aclient()
+    await c.get("warm")  # the command's plan is remembered: the check comes before it
+    client_id = await c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    with suppress_instrumentation(), pytest.raises(redis.exceptions.ConnectionError):
+        await c.set("k", "v")
+    await asyncio.to_thread(killer.join)
+    assert h.attempts["execute_command"] == 1 and not h.exporter.get_finished_spans()
+    await c.aclose()
+
+
+async def test_async_a_wrapper_bug_does_not_break_the_call(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h.instrument()
+    c = h.aclient()
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(ours_module._Planner, "command", broken)
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
+        assert await c.set("k", "v") is True and await c.get("k") == b"v"
+    assert [r.message for r in caplog.records].count(
+        "otel_recovery internal error in redis.asyncio Redis.execute_command; the call "
+        "proceeds uninstrumented (reported once per site)"
+    ) == 1
+    await c.aclose()
+
+
 async def test_async_client_pause_and_stopped_server_recover(h: Harness) -> None:
     h.instrument()
     c = h.aclient()
