@@ -171,11 +171,14 @@ def run_blocks(
 
 @dataclass(frozen=True)
 class Paired:
-    """Median of per-block differences (us) and its 95 % confidence interval."""
+    """A median (us) and its confidence interval: over blocks (``paired_difference``, 95 %)
+    or over processes (``median_interval``, whose exact coverage it carries)."""
 
     median: float
     low: float
     high: float
+    coverage: float = 0.95
+    """The probability that the interval covers the true median."""
 
     def __str__(self) -> str:
         return f"{self.median:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
@@ -183,20 +186,22 @@ class Paired:
 
 def median_interval(values: Sequence[float]) -> Paired:
     """Median of a few values (one per worker process) with its exact order-statistic
-    interval: the narrowest (x(k), x(n+1-k)) that covers the median with at least 95 %
-    probability under the binomial, whatever the distribution; (min, max) when even that
-    falls short (fewer than six values)."""
+    confidence interval: the narrowest (x(k), x(n+1-k)) that covers the median with at least
+    95 % probability under the binomial, whatever the distribution. With fewer than six
+    values even (min, max) falls short (93.75 % for five, 50 % for two): it is returned with
+    the coverage it has, which the caller must show."""
     ordered = sorted(values)
     n = len(ordered)
     if n == 0:
         raise ValueError("median_interval needs at least one value")
+
+    def coverage(k: int) -> float:  # of (x(k+1), x(n-k)), 1-based: 1 - 2 P(Bin(n, 1/2) <= k)
+        return 1.0 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+
     k = 0  # 0-based index of the lower bound
-    while k + 1 < n - 1 - (k + 1):
-        outside = 2 * sum(math.comb(n, i) for i in range(k + 2)) / 2**n
-        if 1.0 - outside < 0.95:
-            break
+    while k + 1 < n - 1 - (k + 1) and coverage(k + 1) >= 0.95:
         k += 1
-    return Paired(statistics.median(ordered), ordered[k], ordered[n - 1 - k])
+    return Paired(statistics.median(ordered), ordered[k], ordered[n - 1 - k], coverage(k))
 
 
 def paired_difference(base: Sequence[int], other: Sequence[int]) -> Paired:

@@ -104,27 +104,29 @@ def test_paired_difference_of_a_constant_shift_is_that_shift():
 
 
 @pytest.mark.parametrize(
-    ("n", "low", "high"),
+    ("n", "low", "high", "coverage"),
     [
         # coverage of (x(k), x(n+1-k)) is 1 - 2 P(Binomial(n, 1/2) < k); the narrowest >= 95 %
-        (5, 0, 4),  # even (min, max) covers only 93.75 %: (min, max) it is
-        (6, 0, 5),  # (min, max): 96.9 %; (x(2), x(5)) would be 78.1 %
-        (8, 0, 7),  # (min, max): 99.2 %; (x(2), x(7)) would be 93.0 %, just short
-        (10, 1, 8),  # (x(2), x(9)): 97.9 %; (x(3), x(8)) would be 89.1 %
-        (12, 2, 9),  # (x(3), x(10)): 96.1 %; (x(4), x(9)) would be 85.4 %
-        (20, 5, 14),  # (x(6), x(15)): 95.9 %; (x(7), x(14)) would be 88.5 %
+        (2, 0, 1, 0.5),  # too few: (min, max) with the coverage it has
+        (5, 0, 4, 0.9375),  # even (min, max) covers only 93.75 %
+        (6, 0, 5, 0.96875),  # (min, max); (x(2), x(5)) would be 78.1 %
+        (8, 0, 7, 0.9921875),  # (min, max); (x(2), x(7)) would be 93.0 %, just short
+        (10, 1, 8, 0.978515625),  # (x(2), x(9)); (x(3), x(8)) would be 89.1 %
+        (12, 2, 9, 0.961425781),  # (x(3), x(10)); (x(4), x(9)) would be 85.4 %
+        (20, 5, 14, 0.958610535),  # (x(6), x(15)); (x(7), x(14)) would be 88.5 %
     ],
 )
 def test_median_interval_is_the_narrowest_exact_95_percent_order_statistic_interval(
-    n: int, low: int, high: int
+    n: int, low: int, high: int, coverage: float
 ) -> None:
     values = [float(10 * i) for i in reversed(range(n))]  # unsorted on purpose
     result = median_interval(values)
     assert result.median == 10 * (n - 1) / 2
     assert (result.low, result.high) == (10.0 * low, 10.0 * high)
+    assert result.coverage == pytest.approx(coverage, abs=1e-9)
 
 
 def test_median_interval_of_one_value_is_that_value_and_of_none_an_error() -> None:
-    assert median_interval([2.5]) == Paired(2.5, 2.5, 2.5)
+    assert median_interval([2.5]) == Paired(2.5, 2.5, 2.5, coverage=0.0)
     with pytest.raises(ValueError, match="at least one value"):
         median_interval([])

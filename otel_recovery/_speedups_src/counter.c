@@ -5,7 +5,8 @@
  * freeing an int object: some 380 of the 1,900 instructions the compiled Redis layer spent
  * per call. The runner advances a Counter by one addition instead (counter_advance), and
  * Python code sees the same iterator: next() returns the count and moves it on, `value`
- * is the next count (policies/_counting.py peeks it). One C statement under the GIL, like
+ * is the next count (policies/_counting.py peeks it). Each step holds the GIL throughout
+ * (the runner's addition; next() makes its int first, which never releases the GIL), like
  * itertools.count's own step, so threads count without a lock. */
 #include "speedups.h"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import wrapt
@@ -13,7 +15,12 @@ from opentelemetry.trace import SpanKind
 
 from otel_recovery._attempt import ATTEMPT, current_attempt
 from otel_recovery.instrumentors._resend import install_resend_processor
-from otel_recovery.instrumentors._settings import RecoverySettings, SettingsError, load_settings
+from otel_recovery.instrumentors._settings import (
+    RecoverySettings,
+    SettingsError,
+    load_settings,
+    unknown_variables,
+)
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies import FixedBackoff, Retry
@@ -107,6 +114,26 @@ def test_an_unknown_variable_is_named_once_with_the_closest_real_one_and_ignored
         "did you mean OTEL_RECOVERY_MAX_ATTEMPTS?",
         "OTEL_RECOVERY_SOMETHING_ELSE is not an otel-recovery setting and is ignored",
     ]
+
+
+def test_no_otel_recovery_variable_the_project_names_is_taken_for_unknown():
+    """The variables read outside the settings are listed by hand (``_OTHER_VARIABLES``):
+    every name the code, benchmarks, examples and docs mention must be known."""
+    root = Path(__file__).resolve().parents[2]
+    paths = [
+        *root.glob("otel_recovery/**/*.py"),
+        *root.glob("benchmarks/*.py"),
+        *root.glob("examples/**/*.*"),
+        *root.glob("docs/**/*.md"),
+        root / "README.md",
+        root / ".ci" / "run",
+    ]
+    named = set()
+    for path in paths:
+        named |= set(re.findall(r"OTEL_RECOVERY_[A-Z0-9_]*[A-Z0-9]", path.read_text("utf-8")))
+    assert len(named) > 20  # the scan found the settings
+    flagged = {name for name, _ in unknown_variables(dict.fromkeys(named, ""))}
+    assert flagged == {"OTEL_RECOVERY_MAX_ATEMPTS"}  # the README's example of a typo
 
 
 def test_bad_values_in_target_sections_fail_at_load_time(tmp_path):
