@@ -341,43 +341,65 @@ class _SiteLayers:
             return planner.immediate(mode, target, args[1:]), None
         return planner.command(mode, target, args[1:]), None
 
-    def command_plan(self, args: tuple[Any, ...]) -> tuple[Plan, Target, tuple[Any, Any]]:
-        """A standalone client's command (``kind == "command"``): its plan, remembered per
-        pool, span mode and command spelling, with the target and the site's ``seen`` it was
-        chosen under (what :func:`_share_plans` needs). The checks of
-        ``instrumentation_enabled``, ``Site.span_mode``, ``_standalone_target`` and
-        ``_Planner.command`` written out, because this runs on every command."""
-        site, planner = self.site, self.planner
-        seen = site.seen
-        if site.namespace[site.attribute] is not seen[0]:
-            seen = site.refresh()
-        target = getattr(args[0].connection_pool, _TARGET, None)
-        if target is None or target.kwargs.get("retry") is not target.retry:
-            target = self.resolve(args[0])
-        plan = None
-        if target.owner is planner:
-            plans = target.current if seen[1] == "current" else target.own
-            plan = plans.get(args[1])
-        if plan is None:
-            plan = planner.command(seen[1], target, args[1:])
-        return plan, target, seen
+    def command_planner(self) -> Callable[[tuple[Any, ...]], tuple[Plan, Target, Any]]:
+        """For a standalone client's command (``kind == "command"``): ``command_plan(args)``,
+        its plan, remembered per pool, span mode and command spelling, with the target and
+        the site's ``seen`` it was chosen under (what :func:`_share_plans` needs). The checks
+        of ``Site.span_mode``, ``_standalone_target`` and ``_Planner.command``, written out
+        over locals because this runs on every command (the sync layer has its own copy
+        inline, see there)."""
+        site, planner, resolve = self.site, self.planner, self.resolve
+        namespace, attribute = site.namespace, site.attribute
+
+        def command_plan(args: tuple[Any, ...]) -> tuple[Plan, Target, Any]:
+            seen = site.seen
+            if namespace[attribute] is not seen[0]:
+                seen = site.refresh()
+            target = getattr(args[0].connection_pool, _TARGET, None)
+            if target is None or target.kwargs.get("retry") is not target.retry:
+                target = resolve(args[0])
+            plan = None
+            if target.owner is planner:
+                plans = target.current if seen[1] == "current" else target.own
+                plan = plans.get(args[1])
+            if plan is None:
+                plan = planner.command(seen[1], target, args[1:])
+            return plan, target, seen
+
+        return command_plan
 
     def sync_layer(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        patches, planner, where = self.patches, self.planner, self.where
-        enabled, plan_slowly, command_plan = instrumentation_enabled, self.plan, self.command_plan
+        patches, planner, site, where = self.patches, self.planner, self.site, self.where
+        namespace, attribute = site.namespace, site.attribute
+        enabled, resolve, plan_slowly = instrumentation_enabled, self.resolve, self.plan
         inline = self.kind == "command" and self.resolve is _standalone_target
         compiled = inline and compiles()
 
         def layer(*args: Any, **options: Any) -> Any:
+            # Every Python call costs here (the issue's budget is 1 us per command), so
+            # command_planner's lookup is written out once more, inline: calling it would
+            # add some 850 instructions per command (benchmarks/layer_cost.py, Python column)
+            # where no C compiler built the extension (python:*-slim images, say).
             if not patches.enabled:
                 return original(*args, **options)
-            context = read_context()  # instrumentation_enabled(), inline: it runs per call
+            context = read_context()  # instrumentation_enabled(), inline
             if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not enabled():
                 return original(*args, **options)
             fn = original
             try:
                 if inline:
-                    plan, target, seen = command_plan(args)
+                    seen = site.seen
+                    if namespace[attribute] is not seen[0]:
+                        seen = site.refresh()
+                    target = getattr(args[0].connection_pool, _TARGET, None)
+                    if target is None or target.kwargs.get("retry") is not target.retry:
+                        target = resolve(args[0])
+                    plan = None
+                    if target.owner is planner:
+                        plans = target.current if seen[1] == "current" else target.own
+                        plan = plans.get(args[1])
+                    if plan is None:
+                        plan = planner.command(seen[1], target, args[1:])
                     if compiled:
                         _share_plans(args[0].connection_pool, planner, target, seen)
                 else:
@@ -410,13 +432,14 @@ class _SiteLayers:
 
     def async_layer(self, original: Callable[..., Any]) -> Callable[..., Any]:
         patches, where = self.patches, self.where
-        enabled, plan_slowly, command_plan = instrumentation_enabled, self.plan, self.command_plan
+        enabled, plan_slowly = instrumentation_enabled, self.plan
+        command_plan = self.command_planner()
         inline = self.kind == "command" and self.resolve is _standalone_target
 
         async def layer(*args: Any, **options: Any) -> Any:
             if not patches.enabled:
                 return await original(*args, **options)
-            context = read_context()  # as in sync_layer
+            context = read_context()  # instrumentation_enabled(), inline, as in sync_layer
             if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not enabled():
                 return await original(*args, **options)
             fn = original
