@@ -270,14 +270,19 @@ def test_the_remembered_table_is_not_kept_past_the_layer():
     assert sys.getrefcount(table) == held - 1
 
 
+def _call_in(context: otel_context.Context, harness: Any, client: Any) -> None:
+    """One call with ``context`` as the current OpenTelemetry Context."""
+    token = otel_context.attach(context)
+    try:
+        harness.call(client)
+    finally:
+        otel_context.detach(token)
+
+
 def test_suppressed_instrumentation_goes_to_python_which_passes_it_through():
     harness, breaker, client = _served()
     for key in (SUPPRESS_KEY, LEGACY_SUPPRESS_KEY):
-        token = otel_context.attach(otel_context.set_value(key, True))
-        try:
-            harness.call(client)
-        finally:
-            otel_context.detach(token)
+        _call_in(otel_context.set_value(key, True), harness, client)
     assert (_successes(breaker), harness.slow_calls) == (0, 2)
     harness.call(client)
     assert (_successes(breaker), harness.slow_calls) == (1, 2)
@@ -312,22 +317,14 @@ class _OddKey:
 def test_every_suppression_key_a_lookup_would_find_is_found(entries):
     harness, breaker, client = _served()
     for key in (SUPPRESS_KEY, LEGACY_SUPPRESS_KEY):
-        token = otel_context.attach(otel_context.Context(entries(key)))
-        try:
-            harness.call(client)
-        finally:
-            otel_context.detach(token)
+        _call_in(otel_context.Context(entries(key)), harness, client)
     assert (_successes(breaker), harness.slow_calls) == (0, 2)
 
 
 def test_keys_like_a_suppression_key_do_not_suppress():
     harness, breaker, client = _served()
     near = {SUPPRESS_KEY[:-1] + "x": True, LEGACY_SUPPRESS_KEY.upper(): True, _OddKey(): 1}
-    token = otel_context.attach(otel_context.Context(near))
-    try:
-        harness.call(client)
-    finally:
-        otel_context.detach(token)
+    _call_in(otel_context.Context(near), harness, client)
     assert (_successes(breaker), harness.slow_calls) == (1, 0)
 
 

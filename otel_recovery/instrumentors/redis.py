@@ -423,7 +423,7 @@ class _SiteLayers:
             layer,
             original,
             patches,
-            site=self.site,
+            site=site,
             token=None,
             holder_attr="connection_pool",
             table_attr=_COMPILED_PLANS,
@@ -431,20 +431,16 @@ class _SiteLayers:
         )
 
     def async_layer(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        patches, where = self.patches, self.where
-        enabled, plan_slowly = instrumentation_enabled, self.plan
-        command_plan = self.command_planner()
+        patches, where, plan_slowly = self.patches, self.where, self.plan
         inline = self.kind == "command" and self.resolve is _standalone_target
+        command_plan = self.command_planner() if inline else None
 
         async def layer(*args: Any, **options: Any) -> Any:
-            if not patches.enabled:
-                return await original(*args, **options)
-            context = read_context()  # instrumentation_enabled(), inline, as in sync_layer
-            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not enabled():
+            if not patches.enabled or not instrumentation_enabled():
                 return await original(*args, **options)
             fn = original
             try:
-                if inline:
+                if command_plan is not None:
                     plan = command_plan(args)[0]
                 else:
                     plan, replay = plan_slowly(args)

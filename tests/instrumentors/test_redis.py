@@ -475,18 +475,28 @@ def test_a_wrapper_bug_does_not_break_the_call(
 ) -> None:
     h.instrument()
     c = h.client()
+    _break_the_planner(monkeypatch)
+    with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
+        assert c.set("k", "v") is True and c.get("k") == b"v"
+    assert _reports(caplog, "redis Redis.execute_command") == 1
+
+
+def _break_the_planner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command's planning raises: a wrapper bug, which must not break the call."""
 
     def broken(*args: Any) -> Any:
         raise RuntimeError("planner bug")
 
     monkeypatch.setattr(ours_module._Planner, "command", broken)
     monkeypatch.setattr(_wrapping, "_reported", set())
-    with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
-        assert c.set("k", "v") is True and c.get("k") == b"v"
-    assert [r.message for r in caplog.records].count(
-        "otel_recovery internal error in redis Redis.execute_command; the call proceeds "
-        "uninstrumented (reported once per site)"
-    ) == 1
+
+
+def _reports(caplog: pytest.LogCaptureFixture, where: str) -> int:
+    """How often the internal error at ``where`` was logged."""
+    return [r.message for r in caplog.records].count(
+        f"otel_recovery internal error in {where}; the call proceeds uninstrumented "
+        "(reported once per site)"
+    )
 
 
 # -- the command rules -------------------------------------------------------------------
@@ -559,18 +569,10 @@ async def test_async_a_wrapper_bug_does_not_break_the_call(
 ) -> None:
     h.instrument()
     c = h.aclient()
-
-    def broken(*args: Any) -> Any:
-        raise RuntimeError("planner bug")
-
-    monkeypatch.setattr(ours_module._Planner, "command", broken)
-    monkeypatch.setattr(_wrapping, "_reported", set())
+    _break_the_planner(monkeypatch)
     with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
         assert await c.set("k", "v") is True and await c.get("k") == b"v"
-    assert [r.message for r in caplog.records].count(
-        "otel_recovery internal error in redis.asyncio Redis.execute_command; the call "
-        "proceeds uninstrumented (reported once per site)"
-    ) == 1
+    assert _reports(caplog, "redis.asyncio Redis.execute_command") == 1
     await c.aclose()
 
 
