@@ -12,9 +12,10 @@ is counted is the caller, our layer and that function. It runs each target three
 - ``recovery``: instrumented, a plan remembered, the happy path;
 
 with the compiled happy path (``otel_recovery._speedups``) and, for comparison, with
-``OTEL_RECOVERY_NO_EXTENSIONS=true`` (the Python layers). ``redis_async`` is
-``redis.asyncio``'s ``execute_command``, awaited in one event loop: coroutine methods have
-no compiled path, so both of its recovery columns are the Python async layer. PostgreSQL's cursor needs a real
+``OTEL_RECOVERY_NO_EXTENSIONS=true`` (the Python layers). ``redis_async`` and
+``postgres_async`` are ``redis.asyncio``'s ``execute_command`` and psycopg's
+``AsyncCursor.execute``, awaited in one event loop (compiled, the layer returns an
+``AsyncRun`` that the loop awaits instead of a coroutine). PostgreSQL's cursors need a real
 connection (``OTEL_RECOVERY_BENCH_PG``, default ``host=127.0.0.1 user=postgres dbname=test``);
 nothing is sent on it. Counts come from callgrind at two call counts, so start-up cancels
 out (``benchmarks/_callgrind.py``).
@@ -39,16 +40,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
 from _callgrind import count_many, valgrind_version
 
-TARGETS = ("redis", "postgres", "http", "redis_async")
+TARGETS = ("redis", "postgres", "http", "redis_async", "postgres_async")
 MODES = ("bare", "idle", "recovery")
 LABELS = {
     "redis": "Redis GET",
     "postgres": "PostgreSQL execute",
     "http": "requests GET",
     "redis_async": "redis.asyncio GET",
+    "postgres_async": "psycopg async execute",
 }
-ASYNC_TARGETS = {"redis_async"}
-"""Coroutine methods: no compiled path (both recovery columns run the Python async layer)."""
+ASYNC_TARGETS = {"redis_async", "postgres_async"}
+"""Coroutine methods: awaited in an event loop."""
 CALLS = (2_000, 6_000)
 
 
@@ -72,6 +74,23 @@ def _redis_async() -> object:
     redis.asyncio.client.Redis.execute_command = execute_command  # type: ignore[method-assign]
     client = redis.asyncio.Redis()
     return lambda: client.get("key")
+
+
+def _postgres_async() -> object:
+    import asyncio
+
+    import psycopg
+
+    async def execute(
+        self: object, query: object, params: object = None, **options: object
+    ) -> object:
+        return self
+
+    psycopg.AsyncCursor.execute = execute  # type: ignore[method-assign,assignment]
+    dsn = os.environ.get("OTEL_RECOVERY_BENCH_PG", "host=127.0.0.1 user=postgres dbname=test")
+    connection = asyncio.run(psycopg.AsyncConnection.connect(dsn, autocommit=True))
+    cursor = connection.cursor()  # nothing is sent on it: execute answers at once
+    return lambda: cursor.execute("SELECT 1")
 
 
 def _batches(target: str, call: Any) -> Callable[[int], None]:
@@ -132,8 +151,14 @@ def child(target: str, mode: str, calls: int, timed: bool = False) -> None:
 
     # a fixed resource: resource detection's thread pool would make the counts wander
     trace.set_tracer_provider(TracerProvider(resource=Resource({"service.name": "bench"})))
-    factories = {"redis": _redis, "postgres": _postgres, "http": _http}
-    call = {**factories, "redis_async": _redis_async}[target]()
+    factories = {
+        "redis": _redis,
+        "postgres": _postgres,
+        "http": _http,
+        "redis_async": _redis_async,
+        "postgres_async": _postgres_async,
+    }
+    call = factories[target]()
     if mode != "bare":
         from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
         from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
@@ -144,6 +169,7 @@ def child(target: str, mode: str, calls: int, timed: bool = False) -> None:
             "postgres": PsycopgRecoveryInstrumentor,
             "http": RequestsRecoveryInstrumentor,
             "redis_async": RedisRecoveryInstrumentor,
+            "postgres_async": PsycopgRecoveryInstrumentor,
         }[target]
         instrumentor = kind()
         instrumentor.instrument()

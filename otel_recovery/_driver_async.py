@@ -16,6 +16,7 @@ from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar
 
 from otel_recovery._attempt import ATTEMPT
+from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import AsyncRunner, PolicyCore
@@ -117,6 +118,13 @@ class AsyncDriver(PolicyCore):
         now = self.clock.now
         arecover = self._arecover
         breaker, gate_unlocked, tallied, budget, deposit, remember = self._happy_path()
+        if SPEEDUPS is not None:  # "guarded" below as an awaitable (_speedups_src/async_run.c)
+            counter = None if deposit is None else budget._call_count  # type: ignore[union-attr]
+            compiled: AsyncRunner = SPEEDUPS.Runner(
+                switches, now, breaker, gate_unlocked, tallied, budget,
+                counter, remember, arecover, self._areject, self._rejection, resolve=resolve,
+            )  # fmt: skip
+            return compiled
         if breaker is None and budget is None and remember is None:
 
             async def unguarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:

@@ -1,11 +1,12 @@
 """Types of the compiled happy path; see ``_speedups_src/module.c`` for why and
 ``_compiled.py`` for when."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from typing import Any
 
 class Runner:
-    """``run(fn, args, kwargs)``: ``RecoveryPolicy.runner()``'s happy path, compiled."""
+    """``run(fn, args, kwargs)``: ``RecoveryPolicy.runner()``'s happy path, compiled; with
+    ``resolve``, ``arunner()``'s, and ``run(...)`` returns an awaitable :class:`AsyncRun`."""
 
     def __init__(
         self,
@@ -20,10 +21,23 @@ class Runner:
         recover: Callable[..., Any],
         reject: Callable[..., Any],
         rejection: Callable[[], BaseException],
+        *,
+        resolve: Callable[[Any], Coroutine[Any, Any, Any]] | None = None,
     ) -> None: ...
     def __call__(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], /
     ) -> Any: ...
+
+class AsyncRun(Coroutine[Any, Any, Any]):
+    """One awaited run of an async :class:`Runner`: behaves as the coroutine of
+    ``AsyncDriver.arunner()``'s Python closure (``_speedups_src/async_run.c``)."""
+
+    cr_running: bool
+    cr_await: Any
+    def __await__(self) -> Generator[Any, None, Any]: ...
+    def send(self, value: Any, /) -> Any: ...
+    def throw(self, *args: Any) -> Any: ...
+    def close(self) -> None: ...
 
 class PlanTable:
     """The plans a :class:`Layer` may use for one holder, valid while ``token`` is the
@@ -67,6 +81,8 @@ class Layer:
         table_attr: str,
         key_index: int,
         explain: Callable[[Any, BaseException], None],
+        *,
+        awaits: bool = False,
     ) -> None: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
     def __get__(self, instance: object, owner: type | None = None) -> Any: ...

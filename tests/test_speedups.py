@@ -8,12 +8,10 @@ the package works without it.
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import subprocess
 import sys
-import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +20,21 @@ import pytest
 from frames import ours_that_ran
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from runner_cases import (
+    LEAK_STEPS,
+    STEPS,
+    Interrupted,
+    attempt,
+    bytes_kept,
+    observed,
+    passes_time,
+    policy_for,
+    raised,
+)
 
 from otel_recovery import _driver_sync
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._fake_clock import FakeClock
-from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 from otel_recovery.policies.fallback import Fallback
 from otel_recovery.policies.retry import Retry
@@ -36,77 +44,24 @@ ROOT = Path(__file__).resolve().parent.parent
 compiled_only = pytest.mark.skipif(SPEEDUPS is None, reason="otel_recovery._speedups not built")
 
 
-class Interrupted(BaseException):
-    """Stands for KeyboardInterrupt: not an Exception, so never recovered."""
-
-
-STEPS = ("ok", "flaky", "down", "invalid", "interrupted", "wait", "long_wait")
-
-
-def _policy(kind: str, clock: FakeClock) -> RecoveryPolicy:
-    retry = Retry(3, rng=random.Random(7))
-    if kind == "guarded":
-        return RecoveryPolicy(
-            retry=retry,
-            breaker=CircuitBreaker(3, timeout=10.0, clock=clock),
-            budget=RetryBudget(ratio=0.5, min_per_second=1.0, ttl=2.0, clock=clock),
-            fallback=Fallback("fallback"),
-            clock=clock,
-            telemetry=False,
-        )
-    if kind == "rate":
-        return RecoveryPolicy(
-            retry=retry,
-            breaker=CircuitBreaker(
-                failure_rate_threshold=0.5, window_size=6, minimum_calls=4, clock=clock
-            ),
-            clock=clock,
-            telemetry=False,
-        )
-    if kind == "last_known_good":
-        return RecoveryPolicy(
-            retry=retry, fallback=Fallback(last_known_good=True), clock=clock, telemetry=False
-        )
-    return RecoveryPolicy(retry=retry, clock=clock, telemetry=False)  # "unguarded"
-
-
 def _play(run: Callable[..., Any], policy: RecoveryPolicy, clock: FakeClock, steps: list[str]):
     """Everything observable about running ``steps`` through ``run``, step by step."""
     seen: list[tuple[Any, ...]] = []
     for number, step in enumerate(steps):
-        if step in ("wait", "long_wait"):
-            clock.advance(0.7 if step == "wait" else 12.0)
+        if passes_time(step, clock):
             continue
         calls = 0
 
         def work(value: int, *, step: str = step) -> Any:
             nonlocal calls
             calls += 1
-            if step == "flaky" and calls == 1 or step == "down":
-                raise ConnectionError(f"refused {value}")
-            if step == "invalid":
-                raise ValueError(f"invalid {value}")
-            if step == "interrupted":
-                raise Interrupted()
-            return value * 2
+            return attempt(step, value, calls)
 
         try:
             outcome: tuple[Any, ...] = ("returned", run(work, (number,), {"step": step}))
         except BaseException as error:  # the comparison is the point
-            context = error.__context__
-            outcome = ("raised", type(error).__name__, str(error), type(context).__name__)
-        breaker = policy.breaker
-        budget = policy.budget
-        seen.append(
-            (
-                step,
-                outcome,
-                calls,
-                None if breaker is None else repr(breaker.snapshot()),
-                None if budget is None else repr(budget.snapshot()),
-                clock.now(),
-            )
-        )
+            outcome = raised(error)
+        seen.append(observed(step, outcome, calls, policy, clock))
     return seen
 
 
@@ -123,7 +78,10 @@ def _python_runner(policy: RecoveryPolicy, monkeypatch: pytest.MonkeyPatch) -> A
 def test_the_compiled_runner_behaves_exactly_like_the_python_one(kind, steps):
     monkeypatch = pytest.MonkeyPatch()
     compiled_clock, python_clock = FakeClock(), FakeClock()
-    compiled_policy, python_policy = _policy(kind, compiled_clock), _policy(kind, python_clock)
+    compiled_policy, python_policy = (
+        policy_for(kind, compiled_clock),
+        policy_for(kind, python_clock),
+    )
     compiled_run = compiled_policy.runner()
     python_run = _python_runner(python_policy, monkeypatch)
     assert type(compiled_run) is SPEEDUPS.Runner
@@ -167,27 +125,15 @@ def test_the_compiled_paths_leak_nothing():
     """Every branch that builds or drops references, many times: successes, recovered
     failures, rejections by an open breaker, fallbacks and interrupts."""
     clock = FakeClock()
-    policy = _policy("guarded", clock)
+    policy = policy_for("guarded", clock)
     run = policy.runner()
-    steps = ["ok", "flaky", "down", "down", "down", "ok", "invalid", "interrupted", "long_wait"]
 
-    def cycle(rounds: int) -> None:
-        _play(run, policy, clock, steps * rounds)
+    def cycle() -> None:
+        _play(run, policy, clock, LEAK_STEPS * 50)
+        clock.sleeps.clear()
 
-    cycle(50)  # warm caches, interned strings, the fake clock's list
-    clock.sleeps.clear()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.take_snapshot()
-        for _ in range(10):
-            cycle(50)
-            clock.sleeps.clear()
-        gc.collect()
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    cycle()
+    grown = bytes_kept(cycle, 10)
     assert grown < 64 * 1024, f"{grown} bytes kept after 4,500 calls"
 
 

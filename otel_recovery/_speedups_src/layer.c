@@ -136,6 +136,7 @@ typedef struct {
     PyObject *table_attr;
     Py_ssize_t key_index; /* >= 1: argument key_index; 0: the instance's type */
     PyObject *explain;
+    Py_ssize_t run_index; /* the plan's runner: 2 (run) for a sync site, 3 (arun) when awaits */
     SlotReader seen;
     vectorcallfunc vectorcall;
     unsigned int owner_tag;   /* owner's version tag when owner_top was read; 0: none */
@@ -304,8 +305,12 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
     }
     PyObject *key = self->key_index ? argv[self->key_index] : (PyObject *)Py_TYPE(argv[0]);
     plan = PyDict_GetItemWithError(((PlanTableObject *)table)->plans, key); /* borrowed */
-    if (LIKELY(plan != NULL && PyTuple_Check(plan) && PyTuple_GET_SIZE(plan) > 2 &&
-               Py_TYPE(PyTuple_GET_ITEM(plan, 2)) == &RunnerType)) {
+    Py_ssize_t at = self->run_index;
+    PyObject *runner = plan != NULL && PyTuple_Check(plan) && PyTuple_GET_SIZE(plan) > at
+                           ? PyTuple_GET_ITEM(plan, at)
+                           : NULL;
+    if (LIKELY(runner != NULL && Py_TYPE(runner) == &RunnerType &&
+               (((RunnerObject *)runner)->resolve != Py_None) == (at == 3))) {
         Py_INCREF(plan);
     }
     else {
@@ -321,31 +326,29 @@ miss:
     return plan;
 }
 
-/* The remembered call raised `Exception`: "except Exception as error:
- * explain_no_retry(plan, error); raise". NULL with the error (or explain's BaseException,
- * chained to it) set. */
-COLD static PyObject *
-layer_explain(LayerObject *self, PyObject *plan)
+/* An async site's remembered call: the run the plan's async runner makes of it, which the
+ * caller awaits (async_run.c); the arguments are kept as a tuple (and a dict, if any). */
+HOT static PyObject *
+layer_await(LayerObject *self, PyObject *plan, PyObject *const *argv, Py_ssize_t nargs,
+            PyObject *kwnames)
 {
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (traceback != NULL) {
-        PyException_SetTraceback(value, traceback);
+    CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
+    PyObject *args = NULL, *kwargs = NULL;
+    if (kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0) {
+        args = args_tuple(argv, nargs);
     }
-    PyObject *call_args[2] = {plan, value};
-    PyObject *ignored = PyObject_Vectorcall(self->explain, call_args, 2, NULL);
-    if (ignored == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
-        /* as in Python: a BaseException from explain replaces the error, chained to it */
-        chain_to_handled(type, value, traceback);
+    else if (callargs_materialize(&ca) == 0) {
+        args = ca.args;
+        kwargs = ca.kwargs;
+    }
+    if (args == NULL) {
         return NULL;
     }
-    if (ignored == NULL) {
-        PyErr_Clear(); /* telemetry must never replace the caller's error */
-    }
-    Py_XDECREF(ignored);
-    PyErr_Restore(type, value, traceback);
-    return NULL;
+    RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 3);
+    PyObject *run = async_run_new(runner, self->original, args, kwargs, self->explain, plan);
+    Py_DECREF(args);
+    Py_XDECREF(kwargs);
+    return run;
 }
 
 HOT static PyObject *
@@ -363,12 +366,17 @@ layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObje
     if (UNLIKELY(plan == NULL)) {
         return layer_call_slow((LayerHead *)self, argv, nargsf, kwnames);
     }
+    if (self->run_index == 3) {
+        PyObject *run = layer_await(self, plan, argv, nargs, kwnames);
+        Py_DECREF(plan);
+        return run;
+    }
     CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
     RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 2);
     PyObject *result = runner_run(runner, self->original, &ca);
     callargs_release(&ca);
     if (UNLIKELY(result == NULL) && PyErr_ExceptionMatches(PyExc_Exception)) {
-        result = layer_explain(self, plan);
+        result = explain_error(self->explain, plan);
     }
     Py_DECREF(plan);
     return result;
@@ -380,14 +388,16 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     static char *names[] = {"slow",   "original",    "patches",    "context_var",
                             "suppress_keys", "site", "owner", "attribute",
                             "token",  "holder_attr", "table_attr", "key_index",
-                            "explain", NULL};
+                            "explain", "awaits", NULL};
     PyObject *slow, *original, *patches, *context_var, *suppress_keys, *site, *owner,
         *attribute, *token, *holder_attr, *table_attr, *explain;
     Py_ssize_t key_index;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!OOOOUUnO:Layer", names, &slow,
+    int awaits = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!OOOOUUnO|$p:Layer", names, &slow,
                                      &original, &patches, &context_var, &PyTuple_Type,
                                      &suppress_keys, &site, &owner, &attribute, &token,
-                                     &holder_attr, &table_attr, &key_index, &explain)) {
+                                     &holder_attr, &table_attr, &key_index, &explain,
+                                     &awaits)) {
         return NULL;
     }
     if (site != Py_None && (!PyType_Check(owner) || ((PyTypeObject *)owner)->tp_dict == NULL ||
@@ -417,6 +427,7 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->table_attr = Py_NewRef(table_attr);
     self->key_index = key_index;
     self->explain = Py_NewRef(explain);
+    self->run_index = awaits ? 3 : 2;
     slot_reader_init(&self->seen, site, str_seen);
     self->vectorcall = (vectorcallfunc)layer_vectorcall;
     self->owner_tag = 0;

@@ -69,6 +69,33 @@ layer_call_slow(LayerHead *head, PyObject *const *argv, size_t nargsf, PyObject 
     return PyObject_Vectorcall(head->slow, argv, nargsf, kwnames);
 }
 
+/* The remembered call raised `Exception`: "except Exception as error:
+ * explain(plan, error); raise". NULL with the error (or explain's BaseException, chained to
+ * it) set. */
+COLD PyObject *
+explain_error(PyObject *explain, PyObject *plan)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *call_args[2] = {plan, value};
+    PyObject *ignored = PyObject_Vectorcall(explain, call_args, 2, NULL);
+    if (ignored == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+        /* as in Python: a BaseException from explain replaces the error, chained to it */
+        chain_to_handled(type, value, traceback);
+        return NULL;
+    }
+    if (ignored == NULL) {
+        PyErr_Clear(); /* telemetry must never replace the caller's error */
+    }
+    Py_XDECREF(ignored);
+    PyErr_Restore(type, value, traceback);
+    return NULL;
+}
+
 /* Bound like a function: on an instance, a method; on the class, itself. */
 HOT PyObject *
 layer_descr_get(PyObject *self, PyObject *instance, PyObject *owner)

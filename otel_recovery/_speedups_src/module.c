@@ -6,7 +6,7 @@
  * 1,600 to 2,300 (benchmarks/layer_cost.py).
  *
  * Sources: support.c (arguments, the exception being handled, __slots__ readers, the clock),
- * runner.c (Runner), counter.c (Counter), layer_head.c (what both layers share), layer.c (PlanTable, Layer),
+ * runner.c (Runner), async_run.c (AsyncRun, an async Runner's run), counter.c (Counter), layer_head.c (what both layers share), layer.c (PlanTable, Layer),
  * http_layer.c (HttpLayer), speedups.h (their shared declarations), and this file.
  *
  * It is an accelerator, never the source of truth:
@@ -14,6 +14,8 @@
  * - Runner mirrors the closure RecoveryPolicy.runner() compiles in Python (_driver_sync.py,
  *   "guarded"), line for line; every case but the happy path calls back into the policy's
  *   Python methods (recover, reject, can_execute, record_call, record_success, release).
+ *   An async Runner (RecoveryPolicy.arunner(), made with resolve) returns an AsyncRun, the
+ *   same steps as a coroutine would take them (_driver_async.py, "guarded").
  * - Layer and HttpLayer handle only the remembered happy case of a per-call patch site:
  *   instrumentation on, nothing suppressed, a plan already remembered for this call's route.
  *   Anything else (the first call, a changed wrapper chain, a suppressed context, an
@@ -68,7 +70,7 @@ PyInit__speedups(void)
     }
     if (PyType_Ready(&RunnerType) < 0 || PyType_Ready(&PlanTableType) < 0 ||
         PyType_Ready(&LayerType) < 0 || PyType_Ready(&HttpLayerType) < 0 ||
-        PyType_Ready(&CounterType) < 0) {
+        PyType_Ready(&CounterType) < 0 || PyType_Ready(&AsyncRunType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
@@ -79,7 +81,8 @@ PyInit__speedups(void)
         PyModule_AddObjectRef(module, "PlanTable", (PyObject *)&PlanTableType) < 0 ||
         PyModule_AddObjectRef(module, "Layer", (PyObject *)&LayerType) < 0 ||
         PyModule_AddObjectRef(module, "HttpLayer", (PyObject *)&HttpLayerType) < 0 ||
-        PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0) {
+        PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0 ||
+        PyModule_AddObjectRef(module, "AsyncRun", (PyObject *)&AsyncRunType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

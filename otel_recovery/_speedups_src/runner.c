@@ -70,7 +70,7 @@ runner_release(RunnerObject *self)
     chain_to_handled(type, value, traceback);
 }
 
-COLD static PyObject *
+COLD PyObject *
 runner_reject(RunnerObject *self, CallArgs *ca, Started *started)
 {
     PyObject *start = started_object(started);
@@ -147,7 +147,7 @@ record_success_generic(RunnerObject *self, PyObject *breaker)
 }
 
 /* breaker.can_execute() when the lock-free gate is shut; 1: go on, 0: rejected, -1: error. */
-COLD static int
+COLD int
 runner_gate(PyObject *breaker)
 {
     PyObject *answer = PyObject_CallMethodNoArgs(breaker, str_can_execute);
@@ -160,7 +160,7 @@ runner_gate(PyObject *breaker)
 }
 
 /* budget.record_call(started) when the lock-free deposit does not apply. */
-COLD static int
+COLD int
 runner_record_call(RunnerObject *self, Started *started)
 {
     PyObject *start = started_object(started);
@@ -174,7 +174,7 @@ runner_record_call(RunnerObject *self, Started *started)
 }
 
 /* remember(args, kwargs, result, started); -1 on error. */
-COLD static int
+COLD int
 runner_remember(RunnerObject *self, CallArgs *ca, PyObject *result, Started *started)
 {
     PyObject *start = started_object(started);
@@ -268,6 +268,9 @@ runner_vectorcall(RunnerObject *self, PyObject *const *argv, size_t nargsf, PyOb
                         "run(fn, args, kwargs) takes args as a tuple and kwargs as a dict");
         return NULL;
     }
+    if (self->resolve != Py_None) {
+        return async_run_new(self, argv[0], argv[1], argv[2], NULL, NULL);
+    }
     CallArgs ca = {NULL, 0, NULL, argv[1], argv[2], 0};
     return runner_run(self, argv[0], &ca);
 }
@@ -275,14 +278,21 @@ runner_vectorcall(RunnerObject *self, PyObject *const *argv, size_t nargsf, PyOb
 static PyObject *
 runner_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"switches", "now", "breaker", "gate_unlocked", "tallied", "budget",
-                            "counter", "remember", "recover", "reject", "rejection", NULL};
+    static char *names[] = {"switches", "now",    "breaker",   "gate_unlocked",
+                            "tallied",  "budget", "counter",   "remember",
+                            "recover",  "reject", "rejection", "resolve",
+                            NULL};
     PyObject *switches, *now, *breaker, *budget, *counter, *remember, *recover, *reject,
-        *rejection;
+        *rejection, *resolve = Py_None;
     int gate_unlocked, tallied;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOppOOOOOO:Runner", names, &switches, &now,
-                                     &breaker, &gate_unlocked, &tallied, &budget, &counter,
-                                     &remember, &recover, &reject, &rejection)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOppOOOOOO|$O:Runner", names, &switches,
+                                     &now, &breaker, &gate_unlocked, &tallied, &budget, &counter,
+                                     &remember, &recover, &reject, &rejection, &resolve)) {
+        return NULL;
+    }
+    if (resolve != Py_None && !PyCallable_Check(resolve)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Runner resolve must be None (a sync runner) or a coroutine function");
         return NULL;
     }
     if (counter != Py_None && !PyIter_Check(counter)) {
@@ -302,6 +312,7 @@ runner_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->recover = Py_NewRef(recover);
     self->reject = Py_NewRef(reject);
     self->rejection = Py_NewRef(rejection);
+    self->resolve = Py_NewRef(resolve);
     self->gate_unlocked = gate_unlocked;
     self->tallied = tallied;
     self->monotonic = HAVE_DIRECT_MONOTONIC && now == time_monotonic;
@@ -326,6 +337,7 @@ runner_traverse(RunnerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->recover);
     Py_VISIT(self->reject);
     Py_VISIT(self->rejection);
+    Py_VISIT(self->resolve);
     return 0;
 }
 
@@ -341,6 +353,7 @@ runner_clear(RunnerObject *self)
     Py_CLEAR(self->recover);
     Py_CLEAR(self->reject);
     Py_CLEAR(self->rejection);
+    Py_CLEAR(self->resolve);
     return 0;
 }
 
@@ -355,7 +368,8 @@ runner_dealloc(RunnerObject *self)
 PyTypeObject RunnerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "otel_recovery._speedups.Runner",
-    .tp_doc = PyDoc_STR("run(fn, args, kwargs): RecoveryPolicy.runner()'s happy path, compiled."),
+    .tp_doc = PyDoc_STR("run(fn, args, kwargs): RecoveryPolicy.runner()'s happy path, compiled; "
+                        "with resolve, arunner()'s, returning an awaitable AsyncRun."),
     .tp_basicsize = sizeof(RunnerObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = runner_new,

@@ -78,6 +78,7 @@ typedef struct {
     PyObject *recover;
     PyObject *reject;
     PyObject *rejection;
+    PyObject *resolve; /* Py_None: a sync runner; else async: run() returns an AsyncRun */
     int gate_unlocked;
     int tallied;
     int monotonic; /* now is time.monotonic: read the clock here */
@@ -130,6 +131,7 @@ counter_advance(CounterObject *counter)
 /* support.c: arguments, the exception being handled, slot readers, the clock */
 INTERNAL PyObject *call_vector(PyObject *fn, CallArgs *ca);
 INTERNAL PyObject *call_with_tuple(PyObject *fn, CallArgs *ca);
+INTERNAL PyObject *args_tuple(PyObject *const *argv, Py_ssize_t nargs);
 INTERNAL int callargs_materialize(CallArgs *ca);
 INTERNAL void callargs_release(CallArgs *ca);
 INTERNAL Handled handled_push(PyObject *value);
@@ -214,6 +216,19 @@ INTERNAL int before_bucket_end_generic(RunnerObject *self, Started *started);
 INTERNAL int advance_iterator(PyObject *iterator);
 INTERNAL int record_success_generic(RunnerObject *self, PyObject *breaker);
 INTERNAL PyObject *runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca);
+INTERNAL int runner_gate(PyObject *breaker);
+INTERNAL int runner_record_call(RunnerObject *self, Started *started);
+INTERNAL int runner_remember(RunnerObject *self, CallArgs *ca, PyObject *result,
+                             Started *started);
+INTERNAL PyObject *runner_reject(RunnerObject *self, CallArgs *ca, Started *started);
+
+/* async_run.c: one awaited run of an async Runner. Steals nothing; kwargs may be NULL;
+ * explain and plan (both or neither) say why a failure was not retried, as a Layer does. */
+INTERNAL PyObject *async_run_new(RunnerObject *runner, PyObject *fn, PyObject *args,
+                                 PyObject *kwargs, PyObject *explain, PyObject *plan);
+
+/* layer_head.c: "except Exception as error: explain(plan, error); raise" */
+INTERNAL PyObject *explain_error(PyObject *explain, PyObject *plan);
 
 /* layer_head.c */
 INTERNAL int layer_head_init(LayerHead *head, PyObject *slow, PyObject *original,
@@ -228,7 +243,8 @@ INTERNAL PyObject *layer_call_slow(LayerHead *head, PyObject *const *argv, size_
 extern INTERNAL PyGetSetDef layer_getset[];
 
 /* the types, one file each; module.c adds them to the module */
-extern INTERNAL PyTypeObject RunnerType, PlanTableType, LayerType, HttpLayerType, CounterType;
+extern INTERNAL PyTypeObject RunnerType, PlanTableType, LayerType, HttpLayerType, CounterType,
+    AsyncRunType;
 
 /* next(iterator), discarding the value; -1 on error (StopIteration when exhausted). A
  * Counter moves on by one addition. */

@@ -92,19 +92,29 @@ chain_to_handled(PyObject *type, PyObject *value, PyObject *traceback)
     PyErr_Restore(new_type, new_value, new_traceback);
 }
 
+/* The positional arguments of a vector as a tuple. */
+PyObject *
+args_tuple(PyObject *const *argv, Py_ssize_t nargs)
+{
+    PyObject *args = PyTuple_New(nargs);
+    if (args == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyTuple_SET_ITEM(args, i, Py_NewRef(argv[i]));
+    }
+    return args;
+}
+
 COLD int
 callargs_materialize(CallArgs *ca)
 {
     if (ca->args != NULL) {
         return 0;
     }
-    PyObject *args = PyTuple_New(ca->nargs);
+    PyObject *args = args_tuple(ca->argv, ca->nargs);
     if (args == NULL) {
         return -1;
-    }
-    for (Py_ssize_t i = 0; i < ca->nargs; i++) {
-        Py_INCREF(ca->argv[i]);
-        PyTuple_SET_ITEM(args, i, ca->argv[i]);
     }
     PyObject *kwargs = PyDict_New();
     if (kwargs == NULL) {

@@ -263,8 +263,10 @@ def compiled_layer(
     holder_attr: str,
     table_attr: str,
     key_index: int,
+    awaits: bool = False,
 ) -> Callable[..., Any]:
-    """``slow`` (a sync layer) with its remembered happy path compiled (``_speedups.Layer``).
+    """``slow`` (a sync layer, or with ``awaits`` an async one) with its remembered happy
+    path compiled (``_speedups.Layer``).
 
     The compiled layer finds the plan at ``getattr(getattr(args[0], holder_attr),
     table_attr).plans[key]`` (key: ``args[key_index]``, or the instance's type for 0), a
@@ -287,6 +289,7 @@ def compiled_layer(
         table_attr=table_attr,
         key_index=key_index,
         explain=explain_no_retry,
+        awaits=awaits,
     )
     return layer
 
@@ -347,9 +350,13 @@ def sync_layer(
 
 
 def async_layer(
-    patches: PatchSet, where: str, locate: Callable[[tuple[Any, ...]], Plan]
+    patches: PatchSet,
+    where: str,
+    locate: Callable[[tuple[Any, ...]], Plan],
+    route: Route | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The asyncio twin of :func:`sync_layer`, for coroutine methods."""
+    """The asyncio twin of :func:`sync_layer`, for coroutine methods; compiled with a
+    ``route``, its remembered call returns the awaitable of the plan's async runner."""
 
     def build(original: Callable[..., Any]) -> Callable[..., Any]:
         async def layer(*args: Any, **kwargs: Any) -> Any:
@@ -371,7 +378,9 @@ def async_layer(
                 explain_no_retry(plan, error)
                 raise
 
-        return layer
+        if route is None or not compiles():
+            return layer
+        return compiled_layer(layer, original, patches, site=None, **route._asdict(), awaits=True)
 
     return build
 

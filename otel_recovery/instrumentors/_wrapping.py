@@ -20,7 +20,9 @@ the original function as if uninstrumented.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
 import threading
 import types
@@ -84,6 +86,18 @@ def _as_function(method: Any, owner: Any) -> Callable[..., Any]:
         return method.__get__(instance, owner)(*args, **kwargs)
 
     return bound_call
+
+
+def _mark_coroutine_function(layer: Any) -> None:
+    """Say that a compiled layer (not a Python coroutine function, though it returns an
+    awaitable) stands for a coroutine method, as the method it replaces does: for
+    ``inspect.iscoroutinefunction`` from 3.12 on, and for ``asyncio.iscoroutinefunction``
+    before (3.10 and 3.11's ``inspect`` only recognises code objects)."""
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    if mark is not None:
+        mark(layer)
+    else:
+        layer._is_coroutine = getattr(asyncio.coroutines, "_is_coroutine", None)
 
 
 def _is_proxy(value: object) -> bool:
@@ -218,6 +232,8 @@ class PatchSet:
         functools.update_wrapper(
             function, original, assigned=("__name__", "__qualname__", "__doc__"), updated=()
         )
+        if inspect.iscoroutinefunction(original) and not inspect.iscoroutinefunction(function):
+            _mark_coroutine_function(function)
         if lowest is None:
             setattr(owner, attribute, function)
         else:

@@ -199,8 +199,6 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
                 wrapper = _connect_wrapper(planner, where, is_async)
                 patches.wrap(owner, attribute, wrapper, beneath_contrib=True)
             else:  # the per-statement hot path: a plain-function layer
-                if is_async:
-                    build = async_layer(patches, where, planner.statement)
-                else:
-                    build = sync_layer(patches, where, planner.statement, planner.route())
+                layer = async_layer if is_async else sync_layer
+                build = layer(patches, where, planner.statement, planner.route())
                 patches.layer(owner, attribute, build, beneath_contrib=True)

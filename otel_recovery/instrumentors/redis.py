@@ -415,25 +415,13 @@ class _SiteLayers:
                 explain_no_retry(plan, error)
                 raise
 
-        if not compiled:
-            return layer
-        # The remembered happy path compiled: the C layer reads the plans _share_plans left
-        # on the pool and calls this layer for everything else (otel_recovery/_speedups_src/).
-        return compiled_layer(
-            layer,
-            original,
-            patches,
-            site=site,
-            token=None,
-            holder_attr="connection_pool",
-            table_attr=_COMPILED_PLANS,
-            key_index=1,
-        )
+        return self._compiled(layer, original) if compiled else layer
 
     def async_layer(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        patches, where, plan_slowly = self.patches, self.where, self.plan
+        patches, planner, where, plan_slowly = self.patches, self.planner, self.where, self.plan
         inline = self.kind == "command" and self.resolve is _standalone_target
         command_plan = self.command_planner() if inline else None
+        compiled = inline and compiles()
 
         async def layer(*args: Any, **options: Any) -> Any:
             if not patches.enabled or not instrumentation_enabled():
@@ -441,7 +429,9 @@ class _SiteLayers:
             fn = original
             try:
                 if command_plan is not None:
-                    plan = command_plan(args)[0]
+                    plan, target, seen = command_plan(args)
+                    if compiled:
+                        _share_plans(args[0].connection_pool, planner, target, seen)
                 else:
                     plan, replay = plan_slowly(args)
                     if replay is not None:
@@ -455,7 +445,26 @@ class _SiteLayers:
                 explain_no_retry(plan, error)
                 raise
 
-        return layer
+        return self._compiled(layer, original, awaits=True) if compiled else layer
+
+    def _compiled(
+        self, layer: Callable[..., Any], original: Callable[..., Any], *, awaits: bool = False
+    ) -> Callable[..., Any]:
+        """A standalone command's remembered happy path, compiled: the C layer reads the
+        plans :func:`_share_plans` left on the pool and calls ``layer`` for everything else
+        (otel_recovery/_speedups_src/). For an async site (``awaits``) it returns the
+        awaitable the plan's async runner makes (``async_run.c``)."""
+        return compiled_layer(
+            layer,
+            original,
+            self.patches,
+            site=self.site,
+            token=None,
+            holder_attr="connection_pool",
+            table_attr=_COMPILED_PLANS,
+            key_index=1,
+            awaits=awaits,
+        )
 
 
 _SITES: tuple[tuple[Any, str, Kind, Callable[[Any], Target], bool], ...] = (

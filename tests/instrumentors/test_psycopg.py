@@ -309,6 +309,8 @@ async def test_async_57p03_then_statements_never_retried(h: Harness) -> None:
 
 
 async def test_async_statement_timeout_is_not_retried(h: Harness) -> None:
+    """The INSERT's plan is remembered from the SET before it: with the extension built
+    it runs compiled (an AsyncRun), and still says on contrib's span why it was not retried."""
     h.instrument()
     table = h.table()
     conn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
@@ -318,3 +320,5 @@ async def test_async_statement_timeout_is_not_retried(h: Harness) -> None:
         await conn.execute(f"INSERT INTO {table} SELECT 1 FROM pg_sleep(1)")
     await conn.close()
     assert h.calls["execute"] == 1 and h.rows(table) == 0
+    attrs = dict(h.statement_span("INSERT").attributes or {})
+    assert attrs["otel_recovery.retry.disallowed"] == "statement_may_have_run"

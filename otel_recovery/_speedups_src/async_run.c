@@ -1,0 +1,617 @@
+/* AsyncRun: one awaited run of an async Runner, the compiled twin of the coroutine that
+ * AsyncDriver.arunner()'s "guarded" closure returns (_driver_async.py).
+ *
+ * Why an object of our own and not a coroutine: a Python coroutine costs its frame and
+ * the interpreter's dispatch on every step; an asyncio Redis GET through the Python async
+ * layer spent some 11,000 instructions of ours (benchmarks/layer_cost.py). This object is
+ * what `await` drives directly (am_send), one C call per step.
+ *
+ * It behaves like the coroutine it replaces, as asyncio and `await` see one:
+ *
+ * - Nothing runs until the first send, as with `async def`: the switches, the clock, the
+ *   breaker's gate and the budget's deposit are read then, so a run that is never awaited
+ *   takes no permit and deposits nothing (and warns, as a coroutine does).
+ * - It awaits the call's coroutine by sending into it; once that ends it records the
+ *   success, or, for an Exception, awaits the policy's recover() coroutine instead, with
+ *   the call's error as the exception being handled (so errors chain as in Python).
+ * - send(), throw() and close() go on into what it awaits, as `await` would; close() and
+ *   a BaseException such as CancelledError release the breaker's permit while the call
+ *   runs. collections.abc.Coroutine recognises it, so asyncio.create_task, gather and
+ *   wait_for take it.
+ */
+#include "speedups.h"
+
+enum {
+    RUN_NEW,   /* not sent into yet */
+    RUN_CALL,  /* awaiting the call: its outcome is accounted (success, recovery, release) */
+    RUN_AFTER, /* awaiting recover, reject or a passed-through call: its outcome is the run's */
+    RUN_DONE,
+};
+
+typedef struct {
+    PyObject_HEAD
+    RunnerObject *runner;
+    PyObject *fn;
+    PyObject *args;    /* tuple */
+    PyObject *kwargs;  /* dict, or NULL: none */
+    PyObject *explain; /* NULL: none (a runner called from Python) */
+    PyObject *plan;
+    PyObject *inner;   /* what is being awaited, or NULL */
+    PyObject *handled; /* the call's error while recover runs (its except clause), or NULL */
+    Started started;
+    int state;
+    int running;
+} AsyncRunObject;
+
+PyObject *
+async_run_new(RunnerObject *runner, PyObject *fn, PyObject *args, PyObject *kwargs,
+              PyObject *explain, PyObject *plan)
+{
+    AsyncRunObject *self = PyObject_GC_New(AsyncRunObject, &AsyncRunType);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->runner = (RunnerObject *)Py_NewRef((PyObject *)runner);
+    self->fn = Py_NewRef(fn);
+    self->args = Py_NewRef(args);
+    self->kwargs = Py_XNewRef(kwargs);
+    self->explain = Py_XNewRef(explain);
+    self->plan = Py_XNewRef(plan);
+    self->inner = NULL;
+    self->handled = NULL;
+    self->started.value = NULL;
+    self->started.seconds = 0.0;
+    self->state = RUN_NEW;
+    self->running = 0;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+/* fn(*args, **kwargs). */
+static PyObject *
+async_run_call(AsyncRunObject *self)
+{
+    if (self->kwargs == NULL) {
+        return PyObject_Call(self->fn, self->args, NULL);
+    }
+    CallArgs ca = {NULL, 0, NULL, self->args, self->kwargs, 0};
+    return call_with_tuple(self->fn, &ca);
+}
+
+/* The arguments as the policy's slow paths take them: a tuple and a dict. */
+COLD static int
+async_run_callargs(AsyncRunObject *self, CallArgs *ca)
+{
+    if (self->kwargs == NULL && (self->kwargs = PyDict_New()) == NULL) {
+        return -1;
+    }
+    *ca = (CallArgs){NULL, 0, NULL, self->args, self->kwargs, 0};
+    return 0;
+}
+
+/* Await `pending` (stolen) next, in `state`: a coroutine as it is, anything else through
+ * the runner's resolve (which awaits an awaitable and passes a plain value through, as the
+ * Python closure does). -1 with an error set. */
+static int
+async_run_adopt(AsyncRunObject *self, PyObject *pending, int state)
+{
+    if (UNLIKELY(!PyCoro_CheckExact(pending))) {
+        PyObject *resolved = PyObject_CallOneArg(self->runner->resolve, pending);
+        Py_DECREF(pending);
+        if (resolved == NULL) {
+            return -1;
+        }
+        pending = resolved;
+    }
+    self->inner = pending;
+    self->state = state;
+    return 0;
+}
+
+/* The call failed (the error is set): for an Exception, await recover(fn, args, kwargs,
+ * error, started, took) next with the error as the one being handled; for anything else
+ * release the breaker's permit and let it propagate (-1). */
+COLD static int
+async_run_failed(AsyncRunObject *self)
+{
+    RunnerObject *runner = self->runner;
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        if (runner->breaker != Py_None) {
+            runner_release(runner);
+        }
+        return -1;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    self->handled = value; /* what the except clause around `await recover(...)` holds */
+    Handled saved = handled_push(value);
+    int status = -1;
+    CallArgs ca;
+    PyObject *start = started_object(&self->started);
+    PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(runner->now);
+    PyObject *took = ended == NULL ? NULL : PyNumber_Subtract(ended, start);
+    Py_XDECREF(ended);
+    if (took != NULL && async_run_callargs(self, &ca) == 0) {
+        PyObject *call_args[6] = {self->fn, ca.args, ca.kwargs, value, start, took};
+        PyObject *pending = PyObject_Vectorcall(runner->recover, call_args, 6, NULL);
+        status = pending == NULL ? -1 : async_run_adopt(self, pending, RUN_AFTER);
+    }
+    Py_XDECREF(took);
+    handled_pop(saved);
+    return status;
+}
+
+/* The first send: RecoveryPolicy's happy path up to the call, as runner_run does it; then
+ * await what the call returned. -1 with an error set. */
+static int
+async_run_start(AsyncRunObject *self)
+{
+    RunnerObject *runner = self->runner;
+    int active = slot_true(&runner->active, runner->switches);
+    if (UNLIKELY(active <= 0)) {
+        PyObject *pending = active < 0 ? NULL : async_run_call(self);
+        return pending == NULL ? -1 : async_run_adopt(self, pending, RUN_AFTER);
+    }
+    if (UNLIKELY(started_read(runner, &self->started) < 0)) {
+        return -1;
+    }
+    PyObject *breaker = runner->breaker == Py_None ? NULL : runner->breaker;
+    if (breaker != NULL) {
+        int permitted = runner->gate_unlocked ? slot_true(&runner->permit_all, breaker) : 0;
+        if (UNLIKELY(permitted != 1)) {
+            permitted = permitted < 0 ? -1 : runner_gate(breaker);
+            if (permitted <= 0) {
+                CallArgs ca;
+                if (permitted < 0 || async_run_callargs(self, &ca) < 0) {
+                    return -1;
+                }
+                PyObject *pending = runner_reject(runner, &ca, &self->started);
+                return pending == NULL ? -1 : async_run_adopt(self, pending, RUN_AFTER);
+            }
+        }
+    }
+    if (runner->budget != Py_None) {
+        int before =
+            runner->counter == Py_None ? 0 : runner_before_bucket_end(runner, &self->started);
+        if (LIKELY(before == 1)) {
+            if (UNLIKELY(advance(runner->counter) < 0)) {
+                return -1;
+            }
+        }
+        else if (before < 0 || runner_record_call(runner, &self->started) < 0) {
+            return -1;
+        }
+    }
+    PyObject *pending = async_run_call(self);
+    if (UNLIKELY(pending == NULL || async_run_adopt(self, pending, RUN_CALL) < 0)) {
+        return async_run_failed(self);
+    }
+    return 0;
+}
+
+/* The call returned `result`: account the success as runner_run does. -1 on error. */
+static int
+async_run_succeeded(AsyncRunObject *self, PyObject *result)
+{
+    RunnerObject *runner = self->runner;
+    if (runner->breaker != Py_None && UNLIKELY(runner_record_success(runner, runner->breaker) < 0)) {
+        return -1;
+    }
+    if (UNLIKELY(runner->remember != Py_None)) {
+        CallArgs ca;
+        if (async_run_callargs(self, &ca) < 0) {
+            return -1;
+        }
+        return runner_remember(runner, &ca, result, &self->started);
+    }
+    return 0;
+}
+
+static void
+async_run_end(AsyncRunObject *self)
+{
+    self->state = RUN_DONE;
+    self->running = 0;
+    Py_CLEAR(self->inner);
+    Py_CLEAR(self->handled);
+}
+
+/* Raise what throw(type[, value[, traceback]]) was given, as a coroutine's throw does. */
+COLD static void
+raise_thrown(PyObject *thrown)
+{
+    Py_ssize_t count = PyTuple_GET_SIZE(thrown);
+    PyObject *type = PyTuple_GET_ITEM(thrown, 0);
+    PyObject *value = count > 1 ? PyTuple_GET_ITEM(thrown, 1) : Py_None;
+    PyObject *traceback = count > 2 ? PyTuple_GET_ITEM(thrown, 2) : Py_None;
+    if (traceback == Py_None) {
+        traceback = NULL;
+    }
+    else if (!PyTraceBack_Check(traceback)) {
+        PyErr_SetString(PyExc_TypeError, "throw() third argument must be a traceback object");
+        return;
+    }
+    if (PyExceptionClass_Check(type)) {
+        PyObject *t = Py_NewRef(type), *v = Py_NewRef(value), *tb = Py_XNewRef(traceback);
+        PyErr_NormalizeException(&t, &v, &tb);
+        if (v != NULL && tb != NULL) {
+            PyException_SetTraceback(v, tb);
+        }
+        PyErr_Restore(t, v, tb);
+    }
+    else if (PyExceptionInstance_Check(type)) {
+        if (value != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "instance exception may not have a separate value");
+            return;
+        }
+        PyObject *tb = traceback != NULL ? Py_NewRef(traceback) : PyException_GetTraceback(type);
+        PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(type)), Py_NewRef(type), tb);
+    }
+    else {
+        PyErr_Format(PyExc_TypeError,
+                     "exceptions must be classes or instances deriving from BaseException, "
+                     "not %.200s",
+                     Py_TYPE(type)->tp_name);
+    }
+}
+
+/* inner.throw(*thrown), as `await` passes a throw on to what it awaits. */
+COLD static PySendResult
+throw_into(PyObject *inner, PyObject *thrown, PyObject **presult)
+{
+    PyObject *method = PyObject_GetAttrString(inner, "throw");
+    if (method == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            raise_thrown(thrown); /* nothing to pass it on to: it is raised here */
+        }
+        return PYGEN_ERROR;
+    }
+    *presult = PyObject_Call(method, thrown, NULL);
+    Py_DECREF(method);
+    if (*presult != NULL) {
+        return PYGEN_NEXT;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        return PYGEN_ERROR;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    *presult = Py_NewRef(((PyStopIterationObject *)value)->value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return PYGEN_RETURN;
+}
+
+/* Send `value` into the run (or throw `thrown`, throw()'s arguments) and carry on until
+ * what it awaits yields, or the run ends. */
+static PySendResult
+async_run_step(AsyncRunObject *self, PyObject *value, PyObject *thrown, PyObject **presult)
+{
+    *presult = NULL;
+    if (UNLIKELY(self->running)) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return PYGEN_ERROR;
+    }
+    if (UNLIKELY(self->state == RUN_DONE)) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return PYGEN_ERROR;
+    }
+    if (self->state == RUN_NEW) {
+        if (UNLIKELY(thrown != NULL)) { /* raised where the coroutine would start */
+            raise_thrown(thrown);
+            async_run_end(self);
+            return PYGEN_ERROR;
+        }
+        if (UNLIKELY(value != Py_None)) {
+            PyErr_SetString(PyExc_TypeError,
+                            "can't send non-None value to a just-started coroutine");
+            return PYGEN_ERROR;
+        }
+        self->running = 1;
+        if (UNLIKELY(async_run_start(self) < 0)) {
+            goto failed;
+        }
+    }
+    self->running = 1;
+    for (;;) {
+        PyObject *out = NULL;
+        PySendResult status;
+        if (LIKELY(self->handled == NULL)) {
+            status = LIKELY(thrown == NULL) ? PyIter_Send(self->inner, value, &out)
+                                            : throw_into(self->inner, thrown, &out);
+        }
+        else {
+            Handled saved = handled_push(self->handled);
+            status = thrown == NULL ? PyIter_Send(self->inner, value, &out)
+                                    : throw_into(self->inner, thrown, &out);
+            handled_pop(saved);
+        }
+        if (status == PYGEN_NEXT) {
+            self->running = 0;
+            *presult = out;
+            return PYGEN_NEXT;
+        }
+        thrown = NULL;
+        value = Py_None;
+        Py_CLEAR(self->inner);
+        if (status == PYGEN_RETURN) {
+            if (self->state == RUN_CALL && UNLIKELY(async_run_succeeded(self, out) < 0)) {
+                Py_DECREF(out);
+                goto failed;
+            }
+            async_run_end(self);
+            *presult = out;
+            return PYGEN_RETURN;
+        }
+        if (self->state != RUN_CALL || async_run_failed(self) < 0) {
+            goto failed;
+        }
+        /* recovering: await recover's coroutine from its start */
+    }
+failed:
+    async_run_end(self);
+    if (self->explain != NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+        explain_error(self->explain, self->plan);
+    }
+    return PYGEN_ERROR;
+}
+
+static PySendResult
+async_run_am_send(AsyncRunObject *self, PyObject *value, PyObject **presult)
+{
+    return async_run_step(self, value, NULL, presult);
+}
+
+/* A step's outcome as a method returns it: the yielded value, or NULL with StopIteration
+ * carrying the run's result (or the run's error). */
+static PyObject *
+as_method_result(PySendResult status, PyObject *out)
+{
+    if (status == PYGEN_NEXT) {
+        return out;
+    }
+    if (status == PYGEN_RETURN) {
+        PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, out); /* a tuple stays one */
+        Py_DECREF(out);
+        if (stop != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, stop);
+            Py_DECREF(stop);
+        }
+    }
+    return NULL;
+}
+
+static PyObject *
+async_run_iternext(AsyncRunObject *self)
+{
+    PyObject *out;
+    PySendResult status = async_run_step(self, Py_None, NULL, &out);
+    if (status == PYGEN_RETURN && out == Py_None) {
+        Py_DECREF(out);
+        return NULL; /* StopIteration, said by returning NULL without an error */
+    }
+    return as_method_result(status, out);
+}
+
+static PyObject *
+async_run_send(AsyncRunObject *self, PyObject *value)
+{
+    PyObject *out;
+    PySendResult status = async_run_step(self, value, NULL, &out);
+    return as_method_result(status, out);
+}
+
+static PyObject *
+async_run_throw(AsyncRunObject *self, PyObject *args)
+{
+    Py_ssize_t count = PyTuple_GET_SIZE(args);
+    if (count < 1 || count > 3) {
+        PyErr_Format(PyExc_TypeError, "throw expected 1 to 3 arguments, got %zd", count);
+        return NULL;
+    }
+    /* passed on without trailing Nones: 3.12 deprecates throw()'s three-argument form */
+    while (count > 1 && PyTuple_GET_ITEM(args, count - 1) == Py_None) {
+        count--;
+    }
+    PyObject *thrown = PyTuple_GetSlice(args, 0, count);
+    if (thrown == NULL) {
+        return NULL;
+    }
+    PyObject *out;
+    PySendResult status = async_run_step(self, Py_None, thrown, &out);
+    Py_DECREF(thrown);
+    return as_method_result(status, out);
+}
+
+/* inner.close(), if it has one; -1 with an error set. */
+static int
+close_inner(PyObject *inner)
+{
+    PyObject *method = PyObject_GetAttrString(inner, "close");
+    if (method == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *result = PyObject_CallNoArgs(method);
+    Py_DECREF(method);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+/* close(): what it awaits is closed; while that is the call, the breaker's permit is
+ * released, as GeneratorExit at `await` reaches "except BaseException: release()". */
+static PyObject *
+async_run_close(AsyncRunObject *self, PyObject *unused)
+{
+    if (self->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return NULL;
+    }
+    int state = self->state;
+    PyObject *inner = self->inner;
+    int status = 0;
+    if (inner != NULL) {
+        self->running = 1;
+        self->inner = NULL;
+        Handled saved = {0};
+        if (self->handled != NULL) {
+            saved = handled_push(self->handled);
+        }
+        status = close_inner(inner);
+        if (self->handled != NULL) {
+            handled_pop(saved);
+        }
+        Py_DECREF(inner);
+    }
+    async_run_end(self);
+    if (state == RUN_CALL && self->runner->breaker != Py_None) {
+        if (status < 0) {
+            runner_release(self->runner); /* keeps the error, chaining release's to it */
+        }
+        else {
+            status = call_method_discard(self->runner->breaker, str_release);
+        }
+    }
+    if (status < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* As a coroutine's finalizer: one never awaited warns; one left suspended is closed. */
+static void
+async_run_finalize(AsyncRunObject *self)
+{
+    if (self->state == RUN_DONE) {
+        return;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (self->state == RUN_NEW) {
+        self->state = RUN_DONE;
+        PyObject *name = PyObject_GetAttrString(self->fn, "__qualname__");
+        if (name == NULL) {
+            PyErr_Clear();
+            name = PyObject_Repr(self->fn);
+        }
+        if (name == NULL ||
+            PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "coroutine '%U' was never awaited",
+                             name) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        Py_XDECREF(name);
+    }
+    else {
+        PyObject *closed = async_run_close(self, NULL);
+        if (closed == NULL) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        Py_XDECREF(closed);
+    }
+    PyErr_Restore(type, value, traceback);
+}
+
+static int
+async_run_traverse(AsyncRunObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->runner);
+    Py_VISIT(self->fn);
+    Py_VISIT(self->args);
+    Py_VISIT(self->kwargs);
+    Py_VISIT(self->explain);
+    Py_VISIT(self->plan);
+    Py_VISIT(self->inner);
+    Py_VISIT(self->handled);
+    Py_VISIT(self->started.value);
+    return 0;
+}
+
+static int
+async_run_clear(AsyncRunObject *self)
+{
+    Py_CLEAR(self->runner);
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->args);
+    Py_CLEAR(self->kwargs);
+    Py_CLEAR(self->explain);
+    Py_CLEAR(self->plan);
+    Py_CLEAR(self->inner);
+    Py_CLEAR(self->handled);
+    Py_CLEAR(self->started.value);
+    return 0;
+}
+
+static void
+async_run_dealloc(AsyncRunObject *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return; /* resurrected by its finalizer */
+    }
+    PyObject_GC_UnTrack(self);
+    async_run_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *
+async_run_get_running(AsyncRunObject *self, void *closure)
+{
+    return PyBool_FromLong(self->running);
+}
+
+static PyObject *
+async_run_get_await(AsyncRunObject *self, void *closure)
+{
+    return Py_NewRef(self->inner != NULL ? self->inner : Py_None);
+}
+
+static PyMethodDef async_run_methods[] = {
+    {"send", (PyCFunction)async_run_send, METH_O,
+     PyDoc_STR("send(value): as a coroutine's send; StopIteration carries the result.")},
+    {"throw", (PyCFunction)async_run_throw, METH_VARARGS,
+     PyDoc_STR("throw(exception): as a coroutine's throw, passed on to what it awaits.")},
+    {"close", (PyCFunction)async_run_close, METH_NOARGS,
+     PyDoc_STR("close(): closes what it awaits; releases the breaker's permit mid-call.")},
+    {NULL},
+};
+
+static PyGetSetDef async_run_getset[] = {
+    {"cr_running", (getter)async_run_get_running, NULL, "a step is running", NULL},
+    {"cr_await", (getter)async_run_get_await, NULL, "what the run awaits, or None", NULL},
+    {NULL},
+};
+
+static PyAsyncMethods async_run_as_async = {
+    .am_await = PyObject_SelfIter,
+    .am_send = (sendfunc)async_run_am_send,
+};
+
+PyTypeObject AsyncRunType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_recovery._speedups.AsyncRun",
+    .tp_doc = PyDoc_STR("One awaited run of an async Runner: a coroutine, compiled."),
+    .tp_basicsize = sizeof(AsyncRunObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_as_async = &async_run_as_async,
+    .tp_iternext = (iternextfunc)async_run_iternext,
+    .tp_methods = async_run_methods,
+    .tp_getset = async_run_getset,
+    .tp_traverse = (traverseproc)async_run_traverse,
+    .tp_clear = (inquiry)async_run_clear,
+    .tp_finalize = (destructor)async_run_finalize,
+    .tp_dealloc = (destructor)async_run_dealloc,
+};

@@ -1,0 +1,386 @@
+"""The compiled async runner (``_speedups.AsyncRun``) against the coroutine it replaces.
+
+``RecoveryPolicy.arunner()`` returns a compiled Runner where the extension is built; what
+``run(fn, args, kwargs)`` returns is then an ``AsyncRun``, not a coroutine. These tests hold
+it side by side with the Python closure (``_driver_async.py``, "guarded") and check that
+asyncio and ``await`` cannot tell the difference: tasks, cancellation, close, throw, never
+awaited, reuse, exception chaining, and that it leaks nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import gc
+import inspect
+import random
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from frames import ours_that_ran
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from runner_cases import (
+    LEAK_STEPS,
+    STEPS,
+    attempt,
+    bytes_kept,
+    observed,
+    passes_time,
+    policy_for,
+    raised,
+)
+
+from otel_recovery import _driver_async
+from otel_recovery._compiled import SPEEDUPS
+from otel_recovery._fake_clock import FakeClock
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
+from otel_recovery.policies.fallback import Fallback
+from otel_recovery.policies.retry import Retry
+from otel_recovery.recover import RecoveryPolicy
+
+pytestmark = pytest.mark.skipif(SPEEDUPS is None, reason="otel_recovery._speedups not built")
+
+RUNNERS = ["compiled", "python"]
+
+
+ASYNC_STEPS = (*STEPS, "plain")
+"""And a function that returns a plain value, not a coroutine (``resolve`` passes it on)."""
+
+
+def _arunner(policy: RecoveryPolicy, kind: str) -> Callable[..., Any]:
+    if kind == "compiled":
+        run = policy.arunner()
+        assert type(run) is SPEEDUPS.Runner  # type: ignore[union-attr]
+        return run
+    patch = pytest.MonkeyPatch()
+    try:
+        patch.setattr(_driver_async, "SPEEDUPS", None)
+        return policy.arunner()
+    finally:
+        patch.undo()
+
+
+async def _play(run: Callable[..., Any], policy: RecoveryPolicy, clock: FakeClock, steps):
+    """Everything observable about awaiting ``steps`` through ``run``, step by step."""
+    seen: list[tuple[Any, ...]] = []
+    for number, step in enumerate(steps):
+        if passes_time(step, clock):
+            continue
+        calls = 0
+
+        async def work(value: int, *, step: str = step) -> Any:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0)  # suspends: the run is sent into more than once
+            return attempt(step, value, calls)
+
+        def plain(value: int, *, step: str = step) -> Any:
+            nonlocal calls
+            calls += 1
+            return value * 3
+
+        fn = plain if step == "plain" else work
+        try:
+            outcome: tuple[Any, ...] = ("returned", await run(fn, (number,), {"step": step}))
+        except BaseException as error:  # the comparison is the point
+            outcome = raised(error)
+        seen.append(observed(step, outcome, calls, policy, clock))
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["guarded", "last_known_good", "unguarded"])
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(st.sampled_from(ASYNC_STEPS), max_size=30))
+def test_the_compiled_async_runner_behaves_exactly_like_the_python_one(kind, steps):
+    outcomes = []
+    for runner in RUNNERS:
+        clock = FakeClock()
+        policy = policy_for(kind, clock)
+        outcomes.append(asyncio.run(_play(_arunner(policy, runner), policy, clock, steps)))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_a_run_is_a_coroutine_to_asyncio():
+    run = RecoveryPolicy(retry=Retry(2), telemetry=False).arunner()
+
+    async def double(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 2
+
+    async def main() -> list[int]:
+        pending = run(double, (1,), {})
+        assert type(pending) is SPEEDUPS.AsyncRun  # type: ignore[union-attr]
+        assert isinstance(pending, collections.abc.Coroutine)
+        first = await asyncio.create_task(pending)
+        second = await asyncio.wait_for(run(double, (2,), {}), 5)
+        rest = await asyncio.gather(run(double, (3,), {}), run(double, (4,), {}))
+        return [first, second, *rest]
+
+    assert asyncio.run(main()) == [2, 4, 6, 8]
+
+
+def _half_open(clock: FakeClock) -> RecoveryPolicy:
+    """A policy whose breaker is HALF_OPEN with one trial permit: a permit that is never
+    given back shows as the next call's rejection."""
+    breaker = CircuitBreaker(1, timeout=10.0, clock=clock, half_open_max_calls=1)
+    policy = RecoveryPolicy(retry=Retry(1), breaker=breaker, clock=clock, telemetry=False)
+    breaker.record_failure()
+    clock.advance(11.0)  # the next can_execute() moves it to HALF_OPEN and takes the permit
+    return policy
+
+
+async def _ok() -> str:
+    return "ok"
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_cancelled_call_gives_its_breaker_permit_back(runner):
+    clock = FakeClock()
+    policy = _half_open(clock)
+    run = _arunner(policy, runner)
+
+    async def main() -> str:
+        started = asyncio.Event()
+
+        async def hang() -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+        task = asyncio.create_task(run(hang, (), {}))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        result: str = await run(_ok, (), {})  # rejected if the trial permit leaked
+        return result
+
+    assert asyncio.run(main()) == "ok"
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_closing_a_suspended_run_gives_its_permit_back(runner):
+    clock = FakeClock()
+    policy = _half_open(clock)
+    run = _arunner(policy, runner)
+    closed: list[bool] = []
+
+    async def hang() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            closed.append(True)
+
+    async def main() -> str:
+        pending = run(hang, (), {})
+        pending.send(None)  # now suspended inside hang(), holding the trial permit
+        pending.close()
+        pending.close()  # a second close does nothing, as a coroutine's
+        result: str = await run(_ok, (), {})
+        return result
+
+    assert asyncio.run(main()) == "ok"
+    assert closed == [True]
+
+
+def test_a_run_never_awaited_warns_and_takes_nothing():
+    clock = FakeClock()
+    policy = _half_open(clock)
+    run = policy.arunner()
+    called: list[bool] = []
+
+    async def work() -> None:
+        called.append(True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(work, (), {})
+        gc.collect()
+    assert [str(w.message) for w in caught] == [
+        f"coroutine '{work.__qualname__}' was never awaited"
+    ]
+    assert called == []
+    assert asyncio.run(run(_ok, (), {})) == "ok"  # the trial permit was never taken
+
+
+def test_a_run_refuses_what_a_coroutine_refuses():
+    run = RecoveryPolicy(retry=Retry(1), telemetry=False).arunner()
+
+    pending = run(_ok, (), {})
+    with pytest.raises(TypeError, match="non-None value to a just-started coroutine"):
+        pending.send(1)
+    with pytest.raises(StopIteration) as stopped:
+        pending.send(None)
+    assert stopped.value.value == "ok"
+    with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+        pending.send(None)
+    with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+        pending.throw(KeyError("late"))
+
+    async def tuple_back() -> tuple[int, int]:
+        return (1, 2)
+
+    with pytest.raises(StopIteration) as stopped:
+        run(tuple_back, (), {}).send(None)
+    assert stopped.value.value == (1, 2)  # a tuple result is one value, as in StopIteration
+
+
+def test_throwing_into_a_run_before_it_starts_runs_nothing():
+    run = RecoveryPolicy(retry=Retry(3), telemetry=False).arunner()
+    called: list[bool] = []
+
+    async def work() -> None:
+        called.append(True)
+
+    pending = run(work, (), {})
+    with pytest.raises(KeyError, match="thrown"):
+        pending.throw(KeyError("thrown"))
+    with pytest.raises(RuntimeError, match="cannot reuse"):
+        pending.send(None)
+    assert called == []
+    with pytest.raises(TypeError, match="deriving from BaseException"):
+        run(work, (), {}).throw(42)
+    assert called == []
+
+
+def test_an_exception_thrown_into_the_call_is_recovered_like_one_it_raised():
+    """``await`` passes throw() on to what it awaits; an Exception that comes back out of the
+    call is the call's failure, so it is retried, as in the Python closure."""
+    attempts: list[int] = []
+
+    async def work() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            await asyncio.sleep(3600)
+        return "second attempt"
+
+    for runner in RUNNERS:
+        attempts.clear()
+        policy = RecoveryPolicy(
+            retry=Retry(2, rng=random.Random(1)), clock=FakeClock(), telemetry=False
+        )
+        pending = _arunner(policy, runner)(work, (), {})
+
+        async def main(pending: Any = pending) -> str:
+            step = pending.send(None)  # the first attempt sleeps
+            assert step is not None
+            try:
+                pending.throw(ConnectionError("reset while waiting"))
+                for _ in range(10):  # the backoff's asyncio.sleep(0), then the retry
+                    pending.send(None)
+            except StopIteration as stop:
+                return str(stop.value)
+            raise AssertionError("the retry did not complete")
+
+        assert asyncio.run(main()) == "second attempt", runner
+        assert len(attempts) == 2
+
+
+def test_an_error_from_recovery_chains_to_the_call_error_as_in_python():
+    def broken(error: BaseException) -> Any:
+        raise KeyError("fallback failed")
+
+    policy = RecoveryPolicy(retry=Retry(1), fallback=Fallback(func=broken), telemetry=False)
+    run = policy.arunner()
+
+    async def refuse() -> None:
+        await asyncio.sleep(0)
+        raise ConnectionError("refused")
+
+    with pytest.raises(KeyError) as raised:
+        asyncio.run(run(refuse, (), {}))
+    assert isinstance(raised.value.__context__, ConnectionError)
+    assert sys.exc_info() == (None, None, None)
+
+
+def test_an_open_breaker_rejects_an_async_run_without_calling():
+    clock = FakeClock()
+    breaker = CircuitBreaker(1, timeout=10.0, clock=clock)
+    policy = RecoveryPolicy(retry=Retry(1), breaker=breaker, clock=clock, telemetry=False)
+    breaker.record_failure()
+    called: list[bool] = []
+
+    async def work() -> None:
+        called.append(True)
+
+    with pytest.raises(CircuitOpenError):
+        asyncio.run(policy.arunner()(work, (), {}))
+    assert called == []
+
+
+def test_the_async_runs_leak_nothing():
+    clock = FakeClock()
+    policy = policy_for("guarded", clock)
+    run = policy.arunner()
+
+    def cycle() -> None:
+        asyncio.run(_play(run, policy, clock, LEAK_STEPS * 50))
+        clock.sleeps.clear()
+
+    cycle()
+    grown = bytes_kept(cycle, 5)
+    assert grown < 64 * 1024, f"{grown} bytes kept after 2,250 runs"
+
+
+@pytest.mark.server
+def test_remembered_async_redis_and_psycopg_calls_run_no_python_of_ours():
+    """Once a call's plan is remembered, an asyncio Redis command and a psycopg async
+    statement run compiled: the layer hands back an AsyncRun, and awaiting it runs none of
+    otel_recovery's Python."""
+    import psycopg
+    import redis.asyncio
+    from servers import PG_DSN, REDIS_HOST, REDIS_PORT, require_postgres, require_redis
+
+    from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
+    from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+
+    require_redis()
+    require_postgres()
+    instrumentors = [RedisRecoveryInstrumentor(), PsycopgRecoveryInstrumentor()]
+    for instrumentor in instrumentors:
+        instrumentor.instrument()
+    loop = asyncio.new_event_loop()
+    try:
+        for method in (redis.asyncio.Redis.execute_command, psycopg.AsyncCursor.execute):
+            assert type(method) is SPEEDUPS.Layer  # type: ignore[union-attr]
+            # still a coroutine method to those who ask (inspect only knows from 3.12 on)
+            assert asyncio.iscoroutinefunction(method)
+            assert inspect.iscoroutinefunction(method) or sys.version_info < (3, 12)
+        client = redis.asyncio.Redis(host=REDIS_HOST, port=REDIS_PORT)
+        loop.run_until_complete(client.set("otel-recovery:async", "v"))
+        loop.run_until_complete(client.get("otel-recovery:async"))  # GET's plan remembered
+        pending = client.get("otel-recovery:async")
+        assert type(pending) is SPEEDUPS.AsyncRun  # type: ignore[union-attr]
+        assert loop.run_until_complete(pending) == b"v"
+        fetched = ours_that_ran(lambda: loop.run_until_complete(client.get("otel-recovery:async")))
+        assert fetched == (b"v", set())
+
+        async def many() -> None:
+            for _ in range(500):
+                await client.get("otel-recovery:async")
+
+        loop.run_until_complete(many())
+        grown = bytes_kept(lambda: loop.run_until_complete(many()), 4)
+        assert grown < 64 * 1024, f"{grown} bytes kept after 2,000 compiled GETs"
+        loop.run_until_complete(client.aclose())
+
+        connection = loop.run_until_complete(
+            psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
+        )
+        cursor = connection.cursor()
+        loop.run_until_complete(cursor.execute("SELECT 1"))
+        pending = cursor.execute("SELECT 2")
+        assert type(pending) is SPEEDUPS.AsyncRun  # type: ignore[union-attr]
+        assert loop.run_until_complete(pending) is cursor
+        assert (
+            ours_that_ran(lambda: loop.run_until_complete(cursor.execute("SELECT 3")))[1] == set()
+        )
+        assert loop.run_until_complete(cursor.fetchone()) == (3,)
+        loop.run_until_complete(connection.close())
+    finally:
+        loop.close()
+        for instrumentor in instrumentors:
+            instrumentor.uninstrument()
