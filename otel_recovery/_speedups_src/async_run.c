@@ -29,11 +29,13 @@ enum {
 };
 
 typedef struct {
-    PyObject_HEAD
+    PyObject_VAR_HEAD
     RunnerObject *runner;
     PyObject *fn;
-    PyObject *args;    /* tuple */
-    PyObject *kwargs;  /* dict, or NULL: none */
+    /* The arguments as given: a vector (from a Layer: argv points at items, kwnames is
+     * ours) or a tuple and a dict (from Python). The slow paths materialize the tuple and
+     * dict of a vector (callargs_materialize); either way, owned ones are released. */
+    CallArgs call;
     PyObject *explain; /* NULL: none (a runner called from Python) */
     PyObject *plan;
     PyObject *inner;   /* what is being awaited, or NULL */
@@ -41,20 +43,20 @@ typedef struct {
     Started started;
     int state;
     int running;
+    PyObject *items[1]; /* a vector's positional and keyword argument values, owned */
 } AsyncRunObject;
 
-PyObject *
-async_run_new(RunnerObject *runner, PyObject *fn, PyObject *args, PyObject *kwargs,
-              PyObject *explain, PyObject *plan)
+static AsyncRunObject *
+async_run_alloc(RunnerObject *runner, PyObject *fn, Py_ssize_t items, PyObject *explain,
+                PyObject *plan)
 {
-    AsyncRunObject *self = PyObject_GC_New(AsyncRunObject, &AsyncRunType);
+    AsyncRunObject *self = PyObject_GC_NewVar(AsyncRunObject, &AsyncRunType, items);
     if (self == NULL) {
         return NULL;
     }
     self->runner = (RunnerObject *)Py_NewRef((PyObject *)runner);
     self->fn = Py_NewRef(fn);
-    self->args = Py_NewRef(args);
-    self->kwargs = Py_XNewRef(kwargs);
+    self->call = (CallArgs){NULL, 0, NULL, NULL, NULL, 0};
     self->explain = Py_XNewRef(explain);
     self->plan = Py_XNewRef(plan);
     self->inner = NULL;
@@ -63,30 +65,45 @@ async_run_new(RunnerObject *runner, PyObject *fn, PyObject *args, PyObject *kwar
     self->started.seconds = 0.0;
     self->state = RUN_NEW;
     self->running = 0;
+    return self;
+}
+
+/* A Layer's call: the arguments stay a vector, copied (no tuple, no dict). */
+PyObject *
+async_run_from_vector(RunnerObject *runner, PyObject *fn, PyObject *const *argv,
+                      Py_ssize_t nargs, PyObject *kwnames, PyObject *explain, PyObject *plan)
+{
+    Py_ssize_t count = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
+    AsyncRunObject *self = async_run_alloc(runner, fn, count, explain, plan);
+    if (self == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        self->items[i] = Py_NewRef(argv[i]);
+    }
+    self->call = (CallArgs){self->items, nargs, Py_XNewRef(kwnames), NULL, NULL, 0};
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
 
-/* fn(*args, **kwargs). */
-static PyObject *
-async_run_call(AsyncRunObject *self)
+/* A runner's call from Python: run(fn, args, kwargs). */
+PyObject *
+async_run_from_tuple(RunnerObject *runner, PyObject *fn, PyObject *args, PyObject *kwargs)
 {
-    if (self->kwargs == NULL) {
-        return PyObject_Call(self->fn, self->args, NULL);
+    AsyncRunObject *self = async_run_alloc(runner, fn, 0, NULL, NULL);
+    if (self == NULL) {
+        return NULL;
     }
-    CallArgs ca = {NULL, 0, NULL, self->args, self->kwargs, 0};
-    return call_with_tuple(self->fn, &ca);
+    self->call = (CallArgs){NULL, 0, NULL, Py_NewRef(args), Py_NewRef(kwargs), 1};
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
 }
 
-/* The arguments as the policy's slow paths take them: a tuple and a dict. */
-COLD static int
-async_run_callargs(AsyncRunObject *self, CallArgs *ca)
+/* fn(*args, **kwargs), as given. */
+static inline PyObject *
+async_run_call(AsyncRunObject *self)
 {
-    if (self->kwargs == NULL && (self->kwargs = PyDict_New()) == NULL) {
-        return -1;
-    }
-    *ca = (CallArgs){NULL, 0, NULL, self->args, self->kwargs, 0};
-    return 0;
+    return callargs_call(self->fn, &self->call);
 }
 
 /* Await `pending` (stolen) next, in `state`: a coroutine as it is, anything else through
@@ -132,13 +149,13 @@ async_run_failed(AsyncRunObject *self)
     self->handled = value; /* what the except clause around `await recover(...)` holds */
     Handled saved = handled_push(value);
     int status = -1;
-    CallArgs ca;
     PyObject *start = started_object(&self->started);
     PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(runner->now);
     PyObject *took = ended == NULL ? NULL : PyNumber_Subtract(ended, start);
     Py_XDECREF(ended);
-    if (took != NULL && async_run_callargs(self, &ca) == 0) {
-        PyObject *call_args[6] = {self->fn, ca.args, ca.kwargs, value, start, took};
+    if (took != NULL && callargs_materialize(&self->call) == 0) {
+        CallArgs *ca = &self->call;
+        PyObject *call_args[6] = {self->fn, ca->args, ca->kwargs, value, start, took};
         PyObject *pending = PyObject_Vectorcall(runner->recover, call_args, 6, NULL);
         status = pending == NULL ? -1 : async_run_adopt(self, pending, RUN_AFTER);
     }
@@ -167,11 +184,8 @@ async_run_start(AsyncRunObject *self)
         if (UNLIKELY(permitted != 1)) {
             permitted = permitted < 0 ? -1 : runner_gate(breaker);
             if (permitted <= 0) {
-                CallArgs ca;
-                if (permitted < 0 || async_run_callargs(self, &ca) < 0) {
-                    return -1;
-                }
-                PyObject *pending = runner_reject(runner, &ca, &self->started);
+                PyObject *pending =
+                    permitted < 0 ? NULL : runner_reject(runner, &self->call, &self->started);
                 return pending == NULL ? -1 : async_run_adopt(self, pending, RUN_AFTER);
             }
         }
@@ -204,11 +218,7 @@ async_run_succeeded(AsyncRunObject *self, PyObject *result)
         return -1;
     }
     if (UNLIKELY(runner->remember != Py_None)) {
-        CallArgs ca;
-        if (async_run_callargs(self, &ca) < 0) {
-            return -1;
-        }
-        return runner_remember(runner, &ca, result, &self->started);
+        return runner_remember(runner, &self->call, result, &self->started);
     }
     return 0;
 }
@@ -531,8 +541,12 @@ async_run_traverse(AsyncRunObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->runner);
     Py_VISIT(self->fn);
-    Py_VISIT(self->args);
-    Py_VISIT(self->kwargs);
+    for (Py_ssize_t i = 0; i < Py_SIZE(self); i++) {
+        Py_VISIT(self->items[i]);
+    }
+    Py_VISIT(self->call.kwnames);
+    Py_VISIT(self->call.args);
+    Py_VISIT(self->call.kwargs);
     Py_VISIT(self->explain);
     Py_VISIT(self->plan);
     Py_VISIT(self->inner);
@@ -546,8 +560,11 @@ async_run_clear(AsyncRunObject *self)
 {
     Py_CLEAR(self->runner);
     Py_CLEAR(self->fn);
-    Py_CLEAR(self->args);
-    Py_CLEAR(self->kwargs);
+    for (Py_ssize_t i = 0; i < Py_SIZE(self); i++) {
+        Py_CLEAR(self->items[i]);
+    }
+    Py_CLEAR(self->call.kwnames);
+    callargs_release(&self->call);
     Py_CLEAR(self->explain);
     Py_CLEAR(self->plan);
     Py_CLEAR(self->inner);
@@ -604,7 +621,8 @@ PyTypeObject AsyncRunType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "otel_recovery._speedups.AsyncRun",
     .tp_doc = PyDoc_STR("One awaited run of an async Runner: a coroutine, compiled."),
-    .tp_basicsize = sizeof(AsyncRunObject),
+    .tp_basicsize = offsetof(AsyncRunObject, items),
+    .tp_itemsize = sizeof(PyObject *),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_as_async = &async_run_as_async,
     .tp_iternext = (iternextfunc)async_run_iternext,

@@ -326,31 +326,6 @@ miss:
     return plan;
 }
 
-/* An async site's remembered call: the run the plan's async runner makes of it, which the
- * caller awaits (async_run.c); the arguments are kept as a tuple (and a dict, if any). */
-HOT static PyObject *
-layer_await(LayerObject *self, PyObject *plan, PyObject *const *argv, Py_ssize_t nargs,
-            PyObject *kwnames)
-{
-    CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
-    PyObject *args = NULL, *kwargs = NULL;
-    if (kwnames == NULL || PyTuple_GET_SIZE(kwnames) == 0) {
-        args = args_tuple(argv, nargs);
-    }
-    else if (callargs_materialize(&ca) == 0) {
-        args = ca.args;
-        kwargs = ca.kwargs;
-    }
-    if (args == NULL) {
-        return NULL;
-    }
-    RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 3);
-    PyObject *run = async_run_new(runner, self->original, args, kwargs, self->explain, plan);
-    Py_DECREF(args);
-    Py_XDECREF(kwargs);
-    return run;
-}
-
 HOT static PyObject *
 layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
 {
@@ -366,8 +341,10 @@ layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObje
     if (UNLIKELY(plan == NULL)) {
         return layer_call_slow((LayerHead *)self, argv, nargsf, kwnames);
     }
-    if (self->run_index == 3) {
-        PyObject *run = layer_await(self, plan, argv, nargs, kwnames);
+    if (self->run_index == 3) { /* an async site: the caller awaits the plan's run of it */
+        RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 3);
+        PyObject *run = async_run_from_vector(runner, self->original, argv, nargs, kwnames,
+                                              self->explain, plan);
         Py_DECREF(plan);
         return run;
     }

@@ -269,7 +269,7 @@ runner_vectorcall(RunnerObject *self, PyObject *const *argv, size_t nargsf, PyOb
         return NULL;
     }
     if (self->resolve != Py_None) {
-        return async_run_new(self, argv[0], argv[1], argv[2], NULL, NULL);
+        return async_run_from_tuple(self, argv[0], argv[1], argv[2]);
     }
     CallArgs ca = {NULL, 0, NULL, argv[1], argv[2], 0};
     return runner_run(self, argv[0], &ca);

@@ -131,7 +131,6 @@ counter_advance(CounterObject *counter)
 /* support.c: arguments, the exception being handled, slot readers, the clock */
 INTERNAL PyObject *call_vector(PyObject *fn, CallArgs *ca);
 INTERNAL PyObject *call_with_tuple(PyObject *fn, CallArgs *ca);
-INTERNAL PyObject *args_tuple(PyObject *const *argv, Py_ssize_t nargs);
 INTERNAL int callargs_materialize(CallArgs *ca);
 INTERNAL void callargs_release(CallArgs *ca);
 INTERNAL Handled handled_push(PyObject *value);
@@ -222,10 +221,14 @@ INTERNAL int runner_remember(RunnerObject *self, CallArgs *ca, PyObject *result,
                              Started *started);
 INTERNAL PyObject *runner_reject(RunnerObject *self, CallArgs *ca, Started *started);
 
-/* async_run.c: one awaited run of an async Runner. Steals nothing; kwargs may be NULL;
- * explain and plan (both or neither) say why a failure was not retried, as a Layer does. */
-INTERNAL PyObject *async_run_new(RunnerObject *runner, PyObject *fn, PyObject *args,
-                                 PyObject *kwargs, PyObject *explain, PyObject *plan);
+/* async_run.c: one awaited run of an async Runner, made from a Layer's vector (explain
+ * and plan say why a failure was not retried, as a Layer does) or from Python's tuple and
+ * dict. Neither steals. */
+INTERNAL PyObject *async_run_from_vector(RunnerObject *runner, PyObject *fn,
+                                         PyObject *const *argv, Py_ssize_t nargs,
+                                         PyObject *kwnames, PyObject *explain, PyObject *plan);
+INTERNAL PyObject *async_run_from_tuple(RunnerObject *runner, PyObject *fn, PyObject *args,
+                                        PyObject *kwargs);
 
 /* layer_head.c: "except Exception as error: explain(plan, error); raise" */
 INTERNAL PyObject *explain_error(PyObject *explain, PyObject *plan);

@@ -93,7 +93,7 @@ chain_to_handled(PyObject *type, PyObject *value, PyObject *traceback)
 }
 
 /* The positional arguments of a vector as a tuple. */
-PyObject *
+static PyObject *
 args_tuple(PyObject *const *argv, Py_ssize_t nargs)
 {
     PyObject *args = PyTuple_New(nargs);
