@@ -106,7 +106,9 @@ class AsyncDriver(PolicyCore):
     def arunner(self) -> AsyncRunner:
         """The async twin of ``SyncDriver.runner``: ``await run(fn, args, kwargs)`` behaves
         exactly like ``await acall(fn, *args, **kwargs)``; a coroutine back from ``fn`` is
-        awaited directly, any other awaitable or plain value goes through ``resolve``."""
+        awaited directly, any other awaitable or plain value goes through ``resolve``.
+        Where the C extension is built, "guarded" below runs compiled: ``run(...)`` returns
+        an ``AsyncRun`` (``_speedups_src/async_run.c``) that acts as its coroutine would."""
         if not self._happy_path_inlinable():
             acall = self.acall
 
