@@ -29,13 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("instrumentors.py")
 """What the parent runs again as a worker, a callgrind child or the HTTP server."""
 TARGETS = ("redis", "postgres", "http")
-TARGET_LABELS = {"redis": "Redis GET", "postgres": "PostgreSQL SELECT 1", "http": "HTTP GET"}
+ASYNC_TARGETS = ("redis_async", "postgres_async")
+"""Asked for by name (``--targets``): the same calls awaited, one event loop per client."""
+TARGET_LABELS = {
+    "redis": "Redis GET",
+    "postgres": "PostgreSQL SELECT 1",
+    "http": "HTTP GET",
+    "redis_async": "redis.asyncio GET",
+    "postgres_async": "psycopg async SELECT 1",
+}
 REDIS = ("127.0.0.1", 6379)
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 OURS = {
     "redis": ("otel_recovery.instrumentors.redis", "RedisRecoveryInstrumentor"),
     "postgres": ("otel_recovery.instrumentors.psycopg", "PsycopgRecoveryInstrumentor"),
     "http": ("otel_recovery.instrumentors.requests", "RequestsRecoveryInstrumentor"),
+    "redis_async": ("otel_recovery.instrumentors.redis", "RedisRecoveryInstrumentor"),
+    "postgres_async": ("otel_recovery.instrumentors.psycopg", "PsycopgRecoveryInstrumentor"),
 }
 BATCH_WARMUP = 20
 """Untimed calls before each batch: the new client's connection, and the mode's code paths."""
@@ -173,12 +183,14 @@ class Worker:
             "redis": RedisInstrumentor,
             "postgres": PsycopgInstrumentor,
             "http": RequestsInstrumentor,
+            "redis_async": RedisInstrumentor,
+            "postgres_async": PsycopgInstrumentor,
         }
-        for target in targets:
-            contrib[target]().instrument()
+        for kind in dict.fromkeys(contrib[target] for target in targets):  # each once
+            kind().instrument()
 
     def _load_ours(self, targets: Sequence[str]) -> None:
-        for target in targets:
+        for target in targets:  # an instrumentor is a singleton: redis and redis_async share
             module_name, class_name = OURS[target]
             try:
                 module = importlib.import_module(module_name)
@@ -192,7 +204,7 @@ class Worker:
         """Instrument or uninstrument otel-recovery; prove that uninstrument removed it."""
         if on == self.ours_on:
             return
-        for instrumentor in self.ours.values():
+        for instrumentor in dict.fromkeys(self.ours.values()):
             if on:
                 instrumentor.instrument()
                 patches = getattr(instrumentor, "_patches", None)
@@ -244,12 +256,46 @@ class Worker:
 
             connection = psycopg.connect(PG_DSN, autocommit=True)
             return (lambda: connection.execute("SELECT 1").fetchone()), connection.close
+        if target in ASYNC_TARGETS:
+            return self._async_client(target)
         import requests
 
         session = requests.Session()
         session.trust_env = False  # no proxy lookups from the environment on every call
         url = f"http://127.0.0.1:{self.http_port}/"
         return (lambda: session.get(url).content), session.close
+
+    def _async_client(self, target: str) -> tuple[Callable[[], object], Callable[[], object]]:
+        """An asyncio client and its own event loop; a call runs one awaited call to the end
+        (the loop's share of each call is the same in every mode)."""
+        loop = asyncio.new_event_loop()
+        run = loop.run_until_complete
+        if target == "redis_async":
+            import redis.asyncio
+
+            client = redis.asyncio.Redis(host=REDIS[0], port=REDIS[1], socket_timeout=5)
+            key = f"otel-recovery-bench:{uuid.uuid4().hex}"
+            run(client.set(key, "x" * 64, ex=600))
+
+            def close_redis() -> None:
+                run(client.delete(key))
+                run(client.aclose())
+                loop.close()
+
+            return (lambda: run(client.get(key))), close_redis
+        import psycopg
+
+        connection = run(psycopg.AsyncConnection.connect(PG_DSN, autocommit=True))
+
+        async def select_one() -> object:
+            cursor = await connection.execute("SELECT 1")
+            return await cursor.fetchone()
+
+        def close_postgres() -> None:
+            run(connection.close())
+            loop.close()
+
+        return (lambda: run(select_one())), close_postgres
 
     def batch(self, target: str, mode: str, calls: int, warmup: int) -> dict[str, Any]:
         self.set_recovery(mode == "recovery" and self.kind == "instrumented")

@@ -145,6 +145,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
 from _instrumentor_counts import INSTRUCTION_MODES, run_instructions
 from _instrumentor_worker import (
+    ASYNC_TARGETS,
     REDIS,
     TARGET_LABELS,
     TARGETS,
@@ -512,7 +513,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="worker processes for the call-by-call figures (10; quick 2; 6 or more for a 95 %% "
         "interval)",
     )
-    parser.add_argument("--targets", default=",".join(TARGETS), help="redis,postgres,http")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help="redis,postgres,http (default); also redis_async,postgres_async",
+    )
     parser.add_argument("--raw", type=Path, help="also write the per-round figures as JSON")
     parser.add_argument(
         "--instructions",
@@ -530,9 +535,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = sorted(set(targets) - set(TARGETS))
+    unknown = sorted(set(targets) - {*TARGETS, *ASYNC_TARGETS})
     if unknown:
-        print(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}", file=sys.stderr)
+        known = ", ".join((*TARGETS, *ASYNC_TARGETS))
+        print(f"unknown targets {unknown}; choose from {known}", file=sys.stderr)
         return 2
     if args.serve_http:
         asyncio.run(_serve_http())
@@ -546,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds or (3 if args.quick else 40)
     calls = args.calls or (50 if args.quick else 200)
     warmup = 50 if args.quick else 300
-    servers = {"redis": REDIS, "postgres": PG}
+    servers = {"redis": REDIS, "postgres": PG, "redis_async": REDIS, "postgres_async": PG}
     missing = [t for t in targets if t in servers and not reachable(servers[t])]
     for target in missing:
         host, port = servers[target]

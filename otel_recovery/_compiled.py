@@ -13,11 +13,20 @@ runs the instrumentor and policy tests both ways.
 
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 
 from otel_recovery._config import env_flag
 
 __all__ = ["SPEEDUPS"]
+
+ABI = 2
+"""The interface these Python sources expect of the extension (``SPEEDUPS_ABI`` in
+``_speedups_src/module.c``; both change together, whenever a type's constructor or
+behaviour does). An extension built from other sources, say one a checkout kept in place
+after a ``git pull`` whose rebuild failed, is ignored rather than trusted."""
+
+_log = logging.getLogger("otel_recovery")
 
 
 def _load() -> ModuleType | None:
@@ -27,7 +36,22 @@ def _load() -> ModuleType | None:
         from otel_recovery import _speedups
     except ImportError:  # built without a C compiler: the Python paths do the same work
         return None
-    return _speedups
+    return _speedups if _matches(_speedups) else None
+
+
+def _matches(module: ModuleType) -> bool:
+    built = getattr(module, "ABI", None)
+    if built == ABI:
+        return True
+    _log.warning(
+        "otel_recovery: ignoring %s, built for interface %s where these sources expect %s; "
+        "the Python paths run instead. Rebuild it: pip install --force-reinstall "
+        "--no-deps otel-recovery (or pip install -e . in a checkout)",
+        getattr(module, "__file__", "otel_recovery._speedups"),
+        built,
+        ABI,
+    )
+    return False
 
 
 SPEEDUPS: ModuleType | None = _load()

@@ -4,6 +4,9 @@
 from collections.abc import Callable, Coroutine, Generator, Iterator
 from typing import Any
 
+ABI: int
+"""The interface it was built for (``otel_recovery._compiled.ABI``)."""
+
 class Runner:
     """``run(fn, args, kwargs)``: ``RecoveryPolicy.runner()``'s happy path, compiled; with
     ``resolve``, ``arunner()``'s, and ``run(...)`` returns an awaitable :class:`AsyncRun`."""

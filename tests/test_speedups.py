@@ -8,10 +8,12 @@ the package works without it.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,25 @@ def test_the_compiled_paths_leak_nothing():
     cycle()
     grown = bytes_kept(cycle, 10)
     assert grown < 64 * 1024, f"{grown} bytes kept after 4,500 calls"
+
+
+def test_an_extension_built_for_another_interface_is_ignored_with_a_warning(caplog):
+    """A checkout that kept an old build in place (its rebuild failed) must not call it
+    with arguments it does not know: the Python paths run instead, and the log says why."""
+    from otel_recovery import _compiled
+
+    stale = types.ModuleType("otel_recovery._speedups")
+    stale.__file__ = "/site-packages/otel_recovery/_speedups.so"
+    with caplog.at_level(logging.WARNING, logger="otel_recovery"):
+        assert not _compiled._matches(stale)  # built before the interface had a number
+        stale.ABI = _compiled.ABI + 1  # type: ignore[attr-defined]
+        assert not _compiled._matches(stale)
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        "otel_recovery: ignoring /site-packages/otel_recovery/_speedups.so, built for "
+        f"interface {built} where these sources expect {_compiled.ABI}"
+        for built in (None, _compiled.ABI + 1)
+    ]
+    assert SPEEDUPS is None or _compiled._matches(SPEEDUPS)
 
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI promises a C compiler")

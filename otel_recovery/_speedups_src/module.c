@@ -27,6 +27,11 @@
  */
 #include "speedups.h"
 
+/* The interface otel_recovery/_compiled.py expects (its ABI): bump both together whenever a
+ * type's constructor or behaviour changes, so that an extension built from other sources is
+ * ignored instead of called with arguments it does not know. */
+#define SPEEDUPS_ABI 2
+
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "otel_recovery._speedups",
@@ -82,7 +87,8 @@ PyInit__speedups(void)
         PyModule_AddObjectRef(module, "Layer", (PyObject *)&LayerType) < 0 ||
         PyModule_AddObjectRef(module, "HttpLayer", (PyObject *)&HttpLayerType) < 0 ||
         PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0 ||
-        PyModule_AddObjectRef(module, "AsyncRun", (PyObject *)&AsyncRunType) < 0) {
+        PyModule_AddObjectRef(module, "AsyncRun", (PyObject *)&AsyncRunType) < 0 ||
+        PyModule_AddIntConstant(module, "ABI", SPEEDUPS_ABI) < 0) {
         Py_DECREF(module);
         return NULL;
     }
