@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import functools
 import gc
 import inspect
 import random
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -228,6 +230,147 @@ def test_a_run_refuses_what_a_coroutine_refuses():
     assert stopped.value.value == (1, 2)  # a tuple result is one value, as in StopIteration
 
 
+async def _none() -> None:
+    return None
+
+
+def test_a_run_ends_as_a_coroutine_ends():
+    """StopIteration carries the result (none for None), and the run names its function."""
+    run = RecoveryPolicy(retry=Retry(1), telemetry=False).arunner()
+    with pytest.raises(StopIteration) as stopped:
+        run(_none, (), {}).send(None)
+    assert stopped.value.args == ()
+    pending = run(_ok, (), {})
+    assert (pending.__name__, pending.__qualname__) == ("_ok", "_ok")
+    asyncio.run(pending)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_second_await_of_a_suspended_run_is_refused(runner):
+    run = _arunner(RecoveryPolicy(retry=Retry(1), telemetry=False), runner)
+
+    async def slow() -> str:
+        await asyncio.sleep(0.01)
+        return "done"
+
+    async def main() -> list[str]:
+        pending = run(slow, (), {})
+
+        async def wait(pending: Any) -> str:
+            try:
+                return str(await pending)
+            except RuntimeError as error:
+                return str(error)
+
+        first = asyncio.create_task(wait(pending))
+        await asyncio.sleep(0)  # the first await now drives it, suspended in slow()
+        second = await wait(pending)
+        return [await first, second]
+
+    assert asyncio.run(main()) == ["done", "coroutine is being awaited already"]
+
+
+class _RunsOutClock(FakeClock):
+    """A test clock that, like an exhausted ``Mock(side_effect=[...])``, raises
+    StopIteration."""
+
+    def now(self) -> float:
+        raise StopIteration
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_stop_iteration_from_the_runs_own_steps_is_a_runtime_error(runner):
+    """Left as it is, it would end the ``await`` as if the run had returned None."""
+    policy = RecoveryPolicy(retry=Retry(2), clock=_RunsOutClock(), telemetry=False)
+    with pytest.raises(RuntimeError, match="coroutine raised StopIteration") as raised:
+        asyncio.run(_arunner(policy, runner)(_ok, (), {}))
+    assert isinstance(raised.value.__cause__, StopIteration)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_an_exception_thrown_in_while_recovering_chains_to_the_call_error(runner):
+    """Thrown into ``recover`` and back out, it is raised where the call's error is being
+    handled, so that error is its ``__context__``: the same for a cancelled Task."""
+
+    async def refuse() -> None:
+        raise ConnectionError("refused")
+
+    for thrown in (KeyError("thrown"), asyncio.CancelledError()):
+        clock = FakeClock()
+        policy = RecoveryPolicy(retry=Retry(3), clock=clock, telemetry=False)
+        pending = _arunner(policy, runner)(refuse, (), {})
+        pending.send(None)  # the call failed; recover now sleeps before the next attempt
+        with pytest.raises(type(thrown)) as raised:
+            pending.throw(thrown)
+        assert isinstance(raised.value.__context__, ConnectionError), (runner, thrown)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_throwing_generator_exit_closes_the_call_and_gives_the_permit_back(runner):
+    """As a coroutine does: what it awaits is closed (not thrown into), and GeneratorExit
+    is raised where it awaited, never a success."""
+    clock = FakeClock()
+    policy = _half_open(clock)
+    run = _arunner(policy, runner)
+    closed: list[bool] = []
+
+    async def hang() -> str:
+        try:
+            await asyncio.sleep(3600)
+        except GeneratorExit:  # it ends quietly when closed: the run must not count that
+            closed.append(True)
+            return "swallowed"
+        return "not reached"
+
+    async def main() -> str:
+        pending = run(hang, (), {})
+        pending.send(None)
+        with pytest.raises(GeneratorExit):
+            pending.throw(GeneratorExit)
+        result: str = await run(_ok, (), {})  # rejected if the trial permit leaked
+        return result
+
+    assert asyncio.run(main()) == "ok"
+    assert closed == [True]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_finished_run_lets_go_of_its_arguments(runner):
+    """As a finished coroutine's frame does: a Task that stays referenced must not keep a
+    large payload alive."""
+    run = _arunner(RecoveryPolicy(retry=Retry(1), telemetry=False), runner)
+
+    class Payload:
+        pass
+
+    async def take(payload: Payload) -> str:
+        return "taken"
+
+    payload = Payload()
+    gone = weakref.ref(payload)
+    pending = run(take, (payload,), {})
+    del payload
+    assert asyncio.run(_await(pending)) == "taken"
+    gc.collect()
+    assert gone() is None
+    del pending
+
+
+async def _await(pending: Any) -> Any:
+    return await pending
+
+
+def test_the_never_awaited_warning_survives_a_strange_qualname():
+    run = RecoveryPolicy(retry=Retry(1), telemetry=False).arunner()
+    strange = functools.partial(_ok)
+    strange.__qualname__ = 12345  # type: ignore[attr-defined]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(strange, (), {})
+        gc.collect()
+    assert [str(w.message) for w in caught] == [f"coroutine '{strange!r}' was never awaited"]
+
+
 def test_throwing_into_a_run_before_it_starts_runs_nothing():
     run = RecoveryPolicy(retry=Retry(3), telemetry=False).arunner()
     called: list[bool] = []
@@ -241,9 +384,12 @@ def test_throwing_into_a_run_before_it_starts_runs_nothing():
     with pytest.raises(RuntimeError, match="cannot reuse"):
         pending.send(None)
     assert called == []
+    refused = run(work, (), {})
     with pytest.raises(TypeError, match="deriving from BaseException"):
-        run(work, (), {}).throw(42)
+        refused.throw(42)
     assert called == []
+    asyncio.run(refused)  # arguments it refused left it as it was, as a coroutine
+    assert called == [True]
 
 
 def test_an_exception_thrown_into_the_call_is_recovered_like_one_it_raised():
@@ -384,3 +530,35 @@ def test_remembered_async_redis_and_psycopg_calls_run_no_python_of_ours():
         loop.close()
         for instrumentor in instrumentors:
             instrumentor.uninstrument()
+
+
+@pytest.mark.server
+def test_an_async_call_is_decided_when_first_awaited_as_an_async_def_layer_is():
+    """The Python layer, an ``async def``, reads the suppression (and the rest) when it
+    is first awaited; so does the compiled one, not when the command is called."""
+    import redis.asyncio
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+    from servers import REDIS_HOST, REDIS_PORT, require_redis
+
+    from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+
+    require_redis()
+    instrumentor = RedisRecoveryInstrumentor()
+    instrumentor.instrument()
+    loop = asyncio.new_event_loop()
+    try:
+        client = redis.asyncio.Redis(host=REDIS_HOST, port=REDIS_PORT)
+        loop.run_until_complete(client.get("otel-recovery:decided"))  # GET's plan remembered
+
+        pending = client.get("otel-recovery:decided")  # made outside, awaited inside
+        with suppress_instrumentation():
+            ran = ours_that_ran(lambda: loop.run_until_complete(pending))[1]
+        assert "layer" in ran  # handed to the Python layer, which passes suppressed calls on
+
+        with suppress_instrumentation():  # made inside, awaited outside: ours, compiled
+            pending = client.get("otel-recovery:decided")
+        assert ours_that_ran(lambda: loop.run_until_complete(pending))[1] == set()
+        loop.run_until_complete(client.aclose())
+    finally:
+        loop.close()
+        instrumentor.uninstrument()

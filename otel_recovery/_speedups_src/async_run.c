@@ -8,17 +8,23 @@
  *
  * It behaves like the coroutine it replaces, as asyncio and `await` see one:
  *
- * - Nothing runs until the first send, as with `async def`: the switches, the clock, the
- *   breaker's gate and the budget's deposit are read then, so a run that is never awaited
- *   takes no permit and deposits nothing (and warns, as a coroutine does).
+ * - Nothing runs until the first send, as with `async def`: a Layer's run decides then
+ *   whether the call is ours (instrumentation on, nothing suppressed, a remembered plan;
+ *   layer_decide), and the switches, the clock, the breaker's gate and the budget's deposit
+ *   are read then, so a run that is never awaited takes no permit and deposits nothing
+ *   (and warns, as a coroutine does).
  * - It awaits the call's coroutine by sending into it; once that ends it records the
  *   success, or, for an Exception, awaits the policy's recover() coroutine instead, with
  *   the call's error as the exception being handled (so errors chain as in Python).
  * - send(), throw() and close() go on into what it awaits, as `await` would; close() and
  *   a BaseException such as CancelledError release the breaker's permit while the call
  *   runs. collections.abc.Coroutine recognises it, so asyncio.create_task, gather and
- *   wait_for take it.
- */
+ *   wait_for take it. A second `await` of a suspended run, a StopIteration out of its own
+ *   steps and a finished run's references are handled as a coroutine handles them.
+ *
+ * On 3.12 and later `await` steps it through tp_iternext rather than am_send (the SEND
+ * instruction keeps its fast path for CPython's own generators), so a run that returns a
+ * value pays for a StopIteration there. */
 #include "speedups.h"
 
 enum {
@@ -30,14 +36,15 @@ enum {
 
 typedef struct {
     PyObject_VAR_HEAD
-    RunnerObject *runner;
+    RunnerObject *runner; /* NULL until a Layer's run has decided (layer_decide) */
+    PyObject *layer;      /* the Layer that made the run, or NULL (a runner called from Python) */
     PyObject *fn;
     /* The arguments as given: a vector (from a Layer: argv points at items, kwnames is
      * ours) or a tuple and a dict (from Python). The slow paths materialize the tuple and
      * dict of a vector (callargs_materialize); either way, owned ones are released. */
     CallArgs call;
-    PyObject *explain; /* NULL: none (a runner called from Python) */
-    PyObject *plan;
+    PyObject *explain; /* the Layer's: says why a failure under `plan` was not retried */
+    PyObject *plan;    /* the plan a Layer's run decided on, or NULL */
     PyObject *inner;   /* what is being awaited, or NULL */
     PyObject *handled; /* the call's error while recover runs (its except clause), or NULL */
     Started started;
@@ -47,18 +54,19 @@ typedef struct {
 } AsyncRunObject;
 
 static AsyncRunObject *
-async_run_alloc(RunnerObject *runner, PyObject *fn, Py_ssize_t items, PyObject *explain,
-                PyObject *plan)
+async_run_alloc(RunnerObject *runner, PyObject *layer, PyObject *fn, Py_ssize_t items,
+                PyObject *explain)
 {
     AsyncRunObject *self = PyObject_GC_NewVar(AsyncRunObject, &AsyncRunType, items);
     if (self == NULL) {
         return NULL;
     }
-    self->runner = (RunnerObject *)Py_NewRef((PyObject *)runner);
+    self->runner = (RunnerObject *)Py_XNewRef((PyObject *)runner);
+    self->layer = Py_XNewRef(layer);
     self->fn = Py_NewRef(fn);
     self->call = (CallArgs){NULL, 0, NULL, NULL, NULL, 0};
     self->explain = Py_XNewRef(explain);
-    self->plan = Py_XNewRef(plan);
+    self->plan = NULL;
     self->inner = NULL;
     self->handled = NULL;
     self->started.value = NULL;
@@ -70,11 +78,11 @@ async_run_alloc(RunnerObject *runner, PyObject *fn, Py_ssize_t items, PyObject *
 
 /* A Layer's call: the arguments stay a vector, copied (no tuple, no dict). */
 PyObject *
-async_run_from_vector(RunnerObject *runner, PyObject *fn, PyObject *const *argv,
-                      Py_ssize_t nargs, PyObject *kwnames, PyObject *explain, PyObject *plan)
+async_run_from_layer(PyObject *layer, PyObject *fn, PyObject *const *argv, Py_ssize_t nargs,
+                     PyObject *kwnames, PyObject *explain)
 {
     Py_ssize_t count = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
-    AsyncRunObject *self = async_run_alloc(runner, fn, count, explain, plan);
+    AsyncRunObject *self = async_run_alloc(NULL, layer, fn, count, explain);
     if (self == NULL) {
         return NULL;
     }
@@ -90,7 +98,7 @@ async_run_from_vector(RunnerObject *runner, PyObject *fn, PyObject *const *argv,
 PyObject *
 async_run_from_tuple(RunnerObject *runner, PyObject *fn, PyObject *args, PyObject *kwargs)
 {
-    AsyncRunObject *self = async_run_alloc(runner, fn, 0, NULL, NULL);
+    AsyncRunObject *self = async_run_alloc(runner, NULL, fn, 0, NULL);
     if (self == NULL) {
         return NULL;
     }
@@ -122,6 +130,32 @@ async_run_adopt(AsyncRunObject *self, PyObject *pending, int state)
     }
     self->inner = pending;
     self->state = state;
+    return 0;
+}
+
+/* Await `pending` (stolen) in place of the run, as `await pending` would: what a Layer's run
+ * decided was not its to run (layer_decide). -1 with an error set. */
+COLD static int
+async_run_pass(AsyncRunObject *self, PyObject *pending)
+{
+    if (!PyCoro_CheckExact(pending)) {
+        PyAsyncMethods *as_async = Py_TYPE(pending)->tp_as_async;
+        PyObject *iterator = NULL;
+        if (as_async != NULL && as_async->am_await != NULL) {
+            iterator = as_async->am_await(pending);
+        }
+        else {
+            PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                         Py_TYPE(pending)->tp_name);
+        }
+        Py_DECREF(pending);
+        if (iterator == NULL) {
+            return -1;
+        }
+        pending = iterator;
+    }
+    self->inner = pending;
+    self->state = RUN_AFTER;
     return 0;
 }
 
@@ -169,6 +203,16 @@ async_run_failed(AsyncRunObject *self)
 static int
 async_run_start(AsyncRunObject *self)
 {
+    if (self->layer != NULL) {
+        PyObject *instead;
+        PyObject *plan = layer_decide(self->layer, self->call.argv, self->call.nargs,
+                                      self->call.kwnames, &instead);
+        if (UNLIKELY(plan == NULL)) {
+            return instead == NULL ? -1 : async_run_pass(self, instead);
+        }
+        self->plan = plan;
+        self->runner = (RunnerObject *)Py_NewRef(PyTuple_GET_ITEM(plan, 3));
+    }
     RunnerObject *runner = self->runner;
     int active = slot_true(&runner->active, runner->switches);
     if (UNLIKELY(active <= 0)) {
@@ -223,6 +267,8 @@ async_run_succeeded(AsyncRunObject *self, PyObject *result)
     return 0;
 }
 
+/* The run is over: like a finished coroutine's frame, it lets go of the call's arguments,
+ * its plan and what it awaited (fn stays: a Task's repr names it). */
 static void
 async_run_end(AsyncRunObject *self)
 {
@@ -230,10 +276,20 @@ async_run_end(AsyncRunObject *self)
     self->running = 0;
     Py_CLEAR(self->inner);
     Py_CLEAR(self->handled);
+    for (Py_ssize_t i = 0; i < Py_SIZE(self); i++) {
+        Py_CLEAR(self->items[i]);
+    }
+    Py_CLEAR(self->call.kwnames);
+    callargs_release(&self->call);
+    self->call.argv = NULL;
+    Py_CLEAR(self->plan);
+    Py_CLEAR(self->explain);
+    Py_CLEAR(self->layer);
 }
 
-/* Raise what throw(type[, value[, traceback]]) was given, as a coroutine's throw does. */
-COLD static void
+/* Raise what throw(type[, value[, traceback]]) was given, as a coroutine's throw does: 0.
+ * -1 with a TypeError set when the arguments are no exception to throw. */
+COLD static int
 raise_thrown(PyObject *thrown)
 {
     Py_ssize_t count = PyTuple_GET_SIZE(thrown);
@@ -245,7 +301,7 @@ raise_thrown(PyObject *thrown)
     }
     else if (!PyTraceBack_Check(traceback)) {
         PyErr_SetString(PyExc_TypeError, "throw() third argument must be a traceback object");
-        return;
+        return -1;
     }
     if (PyExceptionClass_Check(type)) {
         PyObject *t = Py_NewRef(type), *v = Py_NewRef(value), *tb = Py_XNewRef(traceback);
@@ -254,21 +310,98 @@ raise_thrown(PyObject *thrown)
             PyException_SetTraceback(v, tb);
         }
         PyErr_Restore(t, v, tb);
+        return 0;
     }
-    else if (PyExceptionInstance_Check(type)) {
+    if (PyExceptionInstance_Check(type)) {
         if (value != Py_None) {
             PyErr_SetString(PyExc_TypeError, "instance exception may not have a separate value");
-            return;
+            return -1;
         }
         PyObject *tb = traceback != NULL ? Py_NewRef(traceback) : PyException_GetTraceback(type);
         PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(type)), Py_NewRef(type), tb);
+        return 0;
     }
-    else {
-        PyErr_Format(PyExc_TypeError,
-                     "exceptions must be classes or instances deriving from BaseException, "
-                     "not %.200s",
-                     Py_TYPE(type)->tp_name);
+    PyErr_Format(PyExc_TypeError,
+                 "exceptions must be classes or instances deriving from BaseException, "
+                 "not %.200s",
+                 Py_TYPE(type)->tp_name);
+    return -1;
+}
+
+/* throw() was given GeneratorExit (a class or an instance): a coroutine closes what it
+ * awaits then, instead of throwing it in. */
+static int
+is_generator_exit(PyObject *thrown)
+{
+    PyObject *type = PyTuple_GET_ITEM(thrown, 0);
+    if (PyExceptionInstance_Check(type)) {
+        type = (PyObject *)Py_TYPE(type);
     }
+    return PyExceptionClass_Check(type) &&
+           PyObject_IsSubclass(type, PyExc_GeneratorExit) == 1;
+}
+
+/* inner.close(), if it has one; -1 with an error set. */
+static int
+close_inner(PyObject *inner)
+{
+    PyObject *method = PyObject_GetAttrString(inner, "close");
+    if (method == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *result = PyObject_CallNoArgs(method);
+    Py_DECREF(method);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+/* A throw came back out of recover: raised again where the closure's except clause holds
+ * the call's error, it takes that error as its __context__ (as _PyErr_ChainStackItem does
+ * when a coroutine re-raises what it passed on). */
+COLD static void
+chain_thrown(PyObject *handled)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Handled saved = handled_push(handled);
+    PyErr_SetObject(type, value); /* sets __context__, breaking any cycle */
+    handled_pop(saved);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+}
+
+/* A StopIteration out of the run's own steps (a clock, a callback) would end the await
+ * that drives it as if the run had returned: converted as a coroutine converts it. */
+COLD static void
+convert_stop_iteration(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyErr_SetString(PyExc_RuntimeError, "coroutine raised StopIteration");
+    PyObject *new_type, *new_value, *new_traceback;
+    PyErr_Fetch(&new_type, &new_value, &new_traceback);
+    PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
+    PyException_SetCause(new_value, Py_NewRef(value));
+    PyException_SetContext(new_value, value); /* steals value */
+    PyErr_Restore(new_type, new_value, new_traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
 }
 
 /* inner.throw(*thrown), as `await` passes a throw on to what it awaits. */
@@ -317,9 +450,10 @@ async_run_step(AsyncRunObject *self, PyObject *value, PyObject *thrown, PyObject
     }
     if (self->state == RUN_NEW) {
         if (UNLIKELY(thrown != NULL)) { /* raised where the coroutine would start */
-            raise_thrown(thrown);
-            async_run_end(self);
-            return PYGEN_ERROR;
+            if (raise_thrown(thrown) == 0) {
+                async_run_end(self);
+            }
+            return PYGEN_ERROR; /* arguments it refused leave it as it was */
         }
         if (UNLIKELY(value != Py_None)) {
             PyErr_SetString(PyExc_TypeError,
@@ -335,7 +469,14 @@ async_run_step(AsyncRunObject *self, PyObject *value, PyObject *thrown, PyObject
     for (;;) {
         PyObject *out = NULL;
         PySendResult status;
-        if (LIKELY(self->handled == NULL)) {
+        if (UNLIKELY(thrown != NULL && is_generator_exit(thrown))) {
+            /* as a coroutine: close what it awaits, then GeneratorExit is raised here */
+            status = PYGEN_ERROR;
+            if (close_inner(self->inner) == 0) {
+                raise_thrown(thrown);
+            }
+        }
+        else if (LIKELY(self->handled == NULL)) {
             status = LIKELY(thrown == NULL) ? PyIter_Send(self->inner, value, &out)
                                             : throw_into(self->inner, thrown, &out);
         }
@@ -344,6 +485,9 @@ async_run_step(AsyncRunObject *self, PyObject *value, PyObject *thrown, PyObject
             status = thrown == NULL ? PyIter_Send(self->inner, value, &out)
                                     : throw_into(self->inner, thrown, &out);
             handled_pop(saved);
+            if (status == PYGEN_ERROR && thrown != NULL) {
+                chain_thrown(self->handled);
+            }
         }
         if (status == PYGEN_NEXT) {
             self->running = 0;
@@ -368,10 +512,13 @@ async_run_step(AsyncRunObject *self, PyObject *value, PyObject *thrown, PyObject
         /* recovering: await recover's coroutine from its start */
     }
 failed:
-    async_run_end(self);
-    if (self->explain != NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
-        explain_error(self->explain, self->plan);
+    if (UNLIKELY(PyErr_ExceptionMatches(PyExc_StopIteration))) {
+        convert_stop_iteration();
     }
+    if (self->plan != NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+        explain_error(self->explain, self->plan); /* what the Layer's except clause does */
+    }
+    async_run_end(self);
     return PYGEN_ERROR;
 }
 
@@ -390,12 +537,20 @@ as_method_result(PySendResult status, PyObject *out)
         return out;
     }
     if (status == PYGEN_RETURN) {
-        PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, out); /* a tuple stays one */
-        Py_DECREF(out);
-        if (stop != NULL) {
-            PyErr_SetObject(PyExc_StopIteration, stop);
-            Py_DECREF(stop);
+        if (out == Py_None) {
+            PyErr_SetNone(PyExc_StopIteration);
         }
+        else if (!PyTuple_Check(out) && !PyExceptionInstance_Check(out)) {
+            PyErr_SetObject(PyExc_StopIteration, out); /* made into StopIteration(out) lazily */
+        }
+        else { /* a tuple or an exception is the one value, not the arguments */
+            PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, out);
+            if (stop != NULL) {
+                PyErr_SetObject(PyExc_StopIteration, stop);
+                Py_DECREF(stop);
+            }
+        }
+        Py_DECREF(out);
     }
     return NULL;
 }
@@ -410,6 +565,17 @@ async_run_iternext(AsyncRunObject *self)
         return NULL; /* StopIteration, said by returning NULL without an error */
     }
     return as_method_result(status, out);
+}
+
+/* `await run`: the run itself, unless another await is already driving it. */
+static PyObject *
+async_run_await(AsyncRunObject *self)
+{
+    if (UNLIKELY(self->inner != NULL && !self->running)) {
+        PyErr_SetString(PyExc_RuntimeError, "coroutine is being awaited already");
+        return NULL;
+    }
+    return Py_NewRef((PyObject *)self);
 }
 
 static PyObject *
@@ -442,27 +608,6 @@ async_run_throw(AsyncRunObject *self, PyObject *args)
     return as_method_result(status, out);
 }
 
-/* inner.close(), if it has one; -1 with an error set. */
-static int
-close_inner(PyObject *inner)
-{
-    PyObject *method = PyObject_GetAttrString(inner, "close");
-    if (method == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            return -1;
-        }
-        PyErr_Clear();
-        return 0;
-    }
-    PyObject *result = PyObject_CallNoArgs(method);
-    Py_DECREF(method);
-    if (result == NULL) {
-        return -1;
-    }
-    Py_DECREF(result);
-    return 0;
-}
-
 /* close(): what it awaits is closed; while that is the call, the breaker's permit is
  * released, as GeneratorExit at `await` reaches "except BaseException: release()". */
 static PyObject *
@@ -478,18 +623,11 @@ async_run_close(AsyncRunObject *self, PyObject *unused)
     if (inner != NULL) {
         self->running = 1;
         self->inner = NULL;
-        Handled saved = {0};
-        if (self->handled != NULL) {
-            saved = handled_push(self->handled);
-        }
-        status = close_inner(inner);
-        if (self->handled != NULL) {
-            handled_pop(saved);
-        }
+        status = close_inner(inner); /* as gen_close: the call's error is not pushed */
         Py_DECREF(inner);
     }
     async_run_end(self);
-    if (state == RUN_CALL && self->runner->breaker != Py_None) {
+    if (state == RUN_CALL && self->runner != NULL && self->runner->breaker != Py_None) {
         if (status < 0) {
             runner_release(self->runner); /* keeps the error, chaining release's to it */
         }
@@ -515,9 +653,9 @@ async_run_finalize(AsyncRunObject *self)
     if (self->state == RUN_NEW) {
         self->state = RUN_DONE;
         PyObject *name = PyObject_GetAttrString(self->fn, "__qualname__");
-        if (name == NULL) {
+        if (name == NULL || !PyUnicode_Check(name)) {
             PyErr_Clear();
-            name = PyObject_Repr(self->fn);
+            Py_XSETREF(name, PyObject_Repr(self->fn));
         }
         if (name == NULL ||
             PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "coroutine '%U' was never awaited",
@@ -540,6 +678,7 @@ static int
 async_run_traverse(AsyncRunObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->runner);
+    Py_VISIT(self->layer);
     Py_VISIT(self->fn);
     for (Py_ssize_t i = 0; i < Py_SIZE(self); i++) {
         Py_VISIT(self->items[i]);
@@ -559,6 +698,7 @@ static int
 async_run_clear(AsyncRunObject *self)
 {
     Py_CLEAR(self->runner);
+    Py_CLEAR(self->layer);
     Py_CLEAR(self->fn);
     for (Py_ssize_t i = 0; i < Py_SIZE(self); i++) {
         Py_CLEAR(self->items[i]);
@@ -596,6 +736,12 @@ async_run_get_await(AsyncRunObject *self, void *closure)
     return Py_NewRef(self->inner != NULL ? self->inner : Py_None);
 }
 
+static PyObject *
+async_run_get_name(AsyncRunObject *self, void *closure)
+{
+    return PyObject_GetAttrString(self->fn, closure == NULL ? "__name__" : "__qualname__");
+}
+
 static PyMethodDef async_run_methods[] = {
     {"send", (PyCFunction)async_run_send, METH_O,
      PyDoc_STR("send(value): as a coroutine's send; StopIteration carries the result.")},
@@ -609,11 +755,13 @@ static PyMethodDef async_run_methods[] = {
 static PyGetSetDef async_run_getset[] = {
     {"cr_running", (getter)async_run_get_running, NULL, "a step is running", NULL},
     {"cr_await", (getter)async_run_get_await, NULL, "what the run awaits, or None", NULL},
+    {"__name__", (getter)async_run_get_name, NULL, "the called function's", NULL},
+    {"__qualname__", (getter)async_run_get_name, NULL, "the called function's", "qualname"},
     {NULL},
 };
 
 static PyAsyncMethods async_run_as_async = {
-    .am_await = PyObject_SelfIter,
+    .am_await = (unaryfunc)async_run_await,
     .am_send = (sendfunc)async_run_am_send,
 };
 

@@ -326,6 +326,29 @@ miss:
     return plan;
 }
 
+/* An async site's call, when its run is first awaited: what the Python layer (an `async
+ * def`) decides at that moment. The plan to run it under, a new reference; or NULL with
+ * *instead set to what to await in its place (the original's coroutine when the layer is
+ * switched off, the Python layer's for every other case), or NULL with an error set. */
+HOT PyObject *
+layer_decide(PyObject *layer, PyObject *const *argv, Py_ssize_t nargs, PyObject *kwnames,
+             PyObject **instead)
+{
+    LayerObject *self = (LayerObject *)layer;
+    int go_on;
+    *instead = layer_head_gate((LayerHead *)self, argv, (size_t)nargs, kwnames, &go_on);
+    if (UNLIKELY(!go_on)) {
+        return NULL;
+    }
+    PyObject *plan = LIKELY(unsuppressed(self->context_var, self->suppress_keys))
+                         ? layer_remembered_plan(self, argv, nargs)
+                         : NULL;
+    if (UNLIKELY(plan == NULL)) {
+        *instead = layer_call_slow((LayerHead *)self, argv, (size_t)nargs, kwnames);
+    }
+    return plan;
+}
+
 HOT static PyObject *
 layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObject *kwnames)
 {
@@ -335,18 +358,15 @@ layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObje
         return routed;
     }
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (self->run_index == 3) { /* an async site: decided when first awaited (layer_decide) */
+        return async_run_from_layer((PyObject *)self, self->original, argv, nargs, kwnames,
+                                    self->explain);
+    }
     PyObject *plan = LIKELY(unsuppressed(self->context_var, self->suppress_keys))
                          ? layer_remembered_plan(self, argv, nargs)
                          : NULL;
     if (UNLIKELY(plan == NULL)) {
         return layer_call_slow((LayerHead *)self, argv, nargsf, kwnames);
-    }
-    if (self->run_index == 3) { /* an async site: the caller awaits the plan's run of it */
-        RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 3);
-        PyObject *run = async_run_from_vector(runner, self->original, argv, nargs, kwnames,
-                                              self->explain, plan);
-        Py_DECREF(plan);
-        return run;
     }
     CallArgs ca = {argv, nargs, kwnames, NULL, NULL, 0};
     RunnerObject *runner = (RunnerObject *)PyTuple_GET_ITEM(plan, 2);

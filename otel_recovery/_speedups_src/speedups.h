@@ -221,14 +221,18 @@ INTERNAL int runner_remember(RunnerObject *self, CallArgs *ca, PyObject *result,
                              Started *started);
 INTERNAL PyObject *runner_reject(RunnerObject *self, CallArgs *ca, Started *started);
 
-/* async_run.c: one awaited run of an async Runner, made from a Layer's vector (explain
- * and plan say why a failure was not retried, as a Layer does) or from Python's tuple and
- * dict. Neither steals. */
-INTERNAL PyObject *async_run_from_vector(RunnerObject *runner, PyObject *fn,
-                                         PyObject *const *argv, Py_ssize_t nargs,
-                                         PyObject *kwnames, PyObject *explain, PyObject *plan);
+/* async_run.c: one awaited run of an async Runner, made by a Layer (which decides when it
+ * is first awaited, layer_decide; explain says why a failure was not retried) from its
+ * vector, or by a Runner from Python's tuple and dict. Neither steals. */
+INTERNAL PyObject *async_run_from_layer(PyObject *layer, PyObject *fn, PyObject *const *argv,
+                                        Py_ssize_t nargs, PyObject *kwnames,
+                                        PyObject *explain);
 INTERNAL PyObject *async_run_from_tuple(RunnerObject *runner, PyObject *fn, PyObject *args,
                                         PyObject *kwargs);
+
+/* layer.c: what an async Layer's run decides when first awaited */
+INTERNAL PyObject *layer_decide(PyObject *layer, PyObject *const *argv, Py_ssize_t nargs,
+                                PyObject *kwnames, PyObject **instead);
 
 /* layer_head.c: "except Exception as error: explain(plan, error); raise" */
 INTERNAL PyObject *explain_error(PyObject *explain, PyObject *plan);
