@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("instrumentors.py")
 """What the parent runs again as a worker, a callgrind child or the HTTP server."""
 TARGETS = ("redis", "postgres", "http")
-ASYNC_TARGETS = ("redis_async", "postgres_async")
+ASYNC_TARGETS = ("redis_async", "postgres_async", "asyncpg")
 """Asked for by name (``--targets``): the same calls awaited, one event loop per client."""
 TARGET_LABELS = {
     "redis": "Redis GET",
@@ -37,6 +37,7 @@ TARGET_LABELS = {
     "http": "HTTP GET",
     "redis_async": "redis.asyncio GET",
     "postgres_async": "psycopg async SELECT 1",
+    "asyncpg": "asyncpg SELECT 1",
 }
 REDIS = ("127.0.0.1", 6379)
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -46,6 +47,7 @@ OURS = {
     "http": ("otel_recovery.instrumentors.requests", "RequestsRecoveryInstrumentor"),
     "redis_async": ("otel_recovery.instrumentors.redis", "RedisRecoveryInstrumentor"),
     "postgres_async": ("otel_recovery.instrumentors.psycopg", "PsycopgRecoveryInstrumentor"),
+    "asyncpg": ("otel_recovery.instrumentors.asyncpg", "AsyncPGRecoveryInstrumentor"),
 }
 BATCH_WARMUP = 20
 """Untimed calls before each batch: the new client's connection, and the mode's code paths."""
@@ -175,6 +177,7 @@ class Worker:
         metrics.set_meter_provider(meter_provider)
 
     def _instrument_contrib(self, targets: Sequence[str]) -> None:
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
         from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
         from opentelemetry.instrumentation.redis import RedisInstrumentor
         from opentelemetry.instrumentation.requests import RequestsInstrumentor
@@ -185,6 +188,7 @@ class Worker:
             "http": RequestsInstrumentor,
             "redis_async": RedisInstrumentor,
             "postgres_async": PsycopgInstrumentor,
+            "asyncpg": AsyncPGInstrumentor,
         }
         for kind in dict.fromkeys(contrib[target] for target in targets):  # each once
             kind().instrument()
@@ -283,6 +287,16 @@ class Worker:
                 loop.close()
 
             return (lambda: run(client.get(key))), close_redis
+        if target == "asyncpg":
+            import asyncpg
+
+            pg = run(asyncpg.connect(PG_DSN))
+
+            def close_asyncpg() -> None:
+                run(pg.close())
+                loop.close()
+
+            return (lambda: run(pg.fetchval("SELECT 1"))), close_asyncpg
         import psycopg
 
         connection = run(psycopg.AsyncConnection.connect(PG_DSN, autocommit=True))

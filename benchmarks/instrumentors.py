@@ -516,7 +516,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
-        help="redis,postgres,http (default); also redis_async,postgres_async",
+        help="redis,postgres,http (default); also redis_async,postgres_async,asyncpg",
     )
     parser.add_argument("--raw", type=Path, help="also write the per-round figures as JSON")
     parser.add_argument(
@@ -552,7 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds or (3 if args.quick else 40)
     calls = args.calls or (50 if args.quick else 200)
     warmup = 50 if args.quick else 300
-    servers = {"redis": REDIS, "postgres": PG, "redis_async": REDIS, "postgres_async": PG}
+    servers = {
+        "redis": REDIS,
+        "postgres": PG,
+        "redis_async": REDIS,
+        "postgres_async": PG,
+        "asyncpg": PG,
+    }
     missing = [t for t in targets if t in servers and not reachable(servers[t])]
     for target in missing:
         host, port = servers[target]

@@ -12,11 +12,11 @@ is counted is the caller, our layer and that function. It runs each target three
 - ``recovery``: instrumented, a plan remembered, the happy path;
 
 with the compiled happy path (``otel_recovery._speedups``) and, for comparison, with
-``OTEL_RECOVERY_NO_EXTENSIONS=true`` (the Python layers). ``redis_async`` and
-``postgres_async`` are ``redis.asyncio``'s ``execute_command`` and psycopg's
-``AsyncCursor.execute``, awaited in one event loop (compiled, the layer returns an
-``AsyncRun`` that the loop awaits instead of a coroutine). PostgreSQL's cursors need a real
-connection (``OTEL_RECOVERY_BENCH_PG``, default ``host=127.0.0.1 user=postgres dbname=test``);
+``OTEL_RECOVERY_NO_EXTENSIONS=true`` (the Python layers). ``redis_async``,
+``postgres_async`` and ``asyncpg`` are ``redis.asyncio``'s ``execute_command``, psycopg's
+``AsyncCursor.execute`` and asyncpg's ``Connection.fetchval``, awaited in one event loop
+(compiled, the layer returns an ``AsyncRun`` that the loop awaits instead of a coroutine).
+The PostgreSQL clients need a real connection (``OTEL_RECOVERY_BENCH_PG``, default ``host=127.0.0.1 user=postgres dbname=test``);
 nothing is sent on it. Counts come from callgrind at two call counts, so start-up cancels
 out (``benchmarks/_callgrind.py``).
 
@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
 from _callgrind import count_many, valgrind_version
 
-TARGETS = ("redis", "postgres", "http", "redis_async", "postgres_async")
+TARGETS = ("redis", "postgres", "http", "redis_async", "postgres_async", "asyncpg")
 MODES = ("bare", "idle", "recovery")
 LABELS = {
     "redis": "Redis GET",
@@ -48,8 +48,9 @@ LABELS = {
     "http": "requests GET",
     "redis_async": "redis.asyncio GET",
     "postgres_async": "psycopg async execute",
+    "asyncpg": "asyncpg fetchval",
 }
-ASYNC_TARGETS = {"redis_async", "postgres_async"}
+ASYNC_TARGETS = {"redis_async", "postgres_async", "asyncpg"}
 """Coroutine methods: awaited in an event loop."""
 CALLS = (2_000, 6_000)
 
@@ -91,6 +92,21 @@ def _postgres_async() -> object:
     connection = asyncio.run(psycopg.AsyncConnection.connect(dsn, autocommit=True))
     cursor = connection.cursor()  # nothing is sent on it: execute answers at once
     return lambda: cursor.execute("SELECT 1")
+
+
+def _asyncpg() -> object:
+    import asyncio
+
+    import asyncpg.connection
+
+    async def fetchval(self: object, query: object, *args: object, **options: object) -> object:
+        return 1
+
+    asyncpg.connection.Connection.fetchval = fetchval  # type: ignore[method-assign]
+    dsn = os.environ.get("OTEL_RECOVERY_BENCH_PG", "host=127.0.0.1 user=postgres dbname=test")
+    url = "postgresql://{user}@{host}/{dbname}".format(**dict(p.split("=") for p in dsn.split()))
+    connection = asyncio.run(asyncpg.connect(url))  # nothing is sent on it
+    return lambda: connection.fetchval("SELECT 1")
 
 
 def _batches(target: str, call: Any) -> Callable[[int], None]:
@@ -157,9 +173,11 @@ def child(target: str, mode: str, calls: int, timed: bool = False) -> None:
         "http": _http,
         "redis_async": _redis_async,
         "postgres_async": _postgres_async,
+        "asyncpg": _asyncpg,
     }
     call = factories[target]()
     if mode != "bare":
+        from otel_recovery.instrumentors.asyncpg import AsyncPGRecoveryInstrumentor
         from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
         from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
         from otel_recovery.instrumentors.requests import RequestsRecoveryInstrumentor
@@ -170,6 +188,7 @@ def child(target: str, mode: str, calls: int, timed: bool = False) -> None:
             "http": RequestsRecoveryInstrumentor,
             "redis_async": RedisRecoveryInstrumentor,
             "postgres_async": PsycopgRecoveryInstrumentor,
+            "asyncpg": AsyncPGRecoveryInstrumentor,
         }[target]
         instrumentor = kind()
         instrumentor.instrument()

@@ -562,3 +562,33 @@ def test_an_async_call_is_decided_when_first_awaited_as_an_async_def_layer_is():
     finally:
         loop.close()
         instrumentor.uninstrument()
+
+
+@pytest.mark.server
+def test_a_remembered_asyncpg_statement_runs_compiled_and_uninstrument_takes_its_plans():
+    """An asyncpg ``Connection`` has ``__slots__``: its plans are left on its class, keyed by
+    its address, one table per method; uninstrumenting deletes them."""
+    import asyncpg
+    from servers import PG_URL, require_postgres
+
+    from otel_recovery.instrumentors.asyncpg import AsyncPGRecoveryInstrumentor
+
+    require_postgres()
+    instrumentor = AsyncPGRecoveryInstrumentor()
+    instrumentor.instrument()
+    loop = asyncio.new_event_loop()
+    try:
+        connection = loop.run_until_complete(asyncpg.connect(PG_URL))
+        assert loop.run_until_complete(connection.fetchval("SELECT 1")) == 1
+        pending = connection.fetchval("SELECT 2")
+        assert type(pending) is SPEEDUPS.AsyncRun  # type: ignore[union-attr]
+        assert loop.run_until_complete(pending) == 2
+        fetched = ours_that_ran(lambda: loop.run_until_complete(connection.fetchval("SELECT 3")))
+        assert fetched == (3, set())
+        marks = [name for name in vars(type(connection)) if name.startswith("_otel_recovery")]
+        assert marks == ["_otel_recovery_plans_fetchval"]
+        loop.run_until_complete(connection.close())
+    finally:
+        instrumentor.uninstrument()
+        loop.close()
+    assert not [name for name in vars(asyncpg.Connection) if name.startswith("_otel_recovery")]

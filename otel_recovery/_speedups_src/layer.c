@@ -135,6 +135,7 @@ typedef struct {
     PyObject *holder_attr;
     PyObject *table_attr;
     Py_ssize_t key_index; /* >= 1: argument key_index; 0: the instance's type */
+    PyObject *key_attr;   /* NULL, or a str: the key is that attribute of the instance */
     PyObject *explain;
     Py_ssize_t run_index; /* the plan's runner: 2 (run) for a sync site, 3 (arun) when awaits */
     SlotReader seen;
@@ -303,8 +304,18 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
             goto miss;
         }
     }
-    PyObject *key = self->key_index ? argv[self->key_index] : (PyObject *)Py_TYPE(argv[0]);
+    PyObject *key;
+    if (self->key_attr != NULL) {
+        key = PyObject_GetAttr(argv[0], self->key_attr);
+        if (UNLIKELY(key == NULL)) {
+            goto miss;
+        }
+    }
+    else {
+        key = Py_NewRef(self->key_index ? argv[self->key_index] : (PyObject *)Py_TYPE(argv[0]));
+    }
     plan = PyDict_GetItemWithError(((PlanTableObject *)table)->plans, key); /* borrowed */
+    Py_DECREF(key);
     Py_ssize_t at = self->run_index;
     PyObject *runner = plan != NULL && PyTuple_Check(plan) && PyTuple_GET_SIZE(plan) > at
                            ? PyTuple_GET_ITEM(plan, at)
@@ -385,16 +396,21 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     static char *names[] = {"slow",   "original",    "patches",    "context_var",
                             "suppress_keys", "site", "owner", "attribute",
                             "token",  "holder_attr", "table_attr", "key_index",
-                            "explain", "awaits", NULL};
+                            "explain", "awaits", "key_attr", NULL};
     PyObject *slow, *original, *patches, *context_var, *suppress_keys, *site, *owner,
         *attribute, *token, *holder_attr, *table_attr, *explain;
     Py_ssize_t key_index;
     int awaits = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!OOOOUUnO|$p:Layer", names, &slow,
+    PyObject *key_attr = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!OOOOUUnO|$pO:Layer", names, &slow,
                                      &original, &patches, &context_var, &PyTuple_Type,
                                      &suppress_keys, &site, &owner, &attribute, &token,
                                      &holder_attr, &table_attr, &key_index, &explain,
-                                     &awaits)) {
+                                     &awaits, &key_attr)) {
+        return NULL;
+    }
+    if (key_attr != Py_None && !PyUnicode_Check(key_attr)) {
+        PyErr_SetString(PyExc_TypeError, "Layer key_attr must be None or a str");
         return NULL;
     }
     if (site != Py_None && (!PyType_Check(owner) || ((PyTypeObject *)owner)->tp_dict == NULL ||
@@ -425,6 +441,7 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->key_index = key_index;
     self->explain = Py_NewRef(explain);
     self->run_index = awaits ? 3 : 2;
+    self->key_attr = key_attr == Py_None ? NULL : Py_NewRef(key_attr);
     slot_reader_init(&self->seen, site, str_seen);
     self->vectorcall = (vectorcallfunc)layer_vectorcall;
     self->owner_tag = 0;
@@ -445,6 +462,7 @@ layer_traverse(LayerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->holder_attr);
     Py_VISIT(self->table_attr);
     Py_VISIT(self->explain);
+    Py_VISIT(self->key_attr);
     Py_VISIT(self->holder_ref);
     Py_VISIT(self->table);
     return layer_head_traverse((LayerHead *)self, visit, arg);
@@ -461,6 +479,7 @@ layer_clear(LayerObject *self)
     Py_CLEAR(self->holder_attr);
     Py_CLEAR(self->table_attr);
     Py_CLEAR(self->explain);
+    Py_CLEAR(self->key_attr);
     Py_CLEAR(self->holder_ref);
     Py_CLEAR(self->table);
     return 0;

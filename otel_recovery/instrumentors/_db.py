@@ -263,13 +263,15 @@ def compiled_layer(
     holder_attr: str,
     table_attr: str,
     key_index: int,
+    key_attr: str | None = None,
     awaits: bool = False,
 ) -> Callable[..., Any]:
     """``slow`` (a sync layer, or with ``awaits`` an async one) with its remembered happy
     path compiled (``_speedups.Layer``).
 
     The compiled layer finds the plan at ``getattr(getattr(args[0], holder_attr),
-    table_attr).plans[key]`` (key: ``args[key_index]``, or the instance's type for 0), a
+    table_attr).plans[key]`` (key: ``args[0].<key_attr>`` if given, else ``args[key_index]``,
+    or the instance's type for 0), a
     ``PlanTable`` that ``slow`` leaves there, valid while its token is ``site.seen`` (or
     ``token`` without a site) and its guard holds. Every other case, and every call while
     the extension is missing, runs ``slow``. Only where :func:`compiles`.
@@ -290,6 +292,7 @@ def compiled_layer(
         key_index=key_index,
         explain=explain_no_retry,
         awaits=awaits,
+        key_attr=key_attr,
     )
     return layer
 
@@ -304,6 +307,10 @@ class Route(NamedTuple):
     table_attr: str
     key_index: int
     token: object
+    site: Site | None = None
+    """With a site, the token is its ``seen`` (the wrapper chain above the layer)."""
+    key_attr: str | None = None
+    """Key the plans by this attribute of ``args[0]`` instead."""
 
 
 def sync_layer(
@@ -344,7 +351,7 @@ def sync_layer(
 
         if route is None or not compiles():
             return layer
-        return compiled_layer(layer, original, patches, site=None, **route._asdict())
+        return compiled_layer(layer, original, patches, **route._asdict())
 
     return build
 
@@ -380,7 +387,7 @@ def async_layer(
 
         if route is None or not compiles():
             return layer
-        return compiled_layer(layer, original, patches, site=None, **route._asdict(), awaits=True)
+        return compiled_layer(layer, original, patches, **route._asdict(), awaits=True)
 
     return build
 

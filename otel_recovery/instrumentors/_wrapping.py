@@ -129,12 +129,20 @@ def _wrapper_module(proxy: object) -> str:
 class PatchSet:
     """The wrappers one instrumentor installed; ``remove_all`` takes out exactly those."""
 
-    __slots__ = ("_installed", "enabled", "name")  # every layer reads ``enabled`` per call
+    __slots__ = ("_installed", "_marks", "enabled", "name")  # layers read ``enabled`` per call
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.enabled = False
         self._installed: list[_Installed] = []
+        self._marks: list[tuple[type, str]] = []
+
+    def mark(self, owner: type, name: str, value: object) -> None:
+        """Set ``owner.name`` (a class attribute of ours, such as the plans a compiled
+        layer reads there); :meth:`remove_all` deletes it again."""
+        setattr(owner, name, value)
+        if (owner, name) not in self._marks:
+            self._marks.append((owner, name))
 
     def wrap(
         self,
@@ -250,6 +258,10 @@ class PatchSet:
             except Exception as error:
                 report_internal_error(f"uninstrument {self.name}", error)
         self._installed.clear()
+        for owner, name in self._marks:
+            if name in vars(owner):
+                delattr(owner, name)
+        self._marks.clear()
 
     @staticmethod
     def _remove(item: _Installed) -> None:

@@ -19,6 +19,7 @@ and the breaker counts one outcome per acquire.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -29,14 +30,18 @@ import asyncpg.connection  # type: ignore[import-untyped]
 import asyncpg.pool  # type: ignore[import-untyped]
 import asyncpg.prepared_stmt  # type: ignore[import-untyped]
 
+from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._db import (
     Plan,
     PlanCache,
     PostgresInstrumentor,
+    Route,
     Site,
     async_layer,
+    compiles,
     instrumentation_enabled,
     pg_default_target,
+    retire_table,
     run_async,
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
@@ -112,14 +117,59 @@ class _Planner:
         host, port = _connection_target(connection)
         return self.plans.plan(host, port, None, site.span_mode(), "statement_may_have_run")
 
-    def statement_locator(self, site: Site, prepared: bool) -> Callable[[tuple[Any, ...]], Plan]:
+    def statement_locator(
+        self, site: Site, prepared: bool, patches: PatchSet
+    ) -> Callable[[tuple[Any, ...]], Plan]:
         """``locate(args)`` for a statement layer: ``args[0]`` is the connection, or a
-        prepared statement bound to one."""
+        prepared statement bound to one. A connection's plan is also left where the compiled
+        layer reads it (:meth:`route`)."""
+        shares = not prepared and compiles()
+        table_attr = _plans_attribute(site)
 
         def locate(args: tuple[Any, ...]) -> Plan:
-            return self.statement(site, args[0]._connection if prepared else args[0])
+            connection = args[0]._connection if prepared else args[0]
+            plan = self.statement(site, connection)
+            if shares:
+                _share(patches, site, table_attr, connection, plan)
+            return plan
 
         return locate
+
+    @staticmethod
+    def route(site: Site) -> Route:
+        """Where a compiled statement layer finds the plans :meth:`statement_locator` leaves:
+        on the connection's class (a ``Connection`` has ``__slots__``, no ``__dict__``), one
+        table per method and wrapper chain, keyed by the connection's ``_addr``."""
+        return Route(
+            holder_attr="__class__",
+            table_attr=_plans_attribute(site),
+            key_index=0,
+            token=None,
+            site=site,
+            key_attr="_addr",
+        )
+
+
+def _plans_attribute(site: Site) -> str:
+    return f"_otel_recovery_plans_{site.attribute}"
+
+
+def _share(patches: PatchSet, site: Site, table_attr: str, connection: Any, plan: Plan) -> None:
+    """Leave ``plan`` in the connection class's table for this site, keyed by the
+    connection's address; a table made under another wrapper chain is replaced (and
+    retired), and uninstrumenting deletes it (:meth:`PatchSet.mark`)."""
+    seen = site.seen  # statement() has just brought it up to date
+    owner = type(connection)
+    table = getattr(owner, table_attr, None)
+    if table is None or table.token is not seen or table.retired:
+        replaced = table
+        table = SPEEDUPS.PlanTable(seen, {})  # type: ignore[union-attr]
+        patches.mark(owner, table_attr, table)
+        retire_table(replaced)
+    plans = table.plans
+    if len(plans) < 64:
+        with contextlib.suppress(TypeError, AttributeError):  # no hashable address: Python
+            plans[connection._addr] = plan
 
 
 Kind = Literal["connect", "acquire", "statement", "prepared"]
@@ -178,6 +228,7 @@ class AsyncPGRecoveryInstrumentor(PostgresInstrumentor):
                 site.proxy = patches.wrap(owner, attribute, wrapper, beneath_contrib=True)
             else:  # per statement: a plain-function layer beneath contrib's span
                 where = f"asyncpg {owner.__name__}.{attribute}"
-                locate = planner.statement_locator(site, prepared=kind == "prepared")
-                build = async_layer(patches, where, locate)
+                locate = planner.statement_locator(site, kind == "prepared", patches)
+                route = planner.route(site) if kind == "statement" else None
+                build = async_layer(patches, where, locate, route)
                 site.proxy = patches.layer(owner, attribute, build, beneath_contrib=True)
