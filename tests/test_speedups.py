@@ -176,6 +176,7 @@ def test_the_package_behaves_the_same_without_the_extension():
         "tests/instrumentors/test_base.py",
         "tests/instrumentors/test_redis.py",
         "tests/instrumentors/test_psycopg.py",
+        "tests/instrumentors/test_asyncpg.py",
         "tests/instrumentors/test_requests.py",
     ]
     check = "from otel_recovery._compiled import SPEEDUPS; assert SPEEDUPS is None"
