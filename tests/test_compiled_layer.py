@@ -372,3 +372,49 @@ def test_a_release_that_fails_raises_chained_to_what_the_call_raised(monkeypatch
     with pytest.raises(RuntimeError, match="release failed") as raised:
         layer(Client(pool), "GET")
     assert isinstance(raised.value.__context__, _Interrupted)
+
+
+@pytest.mark.filterwarnings("ignore:coroutine 'sleep' was never awaited")
+def test_an_async_run_handed_back_to_the_original_awaits_it_as_await_would():
+    """A run made while its layer was on, first awaited after it was switched off, awaits
+    the original's result in its place: as ``await`` would, generator-based coroutines
+    included and a broken ``__await__`` refused."""
+    import asyncio
+    import types
+
+    @types.coroutine
+    def generator_based(client: Client, key: str) -> Any:
+        yield None
+        return key
+
+    class ReturnsACoroutine:
+        def __await__(self) -> Any:
+            return asyncio.sleep(0)  # a coroutine, not an iterator: await refuses it
+
+    class NotAnIterator:
+        def __await__(self) -> Any:
+            return 42
+
+    outcomes = []
+    for original in (
+        generator_based,
+        lambda client, key: ReturnsACoroutine(),
+        lambda client, key: NotAnIterator(),
+    ):
+        patches = SimpleNamespace(enabled=True)
+        layer = _layer(original=original, patches=patches, awaits=True)
+        pending = layer(Client(Pool()), "GET")
+        patches.enabled = False  # switched off between the call and its first await
+        try:
+            outcomes.append(asyncio.run(_awaited(pending)))
+        except TypeError as error:
+            outcomes.append(str(error))
+    assert outcomes == [
+        "GET",
+        "__await__() returned a coroutine",
+        "__await__() returned non-iterator of type 'int'",
+    ]
+
+
+async def _awaited(pending: Any) -> Any:
+    return await pending

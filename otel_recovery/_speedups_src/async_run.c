@@ -133,21 +133,61 @@ async_run_adopt(AsyncRunObject *self, PyObject *pending, int state)
     return 0;
 }
 
+/* A native coroutine, or a generator made one by types.coroutine: what `await` drives as
+ * it is. */
+static int
+is_coroutine(PyObject *candidate)
+{
+    if (PyCoro_CheckExact(candidate)) {
+        return 1;
+    }
+    if (!PyGen_CheckExact(candidate)) {
+        return 0;
+    }
+    PyObject *code = PyObject_GetAttrString(candidate, "gi_code");
+    int iterable = code != NULL && PyCode_Check(code) &&
+                   (((PyCodeObject *)code)->co_flags & CO_ITERABLE_COROUTINE);
+    Py_XDECREF(code);
+    PyErr_Clear();
+    return iterable;
+}
+
+/* What `await awaitable` iterates, checked as CPython checks it (_PyCoro_GetAwaitableIter);
+ * NULL with a TypeError when it cannot be awaited. */
+static PyObject *
+await_iterator(PyObject *awaitable)
+{
+    PyAsyncMethods *as_async = Py_TYPE(awaitable)->tp_as_async;
+    if (as_async == NULL || as_async->am_await == NULL) {
+        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                     Py_TYPE(awaitable)->tp_name);
+        return NULL;
+    }
+    PyObject *iterator = as_async->am_await(awaitable);
+    if (iterator == NULL) {
+        return NULL;
+    }
+    if (is_coroutine(iterator)) {
+        PyErr_SetString(PyExc_TypeError, "__await__() returned a coroutine");
+        Py_DECREF(iterator);
+        return NULL;
+    }
+    if (!PyIter_Check(iterator)) {
+        PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
+                     Py_TYPE(iterator)->tp_name);
+        Py_DECREF(iterator);
+        return NULL;
+    }
+    return iterator;
+}
+
 /* Await `pending` (stolen) in place of the run, as `await pending` would: what a Layer's run
  * decided was not its to run (layer_decide). -1 with an error set. */
 COLD static int
 async_run_pass(AsyncRunObject *self, PyObject *pending)
 {
-    if (!PyCoro_CheckExact(pending)) {
-        PyAsyncMethods *as_async = Py_TYPE(pending)->tp_as_async;
-        PyObject *iterator = NULL;
-        if (as_async != NULL && as_async->am_await != NULL) {
-            iterator = as_async->am_await(pending);
-        }
-        else {
-            PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
-                         Py_TYPE(pending)->tp_name);
-        }
+    if (!is_coroutine(pending)) {
+        PyObject *iterator = await_iterator(pending);
         Py_DECREF(pending);
         if (iterator == NULL) {
             return -1;

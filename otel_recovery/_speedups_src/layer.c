@@ -314,18 +314,16 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
     else {
         key = Py_NewRef(self->key_index ? argv[self->key_index] : (PyObject *)Py_TYPE(argv[0]));
     }
-    plan = PyDict_GetItemWithError(((PlanTableObject *)table)->plans, key); /* borrowed */
+    plan = PyDict_GetItemWithError(((PlanTableObject *)table)->plans, key);
+    Py_XINCREF(plan); /* before the key goes: dropping it may run code that changes the dict */
     Py_DECREF(key);
     Py_ssize_t at = self->run_index;
     PyObject *runner = plan != NULL && PyTuple_Check(plan) && PyTuple_GET_SIZE(plan) > at
                            ? PyTuple_GET_ITEM(plan, at)
                            : NULL;
-    if (LIKELY(runner != NULL && Py_TYPE(runner) == &RunnerType &&
-               (((RunnerObject *)runner)->resolve != Py_None) == (at == 3))) {
-        Py_INCREF(plan);
-    }
-    else {
-        plan = NULL;
+    if (UNLIKELY(runner == NULL || Py_TYPE(runner) != &RunnerType ||
+                 (((RunnerObject *)runner)->resolve != Py_None) != (at == 3))) {
+        Py_CLEAR(plan);
     }
 miss:
     if (UNLIKELY(PyErr_Occurred())) {

@@ -128,10 +128,15 @@ class Site:
 
     def span_mode(self) -> SpanMode:
         """``current`` when contrib's wrapper (and so contrib's span) is above ours."""
+        return self.current()[1]
+
+    def current(self) -> tuple[Any, SpanMode]:
+        """``seen``, brought up to date: one snapshot for a span mode and what a plan
+        table made under it is valid for."""
         seen = self.seen
         if self.namespace.get(self.attribute) is not seen[0]:
             seen = self.refresh()
-        return seen[1]
+        return seen
 
     def refresh(self) -> tuple[Any, SpanMode]:
         """Walk the wrapper chain above our layer again; returns the new ``seen``."""

@@ -139,7 +139,10 @@ class PatchSet:
 
     def mark(self, owner: type, name: str, value: object) -> None:
         """Set ``owner.name`` (a class attribute of ours, such as the plans a compiled
-        layer reads there); :meth:`remove_all` deletes it again."""
+        layer reads there); :meth:`remove_all` deletes it again. Not once this set is
+        disabled: a call still in flight when it was removed must leave nothing behind."""
+        if not self.enabled:
+            return
         setattr(owner, name, value)
         if (owner, name) not in self._marks:
             self._marks.append((owner, name))
@@ -259,8 +262,11 @@ class PatchSet:
                 report_internal_error(f"uninstrument {self.name}", error)
         self._installed.clear()
         for owner, name in self._marks:
-            if name in vars(owner):
-                delattr(owner, name)
+            try:
+                if name in vars(owner):
+                    delattr(owner, name)
+            except Exception as error:
+                report_internal_error(f"uninstrument {self.name}", error)
         self._marks.clear()
 
     @staticmethod

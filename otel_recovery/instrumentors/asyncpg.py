@@ -37,6 +37,7 @@ from otel_recovery.instrumentors._db import (
     PostgresInstrumentor,
     Route,
     Site,
+    SpanMode,
     async_layer,
     compiles,
     instrumentation_enabled,
@@ -113,9 +114,10 @@ class _Planner:
         host, port = known[1]
         return self.plans.plan(host, port, "acquire", "own", self.connect_rule)
 
-    def statement(self, site: Site, connection: Any) -> Plan:
+    def statement(self, site: Site, connection: Any, mode: SpanMode | None = None) -> Plan:
         host, port = _connection_target(connection)
-        return self.plans.plan(host, port, None, site.span_mode(), "statement_may_have_run")
+        mode = site.span_mode() if mode is None else mode
+        return self.plans.plan(host, port, None, mode, "statement_may_have_run")
 
     def statement_locator(
         self, site: Site, prepared: bool, patches: PatchSet
@@ -125,12 +127,17 @@ class _Planner:
         layer reads it (:meth:`route`)."""
         shares = not prepared and compiles()
         table_attr = _plans_attribute(site)
+        where = f"asyncpg {site.owner.__name__}.{site.attribute} plans"
 
         def locate(args: tuple[Any, ...]) -> Plan:
-            connection = args[0]._connection if prepared else args[0]
-            plan = self.statement(site, connection)
-            if shares:
-                _share(patches, site, table_attr, connection, plan)
+            if not shares:
+                return self.statement(site, args[0]._connection if prepared else args[0])
+            seen = site.current()  # one snapshot: the plan's span mode and the table's token
+            plan = self.statement(site, args[0], seen[1])
+            try:
+                _share(patches, seen, table_attr, args[0], plan)
+            except Exception as error:  # a cache write: the call goes on, planned in Python
+                report_internal_error(where, error)
             return plan
 
         return locate
@@ -154,11 +161,12 @@ def _plans_attribute(site: Site) -> str:
     return f"_otel_recovery_plans_{site.attribute}"
 
 
-def _share(patches: PatchSet, site: Site, table_attr: str, connection: Any, plan: Plan) -> None:
-    """Leave ``plan`` in the connection class's table for this site, keyed by the
-    connection's address; a table made under another wrapper chain is replaced (and
-    retired), and uninstrumenting deletes it (:meth:`PatchSet.mark`)."""
-    seen = site.seen  # statement() has just brought it up to date
+def _share(
+    patches: PatchSet, seen: tuple[Any, Any], table_attr: str, connection: Any, plan: Plan
+) -> None:
+    """Leave ``plan`` (made under ``seen``) in the connection class's table for its site,
+    keyed by the connection's address; a table made under another wrapper chain is replaced
+    (and retired), and uninstrumenting deletes it (:meth:`PatchSet.mark`)."""
     owner = type(connection)
     table = getattr(owner, table_attr, None)
     if table is None or table.token is not seen or table.retired:
