@@ -212,14 +212,7 @@ async_run_failed(AsyncRunObject *self)
         }
         return -1;
     }
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (traceback != NULL) {
-        PyException_SetTraceback(value, traceback);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
+    PyObject *value = fetch_error();
     self->handled = value; /* what the except clause around `await recover(...)` holds */
     Handled saved = handled_push(value);
     int status = -1;
@@ -408,18 +401,11 @@ close_inner(PyObject *inner)
 COLD static void
 chain_thrown(PyObject *handled)
 {
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (traceback != NULL) {
-        PyException_SetTraceback(value, traceback);
-    }
+    PyObject *value = fetch_error();
     Handled saved = handled_push(handled);
-    PyErr_SetObject(type, value); /* sets __context__, breaking any cycle */
+    PyErr_SetObject((PyObject *)Py_TYPE(value), value); /* sets __context__, breaking cycles */
     handled_pop(saved);
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(traceback);
+    Py_DECREF(value);
 }
 
 /* A StopIteration out of the run's own steps (a clock, a callback) would end the await
@@ -427,21 +413,12 @@ chain_thrown(PyObject *handled)
 COLD static void
 convert_stop_iteration(void)
 {
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (traceback != NULL) {
-        PyException_SetTraceback(value, traceback);
-    }
+    PyObject *stop = fetch_error();
     PyErr_SetString(PyExc_RuntimeError, "coroutine raised StopIteration");
-    PyObject *new_type, *new_value, *new_traceback;
-    PyErr_Fetch(&new_type, &new_value, &new_traceback);
-    PyErr_NormalizeException(&new_type, &new_value, &new_traceback);
-    PyException_SetCause(new_value, Py_NewRef(value));
-    PyException_SetContext(new_value, value); /* steals value */
-    PyErr_Restore(new_type, new_value, new_traceback);
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
+    PyObject *error = fetch_error();
+    PyException_SetCause(error, Py_NewRef(stop));
+    PyException_SetContext(error, stop); /* steals stop */
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(error)), error, PyException_GetTraceback(error));
 }
 
 /* inner.throw(*thrown), as `await` passes a throw on to what it awaits. */
@@ -464,13 +441,9 @@ throw_into(PyObject *inner, PyObject *thrown, PyObject **presult)
     if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
         return PYGEN_ERROR;
     }
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    *presult = Py_NewRef(((PyStopIterationObject *)value)->value);
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(traceback);
+    PyObject *stop = fetch_error();
+    *presult = Py_NewRef(((PyStopIterationObject *)stop)->value);
+    Py_DECREF(stop);
     return PYGEN_RETURN;
 }
 

@@ -161,21 +161,6 @@ http_settle(HttpLayerObject *self, PyObject *outcomes, int raised, PyObject *val
     return result;
 }
 
-/* The pending error, normalized with its traceback; a new reference. */
-COLD static PyObject *
-fetch_error(void)
-{
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (traceback != NULL) {
-        PyException_SetTraceback(value, traceback);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
-    return value;
-}
-
 /* "The runner raised" at the point where the pending error arose: settle(raised=True). */
 COLD static PyObject *
 http_settle_pending(HttpLayerObject *self, PyObject *outcome, CallArgs *ca)

@@ -335,6 +335,16 @@ miss:
     return plan;
 }
 
+/* The remembered plan for this call, a new reference, when nothing suppresses
+ * instrumentation; NULL (no error set) when the Python layer has to decide. */
+HOT static inline PyObject *
+layer_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs)
+{
+    return LIKELY(unsuppressed(self->context_var, self->suppress_keys))
+               ? layer_remembered_plan(self, argv, nargs)
+               : NULL;
+}
+
 /* An async site's call, when its run is first awaited: what the Python layer (an `async
  * def`) decides at that moment. The plan to run it under, a new reference; or NULL with
  * *instead set to what to await in its place (the original's coroutine when the layer is
@@ -349,9 +359,7 @@ layer_decide(PyObject *layer, PyObject *const *argv, Py_ssize_t nargs, PyObject 
     if (UNLIKELY(!go_on)) {
         return NULL;
     }
-    PyObject *plan = LIKELY(unsuppressed(self->context_var, self->suppress_keys))
-                         ? layer_remembered_plan(self, argv, nargs)
-                         : NULL;
+    PyObject *plan = layer_plan(self, argv, nargs);
     if (UNLIKELY(plan == NULL)) {
         *instead = layer_call_slow((LayerHead *)self, argv, (size_t)nargs, kwnames);
     }
@@ -371,9 +379,7 @@ layer_vectorcall(LayerObject *self, PyObject *const *argv, size_t nargsf, PyObje
         return async_run_from_layer((PyObject *)self, self->original, argv, nargs, kwnames,
                                     self->explain);
     }
-    PyObject *plan = LIKELY(unsuppressed(self->context_var, self->suppress_keys))
-                         ? layer_remembered_plan(self, argv, nargs)
-                         : NULL;
+    PyObject *plan = layer_plan(self, argv, nargs);
     if (UNLIKELY(plan == NULL)) {
         return layer_call_slow((LayerHead *)self, argv, nargsf, kwnames);
     }

@@ -133,6 +133,7 @@ INTERNAL PyObject *call_vector(PyObject *fn, CallArgs *ca);
 INTERNAL PyObject *call_with_tuple(PyObject *fn, CallArgs *ca);
 INTERNAL int callargs_materialize(CallArgs *ca);
 INTERNAL void callargs_release(CallArgs *ca);
+INTERNAL PyObject *fetch_error(void);
 INTERNAL Handled handled_push(PyObject *value);
 INTERNAL void handled_pop(Handled previous);
 INTERNAL void chain_to_handled(PyObject *type, PyObject *value, PyObject *traceback);

@@ -40,6 +40,21 @@ call_with_tuple(PyObject *fn, CallArgs *ca)
     return result;
 }
 
+/* The pending error, normalized with its traceback; a new reference. */
+COLD PyObject *
+fetch_error(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
 COLD Handled
 handled_push(PyObject *value)
 {
