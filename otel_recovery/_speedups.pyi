@@ -105,7 +105,7 @@ class HttpLayer:
         patches: Any,
         context_var: Any,
         suppress_keys: tuple[object, ...],
-        shapes: dict[Any, Any],
+        by_url: dict[Any, tuple[Any, ...]],
         plan_type: type,
         body_names: tuple[str, ...],
         status_attribute: str,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from frames import ours_that_ran
+from frames import ours_that_ran, ours_that_ran_steadily
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from runner_cases import (
@@ -501,7 +501,9 @@ def test_remembered_async_redis_and_psycopg_calls_run_no_python_of_ours():
         pending = client.get("otel-recovery:async")
         assert type(pending) is SPEEDUPS.AsyncRun  # type: ignore[union-attr]
         assert loop.run_until_complete(pending) == b"v"
-        fetched = ours_that_ran(lambda: loop.run_until_complete(client.get("otel-recovery:async")))
+        fetched = ours_that_ran_steadily(
+            lambda: loop.run_until_complete(client.get("otel-recovery:async"))
+        )
         assert fetched == (b"v", set())
 
         async def many() -> None:
@@ -522,7 +524,8 @@ def test_remembered_async_redis_and_psycopg_calls_run_no_python_of_ours():
         assert type(pending) is SPEEDUPS.AsyncRun  # type: ignore[union-attr]
         assert loop.run_until_complete(pending) is cursor
         assert (
-            ours_that_ran(lambda: loop.run_until_complete(cursor.execute("SELECT 3")))[1] == set()
+            ours_that_ran_steadily(lambda: loop.run_until_complete(cursor.execute("SELECT 3")))[1]
+            == set()
         )
         assert loop.run_until_complete(cursor.fetchone()) == (3,)
         loop.run_until_complete(connection.close())
@@ -555,9 +558,12 @@ def test_an_async_call_is_decided_when_first_awaited_as_an_async_def_layer_is():
             ran = ours_that_ran(lambda: loop.run_until_complete(pending))[1]
         assert "layer" in ran  # handed to the Python layer, which passes suppressed calls on
 
-        with suppress_instrumentation():  # made inside, awaited outside: ours, compiled
-            pending = client.get("otel-recovery:decided")
-        assert ours_that_ran(lambda: loop.run_until_complete(pending))[1] == set()
+        def made_suppressed() -> Any:
+            with suppress_instrumentation():  # made inside, awaited outside: ours, compiled
+                return client.get("otel-recovery:decided")
+
+        awaited = ours_that_ran_steadily(lambda: loop.run_until_complete(made_suppressed()))
+        assert awaited[1] == set()
         loop.run_until_complete(client.aclose())
     finally:
         loop.close()
@@ -583,7 +589,9 @@ def test_a_remembered_asyncpg_statement_runs_compiled_and_uninstrument_takes_its
         pending = connection.fetchval("SELECT 2")
         assert type(pending) is SPEEDUPS.AsyncRun  # type: ignore[union-attr]
         assert loop.run_until_complete(pending) == 2
-        fetched = ours_that_ran(lambda: loop.run_until_complete(connection.fetchval("SELECT 3")))
+        fetched = ours_that_ran_steadily(
+            lambda: loop.run_until_complete(connection.fetchval("SELECT 3"))
+        )
         assert fetched == (3, set())
         marks = [name for name in vars(type(connection)) if name.startswith("_otel_recovery")]
         assert marks == ["_otel_recovery_plans_fetchval"]

@@ -4,15 +4,21 @@
 /* ------------------------------------------------------------------------------------ */
 /* HttpLayer: Session.request-like sites, (self, method, url, **options) or (self, **options)
  * with method= and url=. The remembered happy path is the first attempt of a request whose
- * plan is remembered under (method, url), that
+ * plan is remembered under its URL and method, that
  * the breaker and budget admit lock-free and that gets a response with a status not to
  * retry on. A first attempt that fails hands its outcome to the site's Python `resume`,
  * which goes on exactly as the Python layer would after that attempt; a request that does
  * not qualify before anything happened runs the Python layer (`slow`) whole. */
 
+/* The statuses to retry on as a bitmap, for the configured sets (exact ints, 100..611): a
+ * bit test instead of a set lookup, whose hashing code and table are cold between two
+ * requests. One cache line. */
+#define STATUS_BASE 100
+#define STATUS_WORDS 8
+
 typedef struct {
     LAYER_HEAD
-    PyObject *shapes;           /* dict: (method, url) -> plan */
+    PyObject *by_url;           /* dict: url -> (method, plan, method, plan, ...) */
     PyObject *plan_type;        /* the plans' class: run and statuses are read from slots */
     PyObject *body_names;       /* tuple of str: options that send a body unless None */
     PyObject *status_attribute; /* str */
@@ -22,6 +28,9 @@ typedef struct {
     PyObject *settle;           /* settle(outcomes, raised, value, args, kwargs) */
     SlotReader run, statuses;
     vectorcallfunc vectorcall;
+    PyObject *status_set; /* the frozenset status_bits describe, or NULL */
+    int status_bits_whole; /* every member of status_set is in status_bits */
+    uint64_t status_bits[STATUS_WORDS];
 } HttpLayerObject;
 
 /* Two keyword names are the same str. Names in code are interned, so two interned names
@@ -72,26 +81,117 @@ keyword(PyObject *const *values, PyObject *kwnames, PyObject *name)
     return Py_None;
 }
 
-/* The plan remembered for the request's (method, url), a new reference; NULL (no error
- * set) if none. session.get(url) passes them positionally, requests.get(url) by name. */
+/* A method the plan was remembered for (`stored`) is the request's (`given`): 1, 0, or -1
+ * with an error set. Methods are nearly always the same interned str. */
+HOT static int
+same_method(PyObject *stored, PyObject *given)
+{
+    if (LIKELY(stored == given)) {
+        return 1;
+    }
+    if (PyUnicode_CheckExact(stored) && PyUnicode_CheckExact(given)) {
+        return same_name(given, stored);
+    }
+    return PyObject_RichCompareBool(stored, given, Py_EQ);
+}
+
+/* The plan remembered for the request's URL and method, a new reference; NULL (no error
+ * set) if none. session.get(url) passes them positionally, requests.get(url) by name.
+ * Why the URL first and not a (method, url) key: the URL's hash is cached in the str, and
+ * the methods under it are a short tuple compared by identity, where a key tuple costs an
+ * allocation, its hash and an element-wise comparison on every request. */
 HOT static PyObject *
 http_remembered_plan(HttpLayerObject *self, PyObject *const *argv, Py_ssize_t nargs,
                      PyObject *kwnames)
 {
-    PyObject *shape = nargs == 3 ? PyTuple_Pack(2, argv[1], argv[2])
-                                 : PyTuple_Pack(2, keyword(argv + 1, kwnames, str_method),
-                                                keyword(argv + 1, kwnames, str_url));
-    if (shape == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
-    PyObject *plan = PyDict_GetItemWithError(self->shapes, shape); /* borrowed */
-    Py_DECREF(shape);
-    if (plan == NULL || (PyObject *)Py_TYPE(plan) != self->plan_type) {
+    PyObject *method = nargs == 3 ? argv[1] : keyword(argv + 1, kwnames, str_method);
+    PyObject *url = nargs == 3 ? argv[2] : keyword(argv + 1, kwnames, str_url);
+    PyObject *entry = PyDict_GetItemWithError(self->by_url, url); /* borrowed */
+    if (entry == NULL || !PyTuple_CheckExact(entry)) {
         PyErr_Clear(); /* an unhashable URL: Python reports it the same way */
         return NULL;
     }
-    return Py_NewRef(plan);
+    Py_INCREF(entry); /* a comparison of odd methods may run code that replaces it */
+    PyObject *plan = NULL;
+    for (Py_ssize_t i = 0; i + 1 < PyTuple_GET_SIZE(entry); i += 2) {
+        int same = same_method(PyTuple_GET_ITEM(entry, i), method);
+        if (same != 0) {
+            plan = same > 0 ? PyTuple_GET_ITEM(entry, i + 1) : NULL;
+            break;
+        }
+    }
+    if (plan != NULL && (PyObject *)Py_TYPE(plan) == self->plan_type) {
+        Py_INCREF(plan);
+    }
+    else {
+        plan = NULL;
+        PyErr_Clear();
+    }
+    Py_DECREF(entry);
+    return plan;
+}
+
+/* Make status_bits describe `statuses`; what status_bits_for answers. Only a frozenset is
+ * remembered (a set can change under us); one with a member that is not an exact int in
+ * range keeps the set lookup for every status that is not an exact int, and answers "not
+ * in it" for none. */
+COLD static int
+status_bits_make(HttpLayerObject *self, PyObject *statuses)
+{
+    if (!PyFrozenSet_CheckExact(statuses)) {
+        return 0;
+    }
+    PyObject *iterator = PyObject_GetIter(statuses);
+    if (iterator == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    uint64_t bits[STATUS_WORDS] = {0};
+    int whole = 1;
+    PyObject *item;
+    while ((item = PyIter_Next(iterator)) != NULL) {
+        long status = PyLong_CheckExact(item) ? PyLong_AsLong(item) : -1;
+        if (status < STATUS_BASE || status >= STATUS_BASE + 64 * STATUS_WORDS) {
+            whole = 0;
+        }
+        else {
+            long bit = status - STATUS_BASE;
+            bits[bit / 64] |= (uint64_t)1 << (bit % 64);
+        }
+        Py_DECREF(item);
+    }
+    Py_DECREF(iterator);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_XSETREF(self->status_set, Py_NewRef(statuses));
+    self->status_bits_whole = whole;
+    memcpy(self->status_bits, bits, sizeof(bits));
+    return whole;
+}
+
+/* 1: status_bits answer for every exact int status of `statuses`; 0: look statuses up. */
+HOT static inline int
+status_bits_for(HttpLayerObject *self, PyObject *statuses)
+{
+    if (LIKELY(statuses == self->status_set)) {
+        return self->status_bits_whole;
+    }
+    return status_bits_make(self, statuses);
+}
+
+/* `status` (an exact int) is in the set status_bits describe whole. */
+HOT static inline int
+status_bit(HttpLayerObject *self, PyObject *status)
+{
+    long value = PyLong_AsLong(status);
+    if (value < STATUS_BASE || value >= STATUS_BASE + 64 * STATUS_WORDS) {
+        PyErr_Clear(); /* an int too large for a long is not in the set either */
+        return 0;
+    }
+    long bit = value - STATUS_BASE;
+    return (int)((self->status_bits[bit / 64] >> (bit % 64)) & 1);
 }
 
 /* The response's status is one to retry on; a status that cannot be judged is reported
@@ -107,7 +207,9 @@ http_failed(HttpLayerObject *self, PyObject *response, PyObject *statuses)
         PyErr_Clear();
         status = Py_NewRef(Py_None);
     }
-    int failed = PySet_Contains(statuses, status);
+    int failed = PyLong_CheckExact(status) && status_bits_for(self, statuses)
+                     ? status_bit(self, status)
+                     : PySet_Contains(statuses, status);
     Py_DECREF(status);
     if (failed >= 0) {
         return failed;
@@ -335,14 +437,14 @@ static PyObject *
 http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"slow",       "original",   "patches",          "context_var",
-                            "suppress_keys", "shapes",  "plan_type",        "body_names",
+                            "suppress_keys", "by_url",  "plan_type",        "body_names",
                             "status_attribute", "signal", "unreadable",     "resume",
                             "settle", NULL};
-    PyObject *slow, *original, *patches, *context_var, *suppress_keys, *shapes, *plan_type,
+    PyObject *slow, *original, *patches, *context_var, *suppress_keys, *by_url, *plan_type,
         *body_names, *status_attribute, *signal, *unreadable, *resume, *settle;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!O!O!O!UOOOO:HttpLayer", names, &slow,
                                      &original, &patches, &context_var, &PyTuple_Type,
-                                     &suppress_keys, &PyDict_Type, &shapes, &PyType_Type,
+                                     &suppress_keys, &PyDict_Type, &by_url, &PyType_Type,
                                      &plan_type, &PyTuple_Type, &body_names, &status_attribute,
                                      &signal, &unreadable, &resume, &settle)) {
         return NULL;
@@ -362,7 +464,7 @@ http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         PyObject_GC_Del(self);
         return NULL;
     }
-    self->shapes = Py_NewRef(shapes);
+    self->by_url = Py_NewRef(by_url);
     self->plan_type = Py_NewRef(plan_type);
     self->body_names = Py_NewRef(body_names);
     self->status_attribute = Py_NewRef(status_attribute);
@@ -373,6 +475,9 @@ http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     slot_reader_for_type(&self->run, (PyTypeObject *)plan_type, str_run);
     slot_reader_for_type(&self->statuses, (PyTypeObject *)plan_type, str_statuses);
     self->vectorcall = (vectorcallfunc)http_vectorcall;
+    self->status_set = NULL;
+    self->status_bits_whole = 0;
+    memset(self->status_bits, 0, sizeof(self->status_bits));
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -380,7 +485,8 @@ http_layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static int
 http_layer_traverse(HttpLayerObject *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->shapes);
+    Py_VISIT(self->by_url);
+    Py_VISIT(self->status_set);
     Py_VISIT(self->plan_type);
     Py_VISIT(self->body_names);
     Py_VISIT(self->status_attribute);
@@ -395,7 +501,8 @@ static int
 http_layer_clear(HttpLayerObject *self)
 {
     layer_head_clear((LayerHead *)self);
-    Py_CLEAR(self->shapes);
+    Py_CLEAR(self->by_url);
+    Py_CLEAR(self->status_set);
     Py_CLEAR(self->plan_type);
     Py_CLEAR(self->body_names);
     Py_CLEAR(self->status_attribute);

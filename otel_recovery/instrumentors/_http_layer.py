@@ -72,17 +72,23 @@ class HttpPlans:
     """One instrumentor's plans, by request shape, so a request like an earlier one costs
     one dictionary lookup.
 
-    ``shapes`` maps a library's raw description of a request (for ``requests``, the method
-    and URL as the caller passed them) to its plan; the library's planner reads it inline
-    and fills it with :meth:`remember`. Only plans that hold for every request of that
-    shape are remembered: the body must be known replayable and the headers irrelevant.
-    Both dictionaries are bounded (a client calling URLs with ids in them must not grow
-    memory): past ``limit`` entries they start over.
+    ``shapes`` maps a library's raw description of a request (for httpx, the method and
+    the parsed URL) to its plan; the library's planner reads it inline and fills it with
+    :meth:`remember`. ``by_url`` is the same for a ``(method, url)`` description, keyed by
+    the URL first (:meth:`recall`, :meth:`remember_by_url`): what the compiled layer reads
+    for ``requests`` (see :class:`CompiledShapes`). Only plans that hold for every request
+    of that shape are remembered: the body must be known replayable and the headers
+    irrelevant. The dictionaries are bounded (a client calling URLs with ids in them must
+    not grow memory): past ``limit`` entries they start over.
     """
+
+    METHODS_PER_URL = 8
+    """Methods remembered under one URL; past that the oldest goes."""
 
     def __init__(self, targets: TargetPolicies, limit: int = 1024) -> None:
         self.targets = targets
         self.shapes: dict[Any, HttpPlan] = {}
+        self.by_url: dict[Any, tuple[Any, ...]] = {}
         self._compiled: dict[HttpCall, HttpPlan] = {}
         self._limit = limit
         self._lock = threading.Lock()
@@ -105,6 +111,35 @@ class HttpPlans:
                 if len(self.shapes) >= self._limit:
                     self.shapes.clear()
                 self.shapes[shape] = plan
+        return plan
+
+    def recall(self, url: Any, method: Any) -> HttpPlan | None:
+        """The plan remembered for ``method`` under ``url``; ``TypeError`` for an unhashable
+        URL. ``by_url`` holds ``(method, plan, method, plan, ...)`` per URL: methods are
+        compared by identity first (they are nearly always the same interned str), so a
+        request costs one lookup of the URL, whose hash the str keeps."""
+        entry = self.by_url.get(url)
+        if entry is not None:
+            for index in range(0, len(entry), 2):
+                if entry[index] is method or entry[index] == method:
+                    plan: HttpPlan = entry[index + 1]
+                    return plan
+        return None
+
+    def remember_by_url(self, url: Any, method: Any, plan: HttpPlan) -> HttpPlan:
+        """Answer ``plan`` for every later ``method`` request of ``url`` (unless headers
+        matter)."""
+        if not plan.call.header_dependent:
+            with self._lock:
+                if len(self.by_url) >= self._limit:
+                    self.by_url.clear()
+                entry = self.by_url.get(url, ())
+                pairs = [
+                    (entry[index], entry[index + 1])
+                    for index in range(0, len(entry), 2)
+                    if not (entry[index] is method or entry[index] == method)
+                ][-(self.METHODS_PER_URL - 1) :]
+                self.by_url[url] = (*(item for pair in pairs for item in pair), method, plan)
         return plan
 
 
@@ -340,11 +375,11 @@ Build = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 class CompiledShapes(NamedTuple):
     """How a compiled layer finds the plan of a ``(self, method, url, **options)`` or
-    ``(self, method=..., url=..., **options)`` request: in ``shapes`` under
-    ``(method, url)`` (None for one not given), unless an option in ``body_names`` is set.
-    The library's planner must remember plans by the same rule."""
+    ``(self, method=..., url=..., **options)`` request: in ``by_url`` under the URL, then
+    the method, as :meth:`HttpPlans.recall` does (None for one not given), unless an option
+    in ``body_names`` is set. The library's planner must remember plans by the same rule."""
 
-    shapes: dict[Any, HttpPlan]
+    by_url: dict[Any, tuple[Any, ...]]
     body_names: tuple[str, ...]
 
 
@@ -443,7 +478,7 @@ def sync_layer(
             patches=patches,
             context_var=CONTEXT_VAR,
             suppress_keys=(SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
-            shapes=compiled.shapes,
+            by_url=compiled.by_url,
             plan_type=HttpPlan,
             body_names=compiled.body_names,
             status_attribute=library.status_attribute,

@@ -83,7 +83,7 @@ class RequestsRecoveryInstrumentor(RecoveryInstrumentor):
         plans = HttpPlans(targets)
         plan_of = _Planner(plans).plan
         # the planner's own rule: without data/files, (method, url) decides the plan
-        compiled = CompiledShapes(plans.shapes, body_names=("data", "files"))
+        compiled = CompiledShapes(plans.by_url, body_names=("data", "files"))
         build = sync_layer(patches, _Site, plan_of, compiled)
         patches.layer(requests.sessions.Session, "request", build)
 
@@ -116,33 +116,43 @@ class _Planner:
     ``requests.get(url)`` calls ``session.request(method=..., url=...)``: without a body to
     judge (no ``data``/``files``; ``json=`` is always replayable), the method and URL as
     passed decide the plan unless an ``Idempotency-Key`` could matter, so it is remembered
-    under them and found again with one dictionary lookup. Anything else is planned afresh.
+    under them (:meth:`HttpPlans.recall`) and found again with one dictionary lookup.
+    Anything else is planned afresh.
     """
 
     def __init__(self, plans: HttpPlans) -> None:
         self.plans = plans
-        self.shapes = plans.shapes
+        self.by_url = plans.by_url
 
     def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpPlan | None:
-        shape: Any = None
-        if ("data" not in kwargs or kwargs["data"] is None) and (
-            "files" not in kwargs or kwargs["files"] is None
-        ):  # no body to judge (session.post passes data=None)
-            count = len(args)
-            if count == 3:  # session.get(url) and friends
-                shape = args[1:]
-            elif count == 1:  # requests.get(url)
-                shape = (kwargs.get("method"), kwargs.get("url"))
-            try:
-                plan = self.shapes.get(shape)
-            except TypeError:  # an unhashable argument: requests will judge it
-                plan, shape = None, None
-            if plan is not None:
+        if ("data" in kwargs and kwargs["data"] is not None) or (
+            "files" in kwargs and kwargs["files"] is not None
+        ):  # a body to judge (session.post passes data=None)
+            return self._plan(args, kwargs, None)
+        count = len(args)
+        if count == 3:  # session.get(url) and friends
+            url, method = args[2], args[1]
+        elif count == 1:  # requests.get(url)
+            url, method = kwargs.get("url"), kwargs.get("method")
+        else:
+            return self._plan(args, kwargs, None)
+        try:
+            entry = self.by_url.get(url)
+        except TypeError:  # an unhashable URL: requests will judge it
+            return self._plan(args, kwargs, None)
+        if entry is not None:
+            if entry[0] is method:  # the usual case (HttpPlans.recall does the rest)
+                plan: HttpPlan = entry[1]
                 return plan
-        return self._plan(args, kwargs, shape)
+            recalled = self.plans.recall(url, method)
+            if recalled is not None:
+                return recalled
+        return self._plan(args, kwargs, (url, method))
 
-    def _plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], shape: Any) -> HttpPlan | None:
-        """Plan afresh; remember the plan under ``shape`` unless that is None."""
+    def _plan(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], shape: tuple[Any, Any] | None
+    ) -> HttpPlan | None:
+        """Plan afresh; remember the plan under ``shape`` (URL, method) unless it is None."""
         bound = _bind(args, kwargs)
         target = _method_and_url(bound)
         where = None if target is None else _split(target[1])
@@ -161,7 +171,7 @@ class _Planner:
         )
         plan = self.plans.compile(call)
         if shape is not None:
-            self.plans.remember(shape, plan)
+            self.plans.remember_by_url(*shape, plan)
         return plan
 
 

@@ -6,14 +6,18 @@ measure of "retried exactly N times" and "POST never sent twice".
 
 from __future__ import annotations
 
+import http
 import io
 import logging
 import time
+from typing import Any
 
 import pytest
 import requests
 import wrapt
-from frames import ours_that_ran
+from frames import ours_that_ran, ours_that_ran_steadily
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -449,16 +453,19 @@ def test_a_remembered_request_runs_no_python_of_ours(server, tel, instrument, fo
     assert type(ORIGINAL_REQUEST) is not type(requests.sessions.Session.__dict__["request"])
     url = _remembered(server, tel, "/warm")
     session = requests.Session()
-    get = (
-        (lambda: requests.get(url, timeout=2))
-        if form == "requests.get"
-        else (lambda: session.get(url, timeout=2))
-    )
+    calls = []
+
+    def get() -> requests.Response:
+        calls.append(form)
+        return (
+            requests.get(url, timeout=2) if form == "requests.get" else session.get(url, timeout=2)
+        )
+
     get()  # session.get spells the shape positionally: remembered on its first request
-    response, ran = ours_that_ran(get)
+    response, ran = ours_that_ran_steadily(get)
     assert response.status_code == 200
     assert ran <= {"now"}, ran  # nothing but the test's FakeClock, which is Python
-    assert [s.name for s in tel.spans()] == ["GET", "GET"]
+    assert [s.name for s in tel.spans()] == ["GET"] * len(calls)
 
 
 @compiled_only
@@ -574,3 +581,89 @@ def test_an_interrupt_in_a_remembered_request_gives_the_breakers_permit_back(
         requests.get(url, timeout=2)
     assert len(released) == 1
     assert ours is not None
+
+
+@compiled_only
+def test_a_remembered_url_gives_each_method_its_own_plan(server, tel, instrument):
+    """Plans are remembered under the URL, then the method: a GET and a POST to one URL,
+    both remembered, each run compiled with their own plan (the GET retried, the POST
+    never sent twice); ``requests.get`` ("get") and ``session.get`` ("GET") both hit. (With
+    Idempotency-Keys honoured, a POST's plan depends on its headers and is never
+    remembered: switched off here so that it is.)"""
+    instrument(http_retry_idempotency_key=False)
+    session = requests.Session()
+    url = server.script("/orders")
+    for send in (
+        lambda: session.get(url, timeout=2),
+        lambda: requests.get(url, timeout=2),
+        lambda: session.post(url, json={"id": 1}, timeout=2),
+    ):
+        send()  # remembered from here on
+        response, ran = ours_that_ran_steadily(send)
+        assert response.status_code == 200
+        assert ran <= {"now"}, ran  # compiled: nothing of ours in Python but the FakeClock
+    server.reset()
+    server.script("/orders", hf.status(503), hf.ok("retried"))
+    assert session.get(url, timeout=2).text == "retried"
+    assert server.count("/orders") == 2
+    server.script("/orders", hf.status(503), hf.ok("must not be sent"))
+    assert session.post(url, json={"id": 1}, timeout=2).status_code == 503
+    assert server.count("/orders") == 3
+
+
+STATUS_VALUES = st.one_of(
+    st.integers(min_value=-5, max_value=700),
+    st.sampled_from([10**30, -(10**30), True, False, None, 503.0, "503"]),
+    st.sampled_from(list(http.HTTPStatus)),
+)
+
+
+@pytest.mark.parametrize("layer", ["compiled", "python"])
+@settings(max_examples=60, deadline=None)
+@given(
+    statuses=st.frozensets(st.integers(min_value=100, max_value=599), max_size=12), data=st.data()
+)
+def test_any_status_is_judged_as_the_python_layer_judges_it(layer, statuses, data):
+    """The compiled attempt answers "retry on this status?" from a bitmap of the configured
+    statuses; whatever the response's status (ints in and out of range, huge ones, bools,
+    ``HTTPStatus`` members, a float, a str, None), a remembered GET is sent as often as the
+    Python layer sends it: twice for a status in the set, once otherwise."""
+    from otel_recovery.instrumentors import _db
+
+    if layer == "compiled" and _wrapping.SPEEDUPS is None:
+        pytest.skip("otel_recovery._speedups is not built")
+    near = sorted({n for s in statuses for n in (s - 1, s, s + 1)})  # members and neighbours
+    choices = st.one_of(STATUS_VALUES, st.sampled_from(near)) if near else STATUS_VALUES
+    answers = data.draw(st.lists(choices, min_size=1, max_size=6))
+    sent: list[object] = []
+    pending: list[object] = []
+
+    def send(self: requests.Session, request: Any, **options: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = pending.pop(0) if pending else 200  # type: ignore[assignment]
+        response.raw, response.url, response.request = io.BytesIO(b""), request.url, request
+        sent.append(response.status_code)
+        return response
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(requests.Session, "send", send)
+        if layer == "python":
+            patch.setattr(_db, "SPEEDUPS", None)
+        ours = RequestsRecoveryInstrumentor()
+        ours.instrument(
+            clock=FakeClock(), max_attempts=2, backoff_initial=0.01, http_retry_statuses=statuses
+        )
+        try:
+            compiled = type(requests.sessions.Session.__dict__["request"]).__name__
+            assert (compiled == "HttpLayer") is (layer == "compiled")
+            session = requests.Session()
+            session.get("http://service.invalid/status")  # remembered from here on
+            for answer in answers:
+                sent.clear()
+                pending[:] = [answer]
+                session.get("http://service.invalid/status")
+                retried = isinstance(answer, int) and not isinstance(answer, bool)
+                retried = retried and answer in statuses
+                assert sent == ([answer, 200] if retried else [answer]), (answer, statuses)
+        finally:
+            ours.uninstrument()
