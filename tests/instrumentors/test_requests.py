@@ -667,3 +667,27 @@ def test_any_status_is_judged_as_the_python_layer_judges_it(layer, statuses, dat
                 assert sent == ([answer, 200] if retried else [answer]), (answer, statuses)
         finally:
             ours.uninstrument()
+
+
+@compiled_only
+def test_a_remembered_request_spelled_in_bytes_runs_compiled(server, tel, instrument):
+    """requests takes the method and URL as bytes too: such a request is remembered under
+    them as given and found again by equality (the compiled layer compares methods that are
+    not the same str object with ``==``, as the Python planner does); each call here makes
+    new bytes objects, so identity never decides."""
+    instrument()
+    session = requests.Session()
+    url = server.script("/bytes").encode()
+    for _ in range(2):  # remembered by the first, served compiled from the second
+        response, ran = ours_that_ran_steadily(
+            lambda: session.request(bytes(bytearray(b"GET")), bytes(bytearray(url)), timeout=2)
+        )
+    assert response.status_code == 200
+    assert ran <= {"now"}, ran
+    server.reset()
+    server.script("/bytes", hf.status(503), hf.ok("retried"))
+    assert (
+        session.request(bytes(bytearray(b"GET")), bytes(bytearray(url)), timeout=2).text
+        == "retried"
+    )
+    assert server.count("/bytes") == 2
