@@ -9,8 +9,8 @@ with the line that made it.
 
 The test copies the package next to its tests into a temporary directory, builds the
 extension there with the sanitizers, and runs the tests that exercise the compiled code
-(the runners, the async run, the layers, and the instrumentors whose calls take them)
-against it. Object memory goes through ``malloc`` (``PYTHONMALLOC=malloc``), so that
+(the runners, the async run, the layers, the instrumentors whose calls take them, the
+decorators and the middleware) against it. Object memory goes through ``malloc`` (``PYTHONMALLOC=malloc``), so that
 AddressSanitizer sees every Python object the extension touches, not only its own buffers.
 Leak detection is off: CPython keeps much of its memory until exit by design, and the
 suite's tracemalloc tests cover leaks of ours.
@@ -37,6 +37,12 @@ CHECKED = [
     "tests/instrumentors/test_psycopg.py",
     "tests/instrumentors/test_asyncpg.py",
     "tests/instrumentors/test_requests.py",
+    # the async HTTP layers, the decorators and the middleware run the compiled runners
+    "tests/instrumentors/test_httpx.py",
+    "tests/instrumentors/test_aiohttp_client.py",
+    "tests/test_recover.py",
+    "tests/test_recover_edge_cases.py",
+    "tests/middleware",
 ]
 """The tests whose calls run compiled code (the rest reach it only through these paths)."""
 NOT_UNDER_SANITIZERS = [
@@ -80,10 +86,12 @@ def _build(copy: Path, compiler: str) -> Path:
 
 
 def _copy(into: Path) -> Path:
-    """The package (without any build of the extension), its tests and the pytest settings."""
+    """The package (without any build of the extension), its tests, the examples they run and
+    the pytest settings."""
     skip = shutil.ignore_patterns("*.so", "*.pyd", "__pycache__", "*.egg-info")
     shutil.copytree(ROOT / "otel_recovery", into / "otel_recovery", ignore=skip)
     shutil.copytree(ROOT / "tests", into / "tests", ignore=skip)
+    shutil.copytree(ROOT / "examples", into / "examples", ignore=skip)  # the middleware's
     shutil.copy2(ROOT / "pyproject.toml", into / "pyproject.toml")
     return into
 
