@@ -10,8 +10,9 @@ with the line that made it.
 The test copies the package next to its tests into a temporary directory, builds the
 extension there with the sanitizers, and runs the tests that exercise the compiled code
 (the runners, the async run, the layers, the instrumentors whose calls take them, the
-decorators and the middleware) against it. Object memory goes through ``malloc`` (``PYTHONMALLOC=malloc``), so that
-AddressSanitizer sees every Python object the extension touches, not only its own buffers.
+decorators and the middleware) against it. Object memory goes through ``malloc``
+(``PYTHONMALLOC=malloc``), so that AddressSanitizer sees every Python object the extension
+touches, not only its own buffers.
 Leak detection is off: CPython keeps much of its memory until exit by design, and the
 suite's tracemalloc tests cover leaks of ours.
 """
