@@ -81,18 +81,25 @@ keyword(PyObject *const *values, PyObject *kwnames, PyObject *name)
     return Py_None;
 }
 
-/* A method the plan was remembered for (`stored`) is the request's (`given`): 1, 0, or -1
- * with an error set. Methods are nearly always the same interned str. */
+/* A method the plan was remembered for (`stored`, an exact str or bytes) is the request's
+ * (`given`): 1 or 0. Methods are nearly always the same interned str. Only an exact str or
+ * bytes is compared by value, as HttpPlans.recall does: a subclass's __eq__ could say yes to
+ * a method whose plan must differ (a POST answered by a GET's plan would be sent twice). */
 HOT static int
 same_method(PyObject *stored, PyObject *given)
 {
     if (LIKELY(stored == given)) {
         return 1;
     }
-    if (PyUnicode_CheckExact(stored) && PyUnicode_CheckExact(given)) {
-        return same_name(given, stored);
+    if (PyUnicode_CheckExact(given)) {
+        return PyUnicode_CheckExact(stored) && same_name(given, stored);
     }
-    return PyObject_RichCompareBool(stored, given, Py_EQ);
+    if (PyBytes_CheckExact(given) && PyBytes_CheckExact(stored)) {
+        return PyBytes_GET_SIZE(given) == PyBytes_GET_SIZE(stored) &&
+               memcmp(PyBytes_AS_STRING(given), PyBytes_AS_STRING(stored),
+                      (size_t)PyBytes_GET_SIZE(given)) == 0;
+    }
+    return 0;
 }
 
 /* The plan remembered for the request's URL and method, a new reference; NULL (no error
@@ -111,24 +118,17 @@ http_remembered_plan(HttpLayerObject *self, PyObject *const *argv, Py_ssize_t na
         PyErr_Clear(); /* an unhashable URL: Python reports it the same way */
         return NULL;
     }
-    Py_INCREF(entry); /* a comparison of odd methods may run code that replaces it */
-    PyObject *plan = NULL;
+    PyObject *plan = NULL; /* no Python code runs from here: entry stays as it is */
     for (Py_ssize_t i = 0; i + 1 < PyTuple_GET_SIZE(entry); i += 2) {
-        int same = same_method(PyTuple_GET_ITEM(entry, i), method);
-        if (same != 0) {
-            plan = same > 0 ? PyTuple_GET_ITEM(entry, i + 1) : NULL;
+        if (same_method(PyTuple_GET_ITEM(entry, i), method)) {
+            plan = PyTuple_GET_ITEM(entry, i + 1);
             break;
         }
     }
-    if (plan != NULL && (PyObject *)Py_TYPE(plan) == self->plan_type) {
-        Py_INCREF(plan);
+    if (plan == NULL || (PyObject *)Py_TYPE(plan) != self->plan_type) {
+        return NULL;
     }
-    else {
-        plan = NULL;
-        PyErr_Clear();
-    }
-    Py_DECREF(entry);
-    return plan;
+    return Py_NewRef(plan);
 }
 
 /* Make status_bits describe `statuses`; what status_bits_for answers. Only a frozenset is
@@ -150,8 +150,9 @@ status_bits_make(HttpLayerObject *self, PyObject *statuses)
     int whole = 1;
     PyObject *item;
     while ((item = PyIter_Next(iterator)) != NULL) {
-        long status = PyLong_CheckExact(item) ? PyLong_AsLong(item) : -1;
-        if (status < STATUS_BASE || status >= STATUS_BASE + 64 * STATUS_WORDS) {
+        int overflow = 0;
+        long status = PyLong_CheckExact(item) ? PyLong_AsLongAndOverflow(item, &overflow) : -1;
+        if (overflow || status < STATUS_BASE || status >= STATUS_BASE + 64 * STATUS_WORDS) {
             whole = 0;
         }
         else {
@@ -165,9 +166,10 @@ status_bits_make(HttpLayerObject *self, PyObject *statuses)
         PyErr_Clear();
         return 0;
     }
-    Py_XSETREF(self->status_set, Py_NewRef(statuses));
-    self->status_bits_whole = whole;
+    /* the bits first: releasing the old set last, nothing it runs sees them half made */
     memcpy(self->status_bits, bits, sizeof(bits));
+    self->status_bits_whole = whole;
+    Py_XSETREF(self->status_set, Py_NewRef(statuses));
     return whole;
 }
 
@@ -185,10 +187,10 @@ status_bits_for(HttpLayerObject *self, PyObject *statuses)
 HOT static inline int
 status_bit(HttpLayerObject *self, PyObject *status)
 {
-    long value = PyLong_AsLong(status);
-    if (value < STATUS_BASE || value >= STATUS_BASE + 64 * STATUS_WORDS) {
-        PyErr_Clear(); /* an int too large for a long is not in the set either */
-        return 0;
+    int overflow = 0;
+    long value = PyLong_AsLongAndOverflow(status, &overflow);
+    if (overflow || value < STATUS_BASE || value >= STATUS_BASE + 64 * STATUS_WORDS) {
+        return 0; /* an int too large for a long is not in the set either */
     }
     long bit = value - STATUS_BASE;
     return (int)((self->status_bits[bit / 64] >> (bit % 64)) & 1);

@@ -117,30 +117,44 @@ class HttpPlans:
         """The plan remembered for ``method`` under ``url``; ``TypeError`` for an unhashable
         URL. ``by_url`` holds ``(method, plan, method, plan, ...)`` per URL: methods are
         compared by identity first (they are nearly always the same interned str), so a
-        request costs one lookup of the URL, whose hash the str keeps."""
+        request costs one lookup of the URL, whose hash the str keeps. Only an exact str or
+        bytes method is remembered or compared by value: a subclass's ``__eq__`` could say
+        yes to a method whose plan must differ (a POST answered with a GET's plan would be
+        sent twice)."""
         entry = self.by_url.get(url)
-        if entry is not None:
-            for index in range(0, len(entry), 2):
-                if entry[index] is method or entry[index] == method:
-                    plan: HttpPlan = entry[index + 1]
-                    return plan
+        if entry is None or type(method) not in _PLAIN_METHODS:
+            return None
+        kind = type(method)
+        for index in range(0, len(entry), 2):  # same type first: no str-to-bytes BytesWarning
+            if entry[index] is method or (type(entry[index]) is kind and entry[index] == method):
+                plan: HttpPlan = entry[index + 1]
+                return plan
         return None
 
     def remember_by_url(self, url: Any, method: Any, plan: HttpPlan) -> HttpPlan:
         """Answer ``plan`` for every later ``method`` request of ``url`` (unless headers
-        matter)."""
-        if not plan.call.header_dependent:
-            with self._lock:
+        matter, or the method is not an exact str or bytes, see :meth:`recall`)."""
+        if plan.call.header_dependent or type(method) not in _PLAIN_METHODS:
+            return plan
+        with self._lock:
+            entry = self.by_url.get(url)
+            if entry is None:
                 if len(self.by_url) >= self._limit:
                     self.by_url.clear()
-                entry = self.by_url.get(url, ())
-                pairs = [
-                    (entry[index], entry[index + 1])
-                    for index in range(0, len(entry), 2)
-                    if not (entry[index] is method or entry[index] == method)
-                ][-(self.METHODS_PER_URL - 1) :]
-                self.by_url[url] = (*(item for pair in pairs for item in pair), method, plan)
+                entry = ()
+            kind = type(method)
+            kept = [
+                (entry[index], entry[index + 1])
+                for index in range(0, len(entry), 2)
+                if not (type(entry[index]) is kind and entry[index] == method)
+            ]
+            kept = kept[max(0, len(kept) - (self.METHODS_PER_URL - 1)) :]
+            self.by_url[url] = (*(item for pair in kept for item in pair), method, plan)
         return plan
+
+
+_PLAIN_METHODS = (str, bytes)
+"""The types of method a plan is remembered for (:meth:`HttpPlans.recall`)."""
 
 
 PlanOf = Callable[[tuple[Any, ...], dict[str, Any]], HttpPlan | None]

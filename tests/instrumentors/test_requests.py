@@ -6,10 +6,12 @@ measure of "retried exactly N times" and "POST never sent twice".
 
 from __future__ import annotations
 
+import contextlib
 import http
 import io
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -618,76 +620,172 @@ STATUS_VALUES = st.one_of(
 )
 
 
+class _FakeSend:
+    """``Session.send`` answering each request with the next queued status (then 200),
+    recording the statuses it answered with and the methods it was sent."""
+
+    def __init__(self) -> None:
+        self.pending: list[object] = []
+        self.sent: list[tuple[str, object]] = []
+
+    def answer(self, request: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = self.pending.pop(0) if self.pending else 200  # type: ignore[assignment]
+        response.raw, response.url, response.request = io.BytesIO(b""), request.url, request
+        self.sent.append((request.method, response.status_code))
+        return response
+
+
+@contextlib.contextmanager
+def _faked(layer: str, **settings: Any) -> Iterator[_FakeSend]:
+    """Our instrumentor, the compiled or the Python layer, over a fake ``Session.send``."""
+    from otel_recovery.instrumentors import _db
+
+    if layer == "compiled" and _wrapping.SPEEDUPS is None:
+        pytest.skip("otel_recovery._speedups is not built")
+    fake = _FakeSend()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(requests.Session, "send", lambda session, request, **_: fake.answer(request))
+        if layer == "python":
+            patch.setattr(_db, "SPEEDUPS", None)
+        ours = RequestsRecoveryInstrumentor()
+        ours.instrument(clock=FakeClock(), max_attempts=2, backoff_initial=0.01, **settings)
+        try:
+            compiled = type(requests.sessions.Session.__dict__["request"]).__name__
+            assert (compiled == "HttpLayer") is (layer == "compiled")
+            yield fake
+        finally:
+            ours.uninstrument()
+
+
+def _check_judgement(layer: str, statuses: frozenset[int], answers: list[object]) -> None:
+    """A remembered GET answered with each of ``answers`` is sent twice when the answer is an
+    int (not a bool) in ``statuses`` and in HTTP's range, once otherwise: what
+    ``HttpSite.attempt`` and the recovery after it decide."""
+    with _faked(layer, http_retry_statuses=statuses) as fake:
+        session = requests.Session()
+        session.get("http://service.invalid/status")  # remembered from here on
+        for answer in answers:
+            fake.sent.clear()
+            fake.pending[:] = [answer]
+            session.get("http://service.invalid/status")
+            retried = isinstance(answer, int) and not isinstance(answer, bool)
+            # a status outside HTTP's range is not one to classify, so never retried
+            retried = retried and answer in statuses and 100 <= answer <= 599  # type: ignore[operator]
+            expected = [("GET", answer), ("GET", 200)] if retried else [("GET", answer)]
+            assert fake.sent == expected, (answer, statuses)
+
+
 @pytest.mark.parametrize("layer", ["compiled", "python"])
 @settings(max_examples=60, deadline=None)
 @given(
-    statuses=st.frozensets(st.integers(min_value=100, max_value=599), max_size=12), data=st.data()
+    statuses=st.frozensets(st.integers(min_value=100, max_value=599), max_size=12),
+    data=st.data(),
 )
 def test_any_status_is_judged_as_the_python_layer_judges_it(layer, statuses, data):
     """The compiled attempt answers "retry on this status?" from a bitmap of the configured
     statuses; whatever the response's status (ints in and out of range, huge ones, bools,
     ``HTTPStatus`` members, a float, a str, None), a remembered GET is sent as often as the
     Python layer sends it: twice for a status in the set, once otherwise."""
-    from otel_recovery.instrumentors import _db
-
-    if layer == "compiled" and _wrapping.SPEEDUPS is None:
-        pytest.skip("otel_recovery._speedups is not built")
     near = sorted({n for s in statuses for n in (s - 1, s, s + 1)})  # members and neighbours
     choices = st.one_of(STATUS_VALUES, st.sampled_from(near)) if near else STATUS_VALUES
-    answers = data.draw(st.lists(choices, min_size=1, max_size=6))
-    sent: list[object] = []
-    pending: list[object] = []
-
-    def send(self: requests.Session, request: Any, **options: Any) -> requests.Response:
-        response = requests.Response()
-        response.status_code = pending.pop(0) if pending else 200  # type: ignore[assignment]
-        response.raw, response.url, response.request = io.BytesIO(b""), request.url, request
-        sent.append(response.status_code)
-        return response
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(requests.Session, "send", send)
-        if layer == "python":
-            patch.setattr(_db, "SPEEDUPS", None)
-        ours = RequestsRecoveryInstrumentor()
-        ours.instrument(
-            clock=FakeClock(), max_attempts=2, backoff_initial=0.01, http_retry_statuses=statuses
-        )
-        try:
-            compiled = type(requests.sessions.Session.__dict__["request"]).__name__
-            assert (compiled == "HttpLayer") is (layer == "compiled")
-            session = requests.Session()
-            session.get("http://service.invalid/status")  # remembered from here on
-            for answer in answers:
-                sent.clear()
-                pending[:] = [answer]
-                session.get("http://service.invalid/status")
-                retried = isinstance(answer, int) and not isinstance(answer, bool)
-                retried = retried and answer in statuses
-                assert sent == ([answer, 200] if retried else [answer]), (answer, statuses)
-        finally:
-            ours.uninstrument()
+    _check_judgement(layer, statuses, data.draw(st.lists(choices, min_size=1, max_size=6)))
 
 
-@compiled_only
-def test_a_remembered_request_spelled_in_bytes_runs_compiled(server, tel, instrument):
+EDGE_ANSWERS = [99, 100, 101, 163, 164, 599, 600, 611, 612, 700, -1, 0]
+EDGE_ANSWERS += [2**63 - 1, 2**63, -(2**63), 10**30, -(10**30), True, 503.0]
+
+
+@pytest.mark.parametrize("layer", ["compiled", "python"])
+@pytest.mark.parametrize(
+    "statuses",
+    [
+        frozenset(range(100, 600)),
+        frozenset({100}),
+        frozenset({599}),
+        frozenset({163, 164}),  # either side of a word of the bitmap
+        frozenset(),
+        # outside what the settings accept (so outside the bitmap): the set decides
+        frozenset({99, 503, 612, 700, 2**63, 10**30}),
+    ],
+    ids=["all", "100", "599", "word-edge", "none", "out-of-range"],
+)
+def test_statuses_at_the_edges_are_judged_as_the_python_layer_judges_them(
+    layer, statuses, monkeypatch
+):
+    from otel_recovery.instrumentors import _settings
+
+    monkeypatch.setitem(_settings._CHECKS, "http_retry_statuses", (lambda v: True, "any"))
+    _check_judgement(layer, statuses, EDGE_ANSWERS)
+
+
+@pytest.mark.parametrize("layer", ["compiled", "python"])
+def test_a_method_that_claims_to_equal_any_other_never_lends_its_plan(layer):
+    """Only an exact str or bytes method is remembered: a str subclass whose ``__eq__``
+    says yes to everything must not make a POST (sent once) use a GET's plan (retried)."""
+
+    class LooseMethod(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        __hash__ = str.__hash__
+
+    with _faked(layer, http_retry_idempotency_key=False) as fake:
+        session = requests.Session()
+        url = "http://service.invalid/orders"
+        session.request(LooseMethod("GET"), url)
+        session.request(LooseMethod("GET"), url)
+        fake.sent.clear()
+        fake.pending[:] = [503]
+        session.post(url, json={"id": 1})
+        assert fake.sent == [("POST", 503)]
+        session.get(url)  # a plain GET, remembered
+        fake.sent.clear()
+        fake.pending[:] = [503]
+        session.request(LooseMethod("POST"), url, json={"id": 1})
+        assert fake.sent == [("POST", 503)]
+
+
+def test_remembered_urls_and_methods_are_bounded():
+    """At most ``limit`` URLs (past it they start over, but only for a new URL) and
+    ``METHODS_PER_URL`` methods per URL (the oldest goes; one remembered again moves last)."""
+    from otel_recovery.instrumentors._http import HttpCall
+    from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans
+
+    plans = HttpPlans(targets=None, limit=3)  # type: ignore[arg-type]
+    plan = HttpPlan(HttpCall(RecoveryPolicy(telemetry=False), frozenset(), False))
+    for url in ("a", "b", "c"):
+        plans.remember_by_url(url, "GET", plan)
+    plans.remember_by_url("a", "PUT", plan)  # a known URL: nothing is forgotten
+    assert sorted(plans.by_url) == ["a", "b", "c"]
+    plans.remember_by_url("d", "GET", plan)  # a new one past the limit: start over
+    assert list(plans.by_url) == ["d"]
+    methods = [f"M{i}" for i in range(HttpPlans.METHODS_PER_URL + 2)]
+    for method in [*methods, "M3"]:
+        plans.remember_by_url("d", method, plan)
+    kept = plans.by_url["d"][::2]
+    assert len(kept) == HttpPlans.METHODS_PER_URL
+    assert kept == (*[m for m in methods if m != "M3"][-(HttpPlans.METHODS_PER_URL - 1) :], "M3")
+    assert plans.recall("d", "M3") is plan and plans.recall("d", "M0") is None
+    assert plans.recall("d", bytes(bytearray(b"M3"))) is None  # bytes never equal a str
+
+
+@pytest.mark.parametrize("layer", ["compiled", "python"])
+def test_a_remembered_request_spelled_in_bytes_is_found_again(layer):
     """requests takes the method and URL as bytes too: such a request is remembered under
-    them as given and found again by equality (the compiled layer compares methods that are
-    not the same str object with ``==``, as the Python planner does); each call here makes
-    new bytes objects, so identity never decides."""
-    instrument()
-    session = requests.Session()
-    url = server.script("/bytes").encode()
-    for _ in range(2):  # remembered by the first, served compiled from the second
-        response, ran = ours_that_ran_steadily(
-            lambda: session.request(bytes(bytearray(b"GET")), bytes(bytearray(url)), timeout=2)
-        )
-    assert response.status_code == 200
-    assert ran <= {"now"}, ran
-    server.reset()
-    server.script("/bytes", hf.status(503), hf.ok("retried"))
-    assert (
-        session.request(bytes(bytearray(b"GET")), bytes(bytearray(url)), timeout=2).text
-        == "retried"
-    )
-    assert server.count("/bytes") == 2
+    them as given and found again by equality (each call here makes new bytes objects, so
+    identity never decides): compiled, nothing of ours runs in Python; in Python, it is not
+    planned afresh."""
+    with _faked(layer) as fake:
+        session = requests.Session()
+        url = b"http://service.invalid/bytes"
+        for _ in range(2):  # remembered by the first, found again from the second
+            response, ran = ours_that_ran_steadily(
+                lambda: session.request(bytes(bytearray(b"GET")), bytes(bytearray(url)))
+            )
+        assert response.status_code == 200
+        assert ran <= {"now"} if layer == "compiled" else "_plan" not in ran, ran
+        fake.sent.clear()
+        fake.pending[:] = [503]
+        assert session.request(bytes(bytearray(b"GET")), bytes(bytearray(url))).status_code == 200
+        assert fake.sent == [("GET", 503), ("GET", 200)]
