@@ -789,3 +789,42 @@ def test_a_remembered_request_spelled_in_bytes_is_found_again(layer):
         fake.pending[:] = [503]
         assert session.request(bytes(bytearray(b"GET")), bytes(bytearray(url))).status_code == 200
         assert fake.sent == [("GET", 503), ("GET", 200)]
+
+
+class _StatusRaises(requests.Response):
+    """A response whose status cannot be read: the app's to judge, not ours."""
+
+    @property  # type: ignore[override]
+    def status_code(self) -> int:
+        raise ValueError("no status today")
+
+    @status_code.setter
+    def status_code(self, value: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("layer", ["compiled", "python"])
+@pytest.mark.parametrize("kind", ["raises", "missing"])
+def test_a_response_whose_status_cannot_be_read_is_returned_as_it_is(
+    layer, kind, monkeypatch, caplog
+):
+    """A status attribute that raises is reported (once per site) and the response returned
+    unjudged; a missing one reads as None, which is no status to retry on. Sent once either
+    way, by the compiled attempt as by the Python layer."""
+    monkeypatch.setattr(_wrapping, "_reported", set())  # the report is once per process
+    with _faked(layer) as fake:
+        session = requests.Session()
+        url = "http://service.invalid/odd"
+        session.get(url)  # remembered from here on
+        fake.sent.clear()
+        odd = _StatusRaises() if kind == "raises" else requests.Response()
+        if kind == "missing":
+            del odd.status_code
+        odd.raw = io.BytesIO(b"")
+        monkeypatch.setattr(fake, "answer", lambda request: fake.sent.append("odd") or odd)
+        with caplog.at_level(logging.ERROR, logger="otel_recovery"):
+            response, ran = ours_that_ran(lambda: session.get(url))
+        assert response is odd and fake.sent == ["odd"]
+        assert ("layer" in ran) is (layer == "python"), ran  # compiled: judged in C
+        reported = [r for r in caplog.records if "reading the response" in r.getMessage()]
+        assert len(reported) == (1 if kind == "raises" else 0)
