@@ -600,3 +600,59 @@ def test_a_remembered_asyncpg_statement_runs_compiled_and_uninstrument_takes_its
         instrumentor.uninstrument()
         loop.close()
     assert not [name for name in vars(asyncpg.Connection) if name.startswith("_otel_recovery")]
+
+
+def test_a_run_passes_for_a_coroutine_under_contribs_asyncio_instrumentation():
+    """``opentelemetry-bootstrap`` installs contrib's asyncio instrumentation in every
+    service: it wraps ``create_task``, ``ensure_future``, ``gather``, ``wait_for`` and
+    ``TaskGroup.create_task`` around each coroutine given to them, and names the coroutine
+    in its metrics. A remembered redis.asyncio call, an ``AsyncRun`` where the extension is
+    built, must go through all of them with its result, and be named after the command
+    method as the coroutine it replaces would be."""
+    import redis.asyncio
+    from opentelemetry.instrumentation.asyncio import AsyncioInstrumentor
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from servers import REDIS_HOST, REDIS_PORT, require_redis
+
+    from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+
+    require_redis()
+    reader = InMemoryMetricReader()
+    ours, contrib = RedisRecoveryInstrumentor(), AsyncioInstrumentor()
+    ours.instrument()
+    contrib.instrument(meter_provider=MeterProvider(metric_readers=[reader]))
+    key = "otel-recovery:asyncio-contrib"
+
+    async def main() -> list[object]:
+        client = redis.asyncio.Redis(host=REDIS_HOST, port=REDIS_PORT)
+        await client.set(key, "v")
+        await client.get(key)  # GET's plan remembered
+        pending = client.get(key)
+        compiled = type(pending) is getattr(SPEEDUPS, "AsyncRun", None)
+        assert compiled is (SPEEDUPS is not None)
+        results = [await asyncio.create_task(pending), await asyncio.ensure_future(client.get(key))]
+        results += await asyncio.gather(client.get(key), client.get(key))
+        results.append(await asyncio.wait_for(client.get(key), timeout=5))
+        if sys.version_info >= (3, 11):
+            async with asyncio.TaskGroup() as group:
+                task = group.create_task(client.get(key))
+            results.append(task.result())
+        await client.delete(key)
+        await client.aclose()
+        return results
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        contrib.uninstrument()
+        ours.uninstrument()
+    assert results == [b"v"] * (6 if sys.version_info >= (3, 11) else 5)
+    named = {
+        point.attributes.get("name")
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+    }
+    assert "execute_command" in named, named
