@@ -132,9 +132,8 @@ http_remembered_plan(HttpLayerObject *self, PyObject *const *argv, Py_ssize_t na
 }
 
 /* Make status_bits describe `statuses`; what status_bits_for answers. Only a frozenset is
- * remembered (a set can change under us); one with a member that is not an exact int in
- * range keeps the set lookup for every status that is not an exact int, and answers "not
- * in it" for none. */
+ * remembered (a set can change under us). A frozenset with a member that is not an exact
+ * int in 100..611 is not whole: every status is looked up in the set itself. */
 COLD static int
 status_bits_make(HttpLayerObject *self, PyObject *statuses)
 {

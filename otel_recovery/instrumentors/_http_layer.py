@@ -122,11 +122,15 @@ class HttpPlans:
         yes to a method whose plan must differ (a POST answered with a GET's plan would be
         sent twice)."""
         entry = self.by_url.get(url)
-        if entry is None or type(method) not in _PLAIN_METHODS:
+        return None if entry is None else self.plan_in(entry, method)
+
+    @staticmethod
+    def plan_in(entry: tuple[Any, ...], method: Any) -> HttpPlan | None:
+        """The plan a ``by_url`` entry holds for ``method``, or None (see :meth:`recall`)."""
+        if type(method) not in _PLAIN_METHODS:
             return None
-        kind = type(method)
-        for index in range(0, len(entry), 2):  # same type first: no str-to-bytes BytesWarning
-            if entry[index] is method or (type(entry[index]) is kind and entry[index] == method):
+        for index in range(0, len(entry), 2):
+            if _same_method(entry[index], method):
                 plan: HttpPlan = entry[index + 1]
                 return plan
         return None
@@ -142,11 +146,10 @@ class HttpPlans:
                 if len(self.by_url) >= self._limit:
                     self.by_url.clear()
                 entry = ()
-            kind = type(method)
             kept = [
                 (entry[index], entry[index + 1])
                 for index in range(0, len(entry), 2)
-                if not (type(entry[index]) is kind and entry[index] == method)
+                if not _same_method(entry[index], method)
             ]
             kept = kept[max(0, len(kept) - (self.METHODS_PER_URL - 1)) :]
             self.by_url[url] = (*(item for pair in kept for item in pair), method, plan)
@@ -155,6 +158,12 @@ class HttpPlans:
 
 _PLAIN_METHODS = (str, bytes)
 """The types of method a plan is remembered for (:meth:`HttpPlans.recall`)."""
+
+
+def _same_method(stored: Any, method: Any) -> bool:
+    """``stored`` (a remembered method) is ``method``: the same object, or equal and of the
+    same type (a str never compared with bytes, which would warn under ``python -b``)."""
+    return stored is method or (type(stored) is type(method) and stored == method)
 
 
 PlanOf = Callable[[tuple[Any, ...], dict[str, Any]], HttpPlan | None]

@@ -141,12 +141,12 @@ class _Planner:
         except TypeError:  # an unhashable URL: requests will judge it
             return self._plan(args, kwargs, None)
         if entry is not None:
-            if entry[0] is method:  # the usual case (HttpPlans.recall does the rest)
+            if entry[0] is method:  # the usual case (HttpPlans.plan_in does the rest)
                 plan: HttpPlan = entry[1]
                 return plan
-            recalled = self.plans.recall(url, method)
-            if recalled is not None:
-                return recalled
+            found = self.plans.plan_in(entry, method)
+            if found is not None:
+                return found
         return self._plan(args, kwargs, (url, method))
 
     def _plan(
