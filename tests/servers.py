@@ -326,3 +326,9 @@ class PgFront:
         for sock in self._sockets:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+async def aclose(client: Any) -> None:
+    """Close a redis.asyncio client: ``aclose()`` since redis-py 5.0.1, ``close()`` before."""
+    closing = getattr(client, "aclose", None) or client.close
+    await closing()

@@ -35,6 +35,7 @@ from runner_cases import (
     policy_for,
     raised,
 )
+from servers import aclose
 
 from otel_recovery import _driver_async
 from otel_recovery._compiled import SPEEDUPS
@@ -513,7 +514,7 @@ def test_remembered_async_redis_and_psycopg_calls_run_no_python_of_ours():
         loop.run_until_complete(many())
         grown = bytes_kept(lambda: loop.run_until_complete(many()), 4)
         assert grown < 64 * 1024, f"{grown} bytes kept after 2,000 compiled GETs"
-        loop.run_until_complete(client.aclose())
+        loop.run_until_complete(aclose(client))
 
         connection = loop.run_until_complete(
             psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
@@ -564,7 +565,7 @@ def test_an_async_call_is_decided_when_first_awaited_as_an_async_def_layer_is():
 
         awaited = ours_that_ran_steadily(lambda: loop.run_until_complete(made_suppressed()))
         assert awaited[1] == set()
-        loop.run_until_complete(client.aclose())
+        loop.run_until_complete(aclose(client))
     finally:
         loop.close()
         instrumentor.uninstrument()
@@ -639,7 +640,7 @@ def test_a_run_passes_for_a_coroutine_under_contribs_asyncio_instrumentation():
                 task = group.create_task(client.get(key))
             results.append(task.result())
         await client.delete(key)
-        await client.aclose()
+        await aclose(client)
         return results
 
     try:

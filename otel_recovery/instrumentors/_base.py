@@ -14,15 +14,14 @@ the library's methods through a :class:`PatchSet` using the per-target policies 
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import logging
 import os
 from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
-from opentelemetry.instrumentation.dependencies import (
-    DependencyConflictError,
-    get_dependency_conflicts,
-)
+from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 from otel_recovery._clock import Clock
@@ -38,6 +37,21 @@ from otel_recovery.telemetry import Telemetry
 __all__ = ["RecoveryInstrumentor"]
 
 _OWN_KWARGS = ("tracer_provider", "meter_provider", "clock")
+
+_logger = logging.getLogger(__name__)
+
+
+def _conflict_error() -> type[Exception] | None:
+    """The loader's "skip this instrumentor" error, where the installed release has one.
+
+    ``opentelemetry-instrumentation`` 0.53b0 added ``DependencyConflictError``, and its loader
+    skips an instrumentor that raises it. Older loaders log any exception from an
+    instrumentor and re-raise it, which stops every instrumentor after ours from loading:
+    there a missing library must be a quiet skip instead.
+    """
+    dependencies = importlib.import_module("opentelemetry.instrumentation.dependencies")
+    error: type[Exception] | None = getattr(dependencies, "DependencyConflictError", None)
+    return error
 
 
 class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -65,7 +79,11 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         # Auto-instrumentation skips the dependency check (skip_dep_check=True); do our own.
         conflict = get_dependency_conflicts(self.instruments)
         if conflict is not None:
-            raise DependencyConflictError(conflict)
+            error = _conflict_error()
+            if error is not None:
+                raise error(conflict)
+            _logger.debug("Skipping instrumentation otel_recovery_%s: %s", self.library, conflict)
+            return
         options = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
         settings = load_settings(options)
         self.settings = settings

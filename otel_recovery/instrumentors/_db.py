@@ -84,6 +84,8 @@ LEGACY_SUPPRESS_KEY = "suppress_instrumentation"
 # The default runtime context keeps the current Context in one ContextVar; reading it
 # directly saves two Python calls per instrumented call. Any other runtime context
 # (a custom OTEL_PYTHON_CONTEXT) goes through the public API.
+# opentelemetry-api before 1.25 loads its runtime context on first use: use it once here.
+otel_context.get_current()
 _context_var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
 CONTEXT_VAR: contextvars.ContextVar[Any] | None = (
     _context_var if isinstance(_context_var, contextvars.ContextVar) else None

@@ -75,8 +75,20 @@ class HTTPXRecoveryInstrumentor(RecoveryInstrumentor):
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         install_resend_count(kwargs)
         plan_of = _Planner(HttpPlans(targets)).plan
-        patches.layer(httpx.Client, "send", sync_layer(patches, _Site, plan_of))
-        patches.layer(httpx.AsyncClient, "send", async_layer(patches, _AsyncSite, plan_of))
+        client, async_client = _defining(httpx.Client), _defining(httpx.AsyncClient)
+        patches.layer(client, "send", sync_layer(patches, _Site, plan_of))
+        patches.layer(async_client, "send", async_layer(patches, _AsyncSite, plan_of))
+
+
+def _defining(cls: type) -> type:
+    """The class in ``cls``'s MRO that defines ``send``: httpx's own client class.
+
+    Contrib's httpx instrumentation before 0.49b0 rebinds ``httpx.Client`` to a subclass of
+    its own while it is instrumented, and back when it is not. Patching the name's class
+    of the moment would leave our layer on that subclass, and out of every client created
+    after contrib's ``uninstrument``; the defining class serves both.
+    """
+    return next(base for base in cls.__mro__ if "send" in vars(base))
 
 
 class _Site(HttpSite[httpx.Response]):

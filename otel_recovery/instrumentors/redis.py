@@ -85,18 +85,34 @@ _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
 """What a redis-py ``Retry`` repeats when not told otherwise."""
 
 
+_ONLY_LISTED_ERRORS = hasattr(redis.client.Redis, "_disconnect_raise")
+"""redis-py before 6.0: a client repeats a command only for the errors in its connection's
+``retry_on_error`` list (``Redis._disconnect_raise`` re-raises every other one), whatever its
+``Retry`` supports. From 6.0 the ``Retry``'s supported errors decide."""
+
+
+def _retry_count(retry: Any) -> int:
+    """How many times a redis-py ``Retry`` repeats (``get_retries`` came with redis-py 5)."""
+    count = retry.get_retries() if hasattr(retry, "get_retries") else retry._retries
+    return int(count)
+
+
 def _coverage(retry: Any, extra: list[Any]) -> tuple[tuple[type[BaseException], ...], int]:
-    """What a connection's ``Retry`` repeats by itself, by ``AbstractConnection``'s rules:
-    no ``retry`` and no ``retry_on_error`` means ``Retry(NoBackoff(), 0)``."""
+    """What a connection's ``Retry`` repeats by itself, and how often, by
+    ``AbstractConnection``'s rules: no ``retry`` and no ``retry_on_error`` means
+    ``Retry(NoBackoff(), 0)``; ``retry_on_error`` alone means one repeat."""
+    supported: tuple[type[BaseException], ...]
     if retry is None:
         if not extra:
             return (), 0
-        return tuple(dict.fromkeys(_REDIS_RETRIES + tuple(extra))), 1
-    retries = int(retry.get_retries())
-    if retries == 0:
-        return (), 0
-    supported = tuple(getattr(retry, "_supported_errors", _REDIS_RETRIES))
-    return tuple(dict.fromkeys(supported + tuple(extra))), retries
+        retries, supported = 1, _REDIS_RETRIES
+    else:
+        retries = _retry_count(retry)
+        supported = tuple(getattr(retry, "_supported_errors", _REDIS_RETRIES))
+    if _ONLY_LISTED_ERRORS:
+        supported = ()
+    errors = tuple(dict.fromkeys(supported + tuple(extra)))
+    return (errors, retries) if errors and retries else ((), 0)
 
 
 class Target:
@@ -158,7 +174,7 @@ def _cluster_target(instance: Any) -> Target:
     host = str(getattr(node, "host", None) or "redis-cluster")
     port = getattr(node, "port", None)
     retry = getattr(instance, "retry", None) or getattr(client, "retry", None)
-    retries = int(retry.get_retries()) if retry is not None else 0
+    retries = _retry_count(retry) if retry is not None else 0
     if retries == 0:
         return Target(host, port, (), 0)
     errors: Any = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)

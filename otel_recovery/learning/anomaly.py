@@ -79,8 +79,10 @@ def _decompose(gridded: FloatArray, bins: int, model: str) -> tuple[FloatArray, 
         if model == "stl":
             stl = STL(gridded, period=bins, robust=False).fit()
             return np.asarray(stl.seasonal), np.asarray(stl.trend)
+        # extrapolate over one period less one point at each end: what 0.15 spells "period"
+        # and 0.14 spells "freq" (deprecated in 0.15), given as the number both accept
         classical = seasonal_decompose(
-            gridded, period=bins, two_sided=True, extrapolate_trend="period"
+            gridded, period=bins, two_sided=True, extrapolate_trend=bins - 1
         )
         return np.asarray(classical.seasonal), np.asarray(classical.trend)
 

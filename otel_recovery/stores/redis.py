@@ -322,7 +322,9 @@ class RedisStore:
             client = self._async.pop(loop, None)
             self._ascripts.pop(loop, None)
         if client is not None:
-            await client.aclose()
+            # redis-py 5.0.1 renamed the async client's close() to aclose()
+            closing = getattr(client, "aclose", None) or client.close
+            await closing()
         self.close()
 
     def __repr__(self) -> str:

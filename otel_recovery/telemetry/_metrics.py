@@ -10,8 +10,16 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterable
+from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation, get_meter
+from opentelemetry.metrics import (
+    CallbackOptions,
+    Histogram,
+    Meter,
+    MeterProvider,
+    Observation,
+    get_meter,
+)
 
 from otel_recovery import __about__
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
@@ -22,6 +30,27 @@ __all__ = ["RecoveryMetrics"]
 _STATES: tuple[CircuitState, ...] = tuple(CircuitState)
 
 
+def _duration_histogram(meter: Meter) -> Histogram:
+    """The call-duration histogram, with bucket boundaries in seconds where the API can say so.
+
+    The ``explicit_bucket_boundaries_advisory`` parameter came with opentelemetry-api 1.30.
+    Without it the SDK's default boundaries (0 to 10,000, meant for milliseconds) put nearly
+    every recovered call in one bucket; the README tells users of an older API to set a View.
+    """
+    options: dict[str, Any] = {
+        "unit": "s",
+        "description": "Duration of calls that needed recovery, all attempts and waits included.",
+    }
+    try:
+        return meter.create_histogram(
+            names.METRIC_CALL_DURATION,
+            explicit_bucket_boundaries_advisory=list(names.CALL_DURATION_BUCKETS),
+            **options,
+        )
+    except TypeError:  # opentelemetry-api < 1.30
+        return meter.create_histogram(names.METRIC_CALL_DURATION, **options)
+
+
 class RecoveryMetrics:
     """The instruments of section 4.4 of research/otel-conventions.md."""
 
@@ -29,12 +58,7 @@ class RecoveryMetrics:
         meter = get_meter("otel_recovery", __about__.VERSION, meter_provider)
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self.call_duration = meter.create_histogram(
-            names.METRIC_CALL_DURATION,
-            unit="s",
-            description="Duration of calls that needed recovery, all attempts and waits included.",
-            explicit_bucket_boundaries_advisory=list(names.CALL_DURATION_BUCKETS),
-        )
+        self.call_duration = _duration_histogram(meter)
         self.retry_attempts = meter.create_counter(
             names.METRIC_RETRY_ATTEMPTS,
             unit="{attempt}",

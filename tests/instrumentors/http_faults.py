@@ -12,6 +12,7 @@ exact number of attempts the server saw and what each carried.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 Action = Callable[[web.Request], Any]
+
+# Stalled handlers are cancelled after 0.2 s at shutdown. aiohttp 3.9 moved that setting from
+# the site to the runner; before, the runner handed it to each connection, which failed.
+_QUICK_SHUTDOWN = {"shutdown_timeout": 0.2}
+_ON_RUNNER = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
+_RUNNER_OPTIONS = _QUICK_SHUTDOWN if _ON_RUNNER else {}
+_SITE_OPTIONS = {} if _ON_RUNNER else _QUICK_SHUTDOWN
 
 
 @dataclass(frozen=True)
@@ -140,9 +148,9 @@ class FaultServer:
             try:
                 app = web.Application()
                 app.router.add_route("*", "/{tail:.*}", self._handle)
-                runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None)
+                runner = web.AppRunner(app, access_log=None, **_RUNNER_OPTIONS)
                 loop.run_until_complete(runner.setup())
-                site = web.TCPSite(runner, self.host, 0)
+                site = web.TCPSite(runner, self.host, 0, **_SITE_OPTIONS)
                 loop.run_until_complete(site.start())
                 server = site._server
                 assert server is not None

@@ -27,9 +27,10 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from ours import marked_by_us
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from servers import PrivateRedis, private_redis, private_redis_cluster  # noqa: F401
+from servers import PrivateRedis, aclose, private_redis, private_redis_cluster  # noqa: F401
 
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import redis as ours_module
@@ -125,13 +126,16 @@ class Harness:
 
         return Counting
 
-    def client(self, redis_py_retry: Retry | None = None) -> redis.Redis:
+    def client(
+        self, redis_py_retry: Retry | None = None, retry_on_error: list[Any] | None = None
+    ) -> redis.Redis:
         pool = redis.ConnectionPool(
             host="127.0.0.1",
             port=self.server.port,
             socket_timeout=TIMEOUT,
             retry=redis_py_retry or Retry(NoBackoff(), 0),
             connection_class=self._connection_class(redis.Connection),
+            **({} if retry_on_error is None else {"retry_on_error": retry_on_error}),
         )
         self._owners.add(id(pool))
         return redis.Redis(connection_pool=pool)
@@ -403,7 +407,9 @@ def test_pipeline_with_a_non_idempotent_command_is_not_retried(h: Harness) -> No
 
 def test_redis_py_retry_absorbs_a_kill_inside_our_single_attempt(h: Harness) -> None:
     h.instrument()
-    c = h.client(redis_py_retry=Retry(NoBackoff(), 3))
+    c = h.client(
+        redis_py_retry=Retry(NoBackoff(), 3), retry_on_error=[redis.exceptions.ConnectionError]
+    )
     client_id = c.client_id()
     h.reset_counts()
     killer = kill_mid_write(h.server, client_id)
@@ -414,9 +420,27 @@ def test_redis_py_retry_absorbs_a_kill_inside_our_single_attempt(h: Harness) -> 
     assert not h.logical_span("SET").events
 
 
+def test_a_kill_is_retried_once_whoever_retries_by_redis_py_version(h: Harness) -> None:
+    """A ``Retry`` without ``retry_on_error``: redis-py 6 repeats a dropped connection
+    itself; before 6.0 it repeats only the errors listed in ``retry_on_error`` (none here), so
+    we must, or the kill reaches the application."""
+    h.instrument()
+    c = h.client(redis_py_retry=Retry(NoBackoff(), 3))
+    client_id = c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    assert c.set("k", "v") is True
+    killer.join()
+    assert h.sent["SET"] == 2
+    redis_py_repeats = not hasattr(redis.Redis, "_disconnect_raise")  # redis-py >= 6
+    assert h.attempts["execute_command"] == (1 if redis_py_repeats else 2)
+
+
 def test_a_failure_redis_py_already_retried_is_not_retried_again(h: Harness) -> None:
     h.instrument(max_attempts=3)
-    c = h.client(redis_py_retry=Retry(NoBackoff(), 1))
+    c = h.client(
+        redis_py_retry=Retry(NoBackoff(), 1), retry_on_error=[redis.exceptions.TimeoutError]
+    )
     c.set("k", "v")
     h.reset_counts()
     stop_for(h.server, 5.0)
@@ -467,7 +491,7 @@ def test_suppressed_instrumentation_is_not_retried(h: Harness) -> None:
     with suppress_instrumentation(), pytest.raises(redis.exceptions.ConnectionError):
         c.set("k", "v")
     killer.join()
-    assert h.attempts["execute_command"] == 1 and not h.exporter.get_finished_spans()
+    assert h.attempts["execute_command"] == 1 and not marked_by_us(h.exporter.get_finished_spans())
 
 
 def test_a_wrapper_bug_does_not_break_the_call(
@@ -547,7 +571,7 @@ async def test_async_client_kill_mid_set_is_retried(h: Harness, order: str) -> N
     await asyncio.to_thread(killer.join)
     assert h.attempts["execute_command"] == 2 and h.sent["SET"] == 2
     assert_recovered(h, "SET", attempts=2)
-    await c.aclose()
+    await aclose(c)
 
 
 async def test_async_suppressed_instrumentation_is_not_retried(h: Harness) -> None:
@@ -560,8 +584,8 @@ async def test_async_suppressed_instrumentation_is_not_retried(h: Harness) -> No
     with suppress_instrumentation(), pytest.raises(redis.exceptions.ConnectionError):
         await c.set("k", "v")
     await asyncio.to_thread(killer.join)
-    assert h.attempts["execute_command"] == 1 and not h.exporter.get_finished_spans()
-    await c.aclose()
+    assert h.attempts["execute_command"] == 1 and not marked_by_us(h.exporter.get_finished_spans())
+    await aclose(c)
 
 
 async def test_async_a_wrapper_bug_does_not_break_the_call(
@@ -573,7 +597,7 @@ async def test_async_a_wrapper_bug_does_not_break_the_call(
     with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
         assert await c.set("k", "v") is True and await c.get("k") == b"v"
     assert _reports(caplog, "redis.asyncio Redis.execute_command") == 1
-    await c.aclose()
+    await aclose(c)
 
 
 async def test_async_client_pause_and_stopped_server_recover(h: Harness) -> None:
@@ -590,7 +614,7 @@ async def test_async_client_pause_and_stopped_server_recover(h: Harness) -> None
     assert await c.get("k") == b"v"
     assert h.attempts["execute_command"] == 2
     assert_recovered(h, "GET", attempts=2)
-    await c.aclose()
+    await aclose(c)
 
 
 async def test_async_incr_and_transactions_are_never_retried(h: Harness) -> None:
@@ -613,7 +637,7 @@ async def test_async_incr_and_transactions_are_never_retried(h: Harness) -> None
     await asyncio.to_thread(killer.join)
     assert h.attempts["execute"] == 1
     assert int(h.peek("get", "counter") or 0) <= 1
-    await c.aclose()
+    await aclose(c)
 
 
 async def test_async_idempotent_pipeline_is_refilled_and_retried(h: Harness) -> None:
@@ -628,7 +652,7 @@ async def test_async_idempotent_pipeline_is_refilled_and_retried(h: Harness) -> 
     await asyncio.to_thread(killer.join)
     assert h.attempts["execute"] == 2
     assert_recovered(h, "SET GET", attempts=2)
-    await c.aclose()
+    await aclose(c)
 
 
 # -- cluster clients (a private one-node cluster) ------------------------------------------
@@ -688,7 +712,7 @@ async def test_async_cluster_command_recovers_and_incr_is_not_retried(hc: Harnes
     await asyncio.to_thread(killer.join)
     assert hc.attempts["execute_command"] == 1
     assert hc.peek("get", "counter") is None
-    await c.aclose()
+    await aclose(c)
 
 
 # -- fallbacks ----------------------------------------------------------------------------
