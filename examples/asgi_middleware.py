@@ -34,9 +34,32 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def served(inner: Any) -> Any:
+    """What an ASGI server does with an app's exception: answer 500 (httpx's in-process
+    transport re-raises it instead in older releases, even when told not to)."""
+
+    async def serve(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await inner(scope, receive, tracked)
+        except Exception:
+            if started:
+                raise
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    return serve
+
+
 async def main() -> None:
     guarded = RecoveryMiddleware(app, retry=Retry(2, backoff=FixedBackoff(0.05)))
-    transport = httpx.ASGITransport(app=guarded, raise_app_exceptions=False)
+    transport = httpx.ASGITransport(app=served(guarded))
     async with httpx.AsyncClient(transport=transport, base_url="http://example") as client:
         for number in range(1, 8):
             response = await client.get("/orders")

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -190,12 +191,15 @@ def private_redis_cluster() -> Iterator[PrivateRedis]:
 def pg_admin() -> Any:
     """An autocommit connection for set-up, checks and killing our own backends.
 
-    Use it inside :func:`quiet` so instrumentation (ours and contrib's) ignores it.
+    It is made by psycopg's own ``connect``, from under every wrapper (ours and contrib's),
+    so no instrumentation sees it: contrib's psycopg instrumentation before 0.50b0 ignores
+    :func:`quiet` and would trace the plumbing's statements next to the test's.
     """
     import psycopg
 
+    connect = inspect.unwrap(psycopg.connect)
     with quiet():
-        return psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5)
+        return connect(PG_DSN, autocommit=True, connect_timeout=5)
 
 
 @contextlib.contextmanager

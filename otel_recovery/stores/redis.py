@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import inspect
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -52,6 +53,24 @@ _BATCH_TTL_S = 7 * 86400
 _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _UNAVAILABLE_REPLIES = (redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError)
 _DEFAULTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
+
+
+class _PlainRedis(redis.Redis):
+    """The store's client: its commands skip every wrapper on ``Redis.execute_command``.
+
+    Store traffic must make no span and no retry of anyone's. Our instrumentors and contrib's
+    redis instrumentation from 0.60b0 honour suppressed instrumentation; earlier contrib
+    releases trace every command regardless. So the store binds redis-py's own method, as it
+    was before anything wrapped it, on a class of its own.
+    """
+
+    execute_command = inspect.unwrap(redis.Redis.execute_command)
+
+
+class _PlainAsyncRedis(redis.asyncio.Redis):
+    """:class:`_PlainRedis` for asyncio."""
+
+    execute_command = inspect.unwrap(redis.asyncio.Redis.execute_command)
 
 
 class RedisStore:
@@ -93,7 +112,7 @@ class RedisStore:
         """The sync client (created on first use; thread-safe connection pool)."""
         with self._lock:
             if self._client is None:
-                self._client = redis.Redis.from_url(self._target, **self._options)
+                self._client = _PlainRedis.from_url(self._target, **self._options)
             return self._client
 
     def aclient(self) -> redis.asyncio.Redis:
@@ -102,7 +121,7 @@ class RedisStore:
         with self._lock:
             found = self._async.get(loop)
             if found is None:
-                found = redis.asyncio.Redis.from_url(self._target, **self._options)
+                found = _PlainAsyncRedis.from_url(self._target, **self._options)
                 self._async[loop] = found
             return found
 

@@ -14,12 +14,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from opentelemetry.instrumentation import dbapi
 from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 from opentelemetry.instrumentation.utils import (
     suppress_instrumentation,
 )
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
+from ours import marked_by_us
 from pg_harness import PgHarness
 from servers import (
     PG_DSN,
@@ -98,6 +100,15 @@ def assert_connect_recovered(h: Harness, port: int, attempts: int) -> dict[str, 
     return failed[0]
 
 
+TERMINATED = (
+    psycopg.errors.AdminShutdown
+    if tuple(int(part) for part in psycopg.__version__.split(".")[:3]) >= (3, 2, 4)
+    else psycopg.OperationalError
+)
+"""What a statement gets when its backend is terminated under it. psycopg before 3.2.4
+loses the server's FATAL message as the connection closes: a plain ``OperationalError``
+without SQLSTATE (nothing to classify as 57P01; it is still never retried)."""
+
 # -- connecting is retried ----------------------------------------------------------------
 
 
@@ -164,7 +175,7 @@ def test_insert_committed_then_connection_lost_is_not_applied_twice(h: Harness, 
     table = h.table()
     conn = psycopg.connect(PG_DSN, autocommit=True)
     h.reset()
-    with pytest.raises(psycopg.errors.AdminShutdown):
+    with pytest.raises(TERMINATED):
         conn.execute(
             f"INSERT INTO {table} VALUES (1); COMMIT; SELECT pg_terminate_backend(pg_backend_pid())"
         )
@@ -174,8 +185,9 @@ def test_insert_committed_then_connection_lost_is_not_applied_twice(h: Harness, 
     assert attrs["otel_recovery.outcome"] == "failure"
     assert attrs["otel_recovery.retry.attempts"] == 1
     (failed,) = events(span, "otel_recovery.attempt.failed")
-    assert failed["error.type"] == "psycopg.errors.AdminShutdown"
-    assert failed["otel_recovery.error.code"] == "57P01"
+    if TERMINATED is psycopg.errors.AdminShutdown:
+        assert failed["error.type"] == "psycopg.errors.AdminShutdown"
+        assert failed["otel_recovery.error.code"] == "57P01"
     if h.contrib:
         assert attrs["otel_recovery.retry.disallowed"] == "statement_may_have_run"
     assert span.status.status_code is StatusCode.ERROR
@@ -299,13 +311,12 @@ async def test_async_57p03_then_statements_never_retried(h: Harness) -> None:
     conn = await psycopg.AsyncConnection.connect(dsn(front.port), autocommit=True)
     assert h.calls["connect"] == 2 and front.accepted == 2
     h.reset()
-    with pytest.raises(psycopg.errors.AdminShutdown):
+    with pytest.raises(TERMINATED):
         await conn.execute(
             f"INSERT INTO {table} VALUES (1); COMMIT; SELECT pg_terminate_backend(pg_backend_pid())"
         )
     assert h.calls["execute"] == 1 and h.rows(table) == 1
-    attrs = dict(h.statement_span("INSERT").attributes or {})
-    assert attrs["otel_recovery.retry.disallowed"] == "statement_may_have_run"
+    assert_awaited_statement_not_retried(h, "INSERT")
 
 
 async def test_async_statement_timeout_is_not_retried(h: Harness) -> None:
@@ -320,5 +331,22 @@ async def test_async_statement_timeout_is_not_retried(h: Harness) -> None:
         await conn.execute(f"INSERT INTO {table} SELECT 1 FROM pg_sleep(1)")
     await conn.close()
     assert h.calls["execute"] == 1 and h.rows(table) == 0
-    attrs = dict(h.statement_span("INSERT").attributes or {})
-    assert attrs["otel_recovery.retry.disallowed"] == "statement_may_have_run"
+    assert_awaited_statement_not_retried(h, "INSERT")
+
+
+CONTRIB_AWAITS_IN_ITS_SPAN = hasattr(dbapi.CursorTracer, "traced_execution_async")
+"""Contrib's dbapi before ``traced_execution_async`` ends an awaited statement's span before
+the statement runs (it returns the coroutine from inside the span), so our layer finds no
+span of contrib's around it and records the failure as it does without contrib."""
+
+
+def assert_awaited_statement_not_retried(h: Harness, keyword: str) -> None:
+    """Why the statement was not retried is on contrib's span, where contrib's span is
+    current around the statement."""
+    if CONTRIB_AWAITS_IN_ITS_SPAN:
+        attrs = dict(h.statement_span(keyword).attributes or {})
+        assert attrs["otel_recovery.retry.disallowed"] == "statement_may_have_run"
+    else:
+        (span,) = marked_by_us(h.exporter.get_finished_spans())
+        assert span.name.startswith("recover psycopg 127.0.0.1:")
+        assert (span.attributes or {})["otel_recovery.outcome"] == "failure"

@@ -668,6 +668,14 @@ def hc(private_redis_cluster: PrivateRedis) -> Iterator[Harness]:  # noqa: F811
         private_redis_cluster.heal()
 
 
+REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:2])
+"""redis-py's cluster clients drop a node whose connection failed from their startup nodes
+and rebuild the slot table from those left. Our test cluster has one node, so that left
+none, and nothing could ever reach it again: redis-py fixed it in 7.2 (sync) and 8.0
+(asyncio). A real cluster keeps its other nodes."""
+
+
+@pytest.mark.skipif(REDIS_PY < (7, 2), reason="redis-py < 7.2 forgets a one-node cluster")
 def test_cluster_command_and_pipeline_recover_from_a_kill(hc: Harness) -> None:
     hc.instrument()
     c = hc.cluster_client()
@@ -692,6 +700,7 @@ def test_cluster_command_and_pipeline_recover_from_a_kill(hc: Harness) -> None:
     c.close()
 
 
+@pytest.mark.skipif(REDIS_PY < (8, 0), reason="redis-py < 8.0 forgets a one-node cluster")
 async def test_async_cluster_command_recovers_and_incr_is_not_retried(hc: Harness) -> None:
     hc.instrument()
     c = hc.acluster_client()

@@ -50,11 +50,8 @@ EXTRAS = (
 """The extras whose floors the pins test: all but the test tools, the peers and ``maintain``."""
 NOT_RUN = {"ruff", "mypy"}
 """Test-extra tools the lowest run does not use (lint runs once, on the newest releases)."""
-CONSTRAINTS = [
-    # opentelemetry-instrumentation before 0.49b0 imports pkg_resources, which setuptools 81
-    # removed; its own requirement (setuptools >= 16.0) does not say so.
-    "setuptools<81",
-]
+CONSTRAINTS: list[str] = []
+"""Conditions of old releases that their own requirements do not state (none at present)."""
 
 
 def pins_path(python: str) -> Path:
