@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from otel_recovery._attempt import ATTEMPT, current_attempt
+from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._resend import install_resend_processor
 from otel_recovery.instrumentors._settings import (
     RecoverySettings,
@@ -325,3 +326,34 @@ def test_resend_count_is_stamped_on_http_client_spans_of_retries(fake_clock):
     assert "http.request.resend_count" not in db[0].attributes
     assert ATTEMPT.get() == 1
     assert install_resend_processor(object()) is False
+
+
+class _NeedsAMissingLibrary(RecoveryInstrumentor):
+    """An instrumentor whose library is not installed (as auto-instrumentation meets ours
+    in a service without, say, asyncpg)."""
+
+    library = "nothing"
+    instruments = ("otel-recovery-no-such-library >= 1",)
+    installed = False
+
+    def _install(self, patches, targets, kwargs):
+        type(self).installed = True
+
+
+def test_a_missing_library_skips_only_its_instrumentor_as_the_loader_expects(monkeypatch):
+    """The loader calls ``instrument(skip_dep_check=True)``. With a loader that knows
+    ``DependencyConflictError`` (0.53b0+) we raise it, and the loader logs and goes on; an
+    older loader re-raises any exception and stops loading every instrumentor after ours,
+    so there the skip must be quiet."""
+    from opentelemetry.instrumentation import dependencies
+
+    found = getattr(dependencies, "DependencyConflictError", None)
+    if found is not None:
+        with pytest.raises(found, match="otel-recovery-no-such-library"):
+            _NeedsAMissingLibrary().instrument(skip_dep_check=True)
+        _NeedsAMissingLibrary().uninstrument()
+        monkeypatch.delattr(dependencies, "DependencyConflictError")
+    instrumentor = _NeedsAMissingLibrary()
+    instrumentor.instrument(skip_dep_check=True)  # quiet: no exception
+    assert not _NeedsAMissingLibrary.installed and instrumentor.targets is None
+    instrumentor.uninstrument()
