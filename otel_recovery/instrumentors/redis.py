@@ -91,6 +91,13 @@ _ONLY_LISTED_ERRORS = hasattr(redis.client.Redis, "_disconnect_raise")
 ``Retry`` supports. From 6.0 the ``Retry``'s supported errors decide."""
 
 
+_REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:3] if part.isdigit())
+_PIPELINES_REPEAT_ONLY_TIMEOUTS = _REDIS_PY < (5, 0, 2)
+"""redis-py before 5.0.2: a pipeline's ``execute()`` repeats only a ``TimeoutError`` (4.x:
+when ``retry_on_timeout`` is set; 5.0.0 and 5.0.1: when ``TimeoutError`` is in
+``retry_on_error``), whatever else the connection's ``retry_on_error`` lists for commands."""
+
+
 def _retry_count(retry: Any) -> int:
     """How many times a redis-py ``Retry`` repeats (``get_retries`` came with redis-py 5)."""
     count = retry.get_retries() if hasattr(retry, "get_retries") else retry._retries
@@ -119,7 +126,18 @@ class Target:
     """The server a client talks to, what redis-py's own retry repeats for it (and how
     often), and the plans already chosen for its commands, per span mode."""
 
-    __slots__ = ("current", "host", "kwargs", "own", "owner", "port", "retried", "retries", "retry")
+    __slots__ = (
+        "current",
+        "host",
+        "kwargs",
+        "own",
+        "owner",
+        "pipeline_retried",
+        "port",
+        "retried",
+        "retries",
+        "retry",
+    )
 
     def __init__(
         self,
@@ -131,6 +149,7 @@ class Target:
         kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.host, self.port, self.retried, self.retries = host, port, retried, retries
+        self.pipeline_retried = retried  # what a pipeline's execute() repeats (see below)
         self.retry = retry  # the redis-py Retry these facts were read from...
         # ...and the pool's connection kwargs it was read from: ``set_retry`` updates this
         # very dict, so one ``get`` tells whether the facts still hold.
@@ -161,6 +180,12 @@ def _standalone_target(instance: Any) -> Target:
         extra.append(RedisTimeoutError)
     errors, retries = _coverage(retry, extra)
     target = Target(host, port, errors, retries, retry, kwargs)
+    if _PIPELINES_REPEAT_ONLY_TIMEOUTS:
+        if _REDIS_PY < (5, 0):
+            timeouts = bool(kwargs.get("retry_on_timeout"))
+        else:
+            timeouts = RedisTimeoutError in extra
+        target.pipeline_retried = (RedisTimeoutError,) if timeouts and retries else ()
     with contextlib.suppress(Exception):  # a pool with __slots__: recompute next time
         setattr(pool, _TARGET, target)
     return target
@@ -314,7 +339,8 @@ class _Planner:
         return self.plans.plan(host, port, name, mode, "transaction")
 
     def pipeline(self, mode: SpanMode, target: Target, pipe: Any) -> tuple[Plan, Queued | None]:
-        host, port, retried, retries = target.host, target.port, target.retried, target.retries
+        host, port, retried = target.host, target.port, target.pipeline_retried
+        retries = target.retries if retried else 0
         if _transactional(pipe):
             return self.plans.plan(host, port, "MULTI", mode, "transaction"), None
         queued = _queued(pipe)

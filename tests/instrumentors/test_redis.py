@@ -385,6 +385,24 @@ def test_idempotent_pipeline_is_refilled_and_retried(h: Harness) -> None:
     assert_recovered(h, "SET SET GET", attempts=2)
 
 
+def test_a_pipeline_kill_is_retried_once_whoever_retries_by_redis_py_version(h: Harness) -> None:
+    """``retry_on_error=[ConnectionError]``, as redis-py advises: from 5.0.2 a pipeline's
+    ``execute()`` repeats it itself; before, it repeats only timeouts, so we must."""
+    h.instrument()
+    c = h.client(
+        redis_py_retry=Retry(NoBackoff(), 3), retry_on_error=[redis.exceptions.ConnectionError]
+    )
+    client_id = c.client_id()
+    h.reset_counts()
+    killer = kill_mid_write(h.server, client_id)
+    pipe = c.pipeline(transaction=False)
+    pipe.set("a", "1").get("a")
+    assert pipe.execute() == [True, b"1"]
+    killer.join()
+    pipelines_repeat_it = tuple(map(int, redis.__version__.split(".")[:3])) >= (5, 0, 2)
+    assert h.attempts["execute"] == (1 if pipelines_repeat_it else 2)
+
+
 def test_pipeline_with_a_non_idempotent_command_is_not_retried(h: Harness) -> None:
     h.instrument()
     c = h.client()
