@@ -67,8 +67,12 @@ def _copy(into: Path) -> Path:
     return into
 
 
-def _run(command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def _run(
+    command: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.slow
@@ -97,13 +101,8 @@ def test_the_library_facing_tests_pass_on_the_oldest_supported_releases(tmp_path
     )
 
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    result = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CHECKED],
-        cwd=source,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    result = _run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CHECKED], source, 1200, env
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout.splitlines()[-1]

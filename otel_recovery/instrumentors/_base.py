@@ -14,13 +14,13 @@ the library's methods through a :class:`PatchSet` using the per-target policies 
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import logging
 import os
 from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
+from opentelemetry.instrumentation import dependencies
 from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
@@ -49,7 +49,6 @@ def _conflict_error() -> type[Exception] | None:
     instrumentor and re-raise it, which stops every instrumentor after ours from loading:
     there a missing library must be a quiet skip instead.
     """
-    dependencies = importlib.import_module("opentelemetry.instrumentation.dependencies")
     error: type[Exception] | None = getattr(dependencies, "DependencyConflictError", None)
     return error
 

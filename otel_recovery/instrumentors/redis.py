@@ -122,6 +122,19 @@ def _coverage(retry: Any, extra: list[Any]) -> tuple[tuple[type[BaseException], 
     return (errors, retries) if errors and retries else ((), 0)
 
 
+def _pipeline_coverage(
+    errors: tuple[type[BaseException], ...], retries: int, kwargs: dict[str, Any], extra: list[Any]
+) -> tuple[type[BaseException], ...]:
+    """What a pipeline's ``execute()`` repeats by itself, given what a command's does."""
+    if not _PIPELINES_REPEAT_ONLY_TIMEOUTS:
+        return errors
+    if _REDIS_PY < (5, 0):
+        timeouts = bool(kwargs.get("retry_on_timeout"))
+    else:
+        timeouts = RedisTimeoutError in extra
+    return (RedisTimeoutError,) if timeouts and retries else ()
+
+
 class Target:
     """The server a client talks to, what redis-py's own retry repeats for it (and how
     often), and the plans already chosen for its commands, per span mode."""
@@ -147,9 +160,11 @@ class Target:
         retries: int,
         retry: Any = None,
         kwargs: dict[str, Any] | None = None,
+        pipeline_retried: tuple[type[BaseException], ...] | None = None,
     ) -> None:
         self.host, self.port, self.retried, self.retries = host, port, retried, retries
-        self.pipeline_retried = retried  # what a pipeline's execute() repeats (see below)
+        # what a pipeline's execute() repeats, where it differs (_pipeline_coverage)
+        self.pipeline_retried = retried if pipeline_retried is None else pipeline_retried
         self.retry = retry  # the redis-py Retry these facts were read from...
         # ...and the pool's connection kwargs it was read from: ``set_retry`` updates this
         # very dict, so one ``get`` tells whether the facts still hold.
@@ -179,13 +194,8 @@ def _standalone_target(instance: Any) -> Target:
     if kwargs.get("retry_on_timeout"):
         extra.append(RedisTimeoutError)
     errors, retries = _coverage(retry, extra)
-    target = Target(host, port, errors, retries, retry, kwargs)
-    if _PIPELINES_REPEAT_ONLY_TIMEOUTS:
-        if _REDIS_PY < (5, 0):
-            timeouts = bool(kwargs.get("retry_on_timeout"))
-        else:
-            timeouts = RedisTimeoutError in extra
-        target.pipeline_retried = (RedisTimeoutError,) if timeouts and retries else ()
+    pipeline_errors = _pipeline_coverage(errors, retries, kwargs, extra)
+    target = Target(host, port, errors, retries, retry, kwargs, pipeline_errors)
     with contextlib.suppress(Exception):  # a pool with __slots__: recompute next time
         setattr(pool, _TARGET, target)
     return target

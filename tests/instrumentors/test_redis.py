@@ -39,6 +39,8 @@ from otel_recovery.instrumentors._settings import load_settings
 from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
 from otel_recovery.testing import FakeClock
 
+REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:3])
+"""The installed redis-py, where its own retries differ by release."""
 TIMEOUT = 0.4  # client socket timeout; faults last 0.6 s so attempt 1 fails, attempt 2 not
 COUNTED = [
     (redis.client.Redis, "execute_command"),
@@ -399,8 +401,7 @@ def test_a_pipeline_kill_is_retried_once_whoever_retries_by_redis_py_version(h: 
     pipe.set("a", "1").get("a")
     assert pipe.execute() == [True, b"1"]
     killer.join()
-    pipelines_repeat_it = tuple(map(int, redis.__version__.split(".")[:3])) >= (5, 0, 2)
-    assert h.attempts["execute"] == (1 if pipelines_repeat_it else 2)
+    assert h.attempts["execute"] == (1 if REDIS_PY >= (5, 0, 2) else 2)
 
 
 def test_pipeline_with_a_non_idempotent_command_is_not_retried(h: Harness) -> None:
@@ -686,11 +687,10 @@ def hc(private_redis_cluster: PrivateRedis) -> Iterator[Harness]:  # noqa: F811
         private_redis_cluster.heal()
 
 
-REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:2])
-"""redis-py's cluster clients drop a node whose connection failed from their startup nodes
-and rebuild the slot table from those left. Our test cluster has one node, so that left
-none, and nothing could ever reach it again: redis-py fixed it in 7.2 (sync) and 8.0
-(asyncio). A real cluster keeps its other nodes."""
+# redis-py's cluster clients drop a node whose connection failed from their startup nodes
+# and rebuild the slot table from those left. Our test cluster has one node, so that left
+# none, and nothing could ever reach it again: redis-py fixed it in 7.2 (sync) and 8.0
+# (asyncio). A real cluster keeps its other nodes.
 
 
 @pytest.mark.skipif(REDIS_PY < (7, 2), reason="redis-py < 7.2 forgets a one-node cluster")
