@@ -9,7 +9,8 @@ into the next one.
 from __future__ import annotations
 
 import os
-import threading
+
+from otel_recovery._forksafe import new_lock
 
 __all__ = [
     "SWITCHES",
@@ -53,7 +54,7 @@ def env_flag(name: str, *, default: bool) -> bool:
 
 
 SWITCHES = Switches()
-_lock = threading.Lock()
+_lock = new_lock()
 
 
 def is_active() -> bool:

@@ -7,9 +7,9 @@ needed by code that only wants virtual time (the benchmarks' simulations, for on
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from otel_recovery._clock import Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 
 __all__ = ["FakeClock"]
 
@@ -25,7 +25,7 @@ class FakeClock:
     def __init__(self, start: float = 1000.0, wall_start: float = 1_700_000_000.0) -> None:
         self._now = float(start)
         self._wall_offset = float(wall_start) - float(start)
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self.sleeps: list[float] = []
 
     def now(self) -> float:

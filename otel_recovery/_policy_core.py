@@ -8,18 +8,19 @@ choosing the fallback, opening the trace) lives here once.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any, Literal, NamedTuple
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._engine import Decision, after_failure, after_rejection
+from otel_recovery._forksafe import new_lock
 from otel_recovery.classify import (
     CRITICALITY_LEVELS,
     Classifier,
     ErrorCategory,
     ErrorInfo,
+    ErrorKind,
     Severity,
     get_default_classifier,
 )
@@ -31,7 +32,7 @@ from otel_recovery.policies.retry import Retry, RetryAdvice
 from otel_recovery.policies.timeout import Timeout
 from otel_recovery.telemetry import CallTrace, Telemetry, get_telemetry, watch_breaker_globally
 
-__all__ = ["AsyncRunner", "HappyPath", "PolicyCore", "Runner"]
+__all__ = ["AsyncRunner", "HappyPath", "PolicyCore", "Runner", "says_dependency_is_up"]
 
 Runner = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 """``run(fn, args, kwargs)``: ``policy.call(fn, *args, **kwargs)`` compiled for a hot path."""
@@ -40,6 +41,21 @@ AsyncRunner = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Aw
 
 _log = logging.getLogger("otel_recovery")
 _OPEN_STATES = (CircuitState.OPEN, CircuitState.FORCED_OPEN)
+_ANSWERED_CATEGORIES = frozenset({ErrorCategory.INVALID_REQUEST, ErrorCategory.CONFIGURATION})
+_ANSWERED_KINDS = frozenset({ErrorKind.SERIALIZATION})
+
+
+def says_dependency_is_up(info: ErrorInfo) -> bool:
+    """Whether a failure is an answer from a healthy dependency, which a breaker counts as a
+    success: the request was wrong (invalid, a syntax error, a missing table, bad
+    credentials) or lost a race to another one (a serialization failure, a deadlock, a
+    Redis ``WATCH`` conflict).
+
+    Counting those as failures would let one endpoint's bad query, or one hot row, open the
+    circuit for everything else that talks to the same server (Envoy's outlier detection
+    likewise ignores 4xx answers).
+    """
+    return info.category in _ANSWERED_CATEGORIES or info.kind in _ANSWERED_KINDS
 
 
 class HappyPath(NamedTuple):
@@ -62,6 +78,7 @@ class PolicyCore:
     __slots__ = (
         "_attempt_limit",
         "_deadline",
+        "_failure_attributes",
         "_good_lock",
         "_last_good",
         "_limits_attempts",
@@ -108,6 +125,9 @@ class PolicyCore:
         if span not in ("own", "current"):
             raise ValueError(f"span must be 'own' or 'current', got {span!r}")
         self._own_span = span == "own"
+        # Attributes the trace of a call that ran and failed carries (an instrumentor says
+        # there why its call was not retried); never a rejection's, which did not run.
+        self._failure_attributes: dict[str, Any] | None = None
         self.retry = retry
         self.breaker = breaker
         self.budget = budget
@@ -131,7 +151,7 @@ class PolicyCore:
         self._limits_attempts = self._attempt_limit is not None or self._deadline is not None
         self._needs_duration = breaker is not None and breaker.slow_call_duration is not None
         self._last_good: OrderedDict[Hashable, tuple[Any, float]] = OrderedDict()
-        self._good_lock = threading.Lock()
+        self._good_lock = new_lock()
         for component, label in ((breaker, "breaker"), (budget, "budget")):
             own = getattr(component, "clock", None) or getattr(component, "_clock", None)
             if component is not None and own is not self.clock:
@@ -219,7 +239,7 @@ class PolicyCore:
                 fingerprint="0" * 16,
             )
 
-    def _trace(self, started: float) -> CallTrace | None:
+    def _trace(self, started: float, *, rejected: bool = False) -> CallTrace | None:
         """Open the recovery trace; a telemetry failure never breaks the call."""
         telemetry = self._telemetry
         if telemetry is False:
@@ -228,7 +248,10 @@ class PolicyCore:
             if telemetry is True:
                 telemetry = get_telemetry()
             assert isinstance(telemetry, Telemetry)
-            return telemetry.start_call(self.name, started, self.clock, own_span=self._own_span)
+            extra = None if rejected else self._failure_attributes
+            return telemetry.start_call(
+                self.name, started, self.clock, extra, own_span=self._own_span
+            )
         except Exception:
             return None
 
@@ -259,8 +282,7 @@ class PolicyCore:
         if breaker is None:
             return
         duration = took if self._needs_duration else None
-        if error is None or (info is not None and info.category is ErrorCategory.INVALID_REQUEST):
-            # A caller's mistake says nothing about the dependency's health.
+        if error is None or (info is not None and says_dependency_is_up(info)):
             breaker.record_success(duration)
         else:
             breaker.record_failure(duration)
@@ -316,7 +338,7 @@ class PolicyCore:
         self, error: BaseException, started: float
     ) -> tuple[ErrorInfo, CallTrace | None]:
         info = self._classify(error)
-        trace = self._trace(started)
+        trace = self._trace(started, rejected=True)
         if trace is not None:
             trace.rejected("rejected", _component(error), getattr(error, "retry_after", None))
         return info, trace

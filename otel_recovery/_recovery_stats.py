@@ -6,8 +6,9 @@ runs; one lock makes every update and every snapshot consistent across threads a
 
 from __future__ import annotations
 
-import threading
 from typing import Any
+
+from otel_recovery._forksafe import new_lock
 
 __all__ = ["RecoveryStats"]
 
@@ -16,7 +17,7 @@ class RecoveryStats:
     """Totals by status, strategy and category, plus the summed recovery time."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._total = 0
         self._successful = 0
         self._time = 0.0

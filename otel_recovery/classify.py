@@ -15,7 +15,6 @@ from __future__ import annotations
 import http
 import logging
 import re
-import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -23,6 +22,7 @@ from typing import Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
 from otel_recovery._fingerprint import fingerprint
+from otel_recovery._forksafe import new_lock
 from otel_recovery._known_errors import (
     ErrorCategory,
     ErrorKind,
@@ -252,7 +252,7 @@ class Classifier:
         self._clock: Clock = clock or SYSTEM_CLOCK
         self._threshold = repeat_threshold
         self._max_tracked = max_tracked_fingerprints
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._seen: OrderedDict[str, deque[float]] = OrderedDict()
         self._rules: tuple[Rule, ...] = ()
         self._broken_rules: set[int] = set()

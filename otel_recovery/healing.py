@@ -37,7 +37,6 @@ import asyncio
 import gc
 import inspect
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +44,7 @@ from typing import Any, Literal
 from opentelemetry import trace
 
 from otel_recovery._clock import Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.classify import ErrorInfo, ErrorKind
 from otel_recovery.telemetry.attributes import (
@@ -120,7 +120,7 @@ class HealingRegistry:
         self.max_timeout = to_seconds(max_timeout, "max_timeout")
         if self.max_timeout <= 0:
             raise ValueError(f"max_timeout must be > 0 seconds, got {max_timeout!r}")
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._actions: dict[ErrorKind, tuple[HealingAction, ...]] = {}
         self._reconnects: dict[str, Callback] = {}
         self._cache_clearers: tuple[Callback, ...] = ()

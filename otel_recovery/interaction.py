@@ -57,12 +57,12 @@ leave it alone, as they say nothing new about the dependency.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._config import SWITCHES
+from otel_recovery._forksafe import new_lock
 from otel_recovery._interaction_support import (
     Outcome,
     Run,
@@ -164,7 +164,7 @@ class ErrorRecoveryInteraction:
         self.learner = learner
         self._breaker_factory = breaker_factory
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._stats = RecoveryStats()
 
     @property

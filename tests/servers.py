@@ -211,6 +211,18 @@ def quiet() -> Iterator[None]:
         yield
 
 
+def kill_idle(pid: int, timeout: float = 10.0) -> None:
+    """Terminate backend ``pid`` (ours, idle) and wait until it has exited, so the client's
+    next use of the connection meets a dead backend rather than racing the signal."""
+    with quiet(), pg_admin() as admin:
+        (killed,) = admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+        assert killed, f"backend {pid} was not there to kill"
+        deadline = time.monotonic() + timeout
+        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+            assert time.monotonic() < deadline, f"backend {pid} did not exit"
+            time.sleep(0.01)
+
+
 def unique_table(purpose: str) -> str:
     """A table name no other test session uses."""
     return f"otelrec_{purpose}_{uuid.uuid4().hex[:10]}"

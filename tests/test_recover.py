@@ -7,9 +7,13 @@ import inspect
 import threading
 from typing import Any
 
+import psycopg
 import pytest
+import redis
 
 from otel_recovery import testing
+from otel_recovery._policy_core import says_dependency_is_up
+from otel_recovery.classify import classify
 from otel_recovery.policies import (
     Bulkhead,
     BulkheadFullError,
@@ -172,11 +176,29 @@ def test_breaker_counts_one_failure_per_logical_call_and_rejects_when_open(fake_
     assert rejected.value.retry_after == pytest.approx(30)
 
 
-def test_invalid_requests_do_not_trip_the_breaker(fake_clock):
+@pytest.mark.parametrize(
+    ("error", "trips"),
+    [
+        (ValueError(), False),  # invalid request: the caller's mistake
+        (PermissionError(), False),  # configuration: credentials, a missing file or table
+        (psycopg.errors.SyntaxError(), False),  # configuration (42601)
+        (psycopg.errors.SerializationFailure(), False),  # lost a race (40001)
+        (redis.exceptions.WatchError(), False),  # lost a race
+        (ConnectionError(), True),
+        (TimeoutError(), True),
+        (psycopg.errors.TooManyConnections(), True),  # the server is short of resources
+        (RuntimeError(), True),  # unknown: assume the dependency
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,
+)
+def test_only_failures_of_the_dependency_trip_the_breaker(fake_clock, error, trips):
+    """A dependency that answered "wrong request" or "you lost a race" is up."""
     breaker = CircuitBreaker(failure_threshold=1, timeout=30, clock=fake_clock)
-    with pytest.raises(ValueError):
-        policy(fake_clock, retry=Retry(2), breaker=breaker).call(Flaky(ValueError()))
-    assert breaker.state is CircuitState.CLOSED
+    with pytest.raises(type(error)):
+        policy(fake_clock, breaker=breaker).call(Flaky(error))
+    assert breaker.state is (CircuitState.OPEN if trips else CircuitState.CLOSED)
+    info = classify(error)
+    assert says_dependency_is_up(info) is not trips
 
 
 def test_retrying_stops_when_another_caller_opens_the_breaker(fake_clock):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -36,3 +37,30 @@ def test_ruff_format_is_clean():
 def test_mypy_strict_on_the_package():
     result = run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+FORK_HANDLED = ("_forksafe.py", "stores/_shared_", "stores/_sharing.py", "_demo/")
+"""Where a plain ``threading`` lock is fine: the fork-safe lock factory itself, the
+fleet-wide state whose own at-fork handlers reset its locks and restart its threads, and
+the demo."""
+
+
+def test_every_lock_of_the_package_is_fork_safe():
+    """A lock another thread held at ``fork()`` stays held in the child (gunicorn
+    ``--preload``, multiprocessing): locks come from ``otel_recovery._forksafe``."""
+    package = ROOT / "otel_recovery"
+    plain = []
+    for path in sorted(package.rglob("*.py")):
+        where = path.relative_to(package).as_posix()
+        if where.startswith(FORK_HANDLED):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("Lock", "RLock")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "threading"
+            ):
+                plain.append(f"{where}:{node.lineno}")
+    assert not plain, f"use otel_recovery._forksafe.new_lock()/new_rlock() at {plain}"

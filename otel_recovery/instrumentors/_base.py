@@ -32,6 +32,7 @@ from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.learning.store import CheckpointLearnerStore
 from otel_recovery.learning.strategy import StrategyLearner
+from otel_recovery.policies.circuit_breaker import CircuitOpenError
 from otel_recovery.telemetry import Telemetry
 
 __all__ = ["RecoveryInstrumentor"]
@@ -66,6 +67,10 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     fallback_on: ClassVar[tuple[type[BaseException], ...]] = (Exception,)
     """What a configured ``fallback_value`` answers for; narrow it to dependency failures so
     a programming error (a malformed URL) still surfaces."""
+    rejection: ClassVar[type[CircuitOpenError]] = CircuitOpenError
+    """What an open circuit raises: a ``CircuitOpenError`` that is also the library's own
+    connection error (``PsycopgCircuitOpenError`` ...), so existing ``except`` clauses and
+    frameworks built on the driver handle it. The HTTP layers make theirs per request."""
 
     settings: RecoverySettings | None = None
     targets: TargetPolicies | None = None
@@ -103,6 +108,7 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             fallback_on=self.fallback_on,
             telemetry=telemetry,
             learner=self._learner(settings, clock),
+            rejection=self.rejection,
         )
         patches = PatchSet(self.library)
         self._install(patches, self.targets, kwargs)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
@@ -30,6 +29,7 @@ from opentelemetry import trace
 
 from otel_recovery._clock import Clock
 from otel_recovery._compiled import SPEEDUPS
+from otel_recovery._forksafe import new_lock
 from otel_recovery._policy_core import AsyncRunner, Runner
 from otel_recovery.classify import (
     Classifier,
@@ -185,7 +185,7 @@ class PlanCache:
         self.targets = targets
         self._cache: dict[tuple[Any, ...], Plan] = {}
         self._limit = limit
-        self._lock = threading.Lock()
+        self._lock = new_lock()
 
     def plan(
         self,
@@ -208,6 +208,7 @@ class PlanCache:
                 retry_allowed=disallowed is None,
                 span=span,
                 not_retried=client_retried if disallowed is None else (),
+                disallowed=disallowed,
             )
             plan = Plan(
                 policy,

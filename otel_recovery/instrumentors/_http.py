@@ -22,12 +22,12 @@ the original has been called, an internal error may only surface the original's 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from otel_recovery._clock import Clock
+from otel_recovery._forksafe import new_lock
 from otel_recovery._retry_after import header
 from otel_recovery.classify import Classifier, ErrorInfo, get_default_classifier
 from otel_recovery.instrumentors._targets import TargetPolicies
@@ -181,7 +181,7 @@ def fallback_body(value: Any) -> tuple[bytes, str]:
 _resend_waiting: list[Any] = []
 """Tracer providers to get the resend-count processor at the first resend (None: the
 global provider, whichever it is by then). Changed in place, under ``_resend_lock``."""
-_resend_lock = threading.Lock()
+_resend_lock = new_lock()
 
 
 def install_resend_count(kwargs: Mapping[str, Any]) -> None:

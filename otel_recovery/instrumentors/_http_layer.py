@@ -14,11 +14,11 @@ repeated, and why a retryable status becomes an exception, is in :mod:`._http`.
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 from otel_recovery._compiled import SPEEDUPS
+from otel_recovery._forksafe import new_lock
 from otel_recovery._policy_core import AsyncRunner, Runner
 from otel_recovery.instrumentors._db import (
     CONTEXT_VAR,
@@ -91,7 +91,7 @@ class HttpPlans:
         self.by_url: dict[Any, tuple[Any, ...]] = {}
         self._compiled: dict[HttpCall, HttpPlan] = {}
         self._limit = limit
-        self._lock = threading.Lock()
+        self._lock = new_lock()
 
     def compile(self, call: HttpCall) -> HttpPlan:
         """The plan running ``call``; one per distinct call, so runners are built once."""

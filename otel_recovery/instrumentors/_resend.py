@@ -8,7 +8,6 @@ driver publishes (:func:`otel_recovery._attempt.current_attempt`).
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Any
 
@@ -17,6 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import SpanKind
 
 from otel_recovery._attempt import ATTEMPT
+from otel_recovery._forksafe import new_lock
 from otel_recovery.telemetry.attributes import HTTP_REQUEST_RESEND_COUNT
 
 __all__ = ["ResendCountSpanProcessor", "install_resend_processor"]
@@ -24,7 +24,7 @@ __all__ = ["ResendCountSpanProcessor", "install_resend_processor"]
 _HTTP_METHOD_KEYS = ("http.request.method", "http.method")
 _current_attempt = ATTEMPT.get  # what current_attempt() returns, one Python call less per span
 _installed: weakref.WeakSet[Any] = weakref.WeakSet()
-_lock = threading.Lock()
+_lock = new_lock()
 
 
 class ResendCountSpanProcessor(SpanProcessor):

@@ -28,11 +28,12 @@ import json
 import logging
 import os
 import sys
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from otel_recovery._forksafe import new_lock
 
 __all__ = ["ENV_PREFIX", "RecoverySettings", "SettingsError", "load_settings"]
 
@@ -149,7 +150,7 @@ compiled extension (``_compiled``), the state store (``stores``), the checkpoint
 (``checkpoint``), the database of ``benchmarks/layer_cost.py``."""
 _log = logging.getLogger("otel_recovery.instrumentors")
 _warned: set[str] = set()
-_warned_lock = threading.Lock()
+_warned_lock = new_lock()
 
 
 def _convert(name: str, raw: Any, source: str) -> Any:

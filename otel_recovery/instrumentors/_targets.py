@@ -8,12 +8,12 @@ unboundedly many hosts cannot grow memory without limit.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
 from otel_recovery._clock import Clock
+from otel_recovery._forksafe import new_lock
 from otel_recovery.classify import Classifier, ErrorInfo
 from otel_recovery.instrumentors._settings import RecoverySettings
 from otel_recovery.learning.advisor import LearnedRetryAdvisor
@@ -25,8 +25,10 @@ from otel_recovery.policies import (
     Retry,
     RetryBudget,
 )
+from otel_recovery.policies.circuit_breaker import CircuitOpenError
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.telemetry import Telemetry
+from otel_recovery.telemetry.attributes import RETRY_DISALLOWED
 
 __all__ = ["FallbackOn", "TargetPolicies"]
 
@@ -45,6 +47,33 @@ class _LayeredRetry(Retry):
         if isinstance(error, self.not_retried):
             return False
         return super().is_retryable(error, info)
+
+
+class _TargetPolicy(RecoveryPolicy):
+    """One target's policy as an instrumentor runs it.
+
+    An open circuit raises ``rejection``: a ``CircuitOpenError`` that is also the client
+    library's own connection error, so the application's ``except`` clauses, and frameworks
+    that handle only the driver's errors (SQLAlchemy wraps DBAPI errors and lets anything
+    else escape), treat it as the failure it stands for. A call that may not be retried
+    says why on its trace (``otel_recovery.retry.disallowed``), on our own span as on
+    contrib's.
+    """
+
+    __slots__ = ("_rejection_type",)
+
+    def __init__(
+        self, rejection: type[CircuitOpenError], disallowed: str | None, **options: Any
+    ) -> None:
+        super().__init__(**options)
+        self._rejection_type = rejection
+        if disallowed is not None:
+            self._failure_attributes = {RETRY_DISALLOWED: disallowed}
+
+    def _rejection(self) -> CircuitOpenError:
+        breaker = self.breaker
+        assert breaker is not None  # every target's policy has the target's breaker
+        return self._rejection_type(breaker.name, breaker.retry_after())
 
 
 class _Target:
@@ -76,11 +105,13 @@ class TargetPolicies:
         fallback_on: FallbackOn = Exception,
         telemetry: Telemetry | bool = True,
         learner: StrategyLearner | None = None,
+        rejection: type[CircuitOpenError] = CircuitOpenError,
     ) -> None:
         """``classifier`` replaces the process-wide one for these policies (the HTTP
         instrumentors classify retryable *responses* by status); ``fallback_on`` limits what
         a configured fallback answers for (transport failures, not programming errors);
-        ``telemetry`` routes spans and metrics to the providers given to ``instrument()``."""
+        ``telemetry`` routes spans and metrics to the providers given to ``instrument()``;
+        ``rejection`` is what an open circuit raises (see ``_TargetPolicy``)."""
         self.library = library
         self.settings = settings
         self._span: Literal["own", "current"] = span
@@ -89,9 +120,10 @@ class TargetPolicies:
         self._fallback_on = fallback_on
         self._telemetry = telemetry
         self.learner = learner
+        self._rejection = rejection
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         # Resolved policies by call shape: the per-call cost is one dict lookup. Operations
         # only become part of the key where the settings have a section for them, so paths
         # with ids in them cannot grow this without bound.
@@ -141,6 +173,7 @@ class TargetPolicies:
         retry_allowed: bool,
         span: Literal["own", "current"] | None = None,
         not_retried: tuple[type[BaseException], ...] = (),
+        disallowed: str | None = None,
     ) -> RecoveryPolicy:
         """The policy for one call to ``host:port``.
 
@@ -148,13 +181,14 @@ class TargetPolicies:
         span when contrib is above it, and opens its own span when it is not).
         ``not_retried`` lists failures a lower layer already retried (redis-py's connection
         ``Retry``): repeating them here would multiply attempts, so they are only recorded.
+        ``disallowed`` is why a call that may not be retried is not: a failure's trace says so.
         """
         op_key = self._operation_key(host, port, operation)
-        fast_key = (host, port, op_key, retry_allowed, span, not_retried)
+        fast_key = (host, port, op_key, retry_allowed, span, not_retried, disallowed)
         resolved = self._resolved.get(fast_key)
         if resolved is not None and resolved.breaker is self._known_breaker(host, port):
             return resolved
-        policy = self._build(host, port, op_key, retry_allowed, span, not_retried)
+        policy = self._build(host, port, op_key, retry_allowed, span, not_retried, disallowed)
         if len(self._resolved) >= 4 * self._max:
             self._resolved.clear()
         self._resolved[fast_key] = policy
@@ -181,12 +215,13 @@ class TargetPolicies:
         retry_allowed: bool,
         span: Literal["own", "current"] | None,
         not_retried: tuple[type[BaseException], ...],
+        disallowed: str | None,
     ) -> RecoveryPolicy:
         target = self._target(host, port)
         s = self.settings.for_target(host, port, operation)
         specific = operation if s != self.settings.for_target(host, port, None) else None
         mode = span or self._span
-        key = (specific, retry_allowed, mode, not_retried)
+        key = (specific, retry_allowed, mode, not_retried, disallowed)
         policy = target.policies.get(key)
         if policy is not None:
             return policy
@@ -208,7 +243,9 @@ class TargetPolicies:
         )
         if isinstance(retry, _LayeredRetry):
             retry.not_retried = not_retried
-        policy = RecoveryPolicy(
+        policy = _TargetPolicy(
+            self._rejection,
+            disallowed,
             retry=retry,
             breaker=target.breaker,
             budget=target.budget if retry_allowed else None,

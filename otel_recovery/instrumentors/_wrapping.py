@@ -24,7 +24,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any, cast
 import wrapt
 
 from otel_recovery._compiled import SPEEDUPS
+from otel_recovery._forksafe import new_lock
 
 __all__ = ["PatchSet", "Wrapper", "report_internal_error"]
 
@@ -45,7 +45,7 @@ _CONTRIB_PREFIX = "opentelemetry.instrumentation."
 # wrapt 2 renamed the proxy base (FunctionWrapper no longer subclasses wrapt.ObjectProxy).
 _Proxy: Any = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
 _reported: set[str] = set()
-_reported_lock = threading.Lock()
+_reported_lock = new_lock()
 
 
 def report_internal_error(site: str, error: BaseException) -> None:

@@ -15,6 +15,15 @@ fetchrow`` and ``PreparedStatement.*``), with our wrapper spliced beneath contri
 events land on its span. A pool opening a connection inside an acquire is retried once, at
 the acquire: the nested connect then passes straight through, so attempts do not multiply
 and the breaker counts one outcome per acquire.
+
+asyncpg's own transaction control (``BEGIN``, ``COMMIT``, ``ROLLBACK``, savepoints, sent by
+``Transaction`` through ``Connection.execute``) passes straight through, even with the
+circuit open. ``Transaction`` updates its bookkeeping before it sends them: a refused
+``BEGIN`` would leave the connection believing it is in a transaction it never started (each
+later ``BEGIN`` becomes a ``SAVEPOINT`` the server rejects, for the life of a pooled
+connection), and a refused ``COMMIT`` or ``ROLLBACK`` would leave the server holding a
+transaction, and its locks, that the client has forgotten. Refusing the statements inside
+the transaction is what fails fast.
 """
 
 from __future__ import annotations
@@ -47,14 +56,54 @@ from otel_recovery.instrumentors._db import (
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
-__all__ = ["AsyncPGRecoveryInstrumentor"]
+__all__ = ["AsyncPGCircuitOpenError", "AsyncPGRecoveryInstrumentor"]
+
+
+class AsyncPGCircuitOpenError(CircuitOpenError, asyncpg.exceptions.InterfaceError):  # type: ignore[misc]
+    """The server's circuit is open, so the connect or statement was not sent.
+
+    Also an ``asyncpg.InterfaceError``, asyncpg's error for a call the client would not make
+    (a closed connection, a released one): ``except asyncpg.InterfaceError`` catches it, and
+    SQLAlchemy's asyncpg dialect wraps it as its ``InterfaceError``, a DBAPI error, not a
+    disconnect.
+    """
+
 
 _ACQUIRING: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "otel_recovery_asyncpg_acquiring", default=False
 )
 _STATEMENTS = ("execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany")
 _PREPARED = ("fetch", "fetchval", "fetchrow", "executemany", "fetchmany")
+_TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT ", "RELEASE SAVEPOINT ")
+"""How the statements asyncpg's ``Transaction`` sends begin (it always spells them so)."""
+
+
+def _passing_transaction_control(
+    build: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``build`` for ``Connection.execute``, sending transaction control straight to the
+    original (see the module docstring). ``Transaction`` calls ``execute(query)`` and
+    nothing else; the layer stays a plain function returning the awaitable of the one it
+    wraps, so every other statement still takes the compiled path."""
+
+    def build_passing(original: Callable[..., Any]) -> Callable[..., Any]:
+        layer = build(original)
+
+        def execute(*args: Any, **kwargs: Any) -> Any:
+            if (
+                len(args) == 2
+                and not kwargs
+                and type(args[1]) is str
+                and args[1].startswith(_TRANSACTION_CONTROL)
+            ):
+                return original(*args)
+            return layer(*args, **kwargs)
+
+        return execute
+
+    return build_passing
 
 
 def dsn_target(dsn: Any, host: Any, port: Any) -> tuple[str, int | None]:
@@ -225,6 +274,7 @@ class AsyncPGRecoveryInstrumentor(PostgresInstrumentor):
     """Inline recovery for asyncpg connections and pools; see the module docstring."""
 
     library: ClassVar[str] = "asyncpg"
+    rejection: ClassVar[type[CircuitOpenError]] = AsyncPGCircuitOpenError
     instruments: ClassVar[tuple[str, ...]] = ("asyncpg >= 0.27",)
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
@@ -239,4 +289,6 @@ class AsyncPGRecoveryInstrumentor(PostgresInstrumentor):
                 locate = planner.statement_locator(site, kind == "prepared", patches)
                 route = planner.route(site) if kind == "statement" else None
                 build = async_layer(patches, where, locate, route)
+                if owner is asyncpg.connection.Connection and attribute == "execute":
+                    build = _passing_transaction_control(build)
                 site.proxy = patches.layer(owner, attribute, build, beneath_contrib=True)

@@ -48,8 +48,20 @@ from otel_recovery.instrumentors._db import (
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
+from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
-__all__ = ["PsycopgRecoveryInstrumentor"]
+__all__ = ["PsycopgCircuitOpenError", "PsycopgRecoveryInstrumentor"]
+
+
+class PsycopgCircuitOpenError(CircuitOpenError, psycopg.OperationalError):
+    """The server's circuit is open, so the connect or statement was not sent.
+
+    Also a ``psycopg.OperationalError``, what psycopg raises when it cannot reach the server:
+    ``except psycopg.OperationalError`` catches it, pools (psycopg_pool) treat it as a failed
+    connect, and SQLAlchemy wraps it as its ``OperationalError`` (not a disconnect: the
+    pooled connection is kept).
+    """
+
 
 _CONNECT_OPTIONS = frozenset(
     {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
@@ -189,6 +201,7 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
     """Inline recovery for psycopg 3, sync and async; see the module docstring."""
 
     library: ClassVar[str] = "psycopg"
+    rejection: ClassVar[type[CircuitOpenError]] = PsycopgCircuitOpenError
     instruments: ClassVar[tuple[str, ...]] = ("psycopg >= 3.1",)
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:

@@ -73,7 +73,17 @@ from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
-__all__ = ["RedisRecoveryInstrumentor"]
+__all__ = ["RedisCircuitOpenError", "RedisRecoveryInstrumentor"]
+
+
+class RedisCircuitOpenError(CircuitOpenError, RedisConnectionError):
+    """The server's circuit is open, so the command was not sent.
+
+    Also a ``redis.exceptions.ConnectionError``, what redis-py raises when it cannot reach
+    the server, so the usual "cache unavailable" handling (``except redis.ConnectionError``)
+    covers it.
+    """
+
 
 Queued = list[tuple[tuple[Any, ...], dict[str, Any]]]
 
@@ -548,6 +558,7 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
     """
 
     library: ClassVar[str] = "redis"
+    rejection: ClassVar[type[CircuitOpenError]] = RedisCircuitOpenError
     instruments: ClassVar[tuple[str, ...]] = ("redis >= 4.5",)
     span_mode: ClassVar[Literal["own", "current"]] = "current"
     fallback_on: ClassVar[tuple[type[BaseException], ...]] = (

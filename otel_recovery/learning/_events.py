@@ -8,9 +8,10 @@ This module imports nothing heavy, so subscribers never pull statsmodels in.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from otel_recovery._forksafe import new_lock
 
 __all__ = ["AnomalyBus", "AnomalyEvent", "SeriesKey"]
 
@@ -50,7 +51,7 @@ class AnomalyBus:
 
     def __init__(self) -> None:
         self._subscribers: list[Callable[[AnomalyEvent], None]] = []
-        self._lock = threading.Lock()
+        self._lock = new_lock()
 
     def subscribe(self, callback: Callable[[AnomalyEvent], None]) -> Callable[[], None]:
         """Call ``callback`` for every event; returns a function that unsubscribes it."""

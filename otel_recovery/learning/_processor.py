@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +49,7 @@ from opentelemetry.trace import StatusCode
 
 from otel_recovery import __about__
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 from otel_recovery.learning._detector import DetectorConfig, StreamingDetector
 from otel_recovery.learning._error_rate import ErrorRateDetector
 from otel_recovery.learning._events import AnomalyBus, AnomalyEvent, SeriesKey
@@ -141,8 +144,8 @@ class AnomalySpanProcessor(SpanProcessor):
         self._series: OrderedDict[tuple[str, str, str], Series] = OrderedDict()
         self._overflow: dict[str, Series] = {}
         self._annotations: dict[SeriesKey, list[AnomalyEvent]] = {}
-        self._annotation_lock = threading.Lock()
-        self._process_lock = threading.Lock()
+        self._annotation_lock = new_lock()
+        self._process_lock = new_lock()
         self._latest = 0  # newest bucket index seen
         self._resource: object = None
         self._resource_service = ""
@@ -152,10 +155,25 @@ class AnomalySpanProcessor(SpanProcessor):
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         if start_worker:
-            self._worker = threading.Thread(
-                target=self._run, name="otel_recovery-anomaly", daemon=True
-            )
-            self._worker.start()
+            self._start_worker()
+        _processors.add(self)
+
+    def _start_worker(self) -> None:
+        self._worker = threading.Thread(target=self._run, name="otel_recovery-anomaly", daemon=True)
+        self._worker.start()
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child has no worker thread: start the child's own, as the SDK's batch span
+        processor does (the locks the parent's worker held, ``_process_lock`` for a whole
+        ``process()``, are fork-safe: ``otel_recovery._forksafe``). Spans still pending
+        were finished before the fork; the child aggregates them too, on top of the parent's
+        series it inherited."""
+        stopped = self._stop.is_set()
+        self._stop = threading.Event()
+        if stopped:
+            self._stop.set()
+        elif self._worker is not None:
+            self._start_worker()
 
     # ------------------------------------------------------------ SpanProcessor
 
@@ -410,6 +428,18 @@ class AnomalySpanProcessor(SpanProcessor):
                 for signal in s.signals
                 if signal.active
             ]
+
+
+_processors: weakref.WeakSet[AnomalySpanProcessor] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for processor in list(_processors):
+        processor._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _event_attributes(event: AnomalyEvent) -> dict[str, Any]:

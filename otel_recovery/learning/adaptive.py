@@ -22,12 +22,12 @@ import functools
 import logging
 import math
 import operator
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 from otel_recovery.learning._events import AnomalyBus, AnomalyEvent, SeriesKey
 from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
@@ -130,7 +130,7 @@ class AdaptiveThresholds:
             math.inf if max_tightened is None else to_seconds(max_tightened, "max_tightened")
         )
         self.clock: Clock = clock if clock is not None else SYSTEM_CLOCK
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._registrations: list[tuple[Matcher, list[_Component]]] = []
         self._components: dict[int, _Component] = {}
         self._unsubscribers: list[Callable[[], None]] = []

@@ -9,9 +9,10 @@ needs to plug in. Snapshots are JSON, never pickles (DESIGN.md section 5).
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
+
+from otel_recovery._forksafe import new_lock
 
 __all__ = ["CheckpointLearnerStore", "LearnerStore", "MemoryLearnerStore"]
 
@@ -36,7 +37,7 @@ class MemoryLearnerStore:
 
     def __init__(self) -> None:
         self._text: str | None = None
-        self._lock = threading.Lock()
+        self._lock = new_lock()
 
     def load(self) -> Mapping[str, Any] | None:
         with self._lock:

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import math
 import random
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 from otel_recovery.learning._backoff import LearnedBackoff
 from otel_recovery.learning._decisions import (
     DecisionKey,
@@ -128,7 +128,7 @@ class StrategyLearner:
         self._save_interval = to_seconds(save_interval, "save_interval")
         self._rng = rng if rng is not None else random.Random()
         self._store = store
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._contexts: OrderedDict[Level, dict[str, DecayedMoments]] = OrderedDict()
         self._delays: OrderedDict[str, DelaySamples] = OrderedDict()
         self._ratios: dict[str, DecayedRatio] = {}

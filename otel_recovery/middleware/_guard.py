@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +20,7 @@ from typing import Any, ClassVar
 from opentelemetry import trace
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock
+from otel_recovery._forksafe import new_lock
 from otel_recovery.classify import classify
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
@@ -93,7 +93,7 @@ class RouteBreakers:
             )
         self._max_routes = max_routes
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._warned = False
         if self._shared is not None:
             watch_breaker_globally(self._shared)

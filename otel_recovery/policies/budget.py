@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 from otel_recovery.policies._counting import new_counter, peek
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class RetryBudget:
         self._sum_retries = 0
         self._current = math.floor(self.clock.now() / self._width)
         self._bucket_end = (self._current + 1) * self._width
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self.total_retries = 0
         self.total_refused = 0
         self._configured = (self.ratio, self.min_per_second)

@@ -17,6 +17,7 @@ import collections
 import threading
 
 from otel_recovery._clock import Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 
 __all__ = ["Bulkhead", "BulkheadFullError"]
 
@@ -54,7 +55,7 @@ class Bulkhead:
         self.max_concurrent = max_concurrent
         self.max_wait = to_seconds(max_wait, "max_wait")
         self.name = name
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._cond = threading.Condition(self._lock)
         self._in_use = 0
         self._task_waiters: collections.deque[

@@ -51,7 +51,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 from otel_recovery.policies._counting import new_counter, peek
 from otel_recovery.policies._windows import CountWindow, OutcomeWindow, TimeWindow
 
@@ -337,8 +337,8 @@ class CircuitBreaker:
             entries.append(_ListenerEntry(listener))
         self._listeners: tuple[_ListenerEntry, ...] = tuple(entries)
 
-        self._lock = threading.Lock()
-        self._dispatch_lock = threading.Lock()
+        self._lock = new_lock()
+        self._dispatch_lock = new_lock()
         self._pending: deque[StateTransition] = deque()
         self._state = _CLOSED
         self._permit_all = True  # CLOSED, DISABLED, METRICS_ONLY: can_execute() without the lock

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otel_recovery._clock import Clock
+from otel_recovery._forksafe import new_rlock
 from otel_recovery.stores._base import Record, StoreUnavailableError, VersionConflictError
 
 __all__ = ["LocalState", "ResyncConflict", "Work"]
@@ -76,7 +76,7 @@ class LocalState:
     def __init__(self, url: str, clock: Clock, cache_bytes: int, journal_bytes: int) -> None:
         self.url = url
         self.clock = clock
-        self.lock = threading.RLock()
+        self.lock = new_rlock()
         self._cache_limit = cache_bytes
         self._journal_limit = journal_bytes
         self._known: OrderedDict[str, Record] = OrderedDict()

@@ -202,6 +202,16 @@ class SharedRetryBudget(RetryBudget):
             snap, available=available, calls_in_window=calls, retries_in_window=retries
         )
 
+    # -- fork ----------------------------------------------------------------------------------
+
+    def after_fork(self) -> None:
+        """In a forked child: free the locks another thread of the parent held (the sync
+        thread holds ``_talk`` for a whole Redis round trip); deposits not yet pushed are
+        the parent's, which pushes them."""
+        self._lock = threading.Lock()
+        self._talk = threading.Lock()
+        self._sent_calls = self.total_calls
+
     # -- outage --------------------------------------------------------------------------------
 
     def go_local(self) -> None:

@@ -72,7 +72,8 @@ except ImportError:  # pragma: no cover - an API without the key
 
 class Member(Protocol):
     """What a fleet-wide component offers its link (all called from the link thread but
-    ``go_local``, which may run in any thread)."""
+    ``go_local``, which may run in any thread, and ``after_fork``, which runs in a forked
+    child before any other code of the child)."""
 
     @property
     def description(self) -> str: ...
@@ -87,6 +88,8 @@ class Member(Protocol):
     def go_local(self) -> None: ...
 
     def resync(self) -> None: ...
+
+    def after_fork(self) -> None: ...
 
 
 # -- the link -------------------------------------------------------------------------------
@@ -301,7 +304,12 @@ class Link:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = None
-        if len(self._members):
+        members = list(self._members)
+        # Before the thread restarts: it takes the members' locks, and the parent's sync
+        # thread may have held one of them at the moment of fork (for a Redis round trip).
+        for member in members:
+            member.after_fork()
+        if members:
             self.wake()
 
 

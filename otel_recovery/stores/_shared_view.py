@@ -243,6 +243,23 @@ class SharedBreakerView(CircuitBreaker):
                 self._consecutive_failures = failures
         return granted
 
+    # -- fork ----------------------------------------------------------------------------------
+
+    def after_fork(self) -> None:
+        """In a forked child, whose only thread is the one that forked: locks another thread
+        held at that moment (the sync thread holds ``_talk`` for a whole Redis round trip)
+        would stay held forever; permit ids must not repeat the parent's or a sibling's
+        (Redis would count their leases as one); permits held and successes not yet pushed
+        are the parent's, which reports them."""
+        self._lock = threading.Lock()
+        self._dispatch_lock = threading.Lock()
+        self._talk = threading.Lock()
+        self._ask = threading.Lock()
+        self._id = uuid.uuid4().hex[:12] + ":"
+        self._permits.clear()
+        self._ok_sent = peek(self._fast_successes)
+        self._slow_sent = peek(self._slow_oks)
+
     # -- outage --------------------------------------------------------------------------------
 
     def go_local(self) -> None:

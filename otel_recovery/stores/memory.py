@@ -10,11 +10,11 @@ operations, far cheaper than any contention it could cause.
 from __future__ import annotations
 
 import builtins
-import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._forksafe import new_lock
 from otel_recovery.stores._base import (
     Record,
     VersionConflictError,
@@ -39,7 +39,7 @@ class MemoryStore:
         self.url = "memory://"
         self.max_versions = max_versions
         self.clock: Clock = clock or SYSTEM_CLOCK
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._records: dict[str, OrderedDict[int, Record]] = {}
         self._heads: dict[str, int] = {}
         self._counters: dict[str, dict[str, float]] = {}

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import os
 import re
-import threading
 import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import (
     Record,
@@ -73,21 +74,28 @@ class PostgresStore(Plans):
         self._target = url
         self._timeout = connect_timeout
         Plans.__init__(self, table)
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._conn: psycopg.Connection[Any] | None = None
         self._aconns: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[asyncio.Lock, list[psycopg.AsyncConnection[Any]]]
         ] = weakref.WeakKeyDictionary()
+        self._conn_pid = 0  # the process that opened _conn (a forked child must not use it)
 
     # -- drivers ------------------------------------------------------------------------------
 
     def _run(self, plan: Plan, *, atomic: bool = True) -> Any:
         with self._lock:
             try:
+                if self._conn is not None and self._conn_pid != os.getpid():
+                    # Inherited across fork(): the parent's session, on a socket the parent
+                    # still uses. Never used or closed here (psycopg does not close it when
+                    # it is collected in another process); this process opens its own.
+                    self._conn = None
                 if self._conn is None or self._conn.closed:
                     self._conn = psycopg.connect(
                         self._target, autocommit=True, connect_timeout=int(self._timeout)
                     )
+                    self._conn_pid = os.getpid()
                     self._drive_sync(self._conn, self._schema())
                 return self._drive_sync(self._conn, plan, atomic)
             except _UNAVAILABLE as exc:
@@ -140,7 +148,8 @@ class PostgresStore(Plans):
     def _drop_sync(self) -> None:
         if self._conn is not None:
             try:
-                self._conn.close()
+                if self._conn_pid == os.getpid():  # never the session a parent still uses
+                    self._conn.close()
             finally:
                 self._conn = None
 

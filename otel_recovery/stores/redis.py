@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import inspect
-import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -32,6 +31,7 @@ from redis.commands.core import AsyncScript, Script
 from redis.retry import Retry
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores import _redis_lua as lua
 from otel_recovery.stores._base import (
@@ -96,7 +96,7 @@ class RedisStore:
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._target = url
         self._options = {**_DEFAULTS, **client_options, "retry": Retry(NoBackoff(), 0)}
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._client: redis.Redis | None = None
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis]
         self._async = weakref.WeakKeyDictionary()

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -51,6 +50,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import (
     Record,
@@ -90,7 +90,7 @@ class ResilientStore:
         self.clock: Clock = clock or getattr(store, "clock", None) or SYSTEM_CLOCK
         self.retry_interval = to_seconds(retry_interval, "retry_interval")
         self.local = LocalState(self.url, self.clock, cache_bytes, journal_bytes)
-        self._mode = threading.Lock()
+        self._mode = new_lock()
         self._degraded_at: float | None = None
         self._next_probe = 0.0
         self._resyncing = False

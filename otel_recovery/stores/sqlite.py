@@ -26,12 +26,12 @@ import asyncio
 import builtins
 import os
 import sqlite3
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import (
     CorruptRecordError,
@@ -91,7 +91,7 @@ class SQLiteStore:
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._synchronous = synchronous.upper()
         self._busy_ms = int(busy_timeout * 1000)
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = os.getpid()
         self._puts = 0

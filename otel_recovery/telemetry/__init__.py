@@ -9,7 +9,6 @@ elsewhere (tests use in-memory exporters this way).
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Any
 
@@ -19,6 +18,7 @@ from opentelemetry.trace import TracerProvider
 
 from otel_recovery import __about__
 from otel_recovery._clock import Clock
+from otel_recovery._forksafe import new_lock
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, StateTransition
 from otel_recovery.telemetry import attributes
 from otel_recovery.telemetry._metrics import RecoveryMetrics
@@ -45,7 +45,7 @@ class Telemetry:
         self.tracer = trace.get_tracer("otel_recovery", __about__.VERSION, tracer_provider)
         self.metrics = RecoveryMetrics(meter_provider)
         self._watched: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-        self._watch_lock = threading.Lock()
+        self._watch_lock = new_lock()
 
     def start_call(
         self,
@@ -88,7 +88,7 @@ class Telemetry:
 
 
 _default: Telemetry | None = None
-_lock = threading.Lock()
+_lock = new_lock()
 _global_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
 
 

@@ -7,7 +7,6 @@ breaker, read by observable instruments at collection time. Instruments that are
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +21,7 @@ from opentelemetry.metrics import (
 )
 
 from otel_recovery import __about__
+from otel_recovery._forksafe import new_lock
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
 from otel_recovery.telemetry import attributes as names
 
@@ -57,7 +57,7 @@ class RecoveryMetrics:
     def __init__(self, meter_provider: MeterProvider | None = None) -> None:
         meter = get_meter("otel_recovery", __about__.VERSION, meter_provider)
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self.call_duration = _duration_histogram(meter)
         self.retry_attempts = meter.create_counter(
             names.METRIC_RETRY_ATTEMPTS,

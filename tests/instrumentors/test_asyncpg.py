@@ -31,7 +31,11 @@ from servers import (
 
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import asyncpg as ours_module
-from otel_recovery.instrumentors.asyncpg import AsyncPGRecoveryInstrumentor, dsn_target
+from otel_recovery.instrumentors.asyncpg import (
+    AsyncPGCircuitOpenError,
+    AsyncPGRecoveryInstrumentor,
+    dsn_target,
+)
 
 Conn = asyncpg.connection.Connection
 SITES = [
@@ -263,3 +267,52 @@ def test_dsn_targets_never_need_the_password() -> None:
     assert dsn_target("postgres://u@h1:1,h2:2/d", None, None) == ("h1", 1)
     assert dsn_target("postgres:///d?host=/run/pg&port=6000", None, None) == ("/run/pg", 6000)
     assert dsn_target(None, "127.0.0.1", 6543) == ("127.0.0.1", 6543)
+
+
+@pytest.mark.parametrize("refused", ["begin", "commit"])
+async def test_an_open_breaker_never_splits_a_transactions_bookkeeping(h: Harness, refused: str):
+    """asyncpg's ``Transaction`` marks the connection before it sends BEGIN and unmarks it
+    before COMMIT/ROLLBACK: transaction control passes through our layer, so an open
+    breaker cannot leave the connection thinking it is in a transaction (every later BEGIN
+    a SAVEPOINT the server rejects) or the server holding one the client forgot."""
+    h.instrument()
+    table = h.table()
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute("SELECT 1")  # plans remembered: the compiled layer serves execute
+        assert h.ours.targets is not None
+        (breaker,) = h.ours.targets.breakers()
+        if refused == "begin":
+            breaker.force_open()
+            with pytest.raises(AsyncPGCircuitOpenError):
+                async with conn.transaction():
+                    await conn.execute(f"INSERT INTO {table} VALUES (1)")
+        else:
+            async with conn.transaction():
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")
+                breaker.force_open()
+        assert not conn.is_in_transaction()
+        breaker.reset()
+        async with conn.transaction():
+            await conn.execute(f"INSERT INTO {table} VALUES (2)")
+    finally:
+        conn.terminate()  # a transaction left open would hold its locks past the test
+    assert h.rows(table) == (1 if refused == "begin" else 2)
+
+
+async def test_an_open_breakers_rejection_is_asyncpgs_own_interface_error(h: Harness) -> None:
+    """What an application (``except asyncpg.InterfaceError``) and SQLAlchemy's asyncpg
+    dialect (which wraps asyncpg's errors as DBAPI errors and lets others escape) handle."""
+    h.instrument()
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        assert h.ours.targets is not None
+        (breaker,) = h.ours.targets.breakers()
+        breaker.force_open()
+        h.reset()
+        with pytest.raises(asyncpg.InterfaceError) as rejected:
+            await conn.fetchval("SELECT 1")
+        assert isinstance(rejected.value, AsyncPGCircuitOpenError)
+        assert rejected.value.name == breaker.name and h.calls["fetchval"] == 0
+    finally:
+        await conn.close()

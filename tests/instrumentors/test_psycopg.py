@@ -32,7 +32,10 @@ from servers import (
 
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import psycopg as ours_module
-from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
+from otel_recovery.instrumentors.psycopg import (
+    PsycopgCircuitOpenError,
+    PsycopgRecoveryInstrumentor,
+)
 from otel_recovery.testing import FakeClock
 
 SITES = [
@@ -226,8 +229,8 @@ def test_statement_timeout_inside_a_transaction_is_not_retried(h: Harness) -> No
 
 
 def test_an_open_breaker_fails_statements_fast_and_sql_has_no_fallback(h: Harness) -> None:
-    from otel_recovery.policies.circuit_breaker import CircuitOpenError
-
+    """The rejection is psycopg's own ``OperationalError`` too: what ``except`` clauses,
+    psycopg_pool and SQLAlchemy handle (tests/integrations shows SQLAlchemy's side)."""
     h.instrument(fallback_value=0)
     with pytest.raises(psycopg.OperationalError):  # a fallback never stands in for SQL
         psycopg.connect(dsn(free_port()), connect_timeout=1)
@@ -236,9 +239,52 @@ def test_an_open_breaker_fails_statements_fast_and_sql_has_no_fallback(h: Harnes
     breaker = next(b for b in h.ours.targets.breakers() if b.name.endswith(":5432"))
     breaker.force_open()
     h.reset()
-    with pytest.raises(CircuitOpenError):
+    with pytest.raises(psycopg.OperationalError) as rejected:
         conn.execute("SELECT 1")
+    assert isinstance(rejected.value, PsycopgCircuitOpenError)
+    assert rejected.value.name == breaker.name and rejected.value.sqlstate is None
     assert h.calls["execute"] == 0  # never sent
+    conn.close()
+
+
+def _raise(sqlstate: str) -> str:
+    return f"DO $$ BEGIN RAISE EXCEPTION 'raised' USING ERRCODE = '{sqlstate}'; END $$"
+
+
+@pytest.mark.parametrize(
+    ("statement", "healthy"),
+    [
+        ("SELEC 1", True),  # 42601 syntax error
+        ("SELECT * FROM no_such_table_anywhere", True),  # 42P01
+        (_raise("23505"), True),  # unique violation
+        (_raise("40001"), True),  # serialization failure: lost a race, the server is fine
+        (_raise("40P01"), True),  # deadlock: the same
+        (_raise("53300"), False),  # too many connections: the server is in trouble
+        (_raise("57P01"), False),  # admin shutdown
+    ],
+)
+def test_only_failures_of_the_server_count_on_its_breaker(
+    h: Harness, statement: str, healthy: bool
+) -> None:
+    """A server that answers "your query is wrong" or "you lost a race" is up: one bad
+    endpoint, or one hot row, must not open the circuit for every query to that server."""
+    h.instrument(breaker_window=4, breaker_minimum_calls=4, breaker_failure_rate=0.5)
+    conn = psycopg.connect(PG_DSN, autocommit=True)
+    raised = []
+    for _ in range(4):  # with the connect: four calls, three of them failed, then a fourth
+        with pytest.raises(psycopg.Error) as failed:
+            conn.execute(statement)
+        raised.append(type(failed.value))
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    snapshot = breaker.snapshot()
+    if healthy:
+        assert PsycopgCircuitOpenError not in raised
+        assert (snapshot.state, snapshot.failed_calls) == ("closed", 0)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    else:
+        assert raised[3] is PsycopgCircuitOpenError and PsycopgCircuitOpenError not in raised[:3]
+        assert (snapshot.state, snapshot.failed_calls) == ("open", 3)
     conn.close()
 
 

@@ -36,7 +36,7 @@ from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import redis as ours_module
 from otel_recovery.instrumentors._redis_commands import CommandRules, command_name
 from otel_recovery.instrumentors._settings import load_settings
-from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+from otel_recovery.instrumentors.redis import RedisCircuitOpenError, RedisRecoveryInstrumentor
 from otel_recovery.testing import FakeClock
 
 REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:3])
@@ -325,9 +325,11 @@ def test_a_server_that_never_answers_fails_after_exactly_max_attempts(h: Harness
 # -- sync: what is never retried ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("order", ["contrib_first", "ours_only"])
 @pytest.mark.parametrize("fault", ["kill", "pause", "stop"])
-def test_incr_is_never_sent_twice(h: Harness, fault: str) -> None:
-    ours = h.instrument().ours
+def test_incr_is_never_sent_twice(h: Harness, fault: str, order: str) -> None:
+    """The span that says so is contrib's, or without contrib our own ``recover`` span."""
+    ours = h.instrument(order).ours
     c = h.client()
     client_id = c.client_id()
     h.reset_counts()
@@ -354,6 +356,41 @@ def test_incr_is_never_sent_twice(h: Harness, fault: str) -> None:
     assert ours.targets is not None
     (breaker,) = ours.targets.breakers()
     assert breaker.snapshot().failed_calls == 1  # recorded against 127.0.0.1:<port>
+
+
+def test_an_open_breakers_rejection_is_redis_pys_own_connection_error(h: Harness) -> None:
+    """The usual "cache unavailable" path (``except redis.ConnectionError``) covers it."""
+    ours = h.instrument().ours
+    c = h.client()
+    c.ping()
+    assert ours.targets is not None
+    (breaker,) = ours.targets.breakers()
+    breaker.force_open()
+    h.reset_counts()
+    with pytest.raises(redis.exceptions.ConnectionError) as rejected:
+        c.get("k")
+    assert isinstance(rejected.value, RedisCircuitOpenError)
+    assert rejected.value.name == breaker.name and h.sent["GET"] == 0
+
+
+def test_watch_conflicts_are_answers_and_do_not_open_the_breaker(h: Harness) -> None:
+    """Optimistic locking that loses a race (``WatchError``) met a healthy server: a hot key
+    must not open the circuit for every other command."""
+    ours = h.instrument(breaker_window=4, breaker_minimum_calls=4).ours
+    c, rival = h.client(), h.client()
+    for n in range(4):
+        with c.pipeline() as pipe:
+            pipe.watch("hot")
+            rival.set("hot", n)  # changed under the watch: EXEC is refused
+            pipe.multi()
+            pipe.set("hot", "mine")
+            with pytest.raises(redis.exceptions.WatchError):
+                pipe.execute()
+    assert ours.targets is not None
+    (breaker,) = ours.targets.breakers()
+    snapshot = breaker.snapshot()
+    assert (snapshot.state, snapshot.failed_calls) == ("closed", 0)
+    assert c.get("hot") == b"3"
 
 
 def test_transactional_pipeline_is_not_retried_and_not_applied_twice(h: Harness) -> None:

@@ -48,8 +48,9 @@ EXTRAS = (
     "contrib",
 )
 """The extras whose floors the pins test: all but the test tools, the peers and ``maintain``."""
-NOT_RUN = {"ruff", "mypy"}
-"""Test-extra tools the lowest run does not use (lint runs once, on the newest releases)."""
+NOT_RUN = {"ruff", "mypy", "sqlalchemy", "psycopg-pool", "gunicorn", "uv"}
+"""Test-extra packages the lowest run does not use: lint runs once, tests/integrations (the
+stacks around the clients) runs on the newest releases only, and uv installs the pins."""
 CONSTRAINTS: list[str] = []
 """Conditions of old releases that their own requirements do not state (none at present)."""
 
