@@ -16,7 +16,11 @@ a working lock), as the ``logging`` module does for its handlers' locks. State s
 guarded may be half-updated in the child (a counter off by one): the child goes on from
 there, as the parent does. Every lock of the package is made here, except those of the
 fleet-wide state (``stores/_shared_*``, ``stores/_sharing.py``), whose own at-fork handlers
-also restart their threads (``tests/test_tooling.py`` checks).
+also restart their threads, and the demo (``tests/test_tooling.py`` checks).
+
+Objects whose state belongs to threads (a breaker's half-open permits, a bulkhead's slots
+and waiters) register with :func:`reset_in_child` and give that state back in the child: no
+thread there will ever return it.
 
 A lock held by the forking thread itself is released in the child too; that code's own
 ``release()`` would then raise. None of ours forks while holding one, unless a user's
@@ -28,9 +32,9 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["new_lock", "new_rlock"]
+__all__ = ["ForkAware", "new_lock", "new_rlock", "reset_in_child"]
 
 _locks: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -49,10 +53,28 @@ def new_rlock() -> threading.RLock:
     return lock
 
 
+class ForkAware(Protocol):
+    """State that threads own (a half-open probe permit, a bulkhead slot) and that a forked
+    child, which has none of those threads, must give back."""
+
+    def _after_fork_in_child(self) -> None: ...
+
+
+_aware: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def reset_in_child(owner: ForkAware) -> None:
+    """Call ``owner._after_fork_in_child()`` in every forked child, after the locks are
+    reinitialised (held weakly: registering keeps nothing alive)."""
+    _aware.add(owner)
+
+
 def _reinit_in_child() -> None:
     lock: Any
     for lock in list(_locks):
         lock._at_fork_reinit()
+    for owner in list(_aware):
+        owner._after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

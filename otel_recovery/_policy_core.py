@@ -53,8 +53,11 @@ def says_dependency_is_up(info: ErrorInfo) -> bool:
 
     Counting those as failures would let one endpoint's bad query, or one hot row, open the
     circuit for everything else that talks to the same server (Envoy's outlier detection
-    likewise ignores 4xx answers).
+    likewise ignores 4xx answers). A configuration error of the connection itself (a name
+    that does not resolve, a certificate that does not verify) is no answer: it counts.
     """
+    if info.kind is ErrorKind.CONNECTION:
+        return False
     return info.category in _ANSWERED_CATEGORIES or info.kind in _ANSWERED_KINDS
 
 

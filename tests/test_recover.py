@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 import threading
 from typing import Any
 
@@ -185,6 +186,7 @@ def test_breaker_counts_one_failure_per_logical_call_and_rejects_when_open(fake_
         (psycopg.errors.SerializationFailure(), False),  # lost a race (40001)
         (redis.exceptions.WatchError(), False),  # lost a race
         (ConnectionError(), True),
+        (socket.gaierror(socket.EAI_NONAME, "no such host"), True),  # configuration, no answer
         (TimeoutError(), True),
         (psycopg.errors.TooManyConnections(), True),  # the server is short of resources
         (RuntimeError(), True),  # unknown: assume the dependency

@@ -447,13 +447,21 @@ _TRANSIENT_FATAL = (
     "remaining connection slots are reserved",
     "terminating connection due to administrator command",
 )
+# Refusals that will not heal by an immediate retry but are the server's shortage, not the
+# caller's configuration: they count against the server's breaker.
+_SHORTAGE_FATAL = (
+    "too many connections for",  # a role's or a database's connection limit
+    "out of memory",
+    "canceling authentication due to timeout",
+)
 
 
 class PostgresClassifier(Classifier):
     """The process-wide classifier, plus two facts about PostgreSQL drivers it cannot know.
 
     - psycopg's connection failures carry no SQLSTATE; a ``FATAL:`` refusal other than the
-      transient ones above is configuration (not retried), not a network blip.
+      transient ones above is not retried: a shortage of the server's (a connection limit)
+      counts against its breaker, anything else is configuration, not a network blip.
     - asyncpg raises ``InterfaceError("connection is closed")`` for a statement on a
       connection the server terminated: a dependency failure for the breaker, not a caller's
       programming error.
@@ -468,6 +476,14 @@ class PostgresClassifier(Classifier):
             message = str(exc)
             refused = "FATAL:" in message and not any(p in message for p in _TRANSIENT_FATAL)
             if module.startswith("psycopg") and refused and info.retryable:
+                if any(p in message for p in _SHORTAGE_FATAL):
+                    return replace(
+                        info,
+                        category=ErrorCategory.RESOURCE_EXHAUSTION,
+                        severity=Severity.HIGH,
+                        retryable=False,
+                        kind=ErrorKind.RESOURCE,
+                    )
                 return replace(
                     info,
                     category=ErrorCategory.CONFIGURATION,

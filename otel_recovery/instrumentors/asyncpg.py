@@ -77,7 +77,8 @@ _ACQUIRING: contextvars.ContextVar[bool] = contextvars.ContextVar(
 _STATEMENTS = ("execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany")
 _PREPARED = ("fetch", "fetchval", "fetchrow", "executemany", "fetchmany")
 _TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT ", "RELEASE SAVEPOINT ")
-"""How the statements asyncpg's ``Transaction`` sends begin (it always spells them so)."""
+"""How the statements asyncpg's ``Transaction`` sends begin; it always spells them so, as one
+statement ending in ``;`` (a script such as ``"BEGIN; ...; COMMIT"`` is gated as usual)."""
 
 
 def _passing_transaction_control(
@@ -97,6 +98,7 @@ def _passing_transaction_control(
                 and not kwargs
                 and type(args[1]) is str
                 and args[1].startswith(_TRANSACTION_CONTROL)
+                and args[1].find(";") == len(args[1]) - 1  # one statement, not a script
             ):
                 return original(*args)
             return layer(*args, **kwargs)

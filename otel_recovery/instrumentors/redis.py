@@ -73,16 +73,7 @@ from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
-__all__ = ["RedisCircuitOpenError", "RedisRecoveryInstrumentor"]
-
-
-class RedisCircuitOpenError(CircuitOpenError, RedisConnectionError):
-    """The server's circuit is open, so the command was not sent.
-
-    Also a ``redis.exceptions.ConnectionError``, what redis-py raises when it cannot reach
-    the server, so the usual "cache unavailable" handling (``except redis.ConnectionError``)
-    covers it.
-    """
+__all__ = ["RedisRecoveryInstrumentor"]
 
 
 Queued = list[tuple[tuple[Any, ...], dict[str, Any]]]
@@ -558,9 +549,13 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
     """
 
     library: ClassVar[str] = "redis"
-    rejection: ClassVar[type[CircuitOpenError]] = RedisCircuitOpenError
     instruments: ClassVar[tuple[str, ...]] = ("redis >= 4.5",)
     span_mode: ClassVar[Literal["own", "current"]] = "current"
+    # ``rejection`` stays a plain ``CircuitOpenError``, not also a ``redis.ConnectionError``
+    # as the SQL drivers' are: redis-py's cluster pipeline resends its whole stack,
+    # non-idempotent commands included, on any ``ConnectionError`` raised inside it, and its
+    # resend of a MOVED command runs through our ``RedisCluster.execute_command`` layer, so
+    # a half-open or newly opened circuit would have INCRs applied up to ten times.
     fallback_on: ClassVar[tuple[type[BaseException], ...]] = (
         RedisConnectionError,
         RedisTimeoutError,

@@ -17,7 +17,7 @@ import collections
 import threading
 
 from otel_recovery._clock import Duration, to_seconds
-from otel_recovery._forksafe import new_lock
+from otel_recovery._forksafe import new_lock, reset_in_child
 
 __all__ = ["Bulkhead", "BulkheadFullError"]
 
@@ -35,9 +35,11 @@ class Bulkhead:
     """Concurrency limit with an optional bounded wait."""
 
     __slots__ = (
+        "__weakref__",
         "_cond",
         "_in_use",
         "_lock",
+        "_orphaned",
         "_task_waiters",
         "max_concurrent",
         "max_wait",
@@ -62,6 +64,16 @@ class Bulkhead:
             tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
         ] = collections.deque()
         self.rejected = 0
+        self._orphaned = 0
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child has none of the threads and tasks that held slots or waited for
+        one: free the slots, forget the waiters (the Condition's too). Slots the forking
+        thread itself held are released once each without complaint (``_orphaned``)."""
+        self._cond._at_fork_reinit()  # type: ignore[attr-defined]
+        self._orphaned, self._in_use = self._in_use, 0
+        self._task_waiters.clear()
 
     @property
     def in_use(self) -> int:
@@ -122,6 +134,9 @@ class Bulkhead:
                 loop.call_soon_threadsafe(_resolve, future)
                 return
             if self._in_use <= 0:
+                if self._orphaned:  # a slot taken before a fork, by the thread that forked
+                    self._orphaned -= 1
+                    return
                 raise RuntimeError(f"bulkhead {self.name!r} released more often than acquired")
             self._in_use -= 1
             self._cond.notify()

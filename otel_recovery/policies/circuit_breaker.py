@@ -58,7 +58,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
-from otel_recovery._forksafe import new_lock
+from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery.policies._counting import new_counter, peek
 from otel_recovery.policies._windows import CountWindow, OutcomeWindow, TimeWindow
 
@@ -359,6 +359,7 @@ class CircuitBreaker:
         self._failed_calls = 0
         self._not_permitted = 0
         self._in_flight = 0
+        reset_in_child(self)
         self._probe_successes = 0
         self._current_timeout = self._base_timeout
         self._open_until = math.inf
@@ -493,6 +494,13 @@ class CircuitBreaker:
             )
 
     # -- the call protocol ------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child has none of the threads that held half-open probe permits: give
+        them back, or the child's breaker would refuse every call for good. A probe of the
+        forking thread itself then ends on a breaker with no permit out (``record_*`` and
+        ``release`` never take the count below zero)."""
+        self._in_flight = 0
 
     def can_execute(self) -> bool:
         """Whether a call may proceed now; in HALF_OPEN a True takes a probe permit.

@@ -9,6 +9,7 @@ installed first); PgFront counts TCP connections; tables count rows.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from servers import (
     PG_DSN,
     PgFront,
     free_port,
+    pg_admin,
     terminate_when_running,
 )
 
@@ -244,7 +246,33 @@ def test_an_open_breaker_fails_statements_fast_and_sql_has_no_fallback(h: Harnes
     assert isinstance(rejected.value, PsycopgCircuitOpenError)
     assert rejected.value.name == breaker.name and rejected.value.sqlstate is None
     assert h.calls["execute"] == 0  # never sent
+    (span,) = h.spans("SELECT")  # contrib's; a rejected call never ran, so no "why not"
+    assert "otel_recovery.retry.disallowed" not in dict(span.attributes or {})
+    assert [e.name for e in span.events if e.name.startswith("otel_recovery")] == [
+        "otel_recovery.rejected"
+    ]
     conn.close()
+
+
+def test_a_role_at_its_connection_limit_counts_against_the_server_and_is_not_retried(
+    h: Harness,
+) -> None:
+    """libpq reports it as a ``FATAL:`` without SQLSTATE, like a wrong password; but it is
+    the server's shortage, so it counts on the breaker (a wrong password would not)."""
+    role = f"otelrec_limit0_{uuid.uuid4().hex[:8]}"
+    with pg_admin() as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")
+    try:
+        h.instrument()
+        with pytest.raises(psycopg.OperationalError, match="too many connections for role"):
+            psycopg.connect(PG_DSN.replace("user=postgres", f"user={role}"), connect_timeout=5)
+        assert h.calls["connect"] == 1  # not retried: it will not heal in a backoff
+        assert h.ours.targets is not None
+        (breaker,) = h.ours.targets.breakers()
+        assert breaker.snapshot().failed_calls == 1
+    finally:
+        with pg_admin() as admin:
+            admin.execute(f"DROP ROLE IF EXISTS {role}")
 
 
 def _raise(sqlstate: str) -> str:

@@ -36,7 +36,8 @@ from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import redis as ours_module
 from otel_recovery.instrumentors._redis_commands import CommandRules, command_name
 from otel_recovery.instrumentors._settings import load_settings
-from otel_recovery.instrumentors.redis import RedisCircuitOpenError, RedisRecoveryInstrumentor
+from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+from otel_recovery.policies.circuit_breaker import CircuitOpenError
 from otel_recovery.testing import FakeClock
 
 REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:3])
@@ -358,8 +359,10 @@ def test_incr_is_never_sent_twice(h: Harness, fault: str, order: str) -> None:
     assert breaker.snapshot().failed_calls == 1  # recorded against 127.0.0.1:<port>
 
 
-def test_an_open_breakers_rejection_is_redis_pys_own_connection_error(h: Harness) -> None:
-    """The usual "cache unavailable" path (``except redis.ConnectionError``) covers it."""
+def test_an_open_breakers_rejection_is_not_a_redis_connection_error(h: Harness) -> None:
+    """Unlike the SQL drivers' rejections: redis-py's cluster pipeline resends its whole
+    stack (INCRs included) on any ``ConnectionError`` raised inside it, and its resend of a
+    MOVED command goes through our cluster command layer (see ``RedisRecoveryInstrumentor``)."""
     ours = h.instrument().ours
     c = h.client()
     c.ping()
@@ -367,9 +370,9 @@ def test_an_open_breakers_rejection_is_redis_pys_own_connection_error(h: Harness
     (breaker,) = ours.targets.breakers()
     breaker.force_open()
     h.reset_counts()
-    with pytest.raises(redis.exceptions.ConnectionError) as rejected:
+    with pytest.raises(CircuitOpenError) as rejected:
         c.get("k")
-    assert isinstance(rejected.value, RedisCircuitOpenError)
+    assert not isinstance(rejected.value, redis.exceptions.ConnectionError)
     assert rejected.value.name == breaker.name and h.sent["GET"] == 0
 
 

@@ -707,6 +707,50 @@ def inherited_open_breaker() -> Report:
     return {"parent_before": before, "child": report, "parent_after": breaker.state.value}
 
 
+def thread_owned_state() -> Report:
+    """Another thread holds a breaker's only half-open probe permit and a bulkhead's only
+    slot (a second thread waits for it) when the process forks. In the child none of those
+    threads exists: the permit, the slot and the waiter must not stay taken for good."""
+    from otel_recovery.policies import Bulkhead, CircuitBreaker
+    from otel_recovery.recover import RecoveryPolicy
+    from otel_recovery.testing import FakeClock
+
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, timeout=1.0, clock=clock, name="probe")
+    breaker.record_failure()  # open
+    clock.advance(2.0)  # the open time is over: the next call takes the only probe permit
+    probing = RecoveryPolicy(breaker=breaker, clock=clock)
+    bulkhead = Bulkhead(max_concurrent=1, max_wait=30)
+    guarded = RecoveryPolicy(bulkhead=bulkhead)
+    inside = [threading.Event(), threading.Event()]
+    release = threading.Event()
+
+    def hold(index: int) -> str:
+        inside[index].set()
+        release.wait()
+        return "held"
+
+    threading.Thread(target=lambda: probing.call(hold, 0), daemon=True).start()
+    threading.Thread(target=lambda: guarded.call(hold, 1), daemon=True).start()
+    if not (inside[0].wait(5) and inside[1].wait(5)):
+        raise RuntimeError("the holders did not start")
+    waiting = threading.Thread(target=lambda: guarded.call(lambda: "waited"), daemon=True)
+    waiting.start()
+    time.sleep(0.1)  # the waiter is queued on the bulkhead's Condition
+
+    def child() -> Report:
+        clock.advance(100.0)
+        probe = probing.call(lambda: "probed")  # the parent's permit is not out here
+        slots = [guarded.call(lambda: "slot") for _ in range(2)]
+        return {"probe": probe, "state": breaker.state.value, "slots": slots,
+                "in_use": bulkhead.in_use}  # fmt: skip
+
+    report = fork(child)
+    release.set()
+    waiting.join(5)
+    return {"child": report, "parent_in_use": bulkhead.in_use}
+
+
 def postgres_store_after_fork() -> Report:
     """A PostgreSQL store (checkpoints, learned statistics) used in the parent, then by a
     forked child that closes it when done. The SQLite store opens a new connection in a
@@ -784,6 +828,7 @@ SCENARIOS: dict[str, Callable[[], Report]] = {
     "permit_ids_after_fork": permit_ids_after_fork,
     "inherited_open_breaker": inherited_open_breaker,
     "postgres_store_after_fork": postgres_store_after_fork,
+    "thread_owned_state": thread_owned_state,
     **{f"held:{name}": (lambda name=name: held(name)) for name in HELD},
 }
 

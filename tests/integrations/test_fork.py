@@ -252,6 +252,18 @@ def test_a_child_starts_from_the_parents_breaker_state_then_goes_its_own_way() -
     assert report["parent_after"] == "open"
 
 
+def test_state_owned_by_the_parents_threads_is_given_back_in_the_child() -> None:
+    """A half-open probe permit and a bulkhead slot (with a thread waiting for it) held by
+    threads of the parent at fork: in the child, where those threads do not exist, the
+    breaker must take a probe again and the bulkhead must have its slot, not refuse every
+    call for good. Found by review."""
+    report = run_scenario("thread_owned_state")
+    child = finished(report["child"])
+    assert child["probe"] == "probed" and child["state"] == "closed"
+    assert child["slots"] == ["slot", "slot"] and child["in_use"] == 0
+    assert report["parent_in_use"] == 0  # the parent's holders and waiter all finished
+
+
 def test_sibling_workers_do_not_share_half_open_permits() -> None:
     """A fleet-wide breaker leases HALF_OPEN probe permits in Redis under ids made of a
     per-breaker random prefix and a counter. Workers forked from one master inherit both,

@@ -714,13 +714,13 @@ class BreakerTrip:
 async def test_a_rejected_begin_leaves_the_pooled_connection_usable(
     stack: Stack, engines: MakeEngine
 ) -> None:
-    """While our breaker is open (a real failure opened it), a transaction is refused
-    before anything is sent. Once the open period has passed, the same pooled connection
-    must serve the next transaction. (asyncpg's ``Transaction.start`` marks the connection
-    as inside a transaction before it executes BEGIN; SQLAlchemy's dialect issues BEGIN
-    through ``Connection.execute``, which our layer gates: a refused BEGIN leaves asyncpg
-    believing it is in a transaction, so every later BEGIN on that connection becomes a
-    SAVEPOINT the server rejects, for as long as the connection lives.)"""
+    """While our breaker is open (a real failure opened it), a transaction's first
+    statement is refused (its BEGIN is sent: transaction control passes). Once the open
+    period has passed, the same pooled connection must serve the next transaction.
+    (asyncpg's ``Transaction.start`` marks the connection as inside a transaction before it
+    executes BEGIN, through ``Connection.execute``: a refused BEGIN would leave asyncpg
+    believing it is in a transaction, so every later BEGIN on that connection would become
+    a SAVEPOINT the server rejects, for as long as the connection lives.)"""
     breaker = BreakerTrip(stack, engines)
     table = stack.table()
     engine = engines()
