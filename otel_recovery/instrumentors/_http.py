@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from otel_recovery._clock import Clock
 from otel_recovery._forksafe import new_lock
 from otel_recovery._retry_after import header
-from otel_recovery.classify import Classifier, ErrorInfo, get_default_classifier
+from otel_recovery.classify import Classifier, ErrorCategory, ErrorInfo, get_default_classifier
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.recover import RecoveryPolicy
@@ -79,7 +79,8 @@ class ResponseClassifier(Classifier):
 
     Delegates to the process-wide classifier at each call, so user rules and the repeat
     memory apply. A status the user listed in ``http_retry_statuses`` is retryable even if
-    the built-in table says otherwise (the setting is the user's explicit choice).
+    the built-in table says otherwise (the setting is the user's explicit choice), and
+    counts against the host's breaker even where the table calls it an answer (a 401).
     ``clock`` dates HTTP-date ``Retry-After`` values (the instrumentor's clock, for tests).
     """
 
@@ -90,7 +91,11 @@ class ResponseClassifier(Classifier):
         default = get_default_classifier()
         if isinstance(exc, RetryableStatusError):
             info = default.classify_status(exc.status_code, exc.headers, clock=self.clock)
-            return info if info.retryable else replace(info, retryable=True)
+            if info.retryable:
+                return info
+            # Listed although the table calls it an answer (a 401, a 409): the user says
+            # this server fails with it, so it is transient, and the breaker counts it.
+            return replace(info, retryable=True, category=ErrorCategory.TRANSIENT)
         return default.classify(exc, context)
 
 

@@ -125,6 +125,21 @@ def test_exhausted_retries_return_the_final_response_unchanged(server, tel, inst
     assert recovery.attributes["otel_recovery.retry.stop_reason"] == "attempts_exhausted"
 
 
+@pytest.mark.parametrize("status", [401, 409])
+def test_a_listed_status_the_table_calls_an_answer_counts_on_the_breaker(
+    server, instrument, status
+):
+    """A 401 or 409 is an answer from a healthy server by default (not retried, not
+    counted); listed in ``http_retry_statuses`` it is the user's declared failure: retried,
+    and counted against the host like a 503."""
+    ours = instrument(http_retry_statuses=[status, 503])
+    url = server.script("/listed", *[hf.status(status)] * 3)
+    assert requests.get(url, timeout=2).status_code == status
+    assert server.count("/listed") == 3
+    (breaker,) = ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 1
+
+
 def test_reset_and_stall_are_retried(server, tel, instrument):
     instrument()
     url = server.script("/flaky", hf.reset(), hf.stall(1.0), hf.ok())
