@@ -477,19 +477,12 @@ class PostgresClassifier(Classifier):
             refused = "FATAL:" in message and not any(p in message for p in _TRANSIENT_FATAL)
             if module.startswith("psycopg") and refused and info.retryable:
                 if any(p in message for p in _SHORTAGE_FATAL):
-                    return replace(
-                        info,
-                        category=ErrorCategory.RESOURCE_EXHAUSTION,
-                        severity=Severity.HIGH,
-                        retryable=False,
-                        kind=ErrorKind.RESOURCE,
-                    )
+                    category, kind = ErrorCategory.RESOURCE_EXHAUSTION, ErrorKind.RESOURCE
+                else:
+                    category = ErrorCategory.CONFIGURATION
+                    kind = ErrorKind.AUTH if "auth" in message.lower() else ErrorKind.OTHER
                 return replace(
-                    info,
-                    category=ErrorCategory.CONFIGURATION,
-                    severity=Severity.HIGH,
-                    retryable=False,
-                    kind=ErrorKind.AUTH if "auth" in message.lower() else ErrorKind.OTHER,
+                    info, category=category, severity=Severity.HIGH, retryable=False, kind=kind
                 )
             if module.startswith("asyncpg") and message == "connection is closed":
                 return replace(
