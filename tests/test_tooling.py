@@ -43,6 +43,29 @@ FORK_HANDLED = ("_forksafe.py", "stores/_shared_", "stores/_sharing.py", "_demo/
 """Where a plain ``threading`` lock is fine: the fork-safe lock factory itself, the
 fleet-wide state whose own at-fork handlers reset its locks and restart its threads, and
 the demo."""
+PLAIN_LOCKS = {
+    ("threading", "Lock"),
+    ("threading", "RLock"),
+    ("threading", "Semaphore"),
+    ("threading", "BoundedSemaphore"),
+    ("_thread", "allocate_lock"),
+}
+
+
+def _makes_a_plain_lock(node: ast.AST) -> bool:
+    """``threading.Lock()`` and its kin, a ``threading.Condition()`` over a lock of its own,
+    or such a name imported from ``threading`` / ``_thread``."""
+    if isinstance(node, ast.ImportFrom) and node.module in ("threading", "_thread"):
+        names = {alias.name for alias in node.names}
+        return bool(names & ({name for _, name in PLAIN_LOCKS} | {"Condition"}))
+    if not (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+    ):
+        return False
+    called = (node.func.value.id, node.func.attr)
+    return called in PLAIN_LOCKS or (called == ("threading", "Condition") and not node.args)
 
 
 def test_every_lock_of_the_package_is_fork_safe():
@@ -55,12 +78,6 @@ def test_every_lock_of_the_package_is_fork_safe():
         if where.startswith(FORK_HANDLED):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("Lock", "RLock")
-                and isinstance(node.func.value, ast.Name)
-                and node.func.value.id == "threading"
-            ):
+            if _makes_a_plain_lock(node):
                 plain.append(f"{where}:{node.lineno}")
     assert not plain, f"use otel_recovery._forksafe.new_lock()/new_rlock() at {plain}"
