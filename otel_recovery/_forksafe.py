@@ -14,9 +14,10 @@ before. In a forked child, before any of its own code runs, every registered loc
 alive is reinitialised, unlocked, in place (objects and closures that hold a reference keep
 a working lock), as the ``logging`` module does for its handlers' locks. State such a lock
 guarded may be half-updated in the child (a counter off by one): the child goes on from
-there, as the parent does. Every lock of the package is made here, except those of the
-fleet-wide state (``stores/_shared_*``, ``stores/_sharing.py``), whose own at-fork handlers
-also restart their threads, and the demo (``tests/test_tooling.py`` checks).
+there, as the parent does. Every lock of the package but the demo's is made here
+(``tests/test_tooling.py`` checks). This module registers its handler when imported, so
+before any module that uses it registers its own: the fleet-wide link, which restarts its
+sync thread in the child, finds its members' locks already free.
 
 Objects whose state belongs to threads (a breaker's half-open permits, a bulkhead's slots
 and waiters) register with :func:`reset_in_child` and give that state back in the child: no

@@ -39,10 +39,9 @@ def test_mypy_strict_on_the_package():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-FORK_HANDLED = ("_forksafe.py", "stores/_shared_", "stores/_sharing.py", "_demo/")
-"""Where a plain ``threading`` lock is fine: the fork-safe lock factory itself, the
-fleet-wide state whose own at-fork handlers reset its locks and restart its threads, and
-the demo."""
+FORK_HANDLED = ("_forksafe.py", "_demo/")
+"""Where a plain ``threading`` lock is fine: the fork-safe lock factory itself, and the
+demo."""
 PLAIN_LOCKS = {
     ("threading", "Lock"),
     ("threading", "RLock"),

@@ -227,10 +227,11 @@ class PlanCache:
 
 
 def explain_no_retry(plan: Plan, error: BaseException) -> None:
-    """On contrib's span, say why a failed call was not (further) retried.
+    """On contrib's span, say that redis-py's own retry already repeated a failed call.
 
     Only on the slow path, and only in ``current`` mode: our own span has already ended.
-    A rejection by an open breaker never ran, so there is nothing to explain.
+    A rejection by an open breaker never ran, so there is nothing to explain. A call that
+    may not be retried at all says so through its policy's trace (``_TargetPolicy``).
     """
     try:
         if plan.span != "current" or isinstance(error, CircuitOpenError):
@@ -238,9 +239,11 @@ def explain_no_retry(plan: Plan, error: BaseException) -> None:
         span = trace.get_current_span()
         if not span.is_recording():
             return
-        if plan.disallowed is not None:
-            span.set_attribute(RETRY_DISALLOWED, plan.disallowed)
-        elif plan.client_retried and isinstance(error, plan.client_retried):
+        if (
+            plan.disallowed is None
+            and plan.client_retried
+            and isinstance(error, plan.client_retried)
+        ):
             span.set_attribute(RETRY_DISALLOWED, "client_retried")
             span.set_attribute(REDIS_CLIENT_RETRIES, plan.client_retries)
     except Exception:  # telemetry must never replace the caller's error

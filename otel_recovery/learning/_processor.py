@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
-import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -49,7 +47,7 @@ from opentelemetry.trace import StatusCode
 
 from otel_recovery import __about__
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
-from otel_recovery._forksafe import new_lock
+from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery.learning._detector import DetectorConfig, StreamingDetector
 from otel_recovery.learning._error_rate import ErrorRateDetector
 from otel_recovery.learning._events import AnomalyBus, AnomalyEvent, SeriesKey
@@ -156,7 +154,7 @@ class AnomalySpanProcessor(SpanProcessor):
         self._worker: threading.Thread | None = None
         if start_worker:
             self._start_worker()
-        _processors.add(self)
+        reset_in_child(self)
 
     def _start_worker(self) -> None:
         self._worker = threading.Thread(target=self._run, name="otel_recovery-anomaly", daemon=True)
@@ -428,18 +426,6 @@ class AnomalySpanProcessor(SpanProcessor):
                 for signal in s.signals
                 if signal.active
             ]
-
-
-_processors: weakref.WeakSet[AnomalySpanProcessor] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for processor in list(_processors):
-        processor._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _event_attributes(event: AnomalyEvent) -> dict[str, Any]:

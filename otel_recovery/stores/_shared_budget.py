@@ -35,10 +35,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import threading
 from typing import Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 from otel_recovery.policies._counting import peek
 from otel_recovery.policies.budget import BudgetSnapshot, RetryBudget
 from otel_recovery.stores import _shared_lua as lua
@@ -78,7 +78,7 @@ class SharedRetryBudget(RetryBudget):
         self._link: Link = link_for(found)
         self._key = self._link.key("rb", self.name)
         self._sync_every = to_seconds(sync_interval, "sync_interval")
-        self._talk = threading.Lock()
+        self._talk = new_lock()
         self._remote = True
         self._sent_calls = 0
         self._outage_retries = itertools.count()
@@ -205,11 +205,8 @@ class SharedRetryBudget(RetryBudget):
     # -- fork ----------------------------------------------------------------------------------
 
     def after_fork(self) -> None:
-        """In a forked child: free the locks another thread of the parent held (the sync
-        thread holds ``_talk`` for a whole Redis round trip); deposits not yet pushed are
-        the parent's, which pushes them."""
-        self._lock = threading.Lock()
-        self._talk = threading.Lock()
+        """In a forked child (its locks are already free: ``_forksafe``): deposits not yet
+        pushed are the parent's, which pushes them."""
         self._sent_calls = self.total_calls
 
     # -- outage --------------------------------------------------------------------------------

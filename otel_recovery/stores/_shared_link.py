@@ -37,6 +37,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from otel_recovery._clock import SYSTEM_CLOCK
+from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import StoreUnavailableError
 from otel_recovery.telemetry import attributes as names
@@ -95,7 +96,7 @@ class Member(Protocol):
 # -- the link -------------------------------------------------------------------------------
 
 _links: dict[int, Link] = {}
-_links_lock = threading.Lock()
+_links_lock = new_lock()
 
 
 def link_for(store: RedisStore) -> Link:
@@ -137,7 +138,7 @@ class Link:
         # script) must degrade the component, never reach the application.
         self._errors = (redis.exceptions.RedisError, OSError)
         self._scripts: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self._members: weakref.WeakSet[Member] = weakref.WeakSet()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -301,12 +302,11 @@ class Link:
         )
 
     def _after_fork(self) -> None:
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = None
         members = list(self._members)
-        # Before the thread restarts: it takes the members' locks, and the parent's sync
-        # thread may have held one of them at the moment of fork (for a Redis round trip).
+        # Before the thread restarts: what a member's state owes to the parent's threads
+        # (its locks are already free: ``_forksafe``'s handler, registered first, ran).
         for member in members:
             member.after_fork()
         if members:
@@ -331,8 +331,6 @@ def _announce(event: str, attrs: dict[str, Any]) -> None:
 def _after_fork_in_child() -> None:
     # The sync threads do not survive fork(); pools reconnect by themselves (redis-py checks
     # the pid). Pre-forking servers (gunicorn --preload) thus keep sharing in every worker.
-    global _links_lock
-    _links_lock = threading.Lock()
     for link in list(_links.values()):
         link._after_fork()
 

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 import uuid
 from typing import Any
 
 from otel_recovery._clock import SYSTEM_CLOCK, Duration, to_seconds
+from otel_recovery._forksafe import new_lock
 from otel_recovery.policies._counting import peek
 from otel_recovery.policies._windows import TimeWindow
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
@@ -103,8 +103,8 @@ class SharedBreakerView(CircuitBreaker):
         self._link: Link = link_for(found)
         self._keys = tuple(self._link.key(kind, self.name) for kind in ("cb", "cbw", "cbp"))
         self._sync_every = to_seconds(sync_interval, "sync_interval")
-        self._talk = threading.Lock()  # one exchange with Redis at a time, replies in order
-        self._ask = threading.Lock()  # one permit request per process at a time
+        self._talk = new_lock()  # one exchange with Redis at a time, replies in order
+        self._ask = new_lock()  # one permit request per process at a time
         self._remote = True
         self._gen: str | None = None
         self._seen_fseq = 0
@@ -246,15 +246,10 @@ class SharedBreakerView(CircuitBreaker):
     # -- fork ----------------------------------------------------------------------------------
 
     def after_fork(self) -> None:
-        """In a forked child, whose only thread is the one that forked: locks another thread
-        held at that moment (the sync thread holds ``_talk`` for a whole Redis round trip)
-        would stay held forever; permit ids must not repeat the parent's or a sibling's
-        (Redis would count their leases as one); permits held and successes not yet pushed
-        are the parent's, which reports them."""
-        self._lock = threading.Lock()
-        self._dispatch_lock = threading.Lock()
-        self._talk = threading.Lock()
-        self._ask = threading.Lock()
+        """In a forked child (its locks, ``_talk`` included, which the sync thread holds for
+        a whole Redis round trip, are already free: ``_forksafe``): permit ids must not
+        repeat the parent's or a sibling's (Redis would count their leases as one); permits
+        held and successes not yet pushed are the parent's, which reports them."""
         self._id = uuid.uuid4().hex[:12] + ":"
         self._permits.clear()
         self._ok_sent = peek(self._fast_successes)

@@ -21,9 +21,9 @@ set: a plain ``CircuitBreaker()`` never loads the store package.
 from __future__ import annotations
 
 import os
-import threading
 from typing import TYPE_CHECKING
 
+from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import Store, StoreConfigError
 from otel_recovery.stores._url import ENV_STORE_URL, parse_store_url
@@ -59,7 +59,7 @@ def budget_class(store: object, name: object) -> type[RetryBudget]:
 
 
 _stores: dict[str, RedisStore] = {}
-_stores_lock = threading.Lock()
+_stores_lock = new_lock()
 
 
 def shared_store(store: object, name: str) -> RedisStore | None:
@@ -118,12 +118,3 @@ def _store_for(url: str, setting: str) -> RedisStore:
             assert isinstance(opened, RedisStore)  # parse_store_url said redis
             found = _stores[url] = opened
         return found
-
-
-def _after_fork_in_child() -> None:
-    global _stores_lock
-    _stores_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
