@@ -40,9 +40,10 @@ from otel_recovery.classify import (
     get_default_classifier,
 )
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._health_checks import HEALTH_CHECKS
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, _wrapper_module, report_internal_error
-from otel_recovery.policies.circuit_breaker import CircuitOpenError
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.telemetry.attributes import REDIS_CLIENT_RETRIES, RETRY_DISALLOWED
 
@@ -509,5 +510,31 @@ class PostgresInstrumentor(RecoveryInstrumentor):
     fallback_on: ClassVar[tuple[type[BaseException], ...]] = ()
     """Never: no stand-in value can replace a connection or a statement's cursor."""
 
+    _unguard: Callable[[], None] | None = None
+
     def _classifier(self, clock: Clock | None) -> Classifier | None:
         return PostgresClassifier(clock=clock)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        super()._instrument(**kwargs)
+        if self._patches is not None:  # installed (not switched off, library present)
+            self._unguard = HEALTH_CHECKS.register(self._guard)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        unguard, self._unguard = self._unguard, None
+        if unguard is not None:
+            unguard()
+        super()._uninstrument(**kwargs)
+
+    def _guard(self, connection: Any) -> CircuitBreaker | None:
+        """Our breaker for ``connection``'s server, where it is this driver's connection
+        (pools' and ORMs' health checks, see :mod:`._health_checks`)."""
+        targets = self.targets
+        target = self._server_of(connection)
+        if targets is None or target is None:
+            return None
+        return targets.known_breaker(*target)
+
+    def _server_of(self, connection: Any) -> tuple[str, int | None] | None:
+        """Host and port of ``connection`` if it is this driver's; None otherwise."""
+        raise NotImplementedError

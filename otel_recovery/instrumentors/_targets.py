@@ -186,7 +186,7 @@ class TargetPolicies:
         op_key = self._operation_key(host, port, operation)
         fast_key = (host, port, op_key, retry_allowed, span, not_retried, disallowed)
         resolved = self._resolved.get(fast_key)
-        if resolved is not None and resolved.breaker is self._known_breaker(host, port):
+        if resolved is not None and resolved.breaker is self.known_breaker(host, port):
             return resolved
         policy = self._build(host, port, op_key, retry_allowed, span, not_retried, disallowed)
         if len(self._resolved) >= 4 * self._max:
@@ -202,8 +202,9 @@ class TargetPolicies:
                 return operation
         return None
 
-    def _known_breaker(self, host: str, port: int | None) -> CircuitBreaker | None:
-        """The target's current breaker (a target forgotten by the LRU gets a new one)."""
+    def known_breaker(self, host: str, port: int | None) -> CircuitBreaker | None:
+        """The target's current breaker, None before a call to it (a target forgotten by the
+        LRU gets a new one)."""
         target = self._targets.get((host, port))
         return target.breaker if target is not None else None
 

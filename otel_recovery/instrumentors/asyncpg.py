@@ -70,6 +70,14 @@ class AsyncPGCircuitOpenError(CircuitOpenError, asyncpg.exceptions.InterfaceErro
     disconnect.
     """
 
+    def with_msg(self, msg: str) -> AsyncPGCircuitOpenError:
+        """asyncpg's ``InterfaceError`` contract: the same error with another message
+        (asyncpg builds the annotated copy with ``type(self)(msg, detail=..., hint=...)``,
+        which our constructor does not take)."""
+        error = type(self)(self.name, self.retry_after)
+        error.args = (msg,)
+        return error.with_traceback(self.__traceback__)
+
 
 _ACQUIRING: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "otel_recovery_asyncpg_acquiring", default=False
@@ -278,6 +286,11 @@ class AsyncPGRecoveryInstrumentor(PostgresInstrumentor):
     library: ClassVar[str] = "asyncpg"
     rejection: ClassVar[type[CircuitOpenError]] = AsyncPGCircuitOpenError
     instruments: ClassVar[tuple[str, ...]] = ("asyncpg >= 0.27",)
+
+    def _server_of(self, connection: Any) -> tuple[str, int | None] | None:
+        if not isinstance(connection, asyncpg.Connection) or connection.is_closed():
+            return None
+        return _connection_target(connection)
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         planner = _Planner(targets)

@@ -204,6 +204,11 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
     rejection: ClassVar[type[CircuitOpenError]] = PsycopgCircuitOpenError
     instruments: ClassVar[tuple[str, ...]] = ("psycopg >= 3.1",)
 
+    def _server_of(self, connection: Any) -> tuple[str, int | None] | None:
+        if not isinstance(connection, psycopg.BaseConnection) or connection.closed:
+            return None
+        return _connection_target(connection)
+
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         planner = _Planner(targets)
         for owner, attribute, kind, is_async in _SITES:

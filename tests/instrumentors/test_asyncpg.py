@@ -314,5 +314,9 @@ async def test_an_open_breakers_rejection_is_asyncpgs_own_interface_error(h: Har
             await conn.fetchval("SELECT 1")
         assert isinstance(rejected.value, AsyncPGCircuitOpenError)
         assert rejected.value.name == breaker.name and h.calls["fetchval"] == 0
+        annotated = rejected.value.with_msg("query argument $1: circuit open")
+        assert isinstance(annotated, AsyncPGCircuitOpenError)
+        assert str(annotated) == "query argument $1: circuit open"
+        assert (annotated.name, annotated.retry_after) == (breaker.name, breaker.retry_after())
     finally:
         await conn.close()

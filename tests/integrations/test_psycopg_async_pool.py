@@ -26,6 +26,7 @@ from psycopg_pool.base import AttemptWithBackoff
 from servers import PgFront, free_port, kill_idle
 
 from integrations.async_pg import ORDERS, PsycopgStack
+from otel_recovery.instrumentors.psycopg import PsycopgCircuitOpenError
 
 pytestmark = pytest.mark.server
 
@@ -216,6 +217,29 @@ async def test_without_a_check_the_app_sees_the_disconnect_once_and_the_pool_hea
 
 
 # -- lifecycle -----------------------------------------------------------------------------
+
+
+async def test_an_open_circuit_skips_the_check_and_keeps_the_pooled_connection(
+    stack: PsycopgStack, pools: MakePool
+) -> None:
+    """The async pool's check, while our circuit refuses statements: not sent, the app's
+    statement fails at once (not a PoolTimeout after the pool's wait), same connection
+    after the circuit closes."""
+    stack.instrument("contrib_first")
+    pool = pools(check=psycopg_pool.AsyncConnectionPool.check_connection, timeout=2)
+    await pool.open(wait=True, timeout=10)
+    pid = await backend_pid(pool)
+    breaker = stack.breaker()
+    breaker.force_open()
+    stack.reset()
+    stack.sent.clear()
+    with pytest.raises(PsycopgCircuitOpenError):
+        await select(pool, "SELECT 1")
+    assert stack.sent == [] and stack.calls["connect"] == 0
+    breaker.reset()
+    assert await backend_pid(pool) == pid
+    assert stack.sent == [""]  # once closed, the check is sent again
+    assert stats(pool).get("connections_lost", 0) == 0
 
 
 async def test_close_and_uninstrument_leave_nothing_behind(

@@ -31,6 +31,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from servers import PG_DSN, PG_PORT, PgFront, free_port, kill_idle
 
 from integrations.sync_pg import ORDERS, SyncHarness, assert_not_retried
+from otel_recovery.instrumentors.psycopg import PsycopgCircuitOpenError
 from otel_recovery.testing import FakeClock
 
 pytestmark = pytest.mark.server
@@ -174,6 +175,39 @@ def test_getconn_check_hides_a_terminated_connection_from_the_app(h: PoolHarness
     assert h.calls["connect"] == 1
     assert h.calls["execute"] == 3  # failed check, check of the new connection, SELECT
     assert pool.get_stats().get("requests_errors", 0) == 0
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_an_open_circuit_skips_the_check_and_keeps_the_pooled_connection(
+    h: PoolHarness, order: str
+) -> None:
+    """While our circuit for the server refuses statements, the pool's check is not sent
+    (it would be refused like any statement, the pool would discard the good connection
+    and then wait until PoolTimeout for a new one our circuit also refuses): the app's
+    statement fails at once with the circuit's error, and the same connection serves once
+    the circuit closes. The skip is an event on the current span."""
+    h.instrument(order)
+    pool = h.pool(check=ConnectionPool.check_connection, timeout=2)
+    pool.open(wait=True, timeout=10)
+    pid = backend_pid(pool)
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    breaker.force_open()
+    h.reset()
+    with h.provider.get_tracer("test").start_as_current_span("request"):
+        with pytest.raises(PsycopgCircuitOpenError), pool.connection() as conn:
+            conn.execute("SELECT 1")
+    assert h.calls["execute"] == 0 and h.calls["connect"] == 0  # nothing was sent
+    (request,) = h.spans("request")
+    (skipped,) = events(request, "otel_recovery.health_check.skipped")
+    assert skipped == {
+        "otel_recovery.health_check": "psycopg_pool ConnectionPool.check_connection",
+        "otel_recovery.breaker": breaker.name,
+    }
+    breaker.reset()
+    assert select_42(pool) == pid  # kept
+    assert h.calls["execute"] == 2  # once closed, the check is sent again (then the SELECT)
+    assert pool.get_stats().get("connections_lost", 0) == 0
 
 
 # -- lifecycle -----------------------------------------------------------------------------

@@ -226,6 +226,31 @@ async def test_pre_ping_replaces_a_killed_idle_connection_without_an_error(
     assert span_attempts(stack) == [1] * stack.failures()
 
 
+async def test_an_open_breaker_skips_pre_ping_and_keeps_the_pooled_connection(
+    stack: Stack, engines: MakeEngine
+) -> None:
+    """The asyncio dialects ping through an adapter (``driver_connection`` is the driver's
+    connection): while our circuit is open the ping is not sent, the statement fails fast
+    with the driver's rejection wrapped as a DBAPI error, and the connection is kept."""
+    stack.instrument("ours_only")
+    engine = engines(pool_pre_ping=True)
+    pid = await backend_pid(engine)
+    breaker = stack.breaker()
+    breaker.force_open()
+    stack.reset()
+    stack.sent.clear()
+    with pytest.raises(sa.exc.DBAPIError) as caught:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    assert caught.value.connection_invalidated is False
+    # neither the ping (";") nor the statement; asyncpg's BEGIN/ROLLBACK pass by design
+    assert [sql for sql in stack.sent if sql not in ("BEGIN;", "ROLLBACK;")] == []
+    stack.sent.clear()
+    breaker.reset()
+    assert await backend_pid(engine) == pid
+    assert stack.sent.count(";") == 1  # pinged again once the circuit closed
+
+
 # -- a statement killed mid-flight ------------------------------------------------------
 
 

@@ -325,6 +325,30 @@ def test_an_open_breaker_reaches_sqlalchemy_as_a_dbapi_error(h: EngineHarness) -
     assert select_42(engine) == pid  # the healthy pooled connection was kept
 
 
+@pytest.mark.parametrize("order", ["ours_only", "contrib_first"])
+def test_an_open_breaker_skips_pre_ping_and_keeps_the_pooled_connection(
+    h: EngineHarness, order: str
+) -> None:
+    """``pool_pre_ping`` pings at checkout. Refused by our open circuit, the ping would fail
+    the checkout and the pool would lose its connection; the ping is not sent instead, and
+    the app's statement fails fast with the circuit's (DBAPI) error. The connection serves
+    again once the circuit closes, pinged as usual."""
+    h.instrument(order)
+    engine = h.engine(pool_pre_ping=True)
+    pid = backend_pid(engine)
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    breaker.force_open()
+    h.reset()
+    with pytest.raises(sa.exc.OperationalError) as caught, engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    assert isinstance(caught.value.orig, CircuitOpenError)
+    assert h.calls["execute"] == 0
+    breaker.reset()
+    assert select_42(engine) == pid
+    assert h.calls["execute"] == 2  # the ping, then the statement
+
+
 # -- what the README promises on the span -------------------------------------------------
 
 

@@ -1,0 +1,230 @@
+"""Pools' and ORMs' connection health checks, while a server's circuit is open: answered, not sent.
+
+A pool checks a pooled connection before handing it out: psycopg_pool's
+``check=ConnectionPool.check_connection`` (which Django's pool passes when
+``CONN_HEALTH_CHECKS`` is on), SQLAlchemy's ``pool_pre_ping``, Django's ``is_usable()``. The
+check is a statement, so it goes through our statement layer, and an open circuit refuses it
+like any statement. The pool then takes our refusal for a dead connection:
+
+- it discards a connection that was good (and reconnects all of them once the circuit closes);
+- psycopg_pool asks for a new connection, which the open circuit refuses too, and waits for
+  one until its timeout (30 s by default): the wait a circuit breaker exists to prevent.
+
+So while the circuit of the connection's server refuses calls (open, or forced open), the
+check is not sent and answers "healthy". The application's statement that follows fails fast
+with the circuit's error, which the driver's users already handle (``PsycopgCircuitOpenError``
+is a ``psycopg.OperationalError``, ``AsyncPGCircuitOpenError`` an ``asyncpg.InterfaceError``;
+pools and ORMs treat them as errors, not disconnects), and the pooled connection is kept for
+when the circuit closes. Once the open time is over, checks go through the breaker again like
+any statement (one of them may be the half-open probe). A skipped check leaves an
+``otel_recovery.health_check.skipped`` event on the current span.
+
+The checks are patched when their library is imported (a post-import hook, since
+``opentelemetry-instrument`` instruments before the application imports its ORM), while at
+least one of our PostgreSQL instrumentors is instrumented; each instrumentor registers a
+*guard* that finds its breaker for a driver connection.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import wrapt
+from opentelemetry import trace
+
+from otel_recovery._config import SWITCHES
+from otel_recovery._forksafe import new_lock
+from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
+
+__all__ = ["HEALTH_CHECKS", "SKIPPED_EVENT", "Guard", "HealthChecks"]
+
+SKIPPED_EVENT = "otel_recovery.health_check.skipped"
+
+Guard = Callable[[Any], "CircuitBreaker | None"]
+"""An instrumentor's breaker for a driver connection's server; None when the connection is not
+its driver's, or no call has reached that server yet."""
+
+
+def _first_argument(instance: Any, args: tuple[Any, ...]) -> Any:
+    return args[0] if args else None
+
+
+def _adapted_first_argument(instance: Any, args: tuple[Any, ...]) -> Any:
+    """SQLAlchemy's asyncio dialects hand their pool an adapter; the driver's connection is
+    its ``driver_connection``."""
+    connection = _first_argument(instance, args)
+    return getattr(connection, "driver_connection", connection)
+
+
+def _instance_connection(instance: Any, args: tuple[Any, ...]) -> Any:
+    return getattr(instance, "connection", None)
+
+
+def _healthy_none() -> None:
+    return None
+
+
+async def _healthy_none_awaited() -> None:
+    return None
+
+
+def _healthy_true() -> bool:
+    return True
+
+
+class _CheckSite(NamedTuple):
+    module: str
+    """The module defining ``owner``: importing it makes the site patchable."""
+    owner: str
+    attribute: str
+    connection: Callable[[Any, tuple[Any, ...]], Any]
+    """The driver connection a call checks, from ``(instance, args)``."""
+    healthy: Callable[[], Any]
+    """The check's own answer for a connection that works."""
+    name: str
+
+
+_SITES = (
+    _CheckSite(
+        "psycopg_pool.pool",
+        "ConnectionPool",
+        "check_connection",
+        _first_argument,
+        _healthy_none,
+        "psycopg_pool ConnectionPool.check_connection",
+    ),
+    _CheckSite(
+        "psycopg_pool.pool_async",
+        "AsyncConnectionPool",
+        "check_connection",
+        _first_argument,
+        _healthy_none_awaited,
+        "psycopg_pool AsyncConnectionPool.check_connection",
+    ),
+    _CheckSite(
+        "sqlalchemy.engine.default",
+        "DefaultDialect",
+        "_do_ping_w_event",
+        _adapted_first_argument,
+        _healthy_true,
+        "sqlalchemy pool_pre_ping",
+    ),
+    _CheckSite(
+        "django.db.backends.postgresql.base",
+        "DatabaseWrapper",
+        "is_usable",
+        _instance_connection,
+        _healthy_true,
+        "django DatabaseWrapper.is_usable",
+    ),
+)
+
+
+def refuses_now(breaker: CircuitBreaker) -> bool:
+    """Whether ``breaker`` would refuse a call now, without taking a half-open permit."""
+    state = breaker.state
+    if state is CircuitState.FORCED_OPEN:
+        return True
+    if state is CircuitState.OPEN:
+        wait = breaker.retry_after()
+        return wait is not None and wait > 0.0
+    return False
+
+
+class HealthChecks:
+    """The patched health checks, installed while at least one guard is registered."""
+
+    def __init__(self, sites: tuple[_CheckSite, ...] = _SITES) -> None:
+        self._sites = sites
+        self._lock = new_lock()
+        self._guards: list[Guard] = []
+        self._patches: PatchSet | None = None
+        self._installed: set[_CheckSite] = set()
+        self._hooked = False
+
+    def register(self, guard: Guard) -> Callable[[], None]:
+        """Add ``guard``; returns the call that removes it (and the patches with the last)."""
+        with self._lock:
+            self._guards.append(guard)
+            if self._patches is None:
+                self._patches = PatchSet("otel_recovery health checks")
+                self._patches.enabled = True
+            hook = not self._hooked
+            self._hooked = True
+        for site in self._sites:
+            if hook:
+                # Fires at once if the module is already imported, else when it is.
+                wrapt.register_post_import_hook(self._hook(site), site.module)
+            elif site.module in sys.modules:
+                self._imported(site)
+
+        def unregister() -> None:
+            with self._lock:
+                if guard in self._guards:
+                    self._guards.remove(guard)
+                if self._guards or self._patches is None:
+                    return
+                patches, self._patches = self._patches, None
+                self._installed.clear()
+            patches.remove_all()
+
+        return unregister
+
+    def _hook(self, site: _CheckSite) -> Callable[[object], None]:
+        def imported(module: object) -> None:
+            self._imported(site)
+
+        return imported
+
+    def _imported(self, site: _CheckSite) -> None:
+        """Patch ``site`` if a guard is registered and it is not patched yet; never raises
+        (an import hook's failure would fail the application's import)."""
+        try:
+            with self._lock:
+                patches = self._patches
+                if patches is None or site in self._installed:
+                    return
+                owner = getattr(sys.modules[site.module], site.owner)
+                patches.wrap(owner, site.attribute, self._wrapper(site))
+                self._installed.add(site)
+        except Exception as error:
+            report_internal_error(f"patch {site.name}", error)
+
+    def _wrapper(self, site: _CheckSite) -> Wrapper:
+        def check(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+            try:
+                breaker = self._refusing(site.connection(instance, args))
+                if breaker is not None:
+                    _note_skipped(site, breaker)
+                    return site.healthy()
+            except Exception as error:
+                report_internal_error(site.name, error)
+            return wrapped(*args, **kwargs)
+
+        return check
+
+    def _refusing(self, connection: Any) -> CircuitBreaker | None:
+        """The breaker refusing calls to ``connection``'s server now, if any guard knows one."""
+        if connection is None or not SWITCHES.active:
+            return None
+        for guard in tuple(self._guards):
+            breaker = guard(connection)
+            if breaker is not None:
+                return breaker if refuses_now(breaker) else None
+        return None
+
+
+def _note_skipped(site: _CheckSite, breaker: CircuitBreaker) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(
+            SKIPPED_EVENT,
+            {"otel_recovery.health_check": site.name, "otel_recovery.breaker": breaker.name},
+        )
+
+
+HEALTH_CHECKS = HealthChecks()
+"""The process's patched health checks; the PostgreSQL instrumentors register their guards."""
