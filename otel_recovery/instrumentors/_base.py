@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, ClassVar, Literal
 
 from opentelemetry.instrumentation import dependencies
@@ -109,6 +109,7 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             telemetry=telemetry,
             learner=self._learner(settings, clock),
             rejection=self.rejection,
+            passes_refused=self._passes_refused,
         )
         patches = PatchSet(self.library)
         self._install(patches, self.targets, kwargs)
@@ -137,6 +138,13 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _classifier(self, clock: Clock | None) -> Classifier | None:
         """A classifier for this library's policies; None uses the process-wide one."""
+        return None
+
+    def _passes_refused(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[..., Any] | None:
+        """For a call an open circuit refuses that must be sent all the same, the function
+        that sends it beneath our layer; None (the default) refuses every call."""
         return None
 
     @staticmethod

@@ -35,6 +35,9 @@ __all__ = ["FallbackOn", "TargetPolicies"]
 FallbackOn: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
 )
+PassesRefused: TypeAlias = Callable[[tuple[Any, ...], dict[str, Any]], Callable[..., Any] | None]
+"""``passes(args, kwargs)``: for a call an open circuit refuses that must still be sent (a
+transaction's own ROLLBACK), the function that sends it ungated; None for every other call."""
 
 
 class _LayeredRetry(Retry):
@@ -58,17 +61,63 @@ class _TargetPolicy(RecoveryPolicy):
     else escape), treat it as the failure it stands for. A call that may not be retried
     says why on its trace (``otel_recovery.retry.disallowed``), on our own span as on
     contrib's.
+
+    ``passes_refused`` names the calls an open circuit must not refuse (see
+    :data:`PassesRefused`): they are sent as if we were not there, neither counted nor
+    traced. It is asked only on the rejection path, so it costs nothing while the circuit
+    is closed.
     """
 
-    __slots__ = ("_rejection_type",)
+    __slots__ = ("_passes_refused", "_rejection_type")
 
     def __init__(
-        self, rejection: type[CircuitOpenError], disallowed: str | None, **options: Any
+        self,
+        rejection: type[CircuitOpenError],
+        disallowed: str | None,
+        passes_refused: PassesRefused | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(**options)
         self._rejection_type = rejection
+        self._passes_refused = passes_refused
         if disallowed is not None:
             self._failure_attributes = {RETRY_DISALLOWED: disallowed}
+
+    def _passing(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], release: bool
+    ) -> Callable[..., Any] | None:
+        passes = self._passes_refused
+        if passes is None or release:  # release: a full bulkhead, not the circuit
+            return None
+        return passes(args, kwargs)
+
+    def _reject(
+        self,
+        error: BaseException,
+        started: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        release: bool,
+    ) -> Any:
+        send = self._passing(args, kwargs, release)
+        if send is not None:
+            return send(*args, **kwargs)
+        return super()._reject(error, started, args, kwargs, release=release)
+
+    async def _areject(
+        self,
+        error: BaseException,
+        started: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        release: bool,
+    ) -> Any:
+        send = self._passing(args, kwargs, release)
+        if send is not None:
+            return await send(*args, **kwargs)
+        return await super()._areject(error, started, args, kwargs, release=release)
 
     def _rejection(self) -> CircuitOpenError:
         breaker = self.breaker
@@ -106,12 +155,14 @@ class TargetPolicies:
         telemetry: Telemetry | bool = True,
         learner: StrategyLearner | None = None,
         rejection: type[CircuitOpenError] = CircuitOpenError,
+        passes_refused: PassesRefused | None = None,
     ) -> None:
         """``classifier`` replaces the process-wide one for these policies (the HTTP
         instrumentors classify retryable *responses* by status); ``fallback_on`` limits what
         a configured fallback answers for (transport failures, not programming errors);
         ``telemetry`` routes spans and metrics to the providers given to ``instrument()``;
-        ``rejection`` is what an open circuit raises (see ``_TargetPolicy``)."""
+        ``rejection`` is what an open circuit raises and ``passes_refused`` what it lets
+        through all the same (see ``_TargetPolicy``)."""
         self.library = library
         self.settings = settings
         self._span: Literal["own", "current"] = span
@@ -121,6 +172,7 @@ class TargetPolicies:
         self._telemetry = telemetry
         self.learner = learner
         self._rejection = rejection
+        self._passes_refused = passes_refused
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
         self._lock = new_lock()
@@ -247,6 +299,7 @@ class TargetPolicies:
         policy = _TargetPolicy(
             self._rejection,
             disallowed,
+            self._passes_refused,
             retry=retry,
             breaker=target.breaker,
             budget=target.budget if retry_allowed else None,

@@ -167,6 +167,20 @@ class _Planner:
         return plan
 
 
+def _remembering(
+    originals: dict[bool, Callable[..., Any]],
+    key: bool,
+    build: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``build``, keeping the original it layers in ``originals[key]``."""
+
+    def build_remembering(original: Callable[..., Any]) -> Callable[..., Any]:
+        originals[key] = original
+        return build(original)
+
+    return build_remembering
+
+
 def _connect_wrapper(planner: _Planner, where: str, is_async: bool) -> Wrapper:
     """Connecting is rare: a wrapt wrapper (the sites are classmethods and a function)."""
 
@@ -184,6 +198,28 @@ def _connect_wrapper(planner: _Planner, where: str, is_async: bool) -> Wrapper:
 
 
 Kind = Literal["connect", "statement"]
+
+_TRANSACTION_CONTROL = frozenset(
+    {"BEGIN", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"}
+)
+
+
+def is_transaction_control(query: object) -> bool:
+    """One statement that begins, ends or undoes a transaction or a savepoint (``BEGIN``,
+    ``START TRANSACTION``, ``COMMIT``, ``ROLLBACK [TO SAVEPOINT]``, ``SAVEPOINT``,
+    ``RELEASE [SAVEPOINT]``...), sent as a plain str; a script of several is not."""
+    if type(query) is not str:
+        return False
+    text = query.strip().rstrip(";")
+    if ";" in text:
+        return False
+    words = text.split(None, 2)
+    if not words:
+        return False
+    first = words[0].upper()
+    if first == "START":
+        return len(words) > 1 and words[1].upper() == "TRANSACTION"
+    return first in _TRANSACTION_CONTROL
 
 
 _SITES: tuple[tuple[Any, str, Kind, bool], ...] = (
@@ -209,8 +245,25 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
             return None
         return _connection_target(connection)
 
+    def _passes_refused(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[..., Any] | None:
+        """Transaction control passes an open circuit: Django's ``atomic`` sends its
+        savepoints through ``Cursor.execute``, and a refused ``ROLLBACK TO SAVEPOINT`` dooms
+        the outer transaction, which Django then rolls back without an error: work the
+        application saw succeed is lost. A refused ``COMMIT`` or ``ROLLBACK`` would leave the
+        server holding the transaction and its locks. (asyncpg's ``Transaction`` statements
+        pass for the same reasons, see its instrumentor.)"""
+        if len(args) not in (2, 3) or not is_transaction_control(args[1]):
+            return None
+        if (args[2] if len(args) == 3 else kwargs.get("params")) is not None:
+            return None
+        is_async = isinstance(args[0], psycopg.AsyncCursor)
+        return self._execute_originals.get(is_async)
+
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         planner = _Planner(targets)
+        self._execute_originals: dict[bool, Callable[..., Any]] = {}
         for owner, attribute, kind, is_async in _SITES:
             where = f"psycopg {getattr(owner, '__name__', owner)}.{attribute}"
             if kind == "connect":
@@ -219,4 +272,6 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
             else:  # the per-statement hot path: a plain-function layer
                 layer = async_layer if is_async else sync_layer
                 build = layer(patches, where, planner.statement, planner.route())
+                if attribute == "execute":
+                    build = _remembering(self._execute_originals, is_async, build)
                 patches.layer(owner, attribute, build, beneath_contrib=True)

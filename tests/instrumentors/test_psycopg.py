@@ -37,6 +37,7 @@ from otel_recovery.instrumentors import psycopg as ours_module
 from otel_recovery.instrumentors.psycopg import (
     PsycopgCircuitOpenError,
     PsycopgRecoveryInstrumentor,
+    is_transaction_control,
 )
 from otel_recovery.testing import FakeClock
 
@@ -252,6 +253,70 @@ def test_an_open_breaker_fails_statements_fast_and_sql_has_no_fallback(h: Harnes
         "otel_recovery.rejected"
     ]
     conn.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("BEGIN", True),
+        ("begin;", True),
+        (" COMMIT \n", True),
+        ("ROLLBACK TO SAVEPOINT s1", True),
+        ('SAVEPOINT "s1_x"', True),
+        ("RELEASE SAVEPOINT s1", True),
+        ("release s1;", True),
+        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", True),
+        ("END", True),
+        ("ABORT", True),
+        ("SELECT 1", False),
+        ("BEGIN; DELETE FROM t; COMMIT", False),  # a script does work: gated
+        ("BEGINNING", False),
+        ("START", False),
+        ("", False),
+        (b"BEGIN", False),
+        (psycopg.sql.SQL("BEGIN"), False),
+    ],
+)
+def test_what_counts_as_transaction_control(query: object, expected: bool) -> None:
+    assert is_transaction_control(query) is expected
+
+
+@pytest.mark.parametrize("order", ["ours_only", "contrib_first", "ours_first"])
+async def test_an_open_breaker_lets_transaction_control_through(h: Harness, order: str) -> None:
+    """A transaction and its savepoints must be able to end while the circuit is open (an
+    ORM's ``atomic``, such as Django's, sends them as plain statements; see
+    tests/integrations/test_django.py): the data statement is refused, the SAVEPOINT
+    machinery and the ROLLBACK are sent, uncounted, and the connection ends idle, sync and
+    awaited."""
+    h.instrument(order)
+    table = h.table()
+    sync = psycopg.connect(PG_DSN, autocommit=True)
+    aconn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    sync.execute(f"INSERT INTO {table} VALUES (1)")
+    await aconn.execute("BEGIN")
+    await aconn.execute("SAVEPOINT s1")
+    breaker.force_open()
+    h.reset()
+    with pytest.raises(PsycopgCircuitOpenError):
+        await aconn.execute(f"INSERT INTO {table} VALUES (2)")
+    await aconn.execute("ROLLBACK TO SAVEPOINT s1")
+    await aconn.execute("RELEASE SAVEPOINT s1")
+    await aconn.execute("COMMIT")
+    with sync.cursor() as cursor:
+        cursor.execute("BEGIN")
+        with pytest.raises(PsycopgCircuitOpenError):
+            cursor.execute(f"INSERT INTO {table} VALUES (3)")
+        cursor.execute("ROLLBACK;")
+    assert h.calls["execute"] == 5  # every transaction-control statement, and nothing else
+    assert aconn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert sync.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert breaker.snapshot().failed_calls == 0
+    await aconn.close()
+    sync.close()
+    breaker.reset()
+    assert h.rows(table) == 1
 
 
 def test_a_role_at_its_connection_limit_counts_against_the_server_and_is_not_retried(

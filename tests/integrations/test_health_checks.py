@@ -1,7 +1,7 @@
 """The pools' and ORMs' health checks our PostgreSQL instrumentors patch (``_health_checks``).
 
-What a skipped check does to a real pool is tested beside each pool in ``tests/integrations``
-(psycopg_pool sync and async, SQLAlchemy's ``pool_pre_ping`` sync and asyncio). Here: when a
+What a skipped check does to a real pool is tested beside each pool in this directory
+(psycopg_pool sync and async, SQLAlchemy's ``pool_pre_ping`` sync and asyncio, Django). Here: when a
 check counts as refused (the breaker's states, the global switch), the patch lifecycle
 (installed when the library is imported after ``instrument()``, shared by both instrumentors,
 removed with the last), and that a failure of ours lets the check run untouched.
