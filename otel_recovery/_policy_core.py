@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._engine import Decision, after_failure, after_rejection
 from otel_recovery._forksafe import new_lock
+from otel_recovery._inner_recovery import note_decided
 from otel_recovery.classify import (
     CRITICALITY_LEVELS,
     Classifier,
@@ -369,6 +370,7 @@ class PolicyCore:
         attempts: int,
         value: Any,
     ) -> Any:
+        note_decided()
         if trace is not None:
             trace.fallback(kind, error, info)
             trace.end("fallback", attempts, info)
@@ -409,6 +411,8 @@ class PolicyCore:
     def _failed(
         trace: CallTrace | None, attempts: int, info: ErrorInfo | None, error: BaseException
     ) -> None:
+        """The call ends without success (every way of giving up, rejections included)."""
+        note_decided()
         if trace is not None:
             trace.end("failure" if attempts else "rejected", attempts, info, error)
 

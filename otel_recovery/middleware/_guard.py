@@ -42,6 +42,10 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 """Methods a retry may repeat (RFC 9110 section 9.2.1), as DESIGN.md section 5 says; any
 other method only with an ``Idempotency-Key`` header."""
 
+INNER_RECOVERY = "inner_recovery"
+"""``otel_recovery.retry.disallowed`` on the server span: a policy of ours inside the
+handler already ended a call without success, so the request is not retried on top."""
+
 DEFAULT_TIMEOUT = 30.0
 """How long a route's default breaker stays open before it lets a probe through."""
 
@@ -197,13 +201,29 @@ class Options:
         return response
 
     def retry_delay(
-        self, error: BaseException, retries_done: int, previous: float, started: float
+        self,
+        error: BaseException,
+        retries_done: int,
+        previous: float,
+        started: float,
+        *,
+        decided: bool = False,
     ) -> float | None:
         """Seconds to wait before retrying after ``error``, or None: give up (no attempt
         left, not retryable, or the wait would end past ``Retry(deadline=...)``). A failure
-        in deciding (a broken ``Retry(on=...)``) is logged once and means no retry."""
+        in deciding (a broken ``Retry(on=...)``) is logged once and means no retry.
+
+        ``decided``: a policy of ours inside the attempt already ended a call without
+        success (retried it to the end, refused it, or was not allowed to repeat it).
+        Retrying the request would multiply its retries and escape its budget, so the
+        request is not retried; the server span says why (see ``_inner_recovery``)."""
         retry = self.retry
         if retry is None or retries_done + 1 >= retry.attempts:
+            return None
+        if decided:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attribute(attributes.RETRY_DISALLOWED, INNER_RECOVERY)
             return None
         try:
             info = classify(error)

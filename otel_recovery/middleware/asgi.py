@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from otel_recovery._inner_recovery import outer_attempt
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.middleware._guard import (
     GuardedApp,
@@ -100,10 +101,13 @@ class RecoveryMiddleware(GuardedApp):
             while True:
                 response = _ResponseWatch(send)
                 try:
-                    await self.app(attempt_scope, request.receive, response.send)
+                    with outer_attempt() as attempt:
+                        await self.app(attempt_scope, request.receive, response.send)
                 except Exception as error:
                     if response.status is None and request.replayable:
-                        wait = options.retry_delay(error, retries, previous, started)
+                        wait = options.retry_delay(
+                            error, retries, previous, started, decided=attempt.decided
+                        )
                         if wait is not None:
                             retries, previous = retries + 1, wait
                             await options.clock.asleep(wait)

@@ -21,6 +21,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
+from otel_recovery._inner_recovery import outer_attempt
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.middleware._guard import (
     GuardedApp,
@@ -75,10 +76,13 @@ class RecoveryMiddleware(GuardedApp):
             while True:
                 watch = _StartWatch(start_response)
                 try:
-                    body = self._call_app(attempt_environ, watch)
+                    with outer_attempt() as attempt:
+                        body = self._call_app(attempt_environ, watch)
                 except Exception as error:
                     if watch.status is None and replayable:
-                        wait = options.retry_delay(error, retries, previous, started)
+                        wait = options.retry_delay(
+                            error, retries, previous, started, decided=attempt.decided
+                        )
                         if wait is not None:
                             retries, previous = retries + 1, wait
                             options.clock.sleep(wait)

@@ -48,7 +48,17 @@ EXTRAS = (
     "contrib",
 )
 """The extras whose floors the pins test: all but the test tools, the peers and ``maintain``."""
-NOT_RUN = {"ruff", "mypy", "sqlalchemy", "psycopg-pool", "django", "gunicorn", "uv"}
+NOT_RUN = {
+    "ruff",
+    "mypy",
+    "sqlalchemy",
+    "psycopg-pool",
+    "django",
+    "starlette",
+    "uvicorn",
+    "gunicorn",
+    "uv",
+}
 """Test-extra packages the lowest run does not use: lint runs once, tests/integrations (the
 stacks around the clients) runs on the newest releases only, and uv installs the pins."""
 CONSTRAINTS: list[str] = []

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from opentelemetry import trace
 
-from otel_recovery import CircuitBreaker, CircuitOpenError, Retry
+from otel_recovery import CircuitBreaker, CircuitOpenError, Retry, recover
 from otel_recovery._fake_clock import FakeClock
 from otel_recovery.middleware import ASGIRecoveryMiddleware
 from otel_recovery.middleware.asgi import RecoveryMiddleware
@@ -122,6 +122,75 @@ async def test_a_safe_request_is_retried_and_counts_once():
     assert app.bodies == [b"", b"", b""]  # every attempt read the same (empty) request
     snapshot = middleware.breakers["GET /flaky"].snapshot()
     assert (snapshot.successful_calls, snapshot.failed_calls) == (1, 0)
+
+
+class CallingApp:
+    """An ASGI app whose handler calls a dependency under a policy of ours (``@recover``):
+    the dependency fails its first ``failures`` calls; ``/after`` then raises an error of
+    the app's own once the dependency answered."""
+
+    def __init__(self, clock: FakeClock, failures: int, retry: Retry | None = None) -> None:
+        self.dependency_calls = 0
+        self.handler_runs = 0
+        self.failures = failures
+
+        @recover(retry=retry or Retry(3, backoff=FixedBackoff(0.1)), clock=clock)
+        async def dependency() -> str:
+            self.dependency_calls += 1
+            if self.dependency_calls <= self.failures:
+                raise ConnectionError("the dependency went away")
+            return "answer"
+
+        self.dependency = dependency
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.handler_runs += 1
+        await receive()
+        await self.dependency()
+        if scope["path"] == "/after" and self.handler_runs == 1:
+            raise ConnectionError("the app's own failure, after the dependency answered")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+
+async def test_a_request_whose_inner_call_gave_up_is_not_retried_on_top(recovery_telemetry):
+    """Retries must not multiply across layers: the dependency's policy retried 3 times and
+    gave up, so the middleware's Retry(3) does not run the handler again (it would make
+    that 9 calls, outside the dependency's budget); the server span says why."""
+    clock = FakeClock()
+    app = CallingApp(clock, failures=100)
+    middleware = RecoveryMiddleware(
+        app, breaker=_breakers(clock), retry=Retry(3, backoff=FixedBackoff(0.5)), clock=clock
+    )
+    tracer = recovery_telemetry.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("GET /dep", kind=trace.SpanKind.SERVER):
+        async with _client(middleware) as client:
+            with pytest.raises(ConnectionError):
+                await client.get("/dep")
+    assert (app.handler_runs, app.dependency_calls) == (1, 3)
+    assert clock.sleeps == [0.1, 0.1]  # the dependency's backoff only
+    span = recovery_telemetry.span("GET /dep")
+    assert span.attributes[attributes.RETRY_DISALLOWED] == "inner_recovery"
+
+
+async def test_an_inner_call_that_may_not_be_repeated_stops_the_retry_a_recovered_one_not():
+    """An inner call its policy may not repeat (``Retry(1)``, as our instrumentors run a
+    POST or a SQL statement) failed: decided, so the handler is not run again either (it
+    would repeat that call). An inner call that recovered was not decided on, so the app's
+    own later failure is the middleware's to retry."""
+    clock = FakeClock()
+    once = CallingApp(clock, failures=100, retry=Retry(1))
+    retry = Retry(3, backoff=FixedBackoff(0.5))
+    middleware = RecoveryMiddleware(once, breaker=_breakers(clock), retry=retry, clock=clock)
+    async with _client(middleware) as client:
+        with pytest.raises(ConnectionError):
+            await client.get("/dep")
+    assert (once.handler_runs, once.dependency_calls) == (1, 1)
+    recovered = CallingApp(clock, failures=1)
+    middleware = RecoveryMiddleware(recovered, breaker=_breakers(clock), retry=retry, clock=clock)
+    async with _client(middleware) as client:
+        assert (await client.get("/after")).status_code == 200
+    assert (recovered.handler_runs, recovered.dependency_calls) == (2, 3)
 
 
 async def test_a_post_and_a_consumed_body_are_never_retried():

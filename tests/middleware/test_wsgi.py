@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from otel_recovery import CircuitBreaker, CircuitOpenError, Retry
+from otel_recovery import CircuitBreaker, CircuitOpenError, Retry, recover
 from otel_recovery._fake_clock import FakeClock
 from otel_recovery.middleware import WSGIRecoveryMiddleware
 from otel_recovery.middleware.wsgi import RecoveryMiddleware
@@ -109,6 +109,31 @@ def test_a_bodiless_safe_request_is_retried_a_post_with_a_body_never():
             client.post("/flaky", content=b"order", headers={"Idempotency-Key": "k1"})
     assert app.calls["/flaky"] == 1
     assert clock.sleeps == [0.25]
+
+
+def test_a_request_whose_inner_call_gave_up_is_not_retried_on_top():
+    """The WSGI twin of the ASGI rule: a dependency call under our policy retried 3 times
+    and gave up, so the middleware's Retry(3) does not run the handler again (9 calls)."""
+    clock = FakeClock()
+    calls: list[str] = []
+
+    @recover(retry=Retry(3, backoff=FixedBackoff(0.1)), clock=clock)
+    def dependency() -> str:
+        calls.append("dependency")
+        raise ConnectionError("the dependency went away")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        calls.append("handler")
+        dependency()
+        start_response("200 OK", [])
+        return [b"done"]
+
+    retry = Retry(3, backoff=FixedBackoff(0.25))
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), retry=retry, clock=clock)
+    with _client(middleware) as client, pytest.raises(ConnectionError):
+        client.get("/dep")
+    assert calls == ["handler", "dependency", "dependency", "dependency"]
+    assert clock.sleeps == [0.1, 0.1]
 
 
 def test_an_error_while_streaming_counts_as_a_failure_and_propagates():
