@@ -370,7 +370,6 @@ class PolicyCore:
         attempts: int,
         value: Any,
     ) -> Any:
-        note_decided()
         if trace is not None:
             trace.fallback(kind, error, info)
             trace.end("fallback", attempts, info)
@@ -412,7 +411,7 @@ class PolicyCore:
         trace: CallTrace | None, attempts: int, info: ErrorInfo | None, error: BaseException
     ) -> None:
         """The call ends without success (every way of giving up, rejections included)."""
-        note_decided()
+        note_decided(error)
         if trace is not None:
             trace.end("failure" if attempts else "rejected", attempts, info, error)
 

@@ -754,3 +754,24 @@ def test_half_open_permits_are_exact_under_a_thread_race(clock: FakeClock) -> No
         assert b.snapshot().not_permitted_calls == THREADS - 3
         assert [t.to_state for t in transitions] == [HALF_OPEN]  # one transition, not 64
         assert b.state is HALF_OPEN
+
+
+def test_would_refuse_answers_as_can_execute_would_without_taking_a_permit():
+    """A pool's health check asks this (instrumentors/_health_checks.py): it must not spend
+    the half-open probe, nor move OPEN to HALF_OPEN, by asking."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, timeout=10.0, name="pg", clock=clock)
+    assert not breaker.would_refuse()  # closed
+    breaker.record_failure()
+    assert breaker.would_refuse() and not breaker.can_execute()
+    clock.advance(10.0)
+    assert not breaker.would_refuse()
+    assert breaker.state is CircuitState.OPEN  # asking moved nothing
+    assert breaker.can_execute() and breaker.state is CircuitState.HALF_OPEN
+    assert breaker.would_refuse() and not breaker.can_execute()  # the one permit is out
+    breaker.release()
+    assert not breaker.would_refuse() and breaker.can_execute()
+    breaker.force_open()
+    assert breaker.would_refuse()
+    breaker.disable()
+    assert not breaker.would_refuse()

@@ -10,13 +10,14 @@ like any statement. The pool then takes our refusal for a dead connection:
 - psycopg_pool asks for a new connection, which the open circuit refuses too, and waits for
   one until its timeout (30 s by default): the wait a circuit breaker exists to prevent.
 
-So while the circuit of the connection's server refuses calls (open, or forced open), the
-check is not sent and answers "healthy". The application's statement that follows fails fast
+So while the circuit of the connection's server refuses calls (open, forced open, or
+half-open with every probe permit taken: ``CircuitBreaker.would_refuse()``), the check is
+not sent and answers "healthy". The application's statement that follows fails fast
 with the circuit's error, which the driver's users already handle (``PsycopgCircuitOpenError``
 is a ``psycopg.OperationalError``, ``AsyncPGCircuitOpenError`` an ``asyncpg.InterfaceError``;
 pools and ORMs treat them as errors, not disconnects), and the pooled connection is kept for
-when the circuit closes. Once the open time is over, checks go through the breaker again like
-any statement (one of them may be the half-open probe). A skipped check leaves an
+when the circuit closes. Once a probe may go, checks go through the breaker again like any
+statement (one of them may be the half-open probe). A skipped check leaves an
 ``otel_recovery.health_check.skipped`` event on the current span.
 
 The checks are patched when their library is imported (a post-import hook, since
@@ -37,7 +38,7 @@ from opentelemetry import trace
 from otel_recovery._config import SWITCHES
 from otel_recovery._forksafe import new_lock
 from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
-from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
+from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
 __all__ = ["HEALTH_CHECKS", "SKIPPED_EVENT", "Guard", "HealthChecks"]
 
@@ -123,17 +124,6 @@ _SITES = (
 )
 
 
-def refuses_now(breaker: CircuitBreaker) -> bool:
-    """Whether ``breaker`` would refuse a call now, without taking a half-open permit."""
-    state = breaker.state
-    if state is CircuitState.FORCED_OPEN:
-        return True
-    if state is CircuitState.OPEN:
-        wait = breaker.retry_after()
-        return wait is not None and wait > 0.0
-    return False
-
-
 class HealthChecks:
     """The patched health checks, installed while at least one guard is registered."""
 
@@ -187,7 +177,9 @@ class HealthChecks:
                 patches = self._patches
                 if patches is None or site in self._installed:
                     return
-                owner = getattr(sys.modules[site.module], site.owner)
+                owner = getattr(sys.modules[site.module], site.owner, None)
+                if owner is None or not hasattr(owner, site.attribute):
+                    return  # a release without this check: nothing to patch
                 patches.wrap(owner, site.attribute, self._wrapper(site))
                 self._installed.add(site)
         except Exception as error:
@@ -213,7 +205,7 @@ class HealthChecks:
         for guard in tuple(self._guards):
             breaker = guard(connection)
             if breaker is not None:
-                return breaker if refuses_now(breaker) else None
+                return breaker if breaker.would_refuse() else None
         return None
 
 

@@ -199,27 +199,22 @@ def _connect_wrapper(planner: _Planner, where: str, is_async: bool) -> Wrapper:
 
 Kind = Literal["connect", "statement"]
 
-_TRANSACTION_CONTROL = frozenset(
-    {"BEGIN", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"}
-)
+_ENDING = frozenset({"COMMIT", "END", "ROLLBACK", "ABORT", "RELEASE"})
+_EXECUTE_KEYWORDS = frozenset({"params", "prepare", "binary"})
 
 
-def is_transaction_control(query: object) -> bool:
-    """One statement that begins, ends or undoes a transaction or a savepoint (``BEGIN``,
-    ``START TRANSACTION``, ``COMMIT``, ``ROLLBACK [TO SAVEPOINT]``, ``SAVEPOINT``,
-    ``RELEASE [SAVEPOINT]``...), sent as a plain str; a script of several is not."""
+def ends_transaction_work(query: object) -> bool:
+    """One statement that ends a transaction or a savepoint, or undoes its work (``COMMIT``,
+    ``END``, ``ROLLBACK [TO SAVEPOINT]``, ``ABORT``, ``RELEASE [SAVEPOINT]``), sent as a
+    plain str; a script of several is not. Statements that start work (``BEGIN``,
+    ``SAVEPOINT``) are not: refusing them leaves nothing open."""
     if type(query) is not str:
         return False
     text = query.strip().rstrip(";")
     if ";" in text:
         return False
-    words = text.split(None, 2)
-    if not words:
-        return False
-    first = words[0].upper()
-    if first == "START":
-        return len(words) > 1 and words[1].upper() == "TRANSACTION"
-    return first in _TRANSACTION_CONTROL
+    words = text.split(None, 1)
+    return bool(words) and words[0].upper() in _ENDING
 
 
 _SITES: tuple[tuple[Any, str, Kind, bool], ...] = (
@@ -248,13 +243,17 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
     def _passes_refused(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Callable[..., Any] | None:
-        """Transaction control passes an open circuit: Django's ``atomic`` sends its
-        savepoints through ``Cursor.execute``, and a refused ``ROLLBACK TO SAVEPOINT`` dooms
-        the outer transaction, which Django then rolls back without an error: work the
-        application saw succeed is lost. A refused ``COMMIT`` or ``ROLLBACK`` would leave the
-        server holding the transaction and its locks. (asyncpg's ``Transaction`` statements
-        pass for the same reasons, see its instrumentor.)"""
-        if len(args) not in (2, 3) or not is_transaction_control(args[1]):
+        """What ends a transaction or a savepoint passes an open circuit: Django's
+        ``atomic`` sends its savepoints through ``Cursor.execute``, and a refused
+        ``ROLLBACK TO SAVEPOINT`` or ``RELEASE SAVEPOINT`` dooms the outer transaction,
+        which Django then rolls back without an error: work the application saw succeed is
+        lost. A refused ``COMMIT`` or ``ROLLBACK`` would leave the server holding the
+        transaction and its locks. (asyncpg's ``Transaction`` statements pass for similar
+        reasons, see its instrumentor.) Only ``execute(query)`` with no parameters passes;
+        an ``executemany`` never does."""
+        if len(args) not in (2, 3) or not ends_transaction_work(args[1]):
+            return None
+        if not kwargs.keys() <= _EXECUTE_KEYWORDS:  # executemany(..., params_seq=...)
             return None
         if (args[2] if len(args) == 3 else kwargs.get("params")) is not None:
             return None

@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from otel_recovery._inner_recovery import outer_attempt
+from otel_recovery._inner_recovery import note_decided, outer_attempt
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.middleware._guard import (
     GuardedApp,
@@ -106,7 +106,7 @@ class RecoveryMiddleware(GuardedApp):
                 except Exception as error:
                     if response.status is None and request.replayable:
                         wait = options.retry_delay(
-                            error, retries, previous, started, decided=attempt.decided
+                            error, retries, previous, started, decided=attempt.decided(error)
                         )
                         if wait is not None:
                             retries, previous = retries + 1, wait
@@ -117,6 +117,8 @@ class RecoveryMiddleware(GuardedApp):
                     _count(breaker, options, None, request.disconnected, raised=True)
                     answer = None if response.status is not None else options.answer(route, error)
                     if answer is None:
+                        if options.retry is not None:  # decided here: an outer one must not retry
+                            note_decided(error)
                         raise
                     await _respond(send, answer)
                     return

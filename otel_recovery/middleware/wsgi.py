@@ -21,7 +21,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
-from otel_recovery._inner_recovery import outer_attempt
+from otel_recovery._inner_recovery import note_decided, outer_attempt
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.middleware._guard import (
     GuardedApp,
@@ -81,7 +81,7 @@ class RecoveryMiddleware(GuardedApp):
                 except Exception as error:
                     if watch.status is None and replayable:
                         wait = options.retry_delay(
-                            error, retries, previous, started, decided=attempt.decided
+                            error, retries, previous, started, decided=attempt.decided(error)
                         )
                         if wait is not None:
                             retries, previous = retries + 1, wait
@@ -92,6 +92,8 @@ class RecoveryMiddleware(GuardedApp):
                     breaker.record_failure()
                     answer = None if watch.status is not None else options.answer(route, error)
                     if answer is None:
+                        if options.retry is not None:  # decided here: an outer one must not retry
+                            note_decided(error)
                         raise
                     return _respond(start_response, answer)
                 settled = True

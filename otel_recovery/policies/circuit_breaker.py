@@ -516,6 +516,22 @@ class CircuitBreaker:
             self._dispatch()
         return permitted
 
+    def would_refuse(self) -> bool:
+        """Whether :meth:`can_execute` would refuse a call now, asked without taking a probe
+        permit or moving OPEN to HALF_OPEN: for callers that must not spend a probe on the
+        question (a pool's health check, see ``instrumentors/_health_checks.py``)."""
+        if self._permit_all:
+            return False
+        with self._lock:
+            state = self._state
+            if state in _PERMIT_ALL:
+                return False
+            if state is _OPEN:
+                return self._clock.now() < self._open_until
+            if state is _HALF_OPEN:
+                return self._in_flight >= self._half_open_max
+            return True  # forced open
+
     def _acquire(self) -> bool:
         state = self._state
         if state in _PERMIT_ALL:  # changed while we waited for the lock

@@ -105,6 +105,20 @@ class SharedCircuitBreaker(SharedBreakerView):
             self._dispatch()
         return granted
 
+    def would_refuse(self) -> bool:
+        """As :meth:`can_execute` would answer before asking Redis: a member that may ask for a
+        fleet-wide probe permit is not refused (the check goes through the breaker)."""
+        if self._permit_all:
+            return False
+        if not self._remote:
+            return super().would_refuse()
+        state, now = self._state, self._clock.now()
+        return (
+            state is _FORCED_OPEN
+            or (state is _OPEN and now < self._open_until)
+            or (state is _HALF_OPEN and now < self._next_ask)
+        )
+
     def record_success(self, duration: float | None = None) -> None:
         if self._fast_record:  # closed, consecutive mode: exactly the local fast path
             next(self._fast_successes)

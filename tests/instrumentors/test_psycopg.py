@@ -37,7 +37,7 @@ from otel_recovery.instrumentors import psycopg as ours_module
 from otel_recovery.instrumentors.psycopg import (
     PsycopgCircuitOpenError,
     PsycopgRecoveryInstrumentor,
-    is_transaction_control,
+    ends_transaction_work,
 )
 from otel_recovery.testing import FakeClock
 
@@ -258,36 +258,37 @@ def test_an_open_breaker_fails_statements_fast_and_sql_has_no_fallback(h: Harnes
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
-        ("BEGIN", True),
-        ("begin;", True),
-        (" COMMIT \n", True),
+        ("COMMIT", True),
+        ("commit;", True),
+        (" ROLLBACK \n", True),
         ("ROLLBACK TO SAVEPOINT s1", True),
-        ('SAVEPOINT "s1_x"', True),
+        ('ROLLBACK TO "s1_x"', True),
         ("RELEASE SAVEPOINT s1", True),
         ("release s1;", True),
-        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", True),
         ("END", True),
         ("ABORT", True),
+        ("BEGIN", False),  # starts work: refusing it leaves nothing open
+        ("START TRANSACTION", False),
+        ("SAVEPOINT s1", False),
         ("SELECT 1", False),
-        ("BEGIN; DELETE FROM t; COMMIT", False),  # a script does work: gated
-        ("BEGINNING", False),
-        ("START", False),
+        ("COMMIT; DELETE FROM t", False),  # a script does work: gated
+        ("ROLLBACKS", False),
         ("", False),
-        (b"BEGIN", False),
-        (psycopg.sql.SQL("BEGIN"), False),
+        (b"COMMIT", False),
+        (psycopg.sql.SQL("COMMIT"), False),
     ],
 )
-def test_what_counts_as_transaction_control(query: object, expected: bool) -> None:
-    assert is_transaction_control(query) is expected
+def test_what_ends_transaction_work(query: object, expected: bool) -> None:
+    assert ends_transaction_work(query) is expected
 
 
 @pytest.mark.parametrize("order", ["ours_only", "contrib_first", "ours_first"])
-async def test_an_open_breaker_lets_transaction_control_through(h: Harness, order: str) -> None:
+async def test_an_open_breaker_lets_what_ends_a_transaction_through(h: Harness, order: str) -> None:
     """A transaction and its savepoints must be able to end while the circuit is open (an
     ORM's ``atomic``, such as Django's, sends them as plain statements; see
-    tests/integrations/test_django.py): the data statement is refused, the SAVEPOINT
-    machinery and the ROLLBACK are sent, uncounted, and the connection ends idle, sync and
-    awaited."""
+    tests/integrations/test_django.py): the data statement and a new SAVEPOINT are refused,
+    ROLLBACK TO / RELEASE / COMMIT / ROLLBACK are sent, uncounted, and the connection ends
+    idle, sync and awaited; ``executemany`` is never let through."""
     h.instrument(order)
     table = h.table()
     sync = psycopg.connect(PG_DSN, autocommit=True)
@@ -297,19 +298,23 @@ async def test_an_open_breaker_lets_transaction_control_through(h: Harness, orde
     sync.execute(f"INSERT INTO {table} VALUES (1)")
     await aconn.execute("BEGIN")
     await aconn.execute("SAVEPOINT s1")
+    sync.execute("BEGIN")
     breaker.force_open()
     h.reset()
     with pytest.raises(PsycopgCircuitOpenError):
         await aconn.execute(f"INSERT INTO {table} VALUES (2)")
+    with pytest.raises(PsycopgCircuitOpenError):
+        await aconn.execute("SAVEPOINT s2")
     await aconn.execute("ROLLBACK TO SAVEPOINT s1")
     await aconn.execute("RELEASE SAVEPOINT s1")
     await aconn.execute("COMMIT")
     with sync.cursor() as cursor:
-        cursor.execute("BEGIN")
         with pytest.raises(PsycopgCircuitOpenError):
             cursor.execute(f"INSERT INTO {table} VALUES (3)")
+        with pytest.raises(PsycopgCircuitOpenError):
+            cursor.executemany("RELEASE SAVEPOINT s9", params_seq=[])
         cursor.execute("ROLLBACK;")
-    assert h.calls["execute"] == 5  # every transaction-control statement, and nothing else
+    assert h.calls["execute"] == 4  # what ends work, and nothing else
     assert aconn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert sync.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert breaker.snapshot().failed_calls == 0

@@ -2,7 +2,8 @@
 
 What a skipped check does to a real pool is tested beside each pool in this directory
 (psycopg_pool sync and async, SQLAlchemy's ``pool_pre_ping`` sync and asyncio, Django). Here: when a
-check counts as refused (the breaker's states, the global switch), the patch lifecycle
+check is skipped (``CircuitBreaker.would_refuse()`` is tested with the breaker; here the
+global switch and a dead connection), the patch lifecycle
 (installed when the library is imported after ``instrument()``, shared by both instrumentors,
 removed with the last), and that a failure of ours lets the check run untouched.
 """
@@ -22,35 +23,18 @@ from psycopg_pool import ConnectionPool
 from servers import PG_DSN, kill_idle, require_postgres
 
 from otel_recovery.instrumentors import _wrapping
-from otel_recovery.instrumentors._health_checks import HEALTH_CHECKS, refuses_now
+from otel_recovery.instrumentors._health_checks import HEALTH_CHECKS
 from otel_recovery.instrumentors._wrapping import _wrapper_module
 from otel_recovery.instrumentors.asyncpg import AsyncPGRecoveryInstrumentor
 from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
-from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
-from otel_recovery.testing import FakeClock, recovery_disabled
+from otel_recovery.testing import recovery_disabled
 
 
 def ours_on_top(owner: type, attribute: str) -> bool:
     return _wrapper_module(vars(owner)[attribute]).startswith("otel_recovery.")
 
 
-# -- when a check counts as refused -----------------------------------------------------------
-
-
-def test_a_check_is_skipped_only_while_the_breaker_would_refuse_a_call() -> None:
-    clock = FakeClock()
-    breaker = CircuitBreaker(name="pg", failure_threshold=1, timeout=10.0, clock=clock)
-    assert not refuses_now(breaker)  # closed
-    breaker.record_failure()
-    assert breaker.state is CircuitState.OPEN and refuses_now(breaker)
-    clock.advance(10.0)
-    assert breaker.state is CircuitState.OPEN and not refuses_now(breaker)  # a probe may go
-    assert breaker.can_execute() and breaker.state is CircuitState.HALF_OPEN
-    assert not refuses_now(breaker)  # the check goes through the breaker like a statement
-    breaker.force_open()
-    assert refuses_now(breaker)
-    breaker.disable()
-    assert not refuses_now(breaker)
+# -- when a check is skipped -----------------------------------------------------------------
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from servers import PG_DSN, PG_PORT, PgFront, free_port, kill_idle
 
 from integrations.sync_pg import ORDERS, SyncHarness, assert_not_retried
 from otel_recovery.instrumentors.psycopg import PsycopgCircuitOpenError
+from otel_recovery.policies.circuit_breaker import CircuitState
 from otel_recovery.testing import FakeClock
 
 pytestmark = pytest.mark.server
@@ -208,6 +209,30 @@ def test_an_open_circuit_skips_the_check_and_keeps_the_pooled_connection(
     assert select_42(pool) == pid  # kept
     assert h.calls["execute"] == 2  # once closed, the check is sent again (then the SELECT)
     assert pool.get_stats().get("connections_lost", 0) == 0
+
+
+def test_a_half_open_circuit_with_its_probe_out_skips_the_check_too(h: PoolHarness) -> None:
+    """Half-open with every probe permit taken (another request is probing) refuses calls
+    like an open circuit: the check is skipped then too (found by review: it was sent,
+    refused, and the pool waited for PoolTimeout). Once the permit is back the check is
+    the probe, sent through the breaker, and its success closes the circuit."""
+    clock = FakeClock()
+    h.instrument(clock=clock, breaker_minimum_calls=1, breaker_window=1, breaker_open_seconds=5)
+    pool = h.pool(check=ConnectionPool.check_connection, timeout=2)
+    pool.open(wait=True, timeout=10)
+    pid = backend_pid(pool)
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    breaker.record_failure()
+    clock.advance(5)
+    assert breaker.can_execute()  # another request's probe
+    h.reset()
+    with pytest.raises(PsycopgCircuitOpenError), pool.connection() as conn:
+        conn.execute("SELECT 1")
+    assert h.calls["execute"] == 0
+    breaker.release()
+    assert select_42(pool) == pid
+    assert h.calls["execute"] == 2 and breaker.state is CircuitState.CLOSED
 
 
 # -- lifecycle -----------------------------------------------------------------------------

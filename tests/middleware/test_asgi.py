@@ -10,7 +10,7 @@ import httpx
 import pytest
 from opentelemetry import trace
 
-from otel_recovery import CircuitBreaker, CircuitOpenError, Retry, recover
+from otel_recovery import CircuitBreaker, CircuitOpenError, Fallback, Retry, recover
 from otel_recovery._fake_clock import FakeClock
 from otel_recovery.middleware import ASGIRecoveryMiddleware
 from otel_recovery.middleware.asgi import RecoveryMiddleware
@@ -146,8 +146,20 @@ class CallingApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.handler_runs += 1
         await receive()
-        await self.dependency()
-        if scope["path"] == "/after" and self.handler_runs == 1:
+        path = scope["path"]
+        if path == "/handled":  # the app catches the dependency's failure and goes on
+            try:
+                await self.dependency()
+            except ConnectionError:
+                pass
+        elif path == "/wrapped":  # the app raises its own error from the dependency's
+            try:
+                await self.dependency()
+            except ConnectionError as error:
+                raise ConnectionError("the quote service is unavailable") from error
+        else:
+            await self.dependency()
+        if path in ("/after", "/handled") and self.handler_runs == 1:
             raise ConnectionError("the app's own failure, after the dependency answered")
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"done"})
@@ -191,6 +203,43 @@ async def test_an_inner_call_that_may_not_be_repeated_stops_the_retry_a_recovere
     async with _client(middleware) as client:
         assert (await client.get("/after")).status_code == 200
     assert (recovered.handler_runs, recovered.dependency_calls) == (2, 3)
+
+
+async def test_what_the_app_handled_or_wrapped_is_judged_by_the_error_that_escapes():
+    """Only the failure a policy gave up on stops the middleware's retry: an error the app
+    raised *from* it is that failure (no retry), while a later, unrelated error after the
+    app handled it is not (retried). A fallback's answer is a success, not a give-up."""
+    clock = FakeClock()
+    retry = Retry(3, backoff=FixedBackoff(0.5))
+    wrapped = CallingApp(clock, failures=100)
+    middleware = RecoveryMiddleware(wrapped, breaker=_breakers(clock), retry=retry, clock=clock)
+    async with _client(middleware) as client:
+        with pytest.raises(ConnectionError, match="quote service"):
+            await client.get("/wrapped")
+    assert (wrapped.handler_runs, wrapped.dependency_calls) == (1, 3)
+    handled = CallingApp(clock, failures=100, retry=Retry(1))
+    middleware = RecoveryMiddleware(handled, breaker=_breakers(clock), retry=retry, clock=clock)
+    async with _client(middleware) as client:
+        assert (await client.get("/handled")).status_code == 200
+    assert (handled.handler_runs, handled.dependency_calls) == (2, 2)
+
+    fallback_runs = []
+
+    @recover(retry=Retry(2, backoff=FixedBackoff(0.1)), fallback=Fallback("cached"), clock=clock)
+    async def quote() -> str:
+        raise ConnectionError("the dependency went away")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        fallback_runs.append(await quote())
+        if len(fallback_runs) == 1:
+            raise ConnectionError("the app's own failure, after the fallback answered")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), retry=retry, clock=clock)
+    async with _client(middleware) as client:
+        assert (await client.get("/fallback")).status_code == 200
+    assert fallback_runs == ["cached", "cached"]
 
 
 async def test_a_post_and_a_consumed_body_are_never_retried():

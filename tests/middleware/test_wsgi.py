@@ -136,6 +136,57 @@ def test_a_request_whose_inner_call_gave_up_is_not_retried_on_top():
     assert clock.sleeps == [0.1, 0.1]
 
 
+@pytest.mark.parametrize("inner_retry", [None, 2])
+def test_nested_middlewares_do_not_retry_what_the_inner_layers_gave_up_on(inner_retry):
+    """A middleware inside another (a framework's and the service's own): what a policy gave
+    up on inside the inner one stops the outer one's retry too, whether the inner one
+    retries nothing (it passes the give-up up) or retried and gave up itself."""
+    clock = FakeClock()
+    calls: list[str] = []
+
+    @recover(retry=Retry(3, backoff=FixedBackoff(0.1)), clock=clock)
+    def dependency() -> str:
+        calls.append("dependency")
+        raise ConnectionError("the dependency went away")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        calls.append("handler")
+        dependency()
+        start_response("200 OK", [])
+        return [b"done"]
+
+    inner = RecoveryMiddleware(
+        app,
+        breaker=_breakers(clock),
+        retry=None if inner_retry is None else Retry(inner_retry, backoff=FixedBackoff(1.0)),
+        clock=clock,
+    )
+    outer = RecoveryMiddleware(
+        inner, breaker=_breakers(clock), retry=Retry(3, backoff=FixedBackoff(0.25)), clock=clock
+    )
+    with _client(outer) as client, pytest.raises(ConnectionError):
+        client.get("/dep")
+    assert calls == ["handler", "dependency", "dependency", "dependency"]
+    assert clock.sleeps == [0.1, 0.1]
+
+
+def test_an_inner_middleware_that_retried_and_gave_up_stops_the_outer_one():
+    """No policy inside, just two middlewares with a retry each: the inner one's give-up is
+    final, or the outer one would run the handler 3 x 2 = 6 times."""
+    clock = FakeClock()
+    app = App()
+    inner = RecoveryMiddleware(
+        app, breaker=_breakers(clock), retry=Retry(2, backoff=FixedBackoff(1.0)), clock=clock
+    )
+    outer = RecoveryMiddleware(
+        inner, breaker=_breakers(clock), retry=Retry(3, backoff=FixedBackoff(0.25)), clock=clock
+    )
+    with _client(outer) as client, pytest.raises(ConnectionError):
+        client.get("/boom")
+    assert app.calls["/boom"] == 2
+    assert clock.sleeps == [1.0]
+
+
 def test_an_error_while_streaming_counts_as_a_failure_and_propagates():
     clock = FakeClock()
     app = App()
