@@ -197,9 +197,11 @@ class PlanCache:
         disallowed: str | None = None,
         client_retried: tuple[type[BaseException], ...] = (),
         client_retries: int = 0,
+        timed: bool = True,
     ) -> Plan:
-        """The plan for a call; ``disallowed`` (a reason) forbids retrying it."""
-        key = (host, port, operation, span, disallowed, client_retried, client_retries)
+        """The plan for a call; ``disallowed`` (a reason) forbids retrying it, ``timed=False``
+        exempts it from the attempt time limit."""
+        key = (host, port, operation, span, disallowed, client_retried, client_retries, timed)
         plan = self._cache.get(key)
         if plan is None:
             policy = self.targets.policy_for(
@@ -210,6 +212,7 @@ class PlanCache:
                 span=span,
                 not_retried=client_retried if disallowed is None else (),
                 disallowed=disallowed,
+                timed=timed,
             )
             plan = Plan(
                 policy,

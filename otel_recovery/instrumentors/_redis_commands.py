@@ -22,7 +22,7 @@ from typing import Any
 
 from otel_recovery.instrumentors._settings import RecoverySettings
 
-__all__ = ["CommandRules", "READS", "IDEMPOTENT_WRITES", "command_name"]
+__all__ = ["BLOCKING", "IDEMPOTENT_WRITES", "READS", "CommandRules", "command_name"]
 
 
 def _words(text: str) -> frozenset[str]:
@@ -72,6 +72,17 @@ READS = _words(
     }
 )
 """Commands that change nothing."""
+
+BLOCKING = _words(
+    """
+    BLPOP BRPOP BLMOVE BRPOPLPUSH BLMPOP BZPOPMIN BZPOPMAX BZMPOP WAIT WAITAOF XREAD XREADGROUP
+    """
+)
+"""Commands that may wait on the server on purpose (a timeout or ``BLOCK`` argument of their
+own): ``OTEL_RECOVERY_ATTEMPT_TIMEOUT`` does not apply to them, or it would cut the wait the
+caller asked for (a worker's ``BLPOP queue 5``) and, for a pop, could lose the element the
+server popped for the connection it cancelled. ``XREAD`` without ``BLOCK`` answers at once
+anyway."""
 
 IDEMPOTENT_WRITES = _words(
     """

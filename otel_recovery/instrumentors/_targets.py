@@ -226,6 +226,7 @@ class TargetPolicies:
         span: Literal["own", "current"] | None = None,
         not_retried: tuple[type[BaseException], ...] = (),
         disallowed: str | None = None,
+        timed: bool = True,
     ) -> RecoveryPolicy:
         """The policy for one call to ``host:port``.
 
@@ -234,13 +235,17 @@ class TargetPolicies:
         ``not_retried`` lists failures a lower layer already retried (redis-py's connection
         ``Retry``): repeating them here would multiply attempts, so they are only recorded.
         ``disallowed`` is why a call that may not be retried is not: a failure's trace says so.
+        ``timed=False`` leaves out ``attempt_timeout`` (a call that waits on purpose, such as
+        Redis's ``BLPOP``: the limit would cut the wait it asked for).
         """
         op_key = self._operation_key(host, port, operation)
-        fast_key = (host, port, op_key, retry_allowed, span, not_retried, disallowed)
+        fast_key = (host, port, op_key, retry_allowed, span, not_retried, disallowed, timed)
         resolved = self._resolved.get(fast_key)
         if resolved is not None and resolved.breaker is self.known_breaker(host, port):
             return resolved
-        policy = self._build(host, port, op_key, retry_allowed, span, not_retried, disallowed)
+        policy = self._build(
+            host, port, op_key, retry_allowed, span, not_retried, disallowed, timed
+        )
         if len(self._resolved) >= 4 * self._max:
             self._resolved.clear()
         self._resolved[fast_key] = policy
@@ -269,19 +274,20 @@ class TargetPolicies:
         span: Literal["own", "current"] | None,
         not_retried: tuple[type[BaseException], ...],
         disallowed: str | None,
+        timed: bool,
     ) -> RecoveryPolicy:
         target = self._target(host, port)
         s = self.settings.for_target(host, port, operation)
         specific = operation if s != self.settings.for_target(host, port, None) else None
         mode = span or self._span
-        key = (specific, retry_allowed, mode, not_retried, disallowed)
+        key = (specific, retry_allowed, mode, not_retried, disallowed, timed)
         policy = target.policies.get(key)
         if policy is not None:
             return policy
         retry = (_LayeredRetry if not_retried else Retry)(
             s.max_attempts if retry_allowed else 1,
             deadline=s.deadline,
-            attempt_timeout=s.attempt_timeout,
+            attempt_timeout=s.attempt_timeout if timed else None,
             backoff=ExponentialBackoff(
                 initial=s.backoff_initial,
                 maximum=max(s.backoff_max, s.backoff_initial),

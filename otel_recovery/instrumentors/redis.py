@@ -67,7 +67,7 @@ from otel_recovery.instrumentors._db import (
     read_context,
     retire_table,
 )
-from otel_recovery.instrumentors._redis_commands import CommandRules
+from otel_recovery.instrumentors._redis_commands import BLOCKING, CommandRules
 from otel_recovery.instrumentors._settings import RecoverySettings
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
@@ -335,10 +335,13 @@ class _Planner:
         host, port = target.host, target.port
         rules = self.rules_for(host, port)
         name = rules.name(args)
+        timed = name not in BLOCKING
         if rules.allows(name, args):
-            plan = self.plans.plan(host, port, name, mode, None, target.retried, target.retries)
+            plan = self.plans.plan(
+                host, port, name, mode, None, target.retried, target.retries, timed
+            )
         else:
-            plan = self.plans.plan(host, port, name, mode, "non_idempotent_command")
+            plan = self.plans.plan(host, port, name, mode, "non_idempotent_command", timed=timed)
         if rules.depends_on_arguments(args, name) or len(plans) >= 512:
             return plan
         plans[args[0]] = plan

@@ -56,6 +56,7 @@ NOT_RUN = {
     "django",
     "starlette",
     "uvicorn",
+    "rq",
     "gunicorn",
     "uv",
 }
