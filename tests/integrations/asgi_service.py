@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import threading
 import time
 from collections import Counter
@@ -47,6 +48,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
+from servers import PrivateRedis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -74,16 +76,36 @@ PAIRS = {
 
 class SleepWatch(MonotonicClock):
     """The production clock (monotonic time, real ``asyncio.sleep``) that also says when our
-    layer starts a backoff sleep, so a test can cancel a request exactly there."""
+    layer starts a backoff sleep, so a test can cancel a request exactly there, and counts the
+    sleeps that were cancelled. ``advance()`` moves its ``now()`` forward (a breaker's long
+    open time passes at once), while sleeps stay real."""
 
     def __init__(self) -> None:
         self.sleeping = threading.Event()
         self.sleeps: list[float] = []
+        self.cancelled = 0
+        self.offset = 0.0
+
+    def now(self) -> float:  # type: ignore[override]
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    def forget(self) -> None:
+        """Start counting afresh (after a test's setup slept its own sleeps)."""
+        self.sleeping.clear()
+        self.sleeps.clear()
+        self.cancelled = 0
 
     async def asleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.sleeping.set()
-        await asyncio.sleep(seconds)
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
 
 FAST = {"backoff_initial": 0.001, "backoff_max": 0.005, "retry_after_cap": 1.0}
@@ -153,10 +175,12 @@ class Stack:
         ]
 
     def wait_servers(self, count: int, path: str | None = None, timeout: float = 5.0) -> None:
-        """The server span ends after the response went out: wait for it."""
+        """The server span ends after the response went out: wait for ``count`` of them."""
         deadline = time.monotonic() + timeout
         while len(self.servers(path)) < count and time.monotonic() < deadline:
             time.sleep(0.005)
+        ended = [s.name for s in self.servers(path)]
+        assert len(ended) >= count, f"{count} server spans expected in {timeout} s: {ended}"
 
     def clients_to(self, port: int) -> list[ReadableSpan]:
         """Contrib's HTTP CLIENT spans of requests to 127.0.0.1:``port``."""
@@ -196,6 +220,7 @@ class Deps:
     pg_port: int = 5432
     redis_port: int | None = None
     pool_size: int = 2
+    redis_connection_class: type | None = None
     http: httpx.AsyncClient | None = None
     pool: Any = None
     redis: Any = None
@@ -429,9 +454,13 @@ def build_app(
             max_size=deps.pool_size,
         )
         if deps.redis_port is not None:
-            deps.redis = redis.asyncio.Redis(
-                port=deps.redis_port, socket_timeout=0.5, retry=RedisRetry(NoBackoff(), 0)
+            pool = redis.asyncio.ConnectionPool(
+                port=deps.redis_port,
+                socket_timeout=0.5,
+                retry=RedisRetry(NoBackoff(), 0),
+                connection_class=deps.redis_connection_class or redis.asyncio.Connection,
             )
+            deps.redis = redis.asyncio.Redis.from_pool(pool)  # closing the client closes it
         app.state.deps = deps
         try:
             yield
@@ -460,6 +489,74 @@ def build_app(
     return OpenTelemetryMiddleware(app, tracer_provider=provider)
 
 
+# -- a Redis fault at the exact moment --------------------------------------------------------
+
+_FIRST_COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n")
+
+
+class StopAtFirst:
+    """Freezes ``server`` (SIGSTOP) the moment the service's Redis client is about to send its
+    first ``command``, on a connection already set up, and resumes it (SIGCONT) when that
+    connection is closed: redis-py closes it right after its socket timeout, so that attempt
+    times out however slow the machine is, and the next attempt finds the server running.
+    (``CLIENT PAUSE ALL`` cannot be ended early: this Redis holds ``CLIENT UNPAUSE`` too.)
+    A timer resumes the server after ``fallback`` seconds whatever happens."""
+
+    def __init__(self, server: PrivateRedis, command: str = "GET", fallback: float = 5.0) -> None:
+        self.server, self.command, self.fallback = server, command.upper(), fallback
+        self.fired = 0
+        self.resumed = threading.Event()
+        self._victim: Any = None
+
+    def connection_class(self) -> type:
+        trap = self
+
+        class Stopping(redis.asyncio.Connection):
+            async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                if not self.is_connected:
+                    await self.connect()
+                trap._sending(self, command)
+                await super().send_packed_command(command, check_health)
+
+            async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+                try:
+                    await super().disconnect(*args, **kwargs)
+                finally:
+                    trap.resume(self)
+
+        return Stopping
+
+    def _sending(self, connection: Any, command: Any) -> None:
+        if self.fired:
+            return
+        data = command if isinstance(command, bytes) else b"".join(bytes(c) for c in command)
+        found = _FIRST_COMMAND.match(data)
+        if found is None or found.group(1).decode().upper() != self.command:
+            return
+        self.fired += 1
+        self._victim = connection
+        self.server.stop_answering()
+        deadline = time.monotonic() + 5
+        while _process_state(self.server.pid) not in ("T", "t"):  # SIGSTOP is asynchronous
+            assert time.monotonic() < deadline, "redis-server did not stop"
+            time.sleep(0.001)
+        self.server.after(self.fallback, self.resume)
+
+    def resume(self, connection: Any = None) -> None:
+        """Resume the server (``connection``: only if it is the one that met the fault)."""
+        if not self.fired or self.resumed.is_set():
+            return
+        if connection is not None and connection is not self._victim:
+            return
+        self.server.resume()
+        self.resumed.set()
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
 # -- the server -----------------------------------------------------------------------------
 
 
@@ -468,8 +565,9 @@ class Served:
 
     ``loop_errors`` collects what the loop's exception handler got (never-retrieved task
     and future exceptions included, after a final ``gc.collect()``); ``leftover`` names
-    the tasks still pending once ``serve()`` returned; ``stopped_in`` is how long
-    :meth:`stop` took."""
+    the tasks still pending once ``serve()`` returned; ``served_in`` is how long ``serve()``
+    took to return once asked to stop (uvicorn's own shutdown), ``stopped_in`` how long
+    the thread took to end (the clean-up after it included)."""
 
     def __init__(self, app: Any, *, graceful: float | None = None) -> None:
         config = uvicorn.Config(
@@ -487,6 +585,8 @@ class Served:
         self.leftover: list[str] = []
         self.port = 0
         self.stopped_in: float | None = None
+        self.served_in: float | None = None
+        self._stop_asked: float | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> Served:
@@ -497,6 +597,8 @@ class Served:
             try:
                 loop.run_until_complete(self.server.serve())
             finally:
+                if self._stop_asked is not None:
+                    self.served_in = time.monotonic() - self._stop_asked
                 pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
                 self.leftover = [repr(t.get_coro()) for t in pending]
                 for task in pending:
@@ -521,7 +623,7 @@ class Served:
         """Ask uvicorn to shut down (as SIGTERM does); True if its thread ended in time."""
         if self._thread is None or not self._thread.is_alive():
             return True
-        began = time.monotonic()
+        began = self._stop_asked = time.monotonic()
         self.server.should_exit = True
         self._thread.join(timeout)
         self.stopped_in = time.monotonic() - began
@@ -529,7 +631,7 @@ class Served:
 
     def begin_stop(self) -> Callable[[float], bool]:
         """Start shutting down now; returns ``wait(timeout)`` for the thread's end."""
-        began = time.monotonic()
+        began = self._stop_asked = time.monotonic()
         self.server.should_exit = True
 
         def wait(timeout: float) -> bool:

@@ -81,15 +81,18 @@ def add_alias(port: int = PG_PORT, *, options: str = "", **settings_dict: Any) -
 
 
 def remove_alias(alias: str) -> None:
-    """Close the alias's connection (and its pool) and forget it."""
-    wrapper: BaseDatabaseWrapper = connections[alias]
-    with quiet():
-        with contextlib.suppress(Exception):
-            wrapper.close()
-        if getattr(wrapper, "pool", None) is not None:
-            wrapper.close_pool()
-    del connections[alias]
-    del connections.settings[alias]
+    """Close the alias's connection (and its pool) and forget it, even if closing failed."""
+    try:
+        wrapper: BaseDatabaseWrapper = connections[alias]
+        with quiet():
+            with contextlib.suppress(Exception):
+                wrapper.close()
+            if getattr(wrapper, "pool", None) is not None:
+                wrapper.close_pool()
+    finally:
+        with contextlib.suppress(AttributeError, KeyError):
+            del connections[alias]
+        connections.settings.pop(alias, None)
 
 
 def create_table() -> None:

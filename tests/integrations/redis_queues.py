@@ -10,11 +10,18 @@ naming a chosen command, at exactly that moment:
 
 - ``kill``: ``CLIENT KILL ADDR`` of that very connection before the bytes leave; the server
   never runs the command and the client reads a closed connection.
-- ``stop``: SIGSTOP the server for ``STOP_SECONDS`` (longer than the client's socket timeout):
-  the client gives up with a timeout, then the server wakes, *runs the command* it finds in
-  its socket buffer and only then sees the connection closed: applied, reply lost.
-- ``pause``: ``CLIENT PAUSE WRITE`` for ``STOP_SECONDS``: the command is held, the client
-  times out, and the server drops the held command with the closed connection.
+- ``stop``: SIGSTOP the server until the client gives up (its socket timeout): redis-py
+  closes the connection (``disconnect()``), the trap resumes the server (SIGCONT) right
+  there, and the server *runs the command* it finds in its socket buffer and only then sees
+  the connection closed: applied, reply lost.
+- ``pause``: ``CLIENT PAUSE WRITE``: the command is held, the client times out and closes
+  the connection; ``UNPAUSE_DELAY`` later (the server has seen the close by then) the trap
+  unpauses, and the server has dropped the held command with the closed connection.
+
+A client that never gives up (RQ raises its socket timeout) is healed by a fallback timer
+(``heal_after``). :meth:`Trap.settle` waits for the heal and for the server to have acted on
+it, so a test reads the server's state only after the fault's outcome is decided; healing
+is event-driven, no test depends on how a sleep compares with the socket timeout.
 """
 
 from __future__ import annotations
@@ -36,7 +43,14 @@ from servers import PrivateRedis
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
 STACKS = ["baseline", "ours_only", "contrib_first", "ours_first"]
-STOP_SECONDS = 0.6  # > TIMEOUT (0.4): one attempt times out, the next one finds it healed
+STOP_SECONDS = 0.6
+"""How long a fault lasts for a client that does not give up (``heal_after`` for RQ's
+worker, whose socket timeout is long): longer than the plain clients' ``TIMEOUT`` (0.4 s),
+so a client that did give up would be seen (its disconnect heals at once, and it failed)."""
+FALLBACK_SECONDS = 5.0
+"""By default a fault lasts until the trapped connection is closed; this is the bound."""
+UNPAUSE_DELAY = 0.2
+"""From the trapped connection's close to ``CLIENT UNPAUSE``: the server sees the close."""
 _COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n")
 
 Fault = Literal["kill", "stop", "pause"]
@@ -49,31 +63,98 @@ def _names(data: bytes) -> list[str]:
 class Trap:
     """One fault, fired once on the next buffer that names ``command`` (see module doc)."""
 
-    def __init__(self, server: PrivateRedis, command: str, fault: Fault, *, skip: int = 0):
+    def __init__(
+        self,
+        server: PrivateRedis,
+        command: str,
+        fault: Fault,
+        *,
+        skip: int = 0,
+        heal_after: float = FALLBACK_SECONDS,
+    ) -> None:
         self.server, self.command, self.fault, self.skip = server, command.upper(), fault, skip
+        self.heal_after = heal_after
         self.fired = 0
+        self.healed = threading.Event()
+        self._victim: Any = None
+        self._lock = threading.Lock()
 
-    def check(self, data: bytes, sockname: tuple[str, int] | None) -> None:
+    def check(self, data: bytes, sockname: tuple[str, int] | None, connection: Any) -> None:
         if self.fired or self.command not in _names(data):
             return
         if self.skip:
             self.skip -= 1
             return
         self.fired += 1
+        self._victim = connection
         admin = self.server.admin()
         try:
             with suppress_instrumentation():
                 if self.fault == "kill":
                     assert sockname is not None
                     admin.execute_command("CLIENT", "KILL", "ADDR", f"{sockname[0]}:{sockname[1]}")
-                elif self.fault == "pause":
-                    ms = str(int(STOP_SECONDS * 1000))
+                    self.healed.set()
+                    return
+                if self.fault == "pause":
+                    ms = str(int(self.heal_after * 1000) + 5000)  # the timer unpauses first
                     admin.execute_command("CLIENT", "PAUSE", ms, "WRITE")
                 else:
                     self.server.stop_answering()
-                    self.server.after(STOP_SECONDS, self.server.resume)
+                    _until_stopped(self.server.pid)
+                self.server.after(self.heal_after, self._heal)
         finally:
             admin.close()
+
+    def disconnected(self, connection: Any) -> None:
+        """redis-py closes ``connection``: right after a timeout, so the client gave up."""
+        if connection is not self._victim or self.healed.is_set():
+            return
+        if self.fault == "stop":
+            self._heal()
+        elif self.fault == "pause":
+            self.server.after(UNPAUSE_DELAY, self._heal)
+
+    def _heal(self) -> None:
+        with self._lock:
+            if self.healed.is_set():
+                return
+            if self.fault == "stop":
+                self.server.resume()
+            else:
+                admin = self.server.admin()
+                try:
+                    with suppress_instrumentation():
+                        admin.execute_command("CLIENT", "UNPAUSE")
+                finally:
+                    admin.close()
+            self.healed.set()
+
+    def settle(self, timeout: float = FALLBACK_SECONDS + 5) -> None:
+        """Wait until the fault is healed and the server has acted on it: a stopped server
+        ran what was in its socket buffers, an unpaused one released what it held, before
+        it answers a new client's PING."""
+        if not self.fired:
+            return
+        assert self.healed.wait(timeout), f"{self.fault} on {self.command} never healed"
+        admin = self.server.admin()
+        try:
+            with suppress_instrumentation():
+                assert admin.ping()
+        finally:
+            admin.close()
+
+
+def _until_stopped(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP takes effect asynchronously: wait until the kernel reports the server stopped,
+    so it cannot still answer the command about to be sent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        assert time.monotonic() < deadline, f"redis-server {pid} did not stop ({state})"
+        time.sleep(0.001)
 
 
 def _buffer(command: Any) -> bytes:
@@ -95,19 +176,31 @@ class Stack(Harness):
         if self.instrumented:
             self.instrument(order, **settings)
 
-    def trap(self, command: str, fault: Fault, *, skip: int = 0) -> Trap:
-        trap = Trap(self.server, command, fault, skip=skip)
+    def trap(
+        self, command: str, fault: Fault, *, skip: int = 0, heal_after: float = FALLBACK_SECONDS
+    ) -> Trap:
+        trap = Trap(self.server, command, fault, skip=skip, heal_after=heal_after)
         self.traps.append(trap)
         return trap
 
-    def _spring(self, traps: list[Trap], data: bytes, sockname: Any) -> None:
+    def settle(self) -> None:
+        """Wait out every fired SIGSTOP/PAUSE fault (see :meth:`Trap.settle`)."""
+        for trap in self.traps:
+            trap.settle()
+
+    def _spring(self, traps: list[Trap], data: bytes, sockname: Any, connection: Any) -> None:
         for name in _names(data):
             self.sent[name] += 1
         for trap in traps:
-            trap.check(data, sockname)
+            trap.check(data, sockname, connection)
+
+    @staticmethod
+    def _closed(traps: list[Trap], connection: Any) -> None:
+        for trap in traps:
+            trap.disconnected(connection)
 
     def _trapping_class(self, base: type, traps: list[Trap]) -> type:
-        spring = self._spring
+        spring, closed = self._spring, self._closed
         if issubclass(base, redis.asyncio.Connection):
 
             class AsyncTrapping(base):  # type: ignore[misc, valid-type]
@@ -116,8 +209,14 @@ class Stack(Harness):
                         await self.connect()
                     writer = getattr(self, "_writer", None)
                     name = writer.get_extra_info("sockname") if writer else None
-                    spring(traps, _buffer(command), name)
+                    spring(traps, _buffer(command), name, self)
                     return await super().send_packed_command(command, check_health)
+
+                async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+                    try:
+                        await super().disconnect(*args, **kwargs)
+                    finally:
+                        closed(traps, self)
 
             return AsyncTrapping
 
@@ -126,8 +225,14 @@ class Stack(Harness):
                 if self._sock is None:
                     self.connect()
                 sock = self._sock
-                spring(traps, _buffer(command), sock.getsockname() if sock else None)
+                spring(traps, _buffer(command), sock.getsockname() if sock else None, self)
                 return super().send_packed_command(command, check_health)
+
+            def disconnect(self, *args: Any, **kwargs: Any) -> None:
+                try:
+                    super().disconnect(*args, **kwargs)
+                finally:
+                    closed(traps, self)
 
         return Trapping
 
@@ -145,12 +250,15 @@ class Stack(Harness):
         self._owners.add(id(pool))
         return redis.Redis(connection_pool=pool)
 
-    def aconnect(self, *, timeout: float | None = TIMEOUT) -> redis.asyncio.Redis:
+    def aconnect(
+        self, *, timeout: float | None = TIMEOUT, name: str | None = None
+    ) -> redis.asyncio.Redis:
         pool = redis.asyncio.ConnectionPool(
             host="127.0.0.1",
             port=self.server.port,
             socket_timeout=timeout,
             retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+            client_name=name,
             connection_class=self._trapping_class(redis.asyncio.Connection, self.traps),
         )
         self._owners.add(id(pool))

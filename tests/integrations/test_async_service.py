@@ -38,13 +38,14 @@ from typing import Any
 import pytest
 from instrumentors import http_faults as hf
 from opentelemetry.trace import StatusCode
-from servers import PgFront, PrivateRedis, private_redis, quiet  # noqa: F401
+from servers import PgFront, PrivateRedis, private_redis  # noqa: F401
 
 from integrations.asgi_service import (
     Deps,
     RawRequest,
     Served,
     Stack,
+    StopAtFirst,
     build_app,
     fetch,
     parse,
@@ -96,8 +97,11 @@ def start(
         recovery: dict[str, Any] | None = None,
         cancel_on_disconnect: bool = False,
         graceful: float | None = None,
+        redis_trap: StopAtFirst | None = None,
     ) -> tuple[Served, Deps]:
         deps = Deps(upstream.url("").rstrip("/"), pg_port, private_redis.port, pool_size)
+        if redis_trap is not None:
+            deps.redis_connection_class = redis_trap.connection_class()
         app = build_app(
             deps, stack.provider, recovery=recovery, cancel_on_disconnect=cancel_on_disconnect
         )
@@ -105,19 +109,37 @@ def start(
         served.append(server)
         return server, deps
 
-    yield go
-    for server in served:
-        assert server.stop(), "uvicorn did not stop"
+    try:
+        yield go
+    finally:
+        private_redis.resume()  # a test that froze it and failed before it woke up
+        for server in served:
+            assert server.stop(), "uvicorn did not stop"
+        private_redis.heal()
+
+
+SERVICE_LOGGERS = ("uvicorn", "asyncio", "otel_recovery")
+
+
+def service_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """Records at ERROR or above from the service: uvicorn's ("Exception in ASGI
+    application"), asyncio's, ours, or anything logged on the server's thread; not what a
+    test's own plumbing (or another library in this process) happens to log."""
+    return [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.ERROR
+        and (r.name.split(".")[0] in SERVICE_LOGGERS or r.threadName == "uvicorn")
+    ]
 
 
 @pytest.fixture
 def errors(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
-    """Everything logged at ERROR or above, from any logger (uvicorn's "Exception in ASGI
-    application", asyncio's, ours)."""
+    """The service's errors (:func:`service_errors`), as messages."""
     caplog.set_level(logging.WARNING)
 
     def logged() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        return [r.getMessage() for r in service_errors(caplog)]
 
     return logged
 
@@ -148,9 +170,9 @@ async def test_redis_upstream_and_database_faults_are_recovered_inside_one_reque
     private_redis: PrivateRedis,  # noqa: F811
     order: str,
 ) -> None:
-    """``/work`` reads Redis (paused for 0.6 s, beyond the client's 0.5 s timeout), GETs
-    the upstream (503, then 200), takes a pooled connection from a server answering
-    ``57P03`` once, SELECTs and writes Redis. With otel-recovery the caller gets 200 with no
+    """``/work`` reads Redis (frozen from the moment its first GET is sent until the client
+    gives up at its 0.5 s timeout: ``StopAtFirst``), GETs the upstream (503, then 200), takes
+    a pooled connection from a server answering ``57P03`` once, SELECTs and writes Redis. With otel-recovery the caller gets 200 with no
     sign of any failure: two Redis GETs under contrib's one ``GET`` span, exactly two
     upstream requests and two TCP connects, one server span, the upstream's two CLIENT
     spans (the resend marked ``http.request.resend_count=1``) under a ``recover httpx``
@@ -159,11 +181,11 @@ async def test_redis_upstream_and_database_faults_are_recovered_inside_one_reque
     stack.instrument(order)
     front = PgFront(starting_up=1)
     fronts.append(front)
-    server, _ = start(pg_port=front.port)
+    frozen = StopAtFirst(private_redis, "GET")
+    server, _ = start(pg_port=front.port, redis_trap=frozen)
     upstream.script("/q1", hf.status(503), hf.ok("fresh"))
-    with quiet():
-        private_redis.admin().execute_command("CLIENT", "PAUSE", "600", "ALL")
     reply = await fetch(server.port, "/work/q1")
+    assert frozen.fired == 1 and frozen.resumed.is_set()  # by the timed-out connection's close
     stack.wait_servers(1)
     (served,) = stack.servers()
     trace_id = served.context.trace_id
@@ -206,7 +228,7 @@ async def half_open_upstream(stack: Stack, server: Served, upstream: hf.FaultSer
     breaker = stack.breaker("httpx", upstream.port)
     assert breaker.snapshot().state is CircuitState.OPEN
     await asyncio.sleep(0.25)  # the breaker's own open time
-    stack.clock.sleeping.clear()
+    stack.clock.forget()
 
 
 async def in_our_backoff_sleep(stack: Stack) -> float:
@@ -271,6 +293,8 @@ async def test_a_client_that_hangs_up_cancels_the_retry_and_gives_everything_bac
         began = time.monotonic()
     await request.hang_up()
     assert await until_handler_ended(deps, "db_then_quote") == "cancelled"
+    # our backoff sleep ended by cancellation, not by its time (the stall: no sleep at all)
+    assert stack.clock.cancelled == (1 if fault == "backoff" else 0), stack.clock.sleeps
     # past the moment the retry was due (a stalled attempt has none: a moment suffices)
     await asyncio.sleep(max(0.0, began + (1.1 if fault == "backoff" else 0.2) - time.monotonic()))
     assert upstream.count("/slow") == 1
@@ -310,7 +334,7 @@ async def test_a_time_limit_around_a_retried_call_cancels_it_cleanly(
     reply = await pending
     assert (reply.status, reply.headers.get("x-error")) == (504, "TimeoutError"), reply.raw
     assert reply.seconds >= 0.3  # the limit, not the 1 s sleep, ended it (no retry below)
-    assert stack.clock.sleeps[-1] == 1.0
+    assert stack.clock.sleeps == [1.0] and stack.clock.cancelled == 1  # cut, not slept out
     await asyncio.sleep(max(0.0, began + 1.1 - time.monotonic()))  # past the retry's time
     assert upstream.count("/slow") == 1
     reply = await fetch(server.port, "/quote/ok")
@@ -329,6 +353,8 @@ async def test_a_time_limit_around_a_retried_call_cancels_it_cleanly(
 # -- 4. a database that goes down under concurrency ------------------------------------------
 
 CONCURRENT = 50
+MINIMUM_CALLS = 20
+"""``OTEL_RECOVERY_BREAKER_MINIMUM_CALLS``'s default: failed calls before the breaker judges."""
 
 
 @pytest.mark.parametrize("order", ["none", "ours_first"])
@@ -340,13 +366,15 @@ async def test_a_refused_database_under_50_concurrent_requests_opens_and_recover
     per acquire plus what the retry budget allows (10 % of calls + 1/s over 10 s), at most
     65, and the asyncpg breaker opens. The next 20 requests fail fast with
     ``AsyncPGCircuitOpenError`` (an ``asyncpg.InterfaceError``, mapped to 503) and no
-    connect at all. Once the server is back and the open time is over, one probe is let
-    through, the breaker closes and 20 concurrent requests succeed. Without otel-recovery
-    every request costs exactly one connect, and none fails fast.
+    connect at all. Once the server is back and the open time is over (30 s, passed by
+    moving our clock on: ``SleepWatch.advance``), one probe is let through, the breaker
+    closes and 20 concurrent requests succeed. Without otel-recovery every request costs
+    exactly one connect, and none fails fast. The breaker judges after ``MINIMUM_CALLS``
+    failed calls, each at least one connect: the first wave costs at least that many.
 
     The route breakers of our middleware get a high threshold here, so that every request
     reaches the handler and the client-side breaker is what is observed."""
-    stack.instrument(order, breaker_open_seconds=0.6)
+    stack.instrument(order, breaker_open_seconds=30)
     front = PgFront(starting_up=10**9)
     fronts.append(front)
     server, _ = start(
@@ -361,7 +389,7 @@ async def test_a_refused_database_under_50_concurrent_requests_opens_and_recover
     if order == "none":
         assert first_wave == CONCURRENT and kinds == {"CannotConnectNowError"}
     else:
-        assert CONCURRENT // 2 <= first_wave <= CONCURRENT + CONCURRENT // 10 + 10, first_wave
+        assert MINIMUM_CALLS <= first_wave <= CONCURRENT + CONCURRENT // 10 + 10, first_wave
         breaker = stack.breaker("asyncpg", front.port)
         assert breaker.snapshot().state is CircuitState.OPEN
         assert kinds <= {"CannotConnectNowError", "AsyncPGCircuitOpenError"}
@@ -374,7 +402,7 @@ async def test_a_refused_database_under_50_concurrent_requests_opens_and_recover
         assert front.accepted == first_wave  # refused by the circuit: not one connect
         open_until = breaker.snapshot().open_until
         assert open_until is not None
-        await asyncio.sleep(max(0.0, open_until - stack.clock.now()) + 0.02)
+        stack.clock.advance(max(0.0, open_until - stack.clock.now()) + 0.01)
     front.starting_up = front.accepted  # the server is back: forward from now on
     probe = await fetch(server.port, "/db")
     assert (probe.status, probe.body) == (200, b"42"), probe.raw
@@ -431,17 +459,20 @@ async def test_shutdown_past_its_grace_cancels_the_retry_like_any_other_await(
         await in_our_backoff_sleep(stack)
     else:
         assert await asyncio.to_thread(wait_for, lambda: upstream.count("/slow") == 1)
+    assert stack.clock.cancelled == 0
     stopped = server.begin_stop()
     raw = await request.rest()
     assert await asyncio.to_thread(stopped, 5)
-    assert server.stopped_in is not None and server.stopped_in < 1.5
+    # uvicorn's shutdown itself (the grace, then cancellation), not the thread's clean-up
+    assert server.served_in is not None and server.served_in < 1.5, server.served_in
     gc.collect()
     assert server.leftover == [] and server.loop_errors == []
     assert upstream.count("/slow") == 1 and deps.closed
+    assert stack.clock.cancelled == (1 if fault == "backoff" else 0)
     assert deps.ended == [("quote", "cancelled")]
     reply = parse(raw) if raw else None
     assert reply is None or (reply.status == 500 and reply.responses == 1), raw
-    logged = sorted(r.getMessage().split("\n")[0] for r in caplog.records if r.levelno >= 40)
+    logged = sorted(r.getMessage().split("\n")[0] for r in service_errors(caplog))
     assert logged == sorted(EXPECTED_SHUTDOWN_ERRORS), logged
 
 

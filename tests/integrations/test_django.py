@@ -25,7 +25,9 @@ and rows, and compares with the uninstrumented baseline (``none``) where that he
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -80,19 +82,26 @@ class DjangoHarness(SyncHarness):
         return breaker
 
     def close(self) -> None:
-        for alias in self.aliases:
-            remove_alias(alias)
-        super().close()
+        """Every step runs whatever an earlier one raised (the first error is raised after):
+        an alias that fails to close must not leave psycopg instrumented, nor our health-check
+        guard registered, for the rest of the session."""
+        with contextlib.ExitStack() as steps:
+            steps.callback(super().close)  # last: uninstrument, restore, close the fronts
+            for alias in self.aliases:
+                steps.callback(remove_alias, alias)
+            self.aliases = []
 
 
 @pytest.fixture
 def h() -> Iterator[DjangoHarness]:
     create_table()
-    harness = DjangoHarness()
     try:
-        yield harness
+        harness = DjangoHarness()
+        try:
+            yield harness
+        finally:
+            harness.close()
     finally:
-        harness.close()
         drop_table()
 
 
@@ -123,6 +132,16 @@ def gave_up(h: DjangoHarness) -> ReadableSpan:
     (span,) = [s for s in h.exporter.get_finished_spans() if events(s, "otel_recovery.give_up")]
     assert span.name.startswith("recover psycopg") is not h.contrib
     return span
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``condition`` (for work done by another thread) until it holds or time is up."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def error_type(error: type[BaseException]) -> str:
@@ -497,18 +516,19 @@ def test_an_increment_killed_inside_atomic_is_never_applied_twice(
 def test_statement_timeout_is_djangos_operational_error_and_not_retried(
     h: DjangoHarness, order: str
 ) -> None:
-    """``-c statement_timeout=100`` in OPTIONS: the slow INSERT inside ``atomic`` is
+    """``-c statement_timeout=500`` in OPTIONS: the slow INSERT inside ``atomic`` is
     cancelled (QueryCanceled, wrapped by Django as OperationalError), sent once, the block
     rolled back; the connection is healthy, so the same backend serves the next ``atomic``
-    and, after the end-of-request check, the next request."""
+    and, after the end-of-request check, the next request. (The limit applies to every
+    statement of the session: 500 ms leaves the quick ones room on a loaded machine.)"""
     h.instrument(order)
-    alias = h.alias(options="-c statement_timeout=100", CONN_MAX_AGE=60)
+    alias = h.alias(options="-c statement_timeout=500", CONN_MAX_AGE=60)
     backend = warm(alias)
     h.reset()
     with request():
         with pytest.raises(OperationalError) as caught, transaction.atomic(using=alias):
             items(alias).create(v=1)
-            items(alias).create(v=RawSQL("(SELECT 2 FROM pg_sleep(1))", []))
+            items(alias).create(v=RawSQL("(SELECT 2 FROM pg_sleep(3))", []))
         assert type(caught.value.__cause__) is psycopg.errors.QueryCanceled
         with transaction.atomic(using=alias):
             items(alias).create(v=3)
@@ -595,7 +615,10 @@ def test_pool_to_a_server_that_stays_down_times_out_as_djangos_error(
     with pytest.raises(OperationalError) as caught, request():
         items(alias).count()
     assert isinstance(caught.value.__cause__, PoolTimeout)
-    assert h.calls["connect"] == (1 if order == "none" else 3)
+    expected = 1 if order == "none" else 3
+    # the pool's worker thread may still be between our attempts when getconn gives up
+    assert eventually(lambda: h.calls["connect"] >= expected), h.calls
+    assert h.calls["connect"] == expected
 
 
 @pytest.mark.parametrize("health_checks", [False, True])

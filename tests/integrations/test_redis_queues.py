@@ -15,7 +15,9 @@ every pop, push, publish and script runs exactly as often as with redis-py alone
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import logging
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +31,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker, get_current_job
 from servers import PrivateRedis, private_redis  # noqa: F401
 
-from integrations.redis_queues import STACKS, STOP_SECONDS, Stack, kill_when_blocked
+from integrations.redis_queues import (
+    STACKS,
+    STOP_SECONDS,
+    Stack,
+    client_id_of,
+    kill_when_blocked,
+)
 
 pytestmark = pytest.mark.server
 
@@ -59,11 +67,6 @@ def stacks(server: PrivateRedis) -> Iterator[Any]:
         made.pop().close()
 
 
-def settle() -> None:
-    """Wait out a SIGSTOP/PAUSE fault: whatever the server did with it is visible after."""
-    time.sleep(STOP_SECONDS + 0.1)
-
-
 # -- RQ 3: enqueue, and a SimpleWorker in burst mode in this process ----------------------
 
 
@@ -73,6 +76,34 @@ def record(key: str, n: int) -> int:
     assert job is not None
     job.connection.rpush(key, n)
     return n
+
+
+_RQ_LOGGERS = ("rq.worker", "rq.job")
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _rq_leaves_the_process_alone() -> Iterator[None]:
+    """RQ's ``work()`` is made for a process of its own: it installs SIGINT/SIGTERM handlers
+    (in pytest a CI cancel would only ask the burst worker to stop) and stream handlers on
+    its loggers, with ``propagate=False``. Put all of that back as it was."""
+    handlers = {number: signal.getsignal(number) for number in _SIGNALS}
+    loggers = {name: logging.getLogger(name) for name in _RQ_LOGGERS}
+    saved = {
+        name: (list(logger.handlers), logger.propagate, logger.level)
+        for name, logger in loggers.items()
+    }
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        for name, logger in loggers.items():
+            kept, propagate, level = saved[name]
+            for added in [h for h in logger.handlers if h not in kept]:
+                logger.removeHandler(added)
+            logger.propagate = propagate
+            logger.setLevel(level)
 
 
 class RQRun:
@@ -99,7 +130,9 @@ class RQRun:
     def work(self) -> None:
         queue = Queue("q", connection=self.worker_client)
         worker = SimpleWorker([queue], connection=self.worker_client)
-        worker.work(burst=True)  # RQ logs, sleeps 1 s after a dequeue failure, carries on
+        with _rq_leaves_the_process_alone():
+            worker._install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            worker.work(burst=True)  # RQ logs, sleeps 1 s after a dequeue failure, carries on
 
     def state(self) -> dict[str, Any]:
         """Where every job is, by the server's data (read without instrumentation)."""
@@ -153,7 +186,7 @@ def test_rq_enqueue_is_never_repeated(stacks: Any, order: str, fault: str) -> No
     ]
     assert stack.sent["RPUSH"] == 3  # one per job: the failed one was not sent again
     if fault == "stop":
-        settle()
+        stack.settle()
     run.work()
     state = run.state()
     assert state["each_job_once"]
@@ -168,11 +201,12 @@ def test_rq_dequeue_lmove_is_never_repeated(stacks: Any, order: str, fault: str)
     """The worker's LMOVE (queue -> intermediate queue) meets a fault. Killed, it did
     nothing: RQ's dequeue loop waits 1 s and dequeues the job again. Stopped or paused for
     0.6 s, the worker just waits: RQ raises its connection's socket timeout to at least
-    ``connection_timeout`` (11 s and more), so no attempt fails and nothing is repeated."""
+    ``connection_timeout`` (11 s and more), so no attempt fails and nothing is repeated
+    (a worker that gave up would close the connection, which ends the fault at once)."""
     stack = stacks(order)
     run = RQRun(stack)
     assert run.enqueue() == []
-    stack.trap("LMOVE", fault)
+    stack.trap("LMOVE", fault, heal_after=STOP_SECONDS)
     run.work()
     assert run.state() == {
         "side": [0, 1, 2],
@@ -293,7 +327,7 @@ def test_a_pop_whose_reply_is_lost_pops_exactly_once(stacks: Any, order: str, co
     stack.trap(command, "stop")
     with pytest.raises(RedisTimeoutError):
         _block(client, command, 2)
-    settle()
+    stack.settle()
     assert stack.sent[command] == 1
     assert _left(stack, command) == 1
     if command == "BLMOVE":
@@ -350,47 +384,59 @@ def test_a_sync_blpop_is_not_cut_by_the_attempt_timeout(stacks: Any, attempt_tim
     stack = stacks("contrib_first", attempt_timeout=attempt_timeout)
     client = stack.connect(timeout=5)
     admin = stack.server.admin()
-    timer = threading.Timer(0.6, lambda: admin.rpush("l", "late"))
-    timer.start()
     started = time.monotonic()
-    assert client.blpop(["l"], 1) == (b"l", b"late")
-    timer.join()
-    assert 0.5 < time.monotonic() - started < 1
+    stack.server.after(0.6, lambda: admin.rpush("l", "late"))
+    assert client.blpop(["l"], 1) == (b"l", b"late")  # only pushed at 0.6 s: not cut at 0.3
+    assert time.monotonic() - started > 0.5
     assert stack.failed_calls() == 0 and stack.sent["BLPOP"] == 1
 
 
 # -- pub/sub ------------------------------------------------------------------------------
 
 
-def _subscriber_story(stack: Stack) -> list[Any]:
-    """Subscribe, have the subscriber's connection killed, read on, publish, read on: what
-    the application sees at each step."""
-    client = stack.connect(timeout=2)
-    pubsub = client.pubsub()
-    story: list[Any] = []
-    pubsub.subscribe("ch")
-    first = pubsub.get_message(timeout=1)
-    story.append(first and (first["type"], first["data"]))
-    admin = stack.server.admin()
-    subscriber = next(
-        int(row.split("id=")[1].split()[0])
-        for row in admin.execute_command("CLIENT", "LIST", "TYPE", "pubsub").decode().splitlines()
-    )
-    admin.execute_command("CLIENT", "KILL", "ID", subscriber)
-    for _ in range(3):
+SUBSCRIBER = "otelrec-subscriber"
+
+
+def _read_until(pubsub: Any, wanted: tuple[str, Any], story: list[Any], reads: int = 5) -> None:
+    """Read (1 s each) until ``wanted`` arrives, noting every message and exception; an
+    empty read (``None``) is not part of the story: only what the application got is."""
+    for _ in range(reads):
         try:
-            message = pubsub.get_message(timeout=0.1)
-            story.append(message and (message["type"], message["data"]))
+            message = pubsub.get_message(timeout=1)
         except Exception as error:  # the app's view: which exception
             story.append(type(error).__name__)
-    story.append(("receivers", client.publish("ch", "hello")))
+            continue
+        if message is not None:
+            story.append((message["type"], message["data"]))
+            if story[-1] == wanted:
+                return
+    story.append(("never got", wanted))
+
+
+def _is_subscriber(row: dict[str, str]) -> bool:
+    """The pub/sub connection of the story's client (the only one subscribed, by name)."""
+    return row.get("name") == SUBSCRIBER and "P" in row.get("flags", "")
+
+
+def _subscriber_story(stack: Stack) -> list[Any]:
+    """Subscribe, have the subscriber's connection killed, read on until redis-py has
+    resubscribed, publish, read on until the message: what the application sees."""
+    client = stack.connect(timeout=2, name=SUBSCRIBER)
+    pubsub = client.pubsub()
+    story: list[Any] = []
+    admin = stack.server.admin()
     try:
-        for _ in range(3):
-            message = pubsub.get_message(timeout=0.1)
-            story.append(message and (message["type"], message["data"]))
-    except Exception as error:
-        story.append(type(error).__name__)
-    pubsub.close()
+        pubsub.subscribe("ch")
+        _read_until(pubsub, ("subscribe", 1), story)
+        subscriber = client_id_of(admin, _is_subscriber)
+        admin.execute_command("CLIENT", "KILL", "ID", subscriber)
+        _read_until(pubsub, ("subscribe", 1), story)  # redis-py's resubscription
+        story.append(("receivers", client.publish("ch", "hello")))
+        _read_until(pubsub, ("message", b"hello"), story)
+    finally:
+        pubsub.close()
+        client.close()
+        admin.close()
     return story
 
 
@@ -409,22 +455,23 @@ def test_a_killed_subscriber_reconnects_as_without_us(stacks: Any, order: str) -
 def test_publish_is_never_sent_twice(stacks: Any, order: str, fault: str) -> None:
     stack = stacks(order)
     listener = stack.server.admin().pubsub()
-    listener.subscribe("ch")
-    assert listener.get_message(timeout=1)["type"] == "subscribe"
-    client = stack.connect()
-    client.ping()
-    stack.reset_counts()
-    stack.trap("PUBLISH", fault)
-    with pytest.raises(RedisConnectionError if fault == "kill" else RedisTimeoutError):
-        client.publish("ch", "once")
-    if fault == "stop":
-        settle()
-    received = []
-    while (message := listener.get_message(timeout=0.2)) is not None:
-        received.append(message["data"])
-    assert received == ([] if fault == "kill" else [b"once"])
-    assert stack.sent["PUBLISH"] == 1
-    listener.close()
+    try:
+        listener.subscribe("ch")
+        assert listener.get_message(timeout=1)["type"] == "subscribe"
+        client = stack.connect()
+        client.ping()
+        stack.reset_counts()
+        stack.trap("PUBLISH", fault)
+        with pytest.raises(RedisConnectionError if fault == "kill" else RedisTimeoutError):
+            client.publish("ch", "once")
+        stack.settle()
+        received = []
+        while (message := listener.get_message(timeout=0.2)) is not None:
+            received.append(message["data"])
+        assert received == ([] if fault == "kill" else [b"once"])
+        assert stack.sent["PUBLISH"] == 1
+    finally:
+        listener.close()
 
 
 # -- redis-py Lock -----------------------------------------------------------------------
@@ -446,7 +493,7 @@ def test_lock_acquire_under_a_fault_never_makes_two_holders(
     stack.trap("SET", fault)
     with pytest.raises(RedisConnectionError if fault == "kill" else RedisTimeoutError):
         mine.acquire()
-    settle() if fault != "kill" else None
+    stack.settle()
     rival = stack.server.admin().lock("res", timeout=5, blocking=False)
     held_by_ghost = fault == "stop"
     assert rival.acquire() is (not held_by_ghost)
@@ -488,7 +535,7 @@ def test_lock_extend_and_release_under_a_fault(stacks: Any, order: str, fault: s
     with pytest.raises(RedisConnectionError if fault == "kill" else RedisTimeoutError):
         mine.extend(30)
     if fault == "stop":
-        settle()
+        stack.settle()
     ttl = stack.peek("pttl", "res")
     assert (ttl > 20_000) is (fault == "stop")  # extended once, or not at all
     assert stack.sent["EVALSHA"] == 1
@@ -546,7 +593,7 @@ def test_a_script_under_a_fault_runs_at_most_once(stacks: Any, order: str, fault
     with pytest.raises(RedisConnectionError if fault == "kill" else RedisTimeoutError):
         bump(keys=["n"])
     if fault == "stop":
-        settle()
+        stack.settle()
     assert stack.peek("get", "n") == (b"1" if fault == "kill" else b"2")
     assert stack.sent["EVALSHA"] == 1
 
