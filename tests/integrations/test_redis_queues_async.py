@@ -64,6 +64,8 @@ async def closing() -> AsyncIterator[Closing]:
     for client in reversed(opened):
         with contextlib.suppress(Exception):
             await aclose(client)
+        with contextlib.suppress(Exception):  # a pool passed in is not closed with its client
+            await client.connection_pool.disconnect()
 
 
 @pytest.mark.parametrize("order", ["baseline", "contrib_first", "ours_only"])
