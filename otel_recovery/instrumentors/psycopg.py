@@ -17,7 +17,11 @@ Patch points (research/otel-conventions.md section 2.3): ``psycopg.connect`` and
 no span for connecting, so a connection that needed recovery gets a
 ``recover psycopg <host>:<port>`` span); and the base classes' ``Cursor.execute``/
 ``executemany`` and ``AsyncCursor.*``, which sit beneath contrib's traced cursor subclass by
-construction (it calls ``super().execute``), so our events land on contrib's span.
+construction (it calls ``super().execute``), so our events land on contrib's span. Named
+(server-side) cursors override ``execute`` without calling it, so ``ServerCursor.execute``
+and ``AsyncServerCursor.execute`` (the ``DECLARE``) are patched too; contrib does not trace
+them, so a failure there gets our own ``recover`` span. Their later ``FETCH`` es are not
+patched: they read from a cursor already declared.
 """
 
 from __future__ import annotations
@@ -199,6 +203,7 @@ def _connect_wrapper(planner: _Planner, where: str, is_async: bool) -> Wrapper:
 
 Kind = Literal["connect", "statement"]
 
+_SERVER_CURSORS = (psycopg.ServerCursor, psycopg.AsyncServerCursor)
 _ENDING = frozenset({"COMMIT", "END", "ROLLBACK", "ABORT", "RELEASE"})
 _EXECUTE_KEYWORDS = frozenset({"params", "prepare", "binary"})
 
@@ -225,6 +230,10 @@ _SITES: tuple[tuple[Any, str, Kind, bool], ...] = (
     (psycopg.Cursor, "executemany", "statement", False),
     (psycopg.AsyncCursor, "execute", "statement", True),
     (psycopg.AsyncCursor, "executemany", "statement", True),
+    # named (server-side) cursors declare without Cursor.execute: Django's
+    # QuerySet.iterator(), SQLAlchemy's stream_results / stream()
+    (psycopg.ServerCursor, "execute", "statement", False),
+    (psycopg.AsyncServerCursor, "execute", "statement", True),
 )
 
 
@@ -257,8 +266,10 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
             return None
         if (args[2] if len(args) == 3 else kwargs.get("params")) is not None:
             return None
-        is_async = isinstance(args[0], psycopg.AsyncCursor)
-        return self._execute_originals.get(is_async)
+        cursor = args[0]
+        if isinstance(cursor, _SERVER_CURSORS):  # DECLARE ... CURSOR FOR: never transaction control
+            return None
+        return self._execute_originals.get(isinstance(cursor, psycopg.AsyncCursor))
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         planner = _Planner(targets)
@@ -271,6 +282,6 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
             else:  # the per-statement hot path: a plain-function layer
                 layer = async_layer if is_async else sync_layer
                 build = layer(patches, where, planner.statement, planner.route())
-                if attribute == "execute":
+                if owner in (psycopg.Cursor, psycopg.AsyncCursor) and attribute == "execute":
                     build = _remembering(self._execute_originals, is_async, build)
                 patches.layer(owner, attribute, build, beneath_contrib=True)

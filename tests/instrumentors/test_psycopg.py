@@ -28,6 +28,7 @@ from servers import (
     PG_DSN,
     PgFront,
     free_port,
+    kill_idle,
     pg_admin,
     terminate_when_running,
 )
@@ -47,6 +48,8 @@ SITES = [
     (psycopg.AsyncConnection, "connect"),
     (psycopg.Cursor, "execute"),
     (psycopg.AsyncCursor, "execute"),
+    (psycopg.ServerCursor, "execute"),
+    (psycopg.AsyncServerCursor, "execute"),
 ]
 ORIGINALS = {site: vars(site[0])[site[1]] for site in SITES}
 ORIGINALS[psycopg.Cursor, "executemany"] = vars(psycopg.Cursor)["executemany"]
@@ -322,6 +325,56 @@ async def test_an_open_breaker_lets_what_ends_a_transaction_through(h: Harness, 
     sync.close()
     breaker.reset()
     assert h.rows(table) == 1
+
+
+@pytest.mark.parametrize("order", ["ours_only", "contrib_first"])
+def test_a_named_cursor_declares_through_our_layer(h: Harness, order: str) -> None:
+    """Server-side cursors (Django's ``iterator()``, SQLAlchemy's ``stream_results``)
+    declare through ``ServerCursor.execute``, which does not call ``Cursor.execute``: it is
+    patched on its own, so an open circuit refuses it before anything is sent, and a lost
+    backend is classified, counted and traced (contrib does not trace named cursors: our
+    ``recover`` span does), never retried."""
+    h.instrument(order)
+    conn = psycopg.connect(PG_DSN)
+    with conn.cursor(name="otelrec_rows") as cursor:
+        cursor.execute("SELECT generate_series(1, 3)")
+        assert cursor.fetchall() == [(1,), (2,), (3,)]
+    conn.rollback()
+    assert h.calls["execute"] == 1
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    breaker.force_open()
+    with pytest.raises(PsycopgCircuitOpenError), conn.cursor(name="otelrec_refused") as cursor:
+        cursor.execute("SELECT 1")
+    assert h.calls["execute"] == 1  # nothing sent
+    breaker.reset()
+    conn.rollback()
+    kill_idle(conn.info.backend_pid)
+    h.reset()
+    with pytest.raises(psycopg.OperationalError), conn.cursor(name="otelrec_lost") as cursor:
+        cursor.execute("SELECT 1")
+    assert h.calls["execute"] == 1 and breaker.snapshot().failed_calls == 1
+    (span,) = h.spans("recover psycopg 127.0.0.1:5432")
+    attrs = dict(span.attributes or {})
+    assert attrs["otel_recovery.retry.attempts"] == 1
+    assert attrs["otel_recovery.retry.disallowed"] == "statement_may_have_run"
+    conn.close()
+
+
+async def test_an_async_named_cursor_is_refused_by_an_open_circuit(h: Harness) -> None:
+    h.instrument()
+    aconn = await psycopg.AsyncConnection.connect(PG_DSN)
+    async with aconn.cursor(name="otelrec_rows") as cursor:
+        await cursor.execute("SELECT generate_series(1, 2)")
+        assert await cursor.fetchall() == [(1,), (2,)]
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    breaker.force_open()
+    with pytest.raises(PsycopgCircuitOpenError):
+        async with aconn.cursor(name="otelrec_refused") as cursor:
+            await cursor.execute("SELECT 1")
+    assert h.calls["execute"] == 1
+    await aconn.close()
 
 
 def test_a_role_at_its_connection_limit_counts_against_the_server_and_is_not_retried(

@@ -655,14 +655,15 @@ def test_pool_keeps_its_connection_through_an_open_circuit(
 
 
 @pytest.mark.parametrize("order", ["none", *ORDERS])
-def test_server_side_cursor_is_unseen_by_our_layer_and_fails_as_without_it(
+def test_server_side_cursor_fails_between_fetches_as_without_us(
     h: DjangoHarness, order: str
 ) -> None:
-    """``QuerySet.iterator()`` declares a named cursor and fetches from it without
-    ``Cursor.execute``: neither our layer nor contrib's sees it (no call counted, no span).
-    A backend killed between two fetches fails the next fetch exactly as without us:
-    Django's OperationalError caused by psycopg's, three rows delivered, no reconnect in
-    the request; the next request reconnects once."""
+    """``QuerySet.iterator()`` declares a named cursor (``ServerCursor.execute``, patched
+    on its own: one call counted) and fetches from it with ``FETCH``, which no layer sees
+    (contrib does not trace named cursors). A backend killed between two fetches fails the
+    next fetch exactly as without us: Django's OperationalError caused by psycopg's, three
+    rows delivered, no reconnect in the request, no span; the next request reconnects
+    once."""
     h.instrument(order)
     alias = h.alias(CONN_MAX_AGE=60)
     with request():
@@ -677,7 +678,7 @@ def test_server_side_cursor_is_unseen_by_our_layer_and_fails_as_without_it(
                 kill_idle(backend)
     assert seen == [0, 1, 2]
     assert type(caught.value.__cause__) is TERMINATED
-    assert not h.calls and not h.exporter.get_finished_spans()
+    assert h.calls == {"execute": 1} and not h.exporter.get_finished_spans()
     with request():
         assert items(alias).count() == 10
     assert h.calls["connect"] == 1

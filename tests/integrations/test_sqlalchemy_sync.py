@@ -349,6 +349,31 @@ def test_an_open_breaker_skips_pre_ping_and_keeps_the_pooled_connection(
     assert h.calls["execute"] == 2  # the ping, then the statement
 
 
+def test_streamed_results_declare_through_our_layer(h: EngineHarness) -> None:
+    """``stream_results`` (and ``Connection.stream``'s sync twin) reads through a psycopg
+    server-side cursor, declared by ``ServerCursor.execute`` (patched on its own): rows
+    stream as usual, and an open circuit refuses the declaration as SQLAlchemy's
+    OperationalError, nothing sent."""
+    h.instrument()
+    engine = h.engine()
+    backend_pid(engine)  # SQLAlchemy's first-connect statements
+    h.reset()
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, max_row_buffer=2).execute(
+            sa.text("SELECT generate_series(1, 5)")
+        )
+        assert [row[0] for row in result] == [1, 2, 3, 4, 5]
+    assert h.calls["execute"] == 1
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    breaker.force_open()
+    h.reset()
+    with pytest.raises(sa.exc.OperationalError) as caught, engine.connect() as conn:
+        conn.execution_options(stream_results=True).execute(sa.text("SELECT 1"))
+    assert isinstance(caught.value.orig, CircuitOpenError)
+    assert h.calls["execute"] == 0
+
+
 # -- what the README promises on the span -------------------------------------------------
 
 
