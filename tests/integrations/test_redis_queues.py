@@ -29,7 +29,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockNotOwnedError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker, get_current_job
-from servers import PrivateRedis, private_redis  # noqa: F401
 
 from integrations.redis_queues import (
     STACKS,
@@ -42,29 +41,6 @@ from integrations.redis_queues import (
 pytestmark = pytest.mark.server
 
 INSTRUMENTED = [s for s in STACKS if s != "baseline"]
-
-
-@pytest.fixture
-def server(private_redis: PrivateRedis) -> Iterator[PrivateRedis]:  # noqa: F811
-    yield private_redis
-    private_redis.heal()
-
-
-@pytest.fixture
-def stacks(server: PrivateRedis) -> Iterator[Any]:
-    made: list[Stack] = []
-
-    def make(order: str, **settings: Any) -> Stack:
-        """A new stack; the previous one (a test's baseline run) is closed first."""
-        while made:
-            made.pop().close()
-        stack = Stack(server, order, **settings)
-        made.append(stack)
-        return stack
-
-    yield make
-    while made:
-        made.pop().close()
 
 
 # -- RQ 3: enqueue, and a SimpleWorker in burst mode in this process ----------------------

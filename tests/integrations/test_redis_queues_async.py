@@ -14,38 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from servers import PrivateRedis, aclose, private_redis  # noqa: F401
+from servers import aclose
 
-from integrations.redis_queues import Stack, client_id_of, kill_when_blocked
+from integrations.redis_queues import (
+    Stack,
+    client_id_of,
+    kill_when_blocked,
+)
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture
-def server(private_redis: PrivateRedis) -> Iterator[PrivateRedis]:  # noqa: F811
-    yield private_redis
-    private_redis.heal()
-
-
-@pytest.fixture
-def stacks(server: PrivateRedis) -> Iterator[Any]:
-    made: list[Stack] = []
-
-    def make(order: str, **settings: Any) -> Stack:
-        while made:
-            made.pop().close()
-        stack = Stack(server, order, **settings)
-        made.append(stack)
-        return stack
-
-    yield make
-    while made:
-        made.pop().close()
 
 
 Closing = Callable[[Any], Any]

@@ -111,11 +111,9 @@ def test_a_bodiless_safe_request_is_retried_a_post_with_a_body_never():
     assert clock.sleeps == [0.25]
 
 
-def test_a_request_whose_inner_call_gave_up_is_not_retried_on_top():
-    """The WSGI twin of the ASGI rule: a dependency call under our policy retried 3 times
-    and gave up, so the middleware's Retry(3) does not run the handler again (9 calls)."""
-    clock = FakeClock()
-    calls: list[str] = []
+def _app_whose_dependency_gives_up(clock: FakeClock, calls: list[str]) -> Any:
+    """A WSGI app whose handler calls a dependency under ``@recover(Retry(3))`` that always
+    fails; ``calls`` records each handler run and each dependency attempt."""
 
     @recover(retry=Retry(3, backoff=FixedBackoff(0.1)), clock=clock)
     def dependency() -> str:
@@ -128,6 +126,15 @@ def test_a_request_whose_inner_call_gave_up_is_not_retried_on_top():
         start_response("200 OK", [])
         return [b"done"]
 
+    return app
+
+
+def test_a_request_whose_inner_call_gave_up_is_not_retried_on_top():
+    """The WSGI twin of the ASGI rule: a dependency call under our policy retried 3 times
+    and gave up, so the middleware's Retry(3) does not run the handler again (9 calls)."""
+    clock = FakeClock()
+    calls: list[str] = []
+    app = _app_whose_dependency_gives_up(clock, calls)
     retry = Retry(3, backoff=FixedBackoff(0.25))
     middleware = RecoveryMiddleware(app, breaker=_breakers(clock), retry=retry, clock=clock)
     with _client(middleware) as client, pytest.raises(ConnectionError):
@@ -143,20 +150,8 @@ def test_nested_middlewares_do_not_retry_what_the_inner_layers_gave_up_on(inner_
     retries nothing (it passes the give-up up) or retried and gave up itself."""
     clock = FakeClock()
     calls: list[str] = []
-
-    @recover(retry=Retry(3, backoff=FixedBackoff(0.1)), clock=clock)
-    def dependency() -> str:
-        calls.append("dependency")
-        raise ConnectionError("the dependency went away")
-
-    def app(environ: dict[str, Any], start_response: Any) -> Any:
-        calls.append("handler")
-        dependency()
-        start_response("200 OK", [])
-        return [b"done"]
-
     inner = RecoveryMiddleware(
-        app,
+        _app_whose_dependency_gives_up(clock, calls),
         breaker=_breakers(clock),
         retry=None if inner_retry is None else Retry(inner_retry, backoff=FixedBackoff(1.0)),
         clock=clock,
