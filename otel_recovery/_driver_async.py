@@ -197,7 +197,7 @@ class AsyncDriver(PolicyCore):
         except asyncio.TimeoutError as timed_out:
             if timed_out.args:  # the callee's own timeout, not ours
                 raise
-            raise TimeoutError(f"attempt exceeded its {limit:g}s time limit") from timed_out
+            raise self._attempt_timed_out(limit) from timed_out
         finally:
             reset_deadline(token)
 

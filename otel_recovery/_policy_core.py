@@ -327,6 +327,10 @@ class PolicyCore:
             return "last_known_good", value
         return "value", fallback.value
 
+    def _attempt_timed_out(self, limit: float) -> BaseException:
+        """What an awaited attempt that overran its time limit raises (retryable)."""
+        return TimeoutError(f"attempt exceeded its {limit:g}s time limit")
+
     def _rejection(self) -> CircuitOpenError:
         breaker = self.breaker
         assert breaker is not None

@@ -68,20 +68,28 @@ class _TargetPolicy(RecoveryPolicy):
     is closed.
     """
 
-    __slots__ = ("_passes_refused", "_rejection_type")
+    __slots__ = ("_passes_refused", "_rejection_type", "_timeout_type")
 
     def __init__(
         self,
         rejection: type[CircuitOpenError],
         disallowed: str | None,
         passes_refused: PassesRefused | None = None,
+        timeout: type[TimeoutError] = TimeoutError,
         **options: Any,
     ) -> None:
         super().__init__(**options)
         self._rejection_type = rejection
         self._passes_refused = passes_refused
+        self._timeout_type = timeout
         if disallowed is not None:
             self._failure_attributes = {RETRY_DISALLOWED: disallowed}
+
+    def _attempt_timed_out(self, limit: float) -> BaseException:
+        """A ``TimeoutError`` that is also the client library's own timeout error, so an
+        application's ``except redis.RedisError`` / ``psycopg.Error`` (and SQLAlchemy's
+        wrapping of DBAPI errors) handle an attempt our time limit cancelled."""
+        return self._timeout_type(f"attempt exceeded its {limit:g}s time limit")
 
     def _passing(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], release: bool
@@ -156,13 +164,15 @@ class TargetPolicies:
         learner: StrategyLearner | None = None,
         rejection: type[CircuitOpenError] = CircuitOpenError,
         passes_refused: PassesRefused | None = None,
+        timeout: type[TimeoutError] = TimeoutError,
     ) -> None:
         """``classifier`` replaces the process-wide one for these policies (the HTTP
         instrumentors classify retryable *responses* by status); ``fallback_on`` limits what
         a configured fallback answers for (transport failures, not programming errors);
         ``telemetry`` routes spans and metrics to the providers given to ``instrument()``;
         ``rejection`` is what an open circuit raises and ``passes_refused`` what it lets
-        through all the same (see ``_TargetPolicy``)."""
+        through all the same; ``timeout`` is what an awaited attempt that overran
+        ``attempt_timeout`` raises (see ``_TargetPolicy``)."""
         self.library = library
         self.settings = settings
         self._span: Literal["own", "current"] = span
@@ -173,6 +183,7 @@ class TargetPolicies:
         self.learner = learner
         self._rejection = rejection
         self._passes_refused = passes_refused
+        self._timeout = timeout
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
         self._lock = new_lock()
@@ -306,6 +317,7 @@ class TargetPolicies:
             self._rejection,
             disallowed,
             self._passes_refused,
+            self._timeout,
             retry=retry,
             breaker=target.breaker,
             budget=target.budget if retry_allowed else None,

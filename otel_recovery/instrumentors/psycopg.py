@@ -54,7 +54,7 @@ from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
-__all__ = ["PsycopgCircuitOpenError", "PsycopgRecoveryInstrumentor"]
+__all__ = ["PsycopgAttemptTimeoutError", "PsycopgCircuitOpenError", "PsycopgRecoveryInstrumentor"]
 
 
 class PsycopgCircuitOpenError(CircuitOpenError, psycopg.OperationalError):
@@ -64,6 +64,15 @@ class PsycopgCircuitOpenError(CircuitOpenError, psycopg.OperationalError):
     ``except psycopg.OperationalError`` catches it, pools (psycopg_pool) treat it as a failed
     connect, and SQLAlchemy wraps it as its ``OperationalError`` (not a disconnect: the
     pooled connection is kept).
+    """
+
+
+class PsycopgAttemptTimeoutError(TimeoutError, psycopg.OperationalError):
+    """An awaited connect or statement cancelled by ``OTEL_RECOVERY_ATTEMPT_TIMEOUT``.
+
+    Also a ``psycopg.OperationalError`` (what psycopg raises for its own connect timeout),
+    so ``except psycopg.Error`` catches it and SQLAlchemy wraps it as a DBAPI error; still a
+    ``TimeoutError`` for code that expects the built-in one (the library's ``Timeout``).
     """
 
 
@@ -242,6 +251,7 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
 
     library: ClassVar[str] = "psycopg"
     rejection: ClassVar[type[CircuitOpenError]] = PsycopgCircuitOpenError
+    attempt_timeout_error: ClassVar[type[TimeoutError]] = PsycopgAttemptTimeoutError
     instruments: ClassVar[tuple[str, ...]] = ("psycopg >= 3.1",)
 
     def _server_of(self, connection: Any) -> tuple[str, int | None] | None:

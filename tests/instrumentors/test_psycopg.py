@@ -36,6 +36,7 @@ from servers import (
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import psycopg as ours_module
 from otel_recovery.instrumentors.psycopg import (
+    PsycopgAttemptTimeoutError,
     PsycopgCircuitOpenError,
     PsycopgRecoveryInstrumentor,
     ends_transaction_work,
@@ -373,6 +374,25 @@ async def test_an_async_named_cursor_is_refused_by_an_open_circuit(h: Harness) -
     with pytest.raises(PsycopgCircuitOpenError):
         async with aconn.cursor(name="otelrec_refused") as cursor:
             await cursor.execute("SELECT 1")
+    assert h.calls["execute"] == 1
+    await aconn.close()
+
+
+@pytest.mark.parametrize("order", ["ours_only", "contrib_first"])
+async def test_an_awaited_statement_past_the_attempt_limit_raises_psycopgs_error(
+    h: Harness, order: str
+) -> None:
+    """``OTEL_RECOVERY_ATTEMPT_TIMEOUT`` cancels an awaited statement. What the app gets is a
+    ``TimeoutError`` that is also a ``psycopg.OperationalError``, so ``except psycopg.Error``
+    (and SQLAlchemy's wrapping of DBAPI errors) handles it; sent once, never retried."""
+    h.instrument(order, attempt_timeout=0.3)
+    aconn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
+    h.reset()
+    with pytest.raises(psycopg.OperationalError) as caught:
+        await aconn.execute("SELECT pg_sleep(2)")
+    assert isinstance(caught.value, PsycopgAttemptTimeoutError)
+    assert isinstance(caught.value, TimeoutError)
+    assert "0.3s time limit" in str(caught.value)
     assert h.calls["execute"] == 1
     await aconn.close()
 
