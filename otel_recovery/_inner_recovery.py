@@ -14,7 +14,8 @@ call) records the error it gave up on (:func:`note_decided`). The outer layer as
 :meth:`OuterAttempt.decided` whether what escaped the attempt is that error, was raised from
 it (``raise ... from``, or while handling it: Django and SQLAlchemy wrap driver errors so),
 or is the error a client raised for the response the policy gave up on
-(``raise_for_status()`` on a final 503). A failure the application caught and handled does
+(``raise_for_status()`` on a final 503); an exception group (a ``TaskGroup``'s) when every
+exception in it is. A failure the application caught and handled does
 not stop a later, unrelated one from being retried; a fallback's answer is a success.
 
 Attempts nest (a middleware inside another): what an inner attempt recorded is passed to the
@@ -26,7 +27,10 @@ success path.
 
 from __future__ import annotations
 
+import builtins
 import contextvars
+import logging
+import sys
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +40,40 @@ __all__ = ["OuterAttempt", "note_decided", "outer_attempt"]
 _REMEMBERED = 64
 """Errors kept per attempt: a handler looping over failing calls cannot grow it unbounded."""
 _CHAIN = 16
-"""How far a wrapped error's ``__cause__`` / ``__context__`` chain is followed."""
+"""How many exceptions of a wrapped error's ``__cause__`` / ``__context__`` chain (and of
+its groups) are looked at."""
+
+_log = logging.getLogger("otel_recovery")
+
+
+def _attr(error: object, name: str) -> object | None:
+    """``error.name`` if it is an object a response can be told by; None otherwise, and
+    when reading it raises (a property of the application's exception must not replace it)."""
+    try:
+        value = getattr(error, name, None)
+    except Exception:
+        return None
+    return None if isinstance(value, _NOT_MARKS) else value
+
+
+_NOT_MARKS = (str, bytes, int, float, type(None))
+"""Values that are shared or equal by value (``response = ""``): never an identity mark."""
+
+
+def _members(error: BaseException) -> tuple[BaseException, ...]:
+    """The exceptions an exception group holds (a ``TaskGroup``'s, anyio's); () otherwise."""
+    groups = tuple(
+        group
+        for group in (
+            getattr(builtins, "BaseExceptionGroup", None),
+            getattr(sys.modules.get("exceptiongroup"), "BaseExceptionGroup", None),
+        )
+        if isinstance(group, type)
+    )
+    if groups and isinstance(error, groups):
+        members = getattr(error, "exceptions", ())
+        return tuple(m for m in members if isinstance(m, BaseException))
+    return ()
 
 
 class OuterAttempt:
@@ -52,36 +89,42 @@ class OuterAttempt:
         """``error`` was given up on; so was the response it carries, if any."""
         given_up = self._given_up
         given_up.append(error)
-        response = getattr(error, "response", None)
+        response = _attr(error, "response")
         if response is not None:
             given_up.append(response)
-            request_info = getattr(response, "request_info", None)  # aiohttp's errors hold it
+            request_info = _attr(response, "request_info")  # aiohttp's errors hold it
             if request_info is not None:
                 given_up.append(request_info)
 
     def pass_up(self) -> None:
         parent = self.parent
         if parent is not None and self._given_up:
-            parent._given_up.extend(self._given_up)
+            parent._given_up.extend(tuple(self._given_up))  # a snapshot: threads may record
 
     def decided(self, escaped: BaseException) -> bool:
         """Whether ``escaped`` is, was raised from, or was raised for a response of, a
-        failure a policy of ours gave up on inside this attempt."""
-        given_up = self._given_up
-        if not given_up:
+        failure a policy of ours gave up on inside this attempt; an exception group is,
+        when every exception it holds is."""
+        given_up = tuple(self._given_up)  # a snapshot: a thread that copied the context
+        if not given_up:  # may still be recording
             return False
-        pending: list[BaseException] = [escaped]
-        seen: set[int] = set()
-        while pending and len(seen) < _CHAIN:
-            error = pending.pop()
-            if id(error) in seen:
-                continue
-            seen.add(id(error))
-            marks = (error, getattr(error, "response", None), getattr(error, "request_info", None))
-            if any(mark is not None and any(mark is known for known in given_up) for mark in marks):
-                return True
-            pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+        return _traces_to(escaped, given_up, set())
+
+
+def _traces_to(error: BaseException, given_up: tuple[object, ...], seen: set[int]) -> bool:
+    if id(error) in seen or len(seen) >= _CHAIN:
         return False
+    seen.add(id(error))
+    for mark in (error, _attr(error, "response"), _attr(error, "request_info")):
+        if mark is not None and any(mark is known for known in given_up):
+            return True
+    members = _members(error)
+    if members and all(_traces_to(member, given_up, seen) for member in members):
+        return True
+    return any(
+        linked is not None and _traces_to(linked, given_up, seen)
+        for linked in (error.__cause__, error.__context__)
+    )
 
 
 _CURRENT: contextvars.ContextVar[OuterAttempt | None] = contextvars.ContextVar(
@@ -103,7 +146,10 @@ def outer_attempt() -> Iterator[OuterAttempt]:
 
 def note_decided(error: BaseException) -> None:
     """A policy (or an inner middleware) gave up on ``error``: the enclosing outer attempt
-    must not retry it."""
+    must not retry it. Never raises: it runs on the failure path of every call."""
     attempt = _CURRENT.get()
     if attempt is not None:
-        attempt.record(error)
+        try:
+            attempt.record(error)
+        except Exception as failure:
+            _log.debug("could not record a give-up for the outer attempt", exc_info=failure)

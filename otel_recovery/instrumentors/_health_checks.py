@@ -12,13 +12,17 @@ like any statement. The pool then takes our refusal for a dead connection:
 
 So while the circuit of the connection's server refuses calls (open, forced open, or
 half-open with every probe permit taken: ``CircuitBreaker.would_refuse()``), the check is
-not sent and answers "healthy". The application's statement that follows fails fast
-with the circuit's error, which the driver's users already handle (``PsycopgCircuitOpenError``
-is a ``psycopg.OperationalError``, ``AsyncPGCircuitOpenError`` an ``asyncpg.InterfaceError``;
-pools and ORMs treat them as errors, not disconnects), and the pooled connection is kept for
-when the circuit closes. Once a probe may go, checks go through the breaker again like any
-statement (one of them may be the half-open probe). A skipped check leaves an
-``otel_recovery.health_check.skipped`` event on the current span.
+not sent and answers "healthy"; a check that asked just as the circuit refused (a moment
+after ``would_refuse()`` said no, or a fleet-wide breaker that had to ask Redis) is
+answered "healthy" too, when our refusal comes back from it (Django's ``is_usable()``
+swallows errors itself, so there only the first answer applies). The application's
+statement that follows fails fast with the circuit's error, which the driver's users already
+handle (``PsycopgCircuitOpenError`` is a ``psycopg.OperationalError``,
+``AsyncPGCircuitOpenError`` an ``asyncpg.InterfaceError``; pools and ORMs treat them as
+errors, not disconnects), and the pooled connection is kept for when the circuit closes.
+Once a probe may go, checks go through the breaker again like any statement (one of them may
+be the half-open probe). A skipped check leaves an ``otel_recovery.health_check.skipped``
+event on the current span.
 
 The checks are patched when their library is imported (a post-import hook, since
 ``opentelemetry-instrument`` instruments before the application imports its ORM), while at
@@ -38,7 +42,7 @@ from opentelemetry import trace
 from otel_recovery._config import SWITCHES
 from otel_recovery._forksafe import new_lock
 from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
-from otel_recovery.policies.circuit_breaker import CircuitBreaker
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
 
 __all__ = ["HEALTH_CHECKS", "SKIPPED_EVENT", "Guard", "HealthChecks"]
 
@@ -186,15 +190,26 @@ class HealthChecks:
             report_internal_error(f"patch {site.name}", error)
 
     def _wrapper(self, site: _CheckSite) -> Wrapper:
+        awaits = site.healthy is _healthy_none_awaited
+
         def check(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
             try:
                 breaker = self._refusing(site.connection(instance, args))
                 if breaker is not None:
-                    _note_skipped(site, breaker)
+                    _note_skipped(site, breaker.name)
                     return site.healthy()
             except Exception as error:
                 report_internal_error(site.name, error)
-            return wrapped(*args, **kwargs)
+            if awaits:
+                return _refusal_answered(site, wrapped(*args, **kwargs))
+            try:
+                return wrapped(*args, **kwargs)
+            except Exception as error:
+                refusal = _refusal_in(error)
+                if refusal is None:
+                    raise
+                _note_skipped(site, refusal.name)
+                return site.healthy()
 
         return check
 
@@ -209,12 +224,38 @@ class HealthChecks:
         return None
 
 
-def _note_skipped(site: _CheckSite, breaker: CircuitBreaker) -> None:
+def _refusal_in(error: BaseException) -> CircuitOpenError | None:
+    """Our circuit's refusal behind ``error``: the check asked just as the circuit refused
+    (``would_refuse`` said no a moment before, or a fleet-wide breaker had to ask Redis).
+    Drivers and ORMs may wrap it (SQLAlchemy's asyncpg dialect adapts asyncpg's errors)."""
+    seen = 0
+    pending: BaseException | None = error
+    while pending is not None and seen < 8:
+        if isinstance(pending, CircuitOpenError):
+            return pending
+        orig = getattr(pending, "orig", None)
+        pending = orig if isinstance(orig, BaseException) else pending.__cause__
+        seen += 1
+    return None
+
+
+async def _refusal_answered(site: _CheckSite, pending: Any) -> Any:
+    try:
+        return await pending
+    except Exception as error:
+        refusal = _refusal_in(error)
+        if refusal is None:
+            raise
+        _note_skipped(site, refusal.name)
+        return None
+
+
+def _note_skipped(site: _CheckSite, breaker: str) -> None:
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(
             SKIPPED_EVENT,
-            {"otel_recovery.health_check": site.name, "otel_recovery.breaker": breaker.name},
+            {"otel_recovery.health_check": site.name, "otel_recovery.breaker": breaker},
         )
 
 

@@ -350,7 +350,7 @@ class _Planner:
     def immediate(self, mode: SpanMode, target: Target, args: tuple[Any, ...]) -> Plan:
         host, port = target.host, target.port
         name = self.rules_for(host, port).name(args)
-        return self.plans.plan(host, port, name, mode, "transaction")
+        return self.plans.plan(host, port, name, mode, "transaction", timed=name not in BLOCKING)
 
     def pipeline(self, mode: SpanMode, target: Target, pipe: Any) -> tuple[Plan, Queued | None]:
         host, port, retried = target.host, target.port, target.pipeline_retried
@@ -359,9 +359,15 @@ class _Planner:
             return self.plans.plan(host, port, "MULTI", mode, "transaction"), None
         queued = _queued(pipe)
         rules = self.rules_for(host, port)
+        # a blocking command waits inside the pipeline's round trip (not inside MULTI/EXEC,
+        # where the server never blocks): the attempt limit would cut it
+        timed = queued is None or not any(rules.name(a) in BLOCKING for a, _ in queued)
         if queued is None or not all(rules.allows(rules.name(a), a) for a, _ in queued):
-            return self.plans.plan(host, port, "PIPELINE", mode, "non_idempotent_command"), None
-        return self.plans.plan(host, port, "PIPELINE", mode, None, retried, retries), queued
+            plan = self.plans.plan(
+                host, port, "PIPELINE", mode, "non_idempotent_command", timed=timed
+            )
+            return plan, None
+        return self.plans.plan(host, port, "PIPELINE", mode, None, retried, retries, timed), queued
 
 
 Kind = Literal["command", "immediate", "pipeline"]

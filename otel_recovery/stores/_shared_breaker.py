@@ -106,8 +106,10 @@ class SharedCircuitBreaker(SharedBreakerView):
         return granted
 
     def would_refuse(self) -> bool:
-        """As :meth:`can_execute` would answer before asking Redis: a member that may ask for a
-        fleet-wide probe permit is not refused (the check goes through the breaker)."""
+        """As :meth:`can_execute` would answer before asking Redis: refused while open, and in
+        half-open while this member holds every probe permit or Redis just refused it one; a
+        member that may still ask Redis is not refused (its check goes through the breaker,
+        and a refusal from Redis comes back as our ``CircuitOpenError``)."""
         if self._permit_all:
             return False
         if not self._remote:
@@ -116,7 +118,10 @@ class SharedCircuitBreaker(SharedBreakerView):
         return (
             state is _FORCED_OPEN
             or (state is _OPEN and now < self._open_until)
-            or (state is _HALF_OPEN and now < self._next_ask)
+            or (
+                state is _HALF_OPEN
+                and (now < self._next_ask or len(self._permits) >= self._half_open_max)
+            )
         )
 
     def record_success(self, duration: float | None = None) -> None:

@@ -32,7 +32,7 @@ from servers import PG_DSN, PG_PORT, PgFront, free_port, kill_idle
 
 from integrations.sync_pg import ORDERS, SyncHarness, assert_not_retried
 from otel_recovery.instrumentors.psycopg import PsycopgCircuitOpenError
-from otel_recovery.policies.circuit_breaker import CircuitState
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
 from otel_recovery.testing import FakeClock
 
 pytestmark = pytest.mark.server
@@ -233,6 +233,29 @@ def test_a_half_open_circuit_with_its_probe_out_skips_the_check_too(h: PoolHarne
     breaker.release()
     assert select_42(pool) == pid
     assert h.calls["execute"] == 2 and breaker.state is CircuitState.CLOSED
+
+
+def test_a_check_refused_as_it_asks_is_answered_healthy_too(
+    h: PoolHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``would_refuse()`` can say no a moment before the circuit refuses (another thread
+    takes the last probe permit; a fleet-wide breaker must ask Redis): the check is then
+    sent, and our refusal comes back from it. That refusal is answered "healthy" as well,
+    so the pool keeps its connection and the app fails fast (found by review)."""
+    monkeypatch.setattr(CircuitBreaker, "would_refuse", lambda self: False)
+    h.instrument()
+    pool = h.pool(check=ConnectionPool.check_connection, timeout=2)
+    pool.open(wait=True, timeout=10)
+    pid = backend_pid(pool)
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    breaker.force_open()
+    h.reset()
+    with pytest.raises(PsycopgCircuitOpenError), pool.connection() as conn:
+        conn.execute("SELECT 1")
+    assert h.calls["execute"] == 0
+    breaker.reset()
+    assert select_42(pool) == pid
 
 
 # -- lifecycle -----------------------------------------------------------------------------

@@ -132,6 +132,25 @@ async def test_a_blocking_pop_waits_its_own_timeout(
     assert stack.peek("llen", "l") == 0
 
 
+@pytest.mark.parametrize("transaction", [False, True])
+async def test_a_blocking_pop_in_a_pipeline_is_not_cut_either(
+    stacks: Any, closing: Closing, transaction: bool
+) -> None:
+    """A BLPOP queued in a pipeline waits inside the pipeline's round trip, so that pipeline
+    is exempt too (found by review); inside MULTI/EXEC the server never blocks, so a
+    transaction keeps the limit and answers at once."""
+    stack = stacks("contrib_first", attempt_timeout=0.3)
+    client = closing(stack.aconnect(timeout=5))
+    await client.ping()
+    admin = stack.server.admin()
+    stack.server.after(0.5, lambda: admin.rpush("l", "late"))
+    pipe = client.pipeline(transaction=transaction)
+    pipe.blpop(["l"], 1)
+    expected = [None] if transaction else [(b"l", b"late")]  # MULTI: an empty list, no wait
+    assert [None if r is None else tuple(r) for r in await pipe.execute()] == expected
+    assert stack.failed_calls() == 0
+
+
 @pytest.mark.parametrize("attempt_timeout", [None, 0.3])
 async def test_an_idle_xread_block_returns_empty(
     stacks: Any, closing: Closing, attempt_timeout: Any

@@ -58,6 +58,7 @@ from integrations.async_pg import (
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors import _db
 from otel_recovery.instrumentors._db import compiles
+from otel_recovery.policies.circuit_breaker import CircuitBreaker
 from otel_recovery.testing import FakeClock
 
 pytestmark = pytest.mark.server
@@ -226,12 +227,17 @@ async def test_pre_ping_replaces_a_killed_idle_connection_without_an_error(
     assert span_attempts(stack) == [1] * stack.failures()
 
 
+@pytest.mark.parametrize("asked_too_early", [False, True])
 async def test_an_open_breaker_skips_pre_ping_and_keeps_the_pooled_connection(
-    stack: Stack, engines: MakeEngine
+    stack: Stack, engines: MakeEngine, asked_too_early: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The asyncio dialects ping through an adapter (``driver_connection`` is the driver's
     connection): while our circuit is open the ping is not sent, the statement fails fast
-    with the driver's rejection wrapped as a DBAPI error, and the connection is kept."""
+    with the driver's rejection wrapped as a DBAPI error, and the connection is kept.
+    ``asked_too_early``: ``would_refuse()`` said no, so the ping is sent and our refusal
+    comes back wrapped by the dialect (asyncpg's is adapted): still answered "healthy"."""
+    if asked_too_early:
+        monkeypatch.setattr(CircuitBreaker, "would_refuse", lambda self: False)
     stack.instrument("ours_only")
     engine = engines(pool_pre_ping=True)
     pid = await backend_pid(engine)

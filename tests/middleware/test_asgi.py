@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 from typing import Any
 
 import httpx
@@ -240,6 +242,28 @@ async def test_what_the_app_handled_or_wrapped_is_judged_by_the_error_that_escap
     async with _client(middleware) as client:
         assert (await client.get("/fallback")).status_code == 200
     assert fallback_runs == ["cached", "cached"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.TaskGroup is 3.11+")
+async def test_a_task_groups_give_up_is_not_retried_on_top():
+    """A handler that runs its dependency in a ``TaskGroup`` gets an ``ExceptionGroup``:
+    every member given up on, so not retried (found by review: 3 x 3 = 9 calls)."""
+    clock = FakeClock()
+    dependency = CallingApp(clock, failures=100).dependency
+    runs: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        runs.append("handler")
+        async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+            group.create_task(dependency())
+
+    retry = Retry(3, backoff=FixedBackoff(0.5))
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), retry=retry, clock=clock)
+    async with _client(middleware) as client:
+        with pytest.raises(BaseException) as caught:
+            await client.get("/group")
+    assert type(caught.value).__name__ == "ExceptionGroup"
+    assert runs == ["handler"] and clock.sleeps == [0.1, 0.1]
 
 
 async def test_a_post_and_a_consumed_body_are_never_retried():

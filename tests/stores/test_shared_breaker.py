@@ -219,9 +219,10 @@ def test_a_prober_that_never_reports_holds_its_permit_only_for_the_lease(shared)
 
 
 def test_would_refuse_follows_the_fleet_without_asking_for_a_permit(shared):
-    """A pool's health check asks ``would_refuse()``: a member that may still ask Redis for
-    a probe permit is not refused (the check goes through the breaker); one Redis just
-    refused is, until its next ask."""
+    """A pool's health check asks ``would_refuse()``: a member holding every probe permit is
+    refused; a member that may still ask Redis for one is not (its check goes through the
+    breaker, and a refusal from Redis comes back as ours); one Redis just refused is, until
+    its next ask."""
     url, _, _ = shared
     clock = FakeClock()
     a, b = _pair(url, clock, failure_threshold=1, timeout=3.0)
@@ -230,6 +231,7 @@ def test_would_refuse_follows_the_fleet_without_asking_for_a_permit(shared):
     clock.advance(3)
     assert not a.would_refuse() and a.state is CircuitState.OPEN  # asking moved nothing
     assert a.can_execute()  # the fleet's only probe permit
+    assert a.would_refuse()  # a holds every permit: a second call of a's would be refused
     assert b.sync() and b.state is CircuitState.HALF_OPEN
     assert not b.would_refuse()
     assert not b.can_execute()  # Redis: the permit is a's
