@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lowest_versions.oldest_run import EARLY_RUN, TEST_ID, OldestReleasesRun, unavailable
@@ -26,6 +28,35 @@ def _switches_are_restored() -> Iterator[None]:
     yield
     after = (SWITCHES.active, SWITCHES.testing, SWITCHES.max_attempts)
     assert after == before, "a test changed the global switches without restoring them"
+
+
+def _ours_instrumented() -> set[Any]:
+    """Our instrumentors (``BaseInstrumentor`` singletons) that are instrumented now."""
+    base = sys.modules.get("otel_recovery.instrumentors._base")
+    if base is None:
+        return set()
+    found: set[Any] = set()
+    pending = list(base.RecoveryInstrumentor.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        instance = cls.__dict__.get("_instance")
+        if instance is not None and instance.is_instrumented_by_opentelemetry:
+            found.add(instance)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_instrumentor_is_left_on() -> Iterator[None]:
+    """A test that leaves one of our instrumentors on (a harness whose teardown failed
+    half-way) would turn every later ``instrument()`` into a no-op and fail them all: take
+    it off here, and fail the test that left it."""
+    before = _ours_instrumented()
+    yield
+    left = _ours_instrumented() - before
+    for instrumentor in left:
+        instrumentor.uninstrument()
+    assert not left, f"the test left {sorted(type(i).__name__ for i in left)} instrumented"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -7,6 +7,7 @@ the instrumentors and the patched sites, and say how to put the originals back o
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -66,17 +67,26 @@ class PgHarness:
         raise NotImplementedError
 
     def close(self) -> None:
-        self.ours.uninstrument()
+        """Every step runs even if one fails (a half-done teardown would leave patched
+        methods behind for every later test); the first failure is raised at the end."""
+        with contextlib.ExitStack() as steps:
+            steps.callback(self.provider.shutdown)
+            steps.callback(self._drop_tables)
+            for front in self.fronts:
+                steps.callback(front.close)
+            steps.callback(self.restore_sites)
+            steps.callback(self._contrib_off)
+            steps.callback(self.ours.uninstrument)
+
+    def _contrib_off(self) -> None:
         if self.contrib_class().is_instrumented_by_opentelemetry:
             self.contrib_class().uninstrument()
-        self.restore_sites()
-        for front in self.fronts:
-            front.close()
+
+    def _drop_tables(self) -> None:
         if self.tables:
             with quiet(), pg_admin() as admin:
                 for table in self.tables:
                     admin.execute(f"DROP TABLE IF EXISTS {table}")
-        self.provider.shutdown()
 
     def table(self) -> str:
         name = unique_table(self.library)

@@ -10,6 +10,7 @@ commands written to the socket by the client's connection class.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -103,16 +104,27 @@ class Harness:
         return self
 
     def close(self) -> None:
-        self.ours.uninstrument()
+        """Every step runs even if one fails (a half-done teardown would leave patched
+        methods behind for every later test); the first failure is raised at the end."""
+        with contextlib.ExitStack() as steps:
+            steps.callback(self.provider.shutdown)
+            for owner, attribute, proxy in reversed(self._proxies):
+                steps.callback(self._restore, owner, attribute, proxy)
+            steps.callback(self._contrib_off)
+            steps.callback(self.ours.uninstrument)
+
+    @staticmethod
+    def _contrib_off() -> None:
         if RedisInstrumentor().is_instrumented_by_opentelemetry:
             RedisInstrumentor().uninstrument()
-        for owner, attribute, proxy in self._proxies:
-            top = owner.__dict__[attribute]
-            # contrib's unwrap leaves a bound copy of whatever wrapt layer is below it
-            assert proxy in (top, getattr(top, "_self_parent", None)), f"left on {attribute}"
-            setattr(owner, attribute, proxy.__wrapped__)
-            assert owner.__dict__[attribute] is ORIGINALS[owner, attribute]
-        self.provider.shutdown()
+
+    @staticmethod
+    def _restore(owner: Any, attribute: str, proxy: Any) -> None:
+        top = owner.__dict__[attribute]
+        setattr(owner, attribute, ORIGINALS[owner, attribute])  # whatever happens below
+        # contrib's unwrap leaves a bound copy of whatever wrapt layer is below it
+        assert proxy in (top, getattr(top, "_self_parent", None)), f"left on {attribute}"
+        assert proxy.__wrapped__ is ORIGINALS[owner, attribute], f"{attribute} was re-wrapped"
 
     def reset_counts(self) -> None:
         self.attempts.clear()
