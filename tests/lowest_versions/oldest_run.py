@@ -137,7 +137,7 @@ class OldestReleasesRun:
         lines = result.stdout.splitlines()
         self.summary = lines[-1] if lines else ""
         if result.returncode or " passed" not in self.summary:
-            return f"the tests failed:\n{result.stdout[-6000:]}{result.stderr[-3000:]}"
+            return f"the tests failed:\n{_first_and_last(result.stdout)}{result.stderr[-3000:]}"
         return None
 
     def _run(
@@ -179,3 +179,12 @@ def _copy(into: Path) -> Path:
     )  # fmt: skip
     shutil.copytree(ROOT, into, ignore=skip)
     return into
+
+
+def _first_and_last(output: str) -> str:
+    """The start of pytest's short summary (the first failures, where a cascade begins)
+    and the end of the output; a long run's tail alone shows only its last failures."""
+    start = output.find("short test summary info")
+    if start < 0 or len(output) - start <= 6000:
+        return output[-6000:]
+    return f"{output[start : start + 4000]}\n[...]\n{output[-2000:]}"
