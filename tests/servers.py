@@ -348,3 +348,13 @@ async def aclose(client: Any) -> None:
     """Close a redis.asyncio client: ``aclose()`` since redis-py 5.0.1, ``close()`` before."""
     closing = getattr(client, "aclose", None) or client.close
     await closing()
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``condition`` (for work done by another thread) until it holds or time is up."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock
 from otel_recovery._forksafe import new_lock
+from otel_recovery._inner_recovery import OuterAttempt
 from otel_recovery.classify import classify
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
@@ -207,20 +208,21 @@ class Options:
         previous: float,
         started: float,
         *,
-        decided: bool = False,
+        attempt: OuterAttempt | None = None,
     ) -> float | None:
         """Seconds to wait before retrying after ``error``, or None: give up (no attempt
         left, not retryable, or the wait would end past ``Retry(deadline=...)``). A failure
         in deciding (a broken ``Retry(on=...)``) is logged once and means no retry.
 
-        ``decided``: a policy of ours inside the attempt already ended a call without
-        success (retried it to the end, refused it, or was not allowed to repeat it).
-        Retrying the request would multiply its retries and escape its budget, so the
-        request is not retried; the server span says why (see ``_inner_recovery``)."""
+        ``attempt``: the attempt that failed. If a policy of ours inside it already gave up
+        on ``error`` (retried it to the end, refused it, or was not allowed to repeat it),
+        retrying the request would multiply its retries and escape its budget, so the
+        request is not retried; the server span says why (see ``_inner_recovery``). A
+        failure in that check is logged once and means "not decided"."""
         retry = self.retry
         if retry is None or retries_done + 1 >= retry.attempts:
             return None
-        if decided:
+        if attempt is not None and _decided(attempt, error):
             span = trace.get_current_span()
             if span.is_recording():
                 span.set_attribute(attributes.RETRY_DISALLOWED, INNER_RECOVERY)
@@ -366,3 +368,13 @@ class GuardedApp:
     def breakers(self) -> RouteBreakers:
         """The breakers per route (``middleware.breakers["GET /orders"]``)."""
         return self._options.breakers
+
+
+def _decided(attempt: OuterAttempt, error: BaseException) -> bool:
+    """``attempt.decided(error)``; our failure in deciding is logged once and means "not
+    decided" (the request is then retried as before the rule existed), never the app's."""
+    try:
+        return attempt.decided(error)
+    except Exception as failure:
+        report_internal_error("middleware inner-recovery check", failure)
+        return False

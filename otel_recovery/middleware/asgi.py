@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from otel_recovery._inner_recovery import OuterAttempt, note_decided, outer_attempt
+from otel_recovery._inner_recovery import note_decided, outer_attempt
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.middleware._guard import (
     GuardedApp,
@@ -106,7 +106,7 @@ class RecoveryMiddleware(GuardedApp):
                 except Exception as error:
                     if response.status is None and request.replayable:
                         wait = options.retry_delay(
-                            error, retries, previous, started, decided=_decided(attempt, error)
+                            error, retries, previous, started, attempt=attempt
                         )
                         if wait is not None:
                             retries, previous = retries + 1, wait
@@ -213,13 +213,3 @@ async def _respond(send: Send, response: Response) -> None:
         encoded.append((b"content-length", str(len(body)).encode("latin-1")))
     await send({"type": "http.response.start", "status": status, "headers": encoded})
     await send({"type": "http.response.body", "body": body})
-
-
-def _decided(attempt: OuterAttempt, error: BaseException) -> bool:
-    """``attempt.decided(error)``; our failure in deciding is logged once and means "not
-    decided" (the request is then retried as before the rule existed), never the app's."""
-    try:
-        return attempt.decided(error)
-    except Exception as failure:
-        report_internal_error("middleware inner-recovery check", failure)
-        return False

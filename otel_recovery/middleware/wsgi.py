@@ -21,7 +21,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
-from otel_recovery._inner_recovery import OuterAttempt, note_decided, outer_attempt
+from otel_recovery._inner_recovery import note_decided, outer_attempt
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.middleware._guard import (
     GuardedApp,
@@ -81,7 +81,7 @@ class RecoveryMiddleware(GuardedApp):
                 except Exception as error:
                     if watch.status is None and replayable:
                         wait = options.retry_delay(
-                            error, retries, previous, started, decided=_decided(attempt, error)
+                            error, retries, previous, started, attempt=attempt
                         )
                         if wait is not None:
                             retries, previous = retries + 1, wait
@@ -210,13 +210,3 @@ def _respond(start_response: StartResponse, response: Response) -> list[bytes]:
         reason = "Unknown"
     start_response(f"{status} {reason}", pairs)
     return [body]
-
-
-def _decided(attempt: OuterAttempt, error: BaseException) -> bool:
-    """``attempt.decided(error)``; our failure in deciding is logged once and means "not
-    decided" (the request is then retried as before the rule existed), never the app's."""
-    try:
-        return attempt.decided(error)
-    except Exception as failure:
-        report_internal_error("middleware inner-recovery check", failure)
-        return False

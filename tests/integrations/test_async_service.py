@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 from instrumentors import http_faults as hf
 from opentelemetry.trace import StatusCode
-from servers import PgFront, PrivateRedis, private_redis  # noqa: F401
+from servers import PgFront, PrivateRedis, eventually, private_redis  # noqa: F401
 
 from integrations.asgi_service import (
     Deps,
@@ -144,15 +144,6 @@ def errors(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
     return logged
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def recovery_attributes(span: Any) -> tuple[Any, Any]:
     attributes = dict(span.attributes or {})
     return attributes.get("otel_recovery.outcome"), attributes.get("otel_recovery.retry.attempts")
@@ -238,7 +229,7 @@ async def in_our_backoff_sleep(stack: Stack) -> float:
 
 
 async def until_handler_ended(deps: Deps, name: str) -> str:
-    assert await asyncio.to_thread(wait_for, lambda: any(n == name for n, _ in deps.ended))
+    assert await asyncio.to_thread(eventually, lambda: any(n == name for n, _ in deps.ended))
     return next(how for n, how in deps.ended if n == name)
 
 
@@ -289,7 +280,7 @@ async def test_a_client_that_hangs_up_cancels_the_retry_and_gives_everything_bac
     if fault == "backoff":
         began = await in_our_backoff_sleep(stack)
     else:
-        assert await asyncio.to_thread(wait_for, lambda: upstream.count("/slow") == 1)
+        assert await asyncio.to_thread(eventually, lambda: upstream.count("/slow") == 1)
         began = time.monotonic()
     await request.hang_up()
     assert await until_handler_ended(deps, "db_then_quote") == "cancelled"
@@ -458,7 +449,7 @@ async def test_shutdown_past_its_grace_cancels_the_retry_like_any_other_await(
     if fault == "backoff":
         await in_our_backoff_sleep(stack)
     else:
-        assert await asyncio.to_thread(wait_for, lambda: upstream.count("/slow") == 1)
+        assert await asyncio.to_thread(eventually, lambda: upstream.count("/slow") == 1)
     assert stack.clock.cancelled == 0
     stopped = server.begin_stop()
     raw = await request.rest()
@@ -588,10 +579,10 @@ async def test_a_cancelled_probe_gives_the_routes_permit_back(
     await asyncio.sleep(0.25)  # the route's open time
     upstream.script("/slow", hf.stall(3))
     probe = await RawRequest.send(server.port, "/quote/slow")
-    assert await asyncio.to_thread(wait_for, lambda: upstream.count("/slow") == 1)
+    assert await asyncio.to_thread(eventually, lambda: upstream.count("/slow") == 1)
     await probe.hang_up()
     assert await until_handler_ended(deps, "quote") == "done"  # the opener's
-    assert await asyncio.to_thread(wait_for, lambda: ("quote", "cancelled") in deps.ended)
+    assert await asyncio.to_thread(eventually, lambda: ("quote", "cancelled") in deps.ended)
     reply = await fetch(server.port, "/quote/ok")
     assert (reply.status, reply.body) == (200, b"ok"), reply.raw
     assert route.snapshot().state is CircuitState.CLOSED

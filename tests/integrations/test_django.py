@@ -26,8 +26,7 @@ and rows, and compares with the uninstrumented baseline (``none``) where that he
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -39,7 +38,16 @@ from instrumentors.test_psycopg import TERMINATED, assert_connect_recovered, eve
 from opentelemetry.sdk.trace import ReadableSpan
 from ours import marked_by_us
 from psycopg_pool import PoolTimeout
-from servers import PG_PORT, PgFront, free_port, kill_idle, pg_admin, quiet, terminate_when_running
+from servers import (
+    PG_PORT,
+    PgFront,
+    eventually,
+    free_port,
+    kill_idle,
+    pg_admin,
+    quiet,
+    terminate_when_running,
+)
 
 from integrations.django_project import (
     TABLE,
@@ -132,16 +140,6 @@ def gave_up(h: DjangoHarness) -> ReadableSpan:
     (span,) = [s for s in h.exporter.get_finished_spans() if events(s, "otel_recovery.give_up")]
     assert span.name.startswith("recover psycopg") is not h.contrib
     return span
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``condition`` (for work done by another thread) until it holds or time is up."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def error_type(error: type[BaseException]) -> str:

@@ -178,6 +178,14 @@ def test_getconn_check_hides_a_terminated_connection_from_the_app(h: PoolHarness
     assert pool.get_stats().get("requests_errors", 0) == 0
 
 
+def checked_pool(h: PoolHarness) -> tuple[ConnectionPool[Any], int]:
+    """An open pool that checks connections (``check_connection``) and gives up waiting
+    for one after 2 s, and the backend its connection is on."""
+    pool = h.pool(check=ConnectionPool.check_connection, timeout=2)
+    pool.open(wait=True, timeout=10)
+    return pool, backend_pid(pool)
+
+
 @pytest.mark.parametrize("order", ORDERS)
 def test_an_open_circuit_skips_the_check_and_keeps_the_pooled_connection(
     h: PoolHarness, order: str
@@ -188,9 +196,7 @@ def test_an_open_circuit_skips_the_check_and_keeps_the_pooled_connection(
     statement fails at once with the circuit's error, and the same connection serves once
     the circuit closes. The skip is an event on the current span."""
     h.instrument(order)
-    pool = h.pool(check=ConnectionPool.check_connection, timeout=2)
-    pool.open(wait=True, timeout=10)
-    pid = backend_pid(pool)
+    pool, pid = checked_pool(h)
     assert h.ours.targets is not None
     (breaker,) = h.ours.targets.breakers()
     breaker.force_open()
@@ -218,9 +224,7 @@ def test_a_half_open_circuit_with_its_probe_out_skips_the_check_too(h: PoolHarne
     the probe, sent through the breaker, and its success closes the circuit."""
     clock = FakeClock()
     h.instrument(clock=clock, breaker_minimum_calls=1, breaker_window=1, breaker_open_seconds=5)
-    pool = h.pool(check=ConnectionPool.check_connection, timeout=2)
-    pool.open(wait=True, timeout=10)
-    pid = backend_pid(pool)
+    pool, pid = checked_pool(h)
     assert h.ours.targets is not None
     (breaker,) = h.ours.targets.breakers()
     breaker.record_failure()
@@ -244,9 +248,7 @@ def test_a_check_refused_as_it_asks_is_answered_healthy_too(
     so the pool keeps its connection and the app fails fast (found by review)."""
     monkeypatch.setattr(CircuitBreaker, "would_refuse", lambda self: False)
     h.instrument()
-    pool = h.pool(check=ConnectionPool.check_connection, timeout=2)
-    pool.open(wait=True, timeout=10)
-    pid = backend_pid(pool)
+    pool, pid = checked_pool(h)
     assert h.ours.targets is not None
     (breaker,) = h.ours.targets.breakers()
     breaker.force_open()
