@@ -31,7 +31,7 @@ from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.fallback import Fallback
 from otel_recovery.policies.retry import Retry, RetryAdvice
 
-__all__ = ["Action", "Decision", "after_failure", "after_rejection"]
+__all__ = ["Action", "Decision", "after_failure", "after_rejection", "give_up"]
 
 _log = logging.getLogger("otel_recovery")
 
@@ -53,7 +53,8 @@ class Decision:
     """The retry advisor's answer, for the driver to report its outcome (``learn``)."""
 
 
-def _stop(fallback: Fallback | None, error: BaseException, reason: str) -> Decision:
+def give_up(fallback: Fallback | None, error: BaseException, reason: str) -> Decision:
+    """Stop for ``reason``: the fallback if it handles ``error``, else give up."""
     if fallback is not None and fallback.handles(error):
         return Decision(Action.FALLBACK, reason=reason)
     return Decision(Action.GIVE_UP, reason=reason)
@@ -73,13 +74,13 @@ def after_failure(
 ) -> Decision:
     """Decide after attempt number ``attempt`` (1-based) failed with ``error``."""
     if retry is None or not retry.is_retryable(error, info):
-        return _stop(fallback, error, "not_retryable")
+        return give_up(fallback, error, "not_retryable")
     limit = retry.attempts
     testing = SWITCHES.testing
     if testing:
         limit = min(limit, SWITCHES.max_attempts)
     if attempt >= limit:
-        return _stop(fallback, error, "attempts_exhausted")
+        return give_up(fallback, error, "attempts_exhausted")
     advice = None
     if retry.advisor is not None:
         try:
@@ -87,24 +88,24 @@ def after_failure(
         except Exception:
             _log.exception("retry advisor %r failed; the rules decide alone", retry.advisor)
         if advice is not None and not advice.retry:
-            stop = _stop(fallback, error, "advised")
+            stop = give_up(fallback, error, "advised")
             return Decision(stop.action, reason=stop.reason, advice=advice)
     try:
         delay = retry.delay_for(attempt, previous_delay, info)
     except Exception:
         _log.exception("backoff %r failed; not retrying", retry.backoff)
-        return _stop(fallback, error, "backoff_failed")
+        return give_up(fallback, error, "backoff_failed")
     if delay is None:
-        return _stop(fallback, error, "retry_after_too_long")
+        return give_up(fallback, error, "retry_after_too_long")
     if testing:
         delay = 0.0
     if retry.deadline is not None and (now - started) + delay >= retry.deadline:
-        return _stop(fallback, error, "deadline")
+        return give_up(fallback, error, "deadline")
     if budget is not None and not budget.try_spend(now):
-        return _stop(fallback, error, "budget_exhausted")
+        return give_up(fallback, error, "budget_exhausted")
     return Decision(Action.RETRY, delay=delay, advice=advice)
 
 
 def after_rejection(fallback: Fallback | None, error: BaseException) -> Decision:
     """A breaker or bulkhead refused the call before any attempt was made."""
-    return _stop(fallback, error, "rejected")
+    return give_up(fallback, error, "rejected")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._forksafe import new_lock
 from otel_recovery._policy_core import AsyncRunner, Runner
+from otel_recovery.instrumentors._client_retries import mark
 from otel_recovery.instrumentors._db import (
     CONTEXT_VAR,
     LEGACY_SUPPRESS_KEY,
@@ -219,6 +220,17 @@ class HttpSite(Generic[R]):
         """A library response carrying a configured fallback value."""
         raise NotImplementedError
 
+    def retried_status(self, response: R) -> int:
+        """How many times the client library's own retry repeats a request answered like
+        ``response`` (urllib3's ``Retry`` under requests); 0 if it does not. Asked only
+        for a response with a failing status: see :mod:`._client_retries`."""
+        return 0
+
+    def retried_error(self, error: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """How many times the client library's own retry repeats a request that failed with
+        ``error`` (urllib3's ``Retry``, httpx's transport ``retries``); 0 if it does not."""
+        return 0
+
     # -- attempts -------------------------------------------------------------------------
     # The two attempt methods are the per-request hot path (the first attempt runs on every
     # request), so they differ only where async must await and inline the status check: a
@@ -239,6 +251,7 @@ class HttpSite(Generic[R]):
             response: R = self.original(*args, **kwargs)
         except BaseException as error:
             outcomes.append(error)
+            self.note_retried(error, args, kwargs)
             raise
         outcomes.append(response)
         try:
@@ -264,6 +277,7 @@ class HttpSite(Generic[R]):
             response: R = await self.original(*args, **kwargs)
         except BaseException as error:
             outcomes.append(error)
+            self.note_retried(error, args, kwargs)
             raise
         outcomes.append(response)
         try:
@@ -283,7 +297,26 @@ class HttpSite(Generic[R]):
         except Exception as error:  # a response we cannot read is the app's to judge
             self._unreadable(error)
             return None
-        return None if status is None else RetryableStatusError(response, status, headers)
+        if status is None:
+            return None
+        signal = RetryableStatusError(response, status, headers)
+        try:
+            mark(signal, self.retried_status(response))
+        except Exception as error:  # the client's retry unreadable: ours decides alone
+            report_internal_error(f"{self.site}: reading the client's own retry", error)
+        return signal
+
+    def note_retried(
+        self, error: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Mark ``error`` (an attempt's own failure) if the client library's retry already
+        repeated it, so ours does not again (see :mod:`._client_retries`)."""
+        if not isinstance(error, Exception) or isinstance(error, RetryableStatusError):
+            return
+        try:
+            mark(error, self.retried_error(error, args, kwargs))
+        except Exception as failure:
+            report_internal_error(f"{self.site}: reading the client's own retry", failure)
 
     def _unreadable(self, error: Exception) -> bool:
         report_internal_error(f"{self.site}: reading the response", error)
@@ -461,6 +494,7 @@ def sync_layer(
 
         if compiled is None or not compiles():
             return layer
+        note_retried = site.note_retried
 
         def resume(
             plan: HttpPlan,
@@ -474,6 +508,7 @@ def sync_layer(
             """What the runner does after a first attempt that ended in ``error`` (the
             original's exception, or the signal for a response to retry on); the compiled
             layer calls it with ``error`` being handled, as the runner's ``except`` does."""
+            note_retried(error, args, kwargs)
             return plan.recover(
                 attempt, (outcomes, plan.statuses, args, kwargs), _NO_KWARGS, error, started, took
             )

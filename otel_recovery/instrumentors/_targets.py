@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
 from otel_recovery._clock import Clock
+from otel_recovery._engine import Decision, give_up
 from otel_recovery._forksafe import new_lock
 from otel_recovery.classify import Classifier, ErrorInfo
+from otel_recovery.instrumentors._client_retries import client_retries
 from otel_recovery.instrumentors._settings import RecoverySettings
 from otel_recovery.learning.advisor import LearnedRetryAdvisor
 from otel_recovery.learning.strategy import StrategyLearner
@@ -27,8 +29,8 @@ from otel_recovery.policies import (
 )
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 from otel_recovery.recover import RecoveryPolicy
-from otel_recovery.telemetry import Telemetry
-from otel_recovery.telemetry.attributes import RETRY_DISALLOWED
+from otel_recovery.telemetry import CallTrace, Telemetry
+from otel_recovery.telemetry.attributes import HTTP_CLIENT_RETRIES, RETRY_DISALLOWED
 
 __all__ = ["FallbackOn", "TargetPolicies"]
 
@@ -66,6 +68,9 @@ class _TargetPolicy(RecoveryPolicy):
     :data:`PassesRefused`): they are sent as if we were not there, neither counted nor
     traced. It is asked only on the rejection path, so it costs nothing while the circuit
     is closed.
+
+    A failure that the client library's own retry already repeated (marked by an HTTP
+    site, see :mod:`._client_retries`) is not retried again; its trace says so.
     """
 
     __slots__ = ("_passes_refused", "_rejection_type", "_timeout_type")
@@ -90,6 +95,31 @@ class _TargetPolicy(RecoveryPolicy):
         application's ``except redis.RedisError`` / ``psycopg.Error`` (and SQLAlchemy's
         wrapping of DBAPI errors) handle an attempt our time limit cancelled."""
         return self._timeout_type(f"attempt exceeded its {limit:g}s time limit")
+
+    def _decide(
+        self, error: BaseException, info: ErrorInfo, attempt: int, delay: float, started: float
+    ) -> Decision:
+        if client_retries(error):
+            return give_up(self.fallback, error, "not_retryable")
+        return super()._decide(error, info, attempt, delay, started)
+
+    def _stopped(
+        self,
+        decision: Decision,
+        error: BaseException,
+        info: ErrorInfo,
+        attempts: int,
+        started: float,
+        trace: CallTrace | None,
+    ) -> None:
+        super()._stopped(decision, error, info, attempts, started, trace)
+        retries = client_retries(error)
+        if retries and trace is not None:
+            try:
+                trace.span.set_attribute(RETRY_DISALLOWED, "client_retried")
+                trace.span.set_attribute(HTTP_CLIENT_RETRIES, retries)
+            except Exception:  # telemetry must never replace the caller's error
+                return
 
     def _passing(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], release: bool

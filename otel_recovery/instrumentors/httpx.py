@@ -11,6 +11,11 @@ A request is re-sent as the same ``httpx.Request`` object; only a body held in m
 (``httpx.ByteStream``: ``content=bytes``, ``data=``, ``json=``) is replayable. Streaming and
 multipart bodies run once. What is retried, and how failing responses are returned
 unchanged, is shared with the other HTTP instrumentors (:mod:`._http`).
+
+A connection that failed although the transport was built with ``retries=N`` has been
+tried N + 1 times by httpcore already, so it is not retried again (:mod:`._client_retries`).
+That reads two private attributes (``Client._transport_for_url``, the pool's ``_retries``);
+where they are missing, nothing is marked and our retry decides as before.
 """
 
 from __future__ import annotations
@@ -108,6 +113,23 @@ class _Site(HttpSite[httpx.Response]):
 
     def fallback(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> httpx.Response:
         return _fallback_response(value, _request_of(args, kwargs))
+
+    def retried_error(self, error: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        # ``HTTPTransport(retries=N)`` hands N to httpcore's pool, whose connections repeat a
+        # connection that failed (refused, unreachable, timed out) N times, nothing else.
+        if not isinstance(error, _CONNECTION_FAILURES) or isinstance(error, CircuitOpenError):
+            return 0
+        request = _request_of(args, kwargs)
+        transport_for_url = getattr(args[0], "_transport_for_url", None) if args else None
+        if transport_for_url is None or not isinstance(request, httpx.Request):
+            return 0
+        pool = getattr(transport_for_url(request.url), "_pool", None)
+        retries = getattr(pool, "_retries", 0)
+        return retries if type(retries) is int else 0
+
+
+_CONNECTION_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
+"""What httpcore's connection retries repeat."""
 
 
 class _AsyncSite(_Site):

@@ -7,7 +7,9 @@ span, as the HTTP conventions ask, and resends carry ``http.request.resend_count
 at this level also re-prepares the request each time (fresh auth headers, cookies, body).
 
 What is retried, and how failing responses are returned unchanged, is shared with the other
-HTTP instrumentors: see :mod:`otel_recovery.instrumentors._http`.
+HTTP instrumentors: see :mod:`otel_recovery.instrumentors._http`. A failure that urllib3's
+``Retry`` (an adapter's ``max_retries``) already repeated is not repeated again: see
+:mod:`otel_recovery.instrumentors._client_retries`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from requests.exceptions import RequestException
 from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import MaxRetryError, ResponseError
+from urllib3.util.retry import Retry
 
 from otel_recovery._clock import Clock
 from otel_recovery.classify import Classifier
@@ -94,6 +99,36 @@ class _Site(HttpSite[requests.Response]):
 
     def close(self, response: requests.Response) -> None:
         response.close()
+
+    def retried_status(self, response: requests.Response) -> int:
+        # requests hands urllib3 the adapter's ``max_retries`` and records the adapter on
+        # the response it builds (``response.connection``).
+        retry = _urllib3_retry(getattr(response, "connection", None))
+        request = response.request
+        if retry is None or request is None or request.method is None:
+            return 0
+        retry_after = "Retry-After" in response.headers
+        if not retry.is_retry(request.method, response.status_code, retry_after):
+            return 0
+        return _repeats(retry, request.method, request.url, response=response.raw)
+
+    def retried_error(self, error: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        # requests raises urllib3's MaxRetryError wrapped, once urllib3's Retry gave up on it;
+        # whether it repeated the failure before giving up is the adapter's Retry's to say.
+        exhausted = error.args[0] if isinstance(error, RequestException) and error.args else None
+        request = getattr(error, "request", None)
+        if not isinstance(exhausted, MaxRetryError) or request is None or not args:
+            return 0
+        session = args[0]
+        if not isinstance(session, requests.Session) or not request.url or not request.method:
+            return 0
+        retry = _urllib3_retry(session.get_adapter(request.url))
+        if retry is None:
+            return 0
+        reason = exhausted.reason
+        if isinstance(reason, ResponseError):  # statuses (``raise_on_status``): a RetryError
+            return _repeats(retry, request.method, request.url)
+        return _repeats(retry, request.method, request.url, error=reason)
 
     def rejected(
         self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -173,6 +208,31 @@ class _Planner:
         if shape is not None:
             self.plans.remember_by_url(*shape, plan)
         return plan
+
+
+def _urllib3_retry(adapter: object) -> Retry | None:
+    """The urllib3 ``Retry`` an adapter sends with (its ``max_retries``); None for an
+    adapter of another kind."""
+    retry = getattr(adapter, "max_retries", None)
+    return retry if isinstance(retry, Retry) else None
+
+
+_MOST_REPEATS = 100
+"""Where counting a ``Retry``'s repeats stops (one without any limit never runs out)."""
+
+
+def _repeats(retry: Retry, method: str, url: str | None, **failure: Any) -> int:
+    """How many times ``retry`` sends a request again after ``failure`` (urllib3's
+    ``increment`` arguments: ``error=`` or ``response=``), by asking it as urllib3 does,
+    from the start: ``increment`` is pure and raises once the request may not be repeated."""
+    repeats = 0
+    while repeats < _MOST_REPEATS:
+        try:
+            retry = retry.increment(method, url, **failure)
+        except Exception:  # MaxRetryError, or the failure itself: not (again)
+            break
+        repeats += 1
+    return repeats
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -56,10 +56,15 @@ FALLBACK_KIND: Final = "otel_recovery.fallback.kind"
 RETRY_DISALLOWED: Final = "otel_recovery.retry.disallowed"
 """Why a failed DB or Redis call was not retried although its error may be transient:
 ``non_idempotent_command``, ``transaction``, ``statement_may_have_run``, ``sql_retry_never``
-or ``client_retried`` (redis-py's own connection retry already repeated it)."""
+or ``client_retried`` (the client library's own retry already repeated it: redis-py's
+connection ``Retry``, urllib3's ``Retry`` under requests, httpx's transport ``retries``)."""
 REDIS_CLIENT_RETRIES: Final = "otel_recovery.redis.client_retries"
 """redis-py's per-command connection retry limit, set when a failure it already retried
 reaches us: that many resends happened inside the attempt."""
+HTTP_CLIENT_RETRIES: Final = "otel_recovery.http.client_retries"
+"""How many times the HTTP client's own retry (urllib3's ``Retry`` under requests, httpx's
+transport ``retries``) repeats the failure that ended the call; set with
+``otel_recovery.retry.disallowed=client_retried``."""
 
 # The seed API, self-healing and orchestration.
 RECOVER_FROM_ERROR_SPAN: Final = "recover_from_error"

@@ -7,7 +7,10 @@ the sync client blocks the test's event loop, which is fine: the server has its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import threading
 import time
 
 import httpx
@@ -333,3 +336,72 @@ async def test_a_bug_in_the_engine_before_sending_sends_exactly_once(
     url = server.script("/engine", hf.ok("sent once"))
     assert (await send(mode, "GET", url)).text == "sent once"
     assert server.count("/engine") == 1
+
+
+# -- httpx's own connection retries (a transport's retries=N) -----------------------------
+
+
+class _Hangup:
+    """A TCP server that counts connections and closes each at once: a TLS client fails
+    its handshake, which httpx reports as ``ConnectError``, and which httpcore's
+    connection retries repeat."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            connection.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.listener.close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def hangup():
+    server = _Hangup()
+    yield server
+    server.close()
+
+
+async def _send_through(mode: str, url: str, retries: int) -> None:
+    if mode == "sync":
+        with httpx.Client(transport=httpx.HTTPTransport(retries=retries)) as client:
+            client.get(url)
+        return
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(retries=retries)) as client:
+        await client.get(url)
+
+
+@MODES
+async def test_connections_httpcore_already_retried_are_not_retried_again(
+    hangup, tel, instrument, mode
+):
+    instrument()
+    url = f"https://127.0.0.1:{hangup.port}/"
+    with pytest.raises(httpx.ConnectError) as raised:
+        await _send_through(mode, url, retries=1)  # httpcore waits 0 s before its retry
+    assert type(raised.value) is httpx.ConnectError
+    assert hangup.connections == 2  # httpcore's two, not six
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == "client_retried"
+    assert recovery.attributes["otel_recovery.http.client_retries"] == 1
+    tel.exporter.clear()
+    hangup.connections = 0
+    with pytest.raises(httpx.ConnectError):
+        await _send_through(mode, url, retries=0)  # httpx's default: we retry
+    assert hangup.connections == 3
+    assert "otel_recovery.retry.disallowed" not in tel.recovery().attributes

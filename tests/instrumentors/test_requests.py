@@ -10,6 +10,7 @@ import contextlib
 import http
 import io
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +27,9 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
+from urllib3.util.retry import Retry
 
+import otel_recovery.instrumentors.requests
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors._resend import ResendCountSpanProcessor
 from otel_recovery.instrumentors._settings import SettingsError
@@ -843,3 +846,148 @@ def test_a_response_whose_status_cannot_be_read_is_returned_as_it_is(
         assert ("layer" in ran) is (layer == "python"), ran  # compiled: judged in C
         reported = [r for r in caplog.records if "reading the response" in r.getMessage()]
         assert len(reported) == (1 if kind == "raises" else 0)
+
+
+# -- urllib3's own Retry (an adapter's max_retries) ---------------------------------------
+# requests sends through urllib3, which repeats requests by itself when a session's adapter
+# is given a Retry. Our retry runs around the whole send, so repeating what urllib3 already
+# repeated would multiply the requests a failing server receives (3 of ours x 4 of urllib3's).
+
+
+def _session(**retry: Any) -> requests.Session:
+    """A session whose adapters repeat as urllib3's ``Retry(**retry)`` says, without
+    sleeping between attempts (urllib3 sleeps for real)."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(max_retries=Retry(backoff_factor=0, **retry))
+    session.mount("http://", adapter)
+    return session
+
+
+def _client_retried(recovery: Any, repeats: int) -> None:
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == "client_retried"
+    assert recovery.attributes["otel_recovery.http.client_retries"] == repeats
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "not_retryable"
+    assert recovery.attributes["otel_recovery.outcome"] == "failure"
+
+
+@BOTH_ORDERS
+@pytest.mark.parametrize("remembered", [False, pytest.param(True, marks=compiled_only)])
+def test_a_status_urllib3_already_retried_is_not_retried_again(
+    server, tel, instrument, order, remembered
+):
+    ours = instrument(order)
+    busy = [hf.status(503, body="busy")] * 9
+    url = _remembered(server, tel, "/busy", *busy) if remembered else server.script("/busy", *busy)
+    with _session(total=2, status_forcelist=[503], raise_on_status=False) as session:
+        response = session.get(url, timeout=2)
+    assert (response.status_code, response.text) == (503, "busy")
+    assert server.count("/busy") == 3  # urllib3's three, not nine
+    assert len(tel.clients()) == 1  # one send as contrib sees it: urllib3 is beneath
+    _client_retried(tel.recovery(), 2)
+    (breaker,) = ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 1  # still counted against the server
+
+
+def test_a_status_urllib3_does_not_repeat_is_retried_by_us(server, tel, instrument):
+    instrument()
+    url = server.script("/other", hf.status(503), hf.status(503), hf.ok("fine"))
+    with _session(total=2, status_forcelist=[502]) as session:
+        response = session.get(url, timeout=2)
+    assert (response.status_code, response.text) == (200, "fine")
+    assert server.count("/other") == 3
+    assert "otel_recovery.retry.disallowed" not in tel.recovery().attributes
+
+
+def test_retry_after_answers_urllib3_repeated_are_not_repeated_again(server, tel, instrument):
+    """A ``Retry`` without ``status_forcelist`` still repeats a 503 or 429 that carries
+    ``Retry-After`` (``respect_retry_after_header``); one without it is ours to retry."""
+    instrument()
+    url = server.script("/later", *[hf.retry_after(503, 0)] * 5)
+    with _session(total=1) as session:
+        assert session.get(url, timeout=2).status_code == 503
+        assert server.count("/later") == 2
+        _client_retried(tel.recovery(), 1)
+        tel.exporter.clear()
+        url = server.script("/plain", hf.status(503), hf.ok())
+        assert session.get(url, timeout=2).status_code == 200
+    assert server.count("/plain") == 2
+
+
+def test_a_retry_error_from_urllib3_reaches_the_app_unchanged(server, tel, instrument):
+    instrument()
+    url = server.script("/exhausted", *[hf.status(503)] * 9)
+    with (
+        _session(total=2, status_forcelist=[503]) as session,
+        pytest.raises(requests.exceptions.RetryError) as raised,
+    ):
+        session.get(url, timeout=2)
+    assert type(raised.value) is requests.exceptions.RetryError
+    assert server.count("/exhausted") == 3
+    _client_retried(tel.recovery(), 2)
+
+
+@pytest.mark.parametrize("remembered", [False, pytest.param(True, marks=compiled_only)])
+def test_dropped_connections_urllib3_already_retried_are_not_retried_again(
+    server, tel, instrument, remembered
+):
+    instrument()
+    resets = [hf.reset()] * 9
+    url = (
+        _remembered(server, tel, "/drop", *resets)
+        if remembered
+        else server.script("/drop", *resets)
+    )
+    with _session(total=2) as session, pytest.raises(requests.exceptions.ConnectionError) as raised:
+        session.get(url, timeout=2)
+    assert type(raised.value) is requests.exceptions.ConnectionError
+    assert server.count("/drop") == 3
+    _client_retried(tel.recovery(), 2)
+
+
+def test_refused_connections_urllib3_already_retried_are_not_retried_again(tel, instrument):
+    instrument()
+    with socket.socket() as closed:  # a port that was free a moment ago: refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/refused"
+    with _session(connect=3) as session, pytest.raises(requests.exceptions.ConnectionError):
+        session.get(url, timeout=2)
+    _client_retried(tel.recovery(), 3)
+    tel.exporter.clear()
+    with requests.Session() as plain, pytest.raises(requests.exceptions.ConnectionError):
+        plain.get(url, timeout=2)  # requests' default adapter repeats nothing: we do
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 3
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+
+
+def test_a_client_retried_failure_still_falls_back(server, tel, instrument, tmp_path, monkeypatch):
+    _prices_fall_back(tmp_path, monkeypatch)
+    instrument()
+    url = server.script("/prices", *[hf.status(503)] * 9)
+    with _session(total=1, status_forcelist=[503], raise_on_status=False) as session:
+        response = session.get(url, timeout=2)
+    assert response.status_code == 200 and response.json() == {"prices": []}
+    assert server.count("/prices") == 2
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.outcome"] == "fallback"
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+
+
+def test_a_bug_reading_the_client_retry_leaves_the_decision_to_ours(
+    server, tel, instrument, monkeypatch, caplog
+):
+    """A bug of ours while reading urllib3's ``Retry`` must not break the request: it is
+    reported and our retry decides as if urllib3 repeated nothing."""
+    instrument()
+
+    def broken(adapter: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(otel_recovery.instrumentors.requests, "_urllib3_retry", broken)
+    url = server.script("/broken", hf.status(503), hf.reset(), hf.ok())
+    with _session(total=0) as session, caplog.at_level(logging.ERROR, logger="otel_recovery"):
+        response = session.get(url, timeout=2)
+    assert response.status_code == 200 and server.count("/broken") == 3
+    assert "reading the client's own retry" in caplog.text
