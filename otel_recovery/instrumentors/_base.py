@@ -72,10 +72,11 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     connection error (``PsycopgCircuitOpenError`` ...), so existing ``except`` clauses and
     frameworks built on the driver handle it. The HTTP layers make theirs per request."""
 
-    attempt_timeout_error: ClassVar[type[TimeoutError]] = TimeoutError
+    attempt_timeout_error: ClassVar[type[Exception]] = TimeoutError
     """What an awaited attempt raises when ``attempt_timeout`` cancels it: a ``TimeoutError``
     that is also the library's own timeout error where the library has one
-    (``RedisAttemptTimeoutError``...), for the same reason as :attr:`rejection`."""
+    (``PsycopgAttemptTimeoutError``, ``HTTPXAttemptTimeoutError``,
+    ``AioHttpAttemptTimeoutError``), for the same reason as :attr:`rejection`."""
 
     settings: RecoverySettings | None = None
     targets: TargetPolicies | None = None

@@ -13,7 +13,9 @@ repeated, and why a retryable status becomes an exception, is in :mod:`._http`.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+from asyncio import CancelledError
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
@@ -167,6 +169,10 @@ def _same_method(stored: Any, method: Any) -> bool:
     return stored is method or (type(stored) is type(method) and stored == method)
 
 
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
+"""What an attempt cut by ``attempt_timeout`` ends with (distinct types before Python 3.11)."""
+
+
 PlanOf = Callable[[tuple[Any, ...], dict[str, Any]], HttpPlan | None]
 """A library's planner: ``plan_of(args, kwargs)`` for the patched method's arguments (the
 client first); None to call the original untouched."""
@@ -219,6 +225,14 @@ class HttpSite(Generic[R]):
     def fallback(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         """A library response carrying a configured fallback value."""
         raise NotImplementedError
+
+    def timed_out(
+        self, error: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> BaseException:
+        """What the app gets when ``attempt_timeout`` cut the last attempt: the policy's
+        timeout error (the instrumentor's ``attempt_timeout_error``), completed with what
+        the library's own timeout errors carry (httpx's ``request``)."""
+        return error
 
     def retried_status(self, response: R) -> int:
         """How many times the client library's own retry repeats a request answered like
@@ -346,6 +360,8 @@ class HttpSite(Generic[R]):
             return response
         if (outcomes and error is outcomes[-1]) or not isinstance(error, Exception):
             return error  # the original's own failure, or cancellation: never ours to eat
+        if outcomes and isinstance(outcomes[-1], CancelledError) and isinstance(error, _TIMEOUTS):
+            return self.timed_out(error, args, kwargs)  # our attempt_timeout cut the last one
         if isinstance(error, CircuitOpenError) and not outcomes:
             try:
                 return self.rejected(error, args, kwargs)

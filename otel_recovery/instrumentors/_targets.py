@@ -80,7 +80,7 @@ class _TargetPolicy(RecoveryPolicy):
         rejection: type[CircuitOpenError],
         disallowed: str | None,
         passes_refused: PassesRefused | None = None,
-        timeout: type[TimeoutError] = TimeoutError,
+        timeout: type[Exception] = TimeoutError,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -194,7 +194,7 @@ class TargetPolicies:
         learner: StrategyLearner | None = None,
         rejection: type[CircuitOpenError] = CircuitOpenError,
         passes_refused: PassesRefused | None = None,
-        timeout: type[TimeoutError] = TimeoutError,
+        timeout: type[Exception] = TimeoutError,
     ) -> None:
         """``classifier`` replaces the process-wide one for these policies (the HTTP
         instrumentors classify retryable *responses* by status); ``fallback_on`` limits what

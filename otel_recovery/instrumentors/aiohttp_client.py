@@ -43,7 +43,11 @@ from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
-__all__ = ["AioHttpCircuitOpenError", "AioHttpClientRecoveryInstrumentor"]
+__all__ = [
+    "AioHttpAttemptTimeoutError",
+    "AioHttpCircuitOpenError",
+    "AioHttpClientRecoveryInstrumentor",
+]
 
 
 class AioHttpCircuitOpenError(CircuitOpenError, aiohttp.ClientConnectionError):
@@ -54,12 +58,22 @@ class AioHttpCircuitOpenError(CircuitOpenError, aiohttp.ClientConnectionError):
     """
 
 
+class AioHttpAttemptTimeoutError(aiohttp.ServerTimeoutError):
+    """An awaited request cancelled by ``OTEL_RECOVERY_ATTEMPT_TIMEOUT``.
+
+    An ``aiohttp.ServerTimeoutError``, what aiohttp raises for its own socket timeouts: so
+    both ``except aiohttp.ClientError`` and ``except asyncio.TimeoutError`` (the built-in
+    ``TimeoutError`` from Python 3.11) catch it.
+    """
+
+
 class AioHttpClientRecoveryInstrumentor(RecoveryInstrumentor):
     """Retries, breaks circuits and falls back for every ``aiohttp.ClientSession``."""
 
     library = "aiohttp"
     instruments = ("aiohttp >= 3.8",)
     span_mode = "own"
+    attempt_timeout_error = AioHttpAttemptTimeoutError
     fallback_on = (
         RetryableStatusError,
         CircuitOpenError,

@@ -48,7 +48,7 @@ from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
-__all__ = ["HTTPXCircuitOpenError", "HTTPXRecoveryInstrumentor"]
+__all__ = ["HTTPXAttemptTimeoutError", "HTTPXCircuitOpenError", "HTTPXRecoveryInstrumentor"]
 
 
 class HTTPXCircuitOpenError(CircuitOpenError, httpx.ConnectError):
@@ -59,12 +59,27 @@ class HTTPXCircuitOpenError(CircuitOpenError, httpx.ConnectError):
     """
 
 
+class HTTPXAttemptTimeoutError(TimeoutError, httpx.TimeoutException):
+    """An awaited request cancelled by ``OTEL_RECOVERY_ATTEMPT_TIMEOUT``.
+
+    Also an ``httpx.TimeoutException``, what httpx raises for its own timeouts, so
+    ``except httpx.HTTPError`` / ``except httpx.TimeoutException`` catch it, with the
+    ``request`` httpx's errors carry; still a ``TimeoutError`` for code that expects the
+    built-in one.
+    """
+
+    def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
+        super().__init__(message)
+        self.request = request  # type: ignore[assignment]  # httpx types it non-optional
+
+
 class HTTPXRecoveryInstrumentor(RecoveryInstrumentor):
     """Retries, breaks circuits and falls back for every ``httpx`` client, sync and async."""
 
     library = "httpx"
     instruments = ("httpx >= 0.23",)
     span_mode = "own"
+    attempt_timeout_error = HTTPXAttemptTimeoutError
     fallback_on = (
         RetryableStatusError,
         CircuitOpenError,
@@ -113,6 +128,14 @@ class _Site(HttpSite[httpx.Response]):
 
     def fallback(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> httpx.Response:
         return _fallback_response(value, _request_of(args, kwargs))
+
+    def timed_out(
+        self, error: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> BaseException:
+        request = _request_of(args, kwargs)
+        if isinstance(error, HTTPXAttemptTimeoutError) and isinstance(request, httpx.Request):
+            error.request = request
+        return error
 
     def retried_error(self, error: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         # ``HTTPTransport(retries=N)`` hands N to httpcore's pool, whose connections repeat a

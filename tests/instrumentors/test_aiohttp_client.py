@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -14,6 +15,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors._settings import SettingsError
 from otel_recovery.instrumentors.aiohttp_client import (
+    AioHttpAttemptTimeoutError,
     AioHttpCircuitOpenError,
     AioHttpClientRecoveryInstrumentor,
 )
@@ -263,3 +265,41 @@ async def test_a_bug_in_the_engine_before_sending_sends_exactly_once(
     url = server.script("/engine", hf.ok("sent once"))
     assert (await fetch("GET", url))[1] == "sent once"
     assert server.count("/engine") == 1
+
+
+# -- OTEL_RECOVERY_ATTEMPT_TIMEOUT ---------------------------------------------------------
+
+
+async def test_an_attempt_cut_by_attempt_timeout_is_retried(server, tel, instrument):
+    instrument(attempt_timeout=0.2)
+    url = server.script("/slow", hf.stall(1.0), hf.ok("fine"))
+    response, body = await fetch("GET", url)
+    assert (response.status, body) == (200, "fine")
+    assert server.count("/slow") == 2
+    failed = hf.events(tel.recovery(), "otel_recovery.attempt.failed")
+    assert [e["error.type"] for e in failed] == [
+        "otel_recovery.instrumentors.aiohttp_client.AioHttpAttemptTimeoutError"
+    ]
+
+
+async def test_attempts_all_cut_by_attempt_timeout_raise_aiohttps_timeout_error(
+    server, tel, instrument, caplog
+):
+    """Until now the app got a bare ``CancelledError`` here (the cancelled attempt's), and
+    an internal error was logged: a cancellation the task never asked for."""
+    instrument(attempt_timeout=0.2)
+    url = server.script("/stuck", *[hf.stall(1.0)] * 3)
+    with (
+        caplog.at_level(logging.ERROR, logger="otel_recovery"),
+        pytest.raises(aiohttp.ClientError) as raised,
+    ):
+        await fetch("GET", url)
+    assert isinstance(raised.value, AioHttpAttemptTimeoutError)
+    assert isinstance(raised.value, asyncio.TimeoutError)  # aiohttp's documented idiom
+    assert server.count("/stuck") == 3
+    assert "internal error" not in caplog.text
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "attempts_exhausted"
+    assert recovery.attributes["error.type"] == (
+        "otel_recovery.instrumentors.aiohttp_client.AioHttpAttemptTimeoutError"
+    )

@@ -23,7 +23,11 @@ from ours import marked_by_us
 
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors._settings import SettingsError
-from otel_recovery.instrumentors.httpx import HTTPXCircuitOpenError, HTTPXRecoveryInstrumentor
+from otel_recovery.instrumentors.httpx import (
+    HTTPXAttemptTimeoutError,
+    HTTPXCircuitOpenError,
+    HTTPXRecoveryInstrumentor,
+)
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.testing import FakeClock
 
@@ -405,3 +409,40 @@ async def test_connections_httpcore_already_retried_are_not_retried_again(
         await _send_through(mode, url, retries=0)  # httpx's default: we retry
     assert hangup.connections == 3
     assert "otel_recovery.retry.disallowed" not in tel.recovery().attributes
+
+
+# -- OTEL_RECOVERY_ATTEMPT_TIMEOUT (awaited requests) --------------------------------------
+
+
+async def test_an_attempt_cut_by_attempt_timeout_is_retried(server, tel, instrument):
+    instrument(attempt_timeout=0.2)
+    url = server.script("/slow", hf.stall(1.0), hf.ok("fine"))
+    response = await send("async", "GET", url)
+    assert (response.status_code, response.text) == (200, "fine")
+    assert server.count("/slow") == 2
+    failed = hf.events(tel.recovery(), "otel_recovery.attempt.failed")
+    assert [e["error.type"] for e in failed] == [
+        "otel_recovery.instrumentors.httpx.HTTPXAttemptTimeoutError"
+    ]
+
+
+async def test_attempts_all_cut_by_attempt_timeout_raise_httpxs_timeout_error(
+    server, tel, instrument, caplog
+):
+    """Until now the app got a bare ``CancelledError`` here (the cancelled attempt's), and
+    an internal error was logged: a cancellation the task never asked for."""
+    instrument(attempt_timeout=0.2)
+    url = server.script("/stuck", *[hf.stall(1.0)] * 3)
+    with (
+        caplog.at_level(logging.ERROR, logger="otel_recovery"),
+        pytest.raises(httpx.TimeoutException) as raised,
+    ):
+        await send("async", "GET", url)
+    assert isinstance(raised.value, HTTPXAttemptTimeoutError)
+    assert isinstance(raised.value, TimeoutError)
+    assert str(raised.value.request.url) == url  # what httpx's own errors carry
+    assert server.count("/stuck") == 3
+    assert "internal error" not in caplog.text
+    assert tel.recovery().attributes["error.type"] == (
+        "otel_recovery.instrumentors.httpx.HTTPXAttemptTimeoutError"
+    )
