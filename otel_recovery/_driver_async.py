@@ -252,6 +252,12 @@ class AsyncDriver(PolicyCore):
         except BaseException as escaped:
             self._abandon(settled, trace, attempt, info, escaped)
             raise
+        finally:
+            # The error leaving here carries a traceback through this frame: holding it in
+            # a local too would make a reference cycle (error -> traceback -> frame ->
+            # error) that only the garbage collector frees, keeping every frame of the
+            # failed call, and what their locals hold, alive until it runs.
+            del error
 
     async def _areject(
         self,
@@ -264,7 +270,10 @@ class AsyncDriver(PolicyCore):
     ) -> Any:
         decision = self._rejected(error, started, release=release)
         info, trace = self._open_rejection_trace(error, started)
-        return await self._agive_up(decision, error, info, 0, trace, args, kwargs)
+        try:
+            return await self._agive_up(decision, error, info, 0, trace, args, kwargs)
+        finally:
+            del error  # see _recover
 
     async def _agive_up(
         self,
@@ -290,4 +299,7 @@ class AsyncDriver(PolicyCore):
             if kind != "none":
                 return self._fallback_done(trace, kind, error, info, attempts, plan)
         self._failed(trace, attempts, info, error)
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # see _recover: no frame -> error -> traceback -> frame cycle

@@ -230,6 +230,12 @@ class SyncDriver(PolicyCore):
         except BaseException as escaped:
             self._abandon(settled, trace, attempt, info, escaped)
             raise
+        finally:
+            # The error leaving here carries a traceback through this frame: holding it in
+            # a local too would make a reference cycle (error -> traceback -> frame ->
+            # error) that only the garbage collector frees, keeping every frame of the
+            # failed call, and what their locals hold, alive until it runs.
+            del error
 
     def _reject(
         self,
@@ -242,7 +248,10 @@ class SyncDriver(PolicyCore):
     ) -> Any:
         decision = self._rejected(error, started, release=release)
         info, trace = self._open_rejection_trace(error, started)
-        return self._give_up(decision, error, info, 0, trace, args, kwargs)
+        try:
+            return self._give_up(decision, error, info, 0, trace, args, kwargs)
+        finally:
+            del error  # see _recover
 
     def _give_up(
         self,
@@ -277,4 +286,7 @@ class SyncDriver(PolicyCore):
             if kind != "none":
                 return self._fallback_done(trace, kind, error, info, attempts, plan)
         self._failed(trace, attempts, info, error)
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # see _recover: no frame -> error -> traceback -> frame cycle

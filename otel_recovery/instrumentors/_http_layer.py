@@ -182,12 +182,17 @@ _NO_KWARGS: dict[str, Any] = {}
 """The runner's keyword arguments for an attempt (it has none); never mutated."""
 
 Outcomes = list[Any]
-"""What each attempt of one request ended with, in order: the response it got, or the
-exception the original raised. The whole per-request state: a list costs a request far less
-than an object with an ``__init__`` (about 300 instructions against 2,000), and every other
-fact follows from it. Attempts were made if it is not empty; a response in it other than
-the last was failed and closed by the next attempt; the last one is what the app gets if
-the engine gives up on it."""
+"""What the latest attempt of one request ended with: the response it got, or the exception
+the original raised. The whole per-request state: a list costs a request far less than an
+object with an ``__init__`` (about 300 instructions against 2,000), and every other fact
+follows from it. Attempts were made if it is not empty; the outcome in it is what the app
+gets if the engine gives up on it.
+
+The list is in every attempt's frame, and an exception's traceback holds the frames it
+passed through, so an exception kept in the list makes a reference cycle that only the
+garbage collector frees (with every frame of the request and what their locals hold). So a
+resend drops the earlier outcome (its response closed), delivering empties the list, and no
+frame keeps the exception it raises in a local."""
 
 
 class HttpSite(Generic[R]):
@@ -260,6 +265,7 @@ class HttpSite(Generic[R]):
         """Send once; return a good response, raise the signal for a retryable one."""
         if outcomes:
             self._close(self._held(outcomes))
+            outcomes.clear()  # see Outcomes: only the latest attempt's is kept
             before_resend()
         try:
             response: R = self.original(*args, **kwargs)
@@ -273,7 +279,10 @@ class HttpSite(Generic[R]):
         except Exception as error:  # an unhashable status: the app's to judge
             failed = self._unreadable(error)
         if failed and (signal := self._signal(response)) is not None:
-            raise signal
+            try:
+                raise signal
+            finally:
+                del signal  # see Outcomes: no frame -> signal -> traceback -> frame cycle
         return response
 
     async def aattempt(
@@ -286,6 +295,7 @@ class HttpSite(Generic[R]):
         """The asyncio twin of :meth:`attempt`."""
         if outcomes:
             await self._aclose(self._held(outcomes))
+            outcomes.clear()  # see Outcomes: only the latest attempt's is kept
             before_resend()
         try:
             response: R = await self.original(*args, **kwargs)
@@ -299,7 +309,10 @@ class HttpSite(Generic[R]):
         except Exception as error:
             failed = self._unreadable(error)
         if failed and (signal := self._signal(response)) is not None:
-            raise signal
+            try:
+                raise signal
+            finally:
+                del signal  # see Outcomes: no frame -> signal -> traceback -> frame cycle
         return response
 
     def _signal(self, response: R) -> RetryableStatusError | None:
@@ -402,8 +415,12 @@ class HttpSite(Generic[R]):
         if outcome is None:
             result: R = self.original(*args, **kwargs)  # failed before sending
             return result
+        outcomes.clear()  # see Outcomes
         if isinstance(outcome, BaseException):
-            raise outcome
+            try:
+                raise outcome
+            finally:
+                del outcome
         return outcome
 
     async def adeliver(
@@ -418,8 +435,12 @@ class HttpSite(Generic[R]):
         if outcome is None:
             result: R = await self.original(*args, **kwargs)
             return result
+        outcomes.clear()  # see Outcomes
         if isinstance(outcome, BaseException):
-            raise outcome
+            try:
+                raise outcome
+            finally:
+                del outcome
         return outcome
 
     def _close(self, response: R | None, keep: object = None) -> None:
@@ -506,7 +527,10 @@ def sync_layer(
                 if outcomes and outcomes[-1] is result:
                     return result
                 outcome = after_result(outcomes, result, args, kwargs)
-            return deliver(outcomes, outcome, args, kwargs)
+            try:
+                return deliver(outcomes, outcome, args, kwargs)
+            finally:
+                del outcome  # see Outcomes
 
         if compiled is None or not compiles():
             return layer
@@ -525,9 +549,17 @@ def sync_layer(
             original's exception, or the signal for a response to retry on); the compiled
             layer calls it with ``error`` being handled, as the runner's ``except`` does."""
             note_retried(error, args, kwargs)
-            return plan.recover(
-                attempt, (outcomes, plan.statuses, args, kwargs), _NO_KWARGS, error, started, took
-            )
+            try:
+                return plan.recover(
+                    attempt,
+                    (outcomes, plan.statuses, args, kwargs),
+                    _NO_KWARGS,
+                    error,
+                    started,
+                    took,
+                )
+            finally:
+                del error  # see Outcomes
 
         def settle(
             outcomes: Outcomes,
@@ -544,7 +576,10 @@ def sync_layer(
                 if outcomes and outcomes[-1] is value:
                     return value
                 outcome = after_result(outcomes, value, args, kwargs)
-            return deliver(outcomes, outcome, args, kwargs)
+            try:
+                return deliver(outcomes, outcome, args, kwargs)
+            finally:
+                del outcome, value  # see Outcomes
 
         fast: Callable[..., Any] = SPEEDUPS.HttpLayer(  # type: ignore[union-attr]
             slow=layer,
@@ -606,7 +641,10 @@ def async_layer(patches: PatchSet, library: type[HttpSite[Any]], plan_of: PlanOf
                 if outcomes and outcomes[-1] is result:
                     return result
                 outcome = after_result(outcomes, result, args, kwargs)
-            return await deliver(outcomes, outcome, args, kwargs)
+            try:
+                return await deliver(outcomes, outcome, args, kwargs)
+            finally:
+                del outcome  # see Outcomes
 
         return layer
 

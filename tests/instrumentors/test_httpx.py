@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from cycles import collected, ours
 from opentelemetry import trace
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -446,3 +447,25 @@ async def test_attempts_all_cut_by_attempt_timeout_raise_httpxs_timeout_error(
     assert tel.recovery().attributes["error.type"] == (
         "otel_recovery.instrumentors.httpx.HTTPXAttemptTimeoutError"
     )
+
+
+# -- no reference cycles (see tests/test_reference_cycles.py) -----------------------------
+
+
+@MODES
+@pytest.mark.parametrize("ending", ["recovered", "gave_up"])
+async def test_a_retried_request_leaves_no_reference_cycle_of_ours(
+    server, tel, instrument, mode, ending
+):
+    """The signals our layer raised for failed responses, and our frames, are freed as soon
+    as the request is over, without the garbage collector (httpx leaves each response in a
+    cycle of its own, so this asks what the cycles hold rather than whether any exist)."""
+    instrument()
+    actions = [hf.status(503)] * 2 + ([hf.ok()] if ending == "recovered" else [hf.status(503)])
+    url = server.script("/cyc", *actions)
+    with collected() as garbage:
+        final = await send(mode, "GET", url)
+        assert final.status_code == (200 if ending == "recovered" else 503)
+        del final
+    assert server.count("/cyc") == 3
+    assert ours(garbage) == []

@@ -7,11 +7,13 @@ measure of "retried exactly N times" and "POST never sent twice".
 from __future__ import annotations
 
 import contextlib
+import gc
 import http
 import io
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -991,3 +993,37 @@ def test_a_bug_reading_the_client_retry_leaves_the_decision_to_ours(
         response = session.get(url, timeout=2)
     assert response.status_code == 200 and server.count("/broken") == 3
     assert "reading the client's own retry" in caplog.text
+
+
+# -- no reference cycles (see tests/test_reference_cycles.py) -----------------------------
+
+
+@pytest.mark.parametrize("remembered", [False, pytest.param(True, marks=compiled_only)])
+@pytest.mark.parametrize("ending", ["recovered", "gave_up"])
+def test_a_retried_request_leaves_no_reference_cycle(server, tel, instrument, remembered, ending):
+    """Each failed attempt's response, and the signal our layer raised for it, are freed as
+    soon as the request is over, without the garbage collector: kept in a cycle, they would
+    hold every frame of the request (and each response's connection buffers) until it
+    runs."""
+    instrument()
+    actions = [hf.status(503)] * 2 + ([hf.ok()] if ending == "recovered" else [hf.status(503)])
+    url = (
+        _remembered(server, tel, "/cyc", *actions)
+        if remembered
+        else server.script("/cyc", *actions)
+    )
+    responses: list[weakref.ref[requests.Response]] = []
+
+    def keep(response: requests.Response, **_: Any) -> None:
+        responses.append(weakref.ref(response))
+
+    gc.collect()
+    gc.disable()
+    try:
+        final = requests.get(url, timeout=2, hooks={"response": keep})
+        assert final.status_code == (200 if ending == "recovered" else 503)
+        assert len(responses) == 3
+        del final
+        assert [ref() for ref in responses] == [None, None, None]
+    finally:
+        gc.enable()
