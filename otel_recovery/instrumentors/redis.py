@@ -41,6 +41,7 @@ import redis.asyncio.client
 import redis.asyncio.cluster
 import redis.client
 import redis.cluster
+from redis.crc import key_slot
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
@@ -175,8 +176,13 @@ class Target:
         self.current: dict[Any, Plan] = {}  # the same, under contrib's span
 
 
-def _standalone_target(instance: Any) -> Target:
-    """Target of a ``Redis``/``Pipeline``, cached on its pool (until its ``retry`` changes)."""
+Resolve = Callable[[Any, tuple[Any, ...]], Target]
+"""``resolve(instance, command)``: the target a client's (or pipeline's) call goes to."""
+
+
+def _standalone_target(instance: Any, command: tuple[Any, ...] = ()) -> Target:
+    """Target of a ``Redis``/``Pipeline``, cached on its pool (until its ``retry`` changes);
+    one server whatever the ``command``."""
     pool = instance.connection_pool
     kwargs = pool.connection_kwargs
     retry = kwargs.get("retry")
@@ -202,11 +208,18 @@ def _standalone_target(instance: Any) -> Target:
     return target
 
 
-def _cluster_target(instance: Any) -> Target:
-    """A cluster client routes inside the call, so its breaker is named after its default
-    node; the cluster's own retry repeats ``ERRORS_ALLOW_RETRY``."""
+def _cluster_target(instance: Any, command: tuple[Any, ...] = ()) -> Target:
+    """The shard a cluster client's command (``command``; a pipeline's first queued one)
+    goes to, named after the shard's primary, so a dead shard opens its own circuit and
+    spends its own budget, never its neighbours' (resilience4j's one breaker per backend).
+    A command redis-py does not route by its first key (keyless, by a flag, to chosen
+    nodes, movable keys) counts on the client's default node. The cluster's own retry
+    repeats ``ERRORS_ALLOW_RETRY``."""
     client = getattr(instance, "cluster_client", None) or instance
-    node = client.get_default_node()
+    if _is_cluster_pipeline(instance):
+        queued = _queued(instance)
+        command = queued[0][0] if queued else ()
+    node = _shard_primary(client, command) or client.get_default_node()
     host = str(getattr(node, "host", None) or "redis-cluster")
     port = getattr(node, "port", None)
     retry = getattr(instance, "retry", None) or getattr(client, "retry", None)
@@ -216,6 +229,29 @@ def _cluster_target(instance: Any) -> Target:
     errors: Any = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
     errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
     return Target(host, port, tuple(errors), retries)
+
+
+_CLUSTER_PIPELINES = (redis.cluster.ClusterPipeline, redis.asyncio.cluster.ClusterPipeline)
+
+
+def _is_cluster_pipeline(instance: Any) -> bool:
+    return isinstance(instance, _CLUSTER_PIPELINES)
+
+
+def _shard_primary(client: Any, command: tuple[Any, ...]) -> Any:
+    """The primary of the slot that redis-py routes ``command`` to by its first key, read
+    from redis-py's own command table and slot map (no round trip, no side effect: the
+    replica load balancer is not asked); None when the command is not routed so."""
+    if len(command) < 2 or not isinstance(command[0], (str, bytes)):
+        return None
+    name = command[0].decode() if isinstance(command[0], bytes) else command[0]
+    if " " in name or client.command_flags.get(name.upper()) is not None:
+        return None  # a subcommand or a keyless command: redis-py picks its nodes by flag
+    spec = client.commands_parser.commands.get(name.lower())
+    if spec is None or spec.get("first_key_pos") != 1 or "movablekeys" in spec.get("flags", ()):
+        return None
+    nodes = client.nodes_manager.slots_cache.get(key_slot(client.encoder.encode(command[1])))
+    return nodes[0] if nodes else None
 
 
 def _transactional(pipe: Any) -> bool:
@@ -383,7 +419,7 @@ class _SiteLayers:
         planner: _Planner,
         kind: Kind,
         site: Site,
-        resolve: Callable[[Any], Target],
+        resolve: Resolve,
         patches: PatchSet,
         where: str,
     ) -> None:
@@ -394,7 +430,7 @@ class _SiteLayers:
         """The plan for a call (``args[0]`` is the client or pipeline) and, for a retried
         pipeline, what wraps ``execute`` to refill it."""
         planner, instance = self.planner, args[0]
-        target = self.resolve(instance)
+        target = self.resolve(instance, args[1:])
         mode = self.site.span_mode()
         if self.kind == "pipeline":
             plan, saved = planner.pipeline(mode, target, instance)
@@ -419,7 +455,7 @@ class _SiteLayers:
                 seen = site.refresh()
             target = getattr(args[0].connection_pool, _TARGET, None)
             if target is None or target.kwargs.get("retry") is not target.retry:
-                target = resolve(args[0])
+                target = resolve(args[0], ())
             plan = None
             if target.owner is planner:
                 plans = target.current if seen[1] == "current" else target.own
@@ -455,7 +491,7 @@ class _SiteLayers:
                         seen = site.refresh()
                     target = getattr(args[0].connection_pool, _TARGET, None)
                     if target is None or target.kwargs.get("retry") is not target.retry:
-                        target = resolve(args[0])
+                        target = resolve(args[0], ())
                     plan = None
                     if target.owner is planner:
                         plans = target.current if seen[1] == "current" else target.own
@@ -529,7 +565,7 @@ class _SiteLayers:
         )
 
 
-_SITES: tuple[tuple[Any, str, Kind, Callable[[Any], Target], bool], ...] = (
+_SITES: tuple[tuple[Any, str, Kind, Resolve, bool], ...] = (
     (redis.client.Redis, "execute_command", "command", _standalone_target, False),
     (redis.client.Pipeline, "execute", "pipeline", _standalone_target, False),
     (redis.client.Pipeline, "immediate_execute_command", "immediate", _standalone_target, False),
