@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from collections.abc import Awaitable, Callable
 from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar
@@ -193,11 +194,25 @@ class AsyncDriver(PolicyCore):
         limit = max(0.0, end - self.clock.now())
         token = set_deadline(end)
         try:
-            return await asyncio.wait_for(resolve(fn(*args, **kwargs)), limit)
-        except asyncio.TimeoutError as timed_out:
-            if timed_out.args:  # the callee's own timeout, not ours
-                raise
-            raise self._attempt_timed_out(limit) from timed_out
+            if sys.version_info >= (3, 11):
+                # A timeout scope in this task: it knows whether it fired (a client's own
+                # timeout inside, aiohttp's ClientTimeout say, is not ours), and unlike
+                # wait_for it needs no second task, whose exception cycle would keep the
+                # failed attempt's frames alive until the garbage collector runs.
+                scope = asyncio.timeout(limit)
+                try:
+                    async with scope:
+                        return await resolve(fn(*args, **kwargs))
+                except TimeoutError as timed_out:
+                    if not scope.expired():
+                        raise
+                    raise self._attempt_timed_out(limit) from timed_out
+            try:
+                return await asyncio.wait_for(resolve(fn(*args, **kwargs)), limit)
+            except asyncio.TimeoutError as timed_out:
+                if timed_out.args:  # the callee's own timeout (an empty one looks like ours)
+                    raise
+                raise self._attempt_timed_out(limit) from timed_out
         finally:
             reset_deadline(token)
 

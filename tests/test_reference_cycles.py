@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import weakref
 from collections.abc import Iterator
 
 import pytest
+from cycles import collected, ours
 
 from otel_recovery.policies import CircuitBreaker, Fallback, Retry
 from otel_recovery.recover import RecoveryPolicy, recover
@@ -111,3 +113,28 @@ def test_an_awaited_call_that_gives_up_frees_every_attempts_exception() -> None:
 
     asyncio.run(main())
     assert len(failing.raised) == 3 and failing.alive() == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10's wait_for keeps a cycle of its own")
+@pytest.mark.parametrize("ending", ["failed", "cut"])
+def test_attempts_under_attempt_timeout_leave_no_cycle_of_ours(ending: str) -> None:
+    """An attempt limit runs each attempt in a timeout scope; ``asyncio.wait_for``'s task
+    kept each failed attempt's exception in a cycle. Real time, briefly: a cut attempt
+    waits 20 ms."""
+    failing = Failing()
+
+    @recover(_policy(retry=Retry(3, attempt_timeout=0.02)))
+    async def call() -> str:
+        if ending == "cut":
+            await asyncio.sleep(10)
+        return failing()
+
+    async def main() -> None:
+        with pytest.raises((TimeoutError, Outage)):
+            await call()
+
+    gc.enable()  # collected() switches it off itself, and keeps what only it could free
+    with collected() as garbage:
+        asyncio.run(main())
+    assert ours(garbage) == []
+    assert failing.alive() == []

@@ -20,8 +20,10 @@ where they are missing, nothing is marked and our retry decides as before.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
+import httpcore
 import httpx
 
 from otel_recovery._clock import Clock
@@ -142,6 +144,8 @@ class _Site(HttpSite[httpx.Response]):
         # connection that failed (refused, unreachable, timed out) N times, nothing else.
         if not isinstance(error, _CONNECTION_FAILURES) or isinstance(error, CircuitOpenError):
             return 0
+        if not _TLS_REPEATED and not _failed_connecting(error):
+            return 0
         request = _request_of(args, kwargs)
         transport_for_url = getattr(args[0], "_transport_for_url", None) if args else None
         if transport_for_url is None or not isinstance(request, httpx.Request):
@@ -153,6 +157,24 @@ class _Site(HttpSite[httpx.Response]):
 
 _CONNECTION_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
 """What httpcore's connection retries repeat."""
+
+_TLS_REPEATED = tuple(int(part) for part in httpcore.__version__.split(".")[:2]) >= (0, 17)
+"""httpcore 0.17 moved the TLS handshake inside its retry loop; before, only the TCP connect
+was repeated, and a failed handshake (also a ``ConnectError``) was tried once."""
+
+
+def _failed_connecting(error: BaseException) -> bool:
+    """Whether ``error`` came from the TCP connect itself (an ``OSError`` other than a TLS
+    error or a timeout, somewhere in its cause chain): what httpcore before 0.17 repeats.
+    Unsure is no: leaving a failure unmarked costs sends, marking it wrongly a retry."""
+    link: BaseException | None = error
+    for _ in range(8):
+        link = link.__cause__ or link.__context__ if link is not None else None
+        if link is None or isinstance(link, (ssl.SSLError, TimeoutError)):
+            return False
+        if isinstance(link, OSError):
+            return True
+    return False
 
 
 class _AsyncSite(_Site):

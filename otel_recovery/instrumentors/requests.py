@@ -107,7 +107,7 @@ class _Site(HttpSite[requests.Response]):
         request = response.request
         if retry is None or request is None or request.method is None:
             return 0
-        retry_after = "Retry-After" in response.headers
+        retry_after = bool(response.headers.get("Retry-After"))  # as urllib3 reads it
         if not retry.is_retry(request.method, response.status_code, retry_after):
             return 0
         return _repeats(retry, request.method, request.url, response=response.raw)
@@ -127,7 +127,10 @@ class _Site(HttpSite[requests.Response]):
             return 0
         reason = exhausted.reason
         if isinstance(reason, ResponseError):  # statuses (``raise_on_status``): a RetryError
-            return _repeats(retry, request.method, request.url)
+            answered = _Answered.of(reason)
+            if answered is None:
+                return 0
+            return _repeats(retry, request.method, request.url, response=answered)
         return _repeats(retry, request.method, request.url, error=reason)
 
     def rejected(
@@ -215,6 +218,27 @@ def _urllib3_retry(adapter: object) -> Retry | None:
     adapter of another kind."""
     retry = getattr(adapter, "max_retries", None)
     return retry if isinstance(retry, Retry) else None
+
+
+class _Answered:
+    """What ``Retry.increment`` reads of a response (its status, no redirect), rebuilt from
+    the ``ResponseError`` urllib3 raised once the status had been repeated enough
+    ("too many 503 error responses"): a ``RetryError`` keeps no response."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    @classmethod
+    def of(cls, reason: ResponseError) -> _Answered | None:
+        words = str(reason).split()
+        if len(words) > 2 and words[:2] == ["too", "many"] and words[2].isdigit():
+            return cls(int(words[2]))
+        return None
+
+    def get_redirect_location(self) -> bool:
+        return False
 
 
 _MOST_REPEATS = 100

@@ -913,20 +913,30 @@ def test_retry_after_answers_urllib3_repeated_are_not_repeated_again(server, tel
         tel.exporter.clear()
         url = server.script("/plain", hf.status(503), hf.ok())
         assert session.get(url, timeout=2).status_code == 200
-    assert server.count("/plain") == 2
+        assert server.count("/plain") == 2
+        # an empty Retry-After is no Retry-After to urllib3 (it reads the header's truth)
+        url = server.script("/empty", hf.status(503, {"Retry-After": ""}), hf.ok())
+        assert session.get(url, timeout=2).status_code == 200
+    assert server.count("/empty") == 2
 
 
-def test_a_retry_error_from_urllib3_reaches_the_app_unchanged(server, tel, instrument):
+@pytest.mark.parametrize(
+    ("limits", "repeats"),
+    [({"total": 2}, 2), ({"total": None, "status": 2}, 2), ({"total": 3, "status": 1}, 1)],
+)
+def test_a_retry_error_from_urllib3_reaches_the_app_unchanged(
+    server, tel, instrument, limits, repeats
+):
     instrument()
     url = server.script("/exhausted", *[hf.status(503)] * 9)
     with (
-        _session(total=2, status_forcelist=[503]) as session,
+        _session(status_forcelist=[503], **limits) as session,
         pytest.raises(requests.exceptions.RetryError) as raised,
     ):
         session.get(url, timeout=2)
     assert type(raised.value) is requests.exceptions.RetryError
-    assert server.count("/exhausted") == 3
-    _client_retried(tel.recovery(), 2)
+    assert server.count("/exhausted") == repeats + 1
+    _client_retried(tel.recovery(), repeats)
 
 
 @pytest.mark.parametrize("remembered", [False, pytest.param(True, marks=compiled_only)])
@@ -982,6 +992,7 @@ def test_a_bug_reading_the_client_retry_leaves_the_decision_to_ours(
 ):
     """A bug of ours while reading urllib3's ``Retry`` must not break the request: it is
     reported and our retry decides as if urllib3 repeated nothing."""
+    monkeypatch.setattr(_wrapping, "_reported", set())  # reported once per process
     instrument()
 
     def broken(adapter: object) -> None:
