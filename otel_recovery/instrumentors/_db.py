@@ -211,6 +211,7 @@ class PlanCache:
                 retry_allowed=disallowed is None,
                 span=span,
                 not_retried=client_retried if disallowed is None else (),
+                repeats=client_retries if disallowed is None else 0,
                 disallowed=disallowed,
                 timed=timed,
             )

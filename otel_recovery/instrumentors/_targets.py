@@ -30,7 +30,11 @@ from otel_recovery.policies import (
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.telemetry import CallTrace, Telemetry
-from otel_recovery.telemetry.attributes import HTTP_CLIENT_RETRIES, RETRY_DISALLOWED
+from otel_recovery.telemetry.attributes import (
+    HTTP_CLIENT_RETRIES,
+    REDIS_CLIENT_RETRIES,
+    RETRY_DISALLOWED,
+)
 
 __all__ = ["FallbackOn", "TargetPolicies"]
 
@@ -43,10 +47,12 @@ transaction's own ROLLBACK), the function that sends it ungated; None for every 
 
 
 class _LayeredRetry(Retry):
-    """A retry that leaves alone the failures a lower layer has already retried."""
+    """A retry that leaves alone the failures a lower layer has already retried (the
+    lower layer repeats them ``repeats`` times: redis-py's connection ``Retry``)."""
 
-    __slots__ = ("not_retried",)
+    __slots__ = ("not_retried", "repeats")
     not_retried: tuple[type[BaseException], ...]
+    repeats: int
 
     def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
         if isinstance(error, self.not_retried):
@@ -113,11 +119,21 @@ class _TargetPolicy(RecoveryPolicy):
         trace: CallTrace | None,
     ) -> None:
         super()._stopped(decision, error, info, attempts, started, trace)
-        retries = client_retries(error)
-        if retries and trace is not None:
+        if trace is None:
+            return
+        retries, attribute = client_retries(error), HTTP_CLIENT_RETRIES
+        retry = self.retry
+        if (  # on our own span; under contrib's, the DB layer says it (explain_no_retry)
+            not retries
+            and self._own_span
+            and isinstance(retry, _LayeredRetry)
+            and isinstance(error, retry.not_retried)
+        ):
+            retries, attribute = retry.repeats, REDIS_CLIENT_RETRIES
+        if retries:
             try:
                 trace.span.set_attribute(RETRY_DISALLOWED, "client_retried")
-                trace.span.set_attribute(HTTP_CLIENT_RETRIES, retries)
+                trace.span.set_attribute(attribute, retries)
             except Exception:  # telemetry must never replace the caller's error
                 return
 
@@ -268,24 +284,36 @@ class TargetPolicies:
         not_retried: tuple[type[BaseException], ...] = (),
         disallowed: str | None = None,
         timed: bool = True,
+        repeats: int = 0,
     ) -> RecoveryPolicy:
         """The policy for one call to ``host:port``.
 
         ``span`` overrides the span mode for this call (a DB instrumentor annotates contrib's
         span when contrib is above it, and opens its own span when it is not).
         ``not_retried`` lists failures a lower layer already retried (redis-py's connection
-        ``Retry``): repeating them here would multiply attempts, so they are only recorded.
+        ``Retry``, ``repeats`` times): repeating them here would multiply attempts, so they
+        are only recorded.
         ``disallowed`` is why a call that may not be retried is not: a failure's trace says so.
         ``timed=False`` leaves out ``attempt_timeout`` (a call that waits on purpose, such as
         Redis's ``BLPOP``: the limit would cut the wait it asked for).
         """
         op_key = self._operation_key(host, port, operation)
-        fast_key = (host, port, op_key, retry_allowed, span, not_retried, disallowed, timed)
+        fast_key = (
+            host,
+            port,
+            op_key,
+            retry_allowed,
+            span,
+            not_retried,
+            disallowed,
+            timed,
+            repeats,
+        )
         resolved = self._resolved.get(fast_key)
         if resolved is not None and resolved.breaker is self.known_breaker(host, port):
             return resolved
         policy = self._build(
-            host, port, op_key, retry_allowed, span, not_retried, disallowed, timed
+            host, port, op_key, retry_allowed, span, not_retried, disallowed, timed, repeats
         )
         if len(self._resolved) >= 4 * self._max:
             self._resolved.clear()
@@ -316,12 +344,13 @@ class TargetPolicies:
         not_retried: tuple[type[BaseException], ...],
         disallowed: str | None,
         timed: bool,
+        repeats: int,
     ) -> RecoveryPolicy:
         target = self._target(host, port)
         s = self.settings.for_target(host, port, operation)
         specific = operation if s != self.settings.for_target(host, port, None) else None
         mode = span or self._span
-        key = (specific, retry_allowed, mode, not_retried, disallowed, timed)
+        key = (specific, retry_allowed, mode, not_retried, disallowed, timed, repeats)
         policy = target.policies.get(key)
         if policy is not None:
             return policy
@@ -342,7 +371,7 @@ class TargetPolicies:
             ),
         )
         if isinstance(retry, _LayeredRetry):
-            retry.not_retried = not_retried
+            retry.not_retried, retry.repeats = not_retried, repeats
         policy = _TargetPolicy(
             self._rejection,
             disallowed,

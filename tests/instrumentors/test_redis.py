@@ -507,8 +507,10 @@ def test_a_kill_is_retried_once_whoever_retries_by_redis_py_version(h: Harness) 
     assert h.attempts["execute_command"] == (1 if redis_py_repeats else 2)
 
 
-def test_a_failure_redis_py_already_retried_is_not_retried_again(h: Harness) -> None:
-    h.instrument(max_attempts=3)
+@pytest.mark.parametrize("order", ["contrib_first", "ours_only"])
+def test_a_failure_redis_py_already_retried_is_not_retried_again(h: Harness, order: str) -> None:
+    """Said on contrib's span, or on our own without contrib (where it was missing)."""
+    h.instrument(order, max_attempts=3)
     c = h.client(
         redis_py_retry=Retry(NoBackoff(), 1), retry_on_error=[redis.exceptions.TimeoutError]
     )

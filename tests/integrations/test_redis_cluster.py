@@ -167,6 +167,7 @@ def test_with_redis_pys_own_cluster_retry_a_failover_is_retried_once_by_redis_py
         attrs = span_of(stack, "GET")
         assert attrs["otel_recovery.retry.attempts"] == 1
         assert attrs["otel_recovery.retry.stop_reason"] == "not_retryable"
+        assert attrs.get("otel_recovery.retry.disallowed") == "client_retried", attrs
     cluster.promote(heir, dead)
     stack.reset_counts()
     assert c.get(K1) == b"v"
