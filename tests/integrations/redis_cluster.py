@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from servers import _redis_answers, free_port, unavailable
 
+from integrations.redis_queues import as_bytes, command_names
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
 REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:3] if part.isdigit())
@@ -52,20 +53,7 @@ TIMEOUT = 0.4
 """The clients' socket timeout: a SIGSTOPped primary makes a command fail after this long."""
 SETTLE = 20.0
 """Bound for the cluster to converge (start, failover, heal) on a loaded 2-core machine."""
-_COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n")
 _RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
-
-
-def _names(data: bytes) -> list[str]:
-    return [name.decode().upper() for name in _COMMAND.findall(data)]
-
-
-def _buffer(command: Any) -> bytes:
-    if isinstance(command, (bytes, bytearray, memoryview)):
-        return bytes(command)
-    if isinstance(command, str):
-        return command.encode()
-    return b"".join(bytes(part) for part in command)
 
 
 def _text(value: Any) -> str:
@@ -475,7 +463,7 @@ class ClusterStack(Harness):
         self.per_node.clear()
 
     def _count_buffer(self, port: int, command: Any) -> None:
-        for name in _names(_buffer(command)):
+        for name in command_names(as_bytes(command)):
             self.sent[name] += 1
             self.per_node[port, name] += 1
 

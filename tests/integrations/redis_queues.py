@@ -56,7 +56,8 @@ _COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n")
 Fault = Literal["kill", "stop", "pause"]
 
 
-def _names(data: bytes) -> list[str]:
+def command_names(data: bytes) -> list[str]:
+    """The names of the commands in ``data``, as redis-py writes them to the socket."""
     return [name.decode().upper() for name in _COMMAND.findall(data)]
 
 
@@ -80,7 +81,7 @@ class Trap:
         self._lock = threading.Lock()
 
     def check(self, data: bytes, sockname: tuple[str, int] | None, connection: Any) -> None:
-        if self.fired or self.command not in _names(data):
+        if self.fired or self.command not in command_names(data):
             return
         if self.skip:
             self.skip -= 1
@@ -157,7 +158,8 @@ def _until_stopped(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.001)
 
 
-def _buffer(command: Any) -> bytes:
+def as_bytes(command: Any) -> bytes:
+    """What redis-py's ``send_packed_command`` was given, as one buffer."""
     if isinstance(command, (bytes, bytearray, memoryview)):
         return bytes(command)
     if isinstance(command, str):
@@ -189,7 +191,7 @@ class Stack(Harness):
             trap.settle()
 
     def _spring(self, traps: list[Trap], data: bytes, sockname: Any, connection: Any) -> None:
-        for name in _names(data):
+        for name in command_names(data):
             self.sent[name] += 1
         for trap in traps:
             trap.check(data, sockname, connection)
@@ -209,7 +211,7 @@ class Stack(Harness):
                         await self.connect()
                     writer = getattr(self, "_writer", None)
                     name = writer.get_extra_info("sockname") if writer else None
-                    spring(traps, _buffer(command), name, self)
+                    spring(traps, as_bytes(command), name, self)
                     return await super().send_packed_command(command, check_health)
 
                 async def disconnect(self, *args: Any, **kwargs: Any) -> None:
@@ -225,7 +227,7 @@ class Stack(Harness):
                 if self._sock is None:
                     self.connect()
                 sock = self._sock
-                spring(traps, _buffer(command), sock.getsockname() if sock else None, self)
+                spring(traps, as_bytes(command), sock.getsockname() if sock else None, self)
                 return super().send_packed_command(command, check_health)
 
             def disconnect(self, *args: Any, **kwargs: Any) -> None:
