@@ -135,6 +135,32 @@ class PrivateRedis:
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
 
+    def crash(self) -> None:
+        """Kill the server (SIGKILL): every connection drops; until :meth:`start_again`,
+        connecting is refused."""
+        with contextlib.suppress(OSError):
+            self.resume()
+        self._process.kill()
+        self._process.wait()
+
+    def start_again(self, timeout: float = 10.0) -> None:
+        """Start a crashed server on the same port, as a supervisor would. Persistence is
+        off, so it comes back empty."""
+        self._process = subprocess.Popen(
+            self._process.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.pid = self._process.pid
+        deadline = time.monotonic() + timeout
+        while not _redis_answers("127.0.0.1", self.port, timeout=0.2):
+            assert self._process.poll() is None, f"redis-server did not restart on {self.port}"
+            assert time.monotonic() < deadline, f"redis-server did not answer on {self.port}"
+            time.sleep(0.02)
+
+    def restart(self) -> None:
+        """Kill and start again on the same port (:meth:`crash`, :meth:`start_again`)."""
+        self.crash()
+        self.start_again()
+
     def after(self, seconds: float, action: Callable[[], object]) -> None:
         timer = threading.Timer(seconds, action)
         timer.daemon = True

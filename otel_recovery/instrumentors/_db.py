@@ -198,10 +198,15 @@ class PlanCache:
         client_retried: tuple[type[BaseException], ...] = (),
         client_retries: int = 0,
         timed: bool = True,
+        rejection: type[CircuitOpenError] | None = None,
     ) -> Plan:
         """The plan for a call; ``disallowed`` (a reason) forbids retrying it, ``timed=False``
-        exempts it from the attempt time limit."""
-        key = (host, port, operation, span, disallowed, client_retried, client_retries, timed)
+        exempts it from the attempt time limit, ``rejection`` replaces the instrumentor's
+        error for an open circuit (see ``TargetPolicies.policy_for``)."""
+        key = (
+            host, port, operation, span, disallowed, client_retried, client_retries, timed,
+            rejection,
+        )  # fmt: skip
         plan = self._cache.get(key)
         if plan is None:
             policy = self.targets.policy_for(
@@ -214,6 +219,7 @@ class PlanCache:
                 repeats=client_retries if disallowed is None else 0,
                 disallowed=disallowed,
                 timed=timed,
+                rejection=rejection,
             )
             plan = Plan(
                 policy,

@@ -285,6 +285,7 @@ class TargetPolicies:
         disallowed: str | None = None,
         timed: bool = True,
         repeats: int = 0,
+        rejection: type[CircuitOpenError] | None = None,
     ) -> RecoveryPolicy:
         """The policy for one call to ``host:port``.
 
@@ -295,7 +296,9 @@ class TargetPolicies:
         are only recorded.
         ``disallowed`` is why a call that may not be retried is not: a failure's trace says so.
         ``timed=False`` leaves out ``attempt_timeout`` (a call that waits on purpose, such as
-        Redis's ``BLPOP``: the limit would cut the wait it asked for).
+        Redis's ``BLPOP``: the limit would cut the wait it asked for). ``rejection`` replaces
+        the instrumentor's error for an open circuit at sites where that one would do harm
+        (Redis Cluster: see ``RedisCircuitOpenError``).
         """
         op_key = self._operation_key(host, port, operation)
         fast_key = (
@@ -308,13 +311,15 @@ class TargetPolicies:
             disallowed,
             timed,
             repeats,
+            rejection,
         )
         resolved = self._resolved.get(fast_key)
         if resolved is not None and resolved.breaker is self.known_breaker(host, port):
             return resolved
         policy = self._build(
-            host, port, op_key, retry_allowed, span, not_retried, disallowed, timed, repeats
-        )
+            host, port, op_key, retry_allowed, span, not_retried, disallowed, timed, repeats,
+            rejection,
+        )  # fmt: skip
         if len(self._resolved) >= 4 * self._max:
             self._resolved.clear()
         self._resolved[fast_key] = policy
@@ -345,12 +350,13 @@ class TargetPolicies:
         disallowed: str | None,
         timed: bool,
         repeats: int,
+        rejection: type[CircuitOpenError] | None,
     ) -> RecoveryPolicy:
         target = self._target(host, port)
         s = self.settings.for_target(host, port, operation)
         specific = operation if s != self.settings.for_target(host, port, None) else None
         mode = span or self._span
-        key = (specific, retry_allowed, mode, not_retried, disallowed, timed, repeats)
+        key = (specific, retry_allowed, mode, not_retried, disallowed, timed, repeats, rejection)
         policy = target.policies.get(key)
         if policy is not None:
             return policy
@@ -373,7 +379,7 @@ class TargetPolicies:
         if isinstance(retry, _LayeredRetry):
             retry.not_retried, retry.repeats = not_retried, repeats
         policy = _TargetPolicy(
-            self._rejection,
+            rejection or self._rejection,
             disallowed,
             self._passes_refused,
             self._timeout,

@@ -74,10 +74,25 @@ from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
-__all__ = ["RedisRecoveryInstrumentor"]
+__all__ = ["RedisCircuitOpenError", "RedisRecoveryInstrumentor"]
 
 
 Queued = list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+class RedisCircuitOpenError(CircuitOpenError, RedisConnectionError):
+    """The server's circuit is open, so the command was not sent.
+
+    Also a ``redis.ConnectionError``, what redis-py raises when it cannot reach the server:
+    ``except redis.RedisError`` catches it, and so do the frameworks that recover from a lost
+    connection by reconnecting (kombu and Celery's worker, RQ's worker), which a plain
+    ``CircuitOpenError`` stopped for good. Redis Cluster clients keep the plain
+    ``CircuitOpenError``: redis-py's cluster pipeline resends its whole stack, non-idempotent
+    commands included, on a ``ConnectionError`` raised inside it, and its resend of a MOVED
+    command runs through our ``RedisCluster.execute_command`` layer, so a half-open or newly
+    opened circuit would have INCRs applied up to ten times.
+    """
+
 
 _TARGET = "_otel_recovery_target"
 """Where a connection pool keeps its :class:`Target`."""
@@ -149,6 +164,7 @@ class Target:
         "owner",
         "pipeline_retried",
         "port",
+        "rejection",
         "retried",
         "retries",
         "retry",
@@ -163,8 +179,10 @@ class Target:
         retry: Any = None,
         kwargs: dict[str, Any] | None = None,
         pipeline_retried: tuple[type[BaseException], ...] | None = None,
+        rejection: type[CircuitOpenError] | None = None,
     ) -> None:
         self.host, self.port, self.retried, self.retries = host, port, retried, retries
+        self.rejection = rejection  # None: the instrumentor's (RedisCircuitOpenError)
         # what a pipeline's execute() repeats, where it differs (_pipeline_coverage)
         self.pipeline_retried = retried if pipeline_retried is None else pipeline_retried
         self.retry = retry  # the redis-py Retry these facts were read from...
@@ -225,10 +243,10 @@ def _cluster_target(instance: Any, command: tuple[Any, ...] = ()) -> Target:
     retry = getattr(instance, "retry", None) or getattr(client, "retry", None)
     retries = _retry_count(retry) if retry is not None else 0
     if retries == 0:
-        return Target(host, port, (), 0)
+        return Target(host, port, (), 0, rejection=CircuitOpenError)
     errors: Any = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
     errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
-    return Target(host, port, tuple(errors), retries)
+    return Target(host, port, tuple(errors), retries, rejection=CircuitOpenError)
 
 
 _CLUSTER_PIPELINES = (redis.cluster.ClusterPipeline, redis.asyncio.cluster.ClusterPipeline)
@@ -374,10 +392,14 @@ class _Planner:
         timed = name not in BLOCKING
         if rules.allows(name, args):
             plan = self.plans.plan(
-                host, port, name, mode, None, target.retried, target.retries, timed
-            )
+                host, port, name, mode, None, target.retried, target.retries, timed,
+                target.rejection,
+            )  # fmt: skip
         else:
-            plan = self.plans.plan(host, port, name, mode, "non_idempotent_command", timed=timed)
+            plan = self.plans.plan(
+                host, port, name, mode, "non_idempotent_command", timed=timed,
+                rejection=target.rejection,
+            )  # fmt: skip
         if rules.depends_on_arguments(args, name) or len(plans) >= 512:
             return plan
         plans[args[0]] = plan
@@ -386,13 +408,19 @@ class _Planner:
     def immediate(self, mode: SpanMode, target: Target, args: tuple[Any, ...]) -> Plan:
         host, port = target.host, target.port
         name = self.rules_for(host, port).name(args)
-        return self.plans.plan(host, port, name, mode, "transaction", timed=name not in BLOCKING)
+        return self.plans.plan(
+            host, port, name, mode, "transaction", timed=name not in BLOCKING,
+            rejection=target.rejection,
+        )  # fmt: skip
 
     def pipeline(self, mode: SpanMode, target: Target, pipe: Any) -> tuple[Plan, Queued | None]:
         host, port, retried = target.host, target.port, target.pipeline_retried
         retries = target.retries if retried else 0
         if _transactional(pipe):
-            return self.plans.plan(host, port, "MULTI", mode, "transaction"), None
+            plan = self.plans.plan(
+                host, port, "MULTI", mode, "transaction", rejection=target.rejection
+            )
+            return plan, None
         queued = _queued(pipe)
         rules = self.rules_for(host, port)
         # a blocking command waits inside the pipeline's round trip (not inside MULTI/EXEC,
@@ -400,10 +428,14 @@ class _Planner:
         timed = queued is None or not any(rules.name(a) in BLOCKING for a, _ in queued)
         if queued is None or not all(rules.allows(rules.name(a), a) for a, _ in queued):
             plan = self.plans.plan(
-                host, port, "PIPELINE", mode, "non_idempotent_command", timed=timed
-            )
+                host, port, "PIPELINE", mode, "non_idempotent_command", timed=timed,
+                rejection=target.rejection,
+            )  # fmt: skip
             return plan, None
-        return self.plans.plan(host, port, "PIPELINE", mode, None, retried, retries, timed), queued
+        plan = self.plans.plan(
+            host, port, "PIPELINE", mode, None, retried, retries, timed, target.rejection
+        )
+        return plan, queued
 
 
 Kind = Literal["command", "immediate", "pipeline"]
@@ -596,11 +628,8 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
     library: ClassVar[str] = "redis"
     instruments: ClassVar[tuple[str, ...]] = ("redis >= 4.5",)
     span_mode: ClassVar[Literal["own", "current"]] = "current"
-    # ``rejection`` stays a plain ``CircuitOpenError``, not also a ``redis.ConnectionError``
-    # as the SQL drivers' are: redis-py's cluster pipeline resends its whole stack,
-    # non-idempotent commands included, on any ``ConnectionError`` raised inside it, and its
-    # resend of a MOVED command runs through our ``RedisCluster.execute_command`` layer, so
-    # a half-open or newly opened circuit would have INCRs applied up to ten times.
+    rejection: ClassVar[type[CircuitOpenError]] = RedisCircuitOpenError
+    """Except on cluster clients (see :class:`RedisCircuitOpenError`)."""
     fallback_on: ClassVar[tuple[type[BaseException], ...]] = (
         RedisConnectionError,
         RedisTimeoutError,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import threading
 import time
@@ -37,7 +38,7 @@ from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import redis as ours_module
 from otel_recovery.instrumentors._redis_commands import CommandRules, command_name
 from otel_recovery.instrumentors._settings import load_settings
-from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+from otel_recovery.instrumentors.redis import RedisCircuitOpenError, RedisRecoveryInstrumentor
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 from otel_recovery.testing import FakeClock
 
@@ -371,21 +372,57 @@ def test_incr_is_never_sent_twice(h: Harness, fault: str, order: str) -> None:
     assert breaker.snapshot().failed_calls == 1  # recorded against 127.0.0.1:<port>
 
 
-def test_an_open_breakers_rejection_is_not_a_redis_connection_error(h: Harness) -> None:
-    """Unlike the SQL drivers' rejections: redis-py's cluster pipeline resends its whole
-    stack (INCRs included) on any ``ConnectionError`` raised inside it, and its resend of a
-    MOVED command goes through our cluster command layer (see ``RedisRecoveryInstrumentor``)."""
+async def maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_open_breakers_rejection_is_a_redis_connection_error(
+    h: Harness, kind: str
+) -> None:
+    """As the SQL drivers' are: ``except redis.RedisError`` catches it, and frameworks that
+    reconnect after a lost connection (kombu and Celery's worker, RQ's worker) do so, where a
+    plain ``CircuitOpenError`` stopped them for good (tests/integrations/test_celery.py)."""
     ours = h.instrument().ours
-    c = h.client()
-    c.ping()
-    assert ours.targets is not None
-    (breaker,) = ours.targets.breakers()
-    breaker.force_open()
-    h.reset_counts()
-    with pytest.raises(CircuitOpenError) as rejected:
-        c.get("k")
-    assert not isinstance(rejected.value, redis.exceptions.ConnectionError)
-    assert rejected.value.name == breaker.name and h.sent["GET"] == 0
+    c = h.client() if kind == "sync" else h.aclient()
+    try:
+        await maybe_await(c.ping())
+        assert ours.targets is not None
+        (breaker,) = ours.targets.breakers()
+        breaker.force_open()
+        h.reset_counts()
+        with pytest.raises(redis.exceptions.ConnectionError) as rejected:
+            await maybe_await(c.get("k"))
+        assert isinstance(rejected.value, RedisCircuitOpenError)
+        assert rejected.value.name == breaker.name and h.sent["GET"] == 0
+    finally:
+        await (aclose(c) if kind == "async" else maybe_await(c.close()))
+
+
+@pytest.mark.skipif(REDIS_PY < (7, 2), reason="redis-py < 7.2 forgets a one-node cluster")
+def test_an_open_breakers_rejection_on_a_cluster_client_is_not_a_connection_error(
+    hc: Harness,
+) -> None:
+    """redis-py's cluster pipeline resends its whole stack (INCRs included) on any
+    ``ConnectionError`` raised inside it, and its resend of a MOVED command goes through our
+    cluster command layer (see ``RedisCircuitOpenError``): there the rejection stays plain."""
+    ours = hc.instrument().ours
+    c = hc.cluster_client()
+    try:
+        c.ping()
+        assert ours.targets is not None
+        (breaker,) = ours.targets.breakers()
+        breaker.force_open()
+        hc.reset_counts()
+        with pytest.raises(CircuitOpenError) as rejected:
+            c.get("k")
+        assert not isinstance(rejected.value, redis.exceptions.ConnectionError)
+        with pytest.raises(CircuitOpenError) as rejected:
+            c.pipeline().incr("n").execute()
+        assert not isinstance(rejected.value, redis.exceptions.ConnectionError)
+        assert hc.sent["GET"] == hc.sent["INCR"] == 0
+    finally:
+        c.close()
 
 
 def test_watch_conflicts_are_answers_and_do_not_open_the_breaker(h: Harness) -> None:

@@ -57,6 +57,7 @@ NOT_RUN = {
     "starlette",
     "uvicorn",
     "rq",
+    "celery",
     "gunicorn",
     "uv",
 }
