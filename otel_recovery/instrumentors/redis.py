@@ -259,16 +259,23 @@ def _is_cluster_pipeline(instance: Any) -> bool:
 def _shard_primary(client: Any, command: tuple[Any, ...]) -> Any:
     """The primary of the slot that redis-py routes ``command`` to by its first key, read
     from redis-py's own command table and slot map (no round trip, no side effect: the
-    replica load balancer is not asked); None when the command is not routed so."""
+    replica load balancer is not asked); None when the command is not routed so, or when
+    redis-py cannot tell yet (an asyncio client before ``initialize()``, a key it cannot
+    encode: redis-py will say so itself)."""
     if len(command) < 2 or not isinstance(command[0], (str, bytes)):
         return None
-    name = command[0].decode() if isinstance(command[0], bytes) else command[0]
-    if " " in name or client.command_flags.get(name.upper()) is not None:
-        return None  # a subcommand or a keyless command: redis-py picks its nodes by flag
-    spec = client.commands_parser.commands.get(name.lower())
-    if spec is None or spec.get("first_key_pos") != 1 or "movablekeys" in spec.get("flags", ()):
+    try:
+        name = command[0].decode() if isinstance(command[0], bytes) else command[0]
+        if " " in name or client.command_flags.get(name.upper()) is not None:
+            return None  # a subcommand or a keyless command: redis-py picks its nodes by flag
+        spec = client.commands_parser.commands.get(name.lower())
+        flags = spec.get("flags", ()) if spec is not None else ()
+        if spec is None or spec.get("first_key_pos") != 1 or "movablekeys" in flags:
+            return None
+        slot = key_slot(client.encoder.encode(command[1]))
+        nodes = client.nodes_manager.slots_cache.get(slot)
+    except Exception:  # the default node then, as before redis-py routes it
         return None
-    nodes = client.nodes_manager.slots_cache.get(key_slot(client.encoder.encode(command[1])))
     return nodes[0] if nodes else None
 
 
