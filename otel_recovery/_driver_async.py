@@ -191,7 +191,9 @@ class AsyncDriver(PolicyCore):
         end = self._attempt_end(attempt_start, started)
         if end is None:
             return await resolve(fn(*args, **kwargs))
-        limit = max(0.0, end - self.clock.now())
+        limit = end - self.clock.now()
+        if limit <= 0:  # the deadline is spent: an attempt now would only be cut mid-send
+            raise self._attempt_timed_out(max(0.0, limit))
         token = set_deadline(end)
         try:
             if sys.version_info >= (3, 11):

@@ -242,3 +242,30 @@ def test_a_failing_fallback_reports_its_own_error_type(fake_clock, recovery_tele
     with pytest.raises(ValueError):
         policy.call(lambda: (_ for _ in ()).throw(ConnectionError()))
     assert recovery_telemetry.span("recover fb").attributes[names.ERROR_TYPE] == "ValueError"
+
+
+async def test_an_attempt_whose_deadline_is_spent_is_not_started() -> None:
+    """A backoff that overran the total deadline leaves the next attempt no time: it must
+    not start at all (a client writes its command before its first await, so a started
+    attempt cut at once would have sent it), as ``wait_for(..., 0)`` never started it."""
+
+    class Overrunning(FakeClock):
+        async def asleep(self, seconds: float) -> None:
+            await super().asleep(seconds + 1.0)  # the event loop was busy elsewhere
+
+    clock = Overrunning()
+    calls = []
+
+    @recover(
+        RecoveryPolicy(
+            retry=Retry(2, deadline=0.5, attempt_timeout=0.5, backoff=FixedBackoff(0.1)),
+            clock=clock,
+        )
+    )
+    async def send() -> None:
+        calls.append(clock.now())
+        raise ConnectionError("reset")
+
+    with pytest.raises((TimeoutError, ConnectionError)):
+        await send()
+    assert len(calls) == 1

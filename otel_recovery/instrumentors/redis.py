@@ -41,7 +41,6 @@ import redis.asyncio.client
 import redis.asyncio.cluster
 import redis.client
 import redis.cluster
-from redis.crc import key_slot
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
@@ -69,6 +68,7 @@ from otel_recovery.instrumentors._db import (
     retire_table,
 )
 from otel_recovery.instrumentors._redis_commands import BLOCKING, CommandRules
+from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.instrumentors._settings import RecoverySettings
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
@@ -98,6 +98,10 @@ _TARGET = "_otel_recovery_target"
 """Where a connection pool keeps its :class:`Target`."""
 _COMPILED_PLANS = "_otel_recovery_compiled_plans"
 """Where a connection pool keeps the ``PlanTable`` the compiled command layer reads."""
+_TARGETS = "_otel_recovery_targets"
+"""Where a cluster client keeps its :class:`Target` per shard."""
+_WIDE = "_otel_recovery_cluster_wide"
+"""Where a cluster client keeps the name of its cluster-wide target."""
 _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
 """What a redis-py ``Retry`` repeats when not told otherwise."""
 
@@ -194,11 +198,12 @@ class Target:
         self.current: dict[Any, Plan] = {}  # the same, under contrib's span
 
 
-Resolve = Callable[[Any, tuple[Any, ...]], Target]
-"""``resolve(instance, command)``: the target a client's (or pipeline's) call goes to."""
+Resolve = Callable[[Any, tuple[Any, ...] | None], Target]
+"""``resolve(instance, command)``: the target a client's (or pipeline's) call goes to
+(``command`` None: to nodes the caller chose)."""
 
 
-def _standalone_target(instance: Any, command: tuple[Any, ...] = ()) -> Target:
+def _standalone_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Target:
     """Target of a ``Redis``/``Pipeline``, cached on its pool (until its ``retry`` changes);
     one server whatever the ``command``."""
     pool = instance.connection_pool
@@ -226,27 +231,44 @@ def _standalone_target(instance: Any, command: tuple[Any, ...] = ()) -> Target:
     return target
 
 
-def _cluster_target(instance: Any, command: tuple[Any, ...] = ()) -> Target:
-    """The shard a cluster client's command (``command``; a pipeline's first queued one)
-    goes to, named after the shard's primary, so a dead shard opens its own circuit and
-    spends its own budget, never its neighbours' (resilience4j's one breaker per backend).
-    A command redis-py does not route by its first key (keyless, by a flag, to chosen
-    nodes, movable keys) counts on the client's default node. The cluster's own retry
-    repeats ``ERRORS_ALLOW_RETRY``."""
+def _cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Target:
+    """The shard a cluster client's call goes to, named after its primary, or the cluster as
+    a whole (see :mod:`._redis_routing`); ``command`` None: sent to nodes the caller chose
+    (``target_nodes=``). Cached on the client per shard while its ``retry`` stays the same
+    object. The cluster's own retry repeats ``ERRORS_ALLOW_RETRY``."""
     client = getattr(instance, "cluster_client", None) or instance
     if _is_cluster_pipeline(instance):
-        queued = _queued(instance)
-        command = queued[0][0] if queued else ()
-    node = _shard_primary(client, command) or client.get_default_node()
-    host = str(getattr(node, "host", None) or "redis-cluster")
-    port = getattr(node, "port", None)
+        node = _pipeline_shard(client, instance)
+    else:
+        node = None if command is None else shard_primary(client, command)
+    if node is not None:
+        host, port = str(node.host), node.port
+    else:  # named once per client: redis-py may pick another default node after a failure
+        host, port = getattr(client, _WIDE, None) or _remember(client, _WIDE, cluster_wide(client))
     retry = getattr(instance, "retry", None) or getattr(client, "retry", None)
+    targets: dict[tuple[str, int | None], Target] | None = getattr(client, _TARGETS, None)
+    cached = targets.get((host, port)) if targets is not None else None
+    if cached is not None and cached.retry is retry:
+        return cached
     retries = _retry_count(retry) if retry is not None else 0
-    if retries == 0:
-        return Target(host, port, (), 0, rejection=CircuitOpenError)
-    errors: Any = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
-    errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
-    return Target(host, port, tuple(errors), retries, rejection=CircuitOpenError)
+    errors: Any = ()
+    if retries:
+        errors = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
+        errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
+    target = Target(host, port, tuple(errors), retries, retry, rejection=CircuitOpenError)
+    if targets is None or len(targets) >= 256:
+        targets = {}
+        with contextlib.suppress(Exception):  # a client with __slots__: recompute next time
+            setattr(client, _TARGETS, targets)
+    targets[(host, port)] = target
+    return target
+
+
+def _remember(holder: Any, attribute: str, value: Any) -> Any:
+    """``value``, kept on ``holder`` where it allows attributes."""
+    with contextlib.suppress(Exception):
+        setattr(holder, attribute, value)
+    return value
 
 
 _CLUSTER_PIPELINES = (redis.cluster.ClusterPipeline, redis.asyncio.cluster.ClusterPipeline)
@@ -256,27 +278,22 @@ def _is_cluster_pipeline(instance: Any) -> bool:
     return isinstance(instance, _CLUSTER_PIPELINES)
 
 
-def _shard_primary(client: Any, command: tuple[Any, ...]) -> Any:
-    """The primary of the slot that redis-py routes ``command`` to by its first key, read
-    from redis-py's own command table and slot map (no round trip, no side effect: the
-    replica load balancer is not asked); None when the command is not routed so, or when
-    redis-py cannot tell yet (an asyncio client before ``initialize()``, a key it cannot
-    encode: redis-py will say so itself)."""
-    if len(command) < 2 or not isinstance(command[0], (str, bytes)):
-        return None
-    try:
-        name = command[0].decode() if isinstance(command[0], bytes) else command[0]
-        if " " in name or client.command_flags.get(name.upper()) is not None:
-            return None  # a subcommand or a keyless command: redis-py picks its nodes by flag
-        spec = client.commands_parser.commands.get(name.lower())
-        flags = spec.get("flags", ()) if spec is not None else ()
-        if spec is None or spec.get("first_key_pos") != 1 or "movablekeys" in flags:
+def _pipeline_shard(client: Any, pipe: Any) -> Any:
+    """The one shard every queued command goes to; None when they span shards (or are not
+    routed by a key): the pipeline then counts on the cluster as a whole."""
+    queued = _queued(pipe)
+    shard = None
+    for args, options in queued or ():
+        node = None if _chooses_nodes(options) else shard_primary(client, args)
+        if node is None or (shard is not None and node.name != shard.name):
             return None
-        slot = key_slot(client.encoder.encode(command[1]))
-        nodes = client.nodes_manager.slots_cache.get(slot)
-    except Exception:  # the default node then, as before redis-py routes it
-        return None
-    return nodes[0] if nodes else None
+        shard = node
+    return shard
+
+
+def _chooses_nodes(options: dict[str, Any]) -> bool:
+    """``target_nodes=`` (or redis-py's ``nodes_flag``): the caller picked the nodes."""
+    return "target_nodes" in options or "nodes_flag" in options
 
 
 def _transactional(pipe: Any) -> bool:
@@ -465,11 +482,13 @@ class _SiteLayers:
         self.planner, self.kind, self.site, self.resolve = planner, kind, site, resolve
         self.patches, self.where = patches, where
 
-    def plan(self, args: tuple[Any, ...]) -> tuple[Plan, Callable[..., Any] | None]:
+    def plan(
+        self, args: tuple[Any, ...], options: dict[str, Any]
+    ) -> tuple[Plan, Callable[..., Any] | None]:
         """The plan for a call (``args[0]`` is the client or pipeline) and, for a retried
         pipeline, what wraps ``execute`` to refill it."""
         planner, instance = self.planner, args[0]
-        target = self.resolve(instance, args[1:])
+        target = self.resolve(instance, None if _chooses_nodes(options) else args[1:])
         mode = self.site.span_mode()
         if self.kind == "pipeline":
             plan, saved = planner.pipeline(mode, target, instance)
@@ -540,7 +559,7 @@ class _SiteLayers:
                     if compiled:
                         _share_plans(args[0].connection_pool, planner, target, seen)
                 else:
-                    plan, replay = plan_slowly(args)
+                    plan, replay = plan_slowly(args, options)
                     if replay is not None:
                         fn = replay(original)
             except Exception as error:
@@ -570,7 +589,7 @@ class _SiteLayers:
                     if compiled:
                         _share_plans(args[0].connection_pool, planner, target, seen)
                 else:
-                    plan, replay = plan_slowly(args)
+                    plan, replay = plan_slowly(args, options)
                     if replay is not None:
                         fn = replay(original)
             except Exception as error:

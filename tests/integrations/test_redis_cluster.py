@@ -35,6 +35,7 @@ from integrations.redis_cluster import (
     module_cluster,
     wait_for,
 )
+from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
 pytestmark = [
@@ -503,3 +504,77 @@ def test_the_module_cluster_is_healthy_after_the_faults(cluster: PrivateCluster)
     cluster.wait_healthy()
     for primary in cluster.primaries:
         assert primary.role() == "master"
+
+
+# -- which shard a call counts on (review of the per-shard breakers) ---------------------
+
+
+def test_a_call_counts_on_the_shard_redis_py_sends_it_to(
+    stacks: Any, cluster: PrivateCluster
+) -> None:
+    """The shard we pick before the call is the one redis-py routes to: by the first key,
+    after the key count of a script, after ``STREAMS``, by a channel; anything else counts
+    on the cluster as a whole, never on a shard."""
+    c = stacks("ours_only").cluster_client()
+    key = key_on(1)
+    owner = c.nodes_manager.slots_cache[c.keyslot(key)][0]
+    assert owner.port == cluster.primaries[1].port
+    for command in (
+        ("GET", key),
+        (b"GET", key),
+        ("HSET", key, "f", "v"),
+        ("EVAL", "return 1", 1, key),
+        ("EVALSHA", "0" * 40, "1", key, "arg"),
+        ("XREAD", "COUNT", 1, "STREAMS", key, "0"),
+        ("PUBLISH", key, "m"),
+    ):
+        assert shard_primary(c, command) is owner, command
+    for command in (
+        ("EVAL", "return 1", 0),  # no key: redis-py picks a random node
+        ("OBJECT", "ENCODING", key),  # a container command
+        ("PING",),
+        ("KEYS", "*"),
+        ("DBSIZE",),
+    ):
+        assert shard_primary(c, command) is None, command
+    assert cluster_wide(c)[0] == f"cluster {c.get_default_node().host}:{c.get_default_node().port}"
+
+
+@pytest.mark.parametrize("order", ["baseline", "ours_only"])
+def test_calls_no_one_shard_answers_for_never_open_a_healthy_shards_circuit(
+    stacks: Any, cluster: PrivateCluster, order: str
+) -> None:
+    """Scripts on the dead shard count on it; a pipeline across shards, or a call sent to
+    nodes the caller chose, counts on the cluster as a whole: none of them may open the
+    circuit of the default node's (healthy) shard."""
+    stack = stacks(order, breaker_window=4, breaker_minimum_calls=4)
+    c = stack.cluster_client()
+    default = c.get_default_node()
+    dead = next(p for p in cluster.primaries if p.port != default.port)
+    fine = next(p for p in cluster.primaries if p.port == default.port)
+    on_dead, on_fine = key_on(cluster.primaries.index(dead)), key_on(cluster.primaries.index(fine))
+    assert c.set(on_fine, "v") is True
+    dead.kill()
+    for _ in range(4):
+        assert outcome(lambda: c.eval("return redis.call('GET', KEYS[1])", 1, on_dead)) in (
+            RedisConnectionError,
+            CircuitOpenError,
+        )
+        assert outcome(lambda: c.pipeline().get(on_fine).get(on_dead).execute()) in (
+            RedisConnectionError,
+            CircuitOpenError,
+        )
+    for _ in range(3):
+        assert c.get(on_fine) == b"v"
+    if stack.instrumented:
+        breaker = stack.breaker(fine)
+        assert breaker is not None and breaker.snapshot().state == "closed", stack.breakers()
+        # the cross-shard pipelines' failures opened the cluster-wide circuit: calls that
+        # no one shard answers for are refused for a while, shard calls are not
+        assert stack.breakers()[f"redis cluster {default.host}:{default.port}"] == "open"
+        import otel_recovery.instrumentors.redis as R
+
+        print("DEBUG", stack.breakers(), R._cluster_target(c, None).host, c.get_default_node())
+        assert outcome(lambda: c.execute_command("PING", target_nodes=default)) is (
+            CircuitOpenError
+        )
