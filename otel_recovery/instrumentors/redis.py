@@ -69,6 +69,12 @@ from otel_recovery.instrumentors._db import (
 )
 from otel_recovery.instrumentors._redis_commands import BLOCKING, CommandRules
 from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
+from otel_recovery.instrumentors._redis_sentinel import (
+    SENTINEL_POOLS,
+    amaster_moved,
+    master_moved,
+    server_of,
+)
 from otel_recovery.instrumentors._settings import RecoverySettings
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
@@ -209,6 +215,8 @@ def _standalone_target(instance: Any, command: tuple[Any, ...] | None = ()) -> T
     pool = instance.connection_pool
     kwargs = pool.connection_kwargs
     retry = kwargs.get("retry")
+    if isinstance(pool, SENTINEL_POOLS):
+        return _sentinel_target(pool, kwargs, retry)
     cached: Target | None = getattr(pool, _TARGET, None)
     if cached is not None and cached.retry is retry:
         return cached
@@ -218,35 +226,60 @@ def _standalone_target(instance: Any, command: tuple[Any, ...] | None = ()) -> T
     if path:
         host, port = str(path), None
     else:
-        host = str(kwargs.get("host") or getattr(pool, "service_name", None) or "localhost")
+        host = str(kwargs.get("host") or "localhost")
         port = int(kwargs.get("port") or 6379)
-    extra = list(kwargs.get("retry_on_error") or ())
-    if kwargs.get("retry_on_timeout"):
-        extra.append(RedisTimeoutError)
-    errors, retries = _coverage(retry, extra)
-    pipeline_errors = _pipeline_coverage(errors, retries, kwargs, extra)
-    target = Target(host, port, errors, retries, retry, kwargs, pipeline_errors)
+    target = _new_target(host, port, kwargs, retry)
     with contextlib.suppress(Exception):  # a pool with __slots__: recompute next time
         setattr(pool, _TARGET, target)
     return target
 
 
+def _sentinel_target(pool: Any, kwargs: dict[str, Any], retry: Any) -> Target:
+    """A Sentinel-managed pool's target: the master it talks to now, or its service's
+    replicas (see :mod:`._redis_sentinel`). Never left where the inline and compiled layers
+    look (``_TARGET``): the server behind the pool changes with a failover."""
+    host, port = server_of(pool)
+    targets: dict[tuple[str, int | None], Target] | None = getattr(pool, _TARGETS, None)
+    cached = targets.get((host, port)) if targets is not None else None
+    if cached is not None and cached.retry is retry:
+        return cached
+    target = _new_target(host, port, kwargs, retry)
+    if targets is None or len(targets) >= 64:
+        targets = _remember(pool, _TARGETS, {})
+    targets[(host, port)] = target
+    return target
+
+
+def _new_target(host: str, port: int | None, kwargs: dict[str, Any], retry: Any) -> Target:
+    """A server's target, with what its connections' ``retry`` repeats by itself."""
+    extra = list(kwargs.get("retry_on_error") or ())
+    if kwargs.get("retry_on_timeout"):
+        extra.append(RedisTimeoutError)
+    errors, retries = _coverage(retry, extra)
+    pipeline_errors = _pipeline_coverage(errors, retries, kwargs, extra)
+    return Target(host, port, errors, retries, retry, kwargs, pipeline_errors)
+
+
 def _cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Target:
     """The shard a cluster client's call goes to, named after its primary, or the cluster as
     a whole (see :mod:`._redis_routing`); ``command`` None: sent to nodes the caller chose
-    (``target_nodes=``). Cached on the client per shard while its ``retry`` stays the same
-    object. The cluster's own retry repeats ``ERRORS_ALLOW_RETRY``."""
+    (``target_nodes=``). Cached per shard while its ``retry`` stays the same object. The
+    cluster's own retry repeats ``ERRORS_ALLOW_RETRY``."""
     client = getattr(instance, "cluster_client", None) or instance
     if _is_cluster_pipeline(instance):
         node = _pipeline_shard(client, instance)
     else:
         node = None if command is None else shard_primary(client, command)
+    # Kept on the client's slot map, which its pipelines share (a sync pipeline has no link
+    # to its client); the cluster-wide name is chosen once: redis-py may pick another
+    # default node after a failure.
+    holder = getattr(client, "nodes_manager", None) or client
     if node is not None:
         host, port = str(node.host), node.port
-    else:  # named once per client: redis-py may pick another default node after a failure
-        host, port = getattr(client, _WIDE, None) or _remember(client, _WIDE, cluster_wide(client))
+    else:
+        host, port = getattr(holder, _WIDE, None) or _remember(holder, _WIDE, cluster_wide(client))
     retry = getattr(instance, "retry", None) or getattr(client, "retry", None)
-    targets: dict[tuple[str, int | None], Target] | None = getattr(client, _TARGETS, None)
+    targets: dict[tuple[str, int | None], Target] | None = getattr(holder, _TARGETS, None)
     cached = targets.get((host, port)) if targets is not None else None
     if cached is not None and cached.retry is retry:
         return cached
@@ -259,7 +292,7 @@ def _cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Targ
     if targets is None or len(targets) >= 256:
         targets = {}
         with contextlib.suppress(Exception):  # a client with __slots__: recompute next time
-            setattr(client, _TARGETS, targets)
+            setattr(holder, _TARGETS, targets)
     targets[(host, port)] = target
     return target
 
@@ -335,8 +368,8 @@ def _share_plans(pool: Any, planner: _Planner, target: Target, seen: tuple[Any, 
     replaced table is retired: the compiled layer remembers the last table it read and
     serves from it until then.
     """
-    if target.owner is not planner:
-        return
+    if target.owner is not planner or isinstance(pool, SENTINEL_POOLS):
+        return  # a Sentinel pool's server changes: its calls are planned afresh each time
     plans = target.current if seen[1] == "current" else target.own
     table = getattr(pool, _COMPILED_PLANS, None)
     if (
@@ -569,7 +602,12 @@ class _SiteLayers:
                 return plan.run(fn, args, options)
             except Exception as error:
                 explain_no_retry(plan, error)
-                raise
+                if not (isinstance(error, CircuitOpenError) and master_moved(args[0])):
+                    raise
+            # The sentinels named a new master while the old one's circuit refused: once
+            # more, under the new master's breaker.
+            plan, replay = plan_slowly(args, options)
+            return plan.run(original if replay is None else replay(original), args, options)
 
         return self._compiled(layer, original) if compiled else layer
 
@@ -599,7 +637,10 @@ class _SiteLayers:
                 return await plan.arun(fn, args, options)
             except Exception as error:
                 explain_no_retry(plan, error)
-                raise
+                if not (isinstance(error, CircuitOpenError) and await amaster_moved(args[0])):
+                    raise
+            plan, replay = plan_slowly(args, options)  # see sync_layer
+            return await plan.arun(original if replay is None else replay(original), args, options)
 
         return self._compiled(layer, original, awaits=True) if compiled else layer
 

@@ -571,7 +571,10 @@ def test_calls_no_one_shard_answers_for_never_open_a_healthy_shards_circuit(
         assert breaker is not None and breaker.snapshot().state == "closed", stack.breakers()
         # the cross-shard pipelines' failures opened the cluster-wide circuit: calls that
         # no one shard answers for are refused for a while, shard calls are not
-        assert stack.breakers()[f"redis cluster {default.host}:{default.port}"] == "open"
+        # (named after the entry node when first needed: redis-py may have picked another
+        # default node by then, after the dead shard's failure)
+        wide = [state for name, state in stack.breakers().items() if " cluster " in name]
+        assert wide == ["open"], stack.breakers()
         import otel_recovery.instrumentors.redis as R
 
         print("DEBUG", stack.breakers(), R._cluster_target(c, None).host, c.get_default_node())
