@@ -105,9 +105,10 @@ _TARGET = "_otel_recovery_target"
 _COMPILED_PLANS = "_otel_recovery_compiled_plans"
 """Where a connection pool keeps the ``PlanTable`` the compiled command layer reads."""
 _TARGETS = "_otel_recovery_targets"
-"""Where a cluster client keeps its :class:`Target` per shard."""
+"""Where a cluster client's slot map keeps its :class:`Target` per shard, and a Sentinel pool
+its :class:`Target` per server."""
 _WIDE = "_otel_recovery_cluster_wide"
-"""Where a cluster client keeps the name of its cluster-wide target."""
+"""Where a cluster client's slot map keeps the name of its cluster-wide target."""
 _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
 """What a redis-py ``Retry`` repeats when not told otherwise."""
 
