@@ -58,7 +58,7 @@ from integrations.redis_sentinel import SERVICE, PrivateSentinel, SentinelStack,
 
 pytestmark = [pytest.mark.server]
 
-STACKS = ["baseline", "ours_only", "contrib_first", "ours_first"]
+STACKS = ["baseline", "ours_only", "contrib_first"]
 
 
 @pytest.fixture(scope="module")
