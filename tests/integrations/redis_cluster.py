@@ -20,13 +20,9 @@ to a socket per ``(port, name)`` (a pipeline's packed buffer counts each command
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
-import os
 import re
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -38,11 +34,11 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 from instrumentors.test_redis import Harness
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from servers import _redis_answers, free_port, unavailable
+from servers import free_port, unavailable
 
+from integrations.redis_process import RedisProcess, is_plumbing
 from integrations.redis_queues import as_bytes, command_names
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
@@ -69,19 +65,6 @@ def _info(text: Any) -> dict[str, str]:
     )
 
 
-_PLUMBING: contextvars.ContextVar[bool] = contextvars.ContextVar("plumbing", default=False)
-
-
-@contextlib.contextmanager
-def plumbing() -> Iterator[None]:
-    """The harness's own commands: not counted as the test's sends."""
-    token = _PLUMBING.set(True)
-    try:
-        yield
-    finally:
-        _PLUMBING.reset(token)
-
-
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = SETTLE) -> None:
     """Poll ``condition`` (the cluster's own convergence) until it holds; fail with ``what``.
     Errors while polling (a node still starting) count as "not yet"."""
@@ -95,24 +78,16 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = SETTLE) 
         time.sleep(0.02)
 
 
-class Node:
+class Node(RedisProcess):
     """One ``redis-server --cluster-enabled yes`` of our own; its dir (and ``nodes.conf``)
     outlives a SIGKILL, so :meth:`start` brings the same node back."""
 
     def __init__(self, binary: str, root: str) -> None:
-        self.binary = binary
-        self.port = free_port(below=55536)  # the cluster bus is port + 10000
-        self.dir = os.path.join(root, str(self.port))
-        os.makedirs(self.dir)
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(binary, root, free_port(below=55536))  # the bus is port + 10000
         self.id = ""
 
-    @property
-    def name(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
+    def command_line(self) -> list[str]:
+        return (
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
             + ["--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"]
             + ["--dir", self.dir, "--cluster-enabled", "yes"]
@@ -125,66 +100,14 @@ class Node:
             + ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
             # CLUSTER SLOTS lists a replica only once its offset is past 0: a primary with
             # nothing written moves it by its PINGs to replicas (every 10 s by default)
-            + ["--repl-ping-replica-period", "1"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            + ["--repl-ping-replica-period", "1"]
         )
 
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def answers(self) -> bool:
-        return self.alive and _redis_answers("127.0.0.1", self.port, timeout=0.2)
-
-    def admin(self, timeout: float = 5) -> redis.Redis:
-        """A plain client of this one node (no retries, not counted, not instrumented when
-        used under ``suppress_instrumentation``)."""
-        return redis.Redis(port=self.port, retry=Retry(NoBackoff(), 0), socket_timeout=timeout)
-
-    def call(self, *args: Any) -> Any:
-        client = self.admin()
-        try:
-            with suppress_instrumentation(), plumbing():
-                return client.execute_command(*args)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to clients or to the cluster bus."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def stop_answering(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 5
-        while True:  # SIGSTOP takes effect asynchronously
-            with open(f"/proc/{self.process.pid}/stat") as stat:
-                state = stat.read().rsplit(")", 1)[1].split()[0]
-            if state in ("T", "t"):
-                return
-            assert time.monotonic() < deadline, f"redis-server {self.port} did not stop"
-            time.sleep(0.001)
-
-    def resume(self) -> None:
-        if self.alive:
-            assert self.process is not None
-            os.kill(self.process.pid, signal.SIGCONT)
+    def start(self) -> None:
+        self.spawn()
 
     def role(self) -> str:
         return _info(self.call("INFO", "replication"))["role"]
-
-    def close(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(OSError):
-            self.process.send_signal(signal.SIGCONT)
-        self.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
 
 
 class PrivateCluster:
@@ -482,7 +405,7 @@ class ClusterStack(Harness):
                 async def asend(
                     conn: Any, command: Any, *args: Any, _o: Any = original, **kwargs: Any
                 ) -> Any:
-                    if not _PLUMBING.get() and getattr(conn, "port", None) in ports:
+                    if not is_plumbing() and getattr(conn, "port", None) in ports:
                         count(int(conn.port), command)
                     return await _o(conn, command, *args, **kwargs)
 
@@ -492,7 +415,7 @@ class ClusterStack(Harness):
                 def send(
                     conn: Any, command: Any, *args: Any, _o: Any = original, **kwargs: Any
                 ) -> Any:
-                    if not _PLUMBING.get() and getattr(conn, "port", None) in ports:
+                    if not is_plumbing() and getattr(conn, "port", None) in ports:
                         count(int(conn.port), command)
                     return _o(conn, command, *args, **kwargs)
 

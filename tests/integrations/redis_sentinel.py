@@ -33,10 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,9 +45,10 @@ import redis.sentinel
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from servers import _redis_answers, aclose, free_port, unavailable
+from servers import aclose, free_port, unavailable
 
-from integrations.redis_cluster import SETTLE, ClusterStack, _text, plumbing, wait_for
+from integrations.redis_cluster import SETTLE, ClusterStack, _text, wait_for
+from integrations.redis_process import RedisProcess, plumbing
 from integrations.redis_queues import as_bytes, command_names
 
 SERVICE = "svc"
@@ -65,20 +63,12 @@ TIMEOUT = 0.4
 """The clients' socket timeout: a SIGSTOPped master makes a command fail after this long."""
 
 
-class Server:
+class Server(RedisProcess):
     """One ``redis-server`` data node of our own; :meth:`start` brings it back after a kill
     (empty: persistence is off), as a replica of ``replicaof`` if given."""
 
     def __init__(self, binary: str, root: str) -> None:
-        self.binary = binary
-        self.port = free_port()
-        self.dir = os.path.join(root, str(self.port))
-        os.makedirs(self.dir)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def name(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        super().__init__(binary, root, free_port())
 
     def command_line(self) -> list[str]:
         return (
@@ -90,72 +80,13 @@ class Server:
 
     def start(self, replicaof: Server | None = None) -> None:
         extra = [] if replicaof is None else ["--replicaof", "127.0.0.1", str(replicaof.port)]
-        self.process = subprocess.Popen(
-            self.command_line() + extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def answers(self) -> bool:
-        return self.alive and _redis_answers("127.0.0.1", self.port, timeout=0.2)
-
-    def admin(self, timeout: float = 5) -> redis.Redis:
-        """A plain client of this one node (no retries; use it under :meth:`call`'s
-        ``suppress_instrumentation`` and :func:`plumbing`)."""
-        return redis.Redis(port=self.port, retry=Retry(NoBackoff(), 0), socket_timeout=timeout)
-
-    def call(self, *args: Any) -> Any:
-        return self.ask("execute_command", *args)
-
-    def ask(self, method: str, *args: Any) -> Any:
-        """``admin().<method>(*args)``, uninstrumented and not counted."""
-        client = self.admin()
-        try:
-            with suppress_instrumentation(), plumbing():
-                return getattr(client, method)(*args)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to clients, replicas or sentinels."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def stop_answering(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 5
-        while True:  # SIGSTOP takes effect asynchronously
-            with open(f"/proc/{self.process.pid}/stat") as stat:
-                state = stat.read().rsplit(")", 1)[1].split()[0]
-            if state in ("T", "t"):
-                return
-            assert time.monotonic() < deadline, f"redis-server {self.port} did not stop"
-            time.sleep(0.001)
-
-    def resume(self) -> None:
-        if self.alive:
-            assert self.process is not None
-            os.kill(self.process.pid, signal.SIGCONT)
+        self.spawn(*extra)
 
     def replication(self) -> dict[str, Any]:
         return dict(self.call("INFO", "replication"))
 
     def role(self) -> str:
         return str(self.replication()["role"])
-
-    def close(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(OSError):
-            self.process.send_signal(signal.SIGCONT)
-        self.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
 
 
 class SentinelProcess(Server):
