@@ -159,7 +159,7 @@ def _kill(run: CeleryRun, how: str) -> None:
         admin.close()
 
 
-@pytest.mark.parametrize("order", ["baseline", "contrib_first", "ours_only"])
+@pytest.mark.parametrize("order", ["baseline", "ours_only"])
 @pytest.mark.parametrize("how", ["brpop", "type_normal", "laddr"])
 def test_a_waiting_worker_whose_connections_are_killed_consumes_on(
     runs: Any, order: str, how: str
@@ -178,7 +178,7 @@ def test_a_waiting_worker_whose_connections_are_killed_consumes_on(
     assert run.worker_alive()
 
 
-@pytest.mark.parametrize("order", ["baseline", "contrib_first", "ours_only"])
+@pytest.mark.parametrize("order", ["baseline", "ours_only"])
 def test_a_server_restart_while_the_worker_waits(runs: Any, order: str) -> None:
     """The server is killed and started again on the same port (empty). The worker's BRPOP
     connection ends, Celery's consumer reconnects; the producer's pooled connections are
