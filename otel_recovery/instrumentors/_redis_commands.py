@@ -22,7 +22,7 @@ from typing import Any
 
 from otel_recovery.instrumentors._settings import RecoverySettings
 
-__all__ = ["BLOCKING", "IDEMPOTENT_WRITES", "READS", "CommandRules", "command_name"]
+__all__ = ["BLOCKING", "IDEMPOTENT_WRITES", "READS", "CommandRules", "as_text", "command_name"]
 
 
 def _words(text: str) -> frozenset[str]:
@@ -106,7 +106,8 @@ _UNSAFE_OPTIONS: dict[str, tuple[int, frozenset[str]]] = {
 _CONTAINERS = _words("CONFIG OBJECT MEMORY SCRIPT XINFO CLUSTER CLIENT COMMAND PUBSUB FUNCTION ACL")
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A command word as text, bytes decoded."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
@@ -119,11 +120,11 @@ def command_name(args: Sequence[Any]) -> str:
     """
     if not args:
         return ""
-    name = _text(args[0]).upper()
+    name = as_text(args[0]).upper()
     if " " in name:
         return " ".join(name.split()[:2])
     if name in _CONTAINERS and len(args) > 1:
-        return f"{name} {_text(args[1]).upper()}"
+        return f"{name} {as_text(args[1]).upper()}"
     return name
 
 
@@ -154,7 +155,7 @@ class CommandRules:
         """Whether the verdict for ``name`` can change with the arguments, so it may not be
         remembered by the first argument's spelling alone."""
         first = args[0] if args else ""
-        subcommand = " " in name and " " not in _text(first)
+        subcommand = " " in name and " " not in as_text(first)
         return subcommand or (name in _UNSAFE_OPTIONS and name not in self._explicit)
 
     def allows(self, name: str, args: Sequence[Any]) -> bool:
@@ -170,4 +171,4 @@ class CommandRules:
 
 def _is_option(arg: Any, options: frozenset[str]) -> bool:
     # Options are short words; values and members (possibly large) are never decoded.
-    return isinstance(arg, (str, bytes)) and len(arg) <= 5 and _text(arg).upper() in options
+    return isinstance(arg, (str, bytes)) and len(arg) <= 5 and as_text(arg).upper() in options

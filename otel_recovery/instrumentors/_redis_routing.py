@@ -21,6 +21,8 @@ from typing import Any
 
 from redis.crc import key_slot
 
+from otel_recovery.instrumentors._redis_commands import as_text
+
 __all__ = ["cluster_wide", "shard_primary"]
 
 _SCRIPTS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
@@ -60,14 +62,13 @@ def cluster_wide(client: Any) -> tuple[str, None]:
 
 
 def _first_key(client: Any, command: Sequence[Any]) -> Any:
-    name = command[0].decode() if isinstance(command[0], bytes) else command[0]
-    upper = name.upper()
+    upper = as_text(command[0]).upper()
     if upper in _SCRIPTS:
         keys = int(command[2]) if len(command) > 3 else 0
         return command[3] if keys > 0 else None
     if upper in _STREAM_READS:
         for index, word in enumerate(command):
-            if isinstance(word, (str, bytes)) and _text(word).upper() == "STREAMS":
+            if isinstance(word, (str, bytes)) and as_text(word).upper() == "STREAMS":
                 return command[index + 1] if index + 1 < len(command) else None
         return None
     if upper in _CHANNELS:
@@ -98,7 +99,3 @@ def _position(client: Any, name: str) -> int | None:
     if len(positions) < 512:
         positions[name] = position
     return position
-
-
-def _text(word: str | bytes) -> str:
-    return word.decode("utf-8", "replace") if isinstance(word, bytes) else word

@@ -240,13 +240,21 @@ def _sentinel_target(pool: Any, kwargs: dict[str, Any], retry: Any) -> Target:
     replicas (see :mod:`._redis_sentinel`). Never left where the inline and compiled layers
     look (``_TARGET``): the server behind the pool changes with a failover."""
     host, port = server_of(pool)
-    targets: dict[tuple[str, int | None], Target] | None = getattr(pool, _TARGETS, None)
+    return _kept(pool, host, port, retry, lambda: _new_target(host, port, kwargs, retry))
+
+
+def _kept(
+    holder: Any, host: str, port: int | None, retry: Any, make: Callable[[], Target]
+) -> Target:
+    """The target of ``host:port`` kept on ``holder`` (a Sentinel pool, a cluster's slot
+    map), while it was read from the same ``retry``; else ``make()``'s, kept from now on."""
+    targets: dict[tuple[str, int | None], Target] | None = getattr(holder, _TARGETS, None)
     cached = targets.get((host, port)) if targets is not None else None
     if cached is not None and cached.retry is retry:
         return cached
-    target = _new_target(host, port, kwargs, retry)
-    if targets is None or len(targets) >= 64:
-        targets = _remember(pool, _TARGETS, {})
+    target = make()
+    if targets is None or len(targets) >= 256:
+        targets = _remember(holder, _TARGETS, {})
     targets[(host, port)] = target
     return target
 
@@ -280,22 +288,16 @@ def _cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Targ
     else:
         host, port = getattr(holder, _WIDE, None) or _remember(holder, _WIDE, cluster_wide(client))
     retry = getattr(instance, "retry", None) or getattr(client, "retry", None)
-    targets: dict[tuple[str, int | None], Target] | None = getattr(holder, _TARGETS, None)
-    cached = targets.get((host, port)) if targets is not None else None
-    if cached is not None and cached.retry is retry:
-        return cached
-    retries = _retry_count(retry) if retry is not None else 0
-    errors: Any = ()
-    if retries:
-        errors = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
-        errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
-    target = Target(host, port, tuple(errors), retries, retry, rejection=CircuitOpenError)
-    if targets is None or len(targets) >= 256:
-        targets = {}
-        with contextlib.suppress(Exception):  # a client with __slots__: recompute next time
-            setattr(holder, _TARGETS, targets)
-    targets[(host, port)] = target
-    return target
+
+    def make() -> Target:
+        retries = _retry_count(retry) if retry is not None else 0
+        errors: Any = ()
+        if retries:
+            errors = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
+            errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
+        return Target(host, port, tuple(errors), retries, retry, rejection=CircuitOpenError)
+
+    return _kept(holder, host, port, retry, make)
 
 
 def _remember(holder: Any, attribute: str, value: Any) -> Any:
