@@ -207,7 +207,7 @@ class Target:
 
 Resolve = Callable[[Any, tuple[Any, ...] | None], Target]
 """``resolve(instance, command)``: the target a client's (or pipeline's) call goes to
-(``command`` None: to nodes the caller chose)."""
+(``command`` None: to nodes the caller named, see :func:`_routing`)."""
 
 
 def _standalone_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Target:
@@ -240,22 +240,21 @@ def _sentinel_target(pool: Any, kwargs: dict[str, Any], retry: Any) -> Target:
     replicas (see :mod:`._redis_sentinel`). Never left where the inline and compiled layers
     look (``_TARGET``): the server behind the pool changes with a failover."""
     host, port = server_of(pool)
-    return _kept(pool, host, port, retry, lambda: _new_target(host, port, kwargs, retry))
+    return _kept(pool, (host, port), retry, lambda: _new_target(host, port, kwargs, retry))
 
 
-def _kept(
-    holder: Any, host: str, port: int | None, retry: Any, make: Callable[[], Target]
-) -> Target:
-    """The target of ``host:port`` kept on ``holder`` (a Sentinel pool, a cluster's slot
-    map), while it was read from the same ``retry``; else ``make()``'s, kept from now on."""
-    targets: dict[tuple[str, int | None], Target] | None = getattr(holder, _TARGETS, None)
-    cached = targets.get((host, port)) if targets is not None else None
+def _kept(holder: Any, key: tuple[Any, ...], retry: Any, make: Callable[[], Target]) -> Target:
+    """The target ``key`` names (a server's ``(host, port)``) kept on ``holder`` (a Sentinel
+    pool, a cluster's slot map), while it was read from the same ``retry``; else
+    ``make()``'s, kept from now on."""
+    targets: dict[tuple[Any, ...], Target] | None = getattr(holder, _TARGETS, None)
+    cached = targets.get(key) if targets is not None else None
     if cached is not None and cached.retry is retry:
         return cached
     target = make()
     if targets is None or len(targets) >= 256:
         targets = _remember(holder, _TARGETS, {})
-    targets[(host, port)] = target
+    targets[key] = target
     return target
 
 
@@ -271,14 +270,17 @@ def _new_target(host: str, port: int | None, kwargs: dict[str, Any], retry: Any)
 
 def _cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Target:
     """The shard a cluster client's call goes to, named after its primary, or the cluster as
-    a whole (see :mod:`._redis_routing`); ``command`` None: sent to nodes the caller chose
-    (``target_nodes=``). Cached per shard while its ``retry`` stays the same object. The
-    cluster's own retry repeats ``ERRORS_ALLOW_RETRY``."""
+    a whole (see :mod:`._redis_routing`); ``command`` None: sent to nodes the caller named
+    (:func:`_routing`). Cached per shard while its ``retry`` stays the same object. The
+    cluster's own retry repeats ``ERRORS_ALLOW_RETRY``, but never a call to named nodes:
+    after the slot-map refresh a failure triggers, they may no longer exist. Such a call's
+    target says nothing is repeated, so a read sent that way is ours to retry."""
     client = getattr(instance, "cluster_client", None) or instance
+    named = command is None
     if _is_cluster_pipeline(instance):
-        node = _pipeline_shard(client, instance)
+        node, named = _pipeline_shard(client, instance), False
     else:
-        node = None if command is None else shard_primary(client, command)
+        node = None if named else shard_primary(client, command or ())
     # Kept on the client's slot map, which its pipelines share (a sync pipeline has no link
     # to its client); the cluster-wide name is chosen once: redis-py may pick another
     # default node after a failure.
@@ -290,14 +292,14 @@ def _cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Targ
     retry = getattr(instance, "retry", None) or getattr(client, "retry", None)
 
     def make() -> Target:
-        retries = _retry_count(retry) if retry is not None else 0
+        retries = _retry_count(retry) if retry is not None and not named else 0
         errors: Any = ()
         if retries:
             errors = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
             errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
         return Target(host, port, tuple(errors), retries, retry, rejection=CircuitOpenError)
 
-    return _kept(holder, host, port, retry, make)
+    return _kept(holder, (host, port, "named") if named else (host, port), retry, make)
 
 
 def _remember(holder: Any, attribute: str, value: Any) -> Any:
@@ -330,6 +332,18 @@ def _pipeline_shard(client: Any, pipe: Any) -> Any:
 def _chooses_nodes(options: dict[str, Any]) -> bool:
     """``target_nodes=`` (or redis-py's ``nodes_flag``): the caller picked the nodes."""
     return "target_nodes" in options or "nodes_flag" in options
+
+
+def _routing(options: dict[str, Any], command: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """What :data:`Resolve` is told of a cluster call's nodes: its ``command`` (redis-py
+    routes it by its key); ``()`` for a nodes flag (``target_nodes="primaries"``, or
+    ``nodes_flag``): redis-py picks those nodes, again on its retries, and no key decides;
+    None for nodes named by object (``target_nodes=node``), which redis-py does not retry
+    (its ``_is_nodes_flag`` test)."""
+    if not _chooses_nodes(options):
+        return command
+    named = options.get("target_nodes")
+    return () if named is None or isinstance(named, str) else None
 
 
 def _transactional(pipe: Any) -> bool:
@@ -524,7 +538,7 @@ class _SiteLayers:
         """The plan for a call (``args[0]`` is the client or pipeline) and, for a retried
         pipeline, what wraps ``execute`` to refill it."""
         planner, instance = self.planner, args[0]
-        target = self.resolve(instance, None if _chooses_nodes(options) else args[1:])
+        target = self.resolve(instance, _routing(options, args[1:]))
         mode = self.site.span_mode()
         if self.kind == "pipeline":
             plan, saved = planner.pipeline(mode, target, instance)

@@ -29,6 +29,7 @@ from servers import aclose
 
 from integrations.redis_cluster import (
     REDIS_PY,
+    TIMEOUT,
     ClusterStack,
     PrivateCluster,
     key_on,
@@ -576,9 +577,62 @@ def test_calls_no_one_shard_answers_for_never_open_a_healthy_shards_circuit(
         # default node by then, after the dead shard's failure)
         wide = [state for name, state in stack.breakers().items() if " cluster " in name]
         assert wide == ["open"], stack.breakers()
-        import otel_recovery.instrumentors.redis as R
-
-        print("DEBUG", stack.breakers(), R._cluster_target(c, None).host, c.get_default_node())
         assert outcome(lambda: c.execute_command("PING", target_nodes=default)) is (
             CircuitOpenError
         )
+
+
+@pytest.mark.parametrize("order", ["baseline", "contrib_first"])
+def test_a_read_sent_to_a_node_the_caller_chose_is_ours_to_retry(
+    stacks: Any, cluster: PrivateCluster, order: str
+) -> None:
+    """redis-py's cluster retry (on by default) repeats a command only where it picks the
+    node itself: never one sent to a node object (``target_nodes=node``), which a slot-map
+    refresh could leave stale. Such a read is therefore ours to repeat, while redis-py's
+    retry covers a nodes flag (``target_nodes="primaries"``) and we add nothing to it.
+    The fault: the node pauses clients a little longer than the socket timeout."""
+    stack = stacks(order)
+    c = stack.cluster_client(retries=3)
+    paused = cluster.primaries[0]
+    node = c.get_node(host="127.0.0.1", port=paused.port)
+    pause_ms = str(int(TIMEOUT * 1000) + 150)
+    assert node is not None and c.dbsize(target_nodes=node) == 0
+    stack.reset_counts()
+    paused.call("CLIENT", "PAUSE", pause_ms, "ALL")
+    if stack.instrumented:
+        assert c.dbsize(target_nodes=node) == 0
+        assert stack.attempts["execute_command"] == 2
+        assert stack.per_node[paused.port, "DBSIZE"] == 2
+        attrs = span_of(stack, "DBSIZE")
+        assert attrs["otel_recovery.outcome"] == "success", attrs
+        assert attrs["otel_recovery.retry.attempts"] == 2
+    else:
+        assert outcome(lambda: c.dbsize(target_nodes=node)) is RedisTimeoutError
+        assert stack.per_node[paused.port, "DBSIZE"] == 1
+    wait_for(lambda: c.dbsize(target_nodes=node) == 0, "the pause did not end")
+    stack.reset_counts()
+    if stack.instrumented:
+        stack.exporter.clear()
+    paused.call("CLIENT", "PAUSE", pause_ms, "ALL")
+    assert c.ping(target_nodes="primaries") is True  # redis-py repeats it on its own
+    assert stack.attempts["execute_command"] == 1
+
+
+@pytest.mark.parametrize("order", ["baseline", "ours_first"])
+async def test_async_a_read_sent_to_a_node_the_caller_chose_is_ours_to_retry(
+    stacks: Any, cluster: PrivateCluster, order: str
+) -> None:
+    stack = stacks(order)
+    c = stack.acluster_client(retries=3)
+    try:
+        paused = cluster.primaries[0]
+        assert await c.dbsize() >= 0  # the slot map is loaded on first use
+        node = c.get_node(host="127.0.0.1", port=paused.port)
+        assert node is not None
+        stack.reset_counts()
+        paused.call("CLIENT", "PAUSE", str(int(TIMEOUT * 1000) + 150), "ALL")
+        got = await aoutcome(lambda: c.dbsize(target_nodes=node))
+        assert got == (0 if stack.instrumented else RedisTimeoutError)
+        assert stack.per_node[paused.port, "DBSIZE"] == (2 if stack.instrumented else 1)
+    finally:
+        await aclose(c)
