@@ -47,7 +47,13 @@ class MonotonicClock:
 
     now = staticmethod(time.monotonic)
     wall = staticmethod(time.time)
-    sleep = staticmethod(time.sleep)
+
+    def sleep(self, seconds: float) -> None:
+        # ``time.sleep`` looked up per call, not bound at import: gevent and eventlet replace
+        # it when they monkey-patch, which under gunicorn's gevent worker happens after
+        # opentelemetry-instrument imported us. The original would stop every greenlet of
+        # the worker for the whole backoff, not just the one retrying.
+        time.sleep(seconds)
 
     async def asleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -59,6 +59,7 @@ NOT_RUN = {
     "rq",
     "celery",
     "gunicorn",
+    "gevent",
     "uv",
 }
 """Test-extra packages the lowest run does not use: lint runs once, tests/integrations (the

@@ -1,0 +1,92 @@
+"""otel-recovery in a gevent worker (``gunicorn -k gevent`` under ``opentelemetry-instrument``).
+
+There our package is imported before gevent monkey-patches the standard library, so any
+blocking primitive of ours bound at import would block the whole worker, every greenlet of
+it, for as long as it waits: a retry's backoff would stop every other request the worker
+serves. Each scenario of ``gevent_scenarios.py`` runs in its own interpreter (patching
+pytest's own would change every other test) and reports the longest time the hub ran
+nothing else while one greenlet recovered.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("gevent")
+
+HERE = Path(__file__).resolve().parent
+STALL = 0.15
+"""The longest stall allowed: the scenarios wait 0.3 s or more per backoff, while the ticker
+ticks every 10 ms (margin for a loaded CI machine)."""
+
+
+def run(*args: str) -> dict[str, Any]:
+    completed = subprocess.run(
+        [sys.executable, str(HERE / "gevent_scenarios.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=HERE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+    )
+    assert completed.returncode == 0, completed.stderr
+    report: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_a_decorated_calls_backoff_lets_the_other_greenlets_run() -> None:
+    report = run("decorator")
+    assert report["result"] == "ok" and report["calls"] == 3
+    assert report["seconds"] >= 0.6  # two backoffs of 0.3 s: the waits did happen
+    assert report["longest_stall"] < STALL, report
+
+
+class _ThenOk(http.server.BaseHTTPRequestHandler):
+    """503 with ``Retry-After: 1`` to the first request, 200 after."""
+
+    seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self.seen.append(self.path)
+        first = len(self.seen) == 1
+        self.send_response(503 if first else 200)
+        if first:
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, list[str]]]:
+    handler = type("Handler", (_ThenOk,), {"seen": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/x", handler.seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_requests_retry_after_wait_lets_the_other_greenlets_run(
+    server: tuple[str, list[str]],
+) -> None:
+    url, seen = server
+    report = run("http", url)
+    assert report["result"] == 200 and len(seen) == 2
+    assert report["seconds"] >= 1.0  # Retry-After honoured
+    assert report["longest_stall"] < STALL, report
