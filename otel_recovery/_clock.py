@@ -1,8 +1,9 @@
 """The only place in otel_recovery that reads time or sleeps.
 
 Every policy takes a ``Clock``. Production code gets :data:`SYSTEM_CLOCK` (monotonic time,
-``time.sleep`` and ``asyncio.sleep``); tests pass :class:`otel_recovery.testing.FakeClock`,
-whose sleeps advance virtual time, so no test ever waits for real.
+``time.sleep`` and ``asyncio.sleep``, or ``trio.sleep`` under trio); tests pass
+:class:`otel_recovery.testing.FakeClock`, whose sleeps advance virtual time, so no test
+ever waits for real.
 
 Monotonic time drives every decision (deadlines, windows, open-circuit timers) because the
 wall clock jumps. The wall clock is read only to interpret HTTP dates (``Retry-After``) and
@@ -16,6 +17,8 @@ import math
 import time
 from datetime import timedelta
 from typing import Protocol, runtime_checkable
+
+from otel_recovery._trio import running_trio
 
 __all__ = ["SYSTEM_CLOCK", "Clock", "Duration", "MonotonicClock", "to_seconds"]
 
@@ -56,7 +59,11 @@ class MonotonicClock:
         time.sleep(seconds)
 
     async def asleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        trio = running_trio()
+        if trio is not None:  # httpx, hypercorn or a coroutine under trio: no asyncio loop
+            await trio.sleep(seconds)
+        else:
+            await asyncio.sleep(seconds)
 
     def __repr__(self) -> str:
         return "MonotonicClock()"

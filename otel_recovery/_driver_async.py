@@ -21,6 +21,7 @@ from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import AsyncRunner, PolicyCore
+from otel_recovery._trio import running_trio
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.bulkhead import BulkheadFullError
 from otel_recovery.policies.timeout import reset_deadline, set_deadline
@@ -196,6 +197,12 @@ class AsyncDriver(PolicyCore):
             raise self._attempt_timed_out(max(0.0, limit))
         token = set_deadline(end)
         try:
+            trio = running_trio()
+            if trio is not None:  # trio's own scope: cancels the attempt, knows if it fired
+                with trio.move_on_after(limit) as cut:
+                    return await resolve(fn(*args, **kwargs))
+                assert cut.cancelled_caught  # the with block returned otherwise
+                raise self._attempt_timed_out(limit)
             if sys.version_info >= (3, 11):
                 # A timeout scope in this task: it knows whether it fired (a client's own
                 # timeout inside, aiohttp's ClientTimeout say, is not ours), and unlike

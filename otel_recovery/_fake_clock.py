@@ -10,6 +10,7 @@ import asyncio
 
 from otel_recovery._clock import Duration, to_seconds
 from otel_recovery._forksafe import new_lock
+from otel_recovery._trio import running_trio
 
 __all__ = ["FakeClock"]
 
@@ -18,7 +19,7 @@ class FakeClock:
     """A clock whose sleeps advance virtual time instantly and are recorded.
 
     ``sleeps`` lists every sleep in order, which is what backoff tests assert on.
-    ``asleep`` yields to the event loop once (``asyncio.sleep(0)``) so tasks interleave
+    ``asleep`` yields to the event loop once (``asyncio.sleep(0)``, or trio's) so tasks interleave
     as they would with real sleeps, without waiting.
     """
 
@@ -47,7 +48,8 @@ class FakeClock:
 
     async def asleep(self, seconds: float) -> None:
         self.sleep(seconds)
-        await asyncio.sleep(0)
+        trio = running_trio()
+        await (trio.sleep(0) if trio is not None else asyncio.sleep(0))
 
     @property
     def total_slept(self) -> float:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._forksafe import new_lock
 from otel_recovery._policy_core import AsyncRunner, Runner
+from otel_recovery._trio import is_trio_cancellation
 from otel_recovery.instrumentors._client_retries import mark
 from otel_recovery.instrumentors._db import (
     CONTEXT_VAR,
@@ -171,6 +172,13 @@ def _same_method(stored: Any, method: Any) -> bool:
 
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
 """What an attempt cut by ``attempt_timeout`` ends with (distinct types before Python 3.11)."""
+
+
+def _cancelled(outcome: object) -> bool:
+    """An attempt's outcome that a cancellation ended (asyncio's, or trio's scope)."""
+    return isinstance(outcome, CancelledError) or (
+        isinstance(outcome, BaseException) and is_trio_cancellation(outcome)
+    )
 
 
 PlanOf = Callable[[tuple[Any, ...], dict[str, Any]], HttpPlan | None]
@@ -373,7 +381,7 @@ class HttpSite(Generic[R]):
             return response
         if (outcomes and error is outcomes[-1]) or not isinstance(error, Exception):
             return error  # the original's own failure, or cancellation: never ours to eat
-        if outcomes and isinstance(outcomes[-1], CancelledError) and isinstance(error, _TIMEOUTS):
+        if outcomes and _cancelled(outcomes[-1]) and isinstance(error, _TIMEOUTS):
             return self.timed_out(error, args, kwargs)  # our attempt_timeout cut the last one
         if isinstance(error, CircuitOpenError) and not outcomes:
             try:

@@ -6,8 +6,9 @@ and are then rejected with :class:`BulkheadFullError` (a fallback may catch it).
 
 One object serves sync and async callers: slots are a counter under a ``threading.Lock``;
 threads wait on a ``threading.Condition``; tasks wait on futures that a releasing caller
-resolves through their loop's ``call_soon_threadsafe``. Slots are handed over directly to
-a waiting task, so a task cannot be starved by threads that keep arriving.
+resolves through their loop's ``call_soon_threadsafe`` (under trio: on an event it sets
+through the run's token). Slots are handed over directly to a waiting task, so a task
+cannot be starved by threads that keep arriving.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from typing import Any
 
 from otel_recovery._clock import Duration, to_seconds
 from otel_recovery._forksafe import new_lock, reset_in_child
+from otel_recovery._trio import running_trio
 
 __all__ = ["Bulkhead", "BulkheadFullError"]
 
@@ -60,9 +63,7 @@ class Bulkhead:
         self._lock = new_lock()
         self._cond = threading.Condition(self._lock)
         self._in_use = 0
-        self._task_waiters: collections.deque[
-            tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
-        ] = collections.deque()
+        self._task_waiters: collections.deque[_AsyncioWaiter | _TrioWaiter] = collections.deque()
         self.rejected = 0
         self._orphaned = 0
         reset_in_child(self)
@@ -95,7 +96,6 @@ class Bulkhead:
 
     async def aacquire(self) -> None:
         """Take a slot for a task, waiting up to ``max_wait``; raise if none frees up."""
-        loop = asyncio.get_running_loop()
         with self._lock:
             if self._in_use < self.max_concurrent:
                 self._in_use += 1
@@ -103,11 +103,11 @@ class Bulkhead:
             if self.max_wait <= 0:
                 self.rejected += 1
                 raise BulkheadFullError(self.name, self.max_concurrent)
-            future: asyncio.Future[None] = loop.create_future()
-            waiter = (loop, future)
+            trio = running_trio()
+            waiter = _TrioWaiter(trio) if trio is not None else _AsyncioWaiter()
             self._task_waiters.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.max_wait)
+            await waiter.wait(self.max_wait)
         except BaseException as stopped:
             # Timed out, or the waiting task was cancelled.
             with self._lock:
@@ -117,7 +117,7 @@ class Bulkhead:
             if handed_over:
                 # The slot arrived just as we stopped waiting: pass it on, never leak it.
                 self.release()
-            if not isinstance(stopped, asyncio.TimeoutError):
+            if not isinstance(stopped, waiter.timed_out):
                 raise  # cancellation stays cancellation (asyncio.timeout, TaskGroup rely on it)
             with self._lock:
                 self.rejected += 1
@@ -127,12 +127,10 @@ class Bulkhead:
         """Give a slot back, handing it straight to a waiting task if there is one."""
         with self._cond:
             while self._task_waiters:
-                loop, future = self._task_waiters.popleft()
-                if loop.is_closed():
-                    continue
-                # The slot stays counted as in use: ownership moves to the waiting task.
-                loop.call_soon_threadsafe(_resolve, future)
-                return
+                # The slot stays counted as in use: ownership moves to the waiting task
+                # (unless its loop or run has ended: the next waiter then).
+                if self._task_waiters.popleft().hand_over():
+                    return
             if self._in_use <= 0:
                 if self._orphaned:  # a slot taken before a fork, by the thread that forked
                     self._orphaned -= 1
@@ -146,6 +144,51 @@ class Bulkhead:
             f"Bulkhead(max_concurrent={self.max_concurrent}, max_wait={self.max_wait}, "
             f"name={self.name!r})"
         )
+
+
+class _AsyncioWaiter:
+    """A task of an asyncio loop waiting for a slot: a future of its loop."""
+
+    __slots__ = ("future", "loop")
+    timed_out: tuple[type[BaseException], ...] = (asyncio.TimeoutError,)
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[None] = self.loop.create_future()
+
+    async def wait(self, seconds: float) -> None:
+        await asyncio.wait_for(asyncio.shield(self.future), seconds)
+
+    def hand_over(self) -> bool:
+        if self.loop.is_closed():
+            return False
+        self.loop.call_soon_threadsafe(_resolve, self.future)
+        return True
+
+
+class _TrioWaiter:
+    """A trio task waiting for a slot: an event set through its run's token (from any
+    thread, as ``call_soon_threadsafe`` does for asyncio)."""
+
+    __slots__ = ("event", "finished", "timed_out", "token", "trio")
+
+    def __init__(self, trio: Any) -> None:
+        self.trio = trio
+        self.token = trio.lowlevel.current_trio_token()
+        self.event = trio.Event()
+        self.finished = trio.RunFinishedError
+        self.timed_out: tuple[type[BaseException], ...] = (trio.TooSlowError,)
+
+    async def wait(self, seconds: float) -> None:
+        with self.trio.fail_after(seconds):
+            await self.event.wait()
+
+    def hand_over(self) -> bool:
+        try:
+            self.token.run_sync_soon(self.event.set)
+        except self.finished:
+            return False
+        return True
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

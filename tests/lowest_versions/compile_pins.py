@@ -60,6 +60,7 @@ NOT_RUN = {
     "celery",
     "gunicorn",
     "gevent",
+    "trio",
     "uv",
 }
 """Test-extra packages the lowest run does not use: lint runs once, tests/integrations (the
