@@ -329,7 +329,7 @@ class PolicyCore:
 
     def _attempt_timed_out(self, limit: float) -> BaseException:
         """What an awaited attempt that overran its time limit raises (retryable)."""
-        return TimeoutError(f"attempt exceeded its {limit:g}s time limit")
+        return TimeoutError(f"attempt exceeded its {limit:.3g}s time limit")
 
     def _rejection(self) -> CircuitOpenError:
         breaker = self.breaker

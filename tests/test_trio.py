@@ -142,6 +142,32 @@ def test_a_bulkhead_hands_slots_to_waiting_trio_tasks_and_rejects_after_max_wait
     assert "d" not in ended and "e" not in ended and ended["in_use"] == 0
 
 
+def test_the_asgi_middleware_retries_under_trio() -> None:
+    """As under hypercorn's trio worker: a GET whose app fails once is retried after the
+    backoff, on trio's clock."""
+    from otel_recovery.middleware.asgi import RecoveryMiddleware
+
+    attempts: list[float] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        attempts.append(trio.current_time())
+        if len(attempts) == 1:
+            raise ConnectionError("connection reset while reading stock")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guarded = RecoveryMiddleware(app, retry=Retry(2, backoff=FixedBackoff(3.0)))
+
+    async def main() -> httpx.Response:
+        transport = httpx.ASGITransport(app=guarded)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            return await client.get("/stock")
+
+    response = run_virtual(main)
+    assert (response.status_code, response.text) == (200, "ok")
+    assert attempts == [0.0, 3.0]
+
+
 # -- httpx's AsyncClient under trio, against a real local server ----------------------------
 
 

@@ -100,7 +100,7 @@ class _TargetPolicy(RecoveryPolicy):
         """A ``TimeoutError`` that is also the client library's own timeout error, so an
         application's ``except redis.RedisError`` / ``psycopg.Error`` (and SQLAlchemy's
         wrapping of DBAPI errors) handle an attempt our time limit cancelled."""
-        return self._timeout_type(f"attempt exceeded its {limit:g}s time limit")
+        return self._timeout_type(f"attempt exceeded its {limit:.3g}s time limit")
 
     def _decide(
         self, error: BaseException, info: ErrorInfo, attempt: int, delay: float, started: float
