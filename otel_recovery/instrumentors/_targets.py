@@ -249,29 +249,39 @@ class TargetPolicies:
             if target is not None:
                 self._targets.move_to_end(key)
                 return target
-            s = self.settings.for_target(host, port, None)
-            name = f"{self.library} {host}:{port}" if port is not None else f"{self.library} {host}"
-            breaker = CircuitBreaker(
-                name=name,
-                timeout=s.breaker_open_seconds,
-                failure_rate_threshold=s.breaker_failure_rate,
-                window="count",
-                window_size=s.breaker_window,
-                minimum_calls=min(s.breaker_minimum_calls, s.breaker_window),
-                half_open_max_calls=s.breaker_half_open_calls,
-                clock=self._clock,
-            )
-            budget = RetryBudget(
-                ratio=s.budget_ratio,
-                min_per_second=s.budget_min_per_second,
-                name=name,
-                clock=self._clock,
-            )
-            target = _Target(breaker, budget)
-            self._targets[key] = target
+        # Made outside the lock. With OTEL_RECOVERY_STORE_URL the breaker and budget are
+        # shared, and the first one starts the sync thread; under gevent starting a thread
+        # switches greenlets, and this lock is a real one when instrument() ran before gevent
+        # patched (gunicorn -k gevent): the next greenlet to get here would block the hub
+        # for good. Two callers may each make one; the first kept is everyone's.
+        made = self._new_target(host, port)
+        with self._lock:
+            target = self._targets.setdefault(key, made)
+            self._targets.move_to_end(key)
             while len(self._targets) > self._max:
                 self._targets.popitem(last=False)
             return target
+
+    def _new_target(self, host: str, port: int | None) -> _Target:
+        s = self.settings.for_target(host, port, None)
+        name = f"{self.library} {host}:{port}" if port is not None else f"{self.library} {host}"
+        breaker = CircuitBreaker(
+            name=name,
+            timeout=s.breaker_open_seconds,
+            failure_rate_threshold=s.breaker_failure_rate,
+            window="count",
+            window_size=s.breaker_window,
+            minimum_calls=min(s.breaker_minimum_calls, s.breaker_window),
+            half_open_max_calls=s.breaker_half_open_calls,
+            clock=self._clock,
+        )
+        budget = RetryBudget(
+            ratio=s.budget_ratio,
+            min_per_second=s.budget_min_per_second,
+            name=name,
+            clock=self._clock,
+        )
+        return _Target(breaker, budget)
 
     def policy_for(
         self,

@@ -36,6 +36,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
+import types
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +66,21 @@ from otel_recovery.telemetry import attributes as names
 __all__ = ["SERIES_DETECTOR_CONFIG", "AnomalySpanProcessor", "series_key"]
 
 _log = logging.getLogger("otel_recovery")
+
+
+def _let_greenlets_run() -> None:
+    """Yield to gevent's (or eventlet's) hub when they have patched ``time``.
+
+    A processor built once gevent has patched (app code in a ``gunicorn -k gevent`` worker)
+    gets a greenlet for its worker, on the hub's own thread. Scoring a bucket refits a
+    statsmodels model per series, tens of milliseconds each, and the whole bucket for 40
+    series stopped every greenlet of the worker for 2 s. Yielding after each series bounds
+    the stall to one series. Unpatched, ``time.sleep`` is the builtin and nothing happens.
+    """
+    sleep = time.sleep
+    if not isinstance(sleep, types.BuiltinFunctionType):
+        sleep(0)
+
 
 SERIES_DETECTOR_CONFIG = DetectorConfig(
     history=256,
@@ -318,6 +335,7 @@ class AnomalySpanProcessor(SpanProcessor):
             if not self._failed:
                 self._failed = True
                 _log.exception("otel_recovery anomaly detector failed (logged once)")
+        _let_greenlets_run()
 
     def _score(self, series: Series, calls: int, errors: int, latency: float, at: float) -> None:
         assert series.error_detector is not None

@@ -6,11 +6,17 @@ imported and instrumented first (the sitecustomize, in the master), gevent's
 longest stretch in which the hub ran nothing else while one greenlet recovered: a blocking
 primitive of ours bound before the patch would stop the whole worker for its wait.
 
-Usage: ``python gevent_scenarios.py <scenario> [url]``; prints one JSON line.
+A deadlocked hub never prints: a ``faulthandler`` watchdog then dumps every stack and ends
+the process, which the test reports.
+
+Usage: ``python gevent_scenarios.py <scenario> [url]``; prints one JSON line. With
+``OTEL_RECOVERY_STORE_URL`` set (``shared_first_calls``) the breakers and budgets made at
+the first calls are fleet-wide, and the first one starts the sync thread.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from collections.abc import Callable
@@ -75,7 +81,73 @@ def http(url: str) -> dict[str, Any]:
     return longest_stall(lambda: requests.get(url, timeout=5).status_code)
 
 
+def shared_first_calls(url: str) -> dict[str, Any]:
+    """Twenty greenlets make the first calls to one target at once."""
+    calls = [gevent.spawn(lambda: requests.get(url, timeout=5).status_code) for _ in range(20)]
+    gevent.joinall(calls, raise_error=True)
+    return {"statuses": sorted({call.value for call in calls}), "done": len(calls)}
+
+
+def anomaly() -> dict[str, Any]:
+    """An anomaly processor built after the patch (its worker is then a greenlet) scores
+    20 series per 50 ms bucket, while a ticker greenlet counts its turns on the hub: how
+    many series were scored in one turn of the worker at most."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanKind
+
+    from otel_recovery.learning.anomaly import AnomalySpanProcessor
+
+    processor = AnomalySpanProcessor(bucket=0.05, grace=0.0, flush_interval=0.02)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("gevent-scenario")
+    turns = [0]
+    in_one_turn: list[int] = []
+    scored = processor._score
+
+    def counted(*args: Any) -> None:
+        if in_one_turn and in_one_turn[-1] and turns[0] == last_turn[0]:
+            in_one_turn[-1] += 1
+        else:
+            in_one_turn.append(1)
+        last_turn[0] = turns[0]
+        scored(*args)
+
+    last_turn = [-1]
+    processor._score = counted  # type: ignore[method-assign]
+    until = time.monotonic() + 1.0
+    running = True
+
+    def ticker() -> None:
+        while running:
+            turns[0] += 1
+            gevent.sleep(0)
+
+    def load(series: int) -> None:
+        while time.monotonic() < until:
+            attributes = {"server.address": f"dep{series}", "http.request.method": "GET"}
+            with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT, attributes=attributes):
+                pass
+            gevent.sleep(0.005)
+
+    watcher = gevent.spawn(ticker)
+    gevent.joinall([gevent.spawn(load, n) for n in range(20)])
+    gevent.sleep(0.2)  # the last buckets close
+    running = False
+    watcher.join()
+    processor.shutdown()
+    return {"scored": sum(in_one_turn), "most_in_one_turn": max(in_one_turn, default=0)}
+
+
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(30, exit=True)
     name = sys.argv[1]
-    report = decorator() if name == "decorator" else http(sys.argv[2])
+    if name == "decorator":
+        report = decorator()
+    elif name == "anomaly":
+        report = anomaly()
+    elif name == "shared_first_calls":
+        report = shared_first_calls(sys.argv[2])
+    else:
+        report = http(sys.argv[2])
     print(json.dumps(report))
