@@ -68,18 +68,10 @@ __all__ = ["SERIES_DETECTOR_CONFIG", "AnomalySpanProcessor", "series_key"]
 _log = logging.getLogger("otel_recovery")
 
 
-def _let_greenlets_run() -> None:
-    """Yield to gevent's (or eventlet's) hub when they have patched ``time``.
-
-    A processor built once gevent has patched (app code in a ``gunicorn -k gevent`` worker)
-    gets a greenlet for its worker, on the hub's own thread. Scoring a bucket refits a
-    statsmodels model per series, tens of milliseconds each, and the whole bucket for 40
-    series stopped every greenlet of the worker for 2 s. Yielding after each series bounds
-    the stall to one series. Unpatched, ``time.sleep`` is the builtin and nothing happens.
-    """
-    sleep = time.sleep
-    if not isinstance(sleep, types.BuiltinFunctionType):
-        sleep(0)
+def _greenlets() -> bool:
+    """Whether gevent (or eventlet) has patched ``time``, hence ``threading``, by now:
+    ``time.sleep`` is then no longer the builtin."""
+    return not isinstance(time.sleep, types.BuiltinFunctionType)
 
 
 SERIES_DETECTOR_CONFIG = DetectorConfig(
@@ -155,6 +147,13 @@ class AnomalySpanProcessor(SpanProcessor):
             unit="{anomaly}",
             description="Anomaly onsets detected in dependency call series.",
         )
+        # Built once gevent has patched (app code in a ``gunicorn -k gevent`` worker), the
+        # worker is a greenlet on the hub's thread: scoring a bucket refits a statsmodels
+        # model per series, tens of ms each, and a bucket of 40 series stopped every other
+        # greenlet for 2 s. It then yields after each series (_close). Built before the
+        # patch, its locks are real ones, which a greenlet must never hold across a switch,
+        # and its worker a real thread: it never yields.
+        self._yields = _greenlets()
         self._pending: deque[ReadableSpan] = deque()
         self._series: OrderedDict[tuple[str, str, str], Series] = OrderedDict()
         self._overflow: dict[str, Series] = {}
@@ -335,7 +334,8 @@ class AnomalySpanProcessor(SpanProcessor):
             if not self._failed:
                 self._failed = True
                 _log.exception("otel_recovery anomaly detector failed (logged once)")
-        _let_greenlets_run()
+        if self._yields:
+            time.sleep(0)  # gevent's: the hub's other greenlets run (see __init__)
 
     def _score(self, series: Series, calls: int, errors: int, latency: float, at: float) -> None:
         assert series.error_detector is not None

@@ -30,6 +30,15 @@ from otel_recovery.instrumentors.requests import RequestsRecoveryInstrumentor
 
 RequestsRecoveryInstrumentor().instrument()
 
+if sys.argv[1:2] == ["flush_before_patch"]:  # made where a sitecustomize would make it
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_recovery.learning.anomaly import AnomalySpanProcessor
+
+    MADE_BEFORE_PATCH = AnomalySpanProcessor(bucket=0.05, grace=0.0, flush_interval=10.0)
+    PROVIDER_BEFORE_PATCH = TracerProvider()
+    PROVIDER_BEFORE_PATCH.add_span_processor(MADE_BEFORE_PATCH)
+
 from gevent import monkey  # noqa: E402  (the point: patched after our import)
 
 monkey.patch_all()
@@ -139,6 +148,32 @@ def anomaly() -> dict[str, Any]:
     return {"scored": sum(in_one_turn), "most_in_one_turn": max(in_one_turn, default=0)}
 
 
+def flush_before_patch() -> dict[str, Any]:
+    """A processor made before the patch has real locks and a real worker thread: two
+    greenlets flushing it at once must both finish (neither may switch while holding its
+    lock), three times over."""
+    from opentelemetry.trace import SpanKind
+
+    tracer = PROVIDER_BEFORE_PATCH.get_tracer("gevent-scenario")
+    flushed = []
+    for _ in range(3):
+        until = time.monotonic() + 0.12
+        while time.monotonic() < until:
+            for series in range(10):
+                attributes = {"server.address": f"dep{series}", "http.request.method": "GET"}
+                with tracer.start_as_current_span(
+                    "GET", kind=SpanKind.CLIENT, attributes=attributes
+                ):
+                    pass
+            gevent.sleep(0.005)
+        gevent.sleep(0.06)  # the buckets are due
+        flushes = [gevent.spawn(MADE_BEFORE_PATCH.force_flush) for _ in range(2)]
+        gevent.joinall(flushes, raise_error=True)
+        flushed += [flush.value for flush in flushes]
+    MADE_BEFORE_PATCH.shutdown()
+    return {"flushed": flushed}
+
+
 if __name__ == "__main__":
     faulthandler.dump_traceback_later(30, exit=True)
     name = sys.argv[1]
@@ -146,6 +181,8 @@ if __name__ == "__main__":
         report = decorator()
     elif name == "anomaly":
         report = anomaly()
+    elif name == "flush_before_patch":
+        report = flush_before_patch()
     elif name == "shared_first_calls":
         report = shared_first_calls(sys.argv[2])
     else:

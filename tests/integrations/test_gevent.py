@@ -131,3 +131,11 @@ def test_the_anomaly_processors_worker_yields_between_series() -> None:
     report = run("anomaly")
     assert report["scored"] >= 100  # 20 series over some 20 buckets
     assert report["most_in_one_turn"] == 1, report
+
+
+def test_an_anomaly_processor_made_before_the_patch_never_yields_holding_its_real_lock() -> None:
+    """Made before the patch (a sitecustomize, ``gunicorn --preload``), the processor's locks
+    are real ones: a greenlet flushing it that yielded while holding one would leave the
+    next flushing greenlet blocking the hub for good (a review found the first version of
+    the yield above doing so)."""
+    assert run("flush_before_patch") == {"flushed": [True] * 6}
