@@ -6,14 +6,13 @@ loop, so ``asyncio.sleep`` and ``asyncio.timeout`` raise ``RuntimeError``. Every
 would then fail inside our machinery instead of waiting. The few places that wait or time
 an attempt out ask :func:`running_trio` and use trio's own primitives there.
 
-Only the failure paths ask (a backoff, an attempt under a time limit), and the question
-costs one ``asyncio.get_running_loop()`` under asyncio, the common case. trio is never
-imported here: if the application runs trio, it has imported it already.
+Only the failure paths ask (a backoff, an attempt under a time limit), and where trio was
+never imported the question is one dictionary lookup. trio is never imported here: if the
+application runs trio, it has imported it already.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from types import ModuleType
 
@@ -22,21 +21,23 @@ __all__ = ["is_trio_cancellation", "running_trio"]
 
 def running_trio() -> ModuleType | None:
     """The ``trio`` module when the calling task runs under trio; None under asyncio (or
-    uvloop), or outside any event loop."""
+    uvloop), or outside any event loop.
+
+    Asked of sniffio, which trio requires and sets for its tasks, because asking asyncio
+    first is wrong where both run in one thread: trio as a guest on an asyncio loop, or
+    trio-asyncio, whose asyncio-mode tasks run under trio (and must get asyncio's sleep).
+    """
     trio = sys.modules.get("trio")
     if trio is None:
         return None
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
+    sniffio = sys.modules.get("sniffio")  # imported by trio itself
+    if sniffio is None:
         return None
     try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
         return None
-    return trio
+    return trio if library == "trio" else None
 
 
 def is_trio_cancellation(error: BaseException) -> bool:
