@@ -292,14 +292,39 @@ def _cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Targ
     retry = getattr(instance, "retry", None) or getattr(client, "retry", None)
 
     def make() -> Target:
-        retries = _retry_count(retry) if retry is not None and not named else 0
-        errors: Any = ()
-        if retries:
-            errors = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
-            errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
-        return Target(host, port, tuple(errors), retries, retry, rejection=CircuitOpenError)
+        errors, retries = _cluster_repeats(instance, client, retry, named=named)
+        return Target(host, port, errors, retries, retry, rejection=CircuitOpenError)
 
     return _kept(holder, (host, port, "named") if named else (host, port), retry, make)
+
+
+def _cluster_repeats(
+    instance: Any, client: Any, retry: Any, *, named: bool
+) -> tuple[tuple[type[BaseException], ...], int]:
+    """What redis-py's cluster client repeats by itself, and how often.
+
+    From redis-py 6 its ``retry`` repeats ``ERRORS_ALLOW_RETRY``, but never a call to nodes
+    named by object (see :func:`_routing`). Before 6, ``cluster_error_retry_attempts`` did
+    (3 by default), and ``retry=`` went to every node's connections instead, which repeat
+    with it a connect that timed out (a refused one raises an ``OSError`` their ``Retry``
+    does not catch): so a named node's call, or any call with that count at 0, counts its
+    ``TimeoutError`` as repeated (one from a read is then taken as repeated although it
+    was not: unsure here costs a retry, never a multiplication)."""
+    own = _retry_count(retry) if retry is not None else 0
+    if _REDIS_PY >= (6,):
+        retries = 0 if named else own
+    else:
+        attempts = None if named else getattr(instance, "cluster_error_retry_attempts", None)
+        if attempts is None and not named:
+            attempts = getattr(client, "cluster_error_retry_attempts", 0)
+        retries = int(attempts or 0)
+        if not retries:
+            return ((RedisTimeoutError,), own) if own else ((), 0)
+    if not retries:
+        return (), 0
+    errors: Any = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
+    errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
+    return tuple(errors), retries
 
 
 def _remember(holder: Any, attribute: str, value: Any) -> Any:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -32,7 +33,13 @@ from opentelemetry.trace import SpanKind, StatusCode
 from ours import marked_by_us
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from servers import PrivateRedis, aclose, private_redis, private_redis_cluster  # noqa: F401
+from servers import (  # noqa: F401
+    PrivateRedis,
+    aclose,
+    free_port,
+    private_redis,
+    private_redis_cluster,
+)
 
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import redis as ours_module
@@ -167,12 +174,13 @@ class Harness:
         self._owners.add(id(pool))
         return redis.asyncio.Redis(connection_pool=pool)
 
-    def cluster_client(self) -> redis.cluster.RedisCluster:
+    def cluster_client(self, retries: int = 0, **options: Any) -> redis.cluster.RedisCluster:
         client = redis.cluster.RedisCluster(
             host="127.0.0.1",
             port=self.server.port,
             socket_timeout=TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), retries),
+            **options,
         )
         self._owners.add(id(client.nodes_manager))
         return client
@@ -808,6 +816,54 @@ def test_cluster_command_and_pipeline_recover_from_a_kill(hc: Harness) -> None:
     assert hc.attempts["execute"] == 1 and hc.attempts["execute_command"] == 2
     assert hc.peek("get", "n") == b"1"
     c.close()
+
+
+@pytest.fixture
+def unanswered() -> Iterator[int]:
+    """A port whose connects time out: its listen backlog (0) is taken by one connection
+    nobody accepts, so the kernel drops every later handshake."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())
+        yield int(listener.getsockname()[1])
+
+
+@pytest.mark.parametrize(("dead", "retries"), [("refused", 0), ("refused", 3), ("silent", 3)])
+def test_a_read_to_a_node_named_by_object_is_repeated_by_one_layer_only(
+    hc: Harness, monkeypatch: pytest.MonkeyPatch, unanswered: int, dead: str, retries: int
+) -> None:
+    """A call to a node named by object (``target_nodes=node``) is never repeated by redis-py's
+    cluster retry; before redis-py 6, though, the cluster's ``retry=`` went to every node's
+    connections, which repeat a connect that timed out with it (not a refused one). Whichever
+    layer repeats, only one does: we add attempts where redis-py made one (3 connects to a
+    dead node), never on top of its own (a review counted 12 connects to a silent node on
+    redis-py 4.5, for its 4)."""
+    port = unanswered if dead == "silent" else free_port()
+    connects: list[int] = []
+    connect = redis.connection.Connection._connect
+
+    def counted(conn: Any) -> Any:
+        if conn.port == port:
+            connects.append(port)
+        return connect(conn)
+
+    monkeypatch.setattr(redis.connection.Connection, "_connect", counted)
+    seen = []
+    for instrumented in (False, True):
+        if instrumented:
+            hc.instrument()
+        c = hc.cluster_client(retries=retries, socket_connect_timeout=TIMEOUT)
+        try:
+            c.ping()
+            connects.clear()
+            with pytest.raises((redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+                c.dbsize(target_nodes=redis.cluster.ClusterNode("127.0.0.1", port))
+            seen.append(len(connects))
+        finally:
+            c.close()
+    alone, with_us = seen
+    assert with_us == max(alone, 3), seen  # 3: our max_attempts
 
 
 @pytest.mark.skipif(REDIS_PY < (8, 0), reason="redis-py < 8.0 forgets a one-node cluster")
