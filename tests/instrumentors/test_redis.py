@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -864,6 +865,26 @@ def test_a_read_to_a_node_named_by_object_is_repeated_by_one_layer_only(
             c.close()
     alone, with_us = seen
     assert with_us == max(alone, 3), seen  # 3: our max_attempts
+
+
+@pytest.mark.parametrize("attempts", [None, 5])
+def test_a_routed_cluster_call_counts_what_redis_py_repeats_on_its_line(
+    hc: Harness, attempts: int | None
+) -> None:
+    """What redis-py's cluster client repeats by itself, read as it reads it: from redis-py
+    6 its ``retry``; before, ``cluster_error_retry_attempts`` (3 by default), where we read
+    the ``retry`` it did not use and so added our attempts on top of its own (review)."""
+    options = {} if attempts is None else {"cluster_error_retry_attempts": attempts}
+    with warnings.catch_warnings():  # redis-py 6+ deprecates the setting in favour of retry
+        warnings.simplefilter("ignore", DeprecationWarning)
+        c = redis.cluster.RedisCluster(host="127.0.0.1", port=hc.server.port, **options)
+    try:
+        expected = c.retry.get_retries() if REDIS_PY >= (6,) else (attempts or 3)
+        target = ours_module._cluster_target(c, ("GET", "k"))
+        assert target.retries == expected
+        assert redis.exceptions.ConnectionError in target.retried
+    finally:
+        c.close()
 
 
 @pytest.mark.skipif(REDIS_PY < (8, 0), reason="redis-py < 8.0 forgets a one-node cluster")
