@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from otel_recovery._trio import running_trio
 
-__all__ = ["SYSTEM_CLOCK", "Clock", "Duration", "MonotonicClock", "to_seconds"]
+__all__ = ["SYSTEM_CLOCK", "Clock", "Duration", "MonotonicClock", "async_sleep", "to_seconds"]
 
 Duration = float | int | timedelta
 """Every time parameter accepts float seconds or a :class:`datetime.timedelta`."""
@@ -43,6 +43,16 @@ class Clock(Protocol):
         """Suspend the calling task for ``seconds``."""
 
 
+async def async_sleep(seconds: float) -> None:
+    """``asyncio.sleep``, or ``trio.sleep`` when the calling task runs under trio (httpx,
+    hypercorn or a coroutine there: no asyncio loop, so ``asyncio.sleep`` would raise)."""
+    trio = running_trio()
+    if trio is not None:
+        await trio.sleep(seconds)
+    else:
+        await asyncio.sleep(seconds)
+
+
 class MonotonicClock:
     """The real clock: ``time.monotonic``, ``time.time``, ``time.sleep``, ``asyncio.sleep``."""
 
@@ -58,12 +68,7 @@ class MonotonicClock:
         # the worker for the whole backoff, not just the one retrying.
         time.sleep(seconds)
 
-    async def asleep(self, seconds: float) -> None:
-        trio = running_trio()
-        if trio is not None:  # httpx, hypercorn or a coroutine under trio: no asyncio loop
-            await trio.sleep(seconds)
-        else:
-            await asyncio.sleep(seconds)
+    asleep = staticmethod(async_sleep)
 
     def __repr__(self) -> str:
         return "MonotonicClock()"

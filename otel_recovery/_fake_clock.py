@@ -6,11 +6,8 @@ needed by code that only wants virtual time (the benchmarks' simulations, for on
 
 from __future__ import annotations
 
-import asyncio
-
-from otel_recovery._clock import Duration, to_seconds
+from otel_recovery._clock import Duration, async_sleep, to_seconds
 from otel_recovery._forksafe import new_lock
-from otel_recovery._trio import running_trio
 
 __all__ = ["FakeClock"]
 
@@ -48,8 +45,7 @@ class FakeClock:
 
     async def asleep(self, seconds: float) -> None:
         self.sleep(seconds)
-        trio = running_trio()
-        await (trio.sleep(0) if trio is not None else asyncio.sleep(0))
+        await async_sleep(0)
 
     @property
     def total_slept(self) -> float:

@@ -314,11 +314,13 @@ def _cluster_repeats(
     if _REDIS_PY >= (6,):
         retries = 0 if named else own
     else:
-        attempts = None if named else getattr(instance, "cluster_error_retry_attempts", None)
-        if attempts is None and not named:
-            attempts = getattr(client, "cluster_error_retry_attempts", 0)
+        attempts: Any = 0
+        if not named:
+            attempts = getattr(instance, "cluster_error_retry_attempts", None)
+            if attempts is None:  # a pipeline without it: its client's
+                attempts = getattr(client, "cluster_error_retry_attempts", 0)
         retries = int(attempts or 0)
-        if not retries:
+        if not retries:  # only the node connections' retry= repeats: connect timeouts
             return ((RedisTimeoutError,), own) if own else ((), 0)
     if not retries:
         return (), 0

@@ -12,7 +12,6 @@ import contextvars
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,8 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from servers import _redis_answers
+
+from integrations.redis_queues import until_stopped
 
 _PLUMBING: contextvars.ContextVar[bool] = contextvars.ContextVar("plumbing", default=False)
 
@@ -97,14 +98,7 @@ class RedisProcess:
     def stop_answering(self) -> None:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 5
-        while True:  # SIGSTOP takes effect asynchronously
-            with open(f"/proc/{self.process.pid}/stat") as stat:
-                state = stat.read().rsplit(")", 1)[1].split()[0]
-            if state in ("T", "t"):
-                return
-            assert time.monotonic() < deadline, f"redis-server {self.port} did not stop"
-            time.sleep(0.001)
+        until_stopped(self.process.pid)
 
     def resume(self) -> None:
         if self.alive:

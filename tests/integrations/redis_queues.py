@@ -101,7 +101,7 @@ class Trap:
                     admin.execute_command("CLIENT", "PAUSE", ms, "WRITE")
                 else:
                     self.server.stop_answering()
-                    _until_stopped(self.server.pid)
+                    until_stopped(self.server.pid)
                 self.server.after(self.heal_after, self._heal)
         finally:
             admin.close()
@@ -145,7 +145,7 @@ class Trap:
             admin.close()
 
 
-def _until_stopped(pid: int, timeout: float = 5.0) -> None:
+def until_stopped(pid: int, timeout: float = 5.0) -> None:
     """SIGSTOP takes effect asynchronously: wait until the kernel reports the server stopped,
     so it cannot still answer the command about to be sent."""
     deadline = time.monotonic() + timeout

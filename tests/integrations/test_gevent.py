@@ -10,18 +10,16 @@ nothing else while one greenlet recovered.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from instrumentors import http_faults as hf
 from servers import require_redis
 
 from integrations.test_fork import delete_keys
@@ -58,50 +56,30 @@ def test_a_decorated_calls_backoff_lets_the_other_greenlets_run() -> None:
     assert report["longest_stall"] < STALL, report
 
 
-class _ThenOk(http.server.BaseHTTPRequestHandler):
-    """503 with ``Retry-After: 1`` to the first request, 200 after."""
-
-    seen: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-        self.seen.append(self.path)
-        first = len(self.seen) == 1
-        self.send_response(503 if first else 200)
-        if first:
-            self.send_header("Retry-After", "1")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
+server = pytest.fixture(scope="module")(hf.serve)
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[str, list[str]]]:
-    handler = type("Handler", (_ThenOk,), {"seen": []})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/x", handler.seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+def then_ok(server: hf.FaultServer, request: pytest.FixtureRequest) -> tuple[str, Any]:
+    """A path of the fault server answering 503 with ``Retry-After: 1`` once, then 200; and
+    how many requests it has seen."""
+    path = f"/{request.node.name}"
+    return server.script(path, hf.retry_after(503, 1)), lambda: server.count(path)
 
 
 def test_a_requests_retry_after_wait_lets_the_other_greenlets_run(
-    server: tuple[str, list[str]],
+    then_ok: tuple[str, Any],
 ) -> None:
-    url, seen = server
+    url, seen = then_ok
     report = run("http", url)
-    assert report["result"] == 200 and len(seen) == 2
+    assert report["result"] == 200 and seen() == 2
     assert report["seconds"] >= 1.0  # Retry-After honoured
     assert report["longest_stall"] < STALL, report
 
 
 @pytest.mark.server
 def test_the_first_calls_with_fleet_wide_breakers_do_not_deadlock_the_worker(
-    server: tuple[str, list[str]],
+    then_ok: tuple[str, Any],
 ) -> None:
     """With ``OTEL_RECOVERY_STORE_URL=redis://...`` the first call to a target makes its
     fleet-wide breaker, which starts the sync thread; under gevent that start switches
@@ -109,7 +87,7 @@ def test_the_first_calls_with_fleet_wide_breakers_do_not_deadlock_the_worker(
     the patch: the next greenlet blocked the hub on it for good (gunicorn killed the worker
     for silence, and its successor hung the same way)."""
     require_redis()
-    url, seen = server
+    url, seen = then_ok
     prefix = f"otelrec-gevent-{uuid.uuid4().hex[:10]}:"
     try:
         report = run(
@@ -120,7 +98,7 @@ def test_the_first_calls_with_fleet_wide_breakers_do_not_deadlock_the_worker(
     finally:
         delete_keys(prefix)
     assert report == {"statuses": [200], "done": 20}  # the first answer is a 503, retried
-    assert len(seen) == 21
+    assert seen() == 21
 
 
 def test_the_anomaly_processors_worker_yields_between_series() -> None:

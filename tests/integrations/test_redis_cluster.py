@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from servers import aclose
 
+from integrations.outcomes import aoutcome, healed_stacks, outcome
 from integrations.redis_cluster import (
     REDIS_PY,
     TIMEOUT,
@@ -63,21 +64,9 @@ def cluster() -> Iterator[PrivateCluster]:
 def stacks(cluster: PrivateCluster) -> Iterator[Any]:
     """``stacks(order, **settings)``: a new :class:`ClusterStack`; all of them are closed and
     the cluster healed (original topology, flushed) when the test ends, whatever happened."""
-    made: list[ClusterStack] = []
-
-    def make(order: str, **settings: Any) -> ClusterStack:
-        stack = ClusterStack(cluster, order, **settings)
-        made.append(stack)
-        return stack
-
-    try:
-        yield make
-    finally:
-        try:
-            while made:
-                made.pop().close()
-        finally:
-            cluster.heal()
+    yield from healed_stacks(
+        lambda order, **settings: ClusterStack(cluster, order, **settings), cluster.heal
+    )
 
 
 def span_of(stack: ClusterStack, name: str) -> dict[str, Any]:
@@ -94,21 +83,6 @@ def span_of(stack: ClusterStack, name: str) -> dict[str, Any]:
         found = [s for s in finished if s.name.startswith("recover redis ")]
         assert found, [s.name for s in finished]
     return dict(found[-1].attributes or {})
-
-
-def outcome(call: Any) -> Any:
-    """The call's result, or the type of what it raised."""
-    try:
-        return call()
-    except Exception as error:  # the test compares what the application gets
-        return type(error)
-
-
-async def aoutcome(call: Any) -> Any:
-    try:
-        return await call()
-    except Exception as error:
-        return type(error)
 
 
 # -- 1. a primary killed, its replica promoted ---------------------------------------------

@@ -42,7 +42,6 @@ except where a test says otherwise, so what is repeated is ours alone.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -53,6 +52,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from integrations.outcomes import aoutcome, aoutcome_of, healed_stacks, outcome
 from integrations.redis_cluster import wait_for
 from integrations.redis_sentinel import SERVICE, PrivateSentinel, SentinelStack, module_sentinel
 
@@ -71,45 +71,9 @@ def setup() -> Iterator[PrivateSentinel]:
 def stacks(setup: PrivateSentinel) -> Iterator[Any]:
     """``stacks(order, **settings)``: a new :class:`SentinelStack`; all of them are closed and
     the setup healed (a healthy topology, flushed) when the test ends, whatever happened."""
-    made: list[SentinelStack] = []
-
-    def make(order: str, **settings: Any) -> SentinelStack:
-        stack = SentinelStack(setup, order, **settings)
-        made.append(stack)
-        return stack
-
-    try:
-        yield make
-    finally:
-        try:
-            while made:
-                made.pop().close()
-        finally:
-            setup.heal()
-
-
-def outcome(call: Any) -> Any:
-    """The call's result, or the type of what it raised."""
-    try:
-        return call()
-    except Exception as error:  # the test compares what the application gets
-        return type(error)
-
-
-async def aoutcome(call: Any) -> Any:
-    try:
-        return await call()
-    except Exception as error:
-        return type(error)
-
-
-async def aoutcome_of(call: Any) -> Any:
-    """:func:`outcome` of a sync call, :func:`aoutcome` of an asyncio one."""
-    try:
-        result = call()
-        return await result if inspect.isawaitable(result) else result
-    except Exception as error:
-        return type(error)
+    yield from healed_stacks(
+        lambda order, **settings: SentinelStack(setup, order, **settings), setup.heal
+    )
 
 
 def local_address(client: Any) -> str:
