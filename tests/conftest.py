@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lowest_versions.oldest_run import EARLY_RUN, TEST_ID, OldestReleasesRun, unavailable
+from child_runs import EARLY_RUNS, ChildRun
+from child_runs.no_extension import NoExtensionRun
+from child_runs.sanitized import SanitizedRun
+from lowest_versions.oldest_run import OldestReleasesRun
 
 from otel_recovery._config import SWITCHES
 
@@ -59,22 +62,35 @@ def _no_instrumentor_is_left_on() -> Iterator[None]:
     assert not left, f"the test left {sorted(type(i).__name__ for i in left)} instrumented"
 
 
+EARLY = (OldestReleasesRun, SanitizedRun, NoExtensionRun)
+"""The child-process runs (``tests/child_runs``) that start when collection selects their
+test, in this order, one after the other: the longest first."""
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the oldest-releases run (``tests/test_lowest_versions.py``) now, if selected:
-    two minutes of child processes that then overlap the rest of the suite."""
-    if (
-        session.config.option.collectonly
-        or unavailable() is not None
-        or not any(item.nodeid.startswith(TEST_ID) for item in session.items)
-    ):
+    """Start the selected runs of ``EARLY`` now: about four minutes of child processes that
+    then overlap the rest of the suite, while their tests wait for the verdicts."""
+    if session.config.option.collectonly:
         return
-    workdir = Path(tempfile.mkdtemp(prefix="otel-recovery-oldest-"))
-    run = OldestReleasesRun(workdir).start()
-    session.config.stash[EARLY_RUN] = run
+    selected = {item.nodeid for item in session.items}
+    runs: dict[str, ChildRun] = {}
+    previous: ChildRun | None = None
+    workdirs: list[Path] = []
+    for kind in EARLY:
+        if kind.TEST_ID not in selected or kind.unavailable() is not None:
+            continue
+        workdirs.append(Path(tempfile.mkdtemp(prefix=f"otel-recovery-{kind.__name__}-")))
+        previous = runs[kind.TEST_ID] = kind(workdirs[-1], after=previous).start()
+    if not runs:
+        return
+    session.config.stash[EARLY_RUNS] = runs
 
     def end() -> None:
-        run.stop()
-        run.failure(timeout=60)
-        shutil.rmtree(workdir, ignore_errors=True)
+        for run in runs.values():
+            run.stop()
+        for run in runs.values():
+            run.failure(timeout=60)
+        for workdir in workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     session.config.add_cleanup(end)

@@ -11,7 +11,8 @@ The run (``tests/lowest_versions/oldest_run.py``) installs
 every floor of ours at its lowest release with a wheel for this Python) into a new virtual
 environment, installs a copy of the package into it, checks that uv kept every pin, and
 runs the library-facing tests there against the real servers. ``tests/conftest.py`` starts
-it in the background when collection selects this test; the test waits for its verdict.
+it in the background when collection selects this test (``tests/child_runs``); the test
+waits for its verdict.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from lowest_versions.oldest_run import EARLY_RUN, OldestReleasesRun, unavailable
+from child_runs import started
+from lowest_versions.oldest_run import OldestReleasesRun, unavailable
 
 
 @pytest.mark.slow
@@ -30,7 +32,7 @@ def test_the_library_facing_tests_pass_on_the_oldest_supported_releases(request,
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    run = request.config.stash.get(EARLY_RUN, None) or OldestReleasesRun(tmp_path).start()
+    run = started(request, OldestReleasesRun, tmp_path)
     failure = run.failure()
     assert failure is None, failure
     assert " passed" in run.summary
