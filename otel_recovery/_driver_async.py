@@ -255,6 +255,7 @@ class AsyncDriver(PolicyCore):
                     trace.retrying(attempt + 1, delay, info)
                 if delay > 0:
                     await clock.asleep(delay)
+                await self._abefore_resend(error, args)
                 attempt += 1
                 attempt_start = clock.now()
                 attempt_token = ATTEMPT.set(attempt)

@@ -205,6 +205,7 @@ class SyncDriver(PolicyCore):
                     trace.retrying(attempt + 1, delay, info)
                 if delay > 0:
                     clock.sleep(delay)
+                self._before_resend(error, args)
                 attempt += 1
                 attempt_start = clock.now()
                 end = self._attempt_end(attempt_start, started)

@@ -43,14 +43,15 @@ AsyncRunner = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Aw
 _log = logging.getLogger("otel_recovery")
 _OPEN_STATES = (CircuitState.OPEN, CircuitState.FORCED_OPEN)
 _ANSWERED_CATEGORIES = frozenset({ErrorCategory.INVALID_REQUEST, ErrorCategory.CONFIGURATION})
-_ANSWERED_KINDS = frozenset({ErrorKind.SERIALIZATION})
+_ANSWERED_KINDS = frozenset({ErrorKind.SERIALIZATION, ErrorKind.READONLY})
 
 
 def says_dependency_is_up(info: ErrorInfo) -> bool:
     """Whether a failure is an answer from a healthy dependency, which a breaker counts as a
     success: the request was wrong (invalid, a syntax error, a missing table, bad
-    credentials) or lost a race to another one (a serialization failure, a deadlock, a
-    Redis ``WATCH`` conflict).
+    credentials), lost a race to another one (a serialization failure, a deadlock, a
+    Redis ``WATCH`` conflict) or reached a replica that refuses writes (Redis ``READONLY``,
+    PostgreSQL 25006: a failover moved the primary, and reads there still work).
 
     Counting those as failures would let one endpoint's bad query, or one hot row, open the
     circuit for everything else that talks to the same server (Envoy's outlier detection
@@ -277,6 +278,14 @@ class PolicyCore:
             started=started,
             now=self.clock.now(),
         )
+
+    def _before_resend(self, error: BaseException, args: tuple[Any, ...]) -> None:
+        """Called before each repeat of a call, with the failure that made it repeat: where
+        an instrumentor repairs what the failure revealed (pooled connections to a server
+        that became a replica). Asked on the retry path only; nothing by default."""
+
+    async def _abefore_resend(self, error: BaseException, args: tuple[Any, ...]) -> None:
+        """The async twin of :meth:`_before_resend`."""
 
     def _record_outcome(
         self, error: BaseException | None, info: ErrorInfo | None, took: float

@@ -9,9 +9,11 @@
   other test sessions use.
 - PostgreSQL: :data:`PG_DSN`, :func:`pg_admin`, :func:`unique_table`, and
   :func:`terminate_when_running`, which kills *our own* backend (by pid) mid-statement.
-- :class:`PgFront`: a TCP front for PostgreSQL on a free port that answers the first
+- :class:`TcpFront`: a TCP front that forwards to a server that can change, as a DNS name
+  does; :class:`PgFront`, one for PostgreSQL on a free port that answers the first
   connections like a server that is starting up (``FATAL 57P03``), then forwards to the
-  real server, counting every connection it accepted.
+  real server, counting every connection it accepted; :class:`MovingRedis` (fixture
+  ``moving_redis``), a Redis primary and replica behind one address that a failover moves.
 """
 
 from __future__ import annotations
@@ -299,17 +301,15 @@ def _read_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-class PgFront:
-    """A TCP front for PostgreSQL on ``port`` (free by default, or one that was refused).
+class TcpFront:
+    """A TCP front on ``port`` (free by default, or one that was refused) that forwards each
+    connection byte for byte to ``target`` as it is when the connection is accepted:
+    changing ``target`` moves new connections only, as a DNS name that moves does, while
+    open ones stay with the old server. ``accepted`` counts connections."""
 
-    The first ``starting_up`` connections get ``FATAL 57P03 the database system is starting
-    up`` after the startup packet, as a real server in recovery answers; the rest are
-    forwarded byte for byte to the real server. ``accepted`` counts connections.
-    """
-
-    def __init__(self, port: int | None = None, *, starting_up: int = 0) -> None:
+    def __init__(self, target: tuple[str, int], port: int | None = None) -> None:
+        self.target = target
         self.port = port or free_port()
-        self.starting_up = starting_up
         self.accepted = 0
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -327,23 +327,16 @@ class PgFront:
                 return
             self.accepted += 1
             self._sockets.append(client)
-            handler = self._refuse if self.accepted <= self.starting_up else self._forward
-            threading.Thread(target=handler, args=(client,), daemon=True).start()
+            handler = self._handler(self.accepted)
+            threading.Thread(target=handler, args=(client, self.target), daemon=True).start()
 
-    def _refuse(self, client: socket.socket) -> None:
-        with contextlib.suppress(OSError, ConnectionError), client:
-            while True:
-                length, code = struct.unpack("!II", _read_exact(client, 8))
-                if code in (_SSL_REQUEST, _GSSENC_REQUEST):
-                    client.sendall(b"N")
-                    continue
-                _read_exact(client, length - 8)
-                client.sendall(_error_response("57P03", "the database system is starting up"))
-                return
+    def _handler(self, number: int) -> Callable[[socket.socket, tuple[str, int]], None]:
+        """What the ``number``-th connection gets (forwarded, here)."""
+        return self._forward
 
-    def _forward(self, client: socket.socket) -> None:
+    def _forward(self, client: socket.socket, target: tuple[str, int]) -> None:
         try:
-            upstream = socket.create_connection((PG_HOST, PG_PORT), timeout=5)
+            upstream = socket.create_connection(target, timeout=5)
         except OSError:
             client.close()
             return
@@ -368,6 +361,121 @@ class PgFront:
         for sock in self._sockets:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+class PgFront(TcpFront):
+    """A TCP front for PostgreSQL on ``port`` (free by default, or one that was refused).
+
+    The first ``starting_up`` connections get ``FATAL 57P03 the database system is starting
+    up`` after the startup packet, as a real server in recovery answers; the rest are
+    forwarded byte for byte to the real server. ``accepted`` counts connections.
+    """
+
+    def __init__(self, port: int | None = None, *, starting_up: int = 0) -> None:
+        self.starting_up = starting_up
+        super().__init__((PG_HOST, PG_PORT), port)
+
+    def _handler(self, number: int) -> Callable[[socket.socket, tuple[str, int]], None]:
+        return self._refuse if number <= self.starting_up else self._forward
+
+    def _refuse(self, client: socket.socket, target: tuple[str, int]) -> None:
+        with contextlib.suppress(OSError, ConnectionError), client:
+            while True:
+                length, code = struct.unpack("!II", _read_exact(client, 8))
+                if code in (_SSL_REQUEST, _GSSENC_REQUEST):
+                    client.sendall(b"N")
+                    continue
+                _read_exact(client, length - 8)
+                client.sendall(_error_response("57P03", "the database system is starting up"))
+                return
+
+
+class MovingRedis:
+    """A Redis primary and its replica behind one address (``port``, a :class:`TcpFront`),
+    as a managed service's DNS name (ElastiCache's primary endpoint) puts them.
+
+    :meth:`fail_over` promotes the replica and turns the old primary into its replica, then
+    moves the address to the new primary, as the service moves the name; with
+    ``move_address=False`` the name lags behind. Connections opened before stay with the
+    old primary, which now answers writes with ``READONLY``. ``front.accepted`` counts the
+    connections clients opened.
+    """
+
+    def __init__(self) -> None:
+        self.primary, self.replica = PrivateRedis(), PrivateRedis()
+        self.front: TcpFront | None = None
+        try:
+            self._follow(self.replica, self.primary)
+            self.front = TcpFront(("127.0.0.1", self.primary.port))
+        except BaseException:
+            self.close()
+            raise
+        self.port = self.front.port
+
+    @staticmethod
+    def _follow(replica: PrivateRedis, primary: PrivateRedis, timeout: float = 10.0) -> None:
+        with quiet():
+            admin, source = replica.admin(), primary.admin()
+            try:
+                # a full sync starts at once, not after the default 5 s wait for more replicas
+                source.config_set("repl-diskless-sync-delay", 0)
+                admin.execute_command("REPLICAOF", "127.0.0.1", str(primary.port))
+                deadline = time.monotonic() + timeout
+                while admin.info("replication").get("master_link_status") != "up":
+                    assert time.monotonic() < deadline, "the replica did not sync"
+                    time.sleep(0.02)
+            finally:
+                admin.close()
+                source.close()
+
+    def fail_over(self, *, move_address: bool = True) -> None:
+        """Swap the roles once the replica has every write (``WAIT``), then (by default)
+        point the address at the new primary."""
+        old, new = self.primary, self.replica
+        with quiet():
+            admin = old.admin()
+            try:
+                assert admin.execute_command("WAIT", "1", "5000") == 1, "the replica lags"
+            finally:
+                admin.close()
+            admin = new.admin()
+            try:
+                admin.execute_command("REPLICAOF", "NO", "ONE")
+            finally:
+                admin.close()
+        self._follow(old, new)
+        self.primary, self.replica = new, old
+        if move_address:
+            self.move_address()
+
+    def peek(self, method: str, *args: Any) -> Any:
+        """``method(*args)`` on the primary, directly (not through the address), uninstrumented."""
+        with quiet():
+            admin = self.primary.admin()
+            try:
+                return getattr(admin, method)(*args)
+            finally:
+                admin.close()
+
+    def move_address(self) -> None:
+        assert self.front is not None
+        self.front.target = ("127.0.0.1", self.primary.port)
+
+    def close(self) -> None:
+        with contextlib.ExitStack() as steps:
+            for server in (self.primary, self.replica):
+                steps.callback(server.close)
+            if self.front is not None:
+                steps.callback(self.front.close)
+
+
+@pytest.fixture
+def moving_redis() -> Iterator[MovingRedis]:
+    made = MovingRedis()
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 async def aclose(client: Any) -> None:

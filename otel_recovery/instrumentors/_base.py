@@ -24,11 +24,11 @@ from opentelemetry.instrumentation import dependencies
 from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
-from otel_recovery._clock import Clock
+from otel_recovery._clock import Clock, MonotonicClock
 from otel_recovery._config import SWITCHES
 from otel_recovery.classify import Classifier
 from otel_recovery.instrumentors._settings import RecoverySettings, load_settings
-from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._targets import ABeforeResend, BeforeResend, TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.learning.store import CheckpointLearnerStore
 from otel_recovery.learning.strategy import StrategyLearner
@@ -103,6 +103,7 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         tracer_provider = kwargs.get("tracer_provider")
         meter_provider = kwargs.get("meter_provider")
         telemetry: Telemetry | bool = True  # follow the global providers
+        mend, amend = self._mends(clock or MonotonicClock())
         if tracer_provider is not None or meter_provider is not None:
             telemetry = Telemetry(tracer_provider, meter_provider)
         self.targets = TargetPolicies(
@@ -117,6 +118,8 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             rejection=self.rejection,
             passes_refused=self._passes_refused,
             timeout=self.attempt_timeout_error,
+            mend=mend,
+            amend=amend,
         )
         patches = PatchSet(self.library)
         self._install(patches, self.targets, kwargs)
@@ -146,6 +149,11 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _classifier(self, clock: Clock | None) -> Classifier | None:
         """A classifier for this library's policies; None uses the process-wide one."""
         return None
+
+    def _mends(self, clock: Clock) -> tuple[BeforeResend | None, ABeforeResend | None]:
+        """``mend`` and ``amend`` for ``TargetPolicies``: what to repair before a call is
+        sent again, sync and awaited (nothing by default)."""
+        return None, None
 
     def _passes_refused(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]

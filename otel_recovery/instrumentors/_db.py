@@ -199,13 +199,15 @@ class PlanCache:
         client_retries: int = 0,
         timed: bool = True,
         rejection: type[CircuitOpenError] | None = None,
+        never_ran: tuple[type[BaseException], ...] = (),
     ) -> Plan:
-        """The plan for a call; ``disallowed`` (a reason) forbids retrying it, ``timed=False``
-        exempts it from the attempt time limit, ``rejection`` replaces the instrumentor's
-        error for an open circuit (see ``TargetPolicies.policy_for``)."""
+        """The plan for a call; ``disallowed`` (a reason) forbids retrying it, except after
+        the failures in ``never_ran``, which prove it never ran; ``timed=False`` exempts it
+        from the attempt time limit, ``rejection`` replaces the instrumentor's error for an
+        open circuit (see ``TargetPolicies.policy_for``)."""
         key = (
             host, port, operation, span, disallowed, client_retried, client_retries, timed,
-            rejection,
+            rejection, never_ran,
         )  # fmt: skip
         plan = self._cache.get(key)
         if plan is None:
@@ -220,6 +222,7 @@ class PlanCache:
                 disallowed=disallowed,
                 timed=timed,
                 rejection=rejection,
+                never_ran=never_ran,
             )
             plan = Plan(
                 policy,

@@ -131,12 +131,15 @@ def command_name(args: Sequence[Any]) -> str:
 class CommandRules:
     """Decides, per command, whether a failed call may be sent again."""
 
-    __slots__ = ("_explicit", "_names", "retryable")
+    __slots__ = ("_explicit", "_names", "never", "retryable")
 
     def __init__(self, settings: RecoverySettings) -> None:
         builtin = READS | IDEMPOTENT_WRITES
         added = settings.redis_retry_commands
         self.retryable = (builtin | added) - settings.redis_no_retry_commands
+        # named never to repeat: not even after the server refused them before they ran
+        # (READONLY), which repeats any other command
+        self.never = settings.redis_no_retry_commands
         self._explicit = added - settings.redis_no_retry_commands
         self._names: dict[Any, str] = {}
 

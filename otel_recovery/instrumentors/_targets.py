@@ -9,7 +9,7 @@ unboundedly many hosts cannot grow memory without limit.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeAlias
 
 from otel_recovery._clock import Clock
@@ -18,6 +18,7 @@ from otel_recovery._forksafe import new_lock
 from otel_recovery.classify import Classifier, ErrorInfo
 from otel_recovery.instrumentors._client_retries import client_retries
 from otel_recovery.instrumentors._settings import RecoverySettings
+from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.learning.advisor import LearnedRetryAdvisor
 from otel_recovery.learning.strategy import StrategyLearner
 from otel_recovery.policies import (
@@ -44,6 +45,10 @@ FallbackOn: TypeAlias = (
 PassesRefused: TypeAlias = Callable[[tuple[Any, ...], dict[str, Any]], Callable[..., Any] | None]
 """``passes(args, kwargs)``: for a call an open circuit refuses that must still be sent (a
 transaction's own ROLLBACK), the function that sends it ungated; None for every other call."""
+BeforeResend: TypeAlias = Callable[[BaseException, tuple[Any, ...]], None]
+"""``mend(error, args)``: what an instrumentor repairs before a call is sent again, after
+``error`` (see ``PolicyCore._before_resend``)."""
+ABeforeResend: TypeAlias = Callable[[BaseException, tuple[Any, ...]], Awaitable[None]]
 
 
 class _LayeredRetry(Retry):
@@ -58,6 +63,17 @@ class _LayeredRetry(Retry):
         if isinstance(error, self.not_retried):
             return False
         return super().is_retryable(error, info)
+
+
+class _NeverRanRetry(Retry):
+    """A retry for a call that may not be repeated, except after a failure that proves it
+    never ran (``never_ran``: Redis refusing a command with ``READONLY`` or ``LOADING``)."""
+
+    __slots__ = ("never_ran",)
+    never_ran: tuple[type[BaseException], ...]
+
+    def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
+        return isinstance(error, self.never_ran) and super().is_retryable(error, info)
 
 
 class _TargetPolicy(RecoveryPolicy):
@@ -77,9 +93,12 @@ class _TargetPolicy(RecoveryPolicy):
 
     A failure that the client library's own retry already repeated (marked by an HTTP
     site, see :mod:`._client_retries`) is not retried again; its trace says so.
+
+    ``mend`` (and ``amend`` for awaited calls) repairs what a failure revealed before the
+    call is sent again; a failure of its own is logged once and the resend goes ahead.
     """
 
-    __slots__ = ("_passes_refused", "_rejection_type", "_timeout_type")
+    __slots__ = ("_amend", "_mend", "_passes_refused", "_rejection_type", "_timeout_type")
 
     def __init__(
         self,
@@ -87,14 +106,34 @@ class _TargetPolicy(RecoveryPolicy):
         disallowed: str | None,
         passes_refused: PassesRefused | None = None,
         timeout: type[Exception] = TimeoutError,
+        mend: BeforeResend | None = None,
+        amend: ABeforeResend | None = None,
         **options: Any,
     ) -> None:
         super().__init__(**options)
         self._rejection_type = rejection
         self._passes_refused = passes_refused
         self._timeout_type = timeout
+        self._mend = mend
+        self._amend = amend
         if disallowed is not None:
             self._failure_attributes = {RETRY_DISALLOWED: disallowed}
+
+    def _before_resend(self, error: BaseException, args: tuple[Any, ...]) -> None:
+        mend = self._mend
+        if mend is not None:
+            try:
+                mend(error, args)
+            except Exception as problem:
+                report_internal_error(f"{self.name} before a resend", problem)
+
+    async def _abefore_resend(self, error: BaseException, args: tuple[Any, ...]) -> None:
+        amend = self._amend
+        if amend is not None:
+            try:
+                await amend(error, args)
+            except Exception as problem:
+                report_internal_error(f"{self.name} before a resend", problem)
 
     def _attempt_timed_out(self, limit: float) -> BaseException:
         """A ``TimeoutError`` that is also the client library's own timeout error, so an
@@ -211,6 +250,8 @@ class TargetPolicies:
         rejection: type[CircuitOpenError] = CircuitOpenError,
         passes_refused: PassesRefused | None = None,
         timeout: type[Exception] = TimeoutError,
+        mend: BeforeResend | None = None,
+        amend: ABeforeResend | None = None,
     ) -> None:
         """``classifier`` replaces the process-wide one for these policies (the HTTP
         instrumentors classify retryable *responses* by status); ``fallback_on`` limits what
@@ -218,7 +259,8 @@ class TargetPolicies:
         ``telemetry`` routes spans and metrics to the providers given to ``instrument()``;
         ``rejection`` is what an open circuit raises and ``passes_refused`` what it lets
         through all the same; ``timeout`` is what an awaited attempt that overran
-        ``attempt_timeout`` raises (see ``_TargetPolicy``)."""
+        ``attempt_timeout`` raises, ``mend`` and ``amend`` what is repaired before a resend
+        (see ``_TargetPolicy``)."""
         self.library = library
         self.settings = settings
         self._span: Literal["own", "current"] = span
@@ -230,6 +272,8 @@ class TargetPolicies:
         self._rejection = rejection
         self._passes_refused = passes_refused
         self._timeout = timeout
+        self._mend = mend
+        self._amend = amend
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
         self._lock = new_lock()
@@ -296,6 +340,7 @@ class TargetPolicies:
         timed: bool = True,
         repeats: int = 0,
         rejection: type[CircuitOpenError] | None = None,
+        never_ran: tuple[type[BaseException], ...] = (),
     ) -> RecoveryPolicy:
         """The policy for one call to ``host:port``.
 
@@ -308,7 +353,8 @@ class TargetPolicies:
         ``timed=False`` leaves out ``attempt_timeout`` (a call that waits on purpose, such as
         Redis's ``BLPOP``: the limit would cut the wait it asked for). ``rejection`` replaces
         the instrumentor's error for an open circuit at sites where that one would do harm
-        (Redis Cluster: see ``RedisCircuitOpenError``).
+        (Redis Cluster: see ``RedisCircuitOpenError``). ``never_ran`` lists failures that
+        prove a call never ran: a call that may not be retried is retried after those.
         """
         op_key = self._operation_key(host, port, operation)
         fast_key = (
@@ -322,13 +368,14 @@ class TargetPolicies:
             timed,
             repeats,
             rejection,
+            never_ran,
         )
         resolved = self._resolved.get(fast_key)
         if resolved is not None and resolved.breaker is self.known_breaker(host, port):
             return resolved
         policy = self._build(
             host, port, op_key, retry_allowed, span, not_retried, disallowed, timed, repeats,
-            rejection,
+            rejection, never_ran,
         )  # fmt: skip
         if len(self._resolved) >= 4 * self._max:
             self._resolved.clear()
@@ -361,17 +408,24 @@ class TargetPolicies:
         timed: bool,
         repeats: int,
         rejection: type[CircuitOpenError] | None,
+        never_ran: tuple[type[BaseException], ...],
     ) -> RecoveryPolicy:
         target = self._target(host, port)
         s = self.settings.for_target(host, port, operation)
         specific = operation if s != self.settings.for_target(host, port, None) else None
         mode = span or self._span
-        key = (specific, retry_allowed, mode, not_retried, disallowed, timed, repeats, rejection)
+        key = (
+            specific, retry_allowed, mode, not_retried, disallowed, timed, repeats, rejection,
+            never_ran,
+        )  # fmt: skip
         policy = target.policies.get(key)
         if policy is not None:
             return policy
-        retry = (_LayeredRetry if not_retried else Retry)(
-            s.max_attempts if retry_allowed else 1,
+        never_ran = () if retry_allowed else never_ran
+        retries = retry_allowed or bool(never_ran)
+        kind = _NeverRanRetry if never_ran else _LayeredRetry if not_retried else Retry
+        retry = kind(
+            s.max_attempts if retries else 1,
             deadline=s.deadline,
             attempt_timeout=s.attempt_timeout if timed else None,
             backoff=ExponentialBackoff(
@@ -388,14 +442,18 @@ class TargetPolicies:
         )
         if isinstance(retry, _LayeredRetry):
             retry.not_retried, retry.repeats = not_retried, repeats
+        elif isinstance(retry, _NeverRanRetry):
+            retry.never_ran = never_ran
         policy = _TargetPolicy(
             rejection or self._rejection,
             disallowed,
             self._passes_refused,
             self._timeout,
+            self._mend,
+            self._amend,
             retry=retry,
             breaker=target.breaker,
-            budget=target.budget if retry_allowed else None,
+            budget=target.budget if retries else None,
             fallback=Fallback(s.fallback_value, on=self._fallback_on) if s.has_fallback else None,
             classifier=self._classifier,
             name=target.breaker.name,

@@ -51,6 +51,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from otel_recovery._clock import Clock
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
@@ -68,6 +69,7 @@ from otel_recovery.instrumentors._db import (
     retire_table,
 )
 from otel_recovery.instrumentors._redis_commands import BLOCKING, CommandRules
+from otel_recovery.instrumentors._redis_replica import ReplicaReconnect
 from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.instrumentors._redis_sentinel import (
     SENTINEL_POOLS,
@@ -76,7 +78,7 @@ from otel_recovery.instrumentors._redis_sentinel import (
     server_of,
 )
 from otel_recovery.instrumentors._settings import RecoverySettings
-from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._targets import ABeforeResend, BeforeResend, TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -111,6 +113,11 @@ _WIDE = "_otel_recovery_cluster_wide"
 """Where a cluster client's slot map keeps the name of its cluster-wide target."""
 _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
 """What a redis-py ``Retry`` repeats when not told otherwise."""
+NEVER_RAN = (ReadOnlyError, BusyLoadingError, MasterDownError)
+"""Error replies that refuse a command before it runs (a replica refusing writes, a server
+loading its data set, a replica cut off from its primary): a command that may not be sent
+twice (``INCR``) is sent again after them. Not inside MULTI/EXEC or a pipeline, where the
+commands before the refused one may have run."""
 
 
 _ONLY_LISTED_ERRORS = hasattr(redis.client.Redis, "_disconnect_raise")
@@ -500,6 +507,7 @@ class _Planner:
             plan = self.plans.plan(
                 host, port, name, mode, "non_idempotent_command", timed=timed,
                 rejection=target.rejection,
+                never_ran=() if name in rules.never else NEVER_RAN,
             )  # fmt: skip
         if rules.depends_on_arguments(args, name) or len(plans) >= 512:
             return plan
@@ -753,6 +761,10 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
     )
     """A configured ``fallback_value`` stands in when the server is unreachable, loading,
     failing over or rejected by the breaker; never for a command error (``WRONGTYPE``)."""
+
+    def _mends(self, clock: Clock) -> tuple[BeforeResend | None, ABeforeResend | None]:
+        reconnect = ReplicaReconnect(clock)
+        return reconnect.mend, reconnect.amend
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         planner = _Planner(targets)

@@ -295,6 +295,90 @@ def test_per_operation_settings_get_their_own_policy(tmp_path, fake_clock):
     assert slow.breaker is other.breaker
 
 
+def _failing_then(*outcomes: object):
+    """A call that raises or returns ``outcomes`` in turn; ``seen`` lists its arguments."""
+    pending = list(outcomes)
+    seen: list[tuple[object, ...]] = []
+
+    def call(*args: object) -> object:
+        seen.append(args)
+        outcome = pending.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    return call, seen
+
+
+def test_a_call_that_may_not_be_repeated_is_repeated_after_a_failure_proving_it_never_ran(
+    fake_clock,
+):
+    class Refused(TimeoutError):  # retryable by its class, as READONLY is
+        pass
+
+    targets = TargetPolicies("redis", RecoverySettings(), clock=fake_clock, telemetry=False)
+    incr = targets.policy_for(
+        "r", 6379, None, retry_allowed=False, disallowed="non_idempotent_command",
+        never_ran=(Refused,),
+    )  # fmt: skip
+    call, seen = _failing_then(Refused("READONLY"), Refused("READONLY"), 7)
+    assert incr.call(call, "n") == 7 and len(seen) == 3
+    assert incr.budget is not None  # its repeats spend the target's retry budget
+    call, seen = _failing_then(ConnectionError("reset"), 7)  # may have run: not repeated
+    with pytest.raises(ConnectionError):
+        incr.call(call, "n")
+    assert len(seen) == 1
+
+
+def test_the_mend_sees_each_failure_and_the_arguments_before_their_resend(fake_clock):
+    mended: list[tuple[str, tuple[object, ...]]] = []
+    targets = TargetPolicies(
+        "redis", RecoverySettings(), clock=fake_clock, telemetry=False,
+        mend=lambda error, args: mended.append((str(error), args)),
+    )  # fmt: skip
+    policy = targets.policy_for("r", 6379, None, retry_allowed=True)
+    call, _ = _failing_then(ConnectionError("first"), ConnectionError("second"), "ok")
+    assert policy.call(call, "client") == "ok"
+    assert mended == [("first", ("client",)), ("second", ("client",))]
+    mended.clear()
+    assert policy.call(lambda client: "ok", "client") == "ok"
+    assert mended == []  # a call that succeeds first time is never mended
+
+
+async def test_an_awaited_call_is_mended_by_amend(fake_clock):
+    mended: list[str] = []
+
+    async def amend(error: BaseException, args: tuple[object, ...]) -> None:
+        mended.append(str(error))
+
+    targets = TargetPolicies(
+        "redis", RecoverySettings(), clock=fake_clock, telemetry=False, amend=amend
+    )
+    policy = targets.policy_for("r", 6379, None, retry_allowed=True)
+    call, _ = _failing_then(ConnectionError("first"), "ok")
+
+    async def acall(*args: object) -> object:
+        return call(*args)
+
+    assert await policy.acall(acall, "client") == "ok"
+    assert mended == ["first"]
+
+
+def test_a_mend_that_fails_is_logged_once_and_the_resend_goes_ahead(fake_clock, caplog):
+    def mend(error: BaseException, args: tuple[object, ...]) -> None:
+        raise RuntimeError("a bug in the mend")
+
+    targets = TargetPolicies(
+        "redis", RecoverySettings(), clock=fake_clock, telemetry=False, mend=mend
+    )
+    policy = targets.policy_for("r", 6380, None, retry_allowed=True)
+    for _ in range(2):
+        call, seen = _failing_then(ConnectionError("reset"), "ok")
+        assert policy.call(call) == "ok" and len(seen) == 2
+    logged = [r for r in caplog.records if "before a resend" in r.getMessage()]
+    assert len(logged) == 1 and "a bug in the mend" in str(logged[0].exc_info)
+
+
 # -- resend count --------------------------------------------------------------------------
 
 

@@ -35,9 +35,11 @@ from ours import marked_by_us
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from servers import (  # noqa: F401
+    MovingRedis,
     PrivateRedis,
     aclose,
     free_port,
+    moving_redis,
     private_redis,
     private_redis_cluster,
 )
@@ -677,6 +679,122 @@ def test_command_rules_follow_the_settings() -> None:
     assert command_name(("config", "get", "x")) == "CONFIG GET"
 
 
+# -- a failover behind one address (a managed service's DNS name) --------------------------
+
+
+def sent_incr(h: Harness) -> int:
+    """INCRs written to the socket (recent redis-py sends ``INCRBY key 1``)."""
+    return h.sent["INCRBY"] + h.sent["INCR"]
+
+
+def incr_name(h: Harness) -> str:
+    """The name contrib gives an INCR's span: the command redis-py sent."""
+    return "INCRBY" if h.sent["INCRBY"] else "INCR"
+
+
+@pytest.fixture
+def hm(moving_redis: MovingRedis) -> Iterator[Harness]:  # noqa: F811
+    """A harness whose clients talk to :class:`MovingRedis`'s one address."""
+    harness = Harness(moving_redis)  # type: ignore[arg-type]
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def test_redis_py_alone_keeps_its_connections_on_the_demoted_primary(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+) -> None:
+    """What the instrumentor repairs: without it, pooled connections stay with the old
+    primary after the address moved, and every write is refused there."""
+    c = hm.client()
+    assert c.incr("n") == 1
+    moving_redis.fail_over()
+    for _ in range(3):
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            c.incr("n")
+    assert moving_redis.peek("get", "n") == b"1"
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
+@pytest.mark.parametrize("single_connection", [False, True])
+def test_a_write_refused_by_the_demoted_primary_reconnects_and_is_applied_once(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+    order: str,
+    single_connection: bool,
+) -> None:
+    """``READONLY`` proves the command did not run, so even ``INCR`` is sent again, on a
+    new connection: it resolves the address anew and reaches the new primary."""
+    hm.instrument(order)
+    c = hm.client()
+    if single_connection:
+        c = redis.Redis(connection_pool=c.connection_pool, single_connection_client=True)
+    assert c.incr("n") == 1 and c.set("k", "v") is True
+    opened = moving_redis.front.accepted if moving_redis.front else 0
+    moving_redis.fail_over()
+    hm.reset_counts()
+    assert c.incr("n") == 2
+    assert hm.attempts["execute_command"] == 2 and sent_incr(hm) == 2
+    span = assert_recovered(hm, incr_name(hm), attempts=2)
+    failed = events(span, "otel_recovery.attempt.failed")[0]
+    assert failed["error.type"] == "redis.exceptions.ReadOnlyError"
+    assert moving_redis.front is not None and moving_redis.front.accepted == opened + 1
+    hm.reset_counts()
+    assert c.set("k", "w") is True and c.get("k") == b"w"  # the new connection stays
+    assert hm.attempts["execute_command"] == 2 and hm.sent["SET"] == 1
+    assert moving_redis.peek("get", "n") == b"2"  # applied once, on the new primary
+
+
+def test_a_command_named_never_to_repeat_is_not_repeated_even_after_a_refusal(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+) -> None:
+    hm.instrument("ours_only", redis_no_retry_commands="INCRBY, INCR")
+    c = hm.client()
+    assert c.incr("n") == 1
+    moving_redis.fail_over()
+    hm.reset_counts()
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        c.incr("n")
+    assert hm.attempts["execute_command"] == 1 and sent_incr(hm) == 1
+
+
+def test_while_the_address_lags_reads_go_on_and_refused_writes_never_open_the_circuit(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+) -> None:
+    """Until the name moves, every connection reaches the old primary: writes are refused
+    there (each after its attempts), reads are answered. A refusal is an answer from a
+    healthy server: counting it would open the circuit and refuse the reads too. The pool
+    is closed at most once a second of the (fake) clock, not once per refused write."""
+    clock = FakeClock()
+    ours = hm.instrument("ours_only", clock=clock, breaker_window=4, breaker_minimum_calls=4).ours
+    c = hm.client()
+    c.set("k", "v")
+    moving_redis.fail_over(move_address=False)
+    assert moving_redis.front is not None
+    opened, started = moving_redis.front.accepted, clock.now()
+    hm.reset_counts()
+    for _ in range(12):
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            c.incr("n")
+        assert c.get("k") == b"v"
+    # each write sent up to three times (fewer once the retry budget is spent), never once
+    # only: the refusal proved it had not run
+    assert 12 < sent_incr(hm) <= 12 * 3 and hm.sent["GET"] == 12
+    assert ours.targets is not None
+    (breaker,) = ours.targets.breakers()
+    assert breaker.snapshot().state == "closed"
+    seconds = clock.now() - started
+    assert 1 <= moving_redis.front.accepted - opened <= int(seconds) + 1
+    moving_redis.move_address()
+    clock.advance(10.0)  # the retry budget the refused writes spent comes back too
+    assert c.incr("n") == 1  # the next refusal closes the pool again, and the name has moved
+    assert breaker.snapshot().state == "closed"
+
+
 # -- asyncio ------------------------------------------------------------------------------
 
 
@@ -691,6 +809,24 @@ async def test_async_client_kill_mid_set_is_retried(h: Harness, order: str) -> N
     await asyncio.to_thread(killer.join)
     assert h.attempts["execute_command"] == 2 and h.sent["SET"] == 2
     assert_recovered(h, "SET", attempts=2)
+    await aclose(c)
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_only"])
+async def test_async_a_write_refused_by_the_demoted_primary_reconnects_and_is_applied_once(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+    order: str,
+) -> None:
+    hm.instrument(order)
+    c = hm.aclient()
+    assert await c.incr("n") == 1
+    moving_redis.fail_over()
+    hm.reset_counts()
+    assert await c.incr("n") == 2
+    assert hm.attempts["execute_command"] == 2 and sent_incr(hm) == 2
+    assert_recovered(hm, incr_name(hm), attempts=2)
+    assert moving_redis.peek("get", "n") == b"2"
     await aclose(c)
 
 
