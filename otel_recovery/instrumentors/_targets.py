@@ -98,7 +98,14 @@ class _TargetPolicy(RecoveryPolicy):
     call is sent again; a failure of its own is logged once and the resend goes ahead.
     """
 
-    __slots__ = ("_amend", "_mend", "_passes_refused", "_rejection_type", "_timeout_type")
+    __slots__ = (
+        "_amend",
+        "_disallowed",
+        "_mend",
+        "_passes_refused",
+        "_rejection_type",
+        "_timeout_type",
+    )
 
     def __init__(
         self,
@@ -116,7 +123,11 @@ class _TargetPolicy(RecoveryPolicy):
         self._timeout_type = timeout
         self._mend = mend
         self._amend = amend
-        if disallowed is not None:
+        self._disallowed: str | None = None
+        if disallowed is not None and isinstance(self.retry, _NeverRanRetry):
+            # retried after some failures: said only when it stops on one that may have run
+            self._disallowed = disallowed
+        elif disallowed is not None:
             self._failure_attributes = {RETRY_DISALLOWED: disallowed}
 
     def _before_resend(self, error: BaseException, args: tuple[Any, ...]) -> None:
@@ -160,8 +171,17 @@ class _TargetPolicy(RecoveryPolicy):
         super()._stopped(decision, error, info, attempts, started, trace)
         if trace is None:
             return
-        retries, attribute = client_retries(error), HTTP_CLIENT_RETRIES
         retry = self.retry
+        if (
+            self._disallowed is not None
+            and isinstance(retry, _NeverRanRetry)
+            and not isinstance(error, retry.never_ran)
+        ):
+            try:
+                trace.span.set_attribute(RETRY_DISALLOWED, self._disallowed)
+            except Exception:  # telemetry must never replace the caller's error
+                return
+        retries, attribute = client_retries(error), HTTP_CLIENT_RETRIES
         if (  # on our own span; under contrib's, the DB layer says it (explain_no_retry)
             not retries
             and self._own_span

@@ -53,6 +53,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from otel_recovery._clock import Clock
 from otel_recovery._compiled import SPEEDUPS
+from otel_recovery._redis_replica import ReplicaReconnect
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
     LEGACY_SUPPRESS_KEY,
@@ -69,7 +70,6 @@ from otel_recovery.instrumentors._db import (
     retire_table,
 )
 from otel_recovery.instrumentors._redis_commands import BLOCKING, CommandRules
-from otel_recovery.instrumentors._redis_replica import ReplicaReconnect
 from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.instrumentors._redis_sentinel import (
     SENTINEL_POOLS,

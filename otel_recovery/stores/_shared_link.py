@@ -131,12 +131,16 @@ class Link:
     def __init__(self, store: RedisStore) -> None:
         import redis
 
+        from otel_recovery._redis_replica import ReplicaReconnect
+
         self.store = store
         self.url = redact(store.url)
         self.client = _bounded_client(store)
         # Any Redis error, not only connection errors: an OOM or READONLY reply (or a bug in a
         # script) must degrade the component, never reach the application.
         self._errors = (redis.exceptions.RedisError, OSError)
+        # READONLY: a failover moved the address; closed, the next probe reaches the new primary
+        self._replica = ReplicaReconnect(SYSTEM_CLOCK)
         self._scripts: dict[str, Any] = {}
         self._lock = new_lock()
         self._members: weakref.WeakSet[Member] = weakref.WeakSet()
@@ -162,6 +166,13 @@ class Link:
             script = self._scripts.get(source)
             if script is None:
                 script = self._scripts[source] = self.client.register_script(source)
+            try:
+                return script(keys=list(keys), args=list(args))
+            except self._errors as exc:
+                # READONLY: the connection reached a demoted primary (a failover moved the
+                # address) and the script did not run: once more, on a new connection
+                if not self._replica.close_stale(exc, self.client):
+                    raise
             return script(keys=list(keys), args=list(args))
         except self._errors as exc:
             detail = redact(str(exc)) or type(exc).__name__

@@ -33,6 +33,7 @@ from redis.retry import Retry
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
+from otel_recovery._redis_replica import ReplicaReconnect
 from otel_recovery.stores import _redis_lua as lua
 from otel_recovery.stores._base import (
     CorruptRecordError,
@@ -101,6 +102,7 @@ class RedisStore:
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis]
         self._async = weakref.WeakKeyDictionary()
         self._scripts: dict[str, Script] = {}
+        self._replica = ReplicaReconnect(self.clock)
         self._ascripts: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[str, AsyncScript]
         ] = weakref.WeakKeyDictionary()
@@ -154,9 +156,22 @@ class RedisStore:
         try:
             return call()
         except (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES) as exc:
+            # READONLY: the pooled connections reached a demoted primary (a failover moved
+            # the address) and the call did not run: once more, on a new connection
+            if not self._replica.close_stale(exc, self._client):
+                raise self._unavailable(exc) from exc
+        try:
+            return call()
+        except (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES) as exc:
             raise self._unavailable(exc) from exc
 
     async def _aguard(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        try:
+            return await call()
+        except (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES) as exc:
+            client = self._async.get(asyncio.get_running_loop())
+            if not await self._replica.aclose_stale(exc, client):
+                raise self._unavailable(exc) from exc
         try:
             return await call()
         except (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES) as exc:

@@ -740,6 +740,7 @@ def test_a_write_refused_by_the_demoted_primary_reconnects_and_is_applied_once(
     span = assert_recovered(hm, incr_name(hm), attempts=2)
     failed = events(span, "otel_recovery.attempt.failed")[0]
     assert failed["error.type"] == "redis.exceptions.ReadOnlyError"
+    assert "otel_recovery.retry.disallowed" not in (span.attributes or {})  # it was retried
     assert moving_redis.front is not None and moving_redis.front.accepted == opened + 1
     hm.reset_counts()
     assert c.set("k", "w") is True and c.get("k") == b"w"  # the new connection stays

@@ -23,6 +23,12 @@ reconnects to the master the sentinels name (redis-py's own handling), a Sentine
 pool is meant to be read-only, and cluster clients follow the cluster's slot map.
 A ``READONLY`` reply proves the command did not run, so even a command that may not be
 repeated (``INCR``) is sent again after it (``never_ran`` of the Redis instrumentor).
+
+The stores' own clients (``stores/redis.py``, the fleet-wide link) close theirs the same
+way when a call is refused (:meth:`ReplicaReconnect.close_stale`) and send it once more on
+a new connection; where that meets ``READONLY`` too (the name lags), the store reports
+itself unavailable and the link degrades, and their next call, or the link's next probe,
+reaches the new primary once the name has moved, instead of never.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ import inspect
 from typing import Any
 
 import redis.asyncio.connection
+import redis.asyncio.sentinel
 import redis.connection
+import redis.sentinel
 from redis.exceptions import ReadOnlyError
 
 from otel_recovery._clock import Clock
-from otel_recovery.instrumentors._redis_sentinel import SENTINEL_POOLS
 
 __all__ = ["CLOSE_EVERY", "ReplicaReconnect"]
 
@@ -45,11 +52,16 @@ CLOSE_EVERY = 1.0
 _CLOSED = "_otel_recovery_replica_closed"
 """Where a pool keeps when its idle connections were last closed (the clock's ``now``)."""
 _PLAIN_POOLS = (redis.connection.ConnectionPool, redis.asyncio.connection.ConnectionPool)
+_SENTINEL_POOLS = (
+    redis.sentinel.SentinelConnectionPool,
+    redis.asyncio.sentinel.SentinelConnectionPool,
+)
 
 
 class ReplicaReconnect:
-    """``mend(error, args)`` / ``await amend(error, args)``: before a Redis call is sent
-    again, close its pool's idle connections if ``error`` is ``READONLY``."""
+    """``close_stale(error, client)`` / ``await aclose_stale(error, client)``: close
+    ``client``'s idle pooled connections if ``error`` is ``READONLY``. ``mend`` and ``amend``
+    are the same for an instrumentor's call (``args[0]`` is the client), before its resend."""
 
     __slots__ = ("_clock",)
 
@@ -57,28 +69,40 @@ class ReplicaReconnect:
         self._clock = clock
 
     def mend(self, error: BaseException, args: tuple[Any, ...]) -> None:
-        pool, single = self._stale(error, args)
+        self.close_stale(error, args[0] if args else None)
+
+    async def amend(self, error: BaseException, args: tuple[Any, ...]) -> None:
+        await self.aclose_stale(error, args[0] if args else None)
+
+    def close_stale(self, error: BaseException, client: Any) -> bool:
+        """Whether connections were closed (a call sent now would open a new one)."""
+        pool, single = self._stale(error, client)
         if single is not None:
             single.disconnect()
         elif pool is not None and _closes_idle_only(type(pool)):
             pool.disconnect(inuse_connections=False)
+        else:
+            return False
+        return True
 
-    async def amend(self, error: BaseException, args: tuple[Any, ...]) -> None:
-        pool, single = self._stale(error, args)
+    async def aclose_stale(self, error: BaseException, client: Any) -> bool:
+        pool, single = self._stale(error, client)
         if single is not None:
             await single.disconnect()
         elif pool is not None:
             await pool.disconnect(inuse_connections=False)
+        else:
+            return False
+        return True
 
-    def _stale(self, error: BaseException, args: tuple[Any, ...]) -> tuple[Any, Any]:
+    def _stale(self, error: BaseException, client: Any) -> tuple[Any, Any]:
         """The plain pool to close the idle connections of (or the client's own single
         connection, second), when ``error`` says they reached a replica and the pool was
         not closed less than :data:`CLOSE_EVERY` ago."""
-        if not isinstance(error, ReadOnlyError) or not args:
+        if not isinstance(error, ReadOnlyError) or client is None:
             return None, None
-        client = args[0]
         pool = getattr(client, "connection_pool", None)
-        if not isinstance(pool, _PLAIN_POOLS) or isinstance(pool, SENTINEL_POOLS):
+        if not isinstance(pool, _PLAIN_POOLS) or isinstance(pool, _SENTINEL_POOLS):
             return None, None
         now = self._clock.now()
         if now - getattr(pool, _CLOSED, -CLOSE_EVERY) < CLOSE_EVERY:
