@@ -244,6 +244,7 @@ class AsyncDriver(PolicyCore):
             while True:
                 if trace is not None:
                     trace.attempt_failed(attempt, info, took)
+                await self._aafter_failure(error, args)
                 decision = self._decide(error, info, attempt, delay, started)
                 if decision.action is not Action.RETRY:
                     self._learn(decision.advice, success=False, seconds=0.0)
@@ -255,7 +256,6 @@ class AsyncDriver(PolicyCore):
                     trace.retrying(attempt + 1, delay, info)
                 if delay > 0:
                     await clock.asleep(delay)
-                await self._abefore_resend(error, args)
                 attempt += 1
                 attempt_start = clock.now()
                 attempt_token = ATTEMPT.set(attempt)

@@ -194,6 +194,7 @@ class SyncDriver(PolicyCore):
             while True:
                 if trace is not None:
                     trace.attempt_failed(attempt, info, took)
+                self._after_failure(error, args)
                 decision = self._decide(error, info, attempt, delay, started)
                 if decision.action is not Action.RETRY:
                     self._learn(decision.advice, success=False, seconds=0.0)
@@ -205,7 +206,6 @@ class SyncDriver(PolicyCore):
                     trace.retrying(attempt + 1, delay, info)
                 if delay > 0:
                     clock.sleep(delay)
-                self._before_resend(error, args)
                 attempt += 1
                 attempt_start = clock.now()
                 end = self._attempt_end(attempt_start, started)

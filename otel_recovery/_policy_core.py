@@ -279,13 +279,14 @@ class PolicyCore:
             now=self.clock.now(),
         )
 
-    def _before_resend(self, error: BaseException, args: tuple[Any, ...]) -> None:
-        """Called before each repeat of a call, with the failure that made it repeat: where
-        an instrumentor repairs what the failure revealed (pooled connections to a server
-        that became a replica). Asked on the retry path only; nothing by default."""
+    def _after_failure(self, error: BaseException, args: tuple[Any, ...]) -> None:
+        """Called after each failed attempt, before deciding whether to repeat it: where an
+        instrumentor repairs what the failure revealed (pooled connections to a server that
+        became a replica), for the repeat or for the next call. Asked on the failure path
+        only; nothing by default."""
 
-    async def _abefore_resend(self, error: BaseException, args: tuple[Any, ...]) -> None:
-        """The async twin of :meth:`_before_resend`."""
+    async def _aafter_failure(self, error: BaseException, args: tuple[Any, ...]) -> None:
+        """The async twin of :meth:`_after_failure`."""
 
     def _record_outcome(
         self, error: BaseException | None, info: ErrorInfo | None, took: float

@@ -1,4 +1,4 @@
-"""A pooled Redis connection that reached a replica: reconnect before sending again.
+"""Pooled Redis connections that reached a demoted primary: close them, so calls reconnect.
 
 Managed Redis services fail over by moving a DNS name (ElastiCache's primary endpoint,
 Azure Cache, a Kubernetes service in front of a Redis operator): the old primary turns into
@@ -8,21 +8,32 @@ every read from its copy) until the connection happens to drop. redis-py resends
 an error reply, so without us every write fails until then; with a retry on the same pooled
 connection, every resend meets the same replica.
 
-So before a call that ``READONLY`` refused is sent again (``PolicyCore._before_resend``),
-the client's idle pooled connections are closed, the one that just failed among them: the
-resend opens a new connection, which resolves the name again and reaches the new primary.
-Connections other threads or tasks are using are left alone (closing one under a command
-would break it); each is closed in turn when a command on it meets ``READONLY``. At most one
-closing per pool per second (:data:`CLOSE_EVERY`): while the name still points at the old
-primary (DNS lags the failover by seconds), or when an application writes to a read
-replica on purpose, every write meets ``READONLY`` on new connections too, and closing the
-pool for each would only add a reconnect per write.
+So after an attempt that ``READONLY`` refused (``PolicyCore._after_failure``), the pool's
+idle connections are closed, the one that was just refused among them: the resend, or the
+next call, opens a new connection, which resolves the name again and reaches the new
+primary. Connections other threads or tasks are using are never closed (closing one under a
+command would break it, or worse, lose the reply of a write that was applied); each is
+closed in turn when a command on it meets ``READONLY``. At most one closing per pool per
+second (:data:`CLOSE_EVERY`): while the name still points at the old primary (DNS lags the
+failover by seconds), or when an application writes to a read replica on purpose, every
+write meets ``READONLY`` on new connections too, and closing the pool for each would only
+add a reconnect per write.
 
-Only plain pools: a Sentinel master pool turns ``READONLY`` into a ``ConnectionError`` and
-reconnects to the master the sentinels name (redis-py's own handling), a Sentinel replica
-pool is meant to be read-only, and cluster clients follow the cluster's slot map.
-A ``READONLY`` reply proves the command did not run, so even a command that may not be
-repeated (``INCR``) is sent again after it (``never_ran`` of the Redis instrumentor).
+Which pools, and why only those:
+
+- A sync ``ConnectionPool`` closes its idle connections under the lock its
+  ``get_connection`` takes (``disconnect(inuse_connections=False)``).
+- An asyncio ``ConnectionPool`` does not (redis-py 8 closes them in tasks that start after
+  others may have taken one), so we close them ourselves while holding the pool's own
+  lock, the one its ``get_connection`` takes.
+- Not ``BlockingConnectionPool``s: theirs hand connections out under another lock (or
+  none), and before redis-py 5 their ``disconnect`` closes connections in use too.
+- Not a client made with ``single_connection_client=True``: its one connection carries
+  session state the application may have set (a ``MULTI`` sent by hand, ``CLIENT
+  TRACKING``), which a silent reconnect would drop.
+- Not Sentinel pools (a master pool turns ``READONLY`` into a ``ConnectionError`` and asks
+  the sentinels, redis-py's own handling; a replica pool is meant to be read-only), nor
+  cluster clients, which follow the cluster's slot map.
 
 The stores' own clients (``stores/redis.py``, the fleet-wide link) close theirs the same
 way when a call is refused (:meth:`ReplicaReconnect.close_stale`) and send it once more on
@@ -34,7 +45,7 @@ reaches the new primary once the name has moved, instead of never.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import logging
 from typing import Any
 
 import redis.asyncio.connection
@@ -47,12 +58,14 @@ from otel_recovery._clock import Clock
 
 __all__ = ["CLOSE_EVERY", "ReplicaReconnect"]
 
+_log = logging.getLogger("otel_recovery")
 CLOSE_EVERY = 1.0
 """Seconds between two closings of one pool's idle connections."""
 _CLOSED = "_otel_recovery_replica_closed"
 """Where a pool keeps when its idle connections were last closed (the clock's ``now``)."""
-_PLAIN_POOLS = (redis.connection.ConnectionPool, redis.asyncio.connection.ConnectionPool)
-_SENTINEL_POOLS = (
+_NOT_CLOSED = (
+    redis.connection.BlockingConnectionPool,
+    redis.asyncio.connection.BlockingConnectionPool,
     redis.sentinel.SentinelConnectionPool,
     redis.asyncio.sentinel.SentinelConnectionPool,
 )
@@ -61,7 +74,7 @@ _SENTINEL_POOLS = (
 class ReplicaReconnect:
     """``close_stale(error, client)`` / ``await aclose_stale(error, client)``: close
     ``client``'s idle pooled connections if ``error`` is ``READONLY``. ``mend`` and ``amend``
-    are the same for an instrumentor's call (``args[0]`` is the client), before its resend."""
+    are the same for an instrumentor's failed attempt (``args[0]`` is the client)."""
 
     __slots__ = ("_clock",)
 
@@ -75,55 +88,61 @@ class ReplicaReconnect:
         await self.aclose_stale(error, args[0] if args else None)
 
     def close_stale(self, error: BaseException, client: Any) -> bool:
-        """Whether connections were closed (a call sent now would open a new one)."""
-        pool, single = self._stale(error, client)
-        if single is not None:
-            single.disconnect()
-        elif pool is not None and _closes_idle_only(type(pool)):
+        """Whether connections were closed (a call sent now would open a new one); never
+        raises (a failure of its own is logged once)."""
+        try:
+            pool = self._due(error, client, redis.connection.ConnectionPool)
+            if pool is None:
+                return False
             pool.disconnect(inuse_connections=False)
-        else:
+            return True
+        except Exception as problem:
+            _failed(problem)
             return False
-        return True
 
     async def aclose_stale(self, error: BaseException, client: Any) -> bool:
-        pool, single = self._stale(error, client)
-        if single is not None:
-            await single.disconnect()
-        elif pool is not None:
-            await pool.disconnect(inuse_connections=False)
-        else:
+        """The asyncio twin of :meth:`close_stale`."""
+        try:
+            pool = self._due(error, client, redis.asyncio.connection.ConnectionPool)
+            lock = getattr(pool, "_lock", None)
+            idle = getattr(pool, "_available_connections", None)
+            if lock is None or not isinstance(idle, list):
+                return False
+            async with lock:  # get_connection hands out none of them meanwhile
+                for connection in list(idle):
+                    await connection.disconnect()
+            return True
+        except Exception as problem:
+            _failed(problem)
             return False
-        return True
 
-    def _stale(self, error: BaseException, client: Any) -> tuple[Any, Any]:
-        """The plain pool to close the idle connections of (or the client's own single
-        connection, second), when ``error`` says they reached a replica and the pool was
-        not closed less than :data:`CLOSE_EVERY` ago."""
+    def _due(self, error: BaseException, client: Any, kind: type) -> Any:
+        """``client``'s pool, if ``error`` says its connections reached a replica, it is a
+        pool of ``kind`` whose idle connections can be closed alone (see the module doc),
+        and they were not closed less than :data:`CLOSE_EVERY` ago; else None."""
         if not isinstance(error, ReadOnlyError) or client is None:
-            return None, None
+            return None
+        if getattr(client, "connection", None) is not None:  # a connection of its own
+            return None
         pool = getattr(client, "connection_pool", None)
-        if not isinstance(pool, _PLAIN_POOLS) or isinstance(pool, _SENTINEL_POOLS):
-            return None, None
+        if not isinstance(pool, kind) or isinstance(pool, _NOT_CLOSED):
+            return None
         now = self._clock.now()
         if now - getattr(pool, _CLOSED, -CLOSE_EVERY) < CLOSE_EVERY:
-            return None, None
+            return None
         with contextlib.suppress(Exception):  # a pool with __slots__: close every time
             setattr(pool, _CLOSED, now)
-        # a client made with single_connection_client=True keeps one connection of its own
-        return pool, getattr(client, "connection", None)
+        return pool
 
 
-_IDLE_ONLY: dict[type, bool] = {}
+_reported: list[bool] = []
 
 
-def _closes_idle_only(kind: type) -> bool:
-    """Whether a sync pool type can close its idle connections alone: before redis-py 5,
-    ``BlockingConnectionPool.disconnect()`` closes every connection, those in use too."""
-    known = _IDLE_ONLY.get(kind)
-    if known is None:
-        disconnect = getattr(kind, "disconnect", None)
-        known = disconnect is not None and (
-            "inuse_connections" in inspect.signature(disconnect).parameters
+def _failed(problem: Exception) -> None:
+    if not _reported:
+        _reported.append(True)
+        _log.error(
+            "otel_recovery: closing Redis connections that reached a replica failed; they "
+            "stay open (reported once)",
+            exc_info=(type(problem), problem, problem.__traceback__),
         )
-        _IDLE_ONLY[kind] = known
-    return known

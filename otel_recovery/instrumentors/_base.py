@@ -28,7 +28,7 @@ from otel_recovery._clock import Clock, MonotonicClock
 from otel_recovery._config import SWITCHES
 from otel_recovery.classify import Classifier
 from otel_recovery.instrumentors._settings import RecoverySettings, load_settings
-from otel_recovery.instrumentors._targets import ABeforeResend, BeforeResend, TargetPolicies
+from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.learning.store import CheckpointLearnerStore
 from otel_recovery.learning.strategy import StrategyLearner
@@ -150,9 +150,9 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         """A classifier for this library's policies; None uses the process-wide one."""
         return None
 
-    def _mends(self, clock: Clock) -> tuple[BeforeResend | None, ABeforeResend | None]:
-        """``mend`` and ``amend`` for ``TargetPolicies``: what to repair before a call is
-        sent again, sync and awaited (nothing by default)."""
+    def _mends(self, clock: Clock) -> tuple[Mend | None, AMend | None]:
+        """``mend`` and ``amend`` for ``TargetPolicies``: what to repair after a failed
+        attempt, sync and awaited (nothing by default)."""
         return None, None
 
     def _passes_refused(

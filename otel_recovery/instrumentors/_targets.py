@@ -45,10 +45,10 @@ FallbackOn: TypeAlias = (
 PassesRefused: TypeAlias = Callable[[tuple[Any, ...], dict[str, Any]], Callable[..., Any] | None]
 """``passes(args, kwargs)``: for a call an open circuit refuses that must still be sent (a
 transaction's own ROLLBACK), the function that sends it ungated; None for every other call."""
-BeforeResend: TypeAlias = Callable[[BaseException, tuple[Any, ...]], None]
-"""``mend(error, args)``: what an instrumentor repairs before a call is sent again, after
-``error`` (see ``PolicyCore._before_resend``)."""
-ABeforeResend: TypeAlias = Callable[[BaseException, tuple[Any, ...]], Awaitable[None]]
+Mend: TypeAlias = Callable[[BaseException, tuple[Any, ...]], None]
+"""``mend(error, args)``: what an instrumentor repairs after a failed attempt of a call
+with ``args`` (see ``PolicyCore._after_failure``)."""
+AMend: TypeAlias = Callable[[BaseException, tuple[Any, ...]], Awaitable[None]]
 
 
 class _LayeredRetry(Retry):
@@ -94,8 +94,9 @@ class _TargetPolicy(RecoveryPolicy):
     A failure that the client library's own retry already repeated (marked by an HTTP
     site, see :mod:`._client_retries`) is not retried again; its trace says so.
 
-    ``mend`` (and ``amend`` for awaited calls) repairs what a failure revealed before the
-    call is sent again; a failure of its own is logged once and the resend goes ahead.
+    ``mend`` (and ``amend`` for awaited calls) repairs what a failed attempt revealed,
+    before the call is sent again or given up; a failure of its own is logged once and the
+    call goes on as if it had not been asked.
     """
 
     __slots__ = (
@@ -113,8 +114,8 @@ class _TargetPolicy(RecoveryPolicy):
         disallowed: str | None,
         passes_refused: PassesRefused | None = None,
         timeout: type[Exception] = TimeoutError,
-        mend: BeforeResend | None = None,
-        amend: ABeforeResend | None = None,
+        mend: Mend | None = None,
+        amend: AMend | None = None,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -130,21 +131,21 @@ class _TargetPolicy(RecoveryPolicy):
         elif disallowed is not None:
             self._failure_attributes = {RETRY_DISALLOWED: disallowed}
 
-    def _before_resend(self, error: BaseException, args: tuple[Any, ...]) -> None:
+    def _after_failure(self, error: BaseException, args: tuple[Any, ...]) -> None:
         mend = self._mend
         if mend is not None:
             try:
                 mend(error, args)
             except Exception as problem:
-                report_internal_error(f"{self.name} before a resend", problem)
+                report_internal_error(f"{self.name} after a failure", problem)
 
-    async def _abefore_resend(self, error: BaseException, args: tuple[Any, ...]) -> None:
+    async def _aafter_failure(self, error: BaseException, args: tuple[Any, ...]) -> None:
         amend = self._amend
         if amend is not None:
             try:
                 await amend(error, args)
             except Exception as problem:
-                report_internal_error(f"{self.name} before a resend", problem)
+                report_internal_error(f"{self.name} after a failure", problem)
 
     def _attempt_timed_out(self, limit: float) -> BaseException:
         """A ``TimeoutError`` that is also the client library's own timeout error, so an
@@ -270,8 +271,8 @@ class TargetPolicies:
         rejection: type[CircuitOpenError] = CircuitOpenError,
         passes_refused: PassesRefused | None = None,
         timeout: type[Exception] = TimeoutError,
-        mend: BeforeResend | None = None,
-        amend: ABeforeResend | None = None,
+        mend: Mend | None = None,
+        amend: AMend | None = None,
     ) -> None:
         """``classifier`` replaces the process-wide one for these policies (the HTTP
         instrumentors classify retryable *responses* by status); ``fallback_on`` limits what
@@ -279,7 +280,7 @@ class TargetPolicies:
         ``telemetry`` routes spans and metrics to the providers given to ``instrument()``;
         ``rejection`` is what an open circuit raises and ``passes_refused`` what it lets
         through all the same; ``timeout`` is what an awaited attempt that overran
-        ``attempt_timeout`` raises, ``mend`` and ``amend`` what is repaired before a resend
+        ``attempt_timeout`` raises, ``mend`` and ``amend`` what is repaired after a failure
         (see ``_TargetPolicy``)."""
         self.library = library
         self.settings = settings

@@ -78,7 +78,7 @@ from otel_recovery.instrumentors._redis_sentinel import (
     server_of,
 )
 from otel_recovery.instrumentors._settings import RecoverySettings
-from otel_recovery.instrumentors._targets import ABeforeResend, BeforeResend, TargetPolicies
+from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -116,8 +116,12 @@ _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
 NEVER_RAN = (ReadOnlyError, BusyLoadingError, MasterDownError)
 """Error replies that refuse a command before it runs (a replica refusing writes, a server
 loading its data set, a replica cut off from its primary): a command that may not be sent
-twice (``INCR``) is sent again after them. Not inside MULTI/EXEC or a pipeline, where the
-commands before the refused one may have run."""
+twice (``INCR``) is sent again after them, on a plain client of one server whose own
+``Retry`` resends nothing. Not where redis-py may have resent it already (its ``Retry``
+repeats any command after a dropped connection: the refusal may answer that repeat, after
+the first send ran), not on cluster clients (a command sent to every primary may have run
+on some), not on Sentinel pools (a replica pool refuses writes for good), not inside
+MULTI/EXEC or a pipeline (the commands before the refused one may have run)."""
 
 
 _ONLY_LISTED_ERRORS = hasattr(redis.client.Redis, "_disconnect_raise")
@@ -178,6 +182,7 @@ class Target:
         "current",
         "host",
         "kwargs",
+        "never_ran",
         "own",
         "owner",
         "pipeline_retried",
@@ -210,6 +215,8 @@ class Target:
         self.owner: object = None  # the planner that filled the plans
         self.own: dict[Any, Plan] = {}  # by the command's first argument, no contrib above
         self.current: dict[Any, Plan] = {}  # the same, under contrib's span
+        # refusals after which a command that may not be repeated is sent again all the same
+        self.never_ran: tuple[type[BaseException], ...] = ()
 
 
 Resolve = Callable[[Any, tuple[Any, ...] | None], Target]
@@ -237,6 +244,8 @@ def _standalone_target(instance: Any, command: tuple[Any, ...] | None = ()) -> T
         host = str(kwargs.get("host") or "localhost")
         port = int(kwargs.get("port") or 6379)
     target = _new_target(host, port, kwargs, retry)
+    if target.retries == 0 or not target.retried:  # redis-py resends nothing by itself:
+        target.never_ran = NEVER_RAN  # a refusal answers the only send
     with contextlib.suppress(Exception):  # a pool with __slots__: recompute next time
         setattr(pool, _TARGET, target)
     return target
@@ -507,7 +516,7 @@ class _Planner:
             plan = self.plans.plan(
                 host, port, name, mode, "non_idempotent_command", timed=timed,
                 rejection=target.rejection,
-                never_ran=() if name in rules.never else NEVER_RAN,
+                never_ran=() if name in rules.never else target.never_ran,
             )  # fmt: skip
         if rules.depends_on_arguments(args, name) or len(plans) >= 512:
             return plan
@@ -762,7 +771,7 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
     """A configured ``fallback_value`` stands in when the server is unreachable, loading,
     failing over or rejected by the breaker; never for a command error (``WRONGTYPE``)."""
 
-    def _mends(self, clock: Clock) -> tuple[BeforeResend | None, ABeforeResend | None]:
+    def _mends(self, clock: Clock) -> tuple[Mend | None, AMend | None]:
         reconnect = ReplicaReconnect(clock)
         return reconnect.mend, reconnect.amend
 

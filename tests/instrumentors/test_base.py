@@ -330,7 +330,7 @@ def test_a_call_that_may_not_be_repeated_is_repeated_after_a_failure_proving_it_
     assert len(seen) == 1
 
 
-def test_the_mend_sees_each_failure_and_the_arguments_before_their_resend(fake_clock):
+def test_the_mend_sees_each_failed_attempt_and_its_arguments(fake_clock):
     mended: list[tuple[str, tuple[object, ...]]] = []
     targets = TargetPolicies(
         "redis", RecoverySettings(), clock=fake_clock, telemetry=False,
@@ -364,7 +364,7 @@ async def test_an_awaited_call_is_mended_by_amend(fake_clock):
     assert mended == ["first"]
 
 
-def test_a_mend_that_fails_is_logged_once_and_the_resend_goes_ahead(fake_clock, caplog):
+def test_a_mend_that_fails_is_logged_once_and_the_call_goes_on(fake_clock, caplog):
     def mend(error: BaseException, args: tuple[object, ...]) -> None:
         raise RuntimeError("a bug in the mend")
 
@@ -375,7 +375,7 @@ def test_a_mend_that_fails_is_logged_once_and_the_resend_goes_ahead(fake_clock, 
     for _ in range(2):
         call, seen = _failing_then(ConnectionError("reset"), "ok")
         assert policy.call(call) == "ok" and len(seen) == 2
-    logged = [r for r in caplog.records if "before a resend" in r.getMessage()]
+    logged = [r for r in caplog.records if "after a failure" in r.getMessage()]
     assert len(logged) == 1 and "a bug in the mend" in str(logged[0].exc_info)
 
 

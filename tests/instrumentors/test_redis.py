@@ -718,21 +718,19 @@ def test_redis_py_alone_keeps_its_connections_on_the_demoted_primary(
 
 
 @pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
-@pytest.mark.parametrize("single_connection", [False, True])
 def test_a_write_refused_by_the_demoted_primary_reconnects_and_is_applied_once(
     hm: Harness,
     moving_redis: MovingRedis,  # noqa: F811
     order: str,
-    single_connection: bool,
 ) -> None:
-    """``READONLY`` proves the command did not run, so even ``INCR`` is sent again, on a
-    new connection: it resolves the address anew and reaches the new primary."""
+    """``READONLY`` proves the command did not run (the client's own ``Retry`` resends
+    nothing here), so even ``INCR`` is sent again, on a new connection: it resolves the
+    address anew and reaches the new primary."""
     hm.instrument(order)
     c = hm.client()
-    if single_connection:
-        c = redis.Redis(connection_pool=c.connection_pool, single_connection_client=True)
     assert c.incr("n") == 1 and c.set("k", "v") is True
-    opened = moving_redis.front.accepted if moving_redis.front else 0
+    assert moving_redis.front is not None
+    opened = moving_redis.front.accepted
     moving_redis.fail_over()
     hm.reset_counts()
     assert c.incr("n") == 2
@@ -741,11 +739,52 @@ def test_a_write_refused_by_the_demoted_primary_reconnects_and_is_applied_once(
     failed = events(span, "otel_recovery.attempt.failed")[0]
     assert failed["error.type"] == "redis.exceptions.ReadOnlyError"
     assert "otel_recovery.retry.disallowed" not in (span.attributes or {})  # it was retried
-    assert moving_redis.front is not None and moving_redis.front.accepted == opened + 1
+    assert moving_redis.front.accepted == opened + 1
     hm.reset_counts()
     assert c.set("k", "w") is True and c.get("k") == b"w"  # the new connection stays
     assert hm.attempts["execute_command"] == 2 and hm.sent["SET"] == 1
     assert moving_redis.peek("get", "n") == b"2"  # applied once, on the new primary
+
+
+def test_where_redis_py_may_have_resent_a_refused_incr_is_not_sent_again(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+) -> None:
+    """redis-py's own ``Retry`` resends any command on a new connection after a dropped
+    one: a ``READONLY`` may answer that resend after the first send ran, so it proves
+    nothing there. The refused call fails as without us, but its pool is closed, and the
+    next call reaches the new primary."""
+    hm.instrument("ours_only")
+    # before redis-py 6 a Retry repeats only what retry_on_error lists
+    c = hm.client(
+        redis_py_retry=Retry(NoBackoff(), 3), retry_on_error=[redis.exceptions.ConnectionError]
+    )
+    assert c.incr("n") == 1
+    moving_redis.fail_over()
+    hm.reset_counts()
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        c.incr("n")
+    assert hm.attempts["execute_command"] == 1 and sent_incr(hm) == 1
+    assert c.incr("n") == 2
+    assert moving_redis.peek("get", "n") == b"2"
+
+
+def test_a_single_connection_client_keeps_its_connection(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+) -> None:
+    """Its one connection may carry session state the application set (a ``MULTI`` sent by
+    hand, ``CLIENT TRACKING``): it is not closed behind the application's back."""
+    hm.instrument("ours_only")
+    c = redis.Redis(connection_pool=hm.client().connection_pool, single_connection_client=True)
+    assert c.incr("n") == 1
+    assert moving_redis.front is not None
+    opened = moving_redis.front.accepted
+    moving_redis.fail_over()
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        c.incr("n")
+    assert moving_redis.front.accepted == opened
+    c.close()
 
 
 def test_a_command_named_never_to_repeat_is_not_repeated_even_after_a_refusal(
