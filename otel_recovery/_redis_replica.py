@@ -44,6 +44,7 @@ reaches the new primary once the name has moved, instead of never.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -52,11 +53,11 @@ import redis.asyncio.connection
 import redis.asyncio.sentinel
 import redis.connection
 import redis.sentinel
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from otel_recovery._clock import Clock
 
-__all__ = ["CLOSE_EVERY", "ReplicaReconnect"]
+__all__ = ["CLOSE_EVERY", "ReplicaReconnect", "closable", "refused_by_replica"]
 
 _log = logging.getLogger("otel_recovery")
 CLOSE_EVERY = 1.0
@@ -69,6 +70,25 @@ _NOT_CLOSED = (
     redis.sentinel.SentinelConnectionPool,
     redis.asyncio.sentinel.SentinelConnectionPool,
 )
+
+
+def refused_by_replica(error: BaseException) -> bool:
+    """Whether ``error`` is a replica refusing a write: ``READONLY``, or before Redis 7.0,
+    where a write refused inside a Lua script comes back as ``ERR Error running script ...
+    -READONLY ...`` (a plain ``ResponseError``)."""
+    if isinstance(error, ReadOnlyError):
+        return True
+    return isinstance(error, ResponseError) and "-READONLY " in str(error)
+
+
+def closable(client: Any) -> bool:
+    """Whether ``client``'s connections are of the kind this module closes (a plain pool,
+    no connection of its own; see the module doc)."""
+    if client is None or getattr(client, "connection", None) is not None:
+        return False
+    pool = getattr(client, "connection_pool", None)
+    plain = (redis.connection.ConnectionPool, redis.asyncio.connection.ConnectionPool)
+    return isinstance(pool, plain) and not isinstance(pool, _NOT_CLOSED)
 
 
 class ReplicaReconnect:
@@ -109,8 +129,12 @@ class ReplicaReconnect:
             if lock is None or not isinstance(idle, list):
                 return False
             async with lock:  # get_connection hands out none of them meanwhile
-                for connection in list(idle):
-                    await connection.disconnect()
+                closing = [connection.disconnect() for connection in idle]
+                outcomes = await asyncio.gather(*closing, return_exceptions=True)
+            for outcome in outcomes:  # every one was tried; report the first that failed
+                if isinstance(outcome, Exception):
+                    _failed(outcome)
+                    break
             return True
         except Exception as problem:
             _failed(problem)
@@ -120,12 +144,10 @@ class ReplicaReconnect:
         """``client``'s pool, if ``error`` says its connections reached a replica, it is a
         pool of ``kind`` whose idle connections can be closed alone (see the module doc),
         and they were not closed less than :data:`CLOSE_EVERY` ago; else None."""
-        if not isinstance(error, ReadOnlyError) or client is None:
+        if not refused_by_replica(error) or not closable(client):
             return None
-        if getattr(client, "connection", None) is not None:  # a connection of its own
-            return None
-        pool = getattr(client, "connection_pool", None)
-        if not isinstance(pool, kind) or isinstance(pool, _NOT_CLOSED):
+        pool = client.connection_pool
+        if not isinstance(pool, kind):
             return None
         now = self._clock.now()
         if now - getattr(pool, _CLOSED, -CLOSE_EVERY) < CLOSE_EVERY:

@@ -429,9 +429,10 @@ class MovingRedis:
                 source.close()
 
     def fail_over(self, *, move_address: bool = True, timeout: float = 10.0) -> None:
-        """Swap the roles once the replica has every write, then (by default) point the
-        address at the new primary. (Not ``WAIT``: it counts the writes of the connection
-        that sends it, and the clients' writes came on others.)"""
+        """Once the replica has every write, promote it, point the address at it (by
+        default) and turn the old primary into its replica, in that order, as a managed
+        service does. (Not ``WAIT``: it counts the writes of the connection that sends it,
+        and the clients' writes came on others.)"""
         old, new = self.primary, self.replica
         with quiet():
             source, admin = old.admin(), new.admin()
@@ -445,10 +446,10 @@ class MovingRedis:
             finally:
                 source.close()
                 admin.close()
-        self._follow(old, new)
         self.primary, self.replica = new, old
         if move_address:
             self.move_address()
+        self._follow(old, new)
 
     def peek(self, method: str, *args: Any) -> Any:
         """``method(*args)`` on the primary, directly (not through the address), uninstrumented."""

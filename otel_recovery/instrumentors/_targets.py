@@ -8,6 +8,7 @@ unboundedly many hosts cannot grow memory without limit.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeAlias
@@ -37,7 +38,7 @@ from otel_recovery.telemetry.attributes import (
     RETRY_DISALLOWED,
 )
 
-__all__ = ["FallbackOn", "TargetPolicies"]
+__all__ = ["FallbackOn", "TargetPolicies", "hold_back"]
 
 FallbackOn: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -65,15 +66,28 @@ class _LayeredRetry(Retry):
         return super().is_retryable(error, info)
 
 
+_HELD_BACK = "_otel_recovery_held_back"
+
+
+def hold_back(error: BaseException) -> None:
+    """Keep a ``never_ran`` failure from being resent: the mend that saw it knows the proof
+    does not hold for this call, or that a resend could not help (see ``_NeverRanRetry``)."""
+    with contextlib.suppress(Exception):  # an exception type with __slots__: resent as usual
+        setattr(error, _HELD_BACK, True)
+
+
 class _NeverRanRetry(Retry):
     """A retry for a call that may not be repeated, except after a failure that proves it
-    never ran (``never_ran``: Redis refusing a command with ``READONLY`` or ``LOADING``)."""
+    never ran (``never_ran``: Redis refusing a command with ``READONLY`` or ``LOADING``),
+    unless the instrumentor's mend held that failure back (:func:`hold_back`)."""
 
     __slots__ = ("never_ran",)
     never_ran: tuple[type[BaseException], ...]
 
     def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
-        return isinstance(error, self.never_ran) and super().is_retryable(error, info)
+        if not isinstance(error, self.never_ran) or getattr(error, _HELD_BACK, False):
+            return False
+        return super().is_retryable(error, info)
 
 
 class _TargetPolicy(RecoveryPolicy):

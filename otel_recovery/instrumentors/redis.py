@@ -53,7 +53,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from otel_recovery._clock import Clock
 from otel_recovery._compiled import SPEEDUPS
-from otel_recovery._redis_replica import ReplicaReconnect
+from otel_recovery._redis_replica import ReplicaReconnect, closable, refused_by_replica
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
     LEGACY_SUPPRESS_KEY,
@@ -78,7 +78,7 @@ from otel_recovery.instrumentors._redis_sentinel import (
     server_of,
 )
 from otel_recovery.instrumentors._settings import RecoverySettings
-from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies
+from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies, hold_back
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -245,7 +245,7 @@ def _standalone_target(instance: Any, command: tuple[Any, ...] | None = ()) -> T
         port = int(kwargs.get("port") or 6379)
     target = _new_target(host, port, kwargs, retry)
     if target.retries == 0 or not target.retried:  # redis-py resends nothing by itself:
-        target.never_ran = NEVER_RAN  # a refusal answers the only send
+        target.never_ran = NEVER_RAN  # a refusal answers the only send (_hold_back_unproven)
     with contextlib.suppress(Exception):  # a pool with __slots__: recompute next time
         setattr(pool, _TARGET, target)
     return target
@@ -276,12 +276,42 @@ def _kept(holder: Any, key: tuple[Any, ...], retry: Any, make: Callable[[], Targ
 
 def _new_target(host: str, port: int | None, kwargs: dict[str, Any], retry: Any) -> Target:
     """A server's target, with what its connections' ``retry`` repeats by itself."""
+    errors, retries, extra = _own_coverage(kwargs, retry)
+    pipeline_errors = _pipeline_coverage(errors, retries, kwargs, extra)
+    return Target(host, port, errors, retries, retry, kwargs, pipeline_errors)
+
+
+def _own_coverage(
+    kwargs: dict[str, Any], retry: Any
+) -> tuple[tuple[type[BaseException], ...], int, list[Any]]:
+    """What a pool's connections repeat by themselves (errors, how often), and the errors
+    its ``retry_on_error`` / ``retry_on_timeout`` add."""
     extra = list(kwargs.get("retry_on_error") or ())
     if kwargs.get("retry_on_timeout"):
         extra.append(RedisTimeoutError)
     errors, retries = _coverage(retry, extra)
-    pipeline_errors = _pipeline_coverage(errors, retries, kwargs, extra)
-    return Target(host, port, errors, retries, retry, kwargs, pipeline_errors)
+    return errors, retries, extra
+
+
+def _hold_back_unproven(error: BaseException, args: tuple[Any, ...]) -> None:
+    """Where a refusal (:data:`NEVER_RAN`) proves nothing or a resend cannot help, keep the
+    failed call from being resent (a mend, after each failed attempt). Checked again per
+    failure, beyond the target's ``never_ran``: a ``Retry`` changed in place
+    (``update_retries``) keeps its identity, and with it the target's cached facts."""
+    if not isinstance(error, NEVER_RAN):
+        return
+    client = args[0] if args else None
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        hold_back(error)
+        return
+    errors, retries, _ = _own_coverage(kwargs, kwargs.get("retry"))
+    # redis-py may have resent it (so it may have run), or a resend would meet the same
+    # replica on the same connection (one we do not close)
+    stale = refused_by_replica(error) and not closable(client)
+    if (retries and errors) or stale:
+        hold_back(error)
 
 
 def _cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Target:
@@ -773,7 +803,16 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
 
     def _mends(self, clock: Clock) -> tuple[Mend | None, AMend | None]:
         reconnect = ReplicaReconnect(clock)
-        return reconnect.mend, reconnect.amend
+
+        def mend(error: BaseException, args: tuple[Any, ...]) -> None:
+            _hold_back_unproven(error, args)
+            reconnect.mend(error, args)
+
+        async def amend(error: BaseException, args: tuple[Any, ...]) -> None:
+            _hold_back_unproven(error, args)
+            await reconnect.amend(error, args)
+
+        return mend, amend
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         planner = _Planner(targets)

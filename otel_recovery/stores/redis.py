@@ -33,7 +33,7 @@ from redis.retry import Retry
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
-from otel_recovery._redis_replica import ReplicaReconnect
+from otel_recovery._redis_replica import ReplicaReconnect, refused_by_replica
 from otel_recovery.stores import _redis_lua as lua
 from otel_recovery.stores._base import (
     CorruptRecordError,
@@ -54,6 +54,12 @@ _BATCH_TTL_S = 7 * 86400
 _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _UNAVAILABLE_REPLIES = (redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError)
 _DEFAULTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    """The server cannot take the call now: unreachable, loading, or a replica (also a
+    write refused inside a script before Redis 7.0, a plain ``ResponseError``)."""
+    return isinstance(error, (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES)) or refused_by_replica(error)
 
 
 class _PlainRedis(redis.Redis):
@@ -155,26 +161,34 @@ class RedisStore:
     def _guard(self, call: Callable[[], _T]) -> _T:
         try:
             return call()
-        except (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES) as exc:
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
             # READONLY: the pooled connections reached a demoted primary (a failover moved
             # the address) and the call did not run: once more, on a new connection
             if not self._replica.close_stale(exc, self._client):
                 raise self._unavailable(exc) from exc
         try:
             return call()
-        except (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES) as exc:
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
             raise self._unavailable(exc) from exc
 
     async def _aguard(self, call: Callable[[], Awaitable[_T]]) -> _T:
         try:
             return await call()
-        except (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES) as exc:
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
             client = self._async.get(asyncio.get_running_loop())
             if not await self._replica.aclose_stale(exc, client):
                 raise self._unavailable(exc) from exc
         try:
             return await call()
-        except (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES) as exc:
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailableError:

@@ -22,7 +22,7 @@ from otel_recovery.instrumentors._settings import (
     load_settings,
     unknown_variables,
 )
-from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._targets import TargetPolicies, hold_back
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies import FixedBackoff, Retry
 from otel_recovery.recover import RecoveryPolicy
@@ -328,6 +328,43 @@ def test_a_call_that_may_not_be_repeated_is_repeated_after_a_failure_proving_it_
     with pytest.raises(ConnectionError):
         incr.call(call, "n")
     assert len(seen) == 1
+
+
+def test_a_refused_call_is_not_resent_once_its_mend_held_it_back(fake_clock):
+    class Refused(TimeoutError):
+        pass
+
+    def mend(error: BaseException, args: tuple[object, ...]) -> None:
+        hold_back(error)  # the proof does not hold for this call (redis-py may have resent)
+
+    targets = TargetPolicies(
+        "redis", RecoverySettings(), clock=fake_clock, telemetry=False, mend=mend
+    )
+    incr = targets.policy_for(
+        "r", 6379, None, retry_allowed=False, disallowed="non_idempotent_command",
+        never_ran=(Refused,),
+    )  # fmt: skip
+    call, seen = _failing_then(Refused("READONLY"), 7)
+    with pytest.raises(Refused):
+        incr.call(call, "n")
+    assert len(seen) == 1
+
+
+def test_a_replica_refusal_is_known_by_its_reply_also_from_a_script_before_redis_7():
+    import redis
+
+    from otel_recovery._redis_replica import refused_by_replica
+
+    assert refused_by_replica(redis.exceptions.ReadOnlyError("You can't write"))
+    # Redis 6.2 wraps an error a script's call raised (redis/redis#10218 changed that)
+    assert refused_by_replica(
+        redis.exceptions.ResponseError(
+            "Error running script (call to f_0b1c): @user_script:1: @user_script: 1: "
+            "-READONLY You can't write against a read only replica."
+        )
+    )
+    assert not refused_by_replica(redis.exceptions.ResponseError("WRONGTYPE Operation"))
+    assert not refused_by_replica(ValueError("-READONLY "))
 
 
 def test_the_mend_sees_each_failed_attempt_and_its_arguments(fake_clock):

@@ -153,9 +153,12 @@ class Harness:
         return Counting
 
     def client(
-        self, redis_py_retry: Retry | None = None, retry_on_error: list[Any] | None = None
+        self,
+        redis_py_retry: Retry | None = None,
+        retry_on_error: list[Any] | None = None,
+        pool_class: type[redis.ConnectionPool] = redis.ConnectionPool,
     ) -> redis.Redis:
-        pool = redis.ConnectionPool(
+        pool = pool_class(
             host="127.0.0.1",
             port=self.server.port,
             socket_timeout=TIMEOUT,
@@ -793,6 +796,47 @@ def test_a_single_connection_client_keeps_its_connection(
     c.close()
 
 
+def test_a_retry_changed_in_place_to_resend_stops_our_resends_of_refused_incrs(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+) -> None:
+    """The target's facts are kept while its ``Retry`` is the same object; one changed in
+    place (``update_retries``) may now resend a dropped INCR, so a refusal proves nothing
+    any more: checked again on every failure."""
+    hm.instrument("ours_only")
+    retry = Retry(NoBackoff(), 0)
+    c = hm.client(redis_py_retry=retry, retry_on_error=[redis.exceptions.ConnectionError])
+    assert c.incr("n") == 1  # the target is made: redis-py resends nothing
+    if hasattr(retry, "update_retries"):
+        retry.update_retries(3)
+    else:  # redis-py before 6
+        retry._retries = 3
+    moving_redis.fail_over()
+    hm.reset_counts()
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        c.incr("n")
+    assert hm.attempts["execute_command"] == 1 and sent_incr(hm) == 1
+
+
+def test_a_blocking_pool_keeps_its_connections_and_a_refused_incr_is_not_resent(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+) -> None:
+    """A ``BlockingConnectionPool`` hands connections out under another lock than the one
+    it closes idle ones under: nothing of it is closed, and a resend would meet the same
+    replica on the same connection."""
+    hm.instrument("ours_only")
+    c = hm.client(pool_class=redis.BlockingConnectionPool)
+    assert c.incr("n") == 1
+    assert moving_redis.front is not None
+    opened = moving_redis.front.accepted
+    moving_redis.fail_over()
+    hm.reset_counts()
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        c.incr("n")
+    assert hm.attempts["execute_command"] == 1 and moving_redis.front.accepted == opened
+
+
 def test_while_the_address_lags_reads_go_on_and_refused_writes_never_open_the_circuit(
     hm: Harness,
     moving_redis: MovingRedis,  # noqa: F811
@@ -859,6 +903,24 @@ async def test_async_a_write_refused_by_the_demoted_primary_reconnects_and_is_ap
     assert hm.attempts["execute_command"] == 2 and sent_incr(hm) == 2
     assert_recovered(hm, incr_name(hm), attempts=2)
     assert moving_redis.peek("get", "n") == b"2"
+    await aclose(c)
+
+
+async def test_async_a_connection_in_use_is_not_closed_under_its_command(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+) -> None:
+    """While one task waits on a blocking read (allowed on the demoted primary), another's
+    refused write closes the idle connections only: the read ends as it would have."""
+    hm.instrument("ours_only")
+    c = hm.aclient()
+    assert await c.incr("n") == 1
+    await c.xadd("s", {"f": "v"})
+    moving_redis.fail_over()
+    reader = asyncio.create_task(c.xread({"s": "$"}, block=300))
+    await asyncio.sleep(0.05)  # the read is on the wire, its connection in use
+    assert await c.incr("n") == 2  # refused, idle connections closed, resent
+    assert await reader in ([], None)  # no new entry within the block: no error
     await aclose(c)
 
 

@@ -12,6 +12,9 @@ primary and replica behind a forwarding front whose target moves.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import pytest
 from servers import MovingRedis, eventually, moving_redis  # noqa: F401
 
@@ -60,16 +63,23 @@ def test_while_the_address_lags_the_store_is_unavailable_then_reaches_the_new_pr
 
 def test_the_fleet_wide_breaker_keeps_sharing_state_across_the_failover(
     moving_redis: MovingRedis,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The link's sync meets ``READONLY`` on its old connection, closes it and runs again
+    on a new one: it never degrades to local state (no warning), and shared state keeps
+    flowing through the new primary."""
     url = f"redis://127.0.0.1:{moving_redis.port}/0"
     pair = [CircuitBreaker(name="dep", store=url, sync_interval=0.05) for _ in range(2)]
     assert type(pair[0]).__name__ == "SharedCircuitBreaker"
     assert moving_redis.front is not None
     front = moving_redis.front
     assert eventually(lambda: front.accepted >= 1)
-    moving_redis.fail_over()
+    with caplog.at_level(logging.WARNING, logger="otel_recovery"):
+        moving_redis.fail_over()
+        time.sleep(0.3)  # several sync rounds (every 0.05 s) meet the demoted primary
     pair[0].force_open()  # a manual state goes to Redis at once, the other one reads it
     assert eventually(lambda: pair[1].state.value == "forced_open")
     assert not any(b._link.degraded for b in pair)  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert moving_redis.peek("exists", "otel_recovery:cb:dep") == 1
     pair[0].reset()
