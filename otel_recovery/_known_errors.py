@@ -444,6 +444,8 @@ def resolve(exc: BaseException, message: str, depth: int = 0) -> tuple[TypeProfi
         if found:
             code = found.group(1)
             static = _REDIS_PREFIX.get(code, static)
+        elif "-READONLY " in message:  # a write refused inside a script, before Redis 7.0
+            code, static = "READONLY", _REDIS_PREFIX["READONLY"]
     elif profile.pg:
         static = next((v for p, v in _PG_MESSAGES if p.search(message)), static)
     errno = attr(exc, profile, "errno") if isinstance(exc, OSError) and not profile.ssl else None

@@ -331,6 +331,16 @@ ReadOnlyError = fake(R, "ReadOnlyError", ResponseError)
         (BusyLoadingError("loading"), Cat.TRANSIENT, Kind.SERVER_ERROR, True, "LOADING"),
         (ReadOnlyError("You can't write"), Cat.TRANSIENT, Kind.READONLY, True, "READONLY"),
         (ResponseError("READONLY You can't write"), Cat.TRANSIENT, Kind.READONLY, True, "READONLY"),
+        (  # a write refused inside a Lua script before Redis 7.0
+            ResponseError(
+                "Error running script (call to f_0b): @user_script:1: @user_script: 1: "
+                "-READONLY You can't write against a read only replica."
+            ),
+            Cat.TRANSIENT,
+            Kind.READONLY,
+            True,
+            "READONLY",
+        ),
         (
             ResponseError("OOM command not allowed"),
             Cat.RESOURCE_EXHAUSTION,
