@@ -51,13 +51,21 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"{reason}; {_RESTART_HINT}")
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports :func:`free_port` already gave: the kernel may offer a port again once its probe is
+closed, before the server it was meant for has bound it (a private cluster's six nodes once
+got the same port twice)."""
+
+
 def free_port(below: int = 65536) -> int:
-    """A free TCP port under ``below`` (a cluster node also needs port + 10000 free)."""
+    """A free TCP port under ``below`` (a cluster node also needs port + 10000 free), never
+    one this process was given before."""
     while True:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port: int = probe.getsockname()[1]
-        if port < below:
+        if port < below and port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
             return port
 
 

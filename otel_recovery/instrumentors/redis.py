@@ -310,8 +310,20 @@ def _hold_back_unproven(error: BaseException, args: tuple[Any, ...]) -> None:
     # redis-py may have resent it (so it may have run), or a resend would meet the same
     # replica on the same connection (one we do not close)
     stale = refused_by_replica(error) and not closable(client)
-    if (retries and errors) or stale:
+    if (retries and errors) or stale or _idle_ones_resend(pool):
         hold_back(error)
+
+
+def _idle_ones_resend(pool: Any) -> bool:
+    """Whether an idle connection of ``pool`` (the one just refused among them) repeats
+    commands by itself: an asyncio pool's ``set_retry`` gives its connections a new
+    ``Retry`` without changing the ``connection_kwargs`` new ones are made from."""
+    for connection in list(getattr(pool, "_available_connections", None) or ()):
+        extra = list(getattr(connection, "retry_on_error", None) or ())
+        errors, retries = _coverage(getattr(connection, "retry", None), extra)
+        if retries and errors:
+            return True
+    return False
 
 
 def _cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Target:

@@ -906,6 +906,27 @@ async def test_async_a_write_refused_by_the_demoted_primary_reconnects_and_is_ap
     await aclose(c)
 
 
+async def test_async_a_retry_set_on_the_pool_stops_our_resends_of_refused_incrs(
+    hm: Harness,
+    moving_redis: MovingRedis,  # noqa: F811
+) -> None:
+    """redis.asyncio's ``set_retry`` hands the pool's connections a new ``Retry`` but not the
+    ``connection_kwargs``: the connections themselves are asked whether they resend."""
+    hm.instrument("ours_only")
+    c = hm.aclient()
+    assert await c.incr("n") == 1
+    for connection in c.connection_pool._available_connections:
+        # before redis-py 6 a Retry repeats only what retry_on_error lists
+        connection.retry_on_error = [redis.exceptions.ConnectionError]
+    c.connection_pool.set_retry(redis.asyncio.retry.Retry(NoBackoff(), 3))
+    moving_redis.fail_over()
+    hm.reset_counts()
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        await c.incr("n")
+    assert hm.attempts["execute_command"] == 1 and sent_incr(hm) == 1
+    await aclose(c)
+
+
 async def test_async_a_connection_in_use_is_not_closed_under_its_command(
     hm: Harness,
     moving_redis: MovingRedis,  # noqa: F811
