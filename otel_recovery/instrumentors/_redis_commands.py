@@ -131,7 +131,7 @@ def command_name(args: Sequence[Any]) -> str:
 class CommandRules:
     """Decides, per command, whether a failed call may be sent again."""
 
-    __slots__ = ("_explicit", "_names", "never", "retryable")
+    __slots__ = ("_explicit", "_names", "never", "refused", "retryable")
 
     def __init__(self, settings: RecoverySettings) -> None:
         builtin = READS | IDEMPOTENT_WRITES
@@ -140,6 +140,7 @@ class CommandRules:
         # named never to repeat: not even after the server refused them before they ran
         # (READONLY), which repeats any other command
         self.never = settings.redis_no_retry_commands
+        self.refused = settings.redis_retry_refused  # False: never after a refusal either
         self._explicit = added - settings.redis_no_retry_commands
         self._names: dict[Any, str] = {}
 

@@ -89,6 +89,10 @@ class RecoverySettings:
     """Added to the built-in list of read and idempotent commands."""
     redis_no_retry_commands: frozenset[str] = frozenset()
     """Removed from it."""
+    redis_retry_refused: bool = True
+    """Send a single command again after the server refused it before running it
+    (``READONLY``, ``LOADING``, ``MASTERDOWN``), whatever it is, where that refusal answered
+    the only send; ``False`` keeps to the command lists alone."""
     learning: str = "off"
     """``off``; ``shadow``: a StrategyLearner learns from every retry decision but the rules
     decide; ``on``: it also advises, per failure, whether one more retry is worth it."""

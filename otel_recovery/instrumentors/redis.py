@@ -558,7 +558,7 @@ class _Planner:
             plan = self.plans.plan(
                 host, port, name, mode, "non_idempotent_command", timed=timed,
                 rejection=target.rejection,
-                never_ran=() if name in rules.never else target.never_ran,
+                never_ran=target.never_ran if rules.refused and name not in rules.never else (),
             )  # fmt: skip
         if rules.depends_on_arguments(args, name) or len(plans) >= 512:
             return plan

@@ -749,7 +749,9 @@ def test_a_write_refused_by_the_demoted_primary_reconnects_and_is_applied_once(
     assert moving_redis.peek("get", "n") == b"2"  # applied once, on the new primary
 
 
-@pytest.mark.parametrize("why", ["redis_py_may_have_resent_it", "named_never_to_repeat"])
+@pytest.mark.parametrize(
+    "why", ["redis_py_may_have_resent_it", "named_never_to_repeat", "switched_off"]
+)
 def test_a_refused_incr_is_not_sent_again_where_the_refusal_proves_nothing_or_is_excluded(
     hm: Harness,
     moving_redis: MovingRedis,  # noqa: F811
@@ -757,11 +759,15 @@ def test_a_refused_incr_is_not_sent_again_where_the_refusal_proves_nothing_or_is
 ) -> None:
     """redis-py's own ``Retry`` resends any command on a new connection after a dropped
     one: a ``READONLY`` may answer that resend after the first send ran, so it proves
-    nothing there. A command the settings name never to repeat is not repeated either.
+    nothing there. A command the settings name never to repeat is not repeated either, nor
+    any command with ``redis_retry_refused`` off.
     Either way the refused call fails as without us, but its pool is closed, and the next
     call reaches the new primary."""
     if why == "named_never_to_repeat":
         hm.instrument("ours_only", redis_no_retry_commands="INCRBY, INCR")
+        c = hm.client()
+    elif why == "switched_off":
+        hm.instrument("ours_only", redis_retry_refused=False)
         c = hm.client()
     else:
         hm.instrument("ours_only")
