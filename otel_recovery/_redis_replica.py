@@ -64,6 +64,7 @@ CLOSE_EVERY = 1.0
 """Seconds between two closings of one pool's idle connections."""
 _CLOSED = "_otel_recovery_replica_closed"
 """Where a pool keeps when its idle connections were last closed (the clock's ``now``)."""
+_PLAIN = (redis.connection.ConnectionPool, redis.asyncio.connection.ConnectionPool)
 _NOT_CLOSED = (
     redis.connection.BlockingConnectionPool,
     redis.asyncio.connection.BlockingConnectionPool,
@@ -87,8 +88,7 @@ def closable(client: Any) -> bool:
     if client is None or getattr(client, "connection", None) is not None:
         return False
     pool = getattr(client, "connection_pool", None)
-    plain = (redis.connection.ConnectionPool, redis.asyncio.connection.ConnectionPool)
-    return isinstance(pool, plain) and not isinstance(pool, _NOT_CLOSED)
+    return isinstance(pool, _PLAIN) and not isinstance(pool, _NOT_CLOSED)
 
 
 class ReplicaReconnect:

@@ -24,7 +24,7 @@ from opentelemetry.instrumentation import dependencies
 from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
-from otel_recovery._clock import Clock, MonotonicClock
+from otel_recovery._clock import SYSTEM_CLOCK, Clock
 from otel_recovery._config import SWITCHES
 from otel_recovery.classify import Classifier
 from otel_recovery.instrumentors._settings import RecoverySettings, load_settings
@@ -103,7 +103,7 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         tracer_provider = kwargs.get("tracer_provider")
         meter_provider = kwargs.get("meter_provider")
         telemetry: Telemetry | bool = True  # follow the global providers
-        mend, amend = self._mends(clock or MonotonicClock())
+        mend, amend = self._mends(clock or SYSTEM_CLOCK)
         if tracer_provider is not None or meter_provider is not None:
             telemetry = Telemetry(tracer_provider, meter_provider)
         self.targets = TargetPolicies(

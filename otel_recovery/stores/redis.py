@@ -22,7 +22,7 @@ import builtins
 import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import redis
 import redis.asyncio
@@ -162,34 +162,33 @@ class RedisStore:
         try:
             return call()
         except Exception as exc:
-            if not _is_unavailable(exc):
-                raise
             # READONLY: the pooled connections reached a demoted primary (a failover moved
             # the address) and the call did not run: once more, on a new connection
-            if not self._replica.close_stale(exc, self._client):
-                raise self._unavailable(exc) from exc
+            if not (_is_unavailable(exc) and self._replica.close_stale(exc, self._client)):
+                self._raise(exc)
         try:
             return call()
         except Exception as exc:
-            if not _is_unavailable(exc):
-                raise
-            raise self._unavailable(exc) from exc
+            self._raise(exc)
 
     async def _aguard(self, call: Callable[[], Awaitable[_T]]) -> _T:
         try:
             return await call()
         except Exception as exc:
-            if not _is_unavailable(exc):
-                raise
             client = self._async.get(asyncio.get_running_loop())
-            if not await self._replica.aclose_stale(exc, client):
-                raise self._unavailable(exc) from exc
+            if not (_is_unavailable(exc) and await self._replica.aclose_stale(exc, client)):
+                self._raise(exc)
         try:
             return await call()
         except Exception as exc:
-            if not _is_unavailable(exc):
-                raise
+            self._raise(exc)
+
+    def _raise(self, exc: Exception) -> NoReturn:
+        """``exc`` as the caller sees it: a :class:`StoreUnavailableError` when the server
+        cannot take the call now, else unchanged."""
+        if _is_unavailable(exc):
             raise self._unavailable(exc) from exc
+        raise exc
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailableError:
         detail = redact(str(exc)) or type(exc).__name__
