@@ -41,7 +41,7 @@ from otel_recovery.classify import (
 )
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._health_checks import HEALTH_CHECKS
-from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._targets import NeverRan, TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, _wrapper_module, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
 from otel_recovery.recover import RecoveryPolicy
@@ -199,10 +199,10 @@ class PlanCache:
         client_retries: int = 0,
         timed: bool = True,
         rejection: type[CircuitOpenError] | None = None,
-        never_ran: tuple[type[BaseException], ...] = (),
+        never_ran: NeverRan | None = None,
     ) -> Plan:
         """The plan for a call; ``disallowed`` (a reason) forbids retrying it, except after
-        the failures in ``never_ran``, which prove it never ran; ``timed=False`` exempts it
+        the failures ``never_ran`` says prove it never ran; ``timed=False`` exempts it
         from the attempt time limit, ``rejection`` replaces the instrumentor's error for an
         open circuit (see ``TargetPolicies.policy_for``)."""
         key = (

@@ -30,7 +30,7 @@ from otel_recovery._clock import Clock
 from otel_recovery._forksafe import new_lock
 from otel_recovery._retry_after import header
 from otel_recovery.classify import Classifier, ErrorCategory, ErrorInfo, get_default_classifier
-from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._targets import NeverRan, TargetPolicies
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.recover import RecoveryPolicy
 
@@ -141,6 +141,12 @@ def replayable_data(data: object) -> bool:
     return data is None or isinstance(data, _REPLAYABLE_DATA)
 
 
+_NOT_SAFE = "non_idempotent_method"
+_NOT_REPLAYABLE = "non_replayable_body"
+"""Why a request is not retried, on its failure's trace (``otel_recovery.retry.disallowed``):
+its method without an ``Idempotency-Key``, or a body the first attempt consumed."""
+
+
 def plan_call(
     targets: TargetPolicies,
     method: str,
@@ -150,14 +156,18 @@ def plan_call(
     *,
     has_key: Callable[[], bool],
     replayable: bool,
+    unsent: NeverRan,
 ) -> HttpCall:
     """The policy for one request, applying the idempotency rules of DESIGN.md section 5.
 
     Retried: a replayable request whose method is in ``http_retry_methods``, or that carries
     an ``Idempotency-Key`` (unless ``http_retry_idempotency_key`` is off). Anything else runs
-    once under the same breaker: its failure is classified, recorded and returned/re-raised.
-    ``has_key`` looks for the header; it is only asked when the answer depends on it (a GET
-    is retried whatever its headers).
+    under the same breaker and is sent again only after a failure ``unsent`` (the client
+    library's) says kept it from leaving the client, a connection that could not be made
+    (unless ``http_retry_unsent`` is off), as urllib3 repeats connect errors for any method;
+    any other failure is classified, recorded and returned/re-raised. ``has_key`` looks for
+    the header; it is only asked when the answer depends on it (a GET is retried whatever
+    its headers).
     """
     method = method.upper()
     settings = targets.settings
@@ -168,7 +178,16 @@ def plan_call(
     by_method = method in settings.http_retry_methods
     header_dependent = replayable and not by_method and settings.http_retry_idempotency_key
     retry_allowed = (replayable and by_method) or (header_dependent and has_key())
-    policy = targets.policy_for(host, port, operation, retry_allowed=retry_allowed)
+    never_ran = unsent if replayable and settings.http_retry_unsent else None
+    disallowed = None if retry_allowed else _NOT_REPLAYABLE if not replayable else _NOT_SAFE
+    policy = targets.policy_for(
+        host,
+        port,
+        operation,
+        retry_allowed=retry_allowed,
+        disallowed=disallowed,
+        never_ran=never_ran,
+    )
     return HttpCall(policy, settings.http_retry_statuses, header_dependent)
 
 

@@ -82,6 +82,10 @@ class RecoverySettings:
         {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"}
     )
     http_retry_idempotency_key: bool = True
+    http_retry_unsent: bool = True
+    """Send a request that may not be repeated (a POST) again when its connection could not
+    be made (refused, unreachable, DNS, connect timeout): it never left the client. Only
+    replayable bodies, as for every retry; ``False`` keeps to the method rules alone."""
     http_retry_statuses: frozenset[int] = frozenset({408, 425, 429, 500, 502, 503, 504})
     """Responses with these statuses are failures: retried when the request may be repeated
     (the final one is still returned to the application), counted by the breaker."""
@@ -90,9 +94,10 @@ class RecoverySettings:
     redis_no_retry_commands: frozenset[str] = frozenset()
     """Removed from it."""
     redis_retry_refused: bool = True
-    """Send a single command again after the server refused it before running it
-    (``READONLY``, ``LOADING``, ``MASTERDOWN``), whatever it is, where that refusal answered
-    the only send; ``False`` keeps to the command lists alone."""
+    """Send a single command again, whatever it is, when the failure proves it never ran
+    and answered its only send: the server refused it (``READONLY``, ``LOADING``,
+    ``MASTERDOWN``) or its connection could not be made; ``False`` keeps to the command
+    lists alone."""
     learning: str = "off"
     """``off``; ``shadow``: a StrategyLearner learns from every retry decision but the rules
     decide; ``on``: it also advises, per failure, whether one more retry is worth it."""

@@ -38,7 +38,7 @@ from otel_recovery.telemetry.attributes import (
     RETRY_DISALLOWED,
 )
 
-__all__ = ["FallbackOn", "TargetPolicies", "hold_back"]
+__all__ = ["FallbackOn", "NeverRan", "TargetPolicies", "hold_back"]
 
 FallbackOn: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -50,6 +50,11 @@ Mend: TypeAlias = Callable[[BaseException, tuple[Any, ...]], None]
 """``mend(error, args)``: what an instrumentor repairs after a failed attempt of a call
 with ``args`` (see ``PolicyCore._after_failure``)."""
 AMend: TypeAlias = Callable[[BaseException, tuple[Any, ...]], Awaitable[None]]
+NeverRan: TypeAlias = Callable[[BaseException], bool]
+"""``never_ran(error)``: whether a failure proves the call never reached the server (a
+connection that could not be made, a command the server refused before running it), so
+that even a call that may not be repeated can be sent again. Asked only after a failure;
+a module-level function, so plans that share it share their cache entries."""
 
 
 class _LayeredRetry(Retry):
@@ -78,14 +83,15 @@ def hold_back(error: BaseException) -> None:
 
 class _NeverRanRetry(Retry):
     """A retry for a call that may not be repeated, except after a failure that proves it
-    never ran (``never_ran``: Redis refusing a command with ``READONLY`` or ``LOADING``),
-    unless the instrumentor's mend held that failure back (:func:`hold_back`)."""
+    never ran (``never_ran``: a refused connection, Redis refusing a command with
+    ``READONLY``), unless the instrumentor's mend held that failure back
+    (:func:`hold_back`)."""
 
     __slots__ = ("never_ran",)
-    never_ran: tuple[type[BaseException], ...]
+    never_ran: NeverRan
 
     def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
-        if not isinstance(error, self.never_ran) or getattr(error, _HELD_BACK, False):
+        if not self.never_ran(error) or getattr(error, _HELD_BACK, False):
             return False
         return super().is_retryable(error, info)
 
@@ -190,7 +196,7 @@ class _TargetPolicy(RecoveryPolicy):
         if (
             self._disallowed is not None
             and isinstance(retry, _NeverRanRetry)
-            and not isinstance(error, retry.never_ran)
+            and not retry.never_ran(error)
         ):
             try:
                 trace.span.set_attribute(RETRY_DISALLOWED, self._disallowed)
@@ -375,7 +381,7 @@ class TargetPolicies:
         timed: bool = True,
         repeats: int = 0,
         rejection: type[CircuitOpenError] | None = None,
-        never_ran: tuple[type[BaseException], ...] = (),
+        never_ran: NeverRan | None = None,
     ) -> RecoveryPolicy:
         """The policy for one call to ``host:port``.
 
@@ -388,7 +394,7 @@ class TargetPolicies:
         ``timed=False`` leaves out ``attempt_timeout`` (a call that waits on purpose, such as
         Redis's ``BLPOP``: the limit would cut the wait it asked for). ``rejection`` replaces
         the instrumentor's error for an open circuit at sites where that one would do harm
-        (Redis Cluster: see ``RedisCircuitOpenError``). ``never_ran`` lists failures that
+        (Redis Cluster: see ``RedisCircuitOpenError``). ``never_ran`` tells the failures that
         prove a call never ran: a call that may not be retried is retried after those.
         """
         op_key = self._operation_key(host, port, operation)
@@ -443,7 +449,7 @@ class TargetPolicies:
         timed: bool,
         repeats: int,
         rejection: type[CircuitOpenError] | None,
-        never_ran: tuple[type[BaseException], ...],
+        never_ran: NeverRan | None,
     ) -> RecoveryPolicy:
         target = self._target(host, port)
         s = self.settings.for_target(host, port, operation)
@@ -456,9 +462,9 @@ class TargetPolicies:
         policy = target.policies.get(key)
         if policy is not None:
             return policy
-        never_ran = () if retry_allowed else never_ran
-        retries = retry_allowed or bool(never_ran)
-        kind = _NeverRanRetry if never_ran else _LayeredRetry if not_retried else Retry
+        never_ran = None if retry_allowed else never_ran
+        retries = retry_allowed or never_ran is not None
+        kind = _NeverRanRetry if never_ran is not None else _LayeredRetry if not_retried else Retry
         retry = kind(
             s.max_attempts if retries else 1,
             deadline=s.deadline,
@@ -477,7 +483,7 @@ class TargetPolicies:
         )
         if isinstance(retry, _LayeredRetry):
             retry.not_retried, retry.repeats = not_retried, repeats
-        elif isinstance(retry, _NeverRanRetry):
+        elif isinstance(retry, _NeverRanRetry) and never_ran is not None:
             retry.never_ran = never_ran
         policy = _TargetPolicy(
             rejection or self._rejection,

@@ -151,11 +151,27 @@ class _Planner:
             url.path,
             has_key=lambda: _has_key(session, kwargs.get("headers")),
             replayable=replayable_data(kwargs.get("data")),
+            unsent=_unsent,
         )
         plan = self.plans.compile(call)
         if shape is not None:
             self.plans.remember(shape, plan)
         return plan
+
+
+_CONNECT_FAILURES: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectorError,
+    *((aiohttp.ConnectionTimeoutError,) if hasattr(aiohttp, "ConnectionTimeoutError") else ()),
+)
+"""Where aiohttp could not make the connection (refused, DNS, TLS, proxy; a connect timeout
+from aiohttp 3.10 on, which before raised the ``ServerTimeoutError`` a read timeout also
+raises): it connects before it writes the request."""
+
+
+def _unsent(error: BaseException) -> bool:
+    """Whether the request never left the client (:data:`_CONNECT_FAILURES`); our open
+    circuit's error is never resent."""
+    return isinstance(error, _CONNECT_FAILURES) and not isinstance(error, CircuitOpenError)
 
 
 def _method_and_url(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:

@@ -158,6 +158,16 @@ class _Site(HttpSite[httpx.Response]):
 _CONNECTION_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
 """What httpcore's connection retries repeat."""
 
+
+def _unsent(error: BaseException) -> bool:
+    """Whether the request never left the client: httpcore raises ``ConnectError`` and
+    ``ConnectTimeout`` only while it makes a connection (TCP, TLS, a proxy's tunnel),
+    before it writes a request; a connection lost later is a ``ReadError``, a
+    ``WriteError`` or a ``RemoteProtocolError``. Our open circuit's error is a
+    ``ConnectError`` too, and is never resent."""
+    return isinstance(error, _CONNECTION_FAILURES) and not isinstance(error, CircuitOpenError)
+
+
 _TLS_REPEATED = tuple(int(part) for part in httpcore.__version__.split(".")[:2]) >= (0, 17)
 """httpcore 0.17 moved the TLS handshake inside its retry loop; before, only the TCP connect
 was repeated, and a failed handshake (also a ``ConnectError``) was tried once."""
@@ -225,6 +235,7 @@ class _Planner:
             url.path,
             has_key=lambda: IDEMPOTENCY_KEY in request.headers,
             replayable=isinstance(request.stream, httpx.ByteStream),
+            unsent=_unsent,
         )
         plan = self.plans.compile(call)
         if shape is not None:

@@ -78,7 +78,7 @@ from otel_recovery.instrumentors._redis_sentinel import (
     server_of,
 )
 from otel_recovery.instrumentors._settings import RecoverySettings
-from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies, hold_back
+from otel_recovery.instrumentors._targets import AMend, Mend, NeverRan, TargetPolicies, hold_back
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -113,15 +113,36 @@ _WIDE = "_otel_recovery_cluster_wide"
 """Where a cluster client's slot map keeps the name of its cluster-wide target."""
 _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
 """What a redis-py ``Retry`` repeats when not told otherwise."""
-NEVER_RAN = (ReadOnlyError, BusyLoadingError, MasterDownError)
-"""Error replies that refuse a command before it runs (a replica refusing writes, a server
-loading its data set, a replica cut off from its primary): a command that may not be sent
-twice (``INCR``) is sent again after them, on a plain client of one server whose own
-``Retry`` resends nothing. Not where redis-py may have resent it already (its ``Retry``
-repeats any command after a dropped connection: the refusal may answer that repeat, after
-the first send ran), not on cluster clients (a command sent to every primary may have run
-on some), not on Sentinel pools (a replica pool refuses writes for good), not inside
-MULTI/EXEC or a pipeline (the commands before the refused one may have run)."""
+REFUSALS = (ReadOnlyError, BusyLoadingError, MasterDownError)
+"""Error replies that refuse a command before it runs: a replica refusing writes, a server
+loading its data set, a replica cut off from its primary."""
+_TIMED_OUT_CONNECTING = "Timeout connecting to server"
+"""redis-py's message (4.5 to 8) for a connect that timed out; a refused or unreachable
+one reads ``Error 111 connecting to host:port. Connection refused.``"""
+
+
+def never_ran(error: BaseException) -> bool:
+    """Whether ``error`` proves the command never ran: the server refused it
+    (:data:`REFUSALS`), or the connection it was to be sent on could not be made (redis-py
+    connects before it writes, in the pool's ``get_connection`` or at the send).
+
+    A command that may not be sent twice (``INCR``) is sent again after these, on a plain
+    client of one server whose own ``Retry`` resends nothing. Not where redis-py may have
+    resent it already (its ``Retry`` repeats any command after a dropped connection: the
+    refusal, or the failed reconnect, may answer that repeat, after the first send ran),
+    not on cluster clients (a command sent to every primary may have run on some), not on
+    Sentinel pools (a replica pool refuses writes for good), not inside MULTI/EXEC or a
+    pipeline (the commands before the refused one may have run)."""
+    if isinstance(error, REFUSALS):
+        return True
+    if isinstance(error, CircuitOpenError):  # ours: never sent, but never resent either
+        return False
+    if isinstance(error, RedisTimeoutError):
+        return str(error) == _TIMED_OUT_CONNECTING
+    if isinstance(error, RedisConnectionError):
+        text = str(error)
+        return text.startswith("Error ") and " connecting to " in text
+    return False
 
 
 _ONLY_LISTED_ERRORS = hasattr(redis.client.Redis, "_disconnect_raise")
@@ -215,8 +236,8 @@ class Target:
         self.owner: object = None  # the planner that filled the plans
         self.own: dict[Any, Plan] = {}  # by the command's first argument, no contrib above
         self.current: dict[Any, Plan] = {}  # the same, under contrib's span
-        # refusals after which a command that may not be repeated is sent again all the same
-        self.never_ran: tuple[type[BaseException], ...] = ()
+        # failures after which a command that may not be repeated is sent again all the same
+        self.never_ran: NeverRan | None = None
 
 
 Resolve = Callable[[Any, tuple[Any, ...] | None], Target]
@@ -245,7 +266,7 @@ def _standalone_target(instance: Any, command: tuple[Any, ...] | None = ()) -> T
         port = int(kwargs.get("port") or 6379)
     target = _new_target(host, port, kwargs, retry)
     if target.retries == 0 or not target.retried:  # redis-py resends nothing by itself:
-        target.never_ran = NEVER_RAN  # a refusal answers the only send (_hold_back_unproven)
+        target.never_ran = never_ran  # it answers the only send (_hold_back_unproven)
     with contextlib.suppress(Exception):  # a pool with __slots__: recompute next time
         setattr(pool, _TARGET, target)
     return target
@@ -294,11 +315,12 @@ def _own_coverage(
 
 
 def _hold_back_unproven(error: BaseException, args: tuple[Any, ...]) -> None:
-    """Where a refusal (:data:`NEVER_RAN`) proves nothing or a resend cannot help, keep the
-    failed call from being resent (a mend, after each failed attempt). Checked again per
-    failure, beyond the target's ``never_ran``: a ``Retry`` changed in place
-    (``update_retries``) keeps its identity, and with it the target's cached facts."""
-    if not isinstance(error, NEVER_RAN):
+    """Where a failure that would prove a command never ran (:func:`never_ran`) proves
+    nothing or a resend cannot help, keep the failed call from being resent (a mend, after
+    each failed attempt). Checked again per failure, beyond the target's ``never_ran``: a
+    ``Retry`` changed in place (``update_retries``) keeps its identity, and with it the
+    target's cached facts."""
+    if not never_ran(error):
         return
     client = args[0] if args else None
     pool = getattr(client, "connection_pool", None)
@@ -558,7 +580,7 @@ class _Planner:
             plan = self.plans.plan(
                 host, port, name, mode, "non_idempotent_command", timed=timed,
                 rejection=target.rejection,
-                never_ran=target.never_ran if rules.refused and name not in rules.never else (),
+                never_ran=target.never_ran if rules.refused and name not in rules.never else None,
             )  # fmt: skip
         if rules.depends_on_arguments(args, name) or len(plans) >= 512:
             return plan

@@ -23,7 +23,12 @@ from urllib.parse import urlsplit
 import requests
 from requests.exceptions import RequestException
 from requests.structures import CaseInsensitiveDict
-from urllib3.exceptions import MaxRetryError, ResponseError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ResponseError,
+)
 from urllib3.util.retry import Retry
 
 from otel_recovery._clock import Clock
@@ -206,11 +211,34 @@ class _Planner:
             path,
             has_key=lambda: _has_key(bound.get("headers"), session_headers),
             replayable=replayable_data(bound.get("data")) and _replayable_files(bound.get("files")),
+            unsent=_unsent,
         )
         plan = self.plans.compile(call)
         if shape is not None:
             self.plans.remember_by_url(*shape, plan)
         return plan
+
+
+def _unsent(error: BaseException) -> bool:
+    """Whether the request never left the client: its connection could not be made
+    (refused, unreachable, a name that did not resolve, a connect timeout).
+
+    requests raises those as ``ConnectTimeout``, or as a ``ConnectionError`` around
+    urllib3's ``MaxRetryError`` whose reason is a ``NewConnectionError``: urllib3 makes a
+    new connection before it writes the request, and repeats these for any method itself.
+    Any other connection error (a reset, a keep-alive connection the server had closed),
+    a proxy's and a TLS one may come after the request was written."""
+    if isinstance(error, CircuitOpenError):
+        return False
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return True
+    if not isinstance(error, requests.exceptions.ConnectionError) or isinstance(
+        error, (requests.exceptions.ProxyError, requests.exceptions.SSLError)
+    ):
+        return False
+    cause = error.args[0] if error.args else None
+    reason = cause.reason if isinstance(cause, MaxRetryError) else cause
+    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
 
 
 def _urllib3_retry(adapter: object) -> Retry | None:

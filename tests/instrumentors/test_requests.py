@@ -178,8 +178,12 @@ def test_post_is_never_sent_twice_but_is_recorded(server, tel, instrument):
     recoveries = tel.recoveries()
     assert [r.attributes["otel_recovery.retry.attempts"] for r in recoveries] == [1, 1]
     assert [r.attributes["otel_recovery.retry.stop_reason"] for r in recoveries] == [
-        "attempts_exhausted",
-        "attempts_exhausted",
+        "not_retryable",
+        "not_retryable",
+    ]
+    assert [r.attributes["otel_recovery.retry.disallowed"] for r in recoveries] == [
+        "non_idempotent_method",
+        "non_idempotent_method",
     ]
     (breaker,) = ours.targets.breakers()
     assert breaker.snapshot().failed_calls == 2  # both counted against the target
