@@ -16,6 +16,8 @@ classifier reads like the response itself. The shared rules live in :mod:`._http
 from __future__ import annotations
 
 import asyncio
+import inspect
+from types import CodeType
 from typing import Any
 
 import aiohttp
@@ -34,6 +36,7 @@ from otel_recovery.instrumentors._http import (
     fallback_body,
     has_header,
     install_resend_count,
+    outermost_frame,
     plan_call,
     replayable_data,
     target_of,
@@ -168,10 +171,26 @@ from aiohttp 3.10 on, which before raised the ``ServerTimeoutError`` a read time
 raises): it connects before it writes the request."""
 
 
+def _request_code() -> frozenset[CodeType]:
+    """The code of aiohttp's own ``ClientSession._request`` (under any wrapper on it)."""
+    code = getattr(inspect.unwrap(vars(aiohttp.ClientSession)["_request"]), "__code__", None)
+    return frozenset({code}) if isinstance(code, CodeType) else frozenset()
+
+
+_REQUEST_LOOP = _request_code()
+"""aiohttp's request coroutine: it follows redirects in a loop, and its frame keeps the
+responses answered so far (``history``)."""
+
+
 def _unsent(error: BaseException) -> bool:
-    """Whether the request never left the client (:data:`_CONNECT_FAILURES`); our open
-    circuit's error is never resent."""
-    return isinstance(error, _CONNECT_FAILURES) and not isinstance(error, CircuitOpenError)
+    """Whether the request never left the client (:data:`_CONNECT_FAILURES`) and was the
+    call's first: in the outermost request loop, nothing answered yet (no ``history``: a
+    redirect's next request fails after the server answered the first, which may have
+    applied it; see ``outermost_frame``). Our open circuit's error is never resent."""
+    if not isinstance(error, _CONNECT_FAILURES) or isinstance(error, CircuitOpenError):
+        return False
+    loop = outermost_frame(error, _REQUEST_LOOP)
+    return loop is not None and not loop.f_locals.get("history", True)
 
 
 def _method_and_url(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:

@@ -36,6 +36,7 @@ from otel_recovery.instrumentors._http import (
     RetryableStatusError,
     fallback_body,
     install_resend_count,
+    outermost_frame,
     plan_call,
     target_of,
 )
@@ -159,13 +160,38 @@ _CONNECTION_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
 """What httpcore's connection retries repeat."""
 
 
+_REDIRECT_LOOPS = frozenset(
+    loop.__code__
+    for loop in (
+        getattr(httpx.Client, "_send_handling_redirects", None),
+        getattr(httpx.AsyncClient, "_send_handling_redirects", None),
+    )
+    if loop is not None
+)
+"""httpx's redirect loops, whose frames say which request failed and what was answered
+before it (none in another httpx: then nothing counts as never sent)."""
+
+
 def _unsent(error: BaseException) -> bool:
     """Whether the request never left the client: httpcore raises ``ConnectError`` and
     ``ConnectTimeout`` only while it makes a connection (TCP, TLS, a proxy's tunnel),
     before it writes a request; a connection lost later is a ``ReadError``, a
-    ``WriteError`` or a ``RemoteProtocolError``. Our open circuit's error is a
-    ``ConnectError`` too, and is never resent."""
-    return isinstance(error, _CONNECTION_FAILURES) and not isinstance(error, CircuitOpenError)
+    ``WriteError`` or a ``RemoteProtocolError``. And it was the call's first request: in
+    the outermost redirect loop, nothing answered yet (no ``history``: no redirect, no
+    auth round) and the failed request is the loop's own, not one a response hook sent
+    (see ``outermost_frame``). Our open circuit's error is a ``ConnectError`` too, and is
+    never resent."""
+    if not isinstance(error, _CONNECTION_FAILURES) or isinstance(error, CircuitOpenError):
+        return False
+    loop = outermost_frame(error, _REDIRECT_LOOPS)
+    if loop is None:
+        return False
+    try:
+        failed = error.request
+    except RuntimeError:  # raised without a request: unknown
+        return False
+    state = loop.f_locals
+    return not state.get("history", True) and state.get("request") is failed
 
 
 _TLS_REPEATED = tuple(int(part) for part in httpcore.__version__.split(".")[:2]) >= (0, 17)

@@ -42,6 +42,7 @@ from otel_recovery.instrumentors._http import (
     fallback_body,
     has_header,
     install_resend_count,
+    outermost_frame,
     plan_call,
     replayable_data,
     target_of,
@@ -219,26 +220,38 @@ class _Planner:
         return plan
 
 
+_AFTER_A_RESPONSE = frozenset(
+    {
+        requests.sessions.SessionRedirectMixin.resolve_redirects.__code__,
+        requests.hooks.dispatch_hook.__code__,
+    }
+)
+"""Where requests sends again after a response: a redirect, or a response hook (digest
+auth's answer to a 401 and any hook of the application's)."""
+
+
 def _unsent(error: BaseException) -> bool:
     """Whether the request never left the client: its connection could not be made
-    (refused, unreachable, a name that did not resolve, a connect timeout).
+    (refused, unreachable, a name that did not resolve, a connect timeout), and it was the
+    call's first request, not one sent after a response (see ``outermost_frame``).
 
     requests raises those as ``ConnectTimeout``, or as a ``ConnectionError`` around
     urllib3's ``MaxRetryError`` whose reason is a ``NewConnectionError``: urllib3 makes a
     new connection before it writes the request, and repeats these for any method itself.
     Any other connection error (a reset, a keep-alive connection the server had closed),
     a proxy's and a TLS one may come after the request was written."""
-    if isinstance(error, CircuitOpenError):
+    if isinstance(error, CircuitOpenError) or error.__traceback__ is None:
         return False
-    if isinstance(error, requests.exceptions.ConnectTimeout):
-        return True
-    if not isinstance(error, requests.exceptions.ConnectionError) or isinstance(
-        error, (requests.exceptions.ProxyError, requests.exceptions.SSLError)
-    ):
-        return False
-    cause = error.args[0] if error.args else None
-    reason = cause.reason if isinstance(cause, MaxRetryError) else cause
-    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+    if not isinstance(error, requests.exceptions.ConnectTimeout):
+        if not isinstance(error, requests.exceptions.ConnectionError) or isinstance(
+            error, (requests.exceptions.ProxyError, requests.exceptions.SSLError)
+        ):
+            return False
+        cause = error.args[0] if error.args else None
+        reason = cause.reason if isinstance(cause, MaxRetryError) else cause
+        if not isinstance(reason, (NewConnectionError, ConnectTimeoutError)):
+            return False
+    return outermost_frame(error, _AFTER_A_RESPONSE) is None
 
 
 def _urllib3_retry(adapter: object) -> Retry | None:
