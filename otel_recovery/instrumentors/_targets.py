@@ -123,6 +123,7 @@ class _TargetPolicy(RecoveryPolicy):
         "_amend",
         "_disallowed",
         "_mend",
+        "_never_repeated",
         "_passes_refused",
         "_rejection_type",
         "_timeout_type",
@@ -145,11 +146,16 @@ class _TargetPolicy(RecoveryPolicy):
         self._mend = mend
         self._amend = amend
         self._disallowed: str | None = None
+        # a call that may never be repeated stops because it may not be, as one whose
+        # repeats are allowed only after some failures does on the others (not because its
+        # one attempt was used up: the same POST would say two things by the settings)
+        self._never_repeated = False
         if disallowed is not None and isinstance(self.retry, _NeverRanRetry):
             # retried after some failures: said only when it stops on one that may have run
             self._disallowed = disallowed
         elif disallowed is not None:
             self._failure_attributes = {RETRY_DISALLOWED: disallowed}
+            self._never_repeated = True
 
     def _after_failure(self, error: BaseException, args: tuple[Any, ...]) -> None:
         mend = self._mend
@@ -176,7 +182,7 @@ class _TargetPolicy(RecoveryPolicy):
     def _decide(
         self, error: BaseException, info: ErrorInfo, attempt: int, delay: float, started: float
     ) -> Decision:
-        if client_retries(error):
+        if self._never_repeated or client_retries(error):
             return give_up(self.fallback, error, "not_retryable")
         return super()._decide(error, info, attempt, delay, started)
 
