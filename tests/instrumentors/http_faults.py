@@ -7,12 +7,22 @@ loop is the test's). Each path answers a script of actions in order (then 200 "o
 ``reset()`` (the connection is closed without a response), ``stall(seconds)`` (answers only
 after the client's timeout) and ``ok(body)``. Every request is recorded, so tests assert the
 exact number of attempts the server saw and what each carried.
+
+Two more helpers fail a request before it is written, the failures after which even a POST
+is sent again. :class:`LatePort` (each file's ``late = pytest.fixture(late_port)``) refuses
+connections until the first backoff sleep of its fake ``clock``, then answers 201
+``created:<body>`` and records each request: the refusal proves the first attempt never left
+the client, and the resend meets a server. :func:`unaccepting_port` is a port whose connects
+hang until their connect timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +30,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
+import pytest
 from aiohttp import web
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -27,6 +38,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+
+from otel_recovery.testing import FakeClock
 
 Action = Callable[[web.Request], Any]
 
@@ -196,6 +209,142 @@ def serve() -> Iterator[FaultServer]:
         yield server
     finally:
         server.stop()
+
+
+class LatePort:
+    """A port that refuses connections (bound, not listening) until :meth:`open`, which
+    its ``clock``'s first backoff sleep calls; then it answers each request 201
+    ``created:<body>`` and records it in ``seen`` as ``(method, path, body)``.
+
+    The port is held from the start, so no other process can take it between the refusal
+    and the resend, as a closed-then-reopened port could be. It is served by a thread of
+    blocking sockets, so a sync client and the async clients (whose event loop is the
+    test's) meet it alike, with ``Connection: close`` so each request is a connection of
+    its own. With ``armed`` off, sleeps (and :meth:`open`) leave it refusing; with ``drop``
+    on, it reads and records a request, then closes the connection without answering.
+    """
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
+        self.seen: list[tuple[str, str, bytes]] = []
+        self.armed = True
+        self.drop = False
+        self.clock = _OpensOnSleep(self)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def open(self) -> None:
+        """Listen and serve, once (again: nothing), unless ``armed`` is off."""
+        if self.armed and self._thread is None:
+            self._socket.listen(8)
+            self._socket.settimeout(0.05)  # so the serving loop sees close() promptly
+            self._thread = threading.Thread(target=self._serve, name="late-port", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._socket.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+            with connection, contextlib.suppress(OSError):  # a client that went away
+                connection.settimeout(2.0)
+                self._answer(connection)
+
+    def _answer(self, connection: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        request_line, *lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = request_line.split(" ", 2)
+        length = 0
+        for line in lines:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        while len(body) < length:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        self.seen.append((method, path, body))
+        if self.drop:
+            return
+        reply = b"created:" + body
+        connection.sendall(
+            b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(reply), reply)
+        )
+
+
+class _OpensOnSleep(FakeClock):
+    """The fake clock whose first sleep or ``asleep`` (a backoff before a retry) opens its
+    port: the moment between a failed attempt and the resend."""
+
+    def __init__(self, port: LatePort) -> None:
+        super().__init__(wall_start=time.time())
+        self._port = port
+
+    def sleep(self, seconds: float) -> None:
+        self._port.open()
+        super().sleep(seconds)
+
+    async def asleep(self, seconds: float) -> None:
+        self._port.open()  # FakeClock.asleep sleeps through sleep too; opening is once
+        await super().asleep(seconds)
+
+
+def late_port() -> Iterator[LatePort]:
+    """Generator for a function-scoped fixture: ``late = pytest.fixture(late_port)``."""
+    port = LatePort()
+    try:
+        yield port
+    finally:
+        port.close()
+
+
+@contextlib.contextmanager
+def unaccepting_port() -> Iterator[int]:
+    """A listening port whose accept queue is full (``listen(0)``, connections never
+    accepted): the kernel drops further SYNs, so a connect hangs until its timeout. Skips
+    the test where no connect hangs."""
+    listener = socket.socket()
+    held: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        for _ in range(8):
+            filler = socket.socket()
+            held.append(filler)
+            filler.setblocking(False)
+            filler.connect_ex(address)
+            _, writable, _ = select.select([], [filler], [], 0.1)
+            if not writable:  # this one hangs: the queue is full
+                yield address[1]
+                return
+        pytest.skip("connects to a listen(0) socket never hang here: no connect timeout")
+    finally:
+        for held_socket in held:
+            held_socket.close()
+        listener.close()
 
 
 @dataclass

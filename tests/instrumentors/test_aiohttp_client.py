@@ -19,6 +19,7 @@ from otel_recovery.instrumentors.aiohttp_client import (
     AioHttpAttemptTimeoutError,
     AioHttpCircuitOpenError,
     AioHttpClientRecoveryInstrumentor,
+    _unsent,
 )
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.testing import FakeClock
@@ -33,6 +34,7 @@ DROPS = [hf.reset()] * (2 if RESENDS else 1)
 
 server = pytest.fixture(scope="module")(hf.serve)
 tel = pytest.fixture(hf.telemetry)
+late = pytest.fixture(hf.late_port)
 
 ORIGINAL_REQUEST = aiohttp.ClientSession.__dict__["_request"]
 ORIGINAL_INIT = aiohttp.ClientSession.__dict__["__init__"]
@@ -323,3 +325,217 @@ async def test_aiohttps_own_timeout_is_not_taken_for_our_attempt_limit(
     assert server.count("/own") == 3  # a timeout is retried like any
     assert "internal error" not in caplog.text
     assert "AioHttpAttemptTimeoutError" not in tel.recovery().attributes["error.type"]
+
+
+# -- requests that never left the client (http_retry_unsent) -------------------------------
+
+
+async def attempted(method, url, **kwargs):
+    """Send one request that is expected to fail; returns the error the app got, and what
+    aiohttp itself raised at each attempt (our wrapper retries ``_request``, inside which
+    aiohttp's trace signals fire once per attempt)."""
+    raised: list[BaseException] = []
+    trace = aiohttp.TraceConfig()
+
+    async def on_exception(session, context, params):
+        raised.append(params.exception)
+
+    trace.on_request_exception.append(on_exception)
+    timeout = aiohttp.ClientTimeout(total=2.0)
+    with pytest.raises(aiohttp.ClientError) as got:
+        async with aiohttp.ClientSession(timeout=timeout, trace_configs=[trace]) as session:
+            async with session.request(method, url, **kwargs):
+                pass
+    return got.value, raised
+
+
+@BOTH_ORDERS
+async def test_a_post_whose_connect_was_refused_is_sent_again_and_applied_once(
+    tel, instrument, late, order
+):
+    instrument(order, clock=late.clock)
+    response, body = await fetch("POST", late.url("/orders"), data=b"order-1")
+    assert (response.status, body) == (201, "created:order-1")
+    assert late.seen == [("POST", "/orders", b"order-1")]  # applied exactly once
+    assert len(late.clock.sleeps) == 1
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 2
+    assert recovery.attributes["otel_recovery.outcome"] == "success"
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+    failed = hf.events(recovery, "otel_recovery.attempt.failed")
+    assert [e["otel_recovery.error.kind"] for e in failed] == ["connection"]
+    clients = tel.clients()
+    assert [s.attributes.get("http.request.resend_count") for s in clients] == [None, 1]
+    assert [s.status.status_code for s in clients] == [StatusCode.ERROR, StatusCode.UNSET]
+
+
+async def test_a_json_post_whose_connect_was_refused_is_sent_again(tel, instrument, late):
+    instrument(clock=late.clock)
+    response, _ = await fetch("POST", late.url("/orders"), json={"order": 2})
+    assert response.status == 201
+    assert late.seen == [("POST", "/orders", b'{"order": 2}')]
+    assert tel.recovery().attributes["otel_recovery.retry.attempts"] == 2
+
+
+async def test_a_post_reset_after_it_was_sent_is_not_sent_again(server, tel, instrument, clock):
+    instrument()
+    url = server.script("/pay", hf.reset(), hf.ok())
+    got, raised = await attempted("POST", url, data=b"pay-1")
+    assert len(raised) == 1 and got is raised[0]  # aiohttp's own error, unchanged
+    assert type(got) is aiohttp.ServerDisconnectedError
+    assert [s.body for s in server.seen("/pay")] == [b"pay-1"]
+    assert clock.sleeps == []
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == "non_idempotent_method"
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "not_retryable"
+
+
+async def test_retry_unsent_off_sends_a_refused_post_once(tel, instrument, clock, late):
+    instrument(http_retry_unsent=False)
+    got, raised = await attempted("POST", late.url("/orders"), data=b"order-1")
+    assert len(raised) == 1 and got is raised[0]
+    assert type(got) is aiohttp.ClientConnectorError
+    assert clock.sleeps == []
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == "non_idempotent_method"
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "not_retryable"
+
+
+async def test_retry_unsent_off_from_the_environment(tel, instrument, late, monkeypatch):
+    monkeypatch.setenv("OTEL_RECOVERY_HTTP_RETRY_UNSENT", "false")
+    instrument()
+    got, raised = await attempted("POST", late.url("/orders"), data=b"order-1")
+    assert len(raised) == 1 and isinstance(got, aiohttp.ClientConnectorError)
+    assert tel.recovery().attributes["otel_recovery.retry.attempts"] == 1
+
+
+async def test_a_body_that_cannot_be_replayed_is_not_sent_again_after_a_refusal(
+    tel, instrument, clock, late
+):
+    instrument()
+
+    async def chunks():
+        yield b"order-"
+        yield b"1"
+
+    got, raised = await attempted("POST", late.url("/orders"), data=chunks())
+    assert len(raised) == 1 and got is raised[0]
+    assert isinstance(got, aiohttp.ClientConnectorError)
+    assert clock.sleeps == []
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == "non_replayable_body"
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "not_retryable"
+
+
+async def test_an_open_circuit_refuses_a_post_once_and_sends_nothing(tel, instrument, clock, late):
+    """Refused POSTs open the target's circuit: each is resent once and counts as one
+    failed call. Once the port listens, the next POST gets our circuit-open error, also
+    an ``aiohttp.ClientConnectionError`` but no proof of a connect that failed: nothing
+    is sent, now or after a backoff."""
+    ours = instrument(max_attempts=2, breaker_window=2, breaker_minimum_calls=2)
+    for _ in range(2):
+        got, raised = await attempted("POST", late.url("/orders"), data=b"order-1")
+        assert isinstance(got, aiohttp.ClientConnectorError) and len(raised) == 2
+    (breaker,) = ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 2
+    late.open()
+    sleeps = len(clock.sleeps)
+    got, raised = await attempted("POST", late.url("/orders"), data=b"order-1")
+    assert isinstance(got, AioHttpCircuitOpenError) and raised == []
+    assert not _unsent(got)
+    assert late.seen == [] and len(clock.sleeps) == sleeps
+    recovery = tel.recoveries()[-1]
+    assert recovery.attributes["otel_recovery.outcome"] == "rejected"
+
+
+async def test_a_post_refused_at_every_attempt_blames_no_method(tel, instrument, clock, late):
+    """Every failure proved the request never left the client: it was retried like a GET,
+    and its trace must not say its method forbade that."""
+    instrument(max_attempts=3)
+    got, raised = await attempted("POST", late.url("/orders"), data=b"order-1")
+    assert len(raised) == 3 and got is raised[-1]
+    assert len(clock.sleeps) == 2
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 3
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "attempts_exhausted"
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+
+
+async def test_a_post_refused_then_dropped_after_it_was_sent_stops_there(tel, instrument, late):
+    """The resend after the refusal reached the server, which dropped the connection
+    without answering: that POST may have been applied, so it is not sent a third time,
+    and the trace says why."""
+    late.drop = True
+    instrument(max_attempts=3, clock=late.clock)
+    got, raised = await attempted("POST", late.url("/orders"), data=b"order-1")
+    assert [type(e) for e in raised] == [
+        aiohttp.ClientConnectorError,
+        aiohttp.ServerDisconnectedError,
+    ]
+    assert got is raised[-1]
+    assert late.seen == [("POST", "/orders", b"order-1")] and len(late.clock.sleeps) == 1
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 2
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == "non_idempotent_method"
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "not_retryable"
+
+
+async def test_a_refused_post_is_resent_only_within_the_retry_budget(tel, instrument, late):
+    """The resend of a request that never left the client is a retry like any: with the
+    target's budget spent (here: none at all) the refused POST is tried once, and the
+    trace says why it stopped, not that the method forbade it."""
+    instrument(budget_ratio=0.0, budget_min_per_second=0.0)
+    got, raised = await attempted("POST", late.url("/orders"), data=b"order-1")
+    assert len(raised) == 1 and got is raised[0]
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "budget_exhausted"
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+
+
+# The predicate, on errors aiohttp itself raises (nothing instrumented).
+
+TELLS_CONNECT_TIMEOUTS = hasattr(aiohttp, "ConnectionTimeoutError")
+"""aiohttp 3.10 and later raise a connect timeout as a ``ConnectionTimeoutError``."""
+
+
+async def aiohttp_error(url, **timeouts):
+    """What plain aiohttp raises for a POST to ``url`` (a POST: aiohttp resends nothing)."""
+    timeout = aiohttp.ClientTimeout(total=2.0, **timeouts)
+    with pytest.raises(aiohttp.ClientError) as raised:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.post(url, data=b"x"):
+                pass
+    return raised.value
+
+
+async def test_unsent_is_true_for_a_refused_connect(late):
+    assert originals_restored()
+    error = await aiohttp_error(late.url("/"))
+    assert isinstance(error, aiohttp.ClientConnectorError)
+    assert _unsent(error)
+
+
+async def test_unsent_is_true_for_a_connect_timeout_from_aiohttp_3_10():
+    """Before 3.10 a connect timeout is the ``ServerTimeoutError`` a read timeout also
+    raises: nothing tells it was never sent, so it is not resent."""
+    assert originals_restored()
+    with hf.unaccepting_port() as port:
+        error = await aiohttp_error(f"http://127.0.0.1:{port}/", connect=0.2)
+    assert isinstance(error, aiohttp.ServerTimeoutError)
+    assert _unsent(error) is TELLS_CONNECT_TIMEOUTS
+
+
+async def test_unsent_is_false_once_the_request_was_sent(server):
+    assert originals_restored()
+    reset = await aiohttp_error(server.script("/reset", hf.reset()))
+    assert isinstance(reset, aiohttp.ServerDisconnectedError)
+    slow = await aiohttp_error(server.script("/slow", hf.stall(1.0)), sock_read=0.2)
+    assert isinstance(slow, aiohttp.ServerTimeoutError)  # as a connect timeout before 3.10
+    assert (server.count("/reset"), server.count("/slow")) == (1, 1)
+    assert not _unsent(reset)
+    assert not _unsent(slow)
+    assert not _unsent(AioHttpCircuitOpenError("127.0.0.1:80", 1.0))

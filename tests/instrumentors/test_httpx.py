@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import threading
@@ -23,6 +24,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import SpanKind, StatusCode
 from ours import marked_by_us
 
+import otel_recovery.instrumentors.httpx
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors._settings import SettingsError
 from otel_recovery.instrumentors.httpx import (
@@ -37,6 +39,7 @@ from . import http_faults as hf
 
 server = pytest.fixture(scope="module")(hf.serve)
 tel = pytest.fixture(hf.telemetry)
+late = pytest.fixture(hf.late_port)
 
 ORIGINALS = {
     (httpx.Client, "send"): httpx.Client.__dict__["send"],
@@ -506,3 +509,244 @@ async def test_a_retried_request_leaves_no_reference_cycle_of_ours(
         del final
     assert server.count("/cyc") == 3
     assert ours(garbage) == []
+
+
+# -- requests that never left the client --------------------------------------------------
+# httpcore raises ConnectError / ConnectTimeout only while it makes a connection, before it
+# writes the request: even a POST is sent again after one (as urllib3's ``connect`` retries
+# and Envoy's ``reset-before-request`` do); a failure after the request was written never.
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether a refused connect (``ConnectionRefusedError``) is behind ``error``."""
+    link: BaseException | None = error
+    for _ in range(8):
+        if link is None or isinstance(link, ConnectionRefusedError):
+            break
+        link = link.__cause__ or link.__context__
+    return isinstance(link, ConnectionRefusedError)
+
+
+def _chunks(mode):
+    """A streaming body (not replayable) of the kind ``mode``'s client takes."""
+
+    def chunks():
+        yield b"order-"
+        yield b"1"
+
+    async def achunks():
+        yield b"order-"
+        yield b"1"
+
+    return chunks() if mode == "sync" else achunks()
+
+
+def _not_resent(recovery, why):
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == why
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "not_retryable"
+    assert recovery.attributes["otel_recovery.outcome"] == "failure"
+
+
+@MODES
+@BOTH_ORDERS
+async def test_a_post_whose_connect_was_refused_is_sent_again_and_applied_once(
+    late, tel, instrument, mode, order
+):
+    instrument(order, clock=late.clock)
+    response = await send(mode, "POST", late.url("/orders"), content=b"order-1")
+    assert (response.status_code, response.text) == (201, "created:order-1")
+    assert late.seen == [("POST", "/orders", b"order-1")]  # sent once: the first never left
+    assert len(late.clock.sleeps) == 1
+    clients = tel.clients()
+    assert [s.attributes.get("http.request.resend_count") for s in clients] == [None, 1]
+    assert [s.status.status_code for s in clients] == [StatusCode.ERROR, StatusCode.UNSET]
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 2
+    assert recovery.attributes["otel_recovery.outcome"] == "success"
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+    failed = hf.events(recovery, "otel_recovery.attempt.failed")
+    assert [e["error.type"] for e in failed] == ["httpx.ConnectError"]
+
+
+@MODES
+async def test_a_json_post_to_a_remembered_shape_is_sent_again_after_a_refused_connect(
+    late, tel, instrument, monkeypatch, mode
+):
+    """httpx remembers a plan by method and URL: a second POST to the URL, refused again,
+    is resent by the remembered plan (Idempotency-Keys ignored, so the plan is kept)."""
+    planner = otel_recovery.instrumentors.httpx._Planner
+    planned = []
+    plan_afresh = planner._plan
+    monkeypatch.setattr(
+        planner, "_plan", lambda self, *args: planned.append(args) or plan_afresh(self, *args)
+    )
+    instrument(clock=late.clock, http_retry_idempotency_key=False)
+    url = late.url("/orders")
+    late.armed = False  # planned and remembered by a POST refused throughout
+    with pytest.raises(httpx.ConnectError):
+        await send(mode, "POST", url, json={"id": 1})
+    assert tel.recovery().attributes["otel_recovery.retry.attempts"] == 3  # resent, refused
+    late.armed = True
+    tel.exporter.clear()
+    response = await send(mode, "POST", url, json={"id": 1})
+    assert len(planned) == 1  # the second POST was not planned again: remembered
+    assert response.status_code == 201 and response.text.startswith("created:")
+    assert [(m, p, json.loads(b)) for m, p, b in late.seen] == [("POST", "/orders", {"id": 1})]
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 2
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+
+
+@MODES
+async def test_a_post_reset_after_it_was_sent_is_not_sent_again(
+    server, tel, instrument, clock, mode
+):
+    """A dropped connection after the request was written may have been applied: the
+    library's error goes to the app as it was raised."""
+    instrument()
+    url = server.script("/pay", hf.reset(), hf.ok())
+    with pytest.raises(httpx.RemoteProtocolError) as raised:
+        await send(mode, "POST", url, content=b"order-1")
+    assert type(raised.value) is httpx.RemoteProtocolError
+    assert [s.body for s in server.seen("/pay")] == [b"order-1"]
+    assert clock.sleeps == [] and len(tel.clients()) == 1
+    _not_resent(tel.recovery(), "non_idempotent_method")
+
+
+@MODES
+@pytest.mark.parametrize("how", ["argument", "environment"])
+async def test_resending_requests_that_never_left_can_be_switched_off(
+    late, tel, instrument, monkeypatch, mode, how
+):
+    """Off, a POST keeps to the method rules: refused, it is tried once (a GET is still
+    retried, which opens the port: the POST would have met it had it been resent)."""
+    if how == "environment":
+        monkeypatch.setenv("OTEL_RECOVERY_HTTP_RETRY_UNSENT", "false")
+        instrument(clock=late.clock)
+    else:
+        instrument(clock=late.clock, http_retry_unsent=False)
+    with pytest.raises(httpx.ConnectError) as raised:
+        await send(mode, "POST", late.url("/orders"), content=b"order-1")
+    assert type(raised.value) is httpx.ConnectError and _refused(raised.value)
+    assert late.clock.sleeps == [] and late.seen == []
+    _not_resent(tel.recovery(), "non_idempotent_method")
+    assert (await send(mode, "GET", late.url("/after"))).status_code == 201
+    assert late.seen == [("GET", "/after", b"")]
+
+
+@MODES
+async def test_a_streaming_body_is_not_resent_after_a_refused_connect(late, tel, instrument, mode):
+    """Only a body held in memory can be sent again; a POST of bytes to the same port is
+    (and meets the port it opened)."""
+    instrument(clock=late.clock)
+    with pytest.raises(httpx.ConnectError) as raised:
+        await send(mode, "POST", late.url("/upload"), content=_chunks(mode))
+    assert type(raised.value) is httpx.ConnectError and _refused(raised.value)
+    assert late.clock.sleeps == [] and late.seen == [] and len(tel.clients()) == 1
+    _not_resent(tel.recovery(), "non_replayable_body")
+    response = await send(mode, "POST", late.url("/bytes"), content=b"order-2")
+    assert response.status_code == 201
+    assert late.seen == [("POST", "/bytes", b"order-2")]
+
+
+@MODES
+async def test_a_refused_post_httpcore_already_reconnected_is_not_sent_again(
+    late, tel, instrument, monkeypatch, mode
+):
+    """httpcore repeats a refused connect for any method (``retries=2``; its backoff,
+    0 s then 0.5 s, set to 0 s here): ours on top would multiply the connects; a resend
+    would have slept, opening the port."""
+    for connection in (httpcore._sync.connection, httpcore._async.connection):
+        monkeypatch.setattr(connection, "RETRIES_BACKOFF_FACTOR", 0, raising=False)
+    instrument(clock=late.clock)
+    url = late.url("/orders")
+    with pytest.raises(httpx.ConnectError) as raised:
+        if mode == "sync":
+            with httpx.Client(transport=httpx.HTTPTransport(retries=2)) as client:
+                client.post(url, content=b"order-1")
+        else:
+            transport = httpx.AsyncHTTPTransport(retries=2)
+            async with httpx.AsyncClient(transport=transport) as client:
+                await client.post(url, content=b"order-1")
+    assert type(raised.value) is httpx.ConnectError and _refused(raised.value)
+    assert late.clock.sleeps == [] and late.seen == []
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == "client_retried"
+    assert recovery.attributes["otel_recovery.http.client_retries"] == 2
+    assert recovery.attributes["otel_recovery.outcome"] == "failure"
+
+
+@MODES
+async def test_an_open_circuit_refuses_a_post_once_and_sends_nothing(late, tel, instrument, mode):
+    """Refused POSTs (each resent, each failing) open the target's circuit; the next POST
+    is refused with our error, a ConnectError that never counts as a connect that failed:
+    not resent (a resend would sleep, which would open the port to it)."""
+    ours = instrument(
+        clock=late.clock, breaker_window=2, breaker_minimum_calls=2, breaker_failure_rate=0.5
+    )
+    url = late.url("/orders")
+    late.armed = False
+    for _ in range(2):
+        with pytest.raises(httpx.ConnectError) as raised:
+            await send(mode, "POST", url, content=b"order-1")
+        assert _refused(raised.value)
+    assert [r.attributes["otel_recovery.retry.attempts"] for r in tel.recoveries()] == [3, 3]
+    (breaker,) = ours.targets.breakers()
+    assert breaker.snapshot().state == "open"
+    late.armed, slept = True, len(late.clock.sleeps)
+    tel.exporter.clear()
+    with pytest.raises(HTTPXCircuitOpenError) as raised:
+        await send(mode, "POST", url, content=b"order-1")
+    assert isinstance(raised.value, httpx.ConnectError)
+    assert not otel_recovery.instrumentors.httpx._unsent(raised.value)
+    assert len(late.clock.sleeps) == slept and late.seen == [] and tel.clients() == []
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.outcome"] == "rejected"
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+
+
+async def _raised_by_httpx(server, mode, fault):
+    """The error uninstrumented httpx raises for a POST that meets ``fault``."""
+    with contextlib.ExitStack() as stack:
+        timeout = httpx.Timeout(2.0)
+        if fault == "refused":
+            closed = stack.enter_context(socket.socket())
+            closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+            url = f"http://127.0.0.1:{closed.getsockname()[1]}/orders"
+        elif fault == "connect_timeout":
+            url = f"http://127.0.0.1:{stack.enter_context(hf.unaccepting_port())}/"
+            timeout = httpx.Timeout(2.0, connect=0.1)
+        else:
+            action = hf.reset() if fault == "reset" else hf.stall(1.0)
+            url, timeout = server.script("/fault", action), httpx.Timeout(0.2)
+        with pytest.raises(httpx.TransportError) as raised:
+            await send(mode, "POST", url, timeout=timeout, content=b"order-1")
+    return raised.value
+
+
+@MODES
+@pytest.mark.parametrize(
+    ("fault", "error", "unsent"),
+    [
+        ("refused", httpx.ConnectError, True),
+        ("connect_timeout", httpx.ConnectTimeout, True),
+        ("reset", httpx.RemoteProtocolError, False),
+        ("read_timeout", httpx.ReadTimeout, False),
+    ],
+)
+async def test_unsent_tells_a_connection_never_made_from_a_request_that_may_have_been_sent(
+    server, mode, fault, error, unsent
+):
+    raised = await _raised_by_httpx(server, mode, fault)
+    assert type(raised) is error
+    assert otel_recovery.instrumentors.httpx._unsent(raised) is unsent
+    if fault in ("reset", "read_timeout"):
+        assert server.count("/fault") == 1  # the request did reach the server
+
+
+def test_unsent_never_counts_our_open_circuit_as_a_failed_connect():
+    rejection = HTTPXCircuitOpenError("httpx 127.0.0.1:1", 5.0)
+    assert isinstance(rejection, httpx.ConnectError)  # what a failed connect raises too
+    assert not otel_recovery.instrumentors.httpx._unsent(rejection)

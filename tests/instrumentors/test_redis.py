@@ -1192,3 +1192,549 @@ def test_a_per_operation_fallback_answers_only_dependency_failures(
         c.ttl("k")  # no fallback configured for TTL
     attrs = dict(h.spans_named("GET")[-1].attributes or {})
     assert attrs["otel_recovery.outcome"] == "fallback"
+
+
+# -- a command whose connection could not be made ------------------------------------------
+
+
+def _port_socket(port: int = 0) -> socket.socket:
+    """A socket bound to ``port`` (0: any free one) that others with ``SO_REUSEPORT`` may
+    share: the front keeps one for its whole life and listens on another, so the port is
+    never free for anyone else to take, listening or not."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+class LateFront:
+    """A TCP front for a real Redis, on a port it holds from the start (no race for it).
+
+    Until :meth:`open`, connects to it are refused: nothing listens on the port, so the
+    kernel answers a handshake with a reset. After :meth:`go_silent` they time out instead:
+    a listener's one place in its backlog (``listen(0)``) is taken by a connection nobody
+    accepts, so the kernel drops every later handshake. :meth:`open` accepts from then on
+    and forwards each connection to ``target``; :meth:`refuse` stops listening again.
+    :meth:`cut_at` cuts the next connection whose client sends a given command once the
+    server has answered it (the command ran, its reply is lost), and refuses connects from
+    then on. ``accepted`` counts the connections it forwarded.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.accepted = 0
+        self._holder = _port_socket()
+        self.port = int(self._holder.getsockname()[1])
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._filler: socket.socket | None = None
+        self._serving = False
+        self._cut: bytes | None = None
+        self._sockets: list[socket.socket] = []
+
+    def go_silent(self) -> None:
+        with self._lock:
+            assert self._listener is None, "already listening"
+            self._listener = _port_socket(self.port)
+            self._listener.listen(0)
+            self._filler = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+
+    def open(self) -> None:
+        """Accept and forward from now on (again); nothing if it does already."""
+        with self._lock:
+            if self._serving:
+                return
+            listener = self._listener or _port_socket(self.port)
+            if self._filler is not None:  # free the backlog: the next handshake completes
+                listener.accept()[0].close()
+                self._filler.close()
+                self._filler = None
+            listener.listen(16)
+            self._listener, self._serving = listener, True
+        threading.Thread(target=self._serve, args=(listener,), daemon=True).start()
+
+    def refuse(self) -> None:
+        """Stop listening: connects are refused; connections already made stay."""
+        with self._lock:
+            listener, self._listener, self._serving = self._listener, None, False
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+            listener.close()
+
+    def cut_at(self, command: bytes) -> None:
+        self._cut = command
+
+    def _serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._sockets.append(client)
+            threading.Thread(target=self._forward, args=(client,), daemon=True).start()
+
+    def _forward(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        self._sockets.append(upstream)
+        cutting = threading.Event()
+
+        def close_both() -> None:
+            for sock in (upstream, client):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        def answers() -> None:
+            with contextlib.suppress(OSError):
+                while chunk := upstream.recv(65536):
+                    if cutting.is_set():  # the server ran the command: lose its reply
+                        self.refuse()  # before the client sees the close and reconnects
+                        break
+                    client.sendall(chunk)
+            close_both()
+
+        threading.Thread(target=answers, daemon=True).start()
+        with contextlib.suppress(OSError):
+            while chunk := client.recv(65536):
+                cut = self._cut
+                if cut is not None and cut in chunk:
+                    self._cut = None
+                    cutting.set()
+                upstream.sendall(chunk)
+        close_both()
+
+    def close(self) -> None:
+        self.refuse()
+        for sock in [self._holder, self._filler, *self._sockets]:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the forwarding threads
+                sock.close()
+
+
+class FrontedRedis:
+    """What a :class:`Harness` needs of its server, for the private Redis behind a
+    :class:`LateFront`: the address clients use (the front's), an admin client of the
+    server itself."""
+
+    def __init__(self, server: PrivateRedis, front: LateFront) -> None:
+        self.port = front.port
+        self.admin = server.admin
+
+
+class OpeningClock(FakeClock):
+    """A fake clock whose sleeps open the front: the server becomes reachable during our
+    backoff before the second attempt (``asleep`` sleeps through ``sleep``)."""
+
+    def __init__(self, front: LateFront) -> None:
+        super().__init__()
+        self.front = front
+
+    def sleep(self, seconds: float) -> None:
+        self.front.open()
+        super().sleep(seconds)
+
+
+@pytest.fixture
+def front(server: PrivateRedis) -> Iterator[LateFront]:
+    made = LateFront(("127.0.0.1", server.port))
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def hf(server: PrivateRedis, front: LateFront) -> Iterator[Harness]:
+    """A harness whose clients talk to the private Redis through ``front``."""
+    harness = Harness(FrontedRedis(server, front))  # type: ignore[arg-type]
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def front_client(
+    h: Harness,
+    kind: str,
+    retries: int = 0,
+    retry_on_error: list[Any] | None = None,
+    **options: Any,
+) -> Any:
+    """A counted client (``sync`` or ``async``) of the harness's address, whose own
+    ``Retry`` repeats ``retries`` times what it repeats (redis-py's default errors from
+    redis-py 6, before only those in ``retry_on_error``)."""
+    sync = kind == "sync"
+    module: Any = redis if sync else redis.asyncio
+    retry_class: Any = Retry if sync else redis.asyncio.retry.Retry
+    if retry_on_error is not None:
+        options["retry_on_error"] = retry_on_error
+    pool = module.ConnectionPool(
+        host="127.0.0.1",
+        port=h.server.port,
+        socket_timeout=TIMEOUT,
+        retry=retry_class(NoBackoff(), retries),
+        connection_class=h._connection_class(module.Connection),
+        **options,
+    )
+    h._owners.add(id(pool))
+    return module.Redis(connection_pool=pool)
+
+
+def plain_client(kind: str, port: int, **options: Any) -> Any:
+    """An uninstrumented client of ``port`` whose own ``Retry`` repeats nothing."""
+    sync = kind == "sync"
+    module: Any = redis if sync else redis.asyncio
+    retry_class: Any = Retry if sync else redis.asyncio.retry.Retry
+    options.setdefault("socket_timeout", TIMEOUT)
+    return module.Redis(host="127.0.0.1", port=port, retry=retry_class(NoBackoff(), 0), **options)
+
+
+async def close_client(client: Any) -> None:
+    if isinstance(client, redis.asyncio.Redis):
+        await aclose(client)
+    else:
+        client.close()
+
+
+async def raised(call: Any) -> BaseException:
+    """The error ``call()`` (sync, or returning an awaitable) ends in."""
+    try:
+        await maybe_await(call())
+    except Exception as error:
+        return error
+    raise AssertionError("the call succeeded")
+
+
+def unsent_incr_span(h: Harness) -> ReadableSpan:
+    """The logical span of an INCR that was never written (whose spelling ``incr_name``
+    cannot tell)."""
+    names = {s.name for s in h.exporter.get_finished_spans()}
+    return h.logical_span("INCRBY" if "INCRBY" in names else "INCR")
+
+
+def pipeline_span(h: Harness) -> ReadableSpan:
+    """contrib's span of the INCR-then-SET pipeline (named after what redis-py queued)."""
+    names = {"INCRBY SET", "INCR SET"}
+    (span,) = [s for s in h.exporter.get_finished_spans() if s.name in names]
+    return span
+
+
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_incr_whose_connect_was_refused_is_sent_again_and_applied_once(
+    hf: Harness, front: LateFront, kind: str, order: str
+) -> None:
+    """The pool could not connect, so the INCR was never written: it is sent again (its
+    client's own ``Retry`` resends nothing), once the front listens (during our backoff)."""
+    clock = OpeningClock(front)
+    hf.instrument(order, clock=clock)
+    c = front_client(hf, kind)
+    try:
+        assert await maybe_await(c.incr("n")) == 1
+        assert hf.attempts["execute_command"] == 2 and sent_incr(hf) == 1
+        assert len(clock.sleeps) == 1 and front.accepted == 1
+        span = assert_recovered(hf, incr_name(hf), attempts=2)
+        failed = events(span, "otel_recovery.attempt.failed")[0]
+        assert failed["error.type"] == "redis.exceptions.ConnectionError"
+        assert "otel_recovery.retry.disallowed" not in (span.attributes or {})
+        assert hf.peek("get", "n") == b"1"  # applied once
+    finally:
+        await close_client(c)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_incr_whose_connect_timed_out_is_sent_again_and_applied_once(
+    hf: Harness, front: LateFront, kind: str
+) -> None:
+    """``Timeout connecting to server``: the handshake never completed, nothing was
+    written. (Loopback drops handshakes to a full backlog, so the connect times out every
+    time, after the client's 0.2 s.)"""
+    front.go_silent()
+    clock = OpeningClock(front)
+    hf.instrument("contrib_first", clock=clock)
+    c = front_client(hf, kind, socket_connect_timeout=0.2)
+    try:
+        assert await maybe_await(c.incr("n")) == 1
+        assert hf.attempts["execute_command"] == 2 and sent_incr(hf) == 1
+        assert front.accepted == 1
+        span = assert_recovered(hf, incr_name(hf), attempts=2)
+        failed = events(span, "otel_recovery.attempt.failed")[0]
+        assert failed["error.type"] == "redis.exceptions.TimeoutError"
+        assert hf.peek("get", "n") == b"1"
+    finally:
+        await close_client(c)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("where", ["first_connect", "reconnect_after_it_ran"])
+async def test_an_incr_is_not_sent_again_where_the_clients_own_retry_repeats_connections(
+    hf: Harness, front: LateFront, kind: str, where: str
+) -> None:
+    """A client whose own ``Retry`` repeats connection errors resends a command after a
+    dropped connection: a failed connect may end that resend, after the first send ran
+    (``reconnect_after_it_ran``: the front loses the INCR's reply, then refuses the
+    reconnects). So no failed connect proves anything on such a client, not even its
+    first (``first_connect``): we never send it again on top. Were we to, our backoff
+    would open the front and the INCR would be applied (once more)."""
+    clock = OpeningClock(front)
+    hf.instrument("ours_only", clock=clock)
+    # before redis-py 6 a Retry repeats only what retry_on_error lists
+    c = front_client(hf, kind, retries=2, retry_on_error=[redis.exceptions.ConnectionError])
+    try:
+        if where == "reconnect_after_it_ran":
+            front.open()
+            assert await maybe_await(c.ping()) is True  # a pooled connection, through the front
+            front.cut_at(b"INCR")
+        hf.reset_counts()
+        with pytest.raises(redis.exceptions.ConnectionError, match=" connecting to "):
+            await maybe_await(c.incr("n"))
+        assert hf.attempts["execute_command"] == 1 and clock.sleeps == []
+        assert hf.peek("get", "n") == (None if where == "first_connect" else b"1")
+        attrs = dict(unsent_incr_span(hf).attributes or {})
+        assert attrs["otel_recovery.retry.disallowed"] == "non_idempotent_command"
+    finally:
+        await close_client(c)
+
+
+def test_a_retry_changed_in_place_to_resend_stops_our_resends_after_a_failed_reconnect(
+    hf: Harness, front: LateFront
+) -> None:
+    """The target's facts are kept while its ``Retry`` is the same object: one changed in
+    place (``update_retries``; redis-py 8 copies it into the connections made after) may
+    have resent the INCR before its reconnect failed, so the failure is checked again."""
+    clock = OpeningClock(front)
+    hf.instrument("ours_only", clock=clock)
+    retry = Retry(NoBackoff(), 0)
+    c = hf.client(redis_py_retry=retry, retry_on_error=[redis.exceptions.ConnectionError])
+    front.open()
+    assert c.incr("n") == 1  # the target is made: redis-py resends nothing
+    if hasattr(retry, "update_retries"):
+        retry.update_retries(2)
+    else:  # redis-py before 6
+        retry._retries = 2
+    c.connection_pool.reset()  # new connections, with the changed Retry
+    assert c.ping() is True
+    front.cut_at(b"INCR")
+    hf.reset_counts()
+    with pytest.raises(redis.exceptions.ConnectionError, match=" connecting to "):
+        c.incr("n")
+    assert hf.attempts["execute_command"] == 1 and clock.sleeps == []
+    assert hf.peek("get", "n") == b"2"  # redis-py's send ran; ours would have run again
+    c.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_retry_without_retry_on_error_repeats_connections_from_redis_py_6(
+    hf: Harness, front: LateFront, kind: str
+) -> None:
+    """A ``Retry`` alone: from redis-py 6 it repeats connection errors itself (so a failed
+    connect proves nothing: we leave the INCR alone); before, only what ``retry_on_error``
+    lists, nothing here: the refused connect is ours to repeat, and we do."""
+    redis_py_repeats = not hasattr(redis.Redis, "_disconnect_raise")  # redis-py >= 6
+    clock = OpeningClock(front)
+    hf.instrument("ours_only", clock=clock)
+    c = front_client(hf, kind, retries=2)
+    try:
+        if redis_py_repeats:
+            with pytest.raises(redis.exceptions.ConnectionError, match=" connecting to "):
+                await maybe_await(c.incr("n"))
+            assert hf.attempts["execute_command"] == 1 and clock.sleeps == []
+            assert hf.peek("get", "n") is None
+        else:
+            assert await maybe_await(c.incr("n")) == 1
+            assert hf.attempts["execute_command"] == 2 and hf.peek("get", "n") == b"1"
+    finally:
+        await close_client(c)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("why", ["switched_off", "switched_off_by_env", "named_never_to_repeat"])
+async def test_a_refused_connect_does_not_resend_an_incr_switched_off_or_named_never_to_repeat(
+    hf: Harness, front: LateFront, monkeypatch: pytest.MonkeyPatch, kind: str, why: str
+) -> None:
+    """With ``redis_retry_refused`` off (or its variable), or the command named never to
+    repeat, a refused connect ends the INCR as without us; a read is still retried."""
+    clock = OpeningClock(front)
+    settings: dict[str, Any] = {}
+    if why == "switched_off":
+        settings["redis_retry_refused"] = False
+    elif why == "switched_off_by_env":
+        monkeypatch.setenv("OTEL_RECOVERY_REDIS_RETRY_REFUSED", "false")
+    else:  # redis-py's incr() sends INCRBY
+        settings["redis_no_retry_commands"] = "INCRBY, INCR"
+    hf.instrument("contrib_first", clock=clock, **settings)
+    c = front_client(hf, kind)
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError, match=" connecting to "):
+            await maybe_await(c.incr("n"))
+        assert hf.attempts["execute_command"] == 1 and clock.sleeps == []
+        assert front.accepted == 0 and hf.peek("get", "n") is None
+        attrs = dict(unsent_incr_span(hf).attributes or {})
+        assert attrs["otel_recovery.retry.disallowed"] == "non_idempotent_command"
+        assert attrs["otel_recovery.outcome"] == "failure"
+        hf.reset_counts()
+        assert await maybe_await(c.get("n")) is None  # refused too, retried once it listens
+        assert hf.attempts["execute_command"] == 2 and front.accepted == 1
+    finally:
+        await close_client(c)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("transaction", [True, False])
+async def test_an_incr_in_a_pipeline_whose_connect_was_refused_is_not_sent_again(
+    hf: Harness, front: LateFront, kind: str, transaction: bool
+) -> None:
+    """Not inside MULTI/EXEC, nor a plain pipeline: the rule is for single commands."""
+    clock = OpeningClock(front)
+    hf.instrument("contrib_first", clock=clock)
+    c = front_client(hf, kind)
+    try:
+        pipe = c.pipeline(transaction=transaction)
+        pipe.incr("n").set("k", "v")
+        with pytest.raises(redis.exceptions.ConnectionError, match=" connecting to "):
+            await maybe_await(pipe.execute())
+        assert hf.attempts["execute"] == 1 and clock.sleeps == [] and front.accepted == 0
+        assert hf.peek("get", "n") is None and hf.peek("get", "k") is None
+        attrs = dict(pipeline_span(hf).attributes or {})
+        expected = "transaction" if transaction else "non_idempotent_command"
+        assert attrs["otel_recovery.retry.disallowed"] == expected
+    finally:
+        await close_client(c)
+
+
+# never_ran on what uninstrumented redis-py really raises
+
+
+def kill_when_blocked(server: PrivateRedis, client_id: int) -> threading.Thread:
+    """Kill our connection (CLIENT KILL) once its command waits on the server (a BLPOP)."""
+    admin = server.admin()
+
+    def run() -> None:
+        with suppress_instrumentation():
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                info = admin.execute_command("CLIENT", "LIST", "ID", client_id).decode()
+                if "flags=b" in info:
+                    break
+                time.sleep(0.005)
+            admin.execute_command("CLIENT", "KILL", "ID", client_id)
+            admin.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("failure", ["refused", "timed_out"])
+async def test_never_ran_holds_for_a_connect_that_could_not_be_made(
+    front: LateFront, kind: str, failure: str
+) -> None:
+    if failure == "timed_out":
+        front.go_silent()
+    c = plain_client(kind, front.port, socket_connect_timeout=0.2)
+    try:
+        error = await raised(lambda: c.incr("n"))
+    finally:
+        await close_client(c)
+    if failure == "refused":
+        assert type(error) is redis.exceptions.ConnectionError
+        assert str(error).startswith(("Error 111 connecting to", "Error connecting to"))
+    else:
+        assert type(error) is redis.exceptions.TimeoutError
+        assert str(error) == "Timeout connecting to server"
+    assert ours_module.never_ran(error) is True
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("failure", ["killed_while_blocked", "cut_after_it_ran", "read_timed_out"])
+async def test_never_ran_does_not_hold_once_the_command_may_have_been_sent(
+    server: PrivateRedis, front: LateFront, kind: str, failure: str
+) -> None:
+    """A connection lost, or a reply that never came, after the command was written."""
+    port = front.port if failure == "cut_after_it_ran" else server.port
+    c = plain_client(kind, port, socket_timeout=0.2 if failure == "read_timed_out" else 5)
+    try:
+        if failure == "killed_while_blocked":
+            killer = kill_when_blocked(server, await maybe_await(c.client_id()))
+            error = await raised(lambda: c.blpop(["q"], timeout=5))
+            await asyncio.to_thread(killer.join)
+        elif failure == "cut_after_it_ran":
+            front.open()
+            assert await maybe_await(c.ping()) is True
+            front.cut_at(b"INCR")
+            error = await raised(lambda: c.incr("n"))
+            with suppress_instrumentation():
+                admin = server.admin()
+                assert admin.get("n") == b"1"  # it ran
+                admin.close()
+        else:
+            error = await raised(lambda: c.blpop(["q"], timeout=5))
+    finally:
+        await close_client(c)
+    expected = redis.exceptions.TimeoutError if failure == "read_timed_out" else None
+    assert type(error) is (expected or redis.exceptions.ConnectionError), repr(error)
+    assert ours_module.never_ran(error) is False, repr(error)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("failure", "proof"), [("readonly", True), ("auth", False), ("wrongtype", False)]
+)
+async def test_never_ran_holds_for_a_refusal_and_no_other_reply(
+    server: PrivateRedis, front: LateFront, kind: str, failure: str, proof: bool
+) -> None:
+    """``READONLY`` refuses a command before it runs; a failed ``AUTH`` (a
+    ``ConnectionError`` too, from the handshake) and a command error prove nothing."""
+    replica, c = None, None
+    try:
+        if failure == "readonly":  # a replica of a primary it cannot reach (the front's)
+            replica = PrivateRedis()
+            with suppress_instrumentation():
+                admin = replica.admin()
+                admin.execute_command("REPLICAOF", "127.0.0.1", str(front.port))
+                admin.close()
+            c = plain_client(kind, replica.port)
+            error = await raised(lambda: c.incr("n"))
+            assert type(error) is redis.exceptions.ReadOnlyError
+        elif failure == "auth":
+            c = plain_client(kind, server.port, username="nobody", password="wrong")
+            error = await raised(c.ping)
+            assert isinstance(error, redis.exceptions.AuthenticationError)
+            assert isinstance(error, redis.exceptions.ConnectionError)
+        else:
+            c = plain_client(kind, server.port)
+            await maybe_await(c.lpush("l", "x"))
+            error = await raised(lambda: c.incr("l"))
+            assert type(error) is redis.exceptions.ResponseError
+    finally:
+        if c is not None:
+            await close_client(c)
+        if replica is not None:
+            replica.close()
+    assert ours_module.never_ran(error) is proof, repr(error)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_never_ran_does_not_hold_for_our_open_circuit(h: Harness, kind: str) -> None:
+    """Our rejection is a ``redis.ConnectionError`` that was never sent, and never resent."""
+    ours = h.instrument().ours
+    c = h.client() if kind == "sync" else h.aclient()
+    try:
+        await maybe_await(c.ping())
+        assert ours.targets is not None
+        (breaker,) = ours.targets.breakers()
+        breaker.force_open()
+        error = await raised(lambda: c.incr("n"))
+    finally:
+        await close_client(c)
+    assert isinstance(error, RedisCircuitOpenError)
+    assert isinstance(error, redis.exceptions.ConnectionError)
+    assert ours_module.never_ran(error) is False

@@ -29,6 +29,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
 import otel_recovery.instrumentors.requests
@@ -46,6 +47,7 @@ from . import http_faults as hf
 
 server = pytest.fixture(scope="module")(hf.serve)
 tel = pytest.fixture(hf.telemetry)
+late = pytest.fixture(hf.late_port)
 
 ORIGINAL_REQUEST = requests.sessions.Session.__dict__["request"]
 ORIGINAL_SEND = requests.sessions.Session.__dict__["send"]
@@ -1042,3 +1044,216 @@ def test_a_retried_request_leaves_no_reference_cycle(server, tel, instrument, re
         assert [ref() for ref in responses] == [None, None, None]
     finally:
         gc.enable()
+
+
+# -- requests that never left the client --------------------------------------------------
+# A connection that could not be made (refused, connect timeout) proves the request was
+# never written, so even a POST is sent again after it (as urllib3's ``connect`` retries
+# and Envoy's ``reset-before-request`` do); a failure after the request was written never.
+
+
+def _refused_connect(error: BaseException) -> bool:
+    """Whether ``error`` is requests' own refused connect (urllib3's ``NewConnectionError``)."""
+    cause = error.args[0] if error.args else None
+    return isinstance(cause, MaxRetryError) and isinstance(cause.reason, NewConnectionError)
+
+
+def _not_resent(recovery: Any, why: str) -> None:
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == why
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "not_retryable"
+    assert recovery.attributes["otel_recovery.outcome"] == "failure"
+
+
+@BOTH_ORDERS
+def test_a_post_whose_connect_was_refused_is_sent_again_and_applied_once(
+    late, tel, instrument, order
+):
+    instrument(order, clock=late.clock)
+    response = requests.post(late.url("/orders"), data=b"order-1", timeout=2)
+    assert (response.status_code, response.text) == (201, "created:order-1")
+    assert late.seen == [("POST", "/orders", b"order-1")]  # sent once: the first never left
+    assert len(late.clock.sleeps) == 1
+    clients = tel.clients()
+    assert [s.attributes.get("http.request.resend_count") for s in clients] == [None, 1]
+    assert [s.status.status_code for s in clients] == [StatusCode.ERROR, StatusCode.UNSET]
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 2
+    assert recovery.attributes["otel_recovery.outcome"] == "success"
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+    failed = hf.events(recovery, "otel_recovery.attempt.failed")
+    assert [e["error.type"] for e in failed] == ["requests.exceptions.ConnectionError"]
+
+
+@compiled_only
+def test_a_remembered_post_whose_connect_was_refused_is_sent_again(late, tel, instrument):
+    """The compiled first attempt hands a refused connect over to Python, which resends it
+    as it would a new request's. (A POST's plan is remembered only while Idempotency-Keys
+    are ignored: otherwise it depends on the headers.)"""
+    instrument(clock=late.clock, http_retry_idempotency_key=False)
+    url = late.url("/orders")
+    late.armed = False  # planned and remembered by a POST refused throughout
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.post(url, json={"id": 1}, timeout=2)
+    assert tel.recovery().attributes["otel_recovery.retry.attempts"] == 3  # resent, refused
+    late.armed, slept = True, len(late.clock.sleeps)
+    tel.exporter.clear()
+    response, ran = ours_that_ran(lambda: requests.post(url, json={"id": 1}, timeout=2))
+    assert "resume" in ran and "layer" not in ran  # the compiled attempt handed over
+    assert (response.status_code, response.text) == (201, 'created:{"id": 1}')
+    assert late.seen == [("POST", "/orders", b'{"id": 1}')]
+    assert len(late.clock.sleeps) == slept + 1
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 2
+    assert recovery.attributes["otel_recovery.outcome"] == "success"
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+
+
+def test_a_post_reset_after_it_was_sent_is_not_sent_again(server, tel, instrument, clock):
+    """A dropped connection after the request was written may have been applied: the
+    library's error goes to the app as it was raised."""
+    instrument()
+    url = server.script("/pay", hf.reset(), hf.ok())
+    with pytest.raises(requests.exceptions.ConnectionError) as raised:
+        requests.post(url, data=b"order-1", timeout=2)
+    assert type(raised.value) is requests.exceptions.ConnectionError
+    assert not _refused_connect(raised.value)  # urllib3's ProtocolError: after the send
+    assert [s.body for s in server.seen("/pay")] == [b"order-1"]
+    assert clock.sleeps == [] and len(tel.clients()) == 1
+    _not_resent(tel.recovery(), "non_idempotent_method")
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_resending_requests_that_never_left_can_be_switched_off(
+    late, tel, instrument, monkeypatch, how
+):
+    """Off, a POST keeps to the method rules: refused, it is tried once (a GET is still
+    retried, which opens the port: the POST would have met it had it been resent)."""
+    if how == "environment":
+        monkeypatch.setenv("OTEL_RECOVERY_HTTP_RETRY_UNSENT", "false")
+        instrument(clock=late.clock)
+    else:
+        instrument(clock=late.clock, http_retry_unsent=False)
+    with pytest.raises(requests.exceptions.ConnectionError) as raised:
+        requests.post(late.url("/orders"), data=b"order-1", timeout=2)
+    assert type(raised.value) is requests.exceptions.ConnectionError
+    assert _refused_connect(raised.value)
+    assert late.clock.sleeps == [] and late.seen == []
+    _not_resent(tel.recovery(), "non_idempotent_method")
+    assert requests.get(late.url("/after"), timeout=2).status_code == 201
+    assert late.seen == [("GET", "/after", b"")]
+
+
+@pytest.mark.parametrize("body", ["generator", "file"])
+def test_a_body_that_cannot_be_replayed_is_not_resent_after_a_refused_connect(
+    late, tel, instrument, body
+):
+    """Only a body held in memory can be sent again; a POST of bytes to the same port is
+    (and meets the port it opened)."""
+    instrument(clock=late.clock)
+    options: dict[str, Any] = (
+        {"data": (chunk for chunk in [b"order-", b"1"])}
+        if body == "generator"
+        else {"files": {"f": ("order.txt", io.BytesIO(b"order-1"))}}
+    )
+    with pytest.raises(requests.exceptions.ConnectionError) as raised:
+        requests.post(late.url("/upload"), timeout=2, **options)
+    assert type(raised.value) is requests.exceptions.ConnectionError
+    assert late.clock.sleeps == [] and late.seen == [] and len(tel.clients()) == 1
+    _not_resent(tel.recovery(), "non_replayable_body")
+    assert requests.post(late.url("/bytes"), data=b"order-2", timeout=2).status_code == 201
+    assert late.seen == [("POST", "/bytes", b"order-2")]
+
+
+def test_a_refused_post_urllib3_already_reconnected_is_not_sent_again(late, tel, instrument):
+    """urllib3 repeats a refused connect for any method (``Retry(connect=2)``): ours on
+    top would multiply the connects; a resend would have slept, opening the port."""
+    instrument(clock=late.clock)
+    with (
+        _session(connect=2) as session,
+        pytest.raises(requests.exceptions.ConnectionError) as raised,
+    ):
+        session.post(late.url("/orders"), data=b"order-1", timeout=2)
+    assert type(raised.value) is requests.exceptions.ConnectionError
+    assert _refused_connect(raised.value)
+    assert late.clock.sleeps == [] and late.seen == []
+    _client_retried(tel.recovery(), 2)
+
+
+def test_an_open_circuit_refuses_a_post_once_and_sends_nothing(late, tel, instrument):
+    """Refused POSTs (each resent, each failing) open the target's circuit; the next POST
+    is refused with our error, which never counts as a connect that failed: not resent
+    (a resend would sleep, which would open the port to it)."""
+    ours = instrument(
+        clock=late.clock, breaker_window=2, breaker_minimum_calls=2, breaker_failure_rate=0.5
+    )
+    url = late.url("/orders")
+    late.armed = False
+    for _ in range(2):
+        with pytest.raises(requests.exceptions.ConnectionError) as raised:
+            requests.post(url, data=b"order-1", timeout=2)
+        assert _refused_connect(raised.value)
+    assert [r.attributes["otel_recovery.retry.attempts"] for r in tel.recoveries()] == [3, 3]
+    (breaker,) = ours.targets.breakers()
+    assert breaker.snapshot().state == "open"
+    late.armed, slept = True, len(late.clock.sleeps)
+    tel.exporter.clear()
+    with pytest.raises(RequestsCircuitOpenError) as raised:
+        requests.post(url, data=b"order-1", timeout=2)
+    assert not otel_recovery.instrumentors.requests._unsent(raised.value)
+    assert len(late.clock.sleeps) == slept and late.seen == [] and tel.clients() == []
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.outcome"] == "rejected"
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+
+
+def _raised_by_requests(server: hf.FaultServer, fault: str) -> BaseException:
+    """The error uninstrumented requests raises for a POST that meets ``fault``."""
+    with contextlib.ExitStack() as stack:
+        timeout: Any = 2
+        options: dict[str, Any] = {}
+        if fault in ("refused", "proxy_refused"):
+            closed = stack.enter_context(socket.socket())
+            closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+            url = f"http://127.0.0.1:{closed.getsockname()[1]}/orders"
+            if fault == "proxy_refused":
+                options["proxies"] = {"http": url}
+                url = "http://service.invalid/orders"
+        elif fault == "connect_timeout":
+            url, timeout = (
+                f"http://127.0.0.1:{stack.enter_context(hf.unaccepting_port())}/",
+                (0.1, 2),
+            )
+        else:
+            action = hf.reset() if fault == "reset" else hf.stall(1.0)
+            url, timeout = server.script("/fault", action), 0.2
+        with pytest.raises(requests.exceptions.RequestException) as raised:
+            requests.post(url, data=b"order-1", timeout=timeout, **options)
+    return raised.value
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "unsent"),
+    [
+        ("refused", requests.exceptions.ConnectionError, True),
+        ("connect_timeout", requests.exceptions.ConnectTimeout, True),
+        ("reset", requests.exceptions.ConnectionError, False),
+        ("read_timeout", requests.exceptions.ReadTimeout, False),
+        # never connected either, but a proxy's errors are left alone as a whole
+        ("proxy_refused", requests.exceptions.ProxyError, False),
+    ],
+)
+def test_unsent_tells_a_connection_never_made_from_a_request_that_may_have_been_sent(
+    server, fault, error, unsent
+):
+    raised = _raised_by_requests(server, fault)
+    assert type(raised) is error
+    assert otel_recovery.instrumentors.requests._unsent(raised) is unsent
+    if fault in ("reset", "read_timeout"):
+        assert server.count("/fault") == 1  # the request did reach the server
+
+
+def test_unsent_never_counts_our_open_circuit_as_a_failed_connect():
+    rejection = RequestsCircuitOpenError("requests 127.0.0.1:1", 5.0)
+    assert isinstance(rejection, requests.exceptions.ConnectionError)
+    assert not otel_recovery.instrumentors.requests._unsent(rejection)
