@@ -22,9 +22,8 @@ the original has been called, an internal error may only surface the original's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from types import CodeType, FrameType
 from typing import Any, TypeVar
 
 from otel_recovery._clock import Clock
@@ -45,7 +44,6 @@ __all__ = [
     "fallback_body",
     "has_header",
     "install_resend_count",
-    "outermost_frame",
     "plan_call",
     "replayable_data",
     "status_of",
@@ -191,24 +189,6 @@ def plan_call(
         never_ran=never_ran,
     )
     return HttpCall(policy, settings.http_retry_statuses, header_dependent)
-
-
-def outermost_frame(error: BaseException, codes: Collection[CodeType]) -> FrameType | None:
-    """The outermost frame of ``error``'s traceback that ran one of ``codes``; None if none.
-
-    Why frames: a connection that could not be made proves a request never left the client
-    only if it was the call's first request. A redirect (or an auth round, or a hook)
-    sends another one after the server answered the first, which may have applied it:
-    resending the call would apply that POST again. Only the client library's redirect
-    loop knows, and its frame, kept alive by the traceback, still holds the loop's state.
-    Read on the failure path only."""
-    traceback = error.__traceback__
-    while traceback is not None:
-        frame = traceback.tb_frame
-        if frame.f_code in codes:
-            return frame
-        traceback = traceback.tb_next
-    return None
 
 
 def fallback_body(value: Any) -> tuple[bytes, str]:

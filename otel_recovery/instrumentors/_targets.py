@@ -90,10 +90,11 @@ class _NeverRanRetry(Retry):
     __slots__ = ("never_ran",)
     never_ran: NeverRan
 
+    def proves_never_ran(self, error: BaseException) -> bool:
+        return self.never_ran(error) and not getattr(error, _HELD_BACK, False)
+
     def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
-        if not self.never_ran(error) or getattr(error, _HELD_BACK, False):
-            return False
-        return super().is_retryable(error, info)
+        return self.proves_never_ran(error) and super().is_retryable(error, info)
 
 
 class _TargetPolicy(RecoveryPolicy):
@@ -202,7 +203,7 @@ class _TargetPolicy(RecoveryPolicy):
         if (
             self._disallowed is not None
             and isinstance(retry, _NeverRanRetry)
-            and not retry.never_ran(error)
+            and not retry.proves_never_ran(error)
         ):
             try:
                 trace.span.set_attribute(RETRY_DISALLOWED, self._disallowed)

@@ -36,13 +36,13 @@ from otel_recovery.instrumentors._http import (
     fallback_body,
     has_header,
     install_resend_count,
-    outermost_frame,
     plan_call,
     replayable_data,
     target_of,
 )
 from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans, HttpSite, async_layer
 from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._unsent import sending_frame, sources
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -180,16 +180,19 @@ def _request_code() -> frozenset[CodeType]:
 _REQUEST_LOOP = _request_code()
 """aiohttp's request coroutine: it follows redirects in a loop, and its frame keeps the
 responses answered so far (``history``)."""
+_LIBRARIES = sources(aiohttp)
 
 
 def _unsent(error: BaseException) -> bool:
     """Whether the request never left the client (:data:`_CONNECT_FAILURES`) and was the
     call's first: in the outermost request loop, nothing answered yet (no ``history``: a
     redirect's next request fails after the server answered the first, which may have
-    applied it; see ``outermost_frame``). Our open circuit's error is never resent."""
+    applied it), and only aiohttp ran below it (a middleware or a callable
+    ``raise_for_status`` of the application's may have sent a request before; see
+    :mod:`._unsent`). Our open circuit's error is never resent."""
     if not isinstance(error, _CONNECT_FAILURES) or isinstance(error, CircuitOpenError):
         return False
-    loop = outermost_frame(error, _REQUEST_LOOP)
+    loop = sending_frame(error, _REQUEST_LOOP, _LIBRARIES)
     return loop is not None and not loop.f_locals.get("history", True)
 
 

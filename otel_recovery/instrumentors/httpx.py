@@ -36,7 +36,6 @@ from otel_recovery.instrumentors._http import (
     RetryableStatusError,
     fallback_body,
     install_resend_count,
-    outermost_frame,
     plan_call,
     target_of,
 )
@@ -48,6 +47,7 @@ from otel_recovery.instrumentors._http_layer import (
     sync_layer,
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._unsent import sending_frame, sources
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -170,6 +170,7 @@ _REDIRECT_LOOPS = frozenset(
 )
 """httpx's redirect loops, whose frames say which request failed and what was answered
 before it (none in another httpx: then nothing counts as never sent)."""
+_LIBRARIES = sources(httpx, httpcore)
 
 
 def _unsent(error: BaseException) -> bool:
@@ -178,12 +179,13 @@ def _unsent(error: BaseException) -> bool:
     before it writes a request; a connection lost later is a ``ReadError``, a
     ``WriteError`` or a ``RemoteProtocolError``. And it was the call's first request: in
     the outermost redirect loop, nothing answered yet (no ``history``: no redirect, no
-    auth round) and the failed request is the loop's own, not one a response hook sent
-    (see ``outermost_frame``). Our open circuit's error is a ``ConnectError`` too, and is
-    never resent."""
+    auth round) and the failed request is the loop's own, not one a response hook sent,
+    sent by httpx itself, not by a transport of the application's that may have sent it
+    before (see :mod:`._unsent`). Our open circuit's error is a ``ConnectError`` too, and
+    is never resent."""
     if not isinstance(error, _CONNECTION_FAILURES) or isinstance(error, CircuitOpenError):
         return False
-    loop = outermost_frame(error, _REDIRECT_LOOPS)
+    loop = sending_frame(error, _REDIRECT_LOOPS, _LIBRARIES)
     if loop is None:
         return False
     try:

@@ -224,9 +224,11 @@ class LatePort:
     on, it reads and records a request, then closes the connection without answering.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        """``port``: a given one (a server that went away and comes back there)."""
         self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", port))
         self.port: int = self._socket.getsockname()[1]
         self.seen: list[tuple[str, str, bytes]] = []
         self.armed = True

@@ -1,0 +1,361 @@
+"""A connect failure proves a request never left the client only when nothing sent it before.
+
+A connection that could not be made proves a request was never written, so the HTTP
+instrumentors send even a POST again after one (``otel_recovery/instrumentors/_unsent.py``).
+But the call we wrap may send more than one request, and the last one's connect failure
+says nothing about the others:
+
+- a client follows redirects (and runs response hooks) inside the call: a POST answered
+  ``303``/``307`` by one server, whose next request to another server is refused;
+- code between the client and its connection pool sends again: urllib3's ``Retry`` after a
+  read error, an adapter or transport of the application's that fails over to a backup,
+  an aiohttp middleware.
+
+In each case the first server may have applied the POST, and resending the call would
+apply it again. Every test here counts the POSTs the first server received: exactly one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+import requests
+import yarl
+from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.instrumentation.requests import RequestsInstrumentor
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from otel_recovery.instrumentors.aiohttp_client import AioHttpClientRecoveryInstrumentor
+from otel_recovery.instrumentors.httpx import HTTPXRecoveryInstrumentor
+from otel_recovery.instrumentors.requests import RequestsRecoveryInstrumentor
+from otel_recovery.testing import FakeClock
+
+from . import http_faults as hf
+
+server = pytest.fixture(scope="module")(hf.serve)
+tel = pytest.fixture(hf.telemetry)
+
+_PAIRS = {
+    "requests": (RequestsRecoveryInstrumentor, RequestsInstrumentor),
+    "httpx": (HTTPXRecoveryInstrumentor, HTTPXClientInstrumentor),
+    "httpx_async": (HTTPXRecoveryInstrumentor, HTTPXClientInstrumentor),
+    "aiohttp": (AioHttpClientRecoveryInstrumentor, AioHttpClientInstrumentor),
+}
+CLIENTS = pytest.mark.parametrize("client", list(_PAIRS))
+
+
+@pytest.fixture(autouse=True)
+def _fresh(server):
+    server.reset()
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A URL whose connects are refused: a port bound but never listening."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{bound.getsockname()[1]}/next"
+
+
+@pytest.fixture
+def instrument(tel) -> Iterator[Callable[..., Any]]:
+    """``instrument(client, **settings)``: ours and contrib's for that client."""
+    stack: list[Iterator[Callable[..., Any]]] = []
+
+    def go(client: str, **settings: Any) -> Any:
+        ours, contrib = _PAIRS[client]
+        instrumenting = hf.instrumenting(tel, FakeClock(wall_start=time.time()), ours, contrib)
+        stack.append(instrumenting)
+        return next(instrumenting)(**settings)
+
+    yield go
+    for instrumenting in reversed(stack):
+        next(instrumenting, None)  # uninstruments
+
+
+async def post(client: str, url: str, **options: Any) -> None:
+    """POST ``b"order-1"`` to ``url`` with ``client``, following redirects; returns only if
+    the call succeeded."""
+    if client == "requests":
+        requests.post(url, data=b"order-1", timeout=2, **options)
+    elif client == "httpx":
+        with httpx.Client(follow_redirects=True, timeout=2, **options) as sync_client:
+            sync_client.post(url, content=b"order-1")
+    elif client == "httpx_async":
+        async with httpx.AsyncClient(follow_redirects=True, timeout=2, **options) as async_client:
+            await async_client.post(url, content=b"order-1")
+    else:
+        async with aiohttp.ClientSession(**options) as session:
+            async with session.post(url, data=b"order-1") as response:
+                await response.read()
+
+
+_CONNECT_ERRORS = (
+    requests.exceptions.ConnectionError,
+    httpx.ConnectError,
+    aiohttp.ClientConnectorError,
+)
+
+
+@CLIENTS
+@pytest.mark.parametrize("status", [303, 307])
+async def test_a_post_redirected_to_a_refusing_server_is_not_sent_again(
+    server, tel, instrument, refused_url, client, status
+):
+    instrument(client)
+    url = server.script("/orders", hf.status(status, {"Location": refused_url}))
+    with pytest.raises(_CONNECT_ERRORS):
+        await post(client, url)
+    assert [(s.method, s.body) for s in server.seen("/orders")] == [("POST", b"order-1")]
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == "non_idempotent_method"
+
+
+@CLIENTS
+async def test_the_same_post_refused_at_its_first_connect_is_sent_again(
+    tel, instrument, refused_url, client
+):
+    """The control: what the tests above must not do is what the first hop does."""
+    instrument(client, max_attempts=2)
+    with pytest.raises(_CONNECT_ERRORS):
+        await post(client, refused_url)
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 2
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+
+
+async def test_a_requests_response_hook_whose_request_is_refused_does_not_resend_the_post(
+    server, tel, instrument, refused_url
+):
+    """A response hook runs after the server answered (digest auth's answer to a 401 is
+    one): a connect error raised from it proves nothing about the POST."""
+    instrument("requests", max_attempts=2)
+    url = server.script("/orders", hf.ok("created"))
+
+    def notify(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        requests.post(refused_url, data=b"audit", timeout=2)
+
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.post(url, data=b"order-1", timeout=2, hooks={"response": notify})
+    assert server.count("/orders") == 1
+
+
+@pytest.mark.parametrize("client", ["httpx", "httpx_async"])
+async def test_an_httpx_response_hook_whose_request_is_refused_does_not_resend_the_post(
+    server, tel, instrument, refused_url, client
+):
+    """httpx runs response hooks inside its redirect loop, before the answer joins the
+    history: the failed request must be the loop's own to count as never sent."""
+    instrument(client, max_attempts=2)
+    url = server.script("/orders", hf.ok("created"))
+
+    def notify(response: httpx.Response) -> None:
+        with httpx.Client(timeout=2) as other:
+            other.post(refused_url, content=b"audit")
+
+    async def anotify(response: httpx.Response) -> None:
+        async with httpx.AsyncClient(timeout=2) as other:
+            await other.post(refused_url, content=b"audit")
+
+    hook = notify if client == "httpx" else anotify
+    with pytest.raises(httpx.ConnectError):
+        await post(client, url, event_hooks={"response": [hook]})
+    assert server.count("/orders") == 1
+
+
+class ReadThenGone:
+    """A server that reads one request and drops the connection without answering (it may
+    have applied it), then refuses connects (a pod going away) until ``clock``'s first
+    sleep, when it comes back and answers 201: a wrongful resend would reach it."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self.port = self._listener.getsockname()[1]
+        self.seen: list[bytes] = []
+        self.clock = _BackOnSleep(self)
+        self._back: hf.LatePort | None = None
+        self._thread = threading.Thread(target=self._read_one, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _read_one(self) -> None:
+        connection, _ = self._listener.accept()
+        with connection:
+            self.seen.append(connection.recv(65536).split(b" ", 1)[0])
+            self._listener.close()  # refused from now on: before the client sees the drop
+
+    def come_back(self) -> None:
+        if self._back is None:
+            self._thread.join(5)
+            self._back = hf.LatePort(port=self.port)
+            self._back.open()
+
+    def requests_seen(self) -> list[bytes]:
+        back = [method.encode() for method, _, _ in self._back.seen] if self._back else []
+        return self.seen + back
+
+    def close(self) -> None:
+        if self._back is not None:
+            self._back.close()
+
+
+class _BackOnSleep(FakeClock):
+    def __init__(self, server: ReadThenGone) -> None:
+        super().__init__(wall_start=time.time())
+        self._server = server
+
+    def sleep(self, seconds: float) -> None:
+        self._server.come_back()
+        super().sleep(seconds)
+
+    async def asleep(self, seconds: float) -> None:
+        self._server.come_back()
+        await super().asleep(seconds)
+
+
+@pytest.fixture
+def gone() -> Iterator[ReadThenGone]:
+    server = ReadThenGone()
+    yield server
+    server.close()
+
+
+def test_a_post_urllib3_resent_after_a_read_error_is_not_sent_again(tel, instrument, gone):
+    """urllib3 resends a POST after the connection dropped under it when its ``Retry``
+    allows any method (``allowed_methods=None``), with no connect retries: its reconnect is
+    refused, and ``MaxRetryError`` keeps only that last reason. The first send was read."""
+    instrument("requests", clock=gone.clock)
+    with requests.Session() as session:
+        session.mount(
+            "http://",
+            HTTPAdapter(max_retries=Retry(total=None, connect=0, read=1, allowed_methods=None)),
+        )
+        with pytest.raises(requests.exceptions.ConnectionError):
+            session.post(gone.url("/pay"), data=b"order-1", timeout=2)
+    assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 1
+    assert recovery.attributes["otel_recovery.retry.disallowed"] == "non_idempotent_method"
+
+
+class _FailoverAdapter(HTTPAdapter):
+    """An application's adapter that sends a failed request to a backup host."""
+
+    def __init__(self, backup: str) -> None:
+        super().__init__()
+        self.backup = backup
+
+    def send(self, request: requests.PreparedRequest, **options: Any) -> requests.Response:
+        try:
+            return super().send(request, **options)
+        except requests.exceptions.ConnectionError:
+            request.url = self.backup
+            return super().send(request, **options)
+
+
+def test_a_post_a_requests_adapter_sent_on_after_a_failure_is_not_sent_again(
+    tel, instrument, gone, refused_url
+):
+    instrument("requests", clock=gone.clock)
+    with requests.Session() as session:
+        session.mount("http://", _FailoverAdapter(refused_url))
+        with pytest.raises(requests.exceptions.ConnectionError):
+            session.post(gone.url("/pay"), data=b"order-1", timeout=2)
+    assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
+
+
+class _FailoverTransport(httpx.BaseTransport):
+    """An application's transport that sends a failed request to a backup host."""
+
+    def __init__(self, backup: str) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.backup = httpx.URL(backup)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return self.inner.handle_request(request)
+        except httpx.TransportError:
+            request.url = self.backup
+            return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _AsyncFailoverTransport(httpx.AsyncBaseTransport):
+    def __init__(self, backup: str) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.backup = httpx.URL(backup)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self.inner.handle_async_request(request)
+        except httpx.TransportError:
+            request.url = self.backup
+            return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("client", ["httpx", "httpx_async"])
+async def test_a_post_an_httpx_transport_sent_on_after_a_failure_is_not_sent_again(
+    tel, instrument, gone, refused_url, client
+):
+    instrument(client, clock=gone.clock)
+    kind = _FailoverTransport if client == "httpx" else _AsyncFailoverTransport
+    with pytest.raises(httpx.ConnectError):
+        await post(client, gone.url("/pay"), transport=kind(refused_url))
+    assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
+
+
+@pytest.mark.skipif(
+    "middlewares" not in inspect.signature(aiohttp.ClientSession.__init__).parameters,
+    reason="client middlewares came with aiohttp 3.12",
+)
+@pytest.mark.parametrize("middleware", ["call_after_response", "fail_over"])
+async def test_a_post_an_aiohttp_middleware_sent_on_is_not_sent_again(
+    server, tel, instrument, gone, refused_url, middleware
+):
+    """A middleware runs inside aiohttp's request loop: after the POST was answered it may
+    make a call of its own, or send the request again elsewhere after a failure."""
+    instrument("aiohttp", **({"clock": gone.clock} if middleware == "fail_over" else {}))
+    url = server.script("/orders", hf.ok("created"))
+    async with aiohttp.ClientSession() as other:
+
+        async def call_after_response(request: Any, handler: Any) -> Any:
+            response = await handler(request)
+            await other.post(refused_url, data=b"audit")
+            return response
+
+        async def fail_over(request: Any, handler: Any) -> Any:
+            try:
+                return await handler(request)
+            except aiohttp.ClientError:
+                request.url = yarl.URL(refused_url)
+                return await handler(request)
+
+        first = url if middleware == "call_after_response" else gone.url("/pay")
+        chosen = call_after_response if middleware == "call_after_response" else fail_over
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await post("aiohttp", first, middlewares=(chosen,))
+    if middleware == "call_after_response":
+        assert server.count("/orders") == 1
+    else:
+        assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
