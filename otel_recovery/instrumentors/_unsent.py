@@ -12,23 +12,28 @@ one request, and a connect failure proves nothing about the ones sent before it:
   ``raise_for_status``) sent a request, then failed to connect for the next one.
 
 Only the client library's own frames know. The traceback keeps them alive, with their
-state, so a failure is judged from them: its outermost frame of the library's entry point,
-and every frame below it. A frame of code we do not know (the application's, another
-instrumentation's) makes the failure prove nothing, so the unknown errs toward sending
-once. Contrib's instrumentation (``opentelemetry``) and ``contextlib`` (the libraries map
-their exceptions in context managers) are known. Read on the failure path only.
+state (the responses a redirect loop received, the history of urllib3's ``Retry``), so a
+failure is judged from them, and from every other frame in it: a frame of code we do not
+know (the application's, another agent's wrapper) makes the failure prove nothing, so the
+unknown errs toward sending once. Contrib's instrumentation (``opentelemetry``), wrapt and
+``contextlib`` (the libraries map their exceptions in context managers) are known. Read on
+the failure path only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Collection, Iterable
 from types import CodeType, FrameType, ModuleType
 
 import opentelemetry
+import wrapt
 
-__all__ = ["sending_frame", "sources"]
+import otel_recovery
+
+__all__ = ["original_code", "sending_frames", "sources"]
 
 
 def sources(*modules: ModuleType) -> tuple[str, ...]:
@@ -44,32 +49,60 @@ def sources(*modules: ModuleType) -> tuple[str, ...]:
     return tuple(found)
 
 
-_KNOWN = sources(contextlib, opentelemetry)
-"""Frames that may sit between a client's entry point and its connection pool in every
-client: the context managers that map exceptions, contrib's wrappers."""
+_OURS = sources(otel_recovery)
+"""Our own layer's frames, where the traceback starts: above the client's entry point."""
+_KNOWN = sources(contextlib, opentelemetry, wrapt)
+"""Frames that may sit anywhere in every client's failure: the context managers that map
+exceptions, contrib's wrappers, wrapt's pure-Python wrappers (which only forward)."""
 
 
-def sending_frame(
+def sending_frames(
     error: BaseException,
     entry: Collection[CodeType],
     libraries: tuple[str, ...],
     resends: Collection[CodeType] = (),
-) -> FrameType | None:
-    """The outermost frame of ``error``'s traceback that ran one of ``entry`` (the client's
-    own function our layer calls, or its request loop), if every frame below it ran in
-    ``libraries`` (see :func:`sources`) or known code and none ran one of ``resends`` (the
-    client's code that sends again after a response); None otherwise, also when there is
-    no such frame."""
+    *,
+    caught_by_library: bool = False,
+) -> list[FrameType] | None:
+    """The frames of ``error``'s traceback from the outermost one that ran one of ``entry``
+    (the client's own function our layer calls) down to where it was raised, if every
+    frame from our layer's down ran in ``libraries`` (see :func:`sources`) or known code,
+    ours only above the entry, and none below the entry ran one of ``resends`` (the
+    client's code that sends again after a response); None otherwise, also when no frame
+    ran ``entry``. A foreign frame (the application's adapter, transport, middleware, hook
+    or auth flow; another agent's wrapper) may have sent the request before.
+
+    Frames before the first of ours or the entry are whoever caught the error: none when
+    our Python layer caught it, none from the compiled layer (which has no frame, so a
+    wrapper of another's that it calls is taken for the catcher: the one case not seen).
+    ``caught_by_library``: the library caught it (urllib3's ``MaxRetryError``, caught by
+    requests), so every frame must be known.
+    """
     known = libraries + _KNOWN
+    started = caught_by_library
+    below: list[FrameType] | None = None
     traceback = error.__traceback__
-    found: FrameType | None = None
     while traceback is not None:
         frame = traceback.tb_frame
         code = frame.f_code
-        if found is None:
-            if code in entry:
-                found = frame
-        elif code in resends or not code.co_filename.startswith(known):
+        if below is not None:
+            if code in resends or not code.co_filename.startswith(known):
+                return None
+            below.append(frame)
+        elif code in entry:
+            below = [frame]
+        elif code.co_filename.startswith(_OURS):
+            started = True
+        elif started and not code.co_filename.startswith(known):
             return None
         traceback = traceback.tb_next
-    return found
+    return below
+
+
+def original_code(owner: type, name: str) -> frozenset[CodeType]:
+    """The code of ``owner.name`` as the library defines it (under any wrapper on it, ours
+    included), or nothing when it is not a Python function (then nothing is judged never
+    sent)."""
+    found = vars(owner).get(name)
+    code = getattr(inspect.unwrap(found), "__code__", None) if found is not None else None
+    return frozenset({code}) if isinstance(code, CodeType) else frozenset()

@@ -16,8 +16,6 @@ classifier reads like the response itself. The shared rules live in :mod:`._http
 from __future__ import annotations
 
 import asyncio
-import inspect
-from types import CodeType
 from typing import Any
 
 import aiohttp
@@ -42,7 +40,7 @@ from otel_recovery.instrumentors._http import (
 )
 from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans, HttpSite, async_layer
 from otel_recovery.instrumentors._targets import TargetPolicies
-from otel_recovery.instrumentors._unsent import sending_frame, sources
+from otel_recovery.instrumentors._unsent import original_code, sending_frames, sources
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -171,29 +169,36 @@ from aiohttp 3.10 on, which before raised the ``ServerTimeoutError`` a read time
 raises): it connects before it writes the request."""
 
 
-def _request_code() -> frozenset[CodeType]:
-    """The code of aiohttp's own ``ClientSession._request`` (under any wrapper on it)."""
-    code = getattr(inspect.unwrap(vars(aiohttp.ClientSession)["_request"]), "__code__", None)
-    return frozenset({code}) if isinstance(code, CodeType) else frozenset()
-
-
-_REQUEST_LOOP = _request_code()
-"""aiohttp's request coroutine: it follows redirects in a loop, and its frame keeps the
-responses answered so far (``history``)."""
+_ENTRY = original_code(aiohttp.ClientSession, "_request")
+"""aiohttp's request coroutine, the function our layer calls: it follows redirects in a
+loop, and its frame keeps the responses answered so far (``history``)."""
 _LIBRARIES = sources(aiohttp)
+_DIGEST = getattr(aiohttp, "DigestAuthMiddleware", None)
+_AFTER_A_RESPONSE = original_code(_DIGEST, "__call__") if _DIGEST is not None else frozenset()
+"""aiohttp's own middleware that sends again after a response (a 401), from 3.12 on."""
 
 
 def _unsent(error: BaseException) -> bool:
     """Whether the request never left the client (:data:`_CONNECT_FAILURES`) and was the
-    call's first: in the outermost request loop, nothing answered yet (no ``history``: a
-    redirect's next request fails after the server answered the first, which may have
-    applied it), and only aiohttp ran below it (a middleware or a callable
-    ``raise_for_status`` of the application's may have sent a request before; see
-    :mod:`._unsent`). Our open circuit's error is never resent."""
+    call's first, sent by aiohttp alone (see :mod:`._unsent`): nothing was answered yet
+    (no ``history``: a redirect's next request fails after the server answered the first,
+    which may have applied it), aiohttp did not send it again on a fresh connection after a
+    kept-alive one broke (``retry_persistent_connection``, for idempotent methods), and no
+    code of the application's (a middleware, a callable ``raise_for_status``) ran in
+    between. Our open circuit's error is never resent."""
     if not isinstance(error, _CONNECT_FAILURES) or isinstance(error, CircuitOpenError):
         return False
-    loop = sending_frame(error, _REQUEST_LOOP, _LIBRARIES)
-    return loop is not None and not loop.f_locals.get("history", True)
+    frames = sending_frames(error, _ENTRY, _LIBRARIES, _AFTER_A_RESPONSE)
+    if not frames:
+        return False
+    state = frames[0].f_locals
+    if state.get("history", True):
+        return False
+    session, method = state.get("self"), state.get("method")
+    could_resend = getattr(session, "_retry_connection", False) and (
+        method in getattr(aiohttp.client, "IDEMPOTENT_METHODS", ())
+    )
+    return not (could_resend and state.get("retry_persistent_connection") is False)
 
 
 def _method_and_url(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:

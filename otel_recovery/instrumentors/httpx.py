@@ -47,7 +47,7 @@ from otel_recovery.instrumentors._http_layer import (
     sync_layer,
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
-from otel_recovery.instrumentors._unsent import sending_frame, sources
+from otel_recovery.instrumentors._unsent import original_code, sending_frames, sources
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -160,13 +160,10 @@ _CONNECTION_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
 """What httpcore's connection retries repeat."""
 
 
-_REDIRECT_LOOPS = frozenset(
-    loop.__code__
-    for loop in (
-        getattr(httpx.Client, "_send_handling_redirects", None),
-        getattr(httpx.AsyncClient, "_send_handling_redirects", None),
-    )
-    if loop is not None
+_ENTRY = original_code(httpx.Client, "send") | original_code(httpx.AsyncClient, "send")
+"""httpx's own ``send``, the function our layer calls."""
+_REDIRECT_LOOPS = original_code(httpx.Client, "_send_handling_redirects") | original_code(
+    httpx.AsyncClient, "_send_handling_redirects"
 )
 """httpx's redirect loops, whose frames say which request failed and what was answered
 before it (none in another httpx: then nothing counts as never sent)."""
@@ -177,15 +174,16 @@ def _unsent(error: BaseException) -> bool:
     """Whether the request never left the client: httpcore raises ``ConnectError`` and
     ``ConnectTimeout`` only while it makes a connection (TCP, TLS, a proxy's tunnel),
     before it writes a request; a connection lost later is a ``ReadError``, a
-    ``WriteError`` or a ``RemoteProtocolError``. And it was the call's first request: in
-    the outermost redirect loop, nothing answered yet (no ``history``: no redirect, no
-    auth round) and the failed request is the loop's own, not one a response hook sent,
-    sent by httpx itself, not by a transport of the application's that may have sent it
-    before (see :mod:`._unsent`). Our open circuit's error is a ``ConnectError`` too, and
-    is never resent."""
+    ``WriteError`` or a ``RemoteProtocolError``. And it was the call's first request, sent
+    by httpx alone (see :mod:`._unsent`): in the outermost redirect loop nothing was
+    answered yet (no ``history``: no redirect, no auth round), the failed request is the
+    loop's own, and no code of the application's (a transport, an auth flow, an event
+    hook) ran in between. Our open circuit's error is a ``ConnectError`` too, and is
+    never resent."""
     if not isinstance(error, _CONNECTION_FAILURES) or isinstance(error, CircuitOpenError):
         return False
-    loop = sending_frame(error, _REDIRECT_LOOPS, _LIBRARIES)
+    frames = sending_frames(error, _ENTRY, _LIBRARIES)
+    loop = next((frame for frame in frames or () if frame.f_code in _REDIRECT_LOOPS), None)
     if loop is None:
         return False
     try:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from collections.abc import Mapping
-from types import CodeType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,7 +28,6 @@ from urllib3.exceptions import (
     ConnectTimeoutError,
     MaxRetryError,
     NewConnectionError,
-    ProtocolError,
     ResponseError,
 )
 from urllib3.util.retry import Retry
@@ -57,8 +54,8 @@ from otel_recovery.instrumentors._http_layer import (
     HttpSite,
     sync_layer,
 )
-from otel_recovery.instrumentors._targets import TargetPolicies, hold_back
-from otel_recovery.instrumentors._unsent import sending_frame, sources
+from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._unsent import original_code, sending_frames, sources
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -135,8 +132,6 @@ class _Site(HttpSite[requests.Response]):
         retry = _urllib3_retry(session.get_adapter(request.url))
         if retry is None:
             return 0
-        if _unsent(error) and _resends_once_sent(retry, request.method, request.url):
-            hold_back(error)  # its last connect failed; an earlier send may have been read
         reason = exhausted.reason
         if isinstance(reason, ResponseError):  # statuses (``raise_on_status``): a RetryError
             answered = _Answered.of(reason)
@@ -226,14 +221,10 @@ class _Planner:
         return plan
 
 
-def _entry() -> frozenset[CodeType]:
-    """The code of requests' own ``Session.request`` (under any wrapper on it)."""
-    code = getattr(inspect.unwrap(vars(requests.Session)["request"]), "__code__", None)
-    return frozenset({code}) if isinstance(code, CodeType) else frozenset()
-
-
-_ENTRY = _entry()
+_ENTRY = original_code(requests.Session, "request")
 """requests' own ``Session.request``, the function our layer calls."""
+_INCREMENT = original_code(Retry, "increment")
+"""Where urllib3 gives up (``MaxRetryError``), with the history of every try it made."""
 _LIBRARIES = sources(requests, urllib3)
 _AFTER_A_RESPONSE = frozenset(
     {
@@ -243,31 +234,40 @@ _AFTER_A_RESPONSE = frozenset(
 )
 """Where requests sends again after a response: a redirect, or a response hook (digest
 auth's answer to a 401 and any hook of the application's)."""
+_NOT_CONNECTED = (NewConnectionError, ConnectTimeoutError)
 
 
 def _unsent(error: BaseException) -> bool:
     """Whether the request never left the client: its connection could not be made
-    (refused, unreachable, a name that did not resolve, a connect timeout), and it was the
-    call's first request, sent by requests itself (see :mod:`._unsent`).
+    (refused, unreachable, a name that did not resolve, a connect timeout) at every try
+    urllib3 made, and it was the call's first request, sent by requests and urllib3
+    alone (see :mod:`._unsent`).
 
     requests raises those as ``ConnectTimeout``, or as a ``ConnectionError`` around
     urllib3's ``MaxRetryError`` whose reason is a ``NewConnectionError``: urllib3 makes a
-    new connection before it writes the request, and repeats these for any method itself.
-    Any other connection error (a reset, a keep-alive connection the server had closed),
-    a proxy's and a TLS one may come after the request was written. (An adapter's
-    ``Retry`` that resends after a read error is asked per failure: ``retried_error``.)"""
-    if isinstance(error, CircuitOpenError):
+    new connection before it writes the request. That reason is only the last try's: an
+    adapter's ``Retry`` may have sent it before (after a read error, a status, an SSL
+    error), so every try in its history must have failed to connect. Any other connection
+    error (a reset, a keep-alive connection the server had closed), a proxy's and a TLS
+    one may come after the request was written."""
+    if isinstance(error, CircuitOpenError) or not isinstance(
+        error, requests.exceptions.ConnectionError
+    ):
         return False
-    if not isinstance(error, requests.exceptions.ConnectTimeout):
-        if not isinstance(error, requests.exceptions.ConnectionError) or isinstance(
-            error, (requests.exceptions.ProxyError, requests.exceptions.SSLError)
-        ):
-            return False
-        cause = error.args[0] if error.args else None
-        reason = cause.reason if isinstance(cause, MaxRetryError) else cause
-        if not isinstance(reason, (NewConnectionError, ConnectTimeoutError)):
-            return False
-    return sending_frame(error, _ENTRY, _LIBRARIES, _AFTER_A_RESPONSE) is not None
+    if isinstance(error, (requests.exceptions.ProxyError, requests.exceptions.SSLError)):
+        return False
+    exhausted = error.args[0] if error.args else None
+    if not isinstance(exhausted, MaxRetryError):
+        return False
+    if sending_frames(error, _ENTRY, _LIBRARIES, _AFTER_A_RESPONSE) is None:
+        return False
+    tries = sending_frames(exhausted, _INCREMENT, _LIBRARIES, caught_by_library=True)
+    history = tries[0].f_locals.get("history") if tries else None
+    return (
+        isinstance(history, tuple)
+        and bool(history)
+        and all(isinstance(getattr(step, "error", None), _NOT_CONNECTED) for step in history)
+    )
 
 
 def _urllib3_retry(adapter: object) -> Retry | None:
@@ -314,22 +314,6 @@ def _repeats(retry: Retry, method: str, url: str | None, **failure: Any) -> int:
             break
         repeats += 1
     return repeats
-
-
-def _resends_once_sent(retry: Retry, method: str, url: str | None) -> bool:
-    """Whether ``retry`` sends this request again after a failure that came once it was
-    written (a read error, or a status it retries on): then the connect failure urllib3
-    gave up on (``MaxRetryError`` keeps only the last reason) says nothing about the sends
-    before it. urllib3 is asked as it would ask itself; its read errors include the
-    ``ProtocolError`` of a connection dropped under a response."""
-    if _repeats(retry, method, url, error=ProtocolError("sent, then dropped")):
-        return True
-    statuses = set(retry.status_forcelist or ()) | set(Retry.RETRY_AFTER_STATUS_CODES)
-    return any(
-        retry.is_retry(method, status, has_retry_after=True)
-        and _repeats(retry, method, url, response=_Answered(status)) > 0
-        for status in statuses
-    )
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
