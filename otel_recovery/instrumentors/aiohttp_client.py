@@ -174,8 +174,9 @@ _ENTRY = original_code(aiohttp.ClientSession, "_request")
 loop, and its frame keeps the responses answered so far (``history``)."""
 _LIBRARIES = sources(aiohttp)
 _DIGEST = getattr(aiohttp, "DigestAuthMiddleware", None)
-_AFTER_A_RESPONSE = original_code(_DIGEST, "__call__") if _DIGEST is not None else frozenset()
-"""aiohttp's own middleware that sends again after a response (a 401), from 3.12 on."""
+_DIGEST_ROUNDS = original_code(_DIGEST, "__call__") if _DIGEST is not None else frozenset()
+"""aiohttp's own middleware (3.12 on) that sends the request again after a 401: its frame's
+``retry_count`` says which round failed."""
 
 
 def _unsent(error: BaseException) -> bool:
@@ -188,8 +189,11 @@ def _unsent(error: BaseException) -> bool:
     between. Our open circuit's error is never resent."""
     if not isinstance(error, _CONNECT_FAILURES) or isinstance(error, CircuitOpenError):
         return False
-    frames = sending_frames(error, _ENTRY, _LIBRARIES, _AFTER_A_RESPONSE)
-    if not frames:
+    frames = sending_frames(error, _ENTRY, _LIBRARIES)
+    if not frames or any(
+        frame.f_code in _DIGEST_ROUNDS and frame.f_locals.get("retry_count", 1) != 0
+        for frame in frames
+    ):
         return False
     state = frames[0].f_locals
     if state.get("history", True):

@@ -5,11 +5,13 @@ instrumentors send even a POST again after one (``otel_recovery/instrumentors/_u
 But the call we wrap may send more than one request, and the last one's connect failure
 says nothing about the others:
 
-- a client follows redirects (and runs response hooks) inside the call: a POST answered
-  ``303``/``307`` by one server, whose next request to another server is refused;
+- a client follows redirects (and runs response hooks and auth flows) inside the call: a
+  POST answered ``303``/``307`` by one server, whose next request to another server is
+  refused, or answered and followed by a call of the application's own;
 - code between the client and its connection pool sends again: urllib3's ``Retry`` after a
-  read error, an adapter or transport of the application's that fails over to a backup,
-  an aiohttp middleware.
+  read error, an adapter, connection pool or transport of the application's that fails
+  over to a backup, an aiohttp middleware (aiohttp's own digest auth's answer to a 401),
+  aiohttp's resend on a fresh connection after a kept-alive one broke.
 
 In each case the first server may have applied the POST, and resending the call would
 apply it again. Every test here counts the POSTs the first server received: exactly one.
@@ -17,17 +19,21 @@ apply it again. Every test here counts the POSTs the first server received: exac
 
 from __future__ import annotations
 
+import functools
 import inspect
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 import pytest
 import requests
+import urllib3
 import yarl
 from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
@@ -37,6 +43,7 @@ from urllib3.util.retry import Retry
 
 from otel_recovery.instrumentors.aiohttp_client import AioHttpClientRecoveryInstrumentor
 from otel_recovery.instrumentors.httpx import HTTPXRecoveryInstrumentor
+from otel_recovery.instrumentors.httpx import _unsent as httpx_unsent
 from otel_recovery.instrumentors.requests import RequestsRecoveryInstrumentor
 from otel_recovery.testing import FakeClock
 
@@ -44,6 +51,7 @@ from . import http_faults as hf
 
 server = pytest.fixture(scope="module")(hf.serve)
 tel = pytest.fixture(hf.telemetry)
+late = pytest.fixture(hf.late_port)
 
 _PAIRS = {
     "requests": (RequestsRecoveryInstrumentor, RequestsInstrumentor),
@@ -174,12 +182,53 @@ async def test_an_httpx_response_hook_whose_request_is_refused_does_not_resend_t
     assert server.count("/orders") == 1
 
 
+class _AuditAuth(httpx.Auth):
+    """An application's auth flow that, once the server answered, makes a call of its own
+    (an audit, a token renewal) through another client."""
+
+    def __init__(self, audit: str) -> None:
+        self.audit = audit
+
+    def sync_auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        yield request
+        with httpx.Client(timeout=2) as other:
+            other.post(self.audit, content=b"audit")
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncIterator[httpx.Request]:
+        yield request
+        async with httpx.AsyncClient(timeout=2) as other:
+            await other.post(self.audit, content=b"audit")
+
+
+@pytest.mark.parametrize("client", ["httpx", "httpx_async"])
+async def test_an_httpx_auth_flow_whose_own_call_is_refused_does_not_resend_the_post(
+    server, tel, instrument, refused_url, client, tmp_path: Path, monkeypatch
+):
+    """httpx runs an auth flow between ``Client.send`` and its redirect loop, after the
+    server answered: the refused call's redirect loop (its own, nothing answered yet) is
+    the outermost in the traceback, and says nothing about the POST."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[targets."{urlsplit(refused_url).netloc}"]\nmax_attempts = 1\n')
+    monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(policy))  # the audit call: tried once
+    clock = FakeClock(wall_start=time.time())
+    instrument(client, clock=clock)
+    url = server.script("/orders", hf.status(201))
+    with pytest.raises(httpx.ConnectError) as failure:
+        await post(client, url, auth=_AuditAuth(refused_url))
+    assert server.count("/orders") == 1 and clock.sleeps == []
+    assert not httpx_unsent(failure.value)
+
+
 class ReadThenGone:
     """A server that reads one request and drops the connection without answering (it may
     have applied it), then refuses connects (a pod going away) until ``clock``'s first
-    sleep, when it comes back and answers 201: a wrongful resend would reach it."""
+    sleep, when it comes back and answers 201: a wrongful resend would reach it.
 
-    def __init__(self) -> None:
+    ``answers``: what it writes to each request it reads on its one connection, in order
+    (``b""``: nothing, the connection is dropped); it stops listening before the last."""
+
+    def __init__(self, *answers: bytes) -> None:
+        self._answers = answers or (b"",)
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -197,8 +246,11 @@ class ReadThenGone:
     def _read_one(self) -> None:
         connection, _ = self._listener.accept()
         with connection:
-            self.seen.append(connection.recv(65536).split(b" ", 1)[0])
-            self._listener.close()  # refused from now on: before the client sees the drop
+            for number, answer in enumerate(self._answers, 1):
+                self.seen.append(_read_request(connection))
+                if number == len(self._answers):
+                    self._listener.close()  # refused from now on: before the client knows
+                connection.sendall(answer)
 
     def come_back(self) -> None:
         if self._back is None:
@@ -213,6 +265,34 @@ class ReadThenGone:
     def close(self) -> None:
         if self._back is not None:
             self._back.close()
+
+
+def _read_request(connection: socket.socket) -> bytes:
+    """Read one request (its head, then a ``Content-Length`` body); returns its method."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            while len(body) < int(value):
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+    return head.split(b" ", 1)[0]
+
+
+_KEPT_ALIVE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+_DIGEST_CHALLENGE = (
+    b"HTTP/1.1 401 Unauthorized\r\n"
+    b'WWW-Authenticate: Digest realm="orders", nonce="n1", qop="auth", algorithm=MD5\r\n'
+    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+)
 
 
 class _BackOnSleep(FakeClock):
@@ -230,8 +310,9 @@ class _BackOnSleep(FakeClock):
 
 
 @pytest.fixture
-def gone() -> Iterator[ReadThenGone]:
-    server = ReadThenGone()
+def gone(request: pytest.FixtureRequest) -> Iterator[ReadThenGone]:
+    """A :class:`ReadThenGone`; its ``answers`` by indirect parametrization."""
+    server = ReadThenGone(*getattr(request, "param", ()))
     yield server
     server.close()
 
@@ -275,6 +356,53 @@ def test_a_post_a_requests_adapter_sent_on_after_a_failure_is_not_sent_again(
     instrument("requests", clock=gone.clock)
     with requests.Session() as session:
         session.mount("http://", _FailoverAdapter(refused_url))
+        with pytest.raises(requests.exceptions.ConnectionError):
+            session.post(gone.url("/pay"), data=b"order-1", timeout=2)
+    assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
+
+
+class _FailoverPool(urllib3.HTTPConnectionPool):
+    """An application's connection pool that sends a request to a backup host when the
+    connection dropped under it."""
+
+    def __init__(self, *args: Any, backup: str, **options: Any) -> None:
+        super().__init__(*args, **options)
+        where = urllib3.util.parse_url(backup)
+        self.backup = urllib3.HTTPConnectionPool(where.host, where.port)
+
+    def urlopen(self, method: str, url: str, *args: Any, **options: Any) -> Any:
+        try:
+            return super().urlopen(method, url, *args, **options)
+        except urllib3.exceptions.ProtocolError:
+            return self.backup.urlopen(method, url, *args, **options)
+
+    def close(self) -> None:
+        self.backup.close()
+        super().close()
+
+
+class _FailoverPoolAdapter(HTTPAdapter):
+    """Installs :class:`_FailoverPool` through ``init_poolmanager``: no ``send`` of its own."""
+
+    def __init__(self, backup: str) -> None:
+        self.backup = backup
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **options: Any) -> None:
+        super().init_poolmanager(*args, **options)
+        pools = self.poolmanager.pool_classes_by_scheme
+        pools["http"] = functools.partial(_FailoverPool, backup=self.backup)
+
+
+def test_a_post_a_requests_connection_pool_sent_on_after_a_failure_is_not_sent_again(
+    tel, instrument, gone, refused_url
+):
+    """The pool's frames are not in requests' ``ConnectionError`` traceback, which ends in
+    the adapter, but in that of urllib3's ``MaxRetryError``, whose history holds only the
+    backup's refusal."""
+    instrument("requests", clock=gone.clock)
+    with requests.Session() as session:
+        session.mount("http://", _FailoverPoolAdapter(refused_url))
         with pytest.raises(requests.exceptions.ConnectionError):
             session.post(gone.url("/pay"), data=b"order-1", timeout=2)
     assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
@@ -359,3 +487,57 @@ async def test_a_post_an_aiohttp_middleware_sent_on_is_not_sent_again(
         assert server.count("/orders") == 1
     else:
         assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
+
+
+@pytest.mark.skipif(
+    "retry_persistent_connection" not in inspect.getsource(aiohttp.client),
+    reason="this aiohttp does not resend after a kept-alive connection broke",
+)
+@pytest.mark.parametrize("gone", [(_KEPT_ALIVE, b"")], ids=["kept_alive"], indirect=True)
+async def test_a_put_aiohttp_resent_after_its_kept_alive_connection_broke_is_not_sent_again(
+    tel, instrument, gone
+):
+    """aiohttp sends an idempotent method once more, on a fresh connection, when a
+    kept-alive one broke under it (``retry_persistent_connection``): the fresh connect's
+    refusal says nothing about the first send, which the server read. A PUT our settings
+    may not repeat is sent once."""
+    instrument("aiohttp", clock=gone.clock, http_retry_methods=["GET", "HEAD", "OPTIONS"])
+    async with aiohttp.ClientSession() as session:
+        assert session._retry_connection is True  # aiohttp's resend is on by default
+        async with session.get(gone.url("/warm")) as response:
+            await response.read()
+        with pytest.raises(aiohttp.ClientConnectorError):
+            async with session.put(gone.url("/balance"), data=b"set=1") as response:
+                await response.read()
+    assert gone.requests_seen() == [b"GET", b"PUT"] and gone.clock.sleeps == []
+
+
+@pytest.mark.skipif(
+    not hasattr(aiohttp, "DigestAuthMiddleware"), reason="DigestAuthMiddleware came with 3.12"
+)
+@pytest.mark.parametrize("gone", [(_DIGEST_CHALLENGE,)], ids=["challenged"], indirect=True)
+async def test_a_post_aiohttp_digest_auth_answered_with_credentials_is_not_sent_again(
+    tel, instrument, gone
+):
+    """aiohttp's own digest middleware sends the POST again after the server's 401
+    challenge (the server read the first): the second's refused connect says nothing about
+    the first."""
+    instrument("aiohttp", clock=gone.clock)
+    digest = aiohttp.DigestAuthMiddleware("user", "secret")
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await post("aiohttp", gone.url("/orders"), middlewares=(digest,))
+    assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
+
+
+@pytest.mark.skipif(
+    not hasattr(aiohttp, "DigestAuthMiddleware"), reason="DigestAuthMiddleware came with 3.12"
+)
+async def test_a_post_behind_aiohttp_digest_auth_refused_at_its_first_connect_is_sent_again(
+    tel, instrument, late
+):
+    """The control for the test above: the digest middleware's first round is the call's
+    first request, so its refused connect still proves the POST never left."""
+    instrument("aiohttp", clock=late.clock)
+    digest = aiohttp.DigestAuthMiddleware("user", "secret")
+    await post("aiohttp", late.url("/orders"), middlewares=(digest,))
+    assert late.seen == [("POST", "/orders", b"order-1")] and len(late.clock.sleeps) == 1
