@@ -1156,9 +1156,13 @@ def test_a_body_that_cannot_be_replayed_is_not_resent_after_a_refused_connect(
         if body == "generator"
         else {"files": {"f": ("order.txt", io.BytesIO(b"order-1"))}}
     )
-    with pytest.raises(requests.exceptions.ConnectionError) as raised:
+    # older requests (2.25, the oldest supported) send a generator body through http.client
+    # themselves (chunked)
+    # and lets urllib3's refusal through unwrapped
+    refused = (requests.exceptions.ConnectionError, NewConnectionError)
+    with pytest.raises(refused) as raised:
         requests.post(late.url("/upload"), timeout=2, **options)
-    assert type(raised.value) is requests.exceptions.ConnectionError
+    assert type(raised.value) in refused
     assert late.clock.sleeps == [] and late.seen == [] and len(tel.clients()) == 1
     _not_resent(tel.recovery(), "non_replayable_body")
     assert requests.post(late.url("/bytes"), data=b"order-2", timeout=2).status_code == 201
