@@ -61,25 +61,20 @@ def sending_frames(
     entry: Collection[CodeType],
     libraries: tuple[str, ...],
     resends: Collection[CodeType] = (),
-    *,
-    caught_by_library: bool = False,
 ) -> list[FrameType] | None:
     """The frames of ``error``'s traceback from the outermost one that ran one of ``entry``
     (the client's own function our layer calls) down to where it was raised, if every
-    frame from our layer's down ran in ``libraries`` (see :func:`sources`) or known code,
-    ours only above the entry, and none below the entry ran one of ``resends`` (the
-    client's code that sends again after a response); None otherwise, also when no frame
-    ran ``entry``. A foreign frame (the application's adapter, transport, middleware, hook
-    or auth flow; another agent's wrapper) may have sent the request before.
+    frame of the traceback ran in ``libraries`` (see :func:`sources`) or known code, ours
+    only above the entry, and none below the entry ran one of ``resends`` (the client's
+    code that sends again after a response); None otherwise, also when no frame ran
+    ``entry``. A foreign frame (the application's adapter, transport, middleware, hook or
+    auth flow; a wrapper of another's on the method we patched) may have sent the request.
 
-    Frames before the first of ours or the entry are whoever caught the error: none when
-    our Python layer caught it, none from the compiled layer (which has no frame, so a
-    wrapper of another's that it calls is taken for the catcher: the one case not seen).
-    ``caught_by_library``: the library caught it (urllib3's ``MaxRetryError``, caught by
-    requests), so every frame must be known.
+    The traceback starts where the error was caught: in our Python layer, or, under the
+    compiled layer (which has no frame), at the function it called, which must then be the
+    entry itself.
     """
     known = libraries + _KNOWN
-    started = caught_by_library
     below: list[FrameType] | None = None
     traceback = error.__traceback__
     while traceback is not None:
@@ -91,18 +86,19 @@ def sending_frames(
             below.append(frame)
         elif code in entry:
             below = [frame]
-        elif code.co_filename.startswith(_OURS):
-            started = True
-        elif started and not code.co_filename.startswith(known):
+        elif not code.co_filename.startswith(known + _OURS):
             return None
         traceback = traceback.tb_next
     return below
 
 
-def original_code(owner: type, name: str) -> frozenset[CodeType]:
-    """The code of ``owner.name`` as the library defines it (under any wrapper on it, ours
-    included), or nothing when it is not a Python function (then nothing is judged never
-    sent)."""
+def original_code(owner: type, name: str, libraries: tuple[str, ...]) -> frozenset[CodeType]:
+    """The code of ``owner.name`` as the library defines it (under wrappers that say what
+    they wrap), or nothing when that is not a Python function of ``libraries`` (a plain
+    patch of another's, installed before us, would otherwise pass for the library's own
+    entry point); with nothing, no failure of that client is judged never sent."""
     found = vars(owner).get(name)
     code = getattr(inspect.unwrap(found), "__code__", None) if found is not None else None
-    return frozenset({code}) if isinstance(code, CodeType) else frozenset()
+    if isinstance(code, CodeType) and code.co_filename.startswith(libraries):
+        return frozenset({code})
+    return frozenset()

@@ -169,12 +169,14 @@ from aiohttp 3.10 on, which before raised the ``ServerTimeoutError`` a read time
 raises): it connects before it writes the request."""
 
 
-_ENTRY = original_code(aiohttp.ClientSession, "_request")
+_LIBRARIES = sources(aiohttp)
+_ENTRY = original_code(aiohttp.ClientSession, "_request", _LIBRARIES)
 """aiohttp's request coroutine, the function our layer calls: it follows redirects in a
 loop, and its frame keeps the responses answered so far (``history``)."""
-_LIBRARIES = sources(aiohttp)
 _DIGEST = getattr(aiohttp, "DigestAuthMiddleware", None)
-_DIGEST_ROUNDS = original_code(_DIGEST, "__call__") if _DIGEST is not None else frozenset()
+_DIGEST_ROUNDS = (
+    original_code(_DIGEST, "__call__", _LIBRARIES) if _DIGEST is not None else frozenset()
+)
 """aiohttp's own middleware (3.12 on) that sends the request again after a 401: its frame's
 ``retry_count`` says which round failed."""
 
@@ -199,7 +201,8 @@ def _unsent(error: BaseException) -> bool:
     if state.get("history", True):
         return False
     session, method = state.get("self"), state.get("method")
-    could_resend = getattr(session, "_retry_connection", False) and (
+    # 3.10 resends without the session switch 3.11 added: unknown is "it may have"
+    could_resend = getattr(session, "_retry_connection", True) and (
         method in getattr(aiohttp.client, "IDEMPOTENT_METHODS", ())
     )
     return not (could_resend and state.get("retry_persistent_connection") is False)

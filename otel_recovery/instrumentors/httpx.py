@@ -160,14 +160,16 @@ _CONNECTION_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
 """What httpcore's connection retries repeat."""
 
 
-_ENTRY = original_code(httpx.Client, "send") | original_code(httpx.AsyncClient, "send")
-"""httpx's own ``send``, the function our layer calls."""
-_REDIRECT_LOOPS = original_code(httpx.Client, "_send_handling_redirects") | original_code(
-    httpx.AsyncClient, "_send_handling_redirects"
+_LIBRARIES = sources(httpx, httpcore)
+_ENTRY = original_code(httpx.Client, "send", _LIBRARIES) | original_code(
+    httpx.AsyncClient, "send", _LIBRARIES
 )
+"""httpx's own ``send``, the function our layer calls."""
+_REDIRECT_LOOPS = original_code(
+    httpx.Client, "_send_handling_redirects", _LIBRARIES
+) | original_code(httpx.AsyncClient, "_send_handling_redirects", _LIBRARIES)
 """httpx's redirect loops, whose frames say which request failed and what was answered
 before it (none in another httpx: then nothing counts as never sent)."""
-_LIBRARIES = sources(httpx, httpcore)
 
 
 def _unsent(error: BaseException) -> bool:

@@ -221,11 +221,11 @@ class _Planner:
         return plan
 
 
-_ENTRY = original_code(requests.Session, "request")
-"""requests' own ``Session.request``, the function our layer calls."""
-_INCREMENT = original_code(Retry, "increment")
-"""Where urllib3 gives up (``MaxRetryError``), with the history of every try it made."""
 _LIBRARIES = sources(requests, urllib3)
+_ENTRY = original_code(requests.Session, "request", _LIBRARIES)
+"""requests' own ``Session.request``, the function our layer calls."""
+_INCREMENT = original_code(Retry, "increment", _LIBRARIES)
+"""Where urllib3 gives up (``MaxRetryError``), with the history of every try it made."""
 _AFTER_A_RESPONSE = frozenset(
     {
         requests.sessions.SessionRedirectMixin.resolve_redirects.__code__,
@@ -261,7 +261,7 @@ def _unsent(error: BaseException) -> bool:
         return False
     if sending_frames(error, _ENTRY, _LIBRARIES, _AFTER_A_RESPONSE) is None:
         return False
-    tries = sending_frames(exhausted, _INCREMENT, _LIBRARIES, caught_by_library=True)
+    tries = sending_frames(exhausted, _INCREMENT, _LIBRARIES)  # caught by requests
     history = tries[0].f_locals.get("history") if tries else None
     return (
         isinstance(history, tuple)

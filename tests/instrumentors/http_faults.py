@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import select
 import socket
 import threading
@@ -320,6 +321,21 @@ def late_port() -> Iterator[LatePort]:
         yield port
     finally:
         port.close()
+
+
+_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")
+
+
+def as_the_layer_sees(error: BaseException) -> BaseException:
+    """``error``, raised by an uninstrumented client in a test, with the test's own frames
+    cut from the head of its traceback: as our compiled layer, which has no frame of its
+    own, hands a failure of the function it called to the predicates that read it
+    (``instrumentors/_unsent.py``). Those treat any frame they do not know as code that
+    may have sent the request, the test's included."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_frame.f_code.co_filename.startswith(_TESTS):
+        traceback = traceback.tb_next
+    return error.with_traceback(traceback)
 
 
 @contextlib.contextmanager

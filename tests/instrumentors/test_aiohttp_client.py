@@ -516,7 +516,7 @@ async def test_unsent_is_true_for_a_refused_connect(late):
     assert originals_restored()
     error = await aiohttp_error(late.url("/"))
     assert isinstance(error, aiohttp.ClientConnectorError)
-    assert _unsent(error)
+    assert _unsent(hf.as_the_layer_sees(error))
 
 
 async def test_unsent_is_true_for_a_connect_timeout_from_aiohttp_3_10():
@@ -526,7 +526,7 @@ async def test_unsent_is_true_for_a_connect_timeout_from_aiohttp_3_10():
     with hf.unaccepting_port() as port:
         error = await aiohttp_error(f"http://127.0.0.1:{port}/", connect=0.2)
     assert isinstance(error, aiohttp.ServerTimeoutError)
-    assert _unsent(error) is TELLS_CONNECT_TIMEOUTS
+    assert _unsent(hf.as_the_layer_sees(error)) is TELLS_CONNECT_TIMEOUTS
 
 
 async def test_unsent_is_false_once_the_request_was_sent(server):
@@ -536,6 +536,6 @@ async def test_unsent_is_false_once_the_request_was_sent(server):
     slow = await aiohttp_error(server.script("/slow", hf.stall(1.0)), sock_read=0.2)
     assert isinstance(slow, aiohttp.ServerTimeoutError)  # as a connect timeout before 3.10
     assert (server.count("/reset"), server.count("/slow")) == (1, 1)
-    assert not _unsent(reset)
-    assert not _unsent(slow)
+    assert not _unsent(hf.as_the_layer_sees(reset))
+    assert not _unsent(hf.as_the_layer_sees(slow))
     assert not _unsent(AioHttpCircuitOpenError("127.0.0.1:80", 1.0))

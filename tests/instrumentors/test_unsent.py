@@ -41,6 +41,8 @@ from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from otel_recovery._compiled import SPEEDUPS
+from otel_recovery.instrumentors._unsent import original_code, sources
 from otel_recovery.instrumentors.aiohttp_client import AioHttpClientRecoveryInstrumentor
 from otel_recovery.instrumentors.httpx import HTTPXRecoveryInstrumentor
 from otel_recovery.instrumentors.httpx import _unsent as httpx_unsent
@@ -216,7 +218,7 @@ async def test_an_httpx_auth_flow_whose_own_call_is_refused_does_not_resend_the_
     with pytest.raises(httpx.ConnectError) as failure:
         await post(client, url, auth=_AuditAuth(refused_url))
     assert server.count("/orders") == 1 and clock.sleeps == []
-    assert not httpx_unsent(failure.value)
+    assert not httpx_unsent(hf.as_the_layer_sees(failure.value))
 
 
 class ReadThenGone:
@@ -225,19 +227,24 @@ class ReadThenGone:
     sleep, when it comes back and answers 201: a wrongful resend would reach it.
 
     ``answers``: what it writes to each request it reads on its one connection, in order
-    (``b""``: nothing, the connection is dropped); it stops listening before the last."""
+    (``b""``: nothing, the connection is dropped); it stops listening before the last.
+    ``listening=False``: it refuses until :meth:`listen` (a call made while it is down)."""
 
-    def __init__(self, *answers: bytes) -> None:
+    def __init__(self, *answers: bytes, listening: bool = True) -> None:
         self._answers = answers or (b"",)
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(8)
         self.port = self._listener.getsockname()[1]
         self.seen: list[bytes] = []
         self.clock = _BackOnSleep(self)
         self._back: hf.LatePort | None = None
         self._thread = threading.Thread(target=self._read_one, daemon=True)
+        if listening:
+            self.listen()
+
+    def listen(self) -> None:
+        self._listener.listen(8)
         self._thread.start()
 
     def url(self, path: str) -> str:
@@ -541,3 +548,60 @@ async def test_a_post_behind_aiohttp_digest_auth_refused_at_its_first_connect_is
     digest = aiohttp.DigestAuthMiddleware("user", "secret")
     await post("aiohttp", late.url("/orders"), middlewares=(digest,))
     assert late.seen == [("POST", "/orders", b"order-1")] and len(late.clock.sleeps) == 1
+
+
+class _RetryOnce:
+    """An application's plain patch of ``Session.request``, installed before ours: it sends
+    the request once more after a connection error."""
+
+    def __init__(self) -> None:
+        self.request = requests.Session.request
+
+    def __call__(self, session: requests.Session, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.request(session, *args, **kwargs)
+        except requests.exceptions.ConnectionError:
+            return self.request(session, *args, **kwargs)
+
+
+@pytest.mark.skipif(not SPEEDUPS, reason="otel_recovery._speedups is not built")
+def test_a_post_a_patch_under_the_compiled_layer_sent_again_is_not_resent(
+    tel, monkeypatch, instrument
+):
+    """The compiled layer has no frame: the failure's traceback starts at the function it
+    called, here the application's patch, which sent the POST (read, then dropped) before
+    its own second connect was refused. That first frame is code we do not know.
+    (``monkeypatch`` before ``instrument``: uninstrumenting goes first.)"""
+    retry_once = _RetryOnce()
+    monkeypatch.setattr(requests.Session, "request", lambda s, *a, **k: retry_once(s, *a, **k))
+    gone = ReadThenGone(listening=False)
+    try:
+        instrument("requests", clock=gone.clock, http_retry_idempotency_key=False)
+        url = gone.url("/orders")
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.post(url, json={"id": 1}, timeout=2)  # down: its plan is remembered
+        gone.listen()
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.post(url, json={"id": 1}, timeout=2)  # the compiled first attempt
+        assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
+    finally:
+        gone.close()
+
+
+def test_a_patch_installed_before_us_is_not_taken_for_the_clients_entry_point():
+    """The entry point is read when our module is imported: a plain patch of another's
+    already there (it says nothing of what it wraps) must not pass for the library's own
+    function, or its frame would be trusted as the client's."""
+    libraries = sources(requests)
+
+    class Patched:
+        request = _RetryOnce()
+
+    class PatchedFunction:
+        def request(self) -> None: ...
+
+    assert original_code(requests.Session, "request", libraries) == {
+        requests.sessions.Session.request.__code__
+    }
+    assert original_code(Patched, "request", libraries) == frozenset()
+    assert original_code(PatchedFunction, "request", libraries) == frozenset()
