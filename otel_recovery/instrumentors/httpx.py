@@ -203,15 +203,27 @@ was repeated, and a failed handshake (also a ``ConnectError``) was tried once.""
 
 def _failed_connecting(error: BaseException) -> bool:
     """Whether ``error`` came from the TCP connect itself (an ``OSError`` other than a TLS
-    error or a timeout, somewhere in its cause chain): what httpcore before 0.17 repeats.
-    Unsure is no: leaving a failure unmarked costs sends, marking it wrongly a retry."""
+    error or a timeout, somewhere in its cause chain, not raised in the TLS handshake: a
+    server that hangs up mid-handshake may reset the socket instead of closing it): what
+    httpcore before 0.17 repeats. Unsure is no: leaving a failure unmarked costs sends,
+    marking it wrongly a retry."""
     link: BaseException | None = error
     for _ in range(8):
         link = link.__cause__ or link.__context__ if link is not None else None
         if link is None or isinstance(link, (ssl.SSLError, TimeoutError)):
             return False
         if isinstance(link, OSError):
+            return not _raised_in_tls(link)
+    return False
+
+
+def _raised_in_tls(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside the ``ssl`` module (a handshake's read or write)."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code.co_filename == ssl.__file__:
             return True
+        traceback = traceback.tb_next
     return False
 
 
