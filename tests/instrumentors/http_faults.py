@@ -38,7 +38,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_recovery.testing import FakeClock
 
@@ -234,7 +234,7 @@ class LatePort:
         self.seen: list[tuple[str, str, bytes]] = []
         self.armed = True
         self.drop = False
-        self.clock = _OpensOnSleep(self)
+        self.clock = SleepHook(self.open)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -297,21 +297,38 @@ class LatePort:
         )
 
 
-class _OpensOnSleep(FakeClock):
-    """The fake clock whose first sleep or ``asleep`` (a backoff before a retry) opens its
-    port: the moment between a failed attempt and the resend."""
+class SleepHook(FakeClock):
+    """A fake clock whose sleeps (a backoff before a retry: the moment between a failed
+    attempt and the resend) first run ``at_sleep``, to change what the resend will meet."""
 
-    def __init__(self, port: LatePort) -> None:
+    def __init__(self, at_sleep: Callable[[], None]) -> None:
         super().__init__(wall_start=time.time())
-        self._port = port
+        self._at_sleep = at_sleep
 
     def sleep(self, seconds: float) -> None:
-        self._port.open()
+        self._at_sleep()
         super().sleep(seconds)
 
     async def asleep(self, seconds: float) -> None:
-        self._port.open()  # FakeClock.asleep sleeps through sleep too; opening is once
+        self._at_sleep()  # FakeClock.asleep goes through sleep too: at_sleep runs twice
         await super().asleep(seconds)
+
+
+def assert_resent_once(late: LatePort, tel: Telemetry, *, failed: list[str]) -> None:
+    """What a POST refused at its first connect, then answered by ``late``, leaves: applied
+    once, one backoff, two attempts on the recovery span and no ``disallowed``, contrib's
+    resend counted on its second client span. ``failed``: the first attempt's error types."""
+    assert late.seen == [("POST", "/orders", b"order-1")]  # sent once: the first never left
+    assert len(late.clock.sleeps) == 1
+    clients = tel.clients()
+    assert [s.attributes.get("http.request.resend_count") for s in clients] == [None, 1]
+    assert [s.status.status_code for s in clients] == [StatusCode.ERROR, StatusCode.UNSET]
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.retry.attempts"] == 2
+    assert recovery.attributes["otel_recovery.outcome"] == "success"
+    assert "otel_recovery.retry.disallowed" not in recovery.attributes
+    failures = events(recovery, "otel_recovery.attempt.failed")
+    assert [e["error.type"] for e in failures] == failed
 
 
 def late_port() -> Iterator[LatePort]:

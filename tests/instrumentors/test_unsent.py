@@ -237,7 +237,7 @@ class ReadThenGone:
         self._listener.bind(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.seen: list[bytes] = []
-        self.clock = _BackOnSleep(self)
+        self.clock = hf.SleepHook(self.come_back)
         self._back: hf.LatePort | None = None
         self._thread = threading.Thread(target=self._read_one, daemon=True)
         if listening:
@@ -300,20 +300,6 @@ _DIGEST_CHALLENGE = (
     b'WWW-Authenticate: Digest realm="orders", nonce="n1", qop="auth", algorithm=MD5\r\n'
     b"Content-Length: 0\r\nConnection: close\r\n\r\n"
 )
-
-
-class _BackOnSleep(FakeClock):
-    def __init__(self, server: ReadThenGone) -> None:
-        super().__init__(wall_start=time.time())
-        self._server = server
-
-    def sleep(self, seconds: float) -> None:
-        self._server.come_back()
-        super().sleep(seconds)
-
-    async def asleep(self, seconds: float) -> None:
-        self._server.come_back()
-        await super().asleep(seconds)
 
 
 @pytest.fixture
