@@ -268,25 +268,10 @@ class LatePort:
                 self._answer(connection)
 
     def _answer(self, connection: socket.socket) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = connection.recv(65536)
-            if not chunk:
-                return
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        request_line, *lines = head.decode("latin-1").split("\r\n")
-        method, path, _ = request_line.split(" ", 2)
-        length = 0
-        for line in lines:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        while len(body) < length:
-            chunk = connection.recv(65536)
-            if not chunk:
-                break
-            body += chunk
+        request = read_request(connection)
+        if request is None:
+            return
+        method, path, body = request
         self.seen.append((method, path, body))
         if self.drop:
             return
@@ -295,6 +280,31 @@ class LatePort:
             b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (len(reply), reply)
         )
+
+
+def read_request(connection: socket.socket) -> tuple[str, str, bytes] | None:
+    """One HTTP/1.1 request read off ``connection`` (its head, then a ``Content-Length``
+    body) as ``(method, path, body)``; None when the client went away first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = request_line.split(" ", 2)
+    length = 0
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return method, path, body
 
 
 class SleepHook(FakeClock):

@@ -254,7 +254,8 @@ class ReadThenGone:
         connection, _ = self._listener.accept()
         with connection:
             for number, answer in enumerate(self._answers, 1):
-                self.seen.append(_read_request(connection))
+                request = hf.read_request(connection)
+                self.seen.append(request[0].encode() if request else b"")
                 if number == len(self._answers):
                     self._listener.close()  # refused from now on: before the client knows
                 connection.sendall(answer)
@@ -272,26 +273,6 @@ class ReadThenGone:
     def close(self) -> None:
         if self._back is not None:
             self._back.close()
-
-
-def _read_request(connection: socket.socket) -> bytes:
-    """Read one request (its head, then a ``Content-Length`` body); returns its method."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = connection.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            while len(body) < int(value):
-                chunk = connection.recv(65536)
-                if not chunk:
-                    break
-                body += chunk
-    return head.split(b" ", 1)[0]
 
 
 _KEPT_ALIVE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -383,8 +364,12 @@ class _FailoverPoolAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args: Any, **options: Any) -> None:
         super().init_poolmanager(*args, **options)
-        pools = self.poolmanager.pool_classes_by_scheme
-        pools["http"] = functools.partial(_FailoverPool, backup=self.backup)
+        failover = functools.partial(_FailoverPool, backup=self.backup)
+        # this manager's own table: the class's is shared by every PoolManager
+        self.poolmanager.pool_classes_by_scheme = {
+            **self.poolmanager.pool_classes_by_scheme,
+            "http": failover,
+        }
 
 
 def test_a_post_a_requests_connection_pool_sent_on_after_a_failure_is_not_sent_again(
