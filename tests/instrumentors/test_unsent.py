@@ -19,6 +19,7 @@ apply it again. Every test here counts the POSTs the first server received: exac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import socket
@@ -154,6 +155,7 @@ async def test_a_requests_response_hook_whose_request_is_refused_does_not_resend
     url = server.script("/orders", hf.ok("created"))
 
     def notify(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        response.close()  # the connection goes back: the hook's error leaves requests' hands
         requests.post(refused_url, data=b"audit", timeout=2)
 
     with pytest.raises(requests.exceptions.ConnectionError):
@@ -251,7 +253,10 @@ class ReadThenGone:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def _read_one(self) -> None:
-        connection, _ = self._listener.accept()
+        try:
+            connection, _ = self._listener.accept()
+        except OSError:  # closed before anyone came
+            return
         with connection:
             for number, answer in enumerate(self._answers, 1):
                 request = hf.read_request(connection)
@@ -271,6 +276,11 @@ class ReadThenGone:
         return self.seen + back
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes an accept() nobody answered
+        self._listener.close()
+        if self._thread.is_alive():
+            self._thread.join(5)
         if self._back is not None:
             self._back.close()
 
