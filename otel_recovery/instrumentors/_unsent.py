@@ -33,7 +33,7 @@ import wrapt
 
 import otel_recovery
 
-__all__ = ["original_code", "sending_frames", "sources"]
+__all__ = ["only_known_frames", "original_code", "sending_frames", "sources"]
 
 
 def sources(*modules: ModuleType) -> tuple[str, ...]:
@@ -90,6 +90,20 @@ def sending_frames(
             return None
         traceback = traceback.tb_next
     return below
+
+
+def only_known_frames(error: BaseException, libraries: tuple[str, ...]) -> bool:
+    """Whether every frame of ``error``'s traceback ran in ``libraries`` or known code: for
+    an error the library caught and raised another for (httpcore's, under httpx's), whose
+    traceback holds the part of the call the outer one does not show (its connection
+    pool)."""
+    known = libraries + _KNOWN
+    traceback = error.__traceback__
+    while traceback is not None:
+        if not traceback.tb_frame.f_code.co_filename.startswith(known):
+            return False
+        traceback = traceback.tb_next
+    return True
 
 
 def original_code(owner: type, name: str, libraries: tuple[str, ...]) -> frozenset[CodeType]:

@@ -47,7 +47,12 @@ from otel_recovery.instrumentors._http_layer import (
     sync_layer,
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
-from otel_recovery.instrumentors._unsent import original_code, sending_frames, sources
+from otel_recovery.instrumentors._unsent import (
+    only_known_frames,
+    original_code,
+    sending_frames,
+    sources,
+)
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -179,14 +184,17 @@ def _unsent(error: BaseException) -> bool:
     ``WriteError`` or a ``RemoteProtocolError``. And it was the call's first request, sent
     by httpx alone (see :mod:`._unsent`): in the outermost redirect loop nothing was
     answered yet (no ``history``: no redirect, no auth round), the failed request is the
-    loop's own, and no code of the application's (a transport, an auth flow, an event
-    hook) ran in between. Our open circuit's error is a ``ConnectError`` too, and is
-    never resent."""
+    loop's own, and no code of the application's (a transport, a connection pool under
+    it, an auth flow, an event hook) ran in between. Our open circuit's error is a
+    ``ConnectError`` too, and is never resent."""
     if not isinstance(error, _CONNECTION_FAILURES) or isinstance(error, CircuitOpenError):
         return False
     frames = sending_frames(error, _ENTRY, _LIBRARIES)
     loop = next((frame for frame in frames or () if frame.f_code in _REDIRECT_LOOPS), None)
     if loop is None:
+        return False
+    mapped = error.__cause__  # httpcore's error: its traceback shows the connection pool
+    if mapped is not None and not only_known_frames(mapped, _LIBRARIES):
         return False
     try:
         failed = error.request

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import httpcore
 import httpx
 import pytest
 import requests
@@ -438,6 +439,36 @@ async def test_a_post_an_httpx_transport_sent_on_after_a_failure_is_not_sent_aga
     kind = _FailoverTransport if client == "httpx" else _AsyncFailoverTransport
     with pytest.raises(httpx.ConnectError):
         await post(client, gone.url("/pay"), transport=kind(refused_url))
+    assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
+
+
+class _FailoverHttpcorePool(httpcore.ConnectionPool):
+    """An application's httpcore pool under httpx's own transport, that sends a request to
+    a backup port when the connection dropped under it: its frames show only in the
+    traceback of httpcore's error, which httpx's ``ConnectError`` is raised from."""
+
+    def __init__(self, backup: str) -> None:
+        super().__init__()
+        self.backup = httpx.URL(backup)
+
+    def handle_request(self, request: httpcore.Request) -> httpcore.Response:
+        try:
+            return super().handle_request(request)
+        except (httpcore.RemoteProtocolError, httpcore.NetworkError):
+            request.url = httpcore.URL(
+                scheme=b"http", host=b"127.0.0.1", port=self.backup.port, target=b"/"
+            )
+            return super().handle_request(request)
+
+
+async def test_a_post_an_httpcore_pool_under_httpx_sent_on_is_not_sent_again(
+    tel, instrument, gone, refused_url
+):
+    instrument("httpx", clock=gone.clock)
+    transport = httpx.HTTPTransport()
+    transport._pool = _FailoverHttpcorePool(refused_url)
+    with pytest.raises(httpx.ConnectError):
+        await post("httpx", gone.url("/pay"), transport=transport)
     assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
 
 
