@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from types import CodeType, FrameType, ModuleType
 
 import opentelemetry
@@ -33,7 +33,7 @@ import wrapt
 
 import otel_recovery
 
-__all__ = ["only_known_frames", "original_code", "sending_frames", "sources"]
+__all__ = ["frames_of", "only_known_frames", "original_code", "sending_frames", "sources"]
 
 
 def sources(*modules: ModuleType) -> tuple[str, ...]:
@@ -56,6 +56,14 @@ _KNOWN = sources(contextlib, opentelemetry, wrapt)
 exceptions, contrib's wrappers, wrapt's pure-Python wrappers (which only forward)."""
 
 
+def frames_of(error: BaseException) -> Iterator[FrameType]:
+    """The frames of ``error``'s traceback, from where it was caught to where it was raised."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        yield traceback.tb_frame
+        traceback = traceback.tb_next
+
+
 def sending_frames(
     error: BaseException,
     entry: Collection[CodeType],
@@ -76,9 +84,7 @@ def sending_frames(
     """
     known = libraries + _KNOWN
     below: list[FrameType] | None = None
-    traceback = error.__traceback__
-    while traceback is not None:
-        frame = traceback.tb_frame
+    for frame in frames_of(error):
         code = frame.f_code
         if below is not None:
             if code in resends or not code.co_filename.startswith(known):
@@ -88,7 +94,6 @@ def sending_frames(
             below = [frame]
         elif not code.co_filename.startswith(known + _OURS):
             return None
-        traceback = traceback.tb_next
     return below
 
 
@@ -98,12 +103,7 @@ def only_known_frames(error: BaseException, libraries: tuple[str, ...]) -> bool:
     traceback holds the part of the call the outer one does not show (its connection
     pool)."""
     known = libraries + _KNOWN
-    traceback = error.__traceback__
-    while traceback is not None:
-        if not traceback.tb_frame.f_code.co_filename.startswith(known):
-            return False
-        traceback = traceback.tb_next
-    return True
+    return all(frame.f_code.co_filename.startswith(known) for frame in frames_of(error))
 
 
 def original_code(owner: type, name: str, libraries: tuple[str, ...]) -> frozenset[CodeType]:

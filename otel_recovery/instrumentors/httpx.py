@@ -48,6 +48,7 @@ from otel_recovery.instrumentors._http_layer import (
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._unsent import (
+    frames_of,
     only_known_frames,
     original_code,
     sending_frames,
@@ -227,12 +228,7 @@ def _failed_connecting(error: BaseException) -> bool:
 
 def _raised_in_tls(error: BaseException) -> bool:
     """Whether ``error`` was raised inside the ``ssl`` module (a handshake's read or write)."""
-    traceback = error.__traceback__
-    while traceback is not None:
-        if traceback.tb_frame.f_code.co_filename == ssl.__file__:
-            return True
-        traceback = traceback.tb_next
-    return False
+    return any(frame.f_code.co_filename == ssl.__file__ for frame in frames_of(error))
 
 
 class _AsyncSite(_Site):

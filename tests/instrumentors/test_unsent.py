@@ -335,17 +335,6 @@ class _FailoverAdapter(HTTPAdapter):
             return super().send(request, **options)
 
 
-def test_a_post_a_requests_adapter_sent_on_after_a_failure_is_not_sent_again(
-    tel, instrument, gone, refused_url
-):
-    instrument("requests", clock=gone.clock)
-    with requests.Session() as session:
-        session.mount("http://", _FailoverAdapter(refused_url))
-        with pytest.raises(requests.exceptions.ConnectionError):
-            session.post(gone.url("/pay"), data=b"order-1", timeout=2)
-    assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
-
-
 class _FailoverPool(urllib3.HTTPConnectionPool):
     """An application's connection pool that sends a request to a backup host when the
     connection dropped under it."""
@@ -383,15 +372,18 @@ class _FailoverPoolAdapter(HTTPAdapter):
         }
 
 
-def test_a_post_a_requests_connection_pool_sent_on_after_a_failure_is_not_sent_again(
-    tel, instrument, gone, refused_url
+@pytest.mark.parametrize(
+    "adapter", [_FailoverAdapter, _FailoverPoolAdapter], ids=["adapter", "connection_pool"]
+)
+def test_a_post_a_requests_adapter_or_pool_sent_on_after_a_failure_is_not_sent_again(
+    tel, instrument, gone, refused_url, adapter
 ):
-    """The pool's frames are not in requests' ``ConnectionError`` traceback, which ends in
-    the adapter, but in that of urllib3's ``MaxRetryError``, whose history holds only the
-    backup's refusal."""
+    """An adapter's ``send`` shows in requests' ``ConnectionError`` traceback. A pool's
+    frames do not (that traceback ends in the adapter) but in that of urllib3's
+    ``MaxRetryError``, whose history holds only the backup's refusal."""
     instrument("requests", clock=gone.clock)
     with requests.Session() as session:
-        session.mount("http://", _FailoverPoolAdapter(refused_url))
+        session.mount("http://", adapter(refused_url))
         with pytest.raises(requests.exceptions.ConnectionError):
             session.post(gone.url("/pay"), data=b"order-1", timeout=2)
     assert gone.requests_seen() == [b"POST"] and gone.clock.sleeps == []
