@@ -77,6 +77,13 @@ def _owner(instance: Any) -> Any:
     return None
 
 
+def owning(client: Any) -> Any:
+    """``client``, made to disconnect its pool when it is closed: a client given a pool
+    leaves it connected, and its sockets would reach the garbage collector open."""
+    client.auto_close_connection_pool = True
+    return client
+
+
 class Harness:
     """Instruments in a chosen order with contrib; counts attempts and sends."""
 
@@ -178,7 +185,7 @@ class Harness:
             connection_class=self._connection_class(redis.asyncio.Connection),
         )
         self._owners.add(id(pool))
-        return redis.asyncio.Redis(connection_pool=pool)
+        return owning(redis.asyncio.Redis(connection_pool=pool))
 
     def cluster_client(self, retries: int = 0, **options: Any) -> redis.cluster.RedisCluster:
         client = redis.cluster.RedisCluster(
@@ -1384,7 +1391,7 @@ def front_client(
         **options,
     )
     h._owners.add(id(pool))
-    return module.Redis(connection_pool=pool)
+    return owning(module.Redis(connection_pool=pool))
 
 
 def plain_client(kind: str, port: int, **options: Any) -> Any:
