@@ -200,14 +200,16 @@ class PlanCache:
         timed: bool = True,
         rejection: type[CircuitOpenError] | None = None,
         never_ran: NeverRan | None = None,
+        reads: bool = False,
     ) -> Plan:
         """The plan for a call; ``disallowed`` (a reason) forbids retrying it, except after
         the failures ``never_ran`` says prove it never ran; ``timed=False`` exempts it
         from the attempt time limit, ``rejection`` replaces the instrumentor's error for an
-        open circuit (see ``TargetPolicies.policy_for``)."""
+        open circuit, ``reads`` lets a fallback set for the target answer it (see
+        ``TargetPolicies.policy_for``)."""
         key = (
             host, port, operation, span, disallowed, client_retried, client_retries, timed,
-            rejection, never_ran,
+            rejection, never_ran, reads,
         )  # fmt: skip
         plan = self._cache.get(key)
         if plan is None:
@@ -223,6 +225,7 @@ class PlanCache:
                 timed=timed,
                 rejection=rejection,
                 never_ran=never_ran,
+                reads=reads,
             )
             plan = Plan(
                 policy,

@@ -22,7 +22,7 @@ the original has been called, an internal error may only surface the original's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -57,7 +57,8 @@ FALLBACK_HEADER = "X-OTel-Recovery-Fallback"
 """Set on a response synthesised from a configured ``fallback_value``, so it can be told apart."""
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-_REPLAYABLE_DATA = (str, bytes, bytearray, Mapping, list, tuple)
+_WHOLE_BODIES = (str, bytes, bytearray)
+_FORM_VALUES = (str, bytes, bytearray, int, float)
 
 
 class RetryableStatusError(Exception):
@@ -135,11 +136,36 @@ def has_header(headers: object, name: str) -> bool:
 def replayable_data(data: object) -> bool:
     """Whether a request body can be sent again byte for byte.
 
-    Strings, bytes and form mappings can; streams, generators, iterators and file objects are
-    consumed by the first attempt, so repeating would send an empty or truncated body.
+    Strings and bytes can, and so can a form (a mapping, or a list of name-value pairs)
+    whose values are strings, bytes or numbers, or lists of them. Streams, generators,
+    iterators and file objects are consumed by the first attempt, and so is a form that
+    holds one (``data={"file": open(...)}``: aiohttp uploads it as multipart, requests
+    iterates it), so repeating would send an empty or truncated body.
     """
-    return data is None or isinstance(data, _REPLAYABLE_DATA)
+    if data is None or isinstance(data, _WHOLE_BODIES):
+        return True
+    if isinstance(data, Mapping):
+        values: Iterable[object] = data.values()
+    elif isinstance(data, (list, tuple)):
+        if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in data):
+            return False
+        values = (pair[1] for pair in data)
+    else:
+        return False
+    return all(_replayable_field(value) for value in values)
 
+
+def _replayable_field(value: object) -> bool:
+    if value is None or isinstance(value, _FORM_VALUES):
+        return True
+    return isinstance(value, (list, tuple)) and all(
+        item is None or isinstance(item, _FORM_VALUES) for item in value
+    )
+
+
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+"""Methods that only read: a fallback set for a host or the service answers their failures.
+A PUT or a DELETE may be repeated, but a fallback would make a failed one look done."""
 
 _NOT_SAFE = "non_idempotent_method"
 _NOT_REPLAYABLE = "non_replayable_body"
@@ -187,6 +213,7 @@ def plan_call(
         retry_allowed=retry_allowed,
         disallowed=disallowed,
         never_ran=never_ran,
+        reads=method in _READ_METHODS,
     )
     return HttpCall(policy, settings.http_retry_statuses, header_dependent)
 

@@ -121,6 +121,20 @@ class RecoverySettings:
                     )
         return result
 
+    def names_fallback(self, host: str, port: int | None, operation: str | None) -> bool:
+        """Whether the policy file gives ``operation`` at this target a fallback of its own:
+        only such a fallback answers for a call that may not be repeated (a POST, an INCR),
+        whose failure may have changed the server's data. A fallback set for a whole target
+        or service is for reads, so it does not hide a failed write."""
+        if not operation:
+            return False
+        for key in (host, f"{host}:{port}" if port is not None else None):
+            section = self.targets.get(key) if key else None
+            operations = section.get("operations", {}) if section else {}
+            if "fallback_value" in operations.get(operation, {}):
+                return True
+        return False
+
 
 _COERCE: dict[str, Callable[[Any], Any]] = {
     "http_retry_methods": _names,

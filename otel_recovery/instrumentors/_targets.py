@@ -389,6 +389,7 @@ class TargetPolicies:
         repeats: int = 0,
         rejection: type[CircuitOpenError] | None = None,
         never_ran: NeverRan | None = None,
+        reads: bool = False,
     ) -> RecoveryPolicy:
         """The policy for one call to ``host:port``.
 
@@ -403,6 +404,10 @@ class TargetPolicies:
         the instrumentor's error for an open circuit at sites where that one would do harm
         (Redis Cluster: see ``RedisCircuitOpenError``). ``never_ran`` tells the failures that
         prove a call never ran: a call that may not be retried is retried after those.
+        ``reads``: the call only reads (a GET, a Redis read), so a fallback set for the
+        service or the target may answer it; anything else gets one only from its own
+        operation section (``RecoverySettings.names_fallback``): a write that failed may
+        have been applied, and a fallback would make it look done.
         """
         op_key = self._operation_key(host, port, operation)
         fast_key = (
@@ -417,13 +422,14 @@ class TargetPolicies:
             repeats,
             rejection,
             never_ran,
+            reads,
         )
         resolved = self._resolved.get(fast_key)
         if resolved is not None and resolved.breaker is self.known_breaker(host, port):
             return resolved
         policy = self._build(
             host, port, op_key, retry_allowed, span, not_retried, disallowed, timed, repeats,
-            rejection, never_ran,
+            rejection, never_ran, reads,
         )  # fmt: skip
         if len(self._resolved) >= 4 * self._max:
             self._resolved.clear()
@@ -457,6 +463,7 @@ class TargetPolicies:
         repeats: int,
         rejection: type[CircuitOpenError] | None,
         never_ran: NeverRan | None,
+        reads: bool,
     ) -> RecoveryPolicy:
         target = self._target(host, port)
         s = self.settings.for_target(host, port, operation)
@@ -464,7 +471,7 @@ class TargetPolicies:
         mode = span or self._span
         key = (
             specific, retry_allowed, mode, not_retried, disallowed, timed, repeats, rejection,
-            never_ran,
+            never_ran, reads,
         )  # fmt: skip
         policy = target.policies.get(key)
         if policy is not None:
@@ -502,7 +509,11 @@ class TargetPolicies:
             retry=retry,
             breaker=target.breaker,
             budget=target.budget if retries else None,
-            fallback=Fallback(s.fallback_value, on=self._fallback_on) if s.has_fallback else None,
+            fallback=(
+                Fallback(s.fallback_value, on=self._fallback_on)
+                if s.has_fallback and (reads or self.settings.names_fallback(host, port, operation))
+                else None
+            ),
             classifier=self._classifier,
             name=target.breaker.name,
             clock=self._clock,

@@ -69,7 +69,7 @@ from otel_recovery.instrumentors._db import (
     read_context,
     retire_table,
 )
-from otel_recovery.instrumentors._redis_commands import BLOCKING, CommandRules
+from otel_recovery.instrumentors._redis_commands import BLOCKING, READS, CommandRules
 from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.instrumentors._redis_sentinel import (
     SENTINEL_POOLS,
@@ -574,7 +574,7 @@ class _Planner:
         if rules.allows(name, args):
             plan = self.plans.plan(
                 host, port, name, mode, None, target.retried, target.retries, timed,
-                target.rejection,
+                target.rejection, reads=name in READS,
             )  # fmt: skip
         else:
             plan = self.plans.plan(

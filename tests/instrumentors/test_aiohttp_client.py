@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import sys
 import time
@@ -165,6 +166,29 @@ async def test_streamed_and_form_bodies_are_sent_once(server, instrument):
     in_memory = server.script("/bytes", hf.status(503), hf.ok())
     assert (await fetch("PUT", in_memory, data=b"ab"))[0].status == 200
     assert (server.count("/stream"), server.count("/form"), server.count("/bytes")) == (1, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [{"file": "bytes"}, [("note", "a"), ("file", "bytes")]],
+    ids=["mapping", "pairs"],
+)
+async def test_a_form_that_holds_a_file_is_sent_once(server, instrument, form):
+    """aiohttp uploads a form with a file in it as multipart and reads the file: a second
+    attempt would send it empty, and the server would take the empty upload."""
+    instrument()
+    upload = io.BytesIO(b"report")
+    data = (
+        {k: upload if v == "bytes" else v for k, v in form.items()}
+        if isinstance(form, dict)
+        else [(k, upload if v == "bytes" else v) for k, v in form]
+    )
+    url = server.script("/upload", hf.status(503), hf.ok())
+    assert (await fetch("PUT", url, data=data))[0].status == 503
+    assert server.count("/upload") == 1
+    plain = server.script("/plain", hf.status(503), hf.ok())
+    assert (await fetch("PUT", plain, data={"a": "1", "n": 2, "tags": ["x", "y"]}))[0].status == 200
+    assert server.count("/plain") == 2
 
 
 async def test_raise_for_status_sessions_are_retried_and_get_their_error(server, instrument):

@@ -467,6 +467,36 @@ def test_watch_conflicts_are_answers_and_do_not_open_the_breaker(h: Harness) -> 
     assert c.get("hot") == b"3"
 
 
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [("SADD", ("seen", "msg-42")), ("DEL", ("claim",)), ("HSET", ("h", "f", "v"))],
+)
+def test_a_write_whose_reply_counts_is_not_sent_twice(
+    h: Harness, command: str, args: tuple[str, ...]
+) -> None:
+    """Repeated after its reply was lost, ``SADD`` answers 0 where the first application
+    counted 1, and ``if r.sadd("seen", id): handle(id)`` would drop the message: the caller
+    gets the error, as without us, unless it names the command as safe to repeat."""
+    h.instrument()
+    c = h.client()
+    c.set("claim", "worker-1")  # and connected: the fault meets the command itself
+    h.reset_counts()
+    stop_for(h.server)
+    with pytest.raises(redis.exceptions.TimeoutError):
+        c.execute_command(command, *args)
+    assert h.attempts["execute_command"] == 1 and h.sent[command] == 1
+    attrs = dict(h.logical_span(command).attributes or {})
+    assert attrs["otel_recovery.retry.disallowed"] == "non_idempotent_command"
+    h.ours.uninstrument()
+    h.instrument(redis_retry_commands=command)
+    c = h.client()
+    c.set("claim", "worker-1")  # and connected: the fault meets the command itself
+    h.reset_counts()
+    stop_for(h.server)
+    c.execute_command(command, *args)  # the user's word: repeated, its reply not read
+    assert h.attempts["execute_command"] == 2
+
+
 def test_transactional_pipeline_is_not_retried_and_not_applied_twice(h: Harness) -> None:
     h.instrument()
     c = h.client()
@@ -666,8 +696,11 @@ def _reports(caplog: pytest.LogCaptureFixture, where: str) -> int:
         (("SET", "k", "v", "EX", 10), True),
         (("SET", "k", "v", "NX"), False),
         ((b"set", b"k", b"v", b"get"), False),
-        (("ZADD", "z", "INCR", 1, "m"), False),
-        (("ZADD", "z", 1, "m"), True),
+        (("ZADD", "z", 1, "m"), False),  # its reply counts what it added
+        (("SADD", "s", "m"), False),
+        (("DEL", "k"), False),
+        (("SETBIT", "b", 7, 1), False),  # its reply is the bit before
+        (("EXPIRE", "k", 10), True),
         (("EXPIRE", "k", 10, "NX"), False),
         (("INCR", "k"), False),
         (("EVAL", "return 1", 0), False),
@@ -1199,6 +1232,25 @@ def test_a_per_operation_fallback_answers_only_dependency_failures(
         c.ttl("k")  # no fallback configured for TTL
     attrs = dict(h.spans_named("GET")[-1].attributes or {})
     assert attrs["otel_recovery.outcome"] == "fallback"
+
+
+def test_the_services_fallback_answers_reads_but_not_writes(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that failed may have been applied (its reply lost), or not at all: a
+    fallback set for the service must not make it look done, even for a ``SET`` that may
+    be repeated. Only one named for the command would."""
+    monkeypatch.setenv("OTEL_RECOVERY_FALLBACK_VALUE", "null")
+    h.instrument(max_attempts=1)
+    c = h.client()
+    stop_for(h.server, 5.0)
+    assert c.get("k") is None
+    assert dict(h.spans_named("GET")[-1].attributes or {})["otel_recovery.outcome"] == "fallback"
+    for write in (lambda: c.incr("n"), lambda: c.set("k", "v", nx=True), lambda: c.set("k", "v")):
+        with pytest.raises(redis.exceptions.TimeoutError):
+            write()
+    with pytest.raises(redis.exceptions.TimeoutError):
+        c.pipeline(transaction=True).incr("n").incr("m").execute()
 
 
 # -- a command whose connection could not be made ------------------------------------------

@@ -220,6 +220,22 @@ def test_non_replayable_bodies_are_sent_once(server, instrument):
     assert (server.count("/gen"), server.count("/file"), server.count("/bytes")) == (1, 1, 2)
 
 
+def test_a_form_that_holds_a_file_is_sent_once(server, instrument):
+    """requests iterates a file given as a form value: a second attempt would send the
+    field empty, and the server would take it."""
+    instrument()
+    url = server.script("/upload", hf.status(503), hf.ok())
+    response = requests.put(url, data={"file": io.BytesIO(b"line\n")}, timeout=2)
+    assert response.status_code == 503 and server.count("/upload") == 1
+    pairs = server.script("/pairs", hf.status(503), hf.ok())
+    response = requests.put(pairs, data=[("note", "a"), ("file", io.BytesIO(b"x"))], timeout=2)
+    assert response.status_code == 503 and server.count("/pairs") == 1
+    plain = server.script("/plain", hf.status(503), hf.ok())
+    response = requests.put(plain, data={"a": "1", "n": 2, "tags": ["x", "y"]}, timeout=2)
+    assert response.status_code == 200 and server.count("/plain") == 2
+    assert {s.body for s in server.seen("/plain")} == {b"a=1&n=2&tags=x&tags=y"}
+
+
 def test_a_remembered_plan_only_answers_for_requests_of_its_shape(server, instrument):
     """Plans are remembered by method and URL; a body or a key still decides for itself."""
     instrument()
@@ -323,6 +339,38 @@ def test_a_fallback_value_answers_as_a_response(server, tel, instrument, tmp_pat
     assert tel.recovery().attributes["otel_recovery.outcome"] == "fallback"
     other = server.script("/other", hf.status(503), hf.status(503))
     assert requests.get(other, timeout=2).status_code == 503  # no fallback configured there
+
+
+def test_a_fallback_for_the_target_does_not_answer_for_a_post(
+    server, tel, instrument, tmp_path, monkeypatch
+):
+    """A POST's failure may have applied it: a fallback set for the whole host (or the
+    service) is for reads and must not turn it into a 200, nor a failed PUT's. One named
+    for the operation is the user's explicit answer for it."""
+    config = tmp_path / "policy.toml"
+    config.write_text(
+        '[targets."127.0.0.1"]\nfallback_value = "stale"\n'
+        '[targets."127.0.0.1".operations."POST /quotes"]\nfallback_value = {"quote" = 0}\n'
+    )
+    monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(config))
+    instrument(max_attempts=2)
+    pay = server.script("/pay", hf.status(503), hf.ok())
+    response = requests.post(pay, data=b"order-1", timeout=2)
+    assert response.status_code == 503 and server.count("/pay") == 1
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.outcome"] == "failure"
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "not_retryable"
+    put = server.script("/carts/1", hf.status(503), hf.status(503))
+    assert requests.put(put, data=b"cart", timeout=2).status_code == 503  # retried, no fallback
+    assert server.count("/carts/1") == 2
+    quotes = server.script("/quotes", hf.status(503), hf.ok())
+    response = requests.post(quotes, timeout=2)
+    assert response.status_code == 200 and response.json() == {"quote": 0}
+    assert server.count("/quotes") == 1
+    tel.exporter.clear()
+    prices = server.script("/prices", hf.status(503), hf.status(503))
+    assert requests.get(prices, timeout=2).text == "stale"  # reads still fall back
+    assert tel.recovery().attributes["otel_recovery.outcome"] == "fallback"
 
 
 def test_suppressed_instrumentation_passes_straight_through(server, tel, instrument):
