@@ -75,22 +75,28 @@ class AsyncDriver(PolicyCore):
             try:
                 result: T = await self._attempt(fn, args, kwargs, started, started)
             except Exception as error:
-                recovered: T = await self._arecover(
-                    fn, args, kwargs, error, started, now() - started
-                )
-                return recovered
+                first = error
             except BaseException:
                 if breaker is not None:
                     breaker.release()
                 raise
-            if breaker is not None:
-                if self._needs_duration:
-                    breaker.record_success(now() - started)
-                else:
-                    breaker.record_success()
-            if self.fallback is not None:
-                self._remember(args, kwargs, result, started)
-            return result
+            else:
+                if breaker is not None:
+                    if self._needs_duration:
+                        breaker.record_success(now() - started)
+                    else:
+                        breaker.record_success()
+                if self.fallback is not None:
+                    self._remember(args, kwargs, result, started)
+                return result
+            # outside the handler, so errors keep their own __context__ (see SyncDriver)
+            try:
+                recovered: T = await self._arecover(
+                    fn, args, kwargs, first, started, now() - started
+                )
+                return recovered
+            finally:
+                del first  # see _arecover
         finally:
             if bulkhead is not None:
                 bulkhead.release()
@@ -139,7 +145,11 @@ class AsyncDriver(PolicyCore):
                     pending = fn(*args, **kwargs)  # acall also accepts a plain value back
                     return await (pending if type(pending) is CoroutineType else resolve(pending))
                 except Exception as error:
-                    return await arecover(fn, args, kwargs, error, started, now() - started)
+                    first = error
+                try:  # outside the handler (see guarded)
+                    return await arecover(fn, args, kwargs, first, started, now() - started)
+                finally:
+                    del first
 
             return unguarded
         areject = self._areject
@@ -164,20 +174,26 @@ class AsyncDriver(PolicyCore):
                 pending = fn(*args, **kwargs)  # acall also accepts a plain value back
                 result = await (pending if type(pending) is CoroutineType else resolve(pending))
             except Exception as error:
-                return await arecover(fn, args, kwargs, error, started, now() - started)
+                first = error
             except BaseException:
                 if breaker is not None:
                     breaker.release()
                 raise
-            if breaker is not None:
-                tally = breaker._tally if tallied else None
-                if tally is not None:
-                    next(tally)
-                else:
-                    breaker.record_success()
-            if remember is not None:
-                remember(args, kwargs, result, started)
-            return result
+            else:
+                if breaker is not None:
+                    tally = breaker._tally if tallied else None
+                    if tally is not None:
+                        next(tally)
+                    else:
+                        breaker.record_success()
+                if remember is not None:
+                    remember(args, kwargs, result, started)
+                return result
+            # outside the handler, so errors keep their own __context__ (see the sync twin)
+            try:
+                return await arecover(fn, args, kwargs, first, started, now() - started)
+            finally:
+                del first  # see _arecover
 
         return guarded
 

@@ -65,23 +65,29 @@ class SyncDriver(PolicyCore):
             try:
                 result = fn(*args, **kwargs)
             except Exception as error:
-                recovered: T = self._recover(fn, args, kwargs, error, started, now() - started)
-                return recovered
+                first = error
             except BaseException:
                 if breaker is not None:
                     breaker.release()
                 raise
+            else:
+                if breaker is not None:
+                    if self._needs_duration:
+                        breaker.record_success(now() - started)
+                    else:
+                        breaker.record_success()
+                if self.fallback is not None:
+                    self._remember(args, kwargs, result, started)
+                return result
             finally:
                 if token is not None:
                     reset_deadline(token)
-            if breaker is not None:
-                if self._needs_duration:
-                    breaker.record_success(now() - started)
-                else:
-                    breaker.record_success()
-            if self.fallback is not None:
-                self._remember(args, kwargs, result, started)
-            return result
+            # outside the handler, so errors keep their own __context__ (see runner())
+            try:
+                recovered: T = self._recover(fn, args, kwargs, first, started, now() - started)
+                return recovered
+            finally:
+                del first  # see _recover
         finally:
             if bulkhead is not None:
                 bulkhead.release()
@@ -134,7 +140,11 @@ class SyncDriver(PolicyCore):
                 try:
                     return fn(*args, **kwargs)
                 except Exception as error:
-                    return recover(fn, args, kwargs, error, started, now() - started)
+                    first = error
+                try:  # outside the handler (see guarded)
+                    return recover(fn, args, kwargs, first, started, now() - started)
+                finally:
+                    del first
 
             return unguarded
         reject = self._reject
@@ -158,20 +168,29 @@ class SyncDriver(PolicyCore):
             try:
                 result = fn(*args, **kwargs)
             except Exception as error:
-                return recover(fn, args, kwargs, error, started, now() - started)
+                first = error
             except BaseException:
                 if breaker is not None:
                     breaker.release()
                 raise
-            if breaker is not None:
-                tally = breaker._tally if tallied else None
-                if tally is not None:
-                    next(tally)
-                else:
-                    breaker.record_success()
-            if remember is not None:
-                remember(args, kwargs, result, started)
-            return result
+            else:
+                if breaker is not None:
+                    tally = breaker._tally if tallied else None
+                    if tally is not None:
+                        next(tally)
+                    else:
+                        breaker.record_success()
+                if remember is not None:
+                    remember(args, kwargs, result, started)
+                return result
+            # Recovery runs outside the handler: inside it, every later attempt's error
+            # would take the first failure as its __context__, and the final one, raised
+            # again, would lose its own (requests' ConnectionError its MaxRetryError): the
+            # application gets the library's exception exactly as the library raised it.
+            try:
+                return recover(fn, args, kwargs, first, started, now() - started)
+            finally:
+                del first  # see _recover: no frame -> error -> traceback -> frame cycle
 
         return guarded
 

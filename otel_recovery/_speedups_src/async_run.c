@@ -14,8 +14,9 @@
  *   are read then, so a run that is never awaited takes no permit and deposits nothing
  *   (and warns, as a coroutine does).
  * - It awaits the call's coroutine by sending into it; once that ends it records the
- *   success, or, for an Exception, awaits the policy's recover() coroutine instead, with
- *   the call's error as the exception being handled (so errors chain as in Python).
+ *   success, or, for an Exception, awaits the policy's recover() coroutine instead,
+ *   outside any handler of the call's error, as "guarded" does (so the errors of later
+ *   attempts keep their own __context__).
  * - send(), throw() and close() go on into what it awaits, as `await` would; close() and
  *   a BaseException such as CancelledError release the breaker's permit while the call
  *   runs. collections.abc.Coroutine recognises it, so asyncio.create_task, gather and
@@ -46,7 +47,6 @@ typedef struct {
     PyObject *explain; /* the Layer's: says why a failure under `plan` was not retried */
     PyObject *plan;    /* the plan a Layer's run decided on, or NULL */
     PyObject *inner;   /* what is being awaited, or NULL */
-    PyObject *handled; /* the call's error while recover runs (its except clause), or NULL */
     Started started;
     int state;
     int running;
@@ -68,7 +68,6 @@ async_run_alloc(RunnerObject *runner, PyObject *layer, PyObject *fn, Py_ssize_t 
     self->explain = Py_XNewRef(explain);
     self->plan = NULL;
     self->inner = NULL;
-    self->handled = NULL;
     self->started.value = NULL;
     self->started.seconds = 0.0;
     self->state = RUN_NEW;
@@ -200,8 +199,8 @@ async_run_pass(AsyncRunObject *self, PyObject *pending)
 }
 
 /* The call failed (the error is set): for an Exception, await recover(fn, args, kwargs,
- * error, started, took) next with the error as the one being handled; for anything else
- * release the breaker's permit and let it propagate (-1). */
+ * error, started, took) next, outside any handler of the error (as "guarded" does); for
+ * anything else release the breaker's permit and let it propagate (-1). */
 COLD static int
 async_run_failed(AsyncRunObject *self)
 {
@@ -213,8 +212,6 @@ async_run_failed(AsyncRunObject *self)
         return -1;
     }
     PyObject *value = fetch_error();
-    self->handled = value; /* what the except clause around `await recover(...)` holds */
-    Handled saved = handled_push(value);
     int status = -1;
     PyObject *start = started_object(&self->started);
     PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(runner->now);
@@ -227,7 +224,7 @@ async_run_failed(AsyncRunObject *self)
         status = pending == NULL ? -1 : async_run_adopt(self, pending, RUN_AFTER);
     }
     Py_XDECREF(took);
-    handled_pop(saved);
+    Py_DECREF(value);
     return status;
 }
 
@@ -308,7 +305,6 @@ async_run_end(AsyncRunObject *self)
     self->state = RUN_DONE;
     self->running = 0;
     Py_CLEAR(self->inner);
-    Py_CLEAR(self->handled);
     for (Py_ssize_t i = 0; i < Py_SIZE(self); i++) {
         Py_CLEAR(self->items[i]);
     }
@@ -395,19 +391,6 @@ close_inner(PyObject *inner)
     return 0;
 }
 
-/* A throw came back out of recover: raised again where the closure's except clause holds
- * the call's error, it takes that error as its __context__ (as _PyErr_ChainStackItem does
- * when a coroutine re-raises what it passed on). */
-COLD static void
-chain_thrown(PyObject *handled)
-{
-    PyObject *value = fetch_error();
-    Handled saved = handled_push(handled);
-    PyErr_SetObject((PyObject *)Py_TYPE(value), value); /* sets __context__, breaking cycles */
-    handled_pop(saved);
-    Py_DECREF(value);
-}
-
 /* A StopIteration out of the run's own steps (a clock, a callback) would end the await
  * that drives it as if the run had returned: converted as a coroutine converts it. */
 COLD static void
@@ -489,18 +472,9 @@ async_run_step(AsyncRunObject *self, PyObject *value, PyObject *thrown, PyObject
                 raise_thrown(thrown);
             }
         }
-        else if (LIKELY(self->handled == NULL)) {
+        else {
             status = LIKELY(thrown == NULL) ? PyIter_Send(self->inner, value, &out)
                                             : throw_into(self->inner, thrown, &out);
-        }
-        else {
-            Handled saved = handled_push(self->handled);
-            status = thrown == NULL ? PyIter_Send(self->inner, value, &out)
-                                    : throw_into(self->inner, thrown, &out);
-            handled_pop(saved);
-            if (status == PYGEN_ERROR && thrown != NULL) {
-                chain_thrown(self->handled);
-            }
         }
         if (status == PYGEN_NEXT) {
             self->running = 0;
@@ -702,7 +676,6 @@ async_run_traverse(AsyncRunObject *self, visitproc visit, void *arg)
     Py_VISIT(self->explain);
     Py_VISIT(self->plan);
     Py_VISIT(self->inner);
-    Py_VISIT(self->handled);
     Py_VISIT(self->started.value);
     return 0;
 }
@@ -721,7 +694,6 @@ async_run_clear(AsyncRunObject *self)
     Py_CLEAR(self->explain);
     Py_CLEAR(self->plan);
     Py_CLEAR(self->inner);
-    Py_CLEAR(self->handled);
     Py_CLEAR(self->started.value);
     return 0;
 }

@@ -273,9 +273,9 @@ http_settle_pending(HttpLayerObject *self, PyObject *outcome, CallArgs *ca)
 }
 
 /* The first attempt failed (`error`; `response` is the failed response, or NULL when the
- * original raised): as the runner's `except Exception`, resume(...) runs plan.recover with
- * `error` being handled; then settle(...) runs the rest of the layer outside that handler.
- * Steals `error`. */
+ * original raised): as the runner's `except Exception` branch, resume(...) runs
+ * plan.recover, outside any handler of `error`; then settle(...) runs the rest of the
+ * layer. Steals `error`. */
 COLD static PyObject *
 http_resume(HttpLayerObject *self, RunnerObject *runner, PyObject *plan, PyObject *error,
             PyObject *response, Started *started, CallArgs *ca)
@@ -285,7 +285,6 @@ http_resume(HttpLayerObject *self, RunnerObject *runner, PyObject *plan, PyObjec
         Py_DECREF(error);
         return NULL;
     }
-    Handled saved = handled_push(error);
     PyObject *result = NULL, *took = NULL;
     PyObject *start = started_object(started);
     PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(runner->now);
@@ -298,7 +297,6 @@ http_resume(HttpLayerObject *self, RunnerObject *runner, PyObject *plan, PyObjec
         result = PyObject_Vectorcall(self->resume, call_args, 7, NULL);
     }
     Py_XDECREF(took);
-    handled_pop(saved);
     Py_DECREF(error);
     if (result == NULL) {
         return http_settle(self, outcomes, 1, fetch_error(), ca);

@@ -23,8 +23,8 @@ started_object(Started *started)
     return started->value;
 }
 
-/* The "except Exception as error: return recover(...)" branch: the error is the exception
- * being handled while recover runs, so what recover raises chains to it as in Python. */
+/* The "except Exception as error" branch of "guarded": recover(...) runs outside any
+ * handler of the error, so the errors of later attempts keep their own __context__. */
 COLD static PyObject *
 runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
 {
@@ -35,7 +35,6 @@ runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
         PyException_SetTraceback(value, traceback);
     }
     PyObject *result = NULL;
-    Handled saved = handled_push(value);
     PyObject *start = started_object(started);
     PyObject *ended = start == NULL ? NULL : PyObject_CallNoArgs(self->now);
     PyObject *took = ended == NULL ? NULL : PyNumber_Subtract(ended, start);
@@ -45,7 +44,6 @@ runner_recover(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
         result = PyObject_Vectorcall(self->recover, call_args, 6, NULL);
     }
     Py_XDECREF(took);
-    handled_pop(saved);
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(traceback);

@@ -50,17 +50,6 @@ typedef struct {
     int owned;        /* args/kwargs were built here and must be released */
 } CallArgs;
 
-/* The exception being handled at this level of the exception stack, as an except clause
- * sets it (PUSH_EXC_INFO) and puts it back (POP_EXCEPT): only this level, never the
- * topmost one PyErr_GetExcInfo reports from an outer frame of a generator's caller.
- * (3.11 keeps only the value there; 3.10 the type, value and traceback.) */
-typedef struct {
-    PyObject *value;
-#if PY_VERSION_HEX < 0x030B0000
-    PyObject *type, *traceback;
-#endif
-} Handled;
-
 typedef struct {
     PyTypeObject *type; /* borrowed: the object the reader was made for keeps it alive */
     Py_ssize_t offset;  /* -1: use PyObject_GetAttr */
@@ -134,8 +123,6 @@ INTERNAL PyObject *call_with_tuple(PyObject *fn, CallArgs *ca);
 INTERNAL int callargs_materialize(CallArgs *ca);
 INTERNAL void callargs_release(CallArgs *ca);
 INTERNAL PyObject *fetch_error(void);
-INTERNAL Handled handled_push(PyObject *value);
-INTERNAL void handled_pop(Handled previous);
 INTERNAL void chain_to_handled(PyObject *type, PyObject *value, PyObject *traceback);
 INTERNAL void slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name);
 INTERNAL void slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name);

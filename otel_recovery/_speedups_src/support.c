@@ -55,38 +55,6 @@ fetch_error(void)
     return value;
 }
 
-COLD Handled
-handled_push(PyObject *value)
-{
-    _PyErr_StackItem *item = PyThreadState_Get()->exc_info;
-    Handled previous;
-    previous.value = item->exc_value;
-    item->exc_value = Py_XNewRef(value);
-#if PY_VERSION_HEX < 0x030B0000
-    previous.type = item->exc_type;
-    previous.traceback = item->exc_traceback;
-    item->exc_type = value == NULL ? NULL : Py_NewRef((PyObject *)Py_TYPE(value));
-    item->exc_traceback = value == NULL ? NULL : PyException_GetTraceback(value);
-#endif
-    return previous;
-}
-
-COLD void
-handled_pop(Handled previous)
-{
-    _PyErr_StackItem *item = PyThreadState_Get()->exc_info;
-    PyObject *current = item->exc_value;
-    item->exc_value = previous.value;
-    Py_XDECREF(current);
-#if PY_VERSION_HEX < 0x030B0000
-    PyObject *type = item->exc_type, *traceback = item->exc_traceback;
-    item->exc_type = previous.type;
-    item->exc_traceback = previous.traceback;
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
-#endif
-}
-
 /* A new error is set while (type, value, traceback), fetched and normalized, was being
  * handled: the new one propagates with the old one as its __context__, as in Python.
  * Steals the three references. */

@@ -517,6 +517,29 @@ async def test_a_retried_request_leaves_no_reference_cycle_of_ours(
 # and Envoy's ``reset-before-request`` do); a failure after the request was written never.
 
 
+def _chain(error: BaseException | None) -> list[type[BaseException]]:
+    types = []
+    while error is not None and len(types) < 12:
+        types.append(type(error))
+        error = error.__cause__ or error.__context__
+    return types
+
+
+@MODES
+async def test_the_final_error_keeps_its_own_chain(server, instrument, mode):
+    """After a 503 and a reset the app gets httpx's exception as httpx raised it, its
+    ``__context__`` its own, not the failure before it nor our signal for the 503."""
+    bare = server.script("/bare", hf.reset())
+    with pytest.raises(httpx.TransportError) as raised:
+        await send(mode, "GET", bare)
+    expected = _chain(raised.value)
+    instrument(max_attempts=2)
+    url = server.script("/r", hf.status(503), hf.reset())
+    with pytest.raises(httpx.TransportError) as raised:
+        await send(mode, "GET", url)
+    assert _chain(raised.value) == expected and server.count("/r") == 2
+
+
 def _refused(error: BaseException) -> bool:
     """Whether a refused connect (``ConnectionRefusedError``) is behind ``error``."""
     link: BaseException | None = error

@@ -236,6 +236,32 @@ def test_a_form_that_holds_a_file_is_sent_once(server, instrument):
     assert {s.body for s in server.seen("/plain")} == {b"a=1&n=2&tags=x&tags=y"}
 
 
+def _chain(error: BaseException | None) -> list[type[BaseException]]:
+    """The types along an error's ``__cause__`` / ``__context__`` links."""
+    types = []
+    while error is not None and len(types) < 12:
+        types.append(type(error))
+        error = error.__cause__ or error.__context__
+    return types
+
+
+def test_the_final_error_keeps_its_own_chain(server, instrument):
+    """After a 503 and a reset the app gets the library's exception as the library raised
+    it: its ``__context__`` is its own (urllib3's error over the reset), as without us, not
+    the failure before it nor our internal signal for the 503."""
+    bare = server.script("/bare", hf.reset())
+    with pytest.raises(requests.ConnectionError) as raised:
+        requests.get(bare, timeout=2)
+    expected = _chain(raised.value)
+    instrument(max_attempts=2)
+    url = server.script("/r", hf.status(503), hf.reset(), hf.status(503), hf.reset())
+    for _ in range(2):  # planned, then remembered (the compiled layer, where it is built)
+        with pytest.raises(requests.ConnectionError) as raised:
+            requests.get(url, timeout=2)
+        assert _chain(raised.value) == expected
+    assert server.count("/r") == 4
+
+
 def test_a_remembered_plan_only_answers_for_requests_of_its_shape(server, instrument):
     """Plans are remembered by method and URL; a body or a key still decides for itself."""
     instrument()
