@@ -270,6 +270,7 @@ class AsyncDriver(PolicyCore):
                 delay, advice = decision.delay, decision.advice
                 if trace is not None:
                     trace.retrying(attempt + 1, delay, info)
+                await self._abefore_retry(fn, args)
                 if delay > 0:
                     await clock.asleep(delay)
                 attempt += 1

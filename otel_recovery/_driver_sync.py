@@ -223,6 +223,7 @@ class SyncDriver(PolicyCore):
                 delay, advice = decision.delay, decision.advice
                 if trace is not None:
                     trace.retrying(attempt + 1, delay, info)
+                self._before_retry(fn, args)
                 if delay > 0:
                     clock.sleep(delay)
                 attempt += 1

@@ -288,6 +288,16 @@ class PolicyCore:
     async def _aafter_failure(self, error: BaseException, args: tuple[Any, ...]) -> None:
         """The async twin of :meth:`_after_failure`."""
 
+    def _before_retry(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Called once a failed attempt will be repeated, before the backoff: where a call
+        lets go of what that attempt holds (an HTTP response, and with it a pooled
+        connection), so the wait does not keep it from others. Not called when the call
+        gives up: what the last attempt holds is then the application's. Nothing by
+        default."""
+
+    async def _abefore_retry(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """The async twin of :meth:`_before_retry`."""
+
     def _record_outcome(
         self, error: BaseException | None, info: ErrorInfo | None, took: float
     ) -> None:

@@ -38,7 +38,7 @@ from otel_recovery.instrumentors._http import (
     before_resend,
     status_of,
 )
-from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._targets import HoldsBetweenAttempts, TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -203,7 +203,7 @@ resend drops the earlier outcome (its response closed), delivering empties the l
 frame keeps the exception it raises in a local."""
 
 
-class HttpSite(Generic[R]):
+class HttpSite(HoldsBetweenAttempts, Generic[R]):
     """One patched method that sends a request (``Session.request``, ``Client.send``...):
     how its requests are attempted, and what the application gets back in the end.
 
@@ -272,7 +272,7 @@ class HttpSite(Generic[R]):
     ) -> R:
         """Send once; return a good response, raise the signal for a retryable one."""
         if outcomes:
-            self._close(self._held(outcomes))
+            self._close(self._retried(outcomes))  # let_go closed it, unless it was not asked
             outcomes.clear()  # see Outcomes: only the latest attempt's is kept
             before_resend()
         try:
@@ -302,7 +302,7 @@ class HttpSite(Generic[R]):
     ) -> R:
         """The asyncio twin of :meth:`attempt`."""
         if outcomes:
-            await self._aclose(self._held(outcomes))
+            await self._aclose(self._retried(outcomes))
             outcomes.clear()  # see Outcomes: only the latest attempt's is kept
             before_resend()
         try:
@@ -362,6 +362,25 @@ class HttpSite(Generic[R]):
         """The failed response the last attempt ended with, if any: still open."""
         last = outcomes[-1] if outcomes else None
         return None if isinstance(last, BaseException) else last
+
+    def _retried(self, outcomes: Outcomes) -> R | None:
+        """What the last attempt holds open, now that it is repeated: its failed response,
+        or the response its error carries (requests' ``HTTPError`` raised by a response
+        hook's ``raise_for_status``, httpx's ``HTTPStatusError``), whose connection the
+        application, which only ever sees the last attempt's outcome, could not release."""
+        last = outcomes[-1] if outcomes else None
+        if not isinstance(last, BaseException):
+            return last
+        response = getattr(last, "response", None)
+        return response if hasattr(response, self.status_attribute) else None
+
+    def let_go(self, args: tuple[Any, ...]) -> None:
+        """Before the backoff, close the response of the attempt to be repeated (closing
+        twice does nothing, so the next attempt's close stays as a backstop)."""
+        self._close(self._retried(args[0]))
+
+    async def alet_go(self, args: tuple[Any, ...]) -> None:
+        await self._aclose(self._retried(args[0]))
 
     # -- settling -------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from otel_recovery.telemetry.attributes import (
     RETRY_DISALLOWED,
 )
 
-__all__ = ["FallbackOn", "NeverRan", "TargetPolicies", "hold_back"]
+__all__ = ["FallbackOn", "HoldsBetweenAttempts", "NeverRan", "TargetPolicies", "hold_back"]
 
 FallbackOn: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -95,6 +95,21 @@ class _NeverRanRetry(Retry):
 
     def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
         return self.proves_never_ran(error) and super().is_retryable(error, info)
+
+
+class HoldsBetweenAttempts:
+    """A call site whose failed attempt may hold something a retry's backoff should not
+    keep: an HTTP response, and with it a connection of the client's pool, which a
+    ``Retry-After: 2`` would keep from every other request for two seconds. The site's
+    attempt function is a bound method of it; once a repeat is decided, before the wait,
+    the target's policy asks it to let go (``let_go(args)``, the attempt's arguments).
+    Not when the call gives up: what the last attempt holds is then the application's."""
+
+    def let_go(self, args: tuple[Any, ...]) -> None:
+        """Release what the failed attempt holds (nothing by default)."""
+
+    async def alet_go(self, args: tuple[Any, ...]) -> None:
+        """The async twin of :meth:`let_go`."""
 
 
 class _TargetPolicy(RecoveryPolicy):
@@ -173,6 +188,22 @@ class _TargetPolicy(RecoveryPolicy):
                 await amend(error, args)
             except Exception as problem:
                 report_internal_error(f"{self.name} after a failure", problem)
+
+    def _before_retry(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        holder = getattr(fn, "__self__", None)
+        if isinstance(holder, HoldsBetweenAttempts):
+            try:
+                holder.let_go(args)
+            except Exception as problem:
+                report_internal_error(f"{self.name} before a retry", problem)
+
+    async def _abefore_retry(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        holder = getattr(fn, "__self__", None)
+        if isinstance(holder, HoldsBetweenAttempts):
+            try:
+                await holder.alet_go(args)
+            except Exception as problem:
+                report_internal_error(f"{self.name} before a retry", problem)
 
     def _attempt_timed_out(self, limit: float) -> BaseException:
         """A ``TimeoutError`` that is also the client library's own timeout error, so an

@@ -191,6 +191,18 @@ async def test_a_form_that_holds_a_file_is_sent_once(server, instrument, form):
     assert server.count("/plain") == 2
 
 
+async def test_a_retried_response_is_released_before_the_backoff(server, instrument):
+    """aiohttp streams every response: the 503's connection goes back to the connector
+    before the wait, not after it, so a ``Retry-After`` does not keep it from others."""
+    seen: list[aiohttp.ClientResponse] = []
+    at_sleep: list[list[bool]] = []
+    instrument(clock=hf.SleepHook(lambda: at_sleep.append([r.closed for r in seen])))
+    big = "x" * 500_000  # more than aiohttp reads ahead: the connection stays taken
+    url = server.script("/x", hf.status(503, {"Retry-After": "1"}, big), hf.ok())
+    assert (await fetch("GET", url, seen=seen))[0].status == 200 and len(seen) == 2
+    assert at_sleep and all(closed == [True] for closed in at_sleep)
+
+
 async def test_raise_for_status_sessions_are_retried_and_get_their_error(server, instrument):
     instrument()
     options = {"raise_for_status": True}

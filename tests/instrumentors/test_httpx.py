@@ -517,6 +517,19 @@ async def test_a_retried_request_leaves_no_reference_cycle_of_ours(
 # and Envoy's ``reset-before-request`` do); a failure after the request was written never.
 
 
+@MODES
+async def test_a_retried_response_is_released_before_the_backoff(server, instrument, mode):
+    """A streamed 503's connection goes back to the pool before the wait, not after it: a
+    ``Retry-After`` must not keep it from every other request of a small pool."""
+    seen: list[httpx.Response] = []
+    at_sleep: list[list[bool]] = []
+    instrument(clock=hf.SleepHook(lambda: at_sleep.append([r.is_closed for r in seen])))
+    url = server.script("/x", hf.retry_after(503, 1), hf.ok())
+    response = await send(mode, "GET", url, stream=True, hooks=[seen.append])
+    assert response.status_code == 200 and len(seen) == 2
+    assert at_sleep and all(closed == [True] for closed in at_sleep)
+
+
 def _chain(error: BaseException | None) -> list[type[BaseException]]:
     types = []
     while error is not None and len(types) < 12:

@@ -236,6 +236,37 @@ def test_a_form_that_holds_a_file_is_sent_once(server, instrument):
     assert {s.body for s in server.seen("/plain")} == {b"a=1&n=2&tags=x&tags=y"}
 
 
+def test_a_retried_response_is_released_before_the_backoff(server, instrument):
+    """Its connection goes back to the pool before the wait, not after it: a
+    ``Retry-After: 2`` must not keep it from every other request for two seconds."""
+    seen: list[requests.Response] = []
+    at_sleep: list[list[bool]] = []
+    instrument(clock=hf.SleepHook(lambda: at_sleep.append([r.raw.closed for r in seen])))
+    url = server.script("/x", hf.retry_after(503, 1), hf.ok())
+    with requests.Session() as session:
+        session.hooks["response"].append(lambda r, *a, **k: seen.append(r))
+        response = session.get(url, stream=True, timeout=2)
+    assert response.status_code == 200 and at_sleep == [[True]]
+
+
+def test_a_response_a_hook_raised_on_is_released_when_retried(server, instrument):
+    """A response hook's ``raise_for_status()`` turns each 503 into an ``HTTPError``: the
+    application only ever sees the last one, so the earlier ones' responses are ours to
+    close, or a pool of one (``pool_block=True``) waits forever for their connections."""
+    instrument()
+    url = server.script("/x", *[hf.status(503, body="x" * 100_000)] * 3)
+    seen: list[requests.Response] = []
+    with requests.Session() as session:
+        session.hooks["response"] += [
+            lambda r, *a, **k: seen.append(r),
+            lambda r, *a, **k: r.raise_for_status(),
+        ]
+        with pytest.raises(requests.HTTPError) as raised:
+            session.get(url, stream=True, timeout=2)
+    assert raised.value.response is seen[-1]
+    assert [r.raw.closed for r in seen] == [True, True, False]  # the app's is left open
+
+
 def _chain(error: BaseException | None) -> list[type[BaseException]]:
     """The types along an error's ``__cause__`` / ``__context__`` links."""
     types = []
