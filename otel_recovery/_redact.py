@@ -24,7 +24,9 @@ MASK = "***"
 # Words whose presence means a secret *might* follow. If none occurs (checked on the lowercased
 # text) no regex runs at all, which keeps redaction of ordinary messages in the sub-microsecond
 # range.
-_TRIGGERS = ("://", "pass", "pwd", "secret", "token", "key", "auth", "bearer", "eyj", "credential")
+_TRIGGERS = (
+    "://", "pass", "pwd", "secret", "token", "key", "auth", "bearer", "eyj", "credential", "sig",
+)  # fmt: skip
 
 # ``Authorization: Bearer abc`` / ``'authorization': 'Basic abc'``: keep the scheme name, which is
 # useful when debugging (wrong scheme is a common mistake), and hide the credentials.
@@ -45,11 +47,13 @@ _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 # A bare ``Bearer <token>`` outside an Authorization header (for instance in a curl line).
 _BEARER = re.compile(r"(?i)\b(bearer)\s+([A-Za-z0-9._~+/=-]+)")
 
-# ``password=...``, ``db_password: ...``, ``"api_key": "..."``, ``?token=...&``. The key must
-# start at a word start (the look-behind) so a long word is scanned once, not once per letter.
+# ``password=...``, ``db_password: ...``, ``"api_key": "..."``, ``?token=...&``, and the
+# query parameters of signed URLs the semantic conventions name for ``url.query``
+# (``Signature``, ``sig``, ``X-Goog-Signature``, ``AWSAccessKeyId``). The key must start at
+# a word start (the look-behind) so a long word is scanned once, not once per letter.
 _KEY_VALUE = re.compile(
     r"(?i)(?<![\w.-])([\w.-]*?(?:password|passwd|passphrase|pwd|secret|token|api[_-]?key|apikey"
-    r"|private[_-]?key|credentials?|auth))(['\"]?\s*[:=]\s*)"
+    r"|private[_-]?key|credentials?|auth|signature|sig|accesskeyid))(['\"]?\s*[:=]\s*)"
     r"(\"[^\"]*\"|'[^']*'|[^\s&;,'\")\]}]+)"
 )
 

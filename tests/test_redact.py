@@ -38,6 +38,20 @@ CASES = [
     ),
     ("x-api-key: K-123", "x-api-key: ***"),
     ("auth=abc", "auth=***"),
+    # signed URLs: the query parameters the semantic conventions redact in url.query
+    (
+        "GET https://a.blob.core.windows.net/c/b?sv=2021&sig=AZSIG&se=2",
+        "GET https://a.blob.core.windows.net/c/b?sv=2021&sig=***&se=2",
+    ),
+    (
+        "https://s3/x?AWSAccessKeyId=AKIA1&Signature=abc%2F&Expires=1",
+        "https://s3/x?AWSAccessKeyId=***&Signature=***&Expires=1",
+    ),
+    (
+        "https://storage.googleapis.com/o?X-Goog-Signature=dead&X-Goog-Date=1",
+        "https://storage.googleapis.com/o?X-Goog-Signature=***&X-Goog-Date=1",
+    ),
+    ("design=ok; signal=3; config=x", "design=ok; signal=3; config=x"),
     ("Connection refused to 10.0.0.3:5432", "Connection refused to 10.0.0.3:5432"),
     ("author: Jane; max_tokens=5; tokenizer=x", "author: Jane; max_tokens=5; tokenizer=x"),
     ("", ""),

@@ -141,8 +141,11 @@ class _Planner:
         method, raw = _method_and_url(args, kwargs)
         if not isinstance(method, str) or raw is None:
             return None
-        url = _absolute(session, raw)
-        target = target_of(url.scheme, url.host, url.port)
+        try:
+            url = _absolute(session, raw)
+            target = target_of(url.scheme, url.host, url.port)
+        except ValueError:  # a URL that cannot be read: aiohttp reports it in its own words
+            return None
         if target is None:
             return None
         call = plan_call(

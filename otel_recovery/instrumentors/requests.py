@@ -337,9 +337,14 @@ def _method_and_url(bound: Mapping[str, Any]) -> tuple[str, str] | None:
 
 @functools.lru_cache(maxsize=1024)
 def _split(url: str) -> tuple[str, int | None, str] | None:
-    """``(host, port, path)`` of a URL; cached, as services call the same URLs over and over."""
-    parts = urlsplit(url.strip())
-    target = target_of(parts.scheme, parts.hostname, parts.port)
+    """``(host, port, path)`` of a URL; cached, as services call the same URLs over and over.
+    None for a URL that cannot be read (``http://[::1/x``, port 99999): the application's
+    mistake, which requests reports in its own words; not an internal error of ours."""
+    try:
+        parts = urlsplit(url.strip())
+        target = target_of(parts.scheme, parts.hostname, parts.port)
+    except ValueError:
+        return None
     return None if target is None else (*target, parts.path)
 
 

@@ -291,6 +291,19 @@ async def test_a_bug_in_planning_falls_back_to_the_plain_call(
     assert any("aiohttp: planning" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://127.0.0.1:99999/x"])
+async def test_a_malformed_url_is_the_applications_error_not_ours(
+    instrument, monkeypatch, caplog, url
+):
+    """aiohttp reports it in its own words; nothing is logged as our internal error."""
+    instrument()
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with caplog.at_level(logging.ERROR, logger="otel_recovery"):
+        with pytest.raises(aiohttp.InvalidURL):
+            await fetch("GET", url)
+    assert not caplog.records
+
+
 async def test_a_bug_in_the_engine_before_sending_sends_exactly_once(
     server, instrument, monkeypatch
 ):

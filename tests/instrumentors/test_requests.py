@@ -527,6 +527,18 @@ def test_a_bug_in_planning_falls_back_to_the_plain_call(server, instrument, monk
     assert sum("requests: planning" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://127.0.0.1:99999/x"])
+def test_a_malformed_url_is_the_applications_error_not_ours(instrument, monkeypatch, caplog, url):
+    """requests reports it in its own words; nothing is logged as our internal error, so
+    the one report a site gets stays for a real one."""
+    instrument()
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with caplog.at_level(logging.ERROR, logger="otel_recovery"):
+        with pytest.raises(requests.exceptions.InvalidURL):
+            requests.get(url, timeout=2)
+    assert not caplog.records
+
+
 def test_a_bug_in_the_engine_before_sending_sends_exactly_once(server, instrument, monkeypatch):
     instrument()
     monkeypatch.setattr(_wrapping, "_reported", set())
