@@ -143,7 +143,12 @@ class _Site(HttpSite[requests.Response]):
     def rejected(
         self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> BaseException:
-        return RequestsCircuitOpenError(error.name, error.retry_after)
+        rejection = RequestsCircuitOpenError(error.name, error.retry_after)
+        target = _method_and_url(_bind(args, kwargs))
+        if target is not None:  # as requests' own ConnectionError carries it
+            with contextlib.suppress(Exception):  # a request we cannot rebuild: None, as before
+                rejection.request = requests.Request(target[0].upper(), target[1]).prepare()
+        return rejection
 
     def fallback(
         self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]

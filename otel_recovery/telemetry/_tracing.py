@@ -165,6 +165,7 @@ class CallTrace:
         if retry_after is not None:
             attributes[names.BREAKER_RETRY_AFTER] = retry_after
         self._span.add_event(names.EVENT_REJECTED, attributes)
+        self._span.set_attribute(names.STOP_REASON, reason)  # as a stopped call says it
 
     @_never_raises
     def fallback(self, kind: str, error: BaseException, info: ErrorInfo | None) -> None:

@@ -363,8 +363,11 @@ def test_the_circuit_opens_per_target_and_rejects_as_a_requests_error(server, te
     with pytest.raises(requests.exceptions.ConnectionError) as raised:
         requests.get(url, timeout=2)
     assert isinstance(raised.value, RequestsCircuitOpenError)
+    assert (raised.value.request.method, raised.value.request.url) == ("GET", url)
     assert server.count("/x") == 2  # the third request never left the process
-    assert tel.recoveries()[-1].attributes["otel_recovery.outcome"] == "rejected"
+    rejected = tel.recoveries()[-1].attributes
+    assert rejected["otel_recovery.outcome"] == "rejected"
+    assert rejected["otel_recovery.retry.stop_reason"] == "rejected"
     # Another target (same server, another host name) has its own breaker.
     other = server.url("/x").replace("127.0.0.1", "localhost")
     assert requests.get(other, timeout=2).status_code == 200
