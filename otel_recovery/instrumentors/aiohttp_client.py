@@ -16,9 +16,11 @@ classifier reads like the response itself. The shared rules live in :mod:`._http
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import aiohttp
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.helpers import TimerNoop
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -261,4 +263,17 @@ def _fallback_response(value: Any, method: str, url: URL) -> aiohttp.ClientRespo
     for name, field in fields.items():
         setattr(response, name, field)
     response._timer = TimerNoop()
+    with contextlib.suppress(Exception):  # without it, read(), json() and text() still work
+        response.content = _read_stream(body, fields["_loop"])
     return response
+
+
+def _read_stream(body: bytes, loop: asyncio.AbstractEventLoop) -> aiohttp.StreamReader:
+    """``body`` as a finished ``StreamReader``, for code that reads ``response.content``
+    (``iter_chunked``, ``readline``) as it would a real response's. Its limit is above the
+    body, so feeding it never asks the (absent) connection to pause."""
+    stream = aiohttp.StreamReader(BaseProtocol(loop), max(2**16, len(body)), loop=loop)
+    if body:
+        stream.feed_data(body)
+    stream.feed_eof()
+    return stream

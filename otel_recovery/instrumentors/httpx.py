@@ -20,6 +20,7 @@ where they are missing, nothing is marked and our retry decides as before.
 
 from __future__ import annotations
 
+import datetime
 import ssl
 from typing import Any
 
@@ -295,9 +296,11 @@ def _request_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 def _fallback_response(value: Any, request: httpx.Request) -> httpx.Response:
     """A 200 response carrying the configured fallback value, marked with a header."""
     body, content_type = fallback_body(value)
-    return httpx.Response(
+    response = httpx.Response(
         200,
         headers={"Content-Type": content_type, FALLBACK_HEADER: "value"},
         content=body,
         request=request,
     )
+    response.elapsed = datetime.timedelta(0)  # set by the transport's close on a real one
+    return response

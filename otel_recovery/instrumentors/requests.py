@@ -15,7 +15,9 @@ HTTP instrumentors: see :mod:`otel_recovery.instrumentors._http`. A failure that
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
+import io
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -390,6 +392,9 @@ def _fallback_response(value: Any, method: str, url: str) -> requests.Response:
     response.status_code = 200
     response.reason = "OK"
     response._content = body
+    response._content_consumed = True  # iter_content / iter_lines serve _content
+    response.raw = io.BytesIO(body)  # for code that reads the raw stream itself
+    response.elapsed = datetime.timedelta(0)
     response.headers = CaseInsensitiveDict(
         {"Content-Type": content_type, "Content-Length": str(len(body)), FALLBACK_HEADER: "value"}
     )

@@ -232,6 +232,8 @@ async def test_a_fallback_value_answers_as_a_response(server, tel, instrument):
     url = server.script("/prices", *DROPS, hf.status(503))  # see DROPS
     async with aiohttp.ClientSession() as session:
         async with session.get(url) as response:
+            chunks = [chunk async for chunk in response.content.iter_chunked(4)]
+            assert b"".join(chunks) == b'{"prices": []}'  # read as a real response is
             assert response.status == 200 and await response.json() == {"prices": []}
             assert response.headers["X-OTel-Recovery-Fallback"] == "value"
             response.raise_for_status()

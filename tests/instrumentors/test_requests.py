@@ -395,6 +395,10 @@ def test_a_fallback_value_answers_as_a_response(server, tel, instrument, tmp_pat
     response = requests.get(prices, timeout=2)
     assert response.status_code == 200 and response.json() == {"prices": []}
     assert response.headers["X-OTel-Recovery-Fallback"] == "value"
+    # read as applications read real responses
+    assert b"".join(response.iter_content(4)) == b'{"prices": []}' == response.raw.read()
+    assert list(response.iter_lines()) == [b'{"prices": []}']
+    assert response.elapsed.total_seconds() == 0
     assert server.count("/prices") == 2
     assert tel.recovery().attributes["otel_recovery.outcome"] == "fallback"
     other = server.script("/other", hf.status(503), hf.status(503))
