@@ -4,23 +4,35 @@ Drivers read :data:`SWITCHES` once per call; it is a plain slotted object so tha
 couple of attribute loads on the happy path. Changes go through the functions here, which
 return context managers that restore the previous state, so a test can never leak a switch
 into the next one.
+
+``OTEL_RECOVERY_ENABLED`` is read here, once, at import. A value that is not a boolean
+(``flase``) does not stop the program: the environment reaches every process a deployment
+starts, and importing otel_recovery must never be what fails. It is logged once as an error
+on logger ``otel_recovery`` naming the accepted values, and taken as false: the user was
+reaching for the switch, and off is the state in which otel-recovery changes nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from otel_recovery._forksafe import new_lock
 
 __all__ = [
+    "ENABLED_VARIABLE",
     "SWITCHES",
     "Switches",
     "env_flag",
+    "flag_value",
     "is_active",
     "is_testing",
     "set_active",
     "set_testing",
+    "switch_value",
 ]
+
+ENABLED_VARIABLE = "OTEL_RECOVERY_ENABLED"
 
 
 class Switches:
@@ -29,28 +41,58 @@ class Switches:
     __slots__ = ("active", "max_attempts", "testing")
 
     def __init__(self) -> None:
-        self.active = env_flag("OTEL_RECOVERY_ENABLED", default=True)
+        self.active = switch_value(os.environ.get(ENABLED_VARIABLE))
         self.testing = False
         self.max_attempts = 1
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+_log = logging.getLogger("otel_recovery")
+_reported: set[str] = set()
+_reported_lock = new_lock()
 
 
-def env_flag(name: str, *, default: bool) -> bool:
-    """Read a boolean environment setting; an unknown value fails start-up with the fix."""
+def env_flag(name: str, *, default: bool, invalid: bool | None = None) -> bool:
+    """Read a boolean environment setting: ``default`` when unset or empty.
+
+    A value that is not a boolean never raises (it would stop the importing program): it is
+    logged once as an error naming the accepted values and taken as ``invalid``, which is
+    ``default`` unless given.
+    """
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
+    return flag_value(name, raw, invalid=default if invalid is None else invalid)
+
+
+def flag_value(name: str, raw: str, *, invalid: bool) -> bool:
+    """``raw`` (the value of variable ``name``) as a boolean; not one: logged, ``invalid``."""
     value = raw.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(
-        f"{name}={raw!r} is not a boolean; use one of: true, false, 1, 0, yes, no, on, off"
+    message = (
+        f"{name}={raw!r} is not valid: expected one of true, false, 1, 0, yes, no, on, off; "
+        f"it is taken as {'true' if invalid else 'false'}"
     )
+    if name == ENABLED_VARIABLE and not invalid:
+        message += ": otel-recovery is off (it changes nothing) until the value is fixed"
+    with _reported_lock:
+        if message in _reported:
+            return invalid
+        _reported.add(message)
+    _log.error("%s", message)
+    return invalid
+
+
+def switch_value(raw: str | None) -> bool:
+    """The value of ``OTEL_RECOVERY_ENABLED`` (``raw``, None when unset): on when unset or
+    empty; not a boolean: logged once and taken as false (see the module docstring)."""
+    if raw is None or raw.strip() == "":
+        return True
+    return flag_value(ENABLED_VARIABLE, raw, invalid=False)
 
 
 SWITCHES = Switches()

@@ -4,8 +4,20 @@ Each instrumentor is an OpenTelemetry ``BaseInstrumentor`` registered under the
 ``opentelemetry_instrumentor`` entry-point group, so installing otel-recovery next to a
 service run by ``opentelemetry-instrument`` switches recovery on. That is why the defaults are
 conservative (see :mod:`._settings`) and why ``instrument()`` can be turned off three ways:
-``OTEL_RECOVERY_ENABLED=false``, ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_recovery_<lib>``
-(handled by the loader), or not calling it.
+``OTEL_RECOVERY_ENABLED=false`` (or ``instrument(enabled=False)``),
+``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_recovery_<lib>`` (handled by the loader), or not
+calling it.
+
+It is also why a bad setting from the environment or the policy file never raises out of
+``instrument()``: the auto-instrumentation loader re-raises an instrumentor's exception and
+abandons its loop, so every instrumentation after ours (contrib's included) would be lost.
+The error is logged once instead (:func:`._settings.report_off`: the setting, where it came
+from, the accepted values) and nothing is patched. A bad keyword argument to
+``instrument()`` is the program's own call, and raises :class:`._settings.SettingsError`.
+
+An instrumentor that patched nothing (switched off, unusable settings, its library missing)
+reports itself not instrumented, so a later ``instrument()``, once the switch is on or the
+value fixed, installs it.
 
 Subclasses name their library and version range and implement :meth:`_install`, which wraps
 the library's methods through a :class:`PatchSet` using the per-target policies of a
@@ -27,7 +39,12 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from otel_recovery._clock import SYSTEM_CLOCK, Clock
 from otel_recovery._config import SWITCHES
 from otel_recovery.classify import Classifier
-from otel_recovery.instrumentors._settings import RecoverySettings, load_settings
+from otel_recovery.instrumentors._settings import (
+    RecoverySettings,
+    SettingsError,
+    load_settings,
+    report_off,
+)
 from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.learning.store import CheckpointLearnerStore
@@ -85,6 +102,15 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def instrumentation_dependencies(self) -> Collection[str]:
         return self.instruments
 
+    def instrument(self, **kwargs: Any) -> Any:
+        """``BaseInstrumentor.instrument()``; when nothing was patched (switched off, bad
+        settings from the environment or the policy file, the library missing) it reports
+        itself not instrumented, so a later call, once that is put right, installs us."""
+        result = super().instrument(**kwargs)
+        if self._patches is None:
+            self._is_instrumented_by_opentelemetry = False
+        return result
+
     def _instrument(self, **kwargs: Any) -> None:
         # Auto-instrumentation skips the dependency check (skip_dep_check=True); do our own.
         conflict = get_dependency_conflicts(self.instruments)
@@ -95,9 +121,17 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             _logger.debug("Skipping instrumentation otel_recovery_%s: %s", self.library, conflict)
             return
         options = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
-        settings = load_settings(options)
+        try:
+            settings = load_settings(options)
+        except SettingsError as error:
+            if error.from_arguments:
+                raise  # the program's own call: the mistake surfaces where it was made
+            report_off(error)  # the deployment's: never stop the app or the loader's loop
+            self.settings = None
+            return
         self.settings = settings
         if not settings.enabled or not SWITCHES.active:
+            _logger.debug("otel_recovery_%s is switched off: nothing patched", self.library)
             return
         clock = kwargs.get("clock")
         tracer_provider = kwargs.get("tracer_provider")

@@ -282,7 +282,8 @@ async def test_cancellation_during_backoff_releases_the_held_response(server, te
         ours.uninstrument()
 
 
-async def test_disabled_by_environment_and_bad_settings(server, instrument, monkeypatch):
+async def test_disabled_by_environment_and_bad_settings(server, instrument, monkeypatch, caplog):
+    monkeypatch.setattr("otel_recovery.instrumentors._settings._warned", set())
     monkeypatch.setenv("OTEL_RECOVERY_ENABLED", "false")
     instrument(contrib=False)
     assert originals_restored()
@@ -291,10 +292,13 @@ async def test_disabled_by_environment_and_bad_settings(server, instrument, monk
     monkeypatch.setenv("OTEL_RECOVERY_ENABLED", "true")
     monkeypatch.setenv("OTEL_RECOVERY_BACKOFF_MAX", "-1")
     ours = HTTPXRecoveryInstrumentor()
-    ours.uninstrument()
-    with pytest.raises(SettingsError, match="OTEL_RECOVERY_BACKOFF_MAX='-1'"):
-        ours.instrument()
+    assert not ours.is_instrumented_by_opentelemetry  # switched off, it patched nothing
+    with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
+        ours.instrument()  # the deployment's bad value: logged, never raised
+    assert "OTEL_RECOVERY_BACKOFF_MAX='-1' is not valid" in caplog.text
     assert not ours.is_instrumented_by_opentelemetry and originals_restored()
+    with pytest.raises(SettingsError, match=r"max_attempts \(from instrument"):
+        ours.instrument(max_attempts=0)  # the program's own bad argument still raises
 
 
 @pytest.mark.parametrize("first", ["ours", "contrib"])

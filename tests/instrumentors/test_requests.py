@@ -466,19 +466,32 @@ def test_disabled_by_environment(server, instrument, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("env", "kwargs", "message"),
+    ("env", "message"),
     [
-        ({"OTEL_RECOVERY_MAX_ATTEMPTS": "lots"}, {}, "OTEL_RECOVERY_MAX_ATTEMPTS='lots'"),
-        ({}, {"http_retry_statuses": [503, 700]}, "http_retry_statuses .*HTTP status codes"),
-        ({"OTEL_RECOVERY_HTTP_RETRY_STATUSES": "503,x"}, {}, "OTEL_RECOVERY_HTTP_RETRY_STATUSES"),
+        ({"OTEL_RECOVERY_MAX_ATTEMPTS": "lots"}, "OTEL_RECOVERY_MAX_ATTEMPTS='lots'"),
+        ({"OTEL_RECOVERY_HTTP_RETRY_STATUSES": "503,x"}, "OTEL_RECOVERY_HTTP_RETRY_STATUSES"),
     ],
 )
-def test_bad_settings_fail_at_start_up_naming_the_setting(monkeypatch, env, kwargs, message):
+def test_a_bad_setting_from_the_environment_is_logged_and_leaves_us_off(
+    monkeypatch, caplog, env, message
+):
+    """Raising would stop opentelemetry-instrument's loader, and every instrumentation after
+    ours with it: the bad value is logged once, naming the setting, and we stay off."""
+    monkeypatch.setattr("otel_recovery.instrumentors._settings._warned", set())
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     ours = RequestsRecoveryInstrumentor()
-    with pytest.raises(SettingsError, match=message):
-        ours.instrument(**kwargs)
+    with caplog.at_level("ERROR", logger="otel_recovery.instrumentors"):
+        ours.instrument()
+    assert message in caplog.text and "otel-recovery stays off" in caplog.text
+    assert not ours.is_instrumented_by_opentelemetry
+    assert requests.sessions.Session.__dict__["request"] is ORIGINAL_REQUEST
+
+
+def test_a_bad_keyword_argument_fails_at_start_up_naming_the_setting():
+    ours = RequestsRecoveryInstrumentor()
+    with pytest.raises(SettingsError, match="http_retry_statuses .*HTTP status codes"):
+        ours.instrument(http_retry_statuses=[503, 700])
     assert not ours.is_instrumented_by_opentelemetry
     assert requests.sessions.Session.__dict__["request"] is ORIGINAL_REQUEST
 

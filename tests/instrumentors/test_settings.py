@@ -1,0 +1,506 @@
+"""Settings: what a bad value does (whose it is decides), where each key may be set, which
+level wins, and the values each setting accepts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otel_recovery import _config
+from otel_recovery._config import set_active
+from otel_recovery.instrumentors import _settings
+from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._settings import SettingsError, load_settings
+from otel_recovery.instrumentors._targets import TargetPolicies
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are logged once per process: start each test with none logged yet."""
+    monkeypatch.setattr(_settings, "_warned", set())
+    monkeypatch.setattr(_config, "_reported", set(), raising=False)
+    for name in list(os.environ):
+        if name.startswith("OTEL_RECOVERY_") and name != "OTEL_RECOVERY_STORE_URL":
+            monkeypatch.delenv(name)
+
+
+def policy(tmp_path: Path, text: str, name: str = "policy.toml") -> dict[str, str]:
+    path = tmp_path / name
+    path.write_text(text)
+    return {"OTEL_RECOVERY_CONFIG": str(path)}
+
+
+# -- a bad value: whose it is decides ------------------------------------------------------
+
+
+class Client:
+    def call(self) -> str:
+        return "original"
+
+
+def _ours(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> str:
+    return f"ours({wrapped(*args, **kwargs)})"
+
+
+class _Probe(RecoveryInstrumentor):
+    """An instrumentor of ``Client`` (no library to find)."""
+
+    library = "probe"
+
+    def _install(self, patches: Any, targets: Any, kwargs: Any) -> None:
+        patches.wrap(Client, "call", _ours)
+
+
+@pytest.fixture
+def probe() -> Any:
+    original = Client.__dict__["call"]
+    instrumentor = _Probe()
+    yield instrumentor
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
+    assert Client.__dict__["call"] is original
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def error_loggers(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.name for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"OTEL_RECOVERY_MAX_ATTEMPTS": "abc"}, "OTEL_RECOVERY_MAX_ATTEMPTS='abc' is not valid"),
+        ({"OTEL_RECOVERY_CONFIG": "/nonexistent/policy.toml"}, "cannot be read"),
+        ("max_attempts = 99\n", "max_attempts (from policy file "),
+    ],
+)
+def test_a_bad_value_from_the_environment_or_file_is_logged_once_and_leaves_us_off(
+    probe, caplog, monkeypatch, tmp_path, env, named
+):
+    for name, value in (policy(tmp_path, env) if isinstance(env, str) else env).items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
+        probe.instrument()  # under opentelemetry-instrument, raising would stop the loader
+        probe.instrument()  # every instrumentor meets it: still one line
+    (message,) = errors(caplog)
+    assert named in message and "otel-recovery stays off" in message
+    assert error_loggers(caplog) == ["otel_recovery.instrumentors"]
+    assert not probe.is_instrumented_by_opentelemetry and Client().call() == "original"
+    assert probe.targets is None
+    for name in ("OTEL_RECOVERY_MAX_ATTEMPTS", "OTEL_RECOVERY_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    probe.instrument()  # fixed: a later instrument() installs us
+    assert probe.is_instrumented_by_opentelemetry and Client().call() == "ours(original)"
+
+
+def test_a_bad_keyword_argument_is_the_programs_own_call_and_raises(probe, monkeypatch):
+    monkeypatch.setenv("OTEL_RECOVERY_MAX_ATTEMPTS", "abc")
+    with pytest.raises(SettingsError, match=r"max_attempts \(from instrument\(\) keyword") as bad:
+        probe.instrument(max_attempts=0)  # reported first, whatever the environment holds
+    assert bad.value.from_arguments
+    assert not probe.is_instrumented_by_opentelemetry and Client().call() == "original"
+
+
+def test_an_invalid_enabled_is_logged_with_the_accepted_values_and_taken_as_false(
+    probe, caplog, monkeypatch
+):
+    with caplog.at_level(logging.ERROR, logger="otel_recovery"):
+        assert load_settings(environ={"OTEL_RECOVERY_ENABLED": "flase"}).enabled is False
+        monkeypatch.setenv("OTEL_RECOVERY_ENABLED", "flase")
+        probe.instrument()
+    (message,) = errors(caplog)
+    assert "OTEL_RECOVERY_ENABLED='flase'" in message
+    assert "true, false, 1, 0, yes, no, on, off" in message and "taken as false" in message
+    assert not probe.is_instrumented_by_opentelemetry and Client().call() == "original"
+    assert load_settings(environ={"OTEL_RECOVERY_ENABLED": ""}).enabled is True
+    with pytest.raises(SettingsError, match="enabled"):
+        load_settings({"enabled": "nope"}, environ={})  # the program's own call
+
+
+def test_importing_with_an_invalid_enabled_does_not_stop_the_program():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_RECOVERY_ENABLED"] = "flase"
+    code = "import otel_recovery; print('active', otel_recovery.is_active())"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "active False"
+    assert "OTEL_RECOVERY_ENABLED='flase' is not valid" in done.stderr
+
+
+PROBE_APP = """
+import json, requests, redis
+from opentelemetry.instrumentation.redis import RedisInstrumentor
+from opentelemetry.instrumentation.requests import RequestsInstrumentor
+from otel_recovery.instrumentors.redis import RedisRecoveryInstrumentor
+from otel_recovery.instrumentors.requests import RequestsRecoveryInstrumentor
+print(json.dumps({
+    "contrib": [RequestsInstrumentor().is_instrumented_by_opentelemetry,
+                RedisInstrumentor().is_instrumented_by_opentelemetry],
+    "ours": [RequestsRecoveryInstrumentor().is_instrumented_by_opentelemetry,
+             RedisRecoveryInstrumentor()._patches is not None],
+}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({}, None),  # the control: everything on
+        ({"OTEL_RECOVERY_MAX_ATTEMPTS": "abc"}, "OTEL_RECOVERY_MAX_ATTEMPTS='abc' is not valid"),
+        ({"OTEL_RECOVERY_ENABLED": "flase"}, "OTEL_RECOVERY_ENABLED='flase' is not valid"),
+        (
+            '[targets."api".operations."GET /x"]\nbreaker_window = 10\n',
+            "breaker_* and budget_* settings are per target",
+        ),
+    ],
+)
+def test_under_opentelemetry_instrument_a_bad_setting_leaves_every_other_instrumentation_on(
+    tmp_path, env, named
+):
+    """The auto-instrumentation loader re-raises an instrumentor's exception and abandons
+    its loop: one bad value used to switch off every instrumentation, contrib's included."""
+    if not (BIN / "opentelemetry-instrument").exists():
+        pytest.skip("opentelemetry-instrument is not installed (pip install -e '.[test]')")
+    app = tmp_path / "app.py"
+    app.write_text(PROBE_APP)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    environ.update(
+        OTEL_SERVICE_NAME="settings-probe",
+        OTEL_TRACES_EXPORTER="none",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        **(policy(tmp_path, env) if isinstance(env, str) else env),
+    )
+    done = subprocess.run(
+        [str(BIN / "opentelemetry-instrument"), sys.executable, str(app)],
+        env=environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "Failed to auto" not in done.stderr, done.stderr
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    assert state["contrib"] == [True, True], done.stderr
+    if named is None:
+        assert state["ours"] == [True, True], done.stderr
+    else:
+        assert state["ours"] == [False, False]
+        assert done.stderr.count(named) == 1, done.stderr  # six instrumentors, one line
+
+
+def test_switched_off_we_report_not_instrumented_and_a_later_instrument_installs_us(
+    probe, monkeypatch
+):
+    probe.instrument(enabled=False)
+    assert not probe.is_instrumented_by_opentelemetry and Client().call() == "original"
+    with set_active(False):
+        probe.instrument()
+        assert not probe.is_instrumented_by_opentelemetry
+    monkeypatch.setenv("OTEL_RECOVERY_ENABLED", "false")
+    probe.instrument()
+    assert not probe.is_instrumented_by_opentelemetry and Client().call() == "original"
+    monkeypatch.setenv("OTEL_RECOVERY_ENABLED", "true")
+    probe.instrument()  # switched back on: installed, not a no-op
+    assert probe.is_instrumented_by_opentelemetry and Client().call() == "ours(original)"
+    probe.uninstrument()
+    assert Client().call() == "original"
+
+
+# -- where each key may be set -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[targets."db:5432"]\nsql_retry = "never"\n',
+            r"sql_retry in \[targets.\"db:5432\"\].*sql_retry applies to the whole service.*"
+            r"set it at the top level of the policy file",
+        ),
+        ('[targets."api"]\nenabled = false\n', r"enabled applies to the whole service"),
+        ('[targets."api"]\nlearning = "on"\n', r"learning applies to the whole service"),
+        (
+            '[targets."api".operations."GET /x"]\nlearning = "on"\n',
+            r"learning applies to the whole service",
+        ),
+        (
+            '[targets."api".operations."GET /x"]\nbreaker_window = 10\n',
+            r"breaker_window in \[targets.\"api\".operations.\"GET /x\"\].*breaker_\* and "
+            r"budget_\* settings are per target.*set it in \[targets.\"api\"\], not in an "
+            r"operation section",
+        ),
+        (
+            '[targets."api".operations."GET /x"]\nbudget_ratio = 0.5\n',
+            r"breaker_\* and budget_\* settings are per target",
+        ),
+        (
+            '[targets."r".operations."GET"]\nredis_retry_commands = "INCR"\n',
+            r"redis_retry_commands is per target.*set it in \[targets.\"r\"\]",
+        ),
+        (
+            '[operations."GET /x"]\nfallback_value = 1\n',
+            r"operations table at the top level.*belong to a target",
+        ),
+        (
+            '[targets."api".operations."GET /x".operations."y"]\nmax_attempts = 2\n',
+            r"holds an operations table: operation sections do not nest",
+        ),
+        ('[targets."api"]\noperations = ["GET /x"]\n', r"operations in \[targets.\"api\"\].*"),
+        ('[targets."api"]\noperations = 5\n', r"must be a table of operation sections"),
+        (
+            '[targets."api".operations]\n"GET /x" = 5\n',
+            r"\[targets.\"api\".operations.\"GET /x\"\].*must be a table of settings",
+        ),
+        ('[targets."a".targets."b"]\nmax_attempts = 2\n', r"target sections go at the top"),
+    ],
+)
+def test_a_key_where_it_has_no_effect_is_an_error_naming_where_it_belongs(tmp_path, text, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(environ=policy(tmp_path, text))
+
+
+def test_the_same_in_a_json_policy_file(tmp_path):
+    text = json.dumps({"operations": {"GET /x": {"fallback_value": 1}}})
+    with pytest.raises(SettingsError, match="operations table at the top level"):
+        load_settings(environ=policy(tmp_path, text, "policy.json"))
+
+
+def test_each_key_loads_where_it_has_an_effect(tmp_path):
+    s = load_settings(
+        environ=policy(
+            tmp_path,
+            'sql_retry = "never"\nlearning = "shadow"\nbreaker_window = 40\n'
+            '[targets."api"]\nbreaker_window = 10\nbudget_ratio = 0.2\n'
+            'redis_retry_commands = "HSET"\n'
+            '[targets."api".operations."GET /x"]\nmax_attempts = 2\nattempt_timeout = 1\n'
+            'http_retry_methods = "GET"\nfallback_value = []\n',
+        )
+    )
+    op = s.for_target("api", 443, "GET /x")
+    assert (s.sql_retry, s.learning, s.breaker_window) == ("never", "shadow", 40)
+    assert (op.breaker_window, op.budget_ratio, op.redis_retry_commands) == (10, 0.2, {"HSET"})
+    assert (op.max_attempts, op.attempt_timeout, op.fallback_value) == (2, 1.0, [])
+
+
+# -- which level wins --------------------------------------------------------------------
+
+
+def test_keyword_arguments_win_over_every_level_of_the_file(tmp_path, fake_clock):
+    env = policy(
+        tmp_path,
+        'max_attempts = 4\n[targets."api"]\nmax_attempts = 5\nbreaker_window = 10\n'
+        '[targets."api:443"]\nmax_attempts = 6\n'
+        '[targets."api:443".operations."GET /x"]\nmax_attempts = 7\ndeadline = 9\n',
+    )
+    s = load_settings({"max_attempts": 1}, environ=env)
+    for operation in (None, "GET /x", "GET /y"):
+        assert s.for_target("api", 443, operation).max_attempts == 1
+    assert (
+        s.for_target("api", 443, "GET /x").deadline == 9.0
+    )  # the file's, where kwargs say nothing
+    assert s.for_target("api", 80, None).breaker_window == 10
+    targets = TargetPolicies("http", s, clock=fake_clock, telemetry=False)
+    assert targets.policy_for("api", 443, "GET /x", retry_allowed=True).retry.attempts == 1
+    # the file's target sections still beat the environment's service-wide values
+    env["OTEL_RECOVERY_MAX_ATTEMPTS"] = "2"
+    s = load_settings(environ=env)
+    assert s.max_attempts == 4 and s.for_target("api", 80, None).max_attempts == 5
+    assert s.for_target("other", 80, None).max_attempts == 4
+    s = load_settings({"fallback_value": "kw"}, environ=env)
+    assert s.for_target("api", 443, "GET /x").fallback_value == "kw"
+
+
+# -- accepted values ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["GET;HEAD", "GET HEAD", "GET,HE AD", "GET/HEAD", "(GET)"])
+def test_an_http_method_that_is_not_a_token_is_an_error(tmp_path, value):
+    with pytest.raises(SettingsError, match=r"OTEL_RECOVERY_HTTP_RETRY_METHODS.*not an HTTP"):
+        load_settings(environ={"OTEL_RECOVERY_HTTP_RETRY_METHODS": value})
+    with pytest.raises(SettingsError, match=r"separate methods with commas") as bad:
+        load_settings({"http_retry_methods": value}, environ={})
+    assert bad.value.from_arguments
+    text = f'[targets."api"]\nhttp_retry_methods = {json.dumps(value)}\n'
+    with pytest.raises(SettingsError, match=r"http_retry_methods \(from \[targets"):
+        load_settings(environ=policy(tmp_path, text))
+
+
+def test_an_unknown_but_well_formed_method_is_kept_with_a_warning_naming_the_closest(caplog):
+    with caplog.at_level(logging.WARNING, logger="otel_recovery.instrumentors"):
+        s = load_settings(environ={"OTEL_RECOVERY_HTTP_RETRY_METHODS": "GET,GTE,PURGE,patch"})
+        load_settings(environ={"OTEL_RECOVERY_HTTP_RETRY_METHODS": "GET,GTE,PURGE,patch"})
+    assert s.http_retry_methods == {"GET", "GTE", "PURGE", "PATCH"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "OTEL_RECOVERY_HTTP_RETRY_METHODS: GTE is not a standard HTTP method "
+        "(did you mean GET?); it is kept, as a custom method",
+        "OTEL_RECOVERY_HTTP_RETRY_METHODS: PURGE is not a standard HTTP method; "
+        "it is kept, as a custom method",
+    ]
+
+
+@pytest.mark.parametrize("value", ["GET SET", "GET;SET", "get:x", "A B C", "CONFIG GET X", "1X"])
+def test_a_redis_command_name_that_cannot_be_one_is_an_error(value):
+    for name in ("REDIS_RETRY_COMMANDS", "REDIS_NO_RETRY_COMMANDS"):
+        with pytest.raises(SettingsError, match=rf"OTEL_RECOVERY_{name}.*not a Redis command"):
+            load_settings(environ={f"OTEL_RECOVERY_{name}": value})
+
+
+def test_redis_command_names_in_their_forms_and_unknown_ones_with_the_closest(caplog):
+    env = {
+        "OTEL_RECOVERY_REDIS_RETRY_COMMANDS": "hset, config|get, SETT, CONFIG GTE, JSON.GET",
+        "OTEL_RECOVERY_REDIS_NO_RETRY_COMMANDS": "XGROUP CREATE, CLIENT KILL, HGETAL",
+    }
+    with caplog.at_level(logging.WARNING, logger="otel_recovery.instrumentors"):
+        s = load_settings(environ=env)
+    assert s.redis_retry_commands == {"HSET", "CONFIG GET", "SETT", "CONFIG GTE", "JSON.GET"}
+    assert s.redis_no_retry_commands == {"XGROUP CREATE", "CLIENT KILL", "HGETAL"}
+    warned = [r.getMessage() for r in caplog.records]
+    assert sorted(warned) == [
+        "OTEL_RECOVERY_REDIS_NO_RETRY_COMMANDS: HGETAL is not a Redis command we know "
+        "(did you mean HGETALL?); it is kept, as written",
+        "OTEL_RECOVERY_REDIS_RETRY_COMMANDS: CONFIG GTE is not a Redis command we know "
+        "(did you mean CONFIG GET?); it is kept, as written",
+        "OTEL_RECOVERY_REDIS_RETRY_COMMANDS: SETT is not a Redis command we know "
+        "(did you mean SET?); it is kept, as written",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BREAKER_WINDOW", "100001"),
+        ("BREAKER_WINDOW", "99999999999"),  # allocated a window that size: MemoryError
+        ("BREAKER_MINIMUM_CALLS", "100001"),
+        ("BREAKER_HALF_OPEN_CALLS", "1001"),
+        ("BREAKER_OPEN_SECONDS", "86401"),
+        ("BREAKER_OPEN_SECONDS", "1e308"),
+        ("DEADLINE", "86401"),
+        ("ATTEMPT_TIMEOUT", "86401"),
+        ("RETRY_AFTER_CAP", "86401"),
+    ],
+)
+def test_numbers_have_an_upper_bound(name, value):
+    bounded = rf"OTEL_RECOVERY_{name}='{value}' is not valid: expected .*(at most|to) "
+    with pytest.raises(SettingsError, match=bounded):
+        load_settings(environ={f"OTEL_RECOVERY_{name}": value})
+
+
+NUMBERS = [
+    "backoff_initial",
+    "backoff_max",
+    "deadline",
+    "attempt_timeout",
+    "retry_after_cap",
+    "budget_ratio",
+    "budget_min_per_second",
+    "breaker_failure_rate",
+    "breaker_open_seconds",
+    "max_attempts",
+    "breaker_window",
+]
+
+
+def test_inf_and_nan_are_rejected_everywhere(tmp_path):
+    for name in NUMBERS:
+        for value in ("inf", "-inf", "nan"):
+            with pytest.raises(SettingsError, match=f"OTEL_RECOVERY_{name.upper()}"):
+                load_settings(environ={f"OTEL_RECOVERY_{name.upper()}": value})
+            with pytest.raises(SettingsError, match=rf"{name} \(from instrument"):
+                load_settings({name: float(value)}, environ={})
+            text = f'[targets."api"]\n{name} = {value}\n'
+            with pytest.raises(SettingsError, match=rf"{name} \(from \[targets"):
+                load_settings(environ=policy(tmp_path, text))
+
+
+@pytest.mark.parametrize("name", ["max_attempts", "breaker_window", "deadline", "budget_ratio"])
+def test_a_boolean_is_not_a_number(tmp_path, name):
+    with pytest.raises(SettingsError, match=rf"{name} \(from instrument.*=True is not valid"):
+        load_settings({name: True}, environ={})
+    with pytest.raises(SettingsError, match=rf"{name} \(from policy file"):
+        load_settings(environ=policy(tmp_path, f"{name} = true\n"))
+
+
+def test_backoff_initial_above_backoff_max_is_an_error_naming_both(tmp_path, probe, caplog):
+    with pytest.raises(
+        SettingsError,
+        match=r"backoff_initial=5 \(from OTEL_RECOVERY_BACKOFF_INITIAL\) is larger than "
+        r"backoff_max=2 \(from the default\)",
+    ) as bad:
+        load_settings(environ={"OTEL_RECOVERY_BACKOFF_INITIAL": "5"})
+    assert not bad.value.from_arguments
+    env = policy(
+        tmp_path,
+        'backoff_max = 0.5\n[targets."api"]\n[targets."api".operations."GET /x"]\n'
+        "backoff_initial = 1\n",
+    )
+    with pytest.raises(
+        SettingsError,
+        match=r'backoff_initial=1 \(from \[targets."api".operations."GET /x"\] in policy file '
+        r'.*backoff_max=0.5 \(from policy file .*\) for \[targets."api".operations."GET /x"\]',
+    ):
+        load_settings(environ=env)
+    with pytest.raises(SettingsError, match=r"backoff_initial=1 \(from instrument") as bad:
+        load_settings({"backoff_initial": 1, "backoff_max": 0.5}, environ={})
+    assert bad.value.from_arguments  # the program's own call: it raises out of instrument()
+    with pytest.raises(SettingsError, match="backoff_initial=3"):
+        probe.instrument(backoff_initial=3)  # above the default backoff_max
+    assert not errors(caplog)
+    s = load_settings({"backoff_max": 2}, environ=env)  # the keyword argument wins: no conflict
+    assert s.for_target("api", 80, "GET /x").backoff_max == 2
+
+
+def test_every_seconds_setting_accepts_a_timedelta():
+    seconds = [
+        "backoff_initial",
+        "backoff_max",
+        "deadline",
+        "attempt_timeout",
+        "retry_after_cap",
+        "breaker_open_seconds",
+    ]
+    s = load_settings(dict.fromkeys(seconds, timedelta(milliseconds=1500)), environ={})
+    assert [getattr(s, name) for name in seconds] == [1.5] * len(seconds)
+    with pytest.raises(SettingsError, match="budget_ratio"):
+        load_settings({"budget_ratio": timedelta(seconds=1)}, environ={})  # not a time
+
+
+@pytest.mark.parametrize("value", ["{bad json", "nan", "NaN", "Infinity", "[1,]"])
+def test_a_fallback_value_that_is_not_json_says_so(value):
+    with pytest.raises(
+        SettingsError, match=r"OTEL_RECOVERY_FALLBACK_VALUE=.* expected a JSON value"
+    ):
+        load_settings(environ={"OTEL_RECOVERY_FALLBACK_VALUE": value})
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("policy.yaml", "max_attempts: 3\n", r"names a YAML file"),
+        ("policy.yml", "max_attempts = 3\n", r"names a YAML file"),
+        ("policy.conf", '{"max_attempts": 3}', r"holds JSON.*\.json"),
+        ("policy", '{"max_attempts": 3}', r"holds JSON.*\.json"),
+        ("policy.toml", "max_attempts = \n", r"is not valid TOML"),
+        ("policy.json", '{"max_attempts": 3,}', r"is not valid JSON"),
+    ],
+)
+def test_a_policy_file_in_another_format_names_the_accepted_ones(tmp_path, name, text, message):
+    with pytest.raises(SettingsError, match=message) as bad:
+        load_settings(environ=policy(tmp_path, text, name))
+    assert "TOML, or JSON with a .json extension" in str(bad.value)
