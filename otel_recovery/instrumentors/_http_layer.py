@@ -23,6 +23,7 @@ from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._forksafe import new_lock
 from otel_recovery._policy_core import AsyncRunner, Runner
 from otel_recovery._trio import is_trio_cancellation
+from otel_recovery.instrumentors._attempt_site import AttemptSite
 from otel_recovery.instrumentors._client_retries import mark
 from otel_recovery.instrumentors._db import (
     CONTEXT_VAR,
@@ -38,7 +39,7 @@ from otel_recovery.instrumentors._http import (
     before_resend,
     status_of,
 )
-from otel_recovery.instrumentors._targets import HoldsBetweenAttempts, TargetPolicies
+from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -203,7 +204,7 @@ resend drops the earlier outcome (its response closed), delivering empties the l
 frame keeps the exception it raises in a local."""
 
 
-class HttpSite(HoldsBetweenAttempts, Generic[R]):
+class HttpSite(AttemptSite, Generic[R]):
     """One patched method that sends a request (``Session.request``, ``Client.send``...):
     how its requests are attempted, and what the application gets back in the end.
 

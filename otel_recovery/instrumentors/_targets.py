@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeAlias
 
 from otel_recovery._clock import Clock
-from otel_recovery._engine import Decision, give_up
+from otel_recovery._engine import Action, Decision, give_up
 from otel_recovery._forksafe import new_lock
 from otel_recovery.classify import Classifier, ErrorInfo
+from otel_recovery.instrumentors._attempt_site import past_call_limit, site_of, within_call_limit
 from otel_recovery.instrumentors._client_retries import client_retries
 from otel_recovery.instrumentors._settings import RecoverySettings
 from otel_recovery.instrumentors._wrapping import report_internal_error
@@ -38,7 +39,7 @@ from otel_recovery.telemetry.attributes import (
     RETRY_DISALLOWED,
 )
 
-__all__ = ["FallbackOn", "HoldsBetweenAttempts", "NeverRan", "TargetPolicies", "hold_back"]
+__all__ = ["FallbackOn", "NeverRan", "TargetPolicies", "hold_back"]
 
 FallbackOn: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -95,21 +96,6 @@ class _NeverRanRetry(Retry):
 
     def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
         return self.proves_never_ran(error) and super().is_retryable(error, info)
-
-
-class HoldsBetweenAttempts:
-    """A call site whose failed attempt may hold something a retry's backoff should not
-    keep: an HTTP response, and with it a connection of the client's pool, which a
-    ``Retry-After: 2`` would keep from every other request for two seconds. The site's
-    attempt function is a bound method of it; once a repeat is decided, before the wait,
-    the target's policy asks it to let go (``let_go(args)``, the attempt's arguments).
-    Not when the call gives up: what the last attempt holds is then the application's."""
-
-    def let_go(self, args: tuple[Any, ...]) -> None:
-        """Release what the failed attempt holds (nothing by default)."""
-
-    async def alet_go(self, args: tuple[Any, ...]) -> None:
-        """The async twin of :meth:`let_go`."""
 
 
 class _TargetPolicy(RecoveryPolicy):
@@ -190,20 +176,50 @@ class _TargetPolicy(RecoveryPolicy):
                 report_internal_error(f"{self.name} after a failure", problem)
 
     def _before_retry(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        holder = getattr(fn, "__self__", None)
-        if isinstance(holder, HoldsBetweenAttempts):
+        site = site_of(fn)
+        if site is not None:
             try:
-                holder.let_go(args)
+                site.let_go(args)
             except Exception as problem:
                 report_internal_error(f"{self.name} before a retry", problem)
 
     async def _abefore_retry(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        holder = getattr(fn, "__self__", None)
-        if isinstance(holder, HoldsBetweenAttempts):
+        site = site_of(fn)
+        if site is not None:
             try:
-                await holder.alet_go(args)
+                await site.alet_go(args)
             except Exception as problem:
                 report_internal_error(f"{self.name} before a retry", problem)
+
+    async def _arecover(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        error: BaseException,
+        started: float,
+        took: float,
+    ) -> Any:
+        """Recovery within the call's own time limit, where its site has one (aiohttp's
+        ``ClientTimeout.total``): see :mod:`._attempt_site`."""
+        site, limit = site_of(fn), None
+        if site is not None:
+            try:
+                limit = site.time_limit(args)
+            except Exception as problem:
+                report_internal_error(f"{self.name} reading the call's time limit", problem)
+        recovering = super()._arecover(fn, args, kwargs, error, started, took)
+        if limit is None:
+            return await recovering
+
+        def timed_out() -> BaseException:
+            return self._timeout_type(
+                f"the call exceeded its own {limit:.3g}s time limit, retries included"
+            )
+
+        return await within_call_limit(
+            started, started + limit, self.clock.now(), recovering, timed_out
+        )
 
     def _attempt_timed_out(self, limit: float) -> BaseException:
         """A ``TimeoutError`` that is also the client library's own timeout error, so an
@@ -216,7 +232,12 @@ class _TargetPolicy(RecoveryPolicy):
     ) -> Decision:
         if self._never_repeated or client_retries(error):
             return give_up(self.fallback, error, "not_retryable")
-        return super()._decide(error, info, attempt, delay, started)
+        decision = super()._decide(error, info, attempt, delay, started)
+        if decision.action is Action.RETRY and past_call_limit(
+            started, self.clock.now(), decision.delay
+        ):
+            return give_up(self.fallback, error, "deadline")  # the client's own limit
+        return decision
 
     def _stopped(
         self,

@@ -100,6 +100,18 @@ class _Site(HttpSite[aiohttp.ClientResponse]):
     def close(self, response: aiohttp.ClientResponse) -> object:
         return response.release()  # a no-op awaitable in aiohttp 3.x; awaited by the caller
 
+    def time_limit(self, args: tuple[Any, ...]) -> float | None:
+        """The request's ``ClientTimeout.total`` (its own, or its session's), which aiohttp
+        calls cumulative for the whole request: our retries stay within it."""
+        call_args, call_kwargs = args[2], args[3]
+        timeout = call_kwargs.get("timeout", _NOT_GIVEN)
+        if timeout is _NOT_GIVEN or timeout is aiohttp.helpers.sentinel:
+            timeout = getattr(call_args[0], "_timeout", None)  # the session's
+        total = timeout.total if isinstance(timeout, aiohttp.ClientTimeout) else timeout
+        if isinstance(total, (int, float)) and not isinstance(total, bool) and total > 0:
+            return float(total)
+        return None
+
     def rejected(
         self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> BaseException:
@@ -164,6 +176,8 @@ class _Planner:
             self.plans.remember(shape, plan)
         return plan
 
+
+_NOT_GIVEN = object()
 
 _CONNECT_FAILURES: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectorError,

@@ -14,6 +14,7 @@ from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrument
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import SpanKind, StatusCode
 
+from otel_recovery._clock import SYSTEM_CLOCK
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors._settings import SettingsError
 from otel_recovery.instrumentors.aiohttp_client import (
@@ -81,7 +82,9 @@ async def fetch(method, url, *, timeout=2.0, seen=None, session_options=None, **
 
     trace.on_request_end.append(on_end)
     async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=timeout),
+        timeout=timeout
+        if isinstance(timeout, aiohttp.ClientTimeout)
+        else aiohttp.ClientTimeout(total=timeout),
         trace_configs=[trace],
         **(session_options or {}),
     ) as session:
@@ -128,10 +131,12 @@ async def test_exhausted_retries_return_the_final_response_unchanged(server, tel
 
 async def test_reset_and_stall_are_retried(server, tel, instrument):
     """aiohttp 3.10+ itself resends an idempotent request once when the server drops the
-    connection, so there it takes two resets to make one failed attempt of ours."""
+    connection, so there it takes two resets to make one failed attempt of ours. The stall
+    meets a read timeout (``sock_read``): a ``total`` would bound the whole call, retries
+    included."""
     instrument()
     url = server.script("/flaky", *DROPS, hf.stall(1.0), hf.ok())
-    response, _ = await fetch("GET", url, timeout=0.25)
+    response, _ = await fetch("GET", url, timeout=aiohttp.ClientTimeout(sock_read=0.25))
     assert response.status == 200 and server.count("/flaky") == len(DROPS) + 2
     failed = hf.events(tel.recovery(), "otel_recovery.attempt.failed")
     assert [e["otel_recovery.error.kind"] for e in failed] == ["connection", "timeout"]
@@ -201,6 +206,40 @@ async def test_a_retried_response_is_released_before_the_backoff(server, instrum
     url = server.script("/x", hf.status(503, {"Retry-After": "1"}, big), hf.ok())
     assert (await fetch("GET", url, seen=seen))[0].status == 200 and len(seen) == 2
     assert at_sleep and all(closed == [True] for closed in at_sleep)
+
+
+# aiohttp's ClientTimeout(total=...) bounds the whole request, and each of our attempts would
+# start it afresh. These tests time a real server against the real clock (the policy's clock
+# and the event loop's must agree, as in production), so their margins are generous.
+
+
+async def test_a_stalled_request_ends_at_its_own_total_timeout_and_is_not_repeated(
+    server, tel, instrument
+):
+    instrument(clock=SYSTEM_CLOCK)
+    url = server.script("/slow", *[hf.stall(3.0)] * 3)
+    started = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        await fetch("GET", url, timeout=0.5)  # the session's ClientTimeout(total=0.5)
+    assert time.monotonic() - started < 1.2 and server.count("/slow") == 1
+    recovery = tel.recovery().attributes
+    assert recovery["otel_recovery.retry.stop_reason"] == "deadline"
+
+
+async def test_retries_stop_at_the_requests_own_total_timeout(server, tel, instrument):
+    """Slow 503s: without the limit, five attempts of 0.4 s each would take 2 s; within
+    ``timeout=ClientTimeout(total=1)`` the attempt in flight at 1 s is cut, and the caller
+    gets aiohttp's timeout error, as aiohttp alone raises when its total passes."""
+    instrument(clock=SYSTEM_CLOCK, max_attempts=5)
+    url = server.script("/busy", *[hf.stall(0.4, then=503)] * 5)
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError) as raised:
+            await session.get(url, timeout=aiohttp.ClientTimeout(total=1.0))
+    took = time.monotonic() - started
+    assert 0.9 < took < 1.6 and server.count("/busy") < 5
+    assert isinstance(raised.value, aiohttp.ServerTimeoutError)
+    assert "own 1s time limit" in str(raised.value)
 
 
 async def test_raise_for_status_sessions_are_retried_and_get_their_error(server, instrument):
@@ -364,8 +403,10 @@ async def test_aiohttps_own_timeout_is_not_taken_for_our_attempt_limit(
     server, tel, instrument, caplog
 ):
     """aiohttp's ``ClientTimeout`` raises a bare ``asyncio.TimeoutError`` too; with our
-    (longer) limit set, it was reported as our limit and as an internal error of ours."""
-    instrument(attempt_timeout=5.0)
+    (longer) limit set, it was reported as our limit and as an internal error of ours. Its
+    ``total`` is the whole call's: spent by the first attempt, nothing is repeated (the
+    real clock, as the policy's and the event loop's must agree)."""
+    instrument(attempt_timeout=5.0, clock=SYSTEM_CLOCK)
     url = server.script("/own", *[hf.stall(10.0)] * 3)
     with (
         caplog.at_level(logging.ERROR, logger="otel_recovery"),
@@ -373,9 +414,11 @@ async def test_aiohttps_own_timeout_is_not_taken_for_our_attempt_limit(
     ):
         await fetch("GET", url, timeout=0.2)
     assert not isinstance(raised.value, AioHttpAttemptTimeoutError)
-    assert server.count("/own") == 3  # a timeout is retried like any
+    assert server.count("/own") == 1
     assert "internal error" not in caplog.text
-    assert "AioHttpAttemptTimeoutError" not in tel.recovery().attributes["error.type"]
+    recovery = tel.recovery().attributes
+    assert "AioHttpAttemptTimeoutError" not in recovery["error.type"]
+    assert recovery["otel_recovery.retry.stop_reason"] == "deadline"
 
 
 # -- requests that never left the client (http_retry_unsent) -------------------------------
