@@ -22,11 +22,11 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
+from otel_recovery.instrumentors._policy_file import _toml_loads  # noqa: E402
+from otel_recovery.instrumentors._setting_values import _convert  # noqa: E402
 from otel_recovery.instrumentors._settings import (  # noqa: E402
     ENV_PREFIX,
     RecoverySettings,
-    _convert,
-    _toml_loads,
     load_settings,
     unknown_variables,
 )
@@ -124,7 +124,8 @@ def test_the_otel_recovery_variables_are_settings_with_the_defaults_the_file_cla
     defaults = RecoverySettings()
     for name, value in ours.items():  # compose.yaml: "all optional; these are the defaults"
         field = name.removeprefix(ENV_PREFIX).lower()
-        assert _convert(field, value, "env") == getattr(defaults, field), name
+        default = getattr(defaults, field)
+        assert _convert(field, value, "env", default) == default, name
 
 
 def test_the_image_installs_extras_that_exist_from_files_that_exist(

@@ -95,7 +95,7 @@ def test_unknown_keys_in_a_file_are_rejected_with_the_known_list(tmp_path):
 def test_an_unknown_variable_is_named_once_with_the_closest_real_one_and_ignored(
     caplog, monkeypatch
 ):
-    monkeypatch.setattr("otel_recovery.instrumentors._settings._warned", set())
+    monkeypatch.setattr("otel_recovery.instrumentors._setting_values._warned", set())
     env = {
         "OTEL_RECOVERY_MAX_ATEMPTS": "5",  # a typo
         "OTEL_RECOVERY_SOMETHING_ELSE": "1",  # nothing close

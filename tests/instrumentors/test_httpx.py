@@ -283,7 +283,7 @@ async def test_cancellation_during_backoff_releases_the_held_response(server, te
 
 
 async def test_disabled_by_environment_and_bad_settings(server, instrument, monkeypatch, caplog):
-    monkeypatch.setattr("otel_recovery.instrumentors._settings._warned", set())
+    monkeypatch.setattr("otel_recovery.instrumentors._setting_values._warned", set())
     monkeypatch.setenv("OTEL_RECOVERY_ENABLED", "false")
     instrument(contrib=False)
     assert originals_restored()

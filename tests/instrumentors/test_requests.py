@@ -477,7 +477,7 @@ def test_a_bad_setting_from_the_environment_is_logged_and_leaves_us_off(
 ):
     """Raising would stop opentelemetry-instrument's loader, and every instrumentation after
     ours with it: the bad value is logged once, naming the setting, and we stay off."""
-    monkeypatch.setattr("otel_recovery.instrumentors._settings._warned", set())
+    monkeypatch.setattr("otel_recovery.instrumentors._setting_values._warned", set())
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     ours = RequestsRecoveryInstrumentor()
@@ -876,9 +876,9 @@ EDGE_ANSWERS += [2**63 - 1, 2**63, -(2**63), 10**30, -(10**30), True, 503.0]
 def test_statuses_at_the_edges_are_judged_as_the_python_layer_judges_them(
     layer, statuses, monkeypatch
 ):
-    from otel_recovery.instrumentors import _settings
+    from otel_recovery.instrumentors import _setting_values
 
-    monkeypatch.setitem(_settings._CHECKS, "http_retry_statuses", (lambda v: True, "any"))
+    monkeypatch.setitem(_setting_values._CHECKS, "http_retry_statuses", (lambda v: True, "any"))
     _check_judgement(layer, statuses, EDGE_ANSWERS)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from otel_recovery import _config
 from otel_recovery._config import set_active
-from otel_recovery.instrumentors import _settings
+from otel_recovery.instrumentors import _setting_values
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._settings import SettingsError, load_settings
 from otel_recovery.instrumentors._targets import TargetPolicies
@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(autouse=True)
 def _fresh_log_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Messages are logged once per process: start each test with none logged yet."""
-    monkeypatch.setattr(_settings, "_warned", set())
+    monkeypatch.setattr(_setting_values, "_warned", set())
     monkeypatch.setattr(_config, "_reported", set(), raising=False)
     for name in list(os.environ):
         if name.startswith("OTEL_RECOVERY_") and name != "OTEL_RECOVERY_STORE_URL":

@@ -1,0 +1,267 @@
+"""Reading the policy file ``OTEL_RECOVERY_CONFIG`` names, and checking where each key may go.
+
+The file is the one source with structure (a top level, ``[targets."host"]`` sections and
+their ``operations`` sections), so it has its own failures: a file that cannot be read or
+parsed, a section that is not a table, a key at a level where nothing reads it. They live
+here, apart from :mod:`._settings` (which layers the sources) and :mod:`._setting_values`
+(which converts each value). This module does not import :mod:`._settings`: the settings'
+defaults come in as a parameter (``defaults``: each setting's default by name,
+:data:`._settings._DEFAULTS`).
+
+Where a key may be set follows from where the instrumentors read it:
+
+- for the whole service only (environment, top level of the file, keyword arguments):
+  ``enabled`` and ``learning`` (read once by each instrumentor: one switch, one learner) and
+  ``sql_retry`` (read once by the PostgreSQL instrumentors, for every connection);
+- also per target (``[targets."host"]``): ``breaker_*`` and ``budget_*`` (one circuit
+  breaker and one retry budget per target) and ``redis_retry_commands``,
+  ``redis_no_retry_commands``, ``redis_retry_refused`` (one Redis server's command rules);
+- also per operation: the rest (attempts, backoff, deadline, attempt timeout, Retry-After
+  cap, fallback value, the ``http_retry_*`` rules).
+
+A key where it would have no effect is an error that names where it belongs, as are an
+unknown key, an ``operations`` table at the top level or inside an operation, and a section
+that is not a table. ``backoff_initial`` may not exceed ``backoff_max`` at any level a call
+can meet.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from otel_recovery.instrumentors._setting_values import (
+    _ARGUMENTS,
+    ENV_PREFIX,
+    SettingsError,
+    _convert,
+)
+
+_SERVICE_ONLY = {
+    "enabled": "one switch per instrumentor",
+    "learning": "one learner per instrumentor",
+    "sql_retry": "one rule for every PostgreSQL connection",
+}
+_PER_TARGET_PREFIXES = ("breaker_", "budget_")
+_PER_TARGET = frozenset({"redis_retry_commands", "redis_no_retry_commands", "redis_retry_refused"})
+"""With every setting named ``breaker_*`` or ``budget_*`` (:func:`_per_target`): set for the
+service or per target, never in an operation section."""
+
+
+def _per_target(key: str) -> bool:
+    """Whether the known setting ``key`` is per target (never in an operation section)."""
+    return key in _PER_TARGET or key.startswith(_PER_TARGET_PREFIXES)
+
+
+def _values(
+    values: Mapping[str, Any],
+    where: str,
+    level: str,
+    target: str = "",
+    *,
+    defaults: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``values`` converted, each checked to be a setting that has an effect at ``level``:
+    ``arguments``, ``service`` (the file's top level), ``target`` or ``operation``."""
+    converted: dict[str, Any] = {}
+    for key, raw in values.items():
+        _check_place(key, where, level, target, defaults)
+        converted[key] = _convert(key, raw, where, defaults[key])
+    return converted
+
+
+def _check_place(
+    key: str, where: str, level: str, target: str, defaults: Mapping[str, Any]
+) -> None:
+    """Raise when ``key`` is unknown or has no effect at ``level`` (the module docstring);
+    ``defaults`` names every known setting."""
+    ours = level == "arguments"
+    section = f'[targets."{target}"]'
+    if key == "operations" and level == "service":
+        problem = (
+            f"an operations table at the top level of {where}: operation sections belong to "
+            'a target, as in [targets."api.example.com".operations."GET /v1/prices"]'
+        )
+    elif key == "operations" and level == "operation":
+        problem = (
+            f"{where} holds an operations table: operation sections do not nest; write one "
+            f'{section[:-1]}.operations."<operation>"] section per operation'
+        )
+    elif key == "targets" and level in ("target", "operation"):
+        problem = (
+            f"{where} holds a targets table: target sections go at the top level of the "
+            'policy file, as [targets."api.example.com"]'
+        )
+    elif key not in defaults:
+        settable = sorted(defaults)
+        extra = {"service": ["targets"], "target": ["operations"]}.get(level, [])
+        close = difflib.get_close_matches(str(key), [*settable, *extra], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if ours and key in ("targets", "operations"):
+            hint = " (target and operation sections come from the policy file only)"
+        problem = f"unknown setting {key!r} in {where}{hint}; known settings: {', '.join(settable)}"
+    elif key in _SERVICE_ONLY and level in ("target", "operation"):
+        problem = (
+            f"{key} in {where}: {key} applies to the whole service ({_SERVICE_ONLY[key]}): "
+            f"set it at the top level of the policy file, or in {ENV_PREFIX}{key.upper()}"
+        )
+    elif _per_target(key) and level == "operation":
+        what = (
+            f"{key} is per target (one Redis server's command rules)"
+            if key.startswith("redis_")
+            else "breaker_* and budget_* settings are per target (one circuit breaker and "
+            "one retry budget per target)"
+        )
+        problem = f"{key} in {where}: {what}: set it in {section}, not in an operation section"
+    else:
+        return
+    raise SettingsError(problem, from_arguments=ours)
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    accepted = "a policy file is TOML, or JSON with a .json extension"
+    suffix = file.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        raise SettingsError(
+            f"OTEL_RECOVERY_CONFIG={path!r} names a YAML file, which is not read: {accepted}"
+        )
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise SettingsError(
+            f"OTEL_RECOVERY_CONFIG={path!r} cannot be read ({reason}); "
+            "point it at a TOML or JSON policy file, or unset it"
+        ) from error
+    try:
+        data = json.loads(text) if suffix == ".json" else _toml_loads(text)
+    except Exception as error:
+        kind = "JSON" if suffix == ".json" else "TOML"
+        if kind == "TOML" and _is_json(text):
+            raise SettingsError(
+                f"OTEL_RECOVERY_CONFIG={path!r} holds JSON, which is read only from a file "
+                f"whose name ends in .json: rename it, or write it in TOML ({accepted})"
+            ) from error
+        raise SettingsError(
+            f"OTEL_RECOVERY_CONFIG={path!r} is not valid {kind}: {error} ({accepted})"
+        ) from error
+    if not isinstance(data, dict):
+        raise SettingsError(f"OTEL_RECOVERY_CONFIG={path!r} must hold a table of settings")
+    return data
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return text.lstrip()[:1] in ("{", "[")
+
+
+def _toml_loads(text: str) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the tomli backport is a declared dependency there
+        import tomli as tomllib
+    loaded: dict[str, Any] = tomllib.loads(text)
+    return loaded
+
+
+def _where_target(path: str, key: str, operation: str | None = None) -> str:
+    section = f'targets."{key}"' + (f'.operations."{operation}"' if operation else "")
+    return f"[{section}] in policy file {path}"
+
+
+def _read_policy(
+    path: str, defaults: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The file's top-level settings and its target sections, converted and checked."""
+    data = _read_file(path)
+    targets = data.pop("targets", {})
+    top = _values(data, f"policy file {path}", "service", defaults=defaults)
+    if not isinstance(targets, dict):
+        raise SettingsError(
+            f"'targets' in {path} must be a table of host sections, such as "
+            '[targets."api.example.com"]'
+        )
+    converted: dict[str, dict[str, Any]] = {}
+    for key, section in targets.items():
+        where = _where_target(path, key)
+        if not isinstance(section, dict):
+            raise SettingsError(f"{where} must be a table of settings, not {section!r}")
+        operations = section.get("operations", {})
+        values = {name: raw for name, raw in section.items() if name != "operations"}
+        converted[key] = _values(values, where, "target", key, defaults=defaults)
+        if not isinstance(operations, dict):
+            raise SettingsError(
+                f"operations in {where} must be a table of operation sections, such as "
+                f'[targets."{key}".operations."GET /v1/prices"], not {operations!r}'
+            )
+        ops: dict[str, Any] = {}
+        for operation, settings in operations.items():
+            there = _where_target(path, key, operation)
+            if not isinstance(settings, dict):
+                raise SettingsError(
+                    f"{there} must be a table of settings, such as fallback_value = [], "
+                    f"not {settings!r}"
+                )
+            ops[operation] = _values(settings, there, "operation", key, defaults=defaults)
+        if "operations" in section:
+            converted[key]["operations"] = ops
+    return top, converted
+
+
+_Layers = list[tuple[str, Mapping[str, Any]]]
+
+
+def _scopes(targets: Mapping[str, Any], path: str) -> Iterator[tuple[str, _Layers]]:
+    """Each section and operation section a call can meet, as (its name, the file's levels
+    :meth:`._settings.RecoverySettings.for_target` applies for it, in order)."""
+    for key in targets:
+        found = re.fullmatch(r"(.+):(\d+)", key)
+        chain = [k for k in (found.group(1), key) if k in targets] if found else [key]
+        operations = sorted({op for k in chain for op in targets[k].get("operations", {})})
+        for operation in (None, *operations):
+            layers: _Layers = []
+            for k in chain:
+                layers.append((_where_target(path, k), targets[k]))
+                if operation in targets[k].get("operations", {}):
+                    where = _where_target(path, k, operation)
+                    layers.append((where, targets[k]["operations"][operation]))
+            yield _where_target(path, key, operation).split(" in policy file ")[0], layers
+
+
+def _check_backoff(
+    base: _Layers,
+    arguments: Mapping[str, Any],
+    targets: Mapping[str, Any],
+    path: str,
+    defaults: Mapping[str, Any],
+) -> None:
+    """``backoff_initial`` may not exceed ``backoff_max`` at any level a call can meet."""
+    for scope, layers in [("", []), *_scopes(targets, path)]:
+        found: dict[str, tuple[Any, str]] = {}
+        for name in ("backoff_initial", "backoff_max"):
+            found[name] = (defaults[name], "the default")
+            for source, values in [*base, *layers, (_ARGUMENTS, arguments)]:
+                if name in values:
+                    found[name] = (values[name], _origin(name, source))
+        (initial, first), (maximum, longest) = found["backoff_initial"], found["backoff_max"]
+        if initial > maximum:
+            raise SettingsError(
+                f"backoff_initial={initial:g} (from {first}) is larger than backoff_max="
+                f"{maximum:g} (from {longest}){' for ' + scope if scope else ''}: the first "
+                "retry would wait longer than the longest wait allowed; make backoff_initial "
+                "at most backoff_max",
+                from_arguments={first, longest} <= {_ARGUMENTS, "the default"},
+            )
+
+
+def _origin(name: str, source: str) -> str:
+    return ENV_PREFIX + name.upper() if source == "env" else source
