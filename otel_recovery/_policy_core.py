@@ -41,6 +41,27 @@ AsyncRunner = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Aw
 """The async twin of :data:`Runner`."""
 
 _log = logging.getLogger("otel_recovery")
+_reported_bugs: set[tuple[type, type, type]] = set()
+_reported_lock = new_lock()
+
+
+def _report_classifier_bug(classifier: object, error: BaseException, bug: Exception) -> None:
+    """Log a classifier that raised, with its traceback, once per (classifier class, error
+    type, bug type): a broken rule meets every failure of a busy service, and a traceback per
+    call would bury the log (and cost the failure path). Later ones go to DEBUG."""
+    key = (type(classifier), type(error), type(bug))
+    with _reported_lock:
+        first = key not in _reported_bugs and len(_reported_bugs) < 1024
+        if first:
+            _reported_bugs.add(key)
+    message = "otel_recovery: classifying %s failed; not retrying it"
+    if first:
+        _log.error(message + " (logged once per classifier and error type)", type(error),
+                   exc_info=bug)  # fmt: skip
+    else:
+        _log.debug(message, type(error), exc_info=bug)
+
+
 _OPEN_STATES = (CircuitState.OPEN, CircuitState.FORCED_OPEN)
 _ANSWERED_CATEGORIES = frozenset({ErrorCategory.INVALID_REQUEST, ErrorCategory.CONFIGURATION})
 _ANSWERED_KINDS = frozenset({ErrorKind.SERIALIZATION, ErrorKind.READONLY})
@@ -233,8 +254,8 @@ class PolicyCore:
         classifier = self.classifier or get_default_classifier()
         try:
             return classifier.classify(error, self.context)
-        except Exception:
-            _log.exception("otel_recovery: classifying %s failed; not retrying it", type(error))
+        except Exception as problem:
+            _report_classifier_bug(classifier, error, problem)
             return ErrorInfo(
                 category=ErrorCategory.UNKNOWN,
                 severity=Severity.MEDIUM,

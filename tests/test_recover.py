@@ -12,9 +12,9 @@ import psycopg
 import pytest
 import redis
 
-from otel_recovery import testing
+from otel_recovery import _policy_core, testing
 from otel_recovery._policy_core import says_dependency_is_up
-from otel_recovery.classify import classify
+from otel_recovery.classify import Classifier, classify
 from otel_recovery.policies import (
     Bulkhead,
     BulkheadFullError,
@@ -468,3 +468,25 @@ def test_the_async_runner_accepts_a_plain_value_like_acall():
     assert asyncio.run(run(plain, (), {})) == "value"
     assert asyncio.run(policy.acall(plain)) == "value"
     assert calls == [1, 1]  # once each: never an error after the call, never a retry
+
+
+def test_a_broken_classifier_is_logged_once_and_the_callers_error_raised(fake_clock, caplog):
+    """A rule that raises meets every failure of a busy service: one traceback per
+    classifier and error type, not one per call, and the call's own error stays the
+    caller's (not retried: what a failure is cannot be known)."""
+
+    class Broken(Classifier):
+        def classify(self, exc: BaseException, context: Any = None) -> Any:
+            raise KeyError("a broken rule")
+
+    _policy_core._reported_bugs.clear()
+    p = policy(fake_clock, retry=Retry(3), classifier=Broken())
+    with caplog.at_level("DEBUG", logger="otel_recovery"):
+        for _ in range(5):
+            flaky = Flaky(ConnectionError("down"))
+            with pytest.raises(ConnectionError, match="down"):
+                p.call(flaky)
+            assert flaky.calls == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info[0] is KeyError
+    assert sum("classifying" in r.getMessage() for r in caplog.records) == 5
