@@ -50,6 +50,8 @@ from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.learning.store import CheckpointLearnerStore
 from otel_recovery.learning.strategy import StrategyLearner
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
+from otel_recovery.stores import ENV_STORE_URL, StoreConfigError
+from otel_recovery.stores._url import parse_store_url
 from otel_recovery.telemetry import Telemetry
 
 __all__ = ["RecoveryInstrumentor"]
@@ -69,6 +71,19 @@ def _conflict_error() -> type[Exception] | None:
     """
     error: type[Exception] | None = getattr(dependencies, "DependencyConflictError", None)
     return error
+
+
+def _check_store_url() -> None:
+    """``OTEL_RECOVERY_STORE_URL`` is read when the first target's breaker is made: a
+    malformed one would fail every call's planning then, and leave recovery off for good
+    behind one internal-error line. It is checked here, at start-up, as a bad setting."""
+    url = os.environ.get(ENV_STORE_URL)
+    if not url:
+        return
+    try:
+        parse_store_url(url, setting=ENV_STORE_URL)
+    except StoreConfigError as error:
+        raise SettingsError(str(error)) from error
 
 
 class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -123,6 +138,7 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         options = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
         try:
             settings = load_settings(options)
+            _check_store_url()
         except SettingsError as error:
             if error.from_arguments:
                 raise  # the program's own call: the mistake surfaces where it was made

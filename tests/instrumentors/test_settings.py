@@ -85,6 +85,8 @@ def error_loggers(caplog: pytest.LogCaptureFixture) -> list[str]:
         ({"OTEL_RECOVERY_MAX_ATTEMPTS": "abc"}, "OTEL_RECOVERY_MAX_ATTEMPTS='abc' is not valid"),
         ({"OTEL_RECOVERY_CONFIG": "/nonexistent/policy.toml"}, "cannot be read"),
         ("max_attempts = 99\n", "max_attempts (from policy file "),
+        # read when the first target's breaker is made: checked at start-up instead
+        ({"OTEL_RECOVERY_STORE_URL": "mysql://db/x"}, "OTEL_RECOVERY_STORE_URL='mysql://db/x'"),
     ],
 )
 def test_a_bad_value_from_the_environment_or_file_is_logged_once_and_leaves_us_off(
@@ -100,7 +102,7 @@ def test_a_bad_value_from_the_environment_or_file_is_logged_once_and_leaves_us_o
     assert error_loggers(caplog) == ["otel_recovery.instrumentors"]
     assert not probe.is_instrumented_by_opentelemetry and Client().call() == "original"
     assert probe.targets is None
-    for name in ("OTEL_RECOVERY_MAX_ATTEMPTS", "OTEL_RECOVERY_CONFIG"):
+    for name in ("OTEL_RECOVERY_MAX_ATTEMPTS", "OTEL_RECOVERY_CONFIG", "OTEL_RECOVERY_STORE_URL"):
         monkeypatch.delenv(name, raising=False)
     probe.instrument()  # fixed: a later instrument() installs us
     assert probe.is_instrumented_by_opentelemetry and Client().call() == "ours(original)"
