@@ -110,6 +110,10 @@ def _decorate(policy: RecoveryPolicy, fn: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
+_POLICY_OPTIONS = frozenset({"classifier", "context", "clock", "telemetry", "span"})
+"""What ``recover()`` passes on to :class:`RecoveryPolicy` beyond its own arguments."""
+
+
 @overload
 def recover(fn: Callable[P, T], /) -> Callable[P, T]: ...
 
@@ -180,6 +184,13 @@ def recover(
             )
         chosen = policy
     else:
+        unknown = sorted(set(options) - _POLICY_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"recover() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                "it takes attempts, on, retry, breaker, budget, timeout, fallback, bulkhead, "
+                f"policy, name and {', '.join(sorted(_POLICY_OPTIONS))}"
+            )
         if retry is not None and (attempts is not None or on is not None):
             raise TypeError("give either retry=Retry(...) or attempts=/on=, not both")
         if retry is None:

@@ -490,3 +490,10 @@ def test_a_broken_classifier_is_logged_once_and_the_callers_error_raised(fake_cl
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].exc_info[0] is KeyError
     assert sum("classifying" in r.getMessage() for r in caplog.records) == 5
+
+
+def test_an_unknown_keyword_names_recover_and_what_it_takes():
+    with pytest.raises(
+        TypeError, match=r"recover\(\) got unexpected keyword argument\(s\) 'bogus'"
+    ):
+        recover(bogus=1)

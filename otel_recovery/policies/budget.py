@@ -226,7 +226,9 @@ class RetryBudget:
 
 def _check_ratio(ratio: object) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-        hint = f"; did you mean {ratio / 100}?" if isinstance(ratio, (int, float)) else ""
+        hint = ""
+        if isinstance(ratio, (int, float)) and 1 < ratio <= 100:  # 10 meant as 10 %
+            hint = f"; did you mean {ratio / 100:g}?"
         raise ValueError(f"ratio must be in [0, 1], got {ratio!r}{hint}")
 
 
