@@ -105,6 +105,7 @@ def is_active() -> bool:
 
 
 def is_testing() -> bool:
+    """Whether testing mode is on (see :func:`set_testing`)."""
     return SWITCHES.testing
 
 

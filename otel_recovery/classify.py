@@ -195,6 +195,7 @@ class Rule:
         return self.when is None or (exc is not None and bool(self.when(exc)))
 
     def apply(self, verdict: Verdict) -> Verdict:
+        """``verdict`` with the fields this rule sets overridden (the rest kept)."""
         category = self.category or verdict.category
         return replace(
             verdict,

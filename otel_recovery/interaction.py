@@ -255,20 +255,29 @@ class ErrorRecoveryInteraction:
     _restore_checkpoint = restore_checkpoint
 
     def list_checkpoints(self, prefix: str = "") -> list[dict[str, Any]]:
+        """The live checkpoints whose process id starts with ``prefix``, newest version of
+        each, as dicts (``checkpoint_id``, ``version``, ``created_at``, ``expires_at``)."""
         return [_listed(r) for r in self.checkpoints.list(prefix)]
 
     async def alist_checkpoints(self, prefix: str = "") -> list[dict[str, Any]]:
+        """The async twin of :meth:`list_checkpoints` (the store's own async client)."""
         return [_listed(r) for r in await self.checkpoints.alist(prefix)]
 
     def delete_checkpoint(self, process_id: str) -> int:
+        """Delete every version of ``process_id``'s checkpoint; returns how many were live
+        (0 when none: deleting twice is not an error)."""
         return self.checkpoints.delete(process_id)
 
     async def adelete_checkpoint(self, process_id: str) -> int:
+        """The async twin of :meth:`delete_checkpoint`."""
         return await self.checkpoints.adelete(process_id)
 
     # -- statistics -----------------------------------------------------------------------------
 
     def get_recovery_stats(self) -> dict[str, Any]:
+        """What this interaction has recovered so far: totals, success rate and average
+        recovery time, counts by strategy, error category and status, and the state of each
+        service's circuit breaker (``active_circuit_breakers`` counts those not closed)."""
         stats = self._stats.snapshot()
         states = {name: b.state.value for name, b in self.circuit_breakers.items()}
         stats["active_circuit_breakers"] = sum(
@@ -278,6 +287,7 @@ class ErrorRecoveryInteraction:
         return stats
 
     def reset_stats(self) -> None:
+        """Start the counts of :meth:`get_recovery_stats` again (breakers keep their state)."""
         self._stats.reset()
 
     # -- recovery -------------------------------------------------------------------------------

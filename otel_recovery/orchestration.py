@@ -143,6 +143,10 @@ class RecoveryOrchestrator:
         health_check: Callable[[], Any] | None = None,
         fallback: Callable[[], Any] | None = None,
     ) -> None:
+        """Name a service the orchestrator may recover: ``recover()`` brings it back,
+        ``health_check()`` says whether it is up (a truthy result, possibly awaited; raising
+        counts as down), and ``fallback()``
+        serves in its place while it is not. Registering a name again replaces it."""
         for label, value in (
             ("recover", recover),
             ("health_check", health_check),

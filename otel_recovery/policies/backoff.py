@@ -35,7 +35,10 @@ class Backoff(Protocol):
     the previous retry (0.0 before the first), which decorrelated jitter needs.
     """
 
-    def delay(self, retry_number: int, previous_delay: float, rng: random.Random) -> float: ...
+    def delay(self, retry_number: int, previous_delay: float, rng: random.Random) -> float:
+        """Seconds to wait before retry ``retry_number``; jitter draws from ``rng`` only,
+        so a seeded ``rng`` makes a schedule repeatable in tests."""
+        ...
 
 
 class ExponentialBackoff:
@@ -76,6 +79,7 @@ class ExponentialBackoff:
         return min(self.maximum, value)
 
     def delay(self, retry_number: int, previous_delay: float, rng: random.Random) -> float:
+        """See :class:`Backoff`."""
         jitter = self.jitter
         if jitter == "decorrelated":
             upper = 3.0 * max(previous_delay, self.initial)
@@ -105,6 +109,7 @@ class FixedBackoff:
         self.jitter = to_seconds(jitter, "jitter")
 
     def delay(self, retry_number: int, previous_delay: float, rng: random.Random) -> float:
+        """See :class:`Backoff`."""
         if self.jitter:
             return self.seconds + rng.uniform(0.0, self.jitter)
         return self.seconds
@@ -130,6 +135,7 @@ class CustomBackoff:
         self.func = func
 
     def delay(self, retry_number: int, previous_delay: float, rng: random.Random) -> float:
+        """The function's delay, checked to be seconds (a number or a ``timedelta``)."""
         value = self.func(retry_number, previous_delay)
         return to_seconds(value, f"delay returned by {self.func!r}")
 

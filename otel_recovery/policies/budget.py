@@ -203,6 +203,8 @@ class RetryBudget:
         return (self.ratio, self.min_per_second) != self._configured
 
     def snapshot(self, now: float | None = None) -> BudgetSnapshot:
+        """The budget's counts in its window at ``now`` (the clock's time by default) and
+        how many retries it would allow: for dashboards and tests."""
         if now is None:
             now = self.clock.now()
         with self._lock:

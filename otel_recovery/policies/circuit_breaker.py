@@ -468,6 +468,8 @@ class CircuitBreaker:
             return max(0.0, self._open_until - self._clock.now())
 
     def snapshot(self) -> BreakerSnapshot:
+        """The breaker's state and window counts at this moment, consistent with each
+        other (read under its lock): for dashboards, health endpoints and tests."""
         with self._lock:
             self._fold()
             failure_rate = slow_rate = None
