@@ -156,6 +156,7 @@ class ErrorRecoveryInteraction:
         self.clock: Clock = clock or SYSTEM_CLOCK
         self.telemetry: Telemetry | bool = telemetry
         self.checkpoints = Checkpoints(store, clock=self.clock)
+        self._owns_store = not isinstance(store, Store)  # made here from a URL or the default
         self.healing = healing if healing is not None else HealingRegistry()
         self.max_attempts = max_attempts
         self.backoff: Backoff = backoff if backoff is not None else ExponentialBackoff()
@@ -170,6 +171,33 @@ class ErrorRecoveryInteraction:
     @property
     def classifier(self) -> Classifier:
         return self._classifier or get_default_classifier()
+
+    # -- lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the checkpoint store this interaction made (from ``store="redis://..."``
+        or the default), releasing its connections; a store object you passed in is yours
+        to close. Also ``with ErrorRecoveryInteraction(...) as recovery:``."""
+        if self._owns_store:
+            self.checkpoints.close()
+
+    async def aclose(self) -> None:
+        """The async twin of :meth:`close`, for a store used through its async client
+        (``restore_checkpoint``): also ``async with``."""
+        if self._owns_store:
+            await self.checkpoints.aclose()
+
+    def __enter__(self) -> ErrorRecoveryInteraction:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> ErrorRecoveryInteraction:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     # -- circuit breakers ---------------------------------------------------------------------
 

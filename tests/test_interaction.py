@@ -11,6 +11,7 @@ from otel_recovery import testing
 from otel_recovery.classify import Classifier, ErrorCategory, Rule
 from otel_recovery.interaction import ErrorRecoveryInteraction, RecoveryAction, RecoveryStrategy
 from otel_recovery.policies import CircuitBreaker, CircuitState, ExponentialBackoff, FixedBackoff
+from otel_recovery.stores import MemoryStore
 
 
 class HTTPError(Exception):
@@ -632,3 +633,25 @@ async def test_concurrent_recoveries_are_counted_exactly(recovery):
     assert stats["total_recoveries"] == 60
     assert stats["successful_recoveries"] == sum(r["recovery_status"] == "success" for r in results)
     assert stats["successful_recoveries"] == 30
+
+
+async def test_closing_releases_the_store_it_made_and_leaves_a_given_one(monkeypatch):
+    """``store="redis://..."`` makes a store, and its connections, that only the
+    interaction can close; a store object passed in is the caller's to close."""
+    closed: list[str] = []
+    made = ErrorRecoveryInteraction(store="memory://")
+    monkeypatch.setattr(made.checkpoints.store, "close", lambda: closed.append("made"))
+
+    async def aclosed() -> None:
+        closed.append("made async")
+
+    monkeypatch.setattr(made.checkpoints.store, "aclose", aclosed)
+    with made:
+        made.create_checkpoint("run", {"cursor": 1})
+    async with made:
+        assert (await made.restore_checkpoint("run"))["state"] == {"cursor": 1}
+    given = MemoryStore()
+    monkeypatch.setattr(given, "close", lambda: closed.append("given"))
+    with ErrorRecoveryInteraction(store=given):
+        pass
+    assert closed == ["made", "made async"]
