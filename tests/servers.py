@@ -57,16 +57,28 @@ closed, before the server it was meant for has bound it (a private cluster's six
 got the same port twice)."""
 
 
-def free_port(below: int = 65536) -> int:
-    """A free TCP port under ``below`` (a cluster node also needs port + 10000 free), never
-    one this process was given before."""
+def free_port(below: int = 65536, *, also_free: int | None = None) -> int:
+    """A free TCP port under ``below``, never one this process was given before; with
+    ``also_free``, port + ``also_free`` is free too (a cluster node's bus port, +10000)."""
     while True:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port: int = probe.getsockname()[1]
-        if port < below and port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+        if port >= below or port in _HANDED_OUT:
+            continue
+        if also_free is not None and not _bindable(port + also_free):
+            continue  # taken by another process (a test run beside this one, a client)
+        _HANDED_OUT.add(port)
+        return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _redis_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -102,25 +114,34 @@ class PrivateRedis:
         binary = shutil.which("redis-server")
         if binary is None:
             unavailable("redis-server is not installed, so no private server can be started")
-        self.port = free_port(below=55536 if cluster else 65536)
-        self._dir = tempfile.TemporaryDirectory(prefix="otelrec-redis-")
-        extra = ["--dir", self._dir.name]
-        if cluster:  # a one-node cluster: every slot on this server
-            extra += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-        self._process = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-            + ["--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.pid = self._process.pid
         self._timers: list[threading.Timer] = []
         deadline = time.monotonic() + 10
-        while not _redis_answers("127.0.0.1", self.port, timeout=0.2):
-            if time.monotonic() > deadline or self._process.poll() is not None:
+        # Another process may take the port (or a cluster's bus port) between our probe and
+        # the server's bind: the server then exits at once, and a new port is tried, in a
+        # new directory (a cluster node writes its nodes.conf there before it binds).
+        for tries_left in (2, 1, 0):
+            self._dir = tempfile.TemporaryDirectory(prefix="otelrec-redis-")
+            extra = ["--dir", self._dir.name]
+            if cluster:  # a one-node cluster: every slot on this server
+                extra += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            self.port = free_port(below=55536, also_free=10000) if cluster else free_port()
+            self._process = subprocess.Popen(
+                [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+                + ["--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", *extra],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.pid = self._process.pid
+            while not _redis_answers("127.0.0.1", self.port, timeout=0.2):
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            else:
+                break  # it answers
+            if self._process.poll() is None or not tries_left:  # hung, or out of ports
                 self.close()
                 unavailable(f"a private redis-server did not start on port {self.port}")
-            time.sleep(0.02)
+            self._dir.cleanup()
         if cluster:
             admin = self.admin()
             admin.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")

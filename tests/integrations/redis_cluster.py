@@ -83,7 +83,7 @@ class Node(RedisProcess):
     outlives a SIGKILL, so :meth:`start` brings the same node back."""
 
     def __init__(self, binary: str, root: str) -> None:
-        super().__init__(binary, root, free_port(below=55536))  # the bus is port + 10000
+        super().__init__(binary, root, free_port(below=55536, also_free=10000))  # the bus port
         self.id = ""
 
     def command_line(self) -> list[str]:
