@@ -365,6 +365,10 @@ _SQLSTATE: dict[str, Verdict] = {
     "57P05": CONN,  # idle session timeout
     "57014": TIMEOUT,  # query_canceled, e.g. statement_timeout
     "25006": _PRESETS["READONLY"],  # read-only transaction: we reached a replica
+    # idle_in_transaction_session_timeout: the application held a transaction open, idle,
+    # past the server's limit. A healthy server's answer (not counted against its breaker),
+    # and not to be repeated: the transaction it was part of is gone.
+    "25P03": INVALID,
     "55P03": _v(C.TRANSIENT, K.RESOURCE, True),  # lock_not_available
     "42501": AUTH,  # insufficient_privilege
 }

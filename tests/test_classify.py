@@ -453,6 +453,7 @@ def pg3(sqlstate: str | None, message: str = "pg error") -> BaseException:
         ("42601", Cat.CONFIGURATION, Kind.SYNTAX, False),
         ("23505", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),
         ("25006", Cat.TRANSIENT, Kind.READONLY, True),
+        ("25P03", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # the app idled in a txn
         ("3D000", Cat.CONFIGURATION, Kind.OTHER, False),
         ("3F000", Cat.CONFIGURATION, Kind.OTHER, False),
         ("99999", Cat.UNKNOWN, Kind.OTHER, False),
