@@ -45,7 +45,7 @@ from otel_recovery.instrumentors._settings import (
     load_settings,
     report_off,
 )
-from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies
+from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies, TargetPolicy
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.learning.store import CheckpointLearnerStore
 from otel_recovery.learning.strategy import StrategyLearner
@@ -110,6 +110,12 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     (``PsycopgAttemptTimeoutError``, ``HTTPXAttemptTimeoutError``,
     ``AioHttpAttemptTimeoutError``), for the same reason as :attr:`rejection`."""
 
+    policy_class: ClassVar[type[TargetPolicy]] = TargetPolicy
+    """The class of this instrumentor's per-target policies. The Redis and PostgreSQL ones
+    use ``_db.GuardedPolicy``: a bug of ours while a failed call is handled leaves the
+    driver's own outcome to the application, and a failure of the client's own (waiting
+    for its pool) is neither retried nor counted. The HTTP layers settle both themselves."""
+
     settings: RecoverySettings | None = None
     targets: TargetPolicies | None = None
     _patches: PatchSet | None = None
@@ -170,6 +176,7 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             timeout=self.attempt_timeout_error,
             mend=mend,
             amend=amend,
+            policy_class=self.policy_class,
         )
         patches = PatchSet(self.library)
         self._install(patches, self.targets, kwargs)

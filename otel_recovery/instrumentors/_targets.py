@@ -39,7 +39,7 @@ from otel_recovery.telemetry.attributes import (
     RETRY_DISALLOWED,
 )
 
-__all__ = ["FallbackOn", "NeverRan", "TargetPolicies", "hold_back"]
+__all__ = ["FallbackOn", "NeverRan", "TargetPolicies", "TargetPolicy", "hold_back"]
 
 FallbackOn: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -98,7 +98,7 @@ class _NeverRanRetry(Retry):
         return self.proves_never_ran(error) and super().is_retryable(error, info)
 
 
-class _TargetPolicy(RecoveryPolicy):
+class TargetPolicy(RecoveryPolicy):
     """One target's policy as an instrumentor runs it.
 
     An open circuit raises ``rejection``: a ``CircuitOpenError`` that is also the client
@@ -209,6 +209,7 @@ class _TargetPolicy(RecoveryPolicy):
             except Exception as problem:
                 report_internal_error(f"{self.name} reading the call's time limit", problem)
         recovering = super()._arecover(fn, args, kwargs, error, started, took)
+        del error  # the coroutine has it: kept here too, it would make a frame cycle
         if limit is None:
             return await recovering
 
@@ -352,6 +353,7 @@ class TargetPolicies:
         timeout: type[Exception] = TimeoutError,
         mend: Mend | None = None,
         amend: AMend | None = None,
+        policy_class: type[TargetPolicy] | None = None,
     ) -> None:
         """``classifier`` replaces the process-wide one for these policies (the HTTP
         instrumentors classify retryable *responses* by status); ``fallback_on`` limits what
@@ -360,7 +362,9 @@ class TargetPolicies:
         ``rejection`` is what an open circuit raises and ``passes_refused`` what it lets
         through all the same; ``timeout`` is what an awaited attempt that overran
         ``attempt_timeout`` raises, ``mend`` and ``amend`` what is repaired after a failure
-        (see ``_TargetPolicy``)."""
+        (see ``TargetPolicy``); ``policy_class`` is the class of the policies built (a
+        :class:`TargetPolicy` subclass: the Redis and PostgreSQL instrumentors' guard their
+        recovery step, ``_db.GuardedPolicy``)."""
         self.library = library
         self.settings = settings
         self._span: Literal["own", "current"] = span
@@ -374,6 +378,7 @@ class TargetPolicies:
         self._timeout = timeout
         self._mend = mend
         self._amend = amend
+        self._policy_class = policy_class or TargetPolicy
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
         self._lock = new_lock()
@@ -551,7 +556,7 @@ class TargetPolicies:
             retry.not_retried, retry.repeats = not_retried, repeats
         elif isinstance(retry, _NeverRanRetry) and never_ran is not None:
             retry.never_ran = never_ran
-        policy = _TargetPolicy(
+        policy = self._policy_class(
             rejection or self._rejection,
             disallowed,
             self._passes_refused,

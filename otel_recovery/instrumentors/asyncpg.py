@@ -23,7 +23,16 @@ circuit open. ``Transaction`` updates its bookkeeping before it sends them: a re
 later ``BEGIN`` becomes a ``SAVEPOINT`` the server rejects, for the life of a pooled
 connection), and a refused ``COMMIT`` or ``ROLLBACK`` would leave the server holding a
 transaction, and its locks, that the client has forgotten. Refusing the statements inside
-the transaction is what fails fast.
+the transaction is what fails fast. What a pool sends when it takes a connection back
+(``Connection.reset``) passes an open circuit too, sent as without us: refused, it raised out
+of ``pool.release()``, after the application's work had committed. While the circuit is
+closed it runs and counts like any statement.
+
+Waiting for the application's own pool is not the server's failure: an ``acquire(timeout=)``
+that runs out before a connection holder is free (or a pool closing under it) is neither
+retried nor counted on the breaker, and reaches the application as asyncpg raised it, after
+the wait it asked for. What follows taking a holder (its connect) is the server's, retried and
+counted as before (``PoolConnectionHolder.acquire`` tells the two apart).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from otel_recovery.instrumentors._db import (
     Site,
     SpanMode,
     async_layer,
+    clients_own,
     compiles,
     instrumentation_enabled,
     pg_default_target,
@@ -79,9 +89,32 @@ class AsyncPGCircuitOpenError(CircuitOpenError, asyncpg.exceptions.InterfaceErro
         return error.with_traceback(self.__traceback__)
 
 
-_ACQUIRING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "otel_recovery_asyncpg_acquiring", default=False
+class _Acquiring:
+    """One attempt of ``Pool._acquire``: whether it has taken a connection holder from the
+    pool yet (``PoolConnectionHolder.acquire``, which connects if need be). Before that it
+    only waits for the application's own pool: a failure then (its ``acquire(timeout=)``
+    running out on an exhausted pool, the pool closing) is the client's own, never the
+    server's (:func:`clients_own`)."""
+
+    __slots__ = ("holding",)
+
+    def __init__(self) -> None:
+        self.holding = False
+
+
+_ACQUIRING: contextvars.ContextVar[_Acquiring | None] = contextvars.ContextVar(
+    "otel_recovery_asyncpg_acquiring", default=None
 )
+"""The attempt of ``Pool._acquire`` in progress: a connect nested in it passes straight
+through (the acquire is the one retried), and taking a holder is noted on it. asyncpg's
+``wait_for`` runs the acquire in a task of its own, with a copy of this context: the object
+is shared, so what it notes there is seen here."""
+_RESETTING: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "otel_recovery_asyncpg_resetting", default=None
+)
+"""The connection whose ``Connection.reset`` is running (a pool resets every connection it
+takes back): its statements pass an open circuit (:meth:`AsyncPGRecoveryInstrumentor.\
+_passes_refused`)."""
 _STATEMENTS = ("execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany")
 _PREPARED = ("fetch", "fetchval", "fetchrow", "executemany", "fetchmany")
 _TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT ", "RELEASE SAVEPOINT ")
@@ -91,13 +124,16 @@ statement ending in ``;`` (a script such as ``"BEGIN; ...; COMMIT"`` is gated as
 
 def _passing_transaction_control(
     build: Callable[[Callable[..., Any]], Callable[..., Any]],
+    originals: dict[str, Callable[..., Any]],
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``build`` for ``Connection.execute``, sending transaction control straight to the
     original (see the module docstring). ``Transaction`` calls ``execute(query)`` and
     nothing else; the layer stays a plain function returning the awaitable of the one it
-    wraps, so every other statement still takes the compiled path."""
+    wraps, so every other statement still takes the compiled path. The original is kept in
+    ``originals["execute"]`` (what a refused reset is sent through)."""
 
     def build_passing(original: Callable[..., Any]) -> Callable[..., Any]:
+        originals["execute"] = original
         layer = build(original)
 
         def execute(*args: Any, **kwargs: Any) -> Any:
@@ -239,7 +275,7 @@ def _share(
             plans[connection._addr] = plan
 
 
-Kind = Literal["connect", "acquire", "statement", "prepared"]
+Kind = Literal["connect", "acquire", "holder", "reset", "statement", "prepared"]
 
 
 def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
@@ -247,7 +283,7 @@ def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
     where = f"asyncpg {getattr(site.owner, '__name__', site.owner)}.{site.attribute}"
 
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not instrumentation_enabled() or (kind == "connect" and _ACQUIRING.get()):
+        if not instrumentation_enabled() or (kind == "connect" and _ACQUIRING.get() is not None):
             return await wrapped(*args, **kwargs)
         try:
             plan = planner.connect(args, kwargs) if kind == "connect" else planner.acquire(instance)
@@ -256,13 +292,49 @@ def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
             return await wrapped(*args, **kwargs)
         if kind != "acquire":
             return await run_async(plan, wrapped, args, kwargs)
-        token = _ACQUIRING.set(True)
+        return await run_async(plan, _acquiring(wrapped), args, kwargs)
+
+    return wrapper
+
+
+def _acquiring(acquire: Callable[..., Any]) -> Callable[..., Any]:
+    """``Pool._acquire``, each attempt under an :class:`_Acquiring` of its own: a failure
+    before a holder was taken is the pool's own wait (or its closing), marked as the
+    client's (:func:`clients_own`): not retried, not counted on the server's breaker, and
+    raised as asyncpg raised it, after the wait the application asked for. One after (a
+    connect refused, a server starting up) is the server's, retried as before."""
+
+    async def attempt(*args: Any, **kwargs: Any) -> Any:
+        state = _Acquiring()
+        token = _ACQUIRING.set(state)
         try:
-            return await run_async(plan, wrapped, args, kwargs)
+            return await acquire(*args, **kwargs)
+        except Exception as error:
+            if not state.holding:
+                clients_own(error)
+            raise
         finally:
             _ACQUIRING.reset(token)
 
-    return wrapper
+    return attempt
+
+
+def _holding(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    """``PoolConnectionHolder.acquire``: the acquire in progress has a holder now."""
+    state = _ACQUIRING.get()
+    if state is not None:
+        state.holding = True
+    return wrapped(*args, **kwargs)
+
+
+async def _resetting(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    """``Connection.reset``, what a pool runs on every connection it takes back: its
+    statements pass an open circuit (see :meth:`AsyncPGRecoveryInstrumentor._passes_refused`)."""
+    token = _RESETTING.set(instance)
+    try:
+        return await wrapped(*args, **kwargs)
+    finally:
+        _RESETTING.reset(token)
 
 
 def _sites() -> list[tuple[Any, str, Kind]]:
@@ -270,6 +342,8 @@ def _sites() -> list[tuple[Any, str, Kind]]:
         (asyncpg, "connect", "connect"),
         (asyncpg.connection, "connect", "connect"),
         (asyncpg.pool.Pool, "_acquire", "acquire"),
+        (asyncpg.pool.PoolConnectionHolder, "acquire", "holder"),
+        (asyncpg.connection.Connection, "reset", "reset"),
     ]
     connection_class = asyncpg.connection.Connection
     sites += [
@@ -292,18 +366,48 @@ class AsyncPGRecoveryInstrumentor(PostgresInstrumentor):
             return None
         return _connection_target(connection)
 
+    _originals: dict[str, Callable[..., Any]]
+
+    def _passes_refused(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[..., Any] | None:
+        """What a pool's reset of a connection it takes back sends passes an open circuit:
+        ``Connection.reset``'s ``execute(reset_query)`` (and, where asyncpg sends it as a
+        statement of its own, the ``ROLLBACK`` of a transaction left open), on the
+        connection being reset. Refused, it raised
+        out of ``pool.release()``, at the exit of ``async with pool.acquire()``: after the
+        application's work had committed, so an application retrying what it took for
+        failed work applied it twice. Sent, it does what it does without us (a server that
+        is really down fails it, and asyncpg closes that connection). Asked on the
+        rejection path only."""
+        resetting = _RESETTING.get()
+        if (
+            resetting is None
+            or len(args) != 2
+            or args[0] is not resetting
+            or type(args[1]) is not str
+            or not kwargs.keys() <= {"timeout"}
+        ):
+            return None
+        return getattr(self, "_originals", {}).get("execute")
+
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         planner = _Planner(targets)
+        self._originals = {}
         for owner, attribute, kind in _sites():
             site = Site(owner, attribute)
             if kind in ("connect", "acquire"):
                 wrapper = _wrapper(planner, kind, site)
                 site.proxy = patches.wrap(owner, attribute, wrapper, beneath_contrib=True)
+            elif kind == "holder":
+                site.proxy = patches.wrap(owner, attribute, _holding)
+            elif kind == "reset":
+                site.proxy = patches.wrap(owner, attribute, _resetting)
             else:  # per statement: a plain-function layer beneath contrib's span
                 where = f"asyncpg {owner.__name__}.{attribute}"
                 locate = planner.statement_locator(site, kind == "prepared", patches)
                 route = planner.route(site) if kind == "statement" else None
                 build = async_layer(patches, where, locate, route)
                 if owner is asyncpg.connection.Connection and attribute == "execute":
-                    build = _passing_transaction_control(build)
+                    build = _passing_transaction_control(build, self._originals)
                 site.proxy = patches.layer(owner, attribute, build, beneath_contrib=True)

@@ -28,6 +28,11 @@ on a client built with ``retry=Retry(NoBackoff(), 0)``, connection failures too.
 setting is the way to make otel-recovery the only retry layer, and the only one that never
 resends a non-idempotent command. Cluster clients are treated alike, with the cluster's own
 ``retry`` and ``ERRORS_ALLOW_RETRY``.
+
+An application's own connection pool with nothing to give (a ``BlockingConnectionPool`` past
+its ``timeout``, a pool at its ``max_connections``) is not the server's failure: the command
+never left the client, so it is neither retried nor counted on the server's breaker
+(:func:`pool_exhausted`), and the application gets redis-py's error after the pool's own wait.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    MaxConnectionsError,
     ReadOnlyError,
     TryAgainError,
 )
@@ -58,6 +64,7 @@ from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
     LEGACY_SUPPRESS_KEY,
     SUPPRESS_KEY,
+    GuardedPolicy,
     Plan,
     PlanCache,
     Site,
@@ -78,7 +85,14 @@ from otel_recovery.instrumentors._redis_sentinel import (
     server_of,
 )
 from otel_recovery.instrumentors._settings import RecoverySettings
-from otel_recovery.instrumentors._targets import AMend, Mend, NeverRan, TargetPolicies, hold_back
+from otel_recovery.instrumentors._targets import (
+    AMend,
+    Mend,
+    NeverRan,
+    TargetPolicies,
+    TargetPolicy,
+    hold_back,
+)
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -143,6 +157,45 @@ def never_ran(error: BaseException) -> bool:
         text = str(error)
         return text.startswith("Error ") and " connecting to " in text
     return False
+
+
+_POOL_MESSAGES = frozenset({"No connection available.", "Too many connections"})
+"""What redis-py's own connection pools raise, as a plain ``ConnectionError``, when the
+application's pool has no connection to give (4.5 to 8): a ``BlockingConnectionPool``
+that waited its ``timeout`` in vain, a ``ConnectionPool`` at its ``max_connections`` (which
+later releases raise as a ``MaxConnectionsError``, as cluster nodes do)."""
+_POOL_MODULES = frozenset({"redis.connection", "redis.asyncio.connection"})
+
+
+def pool_exhausted(error: BaseException) -> bool:
+    """Whether ``error`` says the application's own connection pool had no connection to
+    give: the client's doing, not the server's, so it is neither retried nor counted on the
+    server's breaker (the pool's wait is over, and a retry would only wait again).
+
+    By type (``MaxConnectionsError``) or, for the plain ``ConnectionError`` redis-py's
+    pools raise, by its exact message *and* its origin: raised by the pool's own code in
+    ``redis.connection`` / ``redis.asyncio.connection`` (the innermost frame of its
+    traceback), never by a reply of the server's."""
+    if isinstance(error, MaxConnectionsError):
+        return True
+    if type(error) is not RedisConnectionError or str(error) not in _POOL_MESSAGES:
+        return False
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame.f_globals.get("__name__") in _POOL_MODULES
+
+
+class _RedisPolicy(GuardedPolicy):
+    """A Redis target's policy: an exhausted connection pool of the application's
+    (:func:`pool_exhausted`) is not the server's failure."""
+
+    __slots__ = ()
+
+    def _clients_own(self, error: BaseException) -> bool:
+        return pool_exhausted(error) or super()._clients_own(error)
 
 
 _ONLY_LISTED_ERRORS = hasattr(redis.client.Redis, "_disconnect_raise")
@@ -834,6 +887,7 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
     )
     """A configured ``fallback_value`` stands in when the server is unreachable, loading,
     failing over or rejected by the breaker; never for a command error (``WRONGTYPE``)."""
+    policy_class: ClassVar[type[TargetPolicy]] = _RedisPolicy
 
     def _mends(self, clock: Clock) -> tuple[Mend | None, AMend | None]:
         reconnect = ReplicaReconnect(clock)

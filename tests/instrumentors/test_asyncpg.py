@@ -7,7 +7,10 @@ counts calls beneath our wrapper; PgFront counts TCP connections; tables count r
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +18,7 @@ import asyncpg
 import asyncpg.connection
 import asyncpg.pool
 import pytest
+import wrapt
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.instrumentation.utils import (
     suppress_instrumentation,
@@ -29,6 +33,7 @@ from servers import (
     terminate_when_running,
 )
 
+from otel_recovery._policy_core import PolicyCore
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import asyncpg as ours_module
 from otel_recovery.instrumentors.asyncpg import (
@@ -36,6 +41,8 @@ from otel_recovery.instrumentors.asyncpg import (
     AsyncPGRecoveryInstrumentor,
     dsn_target,
 )
+from otel_recovery.policies.budget import RetryBudget
+from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
 Conn = asyncpg.connection.Connection
 SITES = [
@@ -320,3 +327,198 @@ async def test_an_open_breakers_rejection_is_asyncpgs_own_interface_error(h: Har
         assert (annotated.name, annotated.retry_after) == (breaker.name, breaker.retry_after())
     finally:
         await conn.close()
+
+
+# -- a bug of ours never replaces asyncpg's outcome; the pool's own wait is not the server's --
+
+
+class Bug(RuntimeError):
+    """What a broken piece of otel_recovery raises in these tests."""
+
+
+def _bug(*args: Any, **kwargs: Any) -> Any:
+    raise Bug("a bug of ours")
+
+
+@contextlib.contextmanager
+def driver_errors(owner: Any, attribute: str) -> Iterator[list[BaseException]]:
+    """What asyncpg's own ``owner.attribute`` raised, recorded beneath every layer (spliced
+    under the harness's counting layer, so enter it before instrumenting)."""
+    raised: list[BaseException] = []
+
+    async def awaited(result: Any) -> Any:
+        try:
+            return await result
+        except BaseException as error:
+            raised.append(error)
+            raise
+
+    def record(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        return awaited(wrapped(*args, **kwargs))
+
+    counting = vars(owner)[attribute]
+    beneath = counting.__wrapped__
+    counting.__wrapped__ = wrapt.FunctionWrapper(beneath, record)
+    try:
+        yield raised
+    finally:
+        counting.__wrapped__ = beneath
+
+
+def _internal_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.message for r in caplog.records if "otel_recovery internal error" in r.message]
+
+
+def _reported(target: str) -> list[str]:
+    return [
+        f"otel_recovery internal error in asyncpg {target}: recovery; the call proceeds "
+        "uninstrumented (reported once per site)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        (PolicyCore, "_decide"),  # deciding whether to retry the refused connect
+        (RetryBudget, "record_call"),  # counting the call, before its first attempt
+    ],
+    ids=["decide", "record_call"],
+)
+async def test_a_bug_of_ours_around_a_refused_connect_gives_asyncpgs_own_error_once(
+    h: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    broken: tuple[Any, str],
+) -> None:
+    """The application gets asyncpg's own ``ConnectionRefusedError`` object, one connect is
+    made (no retry because our code broke), and the bug is logged once."""
+    port = free_port()
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with driver_errors(asyncpg, "connect") as raised, caplog.at_level(logging.ERROR):
+        h.instrument()
+        monkeypatch.setattr(*broken, _bug)
+        with pytest.raises(OSError) as refused:
+            await asyncpg.connect(url(port))
+    assert raised == [refused.value] and not isinstance(refused.value, Bug)
+    assert h.calls["connect"] == 1
+    assert _internal_errors(caplog) == _reported(f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["python_layer", "remembered_plan"])
+async def test_a_bug_of_ours_counting_a_killed_statement_gives_asyncpgs_own_error_once(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, warm: bool
+) -> None:
+    """A backend terminated under its statement, and the breaker's ``record_failure``
+    broken: asyncpg's own exception object, the statement sent once, one log record.
+    ``remembered_plan``: the statement takes the compiled layer where it is built."""
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with driver_errors(Conn, "fetchval") as raised, caplog.at_level(logging.ERROR):
+        h.instrument()
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            if warm:
+                assert await conn.fetchval("SELECT 1") == 1
+            h.reset()
+            monkeypatch.setattr(CircuitBreaker, "record_failure", _bug)
+            with pytest.raises(asyncpg.ConnectionDoesNotExistError) as killed:
+                await conn.fetchval("SELECT pg_terminate_backend(pg_backend_pid())")
+        finally:
+            conn.terminate()
+    assert raised == [killed.value]
+    assert h.calls["fetchval"] == 1
+    assert _internal_errors(caplog) == _reported("127.0.0.1:5432")
+
+
+async def test_acquire_on_an_exhausted_pool_is_not_the_servers_failure(h: Harness) -> None:
+    """``pool.acquire(timeout=)`` with every connection taken: asyncpg's own
+    ``TimeoutError`` after the application's own timeout, tried once, counted neither way on
+    the server's breaker and spending none of its retry budget; the server still answers."""
+    ours = h.instrument().ours
+    pool = await asyncpg.create_pool(PG_URL, min_size=1, max_size=1)
+    try:
+        held = await pool.acquire()
+        h.reset()
+        for _ in range(25):  # a burst of impatient requests: enough to open a circuit
+            started = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await pool.acquire(timeout=0.1)
+            assert time.monotonic() - started < 0.2  # the pool's own wait, once
+        assert h.calls["_acquire"] == 25
+        assert ours.targets is not None
+        (breaker,) = ours.targets.breakers()
+        snapshot = breaker.snapshot()
+        assert (snapshot.state.name, snapshot.failed_calls) == ("CLOSED", 0)
+        budget = ours.targets._target("127.0.0.1", 5432).budget.snapshot()
+        assert (budget.total_retries, budget.total_refused) == (0, 0)
+        await pool.release(held)
+        assert await pool.fetchval("SELECT 3") == 3
+        conn = await asyncpg.connect(PG_URL)
+        assert await conn.fetchval("SELECT 4") == 4
+        await conn.close()
+    finally:
+        pool.terminate()  # not close(): it would wait for a connection a failure left out
+
+
+async def test_a_connect_failing_inside_an_acquire_is_still_the_servers(h: Harness) -> None:
+    """What follows taking a holder (its connect, refused here) is the server's: retried at
+    the acquire and counted, as before."""
+    ours = h.instrument(max_attempts=2).ours
+    port = free_port()
+    pool = await asyncpg.create_pool(url(port), min_size=0, max_size=1)
+    try:
+        h.reset()
+        with pytest.raises(OSError):
+            await pool.acquire(timeout=5)
+        assert h.calls["_acquire"] == 2
+        assert ours.targets is not None
+        (breaker,) = ours.targets.breakers()
+        assert breaker.snapshot().failed_calls == 1
+    finally:
+        await pool.close()
+
+
+async def test_a_pools_reset_on_release_passes_an_open_circuit(h: Harness) -> None:
+    """The circuit opens while a connection is out; the work done on it committed. Releasing
+    it (``async with`` exit) resets it through ``Connection.reset``: that housekeeping is
+    sent as without us, so the exit raises nothing and the pool keeps its connection."""
+    ours = h.instrument().ours
+    table = h.table()
+    pool = await asyncpg.create_pool(PG_URL, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (1)")  # autocommitted
+            await conn.execute("SET application_name = 'otelrec_reset_check'")
+            assert ours.targets is not None
+            (breaker,) = ours.targets.breakers()
+            breaker.force_open()
+            h.reset()
+        assert h.rows(table) == 1
+        assert h.calls["execute"] == 1  # the reset, sent
+        breaker.reset()
+        async with pool.acquire() as conn:  # the same connection, reset (RESET ALL)
+            assert await conn.fetchval("SHOW application_name") != "otelrec_reset_check"
+        assert pool.get_size() == 1
+    finally:
+        await pool.close()
+
+
+async def test_statements_outside_a_reset_are_still_refused_by_an_open_circuit(
+    h: Harness,
+) -> None:
+    """Only the reset's own statements pass: the application's, on a pooled connection,
+    are refused as before."""
+    ours = h.instrument().ours
+    pool = await asyncpg.create_pool(PG_URL, min_size=1, max_size=1)
+    assert ours.targets is not None
+    (breaker,) = ours.targets.breakers()
+    try:
+        async with pool.acquire() as conn:
+            breaker.force_open()
+            with pytest.raises(AsyncPGCircuitOpenError):
+                await conn.execute("SELECT 1")
+            with pytest.raises(AsyncPGCircuitOpenError):
+                await conn.execute("RESET ALL")
+            breaker.reset()
+    finally:
+        breaker.reset()
+        await pool.close()

@@ -8,13 +8,17 @@ installed first); PgFront counts TCP connections; tables count rows.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+import wrapt
 from opentelemetry.instrumentation import dbapi
 from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 from opentelemetry.instrumentation.utils import (
@@ -33,6 +37,7 @@ from servers import (
     terminate_when_running,
 )
 
+from otel_recovery._policy_core import PolicyCore
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import psycopg as ours_module
 from otel_recovery.instrumentors.psycopg import (
@@ -41,6 +46,8 @@ from otel_recovery.instrumentors.psycopg import (
     PsycopgRecoveryInstrumentor,
     ends_transaction_work,
 )
+from otel_recovery.policies.budget import RetryBudget
+from otel_recovery.policies.circuit_breaker import CircuitBreaker
 from otel_recovery.testing import FakeClock
 
 SITES = [
@@ -567,3 +574,163 @@ def assert_awaited_statement_not_retried(h: Harness, keyword: str) -> None:
         (span,) = marked_by_us(h.exporter.get_finished_spans())
         assert span.name.startswith("recover psycopg 127.0.0.1:")
         assert (span.attributes or {})["otel_recovery.outcome"] == "failure"
+
+
+# -- a bug of ours never replaces psycopg's outcome; the pool's own wait is not the server's --
+
+
+class Bug(RuntimeError):
+    """What a broken piece of otel_recovery raises in these tests."""
+
+
+def _bug(*args: Any, **kwargs: Any) -> Any:
+    raise Bug("a bug of ours")
+
+
+@contextlib.contextmanager
+def driver_errors(owner: Any, attribute: str) -> Iterator[list[BaseException]]:
+    """What psycopg's own ``owner.attribute`` raised, recorded beneath every layer (spliced
+    under the harness's counting layer, so enter it before instrumenting)."""
+    raised: list[BaseException] = []
+
+    def record(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as error:
+            raised.append(error)
+            raise
+        if not inspect.isawaitable(result):
+            return result
+
+        async def awaited() -> Any:
+            try:
+                return await result
+            except BaseException as error:
+                raised.append(error)
+                raise
+
+        return awaited()
+
+    counting = vars(owner)[attribute]
+    beneath = counting.__wrapped__
+    counting.__wrapped__ = wrapt.FunctionWrapper(beneath, record)
+    try:
+        yield raised
+    finally:
+        counting.__wrapped__ = beneath
+
+
+def _internal_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.message for r in caplog.records if "otel_recovery internal error" in r.message]
+
+
+def _reported(target: str) -> list[str]:
+    return [
+        f"otel_recovery internal error in psycopg {target}: recovery; the call proceeds "
+        "uninstrumented (reported once per site)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        (PolicyCore, "_decide"),  # deciding whether to retry the refused connect
+        (RetryBudget, "record_call"),  # counting the call, before its first attempt
+    ],
+    ids=["decide", "record_call"],
+)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_bug_of_ours_around_a_refused_connect_gives_psycopgs_own_error_once(
+    h: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    broken: tuple[Any, str],
+) -> None:
+    """The application gets psycopg's own ``OperationalError`` object, one connect is
+    made (no retry because our code broke), and the bug is logged once."""
+    port = free_port()
+    site = (psycopg, "connect") if kind == "sync" else (psycopg.AsyncConnection, "connect")
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with driver_errors(*site) as raised, caplog.at_level(logging.ERROR):
+        h.instrument()
+        monkeypatch.setattr(*broken, _bug)
+        try:
+            if kind == "sync":
+                psycopg.connect(dsn(port))
+            else:
+                await psycopg.AsyncConnection.connect(dsn(port))
+        except Exception as caught:
+            error: BaseException = caught
+        else:
+            raise AssertionError("connected to a refused port")
+    assert type(error) is psycopg.OperationalError and "refused" in str(error)
+    assert raised == [error]
+    assert h.calls["connect"] == 1
+    assert _internal_errors(caplog) == _reported(f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["python_layer", "remembered_plan"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_bug_of_ours_counting_a_killed_statement_gives_psycopgs_own_error_once(
+    h: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    warm: bool,
+) -> None:
+    """A backend terminated under its statement, and the breaker's ``record_failure``
+    broken: psycopg's own exception object, the statement sent once, one log record.
+    ``remembered_plan``: the statement takes the compiled layer where it is built."""
+    owner = psycopg.Cursor if kind == "sync" else psycopg.AsyncCursor
+    kill = "SELECT pg_terminate_backend(pg_backend_pid())"
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with driver_errors(owner, "execute") as raised, caplog.at_level(logging.ERROR):
+        h.instrument()
+        if kind == "sync":
+            conn: Any = psycopg.connect(PG_DSN, autocommit=True)
+        else:
+            conn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
+        try:
+            if warm:
+                await maybe_await(conn.execute("SELECT 1"))
+            h.reset()
+            monkeypatch.setattr(CircuitBreaker, "record_failure", _bug)
+            try:
+                await maybe_await(conn.execute(kill))
+            except Exception as caught:
+                error: BaseException = caught
+            else:
+                raise AssertionError("the backend survived")
+        finally:
+            await maybe_await(conn.close())
+    assert isinstance(error, TERMINATED) and not isinstance(error, Bug)
+    assert raised == [error]
+    assert h.calls["execute"] == 1
+    assert _internal_errors(caplog) == _reported("127.0.0.1:5432")
+
+
+async def maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def test_a_pool_timeout_of_psycopg_pool_is_not_the_servers_failure(h: Harness) -> None:
+    """psycopg_pool's ``PoolTimeout`` (no connection free within ``timeout``) is raised by
+    the pool's own wait, which none of our layers is in: not retried, not counted."""
+    psycopg_pool = pytest.importorskip("psycopg_pool")
+    h.instrument()
+    with psycopg_pool.ConnectionPool(PG_DSN, min_size=1, max_size=1, timeout=0.2) as pool:
+        with pool.connection() as held:
+            held.execute("SELECT 1")
+            h.reset()
+            started = time.monotonic()
+            with pytest.raises(psycopg_pool.PoolTimeout):
+                pool.getconn()
+            assert time.monotonic() - started < 0.4
+        assert h.calls["connect"] == 0
+        assert h.ours.targets is not None
+        (breaker,) = h.ours.targets.breakers()
+        snapshot = breaker.snapshot()
+        assert (snapshot.state.name, snapshot.failed_calls) == ("CLOSED", 0)
+        with pool.connection() as conn:
+            assert conn.execute("SELECT 2").fetchone() == (2,)

@@ -44,12 +44,13 @@ from servers import (  # noqa: F401
     private_redis_cluster,
 )
 
+from otel_recovery._policy_core import PolicyCore
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import redis as ours_module
 from otel_recovery.instrumentors._redis_commands import CommandRules, command_name
 from otel_recovery.instrumentors._settings import load_settings
 from otel_recovery.instrumentors.redis import RedisCircuitOpenError, RedisRecoveryInstrumentor
-from otel_recovery.policies.circuit_breaker import CircuitOpenError
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
 from otel_recovery.testing import FakeClock
 
 REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:3])
@@ -1797,3 +1798,195 @@ async def test_never_ran_does_not_hold_for_our_open_circuit(h: Harness, kind: st
     assert isinstance(error, RedisCircuitOpenError)
     assert isinstance(error, redis.exceptions.ConnectionError)
     assert ours_module.never_ran(error) is False
+
+
+# -- our own bugs never replace redis-py's outcome; the client's own pool is not the server --
+
+
+class Bug(RuntimeError):
+    """What a broken piece of otel_recovery raises in these tests."""
+
+
+def _bug(*args: Any, **kwargs: Any) -> Any:
+    raise Bug("a bug of ours")
+
+
+BROKEN = {
+    # what breaks while the first failure is handled, and the command it breaks under:
+    # deciding on a SET (a write we would retry), counting a failed INCR (never retried)
+    "decide": (PolicyCore, "_decide", ("SET", "s", "v")),
+    "record_failure": (CircuitBreaker, "record_failure", ("INCR", "n")),
+}
+
+
+@contextlib.contextmanager
+def driver_errors(h: Harness, owner: Any, attribute: str) -> Iterator[list[BaseException]]:
+    """What redis-py's own ``owner.attribute`` raised, recorded beneath every layer (spliced
+    under the harness's counting layer, taken out again at the end)."""
+    raised: list[BaseException] = []
+
+    def record(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as error:
+            raised.append(error)
+            raise
+        if not inspect.isawaitable(result):
+            return result
+
+        async def awaited() -> Any:
+            try:
+                return await result
+            except BaseException as error:
+                raised.append(error)
+                raise
+
+        return awaited()
+
+    (counting,) = [p for o, a, p in h._proxies if (o, a) == (owner, attribute)]
+    beneath = counting.__wrapped__
+    counting.__wrapped__ = wrapt.FunctionWrapper(beneath, record)
+    try:
+        yield raised
+    finally:
+        counting.__wrapped__ = beneath
+
+
+def _internal_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.message for r in caplog.records if "otel_recovery internal error" in r.message]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["python_layer", "remembered_plan"])
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_bug_of_ours_during_a_real_failure_gives_redis_pys_own_error_once(
+    h: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    broken: str,
+    warm: bool,
+) -> None:
+    """A killed connection, and a bug of ours while handling it (deciding whether to retry,
+    counting the failure on the breaker): the application gets redis-py's own exception
+    object, the command is sent once, and the bug is logged once. ``remembered_plan``: the
+    call takes the compiled layer where the extension is built."""
+    owner, name, command = BROKEN[broken]
+    h.instrument("contrib_first")
+    c = h.client() if kind == "sync" else h.aclient()
+    client = redis.client.Redis if kind == "sync" else redis.asyncio.client.Redis
+    try:
+        if warm:
+            await maybe_await(c.execute_command(*command))
+        client_id = await maybe_await(c.client_id())
+        h.reset_counts()
+        monkeypatch.setattr(owner, name, _bug)
+        monkeypatch.setattr(_wrapping, "_reported", set())
+        with driver_errors(h, client, "execute_command") as raised, caplog.at_level(logging.ERROR):
+            killer = kill_mid_write(h.server, client_id)
+            error = await raised_by(lambda: c.execute_command(*command))
+            await asyncio.to_thread(killer.join)
+    finally:
+        await close_client(c)
+    assert type(error) is redis.exceptions.ConnectionError
+    assert raised == [error]  # the very object redis-py raised, its only attempt
+    assert h.attempts["execute_command"] == 1 and h.sent[command[0]] == 1
+    assert _internal_errors(caplog) == [
+        f"otel_recovery internal error in redis 127.0.0.1:{h.server.port}: recovery; the "
+        "call proceeds uninstrumented (reported once per site)"
+    ]
+
+
+async def raised_by(call: Any) -> BaseException:
+    """The exception ``call()`` (sync, or returning an awaitable) ends in, whatever its type."""
+    try:
+        await maybe_await(call())
+    except BaseException as error:
+        return error
+    raise AssertionError("the call succeeded")
+
+
+def _take_connection(pool: Any) -> Any:
+    """One connection out of ``pool`` (sync), the way redis-py 4.5 to 8 each accept."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return pool.get_connection()
+        except TypeError:  # before 5.x? the command name was required
+            return pool.get_connection("PING")
+
+
+async def _atake_connection(pool: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            pending = pool.get_connection()
+        except TypeError:
+            pending = pool.get_connection("PING")
+        return await pending
+
+
+POOLS = {
+    # pool class, its options, what redis-py says when the application's pool is empty
+    "blocking": ("BlockingConnectionPool", {"max_connections": 1, "timeout": 0.2}),
+    "max_connections": ("ConnectionPool", {"max_connections": 1}),
+}
+
+
+@pytest.mark.parametrize("pool_kind", sorted(POOLS))
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_an_exhausted_pool_of_the_applications_is_not_the_servers_failure(
+    h: Harness, kind: str, pool_kind: str
+) -> None:
+    """A ``BlockingConnectionPool`` with no free connection within its ``timeout`` ("No
+    connection available."), a ``ConnectionPool`` at its ``max_connections`` ("Too many
+    connections"): the server never saw the command. It is tried once, takes the pool's own
+    time, counts neither way on the server's breaker nor spends its retry budget, and the
+    next call, from another client, is answered."""
+    ours = h.instrument("contrib_first").ours
+    module: Any = redis if kind == "sync" else redis.asyncio
+    class_name, options = POOLS[pool_kind]
+    retry_class: Any = Retry if kind == "sync" else redis.asyncio.retry.Retry
+    pool = getattr(module, class_name)(
+        host="127.0.0.1", port=h.server.port, retry=retry_class(NoBackoff(), 0), **options
+    )
+    h._owners.add(id(pool))
+    c = module.Redis(connection_pool=pool)
+    other = h.client() if kind == "sync" else h.aclient()
+    try:
+        assert await maybe_await(c.set("k", "v")) is True
+        held = _take_connection(pool) if kind == "sync" else await _atake_connection(pool)
+        h.reset_counts()
+        started = time.monotonic()
+        error = await raised_by(lambda: c.get("k"))
+        took = time.monotonic() - started
+        assert isinstance(error, redis.exceptions.ConnectionError), repr(error)
+        assert not isinstance(error, CircuitOpenError)
+        assert h.attempts["execute_command"] == 1
+        assert took < options.get("timeout", 0.0) + 0.15  # the pool's own wait, once
+        assert ours.targets is not None
+        (breaker,) = ours.targets.breakers()
+        snapshot = breaker.snapshot()
+        assert (snapshot.state.name, snapshot.failed_calls) == ("CLOSED", 0)
+        budget = ours.targets._target("127.0.0.1", h.server.port).budget.snapshot()
+        assert (budget.total_retries, budget.total_refused) == (0, 0)
+        assert await maybe_await(other.get("k")) == b"v"
+        await maybe_await(pool.release(held))
+        assert await maybe_await(c.get("k")) == b"v"
+    finally:
+        await close_client(other)
+        await maybe_await(pool.disconnect())
+
+
+def test_only_the_pools_own_errors_are_the_clients_own() -> None:
+    """By type, or by message *and* origin: a server's reply of the same words, or a
+    ``ConnectionError`` raised outside redis-py's pools, is the server's failure."""
+    assert ours_module.pool_exhausted(redis.exceptions.MaxConnectionsError())
+    lookalike = redis.exceptions.ConnectionError("No connection available.")
+    assert not ours_module.pool_exhausted(lookalike)  # no traceback: not from a pool
+    try:
+        raise lookalike
+    except redis.exceptions.ConnectionError as error:
+        assert not ours_module.pool_exhausted(error)  # raised here, not by a pool
+    assert not ours_module.pool_exhausted(redis.exceptions.ConnectionError("Connection reset"))
+    assert not ours_module.pool_exhausted(redis.exceptions.TimeoutError("Too many connections"))
