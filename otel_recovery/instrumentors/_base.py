@@ -112,7 +112,7 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     policy_class: ClassVar[type[TargetPolicy]] = TargetPolicy
     """The class of this instrumentor's per-target policies. The Redis and PostgreSQL ones
-    use ``_db.GuardedPolicy``: a bug of ours while a failed call is handled leaves the
+    use ``_guarded.GuardedPolicy``: a bug of ours while a failed call is handled leaves the
     driver's own outcome to the application, and a failure of the client's own (waiting
     for its pool) is neither retried nor counted. The HTTP layers settle both themselves."""
 

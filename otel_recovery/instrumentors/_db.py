@@ -19,9 +19,8 @@ more, such as explaining on the span why a call was not retried (:func:`explain_
 from __future__ import annotations
 
 import contextvars
-import inspect
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
@@ -30,7 +29,6 @@ from opentelemetry import trace
 
 from otel_recovery._clock import Clock
 from otel_recovery._compiled import SPEEDUPS
-from otel_recovery._engine import Action, Decision
 from otel_recovery._forksafe import new_lock
 from otel_recovery._policy_core import AsyncRunner, Runner
 from otel_recovery.classify import (
@@ -42,6 +40,12 @@ from otel_recovery.classify import (
     get_default_classifier,
 )
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._guarded import (
+    AsyncAttempts,
+    Attempts,
+    GuardedPolicy,
+    outcome_or_refusal,
+)
 from otel_recovery.instrumentors._health_checks import HEALTH_CHECKS
 from otel_recovery.instrumentors._targets import NeverRan, TargetPolicies, TargetPolicy
 from otel_recovery.instrumentors._wrapping import PatchSet, _wrapper_module, report_internal_error
@@ -51,8 +55,6 @@ from otel_recovery.telemetry.attributes import REDIS_CLIENT_RETRIES, RETRY_DISAL
 
 __all__ = [
     "CONTEXT_VAR",
-    "GuardedPolicy",
-    "clients_own",
     "Route",
     "compiled_layer",
     "compiles",
@@ -174,242 +176,6 @@ class Plan(NamedTuple):
     """Why retrying is not allowed for this call (None: retrying is allowed)."""
     client_retried: tuple[type[BaseException], ...] = ()
     client_retries: int = 0
-
-
-_CLIENTS_OWN = "_otel_recovery_clients_own"
-"""Set on a failure that the client made by itself, without the server (see
-:func:`clients_own`)."""
-
-
-def clients_own(error: BaseException) -> None:
-    """Mark ``error`` as the client's own doing, not the server's: waiting for the
-    application's own connection pool (asyncpg's ``acquire(timeout=)`` on an exhausted pool,
-    the pool closing). :class:`GuardedPolicy` neither retries nor counts such a failure, and
-    it reaches the application unchanged."""
-    try:
-        setattr(error, _CLIENTS_OWN, True)
-    except Exception:  # an exception type with __slots__: counted as any failure
-        return
-
-
-class _Outcome:
-    """What the original function did on the latest attempt of one call: the result it
-    returned or the exception it raised (or, awaited, the time-limit error our driver raised
-    in its place). What the application gets when our own machinery fails after an attempt
-    (:class:`GuardedPolicy`); ``made`` says whether the original was called at all."""
-
-    __slots__ = ("fn", "made", "raised", "value")
-
-    def __init__(self, fn: Callable[..., Any], first: BaseException | None = None) -> None:
-        self.fn = fn
-        self.made = first is not None
-        self.raised = first is not None
-        self.value: Any = first
-
-    def note(self, error: BaseException) -> None:
-        """The driver ended an attempt with ``error`` (its own time-limit error, say)."""
-        self.raised, self.value = True, error
-
-    def delivers(self, error: BaseException) -> bool:
-        """``error`` is the outcome itself: what the application gets anyway."""
-        return self.raised and error is self.value
-
-    def deliver(self) -> Any:
-        """Return the latest result, or raise the latest exception (unchanged: called
-        outside any handler, its ``__context__`` stays its own). Whoever made this object
-        :meth:`forget` s it once the call is over."""
-        value = self.value
-        if self.raised:
-            try:
-                raise value
-            finally:
-                del value  # no frame -> error -> traceback -> frame cycle
-        return value
-
-    def forget(self) -> None:
-        """Drop the outcome: an exception kept here would hold, through its traceback, the
-        frame that holds this object (a cycle only the garbage collector frees)."""
-        self.value = None
-
-
-class Attempts(_Outcome):
-    """The original function, recording each outcome (:class:`_Outcome`)."""
-
-    __slots__ = ()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.made = True
-        try:
-            value = self.fn(*args, **kwargs)
-        except BaseException as error:
-            self.raised, self.value = True, error
-            raise
-        self.raised, self.value = False, value
-        return value
-
-
-class AsyncAttempts(_Outcome):
-    """The awaited twin of :class:`Attempts` (the original may return any awaitable)."""
-
-    __slots__ = ()
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.made = True
-        try:
-            value = self.fn(*args, **kwargs)
-            if inspect.isawaitable(value):
-                value = await value
-        except BaseException as error:
-            self.raised, self.value = True, error
-            raise
-        self.raised, self.value = False, value
-        return value
-
-
-class GuardedPolicy(TargetPolicy):
-    """A target's policy as the Redis and PostgreSQL layers run it, with two promises the
-    shared drivers do not make by themselves:
-
-    - *An internal error never replaces the call's outcome.* When our own machinery
-      (classification, the breaker's or budget's bookkeeping, the decision, telemetry)
-      raises while recovering, the error is logged once per target and the application
-      gets what the original did on its latest attempt: the driver's own exception object,
-      or its result. No further attempt is made: an ``INSERT`` or ``INCR`` is never sent
-      again because our code broke.
-    - *The client's own failures are not the server's* (:meth:`_clients_own`): waiting for
-      the application's own connection pool is neither retried nor counted on the breaker
-      (its permit is given back, as for a cancelled call), and reaches the application
-      unchanged, after the time the pool itself took.
-
-    Both live in the recovery step (``_recover``/``_arecover``), which the compiled runners
-    (``_speedups.Runner``) call too, so they hold on every path. The happy path's own
-    bookkeeping before the first attempt and after a success (the breaker's gate and
-    success count, the budget's deposit) is the runner's and is not covered here.
-
-    The Redis and PostgreSQL instrumentors build their targets' policies of this class
-    (``RecoveryInstrumentor.policy_class``); libraries with failures of their own to
-    recognise subclass it (``_clients_own``).
-    """
-
-    __slots__ = ()
-
-    def _clients_own(self, error: BaseException) -> bool:
-        """Whether ``error`` is the client's own doing, not the server's (marked by
-        :func:`clients_own`; a library's subclass may recognise more)."""
-        return getattr(error, _CLIENTS_OWN, False) is True
-
-    def _is_clients_own(self, error: BaseException) -> bool:
-        try:
-            return self._clients_own(error)
-        except Exception as problem:  # our check must not replace the outcome either
-            report_internal_error(f"{self.name}: recognising the client's own failures", problem)
-            return False
-
-    def _let_go(self, error: BaseException) -> Any:
-        """A first attempt failed by the client's own doing: give the breaker its permit
-        back (nothing is counted) and raise ``error`` as it is, at once."""
-        breaker = self.breaker
-        try:
-            if breaker is not None:
-                breaker.release()
-        except Exception as problem:
-            report_internal_error(f"{self.name}: recovery", problem)
-        try:
-            raise error
-        finally:
-            del error  # see _Outcome.forget
-
-    def _recover(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        error: BaseException,
-        started: float,
-        took: float,
-    ) -> Any:
-        try:
-            if self._is_clients_own(error):
-                return self._let_go(error)
-            attempts = fn if isinstance(fn, Attempts) else Attempts(fn, error)
-            try:
-                try:
-                    return super()._recover(attempts, args, kwargs, error, started, took)
-                except Exception as problem:
-                    if attempts.delivers(problem):
-                        raise
-                    report_internal_error(f"{self.name}: recovery", problem)
-                return attempts.deliver()  # outside the handler: the outcome stays its own
-            finally:
-                if attempts is not fn:
-                    attempts.forget()
-        finally:
-            del error  # see _Outcome.forget
-
-    async def _arecover(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        error: BaseException,
-        started: float,
-        took: float,
-    ) -> Any:
-        try:
-            if self._is_clients_own(error):
-                return self._let_go(error)
-            attempts = fn if isinstance(fn, AsyncAttempts) else AsyncAttempts(fn, error)
-            try:
-                try:
-                    return await super()._arecover(attempts, args, kwargs, error, started, took)
-                except Exception as problem:
-                    if attempts.delivers(problem):
-                        raise
-                    report_internal_error(f"{self.name}: recovery", problem)
-                return attempts.deliver()
-            finally:
-                if attempts is not fn:
-                    attempts.forget()
-        finally:
-            del error
-
-    def _attempt(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        attempt_start: float,
-        started: float,
-    ) -> Coroutine[Any, Any, Any]:
-        """An awaited attempt; under :class:`AsyncAttempts`, the error it ends with is
-        noted there (the driver raises its own time-limit error for an attempt it cut)."""
-        attempt = super()._attempt(fn, args, kwargs, attempt_start, started)
-        if not isinstance(fn, AsyncAttempts):
-            return attempt
-        return _noting(fn, attempt)
-
-    def _decide(
-        self, error: BaseException, info: ErrorInfo, attempt: int, delay: float, started: float
-    ) -> Decision:
-        if self._is_clients_own(error):  # a later attempt met the client's own failure
-            return Decision(Action.GIVE_UP, reason="not_retryable")
-        return super()._decide(error, info, attempt, delay, started)
-
-    def _record_outcome(
-        self, error: BaseException | None, info: ErrorInfo | None, took: float
-    ) -> None:
-        if error is not None and self.breaker is not None and self._is_clients_own(error):
-            self.breaker.release()  # neither a success nor a failure of the server
-            return
-        super()._record_outcome(error, info, took)
-
-
-async def _noting(attempts: AsyncAttempts, attempt: Coroutine[Any, Any, Any]) -> Any:
-    try:
-        return await attempt
-    except Exception as error:
-        attempts.note(error)
-        raise
 
 
 class PlanCache:
@@ -677,7 +443,7 @@ def run_sync(plan: Plan, fn: Callable[..., T], args: Any, kwargs: Any) -> T:
             return result
         except Exception as error:
             explain_no_retry(plan, error)
-            if _outcome_or_refusal(attempts, error):
+            if outcome_or_refusal(attempts, error):
                 raise
             report_internal_error(f"{plan.policy.name}: recovery", error)
         if not attempts.made:
@@ -697,7 +463,7 @@ async def run_async(plan: Plan, fn: Callable[..., Awaitable[T]], args: Any, kwar
             return result
         except Exception as error:
             explain_no_retry(plan, error)
-            if _outcome_or_refusal(attempts, error):
+            if outcome_or_refusal(attempts, error):
                 raise
             report_internal_error(f"{plan.policy.name}: recovery", error)
         if not attempts.made:
@@ -706,12 +472,6 @@ async def run_async(plan: Plan, fn: Callable[..., Awaitable[T]], args: Any, kwar
         return delivered
     finally:
         attempts.forget()
-
-
-def _outcome_or_refusal(attempts: _Outcome, error: BaseException) -> bool:
-    """``error`` is what the call was meant to end with: the latest attempt's outcome, or
-    the breaker's refusal of a call that was never made."""
-    return attempts.delivers(error) or (not attempts.made and isinstance(error, CircuitOpenError))
 
 
 def pg_default_target(host: Any, port: Any) -> tuple[str, int | None]:

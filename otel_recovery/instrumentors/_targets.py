@@ -364,7 +364,7 @@ class TargetPolicies:
         ``attempt_timeout`` raises, ``mend`` and ``amend`` what is repaired after a failure
         (see ``TargetPolicy``); ``policy_class`` is the class of the policies built (a
         :class:`TargetPolicy` subclass: the Redis and PostgreSQL instrumentors' guard their
-        recovery step, ``_db.GuardedPolicy``)."""
+        recovery step, ``_guarded.GuardedPolicy``)."""
         self.library = library
         self.settings = settings
         self._span: Literal["own", "current"] = span

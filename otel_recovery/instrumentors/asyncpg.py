@@ -57,13 +57,13 @@ from otel_recovery.instrumentors._db import (
     Site,
     SpanMode,
     async_layer,
-    clients_own,
     compiles,
     instrumentation_enabled,
     pg_default_target,
     retire_table,
     run_async,
 )
+from otel_recovery.instrumentors._guarded import clients_own
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError

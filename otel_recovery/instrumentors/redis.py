@@ -64,7 +64,6 @@ from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import (
     LEGACY_SUPPRESS_KEY,
     SUPPRESS_KEY,
-    GuardedPolicy,
     Plan,
     PlanCache,
     Site,
@@ -76,6 +75,7 @@ from otel_recovery.instrumentors._db import (
     read_context,
     retire_table,
 )
+from otel_recovery.instrumentors._guarded import GuardedPolicy
 from otel_recovery.instrumentors._redis_commands import BLOCKING, READS, CommandRules
 from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.instrumentors._redis_sentinel import (
