@@ -142,8 +142,14 @@ class _Planner:
         never = targets.settings.sql_retry == "never"
         self.connect_rule: str | None = "sql_retry_never" if never else None
 
-    def connect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
-        host, port = _connect_target(args, kwargs)
+    def connect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan | None:
+        """The plan for a connect; None for a connection string psycopg cannot read: the
+        application's mistake, which psycopg reports in its own words (an internal-error
+        report of ours would also echo the string, password and all, to the log)."""
+        try:
+            host, port = _connect_target(args, kwargs)
+        except psycopg.ProgrammingError:
+            return None
         return self.plans.plan(host, port, "connect", "own", self.connect_rule)
 
     def statement(self, args: tuple[Any, ...]) -> Plan:
@@ -204,6 +210,8 @@ def _connect_wrapper(planner: _Planner, where: str, is_async: bool) -> Wrapper:
             plan = planner.connect(args, kwargs)
         except Exception as error:
             report_internal_error(where, error)
+            return wrapped(*args, **kwargs)
+        if plan is None:
             return wrapped(*args, **kwargs)
         return (run_async if is_async else run_sync)(plan, wrapped, args, kwargs)
 

@@ -511,6 +511,27 @@ def test_a_wrapper_bug_does_not_break_the_call(
     assert sum("otel_recovery internal error" in r.message for r in caplog.records) == 2
 
 
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        "postgresql://postgres:Sup3r%zzSecret@127.0.0.1:5432/test",  # a bad %-escape
+        "host=127.0.0.1 user=postgres password='Sup3rSecret dbname=test",  # an open quote
+    ],
+)
+def test_a_connection_string_psycopg_cannot_read_is_its_error_not_ours(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, conninfo: str
+) -> None:
+    """psycopg reports it in its own words; logged as our internal error, its traceback
+    echoed the string, password and all."""
+    h.instrument()
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    with caplog.at_level(logging.DEBUG, logger="otel_recovery"):
+        with pytest.raises(psycopg.ProgrammingError):
+            psycopg.connect(conninfo)
+    assert not caplog.records
+    assert "Sup3r" not in caplog.text
+
+
 # -- asyncio ------------------------------------------------------------------------------
 
 
