@@ -673,6 +673,19 @@ class _Planner:
         return plan, queued
 
 
+def _malformed(args: tuple[Any, ...]) -> bool:
+    """A call with no command, or one whose name is not a hashable value (a list): the
+    application's mistake, which redis-py refuses in its own words. Planning fails on it
+    too, but that is no internal error of ours to report."""
+    if len(args) < 2:
+        return True
+    try:
+        hash(args[1])
+    except TypeError:
+        return True
+    return False
+
+
 Kind = Literal["command", "immediate", "pipeline"]
 
 
@@ -774,7 +787,8 @@ class _SiteLayers:
                     if replay is not None:
                         fn = replay(original)
             except Exception as error:
-                report_internal_error(where, error)
+                if not _malformed(args):
+                    report_internal_error(where, error)
                 return original(*args, **options)
             try:
                 return plan.run(fn, args, options)
@@ -809,7 +823,8 @@ class _SiteLayers:
                     if replay is not None:
                         fn = replay(original)
             except Exception as error:
-                report_internal_error(where, error)
+                if not _malformed(args):
+                    report_internal_error(where, error)
                 return await original(*args, **options)
             try:
                 return await plan.arun(fn, args, options)

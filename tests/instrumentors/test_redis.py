@@ -686,6 +686,26 @@ def _reports(caplog: pytest.LogCaptureFixture, where: str) -> int:
     )
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_malformed_command_is_redis_pys_to_refuse_not_an_error_of_ours(
+    h: Harness, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No command, or a name that is a list: redis-py refuses it in its own words; our
+    planning fails on it too, but that is not reported as our internal error."""
+    h.instrument()
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    c = h.client() if kind == "sync" else h.aclient()
+    try:
+        with caplog.at_level(logging.ERROR, logger="otel_recovery"):
+            for call in (lambda: c.execute_command(), lambda: c.execute_command(["GET"], "k")):
+                with pytest.raises(Exception) as raised:
+                    await maybe_await(call())
+                assert type(raised.value).__module__.startswith(("redis", "builtins"))
+        assert not caplog.records
+    finally:
+        await close_client(c)
+
+
 # -- the command rules -------------------------------------------------------------------
 
 
