@@ -193,6 +193,12 @@ class PlanCache:
         self._cache: dict[tuple[Any, ...], Plan] = {}
         self._limit = limit
         self._lock = new_lock()
+        targets.on_forget(self.forget)
+
+    def forget(self) -> None:
+        """Drop every plan: the target table forgot a target (see ``on_forget``)."""
+        with self._lock:
+            self._cache.clear()
 
     def plan(
         self,

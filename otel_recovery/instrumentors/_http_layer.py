@@ -97,6 +97,15 @@ class HttpPlans:
         self._compiled: dict[HttpCall, HttpPlan] = {}
         self._limit = limit
         self._lock = new_lock()
+        targets.on_forget(self.forget)
+
+    def forget(self) -> None:
+        """Drop every remembered plan: the target table forgot a target, and a plan kept
+        for it would hold a breaker the table no longer has (see ``on_forget``)."""
+        with self._lock:
+            self.shapes.clear()
+            self.by_url.clear()
+            self._compiled.clear()
 
     def compile(self, call: HttpCall) -> HttpPlan:
         """The plan running ``call``; one per distinct call, so runners are built once."""

@@ -379,6 +379,7 @@ class TargetPolicies:
         self._mend = mend
         self._amend = amend
         self._policy_class = policy_class or TargetPolicy
+        self._forgetting: list[Callable[[], None]] = []
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
         self._lock = new_lock()
@@ -407,9 +408,26 @@ class TargetPolicies:
         with self._lock:
             target = self._targets.setdefault(key, made)
             self._targets.move_to_end(key)
+            forgot = len(self._targets) > self._max
             while len(self._targets) > self._max:
                 self._targets.popitem(last=False)
-            return target
+        if forgot:
+            self._forgot()
+        return target
+
+    def on_forget(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever the table forgets a target (past ``max_targets``):
+        a cache of plans must drop what it remembered, or the plans it keeps for that
+        target would go on with a breaker the table no longer has, while new calls to the
+        same target get a new one (two circuits for one server)."""
+        self._forgetting.append(callback)
+
+    def _forgot(self) -> None:
+        for callback in self._forgetting:
+            try:
+                callback()
+            except Exception as problem:
+                report_internal_error(f"{self.library}: forgetting a target's plans", problem)
 
     def _new_target(self, host: str, port: int | None) -> _Target:
         s = self.settings.for_target(host, port, None)

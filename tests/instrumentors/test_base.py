@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import wrapt
@@ -15,6 +16,9 @@ from opentelemetry.trace import SpanKind
 
 from otel_recovery._attempt import ATTEMPT, current_attempt
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._db import PlanCache
+from otel_recovery.instrumentors._http import plan_call
+from otel_recovery.instrumentors._http_layer import HttpPlans
 from otel_recovery.instrumentors._resend import install_resend_processor
 from otel_recovery.instrumentors._settings import (
     RecoverySettings,
@@ -282,6 +286,32 @@ def test_target_count_is_bounded(fake_clock):
     for i in range(10):
         targets.policy_for(f"h{i}", 80, None, retry_allowed=True)
     assert len(targets.breakers()) == 3
+
+
+def test_a_forgotten_target_takes_the_plans_remembered_for_it_along(fake_clock):
+    """Past ``max_targets`` the table forgets its oldest target: a plan still remembered
+    for it (by URL, or by call shape) would go on with a breaker the table no longer has,
+    while new calls to the same server got a new one, two circuits for one server."""
+    targets = TargetPolicies("http", RecoverySettings(), clock=fake_clock, max_targets=2)
+    http, db = HttpPlans(targets), PlanCache(targets)
+
+    def remembered(host: str) -> tuple[Any, Any]:
+        call = plan_call(
+            targets, "GET", host, 80, "/", has_key=lambda: False, replayable=True,
+            unsent=lambda error: False,
+        )  # fmt: skip
+        http.remember_by_url(f"http://{host}/", "GET", http.compile(call))
+        return http.recall(f"http://{host}/", "GET"), db.plan(host, 80, "GET", "own")
+
+    first_http, first_db = remembered("a.local")
+    remembered("b.local")
+    assert http.recall("http://a.local/", "GET") is first_http  # both still in the table
+    remembered("c.local")  # a.local is forgotten
+    assert http.recall("http://a.local/", "GET") is None
+    again_http, again_db = remembered("a.local")
+    breaker = targets.known_breaker("a.local", 80)
+    assert again_http.call.policy.breaker is breaker is again_db.policy.breaker
+    assert breaker is not first_http.call.policy.breaker
 
 
 def test_per_operation_settings_get_their_own_policy(tmp_path, fake_clock):

@@ -914,8 +914,10 @@ def test_remembered_urls_and_methods_are_bounded():
     ``METHODS_PER_URL`` methods per URL (the oldest goes; one remembered again moves last)."""
     from otel_recovery.instrumentors._http import HttpCall
     from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans
+    from otel_recovery.instrumentors._settings import RecoverySettings
+    from otel_recovery.instrumentors._targets import TargetPolicies
 
-    plans = HttpPlans(targets=None, limit=3)  # type: ignore[arg-type]
+    plans = HttpPlans(TargetPolicies("requests", RecoverySettings()), limit=3)
     plan = HttpPlan(HttpCall(RecoveryPolicy(telemetry=False), frozenset(), False))
     for url in ("a", "b", "c"):
         plans.remember_by_url(url, "GET", plan)
