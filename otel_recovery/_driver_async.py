@@ -21,6 +21,7 @@ from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import AsyncRunner, PolicyCore
+from otel_recovery._reraise import reraise
 from otel_recovery._trio import running_trio
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.bulkhead import BulkheadFullError
@@ -342,6 +343,6 @@ class AsyncDriver(PolicyCore):
                 return self._fallback_done(trace, kind, error, info, attempts, plan)
         self._failed(trace, attempts, info, error)
         try:
-            raise error
+            reraise(error)  # with the context its library gave it
         finally:
             del error  # see _recover: no frame -> error -> traceback -> frame cycle

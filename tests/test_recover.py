@@ -497,3 +497,50 @@ def test_an_unknown_keyword_names_recover_and_what_it_takes():
         TypeError, match=r"recover\(\) got unexpected keyword argument\(s\) 'bogus'"
     ):
         recover(bogus=1)
+
+
+def _library_call() -> None:
+    try:
+        raise OSError("socket reset")  # the library's own cause
+    except OSError:
+        raise ConnectionError("library error")  # noqa: B904 - its __context__, on purpose
+
+
+async def _alibrary_call() -> None:
+    _library_call()
+
+
+def test_the_final_error_keeps_its_librarys_context_inside_an_app_handler(fake_clock):
+    """Called inside an ``except`` block of the application's, re-raising the final error
+    would make the application's exception its ``__context__``, in place of the one its
+    library gave it (what it gets without us)."""
+    p = policy(fake_clock, retry=Retry(2))
+    run, arun = p.runner(), p.arunner()
+
+    async def awaited(call: Any) -> BaseException:
+        try:
+            raise KeyError("the app's own")
+        except KeyError:
+            try:
+                await call()
+            except ConnectionError as error:
+                return error
+        raise AssertionError("no error")
+
+    def called(call: Any) -> BaseException:
+        try:
+            raise KeyError("the app's own")
+        except KeyError:
+            try:
+                call()
+            except ConnectionError as error:
+                return error
+        raise AssertionError("no error")
+
+    for error in (
+        called(lambda: p.call(_library_call)),
+        called(lambda: run(_library_call, (), {})),
+        asyncio.run(awaited(lambda: p.acall(_alibrary_call))),
+        asyncio.run(awaited(lambda: arun(_alibrary_call, (), {}))),
+    ):
+        assert repr(error.__context__) == "OSError('socket reset')"

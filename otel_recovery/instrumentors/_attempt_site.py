@@ -23,12 +23,11 @@ The site's attempt function is a bound method of it: the policy finds the site a
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-__all__ = ["AttemptSite", "past_call_limit", "site_of", "within_call_limit"]
+__all__ = ["AttemptSite", "is_call_limit", "past_call_limit", "site_of", "within_call_limit"]
 
 T = TypeVar("T")
 
@@ -63,6 +62,14 @@ Keyed by its start, so a call made inside one of its attempts (an aiohttp middle
 which inherits the context, is not held to it."""
 
 
+_CUT = "_otel_recovery_call_limit"
+
+
+def is_call_limit(error: BaseException) -> bool:
+    """Whether ``error`` is what :func:`within_call_limit` raised when the limit passed."""
+    return getattr(error, "__dict__", {}).get(_CUT, False) is True
+
+
 def past_call_limit(started: float, now: float, delay: float) -> bool:
     """Whether a retry of the call that started at ``started``, after waiting ``delay``
     seconds from ``now``, would begin at or past that call's own time limit."""
@@ -84,10 +91,15 @@ async def within_call_limit(
 
     The cut is the running task's own cancellation, scheduled on the event loop (as
     ``asyncio.timeout`` does, which Python 3.10 lacks), told apart from one that came from
-    elsewhere by whether it fired."""
+    elsewhere by whether it fired; a cancellation from elsewhere that came as well (a
+    shutdown, a task group) wins, as under ``asyncio.timeout`` (Python 3.11 and later,
+    which count cancellations). The error raised is marked (:func:`is_call_limit`), so a
+    site can tell it from one of its own, wherever it was cut (an attempt, or a backoff)."""
     token = _CALL_END.set((started, end))
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # 3.11 and later count cancellations
+    before = cancelling() if cancelling is not None else 0
     fired = False
 
     def cut() -> None:
@@ -102,9 +114,12 @@ async def within_call_limit(
     except asyncio.CancelledError:
         if not fired:
             raise
-        if sys.version_info >= (3, 11) and task is not None:
-            task.uncancel()
-        raise timed_out() from None
+        uncancel = getattr(task, "uncancel", None)
+        if uncancel is not None and uncancel() > before:
+            raise  # cancelled from elsewhere too: that cancellation wins
+        error = timed_out()
+        error.__dict__[_CUT] = True
+        raise error from None
     finally:
         handle.cancel()
         _CALL_END.reset(token)

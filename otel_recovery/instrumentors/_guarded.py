@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from otel_recovery._engine import Action, Decision
+from otel_recovery._reraise import reraise
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.instrumentors._targets import TargetPolicy
 from otel_recovery.instrumentors._wrapping import report_internal_error
@@ -84,7 +85,7 @@ class _Outcome:
         value = self.value
         if self.raised:
             try:
-                raise value
+                reraise(value)  # with the context its library gave it
             finally:
                 del value  # no frame -> error -> traceback -> frame cycle
         return value
@@ -178,7 +179,7 @@ class GuardedPolicy(TargetPolicy):
         except Exception as problem:
             report_internal_error(f"{self.name}: recovery", problem)
         try:
-            raise error
+            reraise(error)
         finally:
             del error  # see _Outcome.forget
 

@@ -22,8 +22,9 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._forksafe import new_lock
 from otel_recovery._policy_core import AsyncRunner, Runner
+from otel_recovery._reraise import reraise
 from otel_recovery._trio import is_trio_cancellation
-from otel_recovery.instrumentors._attempt_site import AttemptSite
+from otel_recovery.instrumentors._attempt_site import AttemptSite, is_call_limit
 from otel_recovery.instrumentors._client_retries import mark
 from otel_recovery.instrumentors._db import (
     CONTEXT_VAR,
@@ -412,6 +413,8 @@ class HttpSite(AttemptSite, Generic[R]):
             return error  # the original's own failure, or cancellation: never ours to eat
         if outcomes and _cancelled(outcomes[-1]) and isinstance(error, _TIMEOUTS):
             return self.timed_out(error, args, kwargs)  # our attempt_timeout cut the last one
+        if is_call_limit(error):  # the call's own limit passed: in an attempt, or a backoff
+            return self.timed_out(error, args, kwargs)
         if isinstance(error, CircuitOpenError) and not outcomes:
             try:
                 return self.rejected(error, args, kwargs)
@@ -455,7 +458,7 @@ class HttpSite(AttemptSite, Generic[R]):
         outcomes.clear()  # see Outcomes
         if isinstance(outcome, BaseException):
             try:
-                raise outcome
+                reraise(outcome)  # with the context its library gave it
             finally:
                 del outcome
         return outcome
@@ -475,7 +478,7 @@ class HttpSite(AttemptSite, Generic[R]):
         outcomes.clear()  # see Outcomes
         if isinstance(outcome, BaseException):
             try:
-                raise outcome
+                reraise(outcome)  # with the context its library gave it
             finally:
                 del outcome
         return outcome

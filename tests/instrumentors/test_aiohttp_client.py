@@ -14,7 +14,7 @@ from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrument
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import SpanKind, StatusCode
 
-from otel_recovery._clock import SYSTEM_CLOCK
+from otel_recovery._clock import SYSTEM_CLOCK, MonotonicClock
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors._settings import SettingsError
 from otel_recovery.instrumentors.aiohttp_client import (
@@ -240,6 +240,32 @@ async def test_retries_stop_at_the_requests_own_total_timeout(server, tel, instr
     assert 0.9 < took < 1.6 and server.count("/busy") < 5
     assert isinstance(raised.value, aiohttp.ServerTimeoutError)
     assert "own 1s time limit" in str(raised.value)
+
+
+class _OversleepingClock(MonotonicClock):
+    """The real clock, whose backoffs last a second whatever was asked: a loop too busy
+    to wake the retry in time, so the call's own limit passes in the middle of one."""
+
+    async def asleep(self, seconds: float) -> None:
+        await asyncio.sleep(1.0)
+
+
+async def test_a_total_timeout_passing_during_a_backoff_raises_aiohttps_timeout_error(
+    server, tel, instrument, caplog
+):
+    """No attempt is in flight then; the response of the last one was released before the
+    wait. The caller gets aiohttp's timeout error, as aiohttp alone raises when ``total``
+    passes, and nothing is logged as our internal error."""
+    instrument(clock=_OversleepingClock(), backoff_initial=0.08, backoff_max=0.08)
+    url = server.script("/busy", *[hf.status(503)] * 3)
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="otel_recovery"):
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(asyncio.TimeoutError) as raised:
+                await session.get(url, timeout=aiohttp.ClientTimeout(total=0.5))
+    assert time.monotonic() - started < 0.9 and server.count("/busy") == 1
+    assert isinstance(raised.value, aiohttp.ServerTimeoutError)
+    assert "internal error" not in caplog.text
 
 
 async def test_raise_for_status_sessions_are_retried_and_get_their_error(server, instrument):
