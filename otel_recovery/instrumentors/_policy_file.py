@@ -244,7 +244,10 @@ def _check_backoff(
     path: str,
     defaults: Mapping[str, Any],
 ) -> None:
-    """``backoff_initial`` may not exceed ``backoff_max`` at any level a call can meet."""
+    """``backoff_initial`` may not exceed a ``backoff_max`` that was set, at any level a call
+    can meet. Above the default ``backoff_max`` it is taken as the longest wait too (a
+    service that asked for 5 s waits gets them, as before this check existed); only two
+    values that were both set and contradict each other are an error."""
     for scope, layers in [("", []), *_scopes(targets, path)]:
         found: dict[str, tuple[Any, str]] = {}
         for name in ("backoff_initial", "backoff_max"):
@@ -253,7 +256,7 @@ def _check_backoff(
                 if name in values:
                     found[name] = (values[name], _origin(name, source))
         (initial, first), (maximum, longest) = found["backoff_initial"], found["backoff_max"]
-        if initial > maximum:
+        if initial > maximum and longest != "the default":
             raise SettingsError(
                 f"backoff_initial={initial:g} (from {first}) is larger than backoff_max="
                 f"{maximum:g} (from {longest}){' for ' + scope if scope else ''}: the first "

@@ -440,12 +440,18 @@ def test_a_boolean_is_not_a_number(tmp_path, name):
 
 
 def test_backoff_initial_above_backoff_max_is_an_error_naming_both(tmp_path, probe, caplog):
+    # above the default backoff_max only: the longest wait follows it, as it always did
+    alone = load_settings(environ={"OTEL_RECOVERY_BACKOFF_INITIAL": "5"})
+    made = TargetPolicies("x", alone).policy_for("h", 80, None, retry_allowed=True)
+    assert (made.retry.backoff.initial, made.retry.backoff.maximum) == (5, 5)
     with pytest.raises(
         SettingsError,
         match=r"backoff_initial=5 \(from OTEL_RECOVERY_BACKOFF_INITIAL\) is larger than "
-        r"backoff_max=2 \(from the default\)",
+        r"backoff_max=2 \(from OTEL_RECOVERY_BACKOFF_MAX\)",
     ) as bad:
-        load_settings(environ={"OTEL_RECOVERY_BACKOFF_INITIAL": "5"})
+        load_settings(
+            environ={"OTEL_RECOVERY_BACKOFF_INITIAL": "5", "OTEL_RECOVERY_BACKOFF_MAX": "2"}
+        )
     assert not bad.value.from_arguments
     env = policy(
         tmp_path,
@@ -461,8 +467,9 @@ def test_backoff_initial_above_backoff_max_is_an_error_naming_both(tmp_path, pro
     with pytest.raises(SettingsError, match=r"backoff_initial=1 \(from instrument") as bad:
         load_settings({"backoff_initial": 1, "backoff_max": 0.5}, environ={})
     assert bad.value.from_arguments  # the program's own call: it raises out of instrument()
-    with pytest.raises(SettingsError, match="backoff_initial=3"):
-        probe.instrument(backoff_initial=3)  # above the default backoff_max
+    probe.instrument(backoff_initial=3)  # above the default backoff_max: taken as the longest
+    assert probe.is_instrumented_by_opentelemetry
+    probe.uninstrument()
     assert not errors(caplog)
     s = load_settings({"backoff_max": 2}, environ=env)  # the keyword argument wins: no conflict
     assert s.for_target("api", 80, "GET /x").backoff_max == 2
