@@ -20,7 +20,7 @@ from otel_recovery._config import env_flag
 
 __all__ = ["SPEEDUPS"]
 
-ABI = 4
+ABI = 5
 """The interface these Python sources expect of the extension (``SPEEDUPS_ABI`` in
 ``_speedups_src/module.c``; both change together, whenever a type's constructor or
 behaviour does). An extension built from other sources, say one a checkout kept in place

@@ -56,7 +56,7 @@ class AsyncDriver(PolicyCore):
         breaker = self.breaker
         if breaker is not None and not breaker.can_execute():
             rejected: T = await self._areject(
-                self._rejection(), started, args, kwargs, release=False
+                self._rejection(), started, fn, args, kwargs, release=False
             )
             return rejected
         bulkhead = self.bulkhead
@@ -64,7 +64,7 @@ class AsyncDriver(PolicyCore):
             try:
                 await bulkhead.aacquire()
             except BulkheadFullError as full:
-                rejected = await self._areject(full, started, args, kwargs, release=True)
+                rejected = await self._areject(full, started, fn, args, kwargs, release=True)
                 return rejected
             except BaseException:
                 if breaker is not None:
@@ -88,7 +88,7 @@ class AsyncDriver(PolicyCore):
                     else:
                         breaker.record_success()
                 if self.fallback is not None:
-                    self._remember(args, kwargs, result, started)
+                    self._remember(fn, args, kwargs, result, started)
                 return result
             # outside the handler, so errors keep their own __context__ (see SyncDriver)
             try:
@@ -165,7 +165,7 @@ class AsyncDriver(PolicyCore):
                 and not (gate_unlocked and breaker._permit_all)
                 and not breaker.can_execute()
             ):
-                return await areject(rejection(), started, args, kwargs, release=False)
+                return await areject(rejection(), started, fn, args, kwargs, release=False)
             if budget is not None:
                 if deposit is not None and started < budget._bucket_end:
                     deposit()
@@ -188,7 +188,7 @@ class AsyncDriver(PolicyCore):
                     else:
                         breaker.record_success()
                 if remember is not None:
-                    remember(args, kwargs, result, started)
+                    remember(fn, args, kwargs, result, started)
                 return result
             # outside the handler, so errors keep their own __context__ (see the sync twin)
             try:
@@ -267,7 +267,9 @@ class AsyncDriver(PolicyCore):
                     self._learn(decision.advice, success=False, seconds=0.0)
                     self._stopped(decision, error, info, attempt, started, trace)
                     settled = True
-                    return await self._agive_up(decision, error, info, attempt, trace, args, kwargs)
+                    return await self._agive_up(
+                        decision, error, info, attempt, trace, fn, args, kwargs
+                    )
                 delay, advice = decision.delay, decision.advice
                 if trace is not None:
                     trace.retrying(attempt + 1, delay, info)
@@ -288,7 +290,7 @@ class AsyncDriver(PolicyCore):
                 self._record_outcome(None, None, clock.now() - attempt_start)
                 settled = True
                 self._learn(advice, success=True, seconds=clock.now() - attempt_start)
-                self._remember(args, kwargs, result, clock.now())
+                self._remember(fn, args, kwargs, result, clock.now())
                 if trace is not None:
                     trace.end("success", attempt, info)
                 return result
@@ -306,6 +308,7 @@ class AsyncDriver(PolicyCore):
         self,
         error: BaseException,
         started: float,
+        fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
@@ -314,7 +317,7 @@ class AsyncDriver(PolicyCore):
         decision = self._rejected(error, started, release=release)
         info, trace = self._open_rejection_trace(error, started)
         try:
-            return await self._agive_up(decision, error, info, 0, trace, args, kwargs)
+            return await self._agive_up(decision, error, info, 0, trace, fn, args, kwargs)
         finally:
             del error  # see _recover
 
@@ -325,11 +328,12 @@ class AsyncDriver(PolicyCore):
         info: ErrorInfo,
         attempts: int,
         trace: CallTrace | None,
+        fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
         if decision.action is Action.FALLBACK:
-            kind, plan = self._fallback_plan(error, args, kwargs)
+            kind, plan = self._fallback_plan(error, fn, args, kwargs)
             if kind == "function":
                 try:
                     value = await resolve(plan(error))

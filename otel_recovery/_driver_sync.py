@@ -43,14 +43,14 @@ class SyncDriver(PolicyCore):
         started = now()
         breaker = self.breaker
         if breaker is not None and not breaker.can_execute():
-            rejected: T = self._reject(self._rejection(), started, args, kwargs, release=False)
+            rejected: T = self._reject(self._rejection(), started, fn, args, kwargs, release=False)
             return rejected
         bulkhead = self.bulkhead
         if bulkhead is not None:
             try:
                 bulkhead.acquire()
             except BulkheadFullError as full:
-                rejected = self._reject(full, started, args, kwargs, release=True)
+                rejected = self._reject(full, started, fn, args, kwargs, release=True)
                 return rejected
             except BaseException:
                 if breaker is not None:
@@ -78,7 +78,7 @@ class SyncDriver(PolicyCore):
                     else:
                         breaker.record_success()
                 if self.fallback is not None:
-                    self._remember(args, kwargs, result, started)
+                    self._remember(fn, args, kwargs, result, started)
                 return result
             finally:
                 if token is not None:
@@ -160,7 +160,7 @@ class SyncDriver(PolicyCore):
                 and not (gate_unlocked and breaker._permit_all)
                 and not breaker.can_execute()
             ):
-                return reject(rejection(), started, args, kwargs, release=False)
+                return reject(rejection(), started, fn, args, kwargs, release=False)
             if budget is not None:
                 if deposit is not None and started < budget._bucket_end:
                     deposit()
@@ -182,7 +182,7 @@ class SyncDriver(PolicyCore):
                     else:
                         breaker.record_success()
                 if remember is not None:
-                    remember(args, kwargs, result, started)
+                    remember(fn, args, kwargs, result, started)
                 return result
             # Recovery runs outside the handler: inside it, every later attempt's error
             # would take the first failure as its __context__, and the final one, raised
@@ -220,7 +220,7 @@ class SyncDriver(PolicyCore):
                     self._learn(decision.advice, success=False, seconds=0.0)
                     self._stopped(decision, error, info, attempt, started, trace)
                     settled = True
-                    return self._give_up(decision, error, info, attempt, trace, args, kwargs)
+                    return self._give_up(decision, error, info, attempt, trace, fn, args, kwargs)
                 delay, advice = decision.delay, decision.advice
                 if trace is not None:
                     trace.retrying(attempt + 1, delay, info)
@@ -245,7 +245,7 @@ class SyncDriver(PolicyCore):
                 self._record_outcome(None, None, clock.now() - attempt_start)
                 settled = True
                 self._learn(advice, success=True, seconds=clock.now() - attempt_start)
-                self._remember(args, kwargs, result, clock.now())
+                self._remember(fn, args, kwargs, result, clock.now())
                 if trace is not None:
                     trace.end("success", attempt, info)
                 return result
@@ -263,6 +263,7 @@ class SyncDriver(PolicyCore):
         self,
         error: BaseException,
         started: float,
+        fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
@@ -271,7 +272,7 @@ class SyncDriver(PolicyCore):
         decision = self._rejected(error, started, release=release)
         info, trace = self._open_rejection_trace(error, started)
         try:
-            return self._give_up(decision, error, info, 0, trace, args, kwargs)
+            return self._give_up(decision, error, info, 0, trace, fn, args, kwargs)
         finally:
             del error  # see _recover
 
@@ -282,12 +283,13 @@ class SyncDriver(PolicyCore):
         info: ErrorInfo,
         attempts: int,
         trace: CallTrace | None,
+        fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
         """Answer from the fallback if it applies, else re-raise the final error unchanged."""
         if decision.action is Action.FALLBACK:
-            kind, plan = self._fallback_plan(error, args, kwargs)
+            kind, plan = self._fallback_plan(error, fn, args, kwargs)
             if kind == "function":
                 try:
                     value = plan(error)

@@ -67,6 +67,21 @@ _ANSWERED_CATEGORIES = frozenset({ErrorCategory.INVALID_REQUEST, ErrorCategory.C
 _ANSWERED_KINDS = frozenset({ErrorKind.SERIALIZATION, ErrorKind.READONLY})
 
 
+def _good_key(fn: Callable[..., Any], arguments: Hashable | None) -> Hashable | None:
+    """The last-known-good key of a call of ``fn``: the function and its arguments' key.
+    Functions hash by identity, bound methods by their object and function; a function
+    made anew for every call (a lambda written at the call) or bound to an unhashable
+    object is never remembered, rather than risk answering one caller with another's
+    data."""
+    if arguments is None:
+        return None
+    try:
+        hash(fn)
+    except TypeError:
+        return None
+    return (fn, arguments)
+
+
 def says_dependency_is_up(info: ErrorInfo) -> bool:
     """Whether a failure is an answer from a healthy dependency, which a breaker counts as a
     success: the request was wrong (invalid, a syntax error, a missing table, bad
@@ -333,13 +348,20 @@ class PolicyCore:
             breaker.record_failure(duration)
 
     def _remember(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any, now: float
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        result: Any,
+        now: float,
     ) -> None:
-        """Keep a success for last-known-good, per call arguments (never across them)."""
+        """Keep a success for last-known-good, per function and call arguments (never
+        across them: one policy often serves several functions, and ``get_email(42)``
+        must never be answered with what ``get_password_hash(42)`` returned)."""
         fallback = self.fallback
         if fallback is None or not fallback.last_known_good:
             return
-        key = fallback.key_for(args, kwargs)
+        key = _good_key(fn, fallback.key_for(args, kwargs))
         if key is None:
             return
         with self._good_lock:
@@ -349,7 +371,11 @@ class PolicyCore:
                 self._last_good.popitem(last=False)
 
     def _fallback_plan(
-        self, error: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        error: BaseException,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> tuple[str, Any]:
         """Which fallback answers: a function, a value, the last known good result, or none."""
         fallback = self.fallback
@@ -357,7 +383,7 @@ class PolicyCore:
         if fallback.func is not None:
             return "function", fallback.func
         if fallback.last_known_good:
-            key = fallback.key_for(args, kwargs)
+            key = _good_key(fn, fallback.key_for(args, kwargs))
             with self._good_lock:
                 remembered = self._last_good.get(key) if key is not None else None
             if remembered is None:

@@ -144,16 +144,57 @@ def test_last_known_good_never_crosses_call_arguments(fake_clock, style):
 def test_last_known_good_key_function_and_bound(fake_clock):
     fallback = Fallback(last_known_good=True, key=lambda user, **_: user, max_entries=2)
     policy = RecoveryPolicy(retry=Retry(1), fallback=fallback, clock=fake_clock, telemetry=False)
+    down = False
+
+    def lookup(u: str, verbose: bool = False) -> str:
+        if down:
+            raise ConnectionError()
+        return u.upper()
+
     for user in ("a", "b", "c"):
-        policy.call(lambda u, verbose=False: u.upper(), user, verbose=True)
-    assert (
-        policy.call(
-            lambda u, verbose=False: (_ for _ in ()).throw(ConnectionError()), "c", verbose=False
-        )
-        == "C"
-    )
+        policy.call(lookup, user, verbose=True)
+    down = True
+    assert policy.call(lookup, "c", verbose=False) == "C"  # the key ignores verbose
     with pytest.raises(ConnectionError):  # "a" was evicted (max_entries=2)
-        policy.call(lambda u: (_ for _ in ()).throw(ConnectionError()), "a")
+        policy.call(lookup, "a")
+
+
+def test_last_known_good_is_never_shared_between_functions(fake_clock):
+    """One policy often serves several functions: what ``password_hash(42)`` returned must
+    never answer for ``email(42)``, by ``call``, by a policy used as a decorator on both,
+    sync or awaited, compiled or not."""
+    policy = RecoveryPolicy(
+        retry=Retry(1), fallback=Fallback(last_known_good=True), clock=fake_clock, telemetry=False
+    )
+    down = False
+
+    def password_hash(user: int) -> str:
+        if down:
+            raise ConnectionError()
+        return "secret-hash"
+
+    def email(user: int) -> str:
+        if down:
+            raise ConnectionError()
+        return "a@example.com"
+
+    async def apassword_hash(user: int) -> str:
+        return password_hash(user)
+
+    async def aemail(user: int) -> str:
+        return email(user)
+
+    policy.call(password_hash, 42)
+    asyncio.run(policy.acall(apassword_hash, 42))
+    wrapped = policy.wrap(email)
+    down = True
+    with pytest.raises(ConnectionError):
+        policy.call(email, 42)
+    with pytest.raises(ConnectionError):
+        wrapped(42)
+    with pytest.raises(ConnectionError):
+        asyncio.run(policy.acall(aemail, 42))
+    assert policy.call(password_hash, 42) == "secret-hash"  # its own, still
 
 
 async def test_retry_deadline_bounds_a_hanging_attempt():

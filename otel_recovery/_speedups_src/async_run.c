@@ -259,7 +259,8 @@ async_run_start(AsyncRunObject *self)
             permitted = permitted < 0 ? -1 : runner_gate(breaker);
             if (permitted <= 0) {
                 PyObject *pending =
-                    permitted < 0 ? NULL : runner_reject(runner, &self->call, &self->started);
+                    permitted < 0 ? NULL
+                                  : runner_reject(runner, self->fn, &self->call, &self->started);
                 return pending == NULL ? -1 : async_run_adopt(self, pending, RUN_AFTER);
             }
         }
@@ -292,7 +293,7 @@ async_run_succeeded(AsyncRunObject *self, PyObject *result)
         return -1;
     }
     if (UNLIKELY(runner->remember != Py_None)) {
-        return runner_remember(runner, &self->call, result, &self->started);
+        return runner_remember(runner, self->fn, &self->call, result, &self->started);
     }
     return 0;
 }

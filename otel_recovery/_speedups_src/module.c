@@ -30,7 +30,7 @@
 /* The interface otel_recovery/_compiled.py expects (its ABI): bump both together whenever a
  * type's constructor or behaviour changes, so that an extension built from other sources is
  * ignored instead of called with arguments it does not know. */
-#define SPEEDUPS_ABI 4
+#define SPEEDUPS_ABI 5
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,

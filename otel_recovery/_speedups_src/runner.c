@@ -68,8 +68,10 @@ runner_release(RunnerObject *self)
     chain_to_handled(type, value, traceback);
 }
 
+/* reject(error, started, fn, args, kwargs, release=False): the policy's answer to a call
+ * the breaker refuses (its fallback is per function, as last-known-good results are). */
 COLD PyObject *
-runner_reject(RunnerObject *self, CallArgs *ca, Started *started)
+runner_reject(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
 {
     PyObject *start = started_object(started);
     if (start == NULL || callargs_materialize(ca) < 0) {
@@ -79,8 +81,8 @@ runner_reject(RunnerObject *self, CallArgs *ca, Started *started)
     if (error == NULL) {
         return NULL;
     }
-    PyObject *call_args[5] = {error, start, ca->args, ca->kwargs, Py_False};
-    PyObject *result = PyObject_Vectorcall(self->reject, call_args, 4, kw_release_false);
+    PyObject *call_args[6] = {error, start, fn, ca->args, ca->kwargs, Py_False};
+    PyObject *result = PyObject_Vectorcall(self->reject, call_args, 5, kw_release_false);
     Py_DECREF(error);
     return result;
 }
@@ -171,16 +173,18 @@ runner_record_call(RunnerObject *self, Started *started)
     return 0;
 }
 
-/* remember(args, kwargs, result, started); -1 on error. */
+/* remember(fn, args, kwargs, result, started): last-known-good results are kept per
+ * function and arguments; -1 on error. */
 COLD int
-runner_remember(RunnerObject *self, CallArgs *ca, PyObject *result, Started *started)
+runner_remember(RunnerObject *self, PyObject *fn, CallArgs *ca, PyObject *result,
+                Started *started)
 {
     PyObject *start = started_object(started);
     if (start == NULL || callargs_materialize(ca) < 0) {
         return -1;
     }
-    PyObject *call_args[4] = {ca->args, ca->kwargs, result, start};
-    PyObject *ignored = PyObject_Vectorcall(self->remember, call_args, 4, NULL);
+    PyObject *call_args[5] = {fn, ca->args, ca->kwargs, result, start};
+    PyObject *ignored = PyObject_Vectorcall(self->remember, call_args, 5, NULL);
     if (ignored == NULL) {
         return -1;
     }
@@ -219,7 +223,7 @@ runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
         if (UNLIKELY(permitted != 1)) {
             permitted = permitted < 0 ? -1 : runner_gate(breaker);
             if (permitted <= 0) {
-                result = permitted < 0 ? NULL : runner_reject(self, ca, &started);
+                result = permitted < 0 ? NULL : runner_reject(self, fn, ca, &started);
                 goto done;
             }
         }
@@ -245,7 +249,7 @@ runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
         goto done;
     }
     if (UNLIKELY(self->remember != Py_None) &&
-        runner_remember(self, ca, result, &started) < 0) {
+        runner_remember(self, fn, ca, result, &started) < 0) {
         Py_CLEAR(result);
     }
 done:

@@ -205,9 +205,10 @@ INTERNAL int record_success_generic(RunnerObject *self, PyObject *breaker);
 INTERNAL PyObject *runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca);
 INTERNAL int runner_gate(PyObject *breaker);
 INTERNAL int runner_record_call(RunnerObject *self, Started *started);
-INTERNAL int runner_remember(RunnerObject *self, CallArgs *ca, PyObject *result,
+INTERNAL int runner_remember(RunnerObject *self, PyObject *fn, CallArgs *ca, PyObject *result,
                              Started *started);
-INTERNAL PyObject *runner_reject(RunnerObject *self, CallArgs *ca, Started *started);
+INTERNAL PyObject *runner_reject(RunnerObject *self, PyObject *fn, CallArgs *ca,
+                                 Started *started);
 
 /* async_run.c: one awaited run of an async Runner, made by a Layer (which decides when it
  * is first awaited, layer_decide; explain says why a failure was not retried) from its

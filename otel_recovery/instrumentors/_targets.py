@@ -289,6 +289,7 @@ class TargetPolicy(RecoveryPolicy):
         self,
         error: BaseException,
         started: float,
+        fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
@@ -297,12 +298,13 @@ class TargetPolicy(RecoveryPolicy):
         send = self._passing(args, kwargs, release)
         if send is not None:
             return send(*args, **kwargs)
-        return super()._reject(error, started, args, kwargs, release=release)
+        return super()._reject(error, started, fn, args, kwargs, release=release)
 
     async def _areject(
         self,
         error: BaseException,
         started: float,
+        fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
@@ -311,7 +313,7 @@ class TargetPolicy(RecoveryPolicy):
         send = self._passing(args, kwargs, release)
         if send is not None:
             return await send(*args, **kwargs)
-        return await super()._areject(error, started, args, kwargs, release=release)
+        return await super()._areject(error, started, fn, args, kwargs, release=release)
 
     def _rejection(self) -> CircuitOpenError:
         breaker = self.breaker

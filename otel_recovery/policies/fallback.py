@@ -96,10 +96,10 @@ class Fallback:
             return False
 
     def key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | None:
-        """The last-known-good key of a call: its arguments (or ``key(*args, **kwargs)``).
-
-        Results are remembered per key, so one caller never receives another caller's data;
-        a call whose arguments cannot be hashed is not remembered (None).
+        """The arguments' part of a call's last-known-good key: its arguments (or
+        ``key(*args, **kwargs)``). The policy adds the function called, so one caller never
+        receives another caller's data, nor one function another's; a call whose arguments
+        cannot be hashed is not remembered (None).
         """
         try:
             if self.key is not None:
