@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar
 
 from otel_recovery._attempt import ATTEMPT
@@ -30,6 +31,17 @@ __all__ = ["SyncDriver"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+def _refuse_coroutine(fn: Callable[..., Any], pending: Any) -> None:
+    """``call()`` of a coroutine function made a coroutine and ran none of it: returned,
+    the caller would await it outside every retry, and the breaker would have counted a
+    success. It is closed (no "never awaited" warning) and refused, naming the fix."""
+    pending.close()
+    raise TypeError(
+        f"{fn!r} returned a coroutine: RecoveryPolicy.call() runs synchronous functions; "
+        "use `await policy.acall(...)` for a coroutine function"
+    )
 
 
 class SyncDriver(PolicyCore):
@@ -72,6 +84,10 @@ class SyncDriver(PolicyCore):
                     breaker.release()
                 raise
             else:
+                if type(result) is CoroutineType:  # nothing ran: neither success nor failure
+                    if breaker is not None:
+                        breaker.release()
+                    _refuse_coroutine(fn, result)
                 if breaker is not None:
                     if self._needs_duration:
                         breaker.record_success(now() - started)

@@ -98,6 +98,14 @@ def _is_async(fn: object) -> bool:
 
 
 def _decorate(policy: RecoveryPolicy, fn: Callable[P, T]) -> Callable[P, T]:
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        # Calling one only makes the generator: nothing runs, so nothing could fail, be
+        # retried or counted; its failures come later, while the caller iterates.
+        raise TypeError(
+            f"@recover cannot recover the generator function {fn!r}: calling it runs "
+            "nothing, and its failures come while it is iterated. Decorate the function "
+            "that consumes it, or one that returns list(...) of it"
+        )
     if _is_async(fn):
         coroutine_fn = cast(Callable[P, Awaitable[Any]], fn)
         async_wrapper: Any = functools.wraps(fn)(policy.awrap(coroutine_fn))

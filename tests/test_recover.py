@@ -544,3 +544,33 @@ def test_the_final_error_keeps_its_librarys_context_inside_an_app_handler(fake_c
         asyncio.run(awaited(lambda: arun(_alibrary_call, (), {}))),
     ):
         assert repr(error.__context__) == "OSError('socket reset')"
+
+
+def test_a_generator_function_is_refused_with_the_fix_named():
+    """Calling one only makes the generator: nothing would be retried or counted."""
+
+    def rows():
+        yield 1
+
+    async def arows():
+        yield 1
+
+    for fn in (rows, arows):
+        with pytest.raises(TypeError, match="cannot recover the generator function"):
+            recover(fn)
+
+
+def test_call_of_a_coroutine_function_is_refused_not_returned_unrecovered(fake_clock, recwarn):
+    """``call`` runs sync functions: the coroutine it made would be awaited outside every
+    retry, and the breaker would have counted a success that never ran."""
+    breaker = CircuitBreaker(failure_threshold=2, clock=fake_clock)
+    p = policy(fake_clock, retry=Retry(2), breaker=breaker)
+
+    async def fetch() -> str:
+        return "never run"
+
+    with pytest.raises(TypeError, match="use `await policy.acall"):
+        p.call(fetch)
+    snapshot = breaker.snapshot()
+    assert (snapshot.successful_calls, snapshot.failed_calls) == (0, 0)
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]

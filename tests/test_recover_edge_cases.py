@@ -310,3 +310,20 @@ async def test_an_attempt_whose_deadline_is_spent_is_not_started() -> None:
     with pytest.raises((TimeoutError, ConnectionError)):
         await send()
     assert len(calls) == 1
+
+
+def test_a_bulkhead_full_error_survives_pickling_and_copying():
+    """Raised in a process pool's worker, an error that cannot be pickled breaks the pool."""
+    import copy
+    import pickle
+
+    from otel_recovery.policies.bulkhead import BulkheadFullError
+
+    error = BulkheadFullError("reports", 4)
+    for twin in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+        assert (type(twin), str(twin), twin.name, twin.max_concurrent) == (
+            BulkheadFullError,
+            str(error),
+            "reports",
+            4,
+        )

@@ -22,6 +22,7 @@ from opentelemetry import trace
 from otel_recovery._clock import SYSTEM_CLOCK, Clock
 from otel_recovery._forksafe import new_lock
 from otel_recovery._inner_recovery import OuterAttempt
+from otel_recovery._known_errors import error_type_of
 from otel_recovery.classify import classify
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
@@ -197,7 +198,10 @@ class Options:
             return None
         mark(
             attributes.EVENT_FALLBACK,
-            {attributes.FALLBACK_KIND: "response", attributes.ERROR_TYPE: type(error).__qualname__},
+            {
+                attributes.FALLBACK_KIND: "response",
+                attributes.ERROR_TYPE: error_type_of(type(error)),
+            },
         )
         return response
 

@@ -160,6 +160,8 @@ class _Request:
         self.disconnected = False
         self.replayable = retries and may_repeat(str(scope.get("method", "GET")), _headers(scope))
         self._scope = dict(scope) if self.replayable else {}  # routers rewrite it in place
+        state = scope.get("state")  # request.state: the first attempt writes into it
+        self._state = dict(state) if self.replayable and isinstance(state, dict) else None
 
     async def receive(self) -> Message:
         if self._position < len(self._read):
@@ -178,9 +180,14 @@ class _Request:
         return message
 
     def rewind(self) -> Scope:
-        """Start the messages over; a fresh copy of the scope as it first came."""
+        """Start the messages over; a fresh copy of the scope as it first came, its
+        ``state`` (``request.state``, which uvicorn gives every request from the lifespan's)
+        included: what a failed attempt stored there is not the next attempt's."""
         self._position = 0
-        return dict(self._scope)
+        scope = dict(self._scope)
+        if self._state is not None:
+            scope["state"] = dict(self._state)
+        return scope
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -33,6 +33,11 @@ class BulkheadFullError(Exception):
         self.name = name
         self.max_concurrent = max_concurrent
 
+    def __reduce__(self) -> tuple[type[BulkheadFullError], tuple[str, int]]:
+        # pickle and copy call the class with args, not __init__'s: raised in a process
+        # pool's worker, an unpicklable error breaks the whole pool
+        return (type(self), (self.name, self.max_concurrent))
+
 
 class Bulkhead:
     """Concurrency limit with an optional bounded wait."""

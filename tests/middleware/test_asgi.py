@@ -126,6 +126,36 @@ async def test_a_safe_request_is_retried_and_counts_once():
     assert (snapshot.successful_calls, snapshot.failed_calls) == (1, 0)
 
 
+async def test_each_attempt_gets_request_state_as_it_first_came():
+    """uvicorn gives every request a ``state`` dict (``request.state``) from the lifespan's:
+    what a failed attempt stored there must not be the next attempt's."""
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(dict(scope["state"]))
+        scope["state"]["user"] = f"from attempt {len(seen)}"
+        if len(seen) == 1:
+            raise ConnectionError("the database went away")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    clock = FakeClock()
+    middleware = RecoveryMiddleware(app, retry=Retry(2, backoff=FixedBackoff(0)), clock=clock)
+    messages = iter([{"type": "http.request", "body": b"", "more_body": False}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/me", "headers": [], "state": {"db": 1}}
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] == 200
+    assert seen == [{"db": 1}, {"db": 1}]
+
+
 class CallingApp:
     """An ASGI app whose handler calls a dependency under a policy of ours (``@recover``):
     the dependency fails its first ``failures`` calls; ``/after`` then raises an error of
@@ -396,3 +426,22 @@ def test_bad_options_fail_at_construction_naming_the_fix():
 
 def test_the_package_re_exports_the_asgi_middleware():
     assert ASGIRecoveryMiddleware is RecoveryMiddleware
+
+
+class _LookupFailed(Exception):
+    """An application's own exception class: its error.type is module-qualified."""
+
+
+async def test_a_fallbacks_error_type_is_qualified_as_the_librarys_are(recovery_telemetry):
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise _LookupFailed("no such user")
+
+    middleware = RecoveryMiddleware(app, fallback=(200, [], b"cached"))
+    tracer = recovery_telemetry.tracer_provider.get_tracer("test")
+    async with _client(middleware) as client:
+        with tracer.start_as_current_span("GET /me", kind=trace.SpanKind.SERVER):
+            assert (await client.get("/me")).text == "cached"
+    event = next(
+        e for e in recovery_telemetry.span("GET /me").events if e.name == attributes.EVENT_FALLBACK
+    )
+    assert event.attributes[attributes.ERROR_TYPE] == f"{__name__}._LookupFailed"
