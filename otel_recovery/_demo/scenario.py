@@ -107,6 +107,11 @@ class DependencyFallback(Fallback):
         )
 
 
+def _the_resource(url: str, seen: _Attempts) -> str:
+    """The last-known-good key of a call to ``/resource``: the resource, not its query."""
+    return "GET /resource"
+
+
 def build_policy(settings: Settings, breaker: CircuitBreaker) -> RecoveryPolicy:
     """Retry with jittered backoff under a budget, behind a breaker, with a fallback."""
     return RecoveryPolicy(
@@ -118,7 +123,8 @@ def build_policy(settings: Settings, breaker: CircuitBreaker) -> RecoveryPolicy:
         ),
         budget=RetryBudget(ratio=0.2, min_per_second=2.0, ttl=5.0, name=NAME),
         breaker=breaker,
-        fallback=DependencyFallback(last_known_good=True),
+        # one resource, whatever the call's query: the last good answer stands for it
+        fallback=DependencyFallback(last_known_good=True, key=_the_resource),
         timeout=Timeout(settings.attempt_timeout),
         name=NAME,
     )
@@ -129,6 +135,21 @@ class _Attempts:
     count: int = 0
     busy: float = 0.0
     first_error: BaseException | None = None
+
+
+def _fetch(url: str, seen: _Attempts) -> dict[str, Any]:
+    """One attempt of a call: one function for every call, so the policy's last-known-good
+    result (kept per function) answers for all of them."""
+    seen.count += 1
+    started = time.monotonic()
+    try:
+        return _get(url)
+    except Exception as error:
+        if seen.first_error is None:
+            seen.first_error = error
+        raise
+    finally:
+        seen.busy += time.monotonic() - started
 
 
 @dataclass
@@ -188,18 +209,6 @@ def _one_call(
 ) -> CallRecord:
     seen = _Attempts()
 
-    def fetch() -> dict[str, Any]:
-        seen.count += 1
-        started = time.monotonic()
-        try:
-            return _get(url)
-        except Exception as error:
-            if seen.first_error is None:
-                seen.first_error = error
-            raise
-        finally:
-            seen.busy += time.monotonic() - started
-
     attributes = {"http.request.method": "GET", "url.full": url}
     with tracer.start_as_current_span(
         "GET /resource", kind=SpanKind.CLIENT, attributes=attributes, record_exception=False
@@ -208,7 +217,7 @@ def _one_call(
         failed: BaseException | None = None
         body: dict[str, Any] | None = None
         try:
-            body = policy.call(fetch)
+            body = policy.call(_fetch, url, seen)
         except Exception as error:
             failed = error
             span.set_status(Status(StatusCode.ERROR, type(error).__name__))
