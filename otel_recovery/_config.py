@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 
+from otel_recovery._first_times import FirstTimes
 from otel_recovery._forksafe import new_lock
 
 __all__ = [
@@ -49,8 +50,7 @@ class Switches:
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _log = logging.getLogger("otel_recovery")
-_reported: set[str] = set()
-_reported_lock = new_lock()
+_reported = FirstTimes()
 
 
 def env_flag(name: str, *, default: bool, invalid: bool | None = None) -> bool:
@@ -79,11 +79,8 @@ def flag_value(name: str, raw: str, *, invalid: bool) -> bool:
     )
     if name == ENABLED_VARIABLE and not invalid:
         message += ": otel-recovery is off (it changes nothing) until the value is fixed"
-    with _reported_lock:
-        if message in _reported:
-            return invalid
-        _reported.add(message)
-    _log.error("%s", message)
+    if _reported.first(message):
+        _log.error("%s", message)
     return invalid
 
 

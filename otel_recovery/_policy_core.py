@@ -14,6 +14,7 @@ from typing import Any, Literal, NamedTuple
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._engine import Decision, after_failure, after_rejection
+from otel_recovery._first_times import FirstTimes
 from otel_recovery._forksafe import new_lock
 from otel_recovery._inner_recovery import note_decided
 from otel_recovery.classify import (
@@ -41,21 +42,15 @@ AsyncRunner = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Aw
 """The async twin of :data:`Runner`."""
 
 _log = logging.getLogger("otel_recovery")
-_reported_bugs: set[tuple[type, type, type]] = set()
-_reported_lock = new_lock()
+_reported_bugs = FirstTimes()
 
 
 def _report_classifier_bug(classifier: object, error: BaseException, bug: Exception) -> None:
     """Log a classifier that raised, with its traceback, once per (classifier class, error
     type, bug type): a broken rule meets every failure of a busy service, and a traceback per
     call would bury the log (and cost the failure path). Later ones go to DEBUG."""
-    key = (type(classifier), type(error), type(bug))
-    with _reported_lock:
-        first = key not in _reported_bugs and len(_reported_bugs) < 1024
-        if first:
-            _reported_bugs.add(key)
     message = "otel_recovery: classifying %s failed; not retrying it"
-    if first:
+    if _reported_bugs.first((type(classifier), type(error), type(bug))):
         _log.error(message + " (logged once per classifier and error type)", type(error),
                    exc_info=bug)  # fmt: skip
     else:

@@ -79,9 +79,9 @@ class _Outcome:
         return self.raised and error is self.value
 
     def deliver(self) -> Any:
-        """Return the latest result, or raise the latest exception (unchanged: called
-        outside any handler, its ``__context__`` stays its own). Whoever made this object
-        :meth:`forget` s it once the call is over."""
+        """Return the latest result, or raise the latest exception unchanged (its
+        ``__context__`` its own: :func:`~otel_recovery._reraise.reraise`). Whoever made this
+        object :meth:`forget` s it once the call is over."""
         value = self.value
         if self.raised:
             try:

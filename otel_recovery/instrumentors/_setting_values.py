@@ -27,7 +27,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from otel_recovery._forksafe import new_lock
+from otel_recovery._first_times import FirstTimes
 
 ENV_PREFIX = "OTEL_RECOVERY_"
 """Every variable's prefix; :mod:`._settings` re-exports it."""
@@ -206,9 +206,8 @@ _LISTS = {
 }
 
 _log = logging.getLogger("otel_recovery.instrumentors")
-_warned: set[str] = set()
+_warned = FirstTimes()
 """The messages logged so far (warnings here and :func:`._settings.report_off`'s errors)."""
-_warned_lock = new_lock()
 
 
 def _convert(name: str, raw: Any, source: str, default: Any) -> Any:
@@ -310,8 +309,5 @@ def _warn_once(message: str) -> None:
 
 def _log_once(level: int, message: str) -> None:
     """Log ``message`` once per process: every instrumentor loads the settings."""
-    with _warned_lock:
-        if message in _warned:
-            return
-        _warned.add(message)
-    _log.log(level, "%s", message)
+    if _warned.first(message):
+        _log.log(level, "%s", message)

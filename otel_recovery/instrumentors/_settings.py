@@ -126,10 +126,7 @@ class RecoverySettings:
     def for_target(self, host: str, port: int | None, operation: str | None) -> RecoverySettings:
         """The settings for one target (``host:port`` beats ``host``) and operation."""
         changes: dict[str, Any] = {}
-        for key in (host, f"{host}:{port}" if port is not None else None):
-            section = self.targets.get(key) if key else None
-            if not section:
-                continue
+        for section in self._sections(host, port):
             changes.update((name, value) for name, value in section.items() if name in _FIELDS)
             if operation:
                 changes.update(section.get("operations", {}).get(operation, {}))
@@ -145,14 +142,15 @@ class RecoverySettings:
         only such a fallback answers for a call that may not be repeated (a POST, an INCR),
         whose failure may have changed the server's data. A fallback set for a whole target
         or service is for reads, so it does not hide a failed write."""
-        if not operation:
-            return False
-        for key in (host, f"{host}:{port}" if port is not None else None):
-            section = self.targets.get(key) if key else None
-            operations = section.get("operations", {}) if section else {}
-            if "fallback_value" in operations.get(operation, {}):
-                return True
-        return False
+        return bool(operation) and any(
+            "fallback_value" in section.get("operations", {}).get(operation, {})
+            for section in self._sections(host, port)
+        )
+
+    def _sections(self, host: str, port: int | None) -> list[Mapping[str, Any]]:
+        """The policy file's sections for a target, ``host`` first, then ``host:port``."""
+        keys = (host, f"{host}:{port}") if port is not None else (host,)
+        return [section for key in keys if (section := self.targets.get(key))]
 
 
 _FIELDS = {f.name: f for f in fields(RecoverySettings)}

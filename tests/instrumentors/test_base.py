@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from otel_recovery._attempt import ATTEMPT, current_attempt
+from otel_recovery._first_times import FirstTimes
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db import PlanCache
 from otel_recovery.instrumentors._http import plan_call
@@ -99,7 +100,7 @@ def test_unknown_keys_in_a_file_are_rejected_with_the_known_list(tmp_path):
 def test_an_unknown_variable_is_named_once_with_the_closest_real_one_and_ignored(
     caplog, monkeypatch
 ):
-    monkeypatch.setattr("otel_recovery.instrumentors._setting_values._warned", set())
+    monkeypatch.setattr("otel_recovery.instrumentors._setting_values._warned", FirstTimes())
     env = {
         "OTEL_RECOVERY_MAX_ATEMPTS": "5",  # a typo
         "OTEL_RECOVERY_SOMETHING_ELSE": "1",  # nothing close

@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from ours import marked_by_us
 
 import otel_recovery.instrumentors.httpx
+from otel_recovery._first_times import FirstTimes
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors._settings import SettingsError
 from otel_recovery.instrumentors.httpx import (
@@ -283,7 +284,7 @@ async def test_cancellation_during_backoff_releases_the_held_response(server, te
 
 
 async def test_disabled_by_environment_and_bad_settings(server, instrument, monkeypatch, caplog):
-    monkeypatch.setattr("otel_recovery.instrumentors._setting_values._warned", set())
+    monkeypatch.setattr("otel_recovery.instrumentors._setting_values._warned", FirstTimes())
     monkeypatch.setenv("OTEL_RECOVERY_ENABLED", "false")
     instrument(contrib=False)
     assert originals_restored()

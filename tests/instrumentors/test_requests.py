@@ -33,6 +33,7 @@ from urllib3.exceptions import MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
 import otel_recovery.instrumentors.requests
+from otel_recovery._first_times import FirstTimes
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors._resend import ResendCountSpanProcessor
 from otel_recovery.instrumentors._settings import SettingsError
@@ -477,7 +478,7 @@ def test_a_bad_setting_from_the_environment_is_logged_and_leaves_us_off(
 ):
     """Raising would stop opentelemetry-instrument's loader, and every instrumentation after
     ours with it: the bad value is logged once, naming the setting, and we stay off."""
-    monkeypatch.setattr("otel_recovery.instrumentors._setting_values._warned", set())
+    monkeypatch.setattr("otel_recovery.instrumentors._setting_values._warned", FirstTimes())
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     ours = RequestsRecoveryInstrumentor()

@@ -16,6 +16,7 @@ import pytest
 
 from otel_recovery import _config
 from otel_recovery._config import set_active
+from otel_recovery._first_times import FirstTimes
 from otel_recovery.instrumentors import _setting_values
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._settings import SettingsError, load_settings
@@ -27,8 +28,8 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(autouse=True)
 def _fresh_log_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Messages are logged once per process: start each test with none logged yet."""
-    monkeypatch.setattr(_setting_values, "_warned", set())
-    monkeypatch.setattr(_config, "_reported", set(), raising=False)
+    monkeypatch.setattr(_setting_values, "_warned", FirstTimes())
+    monkeypatch.setattr(_config, "_reported", FirstTimes())
     for name in list(os.environ):
         if name.startswith("OTEL_RECOVERY_") and name != "OTEL_RECOVERY_STORE_URL":
             monkeypatch.delenv(name)
