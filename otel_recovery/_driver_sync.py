@@ -266,7 +266,7 @@ class SyncDriver(PolicyCore):
                     trace.end("success", attempt, info)
                 return result
         except BaseException as escaped:
-            self._abandon(settled, trace, attempt, info, escaped)
+            self._abandon(settled, trace, attempt, info, escaped, started)
             raise
         finally:
             # The error leaving here carries a traceback through this frame: holding it in

@@ -458,8 +458,10 @@ class PolicyCore:
         attempts: int,
         info: ErrorInfo | None,
         escaped: BaseException,
+        started: float,
     ) -> None:
-        """Settle a call whose recovery was left by an exception (cancellation, a bug).
+        """Settle a call (started at ``started``) whose recovery was left by an exception
+        (cancellation, a bug).
 
         The breaker gets its half-open permit back unless the outcome was already recorded,
         and the trace is ended (a no-op if the normal path already ended it).

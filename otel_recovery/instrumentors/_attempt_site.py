@@ -27,7 +27,14 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-__all__ = ["AttemptSite", "is_call_limit", "past_call_limit", "site_of", "within_call_limit"]
+__all__ = [
+    "AttemptSite",
+    "cut_by_call_limit",
+    "is_call_limit",
+    "past_call_limit",
+    "site_of",
+    "within_call_limit",
+]
 
 T = TypeVar("T")
 
@@ -54,12 +61,45 @@ def site_of(fn: Callable[..., Any]) -> AttemptSite | None:
     return site if isinstance(site, AttemptSite) else None
 
 
-_CALL_END: ContextVar[tuple[float, float] | None] = ContextVar(
-    "otel_recovery_call_end", default=None
-)
-"""``(started, end)`` of the call being recovered under a time limit, on the policy's clock.
-Keyed by its start, so a call made inside one of its attempts (an aiohttp middleware's),
-which inherits the context, is not held to it."""
+class _CallLimit:
+    """The time limit of the call being recovered, on the policy's clock, and whether it
+    has cut the call."""
+
+    __slots__ = ("_before", "_error", "_task", "_timed_out", "end", "fired", "started")
+
+    def __init__(
+        self,
+        started: float,
+        end: float,
+        task: asyncio.Task[Any] | None,
+        timed_out: Callable[[], BaseException],
+    ) -> None:
+        self.started, self.end = started, end
+        self.fired = False
+        self._task = task
+        cancelling = getattr(task, "cancelling", None)  # 3.11 and later count cancellations
+        self._before: int = cancelling() if cancelling is not None else 0
+        self._timed_out = timed_out
+        self._error: BaseException | None = None
+
+    def others_cancelled(self) -> bool:
+        """Whether a cancellation from elsewhere (a shutdown, a task group) came besides the
+        cut: that one wins, as under ``asyncio.timeout`` (Python 3.11 and later)."""
+        cancelling = getattr(self._task, "cancelling", None)
+        return cancelling is not None and cancelling() > self._before + int(self.fired)
+
+    def error(self) -> BaseException:
+        """The error the call ends with once cut: made once, marked (:func:`is_call_limit`)."""
+        if self._error is None:
+            self._error = self._timed_out()
+            self._error.__dict__[_CUT] = True
+        return self._error
+
+
+_CALL_LIMIT: ContextVar[_CallLimit | None] = ContextVar("otel_recovery_call_end", default=None)
+"""The limit of the call being recovered under one. Keyed by the call's start, so a call
+made inside one of its attempts (an aiohttp middleware's), which inherits the context, is not
+held to it."""
 
 
 _CUT = "_otel_recovery_call_limit"
@@ -73,8 +113,18 @@ def is_call_limit(error: BaseException) -> bool:
 def past_call_limit(started: float, now: float, delay: float) -> bool:
     """Whether a retry of the call that started at ``started``, after waiting ``delay``
     seconds from ``now``, would begin at or past that call's own time limit."""
-    limit = _CALL_END.get()
-    return limit is not None and limit[0] == started and now + delay >= limit[1]
+    limit = _CALL_LIMIT.get()
+    return limit is not None and limit.started == started and now + delay >= limit.end
+
+
+def cut_by_call_limit(started: float) -> BaseException | None:
+    """The error the call that started at ``started`` ends with if its own time limit cut
+    it (and nothing else cancelled it): what its trace records instead of a cancellation,
+    and what :func:`within_call_limit` raises. None otherwise."""
+    limit = _CALL_LIMIT.get()
+    if limit is None or limit.started != started or not limit.fired or limit.others_cancelled():
+        return None
+    return limit.error()
 
 
 async def within_call_limit(
@@ -95,31 +145,28 @@ async def within_call_limit(
     shutdown, a task group) wins, as under ``asyncio.timeout`` (Python 3.11 and later,
     which count cancellations). The error raised is marked (:func:`is_call_limit`), so a
     site can tell it from one of its own, wherever it was cut (an attempt, or a backoff)."""
-    token = _CALL_END.set((started, end))
-    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)  # 3.11 and later count cancellations
-    before = cancelling() if cancelling is not None else 0
-    fired = False
+    limit = _CallLimit(started, end, task, timed_out)
+    token = _CALL_LIMIT.set(limit)
 
     def cut() -> None:
-        nonlocal fired
-        fired = True
+        limit.fired = True
         if task is not None:
             task.cancel()
 
-    handle = loop.call_later(max(0.0, end - now), cut)
+    handle = asyncio.get_running_loop().call_later(max(0.0, end - now), cut)
     try:
         return await recover
     except asyncio.CancelledError:
-        if not fired:
+        if not limit.fired:
             raise
+        others = limit.others_cancelled()
         uncancel = getattr(task, "uncancel", None)
-        if uncancel is not None and uncancel() > before:
+        if uncancel is not None:
+            uncancel()
+        if others:
             raise  # cancelled from elsewhere too: that cancellation wins
-        error = timed_out()
-        error.__dict__[_CUT] = True
-        raise error from None
+        raise limit.error() from None
     finally:
         handle.cancel()
-        _CALL_END.reset(token)
+        _CALL_LIMIT.reset(token)

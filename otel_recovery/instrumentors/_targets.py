@@ -8,6 +8,7 @@ unboundedly many hosts cannot grow memory without limit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,12 @@ from otel_recovery._clock import Clock
 from otel_recovery._engine import Action, Decision, give_up
 from otel_recovery._forksafe import new_lock
 from otel_recovery.classify import Classifier, ErrorInfo
-from otel_recovery.instrumentors._attempt_site import past_call_limit, site_of, within_call_limit
+from otel_recovery.instrumentors._attempt_site import (
+    cut_by_call_limit,
+    past_call_limit,
+    site_of,
+    within_call_limit,
+)
 from otel_recovery.instrumentors._client_retries import client_retries
 from otel_recovery.instrumentors._settings import RecoverySettings
 from otel_recovery.instrumentors._wrapping import report_internal_error
@@ -221,6 +227,30 @@ class TargetPolicy(RecoveryPolicy):
         return await within_call_limit(
             started, started + limit, self.clock.now(), recovering, timed_out
         )
+
+    def _abandon(
+        self,
+        settled: bool,
+        trace: CallTrace | None,
+        attempts: int,
+        info: ErrorInfo | None,
+        escaped: BaseException,
+        started: float,
+    ) -> None:
+        """A call its own time limit cut (:func:`within_call_limit`) gave up at that limit:
+        it counts on the breaker as the failure it is, and its trace ends with the error
+        the application gets (aiohttp's timeout error), ``stop_reason=deadline``, as when the
+        limit is found to have passed before a retry. Not as a cancellation: no one
+        cancelled the call, and a server that keeps every call past its limit would never
+        count."""
+        cut = cut_by_call_limit(started) if isinstance(escaped, asyncio.CancelledError) else None
+        if cut is not None:
+            info = self._classify(cut)
+            if not settled:
+                self._stopped(give_up(None, cut, "deadline"), cut, info, attempts, started, trace)
+                settled = True
+            self._failed(trace, attempts, info, cut)
+        super()._abandon(settled, trace, attempts, info, escaped, started)
 
     def _attempt_timed_out(self, limit: float) -> BaseException:
         """A ``TimeoutError`` that is also the client library's own timeout error, so an

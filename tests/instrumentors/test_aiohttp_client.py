@@ -240,6 +240,36 @@ async def test_retries_stop_at_the_requests_own_total_timeout(server, tel, instr
     assert 0.9 < took < 1.6 and server.count("/busy") < 5
     assert isinstance(raised.value, aiohttp.ServerTimeoutError)
     assert "own 1s time limit" in str(raised.value)
+    # The span tells what the caller got, as when the limit is seen to pass before a retry:
+    # not a cancellation (no one cancelled the call), but a failure at the deadline.
+    recovery = tel.recovery()
+    assert recovery.attributes["otel_recovery.outcome"] == "failure"
+    assert recovery.attributes["otel_recovery.retry.stop_reason"] == "deadline"
+    assert recovery.attributes["error.type"] == (
+        "otel_recovery.instrumentors.aiohttp_client.AioHttpAttemptTimeoutError"
+    )
+    assert recovery.status.status_code is StatusCode.ERROR
+
+
+async def test_calls_cut_at_their_own_total_timeout_count_on_the_breaker(server, tel, instrument):
+    """A server that keeps every call busy past the caller's ``total`` (503s, slowly) opens
+    its circuit: a cut call is a failure at its deadline, not a cancellation, which the
+    breaker would leave uncounted for ever."""
+    instrument(
+        clock=SYSTEM_CLOCK, max_attempts=5, breaker_window=2, breaker_minimum_calls=2,
+        backoff_initial=0.01, backoff_max=0.01,
+    )  # fmt: skip
+    url = server.script("/busy", *[hf.stall(0.3, then=503)] * 8)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            with pytest.raises(asyncio.TimeoutError):
+                await session.get(url, timeout=aiohttp.ClientTimeout(total=0.5))
+        sent = server.count("/busy")
+        with pytest.raises(AioHttpCircuitOpenError):
+            await session.get(url, timeout=aiohttp.ClientTimeout(total=0.5))
+    assert server.count("/busy") == sent
+    outcomes = [r.attributes["otel_recovery.outcome"] for r in tel.recoveries()]
+    assert outcomes == ["failure", "failure", "rejected"]
 
 
 class _OversleepingClock(MonotonicClock):
