@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "AttemptSite",
-    "cut_by_call_limit",
+    "cut_call_limit",
     "is_call_limit",
     "past_call_limit",
     "site_of",
@@ -65,7 +65,7 @@ class _CallLimit:
     """The time limit of the call being recovered, on the policy's clock, and whether it
     has cut the call."""
 
-    __slots__ = ("_before", "_error", "_task", "_timed_out", "end", "fired", "started")
+    __slots__ = ("_before", "_error", "_task", "_timed_out", "end", "fired", "left", "started")
 
     def __init__(
         self,
@@ -81,6 +81,9 @@ class _CallLimit:
         self._before: int = cancelling() if cancelling is not None else 0
         self._timed_out = timed_out
         self._error: BaseException | None = None
+        self.left: Any = None
+        """What the policy's driver left unsettled when the cut reached it (its trace, say),
+        for whoever answers the cut call."""
 
     def others_cancelled(self) -> bool:
         """Whether a cancellation from elsewhere (a shutdown, a task group) came besides the
@@ -117,14 +120,14 @@ def past_call_limit(started: float, now: float, delay: float) -> bool:
     return limit is not None and limit.started == started and now + delay >= limit.end
 
 
-def cut_by_call_limit(started: float) -> BaseException | None:
-    """The error the call that started at ``started`` ends with if its own time limit cut
-    it (and nothing else cancelled it): what its trace records instead of a cancellation,
-    and what :func:`within_call_limit` raises. None otherwise."""
+def cut_call_limit(started: float) -> _CallLimit | None:
+    """The limit of the call that started at ``started`` if that limit has cut it (and
+    nothing else cancelled it): the policy settles the call at its limit instead of as a
+    cancellation, and leaves what it needs for that on it (``left``). None otherwise."""
     limit = _CALL_LIMIT.get()
     if limit is None or limit.started != started or not limit.fired or limit.others_cancelled():
         return None
-    return limit.error()
+    return limit
 
 
 async def within_call_limit(
@@ -133,11 +136,14 @@ async def within_call_limit(
     now: float,
     recover: Awaitable[T],
     timed_out: Callable[[], BaseException],
+    answer: Callable[[BaseException, Any], Awaitable[T]],
 ) -> T:
     """Await ``recover`` (a call's recovery: its backoffs and later attempts) so that it
     ends by ``end``, ``started`` and ``end`` being on the policy's clock (``now`` is that
     clock's time): :func:`past_call_limit` answers for this call meanwhile, and if the limit
-    passes with an attempt in flight, that attempt is cancelled and ``timed_out()`` raised.
+    passes with an attempt in flight, that attempt is cancelled and the call answered by
+    ``answer(timed_out(), left)`` (``left``: what the policy left on the limit when the cut
+    reached it, see :func:`cut_call_limit`), which returns a fallback or raises.
 
     The cut is the running task's own cancellation, scheduled on the event loop (as
     ``asyncio.timeout`` does, which Python 3.10 lacks), told apart from one that came from
@@ -156,17 +162,21 @@ async def within_call_limit(
 
     handle = asyncio.get_running_loop().call_later(max(0.0, end - now), cut)
     try:
-        return await recover
-    except asyncio.CancelledError:
-        if not limit.fired:
-            raise
-        others = limit.others_cancelled()
-        uncancel = getattr(task, "uncancel", None)
-        if uncancel is not None:
-            uncancel()
-        if others:
-            raise  # cancelled from elsewhere too: that cancellation wins
-        raise limit.error() from None
+        try:
+            return await recover
+        except asyncio.CancelledError:
+            if not limit.fired:
+                raise
+            others = limit.others_cancelled()
+            uncancel = getattr(task, "uncancel", None)
+            if uncancel is not None:
+                uncancel()
+            if others:
+                raise  # cancelled from elsewhere too: that cancellation wins
+        handle.cancel()
+        error = limit.error()
+        error.__context__ = None  # the cut's cancellation is our own doing
+        return await answer(error, limit.left)  # outside the handler: its errors are its own
     finally:
         handle.cancel()
         _CALL_LIMIT.reset(token)

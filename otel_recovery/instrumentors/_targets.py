@@ -17,9 +17,10 @@ from typing import Any, Literal, TypeAlias
 from otel_recovery._clock import Clock
 from otel_recovery._engine import Action, Decision, give_up
 from otel_recovery._forksafe import new_lock
+from otel_recovery._reraise import reraise
 from otel_recovery.classify import Classifier, ErrorInfo
 from otel_recovery.instrumentors._attempt_site import (
-    cut_by_call_limit,
+    cut_call_limit,
     past_call_limit,
     site_of,
     within_call_limit,
@@ -102,6 +103,11 @@ class _NeverRanRetry(Retry):
 
     def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:
         return self.proves_never_ran(error) and super().is_retryable(error, info)
+
+
+_Left: TypeAlias = "tuple[CallTrace | None, int, bool]"
+"""What the driver leaves of a call its own time limit cut: its trace, the attempts made,
+and whether its outcome is already on the breaker."""
 
 
 class TargetPolicy(RecoveryPolicy):
@@ -224,8 +230,22 @@ class TargetPolicy(RecoveryPolicy):
                 f"the call exceeded its own {limit:.3g}s time limit, retries included"
             )
 
+        async def answer(cut: BaseException, left: _Left | None) -> Any:
+            """The call gave up at its limit: a fallback answers it, or it fails there."""
+            if left is None:  # the driver had settled the call already (a fallback's await)
+                try:
+                    reraise(cut)
+                finally:
+                    del cut
+            trace, attempts, settled = left
+            info = self._classify(cut)
+            decision = give_up(self.fallback, cut, "deadline")
+            if not settled:
+                self._stopped(decision, cut, info, attempts, started, trace)
+            return await self._agive_up(decision, cut, info, attempts, trace, fn, args, kwargs)
+
         return await within_call_limit(
-            started, started + limit, self.clock.now(), recovering, timed_out
+            started, started + limit, self.clock.now(), recovering, timed_out, answer
         )
 
     def _abandon(
@@ -237,19 +257,18 @@ class TargetPolicy(RecoveryPolicy):
         escaped: BaseException,
         started: float,
     ) -> None:
-        """A call its own time limit cut (:func:`within_call_limit`) gave up at that limit:
-        it counts on the breaker as the failure it is, and its trace ends with the error
-        the application gets (aiohttp's timeout error), ``stop_reason=deadline``, as when the
-        limit is found to have passed before a retry. Not as a cancellation: no one
-        cancelled the call, and a server that keeps every call past its limit would never
-        count."""
-        cut = cut_by_call_limit(started) if isinstance(escaped, asyncio.CancelledError) else None
-        if cut is not None:
-            info = self._classify(cut)
-            if not settled:
-                self._stopped(give_up(None, cut, "deadline"), cut, info, attempts, started, trace)
-                settled = True
-            self._failed(trace, attempts, info, cut)
+        """A call its own time limit cut (:func:`within_call_limit`) is not abandoned: it
+        gave up at that limit, and is settled as such once the cut is caught (``answer`` in
+        :meth:`_arecover`): counted on the breaker as the failure it is, its trace ended
+        with ``stop_reason=deadline`` and the error the application gets (aiohttp's timeout
+        error), or answered by the fallback, as when the limit is found to have passed
+        before a retry. Not as a cancellation: no one cancelled the call, and a server that
+        keeps every call past its limit would never count."""
+        if isinstance(escaped, asyncio.CancelledError):
+            limit = cut_call_limit(started)
+            if limit is not None:
+                limit.left = (trace, attempts, settled)
+                return
         super()._abandon(settled, trace, attempts, info, escaped, started)
 
     def _attempt_timed_out(self, limit: float) -> BaseException:

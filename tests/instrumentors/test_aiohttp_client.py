@@ -272,6 +272,21 @@ async def test_calls_cut_at_their_own_total_timeout_count_on_the_breaker(server,
     assert outcomes == ["failure", "failure", "rejected"]
 
 
+async def test_a_call_cut_at_its_own_total_timeout_gets_the_fallback(server, tel, instrument):
+    """As when the limit is found to have passed before a retry: the call gave up at its
+    deadline, and a GET's configured fallback answers it."""
+    instrument(clock=SYSTEM_CLOCK, max_attempts=5, fallback_value={"prices": []})
+    url = server.script("/busy", *[hf.stall(0.4, then=503)] * 5)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as response:
+            assert response.status == 200 and await response.json() == {"prices": []}
+            assert response.headers["X-OTel-Recovery-Fallback"] == "value"
+    assert server.count("/busy") < 5
+    recovery = tel.recovery().attributes
+    assert recovery["otel_recovery.outcome"] == "fallback"
+    assert recovery["otel_recovery.retry.stop_reason"] == "deadline"
+
+
 class _OversleepingClock(MonotonicClock):
     """The real clock, whose backoffs last a second whatever was asked: a loop too busy
     to wake the retry in time, so the call's own limit passes in the middle of one."""
