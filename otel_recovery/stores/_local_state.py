@@ -22,30 +22,46 @@ from otel_recovery._clock import Clock
 from otel_recovery._forksafe import new_rlock
 from otel_recovery.stores._base import Record, StoreUnavailableError, VersionConflictError
 
-__all__ = ["LocalState", "ResyncConflict", "Work"]
+__all__ = [
+    "JournalBatch",
+    "JournalDelete",
+    "JournalPut",
+    "LocalState",
+    "ResyncConflict",
+    "Work",
+]
 
 _log = logging.getLogger("otel_recovery")
 
 
 @dataclass(frozen=True)
 class ResyncConflict:
-    """A compare-and-set write made while degraded that the store refused on resync."""
+    """A write made while degraded that resync did not apply, because the store moved on.
+
+    ``operation`` is ``"put"`` for a compare-and-set put the store refused
+    (``expected_version`` is what it was based on, ``store_version`` what the store held),
+    or ``"delete"`` for a delete of a key that another process wrote again after it was made
+    (``store_version`` is that newer version, ``provisional_version`` and ``data`` are empty).
+    """
 
     key: str
     provisional_version: int
     expected_version: int
     store_version: int
     data: bytes = field(repr=False)
+    operation: str = "put"
 
 
 @dataclass
-class _Put:
+class JournalPut:
     key: str
     data: bytes
     encoding: str
     expected: int | None
     expires_at: float | None
     provisional: int
+    maybe_applied: bool = False
+    """Sent to the store, which may have applied it before the reply was lost."""
 
     @property
     def size(self) -> int:
@@ -53,20 +69,25 @@ class _Put:
 
 
 @dataclass
-class _Delete:
+class JournalDelete:
     key: str
+    known_version: int | None
+    """The latest version this process knew of the key when it deleted it (provisional
+    numbers are translated on replay); None if it knew none."""
+    made_at: float
+    """Wall-clock time of the delete: a record created later is another writer's."""
     size: int = 64
 
 
 @dataclass
-class _Batch:
+class JournalBatch:
     namespace: str
     amounts: dict[str, float]
     batch_id: str
     size: int = 64
 
 
-Work = _Put | _Delete | _Batch
+Work = JournalPut | JournalDelete | JournalBatch
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
@@ -152,8 +173,16 @@ class LocalState:
         return None if known is None or known.expired(now) else known
 
     def put(
-        self, key: str, data: bytes, expected: int | None, seconds: float | None, encoding: str
+        self,
+        key: str,
+        data: bytes,
+        expected: int | None,
+        seconds: float | None,
+        encoding: str,
+        maybe_applied: bool = False,
     ) -> Record:
+        """A write while degraded; ``maybe_applied``: the store was asked and did not answer,
+        so it may hold this write already (resync then looks before it writes again)."""
         now = self.clock.wall()
         with self.lock:
             latest = self._latest(key)
@@ -166,7 +195,9 @@ class LocalState:
             version = max([known.version if known else 0, *self._overlay.get(key, {})]) + 1
             expires = None if seconds is None else now + seconds
             record = Record(key, version, bytes(data), now, expires, encoding)
-            self._queue(_Put(key, record.data, encoding, expected, expires, version))
+            self._queue(
+                JournalPut(key, record.data, encoding, expected, expires, version, maybe_applied)
+            )
             self._overlay.setdefault(key, {})[version] = record
             return record
 
@@ -196,7 +227,8 @@ class LocalState:
     def delete(self, key: str) -> int:
         with self.lock:
             now = self.clock.wall()
-            self._queue(_Delete(key))
+            latest = self._latest(key)
+            self._queue(JournalDelete(key, None if latest is None else latest.version, now))
             live = [r for r in self._overlay.pop(key, {}).values() if not r.expired(now)]
             known = self._known.get(key)
             self.forget(key)
@@ -206,7 +238,7 @@ class LocalState:
     def incr(self, namespace: str, amounts: dict[str, float], batch_id: str | None) -> bool:
         with self.lock:
             if batch_id is not None:
-                self._queue(_Batch(namespace, amounts, batch_id))
+                self._queue(JournalBatch(namespace, amounts, batch_id))
                 return True
             deltas = self._deltas.setdefault(namespace, {})
             for key, amount in amounts.items():
@@ -219,7 +251,7 @@ class LocalState:
             pending = [
                 w.amounts
                 for w in self._journal
-                if isinstance(w, _Batch) and w.namespace == namespace
+                if isinstance(w, JournalBatch) and w.namespace == namespace
             ]
             for amounts in [*pending, self._deltas.get(namespace, {})]:
                 for key, amount in amounts.items():
@@ -232,18 +264,53 @@ class LocalState:
         """Everything to replay, in order; pending increments become idempotent batches."""
         with self.lock:
             for namespace, amounts in self._deltas.items():
-                self._queue_batch(_Batch(namespace, amounts, uuid.uuid4().hex))
+                self._queue_batch(JournalBatch(namespace, amounts, uuid.uuid4().hex))
             self._deltas = {}
             work, self._journal = self._journal, []
             return work
 
-    def _queue_batch(self, batch: _Batch) -> None:
+    def _queue_batch(self, batch: JournalBatch) -> None:
         self._journal.append(batch)  # never refused: the increments were already accepted
 
     def give_back(self, rest: builtins.list[Work]) -> None:
         """Put what could not be replayed back at the front of the journal."""
         with self.lock:
             self._journal[:0] = rest
+
+    def sent_unanswered(self, work: Work) -> None:
+        """``work`` was sent and its reply lost: the store may have applied it."""
+        if isinstance(work, JournalPut):
+            work.maybe_applied = True
+
+    def delete_basis(self, work: JournalDelete) -> int | None:
+        """The store version a replayed delete was based on: the version this process knew
+        when it deleted, translated from a provisional number. -1 if that version was a
+        local write the store refused (the delete's basis never reached it)."""
+        known = work.known_version
+        if known is None:
+            return None
+        with self.lock:
+            if (work.key, known) in self._refused:
+                return -1
+            return self._mapping.get((work.key, known), known)
+
+    def delete_refused(self, work: JournalDelete, store_version: int, basis: int | None) -> None:
+        """A replayed delete found a version another process wrote after it: not applied."""
+        with self.lock:
+            self.conflicts.append(
+                ResyncConflict(work.key, 0, max(basis or 0, 0), store_version, b"", "delete")
+            )
+        _log.warning(
+            "otel_recovery: while %s was unreachable, %r was deleted; on resync the store holds "
+            "version %d, written after that by another process, so the delete was not applied "
+            "(see ResilientStore.conflicts)",
+            self.url, work.key, store_version,
+        )  # fmt: skip
+
+    def pending(self) -> int:
+        """How many local changes have not reached the store yet."""
+        with self.lock:
+            return len(self._journal) + sum(len(d) > 0 for d in self._deltas.values())
 
     def call_for(self, work: Work) -> Call | None:
         """The store call that replays ``work``; None when there is nothing left to send.
@@ -252,9 +319,9 @@ class LocalState:
         version that never reached the store (refused or expired): its basis is gone, and its
         provisional number might even equal an unrelated version in the store.
         """
-        if isinstance(work, _Delete):
+        if isinstance(work, JournalDelete):
             return "delete", (work.key,), {}
-        if isinstance(work, _Batch):
+        if isinstance(work, JournalBatch):
             return "incr", (work.namespace, work.amounts), {"batch_id": work.batch_id}
         expected = work.expected
         with self.lock:
@@ -276,7 +343,7 @@ class LocalState:
         """Book the store's answer to a replayed entry."""
         with self.lock:
             self.replayed += 1
-            if not isinstance(work, _Put):
+            if not isinstance(work, JournalPut):
                 return
             if isinstance(result, Record):
                 self._mapping[(work.key, work.provisional)] = result.version

@@ -27,9 +27,14 @@ exactly this:
    as a compare-and-set: if another writer moved the key on meanwhile, the store keeps its
    version, the local write is *not* applied, and it is reported (warning, the
    ``otel_recovery.store.conflicts`` count and :attr:`conflicts`); nothing is overwritten
-   silently. Deletes are replayed as deletes; a put whose TTL ran out meanwhile is dropped.
+   silently. A delete is replayed unless another process wrote the key after it (reported
+   the same way); a put whose TTL ran out meanwhile is dropped.
 2. Counter increments are sent as batches, each with a batch id that the store applies at most
    once, so a batch whose reply was lost is never counted twice when it is re-sent.
+
+A write whose reply was lost may have been applied. An increment carries its batch id from
+its first send; a put sent without an answer looks before it is written again (see
+``_replay``). :meth:`close` replays what is still local, once, and warns about what is lost.
 3. Only when the journal and the counter batches are empty does the store count as healthy
    again: one ``otel_recovery.store.resynced`` event and one info log line say how many
    entries were replayed and how long the outage was.
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -62,7 +68,14 @@ from otel_recovery.stores._base import (
     check_put,
     check_version,
 )
-from otel_recovery.stores._local_state import Call, LocalState, ResyncConflict, Work
+from otel_recovery.stores._local_state import (
+    Call,
+    JournalDelete,
+    JournalPut,
+    LocalState,
+    ResyncConflict,
+    Work,
+)
 from otel_recovery.telemetry import attributes as names
 
 __all__ = ["ResilientStore", "ResyncConflict"]
@@ -174,11 +187,9 @@ class ResilientStore:
             work = self.local.take()
             for index, item in enumerate(work):
                 try:
-                    call = self.local.call_for(item)
-                    result = None if call is None else self._send(call)
-                except VersionConflictError as conflict:
-                    result = conflict
+                    result = self._replay(item)
                 except StoreUnavailableError as error:
+                    self.local.sent_unanswered(item)
                     return self._failed_resync(work[index:], error)
                 self.local.replayed_one(item, result)
             if self._settled():
@@ -189,15 +200,86 @@ class ResilientStore:
             work = self.local.take()
             for index, item in enumerate(work):
                 try:
-                    call = self.local.call_for(item)
-                    result = None if call is None else await self._asend(call)
-                except VersionConflictError as conflict:
-                    result = conflict
+                    result = await self._areplay(item)
                 except StoreUnavailableError as error:
+                    self.local.sent_unanswered(item)
                     return self._failed_resync(work[index:], error)
                 self.local.replayed_one(item, result)
             if self._settled():
                 return True
+
+    # -- replaying one journal entry: nothing applied twice -------------------------------------
+    #
+    # A write whose reply was lost may have been applied. A counter batch carries its id and
+    # the store applies it once. A put looks first (a plain one at the latest version, a
+    # compare-and-set one at the versions after the one it expected) and does not write
+    # again what the store already holds. A delete is replayed only if nobody wrote the key
+    # after it was made: the key's latest version is the one this process knew, or was
+    # created before the delete (another process's clock; the check and the delete are two
+    # steps, so a write landing between them can still be deleted).
+
+    def _replay(self, item: Work) -> Any:
+        """Send one journal entry; what :meth:`LocalState.replayed_one` books."""
+        try:
+            if isinstance(item, JournalDelete):
+                latest = self._send(("get", (item.key,), {}))
+                refused = self._delete_refused(item, latest)
+                return 0 if refused else self._send(("delete", (item.key,), {}))
+            call = self.local.call_for(item)
+            if call is None:
+                return None
+            if isinstance(item, JournalPut) and item.maybe_applied and item.expected is None:
+                latest = self._send(("get", (item.key,), {}))
+                if _holds(latest, item):
+                    return latest
+            try:
+                return self._send(call)
+            except VersionConflictError as conflict:
+                if not isinstance(item, JournalPut):
+                    raise
+                for version in _own_write_versions(item, call, conflict):
+                    record = self._send(("get", (item.key, version), {}))
+                    if _holds(record, item):
+                        return record
+                raise
+        except VersionConflictError as conflict:
+            return conflict
+
+    async def _areplay(self, item: Work) -> Any:
+        try:
+            if isinstance(item, JournalDelete):
+                latest = await self._asend(("get", (item.key,), {}))
+                refused = self._delete_refused(item, latest)
+                return 0 if refused else await self._asend(("delete", (item.key,), {}))
+            call = self.local.call_for(item)
+            if call is None:
+                return None
+            if isinstance(item, JournalPut) and item.maybe_applied and item.expected is None:
+                latest = await self._asend(("get", (item.key,), {}))
+                if _holds(latest, item):
+                    return latest
+            try:
+                return await self._asend(call)
+            except VersionConflictError as conflict:
+                if not isinstance(item, JournalPut):
+                    raise
+                for version in _own_write_versions(item, call, conflict):
+                    record = await self._asend(("get", (item.key, version), {}))
+                    if _holds(record, item):
+                        return record
+                raise
+        except VersionConflictError as conflict:
+            return conflict
+
+    def _delete_refused(self, item: JournalDelete, latest: Record | None) -> bool:
+        """Whether a replayed delete must not run: another writer wrote the key after it."""
+        if latest is None:
+            return False  # nothing live to delete; deleting keeps the store's head as is
+        basis = self.local.delete_basis(item)
+        newer = latest.version > basis if basis is not None else latest.created_at > item.made_at
+        if newer:
+            self.local.delete_refused(item, latest.version, basis)
+        return newer
 
     def _send(self, call: Call) -> Any:
         name, args, options = call
@@ -209,27 +291,29 @@ class ResilientStore:
         with suppress_instrumentation():
             return await getattr(self.store, "a" + name)(*args, **options)
 
-    def _try(self, remote: Callable[[], _T]) -> tuple[bool, _T | None]:
-        """(True, result) from the store, or (False, None) when local state must answer."""
+    def _try(self, remote: Callable[[], _T]) -> tuple[bool, _T | None, bool]:
+        """``(True, result, True)`` from the store, or ``(False, None, asked)`` when local state
+        must answer; ``asked``: the store was sent the call and failed to answer it, so a
+        write may have been applied there."""
         if not self._probe_due() or (self.degraded and not self._resync()):
-            return False, None
+            return False, None, False
         try:
             # Our own storage traffic is neither traced nor retried by our instrumentors.
             with suppress_instrumentation():
-                return True, remote()
+                return True, remote(), True
         except StoreUnavailableError as error:
             self._degrade(error)
-            return False, None
+            return False, None, True
 
-    async def _atry(self, remote: Callable[[], Awaitable[_T]]) -> tuple[bool, _T | None]:
+    async def _atry(self, remote: Callable[[], Awaitable[_T]]) -> tuple[bool, _T | None, bool]:
         if not self._probe_due() or (self.degraded and not await self._aresync()):
-            return False, None
+            return False, None, False
         try:
             with suppress_instrumentation():
-                return True, await remote()
+                return True, await remote(), True
         except StoreUnavailableError as error:
             self._degrade(error)
-            return False, None
+            return False, None, True
 
     # -- the Store interface ----------------------------------------------------------------------
 
@@ -244,7 +328,7 @@ class ResilientStore:
     ) -> Record:
         check_key(key)
         expected, seconds = check_put(expected_version, ttl, encoding)
-        ok, record = self._try(
+        ok, record, asked = self._try(
             lambda: self.store.put(
                 key, data, expected_version=expected, ttl=seconds, encoding=encoding
             )
@@ -252,7 +336,7 @@ class ResilientStore:
         if ok and record is not None:
             self.local.remember(record)
             return record
-        return self.local.put(key, data, expected, seconds, encoding)
+        return self.local.put(key, data, expected, seconds, encoding, maybe_applied=asked)
 
     async def aput(
         self,
@@ -265,7 +349,7 @@ class ResilientStore:
     ) -> Record:
         check_key(key)
         expected, seconds = check_put(expected_version, ttl, encoding)
-        ok, record = await self._atry(
+        ok, record, asked = await self._atry(
             lambda: self.store.aput(
                 key, data, expected_version=expected, ttl=seconds, encoding=encoding
             )
@@ -273,12 +357,12 @@ class ResilientStore:
         if ok and record is not None:
             self.local.remember(record)
             return record
-        return self.local.put(key, data, expected, seconds, encoding)
+        return self.local.put(key, data, expected, seconds, encoding, maybe_applied=asked)
 
     def get(self, key: str, version: int | None = None) -> Record | None:
         check_key(key)
         check_version(version)
-        ok, record = self._try(lambda: self.store.get(key, version))
+        ok, record, _ = self._try(lambda: self.store.get(key, version))
         if not ok:
             return self.local.get(key, version)
         if version is None:
@@ -288,7 +372,7 @@ class ResilientStore:
     async def aget(self, key: str, version: int | None = None) -> Record | None:
         check_key(key)
         check_version(version)
-        ok, record = await self._atry(lambda: self.store.aget(key, version))
+        ok, record, _ = await self._atry(lambda: self.store.aget(key, version))
         if not ok:
             return self.local.get(key, version)
         if version is None:
@@ -296,16 +380,16 @@ class ResilientStore:
         return record
 
     def list(self, prefix: str = "") -> builtins.list[Record]:
-        ok, found = self._try(lambda: self.store.list(prefix))
+        ok, found, _ = self._try(lambda: self.store.list(prefix))
         return found if ok and found is not None else self.local.list(prefix)
 
     async def alist(self, prefix: str = "") -> builtins.list[Record]:
-        ok, found = await self._atry(lambda: self.store.alist(prefix))
+        ok, found, _ = await self._atry(lambda: self.store.alist(prefix))
         return found if ok and found is not None else self.local.list(prefix)
 
     def delete(self, key: str) -> int:
         check_key(key)
-        ok, count = self._try(lambda: self.store.delete(key))
+        ok, count, _ = self._try(lambda: self.store.delete(key))
         if ok and count is not None:
             self.local.forget(key)
             return count
@@ -313,7 +397,7 @@ class ResilientStore:
 
     async def adelete(self, key: str) -> int:
         check_key(key)
-        ok, count = await self._atry(lambda: self.store.adelete(key))
+        ok, count, _ = await self._atry(lambda: self.store.adelete(key))
         if ok and count is not None:
             self.local.forget(key)
             return count
@@ -323,30 +407,34 @@ class ResilientStore:
         self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
     ) -> bool:
         checked = check_amounts(namespace, amounts)
-        ok, applied = self._try(lambda: self.store.incr(namespace, checked, batch_id=batch_id))
-        if ok and applied is not None:
-            if applied:
-                self.local.added(namespace, checked)
-            return applied
-        return self.local.incr(namespace, checked, batch_id)
-
-    async def aincr(
-        self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
-    ) -> bool:
-        checked = check_amounts(namespace, amounts)
-        ok, applied = await self._atry(
-            lambda: self.store.aincr(namespace, checked, batch_id=batch_id)
+        sent_as = batch_id if batch_id is not None else uuid.uuid4().hex  # see _sent_as
+        ok, applied, asked = self._try(
+            lambda: self.store.incr(namespace, checked, batch_id=sent_as)
         )
         if ok and applied is not None:
             if applied:
                 self.local.added(namespace, checked)
             return applied
-        return self.local.incr(namespace, checked, batch_id)
+        return self.local.incr(namespace, checked, sent_as if asked else batch_id)
+
+    async def aincr(
+        self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
+    ) -> bool:
+        checked = check_amounts(namespace, amounts)
+        sent_as = batch_id if batch_id is not None else uuid.uuid4().hex
+        ok, applied, asked = await self._atry(
+            lambda: self.store.aincr(namespace, checked, batch_id=sent_as)
+        )
+        if ok and applied is not None:
+            if applied:
+                self.local.added(namespace, checked)
+            return applied
+        return self.local.incr(namespace, checked, sent_as if asked else batch_id)
 
     def counters(self, namespace: str, keys: Iterable[str] | None = None) -> dict[str, float]:
         check_key(namespace, "namespace")
         wanted = None if keys is None else builtins.list(keys)
-        ok, values = self._try(lambda: self.store.counters(namespace))
+        ok, values, _ = self._try(lambda: self.store.counters(namespace))
         if ok and values is not None:
             self.local.seen_counters(namespace, values)
             return values if wanted is None else {k: values[k] for k in wanted if k in values}
@@ -357,7 +445,7 @@ class ResilientStore:
     ) -> dict[str, float]:
         check_key(namespace, "namespace")
         wanted = None if keys is None else builtins.list(keys)
-        ok, values = await self._atry(lambda: self.store.acounters(namespace))
+        ok, values, _ = await self._atry(lambda: self.store.acounters(namespace))
         if ok and values is not None:
             self.local.seen_counters(namespace, values)
             return values if wanted is None else {k: values[k] for k in wanted if k in values}
@@ -379,11 +467,46 @@ class ResilientStore:
         return (await self._atry(healthy))[0]
 
     def close(self) -> None:
+        """Replay what is still local (one try, now), say what could not be, and close."""
+        if self.local.pending():
+            self.resync()
+        self._report_unsent()
         self.store.close()
 
     async def aclose(self) -> None:
+        if self.local.pending():
+            await self.aresync()
+        self._report_unsent()
         await self.store.aclose()
+
+    def _report_unsent(self) -> None:
+        """Local changes that never reached the store are lost with the process: say so."""
+        unsent = self.local.pending()
+        if unsent:
+            _log.warning(
+                "otel_recovery: closing store %s with %d local change(s) it never received "
+                "(it is still unreachable); they are lost",
+                self.url, unsent,
+            )  # fmt: skip
 
     def __repr__(self) -> str:
         mode = "degraded" if self.degraded else "healthy"
         return f"ResilientStore({self.store!r}, {mode})"
+
+
+_OWN_WRITE_SEARCH = 8
+"""How many versions past the expected one a replayed compare-and-set put looks at for its
+own write (its reply lost): other writers may have built on it since."""
+
+
+def _holds(record: Record | None, item: JournalPut) -> bool:
+    """The store's record is this journal entry's write: the same bytes and encoding."""
+    return record is not None and record.data == item.data and record.encoding == item.encoding
+
+
+def _own_write_versions(item: JournalPut, call: Call, conflict: VersionConflictError) -> range:
+    """The versions where a compare-and-set put whose reply was lost may have landed."""
+    if not item.maybe_applied:
+        return range(0)
+    expected = call[2]["expected_version"]
+    return range(expected + 1, min(conflict.actual, expected + _OWN_WRITE_SEARCH) + 1)

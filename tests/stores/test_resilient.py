@@ -210,6 +210,133 @@ def test_counter_increments_are_replayed_exactly_once_even_if_a_reply_is_lost(
     assert inner.counters("stats") == {"ok": 6.0, "fail": 1.0}  # not 11: the batch id held
 
 
+# -- a write whose reply was lost may have been applied: replayed, it is not applied twice ----
+
+
+def test_an_increment_whose_reply_is_lost_is_counted_once(store, inner, fake_clock):
+    store.incr("stats", {"ok": 1})
+    inner.lose_next_reply = True  # the store applies the next one; its reply never arrives
+    store.incr("stats", {"ok": 1})
+    inner.down = False
+    assert store.degraded and inner.counters("stats") == {"ok": 2.0}
+    fake_clock.advance(5)
+    assert store.resync()
+    assert inner.counters("stats") == {"ok": 2.0}  # not 3: the live attempt's batch id held
+
+
+def test_increments_made_while_degraded_still_merge_into_one_batch(store, inner, fake_clock):
+    inner.down = True
+    for _ in range(1000):
+        store.incr("stats", {"ok": 1})  # not journaled one by one: the journal stays small
+    assert store.local.pending() == 2  # the one sent (its own batch id), and the rest
+    inner.down = False
+    fake_clock.advance(5)
+    assert store.resync() and inner.counters("stats") == {"ok": 1000.0}
+
+
+def test_a_compare_and_set_whose_reply_is_lost_is_recognised_on_replay(
+    store, inner, fake_clock, caplog
+):
+    store.put("job", b"step-1")
+    inner.lose_next_reply = True
+    assert store.put("job", b"step-2", expected_version=1).version == 2  # applied there
+    assert store.put("job", b"step-3", expected_version=2).version == 3  # built on it
+    inner.down = False
+    fake_clock.advance(5)
+    with caplog.at_level(logging.WARNING, logger="otel_recovery"):
+        assert store.resync()
+    assert store.conflicts == [] and "was not applied" not in caplog.text
+    assert [inner.get("job", n).data for n in (1, 2, 3)] == [b"step-1", b"step-2", b"step-3"]
+
+
+def test_a_compare_and_set_whose_reply_is_lost_finds_its_write_under_later_ones(
+    store, inner, fake_clock
+):
+    """Another writer built on our applied write before we resynced: ours is there, at the
+    version after the one it expected, and is not reported as refused."""
+    store.put("job", b"a")
+    inner.lose_next_reply = True
+    store.put("job", b"ours", expected_version=1)
+    inner.down = False
+    inner.put("job", b"theirs", expected_version=2)  # saw ours: version 3
+    fake_clock.advance(5)
+    assert store.resync()
+    assert store.conflicts == [] and inner.get("job").version == 3
+
+
+def test_a_plain_put_whose_reply_is_lost_is_not_written_again(store, inner, fake_clock):
+    store.put("doc", b"v1")
+    inner.lose_next_reply = True
+    store.put("doc", b"v2")
+    inner.down = False
+    fake_clock.advance(5)
+    assert store.resync()
+    assert (inner.get("doc").version, inner.get("doc").data) == (2, b"v2")  # not a version 3
+
+
+def test_a_replayed_delete_leaves_a_version_written_after_it(store, inner, fake_clock, caplog):
+    store.put("job", b"old")
+    inner.down = True
+    assert store.delete("job") == 1
+    inner.down = False
+    fake_clock.advance(1)
+    inner.put("job", b"new work")  # another process, after our delete: version 2
+    fake_clock.advance(5)
+    with caplog.at_level(logging.WARNING, logger="otel_recovery"):
+        assert store.resync()
+    assert inner.get("job").data == b"new work"
+    assert [(c.operation, c.key, c.store_version) for c in store.conflicts] == [
+        ("delete", "job", 2)
+    ]
+    assert "the delete was not applied" in caplog.text
+
+
+def test_a_replayed_delete_of_a_key_this_process_never_saw_spares_later_writes(
+    store, inner, fake_clock
+):
+    inner.put("old", b"x")
+    inner.down = True
+    store.delete("old")
+    store.delete("later")
+    inner.down = False
+    fake_clock.advance(1)
+    inner.put("later", b"made after the delete")
+    fake_clock.advance(5)
+    assert store.resync()
+    assert inner.get("old") is None  # created before the delete: deleted
+    assert inner.get("later").data == b"made after the delete"
+
+
+def test_a_replayed_delete_based_on_a_refused_write_is_not_applied(store, inner, fake_clock):
+    store.put("job", b"v1")
+    inner.down = True
+    store.put("job", b"mine", expected_version=1)  # provisional 2
+    store.delete("job")  # deletes what it knew: its own version 2
+    inner.down = False
+    inner.put("job", b"theirs")  # the store's version 2: ours will be refused
+    fake_clock.advance(5)
+    assert store.resync()
+    assert inner.get("job").data == b"theirs"
+    assert [c.operation for c in store.conflicts] == ["put", "delete"]
+
+
+def test_closing_replays_what_is_local_or_says_it_is_lost(inner, fake_clock, caplog):
+    store = ResilientStore(inner, retry_interval=5, clock=fake_clock)
+    inner.down = True
+    store.put("a", b"1")
+    inner.down = False  # back, but not probed yet
+    store.close()
+    assert inner.get("a").data == b"1"
+
+    other = ResilientStore(Flaky(fake_clock), retry_interval=5, clock=fake_clock)
+    other.store.down = True
+    other.put("b", b"2")
+    other.incr("n", {"x": 1})
+    with caplog.at_level(logging.WARNING, logger="otel_recovery"):
+        other.close()
+    assert "with 2 local change(s) it never received" in caplog.text
+
+
 def test_a_put_whose_ttl_ran_out_during_the_outage_is_not_replayed(store, inner, fake_clock):
     inner.down = True
     store.put("short", b"x", ttl=3)
