@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from otel_recovery._clock import Clock
-from otel_recovery._redact import redact
+from otel_recovery._redact import MASK, names_a_secret, redact
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.compensation import Compensations
@@ -126,7 +126,8 @@ def bounded(value: object) -> str:
 
 
 def context_attributes(ctx: Mapping[str, Any]) -> dict[str, str]:
-    """Context keys as span attributes: stringified, redacted, at most 256 chars, 32 extras."""
+    """Context keys as span attributes: stringified, redacted, at most 256 chars, 32 extras;
+    the value of a key that names a secret (``password``, ``api_key``) is masked whole."""
     attributes: dict[str, str] = {}
     extras = 0
     for key, value in ctx.items():
@@ -137,7 +138,8 @@ def context_attributes(ctx: Mapping[str, Any]) -> dict[str, str]:
             continue
         elif extras < _MAX_EXTRA_ATTRIBUTES:
             safe = _UNSAFE_KEY.sub("_", str(key))[:64]
-            attributes[_names.CONTEXT_PREFIX + safe] = bounded(value)
+            shown = MASK if names_a_secret(str(key)) else bounded(value)
+            attributes[_names.CONTEXT_PREFIX + safe] = shown
             extras += 1
     return attributes
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MASK", "redact"]
+__all__ = ["MASK", "names_a_secret", "redact"]
 
 MASK = "***"
 """What a secret is replaced with; kept short so redacted messages stay readable."""
@@ -56,6 +56,21 @@ _KEY_VALUE = re.compile(
     r"|private[_-]?key|credentials?|auth|signature|sig|accesskeyid))(['\"]?\s*[:=]\s*)"
     r"(\"[^\"]*\"|'[^']*'|[^\s&;,'\")\]}]+)"
 )
+
+
+# A name whose value is a secret: ``password``, ``db_password``, ``api_key``, ``X-Api-Key``,
+# ``access_token``, ``client_secret``, ``Authorization``, ``session_cookie``. The secret
+# word ends the name, as in the key-value pattern above.
+_SECRET_NAME = re.compile(
+    r"(?i)(?:password|passwd|passphrase|pwd|secret|token|api[_-]?key|apikey|private[_-]?key"
+    r"|credentials?|auth|authorization|signature|sig|accesskeyid|cookie)$"
+)
+
+
+def names_a_secret(name: str) -> bool:
+    """Whether a value stored under ``name`` (a context key, a header) is a secret as a
+    whole: its text need not look like one (``{"password": "hunter2"}``)."""
+    return bool(_SECRET_NAME.search(name))
 
 
 def _auth_header(match: re.Match[str]) -> str:

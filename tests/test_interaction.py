@@ -532,6 +532,9 @@ async def test_a_recovery_is_one_internal_span_with_the_engine_span_inside(
             "tenant": "acme",
             "blob": "x" * 1000,
             "criticality": "high",
+            "password": "hunter2",  # secrets by their key's name, not their text
+            "db_api_key": "sk-live-123",
+            "X-Auth-Token": "tok_abc",
         },
     )
     outer = recovery_telemetry.span("recover_from_error inventory")
@@ -549,6 +552,9 @@ async def test_a_recovery_is_one_internal_span_with_the_engine_span_inside(
     assert attrs["otel_recovery.endpoint"] == "/items?api_key=***"
     assert attrs["otel_recovery.context.tenant"] == "acme"
     assert len(attrs["otel_recovery.context.blob"]) == 256
+    assert attrs["otel_recovery.context.password"] == "***"
+    assert attrs["otel_recovery.context.db_api_key"] == "***"
+    assert attrs["otel_recovery.context.X-Auth-Token"] == "***"
     assert "error.type" not in attrs
     assert not any("retry_func" in key for key in attrs)
     assert outer.status.status_code is StatusCode.UNSET

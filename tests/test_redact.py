@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from otel_recovery._fingerprint import normalise_message
-from otel_recovery._redact import redact
+from otel_recovery._redact import names_a_secret, redact
 from otel_recovery.classify import Classifier
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
@@ -113,3 +113,17 @@ def test_redact_never_raises_on_trigger_soup(text: str) -> None:
 
 def test_redact_accepts_non_str_without_raising() -> None:
     assert redact(123) == "123"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["password", "DB_PASSWORD", "api_key", "X-Api-Key", "access_token", "client_secret",
+     "Authorization", "session_cookie", "pwd", "credentials"],
+)  # fmt: skip
+def test_names_that_hold_secrets_are_recognised(name):
+    assert names_a_secret(name)
+
+
+@pytest.mark.parametrize("name", ["tenant", "author", "signal", "tokens_used", "keyboard"])
+def test_ordinary_names_are_not_taken_for_secrets(name):
+    assert not names_a_secret(name)
