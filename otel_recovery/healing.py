@@ -128,6 +128,9 @@ class HealingRegistry:
         self._unshared: set[int] = set()
         if builtins:
             self.register(ErrorKind.CONNECTION, reconnect)
+            # The server ended the session (PostgreSQL 57P01/57P02 on a restart, a failover,
+            # pg_terminate_backend): the connection is as gone as after a reset.
+            self.register(ErrorKind.SHUTDOWN, reconnect)
             self.register(ErrorKind.MEMORY, clear_caches)
             self.register(ErrorKind.TIMEOUT, raise_timeout, shared=False)
 
@@ -295,7 +298,8 @@ def _record(result: HealResult, service_id: str) -> None:
 
 
 async def reconnect(healing: HealingContext) -> HealResult:
-    """CONNECTION: run the context's ``reconnect`` callback, else the service's registered one."""
+    """CONNECTION and SHUTDOWN: run the context's ``reconnect`` callback, else the service's
+    registered one."""
     callback = healing.context.get("reconnect") or healing.registry.reconnect_callback(
         healing.service_id
     )

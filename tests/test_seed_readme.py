@@ -305,3 +305,45 @@ async def test_database_operations_integration():
     assert outcome["recovery_status"] == "success" and outcome["strategy"] == "self_heal"
     assert outcome["result"] == [("row", "SELECT 1")]
     assert db.reconnects == 1 and outcome["attempts"] == 1
+
+
+async def test_database_operations_heal_a_real_connection_the_server_ended():
+    """The seed's database example against a real PostgreSQL session ended by the server
+    (``pg_terminate_backend``, as a restart or a failover does): psycopg raises
+    ``AdminShutdown`` (57P01), which is a lost connection to heal, not one to retry on."""
+    import psycopg
+
+    from otel_recovery import ErrorRecoveryInteraction
+
+    conninfo = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+    recovery = ErrorRecoveryInteraction(telemetry=False)
+
+    class DB:
+        def __init__(self) -> None:
+            self.conn = psycopg.connect(conninfo, autocommit=True)
+            self.reconnects = 0
+
+        async def query(self, sql: str):
+            return self.conn.execute(sql).fetchall()
+
+        def reconnect(self) -> None:
+            self.conn.close()
+            self.conn = psycopg.connect(conninfo, autocommit=True)
+            self.reconnects += 1
+
+    db = DB()
+    recovery.healing.register_reconnect("database", db.reconnect)
+    pid = db.conn.info.backend_pid
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    try:
+        with pytest.raises(psycopg.errors.AdminShutdown) as raised:
+            await db.query("SELECT 1")
+        outcome = await recovery.recover_from_error(
+            raised.value,
+            context={"service_id": "database", "retry_func": lambda: db.query("SELECT 1")},
+        )
+        assert outcome["recovery_status"] == "success" and outcome["strategy"] == "self_heal"
+        assert outcome["result"] == [(1,)] and db.reconnects == 1
+    finally:
+        db.conn.close()
