@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import random
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from otel_recovery._redact import MASK, names_a_secret, redact
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.compensation import Compensations
-from otel_recovery.policies import Backoff, CircuitBreaker, CircuitState
+from otel_recovery.policies import Backoff, CircuitBreaker, CircuitState, Retry
 from otel_recovery.telemetry import Telemetry, get_telemetry
 from otel_recovery.telemetry import attributes as _names
 from otel_recovery.telemetry import attributes as names
@@ -52,6 +52,7 @@ __all__ = [
     "give_up",
     "optional_callable",
     "reason_for",
+    "retry_on_verdict",
     "resolve",
     "rollback",
     "start_span",
@@ -226,8 +227,13 @@ def callable_name(func: object) -> str:
 async def rollback(
     compensations: object, span: Span
 ) -> tuple[str, str | None, Exception | None, int]:
-    """TRANSACTION_ROLLBACK: ``(status, reason, last undo error, steps that ran cleanly)``."""
-    if not compensations:
+    """TRANSACTION_ROLLBACK: ``(status, reason, last undo error, steps that ran cleanly)``.
+
+    A list is consumed like a :class:`Compensations` stack: the undos that succeeded leave it
+    (in place), the failed or interrupted ones stay, so passing the same list or stack again
+    runs only what is still owed, never an undo twice. An empty one has nothing to undo.
+    """
+    if compensations is None:
         reason = "TRANSACTION_ROLLBACK needs context['compensations']: the undo callables, in "
         return "failed", reason + "the order their steps ran", None, 0
     if isinstance(compensations, Compensations):
@@ -242,8 +248,12 @@ async def rollback(
                 return "failed", f"compensation {undo!r} is not callable", None, 0
             saga.add(undo, name=callable_name(undo))
     total = len(saga)
-    with trace.use_span(span, end_on_exit=False):
-        failures = await saga.acompensate()
+    try:
+        with trace.use_span(span, end_on_exit=False):
+            failures = await saga.acompensate()
+    finally:
+        if saga is not compensations and isinstance(compensations, MutableSequence):
+            compensations[:] = [undo for _, undo in saga.pending]
     ran = total - len(failures)
     if not failures:
         return "success", None, None, ran
@@ -367,6 +377,21 @@ async def give_up(run: Run, reason: str) -> Outcome:
     return Outcome("fallback", value, reason=reason)
 
 
+def retry_on_verdict(ctx: Mapping[str, Any], error: BaseException, info: ErrorInfo) -> bool | None:
+    """Whether ``context["retry_on"]`` retries ``error``; None when the context has none."""
+    retry_on = ctx.get("retry_on")
+    if retry_on is None:
+        return None
+    try:
+        retry = Retry(on=retry_on)
+    except TypeError:
+        raise TypeError(
+            "context['retry_on'] must be exception types (a class or a tuple of classes) or "
+            f"a predicate taking the exception, got {retry_on!r}"
+        ) from None
+    return retry.is_retryable(error, info)
+
+
 def reason_for(why: str, run: Run) -> str:
     """A readable reason from the selection's short one."""
     if why == "circuit_open":
@@ -375,4 +400,6 @@ def reason_for(why: str, run: Run) -> str:
         return f"{run.info.error_type} is not retryable"
     if why == "explicit":
         return "fallback requested"
+    if why == "retry_on":
+        return f"{run.info.error_type} is not matched by context['retry_on']"
     return f"{why} errors are not retried"

@@ -125,8 +125,12 @@ def select_action(
     circuit_open: bool,
     has_fallback: bool,
     heals: Callable[[ErrorKind], bool],
+    retry_on: bool | None = None,
 ) -> Selection:
-    """Pick the action for one failure (the table in :mod:`otel_recovery.interaction`)."""
+    """Pick the action for one failure (the table in :mod:`otel_recovery.interaction`).
+
+    ``retry_on`` is the verdict of the context's ``retry_on`` on the error, which overrides
+    the classifier's category and retryability; None when the context has none."""
     give_up = RecoveryAction.FALLBACK if has_fallback else RecoveryAction.FAIL_FAST
     if explicit is not None:
         return Selection(explicit.action, "explicit")
@@ -135,6 +139,12 @@ def select_action(
     if circuit_open:
         action = RecoveryAction.FALLBACK if has_fallback else RecoveryAction.CIRCUIT_BREAK
         return Selection(action, "circuit_open")
+    if retry_on is not None:
+        if not retry_on:
+            return Selection(give_up, "retry_on")
+        if heals(info.kind):
+            return Selection(RecoveryAction.SELF_HEAL, f"kind_{info.kind.value}")
+        return Selection(RecoveryAction.EXPONENTIAL_BACKOFF, "retry_on")
     if info.category in _FAIL_FAST_CATEGORIES:
         return Selection(give_up, info.category.value)
     if heals(info.kind) and (info.retryable or info.kind in _HEAL_EVEN_IF_NOT_RETRYABLE):

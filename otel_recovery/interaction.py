@@ -21,10 +21,15 @@ situation                                              action
                                                        result
 the service's circuit breaker is open                  FALLBACK with ``fallback_func``, else
                                                        CIRCUIT_BREAK: ``"circuit_open"``, no call
+``context["retry_on"]`` given                          it decides instead of the classifier: a
+                                                       match is retried (SELF_HEAL if the kind
+                                                       has healing actions, else
+                                                       EXPONENTIAL_BACKOFF), anything else gets
+                                                       FALLBACK / FAIL_FAST
 category CONFIGURATION or INVALID_REQUEST              FALLBACK / FAIL_FAST: no call
-kind has healing actions (CONNECTION, TIMEOUT when     SELF_HEAL: run the healing actions
-retryable; MEMORY always, as freeing memory is what    (:mod:`otel_recovery.healing`), then
-makes a retry worth it)                                retry
+kind has healing actions (CONNECTION, SHUTDOWN,        SELF_HEAL: run the healing actions
+TIMEOUT when retryable; MEMORY always, as freeing      (:mod:`otel_recovery.healing`), then
+memory is what makes a retry worth it)                 retry
 not retryable                                          FALLBACK / FAIL_FAST: no call
 category RATE_LIMITED                                  EXPONENTIAL_BACKOFF; the wait is exactly
                                                        the error's ``retry_after`` when it has one
@@ -34,13 +39,15 @@ any other retryable error                              EXPONENTIAL_BACKOFF
 A retrying action without ``retry_func`` cannot recover: ``"failed"`` with reason
 ``"no retry_func in context"`` (or the fallback). ``retry_func`` is called up to
 ``max_attempts`` times, after a first backoff wait (the original failure counts as the first
-try). An explicit CIRCUIT_BREAK force-opens the breaker until :meth:`reset_circuit`.
+try); which of its failures are retried is the classifier's call, or ``retry_on``'s. An
+explicit CIRCUIT_BREAK force-opens the breaker until :meth:`reset_circuit`.
 TRANSACTION_ROLLBACK runs ``context["compensations"]`` in reverse order. Sync ``retry_func``
 run on the event loop thread: offload blocking work yourself (``asyncio.to_thread``).
 
 Context keys beyond the seed's: ``strategy``, ``criticality`` (raises severity),
 ``checkpoint_version``, ``reconnect`` and ``timeout`` (for healing), ``compensations``,
-``retry_on`` (exception types or a predicate; by default the classifier decides). Other keys
+``retry_on`` (exception types or a predicate deciding what is retried, the first error
+included; by default the classifier decides). Other keys
 become span attributes ``otel_recovery.context.<key>``: stringified, redacted, 256 chars.
 
 With ``learner=StrategyLearner(...)``, wherever the table picks EXPONENTIAL_BACKOFF or
@@ -79,6 +86,7 @@ from otel_recovery._interaction_support import (
     give_up,
     optional_callable,
     reason_for,
+    retry_on_verdict,
     rollback,
     start_span,
     tracer_of,
@@ -345,6 +353,7 @@ class ErrorRecoveryInteraction:
             circuit_open=circuit_is_open(breaker),
             has_fallback=fallback is not None,
             heals=self.healing.heals,
+            retry_on=retry_on_verdict(ctx, error, info),
         )
         selection, rec, learned_strategy = learned(
             self.learner, selection, info, service_id=service_id,

@@ -359,6 +359,41 @@ async def test_an_explicit_strategy_overrides_selection(recovery, fake_clock):
     assert result["attempts"] == 3 and fake_clock.sleeps == [0.25, 0.25, 0.25]
 
 
+class AppError(Exception):
+    """An application's own error type: the classifier does not call it retryable."""
+
+
+@pytest.mark.parametrize(
+    "retry_on", [AppError, (KeyError, AppError), lambda error: "busy" in str(error)]
+)
+async def test_retry_on_decides_what_is_retried_without_a_strategy(recovery, retry_on):
+    flaky = Flaky(AppError("busy"))
+    result = await recovery.recover_from_error(
+        AppError("busy"), context={"retry_func": flaky, "retry_on": retry_on}
+    )
+    assert (result["recovery_status"], result["strategy"]) == ("success", "exponential_backoff")
+    assert result["attempts"] == 2
+
+
+async def test_retry_on_overrides_the_category_both_ways(recovery):
+    flaky = Flaky(ValueError("bad"))  # an invalid request for the classifier
+    result = await recovery.recover_from_error(
+        ValueError("bad"), context={"retry_func": flaky, "retry_on": ValueError}
+    )
+    assert result["recovery_status"] == "success" and result["attempts"] == 2
+    unmatched = Flaky()
+    refused = await recovery.recover_from_error(
+        HTTPError(503), context={"retry_func": unmatched, "retry_on": KeyError}
+    )
+    assert (refused["recovery_status"], refused["strategy"]) == ("failed", "fail_fast")
+    assert "not matched by context['retry_on']" in refused["reason"] and unmatched.calls == []
+
+
+async def test_a_bad_retry_on_names_the_problem(recovery):
+    with pytest.raises(TypeError, match=r"context\['retry_on'\] must be exception types"):
+        await recovery.recover_from_error(ValueError("x"), context={"retry_on": "ValueError"})
+
+
 async def test_explicit_circuit_break_isolates_until_reset(recovery):
     flaky = Flaky()
     result = await recovery.recover_from_error(
