@@ -15,8 +15,14 @@ from otel_recovery.__about__ import VERSION
 __all__ = ["main"]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def _call_count(text: str) -> int:
+    """``--calls``: a whole number of at least 10 (fewer cannot show a recovery rate)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of at least 10, got {text!r}"
+        ) from None
     if value < 10:
         raise argparse.ArgumentTypeError(f"must be at least 10, got {value}")
     return value
@@ -41,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--calls", type=_positive_int, default=200, help="logical calls (default 200)"
+        "--calls", type=_call_count, default=200, help="logical calls, at least 10 (default 200)"
     )
     demo.add_argument("--seed", type=int, default=1, help="fault schedule seed (default 1)")
     demo.add_argument(

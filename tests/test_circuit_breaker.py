@@ -625,6 +625,11 @@ def test_circuit_open_error() -> None:
         ({"timeout": 60, "max_timeout": 30}, ValueError, ["max_timeout", ">= timeout", "30"]),
         ({"clock": object()}, TypeError, ["clock"]),
         ({"listeners": [42]}, TypeError, ["listeners", "42"]),
+        ({"listeners": 5}, TypeError, ["listeners", "iterable of callables", "5"]),
+        # checked in consecutive mode too, where they would have waited for rate mode
+        ({"window": "x"}, ValueError, ["window", "'count' or 'time'", "'x'"]),
+        ({"window_size": 0}, ValueError, ["window_size", ">= 1", "0"]),
+        ({"window_size": "big"}, TypeError, ["window_size", "'big'"]),
         ({"name": ""}, ValueError, ["name"]),
         ({"name": 3}, TypeError, ["name"]),
     ],

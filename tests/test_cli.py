@@ -81,11 +81,16 @@ def test_version_flag_and_no_command(capsys):
     assert "demo" in capsys.readouterr().err
 
 
-def test_demo_rejects_too_few_calls(capsys):
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [("3", "must be at least 10, got 3"), ("abc", "a whole number of at least 10, got 'abc'")],
+)
+def test_demo_rejects_too_few_calls(capsys, given, said):
     with pytest.raises(SystemExit) as exited:
-        main(["demo", "--calls", "3"])
+        main(["demo", "--calls", given])
     assert exited.value.code == 2
-    assert "at least 10" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert said in err and "_positive_int" not in err
 
 
 def test_demo_exits_zero_and_shows_every_fault_row(demo):

@@ -288,9 +288,10 @@ class CircuitBreaker:
         self._window: OutcomeWindow | None = None
         self._rate_threshold = math.inf
         self._minimum_calls = _positive_int(minimum_calls, "minimum_calls")
+        window_checked = self._make_window(window, window_size)  # checked in either mode
         if failure_rate_threshold is not None:
             self._rate_threshold = _ratio(failure_rate_threshold, "failure_rate_threshold")
-            self._window = self._make_window(window, window_size)
+            self._window = window_checked
         self._slow_rate_threshold = _ratio(slow_call_rate_threshold, "slow_call_rate_threshold")
         self._slow_after = math.inf
         if slow_call_duration is not None:
@@ -330,6 +331,11 @@ class CircuitBreaker:
             raise TypeError(f"clock must implement otel_recovery Clock, got {type(clock).__name__}")
         self._clock = clock
 
+        if isinstance(listeners, (str, bytes)) or not isinstance(listeners, Iterable):
+            raise TypeError(
+                f"listeners must be an iterable of callables (e.g. [on_transition]), "
+                f"got {listeners!r}"
+            )
         entries = []
         for listener in listeners:
             if not callable(listener):
