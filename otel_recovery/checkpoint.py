@@ -236,14 +236,26 @@ class Checkpoints:
         try:
             return attempt()
         except CorruptRecordError as corrupt:
-            raise CheckpointCorruptError(
-                f"checkpoint {checkpoint_id!r} is corrupt: {corrupt.detail}",
-                checkpoint_id=checkpoint_id,
-            ) from corrupt
+            raise _corrupt(corrupt) from corrupt
         except StoreUnavailableError as down:
             raise CheckpointUnavailableError(
                 f"checkpoint {checkpoint_id!r} cannot be restored: {down}",
                 checkpoint_id=checkpoint_id,
+            ) from down
+
+    def _listed(self, prefix: str, attempt: Callable[[], _T]) -> _T:
+        try:
+            return attempt()
+        except CorruptRecordError as corrupt:
+            error = _corrupt(corrupt)
+            raise CheckpointCorruptError(
+                f"cannot list checkpoints starting with {prefix!r}: {error}",
+                checkpoint_id=error.checkpoint_id,
+            ) from corrupt
+        except StoreUnavailableError as down:
+            raise CheckpointUnavailableError(
+                f"cannot list checkpoints starting with {prefix!r}: {down}",
+                checkpoint_id=prefix,
             ) from down
 
     # -- sync -------------------------------------------------------------------------------------
@@ -279,11 +291,18 @@ class Checkpoints:
         return self._decode(checkpoint_id, version, record)
 
     def list(self, prefix: str = "") -> builtins.list[Record]:
-        """Latest live version of every checkpoint whose id starts with ``prefix``."""
+        """Latest live version of every checkpoint whose id starts with ``prefix``.
+
+        The records are listed as stored (``data`` is not decoded). A record the store itself
+        cannot read back makes the whole listing fail with :class:`CheckpointCorruptError`
+        naming that record (``checkpoint_id``; the version too when the store knows it): a
+        listing that silently left it out would say that checkpoint does not exist. Every
+        store's ``list`` stops at the first unreadable record, so the others cannot be listed
+        past it. ``delete`` it, or ``save`` a new version of it, to clear it.
+        """
         now = self.clock.wall()
-        return [
-            r for r in self._read(prefix, lambda: self.store.list(prefix)) if not r.expired(now)
-        ]
+        found = self._listed(prefix, lambda: self.store.list(prefix))
+        return [r for r in found if not r.expired(now)]
 
     def delete(self, checkpoint_id: str) -> int:
         """Remove every version; returns how many were live (0 if none existed)."""
@@ -321,7 +340,7 @@ class Checkpoints:
 
     async def alist(self, prefix: str = "") -> builtins.list[Record]:
         now = self.clock.wall()
-        found = await _async_guard(self._read, prefix, self.store.alist(prefix))
+        found = await _async_guard(self._listed, prefix, self.store.alist(prefix))
         return [r for r in found if not r.expired(now)]
 
     async def adelete(self, checkpoint_id: str) -> int:
@@ -352,6 +371,16 @@ async def _async_guard(
 
         return guard(checkpoint_id, again)
     return value
+
+
+def _corrupt(corrupt: CorruptRecordError) -> CheckpointCorruptError:
+    """The store's error about one record, as the checkpoint it is (its key, not a prefix)."""
+    which = "" if corrupt.version is None else f" version {corrupt.version}"
+    return CheckpointCorruptError(
+        f"checkpoint {corrupt.key!r}{which} is corrupt: {corrupt.detail}; delete it, or save "
+        "a new version of it, to clear it",
+        checkpoint_id=corrupt.key,
+    )
 
 
 def _check_id(checkpoint_id: object) -> None:

@@ -6,7 +6,10 @@ Two ways to undo, for two kinds of work:
   mail) is undone by **compensations**: each step registers its undo as it succeeds; if a
   later step fails, the undos run in reverse order. Each undo is a span event
   ``otel_recovery.compensation``. An undo that fails is never swallowed: the caller gets a
-  :class:`CompensationError` carrying the original error and every failed undo.
+  :class:`CompensationError` carrying the original error and every failed undo. Nothing is
+  lost and nothing is undone twice: an undo leaves the stack only once it has succeeded, so
+  the failed ones, and after an interruption (cancellation, ``KeyboardInterrupt``) the one
+  that was running and those not yet run, stay on it for a later ``compensate()``.
 - Work inside one database is undone by the database: :func:`run_transaction` /
   :func:`arun_transaction` run a function in a transaction and, on a serialization failure
   (SQLSTATE 40001) or a deadlock (40P01), roll back and run the *whole* transaction again
@@ -17,6 +20,7 @@ Two ways to undo, for two kinds of work:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -79,6 +83,19 @@ class Compensations:
     ``add`` takes sync callables in a ``with`` block and sync or async ones in ``async with``.
     Leaving the block normally discards the undos (the work stands). :meth:`compensate` /
     :meth:`acompensate` run them on demand, e.g. from ``TRANSACTION_ROLLBACK``.
+
+    An undo leaves the stack only when it has succeeded. One that fails stays on it (and is
+    reported), so running ``compensate()`` again retries exactly the undos still owed, never
+    one that already succeeded. If the compensation itself is interrupted by a
+    ``BaseException`` (the task is cancelled while an undo awaits, ``KeyboardInterrupt``),
+    the interruption propagates at once and no further undo runs; the undo that was running
+    **stays on the stack**, with every undo not yet run below it, in order. A warning names
+    them, and the next ``compensate()`` / ``acompensate()`` runs them, starting with the
+    interrupted one. That one may have partly run (a refund request already sent), so it runs
+    again from the start: undos must be safe to repeat (an idempotency key for a payment
+    refund, "cancel if not cancelled" for an order). Dropping it instead would lose the undo
+    silently whenever the interruption came before it did anything. :attr:`pending` lists
+    what is left.
     """
 
     def __init__(self) -> None:
@@ -93,37 +110,99 @@ class Compensations:
     def __len__(self) -> int:
         return len(self._undos)
 
-    def _pop_all(self) -> list[tuple[str, Undo]]:
-        undos, self._undos = self._undos[::-1], []
-        return undos
+    @property
+    def pending(self) -> list[tuple[str, Undo]]:
+        """The undos still on the stack as ``(name, undo)``, oldest first (the order ``add``
+        put them there); a compensation runs them from the end."""
+        return list(self._undos)
 
     def compensate(self) -> list[tuple[str, BaseException]]:
-        """Run every undo, newest first; returns the ones that failed (never raises them)."""
-        failures: list[tuple[str, BaseException]] = []
-        for name, undo in self._pop_all():
-            try:
-                result = undo()
-                if inspect.isawaitable(result):
-                    _close(result)
-                    raise TypeError(f"undo {name!r} is async; use `async with Compensations()`")
-            except Exception as error:
-                failures.append((name, error))
-                _record(name, error)
-            else:
-                _record(name, None)
-        return failures
+        """Run the undos, newest first; returns the ones that failed (never raises them).
+
+        Each undo is taken off the stack as it succeeds; failed ones stay on it, and so do,
+        after an interruption, the interrupted undo and those not yet run (see the class).
+        """
+        return self._run_sync(None)
 
     async def acompensate(self) -> list[tuple[str, BaseException]]:
+        """:meth:`compensate` for ``async with``: async undos are awaited."""
+        return await self._run_async(None)
+
+    def _run_sync(self, original: BaseException | None) -> list[tuple[str, BaseException]]:
         failures: list[tuple[str, BaseException]] = []
-        for name, undo in self._pop_all():
-            try:
-                await resolve(undo())
-            except Exception as error:
-                failures.append((name, error))
-                _record(name, error)
-            else:
-                _record(name, None)
+        failed: list[tuple[str, Undo]] = []
+        try:
+            while self._undos:
+                name, undo = entry = self._undos.pop()
+                try:
+                    result = undo()
+                    if inspect.isawaitable(result):
+                        _close(result)
+                        raise TypeError(f"undo {name!r} is async; use `async with Compensations()`")
+                except Exception as error:
+                    failed.append(entry)
+                    failures.append((name, error))
+                    _record(name, error)
+                except BaseException as interruption:
+                    self._interrupted(entry, failed, interruption, original)
+                    raise
+                else:
+                    _record(name, None)
+        finally:
+            self._undos.extend(reversed(failed))
         return failures
+
+    async def _run_async(self, original: BaseException | None) -> list[tuple[str, BaseException]]:
+        failures: list[tuple[str, BaseException]] = []
+        failed: list[tuple[str, Undo]] = []
+        try:
+            while self._undos:
+                name, undo = entry = self._undos.pop()
+                try:
+                    await resolve(undo())
+                except Exception as error:
+                    failed.append(entry)
+                    failures.append((name, error))
+                    _record(name, error)
+                except BaseException as interruption:
+                    self._interrupted(entry, failed, interruption, original)
+                    raise
+                else:
+                    _record(name, None)
+        finally:
+            self._undos.extend(reversed(failed))
+        return failures
+
+    def _interrupted(
+        self,
+        entry: tuple[str, Undo],
+        failed: list[tuple[str, Undo]],
+        interruption: BaseException,
+        original: BaseException | None,
+    ) -> None:
+        """Put the interrupted undo back (the failed ones, newer, go back above it) and say
+        what is left, in the log, as a span event and as a note on the interruption."""
+        self._undos.append(entry)
+        self._undos.extend(reversed(failed))
+        failed.clear()
+        _record(entry[0], interruption, outcome="interrupted")
+        left = ", ".join(repr(name) for name, _ in reversed(self._undos))
+        after = (
+            ""
+            if original is None
+            else f" (undoing after {type(original).__name__}: {redact(str(original))})"
+        )
+        message = (
+            f"compensation interrupted by {type(interruption).__name__} while undo "
+            f"{entry[0]!r} was running{after}; {len(self._undos)} undo(s) left on the stack, "
+            f"to run newest first: {left}. Call compensate() or acompensate() on this "
+            f"Compensations to run them (the interrupted one runs again from the start)"
+        )
+        _log.warning("%s", message)
+        add_note = getattr(interruption, "add_note", None)  # Python 3.11+
+        if callable(add_note):
+            with contextlib.suppress(Exception):  # an exception that refuses notes
+                add_note(message)
 
     def __enter__(self) -> Compensations:
         return self
@@ -137,7 +216,7 @@ class Compensations:
         if error is None:
             self._undos.clear()
             return
-        failures = self.compensate()
+        failures = self._run_sync(error)
         if failures:
             raise CompensationError(error, failures) from error
 
@@ -153,20 +232,20 @@ class Compensations:
         if error is None:
             self._undos.clear()
             return
-        failures = await self.acompensate()
+        failures = await self._run_async(error)
         if failures:
             raise CompensationError(error, failures) from error
 
 
-def _record(name: str, error: BaseException | None) -> None:
+def _record(name: str, error: BaseException | None, *, outcome: str = "failed") -> None:
     span = trace.get_current_span()
     if not span.is_recording():
-        if error is not None:
+        if error is not None and outcome == "failed":
             _log.error("compensation %r failed: %s", name, redact(str(error)))
         return
     attributes: dict[str, Any] = {
         COMPENSATION_NAME: name,
-        COMPENSATION_OUTCOME: "failed" if error else "success",
+        COMPENSATION_OUTCOME: "success" if error is None else outcome,
     }
     if error is not None:
         attributes[ERROR_TYPE] = type(error).__qualname__

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from otel_recovery.checkpoint import (
+    CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
     Checkpoints,
@@ -264,3 +265,66 @@ async def test_interaction_refuses_unserialisable_state(fake_clock):
     recovery = ErrorRecoveryInteraction(clock=fake_clock, telemetry=False)
     with pytest.raises(CheckpointError, match="'p'.*lock"):
         recovery.create_checkpoint("p", {"lock": threading.Lock()})
+
+
+# -- a corrupt record in a listing ------------------------------------------------------------
+
+
+def _corrupt_store(kind: str, tmp_path, key: str):
+    """Checkpoints ``orders-1..3`` in a real ``kind`` store, ``key``'s record then overwritten
+    behind the store's back; returns (checkpoints, cleanup)."""
+    import uuid
+
+    if kind == "sqlite":
+        import sqlite3
+
+        path = tmp_path / "checkpoints.db"
+        checkpoints = Checkpoints(f"sqlite:///{path}")
+        for name in ("orders-1", "orders-2", "orders-3"):
+            checkpoints.save(name, {"cursor": 1})
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE records SET data = ? WHERE key = ?", ("not bytes", key))
+        return checkpoints, checkpoints.close
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        pytest.skip(f"Redis on 127.0.0.1:6379 unreachable: {error}")
+    prefix = f"otr-test-list-{uuid.uuid4().hex[:10]}:"
+    checkpoints = Checkpoints(f"redis://127.0.0.1:6379/0?prefix={prefix}")
+    for name in ("orders-1", "orders-2", "orders-3"):
+        checkpoints.save(name, {"cursor": 1})
+    client.set(f"{prefix}v:{key}:1", b"garbage written by something else")
+
+    def cleanup() -> None:
+        checkpoints.close()
+        for stale in client.scan_iter(match=f"{prefix}*"):
+            client.delete(stale)
+        client.close()
+
+    return checkpoints, cleanup
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_corrupt_record_fails_the_listing_naming_that_checkpoint(kind, tmp_path):
+    checkpoints, cleanup = _corrupt_store(kind, tmp_path, "orders-2")
+    try:
+        for listing in (lambda: checkpoints.list("orders-"), checkpoints.list):
+            with pytest.raises(CheckpointCorruptError) as caught:
+                listing()
+            error = caught.value
+            assert error.checkpoint_id == "orders-2"  # the record, not the prefix
+            assert "checkpoint 'orders-2'" in str(error) and "corrupt" in str(error)
+            assert "checkpoint 'orders-'" not in str(error) and "delete it" in str(error)
+        with pytest.raises(CheckpointCorruptError) as caught:
+            await checkpoints.alist("orders-")
+        assert caught.value.checkpoint_id == "orders-2"
+        with pytest.raises(CheckpointCorruptError) as caught:
+            checkpoints.load("orders-2")
+        assert caught.value.checkpoint_id == "orders-2"
+        # The fix the message names works: once deleted, the others list again.
+        checkpoints.delete("orders-2")
+        assert [r.key for r in checkpoints.list("orders-")] == ["orders-1", "orders-3"]
+    finally:
+        cleanup()

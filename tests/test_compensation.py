@@ -96,6 +96,223 @@ def test_async_undo_in_a_sync_block_is_reported_not_silently_skipped():
         raise KeyError()
 
 
+# -- interrupted compensation: nothing lost, nothing undone twice ----------------------------
+
+
+def _checkout_saga(ran: list[str], refund_started: asyncio.Event) -> Compensations:
+    """The reviewer's checkout: cancel order, release stock, then a slow network refund."""
+
+    async def refund() -> None:
+        refund_started.set()
+        await asyncio.sleep(0.2)
+        ran.append("refund")
+
+    async def release_stock() -> None:
+        ran.append("release stock")
+
+    saga = Compensations()
+    saga.add(lambda: ran.append("cancel order"), name="cancel order")
+    saga.add(release_stock, name="release stock")
+    saga.add(refund, name="refund")
+    return saga
+
+
+async def test_a_compensation_cancelled_mid_undo_keeps_every_undo_still_owed(caplog):
+    ran: list[str] = []
+    refund_started = asyncio.Event()
+    saga = _checkout_saga(ran, refund_started)
+
+    async def checkout() -> None:
+        async with saga:
+            raise RuntimeError("shipping failed")
+
+    task = asyncio.create_task(checkout())
+    await refund_started.wait()  # the saga is compensating: 'refund' is awaiting
+    task.cancel()
+    with caplog.at_level("WARNING", logger="otel_recovery"):
+        with pytest.raises(asyncio.CancelledError) as caught:
+            await task
+    assert ran == []
+    # The interrupted undo and the two not yet run stay, in their order.
+    assert [name for name, _ in saga.pending] == ["cancel order", "release stock", "refund"]
+    # The cancellation is not silent: the log (and a note on the error) names what is left
+    # and the original error the saga was undoing.
+    (record,) = [r for r in caplog.records if "interrupted" in r.getMessage()]
+    message = record.getMessage()
+    assert "CancelledError" in message and "RuntimeError: shipping failed" in message
+    assert "'refund', 'release stock', 'cancel order'" in message and "acompensate()" in message
+    assert isinstance(caught.value.__context__, RuntimeError)
+    # A later compensation finishes the job, newest first, each undo exactly once.
+    assert await saga.acompensate() == []
+    assert ran == ["refund", "release stock", "cancel order"] and len(saga) == 0
+    assert await saga.acompensate() == [] and len(ran) == 3
+
+
+def test_a_keyboard_interrupt_in_a_sync_undo_keeps_it_and_the_older_ones():
+    ran: list[str] = []
+    interrupt = [KeyboardInterrupt]  # only the first call is interrupted
+
+    def release_stock() -> None:
+        if interrupt:
+            raise interrupt.pop()
+        ran.append("release stock")
+
+    saga = Compensations()
+    with pytest.raises(KeyboardInterrupt):
+        with saga:
+            saga.add(lambda: ran.append("cancel order"), name="cancel order")
+            saga.add(release_stock, name="release stock")
+            saga.add(lambda: ran.append("refund"), name="refund")
+            raise ValueError("shipping failed")
+    assert ran == ["refund"]
+    assert [name for name, _ in saga.pending] == ["cancel order", "release stock"]
+    assert saga.compensate() == []
+    assert ran == ["refund", "release stock", "cancel order"]  # refund never ran twice
+
+
+def test_failed_undos_stay_so_running_again_retries_only_them():
+    ran: list[str] = []
+    refund_api_up = [False]
+
+    def refund() -> None:
+        if not refund_api_up[0]:
+            raise OSError("refund API down")
+        ran.append("refund")
+
+    saga = Compensations()
+    with pytest.raises(CompensationError):
+        with saga:
+            saga.add(lambda: ran.append("cancel order"), name="cancel order")
+            saga.add(refund, name="refund")
+            saga.add(lambda: ran.append("release stock"), name="release stock")
+            raise ValueError("shipping failed")
+    assert ran == ["release stock", "cancel order"]
+    assert [name for name, _ in saga.pending] == ["refund"]
+    refund_api_up[0] = True
+    assert saga.compensate() == [] and len(saga) == 0
+    assert ran == ["release stock", "cancel order", "refund"]
+
+
+def test_an_interruption_after_a_failed_undo_keeps_the_stack_in_order():
+    def down() -> None:
+        raise OSError("down")
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    saga = Compensations()
+    saga.add(lambda: None, name="a")
+    saga.add(interrupted, name="b")
+    saga.add(lambda: None, name="c")
+    saga.add(down, name="d")
+    with pytest.raises(KeyboardInterrupt):
+        saga.compensate()  # d fails, c succeeds, b is interrupted, a never runs
+    assert [name for name, _ in saga.pending] == ["a", "b", "d"]
+
+
+async def test_an_interrupted_undo_is_a_span_event(recovery_telemetry):
+    tracer = recovery_telemetry.tracer_provider.get_tracer("app")
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    saga = Compensations()
+    saga.add(lambda: None, name="fast")
+    saga.add(slow, name="slow")
+
+    async def undo() -> None:
+        with tracer.start_as_current_span("checkout"):
+            await saga.acompensate()
+
+    task = asyncio.create_task(undo())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (span,) = [s for s in recovery_telemetry.spans() if s.name == "checkout"]
+    events = [
+        (
+            e.attributes[names.COMPENSATION_NAME],
+            e.attributes[names.COMPENSATION_OUTCOME],
+            e.attributes.get("error.type"),
+        )
+        for e in span.events
+        if e.name == names.EVENT_COMPENSATION
+    ]
+    assert events == [("slow", "interrupted", "CancelledError")]
+
+
+# -- TRANSACTION_ROLLBACK: a re-run never undoes twice --------------------------------------
+
+
+async def test_rolling_back_the_same_list_again_runs_only_the_undos_still_owed():
+    from otel_recovery.interaction import ErrorRecoveryInteraction, RecoveryAction
+
+    refunds: list[str] = []
+    released: list[str] = []
+    stock_api_up = [False]
+
+    def refund() -> None:
+        refunds.append("refund")
+
+    def release_stock() -> None:
+        if not stock_api_up[0]:
+            raise OSError("stock API down")
+        released.append("release")
+
+    undos = [refund, release_stock]  # in the order their steps ran
+    context = {"strategy": RecoveryAction.TRANSACTION_ROLLBACK, "compensations": undos}
+    recovery = ErrorRecoveryInteraction()
+    first = await recovery.recover_from_error(RuntimeError("shipping failed"), context=context)
+    assert first["recovery_status"] == "failed" and refunds == ["refund"]
+    assert undos == [release_stock]  # the list now holds only what is still owed
+    stock_api_up[0] = True
+    again = await recovery.recover_from_error(RuntimeError("shipping failed"), context=context)
+    assert again["recovery_status"] == "success" and again["compensations_run"] == 1
+    assert refunds == ["refund"] and released == ["release"]  # no double refund
+    assert undos == []
+    done = await recovery.recover_from_error(RuntimeError("shipping failed"), context=context)
+    assert done["recovery_status"] == "success" and done["compensations_run"] == 0
+    assert refunds == ["refund"] and released == ["release"]
+
+
+async def test_rolling_back_a_used_compensations_stack_says_nothing_is_left_to_undo():
+    from otel_recovery.interaction import ErrorRecoveryInteraction, RecoveryAction
+
+    ran: list[str] = []
+    saga = Compensations()
+    saga.add(lambda: ran.append("refund"), name="refund")
+    recovery = ErrorRecoveryInteraction()
+    context = {"strategy": RecoveryAction.TRANSACTION_ROLLBACK, "compensations": saga}
+    first = await recovery.recover_from_error(RuntimeError("x"), context=context)
+    assert first["recovery_status"] == "success" and ran == ["refund"]
+    again = await recovery.recover_from_error(RuntimeError("x"), context=context)
+    assert again["recovery_status"] == "success" and again["compensations_run"] == 0
+    assert "needs context" not in str(again.get("reason")) and ran == ["refund"]
+
+
+async def test_a_rollback_cancelled_mid_undo_leaves_the_list_with_what_is_owed():
+    from otel_recovery.interaction import ErrorRecoveryInteraction, RecoveryAction
+
+    ran: list[str] = []
+    refund_started = asyncio.Event()
+    saga = _checkout_saga(ran, refund_started)
+    undos = [undo for _, undo in saga.pending]
+    context = {"strategy": RecoveryAction.TRANSACTION_ROLLBACK, "compensations": undos}
+    recovery = ErrorRecoveryInteraction()
+    task = asyncio.create_task(recovery.recover_from_error(RuntimeError("x"), context=context))
+    await refund_started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ran == [] and len(undos) == 3
+    result = await recovery.recover_from_error(RuntimeError("x"), context=context)
+    assert result["recovery_status"] == "success" and result["compensations_run"] == 3
+    assert ran == ["refund", "release stock", "cancel order"] and undos == []
+
+
 # -- run_transaction against PostgreSQL -----------------------------------------------------
 
 psycopg = pytest.importorskip("psycopg")

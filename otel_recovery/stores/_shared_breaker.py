@@ -28,7 +28,8 @@ Who decides what, and how often Redis is consulted:
 
 The asyncio drivers call the same methods, so on a failure or a probe the event loop waits
 for that one round trip (~0.1-0.2 ms on loopback, never more than
-:data:`~._shared_link.DECISION_TIMEOUT`); the happy path never waits.
+:data:`~._shared_link.DECISION_TIMEOUT` when Redis stops answering, however many callers
+wait: see "The decision bound" in :mod:`._shared_link`); the happy path never waits.
 
 **Staleness bound.** A process acts on shared state at most ``sync_interval`` plus one round
 trip old (plus the link thread's scheduling delay on a busy host), idle or not. Its own
@@ -88,7 +89,7 @@ class SharedCircuitBreaker(SharedBreakerView):
             permit = f"{self._id}{next(self._permit_ids)}"
             lease = max(1.0, self._current_timeout)
             args = [*self._head(), permit, self._half_open_max, repr(lease)]
-            with self._talk:
+            with self._link.turn(self._talk, self):
                 granted = self._adopt(self._link.run(lua.ACQUIRE, self._keys, args))
                 with self._lock:
                     if not granted:
@@ -184,7 +185,7 @@ class SharedCircuitBreaker(SharedBreakerView):
             repr(self._timeout_multiplier), repr(min(self._max_timeout, _MAX_OPEN)),
         ]  # fmt: skip
         try:
-            with self._talk:
+            with self._link.turn(self._talk, self):
                 self._adopt(self._link.run(lua.PROBE, self._keys, args))
         except StoreUnavailableError as error:
             self._link.degrade(error)
@@ -221,7 +222,7 @@ class SharedCircuitBreaker(SharedBreakerView):
         """Apply a manual mode fleet-wide; False when degraded (applied locally, pushed later)."""
         if self._remote:
             try:
-                with self._talk:
+                with self._link.turn(self._talk, self):
                     args = [*self._head(), to_state.value, reason]
                     self._adopt(self._link.run(lua.MANUAL, self._keys, args))
             except StoreUnavailableError as error:

@@ -124,14 +124,16 @@ class SharedRetryBudget(RetryBudget):
         return True
 
     def _exchange(
-        self, *, spend: bool, cap: int | None = None, forced: int = 0, due_only: bool = False
-    ) -> bool:
+        self, *, spend: bool, cap: int | None = None, forced: int = 0, due_only: bool = False,
+        resync: bool = False,
+    ) -> bool:  # fmt: skip
         """One atomic deposit (+ withdrawal) against the shared allowance.
 
         ``due_only``: the link thread's periodic flush, skipped if a withdrawal carried the
-        deposits while the thread waited for the lock.
+        deposits while the thread waited for the lock. ``resync``: the push that ends an
+        outage, made while the budget is still local.
         """
-        with self._talk:
+        with self._link.turn(self._talk, None if resync else self):
             if due_only and SYSTEM_CLOCK.now() < self._next_sync:
                 return False
             total = self.total_calls
@@ -225,7 +227,7 @@ class SharedRetryBudget(RetryBudget):
             self._rotate(self.clock.now())
             cap = self._calls_in_window()
             forced = min(peek(self._outage_retries), self._sum_retries)
-        self._exchange(spend=False, cap=cap, forced=forced)
+        self._exchange(spend=False, cap=cap, forced=forced, resync=True)
         with self._lock:
             self._remote = True
 

@@ -10,8 +10,18 @@ the sync traffic neither makes spans nor passes through our own Redis instrument
 
 **One background thread per link** syncs every member: each pushes what it counted locally
 since its last contact and adopts the shared state (see the members' module docs for the
-cadence). Callers never wait for this thread, and it never runs user code except breaker
-listeners for transitions it observed.
+cadence). Callers wait for it only as for any exchange ahead of theirs (below), and it never
+runs user code except breaker listeners for transitions it observed.
+
+**The decision bound.** Each member talks to Redis one exchange at a time (its ``_talk``
+lock, taken through :meth:`Link.turn`: pushes and replies stay in order), yet a server that
+stops answering must not cost each caller queued on a member the timeout in turn. So an
+exchange that meets an error degrades the link *before* it lets go of the lock (whoever gets
+the lock next finds the member local and decides locally at once), and nobody waits for the
+lock longer than :data:`DECISION_TIMEOUT` (a turn not had by then counts as a timeout: the
+exchange ahead is stuck). When Redis stops answering, every decision, the first included,
+thus waits at most that long, however many callers there are. The worst case is twice that:
+the exchange ahead got its reply just within the bound, then this caller's got none.
 
 **Degradation.** Any member call that meets an unreachable or failing Redis (refused, timed
 out, or an error reply such as OOM or READONLY) degrades the whole link:
@@ -26,11 +36,12 @@ shared state; defined in each member's module), and one info line plus one
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import context as otel_context
@@ -58,7 +69,8 @@ __all__ = [
 _log = logging.getLogger("otel_recovery")
 
 DECISION_TIMEOUT = 0.25
-"""Connect and read timeout (s) of every shared-state call: the longest a caller can wait."""
+"""Connect and read timeout (s) of every shared-state call, and the longest a caller waits for
+its turn to make one (see "The decision bound" in the module doc)."""
 RECONNECT_INTERVAL = 1.0
 """Seconds between reconnection attempts while degraded."""
 KEEP_MS = 7 * 86400 * 1000
@@ -81,6 +93,9 @@ class Member(Protocol):
 
     @property
     def sync_interval(self) -> float: ...
+
+    @property
+    def shared(self) -> bool: ...
 
     def sync_due(self, now: float) -> bool: ...
 
@@ -158,6 +173,32 @@ class Link:
         return self.store.key(*parts)
 
     # -- calls ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def turn(self, talk: threading.Lock, member: Member | None = None) -> Iterator[None]:
+        """Hold a member's ``talk`` lock for one exchange (see "The decision bound").
+
+        Raises :class:`StoreUnavailableError` when the lock is not had within
+        :data:`DECISION_TIMEOUT`, or when ``member`` (None for a resync, which runs while the
+        member is local) is no longer shared once it is: the exchange it waited for degraded
+        the link. An error inside degrades the link before the lock is let go.
+        """
+        if not talk.acquire(timeout=DECISION_TIMEOUT):
+            raise StoreUnavailableError(
+                f"Redis store {self.url} is unavailable: no turn to ask it"
+            ) from TimeoutError(f"waited {DECISION_TIMEOUT}s for the reply to an exchange ahead")
+        outage: tuple[StoreUnavailableError, list[Member]] | None = None
+        try:
+            if member is not None and not member.shared:
+                raise StoreUnavailableError(f"Redis store {self.url} is unavailable")
+            yield
+        except StoreUnavailableError as error:
+            outage = self._go_local(error)
+            raise
+        finally:
+            talk.release()
+            if outage is not None:  # reported outside the lock: logging runs user handlers
+                self._report(*outage)
 
     def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script; an unreachable server raises :class:`StoreUnavailableError`."""
@@ -258,17 +299,27 @@ class Link:
 
     def degrade(self, error: StoreUnavailableError) -> None:
         """Switch every member to local state; announce the outage once."""
+        outage = self._go_local(error)
+        if outage is not None:
+            self._report(*outage)
+
+    def _go_local(
+        self, error: StoreUnavailableError
+    ) -> tuple[StoreUnavailableError, list[Member]] | None:
+        """Switch every member to local state; what to report if this began the outage."""
         with self._lock:
             first = self._degraded_at is None
             now = SYSTEM_CLOCK.now()
             if first:
                 self._degraded_at = now
-            self._next_probe = now + RECONNECT_INTERVAL
+            if first or self._next_probe <= now:  # callers queued behind it: no postponing
+                self._next_probe = now + RECONNECT_INTERVAL
             members = list(self._members)
         for member in members:
             member.go_local()
-        if not first:
-            return
+        return (error, members) if first else None
+
+    def _report(self, error: StoreUnavailableError, members: list[Member]) -> None:
         _log.warning(
             "otel_recovery: store %s is unreachable (%s); circuit breakers and retry budgets "
             "sharing state through it use local state until it is back, then resync",

@@ -186,14 +186,15 @@ class SharedBreakerView(CircuitBreaker):
 
     def _contact(
         self, fail: int = 0, slow: int = 0, ok: int = 0, open_for: float | None = None,
-        reason: str = "", due_only: bool = False,
+        reason: str = "", due_only: bool = False, resync: bool = False,
     ) -> None:  # fmt: skip
         """Push what was counted since the last contact (plus a failure), adopt the reply.
 
         ``due_only``: the link thread's periodic sync, skipped if a caller's exchange made
-        it unnecessary while the thread waited for the lock.
+        it unnecessary while the thread waited for the lock. ``resync``: the push that ends an
+        outage, made while the view is still local.
         """
-        with self._talk:
+        with self._link.turn(self._talk, None if resync else self):
             if due_only and SYSTEM_CLOCK.now() < self._next_sync:
                 return
             ok_total, slow_total = peek(self._fast_successes), peek(self._slow_oks)
@@ -287,9 +288,12 @@ class SharedBreakerView(CircuitBreaker):
             open_for = None
             if state is _OPEN and manual is None:
                 open_for = max(0.0, self._open_until - self._clock.now())
-        self._contact(fail=max(0, fail), slow=slow, ok=ok, open_for=open_for, reason="local_trip")
+        self._contact(
+            fail=max(0, fail), slow=slow, ok=ok, open_for=open_for, reason="local_trip",
+            resync=True,
+        )  # fmt: skip
         if manual is not None:
-            with self._talk:
+            with self._link.turn(self._talk):
                 args = [*self._head(), manual.value, _MANUAL_REASONS[manual]]
                 self._adopt(self._link.run(lua.MANUAL, self._keys, args))
         with self._lock:

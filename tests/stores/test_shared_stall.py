@@ -1,0 +1,135 @@
+"""A Redis that stops answering costs every fleet-wide decision at most the decision bound.
+
+``CLIENT PAUSE`` on a private ``redis-server``: the server accepts commands and replies to
+none until the pause ends. The first exchange to wait for it (a caller's, or the link
+thread's periodic sync) times out after ``DECISION_TIMEOUT`` and degrades the link; callers
+queued behind it on the same breaker or budget then decide locally at once, instead of each
+waiting for Redis in turn (8 threads used to wait 0.25, 0.5, ... 2.2 s). Real time is the
+thing under test here, with generous margins for a busy machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+import redis
+
+from otel_recovery import CircuitBreaker, CircuitState, RecoveryPolicy, RetryBudget
+from otel_recovery.stores._shared_link import DECISION_TIMEOUT
+
+from .conftest import PrivateRedis
+
+THREADS = 8
+BOUND = 0.6  # DECISION_TIMEOUT (0.25 s) plus scheduling noise on a shared 2-core machine
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = PrivateRedis(tmp_path, persistent=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _pause(server: PrivateRedis, ms: int) -> None:
+    admin = redis.Redis.from_url(server.url)
+    admin.execute_command("CLIENT", "PAUSE", ms, "ALL")
+    admin.close()
+
+
+def _at_once(decide) -> list[float]:
+    """Run ``decide`` in THREADS threads started together; how long each one took."""
+    barrier = threading.Barrier(THREADS)
+    waited: list[float] = []
+
+    def run() -> None:
+        barrier.wait()
+        started = time.monotonic()
+        decide()
+        waited.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=run) for _ in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(waited) == THREADS
+    return sorted(waited)
+
+
+def _until(condition, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_threads_recording_failures_each_wait_at_most_the_bound(server, caplog):
+    url = f"{server.url}?prefix=stall:"
+    breaker = CircuitBreaker(500, 30.0, name="pay", store=url)
+    breaker.record_failure()
+    time.sleep(0.3)  # the link thread syncs every 0.1 s meanwhile
+    with caplog.at_level(logging.INFO, logger="otel_recovery"):
+        _pause(server, 2000)
+        waited = _at_once(breaker.record_failure)
+        assert waited[-1] < BOUND, [round(w, 3) for w in waited]
+        # Every failure counted: by the local breaker that took over, then pushed on resync.
+        assert not breaker.shared and breaker.failure_count == 1 + THREADS
+        assert _until(lambda: breaker.shared)
+        assert _until(lambda: any("reachable again" in r.getMessage() for r in caplog.records))
+    # One outage, reported once, however many callers and the thread ran into it.
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is unreachable" in m for m in messages) == 1, messages
+    assert sum("reachable again" in m for m in messages) == 1, messages
+    raw = redis.Redis.from_url(server.url)
+    try:
+        # a timed-out call may still have run once the pause ended (its reply was lost)
+        assert int(raw.hget("stall:cb:pay", "fseq") or 0) >= 1 + THREADS
+    finally:
+        raw.close()
+    assert breaker.state is CircuitState.CLOSED
+
+
+def test_threads_withdrawing_retries_each_wait_at_most_the_bound(server):
+    url = f"{server.url}?prefix=stall:"
+    budget = RetryBudget(ratio=0.0, min_per_second=1.0, ttl=10, name="pay", store=url)
+    assert budget.try_spend()
+    time.sleep(0.3)
+    _pause(server, 2000)
+    granted: list[bool] = []
+    waited = _at_once(lambda: granted.append(budget.try_spend()))
+    assert waited[-1] < BOUND, [round(w, 3) for w in waited]
+    # The local budget answered (its own floor of 10, one already spent) ...
+    assert not budget.shared and sum(granted) == THREADS
+    # ... and the retries it granted reach the fleet's window when Redis is back.
+    assert _until(lambda: budget.shared)
+    other = RetryBudget(ratio=0.0, min_per_second=1.0, ttl=10, name="pay", store=url)
+    assert other.sync()
+    assert other.snapshot().retries_in_window >= 1 + THREADS
+
+
+async def test_an_async_caller_behind_a_stuck_sync_blocks_the_loop_at_most_the_bound(server):
+    """The link thread syncs every 10 ms: when the caller comes, the thread's exchange has
+    been waiting for the paused server for a while; the caller used to wait for the rest of
+    it and then for a whole exchange of its own, with the event loop blocked."""
+    url = f"{server.url}?prefix=stall:"
+    breaker = CircuitBreaker(500, 30.0, name="loop", store=url, sync_interval=0.01)
+    assert breaker.sync()
+    policy = RecoveryPolicy(breaker=breaker, telemetry=False)
+
+    async def down() -> None:
+        raise ConnectionError("refused")
+
+    _pause(server, 2000)
+    await asyncio.sleep(0.15)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        await policy.acall(down)
+    waited = time.monotonic() - started
+    assert waited < DECISION_TIMEOUT, f"the loop was blocked for {waited:.3f}s"
+    assert not breaker.shared and breaker.failure_count == 1
+    assert _until(lambda: breaker.shared)
