@@ -65,17 +65,39 @@ class Plans:
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(**self._names)
 
+    def _schema_ready(self) -> Plan:
+        """Whether every table exists at this version: reads only, so a read-only server
+        (a hot standby) whose tables exist is usable for reads without any DDL or lock."""
+        names = [f"{self.table}_{part}" for part in self._names]
+        rows = yield (
+            sql.SQL("SELECT count(to_regclass(n)) FROM unnest(%s::text[]) AS t(n)"),
+            (names,),
+        )
+        if int(rows[0][0]) != len(names):
+            return False
+        rows = yield self._q("SELECT value FROM {meta} WHERE name = 'schema_version'"), None
+        found = int(rows[0][0]) if rows else 0
+        if found > SCHEMA_VERSION:
+            raise self._newer(found)
+        return found == SCHEMA_VERSION
+
+    def _newer(self, found: int) -> StoreError:
+        return StoreError(
+            f"{self.url} table {self.table!r} has schema version {found}, written by a newer "
+            f"otel-recovery; this version understands up to {SCHEMA_VERSION}"
+        )
+
     def _schema(self) -> Plan:
+        """Create what is missing (run in one transaction, after :meth:`_schema_ready`
+        found something missing): concurrent ``CREATE TABLE IF NOT EXISTS`` can race, hence
+        the advisory lock."""
         yield sql.SQL("SELECT pg_advisory_xact_lock(hashtext(%s))"), (self.table,)
         for statement in _SCHEMA:
             yield self._q(statement), None
         rows = yield self._q("SELECT value FROM {meta} WHERE name = 'schema_version'"), None
         found = int(rows[0][0]) if rows else 0
         if found > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.url} table {self.table!r} has schema version {found}, written by a newer "
-                f"otel-recovery; this version understands up to {SCHEMA_VERSION}"
-            )
+            raise self._newer(found)
         if found < SCHEMA_VERSION:
             yield (
                 self._q(

@@ -9,6 +9,17 @@ redis-py's own retries are switched off for this client: a write whose reply was
 may not have run, and retrying it blindly could count an increment twice. Failures surface as
 :class:`StoreUnavailableError` and :class:`~otel_recovery.stores.ResilientStore` decides.
 
+A pooled connection the server closed while it was idle (``CLIENT KILL``, the server's
+``timeout``, a restart or failover) is never used for a command. The sync pool checks each
+connection's socket before handing it out. The asyncio pool checks only what its event loop
+has already read, so a connection whose end has not yet been read (the loop did not run
+since) would carry the command to a closed session and fail with "Connection closed by
+server". So before each asyncio call the store polls the sockets of the idle pooled
+connections (zero wait, one system call): one with data or its end waiting, unasked, is
+disconnected under the pool's lock, and the pool connects it again when it is handed out.
+Nothing was sent on it, so nothing is sent twice; a command is still never sent again after
+a failure.
+
 Building blocks for atomic operations of other components (fleet-wide breakers, budgets):
 :attr:`client` (a ``redis.Redis``), :meth:`aclient` (a ``redis.asyncio.Redis`` for the running
 event loop), :meth:`key` (a prefixed key name) and :meth:`script` / :meth:`ascript` (a
@@ -20,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import inspect
+import select
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, NoReturn, TypeVar
@@ -33,7 +45,7 @@ from redis.retry import Retry
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
-from otel_recovery._redis_replica import ReplicaReconnect, refused_by_replica
+from otel_recovery._redis_replica import ReplicaReconnect, closable, refused_by_replica
 from otel_recovery.stores import _redis_lua as lua
 from otel_recovery.stores._base import (
     CorruptRecordError,
@@ -172,6 +184,9 @@ class RedisStore:
             self._raise(exc)
 
     async def _aguard(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        client = self._async.get(asyncio.get_running_loop())
+        if client is not None:
+            await _disconnect_ended(client)
         try:
             return await call()
         except Exception as exc:
@@ -376,6 +391,43 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
+
+
+async def _disconnect_ended(client: redis.asyncio.Redis) -> None:
+    """Disconnect ``client``'s idle pooled connections whose socket has data or its end
+    waiting (see the module doc); never raises (a failure only skips the check)."""
+    try:
+        if not closable(client):
+            return
+        pool = client.connection_pool
+        idle = getattr(pool, "_available_connections", None)
+        lock = getattr(pool, "_lock", None)
+        if not idle or lock is None:
+            return
+        ended = [connection for connection in idle if _ended(connection)]
+        if not ended:
+            return
+        async with lock:  # get_connection hands none of them out meanwhile
+            for connection in ended:
+                if connection in idle:
+                    await connection.disconnect()
+    except Exception:  # the call goes on as without the check
+        return
+
+
+def _ended(connection: Any) -> bool:
+    writer = getattr(connection, "_writer", None)
+    if writer is None:
+        return False  # not connected: the pool connects it when it hands it out
+    sock = writer.transport.get_extra_info("socket")
+    fd = -1 if sock is None else sock.fileno()
+    if fd < 0:
+        return False
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])  # pragma: no cover - Windows
 
 
 def unpack(key: str, raw: bytes) -> Record:
