@@ -196,7 +196,10 @@ def learned(
     if len(arms) == 1:
         return Selection(give_up, "not_idempotent"), None, None
     default = static.action.value if static.action.value in arms else give_up.value
-    rec = learner.choose(DecisionKey.of(service_id, info), arms, default=default)
+    # Each recover_from_error is one call of the dependency, so each decision counts one
+    # call for the learner's retry-ratio cap (calls=1): here the cap is relative to the
+    # recoveries the learner sees, and a retrying arm reserves its whole allowance.
+    rec = learner.choose(DecisionKey.of(service_id, info), arms, default=default, calls=1)
     action = RecoveryAction(rec.action)
     if rec.shadow:
         return static, rec, None

@@ -65,11 +65,16 @@ class HardCaps:
 
     - ``max_retries``: retries one recovery may spend; an arm asking for more is clipped.
     - ``retry_ratio`` / ``min_retries_per_second`` / ``window``: retries recommended per
-      service stay within ``retry_ratio`` of the calls the learner has seen plus a floor,
-      over roughly ``window`` seconds (a :class:`~otel_recovery.policies.RetryBudget`-shaped
-      limit). Learning is driven by each caller's own outcome, and a retry that helps its
-      caller can still hurt everyone by adding load; this cap is what keeps a learner that
-      loves retrying from turning an overload into a metastable failure.
+      service stay within ``retry_ratio`` of the service's calls plus a floor, over roughly
+      ``window`` seconds (a :class:`~otel_recovery.policies.RetryBudget`-shaped limit). A
+      decision reserves all the retries its arm may spend, so a burst of decisions cannot
+      overshoot; recording the outcome gives back what was not spent. Learning is driven by
+      each caller's own outcome, and a retry that helps its caller can still hurt everyone
+      by adding load; this cap is what keeps a learner that loves retrying from turning an
+      overload into a metastable failure. It needs the service's calls counted
+      (``StrategyLearner.record_call``, ``choose(calls=...)``, or the retry advisor's
+      ``calls=``); for a service whose calls were never counted it is not applied, and the
+      policy's ``RetryBudget`` (which counts every call) is what bounds the load.
     """
 
     max_retries: int = 4
@@ -152,7 +157,10 @@ class Recommendation:
     means: Mapping[str, float] = field(default_factory=dict)
     capped: tuple[str, ...] = ()
     backoff_initial: float | None = None
-    reserved_retry: bool = False
+    reserved_retries: int = 0
+    """Retries this decision holds against the retry-ratio cap until it is recorded."""
+    decided_at: float = 0.0
+    """When the decision was made (the learner's clock), to settle the reservation."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", MappingProxyType(dict(self.samples)))
@@ -168,13 +176,23 @@ def check_options(
     *, max_weight: float, prior_strength: float, delay_quantile: float, counts: dict[str, int]
 ) -> None:
     """Validate the learner's numeric options (a configuration error fails at start-up)."""
-    for name, value, low in (
-        ("max_weight", max_weight, 2.0),
-        ("prior_strength", prior_strength, 0.01),
+    for name, value, low, finite in (
+        ("max_weight", max_weight, 2.0, False),  # inf: no cap on the weight
+        ("prior_strength", prior_strength, 0.01, True),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-            raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
-    if not 0.0 <= delay_quantile <= 1.0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not value >= low
+            or (finite and math.isinf(value))
+        ):
+            bound = f"a finite number >= {low}" if finite else f"a number >= {low}"
+            raise ValueError(f"{name} must be {bound}, got {value!r}")
+    if (
+        isinstance(delay_quantile, bool)
+        or not isinstance(delay_quantile, (int, float))
+        or not 0.0 <= delay_quantile <= 1.0
+    ):
         raise ValueError(f"delay_quantile must be in [0, 1], got {delay_quantile!r}")
     for name, count in counts.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:

@@ -18,8 +18,11 @@ evidence keeps decaying while the snapshot sits in a store.
 
 from __future__ import annotations
 
+import json
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from otel_recovery.learning._decisions import DecisionKey, Recommendation
@@ -28,12 +31,25 @@ from otel_recovery.learning._stats import DecayedMoments, DelaySamples
 if TYPE_CHECKING:
     from otel_recovery.learning.strategy import StrategyLearner
 
-__all__ = ["describe_context", "remember_decision", "restore_snapshot", "take_snapshot"]
+__all__ = [
+    "Merged",
+    "NewerSnapshotError",
+    "Pending",
+    "copy_state",
+    "describe_context",
+    "fit_snapshot",
+    "merge_snapshot",
+    "remember_decision",
+    "restore_snapshot",
+    "take_snapshot",
+]
 
 FORMAT = "otel_recovery.strategy_learner"
 VERSION = 1
 
 Level = tuple[str, str]
+Contexts = OrderedDict[Level, dict[str, DecayedMoments]]
+Delays = OrderedDict[str, DelaySamples]
 
 
 def _arm_view(entry: DecayedMoments, now: float, half_life: float) -> dict[str, Any]:
@@ -109,6 +125,7 @@ def describe_context(
             "max_retries": learner.caps.max_retries,
             "retry_ratio": learner.caps.retry_ratio,
             "retry_ratio_used": round(_ratio_used(learner, key.service, now), 4),
+            "retry_ratio_applies": _ratio_applies(learner, key.service),
         },
         "summary": _summary(key, posterior, last, learner, now),
     }
@@ -121,6 +138,12 @@ def describe_context(
 def _ratio_used(learner: StrategyLearner, service: str, now: float) -> float:
     ratio = learner._ratios.get(service)
     return ratio.used(now, learner._tau) if ratio is not None else 0.0
+
+
+def _ratio_applies(learner: StrategyLearner, service: str) -> bool:
+    """Whether the service's calls are counted, so that the retry-ratio cap applies."""
+    ratio = learner._ratios.get(service)
+    return ratio is not None and ratio.counted
 
 
 def _summary(
@@ -151,37 +174,58 @@ def _summary(
 
 
 def take_snapshot(learner: StrategyLearner, now: float, wall: float) -> dict[str, Any]:
-    contexts = [
-        {
-            "scope": scope,
-            "key": dimension,
-            "arms": {arm: e.to_list(now - e.updated) for arm, e in arms.items()},
-        }
-        for (scope, dimension), arms in learner._contexts.items()
-    ]
-    delays = {service: list(s.samples) for service, s in learner._delays.items()}
+    return snapshot_of(learner._contexts, learner._delays, now, wall)
+
+
+def snapshot_of(
+    contexts: Mapping[Level, Mapping[str, DecayedMoments]],
+    delays: Mapping[str, DelaySamples],
+    now: float,
+    wall: float,
+) -> dict[str, Any]:
+    """The JSON form of ``contexts`` and ``delays`` as of ``now`` (``wall`` on the wall clock)."""
     return {
         "format": FORMAT,
         "version": VERSION,
         "saved_at": wall,
-        "contexts": contexts,
-        "delays": delays,
+        "contexts": [
+            {
+                "scope": scope,
+                "key": dimension,
+                "arms": {arm: e.to_list(now - e.updated) for arm, e in arms.items()},
+            }
+            for (scope, dimension), arms in contexts.items()
+        ],
+        "delays": {service: [round(v, 4) for v in s.samples] for service, s in delays.items()},
     }
 
 
+class NewerSnapshotError(ValueError):
+    """A snapshot written by a newer version of the library (a format this one cannot read)."""
+
+
 def restore_snapshot(
-    snapshot: Mapping[str, Any], now: float, wall: float, delay_size: int
-) -> tuple[OrderedDict[Level, dict[str, DecayedMoments]], OrderedDict[str, DelaySamples]]:
-    """Parse and check a snapshot; raises ValueError naming what is wrong."""
+    snapshot: Mapping[str, Any], now: float, wall: float, delay_size: int, limit: float
+) -> tuple[Contexts, Delays]:
+    """Parse and check a snapshot; raises ValueError naming what is wrong.
+
+    Keeps the ``limit`` most recent contexts and delay series (the learner's bound).
+    """
     if not isinstance(snapshot, Mapping) or snapshot.get("format") != FORMAT:
         raise ValueError(f"not a strategy learner snapshot (format must be {FORMAT!r})")
-    if snapshot.get("version") != VERSION:
-        raise ValueError(f"unsupported snapshot version {snapshot.get('version')!r}")
+    version = snapshot.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise NewerSnapshotError(
+            f"snapshot version {version} was written by a newer otel-recovery "
+            f"(this one reads version {VERSION})"
+        )
+    if version != VERSION:
+        raise ValueError(f"unsupported snapshot version {version!r}")
     saved_at = snapshot.get("saved_at")
     if isinstance(saved_at, bool) or not isinstance(saved_at, (int, float)):
         raise ValueError(f"snapshot saved_at must be epoch seconds, got {saved_at!r}")
     shelf = max(0.0, wall - float(saved_at))
-    contexts: OrderedDict[Level, dict[str, DecayedMoments]] = OrderedDict()
+    contexts: Contexts = OrderedDict()
     raw_contexts = snapshot.get("contexts")
     if not isinstance(raw_contexts, list):
         raise ValueError("snapshot contexts must be a list")
@@ -196,7 +240,8 @@ def restore_snapshot(
         contexts[(scope, dimension)] = {
             str(arm): DecayedMoments.from_list(raw, now - shelf) for arm, raw in arms.items()
         }
-    delays: OrderedDict[str, DelaySamples] = OrderedDict()
+        contexts.move_to_end((scope, dimension))
+    delays: Delays = OrderedDict()
     raw_delays = snapshot.get("delays", {})
     if not isinstance(raw_delays, Mapping):
         raise ValueError("snapshot delays must be an object")
@@ -206,4 +251,235 @@ def restore_snapshot(
         ):
             raise ValueError(f"snapshot delays of {service!r} must be a list of seconds >= 0")
         delays[str(service)] = DelaySamples(delay_size, [float(v) for v in values])
+    while len(contexts) > limit:
+        contexts.popitem(last=False)
+    while len(delays) > limit:
+        delays.popitem(last=False)
     return contexts, delays
+
+
+# -- sharing one snapshot between replicas ----------------------------------------------------
+
+
+@dataclass
+class Pending:
+    """Evidence a learner gathered since its last successful save (its own, uncapped)."""
+
+    contexts: Contexts = field(default_factory=OrderedDict)
+    delays: OrderedDict[str, list[float]] = field(default_factory=OrderedDict)
+
+    def __bool__(self) -> bool:
+        return bool(self.contexts or self.delays)
+
+    def add(
+        self, level: Level, arm: str, reward: float, now: float, half_life: float, limit: int
+    ) -> None:
+        stats = self.contexts.get(level)
+        if stats is None:
+            stats = self.contexts[level] = {}
+            _bound(self.contexts, limit)
+        entry = stats.get(arm)
+        if entry is None:
+            entry = stats[arm] = DecayedMoments(updated=now)
+        entry.add(reward, now, half_life, math.inf)
+
+    def add_delay(self, service: str, seconds: float, size: int, limit: int) -> None:
+        samples = self.delays.get(service)
+        if samples is None:
+            samples = self.delays[service] = []
+            _bound(self.delays, limit)
+        samples.append(seconds)
+        if len(samples) > size:
+            del samples[: len(samples) - size]
+
+    def absorb(self, other: Pending, now: float, half_life: float, size: int, limit: int) -> None:
+        """Take ``other``'s evidence back (a save failed: it is still owed to the store)."""
+        for level, arms in other.contexts.items():
+            stats = self.contexts.setdefault(level, {})
+            for arm, entry in arms.items():
+                mine = stats.get(arm)
+                if mine is None:
+                    stats[arm] = entry
+                else:
+                    mine.absorb(entry, now, half_life, math.inf)
+        for service, samples in other.delays.items():
+            merged = samples + self.delays.get(service, [])
+            self.delays[service] = merged[-size:]
+        _bound(self.contexts, limit)
+        _bound(self.delays, limit)
+
+
+def _bound(table: OrderedDict[Any, Any], limit: int) -> None:
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The outcome of one merge: the state to learn on, and the snapshot to save."""
+
+    contexts: Contexts
+    delays: Delays
+    snapshot: dict[str, Any]
+    replaced: bool
+    """True when the store held other replicas' evidence: the learner adopts ``contexts``."""
+
+
+def copy_state(contexts: Contexts, delays: Delays, size: int) -> tuple[Contexts, Delays]:
+    """A private copy, for merging outside the learner's lock."""
+    return (
+        OrderedDict(
+            (level, {a: e.copy() for a, e in arms.items()}) for level, arms in contexts.items()
+        ),
+        OrderedDict((s, DelaySamples(size, list(d.samples))) for s, d in delays.items()),
+    )
+
+
+def merge_snapshot(
+    shared: Mapping[str, Any] | None,
+    local: tuple[Contexts, Delays],
+    pending: Pending,
+    *,
+    writer: str,
+    seq: int,
+    now: float,
+    wall: float,
+    half_life: float,
+    max_weight: float,
+    delay_size: int,
+    limit: int,
+) -> Merged:
+    """What to save, given the store's snapshot ``shared``, this learner's state ``local``
+    and the evidence it gathered since its last save ``pending``.
+
+    Each observation must reach the shared snapshot exactly once. Per (context, arm):
+
+    - the store's entry plus ``pending``, when the store has it: the store already holds
+      everything this learner saved before, and ``pending`` is exactly what it has not;
+    - this learner's own entry, when the store lacks it (never saved, or dropped to fit the
+      size limit): the local view counts each observation once, being the last merged
+      state plus what came since.
+
+    When the store holds just what this learner saved last (its ``writer`` and ``seq``),
+    nobody else wrote and the local state is the answer as it is. A snapshot from a newer
+    library version raises :class:`NewerSnapshotError` (never overwrite what a newer
+    replica wrote); any other unreadable one is replaced.
+    """
+    contexts, delays = local
+    theirs: tuple[Contexts, Delays] | None = None
+    if isinstance(shared, Mapping) and not (
+        shared.get("writer") == writer and shared.get("seq") == seq
+    ):
+        try:
+            theirs = restore_snapshot(shared, now, wall, delay_size, math.inf)
+        except NewerSnapshotError:
+            raise
+        except ValueError:
+            theirs = None  # unreadable: replaced by this learner's state
+    if theirs is not None:
+        contexts = _merge_contexts(theirs[0], contexts, pending, now, half_life, max_weight)
+        delays = _merge_delays(theirs[1], delays, pending, delay_size)
+        _bound(contexts, limit)
+        _bound(delays, limit)
+    snapshot = snapshot_of(contexts, delays, now, wall)
+    snapshot["writer"] = writer
+    snapshot["seq"] = seq + 1
+    return Merged(contexts, delays, snapshot, theirs is not None)
+
+
+def _merge_contexts(
+    shared: Contexts,
+    local: Contexts,
+    pending: Pending,
+    now: float,
+    half_life: float,
+    max_weight: float,
+) -> Contexts:
+    merged: dict[Level, dict[str, DecayedMoments]] = {}
+    for level, arms in shared.items():
+        owed = pending.contexts.get(level, {})
+        stats = merged[level] = {}
+        for arm, entry in arms.items():
+            if arm in owed:
+                entry.absorb(owed[arm], now, half_life, max_weight)
+            stats[arm] = entry
+    for level, arms in local.items():
+        stats = merged.setdefault(level, {})
+        for arm, entry in arms.items():
+            if arm not in stats:
+                stats[arm] = entry.copy()
+    for level, arms in pending.contexts.items():  # evicted locally meanwhile: rare
+        stats = merged.setdefault(level, {})
+        for arm, entry in arms.items():
+            if arm not in stats:
+                stats[arm] = DecayedMoments(updated=now)
+                stats[arm].absorb(entry, now, half_life, max_weight)
+    # Most recently learned last, the order the learner evicts and saves by.
+    ordered = sorted(
+        merged.items(), key=lambda item: max((e.updated for e in item[1].values()), default=0.0)
+    )
+    return OrderedDict(ordered)
+
+
+def _merge_delays(shared: Delays, local: Delays, pending: Pending, size: int) -> Delays:
+    merged: Delays = OrderedDict()
+    for service, samples in shared.items():
+        merged[service] = DelaySamples(
+            size, list(samples.samples) + pending.delays.get(service, [])
+        )
+    for service, samples in local.items():
+        if service not in merged:
+            merged[service] = DelaySamples(size, list(samples.samples))
+    for service, values in pending.delays.items():
+        if service not in merged:
+            merged[service] = DelaySamples(size, values)
+    return merged
+
+
+def fit_snapshot(snapshot: dict[str, Any], max_bytes: int | None) -> dict[str, Any]:
+    """``snapshot`` trimmed to at most ``max_bytes`` of compact UTF-8 JSON.
+
+    What goes first when it does not fit is what matters least: fingerprint contexts before
+    category contexts (every fingerprint of a category borrows from those), least recently
+    learned first; learned delays get at most a quarter of the room.
+    """
+    if max_bytes is None:
+        return snapshot
+    contexts: list[dict[str, Any]] = snapshot["contexts"]
+    delays: dict[str, list[float]] = snapshot["delays"]
+    # Each item's size plus its comma: their sum plus the envelope bounds the whole document.
+    sizes = [_size(c) + 1 for c in contexts]
+    delay_sizes = {s: _size({s: v}) - 1 for s, v in delays.items()}
+    room = max_bytes - _size({**snapshot, "contexts": [], "delays": {}})
+    if sum(sizes) + sum(delay_sizes.values()) <= room:
+        return snapshot
+    keep: set[int] = set()
+    fine = [c["key"].startswith("fingerprint:") for c in contexts]
+    for i in reversed(range(len(contexts))):
+        if not fine[i] and sizes[i] <= room:
+            keep.add(i)
+            room -= sizes[i]
+    share = room // 4
+    kept_delays: set[str] = set()
+    for service in reversed(list(delays)):
+        size = delay_sizes[service]
+        if size <= share:
+            kept_delays.add(service)
+            share -= size
+            room -= size
+    for i in reversed(range(len(contexts))):
+        if fine[i] and sizes[i] <= room:
+            keep.add(i)
+            room -= sizes[i]
+    return {
+        **snapshot,
+        "contexts": [c for i, c in enumerate(contexts) if i in keep],
+        "delays": {s: v for s, v in delays.items() if s in kept_delays},
+    }
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _size(value: object) -> int:
+    return len(_ENCODER.encode(value).encode("utf-8"))

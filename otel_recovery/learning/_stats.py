@@ -57,15 +57,41 @@ class DecayedMoments:
         return self.weight * factor, self.total * factor, self.total_squares * factor
 
     def add(self, reward: float, now: float, half_life: float, max_weight: float) -> None:
+        self._put(now, half_life, max_weight, 1.0, reward, reward * reward, 1)
+
+    def absorb(
+        self, other: DecayedMoments, now: float, half_life: float, max_weight: float
+    ) -> None:
+        """Add ``other``'s evidence (both decayed to ``now``), then cap the weight.
+
+        Decayed sums of disjoint observations add up exactly: this is how evidence learned
+        by another replica, or since the last merge, joins this one (``_explain.merge_snapshot``).
+        """
+        weight, total, squares = other.at(now, half_life)
+        self._put(now, half_life, max_weight, weight, total, squares, other.pulls)
+
+    def _put(
+        self,
+        now: float,
+        half_life: float,
+        max_weight: float,
+        weight_in: float,
+        total_in: float,
+        squares_in: float,
+        pulls: int,
+    ) -> None:
         weight, total, squares = self.at(now, half_life)
-        weight += 1.0
-        total += reward
-        squares += reward * reward
+        weight += weight_in
+        total += total_in
+        squares += squares_in
         if weight > max_weight:
             scale = max_weight / weight
             weight, total, squares = max_weight, total * scale, squares * scale
         self.weight, self.total, self.total_squares, self.updated = weight, total, squares, now
-        self.pulls += 1
+        self.pulls += pulls
+
+    def copy(self) -> DecayedMoments:
+        return DecayedMoments(self.weight, self.total, self.total_squares, self.pulls, self.updated)
 
     def to_list(self, age: float) -> list[float]:
         """JSON form; ``age`` is how long ago (seconds) the stored values were current."""
@@ -92,17 +118,21 @@ class DecayedMoments:
 class DecayedRatio:
     """Retries against calls, both decaying with time constant ``tau`` seconds.
 
-    The learner's own retry-ratio cap: ``retries + 1 <= ratio * calls + floor * tau``, the
-    shape of :class:`~otel_recovery.policies.RetryBudget` (a steady rate of ``x`` per second
-    sums to about ``x * tau``) with O(1) state that serialises as three numbers.
+    The learner's own retry-ratio cap: ``retries + n <= ratio * calls + floor * tau`` for a
+    decision that may spend ``n`` retries, the shape of
+    :class:`~otel_recovery.policies.RetryBudget` (a steady rate of ``x`` per second sums to
+    about ``x * tau``) with O(1) state. ``counted`` says whether the service's traffic is
+    known at all (some calls were counted): where it is not, the cap cannot be computed and
+    is not applied (see ``StrategyLearner.choose``).
     """
 
-    __slots__ = ("calls", "retries", "updated")
+    __slots__ = ("calls", "counted", "retries", "updated")
 
     def __init__(self, calls: float = 0.0, retries: float = 0.0, updated: float = 0.0) -> None:
         self.calls = calls
         self.retries = retries
         self.updated = updated
+        self.counted = False
 
     def _advance(self, now: float, tau: float) -> None:
         if now > self.updated:
@@ -116,9 +146,16 @@ class DecayedRatio:
         self.calls += calls
         self.retries = max(0.0, self.retries + retries)
 
-    def allows(self, now: float, tau: float, ratio: float, floor: float) -> bool:
+    def settle(self, now: float, tau: float, *, reserved: int, at: float, spent: int) -> None:
+        """Replace a reservation of ``reserved`` retries made at time ``at`` by the retries
+        actually ``spent``: what was not used is given back (as decayed since ``at``)."""
+        still = reserved * math.exp(-max(0.0, now - at) / tau) if reserved else 0.0
+        self.add(now, tau, retries=spent - still)
+
+    def room(self, now: float, tau: float, ratio: float, floor: float) -> float:
+        """How many more retries the cap allows now (may be negative)."""
         self._advance(now, tau)
-        return self.retries + 1.0 <= ratio * self.calls + floor * tau
+        return ratio * self.calls + floor * tau - self.retries
 
     def used(self, now: float, tau: float) -> float:
         """Retries per call in the recent past (0 when no call was seen)."""

@@ -10,12 +10,24 @@ whether that attempt succeeded and what it cost; the learner's hard caps still a
 
 In shadow mode the rules' answer (retry) is always taken and the learner only learns and
 reports what it would have done (``explain()``).
+
+The learner's retry-ratio cap needs the service's traffic, which the advisor does not see:
+it is consulted on failures only, and the successful calls must stay free of extra work.
+So by default it counts no calls and the ratio cap is not applied to its service (the
+policy's :class:`~otel_recovery.policies.RetryBudget`, which counts every call, bounds the
+load; ``caps.max_retries`` still applies). Give it ``calls=``, a function returning how many
+calls the service has had so far (``lambda: budget.total_calls`` reads the count the policy's
+budget already keeps), and the cap is applied against that real traffic: at each failure the
+advisor adds the calls made since the previous one.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from otel_recovery._forksafe import new_lock
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.learning._decisions import DecisionKey, Recommendation
 from otel_recovery.learning.strategy import StrategyLearner
@@ -23,6 +35,7 @@ from otel_recovery.learning.strategy import StrategyLearner
 __all__ = ["LearnedAdvice", "LearnedRetryAdvisor"]
 
 _ARMS = {"give_up": 0, "retry": 1}
+_log = logging.getLogger("otel_recovery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,19 +45,65 @@ class LearnedAdvice:
 
 
 class LearnedRetryAdvisor:
-    """``Retry(advisor=LearnedRetryAdvisor(learner, service="payments:443"))``."""
+    """``Retry(advisor=LearnedRetryAdvisor(learner, service="payments:443"))``.
 
-    __slots__ = ("learner", "service")
+    ``calls``: optional, a function returning the service's total calls so far (for example
+    ``lambda: budget.total_calls``), so the learner's retry-ratio cap compares retries with
+    real traffic; without it the ratio cap is not applied (see the module docstring). Give
+    one advisor per call counter: two advisors reading the same counter for one service
+    would count its calls twice.
+    """
 
-    def __init__(self, learner: StrategyLearner, *, service: str) -> None:
+    __slots__ = ("_calls_lock", "_seen", "calls", "learner", "service")
+
+    def __init__(
+        self,
+        learner: StrategyLearner,
+        *,
+        service: str,
+        calls: Callable[[], int] | None = None,
+    ) -> None:
         if not isinstance(learner, StrategyLearner):
             raise TypeError(f"learner must be a StrategyLearner, got {learner!r}")
+        if not isinstance(service, str):
+            raise TypeError(f"service must be a str, got {service!r}")
+        if calls is not None and not callable(calls):
+            raise TypeError(
+                f"calls must be a function returning the service's total calls, got {calls!r}"
+            )
         self.learner = learner
         self.service = service
+        self.calls = calls
+        self._calls_lock = new_lock()
+        self._seen = self._read_calls() or 0
+
+    def _read_calls(self) -> int | None:
+        source = self.calls
+        if source is None:
+            return None
+        try:
+            total = source()
+        except Exception:
+            _log.exception("call counter %r of retry advisor %r failed", source, self)
+            return None
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            return None
+        return total
+
+    def _new_calls(self) -> int | None:
+        """Calls since the last failure, or None without a counter."""
+        total = self._read_calls()
+        if total is None:
+            return None
+        with self._calls_lock:
+            new = max(0, total - self._seen)
+            self._seen = max(self._seen, total)
+        return new
 
     def advise(self, error: BaseException, info: ErrorInfo, attempt: int) -> LearnedAdvice:
         key = DecisionKey(self.service, info.fingerprint, info.category.value)
-        recommendation = self.learner.choose(key, _ARMS, default="retry")
+        # A failed retry is no new call: only the counter's news counts (None: unknown).
+        recommendation = self.learner.choose(key, _ARMS, default="retry", calls=self._new_calls())
         return LearnedAdvice(recommendation.action == "retry", recommendation)
 
     def learn(self, advice: object, *, success: bool, seconds: float) -> None:
@@ -54,7 +113,7 @@ class LearnedRetryAdvisor:
             advice.recommendation,
             success=success,
             retries=1 if advice.retry else 0,
-            recovery_time=seconds,
+            recovery_time=max(0.0, seconds),  # a clock that stepped back is no bad argument
         )
 
     def __repr__(self) -> str:

@@ -26,13 +26,31 @@ default is what happens. Rewards weigh success, retries spent and time
 (:class:`RewardWeights`). It also learns how long each dependency takes to recover, and
 offers that as a backoff delay (:meth:`backoff`, :func:`learned_retry`).
 
-Thread-safe (one lock, never held across user code). Time comes from the injected clock.
+The retry-ratio cap (:class:`HardCaps`) compares retries with the calls made to a service,
+so it needs to know that traffic: :meth:`record_call`, ``choose(..., calls=n)`` (by default
+each decision counts as one call, which is right where every call is a decision, as in
+``ErrorRecoveryInteraction``), or :class:`~otel_recovery.learning.LearnedRetryAdvisor`'s
+``calls=`` source. Where no call was ever counted, the cap is not applied: comparing retries
+with failures alone would refuse half the retries of a busy dependency whose blips a retry
+always heals; the policy's :class:`~otel_recovery.policies.RetryBudget`, which counts every
+call, still bounds the load there.
+
+Persistence (``store=``) merges rather than overwrites: every ``save_interval`` the learner
+adds what it learned since its last save to the store's snapshot, taking in what other
+replicas saved meanwhile (:func:`._explain.merge_snapshot`: each observation is counted
+once), so one snapshot can be shared by a fleet. A failed save never reaches the caller of
+:meth:`record` (logged once per kind of error; the evidence is kept for the next save).
+
+Thread-safe (one lock, never held across user code or store I/O). Time comes from the
+injected clock.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from enum import Enum
@@ -50,7 +68,13 @@ from otel_recovery.learning._decisions import (
     validated_arms,
 )
 from otel_recovery.learning._explain import (
+    Merged,
+    NewerSnapshotError,
+    Pending,
+    copy_state,
     describe_context,
+    fit_snapshot,
+    merge_snapshot,
     remember_decision,
     restore_snapshot,
     take_snapshot,
@@ -63,6 +87,8 @@ __all__ = ["StrategyLearner"]
 
 Level = tuple[str, str]
 
+_log = logging.getLogger("otel_recovery")
+
 
 class StrategyLearner:
     """Discounted, hierarchical Thompson sampling over recovery actions, under hard caps.
@@ -71,8 +97,9 @@ class StrategyLearner:
     name -> retries it may spend; at least one arm must spend none, as giving up must always
     be possible), do ``rec.action``, then ``learner.record(rec, success=..., retries=...,
     recovery_time=...)``. Call ``record_call(service)`` for calls that succeed at once, so the
-    retry-ratio cap sees all traffic, and ``observe_recovery(service, seconds)`` with how long
-    a successful recovery took, to learn the service's backoff delay.
+    retry-ratio cap sees all traffic (without any counted call, the cap is not applied to a
+    service), and ``observe_recovery(service, seconds)`` with how long a successful recovery
+    took, to learn the service's backoff delay.
     """
 
     def __init__(
@@ -111,6 +138,10 @@ class StrategyLearner:
                 "max_contexts": max_contexts,
             },
         )
+        if not isinstance(delay_bounds, (tuple, list)) or len(delay_bounds) != 2:
+            raise ValueError(
+                f"delay_bounds must be a (low, high) pair of seconds, got {delay_bounds!r}"
+            )
         low_delay = to_seconds(delay_bounds[0], "delay_bounds[0]")
         high_delay = to_seconds(delay_bounds[1], "delay_bounds[1]")
         if high_delay < low_delay:
@@ -131,26 +162,54 @@ class StrategyLearner:
         self._lock = new_lock()
         self._contexts: OrderedDict[Level, dict[str, DecayedMoments]] = OrderedDict()
         self._delays: OrderedDict[str, DelaySamples] = OrderedDict()
-        self._ratios: dict[str, DecayedRatio] = {}
+        self._ratios: OrderedDict[str, DecayedRatio] = OrderedDict()
         self._last: OrderedDict[DecisionKey, dict[str, Any]] = OrderedDict()
         self._shadow_agreed = 0
         self._shadow_decisions = 0
         self._saved_at = self.clock.now()
+        # Sharing a snapshot (see merge_snapshot): what is owed to the store, who we are.
+        self._pending = Pending()
+        self._writer = uuid.uuid4().hex
+        self._seq = 0
+        self._sync_lock = new_lock()
+        self._reported: set[str] = set()
         if store is not None:
-            snapshot = store.load()
-            if snapshot is not None:
-                self.load_dict(snapshot)
+            try:
+                snapshot = store.load()
+                if snapshot is not None:
+                    self.load_dict(snapshot)
+            except Exception as problem:
+                # A snapshot from a newer version (a downgrade), a broken one, a store that
+                # cannot be read: start from the priors rather than stop the service.
+                self._report("load", problem)
 
     # -- deciding ----------------------------------------------------------------------------
 
     def choose(
-        self, key: DecisionKey, allowed: Mapping[str, int], *, default: str | None = None
+        self,
+        key: DecisionKey,
+        allowed: Mapping[str, int],
+        *,
+        default: str | None = None,
+        calls: int | None = 1,
     ) -> Recommendation:
         """Pick an arm among ``allowed`` (arm -> retries it may spend) for one failure.
 
         ``default`` is what the caller would do without learning; shadow mode requires it
-        and returns it as ``action``. Each call counts as one call for the retry-ratio cap.
+        and returns it as ``action``. ``calls`` is how many calls of ``key.service`` this
+        decision stands for, for the retry-ratio cap: 1 (the failed call) by default; None
+        when the caller counts calls elsewhere (:meth:`record_call`) or cannot know them.
+
+        A retrying arm is eligible only if its whole allowance (clipped to
+        ``caps.max_retries``) fits in what the retry-ratio cap has left; choosing it reserves
+        that allowance, and :meth:`record` gives back what was not spent.
         """
+        if not isinstance(key, DecisionKey):
+            raise TypeError(f"key must be a DecisionKey, got {key!r}")
+        if calls is not None and (
+            isinstance(calls, bool) or not isinstance(calls, int) or calls < 0
+        ):
+            raise ValueError(f"calls must be an int >= 0 or None, got {calls!r}")
         arms = validated_arms(allowed)
         if isinstance(default, Enum):
             default = default.value
@@ -162,17 +221,18 @@ class StrategyLearner:
         tau = self._tau
         with self._lock:
             now = self.clock.now()
-            ratio = self._ratios.get(key.service)
-            if ratio is None:
-                ratio = self._ratios[key.service] = DecayedRatio(updated=now)
-            ratio.add(now, tau, calls=1.0)
-            eligible = dict(arms)
-            capped: tuple[str, ...] = ()
-            if caps.max_retries == 0 or not ratio.allows(
-                now, tau, caps.retry_ratio, caps.min_retries_per_second
-            ):
-                capped = tuple(a for a, n in arms.items() if n > 0)
-                eligible = {a: n for a, n in arms.items() if n == 0}
+            ratio = self._ratio(key.service, now)
+            if calls is not None:
+                ratio.add(now, tau, calls=float(calls))
+                ratio.counted = True
+            room = (
+                ratio.room(now, tau, caps.retry_ratio, caps.min_retries_per_second)
+                if ratio.counted
+                else math.inf
+            )
+            most = caps.max_retries
+            eligible = {a: n for a, n in arms.items() if n == 0 or 0 < min(n, most) <= room}
+            capped = tuple(a for a in arms if a not in eligible)
             samples: dict[str, float] = {}
             means: dict[str, float] = {}
             for arm in eligible:
@@ -181,20 +241,42 @@ class StrategyLearner:
                 samples[arm] = self._rng.gauss(mean, spread)
             learned = max(samples, key=samples.__getitem__)
             action = default if self.shadow and default is not None else learned
-            reserved = False
-            if not self.shadow and arms[action] > 0:
-                ratio.add(now, tau, retries=1.0)
-                reserved = True
+            limit = arms[action] if self.shadow else min(arms[action], most)
+            reserved = 0
+            if not self.shadow and limit > 0:
+                ratio.add(now, tau, retries=float(limit))
+                reserved = limit
             if self.shadow:
                 self._shadow_decisions += 1
                 self._shadow_agreed += learned == action
             delay = self._learned_delay(key.service)
-            limit = arms[action] if self.shadow else min(arms[action], caps.max_retries)
             recommendation = Recommendation(
-                key, action, learned, self.shadow, limit, samples, means, capped, delay, reserved
+                key,
+                action,
+                learned,
+                self.shadow,
+                limit,
+                samples,
+                means,
+                capped,
+                delay,
+                reserved_retries=reserved,
+                decided_at=now,
             )
             remember_decision(self._last, recommendation, now, self._max_contexts)
         return recommendation
+
+    def _ratio(self, service: str, now: float) -> DecayedRatio:
+        """The service's retry-ratio state (under the lock); bounded like the contexts."""
+        ratios = self._ratios
+        ratio = ratios.get(service)
+        if ratio is None:
+            ratio = ratios[service] = DecayedRatio(updated=now)
+            if len(ratios) > self._max_contexts:
+                ratios.popitem(last=False)
+        else:
+            ratios.move_to_end(service)
+        return ratio
 
     def _posterior(self, key: DecisionKey, arm: str, now: float) -> tuple[float, float, float]:
         """``(mean, sd, variance)``: the posterior of ``arm``'s mean reward and its spread,
@@ -243,11 +325,16 @@ class StrategyLearner:
     ) -> float:
         """Learn from how ``recommendation.action`` turned out; returns the reward in [0, 1].
 
-        ``retries`` counts the attempts the recovery made (not the original failure).
+        ``retries`` counts the attempts the recovery made (not the original failure); the
+        part of the decision's reserved allowance it did not spend goes back to the
+        retry-ratio cap. Never raises because of the store (a failed periodic save is
+        logged once per kind of error).
         """
-        # choose() reserved one retry for a retrying arm; a recovery that never retried
-        # (the circuit opened, the budget refused) gets it back (extra = -1).
-        extra = retries - 1 if recommendation.reserved_retry else retries
+        if not isinstance(recommendation, Recommendation):
+            raise TypeError(
+                f"recommendation must be the Recommendation choose() returned, "
+                f"got {recommendation!r}"
+            )
         return self._learn(
             recommendation.key,
             recommendation.action,
@@ -255,7 +342,8 @@ class StrategyLearner:
             fallback=fallback,
             retries=retries,
             recovery_time=recovery_time,
-            extra_retries=extra,
+            reserved=recommendation.reserved_retries,
+            decided_at=recommendation.decided_at,
         )
 
     def observe(
@@ -269,6 +357,12 @@ class StrategyLearner:
         fallback: bool = False,
     ) -> float:
         """Learn from an outcome the learner did not choose (a forced strategy, a replay)."""
+        if not isinstance(key, DecisionKey):
+            raise TypeError(f"key must be a DecisionKey, got {key!r}")
+        if isinstance(arm, Enum):
+            arm = arm.value
+        if not isinstance(arm, str):
+            raise TypeError(f"arm must be an arm name (str), got {arm!r}")
         return self._learn(
             key,
             arm,
@@ -276,7 +370,8 @@ class StrategyLearner:
             fallback=fallback,
             retries=retries,
             recovery_time=recovery_time,
-            extra_retries=max(0, retries),
+            reserved=0,
+            decided_at=0.0,
         )
 
     def _learn(
@@ -288,10 +383,22 @@ class StrategyLearner:
         fallback: bool,
         retries: int,
         recovery_time: float,
-        extra_retries: int,
+        reserved: int,
+        decided_at: float,
     ) -> float:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        for name, flag in (("success", success), ("fallback", fallback)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if (
+            isinstance(recovery_time, bool)
+            or not isinstance(recovery_time, (int, float))
+            or not recovery_time >= 0
+        ):
+            raise ValueError(
+                f"recovery_time must be a number of seconds >= 0, got {recovery_time!r}"
+            )
         caps = self.caps
         score = self.reward.score(
             success=success,
@@ -300,20 +407,23 @@ class StrategyLearner:
             recovery_time=recovery_time,
             max_retries=caps.max_retries,
         )
-        tau = self._tau
         save = False
         with self._lock:
             now = self.clock.now()
+            owed = self._pending if self._store is not None else None
             for level in key.levels():
                 self._arm(level, arm, now).add(score, now, self.half_life, self.max_weight)
-            if extra_retries:
-                ratio = self._ratios.setdefault(key.service, DecayedRatio(updated=now))
-                ratio.add(now, tau, retries=float(extra_retries))
+                if owed is not None:
+                    owed.add(level, arm, score, now, self.half_life, self._max_contexts)
+            if reserved or retries:
+                self._ratio(key.service, now).settle(
+                    now, self._tau, reserved=reserved, at=decided_at, spent=retries
+                )
             if self._store is not None and now - self._saved_at >= self._save_interval:
                 self._saved_at = now
                 save = True
         if save:
-            self.flush()
+            self._save_quietly()
         return score
 
     def _arm(self, level: Level, arm: str, now: float) -> DecayedMoments:
@@ -330,19 +440,25 @@ class StrategyLearner:
         return entry
 
     def record_call(self, service: str, calls: int = 1) -> None:
-        """Count calls the learner did not see fail (for the retry-ratio cap)."""
+        """Count calls the learner did not see fail (for the retry-ratio cap, which applies
+        to a service once any of its calls was counted)."""
+        if not isinstance(service, str):
+            raise TypeError(f"service must be a str, got {service!r}")
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"calls must be an int >= 0, got {calls!r}")
         tau = self._tau
         with self._lock:
             now = self.clock.now()
-            ratio = self._ratios.setdefault(service, DecayedRatio(updated=now))
+            ratio = self._ratio(service, now)
             ratio.add(now, tau, calls=float(calls))
+            ratio.counted = True
 
     # -- learned delays ----------------------------------------------------------------------
 
     def observe_recovery(self, service: str, seconds: float) -> None:
         """A recovery of ``service`` succeeded ``seconds`` after the first failure."""
-        if not seconds >= 0:
-            raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+            raise ValueError(f"seconds must be a number >= 0, got {seconds!r}")
         with self._lock:
             samples = self._delays.get(service)
             if samples is None:
@@ -350,6 +466,10 @@ class StrategyLearner:
                 if len(self._delays) > self._max_contexts:
                     self._delays.popitem(last=False)
             samples.add(float(seconds))
+            if self._store is not None:
+                self._pending.add_delay(
+                    service, float(seconds), self._delay_size, self._max_contexts
+                )
 
     def learned_delay(self, service: str) -> float | None:
         """The learned first backoff delay for ``service``, or None while data is thin.
@@ -384,6 +504,8 @@ class StrategyLearner:
         caps that applied), the learned delay and a one-line ``summary``. Without: every
         context's best arm.
         """
+        if key is not None and not isinstance(key, DecisionKey):
+            raise TypeError(f"key must be a DecisionKey or None, got {key!r}")
         with self._lock:
             now = self.clock.now()
             return describe_context(self, key, now)
@@ -396,14 +518,16 @@ class StrategyLearner:
     def load_dict(self, snapshot: Mapping[str, Any]) -> None:
         """Replace the learned statistics with those of ``snapshot`` (from :meth:`to_dict`).
 
-        Evidence keeps decaying across the time the snapshot spent on the shelf.
+        Evidence keeps decaying across the time the snapshot spent on the shelf. Only the
+        ``max_contexts`` most recent contexts (and delay series) are kept.
         """
         contexts, delays = restore_snapshot(
-            snapshot, self.clock.now(), self.clock.wall(), self._delay_size
+            snapshot, self.clock.now(), self.clock.wall(), self._delay_size, self._max_contexts
         )
         with self._lock:
             self._contexts = contexts
             self._delays = delays
+            self._pending = Pending()
 
     @classmethod
     def from_dict(cls, snapshot: Mapping[str, Any], **options: Any) -> StrategyLearner:
@@ -413,9 +537,126 @@ class StrategyLearner:
         return learner
 
     def flush(self) -> None:
-        """Save a snapshot to the store now (also done every ``save_interval`` seconds)."""
-        if self._store is not None:
-            self._store.save(self.to_dict())
+        """Save to the store now (also done every ``save_interval`` seconds by :meth:`record`).
+
+        Adds what this learner learned since its last save to the store's snapshot and takes
+        in what other learners sharing it saved meanwhile (``_explain.merge_snapshot``: each
+        observation reaches the store once); a store with ``update`` does this atomically.
+        The snapshot is trimmed to the store's ``max_bytes`` (the least recently learned
+        fingerprints go first). Raises what the store raised; what was not saved is kept for
+        the next save.
+        """
+        if self._store is None:
+            return
+        with self._sync_lock:
+            self._sync()
+
+    def _save_quietly(self) -> None:
+        """The periodic save: skipped while another runs, never raising into the caller."""
+        if not self._sync_lock.acquire(blocking=False):
+            return
+        try:
+            self._sync()
+        except Exception as problem:
+            self._report("save", problem)
+        finally:
+            self._sync_lock.release()
+
+    def _sync(self) -> None:
+        store = self._store
+        assert store is not None
+        with self._lock:
+            now, wall = self.clock.now(), self.clock.wall()
+            pending, self._pending = self._pending, Pending()
+            local = copy_state(self._contexts, self._delays, self._delay_size)
+            seq = self._seq
+        outcome: list[Merged] = []
+        max_bytes = getattr(store, "max_bytes", None)
+
+        def merge(shared: Mapping[str, Any] | None) -> dict[str, Any]:
+            merged = merge_snapshot(
+                shared,
+                local,
+                pending,
+                writer=self._writer,
+                seq=seq,
+                now=now,
+                wall=wall,
+                half_life=self.half_life,
+                max_weight=self.max_weight,
+                delay_size=self._delay_size,
+                limit=self._max_contexts,
+            )
+            outcome[:] = [merged]
+            return fit_snapshot(merged.snapshot, max_bytes)
+
+        try:
+            update = getattr(store, "update", None)
+            if callable(update):
+                update(merge)
+            else:  # a store with load and save only: not atomic between replicas
+                store.save(merge(store.load()))
+        except BaseException:
+            # A store that raised is taken not to have saved: what was owed still is.
+            with self._lock:
+                pending.absorb(
+                    self._pending, now, self.half_life, self._delay_size, self._max_contexts
+                )
+                self._pending = pending
+            raise
+        merged = outcome[-1]
+        with self._lock:
+            self._seq = seq + 1
+            if merged.replaced:
+                self._adopt(merged)
+
+    def _adopt(self, merged: Merged) -> None:
+        """Learn on the merged state, plus what was learned while it was being saved."""
+        now = self.clock.now()
+        contexts, delays = merged.contexts, merged.delays
+        later = self._pending
+        for level, arms in later.contexts.items():
+            stats = contexts.get(level)
+            if stats is None:
+                stats = contexts[level] = {}
+            contexts.move_to_end(level)
+            for arm, entry in arms.items():
+                mine = stats.get(arm)
+                if mine is None:
+                    mine = stats[arm] = DecayedMoments(updated=now)
+                mine.absorb(entry, now, self.half_life, self.max_weight)
+        for service, values in later.delays.items():
+            samples = delays.get(service)
+            if samples is None:
+                samples = delays[service] = DelaySamples(self._delay_size)
+            for value in values:
+                samples.add(value)
+        while len(contexts) > self._max_contexts:
+            contexts.popitem(last=False)
+        while len(delays) > self._max_contexts:
+            delays.popitem(last=False)
+        self._contexts = contexts
+        self._delays = delays
+
+    def _report(self, action: str, problem: BaseException) -> None:
+        """Log a store problem once per kind of error (a traceback per retry helps nobody)."""
+        kind = f"{action}:{type(problem).__name__}"
+        if kind in self._reported:
+            return
+        self._reported.add(kind)
+        if action == "load":
+            what = "could not use the stored snapshot; it starts from its priors"
+        elif isinstance(problem, NewerSnapshotError):
+            what = "does not save over a snapshot written by a newer version"
+        else:
+            what = "could not save its snapshot; it keeps learning and retries later"
+        _log.warning(
+            "strategy learner %s (%s: %s); further %s errors of this kind are not logged",
+            what,
+            type(problem).__name__,
+            problem,
+            type(problem).__name__,
+        )
 
     def __repr__(self) -> str:
         mode = "shadow" if self.shadow else "active"
