@@ -224,3 +224,56 @@ def test_concurrent_events_end_in_a_consistent_state(fake_clock):
             bus.publish(event(key, signal=signal, active=False))
     assert all(b.failure_threshold == 8 for b in breakers)
     assert budget.ratio == 0.2
+
+
+def test_a_tightening_expires_on_the_bus_tick_without_a_sweep(fake_clock):
+    bus = AnomalyBus()
+    adaptive = AdaptiveThresholds(bus, clock=fake_clock, max_tightened=60.0)
+    budget = RetryBudget(ratio=0.2, clock=fake_clock)
+    breaker = CircuitBreaker(4, clock=fake_clock)
+    adaptive.register(PAYMENTS, budget=budget, breaker=breaker)
+    bus.publish(event())
+    fake_clock.advance(30)
+    bus.publish(event())  # reconfirmed: the 60 s run from here
+    fake_clock.advance(59)
+    bus.tick()
+    assert budget.tuned and breaker.tuned
+    fake_clock.advance(2)
+    bus.tick()  # what AnomalySpanProcessor does every flush_interval
+    assert not budget.tuned and not breaker.tuned
+    assert adaptive.status()[0]["anomalies"] == []
+
+
+def test_status_does_not_report_an_expired_tightening(fake_clock):
+    adaptive = AdaptiveThresholds(clock=fake_clock, max_tightened=60.0)
+    budget = RetryBudget(ratio=0.2, clock=fake_clock)
+    adaptive.register(PAYMENTS, budget=budget)
+    adaptive.on_event(event())
+    fake_clock.advance(61)
+    assert [s["tightened"] for s in adaptive.status()] == [False]
+    assert not budget.tuned
+
+
+def test_ticks_stop_when_detached_and_a_failing_ticker_is_logged(fake_clock, caplog):
+    bus = AnomalyBus()
+    adaptive = AdaptiveThresholds(clock=fake_clock, max_tightened=60.0)
+    detach = adaptive.attach(bus)
+    budget = RetryBudget(ratio=0.2, clock=fake_clock)
+    adaptive.register(PAYMENTS, budget=budget)
+    bus.publish(event())
+    detach()
+    fake_clock.advance(61)
+    bus.tick()
+    assert budget.tuned  # no longer listening to this bus
+    bus.publish(event())
+    assert budget.tuned and budget.ratio == pytest.approx(0.02)
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    stop = bus.on_tick(broken)
+    with caplog.at_level("ERROR", logger="otel_recovery"):
+        bus.tick()
+    assert any("tick subscriber" in m for m in caplog.messages)
+    stop()
+    bus.tick()

@@ -17,12 +17,20 @@ Time semantics (real data repeats and reorders timestamps):
 - a gap of ``h`` sampling steps advances the trend ``h`` steps and widens the expected band as
   an h-step forecast would, so the first point after an outage is not an automatic alarm;
 - no timestamp means "one sampling step after the previous point" (1 s before the step is
-  known); naive datetimes are UTC.
+  known); naive datetimes are UTC; a NaN or infinite timestamp is a ValueError (a point needs a
+  time, or None).
+
+Values: NaN and infinities are not data (gaps): they score 0 and change nothing. Any finite
+magnitude works: a series far from 1 (all values around 1e200, or 1e-200) is handled in units of
+a power of two fixed at its first non-zero value, an exact rescaling, so its scale never
+overflows and the float32 history keeps it.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -38,6 +46,10 @@ __all__ = ["DetectorConfig", "Estimate", "FitInput", "FitResult", "Fitter", "Str
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+
+_MAX = sys.float_info.max
+_PLAIN_EXPONENTS = range(-64, 65)
+"""Values whose binary exponent is in this range are used as they are (unit 1)."""
 
 
 class FitInput(NamedTuple):
@@ -109,6 +121,81 @@ class DetectorConfig:
     warmup: int = 16
     """Points scored 0 while the first estimates settle."""
 
+    def __post_init__(self) -> None:
+        """Reject nonsense at construction, naming the field and what it accepts."""
+        if not isinstance(self.model, str):
+            raise TypeError(f"model must be a string, got {self.model!r}")
+        for name, minimum in (
+            ("history", 8),
+            ("first_fit", 4),
+            ("refit_every", 1),
+            ("season_bins", 1),
+            ("shift_run", 1),
+            ("window", 1),
+            ("warmup", 0),
+        ):
+            _integer(self, name, minimum)
+        if not isinstance(self.seasonality, bool):
+            raise TypeError(f"seasonality must be True or False, got {self.seasonality!r}")
+        positive = ("a number > 0", lambda v: v > 0)
+
+        def at_least(v: float) -> bool:
+            return v >= self.season_days
+
+        for name, (accepted, ok) in (
+            ("season_days", positive),
+            ("season_history_days", (f"a number >= season_days ({self.season_days})", at_least)),
+            ("clip", positive),
+            ("scale_memory", ("a number of points >= 1", lambda v: v >= 1)),
+            ("tail_quantile", ("a number in (0, 1)", lambda v: 0 < v < 1)),
+            ("tail_rate", positive),
+            ("floor", positive),
+            ("zclip", positive),
+            ("refractory", ("a number of points >= 0", lambda v: v >= 0)),
+        ):
+            _real(self, name, accepted, ok)
+        bounds = self.alpha_bounds
+        accepted = "a pair (low, high) with 0 <= low <= high <= 1"
+        if (
+            not isinstance(bounds, (tuple, list))
+            or len(bounds) != 2
+            or not all(_is_real(b) for b in bounds)
+        ):
+            raise TypeError(f"alpha_bounds must be {accepted}, got {bounds!r}")
+        low, high = float(bounds[0]), float(bounds[1])
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"alpha_bounds must be {accepted}, got {bounds!r}")
+        object.__setattr__(self, "alpha_bounds", (low, high))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(config: DetectorConfig, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    object.__setattr__(config, name, int(value))
+
+
+def _real(config: DetectorConfig, name: str, accepted: str, ok: Callable[[float], bool]) -> None:
+    value = getattr(config, name)
+    if not _is_real(value):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or not ok(number):
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    object.__setattr__(config, name, number)
+
+
+def _unit_for(y: float) -> float:
+    """1 for ordinary magnitudes, else the power of two nearest below ``|y|``."""
+    exponent = math.frexp(y)[1]
+    return 1.0 if exponent in _PLAIN_EXPONENTS else math.ldexp(1.0, exponent - 1)
+
 
 class Estimate(NamedTuple):
     """What the detector expected for the last point and its 3-scale band."""
@@ -128,8 +215,6 @@ class StreamingDetector:
         config = config or DetectorConfig()
         if overrides:
             config = replace(config, **overrides)
-        if config.history < 8 or config.refit_every < 1 or config.first_fit < 4:
-            raise ValueError("history must be >= 8, refit_every >= 1 and first_fit >= 4")
         self.config = config
         self._fitter = fitter
         self._points = PointHistory(config.history)
@@ -144,6 +229,7 @@ class StreamingDetector:
             config.refractory,
         )
         self._var = 0.0
+        self._unit = 0.0  # values are divided by this; 0 until the first non-zero value
         self._rate = 1.0 / max(config.scale_memory, 1.0)
         self._floor = 0.0
         self._count = 0
@@ -184,25 +270,40 @@ class StreamingDetector:
     def update(self, value: float, timestamp: object = None) -> float:
         """Score ``value`` observed at ``timestamp`` in [0, 1], then learn from it.
 
-        NaN and infinities are not data: they score 0 and change nothing.
+        NaN and infinities are not data: they score 0 and change nothing. A NaN or infinite
+        timestamp raises ValueError.
         """
         y = float(value)
         if not math.isfinite(y):
             return 0.0
         epoch, horizon = self._advance(timestamp)
+        unit = self._unit
+        if unit != 1.0:
+            if unit == 0.0 and y != 0.0:
+                unit = self._unit = _unit_for(y)
+            if unit > 0.0:
+                y /= unit  # exact: a power of two; everything below runs in these units
         base = self._baseline
         if base is None:
             base = self._baseline = Baseline(Smoothing(alpha=0.5), y)
         slot = int(epoch // self._width)
         phase = slot % self._bins
         forecast = base.forecast(phase, horizon)
-        error = y - forecast
+        if not math.isfinite(forecast):  # only a series spanning ~600 orders of magnitude
+            base.reanchor(y - base.seasonal_term(phase))
+            forecast = base.forecast(phase, horizon)
+        error = clip(y - forecast, _MAX)
         scale = math.sqrt(self._var * base.horizon_variance(horizon))
-        scale = max(scale, self._floor)
+        scale = max(min(scale, _MAX), self._floor)
         z = error / scale if scale > 0.0 else 0.0
         score = self._calibrator.score(z, report=self._count >= self.config.warmup)
+        shown = unit if unit > 0.0 else 1.0
         self.last = Estimate(
-            forecast, forecast - 3.0 * scale, forecast + 3.0 * scale, scale, self._calibrator.raw
+            forecast * shown,
+            (forecast - 3.0 * scale) * shown,
+            (forecast + 3.0 * scale) * shown,
+            scale * shown,
+            self._calibrator.raw,
         )
         self._learn(y, error, forecast, scale, phase, horizon)
         self._points.append(y, phase)
@@ -276,7 +377,7 @@ class StreamingDetector:
         base.update(forecast, clipped, phase, horizon)
         # Robust running scale: squared residuals, each capped at (clip * scale)^2 once warm.
         rate = max(self._rate, 1.0 / (self._count + 2))
-        sq = error * error
+        sq = min(error * error, _MAX)  # never inf: inf - inf would make the scale NaN
         cap = bound * bound
         if sq > cap and self._count >= cfg.warmup and self._var > 0.0:
             sq = cap

@@ -25,6 +25,8 @@ common bucket whose rate is at or below baseline).
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Callable
 from typing import NamedTuple
 
 __all__ = ["ErrorRateDetector", "ErrorRateEstimate", "log10_betabinom_sf"]
@@ -82,6 +84,13 @@ def log10_betabinom_sf(k: int, n: int, alpha: float, beta: float) -> float:
     return min(0.0, (log_term + math.log(total)) / _LN10)
 
 
+def _check(name: str, value: object, accepted: str, ok: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}")
+    if not math.isfinite(value) or not ok(float(value)):
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
 class ErrorRateDetector:
     """Streaming error-rate anomaly score: ``update(errors, calls, timestamp=None) -> [0, 1]``.
 
@@ -114,12 +123,13 @@ class ErrorRateDetector:
         significance: float = 6.0,
         anomalous_weight: float = 0.1,
     ) -> None:
-        if halflife <= 0 or not 0 < prior_rate < 1 or prior_calls <= 0 or significance <= 0:
-            raise ValueError(
-                "need halflife > 0, 0 < prior_rate < 1, prior_calls > 0, significance > 0"
-            )
-        if min_ratio < 1 or min_increase < 0 or not 0 <= anomalous_weight <= 1:
-            raise ValueError("need min_ratio >= 1, min_increase >= 0, 0 <= anomalous_weight <= 1")
+        _check("halflife", halflife, "a number of buckets > 0", lambda v: v > 0)
+        _check("prior_rate", prior_rate, "a probability in (0, 1)", lambda v: 0 < v < 1)
+        _check("prior_calls", prior_calls, "a number > 0", lambda v: v > 0)
+        _check("min_ratio", min_ratio, "a number >= 1", lambda v: v >= 1)
+        _check("min_increase", min_increase, "a number >= 0", lambda v: v >= 0)
+        _check("significance", significance, "a number > 0", lambda v: v > 0)
+        _check("anomalous_weight", anomalous_weight, "a number in [0, 1]", lambda v: 0 <= v <= 1)
         self._keep = 0.5 ** (1.0 / halflife)
         self.prior_errors = prior_rate * prior_calls
         self.prior_successes = (1.0 - prior_rate) * prior_calls
@@ -139,7 +149,13 @@ class ErrorRateDetector:
         return a / (a + self.prior_successes + self._successes)
 
     def update(self, errors: float, calls: float, timestamp: object = None) -> float:
-        """Score a bucket of ``calls`` calls of which ``errors`` failed, then learn from it."""
+        """Score a bucket of ``calls`` calls of which ``errors`` failed, then learn from it.
+
+        Counts are rounded; ``errors`` is clamped to ``[0, calls]``. A bucket with no calls, or
+        with a NaN or infinite count, is not evidence: it scores 0 and teaches nothing.
+        """
+        if not (math.isfinite(calls) and math.isfinite(errors)):
+            return 0.0
         n = round(calls)
         if n <= 0:
             return 0.0  # no calls, no evidence

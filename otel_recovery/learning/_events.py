@@ -1,7 +1,8 @@
 """What anomaly detection tells the rest of the library, and how it is delivered.
 
 The detector side (``learning/anomaly.py``, statsmodels) publishes :class:`AnomalyEvent` s on an
-:class:`AnomalyBus`; subscribers (adaptive thresholds, the metric and log writers, users) react.
+:class:`AnomalyBus`, and ticks it while it runs; subscribers (adaptive thresholds, the metric and
+log writers, users) react.
 This module imports nothing heavy, so subscribers never pull statsmodels in.
 """
 
@@ -51,6 +52,7 @@ class AnomalyBus:
 
     def __init__(self) -> None:
         self._subscribers: list[Callable[[AnomalyEvent], None]] = []
+        self._tickers: list[Callable[[], None]] = []
         self._lock = new_lock()
 
     def subscribe(self, callback: Callable[[AnomalyEvent], None]) -> Callable[[], None]:
@@ -65,6 +67,18 @@ class AnomalyBus:
 
         return unsubscribe
 
+    def on_tick(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` on every :meth:`tick`; returns a function that stops it."""
+        with self._lock:
+            self._tickers.append(callback)
+
+        def stop() -> None:
+            with self._lock:
+                if callback in self._tickers:
+                    self._tickers.remove(callback)
+
+        return stop
+
     def publish(self, event: AnomalyEvent) -> None:
         with self._lock:
             subscribers = list(self._subscribers)
@@ -73,3 +87,18 @@ class AnomalyBus:
                 callback(event)
             except Exception:
                 _log.exception("anomaly subscriber %r failed", callback)
+
+    def tick(self) -> None:
+        """The publisher is alive: lets subscribers act on deadlines when no event comes
+        (``AdaptiveThresholds`` expires stale tightenings). ``AnomalySpanProcessor`` ticks
+        every ``flush_interval``; another publisher should tick every few seconds."""
+        tickers = self._tickers
+        if not tickers:
+            return
+        with self._lock:
+            tickers = list(tickers)
+        for callback in tickers:
+            try:
+                callback()
+            except Exception:
+                _log.exception("anomaly tick subscriber %r failed", callback)

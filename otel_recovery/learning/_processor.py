@@ -16,7 +16,11 @@ otherwise its spans are counted in one overflow series without detectors (``over
 Buckets. A span belongs to the bucket of its end time (``bucket`` seconds, default 10). A bucket
 closes once the clock has passed its end by ``grace`` seconds; a span for an already closed
 bucket is counted in the open one, so no call is lost or counted twice. A bucket with no calls is
-a gap, not a zero: "nobody called" is not evidence about the dependency.
+a gap, not a zero: "nobody called" is not evidence about the dependency. The processor's clock
+is the reference for "now": a span ending more than ``bucket + grace`` seconds after it (stamped
+during a wall-clock step forward) is counted in the current bucket (``future_spans``) rather than
+opening a bucket that would not close until the clock got there, and when the clock steps back
+the series whose open bucket lies that far ahead are closed and go on from the current bucket.
 
 Anomalies. Each closed bucket updates three detectors: the error rate (errors out of calls,
 :class:`ErrorRateDetector`, upward only), the log of the mean latency (upward only: a faster
@@ -28,7 +32,14 @@ published on :attr:`AnomalySpanProcessor.bus` (``active`` True, then False; whil
 ``active=True`` is published again every ``reconfirm`` seconds, bus only); an onset also adds
 1 to the ``otel_recovery.anomalies`` counter, writes one warning log line, and is added as an
 ``otel_recovery.anomaly`` span event to the next span of that series that starts (matched on
-the attributes the span has at start).
+the attributes the span has at start; a series keeps at most its last six such events, for at
+most ``reconfirm`` seconds, and loses them when it is evicted). An anomaly needs evidence to
+last: when its series has had no calls for ``reconfirm`` seconds, is evicted, or the processor
+shuts down, it ends (``active=False`` on the bus with ``score`` 0 and NaN ``value`` and
+``expected``, and an info log line), so subscribers relax what it tightened. Every
+:meth:`~AnomalySpanProcessor.process` (each ``flush_interval``) also calls
+:meth:`AnomalyBus.tick`, which lets :class:`~otel_recovery.learning.AdaptiveThresholds` expire
+tightenings nobody reconfirmed (``max_tightened``) without a call on any request path.
 """
 
 from __future__ import annotations
@@ -66,6 +77,9 @@ from otel_recovery.telemetry import attributes as names
 __all__ = ["SERIES_DETECTOR_CONFIG", "AnomalySpanProcessor", "series_key"]
 
 _log = logging.getLogger("otel_recovery")
+
+_MAX_ANNOTATIONS = 6
+"""Span events kept per series for its next call: an onset and an end for each signal."""
 
 
 def _greenlets() -> bool:
@@ -165,6 +179,7 @@ class AnomalySpanProcessor(SpanProcessor):
         self._resource_service = ""
         self.dropped = 0
         self.overflow_spans = 0
+        self.future_spans = 0
         self._failed = False
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -213,11 +228,19 @@ class AnomalySpanProcessor(SpanProcessor):
             self.dropped += 1
 
     def shutdown(self) -> None:
+        """Stop the worker, aggregate what is pending, and end every active anomaly: nothing
+        will reconfirm them, so subscribers should not keep acting on them."""
         self._stop.set()
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout=5.0)
         self.process()
+        with self._process_lock:
+            now = self._clock.wall()
+            for series in self._series.values():
+                self._end(series, "anomaly processor shut down", now)
+            with self._annotation_lock:
+                self._annotations.clear()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Aggregate every finished span now (buckets still close on the clock)."""
@@ -242,14 +265,18 @@ class AnomalySpanProcessor(SpanProcessor):
         number of spans taken from the queue.
         """
         with self._process_lock:
-            taken = self._drain()
+            taken = self._drain(self._clock.wall())
             self._close_due(self._clock.wall())
+            self.bus.tick()
             return taken
 
-    def _drain(self) -> int:
+    def _drain(self, now: float) -> int:
         pending = self._pending
         taken = 0
         width = self._bucket
+        # Beyond this bucket a span's end is not plausible (see the module docstring).
+        limit = int((now + width + self._grace) // width)
+        current = int(now // width)
         while True:
             try:
                 span = pending.popleft()
@@ -262,6 +289,9 @@ class AnomalySpanProcessor(SpanProcessor):
                 attrs = span.attributes or {}
                 end = span.end_time or 0
                 index = int(end / 1e9 // width)
+                if index > limit:
+                    index = current
+                    self.future_spans += 1
                 self._latest = max(self._latest, index)  # before the lookup: idleness needs it
                 series = self._lookup(key_fields(span.name, attrs, self._service_of(span)))
                 if series.bucket < 0:
@@ -306,6 +336,9 @@ class AnomalySpanProcessor(SpanProcessor):
                 return spill
             self._close(oldest)
             del self._series[oldest_fields]
+            self._end(oldest, "series evicted", self._clock.wall())
+            with self._annotation_lock:
+                self._annotations.pop(oldest.key, None)
         series = Series(SeriesKey(*fields), self._detector_factory, self._error_factory)
         self._series[fields] = series
         return series
@@ -313,9 +346,43 @@ class AnomalySpanProcessor(SpanProcessor):
     def _close_due(self, now: float) -> None:
         width = self._bucket
         due = int((now - self._grace) // width)  # buckets with index < due are over
+        ahead = int((now + width + self._grace) // width)
+        forever = self._reconfirm == math.inf
+        quiet = -1 if forever else int((now - self._reconfirm) // width)
+        if self._latest > ahead:  # the wall clock stepped back
+            self._latest = int(now // width)
         for series in list(self._series.values()) + list(self._overflow.values()):
             if 0 <= series.bucket < due and series.calls:
                 self._close(series)
+            elif series.bucket > ahead:
+                # The wall clock stepped back: this bucket would stay open until the clock
+                # caught up with it. Close it now and go on from the current bucket.
+                self._close(series)
+                series.bucket = series.last_bucket = int(now // width)
+            elif 0 <= series.bucket < quiet and not series.calls:
+                self._end(series, f"no calls for {self._reconfirm:.0f}s", now)
+        if self._annotations and not forever:
+            stale = now - self._reconfirm
+            with self._annotation_lock:
+                for key in [k for k, events in self._annotations.items() if events[-1].at < stale]:
+                    del self._annotations[key]
+
+    def _end(self, series: Series, why: str, at: float) -> None:
+        """End the active anomalies of ``series`` for lack of evidence (bus and log only)."""
+        for signal in series.signals:
+            if not signal.active:
+                continue
+            signal.active, signal.streak, signal.calm = False, 0, 0
+            key = series.key
+            _log.info(
+                "anomaly over: %s -> %s %s: %s unknown (%s)",
+                key.service,
+                key.server_address or "-",
+                key.operation,
+                signal.name,
+                why,
+            )
+            self.bus.publish(AnomalyEvent(key, signal.name, 0.0, math.nan, math.nan, at, False))
 
     def _close(self, series: Series) -> None:
         """Score the open bucket of ``series`` and reset it."""
@@ -416,7 +483,10 @@ class AnomalySpanProcessor(SpanProcessor):
                 event.signal,
             )
         with self._annotation_lock:
-            self._annotations.setdefault(key, []).append(event)
+            pending = self._annotations.setdefault(key, [])
+            pending.append(event)
+            if len(pending) > _MAX_ANNOTATIONS:
+                del pending[0]
         self.bus.publish(event)
 
     # ------------------------------------------------------------ inspection

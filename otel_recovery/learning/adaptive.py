@@ -11,7 +11,14 @@ signal normal again (``active=False``), everything relaxes back to the configure
 A component stays tightened while *any* anomaly that matches it is active, so two signals
 (error rate and latency) or two series (two operations on one host) can overlap safely.
 ``max_tightened`` bounds how long a tightening survives without a fresh active event, so a
-detector that stops publishing cannot leave a dependency throttled forever.
+detector that stops publishing cannot leave a dependency throttled forever. Expiry is checked on
+every event and every :meth:`AnomalyBus.tick` of an attached bus (``AnomalySpanProcessor`` ticks
+each ``flush_interval``, about once a second), by :meth:`status` and by :meth:`sweep`; never on
+a call through the breaker or budget, whose happy path stays as cheap as untightened. A
+publisher of your own should tick its bus (or call :meth:`sweep`) every few seconds: with no
+event, tick or sweep at all, nothing runs to notice the deadline. The processor also ends an
+anomaly itself (``active=False``) when its series gets no calls for ``reconfirm`` seconds, is
+evicted, or the processor shuts down, which relaxes at once.
 
 Thread-safe: events from any thread; one lock orders tighten/relax per instance.
 """
@@ -134,6 +141,7 @@ class AdaptiveThresholds:
         self._registrations: list[tuple[Matcher, list[_Component]]] = []
         self._components: dict[int, _Component] = {}
         self._unsubscribers: list[Callable[[], None]] = []
+        self._next_expiry = math.inf  # no tightening can expire before this clock time
         if bus is not None:
             self.attach(bus)
 
@@ -156,8 +164,13 @@ class AdaptiveThresholds:
         return match
 
     def attach(self, bus: AnomalyBus) -> Callable[[], None]:
-        """Listen to ``bus``; returns a function that stops listening."""
-        unsubscribe = bus.subscribe(self.on_event)
+        """Listen to ``bus`` (events and ticks); returns a function that stops listening."""
+        unsubscribers = [bus.subscribe(self.on_event), bus.on_tick(self._tick)]
+
+        def unsubscribe() -> None:
+            for stop in unsubscribers:
+                stop()
+
         with self._lock:
             self._unsubscribers.append(unsubscribe)
         return unsubscribe
@@ -228,7 +241,8 @@ class AdaptiveThresholds:
         """The bus callback: tighten on an active anomaly, relax when the last one ends."""
         now = self.clock.now()
         with self._lock:
-            self._expire(now)
+            if now >= self._next_expiry:
+                self._expire(now)
             for matcher, components in self._registrations:
                 if not matcher(event.key):
                     continue
@@ -251,6 +265,7 @@ class AdaptiveThresholds:
                     event.score,
                 )
             component.active[cause] = now
+            self._next_expiry = min(self._next_expiry, now + self.max_tightened)
         elif (
             not event.active
             and component.active.pop(cause, None) is not None
@@ -260,19 +275,33 @@ class AdaptiveThresholds:
             _log.info("otel_recovery: %s relaxed: %s normal again", component.name, event.key)
 
     def sweep(self) -> None:
-        """Relax components whose anomalies have not been confirmed for ``max_tightened``."""
+        """Relax components whose anomalies have not been confirmed for ``max_tightened``.
+
+        Attached buses do this on every event and tick; call it only for components tightened
+        through :meth:`on_event` by a publisher that never ticks.
+        """
         with self._lock:
             self._expire(self.clock.now())
+
+    def _tick(self) -> None:
+        """Bus tick: one clock read unless some tightening may have expired."""
+        if self.clock.now() >= self._next_expiry:
+            with self._lock:
+                self._expire(self.clock.now())
 
     def _expire(self, now: float) -> None:
         if self.max_tightened == math.inf:
             return
         horizon = now - self.max_tightened
+        oldest = math.inf
         for component in self._components.values():
             if not component.active:
                 continue
-            for cause in [c for c, at in component.active.items() if at <= horizon]:
-                del component.active[cause]
+            for cause, at in list(component.active.items()):
+                if at <= horizon:
+                    del component.active[cause]
+                else:
+                    oldest = min(oldest, at)
             if not component.active:
                 component.relax()
                 _log.warning(
@@ -280,10 +309,14 @@ class AdaptiveThresholds:
                     component.name,
                     self.max_tightened,
                 )
+        self._next_expiry = oldest + self.max_tightened
 
     def status(self) -> list[dict[str, Any]]:
         """Each registered component, whether it is tightened, and by which anomalies."""
         with self._lock:
+            now = self.clock.now()
+            if now >= self._next_expiry:
+                self._expire(now)
             return [
                 {
                     "component": c.name,
