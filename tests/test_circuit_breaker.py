@@ -780,3 +780,115 @@ def test_would_refuse_answers_as_can_execute_would_without_taking_a_permit():
     assert breaker.would_refuse()
     breaker.disable()
     assert not breaker.would_refuse()
+
+
+# -- whose probe permit is whose --------------------------------------------------------------
+# A call admitted while the breaker was closed (a straggler) that ends during the half-open
+# period is no probe: its cancellation gives back no permit, and its outcome does not decide.
+
+
+def _contexts(n: int) -> list:
+    """Contexts of their own, made before any permit is taken, as other threads' or asyncio
+    tasks' are (a task started later by a permit's holder inherits it)."""
+    import contextvars
+
+    return [contextvars.copy_context() for _ in range(n)]
+
+
+def _elsewhere(fn, *args):
+    return _contexts(1)[0].run(fn, *args)
+
+
+def test_a_straggler_cancelled_in_half_open_does_not_free_the_probes_permit(clock):
+    straggler, other = _contexts(2)
+    b = CircuitBreaker(failure_threshold=1, timeout=5, clock=clock)
+    assert straggler.run(b.can_execute)  # admitted while closed
+    fail(b, 1)
+    clock.advance(5)
+    assert b.can_execute()  # the probe, in this context
+    straggler.run(b.release)  # the straggler is cancelled (asyncio.timeout)
+    assert not other.run(b.can_execute)  # still one probe out: no second one
+    b.release()  # the probe itself gives its permit back
+    assert other.run(b.can_execute)
+
+
+def test_a_stragglers_late_outcome_does_not_decide_the_half_open_circuit(clock):
+    straggler, twin = _contexts(2)
+    b = CircuitBreaker(failure_threshold=1, timeout=5, clock=clock)
+    assert straggler.run(b.can_execute)
+    assert twin.run(b.can_execute)
+    fail(b, 1)
+    clock.advance(5)
+    assert b.can_execute()
+    straggler.run(b.record_success)  # answers late: not the probe's answer
+    assert b.state is HALF_OPEN
+    twin.run(b.record_failure)
+    assert b.state is HALF_OPEN
+    snapshot = b.snapshot()
+    assert (snapshot.successful_calls, snapshot.failed_calls) == (1, 2)  # still counted
+    b.record_success()  # the probe's answer closes it
+    assert b.state is CLOSED
+
+
+def test_a_probe_permit_abandoned_elsewhere_is_presumed_lost_after_the_open_time(clock):
+    b = CircuitBreaker(failure_threshold=1, timeout=5, clock=clock)
+    fail(b, 1)
+    clock.advance(5)
+    assert _elsewhere(b.can_execute)  # a probe whose holder never reports
+    clock.advance(4.9)
+    assert not b.can_execute()
+    clock.advance(0.1)  # held for the open time: presumed lost
+    assert b.can_execute()
+    b.record_success()
+    assert b.state is CLOSED
+
+
+def test_a_probe_of_an_earlier_half_open_period_is_no_probe_of_this_one(clock):
+    first, second = _contexts(2)
+    b = CircuitBreaker(failure_threshold=1, timeout=5, half_open_max_calls=2, clock=clock)
+    fail(b, 1)
+    clock.advance(5)
+    assert b.can_execute() and first.run(b.can_execute)  # two probes of the first period
+    first.run(b.record_failure)  # one fails: reopened
+    assert b.state is CircuitState.OPEN
+    clock.advance(5)
+    assert second.run(b.can_execute)  # a probe of the second period
+    b.record_success()  # the first period's other probe answers late
+    assert b.state is HALF_OPEN
+    second.run(b.record_success)
+    assert b.state is CLOSED
+
+
+async def test_stragglers_cut_by_asyncio_timeout_let_no_extra_probe_through(clock):
+    """Thirty calls admitted while closed hang on a stalled dependency; the circuit trips
+    and half-opens; its one probe hangs too; the thirty are cut by the application's
+    ``asyncio.timeout``. Each cut used to give a permit back: thirty-one probes at once."""
+    from otel_recovery import RecoveryPolicy
+
+    b = CircuitBreaker(failure_threshold=1, timeout=5, clock=clock)
+    policy = RecoveryPolicy(breaker=b, clock=clock, telemetry=False)
+    stalled = asyncio.Event()
+    started = 0
+
+    async def call() -> str:
+        nonlocal started
+        started += 1
+        await stalled.wait()
+        return "late"
+
+    stragglers = [asyncio.ensure_future(policy.acall(call)) for _ in range(30)]
+    await asyncio.sleep(0)
+    b.record_failure()  # the dependency fails: open
+    clock.advance(5)
+    probe = asyncio.ensure_future(policy.acall(call))
+    await asyncio.sleep(0)
+    assert b.state is HALF_OPEN and started == 31
+    for straggler in stragglers:
+        straggler.cancel()
+    await asyncio.gather(*stragglers, return_exceptions=True)
+    refused = await asyncio.wait_for(  # an admitted call would wait for ever: fail instead
+        asyncio.gather(*(policy.acall(call) for _ in range(5)), return_exceptions=True), 5.0
+    )
+    assert all(isinstance(r, CircuitOpenError) for r in refused) and started == 31
+    stalled.set()
+    assert await probe == "late" and b.state is CLOSED

@@ -46,6 +46,8 @@ class Model:
         self.failures = 0
         self.not_permitted = 0
         self.probes_out = 0
+        self.probes_held = 0  # by this test's one context, in the current half-open period
+        self.granted_at = 0.0
         self.probe_ok = 0
         self.timeout = self.base_timeout
         self.open_until = 0.0
@@ -79,6 +81,7 @@ class Model:
             self.transitions.append((self.state, to, reason))
         self.state = to
         self.probes_out = 0
+        self.probes_held = 0  # permits of an earlier period no longer count
         self.probe_ok = 0
         if to not in ("open", "forced_open"):
             self.outcomes = []
@@ -101,9 +104,16 @@ class Model:
             return True
         if self.state == "open" and self.clock.now() >= self.open_until:
             self.go("half_open", "timeout_elapsed")
-        if self.state == "half_open" and self.probes_out < self.cfg.get("half_open_max_calls", 1):
-            self.probes_out += 1
-            return True
+        limit = self.cfg.get("half_open_max_calls", 1)
+        if self.state == "half_open":
+            lease = max(self.timeout, 1.0)  # permits out this long are presumed lost
+            if self.probes_out >= limit and self.clock.now() - self.granted_at >= lease:
+                self.probes_out = 0
+            if self.probes_out < limit:
+                self.probes_out += 1
+                self.probes_held += 1
+                self.granted_at = self.clock.now()
+                return True
         self.not_permitted += 1
         return False
 
@@ -131,6 +141,9 @@ class Model:
             elif slow_rate >= self.cfg.get("slow_call_rate_threshold", 1.0):
                 self.go("open", "slow_call_rate")
         elif self.state == "half_open":
+            if not self.probes_held:
+                return  # not a probe: admitted before this half-open period
+            self.probes_held -= 1
             self.probes_out = max(0, self.probes_out - 1)
             if failed:
                 self.reopen("probe_failed")
@@ -142,7 +155,8 @@ class Model:
                     self.go("closed", "probes_succeeded")
 
     def release(self) -> None:
-        if self.state == "half_open":
+        if self.state == "half_open" and self.probes_held:
+            self.probes_held -= 1
             self.probes_out = max(0, self.probes_out - 1)
 
     def manual(self, op: str) -> None:

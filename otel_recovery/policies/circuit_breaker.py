@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
 from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery.policies._counting import new_counter, peek
+from otel_recovery.policies._probe_permits import grant, new_period, take
 from otel_recovery.policies._windows import CountWindow, OutcomeWindow, TimeWindow
 
 if TYPE_CHECKING:
@@ -240,9 +241,12 @@ class CircuitBreaker:
         "_not_permitted",
         "_open_until",
         "_pending",
+        "_period",
         "_permit_all",
+        "_probe_granted_at",
         "_probe_successes",
         "_rate_threshold",
+        "_serial",
         "_slow_after",
         "_slow_rate_threshold",
         "_state",
@@ -365,6 +369,9 @@ class CircuitBreaker:
         self._failed_calls = 0
         self._not_permitted = 0
         self._in_flight = 0
+        self._serial = new_period()  # unique: names this breaker's permits (_probe_permits)
+        self._period = 0  # the current half-open period's number
+        self._probe_granted_at = 0.0
         reset_in_child(self)
         self._probe_successes = 0
         self._current_timeout = self._base_timeout
@@ -551,11 +558,30 @@ class CircuitBreaker:
                 return False
             self._transition(_HALF_OPEN, "timeout_elapsed", now)
             state = _HALF_OPEN
-        if state is _HALF_OPEN and self._in_flight < self._half_open_max:
-            self._in_flight += 1
-            return True
+        if state is _HALF_OPEN:
+            if self._in_flight >= self._half_open_max and self._probes_lost():
+                self._in_flight = 0
+            if self._in_flight < self._half_open_max:
+                self._in_flight += 1
+                self._probe_granted_at = self._clock.now()
+                grant(self._serial, self._period)  # held by this context (_probe_permits)
+                return True
         self._not_permitted += 1
         return False
+
+    def _take_probe(self) -> int | None:
+        """The calling context gives back a probe permit of this half-open period, if it
+        holds one (:mod:`otel_recovery.policies._probe_permits`)."""
+        period = self._period
+        return take(self._serial, lambda ticket: ticket == period)
+
+    def _probes_lost(self) -> bool:
+        """Whether the permits out have been held for longer than a probe may take: the
+        open time (at least a second) since the latest was granted. Their holders are
+        presumed gone (a call abandoned where its permit cannot be given back), so the
+        breaker cannot stay half-open for good; a late report still counts."""
+        lease = max(self._current_timeout, 1.0)
+        return self._clock.now() - self._probe_granted_at >= lease
 
     def record_success(self, duration: float | None = None) -> None:
         """Record a successful call; ``duration`` (seconds) feeds the slow-call rate."""
@@ -602,11 +628,12 @@ class CircuitBreaker:
             self._dispatch()
 
     def release(self) -> None:
-        """Give back a half-open permit for a call that neither succeeded nor failed."""
+        """Give back a half-open permit for a call that neither succeeded nor failed (if the
+        calling context holds one: a call admitted while closed holds none)."""
         if self._permit_all:
             return  # no permits are held outside HALF_OPEN
         with self._lock:
-            if self._state is _HALF_OPEN and self._in_flight:
+            if self._state is _HALF_OPEN and self._take_probe() is not None and self._in_flight:
                 self._in_flight -= 1
 
     def _fold(self) -> None:
@@ -655,6 +682,8 @@ class CircuitBreaker:
                 return
             self._trip(reason, now if window.needs_clock else self._clock.now())
         elif state is _HALF_OPEN:
+            if self._take_probe() is None:
+                return  # admitted before this half-open period: cumulative counters only
             if self._in_flight:
                 self._in_flight -= 1
             if failed:
@@ -666,6 +695,7 @@ class CircuitBreaker:
                 if self._probe_successes >= self._success_threshold:
                     self._transition(_CLOSED, "probes_succeeded", self._clock.now())
         # OPEN and FORCED_OPEN: a call permitted before the trip; cumulative counters only.
+        # HALF_OPEN: only the holder of a probe permit of this period is a probe.
 
     def _trip(self, reason: str, now: float) -> None:
         self._open_until = now + self._current_timeout
@@ -766,6 +796,8 @@ class CircuitBreaker:
         self._fast_record = to_state is _CLOSED and self._window is None
         self._in_flight = 0
         self._probe_successes = 0
+        if to_state is _HALF_OPEN:
+            self._period = new_period()  # permits of earlier periods no longer count
         if to_state is not _OPEN and to_state is not _FORCED_OPEN:
             # Keep the window that tripped the breaker visible while open; start afresh
             # wherever counting resumes, so stale outcomes cannot re-trip a recovered service.

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from otel_recovery.policies._probe_permits import grant, new_period, take
 from otel_recovery.policies.circuit_breaker import BreakerSnapshot, CircuitState
 from otel_recovery.stores import _shared_lua as lua
 from otel_recovery.stores._base import StoreUnavailableError
@@ -96,7 +97,9 @@ class SharedCircuitBreaker(SharedBreakerView):
                         self._not_permitted += 1
                         self._next_ask = now + self._sync_every
                     elif self._state is _HALF_OPEN:
-                        self._permits.append((permit, self._gen))
+                        ticket = new_period()
+                        self._permits[ticket] = (permit, self._gen)
+                        grant(self._serial, ticket)  # held by this context (_probe_permits)
         except StoreUnavailableError as error:
             self._link.degrade(error)
             return super().can_execute()
@@ -176,10 +179,19 @@ class SharedCircuitBreaker(SharedBreakerView):
             self._probe_done("release", None)
 
     def _probe_done(self, outcome: str, duration: float | None) -> None:
+        """A call ended in half-open: a probe if the calling context holds one of this
+        member's permits (reported to Redis), else a call admitted before the half-open
+        period, which counts only in the cumulative counters (``_probe_permits``)."""
         with self._lock:
-            if not self._permits:
+            permits = self._permits
+            ticket = take(self._serial, permits.__contains__) if permits else None
+            if ticket is None:
+                if outcome == "fail":
+                    self._failed_calls += 1
+                elif outcome != "release":
+                    self._successful_calls += 1
                 return
-            permit, gen = self._permits.pop()
+            permit, gen = permits.pop(ticket)
         args = [
             *self._head(), permit, gen or "", outcome, self._success_threshold,
             repr(self._timeout_multiplier), repr(min(self._max_timeout, _MAX_OPEN)),

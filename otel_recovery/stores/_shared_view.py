@@ -111,7 +111,7 @@ class SharedBreakerView(CircuitBreaker):
         self._ok_sent = 0
         self._slow_oks = itertools.count()
         self._slow_sent = 0
-        self._permits: list[tuple[str, str | None]] = []
+        self._permits: dict[int, tuple[str, str | None]] = {}  # ticket -> (permit, generation)
         self._permit_ids = itertools.count()
         self._id = uuid.uuid4().hex[:12] + ":"
         self._next_ask = -math.inf
