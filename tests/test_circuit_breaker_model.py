@@ -106,7 +106,7 @@ class Model:
             self.go("half_open", "timeout_elapsed")
         limit = self.cfg.get("half_open_max_calls", 1)
         if self.state == "half_open":
-            lease = max(self.timeout, 1.0)  # permits out this long are presumed lost
+            lease = max(self.timeout, 30.0)  # permits out this long are presumed lost
             if self.probes_out >= limit and self.clock.now() - self.granted_at >= lease:
                 self.probes_out = 0
             if self.probes_out < limit:

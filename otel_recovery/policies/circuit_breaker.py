@@ -189,6 +189,10 @@ def _positive_int(value: object, name: str) -> int:
     return value
 
 
+_PROBE_LEASE_FLOOR = 30.0
+"""Seconds a half-open probe permit may be out, at least, before it is presumed lost."""
+
+
 class CircuitBreaker:
     """Consecutive-count or sliding-window circuit breaker with probe control.
 
@@ -577,10 +581,11 @@ class CircuitBreaker:
 
     def _probes_lost(self) -> bool:
         """Whether the permits out have been held for longer than a probe may take: the
-        open time (at least a second) since the latest was granted. Their holders are
+        open time, and at least 30 s, since the latest was granted. Their holders are
         presumed gone (a call abandoned where its permit cannot be given back), so the
-        breaker cannot stay half-open for good; a late report still counts."""
-        lease = max(self._current_timeout, 1.0)
+        breaker cannot stay half-open for good; a late report still counts. Long, because a
+        probe to a stalled dependency is slow by nature and must not be joined by another."""
+        lease = max(self._current_timeout, _PROBE_LEASE_FLOOR)
         return self._clock.now() - self._probe_granted_at >= lease
 
     def record_success(self, duration: float | None = None) -> None:
