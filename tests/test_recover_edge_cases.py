@@ -110,6 +110,41 @@ async def test_cancelling_a_task_waiting_for_a_bulkhead_slot_stays_a_cancellatio
     assert bulkhead.in_use == 0
 
 
+@pytest.mark.parametrize("turns", range(6))
+async def test_a_task_cancelled_as_its_bulkhead_slot_arrives_is_cancelled(turns):
+    """The slot is handed over, and the task is cancelled before it resumes (its TaskGroup
+    failed, an asyncio.timeout fired). asyncio.wait_for before Python 3.12 returned
+    normally then, and the guarded call ran in a cancelled task."""
+    bulkhead = Bulkhead(1, max_wait=5)
+    policy = RecoveryPolicy(bulkhead=bulkhead, telemetry=False)
+    release, ran = asyncio.Event(), []
+
+    async def hold() -> str:
+        await release.wait()
+        return "held"
+
+    async def work() -> str:
+        ran.append(True)
+        return "done"
+
+    holder = asyncio.create_task(policy.acall(hold))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(policy.acall(work))
+    await asyncio.sleep(0.01)  # waiting for the slot
+    release.set()  # the holder ends: its slot goes to the waiter
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    finished_first = waiter.done()
+    waiter.cancel()
+    if finished_first:  # it ran before the cancellation came: nothing to lose
+        assert await waiter == "done"
+    else:
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert not ran
+    assert await holder == "held" and bulkhead.in_use == 0
+
+
 async def test_bulkhead_timeout_is_still_a_rejection():
     bulkhead = Bulkhead(1, max_wait=0.01)
     policy = RecoveryPolicy(bulkhead=bulkhead, telemetry=False)

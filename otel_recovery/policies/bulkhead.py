@@ -162,7 +162,16 @@ class _AsyncioWaiter:
         self.future: asyncio.Future[None] = self.loop.create_future()
 
     async def wait(self, seconds: float) -> None:
-        await asyncio.wait_for(asyncio.shield(self.future), seconds)
+        # Not asyncio.wait_for: until Python 3.12 it returns normally when the task is
+        # cancelled just after the slot was handed over (the future already done), and the
+        # cancellation is lost: the guarded call runs in a task its TaskGroup or
+        # asyncio.timeout had cancelled. Awaiting the future itself keeps every
+        # cancellation; a slot handed over meanwhile is passed on by aacquire.
+        timer = self.loop.call_later(seconds, _expire, self.future)
+        try:
+            await self.future
+        finally:
+            timer.cancel()
 
     def hand_over(self) -> bool:
         if self.loop.is_closed():
@@ -199,3 +208,8 @@ class _TrioWaiter:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
