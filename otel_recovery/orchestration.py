@@ -46,7 +46,8 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from otel_recovery._clock import Clock
+from otel_recovery._clock import Clock, Duration
+from otel_recovery._health_monitor import HealthMonitor, ServiceHealth
 from otel_recovery._interaction_support import (
     accepts_one_positional,
     activated,
@@ -81,7 +82,13 @@ from otel_recovery.telemetry.attributes import (
     STRATEGY,
 )
 
-__all__ = ["Correlation", "RecoveryOrchestrator", "ServiceRegistration"]
+__all__ = [
+    "Correlation",
+    "HealthMonitor",
+    "RecoveryOrchestrator",
+    "ServiceHealth",
+    "ServiceRegistration",
+]
 
 
 _RECOVERED = frozenset({"success", "fallback"})
@@ -381,10 +388,33 @@ class RecoveryOrchestrator:
     # -- health and correlation -----------------------------------------------------------------
 
     async def check_health(self) -> dict[str, bool]:
-        """Run every registered health check concurrently; a raising check counts as False."""
+        """Run every registered health check concurrently, once; a raising check counts as
+        False. :meth:`monitor` runs them continuously."""
         checks = {n: r.health_check for n, r in self._services.items() if r.health_check}
         verdicts = await asyncio.gather(*(_healthy(check) for check in checks.values()))
         return dict(zip(checks, verdicts, strict=True))
+
+    def monitor(
+        self,
+        *,
+        interval: Duration = 10.0,
+        unhealthy_after: int = 1,
+        healthy_after: int = 1,
+        check_timeout: Duration | None = None,
+        recovery_plan: Mapping[str, RecoveryStrategy | RecoveryAction] | None = None,
+        recovery_interval: Duration | None = None,
+        on_change: Callable[[ServiceHealth], Any] | None = None,
+    ) -> HealthMonitor:
+        """Continuous health monitoring of the registered services (a :class:`HealthMonitor`):
+        ``async with orchestrator.monitor(interval=10, recovery_plan=plan) as health:``
+        checks every ``interval`` seconds, reports each change (span, log, ``on_change``),
+        and with ``recovery_plan`` recovers what went down, in dependency order."""
+        return HealthMonitor(
+            self, interval=interval, unhealthy_after=unhealthy_after,
+            healthy_after=healthy_after, check_timeout=check_timeout,
+            recovery_plan=recovery_plan, recovery_interval=recovery_interval,
+            on_change=on_change,
+        )  # fmt: skip
 
     def correlate(self, errors: Iterable[tuple[str, BaseException]]) -> Correlation:
         """Group failures by fingerprint and name the probable root cause: the failed service

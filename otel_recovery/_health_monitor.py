@@ -1,0 +1,296 @@
+"""Continuous health monitoring for a :class:`~otel_recovery.orchestration.RecoveryOrchestrator`.
+
+The orchestrator's ``check_health()`` answers once, when asked. A service goes down between
+two questions, and what an operator wants is to hear of it when it happens and, where a
+recovery plan says how, to have it recovered without anyone asking. :class:`HealthMonitor`
+runs every registered ``health_check`` every ``interval`` seconds and keeps, per service, a
+:class:`ServiceHealth`.
+
+- **Flapping is damped.** A service counts as down after ``unhealthy_after`` failed checks in
+  a row and as up again after ``healthy_after`` passing ones (both 1 by default). Until its
+  first verdict a service is unknown (``healthy is None``). A check that raises, answers
+  falsy, or takes longer than ``check_timeout`` (default: the interval) fails.
+- **Every change is reported**, and only changes: one ``otel_recovery.health.changed`` event
+  per service that changed, on one ``service_health`` span per round that had any (status
+  ERROR when a service went down); a warning or info log line; and ``on_change(health)``
+  (sync or async) if given. A failing callback is logged and the monitor goes on.
+- **Recovery, if asked for.** With ``recovery_plan`` (what
+  :meth:`~otel_recovery.orchestration.RecoveryOrchestrator.orchestrate_recovery` takes), a
+  service that goes down is recovered in dependency order together with the others that are
+  down, and again every ``recovery_interval`` seconds while it stays down; the next check
+  decides whether it is up. ``last_recovery`` holds the latest results.
+
+The monitor never raises into its caller's event loop: a round that fails is logged and the
+next one runs. Time comes from the orchestrator's clock, so tests drive it with a fake one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.trace import Status, StatusCode
+
+from otel_recovery._clock import Clock, Duration, to_seconds
+from otel_recovery._interaction_support import activated, resolve, start_span, tracer_of
+from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
+from otel_recovery.telemetry import attributes as names
+
+if TYPE_CHECKING:
+    from otel_recovery.orchestration import RecoveryOrchestrator
+
+__all__ = ["HealthMonitor", "ServiceHealth"]
+
+_log = logging.getLogger("otel_recovery")
+
+SPAN_NAME = "service_health"
+EVENT_CHANGED = "otel_recovery.health.changed"
+ATTRIBUTE_HEALTHY = "otel_recovery.health.healthy"
+
+
+@dataclass(frozen=True)
+class ServiceHealth:
+    """What the monitor knows of one service. Times are on the monitor's clock."""
+
+    service: str
+    healthy: bool | None = None
+    """None until the first verdict (``unhealthy_after`` or ``healthy_after`` checks)."""
+    since: float | None = None
+    """When ``healthy`` last changed."""
+    checks: int = 0
+    failures_in_a_row: int = 0
+    passes_in_a_row: int = 0
+    last_checked: float | None = None
+    last_recovery_at: float | None = None
+
+
+class HealthMonitor:
+    """Runs an orchestrator's health checks continuously; see the module doc.
+
+    Use it as ``async with orchestrator.monitor(interval=10) as monitor:`` (it runs while the
+    block does), or ``monitor.start()`` / ``await monitor.stop()``; :meth:`check_once` runs
+    one round by hand."""
+
+    def __init__(
+        self,
+        orchestrator: RecoveryOrchestrator,
+        *,
+        interval: Duration = 10.0,
+        unhealthy_after: int = 1,
+        healthy_after: int = 1,
+        check_timeout: Duration | None = None,
+        recovery_plan: Mapping[str, RecoveryStrategy | RecoveryAction] | None = None,
+        recovery_interval: Duration | None = None,
+        on_change: Callable[[ServiceHealth], Any] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.interval = _positive_seconds(interval, "interval")
+        self.unhealthy_after = _at_least_one(unhealthy_after, "unhealthy_after")
+        self.healthy_after = _at_least_one(healthy_after, "healthy_after")
+        self.check_timeout = (
+            self.interval
+            if check_timeout is None
+            else _positive_seconds(check_timeout, "check_timeout")
+        )
+        if recovery_plan is not None and not isinstance(recovery_plan, Mapping):
+            raise TypeError(
+                f"recovery_plan must map service -> RecoveryStrategy, got {recovery_plan!r}"
+            )
+        self.recovery_plan = recovery_plan
+        self.recovery_interval = (
+            5 * self.interval
+            if recovery_interval is None
+            else _positive_seconds(recovery_interval, "recovery_interval")
+        )
+        if on_change is not None and not callable(on_change):
+            raise TypeError(f"on_change must be callable, got {on_change!r}")
+        self.on_change = on_change
+        self.clock: Clock = clock or orchestrator.clock
+        self._health: dict[str, ServiceHealth] = {}
+        self.last_recovery: dict[str, dict[str, Any]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def status(self) -> dict[str, ServiceHealth]:
+        """Each monitored service's health, as of the latest round."""
+        return dict(self._health)
+
+    @property
+    def down(self) -> list[str]:
+        """The services known to be down, in registration order."""
+        return [name for name, health in self._health.items() if health.healthy is False]
+
+    # -- one round ------------------------------------------------------------------------------
+
+    async def check_once(self) -> dict[str, ServiceHealth]:
+        """Run every health check once (concurrently), report what changed, recover what
+        went down if a plan says how; returns :attr:`status`."""
+        checks = {
+            name: registered.health_check
+            for name, registered in self.orchestrator.services.items()
+            if registered.health_check is not None
+        }
+        verdicts = await asyncio.gather(*(self._probe(check) for check in checks.values()))
+        now = self.clock.now()
+        changed = [
+            health
+            for name, passed in zip(checks, verdicts, strict=True)
+            if (health := self._record(name, passed, now)) is not None
+        ]
+        for name in [n for n in self._health if n not in checks]:
+            del self._health[name]  # unregistered, or its check removed
+        if changed:
+            self._report(changed)
+            for health in changed:
+                await self._tell(health)
+        if self.recovery_plan is not None:
+            await self._recover(now)
+        return self.status
+
+    async def _probe(self, check: Callable[[], Any]) -> bool:
+        try:
+            return bool(await asyncio.wait_for(resolve(check()), self.check_timeout))
+        except Exception:  # raising, or too slow (asyncio.TimeoutError): down
+            return False
+
+    def _record(self, name: str, passed: bool, now: float) -> ServiceHealth | None:
+        """Book one verdict; the new health if the service changed state, else None."""
+        old = self._health.get(name) or ServiceHealth(name)
+        passes = old.passes_in_a_row + 1 if passed else 0
+        failures = 0 if passed else old.failures_in_a_row + 1
+        healthy = old.healthy
+        if passed and passes >= self.healthy_after:
+            healthy = True
+        elif not passed and failures >= self.unhealthy_after:
+            healthy = False
+        new = replace(
+            old,
+            healthy=healthy,
+            since=now if healthy is not old.healthy else old.since,
+            checks=old.checks + 1,
+            failures_in_a_row=failures,
+            passes_in_a_row=passes,
+            last_checked=now,
+            last_recovery_at=old.last_recovery_at if healthy is False else None,
+        )
+        self._health[name] = new
+        return new if healthy is not old.healthy else None
+
+    def _report(self, changed: list[ServiceHealth]) -> None:
+        tracer = tracer_of(self.orchestrator.interaction.telemetry)
+        span = start_span(tracer, SPAN_NAME, {}, self.clock)
+        with activated(span, tracer):
+            for health in changed:
+                span.add_event(
+                    EVENT_CHANGED,
+                    {names.SERVICE_ID: health.service, ATTRIBUTE_HEALTHY: bool(health.healthy)},
+                )
+                if health.healthy:
+                    _log.info("otel_recovery: service %r is healthy", health.service)
+                else:
+                    _log.warning(
+                        "otel_recovery: service %r is down (%d failed health check(s) in a row)",
+                        health.service, health.failures_in_a_row,
+                    )  # fmt: skip
+            down = sorted(h.service for h in changed if not h.healthy)
+            if down:
+                span.set_status(Status(StatusCode.ERROR, f"down: {', '.join(down)}"))
+        span.end(end_time=int(self.clock.wall() * 1e9))
+
+    async def _tell(self, health: ServiceHealth) -> None:
+        if self.on_change is None:
+            return
+        try:
+            await resolve(self.on_change(health))
+        except Exception:
+            _log.exception("otel_recovery: HealthMonitor on_change(%r) raised", health.service)
+
+    async def _recover(self, now: float) -> None:
+        due = [
+            name
+            for name, health in self._health.items()
+            if health.healthy is False
+            and (
+                health.last_recovery_at is None
+                or now - health.last_recovery_at >= self.recovery_interval
+            )
+        ]
+        if not due:
+            return
+        for name in due:
+            self._health[name] = replace(self._health[name], last_recovery_at=now)
+        try:
+            results = await self.orchestrator.orchestrate_recovery(due, self.recovery_plan)
+        except Exception:
+            _log.exception("otel_recovery: recovering %s after a failed health check", due)
+            return
+        self.last_recovery = results
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Check every ``interval`` seconds until :meth:`stop` (or cancellation)."""
+        self._stopping = False
+        while not self._stopping:
+            try:
+                await self.check_once()
+            except Exception:  # one bad round must not end the monitoring
+                _log.exception("otel_recovery: a health monitoring round failed")
+            if not self._stopping:
+                await self.clock.asleep(self.interval)
+
+    def start(self) -> asyncio.Task[None]:
+        """Run :meth:`run` as a task of the running event loop (once)."""
+        if self._task is not None and not self._task.done():
+            raise RuntimeError("this HealthMonitor is already running; stop() it first")
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="HealthMonitor")
+        return self._task
+
+    async def stop(self) -> None:
+        """Stop monitoring and wait for the round in progress to be cancelled."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and getattr(current, "cancelling", lambda: 0)():
+                raise  # our own caller is being cancelled too
+
+    async def __aenter__(self) -> HealthMonitor:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self._task is not None and not self._task.done() else "stopped"
+        return f"HealthMonitor(interval={self.interval:g}s, {state}, down={self.down})"
+
+
+def _positive_seconds(value: Duration, name: str) -> float:
+    seconds = to_seconds(value, name)
+    if seconds <= 0:
+        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    return seconds
+
+
+def _at_least_one(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1 (checks in a row), got {value!r}")
+    return value

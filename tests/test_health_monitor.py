@@ -1,0 +1,184 @@
+"""Continuous health monitoring (``RecoveryOrchestrator.monitor``): the seed's "continuous
+service health checks", with changes reported once and recovery of what went down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from opentelemetry.trace import StatusCode
+
+from otel_recovery.interaction import ErrorRecoveryInteraction, RecoveryAction, RecoveryStrategy
+from otel_recovery.orchestration import HealthMonitor, RecoveryOrchestrator, ServiceHealth
+
+
+class Service:
+    """A dependency whose health the test switches; its check counts how often it ran."""
+
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+        self.checks = 0
+        self.recoveries = 0
+
+    async def check(self) -> bool:
+        self.checks += 1
+        return self.up
+
+    def recover(self) -> str:
+        self.recoveries += 1
+        self.up = True
+        return "restarted"
+
+
+@pytest.fixture
+def orchestrator(fake_clock) -> RecoveryOrchestrator:
+    return RecoveryOrchestrator(ErrorRecoveryInteraction(clock=fake_clock))
+
+
+def _states(monitor: HealthMonitor) -> dict[str, bool | None]:
+    return {name: health.healthy for name, health in monitor.status.items()}
+
+
+async def test_each_change_is_reported_once(orchestrator, recovery_telemetry, caplog):
+    db, cache = Service(), Service()
+    orchestrator.register_service("database", health_check=db.check)
+    orchestrator.register_service("cache", health_check=cache.check)
+    changes: list[ServiceHealth] = []
+    monitor = orchestrator.monitor(interval=10, on_change=changes.append)
+
+    with caplog.at_level(logging.INFO, logger="otel_recovery"):
+        await monitor.check_once()  # first verdicts: both up
+        db.up = False
+        await monitor.check_once()
+        await monitor.check_once()  # still down: nothing new to say
+        db.up = True
+        await monitor.check_once()
+
+    assert _states(monitor) == {"database": True, "cache": True}
+    assert [(c.service, c.healthy) for c in changes] == [
+        ("database", True), ("cache", True), ("database", False), ("database", True),
+    ]  # fmt: skip
+    assert (db.checks, cache.checks) == (4, 4)
+    assert "service 'database' is down" in caplog.text
+    spans = [s for s in recovery_telemetry.spans() if s.name == "service_health"]
+    assert len(spans) == 3  # a span only for rounds that changed something
+    down = spans[1]
+    assert down.status.status_code is StatusCode.ERROR
+    assert [(e.attributes["otel_recovery.service.id"], e.attributes["otel_recovery.health.healthy"])
+            for e in down.events] == [("database", False)]  # fmt: skip
+
+
+async def test_flapping_is_damped(orchestrator):
+    db = Service()
+    orchestrator.register_service("database", health_check=db.check)
+    monitor = orchestrator.monitor(interval=10, unhealthy_after=2, healthy_after=3)
+    await monitor.check_once()
+    assert _states(monitor) == {"database": None}  # no verdict after one pass of three
+    for _ in range(2):
+        await monitor.check_once()
+    assert _states(monitor) == {"database": True}
+    db.up = False
+    await monitor.check_once()
+    assert _states(monitor) == {"database": True}  # one failure is not two
+    await monitor.check_once()
+    assert _states(monitor) == {"database": False} and monitor.down == ["database"]
+
+
+async def test_a_check_that_raises_or_hangs_counts_as_down(orchestrator):
+    async def hangs() -> bool:
+        await asyncio.sleep(3600)
+        return True
+
+    def raises() -> bool:
+        raise ConnectionError("refused")
+
+    orchestrator.register_service("slow", health_check=hangs)
+    orchestrator.register_service("broken", health_check=raises)
+    monitor = orchestrator.monitor(interval=10, check_timeout=0.05)  # real time: the point
+    await asyncio.wait_for(monitor.check_once(), 5)
+    assert _states(monitor) == {"slow": False, "broken": False}
+
+
+async def test_what_went_down_is_recovered_in_dependency_order(orchestrator, fake_clock):
+    db, api = Service(), Service()
+    orchestrator.dependencies = {"api": ["database"]}
+    orchestrator.register_service("database", health_check=db.check, recover=db.recover)
+    orchestrator.register_service("api", health_check=api.check, recover=api.recover)
+    plan = {
+        "database": RecoveryStrategy(RecoveryAction.SELF_HEAL),
+        "api": RecoveryStrategy(RecoveryAction.SELF_HEAL),
+    }
+    monitor = orchestrator.monitor(interval=10, recovery_plan=plan)
+    await monitor.check_once()
+    db.up = api.up = False
+    await monitor.check_once()  # both down: recovered, database first
+    assert (db.recoveries, api.recoveries) == (1, 1)
+    assert {n: r["status"] for n, r in monitor.last_recovery.items()} == {
+        "database": "success", "api": "success",
+    }  # fmt: skip
+    await monitor.check_once()
+    assert _states(monitor) == {"database": True, "api": True}
+
+
+async def test_a_service_that_stays_down_is_recovered_again_only_after_the_interval(
+    orchestrator, fake_clock
+):
+    db = Service()
+    attempts: list[float] = []
+
+    def fails() -> None:
+        attempts.append(fake_clock.now())
+        raise ConnectionError("still down")
+
+    orchestrator.register_service("database", health_check=db.check, recover=fails)
+    plan = {"database": RecoveryStrategy(RecoveryAction.RETRY, max_attempts=1)}
+    monitor = orchestrator.monitor(interval=10, recovery_plan=plan, recovery_interval=30)
+    db.up = False
+    await monitor.check_once()
+    for _ in range(3):
+        fake_clock.advance(10)
+        await monitor.check_once()
+    assert len(attempts) == 2  # at 0 s and 30 s, not at 10 s and 20 s
+    assert attempts[1] - attempts[0] >= 30
+
+
+async def test_it_runs_until_stopped_and_survives_a_failing_callback(
+    orchestrator, fake_clock, caplog
+):
+    db = Service()
+    orchestrator.register_service("database", health_check=db.check)
+
+    def broken(_: ServiceHealth) -> None:
+        raise RuntimeError("a bug in the user's callback")
+
+    with caplog.at_level(logging.ERROR, logger="otel_recovery"):
+        async with orchestrator.monitor(interval=10, on_change=broken) as monitor:
+            for _ in range(20):
+                await asyncio.sleep(0)
+            db.up = False
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert monitor.down == ["database"]
+    assert db.checks >= 3 and fake_clock.sleeps[:2] == [10, 10]
+    assert "on_change('database') raised" in caplog.text
+    checks = db.checks
+    await asyncio.sleep(0)
+    assert db.checks == checks  # stopped
+    assert "stopped" in repr(monitor)
+
+
+async def test_starting_twice_and_bad_arguments_are_refused(orchestrator):
+    monitor = orchestrator.monitor(interval=10)
+    monitor.start()
+    with pytest.raises(RuntimeError, match="already running"):
+        monitor.start()
+    await monitor.stop()
+    for bad, message in [
+        ({"interval": 0}, "interval must be > 0 seconds"),
+        ({"unhealthy_after": 0}, "unhealthy_after must be an int >= 1"),
+        ({"recovery_plan": ["database"]}, "recovery_plan must map service"),
+        ({"on_change": "log"}, "on_change must be callable"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            orchestrator.monitor(**bad)
