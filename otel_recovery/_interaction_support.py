@@ -400,6 +400,8 @@ def reason_for(why: str, run: Run) -> str:
         return f"{run.info.error_type} is not retryable"
     if why == "explicit":
         return "fallback requested"
+    if why == "not_idempotent":
+        return "context['idempotent'] is False: the call is not made again"
     if why == "retry_on":
         return f"{run.info.error_type} is not matched by context['retry_on']"
     return f"{why} errors are not retried"

@@ -114,6 +114,7 @@ class Selection:
 
 
 _FAIL_FAST_CATEGORIES = frozenset({ErrorCategory.CONFIGURATION, ErrorCategory.INVALID_REQUEST})
+_EXPLICIT_REASONS = frozenset({"explicit", "checkpoint_id"})
 _HEAL_EVEN_IF_NOT_RETRYABLE = frozenset({ErrorKind.MEMORY})
 
 
@@ -126,11 +127,43 @@ def select_action(
     has_fallback: bool,
     heals: Callable[[ErrorKind], bool],
     retry_on: bool | None = None,
+    idempotent: bool = True,
 ) -> Selection:
     """Pick the action for one failure (the table in :mod:`otel_recovery.interaction`).
 
     ``retry_on`` is the verdict of the context's ``retry_on`` on the error, which overrides
-    the classifier's category and retryability; None when the context has none."""
+    the classifier's category and retryability; None when the context has none. A call that
+    is not ``idempotent`` (``context["idempotent"] is False``) is never chosen to be made
+    again, unless a strategy or a checkpoint was given explicitly."""
+    selection = _select(
+        info, explicit=explicit, has_checkpoint=has_checkpoint, circuit_open=circuit_open,
+        has_fallback=has_fallback, heals=heals, retry_on=retry_on,
+    )  # fmt: skip
+    if (
+        not idempotent
+        and selection.action in _REPEATING
+        and selection.reason not in _EXPLICIT_REASONS
+    ):
+        give_up = RecoveryAction.FALLBACK if has_fallback else RecoveryAction.FAIL_FAST
+        return Selection(give_up, "not_idempotent")
+    return selection
+
+
+_REPEATING = frozenset(
+    {RecoveryAction.RETRY, RecoveryAction.EXPONENTIAL_BACKOFF, RecoveryAction.SELF_HEAL}
+)
+
+
+def _select(
+    info: ErrorInfo,
+    *,
+    explicit: RecoveryStrategy | None,
+    has_checkpoint: bool,
+    circuit_open: bool,
+    has_fallback: bool,
+    heals: Callable[[ErrorKind], bool],
+    retry_on: bool | None,
+) -> Selection:
     give_up = RecoveryAction.FALLBACK if has_fallback else RecoveryAction.FAIL_FAST
     if explicit is not None:
         return Selection(explicit.action, "explicit")

@@ -21,6 +21,8 @@ situation                                              action
                                                        result
 the service's circuit breaker is open                  FALLBACK with ``fallback_func``, else
                                                        CIRCUIT_BREAK: ``"circuit_open"``, no call
+``context["idempotent"] is False`` and a row below    FALLBACK / FAIL_FAST: the call is not
+would make the call again                              made again
 ``context["retry_on"]`` given                          it decides instead of the classifier: a
                                                        match is retried (SELF_HEAL if the kind
                                                        has healing actions, else
@@ -354,6 +356,7 @@ class ErrorRecoveryInteraction:
             has_fallback=fallback is not None,
             heals=self.healing.heals,
             retry_on=retry_on_verdict(ctx, error, info),
+            idempotent=ctx.get("idempotent") is not False,
         )
         selection, rec, learned_strategy = learned(
             self.learner, selection, info, service_id=service_id,

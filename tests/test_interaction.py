@@ -359,6 +359,27 @@ async def test_an_explicit_strategy_overrides_selection(recovery, fake_clock):
     assert result["attempts"] == 3 and fake_clock.sleeps == [0.25, 0.25, 0.25]
 
 
+@pytest.mark.parametrize("error", [ConnectionResetError("reset"), HTTPError(503), MemoryError()])
+async def test_a_call_marked_not_idempotent_is_never_made_again(recovery, error):
+    """``context["idempotent"] = False`` (a card charge) held only with a learner attached:
+    without one, a reset connection healed and charged again."""
+    charge = Flaky()
+    result = await recovery.recover_from_error(
+        error, context={"retry_func": charge, "idempotent": False}
+    )
+    assert (result["recovery_status"], result["strategy"]) == ("failed", "fail_fast")
+    assert "context['idempotent'] is False" in result["reason"] and charge.calls == []
+
+
+async def test_an_explicit_strategy_still_repeats_a_call_marked_not_idempotent(recovery):
+    charge = Flaky()
+    result = await recovery.recover_from_error(
+        ConnectionResetError("reset"),
+        context={"retry_func": charge, "idempotent": False, "strategy": RecoveryAction.RETRY},
+    )
+    assert result["recovery_status"] == "success" and len(charge.calls) == 1
+
+
 class AppError(Exception):
     """An application's own error type: the classifier does not call it retryable."""
 
