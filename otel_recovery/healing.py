@@ -231,6 +231,10 @@ class HealingRegistry:
             return await asyncio.shield(running)
         result = HealResult(_name(action), "failed", "cancelled before it finished")
         try:
+            # One loop turn before acting, so heals that are already due (other tasks that
+            # met the same dead connection) join this one: a sync action finishes without
+            # ever yielding, and would otherwise be done before they arrive.
+            await asyncio.sleep(0)
             result = await _run_one(action, healing)
             return result
         finally:

@@ -194,6 +194,29 @@ async def test_concurrent_heals_of_one_service_share_a_single_reconnect():
     assert calls == 2
 
 
+async def test_a_hundred_concurrent_failures_share_one_sync_reconnect(fake_clock):
+    """A sync callback (``engine.dispose``, ``pool.reconnect``) finishes without yielding:
+    each of a hundred concurrent recoveries ran its own reconnect."""
+    recovery = ErrorRecoveryInteraction(clock=fake_clock, telemetry=False)
+    reconnects = 0
+
+    def reconnect() -> None:
+        nonlocal reconnects
+        reconnects += 1
+
+    recovery.healing.register_reconnect("db", reconnect)
+
+    async def request() -> dict:
+        return await recovery.recover_from_error(
+            ConnectionRefusedError("refused"), {"service_id": "db", "retry_func": lambda: "ok"}
+        )
+
+    outcomes = await asyncio.gather(*(request() for _ in range(100)))
+    assert reconnects == 1 and {o["recovery_status"] for o in outcomes} == {"success"}
+    await request()  # a later failure reconnects again
+    assert reconnects == 2
+
+
 async def test_each_action_outcome_is_a_span_event(recovery_telemetry, fake_clock):
     recovery = ErrorRecoveryInteraction(clock=fake_clock)
     recovery.healing.register_reconnect("db", lambda: None)
