@@ -38,6 +38,7 @@ orchestration is one span ``orchestrate_recovery`` with an event per service.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import graphlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -221,7 +222,7 @@ class RecoveryOrchestrator:
         """Recover every failed service; services missing from the plan get
         EXPONENTIAL_BACKOFF. Returns one result dict per service, in input order."""
         failed = _unique(failed_services)
-        plan = {name: _strategy(name, value) for name, value in (recovery_plan or {}).items()}
+        plan = self._plan(recovery_plan, failed)
         layers = self.recovery_order(failed)
         needs = self._failed_dependencies(failed)
         tracer = tracer_of(self.interaction.telemetry)
@@ -255,6 +256,32 @@ class RecoveryOrchestrator:
                 span.set_status(Status(StatusCode.ERROR, f"not recovered: {', '.join(failures)}"))
             span.end(end_time=int(self.clock.wall() * 1e9))
         return {name: results[name] for name in failed}
+
+    def _plan(
+        self,
+        recovery_plan: Mapping[str, RecoveryStrategy | RecoveryAction] | None,
+        failed: list[str],
+    ) -> dict[str, RecoveryStrategy]:
+        """The plan, checked: a key that names no service this orchestrator knows is a typo
+        (``"databse"``), whose service would silently get the default strategy."""
+        if recovery_plan is None:
+            return {}
+        if not isinstance(recovery_plan, Mapping):
+            raise TypeError(
+                "recovery_plan must map service -> RecoveryStrategy (or RecoveryAction), "
+                f"got {type(recovery_plan).__name__}"
+            )
+        known = {*failed, *self._services, *self._dependencies}
+        known.update(n for needs in self._dependencies.values() for n in needs)
+        for name in recovery_plan:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"recovery_plan names {name!r}, which is not a failed service, a "
+                    f"registered one or in dependencies{hint}"
+                )
+        return {name: _strategy(name, value) for name, value in recovery_plan.items()}
 
     async def _recover_service(
         self,

@@ -278,3 +278,14 @@ def test_correlate_without_dependencies_has_no_root_cause(orchestrator):
     assert orchestrator.correlate([("cdn", OSError("a"))]).root_cause == "cdn"
     with pytest.raises(TypeError):
         orchestrator.correlate([("cdn", "not an exception")])  # type: ignore[list-item]
+
+
+async def test_a_misspelt_plan_key_is_an_error_not_a_default_strategy(orchestrator):
+    """``"databse": FAIL_FAST`` meant database; ignored, the default EXPONENTIAL_BACKOFF ran
+    the service's recover."""
+    with pytest.raises(ValueError, match="'databse'.*did you mean 'database'"):
+        await orchestrator.orchestrate_recovery(
+            ["database"], {"databse": RecoveryStrategy(RecoveryAction.FAIL_FAST)}
+        )
+    with pytest.raises(TypeError, match="recovery_plan must map service"):
+        await orchestrator.orchestrate_recovery(["database"], ["database"])  # type: ignore[arg-type]
