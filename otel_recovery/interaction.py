@@ -88,6 +88,7 @@ from otel_recovery._interaction_support import (
     give_up,
     optional_callable,
     reason_for,
+    resolve,
     retry_on_verdict,
     rollback,
     start_span,
@@ -431,8 +432,9 @@ class ErrorRecoveryInteraction:
                 # A fresh copy per attempt: an attempt that mutated the state and failed
                 # must not hand its half-done changes to the next one.
 
-                def invoke() -> Any:
-                    return func(self.checkpoints.load(cid, number).state)
+                async def invoke() -> Any:  # aload: a store's I/O never blocks the loop
+                    restored = await self.checkpoints.aload(cid, number)
+                    return await resolve(func(restored.state))
 
         if func is None or invoke is None:
             return await give_up(run, "no retry_func in context")

@@ -493,6 +493,10 @@ async def test_checkpoint_id_restores_and_hands_a_fresh_state_to_every_attempt(r
             raise ConnectionError("again")
         return "resumed"
 
+    def blocking_load(*args: object) -> None:  # a store's round trip on the event loop
+        raise AssertionError("the sync load blocks the event loop; use aload")
+
+    recovery.checkpoints.load = blocking_load
     result = await recovery.recover_from_error(
         ConnectionError(), context={"retry_func": resume, "checkpoint_id": "job"}
     )
