@@ -71,14 +71,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import itertools
 import logging
 import math
 import os
 import re
-import select
-import socket
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -101,6 +97,8 @@ from otel_recovery.stores._base import (
     check_version,
 )
 from otel_recovery.stores._postgres_plans import SCHEMA_VERSION, Plan, Plans, jsonb_compatible
+from otel_recovery.stores._socket_watchdog import WATCHDOG as _WATCHDOG
+from otel_recovery.stores._socket_watchdog import readable
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -151,15 +149,6 @@ def _split_option(url: str) -> tuple[str, str | None]:
     return base + (f"?{query}" if query else "") + (f"#{fragment}" if fragment else ""), found
 
 
-def _readable(fd: int) -> bool:
-    """Whether the socket has something to read (or its end) right now; never waits."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(0))
-    return bool(select.select([fd], [], [], 0)[0])  # pragma: no cover - Windows
-
-
 def _stale(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
     """An idle connection that must not be used: closed, not idle, or the server said
     something unasked since the last reply (its termination notice, or end of file)."""
@@ -167,93 +156,9 @@ def _stale(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool
     if pgconn.status != ConnStatus.OK or pgconn.transaction_status != TransactionStatus.IDLE:
         return True
     try:
-        return _readable(pgconn.socket)
+        return readable(pgconn.socket)
     except (OSError, psycopg.Error):
         return True
-
-
-class _Watchdog:
-    """One daemon thread for every store of the process: shuts down the socket of an
-    operation still running at its deadline, so its blocked wait returns at once.
-
-    It holds a duplicate of the socket's descriptor while armed, so a deadline can never
-    reach another file that reused the number after libpq closed the connection's own."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(new_lock())
-        self._armed: dict[int, tuple[float, int, bool]] = {}  # deadline, fd, fd is a dup
-        self._fired: dict[int, tuple[float, int, bool]] = {}
-        self._tokens = itertools.count(1)
-        self._wake_at: float | None = None  # when the thread looks next; None: when told
-        self._pid = 0
-
-    def arm(self, fd: int, deadline: float) -> int:
-        try:
-            held = (deadline, os.dup(fd), True)
-        except OSError:  # pragma: no cover - a socket handle os.dup cannot copy (Windows)
-            held = (deadline, fd, False)
-        with self._cond:
-            if self._pid != os.getpid():  # first use, or a forked child: no thread here yet
-                for _, old, owned in [*self._armed.values(), *self._fired.values()]:
-                    _close(old, owned)
-                self._armed.clear()
-                self._fired.clear()
-                self._wake_at = None
-                self._pid = os.getpid()
-                threading.Thread(
-                    target=self._watch, name="otel-recovery-pg-watchdog", daemon=True
-                ).start()
-            token = next(self._tokens)
-            self._armed[token] = held
-            if self._wake_at is None or deadline < self._wake_at:
-                # all: in a forked child the parent's thread is still listed as waiting
-                self._cond.notify_all()
-            return token
-
-    def disarm(self, token: int) -> bool:
-        """Whether the deadline had passed and the socket was shut down."""
-        with self._cond:
-            held = self._armed.pop(token, None)
-            fired = held is None
-            if fired:
-                held = self._fired.pop(token, None)
-        if held is not None:
-            _close(held[1], held[2])
-        return fired
-
-    def _watch(self) -> None:
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                for token, held in builtins.list(self._armed.items()):
-                    if held[0] <= now:
-                        del self._armed[token]
-                        self._fired[token] = held
-                        _shut(held[1])
-                if self._armed:
-                    self._wake_at = min(deadline for deadline, _, _ in self._armed.values())
-                    self._cond.wait(max(0.0, self._wake_at - now))
-                else:
-                    self._wake_at = None
-                    self._cond.wait()
-
-
-def _shut(fd: int) -> None:
-    try:
-        sock = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)  # another duplicate
-    except OSError:
-        return
-    with contextlib.suppress(OSError), sock:
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-def _close(fd: int, owned: bool) -> None:
-    if owned:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-_WATCHDOG = _Watchdog()
 
 
 class _Step:
