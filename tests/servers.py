@@ -334,12 +334,15 @@ class TcpFront:
     """A TCP front on ``port`` (free by default, or one that was refused) that forwards each
     connection byte for byte to ``target`` as it is when the connection is accepted:
     changing ``target`` moves new connections only, as a DNS name that moves does, while
-    open ones stay with the old server. ``accepted`` counts connections."""
+    open ones stay with the old server. ``accepted`` counts connections. While ``frozen``
+    is set, bytes are read and dropped: the server seems to stop answering, as in a
+    partition where the kernel still acknowledges."""
 
     def __init__(self, target: tuple[str, int], port: int | None = None) -> None:
         self.target = target
         self.port = port or free_port()
         self.accepted = 0
+        self.frozen = threading.Event()
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", self.port))
@@ -375,7 +378,8 @@ class TcpFront:
         def pump(source: socket.socket, sink: socket.socket) -> None:
             with contextlib.suppress(OSError):
                 while chunk := source.recv(65536):
-                    sink.sendall(chunk)
+                    if not self.frozen.is_set():
+                        sink.sendall(chunk)
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)

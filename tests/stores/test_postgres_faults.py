@@ -9,7 +9,6 @@ front of its own that stops forwarding.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import socket
@@ -248,33 +247,10 @@ def _kill_when_waiting(pid: int) -> None:
 
 
 class FreezingFront(TcpFront):
-    """A TCP front to PostgreSQL that can stop forwarding: it keeps accepting (as a kernel
-    still acknowledging does in a partition) and answers nothing while frozen."""
+    """A TCP front to PostgreSQL whose ``frozen`` event stops it answering."""
 
     def __init__(self) -> None:
-        self.frozen = threading.Event()
         super().__init__((PG_HOST, PG_PORT))
-
-    def _forward(self, client: socket.socket, target: tuple[str, int]) -> None:
-        try:
-            upstream = socket.create_connection(target, timeout=5)
-        except OSError:
-            client.close()
-            return
-        upstream.settimeout(None)
-        self._sockets.append(upstream)
-
-        def pump(source: socket.socket, sink: socket.socket) -> None:
-            with contextlib.suppress(OSError):
-                while chunk := source.recv(65536):
-                    if not self.frozen.is_set():
-                        sink.sendall(chunk)
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
-        pump(client, upstream)
 
     @property
     def url(self) -> str:
