@@ -62,6 +62,8 @@ class JournalPut:
     provisional: int
     maybe_applied: bool = False
     """Sent to the store, which may have applied it before the reply was lost."""
+    made_at: float = 0.0
+    """Wall-clock time of the local write (just after the send that got no answer)."""
 
     @property
     def size(self) -> int:
@@ -196,7 +198,9 @@ class LocalState:
             expires = None if seconds is None else now + seconds
             record = Record(key, version, bytes(data), now, expires, encoding)
             self._queue(
-                JournalPut(key, record.data, encoding, expected, expires, version, maybe_applied)
+                JournalPut(
+                    key, record.data, encoding, expected, expires, version, maybe_applied, now
+                )
             )
             self._overlay.setdefault(key, {})[version] = record
             return record

@@ -32,9 +32,12 @@ exactly this:
 2. Counter increments are sent as batches, each with a batch id that the store applies at most
    once, so a batch whose reply was lost is never counted twice when it is re-sent.
 
-A write whose reply was lost may have been applied. An increment carries its batch id from
-its first send; a put sent without an answer looks before it is written again (see
-``_replay``). :meth:`close` replays what is still local, once, and warns about what is lost.
+A write whose reply was lost may have been applied. A put sent without an answer looks
+before it is written again (see ``_replay``). An increment is exact only with a caller's
+``batch_id`` (kept from its first send); without one, an increment whose reply was lost is
+replayed and may count twice (at least once, never lost): giving every increment an id
+would leave a marker in the store for each one, for days. :meth:`close` replays what is
+still local, once, and warns about what is lost.
 3. Only when the journal and the counter batches are empty does the store count as healthy
    again: one ``otel_recovery.store.resynced`` event and one info log line say how many
    entries were replayed and how long the outage was.
@@ -48,7 +51,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -211,8 +213,9 @@ class ResilientStore:
     # -- replaying one journal entry: nothing applied twice -------------------------------------
     #
     # A write whose reply was lost may have been applied. A counter batch carries its id and
-    # the store applies it once. A put looks first (a plain one at the latest version, a
-    # compare-and-set one at the versions after the one it expected) and does not write
+    # the store applies it once. A put looks first (a plain one at the latest versions,
+    # written around its send, a compare-and-set one at the versions after the one it
+    # expected) and does not write
     # again what the store already holds. A delete is replayed only if nobody wrote the key
     # after it was made: the key's latest version is the one this process knew, or was
     # created before the delete (another process's clock; the check and the delete are two
@@ -232,6 +235,10 @@ class ResilientStore:
                 latest = self._send(("get", (item.key,), {}))
                 if _holds(latest, item):
                     return latest
+                for version in _versions_below(latest):  # others may have written since
+                    record = self._send(("get", (item.key, version), {}))
+                    if _holds(record, item) and _sent_then(record, item):
+                        return record
             try:
                 return self._send(call)
             except VersionConflictError as conflict:
@@ -258,6 +265,10 @@ class ResilientStore:
                 latest = await self._asend(("get", (item.key,), {}))
                 if _holds(latest, item):
                     return latest
+                for version in _versions_below(latest):
+                    record = await self._asend(("get", (item.key, version), {}))
+                    if _holds(record, item) and _sent_then(record, item):
+                        return record
             try:
                 return await self._asend(call)
             except VersionConflictError as conflict:
@@ -407,29 +418,25 @@ class ResilientStore:
         self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
     ) -> bool:
         checked = check_amounts(namespace, amounts)
-        sent_as = batch_id if batch_id is not None else uuid.uuid4().hex  # see _sent_as
-        ok, applied, asked = self._try(
-            lambda: self.store.incr(namespace, checked, batch_id=sent_as)
-        )
+        ok, applied, _ = self._try(lambda: self.store.incr(namespace, checked, batch_id=batch_id))
         if ok and applied is not None:
             if applied:
                 self.local.added(namespace, checked)
             return applied
-        return self.local.incr(namespace, checked, sent_as if asked else batch_id)
+        return self.local.incr(namespace, checked, batch_id)
 
     async def aincr(
         self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
     ) -> bool:
         checked = check_amounts(namespace, amounts)
-        sent_as = batch_id if batch_id is not None else uuid.uuid4().hex
-        ok, applied, asked = await self._atry(
-            lambda: self.store.aincr(namespace, checked, batch_id=sent_as)
+        ok, applied, _ = await self._atry(
+            lambda: self.store.aincr(namespace, checked, batch_id=batch_id)
         )
         if ok and applied is not None:
             if applied:
                 self.local.added(namespace, checked)
             return applied
-        return self.local.incr(namespace, checked, sent_as if asked else batch_id)
+        return self.local.incr(namespace, checked, batch_id)
 
     def counters(self, namespace: str, keys: Iterable[str] | None = None) -> dict[str, float]:
         check_key(namespace, "namespace")
@@ -502,6 +509,25 @@ own write (its reply lost): other writers may have built on it since."""
 def _holds(record: Record | None, item: JournalPut) -> bool:
     """The store's record is this journal entry's write: the same bytes and encoding."""
     return record is not None and record.data == item.data and record.encoding == item.encoding
+
+
+_SEND_WINDOW = 60.0
+"""How long before the local write a plain put's unanswered send may have landed (its
+timeout, and clock skew between the writers)."""
+
+
+def _versions_below(latest: Record | None) -> range:
+    """The versions under the latest where a plain put whose reply was lost may have landed
+    before others wrote over it."""
+    if latest is None:
+        return range(0)
+    return range(latest.version - 1, max(0, latest.version - _OWN_WRITE_SEARCH), -1)
+
+
+def _sent_then(record: Record, item: JournalPut) -> bool:
+    """The record was written around the unanswered send, not long before: an old version
+    with the same bytes is not this write."""
+    return record.created_at >= item.made_at - _SEND_WINDOW
 
 
 def _own_write_versions(item: JournalPut, call: Call, conflict: VersionConflictError) -> range:
