@@ -548,7 +548,7 @@ class CircuitBreaker:
             if state is _OPEN:
                 return self._clock.now() < self._open_until
             if state is _HALF_OPEN:
-                return self._in_flight >= self._half_open_max
+                return self._in_flight >= self._half_open_max and not self._probes_lost()
             return True  # forced open
 
     def _acquire(self) -> bool:

@@ -201,6 +201,7 @@ class SharedCircuitBreaker(SharedBreakerView):
                 self._adopt(self._link.run(lua.PROBE, self._keys, args))
         except StoreUnavailableError as error:
             self._link.degrade(error)
+            self.carry(ticket)  # Redis did not take the report: the local breaker decides
             if outcome == "release":
                 super().release()
             elif outcome == "fail":

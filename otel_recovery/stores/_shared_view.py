@@ -40,6 +40,7 @@ from typing import Any
 from otel_recovery._clock import SYSTEM_CLOCK, Duration, to_seconds
 from otel_recovery._forksafe import new_lock
 from otel_recovery.policies._counting import peek
+from otel_recovery.policies._probe_permits import grant, take
 from otel_recovery.policies._windows import TimeWindow
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
 from otel_recovery.stores import _shared_lua as lua
@@ -72,6 +73,7 @@ class SharedBreakerView(CircuitBreaker):
 
     __slots__ = (
         "_ask",
+        "_carried",
         "_cf_base",
         "_gen",
         "_id",
@@ -112,6 +114,7 @@ class SharedBreakerView(CircuitBreaker):
         self._slow_oks = itertools.count()
         self._slow_sent = 0
         self._permits: dict[int, tuple[str, str | None]] = {}  # ticket -> (permit, generation)
+        self._carried: set[int] = set()  # tickets of Redis's permits, now the local breaker's
         self._permit_ids = itertools.count()
         self._id = uuid.uuid4().hex[:12] + ":"
         self._next_ask = -math.inf
@@ -263,7 +266,13 @@ class SharedBreakerView(CircuitBreaker):
             if not self._remote:
                 return
             self._remote = False
-            self._in_flight = len(self._permits) if self._state is _HALF_OPEN else 0
+            # Probes out on permits from Redis stay probes of the local half-open breaker:
+            # their holders' outcomes decide it, and nobody joins them before the lease.
+            half_open = self._state is _HALF_OPEN
+            self._carried = set(self._permits) if half_open else set()
+            self._in_flight = len(self._carried)
+            if self._carried:
+                self._probe_granted_at = self._clock.now()
             self._permits.clear()
             self._probe_successes = 0
             if self._window is not None:
@@ -271,6 +280,30 @@ class SharedBreakerView(CircuitBreaker):
             self._cf_base = self._consecutive_failures
             self._ok_base = peek(self._fast_successes)
             self._pending_manual = None
+
+    def _take_probe(self) -> int | None:
+        """As the local breaker's, also taking a permit carried over from Redis."""
+        carried = self._carried
+        if not carried:
+            return super()._take_probe()
+        period = self._period
+        ticket = take(self._serial, lambda held: held == period or held in carried)
+        if ticket is not None:
+            carried.discard(ticket)
+        return ticket
+
+    def carry(self, ticket: int) -> None:
+        """A probe whose report Redis did not take: the local breaker decides on it (lock
+        held by the caller or not needed: the member is local now)."""
+        with self._lock:
+            if self._state is _HALF_OPEN and not self._remote:
+                self._carried.add(ticket)
+                self._in_flight += 1
+                grant(self._serial, ticket)
+
+    def _enter(self, to_state: CircuitState) -> None:
+        super()._enter(to_state)
+        self._carried = set()  # permits of a period that is over
 
     def resync(self) -> None:
         """Push the outage's local outcomes, then adopt the shared state (see the module doc)."""

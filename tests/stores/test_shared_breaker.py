@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 
 import pytest
@@ -331,6 +332,39 @@ def test_a_redis_restart_degrades_to_local_state_and_resyncs(volatile_redis, cap
     raw = redis.Redis.from_url(volatile_redis.url)
     assert raw.hget("fleet:cb:db", "why") == b"local_trip"
     raw.close()
+
+
+def _probe_out_when_redis_goes(volatile_redis, name):
+    breaker = CircuitBreaker(
+        1, 0.5, name=name, store=f"{volatile_redis.url}?prefix=probe:", sync_interval=60
+    )
+    breaker.record_failure()
+    time.sleep(0.6)  # the shared open time, on Redis's clock too
+    assert breaker.can_execute() and breaker.state is CircuitState.HALF_OPEN  # from Redis
+    volatile_redis.stop()
+    return breaker
+
+
+def test_a_probe_out_when_redis_goes_stays_the_only_probe_and_decides(volatile_redis):
+    breaker = _probe_out_when_redis_goes(volatile_redis, "probe-out")
+    breaker.go_local()  # what the link does when it finds Redis gone
+    others: list[bool] = []
+    threads = [threading.Thread(target=lambda: others.append(breaker.can_execute()))]
+    threads += [threading.Thread(target=lambda: others.append(breaker.can_execute()))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert others == [False, False]  # nobody joins the stalled probe
+    breaker.record_failure()  # the probe's own outcome decides
+    assert breaker.state is CircuitState.OPEN
+
+
+def test_a_probe_whose_report_redis_refuses_is_decided_locally(volatile_redis):
+    breaker = _probe_out_when_redis_goes(volatile_redis, "probe-report")
+    breaker.record_failure()  # Redis is gone as the failure is reported
+    assert not breaker.shared and breaker.state is CircuitState.OPEN
+    assert not breaker.can_execute()
 
 
 def test_a_redis_that_stops_answering_costs_a_caller_one_bounded_wait(volatile_redis):
