@@ -75,6 +75,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -346,10 +347,7 @@ class PostgresStore(Plans):
         entry = self._loop_entry(asyncio.get_running_loop())
         lock = entry.lock
         if lock.locked():
-            try:
-                await asyncio.wait_for(lock.acquire(), self.operation_timeout)
-            except asyncio.TimeoutError:
-                raise self._busy() from None
+            await self._wait_turn(lock)
         else:
             await lock.acquire()
         try:
@@ -383,6 +381,23 @@ class PostgresStore(Plans):
                 return result
         finally:
             lock.release()
+
+    async def _wait_turn(self, lock: asyncio.Lock) -> None:
+        """Take the loop's connection lock within the operation timeout. Not with
+        asyncio.wait_for, where Python 3.11 and 3.12 can: a task cancelled just as the lock
+        came would return normally and run its write anyway (``asyncio.timeout`` keeps the
+        cancellation; 3.10 has only wait_for)."""
+        if sys.version_info >= (3, 11):
+            try:
+                async with asyncio.timeout(self.operation_timeout):
+                    await lock.acquire()
+            except TimeoutError:
+                raise self._busy() from None
+            return
+        try:  # pragma: no cover - Python 3.10
+            await asyncio.wait_for(lock.acquire(), self.operation_timeout)
+        except asyncio.TimeoutError:  # pragma: no cover - Python 3.10
+            raise self._busy() from None
 
     async def _async_connection(
         self, entry: _LoopConnection, deadline: float

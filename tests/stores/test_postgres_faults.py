@@ -562,3 +562,22 @@ def test_psycopg_connection_errors_are_unavailable(table: str) -> None:
         store.get("job")
     with pytest.raises(StoreUnavailableError):
         asyncio.run(store.aget("job"))
+
+
+async def test_a_task_cancelled_as_the_connection_comes_free_is_cancelled(table: str) -> None:
+    """Waiting for the loop's connection went through asyncio.wait_for, which (Python 3.11)
+    returns normally when the cancellation lands just after the lock was handed over: the
+    write of a task its caller had cancelled still ran."""
+    store = _store(table)
+    await store.aget("warm")
+    entry = store._loop_entry(asyncio.get_running_loop())
+    await entry.lock.acquire()  # another operation holds the connection
+    waiting = asyncio.create_task(store.aput("k", b'"from a cancelled task"'))
+    for _ in range(3):
+        await asyncio.sleep(0)  # it waits for the lock
+    entry.lock.release()  # the lock goes to it ...
+    waiting.cancel()  # ... and it is cancelled before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await store.aget("k") is None
+    await store.aclose()
