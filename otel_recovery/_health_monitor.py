@@ -9,7 +9,9 @@ runs every registered ``health_check`` every ``interval`` seconds and keeps, per
 - **Flapping is damped.** A service counts as down after ``unhealthy_after`` failed checks in
   a row and as up again after ``healthy_after`` passing ones (both 1 by default). Until its
   first verdict a service is unknown (``healthy is None``). A check that raises, answers
-  falsy, or takes longer than ``check_timeout`` (default: the interval) fails.
+  falsy, or takes longer than ``check_timeout`` (default: the interval) fails. A sync check
+  runs in a worker thread (``asyncio.to_thread``), so a blocking ping is bounded too and
+  never stalls the event loop; a thread stuck in one is left to finish on its own.
 - **Every change is reported**, and only changes: one ``otel_recovery.health.changed`` event
   per service that changed, on one ``service_health`` span per round that had any (status
   ERROR when a service went down); a warning or info log line; and ``on_change(health)``
@@ -27,6 +29,7 @@ next one runs. Time comes from the orchestrator's clock, so tests drive it with 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -154,8 +157,15 @@ class HealthMonitor:
         return self.status
 
     async def _probe(self, check: Callable[[], Any]) -> bool:
+        async def answer() -> Any:
+            if inspect.iscoroutinefunction(check):
+                return await check()
+            # A sync check (a blocking ping) runs in a worker thread: bounded by the check
+            # timeout like any other, it never stalls the event loop it would share.
+            return await resolve(await asyncio.to_thread(check))
+
         try:
-            return bool(await asyncio.wait_for(resolve(check()), self.check_timeout))
+            return bool(await asyncio.wait_for(answer(), self.check_timeout))
         except Exception:  # raising, or too slow (asyncio.TimeoutError): down
             return False
 

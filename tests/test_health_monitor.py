@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 from opentelemetry.trace import StatusCode
@@ -93,11 +94,29 @@ async def test_a_check_that_raises_or_hangs_counts_as_down(orchestrator):
     def raises() -> bool:
         raise ConnectionError("refused")
 
+    def blocks() -> bool:  # a sync ping that hangs: it must neither pass nor stall the loop
+        time.sleep(0.5)
+        return True
+
     orchestrator.register_service("slow", health_check=hangs)
     orchestrator.register_service("broken", health_check=raises)
+    orchestrator.register_service("blocking", health_check=blocks)
     monitor = orchestrator.monitor(interval=10, check_timeout=0.05)  # real time: the point
+    ticks = 0
+
+    async def ticking() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(ticking())
+    started = time.monotonic()
     await asyncio.wait_for(monitor.check_once(), 5)
-    assert _states(monitor) == {"slow": False, "broken": False}
+    took = time.monotonic() - started
+    ticker.cancel()
+    assert _states(monitor) == {"slow": False, "broken": False, "blocking": False}
+    assert took < 0.4 and ticks >= 2  # the loop kept running meanwhile
 
 
 async def test_what_went_down_is_recovered_in_dependency_order(orchestrator, fake_clock):
