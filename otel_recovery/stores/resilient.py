@@ -151,12 +151,22 @@ class ResilientStore:
             self._resyncing = True
             return True
 
-    def _failed_resync(self, rest: builtins.list[Work], error: StoreUnavailableError) -> bool:
+    def _failed_resync(self, rest: builtins.list[Work], error: BaseException) -> bool:
+        """The replay stopped at ``rest[0]``: keep it and what follows, in order, for the
+        next probe. A failure other than the store being unreachable (a store's own bug,
+        or the caller's cancellation, which is raised on) loses nothing either."""
         self.local.give_back(rest)
         with self._mode:
             self._resyncing = False
             self._next_probe = self.clock.now() + self.retry_interval
-        _log.debug("otel_recovery: store %s still unreachable: %s", self.url, error)
+        if isinstance(error, StoreUnavailableError):
+            _log.debug("otel_recovery: store %s still unreachable: %s", self.url, error)
+        elif isinstance(error, Exception):
+            _log.warning(
+                "otel_recovery: replaying local changes to store %s failed (%s: %s); they "
+                "are kept and replayed at the next attempt",
+                self.url, type(error).__name__, redact(str(error)),
+            )  # fmt: skip
         return False
 
     def _settled(self) -> bool:
@@ -193,6 +203,12 @@ class ResilientStore:
                 except StoreUnavailableError as error:
                     self.local.sent_unanswered(item)
                     return self._failed_resync(work[index:], error)
+                except BaseException as error:  # a store's bug, or cancelled: keep the rest
+                    self.local.sent_unanswered(item)
+                    self._failed_resync(work[index:], error)
+                    if not isinstance(error, Exception):
+                        raise
+                    return False
                 self.local.replayed_one(item, result)
             if self._settled():
                 return True
@@ -206,6 +222,12 @@ class ResilientStore:
                 except StoreUnavailableError as error:
                     self.local.sent_unanswered(item)
                     return self._failed_resync(work[index:], error)
+                except BaseException as error:  # a store's bug, or cancelled: keep the rest
+                    self.local.sent_unanswered(item)
+                    self._failed_resync(work[index:], error)
+                    if not isinstance(error, Exception):
+                        raise
+                    return False
                 self.local.replayed_one(item, result)
             if self._settled():
                 return True

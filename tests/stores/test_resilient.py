@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -434,3 +435,55 @@ def test_an_unreachable_postgres_is_reported_without_its_password(fake_clock):
     checkpoints = Checkpoints(url, clock=fake_clock)
     assert checkpoints.save("job", [1]) == 1  # degraded, kept locally
     assert checkpoints.load("job").state == [1]
+
+
+def test_a_replay_that_meets_a_stores_bug_loses_nothing(store, inner, fake_clock, caplog):
+    inner.down = True
+    store.put("a", b"1")
+    store.put("b", b"2")
+    inner.down = False
+    real_put = inner.put
+    calls = 0
+
+    def broken_once(key, data, **options):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("a bug in a third-party store")
+        return real_put(key, data, **options)
+
+    inner.put = broken_once
+    fake_clock.advance(5)
+    with caplog.at_level(logging.WARNING, logger="otel_recovery"):
+        assert not store.resync()  # stopped at "b", which is kept
+    assert "they are kept" in caplog.text and store.degraded
+    fake_clock.advance(5)
+    assert store.resync()
+    assert (inner.get("a").data, inner.get("b").data) == (b"1", b"2")
+
+
+async def test_a_replay_cancelled_midway_loses_nothing_and_can_run_again(store, inner, fake_clock):
+    inner.down = True
+    await store.aput("a", b"1")
+    await store.aput("b", b"2")
+    inner.down = False
+    stalled = asyncio.Event()
+    real_aput = inner.aput
+
+    async def slow_aput(key, data, **options):
+        if key == "b":
+            await stalled.wait()
+        return await real_aput(key, data, **options)
+
+    inner.aput = slow_aput
+    fake_clock.advance(5)
+    replaying = asyncio.create_task(store.aresync())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    replaying.cancel()  # the request that probed is cancelled while "b" is replayed
+    with pytest.raises(asyncio.CancelledError):
+        await replaying
+    inner.aput = real_aput
+    fake_clock.advance(5)
+    assert await store.aresync()  # not stuck "resyncing", and "b" was kept
+    assert (inner.get("a").data, inner.get("b").data) == (b"1", b"2")
