@@ -29,6 +29,7 @@ next one runs. Time comes from the orchestrator's clock, so tests drive it with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ from opentelemetry.trace import Status, StatusCode
 from otel_recovery._clock import Clock, Duration, to_seconds
 from otel_recovery._interaction_support import activated, resolve, start_span, tracer_of
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
+from otel_recovery.telemetry import Telemetry, get_telemetry
 from otel_recovery.telemetry import attributes as names
 
 if TYPE_CHECKING:
@@ -49,10 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["HealthMonitor", "ServiceHealth"]
 
 _log = logging.getLogger("otel_recovery")
-
-SPAN_NAME = "service_health"
-EVENT_CHANGED = "otel_recovery.health.changed"
-ATTRIBUTE_HEALTHY = "otel_recovery.health.healthy"
 
 
 @dataclass(frozen=True)
@@ -118,6 +116,11 @@ class HealthMonitor:
         self.last_recovery: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        telemetry = orchestrator.interaction.telemetry
+        if telemetry is not False:
+            with contextlib.suppress(Exception):  # telemetry never stops the monitor
+                chosen = telemetry if isinstance(telemetry, Telemetry) else get_telemetry()
+                chosen.metrics.track_health(self)
 
     @property
     def status(self) -> dict[str, ServiceHealth]:
@@ -194,12 +197,12 @@ class HealthMonitor:
 
     def _report(self, changed: list[ServiceHealth]) -> None:
         tracer = tracer_of(self.orchestrator.interaction.telemetry)
-        span = start_span(tracer, SPAN_NAME, {}, self.clock)
+        span = start_span(tracer, names.HEALTH_SPAN, {}, self.clock)
         with activated(span, tracer):
             for health in changed:
                 span.add_event(
-                    EVENT_CHANGED,
-                    {names.SERVICE_ID: health.service, ATTRIBUTE_HEALTHY: bool(health.healthy)},
+                    names.EVENT_HEALTH_CHANGED,
+                    {names.SERVICE_ID: health.service, names.HEALTH_HEALTHY: bool(health.healthy)},
                 )
                 if health.healthy:
                     _log.info("otel_recovery: service %r is healthy", health.service)

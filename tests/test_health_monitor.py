@@ -70,6 +70,21 @@ async def test_each_change_is_reported_once(orchestrator, recovery_telemetry, ca
             for e in down.events] == [("database", False)]  # fmt: skip
 
 
+async def test_each_services_health_is_a_metric(orchestrator, recovery_telemetry):
+    db, cache = Service(), Service(up=False)
+    orchestrator.register_service("database", health_check=db.check)
+    orchestrator.register_service("cache", health_check=cache.check)
+    monitor = orchestrator.monitor(interval=10, unhealthy_after=2)
+    await monitor.check_once()
+    points = recovery_telemetry.metric_points("otel_recovery.service.health")
+    assert points == [({"otel_recovery.service.id": "database"}, 1)]  # cache: no verdict yet
+    await monitor.check_once()
+    points = recovery_telemetry.metric_points("otel_recovery.service.health")
+    assert sorted((p["otel_recovery.service.id"], v) for p, v in points) == [
+        ("cache", 0), ("database", 1),
+    ]  # fmt: skip
+
+
 async def test_flapping_is_damped(orchestrator):
     db = Service()
     orchestrator.register_service("database", health_check=db.check)

@@ -8,8 +8,8 @@ breaker, read by observable instruments at collection time. Instruments that are
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 from opentelemetry.metrics import (
     CallbackOptions,
@@ -28,6 +28,18 @@ from otel_recovery.telemetry import attributes as names
 __all__ = ["RecoveryMetrics"]
 
 _STATES: tuple[CircuitState, ...] = tuple(CircuitState)
+
+
+class _Health(Protocol):
+    @property
+    def healthy(self) -> bool | None: ...
+
+
+class HealthSource(Protocol):
+    """What a health monitor shows the metric (``otel_recovery.orchestration.HealthMonitor``)."""
+
+    @property
+    def status(self) -> Mapping[str, _Health]: ...
 
 
 def _duration_histogram(meter: Meter) -> Histogram:
@@ -85,6 +97,13 @@ class RecoveryMetrics:
             unit="{state}",
             description="1 for the current state of each circuit breaker, 0 for the others.",
         )
+        self._monitors: weakref.WeakSet[Any] = weakref.WeakSet()
+        meter.create_observable_up_down_counter(
+            names.METRIC_SERVICE_HEALTH,
+            callbacks=[self._observe_health],
+            unit="{service}",
+            description="1 while a monitored service is healthy, 0 while it is down.",
+        )
         meter.create_observable_counter(
             names.METRIC_BREAKER_CALLS,
             callbacks=[self._observe_calls],
@@ -96,6 +115,19 @@ class RecoveryMetrics:
         """Report this breaker's state and call counts (held weakly)."""
         with self._lock:
             self._breakers.add(breaker)
+
+    def track_health(self, monitor: HealthSource) -> None:
+        """Report the services a health monitor watches (held weakly)."""
+        with self._lock:
+            self._monitors.add(monitor)
+
+    def _observe_health(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            monitors: list[HealthSource] = list(self._monitors)
+        for monitor in monitors:
+            for name, health in monitor.status.items():
+                if health.healthy is not None:
+                    yield Observation(int(health.healthy), {names.SERVICE_ID: name})
 
     def _tracked(self) -> list[CircuitBreaker]:
         with self._lock:

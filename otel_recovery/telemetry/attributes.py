@@ -109,6 +109,10 @@ HEAL_OUTCOME: Final = "otel_recovery.heal.outcome"
 HEAL_DETAIL: Final = "otel_recovery.heal.detail"
 EVENT_ORCHESTRATION_SERVICE: Final = "otel_recovery.orchestration.service"
 ORCHESTRATION_SERVICES: Final = "otel_recovery.orchestration.services"
+HEALTH_SPAN: Final = "service_health"
+"""A health-monitoring round in which a service's health changed."""
+EVENT_HEALTH_CHANGED: Final = "otel_recovery.health.changed"
+HEALTH_HEALTHY: Final = "otel_recovery.health.healthy"
 
 # Span events.
 EVENT_ATTEMPT_FAILED: Final = "otel_recovery.attempt.failed"
@@ -145,6 +149,8 @@ METRIC_BREAKER_TRANSITIONS: Final = "otel_recovery.circuit_breaker.transitions"
 METRIC_BREAKER_CALLS: Final = "otel_recovery.circuit_breaker.calls"
 METRIC_FALLBACK_INVOCATIONS: Final = "otel_recovery.fallback.invocations"
 METRIC_ANOMALIES: Final = "otel_recovery.anomalies"
+METRIC_SERVICE_HEALTH: Final = "otel_recovery.service.health"
+"""1 while a monitored service is up, 0 while down (not reported before a first verdict)."""
 
 CALL_DURATION_BUCKETS: Final = (
     0.005,
