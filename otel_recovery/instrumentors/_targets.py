@@ -371,12 +371,25 @@ class TargetPolicy(RecoveryPolicy):
 
 
 class _Target:
-    __slots__ = ("breaker", "budget", "policies")
+    __slots__ = ("advisor", "breaker", "budget", "policies")
 
     def __init__(self, breaker: CircuitBreaker, budget: RetryBudget) -> None:
         self.breaker = breaker
         self.budget = budget
         self.policies: dict[tuple[object, ...], RecoveryPolicy] = {}
+        self.advisor: LearnedRetryAdvisor | None = None
+
+    def advisor_of(self, learner: StrategyLearner) -> LearnedRetryAdvisor:
+        """The target's one advisor, shared by its policies: it tells the learner the calls
+        the target's budget counted (each first attempt; the happy path does nothing more),
+        so the retry-ratio cap compares retries with real traffic. One per target, or each
+        policy's advisor would count the same calls again."""
+        if self.advisor is None:
+            budget = self.budget
+            self.advisor = LearnedRetryAdvisor(
+                learner, service=self.breaker.name, calls=lambda: budget.total_calls
+            )
+        return self.advisor
 
 
 class TargetPolicies:
@@ -616,7 +629,7 @@ class TargetPolicies:
             ),
             retry_after_cap=s.retry_after_cap,
             advisor=(
-                LearnedRetryAdvisor(self.learner, service=target.breaker.name)
+                target.advisor_of(self.learner)
                 if self.learner is not None and retry_allowed
                 else None
             ),

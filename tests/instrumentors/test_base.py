@@ -29,6 +29,7 @@ from otel_recovery.instrumentors._settings import (
 )
 from otel_recovery.instrumentors._targets import TargetPolicies, hold_back
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
+from otel_recovery.learning.strategy import StrategyLearner
 from otel_recovery.policies import FixedBackoff, Retry
 from otel_recovery.recover import RecoveryPolicy
 
@@ -448,6 +449,22 @@ def test_a_mend_that_fails_is_logged_once_and_the_call_goes_on(fake_clock, caplo
 
 
 # -- resend count --------------------------------------------------------------------------
+
+
+def test_with_learning_a_targets_policies_share_one_advisor_counting_its_calls(fake_clock):
+    """Each policy made its own advisor, told no calls: the learner's retry-ratio cap then
+    measured retries against failures alone (and blocked most retries of healthy, busy
+    targets). One advisor per target reads the calls the target's budget counts."""
+    learner = StrategyLearner(clock=fake_clock)
+    targets = TargetPolicies("http", RecoverySettings(), clock=fake_clock, learner=learner)
+    get = targets.policy_for("a.local", 443, "GET /", retry_allowed=True)
+    head = targets.policy_for("a.local", 443, "HEAD /", retry_allowed=True, timed=False)
+    other = targets.policy_for("b.local", 443, "GET /", retry_allowed=True)
+    assert get.retry.advisor is head.retry.advisor is not other.retry.advisor
+    advisor = get.retry.advisor
+    for _ in range(250):
+        get.budget.record_call()
+    assert advisor._new_calls() == 250 and advisor._new_calls() == 0  # each call told once
 
 
 def test_resend_count_is_stamped_on_http_client_spans_of_retries(fake_clock):
