@@ -42,7 +42,7 @@ from opentelemetry.trace import Status, StatusCode
 from otel_recovery._clock import Clock, Duration, to_seconds
 from otel_recovery._interaction_support import activated, resolve, start_span, tracer_of
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
-from otel_recovery.telemetry import Telemetry, get_telemetry
+from otel_recovery.telemetry import Telemetry, watch_health_globally
 from otel_recovery.telemetry import attributes as names
 
 if TYPE_CHECKING:
@@ -117,10 +117,11 @@ class HealthMonitor:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         telemetry = orchestrator.interaction.telemetry
-        if telemetry is not False:
-            with contextlib.suppress(Exception):  # telemetry never stops the monitor
-                chosen = telemetry if isinstance(telemetry, Telemetry) else get_telemetry()
-                chosen.metrics.track_health(self)
+        with contextlib.suppress(Exception):  # telemetry never stops the monitor
+            if isinstance(telemetry, Telemetry):
+                telemetry.metrics.track_health(self)
+            elif telemetry is not False:  # the process-wide one, now and after set_telemetry
+                watch_health_globally(self)
 
     @property
     def status(self) -> dict[str, ServiceHealth]:

@@ -216,3 +216,16 @@ async def test_starting_twice_and_bad_arguments_are_refused(orchestrator):
     ]:
         with pytest.raises((TypeError, ValueError), match=message):
             orchestrator.monitor(**bad)
+
+
+async def test_a_monitor_made_before_the_telemetry_changed_is_still_a_metric(fake_clock):
+    from otel_recovery.testing import capture_telemetry
+
+    orchestrator = RecoveryOrchestrator(ErrorRecoveryInteraction(clock=fake_clock))
+    db = Service()
+    orchestrator.register_service("database", health_check=db.check)
+    monitor = orchestrator.monitor(interval=10)  # before capture_telemetry's set_telemetry
+    await monitor.check_once()
+    with capture_telemetry() as captured:
+        points = captured.metric_points("otel_recovery.service.health")
+    assert points == [({"otel_recovery.service.id": "database"}, 1)]

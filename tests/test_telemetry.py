@@ -192,3 +192,31 @@ def test_a_broken_tracer_never_breaks_the_call(fake_clock, monkeypatch):
         retry=Retry(2, backoff=FixedBackoff(0)), telemetry=Broken(), clock=fake_clock
     )
     assert policy.call(failing(ConnectionError())) == "ok"
+
+
+def test_every_telemetry_of_one_meter_provider_reports_its_breakers():
+    """Each instrumentor given its own providers builds a Telemetry; the SDK keeps only the
+    first observable instrument of a name, so the second's breakers vanished."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otel_recovery.policies import CircuitBreaker
+    from otel_recovery.telemetry import Telemetry
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    first, second = Telemetry(meter_provider=provider), Telemetry(meter_provider=provider)
+    requests_breaker, redis_breaker = CircuitBreaker(name="requests"), CircuitBreaker(name="redis")
+    first.watch_breaker(requests_breaker)
+    second.watch_breaker(redis_breaker)
+    data = reader.get_metrics_data()
+    names_seen = {
+        point.attributes[names.BREAKER_NAME]
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == names.METRIC_BREAKER_STATE
+        for point in metric.data.data_points
+    }
+    assert names_seen == {"requests", "redis"}
+    provider.shutdown()

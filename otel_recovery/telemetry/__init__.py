@@ -21,7 +21,7 @@ from otel_recovery._clock import Clock
 from otel_recovery._forksafe import new_lock
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, StateTransition
 from otel_recovery.telemetry import attributes
-from otel_recovery.telemetry._metrics import RecoveryMetrics
+from otel_recovery.telemetry._metrics import HealthSource, RecoveryMetrics, metrics_for
 from otel_recovery.telemetry._tracing import CallTrace
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "get_telemetry",
     "set_telemetry",
     "watch_breaker_globally",
+    "watch_health_globally",
 ]
 
 
@@ -43,7 +44,7 @@ class Telemetry:
         meter_provider: MeterProvider | None = None,
     ) -> None:
         self.tracer = trace.get_tracer("otel_recovery", __about__.VERSION, tracer_provider)
-        self.metrics = RecoveryMetrics(meter_provider)
+        self.metrics: RecoveryMetrics = metrics_for(meter_provider)
         self._watched: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._watch_lock = new_lock()
 
@@ -90,6 +91,7 @@ class Telemetry:
 _default: Telemetry | None = None
 _lock = new_lock()
 _global_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+_global_monitors: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def get_telemetry() -> Telemetry:
@@ -100,8 +102,7 @@ def get_telemetry() -> Telemetry:
         with _lock:
             if _default is None:
                 _default = Telemetry()
-                for breaker in list(_global_breakers):
-                    _default.metrics.track(breaker)
+                _report_globals(_default)
             current = _default
     return current
 
@@ -116,8 +117,24 @@ def set_telemetry(telemetry: Telemetry | None) -> None:
     with _lock:
         _default = telemetry
         if telemetry is not None:
-            for breaker in list(_global_breakers):
-                telemetry.metrics.track(breaker)
+            _report_globals(telemetry)
+
+
+def _report_globals(telemetry: Telemetry) -> None:
+    """The breakers and health monitors that follow the process-wide telemetry (lock held)."""
+    for breaker in list(_global_breakers):
+        telemetry.metrics.track(breaker)
+    for monitor in list(_global_monitors):
+        telemetry.metrics.track_health(monitor)
+
+
+def watch_health_globally(monitor: HealthSource) -> None:
+    """Report a health monitor through whatever the process-wide telemetry is now or later
+    becomes (as :func:`watch_breaker_globally` does for a breaker)."""
+    with _lock:
+        _global_monitors.add(monitor)
+        current = _default
+    (current or get_telemetry()).metrics.track_health(monitor)
 
 
 def watch_breaker_globally(breaker: CircuitBreaker) -> None:

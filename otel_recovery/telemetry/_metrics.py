@@ -25,7 +25,7 @@ from otel_recovery._forksafe import new_lock
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
 from otel_recovery.telemetry import attributes as names
 
-__all__ = ["RecoveryMetrics"]
+__all__ = ["RecoveryMetrics", "metrics_for"]
 
 _STATES: tuple[CircuitState, ...] = tuple(CircuitState)
 
@@ -153,3 +153,29 @@ class RecoveryMetrics:
                 yield Observation(
                     value, {names.BREAKER_NAME: breaker.name, names.BREAKER_OUTCOME: outcome}
                 )
+
+
+_shared: weakref.WeakKeyDictionary[MeterProvider, RecoveryMetrics] = weakref.WeakKeyDictionary()
+_shared_global: list[RecoveryMetrics] = []
+_shared_lock = new_lock()
+
+
+def metrics_for(meter_provider: MeterProvider | None) -> RecoveryMetrics:
+    """The one :class:`RecoveryMetrics` of a meter provider (None: the global one).
+
+    An SDK meter provider keeps the first instrument of each name: observable instruments
+    made again for a second ``Telemetry`` on the same provider are dropped, with their
+    callbacks, so the breakers and monitors reported through them vanish from the metrics.
+    Every ``Telemetry`` of a provider therefore shares its instruments."""
+    with _shared_lock:
+        if meter_provider is None:
+            if not _shared_global:
+                _shared_global.append(RecoveryMetrics(None))
+            return _shared_global[0]
+        try:
+            found = _shared.get(meter_provider)
+        except TypeError:  # a provider that cannot be weakly referenced: not shared
+            return RecoveryMetrics(meter_provider)
+        if found is None:
+            found = _shared[meter_provider] = RecoveryMetrics(meter_provider)
+        return found
