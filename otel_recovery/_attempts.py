@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from otel_recovery._attempt import ATTEMPT
+from otel_recovery._attempt import AttemptTokens, enter_attempt, leave_attempt
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action
 from otel_recovery.classify import ErrorInfo
@@ -125,14 +125,14 @@ class Attempt:
         self._loop = loop
         self.number = number
         self._start = 0.0
-        self._token: object | None = None
+        self._token: AttemptTokens | None = None
         self._deadline_token: object | None = None
         self.finished = False
 
     def __enter__(self) -> Attempt:
         policy = self._loop.policy
         self._start = policy.clock.now()
-        self._token = ATTEMPT.set(self.number)
+        self._token = enter_attempt(self.number, resends=False)
         end = policy._attempt_end(self._start, self._loop.started)
         if end is not None:
             self._deadline_token = set_deadline(end)
@@ -145,7 +145,8 @@ class Attempt:
         traceback: TracebackType | None,
     ) -> bool:
         if self._token is not None:
-            ATTEMPT.reset(self._token)  # type: ignore[arg-type]
+            leave_attempt(self._token)
+            self._token = None
         if self._deadline_token is not None:
             reset_deadline(self._deadline_token)  # type: ignore[arg-type]
         self.finished = True

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar
 
-from otel_recovery._attempt import ATTEMPT
+from otel_recovery._attempt import enter_attempt, leave_attempt
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
@@ -278,7 +278,7 @@ class AsyncDriver(PolicyCore):
                     await clock.asleep(delay)
                 attempt += 1
                 attempt_start = clock.now()
-                attempt_token = ATTEMPT.set(attempt)
+                attempt_tokens = enter_attempt(attempt, self._marks_resends)
                 try:
                     result = await self._attempt(fn, args, kwargs, attempt_start, started)
                 except Exception as exc:
@@ -286,7 +286,7 @@ class AsyncDriver(PolicyCore):
                     self._learn(advice, success=False, seconds=took)
                     continue
                 finally:
-                    ATTEMPT.reset(attempt_token)
+                    leave_attempt(attempt_tokens)
                 self._record_outcome(None, None, clock.now() - attempt_start)
                 settled = True
                 self._learn(advice, success=True, seconds=clock.now() - attempt_start)

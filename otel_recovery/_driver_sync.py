@@ -16,7 +16,7 @@ from collections.abc import Callable
 from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar
 
-from otel_recovery._attempt import ATTEMPT
+from otel_recovery._attempt import enter_attempt, leave_attempt
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision
@@ -247,7 +247,7 @@ class SyncDriver(PolicyCore):
                 attempt_start = clock.now()
                 end = self._attempt_end(attempt_start, started)
                 token = set_deadline(end) if end is not None else None
-                attempt_token = ATTEMPT.set(attempt)
+                attempt_tokens = enter_attempt(attempt, self._marks_resends)
                 try:
                     result = fn(*args, **kwargs)
                 except Exception as exc:
@@ -255,7 +255,7 @@ class SyncDriver(PolicyCore):
                     self._learn(advice, success=False, seconds=took)
                     continue
                 finally:
-                    ATTEMPT.reset(attempt_token)
+                    leave_attempt(attempt_tokens)
                     if token is not None:
                         reset_deadline(token)
                 self._record_outcome(None, None, clock.now() - attempt_start)

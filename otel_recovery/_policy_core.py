@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
 from otel_recovery._engine import Decision, after_failure, after_rejection
@@ -110,6 +110,10 @@ class HappyPath(NamedTuple):
 
 class PolicyCore:
     """Configuration and the steps both drivers share; see ``RecoveryPolicy`` for the API."""
+
+    _marks_resends: ClassVar[bool] = False
+    """Its retries resend an HTTP request (an HTTP instrumentor's policy): they publish the
+    ``http.request.resend_count`` claim (:mod:`otel_recovery._attempt`)."""
 
     __slots__ = (
         "_attempt_limit",

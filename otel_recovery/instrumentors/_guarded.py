@@ -156,6 +156,7 @@ class GuardedPolicy(TargetPolicy):
     """
 
     __slots__ = ()
+    _marks_resends = False  # a Redis command or a statement is no HTTP resend
 
     def _clients_own(self, error: BaseException) -> bool:
         """Whether ``error`` is the client's own doing, not the server's (marked by

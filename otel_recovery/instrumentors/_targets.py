@@ -142,6 +142,7 @@ class TargetPolicy(RecoveryPolicy):
         "_rejection_type",
         "_timeout_type",
     )
+    _marks_resends = True  # the HTTP instrumentors' (Redis and SQL use GuardedPolicy)
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ breaker, read by observable instruments at collection time. Instruments that are
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -155,9 +156,9 @@ class RecoveryMetrics:
                 )
 
 
-_shared: weakref.WeakKeyDictionary[MeterProvider, RecoveryMetrics] = weakref.WeakKeyDictionary()
 _shared_global: list[RecoveryMetrics] = []
 _shared_lock = new_lock()
+_ATTRIBUTE = "_otel_recovery_metrics"
 
 
 def metrics_for(meter_provider: MeterProvider | None) -> RecoveryMetrics:
@@ -166,16 +167,18 @@ def metrics_for(meter_provider: MeterProvider | None) -> RecoveryMetrics:
     An SDK meter provider keeps the first instrument of each name: observable instruments
     made again for a second ``Telemetry`` on the same provider are dropped, with their
     callbacks, so the breakers and monitors reported through them vanish from the metrics.
-    Every ``Telemetry`` of a provider therefore shares its instruments."""
+    Every ``Telemetry`` of a provider therefore shares its instruments, kept on the provider
+    itself (they live and die with it)."""
     with _shared_lock:
         if meter_provider is None:
             if not _shared_global:
                 _shared_global.append(RecoveryMetrics(None))
             return _shared_global[0]
-        try:
-            found = _shared.get(meter_provider)
-        except TypeError:  # a provider that cannot be weakly referenced: not shared
-            return RecoveryMetrics(meter_provider)
-        if found is None:
-            found = _shared[meter_provider] = RecoveryMetrics(meter_provider)
-        return found
+        found = getattr(meter_provider, _ATTRIBUTE, None)
+        if isinstance(found, RecoveryMetrics):
+            return found
+        made = RecoveryMetrics(meter_provider)
+        # a provider that takes no attribute is not shared
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(meter_provider, _ATTRIBUTE, made)
+        return made

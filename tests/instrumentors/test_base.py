@@ -467,6 +467,71 @@ def test_with_learning_a_targets_policies_share_one_advisor_counting_its_calls(f
     assert advisor._new_calls() == 250 and advisor._new_calls() == 0  # each call told once
 
 
+class _HttpPolicy(RecoveryPolicy):
+    """A policy whose retries resend an HTTP request, as the HTTP instrumentors' are."""
+
+    __slots__ = ()
+    _marks_resends = True
+
+
+def _resend_counts(retrying: RecoveryPolicy, send: Any) -> list[tuple[str, Any]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    install_resend_processor(provider)
+    retrying.call(send, provider.get_tracer("contrib-like"))
+    return [
+        (s.name, s.attributes.get("http.request.resend_count"))
+        for s in exporter.get_finished_spans()
+    ]
+
+
+def _http_span(tracer: Any, name: str) -> Any:
+    return tracer.start_as_current_span(
+        name, kind=SpanKind.CLIENT, attributes={"http.request.method": "GET"}
+    )
+
+
+def test_a_request_made_in_a_retry_of_something_else_is_a_first_send(fake_clock):
+    """A recovered function, or a Redis command, retried: the HTTP request its second
+    attempt makes is sent for the first time, and read as a resend in Jaeger."""
+    failed: list[bool] = []
+
+    def work(tracer: Any) -> None:
+        with _http_span(tracer, "POST /pay"):
+            pass
+        if not failed:
+            failed.append(True)
+            raise ConnectionError("the function's own step failed")
+
+    plain = RecoveryPolicy(
+        retry=Retry(2, backoff=FixedBackoff(0)), clock=fake_clock, telemetry=False
+    )
+    assert _resend_counts(plain, work) == [("POST /pay", None), ("POST /pay", None)]
+
+
+def test_only_the_resent_requests_own_span_counts_the_resend(fake_clock):
+    """A request made inside the resent one (a hook's), or after it in the same attempt, is
+    a first send of its own."""
+    attempts: list[int] = []
+
+    def send(tracer: Any) -> None:
+        attempts.append(current_attempt())
+        with _http_span(tracer, "GET"):
+            with _http_span(tracer, "inside"):
+                pass
+        with _http_span(tracer, "after"):
+            pass
+        if len(attempts) < 2:
+            raise ConnectionError("reset")
+
+    http = _HttpPolicy(retry=Retry(2, backoff=FixedBackoff(0)), clock=fake_clock, telemetry=False)
+    assert _resend_counts(http, send) == [
+        ("inside", None), ("GET", None), ("after", None),
+        ("inside", None), ("GET", 1), ("after", None),
+    ]  # fmt: skip
+
+
 def test_resend_count_is_stamped_on_http_client_spans_of_retries(fake_clock):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -485,9 +550,7 @@ def test_resend_count_is_stamped_on_http_client_spans_of_retries(fake_clock):
         with tracer.start_as_current_span("db", kind=SpanKind.CLIENT):
             pass  # not HTTP: never stamped
 
-    policy = RecoveryPolicy(
-        retry=Retry(3, backoff=FixedBackoff(0)), clock=fake_clock, telemetry=False
-    )
+    policy = _HttpPolicy(retry=Retry(3, backoff=FixedBackoff(0)), clock=fake_clock, telemetry=False)
     policy.call(send)
     http = [s for s in exporter.get_finished_spans() if s.name == "GET"]
     assert [s.attributes.get("http.request.resend_count") for s in http] == [None, 1, 2]

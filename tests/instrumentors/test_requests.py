@@ -108,6 +108,30 @@ def test_503_then_429_then_200_recovers_with_one_client_span_per_attempt(
     assert [s.parent.span_id for s in clients[1:]] == [recovery.context.span_id] * 2
 
 
+def test_a_request_sent_once_in_a_recovered_functions_retry_is_no_resend(server, tel, instrument):
+    """The function failed before it sent anything; its second attempt's POST went out
+    once, and read as a resend in Jaeger."""
+    from otel_recovery import RecoveryPolicy, Retry
+    from otel_recovery.policies import FixedBackoff
+
+    instrument()
+    warm = server.script("/warm", hf.status(503), hf.ok())
+    assert requests.get(warm, timeout=2).status_code == 200  # a resend: the processor is in
+    url = server.script("/pay", hf.ok())
+    failed: list[bool] = []
+
+    def pay() -> requests.Response:
+        if not failed:
+            failed.append(True)
+            raise ConnectionError("the function's own step")
+        return requests.post(url, timeout=2)
+
+    policy = RecoveryPolicy(retry=Retry(2, backoff=FixedBackoff(0)), telemetry=False)
+    assert policy.call(pay).status_code == 200 and server.count("/pay") == 1
+    counts = [s.attributes.get("http.request.resend_count") for s in tel.clients()]
+    assert counts == [None, 1, None]  # the warm-up's two sends, then the POST
+
+
 def test_happy_path_adds_no_span_and_no_resend_count(server, tel, instrument):
     instrument()
     response = requests.get(server.script("/ok"), timeout=2)
