@@ -126,6 +126,10 @@ def bounded(value: object) -> str:
     return redact(text[: MAX_VALUE * 4])[:MAX_VALUE]
 
 
+_SPAN_OUTCOMES = {"failed": "failure", "circuit_open": "rejected"}
+"""The seed API's ``recovery_status`` values that the recovery spans name otherwise."""
+
+
 def context_attributes(ctx: Mapping[str, Any]) -> dict[str, str]:
     """Context keys as span attributes: stringified, redacted, at most 256 chars, 32 extras;
     the value of a key that names a secret (``password``, ``api_key``) is masked whole."""
@@ -330,7 +334,9 @@ def finish(
         "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
     }
     result.update(run.extra)
-    span.set_attribute(names.OUTCOME, outcome.status)
+    # The span speaks the library's outcome words (``failure``, ``rejected``), as every other
+    # recovery span does, so one search finds them all; the result keeps the seed's.
+    span.set_attribute(names.OUTCOME, _SPAN_OUTCOMES.get(outcome.status, outcome.status))
     span.set_attribute(names.ATTEMPTS, run.calls)
     if outcome.status != "success":
         result["reason"] = outcome.reason or outcome.status
