@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno as _errno
 import re
 import socket
+import sys
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -258,10 +259,33 @@ _PROFILES: dict[type, TypeProfile] = {}
 
 
 def error_type_of(tp: type) -> str:
-    """OTel ``exception.type`` style: bare qualname for builtins, ``module.qualname`` otherwise."""
+    """OTel ``exception.type`` style: bare qualname for builtins, ``module.qualname`` otherwise.
+
+    A class defined in a private module (``asyncpg.exceptions._base.InterfaceError``,
+    ``httpx._exceptions.ConnectError``) is named where its library exports it
+    (``asyncpg.exceptions.InterfaceError``, ``httpx.ConnectError``): the name users know and
+    contrib's spans use, and one that survives the library moving its internals."""
     module = getattr(tp, "__module__", None)
     qualname = str(getattr(tp, "__qualname__", None) or getattr(tp, "__name__", "?"))
-    return qualname if module in (None, "builtins") else f"{module}.{qualname}"
+    if module in (None, "builtins"):
+        return qualname
+    return f"{_public_module(str(module), qualname, tp)}.{qualname}"
+
+
+def _public_module(module: str, qualname: str, tp: type) -> str:
+    """The nearest enclosing public module that exports ``tp`` under its own name; the
+    module itself if it is public, or if no public one does."""
+    parts = module.split(".")
+    if not any(part.startswith("_") for part in parts) or "." in qualname:
+        return module
+    for end in range(len(parts) - 1, 0, -1):
+        candidate = parts[:end]
+        if any(part.startswith("_") for part in candidate):
+            continue
+        name = ".".join(candidate)
+        if getattr(sys.modules.get(name), qualname, None) is tp:
+            return name
+    return module
 
 
 def profile_of(tp: type) -> TypeProfile:

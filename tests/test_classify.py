@@ -955,3 +955,17 @@ def test_hostile_exceptions_do_not_break_classification(c: Classifier) -> None:
 def test_plain_2xx_status_is_not_retryable(c: Classifier) -> None:
     info = c.classify_status(200)
     assert (info.category, info.retryable, info.severity) == (Cat.UNKNOWN, False, Sev.LOW)
+
+
+def test_an_error_type_is_named_where_its_library_exports_it():
+    """``asyncpg.exceptions._base.InterfaceError`` on our metric, ``InterfaceError`` on
+    contrib's span: a private module path is an implementation detail, and differed between
+    a span and its metric."""
+    import asyncpg
+    import httpx
+
+    assert classify(asyncpg.exceptions.InterfaceError("x")).error_type == (
+        "asyncpg.exceptions.InterfaceError"
+    )
+    assert classify(httpx.ConnectError("x")).error_type == "httpx.ConnectError"
+    assert classify(ValueError("x")).error_type == "ValueError"
