@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -328,6 +329,27 @@ def _check_response(response: object, what: str) -> None:
             "headers and no line breaks in them, for instance "
             f"(503, [('content-type', 'text/plain')], b'try later'); got {response!r}"
         )
+
+
+_ID_SEGMENT = re.compile(
+    r"\d+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"|[0-9a-fA-F-]{16,}|(?=[^/]*\d)[^/]{24,}"
+)
+"""A path segment that names one resource rather than a route: a number, a UUID, a long hex
+string, or a long token with a digit in it (a JWT, a signed reset link's secret)."""
+
+
+def route_template(method: str, path: str) -> str:
+    """``"GET /orders/{id}"`` for ``GET /orders/42``: the default route of both middlewares.
+
+    A route is a breaker, and a breaker's name is a metric attribute: raw paths would make a
+    breaker per order (up to ``max_routes``, then none) and put ids and tokens in metrics,
+    as HTTP semantic conventions forbid for ``http.route``. Pass ``route=`` for your
+    framework's own templates."""
+    segments = [
+        "{id}" if _ID_SEGMENT.fullmatch(segment) else segment for segment in path.split("/")
+    ]
+    return f"{method} {'/'.join(segments) or '/'}"
 
 
 class GuardedApp:

@@ -51,6 +51,7 @@ from otel_recovery.middleware._guard import (
     Options,
     Response,
     may_repeat,
+    route_template,
     shed,
 )
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
@@ -70,8 +71,8 @@ class RecoveryMiddleware(GuardedApp):
 
     @staticmethod
     def default_route(scope: Scope) -> str:
-        """``"GET /orders/42"``: pass ``route=`` to group paths with ids in them."""
-        return f"{scope.get('method', 'GET')} {scope.get('path', '/')}"
+        """``"GET /orders/{id}"`` for ``/orders/42`` (:func:`route_template`)."""
+        return route_template(str(scope.get("method", "GET")), str(scope.get("path", "/")))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":

@@ -28,6 +28,7 @@ from otel_recovery.middleware._guard import (
     Options,
     Response,
     may_repeat,
+    route_template,
     shed,
 )
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
@@ -46,8 +47,9 @@ class RecoveryMiddleware(GuardedApp):
 
     @staticmethod
     def default_route(environ: Environ) -> str:
-        """``"GET /orders/42"``: pass ``route=`` to group paths with ids in them."""
-        return f"{environ.get('REQUEST_METHOD', 'GET')} {environ.get('PATH_INFO', '') or '/'}"
+        """``"GET /orders/{id}"`` for ``/orders/42`` (:func:`route_template`)."""
+        method = str(environ.get("REQUEST_METHOD", "GET"))
+        return route_template(method, str(environ.get("PATH_INFO", "") or "/"))
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         options = self._options

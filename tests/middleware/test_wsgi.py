@@ -211,3 +211,20 @@ def test_one_breaker_for_every_route_and_a_status_predicate():
 
 def test_the_package_re_exports_the_wsgi_middleware():
     assert WSGIRecoveryMiddleware is RecoveryMiddleware
+
+
+def test_paths_with_ids_share_their_routes_breaker_by_default():
+    """A breaker per raw path made one per order (up to max_routes, then none) and put ids
+    and tokens in the breaker metrics' names."""
+    middleware = RecoveryMiddleware(App())
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+    with _client(middleware) as client:
+        for order in range(300):
+            assert client.get(f"/orders/{order}").status_code == 200
+        client.get("/users/550e8400-e29b-41d4-a716-446655440000/cart")
+        client.get(f"/reset/{token}")
+        client.get("/v1/quotes")
+    assert sorted(middleware.breakers._breakers) == [
+        "GET /orders/{id}", "GET /reset/{id}", "GET /users/{id}/cart", "GET /v1/quotes",
+    ]  # fmt: skip
+    assert middleware.breakers["GET /orders/{id}"].snapshot().successful_calls == 300
