@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import time
+from collections.abc import Awaitable
 from datetime import timedelta
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from otel_recovery._trio import running_trio
 
-__all__ = ["SYSTEM_CLOCK", "Clock", "Duration", "MonotonicClock", "async_sleep", "to_seconds"]
+__all__ = [
+    "SYSTEM_CLOCK",
+    "Clock",
+    "Duration",
+    "MonotonicClock",
+    "async_sleep",
+    "to_seconds",
+    "within",
+]
 
 Duration = float | int | timedelta
 """Every time parameter accepts float seconds or a :class:`datetime.timedelta`."""
@@ -51,6 +61,22 @@ async def async_sleep(seconds: float) -> None:
         await trio.sleep(seconds)
     else:
         await asyncio.sleep(seconds)
+
+
+_T = TypeVar("_T")
+
+
+async def within(seconds: float, awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` for at most ``seconds`` (``asyncio.TimeoutError`` past them),
+    keeping a cancellation that lands just as it finishes.
+
+    ``asyncio.wait_for`` before Python 3.12 returns normally then, and the cancelled task
+    goes on (writes what its caller had given up on): ``asyncio.timeout`` (3.11+) does not.
+    Python 3.10 has only ``wait_for``."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
 
 
 class MonotonicClock:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Status, StatusCode
 
-from otel_recovery._clock import Clock, Duration, to_seconds
+from otel_recovery._clock import Clock, Duration, to_seconds, within
 from otel_recovery._interaction_support import activated, resolve, start_span, tracer_of
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.telemetry import Telemetry, watch_health_globally
@@ -169,7 +169,7 @@ class HealthMonitor:
             return await resolve(await asyncio.to_thread(check))
 
         try:
-            return bool(await asyncio.wait_for(answer(), self.check_timeout))
+            return bool(await within(self.check_timeout, answer()))
         except Exception:  # raising, or too slow (asyncio.TimeoutError): down
             return False
 

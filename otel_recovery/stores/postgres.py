@@ -75,7 +75,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -86,7 +85,7 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, within
 from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import (
@@ -383,20 +382,12 @@ class PostgresStore(Plans):
             lock.release()
 
     async def _wait_turn(self, lock: asyncio.Lock) -> None:
-        """Take the loop's connection lock within the operation timeout. Not with
-        asyncio.wait_for, where Python 3.11 and 3.12 can: a task cancelled just as the lock
-        came would return normally and run its write anyway (``asyncio.timeout`` keeps the
-        cancellation; 3.10 has only wait_for)."""
-        if sys.version_info >= (3, 11):
-            try:
-                async with asyncio.timeout(self.operation_timeout):
-                    await lock.acquire()
-            except TimeoutError:
-                raise self._busy() from None
-            return
-        try:  # pragma: no cover - Python 3.10
-            await asyncio.wait_for(lock.acquire(), self.operation_timeout)
-        except asyncio.TimeoutError:  # pragma: no cover - Python 3.10
+        """Take the loop's connection lock within the operation timeout, keeping a
+        cancellation that lands as the lock comes (:func:`~otel_recovery._clock.within`): a
+        task cancelled then must not run its write anyway."""
+        try:
+            await within(self.operation_timeout, lock.acquire())
+        except asyncio.TimeoutError:
             raise self._busy() from None
 
     async def _async_connection(

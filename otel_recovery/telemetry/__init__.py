@@ -91,7 +91,7 @@ class Telemetry:
 _default: Telemetry | None = None
 _lock = new_lock()
 _global_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-_global_monitors: weakref.WeakSet[Any] = weakref.WeakSet()
+_global_monitors: weakref.WeakSet[HealthSource] = weakref.WeakSet()
 
 
 def get_telemetry() -> Telemetry:

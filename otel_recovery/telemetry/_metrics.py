@@ -98,7 +98,7 @@ class RecoveryMetrics:
             unit="{state}",
             description="1 for the current state of each circuit breaker, 0 for the others.",
         )
-        self._monitors: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._monitors: weakref.WeakSet[HealthSource] = weakref.WeakSet()
         meter.create_observable_up_down_counter(
             names.METRIC_SERVICE_HEALTH,
             callbacks=[self._observe_health],
