@@ -118,7 +118,6 @@ class PolicyCore:
     __slots__ = (
         "_attempt_limit",
         "_deadline",
-        "_failure_attributes",
         "_good_lock",
         "_last_good",
         "_limits_attempts",
@@ -167,7 +166,6 @@ class PolicyCore:
         self._own_span = span == "own"
         # Attributes the trace of a call that ran and failed carries (an instrumentor says
         # there why its call was not retried); never a rejection's, which did not run.
-        self._failure_attributes: dict[str, Any] | None = None
         self.retry = retry
         self.breaker = breaker
         self.budget = budget
@@ -279,7 +277,7 @@ class PolicyCore:
                 fingerprint="0" * 16,
             )
 
-    def _trace(self, started: float, *, rejected: bool = False) -> CallTrace | None:
+    def _trace(self, started: float) -> CallTrace | None:
         """Open the recovery trace; a telemetry failure never breaks the call."""
         telemetry = self._telemetry
         if telemetry is False:
@@ -288,10 +286,7 @@ class PolicyCore:
             if telemetry is True:
                 telemetry = get_telemetry()
             assert isinstance(telemetry, Telemetry)
-            extra = None if rejected else self._failure_attributes
-            return telemetry.start_call(
-                self.name, started, self.clock, extra, own_span=self._own_span
-            )
+            return telemetry.start_call(self.name, started, self.clock, own_span=self._own_span)
         except Exception:
             return None
 
@@ -412,7 +407,7 @@ class PolicyCore:
         self, error: BaseException, started: float
     ) -> tuple[ErrorInfo, CallTrace | None]:
         info = self._classify(error)
-        trace = self._trace(started, rejected=True)
+        trace = self._trace(started)
         if trace is not None:
             trace.rejected("rejected", _component(error), getattr(error, "retry_after", None))
         return info, trace

@@ -220,3 +220,46 @@ def test_every_telemetry_of_one_meter_provider_reports_its_breakers():
     }
     assert names_seen == {"requests", "redis"}
     provider.shutdown()
+
+
+def test_breakers_sharing_a_name_add_up_and_unnamed_ones_are_pointed_out(caplog):
+    """Breakers are told apart by name only. Two unnamed breakers (two dependencies) merged
+    silently into one "default" series, added up or not depending on the SDK release."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otel_recovery.policies import CircuitBreaker
+    from otel_recovery.telemetry import Telemetry
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    telemetry = Telemetry(meter_provider=provider)
+    with caplog.at_level("WARNING", logger="otel_recovery.telemetry"):
+        payments, search = CircuitBreaker(), CircuitBreaker()
+        named_a, named_b = CircuitBreaker(name="cache"), CircuitBreaker(name="cache")
+        for breaker in (payments, search, named_a, named_b):
+            telemetry.watch_breaker(breaker)
+        extra = CircuitBreaker()
+        telemetry.watch_breaker(extra)
+    told = [r.getMessage() for r in caplog.records if "no name" in r.getMessage()]
+    assert len(told) == 1, told  # once, and not for breakers named alike on purpose
+    assert "CircuitBreaker(name=...)" in told[0]
+    payments.record_success()
+    search.record_success()
+    search.force_open()
+    points: dict[tuple[str, str, str], int] = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    attrs = dict(point.attributes)
+                    detail = attrs.get(names.BREAKER_STATE) or attrs.get(names.BREAKER_OUTCOME)
+                    if detail is not None:
+                        points[(metric.name, str(attrs[names.BREAKER_NAME]), str(detail))] = (
+                            point.value
+                        )
+    assert points[(names.METRIC_BREAKER_STATE, "default", "closed")] == 2  # payments, extra
+    assert points[(names.METRIC_BREAKER_STATE, "default", "forced_open")] == 1
+    assert points[(names.METRIC_BREAKER_STATE, "cache", "closed")] == 2
+    assert points[(names.METRIC_BREAKER_CALLS, "default", "successful")] == 2
+    provider.shutdown()

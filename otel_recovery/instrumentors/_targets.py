@@ -164,13 +164,12 @@ class TargetPolicy(RecoveryPolicy):
         # a call that may never be repeated stops because it may not be, as one whose
         # repeats are allowed only after some failures does on the others (not because its
         # one attempt was used up: the same POST would say two things by the settings)
-        self._never_repeated = False
+        self._never_repeated: str | None = None
         if disallowed is not None and isinstance(self.retry, _NeverRanRetry):
             # retried after some failures: said only when it stops on one that may have run
             self._disallowed = disallowed
-        elif disallowed is not None:
-            self._failure_attributes = {RETRY_DISALLOWED: disallowed}
-            self._never_repeated = True
+        else:
+            self._never_repeated = disallowed
 
     def _after_failure(self, error: BaseException, args: tuple[Any, ...]) -> None:
         mend = self._mend
@@ -303,13 +302,20 @@ class TargetPolicy(RecoveryPolicy):
         if trace is None:
             return
         retry = self.retry
+        # only where a retry could have mended it: a non-transient error (a WRONGTYPE) is
+        # not retried for its own reason, which the classification gives
+        why = self._never_repeated if info.retryable else None
         if (
-            self._disallowed is not None
+            why is None
+            and info.retryable
+            and self._disallowed is not None
             and isinstance(retry, _NeverRanRetry)
             and not retry.proves_never_ran(error)
         ):
+            why = self._disallowed
+        if why is not None and not isinstance(error, CircuitOpenError):
             try:
-                trace.span.set_attribute(RETRY_DISALLOWED, self._disallowed)
+                trace.span.set_attribute(RETRY_DISALLOWED, why)
             except Exception:  # telemetry must never replace the caller's error
                 return
         retries, attribute = client_retries(error), HTTP_CLIENT_RETRIES

@@ -8,6 +8,7 @@ breaker, read by observable instruments at collection time. Instruments that are
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -29,6 +30,8 @@ from otel_recovery.telemetry import attributes as names
 __all__ = ["RecoveryMetrics", "metrics_for"]
 
 _STATES: tuple[CircuitState, ...] = tuple(CircuitState)
+_UNNAMED = "default"  # what CircuitBreaker() is called without name=
+_logger = logging.getLogger("otel_recovery.telemetry")
 
 
 class _Health(Protocol):
@@ -71,6 +74,7 @@ class RecoveryMetrics:
         meter = get_meter("otel_recovery", __about__.VERSION, meter_provider)
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._lock = new_lock()
+        self._told_unnamed = False
         self.call_duration = _duration_histogram(meter)
         self.retry_attempts = meter.create_counter(
             names.METRIC_RETRY_ATTEMPTS,
@@ -96,7 +100,10 @@ class RecoveryMetrics:
             names.METRIC_BREAKER_STATE,
             callbacks=[self._observe_states],
             unit="{state}",
-            description="1 for the current state of each circuit breaker, 0 for the others.",
+            description=(
+                "Circuit breakers of a name in each state: 1 for a breaker's current state, "
+                "0 for the others."
+            ),
         )
         self._monitors: weakref.WeakSet[HealthSource] = weakref.WeakSet()
         meter.create_observable_up_down_counter(
@@ -113,8 +120,24 @@ class RecoveryMetrics:
         )
 
     def track(self, breaker: CircuitBreaker) -> None:
-        """Report this breaker's state and call counts (held weakly)."""
+        """Report this breaker's state and call counts (held weakly).
+
+        Breakers are told apart in the metrics by name only, so breakers sharing a name add
+        up in one series. For breakers left unnamed (``CircuitBreaker()`` on two different
+        dependencies) that is seldom what the user meant: the second one is pointed out,
+        once per process, with the fix.
+        """
         with self._lock:
+            if breaker.name == _UNNAMED and not self._told_unnamed:
+                others = [b for b in self._breakers if b is not breaker and b.name == _UNNAMED]
+                if others:
+                    self._told_unnamed = True
+                    _logger.warning(
+                        "otel-recovery: two or more circuit breakers have no name, so their "
+                        "metrics add up in one series named %r; give each its own "
+                        "CircuitBreaker(name=...) to tell them apart",
+                        _UNNAMED,
+                    )
             self._breakers.add(breaker)
 
     def track_health(self, monitor: HealthSource) -> None:
@@ -135,15 +158,22 @@ class RecoveryMetrics:
             return list(self._breakers)
 
     def _observe_states(self, options: CallbackOptions) -> Iterable[Observation]:
+        """Per name, how many breakers are in each state (the state-set pattern: 1 and 0s).
+
+        Breakers sharing a name are added here rather than left to the SDK, whose handling
+        of one attribute set observed twice in a callback differs between releases."""
+        counts: dict[tuple[str, CircuitState], int] = {}
         for breaker in self._tracked():
             current = breaker.snapshot().state
             for state in _STATES:
-                yield Observation(
-                    1 if state is current else 0,
-                    {names.BREAKER_NAME: breaker.name, names.BREAKER_STATE: state.value},
-                )
+                key = (breaker.name, state)
+                counts[key] = counts.get(key, 0) + (state is current)
+        for (name, state), count in counts.items():
+            yield Observation(count, {names.BREAKER_NAME: name, names.BREAKER_STATE: state.value})
 
     def _observe_calls(self, options: CallbackOptions) -> Iterable[Observation]:
+        """Per name and outcome, the calls the breakers of that name have seen."""
+        counts: dict[tuple[str, str], int] = {}
         for breaker in self._tracked():
             snap = breaker.snapshot()
             for outcome, value in (
@@ -151,9 +181,10 @@ class RecoveryMetrics:
                 ("failed", snap.failed_calls),
                 ("not_permitted", snap.not_permitted_calls),
             ):
-                yield Observation(
-                    value, {names.BREAKER_NAME: breaker.name, names.BREAKER_OUTCOME: outcome}
-                )
+                key = (breaker.name, outcome)
+                counts[key] = counts.get(key, 0) + value
+        for (name, outcome), count in counts.items():
+            yield Observation(count, {names.BREAKER_NAME: name, names.BREAKER_OUTCOME: outcome})
 
 
 _shared_global: list[RecoveryMetrics] = []

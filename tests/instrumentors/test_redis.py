@@ -468,6 +468,24 @@ def test_watch_conflicts_are_answers_and_do_not_open_the_breaker(h: Harness) -> 
     assert c.get("hot") == b"3"
 
 
+def test_a_write_refused_for_its_own_reason_says_nothing_of_retries(h: Harness) -> None:
+    """``retry.disallowed`` says why a call that a retry could have mended was not retried.
+    ``INCR`` of a list fails the same way however often it is sent: the span said
+    ``non_idempotent_command`` as if that were why it was not retried."""
+    h.instrument()
+    c = h.client()
+    c.delete("a-list")
+    c.rpush("a-list", "x")
+    h.reset_counts()
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        c.incr("a-list")
+    assert h.attempts["execute_command"] == 1
+    attrs = dict(h.logical_span("INCRBY" if h.sent["INCRBY"] else "INCR").attributes or {})
+    assert attrs["otel_recovery.retry.stop_reason"] == "not_retryable"
+    assert attrs["otel_recovery.error.category"] == "invalid_request"
+    assert "otel_recovery.retry.disallowed" not in attrs
+
+
 @pytest.mark.parametrize(
     ("command", "args"),
     [("SADD", ("seen", "msg-42")), ("DEL", ("claim",)), ("HSET", ("h", "f", "v"))],
