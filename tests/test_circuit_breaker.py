@@ -844,6 +844,25 @@ def test_a_probe_permit_abandoned_elsewhere_is_presumed_lost_after_its_lease(clo
     assert b.state is CLOSED
 
 
+def test_a_probe_presumed_lost_that_reports_late_is_no_probe(clock):
+    """Past the lease a second probe goes out; the first one's late success closed the
+    circuit while the second (to a dependency that may still be down) had not answered,
+    and its failure then counted nowhere: two probes at once, decided by the stale one."""
+    lost, second = _contexts(2)
+    b = CircuitBreaker(failure_threshold=1, timeout=5, clock=clock)
+    fail(b, 1)
+    clock.advance(5)
+    assert lost.run(b.can_execute)
+    clock.advance(30)  # presumed lost
+    assert second.run(b.can_execute)
+    lost.run(b.record_success)  # the first probe answers after all
+    assert b.state is HALF_OPEN  # counted as a straggler's: totals only
+    assert b.snapshot().successful_calls == 1
+    assert not b.can_execute()  # the second probe is still out
+    second.run(b.record_failure)
+    assert b.state is CircuitState.OPEN
+
+
 def test_a_probe_of_an_earlier_half_open_period_is_no_probe_of_this_one(clock):
     first, second = _contexts(2)
     b = CircuitBreaker(failure_threshold=1, timeout=5, half_open_max_calls=2, clock=clock)

@@ -109,6 +109,7 @@ class Model:
             lease = max(self.timeout, 30.0)  # permits out this long are presumed lost
             if self.probes_out >= limit and self.clock.now() - self.granted_at >= lease:
                 self.probes_out = 0
+                self.probes_held = 0  # their late reports are no probes
             if self.probes_out < limit:
                 self.probes_out += 1
                 self.probes_held += 1

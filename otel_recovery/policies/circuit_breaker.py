@@ -564,7 +564,10 @@ class CircuitBreaker:
             state = _HALF_OPEN
         if state is _HALF_OPEN:
             if self._in_flight >= self._half_open_max and self._probes_lost():
+                # the lost permits' holders, should they report after all, are no probes
+                # (another probe may be out by then): a new period voids their tickets
                 self._in_flight = 0
+                self._period = new_period()
             if self._in_flight < self._half_open_max:
                 self._in_flight += 1
                 self._probe_granted_at = self._clock.now()
@@ -583,7 +586,8 @@ class CircuitBreaker:
         """Whether the permits out have been held for longer than a probe may take: the
         open time, and at least 30 s, since the latest was granted. Their holders are
         presumed gone (a call abandoned where its permit cannot be given back), so the
-        breaker cannot stay half-open for good; a late report still counts. Long, because a
+        breaker cannot stay half-open for good; a late report then counts as a straggler's
+        (totals only), not as a probe. Long, because a
         probe to a stalled dependency is slow by nature and must not be joined by another."""
         lease = max(self._current_timeout, _PROBE_LEASE_FLOOR)
         return self._clock.now() - self._probe_granted_at >= lease
