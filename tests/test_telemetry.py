@@ -263,3 +263,64 @@ def test_breakers_sharing_a_name_add_up_and_unnamed_ones_are_pointed_out(caplog)
     assert points[(names.METRIC_BREAKER_STATE, "cache", "closed")] == 2
     assert points[(names.METRIC_BREAKER_CALLS, "default", "successful")] == 2
     provider.shutdown()
+
+
+def test_a_transition_delivered_by_another_thread_marks_its_own_calls_span():
+    """Listeners are delivered by whichever thread holds the dispatch; a transition caused
+    by thread B while thread A was still delivering (a slow alerting listener) landed on
+    A's span, and B's span showed nothing."""
+    import threading
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from otel_recovery.policies import CircuitState
+    from otel_recovery.telemetry import Telemetry
+    from otel_recovery.testing import FakeClock
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("app")
+    clock = FakeClock()
+    tripped, gate, delivered = threading.Event(), threading.Event(), threading.Event()
+
+    def alerting(transition):  # slow on the first transition, as a synchronous alert is
+        if transition.to_state is CircuitState.OPEN:
+            tripped.set()
+            assert gate.wait(5)
+
+    def after_telemetry(transition):
+        if transition.to_state is CircuitState.HALF_OPEN:
+            delivered.set()
+
+    breaker = CircuitBreaker(
+        failure_threshold=1, timeout=5, name="payments", clock=clock, listeners=[alerting]
+    )
+    Telemetry(tracer_provider=provider).watch_breaker(breaker)
+    breaker.add_listener(after_telemetry)
+
+    def request_a():
+        with tracer.start_as_current_span("request A"):
+            breaker.record_failure()  # trips, and delivers (slowly)
+
+    thread_a = threading.Thread(target=request_a)
+    thread_a.start()
+    clock.advance(5)
+    with tracer.start_as_current_span("request B"):
+        assert tripped.wait(5)
+        assert breaker.can_execute()  # OPEN -> HALF_OPEN, queued behind A's delivery
+        gate.set()
+        assert delivered.wait(5)
+    thread_a.join(5)
+    marked = {
+        span.name: [
+            (event.attributes[names.BREAKER_FROM], event.attributes[names.BREAKER_TO])
+            for event in span.events
+            if event.name == names.EVENT_BREAKER_STATE_CHANGE
+        ]
+        for span in exporter.get_finished_spans()
+    }
+    assert marked == {"request A": [("closed", "open")], "request B": [("open", "half_open")]}
+    provider.shutdown()

@@ -53,6 +53,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import Context, copy_context
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
@@ -353,7 +354,8 @@ class CircuitBreaker:
 
         self._lock = new_lock()
         self._dispatch_lock = new_lock()
-        self._pending: deque[StateTransition] = deque()
+        # each transition with the context of the call that caused it (see _dispatch)
+        self._pending: deque[tuple[StateTransition, Context]] = deque()
         self._state = _CLOSED
         self._permit_all = True  # CLOSED, DISABLED, METRICS_ONLY: can_execute() without the lock
         self._fast_record = self._window is None  # CLOSED in consecutive mode
@@ -821,10 +823,15 @@ class CircuitBreaker:
         from_state = self._state
         self._enter(to_state)
         if self._listeners:
-            self._pending.append(StateTransition(self.name, from_state, to_state, reason, now))
+            transition = StateTransition(self.name, from_state, to_state, reason, now)
+            self._pending.append((transition, copy_context()))
 
     def add_listener(self, listener: Listener) -> Callable[[], None]:
-        """Subscribe to transitions; returns a function that unsubscribes (idempotent)."""
+        """Subscribe to transitions; returns a function that unsubscribes (idempotent).
+
+        A listener runs in the context (the thread's or task's context variables, hence
+        the current span) of the call that caused the transition, whichever thread delivers
+        it; it must not block for long, as the next transitions wait for it."""
         if not callable(listener):
             raise TypeError(f"listener must be callable, got {listener!r}")
         entry = _ListenerEntry(listener)
@@ -838,19 +845,26 @@ class CircuitBreaker:
         return unsubscribe
 
     def _dispatch(self) -> None:
-        # Whoever holds the dispatch lock delivers everything queued, in order; other threads
-        # (and listeners that trigger transitions re-entrantly) just queue and leave. The outer
-        # loop closes the race where a transition is queued just before the lock is released.
+        """Deliver queued transitions to the listeners, in order, each in the context of the
+        call that caused it.
+
+        Whoever holds the dispatch lock delivers everything queued; other threads (and
+        listeners that trigger transitions re-entrantly) just queue and leave. The outer
+        loop closes the race where a transition is queued just before the lock is released.
+        Delivered in the deliverer's own context, another thread's transition landed on the
+        deliverer's span (telemetry marks the current span), so each runs in a copy of the
+        context it was queued in (transitions are rare; the copy is O(1)).
+        """
         pending = self._pending
         while pending:
             if not self._dispatch_lock.acquire(blocking=False):
                 return
             try:
                 while pending:
-                    transition = pending.popleft()
+                    transition, context = pending.popleft()
                     for entry in self._listeners:
                         try:
-                            entry.callback(transition)
+                            context.run(entry.callback, transition)
                         except Exception:
                             if not entry.failed:
                                 entry.failed = True
