@@ -77,18 +77,22 @@ class SharedCircuitBreaker(SharedBreakerView):
         if not self._remote:
             return super().can_execute()
         state, now = self._state, self._clock.now()
-        if (
-            state is _FORCED_OPEN
-            or (state is _OPEN and now < self._open_until)
-            or (state is _HALF_OPEN and now < self._next_ask)
-            or not self._ask.acquire(blocking=False)
-        ):
-            with self._lock:
+        with self._lock:
+            # Threads of this process ask Redis side by side, as many as could still be
+            # granted a permit (one at a time refused the rest of a burst: 1 probe of 3),
+            # and no more, so a stalled Redis keeps at most that many callers waiting.
+            if (
+                state is _FORCED_OPEN
+                or (state is _OPEN and now < self._open_until)
+                or (state is _HALF_OPEN and now < self._next_ask)
+                or self._asking + self._held(now) >= self._half_open_max
+            ):
                 self._not_permitted += 1
-            return False
+                return False
+            self._asking += 1
         try:
             permit = f"{self._id}{next(self._permit_ids)}"
-            lease = max(1.0, self._current_timeout)
+            lease = self._lease()
             args = [*self._head(), permit, self._half_open_max, repr(lease)]
             with self._link.turn(self._talk, self):
                 granted = self._adopt(self._link.run(lua.ACQUIRE, self._keys, args))
@@ -99,15 +103,29 @@ class SharedCircuitBreaker(SharedBreakerView):
                     elif self._state is _HALF_OPEN:
                         ticket = new_period()
                         self._permits[ticket] = (permit, self._gen)
+                        self._probe_granted_at = now
                         grant(self._serial, ticket)  # held by this context (_probe_permits)
         except StoreUnavailableError as error:
             self._link.degrade(error)
             return super().can_execute()
         finally:
-            self._ask.release()
+            with self._lock:
+                self._asking -= 1
         if self._pending:
             self._dispatch()
         return granted
+
+    def _held(self, now: float) -> int:
+        """The probe permits this process holds, none once Redis's lease on the latest has
+        run out (Redis grants them again then: a holder that never reported must not keep
+        this process from asking)."""
+        if now - self._probe_granted_at >= self._lease():
+            return 0
+        return len(self._permits)
+
+    def _lease(self) -> float:
+        """How long Redis keeps a probe permit whose holder has not reported."""
+        return max(1.0, self._current_timeout)
 
     def would_refuse(self) -> bool:
         """As :meth:`can_execute` would answer before asking Redis: refused while open, and in
@@ -124,7 +142,7 @@ class SharedCircuitBreaker(SharedBreakerView):
             or (state is _OPEN and now < self._open_until)
             or (
                 state is _HALF_OPEN
-                and (now < self._next_ask or len(self._permits) >= self._half_open_max)
+                and (now < self._next_ask or self._held(now) >= self._half_open_max)
             )
         )
 

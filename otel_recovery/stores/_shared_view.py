@@ -72,7 +72,7 @@ class SharedBreakerView(CircuitBreaker):
     """The shared state as this process last saw it, and the exchanges that refresh it."""
 
     __slots__ = (
-        "_ask",
+        "_asking",
         "_carried",
         "_cf_base",
         "_gen",
@@ -106,7 +106,9 @@ class SharedBreakerView(CircuitBreaker):
         self._keys = tuple(self._link.key(kind, self.name) for kind in ("cb", "cbw", "cbp"))
         self._sync_every = to_seconds(sync_interval, "sync_interval")
         self._talk = new_lock()  # one exchange with Redis at a time, replies in order
-        self._ask = new_lock()  # one permit request per process at a time
+        # permit requests to Redis in flight from this process: with the permits it holds,
+        # never more than half_open_max_calls (see SharedCircuitBreaker.can_execute)
+        self._asking = 0
         self._remote = True
         self._gen: str | None = None
         self._seen_fseq = 0

@@ -219,6 +219,40 @@ def test_a_prober_that_never_reports_holds_its_permit_only_for_the_lease(shared)
     assert b.can_execute()
 
 
+def _probes_granted_in_threads(breaker, threads):
+    """How many of ``threads`` threads, released at once, get a probe permit (each holds
+    its permit in its own context and never reports)."""
+    start, granted = threading.Barrier(threads), []
+
+    def ask():
+        start.wait(5)
+        granted.append(breaker.can_execute())
+
+    workers = [threading.Thread(target=ask) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    return sum(granted)
+
+
+def test_a_burst_of_threads_gets_every_probe_permit_of_the_fleet(shared):
+    """One permit request to Redis per process at a time refused every other thread of a
+    burst: 1 probe of the 3 configured, and recovery took several bursts."""
+    url, _, _ = shared
+    clock = FakeClock()
+    breaker, _ = _pair(url, clock, failure_threshold=1, timeout=3.0, half_open_max_calls=3)
+    breaker.record_failure()
+    clock.advance(3)
+    assert _probes_granted_in_threads(breaker, 16) == 3
+    assert breaker.would_refuse()
+    clock.advance(2.9)
+    assert _probes_granted_in_threads(breaker, 4) == 0  # the three are still out
+    clock.advance(0.2)  # past Redis's lease (the open time): the holders are presumed lost
+    assert not breaker.would_refuse()
+    assert _probes_granted_in_threads(breaker, 16) == 3
+
+
 def test_would_refuse_follows_the_fleet_without_asking_for_a_permit(shared):
     """A pool's health check asks ``would_refuse()``: a member holding every probe permit is
     refused; a member that may still ask Redis for one is not (its check goes through the
