@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
+import sys
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -304,6 +306,129 @@ def test_bulkhead_rejects_beyond_its_limit_and_frees_slots(fake_clock):
     release.set()
     worker.join()
     assert p.call(lambda: "third") == "third" and bulkhead.in_use == 0
+
+
+def _wait_until_queued(bulkhead_user: threading.Thread) -> None:
+    """Until the thread waits for a slot inside ``Bulkhead.acquire`` (at most 5 s): it is
+    then in the bulkhead's line. Polls the thread's stack instead of sleeping a guess."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        frame = sys._current_frames().get(bulkhead_user.ident or -1)
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        if names and names[0] == "wait" and "acquire" in names:
+            return
+        time.sleep(0.001)
+    raise AssertionError("the thread never started waiting for a slot")
+
+
+def test_a_freed_bulkhead_slot_goes_to_the_thread_waiting_not_to_a_newcomer():
+    """A thread queued first gets the next freed slot; a caller arriving after it (here the
+    releasing thread itself, at once) waits its turn instead of barging in."""
+    bulkhead = Bulkhead(1, max_wait=5)
+    order: list[str] = []
+
+    def waiter() -> None:
+        bulkhead.acquire()
+        order.append("waiter")
+        bulkhead.release()
+
+    bulkhead.acquire()
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    _wait_until_queued(thread)
+    bulkhead.release()
+    bulkhead.acquire()  # a newcomer: without a queue it takes the slot back before waiter
+    order.append("newcomer")
+    bulkhead.release()
+    thread.join(5)
+    assert order == ["waiter", "newcomer"] and bulkhead.in_use == 0
+
+
+async def test_threads_and_tasks_waiting_for_a_bulkhead_slot_are_served_in_order():
+    bulkhead = Bulkhead(1, max_wait=5)
+    order: list[str] = []
+
+    def thread_waiter() -> None:
+        bulkhead.acquire()
+        order.append("thread")
+        bulkhead.release()
+
+    async def task_waiter() -> None:
+        await bulkhead.aacquire()
+        order.append("task")
+        bulkhead.release()
+
+    bulkhead.acquire()
+    thread = threading.Thread(target=thread_waiter)
+    thread.start()
+    _wait_until_queued(thread)
+    task = asyncio.create_task(task_waiter())
+    await asyncio.sleep(0)  # the task queues behind the thread
+    bulkhead.release()
+    await asyncio.wait_for(task, 5)
+    thread.join(5)
+    assert order == ["thread", "task"] and bulkhead.in_use == 0
+
+
+def test_a_thread_may_wait_for_a_bulkhead_slot_without_a_bound():
+    """max_wait=inf: a lock's timeout is capped at threading.TIMEOUT_MAX (past it, the
+    thread got OverflowError instead of waiting)."""
+    bulkhead = Bulkhead(1, max_wait=float("inf"))
+    got: list[bool] = []
+    bulkhead.acquire()
+    thread = threading.Thread(target=lambda: got.append(bulkhead.acquire() is None))
+    thread.start()
+    _wait_until_queued(thread)
+    bulkhead.release()
+    thread.join(5)
+    assert got == [True] and bulkhead.in_use == 1
+    bulkhead.release()
+
+
+def test_a_thread_that_gave_up_waiting_leaves_the_bulkhead_line():
+    """The slot freed after a waiter timed out is free, not handed to the waiter gone."""
+    bulkhead = Bulkhead(1, max_wait=0.02)
+    bulkhead.acquire()
+    with pytest.raises(BulkheadFullError):
+        bulkhead.acquire()
+    bulkhead.release()
+    assert bulkhead.in_use == 0 and bulkhead.rejected == 1
+    bulkhead.acquire()
+    bulkhead.release()
+
+
+def test_bulkhead_waits_stay_short_when_threads_keep_calling():
+    """16 threads, 2 slots, calls of 2 ms for 0.6 s: first come, first served, nobody
+    waits more than ~7 calls (~15 ms). Letting a returning caller take the slot before the
+    waiter it woke starved some waiters for all of max_wait (28 rejections a run)."""
+    bulkhead = Bulkhead(2, max_wait=0.25)
+    lock = threading.Lock()
+    worst = [0.0]
+    end = time.monotonic() + 0.6
+
+    def caller() -> None:
+        while time.monotonic() < end:
+            asked = time.monotonic()
+            try:
+                bulkhead.acquire()
+            except BulkheadFullError:
+                continue
+            waited = time.monotonic() - asked
+            time.sleep(0.002)
+            bulkhead.release()
+            with lock:
+                worst[0] = max(worst[0], waited)
+
+    threads = [threading.Thread(target=caller) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert bulkhead.rejected == 0, f"{bulkhead.rejected} callers starved for max_wait"
+    assert worst[0] < 0.2 and bulkhead.in_use == 0
 
 
 async def test_async_bulkhead_waits_for_a_slot_and_hands_it_over():

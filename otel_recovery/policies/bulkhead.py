@@ -4,11 +4,14 @@ A slow dependency otherwise absorbs every worker thread or connection and takes 
 endpoints down with it. Callers beyond the limit wait up to ``max_wait`` seconds for a slot
 and are then rejected with :class:`BulkheadFullError` (a fallback may catch it).
 
-One object serves sync and async callers: slots are a counter under a ``threading.Lock``;
-threads wait on a ``threading.Condition``; tasks wait on futures that a releasing caller
-resolves through their loop's ``call_soon_threadsafe`` (under trio: on an event it sets
-through the run's token). Slots are handed over directly to a waiting task, so a task
-cannot be starved by threads that keep arriving.
+One object serves sync and async callers: slots are a counter under a ``threading.Lock``,
+and callers that find none free queue up in one first-come-first-served line, threads and
+tasks alike. A thread waits on a lock of its own that the releasing caller unlocks; a task
+waits on a future that the releasing caller resolves through its loop's
+``call_soon_threadsafe`` (under trio: on an event it sets through the run's token). A freed
+slot is handed straight to the oldest waiter (it stays counted as in use), and a caller
+that arrives while anyone waits queues behind them: nobody barges in between a release and
+the waiter it wakes, so no waiter, thread or task, is starved by callers that keep arriving.
 """
 
 from __future__ import annotations
@@ -44,11 +47,10 @@ class Bulkhead:
 
     __slots__ = (
         "__weakref__",
-        "_cond",
         "_in_use",
         "_lock",
         "_orphaned",
-        "_task_waiters",
+        "_waiters",
         "max_concurrent",
         "max_wait",
         "name",
@@ -66,36 +68,57 @@ class Bulkhead:
         self.max_wait = to_seconds(max_wait, "max_wait")
         self.name = name
         self._lock = new_lock()
-        self._cond = threading.Condition(self._lock)
         self._in_use = 0
-        self._task_waiters: collections.deque[_AsyncioWaiter | _TrioWaiter] = collections.deque()
+        # Oldest first. Invariant: while anyone waits, every slot is in use (a release hands
+        # its slot over instead of freeing it), so the fast path's check alone keeps
+        # newcomers behind the waiters.
+        self._waiters: collections.deque[_ThreadWaiter | _AsyncioWaiter | _TrioWaiter] = (
+            collections.deque()
+        )
         self.rejected = 0
         self._orphaned = 0
         reset_in_child(self)
 
     def _after_fork_in_child(self) -> None:
         """A forked child has none of the threads and tasks that held slots or waited for
-        one: free the slots, forget the waiters (the Condition's too). Slots the forking
-        thread itself held are released once each without complaint (``_orphaned``)."""
-        self._cond._at_fork_reinit()  # type: ignore[attr-defined]
+        one: free the slots, forget the waiters (the lock is reinitialised by
+        ``_forksafe``). Slots the forking thread itself held are released once each without
+        complaint (``_orphaned``)."""
         self._orphaned, self._in_use = self._in_use, 0
-        self._task_waiters.clear()
+        self._waiters.clear()
 
     @property
     def in_use(self) -> int:
         return self._in_use
 
     def acquire(self) -> None:
-        """Take a slot for a thread, waiting up to ``max_wait``; raise if none frees up."""
-        with self._cond:
-            if self._in_use < self.max_concurrent:
+        """Take a slot for a thread, waiting up to ``max_wait``; raise if none frees up.
+        Waiting callers get freed slots in the order they came."""
+        with self._lock:
+            if self._in_use < self.max_concurrent:  # nobody waits then (see __init__)
                 self._in_use += 1
                 return
-            if self.max_wait > 0 and self._cond.wait_for(
-                lambda: self._in_use < self.max_concurrent, timeout=self.max_wait
-            ):
-                self._in_use += 1
-                return
+            if self.max_wait <= 0:
+                self.rejected += 1
+                raise BulkheadFullError(self.name, self.max_concurrent)
+            waiter = _ThreadWaiter()
+            self._waiters.append(waiter)
+        try:
+            if waiter.wait(self.max_wait):
+                return  # handed a slot by release()
+        except BaseException:
+            # Interrupted while waiting (KeyboardInterrupt from a signal handler, say).
+            with self._lock:
+                handed_over = waiter not in self._waiters
+                if not handed_over:
+                    self._waiters.remove(waiter)
+            if handed_over:
+                self.release()  # the slot arrived meanwhile: pass it on, never leak it
+            raise
+        with self._lock:
+            if waiter not in self._waiters:
+                return  # handed a slot just as the wait timed out: it is ours
+            self._waiters.remove(waiter)
             self.rejected += 1
         raise BulkheadFullError(self.name, self.max_concurrent)
 
@@ -110,15 +133,15 @@ class Bulkhead:
                 raise BulkheadFullError(self.name, self.max_concurrent)
             trio = running_trio()
             waiter = _TrioWaiter(trio) if trio is not None else _AsyncioWaiter()
-            self._task_waiters.append(waiter)
+            self._waiters.append(waiter)
         try:
             await waiter.wait(self.max_wait)
         except BaseException as stopped:
             # Timed out, or the waiting task was cancelled.
             with self._lock:
-                handed_over = waiter not in self._task_waiters
+                handed_over = waiter not in self._waiters
                 if not handed_over:
-                    self._task_waiters.remove(waiter)
+                    self._waiters.remove(waiter)
             if handed_over:
                 # The slot arrived just as we stopped waiting: pass it on, never leak it.
                 self.release()
@@ -129,12 +152,12 @@ class Bulkhead:
             raise BulkheadFullError(self.name, self.max_concurrent) from None
 
     def release(self) -> None:
-        """Give a slot back, handing it straight to a waiting task if there is one."""
-        with self._cond:
-            while self._task_waiters:
-                # The slot stays counted as in use: ownership moves to the waiting task
-                # (unless its loop or run has ended: the next waiter then).
-                if self._task_waiters.popleft().hand_over():
+        """Give a slot back, handing it straight to the oldest waiter if there is one."""
+        with self._lock:
+            while self._waiters:
+                # The slot stays counted as in use: ownership moves to the waiting thread or
+                # task (unless a task's loop or run has ended: the next waiter then).
+                if self._waiters.popleft().hand_over():
                     return
             if self._in_use <= 0:
                 if self._orphaned:  # a slot taken before a fork, by the thread that forked
@@ -142,13 +165,31 @@ class Bulkhead:
                     return
                 raise RuntimeError(f"bulkhead {self.name!r} released more often than acquired")
             self._in_use -= 1
-            self._cond.notify()
 
     def __repr__(self) -> str:
         return (
             f"Bulkhead(max_concurrent={self.max_concurrent}, max_wait={self.max_wait}, "
             f"name={self.name!r})"
         )
+
+
+class _ThreadWaiter:
+    """A thread waiting for a slot: a lock it holds and waits to acquire again, which the
+    releasing caller unlocks."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def wait(self, seconds: float) -> bool:
+        # capped: a lock refuses timeouts past TIMEOUT_MAX (max_wait=float("inf") among them)
+        return self.lock.acquire(timeout=min(seconds, threading.TIMEOUT_MAX))
+
+    def hand_over(self) -> bool:
+        self.lock.release()
+        return True
 
 
 class _AsyncioWaiter:

@@ -40,7 +40,9 @@ would leave a marker in the store for each one, for days. :meth:`close` replays 
 still local, once, and warns about what is lost.
 3. Only when the journal and the counter batches are empty does the store count as healthy
    again: one ``otel_recovery.store.resynced`` event and one info log line say how many
-   entries were replayed and how long the outage was.
+   entries were replayed and how long the outage was. That check and a degraded write's
+   journaling exclude each other, so a write that chose local state while the resync ran is
+   either replayed by it or, arriving after, sent to the store (see ``_keep_locally``).
 
 If the store fails again mid-resync, what was not replayed stays queued, in order. The
 journal is bounded (``journal_bytes``, 64 MiB); past it a write raises
@@ -123,10 +125,14 @@ class ResilientStore:
     # -- mode switching -------------------------------------------------------------------------
 
     def _degrade(self, error: StoreUnavailableError) -> None:
+        """Switch to local state. A resync under way keeps its claim: only the resync ends
+        it (:meth:`_settled`, :meth:`_failed_resync`). A call sent while the store was
+        healthy that fails late used to clear it, and a second resync then ran beside the
+        first (finding the journal already taken, it declared the store healthy while the
+        first still had older writes to replay over newer ones)."""
         with self._mode:
             now = self.clock.now()
             self._next_probe = now + self.retry_interval
-            self._resyncing = False
             if self._degraded_at is not None:
                 return
             self._degraded_at = now
@@ -170,12 +176,20 @@ class ResilientStore:
         return False
 
     def _settled(self) -> bool:
-        replayed = self.local.settle()
-        if replayed is None:
-            return False  # more was queued while replaying: go round again
-        with self._mode:
-            started, self._degraded_at = self._degraded_at, None
-            self._resyncing = False
+        """Declare the store healthy again if nothing is left to replay.
+
+        Finding the journal empty and clearing ``_degraded_at`` are one step under
+        ``local.lock``, the lock a degraded write journals under (:meth:`_keep_locally`): a
+        write cannot land in the journal between the two and be left there, unreplayed, by a
+        store that counts as healthy (then replayed over newer versions by the next resync).
+        """
+        with self.local.lock:
+            replayed = self.local.settle()
+            if replayed is None:
+                return False  # more was queued while replaying: go round again
+            with self._mode:
+                started, self._degraded_at = self._degraded_at, None
+                self._resyncing = False
         outage = 0.0 if started is None else max(0.0, self.clock.now() - started)
         conflicts = len(self.local.conflicts)
         _log.info(
@@ -348,6 +362,65 @@ class ResilientStore:
             self._degrade(error)
             return False, None, True
 
+    def _keep_locally(self, asked: bool, write: Callable[[bool], _T]) -> _T | None:
+        """Apply a write to local state (``write(asked)``); None if the store was declared
+        healthy since this call chose local state: the caller then sends it to the store.
+
+        Nothing may enter the journal once the store counts as healthy: no resync would
+        replay it, its writer would read the store's older value, and the next resync (or
+        :meth:`close`) would replay it over newer versions. Deciding to go local happens
+        before (``_probe_due``, or a failed call), so the decision is checked again here,
+        under ``local.lock``, which :meth:`_settled` holds while it finds the journal empty
+        and declares the store healthy: either the write is journaled first and that resync
+        goes round again to replay it, or it sees the store healthy and does not journal.
+
+        The lock covers local work only, never a call to the store: a resync holding it
+        across its replay would make a stalled store block every writer that would otherwise
+        just journal locally (and the replay's own bookkeeping takes it per entry anyway).
+
+        A write the store was sent and did not answer (``asked``) may have been applied
+        there; sending it again could apply it twice. It is journaled anyway, marked as
+        maybe applied (the replay looks before it writes), and the store is marked degraded
+        again with a probe due at once, so the next call replays it.
+        """
+        with self.local.lock:
+            with self._mode:
+                healthy = self._degraded_at is None
+                if healthy and asked:
+                    self._degraded_at = self._next_probe = self.clock.now()
+            if healthy and not asked:
+                return None
+            if healthy:
+                _log.debug(
+                    "otel_recovery: store %s resynced while a write it did not answer was on "
+                    "its way to local state; journaled, replayed at the next call",
+                    self.url,
+                )
+            return write(asked)
+
+    def _write(
+        self, remote: Callable[[], _T | None], local: Callable[[bool], _T]
+    ) -> tuple[bool, _T]:
+        """A write: ``(True, the store's answer)`` or ``(False, local state's)``."""
+        while True:
+            ok, result, asked = self._try(remote)
+            if ok and result is not None:
+                return True, result
+            kept = self._keep_locally(asked, local)
+            if kept is not None:
+                return False, kept
+
+    async def _awrite(
+        self, remote: Callable[[], Awaitable[_T | None]], local: Callable[[bool], _T]
+    ) -> tuple[bool, _T]:
+        while True:
+            ok, result, asked = await self._atry(remote)
+            if ok and result is not None:
+                return True, result
+            kept = self._keep_locally(asked, local)
+            if kept is not None:
+                return False, kept
+
     # -- the Store interface ----------------------------------------------------------------------
 
     def put(
@@ -361,15 +434,15 @@ class ResilientStore:
     ) -> Record:
         check_key(key)
         expected, seconds = check_put(expected_version, ttl, encoding)
-        ok, record, asked = self._try(
+        from_store, record = self._write(
             lambda: self.store.put(
                 key, data, expected_version=expected, ttl=seconds, encoding=encoding
-            )
+            ),
+            lambda asked: self.local.put(key, data, expected, seconds, encoding, asked),
         )
-        if ok and record is not None:
+        if from_store:
             self.local.remember(record)
-            return record
-        return self.local.put(key, data, expected, seconds, encoding, maybe_applied=asked)
+        return record
 
     async def aput(
         self,
@@ -382,15 +455,15 @@ class ResilientStore:
     ) -> Record:
         check_key(key)
         expected, seconds = check_put(expected_version, ttl, encoding)
-        ok, record, asked = await self._atry(
+        from_store, record = await self._awrite(
             lambda: self.store.aput(
                 key, data, expected_version=expected, ttl=seconds, encoding=encoding
-            )
+            ),
+            lambda asked: self.local.put(key, data, expected, seconds, encoding, asked),
         )
-        if ok and record is not None:
+        if from_store:
             self.local.remember(record)
-            return record
-        return self.local.put(key, data, expected, seconds, encoding, maybe_applied=asked)
+        return record
 
     def get(self, key: str, version: int | None = None) -> Record | None:
         check_key(key)
@@ -422,43 +495,45 @@ class ResilientStore:
 
     def delete(self, key: str) -> int:
         check_key(key)
-        ok, count, _ = self._try(lambda: self.store.delete(key))
-        if ok and count is not None:
+        from_store, count = self._write(
+            lambda: self.store.delete(key), lambda _: self.local.delete(key)
+        )
+        if from_store:
             self.local.forget(key)
-            return count
-        return self.local.delete(key)
+        return count
 
     async def adelete(self, key: str) -> int:
         check_key(key)
-        ok, count, _ = await self._atry(lambda: self.store.adelete(key))
-        if ok and count is not None:
+        from_store, count = await self._awrite(
+            lambda: self.store.adelete(key), lambda _: self.local.delete(key)
+        )
+        if from_store:
             self.local.forget(key)
-            return count
-        return self.local.delete(key)
+        return count
 
     def incr(
         self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
     ) -> bool:
         checked = check_amounts(namespace, amounts)
-        ok, applied, _ = self._try(lambda: self.store.incr(namespace, checked, batch_id=batch_id))
-        if ok and applied is not None:
-            if applied:
-                self.local.added(namespace, checked)
-            return applied
-        return self.local.incr(namespace, checked, batch_id)
+        from_store, applied = self._write(
+            lambda: self.store.incr(namespace, checked, batch_id=batch_id),
+            lambda _: self.local.incr(namespace, checked, batch_id),
+        )
+        if from_store and applied:
+            self.local.added(namespace, checked)
+        return applied
 
     async def aincr(
         self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
     ) -> bool:
         checked = check_amounts(namespace, amounts)
-        ok, applied, _ = await self._atry(
-            lambda: self.store.aincr(namespace, checked, batch_id=batch_id)
+        from_store, applied = await self._awrite(
+            lambda: self.store.aincr(namespace, checked, batch_id=batch_id),
+            lambda _: self.local.incr(namespace, checked, batch_id),
         )
-        if ok and applied is not None:
-            if applied:
-                self.local.added(namespace, checked)
-            return applied
-        return self.local.incr(namespace, checked, batch_id)
+        if from_store and applied:
+            self.local.added(namespace, checked)
+        return applied
 
     def counters(self, namespace: str, keys: Iterable[str] | None = None) -> dict[str, float]:
         check_key(namespace, "namespace")

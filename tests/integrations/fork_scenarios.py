@@ -736,7 +736,7 @@ def thread_owned_state() -> Report:
         raise RuntimeError("the holders did not start")
     waiting = threading.Thread(target=lambda: guarded.call(lambda: "waited"), daemon=True)
     waiting.start()
-    time.sleep(0.1)  # the waiter is queued on the bulkhead's Condition
+    time.sleep(0.1)  # the waiter is queued in the bulkhead's line
 
     def child() -> Report:
         clock.advance(100.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -487,3 +488,206 @@ async def test_a_replay_cancelled_midway_loses_nothing_and_can_run_again(store, 
     fake_clock.advance(5)
     assert await store.aresync()  # not stuck "resyncing", and "b" was kept
     assert (inner.get("a").data, inner.get("b").data) == (b"1", b"2")
+
+
+# -- a write racing the end of a resync: journaled only while the store counts as degraded -------
+
+_PARK = 5.0
+"""How long a hooked thread waits for the other one: on a regression the test fails, not hangs."""
+
+
+def _call(mode, store, name, *args):
+    """``store.<name>(...)``, or ``store.a<name>(...)`` in an event loop of this thread's own."""
+    if mode == "sync":
+        return getattr(store, name)(*args)
+    return asyncio.run(getattr(store, "a" + name)(*args))
+
+
+def _thread(target) -> threading.Thread:
+    """Not started yet: the hooks compare the current thread with it, so bind it first."""
+    return threading.Thread(target=target, daemon=True)
+
+
+def _no_stale_replay_later(store, inner, fake_clock):
+    """A later write, then another outage and resync: nothing older is replayed over it."""
+    store.put("a", b"4")
+    inner.down = True
+    store.put("b", b"x")
+    inner.down = False
+    fake_clock.advance(5)
+    assert store.resync()
+    assert inner.get("a").data == b"4" and store.local.pending() == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_write_made_while_a_resync_settles_is_not_stranded_in_the_journal(
+    store, inner, fake_clock, mode
+):
+    store.put("a", b"1")
+    inner.down = True
+    store.put("a", b"2")  # degraded: journaled
+    inner.down = False
+    fake_clock.advance(5)
+
+    # The resyncing thread R is parked right after LocalState.settle() has found the journal
+    # empty (the store not yet declared healthy) until the writer W has chosen where its put
+    # goes; W's put then finds the resync still running, so it chooses local state.
+    resyncer_parked, writer_chose = threading.Event(), threading.Event()
+    real_settle, real_probe_due = store.local.settle, store._probe_due
+
+    def settle():
+        replayed = real_settle()
+        if replayed is not None and threading.current_thread() is resyncer:
+            resyncer_parked.set()
+            writer_chose.wait(_PARK)
+        return replayed
+
+    def probe_due():
+        due = real_probe_due()
+        if threading.current_thread() is writer:
+            writer_chose.set()
+        return due
+
+    store.local.settle, store._probe_due = settle, probe_due
+    resyncer = _thread(lambda: _call(mode, store, "get", "a"))
+    writer = _thread(lambda: _call(mode, store, "put", "a", b"3"))
+    resyncer.start()
+    assert resyncer_parked.wait(_PARK)
+    writer.start()
+    writer.join(_PARK)
+    resyncer.join(_PARK)
+    assert not writer.is_alive() and not resyncer.is_alive()
+    store.local.settle, store._probe_due = real_settle, real_probe_due
+
+    # The write reached the store, its writer reads it, and nothing is left in the journal.
+    assert (inner.get("a").data, store.local.pending(), store.degraded) == (b"3", 0, False)
+    assert store.get("a").data == b"3"
+    _no_stale_replay_later(store, inner, fake_clock)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_write_that_chose_local_state_before_a_resync_ended_goes_to_the_store(
+    store, inner, fake_clock, mode
+):
+    store.put("a", b"1")
+    inner.down = True
+    store.put("a", b"2")  # degraded: journaled
+    inner.down = False
+    fake_clock.advance(5)
+
+    # R is parked while it replays "a"=2 until W has found the resync running (so W chooses
+    # local state); W is then parked until R has finished and declared the store healthy:
+    # checking the journal and clearing the degraded mode in one step is not enough.
+    replaying, writer_chose, resynced = threading.Event(), threading.Event(), threading.Event()
+    real_put, real_probe_due = inner.put, store._probe_due
+
+    def put(key, data, **options):
+        if threading.current_thread() is resyncer:
+            replaying.set()
+            writer_chose.wait(_PARK)
+        return real_put(key, data, **options)
+
+    def probe_due():
+        due = real_probe_due()
+        if threading.current_thread() is writer and not writer_chose.is_set():
+            writer_chose.set()
+            resynced.wait(_PARK)
+        return due
+
+    inner.put, store._probe_due = put, probe_due
+    resyncer = _thread(lambda: _call(mode, store, "get", "a"))
+    writer = _thread(lambda: _call(mode, store, "put", "a", b"3"))
+    resyncer.start()
+    assert replaying.wait(_PARK)
+    writer.start()
+    resyncer.join(_PARK)
+    assert not resyncer.is_alive() and not store.degraded
+    resynced.set()
+    writer.join(_PARK)
+    assert not writer.is_alive()
+    inner.put, store._probe_due = real_put, real_probe_due
+
+    assert (inner.get("a").data, store.local.pending(), store.degraded) == (b"3", 0, False)
+    assert store.get("a").data == b"3"
+    _no_stale_replay_later(store, inner, fake_clock)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_write_the_store_failed_during_someone_elses_resync_is_replayed_not_stranded(
+    store, inner, fake_clock, mode
+):
+    store.put("a", b"1")
+    inner.down = True
+
+    # The writer W is sent to the (healthy) store, which fails it; W is parked right after
+    # switching to degraded mode, before it keeps its write locally, while this thread
+    # probes, resyncs (an empty journal) and declares the store healthy again.
+    writer_failed, resynced = threading.Event(), threading.Event()
+    real_degrade = store._degrade
+
+    def degrade(error):
+        real_degrade(error)
+        if threading.current_thread() is writer:
+            writer_failed.set()
+            resynced.wait(_PARK)
+
+    store._degrade = degrade
+    writer = _thread(lambda: _call(mode, store, "put", "a", b"3"))
+    writer.start()
+    assert writer_failed.wait(_PARK)
+    inner.down = False
+    fake_clock.advance(5)
+    assert store.get("a").data == b"1" and not store.degraded
+    resynced.set()
+    writer.join(_PARK)
+    assert not writer.is_alive()
+    store._degrade = real_degrade
+
+    # W's write, which the store may have applied, is kept and replayed by the next call
+    # (looking first), not left in the journal of a store that counts as healthy.
+    assert store.get("a").data == b"3"
+    assert (inner.get("a").data, store.local.pending(), store.degraded) == (b"3", 0, False)
+    _no_stale_replay_later(store, inner, fake_clock)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_call_failing_late_during_a_resync_does_not_let_a_second_resync_start(
+    store, inner, fake_clock, mode
+):
+    """A store call that started while the store was healthy and fails while another thread
+    resyncs used to clear the resync's claim: a second thread then claimed a resync too,
+    found the journal (already taken by the first) empty, declared the store healthy, and
+    wrote to it, and the first resync then replayed older values over that newer write."""
+    store.put("a", b"1")
+    inner.down = True
+    store.put("a", b"2")
+    store.put("a", b"3")  # degraded: both journaled
+    inner.down = False
+    fake_clock.advance(5)
+
+    replaying, go_on = threading.Event(), threading.Event()
+    real_put = inner.put
+
+    def put(key, data, **options):
+        if threading.current_thread() is resyncer and not replaying.is_set():
+            replaying.set()
+            go_on.wait(_PARK)
+        return real_put(key, data, **options)
+
+    inner.put = put
+    resyncer = _thread(lambda: _call(mode, store, "get", "a"))
+    resyncer.start()
+    assert replaying.wait(_PARK)
+    # a call sent while the store was healthy fails only now (its late failure)
+    store._degrade(StoreUnavailableError("a late failure of a call made before the outage"))
+    fake_clock.advance(5)  # past the retry interval: would another call resync?
+    assert _call(mode, store, "get", "a").data == b"3"  # its writer's own latest
+    _call(mode, store, "put", "a", b"4")
+    go_on.set()
+    resyncer.join(_PARK)
+    assert not resyncer.is_alive()
+    inner.put = real_put
+    if store.degraded:
+        fake_clock.advance(5)
+        assert store.resync()
+    assert (inner.get("a").data, store.local.pending(), store.degraded) == (b"4", 0, False)
