@@ -27,13 +27,15 @@ RATE_LIMIT     (none)             backing off as told is the retry policy's job:
 Every action's outcome (``success``, ``skipped`` or ``failed``) becomes a span event
 ``otel_recovery.self_heal`` on the current span. A failing action is logged and recorded but
 never raised: the error being recovered from is the one that matters to the caller.
-Concurrent heals of the same action for the same service in one event loop share one run, so
-a hundred requests failing on one dead connection cause one reconnect, not a hundred.
+Concurrent heals of the same action for the same service share one run, across threads and
+event loops (a threaded server's ``asyncio.run`` per request included), so a hundred requests
+failing on one dead connection cause one reconnect, not a hundred. The run happens in the
+loop of the heal that started it; the others wait in their own loops without blocking them
+(see :mod:`otel_recovery._single_flight`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import inspect
 import logging
@@ -46,6 +48,7 @@ from opentelemetry import trace
 from otel_recovery._clock import Duration, to_seconds
 from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
+from otel_recovery._single_flight import SingleFlight
 from otel_recovery.classify import ErrorInfo, ErrorKind
 from otel_recovery.telemetry.attributes import (
     EVENT_SELF_HEAL,
@@ -124,7 +127,7 @@ class HealingRegistry:
         self._actions: dict[ErrorKind, tuple[HealingAction, ...]] = {}
         self._reconnects: dict[str, Callback] = {}
         self._cache_clearers: tuple[Callback, ...] = ()
-        self._inflight: dict[tuple[int, str], asyncio.Future[HealResult]] = {}
+        self._flights: SingleFlight[HealResult] = SingleFlight()
         self._unshared: set[int] = set()
         if builtins:
             self.register(ErrorKind.CONNECTION, reconnect)
@@ -215,35 +218,17 @@ class HealingRegistry:
         return report
 
     async def _run_shared(self, action: HealingAction, healing: HealingContext) -> HealResult:
-        # Single flight per (action, service) within one loop: concurrent failures of the
-        # same dependency share one remediation.
+        # Single flight per (action, service) across threads and loops: concurrent failures
+        # of the same dependency share one remediation. Joiners get the owner's result; if
+        # the owner is cancelled, joiners in its loop see "failed" rather than a cancellation
+        # that was never theirs, and a joiner in another loop runs the action itself.
         if id(action) in self._unshared:
             return await _run_one(action, healing)
-        key = (id(action), healing.service_id)
-        loop = asyncio.get_running_loop()
-        mine: asyncio.Future[HealResult] = loop.create_future()
-        with self._lock:
-            running = self._inflight.get(key)
-            if running is None or running.get_loop() is not loop or running.done():
-                self._inflight[key] = mine
-                running = None
-        if running is not None:
-            return await asyncio.shield(running)
-        result = HealResult(_name(action), "failed", "cancelled before it finished")
-        try:
-            # One loop turn before acting, so heals that are already due (other tasks that
-            # met the same dead connection) join this one: a sync action finishes without
-            # ever yielding, and would otherwise be done before they arrive.
-            await asyncio.sleep(0)
-            result = await _run_one(action, healing)
-            return result
-        finally:
-            # Joiners get the owner's result; if the owner was cancelled they see "failed"
-            # rather than a cancellation that was never theirs.
-            mine.set_result(result)
-            with self._lock:
-                if self._inflight.get(key) is mine:
-                    del self._inflight[key]
+        return await self._flights.run(
+            (id(action), healing.service_id),
+            lambda: _run_one(action, healing),
+            HealResult(_name(action), "failed", "cancelled before it finished"),
+        )
 
     def __repr__(self) -> str:
         kinds = ", ".join(sorted(k.value for k in self._actions))

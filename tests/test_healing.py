@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
 from otel_recovery.classify import ErrorKind, classify
-from otel_recovery.healing import EVENT_SELF_HEAL, HealingRegistry, HealResult
+from otel_recovery.healing import EVENT_SELF_HEAL, HealingRegistry, HealingReport, HealResult
 from otel_recovery.interaction import ErrorRecoveryInteraction
 
 
@@ -245,3 +249,286 @@ async def test_unshared_actions_run_once_per_concurrent_heal():
         *(registry.heal(error, info_for(error), service_id="db") for _ in range(3))
     )
     assert runs == 3
+
+
+# -- one reconnect across threads and event loops ------------------------------------------------
+
+THREADS = 16
+WAIT = 10.0
+"""Bound on every cross-thread wait below, so a regression fails instead of hanging."""
+
+
+def _in_threads(*functions: Callable[[], Any]) -> list[Any]:
+    """Run each function in a thread of its own; their results, in order."""
+    with ThreadPoolExecutor(len(functions)) as pool:
+        futures = [pool.submit(function) for function in functions]
+        return [future.result(timeout=WAIT) for future in futures]
+
+
+async def _heal_db(registry: HealingRegistry, context: dict[str, Any] | None = None):
+    error = ConnectionResetError("connection reset by peer")
+    return await registry.heal(error, info_for(error), service_id="db", context=context)
+
+
+async def _join_then(registry: HealingRegistry, then: Callable[[], object], context=None):
+    """Start a heal, let it take its first step (it joins the reconnect in flight, or leads
+    one: that is decided before it first yields), call ``then()``, and return its report."""
+    task = asyncio.ensure_future(_heal_db(registry, context))
+    await asyncio.sleep(0)
+    then()
+    return await task
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails"])
+@pytest.mark.parametrize("kind", ["sync-context", "async-registered"])
+def test_heals_from_sixteen_threads_each_in_its_own_loop_share_one_reconnect(kind, fails):
+    """A threaded service (Flask/gunicorn threads) runs ``asyncio.run(...)`` per request:
+    sixteen concurrent heals of one service ran sixteen reconnects (one per loop)."""
+    registry = HealingRegistry()
+    started = threading.Event()
+    release = threading.Event()
+    joined = threading.Barrier(THREADS)  # the fifteen joiners and this thread
+    runs: list[int] = []
+
+    def finish() -> None:
+        if fails:
+            raise ConnectionRefusedError("still down")
+
+    def reconnect_sync() -> None:
+        runs.append(threading.get_ident())
+        started.set()
+        assert release.wait(WAIT)  # a sync reconnect holds its thread (and loop) meanwhile
+        finish()
+
+    async def reconnect_async() -> None:
+        runs.append(threading.get_ident())
+        started.set()
+        # bound to the leader's loop, which keeps running meanwhile
+        assert await asyncio.to_thread(release.wait, WAIT)
+        finish()
+
+    context: dict[str, Any] | None = None
+    if kind == "sync-context":
+        context = {"reconnect": reconnect_sync}
+    else:
+        registry.register_reconnect("db", reconnect_async)
+
+    def lead() -> HealingReport:
+        return asyncio.run(_heal_db(registry, context))
+
+    def release_once_all_joined() -> None:
+        assert started.wait(WAIT)
+        joined.wait(WAIT)
+        release.set()
+
+    def join() -> HealingReport:
+        assert started.wait(WAIT)  # the leader is in its reconnect
+        return asyncio.run(_join_then(registry, lambda: joined.wait(WAIT), context))
+
+    leader, _, *others = _in_threads(lead, release_once_all_joined, *[join] * (THREADS - 1))
+    reports = [leader, *others]
+
+    assert len(runs) == 1, f"the reconnect ran {len(runs)} times for {THREADS} heals"
+    expected = (
+        HealResult("reconnect", "failed", "ConnectionRefusedError: still down")
+        if fails
+        else HealResult("reconnect", "success")
+    )
+    assert len(reports) == THREADS
+    assert all(report.results == [expected] for report in reports)
+    # once it has finished, the next failure reconnects again
+    release.set()
+    asyncio.run(_heal_db(registry, context))
+    assert len(runs) == 2
+
+
+def test_sixteen_threaded_recoveries_share_one_registered_reconnect(monkeypatch):
+    """The reviewer's measurement, through ``recover_from_error``: 16 reconnects before."""
+    recovery = ErrorRecoveryInteraction(store="memory://", telemetry=False)
+    heal = recovery.healing.heal
+    lock = threading.Lock()
+    arrived = 0
+    all_arrived = threading.Event()
+    runs: list[int] = []
+
+    async def counting_heal(*args: Any, **kwargs: Any) -> HealingReport:
+        nonlocal arrived
+        task = asyncio.ensure_future(heal(*args, **kwargs))
+        await asyncio.sleep(0)  # its first step: it has joined the reconnect, or leads it
+        with lock:
+            arrived += 1
+            if arrived == THREADS:
+                all_arrived.set()
+        return await task
+
+    def reconnect() -> None:
+        runs.append(threading.get_ident())
+        assert all_arrived.wait(WAIT)
+
+    monkeypatch.setattr(recovery.healing, "heal", counting_heal)
+    recovery.healing.register_reconnect("db", reconnect)
+    gate = threading.Barrier(THREADS)
+
+    def request() -> dict:
+        gate.wait(WAIT)
+        return asyncio.run(
+            recovery.recover_from_error(
+                ConnectionResetError("connection reset by peer"),
+                context={"service_id": "db", "retry_func": lambda: "ok"},
+            )
+        )
+
+    outcomes = _in_threads(*[request] * THREADS)
+    assert len(runs) == 1, f"the reconnect ran {len(runs)} times for {THREADS} recoveries"
+    assert {o["recovery_status"] for o in outcomes} == {"success"}
+    assert {o["strategy"] for o in outcomes} == {"self_heal"}
+
+
+def test_a_waiter_cancelled_in_its_own_loop_leaves_the_shared_reconnect_to_the_others():
+    registry = HealingRegistry()
+    started = threading.Event()
+    release = threading.Event()
+    joined = threading.Barrier(2)
+    runs = 0
+
+    async def reconnect() -> None:
+        nonlocal runs
+        runs += 1
+        started.set()
+        assert await asyncio.to_thread(release.wait, WAIT)
+
+    registry.register_reconnect("db", reconnect)
+
+    async def cancelled_waiter() -> bool:
+        task = asyncio.ensure_future(_heal_db(registry))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return True
+
+    def lead() -> HealingReport:
+        return asyncio.run(_heal_db(registry))
+
+    def cancel_one_then_release() -> bool:
+        assert started.wait(WAIT)
+        assert _in_threads(lambda: asyncio.run(cancelled_waiter())) == [True]
+        joined.wait(WAIT)
+        release.set()
+        return True
+
+    def join() -> HealingReport:
+        assert started.wait(WAIT)
+        return asyncio.run(_join_then(registry, lambda: joined.wait(WAIT)))
+
+    leader, _, other = _in_threads(lead, cancel_one_then_release, join)
+    assert runs == 1
+    assert leader.results == other.results == [HealResult("reconnect", "success")]
+
+
+def test_a_cancelled_leader_hands_the_reconnect_to_a_waiter_in_another_loop():
+    """Its own loop's joiners get "failed" as before (that loop may be shutting down); a
+    waiter in another loop does not hang, nor go without a reconnect: it takes over."""
+    registry = HealingRegistry()
+    started = threading.Event()
+    joined = threading.Barrier(2)
+    runs: list[int] = []
+
+    async def reconnect() -> None:
+        runs.append(threading.get_ident())
+        if len(runs) == 1:
+            started.set()
+            await asyncio.sleep(WAIT)  # cancelled long before
+
+    registry.register_reconnect("db", reconnect)
+
+    async def lead_then_cancel() -> tuple[bool, HealingReport]:
+        leading = asyncio.ensure_future(_heal_db(registry))
+        await asyncio.sleep(0)
+        same_loop = asyncio.ensure_future(_heal_db(registry))
+        await asyncio.to_thread(started.wait, WAIT)
+        await asyncio.to_thread(joined.wait, WAIT)
+        leading.cancel()
+        try:
+            await leading
+        except asyncio.CancelledError:
+            return True, await same_loop
+        return False, await same_loop
+
+    def join() -> tuple[int, HealingReport]:
+        assert started.wait(WAIT)
+        report = asyncio.run(_join_then(registry, lambda: joined.wait(WAIT)))
+        return threading.get_ident(), report
+
+    (leader_cancelled, same_loop), (joiner, other) = _in_threads(
+        lambda: asyncio.run(lead_then_cancel()), join
+    )
+    assert leader_cancelled
+    assert same_loop.results == [HealResult("reconnect", "failed", "cancelled before it finished")]
+    assert other.results == [HealResult("reconnect", "success")]
+    assert len(runs) == 2 and runs[1] == joiner
+
+
+def test_a_waiter_does_not_wait_for_a_leader_whose_loop_closed_unfinished():
+    registry = HealingRegistry()
+    started = threading.Event()
+    joined = threading.Barrier(2)
+    runs: list[int] = []
+
+    async def reconnect() -> None:
+        runs.append(threading.get_ident())
+        if len(runs) == 1:
+            started.set()
+            await asyncio.Event().wait()  # never resumed: its loop is closed under it
+
+    registry.register_reconnect("db", reconnect)
+
+    def lead_then_close_the_loop() -> asyncio.Task:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(_heal_db(registry))
+        loop.run_until_complete(asyncio.to_thread(joined.wait, WAIT))
+        loop.close()  # as a thread that ends its own loop without cancelling its tasks
+        return task
+
+    def join() -> tuple[int, HealingReport]:
+        assert started.wait(WAIT)
+        report = asyncio.run(_join_then(registry, lambda: joined.wait(WAIT)))
+        return threading.get_ident(), report
+
+    abandoned, (joiner, report) = _in_threads(lead_then_close_the_loop, join)
+    assert not abandoned.done()
+    assert report.results == [HealResult("reconnect", "success")]
+    assert len(runs) == 2 and runs[1] == joiner
+    abandoned.get_coro().close()  # its cleanup finds the flight gone already
+
+
+def test_a_forked_child_does_not_wait_for_a_reconnect_led_by_a_thread_it_lacks():
+    """In a fork child only the forking thread exists: a heal it was waiting for, led by
+    another thread, would never finish there. (The fork is simulated by calling the child
+    hook in the would-be forking thread; ``_forksafe`` calls it in a real child.)"""
+    registry = HealingRegistry()
+    started = threading.Event()
+    release = threading.Event()
+    runs: list[int] = []
+
+    async def reconnect() -> None:
+        runs.append(threading.get_ident())
+        if len(runs) == 1:
+            started.set()
+            assert await asyncio.to_thread(release.wait, WAIT)
+
+    registry.register_reconnect("db", reconnect)
+
+    def forked() -> tuple[int, HealingReport, HealingReport]:
+        assert started.wait(WAIT)
+        hook = registry._flights._after_fork_in_child
+        waiting = asyncio.run(_join_then(registry, hook))
+        fresh = asyncio.run(_heal_db(registry))
+        release.set()
+        return threading.get_ident(), waiting, fresh
+
+    leader, (child, waiting, fresh) = _in_threads(lambda: asyncio.run(_heal_db(registry)), forked)
+    assert [r.results for r in (leader, waiting, fresh)] == [
+        [HealResult("reconnect", "success")]
+    ] * 3
+    assert runs[1:] == [child, child]
