@@ -24,6 +24,11 @@ Building blocks for atomic operations of other components (fleet-wide breakers, 
 :attr:`client` (a ``redis.Redis``), :meth:`aclient` (a ``redis.asyncio.Redis`` for the running
 event loop), :meth:`key` (a prefixed key name) and :meth:`script` / :meth:`ascript` (a
 registered Lua script, re-loaded automatically after a Redis restart).
+
+An asyncio client belongs to one event loop. One whose loop has been closed (each
+``asyncio.run`` makes a new loop) is closed, without its loop, when the next loop first uses
+the store, by :meth:`~RedisStore.close` / :meth:`~RedisStore.aclose`, or when the store is
+collected; a client of a loop still open is never touched (see :mod:`._redis_loops`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ from otel_recovery.stores._base import (
     check_key,
     check_put,
     check_version,
+)
+from otel_recovery.stores._redis_loops import (
+    LoopClient,
+    LoopClients,
+    close_clients_of_closed_loops,
 )
 
 __all__ = ["RedisStore"]
@@ -117,13 +127,12 @@ class RedisStore:
         self._options = {**_DEFAULTS, **client_options, "retry": Retry(NoBackoff(), 0)}
         self._lock = new_lock()
         self._client: redis.Redis | None = None
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis]
-        self._async = weakref.WeakKeyDictionary()
+        self._async: LoopClients = weakref.WeakKeyDictionary()
         self._scripts: dict[str, Script] = {}
         self._replica = ReplicaReconnect(self.clock)
-        self._ascripts: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[str, AsyncScript]
-        ] = weakref.WeakKeyDictionary()
+        # A store dropped without close() (a script, a test) closes its closed loops' clients
+        # then, not when the process exits; the finalizer refers to them, not to the store.
+        weakref.finalize(self, close_clients_of_closed_loops, self._async)
 
     # -- building blocks ----------------------------------------------------------------------
 
@@ -137,12 +146,17 @@ class RedisStore:
 
     def aclient(self) -> redis.asyncio.Redis:
         """The asyncio client of the running event loop (asyncio clients are loop-bound)."""
+        return self._loop_client().client
+
+    def _loop_client(self) -> LoopClient:
         loop = asyncio.get_running_loop()
         with self._lock:
             found = self._async.get(loop)
             if found is None:
-                found = _PlainAsyncRedis.from_url(self._target, **self._options)
-                self._async[loop] = found
+                # A new loop: the clients of loops closed meanwhile will never run again
+                close_clients_of_closed_loops(self._async)
+                client = _PlainAsyncRedis.from_url(self._target, **self._options)
+                found = self._async[loop] = LoopClient(client)
             return found
 
     def key(self, *parts: str) -> str:
@@ -161,13 +175,11 @@ class RedisStore:
 
     def ascript(self, source: str) -> AsyncScript:
         """A registered Lua script for the running loop's :meth:`aclient`."""
-        client = self.aclient()
-        loop = asyncio.get_running_loop()
+        entry = self._loop_client()
         with self._lock:
-            scripts = self._ascripts.setdefault(loop, {})
-            found = scripts.get(source)
+            found = entry.scripts.get(source)
             if found is None:
-                found = scripts[source] = client.register_script(source)
+                found = entry.scripts[source] = entry.client.register_script(source)
             return found
 
     def _guard(self, call: Callable[[], _T]) -> _T:
@@ -184,13 +196,14 @@ class RedisStore:
             self._raise(exc)
 
     async def _aguard(self, call: Callable[[], Awaitable[_T]]) -> _T:
-        client = self._async.get(asyncio.get_running_loop())
-        if client is not None:
-            await _disconnect_ended(client)
+        entry = self._async.get(asyncio.get_running_loop())
+        if entry is not None:
+            await _disconnect_ended(entry.client)
         try:
             return await call()
         except Exception as exc:
-            client = self._async.get(asyncio.get_running_loop())
+            entry = self._async.get(asyncio.get_running_loop())
+            client = None if entry is None else entry.client
             if not (_is_unavailable(exc) and await self._replica.aclose_stale(exc, client)):
                 self._raise(exc)
         try:
@@ -372,20 +385,22 @@ class RedisStore:
         return _counters(raw, keys)
 
     def close(self) -> None:
+        """Close the sync client, and the asyncio clients of event loops that have been
+        closed (not those of loops still open: a command may be running on them)."""
         with self._lock:
             client, self._client = self._client, None
             self._scripts.clear()
+            close_clients_of_closed_loops(self._async)
         if client is not None:
             client.close()
 
     async def aclose(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Close the running loop's asyncio client, then as :meth:`close`."""
         with self._lock:
-            client = self._async.pop(loop, None)
-            self._ascripts.pop(loop, None)
-        if client is not None:
+            entry = self._async.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
             # redis-py 5.0.1 renamed the async client's close() to aclose()
-            closing = getattr(client, "aclose", None) or client.close
+            closing = getattr(entry.client, "aclose", None) or entry.client.close
             await closing()
         self.close()
 
