@@ -180,7 +180,7 @@ class _ThreadWaiter:
     __slots__ = ("lock",)
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = new_lock()
         self.lock.acquire()
 
     def wait(self, seconds: float) -> bool:

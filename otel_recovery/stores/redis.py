@@ -402,6 +402,8 @@ class RedisStore:
             # redis-py 5.0.1 renamed the async client's close() to aclose()
             closing = getattr(entry.client, "aclose", None) or entry.client.close
             await closing()
+            # before 5.0.1, a client made by from_url() did not close its pool
+            await entry.client.connection_pool.disconnect()
         self.close()
 
     def __repr__(self) -> str:

@@ -62,6 +62,7 @@ def _resource_warnings() -> Iterator[list[str]]:
     A warning raised in ``__del__`` cannot propagate: with ``ResourceWarning`` as an error
     it reaches ``sys.unraisablehook``, which records it here."""
     seen: list[str] = []
+    gc.collect()  # earlier tests' garbage warns now, not inside the block
     previous = sys.unraisablehook
 
     def record(unraisable: Any) -> None:
