@@ -10,8 +10,12 @@ runs every registered ``health_check`` every ``interval`` seconds and keeps, per
   a row and as up again after ``healthy_after`` passing ones (both 1 by default). Until its
   first verdict a service is unknown (``healthy is None``). A check that raises, answers
   falsy, or takes longer than ``check_timeout`` (default: the interval) fails. A sync check
-  runs in a worker thread (``asyncio.to_thread``), so a blocking ping is bounded too and
-  never stalls the event loop; a thread stuck in one is left to finish on its own.
+  runs in a thread of its own, so a blocking ping is bounded too and never stalls the event
+  loop. A thread stuck in one is left to finish on its own, and until it does the check
+  fails without another thread being started: one started every round (the default
+  executor's, as ``asyncio.to_thread`` did) filled that executor in a few rounds, after
+  which healthy services' checks and the application's own ``run_in_executor`` calls
+  waited too, and ``asyncio.run`` could not return at exit. The threads are daemons.
 - **Every change is reported**, and only changes: one ``otel_recovery.health.changed`` event
   per service that changed, on one ``service_health`` span per round that had any (status
   ERROR when a service went down); a warning or info log line; and ``on_change(health)``
@@ -30,8 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -116,6 +122,7 @@ class HealthMonitor:
         self.last_recovery: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._sync_runs: dict[str, asyncio.Future[Any]] = {}  # a sync check's latest run
         telemetry = orchestrator.interaction.telemetry
         with contextlib.suppress(Exception):  # telemetry never stops the monitor
             if isinstance(telemetry, Telemetry):
@@ -143,7 +150,7 @@ class HealthMonitor:
             for name, registered in self.orchestrator.services.items()
             if registered.health_check is not None
         }
-        verdicts = await asyncio.gather(*(self._probe(check) for check in checks.values()))
+        verdicts = await asyncio.gather(*(self._probe(n, check) for n, check in checks.items()))
         now = self.clock.now()
         changed = [
             health
@@ -160,13 +167,17 @@ class HealthMonitor:
             await self._recover(now)
         return self.status
 
-    async def _probe(self, check: Callable[[], Any]) -> bool:
+    async def _probe(self, name: str, check: Callable[[], Any]) -> bool:
         async def answer() -> Any:
             if inspect.iscoroutinefunction(check):
                 return await check()
-            # A sync check (a blocking ping) runs in a worker thread: bounded by the check
-            # timeout like any other, it never stalls the event loop it would share.
-            return await resolve(await asyncio.to_thread(check))
+            # A sync check (a blocking ping) runs in a thread: bounded by the check timeout
+            # like any other, it never stalls the event loop it would share.
+            running = self._sync_runs.get(name)
+            if running is not None and not running.done():
+                return False  # its last run has not come back: still down, no new thread
+            run = self._sync_runs[name] = _in_own_thread(check, name)
+            return await resolve(await asyncio.shield(run))
 
         try:
             return bool(await within(self.check_timeout, answer()))
@@ -295,6 +306,42 @@ class HealthMonitor:
     def __repr__(self) -> str:
         state = "running" if self._task is not None and not self._task.done() else "stopped"
         return f"HealthMonitor(interval={self.interval:g}s, {state}, down={self.down})"
+
+
+def _in_own_thread(check: Callable[[], Any], service: str) -> asyncio.Future[Any]:
+    """Run a sync check in a daemon thread of its own (in a copy of the caller's context);
+    its outcome settles the returned future of the running loop.
+
+    Not the loop's default executor: a check stuck there holds one of its few workers, and
+    the loop's shutdown waits for it. A loop closed by the time the check returns has
+    nobody waiting for the outcome any more."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def run() -> None:
+        try:
+            result: Any = context.run(check)
+            failure: BaseException | None = None
+        except BaseException as error:  # the check's own failure: its verdict is "down"
+            # (one that is not an Exception, a SystemExit say, must not end the monitor)
+            wrapped = RuntimeError(f"the health check raised {error!r}")
+            result, failure = None, error if isinstance(error, Exception) else wrapped
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(_settle, outcome, result, failure)
+
+    name = f"otel-recovery health check {service}"
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return outcome
+
+
+def _settle(outcome: asyncio.Future[Any], result: Any, failure: BaseException | None) -> None:
+    if outcome.done():
+        return
+    if failure is None:
+        outcome.set_result(result)
+    else:
+        outcome.set_exception(failure)
 
 
 def _positive_seconds(value: Duration, name: str) -> float:

@@ -234,3 +234,58 @@ async def test_a_monitor_made_before_the_telemetry_changed_is_still_a_metric(fak
     with capture_telemetry() as captured:
         points = captured.metric_points("otel_recovery.service.health")
     assert ({"otel_recovery.service.id": "ledger"}, 1) in points
+
+
+def test_a_sync_check_stuck_in_its_thread_is_not_started_again_until_it_returns():
+    """Every round started the stuck check once more in the loop's default executor: in a
+    few rounds the executor was full, healthy services' checks and the application's own
+    ``run_in_executor`` calls waited behind them, and ``asyncio.run`` could not return."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    released = threading.Event()
+    entered = []
+
+    def hangs() -> bool:  # a ping through a server that stopped answering, no timeout
+        entered.append(threading.current_thread().name)
+        released.wait(10)
+        return True
+
+    async def healthy() -> bool:
+        return True
+
+    def rounds(orchestrator: RecoveryOrchestrator) -> list[dict[str, bool | None]]:
+        orchestrator.register_service("cache", health_check=hangs)
+        orchestrator.register_service("db", health_check=lambda: True)
+        orchestrator.register_service("api", health_check=healthy)
+        monitor = orchestrator.monitor(interval=10, check_timeout=0.05)  # real time
+
+        async def main() -> list[dict[str, bool | None]]:
+            # an executor as small as a 1-core host's default (5 workers): full after five
+            # rounds if each round parked one more thread in it
+            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(5))
+            seen = []
+            for _ in range(8):
+                await monitor.check_once()
+                seen.append(_states(monitor))
+            mine = await asyncio.wait_for(asyncio.to_thread(lambda: "app's own work"), 2)
+            assert mine == "app's own work"
+            return seen
+
+        return asyncio.run(main())
+
+    answered: list[list[dict[str, bool | None]]] = []
+    runner = threading.Thread(
+        target=lambda: answered.append(rounds(RecoveryOrchestrator(ErrorRecoveryInteraction()))),
+        daemon=True,
+    )
+    runner.start()
+    runner.join(8)  # asyncio.run returns although the check is still stuck
+    stuck = runner.is_alive()
+    released.set()
+    runner.join(5)
+    assert not stuck, "asyncio.run waited for the stuck check's thread"
+    assert answered and all(
+        states == {"cache": False, "db": True, "api": True} for states in answered[0]
+    ), answered
+    assert len(entered) == 1  # one thread for the stuck check, however many rounds
