@@ -52,6 +52,10 @@ class ResyncConflict:
     operation: str = "put"
 
 
+CONFLICTS_KEPT = 100
+"""How many of the latest resync conflicts :attr:`ResilientStore.conflicts` keeps."""
+
+
 @dataclass
 class JournalPut:
     key: str
@@ -113,7 +117,8 @@ class LocalState:
         self._deltas: dict[str, dict[str, float]] = {}
         self._snapshots: dict[str, dict[str, float]] = {}
         self.replayed = 0
-        self.conflicts: builtins.list[ResyncConflict] = []
+        self.conflicts: builtins.list[ResyncConflict] = []  # the latest CONFLICTS_KEPT
+        self.conflict_count = 0  # every one since the start
 
     # -- what the healthy path records ----------------------------------------------------------
 
@@ -298,10 +303,20 @@ class LocalState:
                 return -1
             return self._mapping.get((work.key, known), known)
 
+    def _conflict(self, conflict: ResyncConflict) -> None:
+        """Keep a conflict for :attr:`ResilientStore.conflicts` (lock held): the latest
+        :data:`CONFLICTS_KEPT` only. Each one keeps the refused write's data (a learner's
+        whole snapshot, say), and a fleet whose store blips now and then would otherwise
+        keep every one for the life of the process; each is also logged when it happens."""
+        self.conflict_count += 1
+        self.conflicts.append(conflict)
+        if len(self.conflicts) > CONFLICTS_KEPT:
+            del self.conflicts[0]
+
     def delete_refused(self, work: JournalDelete, store_version: int, basis: int | None) -> None:
         """A replayed delete found a version another process wrote after it: not applied."""
         with self.lock:
-            self.conflicts.append(
+            self._conflict(
                 ResyncConflict(work.key, 0, max(basis or 0, 0), store_version, b"", "delete")
             )
         _log.warning(
@@ -357,7 +372,7 @@ class LocalState:
                 return
             self._refused[(work.key, work.provisional)] = result.actual
             expected = self._mapping.get((work.key, work.expected or 0), work.expected or 0)
-            self.conflicts.append(
+            self._conflict(
                 ResyncConflict(work.key, work.provisional, expected, result.actual, work.data)
             )
         _log.warning(

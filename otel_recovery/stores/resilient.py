@@ -111,6 +111,7 @@ class ResilientStore:
         self._degraded_at: float | None = None
         self._next_probe = 0.0
         self._resyncing = False
+        self._conflicts_reported = 0  # local.conflict_count at the last resynced event
 
     @property
     def degraded(self) -> bool:
@@ -119,7 +120,8 @@ class ResilientStore:
 
     @property
     def conflicts(self) -> builtins.list[ResyncConflict]:
-        """Compare-and-set writes made while degraded that the store refused on resync."""
+        """Writes made while degraded that resync did not apply because the store had moved
+        on (compare-and-set puts, deletes): the latest 100, oldest first."""
         return self.local.conflicts
 
     # -- mode switching -------------------------------------------------------------------------
@@ -190,8 +192,10 @@ class ResilientStore:
             with self._mode:
                 started, self._degraded_at = self._degraded_at, None
                 self._resyncing = False
+            # this resync's conflicts, not every one since the start
+            conflicts = self.local.conflict_count - self._conflicts_reported
+            self._conflicts_reported = self.local.conflict_count
         outage = 0.0 if started is None else max(0.0, self.clock.now() - started)
-        conflicts = len(self.local.conflicts)
         _log.info(
             "otel_recovery: store %s is reachable again after %.1fs; replayed %d local "
             "change(s), %d conflict(s)",

@@ -181,6 +181,43 @@ def test_a_compare_and_set_made_while_degraded_is_not_forced_over_a_newer_versio
     assert "was not applied" in caplog.text
 
 
+def _conflicting_outage(store, inner, fake_clock, keys):
+    """One outage in which a compare-and-set write to each key is refused on resync."""
+    inner.down = True
+    for key in keys:
+        store.put(key, b"mine " + key.encode(), expected_version=1)
+    inner.down = False
+    for key in keys:
+        inner.put(key, b"theirs")
+    fake_clock.advance(5)
+    assert store.resync()
+
+
+def test_each_resync_reports_its_own_conflicts_and_only_the_latest_are_kept(
+    store, inner, fake_clock, spans
+):
+    """``conflicts`` kept every refused write, data included, for the life of the process
+    (a learner's snapshot per blip), and each resynced event reported the running total."""
+    from otel_recovery.stores._local_state import CONFLICTS_KEPT
+
+    tracer, exporter = spans
+    keys = [f"doc-{n}" for n in range(CONFLICTS_KEPT + 5)]
+    for key in keys:
+        store.put(key, b"v1")
+    with tracer.start_as_current_span("first"):
+        _conflicting_outage(store, inner, fake_clock, keys[:3])
+    with tracer.start_as_current_span("second"):
+        _conflicting_outage(store, inner, fake_clock, keys[3:5])
+    with tracer.start_as_current_span("third"):
+        _conflicting_outage(store, inner, fake_clock, keys[5:])
+    reported = [
+        e.attributes[names.STORE_CONFLICTS] for e in _events(exporter, names.EVENT_STORE_RESYNCED)
+    ]
+    assert reported == [3, 2, CONFLICTS_KEPT]
+    assert len(store.conflicts) == CONFLICTS_KEPT  # the latest, oldest first
+    assert [c.key for c in store.conflicts] == keys[5:]
+
+
 def test_a_compare_and_set_replays_cleanly_when_nobody_else_wrote(store, inner, fake_clock):
     store.put("doc", b"v1")
     inner.down = True
