@@ -331,23 +331,31 @@ def _check_response(response: object, what: str) -> None:
         )
 
 
-_ID_SEGMENT = re.compile(
-    r"\d+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-    r"|[0-9a-fA-F-]{16,}|(?=[^/]*\d)[^/]{24,}"
-)
-"""A path segment that names one resource rather than a route: a number, a UUID, a long hex
-string, or a long token with a digit in it (a JWT, a signed reset link's secret)."""
+_ROUTE_WORD = re.compile(r"\.?[a-z]+(?:[-_.][a-z]+)*|v\d{1,3}")
+"""A path segment kept in a default route: lowercase words (``orders``, ``reset-password``,
+``favicon.ico``, ``.well-known``) or an API version (``v1``)."""
+
+_WORD_MAX = 40
 
 
 def route_template(method: str, path: str) -> str:
     """``"GET /orders/{id}"`` for ``GET /orders/42``: the default route of both middlewares.
 
     A route is a breaker, and a breaker's name is a metric attribute: raw paths would make a
-    breaker per order (up to ``max_routes``, then none) and put ids and tokens in metrics,
-    as HTTP semantic conventions forbid for ``http.route``. Pass ``route=`` for your
+    breaker per order (up to ``max_routes``, then none) and put ids, tokens and personal
+    data in metrics, as HTTP semantic conventions forbid for ``http.route``. So only
+    segments that read as route words are kept, and every other one is ``{id}``: numbers,
+    UUIDs and hashes, but also emails, short codes, tokens with or without digits, and
+    anything with capitals, percent-escapes or punctuation. Telling a resource's name from
+    a route's by its letters is a guess that errs on the side of folding (a route spelt
+    ``/Search`` becomes ``/{id}``, and shares its breaker); a lowercase word that names a
+    resource (``/users/alice``) still looks like a route. Pass ``route=`` for your
     framework's own templates."""
     segments = [
-        "{id}" if _ID_SEGMENT.fullmatch(segment) else segment for segment in path.split("/")
+        segment
+        if not segment or (len(segment) <= _WORD_MAX and _ROUTE_WORD.fullmatch(segment))
+        else "{id}"
+        for segment in path.split("/")
     ]
     return f"{method} {'/'.join(segments) or '/'}"
 

@@ -228,3 +228,27 @@ def test_paths_with_ids_share_their_routes_breaker_by_default():
         "GET /orders/{id}", "GET /reset/{id}", "GET /users/{id}/cart", "GET /v1/quotes",
     ]  # fmt: skip
     assert middleware.breakers["GET /orders/{id}"].snapshot().successful_calls == 300
+
+
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/users/alice.pii@example.com/profile", "GET /users/{id}/profile"),
+        ("/reset/AbcdefGhijklMnopqrStuvwXyzTOKEN", "GET /reset/{id}"),
+        ("/verify/OTP9X2", "GET /verify/{id}"),
+        ("/files/s3cretShortTok1", "GET /files/{id}"),
+        ("/hooks/XXXXSLACKTOKENNODIGITSXXXX", "GET /hooks/{id}"),
+        ("/search/caf%C3%A9", "GET /search/{id}"),
+        ("/api/v2/reset-password", "GET /api/v2/reset-password"),
+        ("/.well-known/openid-configuration", "GET /.well-known/openid-configuration"),
+        ("/favicon.ico", "GET /favicon.ico"),
+        ("/", "GET /"),
+    ],
+)
+def test_the_default_route_keeps_route_words_only(path, route):
+    """Emails, short codes and tokens without digits or shorter than 24 characters were kept
+    as they were: personal data and secrets in the breaker metrics' names (a security
+    review)."""
+    from otel_recovery.middleware._guard import route_template
+
+    assert route_template("GET", path) == route
