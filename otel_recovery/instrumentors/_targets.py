@@ -378,13 +378,16 @@ class TargetPolicy(RecoveryPolicy):
 
 
 class _Target:
-    __slots__ = ("advisor", "breaker", "budget", "policies")
+    __slots__ = ("advisor", "breaker", "budget", "policies", "resolved")
 
     def __init__(self, breaker: CircuitBreaker, budget: RetryBudget) -> None:
         self.breaker = breaker
         self.budget = budget
         self.policies: dict[tuple[object, ...], RecoveryPolicy] = {}
         self.advisor: LearnedRetryAdvisor | None = None
+        self.resolved: set[tuple[Any, ...]] = set()
+        """Its keys in ``TargetPolicies._resolved``, dropped from there when the table
+        forgets it (some may have gone already, with a clear of the whole cache)."""
 
     def advisor_of(self, learner: StrategyLearner) -> LearnedRetryAdvisor:
         """The target's one advisor, shared by its policies: it tells the learner the calls
@@ -456,7 +459,8 @@ class TargetPolicies:
         self._lock = new_lock()
         # Resolved policies by call shape: the per-call cost is one dict lookup. Operations
         # only become part of the key where the settings have a section for them, so paths
-        # with ids in them cannot grow this without bound.
+        # with ids in them cannot grow this without bound. A target's entries go when the
+        # table forgets it, or they would keep its breaker and budget alive.
         self._resolved: dict[tuple[Any, ...], RecoveryPolicy] = {}
         self._operation_sections = {
             key: frozenset(section.get("operations", {}))
@@ -481,7 +485,11 @@ class TargetPolicies:
             self._targets.move_to_end(key)
             forgot = len(self._targets) > self._max
             while len(self._targets) > self._max:
-                self._targets.popitem(last=False)
+                _, old = self._targets.popitem(last=False)
+                # and its resolved policies: kept, they would keep its breaker and budget
+                # alive (with OTEL_RECOVERY_STORE_URL, syncing with Redis for good)
+                for resolved in old.resolved:
+                    self._resolved.pop(resolved, None)
         if forgot:
             self._forgot()
         return target
@@ -577,9 +585,15 @@ class TargetPolicies:
             host, port, op_key, retry_allowed, span, not_retried, disallowed, timed, repeats,
             rejection, never_ran, reads,
         )  # fmt: skip
-        if len(self._resolved) >= 4 * self._max:
-            self._resolved.clear()
-        self._resolved[fast_key] = policy
+        # Remembered only while its target is in the table, which forgets it with the target
+        # (see _target); the lock keeps a target forgotten meanwhile from being remembered.
+        with self._lock:
+            target = self._targets.get((host, port))
+            if target is not None and target.breaker is policy.breaker:
+                if len(self._resolved) >= 4 * self._max:
+                    self._resolved.clear()
+                self._resolved[fast_key] = policy
+                target.resolved.add(fast_key)
         return policy
 
     def _operation_key(self, host: str, port: int | None, operation: str | None) -> str | None:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import time
+import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import wrapt
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from servers import REDIS_HOST, REDIS_PORT, require_redis
 
 from otel_recovery._attempt import ATTEMPT, current_attempt
 from otel_recovery._first_times import FirstTimes
@@ -30,7 +36,7 @@ from otel_recovery.instrumentors._settings import (
 from otel_recovery.instrumentors._targets import TargetPolicies, hold_back
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.learning.strategy import StrategyLearner
-from otel_recovery.policies import FixedBackoff, Retry
+from otel_recovery.policies import FixedBackoff, Retry, RetryBudget
 from otel_recovery.recover import RecoveryPolicy
 
 # -- settings ------------------------------------------------------------------------------
@@ -314,6 +320,66 @@ def test_a_forgotten_target_takes_the_plans_remembered_for_it_along(fake_clock):
     breaker = targets.known_breaker("a.local", 80)
     assert again_http.call.policy.breaker is breaker is again_db.policy.breaker
     assert breaker is not first_http.call.policy.breaker
+
+
+def test_a_forgotten_target_leaves_nothing_holding_its_breaker_and_budget(fake_clock):
+    """Past ``max_targets`` the table forgets its oldest target, and its policies resolved
+    by call shape go with it: kept there, they kept its breaker and budget alive (fleet-wide
+    ones syncing with Redis, idle, for good) until the cache reached 4 x ``max_targets``."""
+    targets = TargetPolicies("forgets", RecoverySettings(), clock=fake_clock, max_targets=8)
+    breakers = []
+    for i in range(20):  # one call shape per target: the cache never fills (4 x 8 shapes)
+        policy = targets.policy_for(f"h{i}.local", 80, "GET", retry_allowed=True)
+        breakers.append(weakref.ref(policy.breaker))
+    del policy
+    gc.collect()
+    assert [i for i, breaker in enumerate(breakers) if breaker() is not None] == list(range(12, 20))
+    budgets = {
+        budget.name
+        for budget in gc.get_objects()
+        if isinstance(budget, RetryBudget) and budget.name.startswith("forgets ")
+    }
+    assert budgets == {f"forgets h{i}.local:80" for i in range(12, 20)}
+    again = targets.policy_for("h0.local", 80, "GET", retry_allowed=True)  # a new breaker
+    assert again.breaker is targets.known_breaker("h0.local", 80)
+    assert breakers[0]() is None
+    assert targets.policy_for("h0.local", 80, "GET", retry_allowed=True) is again
+
+
+def test_a_forgotten_target_stops_syncing_its_fleet_wide_breaker_and_budget(monkeypatch):
+    """With ``OTEL_RECOVERY_STORE_URL=redis://...`` every target's breaker and budget sync
+    with Redis while they live: a forgotten target's must leave the sync thread's round."""
+    require_redis()
+    prefix = f"otr-test:{uuid.uuid4().hex[:10]}:"
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/0?prefix={prefix}"
+    monkeypatch.setenv("OTEL_RECOVERY_STORE_URL", url)
+    targets = TargetPolicies("fleet", RecoverySettings(), max_targets=2)
+    try:
+        for i in range(6):
+            policy = targets.policy_for(f"h{i}.local", 80, "GET", retry_allowed=True)
+        link = policy.breaker._link  # type: ignore[attr-defined]
+        del policy
+        kinds = ("circuit_breaker", "retry_budget")
+        kept = {f"{kind} fleet h{i}.local:80" for kind in kinds for i in (4, 5)}
+
+        def synced() -> set[str]:
+            with link._lock:
+                return {member.description for member in link._members}
+
+        deadline = time.monotonic() + 5.0  # a sync in flight holds its member until done
+        while synced() != kept and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.05)
+        assert synced() == kept
+    finally:
+        del targets
+        gc.collect()
+        time.sleep(0.3)  # a last sync in flight writes its keys again
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 def test_per_operation_settings_get_their_own_policy(tmp_path, fake_clock):
