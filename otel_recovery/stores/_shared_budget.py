@@ -63,6 +63,7 @@ class SharedRetryBudget(RetryBudget):
         "_outage_retries",
         "_remote",
         "_sent_calls",
+        "_store",
         "_sync_every",
         "_talk",
         "_view",
@@ -75,8 +76,9 @@ class SharedRetryBudget(RetryBudget):
         found = shared_store(store, self.name)
         if found is None:  # pragma: no cover - RetryBudget.__new__ checked this already
             raise TypeError("SharedRetryBudget needs a Redis store")
+        self._store = found  # held here: the link holds it weakly (see _shared_link)
         self._link: Link = link_for(found)
-        self._key = self._link.key("rb", self.name)
+        self._key = found.key("rb", self.name)
         self._sync_every = to_seconds(sync_interval, "sync_interval")
         self._talk = new_lock()
         self._remote = True

@@ -32,6 +32,17 @@ except the link thread, which PINGs every :data:`RECONNECT_INTERVAL` seconds wit
 timeout. When Redis answers, each member *resyncs* (pushes what it did locally, then adopts the
 shared state; defined in each member's module), and one info line plus one
 ``otel_recovery.store.resynced`` event close the outage. Store errors never reach callers.
+
+**Lifetime.** A link lives while its store is alive and open. Members hold their store (a
+breaker made with ``store=RedisStore(...)`` inline keeps it); the link holds it weakly, so
+the registry (keyed by ``id(store)``, checked against the store itself) never keeps a store
+alive. Closing the store (``close()`` / ``aclose()``) closes the link: its members switch to
+local state for good, quietly (a closed store is no outage: no warning, no event), its
+connections are closed and its thread exits; a member made on the store afterwards gets a
+new link (the store opens again on use). A store collected with no member left takes its
+link along: the thread notices within a second and closes the connections. While the store
+is open but no member is left, the thread exits after :data:`_IDLE_EXIT` seconds and closes
+the connections too; the next member starts both again.
 """
 
 from __future__ import annotations
@@ -76,6 +87,8 @@ RECONNECT_INTERVAL = 1.0
 KEEP_MS = 7 * 86400 * 1000
 """Shared state of a breaker or budget that nobody touched for 7 days expires."""
 _IDLE_EXIT = 30.0
+_POLL = 1.0
+"""Longest wait of the thread between looks at its link (a store collected meanwhile)."""
 
 try:
     from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS
@@ -115,11 +128,22 @@ _links_lock = new_lock()
 
 
 def link_for(store: RedisStore) -> Link:
+    """The link of ``store``, made on first use and again after the store was closed."""
     with _links_lock:
         found = _links.get(id(store))
-        if found is None or found.store is not store:
+        if found is None or found.closed or found.store() is not store:
             found = _links[id(store)] = Link(store)
         return found
+
+
+def store_closed(store: RedisStore) -> None:
+    """``store`` was closed: close its link (called by ``RedisStore.close()``)."""
+    with _links_lock:
+        found = _links.get(id(store))
+        if found is None or found.store() is not store:
+            return
+        del _links[id(store)]
+    found.close()
 
 
 def _bounded_client(store: RedisStore) -> redis.Redis:
@@ -148,9 +172,15 @@ class Link:
 
         from otel_recovery._redis_replica import ReplicaReconnect
 
-        self.store = store
+        # Weakly: the registry must keep no store alive (members hold theirs); the callback
+        # drops the entry before the store's id can be reused.
+        self._id = id(store)
+        self._registry = _links  # the callback may run at exit, module globals gone
+        self.store: weakref.ref[RedisStore] = weakref.ref(store, self._store_gone)
         self.url = redact(store.url)
         self.client = _bounded_client(store)
+        self._own_client = self.client is not getattr(store, "_client", None)
+        self._closed = False
         # Any Redis error, not only connection errors: an OOM or READONLY reply (or a bug in a
         # script) must degrade the component, never reach the application.
         self._errors = (redis.exceptions.RedisError, OSError)
@@ -169,8 +199,47 @@ class Link:
     def degraded(self) -> bool:
         return self._degraded_at is not None
 
-    def key(self, *parts: str) -> str:
-        return self.store.key(*parts)
+    @property
+    def closed(self) -> bool:
+        """True once the store was closed or collected: members stay local for good."""
+        return self._closed
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The store was closed: members go local, connections close, the thread exits."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            members = list(self._members)
+        for member in members:
+            member.go_local()
+        _log.debug(
+            "otel_recovery: store %s closed; %d circuit breaker(s) and retry budget(s) "
+            "sharing state through it use local state from now on",
+            self.url,
+            len(members),
+        )
+        self._wake.set()
+        self._disconnect()  # an exchange in flight fails: its member is local already
+
+    def _store_gone(self, _ref: object) -> None:
+        # Runs wherever the collector runs (any thread, any lock held there): no lock here.
+        # No member is left (members hold the store), and the store's id is not reused
+        # before this returns. The thread closes the connections within _POLL seconds.
+        self._closed = True
+        if self._registry.get(self._id) is self:
+            self._registry.pop(self._id, None)
+
+    def _disconnect(self) -> None:
+        """Close the connections of our own pool (a later call would open new ones)."""
+        if not self._own_client:  # pragma: no cover - the store's client: the store closes it
+            return
+        try:
+            self.client.connection_pool.disconnect()
+        except Exception:  # closing is best effort: a socket already gone, say
+            _log.debug("otel_recovery: closing the connections of %s failed", self.url)
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -202,6 +271,8 @@ class Link:
 
     def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script; an unreachable server raises :class:`StoreUnavailableError`."""
+        if self._closed:
+            raise StoreUnavailableError(f"Redis store {self.url} is closed")
         token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
         try:
             script = self._scripts.get(source)
@@ -220,6 +291,8 @@ class Link:
             raise StoreUnavailableError(f"Redis store {self.url} is unavailable: {detail}") from exc
         finally:
             otel_context.detach(token)
+            if self._closed:  # closed while we talked: close what this call reopened
+                self._disconnect()
 
     def _ping(self) -> bool:
         token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
@@ -236,7 +309,7 @@ class Link:
         """Register a member; it is synced at once (its first view of the shared state)."""
         with self._lock:
             self._members.add(member)
-            degraded = self._degraded_at is not None
+            degraded = self._degraded_at is not None or self._closed
         if degraded:
             member.go_local()
         self.wake()
@@ -244,6 +317,8 @@ class Link:
     def wake(self) -> None:
         """Make the thread run now (a new member, or one that wants a prompt sync)."""
         with self._lock:
+            if self._closed:
+                return
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name="otel-recovery-shared-state", daemon=True
@@ -254,6 +329,11 @@ class Link:
     def _loop(self) -> None:
         idle_since: float | None = None
         while True:
+            if self._closed:
+                with self._lock:
+                    self._thread = None
+                self._disconnect()
+                return
             members = list(self._members)
             now = SYSTEM_CLOCK.now()
             if not members:
@@ -262,14 +342,17 @@ class Link:
                     with self._lock:
                         if not self._members:
                             self._thread = None
+                            # Nobody uses the pool (a member joins under this lock): the
+                            # connections go with the thread, the next member reconnects.
+                            self._disconnect()
                             return
-                self._wake.wait(1.0)
+                self._wake.wait(min(_POLL, _IDLE_EXIT))
                 self._wake.clear()
                 continue
             idle_since = None
             wait = self._round(members, now)
             del members  # hold no member while waiting: a dropped component must go away
-            self._wake.wait(wait)
+            self._wake.wait(min(wait, _POLL))
             self._wake.clear()
 
     def _round(self, members: list[Member], now: float) -> float:
@@ -308,7 +391,8 @@ class Link:
     ) -> tuple[StoreUnavailableError, list[Member]] | None:
         """Switch every member to local state; what to report if this began the outage."""
         with self._lock:
-            first = self._degraded_at is None
+            # closed: no outage, the members are local for good (quietly: nothing to report)
+            first = self._degraded_at is None and not self._closed
             now = SYSTEM_CLOCK.now()
             if first:
                 self._degraded_at = now

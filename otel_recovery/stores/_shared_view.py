@@ -91,6 +91,7 @@ class SharedBreakerView(CircuitBreaker):
         "_shared_window",
         "_slow_oks",
         "_slow_sent",
+        "_store",
         "_sync_every",
         "_talk",
     )
@@ -102,8 +103,9 @@ class SharedBreakerView(CircuitBreaker):
         found = shared_store(store, self.name)
         if found is None:  # pragma: no cover - CircuitBreaker.__new__ checked this already
             raise TypeError("SharedCircuitBreaker needs a Redis store")
+        self._store = found  # held here: the link holds it weakly (see _shared_link)
         self._link: Link = link_for(found)
-        self._keys = tuple(self._link.key(kind, self.name) for kind in ("cb", "cbw", "cbp"))
+        self._keys = tuple(found.key(kind, self.name) for kind in ("cb", "cbw", "cbp"))
         self._sync_every = to_seconds(sync_interval, "sync_interval")
         self._talk = new_lock()  # one exchange with Redis at a time, replies in order
         # permit requests to Redis in flight from this process: with the permits it holds,

@@ -37,6 +37,7 @@ import asyncio
 import builtins
 import inspect
 import select
+import sys
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, NoReturn, TypeVar
@@ -386,13 +387,20 @@ class RedisStore:
 
     def close(self) -> None:
         """Close the sync client, and the asyncio clients of event loops that have been
-        closed (not those of loops still open: a command may be running on them)."""
+        closed (not those of loops still open: a command may be running on them).
+
+        Fleet-wide breakers and budgets sharing state through this store close their
+        connections too, and go on with local state (see :mod:`._shared_link`)."""
         with self._lock:
             client, self._client = self._client, None
             self._scripts.clear()
             close_clients_of_closed_loops(self._async)
         if client is not None:
             client.close()
+        # loaded only once a breaker or budget shared state through a Redis store
+        shared = sys.modules.get("otel_recovery.stores._shared_link")
+        if shared is not None:
+            shared.store_closed(self)
 
     async def aclose(self) -> None:
         """Close the running loop's asyncio client, then as :meth:`close`."""
