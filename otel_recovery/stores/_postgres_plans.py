@@ -18,6 +18,7 @@ from otel_recovery.stores._base import CorruptRecordError, Record, StoreError, V
 __all__ = ["SCHEMA_VERSION", "Plan", "Plans", "jsonb_compatible"]
 
 SCHEMA_VERSION = 1
+_TABLES = ("meta", "records", "heads", "counters", "batches")
 _BATCH_RETENTION = 7 * 86400.0
 _COLUMNS = "key, version, data::text, raw, created_at, expires_at, encoding"
 
@@ -35,6 +36,18 @@ _PUT_ONE_STATEMENT = (
     "SELECT version FROM h"
 )
 
+# The store-wide sweep of expired records (every key's, see :meth:`Plans._sweep`): at most
+# %(n)s rows, found through the partial index on expires_at; rows another session has locked
+# (its put is pruning them, or another store is sweeping them) are skipped, never waited for.
+# They are deleted by ctid (a TID scan of just those rows: a join on the key would let the
+# planner hash the whole table), which is stable here since they are locked until the end.
+_SWEEP_STATEMENT = (
+    "WITH gone AS (DELETE FROM {records} WHERE ctid = ANY(ARRAY("
+    "  SELECT ctid FROM {records} WHERE expires_at <= %(now)s::float8 "
+    "  LIMIT %(n)s FOR UPDATE SKIP LOCKED)) RETURNING 1) "
+    "SELECT count(*) FROM gone"
+)
+
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS {meta} (name text PRIMARY KEY, value text NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS {records} (
@@ -46,6 +59,11 @@ _SCHEMA = (
         value double precision NOT NULL, PRIMARY KEY (namespace, key))""",
     """CREATE TABLE IF NOT EXISTS {batches} (id text PRIMARY KEY,
         applied_at double precision NOT NULL)""",
+    # What the sweep of expired records looks through. Not part of the schema check (a
+    # read-only server, or tables made by a release before it, work without it: the sweep
+    # then scans the table, bounded by its statement_timeout, and the store says so once).
+    """CREATE INDEX IF NOT EXISTS {expiry} ON {records} (expires_at)
+        WHERE expires_at IS NOT NULL""",
 )
 
 
@@ -57,10 +75,8 @@ class Plans:
     max_versions: int
 
     def __init__(self, table: str) -> None:
-        self._names = {
-            part: sql.Identifier(f"{table}_{part}")
-            for part in ("meta", "records", "heads", "counters", "batches")
-        }
+        self._names = {part: sql.Identifier(f"{table}_{part}") for part in _TABLES}
+        self._names["expiry"] = sql.Identifier(f"{table}_records_expiry")
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(**self._names)
@@ -68,7 +84,7 @@ class Plans:
     def _schema_ready(self) -> Plan:
         """Whether every table exists at this version: reads only, so a read-only server
         (a hot standby) whose tables exist is usable for reads without any DDL or lock."""
-        names = [f"{self.table}_{part}" for part in self._names]
+        names = [f"{self.table}_{part}" for part in _TABLES]
         rows = yield (
             sql.SQL("SELECT count(to_regclass(n)) FROM unnest(%s::text[]) AS t(n)"),
             (names,),
@@ -189,6 +205,23 @@ class Plans:
             (key, now),
         )
         return int(rows[0][0])
+
+    def _sweep(self, now: float, batch: int, lock_ms: int, statement_ms: int) -> Plan:
+        """Delete at most ``batch`` expired records of any key; run in a transaction whose
+        ``lock_timeout`` and ``statement_timeout`` (milliseconds) bound it on the server, so a
+        lock on the whole table held elsewhere ends the sweep instead of holding up the put
+        that runs it. Returns (rows deleted, whether the expiry index exists). Only records
+        go: the heads rows, which hold each key's last version, are never touched."""
+        rows = yield (
+            sql.SQL(
+                "SELECT set_config('lock_timeout', %s, true), "
+                "set_config('statement_timeout', %s, true), to_regclass(%s) IS NOT NULL"
+            ),
+            (str(lock_ms), str(statement_ms), f"{self.table}_records_expiry"),
+        )
+        indexed = bool(rows[0][2])
+        rows = yield self._q(_SWEEP_STATEMENT), {"now": now, "n": batch}
+        return int(rows[0][0]), indexed
 
     def _incr(
         self, namespace: str, amounts: dict[str, float], batch: str | None, now: float

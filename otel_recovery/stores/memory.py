@@ -5,11 +5,23 @@ test suite runs the same assertions against every back end), the local state tha
 :class:`~otel_recovery.stores.ResilientStore` falls back to while a shared store is down, and
 the right choice for tests. One lock guards everything: the work under it is a few dict
 operations, far cheaper than any contention it could cause.
+
+Expired records leave memory even when their key is never written again (one id per job with a
+TTL): a put with a TTL also pushes ``(expires_at, key, version)`` on a heap, and every put first
+pops what has expired, removing those records (and a key left without any), at most
+``_SWEEP_BATCH`` (500) per put. A put adds at most one record, so this outpaces expiry by far
+while no put pays for a whole wave expiring at once; a put with nothing expired pays one
+comparison (and a heap push if it has a TTL). The version counters (``_heads``) are never
+swept: versions never repeat. Entries of versions pruned or deleted before they expire stay
+on the heap until then (no data, a small tuple); the heap is rebuilt from the records
+whenever it has doubled, so it stays proportional to the records with a TTL (amortised O(1)
+per put).
 """
 
 from __future__ import annotations
 
 import builtins
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
@@ -28,6 +40,10 @@ __all__ = ["MemoryStore"]
 
 _BATCH_MEMORY = 4096
 """How many applied batch ids are remembered; replays happen soon after the outage ends."""
+_SWEEP_BATCH = 500
+"""At most this many expired records are removed by one put (see the module doc)."""
+_EXPIRY_SLACK = 1024
+"""The expiry heap is rebuilt when it exceeds twice its size at the last rebuild, or this."""
 
 
 class MemoryStore:
@@ -44,6 +60,8 @@ class MemoryStore:
         self._heads: dict[str, int] = {}
         self._counters: dict[str, dict[str, float]] = {}
         self._batches: OrderedDict[str, None] = OrderedDict()
+        self._expiry: list[tuple[float, str, int]] = []  # a heap of (expires_at, key, version)
+        self._expiry_limit = _EXPIRY_SLACK
 
     # -- records ----------------------------------------------------------------------------
 
@@ -60,11 +78,14 @@ class MemoryStore:
         expected, seconds = check_put(expected_version, ttl, encoding)
         now = self.clock.wall()
         with self._lock:
+            self._sweep(now)
             versions = self._records.setdefault(key, OrderedDict())
             if expected is not None:
                 latest = self._latest(versions, now)
                 actual = latest.version if latest else 0
                 if actual != expected:
+                    if not versions:  # not even an expired record: keep no entry for the key
+                        del self._records[key]
                     raise VersionConflictError(key, expected, actual)
             version = self._heads.get(key, 0) + 1
             self._heads[key] = version
@@ -73,7 +94,39 @@ class MemoryStore:
             versions[version] = record
             while len(versions) > self.max_versions:
                 versions.popitem(last=False)
+            if expires is not None:
+                heapq.heappush(self._expiry, (expires, key, version))
+                if len(self._expiry) > self._expiry_limit:
+                    self._rebuild_expiry()
             return record
+
+    def _sweep(self, now: float) -> None:
+        """Remove up to ``_SWEEP_BATCH`` expired records, soonest expired first (lock held)."""
+        heap = self._expiry
+        for _ in range(_SWEEP_BATCH):
+            if not heap or heap[0][0] > now:
+                return
+            _, key, number = heapq.heappop(heap)
+            versions = self._records.get(key)
+            if versions is None:
+                continue  # deleted meanwhile
+            record = versions.get(number)
+            if record is not None and record.expired(now):
+                del versions[number]
+            if not versions:
+                del self._records[key]
+
+    def _rebuild_expiry(self) -> None:
+        """The heap again from the records that have a TTL, dropping entries of versions that
+        were pruned or deleted (lock held)."""
+        self._expiry = [
+            (record.expires_at, key, number)
+            for key, versions in self._records.items()
+            for number, record in versions.items()
+            if record.expires_at is not None
+        ]
+        heapq.heapify(self._expiry)
+        self._expiry_limit = max(_EXPIRY_SLACK, 2 * len(self._expiry))
 
     def get(self, key: str, version: int | None = None) -> Record | None:
         check_key(key)

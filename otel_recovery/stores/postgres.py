@@ -60,6 +60,25 @@ the thread wakes about once per timeout while operations run, and not at all oth
 Waiting for the store's connection (another thread or task is using it) is bounded by the
 same timeout. Connecting is bounded by ``connect_timeout`` (3 s).
 
+**Expired records leave the table** even when their key is never written again (one id per
+job, each with a TTL). A put deletes its own key's expired and surplus versions in the same
+statement; besides, every ``_SWEEP_EVERY`` (500) puts through a store, the put that completes
+the count first deletes up to ``_SWEEP_BATCH`` (500) expired rows of any key, in a transaction
+of its own before the put is sent (sync or async, counted together), so a put never pays for
+more than one bounded batch, the sweep never fails the put, and a cancellation landing in
+the sweep stops a put that was not made yet.
+The rows are found through the partial index ``<table>_records_expiry`` (created with the
+tables; tables made by an older release lack it, and the store then logs once how to create
+it, since the sweep has to scan the table), rows locked by another session are skipped (``FOR
+UPDATE SKIP LOCKED``) rather than waited for, and ``lock_timeout`` (0.1 s) and
+``statement_timeout`` (1 s, or half the operation timeout if that is shorter) end a sweep
+that would wait behind a lock on the whole table or run long; the watchdog bounds it at 2 s.
+A full batch means a backlog (older releases never swept): the next sweep then comes after
+``_SWEEP_AGAIN`` (50) puts, until a batch comes back short. A sweep runs only on the
+connection the put will use (it never connects by itself); its failure is logged (a warning
+the first time, debug after that) and leaves the rows for a later sweep. Only record rows go:
+``<table>_heads`` keeps every key's last version, so versions never repeat.
+
 An ``AsyncConnection`` belongs to one event loop. One whose loop has been closed (each
 ``asyncio.run`` makes a new loop) is closed when the next loop first uses the store, when
 the loop is collected, or by :meth:`close` / :meth:`aclose`, which close every connection
@@ -110,6 +129,16 @@ _REFUSED_NOW = frozenset({"25006", "25P03", "25P04", "42501"})
 _SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
 _OPTION = "operation_timeout"
 DEFAULT_OPERATION_TIMEOUT = 5.0
+_SWEEP_EVERY = 500
+"""Puts between two sweeps of expired records (see the module doc)."""
+_SWEEP_AGAIN = 50
+"""Puts before the next sweep when the last one deleted a full batch (a backlog)."""
+_SWEEP_BATCH = 500
+"""Most expired rows one sweep deletes."""
+_SWEEP_TIMEOUT = 2.0
+"""Bound of a whole sweep (the watchdog's); never more than the operation timeout."""
+_SWEEP_LOCK_TIMEOUT = 0.1
+"""The sweep's ``lock_timeout``: it gives up rather than wait behind a table lock."""
 
 
 def _is_unavailable(error: BaseException) -> bool:
@@ -231,18 +260,29 @@ class PostgresStore(Plans):
         self._aconns = weakref.WeakKeyDictionary()
         self._loops_lock = new_lock()
         self._conn_pid = 0  # the process that opened _conn (a forked child must not use it)
+        self._since_sweep = 0  # puts since the last sweep of expired records
+        self._sweep_backlog = False  # the last sweep deleted a full batch
+        self._sweep_failed_before = False
+        self._index_reported = False
 
     # -- drivers ------------------------------------------------------------------------------
 
     def _run(
-        self, make: Callable[[], Plan], *, atomic: bool = True, repeatable: bool = False
+        self,
+        make: Callable[[], Plan],
+        *,
+        atomic: bool = True,
+        repeatable: bool = False,
+        timeout: float | None = None,
     ) -> Any:
         """Run the plan ``make()`` makes; ``repeatable``: it only reads (see the module doc
-        for when an operation runs once more)."""
-        if not self._lock.acquire(timeout=self.operation_timeout):
+        for when an operation runs once more). ``timeout`` (default the operation timeout)
+        bounds the wait for the connection and the operation."""
+        limit = self.operation_timeout if timeout is None else timeout
+        if not self._lock.acquire(timeout=limit):
             raise self._busy()
         try:
-            deadline = time.monotonic() + self.operation_timeout
+            deadline = time.monotonic() + limit
             again = recreated = False
             while True:
                 conn, reused = self._sync_connection(deadline)
@@ -341,16 +381,22 @@ class PostgresStore(Plans):
                 return done.value
 
     async def _arun(
-        self, make: Callable[[], Plan], *, atomic: bool = True, repeatable: bool = False
+        self,
+        make: Callable[[], Plan],
+        *,
+        atomic: bool = True,
+        repeatable: bool = False,
+        timeout: float | None = None,
     ) -> Any:
+        limit = self.operation_timeout if timeout is None else timeout
         entry = self._loop_entry(asyncio.get_running_loop())
         lock = entry.lock
         if lock.locked():
-            await self._wait_turn(lock)
+            await self._wait_turn(lock, limit)
         else:
             await lock.acquire()
         try:
-            deadline = time.monotonic() + self.operation_timeout
+            deadline = time.monotonic() + limit
             again = recreated = False
             while True:
                 conn, reused = await self._async_connection(entry, deadline)
@@ -381,12 +427,12 @@ class PostgresStore(Plans):
         finally:
             lock.release()
 
-    async def _wait_turn(self, lock: asyncio.Lock) -> None:
-        """Take the loop's connection lock within the operation timeout, keeping a
+    async def _wait_turn(self, lock: asyncio.Lock, limit: float) -> None:
+        """Take the loop's connection lock within ``limit`` seconds, keeping a
         cancellation that lands as the lock comes (:func:`~otel_recovery._clock.within`): a
         task cancelled then must not run its write anyway."""
         try:
-            await within(self.operation_timeout, lock.acquire())
+            await within(limit, lock.acquire())
         except asyncio.TimeoutError:
             raise self._busy() from None
 
@@ -574,6 +620,8 @@ class PostgresStore(Plans):
         encoding: str = "json",
     ) -> Record:
         plan = self._put_plan(key, data, expected_version, ttl, encoding)
+        if self._sweep_due() and self._conn is not None:
+            self._sweep_sync()
         try:
             record: Record = self._run(plan, atomic=expected_version is not None)
         except psycopg.DataError:  # labelled JSON that jsonb refuses: keep the bytes instead
@@ -591,12 +639,81 @@ class PostgresStore(Plans):
         encoding: str = "json",
     ) -> Record:
         plan = self._put_plan(key, data, expected_version, ttl, encoding)
+        if self._sweep_due() and self._loop_entry(asyncio.get_running_loop()).conn is not None:
+            await self._sweep_async()
         try:
             record: Record = await self._arun(plan, atomic=expected_version is not None)
         except psycopg.DataError:
             plan = self._put_plan(key, data, expected_version, ttl, encoding, as_json=False)
             record = await self._arun(plan, atomic=expected_version is not None)
         return record
+
+    # -- the sweep of expired records (module doc) ----------------------------------------------
+
+    def _sweep_due(self) -> bool:
+        """Count a put; whether the sweep is due before it is sent. Before, not after: a
+        cancellation landing in the sweep then stops a put not yet made (after, the caller
+        would see a put that was made fail, and might make it again). Threads and loops that
+        race here at most sweep twice, or once a put late: both harmless."""
+        self._since_sweep += 1
+        return self._since_sweep >= (_SWEEP_AGAIN if self._sweep_backlog else _SWEEP_EVERY)
+
+    def _sweep_args(self) -> tuple[Callable[[], Plan], float]:
+        """The sweep's plan and its bound; counting restarts here."""
+        self._since_sweep = 0
+        limit = min(self.operation_timeout, _SWEEP_TIMEOUT)
+        statement_ms = max(1, int(min(1.0, limit / 2) * 1000))
+        lock_ms = max(1, min(int(_SWEEP_LOCK_TIMEOUT * 1000), statement_ms))
+        plan = partial(self._sweep, self.clock.wall(), _SWEEP_BATCH, lock_ms, statement_ms)
+        return plan, limit
+
+    def _sweep_sync(self) -> None:
+        plan, limit = self._sweep_args()
+        try:
+            outcome = self._run(plan, timeout=limit)
+        except Exception as exc:  # the put has been made: nothing here may fail it
+            self._sweep_failed(exc)
+        else:
+            self._swept(*outcome)
+
+    async def _sweep_async(self) -> None:
+        # A cancellation landing here propagates like any other: the put has not been sent.
+        plan, limit = self._sweep_args()
+        try:
+            outcome = await self._arun(plan, timeout=limit)
+        except Exception as exc:
+            self._sweep_failed(exc)
+        else:
+            self._swept(*outcome)
+
+    def _swept(self, deleted: int, indexed: bool) -> None:
+        self._sweep_backlog = deleted >= _SWEEP_BATCH
+        if not indexed and not self._index_reported:
+            self._index_reported = True
+            _log.warning(
+                "otel_recovery: PostgreSQL store %s: the index %s_records_expiry is missing "
+                "(tables created by an older release), so each sweep of expired records scans "
+                "the table; create it with: CREATE INDEX CONCURRENTLY IF NOT EXISTS "
+                "%s_records_expiry ON %s_records (expires_at) WHERE expires_at IS NOT NULL",
+                self.url,
+                self.table,
+                self.table,
+                self.table,
+            )
+
+    def _sweep_failed(self, exc: Exception) -> None:
+        self._sweep_backlog = False
+        detail = redact(str(exc).strip()) or type(exc).__name__
+        level = logging.DEBUG if self._sweep_failed_before else logging.WARNING
+        self._sweep_failed_before = True
+        _log.log(
+            level,
+            "otel_recovery: PostgreSQL store %s: a sweep of expired records failed (%s); the "
+            "put itself succeeded, and the records are left for a later sweep%s",
+            self.url,
+            detail,
+            "" if level == logging.DEBUG else " (further failures are logged at debug level)",
+        )
 
     def get(self, key: str, version: int | None = None) -> Record | None:
         check_key(key)
