@@ -122,7 +122,7 @@ class HealthMonitor:
         self.last_recovery: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._sync_runs: dict[str, asyncio.Future[Any]] = {}  # a sync check's latest run
+        self._sync_runs: dict[str, _SyncRun] = {}  # a sync check's latest run
         telemetry = orchestrator.interaction.telemetry
         with contextlib.suppress(Exception):  # telemetry never stops the monitor
             if isinstance(telemetry, Telemetry):
@@ -174,10 +174,10 @@ class HealthMonitor:
             # A sync check (a blocking ping) runs in a thread: bounded by the check timeout
             # like any other, it never stalls the event loop it would share.
             running = self._sync_runs.get(name)
-            if running is not None and not running.done():
+            if running is not None and not running.finished.is_set():
                 return False  # its last run has not come back: still down, no new thread
-            run = self._sync_runs[name] = _in_own_thread(check, name)
-            return await resolve(await asyncio.shield(run))
+            run = self._sync_runs[name] = _SyncRun(check, name)
+            return await resolve(await run.outcome())
 
         try:
             return bool(await within(self.check_timeout, answer()))
@@ -308,40 +308,58 @@ class HealthMonitor:
         return f"HealthMonitor(interval={self.interval:g}s, {state}, down={self.down})"
 
 
-def _in_own_thread(check: Callable[[], Any], service: str) -> asyncio.Future[Any]:
-    """Run a sync check in a daemon thread of its own (in a copy of the caller's context);
-    its outcome settles the returned future of the running loop.
+class _SyncRun:
+    """One run of a sync check, in a daemon thread of its own (in a copy of the caller's
+    context).
 
     Not the loop's default executor: a check stuck there holds one of its few workers, and
-    the loop's shutdown waits for it. A loop closed by the time the check returns has
-    nobody waiting for the outcome any more."""
-    loop = asyncio.get_running_loop()
-    outcome: asyncio.Future[Any] = loop.create_future()
-    context = contextvars.copy_context()
+    the loop's shutdown waits for it. Whether the run is over is ``finished``, a thread's
+    event, not the future the starting round awaits: that future belongs to the round's
+    loop, which may be closed before the check returns (``asyncio.run(check_once())`` per
+    poll), and a later round in another loop must still see the run end. The outcome
+    reaches the future as a value, never as an exception set on it, so a check that fails
+    after its round stopped waiting leaves no "exception was never retrieved" behind."""
 
-    def run() -> None:
-        try:
-            result: Any = context.run(check)
-            failure: BaseException | None = None
-        except BaseException as error:  # the check's own failure: its verdict is "down"
-            # (one that is not an Exception, a SystemExit say, must not end the monitor)
-            wrapped = RuntimeError(f"the health check raised {error!r}")
-            result, failure = None, error if isinstance(error, Exception) else wrapped
-        with contextlib.suppress(RuntimeError):  # the loop is closed
-            loop.call_soon_threadsafe(_settle, outcome, result, failure)
+    __slots__ = ("_outcome", "finished")
 
-    name = f"otel-recovery health check {service}"
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return outcome
+    def __init__(self, check: Callable[[], Any], service: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.finished = threading.Event()
+        self._outcome: asyncio.Future[tuple[Any, Exception | None]] = loop.create_future()
+        context = contextvars.copy_context()
+        outcome = self._outcome
+
+        def run() -> None:
+            failure: Exception | None = None
+            result: Any = None
+            try:
+                result = context.run(check)
+            except BaseException as error:  # the check's own failure: its verdict is "down"
+                # (one that is not an Exception, a SystemExit say, must not end the monitor)
+                failure = (
+                    error
+                    if isinstance(error, Exception)
+                    else RuntimeError(f"the health check raised {error!r}")
+                )
+            self.finished.set()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, outcome, (result, failure))
+
+        name = f"otel-recovery health check {service}"
+        threading.Thread(target=run, name=name, daemon=True).start()
+
+    async def outcome(self) -> Any:
+        """The check's answer (its exception raised here), shielded: the round's time limit
+        cancels the waiting, not the run."""
+        result, failure = await asyncio.shield(self._outcome)
+        if failure is not None:
+            raise failure
+        return result
 
 
-def _settle(outcome: asyncio.Future[Any], result: Any, failure: BaseException | None) -> None:
-    if outcome.done():
-        return
-    if failure is None:
-        outcome.set_result(result)
-    else:
-        outcome.set_exception(failure)
+def _settle(outcome: asyncio.Future[Any], value: Any) -> None:
+    if not outcome.done():
+        outcome.set_result(value)
 
 
 def _positive_seconds(value: Duration, name: str) -> float:

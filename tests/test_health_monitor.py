@@ -289,3 +289,60 @@ def test_a_sync_check_stuck_in_its_thread_is_not_started_again_until_it_returns(
         states == {"cache": False, "db": True, "api": True} for states in answered[0]
     ), answered
     assert len(entered) == 1  # one thread for the stuck check, however many rounds
+
+
+def test_a_sync_check_that_outlived_its_rounds_loop_runs_again_in_the_next_one():
+    """``asyncio.run(monitor.check_once())`` per poll: the stuck run's future belonged to a
+    closed loop and never completed, so the check was never run again and the service
+    stayed down for good."""
+    import threading
+
+    gate, returned = threading.Event(), threading.Event()
+    calls = []
+
+    def check() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            gate.wait(5)  # slower than the round allows
+            returned.set()
+        return True
+
+    orchestrator = RecoveryOrchestrator(ErrorRecoveryInteraction())
+    orchestrator.register_service("db", health_check=check)
+    monitor = orchestrator.monitor(interval=10, check_timeout=0.05)  # real time
+    asyncio.run(monitor.check_once())
+    assert _states(monitor) == {"db": False}
+    gate.set()
+    assert returned.wait(5)
+    time.sleep(0.05)  # the thread marks the run over right after the check returns
+    asyncio.run(monitor.check_once())
+    assert _states(monitor) == {"db": True} and len(calls) == 2
+
+
+def test_a_sync_check_failing_after_its_round_gave_up_logs_nothing(caplog):
+    """Its exception was set on a future nobody read: asyncio logged "Future exception was
+    never retrieved" (ERROR, with the check's traceback) into the application's logs."""
+    import gc
+    import threading
+
+    raised = threading.Event()
+
+    def check() -> bool:
+        time.sleep(0.1)
+        raised.set()
+        raise ConnectionError("ping failed")
+
+    orchestrator = RecoveryOrchestrator(ErrorRecoveryInteraction())
+    orchestrator.register_service("cache", health_check=check)
+    monitor = orchestrator.monitor(interval=10, check_timeout=0.02)
+
+    async def rounds() -> None:
+        await monitor.check_once()
+        assert await asyncio.to_thread(raised.wait, 5)
+        await asyncio.sleep(0.05)  # the outcome reaches the loop
+        gc.collect()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(rounds())
+        gc.collect()
+    assert "never retrieved" not in caplog.text

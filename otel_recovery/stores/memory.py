@@ -13,9 +13,9 @@ pops what has expired, removing those records (and a key left without any), at m
 while no put pays for a whole wave expiring at once; a put with nothing expired pays one
 comparison (and a heap push if it has a TTL). The version counters (``_heads``) are never
 swept: versions never repeat. Entries of versions pruned or deleted before they expire stay
-on the heap until then (no data, a small tuple); the heap is rebuilt from the records
-whenever it has doubled, so it stays proportional to the records with a TTL (amortised O(1)
-per put).
+on the heap until then (no data, a small tuple); whenever the heap has doubled it is
+filtered down to the entries whose version still exists, so it stays proportional to the
+records with a TTL (amortised O(1) per put, whatever the number of records without one).
 """
 
 from __future__ import annotations
@@ -117,13 +117,14 @@ class MemoryStore:
                 del self._records[key]
 
     def _rebuild_expiry(self) -> None:
-        """The heap again from the records that have a TTL, dropping entries of versions that
-        were pruned or deleted (lock held)."""
+        """The heap again without the entries of versions that were pruned or deleted (lock
+        held). Filtered from the heap itself, not rebuilt from every record: O(heap), so a
+        store holding many records without a TTL does not pay for them on a TTL put."""
+        records = self._records
         self._expiry = [
-            (record.expires_at, key, number)
-            for key, versions in self._records.items()
-            for number, record in versions.items()
-            if record.expires_at is not None
+            entry
+            for entry in self._expiry
+            if (versions := records.get(entry[1])) is not None and entry[2] in versions
         ]
         heapq.heapify(self._expiry)
         self._expiry_limit = max(_EXPIRY_SLACK, 2 * len(self._expiry))

@@ -671,7 +671,7 @@ class PostgresStore(Plans):
         plan, limit = self._sweep_args()
         try:
             outcome = self._run(plan, timeout=limit)
-        except Exception as exc:  # the put has been made: nothing here may fail it
+        except Exception as exc:  # the put goes ahead: nothing here may fail it
             self._sweep_failed(exc)
         else:
             self._swept(*outcome)
@@ -709,7 +709,7 @@ class PostgresStore(Plans):
         _log.log(
             level,
             "otel_recovery: PostgreSQL store %s: a sweep of expired records failed (%s); the "
-            "put itself succeeded, and the records are left for a later sweep%s",
+            "put goes ahead, and the records are left for a later sweep%s",
             self.url,
             detail,
             "" if level == logging.DEBUG else " (further failures are logged at debug level)",

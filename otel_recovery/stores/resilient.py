@@ -149,15 +149,20 @@ class ResilientStore:
             names.EVENT_STORE_DEGRADED, {names.STORE_URL: self.url, names.ERROR_TYPE: cause}
         )
 
-    def _probe_due(self) -> bool:
-        """Should this call go to the store? Claims the resync when one is due."""
+    def _route(self) -> str:
+        """Where this call goes: ``"store"`` (healthy), ``"resync"`` (degraded, and this call
+        has claimed the resync that is due), or ``"local"``. Decided in one step under
+        ``_mode``: a call that found the store healthy and then saw it degraded by another
+        thread ran a resync it had not claimed, beside the claimed one, which found the
+        journal taken, declared the store healthy, and was overwritten by the older writes
+        the unclaimed one replayed."""
         with self._mode:
             if self._degraded_at is None:
-                return True
+                return "store"
             if self._resyncing or self.clock.now() < self._next_probe:
-                return False
+                return "local"
             self._resyncing = True
-            return True
+            return "resync"
 
     def _failed_resync(self, rest: builtins.list[Work], error: BaseException) -> bool:
         """The replay stopped at ``rest[0]``: keep it and what follows, in order, for the
@@ -346,7 +351,8 @@ class ResilientStore:
         """``(True, result, True)`` from the store, or ``(False, None, asked)`` when local state
         must answer; ``asked``: the store was sent the call and failed to answer it, so a
         write may have been applied there."""
-        if not self._probe_due() or (self.degraded and not self._resync()):
+        route = self._route()
+        if route == "local" or (route == "resync" and not self._resync()):
             return False, None, False
         try:
             # Our own storage traffic is neither traced nor retried by our instrumentors.
@@ -357,7 +363,8 @@ class ResilientStore:
             return False, None, True
 
     async def _atry(self, remote: Callable[[], Awaitable[_T]]) -> tuple[bool, _T | None, bool]:
-        if not self._probe_due() or (self.degraded and not await self._aresync()):
+        route = self._route()
+        if route == "local" or (route == "resync" and not await self._aresync()):
             return False, None, False
         try:
             with suppress_instrumentation():
@@ -373,7 +380,7 @@ class ResilientStore:
         Nothing may enter the journal once the store counts as healthy: no resync would
         replay it, its writer would read the store's older value, and the next resync (or
         :meth:`close`) would replay it over newer versions. Deciding to go local happens
-        before (``_probe_due``, or a failed call), so the decision is checked again here,
+        before (``_route``, or a failed call), so the decision is checked again here,
         under ``local.lock``, which :meth:`_settled` holds while it finds the journal empty
         and declares the store healthy: either the write is journaled first and that resync
         goes round again to replay it, or it sees the store healthy and does not journal.

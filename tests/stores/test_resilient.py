@@ -570,7 +570,7 @@ def test_a_write_made_while_a_resync_settles_is_not_stranded_in_the_journal(
     # empty (the store not yet declared healthy) until the writer W has chosen where its put
     # goes; W's put then finds the resync still running, so it chooses local state.
     resyncer_parked, writer_chose = threading.Event(), threading.Event()
-    real_settle, real_probe_due = store.local.settle, store._probe_due
+    real_settle, real_route = store.local.settle, store._route
 
     def settle():
         replayed = real_settle()
@@ -579,13 +579,13 @@ def test_a_write_made_while_a_resync_settles_is_not_stranded_in_the_journal(
             writer_chose.wait(_PARK)
         return replayed
 
-    def probe_due():
-        due = real_probe_due()
+    def route():
+        due = real_route()
         if threading.current_thread() is writer:
             writer_chose.set()
         return due
 
-    store.local.settle, store._probe_due = settle, probe_due
+    store.local.settle, store._route = settle, route
     resyncer = _thread(lambda: _call(mode, store, "get", "a"))
     writer = _thread(lambda: _call(mode, store, "put", "a", b"3"))
     resyncer.start()
@@ -594,7 +594,7 @@ def test_a_write_made_while_a_resync_settles_is_not_stranded_in_the_journal(
     writer.join(_PARK)
     resyncer.join(_PARK)
     assert not writer.is_alive() and not resyncer.is_alive()
-    store.local.settle, store._probe_due = real_settle, real_probe_due
+    store.local.settle, store._route = real_settle, real_route
 
     # The write reached the store, its writer reads it, and nothing is left in the journal.
     assert (inner.get("a").data, store.local.pending(), store.degraded) == (b"3", 0, False)
@@ -616,7 +616,7 @@ def test_a_write_that_chose_local_state_before_a_resync_ended_goes_to_the_store(
     # local state); W is then parked until R has finished and declared the store healthy:
     # checking the journal and clearing the degraded mode in one step is not enough.
     replaying, writer_chose, resynced = threading.Event(), threading.Event(), threading.Event()
-    real_put, real_probe_due = inner.put, store._probe_due
+    real_put, real_route = inner.put, store._route
 
     def put(key, data, **options):
         if threading.current_thread() is resyncer:
@@ -624,14 +624,14 @@ def test_a_write_that_chose_local_state_before_a_resync_ended_goes_to_the_store(
             writer_chose.wait(_PARK)
         return real_put(key, data, **options)
 
-    def probe_due():
-        due = real_probe_due()
+    def route():
+        due = real_route()
         if threading.current_thread() is writer and not writer_chose.is_set():
             writer_chose.set()
             resynced.wait(_PARK)
         return due
 
-    inner.put, store._probe_due = put, probe_due
+    inner.put, store._route = put, route
     resyncer = _thread(lambda: _call(mode, store, "get", "a"))
     writer = _thread(lambda: _call(mode, store, "put", "a", b"3"))
     resyncer.start()
@@ -642,7 +642,7 @@ def test_a_write_that_chose_local_state_before_a_resync_ended_goes_to_the_store(
     resynced.set()
     writer.join(_PARK)
     assert not writer.is_alive()
-    inner.put, store._probe_due = real_put, real_probe_due
+    inner.put, store._route = real_put, real_route
 
     assert (inner.get("a").data, store.local.pending(), store.degraded) == (b"3", 0, False)
     assert store.get("a").data == b"3"
@@ -728,3 +728,47 @@ def test_a_call_failing_late_during_a_resync_does_not_let_a_second_resync_start(
         fake_clock.advance(5)
         assert store.resync()
     assert (inner.get("a").data, store.local.pending(), store.degraded) == (b"4", 0, False)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_call_that_found_the_store_healthy_never_resyncs_unclaimed(
+    store, inner, fake_clock, mode
+):
+    """A call routed to a healthy store, which another thread then degraded, ran a resync
+    it had not claimed: the claimed one found the journal taken, declared the store
+    healthy, a newer write went to the store, and the unclaimed replay of the older write
+    landed over it."""
+    routed, degraded_meanwhile = threading.Event(), threading.Event()
+    replaying, go_on = threading.Event(), threading.Event()
+    real_route, real_put = store._route, inner.put
+
+    def route():
+        where = real_route()
+        if threading.current_thread() is caller:
+            routed.set()
+            degraded_meanwhile.wait(_PARK)
+        return where
+
+    def put(key, data, **options):
+        if threading.current_thread() is caller and data == b"old":
+            replaying.set()  # an unclaimed replay, parked
+            go_on.wait(_PARK)
+        return real_put(key, data, **options)
+
+    store._route, inner.put = route, put
+    caller = _thread(lambda: _call(mode, store, "get", "other"))
+    caller.start()
+    assert routed.wait(_PARK)
+    inner.down = True
+    store.put("k", b"old")  # fails: degraded, journaled
+    inner.down = False
+    degraded_meanwhile.set()
+    replaying.wait(0.5)  # (the old code's unclaimed resync gets here)
+    fake_clock.advance(5)
+    assert store.resync()
+    store.put("k", b"new")
+    go_on.set()
+    caller.join(_PARK)
+    assert not caller.is_alive()
+    store._route, inner.put = real_route, real_put
+    assert (inner.get("k").data, store.local.pending(), store.degraded) == (b"new", 0, False)
