@@ -7,7 +7,8 @@ replaced by placeholders, so repeat detection, the strategy learner and dashboar
 them together, while a different type, code or wording still gives a different fingerprint.
 
 Secrets are redacted before anything else so that a fingerprint can never be used to confirm a
-guessed password (the hash input holds no secret).
+guessed password (the hash input holds no secret); for the same reason the values a message
+quotes from a row (``Key (email)=(...)``), emails and query-string values are not part of it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ _MAX_NORMALISED_INPUT = 2048
 
 _HEX = "0-9A-Fa-f"
 # Applied in order; each placeholder contains no character a later pattern could match.
+# Personal data never reaches the hash: ``redact`` has already replaced the row values of
+# database errors (``Key (email)=(***)``, ``Failing row contains (***)``), and emails and
+# query-string values become placeholders here, so a fingerprint cannot be matched against a
+# dictionary of candidate values, and one failure with different values groups together.
 _REPLACEMENTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(rf"\b[{_HEX}]{{8}}-(?:[{_HEX}]{{4}}-){{3}}[{_HEX}]{{12}}\b"), "<uuid>"),
+    # alice@example.com, and alice%40example.com in a URL (the look-behind starts the local
+    # part where its run starts, so a long run is scanned once)
+    (re.compile(r"(?<![\w.+%-])[\w.+%-]+(?:@|%40)[\w-]+(?:\.[\w-]+)+"), "<email>"),
+    # ?q=alice&page=2 and #frag=x: the values, not the names
+    (re.compile(r"(?<=[?&#])([\w.\[\]-]+=)[^&#\s'\"]+"), r"\1<val>"),
     (re.compile(r"""(?<!\w)(?:'[^'\n]*'|"[^"\n]*")(?!\w)"""), "<str>"),
     # [2001:db8::1]:8080
     (re.compile(rf"\[[{_HEX}:.]*:[{_HEX}:.%\w]*\](?::\d{{1,5}})?"), "<addr>"),

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from otel_recovery._clock import Clock
-from otel_recovery._redact import MASK, names_a_secret, redact
+from otel_recovery._redact import MASK, name_text, names_a_secret, redact
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.compensation import Compensations
@@ -130,20 +130,54 @@ _SPAN_OUTCOMES = {"failed": "failure", "circuit_open": "rejected"}
 """The seed API's ``recovery_status`` values that the recovery spans name otherwise."""
 
 
+_MAX_NESTED_DEPTH = 4
+_MAX_NESTED_ITEMS = 64
+
+
+def masked(value: object, depth: int = 0) -> object:
+    """``value`` with what is stored under a secret-named key replaced by ``***``: in mappings
+    (``{"Cookie": ..., "Authorization": ...}``, ``httpx.Headers``), in (name, value) pairs and
+    in lists and tuples of them (``[("X-Api-Key", "k")]``), down to 4 levels and 64 items a
+    level (what lies beyond is left out of mappings and sequences, and deeper values are only
+    text-redacted). Other values are returned as they are; their text is redacted later."""
+    if depth >= _MAX_NESTED_DEPTH:
+        return value
+    try:
+        if isinstance(value, Mapping):
+            shown: dict[object, object] = {}
+            for index, (key, item) in enumerate(value.items()):
+                if index >= _MAX_NESTED_ITEMS:
+                    break
+                shown[key] = MASK if names_a_secret(key) else masked(item, depth + 1)
+            return shown
+        # not namedtuples (or other subclasses): their repr names their fields
+        if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+            if len(value) == 2 and isinstance(value[0], (str, bytes)) and names_a_secret(value[0]):
+                pair = [value[0], MASK]
+                return tuple(pair) if type(value) is tuple else pair
+            inner = [masked(item, depth + 1) for item in value[:_MAX_NESTED_ITEMS]]
+            return tuple(inner) if type(value) is tuple else inner
+    except Exception:  # a hostile mapping: show nothing of it rather than fail or leak
+        return f"<unprintable {type(value).__name__}>"
+    return value
+
+
 def context_attributes(ctx: Mapping[str, Any]) -> dict[str, str]:
     """Context keys as span attributes: stringified, redacted, at most 256 chars, 32 extras;
-    the value of a key that names a secret (``password``, ``api_key``) is masked whole."""
+    the value of a key that names a secret (``password``, ``api_key``, ``b"password"``,
+    ``("db", "password")``) is masked whole, and so are the values under such keys inside
+    mappings and (name, value) pair lists (headers)."""
     attributes: dict[str, str] = {}
     extras = 0
     for key, value in ctx.items():
         if key in _NAMED:
             if value is not None:
-                attributes[_NAMED[key]] = bounded(value)
+                attributes[_NAMED[key]] = bounded(masked(value))
         elif key in _CONSUMED or callable(value) or value is None:
             continue
         elif extras < _MAX_EXTRA_ATTRIBUTES:
-            safe = _UNSAFE_KEY.sub("_", str(key))[:64]
-            shown = MASK if names_a_secret(str(key)) else bounded(value)
+            safe = _UNSAFE_KEY.sub("_", name_text(key))[:64]
+            shown = MASK if names_a_secret(key) else bounded(masked(value))
             attributes[_names.CONTEXT_PREFIX + safe] = shown
             extras += 1
     return attributes

@@ -620,6 +620,41 @@ async def test_a_recovery_is_one_internal_span_with_the_engine_span_inside(
     assert outer.status.status_code is StatusCode.UNSET
 
 
+async def test_context_secrets_are_masked_however_keyed_or_nested(recovery_telemetry, fake_clock):
+    class Creds:
+        def __repr__(self) -> str:
+            return "Creds(user='svc', pw='OBJPW_1')"
+
+    recovery = ErrorRecoveryInteraction(clock=fake_clock)
+    await recovery.recover_from_error(
+        ConnectionError("connect failed; cookie: sid=ERRPW_17"),
+        context={
+            "service_id": "payments",
+            "endpoint": "https://api.example.com/v1/charge?key=ENDPOINTKEY_2&access_key=ACCKEY_3",
+            "headers": {"Cookie": "sessionid=NESTEDCOOKIE_4", "Authorization": "Basic B64_5"},
+            "header_list": [("Authorization", "Basic LISTBASIC_6"), ("X-Api-Key", "LISTKEY_7")],
+            b"password": "BYTESKEYPW_8",
+            ("db", "password"): "TUPLEKEYPW_9",
+            "password ": "TRAILINGSPACEPW_10",
+            "session_id": "SESSIONID_11",
+            "creds": Creds(),
+            "pw": "SHORTPW_12",
+            "passcode": "PASSCODE_13",
+            "db": {"host": "db.internal", "password": "NESTEDPW_14"},
+            "aws_secret_access_key": "AWSSECRET_15",
+            "tenant": "acme",
+        },
+    )
+    span = recovery_telemetry.span("recover_from_error payments")
+    shown = repr(dict(span.attributes)) + repr(span.status.description)
+    for number in range(1, 18):
+        assert f"_{number}'" not in shown and f'_{number}"' not in shown, shown
+    assert span.attributes["otel_recovery.context.tenant"] == "acme"
+    assert span.attributes["otel_recovery.context.password"] == "***"
+    assert "db.internal" in span.attributes["otel_recovery.context.db"]
+    assert span.attributes["otel_recovery.endpoint"].startswith("https://api.example.com/v1/")
+
+
 async def test_a_failed_recovery_is_an_error_span(recovery_telemetry, fake_clock):
     recovery = ErrorRecoveryInteraction(clock=fake_clock)
     result = await recovery.recover_from_error(
