@@ -102,8 +102,8 @@ class SharedCircuitBreaker(SharedBreakerView):
                         self._next_ask = now + self._sync_every
                     elif self._state is _HALF_OPEN:
                         ticket = new_period()
-                        self._permits[ticket] = (permit, self._gen)
-                        self._probe_granted_at = now
+                        # Redis's lease on it ends at now + lease, whatever comes later
+                        self._permits[ticket] = (permit, self._gen, now + lease)
                         grant(self._serial, ticket)  # held by this context (_probe_permits)
         except StoreUnavailableError as error:
             self._link.degrade(error)
@@ -116,12 +116,11 @@ class SharedCircuitBreaker(SharedBreakerView):
         return granted
 
     def _held(self, now: float) -> int:
-        """The probe permits this process holds, none once Redis's lease on the latest has
-        run out (Redis grants them again then: a holder that never reported must not keep
-        this process from asking)."""
-        if now - self._probe_granted_at >= self._lease():
-            return 0
-        return len(self._permits)
+        """The probe permits this process holds whose lease Redis still keeps (lock held or
+        not: a read of a copy). Each counts until its own lease runs out: Redis grants it
+        again then, and a holder that never reported must not keep this process from asking
+        (its late report still goes to Redis: the permit stays in ``_permits``)."""
+        return sum(1 for _, _, ends in list(self._permits.values()) if now < ends)
 
     def _lease(self) -> float:
         """How long Redis keeps a probe permit whose holder has not reported."""
@@ -209,7 +208,7 @@ class SharedCircuitBreaker(SharedBreakerView):
                 elif outcome != "release":
                     self._successful_calls += 1
                 return
-            permit, gen = permits.pop(ticket)
+            permit, gen, _ = permits.pop(ticket)
         args = [
             *self._head(), permit, gen or "", outcome, self._success_threshold,
             repr(self._timeout_multiplier), repr(min(self._max_timeout, _MAX_OPEN)),

@@ -33,16 +33,18 @@ timeout. When Redis answers, each member *resyncs* (pushes what it did locally, 
 shared state; defined in each member's module), and one info line plus one
 ``otel_recovery.store.resynced`` event close the outage. Store errors never reach callers.
 
-**Lifetime.** A link lives while its store is alive and open. Members hold their store (a
+**Lifetime.** A link lives while its store object is alive. Members hold their store (a
 breaker made with ``store=RedisStore(...)`` inline keeps it); the link holds it weakly, so
 the registry (keyed by ``id(store)``, checked against the store itself) never keeps a store
-alive. Closing the store (``close()`` / ``aclose()``) closes the link: its members switch to
-local state for good, quietly (a closed store is no outage: no warning, no event), its
-connections are closed and its thread exits; a member made on the store afterwards gets a
-new link (the store opens again on use). A store collected with no member left takes its
-link along: the thread notices within a second and closes the connections. While the store
-is open but no member is left, the thread exits after :data:`_IDLE_EXIT` seconds and closes
-the connections too; the next member starts both again.
+alive. Closing the store (``close()`` / ``aclose()``, which async code calls at the end of
+each ``asyncio.run``, and ``ResilientStore.close()`` on its inner store) closes only the
+link's *idle* connections: an exchange in flight keeps its connection and ends normally (no
+error, no outage), the members stay fleet-wide, and the next exchange reconnects (the store
+itself opens again on use too). With no member left, the thread then exits at once instead
+of after :data:`_IDLE_EXIT` seconds; the next member starts it again. A store collected with
+no member left takes its link along: the thread notices within a second and closes the
+connections. While the store is alive but no member is left, the thread exits after
+:data:`_IDLE_EXIT` seconds and closes the connections too; the next member starts both again.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ _links_lock = new_lock()
 
 
 def link_for(store: RedisStore) -> Link:
-    """The link of ``store``, made on first use and again after the store was closed."""
+    """The link of ``store``, made on first use (and for a new store at a collected one's id)."""
     with _links_lock:
         found = _links.get(id(store))
         if found is None or found.closed or found.store() is not store:
@@ -137,13 +139,13 @@ def link_for(store: RedisStore) -> Link:
 
 
 def store_closed(store: RedisStore) -> None:
-    """``store`` was closed: close its link (called by ``RedisStore.close()``)."""
+    """``store`` was closed: its link closes its idle connections (called by
+    ``RedisStore.close()``); its members stay fleet-wide (see "Lifetime" in the module doc)."""
     with _links_lock:
         found = _links.get(id(store))
         if found is None or found.store() is not store:
             return
-        del _links[id(store)]
-    found.close()
+    found.close_idle()
 
 
 def _bounded_client(store: RedisStore) -> redis.Redis:
@@ -180,7 +182,8 @@ class Link:
         self.url = redact(store.url)
         self.client = _bounded_client(store)
         self._own_client = self.client is not getattr(store, "_client", None)
-        self._closed = False
+        self._closed = False  # the store was collected
+        self._store_closed = False  # close() since the last member joined: no idle wait
         # Any Redis error, not only connection errors: an OOM or READONLY reply (or a bug in a
         # script) must degrade the component, never reach the application.
         self._errors = (redis.exceptions.RedisError, OSError)
@@ -201,43 +204,39 @@ class Link:
 
     @property
     def closed(self) -> bool:
-        """True once the store was closed or collected: members stay local for good."""
+        """True once the store was collected (no member is left: members hold their store)."""
         return self._closed
 
     # -- lifetime -----------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """The store was closed: members go local, connections close, the thread exits."""
+    def close_idle(self) -> None:
+        """The store was closed: close the connections nobody is using now. Members stay
+        fleet-wide; an exchange in flight keeps its connection (never broken, so never a
+        spurious outage) and the next one reconnects. With no member left, the thread exits
+        now rather than after :data:`_IDLE_EXIT` seconds."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            members = list(self._members)
-        for member in members:
-            member.go_local()
-        _log.debug(
-            "otel_recovery: store %s closed; %d circuit breaker(s) and retry budget(s) "
-            "sharing state through it use local state from now on",
-            self.url,
-            len(members),
-        )
+            self._store_closed = True
+        self._disconnect()
         self._wake.set()
-        self._disconnect()  # an exchange in flight fails: its member is local already
 
     def _store_gone(self, _ref: object) -> None:
         # Runs wherever the collector runs (any thread, any lock held there): no lock here.
         # No member is left (members hold the store), and the store's id is not reused
-        # before this returns. The thread closes the connections within _POLL seconds.
+        # before this returns. The thread closes the connections within _POLL seconds (it
+        # is not woken: Event.set takes a lock, which this thread may hold).
         self._closed = True
         if self._registry.get(self._id) is self:
             self._registry.pop(self._id, None)
 
     def _disconnect(self) -> None:
-        """Close the connections of our own pool (a later call would open new ones)."""
+        """Close the idle connections of our own pool (a later call opens new ones); one in
+        use by an exchange in flight is left to it, and goes back to the pool after."""
         if not self._own_client:  # pragma: no cover - the store's client: the store closes it
             return
         try:
-            self.client.connection_pool.disconnect()
+            self.client.connection_pool.disconnect(inuse_connections=False)
         except Exception:  # closing is best effort: a socket already gone, say
             _log.debug("otel_recovery: closing the connections of %s failed", self.url)
 
@@ -271,8 +270,8 @@ class Link:
 
     def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script; an unreachable server raises :class:`StoreUnavailableError`."""
-        if self._closed:
-            raise StoreUnavailableError(f"Redis store {self.url} is closed")
+        if self._closed:  # pragma: no cover - members hold the store: none is left to call
+            raise StoreUnavailableError(f"Redis store {self.url} is gone")
         token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
         try:
             script = self._scripts.get(source)
@@ -291,7 +290,7 @@ class Link:
             raise StoreUnavailableError(f"Redis store {self.url} is unavailable: {detail}") from exc
         finally:
             otel_context.detach(token)
-            if self._closed:  # closed while we talked: close what this call reopened
+            if self._closed:  # pragma: no cover - gone while we talked: close what we reopened
                 self._disconnect()
 
     def _ping(self) -> bool:
@@ -309,6 +308,7 @@ class Link:
         """Register a member; it is synced at once (its first view of the shared state)."""
         with self._lock:
             self._members.add(member)
+            self._store_closed = False  # the store is in use again: the usual idle wait
             degraded = self._degraded_at is not None or self._closed
         if degraded:
             member.go_local()
@@ -338,10 +338,11 @@ class Link:
             now = SYSTEM_CLOCK.now()
             if not members:
                 idle_since = idle_since if idle_since is not None else now
-                if now - idle_since > _IDLE_EXIT:
+                if self._store_closed or now - idle_since > _IDLE_EXIT:
                     with self._lock:
                         if not self._members:
                             self._thread = None
+                            self._store_closed = False
                             # Nobody uses the pool (a member joins under this lock): the
                             # connections go with the thread, the next member reconnects.
                             self._disconnect()
@@ -391,7 +392,7 @@ class Link:
     ) -> tuple[StoreUnavailableError, list[Member]] | None:
         """Switch every member to local state; what to report if this began the outage."""
         with self._lock:
-            # closed: no outage, the members are local for good (quietly: nothing to report)
+            # the store is gone: no member is left to tell (nothing to report)
             first = self._degraded_at is None and not self._closed
             now = SYSTEM_CLOCK.now()
             if first:

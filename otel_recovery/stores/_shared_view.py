@@ -117,7 +117,8 @@ class SharedBreakerView(CircuitBreaker):
         self._ok_sent = 0
         self._slow_oks = itertools.count()
         self._slow_sent = 0
-        self._permits: dict[int, tuple[str, str | None]] = {}  # ticket -> (permit, generation)
+        # ticket -> (permit, generation, when Redis's lease on it ends: self._clock.now() time)
+        self._permits: dict[int, tuple[str, str | None, float]] = {}
         self._carried: set[int] = set()  # tickets of Redis's permits, now the local breaker's
         self._permit_ids = itertools.count()
         self._id = uuid.uuid4().hex[:12] + ":"
@@ -272,11 +273,16 @@ class SharedBreakerView(CircuitBreaker):
             self._remote = False
             # Probes out on permits from Redis stay probes of the local half-open breaker:
             # their holders' outcomes decide it, and nobody joins them before the lease.
-            half_open = self._state is _HALF_OPEN
-            self._carried = set(self._permits) if half_open else set()
+            # Permits Redis had already let go (their holders never reported) are no probes.
+            half_open, now = self._state is _HALF_OPEN, self._clock.now()
+            self._carried = (
+                {ticket for ticket, (_, _, ends) in self._permits.items() if now < ends}
+                if half_open
+                else set()
+            )
             self._in_flight = len(self._carried)
             if self._carried:
-                self._probe_granted_at = self._clock.now()
+                self._probe_granted_at = now
             self._permits.clear()
             self._probe_successes = 0
             if self._window is not None:

@@ -389,8 +389,9 @@ class RedisStore:
         """Close the sync client, and the asyncio clients of event loops that have been
         closed (not those of loops still open: a command may be running on them).
 
-        Fleet-wide breakers and budgets sharing state through this store close their
-        connections too, and go on with local state (see :mod:`._shared_link`)."""
+        Fleet-wide breakers and budgets sharing state through this store close their idle
+        connections too, and stay fleet-wide: their next sync reconnects (see "Lifetime" in
+        :mod:`._shared_link`)."""
         with self._lock:
             client, self._client = self._client, None
             self._scripts.clear()

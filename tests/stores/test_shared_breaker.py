@@ -253,6 +253,44 @@ def test_a_burst_of_threads_gets_every_probe_permit_of_the_fleet(shared):
     assert _probes_granted_in_threads(breaker, 16) == 3
 
 
+def _probes_asked_one_by_one(breaker, callers):
+    """What each of ``callers`` threads, one after the other, gets from ``can_execute()``
+    (each holds what it got in its own context and never reports: an abandoned call)."""
+    answers: list[bool] = []
+    for _ in range(callers):
+        caller = threading.Thread(target=lambda: answers.append(breaker.can_execute()))
+        caller.start()
+        caller.join(10)
+    return answers
+
+
+def test_probes_abandoned_past_their_lease_no_longer_count_against_the_process(shared):
+    """Permits whose holders never reported stayed counted until the next generation: once
+    Redis's lease on them had run out and it granted permits again, the first new grant
+    made the process count the abandoned ones again, so it refused the other callers
+    itself (1 probe per lease of half_open_max_calls=3). Each permit counts only within
+    its own lease; nor does one past its lease become a local probe in an outage."""
+    url, _, _ = shared
+    clock = FakeClock()
+    breaker, _ = _pair(
+        url, clock, failure_threshold=1, timeout=1.0, half_open_max_calls=3, success_threshold=3
+    )
+    breaker.record_failure()
+    clock.advance(1.2)
+    assert _probes_asked_one_by_one(breaker, 3) == [True, True, True]  # all three abandoned
+    assert breaker.would_refuse()
+    clock.advance(1.5)  # past Redis's lease (max(1 s, the open time)): Redis lets them go
+    assert not breaker.would_refuse()
+    assert _probes_asked_one_by_one(breaker, 5) == [True, True, True, False, False]
+    assert breaker.would_refuse()
+    clock.advance(1.5)
+    assert _probes_asked_one_by_one(breaker, 1) == [True]  # once more after the next lease
+    # An outage now: only the permit still within its lease is the local breaker's probe.
+    breaker.go_local()  # what the link does when it finds Redis gone
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert _probes_asked_one_by_one(breaker, 3) == [True, True, False]
+
+
 def test_would_refuse_follows_the_fleet_without_asking_for_a_permit(shared):
     """A pool's health check asks ``would_refuse()``: a member holding every probe permit is
     refused; a member that may still ask Redis for one is not (its check goes through the

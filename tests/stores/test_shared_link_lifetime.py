@@ -1,11 +1,11 @@
 """A fleet-wide breaker's link to Redis lives no longer than its store and its members.
 
 Breakers and budgets given a ``RedisStore`` object share one link per store (its own client
-with the decision-bound timeouts, and a sync thread). The link goes with the store: closing
-the store (``close()`` / ``aclose()``) closes the link's connections and stops its thread,
-the members carry on with local state, and a store dropped with no member left takes its
-link along. Connections are counted on the server (``CLIENT LIST``) by a client name unique
-to the test.
+with the decision-bound timeouts, and a sync thread). The link lives while its store does:
+closing the store (``close()`` / ``aclose()``) closes the link's idle connections only (its
+members stay fleet-wide and reconnect on their next sync; with no member left the thread
+stops too), and a store dropped with no member left takes its link along. Connections are
+counted on the server (``CLIENT LIST``) by a client name unique to the test.
 """
 
 from __future__ import annotations
@@ -88,31 +88,87 @@ def test_breakers_and_budgets_made_and_dropped_with_their_closed_store_leave_not
     assert _settled(lambda: _sync_threads() <= threads), (_sync_threads(), threads)
 
 
-def test_a_breaker_whose_store_was_closed_goes_on_locally_without_a_connection(space, caplog):
+async def _request(store: RedisStore) -> None:
+    """Async code's use of the store in one ``asyncio.run``, closing that loop's client."""
+    await store.aclient().ping()
+    await store.aclose()
+
+
+@pytest.mark.parametrize("closing", ["aclose", "close"])
+def test_a_breaker_whose_store_was_closed_still_follows_the_fleet(space, caplog, closing):
+    """Closing the store (``await store.aclose()`` at the end of each ``asyncio.run``, or
+    ``close()``, also through a ``ResilientStore``) closes the link's idle connections only:
+    its breakers and budgets stay fleet-wide, and their next sync reconnects."""
     name, client_name, admin = space
     store = _store(name, client_name)
-    breaker = CircuitBreaker(name="db", store=store, failure_threshold=2, timeout=30.0)
-    budget = RetryBudget(name="db", store=store, min_per_second=0.0, ratio=0.0)
-    breaker.record_failure()
-    assert breaker.shared and _connections(admin, client_name) >= 1
+    breaker = CircuitBreaker(
+        name="db", store=store, failure_threshold=2, timeout=30.0, sync_interval=60
+    )
+    budget = RetryBudget(name="db", store=store, sync_interval=60)
+    assert breaker.sync() and budget.sync() and _connections(admin, client_name) >= 1
+    (link,) = _our_links(name)
     with caplog.at_level(logging.INFO, logger="otel_recovery"):
-        store.close()
-        assert not breaker.shared and not budget.shared
-        breaker.record_failure()  # the local breaker counts it: no exception, no Redis
+        if closing == "aclose":
+            asyncio.run(_request(store))
+        else:
+            store.close()
+        assert breaker.shared and budget.shared
+        # nothing syncs before 60 s: every connection of the store and the link is closed
+        assert _settled(lambda: _connections(admin, client_name) == 0)
+        # another process of the fleet trips the circuit
+        other_store = _store(name, f"{client_name}-other")
+        other = CircuitBreaker(name="db", store=other_store, failure_threshold=2, timeout=30.0)
+        other.record_failure()
+        other.record_failure()
+        assert other.state is CircuitState.OPEN
+        assert breaker.sync() and breaker.shared  # the next sync reconnects
         assert breaker.state is CircuitState.OPEN and not breaker.can_execute()
-        assert not breaker.sync() and not budget.sync()
-        assert budget.try_spend() is False  # the local budget, with nothing in it
+        assert budget.sync() and budget.shared
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    assert _shared_link.link_for(store) is link and not link.closed  # the same link
+    assert _connections(admin, client_name) >= 1
+    store.close()
+    other_store.close()
+
+
+def test_the_sync_thread_reconnects_after_each_asyncio_run_closes_the_store(space):
+    """The reviewer's case: an ``asyncio.run`` that uses the store and ``aclose()``s it, then
+    another process trips the circuit; this process's breaker follows within its syncs."""
+    name, client_name, _ = space
+    store = _store(name, client_name)
+    breaker = CircuitBreaker(name="payments", store=store, failure_threshold=3, timeout=30.0)
+    assert breaker.sync()
+    for _ in range(3):
+        asyncio.run(_request(store))
+        assert breaker.shared
+    other_store = _store(name, f"{client_name}-other")
+    other = CircuitBreaker(name="payments", store=other_store, failure_threshold=3, timeout=30)
+    for _ in range(3):
+        other.record_failure()
+    assert other.state is CircuitState.OPEN
+    assert eventually(lambda: breaker.state is CircuitState.OPEN, timeout=5.0)
+    assert breaker.shared and not breaker.can_execute()
+    store.close()
+    other_store.close()
+
+
+def test_closing_a_store_with_no_member_left_stops_the_thread_at_once(space):
+    """No member left: ``close()`` closes the connections and the idle thread goes now, not
+    after its 30 s; the store (still alive, usable again) starts both for its next member."""
+    name, client_name, admin = space
+    store = _store(name, client_name)
+    breaker = CircuitBreaker(name="gone", store=store)
+    assert breaker.sync()
+    (link,) = _our_links(name)
+    del breaker
+    gc.collect()
+    store.close()
+    assert _settled(lambda: link._thread is None)
     assert _settled(lambda: _connections(admin, client_name) == 0)
-    assert not _our_links(name)
-    # The store is usable again after close(): a new breaker on it shares again.
-    again = CircuitBreaker(name="db", store=store, failure_threshold=2, timeout=30.0)
-    assert again.sync() and again.shared and again.state is CircuitState.CLOSED
-    assert len(_our_links(name)) == 1
-    asyncio.run(store.aclose())
-    assert not again.shared
-    assert _settled(lambda: _connections(admin, client_name) == 0)
-    assert not _our_links(name)
+    again = CircuitBreaker(name="gone", store=store)
+    assert again.sync() and again.shared and _our_links(name) == [link]
+    assert link._thread is not None and link._thread.is_alive()
+    store.close()
 
 
 def test_a_store_made_inline_lives_as_long_as_its_breaker(space):
