@@ -221,13 +221,15 @@ class HealingRegistry:
         # Single flight per (action, service) across threads and loops: concurrent failures
         # of the same dependency share one remediation. Joiners get the owner's result; if
         # the owner is cancelled, joiners in its loop see "failed" rather than a cancellation
-        # that was never theirs, and a joiner in another loop runs the action itself.
+        # that was never theirs, and a joiner in another loop runs the action itself, as it
+        # does when the owner's loop is stopped or held by other code, or after max_timeout.
         if id(action) in self._unshared:
             return await _run_one(action, healing)
         return await self._flights.run(
             (id(action), healing.service_id),
             lambda: _run_one(action, healing),
             HealResult(_name(action), "failed", "cancelled before it finished"),
+            patience=self.max_timeout,
         )
 
     def __repr__(self) -> str:

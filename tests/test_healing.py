@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
+import otel_recovery._single_flight as single_flight
 from otel_recovery.classify import ErrorKind, classify
 from otel_recovery.healing import EVENT_SELF_HEAL, HealingRegistry, HealingReport, HealResult
 from otel_recovery.interaction import ErrorRecoveryInteraction
@@ -532,3 +534,162 @@ def test_a_forked_child_does_not_wait_for_a_reconnect_led_by_a_thread_it_lacks()
         [HealResult("reconnect", "success")]
     ] * 3
     assert runs[1:] == [child, child]
+
+
+# -- a leader in another loop that is not making progress is taken over --------------------------
+
+HEALED = HealResult("reconnect", "success")
+BOUND = 3.0
+"""How long a waiter below gives a leader that is not making progress: the code before these
+tests waited forever, so they fail after this long instead."""
+
+
+def test_a_waiter_takes_over_from_a_leader_parked_in_a_stopped_loop():
+    """A thread that keeps one loop (``run_until_complete`` per request) parks a heal started
+    fire-and-forget when its request returns: the loop is stopped, not closed. A heal of the
+    same service in another thread waited for it until that thread's next request (forever,
+    for an idle thread); now it reconnects itself within a couple of checks."""
+    registry = HealingRegistry()
+    runs: list[int] = []
+
+    async def reconnect() -> None:
+        runs.append(threading.get_ident())
+        if len(runs) == 1:
+            await asyncio.sleep(WAIT)  # a connect round trip, parked when its loop stops
+
+    registry.register_reconnect("db", reconnect)
+    loop = asyncio.new_event_loop()
+
+    async def request() -> asyncio.Task:
+        background = asyncio.ensure_future(_heal_db(registry))
+        while not runs:  # the heal leads, and is in its reconnect
+            await asyncio.sleep(0)
+        return background
+
+    parked = loop.run_until_complete(request())
+    try:
+
+        def other_thread() -> tuple[int, HealingReport]:
+            heal = asyncio.wait_for(_heal_db(registry), BOUND)
+            return threading.get_ident(), asyncio.run(heal)
+
+        ((joiner, report),) = _in_threads(other_thread)
+        assert report.results == [HEALED]
+        assert len(runs) == 2 and runs[1] == joiner
+        assert not parked.done()
+    finally:
+        parked.cancel()  # the thread's next request: the parked heal resumes (cancelled)
+        loop.run_until_complete(asyncio.gather(parked, return_exceptions=True))
+        loop.close()
+    asyncio.run(_heal_db(registry))  # the parked leader's end left no flight behind
+    assert len(runs) == 3
+
+
+@pytest.mark.parametrize("block", ["run_coroutine_threadsafe", "thread_join"])
+def test_a_leader_loop_held_by_code_waiting_for_another_loops_heal_does_not_deadlock(block):
+    """Sync code in the leader's loop that waits for a heal of the same service in another
+    loop held the leader, which that heal waited for: a deadlock (each loop ran its own
+    reconnect before flights spanned loops). The loop held by something other than the
+    reconnect is not progress: the other loop's heal reconnects itself."""
+    registry = HealingRegistry()
+    runs: list[int] = []
+
+    async def reconnect() -> None:
+        runs.append(threading.get_ident())
+        started.set()
+        await asyncio.sleep(0.01)  # a connect round trip: needs the loop to turn
+
+    registry.register_reconnect("db", reconnect)
+    started = asyncio.Event()
+    other_loop = asyncio.new_event_loop()
+    other_thread = threading.Thread(target=other_loop.run_forever, daemon=True)
+    other_thread.start()
+
+    def heal_elsewhere() -> tuple[int, HealingReport]:
+        """Blocks until a heal of "db" in another loop is done (at most BOUND seconds)."""
+        if block == "run_coroutine_threadsafe":
+            heal = asyncio.wait_for(_heal_db(registry), BOUND)
+            report = asyncio.run_coroutine_threadsafe(heal, other_loop).result(WAIT)
+            return other_thread.ident or 0, report
+        done: list[tuple[int, HealingReport]] = []
+
+        def in_a_thread() -> None:
+            heal = asyncio.wait_for(_heal_db(registry), BOUND)
+            done.append((threading.get_ident(), asyncio.run(heal)))
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join(WAIT)
+        assert done, "the other loop's heal did not finish"
+        return done[0]
+
+    async def request() -> tuple[HealingReport, tuple[int, HealingReport]]:
+        leader = asyncio.ensure_future(_heal_db(registry))
+        await started.wait()  # the leader is in its reconnect
+        elsewhere = heal_elsewhere()  # sync: holds this loop, and so the leader
+        return await leader, elsewhere
+
+    try:
+        leader, (elsewhere, report) = asyncio.run(request())
+    finally:
+        other_loop.call_soon_threadsafe(other_loop.stop)
+        other_thread.join(WAIT)
+        other_loop.close()
+    assert leader.results == report.results == [HEALED]
+    assert len(runs) == 2 and runs[1] == elsewhere
+
+
+def test_a_waiter_in_another_loop_waits_for_a_leader_at_most_max_timeout():
+    """A leader still in its reconnect after the registry's ``max_timeout`` is presumed hung,
+    even one that holds its loop (a sync reconnect is otherwise progress): a heal waiting in
+    another loop reconnects itself."""
+    registry = HealingRegistry(max_timeout=0.3)
+    started = threading.Event()
+    release = threading.Event()
+    runs: list[int] = []
+
+    def reconnect() -> None:
+        runs.append(threading.get_ident())
+        if len(runs) == 1:
+            started.set()
+            assert release.wait(WAIT)  # hung, as far as anyone can tell
+
+    registry.register_reconnect("db", reconnect)
+
+    def join() -> tuple[int, HealingReport]:
+        assert started.wait(WAIT)
+        try:
+            heal = asyncio.wait_for(_heal_db(registry), BOUND)
+            return threading.get_ident(), asyncio.run(heal)
+        finally:
+            release.set()
+
+    leader, (joiner, report) = _in_threads(lambda: asyncio.run(_heal_db(registry)), join)
+    assert leader.results == report.results == [HEALED]
+    assert len(runs) == 2 and runs[1] == joiner
+
+
+def test_a_sync_reconnect_holding_its_loop_is_progress_and_keeps_its_waiters(monkeypatch):
+    """Only a loop held by something *other* than the reconnect counts as a stall: a sync
+    reconnect (``engine.dispose()``) holding its loop for many checks is still shared."""
+    monkeypatch.setattr(single_flight, "_HELD_POLLS", 2)
+    registry = HealingRegistry()
+    started = threading.Event()
+    joined = threading.Barrier(2)
+    runs: list[int] = []
+
+    def reconnect() -> None:
+        runs.append(threading.get_ident())
+        started.set()
+        joined.wait(WAIT)  # the other heal is waiting for this one
+        time.sleep(5 * single_flight._POLL)  # holds the loop well past _HELD_POLLS checks
+
+    registry.register_reconnect("db", reconnect)
+
+    def join() -> HealingReport:
+        assert started.wait(WAIT)
+        return asyncio.run(_join_then(registry, lambda: joined.wait(WAIT)))
+
+    leader, other = _in_threads(lambda: asyncio.run(_heal_db(registry)), join)
+    assert len(runs) == 1
+    assert leader.results == other.results == [HEALED]
