@@ -122,9 +122,9 @@ class Backend:
             time.sleep(seconds)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, tmp_path) -> Iterator[Backend]:
-    kind = request.param
+def backend_of(kind: str, tmp_path: Path) -> Iterator[Backend]:
+    """A fixture's body: a private namespace of ``kind``, its stores closed and its data
+    removed afterwards."""
     require(kind)
     name = unique("otr_")
     found = Backend(kind, store_url(kind, tmp_path, name), name, FakeClock(), tmp_path)
@@ -132,18 +132,16 @@ def backend(request, tmp_path) -> Iterator[Backend]:
     for store in found.opened:
         store.close()
     cleanup(kind, name)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path) -> Iterator[Backend]:
+    yield from backend_of(request.param, tmp_path)
 
 
 @pytest.fixture(params=DURABLE)
 def durable(request, tmp_path) -> Iterator[Backend]:
-    kind = request.param
-    require(kind)
-    name = unique("otr_")
-    found = Backend(kind, store_url(kind, tmp_path, name), name, FakeClock(), tmp_path)
-    yield found
-    for store in found.opened:
-        store.close()
-    cleanup(kind, name)
+    yield from backend_of(request.param, tmp_path)
 
 
 def free_port() -> int:

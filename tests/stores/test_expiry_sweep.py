@@ -29,7 +29,7 @@ from otel_recovery.stores.memory import MemoryStore
 from otel_recovery.stores.postgres import PostgresStore
 from otel_recovery.testing import FakeClock
 
-from .conftest import POSTGRES_URL, Backend, cleanup, require, store_url, unique
+from .conftest import POSTGRES_URL, Backend, backend_of, cleanup, require, unique
 
 DATA = b'{"blob": "' + b"y" * 200 + b'"}'
 SWEEPING = ["memory", "sqlite", "postgres"]
@@ -37,14 +37,7 @@ SWEEPING = ["memory", "sqlite", "postgres"]
 
 @pytest.fixture(params=SWEEPING)
 def sweeping(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Backend]:
-    kind = request.param
-    require(kind)
-    name = unique("otr_")
-    found = Backend(kind, store_url(kind, tmp_path, name), name, FakeClock(), tmp_path)
-    yield found
-    for store in found.opened:
-        store.close()
-    cleanup(kind, name)
+    yield from backend_of(request.param, tmp_path)
 
 
 @pytest.fixture
