@@ -119,7 +119,15 @@ class AttemptLoop:
 class Attempt:
     """One try of the block; use it as ``with attempt:``."""
 
-    __slots__ = ("_deadline_token", "_loop", "_start", "_token", "finished", "number")
+    __slots__ = (
+        "_deadline_token",
+        "_loop",
+        "_span_token",
+        "_start",
+        "_token",
+        "finished",
+        "number",
+    )
 
     def __init__(self, loop: AttemptLoop, number: int) -> None:
         self._loop = loop
@@ -127,6 +135,7 @@ class Attempt:
         self._start = 0.0
         self._token: AttemptTokens | None = None
         self._deadline_token: object | None = None
+        self._span_token: object | None = None
         self.finished = False
 
     def __enter__(self) -> Attempt:
@@ -136,6 +145,9 @@ class Attempt:
         end = policy._attempt_end(self._start, self._loop.started)
         if end is not None:
             self._deadline_token = set_deadline(end)
+        trace = self._loop.trace
+        if trace is not None:  # a retry: its spans are the recovery span's children
+            self._span_token = trace.enter_attempt()
         return self
 
     def __exit__(
@@ -144,6 +156,10 @@ class Attempt:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool:
+        trace = self._loop.trace
+        if trace is not None and self._span_token is not None:
+            trace.leave_attempt(self._span_token)
+            self._span_token = None
         if self._token is not None:
             leave_attempt(self._token)
             self._token = None

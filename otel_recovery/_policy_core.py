@@ -33,6 +33,7 @@ from otel_recovery.policies.fallback import Fallback
 from otel_recovery.policies.retry import Retry, RetryAdvice
 from otel_recovery.policies.timeout import Timeout
 from otel_recovery.telemetry import CallTrace, Telemetry, get_telemetry, watch_breaker_globally
+from otel_recovery.telemetry._suppressed import telemetry_suppressed
 
 __all__ = ["AsyncRunner", "HappyPath", "PolicyCore", "Runner", "says_dependency_is_up"]
 
@@ -278,9 +279,11 @@ class PolicyCore:
             )
 
     def _trace(self, started: float) -> CallTrace | None:
-        """Open the recovery trace; a telemetry failure never breaks the call."""
+        """Open the recovery trace; a telemetry failure never breaks the call. None inside
+        ``suppress_instrumentation()`` (an exporter's own send, recovered by ``@recover``,
+        would otherwise export a span per failed export: see ``telemetry._suppressed``)."""
         telemetry = self._telemetry
-        if telemetry is False:
+        if telemetry is False or telemetry_suppressed():
             return None
         try:
             if telemetry is True:

@@ -78,6 +78,38 @@ def test_block_recovery_is_traced(recovery_telemetry, fake_clock):
     assert span.attributes[names.OUTCOME] == "success" and span.attributes[names.ATTEMPTS] == 2
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_blocks_retries_run_under_its_recovery_span(recovery_telemetry, fake_clock, kind):
+    """As with ``call()``, the retries' spans are the recovery span's children; a block's
+    retries were siblings of it, under the caller's span."""
+    import asyncio
+
+    tracer = recovery_telemetry.tracer_provider.get_tracer("app")
+    policy = RecoveryPolicy(retry=Retry(3, backoff=FixedBackoff(0)), name="block", clock=fake_clock)
+
+    def body(attempt) -> None:
+        with attempt, tracer.start_as_current_span(f"query#{attempt.number}"):
+            if attempt.number < 3:
+                raise ConnectionError()
+
+    async def run_async() -> None:
+        async for attempt in policy.aattempts():
+            body(attempt)
+
+    with tracer.start_as_current_span("root"):
+        if kind == "sync":
+            for attempt in policy.attempts():
+                body(attempt)
+        else:
+            asyncio.run(run_async())
+    spans = {span.name: span for span in recovery_telemetry.spans()}
+    recovery = spans["recover block"]
+    assert spans["query#1"].parent.span_id == spans["root"].context.span_id
+    for name in ("query#2", "query#3"):
+        assert spans[name].parent.span_id == recovery.context.span_id
+    assert recovery.parent.span_id == spans["root"].context.span_id
+
+
 async def test_async_block(fake_clock):
     policy = RecoveryPolicy(retry=Retry(3, backoff=FixedBackoff(0.1)), clock=fake_clock)
     seen = []

@@ -324,3 +324,132 @@ def test_a_transition_delivered_by_another_thread_marks_its_own_calls_span():
     }
     assert marked == {"request A": [("closed", "open")], "request B": [("open", "half_open")]}
     provider.shutdown()
+
+
+def test_a_recovery_inside_suppressed_instrumentation_records_nothing(
+    recovery_telemetry, fake_clock
+):
+    """The SDK exports under ``suppress_instrumentation()``. A span exporter whose send was
+    wrapped in ``@recover`` exported a recovery span per failed export, which failed and
+    was recovered in turn: one app span kept the exporter busy until the collector came
+    back (a hundred nested spans with a simple processor)."""
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    from otel_recovery import recover
+
+    sends = []
+
+    @recover(
+        retry=Retry(3, on=ConnectionError, backoff=FixedBackoff(0.1)),
+        breaker=CircuitBreaker(name="collector", failure_threshold=1, clock=fake_clock),
+        clock=fake_clock,
+    )
+    def send(batch: str) -> str:
+        sends.append(batch)
+        if len(sends) < 3:
+            raise ConnectionError("collector down")
+        return "exported"
+
+    breaker = CircuitBreaker(name="collector-down", failure_threshold=1, clock=fake_clock)
+
+    @recover(retry=Retry(2, on=ConnectionError), breaker=breaker, clock=fake_clock)
+    def send_to_a_dead_collector(batch: str) -> str:
+        raise ConnectionError("collector down")
+
+    with suppress_instrumentation():
+        assert send("spans") == "exported"  # recovered: the telemetry is what is left out
+        with pytest.raises(ConnectionError):
+            send_to_a_dead_collector("spans")
+    assert len(sends) == 3
+    assert breaker.state.value == "open"  # the breaker works; its transition is not recorded
+    assert recovery_telemetry.spans() == []
+    for metric in (
+        names.METRIC_CALL_DURATION,
+        names.METRIC_RETRY_ATTEMPTS,
+        names.METRIC_BREAKER_TRANSITIONS,
+    ):
+        assert recovery_telemetry.metric_points(metric) == []
+
+
+def test_the_duration_exemplar_points_to_the_recovery_span(fake_clock):
+    """The duration was recorded after the recovery span was no longer current: its
+    exemplar pointed to the caller's span, or with none to nothing."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from otel_recovery.telemetry import Telemetry
+
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    meter_provider = MeterProvider(metric_readers=[reader])
+    policy = RecoveryPolicy(
+        retry=Retry(3, on=ConnectionError, backoff=FixedBackoff(0.1)),
+        name="exemplar",
+        clock=fake_clock,
+        telemetry=Telemetry(tracer_provider, meter_provider),
+    )
+    assert policy.call(failing(ConnectionError("reset"))) == "ok"
+    (recovery,) = [s for s in exporter.get_finished_spans() if s.name == "recover exemplar"]
+    points = [
+        point
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == names.METRIC_CALL_DURATION
+        for point in metric.data.data_points
+    ]
+    exemplars = [e for point in points for e in getattr(point, "exemplars", None) or ()]
+    if not hasattr(points[0], "exemplars"):
+        pytest.skip("this SDK has no exemplars")
+    assert [e.span_id for e in exemplars] == [recovery.context.span_id]
+    meter_provider.shutdown()
+    tracer_provider.shutdown()
+
+
+def test_a_breakers_call_counter_never_goes_down_when_it_is_made_again():
+    """A breaker collected and made again under its name (a forgotten target met again, a
+    configuration reload) started the monotonic ``.calls`` counter over: 100 then 5, a
+    negative delta on a monotonic sum."""
+    import gc
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otel_recovery.telemetry import Telemetry
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    telemetry = Telemetry(meter_provider=provider)
+
+    def successful() -> int | None:
+        data = reader.get_metrics_data()
+        found = [
+            point.value
+            for resource in (data.resource_metrics if data is not None else ())
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == names.METRIC_BREAKER_CALLS
+            for point in metric.data.data_points
+            if point.attributes[names.BREAKER_NAME] == "payments"
+            and point.attributes[names.BREAKER_OUTCOME] == "successful"
+        ]
+        return found[0] if found else None
+
+    first = CircuitBreaker(name="payments")
+    telemetry.watch_breaker(first)
+    for _ in range(100):
+        first.record_success()
+    assert successful() == 100
+    del first
+    gc.collect()
+    assert successful() is None  # no live breaker: the series goes stale, not on for good
+    again = CircuitBreaker(name="payments")
+    telemetry.watch_breaker(again)
+    for _ in range(5):
+        again.record_success()
+    assert successful() == 105
+    provider.shutdown()

@@ -22,6 +22,7 @@ from otel_recovery._forksafe import new_lock
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, StateTransition
 from otel_recovery.telemetry import attributes
 from otel_recovery.telemetry._metrics import HealthSource, RecoveryMetrics, metrics_for
+from otel_recovery.telemetry._suppressed import telemetry_suppressed
 from otel_recovery.telemetry._tracing import CallTrace
 
 __all__ = [
@@ -74,6 +75,8 @@ class Telemetry:
         breaker.add_listener(self._on_transition)
 
     def _on_transition(self, transition: StateTransition) -> None:
+        if telemetry_suppressed():  # an exporter's own call moved it: record nothing
+            return
         attrs = {
             attributes.BREAKER_NAME: transition.name,
             attributes.BREAKER_FROM: transition.from_state.value,

@@ -26,6 +26,7 @@ from otel_recovery import __about__
 from otel_recovery._forksafe import new_lock
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
 from otel_recovery.telemetry import attributes as names
+from otel_recovery.telemetry._call_counts import BreakerCallCounts
 
 __all__ = ["RecoveryMetrics", "metrics_for"]
 
@@ -73,6 +74,7 @@ class RecoveryMetrics:
     def __init__(self, meter_provider: MeterProvider | None = None) -> None:
         meter = get_meter("otel_recovery", __about__.VERSION, meter_provider)
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+        self._calls = BreakerCallCounts()
         self._lock = new_lock()
         self._told_unnamed = False
         self.call_duration = _duration_histogram(meter)
@@ -139,6 +141,7 @@ class RecoveryMetrics:
                         _UNNAMED,
                     )
             self._breakers.add(breaker)
+            self._calls.track(breaker)
 
     def track_health(self, monitor: HealthSource) -> None:
         """Report the services a health monitor watches (held weakly)."""
@@ -172,18 +175,11 @@ class RecoveryMetrics:
             yield Observation(count, {names.BREAKER_NAME: name, names.BREAKER_STATE: state.value})
 
     def _observe_calls(self, options: CallbackOptions) -> Iterable[Observation]:
-        """Per name and outcome, the calls the breakers of that name have seen."""
-        counts: dict[tuple[str, str], int] = {}
-        for breaker in self._tracked():
-            snap = breaker.snapshot()
-            for outcome, value in (
-                ("successful", snap.successful_calls),
-                ("failed", snap.failed_calls),
-                ("not_permitted", snap.not_permitted_calls),
-            ):
-                key = (breaker.name, outcome)
-                counts[key] = counts.get(key, 0) + value
-        for (name, outcome), count in counts.items():
+        """Per name and outcome, the calls the breakers of that name have seen, never less
+        than at the last collection (see :mod:`._call_counts`)."""
+        with self._lock:
+            totals = self._calls.observe(list(self._breakers))
+        for (name, outcome), count in totals.items():
             yield Observation(count, {names.BREAKER_NAME: name, names.BREAKER_OUTCOME: outcome})
 
 

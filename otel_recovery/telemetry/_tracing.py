@@ -120,6 +120,23 @@ class CallTrace:
         if self._token is None and self._owns_span:
             self._token = otel_context.attach(trace.set_span_in_context(self._span))
 
+    def enter_attempt(self) -> object | None:
+        """Make the recovery span current for one attempt of a retried block (``attempts()``),
+        whose code runs between the loop's steps rather than inside them; the token to give
+        :meth:`leave_attempt`. None when the span is not ours to parent (contrib's), or
+        telemetry failed: the attempt then runs under its caller's span."""
+        if not self._owns_span or self._ended:
+            return None
+        try:
+            return otel_context.attach(trace.set_span_in_context(self._span))
+        except Exception:  # telemetry must never break the block
+            return None
+
+    def leave_attempt(self, token: object | None) -> None:
+        if token is not None:
+            with contextlib.suppress(Exception):  # detaching must not break the block
+                otel_context.detach(token)  # type: ignore[arg-type]
+
     def _deactivate(self) -> None:
         token = self._token
         if token is not None:
@@ -192,28 +209,34 @@ class CallTrace:
         if self._ended:
             return
         self._ended = True
-        self._deactivate()
-        span = self._span
-        span.set_attribute(names.OUTCOME, outcome)
-        span.set_attribute(names.ATTEMPTS, attempts)
         metric_attributes: dict[str, Any] = {
             names.POLICY_NAME: self._policy,
             names.OUTCOME: outcome,
         }
+        failed = error is not None and outcome in ("failure", "rejected")
+        error_type = ""
+        if failed:
+            error_type = info.error_type if info is not None else type(error).__qualname__
+            metric_attributes[names.ERROR_TYPE] = error_type
+        try:
+            # while the recovery span is still current: the duration's exemplar points to it
+            duration = max(0.0, self._clock.now() - self._started)
+            self._metrics.call_duration.record(duration, metric_attributes)
+        finally:
+            self._deactivate()
+        span = self._span
+        span.set_attribute(names.OUTCOME, outcome)
+        span.set_attribute(names.ATTEMPTS, attempts)
         if info is not None:
             span.set_attribute(names.ERROR_CATEGORY, info.category.value)
             span.set_attribute(names.ERROR_SEVERITY, info.severity.value)
             span.set_attribute(names.ERROR_FINGERPRINT, info.fingerprint)
-        if error is not None and outcome in ("failure", "rejected"):
-            error_type = info.error_type if info is not None else type(error).__qualname__
-            metric_attributes[names.ERROR_TYPE] = error_type
+        if failed:
             existing = getattr(span, "attributes", None) or {}
             if self._owns_span or names.ERROR_TYPE not in existing:
                 span.set_attribute(names.ERROR_TYPE, error_type)
             if self._owns_span:
                 description = info.message if info is not None else ""
                 span.set_status(Status(StatusCode.ERROR, description or None))
-        duration = max(0.0, self._clock.now() - self._started)
-        self._metrics.call_duration.record(duration, metric_attributes)
         if self._owns_span:
             span.end(end_time=int(self._clock.wall() * 1e9))
