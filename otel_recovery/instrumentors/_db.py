@@ -19,8 +19,7 @@ more, such as explaining on the span why a call was not retried (:func:`explain_
 from __future__ import annotations
 
 import contextvars
-import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
@@ -70,7 +69,10 @@ __all__ = [
     "SpanMode",
     "explain_no_retry",
     "instrumentation_enabled",
-    "pg_default_target",
+    "pg_ambiguous_url",
+    "pg_host",
+    "pg_socket_target",
+    "pg_target",
     "async_layer",
     "run_async",
     "run_sync",
@@ -480,19 +482,58 @@ async def run_async(plan: Plan, fn: Callable[..., Awaitable[T]], args: Any, kwar
         attempts.forget()
 
 
-def pg_default_target(host: Any, port: Any) -> tuple[str, int | None]:
-    """``(host, port)`` of a PostgreSQL server as libpq would pick it.
+def pg_host(host: str) -> str:
+    """A PostgreSQL host in the one spelling connects and statements share: a unix-socket
+    directory without a trailing ``/`` (the driver joins ``.s.PGSQL.<port>`` to it either
+    way), anything else as given."""
+    if len(host) > 1 and host[0] == "/" and host[-1] == "/":
+        return host.rstrip("/") or "/"
+    return host
 
-    Several hosts (``"a,b"``) name one logical server: the first one labels the breaker.
-    Defaults come from ``PGHOST``/``PGPORT``, then ``localhost:5432``.
+
+def pg_socket_target(path: str) -> tuple[str, int | None]:
+    """``(directory, port)`` of a unix socket's path (``/run/postgresql/.s.PGSQL.5432``, what
+    asyncpg keeps as a connection's address): the target a connect to that directory and
+    port counts on."""
+    directory, _, name = path.rpartition("/")
+    if name.startswith(".s.PGSQL.") and name[9:].isdigit():
+        return pg_host(directory or "/"), int(name[9:])
+    return pg_host(path), None
+
+
+def pg_target(members: Iterable[tuple[str, int | None]]) -> tuple[str, int | None]:
+    """The target of a connect that reaches the first of ``members`` that answers.
+
+    One server: its ``(host, port)``. Several (a multi-host connection string, a host list):
+    the whole list is the target, ``("a:5432,b:5433", None)``, named ``<library>
+    a:5432,b:5433``: a circuit that one dead member opened never refuses the connects that
+    would fail over to the others. Statements count on the server actually reached.
     """
-    text = str(host or os.environ.get("PGHOST") or "localhost").split(",")[0].strip()
-    raw_port = str(port or os.environ.get("PGPORT") or "5432").split(",")[0].strip()
-    try:
-        number: int | None = int(raw_port)
-    except ValueError:
-        number = None
-    return text or "localhost", number
+    unique = list(dict.fromkeys((pg_host(host), port) for host, port in members))
+    if len(unique) == 1:
+        return unique[0]
+    return ",".join(host if port is None else f"{host}:{port}" for host, port in unique), None
+
+
+def pg_ambiguous_url(text: str, ends: str) -> bool:
+    """Whether a connection URL's password may have been read as its host or port.
+
+    A password holding an unescaped character that ends the authority (``/`` for libpq;
+    ``/``, ``?`` or ``#`` for asyncpg's ``urlparse``) cuts it short: in
+    ``postgresql://user:4242/pw@db/x`` the driver sees host ``user``, port ``4242``, and an
+    ``@`` after the authority. Two ``@`` in the authority put the password's tail in the
+    host. No target is derived from such a URL, so no breaker, metric or span is named
+    after it. (A URL with a port whose path or query holds a raw ``@``, such as
+    ``?user=a@b``, is taken for one too: its connect runs uninstrumented.)
+    """
+    _, sep, rest = text.partition("://")
+    if not sep:
+        return False
+    end = min((i for i in map(rest.find, ends) if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if authority.count("@") > 1:
+        return True
+    return ":" in authority and "@" not in authority and "@" in rest[end:]
 
 
 # libpq reports a server's refusal to open a session as an OperationalError without a

@@ -23,11 +23,22 @@ A key where it would have no effect is an error that names where it belongs, as 
 unknown key, an ``operations`` table at the top level or inside an operation, and a section
 that is not a table. ``backoff_initial`` may not exceed ``backoff_max`` at any level a call
 can meet.
+
+A target section's key is found under every spelling of the target it names
+(:func:`target_spellings`): as written, and with its host the way the instrumentors name it,
+lowercased (the HTTP instrumentors lowercase hosts), without the brackets around an IPv6
+address (``[::1]:5432`` is the target ``::1:5432``), and an internationalised host both as
+Unicode and IDNA-encoded (``bücher.example`` and ``xn--bcher-kva.example``: httpx and aiohttp
+name it in Unicode, requests as the URL spelled it). A socket path or a name with a space in
+it (``mymaster replicas@...``) is kept as written. A key that cannot be a target's (an
+unclosed bracket, a port that is not a number, a host IDNA cannot encode) is an error naming
+the key and the fix, as are two sections for one target.
 """
 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import re
 import sys
@@ -191,6 +202,7 @@ def _read_policy(
             '[targets."api.example.com"]'
         )
     converted: dict[str, dict[str, Any]] = {}
+    spelled: dict[str, str] = {}  # each spelling: the key written for it
     for key, section in targets.items():
         where = _where_target(path, key)
         if not isinstance(section, dict):
@@ -214,18 +226,129 @@ def _read_policy(
             ops[operation] = _values(settings, there, "operation", key, defaults=defaults)
         if "operations" in section:
             converted[key]["operations"] = ops
+        for spelling in target_spellings(key, where):
+            first = spelled.setdefault(spelling, key)
+            if first != key:
+                raise SettingsError(
+                    f"{where} and {_where_target(path, first).split(' in policy file ')[0]} "
+                    f"both name the target {spelling!r} (host names are case-insensitive, an "
+                    "IPv6 address is the same with or without brackets): merge them into one "
+                    "section"
+                )
+            converted[spelling] = converted[key]
     return top, converted
+
+
+_PORT = re.compile(r"(.*):(\d+)")
+_NOT_A_HOST = re.compile(r"[\s/@,]")
+"""A key holding one of these names a socket path or a service (``mymaster replicas@...``),
+not a host: it is kept as written."""
+
+
+def target_spellings(key: str, where: str) -> list[str]:
+    """Every spelling a call's target may have for the section ``key``: ``key`` first, then
+    the normalised ones (the module docstring). Raises :class:`SettingsError` for a key that
+    cannot name a target."""
+    if _NOT_A_HOST.search(key) and not key.startswith("["):
+        return [key]
+    host, port = _host_and_port(key, where)
+    suffix = f":{port}" if port is not None else ""
+    spellings = [key, *(f"{spelling}{suffix}" for spelling in _host_spellings(host, where))]
+    return list(dict.fromkeys(spellings))
+
+
+def _host_and_port(key: str, where: str) -> tuple[str, str | None]:
+    example = '[targets."[::1]:5432"] or [targets."db.internal:5432"]'
+    if key.startswith("["):
+        inside, closed, rest = key[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+        if not closed or (rest and not (port and port.isdigit())):
+            raise SettingsError(
+                f"{where}: {key!r} is not a host or host:port (an IPv6 address goes in "
+                f"brackets, a port after them: {example})"
+            )
+        if not _is_ipv6(inside):
+            raise SettingsError(
+                f"{where}: brackets hold an IPv6 address, and {inside!r} is not one: write "
+                f"the host without them, as in {example}"
+            )
+        return inside, port
+    if key.count(":") > 1:  # an IPv6 address without brackets: no port can be told apart
+        return key, None
+    found = _PORT.fullmatch(key)
+    if found:
+        return found.group(1), found.group(2)
+    if ":" in key:
+        raise SettingsError(
+            f"{where}: the port in {key!r} is not a number: write host or host:port, as in "
+            f"{example}"
+        )
+    return key, None
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_spellings(host: str, where: str) -> list[str]:
+    """``host`` as the instrumentors may name it: lowercased, and for an internationalised
+    name both its Unicode and its IDNA (ASCII) forms; an IPv6 address also compressed."""
+    if ":" in host:  # IPv6: its zone (after %) is an interface name, kept as written
+        address, percent, zone = host.partition("%")
+        spellings = [address.lower() + percent + zone]
+        if _is_ipv6(host):
+            spellings.append(str(ipaddress.IPv6Address(host)))
+        return spellings
+    lower = host.lower()
+    if lower.isascii() and "xn--" not in lower:
+        return [lower]
+    try:
+        ascii_name, unicode_name = _idna(lower)
+    except (UnicodeError, ValueError) as error:
+        raise SettingsError(
+            f"{where}: the host {host!r} is not a valid internationalised domain name "
+            f"({error}): write it as the URLs spell it, in Unicode or in its xn-- form"
+        ) from error
+    return [lower, unicode_name, ascii_name]
+
+
+def _idna(host: str) -> tuple[str, str]:
+    """``(ASCII, Unicode)`` forms of a host name: IDNA 2008 (the ``idna`` package, what the
+    HTTP clients use) where it takes the name, else Python's IDNA 2003 codec."""
+    try:
+        import idna
+
+        ascii_name = idna.encode(host, uts46=True).decode("ascii")
+        return ascii_name, idna.decode(ascii_name)
+    except Exception:  # not installed, or its own errors: IDNA 2003 may take the name
+        pass
+    ascii_name = host.encode("idna").decode("ascii")
+    return ascii_name, ascii_name.encode("ascii").decode("idna")
 
 
 _Layers = list[tuple[str, Mapping[str, Any]]]
 
 
+def sentinel_service(name: str) -> str:
+    """``"svc replicas"`` of a Redis Sentinel service's name with its deployment,
+    ``"svc replicas@<sentinels>"`` (or ``master``), whose section covers every deployment's;
+    ``""`` for any other name."""
+    service, at, _ = name.partition("@")
+    return service if at and service.endswith((" replicas", " master")) else ""
+
+
 def _scopes(targets: Mapping[str, Any], path: str) -> Iterator[tuple[str, _Layers]]:
     """Each section and operation section a call can meet, as (its name, the file's levels
     :meth:`._settings.RecoverySettings.for_target` applies for it, in order)."""
-    for key in targets:
-        found = re.fullmatch(r"(.+):(\d+)", key)
-        chain = [k for k in (found.group(1), key) if k in targets] if found else [key]
+    for key in targets:  # every spelling of each key: a call may meet any of them
+        service = sentinel_service(key)
+        found = None if service else re.fullmatch(r"(.+):(\d+)", key)
+        wider = service or (found.group(1) if found else "")
+        chain = [k for k in (wider, key) if k in targets] if wider else [key]
         operations = sorted({op for k in chain for op in targets[k].get("operations", {})})
         for operation in (None, *operations):
             layers: _Layers = []

@@ -7,6 +7,15 @@ nor stay open after the failover), and a separate one for the service's replicas
 (``slave_for``), which a dead master must not refuse either. Before the client has
 connected, the master is named after the service.
 
+A service name is not unique: every deployment may call its master ``mymaster`` (Redis's own
+example, and what most use), so the names of the replicas and of the master not yet
+connected carry the deployment too, its sentinels' addresses sorted
+(``mymaster replicas@10.0.0.1:26379,10.0.0.2:26379``): another deployment's dead replicas
+must not refuse this one's. All the clients of one deployment (every ``Sentinel`` given the
+same sentinels) share the one breaker of its replicas. The names are worked out once per
+pool (the sentinels a ``Sentinel`` was given do not change) and bounded
+(:data:`_MOST_CHARACTERS`); addresses hold no password.
+
 An open circuit refuses before redis-py connects, so redis-py would never ask the sentinels
 again, and the pool's ``master_address`` would keep naming the dead master for as long as
 its circuit stays open. So a refused call asks the sentinels itself (:func:`master_moved`,
@@ -23,7 +32,7 @@ from typing import Any
 import redis.asyncio.sentinel
 import redis.sentinel
 
-__all__ = ["SENTINEL_POOLS", "amaster_moved", "master_moved", "server_of"]
+__all__ = ["SENTINEL_POOLS", "amaster_moved", "deployment_of", "master_moved", "server_of"]
 
 SENTINEL_POOLS = (
     redis.sentinel.SentinelConnectionPool,
@@ -33,18 +42,68 @@ _ASKED = "_otel_recovery_sentinels_asked"
 """Where a pool keeps when it last asked the sentinels on a refusal (``time.monotonic``)."""
 _ASK_EVERY = 1.0
 """Seconds between two such questions from one pool."""
+_NAMES = "_otel_recovery_sentinel_names"
+"""Where a pool keeps its names: ``(replicas, master not yet connected)``."""
+_MOST_CHARACTERS = 200
+"""Sentinel addresses past this length in a name are only counted (``,+2 more``)."""
 
 
 def server_of(pool: Any) -> tuple[str, int | None]:
-    """``(host, port)`` of the master a master pool talks to (the service, ``"svc master"``,
-    before it has connected), or ``("svc replicas", None)`` for a replica pool."""
-    service = str(getattr(pool, "service_name", "redis"))
+    """``(host, port)`` of the master a master pool talks to (the service and its
+    deployment, ``"svc master@sentinels"``, before it has connected), or
+    ``("svc replicas@sentinels", None)`` for a replica pool."""
+    names: tuple[str, str] | None = getattr(pool, _NAMES, None)
+    if names is None:
+        names = _names(pool)
+        with contextlib.suppress(Exception):  # a pool with __slots__: work them out each time
+            setattr(pool, _NAMES, names)
     if not getattr(pool, "is_master", True):
-        return f"{service} replicas", None
+        return names[0], None
     address = pool.master_address
     if isinstance(address, tuple) and len(address) == 2:
         return str(address[0]), int(address[1])
-    return f"{service} master", None
+    return names[1], None
+
+
+def _names(pool: Any) -> tuple[str, str]:
+    """The names of a pool's replicas and of its master before it has connected."""
+    service = str(getattr(pool, "service_name", "redis"))
+    deployment = deployment_of(pool)
+    where = f"@{deployment}" if deployment else ""
+    return f"{service} replicas{where}", f"{service} master{where}"
+
+
+def deployment_of(pool: Any) -> str:
+    """The sentinels a Sentinel pool asks, as ``host:port`` sorted and comma-separated (an
+    IPv6 host in brackets), at most :data:`_MOST_CHARACTERS` of them and then how many more;
+    ``""`` when they cannot be read."""
+    try:
+        sentinels = list(pool.sentinel_manager.sentinels)
+    except Exception:
+        return ""
+    addresses = sorted({address for s in sentinels if (address := _address_of(s))})
+    shown: list[str] = []
+    length = 0
+    for address in addresses:
+        if shown and length + len(address) + 1 > _MOST_CHARACTERS:
+            break
+        shown.append(address)
+        length += len(address) + 1
+    left = len(addresses) - len(shown)
+    return ",".join(shown) + (f",+{left} more" if left else "")
+
+
+def _address_of(sentinel: Any) -> str | None:
+    try:
+        kwargs = sentinel.connection_pool.connection_kwargs
+        host, port = kwargs.get("host"), kwargs.get("port")
+    except Exception:
+        return None
+    if not host:
+        return None
+    host = str(host)[:_MOST_CHARACTERS]
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port is not None else host
 
 
 def master_moved(client: Any) -> bool:

@@ -7,7 +7,7 @@ per-target and per-operation sections::
 
     max_attempts = 3
 
-    [targets."api.example.com"]          # a host, or host:port
+    [targets."api.example.com"]          # a host, or host:port ([::1]:5432 for IPv6)
     max_attempts = 5
 
     [targets."api.example.com".operations."GET /v1/prices"]
@@ -55,6 +55,7 @@ from otel_recovery.instrumentors._policy_file import (
     _Layers,
     _read_policy,
     _values,
+    sentinel_service,
 )
 from otel_recovery.instrumentors._setting_values import (
     _ARGUMENTS,
@@ -65,7 +66,14 @@ from otel_recovery.instrumentors._setting_values import (
     _warn_once,
 )
 
-__all__ = ["ENV_PREFIX", "RecoverySettings", "SettingsError", "load_settings", "report_off"]
+__all__ = [
+    "ENV_PREFIX",
+    "RecoverySettings",
+    "SettingsError",
+    "load_settings",
+    "report_off",
+    "section_keys",
+]
 
 
 @dataclass(frozen=True)
@@ -148,9 +156,21 @@ class RecoverySettings:
         )
 
     def _sections(self, host: str, port: int | None) -> list[Mapping[str, Any]]:
-        """The policy file's sections for a target, ``host`` first, then ``host:port``."""
-        keys = (host, f"{host}:{port}") if port is not None else (host,)
-        return [section for key in keys if (section := self.targets.get(key))]
+        """The policy file's sections for a target, least specific first (:func:`section_keys`)."""
+        return [section for key in section_keys(host, port) if (section := self.targets.get(key))]
+
+
+def section_keys(host: str, port: int | None) -> tuple[str, ...]:
+    """The keys of the policy file's sections for a target, least specific first: ``host``,
+    then ``host:port``. A Redis Sentinel service's name carries its deployment
+    (``mymaster replicas@<sentinels>``): a section for the service's name alone
+    (``mymaster replicas``) comes before it, for every deployment's. The file's keys are
+    found under each spelling of their target (:func:`._policy_file.target_spellings`), so
+    a call's own ``host`` is looked up as it is."""
+    keys = (host, f"{host}:{port}") if port is not None else (host,)
+    if "@" in host and (service := sentinel_service(host)):
+        return (service, *keys)
+    return keys
 
 
 _FIELDS = {f.name: f for f in fields(RecoverySettings)}

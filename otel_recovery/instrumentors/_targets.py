@@ -26,7 +26,7 @@ from otel_recovery.instrumentors._attempt_site import (
     within_call_limit,
 )
 from otel_recovery.instrumentors._client_retries import client_retries
-from otel_recovery.instrumentors._settings import RecoverySettings
+from otel_recovery.instrumentors._settings import RecoverySettings, section_keys
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.learning.advisor import LearnedRetryAdvisor
 from otel_recovery.learning.strategy import StrategyLearner
@@ -599,7 +599,8 @@ class TargetPolicies:
     def _operation_key(self, host: str, port: int | None, operation: str | None) -> str | None:
         if operation is None or not self._operation_sections:
             return None
-        for key in (host, f"{host}:{port}"):
+        keys = (host, f"{host}:{port}") if "@" not in host else section_keys(host, port)
+        for key in keys:  # "@": a Sentinel service's name, see section_keys
             if operation in self._operation_sections.get(key, ()):
                 return operation
         return None

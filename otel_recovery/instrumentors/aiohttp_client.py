@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import Any
 
 import aiohttp
@@ -127,9 +128,14 @@ class _Site(HttpSite[aiohttp.ClientResponse]):
 class _Planner:
     """Finds the plan of a ``ClientSession._request(method, str_or_url, **options)`` call.
 
-    Without a ``data=`` body to judge, the method, the URL as passed and the session's base
-    URL decide the plan unless an ``Idempotency-Key`` could matter, so that plan is
-    remembered under them and found again with one dictionary lookup.
+    Without a ``data=`` body to judge, the method, the URL as passed, the session's base
+    URL and its socket decide the plan unless an ``Idempotency-Key`` could matter, so that
+    plan is remembered under them and found again with one dictionary lookup.
+
+    A session whose connector talks over a unix socket (``UnixConnector(path)``, or a
+    Windows named pipe) is addressed as ``http://localhost/...`` like every other: its
+    target is the socket's path (port None), so each socket has its own breaker, and the
+    path is part of the key (None for TCP).
     """
 
     def __init__(self, plans: HttpPlans) -> None:
@@ -140,10 +146,19 @@ class _Planner:
         shape: Any = None
         # session.get(url) and friends; session.post(url) passes data=None
         if len(args) == 3 and ("data" not in kwargs or kwargs["data"] is None):
-            shape = (args[1], args[2], getattr(args[0], "_base_url", None))
+            session = args[0]
             try:
+                connector = session._connector  # the socket inline, as _socket_of reads it
+                shape = (
+                    args[1],
+                    args[2],
+                    session._base_url,  # both set by ClientSession.__init__ since 3.8
+                    None
+                    if connector.__class__ is _TCP or not isinstance(connector, _SOCKETS)
+                    else connector._path,
+                )
                 plan = self.shapes.get(shape)
-            except TypeError:  # an unhashable argument: aiohttp will judge it
+            except (AttributeError, TypeError):  # an unhashable argument: aiohttp will judge
                 plan, shape = None, None
             if plan is not None:
                 return plan
@@ -157,7 +172,8 @@ class _Planner:
             return None
         try:
             url = _absolute(session, raw)
-            target = target_of(url.scheme, url.host, url.port)
+            path = _socket_of(session)
+            target = (path, None) if path else target_of(url.scheme, url.host, url.port)
         except ValueError:  # a URL that cannot be read: aiohttp reports it in its own words
             return None
         if target is None:
@@ -225,6 +241,27 @@ def _unsent(error: BaseException) -> bool:
         method in getattr(aiohttp.client, "IDEMPOTENT_METHODS", ())
     )
     return not (could_resend and state.get("retry_persistent_connection") is False)
+
+
+_SOCKETS: tuple[type[Any], ...] = tuple(
+    kind
+    for kind in (getattr(aiohttp, name, None) for name in ("UnixConnector", "NamedPipeConnector"))
+    if isinstance(kind, type)
+)
+"""aiohttp's connectors to a local socket, which keep its path as ``_path``."""
+_TCP = aiohttp.TCPConnector
+"""The usual connector: told apart from those by one identity test."""
+
+
+def _socket_of(session: Any) -> str | None:
+    """The path of the unix socket (or named pipe) ``session``'s connector talks over, None
+    for TCP or another connector. Never raises: a connector may be anything."""
+    try:
+        connector = getattr(session, "_connector", None)
+        path = connector._path if isinstance(connector, _SOCKETS) else None
+        return os.fsdecode(path) if path else None
+    except Exception:  # not a path: named as before, by the URL
+        return None
 
 
 def _method_and_url(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:

@@ -21,6 +21,7 @@ where they are missing, nothing is marked and our retry decides as before.
 from __future__ import annotations
 
 import datetime
+import os
 import ssl
 from typing import Any
 
@@ -246,6 +247,13 @@ class _Planner:
     URL's parsed form (``URL._uri_reference``, a tuple) is the key, as hashing the
     ``httpx.URL`` itself formats it to a string first; an httpx without it is planned
     afresh every time.
+
+    A client whose transport talks over a unix socket (``HTTPTransport(uds=path)``) is
+    addressed as ``http://localhost/...`` like every other: its target is the socket's path
+    (port None), so each socket has its own breaker, and the path is part of the key (None
+    for TCP). It is read from the client's own transport (:func:`_socket_of`), not from a
+    transport mounted for some URLs (``mounts=``): the key is read on every request, and
+    finding the mounted transport would cost a pattern match per mount.
     """
 
     def __init__(self, plans: HttpPlans) -> None:
@@ -257,20 +265,27 @@ class _Planner:
         shape: Any = None
         try:
             if request.stream.__class__ is httpx.ByteStream:  # a body in memory, or none
-                shape = (request.method, request.url._uri_reference)
+                # the socket inline (see _socket_of): a call would cost more than the lookup
+                transport = args[0]._transport
+                uds = transport._pool._uds if isinstance(transport, _POOLED) else None
+                shape = (request.method, request.url._uri_reference, uds)
                 plan = self.shapes.get(shape)
                 if plan is not None:
                     return plan
-        except AttributeError:  # not an httpx.Request, or another httpx: plan afresh
+        except (AttributeError, TypeError, IndexError):  # another httpx, an odd _uds: afresh
             shape = None
-        return self._plan(request, shape)
+        return self._plan(request, shape, args[0] if args else None)
 
-    def _plan(self, request: Any, shape: Any) -> HttpPlan | None:
+    def _plan(self, request: Any, shape: Any, client: Any) -> HttpPlan | None:
         """Plan afresh; remember the plan under ``shape`` unless that is None."""
         if not isinstance(request, httpx.Request):
             return None
         url = request.url
-        target = target_of(url.scheme, url.host, url.port)
+        uds = _path(_socket_of(client))
+        if uds:  # the socket's path names the server
+            target: tuple[str, int | None] | None = (uds, None)
+        else:
+            target = target_of(url.scheme, url.host, url.port)
         if target is None:
             return None
         call = plan_call(
@@ -286,6 +301,29 @@ class _Planner:
         if shape is not None:
             self.plans.remember(shape, plan)
         return plan
+
+
+_POOLED = (httpx.HTTPTransport, httpx.AsyncHTTPTransport)
+"""httpx's own transports: an httpcore pool, which keeps ``HTTPTransport(uds=)`` as
+``_uds``. Another transport (the application's, a mock) is not looked into."""
+
+
+def _socket_of(client: Any) -> Any:
+    """The unix socket ``client``'s own transport talks over, None for TCP or another
+    transport; as :meth:`_Planner.plan` reads it for the key. Never raises."""
+    try:
+        transport = client._transport
+        return transport._pool._uds if isinstance(transport, _POOLED) else None
+    except Exception:
+        return None
+
+
+def _path(uds: Any) -> str | None:
+    """A socket's path as text (httpcore takes a str; bytes or a ``Path`` work too)."""
+    try:
+        return os.fsdecode(uds) if uds else None
+    except Exception:  # not a path: named as before, by the URL
+        return None
 
 
 def _request_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

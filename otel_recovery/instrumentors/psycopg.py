@@ -27,6 +27,7 @@ patched: they read from a cursor already declared.
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol
@@ -44,7 +45,8 @@ from otel_recovery.instrumentors._db import (
     async_layer,
     compiles,
     instrumentation_enabled,
-    pg_default_target,
+    pg_ambiguous_url,
+    pg_target,
     retire_table,
     run_async,
     run_sync,
@@ -85,11 +87,135 @@ _PLANS = "_otel_recovery_plans"
 """Where a connection keeps ``(planner, {cursor class: plan})``."""
 
 
-def _connect_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int | None]:
+_SERVER_PARAMETERS = {"host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT"}
+"""The parameters that say which server a connect reaches, and their environment
+variables."""
+_DEFAULT_HOST: list[str] = []
+"""libpq's compiled default host, once asked (:func:`_default_host`)."""
+
+
+def _connect_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int | None] | None:
+    """The target of a connect, read as libpq reads its connection string: parameters, then
+    the service file's section (``service=`` or ``PGSERVICE``), then ``PGHOST``/``PGHOSTADDR``/
+    ``PGPORT``, then libpq's defaults (no host: its default socket directory, where
+    ``conn.info.host`` will say it connected). Several hosts: the whole list
+    (:func:`pg_target`). A service whose section is not found in the files libpq reads
+    that we can name (``servicefile=``, ``PGSERVICEFILE``, ``~/.pg_service.conf``,
+    ``PGSYSCONFDIR``) is the target ``service <name>``.
+
+    None: nothing to derive a name from (lists that do not match, a port that is not a
+    number, a URL whose password may have been read as its host or port): psycopg reports
+    what it cannot read in its own words. Raises psycopg's ``ProgrammingError`` for a string
+    it cannot parse at all.
+    """
     conninfo = args[0] if args else kwargs.get("conninfo", "")
     params = {k: v for k, v in kwargs.items() if k not in _CONNECT_OPTIONS and k != "conninfo"}
     parsed = conninfo_to_dict(conninfo, **params)
-    return pg_default_target(parsed.get("host") or parsed.get("hostaddr"), parsed.get("port"))
+    if isinstance(conninfo, str) and pg_ambiguous_url(conninfo, "/"):
+        return None
+    given = {k: str(parsed[k]) for k in _SERVER_PARAMETERS if parsed.get(k) is not None}
+    service = parsed.get("service") or os.environ.get("PGSERVICE")
+    if service:
+        section = _service_section(str(service), parsed.get("servicefile"))
+        if section is not None:
+            given = {**section, **given}
+        elif "host" not in given and "hostaddr" not in given:
+            return f"service {service}", None
+    for key, variable in _SERVER_PARAMETERS.items():
+        if key not in given and (value := os.environ.get(variable)) is not None:
+            given[key] = value
+    hosts, addresses, ports = (_split(given.get(key)) for key in _SERVER_PARAMETERS)
+    count = max(len(hosts), len(addresses), 1)
+    if (hosts and len(hosts) != count) or (addresses and len(addresses) != count):
+        return None
+    ports = ports * count if len(ports) == 1 else ports or [""] * count
+    if len(ports) != count:
+        return None
+    members = []
+    for index in range(count):
+        # conn.info.host: the host name given, else the address, else libpq's default
+        host = (hosts[index] if hosts else "") or (addresses[index] if addresses else "")
+        if "@" in host[1:]:  # no host name holds one: the tail of a password
+            return None
+        try:
+            port = int(ports[index].strip() or "5432")
+        except ValueError:
+            return None
+        members.append((host or _default_host(), port))
+    return pg_target(members)
+
+
+def _split(value: str | None) -> list[str]:
+    return value.split(",") if value else []
+
+
+def _service_section(service: str, servicefile: Any) -> dict[str, str] | None:
+    """``host``, ``hostaddr`` and ``port`` of ``service``'s section, found where libpq looks
+    (the ``servicefile`` parameter, else ``PGSERVICEFILE``, else ``~/.pg_service.conf``;
+    then ``PGSYSCONFDIR/pg_service.conf``); None where it is not found in those (libpq may
+    still find it in the system directory it was built with, which we cannot name)."""
+    first = servicefile if servicefile is not None else os.environ.get("PGSERVICEFILE")
+    if first is None:
+        first = os.path.join(os.path.expanduser("~"), ".pg_service.conf")
+    paths = [str(first)]
+    if (sysconf := os.environ.get("PGSYSCONFDIR")) is not None:
+        paths.append(os.path.join(sysconf, "pg_service.conf"))
+    for path in paths:
+        section = _read_service_file(path, service)
+        if section is not None:
+            return section
+    return None
+
+
+def _read_service_file(path: str, service: str) -> dict[str, str] | None:
+    """libpq's reading of one service file: ``[name]`` opens a section, ``key=value`` lines
+    (no spaces around ``=``) fill it, ``#`` starts a comment line."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return None
+    section: dict[str, str] | None = None
+    for line in map(str.strip, lines):
+        if not line or line[0] == "#":
+            continue
+        if line[0] == "[":
+            if section is not None:
+                break
+            if line[1 : len(service) + 2] == f"{service}]":
+                section = {}
+        elif section is not None:
+            key, sep, value = line.partition("=")
+            if sep and key in _SERVER_PARAMETERS:
+                section[key] = value
+    return section
+
+
+def _default_host() -> str:
+    """Where libpq connects when no host is given: its compiled default socket directory
+    (``/var/run/postgresql`` for psycopg's binary wheels and Debian's libpq, ``/tmp`` for
+    others), or ``localhost`` where it has none, as ``conn.info.host`` reports it. libpq is
+    asked once, by a connection it refuses to start (an invalid ``sslmode``): nothing is
+    sent, no password file read."""
+    if _DEFAULT_HOST:
+        return _DEFAULT_HOST[0]
+    host = ""
+    with contextlib.suppress(Exception):
+        probe = psycopg.pq.PGconn.connect_start(
+            b"host='' hostaddr='' password=x sslmode=otel-recovery-probe"
+        )
+        try:
+            if probe.status == psycopg.pq.ConnStatus.BAD:
+                host = probe.host.decode()
+        finally:
+            probe.finish()
+    if host:
+        _DEFAULT_HOST.append(host)
+        return host
+    # libpq could not be asked (PGSERVICE names a section it cannot find): its usual answers
+    if os.name == "nt":
+        return "localhost"
+    return "/var/run/postgresql" if os.path.isdir("/var/run/postgresql") else "/tmp"
 
 
 def _connection_target(connection: Any) -> tuple[str, int | None]:
@@ -97,7 +223,7 @@ def _connection_target(connection: Any) -> tuple[str, int | None]:
     target: tuple[str, int | None] | None = getattr(connection, "_otel_recovery_target", None)
     if target is None:
         info = connection.info
-        target = pg_default_target(info.host, info.port)
+        target = pg_target([(info.host or _default_host(), info.port)])
         with contextlib.suppress(AttributeError):  # __slots__: ask again next time
             connection._otel_recovery_target = target
     return target
@@ -143,13 +269,18 @@ class _Planner:
         self.connect_rule: str | None = "sql_retry_never" if never else None
 
     def connect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan | None:
-        """The plan for a connect; None for a connection string psycopg cannot read: the
-        application's mistake, which psycopg reports in its own words (an internal-error
-        report of ours would also echo the string, password and all, to the log)."""
+        """The plan for a connect; None for a connection string psycopg cannot read, or
+        one we derive no target from (see :func:`_connect_target`): the application's
+        mistake, which psycopg reports in its own words (an internal-error report of ours
+        would also echo the string, password and all, to the log); the connect runs as
+        without us."""
         try:
-            host, port = _connect_target(args, kwargs)
+            target = _connect_target(args, kwargs)
         except psycopg.ProgrammingError:
             return None
+        if target is None:
+            return None
+        host, port = target
         return self.plans.plan(host, port, "connect", "own", self.connect_rule)
 
     def statement(self, args: tuple[Any, ...]) -> Plan:

@@ -483,3 +483,43 @@ def instrumenting(
     yield go
     for instrumentor in reversed(used):
         instrumentor.uninstrument()
+
+
+@contextlib.contextmanager
+def unix_sockets() -> Iterator[tuple[str, str]]:
+    """Two unix socket paths, short enough for ``AF_UNIX`` (108 bytes): an HTTP server on
+    the first answers 200 ``ok`` to every GET (on its own thread), the second is dead (no
+    file). Both are addressed as ``http://localhost/``, as clients of a unix socket do."""
+    import http.server
+    import shutil
+    import socketserver
+    import tempfile
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def address_string(self) -> str:  # no client address on a unix socket
+            return "uds"
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+    folder = tempfile.mkdtemp(prefix="uds", dir="/tmp")
+    live, dead = os.path.join(folder, "live.sock"), os.path.join(folder, "dead.sock")
+    server = Server(live, Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield live, dead
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        shutil.rmtree(folder, ignore_errors=True)

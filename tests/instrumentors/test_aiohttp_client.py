@@ -696,3 +696,34 @@ async def test_unsent_is_false_once_the_request_was_sent(server):
     assert not _unsent(hf.as_the_layer_sees(reset))
     assert not _unsent(hf.as_the_layer_sees(slow))
     assert not _unsent(AioHttpCircuitOpenError("127.0.0.1:80", 1.0))
+
+
+# -- unix sockets: each socket is its own target -------------------------------------------
+
+
+async def test_each_unix_socket_has_its_own_breaker_named_by_its_path(tel, instrument):
+    """Every session over a unix socket addresses it as ``http://localhost/``: the socket's
+    path names the target, so a dead socket's failures open its own circuit, never a live
+    socket's (nor a real ``localhost:80``'s), and a plan remembered for one socket's request
+    is not used for another's of the same method and URL."""
+    ours = instrument(max_attempts=1, breaker_window=2, breaker_minimum_calls=2)
+    with hf.unix_sockets() as (live, dead):
+        outcomes = []
+        for path in (live, dead, dead, dead, live):
+            connector = aiohttp.UnixConnector(path=path)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                try:
+                    async with session.get("http://localhost/v1") as response:
+                        outcomes.append(response.status)
+                except aiohttp.ClientConnectionError as error:
+                    outcomes.append(type(error).__name__)
+    assert outcomes == [
+        200,
+        "UnixClientConnectorError",
+        "UnixClientConnectorError",
+        "AioHttpCircuitOpenError",
+        200,
+    ]
+    states = {b.name: b.state.value for b in ours.targets.breakers()}
+    assert states == {f"aiohttp {live}": "closed", f"aiohttp {dead}": "open"}
+    assert {s.name for s in tel.recoveries()} == {f"recover aiohttp {dead}"}  # the failures

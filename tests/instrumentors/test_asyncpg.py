@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -161,6 +162,92 @@ async def test_sql_retry_never_does_not_retry_connecting(h: Harness) -> None:
     assert h.calls["connect"] == 1
 
 
+# -- which server a connect counts on -------------------------------------------------------
+
+
+def _breakers(h: Harness) -> dict[str, Any]:
+    assert h.ours.targets is not None
+    return {breaker.name: breaker for breaker in h.ours.targets.breakers()}
+
+
+@pytest.mark.parametrize("spelling", ["lists", "url"])
+async def test_a_dead_member_never_refuses_a_multi_host_connect(h: Harness, spelling: str):
+    """Four failed connects to a dead replica open its circuit; a connect listing it first,
+    then the live server, still fails over, and its statements count on the server reached."""
+    h.instrument("ours_only", max_attempts=1, breaker_window=4, breaker_minimum_calls=4)
+    dead = free_port()
+    for _ in range(4):
+        with pytest.raises(OSError):
+            await asyncpg.connect(url(dead))
+    assert _breakers(h)[f"asyncpg 127.0.0.1:{dead}"].state.value == "open"
+    if spelling == "lists":
+        both = {"host": ["127.0.0.1", "127.0.0.1"], "port": [dead, 5432]}
+        conn = await asyncpg.connect(user="postgres", database="test", **both)
+    else:
+        conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{dead},127.0.0.1:5432/test")
+    try:
+        assert await conn.fetchval("SELECT inet_server_port()") == 5432
+    finally:
+        await conn.close()
+    breakers = _breakers(h)
+    assert set(breakers) == {
+        f"asyncpg 127.0.0.1:{dead}",
+        f"asyncpg 127.0.0.1:{dead},127.0.0.1:5432",
+        "asyncpg 127.0.0.1:5432",  # the statement
+    }
+    assert breakers[f"asyncpg 127.0.0.1:{dead},127.0.0.1:5432"].state.value == "closed"
+
+
+@pytest.mark.parametrize(
+    ("dsn", "keywords"),
+    [
+        (None, {"host": "/var/run/postgresql"}),
+        (None, {"host": "/var/run/postgresql/", "port": 5432}),
+        ("postgresql://postgres@/test?host=/var/run/postgresql", {}),
+        ("postgresql://postgres@%2Fvar%2Frun%2Fpostgresql/test", {}),
+        ("postgresql://postgres@/test", {}),  # no host: asyncpg's default socket directories
+        (None, {}),
+    ],
+)
+async def test_a_unix_socket_connect_counts_where_its_statements_do(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, dsn: str | None, keywords: dict[str, Any]
+) -> None:
+    """One breaker per server: a connect over a unix socket and the statements on it (whose
+    address is ``/dir/.s.PGSQL.5432``) count on ``asyncpg /dir:5432``, however spelled."""
+    for variable in ("PGHOST", "PGPORT", "PGSERVICE"):
+        monkeypatch.delenv(variable, raising=False)
+    if not os.path.exists("/var/run/postgresql/.s.PGSQL.5432"):
+        pytest.skip("no PostgreSQL socket in /var/run/postgresql here")
+    h.instrument("ours_only")
+    conn = await asyncpg.connect(dsn, user="postgres", database="test", **keywords)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        (name,) = _breakers(h)
+        assert name == "asyncpg {}:{}".format(*ours_module._connection_target(conn))
+        assert name.endswith("postgresql:5432")
+    finally:
+        await conn.close()
+
+
+async def test_a_pool_over_a_unix_socket_acquires_where_its_statements_count(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in ("PGHOST", "PGPORT", "PGSERVICE"):
+        monkeypatch.delenv(variable, raising=False)
+    if not os.path.exists("/var/run/postgresql/.s.PGSQL.5432"):
+        pytest.skip("no PostgreSQL socket in /var/run/postgresql here")
+    h.instrument("ours_only")
+    pool = await asyncpg.create_pool(
+        "postgresql://postgres@%2Fvar%2Frun%2Fpostgresql/test", min_size=0, max_size=1
+    )
+    try:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+    assert list(_breakers(h)) == ["asyncpg /var/run/postgresql:5432"]
+
+
 # -- statements are never retried ---------------------------------------------------------
 
 
@@ -271,7 +358,7 @@ async def test_a_wrapper_bug_does_not_break_the_call(
 
 def test_dsn_targets_never_need_the_password() -> None:
     assert dsn_target("postgresql://u:secret@db.example:5433/d", None, None) == ("db.example", 5433)
-    assert dsn_target("postgres://u@h1:1,h2:2/d", None, None) == ("h1", 1)
+    assert dsn_target("postgres://u@h1:1,h2:2/d", None, None) == ("h1:1,h2:2", None)
     assert dsn_target("postgres:///d?host=/run/pg&port=6000", None, None) == ("/run/pg", 6000)
     assert dsn_target(None, "127.0.0.1", 6543) == ("127.0.0.1", 6543)
 

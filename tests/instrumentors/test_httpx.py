@@ -782,3 +782,54 @@ def test_unsent_never_counts_our_open_circuit_as_a_failed_connect():
     rejection = HTTPXCircuitOpenError("httpx 127.0.0.1:1", 5.0)
     assert isinstance(rejection, httpx.ConnectError)  # what a failed connect raises too
     assert not otel_recovery.instrumentors.httpx._unsent(rejection)
+
+
+# -- unix sockets: each socket is its own target -------------------------------------------
+
+
+async def send_over(mode, uds, url, **transport):
+    """One GET with a fresh client whose transport talks over the unix socket ``uds``."""
+    if mode == "sync":
+        with httpx.Client(transport=httpx.HTTPTransport(uds=uds, **transport)) as client:
+            return client.get(url)
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=uds)) as client:
+        return await client.get(url)
+
+
+@MODES
+async def test_each_unix_socket_has_its_own_breaker_named_by_its_path(tel, instrument, mode):
+    """Every client of a unix socket addresses it as ``http://localhost/``: the socket's path
+    names the target, so a dead socket's failures open its own circuit, never a live
+    socket's (nor a real ``localhost:80``'s), and a plan remembered for one socket's request
+    is not used for another's of the same method and URL."""
+    ours = instrument(max_attempts=1, breaker_window=2, breaker_minimum_calls=2)
+    with hf.unix_sockets() as (live, dead):
+        outcomes = []
+        for uds in (live, dead, dead, dead, live):
+            try:
+                outcomes.append((await send_over(mode, uds, "http://localhost/v1")).status_code)
+            except httpx.TransportError as error:
+                outcomes.append(type(error).__name__)
+    assert outcomes == [200, "ConnectError", "ConnectError", "HTTPXCircuitOpenError", 200]
+    states = {b.name: b.state.value for b in ours.targets.breakers()}
+    assert states == {f"httpx {live}": "closed", f"httpx {dead}": "open"}
+    assert {s.name for s in tel.recoveries()} == {f"recover httpx {dead}"}  # the failures
+
+
+def test_a_transport_of_the_applications_is_named_by_the_url(instrument):
+    """A transport that is not httpx's own (no connection pool to read a socket from) is
+    named by the URL, as before, and its plan is remembered; reading a client's socket never
+    raises, whatever its transport holds."""
+    ours = instrument(contrib=False)
+
+    def handler(request):
+        return httpx.Response(200)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        for _ in range(2):
+            assert client.get("http://Api.Example.invalid/x").status_code == 200
+    assert [b.name for b in ours.targets.breakers()] == ["httpx api.example.invalid:80"]
+    odd = httpx.HTTPTransport()
+    odd._pool = None  # another httpcore, say
+    for client in (object(), httpx.Client(transport=odd), None):
+        assert otel_recovery.instrumentors.httpx._socket_of(client) is None

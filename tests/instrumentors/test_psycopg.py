@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -34,6 +35,7 @@ from servers import (
     free_port,
     kill_idle,
     pg_admin,
+    quiet,
     terminate_when_running,
 )
 
@@ -530,6 +532,110 @@ def test_a_connection_string_psycopg_cannot_read_is_its_error_not_ours(
             psycopg.connect(conninfo)
     assert not caplog.records
     assert "Sup3r" not in caplog.text
+
+
+# -- which server a connect counts on ---------------------------------------------------------
+
+
+def _breakers(h: Harness) -> dict[str, Any]:
+    assert h.ours.targets is not None
+    return {breaker.name: breaker for breaker in h.ours.targets.breakers()}
+
+
+def _open_by_failing_connects(h: Harness, conninfo: str) -> None:
+    for _ in range(4):
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(conninfo, connect_timeout=2)
+
+
+def test_a_dead_member_never_refuses_a_multi_host_connect(h: Harness) -> None:
+    """Four failed connects to a dead replica open its circuit; a connection string listing
+    it first, then the live server, still fails over (it was refused by the dead member's
+    circuit), and its statements count on the server it reached."""
+    h.instrument("ours_only", max_attempts=1, breaker_window=4, breaker_minimum_calls=4)
+    dead = free_port()
+    _open_by_failing_connects(h, dsn(dead))
+    assert _breakers(h)[f"psycopg 127.0.0.1:{dead}"].state.value == "open"
+    both = f"host=127.0.0.1,127.0.0.1 port={dead},5432 user=postgres dbname=test"
+    with psycopg.connect(both, connect_timeout=2) as conn:
+        assert conn.execute("SELECT inet_server_port()").fetchone() == (5432,)
+    breakers = _breakers(h)
+    assert set(breakers) == {
+        f"psycopg 127.0.0.1:{dead}",
+        f"psycopg 127.0.0.1:{dead},127.0.0.1:5432",
+        "psycopg 127.0.0.1:5432",  # the statement
+    }
+    assert breakers[f"psycopg 127.0.0.1:{dead},127.0.0.1:5432"].state.value == "closed"
+
+
+SERVICES = """\
+[prod]
+host=127.0.0.1
+port=5432
+user=postgres
+dbname=test
+
+[analytics]
+host=127.0.0.1
+port={dead}
+user=postgres
+dbname=test
+"""
+
+
+@pytest.mark.parametrize("how", ["service=", "PGSERVICE"])
+def test_services_connect_on_their_own_servers_breakers(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, how: str
+) -> None:
+    """Two services of a service file no longer share ``localhost:5432``: a dead one opens
+    its own server's circuit, never the healthy one's, and a service's connect counts on the
+    breaker its statements count on."""
+    for variable in ("PGHOST", "PGHOSTADDR", "PGPORT", "PGSERVICE", "PGSYSCONFDIR"):
+        monkeypatch.delenv(variable, raising=False)
+    dead = free_port()
+    services = tmp_path / "pg_service.conf"
+    services.write_text(SERVICES.format(dead=dead))
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    h.instrument("ours_only", max_attempts=1, breaker_window=4, breaker_minimum_calls=4)
+
+    def connect(service: str) -> psycopg.Connection[Any]:
+        if how == "PGSERVICE":
+            monkeypatch.setenv("PGSERVICE", service)
+            return psycopg.connect("", connect_timeout=2)
+        return psycopg.connect(f"service={service}", connect_timeout=2)
+
+    for _ in range(4):
+        with pytest.raises(psycopg.OperationalError):
+            connect("analytics")
+    with connect("prod") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    breakers = _breakers(h)
+    assert set(breakers) == {f"psycopg 127.0.0.1:{dead}", "psycopg 127.0.0.1:5432"}
+    assert breakers[f"psycopg 127.0.0.1:{dead}"].state.value == "open"
+
+
+def test_a_connect_without_a_host_counts_where_its_statements_do(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No host: libpq's default socket directory (``conn.info.host``), for the connect too,
+    so a policy-file section for that directory reaches the one breaker of the server."""
+    for variable in ("PGHOST", "PGHOSTADDR", "PGPORT", "PGSERVICE"):
+        monkeypatch.delenv(variable, raising=False)
+    try:
+        with quiet(), psycopg.connect("user=postgres dbname=test", connect_timeout=3) as probe:
+            directory = probe.info.host
+    except psycopg.OperationalError as error:
+        pytest.skip(f"PostgreSQL's default unix socket is not reachable here ({error})")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[targets."{directory}"]\nbreaker_minimum_calls = 7\n')
+    monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(policy))
+    h.instrument("ours_only")
+    for conninfo in ("user=postgres dbname=test", f"host={directory}/ user=postgres dbname=test"):
+        with psycopg.connect(conninfo) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    breakers = _breakers(h)
+    assert list(breakers) == [f"psycopg {directory}:5432"]
+    assert breakers[f"psycopg {directory}:5432"]._minimum_calls == 7
 
 
 # -- asyncio ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -88,6 +89,7 @@ def error_loggers(caplog: pytest.LogCaptureFixture) -> list[str]:
         ("max_attempts = 99\n", "max_attempts (from policy file "),
         # read when the first target's breaker is made: checked at start-up instead
         ({"OTEL_RECOVERY_STORE_URL": "mysql://db/x"}, "OTEL_RECOVERY_STORE_URL='mysql://db/x'"),
+        ('[targets."[::1"]\nmax_attempts = 2\n', "'[::1' is not a host or host:port"),
     ],
 )
 def test_a_bad_value_from_the_environment_or_file_is_logged_once_and_leaves_us_off(
@@ -300,6 +302,84 @@ def test_each_key_loads_where_it_has_an_effect(tmp_path):
     assert (s.sql_retry, s.learning, s.breaker_window) == ("never", "shadow", 40)
     assert (op.breaker_window, op.budget_ratio, op.redis_retry_commands) == (10, 0.2, {"HSET"})
     assert (op.max_attempts, op.attempt_timeout, op.fallback_value) == (2, 1.0, [])
+
+
+# -- target keys: every spelling of a target ---------------------------------------------
+
+
+def test_a_target_key_is_found_under_the_names_the_instrumentors_give(tmp_path, fake_clock):
+    """A host's case, the brackets around an IPv6 address and an internationalised name's
+    two forms do not matter; a socket path is kept as written. A Sentinel service's section
+    covers every deployment's (their names carry ``@<sentinels>``)."""
+    env = policy(
+        tmp_path,
+        '[targets."[::1]:5432"]\nbreaker_minimum_calls = 7\n'
+        '[targets."[FE80::1]"]\nbreaker_minimum_calls = 8\n'
+        '[targets."Api.Example.invalid"]\nbreaker_minimum_calls = 9\n'
+        '[targets."Api.Example.invalid".operations."GET /x"]\nmax_attempts = 5\n'
+        '[targets."BÜCHER.example:443"]\nbreaker_minimum_calls = 10\n'
+        '[targets."xn--caf-dma.example"]\nbreaker_minimum_calls = 11\n'
+        '[targets."/run/App.sock"]\nbreaker_minimum_calls = 12\n'
+        '[targets."mymaster replicas"]\nbreaker_minimum_calls = 13\n'
+        '[targets."mymaster replicas".operations."GET"]\nmax_attempts = 6\n',
+    )
+    s = load_settings(environ=env)
+    found = {
+        ("::1", 5432): 7,
+        ("::1", 5433): 20,
+        ("fe80::1", 80): 8,
+        ("api.example.invalid", 80): 9,
+        ("Api.Example.invalid", 80): 9,
+        ("bücher.example", 443): 10,
+        ("xn--bcher-kva.example", 443): 10,
+        ("café.example", 80): 11,
+        ("xn--caf-dma.example", 80): 11,
+        ("/run/App.sock", None): 12,
+        ("/run/app.sock", None): 20,
+        ("mymaster replicas@127.0.0.1:26379", None): 13,
+        ("mymaster replicas", None): 13,
+        ("othermaster replicas@127.0.0.1:26379", None): 20,
+    }
+    for (host, port), minimum in found.items():
+        assert s.for_target(host, port, None).breaker_minimum_calls == minimum, (host, port)
+    targets = TargetPolicies("x", s, clock=fake_clock, telemetry=False)
+    policy_for = targets.policy_for
+    assert policy_for("api.example.invalid", 80, "GET /x", retry_allowed=True).retry.attempts == 5
+    replicas = "mymaster replicas@127.0.0.1:26379"
+    assert policy_for(replicas, None, "GET", retry_allowed=True).retry.attempts == 6
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("[::1", r"'\[::1' is not a host or host:port \(an IPv6 address goes in brackets"),
+        ("[::1]5432", r"'\[::1\]5432' is not a host or host:port"),
+        ("[::1]:", r"'\[::1\]:' is not a host or host:port"),
+        ("[db.internal]:5432", r"brackets hold an IPv6 address, and 'db.internal' is not one"),
+        ("db.internal:port", r"the port in 'db.internal:port' is not a number"),
+        ("xn--zz.example", r"'xn--zz.example' is not a valid internationalised domain name"),
+    ],
+)
+def test_a_target_key_that_names_no_target_is_an_error_naming_it(tmp_path, key, message):
+    with pytest.raises(SettingsError, match=r'\[targets."' + re.escape(key) + r'"\].*' + message):
+        load_settings(environ=policy(tmp_path, f'[targets."{key}"]\nmax_attempts = 2\n'))
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("Api.Example.invalid", "api.example.invalid"), ("[::1]:5432", "::1:5432")],
+)
+def test_two_sections_for_one_target_are_an_error(tmp_path, first, second):
+    text = f'[targets."{first}"]\nmax_attempts = 2\n[targets."{second}"]\nmax_attempts = 4\n'
+    with pytest.raises(SettingsError, match=r"both name the target .*merge them into one"):
+        load_settings(environ=policy(tmp_path, text))
+
+
+def test_backoff_is_checked_for_the_sections_a_call_meets_whatever_their_spelling(tmp_path):
+    """A call to ``::1:5432`` meets ``[targets."::1"]`` and ``[targets."[::1]:5432"]``."""
+    text = '[targets."::1"]\nbackoff_max = 0.1\n[targets."[::1]:5432"]\nbackoff_initial = 1\n'
+    with pytest.raises(SettingsError, match=r"backoff_initial=1 .* is larger than backoff_max"):
+        load_settings(environ=policy(tmp_path, text))
 
 
 # -- which level wins --------------------------------------------------------------------

@@ -383,7 +383,8 @@ def test_a_recovered_call_names_a_real_server_or_the_service(
     assert reader.get("k") == b"v"
     span = span_of(stack, "GET")
     policy = dict(span.attributes or {})["otel_recovery.policy.name"]
-    sane = {f"redis {SERVICE} replicas", f"redis {SERVICE} master"}
+    sentinels = ",".join(sorted(f"{host}:{port}" for host, port in setup.addresses()))
+    sane = {f"redis {SERVICE} replicas@{sentinels}", f"redis {SERVICE} master@{sentinels}"}
     sane |= {f"redis 127.0.0.1:{n.port}" for n in setup.data}
     assert policy in sane, policy
     if not stack.contrib:
