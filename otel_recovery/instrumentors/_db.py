@@ -19,6 +19,8 @@ more, such as explaining on the span why a call was not retried (:func:`explain_
 from __future__ import annotations
 
 import contextvars
+import functools
+import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
@@ -484,11 +486,23 @@ async def run_async(plan: Plan, fn: Callable[..., Awaitable[T]], args: Any, kwar
 
 def pg_host(host: str) -> str:
     """A PostgreSQL host in the one spelling connects and statements share: a unix-socket
-    directory without a trailing ``/`` (the driver joins ``.s.PGSQL.<port>`` to it either
-    way), anything else as given."""
-    if len(host) > 1 and host[0] == "/" and host[-1] == "/":
-        return host.rstrip("/") or "/"
+    directory by its real path (``/var/run/postgresql`` is ``/run/postgresql`` where
+    ``/var/run`` links to ``/run``, as on Debian, and asyncpg looks in ``/run/postgresql``
+    first), without a trailing ``/``; anything else as given."""
+    if host[:1] == "/":
+        return _socket_directory(host)
     return host
+
+
+@functools.lru_cache(maxsize=64)
+def _socket_directory(directory: str) -> str:
+    """The real path of a socket directory (cached: asked at connects and a connection's
+    first statement, never per call); as given, less a trailing ``/``, if it cannot be
+    resolved."""
+    try:
+        return os.path.realpath(directory)
+    except (OSError, ValueError):
+        return directory.rstrip("/") or "/"
 
 
 def pg_socket_target(path: str) -> tuple[str, int | None]:
@@ -512,7 +526,15 @@ def pg_target(members: Iterable[tuple[str, int | None]]) -> tuple[str, int | Non
     unique = list(dict.fromkeys((pg_host(host), port) for host, port in members))
     if len(unique) == 1:
         return unique[0]
-    return ",".join(host if port is None else f"{host}:{port}" for host, port in unique), None
+    return ",".join(_member(host, port) for host, port in unique), None
+
+
+def _member(host: str, port: int | None) -> str:
+    """One member of a multi-host target: an IPv6 address in brackets, so the list reads
+    back (``[::1]:5432,[::2]:5432``)."""
+    if ":" in host and not host.startswith("/"):
+        host = f"[{host}]"
+    return host if port is None else f"{host}:{port}"
 
 
 def pg_ambiguous_url(text: str, ends: str) -> bool:
@@ -521,9 +543,10 @@ def pg_ambiguous_url(text: str, ends: str) -> bool:
     A password holding an unescaped character that ends the authority (``/`` for libpq;
     ``/``, ``?`` or ``#`` for asyncpg's ``urlparse``) cuts it short: in
     ``postgresql://user:4242/pw@db/x`` the driver sees host ``user``, port ``4242``, and an
-    ``@`` after the authority. Two ``@`` in the authority put the password's tail in the
-    host. No target is derived from such a URL, so no breaker, metric or span is named
-    after it. (A URL with a port whose path or query holds a raw ``@``, such as
+    ``@`` after the authority. An ``@`` in the password (two ``@`` in the authority, or
+    one there and another after it) puts the password's tail in the host. No target is
+    derived from such a URL, so no breaker, metric or span is named after it. (A URL whose
+    authority holds a ``:`` or an ``@`` and whose path or query holds a raw ``@``, such as
     ``?user=a@b``, is taken for one too: its connect runs uninstrumented.)
     """
     _, sep, rest = text.partition("://")
@@ -533,7 +556,9 @@ def pg_ambiguous_url(text: str, ends: str) -> bool:
     authority = rest[:end]
     if authority.count("@") > 1:
         return True
-    return ":" in authority and "@" not in authority and "@" in rest[end:]
+    # an @ after the authority, which holds a : or an @: the password was cut short there
+    # (``user:4242/pw@db``, ``user:Sup3r@S3cret/x@db``, whose tail became the host)
+    return "@" in rest[end:] and (":" in authority or "@" in authority)
 
 
 # libpq reports a server's refusal to open a session as an OperationalError without a

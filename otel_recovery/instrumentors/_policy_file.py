@@ -40,6 +40,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
@@ -249,12 +250,27 @@ def target_spellings(key: str, where: str) -> list[str]:
     """Every spelling a call's target may have for the section ``key``: ``key`` first, then
     the normalised ones (the module docstring). Raises :class:`SettingsError` for a key that
     cannot name a target."""
-    if _NOT_A_HOST.search(key) and not key.startswith("["):
-        return [key]
+    if key.startswith("/"):  # a unix-socket directory, [:port]: also by its real path
+        return _socket_spellings(key)
+    if "," in key or (_NOT_A_HOST.search(key) and not key.startswith("[")):
+        return [key]  # a host list (matched as written) or a name with a space or an @
     host, port = _host_and_port(key, where)
     suffix = f":{port}" if port is not None else ""
     spellings = [key, *(f"{spelling}{suffix}" for spelling in _host_spellings(host, where))]
     return list(dict.fromkeys(spellings))
+
+
+def _socket_spellings(key: str) -> list[str]:
+    """A socket directory key as written and as the PostgreSQL targets name it: its real
+    path (``_db.pg_host``), the port kept."""
+    directory, colon, port = key.rpartition(":")
+    if not (colon and port.isdigit()):
+        directory, port = key, ""
+    try:
+        real = os.path.realpath(directory)
+    except (OSError, ValueError):
+        return [key]
+    return list(dict.fromkeys([key, f"{real}:{port}" if port else real]))
 
 
 def _host_and_port(key: str, where: str) -> tuple[str, str | None]:

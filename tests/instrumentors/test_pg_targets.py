@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
 
 SECRETS = ("Sup3r", "S3cret", "4242")
 """Pieces of the passwords below: none may appear in any name we make."""
+SOCKETS = os.path.realpath("/var/run/postgresql")
+"""The target of a /var/run/postgresql socket: its directory's real path."""
+
 MALFORMED = [
     # an unescaped "#", "/" or "?" ends the URL's authority inside the password
     "postgresql://postgres:Sup3rS3cret#x@127.0.0.1:5432/test",
@@ -47,6 +51,10 @@ MALFORMED = [
     # an unescaped "@": the password's tail reads as the host
     "postgresql://postgres:Sup3r@S3cret@127.0.0.1:5432/test",
     "postgresql://postgres:4242@Sup3rS3cret@127.0.0.1:5432/test",
+    # ... followed by a "/", "#" or "?": one "@" left in the authority, the tail the host
+    "postgresql://postgres:Sup3r@S3cret/x@127.0.0.1:5432/test",
+    "postgresql://postgres:Sup3r@S3cret#x@127.0.0.1:5432/test",
+    "postgresql://postgres:Sup3r@S3cret?x@127.0.0.1:5432/test",
     # a bad %-escape, a list that does not match
     "postgresql://postgres:Sup3r%zzS3cret@127.0.0.1:5432/test",
     "postgresql://postgres:Sup3rS3cret@127.0.0.1,127.0.0.2:5432/test?port=1,2,3",
@@ -169,7 +177,9 @@ def test_a_socket_path_is_its_directory_and_port() -> None:
     assert socket("/tmp/.s.PGSQL.6000") == ("/tmp", 6000)
     assert socket("/.s.PGSQL.1") == ("/", 1)
     assert socket("/run/odd") == ("/run/odd", None)
-    assert _db.pg_host("/var/run/postgresql/") == "/var/run/postgresql"
+    # a socket directory is named by its real path (where /var/run links to /run, as on
+    # Debian, asyncpg's default /run/postgresql and libpq's /var/run/postgresql are one)
+    assert _db.pg_host("/var/run/postgresql/") == SOCKETS
     assert _db.pg_host("/") == "/"
     assert _db.pg_target([("/tmp/", 5432), ("/tmp", 5432)]) == ("/tmp", 5432)
 
@@ -184,10 +194,7 @@ class _Connection:
 def test_asyncpg_statements_count_where_the_connect_did() -> None:
     statement = asyncpg_module._connection_target
     assert statement(_Connection(("127.0.0.1", 5432))) == ("127.0.0.1", 5432)
-    assert statement(_Connection("/var/run/postgresql/.s.PGSQL.5432")) == (
-        "/var/run/postgresql",
-        5432,
-    )
+    assert statement(_Connection("/var/run/postgresql/.s.PGSQL.5432")) == (SOCKETS, 5432)
     for dsn, host, port in [
         ("postgresql://postgres@/test?host=/var/run/postgresql", None, None),
         ("postgresql://postgres@%2Fvar%2Frun%2Fpostgresql/test", None, None),
@@ -195,7 +202,7 @@ def test_asyncpg_statements_count_where_the_connect_did() -> None:
         (None, "/var/run/postgresql/", 5432),
         (None, "/var/run/postgresql", "5432"),
     ]:
-        assert dsn_target(dsn, host, port) == ("/var/run/postgresql", 5432), (dsn, host)
+        assert dsn_target(dsn, host, port) == (SOCKETS, 5432), (dsn, host)
 
 
 def test_asyncpg_without_a_host_targets_the_socket_it_will_find(
@@ -223,8 +230,9 @@ def test_psycopg_without_a_host_targets_libpqs_default_socket_directory(
         monkeypatch.delenv(variable, raising=False)
     default = psycopg_module._default_host()
     assert default.startswith("/") or default == "localhost"
-    assert psycopg_module._connect_target(("user=u dbname=d",), {}) == (default, 5432)
-    assert psycopg_module._connect_target(("postgresql:///d",), {"port": 6000}) == (default, 6000)
+    named = _db.pg_host(default)
+    assert psycopg_module._connect_target(("user=u dbname=d",), {}) == (named, 5432)
+    assert psycopg_module._connect_target(("postgresql:///d",), {"port": 6000}) == (named, 6000)
     monkeypatch.setenv("PGHOST", "db.example,db2.example")
     monkeypatch.setenv("PGPORT", "6000")
     assert psycopg_module._connect_target(("user=u",), {}) == (
@@ -261,7 +269,7 @@ def test_a_service_is_resolved_through_its_file(
     monkeypatch.setenv("PGSERVICEFILE", str(services))
     connect = psycopg_module._connect_target
     assert connect(("service=analytics",), {}) == ("10.1.1.1", 5433)
-    assert connect(("service=prod user=u",), {}) == ("/var/run/postgresql", 5432)
+    assert connect(("service=prod user=u",), {}) == (SOCKETS, 5432)
     assert connect(("service=replicas",), {}) == ("r1:5432,r2:5432", None)
     assert connect(("service=analytics host=other",), {}) == ("other", 5433)  # given wins
     assert connect(("postgresql:///d?service=analytics",), {}) == ("10.1.1.1", 5433)
@@ -299,10 +307,7 @@ def test_asyncpg_reads_a_dsns_service_as_asyncpg_does(
     services.write_text(SERVICES)
     monkeypatch.setenv("PGSERVICEFILE", str(services))
     assert dsn_target("postgresql:///d?service=analytics", None, None) == ("10.1.1.1", 5433)
-    assert dsn_target("postgresql:///d", None, None, service="prod") == (
-        "/var/run/postgresql",
-        5432,
-    )
+    assert dsn_target("postgresql:///d", None, None, service="prod") == (SOCKETS, 5432)
 
 
 def test_policy_sections_reach_the_targets_as_named(tmp_path: Path) -> None:

@@ -349,6 +349,33 @@ def test_a_target_key_is_found_under_the_names_the_instrumentors_give(tmp_path, 
     assert policy_for(replicas, None, "GET", retry_allowed=True).retry.attempts == 6
 
 
+def test_a_socket_directory_and_an_ipv6_host_list_are_found_as_the_targets_name_them(
+    tmp_path,
+):
+    """A socket directory's target is its real path (``/var/run/postgresql`` is
+    ``/run/postgresql`` where ``/var/run`` links to ``/run``): its section reaches it. A
+    host list with IPv6 members was refused at start-up, which left otel-recovery off."""
+    import os
+
+    from otel_recovery.instrumentors._db import pg_target
+
+    linked = tmp_path / "run"
+    (tmp_path / "real").mkdir()
+    linked.symlink_to(tmp_path / "real")
+    env = policy(
+        tmp_path,
+        f'[targets."{linked}:5432"]\nbreaker_minimum_calls = 7\n'
+        '[targets."[::1]:5432,[::2]:5432"]\nbreaker_minimum_calls = 8\n',
+    )
+    s = load_settings(environ=env)
+    socket_host, socket_port = pg_target([(f"{linked}/", 5432)])
+    assert socket_host == os.path.realpath(linked)
+    assert s.for_target(socket_host, socket_port, None).breaker_minimum_calls == 7
+    listed_host, listed_port = pg_target([("::1", 5432), ("::2", 5432)])
+    assert listed_host == "[::1]:5432,[::2]:5432"
+    assert s.for_target(listed_host, listed_port, None).breaker_minimum_calls == 8
+
+
 @pytest.mark.parametrize(
     ("key", "message"),
     [
