@@ -52,6 +52,7 @@ from otel_recovery.instrumentors._targets import NeverRan, TargetPolicies, Targe
 from otel_recovery.instrumentors._wrapping import PatchSet, _wrapper_module, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
 from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.telemetry._suppressed import LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
 from otel_recovery.telemetry.attributes import REDIS_CLIENT_RETRIES, RETRY_DISALLOWED
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "instrumentation_enabled",
     "pg_ambiguous_url",
     "pg_host",
+    "pg_service_file",
     "pg_socket_target",
     "pg_target",
     "async_layer",
@@ -85,12 +87,6 @@ SpanMode = Literal["own", "current"]
 T = TypeVar("T")
 
 _CONTRIB_PREFIX = "opentelemetry.instrumentation."
-try:  # the key the SDK exporters and suppress_instrumentation() set
-    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as SUPPRESS_KEY
-except ImportError:  # pragma: no cover - an API without the private key
-    SUPPRESS_KEY = "suppress_instrumentation"
-LEGACY_SUPPRESS_KEY = "suppress_instrumentation"
-"""What ``is_instrumentation_enabled()`` also honours, for older instrumentations."""
 
 # The default runtime context keeps the current Context in one ContextVar; reading it
 # directly saves two Python calls per instrumented call. Any other runtime context
@@ -535,6 +531,15 @@ def _member(host: str, port: int | None) -> str:
     if ":" in host and not host.startswith("/"):
         host = f"[{host}]"
     return host if port is None else f"{host}:{port}"
+
+
+def pg_service_file(servicefile: Any) -> str:
+    """The service file both drivers read first: the ``servicefile`` parameter, else
+    ``PGSERVICEFILE``, else ``~/.pg_service.conf``."""
+    path = servicefile if servicefile is not None else os.environ.get("PGSERVICEFILE")
+    if path is None:
+        path = os.path.join(os.path.expanduser("~"), ".pg_service.conf")
+    return str(path)
 
 
 def pg_ambiguous_url(text: str, ends: str) -> bool:

@@ -64,6 +64,7 @@ from otel_recovery.instrumentors._db import (
     compiles,
     instrumentation_enabled,
     pg_ambiguous_url,
+    pg_service_file,
     pg_socket_target,
     pg_target,
     retire_table,
@@ -281,11 +282,8 @@ def _from_service(service: str, servicefile: Any, host: Any, port: Any) -> tuple
     """Host and port from the service file, where the call gave none (asyncpg reads
     ``servicefile``, else ``PGSERVICEFILE``, else ``~/.pg_service.conf``, with
     ``configparser``)."""
-    path = servicefile or os.environ.get("PGSERVICEFILE")
-    if path is None:
-        path = os.path.join(os.path.expanduser("~"), ".pg_service.conf")
     parser = configparser.ConfigParser()
-    parser.read(path)
+    parser.read(pg_service_file(servicefile or None))
     if not parser.has_section(service):
         return host, port
     section = parser[service]

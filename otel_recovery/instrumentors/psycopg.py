@@ -46,6 +46,7 @@ from otel_recovery.instrumentors._db import (
     compiles,
     instrumentation_enabled,
     pg_ambiguous_url,
+    pg_service_file,
     pg_target,
     retire_table,
     run_async,
@@ -154,10 +155,7 @@ def _service_section(service: str, servicefile: Any) -> dict[str, str] | None:
     (the ``servicefile`` parameter, else ``PGSERVICEFILE``, else ``~/.pg_service.conf``;
     then ``PGSYSCONFDIR/pg_service.conf``); None where it is not found in those (libpq may
     still find it in the system directory it was built with, which we cannot name)."""
-    first = servicefile if servicefile is not None else os.environ.get("PGSERVICEFILE")
-    if first is None:
-        first = os.path.join(os.path.expanduser("~"), ".pg_service.conf")
-    paths = [str(first)]
+    paths = [pg_service_file(servicefile)]
     if (sysconf := os.environ.get("PGSYSCONFDIR")) is not None:
         paths.append(os.path.join(sysconf, "pg_service.conf"))
     for path in paths:

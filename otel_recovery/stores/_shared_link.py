@@ -65,6 +65,7 @@ from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import StoreUnavailableError
 from otel_recovery.telemetry import attributes as names
+from otel_recovery.telemetry._suppressed import SUPPRESS_KEY
 
 if TYPE_CHECKING:
     import redis
@@ -91,11 +92,6 @@ KEEP_MS = 7 * 86400 * 1000
 _IDLE_EXIT = 30.0
 _POLL = 1.0
 """Longest wait of the thread between looks at its link (a store collected meanwhile)."""
-
-try:
-    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS
-except ImportError:  # pragma: no cover - an API without the key
-    _SUPPRESS = "suppress_instrumentation"
 
 
 class Member(Protocol):
@@ -272,7 +268,7 @@ class Link:
         """Run a script; an unreachable server raises :class:`StoreUnavailableError`."""
         if self._closed:  # pragma: no cover - members hold the store: none is left to call
             raise StoreUnavailableError(f"Redis store {self.url} is gone")
-        token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+        token = otel_context.attach(otel_context.set_value(SUPPRESS_KEY, True))
         try:
             script = self._scripts.get(source)
             if script is None:
@@ -294,7 +290,7 @@ class Link:
                 self._disconnect()
 
     def _ping(self) -> bool:
-        token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+        token = otel_context.attach(otel_context.set_value(SUPPRESS_KEY, True))
         try:
             return bool(self.client.ping())
         except Exception:  # any failure means: not back yet

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from opentelemetry import context as otel_context
 
-__all__ = ["telemetry_suppressed"]
+__all__ = ["LEGACY_SUPPRESS_KEY", "SUPPRESS_KEY", "telemetry_suppressed"]
 
 try:  # the key the SDK exporters and suppress_instrumentation() set
-    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _KEY
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as SUPPRESS_KEY
 except ImportError:  # pragma: no cover - an API without the private key
-    _KEY = "suppress_instrumentation"
-_LEGACY_KEY = "suppress_instrumentation"  # what is_instrumentation_enabled() also honours
+    SUPPRESS_KEY = "suppress_instrumentation"
+LEGACY_SUPPRESS_KEY = "suppress_instrumentation"
+"""What ``is_instrumentation_enabled()`` also honours, for older instrumentations."""
 
 
 def telemetry_suppressed() -> bool:
     """True inside ``suppress_instrumentation()`` (or the exporters' own calls)."""
-    return bool(otel_context.get_value(_KEY) or otel_context.get_value(_LEGACY_KEY))
+    return bool(otel_context.get_value(SUPPRESS_KEY) or otel_context.get_value(LEGACY_SUPPRESS_KEY))
