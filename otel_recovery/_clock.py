@@ -23,11 +23,13 @@ from typing import Protocol, TypeVar, runtime_checkable
 from otel_recovery._trio import running_trio
 
 __all__ = [
+    "MAX_SECONDS",
     "SYSTEM_CLOCK",
     "Clock",
     "Duration",
     "MonotonicClock",
     "async_sleep",
+    "clock_or_default",
     "to_seconds",
     "within",
 ]
@@ -103,11 +105,35 @@ class MonotonicClock:
 SYSTEM_CLOCK: Clock = MonotonicClock()
 
 
-def to_seconds(value: Duration | None, name: str, *, allow_none: bool = False) -> float:
+def clock_or_default(clock: object) -> Clock:
+    """``clock``, or :data:`SYSTEM_CLOCK` for None; anything else that is not a
+    :class:`Clock` is refused where it is passed in, not met as an ``AttributeError`` on the
+    first failure, when the policy asks it for the time."""
+    if clock is None:
+        return SYSTEM_CLOCK
+    if not isinstance(clock, Clock):
+        raise TypeError(
+            f"clock must implement otel_recovery Clock (now, wall, sleep, asleep), got {clock!r}; "
+            "pass otel_recovery.testing.FakeClock() in tests, or leave it out"
+        )
+    return clock
+
+
+MAX_SECONDS = 1e9
+"""The longest finite duration a parameter takes, about 31 years: past it ``time.sleep``,
+lock timeouts, ``Retry-After`` headers and store TTLs overflow, so a setting that large
+would surface as an ``OverflowError`` in the middle of a failure instead of at start-up."""
+
+
+def to_seconds(
+    value: Duration | None, name: str, *, allow_none: bool = False, allow_inf: bool = False
+) -> float:
     """Normalise a duration parameter to float seconds, rejecting nonsense early.
 
     Raises ``TypeError``/``ValueError`` naming the parameter, so configuration mistakes
-    surface at construction time rather than at the first failure in production.
+    surface at construction time rather than at the first failure in production. A duration
+    is finite and at most :data:`MAX_SECONDS`; ``allow_inf`` admits ``float("inf")`` where the
+    parameter means "no bound" and the code that reads it handles that.
     """
     if value is None:
         if allow_none:
@@ -120,7 +146,15 @@ def to_seconds(value: Duration | None, name: str, *, allow_none: bool = False) -
             f"{name} must be a number of seconds or a timedelta, got {type(value).__name__}"
         )
     else:
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
     if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    if seconds > MAX_SECONDS and not (allow_inf and seconds == math.inf):
+        bound = "; use float('inf') for no bound" if allow_inf else ""
+        raise ValueError(
+            f"{name} must be at most {MAX_SECONDS:g} seconds (about 31 years), got {value!r}{bound}"
+        )
     return seconds

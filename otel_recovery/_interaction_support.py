@@ -21,10 +21,11 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from otel_recovery._clock import Clock
+from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import MASK, name_text, names_a_secret, redact
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.classify import ErrorInfo
-from otel_recovery.compensation import Compensations
+from otel_recovery.compensation import CompensationInProgressError, Compensations
 from otel_recovery.policies import Backoff, CircuitBreaker, CircuitState, Retry
 from otel_recovery.telemetry import Telemetry, get_telemetry
 from otel_recovery.telemetry import attributes as _names
@@ -262,6 +263,38 @@ def callable_name(func: object) -> str:
     return str(getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func))
 
 
+_LISTS_ROLLING: dict[int, tuple[Compensations, int]] = {}
+"""The stack each list of undos being rolled back is run as, and how many rollbacks hold
+it: recoveries given the same list at once share one stack, so its undos run once."""
+_lists_lock = new_lock()
+
+
+def _stack_of(undos: Sequence[Any]) -> Compensations:
+    with _lists_lock:
+        held = _LISTS_ROLLING.get(id(undos))
+        if held is None:
+            saga = Compensations()
+            for undo in undos:
+                saga.add(undo, name=callable_name(undo))
+        else:
+            saga = held[0]
+        _LISTS_ROLLING[id(undos)] = (saga, 1 if held is None else held[1] + 1)
+        return saga
+
+
+def _list_done(undos: object, saga: Compensations, *, update: bool) -> None:
+    """The list keeps what is still owed (told by the rollback that ran the stack); the last
+    rollback holding the stack lets it go."""
+    with _lists_lock:
+        if update and isinstance(undos, MutableSequence):
+            undos[:] = [undo for _, undo in saga.pending]
+        _, holders = _LISTS_ROLLING[id(undos)]
+        if holders == 1:
+            del _LISTS_ROLLING[id(undos)]
+        else:
+            _LISTS_ROLLING[id(undos)] = (saga, holders - 1)
+
+
 async def rollback(
     compensations: object, span: Span
 ) -> tuple[str, str | None, Exception | None, int]:
@@ -280,18 +313,22 @@ async def rollback(
         reason = "context['compensations'] must be a Compensations stack or a list of callables"
         return "failed", reason, None, 0
     else:
-        saga = Compensations()
         for undo in compensations:
             if not callable(undo):
                 return "failed", f"compensation {undo!r} is not callable", None, 0
-            saga.add(undo, name=callable_name(undo))
+        saga = _stack_of(compensations)
     total = len(saga)
+    ran_here = True
     try:
         with trace.use_span(span, end_on_exit=False):
             failures = await saga.acompensate()
+    except CompensationInProgressError:
+        ran_here = False
+        reason = "another recovery is rolling these compensations back now; none ran twice"
+        return "failed", reason, None, 0
     finally:
-        if saga is not compensations and isinstance(compensations, MutableSequence):
-            compensations[:] = [undo for _, undo in saga.pending]
+        if saga is not compensations:
+            _list_done(compensations, saga, update=ran_here)
     ran = total - len(failures)
     if not failures:
         return "success", None, None, ran

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any, ClassVar, Literal, NamedTuple
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._clock import Clock, Duration, clock_or_default
 from otel_recovery._engine import Decision, after_failure, after_rejection
 from otel_recovery._first_times import FirstTimes
 from otel_recovery._forksafe import new_lock
@@ -174,8 +174,13 @@ class PolicyCore:
         self.fallback = fallback
         self.bulkhead = bulkhead
         self.classifier = classifier
+        if context is not None and not isinstance(context, Mapping):
+            raise TypeError(
+                f"context must be a mapping of span attributes, such as {{'tenant': 'acme'}}, "
+                f"got {type(context).__name__}"
+            )
         self.context = dict(context) if context else None
-        self.clock = clock if clock is not None else SYSTEM_CLOCK
+        self.clock = clock_or_default(clock)
         self.name = name or (breaker.name if breaker is not None else "default")
         limits = [
             t

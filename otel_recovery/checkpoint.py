@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from otel_recovery._checkpoint_json import JSON, Serializer, UnserialisableStateError
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._clock import Clock, Duration, clock_or_default
 from otel_recovery.stores import (
     CorruptRecordError,
     MemoryStore,
@@ -156,7 +156,7 @@ class Checkpoints:
         resilient: bool = True,
         retry_interval: Duration = 5.0,
     ) -> None:
-        self.clock: Clock = clock or SYSTEM_CLOCK
+        self.clock: Clock = clock_or_default(clock)
         if serializer is not None and not isinstance(serializer, Serializer):
             raise TypeError(f"serializer must have name, dumps and loads, got {serializer!r}")
         self.serializer: Serializer = serializer or JSON

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._fingerprint import fingerprint
 from otel_recovery._forksafe import new_lock
 from otel_recovery._known_errors import (
@@ -239,8 +239,7 @@ class Classifier:
         repeat_threshold: int = 10,
         max_tracked_fingerprints: int = 10_000,
     ) -> None:
-        if clock is not None and not isinstance(clock, Clock):
-            raise TypeError(f"clock must implement otel_recovery Clock, got {clock!r}")
+        self._clock: Clock = clock_or_default(clock)
         self._window = to_seconds(repeat_window, "repeat_window")
         if self._window <= 0:
             raise ValueError("repeat_window must be > 0 seconds")
@@ -250,7 +249,6 @@ class Classifier:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self._clock: Clock = clock or SYSTEM_CLOCK
         self._threshold = repeat_threshold
         self._max_tracked = max_tracked_fingerprints
         self._lock = new_lock()

@@ -15,8 +15,13 @@ from otel_recovery.__about__ import VERSION
 __all__ = ["main"]
 
 
+MAX_DEMO_CALLS = 10_000
+"""Each logical call is real HTTP to the local fault server, paced: 10,000 take minutes."""
+
+
 def _call_count(text: str) -> int:
-    """``--calls``: a whole number of at least 10 (fewer cannot show a recovery rate)."""
+    """``--calls``: a whole number from 10 (fewer cannot show a recovery rate) to
+    :data:`MAX_DEMO_CALLS`."""
     try:
         value = int(text)
     except ValueError:
@@ -25,6 +30,11 @@ def _call_count(text: str) -> int:
         ) from None
     if value < 10:
         raise argparse.ArgumentTypeError(f"must be at least 10, got {value}")
+    if value > MAX_DEMO_CALLS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_DEMO_CALLS:,} (the calls are real, paced HTTP requests), "
+            f"got {value:,}"
+        )
     return value
 
 
@@ -47,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--calls", type=_call_count, default=200, help="logical calls, at least 10 (default 200)"
+        "--calls", type=_call_count, default=200, help="logical calls, 10 to 10000 (default 200)"
     )
     demo.add_argument("--seed", type=int, default=1, help="fault schedule seed (default 1)")
     demo.add_argument(

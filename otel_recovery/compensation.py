@@ -21,6 +21,7 @@ Two ways to undo, for two kinds of work:
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 from opentelemetry import trace
 
 from otel_recovery._driver_async import resolve
+from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.policies import ExponentialBackoff, Retry
 from otel_recovery.recover import RecoveryPolicy
@@ -42,6 +44,7 @@ from otel_recovery.telemetry.attributes import (
 
 __all__ = [
     "CompensationError",
+    "CompensationInProgressError",
     "Compensations",
     "arun_transaction",
     "run_transaction",
@@ -51,6 +54,10 @@ __all__ = [
 T = TypeVar("T")
 _log = logging.getLogger("otel_recovery")
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+class CompensationInProgressError(RuntimeError):
+    """These compensations are being run already, by another thread or task."""
 
 
 class CompensationError(Exception):
@@ -100,6 +107,8 @@ class Compensations:
 
     def __init__(self) -> None:
         self._undos: list[tuple[str, Undo]] = []
+        self._running = False
+        self._guard = new_lock()
 
     def add(self, undo: Undo, *, name: str | None = None) -> None:
         if not callable(undo):
@@ -128,7 +137,38 @@ class Compensations:
         """:meth:`compensate` for ``async with``: async undos are awaited."""
         return await self._run_async(None)
 
+    def _claim(self) -> None:
+        """One run at a time. Two at once interleave: each pops the next undo while the
+        other's is still running, so an older undo runs before a newer one has finished,
+        and a failed one put back by the first is popped again by the second."""
+        with self._guard:
+            if self._running:
+                raise CompensationInProgressError(
+                    "these compensations are already being run by another thread or task; "
+                    "running them now too would interleave the undos out of order. Wait "
+                    "for that run to finish: what it leaves owed stays on the stack"
+                )
+            self._running = True
+
+    def _release(self) -> None:
+        with self._guard:
+            self._running = False
+
     def _run_sync(self, original: BaseException | None) -> list[tuple[str, BaseException]]:
+        self._claim()
+        try:
+            return self._undo_sync(original)
+        finally:
+            self._release()
+
+    async def _run_async(self, original: BaseException | None) -> list[tuple[str, BaseException]]:
+        self._claim()
+        try:
+            return await self._undo_async(original)
+        finally:
+            self._release()
+
+    def _undo_sync(self, original: BaseException | None) -> list[tuple[str, BaseException]]:
         failures: list[tuple[str, BaseException]] = []
         failed: list[tuple[str, Undo]] = []
         try:
@@ -152,7 +192,7 @@ class Compensations:
             self._undos.extend(reversed(failed))
         return failures
 
-    async def _run_async(self, original: BaseException | None) -> list[tuple[str, BaseException]]:
+    async def _undo_async(self, original: BaseException | None) -> list[tuple[str, BaseException]]:
         failures: list[tuple[str, BaseException]] = []
         failed: list[tuple[str, Undo]] = []
         try:
@@ -276,7 +316,30 @@ def transaction_retry(attempts: int = 5) -> Retry:
 
 
 def _policy(retry: Retry | None, name: str, **options: Any) -> RecoveryPolicy:
-    return RecoveryPolicy(retry=retry or transaction_retry(), name=name, **options)
+    return RecoveryPolicy(retry=_transactional(retry), name=name, **options)
+
+
+def _transactional(retry: Retry | None) -> Retry:
+    """The caller's ``retry`` sets how often and how long; what is retried stays 40001 and
+    40P01 (narrowed further by its ``on=``). A ``Retry()`` retrying anything would run the
+    whole transaction again after, say, a connection lost during COMMIT, which may have
+    committed: the write applied twice."""
+    if retry is None:
+        return transaction_retry()
+    narrowed = copy.copy(retry)
+    own = retry.on
+
+    def serialization_failure(error: BaseException) -> bool:
+        if _sqlstate(error) not in _RETRYABLE_SQLSTATES:
+            return False
+        if own is None:
+            return True
+        if isinstance(own, (type, tuple)):
+            return isinstance(error, own)
+        return bool(own(error))
+
+    narrowed.on = serialization_failure
+    return narrowed
 
 
 def _check_idle_psycopg(conn: Any) -> None:

@@ -69,7 +69,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._clock import Clock, Duration, clock_or_default
 from otel_recovery._config import SWITCHES
 from otel_recovery._forksafe import new_lock
 from otel_recovery._interaction_support import (
@@ -164,7 +164,7 @@ class ErrorRecoveryInteraction:
         if not isinstance(telemetry, (bool, Telemetry)):
             raise TypeError(f"telemetry must be True, False or a Telemetry, got {telemetry!r}")
         self._classifier = classifier
-        self.clock: Clock = clock or SYSTEM_CLOCK
+        self.clock: Clock = clock_or_default(clock)
         self.telemetry: Telemetry | bool = telemetry
         self.checkpoints = Checkpoints(store, clock=self.clock)
         self._owns_store = not isinstance(store, Store)  # made here from a URL or the default

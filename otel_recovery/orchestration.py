@@ -299,7 +299,13 @@ class RecoveryOrchestrator:
             listed = ", ".join(f"{d!r} ({results[d]['status']})" for d in blocked)
             outcome.update(status="skipped", reason=f"dependency {listed} did not recover")
         else:
-            outcome.update(await self._apply(name, strategy))
+            try:
+                outcome.update(await self._apply(name, strategy))
+            except Exception as exc:  # a corrupt checkpoint, a store down, a raising plan
+                # One service's failure is its result: raised, it left the gather's other
+                # recoveries running unawaited and skipped every later layer.
+                reason = f"{action.value} raised {type(exc).__name__}"
+                outcome.update(status="failed", reason=reason, error=describe(exc))
         outcome["recovery_time"] = max(0.0, self.clock.now() - started)
         return outcome
 

@@ -162,6 +162,25 @@ def test_matcher_min_score_and_unregister(fake_clock):
         adaptive.register(PAYMENTS)
 
 
+def test_a_breaker_two_registrations_share_stays_tight_until_the_last_one_goes(fake_clock):
+    """Unregistering one of two registrations of the same breaker used to relax it (and
+    forget it) while the other still watched an ongoing anomaly."""
+    adaptive = AdaptiveThresholds(clock=fake_clock)
+    breaker = CircuitBreaker(4, clock=fake_clock)
+    first = adaptive.register(PAYMENTS, breaker=breaker)
+    second = adaptive.register(PAYMENTS, breaker=breaker)
+    adaptive.on_event(event())
+    assert breaker.failure_threshold == 2
+    first()
+    assert breaker.failure_threshold == 2  # the second registration still holds it
+    adaptive.on_event(event(active=False))
+    assert breaker.failure_threshold == 4
+    adaptive.on_event(event())
+    assert breaker.failure_threshold == 2  # still watched: tightened again
+    second()
+    assert breaker.failure_threshold == 4
+
+
 def test_a_silent_detector_cannot_leave_a_dependency_throttled(fake_clock):
     adaptive = AdaptiveThresholds(clock=fake_clock, max_tightened=60.0)
     budget = RetryBudget(ratio=0.2, clock=fake_clock)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -171,6 +172,34 @@ def test_every_baseline_family_detects_a_spike(model: str) -> None:
     y[ONSET] += 13  # 25 sigma: the families differ in sensitivity, not in whether they work
     scores = _scores(t, y, model=model)
     assert scores[ONSET : ONSET + 3].max() >= FIRES
+
+
+def test_fits_on_a_worker_thread_leave_the_hosts_warnings_alone() -> None:
+    """Fits run on the span processor's thread. They ran inside ``warnings.catch_warnings``
+    with every warning ignored, which swaps the process-wide filter list: the host's own
+    warnings went unshown for as long as a fit lasted. (statsmodels still swaps the list
+    for a moment around its optimizer, ignoring only its own messages: a filter the host
+    adds in that moment can be lost; see the README.)"""
+    t, y = _series("spike", 1)
+    done = threading.Event()
+
+    def fit() -> None:
+        try:
+            _scores(t, y)
+        finally:
+            done.set()
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        worker = threading.Thread(target=fit)
+        worker.start()
+        warned = 0
+        while not done.wait(0.001):
+            warnings.warn("host warning", UserWarning, stacklevel=1)
+            warned += 1
+        worker.join()
+    assert warned > 10  # the host was busy throughout the fits
+    assert sum(str(w.message) == "host warning" for w in seen) == warned
 
 
 def test_fitted_dynamics_beat_a_fixed_smoothing_on_autocorrelated_data() -> None:

@@ -122,3 +122,17 @@ def test_error_rate_configuration_names_the_field(
 ) -> None:
     with pytest.raises(error, match=f"{field} must be"):
         ErrorRateDetector(**{field: value})  # type: ignore[arg-type]
+
+
+def test_warm_up_silences_the_unfiltered_score_too() -> None:
+    """The span processor reads ``last.raw_score`` for latency and call counts: during warm-up
+    it carried the unsettled estimates' surprise, and a new series' third bucket could open
+    an anomaly that the filtered score would never have reported."""
+    detector = AnomalyDetector(warmup=16)
+    for minute, value in enumerate([1.0, 1.1, 0.9, 1.0, 1.2, 500.0]):
+        assert detector.update(value, 1_700_000_000 + 60 * minute) == 0.0
+        assert detector.last.raw_score == 0.0
+    for minute in range(6, 40):
+        detector.update(1.0 + 0.1 * (minute % 3), 1_700_000_000 + 60 * minute)
+    detector.update(500.0, 1_700_000_000 + 60 * 40)
+    assert detector.last.raw_score > 0.5  # warm: the same jump is news

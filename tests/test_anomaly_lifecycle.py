@@ -4,6 +4,7 @@ wall-clock steps do not blind a series, and AdaptiveThresholds relaxes without a
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 
@@ -14,7 +15,12 @@ from opentelemetry.sdk.trace import ReadableSpan  # noqa: E402
 from opentelemetry.trace import SpanKind, Status, StatusCode  # noqa: E402
 
 from otel_recovery.learning import AdaptiveThresholds, AnomalyEvent, SeriesKey  # noqa: E402
-from otel_recovery.learning.anomaly import AnomalySpanProcessor, ErrorRateDetector  # noqa: E402
+from otel_recovery.learning.anomaly import (  # noqa: E402
+    SERIES_DETECTOR_CONFIG,
+    AnomalyDetector,
+    AnomalySpanProcessor,
+    ErrorRateDetector,
+)
 from otel_recovery.policies import CircuitBreaker, RetryBudget  # noqa: E402
 from otel_recovery.testing import FakeClock  # noqa: E402
 
@@ -216,3 +222,64 @@ def test_late_and_repeated_timestamps_are_still_counted_in_the_open_bucket(setup
     feed(processor, clock, 2, {"payments": 40, "inventory": 40})
     assert processor.series()[key("payments")][0] == 122 * 40 + 5
     assert events == []
+
+
+# -- shutdown and force_flush ---------------------------------------------------------------------
+
+
+def test_spans_that_end_after_shutdown_are_not_kept() -> None:
+    processor = AnomalySpanProcessor(clock=FakeClock(wall_start=START), start_worker=False)
+    processor.shutdown()
+    for i in range(100):
+        processor.on_end(span(START + i))
+    assert len(processor._pending) == 0  # nothing would ever take them
+
+
+class _Recorded(AnomalyDetector):
+    """The series detector, noting the thread each update runs on; ``gate`` holds it."""
+
+    threads: set[str] = set()
+    gate = threading.Event()
+
+    def update(self, value: float, timestamp: object = None) -> float:
+        type(self).threads.add(threading.current_thread().name)
+        type(self).gate.wait(10)
+        return super().update(value, timestamp)
+
+
+def test_force_flush_has_the_worker_score_and_waits_at_most_its_timeout() -> None:
+    """Closing a bucket refits statsmodels models: force_flush ran that on the caller's thread
+    (the SDK's, at the end of a request) and ignored its timeout."""
+    clock = FakeClock(start=0.0, wall_start=START)
+    _Recorded.threads, _Recorded.gate = set(), threading.Event()
+    processor = AnomalySpanProcessor(
+        clock=clock,
+        flush_interval=3600,  # the worker only runs when asked
+        detector_factory=lambda: _Recorded(SERIES_DETECTOR_CONFIG),
+    )
+    try:
+        for i in range(20):
+            processor.on_end(span(START + i * 0.1))
+        clock.advance(60)  # the bucket is due
+        assert processor.force_flush(timeout_millis=50) is False  # the worker is held
+        assert _Recorded.threads == {"otel_recovery-anomaly"}
+        _Recorded.gate.set()
+        assert processor.force_flush(timeout_millis=10_000) is True
+        assert processor._series  # the spans were aggregated by the worker
+    finally:
+        _Recorded.gate.set()
+        processor.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"flush_interval": 0}, "flush_interval must be > 0 seconds"),
+        ({"reconfirm": 0}, "reconfirm must be > 0 seconds"),
+        ({"idle_buckets": 0}, "idle_buckets must be an int >= 1"),
+        ({"idle_buckets": 2.5}, "idle_buckets must be an int >= 1"),
+    ],
+)
+def test_settings_that_would_spin_or_end_every_anomaly_at_once_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        AnomalySpanProcessor(start_worker=False, **setting)

@@ -103,7 +103,7 @@ def test_budget_is_exact_under_threads():
         ({"ratio": 20}, r"ratio must be in \[0, 1\], got 20; did you mean 0.2"),
         ({"ratio": -0.1}, r"ratio must be in \[0, 1\], got -0.1$"),  # no hint: not a percent
         ({"ratio": float("nan")}, r"ratio must be in \[0, 1\], got nan$"),
-        ({"min_per_second": -1}, "min_per_second must be a number >= 0"),
+        ({"min_per_second": -1}, "min_per_second must be a finite number >= 0"),
         ({"ttl": 0.5}, "ttl must be between 1 and 3600"),
     ],
 )

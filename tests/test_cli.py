@@ -83,9 +83,13 @@ def test_version_flag_and_no_command(capsys):
 
 @pytest.mark.parametrize(
     ("given", "said"),
-    [("3", "must be at least 10, got 3"), ("abc", "a whole number of at least 10, got 'abc'")],
+    [
+        ("3", "must be at least 10, got 3"),
+        ("abc", "a whole number of at least 10, got 'abc'"),
+        ("1000000", "must be at most 10,000 (the calls are real, paced HTTP requests)"),
+    ],
 )
-def test_demo_rejects_too_few_calls(capsys, given, said):
+def test_demo_rejects_too_few_or_too_many_calls(capsys, given, said):
     with pytest.raises(SystemExit) as exited:
         main(["demo", "--calls", given])
     assert exited.value.code == 2

@@ -15,6 +15,7 @@ from otel_recovery.compensation import (
     arun_transaction,
     run_transaction,
 )
+from otel_recovery.policies import FixedBackoff, Retry
 from otel_recovery.telemetry import attributes as names
 
 DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
@@ -293,6 +294,45 @@ async def test_rolling_back_a_used_compensations_stack_says_nothing_is_left_to_u
     assert "needs context" not in str(again.get("reason")) and ran == ["refund"]
 
 
+@pytest.mark.parametrize("shared", ["list", "stack"])
+async def test_two_recoveries_rolling_back_the_same_undos_at_once_run_each_undo_once(shared):
+    """Each recovery made its own stack of the list (or both ran the one stack): every undo
+    ran twice, or an older undo ran while a newer one was still awaiting."""
+    from otel_recovery.interaction import ErrorRecoveryInteraction, RecoveryAction
+
+    ran: list[str] = []
+    refund_started, refund_may_finish = asyncio.Event(), asyncio.Event()
+
+    async def refund() -> None:
+        ran.append("refund started")
+        refund_started.set()
+        await refund_may_finish.wait()
+        ran.append("refund done")
+
+    def cancel_order() -> None:
+        ran.append("cancel order")
+
+    undos: list | Compensations = [cancel_order, refund]  # in the order their steps ran
+    if shared == "stack":
+        undos = Compensations()
+        undos.add(cancel_order, name="cancel order")
+        undos.add(refund, name="refund")
+    context = {"strategy": RecoveryAction.TRANSACTION_ROLLBACK, "compensations": undos}
+    recovery = ErrorRecoveryInteraction()
+    first = asyncio.create_task(recovery.recover_from_error(RuntimeError("x"), context=context))
+    await refund_started.wait()
+    # (bounded: run twice, the second refund would wait for the first's release forever)
+    second = await asyncio.wait_for(
+        recovery.recover_from_error(RuntimeError("x"), context=context), 10
+    )
+    assert second["recovery_status"] == "failed"
+    assert "another recovery is rolling these compensations back" in second["reason"]
+    refund_may_finish.set()
+    assert (await first)["recovery_status"] == "success"
+    assert ran == ["refund started", "refund done", "cancel order"]
+    assert len(undos) == 0
+
+
 async def test_a_rollback_cancelled_mid_undo_leaves_the_list_with_what_is_owed():
     from otel_recovery.interaction import ErrorRecoveryInteraction, RecoveryAction
 
@@ -398,7 +438,8 @@ def test_deadlock_victim_is_rerun_and_both_transfers_complete(table):
         try:
             with _connect() as conn:
                 conn.execute("SET deadlock_timeout = '100ms'")
-                run_transaction(conn, transfer(first, second, key), telemetry=False)
+                own = Retry(3, backoff=FixedBackoff(0.01))  # still reruns the victim
+                run_transaction(conn, transfer(first, second, key), retry=own, telemetry=False)
         except Exception as error:  # pragma: no cover - reported below
             errors.append(error)
 
@@ -417,7 +458,12 @@ def test_deadlock_victim_is_rerun_and_both_transfers_complete(table):
     assert sorted(attempts.values()) == [1, 2]  # exactly one victim, run exactly twice
 
 
-def test_other_errors_roll_back_and_propagate_without_retry(table):
+@pytest.mark.parametrize(
+    "retry", [None, Retry(3, on=Exception, backoff=FixedBackoff(0))], ids=["default", "own"]
+)
+def test_other_errors_roll_back_and_propagate_without_retry(table, retry):
+    """With the caller's own ``Retry`` too: it sets how often, not what is retried (a lost
+    COMMIT retried would apply the transaction twice)."""
     calls = 0
 
     def body(conn):
@@ -427,7 +473,7 @@ def test_other_errors_roll_back_and_propagate_without_retry(table):
         conn.execute(f"INSERT INTO {table} VALUES (1, 1)")  # unique violation, 23505
 
     with _connect() as conn, pytest.raises(psycopg.errors.UniqueViolation):
-        run_transaction(conn, body, telemetry=False)
+        run_transaction(conn, body, retry=retry, telemetry=False)
     assert calls == 1
     with _connect() as conn:
         (value,) = conn.execute(f"SELECT value FROM {table} WHERE id = 1").fetchone()

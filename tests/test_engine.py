@@ -118,6 +118,8 @@ def test_testing_mode_removes_waits_and_caps_attempts():
         ({"attempts": 3, "deadline": 0}, "must be > 0"),
         ({"attempts": 3, "on": 42}, "on= must be exception types or a predicate"),
         ({"attempts": 3, "on": (ValueError, int)}, "exception types only"),
+        ({"attempts": 3, "on": ()}, r"Retry on=\(\) names no exception type"),
+        ({"attempts": 3, "rng": "seed-1"}, r"rng must be a random.Random"),
         ({"attempts": 3, "backoff": "fast"}, "backoff must be a Backoff"),
     ],
 )

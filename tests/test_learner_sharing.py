@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -311,3 +313,53 @@ def test_replicas_saving_from_many_threads_lose_and_double_nothing():
         )
         == 300
     )
+
+
+class InterruptedStore:
+    """A load-and-save store whose save fails after ``during`` ran: evidence arrives while
+    the save is in flight."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryLearnerStore()
+        self.during = None
+
+    def load(self):
+        return self.inner.load()
+
+    def save(self, snapshot):
+        if self.during is not None:
+            during, self.during = self.during, None
+            during()
+            raise ConnectionError("store went away")
+        self.inner.save(snapshot)
+
+
+def test_recovery_times_owed_after_a_failed_save_keep_their_order():
+    """The evidence that came in during a failed save was put before the older evidence it
+    joined, so trimming to ``delay_samples`` dropped the newest recovery time."""
+    store, clock = InterruptedStore(), FakeClock()
+    other = StrategyLearner(clock=clock, store=store, delay_samples=4)
+    other.observe_recovery("db", 0.5)
+    other.flush()  # another replica's snapshot: this learner's saves now merge into it
+    learner = StrategyLearner(clock=clock, store=store, delay_samples=4)
+    for seconds in (1.0, 2.0, 3.0):
+        learner.observe_recovery("db", seconds)
+    store.during = lambda: [learner.observe_recovery("db", s) for s in (4.0, 5.0)]
+    with pytest.raises(ConnectionError):
+        learner.flush()
+    learner.flush()
+    assert store.load()["delays"]["db"] == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_what_was_learned_since_the_last_save_is_saved_at_exit(tmp_path):
+    """A learner saves every ``save_interval``: the rest, up to a minute of learning, died
+    with the process."""
+    url = f"sqlite:///{tmp_path / 'learned.db'}"
+    script = f"""
+from otel_recovery.learning import DecisionKey, StrategyLearner
+from otel_recovery.learning.store import CheckpointLearnerStore
+learner = StrategyLearner(store=CheckpointLearnerStore({url!r}), save_interval=3600)
+learner.observe_recovery("db", 0.25)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert CheckpointLearnerStore(url).load()["delays"] == {"db": [0.25]}

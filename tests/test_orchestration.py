@@ -289,3 +289,40 @@ async def test_a_misspelt_plan_key_is_an_error_not_a_default_strategy(orchestrat
         )
     with pytest.raises(TypeError, match="recovery_plan must map service"):
         await orchestrator.orchestrate_recovery(["database"], ["database"])  # type: ignore[arg-type]
+
+
+class _Garbled:
+    """A serializer that writes what it cannot read back: every checkpoint is corrupt."""
+
+    name = "json"
+
+    def dumps(self, state: object) -> bytes:
+        return b"{not json"
+
+    def loads(self, data: bytes) -> object:
+        import json
+
+        return json.loads(data)
+
+
+async def test_a_corrupt_checkpoint_fails_its_service_not_the_orchestration(orchestrator):
+    """The corrupt checkpoint's error escaped orchestrate_recovery: the layer's other
+    recoveries went on unawaited and the later layers never ran."""
+    from otel_recovery.checkpoint import Checkpoints
+
+    interaction = orchestrator.interaction
+    interaction.checkpoints = Checkpoints(serializer=_Garbled(), clock=interaction.clock)
+    interaction.create_checkpoint("database", {"wal": 42})
+    recorder = Recorder()
+    orchestrator.register_service("cache", recover=recorder.make("cache"))
+    orchestrator.register_service("api", recover=recorder.make("api"))
+    results = await orchestrator.orchestrate_recovery(
+        ["database", "cache", "api"],
+        {"database": RecoveryStrategy(action=RecoveryAction.CHECKPOINT_RESTORE)},
+    )
+    database = results["database"]
+    assert database["status"] == "failed"
+    assert database["reason"] == "checkpoint_restore raised CheckpointCorruptError"
+    assert "checkpoint 'database' version 1 is corrupt" in database["error"]
+    assert results["cache"]["status"] == "success" and recorder.log == ["cache"]
+    assert results["api"]["status"] == "skipped"  # its dependency is still down

@@ -362,3 +362,73 @@ def test_a_bulkhead_full_error_survives_pickling_and_copying():
             "reports",
             4,
         )
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: CircuitBreaker(name="x", timeout=float("inf")), r"timeout must be at most 1e\+09"),
+        (lambda: CircuitBreaker(name="x", timeout=1e17), r"timeout must be at most 1e\+09"),
+        (lambda: FixedBackoff(seconds=1e12), r"seconds must be at most 1e\+09"),
+        (lambda: Retry(attempt_timeout=float("inf")), r"attempt_timeout must be at most"),
+        (lambda: RetryBudget(min_per_second=float("nan")), "min_per_second must be a finite"),
+    ],
+)
+def test_a_duration_too_long_to_wait_is_refused_when_the_policy_is_built(build, message):
+    """inf or 1e17 seconds once got through and came back as an OverflowError from
+    ``time.sleep`` or ``math.ceil`` in the middle of a failure, hiding the caller's error."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_infinity_stays_the_spelling_of_no_bound_where_a_parameter_has_one():
+    assert Retry(deadline=float("inf")).deadline is None
+    assert Fallback(last_known_good=True, max_age=float("inf")).max_age is None
+    assert Bulkhead(1, max_wait=float("inf")).max_wait == float("inf")
+    assert (
+        CircuitBreaker(name="x", timeout_multiplier=2, max_timeout=float("inf")).retry_after()
+        is None
+    )
+    with pytest.raises(ValueError, match="use float\\('inf'\\) for no bound"):
+        Bulkhead(1, max_wait=1e12)
+
+
+def test_a_clock_that_is_not_a_clock_is_refused_where_it_is_passed():
+    """``clock=time.monotonic`` once got through and failed as an AttributeError on the
+    first retry, when the policy asked it to sleep."""
+    import time
+
+    from otel_recovery.checkpoint import Checkpoints
+    from otel_recovery.middleware import WSGIRecoveryMiddleware
+
+    builds = [
+        lambda: RecoveryPolicy(retry=Retry(2), clock=time.monotonic),
+        lambda: RetryBudget(clock=time.monotonic),
+        lambda: Checkpoints(clock=time.monotonic),
+        lambda: WSGIRecoveryMiddleware(lambda environ, start: [], clock=time.monotonic),
+    ]
+    for build in builds:
+        with pytest.raises(TypeError, match=r"clock must implement otel_recovery Clock"):
+            build()
+    clock = FakeClock()
+    assert RecoveryPolicy(retry=Retry(2), clock=clock).clock is clock
+
+
+@pytest.mark.parametrize(
+    ("on", "error", "message"),
+    [
+        ((), ValueError, r"Fallback on=\(\) names no exception type"),
+        ((ValueError, "Timeout"), TypeError, "Fallback on= tuple must hold exception types only"),
+        (42, TypeError, "Fallback on= must be exception types or a predicate"),
+    ],
+)
+def test_a_fallback_on_that_matches_nothing_or_cannot_match_is_refused(on, error, message):
+    """A tuple holding a string raised TypeError from isinstance at the first failure,
+    replacing the caller's error; an empty one quietly never answered."""
+    with pytest.raises(error, match=message):
+        Fallback(1, on=on)
+
+
+def test_a_context_that_is_not_a_mapping_is_refused_naming_it():
+    with pytest.raises(TypeError, match="context must be a mapping of span attributes"):
+        RecoveryPolicy(retry=Retry(2), context=["tenant", "acme"])

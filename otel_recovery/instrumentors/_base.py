@@ -38,6 +38,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock
 from otel_recovery._config import SWITCHES
+from otel_recovery.checkpoint import max_size_from_env
 from otel_recovery.classify import Classifier
 from otel_recovery.instrumentors._settings import (
     RecoverySettings,
@@ -76,12 +77,15 @@ def _conflict_error() -> type[Exception] | None:
 def _check_store_url() -> None:
     """``OTEL_RECOVERY_STORE_URL`` is read when the first target's breaker is made: a
     malformed one would fail every call's planning then, and leave recovery off for good
-    behind one internal-error line. It is checked here, at start-up, as a bad setting."""
+    behind one internal-error line. It is checked here, at start-up, as a bad setting, and
+    so is ``OTEL_RECOVERY_CHECKPOINT_MAX_BYTES``, which the learner's store reads when it is
+    built: raised from there it would stop the loader, contrib's instrumentors with it."""
     url = os.environ.get(ENV_STORE_URL)
     if not url:
         return
     try:
         parse_store_url(url, setting=ENV_STORE_URL)
+        max_size_from_env()
     except StoreConfigError as error:
         raise SettingsError(str(error)) from error
 
@@ -198,7 +202,17 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if patches is not None:
             patches.remove_all()
         self._patches = None
-        self.targets = None
+        targets, self.targets = self.targets, None
+        learner = targets.learner if targets is not None else None
+        if learner is not None:  # what it learned since its last periodic save
+            try:
+                learner.flush()
+            except Exception as error:  # the store is down: uninstrumenting still completes
+                _logger.warning(
+                    "otel_recovery_%s: the learner's last save failed on uninstrument: %r",
+                    self.library,
+                    error,
+                )
 
     def _install(self, patches: PatchSet, targets: TargetPolicies, kwargs: dict[str, Any]) -> None:
         raise NotImplementedError

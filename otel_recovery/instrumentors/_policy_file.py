@@ -252,9 +252,21 @@ def target_spellings(key: str, where: str) -> list[str]:
     cannot name a target."""
     if key.startswith("/"):  # a unix-socket directory, [:port]: also by its real path
         return _socket_spellings(key)
+    if "://" in key:  # kept as written, it would match no call: a section never applied
+        rest = key.partition("://")[2]
+        host = rest.split("/")[0].rpartition("@")[2] or "api.example.com"
+        raise SettingsError(
+            f"{where}: {key!r} is a URL; a target is a host or host:port, as in "
+            f'[targets."{host}"] (the scheme and path are not part of it)'
+        )
     if "," in key or (_NOT_A_HOST.search(key) and not key.startswith("[")):
         return [key]  # a host list (matched as written) or a name with a space or an @
     host, port = _host_and_port(key, where)
+    if port is not None and not 0 < int(port) <= 65535:
+        raise SettingsError(
+            f"{where}: the port in {key!r} is not a TCP port (1-65535), so no call would "
+            "ever match the section"
+        )
     suffix = f":{port}" if port is not None else ""
     spellings = [key, *(f"{spelling}{suffix}" for spelling in _host_spellings(host, where))]
     return list(dict.fromkeys(spellings))

@@ -195,8 +195,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sql_retry": (lambda v: v in ("connect", "never"), "'connect' or 'never'"),
     "learning": (lambda v: v in ("off", "shadow", "on"), "'off', 'shadow' or 'on'"),
     "http_retry_statuses": (
-        lambda v: all(100 <= status <= 599 for status in v),
-        "a comma-separated list of HTTP status codes (100-599)",
+        lambda v: all(400 <= status <= 599 for status in v),
+        "a comma-separated list of HTTP error status codes (400-599; a 1xx, 2xx or 3xx "
+        "answer is not a failure, and retrying it would repeat a request that worked)",
     ),
 }
 _LISTS = {
@@ -241,7 +242,9 @@ def _coerce(name: str, raw: Any, default: Any, source: str) -> Any:
     if name in _COERCE:
         return _COERCE[name](raw)
     if name == "fallback_value":
-        return _json(raw) if isinstance(raw, str) and source == "env" else raw
+        if isinstance(raw, str) and source == "env":
+            return _json(raw)
+        return _answerable(raw)
     if isinstance(default, bool):
         return _boolean(raw)
     if isinstance(raw, bool):  # True is an int to Python, not a number to a reader
@@ -263,6 +266,15 @@ def _coerce(name: str, raw: Any, default: Any, source: str) -> Any:
     if not isinstance(raw, str):
         raise TypeError(raw)
     return raw.strip().lower()
+
+
+def _answerable(value: Any) -> Any:
+    """A fallback an HTTP client can answer with: bytes, text or JSON. Checked here, where
+    the setting is read: a TOML date, ``nan`` or an object found by ``json.dumps`` at the
+    first failure would replace the failure with a ``TypeError``."""
+    if not isinstance(value, (str, bytes, bytearray)):
+        json.dumps(value, allow_nan=False)  # TypeError or ValueError: reported as not valid
+    return value
 
 
 def _json(raw: str) -> Any:
@@ -289,7 +301,10 @@ def _expected(name: str, default: Any) -> str:
     if name in _LISTS:
         return f"expected {_LISTS[name]}"
     if name == "fallback_value":
-        return 'expected a JSON value (null, true, 0, "text", [...] or {...})'
+        return (
+            'expected a JSON value (null, true, 0, "text", [...] or {...}) or bytes; '
+            "a TOML date or time is not JSON: quote it as a string"
+        )
     if name in _SECONDS:
         return "expected seconds (a number, or a timedelta)"
     if isinstance(default, bool):

@@ -189,7 +189,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name in _SETTABLE:
         raw = env.get(ENV_PREFIX + name.upper())
-        if raw is None:
+        if raw is None or not raw.strip():
+            # the OpenTelemetry rule: an empty variable means the same as an unset one
             continue
         if name == "enabled":
             # not a boolean: logged and taken as false, as at import (otel_recovery._config)
@@ -242,6 +243,8 @@ def load_settings(
     layers: _Layers = [("env", _from_env(env))]
     targets: dict[str, dict[str, Any]] = {}
     path = env.get(ENV_PREFIX + "CONFIG")
+    if path is not None and not path.strip():
+        path = None  # empty: unset, as for every variable
     if path:
         top, targets = _read_policy(path, _DEFAULTS)
         layers.append((f"policy file {path}", top))

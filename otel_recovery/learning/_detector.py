@@ -205,7 +205,8 @@ class Estimate(NamedTuple):
     upper: float
     scale: float
     raw_score: float
-    """The score before onset filtering (see ``refractory``)."""
+    """The score before onset filtering (see ``refractory``); 0 during ``warmup``, like the
+    filtered one."""
 
 
 class StreamingDetector:

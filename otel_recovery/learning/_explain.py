@@ -293,7 +293,9 @@ class Pending:
             del samples[: len(samples) - size]
 
     def absorb(self, other: Pending, now: float, half_life: float, size: int, limit: int) -> None:
-        """Take ``other``'s evidence back (a save failed: it is still owed to the store)."""
+        """Add ``other``, the evidence gathered while this (older) evidence failed to save:
+        all of it is still owed to the store. Delays keep their order, oldest first, so the
+        trim to ``size`` drops the oldest, as :class:`DelaySamples` does."""
         for level, arms in other.contexts.items():
             stats = self.contexts.setdefault(level, {})
             for arm, entry in arms.items():
@@ -303,7 +305,7 @@ class Pending:
                 else:
                     mine.absorb(entry, now, half_life, math.inf)
         for service, samples in other.delays.items():
-            merged = samples + self.delays.get(service, [])
+            merged = self.delays.get(service, []) + samples
             self.delays[service] = merged[-size:]
         _bound(self.contexts, limit)
         _bound(self.delays, limit)

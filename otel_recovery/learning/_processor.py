@@ -133,8 +133,14 @@ class AnomalySpanProcessor(SpanProcessor):
         if not 0.0 <= release <= threshold <= 1.0:
             raise ValueError("need 0 <= release <= threshold <= 1")
         self._grace = to_seconds(grace, "grace")
-        self._reconfirm = to_seconds(reconfirm, "reconfirm")
+        self._reconfirm = to_seconds(reconfirm, "reconfirm", allow_inf=True)
         self._interval = to_seconds(flush_interval, "flush_interval")
+        if self._interval <= 0:  # the worker would spin, a core's worth of polling
+            raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
+        if self._reconfirm <= 0:  # every anomaly would end the moment it began
+            raise ValueError(f"reconfirm must be > 0 seconds, got {reconfirm!r}")
+        if isinstance(idle_buckets, bool) or not isinstance(idle_buckets, int) or idle_buckets < 1:
+            raise ValueError(f"idle_buckets must be an int >= 1, got {idle_buckets!r}")
         self._service = service
         self._max_series = max_series
         self._idle = idle_buckets
@@ -182,6 +188,9 @@ class AnomalySpanProcessor(SpanProcessor):
         self.future_spans = 0
         self._failed = False
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a flush asked for, or shutdown
+        self._flushes: deque[threading.Event] = deque()  # each set once its spans are in
+        self._shut = False
         self._worker: threading.Thread | None = None
         if start_worker:
             self._start_worker()
@@ -199,6 +208,8 @@ class AnomalySpanProcessor(SpanProcessor):
         series it inherited."""
         stopped = self._stop.is_set()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._flushes = deque()
         if stopped:
             self._stop.set()
         elif self._worker is not None:
@@ -220,7 +231,10 @@ class AnomalySpanProcessor(SpanProcessor):
             _log.debug("anomaly annotation failed", exc_info=True)
 
     def on_end(self, span: ReadableSpan) -> None:
-        """O(1) and lock-free: hand the span to the worker."""
+        """O(1) and lock-free: hand the span to the worker (none once shut down: nothing
+        would ever take it, and the queue would hold it for the process's life)."""
+        if self._shut:
+            return
         pending = self._pending
         if len(pending) < self._max_pending:
             pending.append(span)
@@ -230,11 +244,14 @@ class AnomalySpanProcessor(SpanProcessor):
     def shutdown(self) -> None:
         """Stop the worker, aggregate what is pending, and end every active anomaly: nothing
         will reconfirm them, so subscribers should not keep acting on them."""
+        self._shut = True
         self._stop.set()
+        self._wake.set()
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout=5.0)
         self.process()
+        self._answer_flushes()
         with self._process_lock:
             now = self._clock.wall()
             for series in self._series.values():
@@ -243,20 +260,50 @@ class AnomalySpanProcessor(SpanProcessor):
                 self._annotations.clear()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Aggregate every finished span now (buckets still close on the clock)."""
-        self.process()
-        return True
+        """Aggregate every finished span now (buckets still close on the clock).
+
+        The worker does it, and the caller waits at most ``timeout_millis``: closing a bucket
+        refits statsmodels models, which may take longer than the caller (the SDK's
+        ``force_flush`` at the end of a request or a serverless invocation) can spare.
+        False when the time ran out first. Without a running worker it is done here."""
+        worker = self._worker
+        if (
+            worker is None
+            or not worker.is_alive()
+            or worker is threading.current_thread()
+            or self._stop.is_set()
+        ):
+            self.process()
+            return True
+        done = threading.Event()
+        self._flushes.append(done)
+        self._wake.set()
+        return done.wait(max(timeout_millis, 0) / 1000.0)
 
     # ------------------------------------------------------------ worker side
 
     def _run(self) -> None:
         # The idle wait is an interruptible Event wait, not a time reading: every decision
         # about buckets uses the injected clock.
-        while not self._stop.wait(self._interval):
+        while True:
+            self._wake.wait(self._interval)
+            if self._stop.is_set():
+                return  # shutdown processes what is left and answers the flushes
+            self._wake.clear()
+            asked = len(self._flushes)  # those asked before this pass: it takes their spans
             try:
                 self.process()
             except Exception:
                 _log.exception("otel_recovery anomaly worker failed; continuing")
+            self._answer_flushes(asked)
+
+    def _answer_flushes(self, count: int | None = None) -> None:
+        flushes = self._flushes
+        for _ in range(len(flushes) if count is None else count):
+            try:
+                flushes.popleft().set()
+            except IndexError:  # a shutdown whose join timed out answered them already
+                return
 
     def process(self) -> int:
         """Drain finished spans into their series, then close every bucket that is due.

@@ -114,9 +114,10 @@ class SurpriseCalibrator:
         raw = ratio / (1.0 + ratio)
         point_tail.learn(point)
         window_tail.learn(abs(mean))
-        self.raw = raw
         if not report:
+            self.raw = 0.0  # the unfiltered score too: a new series' first points are not news
             return 0.0
+        self.raw = raw
         if self._decay <= 0.0:
             return raw
         hold = self._hold

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock
 from otel_recovery.learning._events import AnomalyBus, AnomalyEvent, SeriesKey
 from otel_recovery.policies.budget import RetryBudget
@@ -134,9 +134,11 @@ class AdaptiveThresholds:
     ) -> None:
         self.tightening = tightening if tightening is not None else Tightening()
         self.max_tightened = (
-            math.inf if max_tightened is None else to_seconds(max_tightened, "max_tightened")
+            math.inf
+            if max_tightened is None
+            else to_seconds(max_tightened, "max_tightened", allow_inf=True)
         )
-        self.clock: Clock = clock if clock is not None else SYSTEM_CLOCK
+        self.clock: Clock = clock_or_default(clock)
         self._lock = new_lock()
         self._registrations: list[tuple[Matcher, list[_Component]]] = []
         self._components: dict[int, _Component] = {}
@@ -227,7 +229,7 @@ class AdaptiveThresholds:
                 if entry not in self._registrations:
                     return
                 self._registrations.remove(entry)
-                still_used = {id(c) for _, cs in self._registrations for c in cs}
+                still_used = {id(c.target) for _, cs in self._registrations for c in cs}
                 for component in components:
                     if id(component.target) not in still_used:
                         del self._components[id(component.target)]

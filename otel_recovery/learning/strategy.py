@@ -47,16 +47,18 @@ injected clock.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import random
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock
 from otel_recovery.learning._backoff import LearnedBackoff
 from otel_recovery.learning._decisions import (
@@ -88,6 +90,17 @@ __all__ = ["StrategyLearner"]
 Level = tuple[str, str]
 
 _log = logging.getLogger("otel_recovery")
+
+_WITH_STORES: weakref.WeakSet[StrategyLearner] = weakref.WeakSet()
+
+
+@atexit.register
+def _save_before_exit() -> None:
+    """What a learner learned since its last save (up to ``save_interval`` of it) would die
+    with the process: save it on the way out, quietly, as the periodic save does."""
+    for learner in list(_WITH_STORES):
+        if learner._pending:  # nothing new: no round trip to the store at exit
+            learner._save_quietly()
 
 
 class StrategyLearner:
@@ -121,7 +134,7 @@ class StrategyLearner:
         max_contexts: int = 10_000,
         save_interval: Duration = 30.0,
     ) -> None:
-        self.clock: Clock = clock if clock is not None else SYSTEM_CLOCK
+        self.clock: Clock = clock_or_default(clock)
         self.caps = caps if caps is not None else HardCaps()
         self.reward = reward if reward is not None else RewardWeights()
         self._tau = to_seconds(self.caps.window, "caps.window")
@@ -173,6 +186,8 @@ class StrategyLearner:
         self._seq = 0
         self._sync_lock = new_lock()
         self._reported: set[str] = set()
+        if store is not None:
+            _WITH_STORES.add(self)
         if store is not None:
             try:
                 snapshot = store.load()
@@ -457,8 +472,12 @@ class StrategyLearner:
 
     def observe_recovery(self, service: str, seconds: float) -> None:
         """A recovery of ``service`` succeeded ``seconds`` after the first failure."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
-            raise ValueError(f"seconds must be a number >= 0, got {seconds!r}")
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not 0 <= seconds < math.inf  # inf would make every later save fail
+        ):
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
         with self._lock:
             samples = self._delays.get(service)
             if samples is None:

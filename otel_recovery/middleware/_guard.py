@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from opentelemetry import trace
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock
+from otel_recovery._clock import Clock, clock_or_default
 from otel_recovery._forksafe import new_lock
 from otel_recovery._inner_recovery import OuterAttempt
 from otel_recovery._known_errors import error_type_of
@@ -182,7 +182,7 @@ class Options:
             is_failure or default_is_failure,
             fallback,
             retry,
-            clock or SYSTEM_CLOCK,
+            clock_or_default(clock),
         )
 
     def answer(self, route: str, error: BaseException) -> Response | None:

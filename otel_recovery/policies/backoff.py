@@ -15,6 +15,7 @@ with ``v = min(maximum, initial * multiplier ** (n - 1))``:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from typing import Literal, Protocol, runtime_checkable
@@ -57,8 +58,8 @@ class ExponentialBackoff:
         self.maximum = to_seconds(maximum, "maximum")
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
             raise TypeError(f"multiplier must be a number >= 1, got {multiplier!r}")
-        if multiplier < 1:
-            raise ValueError(f"multiplier must be >= 1, got {multiplier!r}")
+        if not 1 <= multiplier < math.inf:  # NaN fails this too
+            raise ValueError(f"multiplier must be a finite number >= 1, got {multiplier!r}")
         if self.maximum < self.initial:
             raise ValueError(
                 f"maximum ({self.maximum}s) must be >= initial ({self.initial}s); "

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock
 from otel_recovery.policies._counting import new_counter, peek
 
@@ -111,7 +111,7 @@ class RetryBudget:
         self.ratio = float(ratio)
         self.min_per_second = float(min_per_second)
         self.name = name
-        self.clock = clock if clock is not None else SYSTEM_CLOCK
+        self.clock = clock_or_default(clock)
         self._width = self.ttl / _BUCKETS
         self._call_count = new_counter()
         self._marks = [0] * _BUCKETS  # call count when each live bucket began
@@ -238,6 +238,6 @@ def _check_floor(min_per_second: object) -> None:
     if (
         isinstance(min_per_second, bool)
         or not isinstance(min_per_second, (int, float))
-        or min_per_second < 0
+        or not 0 <= min_per_second < math.inf  # NaN fails this too
     ):
-        raise ValueError(f"min_per_second must be a number >= 0, got {min_per_second!r}")
+        raise ValueError(f"min_per_second must be a finite number >= 0, got {min_per_second!r}")

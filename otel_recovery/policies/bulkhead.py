@@ -65,7 +65,7 @@ class Bulkhead:
         ):
             raise ValueError(f"max_concurrent must be an int >= 1, got {max_concurrent!r}")
         self.max_concurrent = max_concurrent
-        self.max_wait = to_seconds(max_wait, "max_wait")
+        self.max_wait = to_seconds(max_wait, "max_wait", allow_inf=True)
         self.name = name
         self._lock = new_lock()
         self._in_use = 0

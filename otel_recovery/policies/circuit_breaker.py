@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery.policies._counting import new_counter, peek
 from otel_recovery.policies._probe_permits import grant, new_period, take
@@ -328,17 +328,13 @@ class CircuitBreaker:
         self._timeout_multiplier = float(timeout_multiplier)
         self._max_timeout = math.inf
         if max_timeout is not None:
-            self._max_timeout = to_seconds(max_timeout, "max_timeout")
+            self._max_timeout = to_seconds(max_timeout, "max_timeout", allow_inf=True)
             if self._max_timeout < self._base_timeout:
                 raise ValueError(
                     f"max_timeout must be >= timeout ({self._base_timeout:g}s), got {max_timeout!r}"
                 )
 
-        if clock is None:
-            clock = SYSTEM_CLOCK
-        elif not isinstance(clock, Clock):
-            raise TypeError(f"clock must implement otel_recovery Clock, got {type(clock).__name__}")
-        self._clock = clock
+        self._clock = clock_or_default(clock)
 
         if isinstance(listeners, (str, bytes)) or not isinstance(listeners, Iterable):
             raise TypeError(

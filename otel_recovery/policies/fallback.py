@@ -10,10 +10,12 @@ to the failures it handles (``on=``: exception types or a predicate; default eve
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from otel_recovery._clock import Duration, to_seconds
+from otel_recovery.policies._error_match import check_error_match
 
 __all__ = ["Fallback"]
 
@@ -72,12 +74,13 @@ class Fallback:
         self.value = value
         self.func = func
         self.last_known_good = bool(last_known_good)
-        self.max_age = None if max_age is None else to_seconds(max_age, "max_age")
+        max_age_seconds = (
+            None if max_age is None else to_seconds(max_age, "max_age", allow_inf=True)
+        )
+        self.max_age = None if max_age_seconds == math.inf else max_age_seconds
         self.key = key
         self.max_entries = max_entries
-        if not (isinstance(on, (type, tuple)) or callable(on)):
-            raise TypeError(f"Fallback on= must be exception types or a predicate, got {on!r}")
-        self.on = on
+        self.on = check_error_match(on, "Fallback")
 
     def handles(self, error: BaseException) -> bool:
         """Whether this fallback may answer for ``error`` (never for cancellation).

@@ -12,21 +12,21 @@ and a retry is abandoned when *t* exceeds ``retry_after_cap`` rather than hammer
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from typing import Protocol, TypeAlias, runtime_checkable
 
 from otel_recovery._clock import Duration, to_seconds
 from otel_recovery.classify import ErrorInfo
+from otel_recovery.policies._error_match import ErrorMatch, check_error_match
 from otel_recovery.policies.backoff import Backoff, CustomBackoff, ExponentialBackoff
 
 __all__ = ["Retry", "RetryAdvice", "RetryAdvisor", "RetryOn"]
 
 _log = logging.getLogger("otel_recovery")
 
-RetryOn: TypeAlias = (
-    type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
-)
+RetryOn: TypeAlias = ErrorMatch
 """Exception types, or a predicate, that mark a failure as worth retrying."""
 
 _NEVER_RETRIED: tuple[type[BaseException], ...] = (
@@ -96,7 +96,10 @@ class Retry:
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ValueError(f"attempts must be an int >= 1 (1 means no retry), got {attempts!r}")
         self.attempts = attempts
-        self.deadline = None if deadline is None else to_seconds(deadline, "deadline")
+        deadline_seconds = (
+            None if deadline is None else to_seconds(deadline, "deadline", allow_inf=True)
+        )
+        self.deadline = None if deadline_seconds == math.inf else deadline_seconds  # no bound
         self.attempt_timeout = (
             None if attempt_timeout is None else to_seconds(attempt_timeout, "attempt_timeout")
         )
@@ -112,9 +115,13 @@ class Retry:
                 )
             backoff = CustomBackoff(backoff)
         self.backoff: Backoff = backoff
-        self.on = _validate_on(on)
+        self.on = None if on is None else check_error_match(on, "Retry")
         self.retry_after_cap = to_seconds(retry_after_cap, "retry_after_cap")
         self.retry_after_jitter = to_seconds(retry_after_jitter, "retry_after_jitter")
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(
+                f"rng must be a random.Random (seeded for repeatable tests), got {rng!r}"
+            )
         self.rng = rng if rng is not None else random.Random()
         if advisor is not None and not isinstance(advisor, RetryAdvisor):
             raise TypeError(f"advisor must have advise() and learn(), got {advisor!r}")
@@ -151,20 +158,3 @@ class Retry:
             f"Retry(attempts={self.attempts}, deadline={self.deadline}, "
             f"attempt_timeout={self.attempt_timeout}, backoff={self.backoff!r}, on={self.on!r})"
         )
-
-
-def _validate_on(on: RetryOn | None) -> RetryOn | None:
-    if on is None:
-        return None
-    if isinstance(on, type):
-        if not issubclass(on, BaseException):
-            raise TypeError(f"on= must be exception types or a predicate, got class {on.__name__}")
-        return on
-    if isinstance(on, tuple):
-        for item in on:
-            if not (isinstance(item, type) and issubclass(item, BaseException)):
-                raise TypeError(f"on= tuple must hold exception types only, got {item!r}")
-        return on
-    if callable(on):
-        return on
-    raise TypeError(f"on= must be exception types or a predicate, got {on!r}")

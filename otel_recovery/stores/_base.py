@@ -161,9 +161,19 @@ class Store(Protocol):
 
 
 def check_key(key: object, what: str = "key") -> str:
-    """Keys are non-empty strings without NUL (SQL text and Redis key names both need that)."""
+    """Keys are non-empty strings without NUL (SQL text and Redis key names both need that)
+    that encode as UTF-8: a lone surrogate (``"\\ud800"``, from a badly decoded file name)
+    would fail in the driver, with its own words, on some stores and not others."""
     if not isinstance(key, str) or not key or "\x00" in key:
         raise TypeError(f"{what} must be a non-empty string without NUL characters, got {key!r}")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError(
+                f"{what} must be text that encodes as UTF-8, got {key!r} (a lone surrogate); "
+                "decode the name it came from with errors='replace'"
+            ) from None
     return key
 
 

@@ -190,7 +190,9 @@ class Plans:
             self._q(
                 f"SELECT {_COLUMNS} FROM {{records}} WHERE (key, version) IN ("
                 "  SELECT key, max(version) FROM {records} WHERE key LIKE %s"
-                "  AND (expires_at IS NULL OR expires_at > %s) GROUP BY key) ORDER BY key"
+                "  AND (expires_at IS NULL OR expires_at > %s) GROUP BY key)"
+                # code point order, as every other store lists (not the database's locale)
+                ' ORDER BY key COLLATE "C"'
             ),
             (pattern, now),
         )
@@ -253,8 +255,16 @@ class Plans:
         return {k: float(v) for k, v in rows if wanted is None or k in wanted}
 
 
+_JSONB_CHANGES = (b"\\u0000", b"e+", b"E+", b"-0.0")
+"""What ``jsonb`` would not give back equal: it cannot hold NUL, prints a number as numeric
+without an exponent (Python's ``1e+16`` comes back as the int ``10000000000000000``,
+``1e+300`` as an int that is not even equal to it) and drops the sign of ``-0.0``. A payload
+with any of these goes to the ``raw`` column; a string that merely contains one costs only
+the ``jsonb`` view of that record."""
+
+
 def jsonb_compatible(data: bytes, encoding: str) -> bool:
-    if encoding != "json" or b"\\u0000" in data:
+    if encoding != "json" or any(change in data for change in _JSONB_CHANGES):
         return False
     try:
         data.decode("utf-8")

@@ -25,7 +25,7 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._clock import Clock, Duration, clock_or_default
 from otel_recovery._forksafe import new_lock
 from otel_recovery.stores._base import (
     Record,
@@ -54,7 +54,7 @@ class MemoryStore:
             raise ValueError(f"max_versions must be an int >= 1, got {max_versions!r}")
         self.url = "memory://"
         self.max_versions = max_versions
-        self.clock: Clock = clock or SYSTEM_CLOCK
+        self.clock: Clock = clock_or_default(clock)
         self._lock = new_lock()
         self._records: dict[str, OrderedDict[int, Record]] = {}
         self._heads: dict[str, int] = {}

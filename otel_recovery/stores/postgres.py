@@ -104,7 +104,7 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, within
+from otel_recovery._clock import Clock, Duration, clock_or_default, within
 from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import (
@@ -249,7 +249,7 @@ class PostgresStore(Plans):
         self.url = redact(f"{url}{'&' if '?' in url else '?'}table={table}")
         self.table = table
         self.max_versions = max_versions
-        self.clock: Clock = clock or SYSTEM_CLOCK
+        self.clock: Clock = clock_or_default(clock)
         self.operation_timeout = timeout
         self._target = target
         self._timeout = connect_timeout

@@ -48,7 +48,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
 from redis.retry import Retry
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._clock import Clock, Duration, clock_or_default
 from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery._redis_replica import ReplicaReconnect, closable, refused_by_replica
@@ -123,7 +123,7 @@ class RedisStore:
         self.url = redact(f"{url}{'&' if '?' in url else '?'}prefix={prefix}")
         self.prefix = prefix
         self.max_versions = max_versions
-        self.clock: Clock = clock or SYSTEM_CLOCK
+        self.clock: Clock = clock_or_default(clock)
         self._target = url
         self._options = {**_DEFAULTS, **client_options, "retry": Retry(NoBackoff(), 0)}
         self._lock = new_lock()

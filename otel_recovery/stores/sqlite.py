@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration
+from otel_recovery._clock import Clock, Duration, clock_or_default
 from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import (
@@ -88,7 +88,7 @@ class SQLiteStore:
         self.path = Path(path)
         self.url = redact(f"sqlite:///{self.path}")
         self.max_versions = max_versions
-        self.clock: Clock = clock or SYSTEM_CLOCK
+        self.clock: Clock = clock_or_default(clock)
         self._synchronous = synchronous.upper()
         self._busy_ms = int(busy_timeout * 1000)
         self._lock = new_lock()

@@ -89,6 +89,11 @@ def error_loggers(caplog: pytest.LogCaptureFixture) -> list[str]:
         ("max_attempts = 99\n", "max_attempts (from policy file "),
         # read when the first target's breaker is made: checked at start-up instead
         ({"OTEL_RECOVERY_STORE_URL": "mysql://db/x"}, "OTEL_RECOVERY_STORE_URL='mysql://db/x'"),
+        # the learner's store reads it when it is built: checked at start-up too
+        (
+            {"OTEL_RECOVERY_STORE_URL": "memory://", "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES": "lots"},
+            "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES must be a positive number of bytes, got 'lots'",
+        ),
         ('[targets."[::1"]\nmax_attempts = 2\n', "'[::1' is not a host or host:port"),
     ],
 )
@@ -105,7 +110,12 @@ def test_a_bad_value_from_the_environment_or_file_is_logged_once_and_leaves_us_o
     assert error_loggers(caplog) == ["otel_recovery.instrumentors"]
     assert not probe.is_instrumented_by_opentelemetry and Client().call() == "original"
     assert probe.targets is None
-    for name in ("OTEL_RECOVERY_MAX_ATTEMPTS", "OTEL_RECOVERY_CONFIG", "OTEL_RECOVERY_STORE_URL"):
+    for name in (
+        "OTEL_RECOVERY_MAX_ATTEMPTS",
+        "OTEL_RECOVERY_CONFIG",
+        "OTEL_RECOVERY_STORE_URL",
+        "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES",
+    ):
         monkeypatch.delenv(name, raising=False)
     probe.instrument()  # fixed: a later instrument() installs us
     assert probe.is_instrumented_by_opentelemetry and Client().call() == "ours(original)"
@@ -385,6 +395,10 @@ def test_a_socket_directory_and_an_ipv6_host_list_are_found_as_the_targets_name_
         ("[db.internal]:5432", r"brackets hold an IPv6 address, and 'db.internal' is not one"),
         ("db.internal:port", r"the port in 'db.internal:port' is not a number"),
         ("xn--zz.example", r"'xn--zz.example' is not a valid internationalised domain name"),
+        # matched as written, these sections were never applied to any call
+        ("https://api.example.com/v1", r"is a URL; .*\[targets.\"api.example.com\"\]"),
+        ("db.internal:70000", r"the port in 'db.internal:70000' is not a TCP port"),
+        ("[::1]:0", r"the port in '\[::1\]:0' is not a TCP port"),
     ],
 )
 def test_a_target_key_that_names_no_target_is_an_error_naming_it(tmp_path, key, message):
@@ -621,3 +635,54 @@ def test_a_policy_file_in_another_format_names_the_accepted_ones(tmp_path, name,
     with pytest.raises(SettingsError, match=message) as bad:
         load_settings(environ=policy(tmp_path, text, name))
     assert "TOML, or JSON with a .json extension" in str(bad.value)
+
+
+def test_uninstrument_saves_what_the_learner_learned_since_its_last_save(
+    probe, monkeypatch, tmp_path
+):
+    from otel_recovery.learning.store import CheckpointLearnerStore
+
+    url = f"sqlite:///{tmp_path / 'learned.db'}"
+    monkeypatch.setenv("OTEL_RECOVERY_STORE_URL", url)
+    monkeypatch.setenv("OTEL_RECOVERY_LEARNING", "shadow")
+    probe.instrument()
+    probe.targets.learner.observe_recovery("probe:api", 0.25)  # saved every minute at most
+    probe.uninstrument()
+    saved = CheckpointLearnerStore(url, name="instrumentor.probe").load()
+    assert saved is not None and saved["delays"] == {"probe:api": [0.25]}
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("file", "fallback_value = 1979-05-27T07:32:00Z\n"),  # a TOML datetime
+        ("file", '[targets."api".operations."GET /x"]\nfallback_value = [1, 07:32:00]\n'),
+        ("argument", object()),
+        ("argument", float("nan")),
+    ],
+)
+def test_a_fallback_value_no_client_could_answer_with_is_refused_at_load(tmp_path, where, value):
+    """It was found by ``json.dumps`` when an HTTP call fell back, and the TypeError
+    replaced the failure the fallback was there to answer."""
+    if where == "file":
+        with pytest.raises(SettingsError, match=r"fallback_value.*a TOML date or time is not JSON"):
+            load_settings(environ=policy(tmp_path, value))
+    else:
+        with pytest.raises(SettingsError, match=r"fallback_value.*expected a JSON value"):
+            load_settings({"fallback_value": value}, environ={})
+    assert load_settings({"fallback_value": b"\x00raw"}, environ={}).fallback_value == b"\x00raw"
+
+
+def test_an_empty_variable_means_the_same_as_an_unset_one():
+    """The OpenTelemetry rule for environment variables. An empty one used to stop
+    recovery (``MAX_ATTEMPTS=``), empty a list (``HTTP_RETRY_METHODS=``: no retries) or name
+    a policy file called " "."""
+    empty = {
+        "OTEL_RECOVERY_MAX_ATTEMPTS": "",
+        "OTEL_RECOVERY_HTTP_RETRY_METHODS": " ",
+        "OTEL_RECOVERY_DEADLINE": "",
+        "OTEL_RECOVERY_FALLBACK_VALUE": "",
+        "OTEL_RECOVERY_CONFIG": "  ",
+        "OTEL_RECOVERY_ENABLED": "",
+    }
+    assert load_settings(environ=empty) == load_settings(environ={})

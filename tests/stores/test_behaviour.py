@@ -59,6 +59,13 @@ def test_list_returns_latest_live_versions_by_prefix_sorted(backend):
     assert [r.key for r in store.list("order_")] == ["order_x"]
     assert [r.key for r in store.list("ord%")] == ["ord%er"]
     assert [r.key for r in store.list()] == ["ord%er", "order:1", "order:2", "order_x", "user:1"]
+    for key in ("b", "B", "a", "Z", "é"):
+        store.put(key, b"{}")
+    # code point order on every store, whatever the database's locale would sort
+    assert [r.key for r in store.list()] == sorted(
+        [*"bBaZ", "é", "ord%er", "order:1", "order:2", "order_x", "user:1"]
+    )
+    assert [r.key for r in store.list()][:4] == ["B", "Z", "a", "b"]
 
 
 def test_ttl_expires_and_the_latest_live_version_is_returned(backend):
@@ -116,6 +123,14 @@ def test_bad_arguments_are_refused_before_reaching_the_backend(backend):
         store.put("k", b"x", ttl=0)
     with pytest.raises(ValueError, match="finite"):
         store.incr("s", {"n": float("nan")})
+    # past what Redis, PostgreSQL and datetime take: one message on every store
+    for ttl in (float("inf"), 1e17):
+        with pytest.raises(ValueError, match=r"ttl must be at most 1e\+09 seconds"):
+            store.put("k", b"x", ttl=ttl)
+    with pytest.raises(TypeError, match="encodes as UTF-8"):
+        store.put("k\ud800", b"x")
+    with pytest.raises(TypeError, match="encodes as UTF-8"):
+        store.incr("s", {"n\udfff": 1})
     assert store.get("k") is None
 
 
@@ -176,6 +191,20 @@ def test_checkpoints_round_trip_on_every_backend(backend):
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint named 'bad'"):
         checkpoints.load("bad")
     assert checkpoints.delete("job") == 3
+
+
+def test_every_float_comes_back_a_float_of_the_same_value_and_sign(backend):
+    """PostgreSQL's jsonb printed 1e+300 back as an integer (not even equal to it) and
+    dropped the sign of -0.0: such a state now goes to the raw column there."""
+    import math
+
+    checkpoints = Checkpoints(backend.open(), clock=backend.clock)
+    numbers = [1e300, 1e16, 2.5e-12, -0.0, 0.1, 123456789.125, 7]
+    checkpoints.save("floats", {"numbers": numbers, "label": "e+ -0.0 in a string"})
+    restored = checkpoints.load("floats").state["numbers"]
+    assert [type(n) for n in restored] == [type(n) for n in numbers]
+    assert restored == numbers
+    assert math.copysign(1.0, restored[3]) == -1.0
 
 
 async def test_async_checkpoints_on_every_backend(backend):
