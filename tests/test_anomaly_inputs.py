@@ -136,3 +136,16 @@ def test_warm_up_silences_the_unfiltered_score_too() -> None:
         detector.update(1.0 + 0.1 * (minute % 3), 1_700_000_000 + 60 * minute)
     detector.update(500.0, 1_700_000_000 + 60 * 40)
     assert detector.last.raw_score > 0.5  # warm: the same jump is news
+
+
+def test_a_huge_glitch_does_not_blind_the_detector_to_the_next_one() -> None:
+    """The scale's floor was a millionth of the latest value: after a 1e9 glitch on a series
+    near 1 it was 1000, and a 400-sigma jump right after it scored 0.31."""
+    rng = np.random.default_rng(3)
+    detector = AnomalyDetector(refractory=0)
+    start = 1_700_000_000
+    for minute in range(200):
+        detector.update(1.0 + rng.normal(0, 0.01), start + 60 * minute)
+    assert detector.update(1e9, start + 60 * 200) > 0.99
+    assert detector.update(5.0, start + 60 * 201) > 0.9
+    assert detector.last.scale < 1.0

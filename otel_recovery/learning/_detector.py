@@ -383,8 +383,9 @@ class StreamingDetector:
         if sq > cap and self._count >= cfg.warmup and self._var > 0.0:
             sq = cap
         self._var += rate * (sq - self._var)
-        # Never divide by (almost) zero: a flat series gets a scale of a millionth of its size.
-        self._floor = 1e-6 * max(abs(y), abs(base.level), 1e-3)
+        # Never divide by (almost) zero: a flat series gets a scale of a millionth of its level
+        # (not of the latest value: after a 1e9 glitch that floor hid the next one).
+        self._floor = 1e-6 * max(abs(base.level), 1e-3)
 
     def _refit(self) -> None:
         cfg = self.config
