@@ -94,7 +94,7 @@ class MonotonicClock:
         # it when they monkey-patch, which under gunicorn's gevent worker happens after
         # opentelemetry-instrument imported us. The original would stop every greenlet of
         # the worker for the whole backoff, not just the one retrying.
-        time.sleep(seconds)
+        time.sleep(min(seconds, MAX_SECONDS))  # past about 292 years it would overflow
 
     asleep = staticmethod(async_sleep)
 
@@ -132,8 +132,9 @@ def to_seconds(
 
     Raises ``TypeError``/``ValueError`` naming the parameter, so configuration mistakes
     surface at construction time rather than at the first failure in production. A duration
-    is finite and at most :data:`MAX_SECONDS`; ``allow_inf`` admits ``float("inf")`` where the
-    parameter means "no bound" and the code that reads it handles that.
+    is finite and at most :data:`MAX_SECONDS`; ``allow_inf`` lifts the bound, ``float("inf")``
+    included, where the parameter may mean "no bound" (a cap, a patience, a deadline) and
+    the code that reads it only compares with it or caps what it computes from it.
     """
     if value is None:
         if allow_none:
@@ -152,9 +153,8 @@ def to_seconds(
             seconds = math.inf
     if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
-    if seconds > MAX_SECONDS and not (allow_inf and seconds == math.inf):
-        bound = "; use float('inf') for no bound" if allow_inf else ""
+    if seconds > MAX_SECONDS and not allow_inf:
         raise ValueError(
-            f"{name} must be at most {MAX_SECONDS:g} seconds (about 31 years), got {value!r}{bound}"
+            f"{name} must be at most {MAX_SECONDS:g} seconds (about 31 years), got {value!r}"
         )
     return seconds

@@ -6,6 +6,8 @@ needed by code that only wants virtual time (the benchmarks' simulations, for on
 
 from __future__ import annotations
 
+import math
+
 from otel_recovery._clock import Duration, async_sleep, to_seconds
 from otel_recovery._forksafe import new_lock
 
@@ -34,7 +36,9 @@ class FakeClock:
 
     def advance(self, seconds: Duration) -> None:
         """Move virtual time forward without recording a sleep."""
-        delta = to_seconds(seconds, "seconds")
+        delta = to_seconds(seconds, "seconds", allow_inf=True)  # virtual: no overflow
+        if delta == math.inf:
+            raise ValueError("seconds must be finite: virtual time cannot reach infinity")
         with self._lock:
             self._now += delta
 

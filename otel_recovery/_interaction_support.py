@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import random
 import re
 from collections.abc import Callable, Iterator, Mapping, MutableSequence, Sequence
@@ -267,6 +268,8 @@ _LISTS_ROLLING: dict[int, tuple[Compensations, int]] = {}
 """The stack each list of undos being rolled back is run as, and how many rollbacks hold
 it: recoveries given the same list at once share one stack, so its undos run once."""
 _lists_lock = new_lock()
+if hasattr(os, "register_at_fork"):  # a forked child rolls back nothing of its parent's
+    os.register_at_fork(after_in_child=_LISTS_ROLLING.clear)
 
 
 def _stack_of(undos: Sequence[Any]) -> Compensations:

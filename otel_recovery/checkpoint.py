@@ -138,7 +138,7 @@ def max_size_from_env() -> int:
     raw = os.environ.get(ENV_MAX_SIZE, "").strip()
     if not raw:
         return DEFAULT_MAX_SIZE
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:  # "1²" is a digit to isdigit
         raise StoreConfigError(f"{ENV_MAX_SIZE} must be a positive number of bytes, got {raw!r}")
     return int(raw)
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from opentelemetry import trace
 
 from otel_recovery._driver_async import resolve
-from otel_recovery._forksafe import new_lock
+from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery._redact import redact
 from otel_recovery.policies import ExponentialBackoff, Retry
 from otel_recovery.recover import RecoveryPolicy
@@ -109,6 +109,17 @@ class Compensations:
         self._undos: list[tuple[str, Undo]] = []
         self._running = False
         self._guard = new_lock()
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        """The thread that was running the undos is not in a forked child: the stack is
+        free there (what it had not run yet is still on it)."""
+        self._running = False
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Compensations:
+        clone = Compensations()
+        clone._undos = copy.deepcopy(self._undos, memo)
+        return clone
 
     def add(self, undo: Undo, *, name: str | None = None) -> None:
         if not callable(undo):

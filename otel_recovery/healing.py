@@ -120,7 +120,7 @@ class HealingRegistry:
     """ErrorKind -> remediation actions. Thread-safe; actions run in registration order."""
 
     def __init__(self, *, max_timeout: Duration = 30.0, builtins: bool = True) -> None:
-        self.max_timeout = to_seconds(max_timeout, "max_timeout")
+        self.max_timeout = to_seconds(max_timeout, "max_timeout", allow_inf=True)
         if self.max_timeout <= 0:
             raise ValueError(f"max_timeout must be > 0 seconds, got {max_timeout!r}")
         self._lock = new_lock()

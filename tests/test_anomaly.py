@@ -177,9 +177,10 @@ def test_every_baseline_family_detects_a_spike(model: str) -> None:
 def test_fits_on_a_worker_thread_leave_the_hosts_warnings_alone() -> None:
     """Fits run on the span processor's thread. They ran inside ``warnings.catch_warnings``
     with every warning ignored, which swaps the process-wide filter list: the host's own
-    warnings went unshown for as long as a fit lasted. (statsmodels still swaps the list
-    for a moment around its optimizer, ignoring only its own messages: a filter the host
-    adds in that moment can be lost; see the README.)"""
+    warnings went unshown for as long as a fit lasted. Their own warnings are silenced on
+    their thread only. (statsmodels still swaps the list for a moment around its optimizer,
+    ignoring only its own messages: a filter the host adds in that moment can be lost; see
+    the README.)"""
     t, y = _series("spike", 1)
     done = threading.Event()
 
@@ -198,8 +199,14 @@ def test_fits_on_a_worker_thread_leave_the_hosts_warnings_alone() -> None:
             warnings.warn("host warning", UserWarning, stacklevel=1)
             warned += 1
         worker.join()
+        # the host's own statsmodels warnings are still shown after the fits
+        warnings.warn_explicit(
+            "host model did not converge", UserWarning, "model.py", 1, "statsmodels.base.model"
+        )
     assert warned > 10  # the host was busy throughout the fits
     assert sum(str(w.message) == "host warning" for w in seen) == warned
+    assert "host model did not converge" in [str(w.message) for w in seen]
+    assert all(w.filename.endswith(("test_anomaly.py", "model.py")) for w in seen)  # fits: none
 
 
 def test_fitted_dynamics_beat_a_fixed_smoothing_on_autocorrelated_data() -> None:

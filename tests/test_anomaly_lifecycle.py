@@ -283,3 +283,10 @@ def test_force_flush_has_the_worker_score_and_waits_at_most_its_timeout() -> Non
 def test_settings_that_would_spin_or_end_every_anomaly_at_once_are_refused(setting, message):
     with pytest.raises(ValueError, match=message):
         AnomalySpanProcessor(start_worker=False, **setting)
+
+
+def test_a_clock_that_is_not_a_clock_is_refused_where_it_is_passed() -> None:
+    import time
+
+    with pytest.raises(TypeError, match="clock must implement otel_recovery Clock"):
+        AnomalySpanProcessor(clock=time.monotonic, start_worker=False)

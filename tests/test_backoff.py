@@ -103,7 +103,7 @@ def test_custom_backoff_rejects_negative_delays_with_a_clear_message():
         ({"multiplier": float("nan")}, "multiplier must be a finite number >= 1"),
         ({"multiplier": float("inf")}, "multiplier must be a finite number >= 1"),
         # past time.sleep's range: refused here, not an OverflowError mid-failure
-        ({"maximum": float("inf")}, r"maximum must be at most 1e\+09 seconds"),
+        ({"initial": float("inf")}, r"initial must be at most 1e\+09 seconds"),
         ({"initial": 10**400, "maximum": 10**400}, r"initial must be at most 1e\+09 seconds"),
         ({"initial": 2, "maximum": 1}, "maximum .* must be >= initial"),
         ({"initial": -1}, "initial must be >= 0"),

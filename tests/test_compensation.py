@@ -520,3 +520,29 @@ async def test_psycopg_async_connection(table):
         await arun_transaction(conn, body, telemetry=False)
         cur = await conn.execute(f"SELECT value FROM {table} WHERE id = 1")
         assert (await cur.fetchone())[0] == 5
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_what_its_parent_thread_had_not_run_yet():
+    """The stack's "being run" mark belongs to a thread the child does not have: it is
+    cleared there, or every compensate() in the child would be refused for good."""
+    ran: list[str] = []
+    started, release = threading.Event(), threading.Event()
+    saga = Compensations()
+    saga.add(lambda: ran.append("cancel order"), name="cancel order")
+    saga.add(lambda: started.set() or release.wait(10), name="slow refund")
+    thread = threading.Thread(target=saga.compensate)
+    thread.start()
+    assert started.wait(10)  # the refund is running in the thread
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's verdict is its exit code
+        try:
+            failures = saga.compensate()
+            os._exit(0 if failures == [] and ran == ["cancel order"] else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    thread.join(10)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert ran == ["cancel order"] and len(saga) == 0

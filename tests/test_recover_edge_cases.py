@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import sys
+from datetime import timedelta
 
 import pytest
 from opentelemetry import trace
 
+from otel_recovery.learning import StrategyLearner
 from otel_recovery.policies import (
     Bulkhead,
     BulkheadFullError,
@@ -16,8 +20,10 @@ from otel_recovery.policies import (
     FixedBackoff,
     Retry,
     RetryBudget,
+    Timeout,
     remaining_time,
 )
+from otel_recovery.policies.backoff import CustomBackoff, ExponentialBackoff
 from otel_recovery.recover import RecoveryPolicy, recover
 from otel_recovery.telemetry import attributes as names
 from otel_recovery.testing import FakeClock
@@ -389,8 +395,15 @@ def test_infinity_stays_the_spelling_of_no_bound_where_a_parameter_has_one():
         CircuitBreaker(name="x", timeout_multiplier=2, max_timeout=float("inf")).retry_after()
         is None
     )
-    with pytest.raises(ValueError, match="use float\\('inf'\\) for no bound"):
-        Bulkhead(1, max_wait=1e12)
+    # the usual "forever" spellings too, wherever a parameter may mean no bound
+    assert Bulkhead(1, max_wait=timedelta.max).max_wait > 1e9
+    assert Retry(deadline=sys.maxsize, retry_after_cap=float("inf")).retry_after_cap > 1e9
+    assert Timeout(float("inf")).seconds == float("inf")
+    assert StrategyLearner(save_interval=float("inf"), half_life=float("inf")) is not None
+    uncapped = ExponentialBackoff(initial=1, maximum=float("inf"), jitter="none")
+    assert [uncapped.nominal(n) for n in (1, 2, 3)] == [1, 2, 4]
+    assert uncapped.nominal(10_000) == 1e9  # still a time one can sleep
+    assert CustomBackoff(lambda n, p: float("inf")).delay(1, 0.0, random.Random()) > 1e9
 
 
 def test_a_clock_that_is_not_a_clock_is_refused_where_it_is_passed():
@@ -418,6 +431,7 @@ def test_a_clock_that_is_not_a_clock_is_refused_where_it_is_passed():
     ("on", "error", "message"),
     [
         ((), ValueError, r"Fallback on=\(\) names no exception type"),
+        (((),), ValueError, r"Fallback on=\(\) names no exception type"),
         ((ValueError, "Timeout"), TypeError, "Fallback on= tuple must hold exception types only"),
         (42, TypeError, "Fallback on= must be exception types or a predicate"),
     ],
@@ -427,6 +441,7 @@ def test_a_fallback_on_that_matches_nothing_or_cannot_match_is_refused(on, error
     replacing the caller's error; an empty one quietly never answered."""
     with pytest.raises(error, match=message):
         Fallback(1, on=on)
+    assert Fallback(1, on=(ValueError, (KeyError, IndexError))).handles(IndexError())
 
 
 def test_a_context_that_is_not_a_mapping_is_refused_naming_it():

@@ -40,6 +40,7 @@ from otel_recovery._clock import SYSTEM_CLOCK, Clock
 from otel_recovery._config import SWITCHES
 from otel_recovery.checkpoint import max_size_from_env
 from otel_recovery.classify import Classifier
+from otel_recovery.instrumentors._setting_values import check_http_fallback
 from otel_recovery.instrumentors._settings import (
     RecoverySettings,
     SettingsError,
@@ -100,6 +101,10 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     span_mode: ClassVar[Literal["own", "current"]] = "own"
     """``"own"``: a ``recover`` span around the attempts (HTTP: per-attempt client spans
     nest inside it). ``"current"``: annotate the logical operation's span (DB, Redis)."""
+    fallback_is_a_body: ClassVar[bool] = False
+    """Whether a configured ``fallback_value`` becomes a response body (HTTP): then one from
+    ``instrument()`` must be bytes, text or JSON (from the environment or the file it always
+    must)."""
     fallback_on: ClassVar[tuple[type[BaseException], ...]] = (Exception,)
     """What a configured ``fallback_value`` answers for; narrow it to dependency failures so
     a programming error (a malformed URL) still surfaces."""
@@ -148,6 +153,8 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         options = {k: v for k, v in kwargs.items() if k not in _OWN_KWARGS}
         try:
             settings = load_settings(options)
+            if self.fallback_is_a_body:
+                check_http_fallback(settings.arguments)
             _check_store_url()
         except SettingsError as error:
             if error.from_arguments:

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -244,7 +244,9 @@ def _coerce(name: str, raw: Any, default: Any, source: str) -> Any:
     if name == "fallback_value":
         if isinstance(raw, str) and source == "env":
             return _json(raw)
-        return _answerable(raw)
+        # from instrument(), any value: a Redis or SQL read may answer with a set, a row,
+        # bytes; the HTTP instrumentors check theirs (check_http_fallback)
+        return raw if source == _ARGUMENTS else _answerable(raw)
     if isinstance(default, bool):
         return _boolean(raw)
     if isinstance(raw, bool):  # True is an int to Python, not a number to a reader
@@ -269,12 +271,27 @@ def _coerce(name: str, raw: Any, default: Any, source: str) -> Any:
 
 
 def _answerable(value: Any) -> Any:
-    """A fallback an HTTP client can answer with: bytes, text or JSON. Checked here, where
-    the setting is read: a TOML date, ``nan`` or an object found by ``json.dumps`` at the
-    first failure would replace the failure with a ``TypeError``."""
+    """A fallback an HTTP client can answer with: bytes, text or JSON. Checked where the
+    setting is read: a TOML date, ``nan`` or an object found by ``json.dumps`` at the first
+    failure would replace the failure with a ``TypeError``."""
     if not isinstance(value, (str, bytes, bytearray)):
         json.dumps(value, allow_nan=False)  # TypeError or ValueError: reported as not valid
     return value
+
+
+def check_http_fallback(arguments: Mapping[str, Any]) -> None:
+    """An HTTP instrumentor's ``instrument(fallback_value=...)``: one it can answer with."""
+    if "fallback_value" not in arguments:
+        return
+    value = arguments["fallback_value"]
+    try:
+        _answerable(value)
+    except (TypeError, ValueError) as error:
+        raise SettingsError(
+            f"{_label('fallback_value', _ARGUMENTS)}={value!r} is not valid: an HTTP client "
+            'answers with bytes, text or a JSON value (null, true, 0, "text", [...] or {...})',
+            from_arguments=True,
+        ) from error
 
 
 def _json(raw: str) -> Any:

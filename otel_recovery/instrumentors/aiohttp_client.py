@@ -77,6 +77,7 @@ class AioHttpClientRecoveryInstrumentor(RecoveryInstrumentor):
     library = "aiohttp"
     instruments = ("aiohttp >= 3.8",)
     span_mode = "own"
+    fallback_is_a_body = True
     attempt_timeout_error = AioHttpAttemptTimeoutError
     fallback_on = (
         RetryableStatusError,

@@ -90,6 +90,7 @@ class HTTPXRecoveryInstrumentor(RecoveryInstrumentor):
     library = "httpx"
     instruments = ("httpx >= 0.23",)
     span_mode = "own"
+    fallback_is_a_body = True
     attempt_timeout_error = HTTPXAttemptTimeoutError
     fallback_on = (
         RetryableStatusError,

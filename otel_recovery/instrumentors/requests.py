@@ -82,6 +82,7 @@ class RequestsRecoveryInstrumentor(RecoveryInstrumentor):
     library = "requests"
     instruments = ("requests >= 2.25",)
     span_mode = "own"
+    fallback_is_a_body = True
     fallback_on = (
         RetryableStatusError,
         CircuitOpenError,

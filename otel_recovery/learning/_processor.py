@@ -59,7 +59,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import StatusCode
 
 from otel_recovery import __about__
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery.learning._detector import DetectorConfig, StreamingDetector
 from otel_recovery.learning._error_rate import ErrorRateDetector
@@ -117,7 +117,7 @@ class AnomalySpanProcessor(SpanProcessor):
         reconfirm: Duration = 300.0,
         flush_interval: Duration = 1.0,
         max_pending: int = 100_000,
-        clock: Clock = SYSTEM_CLOCK,
+        clock: Clock | None = None,
         bus: AnomalyBus | None = None,
         meter_provider: MeterProvider | None = None,
         detector_factory: Callable[[], StreamingDetector] | None = None,
@@ -149,7 +149,7 @@ class AnomalySpanProcessor(SpanProcessor):
         self._confirm = confirm
         self._recover = recover
         self._max_pending = max_pending
-        self._clock = clock
+        self._clock = clock_or_default(clock)
         self.bus = bus if bus is not None else AnomalyBus()
         if detector_factory is None:
             from otel_recovery.learning.anomaly import AnomalyDetector
@@ -191,6 +191,7 @@ class AnomalySpanProcessor(SpanProcessor):
         self._wake = threading.Event()  # a flush asked for, or shutdown
         self._flushes: deque[threading.Event] = deque()  # each set once its spans are in
         self._shut = False
+        self._flush_lock = new_lock()  # a flush is queued before shutdown, or not at all
         self._worker: threading.Thread | None = None
         if start_worker:
             self._start_worker()
@@ -244,7 +245,8 @@ class AnomalySpanProcessor(SpanProcessor):
     def shutdown(self) -> None:
         """Stop the worker, aggregate what is pending, and end every active anomaly: nothing
         will reconfirm them, so subscribers should not keep acting on them."""
-        self._shut = True
+        with self._flush_lock:
+            self._shut = True
         self._stop.set()
         self._wake.set()
         worker = self._worker
@@ -267,16 +269,19 @@ class AnomalySpanProcessor(SpanProcessor):
         ``force_flush`` at the end of a request or a serverless invocation) can spare.
         False when the time ran out first. Without a running worker it is done here."""
         worker = self._worker
-        if (
-            worker is None
-            or not worker.is_alive()
-            or worker is threading.current_thread()
-            or self._stop.is_set()
-        ):
+        done = threading.Event()
+        with self._flush_lock:
+            queued = not (
+                self._shut
+                or worker is None
+                or not worker.is_alive()
+                or worker is threading.current_thread()
+            )
+            if queued:  # shutdown, if it comes now, answers it
+                self._flushes.append(done)
+        if not queued:
             self.process()
             return True
-        done = threading.Event()
-        self._flushes.append(done)
         self._wake.set()
         return done.wait(max(timeout_millis, 0) / 1000.0)
 
@@ -287,9 +292,9 @@ class AnomalySpanProcessor(SpanProcessor):
         # about buckets uses the injected clock.
         while True:
             self._wake.wait(self._interval)
+            self._wake.clear()  # before the check: shutdown sets the stop, then the wake
             if self._stop.is_set():
                 return  # shutdown processes what is left and answers the flushes
-            self._wake.clear()
             asked = len(self._flushes)  # those asked before this pass: it takes their spans
             try:
                 self.process()

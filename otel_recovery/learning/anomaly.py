@@ -26,10 +26,7 @@ times slower and warn).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -45,6 +42,7 @@ from otel_recovery.learning._detector import (
     StreamingDetector,
 )
 from otel_recovery.learning._error_rate import ErrorRateDetector, ErrorRateEstimate
+from otel_recovery.learning._fit_warnings import quiet_fit
 from otel_recovery.learning._processor import (
     SERIES_DETECTOR_CONFIG,
     AnomalySpanProcessor,
@@ -71,36 +69,12 @@ FloatArray = npt.NDArray[np.float64]
 
 _MIN_SEASONAL_GAIN = 0.2
 
-_FIT_WARNINGS = r"(statsmodels|otel_recovery\.learning\.anomaly)(\.|$)"
-"""Modules whose warnings a fit silences: statsmodels' own (non-convergence, frequency
-guesses) and those it attributes to this module, its caller."""
-
-
-@contextlib.contextmanager
-def _quiet_fit() -> Iterator[None]:
-    """Silence a fit's warnings without touching anyone else's.
-
-    Fits run on the span processor's worker thread. ``warnings.catch_warnings`` swaps the
-    process-wide filter list and puts its copy back on exit: a filter the host added in the
-    meantime, on any thread, was lost, and the host's own warnings went unshown during every
-    fit. One filter, added once (again if something removed it), names only the fits'
-    modules; numpy's floating-point warnings are silenced with ``np.errstate``, which is
-    per thread.
-    """
-    if not any(
-        action == "ignore" and getattr(module, "pattern", None) == _FIT_WARNINGS
-        for action, _, _, module, _ in warnings.filters
-    ):
-        warnings.filterwarnings("ignore", module=_FIT_WARNINGS)
-    with np.errstate(all="ignore"):
-        yield
-
 
 def _decompose(gridded: FloatArray, bins: int, model: str) -> tuple[FloatArray, FloatArray]:
     """(seasonal, trend) components: STL for ``stl``, classical moving averages otherwise."""
     from statsmodels.tsa.seasonal import STL, seasonal_decompose  # type: ignore[import-untyped]
 
-    with _quiet_fit():
+    with quiet_fit():
         if model == "stl":
             stl = STL(gridded, period=bins, robust=False).fit()
             return np.asarray(stl.seasonal), np.asarray(stl.trend)
@@ -193,7 +167,7 @@ def _fit_holt_winters(days: FloatArray, first_phase: int, bins: int) -> FitResul
     width = _best_width(days - trend, bins)
     if width is None:
         return None
-    with _quiet_fit():
+    with quiet_fit():
         result = ExponentialSmoothing(
             days,
             trend="add",
@@ -226,7 +200,7 @@ def _fit_ets(values: FloatArray, alpha_bounds: tuple[float, float]) -> tuple[Smo
     from statsmodels.tsa.exponential_smoothing.ets import ETSModel  # type: ignore[import-untyped]
 
     best: tuple[float, Smoothing, float] | None = None
-    with _quiet_fit():
+    with quiet_fit():
         for trend in (False, True):
             try:
                 model = ETSModel(
@@ -259,7 +233,7 @@ def _fit_ets(values: FloatArray, alpha_bounds: tuple[float, float]) -> tuple[Smo
 def _fit_sarimax(values: FloatArray) -> tuple[Smoothing, float]:
     from statsmodels.tsa.statespace.sarimax import SARIMAX  # type: ignore[import-untyped]
 
-    with _quiet_fit():
+    with quiet_fit():
         result = SARIMAX(values, order=(1, 1, 1)).fit(disp=False, maxiter=50)
     p = dict(zip(result.model.param_names, np.asarray(result.params), strict=True))
     ar = float(np.clip(p["ar.L1"], -0.99, 0.99))

@@ -59,7 +59,7 @@ from enum import Enum
 from typing import Any
 
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
-from otel_recovery._forksafe import new_lock
+from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery.learning._backoff import LearnedBackoff
 from otel_recovery.learning._decisions import (
     DecisionKey,
@@ -100,7 +100,7 @@ def _save_before_exit() -> None:
     with the process: save it on the way out, quietly, as the periodic save does."""
     for learner in list(_WITH_STORES):
         if learner._pending:  # nothing new: no round trip to the store at exit
-            learner._save_quietly()
+            learner._save_quietly(action="save at exit")
 
 
 class StrategyLearner:
@@ -138,7 +138,7 @@ class StrategyLearner:
         self.caps = caps if caps is not None else HardCaps()
         self.reward = reward if reward is not None else RewardWeights()
         self._tau = to_seconds(self.caps.window, "caps.window")
-        self.half_life = to_seconds(half_life, "half_life")
+        self.half_life = to_seconds(half_life, "half_life", allow_inf=True)
         if self.half_life <= 0:
             raise ValueError(f"half_life must be > 0 seconds, got {half_life!r}")
         check_options(
@@ -169,7 +169,7 @@ class StrategyLearner:
         self._delay_size = delay_samples
         self._min_delay_samples = min_delay_samples
         self._max_contexts = max_contexts
-        self._save_interval = to_seconds(save_interval, "save_interval")
+        self._save_interval = to_seconds(save_interval, "save_interval", allow_inf=True)
         self._rng = rng if rng is not None else random.Random()
         self._store = store
         self._lock = new_lock()
@@ -188,7 +188,7 @@ class StrategyLearner:
         self._reported: set[str] = set()
         if store is not None:
             _WITH_STORES.add(self)
-        if store is not None:
+            reset_in_child(self)
             try:
                 snapshot = store.load()
                 if snapshot is not None:
@@ -197,6 +197,14 @@ class StrategyLearner:
                 # A snapshot from a newer version (a downgrade), a broken one, a store that
                 # cannot be read: start from the priors rather than stop the service.
                 self._report("load", problem)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child (a pre-fork server's worker) is a new writer: it owes the store
+        nothing of what its parent learned (the parent does), and sharing the parent's writer
+        id and sequence number would make one's save look like the other's own."""
+        self._pending = Pending()
+        self._writer = uuid.uuid4().hex
+        self._seq = 0
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -570,14 +578,14 @@ class StrategyLearner:
         with self._sync_lock:
             self._sync()
 
-    def _save_quietly(self) -> None:
+    def _save_quietly(self, action: str = "save") -> None:
         """The periodic save: skipped while another runs, never raising into the caller."""
         if not self._sync_lock.acquire(blocking=False):
             return
         try:
             self._sync()
         except Exception as problem:
-            self._report("save", problem)
+            self._report(action, problem)
         finally:
             self._sync_lock.release()
 
@@ -667,6 +675,8 @@ class StrategyLearner:
             what = "could not use the stored snapshot; it starts from its priors"
         elif isinstance(problem, NewerSnapshotError):
             what = "does not save over a snapshot written by a newer version"
+        elif action == "save at exit":
+            what = "could not save what it learned since its last save before the process exit"
         else:
             what = "could not save its snapshot; it keeps learning and retries later"
         _log.warning(

@@ -23,15 +23,22 @@ def check_error_match(on: object, who: str) -> ErrorMatch:
             )
         return on
     if isinstance(on, tuple):
-        if not on:
+        if not _leaves(on):
             raise ValueError(
                 f"{who} on=() names no exception type, so it would never act; name the "
                 "types (on=(ConnectionError, TimeoutError)) or leave on= out"
             )
-        for item in on:
+        for item in _leaves(on):  # isinstance takes nested tuples: so does on=
             if not (isinstance(item, type) and issubclass(item, BaseException)):
                 raise TypeError(f"{who} on= tuple must hold exception types only, got {item!r}")
         return on
     if callable(on):
         return on
     raise TypeError(f"{who} on= must be exception types or a predicate, got {on!r}")
+
+
+def _leaves(types: tuple[object, ...]) -> list[object]:
+    found: list[object] = []
+    for item in types:
+        found.extend(_leaves(item) if isinstance(item, tuple) else [item])
+    return found

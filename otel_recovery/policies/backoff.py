@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable
 from typing import Literal, Protocol, runtime_checkable
 
-from otel_recovery._clock import Duration, to_seconds
+from otel_recovery._clock import MAX_SECONDS, Duration, to_seconds
 
 __all__ = ["Backoff", "CustomBackoff", "ExponentialBackoff", "FixedBackoff", "Jitter"]
 
@@ -55,7 +55,7 @@ class ExponentialBackoff:
         jitter: Jitter = "full",
     ) -> None:
         self.initial = to_seconds(initial, "initial")
-        self.maximum = to_seconds(maximum, "maximum")
+        self.maximum = to_seconds(maximum, "maximum", allow_inf=True)
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
             raise TypeError(f"multiplier must be a number >= 1, got {multiplier!r}")
         if not 1 <= multiplier < math.inf:  # NaN fails this too
@@ -76,15 +76,15 @@ class ExponentialBackoff:
         try:
             value = self.initial * self.multiplier**exponent
         except OverflowError:
-            return self.maximum
-        return min(self.maximum, value)
+            value = math.inf
+        return min(self.maximum, value, MAX_SECONDS)  # an uncapped maximum: still a sleep
 
     def delay(self, retry_number: int, previous_delay: float, rng: random.Random) -> float:
         """See :class:`Backoff`."""
         jitter = self.jitter
         if jitter == "decorrelated":
             upper = 3.0 * max(previous_delay, self.initial)
-            return min(self.maximum, rng.uniform(self.initial, upper))
+            return min(self.maximum, rng.uniform(self.initial, upper), MAX_SECONDS)
         nominal = self.nominal(retry_number)
         if jitter == "full":
             return rng.uniform(0.0, nominal)
@@ -138,7 +138,9 @@ class CustomBackoff:
     def delay(self, retry_number: int, previous_delay: float, rng: random.Random) -> float:
         """The function's delay, checked to be seconds (a number or a ``timedelta``)."""
         value = self.func(retry_number, previous_delay)
-        return to_seconds(value, f"delay returned by {self.func!r}")
+        # no bound here: a huge delay (inf to say "give up") meets the deadline, or the
+        # clock's sleep caps it; it is not an error in the middle of a failure
+        return to_seconds(value, f"delay returned by {self.func!r}", allow_inf=True)
 
     def __repr__(self) -> str:
         return f"CustomBackoff({self.func!r})"

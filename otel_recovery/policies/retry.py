@@ -116,7 +116,7 @@ class Retry:
             backoff = CustomBackoff(backoff)
         self.backoff: Backoff = backoff
         self.on = None if on is None else check_error_match(on, "Retry")
-        self.retry_after_cap = to_seconds(retry_after_cap, "retry_after_cap")
+        self.retry_after_cap = to_seconds(retry_after_cap, "retry_after_cap", allow_inf=True)
         self.retry_after_jitter = to_seconds(retry_after_jitter, "retry_after_jitter")
         if rng is not None and not isinstance(rng, random.Random):
             raise TypeError(

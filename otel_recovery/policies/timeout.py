@@ -28,7 +28,7 @@ class Timeout:
     __slots__ = ("seconds",)
 
     def __init__(self, seconds: Duration) -> None:
-        self.seconds = to_seconds(seconds, "seconds")
+        self.seconds = to_seconds(seconds, "seconds", allow_inf=True)
         if self.seconds == 0:
             raise ValueError("Timeout seconds must be > 0")
 

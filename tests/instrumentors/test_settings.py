@@ -94,6 +94,10 @@ def error_loggers(caplog: pytest.LogCaptureFixture) -> list[str]:
             {"OTEL_RECOVERY_STORE_URL": "memory://", "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES": "lots"},
             "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES must be a positive number of bytes, got 'lots'",
         ),
+        (
+            {"OTEL_RECOVERY_STORE_URL": "memory://", "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES": "1²"},
+            "OTEL_RECOVERY_CHECKPOINT_MAX_BYTES must be a positive number of bytes, got '1²'",
+        ),
         ('[targets."[::1"]\nmax_attempts = 2\n', "'[::1' is not a host or host:port"),
     ],
 )
@@ -653,23 +657,30 @@ def test_uninstrument_saves_what_the_learner_learned_since_its_last_save(
 
 
 @pytest.mark.parametrize(
-    ("where", "value"),
+    "text",
     [
-        ("file", "fallback_value = 1979-05-27T07:32:00Z\n"),  # a TOML datetime
-        ("file", '[targets."api".operations."GET /x"]\nfallback_value = [1, 07:32:00]\n'),
-        ("argument", object()),
-        ("argument", float("nan")),
+        "fallback_value = 1979-05-27T07:32:00Z\n",  # a TOML datetime
+        '[targets."api".operations."GET /x"]\nfallback_value = [1, 07:32:00]\n',
     ],
 )
-def test_a_fallback_value_no_client_could_answer_with_is_refused_at_load(tmp_path, where, value):
+def test_a_fallback_value_in_the_file_no_client_could_answer_with_is_refused(tmp_path, text):
     """It was found by ``json.dumps`` when an HTTP call fell back, and the TypeError
     replaced the failure the fallback was there to answer."""
-    if where == "file":
-        with pytest.raises(SettingsError, match=r"fallback_value.*a TOML date or time is not JSON"):
-            load_settings(environ=policy(tmp_path, value))
-    else:
-        with pytest.raises(SettingsError, match=r"fallback_value.*expected a JSON value"):
-            load_settings({"fallback_value": value}, environ={})
+    with pytest.raises(SettingsError, match=r"fallback_value.*a TOML date or time is not JSON"):
+        load_settings(environ=policy(tmp_path, text))
+
+
+@pytest.mark.parametrize("value", [object(), float("nan"), {b"member"}])
+def test_an_http_instrumentor_refuses_a_fallback_value_it_cannot_answer_with(value):
+    """From ``instrument()`` any value is a Redis or SQL read's answer (a set, a row); an
+    HTTP instrumentor, whose answer is a body, refuses one that is not bytes, text or JSON."""
+    from otel_recovery.instrumentors.requests import RequestsRecoveryInstrumentor
+
+    assert load_settings({"fallback_value": value}, environ={}).fallback_value is value
+    http = RequestsRecoveryInstrumentor()
+    with pytest.raises(SettingsError, match=r"fallback_value .*an HTTP client answers with bytes"):
+        http.instrument(fallback_value=value)
+    assert not http.is_instrumented_by_opentelemetry
     assert load_settings({"fallback_value": b"\x00raw"}, environ={}).fallback_value == b"\x00raw"
 
 
