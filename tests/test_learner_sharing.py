@@ -363,3 +363,54 @@ learner.observe_recovery("db", 0.25)
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     assert CheckpointLearnerStore(url).load()["delays"] == {"db": [0.25]}
+
+
+class CommitsThenRaises:
+    """A load-and-save store whose next save stores the snapshot and then raises, as a
+    timeout after the commit would: the learner cannot tell whether it landed."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryLearnerStore()
+        self.ambiguous = False
+
+    def load(self):
+        return self.inner.load()
+
+    def save(self, snapshot):
+        self.inner.save(snapshot)
+        if self.ambiguous:
+            self.ambiguous = False
+            raise TimeoutError("no answer after the commit")
+
+
+def test_a_save_that_landed_but_raised_is_not_counted_twice():
+    """The evidence of a save that raised was folded back into what was owed, and saved
+    again: every observation of a save that had in fact landed was counted twice."""
+    store, clock = CommitsThenRaises(), FakeClock()
+    other = StrategyLearner(clock=clock, store=store, delay_samples=8)
+    other.observe_recovery("db", 0.5)
+    other.flush()  # another replica's snapshot: this learner's saves merge into it
+    learner = StrategyLearner(clock=clock, store=store, delay_samples=8)
+    learner.observe_recovery("db", 1.0)
+    store.ambiguous = True
+    with pytest.raises(TimeoutError):
+        learner.flush()  # it did land
+    learner.observe_recovery("db", 2.0)
+    learner.flush()
+    assert store.load()["delays"]["db"] == [0.5, 1.0, 2.0]
+
+
+def test_a_save_that_raised_and_did_not_land_is_owed_again_after_another_replica_saved():
+    store, clock = InterruptedStore(), FakeClock()
+    other = StrategyLearner(clock=clock, store=store, delay_samples=8)
+    other.observe_recovery("db", 0.5)
+    other.flush()
+    learner = StrategyLearner(clock=clock, store=store, delay_samples=8)
+    learner.observe_recovery("db", 1.0)
+    store.during = lambda: None  # the save raises before storing anything
+    with pytest.raises(ConnectionError):
+        learner.flush()
+    other.observe_recovery("db", 0.75)
+    other.flush()  # the store's snapshot moves on meanwhile
+    learner.flush()
+    assert sorted(store.load()["delays"]["db"]) == [0.5, 0.75, 1.0]

@@ -48,6 +48,7 @@ injected clock.
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import math
 import random
@@ -99,7 +100,7 @@ def _save_before_exit() -> None:
     """What a learner learned since its last save (up to ``save_interval`` of it) would die
     with the process: save it on the way out, quietly, as the periodic save does."""
     for learner in list(_WITH_STORES):
-        if learner._pending:  # nothing new: no round trip to the store at exit
+        if learner._pending or learner._unsure:  # nothing owed: no round trip at exit
             learner._save_quietly(action="save at exit")
 
 
@@ -185,6 +186,7 @@ class StrategyLearner:
         self._writer = uuid.uuid4().hex
         self._seq = 0
         self._sync_lock = new_lock()
+        self._unsure: tuple[int, Pending] | None = None  # a save that raised: did it land?
         self._reported: set[str] = set()
         if store is not None:
             _WITH_STORES.add(self)
@@ -203,6 +205,7 @@ class StrategyLearner:
         nothing of what its parent learned (the parent does), and sharing the parent's writer
         id and sequence number would make one's save look like the other's own."""
         self._pending = Pending()
+        self._unsure = None
         self._writer = uuid.uuid4().hex
         self._seq = 0
 
@@ -594,19 +597,36 @@ class StrategyLearner:
         assert store is not None
         with self._lock:
             now, wall = self.clock.now(), self.clock.wall()
-            pending, self._pending = self._pending, Pending()
+            fresh, self._pending = self._pending, Pending()
             local = copy_state(self._contexts, self._delays, self._delay_size)
             seq = self._seq
+        unsure = self._unsure  # guarded by _sync_lock, which every caller holds
         outcome: list[Merged] = []
+        sent: list[tuple[int, Pending]] = []  # the last merge's sequence number and evidence
         max_bytes = getattr(store, "max_bytes", None)
 
+        def owed(shared: Mapping[str, Any] | None) -> tuple[int, Pending]:
+            """What this save owes the store, and after which of our saves it comes."""
+            if unsure is None:
+                return seq, fresh
+            if isinstance(shared, Mapping) and (
+                shared.get("writer") == self._writer and shared.get("seq") == unsure[0]
+            ):
+                return unsure[0], fresh  # the save that raised had landed after all
+            combined = copy.deepcopy(unsure[1])
+            combined.absorb(
+                copy.deepcopy(fresh), now, self.half_life, self._delay_size, self._max_contexts
+            )
+            return seq, combined
+
         def merge(shared: Mapping[str, Any] | None) -> dict[str, Any]:
+            base, evidence = owed(shared)
             merged = merge_snapshot(
                 shared,
                 local,
-                pending,
+                evidence,
                 writer=self._writer,
-                seq=seq,
+                seq=base,
                 now=now,
                 wall=wall,
                 half_life=self.half_life,
@@ -615,6 +635,7 @@ class StrategyLearner:
                 limit=self._max_contexts,
             )
             outcome[:] = [merged]
+            sent[:] = [(base, evidence)]
             return fit_snapshot(merged.snapshot, max_bytes)
 
         try:
@@ -624,16 +645,26 @@ class StrategyLearner:
             else:  # a store with load and save only: not atomic between replicas
                 store.save(merge(store.load()))
         except BaseException:
-            # A store that raised is taken not to have saved: what was owed still is.
             with self._lock:
-                pending.absorb(
-                    self._pending, now, self.half_life, self._delay_size, self._max_contexts
-                )
-                self._pending = pending
+                if sent:
+                    # The store raised after it was handed the snapshot: it may have saved it
+                    # (a timeout after the commit). Keep that evidence apart, under the number
+                    # that save wrote: the next save finds it there if it landed, and owes it
+                    # again only if not. Folded back into the new evidence, it was counted
+                    # twice whenever the save had landed.
+                    base, evidence = sent[-1]
+                    self._seq = base
+                    self._unsure = (base + 1, evidence)
+                else:  # the store was never reached: what was owed still is
+                    fresh.absorb(
+                        self._pending, now, self.half_life, self._delay_size, self._max_contexts
+                    )
+                    self._pending = fresh
             raise
         merged = outcome[-1]
         with self._lock:
-            self._seq = seq + 1
+            self._seq = sent[-1][0] + 1
+            self._unsure = None
             if merged.replaced:
                 self._adopt(merged)
 
