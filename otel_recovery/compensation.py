@@ -34,6 +34,7 @@ from otel_recovery._driver_async import resolve
 from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery._redact import redact
 from otel_recovery.policies import ExponentialBackoff, Retry
+from otel_recovery.policies._error_match import error_matches
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.telemetry.attributes import (
     COMPENSATION_NAME,
@@ -343,11 +344,7 @@ def _transactional(retry: Retry | None) -> Retry:
     def serialization_failure(error: BaseException) -> bool:
         if _sqlstate(error) not in _RETRYABLE_SQLSTATES:
             return False
-        if own is None:
-            return True
-        if isinstance(own, (type, tuple)):
-            return isinstance(error, own)
-        return bool(own(error))
+        return own is None or error_matches(own, error)
 
     narrowed.on = serialization_failure
     return narrowed

@@ -365,16 +365,11 @@ learner.observe_recovery("db", 0.25)
     assert CheckpointLearnerStore(url).load()["delays"] == {"db": [0.25]}
 
 
-class CommitsThenRaises:
+class CommitsThenRaises(InterruptedStore):
     """A load-and-save store whose next save stores the snapshot and then raises, as a
     timeout after the commit would: the learner cannot tell whether it landed."""
 
-    def __init__(self) -> None:
-        self.inner = MemoryLearnerStore()
-        self.ambiguous = False
-
-    def load(self):
-        return self.inner.load()
+    ambiguous = False
 
     def save(self, snapshot):
         self.inner.save(snapshot)

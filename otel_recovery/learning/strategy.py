@@ -601,8 +601,7 @@ class StrategyLearner:
             local = copy_state(self._contexts, self._delays, self._delay_size)
             seq = self._seq
         unsure = self._unsure  # guarded by _sync_lock, which every caller holds
-        outcome: list[Merged] = []
-        sent: list[tuple[int, Pending]] = []  # the last merge's sequence number and evidence
+        sent: list[tuple[Merged, int, Pending]] = []  # the last merge: what, after, owing
         max_bytes = getattr(store, "max_bytes", None)
 
         def owed(shared: Mapping[str, Any] | None) -> tuple[int, Pending]:
@@ -634,8 +633,7 @@ class StrategyLearner:
                 delay_size=self._delay_size,
                 limit=self._max_contexts,
             )
-            outcome[:] = [merged]
-            sent[:] = [(base, evidence)]
+            sent[:] = [(merged, base, evidence)]
             return fit_snapshot(merged.snapshot, max_bytes)
 
         try:
@@ -652,7 +650,7 @@ class StrategyLearner:
                     # that save wrote: the next save finds it there if it landed, and owes it
                     # again only if not. Folded back into the new evidence, it was counted
                     # twice whenever the save had landed.
-                    base, evidence = sent[-1]
+                    _, base, evidence = sent[-1]
                     self._seq = base
                     self._unsure = (base + 1, evidence)
                 else:  # the store was never reached: what was owed still is
@@ -661,9 +659,9 @@ class StrategyLearner:
                     )
                     self._pending = fresh
             raise
-        merged = outcome[-1]
+        merged, base, _ = sent[-1]
         with self._lock:
-            self._seq = sent[-1][0] + 1
+            self._seq = base + 1
             self._unsure = None
             if merged.replaced:
                 self._adopt(merged)

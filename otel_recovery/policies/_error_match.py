@@ -23,18 +23,27 @@ def check_error_match(on: object, who: str) -> ErrorMatch:
             )
         return on
     if isinstance(on, tuple):
-        if not _leaves(on):
+        leaves = _leaves(on)  # isinstance takes nested tuples: so does on=
+        if not leaves:
             raise ValueError(
                 f"{who} on=() names no exception type, so it would never act; name the "
                 "types (on=(ConnectionError, TimeoutError)) or leave on= out"
             )
-        for item in _leaves(on):  # isinstance takes nested tuples: so does on=
+        for item in leaves:
             if not (isinstance(item, type) and issubclass(item, BaseException)):
                 raise TypeError(f"{who} on= tuple must hold exception types only, got {item!r}")
         return on
     if callable(on):
         return on
     raise TypeError(f"{who} on= must be exception types or a predicate, got {on!r}")
+
+
+def error_matches(on: ErrorMatch, error: BaseException) -> bool:
+    """Whether ``error`` is one ``on`` names: an instance of its types, or one its predicate
+    accepts (a predicate that raises raises here: each caller says what that means)."""
+    if isinstance(on, (type, tuple)):
+        return isinstance(error, on)
+    return bool(on(error))
 
 
 def _leaves(types: tuple[object, ...]) -> list[object]:

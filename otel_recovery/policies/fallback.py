@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from otel_recovery._clock import Duration, to_seconds
-from otel_recovery.policies._error_match import check_error_match
+from otel_recovery.policies._error_match import check_error_match, error_matches
 
 __all__ = ["Fallback"]
 
@@ -90,10 +90,8 @@ class Fallback:
         if not isinstance(error, Exception):
             return False
         on = self.on
-        if isinstance(on, (type, tuple)):
-            return isinstance(error, on)
         try:
-            return bool(on(error))
+            return error_matches(on, error)
         except Exception:
             _log.exception("Fallback on= predicate %r raised; not falling back", on)
             return False

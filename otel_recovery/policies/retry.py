@@ -19,7 +19,7 @@ from typing import Protocol, TypeAlias, runtime_checkable
 
 from otel_recovery._clock import Duration, to_seconds
 from otel_recovery.classify import ErrorInfo
-from otel_recovery.policies._error_match import ErrorMatch, check_error_match
+from otel_recovery.policies._error_match import ErrorMatch, check_error_match, error_matches
 from otel_recovery.policies.backoff import Backoff, CustomBackoff, ExponentialBackoff
 
 __all__ = ["Retry", "RetryAdvice", "RetryAdvisor", "RetryOn"]
@@ -134,10 +134,8 @@ class Retry:
         on = self.on
         if on is None:
             return info.retryable
-        if isinstance(on, (type, tuple)):
-            return isinstance(error, on)
         try:
-            return bool(on(error))
+            return error_matches(on, error)
         except Exception:
             # A broken predicate must not replace the caller's error with its own.
             _log.exception("Retry on= predicate %r raised; not retrying", on)
