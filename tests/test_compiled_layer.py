@@ -13,11 +13,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from compiled_layers import compiled_layer
 from opentelemetry import context as otel_context
 
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._fake_clock import FakeClock
-from otel_recovery.instrumentors._db import CONTEXT_VAR, LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
+from otel_recovery.instrumentors._db import LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 from otel_recovery.recover import RecoveryPolicy
 
@@ -60,24 +61,7 @@ def _successes(breaker: CircuitBreaker) -> int:
 
 
 def _layer(**given: Any) -> Any:
-    """A compiled Layer with no site: token TOKEN, holder ``args[0].pool``, table
-    ``holder.table``, key ``args[1]``."""
-    arguments: dict[str, Any] = {
-        "slow": print,
-        "original": print,
-        "patches": SimpleNamespace(enabled=True),
-        "context_var": CONTEXT_VAR,
-        "suppress_keys": (SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
-        "site": None,
-        "owner": None,
-        "attribute": "",
-        "token": TOKEN,
-        "holder_attr": "pool",
-        "table_attr": "table",
-        "key_index": 1,
-        "explain": lambda plan, error: None,
-    }
-    return SPEEDUPS.Layer(**(arguments | given))  # type: ignore[union-attr]
+    return compiled_layer(TOKEN, **given)
 
 
 class Harness:

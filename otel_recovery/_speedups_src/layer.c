@@ -132,10 +132,10 @@ typedef struct {
     PyObject *owner;         /* the class holding the patched attribute (with site) */
     PyObject *attribute;
     PyObject *token; /* the table token when there is no site */
-    PyObject *holder_attr;
+    AttrReader holder;    /* the instance's attribute that holds the PlanTable */
     PyObject *table_attr;
     Py_ssize_t key_index; /* >= 1: argument key_index; 0: the instance's type */
-    PyObject *key_attr;   /* NULL, or a str: the key is that attribute of the instance */
+    AttrReader key;       /* name NULL, or the key is that attribute of the instance */
     PyObject *explain;
     Py_ssize_t run_index; /* the plan's runner: 2 (run) for a sync site, 3 (arun) when awaits */
     SlotReader seen;
@@ -145,26 +145,6 @@ typedef struct {
     PyObject *holder_ref;     /* weak reference to the holder `table` was read from */
     PyObject *table;          /* the PlanTable last read, or NULL (see layer_table) */
 } LayerObject;
-
-/* The owner's version tag, if it is valid: from 3.11 on CPython gives the class a new one
- * (or none) whenever its attributes change and never reuses one, so an equal valid tag means
- * the class dict is as read. 3.10 reuses tags (PyType_ClearCache starts them again from 0),
- * so there the dict is always read. */
-HOT static unsigned int
-valid_version_tag(PyTypeObject *type)
-{
-#if PY_VERSION_HEX < 0x030B0000
-    (void)type;
-    return 0;
-#else
-#if PY_VERSION_HEX < 0x030C0000
-    if (!(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
-        return 0;
-    }
-#endif
-    return type->tp_version_tag;
-#endif
-}
 
 /* `ref` (a weak reference) refers to `obj`, which is alive. */
 HOT static inline int
@@ -286,7 +266,7 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
     else {
         token = self->token;
     }
-    holder = PyObject_GetAttr(argv[0], self->holder_attr);
+    holder = attr_read(&self->holder, argv[0]);
     if (UNLIKELY(holder == NULL)) {
         goto miss;
     }
@@ -305,8 +285,8 @@ layer_remembered_plan(LayerObject *self, PyObject *const *argv, Py_ssize_t nargs
         }
     }
     PyObject *key;
-    if (self->key_attr != NULL) {
-        key = PyObject_GetAttr(argv[0], self->key_attr);
+    if (self->key.name != NULL) {
+        key = attr_read(&self->key, argv[0]);
         if (UNLIKELY(key == NULL)) {
             goto miss;
         }
@@ -440,12 +420,12 @@ layer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->owner = Py_NewRef(owner);
     self->attribute = Py_NewRef(attribute);
     self->token = Py_NewRef(token);
-    self->holder_attr = Py_NewRef(holder_attr);
+    attr_reader_init(&self->holder, holder_attr);
+    attr_reader_init(&self->key, key_attr == Py_None ? NULL : key_attr);
     self->table_attr = Py_NewRef(table_attr);
     self->key_index = key_index;
     self->explain = Py_NewRef(explain);
     self->run_index = awaits ? 3 : 2;
-    self->key_attr = key_attr == Py_None ? NULL : Py_NewRef(key_attr);
     slot_reader_init(&self->seen, site, str_seen);
     self->vectorcall = (vectorcallfunc)layer_vectorcall;
     self->owner_tag = 0;
@@ -463,10 +443,12 @@ layer_traverse(LayerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->owner);
     Py_VISIT(self->attribute);
     Py_VISIT(self->token);
-    Py_VISIT(self->holder_attr);
+    if (attr_reader_traverse(&self->holder, visit, arg) < 0 ||
+        attr_reader_traverse(&self->key, visit, arg) < 0) {
+        return -1;
+    }
     Py_VISIT(self->table_attr);
     Py_VISIT(self->explain);
-    Py_VISIT(self->key_attr);
     Py_VISIT(self->holder_ref);
     Py_VISIT(self->table);
     return layer_head_traverse((LayerHead *)self, visit, arg);
@@ -480,10 +462,10 @@ layer_clear(LayerObject *self)
     Py_CLEAR(self->owner);
     Py_CLEAR(self->attribute);
     Py_CLEAR(self->token);
-    Py_CLEAR(self->holder_attr);
+    attr_reader_clear(&self->holder);
+    attr_reader_clear(&self->key);
     Py_CLEAR(self->table_attr);
     Py_CLEAR(self->explain);
-    Py_CLEAR(self->key_attr);
     Py_CLEAR(self->holder_ref);
     Py_CLEAR(self->table);
     return 0;

@@ -6,8 +6,10 @@
  * 1,600 to 2,300 (benchmarks/layer_cost.py).
  *
  * Sources: support.c (arguments, the exception being handled, __slots__ readers, the clock),
- * runner.c (Runner), async_run.c (AsyncRun, an async Runner's run), counter.c (Counter), layer_head.c (what both layers share), layer.c (PlanTable, Layer),
- * http_layer.c (HttpLayer), speedups.h (their shared declarations), and this file.
+ * runner.c (Runner), async_run.c (AsyncRun, an async Runner's run), counter.c (Counter),
+ * layer_head.c (what both layers share), attr_reader.c (the attributes of the instances a
+ * Layer is called on), layer.c (PlanTable, Layer), http_layer.c (HttpLayer), speedups.h
+ * (their shared declarations), and this file.
  *
  * It is an accelerator, never the source of truth:
  *

@@ -159,8 +159,9 @@ runner_gate(PyObject *breaker)
     return permitted;
 }
 
-/* budget.record_call(started) when the lock-free deposit does not apply. */
-COLD int
+/* budget.record_call(started) when the lock-free deposit does not apply (once a bucket,
+ * every second, or always for a budget without a Counter). */
+COLD NOINLINE int
 runner_record_call(RunnerObject *self, Started *started)
 {
     PyObject *start = started_object(started);

@@ -174,6 +174,64 @@ slot_true(SlotReader *reader, PyObject *obj)
     return truth_generic(slot_read_generic(reader, obj));
 }
 
+/* A class's version tag, if it is valid: from 3.11 on CPython gives a class a new one (or
+ * none) whenever its attributes or its bases' change and never reuses one, so an equal valid
+ * tag means the class is as it was read. 3.10 reuses tags (PyType_ClearCache starts them
+ * again from 0): there this says 0, "none", always. */
+static inline unsigned int
+valid_version_tag(PyTypeObject *type)
+{
+#if PY_VERSION_HEX < 0x030B0000
+    (void)type;
+    return 0;
+#else
+#if PY_VERSION_HEX < 0x030C0000
+    if (!(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
+        return 0;
+    }
+#endif
+    return type->tp_version_tag;
+#endif
+}
+
+/* attr_reader.c: one attribute of the instances a layer is called on, read by its slot, or
+ * as the instance's type, where getattr's answer is known to be that (attr_reader.c says
+ * why and when). */
+#define ATTR_GETATTR (-1)
+#define ATTR_TYPE (-2)
+
+typedef struct {
+    PyObject *name;     /* str, or NULL: no attribute to read */
+    PyTypeObject *type; /* the type learned, or NULL */
+    unsigned int tag;   /* its version tag then, never 0 while type is set */
+    Py_ssize_t how;     /* >= 0: the slot's offset; ATTR_TYPE; ATTR_GETATTR */
+} AttrReader;
+
+INTERNAL void attr_reader_init(AttrReader *reader, PyObject *name);
+INTERNAL int attr_reader_traverse(AttrReader *reader, visitproc visit, void *arg);
+INTERNAL void attr_reader_clear(AttrReader *reader);
+INTERNAL PyObject *attr_read_learning(AttrReader *reader, PyObject *obj);
+
+/* getattr(obj, reader's name): a new reference, or NULL with an error set. */
+static inline PyObject *
+attr_read(AttrReader *reader, PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (LIKELY(type == reader->type && valid_version_tag(type) == reader->tag)) {
+        if (LIKELY(reader->how >= 0)) {
+            PyObject *value = *(PyObject **)((char *)obj + reader->how);
+            if (LIKELY(value != NULL)) {
+                return Py_NewRef(value);
+            }
+        }
+        else if (reader->how == ATTR_TYPE) {
+            return Py_NewRef((PyObject *)type);
+        }
+        return PyObject_GetAttr(obj, reader->name); /* an empty slot raises as getattr does */
+    }
+    return attr_read_learning(reader, obj);
+}
+
 #if HAVE_DIRECT_MONOTONIC
 /* time.monotonic(), read here when that is the runner's clock: the same clock and the same
  * conversion as CPython's (Python/pytime.c) on Linux, so values mix with Python's. */
