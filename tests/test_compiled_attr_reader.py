@@ -257,3 +257,69 @@ def test_a_learned_class_is_released_with_the_layer():
     del layer
     gc.collect()
     assert learned() is None
+
+
+def test_a_learned_class_is_reported_as_referred_to_by_the_layer():
+    client_class = _slotted_client_class()
+    layer = Layer()
+    layer(client_class(Pool()))
+    assert any(referrer is layer.layer for referrer in gc.get_referrers(client_class))
+
+
+def test_two_classes_in_turn_are_each_served_and_each_change_is_obeyed():
+    """A site serves every class that inherits it (psycopg's Cursor and ClientCursor); the
+    reader keeps the last two, and checks the one it returns to as it checks the last."""
+    first_pool, second_pool, elsewhere = Pool(), Pool(), Pool()
+    first_class, second_class = _slotted_client_class(), _slotted_client_class()
+    first, second = first_class(first_pool), second_class(second_pool)
+    layer = Layer()
+    for _ in range(3):
+        layer(first)
+        layer(second)
+    first_class.pool = property(lambda self: elsewhere)
+    layer(first)
+    layer(second)
+    assert (first_pool.served, second_pool.served, elsewhere.served) == (3, 4, 1)
+    assert layer.slow_calls == 0
+
+
+def test_a_class_changed_while_the_layer_learns_it_is_kept_alive_and_not_learned():
+    """Learning looks the name up in class dicts, which can run Python code: a key whose
+    hash collides with the name compares itself by ``__eq__``. Code there that moves the
+    instance to another class, and frees the old one, must find the layer holding it, and
+    the layer must not keep what it learned about a class the instance left."""
+
+    class Slotted:
+        __slots__ = ("pool",)
+
+    class Other(Slotted):
+        __slots__ = ()
+
+    seen_alive: list[bool] = []
+    armed = [False]
+
+    class Colliding:
+        def __hash__(self) -> int:
+            return hash("pool")
+
+        def __eq__(self, other: object) -> bool:
+            if armed[0]:
+                armed[0] = False
+                client.__class__ = Other
+                gc.collect()
+                seen_alive.append(learned() is not None)
+            return False
+
+    learning = type("Learning", (Slotted,), {Colliding(): 1, "__slots__": ()})
+    client = learning()
+    pool = client.pool = Pool()
+    learned = weakref.ref(learning)
+    del learning
+    layer = Layer()
+    _ = client.pool  # CPython's method cache answers getattr: only the layer's lookups compare
+    armed[0] = True
+    layer(client)
+    assert seen_alive == [True]
+    for _ in range(3):
+        layer(client)
+    assert (type(client), pool.served, layer.slow_calls) == (Other, 4, 0)

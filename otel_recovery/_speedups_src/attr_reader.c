@@ -13,24 +13,38 @@
  * whenever its attributes, or its bases', change (valid_version_tag, speedups.h), so an
  * assigned property or a new __getattribute__ is seen at the next call. An attribute in the
  * instance's __dict__ (a redis-py client's connection_pool) has no such shortcut: the reader
- * remembers that too, and asks getattr. */
+ * remembers that too, and asks getattr. It remembers two types, the last two it read: a
+ * site serves every subclass that inherits it (psycopg's Cursor and ClientCursor share
+ * execute), and an application may use two in turn.
+ *
+ * Learning looks names up in the class dicts, which may run Python code (a non-str key's
+ * __eq__ on a hash collision) that changes the instance's class or the type: it holds what
+ * it walks and keeps nothing unless the instance's type and its tag are as they were. */
 #include "speedups.h"
+
+static void
+attr_way_forget(AttrWay *way)
+{
+    way->type = NULL;
+    way->tag = 0;
+    way->how = ATTR_GETATTR;
+}
 
 /* `name`: a str (the caller checked), or NULL for a reader that is never read. */
 void
 attr_reader_init(AttrReader *reader, PyObject *name)
 {
     reader->name = Py_XNewRef(name);
-    reader->type = NULL;
-    reader->tag = 0;
-    reader->how = ATTR_GETATTR;
+    attr_way_forget(&reader->last);
+    attr_way_forget(&reader->before);
 }
 
 int
 attr_reader_traverse(AttrReader *reader, visitproc visit, void *arg)
 {
     Py_VISIT(reader->name);
-    Py_VISIT(reader->type);
+    Py_VISIT(reader->last.type);
+    Py_VISIT(reader->before.type);
     return 0;
 }
 
@@ -38,47 +52,62 @@ void
 attr_reader_clear(AttrReader *reader)
 {
     Py_CLEAR(reader->name);
-    Py_CLEAR(reader->type);
-    reader->tag = 0;
+    Py_CLEAR(reader->last.type);
+    Py_CLEAR(reader->before.type);
+    reader->last.tag = reader->before.tag = 0;
 }
 
-/* No class on the MRO before `object` defines `name`; -1 on error. */
+/* The first class on `type`'s MRO whose dict has `name` is `expected`: 1 or 0; -1 on error. */
 static int
-only_object_defines(PyTypeObject *type, PyObject *name)
+first_defined_by(PyTypeObject *type, PyObject *name, PyTypeObject *expected)
 {
     PyObject *mro = type->tp_mro;
     if (mro == NULL || !PyTuple_Check(mro)) {
         return 0;
     }
+    Py_INCREF(mro); /* a lookup may run code that gives the type another */
+    int answer = 0;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
         PyObject *base = PyTuple_GET_ITEM(mro, i);
         PyObject *dict = PyType_Check(base) ? ((PyTypeObject *)base)->tp_dict : NULL;
         if (dict == NULL) {
-            return 0;
+            break;
         }
         int found = PyDict_Contains(dict, name);
         if (found != 0) {
-            return found < 0 ? -1 : base == (PyObject *)&PyBaseObject_Type;
+            answer = found < 0 ? -1 : base == (PyObject *)expected;
+            break;
         }
     }
-    return 0;
+    Py_DECREF(mro);
+    return answer;
 }
 
-/* How getattr answers `name` on instances of `type` while its attributes stay as they are:
- * a slot's offset, ATTR_TYPE, or ATTR_GETATTR when only getattr can say. */
+/* How getattr answers `name` on instances of `type` while its version tag stays: a slot's
+ * offset, ATTR_TYPE, or ATTR_GETATTR when only getattr can say. */
 static Py_ssize_t
 attr_way(PyTypeObject *type, PyObject *name)
 {
+    /* A metaclass's own mro() may put a class that is not a base on the MRO, whose changes
+     * then leave the type's tag as it was: getattr only. asyncpg's metaclass has none. */
+    PyTypeObject *meta = Py_TYPE(type);
+    if (meta != &PyType_Type) {
+        int plain = first_defined_by(meta, str_mro, &PyType_Type);
+        if (plain != 1) {
+            PyErr_Clear();
+            return ATTR_GETATTR;
+        }
+    }
     SlotReader slot;
     slot_reader_for_type(&slot, type, name); /* checks for the generic getattr itself */
     if (slot.offset >= 0) {
         return slot.offset;
     }
-    if (type->tp_getattro != PyObject_GenericGetAttr ||
-        !PyUnicode_CheckExact(name) || PyUnicode_CompareWithASCIIString(name, "__class__") != 0) {
+    if (type->tp_getattro != PyObject_GenericGetAttr || !PyUnicode_CheckExact(name) ||
+        PyUnicode_Compare(name, str_dunder_class) != 0) {
         return ATTR_GETATTR;
     }
-    int object_only = only_object_defines(type, name);
+    int object_only = first_defined_by(type, name, &PyBaseObject_Type);
     if (object_only < 0) {
         PyErr_Clear();
         return ATTR_GETATTR;
@@ -89,25 +118,33 @@ attr_way(PyTypeObject *type, PyObject *name)
 COLD PyObject *
 attr_read_learning(AttrReader *reader, PyObject *obj)
 {
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type == reader->before.type && valid_version_tag(type) == reader->before.tag) {
+        AttrWay last = reader->last; /* the type read before is read again: swap */
+        reader->last = reader->before;
+        reader->before = last;
+        return attr_read(reader, obj); /* its fast way now, which never comes back here */
+    }
     /* getattr first: it may run Python code (a property, another thread, this layer
      * again), and it gives the type its version tag if it had none */
     PyObject *value = PyObject_GetAttr(obj, reader->name);
     if (value == NULL) {
         return NULL;
     }
-    PyTypeObject *type = Py_TYPE(obj);
+    type = (PyTypeObject *)Py_NewRef((PyObject *)Py_TYPE(obj));
     unsigned int tag = valid_version_tag(type);
-    if (tag == 0) {
-        return value; /* no tag to keep the answer valid by: ask getattr every time */
+    Py_ssize_t how = tag == 0 ? ATTR_GETATTR : attr_way(type, reader->name);
+    if (tag == 0 || Py_TYPE(obj) != type || valid_version_tag(type) != tag) {
+        /* no tag to keep the answer valid by, or the class changed while it was read:
+         * getattr's answer stands, and the next call learns again */
+        Py_DECREF(type);
+        return value;
     }
-    Py_ssize_t how = attr_way(type, reader->name);
-    if (valid_version_tag(type) != tag) {
-        return value; /* the type changed while it was read: learn at the next call */
-    }
-    PyTypeObject *learned_before = reader->type;
-    reader->type = (PyTypeObject *)Py_NewRef((PyObject *)type);
-    reader->tag = tag;
-    reader->how = how;
-    Py_XDECREF(learned_before); /* last: releasing a type may run code */
+    PyTypeObject *forgotten = reader->before.type;
+    reader->before = reader->last;
+    reader->last.type = type; /* the reference taken above */
+    reader->last.tag = tag;
+    reader->last.how = how;
+    Py_XDECREF(forgotten); /* last: releasing a type may run code */
     return value;
 }

@@ -443,9 +443,12 @@ layer_traverse(LayerObject *self, visitproc visit, void *arg)
     Py_VISIT(self->owner);
     Py_VISIT(self->attribute);
     Py_VISIT(self->token);
-    if (attr_reader_traverse(&self->holder, visit, arg) < 0 ||
-        attr_reader_traverse(&self->key, visit, arg) < 0) {
-        return -1;
+    int visited = attr_reader_traverse(&self->holder, visit, arg);
+    if (visited == 0) {
+        visited = attr_reader_traverse(&self->key, visit, arg);
+    }
+    if (visited != 0) {
+        return visited; /* what the visitor said: gc.get_referrers stops at a 1 */
     }
     Py_VISIT(self->table_attr);
     Py_VISIT(self->explain);

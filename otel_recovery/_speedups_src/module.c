@@ -59,7 +59,8 @@ PyInit__speedups(void)
         intern(&str_release, "release") < 0 || intern(&str_enabled, "enabled") < 0 ||
         intern(&str_seen, "seen") < 0 || intern(&str_run, "run") < 0 ||
         intern(&str_statuses, "statuses") < 0 || intern(&str_method, "method") < 0 ||
-        intern(&str_url, "url") < 0) {
+        intern(&str_url, "url") < 0 || intern(&str_mro, "mro") < 0 ||
+        intern(&str_dunder_class, "__class__") < 0) {
         return NULL;
     }
     PyObject *time_module = PyImport_ImportModule("time");

@@ -38,7 +38,8 @@
 /* Attribute names and the like, interned once by module.c. */
 extern INTERNAL PyObject *str_active, *str_permit_all, *str_tally, *str_bucket_end,
     *str_can_execute, *str_record_call, *str_record_success, *str_release, *str_enabled,
-    *str_seen, *str_run, *str_statuses, *str_method, *str_url, *kw_release_false;
+    *str_seen, *str_run, *str_statuses, *str_method, *str_url, *str_mro, *str_dunder_class,
+    *kw_release_false;
 extern INTERNAL PyObject *time_monotonic; /* time.monotonic, to recognise the stock clock */
 
 typedef struct {
@@ -200,11 +201,17 @@ valid_version_tag(PyTypeObject *type)
 #define ATTR_GETATTR (-1)
 #define ATTR_TYPE (-2)
 
+/* How getattr answers for one type while its version tag is `tag`. */
 typedef struct {
-    PyObject *name;     /* str, or NULL: no attribute to read */
     PyTypeObject *type; /* the type learned, or NULL */
     unsigned int tag;   /* its version tag then, never 0 while type is set */
     Py_ssize_t how;     /* >= 0: the slot's offset; ATTR_TYPE; ATTR_GETATTR */
+} AttrWay;
+
+typedef struct {
+    PyObject *name; /* str, or NULL: no attribute to read */
+    AttrWay last;   /* the way of the type read last */
+    AttrWay before; /* and of the one before it: a site may serve two cursor classes */
 } AttrReader;
 
 INTERNAL void attr_reader_init(AttrReader *reader, PyObject *name);
@@ -217,14 +224,15 @@ static inline PyObject *
 attr_read(AttrReader *reader, PyObject *obj)
 {
     PyTypeObject *type = Py_TYPE(obj);
-    if (LIKELY(type == reader->type && valid_version_tag(type) == reader->tag)) {
-        if (LIKELY(reader->how >= 0)) {
-            PyObject *value = *(PyObject **)((char *)obj + reader->how);
+    AttrWay *way = &reader->last;
+    if (LIKELY(type == way->type && valid_version_tag(type) == way->tag)) {
+        if (LIKELY(way->how >= 0)) {
+            PyObject *value = *(PyObject **)((char *)obj + way->how);
             if (LIKELY(value != NULL)) {
                 return Py_NewRef(value);
             }
         }
-        else if (reader->how == ATTR_TYPE) {
+        else if (way->how == ATTR_TYPE) {
             return Py_NewRef((PyObject *)type);
         }
         return PyObject_GetAttr(obj, reader->name); /* an empty slot raises as getattr does */

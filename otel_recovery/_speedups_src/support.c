@@ -5,7 +5,8 @@
 /* Interned by module.c (declared in speedups.h). */
 PyObject *str_active, *str_permit_all, *str_tally, *str_bucket_end,
     *str_can_execute, *str_record_call, *str_record_success, *str_release, *str_enabled,
-    *str_seen, *str_run, *str_statuses, *str_method, *str_url, *kw_release_false;
+    *str_seen, *str_run, *str_statuses, *str_method, *str_url, *str_mro, *str_dunder_class,
+    *kw_release_false;
 PyObject *time_monotonic;
 
 /* ------------------------------------------------------------------------------------ */
@@ -145,6 +146,7 @@ slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name)
     if (type->tp_getattro != PyObject_GenericGetAttr || mro == NULL || !PyTuple_Check(mro)) {
         return;
     }
+    Py_INCREF(mro); /* a lookup may run code (a key's __eq__) that gives the type another */
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
         PyObject *base = PyTuple_GET_ITEM(mro, i);
         PyObject *dict = PyType_Check(base) ? ((PyTypeObject *)base)->tp_dict : NULL;
@@ -152,7 +154,7 @@ slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name)
         if (found == NULL) {
             if (PyErr_Occurred()) {
                 PyErr_Clear();
-                return;
+                break;
             }
             continue;
         }
@@ -164,8 +166,9 @@ slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name)
                 reader->offset = member->offset;
             }
         }
-        return; /* the first definition on the MRO decides, as getattr's does */
+        break; /* the first definition on the MRO decides, as getattr's does */
     }
+    Py_DECREF(mro);
 }
 
 void
