@@ -128,22 +128,25 @@ PyTypeObject PlanTableType = {
 
 typedef struct {
     LAYER_HEAD
-    PyObject *site;          /* Py_None, or an object whose .seen is (top, mode) */
-    PyObject *owner;         /* the class holding the patched attribute (with site) */
-    PyObject *attribute;
+    /* What a remembered call reads, together: between two client calls each cache line of
+     * the layer is fetched again (speedups.h, HOT). */
+    vectorcallfunc vectorcall;
+    PyObject *site;  /* Py_None, or an object whose .seen is (top, mode) */
+    PyObject *owner; /* the class holding the patched attribute (with site) */
     PyObject *token; /* the table token when there is no site */
-    AttrReader holder;    /* the instance's attribute that holds the PlanTable */
-    PyObject *table_attr;
     Py_ssize_t key_index; /* >= 1: argument key_index; 0: the instance's type */
-    AttrReader key;       /* name NULL, or the key is that attribute of the instance */
-    PyObject *explain;
     Py_ssize_t run_index; /* the plan's runner: 2 (run) for a sync site, 3 (arun) when awaits */
     SlotReader seen;
-    vectorcallfunc vectorcall;
-    unsigned int owner_tag;   /* owner's version tag when owner_top was read; 0: none */
-    const void *owner_top;    /* owner.__dict__[attribute] then: compared, never used */
-    PyObject *holder_ref;     /* weak reference to the holder `table` was read from */
-    PyObject *table;          /* the PlanTable last read, or NULL (see layer_table) */
+    unsigned int owner_tag; /* owner's version tag when owner_top was read; 0: none */
+    const void *owner_top;  /* owner.__dict__[attribute] then: compared, never used */
+    PyObject *holder_ref;   /* weak reference to the holder `table` was read from */
+    PyObject *table;        /* the PlanTable last read, or NULL (see layer_table) */
+    AttrReader holder;      /* the instance's attribute that holds the PlanTable */
+    AttrReader key;         /* name NULL, or the key is that attribute of the instance */
+    /* read when the remembered path does not serve */
+    PyObject *attribute;
+    PyObject *table_attr;
+    PyObject *explain;
 } LayerObject;
 
 /* `ref` (a weak reference) refers to `obj`, which is alive. */
