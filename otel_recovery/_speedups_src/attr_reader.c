@@ -5,17 +5,20 @@
  * Why: getattr walks the type's method cache, the descriptor it finds and its getter, code
  * and data that are cold between two client calls. Reading a cursor's `_conn` slot by its
  * offset instead took a psycopg statement's compiled layer from 799 instructions and 143
- * simulated L1 misses to 617 and 113 (benchmarks/layer_own_cost.py, 2026-12-02).
+ * simulated L1 misses to 617 and 111 (benchmarks/layer_own_cost.py, 2026-12-02).
  *
  * Where the first definition of the name on the type's MRO is a `__slots__` member, or
- * object's own `__class__`, getattr's answer is the slot's content, or the type: one load. The reader learns that per type and keeps it
- * while the type's version tag is the one it learned under: CPython gives a class a new tag
- * whenever its attributes, or its bases', change (valid_version_tag, speedups.h), so an
- * assigned property or a new __getattribute__ is seen at the next call. An attribute in the
- * instance's __dict__ (a redis-py client's connection_pool) has no such shortcut: the reader
- * remembers that too, and asks getattr. It remembers two types, the last two it read: a
- * site serves every subclass that inherits it (psycopg's Cursor and ClientCursor share
- * execute), and an application may use two in turn.
+ * object's own `__class__`, getattr's answer is the slot's content, or the type: one load.
+ * The reader learns that per type and keeps it while the type's version tag is the one it
+ * learned under: CPython gives a class a new tag whenever its attributes, or its bases',
+ * change (valid_version_tag, speedups.h), so an assigned property or a new
+ * __getattribute__ is seen at the next call. A metaclass with its own mro() could put a
+ * class that is not a base on the MRO, whose changes leave the tag as it was: such classes
+ * are read by getattr. An attribute in the instance's __dict__ (a redis-py client's
+ * connection_pool) has no shortcut either: the reader remembers that too, and asks getattr.
+ * It remembers two types, the last two it read: a site serves every subclass that inherits
+ * it (psycopg's Cursor and ClientCursor share execute), and an application may use two in
+ * turn.
  *
  * Learning looks names up in the class dicts, which may run Python code (a non-str key's
  * __eq__ on a hash collision) that changes the instance's class or the type: it holds what
