@@ -2,7 +2,8 @@
 
 ``tests/test_compiled_layer.py`` (tables, suppression) and
 ``tests/test_compiled_attr_reader.py`` (the holder and key attributes) both make layers with
-no site, served from ``args[0].pool.table`` under a token of their own.
+no site, served from ``args[0].pool.table`` under a token of their own, and count the calls
+a layer hands to its Python layer.
 """
 
 from __future__ import annotations
@@ -34,3 +35,24 @@ def compiled_layer(token: object, **given: Any) -> Any:
     }
     assert SPEEDUPS is not None
     return SPEEDUPS.Layer(**(arguments | given))
+
+
+class CountingLayer:
+    """A compiled Layer over ``original(client, key)`` that counts the calls it handed to
+    its Python layer (``slow``), which it does whenever it cannot serve one itself."""
+
+    def __init__(self, token: object, **given: Any) -> None:
+        self.slow_calls = 0
+
+        def original(client: object, key: str) -> str:
+            return key
+
+        def slow(client: object, key: str) -> str:
+            self.slow_calls += 1
+            return original(client, key)
+
+        self.layer = compiled_layer(token, slow=slow, original=original, **given)
+
+    def __call__(self, client: object, key: str = "GET") -> str:
+        result: str = self.layer(client, key)
+        return result

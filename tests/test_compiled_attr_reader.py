@@ -14,7 +14,7 @@ import weakref
 from typing import Any
 
 import pytest
-from compiled_layers import compiled_layer
+from compiled_layers import CountingLayer
 
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._fake_clock import FakeClock
@@ -42,25 +42,11 @@ class Pool:
         return self.breaker.snapshot().successful_calls
 
 
-class Layer:
-    """A compiled Layer over ``original(client, key)`` that counts the calls it handed to
-    its Python layer (``slow``), which it does whenever it cannot serve one itself."""
+class Layer(CountingLayer):
+    """A counting compiled Layer under this module's token."""
 
     def __init__(self, **given: Any) -> None:
-        self.slow_calls = 0
-
-        def original(client: object, key: str) -> str:
-            return key
-
-        def slow(client: object, key: str) -> str:
-            self.slow_calls += 1
-            return original(client, key)
-
-        self.layer = compiled_layer(TOKEN, slow=slow, original=original, **given)
-
-    def __call__(self, client: object, key: str = "GET") -> str:
-        result: str = self.layer(client, key)
-        return result
+        super().__init__(TOKEN, **given)
 
 
 def _slotted_client_class() -> type:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from compiled_layers import compiled_layer
+from compiled_layers import CountingLayer, compiled_layer
 from opentelemetry import context as otel_context
 
 from otel_recovery._compiled import SPEEDUPS
@@ -64,22 +64,12 @@ def _layer(**given: Any) -> Any:
     return compiled_layer(TOKEN, **given)
 
 
-class Harness:
+class Harness(CountingLayer):
     def __init__(self) -> None:
-        self.slow_calls = 0
-
-        def original(client: Client, key: str) -> str:
-            return key
-
-        def slow(client: Client, key: str) -> str:
-            self.slow_calls += 1
-            return original(client, key)
-
-        self.layer = _layer(slow=slow, original=original)
+        super().__init__(TOKEN)
 
     def call(self, client: Client) -> str:
-        result: str = self.layer(client, "GET")
-        return result
+        return self(client)
 
 
 def _table(plan: Any, token: object = TOKEN, **guard: Any) -> Any:

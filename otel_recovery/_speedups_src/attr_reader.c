@@ -64,25 +64,11 @@ attr_reader_clear(AttrReader *reader)
 static int
 first_defined_by(PyTypeObject *type, PyObject *name, PyTypeObject *expected)
 {
-    PyObject *mro = type->tp_mro;
-    if (mro == NULL || !PyTuple_Check(mro)) {
-        return 0;
-    }
-    Py_INCREF(mro); /* a lookup may run code that gives the type another */
-    int answer = 0;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
-        PyObject *base = PyTuple_GET_ITEM(mro, i);
-        PyObject *dict = PyType_Check(base) ? ((PyTypeObject *)base)->tp_dict : NULL;
-        if (dict == NULL) {
-            break;
-        }
-        int found = PyDict_Contains(dict, name);
-        if (found != 0) {
-            answer = found < 0 ? -1 : base == (PyObject *)expected;
-            break;
-        }
-    }
-    Py_DECREF(mro);
+    PyObject *definer, *value;
+    int found = mro_find(type, name, &definer, &value);
+    int answer = found == 1 ? definer == (PyObject *)expected : found;
+    Py_XDECREF(definer);
+    Py_XDECREF(value);
     return answer;
 }
 
@@ -134,13 +120,15 @@ attr_read_learning(AttrReader *reader, PyObject *obj)
     if (value == NULL) {
         return NULL;
     }
-    type = (PyTypeObject *)Py_NewRef((PyObject *)Py_TYPE(obj));
+    type = Py_TYPE(obj);
     unsigned int tag = valid_version_tag(type);
-    Py_ssize_t how = tag == 0 ? ATTR_GETATTR : attr_way(type, reader->name);
-    if (tag == 0 || Py_TYPE(obj) != type || valid_version_tag(type) != tag) {
-        /* no tag to keep the answer valid by, or the class changed while it was read:
-         * getattr's answer stands, and the next call learns again */
-        Py_DECREF(type);
+    if (tag == 0) {
+        return value; /* no tag to keep an answer valid by: getattr's, every time */
+    }
+    Py_INCREF(type); /* attr_way may run code that moves obj to another class */
+    Py_ssize_t how = attr_way(type, reader->name);
+    if (Py_TYPE(obj) != type || valid_version_tag(type) != tag) {
+        Py_DECREF(type); /* changed while it was read: the next call learns again */
         return value;
     }
     PyTypeObject *forgotten = reader->before.type;

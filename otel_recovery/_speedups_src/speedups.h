@@ -125,6 +125,9 @@ INTERNAL int callargs_materialize(CallArgs *ca);
 INTERNAL void callargs_release(CallArgs *ca);
 INTERNAL PyObject *fetch_error(void);
 INTERNAL void chain_to_handled(PyObject *type, PyObject *value, PyObject *traceback);
+/* The first class on type's MRO whose dict has `name`, as getattr looks: 1 with new
+ * references to it and to what it holds there, 0 when none has it, -1 with an error set. */
+INTERNAL int mro_find(PyTypeObject *type, PyObject *name, PyObject **definer, PyObject **value);
 INTERNAL void slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name);
 INTERNAL void slot_reader_init(SlotReader *reader, PyObject *obj, PyObject *name);
 INTERNAL PyObject *slot_read_generic(SlotReader *reader, PyObject *obj);

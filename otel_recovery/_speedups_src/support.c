@@ -136,39 +136,59 @@ callargs_release(CallArgs *ca)
  * class resolves the name to a __slots__ member, the value is read at the member's offset
  * while the object's class is still that class. Anything else uses PyObject_GetAttr. */
 
+int
+mro_find(PyTypeObject *type, PyObject *name, PyObject **definer, PyObject **value)
+{
+    *definer = *value = NULL;
+    PyObject *mro = type->tp_mro;
+    if (mro == NULL || !PyTuple_Check(mro)) {
+        return 0;
+    }
+    Py_INCREF(mro); /* a lookup may run code (a key's __eq__) that gives the type another */
+    int found = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro) && found == 0; i++) {
+        PyObject *base = PyTuple_GET_ITEM(mro, i);
+        PyObject *dict = PyType_Check(base) ? ((PyTypeObject *)base)->tp_dict : NULL;
+        PyObject *held = dict == NULL ? NULL : PyDict_GetItemWithError(dict, name);
+        if (held != NULL) {
+            *definer = Py_NewRef(base);
+            *value = Py_NewRef(held);
+            found = 1;
+        }
+        else if (PyErr_Occurred()) {
+            found = -1;
+        }
+    }
+    Py_DECREF(mro);
+    return found;
+}
+
 void
 slot_reader_for_type(SlotReader *reader, PyTypeObject *type, PyObject *name)
 {
     reader->type = NULL;
     reader->offset = -1;
     reader->name = name;
-    PyObject *mro = type->tp_mro;
-    if (type->tp_getattro != PyObject_GenericGetAttr || mro == NULL || !PyTuple_Check(mro)) {
+    if (type->tp_getattro != PyObject_GenericGetAttr) {
         return;
     }
-    Py_INCREF(mro); /* a lookup may run code (a key's __eq__) that gives the type another */
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
-        PyObject *base = PyTuple_GET_ITEM(mro, i);
-        PyObject *dict = PyType_Check(base) ? ((PyTypeObject *)base)->tp_dict : NULL;
-        PyObject *found = dict == NULL ? NULL : PyDict_GetItemWithError(dict, name);
-        if (found == NULL) {
-            if (PyErr_Occurred()) {
-                PyErr_Clear();
-                break;
-            }
-            continue;
-        }
-        if (Py_TYPE(found) == &PyMemberDescr_Type &&
-            PyType_IsSubtype(type, PyDescr_TYPE(found))) {
-            PyMemberDef *member = ((PyMemberDescrObject *)found)->d_member;
-            if (member->type == T_OBJECT_EX && !(member->flags & READ_RESTRICTED)) {
-                reader->type = type;
-                reader->offset = member->offset;
-            }
-        }
-        break; /* the first definition on the MRO decides, as getattr's does */
+    PyObject *definer, *found;
+    int defined = mro_find(type, name, &definer, &found);
+    if (defined < 0) {
+        PyErr_Clear();
+        return;
     }
-    Py_DECREF(mro);
+    /* the first definition on the MRO decides, as getattr's does */
+    if (defined == 1 && Py_TYPE(found) == &PyMemberDescr_Type &&
+        PyType_IsSubtype(type, PyDescr_TYPE(found))) {
+        PyMemberDef *member = ((PyMemberDescrObject *)found)->d_member;
+        if (member->type == T_OBJECT_EX && !(member->flags & READ_RESTRICTED)) {
+            reader->type = type;
+            reader->offset = member->offset;
+        }
+    }
+    Py_XDECREF(definer);
+    Py_XDECREF(found);
 }
 
 void
