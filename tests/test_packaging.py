@@ -61,3 +61,15 @@ def test_version_matches_metadata():
     from importlib.metadata import version
 
     assert otel_recovery.__version__ == version("otel-recovery")
+
+
+def test_the_license_ships_with_the_distribution():
+    """The licence is an SPDX expression and its text is in the distribution: packagers and
+    compliance scanners read both, and setuptools stops accepting the old table form."""
+    from importlib.metadata import distribution
+
+    dist = distribution("otel-recovery")
+    assert dist.metadata["License-Expression"] == "Apache-2.0"
+    assert dist.metadata.get_all("License-File") == ["LICENSE"]
+    text = dist.read_text("licenses/LICENSE")
+    assert text is not None and "Apache License" in text and "Version 2.0" in text
