@@ -381,10 +381,12 @@ def sync_layer(
                 instrumentation_enabled()
             ):
                 return original(*args, **kwargs)
+            plan: Plan | None = None
             try:
                 plan = locate(args)
             except Exception as error:
                 report_internal_error(where, error)
+            if plan is None:  # outside the handler: the driver's errors carry no context of ours
                 return original(*args, **kwargs)
             try:
                 return plan.run(original, args, kwargs)
@@ -417,10 +419,12 @@ def async_layer(
                 instrumentation_enabled()
             ):
                 return await original(*args, **kwargs)
+            plan: Plan | None = None
             try:
                 plan = locate(args)
             except Exception as error:
                 report_internal_error(where, error)
+            if plan is None:  # see sync_layer
                 return await original(*args, **kwargs)
             try:
                 return await plan.arun(original, args, kwargs)

@@ -430,12 +430,13 @@ def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if not instrumentation_enabled() or (kind == "connect" and _ACQUIRING.get() is not None):
             return await wrapped(*args, **kwargs)
+        plan = None
         try:
             plan = planner.connect(args, kwargs) if kind == "connect" else planner.acquire(instance)
         except Exception as error:
             report_internal_error(where, error)
-            return await wrapped(*args, **kwargs)
-        if plan is None:  # nothing we may name it after: as without us
+        if plan is None:  # nothing we may name it after, or a bug of ours: as without us
+            # (called outside the handler: asyncpg's errors carry no context of ours)
             return await wrapped(*args, **kwargs)
         if kind != "acquire":
             return await run_async(plan, wrapped, args, kwargs)

@@ -335,12 +335,12 @@ def _connect_wrapper(planner: _Planner, where: str, is_async: bool) -> Wrapper:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if not instrumentation_enabled():
             return wrapped(*args, **kwargs)
+        plan = None
         try:
             plan = planner.connect(args, kwargs)
         except Exception as error:
             report_internal_error(where, error)
-            return wrapped(*args, **kwargs)
-        if plan is None:
+        if plan is None:  # outside the handler: psycopg's errors carry no context of ours
             return wrapped(*args, **kwargs)
         return (run_async if is_async else run_sync)(plan, wrapped, args, kwargs)
 

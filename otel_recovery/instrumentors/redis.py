@@ -766,6 +766,7 @@ class _SiteLayers:
             if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not enabled():
                 return original(*args, **options)
             fn = original
+            plan: Plan | None = None
             try:
                 if inline:
                     seen = site.seen
@@ -787,8 +788,10 @@ class _SiteLayers:
                     if replay is not None:
                         fn = replay(original)
             except Exception as error:
+                plan = None
                 if not _malformed(args):
                     report_internal_error(where, error)
+            if plan is None:  # called outside the handler: its errors carry no context of ours
                 return original(*args, **options)
             try:
                 return plan.run(fn, args, options)
@@ -813,6 +816,7 @@ class _SiteLayers:
             if not patches.enabled or not instrumentation_enabled():
                 return await original(*args, **options)
             fn = original
+            plan: Plan | None = None
             try:
                 if command_plan is not None:
                     plan, target, seen = command_plan(args)
@@ -823,8 +827,10 @@ class _SiteLayers:
                     if replay is not None:
                         fn = replay(original)
             except Exception as error:
+                plan = None
                 if not _malformed(args):
                     report_internal_error(where, error)
+            if plan is None:  # see sync_layer
                 return await original(*args, **options)
             try:
                 return await plan.arun(fn, args, options)

@@ -352,8 +352,15 @@ async def test_a_wrapper_bug_does_not_break_the_call(
     with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
         conn = await asyncpg.connect(PG_URL)
         assert await conn.fetchval("SELECT 1") == 1
+        with pytest.raises(asyncpg.PostgresSyntaxError) as refused:
+            await conn.fetchval("SELEC 1")
         await conn.close()
+        with pytest.raises(OSError) as unreachable:
+            await asyncpg.connect(url(free_port()), timeout=2)
     assert sum("otel_recovery internal error" in r.message for r in caplog.records) == 2
+    # made outside our handlers: asyncpg's errors do not carry our bug as their context
+    assert refused.value.__context__ is None
+    assert not isinstance(unreachable.value.__context__, RuntimeError)
 
 
 def test_dsn_targets_never_need_the_password() -> None:

@@ -511,7 +511,14 @@ def test_a_wrapper_bug_does_not_break_the_call(
     with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
         with psycopg.connect(PG_DSN) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
+            with pytest.raises(psycopg.errors.SyntaxError) as refused:
+                conn.execute("SELEC 1")
+        with pytest.raises(psycopg.OperationalError) as unreachable:
+            psycopg.connect(dsn(free_port()), connect_timeout=2)
     assert sum("otel_recovery internal error" in r.message for r in caplog.records) == 2
+    # made outside our handlers: psycopg's errors do not carry our bug as their context
+    assert refused.value.__context__ is None
+    assert not isinstance(unreachable.value.__context__, RuntimeError)
 
 
 @pytest.mark.parametrize(
