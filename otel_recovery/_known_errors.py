@@ -401,6 +401,40 @@ _SQLSTATE_CLASS: dict[str, Verdict] = {"08": CONN, "28": AUTH, "0A": CONFIG}
 _SQLSTATE_CLASS |= {"53": _v(C.RESOURCE_EXHAUSTION, K.RESOURCE, True)}
 _SQLSTATE_CLASS |= {"42": _v(C.CONFIGURATION, K.SYNTAX, False)}
 _SQLSTATE_CLASS |= dict.fromkeys(("22", "23", "54"), INVALID)
+# The classes a healthy server answers with about the statement or the transaction it was
+# given: a breaker that counted them would let one endpoint's bad statement (a PL/pgSQL
+# RAISE, a subquery returning two rows, a statement in a transaction that already failed)
+# open the circuit for every call to the server. Not 40 (its codes are listed above: a race
+# to retry, or 40003, where the outcome is unknown), 57 (the operator), 58 and XX (the
+# server failed), 53 (resources), F0 (its configuration files), HV (a remote server behind a
+# foreign table) or 72 (snapshot too old): those stay counted.
+_SQLSTATE_ANSWER_CLASSES = (
+    "03",  # SQL statement not yet complete
+    "09",  # triggered action exception
+    "0B",  # invalid transaction initiation
+    "0F",  # locator exception
+    "0L",  # invalid grantor
+    "0P",  # invalid role specification
+    "0Z",  # diagnostics exception
+    "20",  # case not found
+    "21",  # cardinality violation
+    "24",  # invalid cursor state
+    "25",  # invalid transaction state (25006 and 25P03 are listed above)
+    "26",  # invalid SQL statement name
+    "27",  # triggered data change violation
+    "2B",  # dependent privilege descriptors still exist
+    "2D",  # invalid transaction termination
+    "2F",  # SQL routine exception
+    "34",  # invalid cursor name
+    "38",  # external routine exception
+    "39",  # external routine invocation exception
+    "3B",  # savepoint exception
+    "44",  # WITH CHECK OPTION violation
+    "55",  # object not in prerequisite state (55P03, a lock not available, is listed above)
+    "P0",  # PL/pgSQL: RAISE, ASSERT, no data found, too many rows
+)
+_SQLSTATE_CLASS |= dict.fromkeys(_SQLSTATE_ANSWER_CLASSES, INVALID)
+_SQLSTATE["40002"] = INVALID  # a constraint checked at COMMIT: an answer, as 23 is
 _SQLSTATE_CLASS |= dict.fromkeys(
     ("XX", "58"), _v(C.EXTERNAL_SERVICE, K.SERVER_ERROR, False, S.HIGH)
 )

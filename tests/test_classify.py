@@ -457,6 +457,24 @@ def pg3(sqlstate: str | None, message: str = "pg error") -> BaseException:
         ("3D000", Cat.CONFIGURATION, Kind.OTHER, False),
         ("3F000", Cat.CONFIGURATION, Kind.OTHER, False),
         ("99999", Cat.UNKNOWN, Kind.OTHER, False),
+        # answers of a healthy server about the statement or its transaction
+        ("P0001", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # PL/pgSQL RAISE
+        ("P0004", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # ASSERT failed
+        ("21000", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # two rows for one
+        ("25P02", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # in a failed transaction
+        ("25001", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # active transaction
+        ("3B001", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # no such savepoint
+        ("34000", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # no such cursor
+        ("2BP01", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # objects depend on it
+        ("55006", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # object in use
+        ("40002", Cat.INVALID_REQUEST, Kind.CLIENT_ERROR, False),  # constraint at COMMIT
+        ("55P03", Cat.TRANSIENT, Kind.RESOURCE, True),  # lock not available: a race
+        # failures of the server, or outcomes unknown: counted
+        ("40003", Cat.UNKNOWN, Kind.OTHER, False),  # statement completion unknown
+        ("XX000", Cat.EXTERNAL_SERVICE, Kind.SERVER_ERROR, False),
+        ("58030", Cat.EXTERNAL_SERVICE, Kind.SERVER_ERROR, False),
+        ("72000", Cat.UNKNOWN, Kind.OTHER, False),  # snapshot too old
+        ("HV000", Cat.UNKNOWN, Kind.OTHER, False),  # the foreign server behind a table
     ],
 )
 def test_sqlstate_table(

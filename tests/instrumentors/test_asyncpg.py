@@ -423,6 +423,24 @@ async def test_an_open_breakers_rejection_is_asyncpgs_own_interface_error(h: Har
         await conn.close()
 
 
+async def test_an_answer_of_a_healthy_server_never_opens_its_circuit(h: Harness) -> None:
+    """A PL/pgSQL ``RAISE`` (P0001) is the application's answer, not the server failing:
+    four of them, on a breaker that opens at half of four calls failed, leave it closed."""
+    h.instrument(breaker_window=4, breaker_minimum_calls=4, breaker_failure_rate=0.5)
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        for _ in range(4):
+            with pytest.raises(asyncpg.RaiseError, match="insufficient funds"):
+                await conn.execute("DO $$ BEGIN RAISE EXCEPTION 'insufficient funds'; END $$")
+        assert h.ours.targets is not None
+        (breaker,) = h.ours.targets.breakers()
+        snapshot = breaker.snapshot()
+        assert (snapshot.state.name, snapshot.failed_calls) == ("CLOSED", 0)
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+
+
 # -- a bug of ours never replaces asyncpg's outcome; the pool's own wait is not the server's --
 
 

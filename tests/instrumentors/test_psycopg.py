@@ -440,6 +440,10 @@ def _raise(sqlstate: str) -> str:
         (_raise("23505"), True),  # unique violation
         (_raise("40001"), True),  # serialization failure: lost a race, the server is fine
         (_raise("40P01"), True),  # deadlock: the same
+        ("DO $$ BEGIN RAISE EXCEPTION 'insufficient funds'; END $$", True),  # P0001
+        ("SELECT (SELECT g FROM generate_series(1, 2) AS g)", True),  # 21000: two rows
+        ("ROLLBACK TO SAVEPOINT never_made", True),  # 3B001 (25P01 without a transaction)
+        (_raise("58030"), False),  # an I/O error of the server
         (_raise("53300"), False),  # too many connections: the server is in trouble
         (_raise("57P01"), False),  # admin shutdown
     ],
