@@ -8,6 +8,16 @@ would count, push, pop or run twice. So only commands on the built-in list below
 retried, and a few of them only without the options that make their effect or reply depend
 on the state they find (``SET ... NX|XX|GET``, ``EXPIRE ... NX|XX|GT|LT``).
 
+``EXPIRE``'s reply is 1 while the key exists, so a resend answers as the first send did only
+if the key outlived it: a time to live of zero or less deletes the key (the resend answers
+0, and ``if r.expire(lock, 0): released()`` takes the wrong branch), and a short one may run
+out before the resend arrives. ``EXPIRE`` and ``PEXPIRE`` are retried only with a time to
+live of at least a minute (:data:`EXPIRE_FLOOR`), far longer than the backoff between two
+attempts (2 s by default); an attempt that itself hangs longer than that, with no
+``socket_timeout`` or ``OTEL_RECOVERY_ATTEMPT_TIMEOUT``, is not bounded by it.
+``EXPIREAT`` and ``PEXPIREAT`` are never retried: whether their time has passed is the
+server's clock to say.
+
 Writes that are idempotent in state but whose reply counts what they changed (``DEL``,
 ``SADD``, ``HSET``, ``ZADD``, ``SETBIT``: :data:`COUNTING_WRITES`) are not on the list: the
 first application, whose reply was lost, counted 1, and the repeat answers 0. Code that
@@ -32,6 +42,7 @@ from otel_recovery.instrumentors._settings import RecoverySettings
 __all__ = [
     "BLOCKING",
     "COUNTING_WRITES",
+    "EXPIRE_FLOOR",
     "IDEMPOTENT_WRITES",
     "READS",
     "CommandRules",
@@ -101,11 +112,16 @@ anyway."""
 
 IDEMPOTENT_WRITES = _words(
     """
-    SET SETEX PSETEX MSET SETRANGE HMSET EXPIRE PEXPIRE EXPIREAT PEXPIREAT
+    SET SETEX PSETEX MSET SETRANGE HMSET EXPIRE PEXPIRE
     """
 )
 """Writes whose second application leaves the state the first one left and answers as it
-did (``OK``, the string's length, 1 for a key that exists)."""
+did (``OK``, the string's length, 1 for a key that exists: ``EXPIRE`` and ``PEXPIRE`` only
+with a time to live of at least :data:`EXPIRE_FLOOR`)."""
+
+EXPIRE_FLOOR = {"EXPIRE": 60, "PEXPIRE": 60_000}
+"""The shortest time to live (seconds, milliseconds) with which ``EXPIRE`` / ``PEXPIRE`` is
+retried: a key that expires before the resend arrives, or at once, answers 0 to it."""
 
 COUNTING_WRITES = _words(
     """
@@ -120,9 +136,7 @@ count, the bit before): not retried after a failure that may have run them, unle
 # where options may start. A false match (a member named "INCR") only forbids a retry.
 _UNSAFE_OPTIONS: dict[str, tuple[int, frozenset[str]]] = {
     "SET": (3, frozenset({"NX", "XX", "GET", "IFEQ", "IFNE", "IFDEQ", "IFDNE"})),
-    **dict.fromkeys(
-        ("EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"), (3, frozenset({"NX", "XX", "GT", "LT"}))
-    ),
+    **dict.fromkeys(("EXPIRE", "PEXPIRE"), (3, frozenset({"NX", "XX", "GT", "LT"}))),
 }
 # Commands whose first argument is a subcommand: "CONFIG GET" is a read, "CONFIG SET" is not.
 _CONTAINERS = _words("CONFIG OBJECT MEMORY SCRIPT XINFO CLUSTER CLIENT COMMAND PUBSUB FUNCTION ACL")
@@ -192,7 +206,25 @@ class CommandRules:
         if unsafe is None or name in self._explicit:
             return True
         start, options = unsafe
-        return not any(_is_option(arg, options) for arg in args[start:])
+        if any(_is_option(arg, options) for arg in args[start:]):
+            return False
+        floor = EXPIRE_FLOOR.get(name)
+        if floor is None:
+            return True
+        ttl = _integer(args[2]) if len(args) > 2 else None
+        return ttl is not None and ttl >= floor
+
+
+def _integer(arg: Any) -> int | None:
+    """A command's integer argument as Redis reads it, or None where it is not one."""
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return arg
+    if isinstance(arg, (str, bytes)) and len(arg) <= 20:  # never decode a large value
+        try:
+            return int(as_text(arg))
+        except ValueError:
+            return None
+    return None
 
 
 def _is_option(arg: Any, options: frozenset[str]) -> bool:

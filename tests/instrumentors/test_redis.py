@@ -488,7 +488,14 @@ def test_a_write_refused_for_its_own_reason_says_nothing_of_retries(h: Harness) 
 
 @pytest.mark.parametrize(
     ("command", "args"),
-    [("SADD", ("seen", "msg-42")), ("DEL", ("claim",)), ("HSET", ("h", "f", "v"))],
+    [
+        ("SADD", ("seen", "msg-42")),
+        ("DEL", ("claim",)),
+        ("HSET", ("h", "f", "v")),
+        ("EXPIRE", ("claim", "0")),  # deletes the key: a resend answers 0
+        ("PEXPIRE", ("claim", "20")),  # the key is gone before a resend arrives
+        ("PEXPIREAT", ("claim", "1000")),  # a time long past: deletes it too
+    ],
 )
 def test_a_write_whose_reply_counts_is_not_sent_twice(
     h: Harness, command: str, args: tuple[str, ...]
@@ -760,8 +767,20 @@ async def test_a_malformed_command_is_redis_pys_to_refuse_not_an_error_of_ours(
         (("SADD", "s", "m"), False),
         (("DEL", "k"), False),
         (("SETBIT", "b", 7, 1), False),  # its reply is the bit before
-        (("EXPIRE", "k", 10), True),
-        (("EXPIRE", "k", 10, "NX"), False),
+        (("EXPIRE", "k", 3600), True),
+        ((b"expire", b"k", b"60"), True),
+        (("PEXPIRE", "k", 60_000), True),
+        (("EXPIRE", "k", 3600, "NX"), False),
+        # the key may be gone when the resend arrives, and the resend answer 0 where the
+        # first send answered 1: at once (zero or less), or soon
+        (("EXPIRE", "k", 0), False),
+        (("EXPIRE", "k", -1), False),
+        (("EXPIRE", "k", 10), False),
+        (("PEXPIRE", "k", 500), False),
+        (("EXPIRE", "k", "soon"), False),
+        (("EXPIRE", "k"), False),
+        (("EXPIREAT", "k", 4_102_444_800), False),  # the server's clock says when
+        (("PEXPIREAT", "k", 1000), False),
         (("INCR", "k"), False),
         (("EVAL", "return 1", 0), False),
         (("CONFIG GET", "maxmemory"), True),
