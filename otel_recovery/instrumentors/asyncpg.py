@@ -31,8 +31,14 @@ closed it runs and counts like any statement.
 Waiting for the application's own pool is not the server's failure: an ``acquire(timeout=)``
 that runs out before a connection holder is free (or a pool closing under it) is neither
 retried nor counted on the breaker, and reaches the application as asyncpg raised it, after
-the wait it asked for. What follows taking a holder (its connect) is the server's, retried and
-counted as before (``PoolConnectionHolder.acquire`` tells the two apart).
+the wait it asked for. What follows taking a holder is the server's, and counted as before
+(``PoolConnectionHolder.acquire`` tells the two apart). Of that, only a failure of making the
+connection is retried (:func:`raised_connecting`): the pool's ``init`` and ``setup``
+callbacks, which run after it, are the application's statements. One that failed may have
+written (an audit row per checkout), and a retried acquire would run the callback again: it
+is counted and raised as asyncpg raised it (``otel_recovery.retry.disallowed=
+statement_may_have_run``). So is the application's own ``acquire(timeout=)`` running out
+while the connection is being made: the wait it asked for, not each attempt's.
 """
 
 from __future__ import annotations
@@ -352,7 +358,11 @@ class _Planner:
             known = self._pools[id(pool)] = (settings, target)
         if known[1] is None:
             return None
-        return self.plans.plan(*known[1], "acquire", "own", self.connect_rule)
+        if self.connect_rule is not None:
+            return self.plans.plan(*known[1], "acquire", "own", self.connect_rule)
+        return self.plans.plan(
+            *known[1], "acquire", "own", "statement_may_have_run", never_ran=raised_connecting
+        )
 
     def statement(self, site: Site, connection: Any, mode: SpanMode | None = None) -> Plan:
         host, port = _connection_target(connection)
@@ -465,6 +475,21 @@ def _acquiring(acquire: Callable[..., Any]) -> Callable[..., Any]:
             _ACQUIRING.reset(token)
 
     return attempt
+
+
+def raised_connecting(error: BaseException) -> bool:
+    """Whether ``error`` came out of asyncpg making a connection (``asyncpg.connect_utils``:
+    a refused or reset socket, a server starting up, a connect timing out), where no
+    statement of the application can have run. A failure of a pool's ``init`` or ``setup``
+    callback comes from the application's own statements, and the application's
+    ``acquire(timeout=)`` from the pool's wait around the whole acquire: neither passes
+    there, and neither is retried (see the module docstring)."""
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_globals.get("__name__") == "asyncpg.connect_utils":
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _holding(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:

@@ -589,6 +589,53 @@ async def test_a_connect_failing_inside_an_acquire_is_still_the_servers(h: Harne
         await pool.close()
 
 
+@pytest.mark.parametrize("callback", ["init", "setup"])
+async def test_a_pools_callback_that_failed_after_writing_is_not_run_again(
+    h: Harness, callback: str
+) -> None:
+    """A pool's ``init`` (per new connection) and ``setup`` (per acquire) run the
+    application's statements after the connection is made. Here one writes an audit row,
+    then its connection is terminated: the row is written, the callback fails. Retrying the
+    acquire ran the callback again and wrote the row twice; it is raised as asyncpg raised
+    it, counted on the breaker, never repeated."""
+    ours = h.instrument().ours
+    table = h.table()
+    admin = await asyncpg.connect(PG_URL)
+    runs = 0
+
+    async def audit(conn: Any) -> None:
+        nonlocal runs
+        runs += 1
+        await conn.execute(f"INSERT INTO {table} VALUES ({runs})")
+        if runs == 1:
+            await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+            for _ in range(500):  # until asyncpg has read the server's goodbye
+                if conn.is_closed():
+                    break
+                await asyncio.sleep(0.01)
+        await conn.execute("SELECT 1")
+
+    pool = await asyncpg.create_pool(PG_URL, min_size=0, max_size=1, **{callback: audit})
+    try:
+        h.reset()
+        with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresConnectionError, OSError)):
+            await pool.acquire(timeout=10)
+        assert (runs, h.rows(table), h.calls["_acquire"]) == (1, 1, 1)
+        assert ours.targets is not None
+        (breaker,) = ours.targets.breakers()
+        # the connection lost: counted by the callback's statement and by the acquire
+        assert breaker.snapshot().failed_calls == 2
+        (span,) = h.spans("recover asyncpg 127.0.0.1:5432")
+        assert span.attributes is not None
+        assert span.attributes["otel_recovery.retry.disallowed"] == "statement_may_have_run"
+        async with pool.acquire() as conn:  # the next acquire makes a new connection
+            assert await conn.fetchval("SELECT 7") == 7
+        assert (runs, h.rows(table)) == (2, 2)
+    finally:
+        pool.terminate()  # not close(): it would wait for a connection a failure left out
+        await admin.close()
+
+
 async def test_a_pools_reset_on_release_passes_an_open_circuit(h: Harness) -> None:
     """The circuit opens while a connection is out; the work done on it committed. Releasing
     it (``async with`` exit) resets it through ``Connection.reset``: that housekeeping is
