@@ -47,7 +47,8 @@ same_name(PyObject *given, PyObject *name)
     return PyUnicode_Compare(given, name) == 0;
 }
 
-/* An option that sends a body is set: the plan depends on it, so Python decides. */
+/* An option that sends a body is set, or an option is an iterator (params=zip(...)) that
+ * the first attempt consumes (_http.one_shot): the plan depends on it, so Python decides. */
 HOT static int
 http_sends_body(HttpLayerObject *self, PyObject *const *values, PyObject *kwnames)
 {
@@ -55,6 +56,9 @@ http_sends_body(HttpLayerObject *self, PyObject *const *values, PyObject *kwname
     for (Py_ssize_t i = 0; i < count; i++) {
         if (values[i] == Py_None) {
             continue;
+        }
+        if (PyIter_Check(values[i])) {
+            return 1;
         }
         PyObject *name = PyTuple_GET_ITEM(kwnames, i);
         for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(self->body_names); j++) {

@@ -22,7 +22,7 @@ the original has been called, an internal error may only surface the original's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ __all__ = [
     "fallback_body",
     "has_header",
     "install_resend_count",
+    "one_shot",
     "plan_call",
     "replayable_data",
     "status_of",
@@ -153,6 +154,14 @@ def replayable_data(data: object) -> bool:
     else:
         return False
     return all(_replayable_field(value) for value in values)
+
+
+def one_shot(options: Mapping[str, object]) -> bool:
+    """Whether a request option is an iterator (a generator, ``zip(...)``, a file): the
+    first attempt consumes it, and a resend would go without it (``params=zip(names,
+    values)``: a GET without its query string, answered for another resource). Such a
+    request is sent once, as one with a streamed body is."""
+    return any(isinstance(value, Iterator) for value in options.values())
 
 
 def _replayable_field(value: object) -> bool:

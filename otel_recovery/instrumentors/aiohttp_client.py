@@ -37,6 +37,7 @@ from otel_recovery.instrumentors._http import (
     fallback_body,
     has_header,
     install_resend_count,
+    one_shot,
     plan_call,
     replayable_data,
     target_of,
@@ -146,7 +147,11 @@ class _Planner:
     def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpPlan | None:
         shape: Any = None
         # session.get(url) and friends; session.post(url) passes data=None
-        if len(args) == 3 and ("data" not in kwargs or kwargs["data"] is None):
+        if (
+            len(args) == 3
+            and ("data" not in kwargs or kwargs["data"] is None)
+            and not (kwargs and one_shot(kwargs))
+        ):
             session = args[0]
             try:
                 connector = session._connector  # the socket inline, as _socket_of reads it
@@ -185,7 +190,7 @@ class _Planner:
             *target,
             url.path,
             has_key=lambda: _has_key(session, kwargs.get("headers")),
-            replayable=replayable_data(kwargs.get("data")),
+            replayable=replayable_data(kwargs.get("data")) and not one_shot(kwargs),
             unsent=_unsent,
         )
         plan = self.plans.compile(call)

@@ -45,6 +45,7 @@ from otel_recovery.instrumentors._http import (
     fallback_body,
     has_header,
     install_resend_count,
+    one_shot,
     plan_call,
     replayable_data,
     target_of,
@@ -178,9 +179,11 @@ class _Planner:
         self.by_url = plans.by_url
 
     def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpPlan | None:
-        if ("data" in kwargs and kwargs["data"] is not None) or (
-            "files" in kwargs and kwargs["files"] is not None
-        ):  # a body to judge (session.post passes data=None)
+        if (
+            ("data" in kwargs and kwargs["data"] is not None)
+            or ("files" in kwargs and kwargs["files"] is not None)
+            or (kwargs and one_shot(kwargs))
+        ):  # a body to judge (session.post passes data=None), or an option sent once
             return self._plan(args, kwargs, None)
         count = len(args)
         if count == 3:  # session.get(url) and friends
@@ -220,7 +223,11 @@ class _Planner:
             port,
             path,
             has_key=lambda: _has_key(bound.get("headers"), session_headers),
-            replayable=replayable_data(bound.get("data")) and _replayable_files(bound.get("files")),
+            replayable=(
+                replayable_data(bound.get("data"))
+                and _replayable_files(bound.get("files"))
+                and not one_shot(bound)
+            ),
             unsent=_unsent,
         )
         plan = self.plans.compile(call)

@@ -115,6 +115,29 @@ async def test_503_then_429_then_200_recovers_with_one_client_span_per_attempt(
     assert [s.parent.span_id for s in clients[1:]] == [recovery.context.span_id] * 2
 
 
+async def test_an_option_given_as_an_iterator_is_sent_once(server, tel, instrument):
+    """``headers=`` as an iterator of pairs is consumed by the first attempt: a resend went
+    without the ``Authorization`` header. The request is sent once, as one with a streamed
+    body is."""
+    instrument()
+    url = server.script("/me", hf.status(503), hf.ok("me"))
+    for _ in range(2):  # the second time, a plain GET of the URL has its plan remembered
+        response, _ = await fetch("GET", url, headers=iter([("Authorization", "Bearer t")]))
+        assert response.status == 503
+        server.script("/me", hf.status(503), hf.ok("me"))
+        response, _ = await fetch("GET", url)
+        assert response.status == 200
+        server.script("/me", hf.status(503), hf.ok("me"))
+    assert [s.headers.get("Authorization") for s in server.seen("/me")] == [
+        "Bearer t",
+        None,
+        None,
+        "Bearer t",
+        None,
+        None,
+    ]
+
+
 async def test_exhausted_retries_return_the_final_response_unchanged(server, tel, instrument):
     instrument()
     seen = []

@@ -245,6 +245,25 @@ def test_non_replayable_bodies_are_sent_once(server, instrument):
     assert (server.count("/gen"), server.count("/file"), server.count("/bytes")) == (1, 1, 2)
 
 
+@pytest.mark.parametrize("remembered", [False, True])
+def test_an_option_given_as_an_iterator_is_sent_once(server, tel, instrument, remembered):
+    """``params=zip(names, values)`` is consumed by the first attempt: a resend would ask
+    for the resource without its query string and hand the application that answer. The
+    request is sent once, as one with a streamed body is, whether or not a plain request to
+    the URL had its plan remembered (the compiled layer's path)."""
+    instrument()
+    actions = (hf.status(503), hf.ok("shoes, page 2"))
+    url = _remembered(server, tel, "/search", *actions) if remembered else None
+    url = url or server.script("/search", *actions)
+    response = requests.get(url, params=zip(["q", "page"], ["shoes", "2"]), timeout=2)
+    assert response.status_code == 503 and server.count("/search") == 1
+    assert response.url.endswith("/search?q=shoes&page=2")
+    assert tel.recovery().attributes["otel_recovery.retry.disallowed"] == "non_replayable_body"
+    server.script("/search", hf.status(503), hf.ok("shoes"))
+    response = requests.get(url, params={"q": "shoes"}, timeout=2)  # a dict: sent again
+    assert response.text == "shoes" and server.count("/search") == 3
+
+
 def test_a_form_that_holds_a_file_is_sent_once(server, instrument):
     """requests iterates a file given as a form value: a second attempt would send the
     field empty, and the server would take it."""
