@@ -54,6 +54,12 @@ class AttemptSite:
         included; None (the default) when it has no such limit."""
         return None
 
+    def time_limit_error(self, message: str) -> BaseException | None:
+        """The error the client itself raises when that limit passes, for a call our
+        retries made reach it: what the application's handlers expect. None (the default):
+        the instrumentor's attempt time-limit error."""
+        return None
+
 
 def site_of(fn: Callable[..., Any]) -> AttemptSite | None:
     """The site whose bound method ``fn`` is, if it is one."""

@@ -226,9 +226,13 @@ class TargetPolicy(RecoveryPolicy):
             return await recovering
 
         def timed_out() -> BaseException:
-            return self._timeout_type(
-                f"the call exceeded its own {limit:.3g}s time limit, retries included"
-            )
+            message = f"the call exceeded its own {limit:.3g}s time limit, retries included"
+            try:
+                own = None if site is None else site.time_limit_error(message)
+            except Exception as problem:
+                report_internal_error(f"{self.name} reading the call's time limit", problem)
+                own = None
+            return self._timeout_type(message) if own is None else own
 
         async def answer(cut: BaseException, left: _Left | None) -> Any:
             """The call gave up at its limit: a fallback answers it, or it fails there."""

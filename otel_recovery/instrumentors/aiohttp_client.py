@@ -52,6 +52,7 @@ __all__ = [
     "AioHttpAttemptTimeoutError",
     "AioHttpCircuitOpenError",
     "AioHttpClientRecoveryInstrumentor",
+    "AioHttpTotalTimeoutError",
 ]
 
 
@@ -69,6 +70,16 @@ class AioHttpAttemptTimeoutError(aiohttp.ServerTimeoutError):
     An ``aiohttp.ServerTimeoutError``, what aiohttp raises for its own socket timeouts: so
     both ``except aiohttp.ClientError`` and ``except asyncio.TimeoutError`` (the built-in
     ``TimeoutError`` from Python 3.11) catch it.
+    """
+
+
+class AioHttpTotalTimeoutError(asyncio.TimeoutError):
+    """A request whose retries reached its own ``ClientTimeout.total``.
+
+    aiohttp raises a plain ``asyncio.TimeoutError`` (the built-in ``TimeoutError`` from
+    Python 3.11) when that total passes, not an ``aiohttp.ClientError``: so is this one, and
+    an application's ``except aiohttp.ClientError`` clause ahead of its
+    ``except asyncio.TimeoutError`` sees what it would without us.
     """
 
 
@@ -114,6 +125,9 @@ class _Site(HttpSite[aiohttp.ClientResponse]):
         if isinstance(total, (int, float)) and not isinstance(total, bool) and total > 0:
             return float(total)
         return None
+
+    def time_limit_error(self, message: str) -> BaseException:
+        return AioHttpTotalTimeoutError(message)
 
     def rejected(
         self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -21,6 +21,7 @@ from otel_recovery.instrumentors.aiohttp_client import (
     AioHttpAttemptTimeoutError,
     AioHttpCircuitOpenError,
     AioHttpClientRecoveryInstrumentor,
+    AioHttpTotalTimeoutError,
     _unsent,
 )
 from otel_recovery.recover import RecoveryPolicy
@@ -242,8 +243,9 @@ async def test_a_stalled_request_ends_at_its_own_total_timeout_and_is_not_repeat
     instrument(clock=SYSTEM_CLOCK)
     url = server.script("/slow", *[hf.stall(3.0)] * 3)
     started = time.monotonic()
-    with pytest.raises(asyncio.TimeoutError):
+    with pytest.raises(asyncio.TimeoutError) as raised:
         await fetch("GET", url, timeout=0.5)  # the session's ClientTimeout(total=0.5)
+    assert not isinstance(raised.value, aiohttp.ClientError)  # aiohttp's own, as raised
     assert time.monotonic() - started < 1.2 and server.count("/slow") == 1
     recovery = tel.recovery().attributes
     assert recovery["otel_recovery.retry.stop_reason"] == "deadline"
@@ -261,7 +263,10 @@ async def test_retries_stop_at_the_requests_own_total_timeout(server, tel, instr
             await session.get(url, timeout=aiohttp.ClientTimeout(total=1.0))
     took = time.monotonic() - started
     assert 0.9 < took < 1.6 and server.count("/busy") < 5
-    assert isinstance(raised.value, aiohttp.ServerTimeoutError)
+    # aiohttp's type for its own total: a TimeoutError, not a ClientError (which an
+    # `except aiohttp.ClientError` ahead of `except asyncio.TimeoutError` would take)
+    assert isinstance(raised.value, AioHttpTotalTimeoutError)
+    assert not isinstance(raised.value, aiohttp.ClientError)
     assert "own 1s time limit" in str(raised.value)
     # The span tells what the caller got, as when the limit is seen to pass before a retry:
     # not a cancellation (no one cancelled the call), but a failure at the deadline.
@@ -269,7 +274,7 @@ async def test_retries_stop_at_the_requests_own_total_timeout(server, tel, instr
     assert recovery.attributes["otel_recovery.outcome"] == "failure"
     assert recovery.attributes["otel_recovery.retry.stop_reason"] == "deadline"
     assert recovery.attributes["error.type"] == (
-        "otel_recovery.instrumentors.aiohttp_client.AioHttpAttemptTimeoutError"
+        "otel_recovery.instrumentors.aiohttp_client.AioHttpTotalTimeoutError"
     )
     assert recovery.status.status_code is StatusCode.ERROR
 
@@ -332,7 +337,8 @@ async def test_a_total_timeout_passing_during_a_backoff_raises_aiohttps_timeout_
             with pytest.raises(asyncio.TimeoutError) as raised:
                 await session.get(url, timeout=aiohttp.ClientTimeout(total=0.5))
     assert time.monotonic() - started < 0.9 and server.count("/busy") == 1
-    assert isinstance(raised.value, aiohttp.ServerTimeoutError)
+    assert isinstance(raised.value, AioHttpTotalTimeoutError)
+    assert not isinstance(raised.value, aiohttp.ClientError)
     assert "internal error" not in caplog.text
 
 
