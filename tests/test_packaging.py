@@ -65,11 +65,15 @@ def test_version_matches_metadata():
 
 def test_the_license_ships_with_the_distribution():
     """The licence is an SPDX expression and its text is in the distribution: packagers and
-    compliance scanners read both, and setuptools stops accepting the old table form."""
-    from importlib.metadata import distribution
+    compliance scanners read both, and setuptools stops accepting the old table form. An
+    editable install also leaves ``otel_recovery.egg-info`` in the checkout, which comes
+    first on the path and holds no licence files: the installed ``.dist-info`` is read."""
+    from importlib.metadata import distributions
 
-    dist = distribution("otel-recovery")
-    assert dist.metadata["License-Expression"] == "Apache-2.0"
-    assert dist.metadata.get_all("License-File") == ["LICENSE"]
-    text = dist.read_text("licenses/LICENSE")
+    ours = [d for d in distributions() if d.metadata["Name"] == "otel-recovery"]
+    assert ours and all(d.metadata["License-Expression"] == "Apache-2.0" for d in ours)
+    installed = [d for d in ours if d.read_text("RECORD") is not None]
+    assert len(installed) == 1
+    assert installed[0].metadata.get_all("License-File") == ["LICENSE"]
+    text = installed[0].read_text("licenses/LICENSE")
     assert text is not None and "Apache License" in text and "Version 2.0" in text
