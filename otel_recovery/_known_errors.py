@@ -382,6 +382,7 @@ def status_verdict(status: int) -> Verdict:
 _SQLSTATE: dict[str, Verdict] = {
     "40001": _PRESETS["SERIALIZATION"],  # serialization failure: retry the whole transaction
     "40P01": _PRESETS["SERIALIZATION"],  # deadlock: same
+    "40002": INVALID,  # a constraint checked at COMMIT: an answer, as class 23 is
     "57P01": _v(C.TRANSIENT, K.SHUTDOWN, True),  # admin shutdown
     "57P02": _v(C.TRANSIENT, K.SHUTDOWN, True, S.MEDIUM),  # crash shutdown
     "57P03": _v(C.TRANSIENT, K.SHUTDOWN, True),  # cannot connect now (starting up)
@@ -434,7 +435,6 @@ _SQLSTATE_ANSWER_CLASSES = (
     "P0",  # PL/pgSQL: RAISE, ASSERT, no data found, too many rows
 )
 _SQLSTATE_CLASS |= dict.fromkeys(_SQLSTATE_ANSWER_CLASSES, INVALID)
-_SQLSTATE["40002"] = INVALID  # a constraint checked at COMMIT: an answer, as 23 is
 _SQLSTATE_CLASS |= dict.fromkeys(
     ("XX", "58"), _v(C.EXTERNAL_SERVICE, K.SERVER_ERROR, False, S.HIGH)
 )
