@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from otel_recovery._clock import Clock
 from otel_recovery._forksafe import new_lock
@@ -48,6 +49,7 @@ __all__ = [
     "plan_call",
     "replayable_data",
     "status_of",
+    "server_of_url",
     "target_of",
 ]
 
@@ -118,6 +120,17 @@ def target_of(scheme: str, host: str | None, port: int | None) -> tuple[str, int
     if not host:
         return None
     return host.lower(), port if port is not None else _DEFAULT_PORTS.get(scheme.lower())
+
+
+def server_of_url(url: object) -> tuple[str, int | None] | None:
+    """:func:`target_of` an absolute URL of any library (``str()`` of an ``httpx.URL``, a
+    ``yarl.URL`` or requests' ``str`` is the URL); None for a URL that names no host or
+    cannot be read. For the failure path (:mod:`._elsewhere`), not the per-request one."""
+    try:
+        parts = urlsplit(str(url))
+        return target_of(parts.scheme, parts.hostname, parts.port)
+    except (ValueError, TypeError):  # a port that is not a number, an odd object
+        return None
 
 
 def has_header(headers: object, name: str) -> bool:

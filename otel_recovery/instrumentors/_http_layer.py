@@ -34,10 +34,12 @@ from otel_recovery.instrumentors._db import (
     instrumentation_enabled,
     read_context,
 )
+from otel_recovery.instrumentors._elsewhere import Server, mark_elsewhere
 from otel_recovery.instrumentors._http import (
     HttpCall,
     RetryableStatusError,
     before_resend,
+    server_of_url,
     status_of,
 )
 from otel_recovery.instrumentors._targets import TargetPolicies
@@ -269,6 +271,16 @@ class HttpSite(AttemptSite, Generic[R]):
         ``error`` (urllib3's ``Retry``, httpx's transport ``retries``); 0 if it does not."""
         return 0
 
+    def asked(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Server | None:
+        """The server the call was planned for: its URL's, as :func:`server_of_url` names it
+        (None: unknown, and no failure counts as another server's)."""
+        return None
+
+    def failed_at(self, error: Exception) -> Server | None:
+        """The server ``error`` was met at, where it names one (the request it carries:
+        a redirect's, if one took the call elsewhere); None if it does not say."""
+        return None
+
     # -- attempts -------------------------------------------------------------------------
     # The two attempt methods are the per-request hot path (the first attempt runs on every
     # request), so they differ only where async must await and inline the status check: a
@@ -290,7 +302,7 @@ class HttpSite(AttemptSite, Generic[R]):
             response: R = self.original(*args, **kwargs)
         except BaseException as error:
             outcomes.append(error)
-            self.note_retried(error, args, kwargs)
+            self.note_failure(error, args, kwargs)
             raise
         outcomes.append(response)
         try:
@@ -320,7 +332,7 @@ class HttpSite(AttemptSite, Generic[R]):
             response: R = await self.original(*args, **kwargs)
         except BaseException as error:
             outcomes.append(error)
-            self.note_retried(error, args, kwargs)
+            self.note_failure(error, args, kwargs)
             raise
         outcomes.append(response)
         try:
@@ -350,19 +362,34 @@ class HttpSite(AttemptSite, Generic[R]):
             mark(signal, self.retried_status(response))
         except Exception as error:  # the client's retry unreadable: ours decides alone
             report_internal_error(f"{self.site}: reading the client's own retry", error)
+        try:
+            history = getattr(response, "history", None)
+            if history:  # redirected (or an auth round): the first request's server asked
+                mark_elsewhere(
+                    signal,
+                    server_of_url(history[0].url),
+                    server_of_url(getattr(response, "url", None)),
+                )
+        except Exception as error:
+            report_internal_error(f"{self.site}: reading where the request failed", error)
         return signal
 
-    def note_retried(
+    def note_failure(
         self, error: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         """Mark ``error`` (an attempt's own failure) if the client library's retry already
-        repeated it, so ours does not again (see :mod:`._client_retries`)."""
+        repeated it, so ours does not again (see :mod:`._client_retries`), or if it was met
+        at another server than the call's own (see :mod:`._elsewhere`)."""
         if not isinstance(error, Exception) or isinstance(error, RetryableStatusError):
             return
         try:
             mark(error, self.retried_error(error, args, kwargs))
         except Exception as failure:
             report_internal_error(f"{self.site}: reading the client's own retry", failure)
+        try:
+            mark_elsewhere(error, self.asked(args, kwargs), self.failed_at(error))
+        except Exception as failure:
+            report_internal_error(f"{self.site}: reading where the request failed", failure)
 
     def _unreadable(self, error: Exception) -> bool:
         report_internal_error(f"{self.site}: reading the response", error)
@@ -574,7 +601,7 @@ def sync_layer(
 
         if compiled is None or not compiles():
             return layer
-        note_retried = site.note_retried
+        note_failure = site.note_failure
 
         def resume(
             plan: HttpPlan,
@@ -588,7 +615,7 @@ def sync_layer(
             """What the runner does after a first attempt that ended in ``error`` (the
             original's exception, or the signal for a response to retry on); the compiled
             layer calls it with ``error`` being handled, as the runner's ``except`` does."""
-            note_retried(error, args, kwargs)
+            note_failure(error, args, kwargs)
             try:
                 return plan.recover(
                     attempt,

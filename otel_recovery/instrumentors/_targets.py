@@ -26,6 +26,7 @@ from otel_recovery.instrumentors._attempt_site import (
     within_call_limit,
 )
 from otel_recovery.instrumentors._client_retries import client_retries
+from otel_recovery.instrumentors._elsewhere import answered_elsewhere
 from otel_recovery.instrumentors._settings import RecoverySettings, section_keys
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.learning.advisor import LearnedRetryAdvisor
@@ -284,7 +285,7 @@ class TargetPolicy(RecoveryPolicy):
     def _decide(
         self, error: BaseException, info: ErrorInfo, attempt: int, delay: float, started: float
     ) -> Decision:
-        if self._never_repeated or client_retries(error):
+        if self._never_repeated or client_retries(error) or answered_elsewhere(error):
             return give_up(self.fallback, error, "not_retryable")
         decision = super()._decide(error, info, attempt, delay, started)
         if decision.action is Action.RETRY and past_call_limit(
@@ -317,6 +318,8 @@ class TargetPolicy(RecoveryPolicy):
             and not retry.proves_never_ran(error)
         ):
             why = self._disallowed
+        if why is None and answered_elsewhere(error):  # a redirect's target failed
+            why = "redirected"  # (see _elsewhere); a call never repeated says why not
         if why is not None and not isinstance(error, CircuitOpenError):
             try:
                 trace.span.set_attribute(RETRY_DISALLOWED, why)
@@ -336,6 +339,15 @@ class TargetPolicy(RecoveryPolicy):
                 trace.span.set_attribute(attribute, retries)
             except Exception:  # telemetry must never replace the caller's error
                 return
+
+    def _record_outcome(
+        self, error: BaseException | None, info: ErrorInfo | None, took: float
+    ) -> None:
+        """A failure met at another server (a redirect's target, see :mod:`._elsewhere`)
+        is an answer of this one: a success on its breaker."""
+        if error is not None and answered_elsewhere(error):
+            error, info = None, None
+        super()._record_outcome(error, info, took)
 
     def _passing(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], release: bool

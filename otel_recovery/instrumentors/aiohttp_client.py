@@ -29,6 +29,7 @@ from yarl import URL
 from otel_recovery._clock import Clock
 from otel_recovery.classify import Classifier
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._elsewhere import Server
 from otel_recovery.instrumentors._http import (
     FALLBACK_HEADER,
     IDEMPOTENCY_KEY,
@@ -40,6 +41,7 @@ from otel_recovery.instrumentors._http import (
     one_shot,
     plan_call,
     replayable_data,
+    server_of_url,
     target_of,
 )
 from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans, HttpSite, async_layer
@@ -128,6 +130,21 @@ class _Site(HttpSite[aiohttp.ClientResponse]):
 
     def time_limit_error(self, message: str) -> BaseException:
         return AioHttpTotalTimeoutError(message)
+
+    def asked(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Server | None:
+        _, raw = _method_and_url(args, kwargs)
+        if raw is None or _socket_of(args[0]):  # over a unix socket every URL is the socket's
+            return None
+        return server_of_url(_absolute(args[0], raw))
+
+    def failed_at(self, error: Exception) -> Server | None:
+        # what aiohttp's errors say of the request that failed (a redirect's, once one was
+        # made); a dropped connection (ServerDisconnectedError), a timeout: nothing
+        if isinstance(error, aiohttp.ClientConnectorError):
+            return target_of("", error.host, error.port)
+        if isinstance(error, aiohttp.ClientResponseError):
+            return server_of_url(error.request_info.real_url)
+        return None
 
     def rejected(
         self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -31,6 +31,7 @@ import httpx
 from otel_recovery._clock import Clock
 from otel_recovery.classify import Classifier
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._elsewhere import Server
 from otel_recovery.instrumentors._http import (
     FALLBACK_HEADER,
     IDEMPOTENCY_KEY,
@@ -39,6 +40,7 @@ from otel_recovery.instrumentors._http import (
     fallback_body,
     install_resend_count,
     plan_call,
+    server_of_url,
     target_of,
 )
 from otel_recovery.instrumentors._http_layer import (
@@ -131,6 +133,14 @@ class _Site(HttpSite[httpx.Response]):
         response.close()
         return None
 
+    def let_go(self, args: tuple[Any, ...]) -> None:
+        super().let_go(args)
+        _restore_headers(args)
+
+    async def alet_go(self, args: tuple[Any, ...]) -> None:
+        await super().alet_go(args)
+        _restore_headers(args)
+
     def rejected(
         self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> BaseException:
@@ -163,6 +173,22 @@ class _Site(HttpSite[httpx.Response]):
         pool = getattr(transport_for_url(request.url), "_pool", None)
         retries = getattr(pool, "_retries", 0)
         return retries if type(retries) is int else 0
+
+    def asked(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Server | None:
+        request = _request_of(args, kwargs)
+        if not isinstance(request, httpx.Request) or _socket_of(args[0] if args else None):
+            return None  # over a unix socket every URL is the socket's
+        return server_of_url(request.url)
+
+    def failed_at(self, error: Exception) -> Server | None:
+        # httpx's errors name the request that failed (a redirect's, once one was made)
+        if not isinstance(error, (httpx.RequestError, httpx.HTTPStatusError)):
+            return None
+        try:
+            request = error.request
+        except RuntimeError:  # raised without a request: unknown
+            return None
+        return server_of_url(request.url)
 
 
 _CONNECTION_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
@@ -234,6 +260,44 @@ def _raised_in_tls(error: BaseException) -> bool:
     return any(frame.f_code.co_filename == ssl.__file__ for frame in frames_of(error))
 
 
+_SENT_HEADERS = "_otel_recovery_headers"
+"""Where a request that an auth flow or a request hook may change keeps its headers as the
+application gave them (see :func:`_keep_headers`)."""
+
+
+def _keep_headers(args: tuple[Any, ...], kwargs: dict[str, Any], request: Any) -> None:
+    """Keep ``request``'s headers as given, if what ``send`` runs may change them.
+
+    A retry sends the same ``httpx.Request`` again, and ``send`` hands it to the auth flow
+    and the request event hooks, which may write to it: a flow that answers a 401 by
+    setting ``Authorization`` leaves that header on the request, and the resend would go
+    out first with the previous round's credentials, which httpx never sends first. So
+    before a resend the headers are put back as they were (:meth:`_Site.let_go`). Kept only
+    where an auth or a request hook is in play (the client's, or ``send(auth=...)``):
+    other requests are sent as httpx leaves them, unchanged."""
+    try:
+        client = args[0]
+        auth = kwargs.get("auth", httpx.USE_CLIENT_DEFAULT) if kwargs else client._auth
+        if auth is httpx.USE_CLIENT_DEFAULT:
+            auth = client._auth
+        if (auth is None and not client._event_hooks["request"]) or not isinstance(
+            request, httpx.Request
+        ):
+            return
+        setattr(request, _SENT_HEADERS, request.headers.copy())
+    except Exception:  # another httpx: the resend goes as before
+        return
+
+
+def _restore_headers(args: tuple[Any, ...]) -> None:
+    """Put a request's headers back as the application gave them (:func:`_keep_headers`);
+    ``args`` are the runner's: ``(outcomes, statuses, call_args, call_kwargs)``."""
+    request = _request_of(args[2], args[3])
+    kept = getattr(request, _SENT_HEADERS, None)
+    if isinstance(kept, httpx.Headers):
+        request.headers = kept.copy()
+
+
 class _AsyncSite(_Site):
     def close(self, response: httpx.Response) -> object:
         return response.aclose()
@@ -263,6 +327,7 @@ class _Planner:
 
     def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpPlan | None:
         request = _request_of(args, kwargs)
+        _keep_headers(args, kwargs, request)
         shape: Any = None
         try:
             if request.stream.__class__ is httpx.ByteStream:  # a body in memory, or none

@@ -37,6 +37,7 @@ from urllib3.util.retry import Retry
 from otel_recovery._clock import Clock
 from otel_recovery.classify import Classifier
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
+from otel_recovery.instrumentors._elsewhere import Server
 from otel_recovery.instrumentors._http import (
     FALLBACK_HEADER,
     IDEMPOTENCY_KEY,
@@ -48,6 +49,7 @@ from otel_recovery.instrumentors._http import (
     one_shot,
     plan_call,
     replayable_data,
+    server_of_url,
     target_of,
 )
 from otel_recovery.instrumentors._http_layer import (
@@ -143,6 +145,19 @@ class _Site(HttpSite[requests.Response]):
                 return 0
             return _repeats(retry, request.method, request.url, response=answered)
         return _repeats(retry, request.method, request.url, error=reason)
+
+    def asked(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Server | None:
+        target = _method_and_url(_bind(args, kwargs))
+        if target is None:
+            return None
+        prepared = requests.PreparedRequest()  # as requests names the host (IDNA, case)
+        prepared.prepare_url(target[1], None)
+        return server_of_url(prepared.url)
+
+    def failed_at(self, error: Exception) -> Server | None:
+        # requests' errors carry the request that failed (a redirect's, once one was made)
+        url = getattr(getattr(error, "request", None), "url", None)
+        return server_of_url(url) if url else None
 
     def rejected(
         self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -33,6 +33,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -40,9 +43,21 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from otel_recovery.instrumentors.aiohttp_client import AioHttpClientRecoveryInstrumentor
+from otel_recovery.instrumentors.httpx import HTTPXRecoveryInstrumentor
+from otel_recovery.instrumentors.requests import RequestsRecoveryInstrumentor
 from otel_recovery.testing import FakeClock
 
 Action = Callable[[web.Request], Any]
+
+CLIENT_INSTRUMENTORS = {
+    "requests": (RequestsRecoveryInstrumentor, RequestsInstrumentor),
+    "httpx": (HTTPXRecoveryInstrumentor, HTTPXClientInstrumentor),
+    "httpx_async": (HTTPXRecoveryInstrumentor, HTTPXClientInstrumentor),
+    "aiohttp": (AioHttpClientRecoveryInstrumentor, AioHttpClientInstrumentor),
+}
+"""Per client a test drives (``httpx_async``: an ``AsyncClient``), ours and contrib's
+instrumentor, for tests that run one scenario through every HTTP client."""
 
 # Stalled handlers are cancelled after 0.2 s at shutdown. aiohttp 3.9 moved that setting from
 # the site to the runner; before, the runner handed it to each connection, which failed.

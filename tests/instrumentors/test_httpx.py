@@ -833,3 +833,61 @@ def test_a_transport_of_the_applications_is_named_by_the_url(instrument):
     odd._pool = None  # another httpcore, say
     for client in (object(), httpx.Client(transport=odd), None):
         assert otel_recovery.instrumentors.httpx._socket_of(client) is None
+
+
+class _TokenFromBody(httpx.Auth):
+    """Answers a 401 by sending the request again with the token the 401's body names."""
+
+    requires_response_body = True
+
+    def auth_flow(self, request):
+        response = yield request
+        if response.status_code == 401:
+            request.headers["Authorization"] = f"Token {response.text}"
+            yield request
+
+
+@MODES
+async def test_a_resend_goes_out_as_the_application_gave_it_not_as_the_auth_flow_left_it(
+    server, tel, instrument, mode
+):
+    """The auth flow writes to the request; the resend is the same request object, which
+    must start its flow afresh (bare httpx never sends the first round with a token)."""
+    instrument(contrib=False)
+    url = server.script(
+        "/a",
+        hf.status(401, body="tok1"),
+        hf.status(503),
+        hf.status(401, body="tok2"),
+        hf.ok("fresh"),
+    )
+    if mode == "sync":
+        with httpx.Client(auth=_TokenFromBody()) as client:
+            response = client.get(url)
+    else:
+        async with httpx.AsyncClient(auth=_TokenFromBody()) as client:
+            response = await client.get(url)
+    assert (response.status_code, response.text) == (200, "fresh")
+    sent = [seen.headers.get("Authorization") for seen in server.seen("/a")]
+    assert sent == [None, "Token tok1", None, "Token tok2"]
+
+
+@MODES
+async def test_a_resend_goes_out_without_what_a_request_hook_added(server, tel, instrument, mode):
+    instrument(contrib=False)
+    url = server.script("/a", hf.status(503), hf.ok("fresh"))
+
+    def stamp(request):  # appends, as a hook that counts hops might
+        request.headers["X-Hops"] = ",".join(filter(None, [request.headers.get("X-Hops"), "1"]))
+
+    async def astamp(request):
+        stamp(request)
+
+    if mode == "sync":
+        with httpx.Client(event_hooks={"request": [stamp]}) as client:
+            response = client.get(url)
+    else:
+        async with httpx.AsyncClient(event_hooks={"request": [astamp]}) as client:
+            response = await client.get(url)
+    assert response.status_code == 200
+    assert [seen.headers.get("X-Hops") for seen in server.seen("/a")] == ["1", "1"]

@@ -37,18 +37,12 @@ import pytest
 import requests
 import urllib3
 import yarl
-from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
-from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._unsent import original_code, sources
-from otel_recovery.instrumentors.aiohttp_client import AioHttpClientRecoveryInstrumentor
-from otel_recovery.instrumentors.httpx import HTTPXRecoveryInstrumentor
 from otel_recovery.instrumentors.httpx import _unsent as httpx_unsent
-from otel_recovery.instrumentors.requests import RequestsRecoveryInstrumentor
 from otel_recovery.testing import FakeClock
 
 from . import http_faults as hf
@@ -57,12 +51,7 @@ server = pytest.fixture(scope="module")(hf.serve)
 tel = pytest.fixture(hf.telemetry)
 late = pytest.fixture(hf.late_port)
 
-_PAIRS = {
-    "requests": (RequestsRecoveryInstrumentor, RequestsInstrumentor),
-    "httpx": (HTTPXRecoveryInstrumentor, HTTPXClientInstrumentor),
-    "httpx_async": (HTTPXRecoveryInstrumentor, HTTPXClientInstrumentor),
-    "aiohttp": (AioHttpClientRecoveryInstrumentor, AioHttpClientInstrumentor),
-}
+_PAIRS = hf.CLIENT_INSTRUMENTORS
 CLIENTS = pytest.mark.parametrize("client", list(_PAIRS))
 
 
