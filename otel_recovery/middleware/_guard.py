@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -228,9 +228,7 @@ class Options:
         if retry is None or retries_done + 1 >= retry.attempts:
             return None
         if attempt is not None and _decided(attempt, error):
-            span = trace.get_current_span()
-            if span.is_recording():
-                span.set_attribute(attributes.RETRY_DISALLOWED, INNER_RECOVERY)
+            _on_span(lambda span: span.set_attribute(attributes.RETRY_DISALLOWED, INNER_RECOVERY))
             return None
         try:
             info = classify(error)
@@ -293,12 +291,61 @@ def may_repeat(method: str, headers: Mapping[str, str]) -> bool:
 def mark(event: str, values: dict[str, str | float | int]) -> None:
     """An event (and the breaker's state) on the current span: the server span of the
     OpenTelemetry middleware this one sits inside."""
-    span = trace.get_current_span()
-    if span.is_recording():
+
+    def write(span: trace.Span) -> None:
         state = values.get(attributes.BREAKER_STATE)
         if isinstance(state, str):
             span.set_attribute(attributes.BREAKER_STATE, state)
         span.add_event(event, values)
+
+    _on_span(write)
+
+
+def _on_span(write: Callable[[trace.Span], None]) -> None:
+    """``write`` on the current span if it records. A span or tracer that raises (a vendor
+    bridge's bug) is logged once and the request goes on as if the mark had been made: the
+    telemetry must never turn a 503, a fallback or a retry into an error of ours."""
+    try:
+        span = trace.get_current_span()
+        if span.is_recording():
+            write(span)
+    except Exception as failure:
+        report_internal_error("middleware span", failure)
+
+
+class Snapshot:
+    """A request's mapping (an ASGI scope, a WSGI environ) as it came in, put back in place
+    before a retry.
+
+    In place, because the layers outside ours hold the very dict (and the very ``state``
+    dict, the ``headers`` list in it) they passed in, and read them once we return: an
+    access log, a metrics or an auth middleware must see what the attempt that answered
+    stored there, as it would without a retry, not what the failed one did. Each list or
+    dict value is copied too, as routers and header middlewares edit those in place
+    (``scope["headers"].append(...)``): a retry would otherwise see the failed attempt's
+    edits, twice over once it made them again. Anything deeper is shared.
+    """
+
+    def __init__(self, request: MutableMapping[str, Any]) -> None:
+        self._request = request
+        self._items = dict(request)
+        self._contents: dict[str, list[Any] | dict[Any, Any]] = {
+            key: value.copy()
+            for key, value in self._items.items()
+            if isinstance(value, (list, dict))
+        }
+
+    def restore(self) -> None:
+        """The mapping, and each list or dict in it, holds again what it held at first."""
+        for key, contents in self._contents.items():
+            value = self._items[key]
+            if isinstance(value, list):
+                value[:] = contents
+            elif isinstance(value, dict):
+                value.clear()
+                value.update(contents)
+        self._request.clear()
+        self._request.update(self._items)
 
 
 def _header_ok(pair: object) -> bool:
@@ -379,8 +426,7 @@ class GuardedApp:
         max_routes: int = 512,
         clock: Clock | None = None,
     ) -> None:
-        if not callable(app):
-            raise TypeError(f"app must be an {self.protocol} application (a callable), got {app!r}")
+        self.check_app(app)
         if route is not None and not callable(route):
             raise TypeError(f"route must be a function (the request) -> str, got {route!r}")
         self.app = app
@@ -393,6 +439,13 @@ class GuardedApp:
             retry=retry,
             clock=clock,
         )
+
+    @classmethod
+    def check_app(cls, app: Any) -> None:
+        """Refuse at construction what could never serve a request (subclasses add their
+        protocol's own rules)."""
+        if not callable(app):
+            raise TypeError(f"app must be an {cls.protocol} application (a callable), got {app!r}")
 
     @staticmethod
     def default_route(request: Any) -> str:

@@ -15,23 +15,30 @@ inside both OpenTelemetry's middleware (``instrument_app``) and Starlette's
 retried or replaced.
 
 - **Per route**, a request that raises or answers with a 5xx counts as a failure on that
-  route's breaker, anything else as a success. A route whose breaker is open is not called:
-  the request gets ``fallback``'s response, or ``503`` with ``Retry-After`` (the seconds
-  until the breaker lets a probe through), and the span an ``otel_recovery.rejected`` event.
-  A request whose client went away (``http.disconnect``) counts neither way.
+  route's breaker, anything else as a success. An error raised once the whole response
+  was sent (a ``BackgroundTask`` failing) counts by that response's status, as in WSGI: the
+  client got its answer (the error still propagates to the server). A route whose breaker
+  is open is not called: the request gets ``fallback``'s response, or ``503`` with
+  ``Retry-After`` (the seconds until the breaker lets a probe through), and the span an
+  ``otel_recovery.rejected`` event. A request whose client went away (``http.disconnect``)
+  counts neither way.
 - **Fallback**: ``fallback`` also answers a request whose app raised before it started its
   response (one that started cannot be replaced; the error propagates).
 - **Retry** (off unless ``retry=`` is given): an app error before the response started is
   retried when the classifier (or ``Retry(on=...)``) calls it retryable, the method is safe
   (GET, HEAD, OPTIONS, TRACE) or the request has an ``Idempotency-Key``, and the app has not
   read a non-empty body: a consumed body is never replayed. Each attempt gets the scope as it
-  first came (routers rewrite it in place) and the request messages the first one read.
+  first came (routers rewrite it in place) and the request messages the first one read; the
+  scope is put back in place, the same dict and ``state`` dict, so the layers outside this
+  one read what the attempt that answered left there.
   ``Retry(deadline=...)`` bounds the waits; a downstream ``Retry-After`` is honoured up to
   ``Retry(retry_after_cap=...)`` (60 s by default: lower it for a server). A 5xx the app
   answered is passed on, not retried: it has already gone to the client.
 - The breaker counts requests, not attempts: a request retried to success is one success.
   Every permit ends in exactly one outcome, or is given back (cancelled, interrupted,
   client gone, a broken ``is_failure``).
+- ASGI3 apps only: a class (an ASGI2 "double callable") is refused at construction; wrap
+  it with ``asgiref.compatibility.guarantee_single_callable`` first.
 - Anything but ``http`` (``websocket``, ``lifespan``) passes through untouched, and so does
   every request if working out its route fails (logged once): the middleware never breaks
   the app.
@@ -41,6 +48,7 @@ retried or replaced.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -50,6 +58,7 @@ from otel_recovery.middleware._guard import (
     GuardedApp,
     Options,
     Response,
+    Snapshot,
     may_repeat,
     route_template,
     shed,
@@ -68,6 +77,20 @@ class RecoveryMiddleware(GuardedApp):
     """Guards an ASGI app per route (see the module docstring)."""
 
     protocol = "ASGI"
+
+    @classmethod
+    def check_app(cls, app: Any) -> None:
+        """An ASGI2 app (a class: ``app(scope)`` makes the instance that takes ``receive``
+        and ``send``) is refused, by uvicorn's test: called the ASGI3 way it would fail on
+        every request, and adapting it here would hide what the server sees."""
+        super().check_app(app)
+        if inspect.isclass(app) and not hasattr(app, "__await__"):
+            raise TypeError(
+                f"app {app!r} is a class: an ASGI2 (double-callable) application, which "
+                "RecoveryMiddleware does not adapt. Wrap it in an ASGI3 callable first, for "
+                "instance asgiref.compatibility.guarantee_single_callable(app) or "
+                "uvicorn.middleware.asgi2.ASGI2Middleware(app)"
+            )
 
     @staticmethod
     def default_route(scope: Scope) -> str:
@@ -96,14 +119,13 @@ class RecoveryMiddleware(GuardedApp):
             return
         settled = False  # every permit ends in exactly one record_* or release()
         try:
-            attempt_scope = scope
             retries, previous = 0, 0.0
             started = options.clock.now() if request.replayable else 0.0  # for the deadline
             while True:
                 response = _ResponseWatch(send)
                 try:
                     with outer_attempt() as attempt:
-                        await self.app(attempt_scope, request.receive, response.send)
+                        await self.app(scope, request.receive, response.send)
                 except Exception as error:
                     if response.status is None and request.replayable:
                         wait = options.retry_delay(
@@ -112,10 +134,18 @@ class RecoveryMiddleware(GuardedApp):
                         if wait is not None:
                             retries, previous = retries + 1, wait
                             await options.clock.asleep(wait)
-                            attempt_scope = request.rewind()
+                            request.rewind()
                             continue
                     settled = True
-                    _count(breaker, options, None, request.disconnected, raised=True)
+                    # raised after the client had its whole response (a background task):
+                    # that response is the route's outcome, as in the WSGI twin
+                    _count(
+                        breaker,
+                        options,
+                        response.status,
+                        request.disconnected,
+                        raised=not response.complete,
+                    )
                     answer = None if response.status is not None else options.answer(route, error)
                     if answer is None:
                         if options.retry is not None:  # decided here: an outer one must not retry
@@ -152,7 +182,8 @@ def _count(
 
 class _Request:
     """The request's receive channel, replayable to a retry while no non-empty body and no
-    disconnect was read (with the scope as it first came); it notes a disconnect either way."""
+    disconnect was read (with the scope put back as it first came); it notes a disconnect
+    either way."""
 
     def __init__(self, scope: Scope, receive: Receive, *, retries: bool) -> None:
         self._receive = receive
@@ -160,9 +191,8 @@ class _Request:
         self._position = 0
         self.disconnected = False
         self.replayable = retries and may_repeat(str(scope.get("method", "GET")), _headers(scope))
-        self._scope = dict(scope) if self.replayable else {}  # routers rewrite it in place
-        state = scope.get("state")  # request.state: the first attempt writes into it
-        self._state = dict(state) if self.replayable and isinstance(state, dict) else None
+        # routers rewrite the scope in place; request.state (scope["state"]) is written into
+        self._scope = Snapshot(scope) if self.replayable else None
 
     async def receive(self) -> Message:
         if self._position < len(self._read):
@@ -180,15 +210,14 @@ class _Request:
             self._position += 1
         return message
 
-    def rewind(self) -> Scope:
-        """Start the messages over; a fresh copy of the scope as it first came, its
-        ``state`` (``request.state``, which uvicorn gives every request from the lifespan's)
-        included: what a failed attempt stored there is not the next attempt's."""
+    def rewind(self) -> None:
+        """Start the messages over, and put the scope back as it first came, in place (see
+        :class:`Snapshot`): its ``state`` (``request.state``, which uvicorn gives every
+        request from the lifespan's) included, so what a failed attempt stored there is
+        neither the next attempt's nor what the layers outside ours read afterwards."""
         self._position = 0
-        scope = dict(self._scope)
-        if self._state is not None:
-            scope["state"] = dict(self._state)
-        return scope
+        if self._scope is not None:
+            self._scope.restore()
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -201,17 +230,30 @@ def _headers(scope: Scope) -> dict[str, str]:
     return found
 
 
+_LAST_BODY = frozenset({"http.response.body", "http.response.zerocopysend"})
+"""Body messages that end the response unless ``more_body`` says otherwise."""
+
+
 class _ResponseWatch:
-    """Passes the app's messages on and remembers the status it started with."""
+    """Passes the app's messages on; remembers the status it started with, and whether the
+    whole response went out (``complete``): an error after that (a Starlette
+    ``BackgroundTask`` failing) did not fail the client, who has the response."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.status: int | None = None
+        self.complete = False
 
     async def send(self, message: Message) -> None:
-        if message.get("type") == "http.response.start":
+        kind = message.get("type")
+        if kind == "http.response.start":
             self.status = int(message["status"])
         await self._send(message)
+        if self.status is not None and (
+            kind == "http.response.pathsend"
+            or (kind in _LAST_BODY and not message.get("more_body"))
+        ):
+            self.complete = True  # once sent: a send that raised delivered nothing
 
 
 async def _respond(send: Send, response: Response) -> None:

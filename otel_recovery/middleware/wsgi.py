@@ -11,7 +11,13 @@ server span. What differs from ASGI:
   ``Transfer-Encoding``): WSGI gives no way to tell whether the app read ``wsgi.input``.
 - The outcome is counted when the server closes the response iterable (after the body was
   sent), since a WSGI app may call ``start_response`` lazily while its body is iterated; an
-  error while iterating counts as a failure and propagates.
+  error while iterating counts as a failure and propagates. A body the server must get as
+  it is (a list or any sized body, whose ``len()`` gives ``Content-Length``, or an instance
+  of the server's ``wsgi.file_wrapper``, which it may send with ``sendfile()``) is returned
+  unchanged once the status is known, and counted then, by that status.
+- A retry gets the environ as it first came, put back in place (the same dict), so the
+  layers outside this one read what the attempt that answered left there.
+- ``start_response`` is called with ``exc_info`` only when the app passed one.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from otel_recovery.middleware._guard import (
     GuardedApp,
     Options,
     Response,
+    Snapshot,
     may_repeat,
     route_template,
     shed,
@@ -71,24 +78,24 @@ class RecoveryMiddleware(GuardedApp):
             return _respond(start_response, shed(options, route, breaker))
         settled = False  # every permit ends in exactly one record_* or release()
         try:
-            initial = dict(environ) if replayable else environ  # dispatchers rewrite it
-            attempt_environ = environ
+            # dispatchers rewrite the environ in place; the layers outside read it afterwards
+            initial = Snapshot(environ) if replayable else None
             retries, previous = 0, 0.0
             started = options.clock.now() if replayable else 0.0  # for the deadline
             while True:
                 watch = _StartWatch(start_response)
                 try:
                     with outer_attempt() as attempt:
-                        body = self._call_app(attempt_environ, watch)
+                        body = self._call_app(environ, watch)
                 except Exception as error:
-                    if watch.status is None and replayable:
+                    if watch.status is None and initial is not None:
                         wait = options.retry_delay(
                             error, retries, previous, started, attempt=attempt
                         )
                         if wait is not None:
                             retries, previous = retries + 1, wait
                             options.clock.sleep(wait)
-                            attempt_environ = dict(initial)
+                            initial.restore()
                             continue
                     settled = True
                     breaker.record_failure()
@@ -99,9 +106,9 @@ class RecoveryMiddleware(GuardedApp):
                         raise
                     return _respond(start_response, answer)
                 settled = True
-                if watch.status is not None and isinstance(body, (list, tuple)):
-                    options.count(breaker, watch.status)  # already whole
-                    return body  # as it came: the server may take its len()
+                if watch.status is not None and _as_it_came(body, environ):
+                    options.count(breaker, watch.status)  # the one count: we will not see close
+                    return body
                 return _Outcome(body, watch, breaker, options)  # counts when closed
         finally:
             if not settled:  # interrupted (even while waiting to retry)
@@ -122,7 +129,10 @@ class _StartWatch:
     def __call__(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        write = self._start_response(status, headers, exc_info)
+        if exc_info is None:  # as the app called it: a server's may take two arguments only
+            write = self._start_response(status, headers)
+        else:
+            write = self._start_response(status, headers, exc_info)
         self.status = int(status.split(" ", 1)[0])
         return write
 
@@ -185,6 +195,20 @@ class _Outcome:
             self._breaker.release()
         else:
             self._options.count(self._breaker, status)
+
+
+def _as_it_came(body: Iterable[bytes], environ: Environ) -> bool:
+    """Whether the server must get ``body`` itself, not our wrapper around it: its own
+    ``wsgi.file_wrapper`` (sent by ``sendfile()`` when it recognises its type) or a sized
+    body (a list; wsgiref sends ``Content-Length`` from ``len()``).
+
+    The server then closes the body itself, so the request is counted as it is returned,
+    by its status, the one count it gets: an error the server meets while iterating such a
+    body is not seen (a list cannot fail; a file read can, after the headers went out)."""
+    if hasattr(body, "__len__"):
+        return True
+    wrapper = environ.get("wsgi.file_wrapper")
+    return isinstance(wrapper, type) and isinstance(body, wrapper)
 
 
 def _without_body(environ: Environ) -> bool:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from typing import Any
@@ -445,3 +446,198 @@ async def test_a_fallbacks_error_type_is_qualified_as_the_librarys_are(recovery_
         e for e in recovery_telemetry.span("GET /me").events if e.name == attributes.EVENT_FALLBACK
     )
     assert event.attributes[attributes.ERROR_TYPE] == f"{__name__}._LookupFailed"
+
+
+async def _get(middleware: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    """One request straight through ``middleware`` (no client in between): the messages
+    the server was sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await middleware(scope, receive, send)
+    return sent
+
+
+def _http(path: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": path, "headers": [], **extra}
+
+
+@pytest.mark.parametrize(
+    ("status", "more_body", "counted"),
+    [
+        (200, False, (1, 0)),  # the client has its whole 200: a success
+        (500, False, (0, 1)),  # a whole 500 is a failure, by its status
+        (200, True, (0, 1)),  # the body was cut short: the request failed
+    ],
+)
+async def test_an_error_after_the_whole_response_counts_by_its_status(status, more_body, counted):
+    """A Starlette ``BackgroundTask`` that fails after a complete response counted as a
+    failure: the route opened, and later clients got 503 where the app answers 200 (found
+    by review). The error still reaches the server, the same object."""
+    clock = FakeClock()
+    raised: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"done", "more_body": more_body})
+        raised.append(RuntimeError("the analytics call after the response failed"))
+        raise raised[-1]
+
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), clock=clock)
+    with pytest.raises(RuntimeError) as caught:
+        await _get(middleware, _http("/report"))
+    assert caught.value is raised[0]
+    snapshot = middleware.breakers["GET /report"].snapshot()
+    assert (snapshot.successful_calls, snapshot.failed_calls) == counted
+
+
+async def test_a_failing_starlette_background_task_never_opens_the_route():
+    pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    clock = FakeClock()
+    ran: list[int] = []
+
+    def send_analytics() -> None:
+        raise RuntimeError("analytics endpoint unreachable")
+
+    async def report(request: Any) -> PlainTextResponse:
+        ran.append(1)
+        return PlainTextResponse("report ready", background=BackgroundTask(send_analytics))
+
+    app = Starlette(routes=[Route("/report", report)])
+    app.add_middleware(RecoveryMiddleware, breaker=_breakers(clock), clock=clock)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        answers = [await client.get("/report") for _ in range(4)]
+    assert [(r.status_code, r.text) for r in answers] == [(200, "report ready")] * 4
+    assert len(ran) == 4
+
+
+async def test_after_a_retry_the_layers_outside_read_what_the_answering_attempt_left():
+    """The scope and its ``state`` are put back in place, not replaced: an outer access log
+    or metrics middleware read the failed attempt's ``request.state`` while the response
+    came from the retry (found by review)."""
+    clock = FakeClock()
+    attempts: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        attempts.append(len(attempts) + 1)
+        scope["state"]["attempt"] = attempts[-1]
+        scope["endpoint"] = f"attempt {attempts[-1]}"
+        await receive()
+        if len(attempts) == 1:
+            scope["failed"] = True
+            raise ConnectionError("the database went away")
+        scope["state"]["order_id"] = 7
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"order 7"})
+
+    middleware = RecoveryMiddleware(app, retry=Retry(2, backoff=FixedBackoff(0.1)), clock=clock)
+    state = {"db": "from lifespan"}
+    scope = _http("/orders/7", state=state)
+    sent = await _get(middleware, scope)
+    assert sent[0]["status"] == 200 and attempts == [1, 2]
+    assert scope["state"] is state
+    assert state == {"db": "from lifespan", "attempt": 2, "order_id": 7}
+    assert scope["endpoint"] == "attempt 2" and "failed" not in scope
+
+
+async def test_a_retry_sees_the_headers_as_they_came_though_a_layer_appended_in_place():
+    """``dict(scope)`` shared the headers list: an inner middleware's
+    ``scope["headers"].append(...)`` reached the retry twice (found by review)."""
+    clock = FakeClock()
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scope["headers"].append((b"x-request-id", b"abc"))
+        seen.append(list(scope["headers"]))
+        await receive()
+        if len(seen) == 1:
+            raise ConnectionError("the database went away")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = RecoveryMiddleware(app, retry=Retry(2, backoff=FixedBackoff(0.1)), clock=clock)
+    headers = [(b"host", b"test")]
+    scope = _http("/x")
+    scope["headers"] = headers
+    await _get(middleware, scope)
+    once = [(b"host", b"test"), (b"x-request-id", b"abc")]
+    assert seen == [once, once]
+    assert scope["headers"] is headers and headers == once  # as the bare app leaves it
+
+
+class _ASGI2App:
+    """A double-callable app: ``app(scope)`` makes the instance that takes the channels."""
+
+    def __init__(self, scope: Any) -> None:
+        self.scope = scope
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"asgi2"})
+
+
+def test_an_asgi2_app_is_refused_at_construction_naming_the_fix():
+    """Accepted, it failed every request with a 500 (found by review)."""
+    with pytest.raises(TypeError, match=r"ASGI2 \(double-callable\).*guarantee_single_callable"):
+        RecoveryMiddleware(_ASGI2App)
+
+
+class _AwaitableApp:
+    """An ASGI3 app written as a class: uvicorn's test accepts it (it has ``__await__``)."""
+
+    def __init__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.send = send
+
+    def __await__(self) -> Any:
+        return _ok(None, None, self.send).__await__()
+
+
+async def _ok(scope: Any, receive: Any, send: Any, body: bytes = b"ok") -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Instance:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await _ok(scope, receive, send)
+
+
+def _starlette_app() -> Any:
+    pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/", ok)])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _ok,
+        lambda: _Instance(),
+        lambda: functools.partial(_ok, body=b"ok"),
+        lambda: _AwaitableApp,
+        _starlette_app,
+    ],
+    ids=["function", "instance", "partial", "awaitable-class", "starlette"],
+)
+async def test_asgi3_apps_of_every_shape_are_accepted_and_served(make):
+    async with _client(RecoveryMiddleware(make())) as client:
+        response = await client.get("/")
+    assert (response.status_code, response.text) == (200, "ok")

@@ -3,8 +3,12 @@ behaviour, plus what WSGI makes different (bodies, lazily started responses)."""
 
 from __future__ import annotations
 
+import io
+import sys
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.handlers import SimpleHandler
+from wsgiref.util import FileWrapper
 
 import httpx
 import pytest
@@ -252,3 +256,193 @@ def test_the_default_route_keeps_route_words_only(path, route):
     from otel_recovery.middleware._guard import route_template
 
     assert route_template("GET", path) == route
+
+
+class _Server(SimpleHandler):
+    """wsgiref's own server handler on in-memory streams: what a real server does with the
+    body it gets. ``sendfile()`` stands for the zero-copy path gunicorn takes for a body of
+    its ``wsgi.file_wrapper`` type; wsgiref's does nothing, this one notes it was taken."""
+
+    used_sendfile = False
+
+    def sendfile(self) -> bool:
+        self.used_sendfile = True
+        self.write(self.result.filelike.read())  # type: ignore[union-attr]
+        return True
+
+
+def _serve(app: Any, path: str) -> tuple[bytes, bool]:
+    """The raw response ``app`` gets from :class:`_Server`, and whether it used sendfile."""
+    out = io.BytesIO()
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path,
+        "SERVER_NAME": "test",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+    }
+    server = _Server(io.BytesIO(), out, sys.stderr, environ, multithread=False)
+    server.run(app)
+    return out.getvalue(), server.used_sendfile
+
+
+def _start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+    return lambda data: None
+
+
+class _SizedBody:
+    """A response iterable that knows its length (not a list), and counts its closes."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.closed = chunks, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class _Bodies:
+    """An app answering ``/file`` with the server's ``wsgi.file_wrapper`` and ``/sized`` with
+    a :class:`_SizedBody`, ``/down`` with a sized 500; keeps what it returned."""
+
+    def __init__(self) -> None:
+        self.returned: list[Any] = []
+        self.files: list[io.BytesIO] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ["PATH_INFO"]
+        status = "500 Internal Server Error" if path == "/down" else "200 OK"
+        start_response(status, [("Content-Type", "text/plain")])
+        if path == "/file":
+            self.files.append(io.BytesIO(b"filedata"))
+            body = environ["wsgi.file_wrapper"](self.files[-1], 4)
+        else:
+            body = _SizedBody([b"one-chunk"])
+        self.returned.append(body)
+        return body
+
+
+def test_the_servers_file_wrapper_reaches_it_as_it_came_and_counts_once():
+    """Wrapped in our iterator, the body was no longer the server's own type: gunicorn read
+    the file through Python instead of sendfile() (found by review)."""
+    clock = FakeClock()
+    app = _Bodies()
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), clock=clock)
+    assert _serve(app, "/file")[1]  # the bare app takes the zero-copy path
+    response, used_sendfile = _serve(middleware, "/file")
+    assert used_sendfile and response.endswith(b"\r\n\r\nfiledata")
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/file", "wsgi.file_wrapper": FileWrapper}
+    result = middleware(environ, _start_response)
+    assert result is app.returned[-1]
+    result.close()  # type: ignore[attr-defined]  # the server closes the body itself
+    assert app.files[-1].closed
+    snapshot = middleware.breakers["GET /file"].snapshot()
+    assert (snapshot.successful_calls, snapshot.failed_calls) == (2, 0)  # one per request
+
+
+def test_a_sized_body_reaches_the_server_as_it_came_and_counts_once_by_its_status():
+    """Without ``len()`` wsgiref sent no Content-Length (found by review). The server
+    closes the body itself, once; the request is counted once, when the app returns it."""
+    clock = FakeClock()
+    app = _Bodies()
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), clock=clock)
+    response, _ = _serve(middleware, "/sized")
+    assert b"Content-Length: 9\r\n" in response and response.endswith(b"one-chunk")
+    assert app.returned[-1].closed == 1
+    result = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/down"}, _start_response)
+    assert result is app.returned[-1] and len(result) == 1  # type: ignore[arg-type]
+    result.close()  # type: ignore[attr-defined]
+    ok = middleware.breakers["GET /sized"].snapshot()
+    down = middleware.breakers["GET /down"].snapshot()
+    assert (ok.successful_calls, ok.failed_calls) == (1, 0)
+    assert (down.successful_calls, down.failed_calls) == (0, 1)
+    assert app.returned[-1].closed == 1
+
+
+def test_after_a_retry_the_layers_outside_read_what_the_answering_attempt_left():
+    """The environ is put back in place, not replaced by a copy: an outer middleware read
+    the failed attempt's values while the response came from the retry (found by review)."""
+    clock = FakeClock()
+    attempts: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        attempts.append(len(attempts) + 1)
+        environ["myapp.attempt"] = attempts[-1]
+        environ["webob.adhoc_attrs"]["attempt"] = attempts[-1]
+        if len(attempts) == 1:
+            environ["myapp.failed"] = True
+            raise ConnectionError("the database went away")
+        environ["myapp.user_id"] = 42
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    middleware = RecoveryMiddleware(app, retry=Retry(2, backoff=FixedBackoff(0.1)), clock=clock)
+    adhoc: dict[str, Any] = {"from": "outer"}
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/me",
+        "wsgi.input": io.BytesIO(),
+        "webob.adhoc_attrs": adhoc,
+    }
+    assert middleware(environ, _start_response) == [b"ok"]
+    assert attempts == [1, 2]
+    assert (environ["myapp.user_id"], environ["myapp.attempt"]) == (42, 2)
+    assert "myapp.failed" not in environ
+    assert environ["webob.adhoc_attrs"] is adhoc and adhoc == {"from": "outer", "attempt": 2}
+
+
+def test_start_response_gets_exc_info_only_when_the_app_passed_one():
+    """A server (or a test harness) whose ``start_response(status, headers)`` takes two
+    arguments failed every request, and the failures opened the route (found by review)."""
+    calls: list[tuple[Any, ...]] = []
+
+    def two_arguments(status: str, headers: Any) -> Any:
+        calls.append((status,))
+        return lambda data: None
+
+    def three_arguments(status: str, headers: Any, exc_info: Any = None) -> Any:
+        calls.append((status, exc_info))
+        return lambda data: None
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [])
+        if environ["PATH_INFO"] == "/replaced":
+            try:
+                raise ValueError("late")
+            except ValueError:
+                start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"hello"]
+
+    middleware = RecoveryMiddleware(app)
+    assert middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, two_arguments) == [b"hello"]
+    assert calls == [("200 OK",)]
+    calls.clear()
+    middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/replaced"}, three_arguments)
+    assert calls[0] == ("200 OK", None)
+    assert calls[1][0] == "500 Internal Server Error" and calls[1][1][0] is ValueError
+
+
+def test_a_file_wrapper_that_is_a_function_is_no_type_to_check_against():
+    """Some servers (uWSGI) give ``wsgi.file_wrapper`` as a function: an unsized body then
+    goes through our iterator and counts when closed, as before."""
+
+    def file_wrapper(filelike: Any, block_size: int = 8192) -> Any:
+        return iter(lambda: filelike.read(block_size), b"")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"data"), 2)
+
+    clock = FakeClock()
+    middleware = RecoveryMiddleware(app, breaker=_breakers(clock), clock=clock)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/f", "wsgi.file_wrapper": file_wrapper}
+    result = middleware(environ, _start_response)
+    assert b"".join(result) == b"data"
+    assert middleware.breakers["GET /f"].snapshot().successful_calls == 0
+    result.close()  # type: ignore[attr-defined]
+    assert middleware.breakers["GET /f"].snapshot().successful_calls == 1
