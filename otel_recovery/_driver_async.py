@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 from otel_recovery._attempt import enter_attempt, leave_attempt
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
-from otel_recovery._engine import Action, Decision
+from otel_recovery._engine import Action, Decision, give_up
 from otel_recovery._policy_core import AsyncRunner, PolicyCore
 from otel_recovery._reraise import reraise
 from otel_recovery._trio import running_trio
@@ -263,6 +263,15 @@ class AsyncDriver(PolicyCore):
                     trace.attempt_failed(attempt, info, took)
                 await self._aafter_failure(error, args)
                 decision = self._decide(error, info, attempt, delay, started)
+                if decision.action is Action.RETRY:
+                    delay, advice = decision.delay, decision.advice
+                    if trace is not None:
+                        trace.retrying(attempt + 1, delay, info)
+                    await self._abefore_retry(fn, args)
+                    if delay > 0:
+                        await clock.asleep(delay)
+                    if self._resend_refused(fn, args):  # the client was closed meanwhile
+                        decision = give_up(self.fallback, error, "client_closed")
                 if decision.action is not Action.RETRY:
                     self._learn(decision.advice, success=False, seconds=0.0)
                     self._stopped(decision, error, info, attempt, started, trace)
@@ -270,12 +279,6 @@ class AsyncDriver(PolicyCore):
                     return await self._agive_up(
                         decision, error, info, attempt, trace, fn, args, kwargs
                     )
-                delay, advice = decision.delay, decision.advice
-                if trace is not None:
-                    trace.retrying(attempt + 1, delay, info)
-                await self._abefore_retry(fn, args)
-                if delay > 0:
-                    await clock.asleep(delay)
                 attempt += 1
                 attempt_start = clock.now()
                 attempt_tokens = enter_attempt(attempt, self._marks_resends)

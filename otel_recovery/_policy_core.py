@@ -336,6 +336,14 @@ class PolicyCore:
     async def _abefore_retry(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """The async twin of :meth:`_before_retry`."""
 
+    def _resend_refused(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+        """Asked after the backoff, before the repeat: whether the call can no longer be
+        made (an HTTP client the application closed during the wait). The call then gives
+        up on the failure it has (``stop_reason=client_closed``), which is what the
+        application would have had without the retry, instead of the client's own "closed"
+        error, which no server caused. Never by default."""
+        return False
+
     def _record_outcome(
         self, error: BaseException | None, info: ErrorInfo | None, took: float
     ) -> None:

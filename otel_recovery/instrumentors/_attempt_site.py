@@ -1,6 +1,6 @@
 """What a target's policy may ask of the call site whose attempts it runs.
 
-The engine knows calls only as ``fn(*args)``. Two things about a call are known only to the
+The engine knows calls only as ``fn(*args)``. Three things about a call are known only to the
 site that sends it, and matter only once an attempt has failed, so they are asked there and
 never on the happy path:
 
@@ -9,6 +9,10 @@ never on the happy path:
   other request for two seconds. Once a repeat is decided, before the wait, the policy asks
   the site to let go (:meth:`AttemptSite.let_go`). Not when the call gives up: what the last
   attempt holds is then the application's.
+- **Whether the call can still be made.** An application that closes its HTTP client
+  (at shutdown, say) while a call of it waits to be repeated would get the client's own
+  "closed" error from the repeat, where without us it had the failure the call met; the
+  policy asks :meth:`AttemptSite.closed` after the wait, and gives up on that failure.
 - **The whole call's own time limit.** aiohttp's ``ClientTimeout(total=...)`` bounds the
   whole request, and callers rely on it ("this call ends within a second"); each of our
   attempts would start it afresh, so three attempts could take three times as long. With
@@ -48,6 +52,12 @@ class AttemptSite:
 
     async def alet_go(self, args: tuple[Any, ...]) -> None:
         """The async twin of :meth:`let_go`."""
+
+    def closed(self, args: tuple[Any, ...]) -> bool:
+        """Whether the client this call was made with was closed since its last attempt
+        (by the application, during the backoff): a resend would only meet the client's
+        own "closed" error. False by default."""
+        return False
 
     def time_limit(self, args: tuple[Any, ...]) -> float | None:
         """The seconds the whole call may take by the client's own settings, retries

@@ -204,6 +204,16 @@ class TargetPolicy(RecoveryPolicy):
             except Exception as problem:
                 report_internal_error(f"{self.name} before a retry", problem)
 
+    def _resend_refused(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+        site = site_of(fn)
+        if site is None:
+            return False
+        try:
+            return site.closed(args)
+        except Exception as problem:
+            report_internal_error(f"{self.name} before a retry", problem)
+            return False
+
     async def _arecover(
         self,
         fn: Callable[..., Any],

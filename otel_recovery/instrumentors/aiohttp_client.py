@@ -116,6 +116,10 @@ class _Site(HttpSite[aiohttp.ClientResponse]):
     def close(self, response: aiohttp.ClientResponse) -> object:
         return response.release()  # a no-op awaitable in aiohttp 3.x; awaited by the caller
 
+    def closed(self, args: tuple[Any, ...]) -> bool:
+        # the runner's args: (outcomes, statuses, _request's args, _request's kwargs)
+        return getattr(args[2][0], "closed", False) is True
+
     def time_limit(self, args: tuple[Any, ...]) -> float | None:
         """The request's ``ClientTimeout.total`` (its own, or its session's), which aiohttp
         calls cumulative for the whole request: our retries stay within it."""

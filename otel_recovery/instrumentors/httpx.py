@@ -133,6 +133,10 @@ class _Site(HttpSite[httpx.Response]):
         response.close()
         return None
 
+    def closed(self, args: tuple[Any, ...]) -> bool:
+        # the runner's args: (outcomes, statuses, send's args, send's kwargs)
+        return getattr(args[2][0], "is_closed", False) is True
+
     def let_go(self, args: tuple[Any, ...]) -> None:
         super().let_go(args)
         _restore_headers(args)

@@ -32,7 +32,7 @@ BACKOFF: Final = "otel_recovery.retry.backoff"
 """Seconds slept before the next attempt."""
 STOP_REASON: Final = "otel_recovery.retry.stop_reason"
 """Why retrying stopped: not_retryable, attempts_exhausted, deadline, budget_exhausted,
-retry_after_too_long, rejected."""
+retry_after_too_long, rejected, client_closed (an HTTP client closed during the backoff)."""
 ATTEMPT_DURATION: Final = "otel_recovery.attempt.duration"
 ERROR_CATEGORY: Final = "otel_recovery.error.category"
 ERROR_SEVERITY: Final = "otel_recovery.error.severity"
