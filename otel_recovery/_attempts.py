@@ -144,7 +144,7 @@ class Attempt:
         self._token = enter_attempt(self.number, resends=False)
         end = policy._attempt_end(self._start, self._loop.started)
         if end is not None:
-            self._deadline_token = set_deadline(end)
+            self._deadline_token = set_deadline(end, policy.clock)
         trace = self._loop.trace
         if trace is not None:  # a retry: its spans are the recovery span's children
             self._span_token = trace.enter_attempt()

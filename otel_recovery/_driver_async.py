@@ -21,7 +21,7 @@ from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision, give_up
 from otel_recovery._policy_core import AsyncRunner, PolicyCore
-from otel_recovery._reraise import reraise
+from otel_recovery._reraise import reraise, set_context
 from otel_recovery._trio import running_trio
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.bulkhead import BulkheadFullError
@@ -212,7 +212,7 @@ class AsyncDriver(PolicyCore):
         limit = end - self.clock.now()
         if limit <= 0:  # the deadline is spent: an attempt now would only be cut mid-send
             raise self._attempt_timed_out(max(0.0, limit))
-        token = set_deadline(end)
+        token = set_deadline(end, self.clock)
         try:
             trio = running_trio()
             if trio is not None:  # trio's own scope: cancels the attempt, knows if it fired
@@ -343,7 +343,7 @@ class AsyncDriver(PolicyCore):
                 except BaseException as fallback_error:
                     self._failed(trace, attempts, None, fallback_error)
                     if fallback_error.__context__ is None:
-                        fallback_error.__context__ = error
+                        set_context(fallback_error, error)
                     raise
                 return self._fallback_done(trace, kind, error, info, attempts, value)
             if kind != "none":

@@ -14,14 +14,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from types import CoroutineType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from otel_recovery._attempt import enter_attempt, leave_attempt
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
 from otel_recovery._engine import Action, Decision, give_up
 from otel_recovery._policy_core import PolicyCore, Runner
-from otel_recovery._reraise import reraise
+from otel_recovery._reraise import reraise, set_context
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.bulkhead import BulkheadFullError
 from otel_recovery.policies.timeout import reset_deadline, set_deadline
@@ -33,15 +33,22 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _refuse_coroutine(fn: Callable[..., Any], pending: Any) -> None:
-    """``call()`` of a coroutine function made a coroutine and ran none of it: returned,
-    the caller would await it outside every retry, and the breaker would have counted a
-    success. It is closed (no "never awaited" warning) and refused, naming the fix."""
+COROUTINE_REFUSED = (
+    "{fn!r} returned a coroutine, which runs nothing until it is awaited: recovering a "
+    "synchronous call cannot retry it or count its failures. Declare the function "
+    "`async def` (so @recover awaits it) or use `await policy.acall(...)`"
+)
+"""Why a synchronous call's coroutine is refused; ``runner.c`` says the same."""
+
+
+def _refuse_coroutine(fn: Callable[..., Any], pending: Any) -> NoReturn:
+    """A synchronous call (``call()``, a runner, ``@recover`` on a plain ``def``) made a
+    coroutine and ran none of it: returned, the caller would await it outside every retry,
+    and the breaker would have counted a success. It is closed (no "never awaited"
+    warning) and refused, naming the fix. A lambda or ``functools.partial`` around a
+    coroutine function, or a decorator that hides one, is how such a call comes about."""
     pending.close()
-    raise TypeError(
-        f"{fn!r} returned a coroutine: RecoveryPolicy.call() runs synchronous functions; "
-        "use `await policy.acall(...)` for a coroutine function"
-    )
+    raise TypeError(COROUTINE_REFUSED.format(fn=fn))
 
 
 class SyncDriver(PolicyCore):
@@ -74,7 +81,7 @@ class SyncDriver(PolicyCore):
             token = None
             if self._limits_attempts:
                 end = self._attempt_end(started, started)
-                token = set_deadline(end) if end is not None else None
+                token = set_deadline(end, self.clock) if end is not None else None
             try:
                 result = fn(*args, **kwargs)
             except Exception as error:
@@ -155,9 +162,13 @@ class SyncDriver(PolicyCore):
                     return fn(*args, **kwargs)
                 started = now()
                 try:
-                    return fn(*args, **kwargs)
+                    result = fn(*args, **kwargs)
                 except Exception as error:
                     first = error
+                else:
+                    if type(result) is CoroutineType:  # nothing ran: see call()
+                        _refuse_coroutine(fn, result)
+                    return result
                 try:  # outside the handler (see guarded)
                     return recover(fn, args, kwargs, first, started, now() - started)
                 finally:
@@ -191,6 +202,10 @@ class SyncDriver(PolicyCore):
                     breaker.release()
                 raise
             else:
+                if type(result) is CoroutineType:  # nothing ran: see call()
+                    if breaker is not None:
+                        breaker.release()
+                    _refuse_coroutine(fn, result)
                 if breaker is not None:
                     tally = breaker._tally if tallied else None
                     if tally is not None:
@@ -249,7 +264,7 @@ class SyncDriver(PolicyCore):
                 attempt += 1
                 attempt_start = clock.now()
                 end = self._attempt_end(attempt_start, started)
-                token = set_deadline(end) if end is not None else None
+                token = set_deadline(end, self.clock) if end is not None else None
                 attempt_tokens = enter_attempt(attempt, self._marks_resends)
                 try:
                     result = fn(*args, **kwargs)
@@ -261,6 +276,8 @@ class SyncDriver(PolicyCore):
                     leave_attempt(attempt_tokens)
                     if token is not None:
                         reset_deadline(token)
+                if type(result) is CoroutineType:  # nothing ran: see call()
+                    _refuse_coroutine(fn, result)
                 self._record_outcome(None, None, clock.now() - attempt_start)
                 settled = True
                 self._learn(advice, success=True, seconds=clock.now() - attempt_start)
@@ -323,7 +340,7 @@ class SyncDriver(PolicyCore):
                 except BaseException as fallback_error:
                     self._failed(trace, attempts, None, fallback_error)
                     if fallback_error.__context__ is None:
-                        fallback_error.__context__ = error
+                        set_context(fallback_error, error)
                     raise
                 return self._fallback_done(trace, kind, error, info, attempts, value)
             if kind != "none":

@@ -24,6 +24,7 @@ from otel_recovery.classify import (
     ErrorInfo,
     ErrorKind,
     Severity,
+    check_classifier,
     get_default_classifier,
 )
 from otel_recovery.policies.budget import RetryBudget
@@ -173,6 +174,7 @@ class PolicyCore:
         self.timeout = timeout
         self.fallback = fallback
         self.bulkhead = bulkhead
+        check_classifier(classifier)
         self.classifier = classifier
         if context is not None and not isinstance(context, Mapping):
             raise TypeError(

@@ -431,11 +431,22 @@ def get_default_classifier() -> Classifier:
     return _default
 
 
+def check_classifier(classifier: object, setting: str = "classifier") -> None:
+    """Refuse what is not a :class:`Classifier` where one is configured, before the first
+    failure would find out; ``None`` means the process-wide one."""
+    if classifier is not None and not isinstance(classifier, Classifier):
+        raise TypeError(
+            f"{setting} must be a Classifier, such as Classifier() with rules added by "
+            f"add_rule(Rule(...)), got {classifier!r}"
+        )
+
+
 def set_default_classifier(classifier: Classifier) -> None:
     """Replace the process-wide classifier (for instance to add rules or a test clock)."""
     global _default
-    if not isinstance(classifier, Classifier):
-        raise TypeError(f"expected a Classifier, got {type(classifier).__name__}")
+    if classifier is None:
+        raise TypeError("set_default_classifier() takes a Classifier, got None")
+    check_classifier(classifier, "set_default_classifier()'s argument")
     _default = classifier
 
 

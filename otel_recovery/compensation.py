@@ -360,6 +360,22 @@ def _check_idle_psycopg(conn: Any) -> None:
         )
 
 
+_USE_ARUN = (
+    "run_transaction() runs a synchronous function on a psycopg Connection; for {what} "
+    "use `await arun_transaction(conn, fn)`"
+)
+
+
+def _refuse_async(conn: Any, fn: Callable[..., Any]) -> None:
+    """An async body or connection given to the sync form: its transaction would commit
+    with nothing done (the coroutine not awaited) or fail on ``with`` with a message about
+    context managers. Said where the call is written, naming the async form."""
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(_USE_ARUN.format(what=f"the coroutine function {fn!r}"))
+    if inspect.iscoroutinefunction(getattr(conn, "close", None)):
+        raise TypeError(_USE_ARUN.format(what=f"the async connection {conn!r}"))
+
+
 def run_transaction(
     conn: Any,
     fn: Callable[[Any], T],
@@ -375,11 +391,16 @@ def run_transaction(
     not. ``retry`` defaults to :func:`transaction_retry`; ``options`` go to
     :class:`RecoveryPolicy` (``clock``, ``telemetry``...).
     """
+    _refuse_async(conn, fn)
     _check_idle_psycopg(conn)
 
     def once() -> T:
         with conn.transaction():
-            return fn(conn)
+            result = fn(conn)
+            if inspect.iscoroutine(result):  # a lambda around an async body: roll back
+                result.close()
+                raise TypeError(_USE_ARUN.format(what=f"{fn!r}, which returned a coroutine,"))
+            return result
 
     return _policy(retry, name, **options).call(once)
 

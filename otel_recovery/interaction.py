@@ -103,7 +103,7 @@ from otel_recovery._strategy_selection import (
     select_action,
 )
 from otel_recovery.checkpoint import CheckpointError, Checkpoints
-from otel_recovery.classify import Classifier, get_default_classifier
+from otel_recovery.classify import Classifier, check_classifier, get_default_classifier
 from otel_recovery.healing import HealingRegistry
 from otel_recovery.learning.strategy import StrategyLearner
 from otel_recovery.policies import (
@@ -163,6 +163,12 @@ class ErrorRecoveryInteraction:
             )
         if not isinstance(telemetry, (bool, Telemetry)):
             raise TypeError(f"telemetry must be True, False or a Telemetry, got {telemetry!r}")
+        check_classifier(classifier)
+        if healing is not None and not isinstance(healing, HealingRegistry):
+            raise TypeError(
+                f"healing must be a HealingRegistry (register actions with "
+                f"healing.register(...)), got {healing!r}"
+            )
         self._classifier = classifier
         self.clock: Clock = clock_or_default(clock)
         self.telemetry: Telemetry | bool = telemetry
@@ -337,6 +343,11 @@ class ErrorRecoveryInteraction:
         """Recover from ``error`` as the context allows; see the module docstring."""
         if not isinstance(error, BaseException):
             raise TypeError(f"recover_from_error() takes the exception, got {error!r}")
+        if context is not None and not isinstance(context, Mapping):
+            raise TypeError(
+                "recover_from_error(error, context) takes the context as a mapping such as "
+                f"{{'service_id': 'payments', 'retry_func': fetch}}, got {context!r}"
+            )
         started = self.clock.now()
         ctx = dict(context) if context else {}
         strategy = as_strategy(ctx.get("strategy"))

@@ -18,6 +18,7 @@ decisions of the pure engine (:mod:`otel_recovery._engine`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -97,15 +98,61 @@ def _is_async(fn: object) -> bool:
     return False
 
 
-def _decorate(policy: RecoveryPolicy, fn: Callable[P, T]) -> Callable[P, T]:
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        # Calling one only makes the generator: nothing runs, so nothing could fail, be
-        # retried or counted; its failures come later, while the caller iterates.
+def _own_call(fn: object) -> object:
+    """What runs when ``fn`` is called: the function itself, or the ``__call__`` its class
+    defines for a callable instance."""
+    if inspect.isroutine(fn):
+        return fn
+    for klass in type(fn).__mro__:
+        if "__call__" in klass.__dict__:
+            return klass.__dict__["__call__"]
+    return fn
+
+
+@contextlib.contextmanager
+def _sample_generator() -> Iterator[None]:
+    yield
+
+
+@contextlib.asynccontextmanager
+async def _sample_async_generator() -> AsyncIterator[None]:
+    yield
+
+
+_CONTEXT_MANAGER_FACTORIES = frozenset(
+    {_sample_generator.__code__, _sample_async_generator.__code__}
+)
+"""The code of the function ``@contextmanager`` / ``@asynccontextmanager`` return: every
+context-manager function made with them runs it."""
+
+
+def _refuse_deferred(fn: object) -> None:
+    """Refuse a callable whose call runs nothing of its own, so nothing could fail, be
+    retried or counted: a generator function (its failures come while the caller iterates)
+    and a ``@contextmanager`` function (its body runs in the ``with`` statement)."""
+    own = _own_call(fn)
+    if inspect.isgeneratorfunction(own) or inspect.isasyncgenfunction(own):
         raise TypeError(
             f"@recover cannot recover the generator function {fn!r}: calling it runs "
             "nothing, and its failures come while it is iterated. Decorate the function "
             "that consumes it, or one that returns list(...) of it"
         )
+    if getattr(own, "__code__", None) in _CONTEXT_MANAGER_FACTORIES:
+        raise TypeError(
+            f"@recover cannot recover the context-manager function {fn!r}: calling it runs "
+            "nothing, and its body runs in the `with` statement. Decorate the function "
+            "whose `with` block does the work, or retry inside the block with "
+            "`for attempt in policy.attempts(): with attempt: ...`"
+        )
+
+
+def _decorate(policy: RecoveryPolicy, fn: Callable[P, T]) -> Callable[P, T]:
+    if isinstance(fn, (staticmethod, classmethod)):
+        # Above @staticmethod/@classmethod: recover the function inside and keep the
+        # descriptor outermost, or instance calls would pass `self` to a static method.
+        inner = _decorate(policy, fn.__func__)
+        return cast(Callable[P, T], type(fn)(inner))
+    _refuse_deferred(fn)
     if _is_async(fn):
         coroutine_fn = cast(Callable[P, Awaitable[Any]], fn)
         async_wrapper: Any = functools.wraps(fn)(policy.awrap(coroutine_fn))
@@ -190,7 +237,16 @@ def recover(
                 "recover(policy=...) takes no other settings, got "
                 + ", ".join(given + list(options))
             )
-        chosen = policy
+        if not isinstance(policy, RecoveryPolicy):
+            raise TypeError(
+                f"recover(policy=...) takes a RecoveryPolicy such as "
+                f"RecoveryPolicy(retry=Retry(3)), got {policy!r}"
+            )
+        shared = policy
+
+        def build() -> RecoveryPolicy:
+            return shared
+
     else:
         unknown = sorted(set(options) - _POLICY_OPTIONS)
         if unknown:
@@ -203,19 +259,29 @@ def recover(
             raise TypeError("give either retry=Retry(...) or attempts=/on=, not both")
         if retry is None:
             retry = Retry(attempts if attempts is not None else 3, on=on)
-        chosen = RecoveryPolicy(
-            retry=retry,
-            breaker=breaker,
-            budget=budget,
-            timeout=timeout,
-            fallback=fallback,
-            bulkhead=bulkhead,
-            name=name,
+        settings = {
+            "retry": retry,
+            "breaker": breaker,
+            "budget": budget,
+            "timeout": timeout,
+            "fallback": fallback,
+            "bulkhead": bulkhead,
+            "name": name,
             **options,
-        )
+        }
+        # Built now so that a bad setting fails where recover(...) is written; the first
+        # function decorated takes this one.
+        unused = [RecoveryPolicy(**settings)]
+
+        def build() -> RecoveryPolicy:
+            # One policy per decorated function: `guarded = recover(attempts=5)` applied to
+            # several functions must not name their spans and metrics after the first one.
+            # What the caller passed as objects (a breaker, a budget, a bulkhead) is shared,
+            # as they asked.
+            return unused.pop() if unused else RecoveryPolicy(**settings)
 
     def decorator(func: Callable[P, T]) -> Callable[P, T]:
-        local = chosen
+        local = build()
         if local.name == "default" and name is None and policy is None:
             local.name = getattr(func, "__qualname__", "default")
         return _decorate(local, func)

@@ -487,6 +487,31 @@ def test_refuses_a_connection_already_inside_a_transaction(table):
             run_transaction(conn, lambda c: None, telemetry=False)
 
 
+def test_an_async_body_or_connection_is_refused_naming_arun_transaction(table):
+    """The sync form with an async body would commit an empty transaction (the coroutine
+    never awaited); with an async connection, fail on ``with`` about context managers."""
+
+    async def body(conn):
+        await conn.execute(f"UPDATE {table} SET value = 1 WHERE id = 1")
+
+    with _connect() as conn:
+        with pytest.raises(TypeError, match=r"use `await arun_transaction\(conn, fn\)`"):
+            run_transaction(conn, body, telemetry=False)
+        with pytest.raises(TypeError, match="which returned a coroutine"):
+            run_transaction(conn, lambda c: body(c), telemetry=False)
+        assert conn.info.transaction_status == 0  # rolled back, nothing left open
+
+    async def with_async_connection() -> None:
+        aconn = await psycopg.AsyncConnection.connect(DSN, autocommit=True)
+        try:
+            with pytest.raises(TypeError, match="the async connection"):
+                run_transaction(aconn, lambda c: None, telemetry=False)
+        finally:
+            await aconn.close()
+
+    asyncio.run(with_async_connection())
+
+
 async def test_asyncpg_pool_transaction_is_rerun_on_serialization_failure(table):
     asyncpg = pytest.importorskip("asyncpg")
     pool = await asyncpg.create_pool(ASYNCPG_DSN, min_size=2, max_size=4)

@@ -756,3 +756,20 @@ async def test_closing_releases_the_store_it_made_and_leaves_a_given_one(monkeyp
     with ErrorRecoveryInteraction(store=given):
         pass
     assert closed == ["made", "made async"]
+
+
+def test_a_classifier_or_healing_registry_of_the_wrong_type_is_refused_at_construction():
+    """Found where it is written, not at the first failure the service meets."""
+    from otel_recovery.recover import RecoveryPolicy
+
+    with pytest.raises(TypeError, match="classifier must be a Classifier"):
+        ErrorRecoveryInteraction(classifier=lambda error: "transient")
+    with pytest.raises(TypeError, match="healing must be a HealingRegistry"):
+        ErrorRecoveryInteraction(healing={"db": lambda: None})
+    with pytest.raises(TypeError, match="classifier must be a Classifier"):
+        RecoveryPolicy(classifier="network")
+
+
+async def test_a_context_that_is_not_a_mapping_is_refused_naming_the_fix(recovery):
+    with pytest.raises(TypeError, match=r"takes the context as a mapping such as .*'service_id'"):
+        await recovery.recover_from_error(ConnectionError("down"), "payments")

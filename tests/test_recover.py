@@ -685,6 +685,118 @@ def test_a_generator_function_is_refused_with_the_fix_named():
             recover(fn)
 
 
+def test_generator_functions_in_disguise_are_refused_too():
+    """A static method, a callable instance whose ``__call__`` yields: calling either
+    makes a generator and runs nothing."""
+
+    class Rows:
+        def __call__(self):
+            yield 1
+
+    class Feed:
+        async def __call__(self):
+            yield 1
+
+    def rows():
+        yield 1
+
+    for fn in (staticmethod(rows), Rows(), Feed()):
+        with pytest.raises(TypeError, match="cannot recover the generator function"):
+            recover(fn)
+
+
+def test_a_context_manager_function_is_refused_with_the_fix_named():
+    """``@contextmanager`` functions run their body in the ``with``, after the call."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def session():
+        yield "s"
+
+    @contextlib.asynccontextmanager
+    async def asession():
+        yield "s"
+
+    for fn in (session, asession):
+        with pytest.raises(TypeError, match=r"context-manager function.*policy\.attempts"):
+            recover(fn)
+
+
+def test_a_function_that_wraps_a_generator_and_consumes_it_is_recovered(fake_clock):
+    """What ``functools.wraps`` says a function wraps is not what it does: a wrapper that
+    returns ``list(...)`` of a generator runs it, so it is decorated as any function."""
+    import functools
+
+    failures = iter([ConnectionError("refused")])
+
+    def rows():
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        yield from (1, 2)
+
+    @functools.wraps(rows)
+    def all_rows():
+        return list(rows())
+
+    assert recover(retry=Retry(2), clock=fake_clock)(all_rows)() == [1, 2]
+
+
+def test_recover_above_staticmethod_and_classmethod_keeps_the_descriptor(fake_clock):
+    """``@recover`` written above ``@staticmethod``: an instance call must not hand the
+    instance to the static method, and failures are still retried."""
+    failures = {"static": 1, "cls": 1}
+
+    class Client:
+        @recover(retry=Retry(2), clock=fake_clock)
+        @staticmethod
+        def ping(word: str) -> str:
+            if failures["static"]:
+                failures["static"] -= 1
+                raise ConnectionError("refused")
+            return word
+
+        @recover(retry=Retry(2), clock=fake_clock)
+        @classmethod
+        def make(cls, word: str) -> tuple[type, str]:
+            if failures["cls"]:
+                failures["cls"] -= 1
+                raise ConnectionError("refused")
+            return cls, word
+
+    assert Client().ping("pong") == "pong"
+    assert Client.ping("again") == "again"
+    assert Client().make("x") == (Client, "x")
+    assert Client.make("y") == (Client, "y")
+    assert failures == {"static": 0, "cls": 0}
+
+
+def test_recover_policy_must_be_a_recovery_policy():
+    with pytest.raises(TypeError, match=r"recover\(policy=...\) takes a RecoveryPolicy"):
+        recover(policy=Retry(3))  # type: ignore[arg-type]
+
+
+def test_one_recover_applied_to_several_functions_names_each_after_itself(fake_clock):
+    """``guarded = recover(attempts=2)`` used as a decorator twice: two policies, each named
+    after its function; a breaker the caller passed is shared, as passed."""
+    breaker = CircuitBreaker(failure_threshold=5, clock=fake_clock)
+    guarded = recover(attempts=2, clock=fake_clock)
+    shared = recover(attempts=2, breaker=breaker, clock=fake_clock)
+
+    def load_user() -> str:
+        return "u"
+
+    def load_order() -> str:
+        return "o"
+
+    first, second = guarded(load_user), guarded(load_order)
+    assert first.recovery_policy is not second.recovery_policy
+    assert first.recovery_policy.name.endswith("load_user")
+    assert second.recovery_policy.name.endswith("load_order")
+    third, fourth = shared(load_user), shared(load_order)
+    assert third.recovery_policy.breaker is fourth.recovery_policy.breaker is breaker
+
+
 def test_call_of_a_coroutine_function_is_refused_not_returned_unrecovered(fake_clock, recwarn):
     """``call`` runs sync functions: the coroutine it made would be awaited outside every
     retry, and the breaker would have counted a success that never ran."""
@@ -698,4 +810,66 @@ def test_call_of_a_coroutine_function_is_refused_not_returned_unrecovered(fake_c
         p.call(fetch)
     snapshot = breaker.snapshot()
     assert (snapshot.successful_calls, snapshot.failed_calls) == (0, 0)
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+@pytest.mark.parametrize("runner", ["compiled", "python"])
+@pytest.mark.parametrize("guards", ["breaker", "retry only"])
+def test_a_decorated_sync_function_that_returns_a_coroutine_is_refused(
+    fake_clock, recwarn, monkeypatch, runner, guards
+):
+    """``@recover`` on a plain ``def`` that hands back a coroutine (a lambda or wrapper
+    around an async call): returned, its failures would come at the caller's ``await``,
+    outside every retry, and the breaker would count a success that never ran."""
+    from otel_recovery import _driver_sync
+    from otel_recovery._compiled import SPEEDUPS
+
+    if runner == "compiled" and SPEEDUPS is None:
+        pytest.skip("otel_recovery._speedups not built")
+    if runner == "python":
+        monkeypatch.setattr(_driver_sync, "SPEEDUPS", None)
+    breaker = CircuitBreaker(failure_threshold=1, timeout=1, clock=fake_clock)
+    breaker.record_failure()
+    fake_clock.advance(2)  # half-open: one probe permit, which the refusal must give back
+    before = breaker.snapshot()
+    extra = {"breaker": breaker} if guards == "breaker" else {}
+    ran: list[str] = []
+
+    async def fetch_async() -> str:
+        ran.append("body")
+        raise ConnectionError("would fail at the caller's await")
+
+    @recover(retry=Retry(3), clock=fake_clock, **extra)
+    def fetch() -> Any:
+        return fetch_async()
+
+    with pytest.raises(TypeError, match=r"returned a coroutine.*Declare the function `async def`"):
+        fetch()
+    assert ran == []
+    after = breaker.snapshot()
+    assert (after.successful_calls, after.failed_calls) == (
+        before.successful_calls,
+        before.failed_calls,
+    )
+    assert breaker.can_execute()  # the probe permit was given back
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+def test_a_retried_attempt_that_returns_a_coroutine_is_refused(fake_clock, recwarn):
+    """The first attempt failed; the resend handed back a coroutine: refused as well, not
+    returned as the recovered answer."""
+    answers = iter([ConnectionError("refused")])
+
+    async def later() -> str:
+        return "never awaited"
+
+    @recover(retry=Retry(3), clock=fake_clock)
+    def fetch() -> Any:
+        error = next(answers, None)
+        if error is not None:
+            raise error
+        return later()
+
+    with pytest.raises(TypeError, match="returned a coroutine"):
+        fetch()
     assert not [w for w in recwarn if "never awaited" in str(w.message)]

@@ -447,3 +447,22 @@ def test_a_fallback_on_that_matches_nothing_or_cannot_match_is_refused(on, error
 def test_a_context_that_is_not_a_mapping_is_refused_naming_it():
     with pytest.raises(TypeError, match="context must be a mapping of span attributes"):
         RecoveryPolicy(retry=Retry(2), context=["tenant", "acme"])
+
+
+def test_remaining_time_reads_the_deadline_on_the_policys_own_clock(fake_clock):
+    """A callee under a policy with a fake clock asks ``remaining_time()`` without naming
+    the clock: it gets the time left on the policy's clock, not 0.0 (the fake deadline
+    read against the monotonic clock)."""
+    policy = RecoveryPolicy(retry=Retry(1), timeout=Timeout(5), clock=fake_clock, name="t")
+    seen: list[float | None] = []
+
+    def callee() -> None:
+        fake_clock.advance(1.5)
+        seen.append(remaining_time())
+
+    policy.call(callee)
+    for attempt in policy.attempts():
+        with attempt:
+            seen.append(remaining_time())
+    assert seen == [3.5, 5.0]
+    assert remaining_time() is None

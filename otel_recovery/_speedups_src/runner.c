@@ -206,6 +206,29 @@ runner_failed(RunnerObject *self, PyObject *fn, CallArgs *ca, Started *started)
     return NULL;
 }
 
+/* fn returned a coroutine: nothing ran, so nothing could be retried or counted. As in
+ * _driver_sync._refuse_coroutine (same message): the coroutine is closed (no "never
+ * awaited" warning), the breaker's permit given back, the call refused naming the fix. */
+COLD static PyObject *
+runner_refuse_coroutine(RunnerObject *self, PyObject *fn, PyObject *pending)
+{
+    PyObject *closed = PyObject_CallMethod(pending, "close", NULL);
+    Py_DECREF(pending);
+    if (closed != NULL) {
+        Py_DECREF(closed);
+        PyErr_Format(PyExc_TypeError,
+                     "%R returned a coroutine, which runs nothing until it is awaited: "
+                     "recovering a synchronous call cannot retry it or count its failures. "
+                     "Declare the function `async def` (so @recover awaits it) or use "
+                     "`await policy.acall(...)`",
+                     fn);
+    }
+    if (self->breaker != Py_None) {
+        runner_release(self);
+    }
+    return NULL;
+}
+
 HOT PyObject *
 runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
 {
@@ -243,6 +266,10 @@ runner_run(RunnerObject *self, PyObject *fn, CallArgs *ca)
     result = callargs_call(fn, ca);
     if (UNLIKELY(result == NULL)) {
         result = runner_failed(self, fn, ca, &started);
+        goto done;
+    }
+    if (UNLIKELY(PyCoro_CheckExact(result))) {
+        result = runner_refuse_coroutine(self, fn, result);
         goto done;
     }
     if (breaker != NULL && UNLIKELY(runner_record_success(self, breaker) < 0)) {

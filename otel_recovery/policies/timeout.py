@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextvars
 
-from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
+from otel_recovery._clock import Clock, Duration, to_seconds
 
 __all__ = ["Timeout", "remaining_time"]
 
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+_deadline: contextvars.ContextVar[tuple[float, Clock] | None] = contextvars.ContextVar(
     "otel_recovery_deadline", default=None
 )
+"""The current attempt's deadline and the clock it is measured on (the policy's)."""
 
 
 class Timeout:
@@ -36,21 +37,24 @@ class Timeout:
         return f"Timeout({self.seconds})"
 
 
-def remaining_time(clock: Clock = SYSTEM_CLOCK) -> float | None:
+def remaining_time(clock: Clock | None = None) -> float | None:
     """Seconds left for the current attempt, or ``None`` outside a limited attempt.
 
-    Never negative: an expired deadline reads as 0.0, which clients treat as "fail now".
+    Measured on the clock of the policy that set the deadline (a ``FakeClock`` in tests),
+    unless ``clock`` is given. Never negative: an expired deadline reads as 0.0, which
+    clients treat as "fail now".
     """
-    deadline = _deadline.get()
-    if deadline is None:
+    published = _deadline.get()
+    if published is None:
         return None
-    return max(0.0, deadline - clock.now())
+    deadline, own_clock = published
+    return max(0.0, deadline - (own_clock if clock is None else clock).now())
 
 
-def set_deadline(deadline: float | None) -> contextvars.Token[float | None]:
-    """Publish an absolute monotonic deadline for the code running in this context."""
-    return _deadline.set(deadline)
+def set_deadline(deadline: float, clock: Clock) -> contextvars.Token[tuple[float, Clock] | None]:
+    """Publish an absolute deadline on ``clock`` for the code running in this context."""
+    return _deadline.set((deadline, clock))
 
 
-def reset_deadline(token: contextvars.Token[float | None]) -> None:
+def reset_deadline(token: contextvars.Token[tuple[float, Clock] | None]) -> None:
     _deadline.reset(token)
