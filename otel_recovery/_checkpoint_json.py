@@ -57,7 +57,19 @@ class JsonSerializer:
             path = "state" + "".join(f"[{key!r}]" for key in reversed(segments))
             raise UnserialisableStateError(path, offending, why)
         text = json.dumps(state, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-        return text.encode("utf-8")
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (a str from os.fsdecode or bytes decoded with
+            # errors="surrogateescape"): rare, so its path is only looked for now.
+            segments = _find_surrogate(state, 0) or []
+            path = "state" + "".join(f"[{key!r}]" for key in reversed(segments))
+            raise UnserialisableStateError(
+                path,
+                "str",
+                "is a str holding a lone surrogate, which UTF-8 cannot encode; decode the "
+                "bytes it came from with errors='replace', or keep them as base64",
+            ) from None
 
     def loads(self, data: bytes) -> Any:
         return json.loads(data)
@@ -71,6 +83,31 @@ JSON = JsonSerializer()
 
 _FAST = frozenset({str, int, bool, type(None)})
 """Exact types that need no further look (checked by identity: the hot path of the walk)."""
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _find_surrogate(value: Any, depth: int) -> list[Any] | None:
+    """The reversed path to the first str (value or key) UTF-8 cannot encode, or None.
+    The state has passed :func:`_find_problem`: no cycles, bounded depth."""
+    if isinstance(value, str):
+        return [] if _unencodable(value) else None
+    if isinstance(value, (dict, builtins.list, tuple)) and depth < _MAX_DEPTH:
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and _unencodable(key):
+                return [key]
+            found = _find_surrogate(item, depth + 1)
+            if found is not None:
+                found.append(key)
+                return found
+    return None
 
 
 def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:

@@ -79,6 +79,9 @@ class Connection:
         ([1, 2, b"raw"], "state[2]", "bytes"),
         ({"rate": float("nan")}, "state['rate']", "float"),
         ({1: "one"}, "state[1]", "int"),
+        # a file name from os.fsdecode: a lone surrogate UTF-8 cannot encode
+        ({"files": ["ok.txt", "caf\udce9.txt"]}, "state['files'][1]", "str"),
+        ({"by_name": {"caf\udce9": 1}}, "state['by_name']['caf\\udce9']", "str"),
     ],
 )
 def test_unserialisable_state_names_the_checkpoint_path_and_type(

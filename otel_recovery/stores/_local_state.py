@@ -68,6 +68,10 @@ class JournalPut:
     """Sent to the store, which may have applied it before the reply was lost."""
     made_at: float = 0.0
     """Wall-clock time of the local write (just after the send that got no answer)."""
+    known_head: int | None = None
+    """The newest store version of the key this process knew before the write was first
+    sent: a record at or below it existed before the send, so it is not this write (the
+    same bytes written earlier, ``idle`` -> ``busy`` -> ``idle``). None if it knew none."""
 
     @property
     def size(self) -> int:
@@ -202,11 +206,13 @@ class LocalState:
             version = max([known.version if known else 0, *self._overlay.get(key, {})]) + 1
             expires = None if seconds is None else now + seconds
             record = Record(key, version, bytes(data), now, expires, encoding)
+            head = known.version if known is not None and maybe_applied else None
             self._queue(
                 JournalPut(
-                    key, record.data, encoding, expected, expires, version, maybe_applied, now
+                    key, record.data, encoding, expected, expires, version, maybe_applied, now,
+                    head,
                 )
-            )
+            )  # fmt: skip
             self._overlay.setdefault(key, {})[version] = record
             return record
 
@@ -344,6 +350,9 @@ class LocalState:
             return "incr", (work.namespace, work.amounts), {"batch_id": work.batch_id}
         expected = work.expected
         with self.lock:
+            if work.known_head is None:  # before its first send: see JournalPut.known_head
+                known = self._known.get(work.key)
+                work.known_head = None if known is None else known.version
             if expected is not None:
                 if (work.key, expected) in self._refused:
                     actual = self._refused[(work.key, expected)]

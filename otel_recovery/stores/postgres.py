@@ -115,6 +115,11 @@ from otel_recovery.stores._base import (
     check_put,
     check_version,
 )
+from otel_recovery.stores._postgres_cut import (
+    backend_of,
+    end_cut_backend,
+    end_cut_backend_async,
+)
 from otel_recovery.stores._postgres_plans import SCHEMA_VERSION, Plan, Plans, jsonb_compatible
 from otel_recovery.stores._socket_watchdog import WATCHDOG as _WATCHDOG
 from otel_recovery.stores._socket_watchdog import readable
@@ -287,6 +292,7 @@ class PostgresStore(Plans):
             while True:
                 conn, reused = self._sync_connection(deadline)
                 step = _Step()
+                backend = None if repeatable else backend_of(conn)  # see _postgres_cut
                 token = _WATCHDOG.arm(conn.pgconn.socket, deadline)
                 try:
                     result = self._drive_sync(conn, make(), atomic, step)
@@ -294,6 +300,8 @@ class PostgresStore(Plans):
                     fired = _WATCHDOG.disarm(token)
                     if not isinstance(exc, Exception):  # interrupted, cancelled
                         raise
+                    if fired:  # our socket is cut, its statement not: end it on the server
+                        end_cut_backend(self._target, backend, self.url)
                     if self._runs_again(exc, conn, reused, fired, step, atomic, repeatable, again):
                         again = True
                         self._drop_sync()
@@ -401,6 +409,7 @@ class PostgresStore(Plans):
             while True:
                 conn, reused = await self._async_connection(entry, deadline)
                 step = _Step()
+                backend = None if repeatable else backend_of(conn)  # see _postgres_cut
                 token = _WATCHDOG.arm(conn.pgconn.socket, deadline)
                 try:
                     result = await self._drive_async(conn, make(), atomic, step)
@@ -408,6 +417,8 @@ class PostgresStore(Plans):
                     fired = _WATCHDOG.disarm(token)
                     if not isinstance(exc, Exception):  # interrupted, cancelled
                         raise
+                    if fired:  # our socket is cut, its statement not: end it on the server
+                        await end_cut_backend_async(self._target, backend, self.url)
                     if self._runs_again(exc, conn, reused, fired, step, atomic, repeatable, again):
                         again = True
                         await self._drop_async(entry)

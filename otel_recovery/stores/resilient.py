@@ -52,6 +52,7 @@ journal is bounded (``journal_bytes``, 64 MiB); past it a write raises
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -615,8 +616,32 @@ own write (its reply lost): other writers may have built on it since."""
 
 
 def _holds(record: Record | None, item: JournalPut) -> bool:
-    """The store's record is this journal entry's write: the same bytes and encoding."""
-    return record is not None and record.data == item.data and record.encoding == item.encoding
+    """The store's record may be this journal entry's write: written after the newest
+    version this process knew before sending it, with the same payload and encoding.
+
+    The same payload, not the same bytes: a store may give JSON back in its own rendering
+    (PostgreSQL's ``jsonb`` spaces and orders it: ``{"step":2}`` reads back as
+    ``{"step": 2}``), so JSON payloads are compared as the values they decode to."""
+    if record is None or record.encoding != item.encoding:
+        return False
+    if item.known_head is not None and record.version <= item.known_head:
+        return False  # there before the write was sent
+    return record.data == item.data or (
+        item.encoding == "json" and _same_json(record.data, item.data)
+    )
+
+
+def _same_json(stored: bytes, sent: bytes) -> bool:
+    """Equal as JSON documents: ``true`` is not ``1`` and ``1.0`` is not ``1`` here, though
+    Python's ``==`` says they are, so the decoded values are compared re-encoded."""
+    try:
+        return _canonical(stored) == _canonical(sent)
+    except ValueError:  # not JSON after all (UnicodeDecodeError is one): bytes decided
+        return False
+
+
+def _canonical(data: bytes) -> str:
+    return json.dumps(json.loads(data), sort_keys=True, separators=(",", ":"))
 
 
 _SEND_WINDOW = 60.0

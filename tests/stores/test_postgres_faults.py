@@ -230,6 +230,47 @@ def test_a_write_cut_after_its_first_round_trip_is_not_sent_again(table: str) ->
     store.close()
 
 
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_plain_put_cut_at_the_timeout_does_not_land_later(table: str, driver: str) -> None:
+    """A plain put blocked on the key's row lock past ``operation_timeout``: the watchdog
+    closes our socket, but the server's statement would go on waiting and commit once the
+    lock is free (autocommit), after the caller was told it failed, so the ResilientStore
+    replay would write it a second time. The store cancels the statement on the server."""
+    store = _store(table, operation_timeout=0.5)
+    store.put("job", b"1")
+
+    async def put_async() -> None:
+        try:
+            await store.aput("job", b"2")
+        finally:
+            await store.aclose()
+
+    with pg_admin() as holder:
+        holder.execute("BEGIN")
+        holder.execute(f'SELECT 1 FROM "{table}_heads" WHERE key = %s FOR UPDATE', ("job",))
+        with pytest.raises(StoreUnavailableError, match="no reply within 0.5 s"):
+            if driver == "sync":
+                store.put("job", b"2")
+            else:
+                asyncio.run(put_async())
+        with pg_admin() as admin:  # the cut statement is no longer waiting for the lock
+            eventually(
+                lambda: (
+                    admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE %s",
+                        (f'%"{table}_heads"%',),
+                    ).fetchone()[0]
+                    == 0
+                ),
+                timeout=5,
+            )
+        holder.execute("COMMIT")
+    time.sleep(0.2)  # had it still been waiting, it would have committed by now
+    assert _versions(table, "job") == [1]
+    store.close()
+
+
 def _kill_when_waiting(pid: int) -> None:
     with pg_admin() as admin:
         deadline = time.monotonic() + 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 
@@ -772,3 +773,68 @@ def test_a_call_that_found_the_store_healthy_never_resyncs_unclaimed(
     assert not caller.is_alive()
     store._route, inner.put = real_route, real_put
     assert (inner.get("k").data, store.local.pending(), store.degraded) == (b"new", 0, False)
+
+
+def test_a_state_written_back_to_an_earlier_value_is_not_taken_for_the_earlier_write(
+    store, inner, fake_clock
+):
+    """idle -> busy -> idle, the last put unanswered and never applied: the store's version
+    1 holds the same bytes and is seconds old, but it was there before the send, so it is
+    not this write. Taken for it, the state would silently stay "busy"."""
+    store.put("worker", b'"idle"')
+    store.put("worker", b'"busy"')
+    inner.down = True
+    store.put("worker", b'"idle"')  # sent, no answer, not applied
+    inner.down = False
+    fake_clock.advance(5)
+    assert store.resync()
+    assert (inner.get("worker").version, inner.get("worker").data) == (3, b'"idle"')
+
+
+class _LosesReplies:
+    """Makes a real store's next put apply its write, then fail as if the reply was lost."""
+
+    def __init__(self, real) -> None:
+        self.real, self.armed = real, False
+        self.original = real.put
+        real.put = self.put
+
+    def put(self, key, data, **options):
+        record = self.original(key, data, **options)
+        if self.armed:
+            self.armed = False
+            raise StoreUnavailableError("connection lost after the write was applied")
+        return record
+
+
+@pytest.mark.parametrize("expected", [None, 1])
+def test_a_json_write_whose_reply_is_lost_is_recognised_on_every_durable_store(durable, expected):
+    """PostgreSQL gives JSON back in jsonb's rendering (``{"step": 2}`` for ``{"step":2}``):
+    compared as bytes, a plain put whose reply was lost was written again (a second
+    version), and a compare-and-set one reported as a conflict though it was applied."""
+    real = durable.open()
+    lossy = _LosesReplies(real)
+    store = ResilientStore(real, retry_interval=5, clock=durable.clock)
+    store.put("job", b'{"step":1,"of":3}')
+    lossy.armed = True
+    store.put("job", b'{"step":2,"of":3}', expected_version=expected)  # applied, unanswered
+    durable.clock.advance(5)
+    assert store.resync()
+    assert store.conflicts == []
+    latest = real.get("job")
+    assert latest.version == 2 and json.loads(latest.data) == {"step": 2, "of": 3}
+
+
+def test_json_that_decodes_equal_in_python_but_differs_is_not_taken_for_the_write(
+    store, inner, fake_clock
+):
+    """``true == 1`` in Python: a store holding another writer's ``{"ok": 1}`` has not
+    applied our ``{"ok": true}``."""
+    store.put("flag", b'{"ok":0}')
+    inner.put("flag", b'{"ok":1}')  # another process, unseen by this one: version 2
+    inner.down = True
+    store.put("flag", b'{"ok":true}')  # unanswered, not applied; v2 looks equal to Python
+    inner.down = False
+    fake_clock.advance(5)
+    assert store.resync()
+    assert (inner.get("flag").version, inner.get("flag").data) == (3, b'{"ok":true}')
