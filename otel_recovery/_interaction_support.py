@@ -195,6 +195,20 @@ def as_strategy(value: object) -> RecoveryStrategy | None:
     )
 
 
+def idempotent(ctx: Mapping[str, Any]) -> bool:
+    """``context["idempotent"]``: may the call be repeated (default yes)? Only ``True`` or
+    ``False``: a ``"no"`` or ``0`` read as "not False" would let a payment be retried."""
+    value = ctx.get("idempotent")
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return value
+    raise TypeError(
+        "context['idempotent'] must be True or False (False: the call may not be repeated, "
+        f"so it is never retried), got {value!r}"
+    )
+
+
 def optional_callable(ctx: Mapping[str, Any], key: str) -> Callable[..., Any] | None:
     value = ctx.get(key)
     if value is None or callable(value):

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any, ClassVar, Literal, NamedTuple
 
-from otel_recovery._clock import Clock, Duration, clock_or_default
+from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._engine import Decision, after_failure, after_rejection
 from otel_recovery._first_times import FirstTimes
 from otel_recovery._forksafe import new_lock
@@ -162,7 +162,7 @@ class PolicyCore:
         if budget is not None and retry is None:
             raise ValueError("a retry budget needs a retry policy: pass retry=Retry(...) as well")
         if timeout is not None and not isinstance(timeout, Timeout):
-            timeout = Timeout(timeout)
+            timeout = Timeout(to_seconds(timeout, "timeout", allow_inf=True))
         if span not in ("own", "current"):
             raise ValueError(f"span must be 'own' or 'current', got {span!r}")
         self._own_span = span == "own"
@@ -211,6 +211,8 @@ class PolicyCore:
                 f"context['criticality'] must be one of {', '.join(CRITICALITY_LEVELS)}, "
                 f"got {criticality!r}"
             )
+        if not isinstance(telemetry, (bool, Telemetry)):
+            raise TypeError(f"telemetry must be True, False or a Telemetry, got {telemetry!r}")
         # True follows the process-wide telemetry (resolved at each recovery, so a test
         # kit or a late provider set-up is honoured); a Telemetry pins it; False disables.
         self._telemetry: Telemetry | bool = telemetry

@@ -86,6 +86,7 @@ from otel_recovery._interaction_support import (
     fallback_hook,
     finish,
     give_up,
+    idempotent,
     optional_callable,
     reason_for,
     resolve,
@@ -358,6 +359,7 @@ class ErrorRecoveryInteraction:
         fallback = (strategy.fallback if strategy else None) or optional_callable(
             ctx, "fallback_func"
         )
+        repeatable = idempotent(ctx)
         info = self.classifier.classify(error, classification_context(ctx))
         breaker = self.get_circuit_breaker(service_id)
         selection = select_action(
@@ -368,12 +370,12 @@ class ErrorRecoveryInteraction:
             has_fallback=fallback is not None,
             heals=self.healing.heals,
             retry_on=retry_on_verdict(ctx, error, info),
-            idempotent=ctx.get("idempotent") is not False,
+            idempotent=repeatable,
         )
         selection, rec, learned_strategy = learned(
             self.learner, selection, info, service_id=service_id,
             has_fallback=fallback is not None, has_retry_func=retry_func is not None,
-            idempotent=ctx.get("idempotent") is not False, max_attempts=self.max_attempts,
+            idempotent=repeatable, max_attempts=self.max_attempts,
             backoff=self.backoff,
         )  # fmt: skip
         strategy = strategy or learned_strategy

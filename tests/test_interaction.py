@@ -773,3 +773,12 @@ def test_a_classifier_or_healing_registry_of_the_wrong_type_is_refused_at_constr
 async def test_a_context_that_is_not_a_mapping_is_refused_naming_the_fix(recovery):
     with pytest.raises(TypeError, match=r"takes the context as a mapping such as .*'service_id'"):
         await recovery.recover_from_error(ConnectionError("down"), "payments")
+
+
+async def test_idempotent_must_be_a_bool_so_a_no_is_never_read_as_yes(recovery):
+    """``"no"`` or ``0`` is "not False": read that way, a payment would be retried."""
+    for value in ("no", 0, "false"):
+        with pytest.raises(TypeError, match=r"context\['idempotent'\] must be True or False"):
+            await recovery.recover_from_error(
+                ConnectionError("reset"), {"idempotent": value, "retry_func": lambda: "paid"}
+            )

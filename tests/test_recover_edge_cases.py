@@ -466,3 +466,14 @@ def test_remaining_time_reads_the_deadline_on_the_policys_own_clock(fake_clock):
             seen.append(remaining_time())
     assert seen == [3.5, 5.0]
     assert remaining_time() is None
+
+
+def test_settings_of_the_wrong_kind_are_refused_naming_the_setting():
+    """``telemetry="yes"`` used to switch telemetry on or off by truthiness at the first
+    failure; ``timeout=-1`` was reported as "seconds must be >= 0"."""
+    with pytest.raises(TypeError, match="telemetry must be True, False or a Telemetry"):
+        recover(telemetry="yes")
+    with pytest.raises(ValueError, match="^timeout must be >= 0 seconds, got -1"):
+        recover(timeout=-1)
+    with pytest.raises(ValueError, match="Timeout must be > 0 seconds"):
+        recover(timeout=0)

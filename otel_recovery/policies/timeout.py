@@ -31,7 +31,7 @@ class Timeout:
     def __init__(self, seconds: Duration) -> None:
         self.seconds = to_seconds(seconds, "seconds", allow_inf=True)
         if self.seconds == 0:
-            raise ValueError("Timeout seconds must be > 0")
+            raise ValueError("Timeout must be > 0 seconds, got 0 (None: no limit)")
 
     def __repr__(self) -> str:
         return f"Timeout({self.seconds})"
