@@ -300,6 +300,7 @@ class Checkpoints:
         store's ``list`` stops at the first unreadable record, so the others cannot be listed
         past it. ``delete`` it, or ``save`` a new version of it, to clear it.
         """
+        prefix = _check_prefix(prefix)
         now = self.clock.wall()
         found = self._listed(prefix, lambda: self.store.list(prefix))
         return [r for r in found if not r.expired(now)]
@@ -339,6 +340,7 @@ class Checkpoints:
         return self._decode(checkpoint_id, version, record)
 
     async def alist(self, prefix: str = "") -> builtins.list[Record]:
+        prefix = _check_prefix(prefix)
         now = self.clock.wall()
         found = await _async_guard(self._listed, prefix, self.store.alist(prefix))
         return [r for r in found if not r.expired(now)]
@@ -381,6 +383,19 @@ def _corrupt(corrupt: CorruptRecordError) -> CheckpointCorruptError:
         "a new version of it, to clear it",
         checkpoint_id=corrupt.key,
     )
+
+
+def _check_prefix(prefix: object) -> str:
+    """``None`` lists every checkpoint, as ``""`` does (stores differed: one listed none,
+    another raised about ``startswith``); anything else but a str is refused."""
+    if prefix is None:
+        return ""
+    if not isinstance(prefix, str):
+        raise TypeError(
+            f"a checkpoint prefix is a str (the start of the ids to list; '' for all), "
+            f"got {prefix!r}"
+        )
+    return prefix
 
 
 def _check_id(checkpoint_id: object) -> None:

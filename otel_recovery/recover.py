@@ -160,6 +160,14 @@ def _decorate(policy: RecoveryPolicy, fn: Callable[P, T]) -> Callable[P, T]:
         return cast(Callable[P, T], async_wrapper)
     if not callable(fn):
         raise TypeError(f"@recover decorates functions, got {fn!r}")
+    answer = policy.fallback.func if policy.fallback is not None else None
+    if answer is not None and _is_async(answer):
+        # A sync call cannot await it: found now rather than at the first failure.
+        raise TypeError(
+            f"@recover on the synchronous {fn!r} has the coroutine function {answer!r} as "
+            "its fallback, which a synchronous call cannot await; give it a sync fallback, "
+            "or make the function `async def`"
+        )
     wrapper = functools.wraps(fn)(policy.wrap(fn))
     wrapper.recovery_policy = policy  # type: ignore[attr-defined]
     return wrapper

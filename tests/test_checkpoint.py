@@ -331,3 +331,16 @@ async def test_a_corrupt_record_fails_the_listing_naming_that_checkpoint(kind, t
         assert [r.key for r in checkpoints.list("orders-")] == ["orders-1", "orders-3"]
     finally:
         cleanup()
+
+
+async def test_listing_with_no_prefix_lists_every_checkpoint_on_every_store(tmp_path):
+    """``list(None)`` meant "all" to its callers; one store listed none, another raised a
+    ``startswith`` error. A prefix that is not a str is refused naming what it takes."""
+    for url in ("memory://", f"sqlite:///{tmp_path / 'c.db'}"):
+        checkpoints = Checkpoints(url)
+        checkpoints.save("job-1", {"step": 1})
+        assert [r.key for r in checkpoints.list(None)] == ["job-1"]
+        assert [r.key for r in await checkpoints.alist(None)] == ["job-1"]
+        with pytest.raises(TypeError, match="a checkpoint prefix is a str"):
+            checkpoints.list(7)
+        checkpoints.close()

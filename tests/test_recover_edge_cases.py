@@ -477,3 +477,23 @@ def test_settings_of_the_wrong_kind_are_refused_naming_the_setting():
         recover(timeout=-1)
     with pytest.raises(ValueError, match="Timeout must be > 0 seconds"):
         recover(timeout=0)
+
+
+def test_an_async_fallback_on_a_sync_function_is_refused_at_decoration(fake_clock):
+    """Found where it is written, not at the first failure in production."""
+
+    async def cached(error: BaseException) -> str:
+        return "cached"
+
+    def fetch() -> str:
+        raise ConnectionError("down")
+
+    with pytest.raises(TypeError, match="a synchronous call cannot await"):
+        recover(fallback=Fallback(func=cached), clock=fake_clock)(fetch)
+
+    async def afetch() -> str:
+        raise ConnectionError("down")
+
+    assert asyncio.run(recover(fallback=Fallback(func=cached), clock=fake_clock)(afetch)()) == (
+        "cached"
+    )
