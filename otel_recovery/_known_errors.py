@@ -188,6 +188,7 @@ redis MOVED MovedError=MOVED AskError=ASK
 redis SERIALIZATION WatchError
 redis POOL MaxConnectionsError
 redis INVALID ResponseError DataError ClusterCrossSlotError=CROSSSLOT
+redis INVALID CrossSlotTransactionError InvalidPipelineStack
 httpx CONN ConnectError ReadError WriteError CloseError NetworkError RemoteProtocolError ProxyError
 httpx TIMEOUT TimeoutException ConnectTimeout ReadTimeout WriteTimeout
 httpx POOL PoolTimeout

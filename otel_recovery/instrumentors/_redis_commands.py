@@ -27,7 +27,8 @@ error and tries again. They are retried after a failure that proves they never r
 every command is, and the user may list them in ``redis_retry_commands`` where the reply
 is not read.
 
-``redis_retry_commands`` adds commands (taken as the user's word, options unchecked) and
+``redis_retry_commands`` adds commands (taken as the user's word, options unchecked; a
+built-in command listed again keeps its option checks, ``SET ... NX`` stays unretried) and
 ``redis_no_retry_commands`` removes them; both accept names such as ``"GET"`` or
 ``"CONFIG GET"``.
 """
@@ -45,9 +46,11 @@ __all__ = [
     "EXPIRE_FLOOR",
     "IDEMPOTENT_WRITES",
     "READS",
+    "RUNS_CODE",
     "CommandRules",
     "as_text",
     "command_name",
+    "runs_code",
 ]
 
 
@@ -132,6 +135,19 @@ COUNTING_WRITES = _words(
 count, the bit before): not retried after a failure that may have run them, unless named in
 ``redis_retry_commands``. Listed for the README and the tests; nothing else reads it."""
 
+RUNS_CODE = _words("EVAL EVALSHA EVAL_RO EVALSHA_RO FCALL FCALL_RO")
+"""Commands that run code of the application's (a Lua script, a Redis Function). Such code
+may write and then reply with any error, ``READONLY ...`` included, so a refusal proves
+nothing about them: see :func:`runs_code`."""
+
+
+def runs_code(name: str) -> bool:
+    """Whether a refusal-looking error from ``name`` may come from code that already wrote:
+    scripts and functions (:data:`RUNS_CODE`), and module commands (``JSON.SET``,
+    ``FT.CREATE``: a module's own code answers them, in its own words)."""
+    return name in RUNS_CODE or "." in name
+
+
 # Options that make a listed command depend on the state it finds, and the argument index
 # where options may start. A false match (a member named "INCR") only forbids a retry.
 _UNSAFE_OPTIONS: dict[str, tuple[int, frozenset[str]]] = {
@@ -177,7 +193,10 @@ class CommandRules:
         # (READONLY), which repeats any other command
         self.never = settings.redis_no_retry_commands
         self.refused = settings.redis_retry_refused  # False: never after a refusal either
-        self._explicit = added - settings.redis_no_retry_commands
+        # Listed by the user and not built in: taken at their word, options unchecked. A
+        # built-in one listed again (SET, EXPIRE) keeps its option checks and floor: the
+        # list widens what is retried, it does not loosen what already is.
+        self._explicit = added - builtin - settings.redis_no_retry_commands
         self._names: dict[Any, str] = {}
 
     def name(self, args: Sequence[Any]) -> str:

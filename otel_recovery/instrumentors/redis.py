@@ -52,6 +52,7 @@ from redis.exceptions import (
     MasterDownError,
     MaxConnectionsError,
     ReadOnlyError,
+    RedisClusterException,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -76,7 +77,7 @@ from otel_recovery.instrumentors._db import (
     retire_table,
 )
 from otel_recovery.instrumentors._guarded import GuardedPolicy
-from otel_recovery.instrumentors._redis_commands import BLOCKING, READS, CommandRules
+from otel_recovery.instrumentors._redis_commands import BLOCKING, READS, CommandRules, runs_code
 from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.instrumentors._redis_sentinel import (
     SENTINEL_POOLS,
@@ -159,6 +160,14 @@ def never_ran(error: BaseException) -> bool:
     return False
 
 
+def never_connected(error: BaseException) -> bool:
+    """:func:`never_ran` without the server's refusals: for commands that run the
+    application's code (:func:`~._redis_commands.runs_code`), whose own error replies may
+    read ``READONLY``, ``LOADING`` or ``MASTERDOWN`` after it wrote. Only a connection that
+    could not be made proves such a command never ran."""
+    return not isinstance(error, REFUSALS) and never_ran(error)
+
+
 _POOL_MESSAGES = frozenset({"No connection available.", "Too many connections"})
 """What redis-py's own connection pools raise, as a plain ``ConnectionError``, when the
 application's pool has no connection to give (4.5 to 8): a ``BlockingConnectionPool``
@@ -188,14 +197,45 @@ def pool_exhausted(error: BaseException) -> bool:
     return traceback.tb_frame.f_globals.get("__name__") in _POOL_MODULES
 
 
+_CLUSTER_MISUSE = (
+    "No way to dispatch this command to Redis Cluster",
+    "Invalid args in command",
+    "all keys must map to the same key slot",
+    "is blocked when running redis in cluster mode",
+    "is not implemented",
+    "shard_hint is deprecated",
+    "Cannot execute FT.CURSOR commands without FT.AGGREGATE",
+)
+"""What redis-py's cluster clients say, as a plain ``RedisClusterException``, of a call
+they refuse before sending anything (a command with no key to route it by, keys in two
+slots, a method cluster mode lacks). Its other messages are the cluster's state (no node
+reachable, slots not covered), which are failures of the server's."""
+
+
+def cluster_misuse(error: BaseException) -> bool:
+    """Whether ``error`` is redis-py's cluster client refusing the application's call
+    before sending it: the client's doing, so neither retried nor counted on the breaker
+    (twenty calls with keys in two slots would otherwise open a healthy shard's circuit).
+    ``CrossSlotTransactionError`` and ``InvalidPipelineStack`` say so by their type (and
+    classify as invalid requests); the base class only by its message."""
+    if type(error) is not RedisClusterException:
+        return isinstance(error, RedisClusterException) and type(error).__name__ in (
+            "CrossSlotTransactionError",
+            "InvalidPipelineStack",
+        )
+    text = str(error)
+    return any(part in text for part in _CLUSTER_MISUSE)
+
+
 class _RedisPolicy(GuardedPolicy):
     """A Redis target's policy: an exhausted connection pool of the application's
-    (:func:`pool_exhausted`) is not the server's failure."""
+    (:func:`pool_exhausted`), or a cluster client refusing a call it cannot route
+    (:func:`cluster_misuse`), is not the server's failure."""
 
     __slots__ = ()
 
     def _clients_own(self, error: BaseException) -> bool:
-        return pool_exhausted(error) or super()._clients_own(error)
+        return pool_exhausted(error) or cluster_misuse(error) or super()._clients_own(error)
 
 
 _ONLY_LISTED_ERRORS = hasattr(redis.client.Redis, "_disconnect_raise")
@@ -630,10 +670,12 @@ class _Planner:
                 target.rejection, reads=name in READS,
             )  # fmt: skip
         else:
+            proof = target.never_ran if rules.refused and name not in rules.never else None
+            if proof is not None and runs_code(name):
+                proof = never_connected  # its code may have written, then answered READONLY
             plan = self.plans.plan(
                 host, port, name, mode, "non_idempotent_command", timed=timed,
-                rejection=target.rejection,
-                never_ran=target.never_ran if rules.refused and name not in rules.never else None,
+                rejection=target.rejection, never_ran=proof,
             )  # fmt: skip
         if rules.depends_on_arguments(args, name) or len(plans) >= 512:
             return plan

@@ -519,6 +519,12 @@ def test_a_write_whose_reply_counts_is_not_sent_twice(
     c.set("claim", "worker-1")  # and connected: the fault meets the command itself
     h.reset_counts()
     stop_for(h.server)
+    if command in ("EXPIRE", "PEXPIRE"):
+        # built in, with a floor: listed again, it keeps the floor (it widens nothing)
+        with pytest.raises(redis.exceptions.TimeoutError):
+            c.execute_command(command, *args)
+        assert h.attempts["execute_command"] == 1
+        return
     c.execute_command(command, *args)  # the user's word: repeated, its reply not read
     assert h.attempts["execute_command"] == 2
 
@@ -776,11 +782,19 @@ def test_command_rules(args: tuple[Any, ...], allowed: bool) -> None:
 
 
 def test_command_rules_follow_the_settings() -> None:
-    s = load_settings({"redis_retry_commands": "incr, set", "redis_no_retry_commands": "GET"})
+    s = load_settings(
+        {"redis_retry_commands": "incr, set, expire", "redis_no_retry_commands": "GET"}
+    )
     rules = CommandRules(s)
-    assert rules.allows("INCR", ("INCR", "k"))
-    assert rules.allows("SET", ("SET", "k", "v", "NX"))  # the user's word, options unchecked
+    assert rules.allows("INCR", ("INCR", "k"))  # not built in: the user's word
     assert not rules.allows("GET", ("GET", "k"))
+    # built in already: listing them again widens nothing and loosens nothing (a SET NX
+    # resent after its reply was lost answers None to the caller that took the lock)
+    assert rules.allows("SET", ("SET", "k", "v"))
+    assert not rules.allows("SET", ("SET", "k", "v", "NX"))
+    assert not rules.allows("SET", ("SET", "k", "v", "GET"))
+    assert not rules.allows("EXPIRE", ("EXPIRE", "k", "0"))
+    assert rules.allows("EXPIRE", ("EXPIRE", "k", "300"))
     assert command_name(("config", "get", "x")) == "CONFIG GET"
 
 
@@ -849,6 +863,22 @@ def test_a_write_refused_by_the_demoted_primary_reconnects_and_is_applied_once(
     assert c.set("k", "w") is True and c.get("k") == b"w"  # the new connection stays
     assert hm.attempts["execute_command"] == 2 and hm.sent["SET"] == 1
     assert moving_redis.peek("get", "n") == b"2"  # applied once, on the new primary
+
+
+@pytest.mark.parametrize("code", ["READONLY", "LOADING", "MASTERDOWN"])
+def test_a_script_whose_own_error_looks_like_a_refusal_is_sent_once(h: Harness, code: str) -> None:
+    """A script (or function, or module command) runs the application's code, which may
+    write and then answer with any error, a ``READONLY ...`` included: that proves nothing
+    about whether it ran. Taken as the server's refusal, the script ran three times."""
+    h.instrument()
+    c = h.client()  # redis-py's own Retry resends nothing: refusals would count as proof
+    c.delete("script-count")
+    h.reset_counts()
+    script = "redis.call('INCR', KEYS[1]); return redis.error_reply(ARGV[1] .. ' app says no')"
+    with pytest.raises(redis.exceptions.RedisError, match="app says no"):
+        c.eval(script, 1, "script-count", code)
+    assert h.attempts["execute_command"] == 1
+    assert c.get("script-count") == b"1"
 
 
 @pytest.mark.parametrize(

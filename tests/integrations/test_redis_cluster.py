@@ -610,3 +610,26 @@ async def test_async_a_read_sent_to_a_node_the_caller_chose_is_ours_to_retry(
         assert stack.per_node[paused.port, "DBSIZE"] == (2 if stack.instrumented else 1)
     finally:
         await aclose(c)
+
+
+@pytest.mark.parametrize("order", ["baseline", "contrib_first", "ours_only"])
+def test_calls_the_cluster_client_refuses_before_sending_never_open_a_circuit(
+    stacks: Any, order: str
+) -> None:
+    """redis-py refuses, before sending anything, a transaction whose keys span slots
+    (``CrossSlotTransactionError``) and a command with no key to route it by: the
+    application's mistakes, which a healthy shard must not pay for with an open circuit."""
+    stack = stacks(order, breaker_window=4, breaker_minimum_calls=4)
+    c = stack.cluster_client()
+    assert c.set(K0, "v") is True
+    refused = set()
+    for _ in range(6):
+        pipe = c.pipeline(transaction=True)
+        pipe.set(K0, "1")
+        pipe.incr(K1)
+        refused.add(outcome(pipe.execute))
+        refused.add(outcome(lambda: c.execute_command("GET")))
+    assert CircuitOpenError not in refused and RedisConnectionError not in refused, refused
+    assert c.get(K0) == b"v" and c.set(K1, "w") is True and c.ping() is True
+    if stack.instrumented:
+        assert set(stack.breakers().values()) == {"closed"}, stack.breakers()
