@@ -209,6 +209,7 @@ aiohttp CERT ClientConnectorCertificateError
 aiohttp CONFIG InvalidURL
 aiohttp REDIRECT_LOOP TooManyRedirects
 psycopg CONN OperationalError
+psycopg INVALID PipelineAborted
 psycopg TIMEOUT ConnectionTimeout
 psycopg PROGRAMMING InterfaceError ProgrammingError
 psycopg2 CONN OperationalError

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
+from types import FrameType
 from typing import Any
 
 from otel_recovery._engine import Action, Decision
@@ -37,6 +38,7 @@ __all__ = [
     "GuardedPolicy",
     "clients_own",
     "outcome_or_refusal",
+    "raised_in",
 ]
 
 
@@ -54,6 +56,18 @@ def clients_own(error: BaseException) -> None:
         setattr(error, _CLIENTS_OWN, True)
     except Exception:  # an exception type with __slots__: counted as any failure
         return
+
+
+def raised_in(error: BaseException) -> FrameType | None:
+    """The innermost frame of ``error``'s traceback: where the driver raised it, which tells
+    the client's own refusals (its pool, its checks before sending) from the server's
+    replies. None without a traceback."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return None
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame
 
 
 class _Outcome:

@@ -59,6 +59,7 @@ import asyncpg.pool  # type: ignore[import-untyped]
 import asyncpg.prepared_stmt  # type: ignore[import-untyped]
 
 from otel_recovery._compiled import SPEEDUPS
+from otel_recovery.instrumentors._asyncpg_closed import AsyncpgPolicy
 from otel_recovery.instrumentors._db import (
     Plan,
     PlanCache,
@@ -77,7 +78,7 @@ from otel_recovery.instrumentors._db import (
     run_async,
 )
 from otel_recovery.instrumentors._guarded import clients_own
-from otel_recovery.instrumentors._targets import TargetPolicies
+from otel_recovery.instrumentors._targets import TargetPolicies, TargetPolicy
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -131,8 +132,10 @@ _passes_refused`)."""
 _STATEMENTS = ("execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany")
 _PREPARED = ("fetch", "fetchval", "fetchrow", "executemany", "fetchmany")
 _TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT ", "RELEASE SAVEPOINT ")
-"""How the statements asyncpg's ``Transaction`` sends begin; it always spells them so, as one
-statement ending in ``;`` (a script such as ``"BEGIN; ...; COMMIT"`` is gated as usual)."""
+"""How the statements asyncpg's ``Transaction`` sends begin; it spells them so, as one
+statement ending in ``;`` (``Connection._reset``, run by a pool taking a connection back,
+sends ``ROLLBACK`` without one); a script such as ``"BEGIN; ...; COMMIT"`` is gated as
+usual."""
 
 
 def _passing_transaction_control(
@@ -155,7 +158,9 @@ def _passing_transaction_control(
                 and not kwargs
                 and type(args[1]) is str
                 and args[1].startswith(_TRANSACTION_CONTROL)
-                and args[1].find(";") == len(args[1]) - 1  # one statement, not a script
+                # one statement, not a script: `ROLLBACK;` as Transaction spells it, or
+                # `ROLLBACK` as Connection._reset does
+                and args[1].find(";") in (-1, len(args[1]) - 1)
             ):
                 return original(*args)
             return layer(*args, **kwargs)
@@ -358,11 +363,15 @@ class _Planner:
             known = self._pools[id(pool)] = (settings, target)
         if known[1] is None:
             return None
+        # Not timed: most of an acquire is the wait for the application's own pool, which
+        # OTEL_RECOVERY_ATTEMPT_TIMEOUT must not cut (nor count, as if the server were
+        # slow); the connects a pool makes keep asyncpg's own connect timeout.
         if self.connect_rule is not None:
-            return self.plans.plan(*known[1], "acquire", "own", self.connect_rule)
+            return self.plans.plan(*known[1], "acquire", "own", self.connect_rule, timed=False)
         return self.plans.plan(
-            *known[1], "acquire", "own", "statement_may_have_run", never_ran=raised_connecting
-        )
+            *known[1], "acquire", "own", "statement_may_have_run", timed=False,
+            never_ran=raised_connecting,
+        )  # fmt: skip
 
     def statement(self, site: Site, connection: Any, mode: SpanMode | None = None) -> Plan:
         host, port = _connection_target(connection)
@@ -501,9 +510,13 @@ def _holding(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any)
 
 
 async def _resetting(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-    """``Connection.reset``, what a pool runs on every connection it takes back: its
-    statements pass an open circuit (see :meth:`AsyncPGRecoveryInstrumentor._passes_refused`)."""
-    token = _RESETTING.set(instance)
+    """``Connection.reset``, and ``PoolConnectionHolder.release`` (``instance._con``), what a
+    pool runs on every connection it takes back: its statements pass an open circuit (see
+    :meth:`AsyncPGRecoveryInstrumentor._passes_refused`). The release, not only ``reset``:
+    a pool made with ``reset=`` runs ``Connection._reset`` and the application's callback
+    instead of ``reset``."""
+    connection = instance if isinstance(instance, asyncpg.Connection) else instance._con
+    token = _RESETTING.set(connection)
     try:
         return await wrapped(*args, **kwargs)
     finally:
@@ -517,6 +530,7 @@ def _sites() -> list[tuple[Any, str, Kind]]:
         (asyncpg.pool.Pool, "_acquire", "acquire"),
         (asyncpg.pool.PoolConnectionHolder, "acquire", "holder"),
         (asyncpg.connection.Connection, "reset", "reset"),
+        (asyncpg.pool.PoolConnectionHolder, "release", "reset"),
     ]
     connection_class = asyncpg.connection.Connection
     sites += [
@@ -532,6 +546,7 @@ class AsyncPGRecoveryInstrumentor(PostgresInstrumentor):
 
     library: ClassVar[str] = "asyncpg"
     rejection: ClassVar[type[CircuitOpenError]] = AsyncPGCircuitOpenError
+    policy_class: ClassVar[type[TargetPolicy]] = AsyncpgPolicy
     instruments: ClassVar[tuple[str, ...]] = ("asyncpg >= 0.27",)
 
     def _server_of(self, connection: Any) -> tuple[str, int | None] | None:

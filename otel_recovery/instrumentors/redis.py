@@ -76,7 +76,7 @@ from otel_recovery.instrumentors._db import (
     read_context,
     retire_table,
 )
-from otel_recovery.instrumentors._guarded import GuardedPolicy
+from otel_recovery.instrumentors._guarded import GuardedPolicy, raised_in
 from otel_recovery.instrumentors._redis_commands import BLOCKING, READS, CommandRules, runs_code
 from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.instrumentors._redis_sentinel import (
@@ -189,12 +189,8 @@ def pool_exhausted(error: BaseException) -> bool:
         return True
     if type(error) is not RedisConnectionError or str(error) not in _POOL_MESSAGES:
         return False
-    traceback = error.__traceback__
-    if traceback is None:
-        return False
-    while traceback.tb_next is not None:
-        traceback = traceback.tb_next
-    return traceback.tb_frame.f_globals.get("__name__") in _POOL_MODULES
+    frame = raised_in(error)
+    return frame is not None and frame.f_globals.get("__name__") in _POOL_MODULES
 
 
 _CLUSTER_MISUSE = (

@@ -681,3 +681,84 @@ async def test_statements_outside_a_reset_are_still_refused_by_an_open_circuit(
     finally:
         breaker.reset()
         await pool.close()
+
+
+async def test_a_pool_with_its_own_reset_callback_releases_through_an_open_circuit(
+    h: Harness,
+) -> None:
+    """A pool made with ``reset=`` does not call ``Connection.reset`` on release: asyncpg
+    runs ``Connection._reset`` (a bare ``ROLLBACK`` for a transaction left open) and the
+    callback. With the circuit open they were refused, so ``async with pool.acquire()``
+    raised after the work had committed."""
+    ours = h.instrument().ours
+    table = h.table()
+    reset_runs = 0
+
+    async def reset(conn: Any) -> None:
+        nonlocal reset_runs
+        reset_runs += 1
+        await conn.execute("RESET ALL")
+
+    pool = await asyncpg.create_pool(PG_URL, min_size=1, max_size=1, reset=reset)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (1)")  # autocommitted
+            await conn.execute("BEGIN")  # left open: the release rolls it back
+            assert ours.targets is not None
+            (breaker,) = ours.targets.breakers()
+            breaker.force_open()
+        assert (h.rows(table), reset_runs) == (1, 1)
+        breaker.reset()
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+        assert pool.get_size() == 1
+    finally:
+        await pool.close()
+
+
+async def test_the_attempt_timeout_never_cuts_the_wait_for_the_applications_own_pool(
+    h: Harness,
+) -> None:
+    """``OTEL_RECOVERY_ATTEMPT_TIMEOUT`` bounds what is asked of the server. An acquire
+    that asked for no timeout waits for a busy pool as long as it takes; cut at 0.2 s, it
+    failed with our TimeoutError and counted on the breaker, and 25 such waits opened the
+    circuit of a healthy server."""
+    ours = h.instrument(attempt_timeout=0.2).ours
+    pool = await asyncpg.create_pool(PG_URL, min_size=1, max_size=1)
+    try:
+        held = await pool.acquire()
+
+        async def wait_for_it() -> int:
+            async with pool.acquire() as conn:
+                return int(await conn.fetchval("SELECT 5"))
+
+        waiting = [asyncio.ensure_future(wait_for_it()) for _ in range(5)]
+        await asyncio.sleep(0.5)  # past the attempt timeout
+        await pool.release(held)
+        assert await asyncio.gather(*waiting) == [5] * 5
+        assert ours.targets is not None
+        (breaker,) = ours.targets.breakers()
+        assert breaker.snapshot().failed_calls == 0
+    finally:
+        await pool.close()
+
+
+async def test_statements_on_a_connection_known_closed_count_once(h: Harness) -> None:
+    """asyncpg refuses a statement on a closed connection before sending it. The first
+    refusal may be the only news that the server ended it, and counts; every later one on
+    that connection says nothing of the server. Counted each time, they opened the circuit
+    for every other connection."""
+    ours = h.instrument(breaker_window=10, breaker_minimum_calls=5).ours
+    conn = await asyncpg.connect(PG_URL)
+    await conn.close()
+    for _ in range(25):
+        with pytest.raises(asyncpg.InterfaceError, match="connection is closed"):
+            await conn.fetchval("SELECT 1")
+    assert ours.targets is not None
+    (breaker,) = ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 1
+    other = await asyncpg.connect(PG_URL)
+    try:
+        assert await other.fetchval("SELECT 6") == 6
+    finally:
+        await other.close()

@@ -874,3 +874,28 @@ def test_a_pool_timeout_of_psycopg_pool_is_not_the_servers_failure(h: Harness) -
         assert (snapshot.state.name, snapshot.failed_calls) == ("CLOSED", 0)
         with pool.connection() as conn:
             assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_statements_a_pipeline_skipped_after_an_error_never_open_the_circuit(h: Harness) -> None:
+    """In ``conn.pipeline()``, after one statement fails (a division by zero: an answer),
+    psycopg raises ``PipelineAborted`` for the ones the server skipped. An
+    ``OperationalError`` by type, it counted as a connection failure, and a few such
+    pipelines opened a healthy server's circuit for every statement of the process."""
+    h.instrument(breaker_window=10, breaker_minimum_calls=5)
+    conn = psycopg.connect(PG_DSN, autocommit=True)
+    seen: set[str] = set()
+    for _ in range(6):
+        with contextlib.suppress(psycopg.Error), conn.pipeline():
+            cursor = conn.cursor()
+            cursor.execute("SELECT 1/0")
+            for number in range(3):
+                try:
+                    cursor.executemany("SELECT %s", [(number,)], returning=True)
+                except psycopg.Error as error:
+                    seen.add(type(error).__name__)
+    assert "PipelineAborted" in seen and "PsycopgCircuitOpenError" not in seen, seen
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    assert breaker.snapshot().state.name == "CLOSED"
+    assert conn.execute("SELECT 8").fetchone() == (8,)
+    conn.close()
