@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeAlias
@@ -137,6 +138,7 @@ class TargetPolicy(RecoveryPolicy):
     __slots__ = (
         "_amend",
         "_disallowed",
+        "_home",
         "_mend",
         "_never_repeated",
         "_passes_refused",
@@ -161,6 +163,9 @@ class TargetPolicy(RecoveryPolicy):
         self._timeout_type = timeout
         self._mend = mend
         self._amend = amend
+        self._home: object = None
+        """The table's target whose breaker and budget this runs (``TargetPolicies._build``):
+        a plan kept by a client keeps it for the table to find again."""
         self._disallowed: str | None = None
         # a call that may never be repeated stops because it may not be, as one whose
         # repeats are allowed only after some failures does on the others (not because its
@@ -404,7 +409,7 @@ class TargetPolicy(RecoveryPolicy):
 
 
 class _Target:
-    __slots__ = ("advisor", "breaker", "budget", "policies", "resolved")
+    __slots__ = ("__weakref__", "advisor", "breaker", "budget", "policies", "resolved")
 
     def __init__(self, breaker: CircuitBreaker, budget: RetryBudget) -> None:
         self.breaker = breaker
@@ -482,6 +487,12 @@ class TargetPolicies:
         self._forgetting: list[Callable[[], None]] = []
         self._max = max_targets
         self._targets: OrderedDict[tuple[str, int | None], _Target] = OrderedDict()
+        # Targets the table forgot while a plan somewhere (a client's pool, a connection)
+        # still runs one of their policies, each of which holds its target: asked for
+        # again, such a target comes back, so one server never has two circuits and two
+        # budgets. One nothing uses any more is gone from here too.
+        self._forgotten: weakref.WeakValueDictionary[tuple[str, int | None], _Target]
+        self._forgotten = weakref.WeakValueDictionary()
         self._lock = new_lock()
         # Resolved policies by call shape: the per-call cost is one dict lookup. Operations
         # only become part of the key where the settings have a section for them, so paths
@@ -500,18 +511,20 @@ class TargetPolicies:
             if target is not None:
                 self._targets.move_to_end(key)
                 return target
+            revived = self._forgotten.get(key)
         # Made outside the lock. With OTEL_RECOVERY_STORE_URL the breaker and budget are
         # shared, and the first one starts the sync thread; under gevent starting a thread
         # switches greenlets, and this lock is a real one when instrument() ran before gevent
         # patched (gunicorn -k gevent): the next greenlet to get here would block the hub
         # for good. Two callers may each make one; the first kept is everyone's.
-        made = self._new_target(host, port)
+        made = revived if revived is not None else self._new_target(host, port)
         with self._lock:
             target = self._targets.setdefault(key, made)
             self._targets.move_to_end(key)
             forgot = len(self._targets) > self._max
             while len(self._targets) > self._max:
-                _, old = self._targets.popitem(last=False)
+                old_key, old = self._targets.popitem(last=False)
+                self._forgotten[old_key] = old
                 # and its resolved policies: kept, they would keep its breaker and budget
                 # alive (with OTEL_RECOVERY_STORE_URL, syncing with Redis for good)
                 for resolved in old.resolved:
@@ -707,6 +720,7 @@ class TargetPolicies:
             telemetry=self._telemetry,
             span=mode,
         )
+        policy._home = target  # kept alive by the plans that run it: see _forgotten
         with self._lock:
             return target.policies.setdefault(key, policy)
 

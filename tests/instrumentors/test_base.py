@@ -319,7 +319,24 @@ def test_a_forgotten_target_takes_the_plans_remembered_for_it_along(fake_clock):
     again_http, again_db = remembered("a.local")
     breaker = targets.known_breaker("a.local", 80)
     assert again_http.call.policy.breaker is breaker is again_db.policy.breaker
-    assert breaker is not first_http.call.policy.breaker
+    # a plan kept elsewhere (a client's pool holds first_db) keeps the forgotten target:
+    # asked for again, it comes back, so the server still has one circuit
+    assert breaker is first_http.call.policy.breaker is first_db.policy.breaker
+
+
+def test_a_forgotten_target_still_in_use_comes_back_with_its_breaker(fake_clock):
+    """A client's pool keeps its plans (Redis, psycopg) past the table forgetting their
+    target: new clients of the same server got a new breaker, so one server had two
+    circuits, one open for the old clients and one closed for the new."""
+    targets = TargetPolicies("redis", RecoverySettings(), clock=fake_clock, max_targets=2)
+    kept = targets.policy_for("a.local", 6379, None, retry_allowed=True)  # a pool's plan
+    kept.breaker.force_open()
+    for host in ("b.local", "c.local", "d.local"):  # a.local is forgotten
+        targets.policy_for(host, 6379, None, retry_allowed=True)
+    assert targets.known_breaker("a.local", 6379) is None
+    fresh = targets.policy_for("a.local", 6379, None, retry_allowed=True)  # a new client
+    assert fresh.breaker is kept.breaker and fresh.budget is kept.budget
+    assert targets.known_breaker("a.local", 6379) is kept.breaker
 
 
 def test_a_forgotten_target_leaves_nothing_holding_its_breaker_and_budget(fake_clock):
