@@ -48,7 +48,15 @@ from otel_recovery.telemetry.attributes import (
     RETRY_DISALLOWED,
 )
 
-__all__ = ["FallbackOn", "NeverRan", "TargetPolicies", "TargetPolicy", "hold_back"]
+__all__ = [
+    "FallbackOn",
+    "NeverRan",
+    "TargetPolicies",
+    "TargetPolicy",
+    "hold_back",
+    "is_session_bound",
+    "session_bound",
+]
 
 FallbackOn: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -89,6 +97,24 @@ def hold_back(error: BaseException) -> None:
     does not hold for this call, or that a resend could not help (see ``_NeverRanRetry``)."""
     with contextlib.suppress(Exception):  # an exception type with __slots__: resent as usual
         setattr(error, _HELD_BACK, True)
+
+
+_SESSION_BOUND = "_otel_recovery_session_bound"
+
+
+def session_bound(error: BaseException) -> None:
+    """Keep a failed call from being resent at all: it was made in a session whose state
+    a resend on a new connection would not have (a Redis ``single_connection_client``'s
+    hand-sent ``MULTI``, ``WATCH`` or ``SELECT``). Said by the mend that knows the client."""
+    with contextlib.suppress(Exception):  # an exception type with __slots__: resent as usual
+        setattr(error, _SESSION_BOUND, True)
+
+
+def is_session_bound(error: BaseException) -> bool:
+    try:
+        return getattr(error, _SESSION_BOUND, False) is True
+    except Exception:  # a hostile __getattr__ must not replace the caller's error
+        return False
 
 
 class _NeverRanRetry(Retry):
@@ -300,7 +326,12 @@ class TargetPolicy(RecoveryPolicy):
     def _decide(
         self, error: BaseException, info: ErrorInfo, attempt: int, delay: float, started: float
     ) -> Decision:
-        if self._never_repeated or client_retries(error) or answered_elsewhere(error):
+        if (
+            self._never_repeated
+            or client_retries(error)
+            or answered_elsewhere(error)
+            or is_session_bound(error)
+        ):
             return give_up(self.fallback, error, "not_retryable")
         decision = super()._decide(error, info, attempt, delay, started)
         if decision.action is Action.RETRY and past_call_limit(
@@ -335,6 +366,8 @@ class TargetPolicy(RecoveryPolicy):
             why = self._disallowed
         if why is None and answered_elsewhere(error):  # a redirect's target failed
             why = "redirected"  # (see _elsewhere); a call never repeated says why not
+        if why is None and info.retryable and is_session_bound(error):
+            why = "session"  # (see session_bound)
         if why is not None and not isinstance(error, CircuitOpenError):
             try:
                 trace.span.set_attribute(RETRY_DISALLOWED, why)

@@ -93,6 +93,7 @@ from otel_recovery.instrumentors._targets import (
     TargetPolicies,
     TargetPolicy,
     hold_back,
+    session_bound,
 )
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
@@ -423,6 +424,19 @@ def _hold_back_unproven(error: BaseException, args: tuple[Any, ...]) -> None:
     stale = refused_by_replica(error) and not closable(client)
     if (retries and errors) or stale or _idle_ones_resend(pool):
         hold_back(error)
+
+
+def _keep_to_the_session(error: BaseException, args: tuple[Any, ...]) -> None:
+    """A client with a connection of its own (``single_connection_client=True``,
+    ``Redis.client()``) is one session, whose state the application may have set by hand:
+    a ``MULTI`` (the command was queued, not run), a ``WATCH``, a ``SELECT``. A resend goes
+    on a new connection, without that state: a queued ``SET`` would run at once, outside
+    the transaction, and a read would see another database. Such a client's failed calls
+    are not resent (``retry.disallowed=session``); its failures still count. Asked after a
+    failure only."""
+    client = args[0] if args else None
+    if getattr(client, "connection", None) is not None:
+        session_bound(error)
 
 
 def _idle_ones_resend(pool: Any) -> bool:
@@ -952,10 +966,12 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
         reconnect = ReplicaReconnect(clock)
 
         def mend(error: BaseException, args: tuple[Any, ...]) -> None:
+            _keep_to_the_session(error, args)
             _hold_back_unproven(error, args)
             reconnect.mend(error, args)
 
         async def amend(error: BaseException, args: tuple[Any, ...]) -> None:
+            _keep_to_the_session(error, args)
             _hold_back_unproven(error, args)
             await reconnect.amend(error, args)
 

@@ -55,9 +55,11 @@ FALLBACK_KIND: Final = "otel_recovery.fallback.kind"
 """``value``, ``function`` or ``last_known_good``."""
 RETRY_DISALLOWED: Final = "otel_recovery.retry.disallowed"
 """Why a failed DB or Redis call was not retried although its error may be transient:
-``non_idempotent_command``, ``transaction``, ``statement_may_have_run``, ``sql_retry_never``
-or ``client_retried`` (the client library's own retry already repeated it: redis-py's
-connection ``Retry``, urllib3's ``Retry`` under requests, httpx's transport ``retries``)."""
+``non_idempotent_command``, ``transaction``, ``statement_may_have_run``, ``sql_retry_never``,
+``session`` (a Redis client with a connection of its own, whose session state a resend
+would not have), ``redirected`` (a redirect's target failed) or ``client_retried`` (the
+client library's own retry already repeated it: redis-py's connection ``Retry``, urllib3's
+``Retry`` under requests, httpx's transport ``retries``)."""
 REDIS_CLIENT_RETRIES: Final = "otel_recovery.redis.client_retries"
 """redis-py's per-command connection retry limit, set when a failure it already retried
 reaches us: that many resends happened inside the attempt."""

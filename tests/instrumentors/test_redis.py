@@ -865,6 +865,30 @@ def test_a_write_refused_by_the_demoted_primary_reconnects_and_is_applied_once(
     assert moving_redis.peek("get", "n") == b"2"  # applied once, on the new primary
 
 
+def test_a_single_connection_clients_session_is_never_left_for_a_resend(h: Harness) -> None:
+    """A client with a connection of its own (``Redis.client()``,
+    ``single_connection_client=True``) carries session state set by hand: here a
+    ``MULTI``. A ``SET`` queued in it, its reply lost, was resent on a new connection, where
+    it ran at once, outside the transaction: the key was written though ``EXEC`` failed."""
+    h.instrument()
+    session = h.client().client()  # single_connection_client=True, on the same pool
+    session.delete("queued-1", "queued-2")
+    session.execute_command("MULTI")
+    session.set("queued-1", "a")  # queued (redis-py reads its QUEUED as False)
+    stop_for(h.server)
+    with pytest.raises(redis.exceptions.TimeoutError):
+        session.set("queued-2", "b")
+    with pytest.raises(redis.exceptions.ResponseError, match="EXEC without MULTI"):
+        session.execute_command("EXEC")
+    assert h.peek("get", "queued-1") is None and h.peek("get", "queued-2") is None
+    said = [
+        dict(span.attributes or {}).get("otel_recovery.retry.disallowed")
+        for span in h.exporter.get_finished_spans()
+    ]
+    assert [why for why in said if why is not None] == ["session"]
+    session.close()
+
+
 @pytest.mark.parametrize("code", ["READONLY", "LOADING", "MASTERDOWN"])
 def test_a_script_whose_own_error_looks_like_a_refusal_is_sent_once(h: Harness, code: str) -> None:
     """A script (or function, or module command) runs the application's code, which may
