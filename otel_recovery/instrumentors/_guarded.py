@@ -28,6 +28,7 @@ from typing import Any
 from otel_recovery._engine import Action, Decision
 from otel_recovery._reraise import reraise
 from otel_recovery.classify import ErrorInfo
+from otel_recovery.instrumentors._attempt_site import is_call_limit
 from otel_recovery.instrumentors._targets import TargetPolicy
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
@@ -83,6 +84,12 @@ class _Outcome:
         self.made = first is not None
         self.raised = first is not None
         self.value: Any = first
+
+    @property
+    def __self__(self) -> Any:
+        """The site the original is a bound method of, if any: what
+        :func:`~._attempt_site.site_of` asks (an asyncpg connect's own time limit)."""
+        return getattr(self.fn, "__self__", None)
 
     def note(self, error: BaseException) -> None:
         """The driver ended an attempt with ``error`` (its own time-limit error, say)."""
@@ -242,8 +249,8 @@ class GuardedPolicy(TargetPolicy):
                 try:
                     return await super()._arecover(attempts, args, kwargs, error, started, took)
                 except Exception as problem:
-                    if attempts.delivers(problem):
-                        raise
+                    if attempts.delivers(problem) or is_call_limit(problem):
+                        raise  # the outcome, or the call's own time limit passing
                     report_internal_error(f"{self.name}: recovery", problem)
                 return attempts.deliver()
             finally:
@@ -292,6 +299,11 @@ async def _noting(attempts: AsyncAttempts, attempt: Coroutine[Any, Any, Any]) ->
 
 
 def outcome_or_refusal(attempts: _Outcome, error: BaseException) -> bool:
-    """``error`` is what the call was meant to end with: the latest attempt's outcome, or
-    the breaker's refusal of a call that was never made."""
-    return attempts.delivers(error) or (not attempts.made and isinstance(error, CircuitOpenError))
+    """``error`` is what the call was meant to end with: the latest attempt's outcome, the
+    breaker's refusal of a call that was never made, or the call's own time limit passing
+    (:func:`~._attempt_site.is_call_limit`: an asyncpg ``connect(timeout=)``)."""
+    return (
+        attempts.delivers(error)
+        or (not attempts.made and isinstance(error, CircuitOpenError))
+        or is_call_limit(error)
+    )

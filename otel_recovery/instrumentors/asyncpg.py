@@ -43,6 +43,7 @@ while the connection is being made: the wait it asked for, not each attempt's.
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import contextlib
 import contextvars
@@ -60,6 +61,7 @@ import asyncpg.prepared_stmt  # type: ignore[import-untyped]
 
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._asyncpg_closed import AsyncpgPolicy
+from otel_recovery.instrumentors._attempt_site import AttemptSite
 from otel_recovery.instrumentors._db import (
     Plan,
     PlanCache,
@@ -457,11 +459,46 @@ def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
         if plan is None:  # nothing we may name it after, or a bug of ours: as without us
             # (called outside the handler: asyncpg's errors carry no context of ours)
             return await wrapped(*args, **kwargs)
-        if kind != "acquire":
-            return await run_async(plan, wrapped, args, kwargs)
-        return await run_async(plan, _acquiring(wrapped), args, kwargs)
+        if kind == "acquire":
+            attempt, limit = _acquiring(wrapped), args[0] if args else kwargs.get("timeout")
+        else:
+            attempt, limit = wrapped, kwargs.get("timeout", _CONNECT_TIMEOUT)
+        if _is_seconds(limit):
+            attempt = _WithinTimeout(attempt, float(limit)).attempt
+        return await run_async(plan, attempt, args, kwargs)
 
     return wrapper
+
+
+_CONNECT_TIMEOUT = 60.0
+"""``asyncpg.connect``'s own default ``timeout``."""
+
+
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+class _WithinTimeout(AttemptSite):
+    """A connect or a pool acquire whose ``timeout=`` bounds the whole call, retries
+    included: asyncpg documents it as the time the call may take, and callers rely on it
+    ("this acquire gives up within a second"). Each attempt would start it afresh, so three
+    attempts took three times as long; with it as the call's limit
+    (:mod:`._attempt_site`), a retry starts only while there is time left, and the
+    recovery as a whole ends at it with asyncpg's own ``TimeoutError``."""
+
+    __slots__ = ("_call", "_limit")
+
+    def __init__(self, call: Callable[..., Any], limit: float) -> None:
+        self._call, self._limit = call, limit
+
+    async def attempt(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._call(*args, **kwargs)
+
+    def time_limit(self, args: tuple[Any, ...]) -> float | None:
+        return self._limit
+
+    def time_limit_error(self, message: str) -> BaseException:
+        return asyncio.TimeoutError(message)  # what asyncpg raises when its timeout passes
 
 
 def _acquiring(acquire: Callable[..., Any]) -> Callable[..., Any]:

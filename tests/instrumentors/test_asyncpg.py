@@ -34,6 +34,7 @@ from servers import (
     terminate_when_running,
 )
 
+from otel_recovery._clock import SYSTEM_CLOCK
 from otel_recovery._policy_core import PolicyCore
 from otel_recovery.instrumentors import _wrapping
 from otel_recovery.instrumentors import asyncpg as ours_module
@@ -762,3 +763,37 @@ async def test_statements_on_a_connection_known_closed_count_once(h: Harness) ->
         assert await other.fetchval("SELECT 6") == 6
     finally:
         await other.close()
+
+
+class SlowToRefuse(PgFront):
+    """A server starting up that takes 0.6 s to say so (57P03) on every connection."""
+
+    def _refuse(self, client: Any, target: tuple[str, int]) -> None:
+        time.sleep(0.6)
+        super()._refuse(client, target)
+
+
+@pytest.mark.parametrize("call", ["connect", "acquire"])
+async def test_a_callers_timeout_bounds_the_whole_connect_or_acquire(h: Harness, call: str) -> None:
+    """``asyncpg.connect(timeout=1)`` and ``pool.acquire(timeout=1)`` are the time the call
+    may take. Each retry started the timeout afresh: three refusals of 0.6 s each made a
+    call asked to end within 1 s take 1.9 s. Real time, and the real clock: the server's
+    slowness is the fault, and the limit is read on the policy's clock."""
+    h.instrument(clock=SYSTEM_CLOCK)
+    front = SlowToRefuse(starting_up=10)
+    h.fronts.append(front)
+    pool = None
+    started = time.monotonic()
+    try:
+        if call == "connect":
+            with pytest.raises((asyncio.TimeoutError, asyncpg.CannotConnectNowError)):
+                await asyncpg.connect(url(front.port), timeout=1.0)
+        else:
+            pool = await asyncpg.create_pool(url(front.port), min_size=0, max_size=1)
+            with pytest.raises((asyncio.TimeoutError, asyncpg.CannotConnectNowError)):
+                await pool.acquire(timeout=1.0)
+        assert time.monotonic() - started < 1.5
+        assert front.accepted == 2  # the third attempt could not have ended in time
+    finally:
+        if pool is not None:
+            pool.terminate()
