@@ -12,10 +12,13 @@ How a flight ends without a result:
 
 * a waiter cancelled is simply no longer waiting; the run goes on for the others;
 * the leader cancelled (or its loop closed with the leader unfinished, or the leader's thread
-  gone in a forked child) leaves the work undone: waiters in other loops take it over (the
-  first of them leads a new flight, the rest join it). Waiters in the leader's own loop get
-  the ``cancelled`` value instead, as they always have: a loop whose task was cancelled is
-  often a loop being shut down;
+  gone in a forked child) leaves the work undone: the waiters take it over, in any loop,
+  the leader's own included (the first of them leads a new flight, the rest join it). In a
+  single-loop server a cancelled request (its client went away) is routine, and the other
+  requests waiting on its reconnect still need one; a loop being shut down cancels its
+  waiters too, and a cancelled waiter takes nothing over;
+* the work raising in the leader: the waiters in the leader's loop get the ``cancelled``
+  value (a failure, not run again for each of them), those in other loops take it over;
 * the leader not making progress: waiters in other loops take it over the same way.
 
 A waiter in another loop never waits without bound for a leader that has stopped making
@@ -73,13 +76,25 @@ _ABANDONED = _Abandoned()
 
 
 class _Flight(Generic[T]):
-    __slots__ = ("abandoned", "loop", "outcome", "started", "thread", "waiters", "working")
+    __slots__ = (
+        "abandoned",
+        "leader_cancelled",
+        "loop",
+        "outcome",
+        "started",
+        "thread",
+        "waiters",
+        "working",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.thread = threading.get_ident()
         self.started = time.monotonic()
         self.abandoned = False
+        self.leader_cancelled = False
+        """Whether the leader's task was cancelled (not the work raising): its waiters, in
+        its own loop too, take the work over."""
         self.working = False
         """Whether the work's code is running at this moment (not waiting)."""
         self.outcome: T | _Abandoned = _ABANDONED
@@ -118,7 +133,8 @@ class SingleFlight(Generic[T]):
         self, key: Hashable, work: Callable[[], Awaitable[T]], cancelled: T, *, patience: float
     ) -> T:
         """The result of ``work()``, run once for every caller of ``key`` that arrives while
-        it runs; ``cancelled`` for callers in the leader's loop when the leader is cancelled.
+        it runs; ``cancelled`` for callers in the leader's loop when the work raised (a
+        cancelled leader's work is taken over by its waiters).
         A caller in another loop waits at most ``patience`` seconds from the leader's start
         (less if the leader stops making progress), then runs the work itself.
         ``work`` should not raise: an exception propagates to the leader only, and counts as
@@ -139,8 +155,8 @@ class SingleFlight(Generic[T]):
             outcome = await self._wait(key, flight, waiter, patience)
             if not isinstance(outcome, _Abandoned):
                 return outcome
-            if flight.loop is loop:
-                return cancelled
+            if flight.loop is loop and not flight.leader_cancelled:
+                return cancelled  # the work raised: a failure, not run once more per waiter
             # The leader will never finish: lead a new flight, or join whoever got there first.
 
     async def _lead(self, key: Hashable, flight: _Flight[T], work: Callable[[], Awaitable[T]]) -> T:
@@ -153,6 +169,9 @@ class SingleFlight(Generic[T]):
             result = await _marking_steps(flight, work)
             outcome = result
             return result
+        except asyncio.CancelledError:
+            flight.leader_cancelled = True
+            raise
         finally:
             self._finish(key, flight, outcome)
 

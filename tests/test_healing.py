@@ -429,8 +429,8 @@ def test_a_waiter_cancelled_in_its_own_loop_leaves_the_shared_reconnect_to_the_o
 
 
 def test_a_cancelled_leader_hands_the_reconnect_to_a_waiter_in_another_loop():
-    """Its own loop's joiners get "failed" as before (that loop may be shutting down); a
-    waiter in another loop does not hang, nor go without a reconnect: it takes over."""
+    """Waiters in its own loop and in another loop neither hang nor go without a reconnect:
+    one of them takes it over, the other joins that run."""
     registry = HealingRegistry()
     started = threading.Event()
     joined = threading.Barrier(2)
@@ -466,9 +466,10 @@ def test_a_cancelled_leader_hands_the_reconnect_to_a_waiter_in_another_loop():
         lambda: asyncio.run(lead_then_cancel()), join
     )
     assert leader_cancelled
-    assert same_loop.results == [HealResult("reconnect", "failed", "cancelled before it finished")]
-    assert other.results == [HealResult("reconnect", "success")]
-    assert len(runs) == 2 and runs[1] == joiner
+    assert same_loop.results == other.results == [HealResult("reconnect", "success")]
+    # the cancelled run, then one taken over: shared, or once per loop when the first
+    # takeover (instant here) was over before the other loop heard of the cancellation
+    assert len(runs) in (2, 3)
 
 
 def test_a_waiter_does_not_wait_for_a_leader_whose_loop_closed_unfinished():
@@ -693,3 +694,28 @@ def test_a_sync_reconnect_holding_its_loop_is_progress_and_keeps_its_waiters(mon
     leader, other = _in_threads(lambda: asyncio.run(_heal_db(registry)), join)
     assert len(runs) == 1
     assert leader.results == other.results == [HEALED]
+
+
+async def test_a_cancelled_leader_hands_the_reconnect_to_waiters_in_its_own_loop():
+    """One event loop (an aiohttp or FastAPI service): the request leading the reconnect is
+    cancelled (its client went away). The other requests waiting on it were told the heal
+    failed and retried through the dead connection; no reconnect ever finished."""
+    registry = HealingRegistry()
+    runs = 0
+    connected = False
+
+    async def reconnect() -> None:
+        nonlocal runs, connected
+        runs += 1
+        await asyncio.sleep(0.05)
+        connected = True
+
+    registry.register_reconnect("db", reconnect)
+    leader = asyncio.ensure_future(_heal_db(registry))
+    await asyncio.sleep(0)
+    waiters = [asyncio.ensure_future(_heal_db(registry)) for _ in range(4)]
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    reports = await asyncio.gather(*waiters)
+    assert connected and runs == 2  # the cancelled run, then one taken over and shared
+    assert {tuple(r.results) for r in reports} == {(HealResult("reconnect", "success"),)}
