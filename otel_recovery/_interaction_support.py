@@ -224,7 +224,10 @@ def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
 
 
 def accepts_one_positional(func: Callable[..., Any]) -> bool:
-    """Whether ``func(x)`` binds (``lambda state: ...`` yes, ``lambda: ...`` no)."""
+    """Whether ``func`` needs one positional argument: ``func(x)`` binds and ``func()`` does
+    not (``lambda state: ...`` yes; ``lambda: ...`` no; nor ``resume(timeout=5.0)`` or
+    ``functools.partial(cache.get, key)``, whose optional parameter would otherwise receive
+    the state or the error: ``cache.get(key, error)`` answers the error on a miss)."""
     signature = _signature(func)
     if signature is None:
         return False
@@ -232,7 +235,11 @@ def accepts_one_positional(func: Callable[..., Any]) -> bool:
         signature.bind(None)
     except TypeError:
         return False
-    return True
+    try:
+        signature.bind()
+    except TypeError:
+        return True  # a parameter that must be given: the one argument
+    return False
 
 
 def accepts_keyword(func: Callable[..., Any], name: str) -> bool:

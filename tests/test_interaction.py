@@ -782,3 +782,40 @@ async def test_idempotent_must_be_a_bool_so_a_no_is_never_read_as_yes(recovery):
             await recovery.recover_from_error(
                 ConnectionError("reset"), {"idempotent": value, "retry_func": lambda: "paid"}
             )
+
+
+async def test_an_optional_parameter_is_never_filled_with_the_state_or_the_error(recovery):
+    """Only a parameter that must be given receives the restored state (or, for a fallback,
+    the error): ``resume(timeout=5.0)`` got ``timeout=<the state>``, and
+    ``partial(cache.get, key)`` was called as ``cache.get(key, error)``, so a cache miss
+    "recovered" with the exception object as its result."""
+    import functools
+
+    recovery.create_checkpoint("job-1", {"cursor": 1200})
+    got: list[object] = []
+
+    async def resume(timeout: float = 5.0) -> str:
+        got.append(timeout)
+        return "resumed"
+
+    outcome = await recovery.recover_from_error(
+        ConnectionResetError("reset"),
+        {"service_id": "job", "checkpoint_id": "job-1", "retry_func": resume},
+    )
+    assert outcome["recovery_status"] == "success" and got == [5.0]
+
+    class BadRequest(Exception):
+        status_code = 400
+
+    cache = {"user:7": "cached"}
+    outcome = await recovery.recover_from_error(
+        BadRequest("bad request"),
+        {"service_id": "api", "fallback_func": functools.partial(cache.get, "user:7")},
+    )
+    assert outcome["result"] == "cached"
+    states: list[object] = []
+    outcome = await recovery.recover_from_error(
+        ConnectionResetError("reset"),
+        {"service_id": "job", "checkpoint_id": "job-1", "retry_func": states.append},
+    )
+    assert states == [{"cursor": 1200}]  # a required parameter still gets the state
