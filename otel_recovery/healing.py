@@ -39,7 +39,7 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -225,8 +225,19 @@ class HealingRegistry:
         # does when the owner's loop is stopped or held by other code, or after max_timeout.
         if id(action) in self._unshared:
             return await _run_one(action, healing)
+        key: tuple[Hashable, ...] = (id(action), healing.service_id)
+        own = healing.context.get("reconnect") if action is reconnect else None
+        if own is not None:
+            # The caller's own reconnect (``context["reconnect"]=conn.reconnect``): shared
+            # only with callers passing the same one. Sharing by service alone ran the first
+            # caller's and told the others their connection was reconnected.
+            try:
+                hash(own)
+            except TypeError:  # not hashable: nothing to share it by
+                return await _run_one(action, healing)
+            key = (*key, own)
         return await self._flights.run(
-            (id(action), healing.service_id),
+            key,
             lambda: _run_one(action, healing),
             HealResult(_name(action), "failed", "cancelled before it finished"),
             patience=self.max_timeout,

@@ -719,3 +719,31 @@ async def test_a_cancelled_leader_hands_the_reconnect_to_waiters_in_its_own_loop
     reports = await asyncio.gather(*waiters)
     assert connected and runs == 2  # the cancelled run, then one taken over and shared
     assert {tuple(r.results) for r in reports} == {(HealResult("reconnect", "success"),)}
+
+
+async def test_each_callers_own_reconnect_runs_for_its_own_connection():
+    """``context["reconnect"]=conn.reconnect`` names the caller's connection: concurrent
+    heals of one service with different connections ran only the first caller's, and told
+    the others theirs was reconnected. The same callback is still shared."""
+    registry = HealingRegistry()
+
+    class Connection:
+        def __init__(self) -> None:
+            self.reconnects = 0
+
+        async def reconnect(self) -> None:
+            await asyncio.sleep(0.01)
+            self.reconnects += 1
+
+    connections = [Connection() for _ in range(3)]
+    info = classify(ConnectionResetError("reset"))
+    heals = [
+        registry.heal(
+            ConnectionResetError("reset"), info, service_id="db",
+            context={"reconnect": c.reconnect},
+        )
+        for c in [*connections, connections[0]]  # the first one twice: shared
+    ]  # fmt: skip
+    reports = await asyncio.gather(*heals)
+    assert [c.reconnects for c in connections] == [1, 1, 1]
+    assert {r.results[0].outcome for r in reports} == {"success"}
