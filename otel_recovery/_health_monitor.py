@@ -104,10 +104,10 @@ class HealthMonitor:
             if check_timeout is None
             else _positive_seconds(check_timeout, "check_timeout")
         )
-        if recovery_plan is not None and not isinstance(recovery_plan, Mapping):
-            raise TypeError(
-                f"recovery_plan must map service -> RecoveryStrategy, got {recovery_plan!r}"
-            )
+        if recovery_plan is not None:
+            # checked now, as orchestrate_recovery checks it: found at the first outage, a
+            # typo would fail every recovery round, the well-planned services' too
+            orchestrator._plan(recovery_plan, [])
         self.recovery_plan = recovery_plan
         self.recovery_interval = (
             5 * self.interval
@@ -122,6 +122,12 @@ class HealthMonitor:
         self.last_recovery: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.stopped = False
+        """:meth:`stop` was called (and :meth:`start` not since): the health metric no
+        longer reports this monitor's verdicts, which no one updates any more."""
+        self._isolated: set[str] = set()
+        """Services this monitor's plan isolated (CIRCUIT_BREAK): their breakers are closed
+        again when their health check passes, since nobody else will."""
         self._sync_runs: dict[str, _SyncRun] = {}  # a sync check's latest run
         telemetry = orchestrator.interaction.telemetry
         with contextlib.suppress(Exception):  # telemetry never stops the monitor
@@ -162,6 +168,14 @@ class HealthMonitor:
         if changed:
             self._report(changed)
             for health in changed:
+                if health.healthy and health.service in self._isolated:
+                    self._isolated.discard(health.service)
+                    self.orchestrator.interaction.reset_circuit(health.service)
+                    _log.info(
+                        "otel_recovery: service %r is healthy again: its isolation "
+                        "(CIRCUIT_BREAK) is lifted",
+                        health.service,
+                    )
                 await self._tell(health)
         if self.recovery_plan is not None:
             await self._recover(now)
@@ -256,12 +270,16 @@ class HealthMonitor:
             _log.exception("otel_recovery: recovering %s after a failed health check", due)
             return
         self.last_recovery = results
+        self._isolated.update(
+            name for name, result in results.items() if result.get("status") == "isolated"
+        )
 
     # -- running --------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Check every ``interval`` seconds until :meth:`stop` (or cancellation)."""
         self._stopping = False
+        self.stopped = False
         while not self._stopping:
             try:
                 await self.check_once()
@@ -280,6 +298,7 @@ class HealthMonitor:
     async def stop(self) -> None:
         """Stop monitoring and wait for the round in progress to be cancelled."""
         self._stopping = True
+        self.stopped = True
         task, self._task = self._task, None
         if task is None or task.done():
             return

@@ -42,6 +42,7 @@ import difflib
 import graphlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from opentelemetry import trace
@@ -128,9 +129,11 @@ class RecoveryOrchestrator:
         self._services: dict[str, ServiceRegistration] = {}
 
     @property
-    def dependencies(self) -> dict[str, list[str]]:
-        """Service -> the services it needs. Assign a new mapping to replace the graph."""
-        return self._dependencies
+    def dependencies(self) -> Mapping[str, tuple[str, ...]]:
+        """Service -> the services it needs, read-only: assign a new mapping to replace the
+        graph (checked then; an item written into a live dict was not, and a string there
+        was read one letter at a time)."""
+        return MappingProxyType({k: tuple(v) for k, v in self._dependencies.items()})
 
     @dependencies.setter
     def dependencies(self, graph: Mapping[str, Iterable[str]]) -> None:

@@ -346,3 +346,57 @@ def test_a_sync_check_failing_after_its_round_gave_up_logs_nothing(caplog):
         asyncio.run(rounds())
         gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_a_plan_with_a_typo_is_refused_when_the_monitor_is_made(orchestrator):
+    """Found at the first outage, it failed every recovery round, the well-planned
+    services' too, with only an error log to say why."""
+    orchestrator.register_service("cache", health_check=Service().check)
+    with pytest.raises(ValueError, match="did you mean 'cache'"):
+        orchestrator.monitor(recovery_plan={"cahce": RecoveryAction.RETRY})
+    with pytest.raises(TypeError, match="must be a RecoveryStrategy"):
+        orchestrator.monitor(recovery_plan={"cache": "retry"})
+
+
+async def test_an_isolation_the_monitor_made_is_lifted_when_the_service_is_healthy(orchestrator):
+    """A CIRCUIT_BREAK in the monitor's plan force-opens the breaker while the service is
+    down; nobody else will reset it, so one blip isolated the service for good."""
+    payments = Service()
+    orchestrator.register_service("payments", health_check=payments.check)
+    monitor = orchestrator.monitor(
+        recovery_plan={"payments": RecoveryStrategy(RecoveryAction.CIRCUIT_BREAK)}
+    )
+    await monitor.check_once()
+    payments.up = False
+    await monitor.check_once()
+    assert monitor.last_recovery["payments"]["status"] == "isolated"
+    breaker = orchestrator.interaction.get_circuit_breaker("payments")
+    assert not breaker.can_execute()
+    payments.up = True
+    await monitor.check_once()
+    assert breaker.can_execute()
+    outcome = await orchestrator.interaction.recover_from_error(
+        ConnectionError("blip"), {"service_id": "payments", "retry_func": lambda: "paid"}
+    )
+    assert outcome["recovery_status"] == "success"
+
+
+async def test_a_stopped_monitor_no_longer_reports_its_stale_verdicts(
+    orchestrator, recovery_telemetry
+):
+    """Its last "up" hid a live monitor's "down" for the same service (the SDK keeps one
+    point per series): an alert on down would not fire."""
+    old_view, new_view = Service(), Service(up=False)
+    orchestrator.register_service("stale-db", health_check=old_view.check)
+    old = orchestrator.monitor(interval=10)
+    await old.check_once()
+    old.start()
+    await old.stop()
+
+    other = RecoveryOrchestrator(orchestrator.interaction)
+    other.register_service("stale-db", health_check=new_view.check)
+    live = other.monitor(interval=10)
+    await live.check_once()
+    found = recovery_telemetry.metric_points("otel_recovery.service.health")
+    assert [v for p, v in found if p["otel_recovery.service.id"] == "stale-db"] == [0]
+    assert old.stopped and not live.stopped

@@ -76,7 +76,17 @@ def test_dependencies_are_validated_on_assignment(orchestrator):
     with pytest.raises(TypeError):
         orchestrator.dependencies = ["api"]  # type: ignore[assignment]
     orchestrator.dependencies = {"x": ("y",)}
-    assert orchestrator.dependencies == {"x": ["y"]}
+    assert orchestrator.dependencies == {"x": ("y",)}
+
+
+def test_the_dependency_graph_read_back_cannot_be_changed_in_place(orchestrator):
+    """An item written into the live dict skipped the checks: ``deps["api"] = "database"``
+    was read one letter at a time, and ``api`` recovered alongside ``database``."""
+    orchestrator.dependencies = {"api": ["database"]}
+    graph = orchestrator.dependencies
+    with pytest.raises(TypeError):
+        graph["api"] = "database"  # type: ignore[index]
+    assert orchestrator.recovery_order(["api", "database"]) == [["database"], ["api"]]
 
 
 async def test_services_recover_in_dependency_order(orchestrator, fake_clock):

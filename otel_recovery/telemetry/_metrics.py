@@ -149,12 +149,19 @@ class RecoveryMetrics:
             self._monitors.add(monitor)
 
     def _observe_health(self, options: CallbackOptions) -> Iterable[Observation]:
+        """One point per service: a stopped monitor says nothing (its verdict is stale), and
+        where two monitors watch one service, down wins (the SDK would keep either)."""
         with self._lock:
             monitors: list[HealthSource] = list(self._monitors)
+        verdicts: dict[str, int] = {}
         for monitor in monitors:
+            if getattr(monitor, "stopped", False) is True:
+                continue
             for name, health in monitor.status.items():
                 if health.healthy is not None:
-                    yield Observation(int(health.healthy), {names.SERVICE_ID: name})
+                    verdicts[name] = min(verdicts.get(name, 1), int(health.healthy))
+        for name, verdict in verdicts.items():
+            yield Observation(verdict, {names.SERVICE_ID: name})
 
     def _tracked(self) -> list[CircuitBreaker]:
         with self._lock:
