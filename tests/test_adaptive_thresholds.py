@@ -296,3 +296,30 @@ def test_ticks_stop_when_detached_and_a_failing_ticker_is_logged(fake_clock, cap
     assert any("tick subscriber" in m for m in caplog.messages)
     stop()
     bus.tick()
+
+
+def test_signals_must_name_anomaly_signals():
+    """``signals="error_rate"`` became the set of its letters, and a misspelt name matched
+    nothing: either way, nothing was ever tightened."""
+    with pytest.raises(TypeError, match="signals must be a set of signal names"):
+        Tightening(signals="error_rate")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'errors'.*'calls', 'error_rate', 'latency'"):
+        Tightening(signals=frozenset({"errors"}))
+    assert Tightening(signals={"calls"}).signals == frozenset({"calls"})  # type: ignore[arg-type]
+
+
+def test_a_raising_predicate_leaves_the_other_registrations_working(fake_clock, caplog):
+    bus = AnomalyBus()
+    adaptive = AdaptiveThresholds(bus, clock=fake_clock)
+    budget = RetryBudget(ratio=0.2, min_per_second=10.0, name="payments", clock=fake_clock)
+
+    def broken(key: SeriesKey) -> bool:
+        raise IndexError("a bug in the application's predicate")
+
+    adaptive.register(broken, budget=RetryBudget(ratio=0.2, clock=fake_clock))
+    adaptive.register(PAYMENTS, budget=budget)
+    bus.publish(event())
+    assert budget.ratio == pytest.approx(0.02)
+    bus.publish(event(active=False))
+    assert budget.ratio == pytest.approx(0.2)
+    assert caplog.text.count("AdaptiveThresholds predicate raised") == 1

@@ -545,3 +545,21 @@ def test_slower_calls_are_a_latency_anomaly_and_faster_ones_are_not(
     assert [e.signal for e in events if e.active] == expected
     if expected:
         assert events[0].value > 10 * events[0].expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("max_series", float("nan"), "max_series must be an int >= 1"),
+        ("max_series", "1000", "max_series must be an int >= 1"),
+        ("confirm", 1.5, "confirm must be an int >= 1"),
+        ("confirm", True, "confirm must be an int >= 1"),
+        ("threshold", "0.6", "threshold must be a number in"),
+        ("release", float("nan"), "need 0 <= release <= threshold <= 1"),
+    ],
+)
+def test_processor_settings_of_the_wrong_kind_are_refused_naming_them(setting, value, message):
+    """``max_series=nan`` left the number of series unbounded; a string failed with a
+    comparison error that named nothing."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        AnomalySpanProcessor(start_worker=False, **{setting: value})

@@ -107,6 +107,26 @@ def test_advisor_with_a_call_counter_caps_retries_against_real_traffic():
     assert explained["caps"]["retry_ratio_applies"] is True
 
 
+@pytest.mark.parametrize("kind", ["float", "numpy"])
+def test_a_count_kept_in_a_float_or_a_numpy_integer_still_caps_retries(kind):
+    """A counter answering ``1000.0`` or ``numpy.int64(1000)`` switched the retry-ratio cap
+    off without a word."""
+    import numpy as np
+
+    clock = FakeClock()
+    caps = HardCaps(retry_ratio=0.05, min_retries_per_second=0.0)
+    learner = StrategyLearner(clock=clock, rng=random.Random(0), caps=caps)
+    budget = RetryBudget(ratio=1.0, clock=clock)
+    convert = float if kind == "float" else np.int64
+    _busy_dependency(
+        clock, learner, calls=5_000, blip_rate=0.10, budget=budget,
+        advisor_calls=lambda: convert(budget.total_calls),
+    )  # fmt: skip
+    assert budget.snapshot().total_retries <= 0.05 * 5_000 + 5
+    explained = learner.explain(DecisionKey("api:443", "x", "transient"))
+    assert explained["caps"]["retry_ratio_applies"] is True
+
+
 def test_advisor_call_counter_is_checked():
     with pytest.raises(TypeError, match="calls must be a function"):
         LearnedRetryAdvisor(StrategyLearner(), service="s", calls=5)  # type: ignore[arg-type]

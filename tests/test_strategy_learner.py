@@ -390,3 +390,16 @@ async def test_shadow_learner_reports_but_the_rule_runs(fake_clock):
         "retry",
         "fail_fast",
     }
+
+
+def test_a_store_caps_or_reward_of_the_wrong_type_is_refused_naming_the_setting():
+    """A URL as the store was accepted; its errors read like a store outage in the log and
+    nothing was ever saved. ``caps={...}`` failed with an AttributeError about ``window``."""
+    with pytest.raises(
+        TypeError, match=r"store must be a LearnerStore.*CheckpointLearnerStore\('sqlite"
+    ):
+        StrategyLearner(store="sqlite:///learner.db")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="caps must be a HardCaps"):
+        StrategyLearner(caps={"max_retries": 2})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="reward must be a RewardWeights"):
+        StrategyLearner(reward=1.0)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from otel_recovery._forksafe import new_lock
 
-__all__ = ["AnomalyBus", "AnomalyEvent", "SeriesKey"]
+__all__ = ["SIGNALS", "AnomalyBus", "AnomalyEvent", "SeriesKey"]
 
 _log = logging.getLogger("otel_recovery")
 
@@ -26,6 +26,10 @@ class SeriesKey:
     service: str
     server_address: str
     operation: str
+
+
+SIGNALS = frozenset({"error_rate", "latency", "calls"})
+"""The signals an anomaly event names (:attr:`AnomalyEvent.signal`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,10 +128,22 @@ class AnomalySpanProcessor(SpanProcessor):
         self._bucket = to_seconds(bucket, "bucket")
         if self._bucket <= 0:
             raise ValueError("bucket must be > 0 seconds")
-        if max_series < 1 or max_pending < 1 or confirm < 1 or recover < 1:
-            raise ValueError("max_series, max_pending, confirm and recover must be >= 1")
-        if not 0.0 <= release <= threshold <= 1.0:
-            raise ValueError("need 0 <= release <= threshold <= 1")
+        for setting, value in (
+            ("max_series", max_series),
+            ("max_pending", max_pending),
+            ("confirm", confirm),
+            ("recover", recover),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{setting} must be an int >= 1, got {value!r}")
+        for setting, number in (("threshold", threshold), ("release", release)):
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise TypeError(f"{setting} must be a number in [0, 1], got {number!r}")
+        if not 0.0 <= release <= threshold <= 1.0:  # NaN fails this too
+            raise ValueError(
+                f"need 0 <= release <= threshold <= 1, got release={release!r}, "
+                f"threshold={threshold!r}"
+            )
         self._grace = to_seconds(grace, "grace")
         self._reconfirm = to_seconds(reconfirm, "reconfirm", allow_inf=True)
         self._interval = to_seconds(flush_interval, "flush_interval")

@@ -34,14 +34,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
+from otel_recovery._first_times import FirstTimes
 from otel_recovery._forksafe import new_lock
-from otel_recovery.learning._events import AnomalyBus, AnomalyEvent, SeriesKey
+from otel_recovery.learning._events import SIGNALS, AnomalyBus, AnomalyEvent, SeriesKey
 from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
 __all__ = ["AdaptiveThresholds", "Tightening"]
 
 _log = logging.getLogger("otel_recovery")
+_reported_matchers = FirstTimes()
 
 Matcher = Callable[[SeriesKey], bool]
 
@@ -80,7 +82,19 @@ class Tightening:
     def __post_init__(self) -> None:
         for name in ("failure_threshold", "failure_rate", "budget_ratio", "budget_floor"):
             object.__setattr__(self, name, _factor(getattr(self, name), name))
-        object.__setattr__(self, "signals", frozenset(self.signals))
+        if isinstance(self.signals, (str, bytes)):  # frozenset("latency"): its letters
+            raise TypeError(
+                f"signals must be a set of signal names such as {{'error_rate'}}, got "
+                f"{self.signals!r}"
+            )
+        signals = frozenset(self.signals)
+        unknown = sorted(map(str, signals - SIGNALS))
+        if unknown:
+            raise ValueError(
+                f"signals names {', '.join(map(repr, unknown))}; the anomaly signals are "
+                f"{', '.join(map(repr, sorted(SIGNALS)))}"
+            )
+        object.__setattr__(self, "signals", signals)
         if not 0.0 <= self.min_score <= 1.0:
             raise ValueError(f"min_score must be in [0, 1], got {self.min_score!r}")
 
@@ -246,7 +260,17 @@ class AdaptiveThresholds:
             if now >= self._next_expiry:
                 self._expire(now)
             for matcher, components in self._registrations:
-                if not matcher(event.key):
+                try:
+                    matched = matcher(event.key)
+                except Exception:  # one registration's bug must not stop the others
+                    if _reported_matchers.first(id(matcher)):
+                        _log.exception(
+                            "otel_recovery: an AdaptiveThresholds predicate raised on %r; "
+                            "that registration ignores the event (logged once per predicate)",
+                            event.key,
+                        )
+                    continue
+                if not matched:
                     continue
                 for component in components:
                     self._apply(component, event, now)

@@ -24,9 +24,11 @@ advisor adds the calls made since the previous one.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from otel_recovery._first_times import FirstTimes
 from otel_recovery._forksafe import new_lock
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.learning._decisions import DecisionKey, Recommendation
@@ -36,6 +38,7 @@ __all__ = ["LearnedAdvice", "LearnedRetryAdvisor"]
 
 _ARMS = {"give_up": 0, "retry": 1}
 _log = logging.getLogger("otel_recovery")
+_reported_counters = FirstTimes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +87,25 @@ class LearnedRetryAdvisor:
         try:
             total = source()
         except Exception:
-            _log.exception("call counter %r of retry advisor %r failed", source, self)
+            if _reported_counters.first(id(source)):
+                _log.exception(
+                    "call counter %r of retry advisor %r failed (logged once per counter); "
+                    "the retry-ratio cap waits for it to answer",
+                    source, self,
+                )  # fmt: skip
             return None
+        answered: object = total
+        if isinstance(answered, numbers.Integral) and not isinstance(answered, bool):
+            total = int(answered)  # a numpy integer, say
+        elif isinstance(answered, float) and answered.is_integer():
+            total = int(answered)  # a count kept in a float
         if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            if _reported_counters.first(("value", id(source))):
+                _log.warning(
+                    "call counter %r of retry advisor %r answered %r, not a count of calls; "
+                    "the retry-ratio cap does not apply until it does (logged once)",
+                    source, self, total,
+                )  # fmt: skip
             return None
         return total
 

@@ -136,6 +136,22 @@ class StrategyLearner:
         save_interval: Duration = 30.0,
     ) -> None:
         self.clock: Clock = clock_or_default(clock)
+        for setting, value, kind, example in (
+            ("caps", caps, HardCaps, "HardCaps(max_retries=2)"),
+            ("reward", reward, RewardWeights, "RewardWeights()"),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(
+                    f"{setting} must be a {kind.__name__} such as {example}, got {value!r}"
+                )
+        if store is not None and not isinstance(store, LearnerStore):
+            how = (
+                f"CheckpointLearnerStore({store!r})" if isinstance(store, str)
+                else "CheckpointLearnerStore(url) or MemoryLearnerStore()"
+            )  # fmt: skip
+            raise TypeError(
+                f"store must be a LearnerStore (load() and save()), such as {how}; got {store!r}"
+            )
         self.caps = caps if caps is not None else HardCaps()
         self.reward = reward if reward is not None else RewardWeights()
         self._tau = to_seconds(self.caps.window, "caps.window")
