@@ -344,7 +344,9 @@ async def rollback(
     total = len(saga)
     ran_here = True
     try:
-        with trace.use_span(span, end_on_exit=False):
+        with trace.use_span(
+            span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        ):
             failures = await saga.acompensate()
     except CompensationInProgressError:
         ran_here = False

@@ -69,7 +69,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from otel_recovery._clock import Clock, Duration, clock_or_default
+from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._config import SWITCHES
 from otel_recovery._forksafe import new_lock
 from otel_recovery._interaction_support import (
@@ -360,6 +360,11 @@ class ErrorRecoveryInteraction:
             ctx, "fallback_func"
         )
         repeatable = idempotent(ctx)
+        optional_callable(ctx, "reconnect")  # refused here, not a failed heal later
+        if ctx.get("timeout") is not None:  # handed to retry_func(timeout=...) as given
+            timeout = to_seconds(ctx["timeout"], "context['timeout']")
+            if timeout <= 0:
+                raise ValueError(f"context['timeout'] must be > 0 seconds, got {ctx['timeout']!r}")
         info = self.classifier.classify(error, classification_context(ctx))
         breaker = self.get_circuit_breaker(service_id)
         selection = select_action(

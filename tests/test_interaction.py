@@ -819,3 +819,61 @@ async def test_an_optional_parameter_is_never_filled_with_the_state_or_the_error
         {"service_id": "job", "checkpoint_id": "job-1", "retry_func": states.append},
     )
     assert states == [{"cursor": 1200}]  # a required parameter still gets the state
+
+
+async def test_a_rollback_that_lost_the_race_records_no_internal_exception(
+    recovery_telemetry, fake_clock
+):
+    """A second rollback of the same stack while the first runs is refused (nothing runs
+    twice); that control flow showed up on its span as an ``exception`` event of our
+    internal ``CompensationInProgressError``."""
+    recovery = ErrorRecoveryInteraction(clock=fake_clock)  # on the captured telemetry
+    gate = asyncio.Event()
+
+    async def slow_undo() -> None:
+        await gate.wait()
+
+    undos = [slow_undo]
+    strategy = RecoveryStrategy(RecoveryAction.TRANSACTION_ROLLBACK)
+    first = asyncio.ensure_future(
+        recovery.recover_from_error(
+            RuntimeError("x"), {"service_id": "s", "strategy": strategy, "compensations": undos}
+        )
+    )
+    await asyncio.sleep(0.01)  # the first has claimed the stack and waits in its undo
+    second = await recovery.recover_from_error(
+        RuntimeError("x"), {"service_id": "t", "strategy": strategy, "compensations": undos}
+    )
+    gate.set()
+    assert (await first)["recovery_status"] == "success"
+    assert second["recovery_status"] == "failed"
+    events = [
+        e.attributes.get("exception.type")
+        for s in recovery_telemetry.spans()
+        for e in s.events
+        if e.name == "exception"
+    ]
+    assert recovery_telemetry.spans()  # the spans were captured
+    assert not [t for t in events if "CompensationInProgressError" in str(t)]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error", "message"),
+    [
+        ("timeout", "5s", TypeError, r"context\['timeout'\] must be a number of seconds"),
+        ("timeout", -3, ValueError, r"context\['timeout'\] must be >= 0 seconds"),
+        ("timeout", 0, ValueError, r"context\['timeout'\] must be > 0 seconds"),
+        ("reconnect", "yes", TypeError, r"context\['reconnect'\] must be callable"),
+    ],
+)
+async def test_a_timeout_or_reconnect_of_the_wrong_kind_is_refused(
+    recovery, key, value, error, message
+):
+    """Both were only a failed heal, and ``retry_func(timeout="5s")`` was called all the
+    same, three times."""
+    calls: list[object] = []
+    with pytest.raises(error, match=message):
+        await recovery.recover_from_error(
+            TimeoutError("slow"), {key: value, "retry_func": lambda **kw: calls.append(kw)}
+        )
+    assert calls == []
