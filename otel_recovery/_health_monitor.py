@@ -262,17 +262,46 @@ class HealthMonitor:
         ]
         if not due:
             return
+        # A dependency known to be down but not due (recovered a moment ago, in vain) is not
+        # among the services orchestrate_recovery is given, so it would not know to skip
+        # what needs it: said here, and such a service is looked at again next round.
+        down = {name for name, health in self._health.items() if health.healthy is False}
+        waiting: dict[str, dict[str, Any]] = {}
+        for name in due:
+            blocked = sorted(d for d in self._needs(name) if d in down and d not in due)
+            if blocked:
+                listed = ", ".join(map(repr, blocked))
+                waiting[name] = {
+                    "service": name,
+                    "status": "skipped",
+                    "reason": f"dependency {listed} is down",
+                }
+        due = [name for name in due if name not in waiting]
         for name in due:
             self._health[name] = replace(self._health[name], last_recovery_at=now)
-        try:
-            results = await self.orchestrator.orchestrate_recovery(due, self.recovery_plan)
-        except Exception:
-            _log.exception("otel_recovery: recovering %s after a failed health check", due)
-            return
-        self.last_recovery = results
+        results: dict[str, dict[str, Any]] = {}
+        if due:
+            try:
+                results = await self.orchestrator.orchestrate_recovery(due, self.recovery_plan)
+            except Exception:
+                _log.exception("otel_recovery: recovering %s after a failed health check", due)
+                return
+        self.last_recovery = {**results, **waiting}
         self._isolated.update(
             name for name, result in results.items() if result.get("status") == "isolated"
         )
+
+    def _needs(self, name: str) -> set[str]:
+        """Every service ``name`` needs, directly or through others."""
+        graph = self.orchestrator.dependencies
+        found: set[str] = set()
+        stack = [name]
+        while stack:
+            for needed in graph.get(stack.pop(), ()):
+                if needed not in found:
+                    found.add(needed)
+                    stack.append(needed)
+        return found
 
     # -- running --------------------------------------------------------------------------------
 

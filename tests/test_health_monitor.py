@@ -400,3 +400,37 @@ async def test_a_stopped_monitor_no_longer_reports_its_stale_verdicts(
     found = recovery_telemetry.metric_points("otel_recovery.service.health")
     assert [v for p, v in found if p["otel_recovery.service.id"] == "stale-db"] == [0]
     assert old.stopped and not live.stopped
+
+
+async def test_a_service_whose_dependency_is_known_down_waits_for_it(orchestrator, fake_clock):
+    """The database went down and its recovery failed; the api went down a round later,
+    while the database was not due again. Given only the api, the orchestration did not
+    know its dependency was down, and recovered it against a dead database."""
+    db, api = Service(), Service()
+    db_attempts: list[float] = []
+
+    def db_fails() -> None:
+        db_attempts.append(fake_clock.now())
+        raise ConnectionError("still down")
+
+    orchestrator.dependencies = {"api": ["database"]}
+    orchestrator.register_service("database", health_check=db.check, recover=db_fails)
+    orchestrator.register_service("api", health_check=api.check, recover=api.recover)
+    plan = {
+        "database": RecoveryStrategy(RecoveryAction.RETRY, max_attempts=1),
+        "api": RecoveryStrategy(RecoveryAction.SELF_HEAL),
+    }
+    monitor = orchestrator.monitor(interval=10, recovery_plan=plan, recovery_interval=60)
+    await monitor.check_once()
+    db.up = False
+    await monitor.check_once()  # the database's recovery fails
+    fake_clock.advance(10)
+    api.up = False
+    await monitor.check_once()  # the database is not due again yet
+    assert api.recoveries == 0
+    assert monitor.last_recovery["api"] == {
+        "service": "api", "status": "skipped", "reason": "dependency 'database' is down",
+    }  # fmt: skip
+    db.up = True
+    await monitor.check_once()  # the database is back: the api is recovered now
+    assert api.recoveries == 1 and len(db_attempts) == 1
