@@ -60,6 +60,7 @@ from otel_recovery._interaction_support import (
     start_span,
     tracer_of,
 )
+from otel_recovery._single_flight import SingleFlight
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.interaction import ErrorRecoveryInteraction
 from otel_recovery.policies import CircuitOpenError, Fallback, FixedBackoff, Retry
@@ -127,6 +128,9 @@ class RecoveryOrchestrator:
         self.clock: Clock = clock or self.interaction.clock
         self._dependencies: dict[str, list[str]] = {}
         self._services: dict[str, ServiceRegistration] = {}
+        self._running: SingleFlight[dict[str, Any]] = SingleFlight()
+        """One remediation per service at a time: overlapping orchestrations (a health
+        monitor's round and an operator's call) share the one in progress."""
 
     @property
     def dependencies(self) -> Mapping[str, tuple[str, ...]]:
@@ -302,13 +306,23 @@ class RecoveryOrchestrator:
             listed = ", ".join(f"{d!r} ({results[d]['status']})" for d in blocked)
             outcome.update(status="skipped", reason=f"dependency {listed} did not recover")
         else:
-            try:
-                outcome.update(await self._apply(name, strategy))
-            except Exception as exc:  # a corrupt checkpoint, a store down, a raising plan
-                # One service's failure is its result: raised, it left the gather's other
-                # recoveries running unawaited and skipped every later layer.
-                reason = f"{action.value} raised {type(exc).__name__}"
-                outcome.update(status="failed", reason=reason, error=describe(exc))
+
+            async def remediate() -> dict[str, Any]:
+                try:
+                    return await self._apply(name, strategy)
+                except Exception as exc:  # a corrupt checkpoint, a store down, a raising plan
+                    # One service's failure is its result: raised, it left the gather's
+                    # other recoveries running unawaited and skipped every later layer.
+                    reason = f"{action.value} raised {type(exc).__name__}"
+                    return {"status": "failed", "reason": reason, "error": describe(exc)}
+
+            shared = await self._running.run(
+                name,
+                remediate,
+                {"status": "failed", "reason": "cancelled before it finished"},
+                patience=_REMEDIATION_PATIENCE,
+            )
+            outcome.update(dict(shared))  # each caller's own copy of the shared result
         outcome["recovery_time"] = max(0.0, self.clock.now() - started)
         return outcome
 
@@ -490,6 +504,11 @@ def _unique(names: Iterable[str]) -> list[str]:
     if isinstance(names, str):
         raise TypeError("failed_services must be a list of names, not a single string")
     return list(dict.fromkeys(_name(n) for n in names))
+
+
+_REMEDIATION_PATIENCE = 300.0
+"""Seconds a caller in another event loop waits for a running remediation of the same
+service before it runs one itself (a restart may take minutes; see ``_single_flight``)."""
 
 
 def _strategy(name: str, value: object) -> RecoveryStrategy:

@@ -336,3 +336,27 @@ async def test_a_corrupt_checkpoint_fails_its_service_not_the_orchestration(orch
     assert "checkpoint 'database' version 1 is corrupt" in database["error"]
     assert results["cache"]["status"] == "success" and recorder.log == ["cache"]
     assert results["api"]["status"] == "skipped"  # its dependency is still down
+
+
+async def test_overlapping_orchestrations_share_one_remediation_per_service(orchestrator):
+    """A monitor's round and an operator's call at once: the service's restart ran once
+    per orchestration, concurrently, where healing already shared one reconnect."""
+    running = peak = runs = 0
+
+    async def restart() -> str:
+        nonlocal running, peak, runs
+        runs += 1
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return "restarted"
+
+    orchestrator.register_service("database", recover=restart)
+    plan = {"database": RecoveryStrategy(RecoveryAction.SELF_HEAL)}
+    results = await asyncio.gather(
+        *(orchestrator.orchestrate_recovery(["database"], plan) for _ in range(3))
+    )
+    assert [r["database"]["status"] for r in results] == ["success"] * 3
+    assert (runs, peak) == (1, 1)
+    assert len({id(r["database"]) for r in results}) == 3  # each caller's own result
