@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -563,3 +564,26 @@ def test_processor_settings_of_the_wrong_kind_are_refused_naming_them(setting, v
     comparison error that named nothing."""
     with pytest.raises((TypeError, ValueError), match=message):
         AnomalySpanProcessor(start_worker=False, **{setting: value})
+
+
+def test_series_made_together_refit_at_different_times(monkeypatch):
+    """Detectors made together and fed every bucket came due for their refits in the same
+    bucket (32, 64, 128, 256, then every 360 points), so one processing pass ran every
+    series' fit: seconds of stall for a hundred series, spans dropped meanwhile."""
+    from otel_recovery.learning import _detector
+
+    fitted_at: Counter[int] = Counter()
+    refit = _detector.StreamingDetector._refit
+
+    def counting(self):  # type: ignore[no-untyped-def]
+        fitted_at[self._count] += 1
+        refit(self)
+
+    monkeypatch.setattr(_detector.StreamingDetector, "_refit", counting)
+    processor = AnomalySpanProcessor(start_worker=False)
+    detectors = [processor._detector_factory() for _ in range(16)]
+    for step in range(300):  # every series called in every bucket, from the same start
+        for detector in detectors:
+            detector.update(10.0 + (step % 3), 1_700_000_000.0 + 10 * step)
+    assert sum(fitted_at.values()) >= 16 * 3
+    assert max(fitted_at.values()) <= 2  # at most two series fit in any one bucket

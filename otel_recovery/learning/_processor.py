@@ -44,6 +44,7 @@ tightenings nobody reconfirmed (``max_tightened``) without a call on any request
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -51,6 +52,7 @@ import time
 import types
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry.context import Context
@@ -166,8 +168,15 @@ class AnomalySpanProcessor(SpanProcessor):
         if detector_factory is None:
             from otel_recovery.learning.anomaly import AnomalyDetector
 
+            made = itertools.count()
+
             def detector_factory() -> StreamingDetector:
-                return AnomalyDetector(SERIES_DETECTOR_CONFIG)
+                # Staggered: series made together (one service's dependencies at start-up,
+                # all called every bucket) would otherwise refit in the same bucket, every
+                # fit in one process() pass; a first fit 32 to 63 points in keeps each
+                # detector's schedule (doubling, then every refit_every) apart.
+                first = SERIES_DETECTOR_CONFIG.first_fit + (next(made) * 7) % 32
+                return AnomalyDetector(replace(SERIES_DETECTOR_CONFIG, first_fit=first))
 
         self._detector_factory = detector_factory
         self._error_factory = error_rate_factory or ErrorRateDetector
