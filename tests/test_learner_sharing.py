@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -409,3 +410,49 @@ def test_a_save_that_raised_and_did_not_land_is_owed_again_after_another_replica
     other.flush()  # the store's snapshot moves on meanwhile
     learner.flush()
     assert sorted(store.load()["delays"]["db"]) == [0.5, 0.75, 1.0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("stored_before", [False, True])
+def test_a_forked_worker_never_saves_what_its_parent_still_owes(tmp_path, stored_before):
+    """A pre-fork server: the parent learned 10 outcomes and 10 recovery times it had not
+    saved, then forked. The child's copy of its state holds them too; saving it for a
+    context the store lacked, the child wrote them, and the parent's own save added them
+    again: 21 where 11 were learned."""
+    url = f"sqlite:///{tmp_path / 'learner.db'}"
+    key = DecisionKey("svc", "fp", "transient")
+
+    def learner() -> StrategyLearner:
+        return StrategyLearner(
+            store=CheckpointLearnerStore(url, name="f"),
+            half_life=float("inf"), max_weight=float("inf"), save_interval=float("inf"),
+        )  # fmt: skip
+
+    parent = learner()
+    if stored_before:  # the store already holds another context: the snapshot is not empty
+        parent.observe(DecisionKey("other", "fp", "transient"), "retry", success=True,
+                       retries=1, recovery_time=0.1)  # fmt: skip
+        parent.flush()
+    for _ in range(10):
+        parent.observe(key, "retry", success=True, retries=1, recovery_time=0.1)
+        parent.observe_recovery("svc", 0.5)
+    child = os.fork()
+    if child == 0:  # the worker: learn one more of each, save, and leave
+        try:
+            parent.observe(key, "retry", success=True, retries=1, recovery_time=0.1)
+            parent.observe_recovery("svc", 0.5)
+            parent.flush()
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    parent.flush()
+    snapshot = CheckpointLearnerStore(url, name="f").load()
+    assert snapshot is not None
+    weights = [
+        arm[0]
+        for context in snapshot["contexts"]
+        if context["scope"] == "svc" and context["key"] == "fingerprint:fp"
+        for arm in context["arms"].values()
+    ]
+    assert weights == [11.0]
+    assert len(snapshot["delays"]["svc"]) == 11

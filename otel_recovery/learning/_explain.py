@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from otel_recovery.learning.strategy import StrategyLearner
 
 __all__ = [
+    "Foreign",
     "Merged",
     "NewerSnapshotError",
     "Pending",
@@ -350,6 +351,7 @@ def merge_snapshot(
     max_weight: float,
     delay_size: int,
     limit: int,
+    foreign: Foreign | None = None,
 ) -> Merged:
     """What to save, given the store's snapshot ``shared``, this learner's state ``local``
     and the evidence it gathered since its last save ``pending``.
@@ -368,6 +370,8 @@ def merge_snapshot(
     replica wrote); any other unreadable one is replaced.
     """
     contexts, delays = local
+    if foreign is not None:  # see Foreign: those entries are not this learner's to write
+        contexts, delays = _without(contexts, delays, foreign)
     theirs: tuple[Contexts, Delays] | None = None
     if isinstance(shared, Mapping) and not (
         shared.get("writer") == writer and shared.get("seq") == seq
@@ -378,6 +382,8 @@ def merge_snapshot(
             raise
         except ValueError:
             theirs = None  # unreadable: replaced by this learner's state
+    if theirs is None and foreign is not None:
+        theirs = (OrderedDict(), OrderedDict())  # this learner's own evidence only, adopted
     if theirs is not None:
         contexts = _merge_contexts(theirs[0], contexts, pending, now, half_life, max_weight)
         delays = _merge_delays(theirs[1], delays, pending, delay_size)
@@ -387,6 +393,22 @@ def merge_snapshot(
     snapshot["writer"] = writer
     snapshot["seq"] = seq + 1
     return Merged(contexts, delays, snapshot, theirs is not None)
+
+
+Foreign = tuple[frozenset[tuple[Level, str]], frozenset[str]]
+"""The (context, arm) pairs and delay services whose local entries hold evidence another
+writer owes the store: a forked child's copy of what its parent learned and had not saved
+yet (the parent saves it). Written by the child too, it was counted twice."""
+
+
+def _without(contexts: Contexts, delays: Delays, foreign: Foreign) -> tuple[Contexts, Delays]:
+    arms, services = foreign
+    kept: Contexts = OrderedDict()
+    for level, stats in contexts.items():
+        mine = {arm: entry for arm, entry in stats.items() if (level, arm) not in arms}
+        if mine:
+            kept[level] = mine
+    return kept, OrderedDict((k, v) for k, v in delays.items() if k not in services)
 
 
 def _merge_contexts(

@@ -71,6 +71,7 @@ from otel_recovery.learning._decisions import (
     validated_arms,
 )
 from otel_recovery.learning._explain import (
+    Foreign,
     Merged,
     NewerSnapshotError,
     Pending,
@@ -203,6 +204,7 @@ class StrategyLearner:
         self._seq = 0
         self._sync_lock = new_lock()
         self._unsure: tuple[int, Pending] | None = None  # a save that raised: did it land?
+        self._foreign: Foreign | None = None  # a forked child's copy of its parent's debt
         self._reported: set[str] = set()
         if store is not None:
             _WITH_STORES.add(self)
@@ -220,6 +222,11 @@ class StrategyLearner:
         """A forked child (a pre-fork server's worker) is a new writer: it owes the store
         nothing of what its parent learned (the parent does), and sharing the parent's writer
         id and sequence number would make one's save look like the other's own."""
+        parents = self._pending
+        self._foreign = (
+            frozenset((level, arm) for level, arms in parents.contexts.items() for arm in arms),
+            frozenset(parents.delays),
+        ) if parents else None  # fmt: skip
         self._pending = Pending()
         self._unsure = None
         self._writer = uuid.uuid4().hex
@@ -616,6 +623,7 @@ class StrategyLearner:
             fresh, self._pending = self._pending, Pending()
             local = copy_state(self._contexts, self._delays, self._delay_size)
             seq = self._seq
+            foreign = self._foreign
         unsure = self._unsure  # guarded by _sync_lock, which every caller holds
         sent: list[tuple[Merged, int, Pending]] = []  # the last merge: what, after, owing
         max_bytes = getattr(store, "max_bytes", None)
@@ -648,6 +656,7 @@ class StrategyLearner:
                 max_weight=self.max_weight,
                 delay_size=self._delay_size,
                 limit=self._max_contexts,
+                foreign=foreign,
             )
             sent[:] = [(merged, base, evidence)]
             return fit_snapshot(merged.snapshot, max_bytes)
@@ -681,6 +690,8 @@ class StrategyLearner:
             self._unsure = None
             if merged.replaced:
                 self._adopt(merged)
+            if foreign is not None and merged.replaced:
+                self._foreign = None  # the local state is the store's now
 
     def _adopt(self, merged: Merged) -> None:
         """Learn on the merged state, plus what was learned while it was being saved."""
