@@ -587,3 +587,25 @@ def test_series_made_together_refit_at_different_times(monkeypatch):
             detector.update(10.0 + (step % 3), 1_700_000_000.0 + 10 * step)
     assert sum(fitted_at.values()) >= 16 * 3
     assert max(fitted_at.values()) <= 2  # at most two series fit in any one bucket
+
+
+def test_a_flat_series_takes_a_call_more_or_a_tiny_latency_change_in_its_stride():
+    """Until a series varied, its expected spread was a millionth of its level: one call
+    ending just past a bucket boundary (11 where 10 always came) read as an anomaly, and
+    so did a 0.01 % latency change, which tightened breakers and budgets. Real changes
+    still stand out."""
+    processor = AnomalySpanProcessor(start_worker=False)
+    at = 1_700_000_000.0
+
+    def scores(make, flat: float, then: list[float]) -> list[float]:
+        detector = make()
+        for step in range(400):
+            detector.update(flat, at + 10 * step)
+        return [detector.update(value, at + 10 * (400 + i)) for i, value in enumerate(then)]
+
+    calls = scores(processor._calls_factory, 10.0, [11.0, 10.0, 9.0, 10.0])
+    assert max(calls) < 0.5, calls
+    assert scores(processor._calls_factory, 10.0, [40.0])[0] >= 0.6
+    latency = scores(processor._detector_factory, math.log(0.02), [math.log(0.020002)])
+    assert latency[0] < 0.5, latency
+    assert scores(processor._detector_factory, math.log(0.02), [math.log(0.2)])[0] >= 0.6

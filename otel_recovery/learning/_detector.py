@@ -120,6 +120,12 @@ class DetectorConfig:
     """Points over which a reported score fades before lower scores are reported again."""
     warmup: int = 16
     """Points scored 0 while the first estimates settle."""
+    min_scale: float = 0.0
+    """The smallest residual scale, in the series' own units: a change of about this much
+    is never surprising, however flat the series was. 0 (the default, what the NAB figures
+    use) floors the scale at a millionth of the level only, so on a perfectly flat series
+    any change scores high; a series of counts wants about 1 (one call more or less, a
+    call ending just past a bucket boundary), a log latency about 0.01 (1 %)."""
 
     def __post_init__(self) -> None:
         """Reject nonsense at construction, naming the field and what it accepts."""
@@ -152,6 +158,7 @@ class DetectorConfig:
             ("floor", positive),
             ("zclip", positive),
             ("refractory", ("a number of points >= 0", lambda v: v >= 0)),
+            ("min_scale", ("a number >= 0", lambda v: v >= 0)),
         ):
             _real(self, name, accepted, ok)
         bounds = self.alpha_bounds
@@ -233,6 +240,7 @@ class StreamingDetector:
         self._unit = 0.0  # values are divided by this; 0 until the first non-zero value
         self._rate = 1.0 / max(config.scale_memory, 1.0)
         self._floor = 0.0
+        self._min_scale = config.min_scale  # in the units values are divided into (_unit)
         self._count = 0
         self._next_fit = config.first_fit
         self._last_epoch: float | None = None
@@ -282,6 +290,7 @@ class StreamingDetector:
         if unit != 1.0:
             if unit == 0.0 and y != 0.0:
                 unit = self._unit = _unit_for(y)
+                self._min_scale = self.config.min_scale / unit
             if unit > 0.0:
                 y /= unit  # exact: a power of two; everything below runs in these units
         base = self._baseline
@@ -295,7 +304,7 @@ class StreamingDetector:
             forecast = base.forecast(phase, horizon)
         error = clip(y - forecast, _MAX)
         scale = math.sqrt(self._var * base.horizon_variance(horizon))
-        scale = max(min(scale, _MAX), self._floor)
+        scale = max(min(scale, _MAX), self._floor, self._min_scale)
         z = error / scale if scale > 0.0 else 0.0
         score = self._calibrator.score(z, report=self._count >= self.config.warmup)
         shown = unit if unit > 0.0 else 1.0

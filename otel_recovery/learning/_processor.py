@@ -44,6 +44,7 @@ tightenings nobody reconfirmed (``max_tightened``) without a call on any request
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -99,6 +100,10 @@ SERIES_DETECTOR_CONFIG = DetectorConfig(
 )
 """Detector settings for span series: 10 s buckets, an hour between refits, 15-minute daily
 profile slots, and about 4 KB of history per signal."""
+
+_MIN_SCALES = {"latency": 0.01, "calls": 1.0}
+"""Per signal, the change a flat series may show without surprise (``min_scale``): 1 %
+of a log latency, one call per bucket (a call ending just past a boundary)."""
 
 
 class AnomalySpanProcessor(SpanProcessor):
@@ -170,13 +175,27 @@ class AnomalySpanProcessor(SpanProcessor):
 
             made = itertools.count()
 
-            def detector_factory() -> StreamingDetector:
+            def made_for(signal: str) -> StreamingDetector:
                 # Staggered: series made together (one service's dependencies at start-up,
                 # all called every bucket) would otherwise refit in the same bucket, every
                 # fit in one process() pass; a first fit 32 to 63 points in keeps each
                 # detector's schedule (doubling, then every refit_every) apart.
                 first = SERIES_DETECTOR_CONFIG.first_fit + (next(made) * 7) % 32
-                return AnomalyDetector(replace(SERIES_DETECTOR_CONFIG, first_fit=first))
+                config = replace(
+                    SERIES_DETECTOR_CONFIG,
+                    first_fit=first,
+                    min_scale=_MIN_SCALES.get(signal, 0.0),
+                )
+                return AnomalyDetector(config)
+
+            def detector_factory() -> StreamingDetector:
+                return made_for("latency")
+
+            self._calls_factory: Callable[[], StreamingDetector] | None = functools.partial(
+                made_for, "calls"
+            )
+        else:
+            self._calls_factory = None  # the application's factory makes both
 
         self._detector_factory = detector_factory
         self._error_factory = error_rate_factory or ErrorRateDetector
@@ -412,7 +431,9 @@ class AnomalySpanProcessor(SpanProcessor):
             self._end(oldest, "series evicted", self._clock.wall())
             with self._annotation_lock:
                 self._annotations.pop(oldest.key, None)
-        series = Series(SeriesKey(*fields), self._detector_factory, self._error_factory)
+        series = Series(
+            SeriesKey(*fields), self._detector_factory, self._error_factory, self._calls_factory
+        )
         self._series[fields] = series
         return series
 

@@ -103,8 +103,10 @@ class Series:
         key: SeriesKey,
         detector_factory: Callable[[], StreamingDetector] | None,
         error_factory: Callable[[], ErrorRateDetector] | None,
+        calls_factory: Callable[[], StreamingDetector] | None = None,
     ) -> None:
-        """No factories: an overflow series, counted but never scored."""
+        """No factories: an overflow series, counted but never scored. ``detector_factory``
+        makes the latency detector, and the calls one unless ``calls_factory`` is given."""
         self.key = key
         self.bucket = -1
         self.last_bucket = -1
@@ -115,5 +117,6 @@ class Series:
         self.total_errors = 0
         self.error_detector = error_factory() if error_factory else None
         self.latency_detector = detector_factory() if detector_factory else None
-        self.calls_detector = detector_factory() if detector_factory else None
+        calls = calls_factory or detector_factory
+        self.calls_detector = calls() if calls else None
         self.signals = (Signal("error_rate"), Signal("latency"), Signal("calls"))
