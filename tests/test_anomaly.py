@@ -609,3 +609,30 @@ def test_a_flat_series_takes_a_call_more_or_a_tiny_latency_change_in_its_stride(
     latency = scores(processor._detector_factory, math.log(0.02), [math.log(0.020002)])
     assert latency[0] < 0.5, latency
     assert scores(processor._detector_factory, math.log(0.02), [math.log(0.2)])[0] >= 0.6
+
+
+@pytest.mark.parametrize("calls", [1, 2, 3, 4])
+def test_an_outage_of_a_quiet_dependency_is_an_anomaly(calls):
+    """At four calls per 10 s bucket or fewer, one bucket is never evidence enough (3 of 3
+    failing against a 1 % baseline is p ~ 1e-5), and each anomalous bucket still taught
+    the baseline a little: ten minutes at 100 % errors scored lower and lower, and nothing
+    was ever reported. Consecutive failing buckets are judged together now."""
+    detector = ErrorRateDetector()
+    for _ in range(360):  # an hour of healthy buckets
+        detector.update(0, calls)
+    scores = [detector.update(calls, calls) for _ in range(60)]
+    assert sum(score >= 0.6 for score in scores) >= 50
+    assert scores[-1] >= 0.6  # still anomalous at the end of the outage
+    assert detector.update(0, calls) < 0.5  # a healthy bucket ends the run
+
+
+def test_scattered_errors_of_a_quiet_dependency_are_not_pooled_into_an_anomaly():
+    detector = ErrorRateDetector()
+    for _ in range(360):
+        detector.update(0, 3)
+    scores = []
+    for _ in range(30):  # one failure now and then, never two buckets in a row
+        scores.append(detector.update(1, 3))
+        scores += [detector.update(0, 3) for _ in range(5)]
+    assert max(scores) < 0.5
+    assert round(ErrorRateDetector().update(1, 2), 2) == 0.19  # the README's figure

@@ -16,7 +16,14 @@ probability:
   p = 1e-6 by default;
 - while a bucket scores 0.5 or more it teaches the baseline only ``anomalous_weight`` of a
   normal bucket, so an outage does not become the new normal within minutes, yet a permanent
-  change is still learned.
+  change is still learned;
+- a dependency called a few times per bucket never gives one bucket enough evidence: three
+  failures in three calls is a tail probability of about 1e-5 against a 1 % baseline, under
+  the threshold, however long the outage lasts. So while buckets keep coming in above the
+  tolerated rate, a bucket of fewer than ``pool_calls`` calls is also judged together with
+  the run of such buckets before it (at most ``pool_buckets``): ten minutes of failures at
+  three calls per bucket score as the evidence they are. A bucket at or below the tolerated
+  rate ends the run.
 
 No statsmodels here: the model is exact and cheap (microseconds, and nothing at all for the
 common bucket whose rate is at or below baseline).
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -101,12 +109,14 @@ class ErrorRateDetector:
     __slots__ = (
         "_errors",
         "_keep",
+        "_run",
         "_successes",
         "anomalous_weight",
         "last",
         "last_timestamp",
         "min_increase",
         "min_ratio",
+        "pool_calls",
         "prior_errors",
         "prior_successes",
         "significance",
@@ -122,6 +132,8 @@ class ErrorRateDetector:
         min_increase: float = 0.01,
         significance: float = 6.0,
         anomalous_weight: float = 0.1,
+        pool_calls: int = 20,
+        pool_buckets: int = 30,
     ) -> None:
         _check("halflife", halflife, "a number of buckets > 0", lambda v: v > 0)
         _check("prior_rate", prior_rate, "a probability in (0, 1)", lambda v: 0 < v < 1)
@@ -130,6 +142,12 @@ class ErrorRateDetector:
         _check("min_increase", min_increase, "a number >= 0", lambda v: v >= 0)
         _check("significance", significance, "a number > 0", lambda v: v > 0)
         _check("anomalous_weight", anomalous_weight, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        for name, count in (("pool_calls", pool_calls), ("pool_buckets", pool_buckets)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {count!r}")
+        self.pool_calls = pool_calls
+        self._run: deque[tuple[int, int]] = deque(maxlen=pool_buckets)
+        """(errors, calls) of the latest buckets in a row above the tolerated rate."""
         self._keep = 0.5 ** (1.0 / halflife)
         self.prior_errors = prior_rate * prior_calls
         self.prior_successes = (1.0 - prior_rate) * prior_calls
@@ -165,11 +183,18 @@ class ErrorRateDetector:
         expected = a / (a + b)
         tolerated = min(max(expected * self.min_ratio, expected + self.min_increase), 0.999)
         significance = 0.0
+        strength = min(a + b, 1e7)
+        alpha, beta = tolerated * strength, (1.0 - tolerated) * strength
         if k > tolerated * n:
-            strength = min(a + b, 1e7)
-            significance = -log10_betabinom_sf(
-                k, n, tolerated * strength, (1.0 - tolerated) * strength
-            )
+            significance = -log10_betabinom_sf(k, n, alpha, beta)
+            run = self._run
+            run.append((k, n))
+            if n < self.pool_calls and len(run) > 1:  # a quiet dependency: pooled evidence
+                pooled_k, pooled_n = sum(e for e, _ in run), sum(c for _, c in run)
+                pooled = -log10_betabinom_sf(pooled_k, pooled_n, alpha, beta)
+                significance = max(significance, pooled)
+        else:
+            self._run.clear()
         score = significance / (significance + self.significance)
         weight = self.anomalous_weight if score >= 0.5 else 1.0
         keep = self._keep
