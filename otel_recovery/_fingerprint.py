@@ -17,7 +17,7 @@ import hashlib
 import re
 from functools import lru_cache
 
-from otel_recovery._redact import redact
+from otel_recovery._redact import redact_bounded
 
 __all__ = ["fingerprint", "normalise_message"]
 
@@ -61,7 +61,7 @@ def normalise_message(message: str) -> str:
     ``"Connection refused to 10.0.0.3:5432 after 312 ms"`` becomes
     ``"connection refused to <addr> after <num> ms"``.
     """
-    text = redact(message[:_MAX_NORMALISED_INPUT])
+    text = redact_bounded(message, _MAX_NORMALISED_INPUT)
     for pattern, placeholder in _REPLACEMENTS:
         text = pattern.sub(placeholder, text)
     return text.strip().lower()

@@ -23,7 +23,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from otel_recovery._clock import Clock
 from otel_recovery._forksafe import new_lock
-from otel_recovery._redact import MASK, name_text, names_a_secret, redact
+from otel_recovery._redact import MASK, name_text, names_a_secret, redact, redact_bounded
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.compensation import CompensationInProgressError, Compensations
@@ -125,7 +125,7 @@ def bounded(value: object) -> str:
         text = value if isinstance(value, str) else str(value)
     except Exception:
         text = f"<unprintable {type(value).__name__}>"
-    return redact(text[: MAX_VALUE * 4])[:MAX_VALUE]
+    return redact_bounded(text, MAX_VALUE)
 
 
 _SPAN_OUTCOMES = {"failed": "failure", "circuit_open": "rejected"}

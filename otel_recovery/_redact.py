@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MASK", "name_text", "names_a_secret", "redact"]
+__all__ = ["MASK", "name_text", "names_a_secret", "redact", "redact_bounded"]
 
 MASK = "***"
 """What a secret is replaced with; kept short so redacted messages stay readable."""
@@ -240,7 +240,12 @@ def _mask_userinfo(text: str) -> str:
                 break
         if at < 0:
             continue
-        pieces += (text[done : start + user.end()], MASK)
+        name = window[: user.end() - 1]
+        if len(name) > _TOKEN_LENGTH or _TOKEN_PREFIX.match(name):
+            # the token in the user slot (``ghp_...:x-oauth-basic@``, ``AKIA...:secret@``)
+            pieces += (text[done:start], MASK)
+        else:
+            pieces += (text[done : start + user.end()], MASK)
         done = start + at
     if not pieces:
         return text
@@ -278,6 +283,32 @@ def _failing_row(match: re.Match[str]) -> str:
     rest = match.group(2)
     close = rest.rfind(")")
     return f"{match.group(1)}{MASK}{rest[close:] if close >= 0 else ''}"
+
+
+_REDACT_SPAN = 65_536
+"""How much of a text is redacted before it is cut to its displayed length."""
+
+_TRAILING_WORD = re.compile(r"\S+$")
+
+
+def redact_bounded(text: str, limit: int) -> str:
+    """``redact(text)`` cut to ``limit`` characters, the redaction first: cut first, a
+    secret straddling the cut loses the end its pattern needs (the ``@`` after a password,
+    a token's second part) and is shown half, and masks shrinking the text before it pull
+    that half into the shown part. A text longer than :data:`_REDACT_SPAN` is cut there,
+    at a point that cannot split a secret: before a URL whose userinfo does not end within
+    the kept part, and before its last word."""
+    if len(text) > _REDACT_SPAN:
+        text = _safe_cut(text, _REDACT_SPAN)
+    return redact(text)[:limit]
+
+
+def _safe_cut(text: str, at: int) -> str:
+    kept = text[:at]
+    scheme = kept.rfind("://")
+    if scheme >= 0 and "@" not in kept[scheme:] and at - scheme <= _USERINFO_SPAN:
+        kept = kept[: scheme + 3]  # its userinfo, if any, runs past the cut
+    return _TRAILING_WORD.sub("", kept)  # a token cut in two is no token to the patterns
 
 
 def redact(text: str) -> str:

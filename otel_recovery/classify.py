@@ -34,7 +34,7 @@ from otel_recovery._known_errors import (
     safe_str,
     status_verdict,
 )
-from otel_recovery._redact import redact
+from otel_recovery._redact import redact_bounded
 from otel_recovery._retry_after import header, parse_retry_after, retry_after_of
 
 __all__ = [
@@ -287,7 +287,7 @@ class Classifier:
         profile, verdict = self._evaluate(exc, raw, 0)
         if profile.static is not None and profile.static.kind is ErrorKind.CANCELLED:
             verdict = replace(verdict, retryable=False)  # cancellation is never retried
-        message = redact(raw[:4096])[:MAX_MESSAGE]
+        message = redact_bounded(raw, MAX_MESSAGE)
         return self._finish(verdict, profile.error_type, message, shift)
 
     def classify_status(

@@ -593,3 +593,43 @@ def test_context_masking_never_raises():
 
     attributes = context_attributes({"a": BadMapping(x=1), "b": _Hostile(), "c": [(_Hostile(), 1)]})
     assert set(attributes) == {f"otel_recovery.context.{k}" for k in "abc"}
+
+
+JWT = (
+    "eyJhbGciOiJIUzI1NiJ9."
+    + "eyJzdWIiOiIxMjM0NTY3ODkwIn0" * 5
+    + ".dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+)
+
+
+@pytest.mark.parametrize("cut_into", [3, 12, 21])
+def test_a_secret_straddling_the_old_cut_never_reaches_the_message(cut_into: int) -> None:
+    """The text was cut at 4,096 characters before redaction: a password whose ``@`` fell
+    past the cut was no userinfo to the patterns, and JWTs before it, shrinking to ``***``,
+    pulled its first characters into the 512 kept."""
+    password = "SuperSecretPassw0rdXYZ"
+    head = "upstream rejected tokens: " + " ".join([JWT] * 20)
+    tail = " while calling https://svc:"
+    pad = 4096 - len(head) - len(tail) - cut_into
+    message = head + " " * pad + tail + password + "@api.internal/v1/items"
+    info = Classifier().classify(ConnectionError(message))
+    assert password[:3] not in info.message
+    assert (
+        password[:3] not in context_attributes({"detail": message})["otel_recovery.context.detail"]
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ghp_16C7e42F292c6912E7710c838347Ae178B4a:x-oauth-basic@github.com/o/r.git",
+        "https://ghp_16C7e42F292c6912E7710c838347Ae178B4a:@github.com/o/r.git",
+        "https://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY@s3.amazonaws.com/b",
+    ],
+)
+def test_a_token_in_the_user_slot_of_a_url_is_masked(url: str) -> None:
+    """GitHub documents ``https://<token>:x-oauth-basic@github.com``: the user part was kept
+    as a user name, token and all."""
+    shown = redact(f"git fetch failed: {url}")
+    assert "ghp_16C7" not in shown and "AKIAIOSF" not in shown and "wJalrXUt" not in shown
+    assert redact("postgresql://app:s3cr3t@db/shop") == f"postgresql://app:{MASK}@db/shop"
