@@ -46,6 +46,7 @@ class AttemptLoop:
         self.info: ErrorInfo | None = None
         self._permit = False
         self.advice: RetryAdvice | None = None  # the advisor's answer for the running retry
+        self.error: BaseException | None = None  # the failure a retry was decided on
 
     def begin(self) -> None:
         """Ask the breaker once for the whole block; a rejection raises ``CircuitOpenError``."""
@@ -70,7 +71,26 @@ class AttemptLoop:
         info, trace = policy._open_rejection_trace(full, self.started)
         policy._failed(trace, 0, info, full)
 
+    def stopped_by_the_wait(self) -> BaseException | None:
+        """After the backoff: the failure to raise if the repeat must not go out after all
+        (``PolicyCore._after_backoff``: the circuit opened meanwhile, the deadline passed),
+        the loop then settled; None to go on."""
+        error, policy = self.error, self.policy
+        if error is None or not SWITCHES.active:
+            return None
+        stop = policy._after_backoff(_no_call, (), error, self.started)
+        if stop is None:
+            return None
+        self.done = True
+        self.error = None
+        policy._learn(stop.advice, success=False, seconds=0.0)
+        info = self.info if self.info is not None else policy._classify(error)
+        policy._stopped(stop, error, info, self.number, self.started, self.trace)
+        policy._failed(self.trace, self.number, info, error)
+        return error
+
     def next_attempt(self) -> Attempt:
+        self.error = None  # kept only through the wait: its traceback holds frames
         self.number += 1
         return Attempt(self, self.number)
 
@@ -106,6 +126,7 @@ class AttemptLoop:
         decision = policy._decide(error, info, self.number, self.delay, self.started)
         if decision.action is Action.RETRY:
             self.delay, self.advice = decision.delay, decision.advice
+            self.error = error
             if trace is not None:
                 trace.retrying(self.number + 1, self.delay, info)
             return True
@@ -197,6 +218,10 @@ def iterate(policy: PolicyCore) -> Iterator[Attempt]:
                 raise RuntimeError(_NOT_ENTERED)
             if not loop.done and loop.delay > 0:
                 policy.clock.sleep(loop.delay)
+            if not loop.done:
+                stop = loop.stopped_by_the_wait()
+                if stop is not None:
+                    raise stop
     finally:
         if not loop.done:
             loop.cancelled()  # left early (break, an exception from the loop body)
@@ -222,8 +247,16 @@ async def aiterate(policy: PolicyCore) -> AsyncIterator[Attempt]:
                 raise RuntimeError(_NOT_ENTERED)
             if not loop.done and loop.delay > 0:
                 await policy.clock.asleep(loop.delay)
+            if not loop.done:
+                stop = loop.stopped_by_the_wait()
+                if stop is not None:
+                    raise stop
     finally:
         if not loop.done:
             loop.cancelled()
         if bulkhead is not None:
             bulkhead.release()
+
+
+def _no_call() -> None:
+    """What a block's retry has in place of a function: nothing a client could be closed for."""

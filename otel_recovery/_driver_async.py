@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 from otel_recovery._attempt import enter_attempt, leave_attempt
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
-from otel_recovery._engine import Action, Decision, give_up
+from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import AsyncRunner, PolicyCore
 from otel_recovery._reraise import reraise, set_context
 from otel_recovery._trio import running_trio
@@ -270,8 +270,9 @@ class AsyncDriver(PolicyCore):
                     await self._abefore_retry(fn, args)
                     if delay > 0:
                         await clock.asleep(delay)
-                    if self._resend_refused(fn, args):  # the client was closed meanwhile
-                        decision = give_up(self.fallback, error, "client_closed")
+                    stop = self._after_backoff(fn, args, error, started)
+                    if stop is not None:
+                        decision = stop
                 if decision.action is not Action.RETRY:
                     self._learn(decision.advice, success=False, seconds=0.0)
                     self._stopped(decision, error, info, attempt, started, trace)

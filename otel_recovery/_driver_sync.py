@@ -19,7 +19,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 from otel_recovery._attempt import enter_attempt, leave_attempt
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._config import SWITCHES
-from otel_recovery._engine import Action, Decision, give_up
+from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import PolicyCore, Runner
 from otel_recovery._reraise import reraise, set_context
 from otel_recovery.classify import ErrorInfo
@@ -254,8 +254,9 @@ class SyncDriver(PolicyCore):
                     self._before_retry(fn, args)
                     if delay > 0:
                         clock.sleep(delay)
-                    if self._resend_refused(fn, args):  # the client was closed meanwhile
-                        decision = give_up(self.fallback, error, "client_closed")
+                    stop = self._after_backoff(fn, args, error, started)
+                    if stop is not None:
+                        decision = stop
                 if decision.action is not Action.RETRY:
                     self._learn(decision.advice, success=False, seconds=0.0)
                     self._stopped(decision, error, info, attempt, started, trace)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any, ClassVar, Literal, NamedTuple
 
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
-from otel_recovery._engine import Decision, after_failure, after_rejection
+from otel_recovery._engine import Decision, after_failure, after_rejection, give_up
 from otel_recovery._first_times import FirstTimes
 from otel_recovery._forksafe import new_lock
 from otel_recovery._inner_recovery import note_decided
@@ -60,6 +60,7 @@ def _report_classifier_bug(classifier: object, error: BaseException, bug: Except
 
 
 _OPEN_STATES = (CircuitState.OPEN, CircuitState.FORCED_OPEN)
+_NOT_CLOSED = (*_OPEN_STATES, CircuitState.HALF_OPEN)
 _ANSWERED_CATEGORIES = frozenset({ErrorCategory.INVALID_REQUEST, ErrorCategory.CONFIGURATION})
 _ANSWERED_KINDS = frozenset({ErrorKind.SERIALIZATION, ErrorKind.READONLY})
 
@@ -339,6 +340,25 @@ class PolicyCore:
 
     async def _abefore_retry(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """The async twin of :meth:`_before_retry`."""
+
+    def _after_backoff(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], error: BaseException, started: float
+    ) -> Decision | None:
+        """Asked after the backoff, before the repeat: why the repeat must not go out after
+        all, or None. The wait is where time passes, so what was decided before it may no
+        longer hold: another caller opened the circuit meanwhile (or it went half-open, and
+        its one probe is someone's: a straggler admitted while it was closed would send
+        requests beside it), the total deadline passed during a sleep that woke late (the
+        attempt would be refused unsent, and the call end with a made-up timeout instead of
+        the failure it met), or the client was closed (:meth:`_resend_refused`)."""
+        breaker = self.breaker
+        if breaker is not None and breaker.state in _NOT_CLOSED:
+            return after_rejection(self.fallback, error)
+        if self._deadline is not None and self.clock.now() >= started + self._deadline:
+            return give_up(self.fallback, error, "deadline")
+        if self._resend_refused(fn, args):  # the client was closed meanwhile
+            return give_up(self.fallback, error, "client_closed")
+        return None
 
     def _resend_refused(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
         """Asked after the backoff, before the repeat: whether the call can no longer be

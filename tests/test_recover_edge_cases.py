@@ -497,3 +497,112 @@ def test_an_async_fallback_on_a_sync_function_is_refused_at_decoration(fake_cloc
     assert asyncio.run(recover(fallback=Fallback(func=cached), clock=fake_clock)(afetch)()) == (
         "cached"
     )
+
+
+class _TrippingClock(FakeClock):
+    """Another caller trips the breaker while this one sleeps between attempts."""
+
+    breaker: CircuitBreaker | None = None
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        if self.breaker is not None:
+            self.breaker.force_open()
+
+    async def asleep(self, seconds: float) -> None:
+        self.sleep(seconds)
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("style", ["call", "acall", "attempts", "aattempts"])
+def test_a_circuit_opened_during_the_backoff_stops_the_retry(style):
+    """The breaker was looked at before the wait only: one more request went out to a
+    circuit someone else opened while this call slept."""
+    clock = _TrippingClock()
+    breaker = CircuitBreaker(failure_threshold=5, timeout=60, clock=clock, name="dep")
+    clock.breaker = breaker
+    policy = RecoveryPolicy(
+        retry=Retry(3, backoff=FixedBackoff(1.0)), breaker=breaker, clock=clock, telemetry=False
+    )
+    sent: list[str] = []
+
+    def fn() -> None:
+        sent.append(breaker.state.value)
+        raise ConnectionError("down")
+
+    async def afn() -> None:
+        fn()
+
+    async def blocks() -> None:
+        async for attempt in policy.aattempts():
+            with attempt:
+                fn()
+
+    with pytest.raises(ConnectionError):
+        if style == "call":
+            policy.call(fn)
+        elif style == "acall":
+            asyncio.run(policy.acall(afn))
+        elif style == "attempts":
+            for attempt in policy.attempts():
+                with attempt:
+                    fn()
+        else:
+            asyncio.run(blocks())
+    assert sent == ["closed"]
+
+
+def test_a_straggler_does_not_retry_beside_the_half_open_probe():
+    """A call admitted while the circuit was closed kept retrying once it went half-open
+    (opened by others during its wait, then past its open timeout), sending requests
+    beside the one probe the breaker allows."""
+
+    class OpeningClock(FakeClock):
+        breaker: CircuitBreaker | None = None
+
+        def sleep(self, seconds: float) -> None:
+            if self.breaker is not None:
+                self.breaker.force_open()
+                self.breaker.reset()
+                self.breaker.record_failure()  # opened by another caller's failure...
+            super().sleep(seconds)  # ...and half-open by the time this call wakes
+
+    clock = OpeningClock()
+    breaker = CircuitBreaker(failure_threshold=1, timeout=1, clock=clock)
+    clock.breaker = breaker
+    policy = RecoveryPolicy(
+        retry=Retry(4, backoff=FixedBackoff(2.0)), breaker=breaker, clock=clock, telemetry=False
+    )
+    sent: list[str] = []
+
+    def fn() -> None:
+        sent.append(breaker.state.value)
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        policy.call(fn)
+    assert sent == ["closed"]
+
+
+async def test_a_backoff_that_wakes_past_the_deadline_gives_up_with_the_real_failure():
+    """A sleep wakes a little late; the deadline then was spent before the next attempt,
+    which was refused unsent with a made-up TimeoutError in place of the real failure."""
+
+    class LateClock(FakeClock):
+        def sleep(self, seconds: float) -> None:
+            super().sleep(seconds)
+            self.advance(0.02)  # the OS wakes us 20 ms late
+
+    calls: list[int] = []
+
+    async def fetch() -> None:
+        calls.append(1)
+        raise ConnectionError("connection refused by db:5432")
+
+    clock = LateClock()
+    policy = RecoveryPolicy(
+        retry=Retry(5, deadline=1.0, backoff=FixedBackoff(0.99)), clock=clock, telemetry=False
+    )
+    with pytest.raises(ConnectionError, match="refused by db"):
+        await policy.acall(fetch)
+    assert calls == [1]
