@@ -155,6 +155,13 @@ class RecoveryInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             settings = load_settings(options)
             if self.fallback_is_a_body:
                 check_http_fallback(settings.arguments)
+            if not self.fallback_on and "fallback_value" in settings.arguments:
+                raise SettingsError(
+                    f"instrument(fallback_value=...) is not valid for the {self.library} "
+                    "instrumentor: no value can stand in for a connection or a cursor, so "
+                    "it uses no fallback; catch its errors in the application instead",
+                    from_arguments=True,
+                )
             _check_store_url()
         except SettingsError as error:
             if error.from_arguments:

@@ -744,7 +744,9 @@ class TargetPolicies:
             budget=target.budget if retries else None,
             fallback=(
                 Fallback(s.fallback_value, on=self._fallback_on)
-                if s.has_fallback and (reads or self.settings.names_fallback(host, port, operation))
+                if s.has_fallback
+                and self._fallback_on != ()  # an instrumentor no value can stand in for (SQL)
+                and (reads or self.settings.names_fallback(host, port, operation))
                 else None
             ),
             classifier=self._classifier,

@@ -899,3 +899,30 @@ def test_statements_a_pipeline_skipped_after_an_error_never_open_the_circuit(h: 
     assert breaker.snapshot().state.name == "CLOSED"
     assert conn.execute("SELECT 8").fetchone() == (8,)
     conn.close()
+
+
+def test_a_fallback_set_for_a_sql_target_leaves_its_recovery_on(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``fallback_value`` in a PostgreSQL target's ``operations."connect"`` section was
+    built into a fallback no SQL failure may take: every connect to that target raised an
+    internal error of ours, and ran with no retry and no breaker from then on."""
+    port = free_port()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[targets."127.0.0.1:{port}".operations."connect"]\nfallback_value = "x"\n')
+    monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(policy))
+    h.instrument("ours_only")
+    h.listen_on_second_attempt(port)
+    with caplog.at_level(logging.ERROR, logger="otel_recovery"):
+        conn = psycopg.connect(dsn(port), autocommit=True)
+    assert conn.execute("SELECT 5").fetchone() == (5,)  # refused once, retried
+    conn.close()
+    assert h.calls["connect"] == 2
+    assert "internal error" not in caplog.text.lower()
+
+
+def test_instrument_refuses_a_fallback_value_for_sql() -> None:
+    from otel_recovery.instrumentors._setting_values import SettingsError
+
+    with pytest.raises(SettingsError, match="no value can stand in for a connection"):
+        PsycopgRecoveryInstrumentor().instrument(fallback_value=[["row"]])
