@@ -21,6 +21,8 @@ the original has been called, an internal error may only surface the original's 
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -116,10 +118,26 @@ class HttpCall:
 
 
 def target_of(scheme: str, host: str | None, port: int | None) -> tuple[str, int | None] | None:
-    """``(host, port)`` with the scheme's default port; None when there is no host."""
+    """``(host, port)`` with the scheme's default port; None when there is no host. An
+    IPv6 literal in its compressed spelling, as the policy file's keys are: ``[::1]`` and
+    ``[0:0:0:0:0:0:0:1]`` are one server, one breaker, one section."""
     if not host:
         return None
-    return host.lower(), port if port is not None else _DEFAULT_PORTS.get(scheme.lower())
+    host = host.lower()
+    if ":" in host:
+        host = _compressed(host)
+    return host, port if port is not None else _DEFAULT_PORTS.get(scheme.lower())
+
+
+@functools.lru_cache(maxsize=256)
+def _compressed(host: str) -> str:
+    bracketed = host.startswith("[") and host.endswith("]")
+    address, percent, zone = (host[1:-1] if bracketed else host).partition("%")
+    try:
+        text = str(ipaddress.IPv6Address(address)) + percent + zone
+    except ValueError:
+        return host
+    return f"[{text}]" if bracketed else text
 
 
 def server_of_url(url: object) -> tuple[str, int | None] | None:

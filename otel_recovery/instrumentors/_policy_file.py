@@ -87,6 +87,17 @@ def _values(
     return converted
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: ``json`` keeps the last of two silently
+    (a whole target section lost), where TOML refuses them."""
+    table: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in table:
+            raise ValueError(f"the key {key!r} is given twice in one object")
+        table[key] = value
+    return table
+
+
 def _check_place(
     key: str, where: str, level: str, target: str, defaults: Mapping[str, Any]
 ) -> None:
@@ -144,7 +155,7 @@ def _read_file(path: str) -> dict[str, Any]:
             f"OTEL_RECOVERY_CONFIG={path!r} names a YAML file, which is not read: {accepted}"
         )
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no error
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         raise SettingsError(
@@ -152,7 +163,11 @@ def _read_file(path: str) -> dict[str, Any]:
             "point it at a TOML or JSON policy file, or unset it"
         ) from error
     try:
-        data = json.loads(text) if suffix == ".json" else _toml_loads(text)
+        data = (
+            json.loads(text, object_pairs_hook=_unique_keys)
+            if suffix == ".json"
+            else _toml_loads(text)
+        )
     except Exception as error:
         kind = "JSON" if suffix == ".json" else "TOML"
         if kind == "TOML" and _is_json(text):
@@ -398,23 +413,55 @@ def _check_backoff(
     """``backoff_initial`` may not exceed a ``backoff_max`` that was set, at any level a call
     can meet. Above the default ``backoff_max`` it is taken as the longest wait too (a
     service that asked for 5 s waits gets them, as before this check existed); only two
-    values that were both set and contradict each other are an error."""
+    values that were both set and contradict each other are an error. Likewise
+    ``breaker_minimum_calls`` may not exceed ``breaker_window``, the default window
+    included: the window cannot hold that many calls, and the breaker would judge after a
+    window's worth."""
+    _check_order(
+        base, arguments, targets, path, defaults, ("backoff_initial", "backoff_max"),
+        "the first retry would wait longer than the longest wait allowed; make "
+        "backoff_initial at most backoff_max",
+        default_high_gives_way=True,
+    )  # fmt: skip
+    _check_order(
+        base, arguments, targets, path, defaults, ("breaker_minimum_calls", "breaker_window"),
+        "the breaker would judge after a window of calls, not after the minimum; make "
+        "breaker_minimum_calls at most breaker_window",
+        default_high_gives_way=False,
+    )  # fmt: skip
+
+
+def _check_order(
+    base: _Layers,
+    arguments: Mapping[str, Any],
+    targets: Mapping[str, Any],
+    path: str,
+    defaults: Mapping[str, Any],
+    names: tuple[str, str],
+    why: str,
+    *,
+    default_high_gives_way: bool,
+) -> None:
+    """``names[0]`` may not exceed ``names[1]`` at any level a call can meet; with
+    ``default_high_gives_way``, a ``names[1]`` left at its default is no contradiction."""
+    low_name, high_name = names
     for scope, layers in [("", []), *_scopes(targets, path)]:
         found: dict[str, tuple[Any, str]] = {}
-        for name in ("backoff_initial", "backoff_max"):
+        for name in names:
             found[name] = (defaults[name], "the default")
             for source, values in [*base, *layers, (_ARGUMENTS, arguments)]:
                 if name in values:
                     found[name] = (values[name], _origin(name, source))
-        (initial, first), (maximum, longest) = found["backoff_initial"], found["backoff_max"]
-        if initial > maximum and longest != "the default":
-            raise SettingsError(
-                f"backoff_initial={initial:g} (from {first}) is larger than backoff_max="
-                f"{maximum:g} (from {longest}){' for ' + scope if scope else ''}: the first "
-                "retry would wait longer than the longest wait allowed; make backoff_initial "
-                "at most backoff_max",
-                from_arguments={first, longest} <= {_ARGUMENTS, "the default"},
-            )
+        (low, first), (high, second) = found[low_name], found[high_name]
+        if first == "the default" or low <= high:
+            continue
+        if default_high_gives_way and second == "the default":
+            continue
+        raise SettingsError(
+            f"{low_name}={low:g} (from {first}) is larger than {high_name}={high:g} (from "
+            f"{second}){' for ' + scope if scope else ''}: {why}",
+            from_arguments={first, second} <= {_ARGUMENTS, "the default"},
+        )
 
 
 def _origin(name: str, source: str) -> str:

@@ -50,9 +50,23 @@ class _BadItemError(ValueError):
 
 
 def _items(value: Any) -> list[str]:
-    """A comma-separated string or a list, as stripped non-empty strings."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [str(item).strip() for item in items if str(item).strip()]
+    """A comma-separated string or a list, as stripped non-empty strings.
+
+    A string that names nothing (``""``, ``","``) is refused: from the file or
+    ``instrument()`` it switched the feature off without a word, where an empty variable
+    keeps the default; ``[]`` is how to say "none". Bytes are refused too: iterated, they
+    were numbers."""
+    if isinstance(value, (bytes, bytearray)):
+        raise _BadItemError("give a list as text or a list of strings, not bytes")
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if not items:
+            raise _BadItemError(
+                "the text names nothing; leave the setting out for the default list, or "
+                "give an empty list ([]) for none"
+            )
+        return items
+    return [str(item).strip() for item in list(value) if str(item).strip()]
 
 
 def _words(text: str) -> frozenset[str]:
@@ -298,7 +312,13 @@ def _json(raw: str) -> Any:
     def finite_only(constant: str) -> Any:
         raise ValueError(constant)
 
-    return json.loads(raw, parse_constant=finite_only)
+    def finite_float(text: str) -> float:
+        number = float(text)
+        if not math.isfinite(number):  # 1e999: no JSON body could carry it
+            raise ValueError(text)
+        return number
+
+    return json.loads(raw, parse_constant=finite_only, parse_float=finite_float)
 
 
 def _boolean(raw: Any) -> bool:

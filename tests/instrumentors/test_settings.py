@@ -697,3 +697,68 @@ def test_an_empty_variable_means_the_same_as_an_unset_one():
         "OTEL_RECOVERY_ENABLED": "",
     }
     assert load_settings(environ=empty) == load_settings(environ={})
+
+
+def test_a_minimum_of_calls_above_the_window_is_refused(tmp_path):
+    """It was clamped to the window without a word: a minimum of 100 calls judged after 2."""
+    with pytest.raises(
+        SettingsError, match="breaker_minimum_calls=100 .* larger than breaker_window=2"
+    ):
+        load_settings(
+            environ={
+                "OTEL_RECOVERY_BREAKER_WINDOW": "2",
+                "OTEL_RECOVERY_BREAKER_MINIMUM_CALLS": "100",
+            }
+        )
+    with pytest.raises(SettingsError, match="larger than breaker_window=50 \\(from the default\\)"):
+        load_settings({"breaker_minimum_calls": 60}, environ={})
+    text = '[targets."db:5432"]\nbreaker_window = 10\nbreaker_minimum_calls = 20\n'
+    with pytest.raises(SettingsError, match='for targets."db:5432"|db:5432'):
+        load_settings(environ=policy(tmp_path, text))
+    assert load_settings({"breaker_minimum_calls": 50}, environ={}).breaker_minimum_calls == 50
+
+
+def test_a_key_given_twice_in_a_json_policy_file_is_refused(tmp_path):
+    """json kept the last silently, a whole target section included; TOML refuses it."""
+    text = '{"targets": {"a.example": {"max_attempts": 2}, "a.example": {"budget_ratio": 0.5}}}'
+    with pytest.raises(SettingsError, match="'a.example' is given twice"):
+        load_settings(environ=policy(tmp_path, text, "policy.json"))
+
+
+@pytest.mark.parametrize("name", ["policy.toml", "policy.json"])
+def test_a_policy_file_saved_with_a_byte_order_mark_is_read(tmp_path, name):
+    text = "max_attempts = 5\n" if name.endswith(".toml") else '{"max_attempts": 5}'
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_settings(environ={"OTEL_RECOVERY_CONFIG": str(path)}).max_attempts == 5
+
+
+@pytest.mark.parametrize("blank", ["", ",", " , "])
+def test_a_list_that_names_nothing_is_refused_rather_than_switching_retries_off(tmp_path, blank):
+    """From the file or instrument(), "" gave an empty set: no method retried, silently;
+    an empty variable means the default, and [] says "none" on purpose."""
+    with pytest.raises(SettingsError, match="names nothing"):
+        load_settings({"http_retry_methods": blank}, environ={})
+    with pytest.raises(SettingsError, match="names nothing"):
+        load_settings(environ=policy(tmp_path, f'http_retry_statuses = "{blank}"\n'))
+    assert load_settings({"http_retry_methods": []}, environ={}).http_retry_methods == frozenset()
+
+
+def test_bytes_for_a_list_setting_are_refused():
+    """Iterated, ``b"GET"`` was the numbers 71, 69 and 84: GET was no longer retried."""
+    with pytest.raises(SettingsError, match="not bytes"):
+        load_settings({"http_retry_methods": b"GET"}, environ={})
+
+
+def test_an_infinite_fallback_value_from_the_environment_is_refused():
+    """``1e999`` became inf and was answered as the body ``Infinity``, which is not JSON."""
+    with pytest.raises(SettingsError, match="OTEL_RECOVERY_FALLBACK_VALUE"):
+        load_settings(environ={"OTEL_RECOVERY_FALLBACK_VALUE": "1e999"})
+
+
+def test_an_ipv6_server_is_one_target_however_its_address_is_spelled():
+    from otel_recovery.instrumentors._http import target_of
+
+    assert target_of("http", "0:0:0:0:0:0:0:1", 8080) == target_of("http", "::1", 8080)
+    assert target_of("http", "[0:0:0:0:0:0:0:1]", None) == ("[::1]", 80)
+    assert target_of("http", "Example.COM", None) == ("example.com", 80)
