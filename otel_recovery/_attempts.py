@@ -47,6 +47,7 @@ class AttemptLoop:
         self._permit = False
         self.advice: RetryAdvice | None = None  # the advisor's answer for the running retry
         self.error: BaseException | None = None  # the failure a retry was decided on
+        self.took = 0.0  # how long that failed attempt took
 
     def begin(self) -> None:
         """Ask the breaker once for the whole block; a rejection raises ``CircuitOpenError``."""
@@ -85,7 +86,7 @@ class AttemptLoop:
         self.error = None
         policy._learn(stop.advice, success=False, seconds=0.0)
         info = self.info if self.info is not None else policy._classify(error)
-        policy._stopped(stop, error, info, self.number, self.started, self.trace)
+        policy._stopped(stop, error, info, self.number, self.started, self.trace, self.took)
         policy._failed(self.trace, self.number, info, error)
         return error
 
@@ -126,13 +127,13 @@ class AttemptLoop:
         decision = policy._decide(error, info, self.number, self.delay, self.started)
         if decision.action is Action.RETRY:
             self.delay, self.advice = decision.delay, decision.advice
-            self.error = error
+            self.error, self.took = error, took
             if trace is not None:
                 trace.retrying(self.number + 1, self.delay, info)
             return True
         self.done = True
         policy._learn(decision.advice, success=False, seconds=0.0)
-        policy._stopped(decision, error, info, self.number, self.started, trace)
+        policy._stopped(decision, error, info, self.number, self.started, trace, took)
         policy._failed(trace, self.number, info, error)
         return False
 

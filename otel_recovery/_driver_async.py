@@ -275,7 +275,7 @@ class AsyncDriver(PolicyCore):
                         decision = stop
                 if decision.action is not Action.RETRY:
                     self._learn(decision.advice, success=False, seconds=0.0)
-                    self._stopped(decision, error, info, attempt, started, trace)
+                    self._stopped(decision, error, info, attempt, started, trace, took)
                     settled = True
                     return await self._agive_up(
                         decision, error, info, attempt, trace, fn, args, kwargs

@@ -259,7 +259,7 @@ class SyncDriver(PolicyCore):
                         decision = stop
                 if decision.action is not Action.RETRY:
                     self._learn(decision.advice, success=False, seconds=0.0)
-                    self._stopped(decision, error, info, attempt, started, trace)
+                    self._stopped(decision, error, info, attempt, started, trace, took)
                     settled = True
                     return self._give_up(decision, error, info, attempt, trace, fn, args, kwargs)
                 attempt += 1

@@ -460,9 +460,15 @@ class PolicyCore:
         attempts: int,
         started: float,
         trace: CallTrace | None,
+        took: float | None = None,
     ) -> None:
-        """Retrying is over without success: count it on the breaker and in the trace."""
-        self._record_outcome(error, info, self.clock.now() - started)
+        """Retrying is over without success: count it on the breaker and in the trace.
+
+        ``took``: the last attempt's duration, what the breaker's slow-call timing reads, as
+        for a success after retries: the call as a whole includes our own backoff waits,
+        and counted, they made a call of fast attempts "slow" and opened the circuit on
+        ``slow_call_rate``. None (a call cut by its own limit): the whole call."""
+        self._record_outcome(error, info, self.clock.now() - started if took is None else took)
         if trace is not None:
             trace.stopped(decision.reason, info, self.budget.name if self.budget else None)
 

@@ -606,3 +606,33 @@ async def test_a_backoff_that_wakes_past_the_deadline_gives_up_with_the_real_fai
     with pytest.raises(ConnectionError, match="refused by db"):
         await policy.acall(fetch)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("style", ["call", "attempts"])
+def test_a_failure_after_retries_is_timed_on_its_last_attempt_not_our_waits(fake_clock, style):
+    """A success after retries was timed on its last attempt, a failure on the whole call,
+    backoff waits included: calls of 1 s attempts counted as slow and opened the circuit
+    on ``slow_call_rate``."""
+    breaker = CircuitBreaker(
+        failure_rate_threshold=1.0, slow_call_duration=5, slow_call_rate_threshold=0.5,
+        minimum_calls=2, window_size=2, clock=fake_clock,
+    )  # fmt: skip
+    policy = RecoveryPolicy(
+        retry=Retry(2, backoff=FixedBackoff(10)), breaker=breaker, clock=fake_clock,
+        telemetry=False,
+    )  # fmt: skip
+
+    def fails() -> None:
+        fake_clock.advance(1.0)
+        raise ConnectionError("x")
+
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            if style == "call":
+                policy.call(fails)
+            else:
+                for attempt in policy.attempts():
+                    with attempt:
+                        fails()
+    snapshot = breaker.snapshot()
+    assert snapshot.slow_call_rate == 0.0

@@ -348,8 +348,9 @@ class TargetPolicy(RecoveryPolicy):
         attempts: int,
         started: float,
         trace: CallTrace | None,
+        took: float | None = None,
     ) -> None:
-        super()._stopped(decision, error, info, attempts, started, trace)
+        super()._stopped(decision, error, info, attempts, started, trace, took)
         if trace is None:
             return
         retry = self.retry

@@ -245,10 +245,14 @@ def test_statement_timeout_inside_a_transaction_is_not_retried(h: Harness) -> No
     assert failed["otel_recovery.error.code"] == "57014"
 
 
-def test_an_open_breaker_fails_statements_fast_and_sql_has_no_fallback(h: Harness) -> None:
+def test_an_open_breaker_fails_statements_fast_and_sql_has_no_fallback(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The rejection is psycopg's own ``OperationalError`` too: what ``except`` clauses,
-    psycopg_pool and SQLAlchemy handle (tests/integrations shows SQLAlchemy's side)."""
-    h.instrument(fallback_value=0)
+    psycopg_pool and SQLAlchemy handle (tests/integrations shows SQLAlchemy's side). The
+    process-wide fallback value (for HTTP and Redis reads) never stands in for SQL."""
+    monkeypatch.setenv("OTEL_RECOVERY_FALLBACK_VALUE", "0")
+    h.instrument()
     with pytest.raises(psycopg.OperationalError):  # a fallback never stands in for SQL
         psycopg.connect(dsn(free_port()), connect_timeout=1)
     conn = psycopg.connect(PG_DSN, autocommit=True)
