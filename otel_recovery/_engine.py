@@ -25,6 +25,7 @@ import enum
 import logging
 from dataclasses import dataclass
 
+from otel_recovery._clock import MAX_SECONDS
 from otel_recovery._config import SWITCHES
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.budget import RetryBudget
@@ -96,6 +97,8 @@ def after_failure(
         _log.exception("backoff %r failed; not retrying", retry.backoff)
         return give_up(fallback, error, "backoff_failed")
     if delay is None:
+        return give_up(fallback, error, "retry_after_too_long")
+    if not delay < MAX_SECONDS:  # inf (a custom backoff's "give up"), NaN, or decades
         return give_up(fallback, error, "retry_after_too_long")
     if testing:
         delay = 0.0

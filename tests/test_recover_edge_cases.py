@@ -636,3 +636,43 @@ def test_a_failure_after_retries_is_timed_on_its_last_attempt_not_our_waits(fake
                         fails()
     snapshot = breaker.snapshot()
     assert snapshot.slow_call_rate == 0.0
+
+
+def test_a_custom_backoff_answering_infinity_gives_up(fake_clock):
+    """Its own docstring reads inf as "give up"; the engine slept it: 31 years on the real
+    clock, an infinite time on a fake one."""
+    policy = RecoveryPolicy(
+        retry=Retry(3, backoff=CustomBackoff(lambda attempt, previous: float("inf"))),
+        clock=fake_clock, telemetry=False,
+    )  # fmt: skip
+    calls: list[int] = []
+
+    def fn() -> None:
+        calls.append(1)
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        policy.call(fn)
+    assert calls == [1] and fake_clock.sleeps == []
+
+
+def test_last_known_good_answers_only_the_same_arguments(fake_clock):
+    """``f(1)`` answered with ``f(1.0)``'s and ``f(True)``'s result; a keyword call could
+    match a positional tuple."""
+    failing = {"on": False}
+
+    @recover(
+        retry=Retry(1), fallback=Fallback(last_known_good=True), clock=fake_clock, telemetry=False
+    )
+    def price(*args, **kwargs) -> str:
+        if failing["on"]:
+            raise ConnectionError("down")
+        return f"price for {args!r} {kwargs!r}"
+
+    price(1.0)
+    price((), (("x", 1),))
+    failing["on"] = True
+    for args, kwargs in (((1,), {}), ((True,), {}), ((), {"x": 1})):
+        with pytest.raises(ConnectionError):
+            price(*args, **kwargs)
+    assert price(1.0) == "price for (1.0,) {}"

@@ -106,7 +106,14 @@ class Fallback:
             if self.key is not None:
                 key: Hashable = self.key(*args, **kwargs)
             else:
-                key = (args, tuple(sorted(kwargs.items()))) if kwargs else args
+                # typed, and the keywords always in their own slot: f(1) is not f(1.0) nor
+                # f(True), and f(x=1) is not f((), (("x", 1),)) (one caller's data is never
+                # another's)
+                key = (
+                    args,
+                    tuple(map(type, args)),
+                    tuple(sorted((k, v, type(v)) for k, v in kwargs.items())),
+                )
             hash(key)
         except Exception:
             return None
