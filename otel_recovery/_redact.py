@@ -109,7 +109,7 @@ _VALUE = (
 # a word start (the look-behind) so a long word is scanned once, not once per letter. A value
 # already masked is left alone: ``https://x-access-token:***@github.com`` keeps its host.
 _KEY_VALUE = re.compile(
-    rf"(?i)(?<![\w.-])([\w.-]*?(?:{_NAMES})|key)(['\"]?\s*[:=]\s*)"
+    rf"(?i)(?<![\w.-])(?<!://)([\w.-]*?(?:{_NAMES})|key)(['\"]?\s*[:=]\s*)"
     rf"(?!{re.escape(MASK)}(?:[@\s&;,'\")\]}}]|$))({_VALUE})"
 )
 

@@ -633,3 +633,13 @@ def test_a_token_in_the_user_slot_of_a_url_is_masked(url: str) -> None:
     shown = redact(f"git fetch failed: {url}")
     assert "ghp_16C7" not in shown and "AKIAIOSF" not in shown and "wJalrXUt" not in shown
     assert redact("postgresql://app:s3cr3t@db/shop") == f"postgresql://app:{MASK}@db/shop"
+
+
+def test_a_host_named_like_a_secret_keeps_its_port_and_path() -> None:
+    """``http://auth:8080/health`` read as a ``name: value`` pair: the port and the path
+    were masked as a secret."""
+    assert redact("http://auth:8080/health returned 503") == "http://auth:8080/health returned 503"
+    assert redact("auth: s3cr3t") == f"auth: {MASK}"
+    assert redact("https://x-access-token:ghp_abc123@github.com/o/r") == (
+        f"https://x-access-token:{MASK}@github.com/o/r"
+    )
