@@ -85,7 +85,8 @@ class AttemptLoop:
         self.done = True
         self.error = None
         policy._learn(stop.advice, success=False, seconds=0.0)
-        info = self.info if self.info is not None else policy._classify(error)
+        info = self.info
+        assert info is not None  # classified when the retry was decided (failed)
         policy._stopped(stop, error, info, self.number, self.started, self.trace, self.took)
         policy._failed(self.trace, self.number, info, error)
         return error

@@ -268,7 +268,8 @@ class HealthMonitor:
         down = {name for name, health in self._health.items() if health.healthy is False}
         waiting: dict[str, dict[str, Any]] = {}
         for name in due:
-            blocked = sorted(d for d in self._needs(name) if d in down and d not in due)
+            needs = self.orchestrator._needs(name)
+            blocked = sorted(d for d in needs if d in down and d not in due)
             if blocked:
                 listed = ", ".join(map(repr, blocked))
                 waiting[name] = {
@@ -290,18 +291,6 @@ class HealthMonitor:
         self._isolated.update(
             name for name, result in results.items() if result.get("status") == "isolated"
         )
-
-    def _needs(self, name: str) -> set[str]:
-        """Every service ``name`` needs, directly or through others."""
-        graph = self.orchestrator.dependencies
-        found: set[str] = set()
-        stack = [name]
-        while stack:
-            for needed in graph.get(stack.pop(), ()):
-                if needed not in found:
-                    found.add(needed)
-                    stack.append(needed)
-        return found
 
     # -- running --------------------------------------------------------------------------------
 

@@ -33,7 +33,13 @@ from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenEr
 from otel_recovery.policies.fallback import Fallback
 from otel_recovery.policies.retry import Retry, RetryAdvice
 from otel_recovery.policies.timeout import Timeout
-from otel_recovery.telemetry import CallTrace, Telemetry, get_telemetry, watch_breaker_globally
+from otel_recovery.telemetry import (
+    CallTrace,
+    Telemetry,
+    check_telemetry,
+    get_telemetry,
+    watch_breaker_globally,
+)
 from otel_recovery.telemetry._suppressed import telemetry_suppressed
 
 __all__ = ["AsyncRunner", "HappyPath", "PolicyCore", "Runner", "says_dependency_is_up"]
@@ -212,8 +218,7 @@ class PolicyCore:
                 f"context['criticality'] must be one of {', '.join(CRITICALITY_LEVELS)}, "
                 f"got {criticality!r}"
             )
-        if not isinstance(telemetry, (bool, Telemetry)):
-            raise TypeError(f"telemetry must be True, False or a Telemetry, got {telemetry!r}")
+        check_telemetry(telemetry)
         # True follows the process-wide telemetry (resolved at each recovery, so a test
         # kit or a late provider set-up is honoured); a Telemetry pins it; False disables.
         self._telemetry: Telemetry | bool = telemetry

@@ -119,7 +119,7 @@ from otel_recovery.policies import (
 )
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.stores import Store
-from otel_recovery.telemetry import Telemetry
+from otel_recovery.telemetry import Telemetry, check_telemetry
 from otel_recovery.telemetry import attributes as names
 from otel_recovery.telemetry.attributes import (
     CHECKPOINT_ID,
@@ -162,8 +162,7 @@ class ErrorRecoveryInteraction:
             raise TypeError(
                 f"breaker_factory must be callable(service_id), got {breaker_factory!r}"
             )
-        if not isinstance(telemetry, (bool, Telemetry)):
-            raise TypeError(f"telemetry must be True, False or a Telemetry, got {telemetry!r}")
+        check_telemetry(telemetry)
         check_classifier(classifier)
         if healing is not None and not isinstance(healing, HealingRegistry):
             raise TypeError(

@@ -88,14 +88,7 @@ class RecoveryPolicy(SyncDriver, AsyncDriver):
 
 def _is_async(fn: object) -> bool:
     """Coroutine functions, and objects whose ``__call__`` is one."""
-    if inspect.iscoroutinefunction(fn):
-        return True
-    if inspect.isroutine(fn):
-        return False
-    for klass in type(fn).__mro__:
-        if "__call__" in klass.__dict__:
-            return inspect.iscoroutinefunction(klass.__dict__["__call__"])
-    return False
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(_own_call(fn))
 
 
 def _own_call(fn: object) -> object:

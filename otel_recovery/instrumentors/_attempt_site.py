@@ -35,6 +35,7 @@ __all__ = [
     "AttemptSite",
     "cut_call_limit",
     "is_call_limit",
+    "limit_seconds",
     "past_call_limit",
     "site_of",
     "within_call_limit",
@@ -69,6 +70,14 @@ class AttemptSite:
         retries made reach it: what the application's handlers expect. None (the default):
         the instrumentor's attempt time-limit error."""
         return None
+
+
+def limit_seconds(value: object) -> float | None:
+    """A client's own time limit as seconds: a positive number; None (no limit) for
+    anything else (``None``, a sentinel, ``0``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
 
 
 def site_of(fn: Callable[..., Any]) -> AttemptSite | None:

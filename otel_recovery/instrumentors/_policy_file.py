@@ -403,7 +403,7 @@ def _scopes(targets: Mapping[str, Any], path: str) -> Iterator[tuple[str, _Layer
             yield _where_target(path, key, operation).split(" in policy file ")[0], layers
 
 
-def _check_backoff(
+def _check_orders(
     base: _Layers,
     arguments: Mapping[str, Any],
     targets: Mapping[str, Any],
@@ -417,18 +417,29 @@ def _check_backoff(
     ``breaker_minimum_calls`` may not exceed ``breaker_window``, the default window
     included: the window cannot hold that many calls, and the breaker would judge after a
     window's worth."""
-    _check_order(
-        base, arguments, targets, path, defaults, ("backoff_initial", "backoff_max"),
+    for names, why, default_high_gives_way in _ORDERED:
+        _check_order(
+            base, arguments, targets, path, defaults, names, why,
+            default_high_gives_way=default_high_gives_way,
+        )  # fmt: skip
+
+
+_ORDERED: tuple[tuple[tuple[str, str], str, bool], ...] = (
+    (
+        ("backoff_initial", "backoff_max"),
         "the first retry would wait longer than the longest wait allowed; make "
         "backoff_initial at most backoff_max",
-        default_high_gives_way=True,
-    )  # fmt: skip
-    _check_order(
-        base, arguments, targets, path, defaults, ("breaker_minimum_calls", "breaker_window"),
+        True,
+    ),
+    (
+        ("breaker_minimum_calls", "breaker_window"),
         "the breaker would judge after a window of calls, not after the minimum; make "
         "breaker_minimum_calls at most breaker_window",
-        default_high_gives_way=False,
-    )  # fmt: skip
+        False,
+    ),
+)
+"""Settings that may not exceed another: the pair, why, and whether the second one left
+at its default gives way (a longer first wait is taken as the longest, a window is not)."""
 
 
 def _check_order(

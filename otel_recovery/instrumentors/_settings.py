@@ -51,7 +51,7 @@ from typing import Any
 
 from otel_recovery._config import switch_value
 from otel_recovery.instrumentors._policy_file import (
-    _check_backoff,
+    _check_orders,
     _Layers,
     _read_policy,
     _values,
@@ -248,7 +248,7 @@ def load_settings(
     if path:
         top, targets = _read_policy(path, _DEFAULTS)
         layers.append((f"policy file {path}", top))
-    _check_backoff(layers, arguments, targets, path or "", _DEFAULTS)
+    _check_orders(layers, arguments, targets, path or "", _DEFAULTS)
     values: dict[str, Any] = {}
     for _, level in [*layers, (_ARGUMENTS, arguments)]:
         values.update(level)

@@ -28,6 +28,7 @@ from yarl import URL
 
 from otel_recovery._clock import Clock
 from otel_recovery.classify import Classifier
+from otel_recovery.instrumentors._attempt_site import limit_seconds
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._elsewhere import Server
 from otel_recovery.instrumentors._http import (
@@ -127,10 +128,9 @@ class _Site(HttpSite[aiohttp.ClientResponse]):
         timeout = call_kwargs.get("timeout", _NOT_GIVEN)
         if timeout is _NOT_GIVEN or timeout is aiohttp.helpers.sentinel:
             timeout = getattr(call_args[0], "_timeout", None)  # the session's
-        total = timeout.total if isinstance(timeout, aiohttp.ClientTimeout) else timeout
-        if isinstance(total, (int, float)) and not isinstance(total, bool) and total > 0:
-            return float(total)
-        return None
+        return limit_seconds(
+            timeout.total if isinstance(timeout, aiohttp.ClientTimeout) else timeout
+        )
 
     def time_limit_error(self, message: str) -> BaseException:
         return AioHttpTotalTimeoutError(message)

@@ -61,7 +61,7 @@ import asyncpg.prepared_stmt  # type: ignore[import-untyped]
 
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._asyncpg_closed import AsyncpgPolicy
-from otel_recovery.instrumentors._attempt_site import AttemptSite
+from otel_recovery.instrumentors._attempt_site import AttemptSite, limit_seconds
 from otel_recovery.instrumentors._db import (
     Plan,
     PlanCache,
@@ -463,8 +463,9 @@ def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
             attempt, limit = _acquiring(wrapped), args[0] if args else kwargs.get("timeout")
         else:
             attempt, limit = wrapped, kwargs.get("timeout", _CONNECT_TIMEOUT)
-        if _is_seconds(limit):
-            attempt = _WithinTimeout(attempt, float(limit)).attempt
+        seconds = limit_seconds(limit)
+        if seconds is not None:
+            attempt = _WithinTimeout(attempt, seconds).attempt
         return await run_async(plan, attempt, args, kwargs)
 
     return wrapper
@@ -472,10 +473,6 @@ def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
 
 _CONNECT_TIMEOUT = 60.0
 """``asyncpg.connect``'s own default ``timeout``."""
-
-
-def _is_seconds(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 class _WithinTimeout(AttemptSite):

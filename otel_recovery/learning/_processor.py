@@ -140,6 +140,7 @@ class AnomalySpanProcessor(SpanProcessor):
             ("max_pending", max_pending),
             ("confirm", confirm),
             ("recover", recover),
+            ("idle_buckets", idle_buckets),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{setting} must be an int >= 1, got {value!r}")
@@ -158,8 +159,6 @@ class AnomalySpanProcessor(SpanProcessor):
             raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
         if self._reconfirm <= 0:  # every anomaly would end the moment it began
             raise ValueError(f"reconfirm must be > 0 seconds, got {reconfirm!r}")
-        if isinstance(idle_buckets, bool) or not isinstance(idle_buckets, int) or idle_buckets < 1:
-            raise ValueError(f"idle_buckets must be an int >= 1, got {idle_buckets!r}")
         self._service = service
         self._max_series = max_series
         self._idle = idle_buckets
@@ -188,9 +187,7 @@ class AnomalySpanProcessor(SpanProcessor):
                 )
                 return AnomalyDetector(config)
 
-            def detector_factory() -> StreamingDetector:
-                return made_for("latency")
-
+            detector_factory = functools.partial(made_for, "latency")
             self._calls_factory: Callable[[], StreamingDetector] | None = functools.partial(
                 made_for, "calls"
             )

@@ -29,6 +29,7 @@ __all__ = [
     "CallTrace",
     "Telemetry",
     "attributes",
+    "check_telemetry",
     "get_telemetry",
     "set_telemetry",
     "watch_breaker_globally",
@@ -95,6 +96,13 @@ _default: Telemetry | None = None
 _lock = new_lock()
 _global_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
 _global_monitors: weakref.WeakSet[HealthSource] = weakref.WeakSet()
+
+
+def check_telemetry(telemetry: object) -> None:
+    """Refuse a ``telemetry=`` setting that is not ``True``, ``False`` or a
+    :class:`Telemetry` (``"yes"`` switched telemetry on or off by its truthiness)."""
+    if not isinstance(telemetry, (bool, Telemetry)):
+        raise TypeError(f"telemetry must be True, False or a Telemetry, got {telemetry!r}")
 
 
 def get_telemetry() -> Telemetry:
