@@ -47,6 +47,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from otel_recovery.instrumentors._operation_names import operation_name
 from otel_recovery.instrumentors._setting_values import (
     _ARGUMENTS,
     ENV_PREFIX,
@@ -201,7 +202,7 @@ def _toml_loads(text: str) -> dict[str, Any]:
 
 
 def _where_target(path: str, key: str, operation: str | None = None) -> str:
-    section = f'targets."{key}"' + (f'.operations."{operation}"' if operation else "")
+    section = f'targets."{key}"' + (f'.operations."{operation}"' if operation is not None else "")
     return f"[{section}] in policy file {path}"
 
 
@@ -232,6 +233,7 @@ def _read_policy(
                 f'[targets."{key}".operations."GET /v1/prices"], not {operations!r}'
             )
         ops: dict[str, Any] = {}
+        written: dict[str, str] = {}  # each operation as calls name it: the name written
         for operation, settings in operations.items():
             there = _where_target(path, key, operation)
             if not isinstance(settings, dict):
@@ -239,7 +241,14 @@ def _read_policy(
                     f"{there} must be a table of settings, such as fallback_value = [], "
                     f"not {settings!r}"
                 )
-            ops[operation] = _values(settings, there, "operation", key, defaults=defaults)
+            name = operation_name(operation, there)
+            first = written.setdefault(name, operation)
+            if first != operation:
+                raise SettingsError(
+                    f"{there} and the section for {first!r} both name the operation "
+                    f"{name!r} (methods and commands are case-insensitive): merge them"
+                )
+            ops[name] = _values(settings, there, "operation", key, defaults=defaults)
         if "operations" in section:
             converted[key]["operations"] = ops
         for spelling in target_spellings(key, where):
@@ -265,6 +274,13 @@ def target_spellings(key: str, where: str) -> list[str]:
     """Every spelling a call's target may have for the section ``key``: ``key`` first, then
     the normalised ones (the module docstring). Raises :class:`SettingsError` for a key that
     cannot name a target."""
+    if not key.strip():
+        raise SettingsError(f"{where}: the target is empty: name a host or host:port")
+    if key != key.strip():  # no call's target has spaces around it
+        raise SettingsError(
+            f"{where}: the target {key!r} has spaces around it, so no call would ever match "
+            f'the section: write [targets."{key.strip()}"]'
+        )
     if key.startswith("/"):  # a unix-socket directory, [:port]: also by its real path
         return _socket_spellings(key)
     if "://" in key:  # kept as written, it would match no call: a section never applied
@@ -282,7 +298,7 @@ def target_spellings(key: str, where: str) -> list[str]:
             f"{where}: the port in {key!r} is not a TCP port (1-65535), so no call would "
             "ever match the section"
         )
-    suffix = f":{port}" if port is not None else ""
+    suffix = f":{int(port)}" if port is not None else ""  # calls name 05432 as 5432
     spellings = [key, *(f"{spelling}{suffix}" for spelling in _host_spellings(host, where))]
     return list(dict.fromkeys(spellings))
 

@@ -1334,9 +1334,10 @@ def test_a_per_operation_fallback_answers_only_dependency_failures(
     h: Harness, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     policy = tmp_path / "policy.toml"
+    # the section in lower case: calls name the command GET, and the section still applies
     policy.write_text(
         f'[targets."127.0.0.1:{h.server.port}"]\nmax_attempts = 1\n'
-        f'[targets."127.0.0.1:{h.server.port}".operations."GET"]\nfallback_value = "stale"\n'
+        f'[targets."127.0.0.1:{h.server.port}".operations."get"]\nfallback_value = "stale"\n'
     )
     monkeypatch.setenv("OTEL_RECOVERY_CONFIG", str(policy))
     h.instrument()
