@@ -219,3 +219,18 @@ def test_demo_exports_spans_over_otlp_http(otlp_receiver):
                 names.update(span.name for span in scope_spans.spans)
     assert services == {"otel-recovery-demo"}
     assert {"GET /resource", "recover demo-dependency"} <= names
+
+
+def test_demo_says_so_when_recovery_is_switched_off():
+    """With ``OTEL_RECOVERY_ENABLED=false`` the report showed every fault as a failure and
+    never said why; it says recovery was off, on both streams, and no call was retried."""
+    result = run_cli(
+        "demo", "--calls", "12", "--short", "--no-progress", env={"OTEL_RECOVERY_ENABLED": "false"}
+    )
+    assert result.returncode == 0, result.stderr
+    said = "otel-recovery is switched off (OTEL_RECOVERY_ENABLED='false')"
+    assert said in result.stderr
+    assert said in result.stdout
+    total = parse_table(result.stdout)["**total**"]
+    assert total["extra attempts"] == "0"
+    assert total["recovered by retry"] == "0"

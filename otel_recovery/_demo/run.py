@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TextIO
+
+from otel_recovery._config import ENABLED_VARIABLE, is_active
 
 from .report import Progress, render_report
 from .scenario import NAME, Settings, run_calls
@@ -33,6 +36,7 @@ def run_demo(
         f"{kind} {count}" for kind, count in sorted(plan.counts().items()) if kind != "ok"
     )
     bar = Progress(settings.calls, err, enabled=progress)
+    off = _switched_off()
     try:
         with FaultServer(plan, settings.stall_seconds) as server:
             print(
@@ -45,6 +49,8 @@ def run_demo(
                 f"Timeout({settings.attempt_timeout:g} s) + Fallback(last known good).",
                 file=err,
             )
+            if off:
+                print(off, file=err)
             try:
                 result = run_calls(settings, server, tracing.tracer, bar.update)
             finally:
@@ -56,9 +62,24 @@ def run_demo(
     tracing.shutdown()  # flush first, so the span summary and OTLP export are complete
     for line in render_report(result, tracing.description):
         print(line, file=out)
+    if off:
+        print(f"\n{off}", file=out)
     summary = tracing.summary()
     if summary:
         print(file=out)
         for line in summary:
             print(line, file=out)
     return 0
+
+
+def _switched_off() -> str:
+    """What to say when ``OTEL_RECOVERY_ENABLED`` turned recovery off, else "": the report
+    would otherwise show every fault as a failure with nothing to say why."""
+    if is_active():
+        return ""
+    value = os.environ.get(ENABLED_VARIABLE)
+    return (
+        f"otel-recovery is switched off ({ENABLED_VARIABLE}={value!r}): each call makes one "
+        f"attempt, with no retry, breaker, timeout or fallback. Unset {ENABLED_VARIABLE} to "
+        "see recovery."
+    )
