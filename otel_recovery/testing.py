@@ -15,6 +15,7 @@ pytest users get the same as fixtures with ``pytest_plugins = ["otel_recovery.te
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,7 @@ class CapturedTelemetry:
         self.reader = reader
         self.tracer_provider = tracer_provider
         self.telemetry = telemetry
+        self._baseline: dict[tuple[str, Any], Any] = {}
 
     def spans(self) -> list[ReadableSpan]:
         """Finished spans, oldest first."""
@@ -81,24 +83,68 @@ class CapturedTelemetry:
     def metric_points(self, name: str) -> list[tuple[dict[str, Any], Any]]:
         """``(attributes, value)`` of every point of metric ``name`` (sum, gauge or histogram).
 
-        For histograms the value is the data point itself (``.count``, ``.sum``...).
+        For histograms the value is the data point itself (``.count``, ``.sum``...). After
+        :meth:`clear`, counters and histograms hold only what came after it (a point with
+        nothing new is left out; a histogram's min and max stay over the whole capture);
+        gauges and up-down counters keep their current value.
         """
-        data = self.reader.get_metrics_data()
         points: list[tuple[dict[str, Any], Any]] = []
-        if data is None:
-            return points
-        for resource_metrics in data.resource_metrics:
-            for scope_metrics in resource_metrics.scope_metrics:
-                for metric in scope_metrics.metrics:
-                    if metric.name != name:
-                        continue
-                    for point in metric.data.data_points:
-                        value = getattr(point, "value", point)
-                        points.append((dict(point.attributes or {}), value))
+        for key, point, counts in self._read():
+            shown = _since(point, self._baseline.get(key)) if counts else point
+            if key[0] == name and shown is not None:
+                points.append((dict(shown.attributes or {}), getattr(shown, "value", shown)))
         return points
 
     def clear(self) -> None:
+        """Forget the spans so far and start counting again: a test can act, clear, and
+        assert on what its next step alone produced, in spans and in metrics alike.
+        Cumulative metrics cannot be reset in the SDK, so what was counted up to now is
+        remembered here and taken off what :meth:`metric_points` reads."""
         self.exporter.clear()
+        self._baseline = {key: point for key, point, counts in self._read() if counts}
+
+    def _read(self) -> Iterator[tuple[tuple[str, Any], Any, bool]]:
+        """``((metric name, attribute key), point, counts)`` of every point collected now;
+        ``counts``: a monotonic sum or a histogram, which only grow."""
+        from opentelemetry.sdk.metrics.export import Histogram
+
+        data = self.reader.get_metrics_data()
+        if data is None:
+            return
+        for resource_metrics in data.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    counts = isinstance(metric.data, Histogram) or bool(
+                        getattr(metric.data, "is_monotonic", False)
+                    )
+                    for point in metric.data.data_points:
+                        yield (metric.name, _key(point)), point, counts
+
+
+def _key(point: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((point.attributes or {}).items()))
+
+
+def _since(point: Any, before: Any) -> Any:
+    """``point`` less what ``before`` (the same series at :meth:`CapturedTelemetry.clear`)
+    had counted; None when nothing was added since."""
+    if before is None:
+        return point
+    if hasattr(point, "bucket_counts"):
+        if point.count == before.count:
+            return None
+        buckets = [
+            now - then for now, then in zip(point.bucket_counts, before.bucket_counts, strict=True)
+        ]
+        return dataclasses.replace(
+            point,
+            count=point.count - before.count,
+            sum=point.sum - before.sum,
+            bucket_counts=buckets,
+        )
+    if point.value == before.value:
+        return None
+    return dataclasses.replace(point, value=point.value - before.value)
 
 
 @contextmanager

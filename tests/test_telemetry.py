@@ -453,3 +453,37 @@ def test_a_breakers_call_counter_never_goes_down_when_it_is_made_again():
         again.record_success()
     assert successful() == 105
     provider.shutdown()
+
+
+def test_clear_starts_metrics_afresh_as_it_does_spans(recovery_telemetry, fake_clock):
+    """``clear()`` forgot spans but kept every metric, so a test that cleared between two
+    steps asserted on both steps' counts. Counters and histograms now count from the clear;
+    the breaker's state (a gauge of now) is kept."""
+    policy = RecoveryPolicy(
+        retry=Retry(3, backoff=FixedBackoff(0.25)),
+        breaker=CircuitBreaker(name="inv", clock=fake_clock),
+        name="inventory",
+        clock=fake_clock,
+    )
+    assert policy.call(failing(ConnectionError("reset"), ConnectionError("reset"))) == "ok"
+    assert recovery_telemetry.metric_points(names.METRIC_RETRY_ATTEMPTS)[0][1] == 2
+
+    recovery_telemetry.clear()
+    assert recovery_telemetry.spans() == []
+    assert recovery_telemetry.metric_points(names.METRIC_RETRY_ATTEMPTS) == []
+    assert recovery_telemetry.metric_points(names.METRIC_CALL_DURATION) == []
+    states = recovery_telemetry.metric_points(names.METRIC_BREAKER_STATE)
+    assert {a[names.BREAKER_STATE]: v for a, v in states if v} == {"closed": 1}
+
+    assert policy.call(failing(TimeoutError("slow"))) == "ok"
+    retries = recovery_telemetry.metric_points(names.METRIC_RETRY_ATTEMPTS)
+    assert [(a[names.ERROR_TYPE], v) for a, v in retries] == [("TimeoutError", 1)]
+    ((attrs, point),) = recovery_telemetry.metric_points(names.METRIC_CALL_DURATION)
+    assert attrs[names.OUTCOME] == "success"
+    assert point.count == 1 and point.sum == pytest.approx(0.25)
+    assert sum(point.bucket_counts) == 1
+    calls = {
+        a[names.BREAKER_OUTCOME]: v
+        for a, v in recovery_telemetry.metric_points(names.METRIC_BREAKER_CALLS)
+    }
+    assert calls == {"successful": 1}  # the breaker counts calls: this one was recovered
