@@ -77,10 +77,12 @@ class AttemptLoop:
         (``PolicyCore._after_backoff``: the circuit opened meanwhile, the deadline passed),
         the loop then settled; None to go on."""
         error, policy = self.error, self.policy
-        if error is None or not SWITCHES.active:
+        if error is None:
             return None
-        stop = policy._after_backoff(_no_call, (), error, self.started)
+        stop = policy._after_backoff(_no_call, (), error, self.started) if SWITCHES.active else None
         if stop is None:
+            if self.trace is not None and self.info is not None:
+                self.trace.retried(self.info)
             return None
         self.done = True
         self.error = None

@@ -273,6 +273,8 @@ class AsyncDriver(PolicyCore):
                     stop = self._after_backoff(fn, args, error, started)
                     if stop is not None:
                         decision = stop
+                    elif trace is not None:
+                        trace.retried(info)
                 if decision.action is not Action.RETRY:
                     self._learn(decision.advice, success=False, seconds=0.0)
                     self._stopped(decision, error, info, attempt, started, trace, took)

@@ -514,6 +514,29 @@ class _TrippingClock(FakeClock):
         await asyncio.sleep(0)
 
 
+def _run(policy: RecoveryPolicy, fn, style: str) -> None:
+    """``fn`` under ``policy`` in one of the four ways a call can run."""
+
+    async def afn() -> None:
+        fn()
+
+    async def blocks() -> None:
+        async for attempt in policy.aattempts():
+            with attempt:
+                fn()
+
+    if style == "call":
+        policy.call(fn)
+    elif style == "acall":
+        asyncio.run(policy.acall(afn))
+    elif style == "attempts":
+        for attempt in policy.attempts():
+            with attempt:
+                fn()
+    else:
+        asyncio.run(blocks())
+
+
 @pytest.mark.parametrize("style", ["call", "acall", "attempts", "aattempts"])
 def test_a_circuit_opened_during_the_backoff_stops_the_retry(style):
     """The breaker was looked at before the wait only: one more request went out to a
@@ -530,25 +553,8 @@ def test_a_circuit_opened_during_the_backoff_stops_the_retry(style):
         sent.append(breaker.state.value)
         raise ConnectionError("down")
 
-    async def afn() -> None:
-        fn()
-
-    async def blocks() -> None:
-        async for attempt in policy.aattempts():
-            with attempt:
-                fn()
-
     with pytest.raises(ConnectionError):
-        if style == "call":
-            policy.call(fn)
-        elif style == "acall":
-            asyncio.run(policy.acall(afn))
-        elif style == "attempts":
-            for attempt in policy.attempts():
-                with attempt:
-                    fn()
-        else:
-            asyncio.run(blocks())
+        _run(policy, fn, style)
     assert sent == ["closed"]
 
 
@@ -676,3 +682,65 @@ def test_last_known_good_answers_only_the_same_arguments(fake_clock):
         with pytest.raises(ConnectionError):
             price(*args, **kwargs)
     assert price(1.0) == "price for (1.0,) {}"
+
+
+@pytest.mark.parametrize("style", ["call", "acall", "attempts", "aattempts"])
+def test_a_retry_stopped_after_its_wait_is_not_counted_as_a_retry(style, recovery_telemetry):
+    """The retry counter was added to when the retry was decided, before the wait: a retry
+    the opened circuit then stopped counted as an attempt that never went out."""
+    clock = _TrippingClock()
+    breaker = CircuitBreaker(failure_threshold=5, timeout=60, clock=clock, name="dep")
+    clock.breaker = breaker
+    policy = RecoveryPolicy(
+        retry=Retry(3, backoff=FixedBackoff(1.0)), breaker=breaker, clock=clock, name="dep"
+    )
+
+    def fn() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        _run(policy, fn, style)
+    assert recovery_telemetry.metric_points(names.METRIC_RETRY_ATTEMPTS) == []
+    span = recovery_telemetry.span("recover dep")
+    assert names.EVENT_RETRY in [event.name for event in span.events]  # it was decided
+    assert span.attributes[names.STOP_REASON] == "rejected"  # by the circuit, after the wait
+
+
+@pytest.mark.parametrize("style", ["call", "acall", "attempts", "aattempts"])
+def test_each_retry_that_goes_out_is_counted_once(style, recovery_telemetry, fake_clock):
+    policy = RecoveryPolicy(retry=Retry(4, backoff=FixedBackoff(1.0)), clock=fake_clock, name="dep")
+    failures = [ConnectionError("down")] * 2
+
+    def fn() -> None:
+        if failures:
+            raise failures.pop()
+
+    _run(policy, fn, style)
+    points = recovery_telemetry.metric_points(names.METRIC_RETRY_ATTEMPTS)
+    assert [value for _, value in points] == [2]
+
+
+async def test_a_retry_cancelled_during_its_wait_is_not_counted(recovery_telemetry):
+    """Cancelled while it slept between attempts (a client gone, a shutdown), the call
+    never sent its retry: the counter said it had."""
+    waiting = asyncio.Event()
+
+    class StallingClock(FakeClock):
+        async def asleep(self, seconds: float) -> None:
+            waiting.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    clock = StallingClock()
+    policy = RecoveryPolicy(retry=Retry(3, backoff=FixedBackoff(1.0)), clock=clock, name="dep")
+
+    async def fn() -> None:
+        raise ConnectionError("down")
+
+    task = asyncio.ensure_future(policy.acall(fn))
+    await waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert recovery_telemetry.metric_points(names.METRIC_RETRY_ATTEMPTS) == []
+    span = recovery_telemetry.span("recover dep")
+    assert span.attributes[names.OUTCOME] == "cancelled"

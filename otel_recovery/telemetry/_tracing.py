@@ -155,7 +155,14 @@ class CallTrace:
 
     @_never_raises
     def retrying(self, next_attempt: int, delay: float, info: ErrorInfo) -> None:
+        """A retry is decided: the event, at the start of its backoff."""
         self._span.add_event(names.EVENT_RETRY, {names.ATTEMPT: next_attempt, names.BACKOFF: delay})
+
+    @_never_raises
+    def retried(self, info: ErrorInfo) -> None:
+        """The retry :meth:`retrying` announced goes out, after its wait: counted only now,
+        so one cancelled during the wait, or stopped after it (the circuit opened, the
+        deadline passed, the client closed), is not an attempt in the metric."""
         self._metrics.retry_attempts.add(
             1, {names.POLICY_NAME: self._policy, names.ERROR_TYPE: info.error_type}
         )
