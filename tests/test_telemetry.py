@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.trace import SpanKind, StatusCode
 
 from otel_recovery.policies import (
@@ -13,6 +14,7 @@ from otel_recovery.policies import (
     RetryBudget,
 )
 from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.telemetry import Telemetry
 from otel_recovery.telemetry import attributes as names
 
 
@@ -487,3 +489,33 @@ def test_clear_starts_metrics_afresh_as_it_does_spans(recovery_telemetry, fake_c
         for a, v in recovery_telemetry.metric_points(names.METRIC_BREAKER_CALLS)
     }
     assert calls == {"successful": 1}  # the breaker counts calls: this one was recovered
+
+
+def test_a_breaker_reached_through_two_policies_counts_each_transition_once(
+    recovery_telemetry, fake_clock
+):
+    """One breaker, one policy pinned to the capture's telemetry, one following the
+    process-wide telemetry (the same one here), one pinned to another telemetry on the
+    same span: the transition was counted twice and marked on the span three times."""
+    breaker = CircuitBreaker(name="dep", failure_threshold=1, clock=fake_clock)
+    RecoveryPolicy(breaker=breaker, clock=fake_clock, telemetry=recovery_telemetry.telemetry)
+    RecoveryPolicy(
+        breaker=breaker,
+        clock=fake_clock,
+        telemetry=Telemetry(recovery_telemetry.tracer_provider, MeterProvider()),
+    )
+    policy = RecoveryPolicy(breaker=breaker, clock=fake_clock, name="dep")
+
+    def down() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        policy.call(down)
+    points = recovery_telemetry.metric_points(names.METRIC_BREAKER_TRANSITIONS)
+    assert [(a[names.BREAKER_TO], v) for a, v in points] == [("open", 1)]
+    span = recovery_telemetry.span("recover dep")
+    assert events(span).count(names.EVENT_BREAKER_STATE_CHANGE) == 1
+    fake_clock.advance(120)
+    assert breaker.can_execute()  # half-open: the next transition counts once too
+    points = recovery_telemetry.metric_points(names.METRIC_BREAKER_TRANSITIONS)
+    assert sorted((a[names.BREAKER_TO], v) for a, v in points) == [("half_open", 1), ("open", 1)]

@@ -10,6 +10,7 @@ elsewhere (tests use in-memory exporters this way).
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 from opentelemetry import trace
@@ -83,15 +84,45 @@ class Telemetry:
             attributes.BREAKER_FROM: transition.from_state.value,
             attributes.BREAKER_TO: transition.to_state.value,
         }
-        self.metrics.breaker_transitions.add(1, attrs)
+        # A breaker may reach us by several listeners (a policy pinned to this telemetry
+        # and one following the process-wide one, which may be this same telemetry, or
+        # share its meter provider): each transition counts once per set of instruments,
+        # and marks the current span once.
+        if _DELIVERED.first(transition, self.metrics):
+            self.metrics.breaker_transitions.add(1, attrs)
         span = trace.get_current_span()
-        if span.is_recording():
+        if span.is_recording() and _DELIVERED.first(transition, span):
             span.add_event(
                 attributes.EVENT_BREAKER_STATE_CHANGE,
                 {**attrs, attributes.BREAKER_REASON: transition.reason},
             )
 
 
+class _Deliveries:
+    """Which sinks (a set of instruments, a span) a recent transition already reached.
+
+    Bounded: a transition's listeners all run within one dispatch, so only the latest few
+    can still arrive. Each entry holds its transition and sink, so their ids stay theirs
+    while remembered."""
+
+    _KEEP = 256
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[tuple[int, int], tuple[object, object]] = OrderedDict()
+        self._lock = new_lock()
+
+    def first(self, transition: StateTransition, sink: object) -> bool:
+        key = (id(transition), id(sink))
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen[key] = (transition, sink)
+            if len(self._seen) > self._KEEP:
+                self._seen.popitem(last=False)
+            return True
+
+
+_DELIVERED = _Deliveries()
 _default: Telemetry | None = None
 _lock = new_lock()
 _global_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
