@@ -26,6 +26,7 @@ from otel_recovery.classify import (
     Severity,
     check_classifier,
     get_default_classifier,
+    takes_clock,
 )
 from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.bulkhead import Bulkhead, BulkheadFullError
@@ -281,6 +282,8 @@ class PolicyCore:
         """Classify; a classifier bug must not replace the caller's error with ours."""
         classifier = self.classifier or get_default_classifier()
         try:
+            if takes_clock(type(classifier)):  # a Retry-After date read on the policy's clock
+                return classifier.classify(error, self.context, clock=self.clock)
             return classifier.classify(error, self.context)
         except Exception as problem:
             _report_classifier_bug(classifier, error, problem)

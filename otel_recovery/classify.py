@@ -13,6 +13,7 @@ so a policy that trusts the classifier never repeats a request that was rejected
 from __future__ import annotations
 
 import http
+import inspect
 import logging
 import re
 from collections import OrderedDict, deque
@@ -278,13 +279,24 @@ class Classifier:
         with self._lock:
             self._seen.clear()
 
-    def classify(self, exc: BaseException, context: Mapping[str, Any] | None = None) -> ErrorInfo:
-        """Classify ``exc``; ``context["criticality"]`` (low..critical) shifts the severity."""
+    def classify(
+        self,
+        exc: BaseException,
+        context: Mapping[str, Any] | None = None,
+        *,
+        clock: Clock | None = None,
+    ) -> ErrorInfo:
+        """Classify ``exc``; ``context["criticality"]`` (low..critical) shifts the severity.
+
+        ``clock``: the one a ``Retry-After`` HTTP-date is read against (a policy passes its
+        own, so a ``FakeClock`` test sees the wait the date means); the classifier's own by
+        default. Repeat counting always uses the classifier's clock, shared by every caller.
+        """
         if not isinstance(exc, BaseException):
             raise TypeError(f"classify() takes an exception, got {type(exc).__name__}")
         shift = _criticality_shift(context)
         raw = safe_str(exc)
-        profile, verdict = self._evaluate(exc, raw, 0)
+        profile, verdict = self._evaluate(exc, raw, 0, (clock or self._clock).wall)
         if profile.static is not None and profile.static.kind is ErrorKind.CANCELLED:
             verdict = replace(verdict, retryable=False)  # cancellation is never retried
         message = redact_bounded(raw, MAX_MESSAGE)
@@ -363,14 +375,14 @@ class Classifier:
         return None
 
     def _direct(
-        self, exc: BaseException, raw: str, depth: int
+        self, exc: BaseException, raw: str, depth: int, wall: Callable[[], float]
     ) -> tuple[TypeProfile, Verdict, Rule | None]:
         """Built-in verdict plus Retry-After for ``exc`` alone, and the user rule matching it."""
         try:
             profile, verdict = resolve(exc, raw)
             if profile.group:
-                verdict = self._group(exc, depth)
-            retry_after = retry_after_of(exc, profile, self._clock.wall)
+                verdict = self._group(exc, depth, wall)
+            retry_after = retry_after_of(exc, profile, wall)
         except Exception:  # knowledge-base bug: degrade to UNKNOWN, never raise
             _log.debug("otel_recovery: built-in classification failed", exc_info=True)
             profile, verdict, retry_after = profile_of(type(exc)), _UNKNOWN, None
@@ -378,14 +390,16 @@ class Classifier:
             verdict = replace(verdict, retry_after=retry_after)
         return profile, verdict, self._match(exc, verdict, raw)
 
-    def _evaluate(self, exc: BaseException, raw: str, depth: int) -> tuple[TypeProfile, Verdict]:
-        profile, verdict, rule = self._direct(exc, raw, depth)
+    def _evaluate(
+        self, exc: BaseException, raw: str, depth: int, wall: Callable[[], float]
+    ) -> tuple[TypeProfile, Verdict]:
+        profile, verdict, rule = self._direct(exc, raw, depth, wall)
         if (
             not verdict.dependency
             and verdict.kind is not ErrorKind.CANCELLED
             and (rule is None or rule.category is None)
         ):
-            cause = self._dependency_cause(exc, depth)
+            cause = self._dependency_cause(exc, depth, wall)
             if cause is not None:
                 verdict = replace(
                     cause,
@@ -394,7 +408,9 @@ class Classifier:
                 )
         return profile, verdict if rule is None else rule.apply(verdict)
 
-    def _dependency_cause(self, exc: BaseException, depth: int) -> Verdict | None:
+    def _dependency_cause(
+        self, exc: BaseException, depth: int, wall: Callable[[], float]
+    ) -> Verdict | None:
         """First dependency failure in the ``__cause__``/``__context__`` chain (cycle-safe)."""
         seen = {id(exc)}
         current = exc
@@ -403,7 +419,7 @@ class Classifier:
             if nxt is None or id(nxt) in seen:
                 return None
             seen.add(id(nxt))
-            _, verdict, rule = self._direct(nxt, safe_str(nxt), depth + 1)
+            _, verdict, rule = self._direct(nxt, safe_str(nxt), depth + 1, wall)
             if rule is not None:
                 verdict = rule.apply(verdict)
             if verdict.dependency:
@@ -411,13 +427,13 @@ class Classifier:
             current = nxt
         return None
 
-    def _group(self, group: BaseException, depth: int) -> Verdict:
+    def _group(self, group: BaseException, depth: int, wall: Callable[[], float]) -> Verdict:
         """An exception group is as bad as its first dependency failure."""
         subs = getattr(group, "exceptions", ())
         if depth < 8 and isinstance(subs, tuple):
             for sub in subs:
                 if isinstance(sub, BaseException):
-                    verdict = self._evaluate(sub, safe_str(sub), depth + 1)[1]
+                    verdict = self._evaluate(sub, safe_str(sub), depth + 1, wall)[1]
                     if verdict.dependency:
                         return verdict
         return _UNKNOWN
@@ -429,6 +445,30 @@ _default = Classifier()
 def get_default_classifier() -> Classifier:
     """The process-wide classifier used by :func:`classify` and by policies without their own."""
     return _default
+
+
+def takes_clock(kind: type[Classifier]) -> bool:
+    """Whether ``kind.classify`` takes ``clock=``: the built-in one does; a subclass written
+    before it did, overriding ``classify(exc, context)``, is called without it."""
+    known = _takes_clock.get(kind)
+    if known is None:
+        known = _takes_clock[kind] = _signature_takes_clock(kind)
+    return known
+
+
+_takes_clock: dict[type[Classifier], bool] = {}
+
+
+def _signature_takes_clock(kind: type[Classifier]) -> bool:
+    if kind.classify is Classifier.classify:
+        return True
+    try:
+        parameters = inspect.signature(kind.classify).parameters
+    except (TypeError, ValueError):
+        return False
+    return "clock" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
 
 
 def check_classifier(classifier: object, setting: str = "classifier") -> None:

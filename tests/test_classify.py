@@ -291,6 +291,48 @@ def test_retry_after_http_date_is_relative_to_clock_wall(c: Classifier, clock: F
     assert c.classify_status(503, headers, clock=other).retry_after == pytest.approx(20.0)
 
 
+def _fails_once_with_a_dated_retry_after(clock: FakeClock, seconds: float) -> Any:
+    when = datetime.fromtimestamp(clock.wall() + seconds, tz=timezone.utc)
+    failures = [StatusError(503, {"Retry-After": format_datetime(when, usegmt=True)})]
+
+    def fetch() -> str:
+        if failures:
+            raise failures.pop()
+        return "ok"
+
+    return fetch
+
+
+def test_a_policy_reads_a_dated_retry_after_on_its_own_clock() -> None:
+    """The process-wide classifier read the date on the system clock, so under a policy's
+    ``FakeClock`` (years before today) a date 30 s ahead of it was long past: no wait."""
+    from otel_recovery.policies import Retry
+    from otel_recovery.recover import RecoveryPolicy
+
+    clock = FakeClock()
+    policy = RecoveryPolicy(retry=Retry(2), clock=clock, telemetry=False)
+    assert policy.call(_fails_once_with_a_dated_retry_after(clock, 30)) == "ok"
+    assert len(clock.sleeps) == 1 and 30.0 <= clock.sleeps[0] < 31.0  # plus up to 1 s of jitter
+
+
+def test_a_classifier_subclass_without_a_clock_parameter_still_works() -> None:
+    """A subclass overriding ``classify(exc, context)`` (written before ``clock=``) is
+    called as before, not refused as a classifier bug."""
+    from otel_recovery.policies import Retry
+    from otel_recovery.recover import RecoveryPolicy
+
+    class Tagging(Classifier):
+        def classify(self, exc: BaseException, context: Any = None) -> Any:
+            return super().classify(exc, context)
+
+    clock = FakeClock()
+    policy = RecoveryPolicy(
+        retry=Retry(2), clock=clock, classifier=Tagging(clock=clock), telemetry=False
+    )
+    assert policy.call(_fails_once_with_a_dated_retry_after(clock, 30)) == "ok"
+    assert len(clock.sleeps) == 1 and 30.0 <= clock.sleeps[0] < 31.0  # its own clock: the same
+
+
 def test_retry_after_date_in_the_past_is_zero(c: Classifier, clock: FakeClock) -> None:
     past = datetime.fromtimestamp(clock.wall() - 3600, tz=timezone.utc)
     headers = {"Retry-After": format_datetime(past, usegmt=True)}

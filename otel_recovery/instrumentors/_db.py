@@ -605,8 +605,14 @@ class PostgresClassifier(Classifier):
     Delegates to :func:`get_default_classifier` at each call, so user rules still apply.
     """
 
-    def classify(self, exc: BaseException, context: Mapping[str, Any] | None = None) -> ErrorInfo:
-        info = get_default_classifier().classify(exc, context)
+    def classify(
+        self,
+        exc: BaseException,
+        context: Mapping[str, Any] | None = None,
+        *,
+        clock: Clock | None = None,
+    ) -> ErrorInfo:
+        info = get_default_classifier().classify(exc, context, clock=clock)
         try:
             module = type(exc).__module__ or ""
             message = str(exc)

@@ -93,16 +93,23 @@ class ResponseClassifier(Classifier):
     def __init__(self, clock: Clock | None = None) -> None:
         super().__init__(clock=clock)
 
-    def classify(self, exc: BaseException, context: Mapping[str, Any] | None = None) -> ErrorInfo:
+    def classify(
+        self,
+        exc: BaseException,
+        context: Mapping[str, Any] | None = None,
+        *,
+        clock: Clock | None = None,
+    ) -> ErrorInfo:
         default = get_default_classifier()
+        clock = clock or self.clock
         if isinstance(exc, RetryableStatusError):
-            info = default.classify_status(exc.status_code, exc.headers, clock=self.clock)
+            info = default.classify_status(exc.status_code, exc.headers, clock=clock)
             if info.retryable:
                 return info
             # Listed although the table calls it an answer (a 401, a 409): the user says
             # this server fails with it, so it is transient, and the breaker counts it.
             return replace(info, retryable=True, category=ErrorCategory.TRANSIENT)
-        return default.classify(exc, context)
+        return default.classify(exc, context, clock=clock)
 
 
 @dataclass(frozen=True, slots=True)
