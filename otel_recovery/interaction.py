@@ -69,9 +69,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from otel_recovery._breaker_registry import BreakerRegistry
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._config import SWITCHES
-from otel_recovery._forksafe import new_lock
 from otel_recovery._interaction_support import (
     Outcome,
     Run,
@@ -151,6 +151,7 @@ class ErrorRecoveryInteraction:
         max_attempts: int = 3,
         backoff: Backoff | None = None,
         learner: StrategyLearner | None = None,
+        max_breakers: int = 1024,
     ) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
@@ -181,8 +182,7 @@ class ErrorRecoveryInteraction:
             raise TypeError(f"learner must be a StrategyLearner, got {learner!r}")
         self.learner = learner
         self._breaker_factory = breaker_factory
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._lock = new_lock()
+        self._breakers = BreakerRegistry(self._new_breaker, max_breakers)
         self._stats = RecoveryStats()
 
     @property
@@ -219,25 +219,21 @@ class ErrorRecoveryInteraction:
     # -- circuit breakers ---------------------------------------------------------------------
 
     def get_circuit_breaker(self, service_id: str) -> CircuitBreaker:
-        """The breaker of ``service_id``, created on first use."""
-        with self._lock:
-            breaker = self._breakers.get(service_id)
-            if breaker is None:
-                if self._breaker_factory is not None:
-                    breaker = self._breaker_factory(service_id)
-                    if not isinstance(breaker, CircuitBreaker):
-                        raise TypeError(
-                            f"breaker_factory returned {breaker!r}, not a CircuitBreaker"
-                        )
-                else:
-                    breaker = CircuitBreaker(5, 60.0, name=service_id, clock=self.clock)
-                self._breakers[service_id] = breaker
-            return breaker
+        """The breaker of ``service_id``, created on first use (at most ``max_breakers``
+        idle ones are kept: see :mod:`otel_recovery._breaker_registry`)."""
+        return self._breakers.get(service_id)
+
+    def _new_breaker(self, service_id: str) -> CircuitBreaker:
+        if self._breaker_factory is None:
+            return CircuitBreaker(5, 60.0, name=service_id, clock=self.clock)
+        breaker = self._breaker_factory(service_id)
+        if not isinstance(breaker, CircuitBreaker):
+            raise TypeError(f"breaker_factory returned {breaker!r}, not a CircuitBreaker")
+        return breaker
 
     @property
     def circuit_breakers(self) -> dict[str, CircuitBreaker]:
-        with self._lock:
-            return dict(self._breakers)
+        return self._breakers.items()
 
     def reset_circuit(self, service_id: str) -> None:
         """Close the service's breaker (also ends a CIRCUIT_BREAK isolation)."""
