@@ -80,7 +80,13 @@ _TOKEN_PREFIX = re.compile(
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 
 # A bare ``Bearer <token>`` outside an Authorization header (for instance in a curl line).
-_BEARER = re.compile(r"(?i)\b(bearer)\s+([A-Za-z0-9._~+/=-]+)")
+# The token is RFC 6750's b64token, ``=`` only as padding at its end: a ``name=value`` after
+# the word (``token_type=bearer expires_in=3600``) is the next parameter, not a token, and so
+# is a challenge's parameter (``WWW-Authenticate: Bearer realm="api"``); both stay readable.
+_BEARER = re.compile(
+    r"(?i)\b(bearer)\s+(?!(?:realm|scope|error|error_description|error_uri)=)"
+    r"([A-Za-z0-9._~+/-]+=*)(?![\w=])"
+)
 
 # ``-----BEGIN RSA PRIVATE KEY-----`` ... ``-----END RSA PRIVATE KEY-----`` (PEM, OpenSSH, PGP):
 # the body goes; a block cut before its END line is masked to the end of the text.

@@ -32,6 +32,8 @@ CASES = [
     ),
     ("Authorization: s3cr3t", "Authorization: ***"),
     ("curl -H 'x' Bearer tok_live_123", "curl -H 'x' Bearer ***"),
+    ("echo 'Bearer dG9rZW4=' | xargs", "echo 'Bearer ***' | xargs"),  # padded, in quotes
+    ('["Bearer abc.def=="]', '["Bearer ***"]'),
     (f"token {JWT} rejected", "token *** rejected"),
     ('{"password": "hunter2", "user": "bob"}', '{"password": "***", "user": "bob"}'),
     ("DB_PASSWORD=hunter2 ./run", "DB_PASSWORD=*** ./run"),
@@ -368,6 +370,10 @@ ORDINARY = [
     "the key (a) was not found",
     "Failing row contains no data",
     "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+    # an OAuth token response's parameters after its type, and a challenge's parameters
+    "token_type=bearer expires_in=3600 scope=read",
+    'WWW-Authenticate: Bearer realm="api", error="invalid_token"',
+    'WWW-Authenticate: Bearer error="insufficient_scope", scope="orders:write"',
 ]
 
 
