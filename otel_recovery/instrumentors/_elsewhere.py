@@ -15,9 +15,11 @@ answers it, and the recovery trace says ``otel_recovery.retry.disallowed=redirec
 The HTTP site tells, on the failure path only, from what the failure carries: a failed
 response's ``history`` (its first request's URL against its own), or the request an
 exception names (httpx's ``error.request``, requests' ``error.request``, aiohttp's
-``ClientConnectorError.host``/``port``), against the URL the call asked for. Where the
-failure names no request (an aiohttp ``ServerDisconnectedError``), it is taken as the first
-server's, as before. A redirect that stays on the same host and port changes nothing.
+``ClientConnectorError.host``/``port``; for an aiohttp failure that names no request, a
+``ServerDisconnectedError``, the ``url`` its ``ClientSession._request`` frame was sending
+to), against the URL the call asked for. A failure that says nothing of where it was met is
+taken as the first server's, as before. A redirect that stays on the same host and port
+changes nothing.
 """
 
 from __future__ import annotations

@@ -143,12 +143,15 @@ class _Site(HttpSite[aiohttp.ClientResponse]):
 
     def failed_at(self, error: Exception) -> Server | None:
         # what aiohttp's errors say of the request that failed (a redirect's, once one was
-        # made); a dropped connection (ServerDisconnectedError), a timeout: nothing
+        # made); a dropped connection (ServerDisconnectedError) or aiohttp's own timeout says
+        # nothing, but ClientSession._request's frame in its traceback still holds the URL
+        # it was sending to when it failed (it follows redirects by rebinding ``url``)
         if isinstance(error, aiohttp.ClientConnectorError):
             return target_of("", error.host, error.port)
         if isinstance(error, aiohttp.ClientResponseError):
             return server_of_url(error.request_info.real_url)
-        return None
+        url = _url_being_sent(error)
+        return server_of_url(url) if url is not None else None
 
     def rejected(
         self, error: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -292,6 +295,20 @@ _SOCKETS: tuple[type[Any], ...] = tuple(
 """aiohttp's connectors to a local socket, which keep its path as ``_path``."""
 _TCP = aiohttp.TCPConnector
 """The usual connector: told apart from those by one identity test."""
+
+
+def _url_being_sent(error: BaseException) -> URL | None:
+    """The ``url`` local of the ``ClientSession._request`` frame ``error`` passed through:
+    the URL of the request that failed, a redirect's included. None where the error did not
+    come through it (our own time limit, raised outside it)."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_code in _ENTRY:
+            url = frame.f_locals.get("url")
+            return url if isinstance(url, URL) and url.is_absolute() else None
+        traceback = traceback.tb_next
+    return None
 
 
 def _socket_of(session: Any) -> str | None:

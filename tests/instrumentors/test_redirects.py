@@ -141,3 +141,22 @@ async def test_a_redirect_that_stays_on_the_server_is_retried_as_before(
     assert outcomes == [("status", 200)]
     assert server.count("/moved") == 2 and server.count("/here") == 2
     assert disallowed(tel) == [None]
+
+
+@CLIENTS
+async def test_a_redirect_target_that_drops_the_connection_is_not_the_first_servers_failure(
+    server, tel, instrument, client
+):
+    """A dropped connection names no request in aiohttp (``ServerDisconnectedError``): it was
+    taken as the first server's, retried there (asking it again for what it had answered)
+    and counted on its breaker, which opened for the application's next POST."""
+    instrument(contrib=False, **BREAKER)
+    elsewhere = f"http://localhost:{server.port}/files"
+    server.script("/dl", *[hf.status(307, {"Location": elsewhere})] * 4)
+    server.script("/files", *[hf.reset()] * 12)
+    steps = [("GET", server.url("/dl"))] * 4 + [("POST", server.url("/orders"))]
+    outcomes = await calls(client, steps)
+    assert [kind for kind, _ in outcomes] == ["raised"] * 4 + ["status"]
+    assert outcomes[-1] == ("status", 200)  # the first server's circuit stayed closed
+    assert server.count("/dl") == 4 and server.count("/orders") == 1  # each asked once
+    assert disallowed(tel) == ["redirected"] * 4
