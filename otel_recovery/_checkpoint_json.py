@@ -82,7 +82,12 @@ JSON = JsonSerializer()
 
 
 _FAST = frozenset({str, int, bool, type(None)})
-"""Exact types that need no further look (checked by identity: the hot path of the walk)."""
+"""Exact types that need no further look (checked by identity: the hot path of the walk),
+but for an int too long to read back (:data:`_LONGEST_INT`)."""
+_LONGEST_INT = 10**4300 - 1
+"""Python reads back no int of more than 4,300 digits by default
+(``sys.get_int_max_str_digits``): one saved by a process that raised its own limit would be a
+checkpoint every other process finds corrupt, so it is refused where it is saved."""
 
 
 def _unencodable(text: str) -> bool:
@@ -118,7 +123,7 @@ def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:
     """
     kind = type(value)
     if kind in _FAST:
-        return None
+        return _too_long(value) if kind is int else None
     if kind is float or isinstance(value, float):
         return (
             None
@@ -126,7 +131,7 @@ def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:
             else ([], "float", f"is {value!r}, which JSON cannot represent")
         )
     if isinstance(value, _JSON_SCALARS):
-        return None
+        return _too_long(value) if isinstance(value, int) else None
     if depth >= _MAX_DEPTH:
         return [], type(value).__qualname__, f"is nested more than {_MAX_DEPTH} levels deep"
     if isinstance(value, (dict, builtins.list, tuple)):
@@ -139,7 +144,7 @@ def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:
                 if isinstance(value, dict) and type(key) is not str and not isinstance(key, str):
                     name = type(key).__qualname__
                     return [key], name, f"has a {name} key, but JSON keys are strings"
-                if type(item) in _FAST:
+                if type(item) in _FAST and not (type(item) is int and _too_long(item)):
                     continue
                 found = _find_problem(item, parents, depth + 1)
                 if found is not None:
@@ -153,3 +158,14 @@ def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     )
     return [], name, f"is a {name}"
+
+
+def _too_long(value: int) -> _Problem | None:
+    if -_LONGEST_INT <= value <= _LONGEST_INT:
+        return None
+    return (
+        [],
+        "int",
+        "is an int of more than 4,300 digits, which Python reads back only where "
+        "sys.set_int_max_str_digits() raised the limit: store it as a string",
+    )

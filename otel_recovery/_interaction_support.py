@@ -14,7 +14,7 @@ import inspect
 import os
 import random
 import re
-from collections.abc import Callable, Iterator, Mapping, MutableSequence, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,7 +269,7 @@ def type_name(error: BaseException) -> str:
 
 def describe(error: BaseException) -> str:
     """``"Type: message"``, redacted and bounded, for results and span statuses."""
-    text = bounded(error) if str(error) else ""
+    text = bounded(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -293,11 +293,12 @@ if hasattr(os, "register_at_fork"):  # a forked child rolls back nothing of its 
     os.register_at_fork(after_in_child=_LISTS_ROLLING.clear)
 
 
-def _stack_of(undos: Sequence[Any]) -> Compensations:
+def _stack_of(undos: list[Any]) -> Compensations:
     with _lists_lock:
         held = _LISTS_ROLLING.get(id(undos))
         if held is None:
             saga = Compensations()
+            saga.owed_hint = "Pass the same list to TRANSACTION_ROLLBACK again to run them"
             for undo in undos:
                 saga.add(undo, name=callable_name(undo))
         else:
@@ -306,17 +307,17 @@ def _stack_of(undos: Sequence[Any]) -> Compensations:
         return saga
 
 
-def _list_done(undos: object, saga: Compensations, *, update: bool) -> None:
+def _list_done(undos: list[Any], saga: Compensations, *, update: bool) -> None:
     """The list keeps what is still owed (told by the rollback that ran the stack); the last
     rollback holding the stack lets it go."""
     with _lists_lock:
-        if update and isinstance(undos, MutableSequence):
-            undos[:] = [undo for _, undo in saga.pending]
         _, holders = _LISTS_ROLLING[id(undos)]
         if holders == 1:
             del _LISTS_ROLLING[id(undos)]
         else:
             _LISTS_ROLLING[id(undos)] = (saga, holders - 1)
+        if update:
+            undos[:] = [undo for _, undo in saga.pending]
 
 
 async def rollback(
@@ -333,8 +334,13 @@ async def rollback(
         return "failed", reason + "the order their steps ran", None, 0
     if isinstance(compensations, Compensations):
         saga = compensations
-    elif isinstance(compensations, (str, bytes)) or not isinstance(compensations, Sequence):
-        reason = "context['compensations'] must be a Compensations stack or a list of callables"
+    elif not isinstance(compensations, list):
+        reason = (
+            "context['compensations'] must be a Compensations stack or a list of callables, "
+            f"not {type(compensations).__name__}: a list is consumed as its undos succeed, so "
+            "passing it again runs only what is owed (a tuple or a deque cannot be; pass "
+            "list(...) and keep that list)"
+        )
         return "failed", reason, None, 0
     else:
         for undo in compensations:
@@ -353,7 +359,7 @@ async def rollback(
         reason = "another recovery is rolling these compensations back now; none ran twice"
         return "failed", reason, None, 0
     finally:
-        if saga is not compensations:
+        if isinstance(compensations, list):
             _list_done(compensations, saga, update=ran_here)
     ran = total - len(failures)
     if not failures:

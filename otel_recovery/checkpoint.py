@@ -95,10 +95,15 @@ class CheckpointConflictError(CheckpointError):
     """A compare-and-set save found another latest version than the one it expected."""
 
     def __init__(self, checkpoint_id: str, expected: int, actual: int) -> None:
+        why = (
+            "another writer saved first"
+            if actual > expected
+            else f"version {expected} expired or was deleted since"
+        )
         super().__init__(
             f"checkpoint {checkpoint_id!r} was not saved: expected latest version {expected}, "
-            f"but the store holds version {actual} (another writer saved first); reload it, "
-            "merge, and save again with expected_version=" + str(actual),
+            f"but the store holds version {actual} ({why}); reload it, merge, and save again "
+            f"with expected_version={actual}",
             checkpoint_id=checkpoint_id,
         )
         self.expected = expected

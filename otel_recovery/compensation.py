@@ -32,6 +32,7 @@ from opentelemetry import trace
 
 from otel_recovery._driver_async import resolve
 from otel_recovery._forksafe import new_lock, reset_in_child
+from otel_recovery._known_errors import safe_str
 from otel_recovery._redact import redact
 from otel_recovery.policies import ExponentialBackoff, Retry
 from otel_recovery.policies._error_match import error_matches
@@ -66,7 +67,7 @@ class CompensationError(Exception):
 
     def __init__(self, original: BaseException, failures: list[tuple[str, BaseException]]):
         names = ", ".join(
-            f"{name!r} ({type(exc).__name__}: {redact(str(exc))})" for name, exc in failures
+            f"{name!r} ({type(exc).__name__}: {redact(safe_str(exc))})" for name, exc in failures
         )
         super().__init__(
             f"{len(failures)} compensation(s) failed after {type(original).__name__}: {names}"
@@ -109,6 +110,8 @@ class Compensations:
     def __init__(self) -> None:
         self._undos: list[tuple[str, Undo]] = []
         self._running = False
+        self.owed_hint = "Call compensate() or acompensate() on this Compensations to run them"
+        """How the warning after an interruption tells the caller to run what is owed."""
         self._guard = new_lock()
         reset_in_child(self)
 
@@ -125,6 +128,11 @@ class Compensations:
     def add(self, undo: Undo, *, name: str | None = None) -> None:
         if not callable(undo):
             raise TypeError(f"an undo must be callable, got {undo!r}")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise TypeError(
+                f"an undo's name must be a non-empty string (it names the undo in spans and "
+                f"errors), or None for the function's own name; got {name!r}"
+            )
         label = name or str(getattr(undo, "__qualname__", None) or repr(undo))
         self._undos.append((label, undo))
 
@@ -242,19 +250,17 @@ class Compensations:
         after = (
             ""
             if original is None
-            else f" (undoing after {type(original).__name__}: {redact(str(original))})"
+            else f" (undoing after {type(original).__name__}: {redact(safe_str(original))})"
         )
         message = (
             f"compensation interrupted by {type(interruption).__name__} while undo "
             f"{entry[0]!r} was running{after}; {len(self._undos)} undo(s) left on the stack, "
-            f"to run newest first: {left}. Call compensate() or acompensate() on this "
-            f"Compensations to run them (the interrupted one runs again from the start)"
+            f"to run newest first: {left}. {self.owed_hint} (the interrupted one runs again "
+            f"from the start)"
         )
-        _log.warning("%s", message)
-        add_note = getattr(interruption, "add_note", None)  # Python 3.11+
-        if callable(add_note):
-            with contextlib.suppress(Exception):  # an exception that refuses notes
-                add_note(message)
+        with contextlib.suppress(Exception):  # an exception that refuses attributes
+            setattr(interruption, _INTERRUPTED, True)
+        _tell(interruption, message)
 
     def __enter__(self) -> Compensations:
         return self
@@ -268,9 +274,11 @@ class Compensations:
         if error is None:
             self._undos.clear()
             return
+        if self._left_for_later(error):
+            return
         failures = self._run_sync(error)
         if failures:
-            raise CompensationError(error, failures) from error
+            self._raise_failures(error, failures)
 
     async def __aenter__(self) -> Compensations:
         return self
@@ -284,16 +292,45 @@ class Compensations:
         if error is None:
             self._undos.clear()
             return
+        if self._left_for_later(error):
+            return
         failures = await self._run_async(error)
         if failures:
+            self._raise_failures(error, failures)
+
+    def _left_for_later(self, error: BaseException) -> bool:
+        """Whether ``error`` interrupted a compensation inside this block (a nested stack's):
+        that one still owes a newer undo, so this older stack's must not run before it. It
+        is left whole, and said so; the interruption propagates."""
+        if getattr(error, _INTERRUPTED, False) is not True or not self._undos:
+            return False
+        left = ", ".join(repr(name) for name, _ in reversed(self._undos))
+        _tell(
+            error,
+            f"compensation of an enclosing stack skipped: {type(error).__name__} interrupted "
+            f"a compensation inside it, which still owes a newer undo; {len(self._undos)} "
+            f"undo(s) left here, to run newest first after it: {left}. {self.owed_hint}",
+        )
+        return True
+
+    @staticmethod
+    def _raise_failures(error: BaseException, failures: list[tuple[str, BaseException]]) -> None:
+        """An error left the block and undos failed. A failure of the work (an Exception)
+        becomes a :class:`CompensationError` carrying both; an interruption (cancellation,
+        ``KeyboardInterrupt``, ``SystemExit``) keeps propagating as itself, with the failed
+        undos in the log and in a note: made an ``Exception``, it was swallowed by the
+        host's ``except Exception``, a cancelled task did not end cancelled, and
+        ``asyncio.timeout`` never raised its ``TimeoutError``."""
+        if isinstance(error, Exception):
             raise CompensationError(error, failures) from error
+        _tell(error, str(CompensationError(error, failures)) + "; they stay on the stack")
 
 
 def _record(name: str, error: BaseException | None, *, outcome: str = "failed") -> None:
     span = trace.get_current_span()
     if not span.is_recording():
         if error is not None and outcome == "failed":
-            _log.error("compensation %r failed: %s", name, redact(str(error)))
+            _log.error("compensation %r failed: %s", name, redact(safe_str(error)))
         return
     attributes: dict[str, Any] = {
         COMPENSATION_NAME: name,
@@ -302,6 +339,19 @@ def _record(name: str, error: BaseException | None, *, outcome: str = "failed") 
     if error is not None:
         attributes[ERROR_TYPE] = type(error).__qualname__
     span.add_event(EVENT_COMPENSATION, attributes)
+
+
+_INTERRUPTED = "_otel_recovery_interrupted_compensation"
+"""Set on an interruption that stopped a compensation (see ``Compensations._left_for_later``)."""
+
+
+def _tell(interruption: BaseException, message: str) -> None:
+    """Say ``message`` in the log and, where the exception takes one, as its note."""
+    _log.warning("%s", message)
+    add_note = getattr(interruption, "add_note", None)  # Python 3.11+
+    if callable(add_note):
+        with contextlib.suppress(Exception):  # an exception that refuses notes
+            add_note(message)
 
 
 def _close(value: object) -> None:
@@ -376,6 +426,35 @@ def _refuse_async(conn: Any, fn: Callable[..., Any]) -> None:
         raise TypeError(_USE_ARUN.format(what=f"the async connection {conn!r}"))
 
 
+_USE_RUN = (
+    "arun_transaction() awaits an async function on an async connection (psycopg "
+    "AsyncConnection, asyncpg Connection or Pool); for {what} use run_transaction(conn, fn)"
+)
+
+
+def _refuse_sync(conn: Any, fn: Callable[..., Any]) -> None:
+    """A sync connection or a function that cannot be awaited, given to the async form: it
+    failed inside the transaction with a message about context managers or ``await``."""
+    if not callable(fn):
+        raise TypeError(f"arun_transaction() needs a function fn(conn), got {fn!r}")
+    close = getattr(conn, "close", None)
+    if callable(close) and not inspect.iscoroutinefunction(close):
+        raise TypeError(_USE_RUN.format(what=f"the synchronous connection {conn!r}"))
+
+
+def _awaited(fn: Callable[[Any], Awaitable[T]]) -> Callable[[Any], Awaitable[T]]:
+    """``fn``, refusing at its first call what it returns if that cannot be awaited (a
+    sync function): the transaction then rolls back, as for any error of ``fn``."""
+
+    async def body(conn: Any) -> T:
+        result = fn(conn)
+        if not inspect.isawaitable(result):
+            raise TypeError(_USE_RUN.format(what=f"the synchronous function {fn!r}"))
+        return await result
+
+    return body
+
+
 def run_transaction(
     conn: Any,
     fn: Callable[[Any], T],
@@ -397,9 +476,9 @@ def run_transaction(
     def once() -> T:
         with conn.transaction():
             result = fn(conn)
-            if inspect.iscoroutine(result):  # a lambda around an async body: roll back
-                result.close()
-                raise TypeError(_USE_ARUN.format(what=f"{fn!r}, which returned a coroutine,"))
+            if inspect.isawaitable(result):  # a lambda around an async body: roll back
+                _close(result)  # a coroutine never runs; a task or future is not ours to stop
+                raise TypeError(_USE_ARUN.format(what=f"{fn!r}, which returned an awaitable,"))
             return result
 
     return _policy(retry, name, **options).call(once)
@@ -418,7 +497,9 @@ async def arun_transaction(
     With an asyncpg pool each attempt acquires a connection of its own, so an attempt that
     lost its connection does not doom the next one.
     """
+    _refuse_sync(conn, fn)
     module = type(conn).__module__
+    fn = _awaited(fn)
 
     is_pool = hasattr(conn, "acquire") and not hasattr(conn, "is_in_transaction")
     if module.startswith("asyncpg") and is_pool:

@@ -393,8 +393,9 @@ class ErrorRecoveryInteraction:
         try:
             with activated(span, tracer):
                 outcome = await self._execute(action, selection.reason, run)
-        except BaseException:
-            span.set_attribute(names.OUTCOME, "cancelled")
+        except BaseException as stopped:  # cancelled, or an error no step caught
+            outcome_name = "failure" if isinstance(stopped, Exception) else "cancelled"
+            span.set_attribute(names.OUTCOME, outcome_name)
             span.end(end_time=int(self.clock.wall() * 1e9))
             raise
         elapsed = max(0.0, self.clock.now() - started)

@@ -497,7 +497,7 @@ def test_an_async_body_or_connection_is_refused_naming_arun_transaction(table):
     with _connect() as conn:
         with pytest.raises(TypeError, match=r"use `await arun_transaction\(conn, fn\)`"):
             run_transaction(conn, body, telemetry=False)
-        with pytest.raises(TypeError, match="which returned a coroutine"):
+        with pytest.raises(TypeError, match="which returned an awaitable"):
             run_transaction(conn, lambda c: body(c), telemetry=False)
         assert conn.info.transaction_status == 0  # rolled back, nothing left open
 
