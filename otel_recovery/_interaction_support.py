@@ -129,6 +129,14 @@ def bounded(value: object) -> str:
 
 
 _SPAN_OUTCOMES = {"failed": "failure", "circuit_open": "rejected"}
+
+
+def span_outcome(status: str) -> str:
+    """A result's status in the words every recovery span uses (``failure``, not the seed
+    API's ``failed``), so one search for ``otel_recovery.outcome=failure`` finds them all."""
+    return _SPAN_OUTCOMES.get(status, status)
+
+
 """The seed API's ``recovery_status`` values that the recovery spans name otherwise."""
 
 
@@ -439,7 +447,7 @@ def finish(
     result.update(run.extra)
     # The span speaks the library's outcome words (``failure``, ``rejected``), as every other
     # recovery span does, so one search finds them all; the result keeps the seed's.
-    span.set_attribute(names.OUTCOME, _SPAN_OUTCOMES.get(outcome.status, outcome.status))
+    span.set_attribute(names.OUTCOME, span_outcome(outcome.status))
     span.set_attribute(names.ATTEMPTS, run.calls)
     if outcome.status != "success":
         result["reason"] = outcome.reason or outcome.status

@@ -57,6 +57,7 @@ from otel_recovery._interaction_support import (
     describe,
     resolve,
     rollback,
+    span_outcome,
     start_span,
     tracer_of,
 )
@@ -251,7 +252,7 @@ class RecoveryOrchestrator:
                         results[name] = result
                         event = {
                             SERVICE_ID: name,
-                            STATUS: result["status"],
+                            STATUS: span_outcome(result["status"]),
                             STRATEGY: result["strategy"],
                         }
                         if "reason" in result:

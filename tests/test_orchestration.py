@@ -251,7 +251,7 @@ async def test_the_orchestration_is_one_span_with_an_event_per_service(
         (e.attributes["otel_recovery.service.id"], e.attributes["otel_recovery.outcome"])
         for e in span.events
     ]
-    assert events == [("database", "failed"), ("api", "skipped")]
+    assert events == [("database", "failure"), ("api", "skipped")]  # the spans' words
     assert tuple(span.attributes["otel_recovery.orchestration.services"]) == ("api", "database")
 
 

@@ -47,7 +47,9 @@ def operation_name(name: str, where: str) -> str:
     if name.lower() in _SQL:
         return name.lower()
     http = _HTTP.fullmatch(name)
-    if http is not None and "/" in http.group(2):
+    if http is not None and (
+        "/" in http.group(2) or http.group(1).upper() in _STANDARD_METHODS
+    ):  # a path, or a standard method before a path without its "/" ("GET x")
         return _http_name(http.group(1), http.group(2), name, where)
     return _redis_name(name, where)
 

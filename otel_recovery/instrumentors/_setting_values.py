@@ -200,7 +200,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "retry_after_cap": (lambda v: 0 <= v <= _DAY, "seconds from 0 to 86400 (a day)"),
     "budget_ratio": (lambda v: 0 <= v <= 1, "a ratio from 0 to 1 (0.1 = 10 %)"),
-    "budget_min_per_second": (lambda v: v >= 0, "a finite number >= 0"),
+    "budget_min_per_second": (lambda v: 0 <= v <= 10_000, "retries per second from 0 to 10000"),
     "breaker_failure_rate": (lambda v: 0 < v <= 1, "a ratio in (0, 1]"),
     "breaker_window": (lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000 (calls)"),
     "breaker_minimum_calls": (lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),

@@ -4,7 +4,7 @@ There is no OpenTelemetry semantic convention for retries or circuit breakers ye
 (semantic-conventions#2355), so these live in our own ``otel_recovery.*`` namespace, never in
 ``http.*``/``db.*`` and never in the reserved ``otel.*``. ``error.type`` and
 ``http.request.resend_count`` are the standard attributes and are reused as-is. The README's
-telemetry reference is generated from the same list; change both together.
+telemetry reference is written from this list (not generated): change both together.
 """
 
 from __future__ import annotations

@@ -522,6 +522,7 @@ def test_redis_command_names_in_their_forms_and_unknown_ones_with_the_closest(ca
         ("DEADLINE", "86401"),
         ("ATTEMPT_TIMEOUT", "86401"),
         ("RETRY_AFTER_CAP", "86401"),
+        ("BUDGET_MIN_PER_SECOND", "1e300"),  # no budget at all, accepted before
     ],
 )
 def test_numbers_have_an_upper_bound(name, value):
