@@ -5,7 +5,9 @@ that assigns to local variables). tenacity's answer, kept here: an iterator of a
 each a context manager. A failing block is classified; if the engine says retry, the
 exception is suppressed, the loop sleeps and yields the next attempt; otherwise the exception
 propagates unchanged. The breaker is asked once before the first attempt and told the
-outcome once, as for ``call``; the bulkhead slot is held for the whole loop; budget,
+outcome once, as for ``call``; the bulkhead slot is held for the whole loop, and given back
+the moment the loop's outcome is known (not when the generator is finalised: an ``async
+for`` left by an exception kept it until the event loop's finaliser ran); budget,
 deadlines (published to :func:`remaining_time`, cooperative for blocks), telemetry and testing
 mode behave the same. A fallback cannot answer for a block (a block has no return value), so
 it is not consulted.
@@ -29,6 +31,7 @@ from otel_recovery.telemetry import CallTrace
 
 if TYPE_CHECKING:
     from otel_recovery._policy_core import PolicyCore
+    from otel_recovery.policies.bulkhead import Bulkhead
 
 __all__ = ["Attempt", "AttemptLoop"]
 
@@ -48,9 +51,18 @@ class AttemptLoop:
         self.advice: RetryAdvice | None = None  # the advisor's answer for the running retry
         self.error: BaseException | None = None  # the failure a retry was decided on
         self.took = 0.0  # how long that failed attempt took
+        self.slot: Bulkhead | None = None  # the bulkhead slot this loop holds, if any
+
+    def settle(self) -> None:
+        """The loop's outcome is known: no more attempts, and the slot goes back now."""
+        self.done = True
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.release()
 
     def begin(self) -> None:
-        """Ask the breaker once for the whole block; a rejection raises ``CircuitOpenError``."""
+        """Ask the breaker once for the whole block; a rejection raises ``CircuitOpenError``.
+        The budget counts the call once the bulkhead admitted it too (:meth:`admitted`)."""
         policy = self.policy
         breaker = policy.breaker
         if SWITCHES.active and breaker is not None:
@@ -60,6 +72,11 @@ class AttemptLoop:
                 policy._failed(trace, 0, info, error)
                 raise error
             self._permit = True
+
+    def admitted(self, slot: Bulkhead | None) -> None:
+        """The bulkhead (if any) gave this loop ``slot``: the call counts for the budget."""
+        self.slot = slot
+        policy = self.policy
         if SWITCHES.active and policy.budget is not None:
             policy.budget.record_call(self.started)
 
@@ -84,7 +101,7 @@ class AttemptLoop:
             if self.trace is not None and self.info is not None:
                 self.trace.retried(self.info)
             return None
-        self.done = True
+        self.settle()
         self.error = None
         policy._learn(stop.advice, success=False, seconds=0.0)
         info = self.info
@@ -99,14 +116,14 @@ class AttemptLoop:
         return Attempt(self, self.number)
 
     def succeeded(self) -> None:
-        self.done = True
+        self.settle()
         self.policy._learn(self.advice, success=True, seconds=0.0)
         self.policy._record_outcome(None, None, self.policy.clock.now() - self.started)
         if self.trace is not None:
             self.trace.end("success", self.number, self.info)
 
     def cancelled(self) -> None:
-        self.done = True
+        self.settle()
         if self._permit and self.policy.breaker is not None:
             self.policy.breaker.release()
         if self.trace is not None:
@@ -116,7 +133,7 @@ class AttemptLoop:
         """Decide after a failed attempt; True means "suppress and retry"."""
         policy = self.policy
         if not SWITCHES.active:
-            self.done = True
+            self.settle()
             return False
         info = policy._classify(error)
         self.info = info
@@ -134,7 +151,7 @@ class AttemptLoop:
             if trace is not None:
                 trace.retrying(self.number + 1, self.delay, info)
             return True
-        self.done = True
+        self.settle()
         policy._learn(decision.advice, success=False, seconds=0.0)
         policy._stopped(decision, error, info, self.number, self.started, trace, took)
         policy._failed(trace, self.number, info, error)
@@ -214,6 +231,7 @@ def iterate(policy: PolicyCore) -> Iterator[Attempt]:
         except BaseException as full:
             loop.reject_full(full)
             raise
+    loop.admitted(bulkhead)
     try:
         while not loop.done:
             attempt = loop.next_attempt()
@@ -229,8 +247,7 @@ def iterate(policy: PolicyCore) -> Iterator[Attempt]:
     finally:
         if not loop.done:
             loop.cancelled()  # left early (break, an exception from the loop body)
-        if bulkhead is not None:
-            bulkhead.release()
+        loop.settle()
 
 
 async def aiterate(policy: PolicyCore) -> AsyncIterator[Attempt]:
@@ -243,6 +260,7 @@ async def aiterate(policy: PolicyCore) -> AsyncIterator[Attempt]:
         except BaseException as full:
             loop.reject_full(full)
             raise
+    loop.admitted(bulkhead)
     try:
         while not loop.done:
             attempt = loop.next_attempt()
@@ -258,8 +276,7 @@ async def aiterate(policy: PolicyCore) -> AsyncIterator[Attempt]:
     finally:
         if not loop.done:
             loop.cancelled()
-        if bulkhead is not None:
-            bulkhead.release()
+        loop.settle()
 
 
 def _no_call() -> None:

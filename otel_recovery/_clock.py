@@ -111,10 +111,10 @@ def clock_or_default(clock: object) -> Clock:
     first failure, when the policy asks it for the time."""
     if clock is None:
         return SYSTEM_CLOCK
-    if not isinstance(clock, Clock):
+    if isinstance(clock, type) or not isinstance(clock, Clock):  # a class passes the check
         raise TypeError(
             f"clock must implement otel_recovery Clock (now, wall, sleep, asleep), got {clock!r}; "
-            "pass otel_recovery.testing.FakeClock() in tests, or leave it out"
+            "pass otel_recovery.testing.FakeClock() (an instance) in tests, or leave it out"
         )
     return clock
 

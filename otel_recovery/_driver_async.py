@@ -70,11 +70,14 @@ class AsyncDriver(PolicyCore):
                 if breaker is not None:
                     breaker.release()
                 raise
+        # the first attempt starts now: a wait for a bulkhead slot is not the attempt's
+        # time (its Timeout), though the deadline of the whole call counts it
+        begun = now() if bulkhead is not None else started
         try:
             if self.budget is not None:
                 self.budget.record_call(started)
             try:
-                result: T = await self._attempt(fn, args, kwargs, started, started)
+                result: T = await self._attempt(fn, args, kwargs, begun, started)
             except Exception as error:
                 first = error
             except BaseException:
@@ -84,7 +87,7 @@ class AsyncDriver(PolicyCore):
             else:
                 if breaker is not None:
                     if self._needs_duration:
-                        breaker.record_success(now() - started)
+                        breaker.record_success(now() - begun)
                     else:
                         breaker.record_success()
                 if self.fallback is not None:
@@ -92,9 +95,7 @@ class AsyncDriver(PolicyCore):
                 return result
             # outside the handler, so errors keep their own __context__ (see SyncDriver)
             try:
-                recovered: T = await self._arecover(
-                    fn, args, kwargs, first, started, now() - started
-                )
+                recovered: T = await self._arecover(fn, args, kwargs, first, started, now() - begun)
                 return recovered
             finally:
                 del first  # see _arecover

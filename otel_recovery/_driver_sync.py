@@ -75,12 +75,15 @@ class SyncDriver(PolicyCore):
                 if breaker is not None:
                     breaker.release()
                 raise
+        # the first attempt starts now: a wait for a bulkhead slot is not the attempt's
+        # time (its Timeout), though the deadline of the whole call counts it
+        begun = now() if bulkhead is not None else started
         try:
             if self.budget is not None:
                 self.budget.record_call(started)
             token = None
             if self._limits_attempts:
-                end = self._attempt_end(started, started)
+                end = self._attempt_end(begun, started)
                 token = set_deadline(end, self.clock) if end is not None else None
             try:
                 result = fn(*args, **kwargs)
@@ -97,7 +100,7 @@ class SyncDriver(PolicyCore):
                     _refuse_coroutine(fn, result)
                 if breaker is not None:
                     if self._needs_duration:
-                        breaker.record_success(now() - started)
+                        breaker.record_success(now() - begun)
                     else:
                         breaker.record_success()
                 if self.fallback is not None:
@@ -108,7 +111,7 @@ class SyncDriver(PolicyCore):
                     reset_deadline(token)
             # outside the handler, so errors keep their own __context__ (see runner())
             try:
-                recovered: T = self._recover(fn, args, kwargs, first, started, now() - started)
+                recovered: T = self._recover(fn, args, kwargs, first, started, now() - begun)
                 return recovered
             finally:
                 del first  # see _recover

@@ -11,7 +11,8 @@ Decision order after attempt *n* failed, each step able to end recovery:
 2. *n* reached the attempt limit (or the testing cap)        -> give up ("attempts_exhausted")
 2b. the retry advisor (a learner), if any, says give up      -> give up ("advised")
 3. the server's Retry-After exceeds the cap                  -> give up ("retry_after_too_long")
-4. the sleep would end past the total deadline               -> give up ("deadline")
+4. the sleep would end past the total deadline, or past the
+   deadline of an outer policy's attempt around this call    -> give up ("deadline")
 5. the retry budget is spent                                 -> give up ("budget_exhausted")
 6. otherwise                                                 -> sleep, then attempt *n+1*
 
@@ -72,8 +73,10 @@ def after_failure(
     previous_delay: float,
     started: float,
     now: float,
+    outer_deadline: float | None = None,
 ) -> Decision:
-    """Decide after attempt number ``attempt`` (1-based) failed with ``error``."""
+    """Decide after attempt number ``attempt`` (1-based) failed with ``error``;
+    ``outer_deadline``: when the attempt of an outer policy around this call ends."""
     if retry is None or not retry.is_retryable(error, info):
         return give_up(fallback, error, "not_retryable")
     limit = retry.attempts
@@ -103,6 +106,8 @@ def after_failure(
     if testing:
         delay = 0.0
     if retry.deadline is not None and (now - started) + delay >= retry.deadline:
+        return give_up(fallback, error, "deadline")
+    if outer_deadline is not None and now + delay >= outer_deadline:
         return give_up(fallback, error, "deadline")
     if budget is not None and not budget.try_spend(now):
         return give_up(fallback, error, "budget_exhausted")

@@ -8,6 +8,7 @@ choosing the fallback, opening the trace) lives here once.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -33,7 +34,7 @@ from otel_recovery.policies.bulkhead import Bulkhead, BulkheadFullError
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from otel_recovery.policies.fallback import Fallback
 from otel_recovery.policies.retry import Retry, RetryAdvice
-from otel_recovery.policies.timeout import Timeout
+from otel_recovery.policies.timeout import Timeout, inherited_deadline
 from otel_recovery.telemetry import (
     CallTrace,
     Telemetry,
@@ -198,7 +199,7 @@ class PolicyCore:
                 timeout.seconds if timeout else None,
                 retry.attempt_timeout if retry else None,
             )
-            if t is not None
+            if t is not None and t != math.inf  # Timeout(inf): no bound, nothing published
         ]
         self._attempt_limit: float | None = min(limits) if limits else None
         self._deadline: float | None = retry.deadline if retry is not None else None
@@ -328,6 +329,7 @@ class PolicyCore:
             previous_delay=delay,
             started=started,
             now=self.clock.now(),
+            outer_deadline=inherited_deadline(self.clock),
         )
 
     def _after_failure(self, error: BaseException, args: tuple[Any, ...]) -> None:
@@ -362,7 +364,11 @@ class PolicyCore:
         breaker = self.breaker
         if breaker is not None and breaker.state in _NOT_CLOSED:
             return after_rejection(self.fallback, error)
-        if self._deadline is not None and self.clock.now() >= started + self._deadline:
+        now = self.clock.now()
+        if self._deadline is not None and now >= started + self._deadline:
+            return give_up(self.fallback, error, "deadline")
+        outer = inherited_deadline(self.clock)
+        if outer is not None and now >= outer:  # an outer policy's attempt is over
             return give_up(self.fallback, error, "deadline")
         if self._resend_refused(fn, args):  # the client was closed meanwhile
             return give_up(self.fallback, error, "client_closed")

@@ -7,6 +7,8 @@ string, or an empty tuple quietly matching nothing).
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
 
 ErrorMatch = type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -14,13 +16,13 @@ ErrorMatch = type[BaseException] | tuple[type[BaseException], ...] | Callable[[B
 
 
 def check_error_match(on: object, who: str) -> ErrorMatch:
-    """``on`` if it is exception types (a class or a non-empty tuple of them) or a predicate;
-    otherwise a ``TypeError`` or ``ValueError`` naming ``who`` (``"Retry"``, ``"Fallback"``)."""
+    """``on`` if it is exception types (a class, a non-empty tuple of them, or a union
+    ``A | B``, taken as the tuple) or a predicate; otherwise a ``TypeError`` or
+    ``ValueError`` naming ``who`` (``"Retry"``, ``"Fallback"``)."""
+    if isinstance(on, types.UnionType):
+        on = typing.get_args(on)
     if isinstance(on, type):
-        if not issubclass(on, BaseException):
-            raise TypeError(
-                f"{who} on= must be exception types or a predicate, got class {on.__name__}"
-            )
+        _check_type(on, who)
         return on
     if isinstance(on, tuple):
         leaves = _leaves(on)  # isinstance takes nested tuples: so does on=
@@ -32,10 +34,29 @@ def check_error_match(on: object, who: str) -> ErrorMatch:
         for item in leaves:
             if not (isinstance(item, type) and issubclass(item, BaseException)):
                 raise TypeError(f"{who} on= tuple must hold exception types only, got {item!r}")
+        if not any(_can_act(item) for item in leaves if isinstance(item, type)):
+            _check_type(leaves[0], who)  # type: ignore[arg-type]  # a type: checked above
         return on
     if callable(on):
         return on
-    raise TypeError(f"{who} on= must be exception types or a predicate, got {on!r}")
+    hint = ""
+    if isinstance(on, (list, set, frozenset)):
+        names = ", ".join(getattr(item, "__name__", repr(item)) for item in on)
+        hint = f": write a tuple, on=({names})"
+    raise TypeError(f"{who} on= must be exception types or a predicate, got {on!r}{hint}")
+
+
+def _check_type(kind: type, who: str) -> None:
+    if not issubclass(kind, BaseException):
+        raise TypeError(
+            f"{who} on= must be exception types or a predicate, got class {kind.__name__}"
+        )
+    if not _can_act(kind):
+        raise ValueError(
+            f"{who} on= names {kind.__name__}, which is not an Exception: an interruption "
+            "(cancellation, KeyboardInterrupt, SystemExit) is never retried or answered by "
+            "a fallback, so it would never act; leave it out"
+        )
 
 
 def error_matches(on: ErrorMatch, error: BaseException) -> bool:
@@ -51,3 +72,8 @@ def _leaves(types: tuple[object, ...]) -> list[object]:
     for item in types:
         found.extend(_leaves(item) if isinstance(item, tuple) else [item])
     return found
+
+
+def _can_act(kind: type) -> bool:
+    """Whether an ``Exception`` can be a ``kind``: the only failures a policy acts on."""
+    return issubclass(kind, Exception) or issubclass(Exception, kind)

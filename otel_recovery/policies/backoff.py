@@ -75,8 +75,8 @@ class ExponentialBackoff:
         exponent = max(0, retry_number - 1)
         try:
             value = self.initial * self.multiplier**exponent
-        except OverflowError:
-            value = math.inf
+        except OverflowError:  # past any maximum, unless there is nothing to multiply
+            value = math.inf if self.initial > 0 else 0.0
         return min(self.maximum, value, MAX_SECONDS)  # an uncapped maximum: still a sleep
 
     def delay(self, retry_number: int, previous_delay: float, rng: random.Random) -> float:

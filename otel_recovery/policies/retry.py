@@ -105,6 +105,11 @@ class Retry:
         )
         if self.attempt_timeout == 0 or self.deadline == 0:
             raise ValueError("deadline and attempt_timeout must be > 0 seconds when given")
+        if isinstance(backoff, type):  # Backoff classes pass the protocol check
+            raise TypeError(
+                f"backoff must be a Backoff instance, got the class {backoff.__qualname__}: "
+                f"write {backoff.__qualname__}()"
+            )
         if backoff is None:
             backoff = ExponentialBackoff()
         elif not isinstance(backoff, Backoff):
@@ -123,8 +128,13 @@ class Retry:
                 f"rng must be a random.Random (seeded for repeatable tests), got {rng!r}"
             )
         self.rng = rng if rng is not None else random.Random()
-        if advisor is not None and not isinstance(advisor, RetryAdvisor):
-            raise TypeError(f"advisor must have advise() and learn(), got {advisor!r}")
+        if advisor is not None and (
+            isinstance(advisor, type) or not isinstance(advisor, RetryAdvisor)
+        ):
+            raise TypeError(
+                f"advisor must be an object with advise() and learn() (an instance, not a "
+                f"class), got {advisor!r}"
+            )
         self.advisor = advisor
 
     def is_retryable(self, error: BaseException, info: ErrorInfo) -> bool:

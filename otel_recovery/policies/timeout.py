@@ -6,7 +6,10 @@ safely, so for sync calls the limit is *cooperative*: the driver publishes the a
 deadline and the callee passes :func:`remaining_time` to its client (socket timeout,
 ``statement_timeout``, httpx ``timeout=``), as gRPC propagates deadlines. Instrumentors do
 this for the clients they wrap. A sync call that overruns is not thrown away: its result is
-returned (nothing lost) and the breaker counts it as slow.
+returned (nothing lost); a breaker with ``slow_call_duration`` counts it as slow by its own
+measure (the limit itself is not linked to the breaker). ``Timeout(math.inf)`` is no limit:
+nothing is published. A policy called inside another's attempt (on the same clock) publishes
+the sooner of its own deadline and the outer one, and does not retry past the outer one.
 """
 
 from __future__ import annotations
@@ -52,8 +55,22 @@ def remaining_time(clock: Clock | None = None) -> float | None:
 
 
 def set_deadline(deadline: float, clock: Clock) -> contextvars.Token[tuple[float, Clock] | None]:
-    """Publish an absolute deadline on ``clock`` for the code running in this context."""
+    """Publish an absolute deadline on ``clock`` for the code running in this context: the
+    sooner of ``deadline`` and the one already published on the same clock (an outer
+    policy's attempt), as gRPC narrows an inherited deadline and never widens it."""
+    outer = inherited_deadline(clock)
+    if outer is not None and outer < deadline:
+        deadline = outer
     return _deadline.set((deadline, clock))
+
+
+def inherited_deadline(clock: Clock) -> float | None:
+    """The deadline published around the running code (an outer policy's attempt), if it
+    is measured on ``clock``; None without one, or on another clock (not comparable)."""
+    published = _deadline.get()
+    if published is None or published[1] is not clock:
+        return None
+    return published[0]
 
 
 def reset_deadline(token: contextvars.Token[tuple[float, Clock] | None]) -> None:
