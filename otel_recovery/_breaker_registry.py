@@ -2,10 +2,10 @@
 
 Service ids come from callers, and some make them up per request (``"user-4711"``): one
 breaker each, kept for good, grew without bound (20,000 ids held about 38 MB). Past
-``max_breakers`` the registry forgets the least recently used breaker that has nothing to
-lose: closed, with no failure in its window. A breaker that is open, half-open, forced or
-counting failures is state a service still depends on, so it is kept even past the bound,
-which then only limits the idle ones.
+``max_breakers`` the registry forgets the least recently used closed breaker, one with no
+failure in its window first (nothing to lose), else one a few failures short of opening
+(the least recently used loses the least). A breaker that is open, half-open or forced is
+state a service still depends on: it is kept even past the bound.
 
 A forgotten breaker someone still holds (a policy built on it, a caller's variable) comes
 back when its id is asked for again, so one service never has two breakers; one nobody
@@ -60,11 +60,37 @@ class BreakerRegistry:
             return dict(self._breakers)
 
     def _forget_one_idle(self, but: str) -> None:
+        """Forget the least recently used closed breaker, one with an empty window first.
+        Breakers that are not closed are passed over and moved to the back, and the scan
+        goes on past them once: ids that opened their circuit and were never asked for
+        again must not stop the forgetting for good."""
+        for _ in range(2):
+            forget, passed = self._candidate(but)
+            for service_id in passed:
+                self._breakers.move_to_end(service_id)
+            if forget is not None:
+                self._forgotten[forget] = self._breakers.pop(forget)
+                return
+            if not passed:
+                return
+
+    def _candidate(self, but: str) -> tuple[str | None, list[str]]:
+        """The breaker to forget among the :data:`_SCAN` oldest, and those passed over.
+
+        A closed breaker a few failures short of opening is chosen only if no idle one is
+        there: its failures go with it, and the least recently used one loses the least
+        (keeping them all would be the unbounded growth again)."""
+        passed: list[str] = []
+        fallback: str | None = None
         for scanned, (service_id, breaker) in enumerate(self._breakers.items()):
             if scanned >= _SCAN:
-                return
-            idle = breaker.state is CircuitState.CLOSED and breaker.failure_count == 0
-            if idle and service_id != but:
-                del self._breakers[service_id]
-                self._forgotten[service_id] = breaker
-                return
+                break
+            if service_id == but:
+                continue
+            if breaker.state is not CircuitState.CLOSED:
+                passed.append(service_id)
+            elif breaker.failure_count == 0:
+                return service_id, passed
+            elif fallback is None:
+                fallback = service_id
+        return fallback, passed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import sys
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["JSON", "JsonSerializer", "Serializer", "UnserialisableStateError"]
@@ -53,19 +54,21 @@ class JsonSerializer:
     def dumps(self, state: Any) -> bytes:
         problem = _find_problem(state, set(), 0)
         if problem is not None:
-            segments, offending, why = problem
-            path = "state" + "".join(f"[{key!r}]" for key in reversed(segments))
-            raise UnserialisableStateError(path, offending, why)
-        text = json.dumps(state, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+            raise _unserialisable(*problem)
+        if _digits_limit_raised():
+            _refuse_long_ints(state)
+        try:
+            text = json.dumps(state, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        except ValueError:  # an int past the digit limit: the walk let every int through
+            _refuse_long_ints(state)
+            raise
         try:
             return text.encode("utf-8")
         except UnicodeEncodeError:
             # A lone surrogate (a str from os.fsdecode or bytes decoded with
             # errors="surrogateescape"): rare, so its path is only looked for now.
-            segments = _find_surrogate(state, 0) or []
-            path = "state" + "".join(f"[{key!r}]" for key in reversed(segments))
-            raise UnserialisableStateError(
-                path,
+            raise _unserialisable(
+                _find_surrogate(state, 0) or [],
                 "str",
                 "is a str holding a lone surrogate, which UTF-8 cannot encode; decode the "
                 "bytes it came from with errors='replace', or keep them as base64",
@@ -82,12 +85,14 @@ JSON = JsonSerializer()
 
 
 _FAST = frozenset({str, int, bool, type(None)})
-"""Exact types that need no further look (checked by identity: the hot path of the walk),
-but for an int too long to read back (:data:`_LONGEST_INT`)."""
-_LONGEST_INT = 10**4300 - 1
+"""Exact types that need no further look (checked by identity: the hot path of the walk)."""
+_DEFAULT_DIGITS = 4300
 """Python reads back no int of more than 4,300 digits by default
-(``sys.get_int_max_str_digits``): one saved by a process that raised its own limit would be a
-checkpoint every other process finds corrupt, so it is refused where it is saved."""
+(``sys.get_int_max_str_digits``). Where that limit is in force, encoding such an int fails,
+and only then is its path looked for; a process that raised its own limit would save a
+checkpoint every other process finds corrupt, so there every int is looked at."""
+_LONGEST_INT = 10**_DEFAULT_DIGITS - 1
+_LOWEST_INT = -_LONGEST_INT
 
 
 def _unencodable(text: str) -> bool:
@@ -123,7 +128,7 @@ def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:
     """
     kind = type(value)
     if kind in _FAST:
-        return _too_long(value) if kind is int else None
+        return None
     if kind is float or isinstance(value, float):
         return (
             None
@@ -131,7 +136,7 @@ def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:
             else ([], "float", f"is {value!r}, which JSON cannot represent")
         )
     if isinstance(value, _JSON_SCALARS):
-        return _too_long(value) if isinstance(value, int) else None
+        return None
     if depth >= _MAX_DEPTH:
         return [], type(value).__qualname__, f"is nested more than {_MAX_DEPTH} levels deep"
     if isinstance(value, (dict, builtins.list, tuple)):
@@ -144,7 +149,7 @@ def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:
                 if isinstance(value, dict) and type(key) is not str and not isinstance(key, str):
                     name = type(key).__qualname__
                     return [key], name, f"has a {name} key, but JSON keys are strings"
-                if type(item) in _FAST and not (type(item) is int and _too_long(item)):
+                if type(item) in _FAST:
                     continue
                 found = _find_problem(item, parents, depth + 1)
                 if found is not None:
@@ -160,12 +165,38 @@ def _find_problem(value: Any, parents: set[int], depth: int) -> _Problem | None:
     return [], name, f"is a {name}"
 
 
-def _too_long(value: int) -> _Problem | None:
-    if -_LONGEST_INT <= value <= _LONGEST_INT:
-        return None
-    return (
-        [],
-        "int",
-        "is an int of more than 4,300 digits, which Python reads back only where "
-        "sys.set_int_max_str_digits() raised the limit: store it as a string",
-    )
+def _unserialisable(segments: list[Any], offending: str, why: str) -> UnserialisableStateError:
+    """The error for what sits at ``segments`` (a reversed path), named ``state[...]``."""
+    path = "state" + "".join(f"[{key!r}]" for key in reversed(segments))
+    return UnserialisableStateError(path, offending, why)
+
+
+def _digits_limit_raised() -> bool:
+    limit = getattr(sys, "get_int_max_str_digits", None)  # Python 3.10.7 on
+    return limit is not None and limit() != _DEFAULT_DIGITS
+
+
+def _refuse_long_ints(state: Any) -> None:
+    segments = _find_long_int(state, 0)
+    if segments is not None:
+        raise _unserialisable(
+            segments,
+            "int",
+            "is an int of more than 4,300 digits, which Python reads back only where "
+            "sys.set_int_max_str_digits() raised the limit: store it as a string",
+        )
+
+
+def _find_long_int(value: Any, depth: int) -> list[Any] | None:
+    """The reversed path to the first int of more than 4,300 digits, or None (the state
+    has passed :func:`_find_problem`: no cycles, bounded depth)."""
+    if isinstance(value, int):
+        return None if _LOWEST_INT <= value <= _LONGEST_INT else []
+    if isinstance(value, (dict, builtins.list, tuple)) and depth < _MAX_DEPTH:
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            found = _find_long_int(item, depth + 1)
+            if found is not None:
+                found.append(key)
+                return found
+    return None

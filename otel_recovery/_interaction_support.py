@@ -129,15 +129,13 @@ def bounded(value: object) -> str:
 
 
 _SPAN_OUTCOMES = {"failed": "failure", "circuit_open": "rejected"}
+"""The seed API's ``recovery_status`` values that the recovery spans name otherwise."""
 
 
 def span_outcome(status: str) -> str:
     """A result's status in the words every recovery span uses (``failure``, not the seed
     API's ``failed``), so one search for ``otel_recovery.outcome=failure`` finds them all."""
     return _SPAN_OUTCOMES.get(status, status)
-
-
-"""The seed API's ``recovery_status`` values that the recovery spans name otherwise."""
 
 
 _MAX_NESTED_DEPTH = 4

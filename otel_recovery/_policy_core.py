@@ -26,8 +26,8 @@ from otel_recovery.classify import (
     ErrorKind,
     Severity,
     check_classifier,
+    classify_on,
     get_default_classifier,
-    takes_clock,
 )
 from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.bulkhead import Bulkhead, BulkheadFullError
@@ -283,9 +283,8 @@ class PolicyCore:
         """Classify; a classifier bug must not replace the caller's error with ours."""
         classifier = self.classifier or get_default_classifier()
         try:
-            if takes_clock(type(classifier)):  # a Retry-After date read on the policy's clock
-                return classifier.classify(error, self.context, clock=self.clock)
-            return classifier.classify(error, self.context)
+            # a Retry-After date is read on the policy's clock (a FakeClock in tests)
+            return classify_on(classifier, error, self.context, self.clock)
         except Exception as problem:
             _report_classifier_bug(classifier, error, problem)
             return ErrorInfo(

@@ -79,14 +79,12 @@ _TOKEN_PREFIX = re.compile(
 # JSON Web Tokens: three base64url segments, the first always starting with ``eyJ`` ('{"').
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 
-# A bare ``Bearer <token>`` outside an Authorization header (for instance in a curl line).
-# The token is RFC 6750's b64token, ``=`` only as padding at its end: a ``name=value`` after
-# the word (``token_type=bearer expires_in=3600``) is the next parameter, not a token, and so
-# is a challenge's parameter (``WWW-Authenticate: Bearer realm="api"``); both stay readable.
-_BEARER = re.compile(
-    r"(?i)\b(bearer)\s+(?!(?:realm|scope|error|error_description|error_uri)=)"
-    r"([A-Za-z0-9._~+/-]+=*)(?![\w=])"
-)
+# A bare ``Bearer <token>`` outside an Authorization header (for instance in a curl line):
+# the whole run of token characters goes. A ``name=value`` right after the word is the next
+# parameter, not a token (``token_type=bearer expires_in=3600``, a challenge's
+# ``Bearer realm="api"``), and stays readable; a padded token (``dG9rZW4=``, then a space or
+# a closing quote) has nothing after its ``=`` and is masked.
+_BEARER = re.compile(r"(?i)\b(bearer)\s+(?![A-Za-z_]\w*=[\"']?\w)([A-Za-z0-9._~+/=-]+)")
 
 # ``-----BEGIN RSA PRIVATE KEY-----`` ... ``-----END RSA PRIVATE KEY-----`` (PEM, OpenSSH, PGP):
 # the body goes; a block cut before its END line is masked to the end of the text.

@@ -19,7 +19,7 @@ from otel_recovery._clock import Duration, to_seconds
 from otel_recovery.classify import ErrorCategory, ErrorInfo, ErrorKind
 from otel_recovery.learning._decisions import DecisionKey, Recommendation
 from otel_recovery.learning.strategy import StrategyLearner
-from otel_recovery.policies.backoff import Backoff, ExponentialBackoff
+from otel_recovery.policies.backoff import Backoff, ExponentialBackoff, refuse_backoff_class
 
 __all__ = [
     "RecoveryAction",
@@ -79,6 +79,7 @@ class RecoveryStrategy:
         attempts = self.max_attempts
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ValueError(f"max_attempts must be an int >= 1, got {attempts!r}")
+        refuse_backoff_class(self.backoff)
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise TypeError(
                 f"backoff must be a Backoff such as ExponentialBackoff(), got {self.backoff!r}"

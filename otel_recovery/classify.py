@@ -447,6 +447,20 @@ def get_default_classifier() -> Classifier:
     return _default
 
 
+def classify_on(
+    classifier: Classifier,
+    exc: BaseException,
+    context: Mapping[str, Any] | None,
+    clock: Clock | None,
+) -> ErrorInfo:
+    """``classifier.classify(exc, context, clock=clock)``, without ``clock`` for a subclass
+    whose ``classify`` does not take it (written before it existed): one way to call any
+    classifier, whether a policy's own or the process-wide one a user replaced."""
+    if clock is not None and takes_clock(type(classifier)):
+        return classifier.classify(exc, context, clock=clock)
+    return classifier.classify(exc, context)
+
+
 def takes_clock(kind: type[Classifier]) -> bool:
     """Whether ``kind.classify`` takes ``clock=``: the built-in one does; a subclass written
     before it did, overriding ``classify(exc, context)``, is called without it."""

@@ -302,7 +302,7 @@ class Compensations:
         """Whether ``error`` interrupted a compensation inside this block (a nested stack's):
         that one still owes a newer undo, so this older stack's must not run before it. It
         is left whole, and said so; the interruption propagates."""
-        if getattr(error, _INTERRUPTED, False) is not True or not self._undos:
+        if not self._undos or not _stopped_a_compensation(error):
             return False
         left = ", ".join(repr(name) for name, _ in reversed(self._undos))
         _tell(
@@ -343,6 +343,19 @@ def _record(name: str, error: BaseException | None, *, outcome: str = "failed") 
 
 _INTERRUPTED = "_otel_recovery_interrupted_compensation"
 """Set on an interruption that stopped a compensation (see ``Compensations._left_for_later``)."""
+
+
+def _stopped_a_compensation(error: BaseException) -> bool:
+    """Whether ``error``, or one it was raised from or during (``asyncio.timeout`` turns the
+    cancellation into a ``TimeoutError``, a task group wraps it), interrupted a compensation."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        if getattr(current, _INTERRUPTED, False) is True:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _tell(interruption: BaseException, message: str) -> None:

@@ -104,7 +104,12 @@ from otel_recovery._strategy_selection import (
     select_action,
 )
 from otel_recovery.checkpoint import CheckpointError, Checkpoints
-from otel_recovery.classify import Classifier, check_classifier, get_default_classifier
+from otel_recovery.classify import (
+    Classifier,
+    check_classifier,
+    classify_on,
+    get_default_classifier,
+)
 from otel_recovery.healing import HealingRegistry
 from otel_recovery.learning.strategy import StrategyLearner
 from otel_recovery.policies import (
@@ -117,6 +122,7 @@ from otel_recovery.policies import (
     FixedBackoff,
     Retry,
 )
+from otel_recovery.policies.backoff import refuse_backoff_class
 from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.stores import Store
 from otel_recovery.telemetry import Telemetry, check_telemetry
@@ -155,6 +161,7 @@ class ErrorRecoveryInteraction:
     ) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        refuse_backoff_class(backoff)
         if backoff is not None and not isinstance(backoff, Backoff):
             raise TypeError(
                 f"backoff must be a Backoff such as ExponentialBackoff(), got {backoff!r}"
@@ -360,7 +367,7 @@ class ErrorRecoveryInteraction:
             timeout = to_seconds(ctx["timeout"], "context['timeout']")
             if timeout <= 0:
                 raise ValueError(f"context['timeout'] must be > 0 seconds, got {ctx['timeout']!r}")
-        info = self.classifier.classify(error, classification_context(ctx))
+        info = classify_on(self.classifier, error, classification_context(ctx), self.clock)
         breaker = self.get_circuit_breaker(service_id)
         selection = select_action(
             info,

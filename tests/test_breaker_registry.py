@@ -80,3 +80,21 @@ def test_a_recently_used_breaker_outlives_older_idle_ones():
 def test_max_breakers_must_be_a_positive_int(value, error):
     with pytest.raises(error, match="max_breakers must be an int >= 1"):
         ErrorRecoveryInteraction(store=MemoryStore(), telemetry=False, max_breakers=value)
+
+
+@pytest.mark.parametrize("failures", [1, 5], ids=["failed_once", "opened"])
+def test_many_ids_that_failed_do_not_stop_the_forgetting(failures):
+    """The scan looked at the 64 oldest breakers only and skipped busy ones where they
+    were: 64 ids that had failed (once, or enough to open) and were never asked for again
+    blocked it for good, and the registry grew without bound again."""
+    recovery = _interaction(max_breakers=100)
+    for n in range(64):
+        breaker = recovery.get_circuit_breaker(f"failed-{n}")
+        for _ in range(failures):
+            breaker.record_failure()
+    for n in range(10_000):
+        recovery.get_circuit_breaker(f"user-{n}")
+    kept = recovery.circuit_breakers
+    assert len(kept) <= 100 + (64 if failures == 5 else 0)  # open circuits are kept
+    if failures == 5:
+        assert all(kept[f"failed-{n}"].state is CircuitState.OPEN for n in range(64))

@@ -1029,3 +1029,47 @@ def test_an_error_type_is_named_where_its_library_exports_it():
     )
     assert classify(httpx.ConnectError("x")).error_type == "httpx.ConnectError"
     assert classify(ValueError("x")).error_type == "ValueError"
+
+
+@pytest.mark.parametrize("delegating", ["http", "postgres", "interaction"])
+def test_a_replaced_default_classifier_without_a_clock_parameter_still_decides(delegating):
+    """The instrumentors' classifiers delegate to the process-wide one, and passed it
+    ``clock=`` unconditionally: a user's default written as ``classify(exc, context)``
+    raised, and every instrumented failure was classified UNKNOWN and never retried."""
+    from otel_recovery.classify import get_default_classifier, set_default_classifier
+    from otel_recovery.instrumentors._db import PostgresClassifier
+    from otel_recovery.instrumentors._http import ResponseClassifier
+    from otel_recovery.interaction import ErrorRecoveryInteraction
+    from otel_recovery.policies import Retry
+    from otel_recovery.recover import RecoveryPolicy
+    from otel_recovery.stores import MemoryStore
+
+    class Tagging(Classifier):
+        def classify(self, exc: BaseException, context: Any = None) -> Any:
+            return super().classify(exc, context)
+
+    clock = FakeClock()
+    previous = get_default_classifier()
+    set_default_classifier(Tagging(clock=clock))
+    try:
+        if delegating == "interaction":
+            recovery = ErrorRecoveryInteraction(clock=clock, store=MemoryStore(), telemetry=False)
+            result = asyncio.run(
+                recovery.recover_from_error(
+                    ConnectionError("reset"), {"retry_func": lambda: "ok", "service_id": "s"}
+                )
+            )
+            assert result["recovery_status"] == "success"
+            return
+        own = ResponseClassifier(clock) if delegating == "http" else PostgresClassifier()
+        policy = RecoveryPolicy(retry=Retry(2), classifier=own, clock=clock, telemetry=False)
+        failures = [ConnectionError("reset")]
+
+        def flaky() -> str:
+            if failures:
+                raise failures.pop()
+            return "ok"
+
+        assert policy.call(flaky) == "ok"
+    finally:
+        set_default_classifier(previous)

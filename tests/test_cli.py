@@ -228,9 +228,20 @@ def test_demo_says_so_when_recovery_is_switched_off():
         "demo", "--calls", "12", "--short", "--no-progress", env={"OTEL_RECOVERY_ENABLED": "false"}
     )
     assert result.returncode == 0, result.stderr
-    said = "otel-recovery is switched off (OTEL_RECOVERY_ENABLED='false')"
+    said = "otel-recovery is switched off (OTEL_RECOVERY_ENABLED='false'; unset it to see"
     assert said in result.stderr
     assert said in result.stdout
     total = parse_table(result.stdout)["**total**"]
     assert total["extra attempts"] == "0"
     assert total["recovered by retry"] == "0"
+
+
+def test_the_demo_names_the_variable_only_when_it_switched_recovery_off(monkeypatch):
+    from otel_recovery import set_active
+    from otel_recovery._demo.run import _switched_off
+
+    monkeypatch.delenv("OTEL_RECOVERY_ENABLED", raising=False)
+    assert _switched_off() == ""
+    with set_active(False):
+        said = _switched_off()
+    assert "set_active(False)" in said and "OTEL_RECOVERY_ENABLED" not in said

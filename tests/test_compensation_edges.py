@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import sys
 
 import psycopg
 import pytest
@@ -217,6 +218,18 @@ def test_an_int_too_long_to_read_back_is_refused_where_it_is_saved():
     assert checkpoints.load("fine").state == {"n": 10**4299}
 
 
+@pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="Python < 3.10.7")
+def test_a_process_that_raised_the_digit_limit_still_cannot_save_an_int_others_cannot_read():
+    checkpoints = Checkpoints("memory://")
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        with pytest.raises(CheckpointError, match=r"\['ledger'\]\[1\].*4,300 digits"):
+            checkpoints.save("big", {"ledger": [1, 7**6000]})
+    finally:
+        sys.set_int_max_str_digits(before)
+
+
 def test_a_conflict_with_an_expired_version_says_it_expired():
     clock = FakeClock()
     checkpoints = Checkpoints("memory://", clock=clock)
@@ -258,3 +271,28 @@ async def test_arun_transaction_refuses_a_sync_connection_or_function():
         assert aconn.info.transaction_status == 0  # rolled back
     finally:
         await aconn.close()
+
+
+async def test_an_inner_compensation_cut_by_a_time_limit_leaves_the_outer_undos_owed():
+    """``asyncio.wait_for`` between the stacks turns the cancellation into a new
+    ``TimeoutError``, which did not carry the mark: the outer stack ran its older undo."""
+    ran: list[str] = []
+
+    async def refund() -> None:
+        ran.append("refund started")
+        await asyncio.sleep(10)
+
+    async def cancel_order() -> None:
+        ran.append("cancel order")
+
+    async def inner_work() -> None:
+        async with Compensations() as inner:
+            inner.add(refund, name="refund")
+            raise RuntimeError("shipping failed")
+
+    with pytest.raises(asyncio.TimeoutError):
+        async with Compensations() as outer:
+            outer.add(cancel_order, name="cancel order")
+            await asyncio.wait_for(inner_work(), 0.05)
+    assert ran == ["refund started"]
+    assert [n for n, _ in outer.pending] == ["cancel order"]

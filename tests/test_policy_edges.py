@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import typing
 
 import pytest
 
@@ -22,6 +23,7 @@ from otel_recovery import (
     Timeout,
     remaining_time,
 )
+from otel_recovery.interaction import ErrorRecoveryInteraction, RecoveryAction, RecoveryStrategy
 from otel_recovery.policies import BulkheadFullError, Fallback
 from otel_recovery.testing import FakeClock
 
@@ -168,6 +170,10 @@ def test_a_class_where_an_instance_belongs_is_refused_with_the_fix():
     call."""
     with pytest.raises(TypeError, match=r"write ExponentialBackoff\(\)"):
         Retry(3, backoff=ExponentialBackoff)
+    with pytest.raises(TypeError, match=r"write ExponentialBackoff\(\)"):
+        ErrorRecoveryInteraction(backoff=ExponentialBackoff, telemetry=False, store="memory://")
+    with pytest.raises(TypeError, match=r"write FixedBackoff\(\)"):
+        RecoveryStrategy(RecoveryAction.RETRY, backoff=FixedBackoff)
 
     class Advisor:
         def advise(self, error, info, attempt):
@@ -206,11 +212,21 @@ def test_on_takes_a_union_and_refuses_what_can_never_act(fake_clock):
 
     assert policy.call(flaky) == "ok"
     for never in (KeyboardInterrupt, asyncio.CancelledError, (SystemExit, GeneratorExit)):
-        with pytest.raises(ValueError, match="which is not an Exception"):
+        with pytest.raises(ValueError, match="an interruption"):
             Retry(on=never)
-        with pytest.raises(ValueError, match="which is not an Exception"):
+        with pytest.raises(ValueError, match="an interruption"):
             Fallback("cached", on=never)
     Retry(on=(ConnectionError, SystemExit))  # one type that can act is enough
+
+    class Base(BaseException):
+        pass
+
+    class Both(Base, Exception):  # an Exception a policy acts on: so Base can match
+        pass
+
+    assert Retry(on=Base).on is Base
+    union = typing.Union[ConnectionError, OSError]  # noqa: UP007 - the older spelling
+    assert Retry(on=union).on == (ConnectionError, OSError)
     with pytest.raises(TypeError, match=r"write a tuple, on=\(ConnectionError, OSError\)"):
         Retry(on=[ConnectionError, OSError])
 
@@ -222,3 +238,40 @@ def test_an_exponential_backoff_from_zero_stays_zero_past_the_overflow():
     rng = random.Random(1)
     assert [backoff.delay(n, 0.0, rng) for n in (1, 1025, 5000)] == [0.0, 0.0, 0.0]
     assert ExponentialBackoff(initial=1, maximum=10, jitter="none").delay(5000, 0.0, rng) == 10
+
+
+async def test_work_started_inside_an_attempt_is_not_bound_by_it_once_it_is_over(fake_clock):
+    """A task started inside an outer attempt copies its context, deadline included: once
+    the attempt was over, that task's own policies read the spent deadline (0 s left) and
+    refused to retry."""
+    outer = RecoveryPolicy(timeout=Timeout(1.0), clock=fake_clock, telemetry=False)
+    inner = RecoveryPolicy(
+        retry=Retry(3, on=ConnectionError, backoff=FixedBackoff(0)),
+        timeout=Timeout(5.0),
+        clock=fake_clock,
+        telemetry=False,
+    )
+    seen: list[float | None] = []
+    failures = [ConnectionError("reset")]
+    later = asyncio.Event()
+
+    async def leaf() -> str:
+        seen.append(remaining_time())
+        if failures:
+            raise failures.pop()
+        return "ok"
+
+    async def background() -> str:
+        await later.wait()
+        return await inner.acall(leaf)
+
+    async def handler() -> asyncio.Task[str]:
+        task = asyncio.ensure_future(background())
+        seen.append(remaining_time())  # while the attempt runs: its deadline
+        return task
+
+    task = await outer.acall(handler)
+    fake_clock.advance(10)
+    later.set()
+    assert await task == "ok"
+    assert seen == [pytest.approx(1.0), pytest.approx(5.0), pytest.approx(5.0)]

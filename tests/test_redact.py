@@ -34,6 +34,10 @@ CASES = [
     ("curl -H 'x' Bearer tok_live_123", "curl -H 'x' Bearer ***"),
     ("echo 'Bearer dG9rZW4=' | xargs", "echo 'Bearer ***' | xargs"),  # padded, in quotes
     ('["Bearer abc.def=="]', '["Bearer ***"]'),
+    # the whole token goes, whatever token characters it holds
+    ("Bearer 9f8e7d6c5b4a-secretpart=tail", "Bearer ***"),
+    ("Bearer abc/def=ghi x", "Bearer *** x"),
+    ("Bearer abc-def=ghi", "Bearer ***"),
     (f"token {JWT} rejected", "token *** rejected"),
     ('{"password": "hunter2", "user": "bob"}', '{"password": "***", "user": "bob"}'),
     ("DB_PASSWORD=hunter2 ./run", "DB_PASSWORD=*** ./run"),

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import TextIO
 
-from otel_recovery._config import ENABLED_VARIABLE, is_active
+from otel_recovery._config import ENABLED_VARIABLE, is_active, switch_value
 
 from .report import Progress, render_report
 from .scenario import NAME, Settings, run_calls
@@ -73,13 +73,16 @@ def run_demo(
 
 
 def _switched_off() -> str:
-    """What to say when ``OTEL_RECOVERY_ENABLED`` turned recovery off, else "": the report
-    would otherwise show every fault as a failure with nothing to say why."""
+    """What to say when recovery is switched off, else "": the report would otherwise show
+    every fault as a failure with nothing to say why. The variable is named only when it is
+    what switched it off (not ``set_active(False)`` in the process)."""
     if is_active():
         return ""
+    how = "switched off in this process (set_active(False))"
     value = os.environ.get(ENABLED_VARIABLE)
+    if value is not None and not switch_value(value):
+        how = f"switched off ({ENABLED_VARIABLE}={value!r}; unset it to see recovery)"
     return (
-        f"otel-recovery is switched off ({ENABLED_VARIABLE}={value!r}): each call makes one "
-        f"attempt, with no retry, breaker, timeout or fallback. Unset {ENABLED_VARIABLE} to "
-        "see recovery."
+        f"otel-recovery is {how}: each call makes one attempt, with no retry, breaker, "
+        "timeout or fallback."
     )

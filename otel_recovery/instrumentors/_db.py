@@ -38,6 +38,7 @@ from otel_recovery.classify import (
     ErrorInfo,
     ErrorKind,
     Severity,
+    classify_on,
     get_default_classifier,
 )
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
@@ -612,7 +613,7 @@ class PostgresClassifier(Classifier):
         *,
         clock: Clock | None = None,
     ) -> ErrorInfo:
-        info = get_default_classifier().classify(exc, context, clock=clock)
+        info = classify_on(get_default_classifier(), exc, context, clock)
         try:
             module = type(exc).__module__ or ""
             message = str(exc)

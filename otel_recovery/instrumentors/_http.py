@@ -32,7 +32,13 @@ from urllib.parse import urlsplit
 from otel_recovery._clock import Clock
 from otel_recovery._forksafe import new_lock
 from otel_recovery._retry_after import header
-from otel_recovery.classify import Classifier, ErrorCategory, ErrorInfo, get_default_classifier
+from otel_recovery.classify import (
+    Classifier,
+    ErrorCategory,
+    ErrorInfo,
+    classify_on,
+    get_default_classifier,
+)
 from otel_recovery.instrumentors._targets import NeverRan, TargetPolicies
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.recover import RecoveryPolicy
@@ -109,7 +115,7 @@ class ResponseClassifier(Classifier):
             # Listed although the table calls it an answer (a 401, a 409): the user says
             # this server fails with it, so it is transient, and the breaker counts it.
             return replace(info, retryable=True, category=ErrorCategory.TRANSIENT)
-        return default.classify(exc, context, clock=clock)
+        return classify_on(default, exc, context, clock)
 
 
 @dataclass(frozen=True, slots=True)

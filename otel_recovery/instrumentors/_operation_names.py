@@ -23,13 +23,14 @@ from otel_recovery.instrumentors._setting_values import (
     _STANDARD_METHODS,
     _TOKEN,
     SettingsError,
+    _BadItemError,
     _closest,
     _redis_names,
     _warn_once,
+    redis_command,
 )
 
 _HTTP = re.compile(r"(\S+) +(\S*)")
-_REDIS_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_.]*")
 _SQL = ("connect", "acquire")
 _REDIS_PSEUDO = frozenset({"PIPELINE", "MULTI"})
 """Names the Redis instrumentor gives a whole pipeline and a MULTI/EXEC transaction."""
@@ -86,13 +87,11 @@ def _http_name(method: str, path: str, name: str, where: str) -> str:
 
 
 def _redis_name(name: str, where: str) -> str:
-    words = name.replace("|", " ").split()
+    try:
+        command = redis_command(name)
+    except _BadItemError:
+        raise SettingsError(f"{where}: {name!r} is not an operation name: use {_FORMS}") from None
     known, containers = _redis_names()
-    upper = [word.upper() for word in words]
-    well_formed = all(_REDIS_WORD.fullmatch(word) for word in words)
-    if not well_formed or len(words) > 2 or (len(words) == 2 and upper[0] not in containers):
-        raise SettingsError(f"{where}: {name!r} is not an operation name: use {_FORMS}")
-    command = " ".join(upper)
     if command in known or command in _REDIS_PSEUDO or "." in command:
         return command
     if command in containers:
@@ -101,8 +100,8 @@ def _redis_name(name: str, where: str) -> str:
             f"name it ({command} GET); the section is kept as written"
         )
         return command
-    if len(words) == 1:
-        close = _closest(command, known | _REDIS_PSEUDO)
+    close = _closest(command, known | _REDIS_PSEUDO)
+    if close or " " not in command:  # a container's subcommand we do not list: kept quietly
         hint = f" (did you mean {close[0]}?)" if close else ""
         _warn_once(f"{where}: {command} is not a Redis command we know{hint}; it is kept")
     return command

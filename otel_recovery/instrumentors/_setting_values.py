@@ -97,7 +97,7 @@ def _methods(value: Any) -> frozenset[str]:
     return frozenset(item.upper() for item in _items(value))
 
 
-_REDIS_WORD = re.compile(r"[A-Z][A-Z0-9_.]*")
+_REDIS_WORD = re.compile(r"[A-Z][A-Z0-9_.-]*")  # CLIENT NO-EVICT, RESTORE-ASKING
 _SPACED_CONTAINERS = _words("DEBUG HOTKEYS LATENCY LOLWUT MODULE SENTINEL SLOWLOG XGROUP")
 """Commands redis-py sends with their subcommand in one argument (``"XGROUP CREATE"``),
 besides the containers the Redis instrumentor splits itself."""
@@ -128,23 +128,26 @@ def _redis_names() -> tuple[frozenset[str], frozenset[str]]:
 def _commands(value: Any) -> frozenset[str]:
     """Redis command names, upper-cased: one word, or a container and its subcommand
     (``CONFIG GET``, also written ``CONFIG|GET`` as ACLs do)."""
-    containers = _redis_names()[1]
-    names = []
-    for item in _items(value):
-        words = item.upper().replace("|", " ").split()
-        if not words or not all(_REDIS_WORD.fullmatch(word) for word in words):
-            raise _BadItemError(
-                f"{item!r} is not a Redis command name (letters, digits, '_' and '.', as in "
-                "GET or JSON.GET); separate commands with commas, as in GET,HGETALL"
-            )
-        if len(words) > 2 or (len(words) == 2 and words[0] not in containers):
-            raise _BadItemError(
-                f"{item!r} is not a Redis command name: only a container command and its "
-                "subcommand are two words (CONFIG GET, CLIENT ID); separate commands with "
-                "commas, as in GET,HGETALL"
-            )
-        names.append(" ".join(words))
-    return frozenset(names)
+    return frozenset(redis_command(item) for item in _items(value))
+
+
+def redis_command(item: str) -> str:
+    """One Redis command name as calls are named (:func:`._redis_commands.command_name`):
+    upper-cased, ``|`` read as a space; :class:`_BadItemError` for what cannot be one."""
+    words = item.upper().replace("|", " ").split()
+    if not words or not all(_REDIS_WORD.fullmatch(word) for word in words):
+        raise _BadItemError(
+            f"{item!r} is not a Redis command name (letters, digits, '_', '.' and '-', as "
+            "in GET, JSON.GET or CLIENT NO-EVICT); separate commands with commas, as in "
+            "GET,HGETALL"
+        )
+    if len(words) > 2 or (len(words) == 2 and words[0] not in _redis_names()[1]):
+        raise _BadItemError(
+            f"{item!r} is not a Redis command name: only a container command and its "
+            "subcommand are two words (CONFIG GET, CLIENT ID); separate commands with "
+            "commas, as in GET,HGETALL"
+        )
+    return " ".join(words)
 
 
 def _note_unknown_names(name: str, values: frozenset[str], source: str) -> None:

@@ -47,7 +47,12 @@ from otel_recovery.instrumentors._http import (
 )
 from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans, HttpSite, async_layer
 from otel_recovery.instrumentors._targets import TargetPolicies
-from otel_recovery.instrumentors._unsent import original_code, sending_frames, sources
+from otel_recovery.instrumentors._unsent import (
+    frames_of,
+    original_code,
+    sending_frames,
+    sources,
+)
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -301,13 +306,10 @@ def _url_being_sent(error: BaseException) -> URL | None:
     """The ``url`` local of the ``ClientSession._request`` frame ``error`` passed through:
     the URL of the request that failed, a redirect's included. None where the error did not
     come through it (our own time limit, raised outside it)."""
-    traceback = error.__traceback__
-    while traceback is not None:
-        frame = traceback.tb_frame
+    for frame in frames_of(error):
         if frame.f_code in _ENTRY:
             url = frame.f_locals.get("url")
             return url if isinstance(url, URL) and url.is_absolute() else None
-        traceback = traceback.tb_next
     return None
 
 

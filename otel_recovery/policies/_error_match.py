@@ -7,6 +7,7 @@ string, or an empty tuple quietly matching nothing).
 
 from __future__ import annotations
 
+import asyncio
 import types
 import typing
 from collections.abc import Callable
@@ -19,8 +20,8 @@ def check_error_match(on: object, who: str) -> ErrorMatch:
     """``on`` if it is exception types (a class, a non-empty tuple of them, or a union
     ``A | B``, taken as the tuple) or a predicate; otherwise a ``TypeError`` or
     ``ValueError`` naming ``who`` (``"Retry"``, ``"Fallback"``)."""
-    if isinstance(on, types.UnionType):
-        on = typing.get_args(on)
+    if isinstance(on, types.UnionType) or typing.get_origin(on) is typing.Union:
+        on = typing.get_args(on)  # A | B, typing.Union[A, B]: the tuple isinstance takes
     if isinstance(on, type):
         _check_type(on, who)
         return on
@@ -53,9 +54,9 @@ def _check_type(kind: type, who: str) -> None:
         )
     if not _can_act(kind):
         raise ValueError(
-            f"{who} on= names {kind.__name__}, which is not an Exception: an interruption "
-            "(cancellation, KeyboardInterrupt, SystemExit) is never retried or answered by "
-            "a fallback, so it would never act; leave it out"
+            f"{who} on= names {kind.__name__}, an interruption: cancellation,"
+            " KeyboardInterrupt and SystemExit are never retried or answered by a fallback,"
+            " so it would never act; leave it out"
         )
 
 
@@ -74,6 +75,12 @@ def _leaves(types: tuple[object, ...]) -> list[object]:
     return found
 
 
+_INTERRUPTIONS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
+"""What a policy never retries nor answers with a fallback: naming one in ``on=`` is a
+mistake. Other ``BaseException`` types can still match (an ``ExceptionGroup`` is a
+``BaseExceptionGroup``; a user's base class may have ``Exception`` subclasses)."""
+
+
 def _can_act(kind: type) -> bool:
-    """Whether an ``Exception`` can be a ``kind``: the only failures a policy acts on."""
-    return issubclass(kind, Exception) or issubclass(Exception, kind)
+    """Whether ``kind`` can name a failure a policy acts on: anything but an interruption."""
+    return not issubclass(kind, _INTERRUPTIONS)

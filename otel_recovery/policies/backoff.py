@@ -28,6 +28,17 @@ Jitter = Literal["none", "full", "equal", "decorrelated"]
 _JITTERS: tuple[str, ...] = ("none", "full", "equal", "decorrelated")
 
 
+def refuse_backoff_class(backoff: object) -> None:
+    """A Backoff class where an instance belongs (``backoff=ExponentialBackoff``) passes the
+    protocol check, and failed only at the first retry (``delay()`` missing an argument),
+    which then gave up: refused where it is given, with the fix."""
+    if isinstance(backoff, type):
+        raise TypeError(
+            f"backoff must be a Backoff instance, got the class {backoff.__qualname__}: "
+            f"write {backoff.__qualname__}()"
+        )
+
+
 @runtime_checkable
 class Backoff(Protocol):
     """Anything with ``delay(retry_number, previous_delay, rng) -> seconds``.

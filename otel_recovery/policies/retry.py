@@ -20,7 +20,12 @@ from typing import Protocol, TypeAlias, runtime_checkable
 from otel_recovery._clock import Duration, to_seconds
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies._error_match import ErrorMatch, check_error_match, error_matches
-from otel_recovery.policies.backoff import Backoff, CustomBackoff, ExponentialBackoff
+from otel_recovery.policies.backoff import (
+    Backoff,
+    CustomBackoff,
+    ExponentialBackoff,
+    refuse_backoff_class,
+)
 
 __all__ = ["Retry", "RetryAdvice", "RetryAdvisor", "RetryOn"]
 
@@ -105,11 +110,7 @@ class Retry:
         )
         if self.attempt_timeout == 0 or self.deadline == 0:
             raise ValueError("deadline and attempt_timeout must be > 0 seconds when given")
-        if isinstance(backoff, type):  # Backoff classes pass the protocol check
-            raise TypeError(
-                f"backoff must be a Backoff instance, got the class {backoff.__qualname__}: "
-                f"write {backoff.__qualname__}()"
-            )
+        refuse_backoff_class(backoff)
         if backoff is None:
             backoff = ExponentialBackoff()
         elif not isinstance(backoff, Backoff):

@@ -20,10 +20,36 @@ from otel_recovery._clock import Clock, Duration, to_seconds
 
 __all__ = ["Timeout", "remaining_time"]
 
-_deadline: contextvars.ContextVar[tuple[float, Clock] | None] = contextvars.ContextVar(
+
+class _Published:
+    """An attempt's deadline as published: when, on which clock, and whether the attempt is
+    still running. Tasks and threads started inside the attempt copy the context, and with
+    it this object: once the attempt is over (:func:`reset_deadline`) they no longer read
+    its deadline, which bounded the attempt, not work that outlives it."""
+
+    __slots__ = ("at", "clock", "live")
+
+    def __init__(self, at: float, clock: Clock) -> None:
+        self.at = at
+        self.clock = clock
+        self.live = True
+
+
+_deadline: contextvars.ContextVar[_Published | None] = contextvars.ContextVar(
     "otel_recovery_deadline", default=None
 )
 """The current attempt's deadline and the clock it is measured on (the policy's)."""
+
+
+class DeadlineToken:
+    """What :func:`set_deadline` returns, for :func:`reset_deadline`: the publication and
+    the context variable's token to restore the one before."""
+
+    __slots__ = ("published", "token")
+
+    def __init__(self, published: _Published, token: contextvars.Token[_Published | None]):
+        self.published = published
+        self.token = token
 
 
 class Timeout:
@@ -48,30 +74,35 @@ def remaining_time(clock: Clock | None = None) -> float | None:
     clients treat as "fail now".
     """
     published = _deadline.get()
-    if published is None:
+    if published is None or not published.live:
         return None
-    deadline, own_clock = published
-    return max(0.0, deadline - (own_clock if clock is None else clock).now())
+    own_clock = published.clock
+    return max(0.0, published.at - (own_clock if clock is None else clock).now())
 
 
-def set_deadline(deadline: float, clock: Clock) -> contextvars.Token[tuple[float, Clock] | None]:
+def set_deadline(deadline: float, clock: Clock) -> DeadlineToken:
     """Publish an absolute deadline on ``clock`` for the code running in this context: the
     sooner of ``deadline`` and the one already published on the same clock (an outer
     policy's attempt), as gRPC narrows an inherited deadline and never widens it."""
     outer = inherited_deadline(clock)
     if outer is not None and outer < deadline:
         deadline = outer
-    return _deadline.set((deadline, clock))
+    published = _Published(deadline, clock)
+    return DeadlineToken(published, _deadline.set(published))
 
 
 def inherited_deadline(clock: Clock) -> float | None:
-    """The deadline published around the running code (an outer policy's attempt), if it
-    is measured on ``clock``; None without one, or on another clock (not comparable)."""
+    """The deadline of the attempt running around this code (an outer policy's), if it is
+    measured on ``clock``; None without one, on another clock (not comparable), or when
+    that attempt is over (this code is a task or thread it started)."""
     published = _deadline.get()
-    if published is None or published[1] is not clock:
+    if published is None or not published.live or published.clock is not clock:
         return None
-    return published[0]
+    return published.at
 
 
-def reset_deadline(token: contextvars.Token[tuple[float, Clock] | None]) -> None:
-    _deadline.reset(token)
+def reset_deadline(token: DeadlineToken) -> None:
+    """The attempt that published ``token``'s deadline is over: copies of its context held
+    by work it started stop reading it, and this context gets the one before."""
+    token.published.live = False
+    _deadline.reset(token.token)

@@ -102,21 +102,25 @@ class _Deliveries:
     """Which sinks (a set of instruments, a span) a recent transition already reached.
 
     Bounded: a transition's listeners all run within one dispatch, so only the latest few
-    can still arrive. Each entry holds its transition and sink, so their ids stay theirs
-    while remembered."""
+    can still arrive. Each entry holds its transition, so its id stays its own while
+    remembered; the instruments a sink names live as long as their meter provider."""
 
     _KEEP = 256
 
     def __init__(self) -> None:
-        self._seen: OrderedDict[tuple[int, int], tuple[object, object]] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, int], StateTransition] = OrderedDict()
         self._lock = new_lock()
 
     def first(self, transition: StateTransition, sink: object) -> bool:
-        key = (id(transition), id(sink))
+        """Whether ``transition`` reaches ``sink`` (a set of instruments, or a span: told by
+        its span id, so an ended span is not kept alive) for the first time."""
+        span_context = getattr(sink, "get_span_context", None)
+        sink_key = span_context().span_id if callable(span_context) else id(sink)
+        key = (id(transition), sink_key)
         with self._lock:
             if key in self._seen:
                 return False
-            self._seen[key] = (transition, sink)
+            self._seen[key] = transition  # held, so its id stays its own while remembered
             if len(self._seen) > self._KEEP:
                 self._seen.popitem(last=False)
             return True

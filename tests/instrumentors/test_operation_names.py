@@ -26,6 +26,8 @@ from tests.instrumentors.test_settings import policy
         ("Config  Get", "CONFIG GET"),
         ("json.get", "JSON.GET"),
         ("pipeline", "PIPELINE"),
+        ("client no-evict", "CLIENT NO-EVICT"),  # a word with a dash, as Redis names some
+        ("restore-asking", "RESTORE-ASKING"),
         ("Connect", "connect"),
         ("ACQUIRE", "acquire"),
     ],
@@ -80,7 +82,8 @@ def test_an_unknown_command_or_method_is_kept_with_a_warning_naming_the_closest(
         tmp_path,
         '[targets."cache".operations."HGETAL"]\nmax_attempts = 6\n'
         '[targets."api".operations."PURGE /cache"]\nmax_attempts = 5\n'
-        '[targets."cache".operations."CONFIG"]\nmax_attempts = 4\n',
+        '[targets."cache".operations."CONFIG"]\nmax_attempts = 4\n'
+        '[targets."cache".operations."CONFIG GTE"]\nmax_attempts = 3\n',
     )
     with caplog.at_level(logging.WARNING, logger="otel_recovery"):
         settings = load_settings(environ=env)
@@ -90,6 +93,7 @@ def test_an_unknown_command_or_method_is_kept_with_a_warning_naming_the_closest(
     assert "HGETAL is not a Redis command we know (did you mean HGETALL?)" in text
     assert "PURGE is not a standard HTTP method" in text
     assert "CONFIG takes a subcommand" in text
+    assert "CONFIG GTE is not a Redis command we know (did you mean CONFIG GET?)" in text
 
 
 def test_a_port_written_with_leading_zeros_matches_the_calls_to_that_port(tmp_path):
