@@ -31,3 +31,16 @@ def test_overhead_quick_prints_the_table_and_a_verdict():
         assert row in out
     assert "Spans exported by the happy path: 0" in out
     assert "Verdict:" in out
+
+
+def test_breaker_registry_benchmark_prints_both_registries():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/breaker_registry.py", "--ids", "2000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| max_breakers=1024 (default) | 1,024 |" in result.stdout
+    assert "| unbounded (before) | 2,000 |" in result.stdout
