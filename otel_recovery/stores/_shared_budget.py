@@ -210,8 +210,10 @@ class SharedRetryBudget(RetryBudget):
 
     def after_fork(self) -> None:
         """In a forked child (its locks are already free: ``_forksafe``): deposits not yet
-        pushed are the parent's, which pushes them."""
+        pushed are the parent's, which pushes them, and so are the retries granted locally
+        during an outage in progress (each child pushed them again at the resync)."""
         self._sent_calls = self.total_calls
+        self._outage_retries = itertools.count()
 
     # -- outage --------------------------------------------------------------------------------
 

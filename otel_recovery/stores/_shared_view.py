@@ -258,11 +258,21 @@ class SharedBreakerView(CircuitBreaker):
         """In a forked child (its locks, ``_talk`` included, which the sync thread holds for
         a whole Redis round trip, are already free: ``_forksafe``): permit ids must not
         repeat the parent's or a sibling's (Redis would count their leases as one); permits
-        held and successes not yet pushed are the parent's, which reports them."""
+        held and successes not yet pushed are the parent's, which reports them. So are the
+        outcomes of an outage in progress (each child pushed them again at the resync: 3
+        failures opened a threshold-5 circuit), and a probe request a parent thread was
+        waiting on (no thread here will ever take it back: the child refused every call)."""
         self._id = uuid.uuid4().hex[:12] + ":"
         self._permits.clear()
         self._ok_sent = peek(self._fast_successes)
         self._slow_sent = peek(self._slow_oks)
+        self._asking = 0
+        if not self._remote:  # an outage: what was counted so far is the parent's to push
+            if self._window is not None:
+                self._window.clear()
+            self._cf_base = self._consecutive_failures
+            self._ok_base = peek(self._fast_successes)
+            self._pending_manual = None
 
     # -- outage --------------------------------------------------------------------------------
 

@@ -9,8 +9,10 @@ because fleet-wide decisions need atomic server-side scripts and per-call latenc
 Redis offers. Without ``store=`` a component is local unless ``OTEL_RECOVERY_STORE_URL`` names
 a Redis server *and* the component has an explicit ``name`` (two unnamed breakers for two
 different dependencies must never merge into one fleet-wide ``"default"``); any other URL
-there (the SQLite default for checkpoints, say) leaves breakers and budgets local. A
-malformed URL in the variable fails construction with a message naming it.
+there (the SQLite default for checkpoints, say) leaves breakers and budgets local. With
+``store=`` naming Redis, an unnamed component is refused (:class:`StoreConfigError` asking
+for ``name=``), for the same reason. A malformed URL in the variable fails construction
+with a message naming it.
 
 One :class:`~otel_recovery.stores.RedisStore` is kept per URL, so every component configured
 with the same URL (or by the environment) shares one connection pool and one sync thread.
@@ -58,6 +60,20 @@ def budget_class(store: object, name: object) -> type[RetryBudget]:
     return SharedRetryBudget
 
 
+def _require_a_name(name: str, where: str) -> None:
+    """A fleet-wide component needs a name of its own: unnamed breakers for two different
+    dependencies, both given ``store=``, shared one ``"default"`` circuit, and one
+    dependency's failures opened the other's (the environment's store already keeps unnamed
+    ones local)."""
+    if name == "default":
+        raise StoreConfigError(
+            f"store={where!r} shares this breaker or budget fleet-wide by its name, and it has "
+            "none: unnamed ones for different dependencies would share one 'default' state. "
+            "Pass name='payments' (the dependency it guards), or store='memory://' to keep "
+            "it local"
+        )
+
+
 _stores: dict[str, RedisStore] = {}
 _stores_lock = new_lock()
 
@@ -85,6 +101,7 @@ def shared_store(store: object, name: str) -> RedisStore | None:
                 f"store={spec.safe!r}: circuit breakers and retry budgets share state only "
                 "through Redis (redis://, rediss://, unix://); memory:// keeps them local"
             )
+        _require_a_name(name, spec.safe)
         return _store_for(store, "store")
     if not isinstance(store, Store):
         raise TypeError(f"store must be a store URL or a Store, got {store!r}")
@@ -99,6 +116,7 @@ def shared_store(store: object, name: str) -> RedisStore | None:
     except ImportError:  # pragma: no cover - without redis-py no RedisStore can exist
         RedisStore = None  # type: ignore[assignment,misc]  # noqa: N806
     if RedisStore is not None and isinstance(inner, RedisStore):
+        _require_a_name(name, redact(inner.url))
         return inner
     raise StoreConfigError(
         f"store {redact(inner.url)}: circuit breakers and retry budgets share state only "

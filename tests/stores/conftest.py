@@ -201,3 +201,12 @@ def private_redis(tmp_path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def volatile_redis(tmp_path) -> Iterator[PrivateRedis]:
+    """A private Redis that keeps nothing on disk: restarted, it comes back empty."""
+    server = PrivateRedis(tmp_path, persistent=False)
+    server.start()
+    yield server
+    server.stop()

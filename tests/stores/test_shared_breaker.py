@@ -26,7 +26,7 @@ from otel_recovery.telemetry import get_telemetry
 from otel_recovery.testing import FakeClock, capture_telemetry
 
 from ._fleet import Fleet
-from .conftest import PrivateRedis, cleanup, require, store_url, unique
+from .conftest import cleanup, require, store_url, unique
 
 
 def _cleanup_after_sync(kind, name):
@@ -356,14 +356,6 @@ def test_a_policy_drives_a_shared_breaker_like_a_local_one(shared):
         with pytest.raises(ConnectionError):
             policy.call(down)
     assert b.sync() and b.state is CircuitState.OPEN
-
-
-@pytest.fixture
-def volatile_redis(tmp_path):
-    server = PrivateRedis(tmp_path, persistent=False)
-    server.start()
-    yield server
-    server.stop()
 
 
 def _events(captured, name):

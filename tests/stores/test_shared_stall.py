@@ -28,11 +28,8 @@ BOUND = 0.6  # DECISION_TIMEOUT (0.25 s) plus scheduling noise on a shared 2-cor
 
 
 @pytest.fixture
-def server(tmp_path):
-    server = PrivateRedis(tmp_path, persistent=False)
-    server.start()
-    yield server
-    server.stop()
+def server(volatile_redis):
+    return volatile_redis
 
 
 def _pause(server: PrivateRedis, ms: int) -> None:
