@@ -284,12 +284,26 @@ class PrivateCluster:
     def live_primaries(self) -> list[Node]:
         return [n for n in self.nodes if n.answers() and n.role() == "master"]
 
+    def serve_partially(self) -> None:
+        """Healthy shards go on serving while one is down (``cluster-require-full-coverage
+        no``, as deployments that shard independent data set it): a test of what happens
+        on the healthy shards must not race the cluster declaring itself down as a whole
+        after node-timeout. :meth:`heal` sets full coverage back."""
+        for node in self.nodes:
+            if node.answers():
+                node.call("CONFIG", "SET", "cluster-require-full-coverage", "no")
+
+    def _full_coverage(self) -> None:
+        for node in self.nodes:
+            node.call("CONFIG", "SET", "cluster-require-full-coverage", "yes")
+
     # -- between tests -------------------------------------------------------------------
 
     def heal(self) -> None:
         """Original topology back, and no data: every step runs even if one fails."""
         with contextlib.ExitStack() as steps:
             steps.callback(self.wait_healthy)
+            steps.callback(self._full_coverage)
             steps.callback(self._flush)
             steps.callback(self._original_primaries)
             steps.callback(self._slots_home)
