@@ -227,7 +227,7 @@ class ErrorRecoveryInteraction:
 
     def get_circuit_breaker(self, service_id: str) -> CircuitBreaker:
         """The breaker of ``service_id``, created on first use (at most ``max_breakers``
-        idle ones are kept: see :mod:`otel_recovery._breaker_registry`)."""
+        closed ones are kept: see :mod:`otel_recovery._breaker_registry`)."""
         return self._breakers.get(service_id)
 
     def _new_breaker(self, service_id: str) -> CircuitBreaker:

@@ -90,8 +90,10 @@ class CapturedTelemetry:
         """
         points: list[tuple[dict[str, Any], Any]] = []
         for key, point, counts in self._read():
+            if key[0] != name:
+                continue
             shown = _since(point, self._baseline.get(key)) if counts else point
-            if key[0] == name and shown is not None:
+            if shown is not None:
                 points.append((dict(shown.attributes or {}), getattr(shown, "value", shown)))
         return points
 

@@ -25,31 +25,26 @@ class _Published:
     """An attempt's deadline as published: when, on which clock, and whether the attempt is
     still running. Tasks and threads started inside the attempt copy the context, and with
     it this object: once the attempt is over (:func:`reset_deadline`) they no longer read
-    its deadline, which bounded the attempt, not work that outlives it."""
+    its deadline, which bounded the attempt, not work that outlives it. It is also what
+    :func:`set_deadline` returns: it holds the context variable's token, to restore the
+    deadline published before it."""
 
-    __slots__ = ("at", "clock", "live")
+    __slots__ = ("at", "clock", "live", "token")
 
     def __init__(self, at: float, clock: Clock) -> None:
         self.at = at
         self.clock = clock
         self.live = True
+        self.token: contextvars.Token[_Published | None] | None = None
 
+
+DeadlineToken = _Published
+"""What :func:`set_deadline` returns, for :func:`reset_deadline`."""
 
 _deadline: contextvars.ContextVar[_Published | None] = contextvars.ContextVar(
     "otel_recovery_deadline", default=None
 )
 """The current attempt's deadline and the clock it is measured on (the policy's)."""
-
-
-class DeadlineToken:
-    """What :func:`set_deadline` returns, for :func:`reset_deadline`: the publication and
-    the context variable's token to restore the one before."""
-
-    __slots__ = ("published", "token")
-
-    def __init__(self, published: _Published, token: contextvars.Token[_Published | None]):
-        self.published = published
-        self.token = token
 
 
 class Timeout:
@@ -88,7 +83,8 @@ def set_deadline(deadline: float, clock: Clock) -> DeadlineToken:
     if outer is not None and outer < deadline:
         deadline = outer
     published = _Published(deadline, clock)
-    return DeadlineToken(published, _deadline.set(published))
+    published.token = _deadline.set(published)
+    return published
 
 
 def inherited_deadline(clock: Clock) -> float | None:
@@ -104,5 +100,6 @@ def inherited_deadline(clock: Clock) -> float | None:
 def reset_deadline(token: DeadlineToken) -> None:
     """The attempt that published ``token``'s deadline is over: copies of its context held
     by work it started stop reading it, and this context gets the one before."""
-    token.published.live = False
-    _deadline.reset(token.token)
+    token.live = False
+    if token.token is not None:
+        _deadline.reset(token.token)

@@ -268,11 +268,7 @@ class SharedBreakerView(CircuitBreaker):
         self._slow_sent = peek(self._slow_oks)
         self._asking = 0
         if not self._remote:  # an outage: what was counted so far is the parent's to push
-            if self._window is not None:
-                self._window.clear()
-            self._cf_base = self._consecutive_failures
-            self._ok_base = peek(self._fast_successes)
-            self._pending_manual = None
+            self._owe_nothing_yet()
 
     # -- outage --------------------------------------------------------------------------------
 
@@ -295,11 +291,16 @@ class SharedBreakerView(CircuitBreaker):
                 self._probe_granted_at = now
             self._permits.clear()
             self._probe_successes = 0
-            if self._window is not None:
-                self._window.clear()
-            self._cf_base = self._consecutive_failures
-            self._ok_base = peek(self._fast_successes)
-            self._pending_manual = None
+            self._owe_nothing_yet()
+
+    def _owe_nothing_yet(self) -> None:
+        """From here on, count what the next resync pushes (lock held, or a forked child's
+        own): an outage's start, or a child's, whose parent pushes what came before."""
+        if self._window is not None:
+            self._window.clear()
+        self._cf_base = self._consecutive_failures
+        self._ok_base = peek(self._fast_successes)
+        self._pending_manual = None
 
     def _take_probe(self) -> int | None:
         """As the local breaker's, also taking a permit carried over from Redis."""

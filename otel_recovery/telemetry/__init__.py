@@ -88,10 +88,12 @@ class Telemetry:
         # and one following the process-wide one, which may be this same telemetry, or
         # share its meter provider): each transition counts once per set of instruments,
         # and marks the current span once.
-        if _DELIVERED.first(transition, self.metrics):
+        if _DELIVERED.first(transition, ("metrics", id(self.metrics))):
             self.metrics.breaker_transitions.add(1, attrs)
         span = trace.get_current_span()
-        if span.is_recording() and _DELIVERED.first(transition, span):
+        if span.is_recording() and _DELIVERED.first(
+            transition, ("span", span.get_span_context().span_id)
+        ):
             span.add_event(
                 attributes.EVENT_BREAKER_STATE_CHANGE,
                 {**attrs, attributes.BREAKER_REASON: transition.reason},
@@ -103,20 +105,19 @@ class _Deliveries:
 
     Bounded: a transition's listeners all run within one dispatch, so only the latest few
     can still arrive. Each entry holds its transition, so its id stays its own while
-    remembered; the instruments a sink names live as long as their meter provider."""
+    remembered."""
 
     _KEEP = 256
 
     def __init__(self) -> None:
-        self._seen: OrderedDict[tuple[int, int], StateTransition] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, str, int], StateTransition] = OrderedDict()
         self._lock = new_lock()
 
-    def first(self, transition: StateTransition, sink: object) -> bool:
-        """Whether ``transition`` reaches ``sink`` (a set of instruments, or a span: told by
-        its span id, so an ended span is not kept alive) for the first time."""
-        span_context = getattr(sink, "get_span_context", None)
-        sink_key = span_context().span_id if callable(span_context) else id(sink)
-        key = (id(transition), sink_key)
+    def first(self, transition: StateTransition, sink: tuple[str, int]) -> bool:
+        """Whether ``transition`` reaches ``sink`` for the first time: a set of instruments
+        by its id (they live as long as their meter provider), a span by its span id (an
+        ended span is not kept alive)."""
+        key = (id(transition), *sink)
         with self._lock:
             if key in self._seen:
                 return False

@@ -195,18 +195,19 @@ class PrivateRedis:
         self.process = None
 
 
-@pytest.fixture
-def private_redis(tmp_path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path, persistent=True)
+def _serving(tmp_path: Path, persistent: bool) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path, persistent=persistent)
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[PrivateRedis]:
+    yield from _serving(tmp_path, persistent=True)
 
 
 @pytest.fixture
 def volatile_redis(tmp_path) -> Iterator[PrivateRedis]:
     """A private Redis that keeps nothing on disk: restarted, it comes back empty."""
-    server = PrivateRedis(tmp_path, persistent=False)
-    server.start()
-    yield server
-    server.stop()
+    yield from _serving(tmp_path, persistent=False)
