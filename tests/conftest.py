@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from child_runs import EARLY_RUNS, ChildRun
+from child_runs import EARLY_RUNS, VERDICTS, ChildRun
 from child_runs.no_extension import NoExtensionRun
 from child_runs.sanitized import SanitizedRun
 from lowest_versions.oldest_run import OldestReleasesRun
@@ -63,27 +63,57 @@ def _no_instrumentor_is_left_on() -> Iterator[None]:
 
 
 EARLY = (OldestReleasesRun, SanitizedRun, NoExtensionRun)
-"""The child-process runs (``tests/child_runs``) that start when collection selects their
-test, in this order, one after the other: the longest first."""
+"""The child-process runs (``tests/child_runs``) that start, all at once, when collection
+selects their test."""
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the selected runs of ``EARLY`` now: about four minutes of child processes that
-    then overlap the rest of the suite, while their tests wait for the verdicts."""
-    if session.config.option.collectonly:
+    """Start the selected runs of ``EARLY`` now: minutes of child processes that then
+    overlap the rest of the suite, while their tests wait for the verdicts. Under
+    pytest-xdist the workers leave this to the controller
+    (``pytest_xdist_node_collection_finished``): each worker collects the whole suite."""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         return
-    selected = {item.nodeid for item in session.items}
+    _start_early_runs(session.config, {item.nodeid for item in session.items}, verdicts=None)
+
+
+_VERDICT_DIRECTORY = pytest.StashKey[Path]()
+_EARLY_RUNS_STARTED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """The xdist controller tells each worker where the early runs' verdicts will be."""
+    config = node.config
+    if _VERDICT_DIRECTORY not in config.stash:
+        directory = Path(tempfile.mkdtemp(prefix="otel-recovery-verdicts-"))
+        config.stash[_VERDICT_DIRECTORY] = directory
+        config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
+    node.workerinput[VERDICTS] = str(config.stash[_VERDICT_DIRECTORY])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """The xdist controller starts the early runs once, from the first worker's collection
+    (every worker collects the same tests; none has been given one yet)."""
+    config = node.config
+    if config.stash.get(_EARLY_RUNS_STARTED, False) or config.option.collectonly:
+        return
+    config.stash[_EARLY_RUNS_STARTED] = True
+    _start_early_runs(config, set(ids), verdicts=config.stash[_VERDICT_DIRECTORY])
+
+
+def _start_early_runs(config: pytest.Config, selected: set[str], verdicts: Path | None) -> None:
     runs: dict[str, ChildRun] = {}
-    previous: ChildRun | None = None
     workdirs: list[Path] = []
     for kind in EARLY:
         if kind.TEST_ID not in selected or kind.unavailable() is not None:
             continue
         workdirs.append(Path(tempfile.mkdtemp(prefix=f"otel-recovery-{kind.__name__}-")))
-        previous = runs[kind.TEST_ID] = kind(workdirs[-1], after=previous).start()
+        runs[kind.TEST_ID] = kind(workdirs[-1], verdicts=verdicts).start()
     if not runs:
         return
-    session.config.stash[EARLY_RUNS] = runs
+    config.stash[EARLY_RUNS] = runs
 
     def end() -> None:
         for run in runs.values():
@@ -93,4 +123,4 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         for workdir in workdirs:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    session.config.add_cleanup(end)
+    config.add_cleanup(end)

@@ -166,7 +166,6 @@ def test_ci_builds_the_extension():
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_the_package_behaves_the_same_without_the_extension(request, tmp_path):
     """The policy and instrumentor tests, again, with the extension switched off
     (``tests/child_runs/no_extension.py``, started when collection ends)."""

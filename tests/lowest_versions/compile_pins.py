@@ -62,9 +62,11 @@ NOT_RUN = {
     "gevent",
     "trio",
     "uv",
+    "pytest-xdist",
 }
 """Test-extra packages the lowest run does not use: lint runs once, tests/integrations (the
-stacks around the clients) runs on the newest releases only, and uv installs the pins."""
+stacks around the clients) runs on the newest releases only, uv installs the pins, and the
+run is one pytest process (only the main session has xdist workers)."""
 CONSTRAINTS: list[str] = []
 """Conditions of old releases that their own requirements do not state (none at present)."""
 
