@@ -51,6 +51,7 @@ from otel_recovery.policies._probe_permits import grant, new_period, take
 from otel_recovery.policies.circuit_breaker import BreakerSnapshot, CircuitState
 from otel_recovery.stores import _shared_lua as lua
 from otel_recovery.stores._base import StoreUnavailableError
+from otel_recovery.stores._pushes import UnansweredPushError
 from otel_recovery.stores._shared_view import SharedBreakerView
 
 __all__ = ["SharedCircuitBreaker"]
@@ -178,6 +179,8 @@ class SharedCircuitBreaker(SharedBreakerView):
             except StoreUnavailableError as error:
                 self._link.degrade(error)
                 super().record_failure(duration)  # the local breaker counts it instead
+                if isinstance(error, UnansweredPushError):  # and the resync sends it again, once
+                    self._hand_over(error.doubt)
                 return
             with self._lock:
                 self._failed_calls += 1

@@ -27,7 +27,10 @@ wall-clock bucket so every process agrees on the boundaries.
 unreachable the budget is the local budget (ratio times this process's calls plus the full
 floor: during an outage each process has a floor of its own). Resync pushes this process's
 unsent calls and the retries it granted locally, each capped at what its local window still
-holds (older ones have expired anyway), then uses the shared allowance again.
+holds (older ones have expired anyway), then uses the shared allowance again. A push that
+got no reply (Redis slow, not down) may have been applied: the resync first sends it again
+under its number (:mod:`._pushes`), a withdrawal in it replaced by what the local budget
+decided (the retry forced in, or none), and leaves out of the rest what it carried.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from otel_recovery.policies._counting import peek
 from otel_recovery.policies.budget import BudgetSnapshot, RetryBudget
 from otel_recovery.stores import _shared_lua as lua
 from otel_recovery.stores._base import StoreUnavailableError
+from otel_recovery.stores._pushes import REMEMBERED_MS, Doubt, Pushes, UnansweredPushError
 from otel_recovery.stores._shared_link import KEEP_MS, Link, link_for
 from otel_recovery.stores._sharing import shared_store
 
@@ -56,11 +60,13 @@ class SharedRetryBudget(RetryBudget):
 
     __slots__ = (
         "__weakref__",
+        "_handed_retries",
         "_key",
         "_last_sync",
         "_link",
         "_next_sync",
         "_outage_retries",
+        "_pushes",
         "_remote",
         "_sent_calls",
         "_store",
@@ -84,6 +90,8 @@ class SharedRetryBudget(RetryBudget):
         self._remote = True
         self._sent_calls = 0
         self._outage_retries = itertools.count()
+        self._handed_retries = 0  # of those, carried by a push in doubt
+        self._pushes = Pushes(found, "rbq", self.name)
         self._view = (self.min_per_second * self.ttl, 0, 0)  # available, calls, retries
         self._next_sync = 0.0
         self._last_sync = -math.inf
@@ -142,30 +150,45 @@ class SharedRetryBudget(RetryBudget):
             deposits = total - self._sent_calls
             if cap is not None:
                 deposits = min(deposits, cap)
-            args = [
-                repr(self.clock.wall()),
-                repr(self._width),
-                repr(self.ratio),
-                repr(self.min_per_second * self.ttl),
-                max(0, deposits),
-                1 if spend else 0,
-                forced,
-                KEEP_MS,
-            ]
-            reply = self._link.run(lua.BUDGET, [self._key], args)
-            try:
-                granted = int(reply[0]) == 1
-                calls, retries = int(reply[1]), int(reply[2])
-                allowance = float(reply[3].decode() if isinstance(reply[3], bytes) else reply[3])
-            except (ValueError, TypeError, IndexError, AttributeError) as bad:
-                raise StoreUnavailableError(
-                    f"Redis store {self._link.url}: shared state of retry budget {self.name!r} "
-                    f"is unreadable ({bad})"
-                ) from bad
-            self._sent_calls = total
-            self._view = (max(0.0, allowance), calls, retries)
+            self._sent_calls = total  # this push's now, whether answered or in doubt
+            sent = (max(0, deposits), 1 if spend else 0, forced)
+            granted = self._push(self._pushes.number(), sent)
             now = SYSTEM_CLOCK.now()
             self._last_sync, self._next_sync = now, now + self._sync_every
+        return granted
+
+    def _push(self, number: int, sent: tuple[int, ...]) -> bool:
+        """One numbered push of ``sent`` (deposits, 1 to withdraw, retries to force; turn
+        held), the reply read into the view. No reply makes it the push in doubt, raised as
+        :class:`~._pushes.UnansweredPushError` (the forced retries are its own counts)."""
+        deposits, spend, forced = sent
+        args = [
+            repr(self.clock.wall()),
+            repr(self._width),
+            repr(self.ratio),
+            repr(self.min_per_second * self.ttl),
+            deposits,
+            spend,
+            forced,
+            KEEP_MS,
+            number,
+            REMEMBERED_MS,
+        ]
+        try:
+            reply = self._link.run(lua.BUDGET, [self._key, self._pushes.key], args)
+        except StoreUnavailableError as error:
+            doubt = self._pushes.in_doubt(error, number, sent, (forced,))
+            raise doubt from (error.__cause__ or error)
+        try:
+            granted = int(reply[0]) == 1
+            calls, retries = int(reply[1]), int(reply[2])
+            allowance = float(reply[3].decode() if isinstance(reply[3], bytes) else reply[3])
+        except (ValueError, TypeError, IndexError, AttributeError) as bad:
+            raise StoreUnavailableError(
+                f"Redis store {self._link.url}: shared state of retry budget {self.name!r} "
+                f"is unreadable ({bad})"
+            ) from bad
+        self._view = (max(0.0, allowance), calls, retries)
         return granted
 
     # -- the budget protocol ----------------------------------------------------------------
@@ -173,9 +196,13 @@ class SharedRetryBudget(RetryBudget):
     def try_spend(self, now: float | None = None) -> bool:
         if now is None:
             now = self.clock.now()
+        doubt: Doubt | None = None
         if self._remote:
             try:
                 granted = self._exchange(spend=True)
+            except UnansweredPushError as error:
+                self._link.degrade(error)
+                doubt = error.doubt
             except StoreUnavailableError as error:
                 self._link.degrade(error)
             else:
@@ -189,9 +216,23 @@ class SharedRetryBudget(RetryBudget):
                         self.total_refused += 1
                 return granted
         granted = super().try_spend(now)
+        if doubt is not None and self._decided_in(doubt, granted):
+            return granted
         if granted:
             next(self._outage_retries)
         return granted
+
+    def _decided_in(self, doubt: Doubt, granted: bool) -> bool:
+        """A withdrawal whose push is in doubt, decided locally: the resync sends that push
+        again with this decision in it (the retry forced, or no withdrawal), so Redis
+        counts the retry once, whichever copy it applies. False if the resync took the
+        push as it was (it came first)."""
+        with self._lock:
+            if doubt.hand_over() is None:
+                return False
+            deposits, _, forced = doubt.sent
+            doubt.sent = (deposits, 0, forced + int(granted))
+            return True
 
     def snapshot(self, now: float | None = None) -> BudgetSnapshot:
         """As the local budget's, with the fleet's window as of the last contact while shared.
@@ -214,6 +255,8 @@ class SharedRetryBudget(RetryBudget):
         during an outage in progress (each child pushed them again at the resync)."""
         self._sent_calls = self.total_calls
         self._outage_retries = itertools.count()
+        self._handed_retries = 0
+        self._pushes.restart()
 
     # -- outage --------------------------------------------------------------------------------
 
@@ -222,6 +265,7 @@ class SharedRetryBudget(RetryBudget):
             if self._remote:
                 self._remote = False
                 self._outage_retries = itertools.count()
+                self._handed_retries = 0
 
     def resync(self) -> None:
         """Push the outage's calls and locally granted retries (within ttl), then share again."""
@@ -230,8 +274,22 @@ class SharedRetryBudget(RetryBudget):
                 return
             self._rotate(self.clock.now())
             cap = self._calls_in_window()
-            forced = min(peek(self._outage_retries), self._sum_retries)
-        self._exchange(spend=False, cap=cap, forced=forced, resync=True)
+            owed = peek(self._outage_retries) - self._handed_retries
+            forced = max(0, min(owed, self._sum_retries))
+            doubt = self._pushes.doubt
+            if doubt is not None:
+                doubt.hand_over()  # as it stands, if its withdrawal has not been decided yet
+        if doubt is not None:  # first the push that may have been applied: at most once
+            with self._link.turn(self._talk):
+                self._push(doubt.number, doubt.sent)
+            self._pushes.doubt = None
+        try:
+            self._exchange(spend=False, cap=cap, forced=forced, resync=True)
+        except UnansweredPushError as error:
+            with self._lock:
+                if error.doubt.hand_over() is not None:
+                    self._handed_retries += forced
+            raise
         with self._lock:
             self._remote = True
 

@@ -17,13 +17,17 @@ Breaker layout under the store prefix ``P`` (one breaker name ``N``):
 - ``P cbw:N`` list: the rate window as ``"<second> <calls> <failures> <slow>"`` batches.
 - ``P cbp:N`` sorted set: half-open permits, scored by lease expiry (wall s), so a prober
   that crashed gives its permit back when the lease runs out.
+- ``P cbq:N:M`` string: the last push number applied for member ``M`` (one breaker in one
+  process), so a push sent again after a timeout counts once (:mod:`._pushes`).
 
 Budget layout: ``P rb:N`` hash with ``c<bucket>``/``r<bucket>`` call and retry counts per
-``ttl / 10`` bucket, exactly like the local budget's ring. Every script refreshes the keys'
-expiry, so state of a service that is gone disappears by itself.
+``ttl / 10`` bucket, exactly like the local budget's ring; ``P rbq:N:M`` as ``cbq``. Every
+script refreshes the keys' expiry, so state of a service that is gone disappears by itself.
 """
 
 from __future__ import annotations
+
+from otel_recovery.stores._pushes import ONCE
 
 __all__ = ["ACQUIRE", "BUDGET", "MANUAL", "PROBE", "RECORD", "VIEW_FIELDS"]
 
@@ -66,13 +70,17 @@ local function view(granted)
 end
 """
 
-# ARGV from 4: mode ('c' consecutive | 'r' rate), failure threshold, successes since the
-# caller's last contact, the fseq that caller had seen, failures, slow calls, rate threshold,
-# slow-call rate threshold, minimum calls, window kind ('count' | 'time'), window size,
-# and for a resync push: seconds this caller's own breaker is still open ('' = not open).
+# KEYS[4]: the member's last push number. ARGV from 4: mode ('c' consecutive | 'r' rate),
+# failure threshold, successes since the caller's last contact, the fseq that caller had
+# seen, failures, slow calls, rate threshold, slow-call rate threshold, minimum calls, window
+# kind ('count' | 'time'), window size, for a resync push: seconds this caller's own breaker
+# is still open ('' = not open) and the reason; then the push number and how long it is
+# remembered (ms).
 RECORD = (
     _BREAKER
+    + ONCE
     + """
+if applied_before(KEYS[4], ARGV[17], ARGV[18]) then return view(1) end
 local mode, threshold = ARGV[4], tonumber(ARGV[5])
 local ok, seen, fail, slow = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
   tonumber(ARGV[9])
@@ -196,15 +204,19 @@ return view(1)
 """
 )
 
-# KEYS[1] = budget hash. ARGV: now (wall s), bucket width (s), ratio, floor (min_per_second *
-# ttl), deposits, 1 to withdraw one retry (0 to only deposit and read), retries to add without
-# a check (a resync pushing retries granted locally), key expiry (ms). Returns {granted,
-# calls in window, retries in window, allowance left}.
-BUDGET = """
+# KEYS[1] = budget hash, KEYS[2] = the member's last push number. ARGV: now (wall s), bucket
+# width (s), ratio, floor (min_per_second * ttl), deposits, 1 to withdraw one retry (0 to only
+# deposit and read), retries to add without a check (a resync pushing retries granted
+# locally), key expiry (ms), push number, how long it is remembered (ms). Returns {granted,
+# calls in window, retries in window, allowance left}; a push applied before only reads.
+BUDGET = (
+    ONCE
+    + """
 local B = KEYS[1]
 local bucket = math.floor(tonumber(ARGV[1]) / tonumber(ARGV[2]))
 local oldest = bucket - 9
-local deposits, forced = tonumber(ARGV[5]), tonumber(ARGV[7])
+local deposits, forced, spend = tonumber(ARGV[5]), tonumber(ARGV[7]), ARGV[6]
+if applied_before(KEYS[2], ARGV[9], ARGV[10]) then deposits, forced, spend = 0, 0, '0' end
 if deposits > 0 then redis.call('HINCRBY', B, 'c' .. bucket, deposits) end
 if forced > 0 then redis.call('HINCRBY', B, 'r' .. bucket, forced) end
 local calls, retries = 0, 0
@@ -222,10 +234,11 @@ for i = 1, #all, 2 do
 end
 local allowance = tonumber(ARGV[3]) * calls + tonumber(ARGV[4]) - retries
 local granted = 0
-if ARGV[6] == '1' and allowance >= 1 then
+if spend == '1' and allowance >= 1 then
   redis.call('HINCRBY', B, 'r' .. bucket, 1)
   retries, allowance, granted = retries + 1, allowance - 1, 1
 end
 redis.call('PEXPIRE', B, ARGV[8])
 return {granted, calls, retries, tostring(allowance)}
 """
+)

@@ -27,7 +27,9 @@ permits become local probes; a rate window starts empty). Resync pushes what hap
 before adopting the shared state again: the failures counted since the outage (the trailing
 consecutive run, or the local window), and, if this process opened its breaker meanwhile and
 it is still open, the open state itself with its remaining time (reason ``local_trip``) unless
-the shared breaker is already open; a manual mode set meanwhile is applied fleet-wide.
+the shared breaker is already open; a manual mode set meanwhile is applied fleet-wide. A push
+that got no reply (Redis slow, not down) may have been applied: the resync first sends it
+again under its number (:mod:`._pushes`), and leaves out of the rest what it carried.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from otel_recovery.policies._windows import TimeWindow
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
 from otel_recovery.stores import _shared_lua as lua
 from otel_recovery.stores._base import StoreUnavailableError
+from otel_recovery.stores._pushes import REMEMBERED_MS, Doubt, Pushes, UnansweredPushError
 from otel_recovery.stores._shared_link import KEEP_MS, Link, link_for
 from otel_recovery.stores._sharing import shared_store
 
@@ -75,7 +78,9 @@ class SharedBreakerView(CircuitBreaker):
         "_asking",
         "_carried",
         "_cf_base",
+        "_failed_base",
         "_gen",
+        "_handed",
         "_id",
         "_keys",
         "_link",
@@ -86,6 +91,7 @@ class SharedBreakerView(CircuitBreaker):
         "_pending_manual",
         "_permit_ids",
         "_permits",
+        "_pushes",
         "_remote",
         "_seen_fseq",
         "_shared_window",
@@ -128,6 +134,9 @@ class SharedBreakerView(CircuitBreaker):
         self._pending_manual: CircuitState | None = None
         self._cf_base = 0
         self._ok_base = 0
+        self._failed_base = 0
+        self._pushes = Pushes(found, "cbq", self.name)
+        self._handed = (0, 0, 0)  # failures, slow calls, successes of an outage's doubt
         self._link.join(self)
 
     # -- what the link sees ---------------------------------------------------------------------
@@ -206,19 +215,37 @@ class SharedBreakerView(CircuitBreaker):
             if due_only and SYSTEM_CLOCK.now() < self._next_sync:
                 return
             ok_total, slow_total = peek(self._fast_successes), peek(self._slow_oks)
-            args = self._record_args(
-                ok + ok_total - self._ok_sent,
-                fail,
-                slow + slow_total - self._slow_sent,
-                open_for,
-                reason,
-            )
-            reply = self._link.run(lua.RECORD, self._keys, args)
+            sent = (ok + ok_total - self._ok_sent, fail, slow + slow_total - self._slow_sent)
+            # the batched successes are this push's now, whether it is answered or in doubt
             self._ok_sent, self._slow_sent = ok_total, slow_total
-            self._adopt(reply)
+            self._push(self._pushes.number(), sent, (fail, slow, ok), open_for, reason)
             self._next_sync = SYSTEM_CLOCK.now() + self._sync_every
         if self._pending:
             self._dispatch()
+
+    def _push(
+        self, number: int, sent: tuple[int, ...], own: tuple[int, ...],
+        open_for: float | None = None, reason: str = "",
+    ) -> None:  # fmt: skip
+        """One numbered push of ``sent`` (successes, failures, slow calls; turn held), and
+        the reply adopted. No reply makes it the push in doubt (``own``: the counts of it
+        that are recorded locally too), raised as :class:`~._pushes.UnansweredPushError`."""
+        ok, fail, slow = sent
+        args = [*self._record_args(ok, fail, slow, open_for, reason), number, REMEMBERED_MS]
+        try:
+            reply = self._link.run(lua.RECORD, (*self._keys, self._pushes.key), args)
+        except StoreUnavailableError as error:
+            raise self._pushes.in_doubt(error, number, sent, own) from (error.__cause__ or error)
+        self._adopt(reply)
+
+    def _hand_over(self, doubt: Doubt) -> None:
+        """What a push in doubt carried of the counts also recorded locally is no longer
+        owed by the resync, which sends that push again instead."""
+        with self._lock:
+            own = doubt.hand_over()
+            if own is not None:
+                failed, slow, ok = self._handed
+                self._handed = (failed + own[0], slow + own[1], ok + own[2])
 
     def _adopt(self, reply: Any) -> bool:
         """Make the local view the shared state in ``reply``; True if a permit was granted."""
@@ -263,6 +290,7 @@ class SharedBreakerView(CircuitBreaker):
         failures opened a threshold-5 circuit), and a probe request a parent thread was
         waiting on (no thread here will ever take it back: the child refused every call)."""
         self._id = uuid.uuid4().hex[:12] + ":"
+        self._pushes.restart()
         self._permits.clear()
         self._ok_sent = peek(self._fast_successes)
         self._slow_sent = peek(self._slow_oks)
@@ -300,6 +328,8 @@ class SharedBreakerView(CircuitBreaker):
             self._window.clear()
         self._cf_base = self._consecutive_failures
         self._ok_base = peek(self._fast_successes)
+        self._failed_base = self._failed_calls
+        self._handed = (0, 0, 0)
         self._pending_manual = None
 
     def _take_probe(self) -> int | None:
@@ -328,24 +358,38 @@ class SharedBreakerView(CircuitBreaker):
 
     def resync(self) -> None:
         """Push the outage's local outcomes, then adopt the shared state (see the module doc)."""
+        doubt = self._pushes.doubt
+        if doubt is not None:  # not yet handed over if its caller is still on its way
+            self._hand_over(doubt)
         with self._lock:
             if self._remote:
                 return
             state, manual = self._state, self._pending_manual
             ok = fail = slow = 0
-            window = self._window
+            window, (handed_failures, handed_slow, handed_ok) = self._window, self._handed
             if window is not None:
-                fail, slow, ok = window.failures, window.slows, window.calls - window.failures
+                fail, slow = window.failures - handed_failures, window.slows - handed_slow
+                ok = window.calls - window.failures - handed_ok
             elif state is _CLOSED:
                 quiet = peek(self._fast_successes) == self._ok_base
-                fail = self._consecutive_failures - (self._cf_base if quiet else 0)
+                run = self._consecutive_failures - (self._cf_base if quiet else 0)
+                # the handed ones are the outage's first failures; the run is its last ones
+                fail = min(run, self._failed_calls - self._failed_base - handed_failures)
             open_for = None
             if state is _OPEN and manual is None:
                 open_for = max(0.0, self._open_until - self._clock.now())
-        self._contact(
-            fail=max(0, fail), slow=slow, ok=ok, open_for=open_for, reason="local_trip",
-            resync=True,
-        )  # fmt: skip
+        if doubt is not None:  # first the push that may have been applied: at most once
+            with self._link.turn(self._talk):
+                self._push(doubt.number, doubt.sent, doubt.own)
+            self._pushes.doubt = None
+        try:
+            self._contact(
+                fail=max(0, fail), slow=max(0, slow), ok=max(0, ok), open_for=open_for,
+                reason="local_trip", resync=True,
+            )  # fmt: skip
+        except UnansweredPushError as error:
+            self._hand_over(error.doubt)
+            raise
         if manual is not None:
             with self._link.turn(self._talk):
                 args = [*self._head(), manual.value, _MANUAL_REASONS[manual]]

@@ -1,0 +1,199 @@
+"""A Redis that is slow, not down: a push that timed out may still be applied, once.
+
+The fleet-wide breaker and budget count locally what a timed-out exchange carried (the link
+degrades), and push the outage's counts when Redis answers again. A private
+``redis-server`` stopped with SIGSTOP for longer than the decision bound makes the exchange
+time out with its request already in the server's socket buffer: resumed, the server runs
+the script anyway. Without an id per push, the resync then pushed the same failure, calls or
+retry a second time (a threshold-2 circuit opened on one failure; 50 calls became 100).
+Every push carries its member's sequence number now, and the resync first sends the push in
+doubt again under its own number: Redis applies it once, whichever copy arrives first.
+Real time is the thing under test (the decision bound, the reconnect interval).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import redis
+
+from otel_recovery import CircuitBreaker, CircuitState, RetryBudget
+from otel_recovery.stores._base import StoreUnavailableError
+from otel_recovery.stores._shared_link import DECISION_TIMEOUT
+
+from .conftest import PrivateRedis
+
+STALL = DECISION_TIMEOUT + 0.25
+"""Long enough for the exchange to time out, short enough that the server then runs it."""
+
+
+def _stall(server: PrivateRedis) -> None:
+    """Stop the server now; resume it after STALL seconds (what it had read, it then runs)."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    timer = threading.Timer(STALL, os.kill, (server.process.pid, signal.SIGCONT))
+    timer.daemon = True
+    timer.start()
+
+
+def _until(condition, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def _field(server: PrivateRedis, key: str, field: str) -> str | None:
+    admin = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        value: str | None = admin.hget(key, field)
+        return value
+    finally:
+        admin.close()
+
+
+def _budget_counts(server: PrivateRedis, key: str) -> tuple[int, int]:
+    """Calls and retries in the shared budget's buckets."""
+    admin = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        fields = admin.hgetall(key)
+    finally:
+        admin.close()
+    calls = sum(int(v) for k, v in fields.items() if k.startswith("c"))
+    retries = sum(int(v) for k, v in fields.items() if k.startswith("r"))
+    return calls, retries
+
+
+def test_a_failure_whose_push_timed_out_is_counted_once_fleet_wide(volatile_redis):
+    breaker = CircuitBreaker(2, 30.0, name="pay", store=f"{volatile_redis.url}?prefix=slow:")
+    breaker.sync()
+
+    _stall(volatile_redis)
+    breaker.record_failure()  # times out; the server runs it when it resumes
+
+    assert not breaker.shared  # decided locally: the failure is counted here
+    assert _until(lambda: breaker.shared)  # resynced
+    assert _field(volatile_redis, "slow:cb:pay", "cf") == "1"
+    assert breaker.state is CircuitState.CLOSED  # one failure under a threshold of two
+
+    breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN
+    assert _field(volatile_redis, "slow:cb:pay", "cf") == "2"
+
+
+def test_a_rate_windows_calls_whose_push_timed_out_are_counted_once(volatile_redis):
+    url = f"{volatile_redis.url}?prefix=slow:"
+    breaker = CircuitBreaker(
+        name="db",
+        store=url,
+        failure_rate_threshold=0.9,
+        minimum_calls=1000,
+        window="count",
+        window_size=1000,
+        sync_interval=60,  # the successes travel with the failure, not with a sync
+    )
+    breaker.sync()
+    for _ in range(5):
+        breaker.record_success()
+    _stall(volatile_redis)
+    breaker.record_failure()  # carries the five successes and itself; times out
+
+    assert _until(lambda: breaker.shared)
+    assert _field(volatile_redis, "slow:cb:db", "wc") == "6"
+    assert _field(volatile_redis, "slow:cb:db", "wf") == "1"
+
+
+def test_a_budgets_deposits_and_retry_whose_push_timed_out_are_counted_once(volatile_redis):
+    url = f"{volatile_redis.url}?prefix=slow:"
+    # the deposits travel with the withdrawal, not with a sync
+    budget = RetryBudget(
+        ratio=0.5, min_per_second=1, ttl=60, name="calls", store=url, sync_interval=60
+    )
+    budget.sync()
+    for _ in range(50):
+        budget.record_call()
+
+    _stall(volatile_redis)
+    assert budget.try_spend()  # carries the 50 deposits; times out; granted locally
+
+    assert _until(lambda: budget.shared)
+    assert _budget_counts(volatile_redis, "slow:rb:calls") == (50, 1)
+
+
+def test_a_push_in_doubt_is_sent_again_when_the_server_never_ran_it(volatile_redis):
+    """Stopped for good, then restarted empty: the failure in doubt never landed, so the
+    resync's second copy is the one Redis counts."""
+    breaker = CircuitBreaker(3, 30.0, name="pay", store=f"{volatile_redis.url}?prefix=gone:")
+    breaker.sync()
+    assert volatile_redis.process is not None
+    os.kill(volatile_redis.process.pid, signal.SIGSTOP)
+    breaker.record_failure()  # times out; the server will never run it
+    volatile_redis.process.kill()
+    volatile_redis.process.wait()
+    volatile_redis.start()  # empty: persistence is off
+
+    assert _until(lambda: breaker.shared)
+    assert _field(volatile_redis, "gone:cb:pay", "cf") == "1"
+
+
+class _LostReplies:
+    """A link's ``run`` whose calls numbered in ``lose`` reach Redis and run there, but
+    whose reply is lost, as a timeout loses it: a slow Redis, made exact."""
+
+    def __init__(self, run, lose: set[int]) -> None:
+        self._run, self._lose, self.calls = run, lose, 0
+
+    def __call__(self, source, keys, args):
+        self.calls += 1
+        reply = self._run(source, keys, args)
+        if self.calls in self._lose:
+            raise StoreUnavailableError("reply lost") from TimeoutError("timed out")
+        return reply
+
+
+def test_a_resync_whose_own_push_is_lost_is_counted_once_at_the_next(volatile_redis, monkeypatch):
+    url = f"{volatile_redis.url}?prefix=lost:"
+    breaker = CircuitBreaker(10, 30.0, name="pay", store=url, sync_interval=60)
+    breaker.sync()  # 1
+    lost = _LostReplies(breaker._link.run, lose={2, 4})
+    monkeypatch.setattr(breaker._link, "run", lost)
+
+    breaker.record_failure()  # 2: applied, in doubt
+    breaker.record_failure()  # local
+    breaker.record_failure()  # local
+    # resync: 3 sends 2 again (skipped), 4 pushes the two local failures (applied, in doubt)
+    assert _until(lambda: lost.calls >= 4)
+    breaker.record_failure()  # local again
+    # resync: 5 sends 4 again (skipped), 6 pushes the one failure since
+    assert _until(lambda: breaker.shared)
+
+    assert lost.calls == 6
+    assert _field(volatile_redis, "lost:cb:pay", "cf") == "4"
+
+
+def test_a_budget_resync_whose_own_push_is_lost_is_counted_once_at_the_next(
+    volatile_redis, monkeypatch
+):
+    url = f"{volatile_redis.url}?prefix=lost:"
+    budget = RetryBudget(
+        ratio=0.5, min_per_second=1, ttl=60, name="calls", store=url, sync_interval=60
+    )
+    budget.sync()  # 1
+    lost = _LostReplies(budget._link.run, lose={2, 4})
+    monkeypatch.setattr(budget._link, "run", lost)
+    for _ in range(20):
+        budget.record_call()
+
+    assert budget.try_spend()  # 2: 20 deposits and a withdrawal, applied, in doubt
+    assert budget.try_spend()  # granted locally
+    # resync: 3 sends 2 again (skipped), 4 forces the local retry (applied, in doubt)
+    assert _until(lambda: lost.calls >= 4)
+    assert budget.try_spend()  # granted locally
+    # resync: 5 sends 4 again (skipped), 6 forces the one retry since
+    assert _until(lambda: budget.shared)
+
+    assert lost.calls == 6
+    assert _budget_counts(volatile_redis, "lost:rb:calls") == (20, 3)
