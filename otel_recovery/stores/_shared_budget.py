@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 from typing import Any
 
@@ -47,12 +48,22 @@ from otel_recovery.policies.budget import BudgetSnapshot, RetryBudget
 from otel_recovery.stores import _shared_lua as lua
 from otel_recovery.stores._base import StoreUnavailableError
 from otel_recovery.stores._pushes import REMEMBERED_MS, Doubt, Pushes, UnansweredPushError
-from otel_recovery.stores._shared_link import KEEP_MS, Link, link_for
+from otel_recovery.stores._shared_link import KEEP_MS, RECONNECT_INTERVAL, Link, link_for
 from otel_recovery.stores._sharing import shared_store
 
 __all__ = ["SharedRetryBudget"]
 
+_log = logging.getLogger("otel_recovery")
+
 _QUIET = 10
+
+
+class _OtherTtlError(Exception):
+    """The budget's name is counted in Redis with another bucket width (another ``ttl``)."""
+
+    def __init__(self, width: float) -> None:
+        super().__init__(width)
+        self.width = width
 
 
 class SharedRetryBudget(RetryBudget):
@@ -67,12 +78,14 @@ class SharedRetryBudget(RetryBudget):
         "_next_sync",
         "_outage_retries",
         "_pushes",
+        "_rejoin_at",
         "_remote",
         "_sent_calls",
         "_store",
         "_sync_every",
         "_talk",
         "_view",
+        "_warned_widths",
     )
 
     def __init__(
@@ -92,6 +105,8 @@ class SharedRetryBudget(RetryBudget):
         self._outage_retries = itertools.count()
         self._handed_retries = 0  # of those, carried by a push in doubt
         self._pushes = Pushes(found, "rbq", self.name)
+        self._rejoin_at: float | None = None  # apart from a fleet with another ttl until then
+        self._warned_widths: set[float] = set()
         self._view = (self.min_per_second * self.ttl, 0, 0)  # available, calls, retries
         self._next_sync = 0.0
         self._last_sync = -math.inf
@@ -109,10 +124,17 @@ class SharedRetryBudget(RetryBudget):
 
     @property
     def shared(self) -> bool:
-        """True while the shared allowance is used; False while degraded to local state."""
+        """True while the shared allowance is used; False while degraded to local state, or
+        apart from a fleet that counts this name with another ttl."""
         return self._remote
 
+    @property
+    def degraded(self) -> bool:
+        return not self._remote and self._rejoin_at is None
+
     def sync_due(self, now: float) -> bool:
+        if self._rejoin_at is not None:
+            return now >= self._rejoin_at
         if now < self._next_sync:
             return False
         return self.total_calls != self._sent_calls or now >= (
@@ -120,10 +142,15 @@ class SharedRetryBudget(RetryBudget):
         )
 
     def sync_now(self) -> None:
+        if self._rejoin_at is not None:
+            self._rejoin_at = None
+            self.resync()  # parts ways again if the other ttl's buckets still live
+            return
         self._exchange(spend=False, due_only=True)
 
     def sync(self) -> bool:
-        """Push unsent deposits and read the shared allowance now; False if degraded."""
+        """Push unsent deposits and read the shared allowance now; False if degraded, or
+        apart from a fleet with another ttl."""
         if not self._remote:
             return False
         try:
@@ -131,7 +158,7 @@ class SharedRetryBudget(RetryBudget):
         except StoreUnavailableError as error:
             self._link.degrade(error)
             return False
-        return True
+        return self._remote
 
     def _exchange(
         self, *, spend: bool, cap: int | None = None, forced: int = 0, due_only: bool = False,
@@ -152,7 +179,12 @@ class SharedRetryBudget(RetryBudget):
                 deposits = min(deposits, cap)
             self._sent_calls = total  # this push's now, whether answered or in doubt
             sent = (max(0, deposits), 1 if spend else 0, forced)
-            granted = self._push(self._pushes.number(), sent)
+            try:
+                granted = self._push(self._pushes.number(), sent)
+            except _OtherTtlError as other:
+                self._sent_calls -= sent[0]  # not counted: owed when this budget rejoins
+                self._part_ways(other.width)
+                return False
             now = SYSTEM_CLOCK.now()
             self._last_sync, self._next_sync = now, now + self._sync_every
         return granted
@@ -180,9 +212,11 @@ class SharedRetryBudget(RetryBudget):
             doubt = self._pushes.in_doubt(error, number, sent, (forced,))
             raise doubt from (error.__cause__ or error)
         try:
+            if len(reply) > 4:
+                raise _OtherTtlError(float(_text(reply[4])))
             granted = int(reply[0]) == 1
             calls, retries = int(reply[1]), int(reply[2])
-            allowance = float(reply[3].decode() if isinstance(reply[3], bytes) else reply[3])
+            allowance = float(_text(reply[3]))
         except (ValueError, TypeError, IndexError, AttributeError) as bad:
             raise StoreUnavailableError(
                 f"Redis store {self._link.url}: shared state of retry budget {self.name!r} "
@@ -190,6 +224,31 @@ class SharedRetryBudget(RetryBudget):
             ) from bad
         self._view = (max(0.0, allowance), calls, retries)
         return granted
+
+    def _part_ways(self, width: float) -> None:
+        """Redis counts this name with another ttl, and those counts are live: mixing the
+        two rings would corrupt both, so this process keeps a budget of its own (as in an
+        outage) and asks again every bucket width (at least every second); the name is
+        this ttl's once the other one's buckets have all expired."""
+        with self._lock:
+            if self._remote:
+                self._remote = False
+                self._outage_retries = itertools.count()
+                self._handed_retries = 0
+            self._rejoin_at = SYSTEM_CLOCK.now() + max(RECONNECT_INTERVAL, self._width)
+            first = width not in self._warned_widths
+            self._warned_widths.add(width)
+        if first:
+            _log.warning(
+                "otel_recovery: retry budget %r is shared through %s by processes whose ttl is "
+                "%g s, and its ttl here is %g s: this process keeps a budget of its own until "
+                "their counts expire. Give every process the same ttl for one budget name, or "
+                "give this budget another name.",
+                self.name,
+                self._link.url,
+                width * 10,
+                self.ttl,
+            )
 
     # -- the budget protocol ----------------------------------------------------------------
 
@@ -206,6 +265,8 @@ class SharedRetryBudget(RetryBudget):
             except StoreUnavailableError as error:
                 self._link.degrade(error)
             else:
+                if not self._remote:  # apart from a fleet with another ttl: decided here
+                    return self._spend_apart(now)
                 with self._lock:
                     index = self._rotate(now)
                     if granted:
@@ -218,6 +279,12 @@ class SharedRetryBudget(RetryBudget):
         granted = super().try_spend(now)
         if doubt is not None and self._decided_in(doubt, granted):
             return granted
+        if granted:
+            next(self._outage_retries)
+        return granted
+
+    def _spend_apart(self, now: float) -> bool:
+        granted = super().try_spend(now)
         if granted:
             next(self._outage_retries)
         return granted
@@ -270,7 +337,7 @@ class SharedRetryBudget(RetryBudget):
     def resync(self) -> None:
         """Push the outage's calls and locally granted retries (within ttl), then share again."""
         with self._lock:
-            if self._remote:
+            if self._remote or self._rejoin_at is not None:  # apart: sync_now asks again
                 return
             self._rotate(self.clock.now())
             cap = self._calls_in_window()
@@ -280,8 +347,12 @@ class SharedRetryBudget(RetryBudget):
             if doubt is not None:
                 doubt.hand_over()  # as it stands, if its withdrawal has not been decided yet
         if doubt is not None:  # first the push that may have been applied: at most once
-            with self._link.turn(self._talk):
-                self._push(doubt.number, doubt.sent)
+            try:
+                with self._link.turn(self._talk):
+                    self._push(doubt.number, doubt.sent)
+            except _OtherTtlError as other:  # refused whole: sent again when this one rejoins
+                self._part_ways(other.width)
+                return
             self._pushes.doubt = None
         try:
             self._exchange(spend=False, cap=cap, forced=forced, resync=True)
@@ -291,11 +362,21 @@ class SharedRetryBudget(RetryBudget):
                     self._handed_retries += forced
             raise
         with self._lock:
-            self._remote = True
+            if self._rejoin_at is None:  # else: still apart (another ttl's counts live)
+                self._remote = True
 
     def __repr__(self) -> str:
-        mode = "shared" if self._remote else "local (store unreachable)"
+        if self._remote:
+            mode = "shared"
+        elif self._rejoin_at is not None:
+            mode = "local (the fleet counts this name with another ttl)"
+        else:
+            mode = "local (store unreachable)"
         return (
             f"RetryBudget(ratio={self.ratio}, min_per_second={self.min_per_second}, "
             f"ttl={self.ttl}, name={self.name!r}, store={self._link.url!r}, {mode})"
         )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

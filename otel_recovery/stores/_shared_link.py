@@ -108,6 +108,11 @@ class Member(Protocol):
     @property
     def shared(self) -> bool: ...
 
+    @property
+    def degraded(self) -> bool:
+        """Local because the link is degraded: its exchanges stop until the resync."""
+        ...
+
     def sync_due(self, now: float) -> bool: ...
 
     def sync_now(self) -> None: ...
@@ -253,7 +258,7 @@ class Link:
             ) from TimeoutError(f"waited {DECISION_TIMEOUT}s for the reply to an exchange ahead")
         outage: tuple[StoreUnavailableError, list[Member]] | None = None
         try:
-            if member is not None and not member.shared:
+            if member is not None and member.degraded:
                 raise StoreUnavailableError(f"Redis store {self.url} is unavailable")
             yield
         except StoreUnavailableError as error:

@@ -21,7 +21,8 @@ Breaker layout under the store prefix ``P`` (one breaker name ``N``):
   process), so a push sent again after a timeout counts once (:mod:`._pushes`).
 
 Budget layout: ``P rb:N`` hash with ``c<bucket>``/``r<bucket>`` call and retry counts per
-``ttl / 10`` bucket, exactly like the local budget's ring; ``P rbq:N:M`` as ``cbq``. Every
+``ttl / 10`` bucket, exactly like the local budget's ring, and ``w`` the bucket width they
+are counted with (one ttl per name); ``P rbq:N:M`` as ``cbq``. Every
 script refreshes the keys' expiry, so state of a service that is gone disappears by itself.
 """
 
@@ -209,11 +210,27 @@ return view(1)
 # deposit and read), retries to add without a check (a resync pushing retries granted
 # locally), key expiry (ms), push number, how long it is remembered (ms). Returns {granted,
 # calls in window, retries in window, allowance left}; a push applied before only reads.
+# The hash's ``w`` field is the bucket width its buckets were counted with: while any of them
+# is live, a caller with another width changes nothing and gets {0, 0, 0, '0', that width};
+# once they have all expired, the name is the new width's.
 BUDGET = (
     ONCE
     + """
-local B = KEYS[1]
-local bucket = math.floor(tonumber(ARGV[1]) / tonumber(ARGV[2]))
+local B, now, width = KEYS[1], tonumber(ARGV[1]), ARGV[2]
+local stored = redis.call('HGET', B, 'w')
+if stored and stored ~= width then
+  local oldest_other = math.floor(now / tonumber(stored)) - 9
+  local fields = redis.call('HKEYS', B)
+  for _, field in ipairs(fields) do
+    if field ~= 'w' and tonumber(string.sub(field, 2)) >= oldest_other then
+      return {0, 0, 0, '0', stored}
+    end
+  end
+  redis.call('DEL', B)
+  stored = false
+end
+if not stored then redis.call('HSET', B, 'w', width) end
+local bucket = math.floor(now / tonumber(width))
 local oldest = bucket - 9
 local deposits, forced, spend = tonumber(ARGV[5]), tonumber(ARGV[7]), ARGV[6]
 if applied_before(KEYS[2], ARGV[9], ARGV[10]) then deposits, forced, spend = 0, 0, '0' end
@@ -224,7 +241,9 @@ local all = redis.call('HGETALL', B)
 for i = 1, #all, 2 do
   local field = all[i]
   local index = tonumber(string.sub(field, 2))
-  if index < oldest then
+  if field == 'w' then
+    -- the width, not a bucket
+  elseif index < oldest then
     redis.call('HDEL', B, field)
   elseif string.sub(field, 1, 1) == 'c' then
     calls = calls + tonumber(all[i + 1])

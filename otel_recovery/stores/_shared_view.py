@@ -154,6 +154,10 @@ class SharedBreakerView(CircuitBreaker):
         """True while decisions use the shared state; False while degraded to local state."""
         return self._remote
 
+    @property
+    def degraded(self) -> bool:
+        return not self._remote
+
     def sync_due(self, now: float) -> bool:
         # Idle breakers sync too: listeners and the state metric must follow the fleet even
         # in a process that makes no calls, and it keeps the staleness bound unconditional.

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,3 +211,26 @@ def private_redis(tmp_path) -> Iterator[PrivateRedis]:
 def volatile_redis(tmp_path) -> Iterator[PrivateRedis]:
     """A private Redis that keeps nothing on disk: restarted, it comes back empty."""
     yield from _serving(tmp_path, persistent=False)
+
+
+def budget_counts(url: str, key: str) -> tuple[int, int, str | None]:
+    """Calls and retries in a fleet-wide budget's buckets in Redis, and the bucket width it
+    records ("w")."""
+    import redis
+
+    admin = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        fields = admin.hgetall(key)
+    finally:
+        admin.close()
+    calls = sum(int(v) for k, v in fields.items() if k.startswith("c"))
+    retries = sum(int(v) for k, v in fields.items() if k.startswith("r"))
+    return calls, retries, fields.get("w")
+
+
+def until(condition: Callable[[], bool], within: float = 10.0) -> bool:
+    """Whether ``condition`` holds within ``within`` real seconds (polled every 20 ms)."""
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()

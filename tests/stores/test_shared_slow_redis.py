@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import redis
 
@@ -24,7 +23,7 @@ from otel_recovery import CircuitBreaker, CircuitState, RetryBudget
 from otel_recovery.stores._base import StoreUnavailableError
 from otel_recovery.stores._shared_link import DECISION_TIMEOUT
 
-from .conftest import PrivateRedis
+from .conftest import PrivateRedis, budget_counts, until
 
 STALL = DECISION_TIMEOUT + 0.25
 """Long enough for the exchange to time out, short enough that the server then runs it."""
@@ -39,13 +38,6 @@ def _stall(server: PrivateRedis) -> None:
     timer.start()
 
 
-def _until(condition, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
-
-
 def _field(server: PrivateRedis, key: str, field: str) -> str | None:
     admin = redis.Redis.from_url(server.url, decode_responses=True)
     try:
@@ -53,18 +45,6 @@ def _field(server: PrivateRedis, key: str, field: str) -> str | None:
         return value
     finally:
         admin.close()
-
-
-def _budget_counts(server: PrivateRedis, key: str) -> tuple[int, int]:
-    """Calls and retries in the shared budget's buckets."""
-    admin = redis.Redis.from_url(server.url, decode_responses=True)
-    try:
-        fields = admin.hgetall(key)
-    finally:
-        admin.close()
-    calls = sum(int(v) for k, v in fields.items() if k.startswith("c"))
-    retries = sum(int(v) for k, v in fields.items() if k.startswith("r"))
-    return calls, retries
 
 
 def test_a_failure_whose_push_timed_out_is_counted_once_fleet_wide(volatile_redis):
@@ -75,7 +55,7 @@ def test_a_failure_whose_push_timed_out_is_counted_once_fleet_wide(volatile_redi
     breaker.record_failure()  # times out; the server runs it when it resumes
 
     assert not breaker.shared  # decided locally: the failure is counted here
-    assert _until(lambda: breaker.shared)  # resynced
+    assert until(lambda: breaker.shared)  # resynced
     assert _field(volatile_redis, "slow:cb:pay", "cf") == "1"
     assert breaker.state is CircuitState.CLOSED  # one failure under a threshold of two
 
@@ -101,7 +81,7 @@ def test_a_rate_windows_calls_whose_push_timed_out_are_counted_once(volatile_red
     _stall(volatile_redis)
     breaker.record_failure()  # carries the five successes and itself; times out
 
-    assert _until(lambda: breaker.shared)
+    assert until(lambda: breaker.shared)
     assert _field(volatile_redis, "slow:cb:db", "wc") == "6"
     assert _field(volatile_redis, "slow:cb:db", "wf") == "1"
 
@@ -119,8 +99,8 @@ def test_a_budgets_deposits_and_retry_whose_push_timed_out_are_counted_once(vola
     _stall(volatile_redis)
     assert budget.try_spend()  # carries the 50 deposits; times out; granted locally
 
-    assert _until(lambda: budget.shared)
-    assert _budget_counts(volatile_redis, "slow:rb:calls") == (50, 1)
+    assert until(lambda: budget.shared)
+    assert budget_counts(volatile_redis.url, "slow:rb:calls")[:2] == (50, 1)
 
 
 def test_a_push_in_doubt_is_sent_again_when_the_server_never_ran_it(volatile_redis):
@@ -135,7 +115,7 @@ def test_a_push_in_doubt_is_sent_again_when_the_server_never_ran_it(volatile_red
     volatile_redis.process.wait()
     volatile_redis.start()  # empty: persistence is off
 
-    assert _until(lambda: breaker.shared)
+    assert until(lambda: breaker.shared)
     assert _field(volatile_redis, "gone:cb:pay", "cf") == "1"
 
 
@@ -165,10 +145,10 @@ def test_a_resync_whose_own_push_is_lost_is_counted_once_at_the_next(volatile_re
     breaker.record_failure()  # local
     breaker.record_failure()  # local
     # resync: 3 sends 2 again (skipped), 4 pushes the two local failures (applied, in doubt)
-    assert _until(lambda: lost.calls >= 4)
+    assert until(lambda: lost.calls >= 4)
     breaker.record_failure()  # local again
     # resync: 5 sends 4 again (skipped), 6 pushes the one failure since
-    assert _until(lambda: breaker.shared)
+    assert until(lambda: breaker.shared)
 
     assert lost.calls == 6
     assert _field(volatile_redis, "lost:cb:pay", "cf") == "4"
@@ -190,10 +170,10 @@ def test_a_budget_resync_whose_own_push_is_lost_is_counted_once_at_the_next(
     assert budget.try_spend()  # 2: 20 deposits and a withdrawal, applied, in doubt
     assert budget.try_spend()  # granted locally
     # resync: 3 sends 2 again (skipped), 4 forces the local retry (applied, in doubt)
-    assert _until(lambda: lost.calls >= 4)
+    assert until(lambda: lost.calls >= 4)
     assert budget.try_spend()  # granted locally
     # resync: 5 sends 4 again (skipped), 6 forces the one retry since
-    assert _until(lambda: budget.shared)
+    assert until(lambda: budget.shared)
 
     assert lost.calls == 6
-    assert _budget_counts(volatile_redis, "lost:rb:calls") == (20, 3)
+    assert budget_counts(volatile_redis.url, "lost:rb:calls")[:2] == (20, 3)

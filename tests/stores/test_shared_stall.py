@@ -21,7 +21,7 @@ import redis
 from otel_recovery import CircuitBreaker, CircuitState, RecoveryPolicy, RetryBudget
 from otel_recovery.stores._shared_link import DECISION_TIMEOUT
 
-from .conftest import PrivateRedis
+from .conftest import PrivateRedis, until
 
 THREADS = 8
 BOUND = 0.6  # DECISION_TIMEOUT (0.25 s) plus scheduling noise on a shared 2-core machine
@@ -58,13 +58,6 @@ def _at_once(decide) -> list[float]:
     return sorted(waited)
 
 
-def _until(condition, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
-
-
 def test_threads_recording_failures_each_wait_at_most_the_bound(server, caplog):
     url = f"{server.url}?prefix=stall:"
     breaker = CircuitBreaker(500, 30.0, name="pay", store=url)
@@ -76,8 +69,8 @@ def test_threads_recording_failures_each_wait_at_most_the_bound(server, caplog):
         assert waited[-1] < BOUND, [round(w, 3) for w in waited]
         # Every failure counted: by the local breaker that took over, then pushed on resync.
         assert not breaker.shared and breaker.failure_count == 1 + THREADS
-        assert _until(lambda: breaker.shared)
-        assert _until(lambda: any("reachable again" in r.getMessage() for r in caplog.records))
+        assert until(lambda: breaker.shared)
+        assert until(lambda: any("reachable again" in r.getMessage() for r in caplog.records))
     # One outage, reported once, however many callers and the thread ran into it (links to
     # earlier tests' servers, still retrying in this process, log too: not counted).
     messages = [r.getMessage() for r in caplog.records if f":{server.port}/" in r.getMessage()]
@@ -104,7 +97,7 @@ def test_threads_withdrawing_retries_each_wait_at_most_the_bound(server):
     # The local budget answered (its own floor of 10, one already spent) ...
     assert not budget.shared and sum(granted) == THREADS
     # ... and the retries it granted reach the fleet's window when Redis is back.
-    assert _until(lambda: budget.shared)
+    assert until(lambda: budget.shared)
     other = RetryBudget(ratio=0.0, min_per_second=1.0, ttl=10, name="pay", store=url)
     assert other.sync()
     assert other.snapshot().retries_in_window >= 1 + THREADS
@@ -130,4 +123,4 @@ async def test_an_async_caller_behind_a_stuck_sync_blocks_the_loop_at_most_the_b
     waited = time.monotonic() - started
     assert waited < DECISION_TIMEOUT, f"the loop was blocked for {waited:.3f}s"
     assert not breaker.shared and breaker.failure_count == 1
-    assert _until(lambda: breaker.shared)
+    assert until(lambda: breaker.shared)
