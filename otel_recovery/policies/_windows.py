@@ -29,7 +29,7 @@ class CountWindow:
     allocating.
     """
 
-    __slots__ = ("_pos", "_ring", "_size", "calls", "failures", "slows")
+    __slots__ = ("_pos", "_ring", "_size", "calls", "failures", "recorded", "slows")
 
     needs_clock = False
     """The breaker skips the clock read for count windows; only time windows need ``now``."""
@@ -41,6 +41,8 @@ class CountWindow:
         self.calls = 0
         self.failures = 0
         self.slows = 0
+        self.recorded = 0
+        """Outcomes ever recorded (cleared or not): which of them a window still holds."""
 
     def record(self, failed: bool, slow: bool, now: float) -> None:
         pos = self._pos
@@ -59,6 +61,7 @@ class CountWindow:
             code |= _SLOW
             self.slows += 1
         self.calls += 1
+        self.recorded += 1
         self._ring[pos] = code
         pos += 1
         self._pos = 0 if pos == self._size else pos
@@ -69,6 +72,7 @@ class CountWindow:
             self._ring = bytearray([_FILLED]) * self._size
             self._pos = 0
             self.calls, self.failures, self.slows = self._size, 0, 0
+            self.recorded += count
             return
         for _ in range(count):
             self.record(False, False, 0.0)

@@ -71,6 +71,8 @@ class SharedRetryBudget(RetryBudget):
 
     __slots__ = (
         "__weakref__",
+        "_correction",
+        "_decided",
         "_handed_retries",
         "_key",
         "_last_sync",
@@ -105,6 +107,8 @@ class SharedRetryBudget(RetryBudget):
         self._outage_retries = itertools.count()
         self._handed_retries = 0  # of those, carried by a push in doubt
         self._pushes = Pushes(found, "rbq", self.name)
+        self._decided: bool | None = None  # the local decision on a withdrawal in doubt
+        self._correction = 0  # retries to force (or give back) after a first copy's decision
         self._rejoin_at: float | None = None  # apart from a fleet with another ttl until then
         self._warned_widths: set[float] = set()
         self._view = (self.min_per_second * self.ttl, 0, 0)  # available, calls, retries
@@ -180,7 +184,7 @@ class SharedRetryBudget(RetryBudget):
             self._sent_calls = total  # this push's now, whether answered or in doubt
             sent = (max(0, deposits), 1 if spend else 0, forced)
             try:
-                granted = self._push(self._pushes.number(), sent)
+                granted, _ = self._push(self._pushes.number(), sent)
             except _OtherTtlError as other:
                 self._sent_calls -= sent[0]  # not counted: owed when this budget rejoins
                 self._part_ways(other.width)
@@ -189,10 +193,13 @@ class SharedRetryBudget(RetryBudget):
             self._last_sync, self._next_sync = now, now + self._sync_every
         return granted
 
-    def _push(self, number: int, sent: tuple[int, ...]) -> bool:
+    def _push(self, number: int, sent: tuple[int, ...]) -> tuple[bool, bool | None]:
         """One numbered push of ``sent`` (deposits, 1 to withdraw, retries to force; turn
-        held), the reply read into the view. No reply makes it the push in doubt, raised as
-        :class:`~._pushes.UnansweredPushError` (the forced retries are its own counts)."""
+        held), the reply read into the view: whether it withdrew a retry, and for a push
+        Redis had applied before (a resend, which only reads), whether that first copy's
+        withdrawal was granted (None for a push applied now). No reply makes it the push in
+        doubt, raised as :class:`~._pushes.UnansweredPushError` (the forced retries are its
+        own counts)."""
         deposits, spend, forced = sent
         args = [
             repr(self.clock.wall()),
@@ -212,8 +219,9 @@ class SharedRetryBudget(RetryBudget):
             doubt = self._pushes.in_doubt(error, number, sent, (forced,))
             raise doubt from (error.__cause__ or error)
         try:
-            if len(reply) > 4:
+            if _text(reply[4]):
                 raise _OtherTtlError(float(_text(reply[4])))
+            first = int(reply[5])
             granted = int(reply[0]) == 1
             calls, retries = int(reply[1]), int(reply[2])
             allowance = float(_text(reply[3]))
@@ -223,7 +231,7 @@ class SharedRetryBudget(RetryBudget):
                 f"is unreadable ({bad})"
             ) from bad
         self._view = (max(0.0, allowance), calls, retries)
-        return granted
+        return granted, None if first < 0 else first == 1
 
     def _part_ways(self, width: float) -> None:
         """Redis counts this name with another ttl, and those counts are live: mixing the
@@ -299,6 +307,7 @@ class SharedRetryBudget(RetryBudget):
                 return False
             deposits, _, forced = doubt.sent
             doubt.sent = (deposits, 0, forced + int(granted))
+            self._decided = granted
             return True
 
     def snapshot(self, now: float | None = None) -> BudgetSnapshot:
@@ -324,6 +333,8 @@ class SharedRetryBudget(RetryBudget):
         self._outage_retries = itertools.count()
         self._handed_retries = 0
         self._pushes.restart()
+        self._decided = None
+        self._correction = 0
 
     # -- outage --------------------------------------------------------------------------------
 
@@ -342,25 +353,32 @@ class SharedRetryBudget(RetryBudget):
             self._rotate(self.clock.now())
             cap = self._calls_in_window()
             owed = peek(self._outage_retries) - self._handed_retries
-            forced = max(0, min(owed, self._sum_retries))
+            owed = max(0, min(owed, self._sum_retries))
             doubt = self._pushes.doubt
             if doubt is not None:
                 doubt.hand_over()  # as it stands, if its withdrawal has not been decided yet
         if doubt is not None:  # first the push that may have been applied: at most once
             try:
                 with self._link.turn(self._talk):
-                    self._push(doubt.number, doubt.sent)
+                    _, first = self._push(doubt.number, doubt.sent)
             except _OtherTtlError as other:  # refused whole: sent again when this one rejoins
                 self._part_ways(other.width)
                 return
             self._pushes.doubt = None
+            decided, self._decided = self._decided, None
+            if first is not None and decided is not None:
+                # Redis applied the first copy, and its withdrawal, granted or not, stands:
+                # the retry that went out is forced in, one that never did is given back
+                self._correction = int(decided) - int(first)
         try:
-            self._exchange(spend=False, cap=cap, forced=forced, resync=True)
+            self._exchange(spend=False, cap=cap, forced=owed + self._correction, resync=True)
         except UnansweredPushError as error:
             with self._lock:
                 if error.doubt.hand_over() is not None:
-                    self._handed_retries += forced
+                    self._handed_retries += owed
+                    self._correction = 0  # carried by the push in doubt
             raise
+        self._correction = 0
         with self._lock:
             if self._rejoin_at is None:  # else: still apart (another ttl's counts live)
                 self._remote = True

@@ -208,14 +208,15 @@ return view(1)
 # KEYS[1] = budget hash, KEYS[2] = the member's last push number. ARGV: now (wall s), bucket
 # width (s), ratio, floor (min_per_second * ttl), deposits, 1 to withdraw one retry (0 to only
 # deposit and read), retries to add without a check (a resync pushing retries granted
-# locally), key expiry (ms), push number, how long it is remembered (ms). Returns {granted,
-# calls in window, retries in window, allowance left}; a push applied before only reads.
+# locally; negative: one a withdrawal took that never went out), key expiry (ms), push number,
+# how long it is remembered (ms). Returns {granted, calls in window, retries in window,
+# allowance left, '', first}: ``first`` is -1 for a push applied now; for a push applied
+# before (it only reads) it is 1 if that first copy's withdrawal was granted, else 0. The
+# member's number key holds "<number>:<granted>".
 # The hash's ``w`` field is the bucket width its buckets were counted with: while any of them
 # is live, a caller with another width changes nothing and gets {0, 0, 0, '0', that width};
 # once they have all expired, the name is the new width's.
-BUDGET = (
-    ONCE
-    + """
+BUDGET = """
 local B, now, width = KEYS[1], tonumber(ARGV[1]), ARGV[2]
 local stored = redis.call('HGET', B, 'w')
 if stored and stored ~= width then
@@ -233,9 +234,16 @@ if not stored then redis.call('HSET', B, 'w', width) end
 local bucket = math.floor(now / tonumber(width))
 local oldest = bucket - 9
 local deposits, forced, spend = tonumber(ARGV[5]), tonumber(ARGV[7]), ARGV[6]
-if applied_before(KEYS[2], ARGV[9], ARGV[10]) then deposits, forced, spend = 0, 0, '0' end
+local first = -1
+local last = redis.call('GET', KEYS[2])
+if ARGV[9] ~= '' and last then
+  local number, granted_then = string.match(last, '^(%d+):(%d)$')
+  if number and tonumber(number) >= tonumber(ARGV[9]) then
+    first, deposits, forced, spend = tonumber(granted_then), 0, 0, '0'
+  end
+end
 if deposits > 0 then redis.call('HINCRBY', B, 'c' .. bucket, deposits) end
-if forced > 0 then redis.call('HINCRBY', B, 'r' .. bucket, forced) end
+if forced ~= 0 then redis.call('HINCRBY', B, 'r' .. bucket, forced) end
 local calls, retries = 0, 0
 local all = redis.call('HGETALL', B)
 for i = 1, #all, 2 do
@@ -258,6 +266,8 @@ if spend == '1' and allowance >= 1 then
   retries, allowance, granted = retries + 1, allowance - 1, 1
 end
 redis.call('PEXPIRE', B, ARGV[8])
-return {granted, calls, retries, tostring(allowance)}
+if first == -1 and ARGV[9] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[9] .. ':' .. granted, 'PX', ARGV[10])
+end
+return {granted, calls, retries, tostring(allowance), '', first}
 """
-)

@@ -43,7 +43,7 @@ from otel_recovery._clock import SYSTEM_CLOCK, Duration, to_seconds
 from otel_recovery._forksafe import new_lock
 from otel_recovery.policies._counting import peek
 from otel_recovery.policies._probe_permits import grant, take
-from otel_recovery.policies._windows import TimeWindow
+from otel_recovery.policies._windows import OutcomeWindow, TimeWindow
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitState
 from otel_recovery.stores import _shared_lua as lua
 from otel_recovery.stores._base import StoreUnavailableError
@@ -81,6 +81,7 @@ class SharedBreakerView(CircuitBreaker):
         "_failed_base",
         "_gen",
         "_handed",
+        "_handed_until",
         "_id",
         "_keys",
         "_link",
@@ -137,6 +138,7 @@ class SharedBreakerView(CircuitBreaker):
         self._failed_base = 0
         self._pushes = Pushes(found, "cbq", self.name)
         self._handed = (0, 0, 0)  # failures, slow calls, successes of an outage's doubt
+        self._handed_until = 0.0  # when the window no longer holds them (see _hand_over)
         self._link.join(self)
 
     # -- what the link sees ---------------------------------------------------------------------
@@ -229,27 +231,58 @@ class SharedBreakerView(CircuitBreaker):
 
     def _push(
         self, number: int, sent: tuple[int, ...], own: tuple[int, ...],
-        open_for: float | None = None, reason: str = "",
+        open_for: float | None = None, reason: str = "", adopt: bool = True,
     ) -> None:  # fmt: skip
         """One numbered push of ``sent`` (successes, failures, slow calls; turn held), and
-        the reply adopted. No reply makes it the push in doubt (``own``: the counts of it
-        that are recorded locally too), raised as :class:`~._pushes.UnansweredPushError`."""
+        the reply adopted (with ``adopt=False``, the resync's resend of a push in doubt, only
+        the failures it has seen: the view stays local until the resync's own push). No
+        reply makes it the push in doubt (``own``: the counts of it that are recorded
+        locally too), raised as :class:`~._pushes.UnansweredPushError`."""
         ok, fail, slow = sent
         args = [*self._record_args(ok, fail, slow, open_for, reason), number, REMEMBERED_MS]
         try:
             reply = self._link.run(lua.RECORD, (*self._keys, self._pushes.key), args)
         except StoreUnavailableError as error:
             raise self._pushes.in_doubt(error, number, sent, own) from (error.__cause__ or error)
-        self._adopt(reply)
+        if adopt:
+            self._adopt(reply)
+            return
+        try:
+            seen = int(float(_text(reply[7])))
+        except (ValueError, TypeError, IndexError) as bad:
+            raise self._unreadable(bad) from bad
+        with self._lock:
+            self._seen_fseq = seen
+
+    def _unreadable(self, bad: Exception) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"Redis store {self._link.url}: shared state of breaker {self.name!r} is "
+            f"unreadable ({bad})"
+        )
 
     def _hand_over(self, doubt: Doubt) -> None:
         """What a push in doubt carried of the counts also recorded locally is no longer
-        owed by the resync, which sends that push again instead."""
+        owed by the resync, which sends that push again instead. They are the oldest in the
+        local window: they leave it ``size`` outcomes (a count window) or seconds (a time
+        window) after the newest of them, or when a transition clears it."""
         with self._lock:
             own = doubt.hand_over()
             if own is not None:
                 failed, slow, ok = self._handed
                 self._handed = (failed + own[0], slow + own[1], ok + own[2])
+                window = self._window
+                if isinstance(window, TimeWindow):
+                    self._handed_until = self._clock.now() + window._size
+                elif window is not None:
+                    self._handed_until = window.recorded + window._size
+
+    def _handed_in(self, window: OutcomeWindow) -> tuple[int, int, int]:
+        """The handed counts the window still holds (lock held): none once they left it."""
+        if isinstance(window, TimeWindow):
+            left = self._clock.now() >= self._handed_until
+        else:
+            left = window.recorded >= self._handed_until
+        return (0, 0, 0) if left else self._handed
 
     def _adopt(self, reply: Any) -> bool:
         """Make the local view the shared state in ``reply``; True if a permit was granted."""
@@ -261,10 +294,7 @@ class SharedBreakerView(CircuitBreaker):
             open_until = float(until) if until else None
             failures, seen = int(float(cf)), int(float(fseq))
         except (ValueError, TypeError, IndexError) as bad:
-            raise StoreUnavailableError(
-                f"Redis store {self._link.url}: shared state of breaker {self.name!r} is "
-                f"unreadable ({bad})"
-            ) from bad
+            raise self._unreadable(bad) from bad
         with self._lock:
             now = self._clock.now()
             self._seen_fseq = seen
@@ -359,6 +389,8 @@ class SharedBreakerView(CircuitBreaker):
     def _enter(self, to_state: CircuitState) -> None:
         super()._enter(to_state)
         self._carried = set()  # permits of a period that is over
+        if self._window is not None and to_state is not _OPEN and to_state is not _FORCED_OPEN:
+            self._handed = (0, 0, 0)  # the window was cleared: it holds none of them
 
     def resync(self) -> None:
         """Push the outage's local outcomes, then adopt the shared state (see the module doc)."""
@@ -372,6 +404,7 @@ class SharedBreakerView(CircuitBreaker):
             ok = fail = slow = 0
             window, (handed_failures, handed_slow, handed_ok) = self._window, self._handed
             if window is not None:
+                handed_failures, handed_slow, handed_ok = self._handed_in(window)
                 fail, slow = window.failures - handed_failures, window.slows - handed_slow
                 ok = window.calls - window.failures - handed_ok
             elif state is _CLOSED:
@@ -384,7 +417,7 @@ class SharedBreakerView(CircuitBreaker):
                 open_for = max(0.0, self._open_until - self._clock.now())
         if doubt is not None:  # first the push that may have been applied: at most once
             with self._link.turn(self._talk):
-                self._push(doubt.number, doubt.sent, doubt.own)
+                self._push(doubt.number, doubt.sent, doubt.own, adopt=False)
             self._pushes.doubt = None
         try:
             self._contact(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import redis
 
@@ -120,26 +121,45 @@ def test_a_push_in_doubt_is_sent_again_when_the_server_never_ran_it(volatile_red
 
 
 class _LostReplies:
-    """A link's ``run`` whose calls numbered in ``lose`` reach Redis and run there, but
-    whose reply is lost, as a timeout loses it: a slow Redis, made exact."""
+    """A link's ``run`` for one member (the calls naming ``key``), counted from 1: those
+    numbered in ``lose`` reach Redis and run there, but their reply is lost, as a timeout
+    loses it (a slow Redis, made exact); those in ``drop`` never reach it."""
 
-    def __init__(self, run, lose: set[int]) -> None:
-        self._run, self._lose, self.calls = run, lose, 0
+    def __init__(self, run, key: str, lose=(), drop=()) -> None:
+        self._run, self._key, self.calls = run, key, 0
+        self._lose, self._drop = set(lose), set(drop)
 
     def __call__(self, source, keys, args):
+        if self._key not in keys:
+            return self._run(source, keys, args)
         self.calls += 1
+        if self.calls in self._drop:
+            raise StoreUnavailableError("no reply") from TimeoutError("timed out")
         reply = self._run(source, keys, args)
         if self.calls in self._lose:
             raise StoreUnavailableError("reply lost") from TimeoutError("timed out")
         return reply
 
 
+def _lose(monkeypatch, member, lose=(), drop=()) -> _LostReplies:
+    key = member._keys[0] if hasattr(member, "_keys") else member._key
+    lost = _LostReplies(member._link.run, key, lose, drop)
+    monkeypatch.setattr(member._link, "run", lost)
+    return lost
+
+
+def _hold_outage(monkeypatch, member) -> list[bool]:
+    """Keep the member's link degraded (its PING fails) while the flag returned is True."""
+    held, ping = [True], member._link._ping
+    monkeypatch.setattr(member._link, "_ping", lambda: False if held[0] else ping())
+    return held
+
+
 def test_a_resync_whose_own_push_is_lost_is_counted_once_at_the_next(volatile_redis, monkeypatch):
     url = f"{volatile_redis.url}?prefix=lost:"
     breaker = CircuitBreaker(10, 30.0, name="pay", store=url, sync_interval=60)
+    lost = _lose(monkeypatch, breaker, lose={2, 4})
     breaker.sync()  # 1
-    lost = _LostReplies(breaker._link.run, lose={2, 4})
-    monkeypatch.setattr(breaker._link, "run", lost)
 
     breaker.record_failure()  # 2: applied, in doubt
     breaker.record_failure()  # local
@@ -161,9 +181,8 @@ def test_a_budget_resync_whose_own_push_is_lost_is_counted_once_at_the_next(
     budget = RetryBudget(
         ratio=0.5, min_per_second=1, ttl=60, name="calls", store=url, sync_interval=60
     )
+    lost = _lose(monkeypatch, budget, lose={2, 4})
     budget.sync()  # 1
-    lost = _LostReplies(budget._link.run, lose={2, 4})
-    monkeypatch.setattr(budget._link, "run", lost)
     for _ in range(20):
         budget.record_call()
 
@@ -177,3 +196,95 @@ def test_a_budget_resync_whose_own_push_is_lost_is_counted_once_at_the_next(
 
     assert lost.calls == 6
     assert budget_counts(volatile_redis.url, "lost:rb:calls")[:2] == (20, 3)
+
+
+def _budget(url: str, ratio: float) -> RetryBudget:
+    return RetryBudget(ratio=ratio, min_per_second=1, ttl=10, name="b", store=url, sync_interval=60)
+
+
+def test_a_retry_granted_here_after_redis_refused_its_lost_withdrawal_is_counted(
+    volatile_redis, monkeypatch
+):
+    url = f"{volatile_redis.url}?prefix=refused:"
+    fleet = _budget(url, ratio=0.1)
+    for _ in range(10):  # the fleet spends the whole floor (1 x 10 s)
+        assert fleet.try_spend()
+    budget = _budget(url, ratio=0.1)
+    budget.sync()
+    _lose(monkeypatch, budget, lose={1})
+
+    assert budget.try_spend()  # 1: Redis refuses, the reply is lost; the local floor grants
+    assert until(lambda: budget.shared)
+
+    assert budget_counts(volatile_redis.url, "refused:rb:b")[:2] == (0, 11)  # it went out
+
+
+def test_a_retry_redis_granted_in_a_lost_reply_but_refused_here_is_given_back(
+    volatile_redis, monkeypatch
+):
+    url = f"{volatile_redis.url}?prefix=phantom:"
+    fleet, budget = _budget(url, ratio=0.5), _budget(url, ratio=0.5)
+    for _ in range(10):
+        assert budget.try_spend()  # its own floor is spent, here and in Redis
+    for _ in range(100):
+        fleet.record_call()
+    fleet.sync()  # the fleet's calls allow 50 more in Redis
+    budget.sync()
+    _lose(monkeypatch, budget, lose={1})
+
+    assert not budget.try_spend()  # 1: Redis grants, the reply is lost; refused here
+    assert until(lambda: budget.shared)
+
+    assert budget_counts(volatile_redis.url, "phantom:rb:b")[:2] == (100, 10)  # none went out
+
+
+def test_a_failure_in_doubt_that_left_the_time_window_takes_no_later_one_with_it(
+    volatile_redis, monkeypatch
+):
+    url = f"{volatile_redis.url}?prefix=window:"
+    breaker = CircuitBreaker(
+        name="db", store=url, failure_rate_threshold=0.99, minimum_calls=1000,
+        window="time", window_size=1, sync_interval=60,
+    )  # fmt: skip
+    breaker.sync()
+    held = _hold_outage(monkeypatch, breaker)
+    _lose(monkeypatch, breaker, lose={1})
+    breaker.record_failure()  # 1: applied, in doubt; counted here too
+    time.sleep(2.1)  # the outage outlasts the window: the failure leaves it, here and in Redis
+    for _ in range(3):
+        breaker.record_failure()  # here only
+
+    held[0] = False
+    assert until(lambda: breaker.shared)
+    assert (
+        _field(volatile_redis, "window:cb:db", "wc"),
+        _field(volatile_redis, "window:cb:db", "wf"),
+    ) == ("3", "3")
+
+
+def test_sending_a_push_in_doubt_again_does_not_close_a_breaker_open_here(
+    volatile_redis, monkeypatch
+):
+    """The resend's reply is Redis's state before the resync's own push (closed, one
+    failure): adopted, it closed the breaker opened here during the outage, fired two
+    transitions, and, when the resync's push then got no reply, admitted calls."""
+    breaker = CircuitBreaker(2, 30.0, name="pay", store=f"{volatile_redis.url}?prefix=open:")
+    seen = []
+    breaker.add_listener(lambda t: seen.append((t.from_state.value, t.to_state.value)))
+    breaker.sync()
+    held = _hold_outage(monkeypatch, breaker)
+    lost = _lose(monkeypatch, breaker, lose={1}, drop={3})
+    breaker.record_failure()  # 1: applied (one failure in Redis), the reply is lost
+    breaker.record_failure()  # here: the threshold of 2, open for 30 s
+    assert breaker.state is CircuitState.OPEN
+
+    held[0] = False  # resync: 2 sends 1 again (skipped), 3 (the open state) gets no reply
+    assert until(lambda: lost.calls >= 3)
+    held[0] = True
+    assert not breaker.shared and breaker.state is CircuitState.OPEN
+    assert not breaker.can_execute()
+
+    held[0] = False  # resync: 4 sends 3 again: the circuit opens fleet-wide
+    assert until(lambda: breaker.shared)
+    assert breaker.state is CircuitState.OPEN
+    assert seen == [("closed", "open")]
