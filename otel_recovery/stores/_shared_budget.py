@@ -177,6 +177,8 @@ class SharedRetryBudget(RetryBudget):
         with self._link.turn(self._talk, None if resync else self):
             if due_only and SYSTEM_CLOCK.now() < self._next_sync:
                 return False
+            if self._rejoin_at is not None and not resync:
+                return False  # parted ways while this one waited for its turn: local now
             total = self.total_calls
             deposits = total - self._sent_calls
             if cap is not None:
