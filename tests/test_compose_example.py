@@ -23,7 +23,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from otel_recovery.instrumentors._policy_file import _toml_loads  # noqa: E402
-from otel_recovery.instrumentors._setting_values import _convert  # noqa: E402
+from otel_recovery.instrumentors._setting_values import convert  # noqa: E402
 from otel_recovery.instrumentors._settings import (  # noqa: E402
     ENV_PREFIX,
     RecoverySettings,
@@ -125,7 +125,7 @@ def test_the_otel_recovery_variables_are_settings_with_the_defaults_the_file_cla
     for name, value in ours.items():  # compose.yaml: "all optional; these are the defaults"
         field = name.removeprefix(ENV_PREFIX).lower()
         default = getattr(defaults, field)
-        assert _convert(field, value, "env", default) == default, name
+        assert convert(field, value, "env", default) == default, name
 
 
 def test_the_image_installs_extras_that_exist_from_files_that_exist(

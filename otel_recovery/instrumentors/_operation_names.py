@@ -20,14 +20,14 @@ from __future__ import annotations
 import re
 
 from otel_recovery.instrumentors._setting_values import (
-    _STANDARD_METHODS,
-    _TOKEN,
+    STANDARD_METHODS,
+    TOKEN,
+    BadItemError,
     SettingsError,
-    _BadItemError,
-    _closest,
-    _redis_names,
     _warn_once,
+    closest,
     redis_command,
+    redis_names,
 )
 
 _HTTP = re.compile(r"(\S+) +(\S*)")
@@ -49,7 +49,7 @@ def operation_name(name: str, where: str) -> str:
         return name.lower()
     http = _HTTP.fullmatch(name)
     if http is not None and (
-        "/" in http.group(2) or http.group(1).upper() in _STANDARD_METHODS
+        "/" in http.group(2) or http.group(1).upper() in STANDARD_METHODS
     ):  # a path, or a standard method before a path without its "/" ("GET x")
         return _http_name(http.group(1), http.group(2), name, where)
     return _redis_name(name, where)
@@ -60,7 +60,7 @@ def _blank(name: str) -> str:
 
 
 def _http_name(method: str, path: str, name: str, where: str) -> str:
-    if not _TOKEN.fullmatch(method):
+    if not TOKEN.fullmatch(method):
         raise SettingsError(
             f"{where}: {method!r} in the operation name {name!r} is not an HTTP method (one "
             "token, RFC 9110); write it as GET /v1/prices"
@@ -79,8 +79,8 @@ def _http_name(method: str, path: str, name: str, where: str) -> str:
             f"are not told apart by: write {method.upper()} {bare}"
         )
     upper = method.upper()
-    if upper not in _STANDARD_METHODS:
-        close = _closest(upper, _STANDARD_METHODS)
+    if upper not in STANDARD_METHODS:
+        close = closest(upper, STANDARD_METHODS)
         hint = f" (did you mean {close[0]}?)" if close else ""
         _warn_once(f"{where}: {method} is not a standard HTTP method{hint}; it is kept")
     return f"{upper} {path}"
@@ -89,9 +89,9 @@ def _http_name(method: str, path: str, name: str, where: str) -> str:
 def _redis_name(name: str, where: str) -> str:
     try:
         command = redis_command(name)
-    except _BadItemError:
+    except BadItemError:
         raise SettingsError(f"{where}: {name!r} is not an operation name: use {_FORMS}") from None
-    known, containers = _redis_names()
+    known, containers = redis_names()
     if command in known or command in _REDIS_PSEUDO or "." in command:
         return command
     if command in containers:
@@ -100,7 +100,7 @@ def _redis_name(name: str, where: str) -> str:
             f"name it ({command} GET); the section is kept as written"
         )
         return command
-    close = _closest(command, known | _REDIS_PSEUDO)
+    close = closest(command, known | _REDIS_PSEUDO)
     if close or " " not in command:  # a container's subcommand we do not list: kept quietly
         hint = f" (did you mean {close[0]}?)" if close else ""
         _warn_once(f"{where}: {command} is not a Redis command we know{hint}; it is kept")

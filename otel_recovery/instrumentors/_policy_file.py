@@ -49,10 +49,10 @@ from typing import Any
 
 from otel_recovery.instrumentors._operation_names import operation_name
 from otel_recovery.instrumentors._setting_values import (
-    _ARGUMENTS,
+    ARGUMENTS,
     ENV_PREFIX,
     SettingsError,
-    _convert,
+    convert,
 )
 
 _SERVICE_ONLY = {
@@ -84,7 +84,7 @@ def _values(
     converted: dict[str, Any] = {}
     for key, raw in values.items():
         _check_place(key, where, level, target, defaults)
-        converted[key] = _convert(key, raw, where, defaults[key])
+        converted[key] = convert(key, raw, where, defaults[key])
     return converted
 
 
@@ -476,7 +476,7 @@ def _check_order(
         found: dict[str, tuple[Any, str]] = {}
         for name in names:
             found[name] = (defaults[name], "the default")
-            for source, values in [*base, *layers, (_ARGUMENTS, arguments)]:
+            for source, values in [*base, *layers, (ARGUMENTS, arguments)]:
                 if name in values:
                     found[name] = (values[name], _origin(name, source))
         (low, first), (high, second) = found[low_name], found[high_name]
@@ -487,7 +487,7 @@ def _check_order(
         raise SettingsError(
             f"{low_name}={low:g} (from {first}) is larger than {high_name}={high:g} (from "
             f"{second}){' for ' + scope if scope else ''}: {why}",
-            from_arguments={first, second} <= {_ARGUMENTS, "the default"},
+            from_arguments={first, second} <= {ARGUMENTS, "the default"},
         )
 
 

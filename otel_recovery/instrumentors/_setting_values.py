@@ -1,7 +1,7 @@
 """Converting and checking one setting's value, wherever it was written.
 
 An ``OTEL_RECOVERY_*`` variable, a policy file key and a keyword argument to
-``instrument()`` all end in :func:`_convert`, so one value means the same from every source
+``instrument()`` all end in :func:`convert`, so one value means the same from every source
 and is refused with the same message: the rules for a value live here, apart from
 :mod:`._settings` (which layers the sources) and :mod:`._policy_file` (which reads the file
 and checks where each key may go). This module is the bottom of that chain: it imports
@@ -29,9 +29,24 @@ from typing import Any
 
 from otel_recovery._first_times import FirstTimes
 
+__all__ = [
+    "ARGUMENTS",
+    "ENV_PREFIX",
+    "STANDARD_METHODS",
+    "TOKEN",
+    "BadItemError",
+    "SettingsError",
+    "check_http_fallback",
+    "closest",
+    "convert",
+    "log_once",
+    "redis_command",
+    "redis_names",
+]
+
 ENV_PREFIX = "OTEL_RECOVERY_"
 """Every variable's prefix; :mod:`._settings` re-exports it."""
-_ARGUMENTS = "instrument() keyword arguments"
+ARGUMENTS = "instrument() keyword arguments"
 """The source of a keyword argument: a bad one raises (``from_arguments``)."""
 
 
@@ -45,7 +60,7 @@ class SettingsError(ValueError):
         self.from_arguments = from_arguments
 
 
-class _BadItemError(ValueError):
+class BadItemError(ValueError):
     """A value that cannot be converted, with what is wrong with it (a list's item)."""
 
 
@@ -57,11 +72,11 @@ def _items(value: Any) -> list[str]:
     keeps the default; ``[]`` is how to say "none". Bytes are refused too: iterated, they
     were numbers."""
     if isinstance(value, (bytes, bytearray)):
-        raise _BadItemError("give a list as text or a list of strings, not bytes")
+        raise BadItemError("give a list as text or a list of strings, not bytes")
     if isinstance(value, str):
         items = [item.strip() for item in value.split(",") if item.strip()]
         if not items:
-            raise _BadItemError(
+            raise BadItemError(
                 "the text names nothing; leave the setting out for the default list, or "
                 "give an empty list ([]) for none"
             )
@@ -78,9 +93,9 @@ def _statuses(value: Any) -> frozenset[int]:
     return frozenset(int(item) for item in _items(value))
 
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """An HTTP method is a token (RFC 9110, section 9.1 and 5.6.2: ``1*tchar``)."""
-_STANDARD_METHODS = _words(
+STANDARD_METHODS = _words(
     "GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH "  # RFC 9110, RFC 5789
     "PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK"  # WebDAV, RFC 4918
 )
@@ -89,8 +104,8 @@ _STANDARD_METHODS = _words(
 def _methods(value: Any) -> frozenset[str]:
     """HTTP methods, upper-cased; one that is not a token cannot be a method."""
     for item in _items(value):
-        if not _TOKEN.fullmatch(item):
-            raise _BadItemError(
+        if not TOKEN.fullmatch(item):
+            raise BadItemError(
                 f"{item!r} is not an HTTP method (one token of letters, digits and "
                 "!#$%&'*+-.^_`|~, RFC 9110); separate methods with commas, as in GET,HEAD"
             )
@@ -116,7 +131,7 @@ _COMMON_WRITES = _words(
 
 
 @functools.cache
-def _redis_names() -> tuple[frozenset[str], frozenset[str]]:
+def redis_names() -> tuple[frozenset[str], frozenset[str]]:
     """(commands we know, commands that take a subcommand). Imported when first needed:
     ``_redis_commands`` imports :mod:`._settings`, which imports this module."""
     from otel_recovery.instrumentors import _redis_commands as rules
@@ -133,16 +148,16 @@ def _commands(value: Any) -> frozenset[str]:
 
 def redis_command(item: str) -> str:
     """One Redis command name as calls are named (:func:`._redis_commands.command_name`):
-    upper-cased, ``|`` read as a space; :class:`_BadItemError` for what cannot be one."""
+    upper-cased, ``|`` read as a space; :class:`BadItemError` for what cannot be one."""
     words = item.upper().replace("|", " ").split()
     if not words or not all(_REDIS_WORD.fullmatch(word) for word in words):
-        raise _BadItemError(
+        raise BadItemError(
             f"{item!r} is not a Redis command name (letters, digits, '_', '.' and '-', as "
             "in GET, JSON.GET or CLIENT NO-EVICT); separate commands with commas, as in "
             "GET,HGETALL"
         )
-    if len(words) > 2 or (len(words) == 2 and words[0] not in _redis_names()[1]):
-        raise _BadItemError(
+    if len(words) > 2 or (len(words) == 2 and words[0] not in redis_names()[1]):
+        raise BadItemError(
             f"{item!r} is not a Redis command name: only a container command and its "
             "subcommand are two words (CONFIG GET, CLIENT ID); separate commands with "
             "commas, as in GET,HGETALL"
@@ -155,11 +170,11 @@ def _note_unknown_names(name: str, values: frozenset[str], source: str) -> None:
     custom method or module command: kept either way), with the closest standard name."""
     containers: frozenset[str] = frozenset()
     if name == "http_retry_methods":
-        known, what, kept = _STANDARD_METHODS, "a standard HTTP method", "as a custom method"
+        known, what, kept = STANDARD_METHODS, "a standard HTTP method", "as a custom method"
     else:
-        (known, containers), what, kept = _redis_names(), "a Redis command we know", "as written"
+        (known, containers), what, kept = redis_names(), "a Redis command we know", "as written"
     for value in sorted(values - known):
-        close = _closest(value, known)
+        close = closest(value, known)
         if value in containers:
             note = "takes a subcommand, and calls are matched by both words: name it (CONFIG GET)"
         elif name != "http_retry_methods" and ("." in value or (" " in value and not close)):
@@ -170,7 +185,7 @@ def _note_unknown_names(name: str, values: frozenset[str], source: str) -> None:
         _warn_once(f"{_label(name, source)}: {value} {note}")
 
 
-def _closest(value: str, known: frozenset[str]) -> list[str]:
+def closest(value: str, known: frozenset[str]) -> list[str]:
     """The closest known name; a container's subcommand is compared with the same
     container's (``CONFIG GTE``: ``CONFIG GET``; ``CLIENT KILL`` is like no ``CLIENT ID``)."""
     container, _, subcommand = value.rpartition(" ")
@@ -228,14 +243,14 @@ _warned = FirstTimes()
 """The messages logged so far (warnings here and :func:`._settings.report_off`'s errors)."""
 
 
-def _convert(name: str, raw: Any, source: str, default: Any) -> Any:
+def convert(name: str, raw: Any, source: str, default: Any) -> Any:
     """Turn a raw value (env string, file value, kwarg) into the field's type, or explain;
     ``default`` is the field's default in :class:`._settings.RecoverySettings`, whose type
     the value takes."""
-    ours = source == _ARGUMENTS
+    ours = source == ARGUMENTS
     try:
         value = _coerce(name, raw, default, source)
-    except _BadItemError as error:
+    except BadItemError as error:
         raise SettingsError(
             f"{_label(name, source)}={raw!r} is not valid: {error}", from_arguments=ours
         ) from error
@@ -263,7 +278,7 @@ def _coerce(name: str, raw: Any, default: Any, source: str) -> Any:
             return _json(raw)
         # from instrument(), any value: a Redis or SQL read may answer with a set, a row,
         # bytes; the HTTP instrumentors check theirs (check_http_fallback)
-        return raw if source == _ARGUMENTS else _answerable(raw)
+        return raw if source == ARGUMENTS else _answerable(raw)
     if isinstance(default, bool):
         return _boolean(raw)
     if isinstance(raw, bool):  # True is an int to Python, not a number to a reader
@@ -305,7 +320,7 @@ def check_http_fallback(arguments: Mapping[str, Any]) -> None:
         _answerable(value)
     except (TypeError, ValueError) as error:
         raise SettingsError(
-            f"{_label('fallback_value', _ARGUMENTS)}={value!r} is not valid: an HTTP client "
+            f"{_label('fallback_value', ARGUMENTS)}={value!r} is not valid: an HTTP client "
             'answers with bytes, text or a JSON value (null, true, 0, "text", [...] or {...})',
             from_arguments=True,
         ) from error
@@ -359,10 +374,10 @@ def _label(name: str, source: str) -> str:
 
 
 def _warn_once(message: str) -> None:
-    _log_once(logging.WARNING, message)
+    log_once(logging.WARNING, message)
 
 
-def _log_once(level: int, message: str) -> None:
+def log_once(level: int, message: str) -> None:
     """Log ``message`` once per process: every instrumentor loads the settings."""
     if _warned.first(message):
         _log.log(level, "%s", message)

@@ -58,12 +58,12 @@ from otel_recovery.instrumentors._policy_file import (
     sentinel_service,
 )
 from otel_recovery.instrumentors._setting_values import (
-    _ARGUMENTS,
+    ARGUMENTS,
     ENV_PREFIX,
     SettingsError,
-    _convert,
-    _log_once,
     _warn_once,
+    convert,
+    log_once,
 )
 
 __all__ = [
@@ -196,7 +196,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             # not a boolean: logged and taken as false, as at import (otel_recovery._config)
             values[name] = switch_value(raw)
         else:
-            values[name] = _convert(name, raw, "env", _DEFAULTS[name])
+            values[name] = convert(name, raw, "env", _DEFAULTS[name])
     return values
 
 
@@ -228,7 +228,7 @@ def report_off(error: SettingsError) -> None:
         f"{error}. otel-recovery stays off (it patches nothing) until this is fixed; the "
         "application and the other instrumentations run as usual"
     )
-    _log_once(logging.ERROR, message)
+    log_once(logging.ERROR, message)
 
 
 def load_settings(
@@ -238,7 +238,7 @@ def load_settings(
     module docstring). Raises :class:`SettingsError`; ``from_arguments`` tells whose."""
     env = os.environ if environ is None else environ
     # the caller's own mistakes first
-    arguments = _values(kwargs or {}, _ARGUMENTS, "arguments", defaults=_DEFAULTS)
+    arguments = _values(kwargs or {}, ARGUMENTS, "arguments", defaults=_DEFAULTS)
     _warn_unknown(env)
     layers: _Layers = [("env", _from_env(env))]
     targets: dict[str, dict[str, Any]] = {}
@@ -250,7 +250,7 @@ def load_settings(
         layers.append((f"policy file {path}", top))
     _check_orders(layers, arguments, targets, path or "", _DEFAULTS)
     values: dict[str, Any] = {}
-    for _, level in [*layers, (_ARGUMENTS, arguments)]:
+    for _, level in [*layers, (ARGUMENTS, arguments)]:
         values.update(level)
     if "fallback_value" in values:
         values["has_fallback"] = True
