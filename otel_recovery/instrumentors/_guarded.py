@@ -20,6 +20,7 @@ here, in the recovery step the compiled runners call too:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Coroutine
 from types import FrameType
@@ -57,6 +58,23 @@ def clients_own(error: BaseException) -> None:
         setattr(error, _CLIENTS_OWN, True)
     except Exception:  # an exception type with __slots__: counted as any failure
         return
+
+
+_COUNTED_ON = "_otel_recovery_counted_on"
+"""Set on a failure once a layer told a breaker about it: the ``id``s of those breakers."""
+
+
+def _counted_before(error: BaseException, breaker: object) -> bool:
+    """Whether a layer beneath this one already told ``breaker`` how this call ended (the
+    same exception object rose through both: asyncpg's pool raises the failure of its
+    ``setup`` callback's statement out of ``acquire()``), and otherwise remember that this
+    one does. Marks an error refusing attributes: told each time, as before."""
+    counted = getattr(error, _COUNTED_ON, None)
+    if counted is not None and id(breaker) in counted:
+        return True
+    with contextlib.suppress(Exception):
+        setattr(error, _COUNTED_ON, (*(counted or ()), id(breaker)))
+    return False
 
 
 def raised_in(error: BaseException) -> FrameType | None:
@@ -165,6 +183,9 @@ class GuardedPolicy(TargetPolicy):
       the application's own connection pool is neither retried nor counted on the breaker
       (its permit is given back, as for a cancelled call), and reaches the application
       unchanged, after the time the pool itself took.
+    - *One failure counts once on a breaker*, however many of the target's layers it rises
+      through (a statement in a pool's ``setup`` callback, then the ``acquire()`` around
+      it): the outer layer gives its permit back instead.
 
     Both live in the recovery step (``_recover``/``_arecover``), which the compiled runners
     (``_speedups.Runner``) call too, so they hold on every path. The happy path's own
@@ -284,8 +305,13 @@ class GuardedPolicy(TargetPolicy):
     def _record_outcome(
         self, error: BaseException | None, info: ErrorInfo | None, took: float
     ) -> None:
-        if error is not None and self.breaker is not None and self._is_clients_own(error):
-            self.breaker.release()  # neither a success nor a failure of the server
+        breaker = self.breaker
+        if (
+            error is not None
+            and breaker is not None
+            and (self._is_clients_own(error) or _counted_before(error, breaker))
+        ):
+            breaker.release()  # not the server's, or told already by a layer beneath
             return
         super()._record_outcome(error, info, took)
 
