@@ -187,13 +187,15 @@ class SharedRetryBudget(RetryBudget):
             sent = (max(0, deposits), 1 if spend else 0, forced)
             try:
                 granted, _ = self._push(self._pushes.number(), sent)
-            except _OtherTtlError as other:
+            except _OtherTtlError as error:
                 self._sent_calls -= sent[0]  # not counted: owed when this budget rejoins
-                self._part_ways(other.width)
-                return False
-            now = SYSTEM_CLOCK.now()
-            self._last_sync, self._next_sync = now, now + self._sync_every
-        return granted
+                other = error
+            else:
+                now = SYSTEM_CLOCK.now()
+                self._last_sync, self._next_sync = now, now + self._sync_every
+                return granted
+        self._part_ways(other.width)  # outside the turn: it logs, which runs user handlers
+        return False
 
     def _push(self, number: int, sent: tuple[int, ...]) -> tuple[bool, bool | None]:
         """One numbered push of ``sent`` (deposits, 1 to withdraw, retries to force; turn
@@ -359,28 +361,41 @@ class SharedRetryBudget(RetryBudget):
             doubt = self._pushes.doubt
             if doubt is not None:
                 doubt.hand_over()  # as it stands, if its withdrawal has not been decided yet
+                # a resend that was never applied counts only what the window still holds,
+                # after the newer calls and retries the resync's own push carries
+                deposits, spend, forced = doubt.sent
+                newer = min(self.total_calls - self._sent_calls, cap)
+                resend = (
+                    max(0, min(deposits, cap - newer)),
+                    spend,
+                    max(0, min(forced, self._sum_retries - owed)),
+                )
         if doubt is not None:  # first the push that may have been applied: at most once
             try:
                 with self._link.turn(self._talk):
-                    _, first = self._push(doubt.number, doubt.sent)
+                    _, first = self._push(doubt.number, resend)
             except _OtherTtlError as other:  # refused whole: sent again when this one rejoins
                 self._part_ways(other.width)
                 return
             self._pushes.doubt = None
             decided, self._decided = self._decided, None
-            if first is not None and decided is not None:
-                # Redis applied the first copy, and its withdrawal, granted or not, stands:
-                # the retry that went out is forced in, one that never did is given back
-                self._correction = int(decided) - int(first)
+            if first is not None and decided and not first:
+                # Redis applied the first copy and refused its withdrawal, but the retry
+                # went out here: forced in (within the local ring). One Redis granted that
+                # never went out stays counted: its bucket may be gone by now, and a give-back
+                # in the current bucket would lift the fleet's bound until it expires.
+                self._correction = 1
+        forced = min(owed + self._correction, max(owed, self._sum_retries))
         try:
-            self._exchange(spend=False, cap=cap, forced=owed + self._correction, resync=True)
+            self._exchange(spend=False, cap=cap, forced=forced, resync=True)
         except UnansweredPushError as error:
             with self._lock:
                 if error.doubt.hand_over() is not None:
                     self._handed_retries += owed
                     self._correction = 0  # carried by the push in doubt
             raise
-        self._correction = 0
+        if self._rejoin_at is None:  # else: parted ways, the correction is still owed
+            self._correction = 0
         with self._lock:
             if self._rejoin_at is None:  # else: still apart (another ttl's counts live)
                 self._remote = True

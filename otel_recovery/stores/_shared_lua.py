@@ -208,7 +208,7 @@ return view(1)
 # KEYS[1] = budget hash, KEYS[2] = the member's last push number. ARGV: now (wall s), bucket
 # width (s), ratio, floor (min_per_second * ttl), deposits, 1 to withdraw one retry (0 to only
 # deposit and read), retries to add without a check (a resync pushing retries granted
-# locally; negative: one a withdrawal took that never went out), key expiry (ms), push number,
+# locally), key expiry (ms), push number,
 # how long it is remembered (ms). Returns {granted, calls in window, retries in window,
 # allowance left, '', first}: ``first`` is -1 for a push applied now; for a push applied
 # before (it only reads) it is 1 if that first copy's withdrawal was granted, else 0. The

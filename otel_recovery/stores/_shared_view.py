@@ -81,7 +81,6 @@ class SharedBreakerView(CircuitBreaker):
         "_failed_base",
         "_gen",
         "_handed",
-        "_handed_until",
         "_id",
         "_keys",
         "_link",
@@ -137,8 +136,9 @@ class SharedBreakerView(CircuitBreaker):
         self._ok_base = 0
         self._failed_base = 0
         self._pushes = Pushes(found, "cbq", self.name)
-        self._handed = (0, 0, 0)  # failures, slow calls, successes of an outage's doubt
-        self._handed_until = 0.0  # when the window no longer holds them (see _hand_over)
+        # per push in doubt of this outage: (failures, slow calls, successes, when the
+        # window no longer holds them); see _hand_over
+        self._handed: list[tuple[int, int, int, float]] = []
         self._link.join(self)
 
     # -- what the link sees ---------------------------------------------------------------------
@@ -267,22 +267,30 @@ class SharedBreakerView(CircuitBreaker):
         window) after the newest of them, or when a transition clears it."""
         with self._lock:
             own = doubt.hand_over()
-            if own is not None:
-                failed, slow, ok = self._handed
-                self._handed = (failed + own[0], slow + own[1], ok + own[2])
-                window = self._window
-                if isinstance(window, TimeWindow):
-                    self._handed_until = self._clock.now() + window._size
-                elif window is not None:
-                    self._handed_until = window.recorded + window._size
+            if own is None:
+                return
+            window, until = self._window, math.inf
+            if isinstance(window, TimeWindow):
+                until = self._clock.now() + window._size
+            elif window is not None:
+                until = window.recorded + window._size
+            self._handed.append((own[0], own[1], own[2], until))
 
-    def _handed_in(self, window: OutcomeWindow) -> tuple[int, int, int]:
-        """The handed counts the window still holds (lock held): none once they left it."""
-        if isinstance(window, TimeWindow):
-            left = self._clock.now() >= self._handed_until
+    def _handed_in(self, window: OutcomeWindow | None) -> tuple[int, int, int]:
+        """The handed counts the window still holds (lock held; all of them without a
+        window): each push's leave together, with the newest of them."""
+        if window is None:
+            position = -math.inf
+        elif isinstance(window, TimeWindow):
+            position = self._clock.now()
         else:
-            left = window.recorded >= self._handed_until
-        return (0, 0, 0) if left else self._handed
+            position = window.recorded
+        held = [entry for entry in self._handed if position < entry[3]]
+        return (
+            sum(entry[0] for entry in held),
+            sum(entry[1] for entry in held),
+            sum(entry[2] for entry in held),
+        )
 
     def _adopt(self, reply: Any) -> bool:
         """Make the local view the shared state in ``reply``; True if a permit was granted."""
@@ -363,7 +371,7 @@ class SharedBreakerView(CircuitBreaker):
         self._cf_base = self._consecutive_failures
         self._ok_base = peek(self._fast_successes)
         self._failed_base = self._failed_calls
-        self._handed = (0, 0, 0)
+        self._handed = []
         self._pending_manual = None
 
     def _take_probe(self) -> int | None:
@@ -390,7 +398,7 @@ class SharedBreakerView(CircuitBreaker):
         super()._enter(to_state)
         self._carried = set()  # permits of a period that is over
         if self._window is not None and to_state is not _OPEN and to_state is not _FORCED_OPEN:
-            self._handed = (0, 0, 0)  # the window was cleared: it holds none of them
+            self._handed = []  # the window was cleared: it holds none of them
 
     def resync(self) -> None:
         """Push the outage's local outcomes, then adopt the shared state (see the module doc)."""
@@ -402,9 +410,9 @@ class SharedBreakerView(CircuitBreaker):
                 return
             state, manual = self._state, self._pending_manual
             ok = fail = slow = 0
-            window, (handed_failures, handed_slow, handed_ok) = self._window, self._handed
+            window = self._window
+            handed_failures, handed_slow, handed_ok = self._handed_in(window)
             if window is not None:
-                handed_failures, handed_slow, handed_ok = self._handed_in(window)
                 fail, slow = window.failures - handed_failures, window.slows - handed_slow
                 ok = window.calls - window.failures - handed_ok
             elif state is _CLOSED:
