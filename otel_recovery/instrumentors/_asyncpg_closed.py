@@ -22,6 +22,7 @@ import contextlib
 import weakref
 from typing import Any
 
+from otel_recovery.instrumentors._asyncpg_acquire import ACQUIRING
 from otel_recovery.instrumentors._guarded import GuardedPolicy, raised_in
 
 __all__ = ["AsyncpgPolicy", "closed_before"]
@@ -70,3 +71,10 @@ class AsyncpgPolicy(GuardedPolicy):
 
     def _clients_own(self, error: BaseException) -> bool:
         return closed_before(error) or super()._clients_own(error)
+
+    def _counted(self, error: BaseException) -> None:
+        """Counted inside a pool's acquire that holds a connection (a statement of its
+        ``init`` or ``setup`` callback): the acquire must not count it again."""
+        state = ACQUIRING.get()
+        if state is not None and state.holding:
+            state.counted = error

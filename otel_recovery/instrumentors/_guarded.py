@@ -41,6 +41,7 @@ __all__ = [
     "clients_own",
     "outcome_or_refusal",
     "raised_in",
+    "told_beneath",
 ]
 
 
@@ -60,21 +61,26 @@ def clients_own(error: BaseException) -> None:
         return
 
 
-_COUNTED_ON = "_otel_recovery_counted_on"
-"""Set on a failure once a layer told a breaker about it: the ``id``s of those breakers."""
+_TOLD_BENEATH = "_otel_recovery_told_beneath"
+"""Set on a failure that a layer beneath the one it now rises through already counted on
+the target's breaker (see :func:`told_beneath`)."""
 
 
-def _counted_before(error: BaseException, breaker: object) -> bool:
-    """Whether a layer beneath this one already told ``breaker`` how this call ended (the
-    same exception object rose through both: asyncpg's pool raises the failure of its
-    ``setup`` callback's statement out of ``acquire()``), and otherwise remember that this
-    one does. Marks an error refusing attributes: told each time, as before."""
-    counted = getattr(error, _COUNTED_ON, None)
-    if counted is not None and id(breaker) in counted:
-        return True
+def told_beneath(error: BaseException) -> None:
+    """Mark ``error`` as counted on the target's breaker by a layer nested in the one it
+    rises through now (asyncpg: a statement of a pool's ``setup`` callback, inside the
+    ``acquire()``): that layer gives its permit back instead of counting it again, and the
+    mark goes with it, so the same object raised by a later call counts again."""
+    with contextlib.suppress(Exception):  # refusing attributes: counted twice, as before
+        setattr(error, _TOLD_BENEATH, True)
+
+
+def _take_told_beneath(error: BaseException) -> bool:
+    if getattr(error, _TOLD_BENEATH, False) is not True:
+        return False
     with contextlib.suppress(Exception):
-        setattr(error, _COUNTED_ON, (*(counted or ()), id(breaker)))
-    return False
+        delattr(error, _TOLD_BENEATH)
+    return True
 
 
 def raised_in(error: BaseException) -> FrameType | None:
@@ -183,9 +189,9 @@ class GuardedPolicy(TargetPolicy):
       the application's own connection pool is neither retried nor counted on the breaker
       (its permit is given back, as for a cancelled call), and reaches the application
       unchanged, after the time the pool itself took.
-    - *One failure counts once on a breaker*, however many of the target's layers it rises
-      through (a statement in a pool's ``setup`` callback, then the ``acquire()`` around
-      it): the outer layer gives its permit back instead.
+    - *One failure counts once on a breaker* where a layer knows it rose through another
+      of the target's (:func:`told_beneath`: a statement in asyncpg's pool ``setup``
+      callback, then the ``acquire()`` around it): the outer layer gives its permit back.
 
     Both live in the recovery step (``_recover``/``_arecover``), which the compiled runners
     (``_speedups.Runner``) call too, so they hold on every path. The happy path's own
@@ -309,11 +315,17 @@ class GuardedPolicy(TargetPolicy):
         if (
             error is not None
             and breaker is not None
-            and (self._is_clients_own(error) or _counted_before(error, breaker))
+            and (self._is_clients_own(error) or _take_told_beneath(error))
         ):
             breaker.release()  # not the server's, or told already by a layer beneath
             return
         super()._record_outcome(error, info, took)
+        if error is not None and breaker is not None:
+            self._counted(error)
+
+    def _counted(self, error: BaseException) -> None:
+        """``error`` was just counted on the breaker (a library's subclass notes it where an
+        enclosing layer of the target should not count it again: :func:`told_beneath`)."""
 
 
 async def _noting(attempts: AsyncAttempts, attempt: Coroutine[Any, Any, Any]) -> Any:

@@ -60,6 +60,7 @@ import asyncpg.pool  # type: ignore[import-untyped]
 import asyncpg.prepared_stmt  # type: ignore[import-untyped]
 
 from otel_recovery._compiled import SPEEDUPS
+from otel_recovery.instrumentors._asyncpg_acquire import ACQUIRING, Acquiring
 from otel_recovery.instrumentors._asyncpg_closed import AsyncpgPolicy
 from otel_recovery.instrumentors._attempt_site import AttemptSite, limit_seconds
 from otel_recovery.instrumentors._db import (
@@ -79,7 +80,7 @@ from otel_recovery.instrumentors._db import (
     retire_table,
     run_async,
 )
-from otel_recovery.instrumentors._guarded import clients_own
+from otel_recovery.instrumentors._guarded import clients_own, told_beneath
 from otel_recovery.instrumentors._targets import TargetPolicies, TargetPolicy
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
@@ -105,26 +106,6 @@ class AsyncPGCircuitOpenError(CircuitOpenError, asyncpg.exceptions.InterfaceErro
         return error.with_traceback(self.__traceback__)
 
 
-class _Acquiring:
-    """One attempt of ``Pool._acquire``: whether it has taken a connection holder from the
-    pool yet (``PoolConnectionHolder.acquire``, which connects if need be). Before that it
-    only waits for the application's own pool: a failure then (its ``acquire(timeout=)``
-    running out on an exhausted pool, the pool closing) is the client's own, never the
-    server's (:func:`clients_own`)."""
-
-    __slots__ = ("holding",)
-
-    def __init__(self) -> None:
-        self.holding = False
-
-
-_ACQUIRING: contextvars.ContextVar[_Acquiring | None] = contextvars.ContextVar(
-    "otel_recovery_asyncpg_acquiring", default=None
-)
-"""The attempt of ``Pool._acquire`` in progress: a connect nested in it passes straight
-through (the acquire is the one retried), and taking a holder is noted on it. asyncpg's
-``wait_for`` runs the acquire in a task of its own, with a copy of this context: the object
-is shared, so what it notes there is seen here."""
 _RESETTING: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "otel_recovery_asyncpg_resetting", default=None
 )
@@ -449,7 +430,7 @@ def _wrapper(planner: _Planner, kind: Kind, site: Site) -> Callable[..., Any]:
     where = f"asyncpg {getattr(site.owner, '__name__', site.owner)}.{site.attribute}"
 
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if not instrumentation_enabled() or (kind == "connect" and _ACQUIRING.get() is not None):
+        if not instrumentation_enabled() or (kind == "connect" and ACQUIRING.get() is not None):
             return await wrapped(*args, **kwargs)
         plan = None
         try:
@@ -499,23 +480,27 @@ class _WithinTimeout(AttemptSite):
 
 
 def _acquiring(acquire: Callable[..., Any]) -> Callable[..., Any]:
-    """``Pool._acquire``, each attempt under an :class:`_Acquiring` of its own: a failure
-    before a holder was taken is the pool's own wait (or its closing), marked as the
-    client's (:func:`clients_own`): not retried, not counted on the server's breaker, and
-    raised as asyncpg raised it, after the wait the application asked for. One after (a
-    connect refused, a server starting up) is the server's, retried as before."""
+    """``Pool._acquire``, each attempt under an :class:`~._asyncpg_acquire.Acquiring` of
+    its own: a failure before a holder was taken is the pool's own wait (or its closing),
+    marked as the client's (:func:`clients_own`): not retried, not counted on the server's
+    breaker, and raised as asyncpg raised it, after the wait the application asked for. One
+    after (a connect refused, a server starting up) is the server's, retried as before; one
+    a pool callback's statement already counted is not counted again
+    (:func:`told_beneath`)."""
 
     async def attempt(*args: Any, **kwargs: Any) -> Any:
-        state = _Acquiring()
-        token = _ACQUIRING.set(state)
+        state = Acquiring()
+        token = ACQUIRING.set(state)
         try:
             return await acquire(*args, **kwargs)
         except Exception as error:
             if not state.holding:
                 clients_own(error)
+            elif state.counted is error:  # a pool callback's statement counted it already
+                told_beneath(error)
             raise
         finally:
-            _ACQUIRING.reset(token)
+            ACQUIRING.reset(token)
 
     return attempt
 
@@ -537,7 +522,7 @@ def raised_connecting(error: BaseException) -> bool:
 
 def _holding(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
     """``PoolConnectionHolder.acquire``: the acquire in progress has a holder now."""
-    state = _ACQUIRING.get()
+    state = ACQUIRING.get()
     if state is not None:
         state.holding = True
     return wrapped(*args, **kwargs)

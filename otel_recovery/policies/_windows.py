@@ -147,6 +147,17 @@ class TimeWindow:
                 self._b_slows[i] = 0
         self._head = sec
 
+    def newest_second(self) -> int | None:
+        """The second of the newest outcome the window holds (None when it holds none): it
+        leaves the window once the clock reaches that second plus ``seconds``."""
+        head, size = self._head, self._size
+        if head is None:
+            return None
+        for second in range(head, head - size, -1):
+            if self._b_calls[second % size]:
+                return second
+        return None
+
     def record(self, failed: bool, slow: bool, now: float) -> None:
         self.expire(now)
         head = self._head

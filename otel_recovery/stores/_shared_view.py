@@ -264,14 +264,17 @@ class SharedBreakerView(CircuitBreaker):
         """What a push in doubt carried of the counts also recorded locally is no longer
         owed by the resync, which sends that push again instead. They are the oldest in the
         local window: they leave it ``size`` outcomes (a count window) or seconds (a time
-        window) after the newest of them, or when a transition clears it."""
+        window) after the newest of them (taken as the newest the window holds now), or
+        when a transition clears it."""
         with self._lock:
             own = doubt.hand_over()
             if own is None:
                 return
+            # they are the window's oldest, and leave it with the newest outcome it holds
             window, until = self._window, math.inf
             if isinstance(window, TimeWindow):
-                until = self._clock.now() + window._size
+                newest = window.newest_second()
+                until = -math.inf if newest is None else newest + window._size
             elif window is not None:
                 until = window.recorded + window._size
             self._handed.append((own[0], own[1], own[2], until))

@@ -50,7 +50,7 @@ from otel_recovery.instrumentors import redis as ours_module
 from otel_recovery.instrumentors._redis_commands import CommandRules, command_name
 from otel_recovery.instrumentors._settings import load_settings
 from otel_recovery.instrumentors.redis import RedisCircuitOpenError, RedisRecoveryInstrumentor
-from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
+from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from otel_recovery.testing import FakeClock
 
 REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:3])
@@ -2109,3 +2109,73 @@ def test_only_the_pools_own_errors_are_the_clients_own() -> None:
         assert not ours_module.pool_exhausted(error)  # raised here, not by a pool
     assert not ours_module.pool_exhausted(redis.exceptions.ConnectionError("Connection reset"))
     assert not ours_module.pool_exhausted(redis.exceptions.TimeoutError("Too many connections"))
+
+
+_STORED = redis.exceptions.ConnectionError("stored, raised again by a layer below")
+
+
+def _raising(h: Harness, mode: list[str | None]) -> Any:
+    """A client whose connection raises the one stored error object (``mode[0] ==
+    "stored"``) or a new one each time (``"fresh"``), as a layer keeping a failure would."""
+    client = h.client()
+    base = client.connection_pool.connection_class
+
+    class Raising(base):  # type: ignore[misc, valid-type]
+        def send_command(self, *args: Any, **kwargs: Any) -> Any:
+            if mode[0] == "stored":
+                raise _STORED
+            if mode[0] == "fresh":
+                raise redis.exceptions.ConnectionError("fresh")
+            return super().send_command(*args, **kwargs)
+
+    client.connection_pool.connection_class = Raising
+    client.connection_pool.disconnect()
+    return client
+
+
+def test_two_calls_failing_with_one_error_object_count_twice(h: Harness) -> None:
+    """A failure counts once per breaker only where a layer knows it rose through another
+    of the target's (asyncpg's pool callbacks): a mark left on the error object made a
+    second call ending with the same object count nothing (found by a review)."""
+    ours = h.instrument(order="ours_only").ours
+    mode: list[str | None] = [None]
+    client = _raising(h, mode)
+    client.ping()
+    assert ours.targets is not None
+    (breaker,) = ours.targets.breakers()
+    before = breaker.snapshot().failed_calls
+
+    mode[0] = "stored"
+    for _ in range(2):
+        with pytest.raises(redis.exceptions.ConnectionError) as raised:
+            client.get("k")
+        assert raised.value is _STORED
+
+    assert breaker.snapshot().failed_calls - before == 2
+
+
+def test_a_probe_failing_with_an_error_object_counted_before_opens_the_circuit(
+    h: Harness,
+) -> None:
+    clock = FakeClock()
+    ours = h.instrument(order="ours_only", clock=clock).ours
+    mode: list[str | None] = ["stored"]
+    client = _raising(h, mode)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        client.get("k")  # the stored error, counted once here
+    assert ours.targets is not None
+    (breaker,) = ours.targets.breakers()
+    mode[0] = "fresh"
+    for _ in range(100):
+        if breaker.state is CircuitState.OPEN:
+            break
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            client.get("k")
+    assert breaker.state is CircuitState.OPEN
+    clock.advance(3600)
+
+    mode[0] = "stored"
+    with pytest.raises(redis.exceptions.ConnectionError):
+        client.get("k")  # the half-open probe fails with the stored error
+
+    assert breaker.state is CircuitState.OPEN  # reopened, not left half-open
