@@ -121,11 +121,18 @@ def held_by_thread(lock: Any) -> threading.Event:
     return release
 
 
+_HELD_PORTS: list[socket.socket] = []
+"""Sockets bound, never listening, for the scenario process's life: their ports stay
+refused. A probe closed at once let another process bind the port (the suite runs in
+parallel workers): a "failing" GET then reached that server and succeeded."""
+
+
 def closed_port() -> int:
-    """A loopback port nobody listens on: connecting is refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback port nobody listens on, held so that nobody can: connecting is refused."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    _HELD_PORTS.append(held)
+    return int(held.getsockname()[1])
 
 
 class ResettingFront:

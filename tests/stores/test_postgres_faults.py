@@ -605,14 +605,14 @@ def test_a_connection_is_never_closed_under_a_running_operation(table: str) -> N
 
 def test_psycopg_connection_errors_are_unavailable(table: str) -> None:
     """Nothing listening: the connection phase fails as unavailable, not with a raw error."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    store = _store(table, f"postgresql://postgres@127.0.0.1:{port}/test")
-    with pytest.raises(StoreUnavailableError):
-        store.get("job")
-    with pytest.raises(StoreUnavailableError):
-        asyncio.run(store.aget("job"))
+    with socket.socket() as held:  # bound, not listening, for the test: nobody else takes it
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        store = _store(table, f"postgresql://postgres@127.0.0.1:{port}/test")
+        with pytest.raises(StoreUnavailableError):
+            store.get("job")
+        with pytest.raises(StoreUnavailableError):
+            asyncio.run(store.aget("job"))
 
 
 async def test_a_task_cancelled_as_the_connection_comes_free_is_cancelled(table: str) -> None:
