@@ -172,21 +172,32 @@ class PrivateRedis:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
             "--appendonly", "no"
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.dir), *persistence],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        for _ in range(3):  # another process (the other xdist worker) may take the port first
+            self.process = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--dir", str(self.dir), *persistence],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            if self._answers(self.process):
+                return
+            if self.process.poll() is None:
+                break  # running but silent: not a port taken
+            self.port = free_port()  # it exited: the port was taken, so another one
+        raise RuntimeError(f"private redis-server on port {self.port} did not start")
+
+    def _answers(self, process: subprocess.Popen[bytes]) -> bool:
+        """Whether the server ``process`` started answers PING within 10 s (False at once
+        when it exited: whatever answers on its port then is someone else's)."""
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and process.poll() is None:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                     sock.sendall(b"PING\r\n")
                     if sock.recv(16).startswith(b"+PONG"):
-                        return
+                        return process.poll() is None
             except OSError:
                 time.sleep(0.02)
-        raise RuntimeError(f"private redis-server on port {self.port} did not start")
+        return False
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
