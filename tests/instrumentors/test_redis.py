@@ -283,6 +283,22 @@ def stop_for(server: PrivateRedis, seconds: float = 0.6) -> None:
     server.after(seconds, server.resume)
 
 
+def stop_until_the_retry(h: Harness, name: str = "execute_command") -> None:
+    """Stop the server now and resume it once the second attempt of ``name`` has started:
+    the first one times out whatever the machine's load (a timer of 0.6 s let a GET that
+    started 0.2 s late succeed at once, seen once under parallel workers)."""
+    h.server.stop_answering()
+    started = h.attempts[name]
+
+    def resume() -> None:
+        deadline = time.monotonic() + 10
+        while h.attempts[name] < started + 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        h.server.resume()
+
+    threading.Thread(target=resume, daemon=True).start()
+
+
 def assert_recovered(h: Harness, name: str, attempts: int) -> ReadableSpan:
     span = h.logical_span(name)
     attrs = dict(span.attributes or {})
@@ -333,7 +349,7 @@ def test_a_server_that_stops_answering_is_retried_until_it_answers(h: Harness) -
     c = h.client()
     c.set("k", "v")
     h.reset_counts()
-    stop_for(h.server, 0.6)
+    stop_until_the_retry(h)
     assert c.get("k") == b"v"
     assert h.attempts["execute_command"] == 2
     failed = events(assert_recovered(h, "GET", 2), "otel_recovery.attempt.failed")[0]
