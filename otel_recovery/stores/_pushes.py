@@ -5,7 +5,8 @@ moment later, and the member, which counted it locally meanwhile, pushes the out
 counts at the resync: without a number, that failure, batch of calls or retry counted twice
 (a threshold-2 circuit opened on one failure; 50 calls became 100). Every push that adds
 counts now carries its member's next number, and the scripts skip a number at or below the
-last one they applied for that member (:data:`ONCE`). The push that timed out stays *in
+last one they applied for that member (:data:`ONCE`; the budget's script also keeps
+whether that push's withdrawal was granted). The push that timed out stays *in
 doubt* (:class:`Doubt`): the resync sends it again under its own number before anything
 else, and Redis applies whichever copy arrives first, once. Its counts are then no longer
 owed by the rest of the resync (each member knows which of its local counts the push in

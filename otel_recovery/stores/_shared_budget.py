@@ -277,26 +277,19 @@ class SharedRetryBudget(RetryBudget):
             except StoreUnavailableError as error:
                 self._link.degrade(error)
             else:
-                if not self._remote:  # apart from a fleet with another ttl: decided here
-                    return self._spend_apart(now)
-                with self._lock:
-                    index = self._rotate(now)
-                    if granted:
-                        self._retries[index] += 1
-                        self._sum_retries += 1
-                        self.total_retries += 1
-                    else:
-                        self.total_refused += 1
-                return granted
+                if self._remote:  # else apart from a fleet with another ttl: decided below
+                    with self._lock:
+                        index = self._rotate(now)
+                        if granted:
+                            self._retries[index] += 1
+                            self._sum_retries += 1
+                            self.total_retries += 1
+                        else:
+                            self.total_refused += 1
+                    return granted
         granted = super().try_spend(now)
         if doubt is not None and self._decided_in(doubt, granted):
             return granted
-        if granted:
-            next(self._outage_retries)
-        return granted
-
-    def _spend_apart(self, now: float) -> bool:
-        granted = super().try_spend(now)
         if granted:
             next(self._outage_retries)
         return granted
