@@ -286,7 +286,10 @@ def unique_table(purpose: str) -> str:
 
 
 def terminate_when_running(pid: int, marker: str, timeout: float = 10.0) -> threading.Thread:
-    """Kill backend ``pid`` (ours) once it is running a statement containing ``marker``."""
+    """Kill backend ``pid`` (ours) once it is sleeping in ``pg_sleep`` inside a statement
+    containing ``marker``: executing it, not still parsing or planning it (a kill during
+    asyncpg's prepare raised its internal "another operation is in progress" instead of
+    the lost connection, seen once under parallel load)."""
 
     def run() -> None:
         with quiet(), pg_admin() as admin:
@@ -294,7 +297,7 @@ def terminate_when_running(pid: int, marker: str, timeout: float = 10.0) -> thre
             while time.monotonic() < deadline:
                 row = admin.execute(
                     "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
-                    " AND query LIKE %s",
+                    " AND wait_event = 'PgSleep' AND query LIKE %s",
                     (pid, f"%{marker}%"),
                 ).fetchone()
                 if row:
