@@ -38,8 +38,9 @@ call, still bounds the load there.
 Persistence (``store=``) merges rather than overwrites: every ``save_interval`` the learner
 adds what it learned since its last save to the store's snapshot, taking in what other
 replicas saved meanwhile (:func:`._explain.merge_snapshot`: each observation is counted
-once), so one snapshot can be shared by a fleet. A failed save never reaches the caller of
-:meth:`record` (logged once per kind of error; the evidence is kept for the next save).
+once; the bookkeeping is :mod:`._snapshot_sharing`), so one snapshot can be shared by a
+fleet. A failed save never reaches the caller of :meth:`record` (logged once per kind of
+error; the evidence is kept for the next save).
 
 Thread-safe (one lock, never held across user code or store I/O). Time comes from the
 injected clock.
@@ -47,20 +48,16 @@ injected clock.
 
 from __future__ import annotations
 
-import atexit
-import copy
 import logging
 import math
 import random
-import uuid
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
-from otel_recovery._forksafe import new_lock, reset_in_child
+from otel_recovery._forksafe import new_lock
 from otel_recovery.learning._backoff import LearnedBackoff
 from otel_recovery.learning._decisions import (
     DecisionKey,
@@ -71,18 +68,13 @@ from otel_recovery.learning._decisions import (
     validated_arms,
 )
 from otel_recovery.learning._explain import (
-    Foreign,
-    Merged,
-    NewerSnapshotError,
     Pending,
-    copy_state,
     describe_context,
-    fit_snapshot,
-    merge_snapshot,
     remember_decision,
     restore_snapshot,
     take_snapshot,
 )
+from otel_recovery.learning._snapshot_sharing import SnapshotSharing
 from otel_recovery.learning._stats import DecayedMoments, DecayedRatio, DelaySamples
 from otel_recovery.learning.store import LearnerStore
 from otel_recovery.policies.backoff import ExponentialBackoff
@@ -92,17 +84,6 @@ __all__ = ["StrategyLearner"]
 Level = tuple[str, str]
 
 _log = logging.getLogger("otel_recovery")
-
-_WITH_STORES: weakref.WeakSet[StrategyLearner] = weakref.WeakSet()
-
-
-@atexit.register
-def _save_before_exit() -> None:
-    """What a learner learned since its last save (up to ``save_interval`` of it) would die
-    with the process: save it on the way out, quietly, as the periodic save does."""
-    for learner in list(_WITH_STORES):
-        if learner._pending or learner._unsure:  # nothing owed: no round trip at exit
-            learner._save_quietly(action="save at exit")
 
 
 class StrategyLearner:
@@ -187,9 +168,8 @@ class StrategyLearner:
         self._delay_size = delay_samples
         self._min_delay_samples = min_delay_samples
         self._max_contexts = max_contexts
-        self._save_interval = to_seconds(save_interval, "save_interval", allow_inf=True)
+        save_every = to_seconds(save_interval, "save_interval", allow_inf=True)
         self._rng = rng if rng is not None else random.Random()
-        self._store = store
         self._lock = new_lock()
         self._contexts: OrderedDict[Level, dict[str, DecayedMoments]] = OrderedDict()
         self._delays: OrderedDict[str, DelaySamples] = OrderedDict()
@@ -197,18 +177,10 @@ class StrategyLearner:
         self._last: OrderedDict[DecisionKey, dict[str, Any]] = OrderedDict()
         self._shadow_agreed = 0
         self._shadow_decisions = 0
-        self._saved_at = self.clock.now()
-        # Sharing a snapshot (see merge_snapshot): what is owed to the store, who we are.
-        self._pending = Pending()
-        self._writer = uuid.uuid4().hex
-        self._seq = 0
-        self._sync_lock = new_lock()
-        self._unsure: tuple[int, Pending] | None = None  # a save that raised: did it land?
-        self._foreign: Foreign | None = None  # a forked child's copy of its parent's debt
-        self._reported: set[str] = set()
+        # What is owed to the store and who we are in its snapshot (None without a store).
+        self._sharing: SnapshotSharing | None = None
         if store is not None:
-            _WITH_STORES.add(self)
-            reset_in_child(self)
+            self._sharing = SnapshotSharing(self, store, save_every)
             try:
                 snapshot = store.load()
                 if snapshot is not None:
@@ -216,21 +188,7 @@ class StrategyLearner:
             except Exception as problem:
                 # A snapshot from a newer version (a downgrade), a broken one, a store that
                 # cannot be read: start from the priors rather than stop the service.
-                self._report("load", problem)
-
-    def _after_fork_in_child(self) -> None:
-        """A forked child (a pre-fork server's worker) is a new writer: it owes the store
-        nothing of what its parent learned (the parent does), and sharing the parent's writer
-        id and sequence number would make one's save look like the other's own."""
-        parents = self._pending
-        self._foreign = (
-            frozenset((level, arm) for level, arms in parents.contexts.items() for arm in arms),
-            frozenset(parents.delays),
-        ) if parents else None  # fmt: skip
-        self._pending = Pending()
-        self._unsure = None
-        self._writer = uuid.uuid4().hex
-        self._seq = 0
+                self._sharing.report("load", problem)
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -456,10 +414,11 @@ class StrategyLearner:
             recovery_time=recovery_time,
             max_retries=caps.max_retries,
         )
+        sharing = self._sharing
         save = False
         with self._lock:
             now = self.clock.now()
-            owed = self._pending if self._store is not None else None
+            owed = sharing.pending if sharing is not None else None
             for level in key.levels():
                 self._arm(level, arm, now).add(score, now, self.half_life, self.max_weight)
                 if owed is not None:
@@ -468,11 +427,9 @@ class StrategyLearner:
                 self._ratio(key.service, now).settle(
                     now, self._tau, reserved=reserved, at=decided_at, spent=retries
                 )
-            if self._store is not None and now - self._saved_at >= self._save_interval:
-                self._saved_at = now
-                save = True
-        if save:
-            self._save_quietly()
+            save = sharing is not None and sharing.due(now)
+        if save and sharing is not None:
+            sharing.save_quietly(self)
         return score
 
     def _arm(self, level: Level, arm: str, now: float) -> DecayedMoments:
@@ -519,8 +476,8 @@ class StrategyLearner:
                 if len(self._delays) > self._max_contexts:
                     self._delays.popitem(last=False)
             samples.add(float(seconds))
-            if self._store is not None:
-                self._pending.add_delay(
+            if self._sharing is not None:
+                self._sharing.pending.add_delay(
                     service, float(seconds), self._delay_size, self._max_contexts
                 )
 
@@ -580,7 +537,8 @@ class StrategyLearner:
         with self._lock:
             self._contexts = contexts
             self._delays = delays
-            self._pending = Pending()
+            if self._sharing is not None:
+                self._sharing.pending = Pending()
 
     @classmethod
     def from_dict(cls, snapshot: Mapping[str, Any], **options: Any) -> StrategyLearner:
@@ -599,149 +557,8 @@ class StrategyLearner:
         fingerprints go first). Raises what the store raised; what was not saved is kept for
         the next save.
         """
-        if self._store is None:
-            return
-        with self._sync_lock:
-            self._sync()
-
-    def _save_quietly(self, action: str = "save") -> None:
-        """The periodic save: skipped while another runs, never raising into the caller."""
-        if not self._sync_lock.acquire(blocking=False):
-            return
-        try:
-            self._sync()
-        except Exception as problem:
-            self._report(action, problem)
-        finally:
-            self._sync_lock.release()
-
-    def _sync(self) -> None:
-        store = self._store
-        assert store is not None
-        with self._lock:
-            now, wall = self.clock.now(), self.clock.wall()
-            fresh, self._pending = self._pending, Pending()
-            local = copy_state(self._contexts, self._delays, self._delay_size)
-            seq = self._seq
-            foreign = self._foreign
-        unsure = self._unsure  # guarded by _sync_lock, which every caller holds
-        sent: list[tuple[Merged, int, Pending]] = []  # the last merge: what, after, owing
-        max_bytes = getattr(store, "max_bytes", None)
-
-        def owed(shared: Mapping[str, Any] | None) -> tuple[int, Pending]:
-            """What this save owes the store, and after which of our saves it comes."""
-            if unsure is None:
-                return seq, fresh
-            if isinstance(shared, Mapping) and (
-                shared.get("writer") == self._writer and shared.get("seq") == unsure[0]
-            ):
-                return unsure[0], fresh  # the save that raised had landed after all
-            combined = copy.deepcopy(unsure[1])
-            combined.absorb(
-                copy.deepcopy(fresh), now, self.half_life, self._delay_size, self._max_contexts
-            )
-            return seq, combined
-
-        def merge(shared: Mapping[str, Any] | None) -> dict[str, Any]:
-            base, evidence = owed(shared)
-            merged = merge_snapshot(
-                shared,
-                local,
-                evidence,
-                writer=self._writer,
-                seq=base,
-                now=now,
-                wall=wall,
-                half_life=self.half_life,
-                max_weight=self.max_weight,
-                delay_size=self._delay_size,
-                limit=self._max_contexts,
-                foreign=foreign,
-            )
-            sent[:] = [(merged, base, evidence)]
-            return fit_snapshot(merged.snapshot, max_bytes)
-
-        try:
-            update = getattr(store, "update", None)
-            if callable(update):
-                update(merge)
-            else:  # a store with load and save only: not atomic between replicas
-                store.save(merge(store.load()))
-        except BaseException:
-            with self._lock:
-                if sent:
-                    # The store raised after it was handed the snapshot: it may have saved it
-                    # (a timeout after the commit). Keep that evidence apart, under the number
-                    # that save wrote: the next save finds it there if it landed, and owes it
-                    # again only if not. Folded back into the new evidence, it was counted
-                    # twice whenever the save had landed.
-                    _, base, evidence = sent[-1]
-                    self._seq = base
-                    self._unsure = (base + 1, evidence)
-                else:  # the store was never reached: what was owed still is
-                    fresh.absorb(
-                        self._pending, now, self.half_life, self._delay_size, self._max_contexts
-                    )
-                    self._pending = fresh
-            raise
-        merged, base, _ = sent[-1]
-        with self._lock:
-            self._seq = base + 1
-            self._unsure = None
-            if merged.replaced:
-                self._adopt(merged)
-            if foreign is not None and merged.replaced:
-                self._foreign = None  # the local state is the store's now
-
-    def _adopt(self, merged: Merged) -> None:
-        """Learn on the merged state, plus what was learned while it was being saved."""
-        now = self.clock.now()
-        contexts, delays = merged.contexts, merged.delays
-        later = self._pending
-        for level, arms in later.contexts.items():
-            stats = contexts.get(level)
-            if stats is None:
-                stats = contexts[level] = {}
-            contexts.move_to_end(level)
-            for arm, entry in arms.items():
-                mine = stats.get(arm)
-                if mine is None:
-                    mine = stats[arm] = DecayedMoments(updated=now)
-                mine.absorb(entry, now, self.half_life, self.max_weight)
-        for service, values in later.delays.items():
-            samples = delays.get(service)
-            if samples is None:
-                samples = delays[service] = DelaySamples(self._delay_size)
-            for value in values:
-                samples.add(value)
-        while len(contexts) > self._max_contexts:
-            contexts.popitem(last=False)
-        while len(delays) > self._max_contexts:
-            delays.popitem(last=False)
-        self._contexts = contexts
-        self._delays = delays
-
-    def _report(self, action: str, problem: BaseException) -> None:
-        """Log a store problem once per kind of error (a traceback per retry helps nobody)."""
-        kind = f"{action}:{type(problem).__name__}"
-        if kind in self._reported:
-            return
-        self._reported.add(kind)
-        if action == "load":
-            what = "could not use the stored snapshot; it starts from its priors"
-        elif isinstance(problem, NewerSnapshotError):
-            what = "does not save over a snapshot written by a newer version"
-        elif action == "save at exit":
-            what = "could not save what it learned since its last save before the process exit"
-        else:
-            what = "could not save its snapshot; it keeps learning and retries later"
-        _log.warning(
-            "strategy learner %s (%s: %s); further %s errors of this kind are not logged",
-            what,
-            type(problem).__name__,
-            problem,
-            type(problem).__name__,
-        )
+        if self._sharing is not None:
+            self._sharing.flush(self)
 
     def __repr__(self) -> str:
         mode = "shadow" if self.shadow else "active"
