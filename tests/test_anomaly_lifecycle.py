@@ -177,7 +177,9 @@ def test_annotations_of_hosts_that_come_and_go_stay_bounded() -> None:
 def test_annotations_age_out_and_are_capped_per_series(setup) -> None:
     processor, clock, _ = setup
     for i in range(20):
-        processor._emit(AnomalyEvent(key("payments"), "calls", 0.9, 1.0, 0.0, clock.wall(), i % 2))
+        processor._verdicts._emit(
+            AnomalyEvent(key("payments"), "calls", 0.9, 1.0, 0.0, clock.wall(), i % 2)
+        )
     assert len(processor._annotations[key("payments")]) == 6
     clock.advance(299)
     processor.process()

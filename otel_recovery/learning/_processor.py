@@ -22,22 +22,15 @@ during a wall-clock step forward) is counted in the current bucket (``future_spa
 opening a bucket that would not close until the clock got there, and when the clock steps back
 the series whose open bucket lies that far ahead are closed and go on from the current bucket.
 
-Anomalies. Each closed bucket updates three detectors: the error rate (errors out of calls,
-:class:`ErrorRateDetector`, upward only), the log of the mean latency (upward only: a faster
-dependency is not a problem) and the number of calls (both ways), the last two with
-:class:`AnomalyDetector`. A signal becomes anomalous after ``confirm`` consecutive buckets
-scoring at least ``threshold`` (error rates: one bucket, their score is already a calibrated
-significance) and normal again after ``recover`` buckets below ``release``. Each change is
-published on :attr:`AnomalySpanProcessor.bus` (``active`` True, then False; while it lasts,
-``active=True`` is published again every ``reconfirm`` seconds, bus only); an onset also adds
-1 to the ``otel_recovery.anomalies`` counter, writes one warning log line, and is added as an
-``otel_recovery.anomaly`` span event to the next span of that series that starts (matched on
-the attributes the span has at start; a series keeps at most its last six such events, for at
-most ``reconfirm`` seconds, and loses them when it is evicted). An anomaly needs evidence to
-last: when its series has had no calls for ``reconfirm`` seconds, is evicted, or the processor
-shuts down, it ends (``active=False`` on the bus with ``score`` 0 and NaN ``value`` and
-``expected``, and an info log line), so subscribers relax what it tightened. Every
-:meth:`~AnomalySpanProcessor.process` (each ``flush_interval``) also calls
+Anomalies. Each closed bucket updates the series' three detectors (error rate, log mean
+latency, calls), and :mod:`._anomaly_verdicts` turns their scores into onsets and ends
+(``threshold`` and ``confirm``, ``release`` and ``recover``), told on
+:attr:`AnomalySpanProcessor.bus`, the ``otel_recovery.anomalies`` counter, the log and an
+``otel_recovery.anomaly`` event on the series' next span (matched on the attributes the span
+has at start). An anomaly needs evidence to last: when its series has had no calls for
+``reconfirm`` seconds, is evicted, or the processor shuts down, it ends (``active=False`` on
+the bus with ``score`` 0 and NaN ``value`` and ``expected``), so subscribers relax what it
+tightened. Every :meth:`~AnomalySpanProcessor.process` (each ``flush_interval``) also calls
 :meth:`AnomalyBus.tick`, which lets :class:`~otel_recovery.learning.AdaptiveThresholds` expire
 tightenings nobody reconfirmed (``max_tightened``) without a call on any request path.
 """
@@ -54,7 +47,6 @@ import types
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider, get_meter
@@ -64,13 +56,13 @@ from opentelemetry.trace import StatusCode
 from otel_recovery import __about__
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock, reset_in_child
+from otel_recovery.learning._anomaly_verdicts import Verdicts, event_attributes
 from otel_recovery.learning._detector import DetectorConfig, StreamingDetector
 from otel_recovery.learning._error_rate import ErrorRateDetector
-from otel_recovery.learning._events import AnomalyBus, AnomalyEvent, SeriesKey
+from otel_recovery.learning._events import AnomalyBus, SeriesKey
 from otel_recovery.learning._series import (
     OVERFLOW,
     Series,
-    Signal,
     default_include,
     key_fields,
     series_key,
@@ -80,9 +72,6 @@ from otel_recovery.telemetry import attributes as names
 __all__ = ["SERIES_DETECTOR_CONFIG", "AnomalySpanProcessor", "series_key"]
 
 _log = logging.getLogger("otel_recovery")
-
-_MAX_ANNOTATIONS = 6
-"""Span events kept per series for its next call: an onset and an end for each signal."""
 
 
 def _greenlets() -> bool:
@@ -162,10 +151,6 @@ class AnomalySpanProcessor(SpanProcessor):
         self._service = service
         self._max_series = max_series
         self._idle = idle_buckets
-        self.threshold = threshold
-        self.release = release
-        self._confirm = confirm
-        self._recover = recover
         self._max_pending = max_pending
         self._clock = clock_or_default(clock)
         self.bus = bus if bus is not None else AnomalyBus()
@@ -197,12 +182,19 @@ class AnomalySpanProcessor(SpanProcessor):
         self._detector_factory = detector_factory
         self._error_factory = error_rate_factory or ErrorRateDetector
         self._include = include or default_include
-        self._counter = get_meter(
-            "otel_recovery", __about__.VERSION, meter_provider
-        ).create_counter(
+        counter = get_meter("otel_recovery", __about__.VERSION, meter_provider).create_counter(
             names.METRIC_ANOMALIES,
             unit="{anomaly}",
             description="Anomaly onsets detected in dependency call series.",
+        )
+        self._verdicts = Verdicts(
+            threshold=threshold,
+            release=release,
+            confirm=confirm,
+            recover=recover,
+            reconfirm=self._reconfirm,
+            bus=self.bus,
+            counter=counter,
         )
         # Built once gevent has patched (app code in a ``gunicorn -k gevent`` worker), the
         # worker is a greenlet on the hub's thread: scoring a bucket refits a statsmodels
@@ -214,8 +206,7 @@ class AnomalySpanProcessor(SpanProcessor):
         self._pending: deque[ReadableSpan] = deque()
         self._series: OrderedDict[tuple[str, str, str], Series] = OrderedDict()
         self._overflow: dict[str, Series] = {}
-        self._annotations: dict[SeriesKey, list[AnomalyEvent]] = {}
-        self._annotation_lock = new_lock()
+        self._annotations = self._verdicts.annotations  # read without a lock by on_start
         self._process_lock = new_lock()
         self._latest = 0  # newest bucket index seen
         self._resource: object = None
@@ -253,6 +244,24 @@ class AnomalySpanProcessor(SpanProcessor):
         elif self._worker is not None:
             self._start_worker()
 
+    @property
+    def threshold(self) -> float:
+        """The score a bucket needs to count towards an onset (see :mod:`._anomaly_verdicts`)."""
+        return self._verdicts.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._verdicts.threshold = value
+
+    @property
+    def release(self) -> float:
+        """The score below which a bucket counts towards an anomaly's end."""
+        return self._verdicts.release
+
+    @release.setter
+    def release(self, value: float) -> None:
+        self._verdicts.release = value
+
     # ------------------------------------------------------------ SpanProcessor
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
@@ -261,10 +270,8 @@ class AnomalySpanProcessor(SpanProcessor):
             return
         try:
             key = series_key(span.name, span.attributes or {}, self._service_of(span))
-            with self._annotation_lock:
-                events = self._annotations.pop(key, None)
-            for event in events or ():
-                span.add_event(names.EVENT_ANOMALY, _event_attributes(event))
+            for event in self._verdicts.take(key) or ():
+                span.add_event(names.EVENT_ANOMALY, event_attributes(event))
         except Exception:  # never break the application's span
             _log.debug("anomaly annotation failed", exc_info=True)
 
@@ -294,9 +301,8 @@ class AnomalySpanProcessor(SpanProcessor):
         with self._process_lock:
             now = self._clock.wall()
             for series in self._series.values():
-                self._end(series, "anomaly processor shut down", now)
-            with self._annotation_lock:
-                self._annotations.clear()
+                self._verdicts.end(series, "anomaly processor shut down", now)
+            self._verdicts.clear()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Aggregate every finished span now (buckets still close on the clock).
@@ -425,9 +431,8 @@ class AnomalySpanProcessor(SpanProcessor):
                 return spill
             self._close(oldest)
             del self._series[oldest_fields]
-            self._end(oldest, "series evicted", self._clock.wall())
-            with self._annotation_lock:
-                self._annotations.pop(oldest.key, None)
+            self._verdicts.end(oldest, "series evicted", self._clock.wall())
+            self._verdicts.forget(oldest.key)
         series = Series(
             SeriesKey(*fields), self._detector_factory, self._error_factory, self._calls_factory
         )
@@ -451,29 +456,8 @@ class AnomalySpanProcessor(SpanProcessor):
                 self._close(series)
                 series.bucket = series.last_bucket = int(now // width)
             elif 0 <= series.bucket < quiet and not series.calls:
-                self._end(series, f"no calls for {self._reconfirm:.0f}s", now)
-        if self._annotations and not forever:
-            stale = now - self._reconfirm
-            with self._annotation_lock:
-                for key in [k for k, events in self._annotations.items() if events[-1].at < stale]:
-                    del self._annotations[key]
-
-    def _end(self, series: Series, why: str, at: float) -> None:
-        """End the active anomalies of ``series`` for lack of evidence (bus and log only)."""
-        for signal in series.signals:
-            if not signal.active:
-                continue
-            signal.active, signal.streak, signal.calm = False, 0, 0
-            key = series.key
-            _log.info(
-                "anomaly over: %s -> %s %s: %s unknown (%s)",
-                key.service,
-                key.server_address or "-",
-                key.operation,
-                signal.name,
-                why,
-            )
-            self.bus.publish(AnomalyEvent(key, signal.name, 0.0, math.nan, math.nan, at, False))
+                self._verdicts.end(series, f"no calls for {self._reconfirm:.0f}s", now)
+        self._verdicts.expire(now)
 
     def _close(self, series: Series) -> None:
         """Score the open bucket of ``series`` and reset it."""
@@ -487,98 +471,13 @@ class AnomalySpanProcessor(SpanProcessor):
         if calls == 0 or series.error_detector is None:
             return
         try:
-            self._score(series, calls, errors, latency, at)
+            self._verdicts.judge(series, calls, errors, latency, at)
         except Exception:  # a detector bug must not stop counting; say so once
             if not self._failed:
                 self._failed = True
                 _log.exception("otel_recovery anomaly detector failed (logged once)")
         if self._yields:
             time.sleep(0)  # gevent's: the hub's other greenlets run (see __init__)
-
-    def _score(self, series: Series, calls: int, errors: int, latency: float, at: float) -> None:
-        assert series.error_detector is not None
-        assert series.latency_detector is not None and series.calls_detector is not None
-        error_score = series.error_detector.update(errors, calls, at)
-        error_est = series.error_detector.last
-        mean_latency = latency / calls
-        log_latency = math.log(max(mean_latency, 1e-9))  # latency varies by factors, not terms
-        series.latency_detector.update(log_latency, at)
-        latency_est = series.latency_detector.last
-        # Only slower than expected is a problem for the callers; faster is good news.
-        latency_score = latency_est.raw_score if log_latency > latency_est.expected else 0.0
-        series.calls_detector.update(float(calls), at)
-        calls_est = series.calls_detector.last
-        readings = (
-            (error_score, errors / calls, error_est.expected, 1),
-            (latency_score, mean_latency, math.exp(latency_est.expected), self._confirm),
-            (calls_est.raw_score, float(calls), calls_est.expected, self._confirm),
-        )
-        for signal, (score, value, expected, confirm) in zip(series.signals, readings, strict=True):
-            self._step(series.key, signal, score, value, expected, confirm, at)
-
-    def _step(
-        self,
-        key: SeriesKey,
-        signal: Signal,
-        score: float,
-        value: float,
-        expected: float,
-        confirm: int,
-        at: float,
-    ) -> None:
-        if not signal.active:
-            signal.streak = signal.streak + 1 if score >= self.threshold else 0
-            if signal.streak >= confirm:
-                signal.active, signal.streak, signal.calm = True, 0, 0
-                self._emit(AnomalyEvent(key, signal.name, score, value, expected, at, True))
-                signal.published = at
-        else:
-            signal.calm = signal.calm + 1 if score < self.release else 0
-            if signal.calm >= self._recover:
-                signal.active, signal.streak, signal.calm = False, 0, 0
-                self._emit(AnomalyEvent(key, signal.name, score, value, expected, at, False))
-            elif at - signal.published >= self._reconfirm:
-                # Still anomalous: tell subscribers again (bus only), so a subscriber that
-                # expires stale tightenings keeps holding this one.
-                signal.published = at
-                self.bus.publish(AnomalyEvent(key, signal.name, score, value, expected, at, True))
-
-    def _emit(self, event: AnomalyEvent) -> None:
-        key = event.key
-        if event.active:
-            self._counter.add(
-                1,
-                {
-                    names.ANOMALY_SERVICE: key.service,
-                    names.SERVER_ADDRESS: key.server_address,
-                    names.ANOMALY_OPERATION: key.operation,
-                    names.ANOMALY_SIGNAL: event.signal,
-                },
-            )
-            _log.warning(
-                "anomaly: %s -> %s %s: %s %.4g, expected %.4g (score %.2f)",
-                key.service,
-                key.server_address or "-",
-                key.operation,
-                event.signal,
-                event.value,
-                event.expected,
-                event.score,
-            )
-        else:
-            _log.info(
-                "anomaly over: %s -> %s %s: %s back to normal",
-                key.service,
-                key.server_address or "-",
-                key.operation,
-                event.signal,
-            )
-        with self._annotation_lock:
-            pending = self._annotations.setdefault(key, [])
-            pending.append(event)
-            if len(pending) > _MAX_ANNOTATIONS:
-                del pending[0]
-        self.bus.publish(event)
 
     # ------------------------------------------------------------ inspection
 
@@ -605,15 +504,3 @@ class AnomalySpanProcessor(SpanProcessor):
                 for signal in s.signals
                 if signal.active
             ]
-
-
-def _event_attributes(event: AnomalyEvent) -> dict[str, Any]:
-    return {
-        names.ANOMALY_SIGNAL: event.signal,
-        names.ANOMALY_ACTIVE: event.active,
-        names.ANOMALY_SCORE: round(event.score, 4),
-        names.ANOMALY_VALUE: event.value,
-        names.ANOMALY_EXPECTED: event.expected,
-        names.SERVER_ADDRESS: event.key.server_address,
-        names.ANOMALY_OPERATION: event.key.operation,
-    }

@@ -104,6 +104,7 @@ def anomaly() -> dict[str, Any]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import SpanKind
 
+    from otel_recovery.learning._anomaly_verdicts import Verdicts
     from otel_recovery.learning.anomaly import AnomalySpanProcessor
 
     processor = AnomalySpanProcessor(bucket=0.05, grace=0.0, flush_interval=0.02)
@@ -112,18 +113,18 @@ def anomaly() -> dict[str, Any]:
     tracer = provider.get_tracer("gevent-scenario")
     turns = [0]
     in_one_turn: list[int] = []
-    scored = processor._score
+    scored = Verdicts.judge  # patched on the class: this scenario is a process of its own
 
-    def counted(*args: Any) -> None:
+    def counted(self: Verdicts, *args: Any) -> None:
         if in_one_turn and in_one_turn[-1] and turns[0] == last_turn[0]:
             in_one_turn[-1] += 1
         else:
             in_one_turn.append(1)
         last_turn[0] = turns[0]
-        scored(*args)
+        scored(self, *args)
 
     last_turn = [-1]
-    processor._score = counted  # type: ignore[method-assign]
+    Verdicts.judge = counted  # type: ignore[method-assign]
     until = time.monotonic() + 1.0
     running = True
 
