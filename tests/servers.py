@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 import shutil
 import signal
 import socket
@@ -90,6 +91,22 @@ def _redis_answers(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def _redis_process_id(host: str, port: int, timeout: float = 1.0) -> int | None:
+    """The pid the Redis server on ``port`` reports (``INFO server``), None if none answers."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while not (found := re.search(rb"process_id:(\d+)\r\n", reply)):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return None
+                reply += chunk
+    except OSError:
+        return None
+    return int(found.group(1))
+
+
 def require_redis() -> None:
     if not _redis_answers(REDIS_HOST, REDIS_PORT):
         unavailable(f"Redis is not answering on {REDIS_HOST}:{REDIS_PORT}")
@@ -132,7 +149,9 @@ class PrivateRedis:
                 stderr=subprocess.DEVNULL,
             )
             self.pid = self._process.pid
-            while not _redis_answers("127.0.0.1", self.port, timeout=0.2):
+            # Ours answers, not whichever server took the port first (a connect or a PING
+            # to the port succeeds all the same, and the tests would stop someone else's).
+            while _redis_process_id("127.0.0.1", self.port, timeout=0.2) != self.pid:
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     break
                 time.sleep(0.02)
@@ -182,7 +201,7 @@ class PrivateRedis:
         )
         self.pid = self._process.pid
         deadline = time.monotonic() + timeout
-        while not _redis_answers("127.0.0.1", self.port, timeout=0.2):
+        while _redis_process_id("127.0.0.1", self.port, timeout=0.2) != self.pid:
             assert self._process.poll() is None, f"redis-server did not restart on {self.port}"
             assert time.monotonic() < deadline, f"redis-server did not answer on {self.port}"
             time.sleep(0.02)

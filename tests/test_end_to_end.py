@@ -105,7 +105,7 @@ class PrivateRedis:
         self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> PrivateRedis:
-        for _ in range(3):  # another test may grab the free port before redis-server binds it
+        for _ in range(3):  # another process may take the free port before our server binds it
             if self._start(free_port()):
                 return self
         raise RuntimeError("could not start a private redis-server")
@@ -121,12 +121,24 @@ class PrivateRedis:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not reachable(("127.0.0.1", port)):
+        while not self._answers_as_ours():
             if time.monotonic() > deadline or self._process.poll() is not None:
                 self.__exit__()
                 return False
             time.sleep(0.05)
         return True
+
+    def _answers_as_ours(self) -> bool:
+        """Whether the server on our port is the one we started. Another process (the other
+        xdist worker) may bind the port between ``free_port()`` and our server's bind: ours
+        then exits, but a connect to the port succeeds all the same, so the port answering
+        proves nothing; the pid the server reports does."""
+        assert self._process is not None
+        try:
+            info = self.command("INFO", "server")
+        except OSError:
+            return False
+        return f"process_id:{self._process.pid}\r\n".encode() in info
 
     def command(self, *args: str | int) -> bytes:
         """One command over a fresh connection (RESP), so a pause never blocks our reader."""

@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -55,7 +55,7 @@ from otel_recovery.testing import FakeClock
 
 REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:3])
 """The installed redis-py, where its own retries differ by release."""
-TIMEOUT = 0.4  # client socket timeout; faults last 0.6 s so attempt 1 fails, attempt 2 not
+TIMEOUT = 0.4  # client socket timeout: a fault lasts until attempt 1 failed (and no longer)
 COUNTED = [
     (redis.client.Redis, "execute_command"),
     (redis.client.Pipeline, "execute"),
@@ -99,6 +99,9 @@ class Harness:
         self.ours = RedisRecoveryInstrumentor()
         self._owners: set[int] = set()  # only our clients' calls are counted, not admin's
         self._proxies: list[tuple[Any, str, Any]] = []
+        self.before_attempt: Callable[[str, int], None] | None = None
+        """Called with the method's name and its count as each counted attempt starts, before
+        redis-py sends anything: a fault can begin with the call, however late it starts."""
         for owner, attribute in COUNTED:  # first, so every other layer lands above it
             proxy = wrapt.FunctionWrapper(owner.__dict__[attribute], self._count(attribute))
             setattr(owner, attribute, proxy)
@@ -108,6 +111,8 @@ class Harness:
         def count(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
             if id(_owner(instance)) in self._owners:
                 self.attempts[name] += 1
+                if self.before_attempt is not None:
+                    self.before_attempt(name, self.attempts[name])
             return wrapped(*args, **kwargs)
 
         return count
@@ -273,12 +278,59 @@ def kill_mid_write(server: PrivateRedis, client_id: int) -> threading.Thread:
     return thread
 
 
-def pause_all(server: PrivateRedis, ms: int = 600) -> None:
-    with suppress_instrumentation():
-        server.admin().execute_command("CLIENT", "PAUSE", str(ms), "ALL")
+PAUSE_MS = 1500
+"""How long ``paused_from_the_next_attempt`` pauses: its attempt times out if it reaches the
+server within 1.1 s of the pause, which it does unless its thread stalls that long."""
 
 
-def stop_for(server: PrivateRedis, seconds: float = 0.6) -> None:
+@contextlib.contextmanager
+def paused_from_the_next_attempt(h: Harness, name: str = "execute_command") -> Iterator[None]:
+    """``CLIENT PAUSE ALL`` issued as the next attempt of ``name`` starts (from inside it), so
+    the attempt times out however late the call began: a 0.6 s pause issued before the call
+    was over before a call that started 0.2 s late reached the server. A second attempt waits
+    for the pause to end (blocking, an asyncio test's loop too), and is answered; leaving the
+    block waits for it too. Redis 7.0 answers no command during a pause ALL, ``CLIENT
+    UNPAUSE`` included, so unlike a stop it cannot be ended once the retry has started: it
+    runs its ``PAUSE_MS``."""
+    admin = h.server.admin()
+    first = h.attempts[name] + 1
+
+    def pause_or_wait(attempt_name: str, attempt: int) -> None:
+        with suppress_instrumentation():
+            if (attempt_name, attempt) == (name, first):
+                admin.execute_command("CLIENT", "PAUSE", str(PAUSE_MS), "ALL")
+            elif (attempt_name, attempt) == (name, first + 1):
+                admin.ping()  # answered once the pause is over
+
+    h.before_attempt = pause_or_wait
+    try:
+        yield
+    finally:
+        h.before_attempt = None
+        with suppress_instrumentation():
+            admin.ping()
+        admin.close()
+
+
+@contextlib.contextmanager
+def stopped(server: PrivateRedis, safety: float = 10.0) -> Iterator[None]:
+    """The server stopped (SIGSTOP) for the block, resumed as it ends: a call meant to fail
+    meets the stop however late it starts (a 0.6 s timer let an INCR that started 0.2 s late
+    be answered). A timer resumes it after ``safety`` seconds should the block hang."""
+    server.stop_answering()
+    timer = threading.Timer(safety, server.resume)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        server.resume()
+
+
+def stop_for(server: PrivateRedis, seconds: float) -> None:
+    """Stop the server now and resume it after ``seconds`` (``heal()`` resumes it after the
+    test anyway): for calls meant to fail on every attempt, well inside ``seconds``."""
     server.stop_answering()
     server.after(seconds, server.resume)
 
@@ -338,8 +390,8 @@ def test_client_pause_get_recovers_on_the_second_attempt(h: Harness, order: str)
     c = h.client()
     c.set("k", "v")
     h.reset_counts()
-    pause_all(h.server)
-    assert c.get("k") == b"v"
+    with paused_from_the_next_attempt(h):
+        assert c.get("k") == b"v"
     assert h.attempts["execute_command"] == 2 and h.sent["GET"] == 2
     assert_recovered(h, "GET", attempts=2)
 
@@ -385,21 +437,21 @@ def test_incr_is_never_sent_twice(h: Harness, fault: str, order: str) -> None:
     c = h.client()
     client_id = c.client_id()
     h.reset_counts()
-    expected: type[Exception] = redis.exceptions.ConnectionError
+    expected: type[Exception] = redis.exceptions.TimeoutError
+    fault_on: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if fault == "kill":
         killer = kill_mid_write(h.server, client_id)
+        expected = redis.exceptions.ConnectionError
     elif fault == "pause":
-        pause_all(h.server)
-        expected = redis.exceptions.TimeoutError
+        fault_on = paused_from_the_next_attempt(h)
     else:
-        stop_for(h.server)
-        expected = redis.exceptions.TimeoutError
-    with pytest.raises(expected):
+        fault_on = stopped(h.server)
+    with fault_on, pytest.raises(expected):
         c.incr("counter")
     if fault == "kill":
         killer.join()
     assert h.attempts["execute_command"] == 1 and h.sent["INCRBY"] + h.sent["INCR"] == 1
-    time.sleep(0.7)  # the fault is over: whatever the server did with it is visible now
+    # the fault is over: whatever the server did with it is visible now
     assert int(h.peek("get", "counter") or 0) <= 1
     span = h.logical_span("INCRBY" if h.sent["INCRBY"] else "INCR")
     attrs = dict(span.attributes or {})
@@ -523,8 +575,7 @@ def test_a_write_whose_reply_counts_is_not_sent_twice(
     c = h.client()
     c.set("claim", "worker-1")  # and connected: the fault meets the command itself
     h.reset_counts()
-    stop_for(h.server)
-    with pytest.raises(redis.exceptions.TimeoutError):
+    with stopped(h.server), pytest.raises(redis.exceptions.TimeoutError):
         c.execute_command(command, *args)
     assert h.attempts["execute_command"] == 1 and h.sent[command] == 1
     attrs = dict(h.logical_span(command).attributes or {})
@@ -534,13 +585,13 @@ def test_a_write_whose_reply_counts_is_not_sent_twice(
     c = h.client()
     c.set("claim", "worker-1")  # and connected: the fault meets the command itself
     h.reset_counts()
-    stop_for(h.server)
     if command in ("EXPIRE", "PEXPIRE"):
         # built in, with a floor: listed again, it keeps the floor (it widens nothing)
-        with pytest.raises(redis.exceptions.TimeoutError):
+        with stopped(h.server), pytest.raises(redis.exceptions.TimeoutError):
             c.execute_command(command, *args)
         assert h.attempts["execute_command"] == 1
         return
+    stop_until_the_retry(h)
     c.execute_command(command, *args)  # the user's word: repeated, its reply not read
     assert h.attempts["execute_command"] == 2
 
@@ -891,8 +942,7 @@ def test_a_single_connection_clients_session_is_never_left_for_a_resend(h: Harne
     session.delete("queued-1", "queued-2")
     session.execute_command("MULTI")
     session.set("queued-1", "a")  # queued (redis-py reads its QUEUED as False)
-    stop_for(h.server)
-    with pytest.raises(redis.exceptions.TimeoutError):
+    with stopped(h.server), pytest.raises(redis.exceptions.TimeoutError):
         session.set("queued-2", "b")
     with pytest.raises(redis.exceptions.ResponseError, match="EXEC without MULTI"):
         session.execute_command("EXEC")
@@ -1157,12 +1207,12 @@ async def test_async_client_pause_and_stopped_server_recover(h: Harness) -> None
     c = h.aclient()
     await c.set("k", "v")
     h.reset_counts()
-    pause_all(h.server)
-    assert await c.get("k") == b"v"
+    with paused_from_the_next_attempt(h):
+        assert await c.get("k") == b"v"
     assert h.attempts["execute_command"] == 2
     assert_recovered(h, "GET", attempts=2)
     h.reset_counts()
-    stop_for(h.server, 0.6)
+    stop_until_the_retry(h)
     assert await c.get("k") == b"v"
     assert h.attempts["execute_command"] == 2
     assert_recovered(h, "GET", attempts=2)
@@ -1174,11 +1224,9 @@ async def test_async_incr_and_transactions_are_never_retried(h: Harness) -> None
     c = h.aclient()
     client_id = await c.client_id()
     h.reset_counts()
-    stop_for(h.server)
-    with pytest.raises(redis.exceptions.TimeoutError):
+    with stopped(h.server), pytest.raises(redis.exceptions.TimeoutError):
         await c.incr("counter")
     assert h.attempts["execute_command"] == 1
-    await asyncio.sleep(0.7)
     client_id = await c.client_id()
     h.reset_counts()
     killer = kill_mid_write(h.server, client_id)
