@@ -7,8 +7,9 @@ real faults, one phase (one request id, one trace) per fault:
 
 - HTTP: the flaky downstream answers 503, 429 with ``Retry-After: 1``, or resets the connection,
   on the first attempt of a chosen id only, and counts the attempts it really received;
-- Redis: ``CLIENT PAUSE`` on a private redis-server, longer than the app's socket timeout, so the
-  first GET times out and a retry succeeds (never pausing the shared server);
+- Redis: a TCP proxy in front of a private redis-server stops answering the phase's first
+  command (the GET) until the app gives up on that connection, so the first GET times out
+  and a retry, on a new connection, succeeds (never touching the shared server);
 - PostgreSQL: a TCP proxy in front of the real server resets the next connection, so the
   connection phase fails once and a reconnect succeeds.
 
@@ -55,10 +56,7 @@ DOWNSTREAM = ROOT / "examples" / "service" / "downstream.py"
 BIN = Path(sys.executable).parent
 PG = ("127.0.0.1", 5432)
 REDIS_TIMEOUT = 0.6
-"""The app's Redis socket timeout. A pause of 1.5x it makes exactly the first GET time out:
-the first attempt must arrive within 0.3 s of the pause, and the retry (sent >= 0.6 s in) is
-answered when the pause ends at 0.9 s, well inside its own timeout."""
-REDIS_PAUSE_MS = 900
+"""The app's Redis socket timeout: how long the stalled first GET waits before it fails."""
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -161,33 +159,52 @@ class PrivateRedis:
 
 
 class FlakyTcpProxy:
-    """Forwards to PostgreSQL; ``fail_next(n)`` resets (RST) the next n connections at once.
+    """Forwards to a server; injects the faults of a network between the app and it.
 
-    A reset before the startup handshake is a connection-phase failure: the statement cannot
-    have run, so the SQL safety rule allows a retry. The counters prove how many connections
-    (attempts) the client really made.
+    ``fail_next(n)`` resets (RST) the next n connections at once: before PostgreSQL's startup
+    handshake that is a connection-phase failure, where the statement cannot have run, so
+    the SQL safety rule allows a retry. ``stall_next()`` holds the next data any client sends
+    and forwards nothing more on that connection until the client closes it: a server that
+    stopped answering mid-call, for exactly as long as the client waits, however late the
+    call comes (a timed ``CLIENT PAUSE`` issued before the request could be over before a
+    slow app sent its GET). The counters prove how many connections (attempts) the client
+    really made.
     """
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], name: str = "proxy") -> None:
         self.target = target
+        self.name = name
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self._lock = threading.Lock()
         self._to_fail = 0
+        self._to_stall = False
         self.resets = 0
         self.forwarded = 0
+        self.stalled = 0
         self._open: list[socket.socket] = []
 
     def fail_next(self, count: int) -> None:
         with self._lock:
             self._to_fail = count
 
+    def stall_next(self) -> None:
+        with self._lock:
+            self._to_stall = True
+
+    def _stalls(self) -> bool:
+        """Whether the data just read is the one to hold (once per ``stall_next()``)."""
+        with self._lock:
+            stall, self._to_stall = self._to_stall, False
+            self.stalled += stall
+            return stall
+
     def counts(self) -> tuple[int, int]:
         with self._lock:
             return self.resets, self.forwarded
 
     def __enter__(self) -> FlakyTcpProxy:
-        threading.Thread(target=self._accept, name="pg-proxy", daemon=True).start()
+        threading.Thread(target=self._accept, name=self.name, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -224,13 +241,17 @@ class FlakyTcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._open += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, outbound in ((client, upstream, True), (upstream, client, False)):
+                pump = threading.Thread(target=self._pump, args=(src, dst, outbound), daemon=True)
+                pump.start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
         try:
             while data := src.recv(65536):
+                if outbound and self._stalls():
+                    while src.recv(65536):  # held, and nothing after it, until the client goes
+                        pass
+                    break
                 dst.sendall(data)
         except OSError:
             pass
@@ -279,6 +300,7 @@ class Env:
     downstream: Any
     redis: PrivateRedis
     proxy: FlakyTcpProxy
+    redis_proxy: FlakyTcpProxy
     key_prefix: str
 
 
@@ -295,7 +317,7 @@ def app_environment(env: Env, **extra: str) -> dict[str, str]:
         APP_HOST="127.0.0.1",
         APP_PORT="0",
         DOWNSTREAM_URL=env.downstream.url,
-        REDIS_URL=f"redis://127.0.0.1:{env.redis.port}/0",
+        REDIS_URL=f"redis://127.0.0.1:{env.redis_proxy.port}/0",
         PG_DSN=(
             f"postgresql://postgres@127.0.0.1:{env.proxy.port}/test"
             "?sslmode=disable&gssencmode=disable"  # one TCP connection per attempt
@@ -385,16 +407,17 @@ def exercise(env: Env, tmp: Path, name: str, phases: list[str], **extra: str) ->
             else:
                 env.downstream.server.force(request_id, fault("ok"))
             before = env.proxy.counts()
+            stalls = env.redis_proxy.stalled
             if phase == "redis":
-                assert env.redis.command("CLIENT", "PAUSE", REDIS_PAUSE_MS, "ALL") == b"+OK\r\n"
+                env.redis_proxy.stall_next()
             if phase == "pg":
                 env.proxy.fail_next(1)
             run.responses[phase] = app.work(request_id)
             after = env.proxy.counts()
             run.pg_connections[phase] = (after[0] - before[0], after[1] - before[1])
             run.http_attempts[phase] = env.downstream.server.attempts(request_id)
-            if phase == "redis":  # let the pause run out before the next phase
-                time.sleep(REDIS_PAUSE_MS / 1000)
+            if phase == "redis":
+                assert env.redis_proxy.stalled == stalls + 1, "the stall met this phase's GET"
 
         wanted = set(run.ids.values())
 
@@ -442,13 +465,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         OtlpReceiver() as receiver,
         module.FlakyDownstream(["ok"]) as server,
         PrivateRedis(tmp) as redis,
-        FlakyTcpProxy(PG) as proxy,
+        FlakyTcpProxy(PG, "pg-proxy") as proxy,
+        FlakyTcpProxy(("127.0.0.1", redis.port), "redis-proxy") as redis_proxy,
     ):
         yield Env(
             receiver=receiver,
             downstream=Downstream(server, module.Fault),
             redis=redis,
             proxy=proxy,
+            redis_proxy=redis_proxy,
             key_prefix=f"otel-recovery-e2e-{uuid.uuid4().hex[:8]}",
         )
 
@@ -574,7 +599,7 @@ def test_redis_timeout_is_retried_inside_one_logical_span(all_on: Run, env: Env)
     get = gets[0]
     assert get.attributes["otel_recovery.outcome"] == "success", get.attributes
     assert get.attributes["otel_recovery.retry.attempts"] == 2
-    assert str(get.attributes["otel_recovery.policy.name"]).endswith(f":{env.redis.port}")
+    assert str(get.attributes["otel_recovery.policy.name"]).endswith(f":{env.redis_proxy.port}")
     assert "otel_recovery.attempt.failed" in get.event_names()
     assert get.status != "ERROR"
     assert not any(s.name.startswith("recover ") for s in spans), "no extra span for Redis"
@@ -608,7 +633,7 @@ def test_disabled_redis_recovery_stays_off(all_on: Run, redis_off: Run, env: Env
     marked = [
         s
         for s in redis_off.spans
-        if f":{env.redis.port}" in str(s.attributes.get("otel_recovery.policy.name", ""))
+        if f":{env.redis_proxy.port}" in str(s.attributes.get("otel_recovery.policy.name", ""))
     ]
     assert marked == [], "no Redis recovery may happen while otel_recovery_redis is disabled"
     gets = redis_spans(redis_off.trace("redis"), "GET")
