@@ -200,7 +200,7 @@ layer_read_table(LayerObject *self, PyObject *holder)
  *
  * Why remembered: reading the table is a second attribute lookup on every call, and its
  * cache lines are cold between two client calls. The table a layer remembers is the one
- * its holder still has: only _share_plans-style code replaces a holder's table, and it
+ * its holder still has: only share_plans-style code replaces a holder's table, and it
  * retires the one it replaces (PlanTable.retire); a holder that died fails the weak
  * reference, so a new object at its address cannot inherit its table. A remembered table
  * whose token or guard no longer matches is read again once (layer_remembered_plan). */

@@ -45,7 +45,7 @@ from servers import (  # noqa: F401
 )
 
 from otel_recovery._policy_core import PolicyCore
-from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors import _redis_errors, _redis_plans, _redis_targets, _wrapping
 from otel_recovery.instrumentors import redis as ours_module
 from otel_recovery.instrumentors._redis_commands import CommandRules, command_name
 from otel_recovery.instrumentors._settings import load_settings
@@ -776,7 +776,7 @@ def _break_the_planner(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: Any) -> Any:
         raise RuntimeError("planner bug")
 
-    monkeypatch.setattr(ours_module._Planner, "command", broken)
+    monkeypatch.setattr(_redis_plans.Planner, "command", broken)
     monkeypatch.setattr(_wrapping, "_reported", set())
 
 
@@ -1360,7 +1360,7 @@ def test_a_routed_cluster_call_counts_what_redis_py_repeats_on_its_line(
         c = redis.cluster.RedisCluster(host="127.0.0.1", port=hc.server.port, **options)
     try:
         expected = c.retry.get_retries() if REDIS_PY >= (6,) else (attempts or 3)
-        target = ours_module._cluster_target(c, ("GET", "k"))
+        target = _redis_targets.cluster_target(c, ("GET", "k"))
         assert target.retries == expected
         assert redis.exceptions.ConnectionError in target.retried
     finally:
@@ -1893,7 +1893,7 @@ async def test_never_ran_holds_for_a_connect_that_could_not_be_made(
     else:
         assert type(error) is redis.exceptions.TimeoutError
         assert str(error) == "Timeout connecting to server"
-    assert ours_module.never_ran(error) is True
+    assert _redis_errors.never_ran(error) is True
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -1924,7 +1924,7 @@ async def test_never_ran_does_not_hold_once_the_command_may_have_been_sent(
         await close_client(c)
     expected = redis.exceptions.TimeoutError if failure == "read_timed_out" else None
     assert type(error) is (expected or redis.exceptions.ConnectionError), repr(error)
-    assert ours_module.never_ran(error) is False, repr(error)
+    assert _redis_errors.never_ran(error) is False, repr(error)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -1962,7 +1962,7 @@ async def test_never_ran_holds_for_a_refusal_and_no_other_reply(
             await close_client(c)
         if replica is not None:
             replica.close()
-    assert ours_module.never_ran(error) is proof, repr(error)
+    assert _redis_errors.never_ran(error) is proof, repr(error)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -1980,7 +1980,7 @@ async def test_never_ran_does_not_hold_for_our_open_circuit(h: Harness, kind: st
         await close_client(c)
     assert isinstance(error, RedisCircuitOpenError)
     assert isinstance(error, redis.exceptions.ConnectionError)
-    assert ours_module.never_ran(error) is False
+    assert _redis_errors.never_ran(error) is False
 
 
 # -- our own bugs never replace redis-py's outcome; the client's own pool is not the server --
@@ -2179,15 +2179,15 @@ async def test_an_exhausted_pool_of_the_applications_is_not_the_servers_failure(
 def test_only_the_pools_own_errors_are_the_clients_own() -> None:
     """By type, or by message *and* origin: a server's reply of the same words, or a
     ``ConnectionError`` raised outside redis-py's pools, is the server's failure."""
-    assert ours_module.pool_exhausted(redis.exceptions.MaxConnectionsError())
+    assert _redis_errors.pool_exhausted(redis.exceptions.MaxConnectionsError())
     lookalike = redis.exceptions.ConnectionError("No connection available.")
-    assert not ours_module.pool_exhausted(lookalike)  # no traceback: not from a pool
+    assert not _redis_errors.pool_exhausted(lookalike)  # no traceback: not from a pool
     try:
         raise lookalike
     except redis.exceptions.ConnectionError as error:
-        assert not ours_module.pool_exhausted(error)  # raised here, not by a pool
-    assert not ours_module.pool_exhausted(redis.exceptions.ConnectionError("Connection reset"))
-    assert not ours_module.pool_exhausted(redis.exceptions.TimeoutError("Too many connections"))
+        assert not _redis_errors.pool_exhausted(error)  # raised here, not by a pool
+    assert not _redis_errors.pool_exhausted(redis.exceptions.ConnectionError("Connection reset"))
+    assert not _redis_errors.pool_exhausted(redis.exceptions.TimeoutError("Too many connections"))
 
 
 _STORED = redis.exceptions.ConnectionError("stored, raised again by a layer below")
