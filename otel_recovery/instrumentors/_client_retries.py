@@ -7,7 +7,7 @@ httpx's ``HTTPTransport(retries=N)`` repeats failed connections N times. Our ret
 level up, around the whole send, so stacking both multiplies what a server receives: an
 adapter with ``Retry(total=3, status_forcelist=[503])`` under our three attempts sent twelve
 requests for one call. (redis-py's connection ``Retry`` is the same story, decided per plan
-from the pool's configuration: see :mod:`.redis`.)
+from the pool's configuration: see :mod:`._redis_own_retry`.)
 
 So an HTTP failure that the client's retry repeated is only recorded: it is classified,
 counted on the breaker, handed to a fallback if one is configured, and returned or raised
