@@ -12,7 +12,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from otel_recovery._compiled import SPEEDUPS
-from otel_recovery.instrumentors._db import CONTEXT_VAR, LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
+from otel_recovery.instrumentors._suppression import CONTEXT_VAR
+from otel_recovery.telemetry._suppressed import LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
 
 
 def compiled_layer(token: object, **given: Any) -> Any:

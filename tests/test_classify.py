@@ -1037,8 +1037,8 @@ def test_a_replaced_default_classifier_without_a_clock_parameter_still_decides(d
     ``clock=`` unconditionally: a user's default written as ``classify(exc, context)``
     raised, and every instrumented failure was classified UNKNOWN and never retried."""
     from otel_recovery.classify import get_default_classifier, set_default_classifier
-    from otel_recovery.instrumentors._db import PostgresClassifier
     from otel_recovery.instrumentors._http import ResponseClassifier
+    from otel_recovery.instrumentors._pg_errors import PostgresClassifier
     from otel_recovery.interaction import ErrorRecoveryInteraction
     from otel_recovery.policies import Retry
     from otel_recovery.recover import RecoveryPolicy

@@ -18,9 +18,9 @@ from opentelemetry import context as otel_context
 
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery._fake_clock import FakeClock
-from otel_recovery.instrumentors._db import LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 from otel_recovery.recover import RecoveryPolicy
+from otel_recovery.telemetry._suppressed import LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
 
 pytestmark = pytest.mark.skipif(SPEEDUPS is None, reason="otel_recovery._speedups not built")
 

@@ -4,7 +4,7 @@ asyncpg checks a connection before it sends anything, and raises
 ``InterfaceError("connection is closed")`` for a statement on one that is closed. The first
 such error on a connection may be the only sign that the server ended it while it sat idle
 (a restart, ``pg_terminate_backend``), so it counts on the server's breaker, as
-:class:`~._db.PostgresClassifier` classifies it. Every later one on that same connection
+:class:`~._pg_errors.PostgresClassifier` classifies it. Every later one on that same connection
 says nothing more about the server: the application goes on using a connection it was told
 is closed, or closed itself. Counted each time, 25 statements on one closed connection
 opened the circuit for every other, healthy, connection of that server.

@@ -47,7 +47,8 @@ from otel_recovery.instrumentors._settings import (
     load_settings,
     report_off,
 )
-from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies, TargetPolicy
+from otel_recovery.instrumentors._target_policy import AMend, Mend, TargetPolicy
+from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.learning.store import CheckpointLearnerStore
 from otel_recovery.learning.strategy import StrategyLearner

@@ -20,7 +20,7 @@ An HTTP plan is shared by every session and client that sends the same request, 
 adapters and transports belong to one of them, so the decision cannot sit in the plan as
 Redis's does. The site decides per failure, on the failure path only, and marks the failure
 object (:func:`mark`): our own status signal, or the library's exception, which then goes on
-unchanged. :class:`~._targets.TargetPolicy` reads the mark (:func:`client_retries`) when it
+unchanged. :class:`~._target_policy.TargetPolicy` reads the mark (:func:`client_retries`) when it
 decides what to do after a failure.
 """
 

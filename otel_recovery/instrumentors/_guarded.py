@@ -30,7 +30,7 @@ from otel_recovery._engine import Action, Decision
 from otel_recovery._reraise import reraise
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.instrumentors._attempt_site import is_call_limit
-from otel_recovery.instrumentors._targets import TargetPolicy
+from otel_recovery.instrumentors._target_policy import TargetPolicy
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 

@@ -39,7 +39,8 @@ from otel_recovery.classify import (
     classify_on,
     get_default_classifier,
 )
-from otel_recovery.instrumentors._targets import NeverRan, TargetPolicies
+from otel_recovery.instrumentors._target_retries import NeverRan
+from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.recover import RecoveryPolicy
 

@@ -26,14 +26,7 @@ from otel_recovery._reraise import reraise
 from otel_recovery._trio import is_trio_cancellation
 from otel_recovery.instrumentors._attempt_site import AttemptSite, is_call_limit
 from otel_recovery.instrumentors._client_retries import mark
-from otel_recovery.instrumentors._db import (
-    CONTEXT_VAR,
-    LEGACY_SUPPRESS_KEY,
-    SUPPRESS_KEY,
-    compiles,
-    instrumentation_enabled,
-    read_context,
-)
+from otel_recovery.instrumentors._db import compiles
 from otel_recovery.instrumentors._elsewhere import Server, mark_elsewhere
 from otel_recovery.instrumentors._http import (
     HttpCall,
@@ -42,9 +35,15 @@ from otel_recovery.instrumentors._http import (
     server_of_url,
     status_of,
 )
+from otel_recovery.instrumentors._suppression import (
+    CONTEXT_VAR,
+    instrumentation_enabled,
+    read_context,
+)
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
+from otel_recovery.telemetry._suppressed import LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
 
 __all__ = [
     "CompiledShapes",

@@ -305,7 +305,7 @@ def target_spellings(key: str, where: str) -> list[str]:
 
 def _socket_spellings(key: str) -> list[str]:
     """A socket directory key as written and as the PostgreSQL targets name it: its real
-    path (``_db.pg_host``), the port kept."""
+    path (``_pg_targets.pg_host``), the port kept."""
     directory, colon, port = key.rpartition(":")
     if not (colon and port.isdigit()):
         directory, port = key, ""

@@ -17,17 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from otel_recovery.instrumentors._db import (
-    LEGACY_SUPPRESS_KEY,
-    SUPPRESS_KEY,
-    Plan,
-    Site,
-    compiled_layer,
-    compiles,
-    explain_no_retry,
-    instrumentation_enabled,
-    read_context,
-)
+from otel_recovery.instrumentors._db import compiled_layer, compiles
+from otel_recovery.instrumentors._db_plans import Plan, explain_no_retry
 from otel_recovery.instrumentors._redis_pipelines import Replay
 from otel_recovery.instrumentors._redis_plans import COMPILED_PLANS, Planner, share_plans
 from otel_recovery.instrumentors._redis_sentinel import amaster_moved, master_moved
@@ -38,8 +29,11 @@ from otel_recovery.instrumentors._redis_targets import (
     cluster_routing,
     standalone_target,
 )
+from otel_recovery.instrumentors._span_mode import Site
+from otel_recovery.instrumentors._suppression import instrumentation_enabled, read_context
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
+from otel_recovery.telemetry._suppressed import LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
 
 __all__ = ["Kind", "SiteLayers"]
 

@@ -8,7 +8,7 @@ reconnect, may then answer that resend, after the first send ran); a replica's r
 meet the same replica again on a connection we do not close; a client with a connection of
 its own carries session state (a ``MULTI``, a ``WATCH``, a ``SELECT``) that a new connection
 lacks. The instrumentor's mend (``RedisRecoveryInstrumentor._mends``) asks after each failed
-attempt and marks the failure (``hold_back``, ``session_bound`` of :mod:`._targets`), so
+attempt and marks the failure (``hold_back``, ``session_bound`` of :mod:`._target_retries`), so
 that its policy does not resend it.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 from otel_recovery._redis_replica import closable, refused_by_replica
 from otel_recovery.instrumentors._redis_errors import never_ran
 from otel_recovery.instrumentors._redis_own_retry import idle_ones_resend, own_coverage
-from otel_recovery.instrumentors._targets import hold_back, session_bound
+from otel_recovery.instrumentors._target_retries import hold_back, session_bound
 
 __all__ = ["hold_back_unproven", "keep_to_the_session"]
 

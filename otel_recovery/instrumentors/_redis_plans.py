@@ -18,13 +18,15 @@ import contextlib
 from typing import Any
 
 from otel_recovery._compiled import SPEEDUPS
-from otel_recovery.instrumentors._db import Plan, PlanCache, SpanMode, retire_table
+from otel_recovery.instrumentors._db import retire_table
+from otel_recovery.instrumentors._db_plans import Plan, PlanCache
 from otel_recovery.instrumentors._redis_commands import BLOCKING, READS, CommandRules, runs_code
 from otel_recovery.instrumentors._redis_errors import never_connected
 from otel_recovery.instrumentors._redis_pipelines import Queued, is_transaction, queued_commands
 from otel_recovery.instrumentors._redis_sentinel import SENTINEL_POOLS
 from otel_recovery.instrumentors._redis_targets import Target
 from otel_recovery.instrumentors._settings import RecoverySettings
+from otel_recovery.instrumentors._span_mode import SpanMode
 from otel_recovery.instrumentors._targets import TargetPolicies
 
 __all__ = ["COMPILED_PLANS", "Planner", "share_plans"]

@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from otel_recovery.instrumentors._db import Plan
+from otel_recovery.instrumentors._db_plans import Plan
 from otel_recovery.instrumentors._redis_errors import never_ran
 from otel_recovery.instrumentors._redis_own_retry import (
     cluster_repeats,
@@ -31,7 +31,7 @@ from otel_recovery.instrumentors._redis_own_retry import (
 from otel_recovery.instrumentors._redis_pipelines import is_cluster_pipeline, queued_commands
 from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.instrumentors._redis_sentinel import SENTINEL_POOLS, server_of
-from otel_recovery.instrumentors._targets import NeverRan
+from otel_recovery.instrumentors._target_retries import NeverRan
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
 __all__ = [

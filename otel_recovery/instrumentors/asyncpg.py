@@ -63,25 +63,20 @@ from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._asyncpg_acquire import ACQUIRING, Acquiring
 from otel_recovery.instrumentors._asyncpg_closed import AsyncpgPolicy
 from otel_recovery.instrumentors._attempt_site import AttemptSite, limit_seconds
-from otel_recovery.instrumentors._db import (
-    Plan,
-    PlanCache,
-    PostgresInstrumentor,
-    Route,
-    Site,
-    SpanMode,
-    async_layer,
-    compiles,
-    instrumentation_enabled,
+from otel_recovery.instrumentors._db import Route, async_layer, compiles, retire_table, run_async
+from otel_recovery.instrumentors._db_plans import Plan, PlanCache
+from otel_recovery.instrumentors._guarded import clients_own, told_beneath
+from otel_recovery.instrumentors._pg_instrumentor import PostgresInstrumentor
+from otel_recovery.instrumentors._pg_targets import (
     pg_ambiguous_url,
     pg_service_file,
     pg_socket_target,
     pg_target,
-    retire_table,
-    run_async,
 )
-from otel_recovery.instrumentors._guarded import clients_own, told_beneath
-from otel_recovery.instrumentors._targets import TargetPolicies, TargetPolicy
+from otel_recovery.instrumentors._span_mode import Site, SpanMode
+from otel_recovery.instrumentors._suppression import instrumentation_enabled
+from otel_recovery.instrumentors._target_policy import TargetPolicy
+from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 

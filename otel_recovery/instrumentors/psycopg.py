@@ -37,22 +37,19 @@ from psycopg.conninfo import conninfo_to_dict
 
 from otel_recovery._compiled import SPEEDUPS
 from otel_recovery.instrumentors._db import (
-    Plan,
-    PlanCache,
-    PostgresInstrumentor,
     Route,
-    SpanMode,
     async_layer,
     compiles,
-    instrumentation_enabled,
-    pg_ambiguous_url,
-    pg_service_file,
-    pg_target,
     retire_table,
     run_async,
     run_sync,
     sync_layer,
 )
+from otel_recovery.instrumentors._db_plans import Plan, PlanCache
+from otel_recovery.instrumentors._pg_instrumentor import PostgresInstrumentor
+from otel_recovery.instrumentors._pg_targets import pg_ambiguous_url, pg_service_file, pg_target
+from otel_recovery.instrumentors._span_mode import SpanMode
+from otel_recovery.instrumentors._suppression import instrumentation_enabled
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError

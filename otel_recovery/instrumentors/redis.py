@@ -57,13 +57,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from otel_recovery._clock import Clock
 from otel_recovery._redis_replica import ReplicaReconnect
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
-from otel_recovery.instrumentors._db import Site
 from otel_recovery.instrumentors._redis_errors import RedisPolicy
 from otel_recovery.instrumentors._redis_layers import Kind, SiteLayers
 from otel_recovery.instrumentors._redis_mends import hold_back_unproven, keep_to_the_session
 from otel_recovery.instrumentors._redis_plans import Planner
 from otel_recovery.instrumentors._redis_targets import Resolve, cluster_target, standalone_target
-from otel_recovery.instrumentors._targets import AMend, Mend, TargetPolicies, TargetPolicy
+from otel_recovery.instrumentors._span_mode import Site
+from otel_recovery.instrumentors._target_policy import AMend, Mend, TargetPolicy
+from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 

@@ -23,7 +23,7 @@ from servers import REDIS_HOST, REDIS_PORT, require_redis
 from otel_recovery._attempt import ATTEMPT, current_attempt
 from otel_recovery._first_times import FirstTimes
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
-from otel_recovery.instrumentors._db import PlanCache
+from otel_recovery.instrumentors._db_plans import PlanCache
 from otel_recovery.instrumentors._http import plan_call
 from otel_recovery.instrumentors._http_layer import HttpPlans
 from otel_recovery.instrumentors._resend import install_resend_processor
@@ -33,7 +33,8 @@ from otel_recovery.instrumentors._settings import (
     load_settings,
     unknown_variables,
 )
-from otel_recovery.instrumentors._targets import TargetPolicies, hold_back
+from otel_recovery.instrumentors._target_retries import hold_back
+from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.learning.strategy import StrategyLearner
 from otel_recovery.policies import FixedBackoff, Retry, RetryBudget

@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from servers import require_postgres
 
-from otel_recovery.instrumentors import _db, _wrapping
+from otel_recovery.instrumentors import _pg_targets, _wrapping
 from otel_recovery.instrumentors import asyncpg as asyncpg_module
 from otel_recovery.instrumentors import psycopg as psycopg_module
 from otel_recovery.instrumentors._settings import load_settings
@@ -172,16 +172,16 @@ def test_several_hosts_are_one_target_named_by_the_whole_list() -> None:
 
 
 def test_a_socket_path_is_its_directory_and_port() -> None:
-    socket = _db.pg_socket_target
+    socket = _pg_targets.pg_socket_target
     assert socket("/run/postgresql/.s.PGSQL.5432") == ("/run/postgresql", 5432)
     assert socket("/tmp/.s.PGSQL.6000") == ("/tmp", 6000)
     assert socket("/.s.PGSQL.1") == ("/", 1)
     assert socket("/run/odd") == ("/run/odd", None)
     # a socket directory is named by its real path (where /var/run links to /run, as on
     # Debian, asyncpg's default /run/postgresql and libpq's /var/run/postgresql are one)
-    assert _db.pg_host("/var/run/postgresql/") == SOCKETS
-    assert _db.pg_host("/") == "/"
-    assert _db.pg_target([("/tmp/", 5432), ("/tmp", 5432)]) == ("/tmp", 5432)
+    assert _pg_targets.pg_host("/var/run/postgresql/") == SOCKETS
+    assert _pg_targets.pg_host("/") == "/"
+    assert _pg_targets.pg_target([("/tmp/", 5432), ("/tmp", 5432)]) == ("/tmp", 5432)
 
 
 class _Connection:
@@ -230,7 +230,7 @@ def test_psycopg_without_a_host_targets_libpqs_default_socket_directory(
         monkeypatch.delenv(variable, raising=False)
     default = psycopg_module._default_host()
     assert default.startswith("/") or default == "localhost"
-    named = _db.pg_host(default)
+    named = _pg_targets.pg_host(default)
     assert psycopg_module._connect_target(("user=u dbname=d",), {}) == (named, 5432)
     assert psycopg_module._connect_target(("postgresql:///d",), {"port": 6000}) == (named, 6000)
     monkeypatch.setenv("PGHOST", "db.example,db2.example")

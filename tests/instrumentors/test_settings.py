@@ -371,7 +371,7 @@ def test_a_socket_directory_and_an_ipv6_host_list_are_found_as_the_targets_name_
     host list with IPv6 members was refused at start-up, which left otel-recovery off."""
     import os
 
-    from otel_recovery.instrumentors._db import pg_target
+    from otel_recovery.instrumentors._pg_targets import pg_target
 
     linked = tmp_path / "run"
     (tmp_path / "real").mkdir()

@@ -383,7 +383,7 @@ def _new_command(port: int) -> Report:
 def _plan_cache(instrumentor: Any, port: int) -> Any:
     import gc
 
-    from otel_recovery.instrumentors._db import PlanCache
+    from otel_recovery.instrumentors._db_plans import PlanCache
 
     (cache,) = [
         o for o in gc.get_objects() if type(o) is PlanCache and o.targets is instrumentor.targets
