@@ -91,7 +91,7 @@ def _redis_answers(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def _redis_process_id(host: str, port: int, timeout: float = 1.0) -> int | None:
+def redis_process_id(host: str, port: int, timeout: float = 1.0) -> int | None:
     """The pid the Redis server on ``port`` reports (``INFO server``), None if none answers."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
@@ -151,7 +151,7 @@ class PrivateRedis:
             self.pid = self._process.pid
             # Ours answers, not whichever server took the port first (a connect or a PING
             # to the port succeeds all the same, and the tests would stop someone else's).
-            while _redis_process_id("127.0.0.1", self.port, timeout=0.2) != self.pid:
+            while redis_process_id("127.0.0.1", self.port, timeout=0.2) != self.pid:
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     break
                 time.sleep(0.02)
@@ -201,7 +201,7 @@ class PrivateRedis:
         )
         self.pid = self._process.pid
         deadline = time.monotonic() + timeout
-        while _redis_process_id("127.0.0.1", self.port, timeout=0.2) != self.pid:
+        while redis_process_id("127.0.0.1", self.port, timeout=0.2) != self.pid:
             assert self._process.poll() is None, f"redis-server did not restart on {self.port}"
             assert time.monotonic() < deadline, f"redis-server did not answer on {self.port}"
             time.sleep(0.02)

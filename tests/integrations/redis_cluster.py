@@ -83,7 +83,7 @@ class Node(RedisProcess):
     outlives a SIGKILL, so :meth:`start` brings the same node back."""
 
     def __init__(self, binary: str, root: str) -> None:
-        super().__init__(binary, root, free_port(below=55536, also_free=10000))  # the bus port
+        super().__init__(binary, root, lambda: free_port(below=55536, also_free=10000))  # +bus
         self.id = ""
 
     def command_line(self) -> list[str]:
@@ -127,7 +127,7 @@ class PrivateCluster:
                 node = Node(str(binary), self._root)
                 self._steps.callback(node.close)
                 self.nodes.append(node)
-                node.start()
+                node.launch(node.start)
             self.primaries = self.nodes[:3]  # the original ones, in slot order
             self.replicas = self.nodes[3:]  # replicas[i] replicates primaries[i]
             self._build()

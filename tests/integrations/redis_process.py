@@ -12,14 +12,15 @@ import contextvars
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from servers import _redis_answers
+from servers import redis_process_id
 
 from integrations.redis_queues import until_stopped
 
@@ -44,12 +45,33 @@ def is_plumbing() -> bool:
 class RedisProcess:
     """One ``redis-server`` on ``port``, its files in its own dir under ``root``."""
 
-    def __init__(self, binary: str, root: str, port: int) -> None:
+    def __init__(self, binary: str, root: str, pick_port: Callable[[], int]) -> None:
         self.binary = binary
-        self.port = port
+        self._root = root
+        self._pick_port = pick_port
+        self.port = pick_port()
         self.dir = os.path.join(root, str(self.port))
         os.makedirs(self.dir)
         self.process: subprocess.Popen[bytes] | None = None
+
+    def launch(self, start: Callable[[], None], timeout: float = 20.0) -> None:
+        """Start the server for the first time (``start`` spawns it) and wait until it
+        answers as itself. Another process (the other xdist worker) may take the free port
+        before the server binds it: the server then exits at once, and it is started again
+        on a new port, in a new dir (``start`` reads both)."""
+        for _ in range(3):
+            start()
+            deadline = time.monotonic() + timeout
+            while self.alive and time.monotonic() < deadline:
+                if self.answers():
+                    return
+                time.sleep(0.02)
+            if self.alive:
+                raise AssertionError(f"{self.name} did not answer within {timeout} s")
+            self.port = self._pick_port()
+            self.dir = os.path.join(self._root, str(self.port))
+            os.makedirs(self.dir, exist_ok=True)
+        raise AssertionError(f"no free port kept for a redis-server of {self._root}")
 
     @property
     def name(self) -> str:
@@ -69,7 +91,10 @@ class RedisProcess:
         return self.process is not None and self.process.poll() is None
 
     def answers(self) -> bool:
-        return self.alive and _redis_answers("127.0.0.1", self.port, timeout=0.2)
+        """Whether this server, not whichever took its port, answers there."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        return redis_process_id("127.0.0.1", self.port, timeout=0.2) == self.process.pid
 
     def admin(self, timeout: float = 5) -> redis.Redis:
         """A plain client of this one server (no retries; use it under :meth:`call`'s

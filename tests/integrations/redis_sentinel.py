@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import redis
@@ -68,7 +69,7 @@ class Server(RedisProcess):
     (empty: persistence is off), as a replica of ``replicaof`` if given."""
 
     def __init__(self, binary: str, root: str) -> None:
-        super().__init__(binary, root, free_port())
+        super().__init__(binary, root, free_port)
 
     def command_line(self) -> list[str]:
         return (
@@ -108,6 +109,11 @@ class SentinelProcess(Server):
     def command_line(self) -> list[str]:
         return [self.binary, self.conf, "--sentinel"]
 
+    def start_monitoring(self, master: Server) -> None:
+        """Write the configuration (it names this sentinel's port and dir) and start."""
+        self.configure(master)
+        self.start()
+
     def master_state(self) -> dict[str, Any]:
         return dict(self.ask("sentinel_master", SERVICE))
 
@@ -135,17 +141,16 @@ class PrivateSentinel:
             for node in self.data + self.sentinels:
                 self._steps.callback(node.close)
             first = self.data[0]
-            first.start()
+            first.launch(first.start)
             for node in self.data[1:]:
-                node.start(replicaof=first)
+                node.launch(lambda node=node: node.start(replicaof=first))
             for node in self.data:
                 wait_for(node.answers, f"{node.name} did not start")
             # a sentinel learns the replicas from the master's INFO, at once and then every
             # ten seconds: start the sentinels once the master lists both
             wait_for(lambda: self._replicas_linked(first), "the replicas did not sync")
             for sentinel in self.sentinels:
-                sentinel.configure(first)
-                sentinel.start()
+                sentinel.launch(partial(sentinel.start_monitoring, first))
             self.wait_healthy()
         except BaseException:
             self.close()
