@@ -107,6 +107,8 @@ async def test_flapping_is_damped(orchestrator):
 
 
 async def test_a_check_that_raises_or_hangs_counts_as_down(orchestrator):
+    import threading
+
     async def hangs() -> bool:
         await asyncio.sleep(3600)
         return True
@@ -114,29 +116,33 @@ async def test_a_check_that_raises_or_hangs_counts_as_down(orchestrator):
     def raises() -> bool:
         raise ConnectionError("refused")
 
+    released, returned = threading.Event(), threading.Event()
+    ran_in: list[threading.Thread] = []
+
     def blocks() -> bool:  # a sync ping that hangs: it must neither pass nor stall the loop
-        time.sleep(0.5)
+        ran_in.append(threading.current_thread())
+        released.wait(10)  # until the test lets go
+        returned.set()
         return True
 
     orchestrator.register_service("slow", health_check=hangs)
     orchestrator.register_service("broken", health_check=raises)
     orchestrator.register_service("blocking", health_check=blocks)
     monitor = orchestrator.monitor(interval=10, check_timeout=0.05)  # real time: the point
-    ticks = 0
-
-    async def ticking() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticker = asyncio.create_task(ticking())
     started = time.monotonic()
-    await asyncio.wait_for(monitor.check_once(), 5)
-    took = time.monotonic() - started
-    ticker.cancel()
+    try:
+        await asyncio.wait_for(monitor.check_once(), 5)
+        took = time.monotonic() - started
+        # The loop came back while the blocking ping still hung: it neither waited for it nor
+        # ran it (shown by events, not timed, so a loaded machine cannot change it).
+        assert not returned.is_set()
+    finally:
+        released.set()
     assert _states(monitor) == {"slow": False, "broken": False, "blocking": False}
-    assert took < 0.4 and ticks >= 2  # the loop kept running meanwhile
+    assert returned.wait(5) and ran_in[0] is not threading.current_thread()
+    # Cut at the 0.05 s check timeout; waiting for the hanging or the held check would have
+    # run into wait_for's 5 s. Half of that: a wide margin for a loaded machine.
+    assert took < 2.5
 
 
 async def test_what_went_down_is_recovered_in_dependency_order(orchestrator, fake_clock):
@@ -258,7 +264,9 @@ def test_a_sync_check_stuck_in_its_thread_is_not_started_again_until_it_returns(
         orchestrator.register_service("cache", health_check=hangs)
         orchestrator.register_service("db", health_check=lambda: True)
         orchestrator.register_service("api", health_check=healthy)
-        monitor = orchestrator.monitor(interval=10, check_timeout=0.05)  # real time
+        # Real time: the healthy sync check ("db", a thread of its own each round) must
+        # answer within it, on a loaded machine too; only the first round waits it out
+        monitor = orchestrator.monitor(interval=10, check_timeout=1.0)
 
         async def main() -> list[dict[str, bool | None]]:
             # an executor as small as a 1-core host's default (5 workers): full after five
@@ -309,12 +317,14 @@ def test_a_sync_check_that_outlived_its_rounds_loop_runs_again_in_the_next_one()
 
     orchestrator = RecoveryOrchestrator(ErrorRecoveryInteraction())
     orchestrator.register_service("db", health_check=check)
-    monitor = orchestrator.monitor(interval=10, check_timeout=0.05)  # real time
+    # Real time: the second run must answer within it, on a loaded machine too
+    monitor = orchestrator.monitor(interval=10, check_timeout=1.0)
     asyncio.run(monitor.check_once())
     assert _states(monitor) == {"db": False}
     gate.set()
     assert returned.wait(5)
-    time.sleep(0.05)  # the thread marks the run over right after the check returns
+    # the thread marks the run over right after the check returns
+    assert monitor._sync_runs["db"].finished.wait(5)
     asyncio.run(monitor.check_once())
     assert _states(monitor) == {"db": True} and len(calls) == 2
 

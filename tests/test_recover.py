@@ -402,33 +402,38 @@ def test_a_thread_that_gave_up_waiting_leaves_the_bulkhead_line():
 
 def test_bulkhead_waits_stay_short_when_threads_keep_calling():
     """16 threads, 2 slots, calls of 2 ms for 0.6 s: first come, first served, nobody
-    waits more than ~7 calls (~15 ms). Letting a returning caller take the slot before the
-    waiter it woke starved some waiters for all of max_wait (28 rejections a run)."""
-    bulkhead = Bulkhead(2, max_wait=0.25)
+    waits for more than the other 15 threads' calls (~15 ms). Letting a returning caller
+    take the slot before the waiter it woke starved some waiters for all of max_wait (28
+    rejections a run at max_wait=0.25). A wait is counted in calls served to others
+    meanwhile, not timed (a loaded machine stretches every wait in seconds, not in calls);
+    max_wait is far beyond any wait a loaded machine causes."""
+    threads = 16
+    bulkhead = Bulkhead(2, max_wait=5)
     lock = threading.Lock()
-    worst = [0.0]
+    served = [0]  # calls that got a slot so far
+    worst = [0]  # the most calls served to others while one caller waited
     end = time.monotonic() + 0.6
 
     def caller() -> None:
         while time.monotonic() < end:
-            asked = time.monotonic()
-            try:
-                bulkhead.acquire()
-            except BulkheadFullError:
-                continue
-            waited = time.monotonic() - asked
+            asked = served[0]
+            bulkhead.acquire()
+            with lock:
+                worst[0] = max(worst[0], served[0] - asked)
+                served[0] += 1
             time.sleep(0.002)
             bulkhead.release()
-            with lock:
-                worst[0] = max(worst[0], waited)
 
-    threads = [threading.Thread(target=caller) for _ in range(16)]
-    for thread in threads:
+    callers = [threading.Thread(target=caller) for _ in range(threads)]
+    for thread in callers:
         thread.start()
-    for thread in threads:
-        thread.join(5)
-    assert bulkhead.rejected == 0, f"{bulkhead.rejected} callers starved for max_wait"
-    assert worst[0] < 0.2 and bulkhead.in_use == 0
+    for thread in callers:
+        thread.join(10)
+    assert bulkhead.rejected == 0 and bulkhead.in_use == 0
+    # FIFO: each other thread once at most (15). The rest of the bound is for a caller
+    # descheduled between counting and asking, when others go on (up to 29 seen on a fully
+    # loaded 2-core machine); a starved caller sees hundreds of calls go past (~570).
+    assert worst[0] <= 4 * (threads - 1), f"{worst[0]} calls were served past one caller"
 
 
 async def test_async_bulkhead_waits_for_a_slot_and_hands_it_over():

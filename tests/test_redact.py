@@ -519,10 +519,12 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("text", ADVERSARIAL, ids=lambda t: repr(t[:16]))
 def test_redaction_of_a_100_kb_hostile_message_is_fast(text):
-    started = time.perf_counter()
+    # CPU time of this thread, not elapsed time: waiting for a core on a loaded machine does
+    # not count. Linear work takes up to ~0.12 s here; a quadratic scan of 100 KB ~10 s.
+    started = time.thread_time()
     redact(text)
     normalise_message.__wrapped__(text)
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
 
 
 # C. recover_from_error context: keys are normalised, nested headers are masked.

@@ -74,7 +74,7 @@ def longest_stall(work: Callable[[], Any]) -> dict[str, Any]:
 def decorator() -> dict[str, Any]:
     calls: list[float] = []
 
-    @otel_recovery.recover(retry=Retry(3, backoff=FixedBackoff(0.3)))
+    @otel_recovery.recover(retry=Retry(3, backoff=FixedBackoff(1.0)))
     def flaky() -> str:
         calls.append(time.monotonic())
         if len(calls) < 3:

@@ -27,9 +27,10 @@ from integrations.test_fork import delete_keys
 pytest.importorskip("gevent")
 
 HERE = Path(__file__).resolve().parent
-STALL = 0.15
-"""The longest stall allowed: the scenarios wait 0.3 s or more per backoff, while the ticker
-ticks every 10 ms (margin for a loaded CI machine)."""
+STALL = 0.5
+"""The longest stall allowed. The ticker ticks every 10 ms; a backoff that blocked the hub
+would stall it for the whole backoff, and the scenarios' backoffs last 1 s: half of that
+separates the two with a wide margin for a loaded CI machine."""
 
 
 def run(*args: str, **settings: str) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def run(*args: str, **settings: str) -> dict[str, Any]:
 def test_a_decorated_calls_backoff_lets_the_other_greenlets_run() -> None:
     report = run("decorator")
     assert report["result"] == "ok" and report["calls"] == 3
-    assert report["seconds"] >= 0.6  # two backoffs of 0.3 s: the waits did happen
+    assert report["seconds"] >= 2.0  # two backoffs of 1 s: the waits did happen
     assert report["longest_stall"] < STALL, report
 
 

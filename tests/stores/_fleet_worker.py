@@ -1,7 +1,8 @@
 """One process of a fleet sharing a breaker and a budget through Redis, driven over stdin.
 
 Run as ``python _fleet_worker.py URL NAME CONFIG_JSON``; CONFIG_JSON holds the keyword
-arguments of ``CircuitBreaker`` (``breaker``) and ``RetryBudget`` (``budget``). It prints
+arguments of ``CircuitBreaker`` (``breaker``) and ``RetryBudget`` (``budget``), and
+optionally ``link_poll``, the longest the link thread waits when no sync is due. It prints
 ``ready`` once both exist and have read the shared state, then answers one JSON line per JSON
 command line. The test writes a command to every worker before reading any answer, so the
 workers really act at the same time. Transition times are ``time.monotonic()``, which is one
@@ -16,11 +17,14 @@ import time
 from typing import Any
 
 from otel_recovery import CircuitBreaker, RetryBudget
+from otel_recovery.stores import _shared_link
 
 
 def main() -> None:
     url, name, raw = sys.argv[1], sys.argv[2], sys.argv[3]
     config = json.loads(raw)
+    if "link_poll" in config:  # the link thread's longest wait when no sync is due
+        _shared_link._POLL = config["link_poll"]
     seen: list[tuple[str, str, float]] = []
     breaker = CircuitBreaker(
         name=name,

@@ -13,11 +13,13 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,3 +247,24 @@ def until(condition: Callable[[], bool], within: float = 10.0) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.02)
     return condition()
+
+
+def callers_asking(link: Any) -> list[str]:
+    """What callers ask of a fleet-wide component's ``link`` (``component._link``) from now
+    on, one entry per ask: ``"turn"`` (waiting for the member's turn to talk to Redis, at most
+    ``DECISION_TIMEOUT``) or ``"run"`` (a script sent to Redis). Counted on the instance, and
+    not for the link's own sync thread: how often a decision waited for Redis, counted
+    instead of timed, so a loaded machine cannot change the answer."""
+    asked: list[str] = []
+
+    def counting(kind: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is not link._thread:
+                asked.append(kind)
+            return method(*args, **kwargs)
+
+        return counted
+
+    link.turn = counting("turn", link.turn)
+    link.run = counting("run", link.run)
+    return asked

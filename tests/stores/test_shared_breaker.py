@@ -20,13 +20,12 @@ import redis
 from otel_recovery import CircuitBreaker, CircuitState, RecoveryPolicy
 from otel_recovery.stores import MemoryStore, ResilientStore, StoreConfigError, open_store
 from otel_recovery.stores._shared_breaker import SharedCircuitBreaker
-from otel_recovery.stores._shared_link import DECISION_TIMEOUT
 from otel_recovery.telemetry import attributes as names
 from otel_recovery.telemetry import get_telemetry
 from otel_recovery.testing import FakeClock, capture_telemetry
 
 from ._fleet import Fleet
-from .conftest import cleanup, require, store_url, unique
+from .conftest import callers_asking, cleanup, require, store_url, unique
 
 
 def _cleanup_after_sync(kind, name):
@@ -38,7 +37,13 @@ def _cleanup_after_sync(kind, name):
 
 
 SYNC = 0.1
-SLACK = 0.4  # scheduling noise on a shared 2-core machine, on top of the documented bound
+LINK_POLL = 10.0
+"""The link thread's longest wait when no sync is due (1 s in the package), raised in the
+fleet workers: a thread not woken on the sync interval would then show a 10 s lag."""
+LAG_BOUND = 2.5
+"""How late a process may see what another did: one sync interval (0.1 s) is the documented
+bound; 2.5 s (half of a ``wait_state``'s 5 s) still tells it from the 10 s above, with room
+for a loaded machine."""
 
 
 @pytest.fixture
@@ -59,7 +64,10 @@ def _opened(results):
 
 def test_four_processes_open_the_breaker_together_after_the_configured_total(shared):
     url, client, key = shared
-    config = {"breaker": {"failure_threshold": 20, "timeout": 30.0, "sync_interval": SYNC}}
+    config = {
+        "breaker": {"failure_threshold": 20, "timeout": 30.0, "sync_interval": SYNC},
+        "link_poll": LINK_POLL,
+    }
     fleet = Fleet(url, "payments", config)
     try:
         # 4 x 4 + 3 = 19 failures, spread over every process: still closed everywhere.
@@ -70,14 +78,14 @@ def test_four_processes_open_the_breaker_together_after_the_configured_total(sha
         assert {r["state"] for r in fleet.all(op="state").values()} == {"closed"}
         # The 20th failure opens it; the process that made it knows at once ...
         assert fleet.send(3, op="fail", n=1)["state"] == "open"
-        # ... and every other process within one sync interval (plus noise).
+        # ... and every other process at its next sync, every SYNC seconds (see LAG_BOUND).
         results = fleet.all(op="wait_state", state="open", within=5.0)
         assert {r["state"] for r in results.values()} == {"open"}
         opened = _opened(results)
         assert all(len(seen) == 1 for seen in opened.values()), opened
         tripped = opened[3][0][2]
         lags = [seen[0][2] - tripped for seen in opened.values()]
-        assert max(lags) <= SYNC + SLACK, f"observed after {lags}"
+        assert max(lags) <= LAG_BOUND, f"observed after {lags}"
         assert {seen[0][1] for seen in opened.values()} == {"failure_threshold"}
         # Nobody lets a call through any more.
         assert all(r["permitted"] == 0 for r in fleet.all(op="fail", n=3).values())
@@ -437,17 +445,24 @@ def test_a_redis_that_stops_answering_costs_a_caller_one_bounded_wait(volatile_r
     url = f"{volatile_redis.url}?prefix=paused:"
     breaker = CircuitBreaker(5, 30.0, name="slow", store=url, sync_interval=0.05)
     assert breaker.sync()
+    asked = callers_asking(breaker._link)
     pauser = redis.Redis.from_url(volatile_redis.url)
-    pauser.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    pauser.execute_command("CLIENT", "PAUSE", 4000, "ALL")
     started = time.monotonic()
     breaker.record_failure()
     waited = time.monotonic() - started
-    assert waited < DECISION_TIMEOUT + 0.5 and not breaker.shared
-    started = time.monotonic()
+    # One bounded wait: at most one turn and one exchange, each cut at DECISION_TIMEOUT
+    # (none at all if the link thread's sync met the pause first) ...
+    assert asked.count("turn") <= 1 and asked.count("run") <= 1, asked
+    assert not breaker.shared
+    # ... not a wait for Redis to answer, which only comes when the 4 s pause ends. Half of
+    # that, far above the 2 x DECISION_TIMEOUT the link allows: margin for a loaded machine.
+    assert waited < 2.0, f"waited {waited:.2f} s"
+    asked.clear()
     for _ in range(10):
-        breaker.record_failure()  # local now: no waiting at all
+        breaker.record_failure()  # local now: Redis is not even asked
         breaker.can_execute()
-    assert time.monotonic() - started < 0.05
+    assert asked == []
     assert breaker.state is CircuitState.OPEN
     deadline = time.monotonic() + 10
     while not breaker.shared and time.monotonic() < deadline:
