@@ -1,21 +1,34 @@
 """The SQL of the PostgreSQL store, written once as plans (generators of statements).
 
 A plan yields ``(statement, params)`` and is sent back the rows each statement returned, so the
-same logic runs on a sync connection and on an asyncio one (:mod:`.postgres` has both drivers).
-Table names are composed with :class:`psycopg.sql.Identifier`, never pasted into SQL.
+same logic runs on a sync connection and on an asyncio one: :func:`drive_sync` and
+:func:`drive_async` are the only code that executes a plan, and they report in a :class:`Step`
+whether its first round trip was answered, which decides whether it may run once more
+(:func:`._postgres_errors.runs_again`). Table names are composed with
+:class:`psycopg.sql.Identifier`, never pasted into SQL.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 from collections.abc import Generator, Iterable
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from otel_recovery.stores._base import CorruptRecordError, Record, StoreError, VersionConflictError
 
-__all__ = ["SCHEMA_VERSION", "Plan", "Plans", "jsonb_compatible"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Plan",
+    "Plans",
+    "Step",
+    "drive_async",
+    "drive_sync",
+    "jsonb_compatible",
+]
 
 SCHEMA_VERSION = 1
 _TABLES = ("meta", "records", "heads", "counters", "batches")
@@ -253,6 +266,57 @@ class Plans:
         rows = yield self._q("SELECT key, value FROM {counters} WHERE namespace = %s"), (namespace,)
         wanted = None if keys is None else set(keys)
         return {k: float(v) for k, v in rows if wanted is None or k in wanted}
+
+
+class Step:
+    """How far an attempt got: is its first round trip still unanswered?"""
+
+    __slots__ = ("first",)
+
+    def __init__(self) -> None:
+        self.first = True
+
+
+def drive_sync(
+    conn: psycopg.Connection[Any],
+    plan: Plan,
+    atomic: bool = True,
+    step: Step | None = None,
+) -> Any:
+    """Run ``plan`` on ``conn``, in a transaction if ``atomic``; returns what it returns."""
+    # A single-statement plan is atomic by itself: no BEGIN/COMMIT round trips for it.
+    step = step or Step()
+    with conn.transaction() if atomic else contextlib.nullcontext(), conn.cursor() as cur:
+        step.first = not atomic  # BEGIN was answered
+        try:
+            statement, params = next(plan)
+            while True:
+                cur.execute(statement, params)
+                step.first = False
+                statement, params = plan.send(cur.fetchall() if cur.description else [])
+        except StopIteration as done:
+            return done.value
+
+
+async def drive_async(
+    conn: psycopg.AsyncConnection[Any],
+    plan: Plan,
+    atomic: bool = True,
+    step: Step | None = None,
+) -> Any:
+    """The async twin of :func:`drive_sync`."""
+    step = step or Step()
+    async with conn.transaction() if atomic else contextlib.nullcontext(), conn.cursor() as cur:
+        step.first = not atomic
+        try:
+            statement, params = next(plan)
+            while True:
+                await cur.execute(statement, params)
+                step.first = False
+                rows = await cur.fetchall() if cur.description else []
+                statement, params = plan.send(rows)
+        except StopIteration as done:
+            return done.value
 
 
 _JSONB_CHANGES = (b"\\u0000", b"e+", b"E+", b"-0.0")

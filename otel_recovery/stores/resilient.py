@@ -33,7 +33,7 @@ exactly this:
    once, so a batch whose reply was lost is never counted twice when it is re-sent.
 
 A write whose reply was lost may have been applied. A put sent without an answer looks
-before it is written again (see ``_replay``). An increment is exact only with a caller's
+before it is written again (see :mod:`._replay`). An increment is exact only with a caller's
 ``batch_id`` (kept from its first send); without one, an increment whose reply was lost is
 replayed and may count twice (at least once, never lost): giving every increment an id
 would leave a marker in the store for each one, for days. :meth:`close` replays what is
@@ -52,36 +52,25 @@ journal is bounded (``journal_bytes``, 64 MiB); past it a write raises
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from otel_recovery._clock import SYSTEM_CLOCK, Clock, Duration, to_seconds
-from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import (
     Record,
     Store,
     StoreUnavailableError,
-    VersionConflictError,
     check_amounts,
     check_key,
     check_put,
     check_version,
 )
-from otel_recovery.stores._local_state import (
-    Call,
-    JournalDelete,
-    JournalPut,
-    LocalState,
-    ResyncConflict,
-    Work,
-)
-from otel_recovery.telemetry import attributes as names
+from otel_recovery.stores._local_state import LocalState, ResyncConflict
+from otel_recovery.stores._outage import Outage
 
 __all__ = ["ResilientStore", "ResyncConflict"]
 
@@ -108,16 +97,12 @@ class ResilientStore:
         self.clock: Clock = clock or getattr(store, "clock", None) or SYSTEM_CLOCK
         self.retry_interval = to_seconds(retry_interval, "retry_interval")
         self.local = LocalState(self.url, self.clock, cache_bytes, journal_bytes)
-        self._mode = new_lock()
-        self._degraded_at: float | None = None
-        self._next_probe = 0.0
-        self._resyncing = False
-        self._conflicts_reported = 0  # local.conflict_count at the last resynced event
+        self._outage = Outage()
 
     @property
     def degraded(self) -> bool:
         """True while the store is unreachable and local state is in use."""
-        return self._degraded_at is not None
+        return self._outage.since is not None
 
     @property
     def conflicts(self) -> builtins.list[ResyncConflict]:
@@ -125,235 +110,22 @@ class ResilientStore:
         on (compare-and-set puts, deletes): the latest 100, oldest first."""
         return self.local.conflicts
 
-    # -- mode switching -------------------------------------------------------------------------
+    # -- routing: where each call goes (the outage decides: :mod:`._outage`) -------------------
 
     def _degrade(self, error: StoreUnavailableError) -> None:
-        """Switch to local state. A resync under way keeps its claim: only the resync ends
-        it (:meth:`_settled`, :meth:`_failed_resync`). A call sent while the store was
-        healthy that fails late used to clear it, and a second resync then ran beside the
-        first (finding the journal already taken, it declared the store healthy while the
-        first still had older writes to replay over newer ones)."""
-        with self._mode:
-            now = self.clock.now()
-            self._next_probe = now + self.retry_interval
-            if self._degraded_at is not None:
-                return
-            self._degraded_at = now
-        _log.warning(
-            "otel_recovery: store %s is unreachable (%s); using local state until it is back, "
-            "then replaying local changes to it",
-            self.url,
-            redact(str(error)),
-        )
-        cause = type(error.__cause__ or error).__name__
-        trace.get_current_span().add_event(
-            names.EVENT_STORE_DEGRADED, {names.STORE_URL: self.url, names.ERROR_TYPE: cause}
-        )
+        """Switch to local state: see :meth:`Outage.degrade`."""
+        self._outage.degrade(self, error)
 
     def _route(self) -> str:
-        """Where this call goes: ``"store"`` (healthy), ``"resync"`` (degraded, and this call
-        has claimed the resync that is due), or ``"local"``. Decided in one step under
-        ``_mode``: a call that found the store healthy and then saw it degraded by another
-        thread ran a resync it had not claimed, beside the claimed one, which found the
-        journal taken, declared the store healthy, and was overwritten by the older writes
-        the unclaimed one replayed."""
-        with self._mode:
-            if self._degraded_at is None:
-                return "store"
-            if self._resyncing or self.clock.now() < self._next_probe:
-                return "local"
-            self._resyncing = True
-            return "resync"
-
-    def _failed_resync(self, rest: builtins.list[Work], error: BaseException) -> bool:
-        """The replay stopped at ``rest[0]``: keep it and what follows, in order, for the
-        next probe. A failure other than the store being unreachable (a store's own bug,
-        or the caller's cancellation, which is raised on) loses nothing either."""
-        self.local.give_back(rest)
-        with self._mode:
-            self._resyncing = False
-            self._next_probe = self.clock.now() + self.retry_interval
-        if isinstance(error, StoreUnavailableError):
-            _log.debug("otel_recovery: store %s still unreachable: %s", self.url, error)
-        elif isinstance(error, Exception):
-            _log.warning(
-                "otel_recovery: replaying local changes to store %s failed (%s: %s); they "
-                "are kept and replayed at the next attempt",
-                self.url, type(error).__name__, redact(str(error)),
-            )  # fmt: skip
-        return False
-
-    def _settled(self) -> bool:
-        """Declare the store healthy again if nothing is left to replay.
-
-        Finding the journal empty and clearing ``_degraded_at`` are one step under
-        ``local.lock``, the lock a degraded write journals under (:meth:`_keep_locally`): a
-        write cannot land in the journal between the two and be left there, unreplayed, by a
-        store that counts as healthy (then replayed over newer versions by the next resync).
-        """
-        with self.local.lock:
-            replayed = self.local.settle()
-            if replayed is None:
-                return False  # more was queued while replaying: go round again
-            with self._mode:
-                started, self._degraded_at = self._degraded_at, None
-                self._resyncing = False
-            # this resync's conflicts, not every one since the start
-            conflicts = self.local.conflict_count - self._conflicts_reported
-            self._conflicts_reported = self.local.conflict_count
-        outage = 0.0 if started is None else max(0.0, self.clock.now() - started)
-        _log.info(
-            "otel_recovery: store %s is reachable again after %.1fs; replayed %d local "
-            "change(s), %d conflict(s)",
-            self.url, outage, replayed, conflicts,
-        )  # fmt: skip
-        trace.get_current_span().add_event(
-            names.EVENT_STORE_RESYNCED,
-            {
-                names.STORE_URL: self.url,
-                names.STORE_REPLAYED: replayed,
-                names.STORE_CONFLICTS: conflicts,
-                names.STORE_OUTAGE: outage,
-            },
-        )
-        return True
-
-    def _resync(self) -> bool:
-        while True:
-            work = self.local.take()
-            for index, item in enumerate(work):
-                try:
-                    result = self._replay(item)
-                except StoreUnavailableError as error:
-                    self.local.sent_unanswered(item)
-                    return self._failed_resync(work[index:], error)
-                except BaseException as error:  # a store's bug, or cancelled: keep the rest
-                    self.local.sent_unanswered(item)
-                    self._failed_resync(work[index:], error)
-                    if not isinstance(error, Exception):
-                        raise
-                    return False
-                self.local.replayed_one(item, result)
-            if self._settled():
-                return True
-
-    async def _aresync(self) -> bool:
-        while True:
-            work = self.local.take()
-            for index, item in enumerate(work):
-                try:
-                    result = await self._areplay(item)
-                except StoreUnavailableError as error:
-                    self.local.sent_unanswered(item)
-                    return self._failed_resync(work[index:], error)
-                except BaseException as error:  # a store's bug, or cancelled: keep the rest
-                    self.local.sent_unanswered(item)
-                    self._failed_resync(work[index:], error)
-                    if not isinstance(error, Exception):
-                        raise
-                    return False
-                self.local.replayed_one(item, result)
-            if self._settled():
-                return True
-
-    # -- replaying one journal entry: nothing applied twice -------------------------------------
-    #
-    # A write whose reply was lost may have been applied. A counter batch carries its id and
-    # the store applies it once. A put looks first (a plain one at the latest versions,
-    # written around its send, a compare-and-set one at the versions after the one it
-    # expected) and does not write
-    # again what the store already holds. A delete is replayed only if nobody wrote the key
-    # after it was made: the key's latest version is the one this process knew, or was
-    # created before the delete (another process's clock; the check and the delete are two
-    # steps, so a write landing between them can still be deleted).
-
-    def _replay(self, item: Work) -> Any:
-        """Send one journal entry; what :meth:`LocalState.replayed_one` books."""
-        try:
-            if isinstance(item, JournalDelete):
-                latest = self._send(("get", (item.key,), {}))
-                refused = self._delete_refused(item, latest)
-                return 0 if refused else self._send(("delete", (item.key,), {}))
-            call = self.local.call_for(item)
-            if call is None:
-                return None
-            if isinstance(item, JournalPut) and item.maybe_applied and item.expected is None:
-                latest = self._send(("get", (item.key,), {}))
-                if _holds(latest, item):
-                    return latest
-                for version in _versions_below(latest):  # others may have written since
-                    record = self._send(("get", (item.key, version), {}))
-                    if _holds(record, item) and _sent_then(record, item):
-                        return record
-            try:
-                return self._send(call)
-            except VersionConflictError as conflict:
-                if not isinstance(item, JournalPut):
-                    raise
-                for version in _own_write_versions(item, call, conflict):
-                    record = self._send(("get", (item.key, version), {}))
-                    if _holds(record, item):
-                        return record
-                raise
-        except VersionConflictError as conflict:
-            return conflict
-
-    async def _areplay(self, item: Work) -> Any:
-        try:
-            if isinstance(item, JournalDelete):
-                latest = await self._asend(("get", (item.key,), {}))
-                refused = self._delete_refused(item, latest)
-                return 0 if refused else await self._asend(("delete", (item.key,), {}))
-            call = self.local.call_for(item)
-            if call is None:
-                return None
-            if isinstance(item, JournalPut) and item.maybe_applied and item.expected is None:
-                latest = await self._asend(("get", (item.key,), {}))
-                if _holds(latest, item):
-                    return latest
-                for version in _versions_below(latest):
-                    record = await self._asend(("get", (item.key, version), {}))
-                    if _holds(record, item) and _sent_then(record, item):
-                        return record
-            try:
-                return await self._asend(call)
-            except VersionConflictError as conflict:
-                if not isinstance(item, JournalPut):
-                    raise
-                for version in _own_write_versions(item, call, conflict):
-                    record = await self._asend(("get", (item.key, version), {}))
-                    if _holds(record, item):
-                        return record
-                raise
-        except VersionConflictError as conflict:
-            return conflict
-
-    def _delete_refused(self, item: JournalDelete, latest: Record | None) -> bool:
-        """Whether a replayed delete must not run: another writer wrote the key after it."""
-        if latest is None:
-            return False  # nothing live to delete; deleting keeps the store's head as is
-        basis = self.local.delete_basis(item)
-        newer = latest.version > basis if basis is not None else latest.created_at > item.made_at
-        if newer:
-            self.local.delete_refused(item, latest.version, basis)
-        return newer
-
-    def _send(self, call: Call) -> Any:
-        name, args, options = call
-        with suppress_instrumentation():
-            return getattr(self.store, name)(*args, **options)
-
-    async def _asend(self, call: Call) -> Any:
-        name, args, options = call
-        with suppress_instrumentation():
-            return await getattr(self.store, "a" + name)(*args, **options)
+        """``"store"``, ``"resync"`` or ``"local"``: see :meth:`Outage.route`."""
+        return self._outage.route(self)
 
     def _try(self, remote: Callable[[], _T]) -> tuple[bool, _T | None, bool]:
         """``(True, result, True)`` from the store, or ``(False, None, asked)`` when local state
         must answer; ``asked``: the store was sent the call and failed to answer it, so a
         write may have been applied there."""
         route = self._route()
-        if route == "local" or (route == "resync" and not self._resync()):
+        if route == "local" or (route == "resync" and not self._outage.resync(self)):
             return False, None, False
         try:
             # Our own storage traffic is neither traced nor retried by our instrumentors.
@@ -365,7 +137,7 @@ class ResilientStore:
 
     async def _atry(self, remote: Callable[[], Awaitable[_T]]) -> tuple[bool, _T | None, bool]:
         route = self._route()
-        if route == "local" or (route == "resync" and not await self._aresync()):
+        if route == "local" or (route == "resync" and not await self._outage.aresync(self)):
             return False, None, False
         try:
             with suppress_instrumentation():
@@ -382,7 +154,7 @@ class ResilientStore:
         replay it, its writer would read the store's older value, and the next resync (or
         :meth:`close`) would replay it over newer versions. Deciding to go local happens
         before (``_route``, or a failed call), so the decision is checked again here,
-        under ``local.lock``, which :meth:`_settled` holds while it finds the journal empty
+        under ``local.lock``, which ``Outage._settled`` holds while it finds the journal empty
         and declares the store healthy: either the write is journaled first and that resync
         goes round again to replay it, or it sees the store healthy and does not journal.
 
@@ -396,10 +168,7 @@ class ResilientStore:
         again with a probe due at once, so the next call replays it.
         """
         with self.local.lock:
-            with self._mode:
-                healthy = self._degraded_at is None
-                if healthy and asked:
-                    self._degraded_at = self._next_probe = self.clock.now()
+            healthy = self._outage.was_healthy(self, asked)
             if healthy and not asked:
                 return None
             if healthy:
@@ -569,13 +338,11 @@ class ResilientStore:
 
     def resync(self) -> bool:
         """Try to reach the store now (ignoring ``retry_interval``); True if healthy after."""
-        with self._mode:
-            self._next_probe = 0.0
+        self._outage.probe_now()
         return self._try(lambda: True)[0]
 
     async def aresync(self) -> bool:
-        with self._mode:
-            self._next_probe = 0.0
+        self._outage.probe_now()
 
         async def healthy() -> bool:
             return True
@@ -608,64 +375,3 @@ class ResilientStore:
     def __repr__(self) -> str:
         mode = "degraded" if self.degraded else "healthy"
         return f"ResilientStore({self.store!r}, {mode})"
-
-
-_OWN_WRITE_SEARCH = 8
-"""How many versions past the expected one a replayed compare-and-set put looks at for its
-own write (its reply lost): other writers may have built on it since."""
-
-
-def _holds(record: Record | None, item: JournalPut) -> bool:
-    """The store's record may be this journal entry's write: written after the newest
-    version this process knew before sending it, with the same payload and encoding.
-
-    The same payload, not the same bytes: a store may give JSON back in its own rendering
-    (PostgreSQL's ``jsonb`` spaces and orders it: ``{"step":2}`` reads back as
-    ``{"step": 2}``), so JSON payloads are compared as the values they decode to."""
-    if record is None or record.encoding != item.encoding:
-        return False
-    if item.known_head is not None and record.version <= item.known_head:
-        return False  # there before the write was sent
-    return record.data == item.data or (
-        item.encoding == "json" and _same_json(record.data, item.data)
-    )
-
-
-def _same_json(stored: bytes, sent: bytes) -> bool:
-    """Equal as JSON documents: ``true`` is not ``1`` and ``1.0`` is not ``1`` here, though
-    Python's ``==`` says they are, so the decoded values are compared re-encoded."""
-    try:
-        return _canonical(stored) == _canonical(sent)
-    except ValueError:  # not JSON after all (UnicodeDecodeError is one): bytes decided
-        return False
-
-
-def _canonical(data: bytes) -> str:
-    return json.dumps(json.loads(data), sort_keys=True, separators=(",", ":"))
-
-
-_SEND_WINDOW = 60.0
-"""How long before the local write a plain put's unanswered send may have landed (its
-timeout, and clock skew between the writers)."""
-
-
-def _versions_below(latest: Record | None) -> range:
-    """The versions under the latest where a plain put whose reply was lost may have landed
-    before others wrote over it."""
-    if latest is None:
-        return range(0)
-    return range(latest.version - 1, max(0, latest.version - _OWN_WRITE_SEARCH), -1)
-
-
-def _sent_then(record: Record, item: JournalPut) -> bool:
-    """The record was written around the unanswered send, not long before: an old version
-    with the same bytes is not this write."""
-    return record.created_at >= item.made_at - _SEND_WINDOW
-
-
-def _own_write_versions(item: JournalPut, call: Call, conflict: VersionConflictError) -> range:
-    """The versions where a compare-and-set put whose reply was lost may have landed."""
-    if not item.maybe_applied:
-        return range(0)
-    expected = call[2]["expected_version"]
-    return range(expected + 1, min(conflict.actual, expected + _OWN_WRITE_SEARCH) + 1)

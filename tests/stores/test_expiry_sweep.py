@@ -22,9 +22,10 @@ import pytest
 from psycopg import sql
 from servers import pg_admin
 
+import otel_recovery.stores._postgres_sweep as sweep_module
 import otel_recovery.stores.memory as memory_module
-import otel_recovery.stores.postgres as postgres_module
 from otel_recovery.stores import Store
+from otel_recovery.stores._postgres_sweep import ExpirySweep
 from otel_recovery.stores.memory import MemoryStore
 from otel_recovery.stores.postgres import PostgresStore
 from otel_recovery.testing import FakeClock
@@ -131,9 +132,9 @@ def _expired_wave(store: PostgresStore, count: int) -> None:
 def test_postgres_sweeps_in_bounded_batches_and_catches_up_while_they_come_back_full(
     table: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(postgres_module, "_SWEEP_EVERY", 10)
-    monkeypatch.setattr(postgres_module, "_SWEEP_AGAIN", 3)
-    monkeypatch.setattr(postgres_module, "_SWEEP_BATCH", 7)
+    monkeypatch.setattr(sweep_module, "_SWEEP_EVERY", 10)
+    monkeypatch.setattr(sweep_module, "_SWEEP_AGAIN", 3)
+    monkeypatch.setattr(sweep_module, "_SWEEP_BATCH", 7)
     store = _pg(table)
     _expired_wave(store, 20)  # puts 1-20: sweeps at 10 and 20 found nothing expired yet
     now = store.clock.wall()
@@ -180,19 +181,19 @@ def test_postgres_sweep_blocked_by_a_table_lock_gives_up_at_once(
     store = _pg(table, operation_timeout=5)
     _expired_wave(store, 499)  # the 500th put sweeps
     other = psycopg.connect(POSTGRES_URL)
-    real, real_failed = PostgresStore._sweep, PostgresStore._sweep_failed
+    real, real_failed = PostgresStore._sweep, ExpirySweep.failed
 
     def lock_first(self: PostgresStore, *args: Any) -> Any:
         other.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(
             sql.Identifier(f"{table}_records")))  # fmt: skip
         return (yield from real(self, *args))
 
-    def let_go(self: PostgresStore, exc: Exception) -> None:
+    def let_go(self: ExpirySweep, store: PostgresStore, exc: Exception) -> None:
         other.rollback()  # the lock's holder is done: the put itself goes through
-        real_failed(self, exc)
+        real_failed(self, store, exc)
 
     monkeypatch.setattr(PostgresStore, "_sweep", lock_first)
-    monkeypatch.setattr(PostgresStore, "_sweep_failed", let_go)
+    monkeypatch.setattr(ExpirySweep, "failed", let_go)
     try:
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="otel_recovery"):
@@ -215,7 +216,7 @@ def test_postgres_sweep_blocked_by_a_table_lock_gives_up_at_once(
 def test_a_failing_postgres_sweep_never_fails_the_put_and_is_reported_once(
     table: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(postgres_module, "_SWEEP_EVERY", 5)
+    monkeypatch.setattr(sweep_module, "_SWEEP_EVERY", 5)
 
     def broken(self: PostgresStore, *args: Any) -> Any:
         yield sql.SQL("SELECT 1 / 0"), None
@@ -259,7 +260,7 @@ def test_tables_without_the_expiry_index_are_swept_and_the_store_says_how_to_add
 async def test_async_postgres_sweep_failure_never_fails_the_put(
     table: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(postgres_module, "_SWEEP_EVERY", 2)
+    monkeypatch.setattr(sweep_module, "_SWEEP_EVERY", 2)
 
     def broken(self: PostgresStore, *args: Any) -> Any:
         yield sql.SQL("SELECT 1 / 0"), None
@@ -276,7 +277,7 @@ async def test_an_aput_cancelled_during_its_sweep_was_not_made(
     """The sweep runs before the put is sent: a cancellation landing in it (the caller's
     ``asyncio.timeout``) stops a put not yet made. Swept after, the put was made, and the
     caller, told it was cancelled, might make it again."""
-    monkeypatch.setattr(postgres_module, "_SWEEP_EVERY", 2)
+    monkeypatch.setattr(sweep_module, "_SWEEP_EVERY", 2)
 
     def slow(self: PostgresStore, *args: Any) -> Any:
         yield sql.SQL("SELECT pg_sleep(0.5)"), None

@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 from servers import PG_HOST, PG_PORT, TcpFront, eventually, kill_idle, pg_admin
 
-import otel_recovery.stores.postgres as postgres_module
 from otel_recovery.stores import (
     ResilientStore,
     StoreConfigError,
     StoreUnavailableError,
     open_store,
 )
+from otel_recovery.stores._socket_watchdog import WATCHDOG
 from otel_recovery.stores.postgres import PostgresStore
 from otel_recovery.testing import FakeClock
 
@@ -156,10 +156,10 @@ def test_a_checkpoint_store_stays_healthy_across_the_terminated_session(table: s
 def _race(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server ends the session just after the idle check passed: kill the idle backend,
     and have the check pass anyway (the microseconds between check and send, made long)."""
-    import otel_recovery.stores.postgres as module
+    import otel_recovery.stores._postgres_connections as connections
 
     kill_idle(_backend(store))
-    monkeypatch.setattr(module, "_stale", lambda conn: False, raising=False)
+    monkeypatch.setattr(connections, "stale", lambda conn: False)
 
 
 def test_after_the_check_a_read_or_a_transaction_runs_once_more(
@@ -183,13 +183,13 @@ def test_after_the_check_a_read_or_a_transaction_runs_once_more(
 async def test_after_the_check_an_awaited_read_runs_once_more(
     table: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import otel_recovery.stores.postgres as module
+    import otel_recovery.stores._postgres_connections as connections
 
     application = unique("otr_app")
     store = _store(table, f"{POSTGRES_URL}?application_name={application}")
     await store.aput("job", b"1")
     await asyncio.to_thread(_kill_sessions, application)
-    monkeypatch.setattr(module, "_stale", lambda conn: False, raising=False)
+    monkeypatch.setattr(connections, "stale", lambda conn: False)
     assert (await store.aget("job")).version == 1  # type: ignore[union-attr]
     await asyncio.to_thread(_kill_sessions, application)
     assert (await store.aput("job", b"2", expected_version=1)).version == 2
@@ -339,8 +339,7 @@ def test_a_server_that_stops_answering_fails_the_operation_at_the_timeout(
     front.frozen.clear()
     assert store.get("job").data == b"1"  # type: ignore[union-attr]
     store.close()
-    watchdog = postgres_module._WATCHDOG
-    assert not watchdog._armed and not watchdog._fired  # every deadline was taken back
+    assert not WATCHDOG._armed and not WATCHDOG._fired  # every deadline was taken back
 
 
 def test_other_query_options_reach_libpq_as_written(table: str) -> None:
