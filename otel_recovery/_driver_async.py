@@ -23,30 +23,13 @@ from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import AsyncRunner, PolicyCore
 from otel_recovery._reraise import reraise, set_context
 from otel_recovery._trio import running_trio
-from otel_recovery._virtual_cut import arm_cut, keeps_alarms
+from otel_recovery._virtual_cut import arm_cut, expire_scope, keeps_alarms, loop_post
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.bulkhead import BulkheadFullError
 from otel_recovery.policies.timeout import reset_deadline, set_deadline
 from otel_recovery.telemetry import CallTrace
 
 __all__ = ["AsyncDriver", "resolve"]
-
-
-def _loop_post() -> Callable[[Callable[[], None]], object]:
-    """Runs a callable on the running event loop's thread, from any thread."""
-    return asyncio.get_running_loop().call_soon_threadsafe
-
-
-def _expire(scope: Any) -> Callable[[], None]:  # an asyncio.Timeout (Python 3.11+)
-    """What expires ``scope`` now, as its own timer would (``asyncio.timeout``): the task is
-    cancelled at its next suspension and the scope raises ``TimeoutError``. Nothing once the
-    scope is expiring already (its timer came first)."""
-
-    def expire() -> None:
-        if not scope.expired():
-            scope.reschedule(asyncio.get_running_loop().time())
-
-    return expire
 
 
 P = ParamSpec("P")
@@ -255,7 +238,7 @@ class AsyncDriver(PolicyCore):
                 try:
                     async with scope:
                         if alarms is not None:
-                            disarm = arm_cut(alarms, end, _expire(scope), _loop_post())
+                            disarm = arm_cut(alarms, end, expire_scope(scope), loop_post())
                         return await resolve(fn(*args, **kwargs))
                 except TimeoutError as timed_out:
                     if not scope.expired():
@@ -286,7 +269,7 @@ class AsyncDriver(PolicyCore):
                 cut_by_clock.append(True)
                 task.cancel()
 
-            disarm = arm_cut(clock, end, cut, _loop_post())
+            disarm = arm_cut(clock, end, cut, loop_post())
         try:
             return await asyncio.wait_for(resolve(fn(*args, **kwargs)), limit)
         except asyncio.TimeoutError as timed_out:

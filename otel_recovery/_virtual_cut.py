@@ -17,14 +17,15 @@ on its way to the loop does nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import Protocol, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 from otel_recovery._clock import Clock
 
-__all__ = ["AlarmClock", "arm_cut", "keeps_alarms"]
+__all__ = ["AlarmClock", "arm_cut", "expire_scope", "keeps_alarms", "loop_post"]
 
 
 class AlarmClock(Clock, Protocol):
@@ -71,3 +72,20 @@ def arm_cut(
         cancel()
 
     return disarm
+
+
+def loop_post() -> Post:
+    """Runs a callable on the running event loop's thread, from any thread."""
+    return asyncio.get_running_loop().call_soon_threadsafe
+
+
+def expire_scope(scope: Any) -> Callable[[], None]:  # an asyncio.Timeout (Python 3.11+)
+    """What expires ``scope`` now, as its own timer would (``asyncio.timeout``): the task is
+    cancelled at its next suspension and the scope raises ``TimeoutError``. Nothing once the
+    scope is expiring already (its timer came first)."""
+
+    def expire() -> None:
+        if not scope.expired():
+            scope.reschedule(asyncio.get_running_loop().time())
+
+    return expire
