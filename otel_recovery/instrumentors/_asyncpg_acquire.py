@@ -1,6 +1,6 @@
 """The attempt of asyncpg's ``Pool._acquire`` in progress, seen from the layers inside it.
 
-Why a module of its own: the acquire wrapper (:mod:`.asyncpg`) and the target's policy
+Why a module of its own: the acquire wrapper (:mod:`._asyncpg_connects`) and the target's policy
 (:mod:`._asyncpg_closed`), whose statements run inside an acquire when a pool's ``init`` or
 ``setup`` callback sends them, both read it.
 """

@@ -4,15 +4,15 @@
 
 HTTP client libraries do not raise on a 503 or a 429: the failure arrives as an ordinary
 response. The engine only knows exceptions, so each attempt runs through
-:meth:`HttpSite.attempt`, which turns a response with a status in ``http_retry_statuses`` into
-:class:`RetryableStatusError`, an internal signal carrying the response, its status and
-headers (so the classifier reads ``Retry-After``). The engine then classifies, records, backs
-off and retries like any failure. Before the next attempt the held response is closed, so no
-connection leaks. When the engine gives up, the signal comes back out of the driver and the
-layer returns the final response unchanged: the application sees exactly what it would have
-seen without us, never an exception of ours. The recovery span's ``error.type`` is then the
-status code (``"503"``), as the HTTP conventions ask, because :class:`ResponseClassifier`
-classifies the signal by status.
+:meth:`~._http_site.HttpSite.attempt`, which turns a response with a status in
+``http_retry_statuses`` into :class:`RetryableStatusError`, an internal signal carrying the
+response, its status and headers (so the classifier reads ``Retry-After``). The engine then
+classifies, records, backs off and retries like any failure. Before the next attempt the
+held response is closed, so no connection leaks. When the engine gives up, the signal comes
+back out of the driver and the layer returns the final response unchanged: the application
+sees exactly what it would have seen without us, never an exception of ours. The recovery
+span's ``error.type`` is then the status code (``"503"``), as the HTTP conventions ask,
+because :class:`ResponseClassifier` classifies the signal by status.
 
 A wrapper error must never break the application, so the layers plan the call (parse the
 URL, pick the policy) under ``try`` and call the original untouched if planning fails; once

@@ -43,13 +43,9 @@ from otel_recovery.instrumentors._http import (
     server_of_url,
     target_of,
 )
-from otel_recovery.instrumentors._http_layer import (
-    HttpPlan,
-    HttpPlans,
-    HttpSite,
-    async_layer,
-    sync_layer,
-)
+from otel_recovery.instrumentors._http_layer import async_layer, sync_layer
+from otel_recovery.instrumentors._http_plans import HttpPlan, HttpPlans
+from otel_recovery.instrumentors._http_site import HttpSite
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._unsent import (
     frames_of,

@@ -52,13 +52,9 @@ from otel_recovery.instrumentors._http import (
     server_of_url,
     target_of,
 )
-from otel_recovery.instrumentors._http_layer import (
-    CompiledShapes,
-    HttpPlan,
-    HttpPlans,
-    HttpSite,
-    sync_layer,
-)
+from otel_recovery.instrumentors._http_layer import CompiledShapes, sync_layer
+from otel_recovery.instrumentors._http_plans import HttpPlan, HttpPlans
+from otel_recovery.instrumentors._http_site import HttpSite
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._unsent import original_code, sending_frames, sources
 from otel_recovery.instrumentors._wrapping import PatchSet

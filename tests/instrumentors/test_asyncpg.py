@@ -37,13 +37,10 @@ from servers import (
 
 from otel_recovery._clock import SYSTEM_CLOCK
 from otel_recovery._policy_core import PolicyCore
-from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors import _asyncpg_plans, _asyncpg_targets, _wrapping
 from otel_recovery.instrumentors import asyncpg as ours_module
-from otel_recovery.instrumentors.asyncpg import (
-    AsyncPGCircuitOpenError,
-    AsyncPGRecoveryInstrumentor,
-    dsn_target,
-)
+from otel_recovery.instrumentors._asyncpg_targets import dsn_target
+from otel_recovery.instrumentors.asyncpg import AsyncPGCircuitOpenError, AsyncPGRecoveryInstrumentor
 from otel_recovery.policies.budget import RetryBudget
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
@@ -225,7 +222,7 @@ async def test_a_unix_socket_connect_counts_where_its_statements_do(
     try:
         assert await conn.fetchval("SELECT 1") == 1
         (name,) = _breakers(h)
-        assert name == "asyncpg {}:{}".format(*ours_module._connection_target(conn))
+        assert name == "asyncpg {}:{}".format(*_asyncpg_targets.connection_target(conn))
         assert name.endswith("postgresql:5432")
     finally:
         await conn.close()
@@ -348,8 +345,8 @@ async def test_a_wrapper_bug_does_not_break_the_call(
     def broken(*args: Any) -> Any:
         raise RuntimeError("planner bug")
 
-    monkeypatch.setattr(ours_module._Planner, "statement", broken)
-    monkeypatch.setattr(ours_module._Planner, "connect", broken)
+    monkeypatch.setattr(_asyncpg_plans.Planner, "statement", broken)
+    monkeypatch.setattr(_asyncpg_plans.Planner, "connect", broken)
     monkeypatch.setattr(_wrapping, "_reported", set())
     with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
         conn = await asyncpg.connect(PG_URL)

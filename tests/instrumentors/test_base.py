@@ -25,7 +25,7 @@ from otel_recovery._first_times import FirstTimes
 from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._db_plans import PlanCache
 from otel_recovery.instrumentors._http import plan_call
-from otel_recovery.instrumentors._http_layer import HttpPlans
+from otel_recovery.instrumentors._http_plans import HttpPlans
 from otel_recovery.instrumentors._resend import install_resend_processor
 from otel_recovery.instrumentors._settings import (
     RecoverySettings,

@@ -27,11 +27,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from servers import require_postgres
 
-from otel_recovery.instrumentors import _pg_targets, _wrapping
-from otel_recovery.instrumentors import asyncpg as asyncpg_module
+from otel_recovery.instrumentors import _asyncpg_targets, _pg_targets, _wrapping
 from otel_recovery.instrumentors import psycopg as psycopg_module
+from otel_recovery.instrumentors._asyncpg_targets import dsn_target
 from otel_recovery.instrumentors._settings import load_settings
-from otel_recovery.instrumentors.asyncpg import AsyncPGRecoveryInstrumentor, dsn_target
+from otel_recovery.instrumentors.asyncpg import AsyncPGRecoveryInstrumentor
 from otel_recovery.instrumentors.psycopg import PsycopgRecoveryInstrumentor
 
 SECRETS = ("Sup3r", "S3cret", "4242")
@@ -192,7 +192,7 @@ class _Connection:
 
 
 def test_asyncpg_statements_count_where_the_connect_did() -> None:
-    statement = asyncpg_module._connection_target
+    statement = _asyncpg_targets.connection_target
     assert statement(_Connection(("127.0.0.1", 5432))) == ("127.0.0.1", 5432)
     assert statement(_Connection("/var/run/postgresql/.s.PGSQL.5432")) == (SOCKETS, 5432)
     for dsn, host, port in [
@@ -213,7 +213,7 @@ def test_asyncpg_without_a_host_targets_the_socket_it_will_find(
     for variable in ("PGHOST", "PGPORT"):
         monkeypatch.delenv(variable, raising=False)
     here = {"/tmp/.s.PGSQL.6123"}
-    monkeypatch.setattr(asyncpg_module.os.path, "exists", lambda path: path in here)
+    monkeypatch.setattr(_asyncpg_targets.os.path, "exists", lambda path: path in here)
     assert dsn_target("postgresql://u@/d", None, 6123) == ("/tmp", 6123)
     assert dsn_target(None, None, 6124) == ("localhost", 6124)
     monkeypatch.setenv("PGPORT", "6123")

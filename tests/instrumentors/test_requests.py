@@ -960,7 +960,7 @@ def test_remembered_urls_and_methods_are_bounded():
     """At most ``limit`` URLs (past it they start over, but only for a new URL) and
     ``METHODS_PER_URL`` methods per URL (the oldest goes; one remembered again moves last)."""
     from otel_recovery.instrumentors._http import HttpCall
-    from otel_recovery.instrumentors._http_layer import HttpPlan, HttpPlans
+    from otel_recovery.instrumentors._http_plans import HttpPlan, HttpPlans
     from otel_recovery.instrumentors._settings import RecoverySettings
     from otel_recovery.instrumentors._targets import TargetPolicies
 
