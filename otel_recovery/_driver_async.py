@@ -23,14 +23,12 @@ from otel_recovery._engine import Action, Decision
 from otel_recovery._policy_core import AsyncRunner, PolicyCore
 from otel_recovery._reraise import reraise, set_context
 from otel_recovery._trio import running_trio
-from otel_recovery._virtual_cut import arm_cut, expire_scope, keeps_alarms, loop_post
 from otel_recovery.classify import ErrorInfo
 from otel_recovery.policies.bulkhead import BulkheadFullError
 from otel_recovery.policies.timeout import reset_deadline, set_deadline
 from otel_recovery.telemetry import CallTrace
 
 __all__ = ["AsyncDriver", "resolve"]
-
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -216,16 +214,10 @@ class AsyncDriver(PolicyCore):
         if limit <= 0:  # the deadline is spent: an attempt now would only be cut mid-send
             raise self._attempt_timed_out(max(0.0, limit))
         token = set_deadline(end, self.clock)
-        clock = self.clock
-        alarms = clock if keeps_alarms(clock) else None  # a FakeClock: its time cuts too
-        disarm: Callable[[], None] | None = None
         try:
             trio = running_trio()
             if trio is not None:  # trio's own scope: cancels the attempt, knows if it fired
                 with trio.move_on_after(limit) as cut:
-                    if alarms is not None:
-                        post = trio.lowlevel.current_trio_token().run_sync_soon
-                        disarm = arm_cut(alarms, end, cut.cancel, post)
                     return await resolve(fn(*args, **kwargs))
                 assert cut.cancelled_caught  # the with block returned otherwise
                 raise self._attempt_timed_out(limit)
@@ -237,52 +229,19 @@ class AsyncDriver(PolicyCore):
                 scope = asyncio.timeout(limit)
                 try:
                     async with scope:
-                        if alarms is not None:
-                            disarm = arm_cut(alarms, end, expire_scope(scope), loop_post())
                         return await resolve(fn(*args, **kwargs))
                 except TimeoutError as timed_out:
                     if not scope.expired():
                         raise
                     raise self._attempt_timed_out(limit) from timed_out
-            return await self._attempt_on_310(fn, args, kwargs, limit, end)  # pragma: no cover
+            try:
+                return await asyncio.wait_for(resolve(fn(*args, **kwargs)), limit)
+            except asyncio.TimeoutError as timed_out:
+                if timed_out.args:  # the callee's own timeout (an empty one looks like ours)
+                    raise
+                raise self._attempt_timed_out(limit) from timed_out
         finally:
-            if disarm is not None:
-                disarm()
             reset_deadline(token)
-
-    async def _attempt_on_310(  # pragma: no cover - Python 3.10 (no asyncio.timeout)
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        limit: float,
-        end: float,
-    ) -> Any:
-        cut_by_clock: list[bool] = []
-        disarm: Callable[[], None] | None = None
-        clock = self.clock
-        if keeps_alarms(clock):
-            task = asyncio.current_task()
-            assert task is not None
-
-            def cut() -> None:
-                cut_by_clock.append(True)
-                task.cancel()
-
-            disarm = arm_cut(clock, end, cut, loop_post())
-        try:
-            return await asyncio.wait_for(resolve(fn(*args, **kwargs)), limit)
-        except asyncio.TimeoutError as timed_out:
-            if timed_out.args:  # the callee's own timeout (an empty one looks like ours)
-                raise
-            raise self._attempt_timed_out(limit) from timed_out
-        except asyncio.CancelledError:
-            if not cut_by_clock:
-                raise
-            raise self._attempt_timed_out(limit) from None
-        finally:
-            if disarm is not None:
-                disarm()
 
     async def _arecover(
         self,
