@@ -5,8 +5,9 @@ same server serves the sync clients (requests, httpx.Client) and the async ones 
 loop is the test's). Each path answers a script of actions in order (then 200 "ok"):
 ``status(503)``, ``retry_after(429, seconds=1)``, ``retry_after_date(503, seconds=2)``,
 ``reset()`` (the connection is closed without a response), ``stall(seconds)`` (answers only
-after the client's timeout) and ``ok(body)``. Every request is recorded, so tests assert the
-exact number of attempts the server saw and what each carried.
+after the client's timeout), ``hold()`` (answers nothing until the client gave up) and
+``ok(body)``. Every request is recorded, so tests assert the exact number of attempts the
+server saw and what each carried.
 
 Two more helpers fail a request before it is written, the failures after which even a POST
 is sent again. :class:`LatePort` (each file's ``late = pytest.fixture(late_port)``) refuses
@@ -115,6 +116,30 @@ def stall(seconds: float, then: int = 200) -> Action:
     async def act(request: web.Request) -> web.Response:
         await asyncio.sleep(seconds)
         return web.Response(status=then, text="late")
+
+    return act
+
+
+HELD_TIMEOUT = 1.0
+"""The client timeout of a request that meets ``hold()`` and is then answered: the held
+attempt times out after it (the hold lasts until it has), the answered one must beat it: a
+few ms on an idle machine, but a 0.25 s limit failed healthy answers on a loaded one."""
+
+
+def hold(limit: float = 30.0) -> Action:
+    """Answer nothing until the client gives up (closes the connection), however late its
+    timeout fires on a loaded machine; a ``stall`` of fixed length answered a client whose
+    timer fired late. After ``limit`` seconds (a client that never gives up) it answers 200
+    "late"."""
+
+    async def act(request: web.Request) -> web.Response:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise asyncio.CancelledError  # nobody left to answer
+            await asyncio.sleep(0.01)
+        return web.Response(status=200, text="late")
 
     return act
 

@@ -147,8 +147,8 @@ async def test_exhausted_retries_return_the_final_response_unchanged(server, tel
 @MODES
 async def test_reset_and_stall_are_retried(server, tel, instrument, mode):
     instrument()
-    url = server.script("/flaky", hf.reset(), hf.stall(1.0), hf.ok())
-    response = await send(mode, "GET", url, timeout=0.25)
+    url = server.script("/flaky", hf.reset(), hf.hold(), hf.ok())
+    response = await send(mode, "GET", url, timeout=hf.HELD_TIMEOUT)
     assert response.status_code == 200 and server.count("/flaky") == 3
     failed = hf.events(tel.recovery(), "otel_recovery.attempt.failed")
     assert [e["error.type"] for e in failed] == [
@@ -462,9 +462,11 @@ async def test_refused_connections_httpcore_already_retried_are_not_retried_agai
 
 
 async def test_an_attempt_cut_by_attempt_timeout_is_retried(server, tel, instrument):
-    instrument(attempt_timeout=0.5)  # the second attempt has that long, on a busy machine
-    url = server.script("/slow", hf.stall(10.0), hf.ok("fine"))
-    response = await send("async", "GET", url)
+    # The first attempt is cut at the limit; the second, answered at once (a few ms on an
+    # idle machine), must beat it, on a loaded machine too (0.5 s left it little margin).
+    instrument(attempt_timeout=2.0)
+    url = server.script("/slow", hf.hold(), hf.ok("fine"))
+    response = await send("async", "GET", url, timeout=10.0)  # httpx's own: far beyond ours
     assert (response.status_code, response.text) == (200, "fine")
     assert server.count("/slow") == 2
     failed = hf.events(tel.recovery(), "otel_recovery.attempt.failed")
@@ -478,13 +480,15 @@ async def test_attempts_all_cut_by_attempt_timeout_raise_httpxs_timeout_error(
 ):
     """Until now the app got a bare ``CancelledError`` here (the cancelled attempt's), and
     an internal error was logged: a cancellation the task never asked for."""
-    instrument(attempt_timeout=0.3)
-    url = server.script("/stuck", *[hf.stall(10.0)] * 3)
+    # Each attempt's request must reach the server within the limit to be counted (a few
+    # ms on an idle machine; 0.3 s was tight on a loaded one); the hold outlasts the limit.
+    instrument(attempt_timeout=1.0)
+    url = server.script("/stuck", *[hf.hold()] * 3)
     with (
         caplog.at_level(logging.ERROR, logger="otel_recovery"),
         pytest.raises(httpx.TimeoutException) as raised,
     ):
-        await send("async", "GET", url)
+        await send("async", "GET", url, timeout=10.0)  # httpx's own: far beyond ours
     assert isinstance(raised.value, HTTPXAttemptTimeoutError)
     assert isinstance(raised.value, TimeoutError)
     assert str(raised.value.request.url) == url  # what httpx's own errors carry
@@ -750,9 +754,10 @@ async def _raised_by_httpx(server, mode, fault):
         elif fault == "connect_timeout":
             url = f"http://127.0.0.1:{stack.enter_context(hf.unaccepting_port())}/"
             timeout = httpx.Timeout(2.0, connect=0.1)
-        else:
-            action = hf.reset() if fault == "reset" else hf.stall(1.0)
-            url, timeout = server.script("/fault", action), httpx.Timeout(0.2)
+        elif fault == "reset":
+            url = server.script("/fault", hf.reset())
+        else:  # held until the 0.2 s read timeout fired; the connect has 2 s
+            url, timeout = server.script("/fault", hf.hold()), httpx.Timeout(2.0, read=0.2)
         with pytest.raises(httpx.TransportError) as raised:
             await send(mode, "POST", url, timeout=timeout, content=b"order-1")
     return raised.value

@@ -174,8 +174,8 @@ def test_a_listed_status_the_table_calls_an_answer_counts_on_the_breaker(
 
 def test_reset_and_stall_are_retried(server, tel, instrument):
     instrument()
-    url = server.script("/flaky", hf.reset(), hf.stall(1.0), hf.ok())
-    response = requests.get(url, timeout=0.25)
+    url = server.script("/flaky", hf.reset(), hf.hold(), hf.ok())
+    response = requests.get(url, timeout=hf.HELD_TIMEOUT)
     assert response.status_code == 200 and server.count("/flaky") == 3
     failed = hf.events(tel.recovery(), "otel_recovery.attempt.failed")
     assert [e["error.type"] for e in failed] == [
@@ -722,8 +722,8 @@ def test_a_remembered_request_retries_resets_and_raises_the_last_one_unchanged(
     server, tel, instrument
 ):
     instrument()
-    url = _remembered(server, tel, "/flaky", hf.reset(), hf.stall(1.0), hf.ok())
-    assert requests.get(url, timeout=0.25).status_code == 200
+    url = _remembered(server, tel, "/flaky", hf.reset(), hf.hold(), hf.ok())
+    assert requests.get(url, timeout=hf.HELD_TIMEOUT).status_code == 200
     assert server.count("/flaky") == 3
     url = _remembered(server, tel, "/gone", hf.reset(), hf.reset(), hf.reset())
     with pytest.raises(requests.exceptions.ConnectionError) as raised:
@@ -1403,9 +1403,10 @@ def _raised_by_requests(server: hf.FaultServer, fault: str) -> BaseException:
                 f"http://127.0.0.1:{stack.enter_context(hf.unaccepting_port())}/",
                 (0.1, 2),
             )
-        else:
-            action = hf.reset() if fault == "reset" else hf.stall(1.0)
-            url, timeout = server.script("/fault", action), 0.2
+        elif fault == "reset":
+            url = server.script("/fault", hf.reset())
+        else:  # held until the 0.2 s read timeout fired; the connect has 2 s
+            url, timeout = server.script("/fault", hf.hold()), (2, 0.2)
         with pytest.raises(requests.exceptions.RequestException) as raised:
             requests.post(url, data=b"order-1", timeout=timeout, **options)
     return raised.value

@@ -456,7 +456,9 @@ def build_app(
         if deps.redis_port is not None:
             pool = redis.asyncio.ConnectionPool(
                 port=deps.redis_port,
-                socket_timeout=0.5,
+                # the healthy commands must beat it on a loaded machine too (0.5 s left
+                # them little margin); a StopAtFirst freeze lasts until it fired
+                socket_timeout=1.0,
                 retry=RedisRetry(NoBackoff(), 0),
                 connection_class=deps.redis_connection_class or redis.asyncio.Connection,
             )

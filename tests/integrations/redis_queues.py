@@ -43,10 +43,10 @@ from servers import PrivateRedis
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
 STACKS = ["baseline", "ours_only", "contrib_first", "ours_first"]
-STOP_SECONDS = 0.6
+STOP_SECONDS = TIMEOUT + 0.5
 """How long a fault lasts for a client that does not give up (``heal_after`` for RQ's
-worker, whose socket timeout is long): longer than the plain clients' ``TIMEOUT`` (0.4 s),
-so a client that did give up would be seen (its disconnect heals at once, and it failed)."""
+worker, whose socket timeout is long): longer than the plain clients' ``TIMEOUT``, so a
+client that did give up would be seen (its disconnect heals at once, and it failed)."""
 FALLBACK_SECONDS = 5.0
 """By default a fault lasts until the trapped connection is closed; this is the bound."""
 UNPAUSE_DELAY = 0.2

@@ -162,7 +162,7 @@ async def test_redis_upstream_and_database_faults_are_recovered_inside_one_reque
     order: str,
 ) -> None:
     """``/work`` reads Redis (frozen from the moment its first GET is sent until the client
-    gives up at its 0.5 s timeout: ``StopAtFirst``), GETs the upstream (503, then 200), takes
+    gives up at its 1 s timeout: ``StopAtFirst``), GETs the upstream (503, then 200), takes
     a pooled connection from a server answering ``57P03`` once, SELECTs and writes Redis. With otel-recovery the caller gets 200 with no
     sign of any failure: two Redis GETs under contrib's one ``GET`` span, exactly two
     upstream requests and two TCP connects, one server span, the upstream's two CLIENT

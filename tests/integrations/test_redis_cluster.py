@@ -15,6 +15,7 @@ with 0 retries), except where a test says otherwise, so what is repeated is ours
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,7 @@ from integrations.redis_cluster import (
     module_cluster,
     wait_for,
 )
+from integrations.redis_process import RedisProcess
 from otel_recovery.instrumentors._redis_routing import cluster_wide, shard_primary
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 
@@ -558,6 +560,35 @@ def test_calls_no_one_shard_answers_for_never_open_a_healthy_shards_circuit(
         )
 
 
+PAUSE_MS = int((TIMEOUT + 1.1) * 1000)
+"""How long ``paused_from_the_first_attempt`` pauses: its attempt times out if it reaches the
+node within 1.1 s of the pause, which it does unless its thread stalls that long."""
+
+
+@contextlib.contextmanager
+def paused_from_the_first_attempt(stack: ClusterStack, node: RedisProcess) -> Iterator[None]:
+    """``CLIENT PAUSE ALL`` on ``node`` issued as the call's next attempt starts (from inside
+    it), so that attempt times out however late the call began: a pause of the socket
+    timeout plus 0.15 s, issued before the call, was over before a call that started 0.15 s
+    late reached the node. A second attempt waits for the pause to end (blocking, an asyncio
+    test's loop too), and is answered; leaving the block waits for it too (Redis 7.0 answers
+    no command during a pause ALL, ``CLIENT UNPAUSE`` included)."""
+    first = stack.attempts["execute_command"] + 1
+
+    def pause_or_wait(name: str, attempt: int) -> None:
+        if (name, attempt) == ("execute_command", first):
+            node.call("CLIENT", "PAUSE", str(PAUSE_MS), "ALL")
+        elif (name, attempt) == ("execute_command", first + 1):
+            node.call("PING")  # answered once the pause is over
+
+    stack.before_attempt = pause_or_wait
+    try:
+        yield
+    finally:
+        stack.before_attempt = None
+        node.call("PING")
+
+
 @pytest.mark.parametrize("order", ["baseline", "contrib_first"])
 def test_a_read_sent_to_a_node_the_caller_chose_is_ours_to_retry(
     stacks: Any, cluster: PrivateCluster, order: str
@@ -566,30 +597,34 @@ def test_a_read_sent_to_a_node_the_caller_chose_is_ours_to_retry(
     node itself: never one sent to a node object (``target_nodes=node``), which a slot-map
     refresh could leave stale. Such a read is therefore ours to repeat, while redis-py's
     retry covers a nodes flag (``target_nodes="primaries"``) and we add nothing to it.
-    The fault: the node pauses clients a little longer than the socket timeout."""
+    The fault: the node pauses clients from the first attempt on, past the socket timeout
+    (``paused_from_the_first_attempt``)."""
     stack = stacks(order)
     c = stack.cluster_client(retries=3)
     paused = cluster.primaries[0]
     node = c.get_node(host="127.0.0.1", port=paused.port)
-    pause_ms = str(int(TIMEOUT * 1000) + 150)
     assert node is not None and c.dbsize(target_nodes=node) == 0
     stack.reset_counts()
-    paused.call("CLIENT", "PAUSE", pause_ms, "ALL")
+    with paused_from_the_first_attempt(stack, paused):
+        if stack.instrumented:
+            assert c.dbsize(target_nodes=node) == 0
+        else:
+            assert outcome(lambda: c.dbsize(target_nodes=node)) is RedisTimeoutError
     if stack.instrumented:
-        assert c.dbsize(target_nodes=node) == 0
         assert stack.attempts["execute_command"] == 2
         assert stack.per_node[paused.port, "DBSIZE"] == 2
         attrs = span_of(stack, "DBSIZE")
         assert attrs["otel_recovery.outcome"] == "success", attrs
         assert attrs["otel_recovery.retry.attempts"] == 2
     else:
-        assert outcome(lambda: c.dbsize(target_nodes=node)) is RedisTimeoutError
         assert stack.per_node[paused.port, "DBSIZE"] == 1
     wait_for(lambda: c.dbsize(target_nodes=node) == 0, "the pause did not end")
     stack.reset_counts()
     if stack.instrumented:
         stack.exporter.clear()
-    paused.call("CLIENT", "PAUSE", pause_ms, "ALL")
+    # Issued before the call: redis-py's own retry rides it out whether the PING meets it
+    # or, late, does not (each of its tries times out until the pause ends)
+    paused.call("CLIENT", "PAUSE", str(int(TIMEOUT * 1000) + 150), "ALL")
     assert c.ping(target_nodes="primaries") is True  # redis-py repeats it on its own
     assert stack.attempts["execute_command"] == 1
 
@@ -606,8 +641,8 @@ async def test_async_a_read_sent_to_a_node_the_caller_chose_is_ours_to_retry(
         node = c.get_node(host="127.0.0.1", port=paused.port)
         assert node is not None
         stack.reset_counts()
-        paused.call("CLIENT", "PAUSE", str(int(TIMEOUT * 1000) + 150), "ALL")
-        got = await aoutcome(lambda: c.dbsize(target_nodes=node))
+        with paused_from_the_first_attempt(stack, paused):
+            got = await aoutcome(lambda: c.dbsize(target_nodes=node))
         assert got == (0 if stack.instrumented else RedisTimeoutError)
         assert stack.per_node[paused.port, "DBSIZE"] == (2 if stack.instrumented else 1)
     finally:
