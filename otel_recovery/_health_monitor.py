@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Status, StatusCode
 
+from otel_recovery._callables import resolve
 from otel_recovery._clock import Clock, Duration, to_seconds, within
-from otel_recovery._interaction_support import activated, resolve, start_span, tracer_of
+from otel_recovery._recovery_spans import activated, start_span, tracer_of
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.telemetry import Telemetry, watch_health_globally
 from otel_recovery.telemetry import attributes as names

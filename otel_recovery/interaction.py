@@ -71,30 +71,17 @@ from typing import Any
 
 from otel_recovery._breaker_registry import BreakerRegistry
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
-from otel_recovery._config import SWITCHES
-from otel_recovery._interaction_support import (
-    Outcome,
-    Run,
-    Shifted,
-    accepts_keyword,
-    accepts_one_positional,
-    activated,
+from otel_recovery._recovery_actions import circuit_is_open, execute
+from otel_recovery._recovery_context import (
     as_strategy,
-    circuit_is_open,
     classification_context,
     context_attributes,
-    fallback_hook,
-    finish,
-    give_up,
     idempotent,
     optional_callable,
-    reason_for,
-    resolve,
     retry_on_verdict,
-    rollback,
-    start_span,
-    tracer_of,
 )
+from otel_recovery._recovery_run import Run, finish
+from otel_recovery._recovery_spans import activated, start_span, tracer_of
 from otel_recovery._recovery_stats import RecoveryStats
 from otel_recovery._strategy_selection import (
     RecoveryAction,
@@ -103,7 +90,7 @@ from otel_recovery._strategy_selection import (
     learned,
     select_action,
 )
-from otel_recovery.checkpoint import CheckpointError, Checkpoints
+from otel_recovery.checkpoint import Checkpoints
 from otel_recovery.classify import (
     Classifier,
     check_classifier,
@@ -112,32 +99,15 @@ from otel_recovery.classify import (
 )
 from otel_recovery.healing import HealingRegistry
 from otel_recovery.learning.strategy import StrategyLearner
-from otel_recovery.policies import (
-    Backoff,
-    CircuitBreaker,
-    CircuitOpenError,
-    CircuitState,
-    ExponentialBackoff,
-    Fallback,
-    FixedBackoff,
-    Retry,
-)
+from otel_recovery.policies import Backoff, CircuitBreaker, CircuitState, ExponentialBackoff
 from otel_recovery.policies.backoff import refuse_backoff_class
-from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.stores import Store
 from otel_recovery.telemetry import Telemetry, check_telemetry
 from otel_recovery.telemetry import attributes as names
 from otel_recovery.telemetry.attributes import (
-    CHECKPOINT_ID,
-    CHECKPOINT_VERSION,
-    EVENT_CHECKPOINT_RESTORED,
-    SERVICE_ID,
-    STRATEGY,
-    STRATEGY_REASON,
-)
-from otel_recovery.telemetry.attributes import (
     RECOVER_FROM_ERROR_SPAN as SPAN_NAME,
 )
+from otel_recovery.telemetry.attributes import SERVICE_ID, STRATEGY, STRATEGY_REASON
 
 __all__ = ["ErrorRecoveryInteraction", "RecoveryAction", "RecoveryStrategy"]
 
@@ -399,7 +369,7 @@ class ErrorRecoveryInteraction:
         run = Run(service_id, error, info, ctx, strategy, retry_func, fallback, breaker, span)
         try:
             with activated(span, tracer):
-                outcome = await self._execute(action, selection.reason, run)
+                outcome = await execute(self, action, selection.reason, run)
         except BaseException as stopped:  # cancelled, or an error no step caught
             outcome_name = "failure" if isinstance(stopped, Exception) else "cancelled"
             span.set_attribute(names.OUTCOME, outcome_name)
@@ -413,114 +383,6 @@ class ErrorRecoveryInteraction:
             recovery_time=elapsed,
         )  # fmt: skip
         return finish(run, action, outcome, elapsed, self.clock)
-
-    async def _execute(self, action: RecoveryAction, why: str, run: Run) -> Outcome:
-        if action is RecoveryAction.FAIL_FAST or action is RecoveryAction.FALLBACK:
-            if action is RecoveryAction.FALLBACK and run.fallback is None:
-                needs = "FALLBACK needs context['fallback_func'] or RecoveryStrategy(fallback=...)"
-                return Outcome("failed", reason=needs)
-            learned_why = "the strategy learner chose to give up" if why == "learned" else None
-            return await give_up(run, learned_why or reason_for(why, run))
-        if action is RecoveryAction.CIRCUIT_BREAK:
-            if not circuit_is_open(run.breaker):
-                run.breaker.force_open()
-            reason = f"circuit breaker for service {run.service_id!r} is open"
-            if run.fallback is not None:
-                return await give_up(run, reason)
-            rejection = CircuitOpenError(run.breaker.name, run.breaker.retry_after())
-            return Outcome("circuit_open", reason=reason, error=rejection)
-        if action is RecoveryAction.TRANSACTION_ROLLBACK:
-            status, why_not, error, ran = await rollback(run.context.get("compensations"), run.span)
-            run.extra["compensations_run"] = ran
-            return Outcome(status, reason=why_not, error=error)
-        func = run.retry_func
-        invoke: Callable[[], Any] | None = func
-        if action is RecoveryAction.CHECKPOINT_RESTORE:
-            checkpoint_id = run.context.get("checkpoint_id")
-            version = run.context.get("checkpoint_version")
-            try:
-                found = await self.checkpoints.aload(checkpoint_id, version)  # type: ignore[arg-type]
-            except (CheckpointError, TypeError) as problem:
-                return await give_up(run, str(problem))
-            cid, number = found.checkpoint_id, found.version
-            run.span.add_event(
-                EVENT_CHECKPOINT_RESTORED, {CHECKPOINT_ID: cid, CHECKPOINT_VERSION: number}
-            )
-            run.extra.update(checkpoint_id=cid, checkpoint_version=number)
-            if func is None:
-                return Outcome("success", found.state)  # restoring was the whole recovery
-            if accepts_one_positional(func):
-                # A fresh copy per attempt: an attempt that mutated the state and failed
-                # must not hand its half-done changes to the next one.
-
-                async def invoke() -> Any:  # aload: a store's I/O never blocks the loop
-                    restored = await self.checkpoints.aload(cid, number)
-                    return await resolve(func(restored.state))
-
-        if func is None or invoke is None:
-            return await give_up(run, "no retry_func in context")
-        if action is RecoveryAction.SELF_HEAL:
-            report = await self.healing.heal(
-                run.error, run.info, service_id=run.service_id, context=run.context
-            )
-            run.extra["healing"] = [r.to_dict() for r in report.results]
-            timeout = report.context.get("timeout")
-            if timeout is not None and accepts_keyword(func, "timeout"):
-
-                def invoke() -> Any:
-                    return func(timeout=timeout)
-
-        return await self._retry(run, action, invoke)
-
-    async def _retry(self, run: Run, action: RecoveryAction, invoke: Callable[[], Any]) -> Outcome:
-        strategy = run.strategy
-        backoff = strategy.backoff if strategy and strategy.backoff else None
-        if backoff is None:
-            backoff = FixedBackoff(0.1) if action is RecoveryAction.RETRY else self.backoff
-        retry = Retry(
-            strategy.max_attempts if strategy else self.max_attempts,
-            backoff=Shifted(backoff),
-            attempt_timeout=strategy.timeout if strategy else None,
-            on=run.context.get("retry_on"),
-            retry_after_jitter=0.0,
-        )
-        delay = retry.delay_for(0, 0.0, run.info)
-        if delay is None:
-            return await give_up(run, f"asked to wait {run.info.retry_after:g}s, over the cap")
-        if SWITCHES.active and not SWITCHES.testing and delay > 0:
-            run.span.add_event(names.EVENT_RETRY, {names.ATTEMPT: 1, names.BACKOFF: delay})
-            await self.clock.asleep(delay)
-        policy = RecoveryPolicy(
-            retry=retry,
-            breaker=run.breaker,
-            fallback=Fallback(func=fallback_hook(run)) if run.fallback else None,
-            classifier=self._classifier,
-            name=run.service_id,
-            context=classification_context(run.context) or None,
-            clock=self.clock,
-            telemetry=self.telemetry,
-        )
-
-        def attempt() -> Any:
-            run.calls += 1
-            return invoke()
-
-        try:
-            value = await policy.acall(attempt)
-        except CircuitOpenError as rejected:
-            if run.calls:
-                return Outcome(
-                    "failed", reason=f"retry_func failed {run.calls} time(s)", error=rejected
-                )
-            return Outcome("circuit_open", reason=str(rejected), error=rejected)
-        except Exception as final:
-            if final is run.fallback_error:
-                return Outcome("failed", reason="fallback_func failed", error=final)
-            return Outcome("failed", reason=f"retry_func failed {run.calls} time(s)", error=final)
-        if run.fallback_used:
-            reason = f"retry_func failed {run.calls} time(s)" if run.calls else "circuit open"
-            return Outcome("fallback", value, reason=f"{reason}; answered by fallback_func")
-        return Outcome("success", value)
 
     def __repr__(self) -> str:
         return (

@@ -45,27 +45,20 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from otel_recovery._clock import Clock, Duration
 from otel_recovery._health_monitor import HealthMonitor, ServiceHealth
-from otel_recovery._interaction_support import (
-    accepts_one_positional,
+from otel_recovery._recovery_spans import (
     activated,
     bounded,
-    describe,
-    resolve,
-    rollback,
     span_outcome,
     start_span,
     tracer_of,
 )
-from otel_recovery._single_flight import SingleFlight
+from otel_recovery._service_recovery import ServiceRemediation, healthy
 from otel_recovery._strategy_selection import RecoveryAction, RecoveryStrategy
 from otel_recovery.interaction import ErrorRecoveryInteraction
-from otel_recovery.policies import CircuitOpenError, Fallback, FixedBackoff, Retry
-from otel_recovery.recover import RecoveryPolicy
 from otel_recovery.telemetry.attributes import (
     EVENT_ORCHESTRATION_SERVICE as EVENT_SERVICE,
 )
@@ -93,10 +86,6 @@ __all__ = [
     "ServiceHealth",
     "ServiceRegistration",
 ]
-
-
-_RECOVERED = frozenset({"success", "fallback"})
-_ISOLATION = frozenset({RecoveryAction.CIRCUIT_BREAK, RecoveryAction.FALLBACK})
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +118,7 @@ class RecoveryOrchestrator:
         self.clock: Clock = clock or self.interaction.clock
         self._dependencies: dict[str, list[str]] = {}
         self._services: dict[str, ServiceRegistration] = {}
-        self._running: SingleFlight[dict[str, Any]] = SingleFlight()
-        """One remediation per service at a time: overlapping orchestrations (a health
-        monitor's round and an operator's call) share the one in progress."""
+        self._remediation = ServiceRemediation()
 
     @property
     def dependencies(self) -> Mapping[str, tuple[str, ...]]:
@@ -175,6 +162,10 @@ class RecoveryOrchestrator:
     @property
     def services(self) -> dict[str, ServiceRegistration]:
         return dict(self._services)
+
+    def _registration(self, name: str) -> ServiceRegistration:
+        """The callables registered for ``name``, none if it was never registered."""
+        return self._services.get(name) or ServiceRegistration(name)
 
     # -- ordering -------------------------------------------------------------------------------
 
@@ -242,8 +233,8 @@ class RecoveryOrchestrator:
                 for layer in layers:
                     done = await asyncio.gather(
                         *(
-                            self._recover_service(
-                                name, plan.get(name, default), needs[name], results
+                            self._remediation.recover(
+                                self, name, plan.get(name, default), needs[name], results
                             )
                             for name in layer
                         )
@@ -291,158 +282,13 @@ class RecoveryOrchestrator:
                 )
         return {name: _strategy(name, value) for name, value in recovery_plan.items()}
 
-    async def _recover_service(
-        self,
-        name: str,
-        strategy: RecoveryStrategy,
-        needs: set[str],
-        results: Mapping[str, Mapping[str, Any]],
-    ) -> dict[str, Any]:
-        started = self.clock.now()
-        action = strategy.action
-        outcome: dict[str, Any] = {"service": name, "strategy": action.value, "attempts": 0}
-        outcome["result"] = None
-        blocked = sorted(d for d in needs if results[d]["status"] not in _RECOVERED)
-        if blocked and action not in _ISOLATION:
-            listed = ", ".join(f"{d!r} ({results[d]['status']})" for d in blocked)
-            outcome.update(status="skipped", reason=f"dependency {listed} did not recover")
-        else:
-
-            async def remediate() -> dict[str, Any]:
-                try:
-                    return await self._apply(name, strategy)
-                except Exception as exc:  # a corrupt checkpoint, a store down, a raising plan
-                    # One service's failure is its result: raised, it left the gather's
-                    # other recoveries running unawaited and skipped every later layer.
-                    reason = f"{action.value} raised {type(exc).__name__}"
-                    return {"status": "failed", "reason": reason, "error": describe(exc)}
-
-            shared = await self._running.run(
-                name,
-                remediate,
-                {"status": "failed", "reason": "cancelled before it finished"},
-                patience=_REMEDIATION_PATIENCE,
-            )
-            outcome.update(dict(shared))  # each caller's own copy of the shared result
-        outcome["recovery_time"] = max(0.0, self.clock.now() - started)
-        return outcome
-
-    async def _apply(self, name: str, strategy: RecoveryStrategy) -> dict[str, Any]:
-        action = strategy.action
-        registered = self._services.get(name) or ServiceRegistration(name)
-        interaction = self.interaction
-        if action is RecoveryAction.CIRCUIT_BREAK:
-            interaction.get_circuit_breaker(name).force_open()
-            return {
-                "status": "isolated",
-                "reason": f"circuit forced open until reset_circuit({name!r})",
-            }
-        if action is RecoveryAction.FALLBACK:
-            fallback = strategy.fallback or registered.fallback
-            if fallback is None:
-                return _missing(name, "fallback")
-            try:
-                return {"status": "fallback", "result": await resolve(fallback())}
-            except Exception as exc:
-                return {"status": "failed", "reason": "fallback failed", "error": describe(exc)}
-        if action is RecoveryAction.TRANSACTION_ROLLBACK:
-            status, reason, error, _ = await rollback(
-                strategy.params.get("compensations"), trace.get_current_span()
-            )
-            result: dict[str, Any] = {"status": status}
-            if reason:
-                result["reason"] = reason
-            if error is not None:
-                result["error"] = describe(error)
-            return result
-        if action is RecoveryAction.FAIL_FAST:
-            return {"status": "failed", "reason": "FAIL_FAST: no recovery attempted"}
-        recover = registered.recover
-        if action is RecoveryAction.CHECKPOINT_RESTORE:
-            checkpoint_id = str(strategy.params.get("checkpoint_id", name))
-            restored = await interaction.restore_checkpoint(checkpoint_id)
-            if restored["recovery_status"] != "success":
-                return {"status": "failed", "reason": restored["reason"]}
-            if recover is None:
-                return {"status": "success", "result": restored["state"]}
-            if accepts_one_positional(recover):
-                func, state = recover, restored["state"]
-
-                def recover() -> Any:
-                    return func(state)
-
-        elif recover is None:
-            return _missing(name, "recover")
-        return await self._retry(name, strategy, recover, registered)
-
-    async def _retry(
-        self,
-        name: str,
-        strategy: RecoveryStrategy,
-        recover: Callable[[], Any],
-        registered: ServiceRegistration,
-    ) -> dict[str, Any]:
-        backoff = strategy.backoff or (
-            FixedBackoff(0.1)
-            if strategy.action is RecoveryAction.RETRY
-            else self.interaction.backoff
-        )
-        fallback = strategy.fallback or registered.fallback
-        used: list[bool] = []
-
-        async def answer(_: BaseException) -> Any:
-            used.append(True)
-            return await resolve(fallback() if fallback else None)
-
-        policy = RecoveryPolicy(
-            retry=Retry(
-                strategy.max_attempts,
-                backoff=backoff,
-                attempt_timeout=strategy.timeout,
-                on=strategy.params.get("retry_on"),
-            ),
-            breaker=self.interaction.get_circuit_breaker(name),
-            fallback=Fallback(func=answer) if fallback else None,
-            classifier=self.interaction.classifier,
-            name=name,
-            clock=self.clock,
-            telemetry=self.interaction.telemetry,
-        )
-        calls = 0
-
-        def attempt() -> Any:
-            nonlocal calls
-            calls += 1
-            return recover()
-
-        try:
-            value = await policy.acall(attempt)
-        except CircuitOpenError as rejected:
-            status = "circuit_open" if calls == 0 else "failed"
-            return {
-                "status": status,
-                "attempts": calls,
-                "reason": str(rejected),
-                "error": describe(rejected),
-            }
-        except Exception as exc:
-            reason = f"recover failed {calls} time(s)"
-            return {"status": "failed", "attempts": calls, "reason": reason, "error": describe(exc)}
-        if used:
-            reason = f"recover failed {calls} time(s); answered by the fallback"
-            return {"status": "fallback", "attempts": calls, "result": value, "reason": reason}
-        if registered.health_check is not None and not await _healthy(registered.health_check):
-            reason = "recovered, but the health check still fails"
-            return {"status": "failed", "attempts": calls, "result": value, "reason": reason}
-        return {"status": "success", "attempts": calls, "result": value}
-
     # -- health and correlation -----------------------------------------------------------------
 
     async def check_health(self) -> dict[str, bool]:
         """Run every registered health check concurrently, once; a raising check counts as
         False. :meth:`monitor` runs them continuously."""
         checks = {n: r.health_check for n, r in self._services.items() if r.health_check}
-        verdicts = await asyncio.gather(*(_healthy(check) for check in checks.values()))
+        verdicts = await asyncio.gather(*(healthy(check) for check in checks.values()))
         return dict(zip(checks, verdicts, strict=True))
 
     def monitor(
@@ -507,28 +353,9 @@ def _unique(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(_name(n) for n in names))
 
 
-_REMEDIATION_PATIENCE = 300.0
-"""Seconds a caller in another event loop waits for a running remediation of the same
-service before it runs one itself (a restart may take minutes; see ``_single_flight``)."""
-
-
 def _strategy(name: str, value: object) -> RecoveryStrategy:
     if isinstance(value, RecoveryStrategy):
         return value
     if isinstance(value, RecoveryAction):
         return RecoveryStrategy(value)
     raise TypeError(f"recovery_plan[{name!r}] must be a RecoveryStrategy, got {value!r}")
-
-
-def _missing(name: str, what: str) -> dict[str, Any]:
-    how = f"register_service({name!r}, {what}=...)"
-    if what == "fallback":
-        how += " or RecoveryStrategy(action=RecoveryAction.FALLBACK, fallback=...)"
-    return {"status": "failed", "reason": f"no {what} callable for {name!r}: {how}"}
-
-
-async def _healthy(check: Callable[[], Any]) -> bool:
-    try:
-        return bool(await resolve(check()))
-    except Exception:
-        return False

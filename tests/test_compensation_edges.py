@@ -14,7 +14,7 @@ import sys
 import psycopg
 import pytest
 
-from otel_recovery import _interaction_support as support
+from otel_recovery import _rollback as rollback_lists
 from otel_recovery.checkpoint import CheckpointConflictError, CheckpointError, Checkpoints
 from otel_recovery.compensation import (
     CompensationError,
@@ -47,7 +47,7 @@ def test_undos_that_cannot_be_consumed_are_refused_and_none_runs(make):
     result = _rollback(undos)
     assert result["recovery_status"] == "failed"
     assert "a tuple or a deque cannot be; pass list(...)" in str(result["reason"])
-    assert ran == [] and support._LISTS_ROLLING == {}
+    assert ran == [] and rollback_lists._LISTS_ROLLING == {}
     gc.collect()
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from otel_recovery._fingerprint import fingerprint, normalise_message
-from otel_recovery._interaction_support import context_attributes
+from otel_recovery._recovery_context import context_attributes
 from otel_recovery._redact import MASK, names_a_secret, redact
 from otel_recovery.classify import Classifier
 
