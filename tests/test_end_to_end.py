@@ -49,6 +49,7 @@ from typing import Any
 
 import pytest
 from otlp_receiver import OtlpReceiver, ReceivedSpan
+from servers import free_port, redis_process_id
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "service" / "app.py"
@@ -76,12 +77,6 @@ def reachable(address: tuple[str, int]) -> bool:
             return True
     except OSError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def load_downstream() -> ModuleType:
@@ -121,34 +116,14 @@ class PrivateRedis:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while not self._answers_as_ours():
+        # Ours, not whichever server took the port first (the other xdist worker's): a
+        # connect to the port succeeds all the same, the pid the server reports does not.
+        while redis_process_id("127.0.0.1", port, timeout=0.2) != self._process.pid:
             if time.monotonic() > deadline or self._process.poll() is not None:
                 self.__exit__()
                 return False
             time.sleep(0.05)
         return True
-
-    def _answers_as_ours(self) -> bool:
-        """Whether the server on our port is the one we started. Another process (the other
-        xdist worker) may bind the port between ``free_port()`` and our server's bind: ours
-        then exits, but a connect to the port succeeds all the same, so the port answering
-        proves nothing; the pid the server reports does."""
-        assert self._process is not None
-        try:
-            info = self.command("INFO", "server")
-        except OSError:
-            return False
-        return f"process_id:{self._process.pid}\r\n".encode() in info
-
-    def command(self, *args: str | int) -> bytes:
-        """One command over a fresh connection (RESP), so a pause never blocks our reader."""
-        payload = f"*{len(args)}\r\n".encode()
-        for arg in args:
-            data = str(arg).encode()
-            payload += b"$%d\r\n%s\r\n" % (len(data), data)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as connection:
-            connection.sendall(payload)
-            return connection.recv(4096)
 
     def __exit__(self, *exc: object) -> None:
         if self._process is not None:

@@ -105,6 +105,7 @@ __all__ = [
 # name this module, as they did before the split, not a private one.
 for _public in (BreakerSnapshot, CircuitState, StateTransition):
     _public.__module__ = __name__
+del _public
 
 _ENV_STORE_URL = "OTEL_RECOVERY_STORE_URL"  # stores.ENV_STORE_URL, not imported: import cycle
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from servers import free_port, redis_process_id
 
 from otel_recovery.stores import Store, open_store
 from otel_recovery.testing import FakeClock
@@ -146,12 +146,6 @@ def durable(request, tmp_path) -> Iterator[Backend]:
     yield from backend_of(request.param, tmp_path)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PrivateRedis:
     """A redis-server of our own on a free port, which tests may stop and restart at will."""
 
@@ -188,17 +182,13 @@ class PrivateRedis:
         raise RuntimeError(f"private redis-server on port {self.port} did not start")
 
     def _answers(self, process: subprocess.Popen[bytes]) -> bool:
-        """Whether the server ``process`` started answers PING within 10 s (False at once
-        when it exited: whatever answers on its port then is someone else's)."""
+        """Whether the server ``process`` started answers, as itself, within 10 s (False at
+        once when it exited: whatever answers on its port then is someone else's)."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return process.poll() is None
-            except OSError:
-                time.sleep(0.02)
+            if redis_process_id("127.0.0.1", self.port, timeout=0.2) == process.pid:
+                return True
+            time.sleep(0.02)
         return False
 
     def stop(self) -> None:

@@ -11,6 +11,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from servers import free_port
 
 from otel_recovery.checkpoint import Checkpoints, CheckpointUnavailableError
 from otel_recovery.interaction import ErrorRecoveryInteraction
@@ -21,8 +22,6 @@ from otel_recovery.stores import (
     open_store,
 )
 from otel_recovery.telemetry import attributes as names
-
-from .conftest import free_port
 
 
 class Flaky(MemoryStore):
