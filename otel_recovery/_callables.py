@@ -3,7 +3,9 @@
 The seed API and the orchestrator take ``retry_func``, ``fallback_func``, ``recover`` and
 health checks from users who wrote them any way they liked. Before calling one they ask
 what it accepts (a restored state? the error? a ``timeout=``?), from its signature and
-never by trying, and they await whatever it returned only if that is awaitable.
+never by trying, and they await whatever it returned only if that is awaitable. A caller
+that cannot await (a sync saga or transaction) closes what it got instead
+(:func:`close_unawaited`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["accepts_keyword", "accepts_one_positional", "callable_name", "resolve"]
+__all__ = [
+    "accepts_keyword",
+    "accepts_one_positional",
+    "callable_name",
+    "close_unawaited",
+    "resolve",
+]
 
 
 def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
@@ -57,6 +65,15 @@ async def resolve(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+def close_unawaited(value: object) -> None:
+    """Close ``value``, an awaitable a sync caller got and will never await: a coroutine
+    then never runs (nor warns that it was never awaited); a task or future, which has no
+    ``close()``, is not ours to stop and is left alone."""
+    close = getattr(value, "close", None)
+    if callable(close):
+        close()
 
 
 def callable_name(func: object) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import timedelta, timezone
 from email.utils import parsedate_to_datetime
 
-from otel_recovery._known_errors import TypeProfile, attr
+from otel_recovery._type_profiles import TypeProfile, attr
 
 __all__ = ["header", "parse_retry_after", "retry_after_of"]
 

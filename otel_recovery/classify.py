@@ -15,28 +15,21 @@ from __future__ import annotations
 import http
 import inspect
 import logging
-import re
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
+from otel_recovery._classify_rules import Rule
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
+from otel_recovery._error_codes import status_verdict
+from otel_recovery._error_vocabulary import ErrorCategory, ErrorKind, Severity, Verdict
 from otel_recovery._fingerprint import fingerprint
 from otel_recovery._forksafe import new_lock
-from otel_recovery._known_errors import (
-    ErrorCategory,
-    ErrorKind,
-    Severity,
-    TypeProfile,
-    Verdict,
-    profile_of,
-    resolve,
-    safe_str,
-    status_verdict,
-)
+from otel_recovery._known_errors import resolve, safe_str
 from otel_recovery._redact import redact_bounded
 from otel_recovery._retry_after import header, parse_retry_after, retry_after_of
+from otel_recovery._type_profiles import TypeProfile, profile_of
 
 __all__ = [
     "CRITICALITY_LEVELS",
@@ -52,6 +45,10 @@ __all__ = [
     "set_default_classifier",
 ]
 
+# Defined in its own module, Rule is public here: reprs, help() and pickles name this module,
+# as they did before the split, not a private one.
+Rule.__module__ = __name__
+
 _log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 512
@@ -59,10 +56,6 @@ _MAX_CHAIN = 16
 _CRITICALITY = {"low": -1, "normal": 0, "medium": 0, "high": 1, "critical": 2}
 CRITICALITY_LEVELS: tuple[str, ...] = tuple(_CRITICALITY)
 """Accepted ``context["criticality"]`` values ("medium" is the same as "normal")."""
-_DEPENDENCY_CATEGORIES = frozenset(
-    {ErrorCategory.TRANSIENT, ErrorCategory.RATE_LIMITED, ErrorCategory.EXTERNAL_SERVICE}
-    | {ErrorCategory.CASCADING}
-)
 _UNKNOWN = Verdict(ErrorCategory.UNKNOWN, Severity.MEDIUM, False, ErrorKind.OTHER)
 
 
@@ -96,118 +89,6 @@ class ErrorInfo:
         if self.code is not None:
             attributes["otel_recovery.error.code"] = self.code
         return attributes
-
-
-def _enum_field(cls: type[Any], name: str, value: object) -> Any:
-    if value is None or isinstance(value, cls):
-        return value
-    try:
-        return cls(value.lower() if isinstance(value, str) else value)
-    except ValueError:
-        accepted = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(
-            f"Rule({name}=...) must be a {cls.__name__} or one of {accepted}, got {value!r}"
-        ) from None
-
-
-def _collection(
-    name: str, value: object, item: type, check: Callable[[Any], bool]
-) -> frozenset[Any]:
-    items = (value,) if isinstance(value, item) else value
-    if (isinstance(value, (str, bytes)) and item is not str) or not isinstance(items, Collection):
-        raise TypeError(f"Rule({name}=...) must be a {item.__name__} or a collection of them")
-    for one in items:
-        if not isinstance(one, item) or isinstance(one, bool) or not check(one):
-            raise ValueError(f"Rule({name}=...) holds an invalid value {one!r}")
-    if not items:
-        raise ValueError(f"Rule({name}=...) is empty; give at least one value or leave it None")
-    return frozenset(one.upper() if isinstance(one, str) else one for one in items)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A user override: when every given matcher matches, the given outcome fields win.
-
-    Outcome fields left None keep the built-in answer, so ``Rule(on=MyError, retryable=False)``
-    only stops retries and leaves category and severity to the built-in knowledge.
-    """
-
-    on: type[BaseException] | tuple[type[BaseException], ...] | None = None
-    when: Callable[[BaseException], bool] | None = None
-    message: str | re.Pattern[str] | None = None
-    status: int | Collection[int] | None = None
-    code: str | Collection[str] | None = None
-    category: ErrorCategory | None = None
-    severity: Severity | None = None
-    retryable: bool | None = None
-    kind: ErrorKind | None = None
-    _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
-    _statuses: frozenset[int] | None = field(default=None, init=False, repr=False, compare=False)
-    _codes: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if all(m is None for m in (self.on, self.when, self.message, self.status, self.code)):
-            raise ValueError(
-                "Rule needs at least one matcher: on=, when=, message=, status= or code="
-            )
-        if all(o is None for o in (self.category, self.severity, self.retryable, self.kind)):
-            raise ValueError("Rule sets no outcome: give category=, severity=, retryable= or kind=")
-        on = self.on if isinstance(self.on, tuple) else (self.on,) if self.on is not None else ()
-        if not on and self.on is not None:
-            raise ValueError("Rule(on=()) matches nothing; give exception classes or leave it None")
-        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
-            raise TypeError(
-                f"Rule(on=...) must be an exception class or a tuple of them, got {self.on!r}"
-            )
-        if self.when is not None and not callable(self.when):
-            raise TypeError("Rule(when=...) must be a callable taking the exception")
-        if self.retryable is not None and not isinstance(self.retryable, bool):
-            raise TypeError(
-                f"Rule(retryable=...) must be True, False or None, not {self.retryable!r}"
-            )
-        if self.message is not None:
-            if not isinstance(self.message, (str, re.Pattern)):
-                raise TypeError("Rule(message=...) must be a regex string or a compiled pattern")
-            try:
-                pattern = (
-                    re.compile(self.message) if isinstance(self.message, str) else self.message
-                )
-            except re.error as exc:
-                raise ValueError(f"Rule(message=...) is not a valid regex: {exc}") from None
-            object.__setattr__(self, "_pattern", pattern)
-        if self.status is not None:
-            statuses = _collection("status", self.status, int, lambda s: 100 <= s <= 599)
-            object.__setattr__(self, "_statuses", statuses)
-        if self.code is not None:
-            object.__setattr__(self, "_codes", _collection("code", self.code, str, bool))
-        for name, cls in (("category", ErrorCategory), ("severity", Severity), ("kind", ErrorKind)):
-            object.__setattr__(self, name, _enum_field(cls, name, getattr(self, name)))
-
-    def matches(self, exc: BaseException | None, verdict: Verdict, message: str) -> bool:
-        """All given matchers must hold; ``exc`` is None for status-only classification."""
-        if self.on is not None and not isinstance(exc, self.on):
-            return False
-        if self._statuses is not None and verdict.status not in self._statuses:
-            return False
-        if self._codes is not None and (verdict.code or "").upper() not in self._codes:
-            return False
-        if self._pattern is not None and not self._pattern.search(message):
-            return False
-        return self.when is None or (exc is not None and bool(self.when(exc)))
-
-    def apply(self, verdict: Verdict) -> Verdict:
-        """``verdict`` with the fields this rule sets overridden (the rest kept)."""
-        category = self.category or verdict.category
-        return replace(
-            verdict,
-            category=category,
-            severity=self.severity or verdict.severity,
-            retryable=verdict.retryable if self.retryable is None else self.retryable,
-            kind=self.kind or verdict.kind,
-            dependency=(
-                category in _DEPENDENCY_CATEGORIES if self.category else verdict.dependency
-            ),
-        )
 
 
 def _criticality_shift(context: Mapping[str, Any] | None) -> int:

@@ -5,7 +5,8 @@ bookkeeping that lets any number of learners (replicas, a pre-fork server's work
 one stored snapshot without an observation reaching it twice or never:
 
 - ``pending``: the evidence learned since the last save, which the next save adds to the
-  store's snapshot (:func:`._explain.merge_snapshot` takes in what the others saved meanwhile);
+  store's snapshot (:func:`._snapshot_merge.merge_snapshot` takes in what the others saved
+  meanwhile);
 - ``writer`` and ``seq``: who saves and which of its saves this is, so a later save can tell
   whether a save that *raised* had landed after all (a timeout after the commit): that save's
   evidence waits apart in ``unsure`` and is owed again only if it had not;
@@ -28,13 +29,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from otel_recovery._forksafe import new_lock, reset_in_child
-from otel_recovery.learning._explain import (
+from otel_recovery.learning._snapshot_format import NewerSnapshotError, fit_snapshot
+from otel_recovery.learning._snapshot_merge import (
     Foreign,
     Merged,
-    NewerSnapshotError,
     Pending,
     copy_state,
-    fit_snapshot,
     merge_snapshot,
 )
 from otel_recovery.learning._stats import DecayedMoments, DelaySamples

@@ -65,7 +65,8 @@ class DecayedMoments:
         """Add ``other``'s evidence (both decayed to ``now``), then cap the weight.
 
         Decayed sums of disjoint observations add up exactly: this is how evidence learned
-        by another replica, or since the last merge, joins this one (``_explain.merge_snapshot``).
+        by another replica, or since the last merge, joins this one
+        (``_snapshot_merge.merge_snapshot``).
         """
         weight, total, squares = other.at(now, half_life)
         self._put(now, half_life, max_weight, weight, total, squares, other.pulls)

@@ -37,9 +37,9 @@ call, still bounds the load there.
 
 Persistence (``store=``) merges rather than overwrites: every ``save_interval`` the learner
 adds what it learned since its last save to the store's snapshot, taking in what other
-replicas saved meanwhile (:func:`._explain.merge_snapshot`: each observation is counted
-once; the bookkeeping is :mod:`._snapshot_sharing`), so one snapshot can be shared by a
-fleet. A failed save never reaches the caller of :meth:`record` (logged once per kind of
+replicas saved meanwhile (:func:`._snapshot_merge.merge_snapshot`: each observation is
+counted once; the bookkeeping is :mod:`._snapshot_sharing`), so one snapshot can be shared
+by a fleet. A failed save never reaches the caller of :meth:`record` (logged once per kind of
 error; the evidence is kept for the next save).
 
 Thread-safe (one lock, never held across user code or store I/O). Time comes from the
@@ -67,13 +67,9 @@ from otel_recovery.learning._decisions import (
     check_options,
     validated_arms,
 )
-from otel_recovery.learning._explain import (
-    Pending,
-    describe_context,
-    remember_decision,
-    restore_snapshot,
-    take_snapshot,
-)
+from otel_recovery.learning._explain import describe_context, remember_decision
+from otel_recovery.learning._snapshot_format import restore_snapshot, take_snapshot
+from otel_recovery.learning._snapshot_merge import Pending
 from otel_recovery.learning._snapshot_sharing import SnapshotSharing
 from otel_recovery.learning._stats import DecayedMoments, DecayedRatio, DelaySamples
 from otel_recovery.learning.store import LearnerStore
@@ -551,8 +547,9 @@ class StrategyLearner:
         """Save to the store now (also done every ``save_interval`` seconds by :meth:`record`).
 
         Adds what this learner learned since its last save to the store's snapshot and takes
-        in what other learners sharing it saved meanwhile (``_explain.merge_snapshot``: each
-        observation reaches the store once); a store with ``update`` does this atomically.
+        in what other learners sharing it saved meanwhile
+        (``_snapshot_merge.merge_snapshot``: each observation reaches the store once); a
+        store with ``update`` does this atomically.
         The snapshot is trimmed to the store's ``max_bytes`` (the least recently learned
         fingerprints go first). Raises what the store raised; what was not saved is kept for
         the next save.

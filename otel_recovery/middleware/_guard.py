@@ -23,7 +23,7 @@ from opentelemetry import trace
 from otel_recovery._clock import Clock, clock_or_default
 from otel_recovery._forksafe import new_lock
 from otel_recovery._inner_recovery import OuterAttempt
-from otel_recovery._known_errors import error_type_of
+from otel_recovery._type_profiles import error_type_of
 from otel_recovery.classify import classify
 from otel_recovery.instrumentors._wrapping import report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
