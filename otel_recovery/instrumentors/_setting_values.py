@@ -3,10 +3,10 @@
 An ``OTEL_RECOVERY_*`` variable, a policy file key and a keyword argument to
 ``instrument()`` all end in :func:`convert`, so one value means the same from every source
 and is refused with the same message: the rules for a value live here, apart from
-:mod:`._settings` (which layers the sources) and :mod:`._policy_file` (which reads the file
-and checks where each key may go). This module is the bottom of that chain: it imports
-neither, and holds what all three share (:class:`SettingsError`, :data:`ENV_PREFIX`, the
-once-per-process log memory).
+:mod:`._settings` (which layers the sources), :mod:`._policy_file` (which reads the file)
+and :mod:`._setting_levels` (which checks where each key may go). This module is the bottom
+of that chain: it imports none of them, and holds what they all share
+(:class:`SettingsError`, :data:`ENV_PREFIX`, the once-per-process log memory).
 
 Every number is finite and bounded (seconds up to a day, breaker windows up to 100000
 calls), every time accepts float seconds or a ``timedelta``. HTTP methods must be RFC 9110

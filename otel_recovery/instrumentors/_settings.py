@@ -22,9 +22,11 @@ arguments to ``instrument()``, which win over every level of the file: a target 
 
 This module layers those sources into :class:`RecoverySettings` for the instrumentors.
 Converting and checking one value is :mod:`._setting_values` (the accepted types, bounds
-and lists); reading the policy file and checking where each key may be set (the whole
-service, a target, an operation) is :mod:`._policy_file`. A key where it would have no
-effect is an error that names where it belongs.
+and lists); checking where each key may be set (the whole service, a target, an operation)
+is :mod:`._setting_levels`; reading the policy file is :mod:`._policy_file`, the targets
+each of its sections stands for :mod:`._target_keys`, and the settings that may not exceed
+another :mod:`._ordered_settings`. A key where it would have no effect is an error that
+names where it belongs.
 
 What a bad value does depends on whose it is. In the keyword arguments to ``instrument()``,
 the program's own call, it raises :class:`SettingsError` (``from_arguments`` set). From the
@@ -50,13 +52,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from otel_recovery._config import switch_value
-from otel_recovery.instrumentors._policy_file import (
-    _check_orders,
-    _Layers,
-    _read_policy,
-    _values,
-    sentinel_service,
-)
+from otel_recovery.instrumentors._ordered_settings import Layers, check_orders
+from otel_recovery.instrumentors._policy_file import read_policy
+from otel_recovery.instrumentors._setting_levels import checked_values
 from otel_recovery.instrumentors._setting_values import (
     ARGUMENTS,
     ENV_PREFIX,
@@ -65,6 +63,7 @@ from otel_recovery.instrumentors._setting_values import (
     convert,
     log_once,
 )
+from otel_recovery.instrumentors._target_keys import sentinel_service
 
 __all__ = [
     "ENV_PREFIX",
@@ -165,7 +164,7 @@ def section_keys(host: str, port: int | None) -> tuple[str, ...]:
     then ``host:port``. A Redis Sentinel service's name carries its deployment
     (``mymaster replicas@<sentinels>``): a section for the service's name alone
     (``mymaster replicas``) comes before it, for every deployment's. The file's keys are
-    found under each spelling of their target (:func:`._policy_file.target_spellings`), so
+    found under each spelling of their target (:func:`._target_keys.target_spellings`), so
     a call's own ``host`` is looked up as it is."""
     keys = (host, f"{host}:{port}") if port is not None else (host,)
     if "@" in host and (service := sentinel_service(host)):
@@ -238,17 +237,17 @@ def load_settings(
     module docstring). Raises :class:`SettingsError`; ``from_arguments`` tells whose."""
     env = os.environ if environ is None else environ
     # the caller's own mistakes first
-    arguments = _values(kwargs or {}, ARGUMENTS, "arguments", defaults=_DEFAULTS)
+    arguments = checked_values(kwargs or {}, ARGUMENTS, "arguments", defaults=_DEFAULTS)
     _warn_unknown(env)
-    layers: _Layers = [("env", _from_env(env))]
+    layers: Layers = [("env", _from_env(env))]
     targets: dict[str, dict[str, Any]] = {}
     path = env.get(ENV_PREFIX + "CONFIG")
     if path is not None and not path.strip():
         path = None  # empty: unset, as for every variable
     if path:
-        top, targets = _read_policy(path, _DEFAULTS)
+        top, targets = read_policy(path, _DEFAULTS)
         layers.append((f"policy file {path}", top))
-    _check_orders(layers, arguments, targets, path or "", _DEFAULTS)
+    check_orders(layers, arguments, targets, path or "", _DEFAULTS)
     values: dict[str, Any] = {}
     for _, level in [*layers, (ARGUMENTS, arguments)]:
         values.update(level)

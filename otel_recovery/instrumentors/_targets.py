@@ -317,7 +317,7 @@ class TargetPolicies:
             attempt_timeout=s.attempt_timeout if timed else None,
             backoff=ExponentialBackoff(
                 initial=s.backoff_initial,
-                maximum=max(s.backoff_max, s.backoff_initial),  # see _policy_file
+                maximum=max(s.backoff_max, s.backoff_initial),  # see _ordered_settings
                 jitter="full",
             ),
             retry_after_cap=s.retry_after_cap,
