@@ -479,3 +479,18 @@ class CircuitBreaker(
 
     def __repr__(self) -> str:
         return f"CircuitBreaker(name={self.name!r}, state={self._state.value})"
+
+
+def _plain_self(*mixins: type) -> None:
+    """Drop from the mixins' methods the Protocol each types ``self`` with for mypy, so that
+    ``help(CircuitBreaker)`` reads ``snapshot(self)``, not ``snapshot(self: '_Viewed')``."""
+    for mixin in mixins:
+        for member in vars(mixin).values():
+            parts = (member.fget, member.fset) if isinstance(member, property) else (member,)
+            for part in parts:
+                annotations = getattr(part, "__annotations__", None)
+                if isinstance(annotations, dict):
+                    annotations.pop("self", None)
+
+
+_plain_self(*CircuitBreaker.__bases__)
