@@ -107,6 +107,21 @@ def redis_process_id(host: str, port: int, timeout: float = 1.0) -> int | None:
     return int(found.group(1))
 
 
+def answers_as_itself(process: subprocess.Popen[bytes], port: int, within: float) -> bool:
+    """Whether the redis-server ``process`` answers on ``port`` as itself (its own pid)
+    within ``within`` seconds. False at once when it exited: whatever answers on its port
+    then is another process's (the other xdist worker may take a free port first), and a
+    connect or a PING would succeed all the same."""
+    deadline = time.monotonic() + within
+    while process.poll() is None:
+        if redis_process_id("127.0.0.1", port, timeout=0.2) == process.pid:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return False
+
+
 def require_redis() -> None:
     if not _redis_answers(REDIS_HOST, REDIS_PORT):
         unavailable(f"Redis is not answering on {REDIS_HOST}:{REDIS_PORT}")
@@ -149,14 +164,8 @@ class PrivateRedis:
                 stderr=subprocess.DEVNULL,
             )
             self.pid = self._process.pid
-            # Ours answers, not whichever server took the port first (a connect or a PING
-            # to the port succeeds all the same, and the tests would stop someone else's).
-            while redis_process_id("127.0.0.1", self.port, timeout=0.2) != self.pid:
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-            else:
-                break  # it answers
+            if answers_as_itself(self._process, self.port, deadline - time.monotonic()):
+                break
             if self._process.poll() is None or not tries_left:  # hung, or out of ports
                 self.close()
                 unavailable(f"a private redis-server did not start on port {self.port}")
@@ -200,11 +209,11 @@ class PrivateRedis:
             self._process.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         self.pid = self._process.pid
-        deadline = time.monotonic() + timeout
-        while redis_process_id("127.0.0.1", self.port, timeout=0.2) != self.pid:
-            assert self._process.poll() is None, f"redis-server did not restart on {self.port}"
-            assert time.monotonic() < deadline, f"redis-server did not answer on {self.port}"
-            time.sleep(0.02)
+        if not answers_as_itself(self._process, self.port, timeout):
+            exited = self._process.poll() is not None
+            raise AssertionError(
+                f"redis-server did not {'restart' if exited else 'answer'} on {self.port}"
+            )
 
     def restart(self) -> None:
         """Kill and start again on the same port (:meth:`crash`, :meth:`start_again`)."""

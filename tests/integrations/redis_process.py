@@ -12,7 +12,6 @@ import contextvars
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ import redis
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from servers import redis_process_id
+from servers import answers_as_itself, redis_process_id
 
 from integrations.redis_queues import until_stopped
 
@@ -61,11 +60,9 @@ class RedisProcess:
         on a new port, in a new dir (``start`` reads both)."""
         for _ in range(3):
             start()
-            deadline = time.monotonic() + timeout
-            while self.alive and time.monotonic() < deadline:
-                if self.answers():
-                    return
-                time.sleep(0.02)
+            assert self.process is not None, "start() must spawn the server"
+            if answers_as_itself(self.process, self.port, timeout):
+                return
             if self.alive:
                 raise AssertionError(f"{self.name} did not answer within {timeout} s")
             self.port = self._pick_port()

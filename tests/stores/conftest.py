@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import free_port, redis_process_id
+from servers import answers_as_itself, free_port
 
 from otel_recovery.stores import Store, open_store
 from otel_recovery.testing import FakeClock
@@ -174,22 +174,12 @@ class PrivateRedis:
                  "--dir", str(self.dir), *persistence],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-            if self._answers(self.process):
+            if answers_as_itself(self.process, self.port, within=10):
                 return
             if self.process.poll() is None:
                 break  # running but silent: not a port taken
             self.port = free_port()  # it exited: the port was taken, so another one
         raise RuntimeError(f"private redis-server on port {self.port} did not start")
-
-    def _answers(self, process: subprocess.Popen[bytes]) -> bool:
-        """Whether the server ``process`` started answers, as itself, within 10 s (False at
-        once when it exited: whatever answers on its port then is someone else's)."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and process.poll() is None:
-            if redis_process_id("127.0.0.1", self.port, timeout=0.2) == process.pid:
-                return True
-            time.sleep(0.02)
-        return False
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
