@@ -24,25 +24,33 @@ Values: NaN and infinities are not data (gaps): they score 0 and change nothing.
 magnitude works: a series far from 1 (all values around 1e200, or 1e-200) is handled in units of
 a power of two fixed at its first non-zero value, an exact rescaling, so its scale never
 overflows and the float32 history keeps it.
+
+The knobs (:class:`DetectorConfig`) and what values they accept live in
+:mod:`._detector_config`; the fitter's side of the contract (:class:`FitInput`,
+:class:`FitResult`) is here, as it is what this detector hands over and takes back.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from otel_recovery.learning._baseline import DAY, Baseline, Smoothing, clip, to_epoch
+from otel_recovery.learning._detector_config import DetectorConfig
 from otel_recovery.learning._history import PointHistory, SlotHistory
 from otel_recovery.learning._surprise import SurpriseCalibrator
 
 __all__ = ["DetectorConfig", "Estimate", "FitInput", "FitResult", "Fitter", "StreamingDetector"]
+
+# Defined in the configuration module, it keeps the name it had before that module existed:
+# reprs, help() and pickles name this module, as they did before the split, not a new one.
+DetectorConfig.__module__ = __name__
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -77,125 +85,7 @@ class FitResult(NamedTuple):
     sigma: float
 
 
-Fitter = Callable[[FitInput, "DetectorConfig"], FitResult]
-
-
-@dataclass(frozen=True, slots=True)
-class DetectorConfig:
-    """Knobs of :class:`StreamingDetector`; the defaults are what the NAB benchmark reports."""
-
-    model: str = "ets"
-    """Baseline family: ets, stl, holt_winters, sarimax or fixed (see ``fit_baseline``)."""
-    history: int = 1024
-    """Points kept for refitting the dynamics (6 bytes each)."""
-    first_fit: int = 32
-    """Points before the first fit; fits then happen at 2x, 4x, ... until ``refit_every``."""
-    refit_every: int = 512
-    alpha_bounds: tuple[float, float] = (0.02, 0.5)
-    """Range the fitted level smoothing may take (ets and stl models)."""
-    seasonality: bool = True
-    """Learn a daily profile once ``season_days`` days have been seen."""
-    season_days: float = 2.0
-    season_history_days: float = 4.0
-    """Days of phase-slot means kept for the profile (4 bytes per slot)."""
-    season_bins: int = 288
-    """Profile slots per day (288: five minutes), capped by the sampling step."""
-    clip: float = 3.0
-    """Residuals beyond this many scales update the state only up to this bound."""
-    shift_run: int = 6
-    """This many consecutive clipped residuals on one side confirm a level shift."""
-    scale_memory: float = 1000.0
-    """Points of memory of the residual scale (exponential weights)."""
-    window: int = 12
-    """Points in the windowed-mean statistic that catches moderate sustained shifts."""
-    tail_quantile: float = 0.999
-    """Which quantile of its own deviations a series is judged against (score 0.5)."""
-    tail_rate: float = 0.1
-    """Log-space step of that quantile's estimate per exceedance."""
-    floor: float = 3.0
-    """Deviations below this many scales never score 0.5 or more."""
-    zclip: float = 6.0
-    """Residuals are clipped to this many scales inside the windowed mean."""
-    refractory: float = 600.0
-    """Points over which a reported score fades before lower scores are reported again."""
-    warmup: int = 16
-    """Points scored 0 while the first estimates settle."""
-    min_scale: float = 0.0
-    """The smallest residual scale, in the series' own units: a change of about this much
-    is never surprising, however flat the series was. 0 (the default, what the NAB figures
-    use) floors the scale at a millionth of the level only, so on a perfectly flat series
-    any change scores high; a series of counts wants about 1 (one call more or less, a
-    call ending just past a bucket boundary), a log latency about 0.01 (1 %)."""
-
-    def __post_init__(self) -> None:
-        """Reject nonsense at construction, naming the field and what it accepts."""
-        if not isinstance(self.model, str):
-            raise TypeError(f"model must be a string, got {self.model!r}")
-        for name, minimum in (
-            ("history", 8),
-            ("first_fit", 4),
-            ("refit_every", 1),
-            ("season_bins", 1),
-            ("shift_run", 1),
-            ("window", 1),
-            ("warmup", 0),
-        ):
-            _integer(self, name, minimum)
-        if not isinstance(self.seasonality, bool):
-            raise TypeError(f"seasonality must be True or False, got {self.seasonality!r}")
-        positive = ("a number > 0", lambda v: v > 0)
-
-        def at_least(v: float) -> bool:
-            return v >= self.season_days
-
-        for name, (accepted, ok) in (
-            ("season_days", positive),
-            ("season_history_days", (f"a number >= season_days ({self.season_days})", at_least)),
-            ("clip", positive),
-            ("scale_memory", ("a number of points >= 1", lambda v: v >= 1)),
-            ("tail_quantile", ("a number in (0, 1)", lambda v: 0 < v < 1)),
-            ("tail_rate", positive),
-            ("floor", positive),
-            ("zclip", positive),
-            ("refractory", ("a number of points >= 0", lambda v: v >= 0)),
-            ("min_scale", ("a number >= 0", lambda v: v >= 0)),
-        ):
-            _real(self, name, accepted, ok)
-        bounds = self.alpha_bounds
-        accepted = "a pair (low, high) with 0 <= low <= high <= 1"
-        if (
-            not isinstance(bounds, (tuple, list))
-            or len(bounds) != 2
-            or not all(_is_real(b) for b in bounds)
-        ):
-            raise TypeError(f"alpha_bounds must be {accepted}, got {bounds!r}")
-        low, high = float(bounds[0]), float(bounds[1])
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"alpha_bounds must be {accepted}, got {bounds!r}")
-        object.__setattr__(self, "alpha_bounds", (low, high))
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _integer(config: DetectorConfig, name: str, minimum: int) -> None:
-    value = getattr(config, name)
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    object.__setattr__(config, name, int(value))
-
-
-def _real(config: DetectorConfig, name: str, accepted: str, ok: Callable[[float], bool]) -> None:
-    value = getattr(config, name)
-    if not _is_real(value):
-        raise TypeError(f"{name} must be {accepted}, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or not ok(number):
-        raise ValueError(f"{name} must be {accepted}, got {value!r}")
-    object.__setattr__(config, name, number)
+Fitter = Callable[[FitInput, DetectorConfig], FitResult]
 
 
 def _unit_for(y: float) -> float:

@@ -8,7 +8,7 @@ re-exported here under names that tell them apart.
 
 from __future__ import annotations
 
-from otel_recovery.middleware._guard import Response
+from otel_recovery.middleware._responses import Response
 from otel_recovery.middleware.asgi import RecoveryMiddleware as ASGIRecoveryMiddleware
 from otel_recovery.middleware.wsgi import RecoveryMiddleware as WSGIRecoveryMiddleware
 

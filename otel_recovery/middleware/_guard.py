@@ -1,45 +1,43 @@
-"""What the ASGI and WSGI middlewares share: per-route breakers, when a request may be
-retried, the responses they answer with, and what they mark on the server span.
+"""What the ASGI and WSGI middlewares share: their checked options, the answers they give
+(503 or the fallback while a route's breaker is open, whether and when a failed request is
+retried, how a response counts on the breaker), and what they mark on the server span.
 
-Why a server-side breaker: when a route keeps failing (its database is down, a dependency
-times out), every request still costs a worker, a connection and the client's patience. An
-open breaker answers at once with ``503`` and ``Retry-After``, which well-behaved clients
-(ours included) honour, and lets one probe through after ``timeout`` to find out whether the
-route has recovered. Envoy's outlier detection and resilience4j's server-side circuit do the
-same.
+:class:`GuardedApp` is the base of both middlewares. What they guard with lives apart: the
+breakers per route in :mod:`._route_breakers`, the default route in :mod:`._route_template`,
+the response shape and its check in :mod:`._responses`, and the request put back in place
+before a retry in :mod:`._request_snapshot`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import re
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from opentelemetry import trace
 
 from otel_recovery._clock import Clock, clock_or_default
-from otel_recovery._forksafe import new_lock
 from otel_recovery._inner_recovery import OuterAttempt
 from otel_recovery._type_profiles import error_type_of
 from otel_recovery.classify import classify
 from otel_recovery.instrumentors._wrapping import report_internal_error
+from otel_recovery.middleware._responses import Fallback, Response, check_response
+from otel_recovery.middleware._route_breakers import BreakerChoice, RouteBreakers
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
 from otel_recovery.policies.retry import Retry
-from otel_recovery.telemetry import attributes, watch_breaker_globally
+from otel_recovery.telemetry import attributes
 
-_log = logging.getLogger("otel_recovery.middleware")
-
-Response = tuple[int, Sequence[tuple[str, str]], bytes]
-"""``(status, headers, body)``: what a middleware answers with in place of the app."""
-
-Fallback = Response | Callable[[str, BaseException], Response]
-"""A fixed response, or ``(route, error) -> response``; ``error`` is a
-:class:`~otel_recovery.CircuitOpenError` when the route's breaker is open."""
-
-BreakerChoice = CircuitBreaker | Callable[[str], CircuitBreaker] | None
+__all__ = [
+    "INNER_RECOVERY",
+    "SAFE_METHODS",
+    "GuardedApp",
+    "Options",
+    "default_is_failure",
+    "mark",
+    "may_repeat",
+    "shed",
+]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 """Methods a retry may repeat (RFC 9110 section 9.2.1), as DESIGN.md section 5 says; any
@@ -49,99 +47,11 @@ INNER_RECOVERY = "inner_recovery"
 """``otel_recovery.retry.disallowed`` on the server span: a policy of ours inside the
 handler already ended a call without success, so the request is not retried on top."""
 
-DEFAULT_TIMEOUT = 30.0
-"""How long a route's default breaker stays open before it lets a probe through."""
-
-
-def default_breaker(route: str) -> CircuitBreaker:
-    """Five failures in a row open the route for 30 seconds, in this process only.
-
-    ``store="memory://"``: a named breaker would otherwise be shared through
-    ``OTEL_RECOVERY_STORE_URL`` when one is set, and every service's ``GET /health`` would
-    share one fleet-wide breaker. Pass ``breaker=`` to share route breakers on purpose.
-    """
-    return CircuitBreaker(
-        failure_threshold=5,
-        timeout=DEFAULT_TIMEOUT,
-        name=f"http.server {route}",
-        store="memory://",
-    )
-
 
 def default_is_failure(status: int) -> bool:
     """A 5xx is the server failing; a 4xx is the client's mistake and says nothing about
     the route's health."""
     return status >= 500
-
-
-class RouteBreakers:
-    """One breaker per route, made on first use; at most ``max_routes`` of them.
-
-    Routes are keys the middleware computes per request (by default ``"GET /path"``). Raw
-    paths with ids in them would make a breaker per id, so the count is capped: past the
-    cap, new routes pass through unguarded and a warning says to pass ``route=`` (for
-    instance the framework's path template).
-    """
-
-    def __init__(self, breaker: BreakerChoice, max_routes: int) -> None:
-        if isinstance(max_routes, bool) or not isinstance(max_routes, int) or max_routes < 1:
-            raise ValueError(f"max_routes must be an int >= 1, got {max_routes!r}")
-        self._shared: CircuitBreaker | None = None
-        self._factory: Callable[[str], CircuitBreaker] = default_breaker
-        if isinstance(breaker, CircuitBreaker):
-            self._shared = breaker
-        elif callable(breaker):
-            self._factory = breaker
-        elif breaker is not None:
-            raise TypeError(
-                "breaker must be a CircuitBreaker (one for every route), a function "
-                "route -> CircuitBreaker (one per route), or None for the default "
-                f"(5 failures open a route for {DEFAULT_TIMEOUT:g} s); got {breaker!r}"
-            )
-        self._max_routes = max_routes
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._lock = new_lock()
-        self._warned = False
-        if self._shared is not None:
-            watch_breaker_globally(self._shared)
-
-    def get(self, route: str) -> CircuitBreaker | None:
-        if self._shared is not None:
-            return self._shared
-        breaker = self._breakers.get(route)
-        if breaker is not None:
-            return breaker
-        with self._lock:
-            breaker = self._breakers.get(route)
-            if breaker is None:
-                if len(self._breakers) >= self._max_routes:
-                    self._warn_full()
-                    return None
-                breaker = self._factory(route)
-                if not isinstance(breaker, CircuitBreaker):
-                    raise TypeError(
-                        f"the breaker function returned {breaker!r} for route {route!r}; "
-                        "it must return a CircuitBreaker"
-                    )
-                watch_breaker_globally(breaker)  # before any request can use it
-                self._breakers[route] = breaker
-        return breaker
-
-    def _warn_full(self) -> None:
-        if not self._warned:
-            self._warned = True
-            _log.warning(
-                "otel_recovery middleware: %d routes have breakers; new routes pass through "
-                "unguarded. Pass route= (for instance the path template) so that routes "
-                "do not multiply with path parameters, or raise max_routes.",
-                self._max_routes,
-            )
-
-    def __getitem__(self, route: str) -> CircuitBreaker:
-        """The breaker already made for ``route`` (for tests and dashboards)."""
-        if self._shared is not None:
-            return self._shared
-        return self._breakers[route]
 
 
 @dataclass(frozen=True)
@@ -168,7 +78,7 @@ class Options:
         if is_failure is not None and not callable(is_failure):
             raise TypeError(f"is_failure must be a function status -> bool, got {is_failure!r}")
         if fallback is not None and not callable(fallback):
-            _check_response(fallback, "fallback")
+            check_response(fallback, "fallback")
         if retry is not None and not isinstance(retry, Retry):
             raise TypeError(f"retry must be a Retry (for instance Retry(3)) or None, got {retry!r}")
         if retry is not None and (retry.attempt_timeout is not None or retry.advisor is not None):
@@ -193,7 +103,7 @@ class Options:
             return None
         try:
             response = fallback(route, error) if callable(fallback) else fallback
-            _check_response(response, "the fallback's response")
+            check_response(response, "the fallback's response")
         except Exception as failure:
             report_internal_error("middleware fallback", failure)
             return None
@@ -311,100 +221,6 @@ def _on_span(write: Callable[[trace.Span], None]) -> None:
             write(span)
     except Exception as failure:
         report_internal_error("middleware span", failure)
-
-
-class Snapshot:
-    """A request's mapping (an ASGI scope, a WSGI environ) as it came in, put back in place
-    before a retry.
-
-    In place, because the layers outside ours hold the very dict (and the very ``state``
-    dict, the ``headers`` list in it) they passed in, and read them once we return: an
-    access log, a metrics or an auth middleware must see what the attempt that answered
-    stored there, as it would without a retry, not what the failed one did. Each list or
-    dict value is copied too, as routers and header middlewares edit those in place
-    (``scope["headers"].append(...)``): a retry would otherwise see the failed attempt's
-    edits, twice over once it made them again. Anything deeper is shared.
-    """
-
-    def __init__(self, request: MutableMapping[str, Any]) -> None:
-        self._request = request
-        self._items = dict(request)
-        self._contents: dict[str, list[Any] | dict[Any, Any]] = {
-            key: value.copy()
-            for key, value in self._items.items()
-            if isinstance(value, (list, dict))
-        }
-
-    def restore(self) -> None:
-        """The mapping, and each list or dict in it, holds again what it held at first."""
-        for key, contents in self._contents.items():
-            value = self._items[key]
-            if isinstance(value, list):
-                value[:] = contents
-            elif isinstance(value, dict):
-                value.clear()
-                value.update(contents)
-        self._request.clear()
-        self._request.update(self._items)
-
-
-def _header_ok(pair: object) -> bool:
-    if not (isinstance(pair, tuple) and len(pair) == 2):
-        return False
-    for text in pair:
-        if not isinstance(text, str) or "\r" in text or "\n" in text:
-            return False
-        try:
-            text.encode("latin-1")
-        except UnicodeEncodeError:
-            return False
-    return True
-
-
-def _check_response(response: object, what: str) -> None:
-    if not (
-        isinstance(response, tuple)
-        and len(response) == 3
-        and isinstance(response[0], int)
-        and 100 <= response[0] <= 599
-        and isinstance(response[1], (list, tuple))
-        and isinstance(response[2], bytes)
-        and all(_header_ok(pair) for pair in response[1])
-    ):
-        raise TypeError(
-            f"{what} must be (status, [(header, value), ...], body bytes) with latin-1 "
-            "headers and no line breaks in them, for instance "
-            f"(503, [('content-type', 'text/plain')], b'try later'); got {response!r}"
-        )
-
-
-_ROUTE_WORD = re.compile(r"\.?[a-z]+(?:[-_.][a-z]+)*|v\d{1,3}")
-"""A path segment kept in a default route: lowercase words (``orders``, ``reset-password``,
-``favicon.ico``, ``.well-known``) or an API version (``v1``)."""
-
-_WORD_MAX = 40
-
-
-def route_template(method: str, path: str) -> str:
-    """``"GET /orders/{id}"`` for ``GET /orders/42``: the default route of both middlewares.
-
-    A route is a breaker, and a breaker's name is a metric attribute: raw paths would make a
-    breaker per order (up to ``max_routes``, then none) and put ids, tokens and personal
-    data in metrics, as HTTP semantic conventions forbid for ``http.route``. So only
-    segments that read as route words are kept, and every other one is ``{id}``: numbers,
-    UUIDs and hashes, but also emails, short codes, tokens with or without digits, and
-    anything with capitals, percent-escapes or punctuation. Telling a resource's name from
-    a route's by its letters is a guess that errs on the side of folding (a route spelt
-    ``/Search`` becomes ``/{id}``, and shares its breaker); a lowercase word that names a
-    resource (``/users/alice``) still looks like a route. Pass ``route=`` for your
-    framework's own templates."""
-    segments = [
-        segment
-        if not segment or (len(segment) <= _WORD_MAX and _ROUTE_WORD.fullmatch(segment))
-        else "{id}"
-        for segment in path.split("/")
-    ]
-    return f"{method} {'/'.join(segments) or '/'}"
 
 
 class GuardedApp:

@@ -54,15 +54,10 @@ from typing import Any
 
 from otel_recovery._inner_recovery import note_decided, outer_attempt
 from otel_recovery.instrumentors._wrapping import report_internal_error
-from otel_recovery.middleware._guard import (
-    GuardedApp,
-    Options,
-    Response,
-    Snapshot,
-    may_repeat,
-    route_template,
-    shed,
-)
+from otel_recovery.middleware._guard import GuardedApp, Options, may_repeat, shed
+from otel_recovery.middleware._request_snapshot import Snapshot
+from otel_recovery.middleware._responses import Response
+from otel_recovery.middleware._route_template import route_template
 from otel_recovery.policies.circuit_breaker import CircuitBreaker
 
 __all__ = ["RecoveryMiddleware"]

@@ -14,7 +14,7 @@ import pytest
 from otel_recovery import CircuitBreaker, Retry
 from otel_recovery._fake_clock import FakeClock
 from otel_recovery.middleware import asgi, wsgi
-from otel_recovery.middleware._guard import default_breaker
+from otel_recovery.middleware._route_breakers import default_breaker
 from otel_recovery.policies.backoff import FixedBackoff
 
 

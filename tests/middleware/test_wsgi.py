@@ -253,7 +253,7 @@ def test_the_default_route_keeps_route_words_only(path, route):
     """Emails, short codes and tokens without digits or shorter than 24 characters were kept
     as they were: personal data and secrets in the breaker metrics' names (a security
     review)."""
-    from otel_recovery.middleware._guard import route_template
+    from otel_recovery.middleware._route_template import route_template
 
     assert route_template("GET", path) == route
 
