@@ -939,14 +939,3 @@ async def test_stragglers_cut_by_asyncio_timeout_let_no_extra_probe_through(cloc
     assert all(isinstance(r, CircuitOpenError) for r in refused) and started == 31
     stalled.set()
     assert await probe == "late" and b.state is CLOSED
-
-
-def test_help_shows_the_breakers_methods_without_the_mixins_self_types() -> None:
-    """The breaker's parts are mixins that type ``self`` with a Protocol of the slots they
-    use (for mypy); ``help(CircuitBreaker)`` showed ``snapshot(self: '_Viewed')``."""
-    import pydoc
-
-    text = pydoc.render_doc(CircuitBreaker, renderer=pydoc.plaintext)
-    assert "snapshot(self)" in text
-    assert "self: " not in text
-    assert CircuitBreaker.snapshot.__annotations__ == {"return": "BreakerSnapshot"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from types import MappingProxyType
 
 from otel_recovery._clock import Duration, to_seconds
@@ -20,8 +19,6 @@ __all__ = [
     "HardCaps",
     "Recommendation",
     "RewardWeights",
-    "check_options",
-    "validated_arms",
 ]
 
 
@@ -170,50 +167,3 @@ class Recommendation:
     def acted(self) -> bool:
         """Whether the caller follows the learner (False in shadow mode)."""
         return not self.shadow
-
-
-def check_options(
-    *, max_weight: float, prior_strength: float, delay_quantile: float, counts: dict[str, int]
-) -> None:
-    """Validate the learner's numeric options (a configuration error fails at start-up)."""
-    for name, value, low, finite in (
-        ("max_weight", max_weight, 2.0, False),  # inf: no cap on the weight
-        ("prior_strength", prior_strength, 0.01, True),
-    ):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not value >= low
-            or (finite and math.isinf(value))
-        ):
-            bound = f"a finite number >= {low}" if finite else f"a number >= {low}"
-            raise ValueError(f"{name} must be {bound}, got {value!r}")
-    if (
-        isinstance(delay_quantile, bool)
-        or not isinstance(delay_quantile, (int, float))
-        or not 0.0 <= delay_quantile <= 1.0
-    ):
-        raise ValueError(f"delay_quantile must be in [0, 1], got {delay_quantile!r}")
-    for name, count in counts.items():
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {count!r}")
-
-
-def validated_arms(allowed: Mapping[str, int]) -> dict[str, int]:
-    """``allowed`` as plain ``{arm name: retries}``, checked; giving up must be among them."""
-    if not isinstance(allowed, Mapping) or not allowed:
-        raise ValueError("allowed must be a non-empty mapping of arm name -> retries it may spend")
-    arms: dict[str, int] = {}
-    for arm, retries in allowed.items():
-        if not isinstance(arm, str):
-            raise TypeError(f"arm names must be str, got {arm!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries for arm {arm!r} must be an int >= 0, got {retries!r}")
-        # A str-valued Enum (RecoveryAction) is stored by its value: snapshots are plain JSON.
-        arms[arm.value if isinstance(arm, Enum) else arm] = retries
-    if all(n > 0 for n in arms.values()):
-        raise ValueError(
-            "allowed must include an arm that spends no retry (fail fast or fall back): "
-            "the hard caps need something to fall back to"
-        )
-    return arms

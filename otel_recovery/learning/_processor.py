@@ -33,20 +33,20 @@ the bus with ``score`` 0 and NaN ``value`` and ``expected``), so subscribers rel
 tightened. Every :meth:`~AnomalySpanProcessor.process` (each ``flush_interval``) also calls
 :meth:`AnomalyBus.tick`, which lets :class:`~otel_recovery.learning.AdaptiveThresholds` expire
 tightenings nobody reconfirmed (``max_tightened``) without a call on any request path.
+
+This module is the series and their buckets. The worker thread's life (starting it, again in
+a forked child; answering flushes; shutdown) is mixed in from ``_processor_worker``, and the
+detectors a series gets by default are made in ``_series_detectors``.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
 import math
 import threading
 import time
-import types
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import replace
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider, get_meter
@@ -56,10 +56,12 @@ from opentelemetry.trace import StatusCode
 from otel_recovery import __about__
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock, reset_in_child
+from otel_recovery._mixins import plain_self
 from otel_recovery.learning._anomaly_verdicts import Verdicts, event_attributes
-from otel_recovery.learning._detector import DetectorConfig, StreamingDetector
+from otel_recovery.learning._detector import StreamingDetector
 from otel_recovery.learning._error_rate import ErrorRateDetector
 from otel_recovery.learning._events import AnomalyBus, SeriesKey
+from otel_recovery.learning._processor_worker import ProcessorWorker, greenlets
 from otel_recovery.learning._series import (
     OVERFLOW,
     Series,
@@ -67,35 +69,15 @@ from otel_recovery.learning._series import (
     key_fields,
     series_key,
 )
+from otel_recovery.learning._series_detectors import default_factories
 from otel_recovery.telemetry import attributes as names
 
-__all__ = ["SERIES_DETECTOR_CONFIG", "AnomalySpanProcessor", "series_key"]
+__all__ = ["AnomalySpanProcessor", "series_key"]
 
 _log = logging.getLogger("otel_recovery")
 
 
-def _greenlets() -> bool:
-    """Whether gevent (or eventlet) has patched ``time``, hence ``threading``, by now:
-    ``time.sleep`` is then no longer the builtin."""
-    return not isinstance(time.sleep, types.BuiltinFunctionType)
-
-
-SERIES_DETECTOR_CONFIG = DetectorConfig(
-    history=256,
-    refit_every=360,
-    season_bins=96,
-    season_history_days=3.0,
-    refractory=0.0,
-)
-"""Detector settings for span series: 10 s buckets, an hour between refits, 15-minute daily
-profile slots, and about 4 KB of history per signal."""
-
-_MIN_SCALES = {"latency": 0.01, "calls": 1.0}
-"""Per signal, the change a flat series may show without surprise (``min_scale``): 1 %
-of a log latency, one call per bucket (a call ending just past a boundary)."""
-
-
-class AnomalySpanProcessor(SpanProcessor):
+class AnomalySpanProcessor(ProcessorWorker, SpanProcessor):
     """Feeds anomaly detectors from finished spans; see the module docstring."""
 
     def __init__(
@@ -155,27 +137,8 @@ class AnomalySpanProcessor(SpanProcessor):
         self._clock = clock_or_default(clock)
         self.bus = bus if bus is not None else AnomalyBus()
         if detector_factory is None:
-            from otel_recovery.learning.anomaly import AnomalyDetector
-
-            made = itertools.count()
-
-            def made_for(signal: str) -> StreamingDetector:
-                # Staggered: series made together (one service's dependencies at start-up,
-                # all called every bucket) would otherwise refit in the same bucket, every
-                # fit in one process() pass; a first fit 32 to 63 points in keeps each
-                # detector's schedule (doubling, then every refit_every) apart.
-                first = SERIES_DETECTOR_CONFIG.first_fit + (next(made) * 7) % 32
-                config = replace(
-                    SERIES_DETECTOR_CONFIG,
-                    first_fit=first,
-                    min_scale=_MIN_SCALES.get(signal, 0.0),
-                )
-                return AnomalyDetector(config)
-
-            detector_factory = functools.partial(made_for, "latency")
-            self._calls_factory: Callable[[], StreamingDetector] | None = functools.partial(
-                made_for, "calls"
-            )
+            detector_factory, calls_factory = default_factories()
+            self._calls_factory: Callable[[], StreamingDetector] | None = calls_factory
         else:
             self._calls_factory = None  # the application's factory makes both
 
@@ -202,7 +165,7 @@ class AnomalySpanProcessor(SpanProcessor):
         # greenlet for 2 s. It then yields after each series (_close). Built before the
         # patch, its locks are real ones, which a greenlet must never hold across a switch,
         # and its worker a real thread: it never yields.
-        self._yields = _greenlets()
+        self._yields = greenlets()
         self._pending: deque[ReadableSpan] = deque()
         self._series: OrderedDict[tuple[str, str, str], Series] = OrderedDict()
         self._overflow: dict[str, Series] = {}
@@ -224,25 +187,6 @@ class AnomalySpanProcessor(SpanProcessor):
         if start_worker:
             self._start_worker()
         reset_in_child(self)
-
-    def _start_worker(self) -> None:
-        self._worker = threading.Thread(target=self._run, name="otel_recovery-anomaly", daemon=True)
-        self._worker.start()
-
-    def _after_fork_in_child(self) -> None:
-        """A forked child has no worker thread: start the child's own, as the SDK's batch span
-        processor does (the locks the parent's worker held, ``_process_lock`` for a whole
-        ``process()``, are fork-safe: ``otel_recovery._forksafe``). Spans still pending
-        were finished before the fork; the child aggregates them too, on top of the parent's
-        series it inherited."""
-        stopped = self._stop.is_set()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._flushes = deque()
-        if stopped:
-            self._stop.set()
-        elif self._worker is not None:
-            self._start_worker()
 
     @property
     def threshold(self) -> float:
@@ -286,72 +230,7 @@ class AnomalySpanProcessor(SpanProcessor):
         else:
             self.dropped += 1
 
-    def shutdown(self) -> None:
-        """Stop the worker, aggregate what is pending, and end every active anomaly: nothing
-        will reconfirm them, so subscribers should not keep acting on them."""
-        with self._flush_lock:
-            self._shut = True
-        self._stop.set()
-        self._wake.set()
-        worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(timeout=5.0)
-        self.process()
-        self._answer_flushes()
-        with self._process_lock:
-            now = self._clock.wall()
-            for series in self._series.values():
-                self._verdicts.end(series, "anomaly processor shut down", now)
-            self._verdicts.clear()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Aggregate every finished span now (buckets still close on the clock).
-
-        The worker does it, and the caller waits at most ``timeout_millis``: closing a bucket
-        refits statsmodels models, which may take longer than the caller (the SDK's
-        ``force_flush`` at the end of a request or a serverless invocation) can spare.
-        False when the time ran out first. Without a running worker it is done here."""
-        worker = self._worker
-        done = threading.Event()
-        with self._flush_lock:
-            queued = not (
-                self._shut
-                or worker is None
-                or not worker.is_alive()
-                or worker is threading.current_thread()
-            )
-            if queued:  # shutdown, if it comes now, answers it
-                self._flushes.append(done)
-        if not queued:
-            self.process()
-            return True
-        self._wake.set()
-        return done.wait(max(timeout_millis, 0) / 1000.0)
-
     # ------------------------------------------------------------ worker side
-
-    def _run(self) -> None:
-        # The idle wait is an interruptible Event wait, not a time reading: every decision
-        # about buckets uses the injected clock.
-        while True:
-            self._wake.wait(self._interval)
-            self._wake.clear()  # before the check: shutdown sets the stop, then the wake
-            if self._stop.is_set():
-                return  # shutdown processes what is left and answers the flushes
-            asked = len(self._flushes)  # those asked before this pass: it takes their spans
-            try:
-                self.process()
-            except Exception:
-                _log.exception("otel_recovery anomaly worker failed; continuing")
-            self._answer_flushes(asked)
-
-    def _answer_flushes(self, count: int | None = None) -> None:
-        flushes = self._flushes
-        for _ in range(len(flushes) if count is None else count):
-            try:
-                flushes.popleft().set()
-            except IndexError:  # a shutdown whose join timed out answered them already
-                return
 
     def process(self) -> int:
         """Drain finished spans into their series, then close every bucket that is due.
@@ -504,3 +383,6 @@ class AnomalySpanProcessor(SpanProcessor):
                 for signal in s.signals
                 if signal.active
             ]
+
+
+plain_self(AnomalySpanProcessor)

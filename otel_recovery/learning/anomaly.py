@@ -43,11 +43,8 @@ from otel_recovery.learning._detector import (
 )
 from otel_recovery.learning._error_rate import ErrorRateDetector, ErrorRateEstimate
 from otel_recovery.learning._fit_warnings import quiet_fit
-from otel_recovery.learning._processor import (
-    SERIES_DETECTOR_CONFIG,
-    AnomalySpanProcessor,
-    series_key,
-)
+from otel_recovery.learning._processor import AnomalySpanProcessor, series_key
+from otel_recovery.learning._series_detectors import SERIES_DETECTOR_CONFIG
 
 __all__ = [
     "MODELS",

@@ -44,6 +44,12 @@ error; the evidence is kept for the next save).
 
 Thread-safe (one lock, never held across user code or store I/O). Time comes from the
 injected clock.
+
+This module is the algorithm: deciding and learning. The rest of :class:`StrategyLearner` is
+mixed in from one module per part of its state, none with state of its own: the evidence per
+context and the posterior composed from it (``_context_evidence``), the retry-ratio cap's
+traffic (``_retry_ratio``) and the learned delays (``_learned_delays``). What it accepts is
+checked in ``_learner_checks``.
 """
 
 from __future__ import annotations
@@ -58,31 +64,32 @@ from typing import Any
 
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock
-from otel_recovery.learning._backoff import LearnedBackoff
-from otel_recovery.learning._decisions import (
-    DecisionKey,
-    HardCaps,
-    Recommendation,
-    RewardWeights,
-    check_options,
-    validated_arms,
-)
+from otel_recovery._mixins import plain_self
+from otel_recovery.learning._context_evidence import ContextEvidence
+from otel_recovery.learning._decisions import DecisionKey, HardCaps, Recommendation, RewardWeights
 from otel_recovery.learning._explain import describe_context, remember_decision
-from otel_recovery.learning._snapshot_format import restore_snapshot, take_snapshot
+from otel_recovery.learning._learned_delays import LearnedDelays
+from otel_recovery.learning._learner_checks import (
+    check_options,
+    check_outcome,
+    check_settings,
+    checked_choice,
+    checked_delay_bounds,
+    checked_half_life,
+)
+from otel_recovery.learning._retry_ratio import RetryRatioTraffic
+from otel_recovery.learning._snapshot_format import Level, restore_snapshot, take_snapshot
 from otel_recovery.learning._snapshot_merge import Pending
 from otel_recovery.learning._snapshot_sharing import SnapshotSharing
 from otel_recovery.learning._stats import DecayedMoments, DecayedRatio, DelaySamples
 from otel_recovery.learning.store import LearnerStore
-from otel_recovery.policies.backoff import ExponentialBackoff
 
 __all__ = ["StrategyLearner"]
-
-Level = tuple[str, str]
 
 _log = logging.getLogger("otel_recovery")
 
 
-class StrategyLearner:
+class StrategyLearner(ContextEvidence, RetryRatioTraffic, LearnedDelays):
     """Discounted, hierarchical Thompson sampling over recovery actions, under hard caps.
 
     Use: ``rec = learner.choose(key, {"retry": 3, "fail_fast": 0})`` after a failure (arm
@@ -114,28 +121,11 @@ class StrategyLearner:
         save_interval: Duration = 30.0,
     ) -> None:
         self.clock: Clock = clock_or_default(clock)
-        for setting, value, kind, example in (
-            ("caps", caps, HardCaps, "HardCaps(max_retries=2)"),
-            ("reward", reward, RewardWeights, "RewardWeights()"),
-        ):
-            if value is not None and not isinstance(value, kind):
-                raise TypeError(
-                    f"{setting} must be a {kind.__name__} such as {example}, got {value!r}"
-                )
-        if store is not None and not isinstance(store, LearnerStore):
-            how = (
-                f"CheckpointLearnerStore({store!r})" if isinstance(store, str)
-                else "CheckpointLearnerStore(url) or MemoryLearnerStore()"
-            )  # fmt: skip
-            raise TypeError(
-                f"store must be a LearnerStore (load() and save()), such as {how}; got {store!r}"
-            )
+        check_settings(caps, reward, store)
         self.caps = caps if caps is not None else HardCaps()
         self.reward = reward if reward is not None else RewardWeights()
         self._tau = to_seconds(self.caps.window, "caps.window")
-        self.half_life = to_seconds(half_life, "half_life", allow_inf=True)
-        if self.half_life <= 0:
-            raise ValueError(f"half_life must be > 0 seconds, got {half_life!r}")
+        self.half_life = checked_half_life(half_life)
         check_options(
             max_weight=max_weight,
             prior_strength=prior_strength,
@@ -146,16 +136,7 @@ class StrategyLearner:
                 "max_contexts": max_contexts,
             },
         )
-        if not isinstance(delay_bounds, (tuple, list)) or len(delay_bounds) != 2:
-            raise ValueError(
-                f"delay_bounds must be a (low, high) pair of seconds, got {delay_bounds!r}"
-            )
-        low_delay = to_seconds(delay_bounds[0], "delay_bounds[0]")
-        high_delay = to_seconds(delay_bounds[1], "delay_bounds[1]")
-        if high_delay < low_delay:
-            raise ValueError(
-                f"delay_bounds must be (low, high) with low <= high, got {delay_bounds}"
-            )
+        low_delay, high_delay = checked_delay_bounds(delay_bounds)
         self.max_weight = float(max_weight)
         self.prior_strength = float(prior_strength)
         self.shadow = bool(shadow)
@@ -207,19 +188,7 @@ class StrategyLearner:
         ``caps.max_retries``) fits in what the retry-ratio cap has left; choosing it reserves
         that allowance, and :meth:`record` gives back what was not spent.
         """
-        if not isinstance(key, DecisionKey):
-            raise TypeError(f"key must be a DecisionKey, got {key!r}")
-        if calls is not None and (
-            isinstance(calls, bool) or not isinstance(calls, int) or calls < 0
-        ):
-            raise ValueError(f"calls must be an int >= 0 or None, got {calls!r}")
-        arms = validated_arms(allowed)
-        if isinstance(default, Enum):
-            default = default.value
-        if default is not None and default not in arms:
-            raise ValueError(f"default {default!r} is not among the allowed arms {sorted(arms)}")
-        if self.shadow and default is None:
-            raise ValueError("a shadow-mode learner needs default=: the action that will be taken")
+        arms, default = checked_choice(key, allowed, default, calls, shadow=self.shadow)
         caps = self.caps
         tau = self._tau
         with self._lock:
@@ -268,52 +237,6 @@ class StrategyLearner:
             )
             remember_decision(self._last, recommendation, now, self._max_contexts)
         return recommendation
-
-    def _ratio(self, service: str, now: float) -> DecayedRatio:
-        """The service's retry-ratio state (under the lock); bounded like the contexts."""
-        ratios = self._ratios
-        ratio = ratios.get(service)
-        if ratio is None:
-            ratio = ratios[service] = DecayedRatio(updated=now)
-            if len(ratios) > self._max_contexts:
-                ratios.popitem(last=False)
-        else:
-            ratios.move_to_end(service)
-        return ratio
-
-    def _posterior(self, key: DecisionKey, arm: str, now: float) -> tuple[float, float, float]:
-        """``(mean, sd, variance)``: the posterior of ``arm``'s mean reward and its spread,
-        and the estimated variance of a single reward.
-
-        Built coarse to fine: the coarsest level starts from mean 0.5 and variance 0.25 (the
-        widest a reward in [0, 1] can have); every level's prior is its parent's mean and
-        variance worth ``prior_strength`` observations (a normal model with unknown
-        variance). The variance is *estimated* rather than assumed Bernoulli, because
-        recovery rewards are often nearly deterministic (a dead dependency fails every
-        retry), and Beta-Bernoulli sampling would keep exploring such arms long after the
-        answer is clear, each exploration being retries sent into an outage.
-        """
-        mean, variance = 0.5, 0.25
-        prior = self.prior_strength
-        count = prior
-        half_life = self.half_life
-        for level in reversed(key.levels()):
-            stats = self._contexts.get(level)
-            entry = stats.get(arm) if stats is not None else None
-            if entry is None:
-                count = prior
-                continue
-            weight, total, squares = entry.at(now, half_life)
-            count = prior + weight
-            if weight <= 0.0:
-                continue
-            own_mean = total / weight
-            within = max(0.0, squares - total * own_mean)
-            between = prior * weight / count * (own_mean - mean) ** 2
-            variance = (prior * variance + within + between) / count
-            mean = (prior * mean + total) / count
-        variance = max(variance, 1e-4)
-        return mean, math.sqrt(variance / count), variance
 
     # -- learning ----------------------------------------------------------------------------
 
@@ -389,19 +312,9 @@ class StrategyLearner:
         reserved: int,
         decided_at: float,
     ) -> float:
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        for name, flag in (("success", success), ("fallback", fallback)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
-        if (
-            isinstance(recovery_time, bool)
-            or not isinstance(recovery_time, (int, float))
-            or not recovery_time >= 0
-        ):
-            raise ValueError(
-                f"recovery_time must be a number of seconds >= 0, got {recovery_time!r}"
-            )
+        check_outcome(
+            success=success, fallback=fallback, retries=retries, recovery_time=recovery_time
+        )
         caps = self.caps
         score = self.reward.score(
             success=success,
@@ -427,78 +340,6 @@ class StrategyLearner:
         if save and sharing is not None:
             sharing.save_quietly(self)
         return score
-
-    def _arm(self, level: Level, arm: str, now: float) -> DecayedMoments:
-        stats = self._contexts.get(level)
-        if stats is None:
-            stats = self._contexts[level] = {}
-            if len(self._contexts) > self._max_contexts:
-                self._contexts.popitem(last=False)
-        else:
-            self._contexts.move_to_end(level)
-        entry = stats.get(arm)
-        if entry is None:
-            entry = stats[arm] = DecayedMoments(updated=now)
-        return entry
-
-    def record_call(self, service: str, calls: int = 1) -> None:
-        """Count calls the learner did not see fail (for the retry-ratio cap, which applies
-        to a service once any of its calls was counted)."""
-        if not isinstance(service, str):
-            raise TypeError(f"service must be a str, got {service!r}")
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-            raise ValueError(f"calls must be an int >= 0, got {calls!r}")
-        tau = self._tau
-        with self._lock:
-            now = self.clock.now()
-            ratio = self._ratio(service, now)
-            ratio.add(now, tau, calls=float(calls))
-            ratio.counted = True
-
-    # -- learned delays ----------------------------------------------------------------------
-
-    def observe_recovery(self, service: str, seconds: float) -> None:
-        """A recovery of ``service`` succeeded ``seconds`` after the first failure."""
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, (int, float))
-            or not 0 <= seconds < math.inf  # inf would make every later save fail
-        ):
-            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
-        with self._lock:
-            samples = self._delays.get(service)
-            if samples is None:
-                samples = self._delays[service] = DelaySamples(self._delay_size)
-                if len(self._delays) > self._max_contexts:
-                    self._delays.popitem(last=False)
-            samples.add(float(seconds))
-            if self._sharing is not None:
-                self._sharing.pending.add_delay(
-                    service, float(seconds), self._delay_size, self._max_contexts
-                )
-
-    def learned_delay(self, service: str) -> float | None:
-        """The learned first backoff delay for ``service``, or None while data is thin.
-
-        It is the ``delay_quantile`` of recent recovery times, clamped to ``delay_bounds``.
-        The estimate corrects itself rather than ratcheting: if waits are longer than the
-        dependency needs, recoveries come in just after the (jittered) waits and the
-        quantile falls; if shorter, early retries fail and recoveries take longer.
-        """
-        with self._lock:
-            return self._learned_delay(service)
-
-    def _learned_delay(self, service: str) -> float | None:
-        samples = self._delays.get(service)
-        if samples is None or len(samples) < self._min_delay_samples:
-            return None
-        low, high = self.delay_bounds
-        return min(high, max(low, samples.quantile(self.delay_quantile)))
-
-    def backoff(self, service: str, base: ExponentialBackoff | None = None) -> LearnedBackoff:
-        """A :class:`~otel_recovery.policies.Backoff` starting at the learned delay of
-        ``service`` (``base``'s initial delay until something is learned)."""
-        return LearnedBackoff(self, service, base if base is not None else ExponentialBackoff())
 
     # -- introspection and persistence ---------------------------------------------------------
 
@@ -560,3 +401,6 @@ class StrategyLearner:
     def __repr__(self) -> str:
         mode = "shadow" if self.shadow else "active"
         return f"StrategyLearner({mode}, contexts={len(self._contexts)}, caps={self.caps!r})"
+
+
+plain_self(StrategyLearner)

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock, reset_in_child
+from otel_recovery._mixins import plain_self
 from otel_recovery.policies._breaker_listeners import (
     BreakerListeners,
     Listener,
@@ -481,16 +482,4 @@ class CircuitBreaker(
         return f"CircuitBreaker(name={self.name!r}, state={self._state.value})"
 
 
-def _plain_self(*mixins: type) -> None:
-    """Drop from the mixins' methods the Protocol each types ``self`` with for mypy, so that
-    ``help(CircuitBreaker)`` reads ``snapshot(self)``, not ``snapshot(self: '_Viewed')``."""
-    for mixin in mixins:
-        for member in vars(mixin).values():
-            parts = (member.fget, member.fset) if isinstance(member, property) else (member,)
-            for part in parts:
-                annotations = getattr(part, "__annotations__", None)
-                if isinstance(annotations, dict):
-                    annotations.pop("self", None)
-
-
-_plain_self(*CircuitBreaker.__bases__)
+plain_self(CircuitBreaker)
