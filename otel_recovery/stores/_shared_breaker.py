@@ -28,8 +28,8 @@ Who decides what, and how often Redis is consulted:
 
 The asyncio drivers call the same methods, so on a failure or a probe the event loop waits
 for that one round trip (~0.1-0.2 ms on loopback, never more than
-:data:`~._shared_link.DECISION_TIMEOUT` when Redis stops answering, however many callers
-wait: see "The decision bound" in :mod:`._shared_link`); the happy path never waits.
+:data:`~._shared_exchange.DECISION_TIMEOUT` when Redis stops answering, however many callers
+wait: see "The decision bound" in :mod:`._shared_exchange`); the happy path never waits.
 
 **Staleness bound.** A process acts on shared state at most ``sync_interval`` plus one round
 trip old (plus the link thread's scheduling delay on a busy host), idle or not. Its own

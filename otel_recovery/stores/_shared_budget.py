@@ -23,7 +23,7 @@ wall-clock bucket so every process agrees on the boundaries.
 - Granted retries are also booked in the local ring, so the local budget that takes over
   during an outage starts from this process's own recent history.
 
-**Degradation and resync** (outage handling in :mod:`._shared_link`): while Redis is
+**Degradation and resync** (outage handling in :mod:`._shared_outage`): while Redis is
 unreachable the budget is the local budget (ratio times this process's calls plus the full
 floor: during an outage each process has a floor of its own). Resync pushes this process's
 unsent calls and the retries it granted locally, each capped at what its local window still

@@ -21,7 +21,7 @@ with each call, so tuning (:meth:`tune`) stays per process.
 to well within the open time (NTP gives milliseconds); a skew of *s* seconds moves a host's
 first probe by *s*, and probes stay limited fleet-wide regardless.
 
-**Degradation and resync** (outage handling in :mod:`._shared_link`): while Redis is
+**Degradation and resync** (outage handling in :mod:`._shared_outage`): while Redis is
 unreachable the breaker is the local breaker, starting from the last shared view (held
 permits become local probes; a rate window starts empty). Resync pushes what happened locally
 before adopting the shared state again: the failures counted since the outage (the trailing

@@ -10,15 +10,13 @@ may not have run, and retrying it blindly could count an increment twice. Failur
 :class:`StoreUnavailableError` and :class:`~otel_recovery.stores.ResilientStore` decides.
 
 A pooled connection the server closed while it was idle (``CLIENT KILL``, the server's
-``timeout``, a restart or failover) is never used for a command. The sync pool checks each
-connection's socket before handing it out. The asyncio pool checks only what its event loop
-has already read, so a connection whose end has not yet been read (the loop did not run
-since) would carry the command to a closed session and fail with "Connection closed by
-server". So before each asyncio call the store polls the sockets of the idle pooled
-connections (zero wait, one system call): one with data or its end waiting, unasked, is
-disconnected under the pool's lock, and the pool connects it again when it is handed out.
-Nothing was sent on it, so nothing is sent twice; a command is still never sent again after
-a failure.
+``timeout``, a restart or failover) is never used for a command: before each asyncio call the
+store disconnects the idle ones whose end is waiting unread, and the pool connects them again
+when it hands them out (see :mod:`._redis_clients`). Nothing was sent on them, so nothing is
+sent twice; a command is still never sent again after a failure.
+
+How records and counters are spelled for the scripts, and read back, is in
+:mod:`._redis_records`.
 
 Building blocks for atomic operations of other components (fleet-wide breakers, budgets):
 :attr:`client` (a ``redis.Redis``), :meth:`aclient` (a ``redis.asyncio.Redis`` for the running
@@ -35,8 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import inspect
-import select
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -51,29 +47,30 @@ from redis.retry import Retry
 from otel_recovery._clock import Clock, Duration, clock_or_default
 from otel_recovery._forksafe import new_lock
 from otel_recovery._redact import redact
-from otel_recovery._redis_replica import ReplicaReconnect, closable, refused_by_replica
+from otel_recovery._redis_replica import ReplicaReconnect, refused_by_replica
 from otel_recovery.stores import _redis_lua as lua
 from otel_recovery.stores._base import (
-    CorruptRecordError,
     Record,
     StoreUnavailableError,
-    VersionConflictError,
-    check_amounts,
     check_key,
-    check_put,
     check_version,
 )
+from otel_recovery.stores._redis_clients import PlainAsyncRedis, PlainRedis, disconnect_ended
 from otel_recovery.stores._redis_loops import (
     LoopClient,
     LoopClients,
     close_clients_of_closed_loops,
 )
+from otel_recovery.stores._redis_records import (
+    TOMBSTONE_MS,
+    RecordCodec,
+    unpack,
+    unpack_counters,
+)
 
 __all__ = ["RedisStore"]
 
 _T = TypeVar("_T")
-_TOMBSTONE_MS = 7 * 86400 * 1000
-_BATCH_TTL_S = 7 * 86400
 _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _UNAVAILABLE_REPLIES = (redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError)
 _DEFAULTS: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
@@ -85,25 +82,7 @@ def _is_unavailable(error: BaseException) -> bool:
     return isinstance(error, (*_UNAVAILABLE, *_UNAVAILABLE_REPLIES)) or refused_by_replica(error)
 
 
-class _PlainRedis(redis.Redis):
-    """The store's client: its commands skip every wrapper on ``Redis.execute_command``.
-
-    Store traffic must make no span and no retry of anyone's. Our instrumentors and contrib's
-    redis instrumentation from 0.60b0 honour suppressed instrumentation; earlier contrib
-    releases trace every command regardless. So the store binds redis-py's own method, as it
-    was before anything wrapped it, on a class of its own.
-    """
-
-    execute_command = inspect.unwrap(redis.Redis.execute_command)
-
-
-class _PlainAsyncRedis(redis.asyncio.Redis):
-    """:class:`_PlainRedis` for asyncio."""
-
-    execute_command = inspect.unwrap(redis.asyncio.Redis.execute_command)
-
-
-class RedisStore:
+class RedisStore(RecordCodec):
     """Versioned records and counters in Redis, shared across processes and hosts."""
 
     def __init__(
@@ -142,7 +121,7 @@ class RedisStore:
         """The sync client (created on first use; thread-safe connection pool)."""
         with self._lock:
             if self._client is None:
-                self._client = _PlainRedis.from_url(self._target, **self._options)
+                self._client = PlainRedis.from_url(self._target, **self._options)
             return self._client
 
     def aclient(self) -> redis.asyncio.Redis:
@@ -156,7 +135,7 @@ class RedisStore:
             if found is None:
                 # A new loop: the clients of loops closed meanwhile will never run again
                 close_clients_of_closed_loops(self._async)
-                client = _PlainAsyncRedis.from_url(self._target, **self._options)
+                client = PlainAsyncRedis.from_url(self._target, **self._options)
                 found = self._async[loop] = LoopClient(client)
             return found
 
@@ -199,7 +178,7 @@ class RedisStore:
     async def _aguard(self, call: Callable[[], Awaitable[_T]]) -> _T:
         entry = self._async.get(asyncio.get_running_loop())
         if entry is not None:
-            await _disconnect_ended(entry.client)
+            await disconnect_ended(entry.client)
         try:
             return await call()
         except Exception as exc:
@@ -224,40 +203,6 @@ class RedisStore:
         return StoreUnavailableError(f"Redis store {self.url} is unavailable: {detail}")
 
     # -- records ----------------------------------------------------------------------------
-
-    def _put_args(
-        self,
-        key: str,
-        data: bytes,
-        expected_version: int | None,
-        ttl: Duration | None,
-        encoding: str,
-    ) -> tuple[builtins.list[str], builtins.list[Any], float, float | None]:
-        check_key(key)
-        expected, seconds = check_put(expected_version, ttl, encoding)
-        now = self.clock.wall()
-        expires = None if seconds is None else now + seconds
-        args: builtins.list[Any] = [
-            self.key("v", key, ""),
-            "" if expected is None else str(expected),
-            repr(now),
-            "" if expires is None else repr(expires),
-            0 if seconds is None else max(1, round(seconds * 1000)),
-            encoding,
-            bytes(data),
-            self.max_versions,
-            _TOMBSTONE_MS,
-        ]
-        return [self.key("i", key)], args, now, expires
-
-    def _put_result(
-        self, key: str, reply: Any, expected: int | None, data: bytes, now: float,
-        expires: float | None, encoding: str,
-    ) -> Record:  # fmt: skip
-        applied, number = int(reply[0]), int(reply[1])
-        if not applied:
-            raise VersionConflictError(key, expected or 0, number)
-        return Record(key, number, bytes(data), now, expires, encoding)
 
     def put(
         self,
@@ -311,11 +256,6 @@ class RedisStore:
             raw = await self._aguard(lambda: self.aclient().get(self.key("v", key, str(version))))
         return None if raw is None else unpack(key, raw)
 
-    def _match(self, prefix: str) -> str:
-        """A SCAN pattern for the index keys of ``prefix`` (glob characters escaped)."""
-        literal = self.key("i", prefix)
-        return "".join("\\" + c if c in "*?[]\\" else c for c in literal) + "*"
-
     def list(self, prefix: str = "") -> builtins.list[Record]:
         index_keys = self._guard(
             lambda: sorted(set(self.client.scan_iter(match=self._match(prefix), count=1000)))
@@ -339,27 +279,15 @@ class RedisStore:
 
     def delete(self, key: str) -> int:
         check_key(key)
-        keys, args = [self.key("i", key)], [self.key("v", key, ""), str(_TOMBSTONE_MS)]
+        keys, args = [self.key("i", key)], [self.key("v", key, ""), str(TOMBSTONE_MS)]
         return int(self._guard(lambda: self.script(lua.DELETE)(keys=keys, args=args)))
 
     async def adelete(self, key: str) -> int:
         check_key(key)
-        keys, args = [self.key("i", key)], [self.key("v", key, ""), str(_TOMBSTONE_MS)]
+        keys, args = [self.key("i", key)], [self.key("v", key, ""), str(TOMBSTONE_MS)]
         return int(await self._aguard(lambda: self.ascript(lua.DELETE)(keys=keys, args=args)))
 
     # -- counters ---------------------------------------------------------------------------
-
-    def _incr_args(
-        self, namespace: str, amounts: Mapping[str, float], batch_id: str | None
-    ) -> tuple[builtins.list[str], builtins.list[Any]]:
-        checked = check_amounts(namespace, amounts)
-        keys = [self.key("c", namespace)]
-        if batch_id is not None:
-            keys.append(self.key("b", check_key(batch_id, "batch_id")))
-        args: builtins.list[Any] = [_BATCH_TTL_S]
-        for counter, amount in checked.items():
-            args += [counter, repr(amount)]
-        return keys, args
 
     def incr(
         self, namespace: str, amounts: Mapping[str, float], *, batch_id: str | None = None
@@ -376,14 +304,14 @@ class RedisStore:
     def counters(self, namespace: str, keys: Iterable[str] | None = None) -> dict[str, float]:
         check_key(namespace, "namespace")
         raw = self._guard(lambda: self.client.hgetall(self.key("c", namespace)))
-        return _counters(raw, keys)
+        return unpack_counters(raw, keys)
 
     async def acounters(
         self, namespace: str, keys: Iterable[str] | None = None
     ) -> dict[str, float]:
         check_key(namespace, "namespace")
         raw = await self._aguard(lambda: self.aclient().hgetall(self.key("c", namespace)))
-        return _counters(raw, keys)
+        return unpack_counters(raw, keys)
 
     def close(self) -> None:
         """Close the sync client, and the asyncio clients of event loops that have been
@@ -417,65 +345,3 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
-
-
-async def _disconnect_ended(client: redis.asyncio.Redis) -> None:
-    """Disconnect ``client``'s idle pooled connections whose socket has data or its end
-    waiting (see the module doc); never raises (a failure only skips the check)."""
-    try:
-        if not closable(client):
-            return
-        pool = client.connection_pool
-        idle = getattr(pool, "_available_connections", None)
-        lock = getattr(pool, "_lock", None)
-        if not idle or lock is None:
-            return
-        ended = [connection for connection in idle if _ended(connection)]
-        if not ended:
-            return
-        async with lock:  # get_connection hands none of them out meanwhile
-            for connection in ended:
-                if connection in idle:
-                    await connection.disconnect()
-    except Exception:  # the call goes on as without the check
-        return
-
-
-def _ended(connection: Any) -> bool:
-    writer = getattr(connection, "_writer", None)
-    if writer is None:
-        return False  # not connected: the pool connects it when it hands it out
-    sock = writer.transport.get_extra_info("socket")
-    fd = -1 if sock is None else sock.fileno()
-    if fd < 0:
-        return False
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(0))
-    return bool(select.select([fd], [], [], 0)[0])  # pragma: no cover - Windows
-
-
-def unpack(key: str, raw: bytes) -> Record:
-    """Parse a packed version; anything else is a :class:`CorruptRecordError`."""
-    parts = raw.split(b"\n", 5) if isinstance(raw, bytes) else []
-    if len(parts) != 6 or parts[0] != lua.MAGIC:
-        raise CorruptRecordError(key, "not an otel-recovery record (bad header)")
-    try:
-        version = int(parts[1])
-        created = float(parts[2])
-        expires = float(parts[3]) if parts[3] else None
-        encoding = parts[4].decode("ascii")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptRecordError(key, f"unreadable header ({exc})") from exc
-    return Record(key, version, parts[5], created, expires, encoding)
-
-
-def _counters(raw: Mapping[Any, Any], keys: Iterable[str] | None) -> dict[str, float]:
-    values = {
-        (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): float(v)
-        for k, v in raw.items()
-    }
-    if keys is None:
-        return values
-    return {k: values[k] for k in keys if k in values}

@@ -121,19 +121,54 @@ def test_a_push_in_doubt_is_sent_again_when_the_server_never_ran_it(volatile_red
     assert _field(volatile_redis, "gone:cb:pay", "cf") == "1"
 
 
+class _Outage:
+    """A member's link kept degraded (its PING fails) while ``held``. ``refusals`` counts
+    the PINGs refused: one after the outage is held again proves the link's thread is done
+    with what it was doing (the next PING comes only from its loop)."""
+
+    def __init__(self, ping) -> None:
+        self._ping, self._lock = ping, threading.Lock()
+        self.held, self.refusals = True, 0
+
+    def __call__(self) -> bool:
+        with self._lock:
+            if self.held:
+                self.refusals += 1
+                return False
+        return self._ping()
+
+    def release(self) -> int:
+        """End the outage; the refusals so far (a later one is after the next hold)."""
+        with self._lock:
+            self.held = False
+            return self.refusals
+
+
+def _hold_outage(monkeypatch, member) -> _Outage:
+    """Keep the member's link degraded while the returned outage is ``held``."""
+    outage = _Outage(member._link._ping)
+    monkeypatch.setattr(member._link, "_ping", outage)
+    return outage
+
+
 class _LostReplies:
     """A link's ``run`` for one member (the calls naming ``key``), counted from 1: those
     numbered in ``lose`` reach Redis and run there, but their reply is lost, as a timeout
-    loses it (a slow Redis, made exact); those in ``drop`` never reach it."""
+    loses it (a slow Redis, made exact); those in ``drop`` never reach it. With an
+    ``outage``, call ``hold_from`` holds it again as it goes out: held by the test thread
+    once the call was seen, the link could have pinged and shared again in between."""
 
-    def __init__(self, run, key: str, lose=(), drop=()) -> None:
+    def __init__(self, run, key: str, lose=(), drop=(), outage=None, hold_from=None) -> None:
         self._run, self._key, self.calls = run, key, 0
         self._lose, self._drop = set(lose), set(drop)
+        self._outage, self._hold_from = outage, hold_from
 
     def __call__(self, source, keys, args):
         if self._key not in keys:
             return self._run(source, keys, args)
         self.calls += 1
+        if self._outage is not None and self.calls == self._hold_from:
+            self._outage.held = True
         if self.calls in self._drop:
             raise StoreUnavailableError("no reply") from TimeoutError("timed out")
         reply = self._run(source, keys, args)
@@ -142,18 +177,11 @@ class _LostReplies:
         return reply
 
 
-def _lose(monkeypatch, member, lose=(), drop=()) -> _LostReplies:
+def _lose(monkeypatch, member, lose=(), drop=(), outage=None, hold_from=None) -> _LostReplies:
     key = member._keys[0] if hasattr(member, "_keys") else member._key
-    lost = _LostReplies(member._link.run, key, lose, drop)
+    lost = _LostReplies(member._link.run, key, lose, drop, outage, hold_from)
     monkeypatch.setattr(member._link, "run", lost)
     return lost
-
-
-def _hold_outage(monkeypatch, member) -> list[bool]:
-    """Keep the member's link degraded (its PING fails) while the flag returned is True."""
-    held, ping = [True], member._link._ping
-    monkeypatch.setattr(member._link, "_ping", lambda: False if held[0] else ping())
-    return held
 
 
 def test_a_resync_whose_own_push_is_lost_is_counted_once_at_the_next(volatile_redis, monkeypatch):
@@ -259,7 +287,7 @@ def test_a_push_in_doubt_resent_after_a_long_outage_counts_only_what_the_window_
     clock = FakeClock()
     budget = _budget(url, 0.5, clock)
     budget.sync()
-    held = _hold_outage(monkeypatch, budget)
+    outage = _hold_outage(monkeypatch, budget)
     _lose(monkeypatch, budget, drop={1})
     for _ in range(50):
         budget.record_call()
@@ -268,7 +296,7 @@ def test_a_push_in_doubt_resent_after_a_long_outage_counts_only_what_the_window_
     for _ in range(3):
         budget.record_call()
 
-    held[0] = False
+    outage.release()
     assert until(lambda: budget.shared)
     assert budget_counts(volatile_redis.url, "stale:rb:b")[:2] == (3, 0)
 
@@ -281,19 +309,19 @@ def test_handed_failures_leave_with_the_outcomes_they_counted(volatile_redis, mo
     clock = FakeClock()
     breaker = _time_window_breaker(url, 10, clock)
     breaker.sync()
-    held = _hold_outage(monkeypatch, breaker)
-    lost = _lose(monkeypatch, breaker, lose={1, 3})
+    outage = _hold_outage(monkeypatch, breaker)
+    lost = _lose(monkeypatch, breaker, lose={1, 3}, outage=outage, hold_from=3)
     breaker.record_failure()  # F1 at 0 s: 1 applied, in doubt
     clock.advance(1)
     breaker.record_failure()  # F2 at 1 s: here
     clock.advance(7)
-    held[0] = False  # at 8 s: 2 resends 1 (skipped), 3 pushes F2: applied, in doubt
-    assert until(lambda: lost.calls >= 3)
-    held[0] = True
+    refused = outage.release()  # at 8 s: 2 resends 1 (skipped), 3 pushes F2: in doubt
+    # 3 held the outage again; a PING refused since then: the resync is over, at 8 s
+    assert until(lambda: lost.calls >= 3 and outage.refusals > refused)
     clock.advance(4)  # 12 s: F1 and F2 left the window here; Redis holds F2 (pushed at 8 s)
     breaker.record_failure()  # F3: here
 
-    held[0] = False  # resync: 4 resends 3 (skipped), 5 pushes F3
+    outage.release()  # resync: 4 resends 3 (skipped), 5 pushes F3
     assert until(lambda: breaker.shared)
     wc, wf = (_field(volatile_redis, "second:cb:db", f) for f in ("wc", "wf"))
     assert (wc, wf) == ("2", "2")
@@ -305,14 +333,14 @@ def test_a_failure_in_doubt_that_left_the_time_window_takes_no_later_one_with_it
     url = f"{volatile_redis.url}?prefix=window:"
     breaker = _time_window_breaker(url, 1)
     breaker.sync()
-    held = _hold_outage(monkeypatch, breaker)
+    outage = _hold_outage(monkeypatch, breaker)
     _lose(monkeypatch, breaker, lose={1})
     breaker.record_failure()  # 1: applied, in doubt; counted here too
     time.sleep(2.1)  # the outage outlasts the window: the failure leaves it, here and in Redis
     for _ in range(3):
         breaker.record_failure()  # here only
 
-    held[0] = False
+    outage.release()
     assert until(lambda: breaker.shared)
     assert (
         _field(volatile_redis, "window:cb:db", "wc"),
@@ -330,19 +358,19 @@ def test_sending_a_push_in_doubt_again_does_not_close_a_breaker_open_here(
     seen = []
     breaker.add_listener(lambda t: seen.append((t.from_state.value, t.to_state.value)))
     breaker.sync()
-    held = _hold_outage(monkeypatch, breaker)
-    lost = _lose(monkeypatch, breaker, lose={1}, drop={3})
+    outage = _hold_outage(monkeypatch, breaker)
+    lost = _lose(monkeypatch, breaker, lose={1}, drop={3}, outage=outage, hold_from=3)
     breaker.record_failure()  # 1: applied (one failure in Redis), the reply is lost
     breaker.record_failure()  # here: the threshold of 2, open for 30 s
     assert breaker.state is CircuitState.OPEN
 
-    held[0] = False  # resync: 2 sends 1 again (skipped), 3 (the open state) gets no reply
-    assert until(lambda: lost.calls >= 3)
-    held[0] = True
+    refused = outage.release()  # resync: 2 sends 1 again (skipped), 3 (open) gets no reply
+    # 3 held the outage again; a PING refused since then: the resync is over
+    assert until(lambda: lost.calls >= 3 and outage.refusals > refused)
     assert not breaker.shared and breaker.state is CircuitState.OPEN
     assert not breaker.can_execute()
 
-    held[0] = False  # resync: 4 sends 3 again: the circuit opens fleet-wide
+    outage.release()  # resync: 4 sends 3 again: the circuit opens fleet-wide
     assert until(lambda: breaker.shared)
     assert breaker.state is CircuitState.OPEN
     assert seen == [("closed", "open")]
