@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._first_times import FirstTimes
 from otel_recovery._forksafe import new_lock
+from otel_recovery._mixins import plain_self
 from otel_recovery._policy_fallback import PolicyFallback
 from otel_recovery._policy_outcome import PolicyOutcome, says_dependency_is_up
 from otel_recovery._policy_rejection import PolicyRejection
@@ -277,3 +278,6 @@ def _stock(component: object, base: type, *methods: str) -> bool:
 def _check_type(name: str, value: object, expected: type, example: str) -> None:
     if value is not None and not isinstance(value, expected):
         raise TypeError(f"{name} must be a {expected.__name__} such as {example}, got {value!r}")
+
+
+plain_self(PolicyCore)

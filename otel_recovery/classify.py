@@ -15,8 +15,14 @@ from __future__ import annotations
 import http
 import inspect
 import logging
+import re  # noqa: F401 - Rule's annotations are resolved here (typing.get_type_hints)
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import (
+    Callable,
+    Collection,  # noqa: F401 - as re
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,7 +52,9 @@ __all__ = [
 ]
 
 # Defined in its own module, Rule is public here: reprs, help() and pickles name this module,
-# as they did before the split, not a private one.
+# as they did before the split, not a private one; its string annotations are resolved here
+# too, hence the imports of re and Collection. (inspect.getsource(Rule) looks here and
+# fails: the price of the public name.)
 Rule.__module__ = __name__
 
 _log = logging.getLogger(__name__)

@@ -189,8 +189,9 @@ def test_fits_on_a_worker_thread_leave_the_hosts_warnings_alone() -> None:
     host_warnings_during_a_fit = [0]
 
     def fit() -> None:
-        # fit again until the host has warned ten times inside one fit: how many fits that
-        # takes depends on how the machine shares its cores, not on the behaviour under test
+        # score the series again until ten host warnings have each fallen inside one scoring
+        # run (its fits included): how many runs that takes depends on how the machine
+        # shares its cores, not on the behaviour under test
         try:
             for _ in range(100):
                 fits_started[0] += 1

@@ -1,8 +1,9 @@
 """What the Redis store sends its Lua scripts and reads back: arguments, replies, packed versions.
 
 :class:`~otel_recovery.stores.redis.RedisStore` does one thing per call (validate, run a
-script or a command, turn failures into :class:`StoreUnavailableError`); how a record and a
-counter batch are spelled on the wire is the other half, and is the same for its sync and
+script or a command, turn failures into
+:class:`~otel_recovery.stores.StoreUnavailableError`); how a record and a counter batch are
+spelled on the wire is the other half, and is the same for its sync and
 asyncio methods. So it lives here once: the KEYS and ARGV of the ``PUT`` and ``INCR``
 scripts (:mod:`._redis_lua` documents the layout they write), the reply of ``PUT`` as a
 :class:`Record` or a :class:`VersionConflictError`, the SCAN pattern of the index keys under

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from otel_recovery._clock import SYSTEM_CLOCK
 from otel_recovery._forksafe import new_lock
+from otel_recovery._mixins import plain_self
 from otel_recovery._redact import redact
 from otel_recovery.stores._base import StoreUnavailableError
 from otel_recovery.stores._shared_exchange import DECISION_TIMEOUT, LinkExchanges, bounded_client
@@ -265,3 +266,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+plain_self(Link)

@@ -46,6 +46,7 @@ from redis.retry import Retry
 
 from otel_recovery._clock import Clock, Duration, clock_or_default
 from otel_recovery._forksafe import new_lock
+from otel_recovery._mixins import plain_self
 from otel_recovery._redact import redact
 from otel_recovery._redis_replica import ReplicaReconnect, refused_by_replica
 from otel_recovery.stores import _redis_lua as lua
@@ -345,3 +346,6 @@ class RedisStore(RecordCodec):
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
+
+
+plain_self(RedisStore)
