@@ -21,7 +21,11 @@ one-second buckets end every few calls. The Redis and PostgreSQL layers then han
 deposit to Python (``runner_record_call``), the HTTP layer the whole call (the Python
 layer): both are left out, the checks before them are in (they happen on every call). Until
 the twenty-first session the deposit was counted: 140 to 250 instructions and 12 to 20
-misses per Redis GET that a real client pays once a second.
+misses per Redis GET that a real client pays once a second. How many buckets end among the
+counted calls still depends on how fast the machine runs the worker, and the branch taken
+at a bucket's end is counted: on a busy machine two runs of the same build differ by up to
+about 15 instructions per Redis GET (twenty-eighth session: 996.3 and 981.4), so read a
+difference smaller than that as none.
 
     python benchmarks/layer_own_cost.py                 # Redis, PostgreSQL, HTTP
     python benchmarks/layer_own_cost.py --targets redis
