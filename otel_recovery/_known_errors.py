@@ -35,15 +35,12 @@ from otel_recovery._error_vocabulary import (
     Severity,
     Verdict,
 )
+from otel_recovery._public_home import public_home
 from otel_recovery._type_profiles import TypeProfile, attr, http_status, profile_of
 
 __all__ = ["ErrorCategory", "ErrorKind", "Severity", "resolve", "safe_str"]
 
-# Defined in the vocabulary module, these keep the name they had before it existed: reprs,
-# help() and pickles name this module, as they did before the split, not a new one.
-for _public in (ErrorCategory, ErrorKind, Severity):
-    _public.__module__ = __name__
-del _public
+public_home(__name__, ErrorCategory, ErrorKind, Severity)  # their name before the split
 
 
 def resolve(exc: BaseException, message: str, depth: int = 0) -> tuple[TypeProfile, Verdict]:

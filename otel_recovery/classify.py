@@ -33,6 +33,7 @@ from otel_recovery._error_vocabulary import ErrorCategory, ErrorKind, Severity, 
 from otel_recovery._fingerprint import fingerprint
 from otel_recovery._forksafe import new_lock
 from otel_recovery._known_errors import resolve, safe_str
+from otel_recovery._public_home import public_home
 from otel_recovery._redact import redact_bounded
 from otel_recovery._retry_after import header, parse_retry_after, retry_after_of
 from otel_recovery._type_profiles import TypeProfile, profile_of
@@ -51,11 +52,7 @@ __all__ = [
     "set_default_classifier",
 ]
 
-# Defined in its own module, Rule is public here: reprs, help() and pickles name this module,
-# as they did before the split, not a private one; its string annotations are resolved here
-# too, hence the imports of re and Collection. (inspect.getsource(Rule) looks here and
-# fails: the price of the public name.)
-Rule.__module__ = __name__
+public_home(__name__, Rule)  # its annotations resolve here: hence re and Collection
 
 _log = logging.getLogger(__name__)
 

@@ -37,6 +37,7 @@ from otel_recovery._callables import close_unawaited
 from otel_recovery._driver_async import resolve
 from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery._known_errors import safe_str
+from otel_recovery._public_home import public_home
 from otel_recovery._redact import redact
 from otel_recovery._transaction_retry import arun_transaction, run_transaction, transaction_retry
 from otel_recovery.telemetry.attributes import (
@@ -55,9 +56,7 @@ __all__ = [
     "transaction_retry",
 ]
 
-for _public in (arun_transaction, run_transaction, transaction_retry):
-    _public.__module__ = __name__
-del _public
+public_home(__name__, arun_transaction, run_transaction, transaction_retry)
 
 _log = logging.getLogger("otel_recovery")
 

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from otel_recovery._public_home import public_home
 from otel_recovery.learning._baseline import DAY, Baseline, Smoothing, clip, to_epoch
 from otel_recovery.learning._detector_config import DetectorConfig
 from otel_recovery.learning._history import PointHistory, SlotHistory
@@ -48,9 +49,7 @@ from otel_recovery.learning._surprise import SurpriseCalibrator
 
 __all__ = ["DetectorConfig", "Estimate", "FitInput", "FitResult", "Fitter", "StreamingDetector"]
 
-# Defined in the configuration module, it keeps the name it had before that module existed:
-# reprs, help() and pickles name this module, as they did before the split, not a new one.
-DetectorConfig.__module__ = __name__
+public_home(__name__, DetectorConfig)  # its name before the configuration module existed
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery._mixins import plain_self
+from otel_recovery._public_home import public_home
 from otel_recovery.policies._breaker_listeners import (
     BreakerListeners,
     Listener,
@@ -102,11 +103,7 @@ __all__ = [
     "StateTransition",
 ]
 
-# Defined beside the mixins that use them, these are public here: reprs, help() and pickles
-# name this module, as they did before the split, not a private one.
-for _public in (BreakerSnapshot, CircuitState, StateTransition):
-    _public.__module__ = __name__
-del _public
+public_home(__name__, BreakerSnapshot, CircuitState, StateTransition)
 
 _ENV_STORE_URL = "OTEL_RECOVERY_STORE_URL"  # stores.ENV_STORE_URL, not imported: import cycle
 
