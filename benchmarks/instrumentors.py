@@ -102,7 +102,9 @@ Method (helpers in ``_callgrind.py``):
   warm-up cancel out.
 - Determinism: ``PYTHONHASHSEED=0`` in the child, and no automatic garbage collection (a
   collection would land in one run and not the other); one ``gc.collect()`` before the
-  measured calls. Repeated runs of the same child, the code unchanged, agreed to within
+  measured calls; every retry budget's bucket end moved out of reach after the first call
+  (``pin_budget_buckets``: under callgrind a bucket would end every few dozen calls, a
+  number that follows the machine's speed). Repeated runs of the same child, the code unchanged, agreed to within
   80,000 instructions in total (most to within a few thousand): under 100 per call once
   divided by 1,000.
 - Modes, each a fresh process: ``contrib`` (contrib only); ``recovery`` (plus otel-recovery);

@@ -17,15 +17,14 @@ The simulated caches are this machine's sizes: 32 KiB, 8-way L1 instruction and 
 and a 1 MiB last level (the per-core L2). A miss in the L1 simulation is a line that the
 client call's other code evicted since our layer last ran: the cold misses the instrumentors
 docstring explains. Under callgrind a call takes about 50 times longer, so the retry budget's
-one-second buckets end every few calls. The Redis and PostgreSQL layers then hand the
-deposit to Python (``runner_record_call``), the HTTP layer the whole call (the Python
-layer): both are left out, the checks before them are in (they happen on every call). Until
-the twenty-first session the deposit was counted: 140 to 250 instructions and 12 to 20
-misses per Redis GET that a real client pays once a second. How many buckets end among the
-counted calls still depends on how fast the machine runs the worker, and the branch taken
-at a bucket's end is counted: on a busy machine two runs of the same build differ by up to
-about 15 instructions per Redis GET (twenty-eighth session: 996.3 and 981.4), so read a
-difference smaller than that as none.
+one-second buckets would end every few dozen calls (a real client ends one once a second,
+among thousands of calls), and how many ended among the counted calls depended on the
+machine's speed: until the twenty-ninth session two runs of one build differed by up to
+about 15 instructions per Redis GET. The counting child now moves every budget's bucket end
+out of reach after its first call (``pin_budget_buckets`` in ``_instrumentor_worker.py``),
+so every later call takes the path nearly all real calls take and the count repeats. The
+budget's Python ``record_call`` stays left out (``DEPOSIT_LEFT_OUT``) for the first call,
+which makes the budget and may still see a bucket end.
 
     python benchmarks/layer_own_cost.py                 # Redis, PostgreSQL, HTTP
     python benchmarks/layer_own_cost.py --targets redis
@@ -53,10 +52,10 @@ LEFT_OUT = ("call_vector", "layer_call_slow")
 and the Python layer."""
 DEPOSIT_LEFT_OUT = {"redis": ("runner_record_call",), "postgres": ("runner_record_call",)}
 """Per target, the retry budget's Python ``record_call`` where the compiled layer calls it
-itself (the Redis and PostgreSQL runners, when a bucket ends): a real client does once a
-second, a call under callgrind every thirty calls or so. Not for HTTP: its compiled first
-attempt hands such a call to the Python layer, already left out, and a toggle there would
-switch counting back on (``--toggle-collect`` toggles, it does not only stop)."""
+itself (the Redis and PostgreSQL runners, when a bucket ends): only the first call can now,
+and what it runs differs from run to run. Not for HTTP: its compiled first attempt hands such
+a call to the Python layer, already left out, and a toggle there would switch counting back
+on (``--toggle-collect`` toggles, it does not only stop)."""
 CACHES = ("--I1=32768,8,64", "--D1=32768,8,64", "--LL=1048576,8,64")
 COLUMNS = (
     ("instructions", ("Ir",)),
