@@ -229,6 +229,8 @@ def test_on_takes_a_union_and_refuses_what_can_never_act(fake_clock):
     assert Retry(on=union).on == (ConnectionError, OSError)
     with pytest.raises(TypeError, match=r"write a tuple, on=\(ConnectionError, OSError\)"):
         Retry(on=[ConnectionError, OSError])
+    with pytest.raises(TypeError, match=r"write a tuple, on=\(ValueError,\)"):
+        Retry(on=[ValueError])  # one type: the hint's tuple keeps its comma
 
 
 def test_an_exponential_backoff_from_zero_stays_zero_past_the_overflow():

@@ -11,7 +11,11 @@ the ``opentelemetry_instrumentor`` entry-point group (module: class -> entry poi
 - ``psycopg``: ``PsycopgRecoveryInstrumentor`` -> ``otel_recovery_psycopg``
 - ``asyncpg``: ``AsyncPGRecoveryInstrumentor`` -> ``otel_recovery_asyncpg``
 
-This package itself imports none of the libraries.
+This package itself imports none of the libraries. It exports the one name a program needs
+beside the instrumentors: :class:`SettingsError`, what ``instrument(**kwargs)`` raises for a
+bad keyword argument (a ``ValueError``; the message names the setting and the fix).
 """
 
-__all__: list[str] = []
+from otel_recovery.instrumentors._setting_values import SettingsError
+
+__all__ = ["SettingsError"]

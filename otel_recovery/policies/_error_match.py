@@ -43,7 +43,9 @@ def check_error_match(on: object, who: str) -> ErrorMatch:
     hint = ""
     if isinstance(on, (list, set, frozenset)):
         names = ", ".join(getattr(item, "__name__", repr(item)) for item in on)
-        hint = f": write a tuple, on=({names})"
+        hint = (
+            f": write a tuple, on=({names},)" if len(on) == 1 else f": write a tuple, on=({names})"
+        )
     raise TypeError(f"{who} on= must be exception types or a predicate, got {on!r}{hint}")
 
 

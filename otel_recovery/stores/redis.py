@@ -40,6 +40,7 @@ from typing import Any, NoReturn, TypeVar
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript, Script
 from redis.retry import Retry
@@ -136,7 +137,9 @@ class RedisStore(RecordCodec):
             if found is None:
                 # A new loop: the clients of loops closed meanwhile will never run again
                 close_clients_of_closed_loops(self._async)
-                client = PlainAsyncRedis.from_url(self._target, **self._options)
+                # asyncio clients take asyncio's Retry (redis-py 5.1+ warns on a sync one)
+                options = {**self._options, "retry": AsyncRetry(NoBackoff(), 0)}
+                client = PlainAsyncRedis.from_url(self._target, **options)
                 found = self._async[loop] = LoopClient(client)
             return found
 

@@ -133,6 +133,17 @@ def test_a_bad_keyword_argument_is_the_programs_own_call_and_raises(probe, monke
     assert not probe.is_instrumented_by_opentelemetry and Client().call() == "original"
 
 
+def test_the_error_a_program_catches_has_a_public_home(probe):
+    """``SettingsError`` is importable from the package the README names, and it is the
+    class ``instrument()`` raises (a ``ValueError`` too, for code that catches that)."""
+    from otel_recovery import instrumentors
+
+    assert "SettingsError" in instrumentors.__all__
+    with pytest.raises(instrumentors.SettingsError) as bad:
+        probe.instrument(max_attempts="many")
+    assert isinstance(bad.value, ValueError) and "max_attempts" in str(bad.value)
+
+
 def test_an_invalid_enabled_is_logged_with_the_accepted_values_and_taken_as_false(
     probe, caplog, monkeypatch
 ):

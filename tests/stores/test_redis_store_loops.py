@@ -104,6 +104,31 @@ def test_clients_of_closed_loops_do_not_pile_up(name: str) -> None:
     assert eventually(lambda: not _ours(name)), _ours(name)
 
 
+def test_the_asyncio_client_is_built_without_a_warning(name: str) -> None:
+    """The asyncio client gets redis-py's asyncio ``Retry``: a sync one made redis-py (5.1 and
+    later) warn ``UserWarning: A synchronous redis.retry.Retry was passed to an asyncio
+    client`` on every store's first awaited call, and fail a suite that turns warnings into
+    errors. The sync client keeps the sync one."""
+    import redis.asyncio.retry
+
+    async def use_and_look() -> object:
+        await _use(store, b"quiet")
+        client = store._async[asyncio.get_running_loop()].client
+        return client.connection_pool.connection_kwargs["retry"]
+
+    store = _store(name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            retry = asyncio.run(use_and_look())
+            assert store.get("job").data == b"quiet"  # type: ignore[union-attr]
+        assert isinstance(retry, redis.asyncio.retry.Retry)
+        assert store._client is not None
+        assert not isinstance(store._client.connection_pool.connection_kwargs["retry"], type(retry))
+    finally:
+        store.close()
+
+
 def test_closing_and_dropping_the_store_leaves_nothing_to_warn(name: str) -> None:
     """``close()`` closes every client whose loop has been closed, quietly: nothing is left
     for the garbage collector to find unclosed, and a second ``close()`` does nothing."""
