@@ -334,8 +334,11 @@ class ErrorRecoveryInteraction:
         repeatable = idempotent(ctx)
         optional_callable(ctx, "reconnect")  # refused here, not a failed heal later
         if ctx.get("timeout") is not None:  # handed to retry_func(timeout=...) as given
-            timeout = to_seconds(ctx["timeout"], "context['timeout']")
-            if timeout <= 0:
+            try:
+                timeout = to_seconds(ctx["timeout"], "context['timeout']")
+            except ValueError:  # negative or NaN: one message for every bad number, 0 included
+                timeout = 0.0
+            if not timeout > 0:
                 raise ValueError(f"context['timeout'] must be > 0 seconds, got {ctx['timeout']!r}")
         info = classify_on(self.classifier, error, classification_context(ctx), self.clock)
         breaker = self.get_circuit_breaker(service_id)

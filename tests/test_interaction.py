@@ -861,7 +861,8 @@ async def test_a_rollback_that_lost_the_race_records_no_internal_exception(
     ("key", "value", "error", "message"),
     [
         ("timeout", "5s", TypeError, r"context\['timeout'\] must be a number of seconds"),
-        ("timeout", -3, ValueError, r"context\['timeout'\] must be >= 0 seconds"),
+        ("timeout", -3, ValueError, r"context\['timeout'\] must be > 0 seconds, got -3"),
+        ("timeout", float("nan"), ValueError, r"context\['timeout'\] must be > 0 seconds"),
         ("timeout", 0, ValueError, r"context\['timeout'\] must be > 0 seconds"),
         ("reconnect", "yes", TypeError, r"context\['reconnect'\] must be callable"),
     ],

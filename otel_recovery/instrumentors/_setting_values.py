@@ -182,6 +182,9 @@ def _note_unknown_names(name: str, values: frozenset[str], source: str) -> None:
         else:
             hint = f" (did you mean {close[0]}?)" if close else ""
             note = f"is not {what}{hint}; it is kept, {kept}"
+            if name == "http_retry_methods" and close and close[0] not in values:
+                # the list replaces the default: a typo quietly stops the method it meant
+                note += f"; {close[0]} is not in the list, so {close[0]} requests are not retried"
         _warn_once(f"{_label(name, source)}: {value} {note}")
 
 

@@ -494,6 +494,19 @@ def test_an_unknown_but_well_formed_method_is_kept_with_a_warning_naming_the_clo
     ]
 
 
+def test_a_misspelt_method_says_the_method_it_meant_is_no_longer_retried(caplog):
+    """The list replaces the default one: ``GTE`` alone means GET is not retried any more,
+    which the warning says, since that is what a user who meant GET must learn."""
+    with caplog.at_level(logging.WARNING, logger="otel_recovery.instrumentors"):
+        s = load_settings(environ={"OTEL_RECOVERY_HTTP_RETRY_METHODS": "HEAD,GTE"})
+    assert s.http_retry_methods == {"HEAD", "GTE"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "OTEL_RECOVERY_HTTP_RETRY_METHODS: GTE is not a standard HTTP method "
+        "(did you mean GET?); it is kept, as a custom method; GET is not in the list, so "
+        "GET requests are not retried",
+    ]
+
+
 @pytest.mark.parametrize("value", ["GET SET", "GET;SET", "get:x", "A B C", "CONFIG GET X", "1X"])
 def test_a_redis_command_name_that_cannot_be_one_is_an_error(value):
     for name in ("REDIS_RETRY_COMMANDS", "REDIS_NO_RETRY_COMMANDS"):
