@@ -121,15 +121,16 @@ class Route(NamedTuple):
 def sync_layer(
     patches: PatchSet,
     where: str,
-    locate: Callable[[tuple[Any, ...]], Plan],
+    locate: Callable[[tuple[Any, ...]], Plan | None],
     route: Route | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A ``build`` for :meth:`PatchSet.layer`: a sync method that runs under the plan
     ``locate(args)`` picks (``args[0]`` is the instance).
 
     The per-call path is the layer, ``locate`` and the plan's compiled runner: suppression
-    is checked inline (see :func:`instrumentation_enabled`), a failure to plan calls the
-    original untouched, and a failure of the call is explained on the span and re-raised.
+    is checked inline (see :func:`instrumentation_enabled`), a failure to plan (or no plan:
+    ``locate`` returning None for a call that is not ours to run) calls the original
+    untouched, and a failure of the call is explained on the span and re-raised.
     With a ``route`` and the extension built, the remembered happy path runs compiled and
     this layer serves the rest (:func:`compiled_layer`).
     """
@@ -166,7 +167,7 @@ def sync_layer(
 def async_layer(
     patches: PatchSet,
     where: str,
-    locate: Callable[[tuple[Any, ...]], Plan],
+    locate: Callable[[tuple[Any, ...]], Plan | None],
     route: Route | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The asyncio twin of :func:`sync_layer`, for coroutine methods; compiled with a

@@ -48,8 +48,10 @@ from otel_recovery.instrumentors._db import (
 from otel_recovery.instrumentors._db_plans import Plan, PlanCache
 from otel_recovery.instrumentors._pg_instrumentor import PostgresInstrumentor
 from otel_recovery.instrumentors._pg_targets import pg_ambiguous_url, pg_service_file, pg_target
+from otel_recovery.instrumentors._psycopg_closed import PsycopgPolicy
 from otel_recovery.instrumentors._span_mode import SpanMode
 from otel_recovery.instrumentors._suppression import instrumentation_enabled
+from otel_recovery.instrumentors._target_policy import TargetPolicy
 from otel_recovery.instrumentors._targets import TargetPolicies
 from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
@@ -101,15 +103,17 @@ def _connect_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str,
     that we can name (``servicefile=``, ``PGSERVICEFILE``, ``~/.pg_service.conf``,
     ``PGSYSCONFDIR``) is the target ``service <name>``.
 
-    None: nothing to derive a name from (lists that do not match, a port that is not a
-    number, a URL whose password may have been read as its host or port): psycopg reports
-    what it cannot read in its own words. Raises psycopg's ``ProgrammingError`` for a string
-    it cannot parse at all.
+    None: nothing to derive a name from (a connection string that is not a ``str``, lists
+    that do not match, a port that is not a number, a URL whose password may have been
+    read as its host or port): psycopg reports what it cannot read in its own words.
+    Raises psycopg's ``ProgrammingError`` for a string it cannot parse at all.
     """
     conninfo = args[0] if args else kwargs.get("conninfo", "")
+    if not isinstance(conninfo, str):  # psycopg refuses it in its own words
+        return None
     params = {k: v for k, v in kwargs.items() if k not in _CONNECT_OPTIONS and k != "conninfo"}
     parsed = conninfo_to_dict(conninfo, **params)
-    if isinstance(conninfo, str) and pg_ambiguous_url(conninfo, "/"):
+    if pg_ambiguous_url(conninfo, "/"):
         return None
     given = {k: str(parsed[k]) for k in _SERVER_PARAMETERS if parsed.get(k) is not None}
     service = parsed.get("service") or os.environ.get("PGSERVICE")
@@ -278,10 +282,13 @@ class _Planner:
         host, port = target
         return self.plans.plan(host, port, "connect", "own", self.connect_rule)
 
-    def statement(self, args: tuple[Any, ...]) -> Plan:
+    def statement(self, args: tuple[Any, ...]) -> Plan | None:
         """The plan for ``cursor.execute*(...)`` (``args[0]`` is the cursor): remembered on
         its connection per cursor class, so the per-call cost is two lookups (none in
-        Python where the layer runs compiled: it reads the same table, see :meth:`route`)."""
+        Python where the layer runs compiled: it reads the same table, see :meth:`route`).
+        None on a closed connection not planned before: psycopg refuses the statement
+        without sending it, the client's own failure (see :mod:`._psycopg_closed`), and
+        libpq could not name its server anyway."""
         cursor = args[0]
         connection = cursor.connection
         remembered: _Remembered | None = getattr(connection, _PLANS, None)
@@ -289,6 +296,8 @@ class _Planner:
             plan = remembered.plans.get(type(cursor))
             if plan is not None:
                 return plan
+        if connection.closed:
+            return None
         return self._statement(connection, type(cursor))
 
     def route(self) -> Route:
@@ -386,6 +395,7 @@ class PsycopgRecoveryInstrumentor(PostgresInstrumentor):
     library: ClassVar[str] = "psycopg"
     rejection: ClassVar[type[CircuitOpenError]] = PsycopgCircuitOpenError
     attempt_timeout_error: ClassVar[type[TimeoutError]] = PsycopgAttemptTimeoutError
+    policy_class: ClassVar[type[TargetPolicy]] = PsycopgPolicy
     instruments: ClassVar[tuple[str, ...]] = ("psycopg >= 3.1",)
 
     def _server_of(self, connection: Any) -> tuple[str, int | None] | None:

@@ -921,6 +921,83 @@ def test_statements_a_pipeline_skipped_after_an_error_never_open_the_circuit(h: 
     conn.close()
 
 
+def _closed_cursor(how: str) -> Any:
+    """A cursor whose connection has been used, then closed by the application or broken
+    by the server (what a worker that keeps its cursor across a server restart holds)."""
+    conn = psycopg.connect(PG_DSN, autocommit=True)
+    cursor = conn.cursor()
+    cursor.execute("SELECT 1")  # its statement plan is remembered on the connection
+    if how == "closed":
+        conn.close()
+    else:
+        with pytest.raises(TERMINATED):
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    return cursor
+
+
+@pytest.mark.parametrize("how", ["closed", "broken"])
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first", "ours_only"])
+def test_statements_on_a_closed_connection_never_open_the_circuit(
+    h: Harness, how: str, order: str
+) -> None:
+    """psycopg refuses to send on a closed connection (``the connection is closed``, or
+    ``the connection is lost`` once libpq let go of the socket) without a byte sent: the
+    client's own failure. Counted, twenty such refusals opened a healthy server's circuit,
+    and every other connection's statements and connects were refused for 30 s."""
+    h.instrument(order, breaker_window=10, breaker_minimum_calls=5)
+    cursor = _closed_cursor(how)
+    for _ in range(8):
+        with pytest.raises(psycopg.OperationalError) as refused:
+            cursor.execute("SELECT 1")
+        assert type(refused.value) is psycopg.OperationalError  # psycopg's, unchanged
+        assert str(refused.value) in ("the connection is closed", "the connection is lost")
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == (0 if how == "closed" else 1)  # the kill only
+    with psycopg.connect(PG_DSN) as conn:
+        assert conn.execute("SELECT 8").fetchone() == (8,)
+
+
+async def test_async_statements_on_a_closed_connection_never_open_the_circuit(
+    h: Harness,
+) -> None:
+    h.instrument(breaker_window=10, breaker_minimum_calls=5)
+    conn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
+    cursor = conn.cursor()
+    await cursor.execute("SELECT 1")
+    await conn.close()
+    for _ in range(8):
+        with pytest.raises(psycopg.OperationalError, match="the connection is closed"):
+            await cursor.execute("SELECT 1")
+    assert h.ours.targets is not None
+    (breaker,) = h.ours.targets.breakers()
+    assert breaker.snapshot().failed_calls == 0
+    async with await psycopg.AsyncConnection.connect(PG_DSN) as other:
+        assert await (await other.execute("SELECT 9")).fetchone() == (9,)
+
+
+def test_application_mistakes_are_psycopgs_errors_not_our_internal_errors(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A statement on a cursor whose connection was closed before it ran any, and a
+    connection string that is not a ``str``: psycopg refuses both in its own words. Taken
+    for internal errors of ours, they were logged at ERROR, and used up the one report
+    per site that a real bug of ours there would have had."""
+    h.instrument()
+    monkeypatch.setattr(_wrapping, "_reported", set())
+    conn = psycopg.connect(PG_DSN)
+    cursor = conn.cursor()
+    conn.close()
+    with caplog.at_level(logging.DEBUG, logger="otel_recovery"):
+        with pytest.raises(psycopg.OperationalError, match="the connection is closed"):
+            cursor.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError, match="the connection is closed"):
+            cursor.executemany("SELECT %s", [(1,)])
+        with pytest.raises(AttributeError):
+            psycopg.connect(12345)  # type: ignore[arg-type]
+    assert not caplog.records, caplog.text
+
+
 def test_a_fallback_set_for_a_sql_target_leaves_its_recovery_on(
     h: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
