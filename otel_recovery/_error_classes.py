@@ -56,7 +56,7 @@ httpx CONN ConnectError ReadError WriteError CloseError NetworkError RemoteProto
 httpx TIMEOUT TimeoutException ConnectTimeout ReadTimeout WriteTimeout
 httpx POOL PoolTimeout
 httpx CONFIG InvalidURL UnsupportedProtocol
-httpx PROGRAMMING LocalProtocolError
+httpx PROGRAMMING LocalProtocolError StreamError
 httpx REDIRECT_LOOP TooManyRedirects
 requests CONN ConnectionError ChunkedEncodingError ProxyError
 requests TIMEOUT Timeout ConnectTimeout ReadTimeout
@@ -69,7 +69,7 @@ aiohttp CONN ClientConnectionError ClientConnectorError ClientOSError ServerDisc
 aiohttp CONN ServerConnectionError ClientPayloadError ClientConnectionResetError
 aiohttp TIMEOUT ServerTimeoutError ConnectionTimeoutError SocketTimeoutError
 aiohttp CERT ClientConnectorCertificateError
-aiohttp CONFIG InvalidURL
+aiohttp CONFIG InvalidURL NonHttpUrlClientError
 aiohttp REDIRECT_LOOP TooManyRedirects
 psycopg CONN OperationalError
 psycopg INVALID PipelineAborted

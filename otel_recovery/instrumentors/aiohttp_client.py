@@ -183,6 +183,12 @@ class _Planner:
     Windows named pipe) is addressed as ``http://localhost/...`` like every other: its
     target is the socket's path (port None), so each socket has its own breaker, and the
     path is part of the key (None for TCP).
+
+    A closed session's request is not planned: aiohttp raises its "Session is closed"
+    ``RuntimeError`` before anything is sent, which says nothing of the server. Counted
+    on its breaker, 20 calls of one closed session opened the circuit for every healthy
+    session of that server, and the closed session's own calls then got our open-circuit
+    error instead of aiohttp's.
     """
 
     def __init__(self, plans: HttpPlans) -> None:
@@ -190,6 +196,8 @@ class _Planner:
         self.shapes = plans.shapes
 
     def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpPlan | None:
+        if getattr(args[0], "closed", False) is True:
+            return None  # refused by aiohttp before anything is sent: not the server's failure
         shape: Any = None
         # session.get(url) and friends; session.post(url) passes data=None
         if (

@@ -319,6 +319,12 @@ class _Planner:
     for TCP). It is read from the client's own transport (:func:`_socket_of`), not from a
     transport mounted for some URLs (``mounts=``): the key is read on every request, and
     finding the mounted transport would cost a pattern match per mount.
+
+    A closed client's request is not planned: httpx raises its "client has been closed"
+    ``RuntimeError`` before anything is sent, which says nothing of the server. Counted
+    on its breaker, 20 calls of one closed client opened the circuit for every healthy
+    client of that server, and the closed client's own calls then got our open-circuit
+    error instead of httpx's.
     """
 
     def __init__(self, plans: HttpPlans) -> None:
@@ -326,6 +332,8 @@ class _Planner:
         self.shapes = plans.shapes
 
     def plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpPlan | None:
+        if args and getattr(args[0], "is_closed", False) is True:
+            return None  # refused by httpx before anything is sent: not the server's failure
         request = _request_of(args, kwargs)
         _keep_headers(args, kwargs, request)
         shape: Any = None

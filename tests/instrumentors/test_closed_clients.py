@@ -116,3 +116,67 @@ async def test_a_client_still_open_after_the_wait_is_resent_to(server, tel):
         ours.uninstrument()
     assert (response.status_code, response.text) == (200, "fresh")
     assert server.count("/a") == 2
+
+
+# A client used after it was closed: the library refuses each call before anything is sent.
+# Without otel-recovery every call gets the library's "closed" RuntimeError, and the other,
+# open clients of the same server are unaffected; with it, those calls counted as the
+# server's failures and after 20 the circuit opened for every client of that server.
+
+REFUSED = 25
+"""Calls of the closed client: more than the breaker's minimum of 20."""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_httpx_a_closed_clients_calls_are_not_the_servers_failures(server, tel, mode):
+    clock = FakeClock(wall_start=time.time())
+    ours = instrument(tel, HTTPXRecoveryInstrumentor, clock)
+    url = server.script("/a")
+    refused: list[str] = []
+    try:
+        if mode == "sync":
+            closed = httpx.Client()
+            closed.close()
+            for _ in range(REFUSED):
+                with pytest.raises(RuntimeError) as caught:
+                    closed.get(url)
+                refused.append(type(caught.value).__name__)
+            with httpx.Client() as client:
+                status = client.get(url).status_code
+        else:
+            aclosed = httpx.AsyncClient()
+            await aclosed.aclose()
+            for _ in range(REFUSED):
+                with pytest.raises(RuntimeError) as caught:
+                    await aclosed.get(url)
+                refused.append(type(caught.value).__name__)
+            async with httpx.AsyncClient() as aclient:
+                status = (await aclient.get(url)).status_code
+    finally:
+        ours.uninstrument()
+    assert refused == ["RuntimeError"] * REFUSED  # httpx's own, never our open circuit's
+    assert status == 200
+    assert server.count("/a") == 1
+    assert tel.recoveries() == []
+
+
+async def test_aiohttp_a_closed_sessions_calls_are_not_the_servers_failures(server, tel):
+    clock = FakeClock(wall_start=time.time())
+    ours = instrument(tel, AioHttpClientRecoveryInstrumentor, clock)
+    url = server.script("/a")
+    refused: list[str] = []
+    try:
+        closed = aiohttp.ClientSession()
+        await closed.close()
+        for _ in range(REFUSED):
+            with pytest.raises(RuntimeError) as caught:
+                await closed.get(url)
+            refused.append(type(caught.value).__name__)
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            status = response.status
+    finally:
+        ours.uninstrument()
+    assert refused == ["RuntimeError"] * REFUSED  # aiohttp's own, never our open circuit's
+    assert status == 200
+    assert server.count("/a") == 1
+    assert tel.recoveries() == []
