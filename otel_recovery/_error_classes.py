@@ -40,6 +40,7 @@ ssl CONN SSLEOFError SSLZeroReturnError
 http CONN IncompleteRead BadStatusLine RemoteDisconnected
 otel_recovery CIRCUIT CircuitOpenError
 redis CONN ConnectionError MasterNotFoundError SlaveNotFoundError
+redis CONN RedisClusterUnreachableError
 redis TIMEOUT TimeoutError
 redis AUTH AuthenticationError AuthenticationWrongNumberOfArgsError AuthorizationError
 redis AUTH NoPermissionError=NOPERM

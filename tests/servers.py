@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -140,9 +140,10 @@ def require_postgres() -> None:
 
 
 class PrivateRedis:
-    """A redis-server of our own; ``stop_answering()`` freezes it with SIGSTOP."""
+    """A redis-server of our own; ``stop_answering()`` freezes it with SIGSTOP. ``options``
+    are more redis-server arguments (``["--rename-command", "EVAL", "TFCALL"]``)."""
 
-    def __init__(self, *, cluster: bool = False) -> None:
+    def __init__(self, *, cluster: bool = False, options: Sequence[str] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             unavailable("redis-server is not installed, so no private server can be started")
@@ -153,7 +154,7 @@ class PrivateRedis:
         # new directory (a cluster node writes its nodes.conf there before it binds).
         for tries_left in (2, 1, 0):
             self._dir = tempfile.TemporaryDirectory(prefix="otelrec-redis-")
-            extra = ["--dir", self._dir.name]
+            extra = ["--dir", self._dir.name, *options]
             if cluster:  # a one-node cluster: every slot on this server
                 extra += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             self.port = free_port(below=55536, also_free=10000) if cluster else free_port()

@@ -363,6 +363,8 @@ BusyLoadingError = fake(R, "BusyLoadingError", RConnectionError)
 AuthenticationError = fake(R, "AuthenticationError", RConnectionError)
 ResponseError = fake(R, "ResponseError", RedisError)
 ReadOnlyError = fake(R, "ReadOnlyError", ResponseError)
+RedisClusterException = fake(R, "RedisClusterException", Exception)
+RedisClusterUnreachableError = fake(R, "RedisClusterUnreachableError", RedisClusterException)
 
 
 @pytest.mark.parametrize(
@@ -370,6 +372,13 @@ ReadOnlyError = fake(R, "ReadOnlyError", ResponseError)
     [
         (RConnectionError("Error 111 connecting"), Cat.TRANSIENT, Kind.CONNECTION, True, None),
         (RTimeoutError("Timeout reading"), Cat.TRANSIENT, Kind.TIMEOUT, True, None),
+        (  # redis-py 8.2: a slot-map refresh reached no node of the cluster
+            RedisClusterUnreachableError("Redis Cluster cannot be connected"),
+            Cat.TRANSIENT,
+            Kind.CONNECTION,
+            True,
+            None,
+        ),
         (BusyLoadingError("loading"), Cat.TRANSIENT, Kind.SERVER_ERROR, True, "LOADING"),
         (ReadOnlyError("You can't write"), Cat.TRANSIENT, Kind.READONLY, True, "READONLY"),
         (ResponseError("READONLY You can't write"), Cat.TRANSIENT, Kind.READONLY, True, "READONLY"),

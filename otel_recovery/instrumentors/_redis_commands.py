@@ -135,10 +135,13 @@ COUNTING_WRITES = _words(
 count, the bit before): not retried after a failure that may have run them, unless named in
 ``redis_retry_commands``. Listed for the README and the tests; nothing else reads it."""
 
-RUNS_CODE = _words("EVAL EVALSHA EVAL_RO EVALSHA_RO FCALL FCALL_RO")
-"""Commands that run code of the application's (a Lua script, a Redis Function). Such code
-may write and then reply with any error, ``READONLY ...`` included, so a refusal proves
-nothing about them: see :func:`runs_code`."""
+RUNS_CODE = _words("EVAL EVALSHA EVAL_RO EVALSHA_RO FCALL FCALL_RO TFCALL TFCALLASYNC")
+"""Commands that run code of the application's (a Lua script, a Redis Function, a
+JavaScript function of RedisGears 2's triggers and functions, which redis-py 5 calls
+with ``tfcall`` and ``tfcall_async``). Such code may write and then reply with any
+error, ``READONLY ...`` included, so a refusal proves nothing about them: see
+:func:`runs_code`. Loading or deleting the code (``FUNCTION LOAD``, ``TFUNCTION DELETE``)
+is an administrator's write, refused like any other."""
 
 
 def runs_code(name: str) -> bool:
@@ -155,7 +158,9 @@ _UNSAFE_OPTIONS: dict[str, tuple[int, frozenset[str]]] = {
     **dict.fromkeys(("EXPIRE", "PEXPIRE"), (3, frozenset({"NX", "XX", "GT", "LT"}))),
 }
 # Commands whose first argument is a subcommand: "CONFIG GET" is a read, "CONFIG SET" is not.
-_CONTAINERS = _words("CONFIG OBJECT MEMORY SCRIPT XINFO CLUSTER CLIENT COMMAND PUBSUB FUNCTION ACL")
+_CONTAINERS = _words(
+    "CONFIG OBJECT MEMORY SCRIPT XINFO CLUSTER CLIENT COMMAND PUBSUB FUNCTION TFUNCTION ACL"
+)
 
 
 def as_text(value: Any) -> str:

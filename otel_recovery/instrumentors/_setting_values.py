@@ -137,6 +137,7 @@ def redis_names() -> tuple[frozenset[str], frozenset[str]]:
     from otel_recovery.instrumentors import _redis_commands as rules
 
     known = rules.READS | rules.IDEMPOTENT_WRITES | rules.COUNTING_WRITES | rules.BLOCKING
+    known |= rules.RUNS_CODE  # TFCALL and TFCALLASYNC are no misspelt FCALL
     return known | _COMMON_WRITES, rules._CONTAINERS | _SPACED_CONTAINERS
 
 

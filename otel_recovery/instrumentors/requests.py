@@ -44,7 +44,6 @@ from otel_recovery.instrumentors._http import (
     ResponseClassifier,
     RetryableStatusError,
     fallback_body,
-    has_header,
     install_resend_count,
     one_shot,
     plan_call,
@@ -63,6 +62,7 @@ from otel_recovery.policies.circuit_breaker import CircuitOpenError
 __all__ = ["RequestsCircuitOpenError", "RequestsRecoveryInstrumentor"]
 
 _KEY = IDEMPOTENCY_KEY.lower()
+_KEY_BYTES = _KEY.encode("ascii")
 # Session.request's parameters in order (after self), to read positional arguments.
 _PARAMS = ("method", "url", "params", "data", "headers", "cookies", "files", "auth", "timeout")
 
@@ -375,15 +375,32 @@ def _split(url: str) -> tuple[str, int | None, str] | None:
 
 
 def _has_key(headers: object, session_headers: object) -> bool:
-    """An ``Idempotency-Key`` on the request, or on the session unless the request removes
-    it (requests drops a session header that the request sets to None)."""
+    """Whether requests will send an ``Idempotency-Key``: on the request, or on the session
+    unless the request removes it (requests drops a session header that the request sets
+    to None).
+
+    Names and values may be str or bytes (``{b"Idempotency-Key": b"k"}`` is sent like its
+    str spelling). requests merges the session's headers with the request's by
+    ``name.lower()``, so a str and a bytes name are two headers: a None under one removes
+    only the session's header spelt the same way, and the other is still sent.
+    """
+    merged = _keys_in(session_headers)
+    merged.update(_keys_in(headers))
+    return any(value is not None for value in merged.values())
+
+
+def _keys_in(headers: object) -> dict[type, object]:
+    """The value each spelling of the key (str, bytes; any case) last has in ``headers``,
+    as requests' merge leaves it. Nothing for headers that are not a mapping: requests
+    ignores such session headers, and fails on such request headers itself."""
+    found: dict[type, object] = {}
     if isinstance(headers, Mapping) and headers:
         for name, value in headers.items():
             if isinstance(name, str) and name.lower() == _KEY:
-                return value is not None
-    if isinstance(session_headers, CaseInsensitiveDict):
-        return IDEMPOTENCY_KEY in session_headers
-    return has_header(session_headers, IDEMPOTENCY_KEY)
+                found[str] = value
+            elif isinstance(name, bytes) and name.lower() == _KEY_BYTES:
+                found[bytes] = value
+    return found
 
 
 def _replayable_files(files: object) -> bool:

@@ -173,6 +173,29 @@ async def test_post_is_sent_once_unless_it_carries_an_idempotency_key(server, in
 
 
 @MODES
+@pytest.mark.parametrize("on", ["request", "client"])
+async def test_a_post_with_an_idempotency_key_spelt_in_bytes_is_retried_once(
+    server, instrument, mode, on
+):
+    """httpx takes header names and values as bytes and puts the client's headers on each
+    request: a key spelt so, on either, is a key (as ``requests`` needs its own reading)."""
+    instrument()
+    url = server.script("/orders", hf.status(503), hf.ok())
+    key = {b"IDEMPOTENCY-KEY": b"k-1"}
+    client_headers, headers = (key, None) if on == "client" else (None, key)
+    if mode == "sync":
+        with httpx.Client(headers=client_headers) as client:
+            response = client.post(url, content=b"o-1", headers=headers)
+    else:
+        async with httpx.AsyncClient(headers=client_headers) as client:
+            response = await client.post(url, content=b"o-1", headers=headers)
+    assert response.status_code == 200
+    seen = server.seen("/orders")
+    keys = [v for s in seen for k, v in s.headers.items() if k.lower() == "idempotency-key"]
+    assert keys == ["k-1", "k-1"]  # two requests, each with its key
+
+
+@MODES
 async def test_streaming_bodies_are_sent_once(server, instrument, mode):
     instrument()
 

@@ -47,7 +47,7 @@ from servers import (  # noqa: F401
 from otel_recovery._policy_core import PolicyCore
 from otel_recovery.instrumentors import _redis_errors, _redis_plans, _redis_targets, _wrapping
 from otel_recovery.instrumentors import redis as ours_module
-from otel_recovery.instrumentors._redis_commands import CommandRules, command_name
+from otel_recovery.instrumentors._redis_commands import READS, CommandRules, command_name, runs_code
 from otel_recovery.instrumentors._settings import load_settings
 from otel_recovery.instrumentors.redis import RedisCircuitOpenError, RedisRecoveryInstrumentor
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError, CircuitState
@@ -974,6 +974,78 @@ def test_a_script_whose_own_error_looks_like_a_refusal_is_sent_once(h: Harness, 
         c.eval(script, 1, "script-count", code)
     assert h.attempts["execute_command"] == 1
     assert c.get("script-count") == b"1"
+
+
+@pytest.fixture(scope="module")
+def gears_server() -> Iterator[PrivateRedis]:
+    """A server where ``TFCALL`` and ``TFCALLASYNC`` run the application's code, as they do
+    under RedisGears 2 (which no server here has): ``EVAL`` and ``EVALSHA`` renamed."""
+    server = PrivateRedis(
+        options=["--rename-command", "EVAL", "TFCALL", "--rename-command", "EVALSHA", "TFCALLASYNC"]
+    )
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("command", ["TFCALL", "TFCALLASYNC"])
+@pytest.mark.parametrize("code", ["READONLY", "LOADING"])
+def test_a_gears_function_whose_own_error_looks_like_a_refusal_is_sent_once(
+    gears_server: PrivateRedis, command: str, code: str
+) -> None:
+    """A RedisGears 2 function (``r.tfcall("lib", "fn", keys)`` in redis-py 5) runs the
+    application's code as a script does: it may write, then answer ``READONLY ...``.
+    Taken as the server's refusal, the function ran three times."""
+    script = "redis.call('INCR', KEYS[1]); return redis.error_reply(ARGV[1] .. ' app says no')"
+    admin = gears_server.admin()
+    function = script if command == "TFCALL" else admin.script_load(script)  # by its SHA
+    admin.close()
+    h = Harness(gears_server)
+    try:
+        h.instrument()
+        c = h.client()  # redis-py's own Retry resends nothing: refusals would count as proof
+        with pytest.raises(redis.exceptions.RedisError, match="app says no"):
+            c.execute_command(command, function, 1, "gears-count", code)
+        assert h.attempts["execute_command"] == 1 and h.sent[command] == 1
+        assert c.get("gears-count") == b"1"
+    finally:
+        h.close()
+        gears_server.heal()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        *[(name, True) for name in ("EVAL", "EVALSHA_RO", "FCALL", "TFCALL", "TFCALLASYNC")],
+        ("JSON.SET", True),  # a module's own code answers it
+        # loading and deleting the code are an administrator's writes: refused before they
+        # run, like any write
+        *[(name, False) for name in ("FUNCTION LOAD", "TFUNCTION LOAD", "TFUNCTION DELETE")],
+        ("SET", False),
+    ],
+)
+def test_commands_that_run_the_applications_code(name: str, expected: bool) -> None:
+    assert runs_code(name) is expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("TFCALL", "lib.fn", 1, "k"),
+        (b"tfcallasync", b"lib.fn", 0),
+        ("TFUNCTION LOAD", "#!js api_version=1.0 name=lib"),  # as redis-py 5 sends it
+        ("TFUNCTION", "LOAD", "REPLACE", "#!js api_version=1.0 name=lib"),
+        ("TFUNCTION DELETE", "lib"),
+        ("TFUNCTION", "DELETE", "lib"),
+    ],
+    ids=["call", "call_async", "load", "load_split", "delete", "delete_split"],
+)
+def test_gears_commands_are_never_taken_for_reads(args: tuple[Any, ...]) -> None:
+    rules = CommandRules(load_settings(environ={}))
+    name = rules.name(args)
+    assert name in {"TFCALL", "TFCALLASYNC", "TFUNCTION LOAD", "TFUNCTION DELETE"}
+    assert not rules.allows(name, args) and name not in READS
 
 
 @pytest.mark.parametrize(

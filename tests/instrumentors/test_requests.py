@@ -227,6 +227,63 @@ def test_post_with_an_idempotency_key_is_retried_with_the_same_key_and_body(serv
     assert {s.body for s in seen} == {b"order-1"}
 
 
+def _sent_key(seen: hf.Seen) -> bool:
+    return any(name.lower() == "idempotency-key" for name in seen.headers)
+
+
+@pytest.mark.parametrize(
+    ("session_headers", "headers"),
+    [
+        ({}, {b"Idempotency-Key": b"k-1"}),
+        ({}, {b"idempotency-key": "k-1"}),
+        ({}, {b"IDEMPOTENCY-KEY": b""}),  # empty, as an empty str value: a key all the same
+        ({b"Idempotency-Key": b"k-1"}, None),
+        ({b"Idempotency-Key": b"k-1"}, {"Idempotency-Key": None}),  # removes the str one only
+    ],
+    ids=["bytes", "bytes_name", "empty_value", "on_the_session", "str_name_removed"],
+)
+def test_a_post_with_an_idempotency_key_spelt_in_bytes_is_retried_once(
+    server, tel, instrument, session_headers, headers
+):
+    """requests sends a header named in bytes as it sends a str one; it merges the session's
+    headers with the request's by ``name.lower()``, so a str name set to None leaves the
+    session's bytes one in place. What the server saw decides: the key went out, so the
+    POST is retried, once."""
+    instrument()
+    url = server.script("/orders", hf.status(503), hf.ok())
+    with requests.Session() as session:
+        session.headers.update(session_headers)
+        response = session.post(url, data=b"order-1", headers=headers, timeout=2)
+    assert response.status_code == 200
+    seen = server.seen("/orders")
+    assert len(seen) == 2
+    assert all(_sent_key(s) for s in seen)
+    assert {s.body for s in seen} == {b"order-1"}
+    assert tel.recovery().attributes["otel_recovery.retry.attempts"] == 2
+
+
+@pytest.mark.parametrize(
+    ("session_headers", "headers"),
+    [
+        ({}, {b"Idempotency": b"k-1"}),
+        ({b"Idempotency-Key": b"k-1"}, {b"idempotency-key": None}),  # removed: not sent
+    ],
+    ids=["another_header", "bytes_name_removed"],
+)
+def test_a_post_without_an_idempotency_key_in_bytes_is_sent_once(
+    server, tel, instrument, session_headers, headers
+):
+    instrument()
+    url = server.script("/orders", hf.status(503), hf.ok())
+    with requests.Session() as session:
+        session.headers.update(session_headers)
+        response = session.post(url, data=b"order-1", headers=headers, timeout=2)
+    assert response.status_code == 503
+    (seen,) = server.seen("/orders")
+    assert not _sent_key(seen)
+    assert tel.recovery().attributes["otel_recovery.retry.disallowed"] == "non_idempotent_method"
+
+
 def test_idempotency_key_retries_can_be_switched_off(server, instrument):
     instrument(http_retry_idempotency_key=False)
     url = server.script("/k", hf.status(503), hf.ok())

@@ -534,6 +534,16 @@ def test_redis_command_names_in_their_forms_and_unknown_ones_with_the_closest(ca
     ]
 
 
+def test_redis_gears_commands_are_names_we_know(caplog):
+    """RedisGears 2's commands (redis-py 5's ``tfcall``, ``tfunction_load``): ``TFCALL`` is
+    no misspelt ``FCALL``, and ``TFUNCTION`` takes a subcommand as ``FUNCTION`` does."""
+    env = {"OTEL_RECOVERY_REDIS_NO_RETRY_COMMANDS": "tfcall, TFCALLASYNC, tfunction|load"}
+    with caplog.at_level(logging.WARNING, logger="otel_recovery.instrumentors"):
+        s = load_settings(environ=env)
+    assert s.redis_no_retry_commands == {"TFCALL", "TFCALLASYNC", "TFUNCTION LOAD"}
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
