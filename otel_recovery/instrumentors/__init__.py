@@ -11,11 +11,14 @@ the ``opentelemetry_instrumentor`` entry-point group (module: class -> entry poi
 - ``psycopg``: ``PsycopgRecoveryInstrumentor`` -> ``otel_recovery_psycopg``
 - ``asyncpg``: ``AsyncPGRecoveryInstrumentor`` -> ``otel_recovery_asyncpg``
 
-This package itself imports none of the libraries. It exports the one name a program needs
+This package itself imports none of the libraries. It exports the two names a program needs
 beside the instrumentors: :class:`SettingsError`, what ``instrument(**kwargs)`` raises for a
-bad keyword argument (a ``ValueError``; the message names the setting and the fix).
+bad keyword argument (a ``ValueError``; the message names the setting and the fix), and
+:func:`suppress_recovery`, a block whose client calls our instrumentors leave untouched (a
+health check's probe must see the server as it is).
 """
 
 from otel_recovery.instrumentors._setting_values import SettingsError
+from otel_recovery.instrumentors._suppression import suppress_recovery
 
-__all__ = ["SettingsError"]
+__all__ = ["SettingsError", "suppress_recovery"]

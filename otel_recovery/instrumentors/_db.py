@@ -24,6 +24,8 @@ from otel_recovery.instrumentors._guarded import AsyncAttempts, Attempts, outcom
 from otel_recovery.instrumentors._span_mode import Site
 from otel_recovery.instrumentors._suppression import (
     CONTEXT_VAR,
+    OFF_KEYS,
+    RECOVERY_OFF_KEY,
     instrumentation_enabled,
     read_context,
 )
@@ -87,7 +89,7 @@ def compiled_layer(
         original=original,
         patches=patches,
         context_var=CONTEXT_VAR,
-        suppress_keys=(SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
+        suppress_keys=OFF_KEYS,
         site=site,
         owner=None if site is None else site.owner,
         attribute="" if site is None else site.attribute,
@@ -140,9 +142,11 @@ def sync_layer(
             if not patches.enabled:
                 return original(*args, **kwargs)
             context = read_context()
-            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not (
-                instrumentation_enabled()
-            ):
+            if (
+                SUPPRESS_KEY in context
+                or LEGACY_SUPPRESS_KEY in context
+                or RECOVERY_OFF_KEY in context
+            ) and not (instrumentation_enabled()):
                 return original(*args, **kwargs)
             plan: Plan | None = None
             try:
@@ -178,9 +182,11 @@ def async_layer(
             if not patches.enabled:
                 return await original(*args, **kwargs)
             context = read_context()
-            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not (
-                instrumentation_enabled()
-            ):
+            if (
+                SUPPRESS_KEY in context
+                or LEGACY_SUPPRESS_KEY in context
+                or RECOVERY_OFF_KEY in context
+            ) and not (instrumentation_enabled()):
                 return await original(*args, **kwargs)
             plan: Plan | None = None
             try:

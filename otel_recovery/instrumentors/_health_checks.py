@@ -41,6 +41,7 @@ from opentelemetry import trace
 
 from otel_recovery._config import SWITCHES
 from otel_recovery._forksafe import new_lock
+from otel_recovery.instrumentors._suppression import instrumentation_enabled
 from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
 
@@ -214,8 +215,10 @@ class HealthChecks:
         return check
 
     def _refusing(self, connection: Any) -> CircuitBreaker | None:
-        """The breaker refusing calls to ``connection``'s server now, if any guard knows one."""
-        if connection is None or not SWITCHES.active:
+        """The breaker refusing calls to ``connection``'s server now, if any guard knows one
+        (none inside ``suppress_instrumentation()`` or :func:`~._suppression.suppress_recovery`,
+        where the check's statement reaches the server untouched)."""
+        if connection is None or not SWITCHES.active or not instrumentation_enabled():
             return None
         for guard in tuple(self._guards):
             breaker = guard(connection)

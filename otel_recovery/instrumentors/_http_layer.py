@@ -23,6 +23,8 @@ from otel_recovery.instrumentors._http_plans import HttpPlan
 from otel_recovery.instrumentors._http_site import HttpSite, Outcomes
 from otel_recovery.instrumentors._suppression import (
     CONTEXT_VAR,
+    OFF_KEYS,
+    RECOVERY_OFF_KEY,
     instrumentation_enabled,
     read_context,
 )
@@ -91,9 +93,11 @@ def sync_layer(
             if not patches.enabled:
                 return original(*args, **kwargs)
             context = read_context()  # suppressed (the exporter's own traffic)?
-            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not (
-                instrumentation_enabled()
-            ):
+            if (
+                SUPPRESS_KEY in context
+                or LEGACY_SUPPRESS_KEY in context
+                or RECOVERY_OFF_KEY in context
+            ) and not (instrumentation_enabled()):
                 return original(*args, **kwargs)
             try:
                 plan = plan_of(args, kwargs)
@@ -170,7 +174,7 @@ def sync_layer(
             original=original,
             patches=patches,
             context_var=CONTEXT_VAR,
-            suppress_keys=(SUPPRESS_KEY, LEGACY_SUPPRESS_KEY),
+            suppress_keys=OFF_KEYS,
             by_url=compiled.by_url,
             plan_type=HttpPlan,
             body_names=compiled.body_names,
@@ -203,9 +207,11 @@ def async_layer(patches: PatchSet, library: type[HttpSite[Any]], plan_of: PlanOf
             if not patches.enabled:
                 return await original(*args, **kwargs)
             context = read_context()
-            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not (
-                instrumentation_enabled()
-            ):
+            if (
+                SUPPRESS_KEY in context
+                or LEGACY_SUPPRESS_KEY in context
+                or RECOVERY_OFF_KEY in context
+            ) and not (instrumentation_enabled()):
                 return await original(*args, **kwargs)
             try:
                 plan = plan_of(args, kwargs)

@@ -30,7 +30,11 @@ from otel_recovery.instrumentors._redis_targets import (
     standalone_target,
 )
 from otel_recovery.instrumentors._span_mode import Site
-from otel_recovery.instrumentors._suppression import instrumentation_enabled, read_context
+from otel_recovery.instrumentors._suppression import (
+    RECOVERY_OFF_KEY,
+    instrumentation_enabled,
+    read_context,
+)
 from otel_recovery.instrumentors._wrapping import PatchSet, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitOpenError
 from otel_recovery.telemetry._suppressed import LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
@@ -128,7 +132,11 @@ class SiteLayers:
             if not patches.enabled:
                 return original(*args, **options)
             context = read_context()  # instrumentation_enabled(), inline
-            if (SUPPRESS_KEY in context or LEGACY_SUPPRESS_KEY in context) and not enabled():
+            if (
+                SUPPRESS_KEY in context
+                or LEGACY_SUPPRESS_KEY in context
+                or RECOVERY_OFF_KEY in context
+            ) and not enabled():
                 return original(*args, **options)
             fn = original
             plan: Plan | None = None

@@ -1,24 +1,41 @@
-"""Whether instrumentation is switched off for this call, asked as cheaply as a hot path can.
+"""Whether our layers are switched off for this call, asked as cheaply as a hot path can.
 
 ``suppress_instrumentation()`` (under which the SDK's exporters run) sets a key in the
 current context (:mod:`otel_recovery.telemetry._suppressed`), and a call made there must run
-as if uninstrumented. Every instrumented call asks, so the per-call layers read the context
-straight from the default runtime context's ContextVar (:data:`CONTEXT_VAR`, which the
-compiled layers read too) and test the two keys inline, and call
-:func:`instrumentation_enabled` only when one of them is there.
+as if uninstrumented. :func:`suppress_recovery` sets a key of ours, which switches off only
+our layers: a failure detector's probe (redis-py's MultiDB health checks, a readiness
+endpoint) must see the server as it is, while contrib still traces it. Every instrumented
+call asks, so the per-call layers read the context straight from the default runtime
+context's ContextVar (:data:`CONTEXT_VAR`, which the compiled layers read too) and test the
+three keys inline (:data:`OFF_KEYS`), and call :func:`instrumentation_enabled` only when one
+of them is there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from opentelemetry import context as otel_context
 
 from otel_recovery.telemetry._suppressed import LEGACY_SUPPRESS_KEY, SUPPRESS_KEY
 
-__all__ = ["CONTEXT_VAR", "instrumentation_enabled", "read_context"]
+__all__ = [
+    "CONTEXT_VAR",
+    "OFF_KEYS",
+    "RECOVERY_OFF_KEY",
+    "instrumentation_enabled",
+    "read_context",
+    "suppress_recovery",
+]
+
+RECOVERY_OFF_KEY: str = otel_context.create_key("otel_recovery.suppress_recovery")
+"""Set (true) by :func:`suppress_recovery`: our layers step aside, other instrumentation
+does not."""
+OFF_KEYS = (SUPPRESS_KEY, LEGACY_SUPPRESS_KEY, RECOVERY_OFF_KEY)
+"""The context keys that may switch our layers off (the compiled layers' ``suppress_keys``)."""
 
 # The default runtime context keeps the current Context in one ContextVar; reading it
 # directly saves two Python calls per instrumented call. Any other runtime context
@@ -38,11 +55,40 @@ else:  # pragma: no cover - another runtime context implementation
 
 
 def instrumentation_enabled() -> bool:
-    """``is_instrumentation_enabled()`` with one context read instead of three calls.
+    """Whether our layers run for this call: ``is_instrumentation_enabled()``, and not
+    inside :func:`suppress_recovery`, with one context read instead of three calls.
 
-    A per-call hot path inlines the common case: when neither ``SUPPRESS_KEY`` nor
-    ``LEGACY_SUPPRESS_KEY`` is ``in read_context()`` (two slot lookups, no method call),
-    instrumentation is enabled; otherwise it asks this function.
+    A per-call hot path inlines the common case: when no key of :data:`OFF_KEYS` is ``in
+    read_context()`` (slot lookups, no method call), instrumentation is enabled; otherwise
+    it asks this function.
     """
     context = read_context()
-    return not (context.get(SUPPRESS_KEY) or context.get(LEGACY_SUPPRESS_KEY))
+    return not (
+        context.get(SUPPRESS_KEY)
+        or context.get(LEGACY_SUPPRESS_KEY)
+        or context.get(RECOVERY_OFF_KEY)
+    )
+
+
+@contextlib.contextmanager
+def suppress_recovery() -> Iterator[None]:
+    """Run the block with otel-recovery's instrumentors stepped aside: each client call in it
+    (and in tasks and threads' contexts started from it) goes to the library untouched, as
+    if we were not installed. Not retried, not refused by an open circuit, not counted on a
+    breaker or a retry budget, no recovery span or attribute; contrib's instrumentation
+    still traces it, and ``@recover`` and the library's policies still apply.
+
+    Why: a failure detector's probe must see the server as it is. A readiness check retried
+    by us would answer "ready" for a server that fails two calls in three; one refused by
+    our open circuit would keep a recovered server out of rotation until the circuit's
+    timeout. redis-py's MultiDB health checks run this way (:mod:`.redis`). Works in sync
+    and asyncio code alike::
+
+        with suppress_recovery():
+            client.ping()
+    """
+    token = otel_context.attach(otel_context.set_value(RECOVERY_OFF_KEY, True))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)

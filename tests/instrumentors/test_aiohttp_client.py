@@ -13,9 +13,10 @@ import pytest
 from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import SpanKind, StatusCode
+from ours import marked_by_us
 
 from otel_recovery._clock import SYSTEM_CLOCK, MonotonicClock
-from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors import _wrapping, suppress_recovery
 from otel_recovery.instrumentors._settings import SettingsError
 from otel_recovery.instrumentors.aiohttp_client import (
     AioHttpAttemptTimeoutError,
@@ -396,6 +397,28 @@ async def test_suppressed_instrumentation_passes_straight_through(server, tel, i
     with suppress_instrumentation():
         assert (await fetch("GET", url))[0].status == 503
     assert server.count("/quiet") == 1 and tel.spans() == []
+
+
+async def test_suppress_recovery_steps_aside_while_contrib_still_traces(server, tel, instrument):
+    """Inside ``suppress_recovery()`` a request goes out once, as the application sent it;
+    an open circuit does not refuse it and it counts on no breaker; contrib's span stays."""
+    ours = instrument()
+    url = server.script("/probe", hf.ok(), hf.status(503), hf.ok())
+    assert (await fetch("GET", url))[0].status == 200  # remembered: compiled
+    tel.exporter.clear()
+    with suppress_recovery():
+        assert (await fetch("GET", url))[0].status == 503
+    assert server.count("/probe") == 2
+    spans = tel.spans()
+    assert len(spans) == 1 and spans[0].kind is SpanKind.CLIENT and marked_by_us(spans) == []
+    (breaker,) = ours.targets.breakers()
+    breaker.force_open()
+    before = breaker.snapshot()
+    with suppress_recovery():
+        assert (await fetch("GET", url))[0].status == 200  # not refused
+    assert server.count("/probe") == 3 and breaker.snapshot() == before
+    with pytest.raises(AioHttpCircuitOpenError):
+        await fetch("GET", url)
 
 
 async def test_disabled_by_environment_and_bad_settings(server, instrument, monkeypatch):

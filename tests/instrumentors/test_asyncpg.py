@@ -37,7 +37,12 @@ from servers import (
 
 from otel_recovery._clock import SYSTEM_CLOCK
 from otel_recovery._policy_core import PolicyCore
-from otel_recovery.instrumentors import _asyncpg_plans, _asyncpg_targets, _wrapping
+from otel_recovery.instrumentors import (
+    _asyncpg_plans,
+    _asyncpg_targets,
+    _wrapping,
+    suppress_recovery,
+)
 from otel_recovery.instrumentors import asyncpg as ours_module
 from otel_recovery.instrumentors._asyncpg_targets import dsn_target
 from otel_recovery.instrumentors.asyncpg import AsyncPGCircuitOpenError, AsyncPGRecoveryInstrumentor
@@ -335,6 +340,32 @@ async def test_suppressed_instrumentation_is_not_retried(h: Harness) -> None:
     with suppress_instrumentation(), pytest.raises(asyncpg.CannotConnectNowError):
         await asyncpg.connect(url(front.port))
     assert front.accepted == 1 and not h.exporter.get_finished_spans()
+
+
+async def test_suppress_recovery_steps_aside_while_contrib_still_traces(h: Harness) -> None:
+    """Inside ``suppress_recovery()`` a connect goes to asyncpg once, and an open circuit
+    does not refuse a statement (on the compiled path too), which counts on no breaker."""
+    h.instrument()
+    front = PgFront(starting_up=5)
+    h.fronts.append(front)
+    with suppress_recovery(), pytest.raises(asyncpg.CannotConnectNowError):
+        await asyncpg.connect(url(front.port))
+    assert front.accepted == 1
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute("SELECT 1")  # plans remembered: the compiled layer serves execute
+        assert h.ours.targets is not None
+        breaker = next(b for b in h.ours.targets.breakers() if b.name.endswith(":5432"))
+        breaker.force_open()
+        before = breaker.snapshot()
+        with suppress_recovery():
+            assert await conn.fetchval("SELECT 2") == 2  # not refused
+            assert await conn.execute("SELECT 3") == "SELECT 1"
+        assert breaker.snapshot() == before
+        with pytest.raises(AsyncPGCircuitOpenError):
+            await conn.execute("SELECT 4")
+    finally:
+        conn.terminate()
 
 
 async def test_a_wrapper_bug_does_not_break_the_call(

@@ -26,7 +26,7 @@ from ours import marked_by_us
 
 import otel_recovery.instrumentors.httpx
 from otel_recovery._first_times import FirstTimes
-from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors import _wrapping, suppress_recovery
 from otel_recovery.instrumentors._settings import SettingsError
 from otel_recovery.instrumentors.httpx import (
     HTTPXAttemptTimeoutError,
@@ -282,6 +282,31 @@ async def test_suppressed_instrumentation_passes_straight_through(server, tel, i
     with suppress_instrumentation():
         assert (await send(mode, "GET", url)).status_code == 503
     assert server.count("/quiet") == 1 and marked_by_us(tel.spans()) == []
+
+
+@MODES
+async def test_suppress_recovery_steps_aside_while_contrib_still_traces(
+    server, tel, instrument, mode
+):
+    """Inside ``suppress_recovery()`` a request goes out once, as the application sent it;
+    an open circuit does not refuse it and it counts on no breaker; contrib's span stays."""
+    ours = instrument()
+    url = server.script("/probe", hf.ok(), hf.status(503), hf.ok())
+    assert (await send(mode, "GET", url)).status_code == 200  # remembered: compiled
+    tel.exporter.clear()
+    with suppress_recovery():
+        assert (await send(mode, "GET", url)).status_code == 503
+    assert server.count("/probe") == 2
+    spans = tel.spans()
+    assert len(spans) == 1 and spans[0].kind is SpanKind.CLIENT and marked_by_us(spans) == []
+    (breaker,) = ours.targets.breakers()
+    breaker.force_open()
+    before = breaker.snapshot()
+    with suppress_recovery():
+        assert (await send(mode, "GET", url)).status_code == 200  # not refused
+    assert server.count("/probe") == 3 and breaker.snapshot() == before
+    with pytest.raises(HTTPXCircuitOpenError):
+        await send(mode, "GET", url)
 
 
 async def test_cancellation_during_backoff_releases_the_held_response(server, tel):

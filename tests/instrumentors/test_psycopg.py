@@ -41,7 +41,7 @@ from servers import (
 )
 
 from otel_recovery._policy_core import PolicyCore
-from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors import _wrapping, suppress_recovery
 from otel_recovery.instrumentors import psycopg as ours_module
 from otel_recovery.instrumentors.psycopg import (
     PsycopgAttemptTimeoutError,
@@ -505,6 +505,33 @@ def test_suppressed_instrumentation_is_not_retried(h: Harness) -> None:
     with suppress_instrumentation(), pytest.raises(psycopg.OperationalError, match="starting"):
         psycopg.connect(dsn(front.port))
     assert front.accepted == 1 and not h.exporter.get_finished_spans()
+
+
+def test_suppress_recovery_steps_aside_while_contrib_still_traces(h: Harness) -> None:
+    """Inside ``suppress_recovery()`` a connect goes to psycopg once (a server starting up
+    is not waited for), an open circuit does not refuse a statement, which counts on no
+    breaker, and contrib's span stays."""
+    h.instrument()
+    front = PgFront(starting_up=5)
+    h.fronts.append(front)
+    with suppress_recovery(), pytest.raises(psycopg.OperationalError, match="starting"):
+        psycopg.connect(dsn(front.port))
+    assert front.accepted == 1
+    conn = psycopg.connect(PG_DSN, autocommit=True)
+    conn.execute("SELECT 1")  # ours: a breaker now
+    assert h.ours.targets is not None
+    breaker = next(b for b in h.ours.targets.breakers() if b.name.endswith(":5432"))
+    breaker.force_open()
+    before = breaker.snapshot()
+    h.reset()
+    with suppress_recovery():
+        assert conn.execute("SELECT 2").fetchone() == (2,)  # not refused
+    assert h.calls["execute"] == 1 and breaker.snapshot() == before
+    (span,) = h.spans("SELECT")
+    assert marked_by_us([span]) == []
+    with pytest.raises(PsycopgCircuitOpenError):
+        conn.execute("SELECT 3")
+    conn.close()
 
 
 def test_a_wrapper_bug_does_not_break_the_call(

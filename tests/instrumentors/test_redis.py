@@ -45,7 +45,13 @@ from servers import (  # noqa: F401
 )
 
 from otel_recovery._policy_core import PolicyCore
-from otel_recovery.instrumentors import _redis_errors, _redis_plans, _redis_targets, _wrapping
+from otel_recovery.instrumentors import (
+    _redis_errors,
+    _redis_plans,
+    _redis_targets,
+    _wrapping,
+    suppress_recovery,
+)
 from otel_recovery.instrumentors import redis as ours_module
 from otel_recovery.instrumentors._redis_commands import READS, CommandRules, command_name, runs_code
 from otel_recovery.instrumentors._settings import load_settings
@@ -760,6 +766,33 @@ def test_suppressed_instrumentation_is_not_retried(h: Harness) -> None:
     assert h.attempts["execute_command"] == 1 and not marked_by_us(h.exporter.get_finished_spans())
 
 
+@pytest.mark.parametrize("order", ["contrib_first", "ours_first"])
+def test_suppress_recovery_steps_aside_while_contrib_still_traces(h: Harness, order: str) -> None:
+    """Inside ``suppress_recovery()`` a command goes to redis-py once, as sent, on the
+    remembered (compiled) path too; an open circuit does not refuse it and it counts on no
+    breaker; contrib's span stays."""
+    h.instrument(order)
+    c = h.client()
+    assert c.get("k") is None  # the command's plan is remembered: the check comes first
+    h.reset_counts()
+    h.exporter.clear()
+    with suppress_recovery(), stopped(h.server), pytest.raises(redis.exceptions.TimeoutError):
+        c.get("k")
+    assert h.attempts["execute_command"] == 1
+    spans = h.exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["GET"] and marked_by_us(spans) == []
+    breaker = h.ours.targets.known_breaker("127.0.0.1", h.server.port)
+    assert breaker is not None
+    breaker.force_open()
+    before = breaker.snapshot()
+    h.reset_counts()
+    with suppress_recovery():
+        assert c.set("k", "v") is True and c.get("k") == b"v"  # not refused
+    assert h.attempts["execute_command"] == 2 and breaker.snapshot() == before
+    with pytest.raises(RedisCircuitOpenError):
+        c.get("k")
+
+
 def test_a_wrapper_bug_does_not_break_the_call(
     h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1261,6 +1294,31 @@ async def test_async_suppressed_instrumentation_is_not_retried(h: Harness) -> No
         await c.set("k", "v")
     await asyncio.to_thread(killer.join)
     assert h.attempts["execute_command"] == 1 and not marked_by_us(h.exporter.get_finished_spans())
+    await aclose(c)
+
+
+async def test_async_suppress_recovery_steps_aside_while_contrib_still_traces(
+    h: Harness,
+) -> None:
+    h.instrument()
+    c = h.aclient()
+    assert await c.get("k") is None  # its plan remembered: the compiled path
+    h.reset_counts()
+    h.exporter.clear()
+    with suppress_recovery(), stopped(h.server), pytest.raises(redis.exceptions.TimeoutError):
+        await c.get("k")
+    assert h.attempts["execute_command"] == 1
+    spans = h.exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["GET"] and marked_by_us(spans) == []
+    breaker = h.ours.targets.known_breaker("127.0.0.1", h.server.port)
+    assert breaker is not None
+    breaker.force_open()
+    before = breaker.snapshot()
+    with suppress_recovery():
+        assert await c.set("k", "v") is True  # not refused
+    assert breaker.snapshot() == before
+    with pytest.raises(RedisCircuitOpenError):
+        await c.get("k")
     await aclose(c)
 
 

@@ -29,12 +29,13 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
+from ours import marked_by_us
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
 import otel_recovery.instrumentors.requests
 from otel_recovery._first_times import FirstTimes
-from otel_recovery.instrumentors import _wrapping
+from otel_recovery.instrumentors import _wrapping, suppress_recovery
 from otel_recovery.instrumentors._resend import ResendCountSpanProcessor
 from otel_recovery.instrumentors._settings import SettingsError
 from otel_recovery.instrumentors.requests import (
@@ -544,6 +545,29 @@ def test_suppressed_instrumentation_passes_straight_through(server, tel, instrum
     with suppress_instrumentation():
         assert requests.get(url, timeout=2).status_code == 503
     assert server.count("/quiet") == 1 and tel.spans() == []
+
+
+@BOTH_ORDERS
+def test_suppress_recovery_steps_aside_while_contrib_still_traces(server, tel, instrument, order):
+    """Inside ``suppress_recovery()`` a request goes out once, as the application sent it;
+    an open circuit does not refuse it and it counts on no breaker; contrib's span stays."""
+    ours = instrument(order)
+    url = server.script("/probe", hf.ok(), hf.status(503), hf.ok())
+    assert requests.get(url, timeout=2).status_code == 200  # remembered: compiled
+    tel.exporter.clear()
+    with suppress_recovery():
+        assert requests.get(url, timeout=2).status_code == 503
+    assert server.count("/probe") == 2
+    spans = tel.spans()
+    assert len(spans) == 1 and spans[0].kind is SpanKind.CLIENT and marked_by_us(spans) == []
+    (breaker,) = ours.targets.breakers()
+    breaker.force_open()
+    before = breaker.snapshot()
+    with suppress_recovery():
+        assert requests.get(url, timeout=2).status_code == 200  # the open circuit let it go
+    assert server.count("/probe") == 3 and breaker.snapshot() == before
+    with pytest.raises(RequestsCircuitOpenError):
+        requests.get(url, timeout=2)
 
 
 def test_the_otlp_exporters_own_requests_are_never_retried_or_traced(server, tel, instrument):
