@@ -34,6 +34,10 @@ its ``timeout``, a pool at its ``max_connections``) is not the server's failure:
 never left the client, so it is neither retried nor counted on the server's breaker
 (:func:`~._redis_errors.pool_exhausted`), and the application gets redis-py's error after
 the pool's own wait.
+
+redis-py's MultiDB client (``MultiDBClient``, sync and asyncio) is a failure detector of its
+own: its health checks run under ``suppress_recovery()``, so they see each server as it is,
+while the application's commands through it still recover here (:mod:`._redis_multidb`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from otel_recovery.instrumentors._base import RecoveryInstrumentor
 from otel_recovery.instrumentors._redis_errors import RedisPolicy
 from otel_recovery.instrumentors._redis_layers import Kind, SiteLayers
 from otel_recovery.instrumentors._redis_mends import hold_back_unproven, keep_to_the_session
+from otel_recovery.instrumentors._redis_multidb import MULTIDB_HEALTH_CHECKS
 from otel_recovery.instrumentors._redis_plans import Planner
 from otel_recovery.instrumentors._redis_targets import Resolve, cluster_target, standalone_target
 from otel_recovery.instrumentors._span_mode import Site
@@ -156,3 +161,8 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
             layers = SiteLayers(planner, kind, site, resolve, patches, where)
             build = layers.async_layer if is_async else layers.sync_layer
             site.proxy = patches.layer(owner, attribute, build, beneath_contrib=True)
+        MULTIDB_HEALTH_CHECKS.install(patches)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        MULTIDB_HEALTH_CHECKS.remove()  # first: a MultiDB module imported from now on stays as is
+        super()._uninstrument(**kwargs)
