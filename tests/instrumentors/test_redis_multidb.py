@@ -51,12 +51,12 @@ try:
     import redis.multidb.config
     from redis.multidb.circuit import State
     from redis.multidb.exception import UnhealthyDatabaseException
-except ImportError:  # redis-py before 7: no MultiDB
-    HAS_MULTIDB = False
+except ImportError as missing:  # redis-py before 7: no MultiDB; or no pybreaker, which it needs
+    HAS_MULTIDB, WHY_NOT = False, f"no MultiDB client to test ({missing})"
 else:
-    HAS_MULTIDB = True
+    HAS_MULTIDB, WHY_NOT = True, ""
 
-needs_multidb = pytest.mark.skipif(not HAS_MULTIDB, reason="this redis-py has no MultiDB client")
+needs_multidb = pytest.mark.skipif(not HAS_MULTIDB, reason=WHY_NOT)
 pytestmark = [
     pytest.mark.server,
     pytest.mark.filterwarnings("ignore:MultiDBClient is an experimental:UserWarning"),
