@@ -20,6 +20,7 @@ import socket
 from typing import Any
 
 import redis.client
+import redis.exceptions
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -27,6 +28,13 @@ __all__ = ["cluster_repeats", "idle_ones_resend", "own_coverage", "pipeline_cove
 
 
 _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
+_GAVE_UP: tuple[type[BaseException], ...] = tuple(
+    getattr(redis.exceptions, name)
+    for name in ("RedisClusterUnreachableError",)
+    if hasattr(redis.exceptions, name)
+)
+"""What redis-py's cluster retry raises in place of the connection error it was repeating
+(8.2: a slot-map refresh since reached no node): a failure it already retried."""
 """What a redis-py ``Retry`` repeats when not told otherwise."""
 
 
@@ -116,7 +124,8 @@ def cluster_repeats(
     raises an ``OSError`` their ``Retry`` does not catch): so a named node's call, or any
     call with that count at 0, counts its ``TimeoutError`` as repeated (one from a read is
     then taken as repeated although it was not: unsure here costs a retry, never a
-    multiplication)."""
+    multiplication). redis-py 8.2's ``RedisClusterUnreachableError`` counts as repeated too
+    (:data:`_GAVE_UP`)."""
     own = _retry_count(retry) if retry is not None else 0
     if _REDIS_PY >= (6,):
         retries = 0 if named else own
@@ -133,4 +142,4 @@ def cluster_repeats(
         return (), 0
     errors: Any = getattr(type(instance), "ERRORS_ALLOW_RETRY", None)
     errors = errors or getattr(type(client), "ERRORS_ALLOW_RETRY", _REDIS_RETRIES)
-    return tuple(errors), retries
+    return (*errors, *_GAVE_UP), retries

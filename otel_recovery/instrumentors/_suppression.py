@@ -13,10 +13,11 @@ of them is there.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 
@@ -30,6 +31,8 @@ __all__ = [
     "read_context",
     "suppress_recovery",
 ]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 RECOVERY_OFF_KEY: str = otel_context.create_key("otel_recovery.suppress_recovery")
 """Set (true) by :func:`suppress_recovery`: our layers step aside, other instrumentation
@@ -70,25 +73,57 @@ def instrumentation_enabled() -> bool:
     )
 
 
-@contextlib.contextmanager
-def suppress_recovery() -> Iterator[None]:
-    """Run the block with otel-recovery's instrumentors stepped aside: each client call in it
-    (and in tasks and threads' contexts started from it) goes to the library untouched, as
-    if we were not installed. Not retried, not refused by an open circuit, not counted on a
-    breaker or a retry budget, no recovery span or attribute; contrib's instrumentation
-    still traces it, and ``@recover`` and the library's policies still apply.
+class suppress_recovery:  # noqa: N801 - used like a function, as suppress_instrumentation()
+    """Run a block (or a function) with otel-recovery's instrumentors stepped aside: each
+    client call in it goes to the library untouched, as if we were not installed. Not
+    retried, not refused by an open circuit, not counted on a breaker or a retry budget, no
+    recovery span or attribute; contrib's instrumentation still traces it, and ``@recover``
+    and the library's policies still apply.
 
     Why: a failure detector's probe must see the server as it is. A readiness check retried
     by us would answer "ready" for a server that fails two calls in three; one refused by
     our open circuit would keep a recovered server out of rotation until the circuit's
-    timeout. redis-py's MultiDB health checks run this way (:mod:`.redis`). Works in sync
-    and asyncio code alike::
+    timeout. redis-py's MultiDB health checks run this way (:mod:`._redis_multidb`)::
 
         with suppress_recovery():
             client.ping()
+
+        @suppress_recovery()          # a sync or an async function: each call runs inside
+        async def ready() -> bool: ...
+
+    It is a context variable, so it reaches what runs in this context: asyncio tasks created
+    inside the block (for as long as they live: a pool or client whose background tasks
+    start in a probe keeps the block for good, so make them outside it), and
+    ``asyncio.to_thread``. Not plain threads and executors, which start from an empty
+    context: a sync pool's worker thread that reconnects for the probe is not inside it.
     """
-    token = otel_context.attach(otel_context.set_value(RECOVERY_OFF_KEY, True))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self) -> None:
+        self._tokens: list[object] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(otel_context.attach(otel_context.set_value(RECOVERY_OFF_KEY, True)))
+
+    def __exit__(self, *exc_info: object) -> None:
+        otel_context.detach(self._tokens.pop())  # type: ignore[arg-type]
+
+    def __call__(self, function: _F) -> _F:
+        """Decorate ``function`` so that each call runs inside the block; a coroutine
+        function's whole run (where a ``with`` around its creation would end at once)."""
+        if inspect.iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def awaited(*args: Any, **kwargs: Any) -> Any:
+                with suppress_recovery():
+                    return await function(*args, **kwargs)
+
+            return awaited  # type: ignore[return-value]
+
+        @functools.wraps(function)
+        def called(*args: Any, **kwargs: Any) -> Any:
+            with suppress_recovery():
+                return function(*args, **kwargs)
+
+        return called  # type: ignore[return-value]

@@ -1322,6 +1322,32 @@ async def test_async_suppress_recovery_steps_aside_while_contrib_still_traces(
     await aclose(c)
 
 
+async def test_suppress_recovery_as_a_decorator_covers_the_whole_call(h: Harness) -> None:
+    """As a decorator it holds for each call's whole run, a coroutine function's too (where
+    ``contextlib``'s decorator form would end before the coroutine ran)."""
+    h.instrument()
+    c, ac = h.client(), h.aclient()
+    assert c.get("k") is None and await ac.get("k") is None
+    breaker = h.ours.targets.known_breaker("127.0.0.1", h.server.port)
+    assert breaker is not None
+    breaker.force_open()
+
+    @suppress_recovery()
+    def probe() -> Any:
+        return c.get("k")
+
+    @suppress_recovery()
+    async def aprobe() -> Any:
+        await asyncio.sleep(0)
+        return await ac.get("k")
+
+    assert probe() is None and await aprobe() is None  # not refused
+    assert probe.__name__ == "probe" and inspect.iscoroutinefunction(aprobe)
+    with pytest.raises(RedisCircuitOpenError):
+        await ac.get("k")
+    await aclose(ac)
+
+
 async def test_async_a_wrapper_bug_does_not_break_the_call(
     h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1482,6 +1508,36 @@ def test_a_read_to_a_node_named_by_object_is_repeated_by_one_layer_only(
             c.close()
     alone, with_us = seen
     assert with_us == max(alone, 3), seen  # 3: our max_attempts
+
+
+@pytest.mark.skipif(REDIS_PY < (8, 2), reason="RedisClusterUnreachableError came in 8.2")
+def test_a_cluster_no_node_answers_is_repeated_by_redis_pys_retry_alone() -> None:
+    """Once a slot-map refresh reached no node, redis-py 8.2 gives up with
+    ``RedisClusterUnreachableError`` in place of the connection error its own retry was
+    repeating: a failure it already retried, so we add no attempt (a review counted 12 of
+    redis-py's attempts per call, its 4 times our 3). A one-node cluster of its own: the
+    node is killed for good."""
+    server = PrivateRedis(cluster=True)
+    hc = Harness(server)
+    seen = []
+    try:
+        hc.instrument()
+        c = hc.cluster_client(retries=3, topology_refresh_min_interval=0)
+        assert c.set("k", "v") is True
+        server.crash()
+        for _ in range(3):
+            hc.reset_counts()
+            with pytest.raises(
+                (redis.exceptions.ConnectionError, redis.exceptions.RedisClusterUnreachableError)
+            ) as raised:
+                c.get("k")
+            seen.append((type(raised.value).__name__, hc.attempts["execute_command"]))
+        c.close()
+    finally:
+        hc.close()
+        server.close()
+    assert ("RedisClusterUnreachableError", 1) in seen, seen
+    assert all(attempts == 1 for _, attempts in seen), seen
 
 
 @pytest.mark.parametrize("attempts", [None, 5])

@@ -50,11 +50,12 @@ TIMEOUT = 0.4
 SETTLE = 20.0
 """Bound for the cluster to converge (start, failover, heal) on a loaded 2-core machine."""
 REFRESH_AT_ONCE: dict[str, Any] = {"topology_refresh_min_interval": 0} if REDIS_PY >= (8, 2) else {}
-"""What makes redis-py 8.2 and later refresh the slot map as soon as an error asks for it, as
-every earlier release did. 8.2 runs such refreshes at most once per
-``topology_refresh_min_interval`` (1 s by default): the failover tests are about our
-retries reaching the promoted replica, so their clients refresh at once;
-``test_redis_cluster.py`` tests the default interval on its own."""
+"""What makes redis-py 8.2 and later run the slot-map refresh an error asks for as the next
+attempt starts, however soon. 8.2 runs such refreshes at most once per
+``topology_refresh_min_interval`` (1 s by default; earlier releases had no such limit, and
+refreshed as the error happened: :data:`STALE_ONCE`): the failover tests are about our
+retries reaching the promoted replica, so their clients take no interval;
+``test_redis_cluster.py`` tests the interval on its own."""
 STALE_ONCE = REDIS_PY < (8, 2)
 """Whether redis-py's first call after a failover still goes to the old primary. Before 8.2
 the refresh an error asks for runs as the error happens: a refresh before the promotion
