@@ -146,7 +146,7 @@ def sync_layer(
                 SUPPRESS_KEY in context
                 or LEGACY_SUPPRESS_KEY in context
                 or RECOVERY_OFF_KEY in context
-            ) and not (instrumentation_enabled()):
+            ) and not instrumentation_enabled():
                 return original(*args, **kwargs)
             plan: Plan | None = None
             try:
@@ -186,7 +186,7 @@ def async_layer(
                 SUPPRESS_KEY in context
                 or LEGACY_SUPPRESS_KEY in context
                 or RECOVERY_OFF_KEY in context
-            ) and not (instrumentation_enabled()):
+            ) and not instrumentation_enabled():
                 return await original(*args, **kwargs)
             plan: Plan | None = None
             try:

@@ -32,15 +32,13 @@ least one of our PostgreSQL instrumentors is instrumented; each instrumentor reg
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import wrapt
 from opentelemetry import trace
 
 from otel_recovery._config import SWITCHES
-from otel_recovery._forksafe import new_lock
+from otel_recovery.instrumentors._import_patches import PatchedOnImport
 from otel_recovery.instrumentors._suppression import instrumentation_enabled
 from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
 from otel_recovery.policies.circuit_breaker import CircuitBreaker, CircuitOpenError
@@ -129,16 +127,12 @@ _SITES = (
 )
 
 
-class HealthChecks:
+class HealthChecks(PatchedOnImport[_CheckSite]):
     """The patched health checks, installed while at least one guard is registered."""
 
     def __init__(self, sites: tuple[_CheckSite, ...] = _SITES) -> None:
-        self._sites = sites
-        self._lock = new_lock()
+        super().__init__(sites)
         self._guards: list[Guard] = []
-        self._patches: PatchSet | None = None
-        self._installed: set[_CheckSite] = set()
-        self._hooked = False
 
     def register(self, guard: Guard) -> Callable[[], None]:
         """Add ``guard``; returns the call that removes it (and the patches with the last)."""
@@ -147,14 +141,7 @@ class HealthChecks:
             if self._patches is None:
                 self._patches = PatchSet("otel_recovery health checks")
                 self._patches.enabled = True
-            hook = not self._hooked
-            self._hooked = True
-        for site in self._sites:
-            if hook:
-                # Fires at once if the module is already imported, else when it is.
-                wrapt.register_post_import_hook(self._hook(site), site.module)
-            elif site.module in sys.modules:
-                self._imported(site)
+        self._patch_sites()
 
         def unregister() -> None:
             with self._lock:
@@ -168,29 +155,7 @@ class HealthChecks:
 
         return unregister
 
-    def _hook(self, site: _CheckSite) -> Callable[[object], None]:
-        def imported(module: object) -> None:
-            self._imported(site)
-
-        return imported
-
-    def _imported(self, site: _CheckSite) -> None:
-        """Patch ``site`` if a guard is registered and it is not patched yet; never raises
-        (an import hook's failure would fail the application's import)."""
-        try:
-            with self._lock:
-                patches = self._patches
-                if patches is None or site in self._installed:
-                    return
-                owner = getattr(sys.modules[site.module], site.owner, None)
-                if owner is None or not hasattr(owner, site.attribute):
-                    return  # a release without this check: nothing to patch
-                patches.wrap(owner, site.attribute, self._wrapper(site))
-                self._installed.add(site)
-        except Exception as error:
-            report_internal_error(f"patch {site.name}", error)
-
-    def _wrapper(self, site: _CheckSite) -> Wrapper:
+    def _wrapper(self, site: _CheckSite, owner: Any) -> Wrapper:
         awaits = site.healthy is _healthy_none_awaited
 
         def check(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:

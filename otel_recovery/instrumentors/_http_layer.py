@@ -97,7 +97,7 @@ def sync_layer(
                 SUPPRESS_KEY in context
                 or LEGACY_SUPPRESS_KEY in context
                 or RECOVERY_OFF_KEY in context
-            ) and not (instrumentation_enabled()):
+            ) and not instrumentation_enabled():
                 return original(*args, **kwargs)
             try:
                 plan = plan_of(args, kwargs)
@@ -211,7 +211,7 @@ def async_layer(patches: PatchSet, library: type[HttpSite[Any]], plan_of: PlanOf
                 SUPPRESS_KEY in context
                 or LEGACY_SUPPRESS_KEY in context
                 or RECOVERY_OFF_KEY in context
-            ) and not (instrumentation_enabled()):
+            ) and not instrumentation_enabled():
                 return await original(*args, **kwargs)
             try:
                 plan = plan_of(args, kwargs)

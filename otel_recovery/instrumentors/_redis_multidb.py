@@ -38,14 +38,11 @@ instrumented; a release without MultiDB (redis-py 4.5 to 6) never fires the hook
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, NamedTuple
 
-import wrapt
-
-from otel_recovery._forksafe import new_lock
+from otel_recovery.instrumentors._import_patches import PatchedOnImport
 from otel_recovery.instrumentors._suppression import suppress_recovery
 from otel_recovery.instrumentors._wrapping import PatchSet, Wrapper, report_internal_error
 
@@ -76,16 +73,12 @@ _SITES = (
 )
 
 
-class MultiDBHealthChecks:
+class MultiDBHealthChecks(PatchedOnImport[_Site]):
     """The MultiDB clients' health checks, run under :func:`suppress_recovery` while the
     Redis instrumentor is instrumented (from :meth:`install` to :meth:`remove`)."""
 
     def __init__(self, sites: tuple[_Site, ...] = _SITES) -> None:
-        self._sites = sites
-        self._lock = new_lock()
-        self._patches: PatchSet | None = None
-        self._installed: set[_Site] = set()
-        self._hooked = False
+        super().__init__(sites)
 
     def install(self, patches: PatchSet) -> None:
         """Patch the sites into ``patches`` (which removes them), each now if its module is
@@ -95,15 +88,7 @@ class MultiDBHealthChecks:
             with self._lock:
                 self._patches = patches
                 self._installed = set()
-                hook = not self._hooked
-                self._hooked = True
-            for site in self._sites:
-                if hook:
-                    # Fires at once if the module is already imported, else when it is. It
-                    # cannot be unregistered: after remove() it finds no patches and returns.
-                    wrapt.register_post_import_hook(self._hook(site), site.module)
-                elif site.module in sys.modules:
-                    self._imported(site)
+            self._patch_sites()
         except Exception as error:
             report_internal_error("patch redis MultiDBClient health checks", error)
 
@@ -114,30 +99,9 @@ class MultiDBHealthChecks:
             self._patches = None
             self._installed = set()
 
-    def _hook(self, site: _Site) -> Callable[[object], None]:
-        def imported(module: object) -> None:
-            self._imported(site)
-
-        return imported
-
-    def _imported(self, site: _Site) -> None:
-        """Patch ``site`` if installed and not patched yet; never raises (an import hook's
-        failure would fail the application's import)."""
-        try:
-            with self._lock:
-                patches = self._patches
-                if patches is None or site in self._installed:
-                    return
-                module = sys.modules.get(site.module)
-                owner = getattr(module, site.owner, None)
-                method = getattr(owner, site.attribute, None)
-                if method is None:
-                    return  # a release without this method: nothing to patch
-                awaits = inspect.iscoroutinefunction(method)
-                patches.wrap(owner, site.attribute, _step_aside(site.name, awaits=awaits))
-                self._installed.add(site)
-        except Exception as error:
-            report_internal_error(f"patch {site.name}", error)
+    def _wrapper(self, site: _Site, owner: Any) -> Wrapper:
+        awaits = inspect.iscoroutinefunction(getattr(owner, site.attribute))
+        return _step_aside(site.name, awaits=awaits)
 
 
 def _step_aside(where: str, *, awaits: bool) -> Wrapper:

@@ -28,11 +28,8 @@ __all__ = ["cluster_repeats", "idle_ones_resend", "own_coverage", "pipeline_cove
 
 
 _REDIS_RETRIES = (RedisConnectionError, RedisTimeoutError, socket.timeout)
-_GAVE_UP: tuple[type[BaseException], ...] = tuple(
-    getattr(redis.exceptions, name)
-    for name in ("RedisClusterUnreachableError",)
-    if hasattr(redis.exceptions, name)
-)
+_UNREACHABLE = getattr(redis.exceptions, "RedisClusterUnreachableError", None)
+_GAVE_UP: tuple[type[BaseException], ...] = () if _UNREACHABLE is None else (_UNREACHABLE,)
 """What redis-py's cluster retry raises in place of the connection error it was repeating
 (8.2: a slot-map refresh since reached no node): a failure it already retried."""
 """What a redis-py ``Retry`` repeats when not told otherwise."""
