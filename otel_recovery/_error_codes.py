@@ -33,6 +33,7 @@ from otel_recovery._error_vocabulary import (
 )
 
 __all__ = ["DNS_FAILED", "ERRNO", "GAI_CODES", "PG_MESSAGES", "REDIS_CODE", "REDIS_PREFIX"]
+__all__ += ["REDIS_CLUSTER_UNREACHABLE"]
 __all__ += ["sqlstate_verdict", "status_verdict"]
 
 C, K, S = ErrorCategory, ErrorKind, Severity
@@ -150,6 +151,10 @@ REDIS_PREFIX |= dict.fromkeys(("MOVED", "ASK"), PRESETS["MOVED"])
 REDIS_PREFIX |= dict.fromkeys(("NOAUTH", "WRONGPASS", "NOPERM"), AUTH)
 REDIS_PREFIX |= {"READONLY": PRESETS["READONLY"], "OOM": PRESETS["MEMORY"]}
 REDIS_CODE = re.compile(r"\s*([A-Z][A-Z_-]+)\b")
+REDIS_CLUSTER_UNREACHABLE = "Redis Cluster cannot be connected"
+"""How redis-py's cluster clients begin the error of a slot-map refresh that reached no node:
+a ``RedisClusterUnreachableError`` from 8.2, the bare ``RedisClusterException`` before (raised
+``from`` the last node's error, which says why)."""
 
 # Driver errors raised before any SQLSTATE exists (connection phase, lost sockets).
 _PG_AUTH = re.compile(

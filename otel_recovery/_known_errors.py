@@ -22,6 +22,7 @@ from otel_recovery._error_codes import (
     ERRNO,
     GAI_CODES,
     PG_MESSAGES,
+    REDIS_CLUSTER_UNREACHABLE,
     REDIS_CODE,
     REDIS_PREFIX,
     sqlstate_verdict,
@@ -67,6 +68,13 @@ def resolve(exc: BaseException, message: str, depth: int = 0) -> tuple[TypeProfi
             static = REDIS_PREFIX.get(code, static)
         elif "-READONLY " in message:  # a write refused inside a script, before Redis 7.0
             code, static = "READONLY", REDIS_PREFIX["READONLY"]
+    elif profile.redis and not profile.matched and message.startswith(REDIS_CLUSTER_UNREACHABLE):
+        # redis-py before 8.2: no cluster node answered, said by the base class; why is in
+        # the error it was raised from (refused, timed out, refused our password)
+        cause = exc.__cause__
+        if cause is not None and depth < 4:
+            return profile, resolve(cause, safe_str(cause), depth + 1)[1]
+        static = CONN
     elif profile.pg:
         static = next((v for p, v in PG_MESSAGES if p.search(message)), static)
     errno = attr(exc, profile, "errno") if isinstance(exc, OSError) and not profile.ssl else None

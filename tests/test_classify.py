@@ -472,6 +472,33 @@ def test_real_redis_classes() -> None:
     check(c.classify(exceptions.AuthenticationError("x")), Cat.CONFIGURATION, Kind.AUTH, False)
 
 
+def _no_reachable_node(cause: BaseException | None) -> BaseException:
+    """What redis-py's cluster clients before 8.2 raise when a slot-map refresh reached no
+    node: the base class, raised from the last node's error."""
+    exceptions = pytest.importorskip("redis.exceptions")
+    error = exceptions.RedisClusterException(
+        f"Redis Cluster cannot be connected. Please provide at least one reachable node: {cause}"
+    )
+    error.__cause__ = cause
+    return error
+
+
+def test_a_cluster_that_no_node_answers_is_judged_by_why_before_redis_py_8_2() -> None:
+    exceptions = pytest.importorskip("redis.exceptions")
+    c = Classifier()
+    refused = exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:7000.")
+    check(c.classify(_no_reachable_node(refused)), Cat.TRANSIENT, Kind.CONNECTION, True)
+    slow = exceptions.TimeoutError("Timeout connecting to server")
+    check(c.classify(_no_reachable_node(slow)), Cat.TRANSIENT, Kind.TIMEOUT, True)
+    password = exceptions.AuthenticationError("invalid username-password pair")
+    check(c.classify(_no_reachable_node(password)), Cat.CONFIGURATION, Kind.AUTH, False)
+    check(c.classify(_no_reachable_node(None)), Cat.TRANSIENT, Kind.CONNECTION, True)
+    # the base class's other messages keep their verdicts: refusals of the client's own
+    # (neither retried nor counted, see the instrumentor) and the rest unknown
+    other = exceptions.RedisClusterException("No targets were found to execute GET command on")
+    assert c.classify(other).category is Cat.UNKNOWN
+
+
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
 PsycopgError = fake("psycopg", "Error")

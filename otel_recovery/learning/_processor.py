@@ -22,6 +22,14 @@ during a wall-clock step forward) is counted in the current bucket (``future_spa
 opening a bucket that would not close until the clock got there, and when the clock steps back
 the series whose open bucket lies that far ahead are closed and go on from the current bucket.
 
+Probes. A span started inside :func:`~otel_recovery.instrumentors.suppress_recovery` (a
+readiness check, redis-py's MultiDB health checks) is left out of every series and counted in
+``suppressed_spans``: such a probe calls a server whatever the application is doing, often one
+the application has stopped using, so its errors would raise that server's error rate (and,
+through :class:`~otel_recovery.learning.AdaptiveThresholds`, tighten its breaker) with no
+application call failing. Which spans were started there is known only in ``on_start`` (the
+finished span carries no context), so it keeps their span ids until ``on_end`` takes them.
+
 Anomalies. Each closed bucket updates the series' three detectors (error rate, log mean
 latency, calls), and :mod:`._anomaly_verdicts` turns their scores into onsets and ends
 (``threshold`` and ``confirm``, ``release`` and ``recover``), told on
@@ -41,6 +49,7 @@ detectors a series gets by default are made in ``_series_detectors``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -57,6 +66,7 @@ from otel_recovery import __about__
 from otel_recovery._clock import Clock, Duration, clock_or_default, to_seconds
 from otel_recovery._forksafe import new_lock, reset_in_child
 from otel_recovery._mixins import plain_self
+from otel_recovery.instrumentors._suppression import RECOVERY_OFF_KEY, read_context
 from otel_recovery.learning._anomaly_verdicts import Verdicts, event_attributes
 from otel_recovery.learning._detector import StreamingDetector
 from otel_recovery.learning._error_rate import ErrorRateDetector
@@ -75,6 +85,9 @@ from otel_recovery.telemetry import attributes as names
 __all__ = ["AnomalySpanProcessor", "series_key"]
 
 _log = logging.getLogger("otel_recovery")
+_MAX_OPEN_PROBES = 10_000
+"""Probe spans remembered between their start and end; a span never ended is forgotten
+once this many are open, so a leak of the application's cannot grow the processor."""
 
 
 class AnomalySpanProcessor(ProcessorWorker, SpanProcessor):
@@ -177,6 +190,11 @@ class AnomalySpanProcessor(ProcessorWorker, SpanProcessor):
         self.dropped = 0
         self.overflow_spans = 0
         self.future_spans = 0
+        self.suppressed_spans = 0
+        # ids of spans started under suppress_recovery() that have not ended yet (an ordered
+        # set: add and take are single dict operations; only forgetting the oldest locks)
+        self._probes: dict[int, None] = {}
+        self._probes_lock = new_lock()
         self._failed = False
         self._stop = threading.Event()
         self._wake = threading.Event()  # a flush asked for, or shutdown
@@ -209,7 +227,13 @@ class AnomalySpanProcessor(ProcessorWorker, SpanProcessor):
     # ------------------------------------------------------------ SpanProcessor
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        """Mark the next call of a series that just turned anomalous (free when none did)."""
+        """Note a probe's span (see the module docstring), or mark the next call of a series
+        that just turned anomalous (free when none did)."""
+        if read_context().get(RECOVERY_OFF_KEY) or (
+            parent_context is not None and parent_context.get(RECOVERY_OFF_KEY)
+        ):
+            self._note_probe(span)
+            return
         if not self._annotations:
             return
         try:
@@ -224,11 +248,29 @@ class AnomalySpanProcessor(ProcessorWorker, SpanProcessor):
         would ever take it, and the queue would hold it for the process's life)."""
         if self._shut:
             return
+        if self._probes and self._was_probe(span):
+            return
         pending = self._pending
         if len(pending) < self._max_pending:
             pending.append(span)
         else:
             self.dropped += 1
+
+    def _note_probe(self, span: Span) -> None:
+        probes = self._probes
+        if len(probes) >= _MAX_OPEN_PROBES:  # spans that never ended: forget the oldest
+            # an on_end may take one meanwhile: then there is room already
+            with self._probes_lock, contextlib.suppress(RuntimeError, StopIteration, KeyError):
+                del probes[next(iter(probes))]
+        probes[span.get_span_context().span_id] = None
+
+    def _was_probe(self, span: ReadableSpan) -> bool:
+        """Whether ``span`` is a probe's, forgetting it (one dict operation: no lock)."""
+        context = span.context
+        if context is None or self._probes.pop(context.span_id, 0) is not None:
+            return False
+        self.suppressed_spans += 1
+        return True
 
     # ------------------------------------------------------------ worker side
 
