@@ -457,6 +457,51 @@ def test_reset_from_open_and_half_open(clock: FakeClock) -> None:
     assert all(b.can_execute() for _ in range(3))
 
 
+def test_probe_now_ends_the_open_time_and_the_next_calls_decide(clock: FakeClock) -> None:
+    """An outside signal (a router sending traffic back) ends the open time early: the
+    breaker goes half-open with the reason given, and its probes decide as ever (a failed
+    one opens it again, for longer). The signal counts as no call."""
+    seen: list[StateTransition] = []
+    b = CircuitBreaker(
+        failure_threshold=1, timeout=30, timeout_multiplier=2, clock=clock, listeners=[seen.append]
+    )
+    fail(b, 1)
+    assert not b.can_execute()
+    counted = b.snapshot()
+    assert b.probe_now("router_back") is True
+    assert b.state is HALF_OPEN and b.snapshot().successful_calls == counted.successful_calls
+    assert b.can_execute() and not b.can_execute()  # half_open_max_calls=1: one probe
+    b.record_failure()
+    assert b.state is OPEN and b.snapshot().current_timeout == 60.0
+    assert b.probe_now() is True
+    succeed(b, 1)
+    assert b.state is CLOSED
+    assert [(t.from_state.value, t.to_state.value, t.reason) for t in seen] == [
+        ("closed", "open", "failure_threshold"),
+        ("open", "half_open", "router_back"),
+        ("half_open", "open", "probe_failed"),
+        ("open", "half_open", "probe_now"),
+        ("half_open", "closed", "probes_succeeded"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["closed", "half_open", "force_open", "disable", "metrics_only"])
+def test_probe_now_leaves_every_other_state_alone(clock: FakeClock, mode: str) -> None:
+    """Only an open time ends: a breaker forced open stays so (the operator's word), and the
+    others already let calls through; a half-open one keeps its probe out."""
+    seen: list[StateTransition] = []
+    b = CircuitBreaker(failure_threshold=1, timeout=5, clock=clock, listeners=[seen.append])
+    if mode == "half_open":
+        fail(b, 1)
+        clock.advance(5)
+        assert b.can_execute()  # the probe is out
+    elif mode != "closed":
+        getattr(b, mode)()
+    state, before, transitions = b.state, b.snapshot(), len(seen)
+    assert b.probe_now() is False
+    assert (b.state, b.snapshot(), len(seen)) == (state, before, transitions)
+
+
 # -- listeners ----------------------------------------------------------------------------
 
 

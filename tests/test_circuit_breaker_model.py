@@ -160,6 +160,12 @@ class Model:
             self.probes_held -= 1
             self.probes_out = max(0, self.probes_out - 1)
 
+    def probe_now(self) -> bool:
+        if self.state != "open":
+            return False
+        self.go("half_open", "probe_now")
+        return True
+
     def manual(self, op: str) -> None:
         if op == "reset":
             self.go("closed", "reset")
@@ -238,6 +244,10 @@ class BreakerMachine(RuleBasedStateMachine):
     def manual(self, op: str) -> None:
         getattr(self.breaker, op)()
         self.model.manual(op)
+
+    @rule()
+    def probe_now(self) -> None:
+        assert self.breaker.probe_now() == self.model.probe_now()
 
     @invariant()
     def agrees_with_model(self) -> None:

@@ -18,6 +18,8 @@ redis-py untouched (not retried, not refused, counted on no breaker or budget; c
 traces them). The application's commands through ``MultiDBClient`` still go through our
 layer: we retry beneath MultiDB, and our refusal is a ``redis.ConnectionError``, which
 MultiDB's failure detector counts as a failure of the active database: MultiDB fails over.
+When MultiDB sends them to a database again, our open circuit for it lets the next one
+through as its probe instead of refusing it (:mod:`._redis_multidb_routing`).
 
 The patch point is ``MultiDBClient._check_db_health`` of both clients. Every run of the
 checks goes through it (the initial check, the recurring one, the check of a half-open

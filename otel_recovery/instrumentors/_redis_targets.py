@@ -40,6 +40,7 @@ __all__ = [
     "TARGET_ATTRIBUTE",
     "cluster_target",
     "cluster_routing",
+    "servers_of",
     "standalone_target",
 ]
 
@@ -188,6 +189,23 @@ def cluster_target(instance: Any, command: tuple[Any, ...] | None = ()) -> Targe
         return Target(host, port, errors, retries, retry, rejection=CircuitOpenError)
 
     return _kept(holder, (host, port, "named") if named else (host, port), retry, make)
+
+
+def servers_of(client: Any) -> list[tuple[str, int | None]]:
+    """The ``(host, port)`` of every target a client's calls may count on: a ``Redis``'s
+    one server (a Sentinel pool's master now), a ``RedisCluster``'s nodes as it knows them
+    (each shard is named after its primary) and the cluster as a whole, once named."""
+    manager = getattr(client, "nodes_manager", None)
+    if manager is None:
+        target = standalone_target(client)
+        return [(target.host, target.port)]
+    servers: list[tuple[str, int | None]] = [
+        (str(node.host), node.port) for node in list(manager.nodes_cache.values())
+    ]
+    wide = getattr(manager, _WIDE, None)
+    if wide is not None:
+        servers.append(wide)
+    return servers
 
 
 def _remember(holder: Any, attribute: str, value: Any) -> Any:

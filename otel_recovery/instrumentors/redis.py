@@ -38,6 +38,9 @@ the pool's own wait.
 redis-py's MultiDB client (``MultiDBClient``, sync and asyncio) is a failure detector of its
 own: its health checks run under ``suppress_recovery()``, so they see each server as it is,
 while the application's commands through it still recover here (:mod:`._redis_multidb`).
+When it sends those commands to a database again (a failover, a fail-back), our open circuit
+for the database's servers lets the next command through as its probe instead of refusing
+it (:mod:`._redis_multidb_routing`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from otel_recovery.instrumentors._redis_errors import RedisPolicy
 from otel_recovery.instrumentors._redis_layers import Kind, SiteLayers
 from otel_recovery.instrumentors._redis_mends import hold_back_unproven, keep_to_the_session
 from otel_recovery.instrumentors._redis_multidb import MULTIDB_HEALTH_CHECKS
+from otel_recovery.instrumentors._redis_multidb_routing import MULTIDB_ROUTING
 from otel_recovery.instrumentors._redis_plans import Planner
 from otel_recovery.instrumentors._redis_targets import Resolve, cluster_target, standalone_target
 from otel_recovery.instrumentors._span_mode import Site
@@ -162,7 +166,9 @@ class RedisRecoveryInstrumentor(RecoveryInstrumentor):
             build = layers.async_layer if is_async else layers.sync_layer
             site.proxy = patches.layer(owner, attribute, build, beneath_contrib=True)
         MULTIDB_HEALTH_CHECKS.install(patches)
+        MULTIDB_ROUTING.install(patches, targets)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         MULTIDB_HEALTH_CHECKS.remove()  # first: a MultiDB module imported from now on stays as is
+        MULTIDB_ROUTING.remove()
         super()._uninstrument(**kwargs)

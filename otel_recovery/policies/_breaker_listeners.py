@@ -42,8 +42,10 @@ class StateTransition:
 
     ``reason`` is one of ``failure_threshold``, ``failure_rate``, ``slow_call_rate``,
     ``timeout_elapsed``, ``probe_failed``, ``probe_slow``, ``probes_succeeded``, ``force_open``,
-    ``disable``, ``metrics_only``, ``reset``, and for a fleet-wide breaker ``local_trip`` (a
-    process opened its breaker while the store was unreachable and pushed that on resync).
+    ``disable``, ``metrics_only``, ``reset``, ``probe_now`` (or the reason its caller gave:
+    the Redis instrumentor's ``multidb_active``), and for a fleet-wide breaker ``local_trip``
+    (a process opened its breaker while the store was unreachable and pushed that on
+    resync).
     ``at`` is the breaker clock's ``now()``; a fleet-wide breaker reports when this process
     observed the transition.
     """

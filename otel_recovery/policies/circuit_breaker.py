@@ -9,8 +9,9 @@ State machine::
       +--------+ <---------+                                      +------+
                            |                      timeout elapsed, |   ^  a probe failed (or was
           success_threshold|                 seen by can_execute() |   |  slow): open time grows
-          probes succeeded |                                       v   |  by timeout_multiplier,
-                           |                                  +-----------+  up to max_timeout
+          probes succeeded |                 (or ended early by    |   |  by timeout_multiplier,
+                           |                        probe_now())   v   |  up to max_timeout
+                           |                                  +-----------+
                            +----------------------------------| HALF_OPEN |
                                                               +-----------+
 

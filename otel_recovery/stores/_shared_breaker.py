@@ -24,7 +24,8 @@ Who decides what, and how often Redis is consulted:
   current open time, at least 1 s): a prober that crashed holds it no longer. A refused process
   asks again only after ``sync_interval``. Probe outcomes are recorded synchronously.
 - **Manual modes** (``force_open()``, ``disable()``, ``metrics_only()``, ``reset()``) are
-  fleet-wide too.
+  fleet-wide too, and so is ``probe_now()``: the fleet's breaker goes half-open, and its
+  probe permits go to whichever processes ask first.
 
 The asyncio drivers call the same methods, so on a failure or a probe the event loop waits
 for that one round trip (~0.1-0.2 ms on loopback, never more than
@@ -250,6 +251,23 @@ class SharedCircuitBreaker(SharedBreakerView):
             with self._lock:  # the local view's own counters and windows start afresh too
                 if self._window is not None:
                     self._window.clear()
+
+    def probe_now(self, reason: str = "probe_now") -> bool:
+        """Fleet-wide: the shared breaker goes half-open if it is open (one script). While
+        Redis is unreachable, the local breaker's open time ends instead, and the shared
+        state is adopted again at the resync, as it stands then."""
+        if not self._remote:
+            return super().probe_now(reason)
+        try:
+            with self._link.turn(self._talk, self):
+                args = [*self._head(), reason]
+                moved = self._adopt(self._link.run(lua.PROBE_NOW, self._keys, args))
+        except StoreUnavailableError as error:
+            self._link.degrade(error)
+            return super().probe_now(reason)
+        if self._pending:
+            self._dispatch()
+        return moved
 
     def _shared_manual(self, to_state: CircuitState, reason: str) -> bool:
         """Apply a manual mode fleet-wide; False when degraded (applied locally, pushed later)."""

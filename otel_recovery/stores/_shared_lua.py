@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from otel_recovery.stores._pushes import ONCE
 
-__all__ = ["ACQUIRE", "BUDGET", "MANUAL", "PROBE", "RECORD", "VIEW_FIELDS"]
+__all__ = ["ACQUIRE", "BUDGET", "MANUAL", "PROBE", "PROBE_NOW", "RECORD", "VIEW_FIELDS"]
 
 VIEW_FIELDS = ("st", "until", "to", "gen", "why", "cf", "fseq", "wc", "wf", "ws")
 """What every breaker script returns after ``granted``: the breaker as it now stands."""
@@ -201,6 +201,17 @@ if target == 'closed' and st == 'closed' then
 elseif st ~= target then
   enter(target, ARGV[5])
 end
+return view(1)
+"""
+)
+
+# ARGV from 4: reason. Ends the open time of an open breaker (``probe_now``): granted is 1
+# if it moved to half-open.
+PROBE_NOW = (
+    _BREAKER
+    + """
+if st ~= 'open' then return view(0) end
+enter('half_open', ARGV[4])
 return view(1)
 """
 )

@@ -328,6 +328,23 @@ def test_manual_modes_apply_to_the_whole_fleet(shared):
     assert a.sync() and a.state is CircuitState.CLOSED and a.can_execute()
 
 
+def test_probe_now_ends_the_open_time_of_the_whole_fleet(shared):
+    """One process's signal half-opens the fleet's breaker: the fleet's one probe permit goes
+    to whoever asks first, and its outcome decides for everyone."""
+    url, _, _ = shared
+    a, b = _pair(url, FakeClock(), failure_threshold=1, timeout=30.0)
+    a.record_failure()
+    assert b.sync() and b.state is CircuitState.OPEN and not b.can_execute()
+    assert b.probe_now("multidb_active") is True
+    assert b.state is CircuitState.HALF_OPEN
+    assert a.sync() and a.state is CircuitState.HALF_OPEN
+    assert a.can_execute()  # the fleet's only probe permit
+    assert not b.can_execute()
+    a.record_success()
+    assert b.sync() and b.state is CircuitState.CLOSED
+    assert a.probe_now() is False  # closed: no open time to end
+
+
 def test_the_store_argument_and_the_environment_decide_what_is_shared(shared, monkeypatch):
     url, _, _ = shared
     monkeypatch.delenv("OTEL_RECOVERY_STORE_URL", raising=False)
