@@ -175,11 +175,25 @@ class PrivateRedis:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             if answers_as_itself(self.process, self.port, within=10):
+                self._wait_loaded(within=10)
                 return
             if self.process.poll() is None:
                 break  # running but silent: not a port taken
             self.port = free_port()  # it exited: the port was taken, so another one
         raise RuntimeError(f"private redis-server on port {self.port} did not start")
+
+    def _wait_loaded(self, within: float) -> None:
+        """Until the server has loaded its append-only file: it answers INFO (what
+        ``answers_as_itself`` asks) while loading, and refuses data commands with LOADING."""
+        import redis
+
+        admin = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + within
+        try:
+            while admin.info("persistence").get("loading") and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            admin.close()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
