@@ -70,11 +70,13 @@ def resolve(exc: BaseException, message: str, depth: int = 0) -> tuple[TypeProfi
             code, static = "READONLY", REDIS_PREFIX["READONLY"]
     elif profile.redis and not profile.matched and message.startswith(REDIS_CLUSTER_UNREACHABLE):
         # redis-py before 8.2: no cluster node answered, said by the base class; why is in
-        # the error it was raised from (refused, timed out, refused our password)
+        # the error it was raised from (refused, timed out, refused our password). Still a
+        # Redis error whatever that is (a ValueError of the client's settings): its
+        # verdict keeps the family's dependency mark below, as the class's own did
         cause = exc.__cause__
-        if cause is not None and depth < 4:
-            return profile, resolve(cause, safe_str(cause), depth + 1)[1]
         static = CONN
+        if cause is not None and depth < 4:
+            static = resolve(cause, safe_str(cause), depth + 1)[1]
     elif profile.pg:
         static = next((v for p, v in PG_MESSAGES if p.search(message)), static)
     errno = attr(exc, profile, "errno") if isinstance(exc, OSError) and not profile.ssl else None

@@ -499,6 +499,25 @@ def test_a_cluster_that_no_node_answers_is_judged_by_why_before_redis_py_8_2() -
     assert c.classify(other).category is Cat.UNKNOWN
 
 
+def test_a_cluster_that_no_node_answered_stays_a_redis_failure_whatever_its_cause() -> None:
+    """Judged by a cause the knowledge base does not count as a dependency's failure (a
+    ValueError of the client's settings, anything unknown), the error keeps the Redis
+    family's mark, as before it was judged by its cause: an application error raised from
+    it is cascading. A chain that loops ends as a connection failure."""
+    pytest.importorskip("redis.exceptions")
+    c = Classifier()
+    for cause in (ValueError("Invalid SSL Certificate Requirements Flag: x"), Exception("?")):
+        unreachable = _no_reachable_node(cause)
+        assert c.classify(unreachable).kind is Kind.OTHER  # the cause's verdict: no retry
+        assert not c.classify(unreachable).retryable
+        app = RuntimeError("the cart is unavailable")
+        app.__cause__ = unreachable
+        assert c.classify(app).category is Cat.CASCADING
+    first, second = _no_reachable_node(None), _no_reachable_node(None)
+    first.__cause__, second.__cause__ = second, first
+    check(c.classify(first), Cat.TRANSIENT, Kind.CONNECTION, True)
+
+
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
 PsycopgError = fake("psycopg", "Error")

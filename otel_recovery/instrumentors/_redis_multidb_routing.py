@@ -24,7 +24,10 @@ command is our circuit's probe, and its answer decides, as any probe's does. Tha
   (none to fail over to: the only one, or all down), after which MultiDB sends it the
   commands again without making anything active. The patch point is
   ``MultiDBClient._check_db_health``, as for the suppression, comparing its circuit's state
-  before and after.
+  before and after;
+- ``MultiDBClient.initialize()`` choosing the first active database, which builds no event
+  (a client made, or made again after it had no database, while our circuit for that
+  database is still open). The patch point is ``initialize`` itself, once it returned.
 
 Why not close our circuit there, or let a check's success count on it: a PING is not the
 application's traffic (a server may answer it and fail every write), so only the
@@ -63,9 +66,10 @@ class _Site(NamedTuple):
     owner: str
     attribute: str
     name: str
-    signal: Literal["activated", "checked"]
+    signal: Literal["activated", "checked", "initialized"]
     """``activated``: an event's constructor, naming the new active database;
-    ``checked``: a run of the checks of one database."""
+    ``checked``: a run of the checks of one database; ``initialized``: a client's
+    ``initialize()``, which chose its first active database."""
 
 
 _SITES = (
@@ -96,6 +100,20 @@ _SITES = (
         "_check_db_health",
         "redis.asyncio MultiDBClient._check_db_health (routing)",
         "checked",
+    ),
+    _Site(
+        "redis.multidb.client",
+        "MultiDBClient",
+        "initialize",
+        "redis MultiDBClient.initialize (routing)",
+        "initialized",
+    ),
+    _Site(
+        "redis.asyncio.multidb.client",
+        "MultiDBClient",
+        "initialize",
+        "redis.asyncio MultiDBClient.initialize (routing)",
+        "initialized",
     ),
 )
 
@@ -132,6 +150,8 @@ class MultiDBRouting(PatchedOnImport[_Site]):
         if site.signal == "activated":
             return self._on_activation(site.name)
         awaits = inspect.iscoroutinefunction(getattr(owner, site.attribute))
+        if site.signal == "initialized":
+            return self._on_initialization(site.name, awaits=awaits)
         return self._on_check(site.name, awaits=awaits)
 
     def _on_activation(self, where: str) -> Wrapper:
@@ -147,6 +167,36 @@ class MultiDBRouting(PatchedOnImport[_Site]):
             return result
 
         return activated
+
+    def _on_initialization(self, where: str, *, awaits: bool) -> Wrapper:
+        """The wrapper of ``initialize``: once it returned, the servers of the active
+        database it chose probe (it raised: no database was made active)."""
+
+        def first(client: Any) -> None:
+            try:
+                database = client.command_executor.active_database
+                if database is not None:
+                    self._probe(database)
+            except Exception as error:
+                report_internal_error(where, error)
+
+        if awaits:
+
+            async def initialize_awaited(
+                wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+            ) -> Any:
+                result = await wrapped(*args, **kwargs)
+                first(instance)
+                return result
+
+            return initialize_awaited
+
+        def initialize(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+            result = wrapped(*args, **kwargs)
+            first(instance)
+            return result
+
+        return initialize
 
     def _on_check(self, where: str, *, awaits: bool) -> Wrapper:
         """The wrapper of ``_check_db_health``: if the run closed the circuit of the

@@ -25,7 +25,8 @@ Who decides what, and how often Redis is consulted:
   asks again only after ``sync_interval``. Probe outcomes are recorded synchronously.
 - **Manual modes** (``force_open()``, ``disable()``, ``metrics_only()``, ``reset()``) are
   fleet-wide too, and so is ``probe_now()``: the fleet's breaker goes half-open, and its
-  probe permits go to whichever processes ask first.
+  probe permits go to whichever processes ask first (one made while Redis is unreachable
+  reaches the fleet at the resync).
 
 The asyncio drivers call the same methods, so on a failure or a probe the event loop waits
 for that one round trip (~0.1-0.2 ms on loopback, never more than
@@ -254,20 +255,26 @@ class SharedCircuitBreaker(SharedBreakerView):
 
     def probe_now(self, reason: str = "probe_now") -> bool:
         """Fleet-wide: the shared breaker goes half-open if it is open (one script). While
-        Redis is unreachable, the local breaker's open time ends instead, and the shared
-        state is adopted again at the resync, as it stands then."""
+        Redis is unreachable, the local breaker's open time ends instead, and the signal is
+        kept for the resync, which applies it to the shared breaker unless the local one is
+        open again by then (its probe failed: the resync pushes that instead)."""
         if not self._remote:
-            return super().probe_now(reason)
+            return self._local_probe_now(reason)
         try:
             with self._link.turn(self._talk, self):
                 args = [*self._head(), reason]
                 moved = self._adopt(self._link.run(lua.PROBE_NOW, self._keys, args))
         except StoreUnavailableError as error:
             self._link.degrade(error)
-            return super().probe_now(reason)
+            return self._local_probe_now(reason)
         if self._pending:
             self._dispatch()
         return moved
+
+    def _local_probe_now(self, reason: str) -> bool:
+        with self._lock:
+            self._pending_probe = reason  # for the resync (_shared_view)
+        return super().probe_now(reason)
 
     def _shared_manual(self, to_state: CircuitState, reason: str) -> bool:
         """Apply a manual mode fleet-wide; False when degraded (applied locally, pushed later)."""

@@ -27,9 +27,11 @@ permits become local probes; a rate window starts empty). Resync pushes what hap
 before adopting the shared state again: the failures counted since the outage (the trailing
 consecutive run, or the local window), and, if this process opened its breaker meanwhile and
 it is still open, the open state itself with its remaining time (reason ``local_trip``) unless
-the shared breaker is already open; a manual mode set meanwhile is applied fleet-wide. A push
-that got no reply (Redis slow, not down) may have been applied: the resync first sends it
-again under its number (:mod:`._pushes`), and leaves out of the rest what it carried.
+the shared breaker is already open; a manual mode set meanwhile is applied fleet-wide, and so
+is a ``probe_now()`` signal (the shared breaker's open time ends) unless this process's
+breaker is open again by then. A push that got no reply (Redis slow, not down) may have been
+applied: the resync first sends it again under its number (:mod:`._pushes`), and leaves out
+of the rest what it carried.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class SharedBreakerView(CircuitBreaker):
         "_ok_base",
         "_ok_sent",
         "_pending_manual",
+        "_pending_probe",
         "_permit_ids",
         "_permits",
         "_pushes",
@@ -132,6 +135,7 @@ class SharedBreakerView(CircuitBreaker):
         self._next_sync = 0.0
         self._shared_window = (0, 0, 0)
         self._pending_manual: CircuitState | None = None
+        self._pending_probe: str | None = None  # a probe_now() reason, while degraded
         self._cf_base = 0
         self._ok_base = 0
         self._failed_base = 0
@@ -313,6 +317,7 @@ class SharedBreakerView(CircuitBreaker):
             if gen != self._gen:
                 self._gen = gen
                 self._permits.clear()  # permits belong to a generation
+                self._next_ask = -math.inf  # and so do refusals: ask in the new one at once
             # While shared, the local state only ever changes here; after an outage it may
             # differ from Redis under an unchanged generation (or a restarted counter).
             if state is not self._state:
@@ -376,6 +381,7 @@ class SharedBreakerView(CircuitBreaker):
         self._failed_base = self._failed_calls
         self._handed = []
         self._pending_manual = None
+        self._pending_probe = None
 
     def _take_probe(self) -> int | None:
         """As the local breaker's, also taking a permit carried over from Redis."""
@@ -412,6 +418,9 @@ class SharedBreakerView(CircuitBreaker):
             if self._remote:
                 return
             state, manual = self._state, self._pending_manual
+            # a probe_now() signal of the outage, unless the local breaker is open again
+            # (its probe failed since: that open state is what the resync pushes)
+            probe = self._pending_probe if manual is None and state is not _OPEN else None
             ok = fail = slow = 0
             window = self._window
             handed_failures, handed_slow, handed_ok = self._handed_in(window)
@@ -442,8 +451,13 @@ class SharedBreakerView(CircuitBreaker):
             with self._link.turn(self._talk):
                 args = [*self._head(), manual.value, _MANUAL_REASONS[manual]]
                 self._adopt(self._link.run(lua.MANUAL, self._keys, args))
+        elif probe is not None:
+            with self._link.turn(self._talk):
+                args = [*self._head(), probe]
+                self._adopt(self._link.run(lua.PROBE_NOW, self._keys, args))
         with self._lock:
             self._remote = True
             self._pending_manual = None
+            self._pending_probe = None
         if self._pending:
             self._dispatch()

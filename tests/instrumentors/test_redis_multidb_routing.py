@@ -252,22 +252,26 @@ def test_a_cluster_database_ends_the_open_time_of_its_nodes_circuits() -> None:
 
 @needs_multidb
 def test_uninstrument_restores_the_event_constructors() -> None:
-    owners = [
-        redis.multidb.event.ActiveDatabaseChanged,
-        redis.asyncio.multidb.event.AsyncActiveDatabaseChanged,
+    sites = [
+        (redis.multidb.event.ActiveDatabaseChanged, "__init__"),
+        (redis.asyncio.multidb.event.AsyncActiveDatabaseChanged, "__init__"),
+        (redis.multidb.client.MultiDBClient, "initialize"),
+        (redis.asyncio.multidb.client.MultiDBClient, "initialize"),
+        (redis.multidb.client.MultiDBClient, "_check_db_health"),
+        (redis.asyncio.multidb.client.MultiDBClient, "_check_db_health"),
     ]
-    originals = [vars(owner)["__init__"] for owner in owners]
+    originals = [vars(owner)[attribute] for owner, attribute in sites]
     ours = RedisRecoveryInstrumentor()
     for _round in (1, 2):  # and again after an uninstrument
         ours.instrument()
         try:
-            for owner, original in zip(owners, originals):
-                patched = vars(owner)["__init__"]
+            for (owner, attribute), original in zip(sites, originals):
+                patched = vars(owner)[attribute]
                 assert patched is not original and inspect.unwrap(patched) is original
         finally:
             ours.uninstrument()
-        for owner, original in zip(owners, originals):
-            assert vars(owner)["__init__"] is original
+        for (owner, attribute), original in zip(sites, originals):
+            assert vars(owner)[attribute] is original
 
 
 @needs_multidb
@@ -278,9 +282,9 @@ async def test_a_failure_of_ours_leaves_multidb_to_route_as_without_us(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Should finding a database's servers fail, MultiDB fails over and back as it would
-    without us (and our circuit refuses as it did before), and the failure is reported once
-    for the site."""
+    """Should finding a database's servers fail, MultiDB initializes, fails over and back
+    as it would without us (and our circuit refuses as it did before), and the failure is
+    reported once for each site."""
 
     def broken(client: Any) -> Any:
         raise RuntimeError("routing bug")
@@ -288,10 +292,13 @@ async def test_a_failure_of_ours_leaves_multidb_to_route_as_without_us(
     h.instrument(**SMALL_WINDOW)
     monkeypatch.setattr(_redis_multidb_routing, "servers_of", broken)
     monkeypatch.setattr(_wrapping, "_reported", set())
-    where = (
-        "redis MultiDB ActiveDatabaseChanged"
+    sites = (
+        ["redis MultiDBClient.initialize (routing)", "redis MultiDB ActiveDatabaseChanged"]
         if kind == "sync"
-        else "redis.asyncio MultiDB AsyncActiveDatabaseChanged"
+        else [
+            "redis.asyncio MultiDBClient.initialize (routing)",
+            "redis.asyncio MultiDB AsyncActiveDatabaseChanged",
+        ]
     )
     client = multidb_client(kind, h, interval=0.05, **fails_over_at_once(kind))
     with caplog.at_level(logging.ERROR, logger="otel_recovery.instrumentors"):
@@ -304,4 +311,32 @@ async def test_a_failure_of_ours_leaves_multidb_to_route_as_without_us(
     assert [r.message for r in caplog.records] == [
         f"otel_recovery internal error in {where}; the call proceeds uninstrumented "
         "(reported once per site)"
+        for where in sites
     ]
+
+
+@needs_multidb
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_client_initialized_while_our_circuit_is_open_makes_its_first_command_a_probe(
+    h: MultiHarness, kind: str
+) -> None:
+    """A MultiDB client made (or made again, after it had no database) while our circuit for
+    its server is still open: its initial checks pass and ``initialize()`` makes the
+    database active without an ``ActiveDatabaseChanged`` event, which is MultiDB starting
+    to send it the commands all the same. The first command is our circuit's probe. Before,
+    it was refused, MultiDB's failure detector opened the database's circuit, and the new
+    client had no database until our open time (or MultiDB's grace period) ended."""
+    h.instrument(**SMALL_WINDOW)
+    plain = redis.Redis(host="127.0.0.1", port=h.a.port, socket_timeout=TIMEOUT)
+    try:
+        plain.set("k", "a")  # through our layer: our circuit for a exists
+    finally:
+        plain.close()
+    breaker = our_breaker(h.ours, h.a.port)
+    breaker.record_failure()  # one call of the last two failed: open (the clock never moves)
+    assert breaker.state is CircuitState.OPEN
+    moves = transitions(breaker)
+    async with initialized(single_database_client(kind, h)) as client:
+        assert await maybe_await(client.get("k")) == b"a"
+        assert client.command_executor.active_database is database(client, h.a)
+    assert moves == PROBED

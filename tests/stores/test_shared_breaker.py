@@ -345,6 +345,25 @@ def test_probe_now_ends_the_open_time_of_the_whole_fleet(shared):
     assert a.probe_now() is False  # closed: no open time to end
 
 
+def test_probe_now_right_after_a_refused_probe_lets_the_signalling_process_probe(shared):
+    """A process refused a probe permit in the last half-open period waits ``sync_interval``
+    before asking Redis again. Its own ``probe_now()`` starts a new half-open period with
+    no permit out: its next call asks Redis and is the probe (refused, it would fail the
+    database the router just sent traffic to over again)."""
+    url, _, _ = shared
+    clock = FakeClock()
+    a, b = _pair(url, clock, failure_threshold=1, timeout=30.0)
+    a.record_failure()
+    clock.advance(30)
+    assert a.can_execute()  # the fleet's probe
+    assert b.sync() and not b.can_execute()  # refused: b waits sync_interval to ask again
+    a.record_failure()  # the probe failed: open again
+    assert b.sync() and b.state is CircuitState.OPEN
+    assert b.probe_now("multidb_active") is True
+    assert b.state is CircuitState.HALF_OPEN
+    assert b.can_execute()  # nobody holds the new period's permit
+
+
 def test_the_store_argument_and_the_environment_decide_what_is_shared(shared, monkeypatch):
     url, _, _ = shared
     monkeypatch.delenv("OTEL_RECOVERY_STORE_URL", raising=False)
@@ -421,6 +440,54 @@ def test_a_redis_restart_degrades_to_local_state_and_resyncs(volatile_redis, cap
     raw = redis.Redis.from_url(volatile_redis.url)
     assert raw.hget("fleet:cb:db", "why") == b"local_trip"
     raw.close()
+
+
+def test_a_probe_now_while_redis_is_unreachable_reaches_the_fleet_at_the_resync(private_redis):
+    """A router sent traffic back to the dependency while the store was unreachable (not
+    lost: it keeps the fleet's breaker, open for most of its open time). The local breaker's
+    open time ended and its probe succeeded; at the resync the signal goes to the fleet's
+    breaker too, which goes half-open, instead of this process adopting the fleet's open
+    state as it stood and refusing again (the router would take the traffic away again).
+    The probes decide as ever: this process's next call is the fleet's probe."""
+    url = f"{private_redis.url}?prefix=pn:"
+    clock = FakeClock()
+    breaker = CircuitBreaker(1, 30.0, name="db", store=url, clock=clock, sync_interval=60)
+    other = CircuitBreaker(1, 30.0, name="db", store=open_store(url), clock=clock, sync_interval=60)
+    breaker.record_failure()
+    assert other.sync() and other.state is CircuitState.OPEN
+    private_redis.stop()
+    assert breaker.probe_now("multidb_active") is True  # locally: Redis is unreachable
+    assert not breaker.shared and breaker.can_execute()
+    breaker.record_success()
+    assert breaker.state is CircuitState.CLOSED
+    private_redis.start()  # with the fleet's breaker as it was: open, 30 s to go
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not breaker.shared:
+        time.sleep(0.02)
+    assert breaker.shared
+    assert breaker.state is CircuitState.HALF_OPEN and breaker.can_execute()
+    breaker.record_success()
+    assert other.sync() and other.state is CircuitState.CLOSED
+
+
+def test_a_probe_now_whose_local_probe_failed_is_not_pushed_at_the_resync(private_redis):
+    """The signal was answered while the store was unreachable: the local probe failed and
+    the local breaker is open again, so the resync pushes that (the fleet's breaker is
+    open already) and no half-open period."""
+    url = f"{private_redis.url}?prefix=pn:"
+    clock = FakeClock()
+    breaker = CircuitBreaker(1, 30.0, name="db", store=url, clock=clock, sync_interval=60)
+    breaker.record_failure()
+    private_redis.stop()
+    assert breaker.probe_now("multidb_active") is True
+    assert breaker.can_execute()
+    breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN
+    private_redis.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not breaker.shared:
+        time.sleep(0.02)
+    assert breaker.shared and breaker.state is CircuitState.OPEN and not breaker.can_execute()
 
 
 def _probe_out_when_redis_goes(volatile_redis, name):
